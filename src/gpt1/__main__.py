@@ -1,0 +1,3 @@
+from gpt1.cli import run
+
+run()

@@ -1,0 +1,48 @@
+"""`gpt1 tokenizer train`: train the byte-level BPE tokenizer on files or a dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
+                                   description="Tokenizer commands.")
+    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    train = sub.add_parser(
+        "train", help="train a tokenizer on text files, directories, globs or hf:DATASET",
+        description="Train a byte-level BPE tokenizer with [PAD]=0, [UNK]=1, [EOS]=2 and the chat role "
+                    "markers, to exactly --vocab-size tokens. Writes OUT/tokenizer.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("sources", nargs="+", metavar="SOURCE",
+                       help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT]")
+    train.add_argument("--vocab-size", type=int, default=51_682, help="exact size of the vocabulary")
+    train.add_argument("--out", required=True, help="output folder for tokenizer.json")
+    train.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
+    train.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
+    train.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
+    train.add_argument("--skip-invalid", action="store_true",
+                       help="skip (and count) files with invalid UTF-8 and malformed lines instead of failing")
+    train.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    import itertools
+
+    from gpt1.data.sources import SourceStats, iter_documents, resolve_sources
+    from gpt1.progress import info
+    from gpt1.tokenizer import train_tokenizer
+
+    sources = resolve_sources(args.sources)
+    stats = SourceStats()
+    documents = iter_documents(sources, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats)
+    if args.max_documents is not None:
+        documents = itertools.islice(documents, args.max_documents)
+    info(f"training a {args.vocab_size:,}-token BPE tokenizer on {len(sources):,} source(s)")
+    tokenizer, result = train_tokenizer(documents, args.vocab_size, min_frequency=args.min_frequency)
+    path = tokenizer.save(args.out)
+    info(f"corpus: {stats.summary()}; trained in {result['seconds']:.1f} s "
+         f"({stats.bytes / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s)")
+    info(f"wrote {path} (vocab {tokenizer.vocab_size:,}, fingerprint {tokenizer.fingerprint})")
+    return 0

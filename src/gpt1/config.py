@@ -1,0 +1,97 @@
+"""Model configuration: one dataclass, named presets, JSON round trip.
+
+Field names follow nanoGPT / GPT-2 (`vocab_size`, `block_size`, `n_layer`, `n_head`,
+`n_embd`) so that configs read the same as everywhere else in the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from gpt1.errors import Gpt1Error
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 51_682
+    block_size: int = 512  # context length: the most positions the model has embeddings for
+    n_layer: int = 12
+    n_head: int = 16
+    n_embd: int = 1024
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * n_embd (GPT-2: 4)
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    tie_embeddings: bool = False  # the reference model has separate input and output embeddings
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise Gpt1Error(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise Gpt1Error(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise Gpt1Error(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_ratio * self.n_embd
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named configuration (see `PRESETS`), with optional field overrides."""
+        if name not in PRESETS:
+            raise Gpt1Error(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise Gpt1Error(f"{source}: unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        from gpt1.io import write_json
+
+        write_json(path, {"model_type": "gpt1", **self.to_dict()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        from gpt1.io import read_json
+
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise Gpt1Error(f"{path}: expected a JSON object with the model config")
+        data = {k: v for k, v in data.items() if k != "model_type"}
+        return cls.from_dict(data, source=str(path))
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The model card's reference model: ~257M parameters with untied embeddings.
+    "gpt1": ModelConfig(),
+    # Learns visible structure in a few CPU minutes; used by the tests and `gpt1 quickstart`.
+    "tiny": ModelConfig(vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_embd=128),
+    # A step up for a laptop GPU or a long CPU run (~20M parameters with an 8k vocab).
+    "small": ModelConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_embd=384),
+    # A ~90M model: half the reference width, for a single consumer GPU in an afternoon.
+    "medium": ModelConfig(vocab_size=32_768, block_size=512, n_layer=12, n_head=12, n_embd=768),
+    # OpenAI's GPT-2 small layout (tied embeddings, 1024 context), for imported checkpoints.
+    "gpt2": ModelConfig(vocab_size=50_257, block_size=1024, n_layer=12, n_head=12, n_embd=768, tie_embeddings=True),
+}

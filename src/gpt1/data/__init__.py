@@ -1,0 +1,1 @@
+"""Data: raw corpora -> documents (`sources`), token shards, chat conversations."""

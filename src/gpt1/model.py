@@ -1,0 +1,214 @@
+"""The GPT model: a GPT-2-style decoder-only transformer with a KV cache.
+
+Reads top to bottom: `KVCache`, `CausalSelfAttention`, `MLP`, `Block`, `GPT`.
+Parameter names and layouts match Hugging Face's `GPT2LMHeadModel` one to one (ours are
+`nn.Linear`, theirs `Conv1D`, so a weight is transposed on the way across): learned
+positions, pre-LayerNorm, tanh-approximated GELU ("gelu_new"), biases everywhere but the
+output head. That makes export, import and a logits-equality test straightforward.
+
+The model knows nothing about training: no optimizer, no schedule, no data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gpt1.config import ModelConfig
+
+IGNORE_INDEX = -100  # label value excluded from the loss (the convention of PyTorch and HF)
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated for `max_len` positions per sequence.
+
+    With the cache, generating a token costs one position of compute instead of re-running
+    the whole context. Layer i writes its new keys/values at `[length, length + T)` and
+    attends over `[0, length + T)`; `GPT.forward` advances `length` after the last layer.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or config.block_size
+        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows in `keep` (e.g. drop finished sequences)."""
+        self.k = self.k[:, keep]
+        self.v = self.v[:, keep]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.layer_idx = layer_idx
+        self.dropout = config.dropout
+        # Q, K and V in one matrix: one large matmul is faster than three small ones.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # scaled_dot_product_attention dispatches to FlashAttention / memory-efficient kernels
+        # on GPU when it can. `is_causal` (no explicit mask) is the fastest path: use it for
+        # plain training batches; an explicit mask is only needed for padding or a cache.
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1 and k.size(2) == T,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        # Recompute each block's activations in the backward pass instead of storing them:
+        # ~30% more compute for far less memory (fits the 250M model on small GPUs).
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2: residual projections are scaled by 1/sqrt(2 * n_layer) so that the variance
+        # of the residual stream does not grow with depth (two residual adds per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_positions: bool = False) -> int:
+        """Parameter count (a tied head is counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_positions:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
+        c = self.config
+        T = seq_len or c.block_size
+        return 6 * self.num_params(exclude_positions=True) + 12 * c.n_layer * c.n_head * c.head_size * T
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, (logits, loss).
+
+        `targets` uses IGNORE_INDEX (-100) for positions excluded from the loss.
+        `cache` continues from the positions it already holds. `positions` (B, T) overrides the
+        default positions (needed for left-padded batches); `attention_mask` (B, S) marks with
+        True/1 the keys a row may attend to, S = cached + new positions (0 for padding).
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
+            positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
+        mask = self._attention_mask(T, start, attention_mask, idx.device)
+
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask, cache)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.transformer.ln_f(x))
+
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    @staticmethod
+    def _attention_mask(T: int, start: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """A boolean (B or 1, 1, T, start + T) mask, or None when plain causal attention will do."""
+        if key_mask is None and (start == 0 or T == 1):
+            return None  # causal from scratch, or one new query that may see every cached key
+        S = start + T
+        query_pos = torch.arange(start, S, device=device).unsqueeze(1)
+        key_pos = torch.arange(S, device=device).unsqueeze(0)
+        mask = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
+        if key_mask is not None:
+            mask = mask & key_mask.bool()[:, None, None, :S]
+            # A padding query may have no visible key at all; letting every query see itself
+            # keeps softmax finite (those rows are never used).
+            mask = mask | (key_pos == query_pos)[None, None]
+        return mask

@@ -1,0 +1,83 @@
+"""The model folder: one format for every stage.
+
+    config.json          the ModelConfig
+    model.safetensors    the weights (names as in `gpt1.model`)
+    tokenizer.json       the tokenizer
+
+A training run dir is also a model dir (it adds its checkpoint state and metrics.jsonl);
+a fine-tuned model dir adds the chat template and an `adapter/` folder or merged weights.
+Weights are only ever read with safetensors: never pickle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gpt1.config import ModelConfig
+from gpt1.errors import Gpt1Error
+from gpt1.io import save_safetensors
+from gpt1.model import GPT
+from gpt1.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The weights to save: a tied output head is stored once (as the input embedding)."""
+    state = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = None) -> Path:
+    """Write config.json, model.safetensors (and tokenizer.json) atomically into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors(directory / WEIGHTS_FILE, model_state_dict(model), metadata={"format": "pt"})
+    model.config.save(directory / CONFIG_FILE)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def load_weights(model: GPT, file: str | Path) -> None:
+    """Load safetensors weights into `model`, with a clear error when they do not fit."""
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    if not file.is_file():
+        raise Gpt1Error(f"{file}: weights file not found")
+    try:
+        state = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type for corrupt files
+        raise Gpt1Error(f"{file}: not a readable safetensors file ({e})") from None
+    expected = model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise Gpt1Error(f"{file}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise Gpt1Error(f"{file}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=not model.config.tie_embeddings)
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    """Build a GPT from a model dir's config.json and model.safetensors, in eval mode."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise Gpt1Error(f"{directory}: model directory not found")
+    config = ModelConfig.load(directory / CONFIG_FILE)
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    load_weights(model, directory / WEIGHTS_FILE)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

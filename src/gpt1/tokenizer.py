@@ -1,0 +1,205 @@
+"""Byte-level BPE tokenizer on top of Hugging Face `tokenizers`.
+
+Byte-level means every Unicode string round-trips exactly: the 256 byte values are in the
+base vocabulary, so no text ever needs `[UNK]`. The saved `tokenizer.json` is the standard
+`tokenizers` format, so `tokenizers.Tokenizer.from_file` and
+`transformers.PreTrainedTokenizerFast(tokenizer_file=...)` load it and give the same ids.
+
+Special tokens sit at fixed ids at the start of the vocabulary: `[PAD]`=0, `[UNK]`=1,
+`[EOS]`=2 (the model card's), then three role markers for the chat template. The role markers
+are never produced by text: their embeddings are trained in chat fine-tuning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from gpt1.errors import Gpt1Error
+
+PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = [PAD, UNK, EOS, SYSTEM, USER, ASSISTANT]  # their ids are their positions here
+BYTE_ALPHABET_SIZE = 256
+MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """A trained byte-level BPE tokenizer. Load with `Tokenizer.load(dir_or_file)`."""
+
+    def __init__(self, backend):  # backend: tokenizers.Tokenizer
+        self.backend = backend
+        # Text never turns into special tokens: a document that contains "[EOS]" is encoded
+        # as those characters, so user text cannot inject control tokens. Special ids are
+        # inserted explicitly (e.g. by the chat template). Not saved in tokenizer.json.
+        self.backend.encode_special_tokens = True
+        for i, token in enumerate(SPECIAL_TOKENS[:3]):
+            if backend.token_to_id(token) != i:
+                raise Gpt1Error(f"tokenizer: expected special token {token} at id {i}, found id {backend.token_to_id(token)}")
+
+    # ---- loading and saving -------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load from a model dir (its tokenizer.json) or a tokenizer.json file."""
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise Gpt1Error(f"{file}: tokenizer file not found (train one with `gpt1 tokenizer train`)")
+        try:
+            backend = Backend.from_file(str(file))
+        except Exception as e:  # the Rust library raises a generic Exception with its message
+            raise Gpt1Error(f"{file}: not a valid tokenizer.json ({e})") from None
+        return cls(backend)
+
+    def save(self, directory: str | Path) -> Path:
+        from gpt1.io import write_text
+
+        file = Path(directory) / TOKENIZER_FILE
+        write_text(file, self.to_json())
+        return file
+
+    def to_json(self) -> str:
+        return self.backend.to_str(pretty=True)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary and merges: shards and models must agree on it."""
+        model = json.loads(self.backend.to_str())["model"]
+        payload = json.dumps({"vocab": model["vocab"], "merges": model["merges"]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    # ---- the vocabulary -----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    @property
+    def unk_id(self) -> int:
+        return 1
+
+    @property
+    def eos_id(self) -> int:
+        return 2
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def special_id(self, token: str) -> int:
+        """The id of a special token (e.g. USER); a clear error if this tokenizer lacks it."""
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise Gpt1Error(f"tokenizer has no special token {token} (it was trained without chat role markers)")
+        return token_id
+
+    @property
+    def special_ids(self) -> list[int]:
+        return sorted(i for t in SPECIAL_TOKENS if (i := self.backend.token_to_id(t)) is not None)
+
+    # ---- encoding and decoding ----------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts in parallel (the Rust library uses all cores)."""
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of tokens; special tokens give their text. Used by streaming, which
+        must not emit half of a multi-byte character that spans two tokens."""
+        table = self._bytes_table
+        return b"".join(table[i] for i in ids)
+
+    @cached_property
+    def _bytes_table(self) -> list[bytes]:
+        # ByteLevel maps each byte to a printable character; invert that map.
+        char_to_byte = {c: b for b, c in enumerate(_byte_level_chars())}
+        specials = set(SPECIAL_TOKENS)
+        table = []
+        for i in range(self.vocab_size):
+            token = self.backend.id_to_token(i)
+            if token in specials:
+                table.append(token.encode())
+            else:
+                table.append(bytes(char_to_byte[c] for c in token))
+        return table
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint})"
+
+
+def _byte_level_chars() -> list[str]:
+    """GPT-2's byte -> printable-character table (the one `tokenizers`' ByteLevel uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
+                    show_progress: bool = True) -> tuple[Tokenizer, dict]:
+    """Train a byte-level BPE tokenizer of exactly `vocab_size` tokens on `texts`.
+
+    Returns the tokenizer and stats (documents, bytes, seconds). Raises Gpt1Error when the
+    vocabulary cannot hold the byte alphabet plus the special tokens, or when the corpus is
+    too small to learn that many merges.
+    """
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise Gpt1Error(
+            f"vocab size {vocab_size} is too small: a byte-level tokenizer needs at least {MIN_VOCAB_SIZE} "
+            f"({BYTE_ALPHABET_SIZE} byte tokens + {len(SPECIAL_TOKENS)} special tokens)"
+        )
+    if vocab_size > 65_536:
+        raise Gpt1Error(f"vocab size {vocab_size} is too large: token shards store ids as uint16 (at most 65,536)")
+
+    backend = Backend(models.BPE(unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    stats = {"documents": 0, "bytes": 0}
+
+    def counted(items: Iterable[str]) -> Iterator[str]:
+        for text in items:
+            stats["documents"] += 1
+            stats["bytes"] += len(text.encode("utf-8", errors="surrogatepass"))
+            yield text
+
+    start = time.perf_counter()
+    backend.train_from_iterator(counted(texts), trainer)
+    stats["seconds"] = time.perf_counter() - start
+    if stats["documents"] == 0:
+        raise Gpt1Error("no text to train the tokenizer on: the sources held no documents")
+    got = backend.get_vocab_size()
+    if got != vocab_size:
+        raise Gpt1Error(
+            f"the corpus ({stats['bytes']:,} bytes) is too small to learn {vocab_size:,} tokens: BPE stopped at "
+            f"{got:,} (min_frequency={min_frequency}); use more text or a smaller --vocab-size"
+        )
+    return Tokenizer(backend), stats

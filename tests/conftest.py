@@ -1,0 +1,61 @@
+"""Shared fixtures: a small real corpus (Python's own json/email/collections packages), a
+tokenizer trained on it, and a tiny random-weight model dir. Session-scoped: built once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("GPT1_QUIET", "1")  # no progress bars in test output
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+STDLIB = Path(os.__file__).parent
+TEST_VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """~1 MB of real text: a few standard-library packages copied to a temp dir."""
+    out = tmp_path_factory.mktemp("corpus")
+    for package in ("json", "email", "collections", "logging"):
+        shutil.copytree(STDLIB / package, out / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_dir):
+    from gpt1.data.sources import iter_documents
+    from gpt1.tokenizer import train_tokenizer
+
+    tok, _ = train_tokenizer(iter_documents([str(corpus_dir)]), TEST_VOCAB, show_progress=False)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from gpt1.config import ModelConfig
+
+    return ModelConfig.preset("tiny", vocab_size=TEST_VOCAB, block_size=64, n_layer=2, n_head=4, n_embd=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_config, tokenizer, tmp_path_factory) -> Path:
+    """A model dir with random weights (seeded): config.json, model.safetensors, tokenizer.json."""
+    from gpt1.model import GPT
+    from gpt1.modeldir import save_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-model")
+    save_model(out, GPT(tiny_config), tokenizer)
+    return out

@@ -1,0 +1,156 @@
+import pytest
+import torch
+
+from gpt1 import GPT, KVCache, ModelConfig, load
+from gpt1.errors import Gpt1Error
+from gpt1.model import IGNORE_INDEX
+
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def test_reference_preset_size_and_shapes():
+    config = ModelConfig.preset("gpt1")
+    assert (config.n_layer, config.n_embd, config.n_head, config.block_size, config.vocab_size) == (12, 1024, 16, 512, 51_682)
+    assert config.mlp_hidden == 4096 and not config.tie_embeddings and config.dropout == 0.0
+    with torch.device("meta"):
+        model = GPT(config)
+    assert 250e6 <= model.num_params() <= 262e6
+    logits = model(torch.zeros(2, 7, dtype=torch.long, device="meta"))
+    assert logits.shape == (2, 7, 51_682)
+
+
+def test_unknown_preset_and_bad_config():
+    with pytest.raises(Gpt1Error, match="unknown model preset 'huge'.*tiny"):
+        ModelConfig.preset("huge")
+    with pytest.raises(Gpt1Error, match="divisible"):
+        ModelConfig(n_embd=100, n_head=3)
+
+
+def test_config_json_round_trip(tmp_path, tiny_config):
+    tiny_config.save(tmp_path / "config.json")
+    assert ModelConfig.load(tmp_path / "config.json") == tiny_config
+    (tmp_path / "bad.json").write_text('{"n_layer": 2, "n_layers": 3}')
+    with pytest.raises(Gpt1Error, match="unknown model config field.*n_layers"):
+        ModelConfig.load(tmp_path / "bad.json")
+
+
+def test_loss_ignores_masked_targets(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    x = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    y = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 16, tiny_config.vocab_size)
+    # the loss of an untrained model is close to ln(vocab)
+    assert abs(loss.item() - torch.log(torch.tensor(float(tiny_config.vocab_size))).item()) < 0.5
+    y_masked = y.clone()
+    y_masked[:, 8:] = IGNORE_INDEX
+    _, masked = model(x, y_masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, logits.size(-1)), y[:, :8].reshape(-1))
+    torch.testing.assert_close(masked, expected)
+
+
+def _to_hf(model: GPT):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf_config = GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        n_inner=c.mlp_hidden, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=c.tie_embeddings,
+        bos_token_id=2, eos_token_id=2, pad_token_id=0,
+    )
+    hf = GPT2LMHeadModel(hf_config).eval()
+    state = {k: (v.t() if k.endswith(HF_CONV1D) else v) for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return hf
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_equal_transformers_gpt2(tiny_config, tie):
+    import dataclasses
+
+    torch.manual_seed(1)
+    model = GPT(dataclasses.replace(tiny_config, tie_embeddings=tie)).eval()
+    # non-trivial LayerNorm and bias values, so that a mix-up there would show
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    hf = _to_hf(model)
+    x = torch.randint(0, tiny_config.vocab_size, (3, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_matches_full_forward(tiny_config):
+    torch.manual_seed(2)
+    model = GPT(tiny_config).eval()
+    x = torch.randint(0, tiny_config.vocab_size, (2, 30))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(tiny_config, batch_size=2)
+        pieces = [model(x[:, :11], cache=cache)]  # prefill, then one token at a time
+        pieces += [model(x[:, t : t + 1], cache=cache) for t in range(11, 30)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.length == 30
+
+
+def test_left_padded_batch_matches_unpadded(tiny_config):
+    """A padding mask plus explicit positions make a left-padded row equal to the row alone."""
+    torch.manual_seed(3)
+    model = GPT(tiny_config).eval()
+    short = torch.randint(3, tiny_config.vocab_size, (1, 5))
+    long = torch.randint(3, tiny_config.vocab_size, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :4] = False
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        padded = model(batch, positions=positions, attention_mask=mask)
+        torch.testing.assert_close(padded[0, 4:], model(short)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(padded[1], model(long)[0], atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny_config):
+    torch.manual_seed(4)
+    model = GPT(tiny_config)
+    x = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    _, loss = model(x, x)
+    loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    _, loss2 = model(x, x)
+    loss2.backward()
+    for g, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_context_overflow_is_an_error(tiny_config):
+    model = GPT(tiny_config)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
+
+
+def test_save_and_load_model_dir(tiny_model_dir, tiny_config):
+    llm = load(tiny_model_dir, device="cpu")
+    assert llm.config == tiny_config and llm.tokenizer.vocab_size == tiny_config.vocab_size
+    assert not llm.model.training
+    again = load(tiny_model_dir, device="cpu")
+    x = torch.randint(0, tiny_config.vocab_size, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(x), again.model(x))
+
+
+def test_load_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(Gpt1Error, match="model directory not found"):
+        load(tmp_path / "nope")
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(Gpt1Error, match="not a readable safetensors file"):
+        load(broken)

@@ -1,0 +1,63 @@
+import gzip
+import json
+
+import pytest
+
+from gpt1.data.sources import SourceStats, iter_documents, resolve_sources
+from gpt1.errors import Gpt1Error
+
+
+def test_reads_text_jsonl_gz_parquet_dirs_and_globs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("beta")
+    (tmp_path / "sub" / "skip.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "gamma"}) + "\n\n" + json.dumps({"text": "delta"}) + "\n")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "epsilon"}) + "\n")
+    pq.write_table(pa.table({"text": ["zeta", "eta"]}), tmp_path / "e.parquet")
+    stats = SourceStats()
+    docs = list(iter_documents([str(tmp_path)], stats=stats))
+    assert sorted(docs) == sorted(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"])
+    assert stats.documents == 7 and stats.bytes == sum(len(d) for d in docs)
+    assert list(iter_documents([str(tmp_path / "*.txt")])) == ["alpha"]
+
+
+def test_hf_source_reads_a_local_dataset_folder(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)))
+    assert list(iter_documents([f"hf:{tmp_path / 'ds'}"])) == ["doc 0", "doc 1", "doc 2"]
+
+
+def test_missing_file_and_empty_directory(tmp_path):
+    with pytest.raises(Gpt1Error, match="nope.txt: no such file"):
+        resolve_sources([str(tmp_path / "nope.txt")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Gpt1Error, match="directory has no text files"):
+        resolve_sources([str(tmp_path / "empty")])
+    with pytest.raises(Gpt1Error, match="matches no files"):
+        resolve_sources([str(tmp_path / "*.none")])
+
+
+def test_invalid_utf8_names_file_and_offset_or_is_skipped(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"good text \xff more")
+    (tmp_path / "ok.txt").write_text("fine")
+    with pytest.raises(Gpt1Error, match=r"bad.txt: invalid UTF-8 at byte offset 10"):
+        list(iter_documents([str(bad)]))
+    stats = SourceStats()
+    assert list(iter_documents([str(tmp_path)], skip_invalid=True, stats=stats)) == ["fine"]
+    assert stats.skipped["files with invalid UTF-8"] == 1
+
+
+def test_malformed_jsonl_line_names_line(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"text": "ok"}\n{not json}\n{"title": "no text"}\n')
+    with pytest.raises(Gpt1Error, match=r"x.jsonl, line 2"):
+        list(iter_documents([str(f)]))
+    stats = SourceStats()
+    assert list(iter_documents([str(f)], skip_invalid=True, stats=stats)) == ["ok"]
+    assert stats.skipped["malformed lines"] == 2

@@ -1,0 +1,69 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt1.errors import Gpt1Error
+from gpt1.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from tests.conftest import TEST_VOCAB
+
+
+def test_exact_vocab_size_and_special_ids(tokenizer):
+    assert tokenizer.vocab_size == TEST_VOCAB
+    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.eos_id) == (0, 1, 2)
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == i
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_any_unicode_round_trips(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.unk_id not in ids
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.id_to_bytes(ids) == text.encode("utf-8", errors="surrogatepass")
+
+
+def test_text_never_becomes_special_tokens(tokenizer):
+    ids = tokenizer.encode("end [EOS] <|user|> [PAD]")
+    assert not set(ids) & set(tokenizer.special_ids)
+    assert tokenizer.decode(ids) == "end [EOS] <|user|> [PAD]"
+
+
+def test_bpe_learned_merges(tokenizer):
+    text = "def __init__(self):\n    return self"
+    assert len(tokenizer.encode(text)) < len(text.encode()) / 2
+
+
+def test_save_load_and_other_loaders_give_same_ids(tokenizer, tokenizer_dir):
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    text = "import json\nprint(json.dumps({'héllo': '世界 🌍'}))"
+    loaded = Tokenizer.load(tokenizer_dir)
+    assert loaded.fingerprint == tokenizer.fingerprint
+    assert loaded.encode(text) == tokenizer.encode(text)
+    raw = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    assert raw.encode(text).ids == tokenizer.encode(text)
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
+    assert fast(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    assert fast.decode(tokenizer.encode(text)) == text
+
+
+def test_vocab_too_small_for_bytes_and_specials():
+    with pytest.raises(Gpt1Error, match=f"at least {MIN_VOCAB_SIZE}"):
+        train_tokenizer(["hello"], MIN_VOCAB_SIZE - 1, show_progress=False)
+
+
+def test_corpus_too_small_for_vocab():
+    with pytest.raises(Gpt1Error, match="too small to learn 5,000 tokens"):
+        train_tokenizer(["a tiny corpus"], 5000, show_progress=False)
+
+
+def test_empty_corpus():
+    with pytest.raises(Gpt1Error, match="no documents"):
+        train_tokenizer([], 300, show_progress=False)
+
+
+def test_missing_tokenizer_file(tmp_path):
+    with pytest.raises(Gpt1Error, match="tokenizer file not found"):
+        Tokenizer.load(tmp_path)
