@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from gpt1 import generate as gen
 from gpt1.config import ModelConfig
+from gpt1.generate import SamplingParams
 from gpt1.model import GPT
 from gpt1.modeldir import load_model
 from gpt1.tokenizer import Tokenizer
@@ -43,6 +46,43 @@ class LLM:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    # ---- generation (gpt1.generate); knobs are SamplingParams fields, or preset="qa" ---------
+    @property
+    def is_chat_model(self) -> bool:
+        """Whether the dir has the chat template (a fine-tuned model). A base model given a
+        conversation formats it the same way but just continues the text."""
+        from gpt1.chat_template import TEMPLATE_FILE
+
+        return (self.path / TEMPLATE_FILE).is_file()
+
+    def sampling_params(self, preset: str | None = None, **knobs) -> SamplingParams:
+        """The defaults, or a preset (qa, creative, code), with `knobs` overriding fields."""
+        return (gen.preset(preset) if preset is not None else SamplingParams()).override(**knobs)
+
+    def generate(self, prompt: str, **knobs) -> str:
+        """Continue `prompt`, e.g. `llm.generate("Once", temperature=0.7, top_k=50, seed=1)`."""
+        return gen.generate(self.model, self.tokenizer, self.tokenizer.encode(prompt), self.sampling_params(**knobs)).text
+
+    def stream(self, prompt: str, **knobs) -> Iterator[str]:
+        """Like `generate`, yielding text pieces as they are produced."""
+        params = self.sampling_params(**knobs)
+        for chunk in gen.stream(self.model, self.tokenizer, self.tokenizer.encode(prompt), params):
+            if chunk.text:
+                yield chunk.text
+
+    def chat(self, messages: list[dict[str, str]], **knobs) -> str:
+        """The assistant's reply to `[{"role": "user", "content": "..."}, ...]` (roles system,
+        user, assistant); the oldest turns are dropped when the conversation is too long."""
+        return "".join(self.chat_stream(messages, **knobs))
+
+    def chat_stream(self, messages: list[dict[str, str]], **knobs) -> Iterator[str]:
+        """Like `chat`, yielding text pieces as they are produced."""
+        params = self.sampling_params(**knobs)
+        ids, _ = gen.chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params)
+        for chunk in gen.stream(self.model, self.tokenizer, ids, params):
+            if chunk.text:
+                yield chunk.text
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LLM:

@@ -5,7 +5,8 @@
     tokenizer.json       the tokenizer
 
 A training run dir is also a model dir (it adds its checkpoint state and metrics.jsonl);
-a fine-tuned model dir adds the chat template and an `adapter/` folder or merged weights.
+a fine-tuned model dir adds the chat template (chat_template.jinja), an `adapter/` folder
+(PEFT layout) applied on load, and base.json (see `gpt1.finetune`), or has merged weights.
 Weights are only ever read with safetensors: never pickle.
 """
 
@@ -23,6 +24,7 @@ from gpt1.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
 
 
 def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -66,8 +68,14 @@ def load_weights(model: GPT, file: str | Path) -> None:
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
-    """Build a GPT from a model dir's config.json and model.safetensors, in eval mode."""
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               adapter: str = "merge") -> GPT:
+    """Build a GPT from a model dir's config.json and model.safetensors, in eval mode.
+
+    A fine-tuned dir's LoRA adapter (`adapter/`, see `gpt1.lora`) is applied: with
+    adapter="merge" (default) merged into the weights, giving a plain GPT as fast as the base;
+    "keep" leaves the LoRA layers in place (unmerged); "ignore" returns the base it applies to.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise Gpt1Error(f"{directory}: model directory not found")
@@ -78,6 +86,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     load_weights(model, directory / WEIGHTS_FILE)
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
+    if adapter not in ("merge", "keep", "ignore"):
+        raise ValueError(f"adapter must be 'merge', 'keep' or 'ignore', got {adapter!r}")
+    if adapter != "ignore" and (directory / ADAPTER_DIR).is_dir():
+        from gpt1.lora import load_adapter, merge_and_unload
+
+        load_adapter(model, directory / ADAPTER_DIR)
+        if adapter == "merge":
+            merge_and_unload(model)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

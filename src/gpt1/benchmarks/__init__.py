@@ -1,0 +1,1 @@
+"""Throughput benchmarks, each `run(quick=False) -> list[dict]`, printed as a table by `gpt1 bench`."""

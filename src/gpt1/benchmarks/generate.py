@@ -1,0 +1,133 @@
+"""Decode speed: gpt1's KV-cache loop against recomputing the whole context for every token
+(nanoGPT's `generate`) and against `transformers`' `GPT2LMHeadModel.generate` with the same
+weights, greedy, measured in the same run and reported as ratios.
+
+The model has random weights (speed does not depend on them) with the special tokens' output
+rows pushed down, so that every run generates exactly `new_tokens` tokens. The full run uses
+the reference model (257M parameters) on a GPU and the `small` preset on a CPU; `quick` uses
+the `tiny` preset. Times are the best of 3 runs (1 for the slow recomputing baseline).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from gpt1.config import ModelConfig
+from gpt1.generate import SamplingParams, generate_batch
+from gpt1.model import GPT
+from gpt1.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, _byte_level_chars
+
+
+def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
+    """A byte-level tokenizer of exactly `vocab_size` tokens (the special tokens, the 256 bytes,
+    then byte pairs) without training one: decoding is all a speed benchmark needs."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    chars = _byte_level_chars()
+    tokens = SPECIAL_TOKENS + chars + ["".join(p) for p in itertools.product(chars, chars)]
+    vocab = {t: i for i, t in enumerate(tokens[:vocab_size])}
+    backend = Backend(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return Tokenizer(backend)
+
+
+def benchmark_model(config: ModelConfig, special_ids: list[int], device: torch.device) -> GPT:
+    """Random weights; feature 0 of the final LayerNorm is a constant that only the special
+    tokens' output rows read, with a large negative weight: they never win."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0], model.transformer.ln_f.bias[0] = 0.0, 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[special_ids] = 0.0
+        model.lm_head.weight[special_ids, 0] = -100.0
+    return model.to(device).eval()
+
+
+def to_transformers(model: GPT, tokenizer: Tokenizer):
+    """`GPT2LMHeadModel` with the same weights (the mapping of `gpt1 export`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt1.interop import hf_config_dict, to_hf_state_dict
+
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config_dict(model.config, tokenizer)))
+    hf.load_state_dict(to_hf_state_dict(model), strict=not model.config.tie_embeddings)
+    return hf.to(next(model.parameters()).device).eval()
+
+
+def recompute_generate(model: GPT, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """nanoGPT's loop: the whole context through the model for every new token (greedy)."""
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            next_id = model(idx)[:, -1].argmax(dim=-1, keepdim=True)
+            idx = torch.cat([idx, next_id], dim=1)
+    return idx[:, -new_tokens:]
+
+
+def _timed(fn, device: torch.device, repeats: int):
+    """(best seconds, result) over `repeats` runs."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def run(quick: bool = False) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if quick:
+        config, prompt_len, new_tokens, batches = ModelConfig.preset("tiny"), 32, 32, [1, 4]
+    else:
+        # Recomputing the context of the 257M model for every token takes hours on a CPU.
+        gpu = device.type == "cuda"
+        config = ModelConfig.preset("gpt1" if gpu else "small")
+        prompt_len, new_tokens, batches = 128, 256 if gpu else 128, [1, 8]
+    repeats = 3
+    tokenizer = synthetic_tokenizer(config.vocab_size)
+    model = benchmark_model(config, tokenizer.special_ids, device)
+    hf = to_transformers(model, tokenizer)
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
+    label = f"{config.n_layer}x{config.n_embd} ({model.num_params() / 1e6:.0f}M)"
+    rows = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        idx = torch.randint(len(SPECIAL_TOKENS), config.vocab_size, (batch, prompt_len), generator=g).to(device)
+        prompts = idx.tolist()
+
+        def ours():
+            return torch.tensor([c.token_ids for c in generate_batch(model, tokenizer, prompts, params)], device=device)
+
+        def theirs():
+            with torch.inference_mode():
+                out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens,
+                                  do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_id)
+            return out[:, prompt_len:]
+
+        for fn in (ours, theirs):  # warm-up: kernels, allocator
+            fn()
+        results = {
+            "gpt1 (KV cache)": _timed(ours, device, repeats),
+            "recompute context (nanoGPT)": _timed(lambda: recompute_generate(model, idx, new_tokens), device, 1),
+            "transformers generate": _timed(theirs, device, repeats),
+        }
+        reference = results["gpt1 (KV cache)"]
+        for name, (seconds, tokens) in results.items():
+            rows.append({
+                "batch": batch, "implementation": name, "model": label, "device": device.type,
+                "prompt": prompt_len, "new_tokens": new_tokens,
+                "tokens_per_s": batch * new_tokens / seconds,
+                "gpt1_speedup": seconds / reference[0],
+                "same_tokens_as_gpt1": bool(torch.equal(tokens.to(device), reference[1])),
+            })
+    return rows

@@ -1,0 +1,178 @@
+"""`gpt1 chat`: an interactive multi-turn chat in the terminal, replies streamed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt1.cli.generate_cmd import add_model_flags, add_sampling_flags
+
+PRESET_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
+HELP = """commands:
+  /set KNOB VALUE  change a sampling knob, e.g. /set temperature 0.7 (/set alone shows them all;
+                   /set stop TEXT sets one stop string with \\n-style escapes, /set stop clears it)
+  /preset NAME     use a preset's sampling knobs: qa, creative or code
+  /system TEXT     set the system message (/system alone removes it)
+  /reset           forget the conversation (the system message stays)
+  /help            this help
+  /quit            leave (so do Ctrl-D and Ctrl-C at the prompt; Ctrl-C during a reply stops the reply)"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "chat", help="interactive multi-turn chat in the terminal",
+        description="Chat with a model: type a message, the reply streams back. The conversation is kept\n"
+                    "within the context by dropping the oldest turns. A base model (no chat_template.jinja)\n"
+                    "just continues the text.",
+        epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
+    parser.add_argument("--system", default=None, metavar="TEXT", help="a system message for the whole conversation")
+    add_sampling_flags(parser)
+    parser.set_defaults(func=chat_command)
+
+
+def parse_knob(params, name: str, value: str):
+    """`params` with the knob `name` set from the text `value` (as typed after /set)."""
+    import dataclasses
+
+    from gpt1.errors import Gpt1Error
+    from gpt1.generate import KNOB_RANGES
+
+    name = name.replace("-", "_")
+    if name not in KNOB_RANGES:
+        raise Gpt1Error(f"unknown knob {name!r}; known: {', '.join(KNOB_RANGES)}")
+    if name == "stop":
+        # Escapes let a user type a newline stop string as \n.
+        parsed = (value.encode("latin-1", "backslashreplace").decode("unicode_escape"),) if value else ()
+        return dataclasses.replace(params, stop=parsed).validate()
+    try:
+        if name == "seed" and value.lower() in ("", "none", "random"):
+            parsed = None
+        elif name == "truncate_prompt":
+            parsed = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}[value.lower()]
+        elif name in ("top_k", "repeat_last_n", "max_new_tokens", "seed"):
+            parsed = int(value)
+        else:
+            parsed = float(value)
+    except (KeyError, ValueError):
+        raise Gpt1Error(f"{name} must be {KNOB_RANGES[name]}, got {value!r}") from None
+    return params.override(**{name: parsed})
+
+
+class ChatSession:
+    """The state of a terminal chat: knobs, system message and history, and its commands."""
+
+    def __init__(self, llm, params, system: str | None = None):
+        self.llm = llm
+        self.params = params
+        self.system = system
+        self.history: list[dict[str, str]] = []
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means quit. Bad input raises Gpt1Error (the session goes on)."""
+        import dataclasses
+
+        from gpt1.errors import Gpt1Error
+        from gpt1.generate import preset
+
+        name, _, rest = line[1:].partition(" ")
+        rest = rest.strip()
+        if name in ("quit", "exit", "q"):
+            return False
+        if name == "help":
+            print(HELP, file=sys.stderr)
+        elif name == "reset":
+            self.history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+        elif name == "set":
+            knob, _, value = rest.partition(" ")
+            if knob:
+                self.params = parse_knob(self.params, knob, value.strip())
+            print(f"({self.describe()})", file=sys.stderr)
+        elif name == "preset":
+            # A preset sets how tokens are chosen; length, stop strings and seed stay as they are.
+            chosen = preset(rest)
+            self.params = dataclasses.replace(self.params, **{k: getattr(chosen, k) for k in PRESET_KNOBS})
+            print(f"({rest}: {self.describe()})", file=sys.stderr)
+        elif name == "system":
+            self.system = rest or None
+            print(f"(system message {'set' if rest else 'removed'})", file=sys.stderr)
+        else:
+            raise Gpt1Error(f"unknown command /{name}; type /help")
+        return True
+
+    def describe(self) -> str:
+        import dataclasses
+
+        return ", ".join(f"{f.name} {getattr(self.params, f.name)!r}" for f in dataclasses.fields(self.params))
+
+    def reply(self, text: str, out=sys.stdout) -> str:
+        """Stream the reply to `text` to `out`; keeps history within the context."""
+        from gpt1 import generate as gen
+        from gpt1.errors import Gpt1Error
+        from gpt1.progress import info
+
+        self.history.append({"role": "user", "content": text})
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        try:
+            ids, dropped = gen.chat_prompt_ids(self.llm.tokenizer, system + self.history,
+                                               self.llm.config.block_size, self.params)
+        except Gpt1Error:
+            self.history.pop()
+            raise
+        if dropped:
+            del self.history[:dropped]
+            info(f"(dropped the {dropped} oldest message(s) to fit the {self.llm.config.block_size}-token context)")
+        pieces: list[str] = []
+        try:
+            for chunk in gen.stream(self.llm.model, self.llm.tokenizer, ids, self.params):
+                out.write(chunk.text)
+                out.flush()
+                pieces.append(chunk.text)
+        except KeyboardInterrupt:
+            # Ctrl-C stops this reply, not the session; the partial reply stays in the history.
+            print("\n(reply interrupted)", file=sys.stderr)
+        out.write("\n")
+        out.flush()
+        reply = "".join(pieces)
+        self.history.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    import gpt1
+    from gpt1.cli.generate_cmd import sampling_params_from_args
+    from gpt1.errors import Gpt1Error
+    from gpt1.progress import info, warn
+
+    params = sampling_params_from_args(args)
+    llm = gpt1.load(args.model, device=args.device)
+    if not llm.is_chat_model:
+        warn(f"{args.model} has no chat template: it is a base model, which continues the conversation text "
+             "rather than answering it")
+    session = ChatSession(llm, params, args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:  # not on Windows
+            pass
+    info("type a message; /help for commands, /quit or Ctrl-D to leave")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            if text.startswith("/"):
+                if not session.command(text):
+                    return 0
+            else:
+                session.reply(line)
+        except Gpt1Error as e:
+            print(f"error: {e}", file=sys.stderr)

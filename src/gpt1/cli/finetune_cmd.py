@@ -1,0 +1,67 @@
+"""`gpt1 finetune`: LoRA chat fine-tuning of a base model dir (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="LoRA chat fine-tuning of a base model on OASST2 or other chat data (resumable)",
+        description="Fine-tune a base model dir with LoRA on chat data, with the loss on assistant replies only. "
+                    "--data: OpenAssistant/oasst2 (or any hf:NAME[:SPLIT] / local dataset folder), an OASST export "
+                    "(*.messages.jsonl[.gz], *.trees.jsonl[.gz], .parquet), a .jsonl of {\"messages\": [...]}, "
+                    ".yml dialogs, or `chatterbot` (the dialogs of the chatterbot-corpus package). The recipe is a "
+                    "TOML file (a path or a shipped name: gpt1-oasst2-lora); any key can be overridden as key=value, "
+                    "e.g. max_steps=100 lora_r=16 lora_targets=[\"q\",\"v\"]. --out is the run dir and a chat model "
+                    "dir; rerunning the same command resumes. Multi-GPU: torchrun --nproc_per_node N -m gpt1 finetune ...",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (see the README for every key)")
+    parser.add_argument("--base", required=True, help="the base model dir (from gpt1 pretrain)")
+    parser.add_argument("--data", help="chat data source (see above); overrides the recipe's `data`")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model")
+    parser.add_argument("--config", metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
+    parser.add_argument("--all-paths", action="store_true", default=None,
+                        help="OASST: train on every root-to-leaf path of each message tree, not only the best-ranked replies")
+    parser.add_argument("--language", action="append", metavar="CODE",
+                        help="OASST: keep only messages in this language (repeat or comma-separate: --language en,de)")
+    parser.add_argument("--skip-invalid", action="store_true", default=None,
+                        help="skip (and count) malformed lines instead of stopping at the first one")
+    parser.add_argument("--merge", action="store_true",
+                        help="after training, also write OUT/merged: a plain model dir with the adapter merged in")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    parser.set_defaults(func=finetune_command)
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    from gpt1.finetune import FinetuneConfig
+    from gpt1.train.config import load_config
+
+    values = {}
+    if args.data is not None:
+        values["data"] = args.data
+    if args.all_paths:
+        values["all_paths"] = True
+    if args.skip_invalid:
+        values["skip_invalid"] = True
+    if args.language:
+        values["languages"] = [code.strip() for item in args.language for code in item.split(",") if code.strip()]
+    cfg = load_config(FinetuneConfig, args.config, args.overrides, **values)
+    if args.print_config:
+        import json
+
+        # JSON scalars and arrays are valid TOML values: the output is a loadable recipe.
+        print("".join(f"{key} = {json.dumps(value)}\n" for key, value in cfg.to_dict().items()), end="")
+        return 0
+    from pathlib import Path
+
+    from gpt1.finetune import finetune, merge_model_dir
+    from gpt1.progress import info
+    from gpt1.train import distributed
+
+    result = finetune(cfg, args.base, args.out)
+    info(f"chat model: {result.run_dir} (try `gpt1 chat --model {result.run_dir}`)")
+    if args.merge and distributed.current().is_main:
+        merged = merge_model_dir(args.out, Path(args.out) / "merged")
+        info(f"merged model: {merged}")
+    return 0

@@ -1,0 +1,112 @@
+"""`gpt1 generate`: one completion (or, with --chat, one chat reply), streamed to stdout."""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> (SamplingParams field, type, help); defaults are SamplingParams' own.
+KNOB_FLAGS = {
+    "--temperature": ("temperature", float, "randomness; 0 = greedy"),
+    "--top-k": ("top_k", int, "sample among the K most likely tokens; 0 = off"),
+    "--top-p": ("top_p", float, "sample among the most likely tokens whose probabilities sum to P; 1 = off"),
+    "--min-p": ("min_p", float, "drop tokens less likely than P x the most likely one; 0 = off"),
+    "--repeat-penalty": ("repeat_penalty", float, "penalise tokens already in the window (CTRL/llama.cpp); 1 = off"),
+    "--repeat-last-n": ("repeat_last_n", int, "the repeat-penalty window in tokens, prompt included; -1 = whole context"),
+    "--max-new-tokens": ("max_new_tokens", int, "most tokens to generate"),
+    "--seed": ("seed", int, "random seed: the same seed gives the same text"),
+}
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags shared by `generate` and `chat` (default=None: unset flags keep the
+    preset's or SamplingParams' value)."""
+    from gpt1.generate import PRESETS, SamplingParams
+
+    defaults = SamplingParams()
+    group = parser.add_argument_group("sampling (defaults: SamplingParams, or the --preset)")
+    for flag, (field, kind, text) in KNOB_FLAGS.items():
+        group.add_argument(flag, type=kind, default=None, metavar=field.split("_")[-1].upper(),
+                           help=f"{text} (default {'random' if field == 'seed' else getattr(defaults, field)})")
+    group.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                       help="stop when the text contains TEXT (not printed); repeatable")
+    group.add_argument("--preset", choices=sorted(PRESETS),
+                       help="the model card's settings: " + "; ".join(
+                           f"{name}: temperature {p.temperature}, top-k {p.top_k}, top-p {p.top_p}, "
+                           f"repeat penalty {p.repeat_penalty}" for name, p in PRESETS.items()))
+    group.add_argument("--no-truncate", action="store_true",
+                       help="refuse a prompt that leaves no room for --max-new-tokens instead of keeping its most "
+                            "recent tokens")
+
+
+def sampling_params_from_args(args: argparse.Namespace):
+    """SamplingParams from the preset (or the defaults) plus only the flags that were given."""
+    from gpt1.generate import SamplingParams, preset
+
+    knobs = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in KNOB_FLAGS.items()}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    if args.stop is not None:
+        knobs["stop"] = tuple(args.stop)
+    if args.no_truncate:
+        knobs["truncate_prompt"] = False
+    return (preset(args.preset) if args.preset else SamplingParams()).override(**knobs)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="model dir (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1, mps (default: the best available)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="generate a completion (or a chat reply) with every sampling knob, streamed",
+        description="Generate text from a prompt, streamed to stdout as it is produced (token counts and speed go "
+                    "to stderr). The prompt comes from --prompt or standard input. With --chat the prompt is a user "
+                    "turn in the chat template and the output is the assistant's reply.")
+    add_model_flags(parser)
+    parser.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn and print the assistant's reply")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message before the user turn")
+    add_sampling_flags(parser)
+    parser.set_defaults(func=generate_command)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
+    import gpt1
+    from gpt1 import generate as gen
+    from gpt1.errors import Gpt1Error
+    from gpt1.progress import info, warn
+
+    params = sampling_params_from_args(args)
+    if args.system is not None and not args.chat:
+        raise Gpt1Error("--system needs --chat")
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise Gpt1Error("no prompt: give --prompt TEXT or pipe the prompt on standard input")
+        prompt = sys.stdin.read()
+    llm = gpt1.load(args.model, device=args.device)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        messages.append({"role": "user", "content": prompt})
+        ids, _ = gen.chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params)
+    else:
+        ids = llm.tokenizer.encode(prompt)
+    start = time.perf_counter()
+    text_end = "\n"
+    for chunk in gen.stream(llm.model, llm.tokenizer, ids, params):
+        if chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            text_end = chunk.text[-1]
+        last = chunk
+    if text_end != "\n":
+        sys.stdout.write("\n")
+    seconds = time.perf_counter() - start
+    if last.prompt_tokens < len(ids):
+        warn(f"the prompt ({len(ids)} tokens) was cut to its last {last.prompt_tokens} tokens to fit the context")
+    info(f"[{last.prompt_tokens} prompt tokens, {last.completion_tokens} generated in {seconds:.2f} s "
+         f"({last.completion_tokens / max(seconds, 1e-9):.1f} tokens/s), finish: {last.finish_reason}]")
+    return 0

@@ -1,0 +1,48 @@
+"""`gpt1 prepare`: tokenize a corpus into train.bin / val.bin token shards + meta.json."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _split(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction (0.001) or a document count (100), got {value!r}") from None
+    return number
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prepare", help="tokenize a corpus into train.bin/val.bin token shards",
+        description="Tokenize text files, directories, globs or hf:DATASET into OUT/train.bin and OUT/val.bin "
+                    "(uint16 token ids, [EOS] after every document), OUT/meta.json and a copy of the tokenizer. "
+                    "An interrupted run resumes when rerun with the same arguments.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT] "
+                             "(e.g. hf:Skylion007/openwebtext)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder (model dir) holding it")
+    parser.add_argument("--out", required=True, help="output data folder")
+    parser.add_argument("--val", type=_split, default=0.0005,
+                        help="validation split: a fraction of the documents (< 1) or a number of documents (>= 1)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the (deterministic) validation split")
+    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
+    parser.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
+    parser.add_argument("--batch-docs", type=int, default=1024, help="documents per tokenizer batch")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="skip (and count) files with invalid UTF-8 and malformed lines instead of failing")
+    parser.add_argument("--overwrite", action="store_true", help="replace data prepared differently in --out")
+    parser.set_defaults(func=prepare_command)
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    from gpt1.data.shards import prepare
+    from gpt1.tokenizer import Tokenizer
+
+    prepare(args.sources, Tokenizer.load(args.tokenizer), args.out, val=args.val, seed=args.seed,
+            text_field=args.text_field, skip_invalid=args.skip_invalid, max_documents=args.max_documents,
+            batch_docs=args.batch_docs, overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,42 @@
+"""`gpt1 pretrain`: train a base model from a TOML recipe plus key=value overrides; resumes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "pretrain", help="pretrain a model on prepared shards (resumable)",
+        description="Pretrain a GPT on the shards of `gpt1 prepare`. The recipe is a TOML file (a path or the name "
+                    "of a shipped recipe: gpt1-openwebtext, tiny-cpu); any key can be overridden as key=value, "
+                    "e.g. max_steps=200 lr=1e-3 precision=bf16-mixed. Rerunning the same command on the same "
+                    "--out resumes from the last checkpoint. Multi-GPU: torchrun --nproc_per_node N -m gpt1 pretrain ...",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (see the README for every key)")
+    parser.add_argument("--config", metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
+    parser.add_argument("--data", required=True, help="prepared data folder (train.bin, val.bin, meta.json, tokenizer.json)")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png, and the model")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    parser.set_defaults(func=pretrain_command)
+
+
+def pretrain_command(args: argparse.Namespace) -> int:
+    from gpt1.train.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.print_config:
+        import json
+
+        # JSON scalars and arrays are valid TOML values: the output is a loadable recipe.
+        print("".join(f"{key} = {json.dumps(value)}\n" for key, value in cfg.to_dict().items()), end="")
+        return 0
+    import os
+
+    from gpt1.progress import info
+    from gpt1.train.pretrain import pretrain
+
+    result = pretrain(cfg, args.data, args.out)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        info(f"model: {result.run_dir} (load it with gpt1.load, or `gpt1 generate --model {result.run_dir}`)")
+    return 0

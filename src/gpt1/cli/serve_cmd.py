@@ -1,0 +1,66 @@
+"""`gpt1 serve`: the OpenAI-compatible HTTP server and the browser chat page."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+API_KEY_ENV = "GPT1_API_KEY"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API with a chat page",
+        description="Serve a model dir: POST /v1/chat/completions and /v1/completions (OpenAI's API, streaming "
+                    "included), GET /v1/models, /health, the API docs at /docs and a chat page at /. "
+                    "Point any OpenAI client at http://HOST:PORT/v1.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="the model dir to serve")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; 127.0.0.1 is this machine only, 0.0.0.0 is every interface "
+                             "(then set an API key); default: %(default)s")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on every /v1 request (default: ${API_KEY_ENV} "
+                             "if set, else no key)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: the best available)")
+    parser.add_argument("--max-active", type=int, default=None,
+                        help="requests generating at once, interleaved token by token (default: the server's)")
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="requests waiting beyond those; more get 503 (default: the server's)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn's log level; info includes the access log (default: %(default)s)")
+    parser.set_defaults(func=serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    import gpt1
+    from gpt1.errors import Gpt1Error
+    from gpt1.progress import info, warn
+
+    try:
+        from gpt1.serve import bind, create_app, serve
+    except ImportError as e:
+        raise Gpt1Error(f"gpt1 serve needs FastAPI and uvicorn ({e}); install them with: pip install 'gpt1[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise Gpt1Error(f"--port must be in [0, 65535], got {args.port}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    llm = gpt1.load(args.model, device=args.device)
+    limits = {k: v for k, v in (("max_active", args.max_active), ("max_queue", args.max_queue)) if v is not None}
+    app = create_app(llm, api_key=api_key, **limits)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and api_key is None:
+        warn(f"serving on {args.host} without an API key: anyone who can reach this port can use the model "
+             f"(set --api-key or ${API_KEY_ENV})")
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    info(f"serving {llm.path} on http://{host}:{port} (chat page at /, API at /v1, docs at /docs)"
+         + (", API key required" if api_key else ""))
+    serve(app, sock, log_level=args.log_level)
+    return 0

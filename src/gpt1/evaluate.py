@@ -1,0 +1,99 @@
+"""Validation loss and perplexity of a model on held-out batches, shards or text files.
+
+Perplexity is exp(mean token loss). `evaluate_loss` is what the training loop calls on its
+fixed validation batches; `evaluate_data` is `gpt1 eval`: the whole `val.bin` of a prepared
+data dir (or text files, tokenized with `[EOS]` after each document) cut into non-overlapping
+context windows, so every token is predicted exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from gpt1.model import IGNORE_INDEX
+from gpt1.progress import progress
+from gpt1.train import distributed
+from gpt1.train.precision import autocast
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int  # predicted tokens
+    source: str
+
+
+def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  device: torch.device, precision: str = "fp32", show_progress: bool = False,
+                  total: int | None = None) -> tuple[float, int]:
+    """Token-weighted mean loss over `batches` (labels IGNORE_INDEX excluded) and the token count.
+
+    Under torchrun, rank r evaluates batches r, r + W, ... and the sums are all-reduced.
+    The loss is NaN when there is no target token.
+    """
+    dist = distributed.current()
+    was_training = model.training
+    model.eval()
+    total_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for i, (x, y) in enumerate(progress(batches, total=total, desc="eval", unit="batch",
+                                            disable=None if show_progress else True)):
+            if i % dist.world_size != dist.rank:
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            n = (y != IGNORE_INDEX).sum()
+            if n == 0:
+                continue
+            with autocast(device, precision):
+                _, loss = model(x, y)
+            total_sum[0] += loss.double() * n
+            total_sum[1] += n
+    model.train(was_training)
+    distributed.all_reduce_sum(total_sum)
+    tokens = int(total_sum[1].item())
+    return (total_sum[0].item() / tokens if tokens else float("nan")), tokens
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # exp overflows past ~709; such a loss means "untrained"
+
+
+def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int | None = None,
+                  max_batches: int | None = None, precision: str = "fp32", text_field: str = "text",
+                  show_progress: bool = True) -> EvalResult:
+    """Loss and perplexity of a loaded model (`gpt1.load`) on a prepared data dir's val.bin or on text sources."""
+    from gpt1.data.shards import META_FILE, check_fingerprint, load_meta, sequential_windows
+    from gpt1.data.sources import iter_documents
+    from gpt1.errors import Gpt1Error
+
+    block_size = block_size or llm.model.config.block_size
+    if block_size > llm.model.config.block_size:
+        raise Gpt1Error(f"--block-size {block_size} is longer than the model's context ({llm.model.config.block_size})")
+    if len(data) == 1 and Path(data[0]).is_dir() and (Path(data[0]) / META_FILE).is_file():
+        meta = load_meta(data[0])
+        check_fingerprint(meta, llm.tokenizer, f"the model {llm.path}")
+        tokens = np.memmap(Path(data[0]) / meta["val"]["file"], dtype=np.uint16, mode="r")
+        source = str(Path(data[0]) / meta["val"]["file"])
+    else:
+        eos = llm.tokenizer.eos_id
+        ids: list[int] = []
+        for text in iter_documents(data, text_field=text_field):
+            ids.extend(llm.tokenizer.encode(text))
+            ids.append(eos)
+        tokens = np.array(ids, dtype=np.int64)
+        source = ", ".join(data)
+    if len(tokens) < block_size + 1:
+        raise Gpt1Error(f"{source}: {len(tokens):,} tokens, fewer than one context window ({block_size + 1:,})")
+    n_windows = (len(tokens) - 1) // block_size
+    if max_batches is not None:
+        n_windows = min(n_windows, max_batches * batch_size)
+    loss, n = evaluate_loss(llm.model, sequential_windows(tokens, block_size, batch_size, max_batches), llm.device,
+                            precision, show_progress=show_progress, total=math.ceil(n_windows / batch_size))
+    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source)

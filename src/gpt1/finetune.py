@@ -1,0 +1,254 @@
+"""LoRA chat fine-tuning: a base model dir + chat data -> a chat model dir.
+
+`finetune(cfg, base, out)` loads the base, injects LoRA (`gpt1.lora`), freezes every base
+weight except the special-token embedding rows, reads and encodes the chat data
+(`gpt1.data.chat`) and runs the shared training loop (`gpt1.train.loop.train`) with padded,
+shuffled chat batches whose labels cover assistant replies only. Validation: loss and
+perplexity on the assistant tokens of held-out conversations (the dataset's `validation`
+split when it has one, else a deterministic `val_fraction` of the message trees).
+
+The run dir `out` is a model dir (`gpt1.load(out)` applies the adapter):
+
+    config.json, tokenizer.json   the base's
+    chat_template.jinja           the chat template (this makes it a chat model)
+    model.safetensors             the base weights with the trained special-token rows written in
+    adapter/                      the LoRA adapter in PEFT's layout (adapter_config.json + safetensors)
+    base.json                     where the base came from: path and sha256 of its weights
+    + train_config.json, metrics.jsonl, loss.png, checkpoints/ (as every training run)
+
+`merge_model_dir(out, dest)` writes a plain model dir with the adapter merged in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gpt1.errors import Gpt1Error
+from gpt1.lora import DEFAULT_TARGETS, LoRAConfig
+from gpt1.modeldir import ADAPTER_DIR
+from gpt1.train.config import TrainConfig
+
+BASE_FILE = "base.json"
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """A `TrainConfig` (the loop's knobs) plus the data and LoRA fields of fine-tuning.
+
+    The run length is `max_steps` if > 0, else `max_tokens` (tokens of the training sequences,
+    padding excluded), else `epochs` passes over the training sequences.
+    """
+
+    data: str = ""  # chat source: OpenAssistant/oasst2, hf:NAME[:SPLIT], a file or folder, chatterbot
+    max_steps: int = 0
+    epochs: float = 1.0
+    lr: float = 1e-4
+    warmup: float = 0.0
+    lora_r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # any of q, k, v, o, up, down
+    train_special_tokens: bool = True  # train the embedding rows of [PAD] [UNK] [EOS] and the role markers
+    all_paths: bool = False  # OASST: every root-to-leaf path instead of the best-ranked replies
+    languages: list[str] = field(default_factory=list)  # OASST language codes to keep, e.g. ["en"]; [] = all
+    skip_invalid: bool = False  # skip and count malformed lines instead of failing
+    val_fraction: float = 0.05  # held-out share of the message trees when the data has no validation split
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise Gpt1Error(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        self.lora_config()  # validates r, dropout and targets
+
+    def lora_config(self, token_ids: list[int] | None = None) -> LoRAConfig:
+        return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=tuple(self.lora_targets), token_ids=list(token_ids or []))
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prepare_model(base: str | Path, cfg: FinetuneConfig):
+    """The base model (on CPU, training mode) with LoRA injected and everything else frozen,
+    and its tokenizer."""
+    from gpt1.lora import inject_lora, mark_only_lora_as_trainable
+    from gpt1.modeldir import load_model
+    from gpt1.tokenizer import Tokenizer
+
+    model = load_model(base, device="cpu")
+    tokenizer = Tokenizer.load(base)
+    token_ids = tokenizer.special_ids if cfg.train_special_tokens else []
+    torch.manual_seed(cfg.seed)  # the random init of the A matrices is part of the run
+    inject_lora(model, cfg.lora_config(token_ids))
+    mark_only_lora_as_trainable(model)
+    return model.train(), tokenizer
+
+
+def save_finetuned(directory: str | Path, model: torch.nn.Module, tokenizer, base: dict) -> Path:
+    """Write the fine-tuned model dir layout (module docstring) into `directory`."""
+    from gpt1.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
+    from gpt1.io import save_safetensors, write_json, write_text
+    from gpt1.lora import base_state_dict, save_adapter
+    from gpt1.modeldir import CONFIG_FILE, WEIGHTS_FILE
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors(directory / WEIGHTS_FILE, base_state_dict(model), metadata={"format": "pt"})
+    model.config.save(directory / CONFIG_FILE)
+    tokenizer.save(directory)
+    write_text(directory / TEMPLATE_FILE, JINJA_TEMPLATE)
+    save_adapter(model, directory / ADAPTER_DIR, base.get("path"))
+    write_json(directory / BASE_FILE, base)
+    return directory
+
+
+def load_chat_splits(cfg: FinetuneConfig, stats=None):
+    """(train, validation) conversations of `cfg.data` (see the module docstring)."""
+    from gpt1.data.chat import ChatStats, hf_split_names, read_conversations, split_conversations
+
+    if not cfg.data:
+        raise Gpt1Error("no chat data: pass --data (a file, a folder, hf:NAME, OpenAssistant/oasst2 or chatterbot)")
+    stats = stats if stats is not None else ChatStats()
+    options = dict(all_paths=cfg.all_paths, languages=cfg.languages or None, skip_invalid=cfg.skip_invalid)
+    splits = hf_split_names(cfg.data)
+    explicit_split = cfg.data.startswith("hf:") and cfg.data.count(":") >= 2
+    if splits is not None and not explicit_split and "train" in splits and "validation" in splits:
+        train = read_conversations(cfg.data, "train", stats=stats, **options)
+        val = read_conversations(cfg.data, "validation", stats=stats, **options)
+        return train, val, stats
+    conversations = read_conversations(cfg.data, stats=stats, **options)
+    train, val = split_conversations(conversations, cfg.val_fraction, cfg.seed)
+    return train, val, stats
+
+
+def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path):
+    """Fine-tune the model dir `base` on `cfg.data` into the run dir `out` (resumes a run there).
+    Returns the loop's TrainResult."""
+    from gpt1.modeldir import WEIGHTS_FILE
+    from gpt1.train import distributed
+
+    base, out = Path(base), Path(out)
+    if not (base / WEIGHTS_FILE).is_file():
+        raise Gpt1Error(f"{base}: not a model dir (no {WEIGHTS_FILE}); pass the base model with --base")
+    dist = distributed.setup(cfg.device)
+    try:
+        return _finetune(cfg, base, out, dist)
+    finally:
+        distributed.cleanup()
+
+
+def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist):
+    from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
+    from gpt1.io import read_json
+    from gpt1.lora import count_trainable
+    from gpt1.modeldir import WEIGHTS_FILE
+    from gpt1.progress import info
+    from gpt1.train.loop import train
+
+    base_info = {"path": str(base.resolve()), "sha256": file_fingerprint(base / WEIGHTS_FILE)}
+    if (out / BASE_FILE).is_file() and read_json(out / BASE_FILE).get("sha256") != base_info["sha256"]:
+        raise Gpt1Error(f"{out} was fine-tuned from other base weights than {base} ({BASE_FILE} differs); "
+                        "choose another --out")
+    model, tokenizer = prepare_model(base, cfg)
+    block_size = cfg.block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({model.config.block_size})")
+
+    train_convs, val_convs, stats = load_chat_splits(cfg)
+    train_data = encode_conversations(tokenizer, train_convs, block_size + 1, progress=dist.is_main)
+    val_data = encode_conversations(tokenizer, val_convs, block_size + 1)
+    val = list(iter_batches(val_data, cfg.batch_size, tokenizer.pad_id))[:cfg.eval_batches]
+    batches = ChatBatches(train_data, cfg.batch_size, seed=cfg.seed, pad_id=tokenizer.pad_id,
+                          rank=dist.rank, world_size=dist.world_size)
+    sequences_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
+    if cfg.max_steps > 0:
+        max_steps = cfg.max_steps
+    elif cfg.max_tokens > 0:
+        mean_len = train_data.num_tokens / len(train_data)
+        max_steps = max(1, math.ceil(cfg.max_tokens / (sequences_per_step * mean_len)))
+    else:
+        max_steps = max(1, math.ceil(cfg.epochs * len(train_data) / sequences_per_step))
+    if dist.is_main:
+        info(f"chat data {cfg.data}: {stats.summary()}")
+        info(f"train: {train_data.summary()}")
+        info(f"validation: {val_data.summary()} ({len(val)} batches used)")
+        trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
+        info(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {', '.join(cfg.lora_targets)}: {trainable:,} trainable "
+             f"parameters of {total:,} ({100 * trainable / total:.2f}%)")
+        info(f"{max_steps:,} steps x {sequences_per_step} sequences = "
+             f"{max_steps * sequences_per_step / len(train_data):.2f} epochs of {len(train_data):,}")
+
+    def save_model(directory: Path, m: torch.nn.Module) -> None:
+        save_finetuned(directory, m, tokenizer, base_info)
+
+    # Recorded in the run dir's train_config.json: resuming with another base is refused.
+    cfg = dataclasses.replace(cfg, init_from=base_info["path"])
+    return train(model, cfg, out, batches, lambda: val, save_model, max_steps=max_steps)
+
+
+def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
+    """Write a plain model dir (config, merged weights, tokenizer, chat template) from a
+    fine-tuned model dir."""
+    from gpt1.chat_template import TEMPLATE_FILE
+    from gpt1.modeldir import load_model, save_model
+    from gpt1.tokenizer import Tokenizer
+
+    source, dest = Path(source), Path(dest)
+    if not (source / ADAPTER_DIR).is_dir():
+        raise Gpt1Error(f"{source}: nothing to merge (no {ADAPTER_DIR}/ folder)")
+    if dest.resolve() == source.resolve():
+        raise Gpt1Error(f"{dest}: the merged model needs its own folder")
+    model = load_model(source, device="cpu")  # the adapter is merged on load
+    save_model(dest, model, Tokenizer.load(source))
+    shutil.copyfile(source / TEMPLATE_FILE, dest / TEMPLATE_FILE)
+    return dest
+
+
+@dataclass
+class ChatEvalResult:
+    loss: float
+    perplexity: float
+    tokens: int  # assistant tokens predicted
+    conversations: int
+    source: str
+
+
+def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int = 8, max_batches: int | None = None,
+                  precision: str = "fp32", all_paths: bool = False, languages: list[str] | None = None,
+                  skip_invalid: bool = False, show_progress: bool = True) -> ChatEvalResult:
+    """Loss and perplexity on the assistant tokens of a chat dataset (what `gpt1 eval --chat` prints).
+
+    `split` defaults to the dataset's `validation` split when it has one, else all of it.
+    """
+    from gpt1.data.chat import encode_conversations, hf_split_names, iter_batches, read_conversations
+    from gpt1.evaluate import evaluate_loss, perplexity
+
+    if split is None:
+        splits = hf_split_names(spec) or []
+        split = "validation" if "validation" in splits else "train"
+    conversations = read_conversations(spec, split, all_paths=all_paths, languages=languages, skip_invalid=skip_invalid)
+    data = encode_conversations(llm.tokenizer, conversations, llm.model.config.block_size + 1)
+    batches = iter_batches(data, batch_size, llm.tokenizer.pad_id)
+    total = math.ceil(len(data) / batch_size)
+    if max_batches is not None:
+        import itertools
+
+        batches, total = itertools.islice(batches, max_batches), min(total, max_batches)
+    loss, tokens = evaluate_loss(llm.model, batches, llm.device, precision, show_progress=show_progress, total=total)
+    if not tokens:
+        raise Gpt1Error(f"{spec}: no assistant tokens to evaluate")
+    return ChatEvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, conversations=len(conversations),
+                          source=spec if split == "train" else f"{spec} ({split})")

@@ -1,0 +1,346 @@
+"""Hugging Face interop: export a model dir as a `transformers` folder (plus a PEFT adapter),
+import a local `transformers` GPT-2-architecture folder as a gpt1 `GPT`.
+
+gpt1's `GPT` is GPT-2 (see `gpt1.model`): the parameter names are transformers' own, and the
+only layout difference is that transformers' GPT-2 uses `Conv1D`, which stores a linear
+weight as (in, out) where `nn.Linear` stores (out, in) — those four matrices per block are
+transposed on the way across. An exported folder holds:
+
+    config.json                GPT2Config (architectures GPT2LMHeadModel)
+    model.safetensors          the weights under transformers' names
+    generation_config.json     sampling defaults (temperature 0.7, top-k 50)
+    tokenizer.json             gpt1's tokenizer, unchanged
+    tokenizer_config.json      special tokens (+ the chat template of a chat model)
+    special_tokens_map.json
+    adapter/                   a fine-tuned model's LoRA adapter in PEFT's layout (not with merge)
+
+`transformers` is needed for export and import (`pip install 'gpt1[hf]'`); it is imported
+inside the functions so that the rest of gpt1 works without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt1.config import ModelConfig
+from gpt1.errors import Gpt1Error
+from gpt1.io import read_json, save_safetensors, write_json, write_text
+from gpt1.model import GPT
+from gpt1.modeldir import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE
+from gpt1.progress import info
+from gpt1.tokenizer import EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer
+
+# transformers' GPT-2 stores these as Conv1D weights: (in, out), the transpose of nn.Linear's.
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Activations that are exactly our tanh-approximated GELU.
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise Gpt1Error("Hugging Face interop needs the `transformers` package: pip install 'gpt1[hf]'") from None
+    return transformers
+
+
+# ---- weights and configs: gpt1 <-> transformers ----------------------------------------------
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's weights under `GPT2LMHeadModel`'s names and layouts (a tied head is stored
+    once, as transformers does). A model without biases gets zero biases: the same function."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        state[name] = tensor.t() if name.endswith(HF_CONV1D) else tensor
+    if not model.config.bias:
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and not name.startswith("lm_head"):
+                state[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def hf_config_dict(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """GPT2Config keyword arguments describing `config`."""
+    return dict(
+        architectures=["GPT2LMHeadModel"],
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=config.mlp_hidden,
+        activation_function="gelu_new",
+        layer_norm_epsilon=config.norm_eps,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        tie_word_embeddings=config.tie_embeddings,
+        # gpt1 has no BOS token: [EOS] separates documents, as <|endoftext|> does in GPT-2.
+        bos_token_id=tokenizer.eos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+
+
+def config_from_hf(hf, source: str) -> ModelConfig:
+    """Our ModelConfig for a transformers `GPT2Config`, with a clear error for GPT-2 options
+    that gpt1's model does not implement."""
+    unsupported = []
+    if hf.activation_function not in TANH_GELU:
+        unsupported.append(f"activation_function={hf.activation_function!r} (gpt1 implements {' / '.join(TANH_GELU)})")
+    if not hf.scale_attn_weights:
+        unsupported.append("scale_attn_weights=false")
+    if hf.scale_attn_by_inverse_layer_idx:
+        unsupported.append("scale_attn_by_inverse_layer_idx=true")
+    if hf.add_cross_attention:
+        unsupported.append("add_cross_attention=true")
+    n_embd = hf.n_embd
+    n_inner = hf.n_inner or 4 * n_embd  # GPT-2's default MLP width
+    if n_inner % n_embd:
+        unsupported.append(f"n_inner={n_inner} (gpt1 needs a multiple of n_embd={n_embd})")
+    if unsupported:
+        raise Gpt1Error(f"{source}: GPT-2 options gpt1 does not implement: {'; '.join(unsupported)}")
+    return ModelConfig(
+        vocab_size=hf.vocab_size,
+        block_size=hf.n_positions,
+        n_layer=hf.n_layer,
+        n_head=hf.n_head,
+        n_embd=n_embd,
+        mlp_ratio=n_inner // n_embd,
+        bias=True,
+        tie_embeddings=bool(hf.tie_word_embeddings),
+        # One dropout rate in gpt1: the residual one, which GPT-2 applies most often.
+        dropout=float(hf.resid_pdrop),
+        norm_eps=float(hf.layer_norm_epsilon),
+    )
+
+
+# ---- import -------------------------------------------------------------------------------
+def _read_hf_config(path: Path) -> dict[str, Any] | None:
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        return None
+    data = read_json(file)
+    return data if isinstance(data, dict) else None
+
+
+def is_hf_model_dir(path: str | os.PathLike) -> bool:
+    """True for a `transformers` model folder: a config.json naming a transformers
+    `model_type` or `architectures` (gpt1's own config.json says model_type "gpt1")."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    try:
+        config = _read_hf_config(path)
+    except Gpt1Error:
+        return False
+    if config is None:
+        return False
+    return config.get("model_type", "gpt1") != "gpt1" or "architectures" in config
+
+
+def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
+    """Load a local `transformers` GPT-2-architecture folder as a gpt1 `GPT` (eval mode) and
+    its tokenizer.
+
+    The tokenizer is returned when the folder's tokenizer.json is gpt1-compatible (`[PAD]`=0,
+    `[UNK]`=1, `[EOS]`=2, as in every gpt1 export); otherwise (e.g. OpenAI GPT-2's own
+    tokenizer, whose only special token is <|endoftext|>=50256) it is None: the weights are
+    usable, but gpt1 commands that need a gpt1 tokenizer report that. Another architecture
+    raises Gpt1Error naming its model_type.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise Gpt1Error(f"{path}: model directory not found")
+    hf = _read_hf_config(path)
+    if hf is None:
+        raise Gpt1Error(f"{path / CONFIG_FILE}: not found; expected a transformers model folder")
+    model_type = hf.get("model_type")
+    if not is_hf_model_dir(path):
+        raise Gpt1Error(f"{path}: a gpt1 model dir, not a transformers folder; use it directly (no hf: prefix)")
+    if model_type != "gpt2":
+        architectures = f" ({', '.join(hf['architectures'])})" if hf.get("architectures") else ""
+        raise Gpt1Error(f"{path}: model_type {model_type!r}{architectures} is not supported; "
+                        "gpt1 imports only the GPT-2 architecture (model_type 'gpt2')")
+    transformers = _require_transformers()
+    config = config_from_hf(transformers.GPT2Config.from_pretrained(path), str(path / CONFIG_FILE))
+    try:
+        hf_model, loading = transformers.GPT2LMHeadModel.from_pretrained(
+            path, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise Gpt1Error(f"{path}: transformers could not load the weights ({e})") from None
+    # Everything except a tied head must come from the checkpoint, not from random init.
+    missing = [k for k in loading.get("missing_keys", []) if not (k == "lm_head.weight" and config.tie_embeddings)]
+    if missing:
+        raise Gpt1Error(f"{path}: weights missing from the checkpoint: {', '.join(sorted(missing)[:5])}")
+    state = {k: (v.t() if k.endswith(HF_CONV1D) else v) for k, v in hf_model.state_dict().items()}
+    del hf_model
+
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    # Same names on both sides; only buffers that some transformers versions keep are dropped.
+    expected = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in expected})
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model.eval(), _compatible_tokenizer(path, config)
+
+
+def _compatible_tokenizer(path: Path, config: ModelConfig) -> Tokenizer | None:
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        info(f"{path}: no tokenizer.json; imported the weights without a tokenizer")
+        return None
+    try:
+        tokenizer = Tokenizer.load(file)
+    except Gpt1Error as e:
+        info(f"{file}: not a gpt1 tokenizer ({e}); imported the weights without a tokenizer")
+        return None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise Gpt1Error(f"{file}: {tokenizer.vocab_size} tokens, more than the model's vocab_size {config.vocab_size}")
+    return tokenizer
+
+
+# ---- export -------------------------------------------------------------------------------
+def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge: bool = False,
+                 *, overwrite: bool = False) -> Path:
+    """Write `model_dir` as a folder that `transformers.AutoModelForCausalLM.from_pretrained`
+    and `AutoTokenizer.from_pretrained` load offline; returns the output path.
+
+    A fine-tuned model dir (one with an `adapter/` folder) is exported as its base plus the
+    adapter in PEFT's layout under `out_dir/adapter`, or with `merge=True` as one plain
+    model with the adapter merged in. The folder is built next to `out_dir` and renamed into
+    place at the end, so `out_dir` is either complete or untouched. An existing non-empty
+    `out_dir` is an error unless `overwrite`.
+    """
+    from gpt1.chat_template import TEMPLATE_FILE
+    from gpt1.modeldir import load_model
+
+    model_dir, out = Path(model_dir), Path(out_dir)
+    if not model_dir.is_dir():
+        raise Gpt1Error(f"{model_dir}: model directory not found")
+    if not (model_dir / CONFIG_FILE).is_file():
+        raise Gpt1Error(f"{model_dir}: not a gpt1 model dir (no {CONFIG_FILE})")
+    if is_hf_model_dir(model_dir):
+        raise Gpt1Error(f"{model_dir}: already a transformers folder, not a gpt1 model dir")
+    _check_out_dir(model_dir, out, overwrite)
+    _require_transformers()
+
+    has_adapter = (model_dir / ADAPTER_DIR).is_dir()
+    if merge and not has_adapter:
+        raise Gpt1Error(f"{model_dir}: nothing to merge (no {ADAPTER_DIR}/ folder: not a LoRA fine-tuned model)")
+    # merge: the adapter merged into a plain GPT; otherwise the base it applies to.
+    model = load_model(model_dir, device="cpu", adapter="merge" if merge else "ignore")
+    tokenizer = Tokenizer.load(model_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise Gpt1Error(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+    chat = (model_dir / TEMPLATE_FILE).is_file()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        # A fine-tuned dir's model.safetensors already holds the trained special-token rows,
+        # so the exported base has them too; the adapter carries them once more as PEFT's
+        # trainable_token_indices, which makes it correct on the original base as well.
+        _write_base(model, tokenizer, chat, tmp)
+        if has_adapter and not merge:
+            from gpt1.lora import load_adapter, save_adapter
+
+            # PEFT reads base_model_name_or_path only in AutoPeftModelForCausalLM: point it at
+            # the exported base, where the folder will be after the rename.
+            save_adapter(load_adapter(model, model_dir / ADAPTER_DIR), tmp / ADAPTER_DIR, base_model_name_or_path=str(out.resolve()))
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    info(f"exported {model_dir} to {out}" + (" (adapter merged)" if merge else " (+ PEFT adapter)" if has_adapter else ""))
+    return out
+
+
+def _check_out_dir(model_dir: Path, out: Path, overwrite: bool) -> None:
+    source, target = model_dir.resolve(), out.resolve()
+    if target == source or target in source.parents:
+        raise Gpt1Error(f"{out}: the output folder would replace the model dir {model_dir}; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise Gpt1Error(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise Gpt1Error(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished folder onto `out`; an old `out` is moved aside first and deleted
+    only after the new one is in place."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _write_base(model: GPT, tokenizer: Tokenizer, chat: bool, out: Path) -> None:
+    import transformers
+
+    save_safetensors(out / WEIGHTS_FILE, to_hf_state_dict(model), metadata={"format": "pt"})
+    transformers.GPT2Config(**hf_config_dict(model.config, tokenizer)).save_pretrained(out)
+    generation_config(tokenizer).save_pretrained(out)
+    write_tokenizer_files(tokenizer, out, model_max_length=model.config.block_size, chat=chat)
+
+
+def generation_config(tokenizer: Tokenizer):
+    """transformers' GenerationConfig for the model card's Q&A preset (`gpt1.generate`'s "qa"),
+    so that `model.generate(...)` samples as `gpt1 generate --preset qa` does."""
+    import transformers
+
+    from gpt1.generate import preset
+
+    qa = preset("qa")
+    knobs = dict(do_sample=True, temperature=qa.temperature, top_k=qa.top_k, top_p=qa.top_p,
+                 repetition_penalty=qa.repeat_penalty, max_new_tokens=qa.max_new_tokens)
+    if qa.min_p > 0:
+        knobs["min_p"] = qa.min_p
+    # gpt1 ends a generation at any special token (a chat model's next role marker, too):
+    # [EOS] first, as transformers reports the first id as *the* EOS.
+    stop = [tokenizer.eos_id] + [i for i in tokenizer.special_ids if i != tokenizer.eos_id]
+    return transformers.GenerationConfig(**knobs, bos_token_id=tokenizer.eos_id, eos_token_id=stop,
+                                         pad_token_id=tokenizer.pad_id)
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, out: str | os.PathLike, model_max_length: int, chat: bool) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for `AutoTokenizer`.
+
+    Written as plain JSON rather than with a transformers tokenizer's `save_pretrained`: its
+    output depends on the installed transformers version (5.x writes a tokenizer class that
+    4.x cannot load), while these fields are read the same by both, by vLLM and by
+    llama.cpp's converter. The chat template is a `chat_template` string in
+    tokenizer_config.json, the place every reader looks.
+    """
+    from gpt1.chat_template import JINJA_TEMPLATE
+
+    out = Path(out)
+    roles = [t for t in SPECIAL_TOKENS[3:] if tokenizer.token_to_id(t) is not None]
+    special = {"bos_token": EOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD, "additional_special_tokens": roles}
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": model_max_length,
+        # gpt1 adds no special tokens around text, and decodes exactly what was encoded.
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat:
+        config["chat_template"] = JINJA_TEMPLATE
+    write_text(out / "tokenizer.json", tokenizer.to_json())
+    write_json(out / "tokenizer_config.json", config)
+    write_json(out / "special_tokens_map.json", special)
+

@@ -1,0 +1,413 @@
+"""LoRA: low-rank adapters on the model's linear layers, trainable special-token embeddings,
+and the PEFT file layout.
+
+`LoRALinear` adds `scaling * B(A(dropout(x)))` to a frozen `nn.Linear` (A: r x in, B: out x r,
+B initialised to zero so training starts from the base model, scaling = alpha / r). Our
+attention computes Q, K and V with one fused `c_attn`; each of them gets its own pair (the
+model card adapts Q, K and V separately), held as stacked tensors `lora_A` (G, r, in) and
+`lora_B` (G, out_g, r) for the G adapted slices of the output. Targets by name:
+
+    q, k, v   slices of attn.c_attn        o     attn.c_proj
+    up        mlp.c_fc                     down  mlp.c_proj
+
+`TrainableTokens` keeps the embedding matrix frozen and trains a small table of rows for the
+special tokens (role markers, [EOS]): every other row stays bit-identical and the optimizer
+holds a few thousand numbers instead of the whole vocabulary.
+
+Saved adapters use PEFT's layout for Hugging Face's GPT2LMHeadModel (`adapter_config.json` +
+`adapter_model.safetensors`, keys like `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`).
+PEFT adapts the fused c_attn with one pair; our G pairs are exactly one pair of rank G*r:
+lora_A = cat(A_q, A_k, A_v), lora_B = block-diagonal(B_q, B_k, B_v), saved with
+rank_pattern {c_attn: G*r} and alpha_pattern {c_attn: G*alpha} so that PEFT's scale alpha'/r'
+equals ours. The token rows are PEFT's `trainable_token_indices` on `wte`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt1.errors import Gpt1Error
+
+# target name -> (module path inside a Block, index of the slice of a fused Q|K|V output or None)
+TARGETS: dict[str, tuple[str, int | None]] = {
+    "q": ("attn.c_attn", 0), "k": ("attn.c_attn", 1), "v": ("attn.c_attn", 2),
+    "o": ("attn.c_proj", None), "up": ("mlp.c_fc", None), "down": ("mlp.c_proj", None),
+}
+DEFAULT_TARGETS = ("q", "k", "v", "o", "up", "down")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's name for the trained rows (their values)
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    token_ids: list[int] = field(default_factory=list)  # embedding rows to train (special tokens)
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise Gpt1Error(f"LoRA targets: unknown {unknown or 'empty list'}; choose from {', '.join(TARGETS)}")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise Gpt1Error(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise Gpt1Error(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear (same `weight`/`bias` names, so base weights load unchanged) plus
+    low-rank updates of output slices `slices` (name -> (start, end), equal sizes)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 slices: dict[str, tuple[int, int]] | None = None):
+        nn.Module.__init__(self)  # reuse base's tensors instead of allocating new ones
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.slices = dict(slices or {"": (0, base.out_features)})
+        sizes = {end - start for start, end in self.slices.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"LoRA slices must have equal sizes, got {self.slices}")
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        G, size = len(self.slices), sizes.pop()
+        kwargs = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(G, r, self.in_features, **kwargs))
+        self.lora_B = nn.Parameter(torch.zeros(G, size, r, **kwargs))
+        for a in self.lora_A:  # as nn.Linear's (and PEFT's) default init
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        columns = torch.cat([torch.arange(s, e) for s, e in self.slices.values()])
+        self.register_buffer("lora_columns", columns.to(base.weight.device), persistent=False)
+        self._covers_all = bool(torch.equal(columns, torch.arange(self.out_features)))
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A as an (out, in) matrix (zero outside the adapted slices)."""
+        blocks = torch.bmm(self.lora_B, self.lora_A).flatten(0, 1) * self.scaling
+        return torch.zeros_like(self.weight).index_add(0, self.lora_columns, blocks.to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        G, r = self.lora_A.shape[:2]
+        h = F.linear(self.lora_dropout(x), self.lora_A.flatten(0, 1)).unflatten(-1, (G, r))
+        delta = torch.einsum("...gr,gor->...go", h, self.lora_B).flatten(-2) * self.scaling
+        if self._covers_all:
+            return out + delta
+        return out.index_add(-1, self.lora_columns, delta)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.delta_weight()
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, slices={list(self.slices)}"
+
+
+class TrainableTokens(nn.Embedding):
+    """An embedding whose `weight` is frozen except rows `token_ids`, which are read from the
+    small trainable table `trainable_tokens` (initialised to those rows)."""
+
+    def __init__(self, base: nn.Embedding, token_ids: Sequence[int]):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq = self.sparse = False
+        self.weight = base.weight
+        ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=base.weight.device)
+        slot = torch.full((self.num_embeddings,), -1, dtype=torch.long, device=base.weight.device)
+        slot[ids] = torch.arange(len(ids), device=base.weight.device)
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.register_buffer("token_slot", slot, persistent=False)
+        self.trainable_tokens = nn.Parameter(base.weight.detach()[ids].clone())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        slot = self.token_slot[idx]
+        trained = F.embedding(slot.clamp(min=0), self.trainable_tokens)
+        return torch.where((slot >= 0).unsqueeze(-1), trained, F.embedding(idx, self.weight))
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight.detach().index_copy(0, self.token_ids, self.trainable_tokens.detach().to(self.weight.dtype))
+
+
+class TiedTokensHead(nn.Linear):
+    """The output head of a tied-embedding model: its rows for the trained tokens come from the
+    embedding's table too, so input and output stay tied during training."""
+
+    def __init__(self, base: nn.Linear, embedding: TrainableTokens):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.trainable_tokens = embedding.trainable_tokens
+        self.register_buffer("token_ids", embedding.token_ids, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight, self.bias)
+        return logits.index_copy(-1, self.token_ids, F.linear(x, self.trainable_tokens))
+
+
+# ---- inject, freeze, merge -----------------------------------------------------------------
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replace the targeted linear layers of a GPT with LoRALinear (in place), and make the
+    embedding rows `config.token_ids` trainable. Returns the model."""
+    if any(isinstance(m, (LoRALinear, TrainableTokens)) for m in model.modules()):
+        raise Gpt1Error("the model already has LoRA adapters")
+    by_module: dict[str, list[str]] = {}
+    for target in config.targets:
+        by_module.setdefault(TARGETS[target][0], []).append(target)
+    C = model.config.n_embd
+    for block in model.transformer.h:
+        for path, names in by_module.items():
+            parent_name, attr = path.split(".")
+            parent = getattr(block, parent_name)
+            base = getattr(parent, attr)
+            slices = None
+            if TARGETS[names[0]][1] is not None:  # a slice of the fused Q|K|V matrix
+                slices = {n: (TARGETS[n][1] * C, (TARGETS[n][1] + 1) * C) for n in sorted(names, key=lambda n: TARGETS[n][1])}
+            setattr(parent, attr, LoRALinear(base, config.r, config.alpha, config.dropout, slices).train(model.training))
+    if config.token_ids:
+        wte = TrainableTokens(model.transformer.wte, config.token_ids)
+        model.transformer.wte = wte
+        if model.config.tie_embeddings:
+            model.lm_head = TiedTokensHead(model.lm_head, wte)
+    model.lora_config = config
+    return model
+
+
+def is_adapter_param(name: str) -> bool:
+    return ".lora_A" in name or ".lora_B" in name or name.endswith("trainable_tokens")
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Freeze every parameter except the LoRA pairs and the trainable token rows."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter_param(name))
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Add every LoRA update into its base weight (faster inference); `unmerge_lora` undoes it."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.unmerge()
+
+
+def _plain_state(model: nn.Module, merge: bool) -> dict[str, torch.Tensor]:
+    from gpt1.modeldir import model_state_dict
+
+    state = {k: v for k, v in model_state_dict(model).items() if not is_adapter_param(k)}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and m.merged != merge:
+            with torch.no_grad():
+                delta = m.delta_weight()
+            state[f"{name}.weight"] = state[f"{name}.weight"] + (delta if merge else -delta)
+        elif isinstance(m, TrainableTokens):
+            state[f"{name}.weight"] = m.merged_weight()
+    return {k: v.detach() for k, v in state.items()}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain GPT weights without the LoRA updates but with the trained token rows written in:
+    the base that the saved adapter applies to."""
+    return _plain_state(model, merge=False)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain GPT weights with everything merged in: a model dir that needs no adapter."""
+    return _plain_state(model, merge=True)
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the adapters into the weights and put plain modules back (in place)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        elif isinstance(m, TrainableTokens):
+            m.weight.index_copy_(0, m.token_ids, m.trainable_tokens.to(m.weight.dtype))
+            plain = nn.Embedding(m.num_embeddings, m.embedding_dim, device="meta")
+        elif isinstance(m, TiedTokensHead):
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        else:
+            continue
+        plain.weight = m.weight
+        if isinstance(plain, nn.Linear):
+            plain.bias = m.bias
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, plain)
+    if getattr(model.config, "tie_embeddings", False):
+        model.lm_head.weight = model.transformer.wte.weight
+    model.__dict__.pop("lora_config", None)
+    return model
+
+
+# ---- PEFT layout ---------------------------------------------------------------------------
+
+def to_peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter as PEFT saves it for Hugging Face's GPT2LMHeadModel (module names match
+    ours one to one). A fused c_attn's G pairs become one pair of rank G*r (module docstring)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            G, r = m.lora_A.shape[:2]
+            B = m.lora_B.detach()
+            B_full = torch.zeros(m.out_features, G * r, dtype=B.dtype, device=B.device)
+            for g, (start, end) in enumerate(m.slices.values()):
+                B_full[start:end, g * r:(g + 1) * r] = B[g]
+            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().flatten(0, 1)
+            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B_full
+        elif isinstance(m, TrainableTokens):
+            state[f"{PEFT_PREFIX}{name}.{TOKEN_KEY}"] = m.trainable_tokens.detach()
+    return state
+
+
+def peft_adapter_config(config: LoRAConfig, base_model_name_or_path: str | None = None) -> dict:
+    """adapter_config.json for `config` (PEFT's LoraConfig fields)."""
+    modules = sorted({TARGETS[t][0] for t in config.targets})
+    groups = sum(1 for t in config.targets if TARGETS[t][1] is not None)
+    alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
+    rank_pattern, alpha_pattern = {}, {}
+    if groups > 1:
+        rank_pattern["attn.c_attn"] = groups * config.r
+        alpha_pattern["attn.c_attn"] = groups * alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": modules,
+        "fan_in_fan_out": True,  # Hugging Face's GPT-2 uses Conv1D (weights stored as in x out)
+        "bias": "none",
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "trainable_token_indices": {"wte": list(config.token_ids)} if config.token_ids else None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT's layout) atomically."""
+    from gpt1.io import save_safetensors, write_json
+
+    config: LoRAConfig = getattr(model, "lora_config", None)
+    if config is None:
+        raise Gpt1Error("the model has no LoRA adapters to save")
+    directory = Path(directory)
+    metadata = {"format": "pt", "gpt1_lora": json.dumps(asdict(config))}
+    save_safetensors(directory / ADAPTER_WEIGHTS, to_peft_state_dict(model), metadata=metadata)
+    write_json(directory / ADAPTER_CONFIG, peft_adapter_config(config, base_model_name_or_path))
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> LoRAConfig:
+    """Our LoRAConfig for an adapter folder (written by `save_adapter`, or by PEFT for GPT-2)."""
+    from safetensors import safe_open
+
+    from gpt1.io import read_json
+
+    directory = Path(directory)
+    peft = read_json(directory / ADAPTER_CONFIG)
+    if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
+        raise Gpt1Error(f"{directory / ADAPTER_CONFIG}: expected a PEFT LoRA adapter config (peft_type LORA)")
+    try:
+        with safe_open(str(directory / ADAPTER_WEIGHTS), "pt") as f:
+            ours = (f.metadata() or {}).get("gpt1_lora")
+    except Exception as e:  # missing or corrupt file: safetensors raises its own types
+        raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
+    if ours:
+        return LoRAConfig(**json.loads(ours))
+    # An adapter from elsewhere: derive the targets from PEFT's fields.
+    modules = peft.get("target_modules") or []
+    modules = [modules] if isinstance(modules, str) else list(modules)
+    by_module = {path: name for name, (path, index) in TARGETS.items() if index is None}
+    targets: list[str] = []
+    for module in modules:
+        if module.endswith("c_attn"):
+            rank = (peft.get("rank_pattern") or {}).get(module, peft["r"])
+            if rank != 3 * peft["r"]:
+                raise Gpt1Error(f"{directory}: a c_attn adapter of rank {rank} is not three per-projection pairs "
+                                f"of rank {peft['r']} (only adapters written by gpt1 are supported)")
+            targets += ["q", "k", "v"]
+        elif module in by_module:
+            targets.append(by_module[module])
+        else:
+            raise Gpt1Error(f"{directory / ADAPTER_CONFIG}: unsupported target module {module!r}")
+    tokens = (peft.get("trainable_token_indices") or {}).get("wte", [])
+    return LoRAConfig(r=peft["r"], alpha=peft["lora_alpha"], dropout=peft.get("lora_dropout", 0.0),
+                      targets=tuple(targets), token_ids=list(tokens))
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Inject LoRA into a plain GPT as the adapter folder describes and load its weights."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    inject_lora(model, config)
+    state = load_file(str(directory / ADAPTER_WEIGHTS))
+    expected = to_peft_state_dict(model)
+    if set(state) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: adapter does not fit the model "
+                        f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensor.shape)}, "
+                            f"the model expects {tuple(expected[key].shape)}")
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            A = state[f"{PEFT_PREFIX}{name}.lora_A.weight"]
+            B = state[f"{PEFT_PREFIX}{name}.lora_B.weight"]
+            G, r = m.lora_A.shape[:2]
+            blocks = torch.stack([B[s:e, g * r:(g + 1) * r] for g, (s, e) in enumerate(m.slices.values())])
+            mask = torch.zeros_like(B, dtype=torch.bool)
+            for g, (s, e) in enumerate(m.slices.values()):
+                mask[s:e, g * r:(g + 1) * r] = True
+            if torch.any(B[~mask] != 0):
+                raise Gpt1Error(f"{directory}: {name}.lora_B is not block-diagonal over {list(m.slices)} "
+                                "(only adapters written by gpt1 are supported)")
+            m.lora_A.copy_(A.view_as(m.lora_A))
+            m.lora_B.copy_(blocks)
+        elif isinstance(m, TrainableTokens):
+            m.trainable_tokens.copy_(state[f"{PEFT_PREFIX}{name}.{TOKEN_KEY}"])
+    return model

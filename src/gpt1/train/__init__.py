@@ -1,0 +1,1 @@
+"""Training: configs and recipes, the LR schedule, checkpoints, the shared loop, DDP helpers."""

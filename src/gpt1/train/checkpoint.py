@@ -1,0 +1,150 @@
+"""Atomic, resumable checkpoints of a training run.
+
+A run dir looks like this::
+
+    RUN/
+      train_config.json        the run's TrainConfig (a rerun with another config is refused)
+      config.json, model.safetensors, tokenizer.json   the latest model: RUN is a model dir
+      metrics.jsonl            one JSON line per step and per validation
+      loss.png                 the loss / perplexity curve (written at the end)
+      checkpoints/step-00001000/
+        (the model part, written by the caller's save_model: a model dir or an adapter)
+        trainable.safetensors  every parameter with requires_grad (what resume loads)
+        trainer_state.pt       optimizer, GradScaler, step, sampler state, every RNG state
+
+A checkpoint is written into `checkpoints/.step-N.tmp`, flushed to disk, then renamed to
+`checkpoints/step-N` (a directory rename is atomic), and only then are older checkpoints
+deleted: a run killed at any moment, even in the middle of a save, leaves the previous
+checkpoint intact, and `latest_checkpoint` never sees a half-written one.
+`trainer_state.pt` holds only tensors, numbers, strings, lists and dicts and is read back with
+`torch.load(weights_only=True)`: no pickled objects.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from gpt1.errors import Gpt1Error
+from gpt1.io import save_safetensors
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "trainer_state.pt"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may touch, as tensors and JSON-able values."""
+    np_state = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": np_state[0], "keys": np_state[1].tolist(), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": version, "state": list(py_state), "gauss_next": gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
+                    save_model: Callable[[Path, torch.nn.Module], None], trainer_state: dict[str, Any],
+                    keep: int = 1) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep` checkpoints."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(tmp, model)
+    save_safetensors(tmp / TRAINABLE_FILE, trainable_state(model))
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save({**trainer_state, "step": step, "rng": rng_state()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # a rerun of the same step (e.g. the final save of a finished run)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary dirs of interrupted saves are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def remove_partial_saves(run_dir: Path) -> None:
+    """Delete what interrupted saves left behind (never a complete checkpoint)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_dir():
+        for p in root.glob(".step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the trainable weights of checkpoint `path` into `model`; return its trainer state."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        weights = load_file(str(path / TRAINABLE_FILE))
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt file: safetensors and torch raise their own types
+        raise Gpt1Error(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        raise Gpt1Error(f"{path}: the checkpoint's trainable parameters do not match the model "
+                        f"(missing {sorted(expected - set(weights))[:3]}, unexpected {sorted(set(weights) - expected)[:3]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if params[name].shape != tensor.shape:
+                raise Gpt1Error(f"{path}: {name} has shape {tuple(tensor.shape)}, the model has {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    return state
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

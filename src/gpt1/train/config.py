@@ -1,0 +1,219 @@
+"""Training configuration: the `TrainConfig` dataclass and a generic TOML + `key=value` loader.
+
+A recipe is a flat TOML file whose keys are the fields of a config dataclass; any key can be
+overridden on the command line as `key=value` (the value is read as a TOML value, so
+`lr=3e-4`, `compile=true`, `betas=[0.9, 0.95]` work, and a bare word such as
+`precision=fp16-mixed` is taken as a string). `load_config(cls, path, overrides)` works for
+any dataclass, including subclasses of `TrainConfig` (the fine-tuning config adds LoRA
+fields). An unknown key or a value of the wrong type is a `Gpt1Error` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gpt1.errors import Gpt1Error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, as a package (a dependency on Python 3.10)
+    import tomli as tomllib
+
+PRECISIONS = ("fp32", "fp16-mixed", "bf16-mixed")
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # the recipes shipped with gpt1
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. Defaults are a small, CPU-safe run; recipes set the rest.
+
+    The run length is `max_steps` if it is > 0, else `max_tokens` / tokens per step if that is
+    > 0, else `epochs` x the training tokens / tokens per step.
+    """
+
+    model: str = "tiny"  # a ModelConfig preset; vocab_size always comes from the tokenizer
+    block_size: int = 0  # context length of the training windows; 0 = the preset's
+    init_from: str = "scratch"  # "scratch", a gpt1 model dir, or "hf:PATH" (a transformers GPT-2 folder)
+    max_steps: int = 1000
+    max_tokens: int = 0
+    epochs: float = 0.0
+    batch_size: int = 16  # sequences per micro-batch on each device
+    grad_accum: int = 1  # micro-batches per optimizer step (per device)
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup: float = 0.03  # fraction of the steps with a linear warmup, then cosine to min_lr
+    weight_decay: float = 0.0  # applied to matrices only (not biases, norms)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    precision: str = "fp32"  # fp32, fp16-mixed (autocast + GradScaler) or bf16-mixed
+    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    eval_every: int = 200
+    eval_batches: int = 20  # held-out batches (of batch_size windows) per validation
+    save_every: int = 200
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
+    max_bad_steps: int = 20  # consecutive non-finite losses that stop the run
+    tensorboard: bool = False  # also log to TensorBoard (needs the tensorboard package)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise Gpt1Error(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise Gpt1Error(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_tokens", "block_size"):
+            if getattr(self, name) < 0:
+                raise Gpt1Error(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.max_tokens == 0 and self.epochs <= 0:
+            raise Gpt1Error("set the run length: max_steps, max_tokens or epochs must be > 0")
+        if not 0.0 <= self.warmup < 1.0:
+            raise Gpt1Error(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise Gpt1Error(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise Gpt1Error(f"betas must be in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise Gpt1Error("weight_decay and grad_clip must be >= 0")
+        if not self.init_from or self.init_from == "hf:":
+            raise Gpt1Error("init_from must be 'scratch', a model dir, or hf:PATH")
+
+    def resolve_steps(self, tokens_per_step: int, train_tokens: int) -> int:
+        """The number of optimizer steps of this run (see the class docstring)."""
+        if self.max_steps > 0:
+            return self.max_steps
+        budget = self.max_tokens if self.max_tokens > 0 else self.epochs * train_tokens
+        return max(1, math.ceil(budget / tokens_per_step))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+C = TypeVar("C")
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the name of a recipe shipped in gpt1/configs (with or without .toml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIGS_DIR / path.name, CONFIGS_DIR / f"{path.name}.toml"):
+        if candidate.is_file() and path.parent == Path("."):
+            return candidate
+    shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")))
+    raise Gpt1Error(f"{name_or_path}: config file not found (shipped recipes: {shipped})")
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                **values: Any) -> C:
+    """Build the dataclass `cls` from a TOML recipe, then `key=value` overrides, then `values`.
+
+    Every key is checked against the fields of `cls` and converted to the field's type
+    (an int is accepted for a float, a TOML array for a tuple or list); anything else raises
+    Gpt1Error naming the key and the file or override it came from.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = resolve_config_path(path)
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise Gpt1Error(f"{path}: invalid TOML ({e})") from None
+        for key, value in table.items():
+            data[key] = _check(key, value, names, hints, str(path))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise Gpt1Error(f"override {item!r}: expected key=value")
+        data[key] = _check(key, _parse_value(raw.strip(), hints.get(key)), names, hints, f"override {item!r}")
+    for key, value in values.items():
+        data[key] = _check(key, value, names, hints, "argument")
+    return cls(**data)
+
+
+def _parse_value(raw: str, hint: Any) -> Any:
+    """A command-line value as TOML; a bare word (or anything for a str field) stays a string."""
+    if hint is str:
+        return raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'" else raw
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _check(key: str, value: Any, names: set[str], hints: dict[str, Any], where: str) -> Any:
+    if key not in names:
+        raise Gpt1Error(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
+    try:
+        return _coerce(value, hints[key])
+    except TypeError as e:
+        raise Gpt1Error(f"{where}: key {key!r} expects {_type_name(hints[key])}, got {value!r} ({e})") from None
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` converted to the type `hint`, or TypeError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError("no alternative of the union fits")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise TypeError(f"expected one of {list(args)}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("expected an array")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise TypeError(f"expected {len(args)} items")
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        items = [_coerce(v, item) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError("expected a table")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError("expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError("expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError("expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError("expected a string")
+    if isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise TypeError(f"cannot convert to {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")

@@ -1,0 +1,102 @@
+"""Multi-GPU / multi-node training through `torchrun` (DistributedDataParallel).
+
+`torchrun --nproc_per_node N -m gpt1 pretrain ...` starts N processes and sets RANK,
+LOCAL_RANK and WORLD_SIZE; `setup()` joins them into one process group (NCCL on GPUs, gloo on
+CPUs). Each rank draws its own training windows; gradients are averaged by DDP; only rank 0
+logs, evaluates into files and saves. Without torchrun everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gpt1.errors import Gpt1Error
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
+    """`auto` picks cuda (this rank's GPU), then mps, then cpu."""
+    info = info or current()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", info.local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise Gpt1Error(f"device: unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Gpt1Error("device: cuda requested but no CUDA GPU is available")
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if this process was started by torchrun (idempotent)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    info = current()
+    if not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        info = current()
+    return info
+
+
+def current() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                        world_size=dist.get_world_size())
+    return DistInfo()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (in place); identity without a process group."""
+    if current().enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank (e.g. a resume decision)."""
+    if not current().enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if current().enabled:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

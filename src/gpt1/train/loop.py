@@ -1,0 +1,330 @@
+"""The training loop shared by pretraining (`gpt1 pretrain`) and chat fine-tuning (`gpt1 finetune`).
+
+The API (stable; both commands call it)::
+
+    from gpt1.train.loop import BatchSource, TrainResult, train
+
+    class BatchSource(Protocol):
+        def next_batch(self) -> tuple[Tensor, Tensor]   # x, y: (micro_batch, T) int64 on CPU;
+                                                        # y may hold IGNORE_INDEX (-100)
+        def state_dict(self) -> dict                    # JSON-able sampler state (saved in checkpoints)
+        def load_state_dict(self, state: dict) -> None
+
+    result = train(model, cfg, run_dir, train_data, val_batches, save_model, max_steps=None)
+
+- `model`: a GPT (possibly with LoRA layers). The optimizer covers exactly the parameters with
+  `requires_grad=True`: freeze the rest before calling. Weight decay applies to matrices only.
+- `cfg`: a `TrainConfig` (or a subclass). The run lasts `max_steps` optimizer steps if given,
+  else `cfg.max_steps` (the caller resolves token or epoch budgets, see `TrainConfig.resolve_steps`).
+  Each step takes `cfg.grad_accum` batches from `train_data` on every rank.
+- `val_batches()`: a fresh iterable of the same fixed held-out (x, y) batches each time it is
+  called; validation loss (token-weighted mean) and perplexity exp(loss) are computed on them
+  every `cfg.eval_every` steps and at the end. With torchrun, rank r evaluates batches r, r+W, ...
+- `save_model(dir, model)`: writes the model part of a checkpoint and of the run dir (pretraining:
+  config.json + model.safetensors + tokenizer.json; fine-tuning: its adapter files). Called with
+  the unwrapped model (no DDP, no torch.compile wrapper).
+
+The rest is the loop's: checkpoints (see `gpt1.train.checkpoint`) with the trainable weights,
+optimizer, GradScaler, step, sampler state and every RNG state; `train_config.json`; one line
+per step in `metrics.jsonl` (loss, lr, grad_norm, tokens_per_sec, mfu) and one per validation
+(val_loss, val_ppl); `loss.png` at the end. Running `train` again on the same `run_dir`
+resumes from its latest checkpoint (a different config is refused); on CPU the resumed run
+ends at exactly the loss of an uninterrupted one. With torchrun (`gpt1.train.distributed`),
+each rank's `train_data` must draw its own batches and reach the same state after the same
+number of steps; rank 0 logs and saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from gpt1.errors import Gpt1Error
+from gpt1.evaluate import evaluate_loss, perplexity
+from gpt1.model import IGNORE_INDEX
+from gpt1.progress import info, progress, warn
+from gpt1.train import checkpoint as ckpt
+from gpt1.train import distributed
+from gpt1.train.config import TrainConfig
+from gpt1.train.precision import autocast
+from gpt1.train.schedule import lr_at
+
+__all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE",
+           "peak_flops"]
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "train_config.json"
+PLOT_FILE = "loss.png"
+# Keys that may change between a run and its resumption: they do not change the math.
+RESUMABLE_CHANGES = {"device", "tensorboard", "eval_batches"}
+
+# Dense FP16/BF16 tensor-core peak FLOP/s per GPU (vendor datasheets), matched against
+# torch.cuda.get_device_name(); longest match wins. MFU is reported against this peak.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H800": 989e12,
+    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10": 125e12, "A6000": 155e12, "V100": 125e12, "T4": 65e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12,
+}
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int  # optimizer steps completed (== the run's max_steps when it finished)
+    tokens: int  # training tokens seen, all ranks
+    train_loss: float | None  # mean loss of the last step
+    val_loss: float | None
+    val_perplexity: float | None
+    seconds: float  # wall time of this invocation
+    resumed_from: int  # the step this invocation started at (0 = fresh run)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The peak FLOP/s of a known GPU, None for CPUs and unknown GPUs."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    matches = [key for key in PEAK_FLOPS if key in name]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise Gpt1Error("no trainable parameters: every parameter has requires_grad=False")
+    # Decay matrices (embeddings, linear weights), not biases or LayerNorm gains (GPT-2/3 practice).
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    # The fused CUDA kernel does the whole update in one launch instead of one per tensor.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int) -> None:
+    """Refuse a run dir that holds another run (or anything else); write train_config.json."""
+    wanted = {"config": cfg.to_dict(), "max_steps": max_steps}
+    file = run_dir / CONFIG_FILE
+    if file.is_file():
+        old = json.loads(file.read_text(encoding="utf-8"))
+        old_cfg = old.get("config", {})
+        keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
+                      if k not in RESUMABLE_CHANGES and old_cfg.get(k) != wanted["config"].get(k))
+        if old.get("max_steps") != max_steps and "max_steps" not in keys:
+            keys.append(f"max_steps (resolved: {old.get('max_steps')} -> {max_steps})")
+        if keys:
+            diffs = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {wanted['config'].get(k)!r}" if k in old_cfg or k in wanted["config"]
+                              else k for k in keys)
+            raise Gpt1Error(f"{run_dir} holds a run with a different config ({diffs}); "
+                            "rerun with the same config to resume it, or choose another --out")
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise Gpt1Error(f"{run_dir} is not empty and holds no gpt1 run ({CONFIG_FILE} is missing); "
+                        "choose a new or empty --out")
+    from gpt1.io import write_json
+
+    write_json(file, wanted)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after `step` (written by a run killed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    from gpt1.io import write_text
+
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_data: BatchSource,
+          val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+          save_model: Callable[[Path, torch.nn.Module], None], *, max_steps: int | None = None) -> TrainResult:
+    """Train `model` (see the module docstring); resumes from `run_dir`'s latest checkpoint."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    max_steps = max_steps if max_steps is not None else cfg.max_steps
+    if max_steps < 1:
+        raise Gpt1Error("the run needs max_steps >= 1 (resolve max_tokens / epochs before calling train)")
+    dist = distributed.current()
+    device = distributed.resolve_device(cfg.device, dist)
+    if dist.is_main:
+        _check_run_dir(run_dir, cfg, max_steps)
+        ckpt.remove_partial_saves(run_dir)
+    distributed.barrier()
+
+    model.to(device)
+    model.train()
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+    optimizer = _optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16-mixed")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    start_step, tokens_seen, last = 0, 0, {"loss": None, "val_loss": None}
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, model)
+        optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        train_data.load_state_dict(state["sampler"])
+        start_step, tokens_seen, last = state["step"], state["tokens"], state["last"]
+        if dist.is_main:
+            info(f"resuming {run_dir} from step {start_step:,} of {max_steps:,} ({latest.name})")
+            _trim_metrics(run_dir / METRICS_FILE, start_step)
+        ckpt.set_rng_state(state["rng"])
+        if dist.rank:  # only rank 0's RNG is saved; other ranks reseed reproducibly
+            torch.manual_seed(cfg.seed + 1000 * dist.rank + start_step)
+    else:
+        torch.manual_seed(cfg.seed + 1000 * dist.rank)
+    distributed.barrier()
+
+    raw_model = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    def trainer_state() -> dict:
+        return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "sampler": train_data.state_dict(), "tokens": tokens_seen, "last": dict(last),
+                "config": cfg.to_dict(), "max_steps": max_steps}
+
+    metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
+    writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
+    bar = progress(total=max_steps, initial=start_step, desc=run_dir.name, unit="step", disable=None if dist.is_main else True)
+    peak = peak_flops(device)
+    flops_per_token = getattr(raw_model, "flops_per_token", None)
+    bad_steps = 0
+    try:
+        for step in range(start_step, max_steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, max_steps, cfg.lr, cfg.min_lr, cfg.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            step_tokens = 0
+            for micro in range(cfg.grad_accum):
+                x, y = train_data.next_batch()
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                step_tokens += x.numel()
+                # DDP averages gradients on every backward; only the last micro-batch needs it.
+                sync = micro == cfg.grad_accum - 1 or not dist.enabled
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, cfg.precision):
+                    _, loss = model(x, y)
+                scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+            mean_loss = distributed.all_reduce_sum(loss_sum / cfg.grad_accum).item() / dist.world_size
+            step_tokens *= dist.world_size
+            done = step + 1
+            if not math.isfinite(mean_loss):
+                bad_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                if bad_steps >= cfg.max_bad_steps:
+                    good = ckpt.latest_checkpoint(run_dir)
+                    raise Gpt1Error(
+                        f"the loss was NaN/inf for {bad_steps} consecutive steps (last at step {done:,}); stopped. "
+                        f"The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}. "
+                        "Lower lr, try bf16-mixed instead of fp16-mixed, or check the data.")
+                if metrics:
+                    metrics.write(json.dumps({"step": done, "loss": None, "lr": lr, "skipped": "non-finite loss"}) + "\n")
+                bar.update(1)
+                continue
+            bad_steps = 0
+            scaler.unscale_(optimizer)  # clip and report the true gradient norm, not the scaled one
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += step_tokens
+            elapsed = time.perf_counter() - t0
+            tokens_per_sec = step_tokens / elapsed
+            grad_norm = float(grad_norm)
+            record = {"step": done, "loss": mean_loss, "lr": lr,
+                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # inf: an fp16 overflow
+                      "tokens": tokens_seen, "tokens_per_sec": tokens_per_sec,
+                      "mfu": (flops_per_token(x.size(1)) * tokens_per_sec / (peak * dist.world_size)
+                              if peak and flops_per_token else None)}
+            if scale_before is not None and scaler.get_scale() < scale_before:
+                record["skipped"] = "fp16 overflow"
+            last["loss"] = mean_loss
+
+            if done % cfg.eval_every == 0 or done == max_steps:
+                val_loss, _ = evaluate_loss(raw_model, val_batches(), device, cfg.precision)
+                if math.isfinite(val_loss):
+                    last["val_loss"] = val_loss
+                    record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if writer:
+                for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_ppl"):
+                    if record.get(key) is not None:
+                        writer.add_scalar(key, record[key], done)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
+                            **({"val": f"{last['val_loss']:.4f}"} if last["val_loss"] is not None else {}))
+            bar.update(1)
+
+            if done % cfg.save_every == 0 or done == max_steps:
+                if dist.is_main:
+                    ckpt.save_checkpoint(run_dir, done, raw_model, save_model, trainer_state())
+                    save_model(run_dir, raw_model)
+                distributed.barrier()
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+        if writer:
+            writer.close()
+
+    if dist.is_main and start_step < max_steps:
+        from gpt1.plot import plot_metrics
+
+        plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, title=run_dir.name)
+    val = last["val_loss"]
+    result = TrainResult(run_dir=run_dir, steps=max_steps, tokens=tokens_seen, train_loss=last["loss"],
+                         val_loss=val, val_perplexity=perplexity(val) if val is not None else None,
+                         seconds=time.perf_counter() - started, resumed_from=start_step)
+    if dist.is_main:
+        if start_step >= max_steps:
+            info(f"{run_dir} already finished its {max_steps:,} steps; nothing to do")
+        info(f"done: {max_steps:,} steps, {tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
+             f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}")
+    return result
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warn("tensorboard=true but the tensorboard package is not installed (pip install tensorboard); not logging to it")
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))

@@ -1,0 +1,85 @@
+"""Pretraining: prepared shards + a `TrainConfig` -> a trained base model in a run dir.
+
+`pretrain(cfg, data_dir, out)` builds the model (`init_from`), the random-window batch source
+over `train.bin`, the fixed validation batches from `val.bin`, and runs the shared loop
+(`gpt1.train.loop.train`). The model's vocabulary is the tokenizer stored with the shards
+(`DATA/tokenizer.json`); its fingerprint must match `meta.json`, and a model from `init_from`
+must use the same tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gpt1.config import ModelConfig
+from gpt1.data.shards import ShardWindows, check_fingerprint, fixed_windows, load_data_tokenizer, load_meta
+from gpt1.errors import Gpt1Error
+from gpt1.model import GPT
+from gpt1.modeldir import save_model as save_model_dir
+from gpt1.progress import info
+from gpt1.tokenizer import Tokenizer
+from gpt1.train import distributed
+from gpt1.train.config import TrainConfig
+from gpt1.train.loop import TrainResult, train
+
+
+def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
+    """The model to train, on CPU: a fresh preset, a gpt1 model dir, or a local transformers GPT-2."""
+    if cfg.init_from == "scratch":
+        overrides = {"vocab_size": tokenizer.vocab_size}
+        if cfg.block_size:
+            overrides["block_size"] = cfg.block_size
+        config = ModelConfig.preset(cfg.model, **overrides)
+        torch.manual_seed(cfg.seed)
+        return GPT(config)
+    if cfg.init_from.startswith("hf:"):
+        from gpt1.interop import import_hf_model
+
+        model, hf_tokenizer = import_hf_model(cfg.init_from[3:], "cpu")
+        if hf_tokenizer is not None and hf_tokenizer.fingerprint != tokenizer.fingerprint:
+            raise Gpt1Error(f"init_from={cfg.init_from}: its tokenizer ({hf_tokenizer.fingerprint}) is not the "
+                            f"tokenizer of the data ({tokenizer.fingerprint}); prepare the data with it")
+    else:
+        from gpt1.modeldir import load_model
+
+        model = load_model(cfg.init_from, device="cpu")
+        check_fingerprint({"tokenizer": {"fingerprint": tokenizer.fingerprint}}, Tokenizer.load(cfg.init_from),
+                          f"init_from={cfg.init_from}")
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise Gpt1Error(f"init_from={cfg.init_from}: the model has {model.config.vocab_size:,} token embeddings, "
+                        f"the data's tokenizer {tokenizer.vocab_size:,}")
+    return model.train()
+
+
+def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> TrainResult:
+    """Pretrain on `data_dir` (made by `gpt1 prepare`) into the run dir `out`; resumes a run there."""
+    data_dir, out = Path(data_dir), Path(out)
+    dist = distributed.setup(cfg.device)
+    meta = load_meta(data_dir)
+    tokenizer = load_data_tokenizer(data_dir, meta)
+    run_tokenizer = out / "tokenizer.json"
+    if run_tokenizer.is_file():
+        check_fingerprint(meta, Tokenizer.load(run_tokenizer), f"the run dir {out}")
+    model = init_model(cfg, tokenizer)
+    block_size = cfg.block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({model.config.block_size})")
+    train_data = ShardWindows(data_dir / meta["train"]["file"], block_size, cfg.batch_size, cfg.seed,
+                              rank=dist.rank, world_size=dist.world_size)
+    val = fixed_windows(data_dir / meta["val"]["file"], block_size, cfg.batch_size, cfg.eval_batches)
+    tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
+    max_steps = cfg.resolve_steps(tokens_per_step, meta["train"]["tokens"])
+    if dist.is_main:
+        info(f"model: {model.num_params():,} parameters ({cfg.model if cfg.init_from == 'scratch' else cfg.init_from}); "
+             f"{max_steps:,} steps x {tokens_per_step:,} tokens = {max_steps * tokens_per_step / meta['train']['tokens']:.2f} "
+             f"epochs of {meta['train']['tokens']:,} train tokens; {dist.world_size} process(es)")
+
+    def save_model(directory: Path, m: torch.nn.Module) -> None:
+        save_model_dir(directory, m, tokenizer)
+
+    try:
+        return train(model, cfg, out, train_data, lambda: val, save_model, max_steps=max_steps)
+    finally:
+        distributed.cleanup()

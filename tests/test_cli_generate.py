@@ -1,0 +1,116 @@
+"""`gpt1 generate` and `gpt1 chat`: in-process through `gpt1.cli.main`, and the interactive chat
+as a real subprocess fed through standard input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gpt1 import load
+from gpt1.cli import main
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return load(tiny_model_dir, device="cpu")
+
+
+def gpt1(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "gpt1", *args], input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def run_main(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_streams_the_completion(capsys, tiny_model_dir, llm):
+    model = str(tiny_model_dir)
+    code, out, err = run_main(capsys, "generate", "--model", model, "--prompt", "import", "--temperature", "0",
+                              "--max-new-tokens", "12", "--device", "cpu")
+    assert code == 0
+    assert out == llm.generate("import", temperature=0, max_new_tokens=12) + "\n"
+    n_prompt = len(llm.tokenizer.encode("import"))
+    assert f"[{n_prompt} prompt tokens, " in err and "tokens/s), finish: " in err
+    args = ("generate", "--model", model, "--prompt", "x", "--preset", "creative", "--seed", "9", "--top-p", "0.9",
+            "--max-new-tokens", "10", "--stop", "ab", "--stop", "cd", "--repeat-last-n", "-1", "--min-p", "0.01")
+    _, first, _ = run_main(capsys, *args)
+    _, second, _ = run_main(capsys, *args)
+    expected = llm.generate("x", preset="creative", seed=9, top_p=0.9, max_new_tokens=10, stop=["ab", "cd"],
+                            repeat_last_n=-1, min_p=0.01)
+    assert first == second == expected + ("" if expected.endswith("\n") else "\n")
+
+
+def test_generate_chat_wraps_the_prompt_as_a_user_turn(capsys, tiny_model_dir, llm):
+    code, out, _ = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hello", "--chat",
+                            "--system", "be brief", "--temperature", "0", "--max-new-tokens", "6")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert code == 0 and out.rstrip("\n") == llm.chat(messages, temperature=0, max_new_tokens=6).rstrip("\n")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0"], r"top_p must be a number in \(0, 1\] \(1 = off\), got 0.0"),
+    (["--temperature", "-1"], r"temperature must be a number >= 0"),
+    (["--max-new-tokens", "0"], r"max_new_tokens must be an integer >= 1"),
+    (["--stop", ""], r"stop must be a list of non-empty strings"),
+    (["--top-k", "-3"], r"top_k must be an integer >= 0 \(0 = off\), got -3$"),
+    (["--no-truncate", "--max-new-tokens", "100"], r"exceed the context of 64 tokens"),
+])
+def test_generate_bad_knobs_are_one_line_exit_2(capsys, tiny_model_dir, flags, message):
+    import re
+
+    code, out, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "x", *flags)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt1 generate: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_generate_reads_the_prompt_from_stdin(capsys, monkeypatch, tiny_model_dir, llm):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("import json\n"))
+    code, out, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--temperature", "0",
+                              "--max-new-tokens", "8")
+    assert code == 0, err
+    assert out.rstrip("\n") == llm.generate("import json\n", temperature=0, max_new_tokens=8).rstrip("\n")
+
+
+def test_chat_session_through_stdin(tiny_model_dir, llm):
+    """/set, replies that remember the conversation, /reset, /system, bad input; ends at EOF."""
+    script = "\n".join([
+        "/set temperature 0", "/set max-new-tokens 6", "/set top_k nope", "hi", "and then?", "/reset",
+        "/system be brief", "how are you", "/bogus", "/preset code",
+    ]) + "\n"
+    result = gpt1("chat", "--model", str(tiny_model_dir), "--device", "cpu", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    knobs = dict(temperature=0, max_new_tokens=6)
+    first = llm.chat([{"role": "user", "content": "hi"}], **knobs)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "and then?"}]
+    second = llm.chat(history, **knobs)
+    third = llm.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "how are you"}], **knobs)
+    assert result.stdout == first + "\n" + second + "\n" + third + "\n"
+    assert "error: top_k must be an integer >= 0 (0 = off), got 'nope'" in result.stderr
+    assert "error: unknown command /bogus" in result.stderr
+    assert "temperature 0.2, top_k 30, top_p 0.8" in result.stderr and "max_new_tokens 6" in result.stderr
+    assert "base model" in result.stderr
+
+
+def test_chat_quit_and_ctrl_c(capsys, monkeypatch, tiny_model_dir):
+    import builtins
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/set max_new_tokens 3\n/quit\nnever answered\n"))
+    code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu")
+    assert code == 0 and out == "" and "max_new_tokens 3" in err
+    assert sys.stdin.read() == "never answered\n"
+
+    def interrupted(prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "input", interrupted)
+    code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu")
+    assert code == 0 and "Traceback" not in err and "interrupted" not in err

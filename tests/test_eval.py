@@ -1,0 +1,78 @@
+"""`gpt1 eval`: loss and perplexity on prepared shards or text files, checked by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def data_dir(corpus_dir, tokenizer, tmp_path_factory):
+    from gpt1.data.shards import prepare
+
+    out = tmp_path_factory.mktemp("eval-shards")
+    prepare([str(corpus_dir / "json")], tokenizer, out, val=2)
+    return out
+
+
+def _manual_loss(model_dir, tokens: np.ndarray, block: int) -> tuple[float, int]:
+    """Mean next-token cross-entropy over non-overlapping windows, computed directly."""
+    import gpt1
+
+    model = gpt1.load(model_dir, device="cpu").model
+    n = (len(tokens) - 1) // block
+    losses = []
+    with torch.no_grad():
+        for i in range(n):
+            w = torch.as_tensor(tokens[i * block:(i + 1) * block + 1].astype(np.int64))
+            logits = model(w[None, :-1])
+            losses.append(torch.nn.functional.cross_entropy(logits[0], w[1:], reduction="sum").item())
+    return sum(losses) / (n * block), n * block
+
+
+def test_eval_cli_on_val_shard(tiny_model_dir, data_dir, capsys):
+    from gpt1.cli import main
+
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data_dir), "--batch-size", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    tokens = np.fromfile(data_dir / "val.bin", dtype=np.uint16)
+    loss, n = _manual_loss(tiny_model_dir, tokens, 64)
+    assert result["tokens"] == n
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data_dir), "--max-batches", "1",
+                 "--batch-size", "2", "--block-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("loss ") and "perplexity" in out and "(32 tokens of" in out
+
+
+def test_eval_cli_on_text_files(tiny_model_dir, tokenizer, corpus_dir, capsys):
+    from gpt1.cli import main
+
+    files = [str(corpus_dir / "json" / "scanner.py"), str(corpus_dir / "json" / "tool.py")]
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", *files, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ids = []
+    for f in files:
+        ids += tokenizer.encode(open(f, encoding="utf-8").read()) + [tokenizer.eos_id]
+    loss, n = _manual_loss(tiny_model_dir, np.array(ids), 64)
+    assert result["tokens"] == n and result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_eval_refuses_shards_of_another_tokenizer(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    from gpt1.cli import main
+    from gpt1.data.shards import prepare
+    from gpt1.data.sources import iter_documents
+    from gpt1.tokenizer import train_tokenizer
+
+    other, _ = train_tokenizer(iter_documents([str(corpus_dir / "json")]), 300, show_progress=False)
+    prepare([str(corpus_dir / "json")], other, tmp_path / "other", val=2)
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "other")]) == 2
+    assert "tokenizer mismatch" in capsys.readouterr().err
+    (tmp_path / "short.txt").write_text("hi")
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "short.txt")]) == 2
+    assert "fewer than one context window" in capsys.readouterr().err

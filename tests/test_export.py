@@ -1,0 +1,275 @@
+"""Hugging Face interop, checked with the real transformers and peft: exports load offline with
+AutoModelForCausalLM / AutoTokenizer / PeftModel and give our logits, greedy text and chat ids."""
+
+import dataclasses
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: everything here is local
+
+import pytest
+import torch
+
+from gpt1 import GPT
+from gpt1.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE, encode_chat
+from gpt1.errors import Gpt1Error
+from gpt1.interop import export_model, import_hf_model, is_hf_model_dir
+from gpt1.modeldir import save_model
+
+CHAT = [
+    {"role": "system", "content": "You answer in one line."},
+    {"role": "user", "content": " What is a dict?\n"},
+    {"role": "assistant", "content": "A mapping from keys to values."},
+    {"role": "user", "content": "And  a list? 🌍"},
+]
+TEXT = "def encode(obj):\n    return json.dumps(obj, indent=2)  # héllo"
+
+
+def _random_model(config, seed: int) -> GPT:
+    """Random weights with non-trivial LayerNorms and biases, so a mapping mix-up would show."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def _model_dir(path, model, tokenizer, chat=False):
+    save_model(path, model, tokenizer)
+    if chat:
+        (path / TEMPLATE_FILE).write_text(JINJA_TEMPLATE)
+    return path
+
+
+def _greedy(model: GPT, tokenizer, ids: list[int], n: int) -> list[int]:
+    """gpt1's greedy continuation (without the special token that stopped it, if any)."""
+    from gpt1.generate import SamplingParams, generate
+
+    assert len(ids) + n <= model.config.block_size
+    return generate(model, tokenizer, ids, SamplingParams(temperature=0, max_new_tokens=n)).token_ids
+
+
+def _hf_greedy(hf, ids: list[int], n: int, tokenizer) -> list[int]:
+    """transformers' greedy continuation, stopping where the exported generation_config says."""
+    with torch.no_grad():
+        new = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
+    return new[:-1] if new and new[-1] in tokenizer.special_ids else new
+
+
+def _ids(encoded) -> list[int]:
+    """apply_chat_template's ids (transformers 5 returns a BatchEncoding, 4 a list)."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_loads_in_transformers_with_equal_logits_and_text(tmp_path, tiny_config, tokenizer, tie):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = dataclasses.replace(tiny_config, tie_embeddings=tie)
+    model = _random_model(config, seed=1)
+    out = export_model(_model_dir(tmp_path / "model", model, tokenizer), tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json"]
+
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["architectures"] == ["GPT2LMHeadModel"] and hf_config["model_type"] == "gpt2"
+    assert hf_config["tie_word_embeddings"] is tie and hf_config["n_inner"] == config.mlp_hidden
+    assert (hf_config["eos_token_id"], hf_config["pad_token_id"]) == (2, 0)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["do_sample"] is True and generation["temperature"] == 0.7 and generation["top_k"] == 50
+    assert generation["eos_token_id"][0] == 2 and sorted(generation["eos_token_id"]) == tokenizer.special_ids
+    assert generation["pad_token_id"] == 0
+
+    hf, loading = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    hf.eval()
+    x = torch.randint(0, config.vocab_size, (3, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
+
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    for text in (TEXT, "  leading spaces\ttabs\r\n", "日本語 and emoji 🌍🚀", ""):
+        ids = tokenizer.encode(text)
+        assert hf_tok(text)["input_ids"] == ids
+        assert hf_tok.decode(ids) == tokenizer.decode(ids) == text
+    prompt = tokenizer.encode(TEXT)
+    assert (hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.unk_token_id) == (2, 0, 1)
+    assert hf_tok.chat_template is None  # a base model: no chat template
+    prompt = prompt[:12]
+    continuation = _greedy(model, tokenizer, prompt, 24)
+    assert _hf_greedy(hf, prompt, 24, tokenizer) == continuation
+    # (a random tied model mostly repeats one token: its own embedding is its best match)
+    assert tie or len(set(continuation)) > 5
+
+
+def test_chat_template_gives_gpt1_ids(tmp_path, tiny_config, tokenizer):
+    from transformers import AutoTokenizer
+
+    chat_dir = _model_dir(tmp_path / "chat", _random_model(tiny_config, seed=5), tokenizer, chat=True)
+    out = export_model(chat_dir, tmp_path / "hf")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == JINJA_TEMPLATE
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    for messages in (CHAT, CHAT[1:2], CHAT[:3]):
+        got = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        assert _ids(got) == encode_chat(tokenizer, messages)
+    got = hf_tok.apply_chat_template(CHAT[:3], tokenize=True, add_generation_prompt=False)
+    assert _ids(got) == encode_chat(tokenizer, CHAT[:3], add_generation_prompt=False)
+    assert {"<|system|>", "<|user|>", "<|assistant|>"} <= set(hf_tok.all_special_tokens)
+
+
+@pytest.mark.parametrize("tie,bias", [(False, True), (True, False)])
+def test_round_trip_gpt1_export_import(tmp_path, tiny_config, tokenizer, tie, bias):
+    config = dataclasses.replace(tiny_config, tie_embeddings=tie, bias=bias)
+    model = _random_model(config, seed=2)
+    model_dir = _model_dir(tmp_path / "model", model, tokenizer)
+    out = export_model(model_dir, tmp_path / "hf")
+    assert is_hf_model_dir(out) and not is_hf_model_dir(model_dir) and not is_hf_model_dir(tmp_path / "nope")
+    imported, imported_tok = import_hf_model(out)
+    # GPT-2 always has biases: a bias-free model comes back with zero biases, the same function.
+    assert imported.config == dataclasses.replace(config, bias=True)
+    assert imported_tok is not None and imported_tok.fingerprint == tokenizer.fingerprint
+    assert not imported.training
+    if tie:
+        assert imported.lm_head.weight is imported.transformer.wte.weight
+    x = torch.randint(0, config.vocab_size, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_import_a_transformers_gpt2_checkpoint(tmp_path):
+    """A GPT-2 saved by transformers itself, with a GPT-2-style tokenizer (only <|endoftext|>):
+    the weights import, the tokenizer is not gpt1's and comes back as None."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+    hf.save_pretrained(tmp_path / "gpt2")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator([TEXT] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    backend.save(str(tmp_path / "gpt2" / "tokenizer.json"))
+
+    model, tok = import_hf_model(tmp_path / "gpt2")
+    assert tok is None
+    assert model.config.tie_embeddings and model.config.dropout == 0.1 and model.config.mlp_ratio == 4
+    x = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_import_rejects_other_architectures_and_options(tmp_path):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(tmp_path / "llama")
+    BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path / "bert")
+    GPT2Config(n_embd=16, n_layer=1, n_head=2, activation_function="relu").save_pretrained(tmp_path / "relu")
+    assert is_hf_model_dir(tmp_path / "llama")
+    with pytest.raises(Gpt1Error, match="model_type 'llama'.*only the GPT-2 architecture"):
+        import_hf_model(tmp_path / "llama")
+    with pytest.raises(Gpt1Error, match="model_type 'bert' is not supported"):
+        import_hf_model(tmp_path / "bert")
+    with pytest.raises(Gpt1Error, match="activation_function='relu'"):
+        import_hf_model(tmp_path / "relu")
+    with pytest.raises(Gpt1Error, match="model directory not found"):
+        import_hf_model(tmp_path / "missing")
+
+
+def test_import_of_a_gpt1_model_dir_says_so(tiny_model_dir):
+    with pytest.raises(Gpt1Error, match="a gpt1 model dir, not a transformers folder"):
+        import_hf_model(tiny_model_dir)
+
+
+def _finetuned_dir(path, config, tokenizer, seed: int):
+    """A LoRA fine-tuned model dir as `gpt1 finetune` writes it: the base with the trained
+    special-token rows in model.safetensors, the chat template, and adapter/ in PEFT's layout."""
+    from gpt1.finetune import save_finetuned
+    from gpt1.lora import LoRAConfig, inject_lora
+
+    model = _random_model(config, seed)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, token_ids=[2, 3, 4, 5]))
+    with torch.no_grad():  # as after training: non-zero updates and moved token rows
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+            elif name.endswith("trainable_tokens"):
+                p.add_(0.01 * torch.randn_like(p))
+    save_finetuned(path, model, tokenizer, {"path": "base"})
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_finetuned_export_loads_in_peft_and_merged(tmp_path, tiny_config, tokenizer, tie):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = dataclasses.replace(tiny_config, tie_embeddings=tie)
+    model = _finetuned_dir(tmp_path / "chat", config, tokenizer, seed=4)
+    out = export_model(tmp_path / "chat", tmp_path / "hf")
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    x = torch.randint(0, config.vocab_size, (2, 30))
+    x[:, ::5] = 4  # role markers: their trained rows matter
+    messages = CHAT[:2]
+    prompt = encode_chat(tokenizer, messages)
+    assert _ids(AutoTokenizer.from_pretrained(out).apply_chat_template(messages, add_generation_prompt=True)) == prompt
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(peft_model(x).logits, expected, atol=1e-4, rtol=0)
+    continuation = _greedy(model, tokenizer, prompt, 16)
+    assert _hf_greedy(peft_model, prompt, 16, tokenizer) == continuation
+    assert tie or len(set(continuation)) > 5
+    # base_model_name_or_path points at the exported base, so PEFT's auto class finds it alone.
+    auto = AutoPeftModelForCausalLM.from_pretrained(out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x).logits, expected, atol=1e-4, rtol=0)
+
+    merged = export_model(tmp_path / "chat", tmp_path / "merged", merge=True)
+    assert not (merged / "adapter").exists()
+    hf = AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, expected, atol=1e-4, rtol=0)
+    assert _hf_greedy(hf, prompt, 16, tokenizer) == continuation
+
+
+def test_out_dir_rules(tmp_path, tiny_model_dir):
+    out = tmp_path / "hf"
+    out.mkdir()
+    export_model(tiny_model_dir, out)  # an empty folder is fine
+    (out / "stale.txt").write_text("from an older export")
+    with pytest.raises(Gpt1Error, match="exists and is not empty.*--force"):
+        export_model(tiny_model_dir, out)
+    export_model(tiny_model_dir, out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left behind
+    with pytest.raises(Gpt1Error, match="would replace the model dir"):
+        export_model(tiny_model_dir, tiny_model_dir, overwrite=True)
+    with pytest.raises(Gpt1Error, match="nothing to merge"):
+        export_model(tiny_model_dir, tmp_path / "merged", merge=True)
+    with pytest.raises(Gpt1Error, match="already a transformers folder"):
+        export_model(out, tmp_path / "again")
+
+
+def test_cli_export_and_bad_input(tmp_path, tiny_model_dir, capsys):
+    """`main` is what the `gpt1` script runs; called in-process to save interpreter start-ups."""
+    from gpt1.cli import main
+
+    assert main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "hf")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "hf") and (tmp_path / "hf" / "config.json").is_file()
+    for args, message in [
+        (["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "missing: model directory not found"),
+        (["--model", str(tiny_model_dir), "--out", str(tmp_path / "hf")], "hf: exists and is not empty"),
+    ]:
+        assert main(["export", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gpt1 export: error: ") and message in lines[0], lines

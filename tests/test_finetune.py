@@ -1,0 +1,180 @@
+"""Chat fine-tuning end to end on a tiny base model: what changes, what loads, resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gpt1
+from gpt1.errors import Gpt1Error
+from gpt1.finetune import FinetuneConfig, evaluate_chat, finetune, merge_model_dir
+from gpt1.train.config import load_config
+
+RUN = ["batch_size=4", "block_size=48", "eval_batches=2", "device=cpu", "lr=5e-3", "min_lr=1e-4",
+       "lora_r=4", "lora_alpha=8", "val_fraction=0.2"]
+
+
+def _oasst_file(path: Path, trees: int = 24) -> Path:
+    """Flat OASST messages: small ranked trees (plus a deleted reply and a German tree)."""
+    lines = []
+    for t in range(trees):
+        tree = f"tree-{t}"
+        lines += [
+            {"message_id": f"{tree}-p", "parent_id": None, "message_tree_id": tree, "role": "prompter",
+             "text": f"What is {t} plus {t}?", "lang": "en", "rank": None, "deleted": False, "review_result": True},
+            {"message_id": f"{tree}-a", "parent_id": f"{tree}-p", "message_tree_id": tree, "role": "assistant",
+             "text": f"{t} plus {t} is {2 * t}.", "lang": "en", "rank": 0, "deleted": False, "review_result": True},
+            {"message_id": f"{tree}-b", "parent_id": f"{tree}-p", "message_tree_id": tree, "role": "assistant",
+             "text": "I do not know.", "lang": "en", "rank": 1, "deleted": t % 3 == 0, "review_result": True},
+        ]
+    lines.append({"message_id": "de-p", "parent_id": None, "message_tree_id": "de", "role": "prompter",
+                  "text": "Wie geht's?", "lang": "de", "rank": None, "deleted": False, "review_result": True})
+    lines.append({"message_id": "de-a", "parent_id": "de-p", "message_tree_id": "de", "role": "assistant",
+                  "text": "Gut, danke.", "lang": "de", "rank": 0, "deleted": False, "review_result": True})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def oasst(tmp_path_factory) -> Path:
+    return _oasst_file(tmp_path_factory.mktemp("oasst") / "oasst.messages.jsonl")
+
+
+def _cfg(data: Path, *overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, None, [*RUN, *overrides], data=str(data))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, oasst, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "run"
+    return out, finetune(_cfg(oasst, *STEPS), tiny_model_dir, out)
+
+
+STEPS = ["max_steps=4", "eval_every=2", "save_every=2", "weight_decay=0.1"]
+
+
+def test_only_lora_and_special_token_rows_change(run, tiny_model_dir, tokenizer):
+    out, result = run
+    assert result.steps == 4 and math.isfinite(result.val_loss)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    tuned = load_file(str(out / "model.safetensors"))  # the base the adapter applies to
+    assert set(base) == set(tuned)
+    special = tokenizer.special_ids
+    for name, tensor in base.items():
+        if name == "transformer.wte.weight":
+            others = [i for i in range(tensor.size(0)) if i not in special]
+            assert torch.equal(tuned[name][others], tensor[others])  # bit-identical, despite weight decay
+            assert not torch.equal(tuned[name][tokenizer.eos_id], tensor[tokenizer.eos_id])
+        else:
+            assert torch.equal(tuned[name], tensor), name
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["rank_pattern"] == {"attn.c_attn": 12}
+    assert config["trainable_token_indices"] == {"wte": special}
+    base_json = json.loads((out / "base.json").read_text())
+    assert base_json["path"] == str(tiny_model_dir.resolve()) and len(base_json["sha256"]) == 64
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_ppl" in m] == [2, 4]
+
+
+def test_finetuned_dir_loads_merged_and_unmerged_and_chats(run, tmp_path):
+    from gpt1.lora import LoRALinear
+    from gpt1.modeldir import load_model
+
+    out, _ = run
+    llm = gpt1.load(out, device="cpu")
+    assert llm.is_chat_model and not any(isinstance(m, LoRALinear) for m in llm.model.modules())
+    unmerged = load_model(out, adapter="keep")
+    assert any(isinstance(m, LoRALinear) for m in unmerged.modules())
+    x = torch.tensor([[4, 40, 41, 42, 5, 50, 51, 2, 4, 60, 5]])
+    with torch.no_grad():
+        expected = unmerged(x)
+        torch.testing.assert_close(llm.model(x), expected, atol=1e-5, rtol=0)
+        merged = merge_model_dir(out, tmp_path / "merged")
+        assert not (merged / "adapter").exists() and (merged / "chat_template.jinja").is_file()
+        plain = gpt1.load(merged, device="cpu")
+        torch.testing.assert_close(plain.model(x), expected, atol=1e-5, rtol=0)
+    reply = llm.chat([{"role": "user", "content": "What is 3 plus 3?"}], max_new_tokens=8, seed=0)
+    assert isinstance(reply, str)
+
+
+def test_chat_eval_matches_the_training_validation(run, oasst):
+    """`gpt1 eval --chat` on the held-out conversations gives the loop's final validation loss."""
+    from gpt1.data.chat import read_conversations, split_conversations
+
+    out, result = run
+    llm = gpt1.load(out, device="cpu")
+    _, val = split_conversations(read_conversations(str(oasst)), 0.2, seed=FinetuneConfig.seed)
+    held_out = out.parent / "val.jsonl"
+    held_out.write_text("".join(json.dumps({"messages": c.messages}) + "\n" for c in val))
+    evaluated = evaluate_chat(llm, str(held_out), batch_size=4, max_batches=2, show_progress=False)
+    assert evaluated.loss == pytest.approx(result.val_loss, rel=1e-4)
+    assert evaluated.perplexity == pytest.approx(math.exp(evaluated.loss))
+
+
+def test_resume_after_an_interruption_ends_where_a_straight_run_ends(run, tiny_model_dir, oasst, tmp_path, monkeypatch):
+    import gpt1.finetune as ft
+
+    straight_dir, straight = run
+    cfg = _cfg(oasst, *STEPS)
+    real_save, calls = ft.save_finetuned, []
+
+    def save_then_stop(directory, *args):
+        calls.append(directory)
+        if len(calls) == 3:  # in the middle of the step-4 checkpoint
+            raise KeyboardInterrupt
+        return real_save(directory, *args)
+
+    monkeypatch.setattr(ft, "save_finetuned", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, tiny_model_dir, tmp_path / "cut")
+    monkeypatch.setattr(ft, "save_finetuned", real_save)
+    resumed = finetune(cfg, tiny_model_dir, tmp_path / "cut")
+    assert resumed.resumed_from == 2
+    assert resumed.train_loss == straight.train_loss and resumed.val_loss == straight.val_loss
+    a = load_file(str(straight_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Gpt1Error, match="different config"):
+        finetune(_cfg(oasst, *STEPS, "lora_r=2"), tiny_model_dir, tmp_path / "cut")
+
+
+def test_shipped_recipe_is_the_model_card():
+    cfg = load_config(FinetuneConfig, "gpt1-oasst2-lora")
+    assert cfg.data == "OpenAssistant/oasst2" and cfg.batch_size * cfg.grad_accum == 64
+    assert (cfg.lr, cfg.min_lr, cfg.epochs, cfg.max_steps) == (1e-4, 1e-6, 1.0, 0)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_targets) == (8, 8.0, ("q", "k", "v", "o", "up", "down"))
+
+
+def test_cli_end_to_end_and_bad_inputs(tiny_model_dir, oasst, tmp_path, capsys):
+    from gpt1.cli import main
+
+    out = tmp_path / "chat"
+    assert main(["finetune", "--base", str(tiny_model_dir), "--data", str(oasst), "--out", str(out), "--language", "en",
+                 "--merge", *RUN, "max_steps=2"]) == 0
+    assert gpt1.load(out / "merged", device="cpu").is_chat_model
+    assert json.loads((out / "train_config.json").read_text())["config"]["languages"] == ["en"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(oasst), "--chat", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"])) and result["tokens"] > 0
+
+    bad = tmp_path / "bad.messages.jsonl"
+    bad.write_text(oasst.read_text().split("\n", 1)[0] + "\n{oops\n")
+    cases = [
+        (["--base", str(tmp_path / "none"), "--data", str(oasst)], "not a model dir"),
+        (["--base", str(tiny_model_dir), "--data", str(tmp_path / "missing.jsonl")], "no such file"),
+        (["--base", str(tiny_model_dir), "--data", str(bad)], "bad.messages.jsonl, line 2: invalid JSON"),
+        (["--base", str(tiny_model_dir), "--data", str(oasst), 'lora_targets=["q","gate"]'], "choose from q, k, v"),
+        (["--base", str(tiny_model_dir), "--data", str(oasst), "lora_rank=4"], "unknown key 'lora_rank'"),
+    ]
+    for args, message in cases:
+        assert main(["finetune", "--out", str(tmp_path / "x"), *args, *RUN, "max_steps=1"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

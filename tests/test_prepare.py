@@ -1,0 +1,174 @@
+"""`gpt1 prepare`: EOS after every document, a deterministic split, atomic output and resume,
+and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt1.data.shards import ShardWindows, fixed_windows, load_meta, prepare
+from gpt1.data.sources import iter_documents
+from gpt1.errors import Gpt1Error
+
+
+def _docs(tokens: np.ndarray, eos: int) -> list[tuple[int, ...]]:
+    assert tokens[-1] == eos
+    cuts = np.flatnonzero(tokens == eos)
+    return [tuple(tokens[a + 1:b]) for a, b in zip(np.r_[-1, cuts[:-1]], cuts)]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(corpus_dir) -> Path:
+    return corpus_dir / "json"
+
+
+def test_every_document_once_with_eos_and_a_deterministic_split(small_corpus, tokenizer, tmp_path):
+    meta = prepare([str(small_corpus)], tokenizer, tmp_path / "a", val=0.3, seed=7, batch_docs=2)
+    expected = sorted(tuple(tokenizer.encode(t)) for t in iter_documents([str(small_corpus)]))
+    train = np.memmap(tmp_path / "a" / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(tmp_path / "a" / "val.bin", dtype=np.uint16, mode="r")
+    train_docs, val_docs = _docs(train, tokenizer.eos_id), _docs(val, tokenizer.eos_id)
+    assert sorted(train_docs + val_docs) == expected  # [EOS] after every document, nothing lost
+    assert meta["train"] == {"file": "train.bin", "tokens": len(train), "documents": len(train_docs)}
+    assert meta["val"]["documents"] == len(val_docs) > 0
+    assert meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint
+    assert (tmp_path / "a" / "tokenizer.json").is_file() and meta["dtype"] == "uint16"
+    # the same split whatever the batch size; another seed gives another split
+    prepare([str(small_corpus)], tokenizer, tmp_path / "b", val=0.3, seed=7, batch_docs=5)
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    prepare([str(small_corpus)], tokenizer, tmp_path / "c", val=0.3, seed=8)
+    assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
+
+
+def test_split_by_count(small_corpus, tokenizer, tmp_path):
+    n_docs = sum(1 for _ in iter_documents([str(small_corpus)]))
+    meta = prepare([str(small_corpus)], tokenizer, tmp_path / "a", val=3, batch_docs=2)
+    assert (meta["val"]["documents"], meta["train"]["documents"]) == (3, n_docs - 3)
+    again = prepare([str(small_corpus)], tokenizer, tmp_path / "b", val=3, batch_docs=4)
+    assert (tmp_path / "a" / "val.bin").read_bytes() == (tmp_path / "b" / "val.bin").read_bytes()
+    assert again["val"] == meta["val"]
+    val_docs = _docs(np.fromfile(tmp_path / "a" / "val.bin", dtype=np.uint16), tokenizer.eos_id)
+    train_docs = _docs(np.fromfile(tmp_path / "a" / "train.bin", dtype=np.uint16), tokenizer.eos_id)
+    expected = sorted(tuple(tokenizer.encode(t)) for t in iter_documents([str(small_corpus)]))
+    assert sorted(val_docs + train_docs) == expected
+
+
+def test_interrupted_run_with_changed_sources_starts_over_cleanly(small_corpus, tokenizer, tmp_path):
+    """A bad file late in the corpus stops the run after some commits; after the file is changed
+    (another size and time) the run starts over and gives exactly the bytes of a clean run."""
+    val = 0.3
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    (corpus / "zz_last.txt").write_bytes(b"bad \xff bytes")
+    with pytest.raises(Gpt1Error, match=r"zz_last\.txt: invalid UTF-8"):
+        prepare([str(corpus)], tokenizer, tmp_path / "out", val=val, batch_docs=2, commit_bytes=1)
+    state = json.loads((tmp_path / "out" / "prepare-state.json").read_text())
+    assert state["documents"] > 0
+    assert not (tmp_path / "out" / "meta.json").exists() and not (tmp_path / "out" / "train.bin").exists()
+    (corpus / "zz_last.txt").write_text("now fine", encoding="utf-8")
+    # the fixed file has another size, so its identity changed: resume only when the key matches
+    os.utime(corpus / "zz_last.txt", ns=(1, 1))
+    state_key = state["key"]
+    resumed = prepare([str(corpus)], tokenizer, tmp_path / "out", val=val, batch_docs=2, commit_bytes=1)
+    clean = prepare([str(corpus)], tokenizer, tmp_path / "clean", val=val, batch_docs=2)
+    assert resumed["train"] == clean["train"] and resumed["val"] == clean["val"]
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert state_key["files"] != resumed["key"]["files"]  # the changed file restarted the run cleanly
+
+
+@pytest.mark.parametrize("val", [0.3, 3])
+def test_interrupted_run_resumes_to_the_same_bytes(small_corpus, tokenizer, tmp_path, val):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    bad = corpus / "zz_last.txt"
+    bad.write_bytes(b"bad \xff bytes")
+    with pytest.raises(Gpt1Error):
+        prepare([str(corpus)], tokenizer, tmp_path / "out", val=val, batch_docs=2, commit_bytes=1)
+    committed = json.loads((tmp_path / "out" / "prepare-state.json").read_text())["documents"]
+    with open(tmp_path / "out" / "train.bin.partial", "ab") as f:  # bytes written after the last commit
+        f.write(b"\x01\x00" * 7)
+    # same size and mtime: the same source identity, so the run resumes (skipping committed documents)
+    stat = bad.stat()
+    bad.write_bytes(b"bad x bytes")
+    os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    meta = prepare([str(corpus)], tokenizer, tmp_path / "out", val=val, batch_docs=2, commit_bytes=1)
+    clean = prepare([str(corpus)], tokenizer, tmp_path / "clean", val=val, batch_docs=2)
+    assert committed > 0 and meta["train"] == clean["train"] and meta["val"] == clean["val"]
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_finished_data_is_kept_or_refused(small_corpus, tokenizer, tmp_path):
+    prepare([str(small_corpus)], tokenizer, tmp_path / "out", val=2)
+    before = (tmp_path / "out" / "train.bin").stat().st_mtime_ns
+    prepare([str(small_corpus)], tokenizer, tmp_path / "out", val=2)  # up to date: nothing rewritten
+    assert (tmp_path / "out" / "train.bin").stat().st_mtime_ns == before
+    with pytest.raises(Gpt1Error, match="already holds data prepared from other sources or settings.*--overwrite"):
+        prepare([str(small_corpus)], tokenizer, tmp_path / "out", val=3)
+    assert (tmp_path / "out" / "train.bin").stat().st_mtime_ns == before
+    assert prepare([str(small_corpus)], tokenizer, tmp_path / "out", val=3, overwrite=True)["val"]["documents"] == 3
+
+
+def test_bad_inputs(tmp_path, tokenizer, small_corpus):
+    from tokenizers import AddedToken
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(Gpt1Error, match="the corpus is empty"):
+        prepare([str(tmp_path / "empty")], tokenizer, tmp_path / "out", val=1)
+    assert not (tmp_path / "out" / "meta.json").exists() and not (tmp_path / "out" / "train.bin").exists()
+    with pytest.raises(Gpt1Error, match="no document of the .* went to validation"):
+        prepare([str(small_corpus)], tokenizer, tmp_path / "out2", val=1e-9)
+    with pytest.raises(Gpt1Error, match="every one of the"):
+        prepare([str(small_corpus)], tokenizer, tmp_path / "out3", val=10_000)
+    with pytest.raises(Gpt1Error, match="--val must be"):
+        prepare([str(small_corpus)], tokenizer, tmp_path / "out4", val=2.5)
+    big = type(tokenizer).load(tokenizer.save(tmp_path / "big"))
+    big.backend.add_tokens([AddedToken(f"tok{i}", normalized=False) for i in range(66_000)])
+    with pytest.raises(Gpt1Error, match="must be at most 65,536"):
+        prepare([str(small_corpus)], big, tmp_path / "out5", val=1)
+    assert not (tmp_path / "out5").exists()
+
+
+def test_windows_are_reproducible_and_split_across_ranks(small_corpus, tokenizer, tmp_path):
+    prepare([str(small_corpus)], tokenizer, tmp_path / "d", val=2)
+    path = tmp_path / "d" / "train.bin"
+    tokens = np.fromfile(path, dtype=np.uint16)
+    single = ShardWindows(path, 16, 2, seed=3)
+    batches = [single.next_batch() for _ in range(4)]
+    for x, y in batches:
+        assert x.dtype.is_floating_point is False and x.shape == y.shape == (2, 16)
+        assert (x[:, 1:] == y[:, :-1]).all()
+        for row in x.numpy():  # every window is a real slice of the shard
+            start = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(tokens, 16) == row, axis=1))
+            assert len(start) >= 1
+    # two ranks with half the draws each see the same windows, interleaved
+    ranks = [ShardWindows(path, 16, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    interleaved = [ranks[i % 2].next_batch() for i in range(4)]
+    assert all((a[0] == b[0]).all() for a, b in zip(batches, interleaved))
+    # resuming from the state continues the stream
+    resumed = ShardWindows(path, 16, 2, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps({"draws": 2})))
+    assert (resumed.next_batch()[0] == batches[2][0]).all()
+    first, again = fixed_windows(tmp_path / "d" / "val.bin", 16, 2, 3), fixed_windows(tmp_path / "d" / "val.bin", 16, 2, 3)
+    assert len(first) == 3 and all((a[0] == b[0]).all() for a, b in zip(first, again))
+    assert load_meta(tmp_path / "d")["train"]["tokens"] == len(tokens)
+
+
+def test_prepare_cli(small_corpus, tokenizer_dir, tmp_path, capsys):
+    from gpt1.cli import main
+
+    assert main(["prepare", str(small_corpus), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "d"),
+                 "--val", "2"]) == 0
+    assert "prepared" in capsys.readouterr().err
+    assert load_meta(tmp_path / "d")["val"]["documents"] == 2
+    assert main(["prepare", str(tmp_path / "missing"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "e")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err

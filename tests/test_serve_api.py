@@ -1,0 +1,338 @@
+"""The OpenAI-compatible API, tested through a real uvicorn server on loopback with the official
+`openai` client (and raw httpx for what a client library would refuse to send)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+import gpt1
+from gpt1.chat_template import encode_chat
+from gpt1.generate import SamplingParams, generate
+from gpt1.serve import background_server, create_app
+
+KEY = "test-key-0123"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `condition` (cheap) until true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return gpt1.load(tiny_model_dir, device="cpu")
+
+
+def endless_model_dir(tiny_config, tokenizer, out):
+    """A tiny model with an 8,192-token context that never produces a special token, so that
+    every reply runs to max_tokens: seconds long, long enough to interrupt."""
+    import dataclasses
+
+    from gpt1.model import GPT
+    from gpt1.modeldir import save_model
+
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(tiny_config, block_size=8192))
+    with torch.no_grad():
+        # Feature 0 of the final LayerNorm's output is the constant 1; special tokens read it
+        # with weight -100, so their logits are ~-100 and they are never sampled.
+        model.transformer.ln_f.weight[0], model.transformer.ln_f.bias[0] = 0.0, 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[tokenizer.special_ids, 0] = -100.0
+    return save_model(out, model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def long_llm(tiny_config, tokenizer, tmp_path_factory):
+    return gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path_factory.mktemp("endless")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    app = create_app(llm)
+    with background_server(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    url, _ = server
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30) as c:
+        yield c
+
+
+# ---- the openai client ---------------------------------------------------------------------------
+def test_models_and_health(server, client, tiny_model_dir):
+    url, _ = server
+    models = client.models.list()
+    assert [m.id for m in models.data] == [tiny_model_dir.name]
+    assert client.models.retrieve(tiny_model_dir.name).id == tiny_model_dir.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["active"] == 0
+    assert "/v1/chat/completions" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert httpx.get(f"{url}/docs").status_code == 200
+
+
+def test_chat_greedy_stream_equals_non_stream_equals_library(client, llm):
+    kwargs = dict(model="m", messages=CHAT, max_tokens=20, temperature=0)
+    full = client.chat.completions.create(**kwargs)
+    parts, finish, usage, roles = [], None, None, []
+    for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            roles += [choice.delta.role] if choice.delta.role else []
+            parts.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    streamed = "".join(parts)
+
+    prompt = encode_chat(llm.tokenizer, CHAT, add_generation_prompt=True)
+    ref = generate(llm.model, llm.tokenizer, prompt, SamplingParams(temperature=0, max_new_tokens=20))
+    message = full.choices[0].message
+    assert message.role == "assistant" and roles == ["assistant"]
+    assert message.content == streamed == ref.text
+    assert len(parts) > 3  # streamed piece by piece, not in one block
+    assert full.choices[0].finish_reason == finish == ref.finish_reason
+    assert full.usage.prompt_tokens == usage.prompt_tokens == len(prompt)
+    assert full.usage.completion_tokens == usage.completion_tokens == ref.completion_tokens
+    assert full.usage.total_tokens == len(prompt) + ref.completion_tokens
+    assert full.model == "m"
+
+
+def test_completions_greedy_stream_equals_non_stream(client, llm):
+    kwargs = dict(model="m", prompt="import json\n", max_tokens=16, temperature=0)
+    full = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    ref = generate(llm.model, llm.tokenizer, llm.tokenizer.encode("import json\n"),
+                   SamplingParams(temperature=0, max_new_tokens=16))
+    assert full.choices[0].text == streamed == ref.text
+    assert full.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == ref.finish_reason
+    assert full.usage.completion_tokens == ref.completion_tokens
+    # Token ids are a prompt too; several prompts give one choice each.
+    ids = llm.tokenizer.encode("import json\n")
+    assert client.completions.create(**{**kwargs, "prompt": ids}).choices[0].text == ref.text
+    both = client.completions.create(**{**kwargs, "prompt": ["import json\n", "def f("]})
+    assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == ref.text
+
+
+def test_length_stop_and_seed(client):
+    base = dict(model="m", messages=CHAT, temperature=0)
+    one = client.chat.completions.create(**base, max_tokens=1)
+    assert one.choices[0].finish_reason == "length" and one.usage.completion_tokens == 1
+    text = client.chat.completions.create(**base, max_tokens=24).choices[0].message.content
+    stop = next(text[i:i + 2] for i in range(4, len(text) - 2) if text[i:i + 2].strip())
+    cut = client.chat.completions.create(**base, max_tokens=24, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[:text.index(stop)]
+    # Sampling with a seed is reproducible; the extra knobs pass through the client's extra_body.
+    sampled = dict(model="m", messages=CHAT, max_tokens=16, temperature=1.0, top_p=0.9, seed=1234,
+                   extra_body={"top_k": 50, "min_p": 0.01, "repeat_penalty": 1.2, "repeat_last_n": 16})
+    a = client.chat.completions.create(**sampled).choices[0].message.content
+    b = client.chat.completions.create(**sampled).choices[0].message.content
+    assert a == b
+
+
+# ---- the error battery -----------------------------------------------------------------------------
+MSG = [{"role": "user", "content": "hi"}]
+BAD_REQUESTS = [
+    # (name, path, body: bytes | dict, expected status, expected param or None)
+    ("invalid JSON", "chat", b'{"messages": [', 400, None),
+    ("JSON not an object", "chat", b"[1, 2]", 400, None),
+    ("not JSON at all", "chat", b"hello", 400, None),
+    ("missing messages", "chat", {"model": "m"}, 400, "messages"),
+    ("messages not a list", "chat", {"messages": "hi"}, 400, "messages"),
+    ("empty messages", "chat", {"messages": []}, 400, "messages"),
+    ("message not an object", "chat", {"messages": ["hi"]}, 400, "messages[0]"),
+    ("message without content", "chat", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("content not a string", "chat", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("unknown role", "chat", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("tool role", "chat", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    ("temperature a string", "chat", {"messages": MSG, "temperature": "hot"}, 400, "temperature"),
+    ("max_tokens a float", "chat", {"messages": MSG, "max_tokens": 5.5}, 400, "max_tokens"),
+    ("max_tokens a bool", "chat", {"messages": MSG, "max_tokens": True}, 400, "max_tokens"),
+    ("max_tokens a numeric string", "chat", {"messages": MSG, "max_tokens": "5"}, 400, "max_tokens"),
+    ("stream not a bool", "chat", {"messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("temperature NaN", "chat", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "temperature"),
+    ("temperature out of range", "chat", {"messages": MSG, "temperature": -1}, 400, "temperature"),
+    ("top_p out of range", "chat", {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
+    ("top_k negative", "chat", {"messages": MSG, "top_k": -1}, 400, "top_k"),
+    ("max_tokens zero", "chat", {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens beyond the context", "chat", {"messages": MSG, "max_tokens": 100_000}, 400, "max_tokens"),
+    ("prompt beyond the context", "chat", {"messages": [{"role": "user", "content": "word " * 500}]}, 400, None),
+    ("seed negative", "chat", {"messages": MSG, "seed": -1}, 400, "seed"),
+    ("too many stops", "chat", {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("n > 1", "chat", {"messages": MSG, "n": 2}, 400, "n"),
+    ("unsupported penalty", "chat", {"messages": MSG, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("unknown field", "chat", {"messages": MSG, "temprature": 0.5}, 400, "temprature"),
+    ("invalid UTF-8", "chat", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
+    ("lone surrogate", "chat", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', 400, "messages[0].content"),
+    ("missing prompt", "completions", {"max_tokens": 4}, 400, "prompt"),
+    ("empty prompt list", "completions", {"prompt": []}, 400, "prompt"),
+    ("token id outside the vocabulary", "completions", {"prompt": [1, 99_999]}, 400, "prompt"),
+    ("echo", "completions", {"prompt": "x", "echo": True}, 400, "echo"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors(server, name, path, body, status, param):
+    url, _ = server
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{url}/v1/{'chat/completions' if path == 'chat' else 'completions'}", **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and len(error["message"]) > 10
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_more_errors(server, client):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 500}]})
+    assert r.json()["error"]["code"] == "context_length_exceeded" and "context" in r.json()["error"]["message"]
+    big = b'{"messages": [{"role": "user", "content": "' + b"a" * 2_000_000 + b'"}]}'
+    assert httpx.post(f"{url}/v1/chat/completions", content=big).status_code == 413
+    # A chunked body declares no length: the limit holds while reading it.
+    chunked = httpx.post(f"{url}/v1/chat/completions", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]))
+    assert chunked.status_code == 413 and "error" in chunked.json()
+    assert httpx.get(f"{url}/v1/nope").json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{url}/v1/chat/completions").status_code == 405
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="m", messages=[{"role": "robot", "content": "x"}])
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving
+
+
+def test_truncate_prompt_and_empty_prompt(client, llm):
+    context = llm.config.block_size
+    long = [{"role": "system", "content": "Be brief."}] + [
+        {"role": role, "content": f"turn {i}: " + "words " * 8} for i, role in enumerate(["user", "assistant"] * 6)
+    ] + [{"role": "user", "content": "And now?"}]
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="m", messages=long, max_tokens=8)
+    reply = client.chat.completions.create(model="m", messages=long, max_tokens=8, extra_body={"truncate_prompt": True})
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= context
+    # An empty completion prompt starts from [EOS], the boundary between documents.
+    empty = client.completions.create(model="m", prompt="", max_tokens=4, temperature=0)
+    assert empty.usage.prompt_tokens == 1 and empty.choices[0].finish_reason in ("stop", "length")
+
+
+# ---- auth --------------------------------------------------------------------------------------
+def test_api_key(llm):
+    with background_server(create_app(llm, api_key=KEY)) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
+            r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        # Checked before the body is parsed: no information for a caller without the key.
+        assert httpx.post(f"{url}/v1/chat/completions", content=b"{").status_code == 401
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as bad:
+            with pytest.raises(openai.AuthenticationError):
+                bad.models.list()
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as good:
+            reply = good.chat.completions.create(model="m", messages=MSG, max_tokens=3)
+            assert reply.usage.completion_tokens >= 1
+        assert httpx.get(f"{url}/").status_code == 200  # the page and health need no key
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serves_with_key_from_env(tiny_model_dir):
+    port = free_port()
+    env = {**os.environ, "GPT1_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"{url}/health").status_code == 200
+            return False
+
+        wait_for(up, timeout=60, what="gpt1 serve to start")
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    finally:
+        proc.terminate()  # SIGTERM: uvicorn shuts down gracefully
+        proc.wait(20)
+    assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    assert f"serving {tiny_model_dir} on http://127.0.0.1:{port}" in proc.stderr.read().decode()
+    # A taken port is one clear line and exit 2, not a traceback.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port",
+                               str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 2 and busy.stderr.strip().splitlines()[-1].startswith("gpt1 serve: error: cannot listen")
+
+
+# ---- disconnects and a full queue ----------------------------------------------------------------
+def test_disconnect_stops_generation(long_llm):
+    app = create_app(long_llm)
+    engine = app.state.engine
+    body = {"model": "m", "messages": MSG, "max_tokens": 8000, "temperature": 1.0}
+    with background_server(app) as url:
+        # Streaming: read a few tokens, then hang up.
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as c:
+            stream = c.chat.completions.create(**body, stream=True)
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    break
+            assert engine.active == 1
+            stream.close()
+        wait_for(lambda: engine.stats.cancelled == 1, what="the streamed generation to be cancelled")
+        assert engine.active == 0 and engine.stats.completed == 0
+        assert engine.stats.tokens < 8000
+        # Not streaming: the client gives up (a timeout) and closes the connection.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+        wait_for(lambda: engine.stats.cancelled == 2, what="the non-streamed generation to be cancelled")
+        assert engine.active == 0 and engine.stats.completed == 0
+        assert engine.stats.tokens < 16000
+
+
+def test_full_queue_answers_503(long_llm):
+    app = create_app(long_llm, max_active=1, max_queue=1)
+    engine = app.state.engine
+    body = {"model": "m", "messages": MSG, "max_tokens": 8000, "temperature": 1.0, "stream": True}
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as http, contextlib.ExitStack() as streams:
+        for _ in range(2):  # one generating, one waiting
+            r = streams.enter_context(http.stream("POST", "/v1/chat/completions", json=body))
+            assert r.status_code == 200
+        wait_for(lambda: engine.active == 1 and engine.queued == 1, what="one active and one queued request")
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "server_overloaded"
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as c:
+            with pytest.raises(openai.InternalServerError) as info:
+                c.completions.create(model="m", prompt="x", max_tokens=2)
+            assert info.value.status_code == 503
+        assert http.get("/health").json() == {"status": "ok", "model": long_llm.path.name, "active": 1, "queued": 1}
+        streams.close()  # both clients hang up
+        wait_for(lambda: engine.active == 0 and engine.queued == 0, what="the engine to drain")
+        assert engine.stats.rejected == 2 and engine.stats.cancelled == 2

@@ -1,0 +1,318 @@
+"""Training: recipe loading, the LR schedule, the shared loop (accumulation, NaN stop, resume),
+checkpoints that survive a SIGKILL in the middle of a save, and `gpt1 pretrain` end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt1.errors import Gpt1Error
+from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.schedule import lr_at, warmup_steps
+
+# A run small enough for a few dozen steps per second on one CPU core.
+TINY = ["model=tiny", "block_size=32", "batch_size=4", "eval_batches=2", "device=cpu", "lr=3e-3", "min_lr=3e-4"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(corpus_dir, tokenizer, tmp_path_factory) -> Path:
+    from gpt1.data.shards import prepare
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare([str(corpus_dir)], tokenizer, out, val=8)
+    return out
+
+
+# ---- config loading ------------------------------------------------------------------------
+
+def test_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "small"\nlr = 1e-3\nbetas = [0.8, 0.99]\nmax_steps = 10\n')
+    cfg = load_config(TrainConfig, recipe, ["lr=5e-4", "precision=bf16-mixed", "compile=true", "warmup=0",
+                                           "init_from=hf:/models/gpt2", "grad_clip=1"])
+    assert (cfg.model, cfg.lr, cfg.betas, cfg.max_steps) == ("small", 5e-4, (0.8, 0.99), 10)
+    assert cfg.precision == "bf16-mixed" and cfg.compile is True and cfg.warmup == 0.0
+    assert cfg.init_from == "hf:/models/gpt2" and isinstance(cfg.grad_clip, float)
+
+
+def test_shipped_reference_recipe_is_the_model_card():
+    cfg = load_config(TrainConfig, "gpt1-openwebtext")
+    assert (cfg.model, cfg.block_size, cfg.batch_size, cfg.grad_accum) == ("gpt1", 512, 48, 4)
+    assert (cfg.lr, cfg.min_lr, cfg.warmup, cfg.weight_decay, cfg.betas) == (3e-4, 1e-6, 0.03, 0.0, (0.9, 0.95))
+    assert cfg.precision == "fp16-mixed" and cfg.epochs == 1.0 and cfg.max_steps == 0
+    # one epoch of the card's ~8.8B tokens at 192 x 512 tokens per step
+    assert cfg.resolve_steps(48 * 512 * 4, 8_800_000_000) == math.ceil(8.8e9 / 98_304)
+    assert load_config(TrainConfig, "tiny-cpu").model == "tiny"
+
+
+@pytest.mark.parametrize("recipe, override, pattern", [
+    ("lr = 1e-3\nlearning_rate = 1\n", None, r"r\.toml: unknown key 'learning_rate'"),
+    ("lr = 'fast'\n", None, r"r\.toml: key 'lr' expects float"),
+    ("max_steps = 1.5\n", None, r"key 'max_steps' expects int"),
+    ("betas = [0.9]\n", None, r"key 'betas' expects tuple\[float, float\]"),
+    ("compile = 1\n", None, r"key 'compile' expects bool"),
+    ("lr = [\n", None, r"invalid TOML"),
+    ("", "warmup_steps=10", r"override 'warmup_steps=10': unknown key"),
+    ("", "batch_size=four", r"override 'batch_size=four': key 'batch_size' expects int"),
+    ("", "lr", r"expected key=value"),
+    ("", "precision=fp8", r"precision must be one of"),
+])
+def test_bad_recipes_name_the_key(tmp_path, recipe, override, pattern):
+    path = tmp_path / "r.toml"
+    path.write_text(recipe)
+    with pytest.raises(Gpt1Error, match=pattern):
+        load_config(TrainConfig, path, [override] if override else [])
+
+
+def test_loader_works_for_subclasses():
+    @dataclasses.dataclass
+    class LoraConfig(TrainConfig):
+        lora_r: int = 8
+        targets: list[str] = dataclasses.field(default_factory=lambda: ["c_attn"])
+        alpha: float | None = None
+
+    cfg = load_config(LoraConfig, None, ["lora_r=4", "targets=['c_fc', 'c_proj']", "alpha=16", "lr=1e-4"])
+    assert (cfg.lora_r, cfg.targets, cfg.alpha, cfg.lr) == (4, ["c_fc", "c_proj"], 16.0, 1e-4)
+    with pytest.raises(Gpt1Error, match="key 'lora_r' expects int"):
+        load_config(LoraConfig, None, ["lora_r=big"])
+
+
+# ---- schedule ------------------------------------------------------------------------------
+
+def test_schedule_warmup_and_cosine_endpoints():
+    steps, lr, min_lr = 1000, 3e-4, 1e-6
+    n_warm = warmup_steps(steps, 0.03)
+    assert n_warm == 30
+    lrs = [lr_at(s, steps, lr, min_lr, 0.03) for s in range(steps)]
+    assert lrs[0] == pytest.approx(lr / 30)  # warmup starts above 0: no wasted step
+    assert lrs[29] == pytest.approx(lr)  # warmup ends exactly at the peak
+    assert all(a < b for a, b in zip(lrs[:29], lrs[1:30]))  # linear rise
+    assert lrs[30] == pytest.approx(lr)  # cosine starts at the peak ...
+    assert lrs[-1] == pytest.approx(min_lr)  # ... and ends exactly at min_lr
+    mid = 30 + (steps - 1 - 30) / 2
+    assert lr_at(int(mid), steps, lr, min_lr, 0.03) == pytest.approx((lr + min_lr) / 2, rel=1e-2)
+    assert all(a >= b for a, b in zip(lrs[30:], lrs[31:]))
+    assert lr_at(0, 10, 1e-3, 1e-5, 0.0) == pytest.approx(1e-3)
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+def _run(data_dir, out, overrides, **kw):
+    from gpt1.train.pretrain import pretrain
+
+    return pretrain(load_config(TrainConfig, None, TINY + overrides), data_dir, out, **kw)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gradient_accumulation_matches_a_larger_batch(data_dir, tmp_path):
+    """4 sequences x 1 micro-batch == 2 sequences x 2 accumulated micro-batches (the same windows)."""
+    import gpt1
+
+    common = ["max_steps=3", "eval_every=3", "save_every=3"]
+    big = _run(data_dir, tmp_path / "big", common + ["batch_size=4", "grad_accum=1"])
+    acc = _run(data_dir, tmp_path / "acc", common + ["batch_size=2", "grad_accum=2", "eval_batches=4"])
+    for a, b in zip(_metrics(tmp_path / "big"), _metrics(tmp_path / "acc")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["tokens"] == b["tokens"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert big.val_loss == pytest.approx(acc.val_loss, rel=1e-5)
+    # Adam divides by sqrt(v): weights whose gradients are ~0 amplify float rounding, so the
+    # weights agree to 1e-4 after 3 updates of ~3e-3 each, not to the last bit.
+    wa, wb = gpt1.load(tmp_path / "big", device="cpu").model, gpt1.load(tmp_path / "acc", device="cpu").model
+    for (name, pa), pb in zip(wa.named_parameters(), wb.parameters()):
+        torch.testing.assert_close(pa.detach(), pb.detach(), rtol=0, atol=1e-4, msg=name)
+
+
+def test_run_dir_is_a_model_dir_with_metrics_and_plot(data_dir, tmp_path):
+    import gpt1
+    from gpt1.data.shards import load_data_tokenizer
+
+    result = _run(data_dir, tmp_path / "run", ["max_steps=8", "eval_every=4", "save_every=4"])
+    assert result.steps == 8 and result.tokens == 8 * 4 * 32 and result.resumed_from == 0
+    assert result.val_perplexity == pytest.approx(math.exp(result.val_loss))
+    records = _metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert all({"loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(r) for r in records)
+    assert records[-1]["mfu"] is None  # no peak FLOPs on a CPU
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    llm = gpt1.load(tmp_path / "run", device="cpu")
+    assert llm.tokenizer.fingerprint == load_data_tokenizer(data_dir).fingerprint
+    assert llm.config.block_size == 32 and llm.config.vocab_size == llm.tokenizer.vocab_size
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000008"]
+    # running it again is a no-op that reports the finished run
+    again = _run(data_dir, tmp_path / "run", ["max_steps=8", "eval_every=4", "save_every=4"])
+    assert again.resumed_from == 8 and again.val_loss == result.val_loss
+    assert len(_metrics(tmp_path / "run")) == 8
+
+
+def test_another_config_or_a_foreign_dir_is_refused(data_dir, tmp_path):
+    _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2"])
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(Gpt1Error, match=r"different config \(lr: 0.003 -> 0.001\)"):
+        _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2", "lr=1e-3"])
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(Gpt1Error, match="not empty and holds no gpt1 run"):
+        _run(data_dir, tmp_path / "other", ["max_steps=2"])
+    assert os.listdir(tmp_path / "other") == ["notes.txt"]
+
+
+class PoisonAfter:
+    """Real training windows; from draw `at` on, the model's weights hold a NaN (as after a bad update)."""
+
+    def __init__(self, source, model, at):
+        self.source, self.model, self.at = source, model, at
+
+    def next_batch(self):
+        if self.source.draws == self.at:
+            with torch.no_grad():
+                self.model.transformer.ln_f.weight[0] = float("nan")
+        return self.source.next_batch()
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+
+def test_persistent_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, tokenizer):
+    from gpt1.config import ModelConfig
+    from gpt1.data.shards import ShardWindows, fixed_windows
+    from gpt1.model import GPT
+    from gpt1.modeldir import load_model, save_model
+    from gpt1.train.checkpoint import latest_checkpoint
+    from gpt1.train.loop import train
+
+    cfg = load_config(TrainConfig, None, TINY + ["max_steps=20", "save_every=2", "eval_every=100", "max_bad_steps=3"])
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, block_size=32))
+    source = PoisonAfter(ShardWindows(data_dir / "train.bin", 32, 4, cfg.seed), model, at=3)
+    val = fixed_windows(data_dir / "val.bin", 32, 4, 2)
+    with pytest.raises(Gpt1Error, match=r"NaN/inf for 3 consecutive steps \(last at step 6\).*step-00000002"):
+        train(model, cfg, tmp_path / "run", source, lambda: val, lambda d, m: save_model(d, m, tokenizer))
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
+    saved = load_model(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+    skipped = [r for r in _metrics(tmp_path / "run") if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [4, 5]  # the third bad step raised before logging
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from gpt1.modeldir import save_model as save_dir
+    from gpt1.train.config import TrainConfig, load_config
+    import gpt1.train.pretrain as pretrain_module
+
+    data, out, kill_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    real = pretrain_module.save_model_dir
+
+    def save_then_die(directory, model, tokenizer=None):
+        real(directory, model, tokenizer)
+        if Path(directory).name == f".step-{kill_step:08d}.tmp":
+            os.kill(os.getpid(), signal.SIGKILL)  # the model part is written, the trainer state is not
+
+    pretrain_module.save_model_dir = save_then_die
+    cfg = load_config(TrainConfig, None, sys.argv[4:])
+    pretrain_module.pretrain(cfg, data, out)
+""")
+
+
+def test_resume_after_sigkill_mid_save_ends_at_the_same_loss(data_dir, tmp_path):
+    """A run killed in the middle of its step-4 checkpoint resumes from step 2 and ends exactly
+    where an uninterrupted run ends (same loss, same weights, same metrics)."""
+    from safetensors.torch import load_file
+
+    from gpt1.train.checkpoint import latest_checkpoint
+
+    args = TINY + ["max_steps=6", "save_every=2", "eval_every=3"]
+    straight = _run(data_dir, tmp_path / "straight", args[len(TINY):])
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_DURING_SAVE)
+    proc = subprocess.run([sys.executable, str(script), str(data_dir), str(tmp_path / "killed"), "4", *args],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "GPT1_QUIET": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    killed = tmp_path / "killed"
+    assert (killed / "checkpoints" / ".step-00000004.tmp").is_dir()  # the interrupted save
+    assert latest_checkpoint(killed).name == "step-00000002"  # the previous one is intact
+
+    resumed = _run(data_dir, killed, args[len(TINY):])
+    assert resumed.resumed_from == 2
+    assert resumed.train_loss == straight.train_loss and resumed.val_loss == straight.val_loss
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(killed) == [{**r, "tokens_per_sec": m["tokens_per_sec"]}
+                                for r, m in zip(_metrics(tmp_path / "straight"), _metrics(killed))]
+    assert not (killed / "checkpoints" / ".step-00000004.tmp").exists()
+
+
+def test_pretrain_cli_bad_inputs_change_nothing(data_dir, tmp_path, capsys):
+    from gpt1.cli import main
+
+    out = tmp_path / "r"
+    cases = [
+        (["--data", str(tmp_path / "nope")], "data directory not found"),
+        (["--data", str(data_dir), "max_steps=1", "lr=fast"], "key 'lr' expects float"),
+        (["--data", str(data_dir), "--config", "nope.toml"], "config file not found"),
+        (["--data", str(data_dir), "model=huge"], "unknown model preset 'huge'"),
+        (["--data", str(data_dir), "batch_size=0"], "batch_size must be at least 1"),
+    ]
+    for args, pattern in cases:  # key=value overrides go after the options
+        assert main(["pretrain", "--out", str(out), *args]) == 2
+        assert pattern in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_corpus_smaller_than_a_context_window(tmp_path, tokenizer):
+    from gpt1.data.shards import prepare
+
+    (tmp_path / "c").mkdir()
+    for i in range(4):
+        (tmp_path / "c" / f"{i}.txt").write_text(f"tiny document {i}")
+    prepare([str(tmp_path / "c")], tokenizer, tmp_path / "data", val=1)
+    with pytest.raises(Gpt1Error, match=r"training split has 33 tokens, fewer than one context window \(65\)"):
+        _run(tmp_path / "data", tmp_path / "run", ["max_steps=1", "block_size=64"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_model_dir_and_tokenizer_mismatch(data_dir, tmp_path, tiny_model_dir, corpus_dir):
+    import shutil
+
+    from gpt1.data.sources import iter_documents
+    from gpt1.tokenizer import train_tokenizer
+
+    result = _run(data_dir, tmp_path / "run", ["max_steps=2", f"init_from={tiny_model_dir}", "block_size=0"])
+    assert result.steps == 2 and (tmp_path / "run" / "config.json").is_file()
+    other, _ = train_tokenizer(iter_documents([str(corpus_dir / "json")]), 300, show_progress=False)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_model_dir, foreign)
+    other.save(foreign)
+    with pytest.raises(Gpt1Error, match="tokenizer mismatch"):
+        _run(data_dir, tmp_path / "run2", ["max_steps=2", f"init_from={foreign}"])
+    assert not (tmp_path / "run2").exists()
+
+
+def test_fp16_mixed_precision_saves_its_grad_scaler(data_dir, tmp_path):
+    from gpt1.train.checkpoint import STATE_FILE, latest_checkpoint
+
+    result = _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2", "precision=fp16-mixed"])
+    assert math.isfinite(result.train_loss)
+    state = torch.load(latest_checkpoint(tmp_path / "run") / STATE_FILE, weights_only=True)
+    assert state["scaler"]["scale"] > 0 and state["sampler"] == {"draws": 2} and state["step"] == 2
+    assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
