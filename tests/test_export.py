@@ -273,3 +273,38 @@ def test_cli_export_and_bad_input(tmp_path, tiny_model_dir, capsys):
         assert main(["export", *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("gpt1 export: error: ") and message in lines[0], lines
+
+
+def test_finetune_starts_from_an_exported_folder(tmp_path, tiny_config, tokenizer):
+    """`gpt1 finetune --base` takes a transformers folder: the fine-tune starts from exactly its weights."""
+    from gpt1.cli import main
+    from gpt1.modeldir import load_model
+
+    model = _random_model(tiny_config, seed=4)
+    hf_dir = export_model(_model_dir(tmp_path / "model", model, tokenizer), tmp_path / "hf")
+    with pytest.raises(Gpt1Error, match="transformers folder, not a gpt1 model dir.*--base"):
+        load_model(hf_dir)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": CHAT[1:3]}) + "\n" for _ in range(8)))
+    out = tmp_path / "ft"
+    assert main(["finetune", "--base", f"hf:{hf_dir}", "--data", str(chats), "--out", str(out),
+                 "max_steps=1", "batch_size=4", "device=cpu"]) == 0
+    tuned = load_model(out, adapter="ignore")  # the base the adapter applies to: the export's weights
+    for name, tensor in model.state_dict().items():
+        if name != "transformer.wte.weight":  # special-token rows are trained
+            torch.testing.assert_close(tuned.state_dict()[name], tensor, msg=name)
+
+
+def test_finetune_refuses_a_gpt2_without_a_gpt1_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt1.cli import main
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    Tokenizer(models.BPE()).save(str(tmp_path / "gpt2" / "tokenizer.json"))
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": CHAT[1:3]}) + "\n")
+    assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--data", str(tmp_path / "chats.jsonl"),
+                 "--out", str(tmp_path / "ft")]) == 2
+    assert "tokenizer is not gpt1-compatible" in capsys.readouterr().err

@@ -61,3 +61,17 @@ def test_malformed_jsonl_line_names_line(tmp_path):
     stats = SourceStats()
     assert list(iter_documents([str(f)], skip_invalid=True, stats=stats)) == ["ok"]
     assert stats.skipped["malformed lines"] == 2
+
+
+def test_stdlib_source_is_the_standard_library_source():
+    import os
+    from pathlib import Path
+
+    from gpt1.data.sources import STDLIB_SKIPPED
+
+    root = Path(os.__file__).resolve().parent
+    sources = resolve_sources(["stdlib"])
+    paths = [Path(s.location) for s in sources]
+    assert len(paths) > 300 and all(p.suffix == ".py" and s.kind == "text" for p, s in zip(paths, sources))
+    assert root / "os.py" in paths and root / "json" / "decoder.py" in paths
+    assert not any(set(p.relative_to(root).parts[:1]) & STDLIB_SKIPPED for p in paths)

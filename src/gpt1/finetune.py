@@ -81,15 +81,28 @@ def file_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def load_base(base: str | Path):
+    """The base model (CPU) and its tokenizer, from a gpt1 model dir or a transformers GPT-2
+    folder with a gpt1-compatible tokenizer (e.g. one written by `gpt1 export`)."""
+    from gpt1.interop import import_hf_model, is_hf_model_dir
+    from gpt1.modeldir import load_model
+    from gpt1.tokenizer import Tokenizer
+
+    if is_hf_model_dir(base):
+        model, tokenizer = import_hf_model(base, "cpu")
+        if tokenizer is None:
+            raise Gpt1Error(f"{base}: its tokenizer is not gpt1-compatible ([PAD]=0, [UNK]=1, [EOS]=2 are needed for "
+                            "chat fine-tuning); pretrain on data prepared with a gpt1 tokenizer first")
+        return model, tokenizer
+    return load_model(base, device="cpu"), Tokenizer.load(base)
+
+
 def prepare_model(base: str | Path, cfg: FinetuneConfig):
     """The base model (on CPU, training mode) with LoRA injected and everything else frozen,
     and its tokenizer."""
     from gpt1.lora import inject_lora, mark_only_lora_as_trainable
-    from gpt1.modeldir import load_model
-    from gpt1.tokenizer import Tokenizer
 
-    model = load_model(base, device="cpu")
-    tokenizer = Tokenizer.load(base)
+    model, tokenizer = load_base(base)
     token_ids = tokenizer.special_ids if cfg.train_special_tokens else []
     torch.manual_seed(cfg.seed)  # the random init of the A matrices is part of the run
     inject_lora(model, cfg.lora_config(token_ids))
@@ -134,23 +147,24 @@ def load_chat_splits(cfg: FinetuneConfig, stats=None):
     return train, val, stats
 
 
-def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path):
+def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_limit: int | None = None):
     """Fine-tune the model dir `base` on `cfg.data` into the run dir `out` (resumes a run there).
-    Returns the loop's TrainResult."""
+    `step_limit` caps the steps resolved from the config (e.g. a time budget). Returns the
+    loop's TrainResult."""
     from gpt1.modeldir import WEIGHTS_FILE
     from gpt1.train import distributed
 
-    base, out = Path(base), Path(out)
+    base, out = Path(str(base).removeprefix("hf:")), Path(out)
     if not (base / WEIGHTS_FILE).is_file():
         raise Gpt1Error(f"{base}: not a model dir (no {WEIGHTS_FILE}); pass the base model with --base")
     dist = distributed.setup(cfg.device)
     try:
-        return _finetune(cfg, base, out, dist)
+        return _finetune(cfg, base, out, dist, step_limit)
     finally:
         distributed.cleanup()
 
 
-def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist):
+def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int | None):
     from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
     from gpt1.io import read_json
     from gpt1.lora import count_trainable
@@ -181,6 +195,8 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist):
         max_steps = max(1, math.ceil(cfg.max_tokens / (sequences_per_step * mean_len)))
     else:
         max_steps = max(1, math.ceil(cfg.epochs * len(train_data) / sequences_per_step))
+    if step_limit is not None:
+        max_steps = max(1, min(max_steps, step_limit))
     if dist.is_main:
         info(f"chat data {cfg.data}: {stats.summary()}")
         info(f"train: {train_data.summary()}")

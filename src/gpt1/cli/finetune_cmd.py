@@ -17,7 +17,7 @@ def register(subparsers) -> None:
                     "dir; rerunning the same command resumes. Multi-GPU: torchrun --nproc_per_node N -m gpt1 finetune ...",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (see the README for every key)")
-    parser.add_argument("--base", required=True, help="the base model dir (from gpt1 pretrain)")
+    parser.add_argument("--base", required=True, help="the base model: a gpt1 model dir (from gpt1 pretrain) or a transformers GPT-2 folder with a gpt1 tokenizer (e.g. from gpt1 export)")
     parser.add_argument("--data", help="chat data source (see above); overrides the recipe's `data`")
     parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model")
     parser.add_argument("--config", metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")

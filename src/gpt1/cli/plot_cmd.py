@@ -1,4 +1,4 @@
-"""`gpt1 plot`: the loss / perplexity curve of a training run as a PNG."""
+"""`gpt1 plot`: the loss / perplexity curves of one or more training runs as a PNG."""
 
 from __future__ import annotations
 
@@ -7,24 +7,25 @@ import argparse
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "plot", help="plot a run's loss and perplexity curve to a PNG",
-        description="Read RUN/metrics.jsonl and write the train/validation loss and validation perplexity "
-                    "curves as a PNG (also written automatically at the end of a run as RUN/loss.png).")
-    parser.add_argument("run", help="training run dir (or a metrics.jsonl file)")
-    parser.add_argument("--out", default=None, help="PNG file to write (default: RUN/loss.png)")
+        "plot", help="plot runs' loss and perplexity curves to a PNG",
+        description="Read RUN/metrics.jsonl of each run and write the train/validation loss and validation "
+                    "perplexity curves as a PNG, one row per run (a run also writes RUN/loss.png when it ends).")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="training run dir (or a metrics.jsonl file)")
+    parser.add_argument("--out", default=None, help="PNG file to write (default: RUN/loss.png of the first run)")
     parser.set_defaults(func=plot_command)
 
 
 def plot_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gpt1.plot import plot_metrics
+    from gpt1.plot import plot_runs
     from gpt1.progress import info
 
-    run = Path(args.run)
-    metrics = run if run.is_file() else run / "metrics.jsonl"
-    out = Path(args.out) if args.out else metrics.parent / "loss.png"
-    plot_metrics(metrics, out, title=metrics.parent.name)
+    files = [run if run.is_file() else run / "metrics.jsonl" for run in map(Path, args.runs)]
+    out = Path(args.out) if args.out else files[0].parent / "loss.png"
+    names = [f.parent.name for f in files]
+    # Two runs with the same folder name are told apart by their full paths.
+    plot_runs({(name if names.count(name) == 1 else str(f.parent)): f for name, f in zip(names, files)}, out)
     info(f"wrote {out}")
     print(out)
     return 0

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train.add_argument("sources", nargs="+", metavar="SOURCE",
-                       help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT]")
+                       help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT], or stdlib (the Python standard library source)")
     train.add_argument("--vocab-size", type=int, default=51_682, help="exact size of the vocabulary")
     train.add_argument("--out", required=True, help="output folder for tokenizer.json")
     train.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")

@@ -8,7 +8,9 @@ One reader for every stage that takes raw text (`tokenizer train`, `prepare`, `e
 - a directory: the files below it with a known suffix (hidden folders and caches skipped);
 - a glob (`data/**/*.txt`);
 - `hf:NAME` or `hf:NAME:SPLIT` (default split `train`): a dataset read with `datasets`, streamed,
-  so a 40 GB corpus never sits in memory. `NAME` may also be a local dataset folder.
+  so a 40 GB corpus never sits in memory. `NAME` may also be a local dataset folder;
+- `stdlib`: the running Python's standard library source (`.py` files: code, comments and
+  docstrings, ~10 MB), a real corpus on every machine with Python (the quickstart's default).
 
 Bad input is reported with the file (and line or byte offset): a missing file, a directory
 with no text, invalid UTF-8 or a malformed JSON line. With `skip_invalid=True` the offending
@@ -32,6 +34,11 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py", ".tex", ".html", ".htm",
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 SKIPPED_DIRS = {"__pycache__", "node_modules", ".git"}
+STDLIB = "stdlib"
+# Installed packages differ per machine and the test suite is not shipped everywhere (Debian
+# splits it out); encodings/ is mostly code-page tables. Without them the corpus is the same
+# for everyone with the same Python version.
+STDLIB_SKIPPED = {"site-packages", "dist-packages", "test", "encodings"}
 
 
 @dataclass
@@ -82,6 +89,8 @@ def resolve_sources(specs: list[str]) -> list[Source]:
             if not name:
                 raise Gpt1Error(f"{spec!r}: expected hf:NAME or hf:NAME:SPLIT")
             sources.append(Source("hf", name, split or "train"))
+        elif spec == STDLIB and not os.path.exists(spec):
+            sources.extend(Source("text", path) for path in stdlib_files())
         elif os.path.isdir(spec):
             found = []
             for root, dirs, files in os.walk(spec):
@@ -108,6 +117,16 @@ def resolve_sources(specs: list[str]) -> list[Source]:
         else:
             raise Gpt1Error(f"{spec}: no such file or directory")
     return sources
+
+
+def stdlib_files() -> list[str]:
+    """The `.py` files of the running Python's standard library (see STDLIB_SKIPPED), sorted."""
+    root = Path(os.__file__).resolve().parent
+    files = [p for p in root.rglob("*.py")
+             if not STDLIB_SKIPPED.intersection(p.relative_to(root).parts[:1]) and "__pycache__" not in p.parts]
+    if not files:
+        raise Gpt1Error(f"{STDLIB}: found no .py files of the standard library under {root}")
+    return sorted(str(p) for p in files)
 
 
 def iter_documents(specs: list[str] | list[Source], *, text_field: str = "text", skip_invalid: bool = False,

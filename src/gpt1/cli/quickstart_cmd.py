@@ -1,0 +1,71 @@
+"""`gpt1 quickstart`: every stage of the pipeline on built-in data, in minutes on a CPU."""
+
+from __future__ import annotations
+
+import argparse
+
+from gpt1.quickstart import QuickstartConfig
+
+DEFAULTS = QuickstartConfig()
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "quickstart", help="the whole pipeline on built-in data in minutes: tokenizer, pretraining, chat tuning, samples",
+        description="Train a tokenizer on the Python standard library's source, pretrain the tiny model on it, "
+                    "LoRA-tune it into a chat model on the English dialogs of chatterbot-corpus, and print samples "
+                    "for the model card's three uses. Nothing is downloaded. A rerun reuses finished stages; "
+                    "a killed run resumes.")
+    parser.add_argument("--out", default=DEFAULTS.out, help=f"output folder (default: {DEFAULTS.out})")
+    parser.add_argument("--minutes", type=float, default=DEFAULTS.minutes,
+                        help=f"pretraining time budget; the chat fine-tune gets a quarter of it (default: {DEFAULTS.minutes:g})")
+    parser.add_argument("--device", default=DEFAULTS.device, help="auto (cuda > mps > cpu), cpu, cuda or mps (default: auto)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"random seed (default: {DEFAULTS.seed})")
+    parser.set_defaults(func=quickstart_command)
+
+
+def quickstart_command(args: argparse.Namespace) -> int:
+    from gpt1.quickstart import run_quickstart
+
+    result = run_quickstart(QuickstartConfig(out=args.out, minutes=args.minutes, device=args.device, seed=args.seed))
+    print(report(result))
+    return 0
+
+
+def _ppl(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f}"
+
+
+def report(result) -> str:
+    """What the quickstart made, its samples, and what to type next."""
+    took = " + ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items())
+    lines = [
+        "",
+        f"gpt1 quickstart: done ({took}). This is a tiny model (1.9M parameters, a few minutes on a CPU):",
+        "expect fluent-looking fragments, not answers.",
+        "",
+        f"  base model  {result.base}  {result.base_steps:,} steps on {result.train_tokens:,} tokens of Python source, "
+        f"validation perplexity {_ppl(result.base_val_perplexity)}",
+        f"  chat model  {result.chat}  {result.chat_steps:,} LoRA steps on chatterbot dialogs, "
+        f"validation perplexity (assistant replies) {_ppl(result.chat_val_perplexity)}",
+        f"  curves      {result.plot}",
+    ]
+    for sample in result.samples:
+        settings = ", ".join(f"{k}={v}" for k, v in sample.settings.items())
+        if sample.use == "base":
+            lines += ["", f"--- the base model continues Python code ({settings})", sample.text]
+        else:
+            lines += ["", f"--- {sample.use} ({settings})", f"user: {sample.prompt}", f"assistant: {sample.text}"]
+    lines += [
+        "",
+        "Next:",
+        f"  gpt1 chat --model {result.chat}                    # talk to it in the terminal",
+        f"  gpt1 serve --model {result.chat}                   # OpenAI-compatible API + chat page on http://127.0.0.1:8000",
+        f"  gpt1 export --model {result.chat} --out hf-model   # a transformers + PEFT folder",
+        "  The full-scale recipes on a GPU (the model card's 257M model, OpenWebText, then OASST2):",
+        "    gpt1 tokenizer train --vocab-size 51682 --out tok hf:Skylion007/openwebtext",
+        "    gpt1 prepare --tokenizer tok --out data/owt hf:Skylion007/openwebtext",
+        "    gpt1 pretrain --config gpt1-openwebtext --data data/owt --out runs/gpt1",
+        "    gpt1 finetune --config gpt1-oasst2-lora --base runs/gpt1 --out runs/gpt1-chat",
+    ]
+    return "\n".join(lines)

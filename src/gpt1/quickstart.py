@@ -1,0 +1,259 @@
+"""`gpt1 quickstart`: the whole pipeline on data every machine has, in minutes on a CPU.
+
+The stages, each in its own folder under `out` and each the same library call that the
+full-scale commands make:
+
+    tokenizer/   byte-level BPE (vocab 4096) trained on the Python standard library's source
+    data/        train.bin / val.bin prepared from the same corpus          (`gpt1 prepare`)
+    base/        the `tiny` preset pretrained with configs/tiny-cpu.toml     (`gpt1 pretrain`)
+    chat/        a LoRA chat fine-tune with configs/tiny-chat.toml on the    (`gpt1 finetune`)
+                 English dialogs of the chatterbot-corpus package
+    loss.png     both runs' loss and perplexity curves
+    summary.json the numbers and the samples of the last run
+
+Training lengths come from a time budget: a few measured steps tell how many optimizer steps
+fit in `minutes` (pretraining) and a quarter of it (fine-tuning). A finished stage is reused
+by the next run (a run's step count is fixed when it starts, so a killed run resumes with the
+same schedule); delete a stage's folder to redo it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gpt1.errors import Gpt1Error
+from gpt1.progress import info
+
+PRETRAIN_RECIPE = "tiny-cpu"
+FINETUNE_RECIPE = "tiny-chat"
+FINETUNE_SHARE = 0.25  # of the pretraining budget
+MAX_PRETRAIN_EPOCHS = 4  # a fast GPU would otherwise loop over the small corpus for minutes
+MIN_STEPS = 10  # whatever the budget: a loss curve, not a point
+SUMMARY_FILE = "summary.json"
+
+# The model card's three uses, each sampled with the card's settings (gpt1.generate.PRESETS).
+SAMPLE_PROMPTS = {
+    "qa": "What is a computer?",
+    "creative": "Tell me a story about a robot.",
+    "code": "Write a Python function that adds two numbers.",
+}
+# What pretraining on Python source taught the base model, before any chat tuning.
+BASE_PROMPT = "def read_config(path):\n    "
+
+
+@dataclass
+class QuickstartConfig:
+    out: str = "gpt1-quickstart"
+    minutes: float = 5.0  # pretraining time budget; the chat fine-tune gets a quarter of it
+    corpus: str = "stdlib"  # any `gpt1 prepare` source
+    chat_data: str = "chatterbot:english"  # any `gpt1 finetune --data` source
+    vocab_size: int = 4096
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, mps
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if not (self.minutes > 0 and math.isfinite(self.minutes)):
+            raise Gpt1Error(f"--minutes must be a positive number, got {self.minutes}")
+
+
+@dataclass
+class Sample:
+    use: str  # a sampling preset: qa, creative, code (or "base" for the base model's continuation)
+    prompt: str
+    text: str
+    settings: dict
+
+
+@dataclass
+class QuickstartResult:
+    out: Path
+    tokenizer: Path
+    data: Path
+    base: Path
+    chat: Path
+    plot: Path
+    train_tokens: int
+    base_steps: int
+    base_val_perplexity: float | None
+    chat_steps: int
+    chat_val_perplexity: float | None
+    samples: list[Sample]
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time of this invocation
+
+
+def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
+    """Run (or reuse) every stage under `cfg.out`; see the module docstring."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, title: str):
+        info(f"\n== {title}")
+        seconds[name] = time.perf_counter()
+
+    def done(name: str) -> None:
+        seconds[name] = time.perf_counter() - seconds[name]
+
+    stage("tokenizer", f"1/5 tokenizer: byte-level BPE, {cfg.vocab_size:,} tokens, on {cfg.corpus}")
+    tokenizer = _tokenizer(cfg, out / "tokenizer")
+    done("tokenizer")
+
+    stage("prepare", "2/5 prepare: token shards")
+    from gpt1.data.shards import prepare
+
+    meta = prepare([cfg.corpus], tokenizer, out / "data", val=0.02, seed=cfg.seed, skip_invalid=True)
+    done("prepare")
+
+    stage("pretrain", f"3/5 pretrain: the tiny model for ~{cfg.minutes:g} min")
+    base = _pretrain(cfg, out / "data", out / "base", meta["train"]["tokens"])
+    done("pretrain")
+
+    stage("finetune", f"4/5 finetune: LoRA chat tuning on {cfg.chat_data} for ~{cfg.minutes * FINETUNE_SHARE:g} min")
+    chat = _finetune(cfg, out / "base", out / "chat")
+    done("finetune")
+
+    stage("samples", "5/5 samples: the model card's three uses")
+    samples = _samples(cfg, out / "base", out / "chat")
+    from gpt1.plot import plot_runs
+
+    plot = plot_runs({"pretraining (base)": out / "base" / "metrics.jsonl",
+                      "chat fine-tuning (chat)": out / "chat" / "metrics.jsonl"}, out / "loss.png")
+    done("samples")
+
+    result = QuickstartResult(
+        out=out, tokenizer=out / "tokenizer", data=out / "data", base=out / "base", chat=out / "chat", plot=plot,
+        train_tokens=meta["train"]["tokens"], base_steps=base.steps, base_val_perplexity=base.val_perplexity,
+        chat_steps=chat.steps, chat_val_perplexity=chat.val_perplexity, samples=samples, seconds=seconds)
+    from gpt1.io import write_json
+
+    write_json(out / SUMMARY_FILE, json.loads(json.dumps(dataclasses.asdict(result), default=str)))
+    return result
+
+
+def _tokenizer(cfg: QuickstartConfig, directory: Path):
+    from gpt1.data.sources import SourceStats, iter_documents
+    from gpt1.tokenizer import Tokenizer, train_tokenizer
+
+    if (directory / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(directory)
+        if tokenizer.vocab_size == cfg.vocab_size:
+            info(f"reusing {directory} ({tokenizer.vocab_size:,} tokens)")
+            return tokenizer
+        raise Gpt1Error(f"{directory} holds a tokenizer of {tokenizer.vocab_size:,} tokens, not {cfg.vocab_size:,}; "
+                        "delete it or choose another --out")
+    stats = SourceStats()
+    tokenizer, trained = train_tokenizer(iter_documents([cfg.corpus], skip_invalid=True, stats=stats), cfg.vocab_size)
+    tokenizer.save(directory)
+    info(f"trained on {stats.summary()} in {trained['seconds']:.1f} s -> {directory}")
+    return tokenizer
+
+
+def steps_within(seconds: float, model: torch.nn.Module, batch_size: int, block_size: int,
+                 device: torch.device) -> int:
+    """How many optimizer steps of (batch_size x block_size) tokens fit in `seconds`, measured on
+    a throwaway copy of `model` (its trainable parameters, AdamW, forward and backward)."""
+    model = copy.deepcopy(model).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.0)
+    x = torch.randint(0, model.config.vocab_size, (batch_size, block_size), device=device)
+
+    def step() -> None:
+        _, loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):  # warm-up: allocator, AdamW state, kernel selection
+        step()
+    sync()
+    start, measured = time.perf_counter(), 0
+    while measured < 3 or time.perf_counter() - start < 2.0:
+        step()
+        sync()
+        measured += 1
+    per_step = (time.perf_counter() - start) / measured
+    # Validation, checkpoints and the progress bar take the rest of the budget.
+    return max(MIN_STEPS, int(0.9 * seconds / per_step))
+
+
+def _planned_steps(run_dir: Path) -> int | None:
+    """The step count a run in `run_dir` was started with (None: no run there yet)."""
+    from gpt1.io import read_json
+    from gpt1.train.loop import CONFIG_FILE
+
+    file = run_dir / CONFIG_FILE
+    return int(read_json(file)["max_steps"]) if file.is_file() else None
+
+
+def _pretrain(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, train_tokens: int):
+    from gpt1.data.shards import load_data_tokenizer
+    from gpt1.train import distributed
+    from gpt1.train.config import TrainConfig, load_config
+    from gpt1.train.pretrain import init_model, pretrain
+
+    train_cfg = load_config(TrainConfig, PRETRAIN_RECIPE, [], device=cfg.device, seed=cfg.seed)
+    steps = _planned_steps(run_dir)
+    if steps is None:
+        block = train_cfg.block_size
+        model = init_model(train_cfg, load_data_tokenizer(data_dir))
+        device = distributed.resolve_device(cfg.device)
+        steps = steps_within(60 * cfg.minutes, model, train_cfg.batch_size, block, device)
+        max_epochs = MAX_PRETRAIN_EPOCHS * train_tokens // (train_cfg.batch_size * block * train_cfg.grad_accum)
+        steps = max(MIN_STEPS, min(steps, max_epochs))
+        info(f"{steps:,} steps fit in {cfg.minutes:g} min on {device.type}")
+    else:
+        info(f"{run_dir} was started with {steps:,} steps: continuing it (delete it to retrain with a new budget)")
+    train_cfg = dataclasses.replace(train_cfg, max_steps=steps)
+    return pretrain(train_cfg, data_dir, run_dir)
+
+
+def _finetune(cfg: QuickstartConfig, base: Path, run_dir: Path):
+    from gpt1.finetune import FinetuneConfig, finetune, prepare_model
+    from gpt1.train import distributed
+    from gpt1.train.config import load_config
+
+    ft_cfg = load_config(FinetuneConfig, FINETUNE_RECIPE, [], data=cfg.chat_data, device=cfg.device, seed=cfg.seed)
+    steps = _planned_steps(run_dir)
+    if steps is None:
+        model, _ = prepare_model(base, ft_cfg)
+        device = distributed.resolve_device(cfg.device)
+        # Full-length batches: chat batches are padded only to their longest dialog, so this
+        # overestimates a step and the fine-tune ends early rather than late.
+        steps = steps_within(60 * cfg.minutes * FINETUNE_SHARE, model, ft_cfg.batch_size, model.config.block_size, device)
+        info(f"up to {steps:,} steps fit in {cfg.minutes * FINETUNE_SHARE:g} min on {device.type}")
+    # The recipe's epochs cap the budget: more passes over a few thousand dialogs only memorise them.
+    return finetune(ft_cfg, base, run_dir, step_limit=steps)
+
+
+def _samples(cfg: QuickstartConfig, base: Path, chat: Path) -> list[Sample]:
+    import gpt1
+    from gpt1.generate import preset
+
+    device = "cpu"  # a few hundred tokens: not worth a GPU's start-up
+    samples = []
+    llm = gpt1.load(chat, device=device)
+    for use, prompt in SAMPLE_PROMPTS.items():
+        knobs = {"max_new_tokens": 96, "seed": cfg.seed}
+        text = llm.chat([{"role": "user", "content": prompt}], preset=use, **knobs)
+        samples.append(Sample(use, prompt, text.strip(), _settings(preset(use), knobs)))
+    knobs = {"max_new_tokens": 64, "seed": cfg.seed, "stop": ("\n\n\n",)}
+    text = gpt1.load(base, device=device).generate(BASE_PROMPT, preset="code", **knobs)
+    samples.append(Sample("base", BASE_PROMPT, BASE_PROMPT + text, _settings(preset("code"), knobs)))
+    return samples
+
+
+def _settings(params, knobs: dict) -> dict:
+    fields = ("temperature", "top_k", "top_p", "repeat_penalty")
+    return {**{name: getattr(params, name) for name in fields}, "max_new_tokens": knobs["max_new_tokens"]}

@@ -1,0 +1,100 @@
+"""The main job end to end: `gpt1 quickstart` on its built-in data (tiny time budget), the
+rerun that reuses every stage, and the notebook executed against the model it made."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gpt1
+
+MINUTES = "0.1"  # ~6 s of pretraining, ~1.5 s of fine-tuning: enough for the loss to fall
+
+
+def _quickstart(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GPT1_QUIET": "1"}
+    return subprocess.run([sys.executable, "-m", "gpt1", "quickstart", "--out", str(out), "--minutes", MINUTES,
+                           "--device", "cpu", *extra], capture_output=True, text=True, timeout=600, env=env)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    first = _quickstart(out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return out, first
+
+
+def test_every_stage_runs_and_reports(quickstart):
+    out, run = quickstart
+    summary = json.loads((out / "summary.json").read_text())
+    # The tokenizer and the shards come from the standard library's own source.
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["train"]["tokens"] > 1_000_000 and summary["train_tokens"] == meta["train"]["tokens"]
+    assert gpt1.Tokenizer.load(out / "tokenizer").vocab_size == 4096
+
+    for stage in ("base", "chat"):
+        records = _metrics(out / stage)
+        losses = [r["loss"] for r in records if r.get("loss") is not None]
+        val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+        assert len(losses) == summary[f"{stage}_steps"] >= 2
+        assert val and val[-1] < losses[0], f"{stage}: the loss did not fall"
+        assert math.isclose(summary[f"{stage}_val_perplexity"], math.exp(val[-1]), rel_tol=1e-6)
+    assert summary["base_val_perplexity"] < 4096  # better than guessing uniformly
+
+    base, chat = gpt1.load(out / "base", device="cpu"), gpt1.load(out / "chat", device="cpu")
+    assert not base.is_chat_model and chat.is_chat_model
+    assert base.model.num_params() == chat.model.num_params() == 1_858_304  # the tiny preset at vocab 4096
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert [s["use"] for s in summary["samples"]] == ["qa", "creative", "code", "base"]
+    assert {s["settings"]["temperature"] for s in summary["samples"]} == {0.7, 0.5, 0.2}
+    for sample in summary["samples"][:3]:
+        assert f"user: {sample['prompt']}" in run.stdout and f"assistant: {sample['text']}" in run.stdout
+    assert f"base model  {out / 'base'}" in run.stdout and "validation perplexity" in run.stdout
+    for command in (f"gpt1 chat --model {out / 'chat'}", f"gpt1 serve --model {out / 'chat'}",
+                    "gpt1 pretrain --config gpt1-openwebtext", "gpt1 finetune --config gpt1-oasst2-lora"):
+        assert command in run.stdout
+    for header in ("1/5 tokenizer", "2/5 prepare", "3/5 pretrain", "4/5 finetune", "5/5 samples"):
+        assert header in run.stderr
+
+
+def test_a_second_run_reuses_every_stage(quickstart):
+    out, first = quickstart
+    before = {stage: (out / stage / "metrics.jsonl").read_bytes() for stage in ("base", "chat")}
+    summary = json.loads((out / "summary.json").read_text())
+    again = _quickstart(out, "--minutes", "3")  # a new budget does not restart finished runs
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing" in again.stderr and "already holds this prepared data" in again.stderr
+    assert again.stderr.count("already finished") == 2
+    assert {stage: (out / stage / "metrics.jsonl").read_bytes() for stage in before} == before
+    # Same seed, same models: the same samples.
+    assert json.loads((out / "summary.json").read_text())["samples"] == summary["samples"]
+
+
+def test_notebook_runs_top_to_bottom_on_the_quickstart_model(quickstart, monkeypatch, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    out, _ = quickstart
+    notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb", as_version=4)
+    monkeypatch.setenv("GPT1_MODEL", str(out / "chat"))
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "1,858,304 parameters" in text and "chat model" in text
+    for use in ("qa", "creative", "code"):
+        assert f"--- {use}: temperature=" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the training curves were not plotted"
+    widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widgets, "the knob sliders were not displayed"
