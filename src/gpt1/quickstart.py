@@ -156,32 +156,29 @@ def _tokenizer(cfg: QuickstartConfig, directory: Path):
     return tokenizer
 
 
-def steps_within(seconds: float, model: torch.nn.Module, batch_size: int, block_size: int,
+def steps_within(seconds: float, model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
                  device: torch.device) -> int:
-    """How many optimizer steps of (batch_size x block_size) tokens fit in `seconds`, measured on
-    a throwaway copy of `model` (its trainable parameters, AdamW, forward and backward)."""
+    """How many optimizer steps fit in `seconds`, measured on a throwaway copy of `model` (its
+    trainable parameters, AdamW, forward and backward) cycling through real-shaped `batches`."""
     model = copy.deepcopy(model).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.0)
-    x = torch.randint(0, model.config.vocab_size, (batch_size, block_size), device=device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    measured = 0
 
     def step() -> None:
-        _, loss = model(x, x)
+        x, y = batches[measured % len(batches)]
+        _, loss = model(x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     for _ in range(3):  # warm-up: allocator, AdamW state, kernel selection
         step()
-    sync()
-    start, measured = time.perf_counter(), 0
+    start = time.perf_counter()
     while measured < 3 or time.perf_counter() - start < 2.0:
         step()
-        sync()
         measured += 1
     per_step = (time.perf_counter() - start) / measured
     # Validation, checkpoints and the progress bar take the rest of the budget.
@@ -209,7 +206,8 @@ def _pretrain(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, train_tokens
         block = train_cfg.block_size
         model = init_model(train_cfg, load_data_tokenizer(data_dir))
         device = distributed.resolve_device(cfg.device)
-        steps = steps_within(60 * cfg.minutes, model, train_cfg.batch_size, block, device)
+        batch = torch.randint(0, model.config.vocab_size, (train_cfg.batch_size, block + 1))
+        steps = steps_within(60 * cfg.minutes, model, [(batch[:, :-1], batch[:, 1:])], device)
         max_epochs = MAX_PRETRAIN_EPOCHS * train_tokens // (train_cfg.batch_size * block * train_cfg.grad_accum)
         steps = max(MIN_STEPS, min(steps, max_epochs))
         info(f"{steps:,} steps fit in {cfg.minutes:g} min on {device.type}")
@@ -220,18 +218,21 @@ def _pretrain(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, train_tokens
 
 
 def _finetune(cfg: QuickstartConfig, base: Path, run_dir: Path):
-    from gpt1.finetune import FinetuneConfig, finetune, prepare_model
+    from gpt1.data.chat import ChatBatches, encode_conversations
+    from gpt1.finetune import FinetuneConfig, finetune, load_chat_splits, prepare_model
     from gpt1.train import distributed
     from gpt1.train.config import load_config
 
     ft_cfg = load_config(FinetuneConfig, FINETUNE_RECIPE, [], data=cfg.chat_data, device=cfg.device, seed=cfg.seed)
     steps = _planned_steps(run_dir)
     if steps is None:
-        model, _ = prepare_model(base, ft_cfg)
+        model, tokenizer = prepare_model(base, ft_cfg)
         device = distributed.resolve_device(cfg.device)
-        # Full-length batches: chat batches are padded only to their longest dialog, so this
-        # overestimates a step and the fine-tune ends early rather than late.
-        steps = steps_within(60 * cfg.minutes * FINETUNE_SHARE, model, ft_cfg.batch_size, model.config.block_size, device)
+        # Chat batches are padded to their longest dialog only: time real ones.
+        train, _, _ = load_chat_splits(ft_cfg)
+        data = encode_conversations(tokenizer, train, model.config.block_size + 1, progress=False)
+        batches = ChatBatches(data, ft_cfg.batch_size, seed=ft_cfg.seed, pad_id=tokenizer.pad_id)
+        steps = steps_within(60 * cfg.minutes * FINETUNE_SHARE, model, [batches.next_batch() for _ in range(8)], device)
         info(f"up to {steps:,} steps fit in {cfg.minutes * FINETUNE_SHARE:g} min on {device.type}")
     # The recipe's epochs cap the budget: more passes over a few thousand dialogs only memorise them.
     return finetune(ft_cfg, base, run_dir, step_limit=steps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from functools import cached_property
 from pathlib import Path
@@ -181,7 +182,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
         min_frequency=min_frequency,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        # The Rust progress bar writes to stdout: only on a terminal, so piped stdout stays clean.
+        show_progress=show_progress and sys.stdout.isatty(),
     )
     stats = {"documents": 0, "bytes": 0}
 
