@@ -95,6 +95,10 @@ def test_kv_cache_matches_full_forward(tiny_config):
         pieces += [model(x[:, t : t + 1], cache=cache) for t in range(11, 30)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
     assert cache.length == 30
+    with torch.no_grad():  # a prefill that only needs the next token's logits
+        last = model(x[:, :11], cache=KVCache(tiny_config, batch_size=2), last_only=True)
+    assert last.shape == (2, 1, tiny_config.vocab_size)
+    torch.testing.assert_close(last, full[:, 10:11], atol=1e-5, rtol=0)
 
 
 def test_left_padded_batch_matches_unpadded(tiny_config):

@@ -159,6 +159,19 @@ def test_run_dir_is_a_model_dir_with_metrics_and_plot(data_dir, tmp_path):
     assert len(_metrics(tmp_path / "run")) == 8
 
 
+def test_tensorboard_logs_the_same_values_as_metrics(data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(data_dir, tmp_path / "run", ["max_steps=4", "eval_every=2", "tensorboard=true"])
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    records = _metrics(tmp_path / "run")
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records])
+    assert [e.step for e in events.Scalars("val_ppl")] == [2, 4]
+
+
 def test_another_config_or_a_foreign_dir_is_refused(data_dir, tmp_path):
     _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2"])
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}

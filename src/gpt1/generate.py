@@ -295,9 +295,9 @@ def _decode(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], 
         if padded:
             positions = (key_mask[:, :L].long().cumsum(1) - 1).clamp(min=0)
             ids = tokens[:, :L].masked_fill(~key_mask[:, :L], tokenizer.pad_id)
-            logits = model(ids, cache=cache, positions=positions, attention_mask=key_mask)[:, -1]
+            logits = model(ids, cache=cache, positions=positions, attention_mask=key_mask, last_only=True)[:, -1]
         else:
-            logits = model(tokens[:, :L], cache=cache)[:, -1]
+            logits = model(tokens[:, :L], cache=cache, last_only=True)[:, -1]
 
     for t in range(steps):
         if cancel is not None and cancel.is_set():
@@ -335,9 +335,9 @@ def _decode(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], 
                 generators = [generators[j] for j in keep] if generators else []
             x = tokens[:, column:column + 1]
             if padded:
-                logits = model(x, cache=cache, positions=next_pos[:, None] + t, attention_mask=key_mask)[:, -1]
+                logits = model(x, cache=cache, positions=next_pos[:, None] + t, attention_mask=key_mask, last_only=True)[:, -1]
             else:
-                logits = model(x, cache=cache)[:, -1]
+                logits = model(x, cache=cache, last_only=True)[:, -1]
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,

@@ -166,6 +166,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, (logits, loss).
 
@@ -173,6 +174,9 @@ class GPT(nn.Module):
         `cache` continues from the positions it already holds. `positions` (B, T) overrides the
         default positions (needed for left-padded batches); `attention_mask` (B, S) marks with
         True/1 the keys a row may attend to, S = cached + new positions (0 for padding).
+        `last_only` returns the logits of the last position only, (B, 1, vocab): all that
+        sampling needs, and it skips the output layer (the model's largest matmul) for the
+        rest of a prompt.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -190,6 +194,8 @@ class GPT(nn.Module):
                 x = block(x, mask, cache)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
 
         if targets is None:

@@ -65,7 +65,7 @@ def recompute_generate(model: GPT, idx: torch.Tensor, new_tokens: int) -> torch.
     """nanoGPT's loop: the whole context through the model for every new token (greedy)."""
     with torch.inference_mode():
         for _ in range(new_tokens):
-            next_id = model(idx)[:, -1].argmax(dim=-1, keepdim=True)
+            next_id = model(idx, last_only=True)[:, -1].argmax(dim=-1, keepdim=True)  # as nanoGPT: head on the last position
             idx = torch.cat([idx, next_id], dim=1)
     return idx[:, -new_tokens:]
 

@@ -3,8 +3,8 @@ the bare tokenizer's `encode_batch` on the same documents already in memory, in 
 A ratio near 1 means prepare is limited by the tokenizer, not by Python around it.
 
 Corpus: the Python standard library's own source (ships with every Python); `quick` uses a
-few packages of it (~2 MB), the full run every `.py` file of it outside site-packages. The tokenizer is trained on a
-sample of the same corpus (vocab 8,192).
+few packages of it (~2 MB), the full run the `stdlib` source (~13 MB, see `gpt1.data.sources`).
+The tokenizer is trained on a sample of the same corpus (vocab 8,192).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def run(quick: bool = False) -> list[dict]:
     if quick:
         sources = [str(stdlib / p) for p in QUICK_PACKAGES]
     else:
-        sources = sorted(str(p) for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
+        sources = ["stdlib"]
     documents = list(iter_documents(sources, skip_invalid=True))
     n_bytes = sum(len(d.encode("utf-8", errors="surrogatepass")) for d in documents)
     tokenizer, _ = train_tokenizer(itertools.islice(documents, 400), 2048 if quick else 8192, show_progress=False)

@@ -16,6 +16,7 @@ import torch
 
 from gpt1.config import ModelConfig
 from gpt1.model import GPT
+from gpt1.tokenizer import EOS, SPECIAL_TOKENS
 from gpt1.train.precision import autocast
 
 
@@ -26,7 +27,8 @@ def _hf_model(config: ModelConfig):
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
         n_head=config.n_head, n_inner=config.mlp_hidden, activation_function="gelu_new",
         layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        tie_word_embeddings=config.tie_embeddings, attn_implementation="sdpa"))
+        tie_word_embeddings=config.tie_embeddings, attn_implementation="sdpa",
+        bos_token_id=SPECIAL_TOKENS.index(EOS), eos_token_id=SPECIAL_TOKENS.index(EOS)))  # GPT-2 defaults (50256) lie outside small vocabularies
 
 
 def _steps_per_second(step, n_warmup: int, n_steps: int, device: torch.device) -> float:
