@@ -119,22 +119,23 @@ def test_chat_eval_matches_the_training_validation(run, oasst):
 
 
 def test_resume_after_an_interruption_ends_where_a_straight_run_ends(run, tiny_model_dir, oasst, tmp_path, monkeypatch):
-    import gpt1.finetune as ft
+    from gpt1.train import checkpoint
 
     straight_dir, straight = run
     cfg = _cfg(oasst, *STEPS)
-    real_save, calls = ft.save_finetuned, []
+    real_save, calls = checkpoint.save_safetensors, []
 
-    def save_then_stop(directory, *args):
-        calls.append(directory)
-        if len(calls) == 3:  # in the middle of the step-4 checkpoint
+    def save_then_stop(path, *args):
+        calls.append(path)
+        if len(calls) == 2:  # in the middle of the step-4 checkpoint
             raise KeyboardInterrupt
-        return real_save(directory, *args)
+        return real_save(path, *args)
 
-    monkeypatch.setattr(ft, "save_finetuned", save_then_stop)
+    monkeypatch.setattr(checkpoint, "save_safetensors", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         finetune(cfg, tiny_model_dir, tmp_path / "cut")
-    monkeypatch.setattr(ft, "save_finetuned", real_save)
+    monkeypatch.setattr(checkpoint, "save_safetensors", real_save)
+    assert [Path(p).parent.name for p in calls] == [".step-00000002.tmp", ".step-00000004.tmp"]
     resumed = finetune(cfg, tiny_model_dir, tmp_path / "cut")
     assert resumed.resumed_from == 2
     assert resumed.train_loss == straight.train_loss and resumed.val_loss == straight.val_loss

@@ -229,19 +229,19 @@ def test_persistent_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, 
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from gpt1.modeldir import save_model as save_dir
+    from gpt1.train import checkpoint
     from gpt1.train.config import TrainConfig, load_config
     import gpt1.train.pretrain as pretrain_module
 
     data, out, kill_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    real = pretrain_module.save_model_dir
+    real = checkpoint.save_safetensors
 
-    def save_then_die(directory, model, tokenizer=None):
-        real(directory, model, tokenizer)
-        if Path(directory).name == f".step-{kill_step:08d}.tmp":
-            os.kill(os.getpid(), signal.SIGKILL)  # the model part is written, the trainer state is not
+    def save_then_die(path, tensors, metadata=None):
+        real(path, tensors, metadata)
+        if Path(path).parent.name == f".step-{kill_step:08d}.tmp":
+            os.kill(os.getpid(), signal.SIGKILL)  # the weights are written, the trainer state is not
 
-    pretrain_module.save_model_dir = save_then_die
+    checkpoint.save_safetensors = save_then_die
     cfg = load_config(TrainConfig, None, sys.argv[4:])
     pretrain_module.pretrain(cfg, data, out)
 """)

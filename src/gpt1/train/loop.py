@@ -20,7 +20,7 @@ The API (stable; both commands call it)::
 - `val_batches()`: a fresh iterable of the same fixed held-out (x, y) batches each time it is
   called; validation loss (token-weighted mean) and perplexity exp(loss) are computed on them
   every `cfg.eval_every` steps and at the end. With torchrun, rank r evaluates batches r, r+W, ...
-- `save_model(dir, model)`: writes the model part of a checkpoint and of the run dir (pretraining:
+- `save_model(dir, model)`: writes the model into the run dir after each checkpoint (pretraining:
   config.json + model.safetensors + tokenizer.json; fine-tuning: its adapter files). Called with
   the unwrapped model (no DDP, no torch.compile wrapper).
 
@@ -291,7 +291,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
 
             if done % cfg.save_every == 0 or done == max_steps:
                 if dist.is_main:
-                    ckpt.save_checkpoint(run_dir, done, raw_model, save_model, trainer_state())
+                    ckpt.save_checkpoint(run_dir, done, raw_model, trainer_state())
                     save_model(run_dir, raw_model)
                 distributed.barrier()
     finally:
