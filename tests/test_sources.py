@@ -75,3 +75,24 @@ def test_stdlib_source_is_the_standard_library_source():
     assert len(paths) > 300 and all(p.suffix == ".py" and s.kind == "text" for p, s in zip(paths, sources))
     assert root / "os.py" in paths and root / "json" / "decoder.py" in paths
     assert not any(set(p.relative_to(root).parts[:1]) & STDLIB_SKIPPED for p in paths)
+
+
+def test_hf_revision_and_a_script_dataset_get_clear_answers(tmp_path, monkeypatch):
+    from gpt1.data.chat import read_conversations
+    from gpt1.data.sources import hf_name_and_revision
+
+    assert hf_name_and_revision("Skylion007/openwebtext@refs/convert/parquet") == (
+        "Skylion007/openwebtext", "refs/convert/parquet")
+    assert hf_name_and_revision("OpenAssistant/oasst2") == ("OpenAssistant/oasst2", None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text(json.dumps({"text": "doc"}) + "\n")
+    assert list(iter_documents(["hf:ds@main"])) == ["doc"]
+    # datasets >= 4 refuses loading scripts (as the hub's OpenWebText had one): say what works.
+    (tmp_path / "scripted").mkdir()
+    (tmp_path / "scripted" / "scripted.py").write_text("import datasets\n")
+    with pytest.raises(Gpt1Error, match=r"hf:scripted:train: cannot open the dataset .*scripts are no longer "
+                                        r"supported.*hf:scripted@refs/convert/parquet"):
+        list(iter_documents(["hf:scripted"]))
+    with pytest.raises(Gpt1Error, match=r"hf:scripted:train: cannot open.*hf:scripted@refs/convert/parquet"):
+        read_conversations("hf:scripted")

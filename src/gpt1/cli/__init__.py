@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUMABLE = {"quickstart", "prepare", "pretrain", "finetune"}  # they pick up where a killed run stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     from gpt1.errors import Gpt1Error
     from gpt1.progress import setup_console_logging
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt1 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ngpt1 {args.command}: interrupted", file=sys.stderr)
+        hint = "; run the same command again to resume" if args.command in RESUMABLE else ""
+        print(f"\ngpt1 {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `gpt1 generate ... | head`
         return 0

@@ -96,10 +96,13 @@ def hf_split_names(spec: str) -> list[str] | None:
         return None
     import datasets
 
+    from gpt1.data.sources import hf_error, hf_name_and_revision
+
+    path, revision = hf_name_and_revision(name)
     try:
-        return list(datasets.get_dataset_split_names(name))
+        return list(datasets.get_dataset_split_names(path, revision=revision))
     except Exception as e:  # network, missing dataset: datasets raises many types
-        raise Gpt1Error(f"{spec}: cannot open the dataset ({type(e).__name__}: {e})") from None
+        raise hf_error(spec, name, e) from None
 
 
 def _hf_name(spec: str) -> str | None:

@@ -8,7 +8,8 @@ One reader for every stage that takes raw text (`tokenizer train`, `prepare`, `e
 - a directory: the files below it with a known suffix (hidden folders and caches skipped);
 - a glob (`data/**/*.txt`);
 - `hf:NAME` or `hf:NAME:SPLIT` (default split `train`): a dataset read with `datasets`, streamed,
-  so a 40 GB corpus never sits in memory. `NAME` may also be a local dataset folder;
+  so a 40 GB corpus never sits in memory. `NAME` may also be a local dataset folder, and
+  `NAME@REVISION` reads another branch, tag or commit (e.g. `@refs/convert/parquet`);
 - `stdlib`: the running Python's standard library source (`.py` files: code, comments and
   docstrings, ~10 MB), a real corpus on every machine with Python (the quickstart's default).
 
@@ -221,13 +222,32 @@ def _read_hf(source: Source, text_field: str, skip_invalid: bool, stats: SourceS
         yield text
 
 
+def hf_name_and_revision(name: str) -> tuple[str, str | None]:
+    """`NAME@REVISION` (a branch, tag, commit or e.g. refs/convert/parquet) -> (NAME, REVISION)."""
+    name, _, revision = name.partition("@")
+    return name, revision or None
+
+
+def hf_error(spec: str, name: str, error: Exception) -> Gpt1Error:
+    """A clear error for a dataset that `datasets` cannot open, with the fix for script datasets."""
+    hint = ""
+    if "scripts are no longer supported" in str(error):
+        # datasets >= 4 runs no loading scripts; the hub's parquet conversion of such a dataset
+        # lives on another branch (for very large datasets it may hold only part of the data).
+        hint = (f"; read the hub's parquet conversion with hf:{hf_name_and_revision(name)[0]}"
+                "@refs/convert/parquet, or download the data files and pass their folder")
+    return Gpt1Error(f"{spec}: cannot open the dataset ({type(error).__name__}: {error}){hint}")
+
+
 def load_hf_dataset(name: str, split: str):
-    """Open a Hugging Face dataset (hub name or local folder) as a streaming iterable."""
+    """Open a Hugging Face dataset (hub name or local folder, `NAME@REVISION` for another
+    branch) as a streaming iterable."""
     try:
         import datasets
     except ImportError:
         raise Gpt1Error("reading hf: sources needs the `datasets` package (pip install datasets)") from None
+    path, revision = hf_name_and_revision(name)
     try:
-        return datasets.load_dataset(name, split=split, streaming=True)
+        return datasets.load_dataset(path, split=split, streaming=True, revision=revision)
     except Exception as e:  # network, missing dataset or split: datasets raises many types
-        raise Gpt1Error(f"hf:{name}:{split}: cannot open the dataset ({type(e).__name__}: {e})") from None
+        raise hf_error(f"hf:{name}:{split}", name, e) from None
