@@ -255,3 +255,12 @@ def test_batches_are_deterministic_resumable_and_sharded(tokenizer):
             seen += [row[row != 0].tolist() for row in x]
     everything = [row[row != 0].tolist() for x, _ in iter_batches(data, 5) for row in x]
     assert all(s in everything for s in seen) and all(e in seen for e in everything)
+
+
+def test_corrupt_gzip_is_a_clear_error(tmp_path):
+    from gpt1.data.chat import read_conversations
+
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b"this is not gzip data\n")
+    with pytest.raises(Gpt1Error, match="bad.jsonl.gz: cannot read"):
+        read_conversations(str(bad))

@@ -35,6 +35,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,13 +173,23 @@ class _Malformed(Exception):
     pass
 
 
+def _lines(f, path: str) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines; a corrupt or truncated .gz is a Gpt1Error (gzip reads lazily)."""
+    line_no = 0
+    try:
+        for line_no, raw in enumerate(f, start=1):
+            yield line_no, raw
+    except (OSError, EOFError, zlib.error) as e:
+        raise Gpt1Error(f"{path}: cannot read after line {line_no} ({e})") from None
+
+
 def _jsonl_rows(path: str, skip_invalid: bool, stats: ChatStats) -> Iterator[tuple[int, Any]]:
     try:
-        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+        f = gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
     except OSError as e:
         raise Gpt1Error(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
-        for line_no, raw in enumerate(f, start=1):
+        for line_no, raw in _lines(f, path):
             if not raw.strip():
                 continue
             try:

@@ -331,7 +331,7 @@ async def _collect(request: Request, jobs: list[Job], queue: asyncio.Queue) -> l
             work.cancel()
             for job in jobs:
                 job.cancel()
-    if work.cancelled():
+    if not work.done() or work.cancelled():  # a cancel takes effect only when the task next runs
         return None
     work.result()  # raises what generation raised
     for r in results:

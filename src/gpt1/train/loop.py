@@ -196,6 +196,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
         if dist.rank:  # only rank 0's RNG is saved; other ranks reseed reproducibly
             torch.manual_seed(cfg.seed + 1000 * dist.rank + start_step)
     else:
+        if dist.is_main:  # lines of a run killed before its first checkpoint
+            _trim_metrics(run_dir / METRICS_FILE, 0)
         torch.manual_seed(cfg.seed + 1000 * dist.rank)
     distributed.barrier()
 
