@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt1.core.config import ModelConfig
+from gpt1.core.model import GPT
+from gpt1.core.tokenizer import train_tokenizer
+from gpt1.data.sources import iter_documents
+from gpt1.formats.modeldir import save_model
+
 os.environ.setdefault("GPT1_QUIET", "1")  # no progress bars in test output
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -28,9 +34,6 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(corpus_dir):
-    from gpt1.data.sources import iter_documents
-    from gpt1.tokenizer import train_tokenizer
-
     tok, _ = train_tokenizer(iter_documents([str(corpus_dir)]), TEST_VOCAB, show_progress=False)
     return tok
 
@@ -44,17 +47,12 @@ def tokenizer_dir(tokenizer, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from gpt1.config import ModelConfig
-
     return ModelConfig.preset("tiny", vocab_size=TEST_VOCAB, block_size=64, n_layer=2, n_head=4, n_embd=64)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_config, tokenizer, tmp_path_factory) -> Path:
     """A model dir with random weights (seeded): config.json, model.safetensors, tokenizer.json."""
-    from gpt1.model import GPT
-    from gpt1.modeldir import save_model
-
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny-model")
     save_model(out, GPT(tiny_config), tokenizer)

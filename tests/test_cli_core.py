@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from gpt1.core.tokenizer import Tokenizer
+
 
 def gpt1(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "gpt1", *args], capture_output=True, text=True, timeout=300, **kwargs)
@@ -21,8 +23,6 @@ def assert_clean_error(result, pattern):
 
 
 def test_tokenizer_train_cli(tmp_path, corpus_dir):
-    from gpt1.tokenizer import Tokenizer
-
     result = gpt1("tokenizer", "train", "--vocab-size", "400", "--out", str(tmp_path / "tok"), str(corpus_dir / "json"))
     assert result.returncode == 0, result.stderr
     assert "documents" in result.stderr and "MB" in result.stderr

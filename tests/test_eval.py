@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from gpt1.cli import main
+from gpt1.core.tokenizer import train_tokenizer
+from gpt1.data.shards import prepare
+from gpt1.data.sources import iter_documents
+
 
 @pytest.fixture(scope="module")
 def data_dir(corpus_dir, tokenizer, tmp_path_factory):
-    from gpt1.data.shards import prepare
-
     out = tmp_path_factory.mktemp("eval-shards")
     prepare([str(corpus_dir / "json")], tokenizer, out, val=2)
     return out
@@ -35,8 +38,6 @@ def _manual_loss(model_dir, tokens: np.ndarray, block: int) -> tuple[float, int]
 
 
 def test_eval_cli_on_val_shard(tiny_model_dir, data_dir, capsys):
-    from gpt1.cli import main
-
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data_dir), "--batch-size", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     tokens = np.fromfile(data_dir / "val.bin", dtype=np.uint16)
@@ -51,8 +52,6 @@ def test_eval_cli_on_val_shard(tiny_model_dir, data_dir, capsys):
 
 
 def test_eval_cli_on_text_files(tiny_model_dir, tokenizer, corpus_dir, capsys):
-    from gpt1.cli import main
-
     files = [str(corpus_dir / "json" / "scanner.py"), str(corpus_dir / "json" / "tool.py")]
     assert main(["eval", "--model", str(tiny_model_dir), "--data", *files, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -64,11 +63,6 @@ def test_eval_cli_on_text_files(tiny_model_dir, tokenizer, corpus_dir, capsys):
 
 
 def test_eval_refuses_shards_of_another_tokenizer(tiny_model_dir, corpus_dir, tmp_path, capsys):
-    from gpt1.cli import main
-    from gpt1.data.shards import prepare
-    from gpt1.data.sources import iter_documents
-    from gpt1.tokenizer import train_tokenizer
-
     other, _ = train_tokenizer(iter_documents([str(corpus_dir / "json")]), 300, show_progress=False)
     prepare([str(corpus_dir / "json")], other, tmp_path / "other", val=2)
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "other")]) == 2

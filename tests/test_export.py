@@ -5,16 +5,23 @@ import dataclasses
 import json
 import os
 
+from gpt1.cli import main
+from gpt1.core.lora import LoRAConfig, inject_lora
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.formats.modeldir import load_model
+from gpt1.inference.generate import generate
+from gpt1.train.finetune import save_finetuned
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: everything here is local
 
 import pytest
 import torch
 
 from gpt1 import GPT
-from gpt1.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE, encode_chat
-from gpt1.errors import Gpt1Error
-from gpt1.interop import export_model, import_hf_model, is_hf_model_dir
-from gpt1.modeldir import save_model
+from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE, encode_chat
+from gpt1.core.errors import Gpt1Error
+from gpt1.formats.hf import export_model, import_hf_model, is_hf_model_dir
+from gpt1.formats.modeldir import save_model
 
 CHAT = [
     {"role": "system", "content": "You answer in one line."},
@@ -47,8 +54,6 @@ def _model_dir(path, model, tokenizer, chat=False):
 
 def _greedy(model: GPT, tokenizer, ids: list[int], n: int) -> list[int]:
     """gpt1's greedy continuation (without the special token that stopped it, if any)."""
-    from gpt1.generate import SamplingParams, generate
-
     assert len(ids) + n <= model.config.block_size
     return generate(model, tokenizer, ids, SamplingParams(temperature=0, max_new_tokens=n)).token_ids
 
@@ -192,9 +197,6 @@ def test_import_of_a_gpt1_model_dir_says_so(tiny_model_dir):
 def _finetuned_dir(path, config, tokenizer, seed: int):
     """A LoRA fine-tuned model dir as `gpt1 finetune` writes it: the base with the trained
     special-token rows in model.safetensors, the chat template, and adapter/ in PEFT's layout."""
-    from gpt1.finetune import save_finetuned
-    from gpt1.lora import LoRAConfig, inject_lora
-
     model = _random_model(config, seed)
     inject_lora(model, LoRAConfig(r=4, alpha=8, token_ids=[2, 3, 4, 5]))
     with torch.no_grad():  # as after training: non-zero updates and moved token rows
@@ -262,8 +264,6 @@ def test_out_dir_rules(tmp_path, tiny_model_dir):
 
 def test_cli_export_and_bad_input(tmp_path, tiny_model_dir, capsys):
     """`main` is what the `gpt1` script runs; called in-process to save interpreter start-ups."""
-    from gpt1.cli import main
-
     assert main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "hf")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "hf") and (tmp_path / "hf" / "config.json").is_file()
     for args, message in [
@@ -277,9 +277,6 @@ def test_cli_export_and_bad_input(tmp_path, tiny_model_dir, capsys):
 
 def test_finetune_starts_from_an_exported_folder(tmp_path, tiny_config, tokenizer):
     """`gpt1 finetune --base` takes a transformers folder: the fine-tune starts from exactly its weights."""
-    from gpt1.cli import main
-    from gpt1.modeldir import load_model
-
     model = _random_model(tiny_config, seed=4)
     hf_dir = export_model(_model_dir(tmp_path / "model", model, tokenizer), tmp_path / "hf")
     with pytest.raises(Gpt1Error, match="transformers folder, not a gpt1 model dir.*--base"):
@@ -298,8 +295,6 @@ def test_finetune_starts_from_an_exported_folder(tmp_path, tiny_config, tokenize
 def test_finetune_refuses_a_gpt2_without_a_gpt1_tokenizer(tmp_path, capsys):
     from tokenizers import Tokenizer, models
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from gpt1.cli import main
 
     GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
         tmp_path / "gpt2")

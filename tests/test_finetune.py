@@ -11,9 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 import gpt1
-from gpt1.errors import Gpt1Error
-from gpt1.finetune import FinetuneConfig, evaluate_chat, finetune, merge_model_dir
+from gpt1.cli import main
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.lora import LoRALinear
+from gpt1.data.chat import read_conversations, split_conversations
+from gpt1.formats.modeldir import load_model
+from gpt1.train import checkpoint
 from gpt1.train.config import load_config
+from gpt1.train.finetune import FinetuneConfig, evaluate_chat, finetune, merge_model_dir
 
 RUN = ["batch_size=4", "block_size=48", "eval_batches=2", "device=cpu", "lr=5e-3", "min_lr=1e-4",
        "lora_r=4", "lora_alpha=8", "val_fraction=0.2"]
@@ -84,9 +89,6 @@ def test_only_lora_and_special_token_rows_change(run, tiny_model_dir, tokenizer)
 
 
 def test_finetuned_dir_loads_merged_and_unmerged_and_chats(run, tmp_path):
-    from gpt1.lora import LoRALinear
-    from gpt1.modeldir import load_model
-
     out, _ = run
     llm = gpt1.load(out, device="cpu")
     assert llm.is_chat_model and not any(isinstance(m, LoRALinear) for m in llm.model.modules())
@@ -106,8 +108,6 @@ def test_finetuned_dir_loads_merged_and_unmerged_and_chats(run, tmp_path):
 
 def test_chat_eval_matches_the_training_validation(run, oasst):
     """`gpt1 eval --chat` on the held-out conversations gives the loop's final validation loss."""
-    from gpt1.data.chat import read_conversations, split_conversations
-
     out, result = run
     llm = gpt1.load(out, device="cpu")
     _, val = split_conversations(read_conversations(str(oasst)), 0.2, seed=FinetuneConfig.seed)
@@ -119,8 +119,6 @@ def test_chat_eval_matches_the_training_validation(run, oasst):
 
 
 def test_resume_after_an_interruption_ends_where_a_straight_run_ends(run, tiny_model_dir, oasst, tmp_path, monkeypatch):
-    from gpt1.train import checkpoint
-
     straight_dir, straight = run
     cfg = _cfg(oasst, *STEPS)
     real_save, calls = checkpoint.save_safetensors, []
@@ -154,8 +152,6 @@ def test_shipped_recipe_is_the_model_card():
 
 
 def test_cli_end_to_end_and_bad_inputs(tiny_model_dir, oasst, tmp_path, capsys):
-    from gpt1.cli import main
-
     out = tmp_path / "chat"
     assert main(["finetune", "--base", str(tiny_model_dir), "--data", str(oasst), "--out", str(out), "--language", "en",
                  "--merge", *RUN, "max_steps=2"]) == 0

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from gpt1 import GPT, load
-from gpt1.errors import Gpt1Error
-from gpt1.generate import SamplingParams, chat_prompt_ids, generate, generate_batch, stream
-from gpt1.tokenizer import ASSISTANT, SYSTEM, USER
+from gpt1.core.chat_template import encode_chat
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.tokenizer import ASSISTANT, SYSTEM, USER
+from gpt1.inference.generate import chat_prompt_ids, generate, generate_batch, stream
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
 TEXT = "def parse(self, data):\n    return json.loads(data)\n"
@@ -208,8 +210,6 @@ def test_chat_prompt_drops_the_oldest_turns(tokenizer):
 
 
 def test_llm_methods(tiny_model_dir):
-    from gpt1.chat_template import encode_chat
-
     llm = load(tiny_model_dir, device="cpu")
     assert not llm.is_chat_model
     expected = generate(llm.model, llm.tokenizer, llm.tokenizer.encode("import"), GREEDY.override(max_new_tokens=8)).text

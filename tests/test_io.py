@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from gpt1.io import atomic_path, write_json
+from gpt1.core.io import atomic_path, write_json
 
 
 def test_atomic_write_has_umask_permissions(tmp_path):

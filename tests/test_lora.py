@@ -5,10 +5,23 @@ import pytest
 import torch
 
 from gpt1 import GPT, ModelConfig
-from gpt1.errors import Gpt1Error
-from gpt1.lora import (LoRAConfig, LoRALinear, TrainableTokens, base_state_dict, count_trainable, inject_lora,
-                       load_adapter, mark_only_lora_as_trainable, merge_and_unload, merge_lora, merged_state_dict,
-                       save_adapter, to_peft_state_dict, unmerge_lora)
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.lora import (
+    LoRAConfig,
+    LoRALinear,
+    TrainableTokens,
+    base_state_dict,
+    count_trainable,
+    inject_lora,
+    load_adapter,
+    mark_only_lora_as_trainable,
+    merge_and_unload,
+    merge_lora,
+    merged_state_dict,
+    save_adapter,
+    to_peft_state_dict,
+    unmerge_lora,
+)
 
 SPECIAL = [0, 1, 2, 3, 4, 5]
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from gpt1 import GPT, KVCache, ModelConfig, load
-from gpt1.errors import Gpt1Error
-from gpt1.model import IGNORE_INDEX
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.model import IGNORE_INDEX
 
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt1.cli import main
+from gpt1.core.errors import Gpt1Error
 from gpt1.data.shards import ShardWindows, fixed_windows, load_meta, prepare
 from gpt1.data.sources import iter_documents
-from gpt1.errors import Gpt1Error
 
 
 def _docs(tokens: np.ndarray, eos: int) -> list[tuple[int, ...]]:
@@ -164,8 +165,6 @@ def test_windows_are_reproducible_and_split_across_ranks(small_corpus, tokenizer
 
 
 def test_prepare_cli(small_corpus, tokenizer_dir, tmp_path, capsys):
-    from gpt1.cli import main
-
     assert main(["prepare", str(small_corpus), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "d"),
                  "--val", "2"]) == 0
     assert "prepared" in capsys.readouterr().err

@@ -3,10 +3,17 @@
 import pytest
 import torch
 
-from gpt1.errors import Gpt1Error
-from gpt1.generate import PRESETS, SamplingParams
-from gpt1.sampling import (apply_min_p, apply_repeat_penalty, apply_temperature, apply_top_k, apply_top_p,
-                           process_logits, sample)
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import PRESETS, SamplingParams
+from gpt1.inference.sampling import (
+    apply_min_p,
+    apply_repeat_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    process_logits,
+    sample,
+)
 
 hf = pytest.importorskip("transformers.generation.logits_process")
 VOCAB = 100

@@ -17,8 +17,11 @@ import pytest
 import torch
 
 import gpt1
-from gpt1.chat_template import encode_chat
-from gpt1.generate import SamplingParams, generate
+from gpt1.core.chat_template import encode_chat
+from gpt1.core.model import GPT
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.formats.modeldir import save_model
+from gpt1.inference.generate import generate
 from gpt1.serve import background_server, create_app
 
 KEY = "test-key-0123"
@@ -43,9 +46,6 @@ def endless_model_dir(tiny_config, tokenizer, out):
     """A tiny model with an 8,192-token context that never produces a special token, so that
     every reply runs to max_tokens: seconds long, long enough to interrupt."""
     import dataclasses
-
-    from gpt1.model import GPT
-    from gpt1.modeldir import save_model
 
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(tiny_config, block_size=8192))

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import gpt1
-from gpt1.generate import PRESETS, SamplingParams
+from gpt1.core.sampling_params import PRESETS, SamplingParams
 from gpt1.serve import background_server, create_app
 from tests.test_serve_api import endless_model_dir
 

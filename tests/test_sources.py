@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from gpt1.data.sources import SourceStats, iter_documents, resolve_sources
-from gpt1.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error
+from gpt1.data.chat import read_conversations
+from gpt1.data.sources import STDLIB_SKIPPED, SourceStats, hf_name_and_revision, iter_documents, resolve_sources
 
 
 def test_reads_text_jsonl_gz_parquet_dirs_and_globs(tmp_path):
@@ -67,8 +68,6 @@ def test_stdlib_source_is_the_standard_library_source():
     import os
     from pathlib import Path
 
-    from gpt1.data.sources import STDLIB_SKIPPED
-
     root = Path(os.__file__).resolve().parent
     sources = resolve_sources(["stdlib"])
     paths = [Path(s.location) for s in sources]
@@ -78,9 +77,6 @@ def test_stdlib_source_is_the_standard_library_source():
 
 
 def test_hf_revision_and_a_script_dataset_get_clear_answers(tmp_path, monkeypatch):
-    from gpt1.data.chat import read_conversations
-    from gpt1.data.sources import hf_name_and_revision
-
     assert hf_name_and_revision("Skylion007/openwebtext@refs/convert/parquet") == (
         "Skylion007/openwebtext", "refs/convert/parquet")
     assert hf_name_and_revision("OpenAssistant/oasst2") == ("OpenAssistant/oasst2", None)

@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt1.errors import Gpt1Error
-from gpt1.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from tests.conftest import TEST_VOCAB
 
 

@@ -16,8 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt1.errors import Gpt1Error
+from gpt1.cli import main
+from gpt1.core.config import ModelConfig
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.model import GPT
+from gpt1.core.tokenizer import train_tokenizer
+from gpt1.data.shards import ShardWindows, fixed_windows, load_data_tokenizer, prepare
+from gpt1.data.sources import iter_documents
+from gpt1.formats.modeldir import load_model, save_model
+from gpt1.train.checkpoint import STATE_FILE, latest_checkpoint
 from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.loop import train
+from gpt1.train.pretrain import pretrain
 from gpt1.train.schedule import lr_at, warmup_steps
 
 # A run small enough for a few dozen steps per second on one CPU core.
@@ -26,8 +36,6 @@ TINY = ["model=tiny", "block_size=32", "batch_size=4", "eval_batches=2", "device
 
 @pytest.fixture(scope="module")
 def data_dir(corpus_dir, tokenizer, tmp_path_factory) -> Path:
-    from gpt1.data.shards import prepare
-
     out = tmp_path_factory.mktemp("shards")
     prepare([str(corpus_dir)], tokenizer, out, val=8)
     return out
@@ -108,8 +116,6 @@ def test_schedule_warmup_and_cosine_endpoints():
 # ---- the loop ------------------------------------------------------------------------------
 
 def _run(data_dir, out, overrides, **kw):
-    from gpt1.train.pretrain import pretrain
-
     return pretrain(load_config(TrainConfig, None, TINY + overrides), data_dir, out, **kw)
 
 
@@ -137,8 +143,6 @@ def test_gradient_accumulation_matches_a_larger_batch(data_dir, tmp_path):
 
 def test_run_dir_is_a_model_dir_with_metrics_and_plot(data_dir, tmp_path):
     import gpt1
-    from gpt1.data.shards import load_data_tokenizer
-
     result = _run(data_dir, tmp_path / "run", ["max_steps=8", "eval_every=4", "save_every=4"])
     assert result.steps == 8 and result.tokens == 8 * 4 * 32 and result.resumed_from == 0
     assert result.val_perplexity == pytest.approx(math.exp(result.val_loss))
@@ -205,13 +209,6 @@ class PoisonAfter:
 
 
 def test_persistent_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, tokenizer):
-    from gpt1.config import ModelConfig
-    from gpt1.data.shards import ShardWindows, fixed_windows
-    from gpt1.model import GPT
-    from gpt1.modeldir import load_model, save_model
-    from gpt1.train.checkpoint import latest_checkpoint
-    from gpt1.train.loop import train
-
     cfg = load_config(TrainConfig, None, TINY + ["max_steps=20", "save_every=2", "eval_every=100", "max_bad_steps=3"])
     torch.manual_seed(0)
     model = GPT(ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, block_size=32))
@@ -252,8 +249,6 @@ def test_resume_after_sigkill_mid_save_ends_at_the_same_loss(data_dir, tmp_path)
     where an uninterrupted run ends (same loss, same weights, same metrics)."""
     from safetensors.torch import load_file
 
-    from gpt1.train.checkpoint import latest_checkpoint
-
     args = TINY + ["max_steps=6", "save_every=2", "eval_every=3"]
     straight = _run(data_dir, tmp_path / "straight", args[len(TINY):])
     script = tmp_path / "kill.py"
@@ -276,8 +271,6 @@ def test_resume_after_sigkill_mid_save_ends_at_the_same_loss(data_dir, tmp_path)
 
 
 def test_pretrain_cli_bad_inputs_change_nothing(data_dir, tmp_path, capsys):
-    from gpt1.cli import main
-
     out = tmp_path / "r"
     cases = [
         (["--data", str(tmp_path / "nope")], "data directory not found"),
@@ -293,8 +286,6 @@ def test_pretrain_cli_bad_inputs_change_nothing(data_dir, tmp_path, capsys):
 
 
 def test_corpus_smaller_than_a_context_window(tmp_path, tokenizer):
-    from gpt1.data.shards import prepare
-
     (tmp_path / "c").mkdir()
     for i in range(4):
         (tmp_path / "c" / f"{i}.txt").write_text(f"tiny document {i}")
@@ -306,9 +297,6 @@ def test_corpus_smaller_than_a_context_window(tmp_path, tokenizer):
 
 def test_init_from_model_dir_and_tokenizer_mismatch(data_dir, tmp_path, tiny_model_dir, corpus_dir):
     import shutil
-
-    from gpt1.data.sources import iter_documents
-    from gpt1.tokenizer import train_tokenizer
 
     result = _run(data_dir, tmp_path / "run", ["max_steps=2", f"init_from={tiny_model_dir}", "block_size=0"])
     assert result.steps == 2 and (tmp_path / "run" / "config.json").is_file()
@@ -322,8 +310,6 @@ def test_init_from_model_dir_and_tokenizer_mismatch(data_dir, tmp_path, tiny_mod
 
 
 def test_fp16_mixed_precision_saves_its_grad_scaler(data_dir, tmp_path):
-    from gpt1.train.checkpoint import STATE_FILE, latest_checkpoint
-
     result = _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2", "precision=fp16-mixed"])
     assert math.isfinite(result.train_loss)
     state = torch.load(latest_checkpoint(tmp_path / "run") / STATE_FILE, weights_only=True)

@@ -10,15 +10,15 @@ import sys
 
 import pytest
 
+from gpt1.data.shards import prepare
+from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.pretrain import pretrain
+
 ARGS = ["model=tiny", "block_size=16", "batch_size=2", "eval_batches=2", "device=cpu", "max_steps=3",
         "eval_every=3", "save_every=3", "lr=3e-3"]
 
 
 def test_ddp_gloo_two_processes_match_one(corpus_dir, tokenizer, tmp_path):
-    from gpt1.data.shards import prepare
-    from gpt1.train.config import TrainConfig, load_config
-    from gpt1.train.pretrain import pretrain
-
     prepare([str(corpus_dir / "json")], tokenizer, tmp_path / "data", val=2)
     env = {**os.environ, "GPT1_QUIET": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -29,8 +29,21 @@ from pathlib import Path
 
 import torch
 
-from gpt1.errors import Gpt1Error
-from gpt1.progress import info
+import gpt1
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import read_json, write_json
+from gpt1.core.progress import info
+from gpt1.core.sampling_params import preset
+from gpt1.core.tokenizer import Tokenizer, train_tokenizer
+from gpt1.data.chat import ChatBatches, encode_conversations
+from gpt1.data.shards import load_data_tokenizer, prepare
+from gpt1.data.sources import SourceStats, iter_documents
+from gpt1.train import distributed
+from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.finetune import FinetuneConfig, finetune, load_chat_splits, prepare_model
+from gpt1.train.loop import CONFIG_FILE
+from gpt1.train.plot import plot_runs
+from gpt1.train.pretrain import init_model, pretrain
 
 PRETRAIN_RECIPE = "tiny-cpu"
 FINETUNE_RECIPE = "tiny-chat"
@@ -39,7 +52,7 @@ MAX_PRETRAIN_EPOCHS = 4  # a fast GPU would otherwise loop over the small corpus
 MIN_STEPS = 10  # whatever the budget: a loss curve, not a point
 SUMMARY_FILE = "summary.json"
 
-# The model card's three uses, each sampled with the card's settings (gpt1.generate.PRESETS).
+# The model card's three uses, each sampled with the card's settings (gpt1.inference.generate.PRESETS).
 SAMPLE_PROMPTS = {
     "qa": "What is a computer?",
     "creative": "Tell me a story about a robot.",
@@ -107,8 +120,6 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     done("tokenizer")
 
     stage("prepare", "2/5 prepare: token shards")
-    from gpt1.data.shards import prepare
-
     meta = prepare([cfg.corpus], tokenizer, out / "data", val=0.02, seed=cfg.seed, skip_invalid=True)
     done("prepare")
 
@@ -122,8 +133,6 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
 
     stage("samples", "5/5 samples: the model card's three uses")
     samples = _samples(cfg, out / "base", out / "chat")
-    from gpt1.plot import plot_runs
-
     plot = plot_runs({"pretraining (base)": out / "base" / "metrics.jsonl",
                       "chat fine-tuning (chat)": out / "chat" / "metrics.jsonl"}, out / "loss.png")
     done("samples")
@@ -132,16 +141,11 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
         out=out, tokenizer=out / "tokenizer", data=out / "data", base=out / "base", chat=out / "chat", plot=plot,
         train_tokens=meta["train"]["tokens"], base_steps=base.steps, base_val_perplexity=base.val_perplexity,
         chat_steps=chat.steps, chat_val_perplexity=chat.val_perplexity, samples=samples, seconds=seconds)
-    from gpt1.io import write_json
-
     write_json(out / SUMMARY_FILE, json.loads(json.dumps(dataclasses.asdict(result), default=str)))
     return result
 
 
 def _tokenizer(cfg: QuickstartConfig, directory: Path):
-    from gpt1.data.sources import SourceStats, iter_documents
-    from gpt1.tokenizer import Tokenizer, train_tokenizer
-
     if (directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(directory)
         if tokenizer.vocab_size == cfg.vocab_size:
@@ -187,19 +191,11 @@ def steps_within(seconds: float, model: torch.nn.Module, batches: list[tuple[tor
 
 def _planned_steps(run_dir: Path) -> int | None:
     """The step count a run in `run_dir` was started with (None: no run there yet)."""
-    from gpt1.io import read_json
-    from gpt1.train.loop import CONFIG_FILE
-
     file = run_dir / CONFIG_FILE
     return int(read_json(file)["max_steps"]) if file.is_file() else None
 
 
 def _pretrain(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, train_tokens: int):
-    from gpt1.data.shards import load_data_tokenizer
-    from gpt1.train import distributed
-    from gpt1.train.config import TrainConfig, load_config
-    from gpt1.train.pretrain import init_model, pretrain
-
     train_cfg = load_config(TrainConfig, PRETRAIN_RECIPE, [], device=cfg.device, seed=cfg.seed)
     steps = _planned_steps(run_dir)
     if steps is None:
@@ -218,11 +214,6 @@ def _pretrain(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, train_tokens
 
 
 def _finetune(cfg: QuickstartConfig, base: Path, run_dir: Path):
-    from gpt1.data.chat import ChatBatches, encode_conversations
-    from gpt1.finetune import FinetuneConfig, finetune, load_chat_splits, prepare_model
-    from gpt1.train import distributed
-    from gpt1.train.config import load_config
-
     ft_cfg = load_config(FinetuneConfig, FINETUNE_RECIPE, [], data=cfg.chat_data, device=cfg.device, seed=cfg.seed)
     steps = _planned_steps(run_dir)
     if steps is None:
@@ -239,9 +230,6 @@ def _finetune(cfg: QuickstartConfig, base: Path, run_dir: Path):
 
 
 def _samples(cfg: QuickstartConfig, base: Path, chat: Path) -> list[Sample]:
-    import gpt1
-    from gpt1.generate import preset
-
     device = "cpu"  # a few hundred tokens: not worth a GPU's start-up
     samples = []
     llm = gpt1.load(chat, device=device)

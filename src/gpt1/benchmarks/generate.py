@@ -14,19 +14,20 @@ import itertools
 import time
 
 import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers
 
-from gpt1.config import ModelConfig
-from gpt1.generate import SamplingParams, generate_batch
-from gpt1.model import GPT
-from gpt1.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, _byte_level_chars
+from gpt1.core.config import ModelConfig
+from gpt1.core.model import GPT
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, _byte_level_chars
+from gpt1.formats.hf import hf_config_dict, to_hf_state_dict
+from gpt1.inference.generate import generate_batch
 
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level tokenizer of exactly `vocab_size` tokens (the special tokens, the 256 bytes,
     then byte pairs) without training one: decoding is all a speed benchmark needs."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers
-
     chars = _byte_level_chars()
     tokens = SPECIAL_TOKENS + chars + ["".join(p) for p in itertools.product(chars, chars)]
     vocab = {t: i for i, t in enumerate(tokens[:vocab_size])}
@@ -53,8 +54,6 @@ def benchmark_model(config: ModelConfig, special_ids: list[int], device: torch.d
 def to_transformers(model: GPT, tokenizer: Tokenizer):
     """`GPT2LMHeadModel` with the same weights (the mapping of `gpt1 export`)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from gpt1.interop import hf_config_dict, to_hf_state_dict
 
     hf = GPT2LMHeadModel(GPT2Config(**hf_config_dict(model.config, tokenizer)))
     hf.load_state_dict(to_hf_state_dict(model), strict=not model.config.tie_embeddings)

@@ -15,14 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpt1.core.tokenizer import train_tokenizer
+from gpt1.data.shards import prepare
+from gpt1.data.sources import iter_documents
+
 QUICK_PACKAGES = ("json", "email", "collections", "logging", "asyncio", "unittest")
 
 
 def run(quick: bool = False) -> list[dict]:
-    from gpt1.data.shards import prepare
-    from gpt1.data.sources import iter_documents
-    from gpt1.tokenizer import train_tokenizer
-
     stdlib = Path(os.__file__).parent
     if quick:
         sources = [str(stdlib / p) for p in QUICK_PACKAGES]

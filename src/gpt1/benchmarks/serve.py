@@ -8,7 +8,7 @@ first token (TTFT) and the total latency; per N: their p50/p99, the aggregate to
 the failures (any non-200, error event or missing `data: [DONE]`).
 
 Reference, measured in the same run: the same requests generated one after another in this
-process with `gpt1.generate.stream` (no HTTP, no queue); `vs_direct` is the server's
+process with `gpt1.inference.generate.stream` (no HTTP, no queue); `vs_direct` is the server's
 aggregate tokens/s over that. The model is the `tiny` preset on a CPU and the reference
 model (257M) on a GPU; `quick` is tiny with shorter replies and fewer requests. On a CPU the
 server and the reference each use one PyTorch thread: the load generator needs a core too, and
@@ -31,10 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import gpt1
 from gpt1.benchmarks.generate import benchmark_model, synthetic_tokenizer
-from gpt1.config import ModelConfig
-from gpt1.errors import Gpt1Error
-from gpt1.modeldir import save_model
+from gpt1.core.config import ModelConfig
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.formats.modeldir import save_model
+from gpt1.inference.generate import chat_prompt_ids, stream
 
 CLIENTS = (1, 8, 32)
 
@@ -95,9 +98,6 @@ async def _load(url: str, clients: int, per_client: int, max_tokens: int) -> tup
 
 def _direct(model_dir: Path, requests: int, max_tokens: int) -> tuple[float, float]:
     """(tokens/s, median ttft in s) of the same requests generated in-process, one by one."""
-    import gpt1
-    from gpt1.generate import SamplingParams, chat_prompt_ids, stream
-
     llm = gpt1.load(model_dir)
     tokens, ttfts = 0, []
     for i in range(-1, requests):  # request -1 is a warm-up

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from gpt1.config import ModelConfig
-from gpt1.model import GPT
-from gpt1.tokenizer import EOS, SPECIAL_TOKENS
+from gpt1.core.config import ModelConfig
+from gpt1.core.model import GPT
+from gpt1.core.tokenizer import EOS, SPECIAL_TOKENS
 from gpt1.train.precision import autocast
 
 

@@ -12,14 +12,16 @@ import importlib
 import importlib.util
 import sys
 
+from gpt1 import __version__
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.progress import setup_console_logging
+
 # Subcommands in the order `gpt1 --help` lists them; a module that is not there is skipped.
 COMMANDS = ["quickstart", "tokenizer", "prepare", "pretrain", "finetune", "generate", "chat",
             "eval", "serve", "export", "bench", "plot", "info"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gpt1 import __version__
-
     parser = argparse.ArgumentParser(
         prog="gpt1",
         description="Train a GPT-style chat model from scratch, fine-tune it with LoRA, and serve it.",
@@ -37,9 +39,6 @@ RESUMABLE = {"quickstart", "prepare", "pretrain", "finetune"}  # they pick up wh
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpt1.errors import Gpt1Error
-    from gpt1.progress import setup_console_logging
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import write_json
 
 BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks
 
@@ -35,12 +40,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    import importlib
-    import importlib.util
-
-    from gpt1.errors import Gpt1Error
-    from gpt1.io import write_json
-
     names = args.names or BENCHMARKS
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from gpt1.cli.generate_cmd import add_model_flags, add_sampling_flags
+import gpt1
+from gpt1.cli.generate_cmd import add_model_flags, add_sampling_flags, sampling_params_from_args
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.progress import info, warn
+from gpt1.core.sampling_params import KNOB_RANGES, preset
+from gpt1.inference import generate as gen
 
 PRESET_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 HELP = """commands:
@@ -33,11 +39,6 @@ def register(subparsers) -> None:
 
 def parse_knob(params, name: str, value: str):
     """`params` with the knob `name` set from the text `value` (as typed after /set)."""
-    import dataclasses
-
-    from gpt1.errors import Gpt1Error
-    from gpt1.generate import KNOB_RANGES
-
     name = name.replace("-", "_")
     if name not in KNOB_RANGES:
         raise Gpt1Error(f"unknown knob {name!r}; known: {', '.join(KNOB_RANGES)}")
@@ -70,11 +71,6 @@ class ChatSession:
 
     def command(self, line: str) -> bool:
         """Run a /command; False means quit. Bad input raises Gpt1Error (the session goes on)."""
-        import dataclasses
-
-        from gpt1.errors import Gpt1Error
-        from gpt1.generate import preset
-
         name, _, rest = line[1:].partition(" ")
         rest = rest.strip()
         if name in ("quit", "exit", "q"):
@@ -102,16 +98,10 @@ class ChatSession:
         return True
 
     def describe(self) -> str:
-        import dataclasses
-
         return ", ".join(f"{f.name} {getattr(self.params, f.name)!r}" for f in dataclasses.fields(self.params))
 
     def reply(self, text: str, out=sys.stdout) -> str:
         """Stream the reply to `text` to `out`; keeps history within the context."""
-        from gpt1 import generate as gen
-        from gpt1.errors import Gpt1Error
-        from gpt1.progress import info
-
         self.history.append({"role": "user", "content": text})
         system = [{"role": "system", "content": self.system}] if self.system else []
         try:
@@ -140,11 +130,6 @@ class ChatSession:
 
 
 def chat_command(args: argparse.Namespace) -> int:
-    import gpt1
-    from gpt1.cli.generate_cmd import sampling_params_from_args
-    from gpt1.errors import Gpt1Error
-    from gpt1.progress import info, warn
-
     params = sampling_params_from_args(args)
     llm = gpt1.load(args.model, device=args.device)
     if not llm.is_chat_model:

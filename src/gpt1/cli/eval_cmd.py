@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+import gpt1
+from gpt1.core.errors import Gpt1Error
+from gpt1.train.evaluate import evaluate_data
+from gpt1.train.finetune import evaluate_chat
 
 
 def register(subparsers) -> None:
@@ -33,11 +39,6 @@ def register(subparsers) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    import json
-
-    import gpt1
-    from gpt1.evaluate import evaluate_data
-
     llm = gpt1.load(args.model, device=args.device)
     if args.chat:
         return _chat_eval(llm, args)
@@ -52,11 +53,6 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def _chat_eval(llm, args: argparse.Namespace) -> int:
-    import json
-
-    from gpt1.errors import Gpt1Error
-    from gpt1.finetune import evaluate_chat
-
     if len(args.data) != 1:
         raise Gpt1Error("--chat takes one chat source in --data")
     result = evaluate_chat(llm, args.data[0], split=args.split, batch_size=args.batch_size,

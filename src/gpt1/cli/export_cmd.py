@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from gpt1.formats.hf import export_model
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -21,8 +23,6 @@ def register(subparsers) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from gpt1.interop import export_model
-
     out = export_model(args.model, args.out, merge=args.merge, overwrite=args.force)
     print(out)
     return 0

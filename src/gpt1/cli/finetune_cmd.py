@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from gpt1.core.progress import info
+from gpt1.train import distributed
+from gpt1.train.config import load_config
+from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
 
 
 def register(subparsers) -> None:
@@ -34,9 +41,6 @@ def register(subparsers) -> None:
 
 
 def finetune_command(args: argparse.Namespace) -> int:
-    from gpt1.finetune import FinetuneConfig
-    from gpt1.train.config import load_config
-
     values = {}
     if args.data is not None:
         values["data"] = args.data
@@ -48,17 +52,9 @@ def finetune_command(args: argparse.Namespace) -> int:
         values["languages"] = [code.strip() for item in args.language for code in item.split(",") if code.strip()]
     cfg = load_config(FinetuneConfig, args.config, args.overrides, **values)
     if args.print_config:
-        import json
-
         # JSON scalars and arrays are valid TOML values: the output is a loadable recipe.
         print("".join(f"{key} = {json.dumps(value)}\n" for key, value in cfg.to_dict().items()), end="")
         return 0
-    from pathlib import Path
-
-    from gpt1.finetune import finetune, merge_model_dir
-    from gpt1.progress import info
-    from gpt1.train import distributed
-
     result = finetune(cfg, args.base, args.out)
     info(f"chat model: {result.run_dir} (try `gpt1 chat --model {result.run_dir}`)")
     if args.merge and distributed.current().is_main:

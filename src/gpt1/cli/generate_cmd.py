@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+
+import gpt1
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.progress import info, warn
+from gpt1.core.sampling_params import PRESETS, SamplingParams, preset
+from gpt1.inference import generate as gen
 
 # flag -> (SamplingParams field, type, help); defaults are SamplingParams' own.
 KNOB_FLAGS = {
@@ -20,8 +28,6 @@ KNOB_FLAGS = {
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     """The sampling flags shared by `generate` and `chat` (default=None: unset flags keep the
     preset's or SamplingParams' value)."""
-    from gpt1.generate import PRESETS, SamplingParams
-
     defaults = SamplingParams()
     group = parser.add_argument_group("sampling (defaults: SamplingParams, or the --preset)")
     for flag, (field, kind, text) in KNOB_FLAGS.items():
@@ -40,8 +46,6 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 def sampling_params_from_args(args: argparse.Namespace):
     """SamplingParams from the preset (or the defaults) plus only the flags that were given."""
-    from gpt1.generate import SamplingParams, preset
-
     knobs = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in KNOB_FLAGS.items()}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     if args.stop is not None:
@@ -71,14 +75,6 @@ def register(subparsers) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    import sys
-    import time
-
-    import gpt1
-    from gpt1 import generate as gen
-    from gpt1.errors import Gpt1Error
-    from gpt1.progress import info, warn
-
     params = sampling_params_from_args(args)
     if args.system is not None and not args.chat:
         raise Gpt1Error("--system needs --chat")

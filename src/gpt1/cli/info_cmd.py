@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from gpt1.core.config import ModelConfig
+from gpt1.core.model import GPT
 
 
 def register(subparsers) -> None:
@@ -15,14 +22,6 @@ def register(subparsers) -> None:
 
 
 def info_command(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from gpt1.config import ModelConfig
-    from gpt1.model import GPT
-
     if Path(args.model).is_dir():
         config = ModelConfig.load(Path(args.model) / "config.json")
     else:

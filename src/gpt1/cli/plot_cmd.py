@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from gpt1.core.progress import info
+from gpt1.train.plot import plot_runs
 
 
 def register(subparsers) -> None:
@@ -16,11 +20,6 @@ def register(subparsers) -> None:
 
 
 def plot_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from gpt1.plot import plot_runs
-    from gpt1.progress import info
-
     files = [run if run.is_file() else run / "metrics.jsonl" for run in map(Path, args.runs)]
     out = Path(args.out) if args.out else files[0].parent / "loss.png"
     names = [f.parent.name for f in files]

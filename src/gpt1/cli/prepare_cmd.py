@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from gpt1.core.tokenizer import Tokenizer
+from gpt1.data.shards import prepare
+
 
 def _split(value: str) -> float:
     try:
@@ -39,9 +42,6 @@ def register(subparsers) -> None:
 
 
 def prepare_command(args: argparse.Namespace) -> int:
-    from gpt1.data.shards import prepare
-    from gpt1.tokenizer import Tokenizer
-
     prepare(args.sources, Tokenizer.load(args.tokenizer), args.out, val=args.val, seed=args.seed,
             text_field=args.text_field, skip_invalid=args.skip_invalid, max_documents=args.max_documents,
             batch_docs=args.batch_docs, overwrite=args.overwrite)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+
+from gpt1.core.progress import info
+from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.pretrain import pretrain
 
 
 def register(subparsers) -> None:
@@ -22,20 +28,11 @@ def register(subparsers) -> None:
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
-    from gpt1.train.config import TrainConfig, load_config
-
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.print_config:
-        import json
-
         # JSON scalars and arrays are valid TOML values: the output is a loadable recipe.
         print("".join(f"{key} = {json.dumps(value)}\n" for key, value in cfg.to_dict().items()), end="")
         return 0
-    import os
-
-    from gpt1.progress import info
-    from gpt1.train.pretrain import pretrain
-
     result = pretrain(cfg, args.data, args.out)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         info(f"model: {result.run_dir} (load it with gpt1.load, or `gpt1 generate --model {result.run_dir}`)")

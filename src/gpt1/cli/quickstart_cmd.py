@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt1.quickstart import QuickstartConfig
+from gpt1.quickstart import QuickstartConfig, run_quickstart
 
 DEFAULTS = QuickstartConfig()
 
@@ -25,8 +25,6 @@ def register(subparsers) -> None:
 
 
 def quickstart_command(args: argparse.Namespace) -> int:
-    from gpt1.quickstart import run_quickstart
-
     result = run_quickstart(QuickstartConfig(out=args.out, minutes=args.minutes, device=args.device, seed=args.seed))
     print(report(result))
     return 0

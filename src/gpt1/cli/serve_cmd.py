@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+
+import gpt1
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.progress import info, warn
 
 API_KEY_ENV = "GPT1_API_KEY"
 
@@ -34,12 +39,6 @@ def register(subparsers) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    import ipaddress
-
-    import gpt1
-    from gpt1.errors import Gpt1Error
-    from gpt1.progress import info, warn
-
     try:
         from gpt1.serve import bind, create_app, serve
     except ImportError as e:

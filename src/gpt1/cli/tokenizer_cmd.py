@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
+
+from gpt1.core.progress import info
+from gpt1.core.tokenizer import train_tokenizer
+from gpt1.data.sources import SourceStats, iter_documents, resolve_sources
 
 
 def register(subparsers) -> None:
@@ -28,12 +33,6 @@ def register(subparsers) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    import itertools
-
-    from gpt1.data.sources import SourceStats, iter_documents, resolve_sources
-    from gpt1.progress import info
-    from gpt1.tokenizer import train_tokenizer
-
     sources = resolve_sources(args.sources)
     stats = SourceStats()
     documents = iter_documents(sources, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats)

@@ -22,7 +22,7 @@ in `ChatStats.skipped`, never silently lost. A malformed line (bad JSON, a missi
 required field) raises Gpt1Error naming the file and line, or is skipped and counted with
 `skip_invalid`.
 
-Encoding (`encode_conversations`) uses the one chat template (`gpt1.chat_template`); labels
+Encoding (`encode_conversations`) uses the one chat template (`gpt1.core.chat_template`); labels
 keep only assistant reply tokens (their text and closing [EOS]). A conversation longer than
 the context is split at assistant-turn boundaries into pieces that fit; a single exchange
 longer than the context is truncated (its tail is lost), and dropped when no assistant token
@@ -42,8 +42,13 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 
-from gpt1.errors import Gpt1Error
+from gpt1.core.chat_template import encode_chat_with_labels, validate_messages
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.model import IGNORE_INDEX
+from gpt1.core.progress import progress as progress_bar
+from gpt1.data.sources import hf_error, hf_name_and_revision, load_hf_dataset
 
 OASST_HUB_NAME = "OpenAssistant/oasst2"
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -97,8 +102,6 @@ def hf_split_names(spec: str) -> list[str] | None:
         return None
     import datasets
 
-    from gpt1.data.sources import hf_error, hf_name_and_revision
-
     path, revision = hf_name_and_revision(name)
     try:
         return list(datasets.get_dataset_split_names(path, revision=revision))
@@ -150,8 +153,6 @@ def _read(spec: str, split: str, options: _TreeOptions, skip_invalid: bool) -> I
 
 
 def _hf_rows(name: str, split: str) -> Iterator[tuple[int, Any]]:
-    from gpt1.data.sources import load_hf_dataset
-
     yield from enumerate(load_hf_dataset(name, split))
 
 
@@ -365,8 +366,6 @@ def _tree_conversations(messages: list[dict], options: _TreeOptions) -> Iterator
 # ---- generic chat records and chatterbot ---------------------------------------------------
 
 def _generic_conversation(record: dict, group: str, stats: ChatStats) -> Conversation | None:
-    from gpt1.chat_template import validate_messages
-
     try:
         messages = validate_messages(record.get("messages"), source="field 'messages'")
     except Gpt1Error as e:
@@ -482,10 +481,6 @@ def encode_conversations(tokenizer, conversations: Iterable[Conversation], max_l
                          progress: bool = False) -> EncodedChats:
     """Encode with the chat template; sequences hold at most `max_len` tokens (block_size + 1:
     inputs are ids[:-1] and targets ids[1:]). Over-long conversations: see the module docstring."""
-    from gpt1.chat_template import encode_chat_with_labels
-    from gpt1.model import IGNORE_INDEX
-    from gpt1.progress import progress as progress_bar
-
     if max_len < 2:
         raise Gpt1Error(f"max_len must be at least 2, got {max_len}")
     tokens: list[np.ndarray] = []
@@ -541,10 +536,6 @@ def encode_conversations(tokenizer, conversations: Iterable[Conversation], max_l
 def pad_batch(sequences: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int = 0):
     """(x, y) int64 tensors (B, T), T = longest sequence - 1: x = ids[:-1] padded with [PAD],
     y = ids[1:] where the loss mask is set, IGNORE_INDEX elsewhere (and on padding)."""
-    import torch
-
-    from gpt1.model import IGNORE_INDEX
-
     T = max(len(ids) for ids, _ in sequences) - 1
     x = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     y = torch.full((len(sequences), T), IGNORE_INDEX, dtype=torch.long)

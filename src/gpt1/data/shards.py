@@ -33,11 +33,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import atomic_path, read_json, write_json
+from gpt1.core.progress import info, progress
+from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
 from gpt1.data.sources import Source, SourceStats, iter_documents, resolve_sources
-from gpt1.errors import Gpt1Error
-from gpt1.io import atomic_path, read_json, write_json
-from gpt1.progress import info, progress
-from gpt1.tokenizer import TOKENIZER_FILE, Tokenizer
 
 META_FILE = "meta.json"
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from gpt1.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py", ".tex", ".html", ".htm", ".xml", ".csv", ".tsv"}
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")

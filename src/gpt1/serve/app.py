@@ -29,8 +29,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gpt1.errors import Gpt1Error
-from gpt1.generate import PRESETS, Chunk, SamplingParams, chat_prompt_ids
+from gpt1 import __version__
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import PRESETS, SamplingParams
+from gpt1.inference.generate import Chunk, chat_prompt_ids
 from gpt1.serve.engine import Engine, Job, QueueFull
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a 512-token context can use
@@ -213,7 +215,7 @@ def _sampling_params(req: _GenerationRequest, max_tokens: int | None, max_tokens
 def _fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_tokens: int | None,
                  max_tokens_param: str) -> SamplingParams:
     """Without truncation, refuse what does not fit (as OpenAI does) and cap an omitted
-    max_tokens by the room the prompt leaves. With it, gpt1.generate's rule applies."""
+    max_tokens by the room the prompt leaves. With it, gpt1.inference.generate's rule applies."""
     if params.truncate_prompt:
         return params
     if prompt_tokens >= context:
@@ -601,6 +603,4 @@ async def _completion_events(jobs, queue, rid, now, model_id, include_usage) -> 
 
 
 def _version() -> str:
-    from gpt1 import __version__
-
     return __version__

@@ -21,8 +21,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from gpt1.errors import Gpt1Error
-from gpt1.generate import Chunk, SamplingParams, stream
+import torch
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.inference.generate import Chunk, stream
 
 Sink = Callable[["Chunk | BaseException"], None]
 
@@ -139,8 +142,6 @@ class Engine:
 
     # ---- the worker ----------------------------------------------------------------------
     def _run(self) -> None:
-        import torch
-
         with torch.inference_mode():
             while True:
                 with self._lock:

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Iterator
 
-from gpt1.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error
 
 GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, so that Ctrl-C never hangs on a long reply
 

@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from gpt1.errors import Gpt1Error
-from gpt1.io import save_safetensors
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import save_safetensors
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -118,8 +119,6 @@ def remove_partial_saves(run_dir: Path) -> None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load the trainable weights of checkpoint `path` into `model`; return its trainer state."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     try:
         weights = load_file(str(path / TRAINABLE_FILE))

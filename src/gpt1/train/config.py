@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpt1.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error
 
 if sys.version_info >= (3, 11):
     import tomllib

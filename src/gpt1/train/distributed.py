@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from gpt1.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error
 
 
 @dataclass(frozen=True)

@@ -46,13 +46,15 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from gpt1.errors import Gpt1Error
-from gpt1.evaluate import evaluate_loss, perplexity
-from gpt1.model import IGNORE_INDEX
-from gpt1.progress import info, progress, warn
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import write_json, write_text
+from gpt1.core.model import IGNORE_INDEX
+from gpt1.core.progress import info, progress, warn
 from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
+from gpt1.train.evaluate import evaluate_loss, perplexity
+from gpt1.train.plot import plot_metrics
 from gpt1.train.precision import autocast
 from gpt1.train.schedule import lr_at
 
@@ -135,8 +137,6 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int) -> None:
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise Gpt1Error(f"{run_dir} is not empty and holds no gpt1 run ({CONFIG_FILE} is missing); "
                         "choose a new or empty --out")
-    from gpt1.io import write_json
-
     write_json(file, wanted)
 
 
@@ -151,8 +151,6 @@ def _trim_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
-    from gpt1.io import write_text
-
     write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -304,7 +302,6 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             writer.close()
 
     if dist.is_main and start_step < max_steps:
-        from gpt1.plot import plot_metrics
 
         plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, title=run_dir.name)
     val = last["val_loss"]

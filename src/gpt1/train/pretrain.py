@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
-from gpt1.config import ModelConfig
+from gpt1.core.config import ModelConfig
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.model import GPT
+from gpt1.core.progress import info
+from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.shards import ShardWindows, check_fingerprint, fixed_windows, load_data_tokenizer, load_meta
-from gpt1.errors import Gpt1Error
-from gpt1.model import GPT
-from gpt1.modeldir import save_model as save_model_dir
-from gpt1.progress import info
-from gpt1.tokenizer import Tokenizer
+from gpt1.formats.hf import import_hf_model
+from gpt1.formats.modeldir import load_model
+from gpt1.formats.modeldir import save_model as save_model_dir
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
 from gpt1.train.loop import TrainResult, train
@@ -35,14 +37,12 @@ def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
         torch.manual_seed(cfg.seed)
         return GPT(config)
     if cfg.init_from.startswith("hf:"):
-        from gpt1.interop import import_hf_model
 
         model, hf_tokenizer = import_hf_model(cfg.init_from[3:], "cpu")
         if hf_tokenizer is not None and hf_tokenizer.fingerprint != tokenizer.fingerprint:
             raise Gpt1Error(f"init_from={cfg.init_from}: its tokenizer ({hf_tokenizer.fingerprint}) is not the "
                             f"tokenizer of the data ({tokenizer.fingerprint}); prepare the data with it")
     else:
-        from gpt1.modeldir import load_model
 
         model = load_model(cfg.init_from, device="cpu")
         check_fingerprint({"tokenizer": {"fingerprint": tokenizer.fingerprint}}, Tokenizer.load(cfg.init_from),

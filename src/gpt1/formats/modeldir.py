@@ -1,38 +1,59 @@
 """The model folder: one format for every stage.
 
     config.json          the ModelConfig
-    model.safetensors    the weights (names as in `gpt1.model`)
+    model.safetensors    the weights (names as in `gpt1.core.model`)
     tokenizer.json       the tokenizer
 
 A training run dir is also a model dir (it adds its checkpoint state and metrics.jsonl);
 a fine-tuned model dir adds the chat template (chat_template.jinja), an `adapter/` folder
-(PEFT layout) applied on load, and base.json (see `gpt1.finetune`), or has merged weights.
+(PEFT layout) applied on load, and base.json (see `gpt1.train.finetune`), or has merged weights.
 Weights are only ever read with safetensors: never pickle.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from gpt1.config import ModelConfig
-from gpt1.errors import Gpt1Error
-from gpt1.io import save_safetensors
-from gpt1.model import GPT
-from gpt1.tokenizer import Tokenizer
+from gpt1.core.config import ModelConfig
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import read_json, save_safetensors
+from gpt1.core.lora import load_adapter, merge_and_unload
+from gpt1.core.model import GPT, model_state_dict
+from gpt1.core.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
 
 
-def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The weights to save: a tied output head is stored once (as the input embedding)."""
-    state = {k: v for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
+
+
+def read_hf_config(path: Path) -> dict[str, Any] | None:
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        return None
+    data = read_json(file)
+    return data if isinstance(data, dict) else None
+
+
+def is_hf_model_dir(path: str | os.PathLike) -> bool:
+    """True for a `transformers` model folder: a config.json naming a transformers
+    `model_type` or `architectures` (gpt1's own config.json says model_type "gpt1")."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    try:
+        config = read_hf_config(path)
+    except Gpt1Error:
+        return False
+    if config is None:
+        return False
+    return config.get("model_type", "gpt1") != "gpt1" or "architectures" in config
 
 
 def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = None) -> Path:
@@ -48,8 +69,6 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = 
 
 def load_weights(model: GPT, file: str | Path) -> None:
     """Load safetensors weights into `model`, with a clear error when they do not fit."""
-    from safetensors.torch import load_file
-
     file = Path(file)
     if not file.is_file():
         raise Gpt1Error(f"{file}: weights file not found")
@@ -72,15 +91,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
                adapter: str = "merge") -> GPT:
     """Build a GPT from a model dir's config.json and model.safetensors, in eval mode.
 
-    A fine-tuned dir's LoRA adapter (`adapter/`, see `gpt1.lora`) is applied: with
+    A fine-tuned dir's LoRA adapter (`adapter/`, see `gpt1.core.lora`) is applied: with
     adapter="merge" (default) merged into the weights, giving a plain GPT as fast as the base;
     "keep" leaves the LoRA layers in place (unmerged); "ignore" returns the base it applies to.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise Gpt1Error(f"{directory}: model directory not found")
-    from gpt1.interop import is_hf_model_dir
-
     if is_hf_model_dir(directory):
         raise Gpt1Error(f"{directory}: a Hugging Face transformers folder, not a gpt1 model dir; import it with "
                         f"`gpt1 pretrain init_from=hf:{directory}` or `gpt1 finetune --base {directory}`")
@@ -94,7 +111,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if adapter not in ("merge", "keep", "ignore"):
         raise ValueError(f"adapter must be 'merge', 'keep' or 'ignore', got {adapter!r}")
     if adapter != "ignore" and (directory / ADAPTER_DIR).is_dir():
-        from gpt1.lora import load_adapter, merge_and_unload
 
         load_adapter(model, directory / ADAPTER_DIR)
         if adapter == "merge":

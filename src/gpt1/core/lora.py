@@ -33,8 +33,12 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from gpt1.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import read_json, save_safetensors, write_json
+from gpt1.core.model import model_state_dict
 
 # target name -> (module path inside a Block, index of the slice of a fused Q|K|V output or None)
 TARGETS: dict[str, tuple[str, int | None]] = {
@@ -228,8 +232,6 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def _plain_state(model: nn.Module, merge: bool) -> dict[str, torch.Tensor]:
-    from gpt1.modeldir import model_state_dict
-
     state = {k: v for k, v in model_state_dict(model).items() if not is_adapter_param(k)}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and m.merged != merge:
@@ -326,8 +328,6 @@ def peft_adapter_config(config: LoRAConfig, base_model_name_or_path: str | None 
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT's layout) atomically."""
-    from gpt1.io import save_safetensors, write_json
-
     config: LoRAConfig = getattr(model, "lora_config", None)
     if config is None:
         raise Gpt1Error("the model has no LoRA adapters to save")
@@ -340,10 +340,6 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
 
 def read_adapter_config(directory: str | Path) -> LoRAConfig:
     """Our LoRAConfig for an adapter folder (written by `save_adapter`, or by PEFT for GPT-2)."""
-    from safetensors import safe_open
-
-    from gpt1.io import read_json
-
     directory = Path(directory)
     peft = read_json(directory / ADAPTER_CONFIG)
     if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
@@ -379,8 +375,6 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Inject LoRA into a plain GPT as the adapter folder describes and load its weights."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = read_adapter_config(directory)
     inject_lora(model, config)

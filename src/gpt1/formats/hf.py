@@ -1,7 +1,7 @@
 """Hugging Face interop: export a model dir as a `transformers` folder (plus a PEFT adapter),
 import a local `transformers` GPT-2-architecture folder as a gpt1 `GPT`.
 
-gpt1's `GPT` is GPT-2 (see `gpt1.model`): the parameter names are transformers' own, and the
+gpt1's `GPT` is GPT-2 (see `gpt1.core.model`): the parameter names are transformers' own, and the
 only layout difference is that transformers' GPT-2 uses `Conv1D`, which stores a linear
 weight as (in, out) where `nn.Linear` stores (out, in) — those four matrices per block are
 transposed on the way across. An exported folder holds:
@@ -28,13 +28,16 @@ from typing import Any
 
 import torch
 
-from gpt1.config import ModelConfig
-from gpt1.errors import Gpt1Error
-from gpt1.io import read_json, save_safetensors, write_json, write_text
-from gpt1.model import GPT
-from gpt1.modeldir import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE
-from gpt1.progress import info
-from gpt1.tokenizer import EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer
+from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
+from gpt1.core.config import ModelConfig
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import save_safetensors, write_json, write_text
+from gpt1.core.lora import load_adapter, save_adapter
+from gpt1.core.model import GPT
+from gpt1.core.progress import info
+from gpt1.core.sampling_params import preset
+from gpt1.core.tokenizer import EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer
+from gpt1.formats.modeldir import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, is_hf_model_dir, load_model, read_hf_config
 
 # transformers' GPT-2 stores these as Conv1D weights: (in, out), the transpose of nn.Linear's.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -123,27 +126,6 @@ def config_from_hf(hf, source: str) -> ModelConfig:
 
 
 # ---- import -------------------------------------------------------------------------------
-def _read_hf_config(path: Path) -> dict[str, Any] | None:
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        return None
-    data = read_json(file)
-    return data if isinstance(data, dict) else None
-
-
-def is_hf_model_dir(path: str | os.PathLike) -> bool:
-    """True for a `transformers` model folder: a config.json naming a transformers
-    `model_type` or `architectures` (gpt1's own config.json says model_type "gpt1")."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    try:
-        config = _read_hf_config(path)
-    except Gpt1Error:
-        return False
-    if config is None:
-        return False
-    return config.get("model_type", "gpt1") != "gpt1" or "architectures" in config
 
 
 def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
@@ -159,7 +141,7 @@ def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_dir():
         raise Gpt1Error(f"{path}: model directory not found")
-    hf = _read_hf_config(path)
+    hf = read_hf_config(path)
     if hf is None:
         raise Gpt1Error(f"{path / CONFIG_FILE}: not found; expected a transformers model folder")
     model_type = hf.get("model_type")
@@ -221,9 +203,6 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
     place at the end, so `out_dir` is either complete or untouched. An existing non-empty
     `out_dir` is an error unless `overwrite`.
     """
-    from gpt1.chat_template import TEMPLATE_FILE
-    from gpt1.modeldir import load_model
-
     model_dir, out = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise Gpt1Error(f"{model_dir}: model directory not found")
@@ -252,7 +231,6 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
         # trainable_token_indices, which makes it correct on the original base as well.
         _write_base(model, tokenizer, chat, tmp)
         if has_adapter and not merge:
-            from gpt1.lora import load_adapter, save_adapter
 
             # PEFT reads base_model_name_or_path only in AutoPeftModelForCausalLM: point it at
             # the exported base, where the folder will be after the rename.
@@ -297,11 +275,9 @@ def _write_base(model: GPT, tokenizer: Tokenizer, chat: bool, out: Path) -> None
 
 
 def generation_config(tokenizer: Tokenizer):
-    """transformers' GenerationConfig for the model card's Q&A preset (`gpt1.generate`'s "qa"),
+    """transformers' GenerationConfig for the model card's Q&A preset (`gpt1.inference.generate`'s "qa"),
     so that `model.generate(...)` samples as `gpt1 generate --preset qa` does."""
     import transformers
-
-    from gpt1.generate import preset
 
     qa = preset("qa")
     knobs = dict(do_sample=True, temperature=qa.temperature, top_k=qa.top_k, top_p=qa.top_p,
@@ -324,8 +300,6 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: str | os.PathLike, model_ma
     llama.cpp's converter. The chat template is a `chat_template` string in
     tokenizer_config.json, the place every reader looks.
     """
-    from gpt1.chat_template import JINJA_TEMPLATE
-
     out = Path(out)
     roles = [t for t in SPECIAL_TOKENS[3:] if tokenizer.token_to_id(t) is not None]
     special = {"bos_token": EOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD, "additional_special_tokens": roles}

@@ -16,8 +16,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from gpt1.model import IGNORE_INDEX
-from gpt1.progress import progress
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.model import IGNORE_INDEX
+from gpt1.core.progress import progress
+from gpt1.data.shards import META_FILE, check_fingerprint, load_meta, sequential_windows
+from gpt1.data.sources import iter_documents
 from gpt1.train import distributed
 from gpt1.train.precision import autocast
 
@@ -69,10 +72,6 @@ def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int 
                   max_batches: int | None = None, precision: str = "fp32", text_field: str = "text",
                   show_progress: bool = True) -> EvalResult:
     """Loss and perplexity of a loaded model (`gpt1.load`) on a prepared data dir's val.bin or on text sources."""
-    from gpt1.data.shards import META_FILE, check_fingerprint, load_meta, sequential_windows
-    from gpt1.data.sources import iter_documents
-    from gpt1.errors import Gpt1Error
-
     block_size = block_size or llm.model.config.block_size
     if block_size > llm.model.config.block_size:
         raise Gpt1Error(f"--block-size {block_size} is longer than the model's context ({llm.model.config.block_size})")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from gpt1.errors import Gpt1Error
-from gpt1.model import IGNORE_INDEX
-from gpt1.tokenizer import ASSISTANT, EOS, SYSTEM, USER, Tokenizer
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.model import IGNORE_INDEX
+from gpt1.core.tokenizer import ASSISTANT, EOS, SYSTEM, USER, Tokenizer
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 TEMPLATE_FILE = "chat_template.jinja"  # the file name transformers also reads from a model folder

@@ -1,6 +1,6 @@
 """LoRA chat fine-tuning: a base model dir + chat data -> a chat model dir.
 
-`finetune(cfg, base, out)` loads the base, injects LoRA (`gpt1.lora`), freezes every base
+`finetune(cfg, base, out)` loads the base, injects LoRA (`gpt1.core.lora`), freezes every base
 weight except the special-token embedding rows, reads and encodes the chat data
 (`gpt1.data.chat`) and runs the shared training loop (`gpt1.train.loop.train`) with padded,
 shuffled chat batches whose labels cover assistant replies only. Validation: loss and
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -30,10 +31,35 @@ from pathlib import Path
 
 import torch
 
-from gpt1.errors import Gpt1Error
-from gpt1.lora import DEFAULT_TARGETS, LoRAConfig
-from gpt1.modeldir import ADAPTER_DIR
+from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import read_json, save_safetensors, write_json, write_text
+from gpt1.core.lora import (
+    DEFAULT_TARGETS,
+    LoRAConfig,
+    base_state_dict,
+    count_trainable,
+    inject_lora,
+    mark_only_lora_as_trainable,
+    save_adapter,
+)
+from gpt1.core.progress import info
+from gpt1.core.tokenizer import Tokenizer
+from gpt1.data.chat import (
+    ChatBatches,
+    ChatStats,
+    encode_conversations,
+    hf_split_names,
+    iter_batches,
+    read_conversations,
+    split_conversations,
+)
+from gpt1.formats.hf import import_hf_model, is_hf_model_dir
+from gpt1.formats.modeldir import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
+from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
+from gpt1.train.evaluate import evaluate_loss, perplexity
+from gpt1.train.loop import train
 
 BASE_FILE = "base.json"
 
@@ -84,10 +110,6 @@ def file_fingerprint(path: str | Path) -> str:
 def load_base(base: str | Path):
     """The base model (CPU) and its tokenizer, from a gpt1 model dir or a transformers GPT-2
     folder with a gpt1-compatible tokenizer (e.g. one written by `gpt1 export`)."""
-    from gpt1.interop import import_hf_model, is_hf_model_dir
-    from gpt1.modeldir import load_model
-    from gpt1.tokenizer import Tokenizer
-
     if is_hf_model_dir(base):
         model, tokenizer = import_hf_model(base, "cpu")
         if tokenizer is None:
@@ -100,8 +122,6 @@ def load_base(base: str | Path):
 def prepare_model(base: str | Path, cfg: FinetuneConfig):
     """The base model (on CPU, training mode) with LoRA injected and everything else frozen,
     and its tokenizer."""
-    from gpt1.lora import inject_lora, mark_only_lora_as_trainable
-
     model, tokenizer = load_base(base)
     token_ids = tokenizer.special_ids if cfg.train_special_tokens else []
     torch.manual_seed(cfg.seed)  # the random init of the A matrices is part of the run
@@ -112,11 +132,6 @@ def prepare_model(base: str | Path, cfg: FinetuneConfig):
 
 def save_finetuned(directory: str | Path, model: torch.nn.Module, tokenizer, base: dict) -> Path:
     """Write the fine-tuned model dir layout (module docstring) into `directory`."""
-    from gpt1.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
-    from gpt1.io import save_safetensors, write_json, write_text
-    from gpt1.lora import base_state_dict, save_adapter
-    from gpt1.modeldir import CONFIG_FILE, WEIGHTS_FILE
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(directory / WEIGHTS_FILE, base_state_dict(model), metadata={"format": "pt"})
@@ -130,8 +145,6 @@ def save_finetuned(directory: str | Path, model: torch.nn.Module, tokenizer, bas
 
 def load_chat_splits(cfg: FinetuneConfig, stats=None):
     """(train, validation) conversations of `cfg.data` (see the module docstring)."""
-    from gpt1.data.chat import ChatStats, hf_split_names, read_conversations, split_conversations
-
     if not cfg.data:
         raise Gpt1Error("no chat data: pass --data (a file, a folder, hf:NAME, OpenAssistant/oasst2 or chatterbot)")
     stats = stats if stats is not None else ChatStats()
@@ -151,9 +164,6 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
     """Fine-tune the model dir `base` on `cfg.data` into the run dir `out` (resumes a run there).
     `step_limit` caps the steps resolved from the config (e.g. a time budget). Returns the
     loop's TrainResult."""
-    from gpt1.modeldir import WEIGHTS_FILE
-    from gpt1.train import distributed
-
     base, out = Path(str(base).removeprefix("hf:")), Path(out)
     if not (base / WEIGHTS_FILE).is_file():
         raise Gpt1Error(f"{base}: not a model dir (no {WEIGHTS_FILE}); pass the base model with --base")
@@ -165,13 +175,6 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
 
 
 def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int | None):
-    from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
-    from gpt1.io import read_json
-    from gpt1.lora import count_trainable
-    from gpt1.modeldir import WEIGHTS_FILE
-    from gpt1.progress import info
-    from gpt1.train.loop import train
-
     base_info = {"path": str(base.resolve()), "sha256": file_fingerprint(base / WEIGHTS_FILE)}
     if (out / BASE_FILE).is_file() and read_json(out / BASE_FILE).get("sha256") != base_info["sha256"]:
         raise Gpt1Error(f"{out} was fine-tuned from other base weights than {base} ({BASE_FILE} differs); "
@@ -218,10 +221,6 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
 def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
     """Write a plain model dir (config, merged weights, tokenizer, chat template) from a
     fine-tuned model dir."""
-    from gpt1.chat_template import TEMPLATE_FILE
-    from gpt1.modeldir import load_model, save_model
-    from gpt1.tokenizer import Tokenizer
-
     source, dest = Path(source), Path(dest)
     if not (source / ADAPTER_DIR).is_dir():
         raise Gpt1Error(f"{source}: nothing to merge (no {ADAPTER_DIR}/ folder)")
@@ -249,9 +248,6 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
 
     `split` defaults to the dataset's `validation` split when it has one, else all of it.
     """
-    from gpt1.data.chat import encode_conversations, hf_split_names, iter_batches, read_conversations
-    from gpt1.evaluate import evaluate_loss, perplexity
-
     if split is None:
         splits = hf_split_names(spec) or []
         split = "validation" if "validation" in splits else "train"
@@ -260,8 +256,6 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
     batches = iter_batches(data, batch_size, llm.tokenizer.pad_id)
     total = math.ceil(len(data) / batch_size)
     if max_batches is not None:
-        import itertools
-
         batches, total = itertools.islice(batches, max_batches), min(total, max_batches)
     loss, tokens = evaluate_loss(llm.model, batches, llm.device, precision, show_progress=show_progress, total=total)
     if not tokens:

@@ -14,6 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors.torch import save_file
+
+from gpt1.core.errors import Gpt1Error
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -52,8 +56,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; a missing or malformed file raises Gpt1Error naming it."""
-    from gpt1.errors import Gpt1Error
-
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -67,8 +69,6 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a state dict as safetensors, atomically (tensors are made contiguous first)."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

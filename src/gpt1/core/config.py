@@ -12,7 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from gpt1.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import read_json, write_json
 
 
 @dataclass
@@ -65,14 +66,10 @@ class ModelConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        from gpt1.io import write_json
-
         write_json(path, {"model_type": "gpt1", **self.to_dict()})
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        from gpt1.io import read_json
-
         data = read_json(path)
         if not isinstance(data, dict):
             raise Gpt1Error(f"{path}: expected a JSON object with the model config")

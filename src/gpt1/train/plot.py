@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from gpt1.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import atomic_path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -57,8 +58,6 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path) -> Path:
         ax_ppl.grid(alpha=0.3, which="both")
     fig.tight_layout()
     out = Path(out)
-    from gpt1.io import atomic_path
-
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

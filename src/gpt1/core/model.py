@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gpt1.config import ModelConfig
+from gpt1.core.config import ModelConfig
 
 IGNORE_INDEX = -100  # label value excluded from the loss (the convention of PyTorch and HF)
 
@@ -218,3 +218,10 @@ class GPT(nn.Module):
             # keeps softmax finite (those rows are never used).
             mask = mask | (key_pos == query_pos)[None, None]
         return mask
+
+def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The weights to save: a tied output head is stored once (as the input embedding)."""
+    state = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state

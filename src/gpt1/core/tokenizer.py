@@ -20,7 +20,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from gpt1.errors import Gpt1Error
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import write_text
 
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -47,8 +51,6 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         """Load from a model dir (its tokenizer.json) or a tokenizer.json file."""
-        from tokenizers import Tokenizer as Backend
-
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
@@ -60,8 +62,6 @@ class Tokenizer:
         return cls(backend)
 
     def save(self, directory: str | Path) -> Path:
-        from gpt1.io import write_text
-
         file = Path(directory) / TOKENIZER_FILE
         write_text(file, self.to_json())
         return file
@@ -163,9 +163,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     vocabulary cannot hold the byte alphabet plus the special tokens, or when the corpus is
     too small to learn that many merges.
     """
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     if vocab_size < MIN_VOCAB_SIZE:
         raise Gpt1Error(
             f"vocab size {vocab_size} is too small: a byte-level tokenizer needs at least {MIN_VOCAB_SIZE} "

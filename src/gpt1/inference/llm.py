@@ -8,12 +8,14 @@ from typing import Iterator
 
 import torch
 
-from gpt1 import generate as gen
-from gpt1.config import ModelConfig
-from gpt1.generate import SamplingParams
-from gpt1.model import GPT
-from gpt1.modeldir import load_model
-from gpt1.tokenizer import Tokenizer
+from gpt1.core.chat_template import TEMPLATE_FILE
+from gpt1.core.config import ModelConfig
+from gpt1.core.model import GPT
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.sampling_params import preset as named_preset
+from gpt1.core.tokenizer import Tokenizer
+from gpt1.formats.modeldir import load_model
+from gpt1.inference import generate as gen
 
 
 def default_device() -> torch.device:
@@ -47,18 +49,16 @@ class LLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # ---- generation (gpt1.generate); knobs are SamplingParams fields, or preset="qa" ---------
+    # ---- generation (gpt1.inference.generate); knobs are SamplingParams fields, or preset="qa" ---------
     @property
     def is_chat_model(self) -> bool:
         """Whether the dir has the chat template (a fine-tuned model). A base model given a
         conversation formats it the same way but just continues the text."""
-        from gpt1.chat_template import TEMPLATE_FILE
-
         return (self.path / TEMPLATE_FILE).is_file()
 
     def sampling_params(self, preset: str | None = None, **knobs) -> SamplingParams:
         """The defaults, or a preset (qa, creative, code), with `knobs` overriding fields."""
-        return (gen.preset(preset) if preset is not None else SamplingParams()).override(**knobs)
+        return (named_preset(preset) if preset is not None else SamplingParams()).override(**knobs)
 
     def generate(self, prompt: str, **knobs) -> str:
         """Continue `prompt`, e.g. `llm.generate("Once", temperature=0.7, top_k=50, seed=1)`."""

@@ -1,0 +1,119 @@
+"""Every sampling knob in one frozen dataclass, and the model card's named presets.
+
+Plain data, read by the decode loop (`gpt1.inference`), the server's request mapping and the
+Hugging Face export's generation_config.json; the logits processors that apply the knobs live
+in `gpt1.inference.sampling`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from gpt1.core.errors import Gpt1Error
+
+# What each knob accepts; used in error messages and in the CLI's help.
+KNOB_RANGES = {
+    "temperature": "a number >= 0 (0 = greedy)",
+    "top_k": "an integer >= 0 (0 = off)",
+    "top_p": "a number in (0, 1] (1 = off)",
+    "min_p": "a number in [0, 1] (0 = off)",
+    "repeat_penalty": "a number > 0 (1 = off)",
+    "repeat_last_n": "an integer >= -1 (-1 = the whole context, 0 = off)",
+    "max_new_tokens": "an integer >= 1",
+    "stop": "a list of non-empty strings",
+    "seed": "an integer in [0, 2**64) or None (random)",
+    "truncate_prompt": "true or false",
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every sampling knob, with its default. `validate()` returns a checked, normalised copy.
+
+    temperature     randomness; 0 = greedy (always the most likely token)
+    top_k           sample among the k most likely tokens; 0 = off
+    top_p           sample among the most likely tokens whose probabilities sum to top_p; 1 = off
+    min_p           drop tokens less likely than min_p x the most likely one; 0 = off
+    repeat_penalty  divide positive / multiply negative logits of tokens already in the window
+                    (CTRL, Hugging Face, llama.cpp); 1 = off
+    repeat_last_n   the window: last n tokens, prompt included (64, llama.cpp's default);
+                    -1 = the whole context (as Hugging Face); 0 = off
+    max_new_tokens  most tokens to generate
+    stop            strings that end the text (not included in it)
+    seed            same seed, same prompt, same knobs -> same text; None = random
+    truncate_prompt a prompt too long for the context keeps its most recent tokens; False = error
+    """
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    truncate_prompt: bool = True
+
+    def validate(self) -> "SamplingParams":
+        """Check every knob; Gpt1Error naming the field and its allowed range otherwise."""
+        def bad(name: str) -> Gpt1Error:
+            return Gpt1Error(f"{name} must be {KNOB_RANGES[name]}, got {getattr(self, name)!r}")
+
+        def number(name: str, ok) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                raise bad(name)
+            return float(value)
+
+        def integer(name: str, ok) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+                raise bad(name)
+            return value
+
+        # A single string or None (as the OpenAI API allows) for convenience.
+        stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop")
+        if self.seed is not None:
+            integer("seed", lambda v: 0 <= v < 2**64)
+        if not isinstance(self.truncate_prompt, bool):
+            raise bad("truncate_prompt")
+        return dataclasses.replace(
+            self,
+            temperature=number("temperature", lambda v: v >= 0),
+            top_k=integer("top_k", lambda v: v >= 0),
+            top_p=number("top_p", lambda v: 0 < v <= 1),
+            min_p=number("min_p", lambda v: 0 <= v <= 1),
+            repeat_penalty=number("repeat_penalty", lambda v: v > 0),
+            repeat_last_n=integer("repeat_last_n", lambda v: v >= -1),
+            max_new_tokens=integer("max_new_tokens", lambda v: v >= 1),
+            stop=tuple(stop),
+        )
+
+    def override(self, **knobs: Any) -> "SamplingParams":
+        """A validated copy with some knobs changed; an unknown knob is a Gpt1Error."""
+        known = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(knobs) - set(known))
+        if unknown:
+            raise Gpt1Error(f"unknown sampling knob(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return dataclasses.replace(self, **knobs).validate()
+
+
+# The model card's three uses.
+PRESETS: dict[str, SamplingParams] = {
+    "qa": SamplingParams(temperature=0.7, top_k=50),
+    "creative": SamplingParams(temperature=0.5, top_k=40, repeat_penalty=1.05),
+    "code": SamplingParams(temperature=0.2, top_k=30, top_p=0.8, repeat_penalty=1.05),
+}
+
+
+def preset(name: str) -> SamplingParams:
+    """A named preset (qa, creative, code); Gpt1Error listing them for an unknown name."""
+    if name not in PRESETS:
+        raise Gpt1Error(f"unknown sampling preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
