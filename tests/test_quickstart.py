@@ -16,6 +16,9 @@ import gpt1
 
 MINUTES = "0.1"  # ~6 s of pretraining, ~1.5 s of fine-tuning: enough for the loss to fall
 
+# The whole pipeline end to end (tens of seconds): the full suite, not the quick loop.
+pytestmark = pytest.mark.slow
+
 
 def _quickstart(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GPT1_QUIET": "1"}

@@ -14,6 +14,9 @@ from gpt1.data.shards import prepare
 from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.pretrain import pretrain
 
+# Spawns torchrun worker processes: seconds, not milliseconds.
+pytestmark = pytest.mark.slow
+
 ARGS = ["model=tiny", "block_size=16", "batch_size=2", "eval_batches=2", "device=cpu", "max_steps=3",
         "eval_every=3", "save_every=3", "lr=3e-3"]
 

@@ -123,11 +123,12 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     meta = prepare([cfg.corpus], tokenizer, out / "data", val=0.02, seed=cfg.seed, skip_invalid=True)
     done("prepare")
 
-    stage("pretrain", f"3/5 pretrain: the tiny model for ~{cfg.minutes:g} min")
+    # A rerun continues (or reuses) the run it finds instead of starting a new time budget.
+    stage("pretrain", "3/5 pretrain: the tiny model" + _budget_note(out / "base", cfg.minutes))
     base = _pretrain(cfg, out / "data", out / "base", meta["train"]["tokens"])
     done("pretrain")
 
-    stage("finetune", f"4/5 finetune: LoRA chat tuning on {cfg.chat_data} for ~{cfg.minutes * FINETUNE_SHARE:g} min")
+    stage("finetune", f"4/5 finetune: LoRA chat tuning on {cfg.chat_data}" + _budget_note(out / "chat", cfg.minutes * FINETUNE_SHARE))
     chat = _finetune(cfg, out / "base", out / "chat")
     done("finetune")
 
@@ -187,6 +188,13 @@ def steps_within(seconds: float, model: torch.nn.Module, batches: list[tuple[tor
     per_step = (time.perf_counter() - start) / measured
     # Validation, checkpoints and the progress bar take the rest of the budget.
     return max(MIN_STEPS, int(0.9 * seconds / per_step))
+
+
+def _budget_note(run_dir: Path, minutes: float) -> str:
+    planned = _planned_steps(run_dir)
+    if planned is None:
+        return f" for ~{minutes:g} min"
+    return f" (continuing the {planned:,}-step run in {run_dir})"
 
 
 def _planned_steps(run_dir: Path) -> int | None:
