@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +273,59 @@ def test_a_model_llama_cpp_cannot_represent_says_why(tmp_path, tiny_config, toke
     save_model(tmp_path / "small", GPT(small), tokenizer)
     with pytest.raises(Gpt1Error, match=f"the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only 300"):
         export_gguf(tmp_path / "small", tmp_path / "m.gguf")
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	src, _ := os.ReadFile(os.Args[1])
+	tpl := template.Must(template.New("ollama").Parse(string(src)))
+	var conversations [][]Message
+	if err := json.NewDecoder(os.Stdin).Decode(&conversations); err != nil {
+		panic(err)
+	}
+	out := []string{}
+	for _, messages := range conversations {
+		var b strings.Builder
+		if err := tpl.Execute(&b, map[string]any{"Messages": messages}); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.slow
+def test_ollama_template_in_the_docs_renders_gpt1s_chat_text(tmp_path):
+    """The Modelfile TEMPLATE of docs/gguf.md, run by Go's text/template (Ollama's engine),
+    gives the text gpt1's Jinja template gives (conversations ending with a user turn)."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (apt-get install golang-go)")
+    jinja2 = pytest.importorskip("jinja2")
+    docs = (Path(__file__).parents[1] / "docs" / "gguf.md").read_text()
+    template = re.search(r'^TEMPLATE """(.*?)"""$', docs, re.S | re.M).group(1)
+    (tmp_path / "template.txt").write_text(template)
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    conversations = [CHAT, CHAT[1:2], CHAT[:2], CHAT[1:], [{"role": "user", "content": "{{ .Role }} <b>&amp; \n\n"}]]
+    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GO111MODULE": "off"}
+    result = subprocess.run([go, "run", "main.go", "template.txt"], cwd=tmp_path, input=json.dumps(conversations),
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    jinja = jinja2.Environment().from_string(JINJA_TEMPLATE)
+    expected = [jinja.render(messages=m, add_generation_prompt=True) for m in conversations]
+    assert json.loads(result.stdout) == expected
