@@ -52,15 +52,18 @@ CHAT = [
     {"role": "assistant", "content": "A mapping from keys to values."},
     {"role": "user", "content": "And  a list? 🌍"},
 ]
-# f32 logits of llama.cpp against gpt1's: ggml's CPU GELU reads a float16 table and its matmuls
-# sum in another order, so the two agree to about 1e-3 here, not bit for bit.
-F32_ATOL = 5e-3
-# Looser for the smaller types: the weights themselves are rounded.
-TYPE_ATOL = {"f16": 0.05, "bf16": 0.3, "q8_0": 0.1}
+# Logits of llama.cpp against gpt1's, for logits of std ~2.5 (see `_random_model`). f32: ggml's
+# CPU GELU reads a float16 table and its matmuls sum in another order, so they agree to ~3e-3
+# (measured), not bit for bit. The smaller types round the weights themselves (measured: f16
+# 5e-3, bf16 4e-2, q8_0 0.13).
+F32_ATOL = 1e-2
+TYPE_ATOL = {"f16": 2e-2, "bf16": 0.1, "q8_0": 0.3}
 
 
 def _random_model(config, seed: int) -> GPT:
-    """Random weights with non-trivial LayerNorms and biases, so a mapping mix-up would show."""
+    """Random weights with non-trivial LayerNorms and biases, so a mapping mix-up would show,
+    and logits with a trained model's spread (std ~2.5; a tiny model after 200 steps has ~2.9,
+    a freshly initialised one ~0.2), so that the tolerances below are small by comparison."""
     torch.manual_seed(seed)
     model = GPT(config).eval()
     with torch.no_grad():
@@ -69,6 +72,7 @@ def _random_model(config, seed: int) -> GPT:
                 p.normal_(1.0, 0.1)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.02)
+        model.transformer.ln_f.weight.mul_(15.0)
     return model
 
 
@@ -128,7 +132,7 @@ def test_metadata_and_tensors_are_llama_cpp_gpt2(exported, tokenizer):
     assert float(meta["gpt2.attention.layer_norm_epsilon"]) == pytest.approx(c.norm_eps)
     assert [int(meta[f"tokenizer.ggml.{k}_token_id"]) for k in ("bos", "eos", "padding", "unknown")] == [2, 2, 0, 1]
     assert "tokenizer.chat_template" not in meta  # a base model
-    assert llm.n_vocab() == c.vocab_size and llm.n_ctx() == c.block_size and llm.token_eos() == 2
+    assert llm.n_vocab() == c.vocab_size and llm._model.n_ctx_train() == c.block_size and llm.token_eos() == 2
 
     reader = gguf.GGUFReader(path)
     names = {t.name for t in reader.tensors}
@@ -167,18 +171,25 @@ def test_greedy_continuation_and_logits_match_gpt1(exported, tokenizer):
         assert len(set(ours)) > 5
 
 
+@pytest.fixture(scope="module")
+def model_dir(tiny_config, tokenizer, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gguf-types") / "model"
+    save_model(directory, _random_model(tiny_config, seed=2), tokenizer)
+    return directory
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("out_type", [t for t in GGUF_TYPES if t != "f32"])
-def test_smaller_types_load_and_stay_close(tmp_path, tiny_model_dir, tokenizer, out_type):
-    path = export_gguf(tiny_model_dir, tmp_path / f"model-{out_type}.gguf", out_type)
+def test_smaller_types_load_and_stay_close(tmp_path, model_dir, tokenizer, out_type):
+    path = export_gguf(model_dir, tmp_path / f"model-{out_type}.gguf", out_type)
     expected_type = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[out_type]
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_qkv.weight"] == types["output.weight"] == expected_type
     assert types["blk.0.attn_qkv.bias"] == types["position_embd.weight"] == "F32"
-    f32 = export_gguf(tiny_model_dir, tmp_path / "model-f32.gguf", "f32")
-    assert path.stat().st_size < f32.stat().st_size
+    f32 = export_gguf(model_dir, tmp_path / "model-f32.gguf", "f32")
+    assert path.stat().st_size < 0.6 * f32.stat().st_size
 
-    model = load_model(tiny_model_dir)
+    model = load_model(model_dir)
     llm = _llama(path, model.config.block_size)
     ids = tokenizer.encode(TEXTS[0])[:48]
     with torch.no_grad():
@@ -206,13 +217,14 @@ def test_chat_model_adapter_merged_and_template_gives_gpt1_chat_ids(tmp_path, ti
     merged = load_model(tmp_path / "chat")  # gpt1's own merge of the adapter
     llm = _llama(tmp_path / "chat.gguf", tiny_config.block_size)
     assert llm.metadata["tokenizer.chat_template"] == JINJA_TEMPLATE
+    assert llm.chat_format == "chat_template.default"  # the handler built from the file's template
     for messages in (CHAT, CHAT[1:2], CHAT[:3]):
         expected = encode_chat(tokenizer, messages)
         llm.reset()
         reply = llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
         assert reply["usage"]["prompt_tokens"] == len(expected)
-        # With max_tokens=1 the sampled token is not evaluated: the context is the prompt.
-        assert llm.input_ids[: llm.n_tokens].tolist() == expected
+        # The context llama.cpp evaluated: the prompt first (then what it generated).
+        assert llm.input_ids[: len(expected)].tolist() == expected
         with torch.no_grad():
             logits = merged(torch.tensor([expected]))[0]
         torch.testing.assert_close(_llama_logits(llm, expected), logits, atol=F32_ATOL, rtol=0)
