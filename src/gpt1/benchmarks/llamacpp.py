@@ -55,8 +55,12 @@ def _decode_rate(generate_n, new_tokens: int, repeats: int) -> tuple[float, list
 def run(quick: bool = False) -> list[dict]:
     llama_cpp = _require_llama_cpp()
     config = ModelConfig.preset("tiny" if quick else "small")
-    prompt_len, new_tokens, repeats = (32, 64, 2) if quick else (128, 128, 3)
-    threads = torch.get_num_threads()
+    prompt_len, new_tokens, repeats = (32, 32, 2) if quick else (128, 128, 3)
+    # One thread, and (full run) every thread torch uses: llama.cpp's threads wait for each
+    # other by spinning, so on a machine busy with other work its multi-thread numbers
+    # collapse (observed: 1,500 tokens/s on 1 thread, 4 on 2); one thread is the robust figure.
+    all_threads = torch.get_num_threads()
+    thread_counts = [1] if quick else sorted({1, all_threads})
     tokenizer = synthetic_tokenizer(config.vocab_size)
     model = benchmark_model(config, tokenizer.special_ids, torch.device("cpu"))
     prompt = torch.randint(len(SPECIAL_TOKENS), config.vocab_size, (prompt_len,),
@@ -66,29 +70,43 @@ def run(quick: bool = False) -> list[dict]:
     def ours(n: int) -> list[int]:
         return generate(model, tokenizer, prompt, SamplingParams(temperature=0, max_new_tokens=n)).token_ids
 
-    rate, reference = _decode_rate(ours, new_tokens, repeats)
-    rows = [{"implementation": "gpt1 generate", "type": "f32", "tokens_per_s": rate}]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         save_model(Path(tmp) / "model", model, tokenizer)
-        for out_type in ("f32", "f16", "q8_0"):
-            path = export_gguf(Path(tmp) / "model", Path(tmp) / f"model-{out_type}.gguf", out_type)
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=config.block_size, n_threads=threads,
-                                  n_threads_batch=threads, verbose=False)
-
-            def theirs(n: int) -> list[int]:
-                llm.reset()  # no prompt-prefix cache between runs: the prompt is evaluated every time, as in gpt1
-                out = []
-                for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
-                    out.append(token)
-                    if len(out) == n:
-                        break
-                return out
-
-            rate, tokens = _decode_rate(theirs, new_tokens, repeats)
-            rows.append({"implementation": "llama.cpp (llama-cpp-python)", "type": out_type, "tokens_per_s": rate,
-                         "same_tokens_as_gpt1": tokens == reference})
-            llm.close()
-    for row in rows:
-        row.update(model=label, threads=threads, prompt=prompt_len, new_tokens=new_tokens,
-                   ratio_to_gpt1=row["tokens_per_s"] / rows[0]["tokens_per_s"])
+        files = {t: export_gguf(Path(tmp) / "model", Path(tmp) / f"model-{t}.gguf", t) for t in ("f32", "f16", "q8_0")}
+        try:
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                rate, reference = _decode_rate(ours, new_tokens, repeats)
+                group = [{"implementation": "gpt1 generate", "type": "f32", "tokens_per_s": rate}]
+                for out_type, path in files.items():
+                    rate, tokens = _llama_cpp_rate(llama_cpp, path, config, prompt, threads, new_tokens, repeats)
+                    group.append({"implementation": "llama.cpp (llama-cpp-python)", "type": out_type,
+                                  "tokens_per_s": rate, "same_tokens_as_gpt1": tokens == reference})
+                for row in group:
+                    row.update(model=label, threads=threads, prompt=prompt_len, new_tokens=new_tokens,
+                               ratio_to_gpt1=row["tokens_per_s"] / group[0]["tokens_per_s"])
+                rows += group
+        finally:
+            torch.set_num_threads(all_threads)
     return rows
+
+
+def _llama_cpp_rate(llama_cpp, path: Path, config: ModelConfig, prompt: list[int], threads: int,
+                    new_tokens: int, repeats: int) -> tuple[float, list[int]]:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=config.block_size, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+
+    def theirs(n: int) -> list[int]:
+        llm.reset()  # no prompt-prefix cache between runs: the prompt is evaluated every time, as in gpt1
+        out = []
+        for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                break
+        return out
+
+    try:
+        return _decode_rate(theirs, new_tokens, repeats)
+    finally:
+        llm.close()
