@@ -341,3 +341,15 @@ def test_ollama_template_in_the_docs_renders_gpt1s_chat_text(tmp_path):
     jinja = jinja2.Environment().from_string(JINJA_TEMPLATE)
     expected = [jinja.render(messages=m, add_generation_prompt=True) for m in conversations]
     assert json.loads(result.stdout) == expected
+
+
+@pytest.mark.slow
+def test_bench_llamacpp_quick_reports_llama_cpp_beside_gpt1(tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    assert main(["bench", "llamacpp", "--quick", "--json", str(tmp_path / "bench.json")]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["llamacpp"]
+    assert [(r["implementation"], r["type"]) for r in rows] == [
+        ("gpt1 generate", "f32"), *[("llama.cpp (llama-cpp-python)", t) for t in ("f32", "f16", "q8_0")]]
+    assert all(r["tokens_per_s"] > 0 and r["threads"] == 1 for r in rows)
+    assert rows[1]["same_tokens_as_gpt1"] is True  # f32: the same model, the same greedy tokens
+    assert "## llamacpp" in capsys.readouterr().out
