@@ -27,11 +27,13 @@ from gpt1.inference.generate import generate_batch
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level tokenizer of exactly `vocab_size` tokens (the special tokens, the 256 bytes,
-    then byte pairs) without training one: decoding is all a speed benchmark needs."""
+    then byte pairs, each with its merge) without training one: decoding is all a speed
+    benchmark needs (and llama.cpp, reading the GGUF export, wants the merges)."""
     chars = _byte_level_chars()
-    tokens = SPECIAL_TOKENS + chars + ["".join(p) for p in itertools.product(chars, chars)]
+    pairs = list(itertools.product(chars, chars))[:max(0, vocab_size - len(SPECIAL_TOKENS) - len(chars))]
+    tokens = SPECIAL_TOKENS + chars + ["".join(p) for p in pairs]
     vocab = {t: i for i, t in enumerate(tokens[:vocab_size])}
-    backend = Backend(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend = Backend(models.BPE(vocab=vocab, merges=pairs, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(SPECIAL_TOKENS)

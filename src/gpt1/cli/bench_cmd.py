@@ -9,7 +9,8 @@ import importlib.util
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import write_json
 
-BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks
+BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks, run by default
+ON_REQUEST = ["llamacpp"]  # need an optional package (llama-cpp-python): run only when named
 
 
 def register(subparsers) -> None:
@@ -17,7 +18,9 @@ def register(subparsers) -> None:
         "bench", help="run throughput benchmarks against reference implementations",
         description="Run benchmarks (each measures gpt1 and a reference implementation in the same run and "
                     "reports the ratio) and print the results as a table.")
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)}; also, when named: "
+                             f"{', '.join(ON_REQUEST)})")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run, for CPUs)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     parser.set_defaults(func=bench_command)
@@ -41,9 +44,10 @@ def format_table(rows: list[dict]) -> str:
 
 def bench_command(args: argparse.Namespace) -> int:
     names = args.names or BENCHMARKS
-    unknown = [n for n in names if n not in BENCHMARKS]
+    unknown = [n for n in names if n not in BENCHMARKS + ON_REQUEST]
     if unknown:
-        raise Gpt1Error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(BENCHMARKS)}")
+        raise Gpt1Error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(BENCHMARKS)} "
+                        f"(default), {', '.join(ON_REQUEST)}")
     results = {}
     for name in names:
         if importlib.util.find_spec(f"gpt1.benchmarks.{name}") is None:

@@ -75,6 +75,7 @@ def hf_config_dict(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
         architectures=["GPT2LMHeadModel"],
         vocab_size=config.vocab_size,
         n_positions=config.block_size,
+        n_ctx=config.block_size,  # older GPT-2 tooling (llama.cpp's converter among it) reads this name
         n_embd=config.n_embd,
         n_layer=config.n_layer,
         n_head=config.n_head,

@@ -1,0 +1,355 @@
+"""GGUF export, checked with the real llama.cpp (llama-cpp-python, built from source by pip):
+the file loads, tokenizes as gpt1 does, continues greedily as `gpt1 generate` does, gives
+gpt1's logits to a stated tolerance, and its chat template gives gpt1's chat ids through
+llama-cpp-python's chat completion. Bad input gets one clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt1.cli import main
+from gpt1.core.chat_template import JINJA_TEMPLATE, encode_chat
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.lora import LoRAConfig, inject_lora
+from gpt1.core.model import GPT
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.tokenizer import SPECIAL_TOKENS
+from gpt1.formats.gguf import GGUF_TYPES, export_gguf
+from gpt1.formats.modeldir import load_model, save_model
+from gpt1.inference.generate import generate
+from gpt1.train.finetune import save_finetuned
+
+gguf = pytest.importorskip("gguf")
+
+# Texts whose ids must agree: code, Unicode (multi-byte, combining, emoji, CJK), runs and
+# mixes of whitespace (where GPT-2's regex has its subtle cases), contractions, numbers, and
+# special tokens typed as text (text never becomes a special token, in gpt1 or here).
+TEXTS = [
+    "def encode(obj):\n    return json.dumps(obj, indent=2)  # héllo\n",
+    "class A(dict):\n\tpass\r\n\r\n",
+    "日本語のテキスト and emoji 🌍🚀 and e\u0301 combining, Ünïcödé, Ελληνικά, русский",
+    "   leading spaces, trailing spaces   ",
+    "a  b   c    d\n\n\n  \t x\u00a0y\u3000z",
+    " \n",
+    "it's we'll they've I'd YOU'RE don't 'quoted'",
+    "12345 3.14159 1,000,000 0x1F",
+    "[EOS] [PAD][UNK] <|user|>hi<|assistant|> <|system|>",
+    "",
+]
+PROMPTS = ["def ", "import json\n\n", "The email package", "    return self.", "[EOS]<|user|>"]
+CHAT = [
+    {"role": "system", "content": "You answer in one line."},
+    {"role": "user", "content": " What is a dict?\n"},
+    {"role": "assistant", "content": "A mapping from keys to values."},
+    {"role": "user", "content": "And  a list? 🌍"},
+]
+# Logits of llama.cpp against gpt1's, for logits of std ~2.5 (see `_random_model`). f32: ggml's
+# CPU GELU reads a float16 table and its matmuls sum in another order, so they agree to ~3e-3
+# (measured), not bit for bit. The smaller types round the weights themselves (measured: f16
+# 5e-3, bf16 4e-2, q8_0 0.13).
+F32_ATOL = 1e-2
+TYPE_ATOL = {"f16": 2e-2, "bf16": 0.1, "q8_0": 0.3}
+
+
+def _random_model(config, seed: int) -> GPT:
+    """Random weights with non-trivial LayerNorms and biases, so a mapping mix-up would show,
+    and logits with a trained model's spread (std ~2.5; a tiny model after 200 steps has ~2.9,
+    a freshly initialised one ~0.2), so that the tolerances below are small by comparison."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+        model.transformer.ln_f.weight.mul_(15.0)
+    return model
+
+
+def _llama(path, n_ctx: int):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True,
+                           verbose=False, seed=0)
+
+
+def _llama_greedy(llm, ids: list[int], n: int, special_ids: list[int]) -> list[int]:
+    """llama.cpp's greedy continuation, cut where gpt1 stops (at any special token)."""
+    llm.reset()
+    out = []
+    for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
+        if token in special_ids or len(out) == n:
+            break
+        out.append(token)
+    return out
+
+
+def _llama_logits(llm, ids: list[int]) -> torch.Tensor:
+    llm.reset()
+    llm.eval(ids)
+    return torch.tensor(llm.scores[: len(ids)])
+
+
+# Two layouts: the reference model's (untied head, biases) and the other options llama.cpp
+# must express differently: a tied head (no output tensor), no biases (zero biases), an
+# embedding wider than the tokenizer (placeholder tokens), another LayerNorm epsilon.
+LAYOUTS = {
+    "untied": {},
+    "tied-nobias-padded": dict(tie_embeddings=True, bias=False, vocab_size=576, norm_eps=1e-6),
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def exported(request, tiny_config, tokenizer, tmp_path_factory):
+    """(model, f32 GGUF path, llama) for each layout."""
+    config = dataclasses.replace(tiny_config, **LAYOUTS[request.param])
+    model = _random_model(config, seed=1)
+    tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    save_model(tmp / "model", model, tokenizer)
+    path = export_gguf(tmp / "model", tmp / "model.gguf", "f32")
+    return model, path, _llama(path, config.block_size)
+
+
+@pytest.mark.slow
+def test_metadata_and_tensors_are_llama_cpp_gpt2(exported, tokenizer):
+    model, path, llm = exported
+    c = model.config
+    meta = llm.metadata
+    assert meta["general.architecture"] == "gpt2" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert (int(meta["gpt2.context_length"]), int(meta["gpt2.embedding_length"]), int(meta["gpt2.block_count"]),
+            int(meta["gpt2.attention.head_count"]), int(meta["gpt2.feed_forward_length"])) == (
+        c.block_size, c.n_embd, c.n_layer, c.n_head, c.mlp_hidden)
+    assert float(meta["gpt2.attention.layer_norm_epsilon"]) == pytest.approx(c.norm_eps)
+    assert [int(meta[f"tokenizer.ggml.{k}_token_id"]) for k in ("bos", "eos", "padding", "unknown")] == [2, 2, 0, 1]
+    assert "tokenizer.chat_template" not in meta  # a base model
+    assert llm.n_vocab() == c.vocab_size and llm._model.n_ctx_train() == c.block_size and llm.token_eos() == 2
+
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) is not c.tie_embeddings
+    assert {"token_embd.weight", "position_embd.weight", "blk.1.attn_qkv.bias", "blk.1.ffn_down.bias"} <= names
+    types = list(reader.fields["tokenizer.ggml.token_type"].contents())
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    control = [tokens[i] for i, t in enumerate(types) if t == gguf.TokenType.CONTROL]
+    assert control == SPECIAL_TOKENS
+    unused = [i for i, t in enumerate(types) if t == gguf.TokenType.UNUSED]
+    assert unused == list(range(tokenizer.vocab_size, c.vocab_size))
+
+
+@pytest.mark.slow
+def test_token_ids_match_gpt1s_tokenizer(exported, tokenizer):
+    _, _, llm = exported
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        assert llm.detokenize(ids) == text.encode()
+
+
+@pytest.mark.slow
+def test_greedy_continuation_and_logits_match_gpt1(exported, tokenizer):
+    model, _, llm = exported
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        n = 24
+        ours = generate(model, tokenizer, ids, SamplingParams(temperature=0, max_new_tokens=n)).token_ids
+        assert _llama_greedy(llm, ids, n, tokenizer.special_ids) == ours, prompt
+        sequence = ids + ours
+        with torch.no_grad():
+            expected = model(torch.tensor([sequence]))[0]
+        torch.testing.assert_close(_llama_logits(llm, sequence), expected, atol=F32_ATOL, rtol=0)
+    if not model.config.tie_embeddings:  # (a random tied model mostly repeats one token)
+        assert len(set(ours)) > 5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_config, tokenizer, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gguf-types") / "model"
+    save_model(directory, _random_model(tiny_config, seed=2), tokenizer)
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out_type", [t for t in GGUF_TYPES if t != "f32"])
+def test_smaller_types_load_and_stay_close(tmp_path, model_dir, tokenizer, out_type):
+    path = export_gguf(model_dir, tmp_path / f"model-{out_type}.gguf", out_type)
+    expected_type = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[out_type]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_qkv.weight"] == types["output.weight"] == expected_type
+    assert types["blk.0.attn_qkv.bias"] == types["position_embd.weight"] == "F32"
+    f32 = export_gguf(model_dir, tmp_path / "model-f32.gguf", "f32")
+    assert path.stat().st_size < 0.6 * f32.stat().st_size
+
+    model = load_model(model_dir)
+    llm = _llama(path, model.config.block_size)
+    ids = tokenizer.encode(TEXTS[0])[:48]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0]
+    torch.testing.assert_close(_llama_logits(llm, ids), expected, atol=TYPE_ATOL[out_type], rtol=0)
+
+
+@pytest.mark.slow
+def test_chat_model_adapter_merged_and_template_gives_gpt1_chat_ids(tmp_path, tiny_config, tokenizer):
+    """A LoRA fine-tuned dir as `gpt1 finetune` writes it: exported with the adapter merged,
+    and llama-cpp-python's chat completion (its Jinja handler over tokenizer.chat_template)
+    feeds the model gpt1's chat prompt ids."""
+    model = _random_model(tiny_config, seed=4)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, token_ids=[2, 3, 4, 5]))
+    with torch.no_grad():  # as after training: non-zero updates and moved token rows
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+            elif name.endswith("trainable_tokens"):
+                p.add_(0.01 * torch.randn_like(p))
+    save_finetuned(tmp_path / "chat", model, tokenizer, {"path": "base"})
+    assert main(["export", "--model", str(tmp_path / "chat"), "--format", "gguf", "--type", "f32",
+                 "--out", str(tmp_path / "chat.gguf")]) == 0
+
+    merged = load_model(tmp_path / "chat")  # gpt1's own merge of the adapter
+    llm = _llama(tmp_path / "chat.gguf", tiny_config.block_size)
+    assert llm.metadata["tokenizer.chat_template"] == JINJA_TEMPLATE
+    assert llm.chat_format == "chat_template.default"  # the handler built from the file's template
+    for messages in (CHAT, CHAT[1:2], CHAT[:3]):
+        expected = encode_chat(tokenizer, messages)
+        llm.reset()
+        reply = llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+        assert reply["usage"]["prompt_tokens"] == len(expected)
+        # The context llama.cpp evaluated: the prompt first (then what it generated).
+        assert llm.input_ids[: len(expected)].tolist() == expected
+        with torch.no_grad():
+            logits = merged(torch.tensor([expected]))[0]
+        torch.testing.assert_close(_llama_logits(llm, expected), logits, atol=F32_ATOL, rtol=0)
+
+
+def test_cli_writes_the_file_and_hf_config_has_n_ctx(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--model", str(tiny_model_dir), "--format", "gguf", "--type", "q8_0", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed into place
+
+    pytest.importorskip("transformers")
+    assert main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["n_ctx"] == config["n_positions"] == 64
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--format", "onnx", "--out", "x"], "unknown --format 'onnx'; known formats: hf, gguf"),
+    (["--format", "gguf", "--type", "q4_0", "--out", "x.gguf"], "unknown GGUF type 'q4_0'; known types: f32, f16, bf16, q8_0"),
+    (["--type", "f16", "--out", "x"], "--type applies to --format gguf only"),
+])
+def test_cli_bad_flags_list_the_known_values(tmp_path, tiny_model_dir, capsys, argv, message):
+    argv = [a if a not in ("x", "x.gguf") else str(tmp_path / a) for a in argv]
+    assert main(["export", "--model", str(tiny_model_dir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_existing_file_needs_force_and_a_folder_is_refused(tmp_path, tiny_model_dir):
+    out = tmp_path / "m.gguf"
+    out.write_text("old")
+    with pytest.raises(Gpt1Error, match="exists; choose another --out or pass --force"):
+        export_gguf(tiny_model_dir, out, "f32")
+    assert out.read_text() == "old"
+    export_gguf(tiny_model_dir, out, "f32", overwrite=True)
+    assert out.read_bytes()[:4] == b"GGUF"
+    with pytest.raises(Gpt1Error, match="is a folder"):
+        export_gguf(tiny_model_dir, tmp_path, "f32")
+
+
+def test_a_model_llama_cpp_cannot_represent_says_why(tmp_path, tiny_config, tokenizer):
+    spec = json.loads(tokenizer.to_json())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    spec["normalizer"] = {"type": "NFC"}
+    directory = tmp_path / "model"
+    save_model(directory, GPT(tiny_config))
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(Gpt1Error, match="llama.cpp cannot represent this model") as error:
+        export_gguf(directory, tmp_path / "m.gguf")
+    assert "pre-tokenizer" in str(error.value) and "no prefix space" in str(error.value)
+    assert "a normalizer (NFC)" in str(error.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+    small = dataclasses.replace(tiny_config, vocab_size=300)
+    save_model(tmp_path / "small", GPT(small), tokenizer)
+    with pytest.raises(Gpt1Error, match=f"the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only 300"):
+        export_gguf(tmp_path / "small", tmp_path / "m.gguf")
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	src, _ := os.ReadFile(os.Args[1])
+	tpl := template.Must(template.New("ollama").Parse(string(src)))
+	var conversations [][]Message
+	if err := json.NewDecoder(os.Stdin).Decode(&conversations); err != nil {
+		panic(err)
+	}
+	out := []string{}
+	for _, messages := range conversations {
+		var b strings.Builder
+		if err := tpl.Execute(&b, map[string]any{"Messages": messages}); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.slow
+def test_ollama_template_in_the_docs_renders_gpt1s_chat_text(tmp_path):
+    """The Modelfile TEMPLATE of docs/gguf.md, run by Go's text/template (Ollama's engine),
+    gives the text gpt1's Jinja template gives (conversations ending with a user turn)."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (apt-get install golang-go)")
+    jinja2 = pytest.importorskip("jinja2")
+    docs = (Path(__file__).parents[1] / "docs" / "gguf.md").read_text()
+    template = re.search(r'^TEMPLATE """(.*?)"""$', docs, re.S | re.M).group(1)
+    (tmp_path / "template.txt").write_text(template)
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    conversations = [CHAT, CHAT[1:2], CHAT[:2], CHAT[1:], [{"role": "user", "content": "{{ .Role }} <b>&amp; \n\n"}]]
+    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GO111MODULE": "off"}
+    result = subprocess.run([go, "run", "main.go", "template.txt"], cwd=tmp_path, input=json.dumps(conversations),
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    jinja = jinja2.Environment().from_string(JINJA_TEMPLATE)
+    expected = [jinja.render(messages=m, add_generation_prompt=True) for m in conversations]
+    assert json.loads(result.stdout) == expected
+
+
+@pytest.mark.slow
+def test_bench_llamacpp_quick_reports_llama_cpp_beside_gpt1(tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    assert main(["bench", "llamacpp", "--quick", "--json", str(tmp_path / "bench.json")]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["llamacpp"]
+    assert [(r["implementation"], r["type"]) for r in rows] == [
+        ("gpt1 generate", "f32"), *[("llama.cpp (llama-cpp-python)", t) for t in ("f32", "f16", "q8_0")]]
+    assert all(r["tokens_per_s"] > 0 and r["threads"] == 1 for r in rows)
+    assert rows[1]["same_tokens_as_gpt1"] is True  # f32: the same model, the same greedy tokens
+    assert "## llamacpp" in capsys.readouterr().out
