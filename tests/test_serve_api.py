@@ -317,7 +317,7 @@ def test_disconnect_stops_generation(long_llm):
 
 
 def test_full_queue_answers_503(long_llm):
-    app = create_app(long_llm, max_active=1, max_queue=1)
+    app = create_app(long_llm, max_batch=1, max_queue=1)
     engine = app.state.engine
     body = {"model": "m", "messages": MSG, "max_tokens": 8000, "temperature": 1.0, "stream": True}
     with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as http, contextlib.ExitStack() as streams:
@@ -332,7 +332,10 @@ def test_full_queue_answers_503(long_llm):
             with pytest.raises(openai.InternalServerError) as info:
                 c.completions.create(model="m", prompt="x", max_tokens=2)
             assert info.value.status_code == 503
-        assert http.get("/health").json() == {"status": "ok", "model": long_llm.path.name, "active": 1, "queued": 1}
+        health = http.get("/health").json()
+        assert {k: health[k] for k in ("status", "model", "active", "queued", "free_slots", "max_batch")} == {
+            "status": "ok", "model": long_llm.path.name, "active": 1, "queued": 1, "free_slots": 0, "max_batch": 1}
+        assert health["tokens_per_s"] > 0
         streams.close()  # both clients hang up
         wait_for(lambda: engine.active == 0 and engine.queued == 0, what="the engine to drain")
         assert engine.stats.rejected == 2 and engine.stats.cancelled == 2
