@@ -4,7 +4,7 @@
 Continuous batching over a fixed pool of KV-cache slots (`max_batch` rows of `block_size`
 positions, allocated once). Each `step()`:
 
-1. admits waiting requests into free slots, and drops cancelled ones (their slot is free at once);
+1. drops cancelled requests (their slot is free at once) and admits waiting ones into free slots;
 2. prefills prompts, at most `prefill_chunk` prompt tokens per step in all, so that a long
    prompt is cut into chunks and never stalls the other streams for its whole prefill;
 3. runs ONE batched forward for every row that has a token to feed, each at its own position,
@@ -237,9 +237,9 @@ class Engine:
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> None:
         """Admit, prefill, decode and sample once (see the module docstring)."""
-        self._admit()
         for request in [r for r in self._rows if r.cancelled]:
             self._finish(request, "cancelled")
+        self._admit()
         if not self._rows:
             return
         with torch.inference_mode():
