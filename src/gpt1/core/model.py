@@ -57,12 +57,12 @@ class SlotCache:
     """A preallocated pool of cache rows ("slots") for continuous batching: rows hold unrelated
     sequences, each at its own length, and one forward serves several of them.
 
-    `prepare(first_row, starts, T)` points the next forward at rows [first_row, first_row + B):
-    row b's T new tokens take positions `starts[b] + [0, T)`, their keys/values are written
-    there, and each query sees the keys at positions <= its own (per-row causal mask). Keys
-    beyond a row's length hold stale data from earlier sequences; the mask hides them until the
-    row overwrites them. `key_len` bounds the keys attended over: the longest row (or all
-    `max_len`, for shapes that never change, as CUDA-graph replay needs).
+    `prepare(rows, positions, key_len)` points the next forward at `rows` (a slice of the pool,
+    or a tensor of row indices) with `positions` (B, T): the position of each new token, where
+    its key/value is written and which query sees the keys at positions <= its own (a per-row
+    causal mask over keys [0, key_len)). Keys beyond a row's length hold stale data from earlier
+    sequences; the mask hides them until the row overwrites them. A padding token can be given
+    the last position, `max_len - 1`, which no row holds while it still has tokens to feed.
     """
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int | None = None,
@@ -73,24 +73,27 @@ class SlotCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.positions: torch.Tensor | None = None  # (B, T), read by GPT.forward
         self.mask: torch.Tensor | None = None  # (B, 1, T, key_len)
-        self._rows = slice(0, 0)
+        self._rows: slice | torch.Tensor = slice(0, 0)
         self._row_index: torch.Tensor | None = None
         self._key_len = 0
 
-    def prepare(self, first_row: int, starts: torch.Tensor, T: int, key_len: int | None = None) -> None:
-        key_len = key_len or self.max_len
-        device = self.k.device
-        self._rows = slice(first_row, first_row + starts.numel())
-        self._row_index = torch.arange(starts.numel(), device=device)[:, None]
-        self.positions = starts[:, None] + torch.arange(T, device=device)
-        self.mask = torch.arange(key_len, device=device) <= self.positions[:, None, :, None]
-        self._key_len = key_len
+    def prepare(self, rows: slice | torch.Tensor, positions: torch.Tensor, key_len: int | None = None) -> None:
+        self._key_len = key_len or self.max_len
+        self._rows = rows
+        self._row_index = torch.arange(positions.size(0), device=positions.device)[:, None]
+        self.positions = positions
+        self.mask = torch.arange(self._key_len, device=positions.device) <= positions[:, None, :, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.k[layer, self._rows], self.v[layer, self._rows]
-        keys[self._row_index, :, self.positions] = k.transpose(1, 2)
-        values[self._row_index, :, self.positions] = v.transpose(1, 2)
-        return keys[:, :, :self._key_len], values[:, :, :self._key_len]
+        if isinstance(self._rows, slice):  # a view: written in place, read without a copy
+            keys, values = self.k[layer, self._rows], self.v[layer, self._rows]
+            keys[self._row_index, :, self.positions] = k.transpose(1, 2)
+            values[self._row_index, :, self.positions] = v.transpose(1, 2)
+            return keys[:, :, :self._key_len], values[:, :, :self._key_len]
+        rows = self._rows[:, None]
+        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
+        return self.k[layer, self._rows, :, :self._key_len], self.v[layer, self._rows, :, :self._key_len]
 
     def move(self, src: int, dst: int) -> None:
         """Copy row `src` into row `dst` (the engine keeps its live rows contiguous)."""

@@ -5,8 +5,8 @@ Continuous batching over a fixed pool of KV-cache slots (`max_batch` rows of `bl
 positions, allocated once). Each `step()`:
 
 1. drops cancelled requests (their slot is free at once) and admits waiting ones into free slots;
-2. prefills prompts, at most `prefill_chunk` prompt tokens per step in all, so that a long
-   prompt is cut into chunks and never stalls the other streams for its whole prefill;
+2. prefills prompts in one forward, at most `prefill_chunk` prompt tokens per step in all, so
+   that a long prompt is cut into chunks and never stalls the other streams for its whole prefill;
 3. runs ONE batched forward for every row that has a token to feed, each at its own position,
    with a per-row causal mask over its slot (`SlotCache`);
 4. chooses the next token of every row in one batched call (each row its own knobs and its
@@ -271,25 +271,37 @@ class Engine:
                 row[:len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
 
     def _prefill(self) -> list[tuple[Request, torch.Tensor]]:
-        """Feed the next prompt chunks within the step's budget; (request, logits) of each prompt
-        that is now complete."""
-        done, budget = [], self.prefill_chunk
-        for request in [r for r in self._rows if r.prefilling]:
+        """Feed the next prompt chunks, within the step's budget, in one forward; (request,
+        logits) of each prompt that is now complete. Shorter chunks are padded at the front
+        with tokens at the last position (which no prefilling row holds), so that every row's
+        last token is the forward's last column."""
+        chosen, budget = [], self.prefill_chunk
+        for request in self._rows:
             if budget <= 0:
                 break
-            start = request.length
-            chunk = request.prompt_ids[start:start + budget]
-            budget -= len(chunk)
-            try:
-                self.cache.prepare(request.row, torch.tensor([start], device=self.device), len(chunk), start + len(chunk))
-                ids = torch.tensor([chunk], device=self.device)
-                logits = self.model(ids, cache=self.cache, last_only=True)[0, -1]
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            if request.prefilling:
+                chunk = request.prompt_ids[request.length:request.length + budget]
+                chosen.append((request, chunk))
+                budget -= len(chunk)
+        if not chosen:
+            return []
+        T, pad = max(len(chunk) for _, chunk in chosen), self.cache.max_len - 1
+        ids = [[0] * (T - len(chunk)) + chunk for _, chunk in chosen]
+        positions = [[pad] * (T - len(chunk)) + list(range(r.length, r.length + len(chunk))) for r, chunk in chosen]
+        try:
+            rows = torch.tensor([r.row for r, _ in chosen], device=self.device)
+            self.cache.prepare(rows, torch.tensor(positions, device=self.device),
+                               max(r.length + len(chunk) for r, chunk in chosen))
+            logits = self.model(torch.tensor(ids, device=self.device), cache=self.cache, last_only=True)[:, -1]
+        except Exception as e:  # noqa: BLE001 - a failed prefill fails its rows, not the engine
+            for request, _ in chosen:
                 self._fail(request, e)
-                continue
+            return []
+        done = []
+        for i, (request, chunk) in enumerate(chosen):
             request.length += len(chunk)
             if not request.prefilling:
-                done.append((request, logits))
+                done.append((request, logits[i]))
         return done
 
     def _decode(self) -> list[tuple[Request, torch.Tensor]]:
@@ -304,7 +316,7 @@ class Engine:
             if self._graphs is not None:
                 logits = self._graphs.decode(ids, starts)
             else:
-                self.cache.prepare(0, torch.tensor(starts, device=self.device), 1, max(starts) + 1)
+                self.cache.prepare(slice(0, len(ids)), torch.tensor(starts, device=self.device)[:, None], max(starts) + 1)
                 x = torch.tensor(ids, device=self.device)[:, None]
                 logits = self.model(x, cache=self.cache, last_only=True)[:, -1]
         except Exception as e:  # noqa: BLE001 - a failed batch fails its rows, not the engine
@@ -468,7 +480,7 @@ class _CudaGraphs:
 
         def forward() -> torch.Tensor:
             # Rows of the bucket beyond the live ones write at position 0 of free slots: harmless.
-            engine.cache.prepare(0, static_starts, 1)
+            engine.cache.prepare(slice(0, size), static_starts[:, None])
             return engine.model(static_ids, cache=engine.cache, last_only=True)[:, -1]
 
         # Warm-up and capture write at the last position, which no live row holds yet.
