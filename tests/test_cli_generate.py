@@ -77,6 +77,7 @@ def test_generate_reads_the_prompt_from_stdin(capsys, monkeypatch, tiny_model_di
     assert out.rstrip("\n") == llm.generate("import json\n", temperature=0, max_new_tokens=8).rstrip("\n")
 
 
+@pytest.mark.slow
 def test_chat_session_through_stdin(tiny_model_dir, llm):
     """/set, replies that remember the conversation, /reset, /system, bad input; ends at EOF."""
     script = "\n".join([
