@@ -152,3 +152,14 @@ def test_generate_with_a_tiny_temperature_is_greedy(capsys, tiny_model_dir, llm,
                               "--temperature", value, "--max-new-tokens", "8", "--device", "cpu")
     assert code == 0, err
     assert out == llm.generate("import", temperature=0, max_new_tokens=8) + "\n"
+
+
+def test_chat_session_survives_extreme_knobs(capsys, monkeypatch, tiny_model_dir):
+    """Issue 17 item 6: a tiny temperature or repeat penalty ended a whole `gpt1 chat` session."""
+    import io
+
+    script = "/set temperature 1e-300\nhi\n/set temperature 1e-45\n/set repeat_penalty 1e-40\nhello\n/set max_new_tokens 2\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "4")
+    assert code == 0 and "error" not in err and "Traceback" not in err
+    assert out.count("\n") >= 2  # both replies arrived
