@@ -193,3 +193,16 @@ def test_extreme_knobs_sample_finite(model, tokenizer, knobs):
     assert completion.completion_tokens == 6 or (knobs["temperature"] > 1 and completion.finish_reason == "stop")
     if knobs.get("temperature", 1) < 1e-30 and "repeat_penalty" not in knobs:
         assert completion.text == generate(model, tokenizer, ids, params.override(temperature=0)).text
+
+
+def test_a_request_cancelled_while_waiting_leaves_the_queue_at_the_next_step(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=2)
+    collector = Collector()
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    submit(engine, collector, 0, [5, 6], params)
+    waiting = submit(engine, collector, 1, [7, 8], params)
+    engine.step()
+    waiting.cancel()
+    engine.step()
+    assert (engine.active, engine.queued) == (1, 0) and collector.finish(1) == "cancelled"
+    assert collector.chunks[1][-1].completion_tokens == 0

@@ -258,12 +258,13 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
+            # A request cancelled while it waits leaves the queue now, not when a slot frees.
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+                self._end(request, "cancelled", Chunk(request.state.finish("cancelled"), "cancelled",
+                                                      len(request.prompt_ids), 0))
             while self._waiting and len(self._rows) < self.max_batch:
                 request = self._waiting.popleft()
-                if request.cancelled:
-                    self._end(request, "cancelled", Chunk(request.state.finish("cancelled"), "cancelled",
-                                                          len(request.prompt_ids), 0))
-                    continue
                 request.row, request.length = len(self._rows), 0
                 self._rows.append(request)
                 row = self.tokens[request.row]
