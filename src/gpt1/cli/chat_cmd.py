@@ -117,13 +117,14 @@ class ChatSession:
         """The knobs as a user types them: `stop none`, `seed random`, `truncate_prompt on`."""
         return ", ".join(f"{f.name} {knob_text(getattr(self.params, f.name))}" for f in dataclasses.fields(self.params))
 
-    def reply(self, text: str, out=sys.stdout) -> str:
-        """Stream the reply to `text` to `out`; keeps history within the context."""
+    def reply(self, text: str, out=None) -> str:
+        """Stream the reply to `text` to `out` (default: the current stdout); keeps history within the context."""
+        out = out or sys.stdout
         self.history.append({"role": "user", "content": text})
         system = [{"role": "system", "content": self.system}] if self.system else []
         try:
             ids, dropped = chat_prompt_ids(self.llm.tokenizer, system + self.history,
-                                               self.llm.config.block_size, self.params)
+                                           self.llm.config.block_size, self.params)
         except Gpt1Error:
             self.history.pop()
             raise
