@@ -77,6 +77,7 @@ def test_generate_reads_the_prompt_from_stdin(capsys, monkeypatch, tiny_model_di
     assert out.rstrip("\n") == llm.generate("import json\n", temperature=0, max_new_tokens=8).rstrip("\n")
 
 
+@pytest.mark.slow
 def test_chat_session_through_stdin(tiny_model_dir, llm):
     """/set, replies that remember the conversation, /reset, /system, bad input; ends at EOF."""
     script = "\n".join([
@@ -114,3 +115,51 @@ def test_chat_quit_and_ctrl_c(capsys, monkeypatch, tiny_model_dir):
     monkeypatch.setattr(builtins, "input", interrupted)
     code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu")
     assert code == 0 and "Traceback" not in err and "interrupted" not in err
+
+
+def test_chat_set_shows_user_facing_values(capsys, monkeypatch, tiny_model_dir):
+    """Issue 16: /set echoed Python reprs (`stop ()`, `seed None`)."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/set\n/set stop \\n\n/set seed 7\n/set max_new_tokens 100\n/quit\n"))
+    code, _, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu")
+    assert code == 0
+    lines = [line for line in err.splitlines() if line.startswith("(temperature")]
+    assert "stop none" in lines[0] and "seed random" in lines[0] and "truncate_prompt on" in lines[0]
+    assert "temperature 0.8," in lines[0]
+    assert "()" not in err and "None" not in err and "'" not in lines[0]
+    assert 'stop "\\n"' in lines[1] and "seed 7" in lines[2]
+    assert "max_new_tokens 100 does not fit the 64-token context" in err
+
+
+def test_generate_says_when_max_new_tokens_is_capped(capsys, tiny_model_dir, llm):
+    """Issue 16: a max_new_tokens beyond the context was accepted silently."""
+    n = len(llm.tokenizer.encode("import json"))
+    code, out, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "import json",
+                              "--temperature", "0", "--max-new-tokens", "1000", "--device", "cpu")
+    assert code == 0
+    assert f"max_new_tokens 1000 does not fit: the context is 64 tokens and the prompt takes {n}," in err
+    assert f"generation stops after at most {64 - n} tokens" in err
+    code, _, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "import json",
+                            "--max-new-tokens", "10", "--device", "cpu")
+    assert code == 0 and "does not fit" not in err
+
+
+@pytest.mark.parametrize("value", ["1e-300", "1e-45"])
+def test_generate_with_a_tiny_temperature_is_greedy(capsys, tiny_model_dir, llm, value):
+    """Issue 17 item 6: a tiny temperature crashed `gpt1 generate` (inf/nan probabilities)."""
+    code, out, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "import",
+                              "--temperature", value, "--max-new-tokens", "8", "--device", "cpu")
+    assert code == 0, err
+    assert out == llm.generate("import", temperature=0, max_new_tokens=8) + "\n"
+
+
+def test_chat_session_survives_extreme_knobs(capsys, monkeypatch, tiny_model_dir):
+    """Issue 17 item 6: a tiny temperature or repeat penalty ended a whole `gpt1 chat` session."""
+    import io
+
+    script = "/set temperature 1e-300\nhi\n/set temperature 1e-45\n/set repeat_penalty 1e-40\nhello\n/set max_new_tokens 2\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "4")
+    assert code == 0 and "error" not in err and "Traceback" not in err
+    assert out.count("\n") >= 2  # both replies arrived

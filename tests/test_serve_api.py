@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -260,6 +261,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_cli_serves_with_key_from_env(tiny_model_dir):
     port = free_port()
     env = {**os.environ, "GPT1_API_KEY": KEY}
@@ -281,7 +283,15 @@ def test_cli_serves_with_key_from_env(tiny_model_dir):
         proc.terminate()  # SIGTERM: uvicorn shuts down gracefully
         proc.wait(20)
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
-    assert f"serving {tiny_model_dir} on http://127.0.0.1:{port}" in proc.stderr.read().decode()
+    stderr = proc.stderr.read().decode()
+    assert f"serving {tiny_model_dir} on http://127.0.0.1:{port}" in stderr
+    assert "KV cache: 16 slots x 64 positions = " in stderr and "MiB on cpu (--max-batch 16)" in stderr
+    # A pool that cannot fit in memory is one clear line at start-up.
+    huge = subprocess.run([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                           "--max-batch", str(10**12)], capture_output=True, text=True, timeout=120)
+    assert huge.returncode == 2 and "Traceback" not in huge.stderr
+    assert re.search(r"error: max_batch 1000000000000: the KV cache needs [\d.]+ GiB .* lower max_batch$",
+                     huge.stderr.strip().splitlines()[-1])
     # A taken port is one clear line and exit 2, not a traceback.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -317,7 +327,7 @@ def test_disconnect_stops_generation(long_llm):
 
 
 def test_full_queue_answers_503(long_llm):
-    app = create_app(long_llm, max_active=1, max_queue=1)
+    app = create_app(long_llm, max_batch=1, max_queue=1)
     engine = app.state.engine
     body = {"model": "m", "messages": MSG, "max_tokens": 8000, "temperature": 1.0, "stream": True}
     with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as http, contextlib.ExitStack() as streams:
@@ -332,7 +342,127 @@ def test_full_queue_answers_503(long_llm):
             with pytest.raises(openai.InternalServerError) as info:
                 c.completions.create(model="m", prompt="x", max_tokens=2)
             assert info.value.status_code == 503
-        assert http.get("/health").json() == {"status": "ok", "model": long_llm.path.name, "active": 1, "queued": 1}
+        health = http.get("/health").json()
+        assert {k: health[k] for k in ("status", "model", "active", "queued", "free_slots", "max_batch")} == {
+            "status": "ok", "model": long_llm.path.name, "active": 1, "queued": 1, "free_slots": 0, "max_batch": 1}
+        assert health["tokens_per_s"] > 0
         streams.close()  # both clients hang up
         wait_for(lambda: engine.active == 0 and engine.queued == 0, what="the engine to drain")
         assert engine.stats.rejected == 2 and engine.stats.cancelled == 2
+
+
+# ---- issue 17: no input reaches a 500 ----------------------------------------------------------
+@pytest.mark.parametrize("knobs", [{"temperature": 1e-300}, {"temperature": 1e-45}, {"temperature": 1e-39},
+                                   {"repeat_penalty": 1e-40}, {"temperature": 1e-45, "repeat_penalty": 1e-40}])
+def test_extreme_knobs_are_answered_and_the_connection_lives(server, knobs):
+    """Item 6: these were 500s ("probability tensor contains inf/nan"), and after two of them the
+    next request on the same keep-alive connection was reset."""
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for stream in (False, True, False):
+            r = http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 4, "stream": stream, **knobs})
+            assert r.status_code == 200, r.text
+            if stream:
+                assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
+            else:
+                assert r.json()["usage"]["completion_tokens"] >= 1
+        assert http.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lone_surrogate_in_any_field_is_a_400(server, stream):
+    """Item 6: `"model": "\\ud800"` was a 500 UnicodeEncodeError, and with stream: true the body was cut."""
+    url, _ = server
+    for field, value in (("model", "\\ud800"), ("user", "x\\udfff"), ("stop", '["ok", "\\ud800"]')):
+        raw = value if value.startswith("[") else f'"{value}"'
+        body = f'{{"messages": [{{"role": "user", "content": "hi"}}], "stream": {str(stream).lower()}, "{field}": {raw}}}'
+        r = httpx.post(f"{url}/v1/chat/completions", content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"].startswith(field) and "lone surrogate" in error["message"]
+        assert error["code"] == "invalid_unicode"
+
+
+def test_more_prompts_than_the_server_holds_is_a_400_not_a_503(llm):
+    """Item 9: 100 prompts with room for 72 at most were answered `503 busy, retry`."""
+    app = create_app(llm, max_batch=8, max_queue=64)
+    with background_server(app) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": ["x"] * 100, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 400 and "retry-after" not in r.headers
+        error = r.json()["error"]
+        assert error["code"] == "too_many_prompts" and error["param"] == "prompt"
+        assert "100 prompts" in error["message"] and "at most 72" in error["message"]
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": ["x"] * 72, "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 72
+
+
+def test_keyless_loopback_server_answers_only_loopback_host_names(server, llm):
+    """Item 10: `Host: attacker.example` got 200 on /v1/* (DNS rebinding)."""
+    url, _ = server
+    port = url.rsplit(":", 1)[1]
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.evil.example", "10.0.0.1"):
+        r = httpx.get(f"{url}/v1/models", headers={"Host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_host", host
+        assert httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG}, headers={"Host": host}).status_code == 403
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "app.localhost"):
+        assert httpx.get(f"{url}/v1/models", headers={"Host": host}).status_code == 200, host
+    # With a key, other names are the operator's choice (a proxy, a LAN name): the key guards.
+    with background_server(create_app(llm, api_key=KEY)) as keyed:
+        r = httpx.get(f"{keyed}/v1/models", headers={"Host": "gpt1.example", "Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200
+
+
+def test_slow_request_bodies_are_cut_off(llm):
+    """Item 11: connections sending their body slowly were never timed out."""
+    app = create_app(llm, body_timeout_s=1.0)
+    with background_server(app) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"messages\": ")
+            start = time.monotonic()
+            received = b""
+            while chunk := sock.recv(65536):  # ends when the server closes the connection
+                received += chunk
+            assert time.monotonic() - start < 8
+        assert received.startswith(b"HTTP/1.1 408") and b"request_timeout" in received
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_64_streams_with_half_disconnecting_leave_every_slot_free(long_llm):
+    """Issue 12: 64 concurrent streams, half of the clients hang up mid-stream; the others get
+    their whole replies, and the server ends healthy with every slot free."""
+    import asyncio
+
+    app = create_app(long_llm, max_batch=16, max_queue=64)
+    engine = app.state.engine
+
+    async def one(client, i: int) -> str:
+        body = {"model": "m", "messages": MSG, "max_tokens": 24, "temperature": 1.0, "seed": i, "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            events = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events += 1
+                    if i % 2 and events == 3:
+                        return "left"  # leaving the block closes the connection mid-stream
+                    if line == "data: [DONE]":
+                        return "done"
+        return "cut"
+
+    async def run(url: str) -> list[str]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    with background_server(app) as url:
+        outcomes = asyncio.run(run(url))
+        assert outcomes.count("done") == 32 and outcomes.count("left") == 32
+        wait_for(lambda: engine.active == 0 and engine.queued == 0, what="every slot to be free")
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["free_slots"] == health["max_batch"] == 16
+        assert engine.stats.completed == 32 and engine.stats.cancelled + engine.stats.completed == 64
+        assert engine.stats.failed == 0
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as c:  # still serving
+            assert c.chat.completions.create(model="m", messages=MSG, max_tokens=3).usage.completion_tokens == 3

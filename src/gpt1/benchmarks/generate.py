@@ -1,11 +1,15 @@
-"""Decode speed: gpt1's KV-cache loop against recomputing the whole context for every token
-(nanoGPT's `generate`) and against `transformers`' `GPT2LMHeadModel.generate` with the same
-weights, greedy, measured in the same run and reported as ratios.
+"""Decode speed: gpt1's engine against recomputing the whole context for every token (nanoGPT's
+`generate`) and against `transformers`' `GPT2LMHeadModel.generate` with the same weights
+(on a GPU also with its static cache), greedy, measured in the same run and reported as
+ratios: `gpt1_speedup` (the other's time over gpt1's) and `vs_gpt1_batch1` (the engine's
+tokens/s at this batch size over its tokens/s for one sequence).
 
 The model has random weights (speed does not depend on them) with the special tokens' output
 rows pushed down, so that every run generates exactly `new_tokens` tokens. The full run uses
-the reference model (257M parameters) on a GPU and the `small` preset on a CPU; `quick` uses
-the `tiny` preset. Times are the best of 3 runs (1 for the slow recomputing baseline).
+the reference model (257M parameters, bf16, batches 1 and 32) on a GPU and the `small` preset
+(fp32, batches 1 and 16) on a CPU; `quick` uses the `tiny` preset. The engine is warm (on a
+GPU its decode step is captured as CUDA graphs in the warm-up). Times are the best of 3 runs
+(1 for the slow recomputing baseline, run at batch 1 only).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, _byte_level_chars
 from gpt1.formats.hf import hf_config_dict, to_hf_state_dict
-from gpt1.inference.generate import generate_batch
+from gpt1.inference.engine import Engine
 
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
@@ -85,50 +89,65 @@ def _timed(fn, device: torch.device, repeats: int):
     return best, result
 
 
+def engine_generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Token ids of each prompt, all submitted at once to a warm engine and stepped to the end."""
+    requests = engine.submit(prompts, params, lambda i: lambda item: None)
+    while engine.busy:
+        engine.step()
+    return [r.state.token_ids for r in requests]
+
+
 def run(quick: bool = False) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
     if quick:
         config, prompt_len, new_tokens, batches = ModelConfig.preset("tiny"), 32, 32, [1, 4]
     else:
         # Recomputing the context of the 257M model for every token takes hours on a CPU.
-        gpu = device.type == "cuda"
         config = ModelConfig.preset("gpt1" if gpu else "small")
-        prompt_len, new_tokens, batches = 128, 256 if gpu else 128, [1, 8]
+        prompt_len, new_tokens, batches = 128, 256 if gpu else 128, [1, 32] if gpu else [1, 16]
+    dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
     repeats = 3
     tokenizer = synthetic_tokenizer(config.vocab_size)
-    model = benchmark_model(config, tokenizer.special_ids, device)
-    hf = to_transformers(model, tokenizer)
+    model = benchmark_model(config, tokenizer.special_ids, device).to(dtype)
+    hf = to_transformers(model, tokenizer).to(dtype)
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
-    label = f"{config.n_layer}x{config.n_embd} ({model.num_params() / 1e6:.0f}M)"
-    rows = []
+    label = f"{config.n_layer}x{config.n_embd} ({model.num_params() / 1e6:.0f}M, {str(dtype).removeprefix('torch.')})"
+    rows, batch1_tps = [], None
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         idx = torch.randint(len(SPECIAL_TOKENS), config.vocab_size, (batch, prompt_len), generator=g).to(device)
         prompts = idx.tolist()
+        engine = Engine(model, tokenizer, max_batch=batch, max_queue=0, prefill_chunk=prompt_len * batch)
 
         def ours():
-            return torch.tensor([c.token_ids for c in generate_batch(model, tokenizer, prompts, params)], device=device)
+            return torch.tensor(engine_generate(engine, prompts, params), device=device)
 
-        def theirs():
+        def theirs(**kwargs):
             with torch.inference_mode():
                 out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens,
-                                  do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_id)
+                                  do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_id, **kwargs)
             return out[:, prompt_len:]
 
-        for fn in (ours, theirs):  # warm-up: kernels, allocator
+        implementations = {"gpt1 engine": ours, "transformers generate": theirs}
+        if gpu:  # the fast transformers path (a CUDA-graph-friendly cache); its default cache elsewhere
+            implementations["transformers generate (static cache)"] = lambda: theirs(cache_implementation="static")
+        for fn in implementations.values():  # warm-up: kernels, allocator, graph capture
             fn()
-        results = {
-            "gpt1 (KV cache)": _timed(ours, device, repeats),
-            "recompute context (nanoGPT)": _timed(lambda: recompute_generate(model, idx, new_tokens), device, 1),
-            "transformers generate": _timed(theirs, device, repeats),
-        }
-        reference = results["gpt1 (KV cache)"]
+        results = {name: _timed(fn, device, repeats) for name, fn in implementations.items()}
+        if batch == 1:  # quadratic: minutes at larger batches
+            results["recompute context (nanoGPT)"] = _timed(lambda: recompute_generate(model, idx, new_tokens), device, 1)
+        reference = results["gpt1 engine"]
         for name, (seconds, tokens) in results.items():
+            tps = batch * new_tokens / seconds
+            if name == "gpt1 engine" and batch == 1:
+                batch1_tps = tps
             rows.append({
                 "batch": batch, "implementation": name, "model": label, "device": device.type,
                 "prompt": prompt_len, "new_tokens": new_tokens,
-                "tokens_per_s": batch * new_tokens / seconds,
+                "tokens_per_s": tps,
                 "gpt1_speedup": seconds / reference[0],
+                "vs_gpt1_batch1": tps / batch1_tps if name == "gpt1 engine" and batch1_tps else None,
                 "same_tokens_as_gpt1": bool(torch.equal(tokens.to(device), reference[1])),
             })
     return rows

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
 import gpt1
-from gpt1.cli.generate_cmd import add_model_flags, add_sampling_flags, sampling_params_from_args
+from gpt1.cli.generate_cmd import add_model_flags, add_sampling_flags, sampling_params_from_args, warn_if_capped
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import KNOB_RANGES, preset
 from gpt1.inference import generate as gen
+from gpt1.inference.decoding import chat_prompt_ids
 
 PRESET_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 HELP = """commands:
@@ -60,6 +62,16 @@ def parse_knob(params, name: str, value: str):
     return params.override(**{name: parsed})
 
 
+def knob_text(value) -> str:
+    if value is None:
+        return "random"  # the only knob that can be None is the seed
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):  # stop strings, shown with \n-style escapes as /set takes them
+        return " ".join(json.dumps(s, ensure_ascii=False) for s in value) if value else "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 class ChatSession:
     """The state of a terminal chat: knobs, system message and history, and its commands."""
 
@@ -85,6 +97,10 @@ class ChatSession:
             if knob:
                 self.params = parse_knob(self.params, knob, value.strip())
             print(f"({self.describe()})", file=sys.stderr)
+            block = self.llm.config.block_size
+            if self.params.max_new_tokens >= block:
+                info(f"(max_new_tokens {self.params.max_new_tokens} does not fit the {block}-token context, which also "
+                     "holds the conversation: a reply ends at the context limit)")
         elif name == "preset":
             # A preset sets how tokens are chosen; length, stop strings and seed stay as they are.
             chosen = preset(rest)
@@ -98,18 +114,21 @@ class ChatSession:
         return True
 
     def describe(self) -> str:
-        return ", ".join(f"{f.name} {getattr(self.params, f.name)!r}" for f in dataclasses.fields(self.params))
+        """The knobs as a user types them: `stop none`, `seed random`, `truncate_prompt on`."""
+        return ", ".join(f"{f.name} {knob_text(getattr(self.params, f.name))}" for f in dataclasses.fields(self.params))
 
-    def reply(self, text: str, out=sys.stdout) -> str:
-        """Stream the reply to `text` to `out`; keeps history within the context."""
+    def reply(self, text: str, out=None) -> str:
+        """Stream the reply to `text` to `out` (default: the current stdout); keeps history within the context."""
+        out = out or sys.stdout
         self.history.append({"role": "user", "content": text})
         system = [{"role": "system", "content": self.system}] if self.system else []
         try:
-            ids, dropped = gen.chat_prompt_ids(self.llm.tokenizer, system + self.history,
-                                               self.llm.config.block_size, self.params)
+            ids, dropped = chat_prompt_ids(self.llm.tokenizer, system + self.history,
+                                           self.llm.config.block_size, self.params)
         except Gpt1Error:
             self.history.pop()
             raise
+        warn_if_capped(self.params, len(ids), self.llm.config.block_size)
         if dropped:
             del self.history[:dropped]
             info(f"(dropped the {dropped} oldest message(s) to fit the {self.llm.config.block_size}-token context)")

@@ -11,6 +11,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import PRESETS, SamplingParams, preset
 from gpt1.inference import generate as gen
+from gpt1.inference.decoding import chat_prompt_ids, fit_prompt, new_token_limit
 
 # flag -> (SamplingParams field, type, help); defaults are SamplingParams' own.
 KNOB_FLAGS = {
@@ -60,6 +61,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1, mps (default: the best available)")
 
 
+def warn_if_capped(params: SamplingParams, prompt_tokens: int, block_size: int) -> None:
+    """Say so when max_new_tokens cannot be reached: the context ends generation earlier."""
+    limit = new_token_limit(prompt_tokens, block_size, params)
+    if limit < params.max_new_tokens:
+        warn(f"max_new_tokens {params.max_new_tokens} does not fit: the context is {block_size} tokens and the prompt "
+             f"takes {prompt_tokens}, so generation stops after at most {limit} tokens")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="generate a completion (or a chat reply) with every sampling knob, streamed",
@@ -87,9 +96,10 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
         messages.append({"role": "user", "content": prompt})
-        ids, _ = gen.chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params)
+        ids, _ = chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params)
     else:
         ids = llm.tokenizer.encode(prompt)
+    warn_if_capped(params, len(fit_prompt(ids, llm.config.block_size, params)), llm.config.block_size)
     start = time.perf_counter()
     text_end = "\n"
     for chunk in gen.stream(llm.model, llm.tokenizer, ids, params):

@@ -23,16 +23,29 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="the model dir to serve")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; 127.0.0.1 is this machine only, 0.0.0.0 is every interface "
-                             "(then set an API key); default: %(default)s")
+                             "(then set an API key). Without an API key, a server on a loopback address answers "
+                             "only requests addressed to localhost, 127.0.0.1 or [::1] (403 otherwise), so that "
+                             "a web page cannot reach it by DNS rebinding; default: %(default)s")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on every /v1 request (default: ${API_KEY_ENV} "
                              "if set, else no key)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: the best available)")
-    parser.add_argument("--max-active", type=int, default=None,
-                        help="requests generating at once, interleaved token by token (default: the server's)")
-    parser.add_argument("--max-queue", type=int, default=None,
-                        help="requests waiting beyond those; more get 503 (default: the server's)")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="requests generating at once, decoded together in one batch; the KV cache for "
+                             "that many full contexts is allocated at start (its size is printed) "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for a free slot beyond those; more get 503, and a single request "
+                             "with more prompts than max-batch + max-queue gets 400 (default: %(default)s)")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="most prompt tokens prefilled per engine step, so that a long prompt does not stall "
+                             "the other streams (default: %(default)s)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="on CUDA, do not capture the decode step as CUDA graphs")
+    parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a request body must arrive within this time, else 408 and the connection is closed "
+                             "(default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level; info includes the access log (default: %(default)s)")
     parser.set_defaults(func=serve_command)
@@ -46,9 +59,19 @@ def serve_command(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise Gpt1Error(f"--port must be in [0, 65535], got {args.port}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--prefill-chunk", args.prefill_chunk, 1)):
+        if value < low:
+            raise Gpt1Error(f"{flag} must be >= {low}, got {value}")
+    if not args.body_timeout > 0:
+        raise Gpt1Error(f"--body-timeout must be > 0 seconds, got {args.body_timeout}")
     llm = gpt1.load(args.model, device=args.device)
-    limits = {k: v for k, v in (("max_active", args.max_active), ("max_queue", args.max_queue)) if v is not None}
-    app = create_app(llm, api_key=api_key, **limits)
+    app = create_app(llm, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs,
+                     body_timeout_s=args.body_timeout)
+    engine = app.state.engine
+    info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "
+         f"{engine.kv_bytes / 2**20:,.1f} MiB on {engine.device} (--max-batch {engine.max_batch})")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:

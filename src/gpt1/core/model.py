@@ -1,6 +1,6 @@
 """The GPT model: a GPT-2-style decoder-only transformer with a KV cache.
 
-Reads top to bottom: `KVCache`, `CausalSelfAttention`, `MLP`, `Block`, `GPT`.
+Reads top to bottom: `KVCache`, `SlotCache`, `CausalSelfAttention`, `MLP`, `Block`, `GPT`.
 Parameter names and layouts match Hugging Face's `GPT2LMHeadModel` one to one (ours are
 `nn.Linear`, theirs `Conv1D`, so a weight is transposed on the way across): learned
 positions, pre-LayerNorm, tanh-approximated GELU ("gelu_new"), biases everywhere but the
@@ -53,6 +53,54 @@ class KVCache:
         self.v = self.v[:, keep]
 
 
+class SlotCache:
+    """A preallocated pool of cache rows ("slots") for continuous batching: rows hold unrelated
+    sequences, each at its own length, and one forward serves several of them.
+
+    `prepare(rows, positions, key_len)` points the next forward at `rows` (a slice of the pool,
+    or a tensor of row indices) with `positions` (B, T): the position of each new token, where
+    its key/value is written and which query sees the keys at positions <= its own (a per-row
+    causal mask over keys [0, key_len)). Keys beyond a row's length hold stale data from earlier
+    sequences; the mask hides them until the row overwrites them. A padding token can be given
+    the last position, `max_len - 1`, which no row holds while it still has tokens to feed.
+    """
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or config.block_size
+        shape = (config.n_layer, slots, config.n_head, self.max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.positions: torch.Tensor | None = None  # (B, T), read by GPT.forward
+        self.mask: torch.Tensor | None = None  # (B, 1, T, key_len)
+        self._rows: slice | torch.Tensor = slice(0, 0)
+        self._row_index: torch.Tensor | None = None
+        self._key_len = 0
+
+    def prepare(self, rows: slice | torch.Tensor, positions: torch.Tensor, key_len: int | None = None) -> None:
+        self._key_len = key_len or self.max_len
+        self._rows = rows
+        self._row_index = torch.arange(positions.size(0), device=positions.device)[:, None]
+        self.positions = positions
+        self.mask = torch.arange(self._key_len, device=positions.device) <= positions[:, None, :, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self._rows, slice):  # a view: written in place, read without a copy
+            keys, values = self.k[layer, self._rows], self.v[layer, self._rows]
+            keys[self._row_index, :, self.positions] = k.transpose(1, 2)
+            values[self._row_index, :, self.positions] = v.transpose(1, 2)
+            return keys[:, :, :self._key_len], values[:, :, :self._key_len]
+        rows = self._rows[:, None]
+        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
+        return self.k[layer, self._rows, :, :self._key_len], self.v[layer, self._rows, :, :self._key_len]
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (the engine keeps its live rows contiguous)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -65,7 +113,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | SlotCache | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
@@ -107,7 +155,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | SlotCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -163,7 +212,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
@@ -171,7 +220,8 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, (logits, loss).
 
         `targets` uses IGNORE_INDEX (-100) for positions excluded from the loss.
-        `cache` continues from the positions it already holds. `positions` (B, T) overrides the
+        `cache` continues from the positions it already holds (a `SlotCache` brings its own
+        per-row positions and mask: call its `prepare` first). `positions` (B, T) overrides the
         default positions (needed for left-padded batches); `attention_mask` (B, S) marks with
         True/1 the keys a row may attend to, S = cached + new positions (0 for padding).
         `last_only` returns the logits of the last position only, (B, 1, vocab): all that
@@ -179,12 +229,15 @@ class GPT(nn.Module):
         rest of a prompt.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if positions is None:
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
-            positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
-        mask = self._attention_mask(T, start, attention_mask, idx.device)
+        if isinstance(cache, SlotCache):
+            positions, mask = cache.positions, cache.mask
+        else:
+            start = cache.length if cache is not None else 0
+            if positions is None:
+                if start + T > self.config.block_size:
+                    raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
+                positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
+            mask = self._attention_mask(T, start, attention_mask, idx.device)
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for block in self.transformer.h:
@@ -192,7 +245,7 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask, cache)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.length += T
         if last_only:
             x = x[:, -1:]

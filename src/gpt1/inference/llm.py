@@ -16,6 +16,7 @@ from gpt1.core.sampling_params import preset as named_preset
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.formats.modeldir import load_model
 from gpt1.inference import generate as gen
+from gpt1.inference.decoding import chat_prompt_ids
 
 
 def default_device() -> torch.device:
@@ -36,8 +37,11 @@ class LLM:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LLM":
+        """The model in `dtype` (default: bfloat16 on a GPU that supports it, else the saved dtype)."""
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
+        if dtype is None and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16  # inference on a GPU: half the memory traffic, fp32's range
         model = load_model(path, device=device, dtype=dtype)
         return cls(model=model, tokenizer=Tokenizer.load(path), path=path)
 
@@ -49,7 +53,7 @@ class LLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # ---- generation (gpt1.inference.generate); knobs are SamplingParams fields, or preset="qa" ---------
+    # ---- generation (gpt1.inference.generate, through the engine); knobs are SamplingParams fields, or preset="qa" ---------
     @property
     def is_chat_model(self) -> bool:
         """Whether the dir has the chat template (a fine-tuned model). A base model given a
@@ -79,7 +83,7 @@ class LLM:
     def chat_stream(self, messages: list[dict[str, str]], **knobs) -> Iterator[str]:
         """Like `chat`, yielding text pieces as they are produced."""
         params = self.sampling_params(**knobs)
-        ids, _ = gen.chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params)
+        ids, _ = chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params)
         for chunk in gen.stream(self.model, self.tokenizer, ids, params):
             if chunk.text:
                 yield chunk.text

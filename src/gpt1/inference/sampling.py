@@ -4,11 +4,18 @@ Applied in this order, the order of Hugging Face `generate` and llama.cpp:
 
     repeat penalty -> temperature -> top-k -> top-p -> min-p -> sample
 
-Each function takes logits of shape (batch, vocab) and returns new ones; the semantics are
-those of `transformers`' RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-TopKLogitsWarper, TopPLogitsWarper and MinPLogitsWarper (the tests check they are identical).
-Temperature 0 means greedy: the most likely token after the repeat penalty; top-k, top-p and
-min-p then change nothing and are skipped. A filtered-out token gets the logit -inf.
+Each function takes logits of shape (batch, vocab) and returns new ones. A knob is one value
+for every row or a tensor with one value per row (the engine batches requests with different
+knobs); a row at the knob's neutral value (penalty 1, top-k 0, top-p 1, min-p 0) is returned
+unchanged. The semantics are those of `transformers`' RepetitionPenaltyLogitsProcessor,
+TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper and MinPLogitsWarper (the tests
+check they are identical). Temperature 0 means greedy: the most likely token after the repeat
+penalty. A filtered-out token gets the logit -inf.
+
+Every accepted knob value gives finite probabilities, in one place per knob: an extreme repeat
+penalty saturates at float32's largest logit, and a row that a tiny temperature makes overflow
+takes the limit of its distribution (its most likely tokens). `sample` never picks a
+filtered-out token.
 """
 
 from __future__ import annotations
@@ -17,72 +24,116 @@ from typing import Sequence
 
 import torch
 
+Knob = float | int | torch.Tensor
 
-def apply_repeat_penalty(logits: torch.Tensor, window: torch.Tensor, penalty: float) -> torch.Tensor:
+
+def _per_row(value: Knob, logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A knob as a (batch, 1) column."""
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor(value, dtype=dtype)
+    return value.to(device=logits.device, dtype=dtype).reshape(-1, 1).expand(logits.size(0), 1)
+
+
+def apply_repeat_penalty(logits: torch.Tensor, window: torch.Tensor, penalty: Knob) -> torch.Tensor:
     """Penalise every token id present in `window` (batch, n), as in the CTRL paper: a positive
     logit is divided by `penalty`, a negative one multiplied by it. Ids >= vocab size in the
-    window are ignored (the decode loop marks padding that way)."""
+    window are ignored (the engine marks padding and positions outside a row's window that way)."""
     vocab = logits.size(-1)
+    penalty = _per_row(penalty, logits)
     present = torch.zeros(logits.size(0), vocab + 1, dtype=torch.bool, device=logits.device)
     present.scatter_(1, window.clamp(max=vocab), True)
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    # An extreme penalty overflows (or divides 0 by a penalty that float32 rounds to 0): keep it finite.
+    limit = torch.finfo(logits.dtype).max
+    penalised = penalised.nan_to_num(nan=0.0, posinf=limit, neginf=-limit)
     return torch.where(present[:, :vocab], penalised, logits)
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide by the temperature (> 0): below 1 sharpens the distribution, above 1 flattens it."""
-    return logits / temperature
+def apply_temperature(logits: torch.Tensor, temperature: Knob) -> torch.Tensor:
+    """Divide by the temperature (> 0): below 1 sharpens the distribution, above 1 flattens it.
+    A row that overflows (a tiny temperature) becomes its limit: its most likely tokens only."""
+    scaled = logits / _per_row(temperature, logits)
+    overflow = ~torch.isfinite(scaled).all(dim=-1, keepdim=True)
+    if not overflow.any():
+        return scaled
+    top = logits == logits.amax(dim=-1, keepdim=True)
+    limit = torch.zeros_like(logits).masked_fill(~top, float("-inf"))
+    return torch.where(overflow, limit, scaled)
 
 
-def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep the `top_k` largest logits (and any tied with the k-th)."""
-    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def apply_top_k(logits: torch.Tensor, top_k: Knob) -> torch.Tensor:
+    """Keep the `top_k` largest logits (and any tied with the k-th); 0 keeps all."""
+    vocab = logits.size(-1)
+    k = _per_row(top_k, logits, torch.long).clamp(max=vocab)
+    largest = int(k.max())
+    if largest == 0:
+        return logits
+    values = torch.topk(logits, largest, dim=-1).values
+    kth = values.gather(1, (k - 1).clamp(min=0))
+    return torch.where((logits < kth) & (k > 0), float("-inf"), logits)
 
 
-def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, top_p: Knob) -> torch.Tensor:
     """Nucleus sampling: keep the most likely tokens whose probabilities sum to at least `top_p`
-    (always at least one)."""
+    (always at least one); 1 keeps all."""
+    top_p = _per_row(top_p, logits)
     sorted_logits, sorted_idx = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= 1 - top_p
     remove_sorted[..., -1:] = False
-    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted) & (top_p < 1)
     return logits.masked_fill(remove, float("-inf"))
 
 
-def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+def apply_min_p(logits: torch.Tensor, min_p: Knob) -> torch.Tensor:
     """Keep tokens whose probability is at least `min_p` times that of the most likely token."""
     probs = logits.softmax(dim=-1)
-    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    remove = probs < _per_row(min_p, logits) * probs.amax(dim=-1, keepdim=True)
     remove.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
     return logits.masked_fill(remove, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, window: torch.Tensor | None, *, temperature: float, top_k: int = 0,
-                   top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0) -> torch.Tensor:
-    """All processors in the documented order; the neutral value of a knob skips its step
-    (repeat_penalty 1, top_k 0, top_p 1, min_p 0; temperature 0 = greedy skips the rest)."""
+def _any(knob: Knob, neutral: float) -> bool:
+    """Whether some row's knob differs from its neutral value (else the step is skipped)."""
+    if isinstance(knob, torch.Tensor):
+        return bool((knob != neutral).any())
+    return knob != neutral
+
+
+def process_logits(logits: torch.Tensor, window: torch.Tensor | None, *, temperature: Knob, top_k: Knob = 0,
+                   top_p: Knob = 1.0, min_p: Knob = 0.0, repeat_penalty: Knob = 1.0) -> torch.Tensor:
+    """All processors in the documented order. A greedy row (temperature 0) gets only the repeat
+    penalty: `sample` takes its argmax. A step that no row uses is skipped."""
     logits = logits.float()
-    if repeat_penalty != 1.0 and window is not None and window.numel():
+    if window is not None and window.numel() and _any(repeat_penalty, 1.0):
         logits = apply_repeat_penalty(logits, window, repeat_penalty)
-    if temperature == 0:
+    if not _any(temperature, 0.0):
         return logits
-    logits = apply_temperature(logits, temperature)
-    if top_k > 0:
-        logits = apply_top_k(logits, top_k)
-    if top_p < 1.0:
-        logits = apply_top_p(logits, top_p)
-    if min_p > 0.0:
-        logits = apply_min_p(logits, min_p)
-    return logits
+    greedy = _per_row(temperature, logits) == 0
+    processed = apply_temperature(logits, torch.where(greedy, 1.0, _per_row(temperature, logits)))
+    if _any(top_k, 0):
+        processed = apply_top_k(processed, top_k)
+    if _any(top_p, 1.0):
+        processed = apply_top_p(processed, top_p)
+    if _any(min_p, 0.0):
+        processed = apply_min_p(processed, min_p)
+    return torch.where(greedy, logits, processed) if greedy.any() else processed
 
 
-def sample(logits: torch.Tensor, temperature: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token id per row of processed logits (batch,): argmax when temperature is 0, else a
-    draw from the softmax with that row's own generator, so that a seeded row gives the same
-    tokens whether it runs alone or in a batch, and concurrent requests share no RNG state."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def sample(logits: torch.Tensor, temperature: Knob, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token id per row of processed logits (batch,): argmax where the temperature is 0, else
+    a draw from the softmax with one uniform number from that row's own generator, so that a
+    seeded row gives the same tokens whatever else is in the batch and concurrent requests share
+    no RNG state. All rows are sampled in one batched call (inverse CDF)."""
+    greedy_ids = logits.argmax(dim=-1)
+    if not _any(temperature, 0.0):
+        return greedy_ids
     probs = logits.softmax(dim=-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    uniform = torch.stack([torch.rand((), generator=g) if g is not None else torch.zeros(())
+                           for g in generators]).to(probs.device)
+    cdf = probs.cumsum(dim=-1)
+    ids = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp(max=probs.size(-1) - 1)
+    # Rounding can land on a token of probability 0 at the very end: take the last possible one.
+    last_possible = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    ids = torch.where(probs.gather(1, ids) > 0, ids, last_possible)[:, 0]
+    return torch.where(_per_row(temperature, logits)[:, 0] == 0, greedy_ids, ids)

@@ -4,11 +4,10 @@
     app = create_app(gpt1.load("runs/chat"), api_key="sekrit")
     with background_server(app) as url: ...   # or `gpt1 serve --model runs/chat`
 
-Needs the `serve` extra (FastAPI + uvicorn).
+Needs the `serve` extra (FastAPI + uvicorn). Generation runs in `gpt1.inference.engine`.
 """
 
 from gpt1.serve.app import create_app
-from gpt1.serve.engine import Engine, QueueFull
 from gpt1.serve.server import background_server, bind, serve
 
-__all__ = ["Engine", "QueueFull", "background_server", "bind", "create_app", "serve"]
+__all__ = ["background_server", "bind", "create_app", "serve"]

@@ -1,0 +1,141 @@
+"""What a request's tokens become, and how its prompt is fitted: the rules of generation, in
+one place (the engine applies them to every row).
+
+- Generation stops at `[EOS]` or any other special token (a role marker means the model began
+  a new turn) or when the text contains a stop string: finish reason "stop". The stop token
+  and the stop string are not part of the text. It also stops after `max_new_tokens` or at the
+  context limit (`block_size` positions): finish reason "length". A cancelled request ends at
+  the next engine step: finish reason "cancelled".
+- A prompt that does not leave room for `max_new_tokens` keeps its most recent tokens: at most
+  `block_size - max_new_tokens`, but never fewer than half the context (a request for more
+  tokens than that then ends at the context limit). `truncate_prompt=False` refuses such a
+  prompt instead. An empty prompt starts from `[EOS]`, the boundary between documents.
+- Text is streamed as complete UTF-8 characters (byte-level BPE may split one across tokens),
+  and any text that may be the start of a stop string is held back until it is not.
+- The repeat penalty looks at the last `repeat_last_n` tokens of the context (prompt included).
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import Sequence
+
+from gpt1.core.chat_template import encode_chat, validate_messages
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.tokenizer import Tokenizer
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of text: complete UTF-8 characters only."""
+
+    text: str
+    finish_reason: str | None = None  # on the last chunk: "stop", "length" or "cancelled"
+    prompt_tokens: int = 0  # prompt tokens the model saw (after any truncation)
+    completion_tokens: int = 0  # tokens generated so far, the stop token included
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated tokens, without the special token that stopped them
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def new_token_limit(prompt_tokens: int, block_size: int, params: SamplingParams) -> int:
+    """How many tokens a fitted prompt can get: max_new_tokens, capped by the context left."""
+    return min(params.max_new_tokens, block_size - prompt_tokens)
+
+
+def prompt_budget(block_size: int, params: SamplingParams) -> int:
+    """How many prompt tokens generation keeps (see the module docstring for the rule)."""
+    if not params.truncate_prompt:
+        return block_size - params.max_new_tokens
+    return max(block_size - params.max_new_tokens, block_size // 2)
+
+
+def fit_prompt(prompt_ids: Sequence[int], block_size: int, params: SamplingParams) -> list[int]:
+    """The prompt as the model will see it: its most recent tokens, or a Gpt1Error when it does
+    not fit and `params.truncate_prompt` is False."""
+    budget = prompt_budget(block_size, params)
+    if len(prompt_ids) <= budget:
+        return list(prompt_ids)
+    if not params.truncate_prompt:
+        raise Gpt1Error(
+            f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceed the "
+            f"context of {block_size} tokens; shorten the prompt, lower max_new_tokens, or allow truncation"
+        )
+    return list(prompt_ids[len(prompt_ids) - budget:])
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], block_size: int,
+                    params: SamplingParams) -> tuple[list[int], int]:
+    """Token ids of a chat prompt and how many of the oldest messages were dropped to fit the
+    context: the system message stays, the oldest turns go first, and the conversation then
+    starts with a user turn. With `truncate_prompt=False` nothing is dropped."""
+    messages = validate_messages(messages)
+    ids = encode_chat(tokenizer, messages)
+    if not params.truncate_prompt:
+        return ids, 0
+    budget = prompt_budget(block_size, params)
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    dropped = 0
+    while len(ids) > budget and len(turns) > 1:
+        turns.pop(0)
+        dropped += 1
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns.pop(0)
+            dropped += 1
+        ids = encode_chat(tokenizer, system + turns)
+    return ids, dropped
+
+
+class TextState:
+    """One sequence's tokens turned into text pieces: an incremental UTF-8 decoder (byte-level
+    BPE may split a character across tokens) plus stop strings, holding back any text that may
+    be the start of one so that a stop string never reaches the caller."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], prompt_tokens: int, limit: int):
+        self._to_bytes = tokenizer.id_to_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = stop
+        self._pending = ""
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+        self.token_ids: list[int] = []
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        self.completion_tokens += 1
+        self._pending += self._decoder.decode(self._to_bytes([token_id]))
+        hits = [i for s in self._stop if (i := self._pending.find(s)) >= 0]
+        if hits:
+            text, self._pending = self._pending[:min(hits)], ""
+            self.finish_reason = "stop"
+            return text
+        hold = max((k for s in self._stop for k in range(1, len(s)) if self._pending.endswith(s[:k])), default=0)
+        cut = len(self._pending) - hold
+        text, self._pending = self._pending[:cut], self._pending[cut:]
+        if len(self.token_ids) >= self.limit:
+            text += self.finish("length")
+        return text
+
+    def finish(self, reason: str) -> str:
+        text, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
+        self.finish_reason = reason
+        return text
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int, eos_id: int, where: str) -> list[int]:
+    ids = list(prompt_ids)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise Gpt1Error(f"{where}: token id {t!r} is outside the vocabulary [0, {vocab_size})")
+    return ids or [eos_id]

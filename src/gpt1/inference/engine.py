@@ -1,0 +1,498 @@
+"""The batching engine: every generation in gpt1 (the server, `gpt1 chat`, `generate`,
+`generate_batch`, `stream` and the Python API) runs through it.
+
+Continuous batching over a fixed pool of KV-cache slots (`max_batch` rows of `block_size`
+positions, allocated once). Each `step()`:
+
+1. drops cancelled requests (their slot is free at once) and admits waiting ones into free slots;
+2. prefills prompts in one forward, at most `prefill_chunk` prompt tokens per step in all, so
+   that a long prompt is cut into chunks and never stalls the other streams for its whole prefill;
+3. runs ONE batched forward for every row that has a token to feed, each at its own position,
+   with a per-row causal mask over its slot (`SlotCache`);
+4. chooses the next token of every row in one batched call (each row its own knobs and its
+   own seeded generator, so a seeded request gives the same tokens whatever shares the
+   batch), brings the ids to the host once (the step's one sync), and turns them into text
+   by the rules of `gpt1.inference.decoding` (stop tokens, stop strings, max tokens, UTF-8).
+
+A finished, cancelled or failed row frees its slot at once; live rows are kept contiguous
+(the last row moves into a freed slot) so that the batched forward reads a slice of the pool.
+A request is validated in `submit`, before it can enter the batch; an exception while
+handling one row ends that request with the error and the others go on.
+
+On CUDA the decode step runs in batch-size buckets (powers of two) over the whole pool, shapes
+that never change, and with `cuda_graphs=True` each bucket's step is captured once as a CUDA
+graph and replayed (untested on a GPU so far). Each request's output goes to its `sink`: a
+`Chunk` per piece of text (the last one carries the finish reason), or the exception that
+ended it. The engine can be driven by the caller (`step()` until `busy` is false: what
+`generate` does) or by its own worker thread (`start()`: what the server does).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.model import GPT, SlotCache
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.tokenizer import Tokenizer
+from gpt1.inference.decoding import Chunk, TextState, check_prompt, fit_prompt, new_token_limit
+from gpt1.inference.sampling import process_logits, sample
+
+Sink = Callable[["Chunk | BaseException"], None]
+RATE_WINDOW_S = 10.0  # tokens/s in /health is measured over this many seconds
+
+
+class QueueFull(Gpt1Error):
+    """Every slot and queue place is taken right now (the server answers 503)."""
+
+
+class TooLarge(Gpt1Error):
+    """A submission with more prompts than the engine can ever hold (the server answers 400)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate. `sink` receives its Chunks, or the exception that ended it."""
+
+    prompt_ids: list[int]  # as the model sees it (fitted to the context)
+    params: SamplingParams
+    sink: Sink
+    state: TextState
+    generator: torch.Generator | None  # None: greedy
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    row: int = -1  # its slot while in the batch
+    length: int = 0  # positions of its slot that hold its keys and values
+    next_token: int | None = None  # sampled, to be fed at the next decode step
+
+    def cancel(self) -> None:
+        """Stop this request at the next step (a no-op once it has finished)."""
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    @property
+    def prefilling(self) -> bool:
+        return self.length < len(self.prompt_ids)
+
+
+@dataclass
+class EngineStats:
+    submitted: int = 0
+    completed: int = 0  # ended with a finish reason "stop" or "length"
+    cancelled: int = 0  # stopped early by Request.cancel (e.g. a client disconnect)
+    failed: int = 0  # ended by an exception
+    rejected: int = 0  # refused: queue full or larger than the engine
+    tokens: int = 0  # completion tokens generated, cancelled requests included
+    steps: int = 0
+
+
+def kv_cache_bytes(model: GPT, max_batch: int) -> int:
+    """Memory of the slot pool: keys and values of every layer for max_batch x block_size positions."""
+    c = model.config
+    itemsize = next(model.parameters()).element_size()
+    return 2 * c.n_layer * max_batch * c.n_head * c.block_size * c.head_size * itemsize
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    # On the CPU whatever the model's device: one draw per row and step, and the same seed
+    # gives the same draws on every machine.
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+class Engine:
+    """Generates for many requests at once on one model. See the module docstring."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, *, max_batch: int = 8, max_queue: int = 64,
+                 prefill_chunk: int = 256, cuda_graphs: bool = True):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise Gpt1Error(f"engine: max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
+                            f"{max_batch}, {prefill_chunk} and {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        first = next(model.parameters())
+        self.device = first.device
+        self.kv_bytes = kv_cache_bytes(model, max_batch)
+        available = free_memory(self.device)
+        if available is not None and self.kv_bytes > available:
+            raise Gpt1Error(f"max_batch {max_batch}: the KV cache needs {_gib(self.kv_bytes)} "
+                            f"({max_batch} x {self.config.block_size} positions) but only {_gib(available)} is free "
+                            f"on {self.device}; lower max_batch")
+        try:
+            self.cache = SlotCache(self.config, max_batch, device=self.device, dtype=first.dtype)
+            # Each row's context (prompt + generated) for the repeat penalty; vocab_size = "no token".
+            self.tokens = torch.full((max_batch, self.config.block_size), self.config.vocab_size,
+                                     dtype=torch.long, device=self.device)
+        except torch.OutOfMemoryError:
+            raise Gpt1Error(f"max_batch {max_batch}: out of memory allocating the KV cache "
+                            f"({_gib(self.kv_bytes)}) on {self.device}; lower max_batch") from None
+        self.stop_ids = frozenset(tokenizer.special_ids)
+        self.stats = EngineStats()
+        self._rows: list[Request] = []  # _rows[i] is the request in slot i
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._graphs = _CudaGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
+
+    # ---- state, for /health, tests and benchmarks ----------------------------------------
+    @property
+    def active(self) -> int:
+        """Requests in the batch (prefilling or decoding)."""
+        return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a free slot."""
+        return len(self._waiting)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self._rows)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._rows or self._waiting)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens generated per second over the last RATE_WINDOW_S seconds."""
+        with self._lock:
+            self._forget_old_rate(time.monotonic())
+            return sum(n for _, n in self._rate) / RATE_WINDOW_S
+
+    # ---- submitting ---------------------------------------------------------------------------
+    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+               sink_for: Callable[[int], Sink], cancel: threading.Event | None = None) -> list[Request]:
+        """Queue a request per prompt (`sink_for(i)` receives prompt i's output), all or none.
+        Gpt1Error for an invalid prompt or knob (before anything is queued), TooLarge when
+        there are more prompts than `max_batch + max_queue`, QueueFull when they do not fit now.
+        `cancel`, when given, is the requests' cancel event (set it to stop them)."""
+        params = params.validate()
+        block, vocab = self.config.block_size, self.config.vocab_size
+        names = [f"prompt {i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
+        fitted = [fit_prompt(check_prompt(p, vocab, self.tokenizer.eos_id, name), block, params)
+                  for p, name in zip(prompts, names)]
+        capacity = self.max_batch + self.max_queue
+        if len(fitted) > capacity:
+            with self._lock:
+                self.stats.rejected += len(fitted)
+            raise TooLarge(f"{len(fitted)} prompts in one request, but this server holds at most {capacity} at once "
+                           f"({self.max_batch} generating + {self.max_queue} waiting); send at most {capacity}")
+        requests = [Request(ids, params, sink_for(i), TextState(self.tokenizer, params.stop, len(ids),
+                                                                  new_token_limit(len(ids), block, params)),
+                            _generator(params.seed) if params.temperature > 0 else None)
+                    for i, ids in enumerate(fitted)]
+        if cancel is not None:
+            for r in requests:
+                r.cancel_event = cancel
+        with self._lock:
+            if self._stopping:
+                raise Gpt1Error("the engine is shutting down")
+            if len(requests) > capacity - len(self._rows) - len(self._waiting):
+                self.stats.rejected += len(requests)
+                raise QueueFull(f"the server is busy ({len(self._rows)} requests generating, "
+                                f"{len(self._waiting)} waiting); retry later")
+            self._waiting.extend(requests)
+            self.stats.submitted += len(requests)
+            self._lock.notify_all()
+        return requests
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> None:
+        """Admit, prefill, decode and sample once (see the module docstring)."""
+        for request in [r for r in self._rows if r.cancelled]:
+            self._finish(request, "cancelled")
+        self._admit()
+        if not self._rows:
+            return
+        with torch.inference_mode():
+            pending = self._prefill()
+            pending += self._decode()
+            if not pending:
+                return
+            requests = [r for r, _ in pending]
+            next_ids = self._sample(requests, torch.stack([logits for _, logits in pending])).tolist()
+        for request, token in zip(requests, next_ids):
+            self._emit(request, token)
+        with self._lock:
+            self.stats.steps += 1
+            self.stats.tokens += len(next_ids)
+            self._rate.append((time.monotonic(), len(next_ids)))
+
+    def _admit(self) -> None:
+        with self._lock:
+            # A request cancelled while it waits leaves the queue now, not when a slot frees.
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+                self._end(request, "cancelled", Chunk(request.state.finish("cancelled"), "cancelled",
+                                                      len(request.prompt_ids), 0))
+            while self._waiting and len(self._rows) < self.max_batch:
+                request = self._waiting.popleft()
+                request.row, request.length = len(self._rows), 0
+                self._rows.append(request)
+                row = self.tokens[request.row]
+                row.fill_(self.config.vocab_size)
+                row[:len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+
+    def _prefill(self) -> list[tuple[Request, torch.Tensor]]:
+        """Feed the next prompt chunks, within the step's budget, in one forward; (request,
+        logits) of each prompt that is now complete. Shorter chunks are padded at the front
+        with tokens at the last position (which no prefilling row holds), so that every row's
+        last token is the forward's last column."""
+        chosen, budget = [], self.prefill_chunk
+        for request in self._rows:
+            if budget <= 0:
+                break
+            if request.prefilling:
+                chunk = request.prompt_ids[request.length:request.length + budget]
+                chosen.append((request, chunk))
+                budget -= len(chunk)
+        if not chosen:
+            return []
+        T, pad = max(len(chunk) for _, chunk in chosen), self.cache.max_len - 1
+        ids = [[0] * (T - len(chunk)) + chunk for _, chunk in chosen]
+        positions = [[pad] * (T - len(chunk)) + list(range(r.length, r.length + len(chunk))) for r, chunk in chosen]
+        try:
+            rows = torch.tensor([r.row for r, _ in chosen], device=self.device)
+            self.cache.prepare(rows, torch.tensor(positions, device=self.device),
+                               max(r.length + len(chunk) for r, chunk in chosen))
+            logits = self.model(torch.tensor(ids, device=self.device), cache=self.cache, last_only=True)[:, -1]
+        except Exception as e:  # noqa: BLE001 - a failed prefill fails its rows, not the engine
+            for request, _ in chosen:
+                self._fail(request, e)
+            return []
+        done = []
+        for i, (request, chunk) in enumerate(chosen):
+            request.length += len(chunk)
+            if not request.prefilling:
+                done.append((request, logits[i]))
+        return done
+
+    def _decode(self) -> list[tuple[Request, torch.Tensor]]:
+        """One forward for every row with a token to feed (rows still prefilling ride along:
+        what they write lies beyond their length, masked, and is overwritten by their prompt)."""
+        feeding = [r for r in self._rows if r.next_token is not None]
+        if not feeding:
+            return []
+        ids = [r.next_token if r.next_token is not None else 0 for r in self._rows]
+        starts = [r.length for r in self._rows]
+        try:
+            if self._graphs is not None:
+                logits = self._graphs.decode(ids, starts)
+            else:
+                self.cache.prepare(slice(0, len(ids)), torch.tensor(starts, device=self.device)[:, None], max(starts) + 1)
+                x = torch.tensor(ids, device=self.device)[:, None]
+                logits = self.model(x, cache=self.cache, last_only=True)[:, -1]
+        except Exception as e:  # noqa: BLE001 - a failed batch fails its rows, not the engine
+            for request in feeding:
+                self._fail(request, e)
+            return []
+        for request in feeding:
+            request.length += 1
+            request.next_token = None
+        return [(r, logits[r.row]) for r in feeding]
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each request: its own knobs, one batched call."""
+        params = [r.params for r in requests]
+        device = logits.device
+        rows = torch.tensor([r.row for r in requests], device=device)
+        window = None
+        if any(p.repeat_penalty != 1.0 and p.repeat_last_n != 0 for p in params):
+            # The window of each row: the last repeat_last_n tokens of its context (-1: all).
+            context = torch.tensor([len(r.prompt_ids) + r.state.completion_tokens for r in requests], device=device)
+            last_n = torch.tensor([p.repeat_last_n if p.repeat_last_n >= 0 else self.config.block_size
+                                   for p in params], device=device)
+            position = torch.arange(self.config.block_size, device=device)
+            inside = (position < context[:, None]) & (position >= (context - last_n)[:, None])
+            window = self.tokens[rows].masked_fill(~inside, self.config.vocab_size)
+
+        def knob(name: str, dtype=torch.float32) -> float | torch.Tensor:
+            values = [getattr(p, name) for p in params]
+            # One value for the whole batch (the common case) lets the processors skip neutral steps.
+            return values[0] if len(set(values)) == 1 else torch.tensor(values, dtype=dtype, device=device)
+
+        temperature = knob("temperature")
+        processed = process_logits(logits, window, temperature=temperature, top_k=knob("top_k", torch.long),
+                                   top_p=knob("top_p"), min_p=knob("min_p"), repeat_penalty=knob("repeat_penalty"))
+        next_ids = sample(processed, temperature, [r.generator for r in requests])
+        context = torch.tensor([len(r.prompt_ids) + r.state.completion_tokens for r in requests], device=device)
+        self.tokens[rows, context.clamp(max=self.config.block_size - 1)] = next_ids
+        return next_ids
+
+    def _emit(self, request: Request, token: int) -> None:
+        """Turn a sampled token into text for the request's sink; end it when it is done."""
+        state = request.state
+        try:
+            if token in self.stop_ids:
+                state.completion_tokens += 1
+                text = state.finish("stop")
+            else:
+                text = state.add(token)
+            if state.finish_reason is not None:
+                self._end(request, "completed", Chunk(text, state.finish_reason, len(request.prompt_ids),
+                                                      state.completion_tokens))
+                return
+            if text:
+                request.sink(Chunk(text, None, len(request.prompt_ids), state.completion_tokens))
+            request.next_token = token
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            self._fail(request, e)
+
+    # ---- ending a request ---------------------------------------------------------------------
+    def _finish(self, request: Request, reason: str) -> None:
+        state = request.state
+        self._end(request, "cancelled", Chunk(state.finish(reason), reason, len(request.prompt_ids),
+                                              state.completion_tokens))
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        self._end(request, "failed", error)
+
+    def _end(self, request: Request, outcome: str, last: Chunk | BaseException) -> None:
+        """Free the request's slot now (the last row moves into it), count it, tell its sink."""
+        with self._lock:
+            if request.row >= 0:
+                last_row = len(self._rows) - 1
+                moved = self._rows[last_row]
+                if moved is not request:
+                    self.cache.move(last_row, request.row)
+                    self.tokens[request.row] = self.tokens[last_row]
+                    self._rows[request.row], moved.row = moved, request.row
+                self._rows.pop()
+                request.row = -1
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        try:
+            request.sink(last)
+        except Exception:  # noqa: BLE001, S110 - a sink that fails at the end has nothing left to tell
+            pass
+
+    def _forget_old_rate(self, now: float) -> None:
+        while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:
+            self._rate.popleft()
+
+    # ---- the worker thread (the server) -------------------------------------------------------
+    def start(self) -> "Engine":
+        with self._lock:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="gpt1-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the worker; every unfinished request's sink gets a 'shutting down' error."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+        with self._lock:
+            left = list(self._rows) + list(self._waiting)
+            self._waiting.clear()
+        for request in left:
+            self._end(request, "cancelled", Gpt1Error("the server is shutting down"))
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._rows and not self._waiting:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - never let the worker die: fail what was running
+                for request in list(self._rows):
+                    self._fail(request, e)
+
+
+class _CudaGraphs:
+    """The decode step on CUDA: batch sizes rounded up to a power of two (at most max_batch),
+    attention over the whole slot, so each bucket has fixed shapes; each bucket's forward is
+    captured once as a CUDA graph and replayed with new inputs. Untested on a GPU so far."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def bucket(self, rows: int) -> int:
+        return min(1 << (rows - 1).bit_length(), self.engine.max_batch)
+
+    def decode(self, ids: list[int], starts: list[int]) -> torch.Tensor:
+        size = self.bucket(len(ids))
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size)
+        graph, static_ids, static_starts, logits = self.graphs[size]
+        pad = size - len(ids)
+        static_ids.copy_(torch.tensor(ids + [0] * pad)[:, None], non_blocking=True)
+        static_starts.copy_(torch.tensor(starts + [0] * pad), non_blocking=True)
+        graph.replay()
+        return logits[:len(ids)]
+
+    def _capture(self, size: int):
+        engine = self.engine
+        device = engine.device
+        static_ids = torch.zeros(size, 1, dtype=torch.long, device=device)
+        static_starts = torch.zeros(size, dtype=torch.long, device=device)
+
+        def forward() -> torch.Tensor:
+            # Rows of the bucket beyond the live ones write at position 0 of free slots: harmless.
+            engine.cache.prepare(slice(0, size), static_starts[:, None])
+            return engine.model(static_ids, cache=engine.cache, last_only=True)[:, -1]
+
+        # Warm-up and capture write at the last position, which no live row holds yet.
+        static_starts.fill_(engine.cache.max_len - 1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (allocator, kernels), as PyTorch advises
+                forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = forward()
+        return graph, static_ids, static_starts, logits

@@ -1,0 +1,121 @@
+"""A request -> what the engine runs: prompt token ids and a validated `SamplingParams`.
+Everything here raises ApiError (400) for what the request got wrong, before anything is queued."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.inference.decoding import chat_prompt_ids
+from gpt1.serve.errors import ApiError, short_repr
+from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+
+PARAM_TO_API = {"max_new_tokens": "max_tokens"}  # SamplingParams fields that OpenAI names differently
+MAX_STOP = 4
+
+
+def check_unsupported(req: GenerationRequest) -> None:
+    neutral = {"n": 1, "frequency_penalty": 0.0, "presence_penalty": 0.0, "logit_bias": {}, "logprobs": False,
+               "echo": False, "best_of": 1, "suffix": None}
+    for name, neutral_value in neutral.items():
+        value = getattr(req, name, None)
+        if value is not None and value != neutral_value:
+            hint = {"n": "send several requests instead", "frequency_penalty": "use repeat_penalty",
+                    "presence_penalty": "use repeat_penalty"}.get(name, "it is not implemented")
+            raise ApiError(400, f"{name}={short_repr(value)} is not supported by this server ({hint})",
+                           param=name, code="unsupported_parameter")
+
+
+def chat_max_tokens(req: ChatCompletionRequest) -> tuple[int | None, str]:
+    """(the requested maximum, the field that gave it): max_completion_tokens or max_tokens."""
+    if req.max_tokens is not None and req.max_completion_tokens is not None \
+            and req.max_tokens != req.max_completion_tokens:
+        raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one", param="max_tokens")
+    if req.max_completion_tokens is not None:
+        return req.max_completion_tokens, "max_completion_tokens"
+    return req.max_tokens, "max_tokens"
+
+
+def sampling_params(req: GenerationRequest, max_tokens: int | None, max_tokens_param: str,
+                    context: int) -> SamplingParams:
+    """SamplingParams from the request's knobs (an omitted knob keeps gpt1's default)."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise ApiError(400, f"stop: at most {MAX_STOP} sequences, got {len(stop)}", param="stop")
+    if max_tokens is not None and max_tokens > context:
+        raise ApiError(400, f"{max_tokens_param}={max_tokens} is more than this model's context of {context} tokens",
+                       param=max_tokens_param, code="context_length_exceeded")
+    knobs = {name: getattr(req, name) for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                                                   "repeat_last_n", "seed") if getattr(req, name) is not None}
+    if max_tokens is not None:
+        knobs["max_new_tokens"] = max_tokens
+    knobs["stop"] = tuple(stop)
+    knobs["truncate_prompt"] = req.truncate_prompt
+    try:
+        return SamplingParams(**knobs).validate()
+    except Gpt1Error as e:
+        field = next((f for f in knobs if str(e).startswith(f + " ")), None)
+        param = max_tokens_param if field == "max_new_tokens" else field
+        message = str(e).replace("max_new_tokens", max_tokens_param)
+        raise ApiError(400, message, param=param) from None
+
+
+def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_tokens: int | None,
+                max_tokens_param: str) -> SamplingParams:
+    """Without truncation, refuse what does not fit (as OpenAI does) and cap an omitted
+    max_tokens by the room the prompt leaves. With it, gpt1.inference.decoding's rule applies."""
+    if params.truncate_prompt:
+        return params
+    if prompt_tokens >= context:
+        raise ApiError(400, f"the prompt is {prompt_tokens} tokens; this model's context is {context} tokens, "
+                            "which must hold the prompt and at least one new token. Shorten the prompt, or send "
+                            "\"truncate_prompt\": true to drop the oldest turns (chat) or tokens (completions).",
+                       code="context_length_exceeded")
+    room = context - prompt_tokens
+    if max_tokens is None:
+        return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
+    if max_tokens > room:
+        raise ApiError(400, f"this model's maximum context length is {context} tokens, but {prompt_tokens + max_tokens} "
+                            f"were requested ({prompt_tokens} in the prompt, {max_tokens} in the completion); reduce the "
+                            f"prompt or {max_tokens_param} (at most {room} here), or send \"truncate_prompt\": true",
+                       param=max_tokens_param, code="context_length_exceeded")
+    return params
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer, params: SamplingParams, context: int) -> list[int]:
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)}
+                for m in req.messages]
+    try:
+        # With truncate_prompt the oldest turns go first (the system message stays).
+        ids, _ = chat_prompt_ids(tokenizer, messages, context, params)
+    except Gpt1Error as e:
+        raise ApiError(400, str(e), param="messages") from None
+    return ids
+
+
+def completion_prompts(req: CompletionRequest, tokenizer, vocab_size: int) -> list[list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt: an empty list; give a string, token ids, or a list of either", param="prompt")
+    prompts = []
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):
+            ids = tokenizer.encode(item)
+        else:
+            bad = [t for t in item if not 0 <= t < vocab_size]
+            if bad:
+                raise ApiError(400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
+                               param="prompt")
+            ids = list(item)
+        prompts.append(ids)  # an empty prompt starts from [EOS], the boundary between documents
+    return prompts
+
+
+def param_dict(params) -> dict:
+    """A SamplingParams (or a dict of its fields) under the API's field names."""
+    data = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
+    return {PARAM_TO_API.get(k, k): v for k, v in data.items()}

@@ -1,0 +1,119 @@
+"""The guard in front of the app: pure ASGI middleware (it does not buffer streamed responses)
+that answers before FastAPI reads or parses anything.
+
+- Host check: a server without an API key on a loopback address answers only requests
+  addressed to a loopback name (localhost, 127.0.0.1, [::1]). Otherwise a web page the user
+  visits could reach it by DNS rebinding (its own name, re-pointed at 127.0.0.1).
+- API key: `Authorization: Bearer KEY` on every /v1 request, when the server has a key.
+- Body: at most `max_body_bytes` (413), received within `body_timeout_s` seconds in all (408,
+  and the connection is closed), so that slow senders cannot hold connections open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+
+from gpt1.serve.errors import ApiError
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address means this machine only."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: bytes) -> str:
+    """'example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
+    host = header.decode("latin-1").strip()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Guard:
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        if error := self._refuse(scope, headers):
+            return await error.response()(scope, receive, send)
+        body = b""
+        if scope["method"] in BODY_METHODS:
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    body = await self._read_body(receive)
+            except TimeoutError:
+                error = ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                                 code="request_timeout", headers={"Connection": "close"})
+                return await error.response()(scope, receive, send)
+            except _TooLarge:
+                return await self._too_large().response()(scope, receive, send)
+            if body is None:
+                return  # the client went away
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed and scope["method"] in BODY_METHODS:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _refuse(self, scope, headers: dict[str, bytes]) -> ApiError | None:
+        server = scope.get("server")
+        if self.api_key is None and server and is_loopback(str(server[0])) and "host" in headers:
+            name = _host_name(headers["host"])
+            if not is_loopback(name):
+                return ApiError(403, f"the Host header names {name[:100]!r}: this server has no API key and listens on "
+                                     "loopback, so it answers only requests addressed to localhost, 127.0.0.1 or "
+                                     "[::1] (a guard against DNS rebinding); set an API key to serve other names",
+                                code="invalid_host")
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            scheme, _, token = headers.get("authorization", b"").partition(b" ")
+            # compare_digest takes as long for a wrong key as for a right one: no timing oracle.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                message = ("missing API key: send the header 'Authorization: Bearer KEY'"
+                           if not token else "incorrect API key")
+                return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        declared = headers.get("content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is larger than {self.max_body_bytes:,} bytes", code="request_too_large")
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole body (a chunked one declares no length: the limit holds while reading)."""
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                raise _TooLarge
+        return body
+
+
+class _TooLarge(Exception):
+    pass

@@ -1,0 +1,20 @@
+"""The chat page (static/index.html) with its settings filled in: the model, its context, whether
+a key is needed, gpt1's defaults and presets. One source of defaults and presets for the page
+and the library."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from gpt1.core.sampling_params import PRESETS, SamplingParams
+from gpt1.serve.mapping import param_dict
+
+
+def page_html(model_name: str, context: int, auth: bool) -> str:
+    html = resources.files("gpt1.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    config = {"model": model_name, "context": context, "auth": auth,
+              "defaults": param_dict(SamplingParams()),
+              "presets": {name: param_dict(p) for name, p in PRESETS.items()}}
+    # "</" cannot close the script element from inside a JSON string once escaped.
+    return html.replace("__GPT1_CONFIG__", json.dumps(config).replace("</", "<\\/"))

@@ -1,0 +1,237 @@
+"""The endpoints: /v1/models, /v1/chat/completions, /v1/completions (OpenAI's shapes, `stream:
+true` as server-sent events ending in `data: [DONE]`), /health and the page; and the bridge
+between the engine's worker thread and the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.inference.decoding import Chunk
+from gpt1.inference.engine import Engine, QueueFull, TooLarge
+from gpt1.inference.engine import Request as EngineRequest
+from gpt1.serve import mapping
+from gpt1.serve.errors import ApiError, generation_error
+from gpt1.serve.page import page_html
+from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+
+# ---- engine <-> event loop ---------------------------------------------------------------------
+def submit(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[EngineRequest], asyncio.Queue]:
+    """Queue the requests; their chunks arrive on the returned asyncio queue as (index, item)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def sink_for(index: int):
+        def sink(item: Chunk | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, item))
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                pass
+        return sink
+
+    try:
+        return engine.submit(prompts, params, sink_for), queue
+    except QueueFull as e:
+        raise ApiError(503, str(e), type="server_error", code="server_overloaded", headers={"Retry-After": "1"}) from None
+    except TooLarge as e:
+        raise ApiError(400, str(e), param="prompt", code="too_many_prompts") from None
+    except Gpt1Error as e:
+        raise ApiError(400, str(e)) from None
+
+
+async def chunks(requests: list[EngineRequest], queue: asyncio.Queue) -> AsyncIterator[tuple[int, Chunk]]:
+    """Chunks of all requests as they come; cancels what is left when the consumer stops early
+    (e.g. Starlette cancels a streaming response whose client disconnected): the engine frees
+    their slots at its next step."""
+    pending = len(requests)
+    try:
+        while pending:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield index, item
+            if item.finish_reason is not None:
+                pending -= 1
+    finally:
+        for r in requests:
+            r.cancel()
+
+
+async def collect(request: Request, requests: list[EngineRequest], queue: asyncio.Queue) -> list[dict] | None:
+    """Each request's text, finish_reason and usage; None (and the requests stopped) if the client left."""
+    results = [{"text": [], "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0} for _ in requests]
+
+    async def consume() -> None:
+        async for index, chunk in chunks(requests, queue):
+            r = results[index]
+            r["text"].append(chunk.text)
+            r.update(finish_reason=chunk.finish_reason, prompt_tokens=chunk.prompt_tokens,
+                     completion_tokens=chunk.completion_tokens)
+
+    async def disconnected() -> None:
+        # The body has been read, so the next message the server sends is http.disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            for r in requests:
+                r.cancel()
+    if not work.done() or work.cancelled():  # a cancel takes effect only when the task next runs
+        return None
+    work.result()  # raises what generation raised
+    for r in results:
+        r["text"] = "".join(r["text"])
+    return results
+
+
+# ---- responses ---------------------------------------------------------------------------------
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
+    # no-cache and no proxy buffering: each token must reach the client as it is made.
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_events(requests, queue, rid, now, model_id, include_usage) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    yield _sse(chunk({"role": "assistant", "content": ""}))
+    usage = None
+    try:
+        async for _, c in chunks(requests, queue):
+            if c.text:
+                yield _sse(chunk({"content": c.text}))
+            if c.finish_reason is not None:
+                yield _sse(chunk({}, c.finish_reason))
+                usage = _usage(c.prompt_tokens, c.completion_tokens)
+    except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+        yield _sse(generation_error(e).body())
+        return
+    if include_usage and usage is not None:
+        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
+                    "system_fingerprint": None, "choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_events(requests, queue, rid, now, model_id, include_usage) -> AsyncIterator[str]:
+    def chunk(index: int, text: str, finish_reason: str | None = None) -> dict:
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
+                "system_fingerprint": None,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+    prompt_tokens = completion_tokens = 0
+    try:
+        async for index, c in chunks(requests, queue):
+            if c.text or c.finish_reason is not None:
+                yield _sse(chunk(index, c.text, c.finish_reason))
+            if c.finish_reason is not None:
+                prompt_tokens += c.prompt_tokens
+                completion_tokens += c.completion_tokens
+    except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+        yield _sse(generation_error(e).body())
+        return
+    if include_usage:
+        yield _sse({"id": rid, "object": "text_completion", "created": now, "model": model_id,
+                    "system_fingerprint": None, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    yield "data: [DONE]\n\n"
+
+
+# ---- the routes ----------------------------------------------------------------------------------
+def add_routes(app: FastAPI, engine: Engine, tokenizer, name: str, auth: bool) -> None:
+    context = engine.config.block_size
+    created = int(time.time())
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(page_html(name, context, auth))
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s."""
+        return {"status": "ok", "model": name, "active": engine.active, "queued": engine.queued,
+                "free_slots": engine.free_slots, "max_batch": engine.max_batch,
+                "tokens_per_s": round(engine.tokens_per_s, 1)}
+
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "gpt1", "context_length": context}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> dict:
+        if model_id != name:
+            raise ApiError(404, f"model {model_id[:100]!r} not found; this server serves {name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        mapping.check_unsupported(req)
+        max_tokens, which = mapping.chat_max_tokens(req)
+        params = mapping.sampling_params(req, max_tokens, which, context)
+        prompt = mapping.chat_prompt(req, tokenizer, params, context)
+        params = mapping.fit_context(params, len(prompt), context, max_tokens, which)
+        requests, queue = submit(engine, [prompt], params)
+        rid, now, model_id = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _stream_response(_chat_events(requests, queue, rid, now, model_id, include_usage))
+        results = await collect(request, requests, queue)
+        if results is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        r = results[0]
+        return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
+                             "logprobs": None, "finish_reason": r["finish_reason"]}],
+                "usage": _usage(r["prompt_tokens"], r["completion_tokens"])}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        mapping.check_unsupported(req)
+        prompts = mapping.completion_prompts(req, tokenizer, engine.config.vocab_size)
+        # One SamplingParams for all prompts: the longest one decides what fits in the context.
+        params = mapping.sampling_params(req, req.max_tokens, "max_tokens", context)
+        params = mapping.fit_context(params, max(len(p) or 1 for p in prompts), context, req.max_tokens, "max_tokens")
+        requests, queue = submit(engine, prompts, params)
+        rid, now, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _stream_response(_completion_events(requests, queue, rid, now, model_id, include_usage))
+        results = await collect(request, requests, queue)
+        if results is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
+                "system_fingerprint": None,
+                "choices": [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+                            for i, r in enumerate(results)],
+                "usage": _usage(sum(r["prompt_tokens"] for r in results),
+                                sum(r["completion_tokens"] for r in results))}

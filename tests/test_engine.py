@@ -1,0 +1,208 @@
+"""The batching engine: batched output equals single-request output whatever the arrival times,
+prompt lengths and chunked prefill; seeds hold across batch compositions; slots are freed and
+reused; one failing request leaves the others running; validation happens before the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt1 import GPT
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.inference.decoding import Chunk
+from gpt1.inference.engine import Engine, QueueFull, TooLarge, kv_cache_bytes
+from gpt1.inference.generate import generate
+
+TEXT = "def parse(self, data):\n    return json.loads(data)\n" * 3
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config, tokenizer):
+    """Random weights whose special tokens never win, so that every run is max_new_tokens long."""
+    torch.manual_seed(11)
+    m = GPT(tiny_config).eval()
+    with torch.no_grad():
+        m.transformer.ln_f.weight[0], m.transformer.ln_f.bias[0] = 0.0, 1.0
+        m.lm_head.weight[:, 0] = 0.0
+        m.lm_head.weight[tokenizer.special_ids] = 0.0
+        m.lm_head.weight[tokenizer.special_ids, 0] = -100.0
+    return m
+
+
+class Collector:
+    """Sinks that keep each request's chunks (or the error that ended it)."""
+
+    def __init__(self):
+        self.chunks: dict[int, list[Chunk]] = {}
+        self.errors: dict[int, BaseException] = {}
+
+    def sink_for(self, key: int):
+        def sink(item):
+            if isinstance(item, BaseException):
+                self.errors[key] = item
+            else:
+                self.chunks.setdefault(key, []).append(item)
+        return sink
+
+    def text(self, key: int) -> str:
+        return "".join(c.text for c in self.chunks[key])
+
+    def finish(self, key: int) -> str | None:
+        return self.chunks[key][-1].finish_reason if key in self.chunks else None
+
+
+def run_until_idle(engine: Engine, limit: int = 10_000) -> None:
+    for _ in range(limit):
+        if not engine.busy:
+            return
+        engine.step()
+    pytest.fail("the engine did not finish")
+
+
+def submit(engine: Engine, collector: Collector, key: int, prompt: list[int], params: SamplingParams):
+    return engine.submit([prompt], params, lambda _: collector.sink_for(key))[0]
+
+
+@pytest.mark.slow
+def test_staggered_arrivals_and_chunked_prefill_equal_single_requests(model, tokenizer):
+    """Greedy, fp32 CPU: requests of different lengths arriving at different steps, long prompts
+    prefilled in chunks of 8 while others decode, each equal to its run alone."""
+    ids = tokenizer.encode(TEXT)
+    prompts = [ids[:3], ids[4:30], ids[:1], ids[10:50], ids[7:12], ids[2:21]]
+    arrivals = [0, 0, 2, 3, 3, 7]  # the step at which each request arrives
+    lengths = [12, 9, 20, 6, 14, 10]
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=8, prefill_chunk=8)
+    collector = Collector()
+    step = 0
+    while step <= max(arrivals) or engine.busy:
+        for key, arrival in enumerate(arrivals):
+            if arrival == step:
+                submit(engine, collector, key, prompts[key], SamplingParams(temperature=0, max_new_tokens=lengths[key]))
+        engine.step()
+        step += 1
+    for key, prompt in enumerate(prompts):
+        alone = generate(model, tokenizer, prompt, SamplingParams(temperature=0, max_new_tokens=lengths[key]))
+        assert collector.text(key) == alone.text and collector.finish(key) == "length"
+        assert collector.chunks[key][-1].completion_tokens == lengths[key]
+    assert engine.free_slots == 4 and engine.stats.completed == len(prompts)
+
+
+def test_seeded_request_is_the_same_whatever_shares_the_batch(model, tokenizer):
+    ids = tokenizer.encode(TEXT)
+    seeded = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, max_new_tokens=16, seed=1234)
+    alone = generate(model, tokenizer, ids[:6], seeded).text
+    companions = [
+        [],
+        [(ids[3:20], SamplingParams(temperature=0, max_new_tokens=5))],
+        [(ids[:2], SamplingParams(temperature=1.5, min_p=0.05, max_new_tokens=30, seed=1)),
+         (ids[9:40], SamplingParams(temperature=0.7, repeat_penalty=1.3, repeat_last_n=-1, max_new_tokens=8)),
+         (ids[1:5], SamplingParams(temperature=1.0, max_new_tokens=20))],
+    ]
+    for others in companions:
+        engine = Engine(model, tokenizer, max_batch=4, max_queue=4, prefill_chunk=16)
+        collector = Collector()
+        for key, (prompt, params) in enumerate(others, start=1):
+            submit(engine, collector, key, prompt, params)
+        engine.step()  # the seeded request joins a batch already running
+        submit(engine, collector, 0, ids[:6], seeded)
+        run_until_idle(engine)
+        assert collector.text(0) == alone
+
+
+def test_cancel_frees_the_slot_for_the_next_request(model, tokenizer):
+    ids = tokenizer.encode(TEXT)
+    engine = Engine(model, tokenizer, max_batch=2, max_queue=2)
+    collector = Collector()
+    long = SamplingParams(temperature=0, max_new_tokens=40)
+    first = submit(engine, collector, 0, ids[:5], long)
+    submit(engine, collector, 1, ids[5:9], long)
+    submit(engine, collector, 2, ids[20:31], SamplingParams(temperature=0, max_new_tokens=10))
+    for _ in range(3):
+        engine.step()
+    assert (engine.active, engine.queued, engine.free_slots) == (2, 1, 0)
+    first.cancel()
+    engine.step()  # the cancelled row leaves and the waiting request takes its slot in the same step
+    assert (engine.active, engine.queued) == (2, 0)
+    assert collector.finish(0) == "cancelled"
+    run_until_idle(engine)
+    assert engine.free_slots == 2 and engine.stats.cancelled == 1 and engine.stats.completed == 2
+    # The reused slot held another sequence: its output is still that of a fresh run.
+    assert collector.text(2) == generate(model, tokenizer, ids[20:31], SamplingParams(temperature=0, max_new_tokens=10)).text
+    assert collector.text(1) == generate(model, tokenizer, ids[5:9], long).text
+
+
+def test_a_failing_request_ends_alone(model, tokenizer):
+    ids = tokenizer.encode(TEXT)
+    engine = Engine(model, tokenizer, max_batch=3, max_queue=0)
+    collector = Collector()
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+
+    def broken_sink(item):
+        if isinstance(item, Chunk) and item.completion_tokens >= 3:
+            raise RuntimeError("the consumer of this request broke")
+        collector.sink_for(1)(item)
+
+    submit(engine, collector, 0, ids[:4], params)
+    engine.submit([ids[4:8]], params, lambda _: broken_sink)
+    submit(engine, collector, 2, ids[8:12], params)
+    run_until_idle(engine)
+    assert isinstance(collector.errors[1], RuntimeError)
+    assert engine.stats.failed == 1 and engine.stats.completed == 2 and engine.free_slots == 3
+    for key, prompt in ((0, ids[:4]), (2, ids[8:12])):
+        assert collector.text(key) == generate(model, tokenizer, prompt, params).text
+
+
+def test_validation_happens_before_the_batch_and_capacity_is_told_apart(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_queue=1)
+    collector = Collector()
+    for prompts, params, error in (
+        ([[5, 99_999]], SamplingParams(), "outside the vocabulary"),
+        ([[5]], SamplingParams(top_p=0.0), "top_p must be"),
+        ([[5] * 60], SamplingParams(max_new_tokens=10, truncate_prompt=False), "exceed the context"),
+    ):
+        with pytest.raises(Gpt1Error, match=error):
+            engine.submit(prompts, params, collector.sink_for)
+    assert not engine.busy and engine.stats.submitted == 0
+    with pytest.raises(TooLarge, match="4 prompts in one request, but this server holds at most 3"):
+        engine.submit([[5]] * 4, SamplingParams(), collector.sink_for)
+    engine.submit([[5]] * 3, SamplingParams(max_new_tokens=2), collector.sink_for)
+    with pytest.raises(QueueFull):
+        engine.submit([[5]], SamplingParams(), collector.sink_for)
+    run_until_idle(engine)
+    assert engine.stats.completed == 3
+
+
+def test_a_pool_that_cannot_fit_is_a_clear_error(model, tokenizer):
+    per_slot = kv_cache_bytes(model, 1)
+    slots = (1 << 50) // per_slot  # a petabyte of KV cache
+    with pytest.raises(Gpt1Error, match=rf"max_batch {slots}: the KV cache needs .* GiB .* lower max_batch"):
+        Engine(model, tokenizer, max_batch=slots)
+
+
+@pytest.mark.parametrize("knobs", [dict(temperature=1e-300), dict(temperature=1e-45), dict(temperature=1e-39),
+                                   dict(temperature=0.8, repeat_penalty=1e-40),
+                                   dict(temperature=1e-45, repeat_penalty=1e-40, top_p=0.5, min_p=0.5),
+                                   dict(temperature=1e300, repeat_penalty=1e300)])
+def test_extreme_knobs_sample_finite(model, tokenizer, knobs):
+    """Issue 17 item 6: these crashed with "probability tensor contains inf/nan"."""
+    ids = tokenizer.encode(TEXT)[:8]
+    params = SamplingParams(max_new_tokens=6, seed=3, **knobs)
+    completion = generate(model, tokenizer, ids, params)
+    # A huge temperature samples uniformly: a special token may end the reply early.
+    assert completion.completion_tokens == 6 or (knobs["temperature"] > 1 and completion.finish_reason == "stop")
+    if knobs.get("temperature", 1) < 1e-30 and "repeat_penalty" not in knobs:
+        assert completion.text == generate(model, tokenizer, ids, params.override(temperature=0)).text
+
+
+def test_a_request_cancelled_while_waiting_leaves_the_queue_at_the_next_step(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=2)
+    collector = Collector()
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    submit(engine, collector, 0, [5, 6], params)
+    waiting = submit(engine, collector, 1, [7, 8], params)
+    engine.step()
+    waiting.cancel()
+    engine.step()
+    assert (engine.active, engine.queued) == (1, 0) and collector.finish(1) == "cancelled"
+    assert collector.chunks[1][-1].completion_tokens == 0
