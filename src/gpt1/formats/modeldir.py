@@ -29,8 +29,18 @@ from gpt1.core.tokenizer import Tokenizer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
+DATA_META_FILE = "meta.json"  # marks a prepared data dir (see gpt1.data.shards)
 
 
+def owner_of(directory: str | os.PathLike) -> str | None:
+    """The kind of gpt1 folder `directory` is, if any: its files (tokenizer.json) belong to it,
+    and a command writing elsewhere-made files there must not replace them."""
+    directory = Path(directory)
+    if (directory / CONFIG_FILE).is_file():
+        return "a model dir"
+    if (directory / DATA_META_FILE).is_file():
+        return "a prepared data dir"
+    return None
 
 
 def read_hf_config(path: Path) -> dict[str, Any] | None:
