@@ -38,7 +38,7 @@ from gpt1.core.errors import Gpt1Error
 
 HF_PREFIX = "hf:"
 READ_BYTES = 1 << 20
-PIECE_CHARS = 1 << 20  # a text document longer than this is handed on in pieces
+PIECE_CHARS = 1 << 18  # a text document longer than this is handed on in pieces
 GZIP_MAGIC = b"\x1f\x8b"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 

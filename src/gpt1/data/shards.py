@@ -58,7 +58,7 @@ DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(DTYPE).max) + 1
 FORMAT = "gpt1-shards"
 _SPLIT_SALT, _WINDOW_SALT = 0x5EED_5A17, 0x3A1D_0B75
-BATCH_CHARS = 8_000_000  # characters per tokenizer batch at most (with --batch-docs documents)
+BATCH_CHARS = 2_000_000  # characters per tokenizer batch at most (with --batch-docs documents)
 COPY_TOKENS = 1 << 24
 
 
