@@ -128,7 +128,7 @@ def save_finetuned(directory: str | Path, model: torch.nn.Module, tokenizer, bas
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(directory / WEIGHTS_FILE, base_state_dict(model), metadata={"format": "pt"})
-    model.config.save(directory / CONFIG_FILE)
+    model.config.save(directory / CONFIG_FILE, tokenizer.fingerprint)
     tokenizer.save(directory)
     write_text(directory / TEMPLATE_FILE, JINJA_TEMPLATE)
     save_adapter(model, directory / ADAPTER_DIR, base.get("path"))
