@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import errno
 import importlib
 import importlib.util
 import io
@@ -30,8 +31,15 @@ COMMANDS = ["quickstart", "tokenizer", "prepare", "pretrain", "finetune", "gener
             "eval", "serve", "export", "bench", "plot", "info"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line, as every other error (exit 2, as argparse)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="gpt1",
         description="Train a GPT-style chat model from scratch, fine-tune it with LoRA, and serve it.",
     )
@@ -44,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 RESUMABLE = {"quickstart", "prepare", "pretrain", "finetune"}  # they pick up where a killed run stopped
 
 
@@ -77,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except Gpt1Error as e:
         return _error(args.command, str(e))
+    except OSError as e:
+        if e.errno not in UNWRITABLE:
+            raise
+        # Every writing command meets these the same way (a read-only --out, a full disk, a
+        # folder made read-only mid-run): one class, handled here rather than at each write.
+        return _error(args.command, f"{e.filename or 'a file'}: cannot write ({e.strerror}); "
+                                    "choose a writable --out or free some space")
     except KeyboardInterrupt:
         hint = "; run the same command again to resume" if args.command in RESUMABLE else ""
         print(f"\ngpt1 {args.command}: interrupted{hint}", file=sys.stderr)
@@ -88,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 def _error(command: str, message: str) -> int:
     if debug_enabled():
         traceback.print_exc()
-    print(f"gpt1 {command}: error: {message}", file=sys.stderr)
+    one_line = " ".join(message.split())  # a message quoting a library's may hold newlines
+    print(f"gpt1 {command}: error: {one_line}", file=sys.stderr)
     return 2
 
 

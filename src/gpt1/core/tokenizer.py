@@ -77,14 +77,14 @@ class Tokenizer:
         config = read_json(config_file) if config_file.is_file() else None
         if not isinstance(config, dict):
             return  # no model dir (ModelConfig.load reports a broken config.json)
-        recorded = config.get("tokenizer_fingerprint")
-        if recorded is not None and recorded != self.fingerprint:
-            raise Gpt1Error(f"{directory / TOKENIZER_FILE}: not the tokenizer this model was trained with (fingerprint "
-                            f"{self.fingerprint}; {config_file} records {recorded}); put the model's own tokenizer back")
         vocab_size = config.get("vocab_size")
         if isinstance(vocab_size, int) and self.vocab_size > vocab_size:
             raise Gpt1Error(f"{directory / TOKENIZER_FILE}: {self.vocab_size:,} tokens, but the model in {directory} "
                             f"has {vocab_size:,} token embeddings: not this model's tokenizer")
+        recorded = config.get("tokenizer_fingerprint")
+        if recorded is not None and recorded != self.fingerprint:
+            raise Gpt1Error(f"{directory / TOKENIZER_FILE}: not the tokenizer this model was trained with (fingerprint "
+                            f"{self.fingerprint}; {config_file} records {recorded}); put the model's own tokenizer back")
 
     def save(self, directory: str | Path) -> Path:
         file = Path(directory) / TOKENIZER_FILE

@@ -10,20 +10,13 @@ import torch
 
 from gpt1.core.chat_template import TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
+from gpt1.core.device import resolve_device
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.sampling_params import preset as named_preset
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.formats.modeldir import load_model
 from gpt1.inference import generate as gen
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 @dataclass
@@ -37,7 +30,7 @@ class LLM:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LLM":
         path = Path(path)
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         model = load_model(path, device=device, dtype=dtype)
         return cls(model=model, tokenizer=Tokenizer.load(path), path=path)
 

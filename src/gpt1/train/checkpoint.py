@@ -147,8 +147,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     try:
         weights = load_file(str(path / TRAINABLE_FILE))
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt file: safetensors and torch raise their own types
-        raise Gpt1Error(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a corrupt or pickled file: safetensors and torch raise their own types
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise Gpt1Error(f"{path}: cannot read the checkpoint ({type(e).__name__}: {first_line}); only tensors, "
+                        "numbers and strings are loaded, never pickled objects") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:

@@ -52,7 +52,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import crash_point, write_json, write_text
+from gpt1.core.io import crash_point, read_json, write_json, write_text
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
 from gpt1.train import checkpoint as ckpt
@@ -128,8 +128,11 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int) -> None:
     wanted = {"config": cfg.to_dict(), "max_steps": max_steps}
     file = run_dir / CONFIG_FILE
     if file.is_file():
-        old = json.loads(file.read_text(encoding="utf-8"))
-        old_cfg = old.get("config", {})
+        old = read_json(file)
+        old_cfg = old.get("config") if isinstance(old, dict) else None
+        if not isinstance(old_cfg, dict):
+            raise Gpt1Error(f"{file}: expected an object with the run's \"config\"; the run dir is damaged "
+                            "(restore the file, or choose another --out)")
         keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
                       if k not in RESUMABLE_CHANGES and old_cfg.get(k) != wanted["config"].get(k))
         if old.get("max_steps") != max_steps and "max_steps" not in keys:
@@ -150,12 +153,13 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut by a kill
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill (or damaged): not a record
             continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
+            kept.append(line)
     write_text(path, "".join(line + "\n" for line in kept))
 
 
