@@ -417,3 +417,32 @@ def test_resaving_a_step_killed_between_the_renames_keeps_a_checkpoint(tmp_path)
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(latest_checkpoint(tmp_path / "run2"), torch.nn.Linear(3, 2))["n"] == 2
     assert sorted(p.name for p in (tmp_path / "run2" / "checkpoints").iterdir()) == ["step-00000005"]
+
+
+@pytest.mark.slow
+def test_a_finetune_killed_before_its_adapter_is_completed_on_rerun(tiny_model_dir, tmp_path):
+    """Issue 17 item 2 for `finetune`: the run is finished only once its adapter and loss.png
+    were written from the final checkpoint."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": f"{2 * i}"}]}) + "\n"
+                            for i in range(30)))
+    args = ["finetune", "--base", str(tiny_model_dir), "--data", str(chat), "--out", str(tmp_path / "ft"),
+            "batch_size=4", "block_size=48", "eval_batches=1", "device=cpu", "max_steps=2", "save_every=2",
+            "val_fraction=0.2", "lora_r=2"]
+    env = {**os.environ, "GPT1_QUIET": "1"}
+    killed = subprocess.run([sys.executable, "-m", "gpt1", *args], capture_output=True, text=True, timeout=300,
+                            env={**env, "GPT1_CRASH_AT": "before-outputs:1"})
+    assert killed.returncode == 137, killed.stderr
+    run = tmp_path / "ft"
+    assert latest_checkpoint(run).name == "step-00000002" and not (run / "adapter").exists()
+    again = subprocess.run([sys.executable, "-m", "gpt1", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "outputs are older than its last checkpoint" in again.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
+    lora = load_model(run, adapter="keep")
+    from safetensors.torch import load_file
+
+    trained = load_file(str(latest_checkpoint(run) / "trainable.safetensors"))
+    params = dict(lora.named_parameters())
+    assert all(torch.equal(params[name], tensor) for name, tensor in trained.items())
