@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import itertools
 import json
 import re
 import sys
@@ -170,7 +171,7 @@ def read_text(path: str | Path) -> Iterator[str]:
     fed = 0
     pending = ""
     with open_binary(path) as f:
-        for chunk in [*_chunks(path, f, READ_BYTES), b""]:
+        for chunk in itertools.chain(_chunks(path, f, READ_BYTES), [b""]):  # b"": flush the decoder
             buffered = len(decoder.getstate()[0])
             try:
                 pending += decoder.decode(chunk, final=not chunk)
