@@ -8,17 +8,8 @@ import torch
 from gpt1.core.chat_template import encode_chat_with_labels
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import IGNORE_INDEX
-from gpt1.data.chat import (
-    ChatBatches,
-    ChatStats,
-    Conversation,
-    encode_conversations,
-    hf_split_names,
-    iter_batches,
-    pad_batch,
-    read_conversations,
-    split_conversations,
-)
+from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches, pad_batch
+from gpt1.data.chat_sources import ChatStats, Conversation, hf_split_names, read_conversations, split_conversations
 
 
 def msg(mid, parent, role, text, tree, lang="en", rank=None, deleted=False, review=True):
@@ -269,5 +260,5 @@ def test_batches_are_deterministic_resumable_and_sharded(tokenizer):
 def test_corrupt_gzip_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.jsonl.gz"
     bad.write_bytes(b"this is not gzip data\n")
-    with pytest.raises(Gpt1Error, match="bad.jsonl.gz: cannot read"):
+    with pytest.raises(Gpt1Error, match="bad.jsonl.gz: not a gzip file"):
         read_conversations(str(bad))

@@ -56,3 +56,25 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     else:
         r = gpt1("info", "gpt-5")
         assert_clean_error(r, r"unknown model preset 'gpt-5'")
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, corpus_dir, tokenizer_dir):
+    """Issue 16: tqdm's \\r redraws flooded logs; off a terminal a bar prints whole lines."""
+    import os
+
+    env = {**os.environ, "GPT1_QUIET": "0"}
+    result = gpt1("prepare", "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "d"), "--val", "2",
+                  str(corpus_dir / "json"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    assert any(line.startswith("prepare: 100%") for line in result.stderr.splitlines()), result.stderr
+
+
+def test_gpt1_debug_prints_the_traceback_and_the_same_line(tmp_path):
+    import os
+
+    plain = gpt1("info", "gpt-5")
+    debug = gpt1("info", "gpt-5", env={**os.environ, "GPT1_DEBUG": "1"})
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" not in plain.stderr and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1]

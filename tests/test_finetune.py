@@ -14,7 +14,7 @@ import gpt1
 from gpt1.cli import main
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.lora import LoRALinear
-from gpt1.data.chat import read_conversations, split_conversations
+from gpt1.data.chat_sources import read_conversations, split_conversations
 from gpt1.formats.modeldir import load_model
 from gpt1.train import checkpoint
 from gpt1.train.config import load_config

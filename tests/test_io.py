@@ -28,3 +28,26 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == '{\n  "version": 1\n}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]
+
+
+def test_an_unwritable_folder_is_a_clear_error(tmp_path):
+    import subprocess
+
+    from gpt1.core.errors import Gpt1Error
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("chattr +i is not supported here (and root ignores file modes)")
+    else:
+        folder.chmod(0o555)
+    try:
+        with pytest.raises(Gpt1Error, match=r"locked: cannot write x.json there \((Permission denied|Operation not permitted)\)"):
+            write_json(folder / "x.json", {"a": 1})
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+    assert list(folder.iterdir()) == []

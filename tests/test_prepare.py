@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +128,10 @@ def test_bad_inputs(tmp_path, tokenizer, small_corpus):
     with pytest.raises(Gpt1Error, match="the corpus is empty"):
         prepare([str(tmp_path / "empty")], tokenizer, tmp_path / "out", val=1)
     assert not (tmp_path / "out" / "meta.json").exists() and not (tmp_path / "out" / "train.bin").exists()
-    with pytest.raises(Gpt1Error, match="no document of the .* went to validation"):
-        prepare([str(small_corpus)], tokenizer, tmp_path / "out2", val=1e-9)
+    with pytest.raises(Gpt1Error, match="--val must be"):
+        prepare([str(small_corpus)], tokenizer, tmp_path / "out2", val=float("inf"))
+    with pytest.raises(Gpt1Error, match="--max-documents must be a whole number >= 1, got -1"):
+        prepare([str(small_corpus)], tokenizer, tmp_path / "out2", max_documents=-1)
     with pytest.raises(Gpt1Error, match="every one of the"):
         prepare([str(small_corpus)], tokenizer, tmp_path / "out3", val=10_000)
     with pytest.raises(Gpt1Error, match="--val must be"):
@@ -171,3 +175,70 @@ def test_prepare_cli(small_corpus, tokenizer_dir, tmp_path, capsys):
     assert load_meta(tmp_path / "d")["val"]["documents"] == 2
     assert main(["prepare", str(tmp_path / "missing"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "e")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_a_small_corpus_always_has_a_validation_document(small_corpus, tokenizer, tmp_path):
+    """Issue 16: 20-40 files with the default --val 0.0005 used to fail ("no document went to
+    validation"); the smallest-hash document is held out instead, and nothing is lost."""
+    meta = prepare([str(small_corpus)], tokenizer, tmp_path / "a")
+    assert meta["val"]["documents"] == 1
+    train = np.fromfile(tmp_path / "a" / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "a" / "val.bin", dtype=np.uint16)
+    expected = sorted(tuple(tokenizer.encode(t)) for t in iter_documents([str(small_corpus)]))
+    assert sorted(_docs(train, tokenizer.eos_id) + _docs(val, tokenizer.eos_id)) == expected
+    assert meta["train"]["tokens"] == len(train) and meta["val"]["tokens"] == len(val)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.txt").write_text("a single document")
+    with pytest.raises(Gpt1Error, match="needs at least two"):
+        prepare([str(tmp_path / "one")], tokenizer, tmp_path / "b")
+
+
+def test_long_documents_are_tokenized_in_pieces_to_the_same_ids(tokenizer, tmp_path, monkeypatch):
+    import gpt1.data.readers as readers
+
+    words = " ".join(f"word{i % 97}  x{i % 13}\n" if i % 50 == 0 else f"w{i % 89}" for i in range(6000))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "long.txt").write_text(words)
+    (tmp_path / "corpus" / "short.txt").write_text("a short one")
+    whole = prepare([str(tmp_path / "corpus")], tokenizer, tmp_path / "whole", val=1)
+    monkeypatch.setattr(readers, "PIECE_CHARS", 1000)
+    assert len(list(readers.read_text(tmp_path / "corpus" / "long.txt"))) > 20
+    pieces = prepare([str(tmp_path / "corpus")], tokenizer, tmp_path / "pieces", val=1, batch_docs=3)
+    assert pieces["train"] == whole["train"] and pieces["val"] == whole["val"]
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "pieces" / name).read_bytes()
+
+
+@pytest.mark.parametrize("val", [3, 0.3])
+def test_a_kill_inside_a_commit_resumes_to_the_same_bytes(small_corpus, tokenizer_dir, tmp_path, val):
+    """Issue 17 item 1: the count-mode candidates and prepare-state.json were two commits; a kill
+    between them resumed into different shards. Killed at that exact point, the rerun matches."""
+    script = ("import sys; from gpt1.core.tokenizer import Tokenizer; from gpt1.data.shards import prepare; "
+              f"prepare([sys.argv[1]], Tokenizer.load(sys.argv[2]), sys.argv[3], val={val}, batch_docs=2, commit_bytes=1)")
+    for nth in (2, 4):
+        out = tmp_path / f"out{nth}"
+        env = {**os.environ, "GPT1_CRASH_AT": f"prepare-commit:{nth}"}
+        killed = subprocess.run([sys.executable, "-c", script, str(small_corpus), str(tokenizer_dir), str(out)],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert killed.returncode == 137, killed.stderr
+        assert not (out / "meta.json").exists()
+        from gpt1.core.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tokenizer_dir)
+        resumed = prepare([str(small_corpus)], tokenizer, out, val=val, batch_docs=2, commit_bytes=1)
+        clean = prepare([str(small_corpus)], tokenizer, tmp_path / f"clean{nth}", val=val, batch_docs=2)
+        assert resumed["train"] == clean["train"] and resumed["val"] == clean["val"]
+        for name in ("train.bin", "val.bin"):
+            assert (out / name).read_bytes() == (tmp_path / f"clean{nth}" / name).read_bytes()
+        assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+
+
+def test_prepare_into_a_model_dir_is_refused(small_corpus, tokenizer, tiny_model_dir, tmp_path):
+    """Issue 17 item 3: prepare --out MODEL_DIR replaced the model's tokenizer.json."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = (model / "tokenizer.json").read_bytes()
+    with pytest.raises(Gpt1Error, match="is a model dir"):
+        prepare([str(small_corpus)], tokenizer, model, val=1)
+    assert (model / "tokenizer.json").read_bytes() == before

@@ -4,8 +4,9 @@ import json
 import pytest
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.data.chat import read_conversations
-from gpt1.data.sources import STDLIB_SKIPPED, SourceStats, hf_name_and_revision, iter_documents, resolve_sources
+from gpt1.data.chat_sources import read_conversations
+from gpt1.data.readers import HfSpec, parse_hf
+from gpt1.data.sources import STDLIB_SKIPPED, SourceStats, iter_documents, resolve_sources
 
 
 def test_reads_text_jsonl_gz_parquet_dirs_and_globs(tmp_path):
@@ -77,9 +78,11 @@ def test_stdlib_source_is_the_standard_library_source():
 
 
 def test_hf_revision_and_a_script_dataset_get_clear_answers(tmp_path, monkeypatch):
-    assert hf_name_and_revision("Skylion007/openwebtext@refs/convert/parquet") == (
+    assert parse_hf("hf:Skylion007/openwebtext@refs/convert/parquet") == HfSpec(
         "Skylion007/openwebtext", "refs/convert/parquet")
-    assert hf_name_and_revision("OpenAssistant/oasst2") == ("OpenAssistant/oasst2", None)
+    assert parse_hf("hf:OpenAssistant/oasst2:validation") == HfSpec("OpenAssistant/oasst2", None, "validation")
+    assert parse_hf("hf:a/b@v1.0:test") == HfSpec("a/b", "v1.0", "test")
+    assert parse_hf("data/train.jsonl") is None
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "train.jsonl").write_text(json.dumps({"text": "doc"}) + "\n")

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from gpt1.cli.args import positive_int, val_split
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.shards import prepare
-
-
-def _split(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction (0.001) or a document count (100), got {value!r}") from None
-    return number
 
 
 def register(subparsers) -> None:
@@ -29,11 +22,11 @@ def register(subparsers) -> None:
                              "(e.g. hf:Skylion007/openwebtext)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder (model dir) holding it")
     parser.add_argument("--out", required=True, help="output data folder")
-    parser.add_argument("--val", type=_split, default=0.0005,
+    parser.add_argument("--val", type=val_split, default=0.0005,
                         help="validation split: a fraction of the documents (< 1) or a number of documents (>= 1)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the (deterministic) validation split")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
-    parser.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
+    parser.add_argument("--max-documents", type=positive_int, default=None, help="stop after this many documents")
     parser.add_argument("--batch-docs", type=int, default=1024, help="documents per tokenizer batch")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip (and count) files with invalid UTF-8 and malformed lines instead of failing")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import itertools
+from pathlib import Path
 
+from gpt1.cli.args import positive_int
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info
-from gpt1.core.tokenizer import train_tokenizer
-from gpt1.data.sources import SourceStats, iter_documents, resolve_sources
+from gpt1.core.tokenizer import TOKENIZER_FILE, train_tokenizer
+from gpt1.data.sources import SourceStats, iter_texts, resolve_sources
+from gpt1.formats.modeldir import owner_of
 
 
 def register(subparsers) -> None:
@@ -26,7 +29,8 @@ def register(subparsers) -> None:
     train.add_argument("--out", required=True, help="output folder for tokenizer.json")
     train.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
     train.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
-    train.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
+    train.add_argument("--max-documents", type=positive_int, default=None, help="stop after this many documents")
+
     train.add_argument("--skip-invalid", action="store_true",
                        help="skip (and count) files with invalid UTF-8 and malformed lines instead of failing")
     train.set_defaults(func=train_command)
@@ -34,12 +38,16 @@ def register(subparsers) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     sources = resolve_sources(args.sources)
+    owner = owner_of(args.out)
+    if owner and (Path(args.out) / TOKENIZER_FILE).exists():
+        raise Gpt1Error(f"{args.out} is {owner}: its {TOKENIZER_FILE} belongs to it and a new tokenizer would break it; "
+                        "choose another --out")
     stats = SourceStats()
-    documents = iter_documents(sources, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats)
-    if args.max_documents is not None:
-        documents = itertools.islice(documents, args.max_documents)
+    # Long documents arrive in bounded pieces: BPE counts words, so pieces learn the same merges.
+    texts = iter_texts(sources, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats,
+                       max_documents=args.max_documents)
     info(f"training a {args.vocab_size:,}-token BPE tokenizer on {len(sources):,} source(s)")
-    tokenizer, result = train_tokenizer(documents, args.vocab_size, min_frequency=args.min_frequency)
+    tokenizer, result = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency)
     path = tokenizer.save(args.out)
     info(f"corpus: {stats.summary()}; trained in {result['seconds']:.1f} s "
          f"({stats.bytes / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,24 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise Gpt1Error(f"model config: {name} must be a positive integer, got {value!r}")
+        """Check every field against its declared type and range: one place for config.json,
+        presets with overrides and imported models alike."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = _FIELD_TYPES[f.type]
+            if kind is bool and not isinstance(value, bool):
+                raise Gpt1Error(f"model config: {f.name} must be true or false, got {value!r}")
+            if kind is int and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE):
+                raise Gpt1Error(f"model config: {f.name} must be a whole number from 1 to {MAX_SIZE:,}, got {value!r}")
+            if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value)):
+                raise Gpt1Error(f"model config: {f.name} must be a number, got {value!r}")
         if self.n_embd % self.n_head:
             raise Gpt1Error(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise Gpt1Error(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.norm_eps > 0:
+            raise Gpt1Error(f"model config: norm_eps must be > 0 (LayerNorm divides by sqrt(var + eps)), got {self.norm_eps!r}")
 
     @property
     def head_size(self) -> int:
@@ -65,20 +76,31 @@ class ModelConfig:
             raise Gpt1Error(f"{source}: unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
 
-    def save(self, path: str | Path) -> None:
-        write_json(path, {"model_type": "gpt1", **self.to_dict()})
+    def save(self, path: str | Path, tokenizer_fingerprint: str | None = None) -> None:
+        """Write config.json; a model dir records its tokenizer's fingerprint too (checked when
+        the tokenizer is loaded from the dir, see `Tokenizer.load`)."""
+        extra = {"tokenizer_fingerprint": tokenizer_fingerprint} if tokenizer_fingerprint else {}
+        write_json(path, {"model_type": "gpt1", **self.to_dict(), **extra})
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
         data = read_json(path)
         if not isinstance(data, dict):
             raise Gpt1Error(f"{path}: expected a JSON object with the model config")
-        data = {k: v for k, v in data.items() if k != "model_type"}
-        return cls.from_dict(data, source=str(path))
+        data = {k: v for k, v in data.items() if k not in METADATA_KEYS}
+        try:
+            return cls.from_dict(data, source=str(path))
+        except Gpt1Error as e:
+            raise Gpt1Error(f"{path}: {e}") from None
 
     def __str__(self) -> str:
         return json.dumps(self.to_dict())
 
+
+# The annotations are strings (from __future__ import annotations): map them to the types.
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool}
+MAX_SIZE = 1 << 24  # any size field; larger ones are typos, and would allocate terabytes
+METADATA_KEYS = {"model_type", "tokenizer_fingerprint"}  # in config.json, not fields of the model
 
 PRESETS: dict[str, ModelConfig] = {
     # The model card's reference model: ~257M parameters with untied embeddings.

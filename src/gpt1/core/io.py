@@ -23,8 +23,11 @@ from gpt1.core.errors import Gpt1Error
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise Gpt1Error(f"{path.parent}: cannot write {path.name} there ({e.strerror})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -37,6 +40,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Die here, as a SIGKILL would, when GPT1_CRASH_AT is NAME (or NAME:N, the Nth time the run
+    gets here): the crash-safety tests kill a run at its exact dangerous moments, between two
+    writes, instead of at random times."""
+    wanted, _, nth = os.environ.get("GPT1_CRASH_AT", "").partition(":")
+    if wanted != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] == int(nth or 1):
+        os._exit(137)
 
 
 def _umask() -> int:

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -61,18 +61,47 @@ class LoRAConfig:
     token_ids: list[int] = field(default_factory=list)  # embedding rows to train (special tokens)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets):
+            raise Gpt1Error(f"LoRA targets must be a list of names, got {self.targets!r}")
         self.targets = tuple(self.targets)
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise Gpt1Error(f"LoRA targets: unknown {unknown or 'empty list'}; choose from {', '.join(TARGETS)}")
-        if not isinstance(self.r, int) or self.r < 1:
+        if not _is_int(self.r) or self.r < 1:
             raise Gpt1Error(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.alpha):
+            raise Gpt1Error(f"LoRA alpha must be a number, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise Gpt1Error(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.token_ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in self.token_ids):
+            raise Gpt1Error(f"LoRA token_ids must be a list of token ids (whole numbers >= 0), got {self.token_ids!r}")
+        self.token_ids = list(self.token_ids)
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _lora_config(values: Any, where: str) -> LoRAConfig:
+    """A LoRAConfig from stored metadata: unknown keys and bad values name the file."""
+    if not isinstance(values, dict):
+        raise Gpt1Error(f"{where}: expected an object of LoRA settings, got {type(values).__name__}")
+    known = [f.name for f in fields(LoRAConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise Gpt1Error(f"{where}: unknown LoRA setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    try:
+        return LoRAConfig(**values)
+    except Gpt1Error as e:
+        raise Gpt1Error(f"{where}: {e}") from None
 
 
 class LoRALinear(nn.Linear):
@@ -350,10 +379,24 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     except Exception as e:  # missing or corrupt file: safetensors raises its own types
         raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
     if ours:
-        return LoRAConfig(**json.loads(ours))
+        where = f"{directory / ADAPTER_WEIGHTS} (metadata gpt1_lora)"
+        try:
+            values = json.loads(ours)
+        except json.JSONDecodeError as e:
+            raise Gpt1Error(f"{where}: invalid JSON ({e})") from None
+        return _lora_config(values, where)
     # An adapter from elsewhere: derive the targets from PEFT's fields.
+    where = str(directory / ADAPTER_CONFIG)
+    missing = [key for key in ("r", "lora_alpha") if key not in peft]
+    if missing:
+        raise Gpt1Error(f"{where}: missing {' and '.join(missing)} (a PEFT LoRA config needs r and lora_alpha)")
     modules = peft.get("target_modules") or []
-    modules = [modules] if isinstance(modules, str) else list(modules)
+    modules = [modules] if isinstance(modules, str) else modules
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise Gpt1Error(f"{where}: target_modules must be a list of module names, got {modules!r}")
+    for key in ("rank_pattern", "trainable_token_indices"):
+        if not isinstance(peft.get(key) or {}, dict):
+            raise Gpt1Error(f"{where}: {key} must be an object, got {peft[key]!r}")
     by_module = {path: name for name, (path, index) in TARGETS.items() if index is None}
     targets: list[str] = []
     for module in modules:
@@ -368,8 +411,8 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
         else:
             raise Gpt1Error(f"{directory / ADAPTER_CONFIG}: unsupported target module {module!r}")
     tokens = (peft.get("trainable_token_indices") or {}).get("wte", [])
-    return LoRAConfig(r=peft["r"], alpha=peft["lora_alpha"], dropout=peft.get("lora_dropout", 0.0),
-                      targets=tuple(targets), token_ids=list(tokens))
+    return _lora_config({"r": peft["r"], "alpha": peft["lora_alpha"], "dropout": peft.get("lora_dropout", 0.0),
+                         "targets": targets, "token_ids": tokens}, where)
 
 
 @torch.no_grad()
@@ -377,6 +420,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Inject LoRA into a plain GPT as the adapter folder describes and load its weights."""
     directory = Path(directory)
     config = read_adapter_config(directory)
+    vocab_size = model.config.vocab_size
+    if any(i >= vocab_size for i in config.token_ids):
+        raise Gpt1Error(f"{directory}: the adapter trains token ids up to {max(config.token_ids):,}, but the model "
+                        f"has {vocab_size:,} tokens: not an adapter for this model")
     inject_lora(model, config)
     state = load_file(str(directory / ADAPTER_WEIGHTS))
     expected = to_peft_state_dict(model)

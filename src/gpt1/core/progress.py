@@ -2,19 +2,22 @@
 
 Messages go through the `gpt1` logger (the CLI routes it to stderr, so stdout stays clean
 for generated text); progress bars are tqdm on stderr, silenced with GPT1_QUIET=1 or when
-`disable=True`. Keeping this in one place lets tests and servers run the library silently.
+`disable=True`. When stderr is not a terminal (a log file, CI, `2>&1 | tee`), a bar is a plain
+line every PLAIN_INTERVAL seconds instead of `\r` redraws that flood the log. Keeping this in one place lets tests and servers run the library silently.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
 logger = logging.getLogger("gpt1")
+PLAIN_INTERVAL = 10.0  # seconds between a bar's lines when stderr is not a terminal
 
 
 def info(message: str) -> None:
@@ -29,9 +32,31 @@ def progress(iterable: Iterable[T] | None = None, *, disable: bool | None = None
     """A tqdm bar on stderr; quiet when GPT1_QUIET is set."""
     if disable is None:
         disable = os.environ.get("GPT1_QUIET", "") not in ("", "0")
-    kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("smoothing", 0.1)
+    if sys.stderr.isatty():
+        kwargs.setdefault("dynamic_ncols", True)
+    else:
+        kwargs.setdefault("file", _PlainLines(sys.stderr))
+        kwargs.setdefault("mininterval", PLAIN_INTERVAL)
+        kwargs.setdefault("maxinterval", PLAIN_INTERVAL)
+        kwargs.setdefault("ncols", 100)
+        kwargs.setdefault("ascii", True)
     return tqdm(iterable, disable=disable, **kwargs)
+
+
+class _PlainLines:
+    """A stream for tqdm that turns each `\r` redraw into a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for part in text.replace("\n", "\r").split("\r"):
+            if part.strip():
+                self.stream.write(part.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 class _TqdmHandler(logging.Handler):
@@ -39,7 +64,7 @@ class _TqdmHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=__import__("sys").stderr)
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import write_text
+from gpt1.core.io import read_json, write_text
 
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -32,6 +32,7 @@ SPECIAL_TOKENS = [PAD, UNK, EOS, SYSTEM, USER, ASSISTANT]  # their ids are their
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
 TOKENIZER_FILE = "tokenizer.json"
+MODEL_CONFIG_FILE = "config.json"  # beside tokenizer.json in a model dir (gpt1.formats.modeldir)
 
 
 class Tokenizer:
@@ -59,7 +60,31 @@ class Tokenizer:
             backend = Backend.from_file(str(file))
         except Exception as e:  # the Rust library raises a generic Exception with its message
             raise Gpt1Error(f"{file}: not a valid tokenizer.json ({e})") from None
-        return cls(backend)
+        ids = backend.get_vocab(with_added_tokens=True).values()
+        if len(ids) != backend.get_vocab_size() or (ids and max(ids) != len(ids) - 1):
+            missing = next((i for i in range(len(ids)) if backend.id_to_token(i) is None), max(ids, default=0))
+            raise Gpt1Error(f"{file}: the token ids have holes (no token has id {missing}): "
+                            "ids must run from 0 to the vocabulary size - 1")
+        tokenizer = cls(backend)
+        if path.is_dir():
+            tokenizer.check_model_config(path)
+        return tokenizer
+
+    def check_model_config(self, directory: Path) -> None:
+        """A model dir's config.json records its tokenizer's fingerprint and its vocab_size: a
+        tokenizer.json from another training gives garbage, a larger one an IndexError."""
+        config_file = directory / MODEL_CONFIG_FILE
+        config = read_json(config_file) if config_file.is_file() else None
+        if not isinstance(config, dict):
+            return  # no model dir (ModelConfig.load reports a broken config.json)
+        vocab_size = config.get("vocab_size")
+        if isinstance(vocab_size, int) and self.vocab_size > vocab_size:
+            raise Gpt1Error(f"{directory / TOKENIZER_FILE}: {self.vocab_size:,} tokens, but the model in {directory} "
+                            f"has {vocab_size:,} token embeddings: not this model's tokenizer")
+        recorded = config.get("tokenizer_fingerprint")
+        if recorded is not None and recorded != self.fingerprint:
+            raise Gpt1Error(f"{directory / TOKENIZER_FILE}: not the tokenizer this model was trained with (fingerprint "
+                            f"{self.fingerprint}; {config_file} records {recorded}); put the model's own tokenizer back")
 
     def save(self, directory: str | Path) -> Path:
         file = Path(directory) / TOKENIZER_FILE

@@ -10,8 +10,16 @@ Validation split, deterministic and independent of batch size or core count:
 - a count `val` >= 1: the `val` documents with the smallest hash(seed, i) are held out
   (kept in memory until the end, so keep the count modest: thousands, not millions).
 
-Crash safety: tokens go to `train.bin.partial` / `val.bin.partial`; every `commit_bytes` of
-text the files are flushed to disk and `prepare-state.json` records how far they are valid.
+Every fraction holds at least one validation document: when none fell under it (a small
+corpus), the document with the smallest hash is held out.
+
+Memory is bounded whatever the document lengths: documents arrive in pieces
+(`gpt1.data.readers.PIECE_CHARS`) and are tokenized in batches of at most BATCH_CHARS
+characters; only count mode keeps its `val` held-out documents in memory.
+
+Crash safety (`ShardWriter`): tokens go to `train.bin.partial` / `val.bin.partial`; every
+`commit_bytes` of text the files are flushed to disk and `prepare-state.json` records, in one
+atomic rename, how far they are valid (and which heap file holds the count-mode candidates).
 A rerun with the same arguments resumes from there (files truncated to the committed length);
 a rerun with other arguments starts over. At the end the partial files are renamed and
 `meta.json` is written last: a folder without `meta.json` is never taken as complete.
@@ -24,9 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -34,12 +43,13 @@ import numpy as np
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_path, read_json, write_json
+from gpt1.core.io import atomic_path, crash_point, read_json, write_json
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
-from gpt1.data.sources import Source, SourceStats, iter_documents, resolve_sources
+from gpt1.data.sources import Piece, Source, SourceStats, check_max_documents, iter_pieces, resolve_sources
+from gpt1.formats.modeldir import DATA_META_FILE as META_FILE
+from gpt1.formats.modeldir import owner_of
 
-META_FILE = "meta.json"
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
 STATE_FILE = "prepare-state.json"
 HEAP_FILE = ".val-heap.partial"
@@ -48,6 +58,8 @@ DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(DTYPE).max) + 1
 FORMAT = "gpt1-shards"
 _SPLIT_SALT, _WINDOW_SALT = 0x5EED_5A17, 0x3A1D_0B75
+BATCH_CHARS = 2_000_000  # characters per tokenizer batch at most (with --batch-docs documents)
+COPY_TOKENS = 1 << 24
 
 
 def _hash01(seed: int, salt: int, index: np.ndarray) -> np.ndarray:
@@ -63,31 +75,19 @@ def _hash01(seed: int, salt: int, index: np.ndarray) -> np.ndarray:
     return z
 
 
-def _batches(documents: Iterator[str], docs: int, stats: SourceStats) -> Iterator[tuple[list[str], int]]:
-    """Batches of documents with their UTF-8 size (counted once, by the reader)."""
-    batch: list[str] = []
-    seen = stats.bytes
-    for text in documents:
-        batch.append(text)
-        if len(batch) == docs:
-            yield batch, stats.bytes - seen
-            batch, seen = [], stats.bytes
+def _batches(pieces: Iterator[Piece], max_pieces: int) -> Iterator[list[Piece]]:
+    """Batches of at most `max_pieces` pieces and about BATCH_CHARS characters (a long document
+    arrives as many pieces: the characters bound a batch's memory)."""
+    batch: list[Piece] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece.text)
+        if len(batch) == max_pieces or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
     if batch:
-        yield batch, stats.bytes - seen
-
-
-def _to_tokens(encoded: list[list[int]], eos: int) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded documents -> (concatenated uint16 tokens with EOS after each, per-document lengths)."""
-    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-    tokens = np.empty(int(lengths.sum()), dtype=DTYPE)
-    ends = np.cumsum(lengths)
-    for ids, end in zip(encoded, ends):
-        try:
-            tokens[end - len(ids) - 1:end - 1] = ids  # numpy rejects ids outside uint16 here
-        except OverflowError:
-            raise Gpt1Error(f"a token id ({max(ids):,}) does not fit in uint16: shards hold ids < {MAX_VOCAB:,}") from None
-    tokens[ends - 1] = eos
-    return tokens, lengths
+        yield batch
 
 
 def _key(specs: list[str], sources: list[Source], tokenizer: Tokenizer, val: float, seed: int, text_field: str,
@@ -115,8 +115,13 @@ def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: f
     if tokenizer.vocab_size > MAX_VOCAB:
         raise Gpt1Error(f"the tokenizer has {tokenizer.vocab_size:,} tokens: shards store ids as uint16, "
                         f"so the vocabulary must be at most {MAX_VOCAB:,}")
-    if not val > 0 or (val >= 1 and val != int(val)):
+    if (not isinstance(val, (int, float)) or not math.isfinite(val) or not val > 0
+            or (val >= 1 and val != int(val))):
         raise Gpt1Error(f"--val must be a fraction in (0, 1) or a whole number of documents >= 1, got {val}")
+    check_max_documents(max_documents)
+    if owner_of(out) == "a model dir":
+        raise Gpt1Error(f"{out} is a model dir: prepared data (with its {TOKENIZER_FILE}) needs a folder of its own; "
+                        "choose another --out")
     val = int(val) if val >= 1 else val
     resolved = resolve_sources(list(sources))
     key = _key(sources, resolved, tokenizer, val, seed, text_field, skip_invalid, max_documents)
@@ -124,171 +129,291 @@ def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: f
     meta_path = out / META_FILE
     if meta_path.is_file():
         old = read_json(meta_path)
-        if old.get("key") == key and shards_complete(out, old):
+        if isinstance(old, dict) and old.get("key") == key and shards_complete(out, old):
             info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
             return old
         if not overwrite:
             raise Gpt1Error(f"{out} already holds data prepared from other sources or settings; "
                             "choose another --out, or pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-
-    state_path = out / STATE_FILE
-    train_tmp, val_tmp, heap_tmp = out / (TRAIN_FILE + PARTIAL), out / (VAL_FILE + PARTIAL), out / HEAP_FILE
-    state = {"key": key, "documents": 0, "bytes": 0, "train_tokens": 0, "val_tokens": 0,
-             "train_documents": 0, "val_documents": 0, "heap": []}
-    if state_path.is_file():
-        old_state = read_json(state_path)
-        if old_state.get("key") == key and train_tmp.is_file() and val_tmp.is_file():
-            state = old_state
-            info(f"resuming an interrupted prepare in {out} after {state['documents']:,} documents")
-        else:
-            info(f"{out} holds an interrupted prepare with other settings; starting over")
-    if state["documents"] == 0:
-        for path in (train_tmp, val_tmp, heap_tmp):
-            path.unlink(missing_ok=True)
-        train_tmp.touch()
-        val_tmp.touch()
-    itemsize = np.dtype(DTYPE).itemsize
-    os.truncate(train_tmp, state["train_tokens"] * itemsize)  # drop what was written after the last commit
-    os.truncate(val_tmp, state["val_tokens"] * itemsize)
-
-    by_count = val >= 1
-    # Count mode: a max-heap (by hash) of the best candidates so far: entries (-hash, index, tokens).
-    heap: list[tuple[int, int, np.ndarray]] = []
-    if by_count and state["heap"]:
-        flat = np.fromfile(heap_tmp, dtype=DTYPE)
-        offsets = np.cumsum([0] + [n for _, n in state["heap"]])
-        for (index, _), a, b in zip(state["heap"], offsets[:-1], offsets[1:]):
-            h = int(_hash01(seed, _SPLIT_SALT, np.array([index]))[0])
-            heap.append((-h, index, flat[a:b]))
-        heapq.heapify(heap)
-    threshold = int(val * 2**64) if not by_count else 0
-
+    writer = ShardWriter(out, key, val, seed, tokenizer.eos_id)
     stats = SourceStats()
-    documents = iter_documents(resolved, text_field=text_field, skip_invalid=skip_invalid, stats=stats)
-    total_bytes = _known_size(resolved)
-    skip = state["documents"]
+    pieces = iter_pieces(resolved, text_field=text_field, skip_invalid=skip_invalid, stats=stats,
+                         max_documents=max_documents)
+    _skip_documents(pieces, writer.state["documents"])
     start_time = time.perf_counter()
-    bar = progress(total=total_bytes, initial=0, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare")
-    eos = tokenizer.eos_id
-
-    def commit() -> None:
-        for f in (train_f, val_f):
-            f.flush()
-            os.fsync(f.fileno())
-        if by_count:
-            entries = sorted(heap, key=lambda e: e[1])
-            with atomic_path(heap_tmp) as tmp:
-                (np.concatenate([e[2] for e in entries]) if entries else np.empty(0, DTYPE)).tofile(tmp)
-            state["heap"] = [[e[1], len(e[2])] for e in entries]
-        write_json(state_path, state)
-
-    def handle(batch: list[str], nbytes: int, encoded: list[list[int]]) -> None:
-        tokens, lengths = _to_tokens(encoded, eos)
-        first = state["documents"]
-        index = np.arange(first, first + len(batch), dtype=np.uint64)
-        hashes = _hash01(seed, _SPLIT_SALT, index)
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        if by_count:
-            to_train = []
-            for i, h, a, b in zip(index.tolist(), hashes.tolist(), starts.tolist(), ends.tolist()):
-                entry = (-h, i, tokens[a:b])
-                if len(heap) < val:
-                    heapq.heappush(heap, entry)
-                elif h < -heap[0][0]:
-                    to_train.append(heapq.heapreplace(heap, entry)[2])
-                else:
-                    to_train.append(entry[2])
-            train_part = np.concatenate(to_train) if to_train else np.empty(0, DTYPE)
-            val_part = np.empty(0, DTYPE)
-            n_val = 0
-        else:
-            is_val = hashes < np.uint64(threshold)
-            token_is_val = np.repeat(is_val, lengths)
-            train_part, val_part = tokens[~token_is_val], tokens[token_is_val]
-            n_val = int(is_val.sum())
-        train_part.tofile(train_f)
-        val_part.tofile(val_f)
-        state["documents"] += len(batch)
-        state["train_tokens"] += len(train_part)
-        state["val_tokens"] += len(val_part)
-        state["val_documents"] += n_val
-        state["train_documents"] = state["documents"] - state["val_documents"] - len(heap)
-        state["bytes"] += nbytes
-        bar.update(nbytes)
-        seconds = max(time.perf_counter() - start_time, 1e-9)
-        bar.set_postfix(tokens=f"{state['train_tokens'] + state['val_tokens']:,}",
-                        tok_s=f"{(state['train_tokens'] + state['val_tokens'] - resumed_tokens) / seconds:,.0f}")
-
-    resumed_tokens = state["train_tokens"] + state["val_tokens"]
-    with open(train_tmp, "ab") as train_f, open(val_tmp, "ab") as val_f, ThreadPoolExecutor(1) as pool:
-        for _ in range(skip):  # documents already in the committed partial files
-            if next(documents, None) is None:
-                break
-        if skip:
-            bar.update(stats.bytes)
-        if max_documents is not None:
-            documents = (d for d, _ in zip(documents, range(max_documents - skip)))
-        since_commit = 0
-        pending = None
-        try:
-            for batch, nbytes in _batches(documents, batch_docs, stats):
-                future = pool.submit(tokenizer.encode_batch, batch)  # overlaps reading the next batch
+    resumed_tokens = writer.tokens
+    bar = progress(total=_known_size(resolved), initial=stats.bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                   desc="prepare")
+    try:
+        with writer, ThreadPoolExecutor(1) as pool:
+            pending = None
+            for batch in _batches(pieces, batch_docs):
+                future = pool.submit(tokenizer.encode_batch, [p.text for p in batch])  # overlaps reading the next batch
                 if pending is not None:
-                    handle(pending[0], pending[1], pending[2].result())
-                    since_commit += pending[1]
-                    if since_commit >= commit_bytes:
-                        commit()
-                        since_commit = 0
-                pending = (batch, nbytes, future)
+                    _write(writer, *pending, commit_bytes)
+                pending = (batch, future)
+                bar.update(stats.bytes - bar.n)
+                seconds = max(time.perf_counter() - start_time, 1e-9)
+                bar.set_postfix(tokens=f"{writer.tokens:,}", tok_s=f"{(writer.tokens - resumed_tokens) / seconds:,.0f}")
             if pending is not None:
-                handle(pending[0], pending[1], pending[2].result())
-        finally:
-            bar.close()
-        if by_count:
-            for _, _, doc in sorted(heap, key=lambda e: e[1]):
-                doc.tofile(val_f)
-                state["val_tokens"] += len(doc)
-            state["val_documents"] += len(heap)
-            heap.clear()
-            state["train_documents"] = state["documents"] - state["val_documents"]
-        commit()
-
-    if state["documents"] == 0:
-        _remove(out, state_path, train_tmp, val_tmp, heap_tmp)
-        raise Gpt1Error(f"the corpus is empty: {', '.join(map(str, resolved))} held no documents ({stats.summary()})")
-    if state["train_documents"] == 0:
-        _remove(out, state_path, train_tmp, val_tmp, heap_tmp)
-        raise Gpt1Error(f"every one of the {state['documents']:,} documents went to validation (--val {val:g}); "
-                        "lower --val")
-    if state["val_documents"] == 0:
-        _remove(out, state_path, train_tmp, val_tmp, heap_tmp)
-        raise Gpt1Error(f"no document of the {state['documents']:,} went to validation with --val {val:g}; "
-                        "use a larger fraction or a count (e.g. --val 10)")
-
-    # Finish: no meta.json while the shards change, then shards, tokenizer, and meta.json last.
-    meta_path.unlink(missing_ok=True)
-    os.replace(train_tmp, out / TRAIN_FILE)
-    os.replace(val_tmp, out / VAL_FILE)
-    tokenizer.save(out)
+                _write(writer, *pending, commit_bytes)
+            writer.commit()
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start_time
-    meta = {
-        "format": FORMAT, "version": 1, "dtype": np.dtype(DTYPE).name,
-        "tokenizer": {"file": TOKENIZER_FILE, "fingerprint": tokenizer.fingerprint,
-                      "vocab_size": tokenizer.vocab_size, "eos_id": eos},
-        "train": {"file": TRAIN_FILE, "tokens": state["train_tokens"], "documents": state["train_documents"]},
-        "val": {"file": VAL_FILE, "tokens": state["val_tokens"], "documents": state["val_documents"]},
-        "val_split": val, "split_seed": seed, "sources": list(sources), "text_field": text_field,
-        "bytes": state["bytes"], "skipped": dict(stats.skipped), "seconds_last_run": round(seconds, 3),
-        "key": key,
-    }
-    write_json(meta_path, meta)
-    _remove(out, state_path, heap_tmp)
-    tokens = state["train_tokens"] + state["val_tokens"]
-    info(f"prepared {state['documents']:,} documents, {state['bytes'] / 1e6:,.1f} MB -> {tokens:,} tokens "
+    extra = {"sources": list(sources), "text_field": text_field, "skipped": dict(stats.skipped),
+             "seconds_last_run": round(seconds, 3)}
+    meta = writer.finish(tokenizer, extra, what=", ".join(map(str, resolved)))
+    state = writer.state
+    info(f"prepared {state['documents']:,} documents, {state['bytes'] / 1e6:,.1f} MB -> {writer.tokens:,} tokens "
          f"(train {state['train_tokens']:,}, val {state['val_tokens']:,}) in {seconds:.1f} s")
     return meta
+
+
+def _skip_documents(pieces: Iterator[Piece], documents: int) -> None:
+    """Consume the pieces of the documents already in the committed partial files."""
+    done = 0
+    while done < documents:
+        piece = next(pieces, None)
+        if piece is None:
+            return
+        done += piece.ends_document
+
+
+def _write(writer: ShardWriter, batch: list[Piece], future: Future, commit_bytes: int) -> None:
+    for piece, ids in zip(batch, future.result()):
+        writer.add(piece, ids)
+    if writer.uncommitted_bytes >= commit_bytes and writer.at_document_boundary:
+        writer.commit()
+
+
+class ShardWriter:
+    """Writes one preparation into a data dir, resumably.
+
+    Tokens are appended to `train.bin.partial` / `val.bin.partial` as documents arrive, piece by
+    piece (a document's side is known from its index before its text is read). In count mode
+    the best validation candidates so far (smallest hashes) stay in memory; in fraction mode the
+    smallest-hash training document is remembered, to become the validation split if no
+    document fell into it (a 20-document corpus with the default 0.0005 still validates).
+
+    `commit` makes everything written so far durable in one atomic step: the shards are fsynced,
+    the count-mode candidates go to a new numbered heap file, then `prepare-state.json` (which
+    names that heap file) replaces the old state; only then is the previous heap file removed.
+    A kill at any point leaves a state that matches its files.
+    """
+
+    def __init__(self, out: Path, key: dict, val: float, seed: int, eos: int):
+        self.out, self.key, self.val, self.seed, self.eos = out, key, val, seed, eos
+        self.by_count = val >= 1
+        self.threshold = 0 if self.by_count else int(val * 2**64)
+        self.state_path = out / STATE_FILE
+        self.train_tmp, self.val_tmp = out / (TRAIN_FILE + PARTIAL), out / (VAL_FILE + PARTIAL)
+        self.state = self._load_state()
+        self.heap = self._load_heap()  # count mode: a max-heap by hash of (-hash, index, tokens)
+        self.uncommitted_bytes = 0
+        self._side: str | None = None  # "train", "val" or "heap" while a document is open
+        self._hash = 0  # the open document's
+        self._pieces: list[np.ndarray] = []  # the open document's, when it is a count-mode candidate
+
+    @property
+    def tokens(self) -> int:
+        return self.state["train_tokens"] + self.state["val_tokens"]
+
+    @property
+    def at_document_boundary(self) -> bool:
+        return self._side is None
+
+    def _load_state(self) -> dict:
+        fresh = {"key": self.key, "documents": 0, "bytes": 0, "train_tokens": 0, "val_tokens": 0,
+                 "train_documents": 0, "val_documents": 0, "heap": [], "heap_file": None, "commits": 0,
+                 "smallest_train": None}
+        if not self.state_path.is_file():
+            return fresh
+        old = read_json(self.state_path)
+        usable = (isinstance(old, dict) and old.get("key") == self.key and set(fresh) <= set(old)
+                  and self.train_tmp.is_file() and self.val_tmp.is_file()
+                  and (old["heap_file"] is None or (self.out / old["heap_file"]).is_file()))
+        if not usable:
+            info(f"{self.out} holds an interrupted prepare with other settings; starting over")
+            return fresh
+        info(f"resuming an interrupted prepare in {self.out} after {old['documents']:,} documents")
+        return old
+
+    def _load_heap(self) -> list[tuple[int, int, np.ndarray]]:
+        if not self.state["heap"]:
+            return []
+        flat = np.fromfile(self.out / self.state["heap_file"], dtype=DTYPE)
+        offsets = np.cumsum([0] + [n for _, n in self.state["heap"]])
+        heap = [(-self._hash_of(index), index, flat[a:b])
+                for (index, _), a, b in zip(self.state["heap"], offsets[:-1], offsets[1:])]
+        heapq.heapify(heap)
+        return heap
+
+    def _hash_of(self, index: int) -> int:
+        return int(_hash01(self.seed, _SPLIT_SALT, np.array([index]))[0])
+
+    def __enter__(self) -> ShardWriter:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.state["documents"] == 0:
+            self._remove_partials()
+            self.train_tmp.touch()
+            self.val_tmp.touch()
+        itemsize = np.dtype(DTYPE).itemsize
+        os.truncate(self.train_tmp, self.state["train_tokens"] * itemsize)  # drop what came after the last commit
+        os.truncate(self.val_tmp, self.state["val_tokens"] * itemsize)
+        self.files = {"train": open(self.train_tmp, "ab"), "val": open(self.val_tmp, "ab")}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files.values():
+            f.close()
+
+    # ---- documents -----------------------------------------------------------------------
+    def add(self, piece: Piece, ids: list[int]) -> None:
+        if self._side is None:
+            self._open_document()
+        tokens = _uint16(ids)
+        if self._side == "heap":
+            self._pieces.append(tokens)
+        else:
+            self._append(self._side, tokens)
+        self.state["bytes"] += len(piece.text.encode("utf-8"))
+        self.uncommitted_bytes += len(piece.text)
+        if piece.ends_document:
+            self._close_document()
+
+    def _open_document(self) -> None:
+        self._hash = self._hash_of(self.state["documents"])
+        if self.by_count:
+            wanted = len(self.heap) < self.val or self._hash < -self.heap[0][0]
+            self._side = "heap" if wanted else "train"
+            return
+        self._side = "val" if self._hash < self.threshold else "train"
+        smallest = self.state["smallest_train"]
+        if self._side == "train" and (smallest is None or self._hash < smallest["hash"]):
+            self.state["smallest_train"] = {"hash": self._hash, "offset": self.state["train_tokens"], "tokens": 0}
+
+    def _append(self, side: str, tokens: np.ndarray) -> None:
+        tokens.tofile(self.files[side])
+        self.state[f"{side}_tokens"] += len(tokens)
+        smallest = self.state["smallest_train"]
+        if side == "train" and smallest is not None and smallest["hash"] == self._hash:
+            smallest["tokens"] += len(tokens)
+
+    def _close_document(self) -> None:
+        eos = np.array([self.eos], dtype=DTYPE)
+        if self._side == "heap":
+            entry = (-self._hash, self.state["documents"], np.concatenate([*self._pieces, eos]))
+            self._pieces = []
+            if len(self.heap) < self.val:
+                heapq.heappush(self.heap, entry)
+            else:
+                self._append("train", heapq.heapreplace(self.heap, entry)[2])
+                self.state["train_documents"] += 1
+        else:
+            self._append(self._side, eos)
+            self.state[f"{self._side}_documents"] += 1
+        self.state["documents"] += 1
+        self._side = None
+
+    # ---- committing and finishing ----------------------------------------------------------
+    def commit(self) -> None:
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        old_heap_file = self.state["heap_file"]
+        if self.by_count:
+            self.state["commits"] += 1
+            entries = sorted(self.heap, key=lambda e: e[1])
+            heap_file = f"{HEAP_FILE}.{self.state['commits']}"
+            with atomic_path(self.out / heap_file) as tmp:
+                (np.concatenate([e[2] for e in entries]) if entries else np.empty(0, DTYPE)).tofile(tmp)
+            self.state["heap"] = [[e[1], len(e[2])] for e in entries]
+            self.state["heap_file"] = heap_file
+        crash_point("prepare-commit")
+        write_json(self.state_path, self.state)  # the commit point
+        if old_heap_file and old_heap_file != self.state["heap_file"]:
+            (self.out / old_heap_file).unlink(missing_ok=True)
+        self.uncommitted_bytes = 0
+
+    def _remove_partials(self) -> None:
+        for path in (self.train_tmp, self.val_tmp, *self.out.glob(HEAP_FILE + ".*")):
+            path.unlink(missing_ok=True)
+
+    def finish(self, tokenizer: Tokenizer, extra: dict, what: str) -> dict:
+        """Move the count-mode candidates into val, check the split, and write the shards, the
+        tokenizer and meta.json (last: a folder without it is never taken as complete)."""
+        state = self.state
+        if self.heap:
+            with open(self.val_tmp, "ab") as f:
+                for _, _, doc in sorted(self.heap, key=lambda e: e[1]):
+                    doc.tofile(f)
+                    state["val_tokens"] += len(doc)
+            state["val_documents"] += len(self.heap)
+            self.heap.clear()
+            self.files = {}
+            self.commit()
+        if state["documents"] == 0:
+            self._abandon()
+            raise Gpt1Error(f"the corpus is empty: {what} held no documents (skipped: {extra['skipped'] or 'none'})")
+        if state["train_documents"] == 0:
+            self._abandon()
+            raise Gpt1Error(f"every one of the {state['documents']:,} documents went to validation "
+                            f"(--val {self.val:g}); lower --val, or use more documents")
+        meta_path = self.out / META_FILE
+        meta_path.unlink(missing_ok=True)
+        if state["val_documents"] == 0:
+            self._move_smallest_to_val()
+        else:
+            os.replace(self.train_tmp, self.out / TRAIN_FILE)
+            os.replace(self.val_tmp, self.out / VAL_FILE)
+        tokenizer.save(self.out)
+        meta = {
+            "format": FORMAT, "version": 1, "dtype": np.dtype(DTYPE).name,
+            "tokenizer": {"file": TOKENIZER_FILE, "fingerprint": tokenizer.fingerprint,
+                          "vocab_size": tokenizer.vocab_size, "eos_id": self.eos},
+            "train": {"file": TRAIN_FILE, "tokens": state["train_tokens"], "documents": state["train_documents"]},
+            "val": {"file": VAL_FILE, "tokens": state["val_tokens"], "documents": state["val_documents"]},
+            "val_split": self.val, "split_seed": self.seed, "bytes": state["bytes"], **extra, "key": self.key,
+        }
+        write_json(meta_path, meta)
+        self._remove_partials()
+        self.state_path.unlink(missing_ok=True)
+        return meta
+
+    def _move_smallest_to_val(self) -> None:
+        """No document fell into the validation fraction: hold out the smallest-hash one (of at
+        least two). Written as new files from the committed partials, so a kill here leaves them
+        intact and a rerun does it again."""
+        state, smallest = self.state, self.state["smallest_train"]
+        if state["train_documents"] < 2:
+            self._abandon()
+            raise Gpt1Error(f"the corpus has {state['train_documents']} document: a validation split needs "
+                            "at least two; use more text")
+        train = np.memmap(self.train_tmp, dtype=DTYPE, mode="r")
+        a, b = smallest["offset"], smallest["offset"] + smallest["tokens"]
+        with atomic_path(self.out / VAL_FILE) as tmp:
+            np.asarray(train[a:b]).tofile(tmp)
+        with atomic_path(self.out / TRAIN_FILE) as tmp, open(tmp, "wb") as f:
+            for start, end in ((0, a), (b, len(train))):
+                for chunk in range(start, end, COPY_TOKENS):
+                    np.asarray(train[chunk:min(chunk + COPY_TOKENS, end)]).tofile(f)
+        del train
+        state["train_tokens"] -= b - a
+        state["val_tokens"] += b - a
+        state["train_documents"] -= 1
+        state["val_documents"] = 1
+
+    def _abandon(self) -> None:
+        self._remove_partials()
+        self.state_path.unlink(missing_ok=True)
+
+
+def _uint16(ids: list[int]) -> np.ndarray:
+    try:
+        return np.asarray(ids, dtype=DTYPE) if ids else np.empty(0, DTYPE)
+    except OverflowError:
+        raise Gpt1Error(f"a token id ({max(ids):,}) does not fit in uint16: shards hold ids < {MAX_VOCAB:,}") from None
 
 
 def _known_size(sources: list[Source]) -> int | None:
@@ -296,11 +421,6 @@ def _known_size(sources: list[Source]) -> int | None:
     if any(s.kind == "hf" for s in sources):
         return None
     return sum(os.path.getsize(s.location) for s in sources)
-
-
-def _remove(out: Path, *paths: Path) -> None:
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
 
 
 def shards_complete(data_dir: Path, meta: dict) -> bool:

@@ -13,23 +13,35 @@ One reader for every stage that takes raw text (`tokenizer train`, `prepare`, `e
 - `stdlib`: the running Python's standard library source (`.py` files: code, comments and
   docstrings, ~10 MB), a real corpus on every machine with Python (the quickstart's default).
 
-Bad input is reported with the file (and line or byte offset): a missing file, a directory
-with no text, invalid UTF-8 or a malformed JSON line. With `skip_invalid=True` the offending
-document is skipped and counted instead.
+Files are read through `gpt1.data.readers` (its error policy: file, line or byte offset, and
+what was expected). With `skip_invalid=True` a bad document (a file with invalid UTF-8, a
+malformed line) is skipped and counted instead.
+
+A document longer than `readers.PIECE_CHARS` characters arrives in pieces (`iter_pieces`), so
+memory stays bounded whatever the line length; `iter_documents` joins them for the callers
+that need whole documents.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.data.readers import (
+    READ_BYTES,
+    BadRecord,
+    HfSpec,
+    load_hf_dataset,
+    parse_hf,
+    read_jsonl,
+    read_parquet,
+    read_text,
+)
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py", ".tex", ".html", ".htm", ".xml", ".csv", ".tsv"}
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
@@ -45,11 +57,16 @@ STDLIB_SKIPPED = {"site-packages", "dist-packages", "test", "encodings"}
 @dataclass
 class Source:
     kind: str  # "text", "jsonl", "parquet" or "hf"
-    location: str  # a file path, or the dataset name for "hf"
-    split: str = "train"
+    location: str  # a file path, or the spec for "hf"
+    hf: HfSpec | None = None
 
     def __str__(self) -> str:
-        return f"hf:{self.location}:{self.split}" if self.kind == "hf" else self.location
+        return str(self.hf) if self.hf else self.location
+
+
+class Piece(NamedTuple):
+    text: str
+    ends_document: bool
 
 
 @dataclass
@@ -85,11 +102,8 @@ def resolve_sources(specs: list[str]) -> list[Source]:
         raise Gpt1Error("no sources given: pass files, directories, globs or hf:DATASET names")
     sources: list[Source] = []
     for spec in specs:
-        if spec.startswith("hf:"):
-            name, _, split = spec[3:].partition(":")
-            if not name:
-                raise Gpt1Error(f"{spec!r}: expected hf:NAME or hf:NAME:SPLIT")
-            sources.append(Source("hf", name, split or "train"))
+        if (hf := parse_hf(spec)) is not None:
+            sources.append(Source("hf", spec, hf))
         elif spec == STDLIB and not os.path.exists(spec):
             sources.extend(Source("text", path) for path in stdlib_files())
         elif os.path.isdir(spec):
@@ -130,124 +144,118 @@ def stdlib_files() -> list[str]:
     return sorted(str(p) for p in files)
 
 
-def iter_documents(specs: list[str] | list[Source], *, text_field: str = "text", skip_invalid: bool = False,
-                   stats: SourceStats | None = None) -> Iterator[str]:
-    """Yield every document of the sources (specs or already resolved), in order. Fill `stats` if given."""
+def iter_pieces(specs: list[str] | list[Source], *, text_field: str = "text", skip_invalid: bool = False,
+                stats: SourceStats | None = None, max_documents: int | None = None) -> Iterator[Piece]:
+    """Every document of the sources in order (the first `max_documents`), as pieces of at most
+    `readers.PIECE_CHARS` characters; a document's last piece has `ends_document`. Fills `stats`."""
+    check_max_documents(max_documents)
     sources = specs if all(isinstance(s, Source) for s in specs) else resolve_sources(list(specs))
     stats = stats if stats is not None else SourceStats()
     readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf}
     for source in sources:
-        for text in readers[source.kind](source, text_field, skip_invalid, stats):
-            if not text:
+        for pieces in readers[source.kind](source, text_field, skip_invalid, stats):
+            if stats.documents == max_documents:
+                return
+            first = next(pieces)
+            if not first:
                 stats.skipped["empty documents"] += 1
                 continue
             stats.documents += 1
-            stats.bytes += len(text.encode("utf-8", errors="surrogatepass"))
-            yield text
+            text = first
+            for following in pieces:
+                stats.bytes += _utf8_size(text)
+                yield Piece(text, False)
+                text = following
+            stats.bytes += _utf8_size(text)
+            yield Piece(text, True)
 
 
-def _open_bytes(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+def check_max_documents(max_documents: int | None) -> None:
+    if max_documents is not None and (isinstance(max_documents, bool) or not isinstance(max_documents, int)
+                                      or max_documents < 1):
+        raise Gpt1Error(f"--max-documents must be a whole number >= 1, got {max_documents!r}")
 
 
-def _read_text(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[str]:
+def iter_documents(specs: list[str] | list[Source], **options) -> Iterator[str]:
+    """Every document of the sources, whole, in order (see `iter_pieces` for bounded memory)."""
+    parts: list[str] = []
+    for text, ends_document in iter_pieces(specs, **options):
+        parts.append(text)
+        if ends_document:
+            yield "".join(parts)
+            parts = []
+
+
+def iter_texts(specs: list[str] | list[Source], **options) -> Iterator[str]:
+    """The pieces' texts (for tokenizer training, where document boundaries do not matter)."""
+    return (piece.text for piece in iter_pieces(specs, **options))
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+# Each reader yields one iterator of pieces per document (it has at least one piece).
+
+def _read_text(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
+    if skip_invalid and _may_be_long(source.location):
+        # Pieces are handed on as they are read: find invalid UTF-8 first, so that a skipped
+        # file gives nothing rather than its first pieces.
+        try:
+            for _ in read_text(source.location):
+                pass
+        except BadRecord:
+            stats.skipped["files with invalid UTF-8"] += 1
+            return
+    pieces = read_text(source.location)
     try:
-        with _open_bytes(source.location) as f:
-            raw = f.read()
-    except OSError as e:
-        raise Gpt1Error(f"{source.location}: cannot read ({e.strerror or e})") from None
-    try:
-        yield raw.decode("utf-8")
-    except UnicodeDecodeError as e:
+        first = next(pieces)
+    except BadRecord as e:
         if not skip_invalid:
-            raise Gpt1Error(
-                f"{source.location}: invalid UTF-8 at byte offset {e.start} "
-                "(convert the file to UTF-8, or pass --skip-invalid to skip such files)"
-            ) from None
+            raise BadRecord(f"{e} (convert the file to UTF-8, or pass --skip-invalid to skip such files)") from None
         stats.skipped["files with invalid UTF-8"] += 1
+        return
+    yield _chain(first, pieces)
 
 
-def _read_jsonl(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[str]:
-    try:
-        f = _open_bytes(source.location)
-    except OSError as e:
-        raise Gpt1Error(f"{source.location}: cannot read ({e.strerror or e})") from None
-    with f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                if not isinstance(record, dict):
-                    raise ValueError("expected a JSON object")
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise ValueError(f"field {text_field!r} must be a string, got {type(text).__name__}")
-            except (UnicodeDecodeError, ValueError, KeyError) as e:
-                if skip_invalid:
-                    stats.skipped["malformed lines"] += 1
-                    continue
-                why = f"missing field {text_field!r}" if isinstance(e, KeyError) else (
-                    "invalid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e))
-                raise Gpt1Error(f"{source.location}, line {line_no}: {why} (pass --skip-invalid to skip bad lines)") from None
-            yield text
+def _may_be_long(path: str) -> bool:
+    return path.lower().endswith(".gz") or os.path.getsize(path) > READ_BYTES
 
 
-def _read_parquet(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(source.location)
-    except Exception as e:  # pyarrow raises several types for a corrupt or non-parquet file
-        raise Gpt1Error(f"{source.location}: not a readable parquet file ({e})") from None
-    if text_field not in parquet.schema_arrow.names:
-        raise Gpt1Error(f"{source.location}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            if text is None:
-                stats.skipped["null rows"] += 1
-                continue
-            yield text
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
 
 
-def _read_hf(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[str]:
-    dataset = load_hf_dataset(source.location, source.split)
-    for row_no, row in enumerate(dataset):
+def _read_jsonl(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
+    def text_of(record, where: str) -> str:
+        if not isinstance(record, dict):
+            raise BadRecord(f"{where}: expected a JSON object")
+        if text_field not in record:
+            raise BadRecord(f"{where}: missing field {text_field!r}")
+        if not isinstance(record[text_field], str):
+            raise BadRecord(f"{where}: field {text_field!r} must be a string, got {type(record[text_field]).__name__}")
+        return record[text_field]
+
+    for _, text in read_jsonl(source.location, text_of, skip_invalid=skip_invalid, skipped=stats.skipped):
+        yield iter([text])
+
+
+def _read_parquet(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
+    for _, record in read_parquet(source.location, columns=[text_field]):
+        text = record[text_field]
+        if text is None:
+            stats.skipped["null rows"] += 1
+            continue
+        yield iter([text])
+
+
+def _read_hf(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
+    for row_no, row in enumerate(load_hf_dataset(source.hf)):
         text = row.get(text_field)
         if not isinstance(text, str):
             if skip_invalid:
                 stats.skipped["rows without text"] += 1
                 continue
             raise Gpt1Error(f"{source}: row {row_no} has no string field {text_field!r} (fields: {', '.join(row)})")
-        yield text
-
-
-def hf_name_and_revision(name: str) -> tuple[str, str | None]:
-    """`NAME@REVISION` (a branch, tag, commit or e.g. refs/convert/parquet) -> (NAME, REVISION)."""
-    name, _, revision = name.partition("@")
-    return name, revision or None
-
-
-def hf_error(spec: str, name: str, error: Exception) -> Gpt1Error:
-    """A clear error for a dataset that `datasets` cannot open, with the fix for script datasets."""
-    hint = ""
-    if "scripts are no longer supported" in str(error):
-        # datasets >= 4 runs no loading scripts; the hub's parquet conversion of such a dataset
-        # lives on another branch (for very large datasets it may hold only part of the data).
-        hint = (f"; read the hub's parquet conversion with hf:{hf_name_and_revision(name)[0]}"
-                "@refs/convert/parquet, or download the data files and pass their folder")
-    return Gpt1Error(f"{spec}: cannot open the dataset ({type(error).__name__}: {error}){hint}")
-
-
-def load_hf_dataset(name: str, split: str):
-    """Open a Hugging Face dataset (hub name or local folder, `NAME@REVISION` for another
-    branch) as a streaming iterable."""
-    try:
-        import datasets
-    except ImportError:
-        raise Gpt1Error("reading hf: sources needs the `datasets` package (pip install datasets)") from None
-    path, revision = hf_name_and_revision(name)
-    try:
-        return datasets.load_dataset(path, split=split, streaming=True, revision=revision)
-    except Exception as e:  # network, missing dataset or split: datasets raises many types
-        raise hf_error(f"hf:{name}:{split}", name, e) from None
+        yield iter([text])

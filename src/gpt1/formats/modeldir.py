@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gpt1.core.config import ModelConfig
@@ -29,8 +30,18 @@ from gpt1.core.tokenizer import Tokenizer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
+DATA_META_FILE = "meta.json"  # marks a prepared data dir (see gpt1.data.shards)
 
 
+def owner_of(directory: str | os.PathLike) -> str | None:
+    """The kind of gpt1 folder `directory` is, if any: its files (tokenizer.json) belong to it,
+    and a command writing elsewhere-made files there must not replace them."""
+    directory = Path(directory)
+    if (directory / CONFIG_FILE).is_file():
+        return "a model dir"
+    if (directory / DATA_META_FILE).is_file():
+        return "a prepared data dir"
+    return None
 
 
 def read_hf_config(path: Path) -> dict[str, Any] | None:
@@ -61,7 +72,7 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(directory / WEIGHTS_FILE, model_state_dict(model), metadata={"format": "pt"})
-    model.config.save(directory / CONFIG_FILE)
+    model.config.save(directory / CONFIG_FILE, tokenizer.fingerprint if tokenizer is not None else None)
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
@@ -69,22 +80,36 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = 
 
 def load_weights(model: GPT, file: str | Path) -> None:
     """Load safetensors weights into `model`, with a clear error when they do not fit."""
-    file = Path(file)
-    if not file.is_file():
-        raise Gpt1Error(f"{file}: weights file not found")
+    check_weight_shapes(model, file)
     try:
         state = load_file(str(file))
     except Exception as e:  # safetensors raises its own error type for corrupt files
         raise Gpt1Error(f"{file}: not a readable safetensors file ({e})") from None
-    expected = model_state_dict(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise Gpt1Error(f"{file}: {name} holds NaN or infinite values: the model is broken "
+                            "(e.g. saved from a diverged training); use an earlier checkpoint")
+    model.load_state_dict(state, strict=not model.config.tie_embeddings)
+
+
+def check_weight_shapes(model: GPT, file: Path) -> None:
+    """Compare the file's tensor names and shapes (its header only) with the model's, so that a
+    config.json that does not fit the weights is an error before anything is allocated."""
+    if not Path(file).is_file():
+        raise Gpt1Error(f"{file}: weights file not found")
+    try:
+        with safe_open(str(file), "pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for corrupt files
+        raise Gpt1Error(f"{file}: not a readable safetensors file ({e})") from None
+    expected = {name: tuple(t.shape) for name, t in model_state_dict(model).items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise Gpt1Error(f"{file}: weights do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise Gpt1Error(f"{file}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=not model.config.tie_embeddings)
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise Gpt1Error(f"{file}: {name} has shape {shape}, the config expects {expected[name]}")
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -104,6 +129,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     config = ModelConfig.load(directory / CONFIG_FILE)
     with torch.device("meta"):
         model = GPT(config)
+    check_weight_shapes(model, directory / WEIGHTS_FILE)  # before allocating what config.json asks for
     model = model.to_empty(device=device)
     load_weights(model, directory / WEIGHTS_FILE)
     if config.tie_embeddings:

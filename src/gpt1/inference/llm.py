@@ -10,6 +10,7 @@ import torch
 
 from gpt1.core.chat_template import TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
+from gpt1.core.device import resolve_device
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.sampling_params import preset as named_preset
@@ -17,14 +18,6 @@ from gpt1.core.tokenizer import Tokenizer
 from gpt1.formats.modeldir import load_model
 from gpt1.inference import generate as gen
 from gpt1.inference.decoding import chat_prompt_ids
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 @dataclass
@@ -39,7 +32,7 @@ class LLM:
     def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LLM":
         """The model in `dtype` (default: bfloat16 on a GPU that supports it, else the saved dtype)."""
         path = Path(path)
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         if dtype is None and device.type == "cuda" and torch.cuda.is_bf16_supported():
             dtype = torch.bfloat16  # inference on a GPU: half the memory traffic, fp32's range
         model = load_model(path, device=device, dtype=dtype)

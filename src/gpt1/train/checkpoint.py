@@ -10,6 +10,7 @@ A run dir looks like this::
       checkpoints/step-00001000/
         trainable.safetensors  every parameter with requires_grad (what resume loads)
         trainer_state.pt       optimizer, GradScaler, step, sampler state, every RNG state
+        outputs.done           present once RUN's model files were written from this checkpoint
 
 The usable model is RUN itself (rewritten after every checkpoint); a checkpoint holds only what
 resuming needs, so the weights are not stored twice (1 GB per copy for the 257M model in FP32).
@@ -17,7 +18,9 @@ resuming needs, so the weights are not stored twice (1 GB per copy for the 257M 
 A checkpoint is written into `checkpoints/.step-N.tmp`, flushed to disk, then renamed to
 `checkpoints/step-N` (a directory rename is atomic), and only then are older checkpoints
 deleted: a run killed at any moment, even in the middle of a save, leaves the previous
-checkpoint intact, and `latest_checkpoint` never sees a half-written one.
+checkpoint intact, and `latest_checkpoint` never sees a half-written one. Saving a step that
+exists already renames the old one aside first (`.step-N.old`), renames the new one in, and
+only then deletes the old; a kill between the two renames is undone by `remove_partial_saves`.
 `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts and is read back with
 `torch.load(weights_only=True)`: no pickled objects.
 """
@@ -36,11 +39,12 @@ import torch
 from safetensors.torch import load_file
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import save_safetensors
+from gpt1.core.io import crash_point, save_safetensors, write_text
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.pt"
+OUTPUTS_FILE = "outputs.done"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -86,10 +90,16 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
         torch.save({**trainer_state, "step": step, "rng": rng_state()}, f)
         f.flush()
         os.fsync(f.fileno())
-    if final.exists():  # a rerun of the same step (e.g. the final save of a finished run)
-        shutil.rmtree(final)
+    aside = root / f".step-{step:08d}.old"
+    if final.exists():  # a rerun of the same step: never a moment without a complete step-N
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        crash_point("checkpoint-aside")
     os.replace(tmp, final)
     _fsync_dir(root)
+    if aside.exists():
+        shutil.rmtree(aside)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -115,6 +125,20 @@ def remove_partial_saves(run_dir: Path) -> None:
     if root.is_dir():
         for p in root.glob(".step-*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(".step-*.old"):  # moved aside for a re-save killed before its rename
+            final = root / p.name[1:-len(".old")]
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, final)
+
+
+def outputs_written(checkpoint: Path) -> bool:
+    return (Path(checkpoint) / OUTPUTS_FILE).is_file()
+
+
+def mark_outputs_written(checkpoint: Path) -> None:
+    write_text(Path(checkpoint) / OUTPUTS_FILE, "")
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
@@ -123,8 +147,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     try:
         weights = load_file(str(path / TRAINABLE_FILE))
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt file: safetensors and torch raise their own types
-        raise Gpt1Error(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a corrupt or pickled file: safetensors and torch raise their own types
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise Gpt1Error(f"{path}: cannot read the checkpoint ({type(e).__name__}: {first_line}); only tensors, "
+                        "numbers and strings are loaded, never pickled objects") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:

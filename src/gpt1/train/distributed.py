@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from gpt1.core.errors import Gpt1Error
+from gpt1.core import device as core_device
 
 
 @dataclass(frozen=True)
@@ -33,24 +33,8 @@ class DistInfo:
 
 
 def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
-    """`auto` picks cuda (this rank's GPU), then mps, then cpu."""
-    info = info or current()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", info.local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise Gpt1Error(f"device: unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise Gpt1Error("device: cuda requested but no CUDA GPU is available")
-        if device.index is None:
-            device = torch.device("cuda", info.local_rank)
-    return device
+    """`gpt1.core.device.resolve_device` with this rank's GPU for `auto` and `cuda`."""
+    return core_device.resolve_device(name, (info or current()).local_rank)
 
 
 def setup(device: str = "auto") -> DistInfo:

@@ -2,7 +2,7 @@
 
 `finetune(cfg, base, out)` loads the base, injects LoRA (`gpt1.core.lora`), freezes every base
 weight except the special-token embedding rows, reads and encodes the chat data
-(`gpt1.data.chat`) and runs the shared training loop (`gpt1.train.loop.train`) with padded,
+(`gpt1.data.chat_sources`, `gpt1.data.chat`) and runs the shared training loop (`gpt1.train.loop.train`) with padded,
 shuffled chat batches whose labels cover assistant replies only. Validation: loss and
 perplexity on the assistant tokens of held-out conversations (the dataset's `validation`
 split when it has one, else a deterministic `val_fraction` of the message trees).
@@ -45,15 +45,8 @@ from gpt1.core.lora import (
 )
 from gpt1.core.progress import info
 from gpt1.core.tokenizer import Tokenizer
-from gpt1.data.chat import (
-    ChatBatches,
-    ChatStats,
-    encode_conversations,
-    hf_split_names,
-    iter_batches,
-    read_conversations,
-    split_conversations,
-)
+from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
+from gpt1.data.chat_sources import ChatStats, hf_split_names, read_conversations, split_conversations
 from gpt1.formats.hf import import_hf_model, is_hf_model_dir
 from gpt1.formats.modeldir import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from gpt1.train import distributed
@@ -135,7 +128,7 @@ def save_finetuned(directory: str | Path, model: torch.nn.Module, tokenizer, bas
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(directory / WEIGHTS_FILE, base_state_dict(model), metadata={"format": "pt"})
-    model.config.save(directory / CONFIG_FILE)
+    model.config.save(directory / CONFIG_FILE, tokenizer.fingerprint)
     tokenizer.save(directory)
     write_text(directory / TEMPLATE_FILE, JINJA_TEMPLATE)
     save_adapter(model, directory / ADAPTER_DIR, base.get("path"))

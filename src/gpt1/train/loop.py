@@ -27,8 +27,13 @@ The API (stable; both commands call it)::
 The rest is the loop's: checkpoints (see `gpt1.train.checkpoint`) with the trainable weights,
 optimizer, GradScaler, step, sampler state and every RNG state; `train_config.json`; one line
 per step in `metrics.jsonl` (loss, lr, grad_norm, tokens_per_sec, mfu) and one per validation
-(val_loss, val_ppl); `loss.png` at the end. Running `train` again on the same `run_dir`
-resumes from its latest checkpoint (a different config is refused); on CPU the resumed run
+(val_loss, val_ppl); `loss.png` at the end. A run is finished when its last checkpoint is the
+final step and its outputs (`save_model`'s files, `loss.png`) were written from it (marked in
+the checkpoint): a run killed in between writes them on its next call. A step whose loss is
+not finite is skipped; a checkpoint due at it is still saved when the weights are finite
+(the skipped step did not touch them), else a warning names the last good checkpoint.
+Running `train` again on the same `run_dir` resumes from its latest checkpoint (a different
+config is refused); on CPU the resumed run
 ends at exactly the loss of an uninterrupted one. With torchrun (`gpt1.train.distributed`),
 each rank's `train_data` must draw its own batches and reach the same state after the same
 number of steps; rank 0 logs and saves.
@@ -47,7 +52,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import write_json, write_text
+from gpt1.core.io import crash_point, read_json, write_json, write_text
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
 from gpt1.train import checkpoint as ckpt
@@ -123,8 +128,11 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int) -> None:
     wanted = {"config": cfg.to_dict(), "max_steps": max_steps}
     file = run_dir / CONFIG_FILE
     if file.is_file():
-        old = json.loads(file.read_text(encoding="utf-8"))
-        old_cfg = old.get("config", {})
+        old = read_json(file)
+        old_cfg = old.get("config") if isinstance(old, dict) else None
+        if not isinstance(old_cfg, dict):
+            raise Gpt1Error(f"{file}: expected an object with the run's \"config\"; the run dir is damaged "
+                            "(restore the file, or choose another --out)")
         keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
                       if k not in RESUMABLE_CHANGES and old_cfg.get(k) != wanted["config"].get(k))
         if old.get("max_steps") != max_steps and "max_steps" not in keys:
@@ -145,12 +153,13 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut by a kill
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill (or damaged): not a record
             continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
+            kept.append(line)
     write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -212,6 +221,13 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
                 "sampler": train_data.state_dict(), "tokens": tokens_seen, "last": dict(last),
                 "config": cfg.to_dict(), "max_steps": max_steps}
 
+    def save_if_due(done: int) -> None:
+        if _save_due(done, cfg.save_every, max_steps):
+            if dist.is_main:
+                checkpoint = ckpt.save_checkpoint(run_dir, done, raw_model, trainer_state())
+                _write_outputs(run_dir, checkpoint, raw_model, save_model, final=done == max_steps)
+            distributed.barrier()
+
     metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
     bar = progress(total=max_steps, initial=start_step, desc=run_dir.name, unit="step", disable=None if dist.is_main else True)
@@ -251,7 +267,14 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
                         "Lower lr, try bf16-mixed instead of fp16-mixed, or check the data.")
                 if metrics:
                     metrics.write(json.dumps({"step": done, "loss": None, "lr": lr, "skipped": "non-finite loss"}) + "\n")
+                    metrics.flush()
                 bar.update(1)
+                if _save_due(done, cfg.save_every, max_steps):
+                    if all(torch.isfinite(p).all() for p in params):  # the step was skipped: still good
+                        save_if_due(done)
+                    elif dist.is_main:
+                        warn(f"step {done:,}: no checkpoint saved: the loss and the weights are not finite; "
+                             f"the last good checkpoint is {ckpt.latest_checkpoint(run_dir) or 'none'}")
                 continue
             bad_steps = 0
             scaler.unscale_(optimizer)  # clip and report the true gradient norm, not the scaled one
@@ -289,11 +312,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
                             **({"val": f"{last['val_loss']:.4f}"} if last["val_loss"] is not None else {}))
             bar.update(1)
 
-            if done % cfg.save_every == 0 or done == max_steps:
-                if dist.is_main:
-                    ckpt.save_checkpoint(run_dir, done, raw_model, trainer_state())
-                    save_model(run_dir, raw_model)
-                distributed.barrier()
+            save_if_due(done)
     finally:
         bar.close()
         if metrics:
@@ -301,9 +320,10 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
         if writer:
             writer.close()
 
-    if dist.is_main and start_step < max_steps:
-
-        plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, title=run_dir.name)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if dist.is_main and start_step >= max_steps and latest is not None and not ckpt.outputs_written(latest):
+        info(f"{run_dir}: its outputs are older than its last checkpoint ({latest.name}); writing them")
+        _write_outputs(run_dir, latest, raw_model, save_model, final=True)
     val = last["val_loss"]
     result = TrainResult(run_dir=run_dir, steps=max_steps, tokens=tokens_seen, train_loss=last["loss"],
                          val_loss=val, val_perplexity=perplexity(val) if val is not None else None,
@@ -314,6 +334,21 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
         info(f"done: {max_steps:,} steps, {tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
              f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}")
     return result
+
+
+def _save_due(done: int, save_every: int, max_steps: int) -> bool:
+    return done % save_every == 0 or done == max_steps
+
+
+def _write_outputs(run_dir: Path, checkpoint: Path, model: torch.nn.Module,
+                   save_model: Callable[[Path, torch.nn.Module], None], final: bool) -> None:
+    """The run dir's model (and, at the end, loss.png) from `checkpoint`'s weights; marked in
+    the checkpoint once written, so a kill in between is completed by the next run."""
+    crash_point("before-outputs")
+    save_model(run_dir, model)
+    if final:
+        plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, title=run_dir.name)
+    ckpt.mark_outputs_written(checkpoint)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

@@ -1,0 +1,28 @@
+"""Argument types shared by the subcommands: a bad value is refused by argparse, with the flag."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {number}")
+    return number
+
+
+def val_split(value: str) -> float:
+    """A fraction in (0, 1) or a whole number of documents >= 1 (not inf, not nan)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0 or (number >= 1 and number != int(number)):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.001, or a whole number of "
+                                         f"documents such as 100, got {value!r}")
+    return number

@@ -1,0 +1,287 @@
+"""Readers: the one place where data files and dataset names are opened and decoded.
+
+Text sources (`gpt1.data.sources`) and chat sources (`gpt1.data.chat_sources`) both read
+through here, so every stage (`tokenizer train`, `prepare`, `eval`, `finetune`) accepts the
+same things and fails the same way.
+
+The source grammar:
+- `hf:NAME`, `hf:NAME:SPLIT`, `hf:NAME@REVISION[:SPLIT]`: a Hugging Face dataset (a hub name or
+  a local dataset folder), streamed with `datasets`; REVISION is a branch, tag or commit
+  (e.g. `refs/convert/parquet`). Parsed by `parse_hf` only;
+- a file, a folder (the files below it) or a glob: read by suffix; `.gz` is decompressed.
+
+The error policy: a file that cannot be read at all (missing, not gzip, truncated gzip,
+not parquet, not YAML) is a Gpt1Error naming the file. A bad record inside a readable file
+(invalid UTF-8, invalid JSON, a lone surrogate from a `\\udXXX` escape, JSON nested deeper
+than Python's recursion limit, a missing field) is a `BadRecord` naming the file, the line or row and
+what was expected; with `skip_invalid` the caller skips and counts it instead.
+
+Memory: a text file is read in pieces of at most PIECE_CHARS characters (cut before a space
+between words where one is near, so BPE sees the same words), whatever its line lengths; a
+JSON line is held whole (its size is the record's).
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import itertools
+import json
+import re
+import sys
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+from gpt1.core.errors import Gpt1Error
+
+HF_PREFIX = "hf:"
+READ_BYTES = 1 << 20
+PIECE_CHARS = 1 << 18  # a text document longer than this is handed on in pieces
+GZIP_MAGIC = b"\x1f\x8b"
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+class BadRecord(Gpt1Error):
+    """One unusable record in a readable file; `skip_invalid` turns it into a count."""
+
+
+# ---- the hf: grammar -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HfSpec:
+    name: str  # a hub name or a local dataset folder
+    revision: str | None = None
+    split: str | None = None  # None: the caller's default
+
+    def __str__(self) -> str:
+        revision = f"@{self.revision}" if self.revision else ""
+        return f"{HF_PREFIX}{self.name}{revision}:{self.split or 'train'}"
+
+
+def parse_hf(spec: str) -> HfSpec | None:
+    """`hf:NAME[@REVISION][:SPLIT]` -> HfSpec; None for anything else (a file, folder or glob)."""
+    if not spec.startswith(HF_PREFIX):
+        return None
+    body = spec[len(HF_PREFIX):]
+    name, _, split = body.partition(":") if "@" not in body else _split_after_revision(body)
+    name, _, revision = name.partition("@")
+    if not name:
+        raise Gpt1Error(f"{spec!r}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME@REVISION:SPLIT")
+    return HfSpec(name, revision or None, split or None)
+
+
+def _split_after_revision(body: str) -> tuple[str, str, str]:
+    # A revision may hold ':' only in theory; refs like refs/convert/parquet do not, so the
+    # split is whatever follows the last ':' after the '@'.
+    at = body.index("@")
+    colon = body.rfind(":", at)
+    return (body, "", "") if colon < 0 else (body[:colon], ":", body[colon + 1:])
+
+
+def load_hf_dataset(spec: HfSpec, default_split: str = "train"):
+    """Open a Hugging Face dataset as a streaming iterable of rows (dicts)."""
+    datasets = _datasets()
+    try:
+        return datasets.load_dataset(spec.name, split=spec.split or default_split, streaming=True,
+                                     revision=spec.revision)
+    except Exception as e:  # network, missing dataset or split: datasets raises many types
+        raise hf_error(spec, e) from None
+
+
+def dataset_split_names(spec: HfSpec) -> list[str]:
+    datasets = _datasets()
+    try:
+        return list(datasets.get_dataset_split_names(spec.name, revision=spec.revision))
+    except Exception as e:  # network, missing dataset: datasets raises many types
+        raise hf_error(spec, e) from None
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise Gpt1Error("reading hf: sources needs the `datasets` package (pip install datasets)") from None
+    return datasets
+
+
+def hf_error(spec: HfSpec, error: Exception) -> Gpt1Error:
+    """A clear error for a dataset that `datasets` cannot open, with the fix for script datasets."""
+    hint = ""
+    if "scripts are no longer supported" in str(error):
+        # datasets >= 4 runs no loading scripts; the hub's parquet conversion of such a dataset
+        # lives on another branch (for very large datasets it may hold only part of the data).
+        hint = (f"; read the hub's parquet conversion with {HF_PREFIX}{spec.name}@refs/convert/parquet, "
+                "or download the data files and pass their folder")
+    return Gpt1Error(f"{spec}: cannot open the dataset ({type(error).__name__}: {error}){hint}")
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+def open_binary(path: str | Path) -> BinaryIO:
+    """Open a file for reading bytes; `.gz` files are checked to be gzip and decompressed."""
+    try:
+        if not str(path).lower().endswith(".gz"):
+            return open(path, "rb")
+        with open(path, "rb") as f:
+            if f.read(2) != GZIP_MAGIC:
+                raise Gpt1Error(f"{path}: not a gzip file (the name ends in .gz; decompress or rename it)")
+        return gzip.open(path, "rb")
+    except OSError as e:
+        raise Gpt1Error(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _chunks(path: str | Path, f: BinaryIO, size: int) -> Iterator[bytes]:
+    done = 0
+    try:
+        while chunk := f.read(size):
+            done += len(chunk)
+            yield chunk
+    except (OSError, EOFError, zlib.error) as e:
+        raise Gpt1Error(f"{path}: cannot read after byte {done:,} ({_reason(e)})") from None
+
+
+def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """The numbered lines (bytes) of a file or a .gz; a corrupt or truncated file is a Gpt1Error."""
+    with open_binary(path) as f:
+        line_no = 0
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                yield line_no, raw
+        except (OSError, EOFError, zlib.error) as e:
+            raise Gpt1Error(f"{path}: cannot read after line {line_no:,} ({_reason(e)})") from None
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, EOFError):
+        return "the compressed file is truncated"
+    return getattr(error, "strerror", None) or str(error)
+
+
+def read_text(path: str | Path) -> Iterator[str]:
+    """A text file's content in pieces of at most PIECE_CHARS characters (one piece if shorter).
+
+    Invalid UTF-8 is a BadRecord with its byte offset. Each piece but the last ends before a
+    space between two words when one lies in its second half, so tokenizing the pieces gives
+    the ids of tokenizing the whole.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    fed = 0
+    pending = ""
+    with open_binary(path) as f:
+        for chunk in itertools.chain(_chunks(path, f, READ_BYTES), [b""]):  # b"": flush the decoder
+            buffered = len(decoder.getstate()[0])
+            try:
+                pending += decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise BadRecord(f"{path}: invalid UTF-8 at byte offset {fed - buffered + e.start}") from None
+            fed += len(chunk)
+            while len(pending) > PIECE_CHARS:
+                cut = _cut(pending)
+                yield pending[:cut]
+                pending = pending[cut:]
+    yield pending
+
+
+def _cut(text: str) -> int:
+    """Where to end a piece: before a space between two non-spaces in its second half, or at PIECE_CHARS."""
+    end = PIECE_CHARS
+    while (space := text.rfind(" ", PIECE_CHARS // 2, end)) > 0:
+        if not text[space - 1].isspace() and not text[space + 1].isspace():
+            return space
+        end = space
+    return PIECE_CHARS
+
+
+def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda value, where: value, *,
+               skip_invalid: bool = False, skipped: Counter | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, convert(parsed JSON value, where)) of each non-blank line.
+
+    A bad line (here or a BadRecord from `convert`) raises, or with `skip_invalid` is counted
+    in `skipped["malformed lines"]` and skipped.
+    """
+    for line_no, raw in read_lines(path):
+        if not raw.strip():
+            continue
+        where = f"{path}, line {line_no}"
+        try:
+            yield line_no, convert(parse_json(raw, where), where)
+        except BadRecord as e:
+            if not skip_invalid:
+                raise BadRecord(f"{e} (pass --skip-invalid to skip bad lines)") from None
+            if skipped is not None:
+                skipped["malformed lines"] += 1
+
+
+def parse_json(raw: bytes, where: str) -> Any:
+    """Parse one JSON document (bytes) under the error policy; `where` names it in errors."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord(f"{where}: invalid UTF-8 at byte offset {e.start}") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise BadRecord(f"{where}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise BadRecord(f"{where}: JSON nested too deeply (more than ~{sys.getrecursionlimit():,} levels)") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_no_lone_surrogates(value, where)
+    return value
+
+
+def _check_no_lone_surrogates(value: Any, where: str) -> None:
+    """JSON allows "\\ud800" alone; UTF-8 cannot hold it and the tokenizer would fail far away."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise BadRecord(f"{where}: a lone surrogate escape (\\u{ord(item[e.start]):04x}) in a string: "
+                                "not valid Unicode text") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(row number, record) of a parquet file, read in batches; `columns` must exist."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt or non-parquet file
+        raise Gpt1Error(f"{path}: not a readable parquet file ({e})") from None
+    missing = [c for c in columns or [] if c not in parquet.schema_arrow.names]
+    if missing:
+        raise Gpt1Error(f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+    row = 0
+    try:
+        for batch in parquet.iter_batches(columns=columns, batch_size=4096):
+            for record in batch.to_pylist():
+                yield row, record
+                row += 1
+    except OSError as e:  # pyarrow's error for a truncated or corrupt page
+        raise Gpt1Error(f"{path}: cannot read after row {row:,} ({e})") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file with every scalar kept a string ("Yes" stays "Yes", not True)."""
+    import yaml
+
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+    except OSError as e:
+        raise Gpt1Error(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise Gpt1Error(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__})") from None

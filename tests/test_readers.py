@@ -1,0 +1,109 @@
+"""The reader layer: one error policy for every file format, shared by text and chat sources."""
+
+import gzip
+import json
+
+import pytest
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.data.chat_sources import read_conversations
+from gpt1.data.readers import BadRecord, read_jsonl, read_text
+from gpt1.data.sources import SourceStats, iter_documents
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def _gz(path, text: str) -> None:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _truncated(path, text: str) -> None:
+    _gz(path, text)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _both_paths(path):
+    """Read a file as text documents and as chat conversations."""
+    yield lambda: list(iter_documents([str(path)]))
+    yield lambda: read_conversations(str(path))
+
+
+@pytest.mark.parametrize("name", ["a.txt.gz", "a.jsonl.gz"])
+def test_truncated_and_non_gzip_files_are_one_clear_error(tmp_path, name):
+    line = json.dumps({"text": "some words " * 50, **CHAT}) + "\n"
+    truncated = tmp_path / ("t_" + name)
+    _truncated(truncated, line * 2000)
+    not_gzip = tmp_path / ("n_" + name)
+    not_gzip.write_text("plain text, not gzip")
+    for read in _both_paths(truncated) if name.endswith(".jsonl.gz") else [lambda: list(iter_documents([str(truncated)]))]:
+        with pytest.raises(Gpt1Error, match=r"t_a\.\w+\.gz: cannot read after (line|byte) [\d,]+ \(the compressed file is truncated\)"):
+            read()
+    for read in _both_paths(not_gzip) if name.endswith(".jsonl.gz") else [lambda: list(iter_documents([str(not_gzip)]))]:
+        with pytest.raises(Gpt1Error, match=r"n_a\.\w+\.gz: not a gzip file"):
+            read()
+
+
+def test_lone_surrogate_escapes_and_deep_json_are_bad_records(tmp_path):
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n{"text": "pair \\ud83d\\ude00 fine"}\n')
+    with pytest.raises(BadRecord, match=r"lone.jsonl, line 2: a lone surrogate escape \(\\ud800\)"):
+        list(iter_documents([str(lone)]))
+    stats = SourceStats()
+    assert list(iter_documents([str(lone)], skip_invalid=True, stats=stats)) == ["ok", "pair \U0001F600 fine"]
+    assert stats.skipped["malformed lines"] == 1
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    for read in _both_paths(deep):
+        with pytest.raises(BadRecord, match=r"deep.jsonl, line 1: JSON nested too deeply"):
+            read()
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps(CHAT) + "\n" + json.dumps({"messages": [{"role": "user", "content": "\ud800"}]},
+                                                         ensure_ascii=True) + "\n")
+    with pytest.raises(BadRecord, match=r"chat.jsonl, line 2: a lone surrogate"):
+        read_conversations(str(chat))
+
+
+def test_invalid_utf8_in_jsonl_names_the_line_in_both_paths(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(json.dumps({"text": "ok", **CHAT}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    for read in _both_paths(bad):
+        with pytest.raises(BadRecord, match=r"bad.jsonl, line 2: invalid UTF-8 at byte offset 13"):
+            read()
+
+
+def test_read_text_gives_bounded_pieces_that_join_to_the_file(tmp_path, monkeypatch):
+    import gpt1.data.readers as readers
+
+    monkeypatch.setattr(readers, "PIECE_CHARS", 64)
+    monkeypatch.setattr(readers, "READ_BYTES", 50)
+    text = "".join(f"w{i} " if i % 7 else "é€😀x " for i in range(400)) + "x" * 300
+    (tmp_path / "a.txt").write_text(text)
+    pieces = list(read_text(tmp_path / "a.txt"))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 64
+    words = [p for p in pieces if "x" * 10 not in p]
+    assert len(words) > 10 and all(p[-1] != " " for p in words) and all(p[0] == " " for p in pieces[1:len(words)])
+    (tmp_path / "b.txt").write_bytes(text.encode()[:500] + b"\xff" + b"tail" * 100)
+    with pytest.raises(BadRecord, match=r"b.txt: invalid UTF-8 at byte offset 500"):
+        list(read_text(tmp_path / "b.txt"))
+
+
+def test_read_jsonl_counts_skipped_lines_and_goes_on(tmp_path):
+    from collections import Counter
+
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'{"a": 1}\n{bad\n\n\xff\n{"a": 2}\n')
+    skipped = Counter()
+    assert list(read_jsonl(f, skip_invalid=True, skipped=skipped)) == [(1, {"a": 1}), (5, {"a": 2})]
+    assert skipped["malformed lines"] == 2
+    with pytest.raises(BadRecord, match=r"x.jsonl, line 2: invalid JSON .*pass --skip-invalid"):
+        list(read_jsonl(f))
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "dialogs.yml"
+    bad.write_text("conversations:\n- - hi\n  - [unclosed\n")
+    with pytest.raises(Gpt1Error, match=r"dialogs.yml: not valid YAML at line \d+, column \d+") as error:
+        read_conversations(str(bad))
+    assert "\n" not in str(error.value)
