@@ -23,7 +23,7 @@ from gpt1.core.lora import LoRAConfig, inject_lora
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import SPECIAL_TOKENS
-from gpt1.formats.gguf import GGUF_TYPES, export_gguf
+from gpt1.formats.gguf import GGUF_TYPES, check_representable, export_gguf
 from gpt1.formats.modeldir import load_model, save_model
 from gpt1.inference.generate import generate
 from gpt1.train.finetune import save_finetuned
@@ -283,8 +283,11 @@ def test_a_model_llama_cpp_cannot_represent_says_why(tmp_path, tiny_config, toke
 
     small = dataclasses.replace(tiny_config, vocab_size=300)
     save_model(tmp_path / "small", GPT(small), tokenizer)
-    with pytest.raises(Gpt1Error, match=f"the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only 300"):
+    # The model dir's own check (its tokenizer must fit its embedding) speaks first.
+    with pytest.raises(Gpt1Error, match=f"{tokenizer.vocab_size} tokens, but the model .* has 300 token embeddings"):
         export_gguf(tmp_path / "small", tmp_path / "m.gguf")
+    with pytest.raises(Gpt1Error, match=f"the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only 300"):
+        check_representable(small, tokenizer, tmp_path / "small")
 
 
 GO_RENDER = """package main
