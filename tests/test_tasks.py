@@ -128,3 +128,63 @@ def test_same_loglikelihoods_and_accuracy_as_lm_eval(model_dir, task_root, tmp_p
             if task != "mmlu":  # lm-eval pools MMLU's per-subject stderrs; ours is over all examples
                 expected = reference["results"][f"local_{task}"][f"{metric}_stderr,none"]
                 assert value["stderr"] == pytest.approx(expected, rel=1e-6), (task, metric)
+
+
+def test_unknown_task_lists_the_known_ones(tiny_model_dir, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "hellaswag,squad"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'squad'" in err and all(task in err for task in ALL_TASKS)
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "piqa", "--data", "hellaswag=x.jsonl"]) == 2
+    assert "not among the tasks evaluated (piqa)" in capsys.readouterr().err
+
+
+def test_a_file_in_the_wrong_schema_names_file_line_and_field(tiny_model_dir, tmp_path, capsys):
+    from tests.task_files import hellaswag
+
+    broken = hellaswag(1)
+    del broken["endings"]
+    bad = write_jsonl(tmp_path / "hellaswag.jsonl", [hellaswag(0), broken])
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "hellaswag", "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 2: missing field 'endings'" in err and "Traceback" not in err
+    bad.write_text(json.dumps(hellaswag(0)) + "\n{not json\n")
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "hellaswag", "--data", str(bad)]) == 2
+    assert f"{bad}, line 2: not a JSON object" in capsys.readouterr().err
+    wino = write_jsonl(tmp_path / "winogrande.jsonl", [{"sentence": "no blank here", "option1": "a", "option2": "b",
+                                                        "answer": "1"}])
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "winogrande", "--data", str(wino)]) == 2
+    assert f"{wino}, line 1: not a valid winogrande document" in capsys.readouterr().err
+
+
+def test_an_example_longer_than_the_context_is_skipped_and_counted(tiny_model_dir, tmp_path, capsys):
+    short = {"text": "the cat sat on the mat"}
+    long = {"text": " ".join(["the old dog walks along the river"] * 30)}  # far past 64 tokens
+    data = write_jsonl(tmp_path / "lambada.jsonl", [short, long, short])
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "lambada_openai", "--data", str(data),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    captured = capsys.readouterr()
+    result = json.loads((tmp_path / "r.json").read_text())["lambada_openai"]
+    assert result["n"] == 2 and result["skipped"] == 1
+    assert "1 example(s) did not fit the model's context (64 tokens)" in captured.err
+    assert "| lambada_openai | 0 | acc |" in captured.out
+
+
+def test_quick_suite_on_local_files_writes_the_report(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from tests.task_files import lambada
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    for task in ("hellaswag", "arc_easy", "piqa"):
+        make, _ = SCHEMAS[task]
+        # A short context: the test model's 64 tokens must hold a prompt and its longest choice.
+        write_jsonl(tmp_path / "data" / f"{task}.jsonl",
+                    [{**make(i), "ctx_a": "A", "ctx_b": "b", "question": "Q?", "goal": "G?"} for i in range(3)])
+    write_jsonl(tmp_path / "data" / "lambada_openai.jsonl", [lambada(i) for i in range(3)])
+    assert main(["eval", "--model", str(model), "--suite", "quick", "--data", str(tmp_path / "data"),
+                 "--ppl-data", str(tmp_path / "data" / "lambada_openai.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| 3 | 0 |") == 8  # hellaswag, arc_easy, piqa: acc + acc_norm; lambada: perplexity + acc
+    report = (model / "report.md").read_text()
+    assert "## Perplexity" in report and "bits per byte" in report and "| hellaswag | 0 | acc_norm |" in report
+    assert "Radford et al. 2019" in report and "karpathy/llm.c" in report

@@ -265,7 +265,8 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
     elif "validation" in (hf_split_names(spec) or []):
         conversations, source = read_conversations(spec, "validation", **options), f"{spec} (validation)"
     else:
-        run = read_json(llm.path / RUN_CONFIG_FILE) if (llm.path / RUN_CONFIG_FILE).is_file() else {}
+        run_file = llm.path / RUN_CONFIG_FILE
+        run = read_json(run_file).get("config", {}) if run_file.is_file() else {}
         val_fraction = run.get("val_fraction", FinetuneConfig.val_fraction)
         _, conversations = split_conversations(read_conversations(spec, **options), val_fraction,
                                                run.get("seed", FinetuneConfig.seed))
