@@ -9,7 +9,7 @@ import importlib.util
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import write_json
 
-BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks
+BENCHMARKS = ["train", "generate", "prepare", "serve", "eval"]  # modules of gpt1.benchmarks
 
 
 def register(subparsers) -> None:

@@ -127,7 +127,7 @@ class Scorer:
                 batch = [i]
         return results
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[Scored]:
         """Scores of pairs that all fit the context (see `fits`), in one batch."""
         contexts = list(dict.fromkeys(tuple(c) for c, _ in pairs))
@@ -141,8 +141,9 @@ class Scorer:
                 prefix = torch.zeros(len(contexts), Lc, dtype=torch.long)
                 for i, c in enumerate(contexts):
                     prefix[i, :len(c) - 1] = torch.tensor(c[:-1])
-                key_mask = torch.arange(Lc)[None] < prefix_lens[:, None]
-                self.model(prefix.to(self.device), cache=cache, attention_mask=key_mask.to(self.device), last_only=True)
+                # Plain causal attention: right padding comes after every real token, so no real
+                # token sees it here; the continuation pass masks it out.
+                self.model(prefix.to(self.device), cache=cache, last_only=True)
             rows = torch.tensor([group[tuple(c)] for c, _ in pairs])
             cache.reorder(rows.to(self.device))
             inputs = torch.zeros(len(pairs), T, dtype=torch.long)
@@ -156,9 +157,11 @@ class Scorer:
             key_mask = torch.cat([torch.arange(Lc)[None] < prefix_lens[rows][:, None], valid], dim=1)
             logits = self.model(inputs.to(self.device), cache=cache, positions=positions.to(self.device),
                                 attention_mask=key_mask.to(self.device))
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        token_lp = logprobs.gather(-1, targets[..., None]).squeeze(-1).double() * valid
-        greedy = (logprobs.argmax(-1) == targets) | ~valid
+        logits = logits.float()
+        targets, valid = targets.to(self.device), valid.to(self.device)
+        token_lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        token_lp = (token_lp.double() * valid).cpu()
+        greedy = ((logits.argmax(-1) == targets) | ~valid).cpu()
         return [Scored(float(token_lp[r].sum()), bool(greedy[r].all()), int(cont_lens[r])) for r in range(len(pairs))]
 
 
