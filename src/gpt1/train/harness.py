@@ -10,10 +10,11 @@ and whether each was the argmax (`is_greedy`). Metrics are lm-eval's: `acc` (arg
 is the sample standard deviation over sqrt(n) (lm-eval's `mean_stderr`); of perplexity, the
 delta-method estimate (lm-eval bootstraps it).
 
-Speed: a batch holds several examples. Each distinct context is run once, without its last token,
-into a KV cache; the cache rows are repeated for each of its continuations; one padded forward
-pass then runs `[last context token] + continuation[:-1]` for every continuation, so the output
-layer runs on continuation positions only (and the context's shared prefix is never recomputed).
+Speed: examples are scored in chunks. Each distinct context of a chunk is run once, without its
+last token, into a KV cache (contexts of like length batched together); then the continuations,
+sorted by length, run in padded batches, each row `[last context token] + continuation[:-1]` on
+a copy of its context's cache. So a context shared by four choices is encoded once, and the
+output layer runs on continuation positions only.
 An example whose context + continuation does not fit the model's context is skipped and counted.
 """
 
@@ -34,6 +35,8 @@ from gpt1.core.model import KVCache
 from gpt1.core.progress import progress
 from gpt1.train.precision import autocast
 from gpt1.train.tasks import Example, Task, get_task, load_documents, split_exists
+
+CHUNK_BATCHES = 4  # a chunk's prefixes are held in memory while its continuations run
 
 # A few hundred examples of a few tasks (minutes on a CPU), and everything.
 SUITES: dict[str, dict[str, int | None]] = {
@@ -107,57 +110,77 @@ class Scorer:
 
     def score_examples(self, examples: list[list[tuple[list[int], list[int]]]], desc: str = "eval",
                        show_progress: bool = True) -> list[list[Scored]]:
-        """Scores of each example's requests. Examples are batched longest first (whole examples
-        per batch, about `batch_size` requests), so padding stays small."""
+        """Scores of each example's requests, in chunks of whole examples (about CHUNK_BATCHES x
+        `batch_size` requests; longest first, so a chunk holds examples of like length)."""
         order = sorted(range(len(examples)), key=lambda i: -max(len(c) + len(k) for c, k in examples[i]))
         results: list[list[Scored]] = [[] for _ in examples]
-        if not examples:
-            return results
-        bar = progress(total=len(examples), desc=desc, unit="ex", disable=None if show_progress else True)
-        batch: list[int] = []
-        with bar:
-            for i in order + [None]:
-                if i is not None and (not batch or sum(len(examples[j]) for j in batch) + len(examples[i]) <= self.batch_size):
-                    batch.append(i)
+        with progress(total=len(examples), desc=desc, unit="ex", disable=None if show_progress else True) as bar:
+            chunk: list[int] = []
+            for n, i in enumerate(order):
+                chunk.append(i)
+                if n + 1 < len(order) and sum(len(examples[j]) for j in chunk) < CHUNK_BATCHES * self.batch_size:
                     continue
-                scores = iter(self.score([pair for j in batch for pair in examples[j]]))
-                for j in batch:
+                scores = iter(self.score([pair for j in chunk for pair in examples[j]]))
+                for j in chunk:
                     results[j] = [next(scores) for _ in examples[j]]
-                bar.update(len(batch))
-                batch = [i]
+                bar.update(len(chunk))
+                chunk = []
         return results
 
     @torch.inference_mode()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[Scored]:
-        """Scores of pairs that all fit the context (see `fits`), in one batch."""
-        contexts = list(dict.fromkeys(tuple(c) for c, _ in pairs))
-        group = {c: i for i, c in enumerate(contexts)}
-        prefix_lens = torch.tensor([len(c) - 1 for c in contexts])
+        """Scores of pairs that all fit the context (see `fits`): each distinct context's prefix
+        is encoded once into a KV cache, then the continuations run in batches of `batch_size`
+        rows of like length, each row on a copy of its context's cache."""
+        prefix_kv = self._encode_prefixes(list(dict.fromkeys(tuple(c) for c, _ in pairs)))
+        scores: list[Scored | None] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda r: -len(pairs[r][1]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            for r, scored in zip(rows, self._score_continuations([pairs[r] for r in rows], prefix_kv)):
+                scores[r] = scored
+        return scores
+
+    def _encode_prefixes(self, contexts: list[tuple[int, ...]]) -> dict:
+        """context -> (keys, values) of all its tokens but the last, (n_layer, n_head, len - 1, head_size)."""
+        kv = {}
+        contexts = sorted((c for c in contexts if len(c) > 1), key=len, reverse=True)
+        for start in range(0, len(contexts), self.batch_size):
+            batch = contexts[start:start + self.batch_size]
+            prefix = torch.zeros(len(batch), len(batch[0]) - 1, dtype=torch.long)
+            for i, c in enumerate(batch):
+                prefix[i, :len(c) - 1] = torch.tensor(c[:-1])
+            cache = KVCache(self.model.config, len(batch), max_len=prefix.size(1), device=self.device, dtype=self.dtype)
+            with autocast(self.device, self.precision):
+                # Plain causal attention: right padding comes after every real token, so no real
+                # token sees it; only the cache is kept.
+                self.model(prefix.to(self.device), cache=cache, last_only=True)
+            for i, c in enumerate(batch):
+                kv[c] = (cache.k[:, i, :, :len(c) - 1], cache.v[:, i, :, :len(c) - 1])
+        return kv
+
+    def _score_continuations(self, pairs: list[tuple[list[int], list[int]]], prefix_kv: dict) -> list[Scored]:
+        """Run `[last context token] + continuation[:-1]` of every pair on its context's cache."""
+        prefix_lens = torch.tensor([len(c) - 1 for c, _ in pairs])
         cont_lens = torch.tensor([len(k) for _, k in pairs])
         Lc, T = int(prefix_lens.max()), int(cont_lens.max())
-        cache = KVCache(self.model.config, len(contexts), max_len=Lc + T, device=self.device, dtype=self.dtype)
+        cache = KVCache(self.model.config, len(pairs), max_len=Lc + T, device=self.device, dtype=self.dtype)
+        inputs = torch.zeros(len(pairs), T, dtype=torch.long)
+        targets = torch.zeros(len(pairs), T, dtype=torch.long)
+        for r, (c, k) in enumerate(pairs):
+            if len(c) > 1:
+                keys, values = prefix_kv[tuple(c)]
+                cache.k[:, r, :, :len(c) - 1], cache.v[:, r, :, :len(c) - 1] = keys, values
+            inputs[r, :len(k)] = torch.tensor([c[-1]] + k[:-1])
+            targets[r, :len(k)] = torch.tensor(k)
+        cache.length = Lc
+        # Padding positions may run past the context; they are masked and never read.
+        positions = (prefix_lens[:, None] + torch.arange(T)[None]).clamp(max=self.model.config.block_size - 1)
+        valid = torch.arange(T)[None] < cont_lens[:, None]
+        key_mask = torch.cat([torch.arange(Lc)[None] < prefix_lens[:, None], valid], dim=1)
         with autocast(self.device, self.precision):
-            if Lc:  # the contexts but their last token, right-padded; only the cache is kept
-                prefix = torch.zeros(len(contexts), Lc, dtype=torch.long)
-                for i, c in enumerate(contexts):
-                    prefix[i, :len(c) - 1] = torch.tensor(c[:-1])
-                # Plain causal attention: right padding comes after every real token, so no real
-                # token sees it here; the continuation pass masks it out.
-                self.model(prefix.to(self.device), cache=cache, last_only=True)
-            rows = torch.tensor([group[tuple(c)] for c, _ in pairs])
-            cache.reorder(rows.to(self.device))
-            inputs = torch.zeros(len(pairs), T, dtype=torch.long)
-            targets = torch.zeros(len(pairs), T, dtype=torch.long)
-            for r, (c, k) in enumerate(pairs):
-                inputs[r, :len(k)] = torch.tensor([c[-1]] + k[:-1])
-                targets[r, :len(k)] = torch.tensor(k)
-            # Padding positions may run past the context; they are masked and never read.
-            positions = (prefix_lens[rows][:, None] + torch.arange(T)[None]).clamp(max=self.model.config.block_size - 1)
-            valid = torch.arange(T)[None] < cont_lens[:, None]
-            key_mask = torch.cat([torch.arange(Lc)[None] < prefix_lens[rows][:, None], valid], dim=1)
             logits = self.model(inputs.to(self.device), cache=cache, positions=positions.to(self.device),
-                                attention_mask=key_mask.to(self.device))
-        logits = logits.float()
+                                attention_mask=key_mask.to(self.device)).float()
         targets, valid = targets.to(self.device), valid.to(self.device)
         token_lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         token_lp = (token_lp.double() * valid).cpu()
