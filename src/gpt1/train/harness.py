@@ -10,10 +10,10 @@ and whether each was the argmax (`is_greedy`). Metrics are lm-eval's: `acc` (arg
 is the sample standard deviation over sqrt(n) (lm-eval's `mean_stderr`); of perplexity, the
 delta-method estimate (lm-eval bootstraps it).
 
-Speed: examples are scored in chunks. Each distinct context of a chunk is run once, without its
-last token, into a KV cache (contexts of like length batched together); then the continuations,
-sorted by length, run in padded batches, each row `[last context token] + continuation[:-1]` on
-a copy of its context's cache. So a context shared by four choices is encoded once, and the
+Speed: examples are scored in chunks (longest first). The distinct contexts of a chunk run once,
+without their last token, in one batch into a KV cache; then the chunk's continuations, sorted by
+length, run in padded batches, each row `[last context token] + continuation[:-1]` on a copy of
+its context's cache row. So a context shared by four choices is encoded once, and the
 output layer runs on continuation positions only.
 An example whose context + continuation does not fit the model's context is skipped and counted.
 """
@@ -110,17 +110,20 @@ class Scorer:
 
     def score_examples(self, examples: list[list[tuple[list[int], list[int]]]], desc: str = "eval",
                        show_progress: bool = True) -> list[list[Scored]]:
-        """Scores of each example's requests, in chunks of whole examples (about CHUNK_BATCHES x
-        `batch_size` requests; longest first, so a chunk holds examples of like length)."""
+        """Scores of each example's requests, in chunks of whole examples (longest first, so a
+        chunk holds examples of like length) of at most `batch_size` distinct contexts and about
+        CHUNK_BATCHES x `batch_size` requests."""
         order = sorted(range(len(examples)), key=lambda i: -max(len(c) + len(k) for c, k in examples[i]))
         results: list[list[Scored]] = [[] for _ in examples]
         with progress(total=len(examples), desc=desc, unit="ex", disable=None if show_progress else True) as bar:
             chunk: list[int] = []
             for n, i in enumerate(order):
                 chunk.append(i)
-                if n + 1 < len(order) and sum(len(examples[j]) for j in chunk) < CHUNK_BATCHES * self.batch_size:
+                pairs = [pair for j in chunk for pair in examples[j]]
+                if n + 1 < len(order) and len(pairs) < CHUNK_BATCHES * self.batch_size and \
+                        len({tuple(c) for c, _ in pairs}) < self.batch_size:
                     continue
-                scores = iter(self.score([pair for j in chunk for pair in examples[j]]))
+                scores = iter(self.score(pairs))
                 for j in chunk:
                     results[j] = [next(scores) for _ in examples[j]]
                 bar.update(len(chunk))
@@ -129,51 +132,51 @@ class Scorer:
 
     @torch.inference_mode()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[Scored]:
-        """Scores of pairs that all fit the context (see `fits`): each distinct context's prefix
-        is encoded once into a KV cache, then the continuations run in batches of `batch_size`
-        rows of like length, each row on a copy of its context's cache."""
-        prefix_kv = self._encode_prefixes(list(dict.fromkeys(tuple(c) for c, _ in pairs)))
+        """Scores of pairs that all fit the context (see `fits`): the distinct contexts' prefixes
+        are encoded once, in one batch, into a KV cache; then the continuations run in batches of
+        `batch_size` rows of like length, each row on a copy of its context's cache rows."""
+        contexts = list(dict.fromkeys(tuple(c) for c, _ in pairs))
+        prefix = self._encode_prefixes(contexts)
+        row_of = {c: i for i, c in enumerate(contexts)}
         scores: list[Scored | None] = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda r: -len(pairs[r][1]))
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            for r, scored in zip(rows, self._score_continuations([pairs[r] for r in rows], prefix_kv)):
+            batch = [pairs[r] for r in rows]
+            cache_rows = torch.tensor([row_of[tuple(c)] for c, _ in batch], device=self.device)
+            for r, scored in zip(rows, self._score_continuations(batch, prefix, cache_rows)):
                 scores[r] = scored
         return scores
 
-    def _encode_prefixes(self, contexts: list[tuple[int, ...]]) -> dict:
-        """context -> (keys, values) of all its tokens but the last, (n_layer, n_head, len - 1, head_size)."""
-        kv = {}
-        contexts = sorted((c for c in contexts if len(c) > 1), key=len, reverse=True)
-        for start in range(0, len(contexts), self.batch_size):
-            batch = contexts[start:start + self.batch_size]
-            prefix = torch.zeros(len(batch), len(batch[0]) - 1, dtype=torch.long)
-            for i, c in enumerate(batch):
-                prefix[i, :len(c) - 1] = torch.tensor(c[:-1])
-            cache = KVCache(self.model.config, len(batch), max_len=prefix.size(1), device=self.device, dtype=self.dtype)
+    def _encode_prefixes(self, contexts: list[tuple[int, ...]]) -> KVCache:
+        """A cache with row i = context i but its last token (right-padded)."""
+        prefix = torch.zeros(len(contexts), max(len(c) for c in contexts) - 1, dtype=torch.long)
+        for i, c in enumerate(contexts):
+            prefix[i, :len(c) - 1] = torch.tensor(c[:-1])
+        cache = KVCache(self.model.config, len(contexts), max_len=max(prefix.size(1), 1), device=self.device,
+                        dtype=self.dtype)
+        if prefix.size(1):
             with autocast(self.device, self.precision):
                 # Plain causal attention: right padding comes after every real token, so no real
                 # token sees it; only the cache is kept.
                 self.model(prefix.to(self.device), cache=cache, last_only=True)
-            for i, c in enumerate(batch):
-                kv[c] = (cache.k[:, i, :, :len(c) - 1], cache.v[:, i, :, :len(c) - 1])
-        return kv
+        return cache
 
-    def _score_continuations(self, pairs: list[tuple[list[int], list[int]]], prefix_kv: dict) -> list[Scored]:
-        """Run `[last context token] + continuation[:-1]` of every pair on its context's cache."""
+    def _score_continuations(self, pairs: list[tuple[list[int], list[int]]], prefix: KVCache,
+                             cache_rows: torch.Tensor) -> list[Scored]:
+        """Run `[last context token] + continuation[:-1]` of every pair on its context's cache row."""
         prefix_lens = torch.tensor([len(c) - 1 for c, _ in pairs])
         cont_lens = torch.tensor([len(k) for _, k in pairs])
         Lc, T = int(prefix_lens.max()), int(cont_lens.max())
         cache = KVCache(self.model.config, len(pairs), max_len=Lc + T, device=self.device, dtype=self.dtype)
+        cache.k[:, :, :, :Lc] = prefix.k[:, cache_rows, :, :Lc]
+        cache.v[:, :, :, :Lc] = prefix.v[:, cache_rows, :, :Lc]
+        cache.length = Lc
         inputs = torch.zeros(len(pairs), T, dtype=torch.long)
         targets = torch.zeros(len(pairs), T, dtype=torch.long)
         for r, (c, k) in enumerate(pairs):
-            if len(c) > 1:
-                keys, values = prefix_kv[tuple(c)]
-                cache.k[:, r, :, :len(c) - 1], cache.v[:, r, :, :len(c) - 1] = keys, values
             inputs[r, :len(k)] = torch.tensor([c[-1]] + k[:-1])
             targets[r, :len(k)] = torch.tensor(k)
-        cache.length = Lc
         # Padding positions may run past the context; they are masked and never read.
         positions = (prefix_lens[:, None] + torch.arange(T)[None]).clamp(max=self.model.config.block_size - 1)
         valid = torch.arange(T)[None] < cont_lens[:, None]
