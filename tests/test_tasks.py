@@ -188,3 +188,30 @@ def test_quick_suite_on_local_files_writes_the_report(tiny_model_dir, tmp_path, 
     report = (model / "report.md").read_text()
     assert "## Perplexity" in report and "bits per byte" in report and "| hellaswag | 0 | acc_norm |" in report
     assert "Radford et al. 2019" in report and "karpathy/llm.c" in report
+
+
+def test_a_chat_model_is_scored_with_its_adapter_merged(tiny_model_dir, tokenizer, tmp_path):
+    """A fine-tuned dir (base + LoRA adapter) scores as its merged copy does, and unlike its base."""
+    from gpt1.core.lora import LoRAConfig, inject_lora
+    from gpt1.formats.modeldir import load_model
+    from gpt1.train.finetune import merge_model_dir, save_finetuned
+
+    model = load_model(tiny_model_dir)
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    save_finetuned(tmp_path / "chat", model, tokenizer, {"path": str(tiny_model_dir)})
+    merge_model_dir(tmp_path / "chat", tmp_path / "merged")
+    data = write_jsonl(tmp_path / "piqa.jsonl", [{"goal": "Dry a cup?", "sol1": "Use a towel.", "sol2": "Use water.",
+                                                  "label": 0}, {"goal": "Cut bread?", "sol1": "A spoon.",
+                                                                "sol2": "A knife.", "label": 1}])
+    lls = {}
+    for name, model_dir in (("chat", tmp_path / "chat"), ("merged", tmp_path / "merged"), ("base", tiny_model_dir)):
+        samples = tmp_path / f"{name}.jsonl"
+        assert main(["eval", "--model", str(model_dir), "--task", "piqa", "--data", str(data), "--samples", str(samples)]) == 0
+        lls[name] = [r["loglikelihood"] for line in samples.read_text().splitlines() for r in json.loads(line)["requests"]]
+    assert lls["chat"] == pytest.approx(lls["merged"], abs=1e-4)
+    assert lls["chat"] != pytest.approx(lls["base"], abs=1e-2)
