@@ -24,4 +24,4 @@ def test_bench_prepare_quick_reports_a_ratio(tmp_path, capsys):
 
 def test_unknown_benchmark_is_a_clear_error(capsys):
     assert main(["bench", "nope"]) == 2
-    assert "unknown benchmark(s) nope; available: train, generate, prepare, serve" in capsys.readouterr().err
+    assert "unknown benchmark(s) nope; available: train, generate, prepare, serve (default), llamacpp, eval" in capsys.readouterr().err

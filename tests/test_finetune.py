@@ -107,15 +107,18 @@ def test_finetuned_dir_loads_merged_and_unmerged_and_chats(run, tmp_path):
 
 
 def test_chat_eval_matches_the_training_validation(run, oasst):
-    """`gpt1 eval --chat` on the held-out conversations gives the loop's final validation loss."""
+    """`gpt1 eval --chat` scores the conversations fine-tuning held out (the run's val_fraction
+    and seed), not the whole chat set, and gives the loop's final validation loss."""
     out, result = run
     llm = gpt1.load(out, device="cpu")
-    _, val = split_conversations(read_conversations(str(oasst)), 0.2, seed=FinetuneConfig.seed)
-    held_out = out.parent / "val.jsonl"
-    held_out.write_text("".join(json.dumps({"messages": c.messages}) + "\n" for c in val))
-    evaluated = evaluate_chat(llm, str(held_out), batch_size=4, max_batches=2, show_progress=False)
+    evaluated = evaluate_chat(llm, str(oasst), batch_size=4, max_batches=2, show_progress=False)
     assert evaluated.loss == pytest.approx(result.val_loss, rel=1e-4)
     assert evaluated.perplexity == pytest.approx(math.exp(evaluated.loss))
+    _, val = split_conversations(read_conversations(str(oasst)), 0.2, seed=FinetuneConfig.seed)
+    assert evaluated.conversations == len(val) and "held-out 20%" in evaluated.source
+    # bits per byte: the same summed loss, over the UTF-8 bytes of the assistant tokens
+    assert evaluated.bits_per_byte == pytest.approx(evaluated.loss * evaluated.tokens / (math.log(2) * evaluated.bytes))
+    assert 0 < evaluated.bytes
 
 
 def test_resume_after_an_interruption_ends_where_a_straight_run_ends(run, tiny_model_dir, oasst, tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import write_json
 
 BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks, run by default
-ON_REQUEST = ["llamacpp"]  # need an optional package (llama-cpp-python): run only when named
+# Need an optional package (llama-cpp-python, lm-eval): run only when named.
+ON_REQUEST = ["llamacpp", "eval"]
 
 
 def register(subparsers) -> None:

@@ -1,28 +1,59 @@
-"""`gpt1 eval`: loss and perplexity of a model dir on prepared shards or text files."""
+"""`gpt1 eval`: perplexity and bits per byte on held-out data, or benchmark tasks scored like lm-eval."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import gpt1
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import write_json
 from gpt1.train.evaluate import evaluate_data
 from gpt1.train.finetune import evaluate_chat
+from gpt1.train.harness import (
+    SUITES,
+    evaluate_task,
+    format_results,
+    results_json,
+    task_sources,
+    write_report,
+    write_samples,
+)
+from gpt1.train.tasks import TASKS, get_task
+
+REPORT_FILE = "report.md"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="loss and perplexity of a model on held-out data",
-        description="Print the loss and perplexity of a model dir on a prepared data dir's val.bin, or on text "
-                    "files/directories/globs/hf:DATASET (tokenized with [EOS] after each document). The text is "
-                    "cut into non-overlapping context windows, so every token is predicted once.",
+        "eval", help="perplexity on held-out data, or benchmark tasks (HellaSwag, ARC, ...) scored like lm-eval",
+        description="Perplexity mode (--data without --task): the loss, perplexity and bits per byte of a model dir "
+                    "on a prepared data dir's val.bin, or on text files/directories/globs/hf:DATASET (tokenized with "
+                    "[EOS] after each document), cut into non-overlapping context windows so every token is predicted "
+                    "once. Task mode (--task or --suite): multiple-choice and LAMBADA benchmarks with the prompts, "
+                    f"continuations and metrics of lm-evaluation-harness 0.4.x. Tasks: {', '.join(TASKS)}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model dir (or training run dir)")
-    parser.add_argument("--data", required=True, nargs="+", metavar="DIR_OR_FILES",
-                        help="a prepared data dir (its val.bin is used), or text sources")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--model", required=True, help="model dir (or training run dir; a chat model's adapter is merged)")
+    parser.add_argument("--data", nargs="+", metavar="SOURCE",
+                        help="perplexity: a prepared data dir (its val.bin) or text sources. Tasks: local task files in "
+                             "the hub's schema instead of the hub: TASK=FILE.jsonl, TASK=FOLDER (SPLIT.jsonl files), "
+                             "TASK=hf:NAME@REVISION, a folder holding TASK.jsonl files, or with one task its file")
+    tasks = parser.add_argument_group("benchmark tasks")
+    tasks.add_argument("--task", metavar="NAME[,NAME...]", help=f"tasks to score: {', '.join(TASKS)}")
+    tasks.add_argument("--suite", choices=sorted(SUITES),
+                       help="quick: " + ", ".join(f"{t} ({n})" for t, n in SUITES["quick"].items())
+                            + " examples; full: every task, every example. Writes report.md into the model dir")
+    tasks.add_argument("--fewshot", type=int, default=0, metavar="K", help="examples in each prompt (as lm-eval draws them)")
+    tasks.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N examples of each task")
+    tasks.add_argument("--samples", metavar="PATH", help="write per-example log-likelihoods as JSON lines to PATH")
+    tasks.add_argument("--report", metavar="PATH", help=f"write the Markdown report to PATH (--suite: MODEL/{REPORT_FILE})")
+    tasks.add_argument("--ppl-data", nargs="+", metavar="SOURCE",
+                       help="with --suite/--report: also measure perplexity and bits per byte on these sources")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="perplexity: windows per forward pass (default 8); tasks: requests per batch (default 32)")
     parser.add_argument("--block-size", type=int, default=None, help="window length (default: the model's context)")
     parser.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     parser.add_argument("--precision", choices=["fp32", "fp16-mixed", "bf16-mixed"], default="fp32",
@@ -31,36 +62,94 @@ def register(subparsers) -> None:
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
     parser.add_argument("--chat", action="store_true",
                         help="the data is one chat source (OASST2 hub name or export, chat .jsonl, chatterbot; see "
-                             "`gpt1 finetune --help`): report the loss and perplexity of the assistant tokens")
+                             "`gpt1 finetune --help`): report the loss, perplexity and bits per byte of the assistant "
+                             "tokens of its validation conversations")
     parser.add_argument("--split", default=None,
-                        help="with --chat: the dataset split (default: validation when the dataset has one)")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+                        help="with --chat: read this split whole (default: the validation split, or the share of the "
+                             "conversations fine-tuning holds out)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write the results as JSON to PATH (no PATH: print them to stdout instead of the text)")
     parser.set_defaults(func=eval_command)
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    if args.task or args.suite:
+        return _tasks_eval(args)
+    if not args.data:
+        raise Gpt1Error("pass --data (perplexity) or --task/--suite (benchmarks)")
     llm = gpt1.load(args.model, device=args.device)
     if args.chat:
         return _chat_eval(llm, args)
-    result = evaluate_data(llm, args.data, batch_size=args.batch_size, block_size=args.block_size,
-                           max_batches=args.max_batches, precision=args.precision, text_field=args.text_field)
+    result = _perplexity(llm, args.data, args)
     if args.json:
-        print(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
-                          "source": result.source}))
+        _emit_json(args.json, result)
     else:
-        print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  ({result.tokens:,} tokens of {result.source})")
+        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}  "
+              f"({result['tokens']:,} tokens of {result['source']})")
     return 0
+
+
+def _perplexity(llm, data: list[str], args: argparse.Namespace) -> dict:
+    result = evaluate_data(llm, data, batch_size=args.batch_size or 8, block_size=args.block_size,
+                           max_batches=args.max_batches, precision=args.precision, text_field=args.text_field)
+    return {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
+            "tokens": result.tokens, "bytes": result.bytes, "source": result.source}
+
+
+def _emit_json(target: str, obj: dict) -> None:
+    if target == "-":
+        print(json.dumps(obj))
+    else:
+        write_json(target, obj)
 
 
 def _chat_eval(llm, args: argparse.Namespace) -> int:
     if len(args.data) != 1:
         raise Gpt1Error("--chat takes one chat source in --data")
-    result = evaluate_chat(llm, args.data[0], split=args.split, batch_size=args.batch_size,
+    result = evaluate_chat(llm, args.data[0], split=args.split, batch_size=args.batch_size or 8,
                            max_batches=args.max_batches, precision=args.precision)
     if args.json:
-        print(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
-                          "conversations": result.conversations, "source": result.source}))
+        _emit_json(args.json, {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
+                               "tokens": result.tokens, "bytes": result.bytes, "conversations": result.conversations,
+                               "source": result.source})
     else:
         print(f"assistant-token loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
-              f"({result.tokens:,} tokens of {result.conversations:,} conversations in {result.source})")
+              f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens of {result.conversations:,} "
+              f"conversations in {result.source})")
+    return 0
+
+
+def _tasks_eval(args: argparse.Namespace) -> int:
+    if args.task and args.suite:
+        raise Gpt1Error("pass --task or --suite, not both")
+    if args.fewshot < 0 or (args.limit is not None and args.limit < 1):
+        raise Gpt1Error("--fewshot must be >= 0 and --limit >= 1")
+    if args.suite:
+        limits = SUITES[args.suite]
+    else:
+        names = [n.strip() for n in args.task.split(",") if n.strip()]
+        limits = {get_task(n).name: args.limit for n in names}
+    sources = task_sources(list(limits), args.data)
+    llm = gpt1.load(args.model, device=args.device)
+    results = []
+    for name, limit in limits.items():
+        results.append(evaluate_task(llm, name, source=sources[name], num_fewshot=args.fewshot,
+                                     limit=args.limit if args.limit is not None else limit,
+                                     batch_size=args.batch_size or 32, precision=args.precision))
+    if args.samples:
+        write_samples(args.samples, results)
+    report = args.report or (str(Path(args.model) / REPORT_FILE) if args.suite else None)
+    if report:
+        ppl = _perplexity(llm, args.ppl_data, args) if args.ppl_data else None
+        write_report(report, args.model, results, suite=args.suite, perplexity=ppl, device=str(llm.device))
+    if args.json:
+        _emit_json(args.json, results_json(results))
+    if args.json != "-":
+        print(format_results(results))
+        skipped = sum(r.skipped for r in results)
+        if skipped:
+            print(f"{skipped} example(s) did not fit the model's context ({llm.model.config.block_size} tokens) and "
+                  "were skipped", file=sys.stderr)
+        if report:
+            print(f"report: {report}", file=sys.stderr)
     return 0

@@ -4,6 +4,10 @@ Perplexity is exp(mean token loss). `evaluate_loss` is what the training loop ca
 fixed validation batches; `evaluate_data` is `gpt1 eval`: the whole `val.bin` of a prepared
 data dir (or text files, tokenized with `[EOS]` after each document) cut into non-overlapping
 context windows, so every token is predicted exactly once.
+
+Bits per byte (tokenizer-independent, so models with different tokenizers compare) is the
+summed loss in bits over the UTF-8 bytes of the predicted tokens; special tokens ([EOS] between
+documents, a chat's role markers) count as zero bytes, their loss is still paid.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ class EvalResult:
     perplexity: float
     tokens: int  # predicted tokens
     source: str
+    bytes: int = 0  # UTF-8 bytes of the predicted tokens
+
+    @property
+    def bits_per_byte(self) -> float:
+        return bits_per_byte(self.loss, self.tokens, self.bytes)
 
 
 def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -64,6 +73,17 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     return (total_sum[0].item() / tokens if tokens else float("nan")), tokens
 
 
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 length of every token id; 0 for special tokens."""
+    special = set(tokenizer.special_ids)
+    return np.array([0 if i in special else len(tokenizer.id_to_bytes([i])) for i in range(tokenizer.vocab_size)],
+                    dtype=np.int64)
+
+
+def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
+    return loss * tokens / (math.log(2) * n_bytes) if n_bytes else float("nan")
+
+
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # exp overflows past ~709; such a loss means "untrained"
 
@@ -95,4 +115,6 @@ def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int 
         n_windows = min(n_windows, max_batches * batch_size)
     loss, n = evaluate_loss(llm.model, sequential_windows(tokens, block_size, batch_size, max_batches), llm.device,
                             precision, show_progress=show_progress, total=math.ceil(n_windows / batch_size))
-    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source)
+    predicted = np.asarray(tokens[1:n_windows * block_size + 1], dtype=np.int64)
+    n_bytes = int(token_byte_lengths(llm.tokenizer)[predicted].sum())
+    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes)

@@ -43,6 +43,7 @@ from gpt1.core.lora import (
     mark_only_lora_as_trainable,
     save_adapter,
 )
+from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
@@ -51,7 +52,8 @@ from gpt1.formats.hf import import_hf_model, is_hf_model_dir
 from gpt1.formats.modeldir import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
-from gpt1.train.evaluate import evaluate_loss, perplexity
+from gpt1.train.evaluate import bits_per_byte, evaluate_loss, perplexity, token_byte_lengths
+from gpt1.train.loop import CONFIG_FILE as RUN_CONFIG_FILE
 from gpt1.train.loop import train
 
 BASE_FILE = "base.json"
@@ -232,26 +234,52 @@ class ChatEvalResult:
     tokens: int  # assistant tokens predicted
     conversations: int
     source: str
+    bytes: int = 0  # UTF-8 bytes of the assistant tokens (special tokens count 0)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return bits_per_byte(self.loss, self.tokens, self.bytes)
 
 
 def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int = 8, max_batches: int | None = None,
                   precision: str = "fp32", all_paths: bool = False, languages: list[str] | None = None,
                   skip_invalid: bool = False, show_progress: bool = True) -> ChatEvalResult:
-    """Loss and perplexity on the assistant tokens of a chat dataset (what `gpt1 eval --chat` prints).
+    """Loss, perplexity and bits per byte on the assistant tokens of a chat dataset's validation
+    conversations (what `gpt1 eval --chat` prints).
 
-    `split` defaults to the dataset's `validation` split when it has one, else all of it.
+    The validation conversations are those fine-tuning holds out: the dataset's `validation`
+    split when it has one, else the `val_fraction` of the message trees that `split_conversations`
+    picks (with the model's own run settings from its train_config.json, when it has one).
+    An explicit `split` is read whole.
     """
-    if split is None:
-        splits = hf_split_names(spec) or []
-        split = "validation" if "validation" in splits else "train"
-    conversations = read_conversations(spec, split, all_paths=all_paths, languages=languages, skip_invalid=skip_invalid)
+    options = dict(all_paths=all_paths, languages=languages, skip_invalid=skip_invalid)
+    if split is not None:
+        conversations, source = read_conversations(spec, split, **options), f"{spec} ({split})"
+    elif "validation" in (hf_split_names(spec) or []):
+        conversations, source = read_conversations(spec, "validation", **options), f"{spec} (validation)"
+    else:
+        run_file = llm.path / RUN_CONFIG_FILE
+        run = read_json(run_file).get("config", {}) if run_file.is_file() else {}
+        val_fraction = run.get("val_fraction", FinetuneConfig.val_fraction)
+        _, conversations = split_conversations(read_conversations(spec, **options), val_fraction,
+                                               run.get("seed", FinetuneConfig.seed))
+        source = f"{spec} (held-out {val_fraction:.0%} of the conversations)"
     data = encode_conversations(llm.tokenizer, conversations, llm.model.config.block_size + 1)
     batches = iter_batches(data, batch_size, llm.tokenizer.pad_id)
     total = math.ceil(len(data) / batch_size)
     if max_batches is not None:
         batches, total = itertools.islice(batches, max_batches), min(total, max_batches)
-    loss, tokens = evaluate_loss(llm.model, batches, llm.device, precision, show_progress=show_progress, total=total)
+    byte_lengths, n_bytes = token_byte_lengths(llm.tokenizer), 0
+
+    def counting_bytes(batches):
+        nonlocal n_bytes
+        for x, y in batches:
+            n_bytes += int(byte_lengths[y[y != IGNORE_INDEX].numpy()].sum())
+            yield x, y
+
+    loss, tokens = evaluate_loss(llm.model, counting_bytes(batches), llm.device, precision,
+                                 show_progress=show_progress, total=total)
     if not tokens:
-        raise Gpt1Error(f"{spec}: no assistant tokens to evaluate")
+        raise Gpt1Error(f"{spec}: no assistant tokens to evaluate in {source}")
     return ChatEvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, conversations=len(conversations),
-                          source=spec if split == "train" else f"{spec} ({split})")
+                          source=source, bytes=n_bytes)

@@ -1,0 +1,315 @@
+"""Benchmark evaluation scored as lm-evaluation-harness scores it, fast (`gpt1 eval --task`).
+
+Tokenization follows lm-eval's `HFLM` for a causal model: trailing whitespace of a context moves
+to its continuation, the continuation's tokens are `encode(context + continuation)` after the
+first `len(encode(context))` tokens, and an empty context is the single prefix token ([EOS], the
+exported tokenizer's BOS). A request's score is the sum of the continuation tokens' log-probabilities
+and whether each was the argmax (`is_greedy`). Metrics are lm-eval's: `acc` (argmax of the sums),
+`acc_norm` (argmax of the sums divided by each choice's length in characters), LAMBADA's `acc`
+(every token greedy) and `perplexity` (exp of minus the mean log-likelihood); `stderr` of a mean
+is the sample standard deviation over sqrt(n) (lm-eval's `mean_stderr`); of perplexity, the
+delta-method estimate (lm-eval bootstraps it).
+
+Speed: examples are scored in chunks (longest first). The distinct contexts of a chunk run once,
+without their last token, in one batch into a KV cache; then the chunk's continuations, sorted by
+length, run in padded batches, each row `[last context token] + continuation[:-1]` on a copy of
+its context's cache row. So a context shared by four choices is encoded once, and the
+output layer runs on continuation positions only.
+An example whose context + continuation does not fit the model's context is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import write_text
+from gpt1.core.model import KVCache
+from gpt1.core.progress import progress
+from gpt1.train.precision import autocast
+from gpt1.train.tasks import Example, Task, get_task, load_documents, split_exists
+
+CHUNK_BATCHES = 4  # a chunk's prefixes are held in memory while its continuations run
+
+# A few hundred examples of a few tasks (minutes on a CPU), and everything.
+SUITES: dict[str, dict[str, int | None]] = {
+    "quick": {"hellaswag": 100, "arc_easy": 100, "piqa": 100, "lambada_openai": 100},
+    "full": {"hellaswag": None, "arc_easy": None, "arc_challenge": None, "piqa": None, "winogrande": None,
+             "lambada_openai": None, "mmlu": None},
+}
+
+# Published numbers, each with where it was read. GPT-2 "117M" in the paper is the model now
+# counted as 124M; "345M" is GPT-2 medium (~350M).
+REFERENCES = [
+    ("GPT-2 124M", "hellaswag", 0, "acc", 0.2892,
+     "lm-evaluation-harness, as quoted in karpathy/llm.c dev/data/hellaswag.py (docstring)"),
+    ("GPT-2 124M", "hellaswag", 0, "acc_norm", 0.3114,
+     "lm-evaluation-harness, as quoted in karpathy/llm.c dev/data/hellaswag.py (docstring)"),
+    ("GPT-2 124M", "lambada", 0, "acc", 0.4599,
+     "Radford et al. 2019, Language Models are Unsupervised Multitask Learners, Table 3 (own LAMBADA protocol)"),
+    ("GPT-2 124M", "lambada", 0, "perplexity", 35.13,
+     "Radford et al. 2019, Table 3 (own LAMBADA protocol and detokenizer)"),
+    ("GPT-2 350M", "lambada", 0, "acc", 0.5548,
+     "Radford et al. 2019, Table 3 (own LAMBADA protocol)"),
+    ("GPT-2 350M", "lambada", 0, "perplexity", 15.60,
+     "Radford et al. 2019, Table 3 (own LAMBADA protocol and detokenizer)"),
+]
+
+
+@dataclass
+class Scored:
+    """One request's score: log P(continuation | context), and whether every token was the argmax."""
+
+    loglikelihood: float
+    is_greedy: bool
+    tokens: int
+
+
+@dataclass
+class TaskResult:
+    task: str
+    num_fewshot: int
+    n: int  # examples scored
+    skipped: int  # examples that did not fit the model's context
+    metrics: dict[str, tuple[float | None, float | None]]  # name -> (value, stderr); None: nothing scored
+    samples: list[dict] = field(default_factory=list, repr=False)
+
+    def rows(self) -> list[dict]:
+        return [{"task": self.task, "fewshot": self.num_fewshot, "metric": name, "value": value, "stderr": stderr,
+                 "n": self.n, "skipped": self.skipped} for name, (value, stderr) in self.metrics.items()]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) exactly as lm-eval's HFLM splits a request."""
+    if not context:
+        return [tokenizer.eos_id], tokenizer.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context_ids = tokenizer.encode(context)
+    return context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
+
+
+class Scorer:
+    """Batched log-likelihood scoring of (context ids, continuation ids) pairs with a shared-context KV cache."""
+
+    def __init__(self, model: torch.nn.Module, *, batch_size: int = 32, precision: str = "fp32"):
+        self.model, self.batch_size, self.precision = model.eval(), batch_size, precision
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    def fits(self, context: list[int], continuation: list[int]) -> bool:
+        return 0 < len(continuation) and len(context) + len(continuation) - 1 <= self.model.config.block_size
+
+    def score_examples(self, examples: list[list[tuple[list[int], list[int]]]], desc: str = "eval",
+                       show_progress: bool = True) -> list[list[Scored]]:
+        """Scores of each example's requests, in chunks of whole examples (longest first, so a
+        chunk holds examples of like length) of at most `batch_size` distinct contexts and about
+        CHUNK_BATCHES x `batch_size` requests."""
+        order = sorted(range(len(examples)), key=lambda i: -max(len(c) + len(k) for c, k in examples[i]))
+        results: list[list[Scored]] = [[] for _ in examples]
+        with progress(total=len(examples), desc=desc, unit="ex", disable=None if show_progress else True) as bar:
+            chunk: list[int] = []
+            for n, i in enumerate(order):
+                chunk.append(i)
+                pairs = [pair for j in chunk for pair in examples[j]]
+                if n + 1 < len(order) and len(pairs) < CHUNK_BATCHES * self.batch_size and \
+                        len({tuple(c) for c, _ in pairs}) < self.batch_size:
+                    continue
+                scores = iter(self.score(pairs))
+                for j in chunk:
+                    results[j] = [next(scores) for _ in examples[j]]
+                bar.update(len(chunk))
+                chunk = []
+        return results
+
+    @torch.inference_mode()
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[Scored]:
+        """Scores of pairs that all fit the context (see `fits`): the distinct contexts' prefixes
+        are encoded once, in one batch, into a KV cache; then the continuations run in batches of
+        `batch_size` rows of like length, each row on a copy of its context's cache rows."""
+        contexts = list(dict.fromkeys(tuple(c) for c, _ in pairs))
+        prefix = self._encode_prefixes(contexts)
+        row_of = {c: i for i, c in enumerate(contexts)}
+        scores: list[Scored | None] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda r: -len(pairs[r][1]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            batch = [pairs[r] for r in rows]
+            cache_rows = torch.tensor([row_of[tuple(c)] for c, _ in batch], device=self.device)
+            for r, scored in zip(rows, self._score_continuations(batch, prefix, cache_rows)):
+                scores[r] = scored
+        return scores
+
+    def _encode_prefixes(self, contexts: list[tuple[int, ...]]) -> KVCache:
+        """A cache with row i = context i but its last token (right-padded)."""
+        prefix = torch.zeros(len(contexts), max(len(c) for c in contexts) - 1, dtype=torch.long)
+        for i, c in enumerate(contexts):
+            prefix[i, :len(c) - 1] = torch.tensor(c[:-1])
+        cache = KVCache(self.model.config, len(contexts), max_len=max(prefix.size(1), 1), device=self.device,
+                        dtype=self.dtype)
+        if prefix.size(1):
+            with autocast(self.device, self.precision):
+                # Plain causal attention: right padding comes after every real token, so no real
+                # token sees it; only the cache is kept.
+                self.model(prefix.to(self.device), cache=cache, last_only=True)
+        return cache
+
+    def _score_continuations(self, pairs: list[tuple[list[int], list[int]]], prefix: KVCache,
+                             cache_rows: torch.Tensor) -> list[Scored]:
+        """Run `[last context token] + continuation[:-1]` of every pair on its context's cache row."""
+        prefix_lens = torch.tensor([len(c) - 1 for c, _ in pairs])
+        cont_lens = torch.tensor([len(k) for _, k in pairs])
+        Lc, T = int(prefix_lens.max()), int(cont_lens.max())
+        cache = KVCache(self.model.config, len(pairs), max_len=Lc + T, device=self.device, dtype=self.dtype)
+        cache.k[:, :, :, :Lc] = prefix.k[:, cache_rows, :, :Lc]
+        cache.v[:, :, :, :Lc] = prefix.v[:, cache_rows, :, :Lc]
+        cache.length = Lc
+        inputs = torch.zeros(len(pairs), T, dtype=torch.long)
+        targets = torch.zeros(len(pairs), T, dtype=torch.long)
+        for r, (c, k) in enumerate(pairs):
+            inputs[r, :len(k)] = torch.tensor([c[-1]] + k[:-1])
+            targets[r, :len(k)] = torch.tensor(k)
+        # Padding positions may run past the context; they are masked and never read.
+        positions = (prefix_lens[:, None] + torch.arange(T)[None]).clamp(max=self.model.config.block_size - 1)
+        valid = torch.arange(T)[None] < cont_lens[:, None]
+        key_mask = torch.cat([torch.arange(Lc)[None] < prefix_lens[:, None], valid], dim=1)
+        with autocast(self.device, self.precision):
+            logits = self.model(inputs.to(self.device), cache=cache, positions=positions.to(self.device),
+                                attention_mask=key_mask.to(self.device)).float()
+        targets, valid = targets.to(self.device), valid.to(self.device)
+        token_lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        token_lp = (token_lp.double() * valid).cpu()
+        greedy = ((logits.argmax(-1) == targets) | ~valid).cpu()
+        return [Scored(float(token_lp[r].sum()), bool(greedy[r].all()), int(cont_lens[r])) for r in range(len(pairs))]
+
+
+# ---- tasks -> results ------------------------------------------------------------------------
+def task_sources(task_names: list[str], data: list[str] | None) -> dict[str, str | None]:
+    """Where each task's documents come from. `data` entries: `TASK=SOURCE`; a folder holding
+    `TASK.jsonl` files or `TASK/` split folders (for every task found there); or, with one task,
+    its file or split folder. A source is a .jsonl file, a folder of SPLIT.jsonl files or
+    hf:NAME[@REVISION]. Tasks not named get their hub dataset."""
+    sources: dict[str, str | None] = {name: None for name in task_names}
+    for entry in data or []:
+        name, sep, source = entry.partition("=")
+        if sep:
+            get_task(name)
+            if name not in sources:
+                raise Gpt1Error(f"--data {entry}: task {name!r} is not among the tasks evaluated ({', '.join(task_names)})")
+            sources[name] = source
+            continue
+        path = Path(entry)
+        found = {n: str(p) for n in task_names for p in (path / f"{n}.jsonl", path / n) if p.exists()}
+        if found:
+            sources.update(found)
+        elif len(task_names) == 1 and (path.exists() or entry.startswith("hf:")):
+            sources[task_names[0]] = entry
+        else:
+            raise Gpt1Error(f"--data {entry}: not a task file or folder for {', '.join(task_names)} (pass TASK=PATH, or a "
+                            "folder holding TASK.jsonl files)")
+    return sources
+
+
+def build_examples(task: Task, source: str | None, num_fewshot: int = 0, limit: int | None = None) -> list[Example]:
+    docs = load_documents(task, source, task.eval_split)
+    if not docs:
+        raise Gpt1Error(f"{task.name}: {source or task.hub} has no documents")
+    fewshot_docs = docs
+    if num_fewshot and task.fewshot_split and split_exists(task, source, task.fewshot_split) and \
+            (source is None or not Path(source).is_file()):
+        fewshot_docs = load_documents(task, source, task.fewshot_split)
+    return task.build_examples(docs[:limit], fewshot_docs, num_fewshot, same_pool=fewshot_docs is docs)
+
+
+def evaluate_task(llm, task_name: str, *, source: str | None = None, num_fewshot: int = 0, limit: int | None = None,
+                  batch_size: int = 32, precision: str = "fp32", show_progress: bool = True) -> TaskResult:
+    """Score one task on a loaded model (`gpt1.load`: a chat model's adapter is merged)."""
+    task = get_task(task_name)
+    examples = build_examples(task, source, num_fewshot, limit)
+    scorer = Scorer(llm.model, batch_size=batch_size, precision=precision)
+    encoded = [[encode_pair(llm.tokenizer, r.context, r.continuation) for r in ex.requests] for ex in examples]
+    kept = [i for i, pairs in enumerate(encoded) if all(scorer.fits(c, k) for c, k in pairs)]
+    scores = scorer.score_examples([encoded[i] for i in kept], desc=task_name, show_progress=show_progress)
+    return _metrics(task, [examples[i] for i in kept], scores, num_fewshot, skipped=len(examples) - len(kept))
+
+
+def _metrics(task: Task, examples: list[Example], scores: list[list[Scored]], num_fewshot: int, skipped: int) -> TaskResult:
+    per_metric: dict[str, list[float]] = {m: [] for m in task.metrics}
+    samples = []
+    for ex, scored in zip(examples, scores):
+        lls = np.array([s.loglikelihood for s in scored])
+        sample = {"task": task.name, "doc": ex.doc.origin, "gold": ex.gold,
+                  "requests": [{"context": r.context, "continuation": r.continuation, "loglikelihood": s.loglikelihood,
+                                "is_greedy": s.is_greedy, "tokens": s.tokens} for r, s in zip(ex.requests, scored)]}
+        if task.kind == "multiple_choice":
+            values = {"acc": float(np.argmax(lls) == ex.gold)}
+            if "acc_norm" in per_metric:
+                values["acc_norm"] = float(np.argmax(lls / np.array([float(len(c)) for c in ex.choices])) == ex.gold)
+        else:
+            values = {"perplexity": float(lls[0]), "acc": float(scored[0].is_greedy)}
+        for name in per_metric:
+            per_metric[name].append(values[name])
+        samples.append({**sample, **values})
+    metrics = {}
+    for name, values in per_metric.items():
+        if not values:
+            metrics[name] = (None, None)
+            continue
+        arr = np.array(values)
+        stderr = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else None
+        if name == "perplexity":  # values are log-likelihoods; exp(-mean), delta-method stderr
+            ppl = math.exp(-arr.mean())
+            metrics[name] = (ppl, ppl * stderr if stderr is not None else None)
+        else:
+            metrics[name] = (float(arr.mean()), stderr)
+    return TaskResult(task.name, num_fewshot, len(examples), skipped, metrics, samples)
+
+
+# ---- output ------------------------------------------------------------------------------------
+def format_results(results: list[TaskResult]) -> str:
+    """A Markdown table: task, shots, metric, value ± stderr, n (skipped)."""
+    lines = ["| task | shots | metric | value | stderr | n | skipped |", "|---|---|---|---|---|---|---|"]
+    for row in (row for r in results for row in r.rows()):
+        value = "-" if row["value"] is None else f"{row['value']:.4f}"
+        stderr = "" if row["stderr"] is None else f"{row['stderr']:.4f}"
+        lines.append(f"| {row['task']} | {row['fewshot']} | {row['metric']} | {value} | {stderr} | "
+                     f"{row['n']} | {row['skipped']} |")
+    return "\n".join(lines)
+
+
+def results_json(results: list[TaskResult]) -> dict:
+    return {r.task: {"fewshot": r.num_fewshot, "n": r.n, "skipped": r.skipped,
+                     "metrics": {name: {"value": v, "stderr": s} for name, (v, s) in r.metrics.items()}} for r in results}
+
+
+def write_samples(path: str | Path, results: list[TaskResult]) -> None:
+    import json
+
+    write_text(path, "".join(json.dumps(s) + "\n" for r in results for s in r.samples))
+
+
+def write_report(path: str | Path, model_path: str | Path, results: list[TaskResult], *, suite: str | None,
+                 perplexity: dict | None, device: str) -> None:
+    """The model's report.md: perplexity, the task table, and published reference points."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# Evaluation of `{model_path}`", "",
+             f"{when}, on {device} ({platform.processor() or platform.machine()}), with `gpt1 eval`"
+             + (f" `--suite {suite}`" if suite else "") + ". Tasks are scored as lm-evaluation-harness 0.4.x scores "
+             "them (same prompts and metrics); `n` is the number of examples, so a limited run is a sample.", ""]
+    if perplexity:
+        lines += ["## Perplexity", "", "| data | tokens | loss | perplexity | bits per byte |", "|---|---|---|---|---|",
+                  f"| {perplexity['source']} | {perplexity['tokens']:,} | {perplexity['loss']:.4f} | "
+                  f"{perplexity['perplexity']:.2f} | {perplexity['bits_per_byte']:.4f} |", ""]
+    lines += ["## Tasks", "", format_results(results), "", "## Published reference points", "",
+              "Not measured here: numbers as published, with where each is from. Compare a row only with the same "
+              "task, shots and metric.", "", "| model | task | shots | metric | value | source |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {t} | {k} | {metric} | {v:g} | {src} |" for m, t, k, metric, v, src in REFERENCES]
+    write_text(path, "\n".join(lines) + "\n")

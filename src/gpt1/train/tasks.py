@@ -1,0 +1,279 @@
+"""Benchmark tasks defined as lm-evaluation-harness 0.4.x defines them: documents -> scoring requests.
+
+Each `Task` mirrors one task YAML (and its `utils.py`) of lm-eval's `lm_eval/tasks/`: the hub
+dataset and splits, the document processing, `doc_to_text` / `doc_to_choice` / `doc_to_target`,
+the few-shot sampler and the metrics. A request is a `(context, continuation)` pair whose
+continuation log-likelihood is scored (`gpt1.train.harness`). The prompt is built exactly as
+`ConfigurableTask.fewshot_context` builds it without a chat template:
+
+    description + (text(shot) + " " + answer(shot) + "\\n\\n") * k + text(doc)
+
+and a multiple-choice continuation is `" " + choice` (the target delimiter). Winogrande puts the
+choices in the context ("partial evaluation": each option fills the blank, the rest of the
+sentence is the continuation); LAMBADA scores `" " + last word` after the other words.
+
+Few-shot examples are drawn as lm-eval draws them: one `random.Random(1234)` per task, one
+`sample(pool, k)` per document in order (`k + 1`, then the document itself removed, where lm-eval's
+few-shot split equals its test split), or the first k of the document's subject for MMLU.
+
+Documents come from the hub (`datasets`, imported lazily; `NAME@REVISION` pins a revision) or from
+local files in the hub's schema: a `.jsonl` file (one document per line) or a folder holding one
+`SPLIT.jsonl` per split. A document missing a field is reported with its file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.data.sources import hf_error, hf_name_and_revision
+
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
+TARGET_DELIMITER = " "
+FEWSHOT_DELIMITER = "\n\n"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One processed document and where it came from (for error messages and --samples)."""
+
+    fields: dict[str, Any]
+    origin: str  # "file.jsonl, line 3" or "hub NAME:SPLIT, row 3"
+
+
+@dataclass(frozen=True)
+class Request:
+    context: str
+    continuation: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """The scoring requests of one document. Multiple choice: one request per choice, `gold` the
+    index of the right one and `choices` the strings acc_norm divides by; loglikelihood: one
+    request, `gold` None."""
+
+    doc: Document
+    requests: list[Request]
+    gold: int | None
+    choices: list[str]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    hub: str  # dataset path on the hub
+    hub_config: str | None
+    eval_split: str
+    fewshot_split: str | None  # None: the task has no split to draw examples from but the evaluated one
+    fields: tuple[str, ...]  # the schema: fields every document must have
+    kind: str  # "multiple_choice" or "loglikelihood"
+    metrics: tuple[str, ...]
+    text: Callable[[dict], Any]  # doc_to_text (an int for winogrande: the gold index)
+    target: Callable[[dict], Any]  # doc_to_target: gold index, or the continuation string
+    choices: Callable[[dict], list[str]] | None = None  # doc_to_choice
+    process: Callable[[dict], dict] | None = None  # process_docs, per document
+    description: Callable[[dict], str] | None = None
+    first_n: bool = False  # lm-eval's first_n sampler (MMLU), else random
+    # lm-eval removes the evaluated document from its few-shot draw when its few-shot split is
+    # its test split (None == None counts: hellaswag, piqa, winogrande draw k + 1).
+    exclude_eval_doc: bool = False
+    multiple_input: bool = False  # winogrande: one context per choice, one shared continuation
+
+    def build_examples(self, docs: list[Document], fewshot_docs: list[Document], num_fewshot: int,
+                       same_pool: bool = False) -> list[Example]:
+        """The requests of every document, with `num_fewshot` examples drawn as lm-eval draws them.
+        `same_pool`: the few-shot documents are the evaluated file's own (no few-shot split given)."""
+        rnd = random.Random(FEWSHOT_SEED)
+        # A local file standing in for a missing few-shot split never lends the document evaluated.
+        exclude = self.exclude_eval_doc or (same_pool and self.fewshot_split is not None)
+        examples = []
+        for doc in docs:
+            shots = self._draw(doc, fewshot_docs, num_fewshot, rnd, exclude)
+            prefix = (self.description(doc.fields) if self.description else "") + "".join(
+                self._shot_text(shot.fields) for shot in shots)
+            try:
+                examples.append(self._example(doc, prefix))
+            except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+                raise Gpt1Error(f"{doc.origin}: not a valid {self.name} document ({type(e).__name__}: {e})") from None
+        return examples
+
+    def _draw(self, doc: Document, pool: list[Document], k: int, rnd: random.Random, exclude: bool) -> list[Document]:
+        if k == 0:
+            return []
+        if self.first_n:
+            subject = doc.fields.get("subject")
+            candidates = [d for d in pool if d.fields.get("subject") == subject and not (exclude and d.fields == doc.fields)]
+            if len(candidates) < k:
+                raise Gpt1Error(f"{self.name}: {k}-shot needs {k} few-shot examples of subject {subject!r}, "
+                                f"the few-shot split has {len(candidates)}")
+            return candidates[:k]
+        if len(pool) < k + exclude:
+            raise Gpt1Error(f"{self.name}: {k}-shot needs {k + exclude} few-shot documents, there are {len(pool)}")
+        if not exclude:
+            return rnd.sample(pool, k)
+        drawn = [d for d in rnd.sample(pool, k + 1) if d.fields != doc.fields][:k]
+        if len(drawn) < k:  # the pool held copies of the document: lm-eval redraws without them
+            drawn = rnd.sample([d for d in pool if d.fields != doc.fields], k)
+        return drawn
+
+    def _shot_text(self, doc: dict) -> str:
+        if self.kind == "loglikelihood":
+            question, answer = self.text(doc), self.target(doc)
+        elif self.multiple_input:
+            question, answer = self.choices(doc)[self.text(doc)], self.target(doc)
+        else:
+            question, answer = self.text(doc), self.choices(doc)[self.target(doc)]
+        return question + TARGET_DELIMITER + answer + FEWSHOT_DELIMITER
+
+    def _example(self, doc: Document, prefix: str) -> Example:
+        fields = doc.fields
+        if self.kind == "loglikelihood":
+            return Example(doc, [Request(prefix + self.text(fields), self.target(fields))], None, [])
+        choices = self.choices(fields)
+        if self.multiple_input:
+            continuation = TARGET_DELIMITER + self.target(fields)
+            requests = [Request(prefix + choice, continuation) for choice in choices]
+            gold = self.text(fields)
+        else:
+            context = prefix + self.text(fields)
+            requests = [Request(context, TARGET_DELIMITER + choice) for choice in choices]
+            gold = self.target(fields)
+        if not 0 <= gold < len(choices):
+            raise ValueError(f"answer index {gold} is not one of the {len(choices)} choices")
+        return Example(doc, requests, gold, choices)
+
+
+# ---- the tasks (lm_eval/tasks/<name>/*.yaml and utils.py, lm-eval 0.4.x) ---------------------
+def _hellaswag_preprocess(text: str) -> str:
+    text = text.strip()
+    # Brackets are artifacts of the WikiHow part of HellaSwag.
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag_process(doc: dict) -> dict:
+    context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return {**doc, "query": _hellaswag_preprocess(doc["activity_label"] + ": " + context),
+            "choices": [_hellaswag_preprocess(ending) for ending in doc["endings"]], "gold": int(doc["label"])}
+
+
+def _arc(name: str, config: str) -> Task:
+    return Task(name, "allenai/ai2_arc", config, "test", "train", ("question", "choices", "answerKey"),
+                "multiple_choice", ("acc", "acc_norm"),
+                text=lambda d: f"Question: {d['question']}\nAnswer:",
+                target=lambda d: d["choices"]["label"].index(d["answerKey"]),
+                choices=lambda d: list(d["choices"]["text"]))
+
+
+def _winogrande_blank(doc: dict) -> int:
+    if "_" not in doc["sentence"]:
+        raise ValueError("the sentence has no '_' blank")
+    return doc["sentence"].index("_")
+
+
+def _mmlu_description(doc: dict) -> str:
+    subject = " ".join(doc["subject"].split("_"))
+    return f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+
+
+def _mmlu_text(doc: dict) -> str:
+    c = doc["choices"]
+    return f"{doc['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:"
+
+
+TASKS: dict[str, Task] = {task.name: task for task in [
+    Task("hellaswag", "Rowan/hellaswag", None, "validation", "train",
+         ("activity_label", "ctx_a", "ctx_b", "endings", "label"), "multiple_choice", ("acc", "acc_norm"),
+         text=lambda d: d["query"], target=lambda d: d["gold"], choices=lambda d: d["choices"],
+         process=_hellaswag_process, exclude_eval_doc=True),
+    _arc("arc_easy", "ARC-Easy"),
+    _arc("arc_challenge", "ARC-Challenge"),
+    Task("piqa", "baber/piqa", None, "validation", "train", ("goal", "sol1", "sol2", "label"),
+         "multiple_choice", ("acc", "acc_norm"),
+         text=lambda d: f"Question: {d['goal']}\nAnswer:", target=lambda d: int(d["label"]),
+         choices=lambda d: [d["sol1"], d["sol2"]], exclude_eval_doc=True),
+    Task("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train",
+         ("sentence", "option1", "option2", "answer"), "multiple_choice", ("acc",),
+         text=lambda d: {"1": 0, "2": 1}[str(d["answer"])],
+         target=lambda d: d["sentence"][_winogrande_blank(d) + 1:].strip(),
+         choices=lambda d: [d["sentence"][:_winogrande_blank(d)] + d[o] for o in ("option1", "option2")],
+         exclude_eval_doc=True, multiple_input=True),
+    # Only a test split: lm-eval draws few-shot examples from it (the evaluated text may be one).
+    Task("lambada_openai", "EleutherAI/lambada_openai", "default", "test", None, ("text",),
+         "loglikelihood", ("perplexity", "acc"),
+         text=lambda d: " ".join(d["text"].split(" ")[:-1]), target=lambda d: " " + d["text"].split(" ")[-1]),
+    Task("mmlu", "cais/mmlu", "all", "test", "dev", ("question", "subject", "choices", "answer"),
+         "multiple_choice", ("acc",), text=_mmlu_text, target=lambda d: int(d["answer"]),
+         choices=lambda d: ["A", "B", "C", "D"], description=_mmlu_description, first_n=True),
+]}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise Gpt1Error(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# ---- documents: local files in the hub's schema, or the hub --------------------------------------
+def load_documents(task: Task, source: str | None, split: str) -> list[Document]:
+    """The documents of `split`: from `source` (a .jsonl file, a folder of SPLIT.jsonl files, or
+    hf:NAME[@REVISION]; default: the task's hub dataset), processed as lm-eval processes them."""
+    if source is None or source.startswith("hf:"):
+        return _hub_documents(task, source[3:] if source else task.hub, split)
+    path = Path(source)
+    if path.is_dir():
+        path = path / f"{split}.jsonl"
+    if not path.is_file():
+        raise Gpt1Error(f"{path}: no such file (a {task.name} data file: one JSON document per line, "
+                        f"fields {', '.join(task.fields)})")
+    return [_document(task, record, f"{path}, line {line}") for line, record in _jsonl_records(path)]
+
+
+def split_exists(task: Task, source: str | None, split: str) -> bool:
+    """Whether a local folder has `split` (the hub datasets of the tasks have every split they name)."""
+    return source is None or source.startswith("hf:") or not Path(source).is_dir() or (Path(source) / f"{split}.jsonl").is_file()
+
+
+def _jsonl_records(path: Path):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise Gpt1Error(f"{path}, line {line_no}: not a JSON object ({e})") from None
+            if not isinstance(record, dict):
+                raise Gpt1Error(f"{path}, line {line_no}: expected a JSON object, got {type(record).__name__}")
+            yield line_no, record
+
+
+def _document(task: Task, record: dict, origin: str) -> Document:
+    missing = [f for f in task.fields if f not in record]
+    if missing:
+        raise Gpt1Error(f"{origin}: missing field {missing[0]!r} (a {task.name} document has the fields "
+                        f"{', '.join(task.fields)})")
+    try:
+        return Document(task.process(record) if task.process else record, origin)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise Gpt1Error(f"{origin}: not a valid {task.name} document ({type(e).__name__}: {e})") from None
+
+
+def _hub_documents(task: Task, name: str, split: str) -> list[Document]:
+    try:
+        import datasets
+    except ImportError:
+        raise Gpt1Error("reading tasks from the hub needs the `datasets` package (pip install datasets)") from None
+    path, revision = hf_name_and_revision(name)
+    try:
+        rows = datasets.load_dataset(path, task.hub_config, split=split, revision=revision)
+    except Exception as e:  # network, missing dataset or split: datasets raises many types
+        raise hf_error(f"hf:{name}:{split}", name, e) from None
+    return [_document(task, dict(row), f"hub {name}:{split}, row {i}") for i, row in enumerate(rows)]

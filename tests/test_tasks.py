@@ -1,0 +1,217 @@
+"""`gpt1 eval --task`: the same per-example log-likelihoods and accuracies as lm-evaluation-harness.
+
+The reference is the real `lm-eval` package (HF backend) run offline on the `gpt1 export` of a
+tiny random-weight model, with task configs that include lm-eval's own task YAMLs and only point
+the dataset at small hand-written local files (tests/task_files.py) in each task's hub schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt1.cli import main
+from gpt1.core.config import ModelConfig
+from gpt1.core.model import GPT
+from gpt1.formats.hf import export_model
+from gpt1.formats.modeldir import save_model
+from tests.task_files import SCHEMAS, write_jsonl, write_task_folders
+
+ALL_TASKS = list(SCHEMAS)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory) -> Path:
+    """Random weights with a context long enough for 2-shot prompts of the test documents."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("eval-model")
+    config = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, block_size=320, n_layer=2, n_head=4, n_embd=64)
+    save_model(out, GPT(config), tokenizer)
+    return out
+
+
+@pytest.fixture(scope="module")
+def task_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tasks")
+    write_task_folders(root)
+    return root
+
+
+def _lm_eval_configs(task_root: Path, out: Path) -> list[str]:
+    """One lm-eval task per gpt1 task (MMLU: one per subject, as lm-eval splits it), each the
+    installed task YAML with the dataset pointed at the local split files."""
+    import lm_eval
+
+    builtin = Path(lm_eval.__file__).parent / "tasks"
+    yamls = {"hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml",
+             "arc_challenge": "arc/arc_challenge.yaml", "piqa": "piqa/piqa.yaml", "winogrande": "winogrande/default.yaml",
+             "lambada_openai": "lambada/lambada_openai.yaml"}
+    names = []
+    for task, yaml_file in yamls.items():
+        files = {p.stem: str(p) for p in (task_root / task).glob("*.jsonl")}
+        _write_config(out, f"local_{task}", builtin / yaml_file, files)
+        names.append(f"local_{task}")
+    by_subject = defaultdict(lambda: defaultdict(list))
+    for split in ("test", "dev"):
+        for line in (task_root / "mmlu" / f"{split}.jsonl").read_text().splitlines():
+            doc = json.loads(line)
+            by_subject[doc["subject"]][split].append(doc)
+    for subject, splits in by_subject.items():
+        files = {split: str(write_jsonl(out / "mmlu" / subject / f"{split}.jsonl", docs)) for split, docs in splits.items()}
+        _write_config(out, f"local_mmlu_{subject}", builtin / f"mmlu/default/mmlu_{subject}.yaml", files)
+        names.append(f"local_mmlu_{subject}")
+    return names
+
+
+def _write_config(out: Path, name: str, include: Path, files: dict[str, str]) -> None:
+    lines = [f"task: {name}", f"include: {include}", "tag: []", "dataset_path: json", "dataset_name: null",
+             "dataset_kwargs:", "  data_files:"] + [f"    {split}: {path}" for split, path in files.items()]
+    (out / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+
+
+def _run_lm_eval(export_dir: Path, task_root: Path, config_dir: Path, num_fewshot: int) -> dict:
+    """lm-eval's samples as {(context, continuation): loglikelihood} and its per-task metrics."""
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    names = _lm_eval_configs(task_root, config_dir)
+    out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(export_dir), "dtype": "float32"},
+                                  tasks=names, num_fewshot=num_fewshot, batch_size=8, device="cpu", log_samples=True,
+                                  task_manager=TaskManager(include_path=str(config_dir)), bootstrap_iters=10)
+    lls, per_doc, n_requests = {}, defaultdict(list), 0
+    for name, samples in out["samples"].items():
+        task = "mmlu" if name.startswith("local_mmlu") else name.removeprefix("local_")
+        for sample in samples:
+            for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+                lls[(context, continuation)] = resp[0][0]
+                n_requests += 1
+            per_doc[task].append({m: sample[m] for m in ("acc", "acc_norm") if m in sample})
+    return {"loglikelihoods": lls, "requests": n_requests, "per_doc": per_doc, "results": out["results"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_fewshot", [0, 2])
+def test_same_loglikelihoods_and_accuracy_as_lm_eval(model_dir, task_root, tmp_path, capsys, num_fewshot):
+    export_dir = export_model(model_dir, tmp_path / "hf")
+    (tmp_path / "lm-eval-tasks").mkdir()
+    reference = _run_lm_eval(export_dir, task_root, tmp_path / "lm-eval-tasks", num_fewshot)
+
+    data = [f"{task}={task_root / task}" for task in ALL_TASKS]
+    assert main(["eval", "--model", str(model_dir), "--task", ",".join(ALL_TASKS), "--data", *data,
+                 "--fewshot", str(num_fewshot), "--batch-size", "7", "--samples", str(tmp_path / "samples.jsonl"),
+                 "--json", str(tmp_path / "results.json")]) == 0
+    ours = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    results = json.loads((tmp_path / "results.json").read_text())
+
+    compared = 0
+    for sample in ours:
+        for request in sample["requests"]:
+            expected = reference["loglikelihoods"][(request["context"], request["continuation"])]
+            assert request["loglikelihood"] == pytest.approx(expected, abs=1e-4), request
+            compared += 1
+    assert compared == reference["requests"]
+    for task in ALL_TASKS:
+        assert results[task]["skipped"] == 0 and results[task]["n"] == len(reference["per_doc"][task])
+        for metric, value in results[task]["metrics"].items():
+            if metric == "perplexity":
+                expected = reference["results"]["local_lambada_openai"]["perplexity,none"]
+                assert value["value"] == pytest.approx(expected, rel=1e-5)
+                continue
+            docs = reference["per_doc"][task]
+            assert value["value"] == pytest.approx(sum(d[metric] for d in docs) / len(docs)), (task, metric)
+            if task != "mmlu":  # lm-eval pools MMLU's per-subject stderrs; ours is over all examples
+                expected = reference["results"][f"local_{task}"][f"{metric}_stderr,none"]
+                assert value["stderr"] == pytest.approx(expected, rel=1e-6), (task, metric)
+
+
+def test_unknown_task_lists_the_known_ones(tiny_model_dir, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "hellaswag,squad"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'squad'" in err and all(task in err for task in ALL_TASKS)
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "piqa", "--data", "hellaswag=x.jsonl"]) == 2
+    assert "not among the tasks evaluated (piqa)" in capsys.readouterr().err
+
+
+def test_a_file_in_the_wrong_schema_names_file_line_and_field(tiny_model_dir, tmp_path, capsys):
+    from tests.task_files import hellaswag
+
+    broken = hellaswag(1)
+    del broken["endings"]
+    bad = write_jsonl(tmp_path / "hellaswag.jsonl", [hellaswag(0), broken])
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "hellaswag", "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 2: missing field 'endings'" in err and "Traceback" not in err
+    bad.write_text(json.dumps(hellaswag(0)) + "\n{not json\n")
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "hellaswag", "--data", str(bad)]) == 2
+    assert f"{bad}, line 2: not a JSON object" in capsys.readouterr().err
+    wino = write_jsonl(tmp_path / "winogrande.jsonl", [{"sentence": "no blank here", "option1": "a", "option2": "b",
+                                                        "answer": "1"}])
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "winogrande", "--data", str(wino)]) == 2
+    assert f"{wino}, line 1: not a valid winogrande document" in capsys.readouterr().err
+
+
+def test_an_example_longer_than_the_context_is_skipped_and_counted(tiny_model_dir, tmp_path, capsys):
+    short = {"text": "the cat sat on the mat"}
+    long = {"text": " ".join(["the old dog walks along the river"] * 30)}  # far past 64 tokens
+    data = write_jsonl(tmp_path / "lambada.jsonl", [short, long, short])
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "lambada_openai", "--data", str(data),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    captured = capsys.readouterr()
+    result = json.loads((tmp_path / "r.json").read_text())["lambada_openai"]
+    assert result["n"] == 2 and result["skipped"] == 1
+    assert "1 example(s) did not fit the model's context (64 tokens)" in captured.err
+    assert "| lambada_openai | 0 | acc |" in captured.out
+
+
+def test_quick_suite_on_local_files_writes_the_report(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from tests.task_files import lambada
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    for task in ("hellaswag", "arc_easy", "piqa"):
+        make, _ = SCHEMAS[task]
+        # A short context: the test model's 64 tokens must hold a prompt and its longest choice.
+        write_jsonl(tmp_path / "data" / f"{task}.jsonl",
+                    [{**make(i), "ctx_a": "A", "ctx_b": "b", "question": "Q?", "goal": "G?"} for i in range(3)])
+    write_jsonl(tmp_path / "data" / "lambada_openai.jsonl", [lambada(i) for i in range(3)])
+    assert main(["eval", "--model", str(model), "--suite", "quick", "--data", str(tmp_path / "data"),
+                 "--ppl-data", str(tmp_path / "data" / "lambada_openai.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| 3 | 0 |") == 8  # hellaswag, arc_easy, piqa: acc + acc_norm; lambada: perplexity + acc
+    report = (model / "report.md").read_text()
+    assert "## Perplexity" in report and "bits per byte" in report and "| hellaswag | 0 | acc_norm |" in report
+    assert "Radford et al. 2019" in report and "karpathy/llm.c" in report
+
+
+def test_a_chat_model_is_scored_with_its_adapter_merged(tiny_model_dir, tokenizer, tmp_path):
+    """A fine-tuned dir (base + LoRA adapter) scores as its merged copy does, and unlike its base."""
+    from gpt1.core.lora import LoRAConfig, inject_lora
+    from gpt1.formats.modeldir import load_model
+    from gpt1.train.finetune import merge_model_dir, save_finetuned
+
+    model = load_model(tiny_model_dir)
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    save_finetuned(tmp_path / "chat", model, tokenizer, {"path": str(tiny_model_dir)})
+    merge_model_dir(tmp_path / "chat", tmp_path / "merged")
+    data = write_jsonl(tmp_path / "piqa.jsonl", [{"goal": "Dry a cup?", "sol1": "Use a towel.", "sol2": "Use water.",
+                                                  "label": 0}, {"goal": "Cut bread?", "sol1": "A spoon.",
+                                                                "sol2": "A knife.", "label": 1}])
+    lls = {}
+    for name, model_dir in (("chat", tmp_path / "chat"), ("merged", tmp_path / "merged"), ("base", tiny_model_dir)):
+        samples = tmp_path / f"{name}.jsonl"
+        assert main(["eval", "--model", str(model_dir), "--task", "piqa", "--data", str(data), "--samples", str(samples)]) == 0
+        lls[name] = [r["loglikelihood"] for line in samples.read_text().splitlines() for r in json.loads(line)["requests"]]
+    assert lls["chat"] == pytest.approx(lls["merged"], abs=1e-4)
+    assert lls["chat"] != pytest.approx(lls["base"], abs=1e-2)
