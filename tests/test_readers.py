@@ -98,7 +98,11 @@ def test_read_jsonl_counts_skipped_lines_and_goes_on(tmp_path):
     assert list(read_jsonl(f, skip_invalid=True, skipped=skipped)) == [(1, {"a": 1}), (5, {"a": 2})]
     assert skipped["malformed lines"] == 2
     with pytest.raises(BadRecord, match=r"x.jsonl, line 2: invalid JSON .*pass --skip-invalid"):
+        list(read_jsonl(f, skipped=Counter()))
+    # A caller that cannot skip (a benchmark task file) gets the error without the hint.
+    with pytest.raises(BadRecord, match=r"x.jsonl, line 2: invalid JSON") as error:
         list(read_jsonl(f))
+    assert "skip-invalid" not in str(error.value)
 
 
 def test_bad_yaml_is_one_line(tmp_path):

@@ -149,7 +149,7 @@ def test_a_file_in_the_wrong_schema_names_file_line_and_field(tiny_model_dir, tm
     assert f"{bad}, line 2: missing field 'endings'" in err and "Traceback" not in err
     bad.write_text(json.dumps(hellaswag(0)) + "\n{not json\n")
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "hellaswag", "--data", str(bad)]) == 2
-    assert f"{bad}, line 2: not a JSON object" in capsys.readouterr().err
+    assert f"{bad}, line 2: invalid JSON" in capsys.readouterr().err
     wino = write_jsonl(tmp_path / "winogrande.jsonl", [{"sentence": "no blank here", "option1": "a", "option2": "b",
                                                         "answer": "1"}])
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "winogrande", "--data", str(wino)]) == 2

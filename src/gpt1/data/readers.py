@@ -81,11 +81,12 @@ def _split_after_revision(body: str) -> tuple[str, str, str]:
     return (body, "", "") if colon < 0 else (body[:colon], ":", body[colon + 1:])
 
 
-def load_hf_dataset(spec: HfSpec, default_split: str = "train"):
-    """Open a Hugging Face dataset as a streaming iterable of rows (dicts)."""
+def load_hf_dataset(spec: HfSpec, default_split: str = "train", config: str | None = None):
+    """Open a Hugging Face dataset (`config`: its subset, e.g. ARC-Easy) as a streaming
+    iterable of rows (dicts)."""
     datasets = _datasets()
     try:
-        return datasets.load_dataset(spec.name, split=spec.split or default_split, streaming=True,
+        return datasets.load_dataset(spec.name, config, split=spec.split or default_split, streaming=True,
                                      revision=spec.revision)
     except Exception as e:  # network, missing dataset or split: datasets raises many types
         raise hf_error(spec, e) from None
@@ -200,7 +201,8 @@ def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda val
     """(line number, convert(parsed JSON value, where)) of each non-blank line.
 
     A bad line (here or a BadRecord from `convert`) raises, or with `skip_invalid` is counted
-    in `skipped["malformed lines"]` and skipped.
+    in `skipped["malformed lines"]` and skipped. Callers that can skip pass `skipped`; only
+    their errors suggest --skip-invalid.
     """
     for line_no, raw in read_lines(path):
         if not raw.strip():
@@ -210,6 +212,8 @@ def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda val
             yield line_no, convert(parse_json(raw, where), where)
         except BadRecord as e:
             if not skip_invalid:
+                if skipped is None:
+                    raise
                 raise BadRecord(f"{e} (pass --skip-invalid to skip bad lines)") from None
             if skipped is not None:
                 skipped["malformed lines"] += 1

@@ -23,7 +23,6 @@ local files in the hub's schema: a `.jsonl` file (one document per line) or a fo
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.data.sources import hf_error, hf_name_and_revision
+from gpt1.data.readers import BadRecord, HfSpec, load_hf_dataset, parse_hf, read_jsonl
 
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 TARGET_DELIMITER = " "
@@ -242,17 +241,13 @@ def split_exists(task: Task, source: str | None, split: str) -> bool:
 
 
 def _jsonl_records(path: Path):
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise Gpt1Error(f"{path}, line {line_no}: not a JSON object ({e})") from None
-            if not isinstance(record, dict):
-                raise Gpt1Error(f"{path}, line {line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
+    """(line, record) of a JSONL task file, under the reader layer's error policy."""
+    def a_document(value, where: str) -> dict:
+        if not isinstance(value, dict):
+            raise BadRecord(f"{where}: expected a JSON object, got {type(value).__name__}")
+        return value
+
+    yield from read_jsonl(path, a_document)
 
 
 def _document(task: Task, record: dict, origin: str) -> Document:
@@ -267,13 +262,7 @@ def _document(task: Task, record: dict, origin: str) -> Document:
 
 
 def _hub_documents(task: Task, name: str, split: str) -> list[Document]:
-    try:
-        import datasets
-    except ImportError:
-        raise Gpt1Error("reading tasks from the hub needs the `datasets` package (pip install datasets)") from None
-    path, revision = hf_name_and_revision(name)
-    try:
-        rows = datasets.load_dataset(path, task.hub_config, split=split, revision=revision)
-    except Exception as e:  # network, missing dataset or split: datasets raises many types
-        raise hf_error(f"hf:{name}:{split}", name, e) from None
+    spec = parse_hf(f"hf:{name}")
+    spec = HfSpec(spec.name, spec.revision, split)
+    rows = load_hf_dataset(spec, config=task.hub_config)
     return [_document(task, dict(row), f"hub {name}:{split}, row {i}") for i, row in enumerate(rows)]
