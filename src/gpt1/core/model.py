@@ -134,8 +134,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         h_all, w = hidden.to(dtype), weight.to(dtype)
         valid = targets != IGNORE_INDEX
-        # The mean over valid rows (NaN when there is none, as F.cross_entropy): every chunk's
-        # gradient is scaled by 1 / n before its matmuls, so nothing is rescaled at the end.
+        # The per-row logit gradients (softmax - one_hot, within [-1, 1]) go into the matmuls
+        # unnormalised, times 1024 in fp16 (whose smallest normal number is 6e-5, while a
+        # softmax entry of a 51k vocabulary is ~2e-5); the sums are divided by that and by the
+        # number of valid rows in fp32 at the end (the loss is the mean over them; NaN when
+        # there is none, as F.cross_entropy).
+        grad_scale = 1024.0 if dtype == torch.float16 else 1.0
         scale = 1.0 / valid.sum().float()
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -153,9 +157,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += torch.where(keep, row_max.squeeze(1) + total.squeeze(1).log() - target_logit, 0.0).sum()
             if not (need_hidden or need_weight):
                 continue
-            # d loss / d logits = (softmax - one_hot) / n, 0 on ignored rows, in place of the logits
-            row_scale = keep.unsqueeze(1) * scale
-            grad = probs.mul_(row_scale / total).scatter_add_(1, y, -row_scale).to(dtype)
+            # n x d loss / d logits = softmax - one_hot, 0 on ignored rows, in place of the logits
+            row_keep = keep.unsqueeze(1) * grad_scale
+            grad = probs.mul_(row_keep / total).scatter_add_(1, y, -row_keep).to(dtype)
             if need_hidden:
                 grad_hidden[rows] = grad @ w
             if need_weight:
@@ -163,7 +167,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(grad.t(), h)
                 else:  # a bf16/fp16 matmul per chunk, summed in fp32
                     grad_weight += (grad.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        unscale = scale / grad_scale
+        ctx.save_for_backward(None if grad_hidden is None else grad_hidden.mul_(unscale.to(hidden.dtype)),
+                              None if grad_weight is None else grad_weight.mul_(unscale).to(weight.dtype))
         return loss * scale
 
     @staticmethod
