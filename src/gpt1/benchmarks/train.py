@@ -57,8 +57,9 @@ def _training_step(impl: str, config: ModelConfig, batch_size: int, device: torc
     x = torch.randint(3, config.vocab_size, (batch_size, config.block_size + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
     model = (_hf_model(config) if impl == "transformers" else GPT(config)).to(device).train()
-    # The training loop's optimizer: the fused kernel (one launch for all tensors) where there is one.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    # Fused AdamW on both sides: gpt1's loop uses it on CUDA and CPU, and so does transformers'
+    # Trainer by default (optim="adamw_torch_fused" with torch >= 2.8).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
     forward = torch.compile(model) if compile else model
 
