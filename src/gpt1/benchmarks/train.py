@@ -5,7 +5,7 @@ the same precision and optimizer, measured in the same run and reported as a rat
 - GPU (full run): the reference model (257M parameters, 512 context) at the shipped recipe's
   micro-batch (`gpt1-openwebtext`'s batch_size), in its precision (bf16 autocast, fp16-mixed
   where the card has no bf16), eager and `torch.compile`d. Peak memory is
-  `torch.cuda.max_memory_allocated` of each side's step.
+  `torch.cuda.max_memory_allocated` of a step of each side alone on the GPU.
 - CPU (full run): the `small` preset at 4 x 256 tokens, fp32 and bf16 autocast (`quick`: the
   `tiny` preset). Peak memory is the peak RSS of a fresh process doing the same steps (a
   subprocess per measurement: `resource.getrusage` reports a process's lifetime peak only).
@@ -100,12 +100,21 @@ def _median_seconds(steps: dict, n_warmup: int, n_steps: int, device: torch.devi
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _peak_memory_cuda(step, device: torch.device) -> float:
-    """GB at the peak of one more step (the optimizer state already exists)."""
+def _peak_memory_cuda(impl: str, config: ModelConfig, batch_size: int, device: torch.device, precision: str,
+                      compile: bool) -> float:
+    """GB allocated at the peak of a step of `impl` alone on the GPU (after two steps, so that the
+    optimizer state exists and compilation is done)."""
+    step = _training_step(impl, config, batch_size, device, precision, compile)
+    step()
+    step()
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
     step()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated(device) / 1e9
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    del step
+    torch.cuda.empty_cache()
+    return peak
 
 
 def peak_rss_gb(impl: str, preset: str, batch_size: int, block_size: int, precision: str, steps: int = 2) -> float:
@@ -140,14 +149,16 @@ def _row(config: ModelConfig, batch_size: int, device: torch.device, precision: 
 
 def measure(config: ModelConfig, batch_size: int, device: torch.device, precision: str, n_warmup: int,
             n_steps: int, compile: bool = False, preset: str | None = None) -> dict:
-    steps = {impl: _training_step(impl, config, batch_size, device, precision, compile)
-             for impl in ("gpt1", "transformers")}
-    seconds = _median_seconds(steps, n_warmup, n_steps, device)
+    impls = ("gpt1", "transformers")
     if device.type == "cuda":
-        memory = {impl: _peak_memory_cuda(step, device) for impl, step in steps.items()}
+        memory = {impl: _peak_memory_cuda(impl, config, batch_size, device, precision, compile) for impl in impls}
     else:
-        memory = {impl: peak_rss_gb(impl, preset, batch_size, config.block_size, precision) for impl in steps}
+        memory = {impl: peak_rss_gb(impl, preset, batch_size, config.block_size, precision) for impl in impls}
+    steps = {impl: _training_step(impl, config, batch_size, device, precision, compile) for impl in impls}
+    seconds = _median_seconds(steps, n_warmup, n_steps, device)
     del steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return _row(config, batch_size, device, precision, seconds, memory, "compiled" if compile else "eager")
 
 
