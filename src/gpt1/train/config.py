@@ -54,8 +54,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # applied to matrices only (not biases, norms)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    precision: str = "fp32"  # fp32, fp16-mixed (autocast + GradScaler) or bf16-mixed
-    compile: bool = False  # torch.compile the model
+    precision: str = "fp32"  # fp32, bf16-mixed (fp16-mixed on GPUs without bf16), fp16-mixed (autocast + GradScaler)
+    compile: bool = False  # torch.compile the model; eager with a warning if compilation fails
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     eval_every: int = 200
     eval_batches: int = 20  # held-out batches (of batch_size windows) per validation
