@@ -134,16 +134,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         h_all, w = hidden.to(dtype), weight.to(dtype)
         valid = targets != IGNORE_INDEX
-        # The per-row logit gradients (softmax - one_hot, within [-1, 1]) go into the matmuls
-        # unnormalised, times 1024 in fp16 (whose smallest normal number is 6e-5, while a
-        # softmax entry of a 51k vocabulary is ~2e-5); the sums are divided by that and by the
-        # number of valid rows in fp32 at the end (the loss is the mean over them; NaN when
-        # there is none, as F.cross_entropy).
-        grad_scale = 1024.0 if dtype == torch.float16 else 1.0
-        scale = 1.0 / valid.sum().float()
+        n_valid = valid.sum().float()  # the loss is the mean over them (NaN when none, as F.cross_entropy)
+        # The logit gradients are (softmax - one_hot) / n. In fp16, whose smallest normal number
+        # is 6e-5 while a softmax entry of a 51k vocabulary is ~2e-5, they enter the matmuls
+        # as (softmax - one_hot) x 1024 instead, and the sums are divided by 1024 n in fp32.
+        fp16 = dtype == torch.float16
+        row_factor = (1024.0 if fp16 else 1.0 / n_valid)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = None
         for start in range(0, hidden.size(0), chunk):
             rows = slice(start, start + chunk)
             h, keep = h_all[rows], valid[rows]
@@ -157,26 +156,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += torch.where(keep, row_max.squeeze(1) + total.squeeze(1).log() - target_logit, 0.0).sum()
             if not (need_hidden or need_weight):
                 continue
-            # n x d loss / d logits = softmax - one_hot, 0 on ignored rows, in place of the logits
-            row_keep = keep.unsqueeze(1) * grad_scale
+            # the logit gradients in place of the logits, 0 on ignored rows
+            row_keep = keep.unsqueeze(1) * row_factor
             grad = probs.mul_(row_keep / total).scatter_add_(1, y, -row_keep).to(dtype)
             if need_hidden:
-                grad_hidden[rows] = grad @ w
+                if grad_hidden.dtype == dtype:
+                    torch.mm(grad, w, out=grad_hidden[rows])
+                else:
+                    grad_hidden[rows] = grad @ w
             if need_weight:
-                if dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), h)
-                else:  # a bf16/fp16 matmul per chunk, summed in fp32
-                    grad_weight += (grad.t() @ h).float()
-        unscale = scale / grad_scale
-        ctx.save_for_backward(None if grad_hidden is None else grad_hidden.mul_(unscale.to(hidden.dtype)),
-                              None if grad_weight is None else grad_weight.mul_(unscale).to(weight.dtype))
-        return loss * scale
+                chunk_grad = grad.t() @ h
+                if grad_weight is None:  # fp32 sums of the chunks' (bf16/fp16) matmuls
+                    grad_weight = chunk_grad.float()
+                else:
+                    grad_weight += chunk_grad
+        if fp16:
+            unscale = 1.0 / (1024.0 * n_valid)
+            grad_hidden = None if grad_hidden is None else grad_hidden.mul_(unscale.to(grad_hidden.dtype))
+            grad_weight = None if grad_weight is None else grad_weight.mul_(unscale)
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # In place: the saved gradients serve this one backward pass (the Function is once-differentiable).
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
-                None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype), None, None, None)
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)),
+                None if grad_weight is None else grad_weight.mul_(grad_loss.to(grad_weight.dtype)), None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
