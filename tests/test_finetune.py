@@ -156,8 +156,8 @@ def test_shipped_recipe_is_the_model_card():
 
 def test_cli_end_to_end_and_bad_inputs(tiny_model_dir, oasst, tmp_path, capsys):
     out = tmp_path / "chat"
-    assert main(["finetune", "--base", str(tiny_model_dir), "--data", str(oasst), "--out", str(out), "--language", "en",
-                 "--merge", *RUN, "max_steps=2"]) == 0
+    assert main(["finetune", "--base", str(tiny_model_dir), "--data", str(oasst), "--out", str(out), "--merge",
+                 *RUN, "max_steps=2", 'languages=["en"]']) == 0
     assert gpt1.load(out / "merged", device="cpu").is_chat_model
     assert json.loads((out / "train_config.json").read_text())["config"]["languages"] == ["en"]
     capsys.readouterr()

@@ -1,9 +1,13 @@
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt1 import GPT, KVCache, ModelConfig, load
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.model import IGNORE_INDEX
+from gpt1.core.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
+from gpt1.core.model import IGNORE_INDEX, linear_cross_entropy
 
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -39,15 +43,115 @@ def test_loss_ignores_masked_targets(tiny_config):
     model = GPT(tiny_config)
     x = torch.randint(0, tiny_config.vocab_size, (2, 16))
     y = torch.randint(0, tiny_config.vocab_size, (2, 16))
-    logits, loss = model(x, y)
-    assert logits.shape == (2, 16, tiny_config.vocab_size)
+    logits = model(x)
+    no_logits, loss = model(x, y)
+    assert logits.shape == (2, 16, tiny_config.vocab_size) and no_logits is None
     # the loss of an untrained model is close to ln(vocab)
     assert abs(loss.item() - torch.log(torch.tensor(float(tiny_config.vocab_size))).item()) < 0.5
     y_masked = y.clone()
     y_masked[:, 8:] = IGNORE_INDEX
     _, masked = model(x, y_masked)
-    expected = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, logits.size(-1)), y[:, :8].reshape(-1))
+    expected = F.cross_entropy(logits[:, :8].reshape(-1, logits.size(-1)), y[:, :8].reshape(-1))
     torch.testing.assert_close(masked, expected)
+
+
+def _full_logits_loss(model: GPT, x, y):
+    """The output layer + loss as gpt1 computed them before the chunked loss: all logits at once."""
+    logits = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _loss_and_grads(model: GPT, loss_fn, x, y, precision_dtype=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=precision_dtype or torch.bfloat16, enabled=precision_dtype is not None):
+        loss = loss_fn(model, x, y)
+    (loss * 3.0).backward()  # a non-unit upstream gradient, as a GradScaler or grad_accum gives
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("chunk", [5, 1000])  # several chunks with a remainder; one chunk
+def test_chunked_loss_has_the_full_logits_loss_and_gradients(tiny_config, tie, chunk):
+    torch.manual_seed(5)
+    model = GPT(dataclasses.replace(tiny_config, tie_embeddings=tie))
+    model.loss_chunk = chunk
+    x = torch.randint(0, tiny_config.vocab_size, (3, 17))
+    y = torch.randint(0, tiny_config.vocab_size, (3, 17))
+    y[0, :6] = IGNORE_INDEX  # a prompt excluded from the loss
+    y[2, 9:] = IGNORE_INDEX  # padding
+    expected, expected_grads = _loss_and_grads(model, _full_logits_loss, x, y)
+    loss, grads = _loss_and_grads(model, lambda m, a, b: m(a, b)[1], x, y)
+    torch.testing.assert_close(loss, expected)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_loss_under_autocast_matches_to_half_precision(tiny_config, dtype):
+    torch.manual_seed(6)
+    model = GPT(tiny_config)
+    model.loss_chunk = 7
+    x = torch.randint(0, tiny_config.vocab_size, (2, 20))
+    y = torch.randint(0, tiny_config.vocab_size, (2, 20))
+    y[1, :5] = IGNORE_INDEX
+    expected, expected_grads = _loss_and_grads(model, _full_logits_loss, x, y, dtype)
+    loss, grads = _loss_and_grads(model, lambda m, a, b: m(a, b)[1], x, y, dtype)
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-3)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32  # the master weights' gradients stay fp32
+        scale = expected_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0.02 * scale + 1e-7, msg=name)
+
+
+def test_chunked_loss_in_lora_finetuning_masks_non_assistant_tokens(tiny_config):
+    """The fine-tuning setup: LoRA injected, the output head frozen, labels on assistant tokens only."""
+    torch.manual_seed(7)
+    model = GPT(tiny_config)
+    inject_lora(model, LoRAConfig(r=4, alpha=8.0, token_ids=[0, 1, 2]))
+    mark_only_lora_as_trainable(model)
+    with torch.no_grad():  # B starts at zero: give A's gradient something to flow through
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.02)
+    assert not model.lm_head.weight.requires_grad
+    model.loss_chunk = 6
+    x = torch.randint(3, tiny_config.vocab_size, (2, 24))
+    y = torch.full_like(x, IGNORE_INDEX)
+    y[0, 10:18] = x[0, 11:19]  # two assistant replies; the user turns and padding are masked
+    y[1, 3:9] = x[1, 4:10]
+    expected, expected_grads = _loss_and_grads(model, _full_logits_loss, x, y)
+    loss, grads = _loss_and_grads(model, lambda m, a, b: m(a, b)[1], x, y)
+    torch.testing.assert_close(loss, expected)
+    assert grads.keys() == expected_grads.keys() and any("lora_A" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_chunked_loss_without_gradients_and_without_targets():
+    torch.manual_seed(8)
+    hidden, weight = torch.randn(10, 8), torch.randn(30, 8)
+    targets = torch.randint(0, 30, (10,))
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(hidden, weight, targets, chunk=3),
+                              F.cross_entropy(hidden @ weight.t(), targets))
+    assert linear_cross_entropy(hidden, weight, torch.full_like(targets, IGNORE_INDEX)).isnan()  # as F.cross_entropy
+
+
+def test_flops_per_token_counts_the_matmuls_that_run():
+    """6 x (transformer matrices + output head) + 12 x n_layer x T x d; embeddings are lookups."""
+    config = ModelConfig.preset("gpt1")
+    with torch.device("meta"):
+        model = GPT(config)
+    L, d, V, T = config.n_layer, config.n_embd, config.vocab_size, 512
+    matrices = L * (4 * d * d + 2 * d * config.mlp_hidden)
+    assert model.flops_per_token(T) == 6 * (matrices + V * d) + 12 * L * T * d
+    assert model.flops_per_token(T) / (6 * model.num_params(exclude_positions=True) + 12 * L * T * d) < 0.81
+    with torch.device("meta"):
+        tied = GPT(dataclasses.replace(config, tie_embeddings=True))
+    assert tied.flops_per_token(T) == model.flops_per_token(T)  # the tied table is the head, counted once
+    model.requires_grad_(False)  # frozen weights: no weight gradients, 2 FLOPs per parameter less
+    assert model.flops_per_token(T) == 4 * (matrices + V * d) + 12 * L * T * d
 
 
 def _to_hf(model: GPT):
@@ -69,8 +173,6 @@ def _to_hf(model: GPT):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_equal_transformers_gpt2(tiny_config, tie):
-    import dataclasses
-
     torch.manual_seed(1)
     model = GPT(dataclasses.replace(tiny_config, tie_embeddings=tie)).eval()
     # non-trivial LayerNorm and bias values, so that a mix-up there would show

@@ -57,7 +57,9 @@ def test_shipped_reference_recipe_is_the_model_card():
     cfg = load_config(TrainConfig, "gpt1-openwebtext")
     assert (cfg.model, cfg.block_size, cfg.batch_size, cfg.grad_accum) == ("gpt1", 512, 48, 4)
     assert (cfg.lr, cfg.min_lr, cfg.warmup, cfg.weight_decay, cfg.betas) == (3e-4, 1e-6, 0.03, 0.0, (0.9, 0.95))
-    assert cfg.precision == "fp16-mixed" and cfg.epochs == 1.0 and cfg.max_steps == 0
+    assert cfg.epochs == 1.0 and cfg.max_steps == 0
+    # the fast defaults on a GPU (fp16-mixed, the card's, is the fallback without bf16)
+    assert cfg.precision == "bf16-mixed" and cfg.compile is True
     # one epoch of the card's ~8.8B tokens at 192 x 512 tokens per step
     assert cfg.resolve_steps(48 * 512 * 4, 8_800_000_000) == math.ceil(8.8e9 / 98_304)
     assert load_config(TrainConfig, "tiny-cpu").model == "tiny"
@@ -446,3 +448,34 @@ def test_a_finetune_killed_before_its_adapter_is_completed_on_rerun(tiny_model_d
     trained = load_file(str(latest_checkpoint(run) / "trainable.safetensors"))
     params = dict(lora.named_parameters())
     assert all(torch.equal(params[name], tensor) for name, tensor in trained.items())
+
+# ---- speed features: projected time, compile fallback, bf16 -----------------------------------
+
+def test_projected_wall_time_is_logged_once_the_rate_settles(data_dir, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="gpt1"):
+        _run(data_dir, tmp_path / "run", ["max_steps=20", "eval_every=20", "save_every=20"])
+    projected = [r.message for r in caplog.records if "projected wall time" in r.message]
+    assert len(projected) == 1 and "for 20 steps at" in projected[0]
+
+
+@pytest.mark.slow
+def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(data_dir, tmp_path):
+    """Inductor's C++ build fails for real (no compiler): the run warns once and trains eagerly."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+           "GPT1_QUIET": "1"}
+    args = [*TINY, "max_steps=3", "save_every=3", "eval_every=3", "compile=true"]
+    proc = subprocess.run([sys.executable, "-m", "gpt1", "pretrain", "--data", str(data_dir), "--out",
+                           str(tmp_path / "run"), *args], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("torch.compile failed") == 1, proc.stderr
+    assert "training continues without it" in proc.stderr
+    eager = _run(data_dir, tmp_path / "eager", [*args[len(TINY):-1]])
+    assert [r["loss"] for r in _metrics(tmp_path / "run")] == [r["loss"] for r in _metrics(tmp_path / "eager")]
+    assert eager.steps == 3
+
+
+def test_bf16_mixed_trains_on_cpu(data_dir, tmp_path):
+    result = _run(data_dir, tmp_path / "run", ["max_steps=3", "save_every=3", "eval_every=3", "precision=bf16-mixed"])
+    assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
+    state = torch.load(latest_checkpoint(tmp_path / "run") / STATE_FILE, weights_only=True)
+    assert state["scaler"] == {}  # bf16 needs no loss scaling

@@ -1,23 +1,42 @@
-"""Training throughput: tokens/s of one optimizer step (forward, backward, AdamW) of gpt1's
-`GPT` against `transformers`' `GPT2LMHeadModel` built with the same config, the same batch,
+"""Training throughput and memory: one optimizer step (forward, backward, AdamW) of gpt1's `GPT`
+against `transformers`' `GPT2LMHeadModel` built with the same config, on the same batch, with
 the same precision and optimizer, measured in the same run and reported as a ratio.
 
-The full run uses the reference model (257M parameters, 512 context, batch 8, bf16 autocast)
-on a GPU and the `small` preset on a CPU; `quick` uses the `tiny` preset on the CPU.
-Each side runs warmup steps first; the time is the median of the measured steps.
+- GPU (full run): the reference model (257M parameters, 512 context) at the shipped recipe's
+  micro-batch (`gpt1-openwebtext`'s batch_size), in its precision (bf16 autocast, fp16-mixed
+  where the card has no bf16), eager and `torch.compile`d. Peak memory is
+  `torch.cuda.max_memory_allocated` of a step of each side alone on the GPU.
+- CPU (full run): the `small` preset at 4 x 256 tokens, fp32 and bf16 autocast (`quick`: the
+  `tiny` preset). Peak memory is the peak RSS of a fresh process doing the same steps (a
+  subprocess per measurement: `resource.getrusage` reports a process's lifetime peak only).
+  The full CPU run also measures the peak RSS of a 257M (`gpt1`) step at 4 x 512 with gpt1's
+  chunked output layer + loss against the full-logits `F.cross_entropy` it replaced.
+
+The two sides' steps alternate and the time is the median of the measured steps, so that a
+busy machine slows both alike. MFU is the honest one of `GPT.flops_per_token` (matmuls that
+run) against the card's peak (`gpt1.train.loop.PEAK_FLOPS`); "TFLOP/s" is the same FLOP count
+per second, also shown on CPUs, which have no entry in the peak table.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import EOS, SPECIAL_TOKENS
-from gpt1.train.precision import autocast
+from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.loop import peak_flops
+from gpt1.train.precision import autocast, resolve_precision
+
+IMPLEMENTATIONS = ("gpt1", "transformers", "gpt1-full-logits")
 
 
 def _hf_model(config: ModelConfig):
@@ -31,63 +50,140 @@ def _hf_model(config: ModelConfig):
         bos_token_id=SPECIAL_TOKENS.index(EOS), eos_token_id=SPECIAL_TOKENS.index(EOS)))  # GPT-2 defaults (50256) lie outside small vocabularies
 
 
-def _steps_per_second(step, n_warmup: int, n_steps: int, device: torch.device) -> float:
-    for _ in range(n_warmup):
-        step()
-    times = []
-    for _ in range(n_steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1.0 / statistics.median(times)
-
-
-def measure(config: ModelConfig, batch_size: int, device: torch.device, precision: str,
-            n_warmup: int, n_steps: int) -> dict:
+def _training_step(impl: str, config: ModelConfig, batch_size: int, device: torch.device, precision: str,
+                   compile: bool = False):
+    """A closure doing one optimizer step of `impl` on a fixed random batch."""
     torch.manual_seed(0)
     x = torch.randint(3, config.vocab_size, (batch_size, config.block_size + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
-    ours = GPT(config).to(device).train()
-    theirs = _hf_model(config).to(device).train()
-    fused = device.type == "cuda"
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=fused)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=fused)
+    model = (_hf_model(config) if impl == "transformers" else GPT(config)).to(device).train()
+    # Fused AdamW on both sides: gpt1's loop uses it on CUDA and CPU, and so does transformers'
+    # Trainer by default (optim="adamw_torch_fused" with torch >= 2.8).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
+    forward = torch.compile(model) if compile else model
 
-    def step_ours():
+    def loss_of_batch() -> torch.Tensor:
+        if impl == "transformers":
+            return forward(input_ids=inputs, labels=inputs).loss  # shifts the labels inside (T - 1 predictions)
+        if impl == "gpt1-full-logits":  # the output layer and loss gpt1 had before its chunked loss
+            logits = forward(inputs)
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return forward(inputs, targets)[1]
+
+    def step() -> None:
         with autocast(device, precision):
-            _, loss = ours(inputs, targets)
+            loss = loss_of_batch()
         scaler.scale(loss).backward()
-        scaler.step(opt_ours)
+        scaler.step(optimizer)
         scaler.update()
-        opt_ours.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
 
-    def step_theirs():
-        with autocast(device, precision):
-            loss = theirs(input_ids=inputs, labels=inputs).loss  # shifts labels inside (T - 1 predictions)
-        scaler.scale(loss).backward()
-        scaler.step(opt_theirs)
-        scaler.update()
-        opt_theirs.zero_grad(set_to_none=True)
+    return step
 
+
+def _median_seconds(steps: dict, n_warmup: int, n_steps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per step of each closure, the closures taking turns."""
+    for _ in range(n_warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(n_steps):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _peak_memory_cuda(impl: str, config: ModelConfig, batch_size: int, device: torch.device, precision: str,
+                      compile: bool) -> float:
+    """GB allocated at the peak of a step of `impl` alone on the GPU (after two steps, so that the
+    optimizer state exists and compilation is done)."""
+    step = _training_step(impl, config, batch_size, device, precision, compile)
+    step()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    del step
+    torch.cuda.empty_cache()
+    return peak
+
+
+def peak_rss_gb(impl: str, preset: str, batch_size: int, block_size: int, precision: str, steps: int = 2) -> float:
+    """Peak RSS (GB) of a fresh process doing `steps` CPU training steps of `impl` (see the module docstring)."""
+    code = ("import json, resource, torch; from gpt1.benchmarks.train import _child_steps; "
+            f"_child_steps({impl!r}, {preset!r}, {batch_size}, {block_size}, {precision!r}, {steps}); "
+            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1]) / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def _child_steps(impl: str, preset: str, batch_size: int, block_size: int, precision: str, steps: int) -> None:
+    config = ModelConfig.preset(preset, block_size=block_size)
+    step = _training_step(impl, config, batch_size, torch.device("cpu"), precision)
+    for _ in range(steps):
+        step()
+
+
+def _row(config: ModelConfig, batch_size: int, device: torch.device, precision: str, seconds: dict,
+         memory: dict, mode: str) -> dict:
     tokens = batch_size * config.block_size
-    ours_tps = tokens * _steps_per_second(step_ours, n_warmup, n_steps, device)
-    theirs_tps = tokens * _steps_per_second(step_theirs, n_warmup, n_steps, device)
-    return {"model": f"{ours.num_params() / 1e6:.1f}M", "device": device.type, "precision": precision,
-            "batch": f"{batch_size}x{config.block_size}", "gpt1 tok/s": ours_tps,
-            "transformers tok/s": theirs_tps, "ratio": ours_tps / theirs_tps}
+    with torch.device("meta"):
+        flops = GPT(config).flops_per_token(config.block_size)
+    peak = peak_flops(device)
+    ours, theirs = tokens / seconds["gpt1"], tokens / seconds["transformers"]
+    return {"model": f"{config.n_layer}x{config.n_embd}, vocab {config.vocab_size:,}", "device": device.type,
+            "precision": precision, "mode": mode, "batch": f"{batch_size}x{config.block_size}",
+            "gpt1 tok/s": ours, "transformers tok/s": theirs, "ratio": ours / theirs,
+            "gpt1 TFLOP/s": flops * ours / 1e12, "gpt1 MFU": flops * ours / peak if peak else None,
+            "gpt1 peak GB": memory.get("gpt1"), "transformers peak GB": memory.get("transformers")}
+
+
+def measure(config: ModelConfig, batch_size: int, device: torch.device, precision: str, n_warmup: int,
+            n_steps: int, compile: bool = False, preset: str | None = None) -> dict:
+    impls = ("gpt1", "transformers")
+    if device.type == "cuda":
+        memory = {impl: _peak_memory_cuda(impl, config, batch_size, device, precision, compile) for impl in impls}
+    else:
+        memory = {impl: peak_rss_gb(impl, preset, batch_size, config.block_size, precision) for impl in impls}
+    steps = {impl: _training_step(impl, config, batch_size, device, precision, compile) for impl in impls}
+    seconds = _median_seconds(steps, n_warmup, n_steps, device)
+    del steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return _row(config, batch_size, device, precision, seconds, memory, "compiled" if compile else "eager")
+
+
+def memory_rows(preset: str, batch_size: int, block_size: int) -> list[dict]:
+    """Peak RSS of a CPU fp32 step with the chunked loss against the full logits (subprocesses)."""
+    full = peak_rss_gb("gpt1-full-logits", preset, batch_size, block_size, "fp32")
+    chunked = peak_rss_gb("gpt1", preset, batch_size, block_size, "fp32")
+    return [{"model": preset, "device": "cpu", "precision": "fp32", "batch": f"{batch_size}x{block_size}",
+             "peak RSS GB, full logits": full, "peak RSS GB, chunked loss": chunked, "saved GB": full - chunked}]
 
 
 def run(quick: bool = False) -> list[dict]:
     if torch.cuda.is_available() and not quick:
         device = torch.device("cuda")
-        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "fp16-mixed"
-        return [measure(ModelConfig.preset("gpt1"), 8, device, precision, n_warmup=3, n_steps=10)]
+        recipe = load_config(TrainConfig, "gpt1-openwebtext")
+        precision = resolve_precision(recipe.precision, device)
+        config = ModelConfig.preset(recipe.model, block_size=recipe.block_size)
+        return [measure(config, recipe.batch_size, device, precision, n_warmup=3, n_steps=10, compile=compile)
+                for compile in (False, True)]
     device = torch.device("cpu")
-    if quick:
-        return [measure(ModelConfig.preset("tiny"), 4, device, "fp32", n_warmup=2, n_steps=5)]
-    return [measure(ModelConfig.preset("small"), 4, device, "fp32", n_warmup=2, n_steps=5)]
+    preset = "tiny" if quick else "small"
+    config = ModelConfig.preset(preset)
+    n_warmup, n_steps = (1, 3) if quick else (2, 7)
+    rows = [measure(config, 4, device, precision, n_warmup, n_steps, preset=preset)
+            for precision in ("fp32", "bf16-mixed")]
+    if not quick:
+        rows += memory_rows("gpt1", 4, 512)
+    return rows

@@ -20,7 +20,9 @@ def register(subparsers) -> None:
                     "(*.messages.jsonl[.gz], *.trees.jsonl[.gz], .parquet), a .jsonl of {\"messages\": [...]}, "
                     ".yml dialogs, or `chatterbot` (the dialogs of the chatterbot-corpus package). The recipe is a "
                     "TOML file (a path or a shipped name: gpt1-oasst2-lora); any key can be overridden as key=value, "
-                    "e.g. max_steps=100 lora_r=16 lora_targets=[\"q\",\"v\"]. --out is the run dir and a chat model "
+                    "e.g. max_steps=100 lora_r=16 lora_targets=[\"q\",\"v\"]; OASST options are recipe keys too: "
+                    "languages=[\"en\",\"de\"] keeps those languages, all_paths=true trains on every root-to-leaf "
+                    "path of each message tree. --out is the run dir and a chat model "
                     "dir; rerunning the same command resumes. Multi-GPU: torchrun --nproc_per_node N -m gpt1 finetune ...",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (see the README for every key)")
@@ -28,10 +30,6 @@ def register(subparsers) -> None:
     parser.add_argument("--data", help="chat data source (see above); overrides the recipe's `data`")
     parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model")
     parser.add_argument("--config", metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
-    parser.add_argument("--all-paths", action="store_true", default=None,
-                        help="OASST: train on every root-to-leaf path of each message tree, not only the best-ranked replies")
-    parser.add_argument("--language", action="append", metavar="CODE",
-                        help="OASST: keep only messages in this language (repeat or comma-separate: --language en,de)")
     parser.add_argument("--skip-invalid", action="store_true", default=None,
                         help="skip (and count) malformed lines instead of stopping at the first one")
     parser.add_argument("--merge", action="store_true",
@@ -44,12 +42,8 @@ def finetune_command(args: argparse.Namespace) -> int:
     values = {}
     if args.data is not None:
         values["data"] = args.data
-    if args.all_paths:
-        values["all_paths"] = True
     if args.skip_invalid:
         values["skip_invalid"] = True
-    if args.language:
-        values["languages"] = [code.strip() for item in args.language for code in item.split(",") if code.strip()]
     cfg = load_config(FinetuneConfig, args.config, args.overrides, **values)
     if args.print_config:
         # JSON scalars and arrays are valid TOML values: the output is a loadable recipe.

@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         "pretrain", help="pretrain a model on prepared shards (resumable)",
         description="Pretrain a GPT on the shards of `gpt1 prepare`. The recipe is a TOML file (a path or the name "
                     "of a shipped recipe: gpt1-openwebtext, tiny-cpu); any key can be overridden as key=value, "
-                    "e.g. max_steps=200 lr=1e-3 precision=bf16-mixed. Rerunning the same command on the same "
+                    "e.g. max_steps=200 lr=1e-3 precision=fp16-mixed compile=false. After the first dozen steps it prints "
+                    "the projected wall time of the whole run. Rerunning the same command on the same "
                     "--out resumes from the last checkpoint. Multi-GPU: torchrun --nproc_per_node N -m gpt1 pretrain ...",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (see the README for every key)")

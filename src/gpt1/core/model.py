@@ -6,7 +6,10 @@ Parameter names and layouts match Hugging Face's `GPT2LMHeadModel` one to one (o
 positions, pre-LayerNorm, tanh-approximated GELU ("gelu_new"), biases everywhere but the
 output head. That makes export, import and a logits-equality test straightforward.
 
-The model knows nothing about training: no optimizer, no schedule, no data.
+The model knows nothing about training: no optimizer, no schedule, no data. With targets,
+`forward` computes the loss with `linear_cross_entropy`: the output layer and the
+cross-entropy a chunk of tokens at a time, so that the logits of a whole batch
+(tokens x vocab floats: 5 GB for the reference recipe's 48 x 512 micro-batch) never exist.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from gpt1.core.config import ModelConfig
 
 IGNORE_INDEX = -100  # label value excluded from the loss (the convention of PyTorch and HF)
+# The fp32 logits of at most this many bytes exist at once in the loss (see `linear_cross_entropy`):
+# 64 MiB is ~320 tokens of the 51,682-token vocabulary, large enough for efficient matmuls.
+LOSS_CHUNK_BYTES = 64 * 2**20
 
 
 class KVCache:
@@ -161,6 +167,89 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T`, `chunk` rows at a time, gradients included.
+
+    Once a row's log-sum-exp is known its logit gradient is (softmax - one_hot) / n, so the
+    forward pass computes the gradients of `hidden` and `weight` chunk by chunk and keeps
+    them instead of the logits; backward only scales them. Same FLOPs as the plain output
+    layer + `F.cross_entropy`, no recomputation, and (rows x vocab) floats at most per chunk.
+    The matmuls run in `dtype` (bf16/fp16 under autocast), the softmax and the loss in fp32,
+    as `F.cross_entropy(logits.float())` does; the gradients come back in the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, dtype):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        h_all, w = hidden.to(dtype), weight.to(dtype)
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum().float()  # the loss is the mean over them (NaN when none, as F.cross_entropy)
+        # The logit gradients are (softmax - one_hot) / n. In fp16, whose smallest normal number
+        # is 6e-5 while a softmax entry of a 51k vocabulary is ~2e-5, they enter the matmuls
+        # as (softmax - one_hot) x 1024 instead, and the sums are divided by 1024 n in fp32.
+        fp16 = dtype == torch.float16
+        row_factor = (1024.0 if fp16 else 1.0 / n_valid)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = None
+        for start in range(0, hidden.size(0), chunk):
+            rows = slice(start, start + chunk)
+            h, keep = h_all[rows], valid[rows]
+            logits = (h @ w.t()).float()
+            y = torch.where(keep, targets[rows], 0).unsqueeze(1)
+            target_logit = logits.gather(1, y).squeeze(1)
+            # log-sum-exp in place, in few passes over the chunk: exp(logits - max), summed
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            total = probs.sum(dim=1, keepdim=True)
+            loss += torch.where(keep, row_max.squeeze(1) + total.squeeze(1).log() - target_logit, 0.0).sum()
+            if not (need_hidden or need_weight):
+                continue
+            # the logit gradients in place of the logits, 0 on ignored rows
+            row_keep = keep.unsqueeze(1) * row_factor
+            grad = probs.mul_(row_keep / total).scatter_add_(1, y, -row_keep).to(dtype)
+            if need_hidden:
+                if grad_hidden.dtype == dtype:
+                    torch.mm(grad, w, out=grad_hidden[rows])
+                else:
+                    grad_hidden[rows] = grad @ w
+            if need_weight:
+                chunk_grad = grad.t() @ h
+                if grad_weight is None:  # fp32 sums of the chunks' (bf16/fp16) matmuls
+                    grad_weight = chunk_grad.float()
+                else:
+                    grad_weight += chunk_grad
+        if fp16:
+            unscale = 1.0 / (1024.0 * n_valid)
+            grad_hidden = None if grad_hidden is None else grad_hidden.mul_(unscale.to(grad_hidden.dtype))
+            grad_weight = None if grad_weight is None else grad_weight.mul_(unscale)
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # In place: the saved gradients serve this one backward pass (the Function is once-differentiable).
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)),
+                None if grad_weight is None else grad_weight.mul_(grad_loss.to(grad_weight.dtype)), None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int | None = None) -> torch.Tensor:
+    """`F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)`,
+    without ever holding more than `chunk` rows of logits (default: LOSS_CHUNK_BYTES of fp32).
+
+    `hidden` (..., d), `targets` (...): the mean over targets != IGNORE_INDEX. Under autocast
+    the matmuls run in the autocast dtype, as `F.linear` would.
+    """
+    hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    chunk = chunk or max(1, LOSS_CHUNK_BYTES // (4 * weight.size(0)))
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -178,6 +267,7 @@ class GPT(nn.Module):
         # Recompute each block's activations in the backward pass instead of storing them:
         # ~30% more compute for far less memory (fits the 250M model on small GPUs).
         self.gradient_checkpointing = False
+        self.loss_chunk: int | None = None  # tokens per chunk of the loss; None: LOSS_CHUNK_BYTES of logits
         self.apply(self._init_weights)
         # GPT-2: residual projections are scaled by 1/sqrt(2 * n_layer) so that the variance
         # of the residual stream does not grow with depth (two residual adds per block).
@@ -202,10 +292,23 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
+        """Training FLOPs per token (forward + backward) of the matmuls that run:
+
+            6 x (transformer matrices + output head) + 12 x n_layer x T x d
+
+        A weight matrix of n parameters costs 2n FLOPs per token forward and 4n backward (the
+        input's gradient and the weight's); a frozen one (LoRA fine-tuning) 2n less. The input
+        and position embeddings are table lookups, not matmuls, and are left out (a tied input
+        embedding is counted once, as the output head). The attention's QK^T and AV add
+        2 x 2 x T x d forward per layer, 3 x that in all (PaLM, appendix B; causal masking is
+        not subtracted). Biases, LayerNorms and the softmax are not counted.
+        """
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params(exclude_positions=True) + 12 * c.n_layer * c.n_head * c.head_size * T
+        matmuls = [m.weight for block in self.transformer.h for m in block.modules() if isinstance(m, nn.Linear)]
+        matmuls.append(self.lm_head.weight)
+        weights = sum((6 if w.requires_grad else 4) * w.numel() for w in matmuls)
+        return weights + 12 * c.n_layer * T * c.n_embd
 
     def forward(
         self,
@@ -216,10 +319,12 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, (logits, loss).
+    ) -> torch.Tensor | tuple[None, torch.Tensor]:
+        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, (None, loss).
 
-        `targets` uses IGNORE_INDEX (-100) for positions excluded from the loss.
+        `targets` (B, T) uses IGNORE_INDEX (-100) for positions excluded from the loss; the loss
+        (the mean cross-entropy) comes from `linear_cross_entropy`, which never holds the
+        logits of the whole batch, so none are returned.
         `cache` continues from the positions it already holds (a `SlotCache` brings its own
         per-row positions and mask: call its `prepare` first). `positions` (B, T) overrides the
         default positions (needed for left-padded batches); `attention_mask` (B, S) marks with
@@ -249,12 +354,10 @@ class GPT(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.transformer.ln_f(x))
-
+        x = self.transformer.ln_f(x)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return logits, loss
+            return self.lm_head(x)
+        return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk)
 
     @staticmethod
     def _attention_mask(T: int, start: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -11,13 +11,15 @@ fields). An unknown key or a value of the wrong type is a `Gpt1Error` naming the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
 
 from gpt1.core.errors import Gpt1Error
 
@@ -52,8 +54,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # applied to matrices only (not biases, norms)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    precision: str = "fp32"  # fp32, fp16-mixed (autocast + GradScaler) or bf16-mixed
-    compile: bool = False  # torch.compile the model
+    precision: str = "fp32"  # fp32, bf16-mixed (fp16-mixed on GPUs without bf16), fp16-mixed (autocast + GradScaler)
+    compile: bool = False  # torch.compile the model; eager with a warning if compilation fails
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     eval_every: int = 200
     eval_batches: int = 20  # held-out batches (of batch_size windows) per validation
@@ -115,9 +117,10 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
                 **values: Any) -> C:
     """Build the dataclass `cls` from a TOML recipe, then `key=value` overrides, then `values`.
 
-    Every key is checked against the fields of `cls` and converted to the field's type
-    (an int is accepted for a float, a TOML array for a tuple or list); anything else raises
-    Gpt1Error naming the key and the file or override it came from.
+    Every key is checked against the fields of `cls` and converted to the field's type hint
+    by pydantic in strict mode (an int is accepted for a float, a TOML array for a tuple or
+    list); anything else raises Gpt1Error naming the key, the expected type and the file or
+    override it came from.
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -152,67 +155,15 @@ def _parse_value(raw: str, hint: Any) -> Any:
 
 
 def _check(key: str, value: Any, names: set[str], hints: dict[str, Any], where: str) -> Any:
+    """`value` as the type of the field `key` (pydantic, strict: no "1" for 1, no 1 for true; an
+    int is a float and an array a tuple, as JSON has no other spelling for them)."""
     if key not in names:
         raise Gpt1Error(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
     try:
-        return _coerce(value, hints[key])
-    except TypeError as e:
-        raise Gpt1Error(f"{where}: key {key!r} expects {_type_name(hints[key])}, got {value!r} ({e})") from None
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """`value` converted to the type `hint`, or TypeError."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                continue
-        raise TypeError("no alternative of the union fits")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise TypeError(f"expected one of {list(args)}")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise TypeError("expected an array")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise TypeError(f"expected {len(args)} items")
-            return tuple(_coerce(v, a) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        items = [_coerce(v, item) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError("expected a table")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError("expected true or false")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError("expected an integer")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError("expected a number")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError("expected a string")
-    if isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise TypeError(f"cannot convert to {_type_name(hint)}")
+        return TypeAdapter(hints[key]).validate_json(json.dumps(value), strict=True)
+    except (ValidationError, TypeError, ValueError) as e:
+        reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        raise Gpt1Error(f"{where}: key {key!r} expects {_type_name(hints[key])}, got {value!r} ({reason})") from None
 
 
 def _type_name(hint: Any) -> str:

@@ -1,0 +1,24 @@
+"""`gpt1 bench train --quick`: gpt1 against transformers in fp32 and bf16 autocast, with the
+honest FLOP rate and each side's peak memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt1.cli import main
+
+
+@pytest.mark.slow
+def test_bench_train_quick_reports_both_precisions_flops_and_memory(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert main(["bench", "train", "--quick", "--json", str(tmp_path / "bench.json")]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["train"]
+    assert [row["precision"] for row in rows] == ["fp32", "bf16-mixed"]
+    for row in rows:
+        assert row["gpt1 tok/s"] > 0 and row["transformers tok/s"] > 0
+        assert row["ratio"] == pytest.approx(row["gpt1 tok/s"] / row["transformers tok/s"])
+        assert row["gpt1 TFLOP/s"] > 0 and row["gpt1 MFU"] is None  # no peak FLOPs for a CPU
+        assert row["gpt1 peak GB"] > 0 and row["transformers peak GB"] > 0
+    assert "| gpt1 tok/s |" in capsys.readouterr().out
