@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import gpt1
+from gpt1.train.config import TrainConfig, load_config
 
 MINUTES = "0.1"  # ~6 s of pretraining, ~1.5 s of fine-tuning: enough for the loss to fall
 
@@ -54,6 +55,11 @@ def test_every_stage_runs_and_reports(quickstart):
         assert val and val[-1] < losses[0], f"{stage}: the loss did not fall"
         assert math.isclose(summary[f"{stage}_val_perplexity"], math.exp(val[-1]), rel_tol=1e-6)
     assert summary["base_val_perplexity"] < 4096  # better than guessing uniformly
+    # The training stages ran on time budgets, and their schedules ended with the budgets.
+    budget = 60 * float(MINUTES)
+    assert summary["planned"] == {"pretrain": pytest.approx(budget), "finetune": pytest.approx(budget / 4)}
+    assert f"pretrain {summary['seconds']['pretrain']:.0f} s (planned {budget:.0f} s)" in run.stdout
+    assert _metrics(out / "base")[-1]["lr"] == pytest.approx(load_config(TrainConfig, "tiny-cpu").min_lr, rel=0.05)
 
     base, chat = gpt1.load(out / "base", device="cpu"), gpt1.load(out / "chat", device="cpu")
     assert not base.is_chat_model and chat.is_chat_model

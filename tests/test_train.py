@@ -479,3 +479,24 @@ def test_bf16_mixed_trains_on_cpu(data_dir, tmp_path):
     assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
     state = torch.load(latest_checkpoint(tmp_path / "run") / STATE_FILE, weights_only=True)
     assert state["scaler"] == {}  # bf16 needs no loss scaling
+
+
+# ---- the time budget -------------------------------------------------------------------------
+
+def test_a_time_budget_ends_the_run_and_its_schedule_when_spent(data_dir, tmp_path):
+    """time_budget stops the run when the budget is spent, long before max_steps, with the LR
+    schedule planned on the steps that fit (it reaches min_lr at the last step); the last step
+    is validated and saved, and a rerun knows the run is finished."""
+    run = tmp_path / "budget"
+    overrides = ["max_steps=100000", "time_budget=3", "eval_every=25", "save_every=25", "warmup=0.05"]
+    result = _run(data_dir, run, overrides)
+    assert 10 < result.steps < 100000
+    lines = [m for m in _metrics(run) if m.get("loss") is not None]
+    assert lines[-1]["step"] == result.steps
+    assert lines[-1]["lr"] == pytest.approx(3e-4, rel=0.05)  # min_lr: the cosine ran to its end
+    assert max(m["lr"] for m in lines) == pytest.approx(3e-3, rel=0.05)  # and its warmup reached lr
+    assert "val_loss" in lines[-1] and (run / "loss.png").is_file()
+    state = torch.load(latest_checkpoint(run) / STATE_FILE, weights_only=True)
+    assert state["step"] == state["end"] == result.steps and state["budget_spent"] >= 3.0
+    again = _run(data_dir, run, overrides)
+    assert again.steps == result.steps and again.resumed_from == result.steps

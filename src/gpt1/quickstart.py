@@ -19,7 +19,6 @@ same schedule); delete a stage's folder to redo it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -27,23 +26,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 import gpt1
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import read_json, write_json
 from gpt1.core.progress import info
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import Tokenizer, train_tokenizer
-from gpt1.data.chat import ChatBatches, encode_conversations
-from gpt1.data.shards import load_data_tokenizer, prepare
+from gpt1.data.shards import prepare
 from gpt1.data.sources import SourceStats, iter_documents
-from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, load_config
-from gpt1.train.finetune import FinetuneConfig, finetune, load_chat_splits, prepare_model
+from gpt1.train.finetune import FinetuneConfig, finetune
 from gpt1.train.loop import CONFIG_FILE
 from gpt1.train.plot import plot_runs
-from gpt1.train.pretrain import init_model, pretrain
+from gpt1.train.pretrain import pretrain
 
 PRETRAIN_RECIPE = "tiny-cpu"
 FINETUNE_RECIPE = "tiny-chat"
@@ -100,6 +95,7 @@ class QuickstartResult:
     chat_val_perplexity: float | None
     samples: list[Sample]
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time of this invocation
+    planned: dict[str, float] = field(default_factory=dict)  # stage -> its time budget (training stages)
 
 
 def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
@@ -127,10 +123,13 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     stage("pretrain", "3/5 pretrain: the tiny model" + _budget_note(out / "base", cfg.minutes))
     base = _pretrain(cfg, out / "data", out / "base", meta["train"]["tokens"])
     done("pretrain")
+    planned = {"pretrain": _budget(out / "base", 0.0)} if base.resumed_from == 0 else {}
 
     stage("finetune", f"4/5 finetune: LoRA chat tuning on {cfg.chat_data}" + _budget_note(out / "chat", cfg.minutes * FINETUNE_SHARE))
     chat = _finetune(cfg, out / "base", out / "chat")
     done("finetune")
+    if chat.resumed_from == 0:  # a resumed or reused run has only the rest of its budget left
+        planned["finetune"] = _budget(out / "chat", 0.0)
 
     stage("samples", "5/5 samples: the model card's three uses")
     samples = _samples(cfg, out / "base", out / "chat")
@@ -141,7 +140,8 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     result = QuickstartResult(
         out=out, tokenizer=out / "tokenizer", data=out / "data", base=out / "base", chat=out / "chat", plot=plot,
         train_tokens=meta["train"]["tokens"], base_steps=base.steps, base_val_perplexity=base.val_perplexity,
-        chat_steps=chat.steps, chat_val_perplexity=chat.val_perplexity, samples=samples, seconds=seconds)
+        chat_steps=chat.steps, chat_val_perplexity=chat.val_perplexity, samples=samples, seconds=seconds,
+        planned=planned)
     write_json(out / SUMMARY_FILE, json.loads(json.dumps(dataclasses.asdict(result), default=str)))
     return result
 
@@ -161,80 +161,40 @@ def _tokenizer(cfg: QuickstartConfig, directory: Path):
     return tokenizer
 
 
-def steps_within(seconds: float, model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                 device: torch.device) -> int:
-    """How many optimizer steps fit in `seconds`, measured on a throwaway copy of `model` (its
-    trainable parameters, AdamW, forward and backward) cycling through real-shaped `batches`."""
-    model = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
-    measured = 0
-
-    def step() -> None:
-        x, y = batches[measured % len(batches)]
-        _, loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(3):  # warm-up: allocator, AdamW state, kernel selection
-        step()
-    start = time.perf_counter()
-    while measured < 3 or time.perf_counter() - start < 2.0:
-        step()
-        measured += 1
-    per_step = (time.perf_counter() - start) / measured
-    # Validation, checkpoints and the progress bar take the rest of the budget.
-    return max(MIN_STEPS, int(0.9 * seconds / per_step))
+def _run_config(run_dir: Path) -> dict | None:
+    """The config a run in `run_dir` was started with (None: no run there yet)."""
+    file = run_dir / CONFIG_FILE
+    return read_json(file)["config"] if file.is_file() else None
 
 
 def _budget_note(run_dir: Path, minutes: float) -> str:
-    planned = _planned_steps(run_dir)
-    if planned is None:
-        return f" for ~{minutes:g} min"
-    return f" (continuing the {planned:,}-step run in {run_dir})"
+    started = _run_config(run_dir)
+    if started is None:
+        return f" for {minutes:g} min"
+    return f" (continuing the {started.get('time_budget', 0) / 60:g}-min run in {run_dir})"
 
 
-def _planned_steps(run_dir: Path) -> int | None:
-    """The step count a run in `run_dir` was started with (None: no run there yet)."""
-    file = run_dir / CONFIG_FILE
-    return int(read_json(file)["max_steps"]) if file.is_file() else None
+def _budget(run_dir: Path, seconds: float) -> float:
+    """This stage's time budget: a run that already exists keeps the budget it started with
+    (so that a rerun with another --minutes resumes it instead of refusing its config)."""
+    started = _run_config(run_dir)
+    return float(started.get("time_budget", seconds)) if started else seconds
 
 
 def _pretrain(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, train_tokens: int):
     train_cfg = load_config(TrainConfig, PRETRAIN_RECIPE, [], device=cfg.device, seed=cfg.seed)
-    steps = _planned_steps(run_dir)
-    if steps is None:
-        block = train_cfg.block_size
-        model = init_model(train_cfg, load_data_tokenizer(data_dir))
-        device = distributed.resolve_device(cfg.device)
-        batch = torch.randint(0, model.config.vocab_size, (train_cfg.batch_size, block + 1))
-        steps = steps_within(60 * cfg.minutes, model, [(batch[:, :-1], batch[:, 1:])], device)
-        max_epochs = MAX_PRETRAIN_EPOCHS * train_tokens // (train_cfg.batch_size * block * train_cfg.grad_accum)
-        steps = max(MIN_STEPS, min(steps, max_epochs))
-        info(f"{steps:,} steps fit in {cfg.minutes:g} min on {device.type}")
-    else:
-        info(f"{run_dir} was started with {steps:,} steps: continuing it (delete it to retrain with a new budget)")
-    train_cfg = dataclasses.replace(train_cfg, max_steps=steps)
+    # The budget ends the run; the epochs cap keeps a fast GPU from looping over the small corpus.
+    tokens_per_step = train_cfg.batch_size * train_cfg.block_size * train_cfg.grad_accum
+    cap = max(MIN_STEPS, MAX_PRETRAIN_EPOCHS * train_tokens // tokens_per_step)
+    train_cfg = dataclasses.replace(train_cfg, max_steps=cap, time_budget=_budget(run_dir, 60 * cfg.minutes))
     return pretrain(train_cfg, data_dir, run_dir)
 
 
 def _finetune(cfg: QuickstartConfig, base: Path, run_dir: Path):
     ft_cfg = load_config(FinetuneConfig, FINETUNE_RECIPE, [], data=cfg.chat_data, device=cfg.device, seed=cfg.seed)
-    steps = _planned_steps(run_dir)
-    if steps is None:
-        model, tokenizer = prepare_model(base, ft_cfg)
-        device = distributed.resolve_device(cfg.device)
-        # Chat batches are padded to their longest dialog only: time real ones.
-        train, _, _ = load_chat_splits(ft_cfg)
-        data = encode_conversations(tokenizer, train, model.config.block_size + 1, progress=False)
-        batches = ChatBatches(data, ft_cfg.batch_size, seed=ft_cfg.seed, pad_id=tokenizer.pad_id)
-        steps = steps_within(60 * cfg.minutes * FINETUNE_SHARE, model, [batches.next_batch() for _ in range(8)], device)
-        info(f"up to {steps:,} steps fit in {cfg.minutes * FINETUNE_SHARE:g} min on {device.type}")
     # The recipe's epochs cap the budget: more passes over a few thousand dialogs only memorise them.
-    return finetune(ft_cfg, base, run_dir, step_limit=steps)
+    ft_cfg = dataclasses.replace(ft_cfg, time_budget=_budget(run_dir, 60 * cfg.minutes * FINETUNE_SHARE))
+    return finetune(ft_cfg, base, run_dir)
 
 
 def _samples(cfg: QuickstartConfig, base: Path, chat: Path) -> list[Sample]:

@@ -36,7 +36,8 @@ def _ppl(value: float | None) -> str:
 
 def report(result) -> str:
     """What the quickstart made, its samples, and what to type next."""
-    took = " + ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items())
+    took = " + ".join(f"{name} {seconds:.0f} s" + (f" (planned {result.planned[name]:.0f} s)" if name in result.planned else "")
+                      for name, seconds in result.seconds.items())
     lines = [
         "",
         f"gpt1 quickstart: done ({took}). This is a tiny model (1.9M parameters, a few minutes on a CPU):",

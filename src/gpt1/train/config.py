@@ -46,6 +46,10 @@ class TrainConfig:
     max_steps: int = 1000
     max_tokens: int = 0
     epochs: float = 0.0
+    # Seconds of training (resumptions added up); 0 = off. With a budget the run ends when it is
+    # spent (and at the latest after the steps above): the last step is re-planned as it goes
+    # from the measured step time, and the LR schedule follows the plan (at least 10 steps).
+    time_budget: float = 0.0
     batch_size: int = 16  # sequences per micro-batch on each device
     grad_accum: int = 1  # micro-batches per optimizer step (per device)
     lr: float = 3e-4
@@ -74,6 +78,8 @@ class TrainConfig:
         for name in ("max_steps", "max_tokens", "block_size"):
             if getattr(self, name) < 0:
                 raise Gpt1Error(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.time_budget >= 0 and math.isfinite(self.time_budget)):
+            raise Gpt1Error(f"time_budget is seconds >= 0 (0 = off), got {self.time_budget}")
         if self.max_steps == 0 and self.max_tokens == 0 and self.epochs <= 0:
             raise Gpt1Error("set the run length: max_steps, max_tokens or epochs must be > 0")
         if not 0.0 <= self.warmup < 1.0:

@@ -49,7 +49,9 @@ over the device's peak from PEAK_FLOPS.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -202,6 +204,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     start_step, tokens_seen, last = 0, 0, {"loss": None, "val_loss": None}
+    end, budget_spent = max_steps, 0.0  # the planned last step (re-planned under a time budget)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model)
@@ -210,8 +213,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             scaler.load_state_dict(state["scaler"])
         train_data.load_state_dict(state["sampler"])
         start_step, tokens_seen, last = state["step"], state["tokens"], state["last"]
+        end, budget_spent = state.get("end", max_steps), state.get("budget_spent", 0.0)
         if dist.is_main:
-            info(f"resuming {run_dir} from step {start_step:,} of {max_steps:,} ({latest.name})")
+            info(f"resuming {run_dir} from step {start_step:,} of {end:,} ({latest.name})")
             _trim_metrics(run_dir / METRICS_FILE, start_step)
         ckpt.set_rng_state(state["rng"])
         if dist.rank:  # only rank 0's RNG is saved; other ranks reseed reproducibly
@@ -232,22 +236,24 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     def trainer_state() -> dict:
         return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "sampler": train_data.state_dict(), "tokens": tokens_seen, "last": dict(last),
-                "config": cfg.to_dict(), "max_steps": max_steps}
+                "config": cfg.to_dict(), "max_steps": max_steps, "end": end,
+                "budget_spent": budget.spent() if budget else 0.0}
 
     def save_if_due(done: int) -> None:
-        if _save_due(done, cfg.save_every, max_steps):
+        if _save_due(done, cfg.save_every, end):
             if dist.is_main:
                 checkpoint = ckpt.save_checkpoint(run_dir, done, raw_model, trainer_state())
-                _write_outputs(run_dir, checkpoint, raw_model, save_model, final=done == max_steps)
+                _write_outputs(run_dir, checkpoint, raw_model, save_model, final=done == end)
             distributed.barrier()
 
     metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
-    bar = progress(total=max_steps, initial=start_step, desc=run_dir.name, unit="step", disable=None if dist.is_main else True)
+    budget = _TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every) if cfg.time_budget > 0 else None
+    bar = progress(total=end, initial=start_step, desc=run_dir.name, unit="step", disable=None if dist.is_main else True)
     peak = peak_flops(device)
     flops_per_token = getattr(raw_model, "flops_per_token", None)
     bad_steps = 0
-    rate = _RunRate(start_step, max_steps) if dist.is_main else None
+    rate = _RunRate(start_step, end) if dist.is_main and not budget else None
 
     def loss_and_backward(x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
         nonlocal step_model
@@ -262,9 +268,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             return _loss_and_backward(model, model, x, y, sync, device, precision, scaler, cfg.grad_accum)
 
     try:
-        for step in range(start_step, max_steps):
+        for step in itertools.count(start_step):
+            if step >= end:
+                break
             t0 = time.perf_counter()
-            lr = lr_at(step, max_steps, cfg.lr, cfg.min_lr, cfg.warmup)
+            lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
@@ -297,7 +305,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
                     metrics.write(json.dumps({"step": done, "loss": None, "lr": lr, "skipped": "non-finite loss"}) + "\n")
                     metrics.flush()
                 bar.update(1)
-                if _save_due(done, cfg.save_every, max_steps):
+                if _save_due(done, cfg.save_every, end):
                     if all(torch.isfinite(p).all() for p in params):  # the step was skipped: still good
                         save_if_due(done)
                     elif dist.is_main:
@@ -319,8 +327,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             if scaler.is_enabled() and not math.isfinite(grad_norm):
                 record["skipped"] = "fp16 overflow"
             last["loss"] = mean_loss
+            if budget:
+                end = budget.plan(done, end, dist)
+                bar.total = end
 
-            if done % cfg.eval_every == 0 or done == max_steps:
+            if done % cfg.eval_every == 0 or done == end:
                 val_loss, _ = evaluate_loss(raw_model, val_batches(), device, precision)
                 if math.isfinite(val_loss):
                     last["val_loss"] = val_loss
@@ -347,17 +358,17 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             writer.close()
 
     latest = ckpt.latest_checkpoint(run_dir)
-    if dist.is_main and start_step >= max_steps and latest is not None and not ckpt.outputs_written(latest):
+    if dist.is_main and start_step >= end and latest is not None and not ckpt.outputs_written(latest):
         info(f"{run_dir}: its outputs are older than its last checkpoint ({latest.name}); writing them")
         _write_outputs(run_dir, latest, raw_model, save_model, final=True)
     val = last["val_loss"]
-    result = TrainResult(run_dir=run_dir, steps=max_steps, tokens=tokens_seen, train_loss=last["loss"],
+    result = TrainResult(run_dir=run_dir, steps=end, tokens=tokens_seen, train_loss=last["loss"],
                          val_loss=val, val_perplexity=perplexity(val) if val is not None else None,
                          seconds=time.perf_counter() - started, resumed_from=start_step)
     if dist.is_main:
-        if start_step >= max_steps:
-            info(f"{run_dir} already finished its {max_steps:,} steps; nothing to do")
-        info(f"done: {max_steps:,} steps, {tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
+        if start_step >= end:
+            info(f"{run_dir} already finished its {end:,} steps; nothing to do")
+        info(f"done: {end:,} steps, {tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
              f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}")
     return result
 
@@ -441,6 +452,41 @@ class _RunRate:
             info(f"projected wall time: {_duration(seconds_per_step * (self.max_steps - self.start_step))} for "
                  f"{self.max_steps - self.start_step:,} steps at {seconds_per_step:.3g} s/step "
                  f"(validation and checkpoints included); {_duration(left)} to go")
+
+
+class _TimeBudget:
+    """The last step of a run with a time budget: re-planned after every step from the time per
+    step measured over the recent steps, so that the run (and its cosine schedule) ends when the
+    budget is spent, whatever the machine's load does meanwhile. A validation pass falls inside
+    the measuring window (`eval_every` steps at least), so its cost is spread over the steps."""
+
+    WARMUP_STEPS = 3  # the first steps (allocator, kernel selection) are not timed
+    MIN_STEPS = 10  # whatever the budget: a loss curve, not a point
+
+    def __init__(self, seconds: float, spent_before: float, max_steps: int, eval_every: int):
+        self.seconds, self.spent_before, self.max_steps = seconds, spent_before, max_steps
+        self.started = time.perf_counter()
+        self.window = max(20, eval_every)
+        self.times: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.window + 1)
+
+    def spent(self) -> float:
+        return self.spent_before + time.perf_counter() - self.started
+
+    def plan(self, done: int, end: int, dist) -> int:
+        now = time.perf_counter()
+        self.times.append((done, now))
+        left = self.seconds - self.spent()
+        floor = min(self.max_steps, max(done, self.MIN_STEPS))
+        if left <= 0:
+            new_end = floor
+        elif len(self.times) <= self.WARMUP_STEPS:
+            new_end = end
+        else:
+            first_step, first_time = self.times[0]
+            per_step = (now - first_time) / (done - first_step)
+            new_end = max(floor, min(self.max_steps, done + max(1, int(left / per_step))))
+        # Every rank must stop at the same step: rank 0's plan is the plan.
+        return int(distributed.broadcast_object(new_end)) if dist.enabled else new_end
 
 
 def _duration(seconds: float) -> str:
