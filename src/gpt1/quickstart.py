@@ -35,7 +35,8 @@ from gpt1.core.tokenizer import Tokenizer, train_tokenizer
 from gpt1.data.shards import prepare
 from gpt1.data.sources import SourceStats, iter_documents
 from gpt1.train.config import TrainConfig, load_config
-from gpt1.train.finetune import FinetuneConfig, finetune
+from gpt1.train.evaluate import evaluate_data
+from gpt1.train.finetune import FinetuneConfig, evaluate_chat, finetune
 from gpt1.train.loop import CONFIG_FILE
 from gpt1.train.plot import plot_runs
 from gpt1.train.pretrain import pretrain
@@ -90,9 +91,11 @@ class QuickstartResult:
     plot: Path
     train_tokens: int
     base_steps: int
-    base_val_perplexity: float | None
+    base_val_perplexity: float | None  # the whole held-out split, after training
+    base_val_bits_per_byte: float | None  # tokenizer-independent: comparable across vocabularies
     chat_steps: int
-    chat_val_perplexity: float | None
+    chat_val_perplexity: float | None  # on the assistant replies of the held-out dialogs
+    chat_val_bits_per_byte: float | None
     samples: list[Sample]
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time of this invocation
     planned: dict[str, float] = field(default_factory=dict)  # stage -> its time budget (training stages)
@@ -131,7 +134,10 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     if chat.resumed_from == 0:  # a resumed or reused run has only the rest of its budget left
         planned["finetune"] = _budget(out / "chat", 0.0)
 
-    stage("samples", "5/5 samples: the model card's three uses")
+    stage("samples", "5/5 samples: held-out scores and the model card's three uses")
+    base_eval = evaluate_data(gpt1.load(out / "base", device="cpu"), [str(out / "data")], batch_size=16,
+                              show_progress=False)
+    chat_eval = evaluate_chat(gpt1.load(out / "chat", device="cpu"), cfg.chat_data, batch_size=16, show_progress=False)
     samples = _samples(cfg, out / "base", out / "chat")
     plot = plot_runs({"pretraining (base)": out / "base" / "metrics.jsonl",
                       "chat fine-tuning (chat)": out / "chat" / "metrics.jsonl"}, out / "loss.png")
@@ -139,8 +145,10 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
 
     result = QuickstartResult(
         out=out, tokenizer=out / "tokenizer", data=out / "data", base=out / "base", chat=out / "chat", plot=plot,
-        train_tokens=meta["train"]["tokens"], base_steps=base.steps, base_val_perplexity=base.val_perplexity,
-        chat_steps=chat.steps, chat_val_perplexity=chat.val_perplexity, samples=samples, seconds=seconds,
+        train_tokens=meta["train"]["tokens"], base_steps=base.steps,
+        base_val_perplexity=base_eval.perplexity, base_val_bits_per_byte=base_eval.bits_per_byte,
+        chat_steps=chat.steps, chat_val_perplexity=chat_eval.perplexity, chat_val_bits_per_byte=chat_eval.bits_per_byte,
+        samples=samples, seconds=seconds,
         planned=planned)
     write_json(out / SUMMARY_FILE, json.loads(json.dumps(dataclasses.asdict(result), default=str)))
     return result

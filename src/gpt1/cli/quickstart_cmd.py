@@ -34,6 +34,10 @@ def _ppl(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.1f}"
 
 
+def _bpb(value: float | None) -> str:
+    return "bits per byte n/a" if value is None else f"{value:.3f} bits per byte"
+
+
 def report(result) -> str:
     """What the quickstart made, its samples, and what to type next."""
     took = " + ".join(f"{name} {seconds:.0f} s" + (f" (planned {result.planned[name]:.0f} s)" if name in result.planned else "")
@@ -44,9 +48,9 @@ def report(result) -> str:
         "expect fluent-looking fragments, not answers.",
         "",
         f"  base model  {result.base}  {result.base_steps:,} steps on {result.train_tokens:,} tokens of Python source, "
-        f"validation perplexity {_ppl(result.base_val_perplexity)}",
+        f"held-out perplexity {_ppl(result.base_val_perplexity)}, {_bpb(result.base_val_bits_per_byte)}",
         f"  chat model  {result.chat}  {result.chat_steps:,} LoRA steps on chatterbot dialogs, "
-        f"validation perplexity (assistant replies) {_ppl(result.chat_val_perplexity)}",
+        f"held-out perplexity (assistant replies) {_ppl(result.chat_val_perplexity)}, {_bpb(result.chat_val_bits_per_byte)}",
         f"  curves      {result.plot}",
     ]
     for sample in result.samples:
