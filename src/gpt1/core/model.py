@@ -213,12 +213,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     torch.mm(grad, w, out=grad_hidden[rows])
                 else:
                     grad_hidden[rows] = grad @ w
-            if need_weight:
-                chunk_grad = grad.t() @ h
-                if grad_weight is None:  # fp32 sums of the chunks' (bf16/fp16) matmuls
-                    grad_weight = chunk_grad.float()
+            if need_weight:  # summed over the chunks in fp32, without a vocab x d temporary in fp32
+                if grad_weight is None:
+                    grad_weight = (grad.t() @ h).float()
+                elif dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad.t(), h)
                 else:
-                    grad_weight += chunk_grad
+                    grad_weight += grad.t() @ h
         if fp16:
             unscale = 1.0 / (1024.0 * n_valid)
             grad_hidden = None if grad_hidden is None else grad_hidden.mul_(unscale.to(grad_hidden.dtype))
