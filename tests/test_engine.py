@@ -5,29 +5,20 @@ reused; one failing request leaves the others running; validation happens before
 from __future__ import annotations
 
 import pytest
-import torch
 
-from gpt1 import GPT
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import Chunk
 from gpt1.inference.engine import Engine, QueueFull, TooLarge, kv_cache_bytes
 from gpt1.inference.generate import generate
+from tests.model_factories import model_without_stops
 
 TEXT = "def parse(self, data):\n    return json.loads(data)\n" * 3
 
 
 @pytest.fixture(scope="module")
 def model(tiny_config, tokenizer):
-    """Random weights whose special tokens never win, so that every run is max_new_tokens long."""
-    torch.manual_seed(11)
-    m = GPT(tiny_config).eval()
-    with torch.no_grad():
-        m.transformer.ln_f.weight[0], m.transformer.ln_f.bias[0] = 0.0, 1.0
-        m.lm_head.weight[:, 0] = 0.0
-        m.lm_head.weight[tokenizer.special_ids] = 0.0
-        m.lm_head.weight[tokenizer.special_ids, 0] = -100.0
-    return m
+    return model_without_stops(tiny_config, tokenizer, seed=11)
 
 
 class Collector:

@@ -11,6 +11,7 @@ from gpt1.core.sampling_params import SamplingParams
 from gpt1.formats.modeldir import load_model
 from gpt1.inference.generate import generate
 from gpt1.train.finetune import save_finetuned
+from tests.model_factories import random_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: everything here is local
 
@@ -32,17 +33,6 @@ CHAT = [
 TEXT = "def encode(obj):\n    return json.dumps(obj, indent=2)  # héllo"
 
 
-def _random_model(config, seed: int) -> GPT:
-    """Random weights with non-trivial LayerNorms and biases, so a mapping mix-up would show."""
-    torch.manual_seed(seed)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ln" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
-    return model
 
 
 def _model_dir(path, model, tokenizer, chat=False):
@@ -75,7 +65,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_text(tmp_path, tiny_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = dataclasses.replace(tiny_config, tie_embeddings=tie)
-    model = _random_model(config, seed=1)
+    model = random_model(config, seed=1)
     out = export_model(_model_dir(tmp_path / "model", model, tokenizer), tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
@@ -115,7 +105,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_text(tmp_path, tiny_
 def test_chat_template_gives_gpt1_ids(tmp_path, tiny_config, tokenizer):
     from transformers import AutoTokenizer
 
-    chat_dir = _model_dir(tmp_path / "chat", _random_model(tiny_config, seed=5), tokenizer, chat=True)
+    chat_dir = _model_dir(tmp_path / "chat", random_model(tiny_config, seed=5), tokenizer, chat=True)
     out = export_model(chat_dir, tmp_path / "hf")
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == JINJA_TEMPLATE
     hf_tok = AutoTokenizer.from_pretrained(out)
@@ -130,7 +120,7 @@ def test_chat_template_gives_gpt1_ids(tmp_path, tiny_config, tokenizer):
 @pytest.mark.parametrize("tie,bias", [(False, True), (True, False)])
 def test_round_trip_gpt1_export_import(tmp_path, tiny_config, tokenizer, tie, bias):
     config = dataclasses.replace(tiny_config, tie_embeddings=tie, bias=bias)
-    model = _random_model(config, seed=2)
+    model = random_model(config, seed=2)
     model_dir = _model_dir(tmp_path / "model", model, tokenizer)
     out = export_model(model_dir, tmp_path / "hf")
     assert is_hf_model_dir(out) and not is_hf_model_dir(model_dir) and not is_hf_model_dir(tmp_path / "nope")
@@ -197,7 +187,7 @@ def test_import_of_a_gpt1_model_dir_says_so(tiny_model_dir):
 def _finetuned_dir(path, config, tokenizer, seed: int):
     """A LoRA fine-tuned model dir as `gpt1 finetune` writes it: the base with the trained
     special-token rows in model.safetensors, the chat template, and adapter/ in PEFT's layout."""
-    model = _random_model(config, seed)
+    model = random_model(config, seed)
     inject_lora(model, LoRAConfig(r=4, alpha=8, token_ids=[2, 3, 4, 5]))
     with torch.no_grad():  # as after training: non-zero updates and moved token rows
         for name, p in model.named_parameters():
@@ -277,7 +267,7 @@ def test_cli_export_and_bad_input(tmp_path, tiny_model_dir, capsys):
 
 def test_finetune_starts_from_an_exported_folder(tmp_path, tiny_config, tokenizer):
     """`gpt1 finetune --base` takes a transformers folder: the fine-tune starts from exactly its weights."""
-    model = _random_model(tiny_config, seed=4)
+    model = random_model(tiny_config, seed=4)
     hf_dir = export_model(_model_dir(tmp_path / "model", model, tokenizer), tmp_path / "hf")
     with pytest.raises(Gpt1Error, match="transformers folder, not a gpt1 model dir.*--base"):
         load_model(hf_dir)

@@ -12,6 +12,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import ASSISTANT, SYSTEM, USER
 from gpt1.inference.generate import chat_prompt_ids, generate, generate_batch, stream
+from tests.model_factories import model_without_stops
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
 TEXT = "def parse(self, data):\n    return json.loads(data)\n"
@@ -19,16 +20,7 @@ TEXT = "def parse(self, data):\n    return json.loads(data)\n"
 
 @pytest.fixture(scope="module")
 def model(tiny_config, tokenizer):
-    """Random weights, except that special tokens never win (so that runs are long): feature 0
-    of the final LayerNorm is a constant 1, which only the special tokens' output rows read."""
-    torch.manual_seed(7)
-    m = GPT(tiny_config).eval()
-    with torch.no_grad():
-        m.transformer.ln_f.weight[0], m.transformer.ln_f.bias[0] = 0.0, 1.0
-        m.lm_head.weight[:, 0] = 0.0
-        m.lm_head.weight[tokenizer.special_ids] = 0.0
-        m.lm_head.weight[tokenizer.special_ids, 0] = -100.0
-    return m
+    return model_without_stops(tiny_config, tokenizer, seed=7)
 
 
 def scripted_model(config, chain: list[int]) -> GPT:

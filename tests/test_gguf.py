@@ -27,6 +27,7 @@ from gpt1.formats.gguf import GGUF_TYPES, check_representable, export_gguf
 from gpt1.formats.modeldir import load_model, save_model
 from gpt1.inference.generate import generate
 from gpt1.train.finetune import save_finetuned
+from tests.model_factories import random_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -52,7 +53,7 @@ CHAT = [
     {"role": "assistant", "content": "A mapping from keys to values."},
     {"role": "user", "content": "And  a list? 🌍"},
 ]
-# Logits of llama.cpp against gpt1's, for logits of std ~2.5 (see `_random_model`). f32: ggml's
+# Logits of llama.cpp against gpt1's, for logits of std ~2.5 (see `random_model`). f32: ggml's
 # CPU GELU reads a float16 table and its matmuls sum in another order, so they agree to ~3e-3
 # (measured), not bit for bit. The smaller types round the weights themselves (measured: f16
 # 5e-3, bf16 4e-2, q8_0 0.13).
@@ -60,20 +61,6 @@ F32_ATOL = 1e-2
 TYPE_ATOL = {"f16": 2e-2, "bf16": 0.1, "q8_0": 0.3}
 
 
-def _random_model(config, seed: int) -> GPT:
-    """Random weights with non-trivial LayerNorms and biases, so a mapping mix-up would show,
-    and logits with a trained model's spread (std ~2.5; a tiny model after 200 steps has ~2.9,
-    a freshly initialised one ~0.2), so that the tolerances below are small by comparison."""
-    torch.manual_seed(seed)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ln" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
-        model.transformer.ln_f.weight.mul_(15.0)
-    return model
 
 
 def _llama(path, n_ctx: int):
@@ -112,7 +99,7 @@ LAYOUTS = {
 def exported(request, tiny_config, tokenizer, tmp_path_factory):
     """(model, f32 GGUF path, llama) for each layout."""
     config = dataclasses.replace(tiny_config, **LAYOUTS[request.param])
-    model = _random_model(config, seed=1)
+    model = random_model(config, seed=1, final_norm_scale=15.0)
     tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
     save_model(tmp / "model", model, tokenizer)
     path = export_gguf(tmp / "model", tmp / "model.gguf", "f32")
@@ -174,7 +161,7 @@ def test_greedy_continuation_and_logits_match_gpt1(exported, tokenizer):
 @pytest.fixture(scope="module")
 def model_dir(tiny_config, tokenizer, tmp_path_factory):
     directory = tmp_path_factory.mktemp("gguf-types") / "model"
-    save_model(directory, _random_model(tiny_config, seed=2), tokenizer)
+    save_model(directory, random_model(tiny_config, seed=2, final_norm_scale=15.0), tokenizer)
     return directory
 
 
@@ -202,7 +189,7 @@ def test_chat_model_adapter_merged_and_template_gives_gpt1_chat_ids(tmp_path, ti
     """A LoRA fine-tuned dir as `gpt1 finetune` writes it: exported with the adapter merged,
     and llama-cpp-python's chat completion (its Jinja handler over tokenizer.chat_template)
     feeds the model gpt1's chat prompt ids."""
-    model = _random_model(tiny_config, seed=4)
+    model = random_model(tiny_config, seed=4, final_norm_scale=15.0)
     inject_lora(model, LoRAConfig(r=4, alpha=8, token_ids=[2, 3, 4, 5]))
     with torch.no_grad():  # as after training: non-zero updates and moved token rows
         for name, p in model.named_parameters():

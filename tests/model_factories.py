@@ -1,0 +1,35 @@
+"""Random-weight models with the properties several test modules rely on."""
+
+import torch
+
+from gpt1.core.model import GPT
+
+
+def random_model(config, seed: int, final_norm_scale: float = 1.0) -> GPT:
+    """Random weights with non-trivial LayerNorms and biases, so that a mix-up of tensors in an
+    export would show. `final_norm_scale` widens the logits' spread (15 gives std ~2.5, a
+    trained tiny model's; a freshly initialised one has ~0.2)."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+        model.transformer.ln_f.weight.mul_(final_norm_scale)
+    return model
+
+
+def model_without_stops(config, tokenizer, seed: int) -> GPT:
+    """Random weights, except that special tokens never win (so that every run lasts its
+    max_new_tokens): feature 0 of the final LayerNorm is a constant 1, which only the special
+    tokens' output rows read."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0], model.transformer.ln_f.bias[0] = 0.0, 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[tokenizer.special_ids] = 0.0
+        model.lm_head.weight[tokenizer.special_ids, 0] = -100.0
+    return model
