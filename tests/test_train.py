@@ -500,3 +500,13 @@ def test_a_time_budget_ends_the_run_and_its_schedule_when_spent(data_dir, tmp_pa
     assert state["step"] == state["end"] == result.steps and state["budget_spent"] >= 3.0
     again = _run(data_dir, run, overrides)
     assert again.steps == result.steps and again.resumed_from == result.steps
+
+
+def test_training_progress_off_a_terminal_is_a_few_lines_not_one_per_step(data_dir, tmp_path, monkeypatch, capsys):
+    """Off a terminal a bar prints a line every few seconds; the per-step loss in the bar's
+    postfix must not force a line of its own at every step."""
+    monkeypatch.setenv("GPT1_QUIET", "0")
+    _run(data_dir, tmp_path / "run", ["max_steps=40", "eval_every=40", "save_every=40"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run:")]
+    assert 1 <= len(lines) <= 8, lines
+    assert "40/40" in lines[-1]

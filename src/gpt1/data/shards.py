@@ -154,7 +154,7 @@ def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: f
                 pending = (batch, future)
                 bar.update(stats.bytes - bar.n)
                 seconds = max(time.perf_counter() - start_time, 1e-9)
-                bar.set_postfix(tokens=f"{writer.tokens:,}", tok_s=f"{(writer.tokens - resumed_tokens) / seconds:,.0f}")
+                bar.set_postfix(refresh=False, tokens=f"{writer.tokens:,}", tok_s=f"{(writer.tokens - resumed_tokens) / seconds:,.0f}")
             if pending is not None:
                 _write(writer, *pending, commit_bytes)
             writer.commit()

@@ -343,7 +343,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
                 for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_ppl"):
                     if record.get(key) is not None:
                         writer.add_scalar(key, record[key], done)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
+            bar.set_postfix(refresh=False, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
                             **({"val": f"{last['val_loss']:.4f}"} if last["val_loss"] is not None else {}))
             bar.update(1)
             if rate:
