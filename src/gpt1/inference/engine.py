@@ -306,13 +306,16 @@ class Engine:
         return done
 
     def _decode(self) -> list[tuple[Request, torch.Tensor]]:
-        """One forward for every row with a token to feed (rows still prefilling ride along:
-        what they write lies beyond their length, masked, and is overwritten by their prompt)."""
+        """One forward for the rows up to the last one with a token to feed. Rows still
+        prefilling among them ride along (what they write lies beyond their length, masked, and
+        is overwritten by their prompt); those after it -- newly admitted rows sit at the end --
+        are left out, so a burst of arrivals does not widen every decode step while it prefills."""
         feeding = [r for r in self._rows if r.next_token is not None]
         if not feeding:
             return []
-        ids = [r.next_token if r.next_token is not None else 0 for r in self._rows]
-        starts = [r.length for r in self._rows]
+        rows = self._rows[:max(r.row for r in feeding) + 1]
+        ids = [r.next_token if r.next_token is not None else 0 for r in rows]
+        starts = [r.length for r in rows]
         try:
             if self._graphs is not None:
                 logits = self._graphs.decode(ids, starts)
