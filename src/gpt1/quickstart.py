@@ -48,7 +48,7 @@ MAX_PRETRAIN_EPOCHS = 4  # a fast GPU would otherwise loop over the small corpus
 MIN_STEPS = 10  # whatever the budget: a loss curve, not a point
 SUMMARY_FILE = "summary.json"
 
-# The model card's three uses, each sampled with the card's settings (gpt1.inference.generate.PRESETS).
+# The model card's three uses, each sampled with the card's settings (gpt1.core.sampling_params.PRESETS).
 SAMPLE_PROMPTS = {
     "qa": "What is a computer?",
     "creative": "Tell me a story about a robot.",

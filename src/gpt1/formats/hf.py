@@ -276,7 +276,7 @@ def _write_base(model: GPT, tokenizer: Tokenizer, chat: bool, out: Path) -> None
 
 
 def generation_config(tokenizer: Tokenizer):
-    """transformers' GenerationConfig for the model card's Q&A preset (`gpt1.inference.generate`'s "qa"),
+    """transformers' GenerationConfig for the model card's Q&A preset (`gpt1.core.sampling_params`' "qa"),
     so that `model.generate(...)` samples as `gpt1 generate --preset qa` does."""
     import transformers
 
