@@ -2,7 +2,9 @@
 
 import torch
 
+from gpt1.core.lora import LoRAConfig, inject_lora
 from gpt1.core.model import GPT
+from gpt1.train.finetune import save_finetuned
 
 
 def random_model(config, seed: int, final_norm_scale: float = 1.0) -> GPT:
@@ -32,4 +34,20 @@ def model_without_stops(config, tokenizer, seed: int) -> GPT:
         model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[tokenizer.special_ids] = 0.0
         model.lm_head.weight[tokenizer.special_ids, 0] = -100.0
+    return model
+
+
+def finetuned_dir(path, config, tokenizer, seed: int, final_norm_scale: float = 1.0) -> GPT:
+    """A LoRA fine-tuned model dir as `gpt1 finetune` writes it: the base with the trained
+    special-token rows in model.safetensors, the chat template, and adapter/ in PEFT's layout.
+    Returns the model (LoRA layers unmerged)."""
+    model = random_model(config, seed, final_norm_scale)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, token_ids=[2, 3, 4, 5]))
+    with torch.no_grad():  # as after training: non-zero updates and moved token rows
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+            elif name.endswith("trainable_tokens"):
+                p.add_(0.01 * torch.randn_like(p))
+    save_finetuned(path, model, tokenizer, {"path": "base"})
     return model

@@ -60,6 +60,13 @@ def test_eval_cli_on_text_files(tiny_model_dir, tokenizer, corpus_dir, capsys):
         ids += tokenizer.encode(open(f, encoding="utf-8").read()) + [tokenizer.eos_id]
     loss, n = _manual_loss(tiny_model_dir, np.array(ids), 64)
     assert result["tokens"] == n and result["loss"] == pytest.approx(loss, rel=1e-5)
+    # Bits per byte: the loss in bits over the text's bytes; [EOS] is no text, it counts zero bytes.
+    predicted = ids[1:result["tokens"] + 1]
+    text_bytes = len(tokenizer.id_to_bytes(t for t in predicted if t != tokenizer.eos_id))
+    assert result["bytes"] == text_bytes
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / (math.log(2) * text_bytes))
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", *files]) == 0
+    assert f"bits/byte {result['bits_per_byte']:.4f}" in capsys.readouterr().out
 
 
 def test_eval_refuses_shards_of_another_tokenizer(tiny_model_dir, corpus_dir, tmp_path, capsys):
@@ -70,19 +77,3 @@ def test_eval_refuses_shards_of_another_tokenizer(tiny_model_dir, corpus_dir, tm
     (tmp_path / "short.txt").write_text("hi")
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "short.txt")]) == 2
     assert "fewer than one context window" in capsys.readouterr().err
-
-
-def test_bits_per_byte_is_the_loss_in_bits_over_the_text_bytes(tiny_model_dir, tokenizer, corpus_dir, capsys):
-    files = [str(corpus_dir / "json" / "scanner.py"), str(corpus_dir / "json" / "tool.py")]
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", *files, "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    ids = []
-    for f in files:
-        ids += tokenizer.encode(open(f, encoding="utf-8").read()) + [tokenizer.eos_id]
-    predicted = ids[1:result["tokens"] + 1]
-    # [EOS] is no text: it counts zero bytes
-    text_bytes = len(tokenizer.id_to_bytes(t for t in predicted if t != tokenizer.eos_id))
-    assert result["bytes"] == text_bytes
-    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / (math.log(2) * text_bytes))
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", *files]) == 0
-    assert f"bits/byte {result['bits_per_byte']:.4f}" in capsys.readouterr().out

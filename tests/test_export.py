@@ -6,12 +6,10 @@ import json
 import os
 
 from gpt1.cli import main
-from gpt1.core.lora import LoRAConfig, inject_lora
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.formats.modeldir import load_model
 from gpt1.inference.generate import generate
-from gpt1.train.finetune import save_finetuned
-from tests.model_factories import random_model
+from tests.model_factories import finetuned_dir, random_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: everything here is local
 
@@ -184,28 +182,13 @@ def test_import_of_a_gpt1_model_dir_says_so(tiny_model_dir):
         import_hf_model(tiny_model_dir)
 
 
-def _finetuned_dir(path, config, tokenizer, seed: int):
-    """A LoRA fine-tuned model dir as `gpt1 finetune` writes it: the base with the trained
-    special-token rows in model.safetensors, the chat template, and adapter/ in PEFT's layout."""
-    model = random_model(config, seed)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, token_ids=[2, 3, 4, 5]))
-    with torch.no_grad():  # as after training: non-zero updates and moved token rows
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-            elif name.endswith("trainable_tokens"):
-                p.add_(0.01 * torch.randn_like(p))
-    save_finetuned(path, model, tokenizer, {"path": "base"})
-    return model
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_finetuned_export_loads_in_peft_and_merged(tmp_path, tiny_config, tokenizer, tie):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = dataclasses.replace(tiny_config, tie_embeddings=tie)
-    model = _finetuned_dir(tmp_path / "chat", config, tokenizer, seed=4)
+    model = finetuned_dir(tmp_path / "chat", config, tokenizer, seed=4)
     out = export_model(tmp_path / "chat", tmp_path / "hf")
     assert (out / "adapter" / "adapter_config.json").is_file()
     x = torch.randint(0, config.vocab_size, (2, 30))

@@ -19,15 +19,13 @@ import torch
 from gpt1.cli import main
 from gpt1.core.chat_template import JINJA_TEMPLATE, encode_chat
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.lora import LoRAConfig, inject_lora
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import SPECIAL_TOKENS
 from gpt1.formats.gguf import GGUF_TYPES, check_representable, export_gguf
 from gpt1.formats.modeldir import load_model, save_model
 from gpt1.inference.generate import generate
-from gpt1.train.finetune import save_finetuned
-from tests.model_factories import random_model
+from tests.model_factories import finetuned_dir, random_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -189,15 +187,7 @@ def test_chat_model_adapter_merged_and_template_gives_gpt1_chat_ids(tmp_path, ti
     """A LoRA fine-tuned dir as `gpt1 finetune` writes it: exported with the adapter merged,
     and llama-cpp-python's chat completion (its Jinja handler over tokenizer.chat_template)
     feeds the model gpt1's chat prompt ids."""
-    model = random_model(tiny_config, seed=4, final_norm_scale=15.0)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, token_ids=[2, 3, 4, 5]))
-    with torch.no_grad():  # as after training: non-zero updates and moved token rows
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-            elif name.endswith("trainable_tokens"):
-                p.add_(0.01 * torch.randn_like(p))
-    save_finetuned(tmp_path / "chat", model, tokenizer, {"path": "base"})
+    finetuned_dir(tmp_path / "chat", tiny_config, tokenizer, seed=4, final_norm_scale=15.0)
     assert main(["export", "--model", str(tmp_path / "chat"), "--format", "gguf", "--type", "f32",
                  "--out", str(tmp_path / "chat.gguf")]) == 0
 
