@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
 
 from gpt1.cli import main
 from gpt1.cli.bench_cmd import format_table
@@ -24,4 +27,24 @@ def test_bench_prepare_quick_reports_a_ratio(tmp_path, capsys):
 
 def test_unknown_benchmark_is_a_clear_error(capsys):
     assert main(["bench", "nope"]) == 2
-    assert "unknown benchmark(s) nope; available: train, generate, prepare, serve (default), llamacpp, eval" in capsys.readouterr().err
+    assert "unknown benchmark(s) nope; available: train, generate, prepare, serve (default), llamacpp, eval, quickstart" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_quickstart_scores_both_recipes_on_the_same_held_out_documents():
+    from gpt1.benchmarks.quickstart import BEFORE_VOCAB, compare
+    from gpt1.quickstart import QuickstartConfig
+
+    rows = compare(minutes=0.05)  # 3 s of training each
+    before, after = rows
+    assert (before["config"], after["config"]) == ("before", "after")
+    assert (before["vocab"], after["vocab"]) == (BEFORE_VOCAB, QuickstartConfig.vocab_size)
+    # bits per byte compares the two only if they are scored on the same text: the same documents,
+    # less what each tokenization leaves after its last whole context window
+    assert before["val_documents"] == after["val_documents"] > 0
+    assert abs(before["val_bytes"] - after["val_bytes"]) <= 0.01 * before["val_bytes"]
+    for row in rows:
+        assert row["steps"] >= 1 and row["tokens"] > 0 and 0 < row["val_bits_per_byte"] < 8
+        assert row["train_s"] < 60  # the budget ended the run (1,000,000 steps otherwise)
+    assert before["vs_before"] == 1.0
+    assert math.isclose(after["vs_before"], after["val_bits_per_byte"] / before["val_bits_per_byte"])

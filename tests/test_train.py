@@ -143,6 +143,17 @@ def test_gradient_accumulation_matches_a_larger_batch(data_dir, tmp_path):
         torch.testing.assert_close(pa.detach(), pb.detach(), rtol=0, atol=1e-4, msg=name)
 
 
+def test_recipe_keys_shape_a_model_from_scratch(data_dir, tmp_path):
+    import gpt1
+    _run(data_dir, tmp_path / "run", ["max_steps=2", "n_layer=3", "n_embd=48", "n_head=3"])
+    config = gpt1.load(tmp_path / "run", device="cpu").config
+    assert (config.n_layer, config.n_embd, config.n_head, config.block_size) == (3, 48, 3, 32)
+    with pytest.raises(Gpt1Error, match="n_embd .48. must be divisible by n_head .5."):
+        _run(data_dir, tmp_path / "bad", ["max_steps=2", "n_embd=48", "n_head=5"])
+    with pytest.raises(Gpt1Error, match="init_from=.* brings its own shape"):
+        load_config(TrainConfig, None, [f"init_from={tmp_path / 'run'}", "n_layer=2"])
+
+
 def test_run_dir_is_a_model_dir_with_metrics_and_plot(data_dir, tmp_path):
     import gpt1
     result = _run(data_dir, tmp_path / "run", ["max_steps=8", "eval_every=4", "save_every=4"])

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gpt1
+from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import read_json, write_json
 from gpt1.core.progress import info
@@ -47,6 +48,7 @@ FINETUNE_SHARE = 0.25  # of the pretraining budget
 MAX_PRETRAIN_EPOCHS = 4  # a fast GPU would otherwise loop over the small corpus for minutes
 MIN_STEPS = 10  # whatever the budget: a loss curve, not a point
 SUMMARY_FILE = "summary.json"
+QUICKSTART_VAL = 0.02  # the held-out fraction of the corpus's files
 
 # The model card's three uses, each sampled with the card's settings (gpt1.core.sampling_params.PRESETS).
 SAMPLE_PROMPTS = {
@@ -119,7 +121,7 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     done("tokenizer")
 
     stage("prepare", "2/5 prepare: token shards")
-    meta = prepare([cfg.corpus], tokenizer, out / "data", val=0.02, seed=cfg.seed, skip_invalid=True)
+    meta = prepare([cfg.corpus], tokenizer, out / "data", val=QUICKSTART_VAL, seed=cfg.seed, skip_invalid=True)
     done("prepare")
 
     # A rerun continues (or reuses) the run it finds instead of starting a new time budget.
@@ -162,8 +164,13 @@ def _tokenizer(cfg: QuickstartConfig, directory: Path):
             return tokenizer
         raise Gpt1Error(f"{directory} holds a tokenizer of {tokenizer.vocab_size:,} tokens, not {cfg.vocab_size:,}; "
                         "delete it or choose another --out")
+    return train_corpus_tokenizer(cfg.corpus, cfg.vocab_size, directory)
+
+
+def train_corpus_tokenizer(corpus: str, vocab_size: int, directory: Path) -> Tokenizer:
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `corpus`, saved in `directory`."""
     stats = SourceStats()
-    tokenizer, trained = train_tokenizer(iter_documents([cfg.corpus], skip_invalid=True, stats=stats), cfg.vocab_size)
+    tokenizer, trained = train_tokenizer(iter_documents([corpus], skip_invalid=True, stats=stats), vocab_size)
     tokenizer.save(directory)
     info(f"trained on {stats.summary()} in {trained['seconds']:.1f} s -> {directory}")
     return tokenizer
@@ -190,12 +197,16 @@ def _budget(run_dir: Path, seconds: float) -> float:
 
 
 def _pretrain(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, train_tokens: int):
+    return pretrain(pretrain_config(cfg, train_tokens, _budget(run_dir, 60 * cfg.minutes)), data_dir, run_dir)
+
+
+def pretrain_config(cfg: QuickstartConfig, train_tokens: int, budget: float) -> TrainConfig:
+    """The quickstart's pretraining run: the recipe, ended by `budget` seconds."""
     train_cfg = load_config(TrainConfig, PRETRAIN_RECIPE, [], device=cfg.device, seed=cfg.seed)
     # The budget ends the run; the epochs cap keeps a fast GPU from looping over the small corpus.
-    tokens_per_step = train_cfg.batch_size * train_cfg.block_size * train_cfg.grad_accum
+    tokens_per_step = train_cfg.batch_size * (train_cfg.block_size or ModelConfig.preset(train_cfg.model).block_size) * train_cfg.grad_accum
     cap = max(MIN_STEPS, MAX_PRETRAIN_EPOCHS * train_tokens // tokens_per_step)
-    train_cfg = dataclasses.replace(train_cfg, max_steps=cap, time_budget=_budget(run_dir, 60 * cfg.minutes))
-    return pretrain(train_cfg, data_dir, run_dir)
+    return dataclasses.replace(train_cfg, max_steps=cap, time_budget=budget)
 
 
 def _finetune(cfg: QuickstartConfig, base: Path, run_dir: Path):

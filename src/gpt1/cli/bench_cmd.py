@@ -10,8 +10,8 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import write_json
 
 BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks, run by default
-# Need an optional package (llama-cpp-python, lm-eval): run only when named.
-ON_REQUEST = ["llamacpp", "eval"]
+# Need an optional package (llama-cpp-python, lm-eval) or take many minutes (quickstart): run only when named.
+ON_REQUEST = ["llamacpp", "eval", "quickstart"]
 
 
 def register(subparsers) -> None:

@@ -42,6 +42,9 @@ class TrainConfig:
 
     model: str = "tiny"  # a ModelConfig preset; vocab_size always comes from the tokenizer
     block_size: int = 0  # context length of the training windows; 0 = the preset's
+    n_layer: int = 0  # the model's shape, from scratch; 0 = the preset's
+    n_head: int = 0
+    n_embd: int = 0
     init_from: str = "scratch"  # "scratch", a gpt1 model dir, or "hf:PATH" (a transformers GPT-2 folder)
     max_steps: int = 1000
     max_tokens: int = 0
@@ -75,7 +78,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise Gpt1Error(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_tokens", "block_size"):
+        for name in ("max_steps", "max_tokens", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 0:
                 raise Gpt1Error(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.time_budget >= 0 and math.isfinite(self.time_budget)):
@@ -90,6 +93,9 @@ class TrainConfig:
             raise Gpt1Error(f"betas must be in [0, 1), got {list(self.betas)}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise Gpt1Error("weight_decay and grad_clip must be >= 0")
+        if self.init_from != "scratch" and (self.n_layer or self.n_head or self.n_embd):
+            raise Gpt1Error(f"n_layer, n_head and n_embd shape a model from scratch; init_from={self.init_from} "
+                            "brings its own shape (leave them 0)")
         if not self.init_from or self.init_from == "hf:":
             raise Gpt1Error("init_from must be 'scratch', a model dir, or hf:PATH")
 

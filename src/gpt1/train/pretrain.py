@@ -30,9 +30,8 @@ from gpt1.train.loop import TrainResult, train
 def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     """The model to train, on CPU: a fresh preset, a gpt1 model dir, or a local transformers GPT-2."""
     if cfg.init_from == "scratch":
-        overrides = {"vocab_size": tokenizer.vocab_size}
-        if cfg.block_size:
-            overrides["block_size"] = cfg.block_size
+        shape = {name: getattr(cfg, name) for name in ("block_size", "n_layer", "n_head", "n_embd")}
+        overrides = {"vocab_size": tokenizer.vocab_size, **{name: value for name, value in shape.items() if value}}
         config = ModelConfig.preset(cfg.model, **overrides)
         torch.manual_seed(cfg.seed)
         return GPT(config)
