@@ -48,3 +48,24 @@ def test_bench_quickstart_scores_both_recipes_on_the_same_held_out_documents():
         assert row["train_s"] < 60  # the budget ended the run (1,000,000 steps otherwise)
     assert before["vs_before"] == 1.0
     assert math.isclose(after["vs_before"], after["val_bits_per_byte"] / before["val_bits_per_byte"])
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_the_named_benchmarks_and_keeps_their_json(tmp_path):
+    """scripts/gpu-check.sh, the one prepared run for a lent GPU machine, dry-run on this CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "QUICK": "1", "BENCHES": "prepare", "OUT": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 with torch
+    # Run from an empty folder: no .whl/ there to install (a checkout may hold the GPU machine's
+    # Python 3.12 wheels), and gpt1 comes from the installed package instead of ./src.
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu-check.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch" in (tmp_path / "out" / "device.txt").read_text()
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text())["prepare"]
+    assert "| corpus |" in (tmp_path / "out" / "prepare.log").read_text()
