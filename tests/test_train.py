@@ -152,6 +152,9 @@ def test_recipe_keys_shape_a_model_from_scratch(data_dir, tmp_path):
         _run(data_dir, tmp_path / "bad", ["max_steps=2", "n_embd=48", "n_head=5"])
     with pytest.raises(Gpt1Error, match="init_from=.* brings its own shape"):
         load_config(TrainConfig, None, [f"init_from={tmp_path / 'run'}", "n_layer=2"])
+    from gpt1.train.finetune import FinetuneConfig
+    with pytest.raises(Gpt1Error, match="fine-tuning keeps the base model's shape"):
+        load_config(FinetuneConfig, None, ["n_embd=64"])
 
 
 def test_run_dir_is_a_model_dir_with_metrics_and_plot(data_dir, tmp_path):

@@ -204,7 +204,8 @@ def pretrain_config(cfg: QuickstartConfig, train_tokens: int, budget: float) -> 
     """The quickstart's pretraining run: the recipe, ended by `budget` seconds."""
     train_cfg = load_config(TrainConfig, PRETRAIN_RECIPE, [], device=cfg.device, seed=cfg.seed)
     # The budget ends the run; the epochs cap keeps a fast GPU from looping over the small corpus.
-    tokens_per_step = train_cfg.batch_size * (train_cfg.block_size or ModelConfig.preset(train_cfg.model).block_size) * train_cfg.grad_accum
+    block_size = train_cfg.block_size or ModelConfig.preset(train_cfg.model).block_size
+    tokens_per_step = train_cfg.batch_size * block_size * train_cfg.grad_accum
     cap = max(MIN_STEPS, MAX_PRETRAIN_EPOCHS * train_tokens // tokens_per_step)
     return dataclasses.replace(train_cfg, max_steps=cap, time_budget=budget)
 

@@ -86,6 +86,9 @@ class FinetuneConfig(TrainConfig):
         super().__post_init__()
         if not 0.0 <= self.val_fraction < 1.0:
             raise Gpt1Error(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.n_layer or self.n_head or self.n_embd:
+            raise Gpt1Error("n_layer, n_head and n_embd shape a model from scratch; fine-tuning keeps the base "
+                            "model's shape (leave them 0)")
         self.lora_config()  # validates r, dropout and targets
 
     def lora_config(self, token_ids: list[int] | None = None) -> LoRAConfig:
