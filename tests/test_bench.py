@@ -59,7 +59,7 @@ def test_gpu_check_script_runs_the_named_benchmarks_and_keeps_their_json(tmp_pat
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "QUICK": "1", "BENCHES": "prepare", "OUT": str(tmp_path / "out"),
+    env = {**os.environ, "QUICK": "1", "STEPS": "prepare", "OUT": str(tmp_path / "out"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 with torch
     # Run from an empty folder: no .whl/ there to install (a checkout may hold the GPU machine's
     # Python 3.12 wheels), and gpt1 comes from the installed package instead of ./src.
@@ -69,3 +69,25 @@ def test_gpu_check_script_runs_the_named_benchmarks_and_keeps_their_json(tmp_pat
     assert "torch" in (tmp_path / "out" / "device.txt").read_text()
     assert json.loads((tmp_path / "out" / "prepare.json").read_text())["prepare"]
     assert "| corpus |" in (tmp_path / "out" / "prepare.log").read_text()
+
+
+@pytest.mark.slow
+def test_serve_load_spread_over_processes_gets_every_reply_and_counts_its_cores(tiny_model_dir):
+    """The serve benchmark's load generator, in this process and spread over two spawned ones,
+    against a real server on loopback: the same 32 complete replies either way."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import gpt1
+    from gpt1.benchmarks.serve import REQUESTS, _load
+    from gpt1.serve import background_server, create_app
+
+    with background_server(create_app(gpt1.load(tiny_model_dir), max_batch=8)) as url:
+        alone, wall, cores = _load(url, 8, 4)
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            spread, spread_wall, spread_cores = _load(url, 8, 4, pool, 2)
+    for results in (alone, spread):
+        assert len(results) == REQUESTS and all(r["ok"] and r["tokens"] == 4 for r in results)
+        assert sorted(r["index"] for r in results) == list(range(REQUESTS))
+    assert {r["index"]: r["text"] for r in alone} == {r["index"]: r["text"] for r in spread}
+    assert wall > 0 and spread_wall > 0 and 0 < cores and 0 < spread_cores

@@ -4,12 +4,15 @@ reused; one failing request leaves the others running; validation happens before
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import Chunk
-from gpt1.inference.engine import Engine, QueueFull, TooLarge, kv_cache_bytes
+from gpt1.inference.engine import Engine, QueueFull, TooLarge, _BucketedDecode, kv_cache_bytes
 from gpt1.inference.generate import generate
 from tests.model_factories import model_without_stops
 
@@ -55,15 +58,16 @@ def submit(engine: Engine, collector: Collector, key: int, prompt: list[int], pa
     return engine.submit([prompt], params, lambda _: collector.sink_for(key))[0]
 
 
-@pytest.mark.slow
-def test_staggered_arrivals_and_chunked_prefill_equal_single_requests(model, tokenizer):
-    """Greedy, fp32 CPU: requests of different lengths arriving at different steps, long prompts
+def check_staggered_arrivals(model, tokenizer, bucketed: bool = False, **engine_options) -> None:
+    """Greedy, fp32: requests of different lengths arriving at different steps, long prompts
     prefilled in chunks of 8 while others decode, each equal to its run alone."""
     ids = tokenizer.encode(TEXT)
     prompts = [ids[:3], ids[4:30], ids[:1], ids[10:50], ids[7:12], ids[2:21]]
     arrivals = [0, 0, 2, 3, 3, 7]  # the step at which each request arrives
     lengths = [12, 9, 20, 6, 14, 10]
-    engine = Engine(model, tokenizer, max_batch=4, max_queue=8, prefill_chunk=8)
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=8, prefill_chunk=8, **engine_options)
+    if bucketed:
+        engine._graphs = _BucketedDecode(engine, capture=False)
     collector = Collector()
     step = 0
     while step <= max(arrivals) or engine.busy:
@@ -77,6 +81,57 @@ def test_staggered_arrivals_and_chunked_prefill_equal_single_requests(model, tok
         assert collector.text(key) == alone.text and collector.finish(key) == "length"
         assert collector.chunks[key][-1].completion_tokens == lengths[key]
     assert engine.free_slots == 4 and engine.stats.completed == len(prompts)
+
+
+@pytest.mark.slow
+def test_staggered_arrivals_and_chunked_prefill_equal_single_requests(model, tokenizer):
+    check_staggered_arrivals(model, tokenizer)
+
+
+def test_bucketed_decode_equals_single_requests(model, tokenizer):
+    """The fixed-shape decode step that CUDA graphs capture, run eagerly on the CPU: buckets of
+    1, 2 and 4 rows, their padding rows beside prompts being prefilled."""
+    check_staggered_arrivals(model, tokenizer, bucketed=True)
+
+
+def test_warm_up_builds_every_bucket_before_the_first_request(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=6, max_queue=2)
+    engine._graphs = _BucketedDecode(engine, capture=False)
+    engine.warm_up()
+    assert sorted(engine._graphs.buckets) == [1, 2, 4, 6]
+    check = Collector()
+    submit(engine, check, 0, tokenizer.encode(TEXT)[:5], SamplingParams(temperature=0, max_new_tokens=4))
+    run_until_idle(engine)
+    alone = generate(model, tokenizer, tokenizer.encode(TEXT)[:5], SamplingParams(temperature=0, max_new_tokens=4))
+    assert check.text(0) == alone.text  # the warm-up's writes at the slots' last position are harmless
+
+
+def test_bucketed_decode_leaves_a_prompt_being_prefilled_intact(model, tokenizer):
+    """A decode bucket wider than its live rows pads them: the padding must not write inside a
+    slot whose prompt is being prefilled in chunks (its keys must equal the eager engine's)."""
+    ids = tokenizer.encode(TEXT)
+    engines = [Engine(model, tokenizer, max_batch=4, max_queue=4, prefill_chunk=4) for _ in range(2)]
+    engines[1]._graphs = _BucketedDecode(engines[1], capture=False)
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    for engine in engines:
+        engine.submit([ids[:1], ids[1:2], ids[2:3]], params, lambda i: lambda item: None)
+        engine.step()
+        engine.step()  # three rows decoding: a bucket of 4 with one padding row
+        engine.submit([ids[5:29]], params, lambda i: lambda item: None)  # slot 3, prefilled 4 tokens a step
+    for _ in range(5):
+        for engine in engines:
+            engine.step()
+        prefilled = engines[0]._rows[3].length
+        assert engines[1]._rows[3].length == prefilled and 0 < prefilled < 24
+        assert torch.equal(engines[0].cache.k[:, 3, :, :prefilled], engines[1].cache.k[:, 3, :, :prefilled])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_single_requests(model, tokenizer):
+    """The captured decode step (buckets of 1, 2 and 4 rows, padding rows beside prompts being
+    prefilled) against eager one-request generation on the same GPU."""
+    gpu_model = copy.deepcopy(model).cuda()
+    check_staggered_arrivals(gpu_model, tokenizer, cuda_graphs=True)
 
 
 def test_seeded_request_is_the_same_whatever_shares_the_batch(model, tokenizer):

@@ -2,18 +2,22 @@
 `generate`) and against `transformers`' `GPT2LMHeadModel.generate` with the same weights
 (on a GPU also with its static cache), greedy, measured in the same run and reported as
 ratios: `gpt1_speedup` (the other's time over gpt1's) and `vs_gpt1_batch1` (the engine's
-tokens/s at this batch size over its tokens/s for one sequence).
+tokens/s at this batch size over its tokens/s for one sequence). The engine's rows also give
+`step_ms` (its time per generated token, prefill included) and `forward_ms` (its decode forward
+alone, timed back to back at mid-generation): the difference is the step's host-side work.
 
 The model has random weights (speed does not depend on them) with the special tokens' output
 rows pushed down, so that every run generates exactly `new_tokens` tokens. The full run uses
 the reference model (257M parameters, bf16, batches 1 and 32) on a GPU and the `small` preset
 (fp32, batches 1 and 16) on a CPU; `quick` uses the `tiny` preset. The engine is warm (on a
-GPU its decode step is captured as CUDA graphs in the warm-up). Times are the best of 3 runs
+GPU its decode step is captured as CUDA graphs in the warm-up, and it is also measured
+without them). Times are the best of 3 runs
 (1 for the slow recomputing baseline, run at batch 1 only).
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 
@@ -21,6 +25,7 @@ import torch
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers
 
+from gpt1.benchmarks import progress
 from gpt1.core.config import ModelConfig
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
@@ -97,7 +102,15 @@ def engine_generate(engine: Engine, prompts: list[list[int]], params: SamplingPa
     return [r.state.token_ids for r in requests]
 
 
-def run(quick: bool = False) -> list[dict]:
+def decode_forward_ms(engine: Engine, batch: int, position: int, device: torch.device, repeats: int = 50) -> float:
+    """Milliseconds of the engine's decode forward alone for `batch` rows at `position`."""
+    ids, starts = [0] * batch, [position] * batch
+    with torch.inference_mode():
+        seconds, _ = _timed(lambda: [engine.decode_forward(ids, starts) for _ in range(repeats)], device, 3)
+    return seconds / repeats * 1e3
+
+
+def _measure(quick: bool) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     if quick:
@@ -118,9 +131,12 @@ def run(quick: bool = False) -> list[dict]:
         g = torch.Generator().manual_seed(batch)
         idx = torch.randint(len(SPECIAL_TOKENS), config.vocab_size, (batch, prompt_len), generator=g).to(device)
         prompts = idx.tolist()
-        engine = Engine(model, tokenizer, max_batch=batch, max_queue=0, prefill_chunk=prompt_len * batch)
+        engines = {"gpt1 engine": Engine(model, tokenizer, max_batch=batch, max_queue=0, prefill_chunk=prompt_len * batch)}
+        if gpu:
+            engines["gpt1 engine (no CUDA graphs)"] = Engine(model, tokenizer, max_batch=batch, max_queue=0,
+                                                             prefill_chunk=prompt_len * batch, cuda_graphs=False)
 
-        def ours():
+        def ours(engine: Engine):
             return torch.tensor(engine_generate(engine, prompts, params), device=device)
 
         def theirs(**kwargs):
@@ -129,25 +145,51 @@ def run(quick: bool = False) -> list[dict]:
                                   do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_id, **kwargs)
             return out[:, prompt_len:]
 
-        implementations = {"gpt1 engine": ours, "transformers generate": theirs}
+        implementations = {name: (lambda e=engine: ours(e)) for name, engine in engines.items()}
+        implementations["transformers generate"] = theirs
         if gpu:  # the fast transformers path (a CUDA-graph-friendly cache); its default cache elsewhere
             implementations["transformers generate (static cache)"] = lambda: theirs(cache_implementation="static")
-        for fn in implementations.values():  # warm-up: kernels, allocator, graph capture
-            fn()
-        results = {name: _timed(fn, device, repeats) for name, fn in implementations.items()}
         if batch == 1:  # quadratic: minutes at larger batches
-            results["recompute context (nanoGPT)"] = _timed(lambda: recompute_generate(model, idx, new_tokens), device, 1)
-        reference = results["gpt1 engine"]
-        for name, (seconds, tokens) in results.items():
-            tps = batch * new_tokens / seconds
-            if name == "gpt1 engine" and batch == 1:
-                batch1_tps = tps
-            rows.append({
-                "batch": batch, "implementation": name, "model": label, "device": device.type,
-                "prompt": prompt_len, "new_tokens": new_tokens,
-                "tokens_per_s": tps,
-                "gpt1_speedup": seconds / reference[0],
-                "vs_gpt1_batch1": tps / batch1_tps if name == "gpt1 engine" and batch1_tps else None,
-                "same_tokens_as_gpt1": bool(torch.equal(tokens.to(device), reference[1])),
-            })
+            implementations["recompute context (nanoGPT)"] = lambda: recompute_generate(model, idx, new_tokens)
+        reference = None
+        for name, fn in implementations.items():
+            engine = engines.get(name)
+            row = {"batch": batch, "implementation": name, "model": label, "device": device.type,
+                   "prompt": prompt_len, "new_tokens": new_tokens}
+            try:
+                slow = name.startswith("recompute")
+                if not slow:
+                    fn()  # warm-up: kernels, allocator, graph capture, compilation
+                seconds, tokens = _timed(fn, device, 1 if slow else repeats)
+            except Exception as e:  # noqa: BLE001 - a reference that fails here is reported, not fatal
+                if reference is None:
+                    raise
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            else:
+                reference = reference or (seconds, tokens)
+                tps = batch * new_tokens / seconds
+                if name == "gpt1 engine" and batch == 1:
+                    batch1_tps = tps
+                row |= {
+                    "tokens_per_s": tps,
+                    "gpt1_speedup": seconds / reference[0],
+                    "vs_gpt1_batch1": tps / batch1_tps if name == "gpt1 engine" and batch1_tps else None,
+                    "same_tokens_as_gpt1": bool(torch.equal(tokens.to(device), reference[1])),
+                    "step_ms": seconds / new_tokens * 1e3 if engine else None,
+                    "forward_ms": decode_forward_ms(engine, batch, prompt_len + new_tokens // 2, device) if engine else None,
+                }
+            progress("generate", row)
+            rows.append(row)
+    return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    rows = _measure(quick)
+    # Free the captured graphs and transformers' compiled generate now, not in the interpreter's
+    # own teardown (a GPU run once hung there, after its table was printed).
+    gc.collect()
+    if torch.cuda.is_available():
+        torch._dynamo.reset()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     return rows

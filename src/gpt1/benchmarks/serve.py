@@ -13,25 +13,31 @@ Ratios, measured in the same run: `vs_sequential` is the aggregate tokens/s over
 32 requests decoded together in this process by the engine, without HTTP (target on a GPU:
 >= 0.7 at N = 32). The model is the `small` preset on a CPU and the reference model (257M,
 bf16) on a GPU; `quick` is `tiny` with shorter replies. On a CPU the server and the reference
-each use one PyTorch thread: the load generator needs a core too.
+each use one PyTorch thread: the load generator needs a core too. On a machine of 8 cores or
+more the clients are spread over up to 4 processes. Each row also gives the cores that the
+server process and the load generator kept busy: a side near a whole core (the server's event
+loop and engine share one GIL; each load process is one asyncio thread) is the bottleneck.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import gpt1
+from gpt1.benchmarks import progress
 from gpt1.benchmarks.generate import benchmark_model, synthetic_tokenizer
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
@@ -90,19 +96,53 @@ async def _one_request(client, i: int, max_tokens: int) -> dict:
             "text": "".join(text), "index": i}
 
 
-async def _load(url: str, clients: int, max_tokens: int) -> tuple[list[dict], float]:
+async def _clients(url: str, client_ids: list[int], per_client: int, max_tokens: int,
+                   start_at: float) -> list[dict]:
     import httpx
 
-    per_client = REQUESTS // clients
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=len(client_ids), max_keepalive_connections=len(client_ids))
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600)) as client:
         async def worker(c: int) -> list[dict]:
             return [await _one_request(client, c * per_client + r, max_tokens) for r in range(per_client)]
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(worker(c) for c in range(clients)))
-        wall = time.perf_counter() - start
-    return [r for rs in results for r in rs], wall
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        results = await asyncio.gather(*(worker(c) for c in client_ids))
+    return [r for rs in results for r in rs]
+
+
+def _load_part(url: str, client_ids: list[int], per_client: int, max_tokens: int,
+               start_at: float) -> tuple[list[dict], float, float]:
+    """Some of the clients, in one process: their results, the time they ended, the CPU seconds."""
+    cpu = time.process_time()
+    results = asyncio.run(_clients(url, client_ids, per_client, max_tokens, start_at))
+    return results, time.time(), time.process_time() - cpu
+
+
+def _load(url: str, clients: int, max_tokens: int, pool: ProcessPoolExecutor | None = None,
+          processes: int = 1) -> tuple[list[dict], float, float]:
+    """The N clients' results, the wall time and the load generator's busy cores. With a pool,
+    the clients are spread over `processes` of its processes, so that the load generator (~100 us of CPU per
+    streamed token with httpx) is not what a fast server is measured against."""
+    per_client = REQUESTS // clients
+    start_at = time.time() + (0.5 if pool else 0.0)
+    if pool is None:
+        parts = [_load_part(url, list(range(clients)), per_client, max_tokens, start_at)]
+    else:
+        futures = [pool.submit(_load_part, url, list(range(clients))[i::processes], per_client, max_tokens, start_at)
+                   for i in range(min(processes, clients))]
+        parts = [f.result() for f in futures]
+    wall = max(end for _, end, _ in parts) - start_at
+    return [r for rs, _, _ in parts for r in rs], wall, sum(cpu for _, _, cpu in parts) / wall
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _inprocess_batch(model_dir: Path, max_tokens: int) -> float:
@@ -155,6 +195,7 @@ def run(quick: bool = False) -> list[dict]:
             inprocess_tps = _inprocess_batch(model_dir, max_tokens)
         finally:
             torch.set_num_threads(threads)
+        progress("serve", {"in-process batch": REQUESTS, "tokens_per_s": inprocess_tps})
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
@@ -162,19 +203,23 @@ def run(quick: bool = False) -> list[dict]:
              "--max-batch", str(REQUESTS), "--log-level", "warning"],
             env={**os.environ, "GPT1_QUIET": "1", **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        processes = min(4, (os.cpu_count() or 1) // 4)  # 2 cores: one, this one (the server needs the other); 16: 4
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if processes > 1 else None
         try:
             _wait_until_up(url, proc)
-            asyncio.run(_load(url, REQUESTS, max_tokens))  # warm-up (CUDA graphs of every bucket on a GPU)
+            _load(url, REQUESTS, max_tokens, pool, processes)  # warm-up (and the pool's processes start)
             sequential_tps, sequential_texts = None, {}
             for n in CLIENTS:
-                results, wall = asyncio.run(_load(url, n, max_tokens))
+                server_cpu = _cpu_seconds(proc.pid)
+                results, wall, client_cores = _load(url, n, max_tokens, pool, processes)
+                server_cores = (_cpu_seconds(proc.pid) - server_cpu) / wall if server_cpu is not None else None
                 ok = [r for r in results if r["ok"]]
                 ttft = np.array([r["ttft"] for r in ok]) * 1000
                 latency = np.array([r["latency"] for r in ok]) * 1000
                 tps = sum(r["tokens"] for r in ok) / wall
                 if n == 1:
                     sequential_tps, sequential_texts = tps, {r["index"]: r["text"] for r in ok}
-                rows.append({
+                rows.append(row := {
                     "clients": n, "requests": len(results), "failures": len(results) - len(ok),
                     "ttft_p50_ms": float(np.percentile(ttft, 50)) if ok else None,
                     "ttft_p99_ms": float(np.percentile(ttft, 99)) if ok else None,
@@ -183,9 +228,13 @@ def run(quick: bool = False) -> list[dict]:
                     "tokens_per_s": tps, "vs_sequential": tps / sequential_tps if sequential_tps else None,
                     "vs_inprocess_batch": tps / inprocess_tps,
                     "same_replies_as_sequential": all(sequential_texts.get(r["index"]) == r["text"] for r in ok),
+                    "server_cores_busy": server_cores, "client_cores_busy": client_cores,
                     "max_tokens": max_tokens, "model": label, "device": device,
                 })
+                progress("serve", row)
         finally:
+            if pool is not None:
+                pool.shutdown()
             proc.terminate()
             try:
                 proc.wait(30)

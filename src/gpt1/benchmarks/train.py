@@ -5,7 +5,8 @@ the same precision and optimizer, measured in the same run and reported as a rat
 - GPU (full run): the reference model (257M parameters, 512 context) at the shipped recipe's
   micro-batch (`gpt1-openwebtext`'s batch_size), in its precision (bf16 autocast, fp16-mixed
   where the card has no bf16), eager and `torch.compile`d. Peak memory is
-  `torch.cuda.max_memory_allocated` of a step of each side alone on the GPU.
+  `torch.cuda.max_memory_allocated` at a step of each side, less what the GPU held before that
+  side was built (the other side's weights and optimizer state): each side as if alone on the GPU.
 - CPU (full run): the `small` preset at 4 x 256 tokens, fp32 and bf16 autocast (`quick`: the
   `tiny` preset). Peak memory is the peak RSS of a fresh process doing the same steps (a
   subprocess per measurement: `resource.getrusage` reports a process's lifetime peak only).
@@ -29,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from gpt1.benchmarks import progress
 from gpt1.core.config import ModelConfig
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import EOS, SPECIAL_TOKENS
@@ -100,21 +102,25 @@ def _median_seconds(steps: dict, n_warmup: int, n_steps: int, device: torch.devi
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _peak_memory_cuda(impl: str, config: ModelConfig, batch_size: int, device: torch.device, precision: str,
-                      compile: bool) -> float:
-    """GB allocated at the peak of a step of `impl` alone on the GPU (after two steps, so that the
-    optimizer state exists and compilation is done)."""
-    step = _training_step(impl, config, batch_size, device, precision, compile)
-    step()
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated(device) / 1e9
-    del step
-    torch.cuda.empty_cache()
-    return peak
+def _steps_and_peaks_cuda(impls: tuple[str, ...], config: ModelConfig, batch_size: int, device: torch.device,
+                          precision: str, compile: bool) -> tuple[dict, dict[str, float]]:
+    """Each side's step closure, built one after the other, and the GB it allocates at the peak
+    of a step (after two steps, so that the optimizer state exists and compilation is done): what
+    the GPU holds at that peak less what it held before the side was built, which is the other
+    sides' weights and optimizer state, untouched by this side's step. So each side is compiled
+    once, and measured as if it were alone on the GPU."""
+    steps, peaks = {}, {}
+    for impl in impls:
+        before = torch.cuda.memory_allocated(device)
+        steps[impl] = step = _training_step(impl, config, batch_size, device, precision, compile)
+        step()
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize()
+        peaks[impl] = (torch.cuda.max_memory_allocated(device) - before) / 1e9
+    return steps, peaks
 
 
 def peak_rss_gb(impl: str, preset: str, batch_size: int, block_size: int, precision: str, steps: int = 2) -> float:
@@ -151,15 +157,18 @@ def measure(config: ModelConfig, batch_size: int, device: torch.device, precisio
             n_steps: int, compile: bool = False, preset: str | None = None) -> dict:
     impls = ("gpt1", "transformers")
     if device.type == "cuda":
-        memory = {impl: _peak_memory_cuda(impl, config, batch_size, device, precision, compile) for impl in impls}
+        steps, memory = _steps_and_peaks_cuda(impls, config, batch_size, device, precision, compile)
+        n_warmup = 1  # three steps each already
     else:
         memory = {impl: peak_rss_gb(impl, preset, batch_size, config.block_size, precision) for impl in impls}
-    steps = {impl: _training_step(impl, config, batch_size, device, precision, compile) for impl in impls}
+        steps = {impl: _training_step(impl, config, batch_size, device, precision, compile) for impl in impls}
     seconds = _median_seconds(steps, n_warmup, n_steps, device)
     del steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return _row(config, batch_size, device, precision, seconds, memory, "compiled" if compile else "eager")
+    row = _row(config, batch_size, device, precision, seconds, memory, "compiled" if compile else "eager")
+    progress("train", row)
+    return row
 
 
 def memory_rows(preset: str, batch_size: int, block_size: int) -> list[dict]:
@@ -176,8 +185,16 @@ def run(quick: bool = False) -> list[dict]:
         recipe = load_config(TrainConfig, "gpt1-openwebtext")
         precision = resolve_precision(recipe.precision, device)
         config = ModelConfig.preset(recipe.model, block_size=recipe.block_size)
-        return [measure(config, recipe.batch_size, device, precision, n_warmup=3, n_steps=10, compile=compile)
-                for compile in (False, True)]
+        rows = []
+        for compile in (False, True):
+            try:
+                rows.append(measure(config, recipe.batch_size, device, precision, n_warmup=3, n_steps=10, compile=compile))
+            except Exception as e:  # noqa: BLE001 - e.g. a compiler missing on this machine: keep the eager row
+                if not compile:
+                    raise
+                rows.append({"mode": "compiled", "error": f"{type(e).__name__}: {e}"[:300]})
+                progress("train", rows[-1])
+        return rows
     device = torch.device("cpu")
     preset = "tiny" if quick else "small"
     config = ModelConfig.preset(preset)

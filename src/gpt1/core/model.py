@@ -78,7 +78,7 @@ class SlotCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.positions: torch.Tensor | None = None  # (B, T), read by GPT.forward
-        self.mask: torch.Tensor | None = None  # (B, 1, T, key_len)
+        self.mask: torch.Tensor | None = None  # (B, 1, T, key_len), added to the attention scores
         self._rows: slice | torch.Tensor = slice(0, 0)
         self._row_index: torch.Tensor | None = None
         self._key_len = 0
@@ -88,7 +88,12 @@ class SlotCache:
         self._rows = rows
         self._row_index = torch.arange(positions.size(0), device=positions.device)[:, None]
         self.positions = positions
-        self.mask = torch.arange(self._key_len, device=positions.device) <= positions[:, None, :, None]
+        visible = torch.arange(self._key_len, device=positions.device) <= positions[:, None, :, None]
+        # Additive (0 / -inf) in the cache's dtype, made once per forward: a boolean mask would be
+        # converted to this by scaled_dot_product_attention in every layer (kernels that, in a
+        # decode step, cost as much time as the attention itself).
+        self.mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=positions.device).masked_fill_(
+            visible.logical_not(), float("-inf"))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self._rows, slice):  # a view: written in place, read without a copy

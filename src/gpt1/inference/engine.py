@@ -21,7 +21,7 @@ handling one row ends that request with the error and the others go on.
 
 On CUDA the decode step runs in batch-size buckets (powers of two) over the whole pool, shapes
 that never change, and with `cuda_graphs=True` each bucket's step is captured once as a CUDA
-graph and replayed (untested on a GPU so far). Each request's output goes to its `sink`: a
+graph and replayed. Each request's output goes to its `sink`: a
 `Chunk` per piece of text (the last one carries the finish reason), or the exception that
 ended it. The engine can be driven by the caller (`step()` until `busy` is false: what
 `generate` does) or by its own worker thread (`start()`: what the server does).
@@ -155,7 +155,8 @@ class Engine:
                             f"on {self.device}; lower max_batch")
         try:
             self.cache = SlotCache(self.config, max_batch, device=self.device, dtype=first.dtype)
-            # Each row's context (prompt + generated) for the repeat penalty; vocab_size = "no token".
+            # Each row's context (prompt + generated), kept for requests with a repeat penalty;
+            # vocab_size = "no token".
             self.tokens = torch.full((max_batch, self.config.block_size), self.config.vocab_size,
                                      dtype=torch.long, device=self.device)
         except torch.OutOfMemoryError:
@@ -169,7 +170,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
-        self._graphs = _CudaGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
+        self._graphs = _BucketedDecode(self) if cuda_graphs and self.device.type == "cuda" else None
 
     # ---- state, for /health, tests and benchmarks ----------------------------------------
     @property
@@ -243,12 +244,14 @@ class Engine:
         if not self._rows:
             return
         with torch.inference_mode():
-            pending = self._prefill()
-            pending += self._decode()
-            if not pending:
+            prefilled, prefill_logits = self._prefill()
+            decoded, decode_logits = self._decode()
+            requests = prefilled + decoded
+            if not requests:
                 return
-            requests = [r for r, _ in pending]
-            next_ids = self._sample(requests, torch.stack([logits for _, logits in pending])).tolist()
+            logits = (torch.cat([prefill_logits, decode_logits]) if prefilled and decoded
+                      else prefill_logits if prefilled else decode_logits)
+            next_ids = self._sample(requests, logits).tolist()
         for request, token in zip(requests, next_ids):
             self._emit(request, token)
         with self._lock:
@@ -271,9 +274,9 @@ class Engine:
                 row.fill_(self.config.vocab_size)
                 row[:len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
 
-    def _prefill(self) -> list[tuple[Request, torch.Tensor]]:
-        """Feed the next prompt chunks, within the step's budget, in one forward; (request,
-        logits) of each prompt that is now complete. Shorter chunks are padded at the front
+    def _prefill(self) -> tuple[list[Request], torch.Tensor | None]:
+        """Feed the next prompt chunks, within the step's budget, in one forward; the requests
+        whose prompt is now complete, and their logits (one row each). Shorter chunks are padded at the front
         with tokens at the last position (which no prefilling row holds), so that every row's
         last token is the forward's last column."""
         chosen, budget = [], self.prefill_chunk
@@ -285,7 +288,7 @@ class Engine:
                 chosen.append((request, chunk))
                 budget -= len(chunk)
         if not chosen:
-            return []
+            return [], None
         T, pad = max(len(chunk) for _, chunk in chosen), self.cache.max_len - 1
         ids = [[0] * (T - len(chunk)) + chunk for _, chunk in chosen]
         positions = [[pad] * (T - len(chunk)) + list(range(r.length, r.length + len(chunk))) for r, chunk in chosen]
@@ -297,48 +300,55 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a failed prefill fails its rows, not the engine
             for request, _ in chosen:
                 self._fail(request, e)
-            return []
+            return [], None
         done = []
         for i, (request, chunk) in enumerate(chosen):
             request.length += len(chunk)
             if not request.prefilling:
-                done.append((request, logits[i]))
-        return done
+                done.append(i)
+        return [chosen[i][0] for i in done], _rows_of(logits, done)
 
-    def _decode(self) -> list[tuple[Request, torch.Tensor]]:
+    def _decode(self) -> tuple[list[Request], torch.Tensor | None]:
         """One forward for the rows up to the last one with a token to feed. Rows still
         prefilling among them ride along (what they write lies beyond their length, masked, and
         is overwritten by their prompt); those after it -- newly admitted rows sit at the end --
         are left out, so a burst of arrivals does not widen every decode step while it prefills."""
         feeding = [r for r in self._rows if r.next_token is not None]
         if not feeding:
-            return []
+            return [], None
         rows = self._rows[:max(r.row for r in feeding) + 1]
         ids = [r.next_token if r.next_token is not None else 0 for r in rows]
         starts = [r.length for r in rows]
         try:
-            if self._graphs is not None:
-                logits = self._graphs.decode(ids, starts)
-            else:
-                self.cache.prepare(slice(0, len(ids)), torch.tensor(starts, device=self.device)[:, None], max(starts) + 1)
-                x = torch.tensor(ids, device=self.device)[:, None]
-                logits = self.model(x, cache=self.cache, last_only=True)[:, -1]
+            logits = self.decode_forward(ids, starts)
         except Exception as e:  # noqa: BLE001 - a failed batch fails its rows, not the engine
             for request in feeding:
                 self._fail(request, e)
-            return []
+            return [], None
         for request in feeding:
             request.length += 1
             request.next_token = None
-        return [(r, logits[r.row]) for r in feeding]
+        return feeding, _rows_of(logits, [r.row for r in feeding])
+
+    def decode_forward(self, ids: list[int], starts: list[int]) -> torch.Tensor:
+        """Logits (len(ids), vocab) of one decode forward over slots 0..len(ids)-1, slot i
+        feeding token ids[i] at position starts[i]: a captured CUDA graph when the engine has
+        them, else eager. The decode step's model time (`gpt1 bench generate` times it alone)."""
+        if self._graphs is not None:
+            return self._graphs.decode(ids, starts)
+        self.cache.prepare(slice(0, len(ids)), torch.tensor(starts, device=self.device)[:, None], max(starts) + 1)
+        return self.model(torch.tensor(ids, device=self.device)[:, None], cache=self.cache, last_only=True)[:, -1]
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """The next token of each request: its own knobs, one batched call."""
         params = [r.params for r in requests]
         device = logits.device
-        rows = torch.tensor([r.row for r in requests], device=device)
         window = None
-        if any(p.repeat_penalty != 1.0 and p.repeat_last_n != 0 for p in params):
+        # Only a request with a repeat penalty reads its context, so only then is it kept (in
+        # `tokens`): a step without one does no bookkeeping on the device.
+        penalised = any(p.repeat_penalty != 1.0 and p.repeat_last_n != 0 for p in params)
+        if penalised:
+            rows = torch.tensor([r.row for r in requests], device=device)
             # The window of each row: the last repeat_last_n tokens of its context (-1: all).
             context = torch.tensor([len(r.prompt_ids) + r.state.completion_tokens for r in requests], device=device)
             last_n = torch.tensor([p.repeat_last_n if p.repeat_last_n >= 0 else self.config.block_size
@@ -356,8 +366,8 @@ class Engine:
         processed = process_logits(logits, window, temperature=temperature, top_k=knob("top_k", torch.long),
                                    top_p=knob("top_p"), min_p=knob("min_p"), repeat_penalty=knob("repeat_penalty"))
         next_ids = sample(processed, temperature, [r.generator for r in requests])
-        context = torch.tensor([len(r.prompt_ids) + r.state.completion_tokens for r in requests], device=device)
-        self.tokens[rows, context.clamp(max=self.config.block_size - 1)] = next_ids
+        if penalised:
+            self.tokens[rows, context.clamp(max=self.config.block_size - 1)] = next_ids
         return next_ids
 
     def _emit(self, request: Request, token: int) -> None:
@@ -410,8 +420,24 @@ class Engine:
         while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:
             self._rate.popleft()
 
+    def warm_up(self) -> None:
+        """Build every decode bucket now (on CUDA: capture its graph), so that no request waits
+        for a capture (hundreds of milliseconds) the first time the batch reaches a new size.
+        Only while no request is in the batch: it writes at every slot's last position."""
+        if self._graphs is None or self._rows:
+            return
+        with torch.inference_mode():
+            size = 1
+            while True:
+                self._graphs.bucket_for(size)
+                if size >= self.max_batch:
+                    break
+                size = min(2 * size, self.max_batch)
+
     # ---- the worker thread (the server) -------------------------------------------------------
     def start(self) -> "Engine":
+        """Run the engine in its own thread (what the server does), its decode buckets built first."""
+        self.warm_up()
         with self._lock:
             if self._thread is None:
                 self._stopping = False
@@ -453,40 +479,54 @@ class Engine:
                     self._fail(request, e)
 
 
-class _CudaGraphs:
-    """The decode step on CUDA: batch sizes rounded up to a power of two (at most max_batch),
-    attention over the whole slot, so each bucket has fixed shapes; each bucket's forward is
-    captured once as a CUDA graph and replayed with new inputs. Untested on a GPU so far."""
+def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows]: a view, not a copy, when the rows are the first ones in order (the common case)."""
+    if rows == list(range(len(rows))):
+        return logits[:len(rows)]
+    return logits[torch.tensor(rows, device=logits.device)]
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+class _BucketedDecode:
+    """The decode step in fixed shapes: batch sizes rounded up to a power of two (at most
+    max_batch), attention over the whole slot. With `capture` (CUDA) each bucket's forward is
+    captured once as a CUDA graph and replayed with new inputs; without, the same bucketed
+    forward runs eagerly (what the tests check on a CPU)."""
+
+    def __init__(self, engine: Engine, capture: bool = True):
+        self.engine, self.capture = engine, capture
+        self.buckets: dict[int, tuple[Callable[[], torch.Tensor], torch.Tensor]] = {}
 
     def bucket(self, rows: int) -> int:
         return min(1 << (rows - 1).bit_length(), self.engine.max_batch)
 
-    def decode(self, ids: list[int], starts: list[int]) -> torch.Tensor:
-        size = self.bucket(len(ids))
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(size)
-        graph, static_ids, static_starts, logits = self.graphs[size]
-        pad = size - len(ids)
-        static_ids.copy_(torch.tensor(ids + [0] * pad)[:, None], non_blocking=True)
-        static_starts.copy_(torch.tensor(starts + [0] * pad), non_blocking=True)
-        graph.replay()
-        return logits[:len(ids)]
+    def bucket_for(self, rows: int) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+        """The bucket that serves `rows` rows, built (captured) on first use."""
+        size = self.bucket(rows)
+        if size not in self.buckets:
+            self.buckets[size] = self._build(size)
+        return self.buckets[size]
 
-    def _capture(self, size: int):
+    def decode(self, ids: list[int], starts: list[int]) -> torch.Tensor:
+        run, static_inputs = self.bucket_for(len(ids))
+        size = static_inputs.size(1)
+        # The bucket's rows beyond the live ones write at the last position, which no row holds
+        # while it has tokens to feed: those slots may hold a prompt being prefilled.
+        pad = size - len(ids)
+        static_inputs.copy_(torch.tensor([ids + [0] * pad, starts + [self.engine.cache.max_len - 1] * pad]),
+                            non_blocking=True)  # one copy to the device per step
+        return run()[:len(ids)]
+
+    def _build(self, size: int):
         engine = self.engine
-        device = engine.device
-        static_ids = torch.zeros(size, 1, dtype=torch.long, device=device)
-        static_starts = torch.zeros(size, dtype=torch.long, device=device)
+        static_inputs = torch.zeros(2, size, dtype=torch.long, device=engine.device)  # token ids; positions
+        static_ids, static_starts = static_inputs[0, :, None], static_inputs[1]
 
         def forward() -> torch.Tensor:
-            # Rows of the bucket beyond the live ones write at position 0 of free slots: harmless.
             engine.cache.prepare(slice(0, size), static_starts[:, None])
             return engine.model(static_ids, cache=engine.cache, last_only=True)[:, -1]
 
+        if not self.capture:
+            return forward, static_inputs
         # Warm-up and capture write at the last position, which no live row holds yet.
         static_starts.fill_(engine.cache.max_len - 1)
         stream = torch.cuda.Stream()
@@ -498,4 +538,9 @@ class _CudaGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = forward()
-        return graph, static_ids, static_starts, logits
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return logits
+
+        return replay, static_inputs

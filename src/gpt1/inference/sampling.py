@@ -103,9 +103,13 @@ def _any(knob: Knob, neutral: float) -> bool:
 def process_logits(logits: torch.Tensor, window: torch.Tensor | None, *, temperature: Knob, top_k: Knob = 0,
                    top_p: Knob = 1.0, min_p: Knob = 0.0, repeat_penalty: Knob = 1.0) -> torch.Tensor:
     """All processors in the documented order. A greedy row (temperature 0) gets only the repeat
-    penalty: `sample` takes its argmax. A step that no row uses is skipped."""
+    penalty: `sample` takes its argmax. A step that no row uses is skipped (all-greedy logits
+    without a penalty come back as they are, in the model's dtype: the argmax is the same)."""
+    penalised = window is not None and window.numel() and _any(repeat_penalty, 1.0)
+    if not penalised and not _any(temperature, 0.0):
+        return logits
     logits = logits.float()
-    if window is not None and window.numel() and _any(repeat_penalty, 1.0):
+    if penalised:
         logits = apply_repeat_penalty(logits, window, repeat_penalty)
     if not _any(temperature, 0.0):
         return logits

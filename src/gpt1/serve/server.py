@@ -5,6 +5,7 @@ that a taken port is a one-line Gpt1Error and `port=0` can pick a free port race
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 import threading
 import time
@@ -38,6 +39,11 @@ def serve(app, sock: socket.socket, log_level: str = "info") -> None:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    # The ~200k objects of the imports and the model will live as long as the server: out of
+    # the garbage collector's sight, a full collection takes ~0 ms instead of 130-150 ms (a
+    # pause of every stream, measured on the development machine).
+    gc.collect()
+    gc.freeze()
     try:
         server.run(sockets=[sock])
     finally:
