@@ -146,11 +146,12 @@ class Tokenizer:
     def id_to_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of tokens; special tokens give their text. Used by streaming, which
         must not emit half of a multi-byte character that spans two tokens."""
-        table = self._bytes_table
+        table = self.bytes_table
         return b"".join(table[i] for i in ids)
 
     @cached_property
-    def _bytes_table(self) -> list[bytes]:
+    def bytes_table(self) -> list[bytes]:
+        """The raw bytes of every token id, as `id_to_bytes` gives them."""
         # ByteLevel maps each byte to a printable character; invert that map.
         char_to_byte = {c: b for b, c in enumerate(_byte_level_chars())}
         specials = set(SPECIAL_TOKENS)

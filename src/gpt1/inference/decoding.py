@@ -101,7 +101,7 @@ class TextState:
     be the start of one so that a stop string never reaches the caller."""
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], prompt_tokens: int, limit: int):
-        self._to_bytes = tokenizer.id_to_bytes
+        self._bytes_of = tokenizer.bytes_table  # per token: a list lookup (this runs once per streamed token)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = stop
         self._pending = ""
@@ -114,7 +114,12 @@ class TextState:
     def add(self, token_id: int) -> str:
         self.token_ids.append(token_id)
         self.completion_tokens += 1
-        self._pending += self._decoder.decode(self._to_bytes([token_id]))
+        self._pending += self._decoder.decode(self._bytes_of[token_id])
+        if not self._stop:
+            text, self._pending = self._pending, ""
+            if len(self.token_ids) >= self.limit:
+                text += self.finish("length")
+            return text
         hits = [i for s in self._stop if (i := self._pending.find(s)) >= 0]
         if hits:
             text, self._pending = self._pending[:min(hits)], ""
