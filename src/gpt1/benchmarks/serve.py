@@ -203,7 +203,7 @@ def run(quick: bool = False) -> list[dict]:
              "--max-batch", str(REQUESTS), "--log-level", "warning"],
             env={**os.environ, "GPT1_QUIET": "1", **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        processes = min(4, (os.cpu_count() or 1) // 4)  # 2 cores: one, this one (the server needs the other); 16: 4
+        processes = min(4, (os.cpu_count() or 1) // 4)  # under 8 cores the clients stay in this process; 16 cores: 4
         pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if processes > 1 else None
         try:
             _wait_until_up(url, proc)
