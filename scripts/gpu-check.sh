@@ -13,7 +13,7 @@
 # Runs from the source tree (PYTHONPATH=src), so nothing needs installing where gpt1's
 # dependencies are present. A machine without pydantic, FastAPI or uvicorn (the lent GPU
 # machines) gets them from wheels in .whl/: `bash scripts/fetch-device-wheels.sh` fetches them.
-# Each step is cut at its own limit (tests 60 s, generate 150 s, serve 120 s, train 400 s;
+# Each step is cut at its own limit (tests 60 s, generate 150 s, serve 200 s, train 400 s;
 # LIMIT_S sets one limit for all) so that one slow step cannot eat the others' time.
 set -uo pipefail
 OUT=${OUT:-gpu-check}
@@ -29,7 +29,7 @@ import datetime, torch
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU sizes)"
 print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {name}")
 PY
-declare -A limit=([tests]=60 [generate]=150 [serve]=120 [train]=400)
+declare -A limit=([tests]=60 [generate]=150 [serve]=200 [train]=400)
 status=0
 for name in ${STEPS:-tests generate serve train}; do
   seconds=${LIMIT_S:-${limit[$name]:-300}}

@@ -466,3 +466,115 @@ def test_64_streams_with_half_disconnecting_leave_every_slot_free(long_llm):
         assert engine.stats.failed == 0
         with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as c:  # still serving
             assert c.chat.completions.create(model="m", messages=MSG, max_tokens=3).usage.completion_tokens == 3
+
+
+# ---- the bridge from the engine's thread to the event loop, and stream pacing ------------------------
+class _Finished:
+    def __init__(self, text: str, finish_reason: str | None = None):
+        self.text, self.finish_reason = text, finish_reason
+
+
+class _Request:
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_mailbox_wakes_the_loop_once_for_everything_posted_before_it_runs():
+    import asyncio
+    import threading
+
+    from gpt1.serve.routes import _Mailbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakeups.append(1), real(*a))[1]
+        mailbox, queues = _Mailbox(loop), [asyncio.Queue(), asyncio.Queue()]
+        # The loop is blocked in join() while the engine's thread posts 100 items: one wake-up.
+        poster = threading.Thread(target=lambda: [mailbox.post(queues[i % 2], i) for i in range(100)])
+        poster.start()
+        poster.join()
+        got = [[await q.get() for _ in range(50)] for q in queues]
+        assert got == [list(range(0, 100, 2)), list(range(1, 100, 2))]
+        assert len(wakeups) == 1
+        mailbox.post(queues[0], "next")  # after a delivery, the next post wakes the loop again
+        assert await queues[0].get() == "next" and len(wakeups) == 2
+
+    asyncio.run(main())
+
+
+def test_chunk_batches_groups_what_is_waiting_paces_by_interval_and_ends_at_once():
+    import asyncio
+
+    from gpt1.serve.routes import chunk_batches
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        requests, queue = [_Request()], asyncio.Queue()
+        batches = chunk_batches(requests, queue, interval=0.3)
+        queue.put_nowait((0, _Finished("a")))
+        queue.put_nowait((0, _Finished("b")))
+        t0 = loop.time()
+        assert [c.text for _, c in await anext(batches)] == ["a", "b"]  # the first at once, all that waits
+        queue.put_nowait((0, _Finished("c")))
+        loop.call_later(0.1, queue.put_nowait, (0, _Finished("d")))
+        assert [c.text for _, c in await anext(batches)] == ["c", "d"]  # held for the interval
+        assert loop.time() - t0 >= 0.29
+        t1 = loop.time()
+        queue.put_nowait((0, _Finished("", "stop")))
+        assert [c.finish_reason for _, c in await anext(batches)] == ["stop"]
+        assert loop.time() - t1 < 0.25  # the end is not held back
+        with pytest.raises(StopAsyncIteration):
+            await anext(batches)
+        assert requests[0].cancelled
+
+        # An error after chunks: the chunks first, then the error; the requests are cancelled.
+        requests, queue = [_Request(), _Request()], asyncio.Queue()
+        for item in ((0, _Finished("x")), (1, _Finished("y")), (0, RuntimeError("boom")), (1, _Finished("z"))):
+            queue.put_nowait(item)
+        batches = chunk_batches(requests, queue)
+        assert [c.text for _, c in await anext(batches)] == ["x", "y"]
+        with pytest.raises(RuntimeError, match="boom"):
+            await anext(batches)
+        assert all(r.cancelled for r in requests)
+
+    asyncio.run(main())
+
+
+def test_stream_interval_sends_the_same_events_in_fewer_writes(long_llm):
+    """Through a real server: with --stream-interval the reply is the same events, and the tokens
+    after the first wait for the interval instead of going out one by one."""
+    body = {"model": "m", "messages": MSG, "max_tokens": 30, "temperature": 0, "stream": True}
+
+    def stream(interval_ms: float) -> tuple[list[str], list[float]]:
+        with background_server(create_app(long_llm, stream_interval_ms=interval_ms)) as url:
+            events, arrivals = [], []
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        arrivals.append(time.monotonic())
+        return events, arrivals
+
+    plain, _ = stream(0)
+    paced, arrivals = stream(400)
+    content = lambda events: [e for e in events if '"content":' in e and '"content":""' not in e]  # noqa: E731
+    strip_ids = lambda events: [re.sub(r'"(id|created)":[^,]+,', "", e) for e in events]  # noqa: E731
+    assert strip_ids(paced) == strip_ids(plain) and paced[-1] == "data: [DONE]"
+    assert len(content(paced)) > 10  # an event per token that completes a character, as without pacing
+    times = [t for e, t in zip(paced, arrivals) if e in content(paced)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert max(gaps) >= 0.35  # tokens waited out the interval...
+    assert sum(gap > 0.05 for gap in gaps) < len(times) / 2  # ...and then went out together
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "1e9"])
+def test_stream_interval_out_of_range_is_one_clear_line(tiny_model_dir, capsys, value):
+    from gpt1.cli import main
+
+    assert main(["serve", "--model", str(tiny_model_dir), "--port", "0", "--stream-interval", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"gpt1 serve: error: --stream-interval must be in [0, 10000] milliseconds, got {float(value)}"

@@ -17,11 +17,18 @@ each use one PyTorch thread: the load generator needs a core too. On a machine o
 more the clients are spread over up to 4 processes. Each row also gives the cores that the
 server process and the load generator kept busy: a side near a whole core (the server's event
 loop and engine share one GIL; each load process is one asyncio thread) is the bottleneck.
+
+The full run adds two long-stream rows: the 32 requests at once with replies of 256 tokens on a
+GPU (128 on a CPU), against the in-process batch at that length, through a server started with
+`--stream-interval 0` and one with `--stream-interval 20`. At 48 tokens a GPU decodes the whole
+in-process batch in well under a tenth of a second, so that row mostly measures what each
+request costs before its first token; the long rows measure streaming throughput.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -32,6 +39,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,6 +56,8 @@ from gpt1.inference.engine import Engine
 
 CLIENTS = (1, 16, 32)
 REQUESTS = 32  # for every N; each of the N clients sends REQUESTS / N one after another
+STREAM_TOKENS = {"cuda": 256, "cpu": 128}  # the long-stream rows' reply length
+STREAM_INTERVALS_MS = (0, 20)  # the long-stream rows' `gpt1 serve --stream-interval`
 
 
 def _free_port() -> int:
@@ -177,10 +187,52 @@ def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 180) -> No
     raise Gpt1Error(f"gpt1 serve did not answer {url}/health within {timeout:.0f} s")
 
 
+@contextlib.contextmanager
+def _server(model_dir: Path, device: str, stream_interval_ms: float = 0.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`gpt1 serve` on the model in a subprocess: its URL and process, stopped on exit."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpt1", "serve", "--model", str(model_dir), "--port", str(port),
+         "--max-batch", str(REQUESTS), "--stream-interval", str(stream_interval_ms), "--log-level", "warning"],
+        env={**os.environ, "GPT1_QUIET": "1", **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_until_up(url, proc)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _measure(url: str, proc: subprocess.Popen, clients: int, max_tokens: int, pool, processes: int) -> tuple[dict, list[dict]]:
+    """One load of REQUESTS requests by `clients` clients: the row's measurements and the replies."""
+    server_cpu = _cpu_seconds(proc.pid)
+    results, wall, client_cores = _load(url, clients, max_tokens, pool, processes)
+    server_cores = (_cpu_seconds(proc.pid) - server_cpu) / wall if server_cpu is not None else None
+    ok = [r for r in results if r["ok"]]
+    ttft = np.array([r["ttft"] for r in ok]) * 1000
+    latency = np.array([r["latency"] for r in ok]) * 1000
+    return {
+        "clients": clients, "requests": len(results), "failures": len(results) - len(ok),
+        "ttft_p50_ms": float(np.percentile(ttft, 50)) if ok else None,
+        "ttft_p99_ms": float(np.percentile(ttft, 99)) if ok else None,
+        "latency_p50_ms": float(np.percentile(latency, 50)) if ok else None,
+        "latency_p99_ms": float(np.percentile(latency, 99)) if ok else None,
+        "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "server_cores_busy": server_cores, "client_cores_busy": client_cores,
+    }, ok
+
+
 def run(quick: bool = False) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = ModelConfig.preset("tiny" if quick else "gpt1" if device == "cuda" else "small")
     max_tokens = 16 if quick else 48
+    stream_tokens = STREAM_TOKENS[device]
     tokenizer = synthetic_tokenizer(config.vocab_size)
     model = benchmark_model(config, tokenizer.special_ids, torch.device("cpu"))
     label = f"{config.n_layer}x{config.n_embd} ({model.num_params() / 1e6:.1f}M)"
@@ -193,52 +245,39 @@ def run(quick: bool = False) -> list[dict]:
             torch.set_num_threads(1)
         try:
             inprocess_tps = _inprocess_batch(model_dir, max_tokens)
+            stream_inprocess_tps = None if quick else _inprocess_batch(model_dir, stream_tokens)
         finally:
             torch.set_num_threads(threads)
-        progress("serve", {"in-process batch": REQUESTS, "tokens_per_s": inprocess_tps})
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpt1", "serve", "--model", str(model_dir), "--port", str(port),
-             "--max-batch", str(REQUESTS), "--log-level", "warning"],
-            env={**os.environ, "GPT1_QUIET": "1", **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        progress("serve", {"in-process batch": REQUESTS, "tokens_per_s": inprocess_tps,
+                           f"tokens_per_s at {stream_tokens} tokens": stream_inprocess_tps})
         processes = min(4, (os.cpu_count() or 1) // 4)  # under 8 cores the clients stay in this process; 16 cores: 4
         pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if processes > 1 else None
         try:
-            _wait_until_up(url, proc)
-            _load(url, REQUESTS, max_tokens, pool, processes)  # warm-up (and the pool's processes start)
-            sequential_tps, sequential_texts = None, {}
-            for n in CLIENTS:
-                server_cpu = _cpu_seconds(proc.pid)
-                results, wall, client_cores = _load(url, n, max_tokens, pool, processes)
-                server_cores = (_cpu_seconds(proc.pid) - server_cpu) / wall if server_cpu is not None else None
-                ok = [r for r in results if r["ok"]]
-                ttft = np.array([r["ttft"] for r in ok]) * 1000
-                latency = np.array([r["latency"] for r in ok]) * 1000
-                tps = sum(r["tokens"] for r in ok) / wall
-                if n == 1:
-                    sequential_tps, sequential_texts = tps, {r["index"]: r["text"] for r in ok}
-                rows.append(row := {
-                    "clients": n, "requests": len(results), "failures": len(results) - len(ok),
-                    "ttft_p50_ms": float(np.percentile(ttft, 50)) if ok else None,
-                    "ttft_p99_ms": float(np.percentile(ttft, 99)) if ok else None,
-                    "latency_p50_ms": float(np.percentile(latency, 50)) if ok else None,
-                    "latency_p99_ms": float(np.percentile(latency, 99)) if ok else None,
-                    "tokens_per_s": tps, "vs_sequential": tps / sequential_tps if sequential_tps else None,
-                    "vs_inprocess_batch": tps / inprocess_tps,
-                    "same_replies_as_sequential": all(sequential_texts.get(r["index"]) == r["text"] for r in ok),
-                    "server_cores_busy": server_cores, "client_cores_busy": client_cores,
-                    "max_tokens": max_tokens, "model": label, "device": device,
-                })
-                progress("serve", row)
+            with _server(model_dir, device) as (url, proc):
+                _load(url, REQUESTS, max_tokens, pool, processes)  # warm-up (and the pool's processes start)
+                sequential_tps, sequential_texts = None, {}
+                for n in CLIENTS:
+                    row, ok = _measure(url, proc, n, max_tokens, pool, processes)
+                    if n == 1:
+                        sequential_tps, sequential_texts = row["tokens_per_s"], {r["index"]: r["text"] for r in ok}
+                    row.update(vs_sequential=row["tokens_per_s"] / sequential_tps if sequential_tps else None,
+                               vs_inprocess_batch=row["tokens_per_s"] / inprocess_tps,
+                               same_replies_as_sequential=all(sequential_texts.get(r["index"]) == r["text"] for r in ok),
+                               max_tokens=max_tokens, stream_interval_ms=0, model=label, device=device)
+                    rows.append(row)
+                    progress("serve", row)
+            # Long streams: throughput once the requests' fixed costs (connection, parsing, the
+            # prompt) are spread over many tokens, each token written at once and at most every 20 ms.
+            for interval in () if quick else STREAM_INTERVALS_MS:
+                with _server(model_dir, device, interval) as (url, proc):
+                    _load(url, REQUESTS, max_tokens, pool, processes)  # warm-up
+                    row, ok = _measure(url, proc, REQUESTS, stream_tokens, pool, processes)
+                    row.update(vs_sequential=None, vs_inprocess_batch=row["tokens_per_s"] / stream_inprocess_tps,
+                               same_replies_as_sequential=None, max_tokens=stream_tokens,
+                               stream_interval_ms=interval, model=label, device=device)
+                    rows.append(row)
+                    progress("serve", row)
         finally:
             if pool is not None:
                 pool.shutdown()
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
     return rows

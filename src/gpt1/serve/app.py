@@ -33,7 +33,8 @@ BODY_TIMEOUT_S = 30.0  # to receive a whole request body
 
 def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queue: int = 64,
                prefill_chunk: int = 256, cuda_graphs: bool = True, max_body_bytes: int = MAX_BODY_BYTES,
-               body_timeout_s: float = BODY_TIMEOUT_S, model_name: str | None = None) -> FastAPI:
+               body_timeout_s: float = BODY_TIMEOUT_S, model_name: str | None = None,
+               stream_interval_ms: float = 0.0) -> FastAPI:
     """The server for a loaded model (`gpt1.load(dir)`).
 
     api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>` (else 401);
@@ -42,6 +43,8 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     max_queue: requests waiting beyond those; more get 503 with `Retry-After`.
     prefill_chunk: most prompt tokens prefilled per engine step.
     max_body_bytes / body_timeout_s: larger bodies get 413, slower ones 408.
+    stream_interval_ms: a stream writes at most this often; the tokens made in between go out
+        together (the same events, in one write). 0: every token as soon as it is made.
     """
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
@@ -81,6 +84,6 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     async def server_error(request: Request, exc: Exception):
         return generation_error(exc).response()
 
-    add_routes(app, engine, llm.tokenizer, name, auth=api_key is not None)
+    add_routes(app, engine, llm.tokenizer, name, auth=api_key is not None, stream_interval=stream_interval_ms / 1000)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
     return app

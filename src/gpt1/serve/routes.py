@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
+import threading
 import time
+import weakref
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -25,18 +28,52 @@ from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest
 
 
 # ---- engine <-> event loop ---------------------------------------------------------------------
+class _Mailbox:
+    """Hands items from the engine's worker thread to the event loop, waking the loop once for
+    everything posted before it gets to run, not once per token: each wake-up is a write to the
+    loop's self-pipe plus a turn of the loop, which at 32 streams on a GPU would be tens of
+    thousands of system calls a second."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:  # a delivery is already scheduled and will take this too
+                return
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    """The loop's one mailbox (one per loop, so that one wake-up serves every stream)."""
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = _Mailbox(loop)
+    return box
+
+
 def submit(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[EngineRequest], asyncio.Queue]:
     """Queue the requests; their chunks arrive on the returned asyncio queue as (index, item)."""
-    loop = asyncio.get_running_loop()
+    mailbox = _mailbox(asyncio.get_running_loop())
     queue: asyncio.Queue = asyncio.Queue()
 
     def sink_for(index: int):
-        def sink(item: Chunk | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (index, item))
-            except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
-        return sink
+        return lambda item: mailbox.post(queue, (index, item))
 
     try:
         return engine.submit(prompts, params, sink_for), queue
@@ -48,19 +85,40 @@ def submit(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> 
         raise ApiError(400, str(e)) from None
 
 
-async def chunks(requests: list[EngineRequest], queue: asyncio.Queue) -> AsyncIterator[tuple[int, Chunk]]:
-    """Chunks of all requests as they come; cancels what is left when the consumer stops early
-    (e.g. Starlette cancels a streaming response whose client disconnected): the engine frees
-    their slots at its next step."""
-    pending = len(requests)
+async def chunk_batches(requests: list[EngineRequest], queue: asyncio.Queue,
+                        interval: float = 0.0) -> AsyncIterator[list[tuple[int, Chunk]]]:
+    """The chunks of all requests as they come, in lists of those that are waiting: one chunk
+    when the consumer keeps up, more when it falls behind, so that a stream sends what it has
+    in one write. With `interval` (seconds), lists come at most that often, the first at once.
+
+    Cancels what is left when the consumer stops early (e.g. Starlette cancels a streaming
+    response whose client disconnected): the engine frees their slots at its next step.
+    """
+    loop = asyncio.get_running_loop()
+    pending, last = len(requests), -math.inf
     try:
         while pending:
-            index, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield index, item
-            if item.finish_reason is not None:
-                pending -= 1
+            item = await queue.get()
+            ends = isinstance(item[1], BaseException) or item[1].finish_reason is not None
+            if interval and not ends and (wait := last + interval - loop.time()) > 0:
+                # Streams wait out their own intervals, not a shared clock's ticks: their
+                # writes then spread over the interval instead of coming in one burst.
+                await asyncio.sleep(wait)  # a request's end goes out at once
+            batch, error = [], None
+            while True:
+                if isinstance(item[1], BaseException):
+                    error = item[1]
+                    break
+                batch.append(item)
+                pending -= item[1].finish_reason is not None
+                if not pending or queue.empty():
+                    break
+                item = queue.get_nowait()
+            last = loop.time()
+            if batch:
+                yield batch
+            if error is not None:
+                raise error
     finally:
         for r in requests:
             r.cancel()
@@ -71,11 +129,12 @@ async def collect(request: Request, requests: list[EngineRequest], queue: asynci
     results = [{"text": [], "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0} for _ in requests]
 
     async def consume() -> None:
-        async for index, chunk in chunks(requests, queue):
-            r = results[index]
-            r["text"].append(chunk.text)
-            r.update(finish_reason=chunk.finish_reason, prompt_tokens=chunk.prompt_tokens,
-                     completion_tokens=chunk.completion_tokens)
+        async for batch in chunk_batches(requests, queue):
+            for index, chunk in batch:
+                r = results[index]
+                r["text"].append(chunk.text)
+                r.update(finish_reason=chunk.finish_reason, prompt_tokens=chunk.prompt_tokens,
+                         completion_tokens=chunk.completion_tokens)
 
     async def disconnected() -> None:
         # The body has been read, so the next message the server sends is http.disconnect.
@@ -126,7 +185,7 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chat_events(requests, queue, rid, now, model_id, include_usage) -> AsyncIterator[str]:
+async def _chat_events(requests, queue, rid, now, model_id, include_usage, interval) -> AsyncIterator[str]:
     def chunk(delta: dict, finish_reason: str | None = None) -> dict:
         return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
                 "system_fingerprint": None,
@@ -136,12 +195,16 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage) -> As
     content_event = _event_template(chunk({"content": _TEXT}))
     usage = None
     try:
-        async for _, c in chunks(requests, queue):
-            if c.text:
-                yield content_event(c.text)
-            if c.finish_reason is not None:
-                yield _sse(chunk({}, c.finish_reason))
-                usage = _usage(c.prompt_tokens, c.completion_tokens)
+        async for batch in chunk_batches(requests, queue, interval):
+            events = []  # what a stream has waiting goes out in one write
+            for _, c in batch:
+                if c.text:
+                    events.append(content_event(c.text))
+                if c.finish_reason is not None:
+                    events.append(_sse(chunk({}, c.finish_reason)))
+                    usage = _usage(c.prompt_tokens, c.completion_tokens)
+            if events:
+                yield "".join(events)
     except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
         yield _sse(generation_error(e).body())
         return
@@ -151,7 +214,7 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage) -> As
     yield "data: [DONE]\n\n"
 
 
-async def _completion_events(requests, queue, rid, now, model_id, include_usage) -> AsyncIterator[str]:
+async def _completion_events(requests, queue, rid, now, model_id, include_usage, interval) -> AsyncIterator[str]:
     def chunk(index: int, text: str, finish_reason: str | None = None) -> dict:
         return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
                 "system_fingerprint": None,
@@ -160,14 +223,17 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage)
     prompt_tokens = completion_tokens = 0
     try:
         text_events = [_event_template(chunk(i, _TEXT)) for i in range(len(requests))]
-        async for index, c in chunks(requests, queue):
-            if c.finish_reason is not None:
-                yield _sse(chunk(index, c.text, c.finish_reason))
-            elif c.text:
-                yield text_events[index](c.text)
-            if c.finish_reason is not None:
-                prompt_tokens += c.prompt_tokens
-                completion_tokens += c.completion_tokens
+        async for batch in chunk_batches(requests, queue, interval):
+            events = []  # what the stream has waiting goes out in one write
+            for index, c in batch:
+                if c.finish_reason is not None:
+                    events.append(_sse(chunk(index, c.text, c.finish_reason)))
+                    prompt_tokens += c.prompt_tokens
+                    completion_tokens += c.completion_tokens
+                elif c.text:
+                    events.append(text_events[index](c.text))
+            if events:
+                yield "".join(events)
     except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
         yield _sse(generation_error(e).body())
         return
@@ -178,7 +244,7 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage)
 
 
 # ---- the routes ----------------------------------------------------------------------------------
-def add_routes(app: FastAPI, engine: Engine, tokenizer, name: str, auth: bool) -> None:
+def add_routes(app: FastAPI, engine: Engine, tokenizer, name: str, auth: bool, stream_interval: float = 0.0) -> None:
     context = engine.config.block_size
     created = int(time.time())
 
@@ -218,7 +284,7 @@ def add_routes(app: FastAPI, engine: Engine, tokenizer, name: str, auth: bool) -
         rid, now, model_id = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _stream_response(_chat_events(requests, queue, rid, now, model_id, include_usage))
+            return _stream_response(_chat_events(requests, queue, rid, now, model_id, include_usage, stream_interval))
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
@@ -240,7 +306,7 @@ def add_routes(app: FastAPI, engine: Engine, tokenizer, name: str, auth: bool) -
         rid, now, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _stream_response(_completion_events(requests, queue, rid, now, model_id, include_usage))
+            return _stream_response(_completion_events(requests, queue, rid, now, model_id, include_usage, stream_interval))
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
