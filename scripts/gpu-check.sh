@@ -13,7 +13,7 @@
 # Runs from the source tree (PYTHONPATH=src), so nothing needs installing where gpt1's
 # dependencies are present. A machine without pydantic, FastAPI or uvicorn (the lent GPU
 # machines) gets them from wheels in .whl/: `bash scripts/fetch-device-wheels.sh` fetches them.
-# Each step is cut at its own limit (tests 60 s, generate 150 s, serve 200 s, train 400 s;
+# Each step is cut at its own limit (tests 120 s, generate 240 s, serve 200 s, train 400 s;
 # LIMIT_S sets one limit for all) so that one slow step cannot eat the others' time.
 set -uo pipefail
 OUT=${OUT:-gpu-check}
@@ -29,13 +29,13 @@ import datetime, torch
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU sizes)"
 print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {name}")
 PY
-declare -A limit=([tests]=60 [generate]=150 [serve]=200 [train]=400)
+declare -A limit=([tests]=120 [generate]=240 [serve]=200 [train]=400)
 status=0
 for name in ${STEPS:-tests generate serve train}; do
   seconds=${LIMIT_S:-${limit[$name]:-300}}
   echo "== $name (at most $seconds s)" >&2
   if [ "$name" = tests ]; then
-    command=(python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_engine.py -k "cuda or bucketed or staggered")
+    command=(python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_engine.py -k "cuda or bucketed or staggered or compiled")
   else
     command=(python3 -X faulthandler -m gpt1 bench "$name" ${QUICK:+--quick} --json "$OUT/$name.json")
   fi

@@ -68,6 +68,8 @@ def check_staggered_arrivals(model, tokenizer, bucketed: bool = False, **engine_
     engine = Engine(model, tokenizer, max_batch=4, max_queue=8, prefill_chunk=8, **engine_options)
     if bucketed:
         engine._graphs = _BucketedDecode(engine, capture=False)
+    if engine_options.get("compile"):
+        assert engine._graphs is not None and engine._graphs.compile
     collector = Collector()
     step = 0
     while step <= max(arrivals) or engine.busy:
@@ -132,6 +134,20 @@ def test_cuda_graph_decode_equals_single_requests(model, tokenizer):
     prefilled) against eager one-request generation on the same GPU."""
     gpu_model = copy.deepcopy(model).cuda()
     check_staggered_arrivals(gpu_model, tokenizer, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_cuda_graph_decode_equals_single_requests(model, tokenizer):
+    gpu_model = copy.deepcopy(model).cuda()
+    check_staggered_arrivals(gpu_model, tokenizer, cuda_graphs=True, compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_single_requests(model, tokenizer):
+    """`compile=True` on the CPU: each bucket's decode step compiled by torch.compile (buckets of
+    1, 2 and 4 rows, padding rows beside prompts being prefilled), greedy as single requests."""
+    torch._dynamo.reset()
+    check_staggered_arrivals(model, tokenizer, compile=True)
 
 
 def test_seeded_request_is_the_same_whatever_shares_the_batch(model, tokenizer):

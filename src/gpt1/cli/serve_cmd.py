@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                              "as it is made (tokens that pile up still go out together) (default: %(default)s)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="on CUDA, do not capture the decode step as CUDA graphs")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile before capturing it (fewer, fused "
+                             "kernels; each batch-size bucket compiles at start, tens of seconds each)")
     parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="a request body must arrive within this time, else 408 and the connection is closed "
                              "(default: %(default)s)")
@@ -74,7 +77,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise Gpt1Error(f"--stream-interval must be in [0, 10000] milliseconds, got {args.stream_interval}")
     llm = gpt1.load(args.model, device=args.device)
     app = create_app(llm, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs,
+                     prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                      body_timeout_s=args.body_timeout, stream_interval_ms=args.stream_interval)
     engine = app.state.engine
     info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "

@@ -32,7 +32,8 @@ BODY_TIMEOUT_S = 30.0  # to receive a whole request body
 
 
 def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queue: int = 64,
-               prefill_chunk: int = 256, cuda_graphs: bool = True, max_body_bytes: int = MAX_BODY_BYTES,
+               prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False,
+               max_body_bytes: int = MAX_BODY_BYTES,
                body_timeout_s: float = BODY_TIMEOUT_S, model_name: str | None = None,
                stream_interval_ms: float = 0.0) -> FastAPI:
     """The server for a loaded model (`gpt1.load(dir)`).
@@ -42,12 +43,14 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     max_batch: requests generating at once, decoded together (the KV-cache slots).
     max_queue: requests waiting beyond those; more get 503 with `Retry-After`.
     prefill_chunk: most prompt tokens prefilled per engine step.
+    cuda_graphs / compile: the engine's decode step captured as CUDA graphs / compiled by
+        torch.compile first (see `gpt1.inference.engine`).
     max_body_bytes / body_timeout_s: larger bodies get 413, slower ones 408.
     stream_interval_ms: a stream writes at most this often; the tokens made in between go out
         together (the same events, in one write). 0: every token as soon as it is made.
     """
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs, compile=compile)
     name = model_name or (llm.path.name if getattr(llm, "path", None) else "gpt1")
 
     @asynccontextmanager
