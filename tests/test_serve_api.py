@@ -266,7 +266,8 @@ def test_cli_serves_with_key_from_env(tiny_model_dir):
     port = free_port()
     env = {**os.environ, "GPT1_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--loop", "asyncio", "--stream-interval", "5", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -279,6 +280,10 @@ def test_cli_serves_with_key_from_env(tiny_model_dir):
         wait_for(up, timeout=60, what="gpt1 serve to start")
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        body = {"model": "m", "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+            assert list(response.iter_lines())[-2:] == ["data: [DONE]", ""]  # streams on asyncio's loop
     finally:
         proc.terminate()  # SIGTERM: uvicorn shuts down gracefully
         proc.wait(20)

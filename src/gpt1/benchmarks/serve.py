@@ -18,9 +18,10 @@ more the clients are spread over up to 4 processes. Each row also gives the core
 server process and the load generator kept busy: a side near a whole core (the server's event
 loop and engine share one GIL; each load process is one asyncio thread) is the bottleneck.
 
-The full run adds two long-stream rows: the 32 requests at once with replies of 256 tokens on a
-GPU (128 on a CPU), against the in-process batch at that length, through a server started with
-`--stream-interval 0` and one with `--stream-interval 20`. At 48 tokens a GPU decodes the whole
+The full run adds long-stream rows: the 32 requests at once with replies of 256 tokens on a GPU
+(128 on a CPU), against the in-process batch at that length, through a server started with
+`--stream-interval 0`, one with `--stream-interval 20`, and, where uvloop is installed (then the
+default), one with asyncio's event loop (`--loop asyncio`). At 48 tokens a GPU decodes the whole
 in-process batch in well under a tenth of a second, so that row mostly measures what each
 request costs before its first token; the long rows measure streaming throughput.
 """
@@ -57,7 +58,22 @@ from gpt1.inference.engine import Engine
 CLIENTS = (1, 16, 32)
 REQUESTS = 32  # for every N; each of the N clients sends REQUESTS / N one after another
 STREAM_TOKENS = {"cuda": 256, "cpu": 128}  # the long-stream rows' reply length
-STREAM_INTERVALS_MS = (0, 20)  # the long-stream rows' `gpt1 serve --stream-interval`
+
+
+def _event_loops() -> list[str]:
+    """The event loops `gpt1 serve --loop` can use here, its default ("auto") first."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return ["asyncio"]
+    return ["uvloop", "asyncio"]
+
+
+def _stream_setups() -> list[tuple[str, float]]:
+    """The long-stream rows' (event loop, --stream-interval ms): the default loop with each token
+    written at once and at most every 20 ms, and the other loop (if installed) at once."""
+    default, *others = _event_loops()
+    return [(default, 0.0), (default, 20.0)] + [(loop, 0.0) for loop in others]
 
 
 def _free_port() -> int:
@@ -188,13 +204,14 @@ def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 180) -> No
 
 
 @contextlib.contextmanager
-def _server(model_dir: Path, device: str, stream_interval_ms: float = 0.0) -> Iterator[tuple[str, subprocess.Popen]]:
+def _server(model_dir: Path, device: str, stream_interval_ms: float = 0.0,
+            loop: str = "auto") -> Iterator[tuple[str, subprocess.Popen]]:
     """`gpt1 serve` on the model in a subprocess: its URL and process, stopped on exit."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpt1", "serve", "--model", str(model_dir), "--port", str(port),
-         "--max-batch", str(REQUESTS), "--stream-interval", str(stream_interval_ms), "--log-level", "warning"],
+         "--max-batch", str(REQUESTS), "--stream-interval", str(stream_interval_ms), "--loop", loop, "--log-level", "warning"],
         env={**os.environ, "GPT1_QUIET": "1", **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -263,17 +280,18 @@ def run(quick: bool = False) -> list[dict]:
                     row.update(vs_sequential=row["tokens_per_s"] / sequential_tps if sequential_tps else None,
                                vs_inprocess_batch=row["tokens_per_s"] / inprocess_tps,
                                same_replies_as_sequential=all(sequential_texts.get(r["index"]) == r["text"] for r in ok),
-                               max_tokens=max_tokens, stream_interval_ms=0, model=label, device=device)
+                               max_tokens=max_tokens, event_loop=_event_loops()[0], stream_interval_ms=0,
+                               model=label, device=device)
                     rows.append(row)
                     progress("serve", row)
             # Long streams: throughput once the requests' fixed costs (connection, parsing, the
-            # prompt) are spread over many tokens, each token written at once and at most every 20 ms.
-            for interval in () if quick else STREAM_INTERVALS_MS:
-                with _server(model_dir, device, interval) as (url, proc):
+            # prompt) are spread over many tokens.
+            for loop, interval in () if quick else _stream_setups():
+                with _server(model_dir, device, interval, loop) as (url, proc):
                     _load(url, REQUESTS, max_tokens, pool, processes)  # warm-up
                     row, ok = _measure(url, proc, REQUESTS, stream_tokens, pool, processes)
                     row.update(vs_sequential=None, vs_inprocess_batch=row["tokens_per_s"] / stream_inprocess_tps,
-                               same_replies_as_sequential=None, max_tokens=stream_tokens,
+                               same_replies_as_sequential=None, max_tokens=stream_tokens, event_loop=loop,
                                stream_interval_ms=interval, model=label, device=device)
                     rows.append(row)
                     progress("serve", row)

@@ -54,6 +54,10 @@ def register(subparsers) -> None:
     parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="a request body must arrive within this time, else 408 and the connection is closed "
                              "(default: %(default)s)")
+    parser.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
+                        help="the event loop: auto is uvloop when installed, else asyncio's. uvloop answers "
+                             "sooner; asyncio's releases the GIL while it writes to a socket, which may serve a "
+                             "fast GPU better where system calls are slow (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level; info includes the access log (default: %(default)s)")
     parser.set_defaults(func=serve_command)
@@ -94,5 +98,5 @@ def serve_command(args: argparse.Namespace) -> int:
     host = f"[{host}]" if ":" in host else host
     info(f"serving {llm.path} on http://{host}:{port} (chat page at /, API at /v1, docs at /docs)"
          + (", API key required" if api_key else ""))
-    serve(app, sock, log_level=args.log_level)
+    serve(app, sock, log_level=args.log_level, loop=args.loop)
     return 0
