@@ -2,7 +2,8 @@
 # The GPU checks and figures issues 12 and 13 ask for, in a few minutes: the tests that need a
 # GPU (the engine's captured decode step against eager generation), then `gpt1 bench generate`,
 # `serve` and `train` at their GPU sizes (the 257M reference model in bf16, the recipe's
-# micro-batch, eager and compiled), each against its reference in the same run. Tables go to
+# micro-batch, eager and compiled), each against its reference in the same run, then `profile`:
+# torch.profiler tables of both sides' compiled training step (train-profile-*.txt). Tables go to
 # stdout, JSON and logs under $OUT (default ./gpu-check); each benchmark also logs every row as
 # soon as it is measured, so a run cut short keeps what it measured.
 #
@@ -13,7 +14,7 @@
 # Runs from the source tree (PYTHONPATH=src), so nothing needs installing where gpt1's
 # dependencies are present. A machine without pydantic, FastAPI or uvicorn (the lent GPU
 # machines) gets them from wheels in .whl/: `bash scripts/fetch-device-wheels.sh` fetches them.
-# Each step is cut at its own limit (tests 120 s, generate 240 s, serve 200 s, train 400 s;
+# Each step is cut at its own limit (tests 120 s, generate 240 s, serve 200 s, train 400 s, profile 300 s;
 # LIMIT_S sets one limit for all) so that one slow step cannot eat the others' time.
 set -uo pipefail
 OUT=${OUT:-gpu-check}
@@ -29,13 +30,15 @@ import datetime, torch
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU sizes)"
 print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {name}")
 PY
-declare -A limit=([tests]=120 [generate]=240 [serve]=200 [train]=400)
+declare -A limit=([tests]=120 [generate]=240 [serve]=200 [train]=400 [profile]=300)
 status=0
-for name in ${STEPS:-tests generate serve train}; do
+for name in ${STEPS:-tests generate serve train profile}; do
   seconds=${LIMIT_S:-${limit[$name]:-300}}
   echo "== $name (at most $seconds s)" >&2
   if [ "$name" = tests ]; then
     command=(python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_engine.py -k "cuda or bucketed or staggered or compiled")
+  elif [ "$name" = profile ]; then  # torch.profiler tables of both sides' (compiled) training step
+    command=(python3 -X faulthandler -c "import sys; from gpt1.benchmarks.train import profile_steps; profile_steps(sys.argv[1], quick=bool(sys.argv[2]))" "$OUT" "${QUICK:-}")
   else
     command=(python3 -X faulthandler -m gpt1 bench "$name" ${QUICK:+--quick} --json "$OUT/$name.json")
   fi

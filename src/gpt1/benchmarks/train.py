@@ -26,12 +26,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from gpt1.benchmarks import progress
 from gpt1.core.config import ModelConfig
+from gpt1.core.io import write_text
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import EOS, SPECIAL_TOKENS
 from gpt1.train.config import TrainConfig, load_config
@@ -179,28 +181,71 @@ def memory_rows(preset: str, batch_size: int, block_size: int) -> list[dict]:
              "peak RSS GB, full logits": full, "peak RSS GB, chunked loss": chunked, "saved GB": full - chunked}]
 
 
-def run(quick: bool = False) -> list[dict]:
+def _setup(quick: bool) -> tuple[torch.device, ModelConfig, int, str]:
+    """Device, model config, micro-batch and precision of the full (GPU: the recipe's) run."""
     if torch.cuda.is_available() and not quick:
         device = torch.device("cuda")
         recipe = load_config(TrainConfig, "gpt1-openwebtext")
-        precision = resolve_precision(recipe.precision, device)
-        config = ModelConfig.preset(recipe.model, block_size=recipe.block_size)
+        return (device, ModelConfig.preset(recipe.model, block_size=recipe.block_size), recipe.batch_size,
+                resolve_precision(recipe.precision, device))
+    return torch.device("cpu"), ModelConfig.preset("tiny" if quick else "small"), 4, "fp32"
+
+
+def run(quick: bool = False) -> list[dict]:
+    device, config, batch_size, precision = _setup(quick)
+    if device.type == "cuda":
         rows = []
         for compile in (False, True):
             try:
-                rows.append(measure(config, recipe.batch_size, device, precision, n_warmup=3, n_steps=10, compile=compile))
+                rows.append(measure(config, batch_size, device, precision, n_warmup=3, n_steps=10, compile=compile))
             except Exception as e:  # noqa: BLE001 - e.g. a compiler missing on this machine: keep the eager row
                 if not compile:
                     raise
                 rows.append({"mode": "compiled", "error": f"{type(e).__name__}: {e}"[:300]})
                 progress("train", rows[-1])
         return rows
-    device = torch.device("cpu")
     preset = "tiny" if quick else "small"
-    config = ModelConfig.preset(preset)
     n_warmup, n_steps = (1, 3) if quick else (2, 7)
-    rows = [measure(config, 4, device, precision, n_warmup, n_steps, preset=preset)
+    rows = [measure(config, batch_size, device, precision, n_warmup, n_steps, preset=preset)
             for precision in ("fp32", "bf16-mixed")]
     if not quick:
         rows += memory_rows("gpt1", 4, 512)
     return rows
+
+
+def profile_steps(out: str | Path, quick: bool = False, compile: bool | None = None, steps: int = 3,
+                  rows: int = 40) -> list[Path]:
+    """Where each side's training step spends its time: a `torch.profiler` table (the top `rows`
+    operators and kernels by self time on the device, summed over `steps` steps) of gpt1's and
+    transformers' step at the full run's shapes, written to `out/train-profile-{gpt1,transformers}.txt`.
+    `compile`: torch.compile both sides (default: on a GPU, where the gap to study is the
+    compiled one). Returns the files."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device, config, batch_size, precision = _setup(quick)
+    compile = device.type == "cuda" if compile is None else compile
+    cuda = device.type == "cuda"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for impl in ("gpt1", "transformers"):
+        step = _training_step(impl, config, batch_size, device, precision, compile)
+        for _ in range(3):  # compilation, the optimizer's state, the allocator
+            step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        header = (f"{impl}: {steps} training steps, {config.n_layer}x{config.n_embd} vocab {config.vocab_size:,}, "
+                  f"batch {batch_size}x{config.block_size}, {precision}, {'compiled' if compile else 'eager'}, "
+                  f"on {torch.cuda.get_device_name() if cuda else 'cpu'}\n")
+        files.append(path := out / f"train-profile-{impl}.txt")
+        write_text(path, header + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80))
+        progress("train", {"profile": str(path)})
+        del step, prof
+        if cuda:
+            torch.cuda.empty_cache()
+    return files
