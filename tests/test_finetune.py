@@ -152,6 +152,9 @@ def test_shipped_recipe_is_the_model_card():
     assert cfg.data == "OpenAssistant/oasst2" and cfg.batch_size * cfg.grad_accum == 64
     assert (cfg.lr, cfg.min_lr, cfg.epochs, cfg.max_steps) == (1e-4, 1e-6, 1.0, 0)
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_targets) == (8, 8.0, ("q", "k", "v", "o", "up", "down"))
+    assert cfg.optimizer == "adamw"
+    with pytest.raises(Gpt1Error, match="optimizer=muon is for pretraining; LoRA fine-tuning uses adamw"):
+        load_config(FinetuneConfig, "gpt1-oasst2-lora", ["optimizer=muon"])
 
 
 def test_cli_end_to_end_and_bad_inputs(tiny_model_dir, oasst, tmp_path, capsys):

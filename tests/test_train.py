@@ -76,6 +76,8 @@ def test_shipped_reference_recipe_is_the_model_card():
     ("", "batch_size=four", r"override 'batch_size=four': key 'batch_size' expects int"),
     ("", "lr", r"expected key=value"),
     ("", "precision=fp8", r"precision must be one of"),
+    ("", "optimizer=sgd", r"optimizer must be one of adamw, muon, got 'sgd'"),
+    ("", "muon_lr_scale=0", r"muon_lr_scale must be a number > 0"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, recipe, override, pattern):
     path = tmp_path / "r.toml"
@@ -198,6 +200,12 @@ def test_another_config_or_a_foreign_dir_is_refused(data_dir, tmp_path):
     with pytest.raises(Gpt1Error, match=r"different config \(lr: 0.003 -> 0.001\)"):
         _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2", "lr=1e-3"])
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+    # A run dir written before a config key existed had that key's default: it still resumes.
+    config_file = tmp_path / "run" / "train_config.json"
+    written = json.loads(config_file.read_text())
+    del written["config"]["optimizer"], written["config"]["muon_lr_scale"]
+    config_file.write_text(json.dumps(written))
+    assert _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2"]).resumed_from == 2
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(Gpt1Error, match="not empty and holds no gpt1 run"):
@@ -260,12 +268,13 @@ KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
-def test_resume_after_sigkill_mid_save_ends_at_the_same_loss(data_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_sigkill_mid_save_ends_at_the_same_loss(data_dir, tmp_path, optimizer):
     """A run killed in the middle of its step-4 checkpoint resumes from step 2 and ends exactly
-    where an uninterrupted run ends (same loss, same weights, same metrics)."""
+    where an uninterrupted run ends (same loss, same weights, same metrics), with either optimizer."""
     from safetensors.torch import load_file
 
-    args = TINY + ["max_steps=6", "save_every=2", "eval_every=3"]
+    args = TINY + ["max_steps=6", "save_every=2", "eval_every=3", f"optimizer={optimizer}"]
     straight = _run(data_dir, tmp_path / "straight", args[len(TINY):])
     script = tmp_path / "kill.py"
     script.write_text(KILL_DURING_SAVE)
@@ -524,3 +533,38 @@ def test_training_progress_off_a_terminal_is_a_few_lines_not_one_per_step(data_d
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run:")]
     assert 1 <= len(lines) <= 8, lines
     assert "40/40" in lines[-1]
+
+
+# ---- the optimizer -----------------------------------------------------------------------------
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(data_dir, tmp_path):
+    from gpt1.train.optim import Optimizers, build_optimizer
+    from gpt1.train.schedule import lr_at
+
+    model = GPT(ModelConfig.preset("tiny"))
+    cfg = load_config(TrainConfig, None, ["optimizer=muon", "muon_lr_scale=3"])
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    assert isinstance(optimizer, Optimizers)
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    on_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert on_muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert on_muon | on_adamw == set(names.values()) and not on_muon & on_adamw
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} <= on_adamw
+    assert load_config(TrainConfig, None, []).optimizer == "adamw"  # the model card's, by default
+    assert isinstance(build_optimizer(model, load_config(TrainConfig, None, []), torch.device("cpu")), torch.optim.AdamW)
+
+    # A run: the loss falls, and Muon's group ran at lr x muon_lr_scale of the schedule.
+    result = _run(data_dir, tmp_path / "run", ["max_steps=12", "save_every=12", "eval_every=12", "optimizer=muon",
+                                               "muon_lr_scale=3", "warmup=0"])
+    losses = [m["loss"] for m in _metrics(tmp_path / "run") if "loss" in m]
+    assert math.isfinite(result.train_loss) and losses[-1] < losses[0]
+    state = torch.load(latest_checkpoint(tmp_path / "run") / STATE_FILE, weights_only=True)
+    muon_state, adamw_state = state["optimizer"]["optimizers"]
+    last_lr = lr_at(11, 12, 3e-3, 3e-4, 0.0)
+    assert math.isclose(muon_state["param_groups"][0]["lr"], 3 * last_lr)
+    assert all(math.isclose(g["lr"], last_lr) for g in adamw_state["param_groups"])
+    # A checkpoint of one optimizer is refused by the other, by name, not with a KeyError.
+    with pytest.raises(Gpt1Error, match="optimizer"):
+        _run(data_dir, tmp_path / "run", ["max_steps=14", "save_every=12", "eval_every=12", "warmup=0"])

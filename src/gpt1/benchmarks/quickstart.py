@@ -9,7 +9,7 @@ not depend on the tokenizer. `vs_before` is the ratio of bits per byte (issue 15
 target: <= 0.75, a 25% reduction).
 
 - `before`: `tiny-cpu` as shipped until 2026-11-27 (the `tiny` preset, 4,096-token vocabulary,
-  fp32 eager, batch 16 x 128, lr 2e-3), frozen here so the comparison stays put when the
+  fp32 eager, batch 16 x 128, lr 2e-3, AdamW), frozen here so the comparison stays put when the
   shipped recipe moves; given the same time budget.
 - `after`: what `gpt1 quickstart` trains now (`gpt1.quickstart.pretrain_config`).
 
@@ -70,7 +70,7 @@ def compare(minutes: float) -> list[dict]:
                                    show_progress=False)
             rows.append({
                 "config": name, "vocab": vocab, "model": _shape(result.run_dir), "precision": train_cfg.precision,
-                "compile": train_cfg.compile, "batch": train_cfg.batch_size, "lr": train_cfg.lr,
+                "compile": train_cfg.compile, "optimizer": train_cfg.optimizer, "batch": train_cfg.batch_size, "lr": train_cfg.lr,
                 "budget_s": budget, "train_s": seconds, "steps": result.steps, "tokens": result.tokens,
                 "val_documents": meta["val"]["documents"], "val_bytes": scores.bytes,
                 "val_perplexity": scores.perplexity, "val_bits_per_byte": scores.bits_per_byte,

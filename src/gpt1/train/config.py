@@ -29,6 +29,7 @@ else:  # the same parser, as a package (a dependency on Python 3.10)
     import tomli as tomllib
 
 PRECISIONS = ("fp32", "fp16-mixed", "bf16-mixed")
+OPTIMIZERS = ("adamw", "muon")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # the recipes shipped with gpt1
 
 
@@ -60,6 +61,10 @@ class TrainConfig:
     warmup: float = 0.03  # fraction of the steps with a linear warmup, then cosine to min_lr
     weight_decay: float = 0.0  # applied to matrices only (not biases, norms)
     betas: tuple[float, float] = (0.9, 0.95)
+    # adamw (the model card's), or muon: Muon for the blocks' weight matrices at lr x muon_lr_scale,
+    # AdamW for the rest (gpt1.train.optim; PyTorch >= 2.9)
+    optimizer: str = "adamw"
+    muon_lr_scale: float = 4.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: str = "fp32"  # fp32, bf16-mixed (fp16-mixed on GPUs without bf16), fp16-mixed (autocast + GradScaler)
     compile: bool = False  # torch.compile the model; eager with a warning if compilation fails
@@ -75,6 +80,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise Gpt1Error(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise Gpt1Error(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (self.muon_lr_scale > 0 and math.isfinite(self.muon_lr_scale)):
+            raise Gpt1Error(f"muon_lr_scale must be a number > 0, got {self.muon_lr_scale}")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise Gpt1Error(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -89,6 +89,8 @@ class FinetuneConfig(TrainConfig):
         if self.n_layer or self.n_head or self.n_embd:
             raise Gpt1Error("n_layer, n_head and n_embd shape a model from scratch; fine-tuning keeps the base "
                             "model's shape (leave them 0)")
+        if self.optimizer != "adamw":
+            raise Gpt1Error(f"optimizer={self.optimizer} is for pretraining; LoRA fine-tuning uses adamw")
         self.lora_config()  # validates r, dropout and targets
 
     def lora_config(self, token_ids: list[int] | None = None) -> LoRAConfig:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -69,6 +70,7 @@ from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
 from gpt1.train.evaluate import evaluate_loss, perplexity
+from gpt1.train.optim import build_optimizer
 from gpt1.train.plot import plot_metrics
 from gpt1.train.precision import autocast, resolve_precision
 from gpt1.train.schedule import lr_at
@@ -124,20 +126,6 @@ def peak_flops(device: torch.device) -> float | None:
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise Gpt1Error("no trainable parameters: every parameter has requires_grad=False")
-    # Decay matrices (embeddings, linear weights), not biases or LayerNorm gains (GPT-2/3 practice).
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    # The fused kernel does the whole update in one pass (one launch on a GPU) instead of a
-    # dozen per tensor: on this project's 2-core CPU it is 2.3x faster than the default for the
-    # `small` model, ~10% of a training step.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type in ("cuda", "cpu"))
-
-
 def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int) -> None:
     """Refuse a run dir that holds another run (or anything else); write train_config.json."""
     wanted = {"config": cfg.to_dict(), "max_steps": max_steps}
@@ -148,6 +136,8 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int) -> None:
         if not isinstance(old_cfg, dict):
             raise Gpt1Error(f"{file}: expected an object with the run's \"config\"; the run dir is damaged "
                             "(restore the file, or choose another --out)")
+        # A key that an older gpt1 did not write had its default value then.
+        old_cfg = {**_field_defaults(cfg), **old_cfg}
         keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
                       if k not in RESUMABLE_CHANGES and old_cfg.get(k) != wanted["config"].get(k))
         if old.get("max_steps") != max_steps and "max_steps" not in keys:
@@ -161,6 +151,14 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int) -> None:
         raise Gpt1Error(f"{run_dir} is not empty and holds no gpt1 run ({CONFIG_FILE} is missing); "
                         "choose a new or empty --out")
     write_json(file, wanted)
+
+
+def _field_defaults(cfg: TrainConfig) -> dict:
+    """The config class's default values, as `to_dict` writes them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    defaults |= {f.name: f.default_factory() for f in dataclasses.fields(cfg)
+                 if f.default_factory is not dataclasses.MISSING}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -198,7 +196,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     model.train()
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = cfg.gradient_checkpointing
-    optimizer = _optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device)
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -274,7 +272,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             t0 = time.perf_counter()
             lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at a multiple of lr
             loss_sum = torch.zeros((), device=device)
             step_tokens = 0
             for micro in range(cfg.grad_accum):

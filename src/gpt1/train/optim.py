@@ -1,0 +1,91 @@
+"""The optimizer of a training run: AdamW, or Muon for the blocks' weight matrices and AdamW for
+the rest (`TrainConfig.optimizer`).
+
+AdamW is the model card's: decoupled weight decay on matrices only (not biases or LayerNorm
+gains, GPT-2/3 practice), fused into one kernel per step on CPUs and GPUs.
+
+Muon (Keller Jordan et al., 2024; `torch.optim.Muon` since PyTorch 2.9) replaces each 2-D
+weight's momentum update by its nearest semi-orthogonal matrix (five Newton-Schulz iterations),
+so that every direction of the matrix learns at the same rate. It is meant for the hidden
+matrices only: the blocks' attention and MLP weights. The embeddings, the output head, biases
+and LayerNorms stay on AdamW, as its authors advise. Its updates are scaled to AdamW's RMS
+(`adjust_lr_fn="match_rms_adamw"`) so that one schedule drives both; its learning rate is
+`lr x muon_lr_scale` (a param group's `lr_scale`, which the training loop applies).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gpt1.core.errors import Gpt1Error
+
+
+class Optimizers:
+    """Several optimizers behind one optimizer's interface (what the training loop, GradScaler
+    and checkpoints use): their param groups in order, one step, one state dict."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for o in self.optimizers for group in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        states = state.get("optimizers")
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            raise Gpt1Error("the checkpoint's optimizer state is not this run's optimizer's "
+                            "(was the run started with another `optimizer`?)")
+        for o, s in zip(self.optimizers, states):
+            o.load_state_dict(s)
+
+
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable 2-D weights inside the transformer blocks (Muon's parameters)."""
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if blocks is None:
+        raise Gpt1Error("optimizer=muon needs a gpt1 GPT (its blocks' weight matrices)")
+    return [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer | Optimizers:
+    """The optimizer `cfg.optimizer` names over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise Gpt1Error("no trainable parameters: every parameter has requires_grad=False")
+    muon_params = hidden_matrices(model) if cfg.optimizer == "muon" else []
+    on_muon = {id(p) for p in muon_params}
+    rest = [p for p in params if id(p) not in on_muon]
+    # Decay matrices (embeddings, linear weights), not biases or LayerNorm gains (GPT-2/3 practice).
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    # The fused kernel does the whole update in one pass (one launch on a GPU) instead of a
+    # dozen per tensor: on this project's 2-core CPU it is 2.3x faster than the default for the
+    # `small` model, ~10% of a training step.
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
+                              fused=device.type in ("cuda", "cpu"))
+    if not muon_params:
+        return adamw
+    if not hasattr(torch.optim, "Muon"):
+        raise Gpt1Error(f"optimizer=muon needs PyTorch >= 2.9 (torch.optim.Muon); this is {torch.__version__}")
+    muon = torch.optim.Muon([{"params": muon_params, "lr_scale": cfg.muon_lr_scale}], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return Optimizers(muon, adamw)
