@@ -103,7 +103,7 @@ async def chunk_batches(requests: list[EngineRequest], queue: asyncio.Queue,
             if interval and not ends and (wait := last + interval - loop.time()) > 0:
                 # Streams wait out their own intervals, not a shared clock's ticks: their
                 # writes then spread over the interval instead of coming in one burst.
-                await asyncio.sleep(wait)  # a request's end goes out at once
+                await asyncio.sleep(wait)  # an end that arrives while the reply is idle goes out at once
             batch, error = [], None
             while True:
                 if isinstance(item[1], BaseException):

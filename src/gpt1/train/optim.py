@@ -34,10 +34,6 @@ class Optimizers:
     def param_groups(self) -> list[dict[str, Any]]:
         return [group for o in self.optimizers for group in o.param_groups]
 
-    @property
-    def state(self) -> dict:
-        return {p: s for o in self.optimizers for p, s in o.state.items()}
-
     def step(self) -> None:
         for o in self.optimizers:
             o.step()
