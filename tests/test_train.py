@@ -78,6 +78,7 @@ def test_shipped_reference_recipe_is_the_model_card():
     ("", "precision=fp8", r"precision must be one of"),
     ("", "optimizer=sgd", r"optimizer must be one of adamw, muon, got 'sgd'"),
     ("", "muon_lr_scale=0", r"muon_lr_scale must be a number > 0"),
+    ("", "embedding_lr_scale=nan", r"embedding_lr_scale must be a number > 0"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, recipe, override, pattern):
     path = tmp_path / "r.toml"
@@ -192,6 +193,38 @@ def test_tensorboard_logs_the_same_values_as_metrics(data_dir, tmp_path):
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records])
     assert [e.step for e in events.Scalars("val_ppl")] == [2, 4]
+
+
+def test_embedding_lr_scale_gives_the_input_embeddings_their_own_lr(data_dir, tmp_path):
+    from gpt1.train.optim import build_optimizer
+
+    def groups(config: ModelConfig, overrides: list[str]) -> list[tuple[set[str], float]]:
+        model = GPT(config)
+        names = {id(p): n for n, p in model.named_parameters()}
+        optimizer = build_optimizer(model, load_config(TrainConfig, None, overrides), torch.device("cpu"))
+        return [({names[id(p)] for p in g["params"]}, g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
+
+    tiny = ModelConfig.preset("tiny")
+    # At the default scale the groups are those of before the knob (old checkpoints resume).
+    assert [scale for _, scale in groups(tiny, [])] == [1.0, 1.0]
+    scaled = groups(tiny, ["embedding_lr_scale=10"])
+    assert ({"transformer.wte.weight", "transformer.wpe.weight"}, 10.0) in scaled and len(scaled) == 3
+    assert all(scale == 1.0 for names, scale in scaled if "lm_head.weight" in names)
+    # A tied token embedding is the output head too: it keeps lr; the positions still scale.
+    tied = groups(dataclasses.replace(tiny, tie_embeddings=True), ["embedding_lr_scale=10"])
+    assert ({"transformer.wpe.weight"}, 10.0) in tied
+    assert all(scale == 1.0 for names, scale in tied if "transformer.wte.weight" in names)
+    # With Muon: the blocks' matrices on Muon, the embeddings scaled on AdamW, the rest at lr.
+    assert ({"transformer.wte.weight", "transformer.wpe.weight"}, 10.0) in groups(
+        tiny, ["optimizer=muon", "embedding_lr_scale=10"])
+
+    # A run: the embeddings' group ran at lr x embedding_lr_scale of the schedule.
+    _run(data_dir, tmp_path / "run", ["max_steps=6", "save_every=6", "eval_every=6", "embedding_lr_scale=5",
+                                      "warmup=0"])
+    state = torch.load(latest_checkpoint(tmp_path / "run") / STATE_FILE, weights_only=True)
+    lrs = sorted(g["lr"] for g in state["optimizer"]["param_groups"])
+    last_lr = lr_at(5, 6, 3e-3, 3e-4, 0.0)
+    assert len(lrs) == 3 and math.isclose(lrs[0], last_lr) and math.isclose(lrs[-1], 5 * last_lr)
 
 
 def test_another_config_or_a_foreign_dir_is_refused(data_dir, tmp_path):

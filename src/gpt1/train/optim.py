@@ -11,6 +11,12 @@ matrices only: the blocks' attention and MLP weights. The embeddings, the output
 and LayerNorms stay on AdamW, as its authors advise. Its updates are scaled to AdamW's RMS
 (`adjust_lr_fn="match_rms_adamw"`) so that one schedule drives both; its learning rate is
 `lr x muon_lr_scale` (a param group's `lr_scale`, which the training loop applies).
+
+`embedding_lr_scale` gives the token and position embeddings their own AdamW group at
+`lr x embedding_lr_scale`. A step's gradient touches only the rows of the tokens in the batch,
+and a row is seen rarely, so a small model learns faster when each visit moves it much
+further; modded-nanogpt trains its embeddings at 75x the head's learning rate. The quickstart's
+recipe measured it (`tiny-cpu`, docs/training.md).
 """
 
 from __future__ import annotations
@@ -62,17 +68,29 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
 
 
+def input_embeddings(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable token and position embeddings (`embedding_lr_scale`'s parameters), less a
+    token embedding tied to the output head: the head's gradient is dense, and it keeps lr."""
+    transformer = getattr(model, "transformer", None)
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    tables = [getattr(transformer, name, None) for name in ("wte", "wpe")]
+    return [t.weight for t in tables if isinstance(t, nn.Embedding) and t.weight.requires_grad and t.weight is not head]
+
+
 def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer | Optimizers:
     """The optimizer `cfg.optimizer` names over the model's trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise Gpt1Error("no trainable parameters: every parameter has requires_grad=False")
     muon_params = hidden_matrices(model) if cfg.optimizer == "muon" else []
-    on_muon = {id(p) for p in muon_params}
-    rest = [p for p in params if id(p) not in on_muon]
+    # Left in the matrices' group at scale 1, so that the param groups (and checkpoints) are as before the knob.
+    embeddings = input_embeddings(model) if cfg.embedding_lr_scale != 1 else []
+    apart = {id(p) for p in muon_params + embeddings}
+    rest = [p for p in params if id(p) not in apart]
     # Decay matrices (embeddings, linear weights), not biases or LayerNorm gains (GPT-2/3 practice).
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+              {"params": embeddings, "weight_decay": cfg.weight_decay, "lr_scale": cfg.embedding_lr_scale}]
     # The fused kernel does the whole update in one pass (one launch on a GPU) instead of a
     # dozen per tensor: on this project's 2-core CPU it is 2.3x faster than the default for the
     # `small` model, ~10% of a training step.
