@@ -79,6 +79,8 @@ def test_shipped_reference_recipe_is_the_model_card():
     ("", "optimizer=sgd", r"optimizer must be one of adamw, muon, got 'sgd'"),
     ("", "muon_lr_scale=0", r"muon_lr_scale must be a number > 0"),
     ("", "embedding_lr_scale=nan", r"embedding_lr_scale must be a number > 0"),
+    ("", "cooldown=1.2", r"cooldown is a fraction of the steps in \[0, 1 - warmup\], got 1.2"),
+    ("warmup = 0.5\n", "cooldown=0.6", r"cooldown .* got 0.6 \(warmup 0.5\)"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, recipe, override, pattern):
     path = tmp_path / "r.toml"
@@ -116,6 +118,20 @@ def test_schedule_warmup_and_cosine_endpoints():
     assert lr_at(int(mid), steps, lr, min_lr, 0.03) == pytest.approx((lr + min_lr) / 2, rel=1e-2)
     assert all(a >= b for a, b in zip(lrs[30:], lrs[31:]))
     assert lr_at(0, 10, 1e-3, 1e-5, 0.0) == pytest.approx(1e-3)
+
+
+def test_warmup_stable_decay_holds_the_peak_then_falls_linearly_to_min_lr():
+    steps, lr, min_lr = 1000, 3e-3, 1e-5
+    lrs = [lr_at(s, steps, lr, min_lr, 0.03, cooldown=0.2) for s in range(steps)]
+    cosine = [lr_at(s, steps, lr, min_lr, 0.03) for s in range(steps)]
+    assert lrs[:30] == cosine[:30]  # the same warmup
+    # the peak until the last 20% of the steps (200 of them, the first at the peak itself) ...
+    assert lrs[30:800] == [lr] * 770
+    assert lrs[800] < lr and lrs[-1] == pytest.approx(min_lr)  # ... then down to exactly min_lr
+    drops = [a - b for a, b in zip(lrs[799:], lrs[800:])]
+    assert max(drops) == pytest.approx(min(drops)) and min(drops) > 0  # in equal steps: linear
+    # a cooldown of the whole run (no warmup) is a linear decay from the first step
+    assert [lr_at(s, 5, 1.0, 0.0, 0.0, cooldown=1.0) for s in range(5)] == pytest.approx([1, 0.75, 0.5, 0.25, 0])
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -539,18 +555,22 @@ def test_bf16_mixed_trains_on_cpu(data_dir, tmp_path):
 
 # ---- the time budget -------------------------------------------------------------------------
 
-def test_a_time_budget_ends_the_run_and_its_schedule_when_spent(data_dir, tmp_path):
+@pytest.mark.parametrize("schedule", [[], ["cooldown=0.3"]], ids=["cosine", "warmup-stable-decay"])
+def test_a_time_budget_ends_the_run_and_its_schedule_when_spent(data_dir, tmp_path, schedule):
     """time_budget stops the run when the budget is spent, long before max_steps, with the LR
     schedule planned on the steps that fit (it reaches min_lr at the last step); the last step
     is validated and saved, and a rerun knows the run is finished."""
     run = tmp_path / "budget"
-    overrides = ["max_steps=100000", "time_budget=3", "eval_every=25", "save_every=25", "warmup=0.05"]
+    overrides = ["max_steps=100000", "time_budget=3", "eval_every=25", "save_every=25", "warmup=0.05", *schedule]
     result = _run(data_dir, run, overrides)
     assert 10 < result.steps < 100000
     lines = [m for m in _metrics(run) if m.get("loss") is not None]
     assert lines[-1]["step"] == result.steps
-    assert lines[-1]["lr"] == pytest.approx(3e-4, rel=0.05)  # min_lr: the cosine ran to its end
+    assert lines[-1]["lr"] == pytest.approx(3e-4, rel=0.05)  # min_lr: the schedule ran to its end
     assert max(m["lr"] for m in lines) == pytest.approx(3e-3, rel=0.05)  # and its warmup reached lr
+    if schedule:  # the peak held until the cooldown (the last 30% of the steps as planned at the end)
+        stable = [m["lr"] for m in lines if 0.1 * result.steps < m["step"] < 0.4 * result.steps]
+        assert stable and all(lr == pytest.approx(3e-3) for lr in stable)
     assert "val_loss" in lines[-1] and (run / "loss.png").is_file()
     state = torch.load(latest_checkpoint(run) / STATE_FILE, weights_only=True)
     assert state["step"] == state["end"] == result.steps and state["budget_spent"] >= 3.0

@@ -59,6 +59,9 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 1e-6
     warmup: float = 0.03  # fraction of the steps with a linear warmup, then cosine to min_lr
+    # 0 = the cosine; > 0 = warmup-stable-decay: lr until the last `cooldown` fraction of the
+    # steps, then linear to min_lr (gpt1.train.schedule)
+    cooldown: float = 0.0
     weight_decay: float = 0.0  # applied to matrices only (not biases, norms)
     betas: tuple[float, float] = (0.9, 0.95)
     # adamw (the model card's), or muon: Muon for the blocks' weight matrices at lr x muon_lr_scale,
@@ -101,6 +104,9 @@ class TrainConfig:
             raise Gpt1Error("set the run length: max_steps, max_tokens or epochs must be > 0")
         if not 0.0 <= self.warmup < 1.0:
             raise Gpt1Error(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.cooldown <= 1.0 - self.warmup:
+            raise Gpt1Error(f"cooldown is a fraction of the steps in [0, 1 - warmup], got {self.cooldown} "
+                            f"(warmup {self.warmup})")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise Gpt1Error(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):

@@ -270,7 +270,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             if step >= end:
                 break
             t0 = time.perf_counter()
-            lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup)
+            lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at a multiple of lr
             loss_sum = torch.zeros((), device=device)
@@ -454,7 +454,7 @@ class _RunRate:
 
 class _TimeBudget:
     """The last step of a run with a time budget: re-planned after every step from the time per
-    step measured over the recent steps, so that the run (and its cosine schedule) ends when the
+    step measured over the recent steps, so that the run (and its LR schedule) ends when the
     budget is spent, whatever the machine's load does meanwhile. A validation pass falls inside
     the measuring window (`eval_every` steps at least), so its cost is spread over the steps."""
 
