@@ -58,7 +58,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (per device)
     lr: float = 3e-4
     min_lr: float = 1e-6
-    warmup: float = 0.03  # fraction of the steps with a linear warmup, then cosine to min_lr
+    warmup: float = 0.03  # fraction of the steps with a linear warmup, then the decay to min_lr
     # 0 = the cosine; > 0 = warmup-stable-decay: lr until the last `cooldown` fraction of the
     # steps, then linear to min_lr (gpt1.train.schedule)
     cooldown: float = 0.0
