@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from gpt1 import GPT, KVCache, ModelConfig, load
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
-from gpt1.core.model import IGNORE_INDEX, linear_cross_entropy
+from gpt1.core.model import IGNORE_INDEX, default_loss_chunk, linear_cross_entropy
 
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -85,6 +85,13 @@ def test_chunked_loss_has_the_full_logits_loss_and_gradients(tiny_config, tie, c
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_default_loss_chunk_is_small_on_cpu_and_large_on_gpus():
+    # The reference vocabulary: ~320 tokens of logits per chunk on a CPU, ~5,200 on a GPU (1 GiB).
+    assert default_loss_chunk(51_682, "cpu") == 324
+    assert default_loss_chunk(51_682, "cuda") == 5_193
+    assert default_loss_chunk(10**9, "cuda") == 1  # never zero rows
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
