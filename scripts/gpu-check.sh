@@ -14,7 +14,7 @@
 # Runs from the source tree (PYTHONPATH=src), so nothing needs installing where gpt1's
 # dependencies are present. A machine without pydantic, FastAPI or uvicorn (the lent GPU
 # machines) gets them from wheels in .whl/: `bash scripts/fetch-device-wheels.sh` fetches them.
-# Each step is cut at its own limit (tests 120 s, generate 240 s, serve 200 s, train 400 s, profile 300 s;
+# Each step is cut at its own limit (tests 240 s, generate 300 s, serve 300 s, train 400 s, profile 300 s;
 # LIMIT_S sets one limit for all) so that one slow step cannot eat the others' time.
 set -uo pipefail
 OUT=${OUT:-gpu-check}
@@ -30,7 +30,7 @@ import datetime, torch
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU sizes)"
 print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {name}")
 PY
-declare -A limit=([tests]=120 [generate]=240 [serve]=200 [train]=400 [profile]=300)
+declare -A limit=([tests]=240 [generate]=300 [serve]=300 [train]=400 [profile]=300)
 status=0
 for name in ${STEPS:-tests generate serve train profile}; do
   seconds=${LIMIT_S:-${limit[$name]:-300}}

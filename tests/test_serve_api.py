@@ -307,8 +307,9 @@ def test_cli_serves_with_key_from_env(tiny_model_dir):
 
 
 # ---- disconnects and a full queue ----------------------------------------------------------------
-def test_disconnect_stops_generation(long_llm):
-    app = create_app(long_llm)
+@pytest.mark.parametrize("engine_kind", ["thread", "process"])
+def test_disconnect_stops_generation(long_llm, engine_kind):
+    app = create_app(long_llm, engine=engine_kind)
     engine = app.state.engine
     body = {"model": "m", "messages": MSG, "max_tokens": 8000, "temperature": 1.0}
     with background_server(app) as url:
@@ -331,8 +332,9 @@ def test_disconnect_stops_generation(long_llm):
         assert engine.stats.tokens < 16000
 
 
-def test_full_queue_answers_503(long_llm):
-    app = create_app(long_llm, max_batch=1, max_queue=1)
+@pytest.mark.parametrize("engine_kind", ["thread", "process"])
+def test_full_queue_answers_503(long_llm, engine_kind):
+    app = create_app(long_llm, max_batch=1, max_queue=1, engine=engine_kind)
     engine = app.state.engine
     body = {"model": "m", "messages": MSG, "max_tokens": 8000, "temperature": 1.0, "stream": True}
     with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as http, contextlib.ExitStack() as streams:
@@ -434,12 +436,13 @@ def test_slow_request_bodies_are_cut_off(llm):
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
-def test_64_streams_with_half_disconnecting_leave_every_slot_free(long_llm):
+@pytest.mark.parametrize("engine_kind", ["thread", "process"])
+def test_64_streams_with_half_disconnecting_leave_every_slot_free(long_llm, engine_kind):
     """Issue 12: 64 concurrent streams, half of the clients hang up mid-stream; the others get
     their whole replies, and the server ends healthy with every slot free."""
     import asyncio
 
-    app = create_app(long_llm, max_batch=16, max_queue=64)
+    app = create_app(long_llm, max_batch=16, max_queue=64, engine=engine_kind)
     engine = app.state.engine
 
     async def one(client, i: int) -> str:
@@ -467,7 +470,10 @@ def test_64_streams_with_half_disconnecting_leave_every_slot_free(long_llm):
         wait_for(lambda: engine.active == 0 and engine.queued == 0, what="every slot to be free")
         health = httpx.get(f"{url}/health").json()
         assert health["status"] == "ok" and health["free_slots"] == health["max_batch"] == 16
-        assert engine.stats.completed == 32 and engine.stats.cancelled + engine.stats.completed == 64
+        # A hang-up that reaches the engine after its reply's last token cancels nothing: an
+        # engine in its own process, faster than the event loop here, can finish a short reply first.
+        stats = engine.stats
+        assert stats.completed >= 32 and stats.cancelled + stats.completed == 64 and stats.failed == 0
         assert engine.stats.failed == 0
         with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as c:  # still serving
             assert c.chat.completions.create(model="m", messages=MSG, max_tokens=3).usage.completion_tokens == 3

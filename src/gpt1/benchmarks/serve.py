@@ -19,9 +19,11 @@ server process and the load generator kept busy: a side near a whole core (the s
 loop and engine share one GIL; each load process is one asyncio thread) is the bottleneck.
 
 The full run adds long-stream rows: the 32 requests at once with replies of 256 tokens on a GPU
-(128 on a CPU), against the in-process batch at that length, through a server started with
-`--stream-interval 0`, one with `--stream-interval 20`, and, where uvloop is installed (then the
-default), one with asyncio's event loop (`--loop asyncio`). At 48 tokens a GPU decodes the whole
+(128 on a CPU), against the in-process batch at that length, through a server whose engine runs
+in a thread (`--engine thread`) started with `--stream-interval 0`, one with `--stream-interval
+20`, and, where uvloop is installed (then the default), one with asyncio's event loop (`--loop
+asyncio`); then with the engine in a process of its own (`--engine process`, the default on a
+GPU) at intervals 0 and 20. The server's cores include its engine process's. At 48 tokens a GPU decodes the whole
 in-process batch in well under a tenth of a second, so that row mostly measures what each
 request costs before its first token; the long rows measure streaming throughput.
 """
@@ -69,11 +71,13 @@ def _event_loops() -> list[str]:
     return ["uvloop", "asyncio"]
 
 
-def _stream_setups() -> list[tuple[str, float]]:
-    """The long-stream rows' (event loop, --stream-interval ms): the default loop with each token
-    written at once and at most every 20 ms, and the other loop (if installed) at once."""
+def _stream_setups() -> list[tuple[str, str, float]]:
+    """The long-stream rows' (--engine, event loop, --stream-interval ms): the engine in a thread
+    with the default loop writing each token at once and at most every 20 ms, and the other loop
+    (if installed) at once; then the engine in its own process, at once and every 20 ms."""
     default, *others = _event_loops()
-    return [(default, 0.0), (default, 20.0)] + [(loop, 0.0) for loop in others]
+    return ([("thread", default, 0.0), ("thread", default, 20.0)] + [("thread", loop, 0.0) for loop in others]
+            + [("process", default, 0.0), ("process", default, 20.0)])
 
 
 def _free_port() -> int:
@@ -162,13 +166,20 @@ def _load(url: str, clients: int, max_tokens: int, pool: ProcessPoolExecutor | N
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (Linux), else None."""
+    """User + system CPU seconds so far of a process and its live children (the engine process
+    of `--engine process`) (Linux), else None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        children = []
+    return seconds + sum(_cpu_seconds(c) or 0.0 for c in children)
 
 
 def _inprocess_batch(model_dir: Path, max_tokens: int) -> float:
@@ -205,13 +216,14 @@ def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 180) -> No
 
 @contextlib.contextmanager
 def _server(model_dir: Path, device: str, stream_interval_ms: float = 0.0,
-            loop: str = "auto") -> Iterator[tuple[str, subprocess.Popen]]:
+            loop: str = "auto", engine: str = "auto") -> Iterator[tuple[str, subprocess.Popen]]:
     """`gpt1 serve` on the model in a subprocess: its URL and process, stopped on exit."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpt1", "serve", "--model", str(model_dir), "--port", str(port),
-         "--max-batch", str(REQUESTS), "--stream-interval", str(stream_interval_ms), "--loop", loop, "--log-level", "warning"],
+         "--max-batch", str(REQUESTS), "--stream-interval", str(stream_interval_ms), "--loop", loop, "--engine", engine,
+         "--log-level", "warning"],
         env={**os.environ, "GPT1_QUIET": "1", **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -280,19 +292,19 @@ def run(quick: bool = False) -> list[dict]:
                     row.update(vs_sequential=row["tokens_per_s"] / sequential_tps if sequential_tps else None,
                                vs_inprocess_batch=row["tokens_per_s"] / inprocess_tps,
                                same_replies_as_sequential=all(sequential_texts.get(r["index"]) == r["text"] for r in ok),
-                               max_tokens=max_tokens, event_loop=_event_loops()[0], stream_interval_ms=0,
-                               model=label, device=device)
+                               max_tokens=max_tokens, engine="process" if device == "cuda" else "thread",
+                               event_loop=_event_loops()[0], stream_interval_ms=0, model=label, device=device)
                     rows.append(row)
                     progress("serve", row)
             # Long streams: throughput once the requests' fixed costs (connection, parsing, the
             # prompt) are spread over many tokens.
-            for loop, interval in () if quick else _stream_setups():
-                with _server(model_dir, device, interval, loop) as (url, proc):
+            for engine, loop, interval in () if quick else _stream_setups():
+                with _server(model_dir, device, interval, loop, engine) as (url, proc):
                     _load(url, REQUESTS, max_tokens, pool, processes)  # warm-up
                     row, ok = _measure(url, proc, REQUESTS, stream_tokens, pool, processes)
                     row.update(vs_sequential=None, vs_inprocess_batch=row["tokens_per_s"] / stream_inprocess_tps,
-                               same_replies_as_sequential=None, max_tokens=stream_tokens, event_loop=loop,
-                               stream_interval_ms=interval, model=label, device=device)
+                               same_replies_as_sequential=None, max_tokens=stream_tokens, engine=engine,
+                               event_loop=loop, stream_interval_ms=interval, model=label, device=device)
                     rows.append(row)
                     progress("serve", row)
         finally:

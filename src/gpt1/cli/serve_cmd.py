@@ -7,8 +7,10 @@ import ipaddress
 import os
 
 import gpt1
+from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
+from gpt1.inference.engine import Engine
 
 API_KEY_ENV = "GPT1_API_KEY"
 
@@ -54,6 +56,11 @@ def register(subparsers) -> None:
     parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="a request body must arrive within this time, else 408 and the connection is closed "
                              "(default: %(default)s)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "thread", "process"],
+                        help="where the engine runs: process is a child process of its own (the server's event "
+                             "loop and the engine then do not share a GIL: what a fast GPU needs), thread a "
+                             "thread of the server's process (one process, less memory); auto is process on a "
+                             "CUDA GPU, thread elsewhere (default: %(default)s)")
     parser.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
                         help="the event loop: auto is uvloop when installed, else asyncio's. uvloop answers "
                              "sooner; asyncio's releases the GIL while it writes to a socket, which may serve a "
@@ -79,13 +86,16 @@ def serve_command(args: argparse.Namespace) -> int:
         raise Gpt1Error(f"--body-timeout must be > 0 seconds, got {args.body_timeout}")
     if not 0 <= args.stream_interval <= 10_000:  # also refuses nan
         raise Gpt1Error(f"--stream-interval must be in [0, 10000] milliseconds, got {args.stream_interval}")
-    llm = gpt1.load(args.model, device=args.device)
+    device = resolve_device(args.device)
+    engine = args.engine if args.engine != "auto" else "process" if device.type == "cuda" else "thread"
+    # With the engine in a child process, this one needs only the tokenizer and the config: the
+    # weights are loaded on the CPU here (which also checks the dir before the child starts).
+    llm = gpt1.load(args.model, device="cpu" if engine == "process" else device)
     app = create_app(llm, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
-                     body_timeout_s=args.body_timeout, stream_interval_ms=args.stream_interval)
+                     body_timeout_s=args.body_timeout, stream_interval_ms=args.stream_interval,
+                     engine=engine, device=str(device))
     engine = app.state.engine
-    info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "
-         f"{engine.kv_bytes / 2**20:,.1f} MiB on {engine.device} (--max-batch {engine.max_batch})")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -94,6 +104,11 @@ def serve_command(args: argparse.Namespace) -> int:
         warn(f"serving on {args.host} without an API key: anyone who can reach this port can use the model "
              f"(set --api-key or ${API_KEY_ENV})")
     sock = bind(args.host, args.port)
+    if not isinstance(engine, Engine):
+        engine.start()  # now, so that a child that cannot start (e.g. its KV cache does not fit) is one clear error
+    info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "
+         f"{engine.kv_bytes / 2**20:,.1f} MiB on {engine.device} (--max-batch {engine.max_batch})"
+         + (", in the engine's own process (--engine process)" if not isinstance(engine, Engine) else ""))
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
     info(f"serving {llm.path} on http://{host}:{port} (chat page at /, API at /v1, docs at /docs)"

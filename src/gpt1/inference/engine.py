@@ -58,6 +58,10 @@ class TooLarge(Gpt1Error):
     """A submission with more prompts than the engine can ever hold (the server answers 400)."""
 
 
+class EngineUnavailable(Gpt1Error):
+    """The engine is shutting down or has stopped (the server answers 503)."""
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence to generate. `sink` receives its Chunks, or the exception that ended it."""
@@ -135,6 +139,26 @@ def _generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, config,
+                tokenizer: Tokenizer) -> tuple[SamplingParams, list[list[int]]]:
+    """The checked knobs, and each prompt checked (ids in the vocabulary, not empty) and fitted
+    to the context; Gpt1Error naming the prompt or the knob otherwise."""
+    params = params.validate()
+    names = [f"prompt {i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
+    return params, [fit_prompt(check_prompt(p, config.vocab_size, tokenizer.eos_id, name), config.block_size, params)
+                    for p, name in zip(prompts, names)]
+
+
+def check_room(n: int, max_batch: int, max_queue: int, active: int, queued: int) -> None:
+    """TooLarge when `n` prompts exceed what the engine ever holds, QueueFull when they do not fit now."""
+    capacity = max_batch + max_queue
+    if n > capacity:
+        raise TooLarge(f"{n} prompts in one request, but this server holds at most {capacity} at once "
+                       f"({max_batch} generating + {max_queue} waiting); send at most {capacity}")
+    if n > capacity - active - queued:
+        raise QueueFull(f"the server is busy ({active} requests generating, {queued} waiting); retry later")
+
+
 class Engine:
     """Generates for many requests at once on one model. See the module docstring."""
 
@@ -190,6 +214,11 @@ class Engine:
         return self.max_batch - len(self._rows)
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine takes submissions (False once it is stopping)."""
+        return not self._stopping
+
+    @property
     def busy(self) -> bool:
         return bool(self._rows or self._waiting)
 
@@ -207,17 +236,8 @@ class Engine:
         Gpt1Error for an invalid prompt or knob (before anything is queued), TooLarge when
         there are more prompts than `max_batch + max_queue`, QueueFull when they do not fit now.
         `cancel`, when given, is the requests' cancel event (set it to stop them)."""
-        params = params.validate()
-        block, vocab = self.config.block_size, self.config.vocab_size
-        names = [f"prompt {i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
-        fitted = [fit_prompt(check_prompt(p, vocab, self.tokenizer.eos_id, name), block, params)
-                  for p, name in zip(prompts, names)]
-        capacity = self.max_batch + self.max_queue
-        if len(fitted) > capacity:
-            with self._lock:
-                self.stats.rejected += len(fitted)
-            raise TooLarge(f"{len(fitted)} prompts in one request, but this server holds at most {capacity} at once "
-                           f"({self.max_batch} generating + {self.max_queue} waiting); send at most {capacity}")
+        params, fitted = fit_prompts(prompts, params, self.config, self.tokenizer)
+        block = self.config.block_size
         requests = [Request(ids, params, sink_for(i), TextState(self.tokenizer, params.stop, len(ids),
                                                                   new_token_limit(len(ids), block, params)),
                             _generator(params.seed) if params.temperature > 0 else None)
@@ -227,11 +247,12 @@ class Engine:
                 r.cancel_event = cancel
         with self._lock:
             if self._stopping:
-                raise Gpt1Error("the engine is shutting down")
-            if len(requests) > capacity - len(self._rows) - len(self._waiting):
+                raise EngineUnavailable("the engine is shutting down")
+            try:
+                check_room(len(requests), self.max_batch, self.max_queue, len(self._rows), len(self._waiting))
+            except Gpt1Error:
                 self.stats.rejected += len(requests)
-                raise QueueFull(f"the server is busy ({len(self._rows)} requests generating, "
-                                f"{len(self._waiting)} waiting); retry later")
+                raise
             self._waiting.extend(requests)
             self.stats.submitted += len(requests)
             self._lock.notify_all()
@@ -459,7 +480,7 @@ class Engine:
             left = list(self._rows) + list(self._waiting)
             self._waiting.clear()
         for request in left:
-            self._end(request, "cancelled", Gpt1Error("the server is shutting down"))
+            self._end(request, "cancelled", EngineUnavailable("the server is shutting down"))
 
     def __enter__(self) -> "Engine":
         return self.start()

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt1 import __version__
 from gpt1.inference.engine import Engine
+from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve.errors import ApiError, generation_error, validation_error
 from gpt1.serve.middleware import Guard
 from gpt1.serve.routes import add_routes
@@ -35,7 +36,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
                prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False,
                max_body_bytes: int = MAX_BODY_BYTES,
                body_timeout_s: float = BODY_TIMEOUT_S, model_name: str | None = None,
-               stream_interval_ms: float = 0.0) -> FastAPI:
+               stream_interval_ms: float = 0.0, engine: str = "thread", device: str | None = None) -> FastAPI:
     """The server for a loaded model (`gpt1.load(dir)`).
 
     api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>` (else 401);
@@ -48,14 +49,23 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     max_body_bytes / body_timeout_s: larger bodies get 413, slower ones 408.
     stream_interval_ms: a stream writes at most this often; the tokens made in between go out
         together (the same events, in one write). 0: every token as soon as it is made.
+    engine: "thread" runs the engine in a thread of this process on `llm.model`; "process" in a
+        child process of its own (`gpt1.inference.engine_process`), which loads `llm.path` on
+        `device` (default: `llm`'s device) and is started with the app.
     """
-    engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs, compile=compile)
+    knobs = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
+                 compile=compile)
+    if engine == "process":
+        engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device=device or str(llm.device), **knobs)
+    elif engine == "thread":
+        engine = Engine(llm.model, llm.tokenizer, **knobs)
+    else:
+        raise ValueError(f"engine must be 'thread' or 'process', got {engine!r}")
     name = model_name or (llm.path.name if getattr(llm, "path", None) else "gpt1")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        await asyncio.to_thread(engine.start)  # a child process loads the model meanwhile
         try:
             yield
         finally:

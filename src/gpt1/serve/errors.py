@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.inference.engine import EngineUnavailable
 
 
 class ApiError(Exception):
@@ -80,6 +81,8 @@ def generation_error(e: BaseException) -> ApiError:
     """What a failure during generation is answered with."""
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, EngineUnavailable):
+        return ApiError(503, str(e), type="server_error", code="engine_unavailable")
     if isinstance(e, Gpt1Error):
         return ApiError(400, str(e))
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")

@@ -19,8 +19,9 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import Chunk
-from gpt1.inference.engine import Engine, QueueFull, TooLarge
+from gpt1.inference.engine import Engine, EngineUnavailable, QueueFull, TooLarge
 from gpt1.inference.engine import Request as EngineRequest
+from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve import mapping
 from gpt1.serve.errors import ApiError, generation_error
 from gpt1.serve.page import page_html
@@ -67,7 +68,7 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
     return box
 
 
-def submit(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[EngineRequest], asyncio.Queue]:
+def submit(engine: Engine | EngineProcess, prompts: list[list[int]], params: SamplingParams) -> tuple[list[EngineRequest], asyncio.Queue]:
     """Queue the requests; their chunks arrive on the returned asyncio queue as (index, item)."""
     mailbox = _mailbox(asyncio.get_running_loop())
     queue: asyncio.Queue = asyncio.Queue()
@@ -81,6 +82,8 @@ def submit(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> 
         raise ApiError(503, str(e), type="server_error", code="server_overloaded", headers={"Retry-After": "1"}) from None
     except TooLarge as e:
         raise ApiError(400, str(e), param="prompt", code="too_many_prompts") from None
+    except EngineUnavailable as e:
+        raise ApiError(503, str(e), type="server_error", code="engine_unavailable") from None
     except Gpt1Error as e:
         raise ApiError(400, str(e)) from None
 
@@ -244,7 +247,7 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
 
 
 # ---- the routes ----------------------------------------------------------------------------------
-def add_routes(app: FastAPI, engine: Engine, tokenizer, name: str, auth: bool, stream_interval: float = 0.0) -> None:
+def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: str, auth: bool, stream_interval: float = 0.0) -> None:
     context = engine.config.block_size
     created = int(time.time())
 
@@ -254,7 +257,11 @@ def add_routes(app: FastAPI, engine: Engine, tokenizer, name: str, auth: bool, s
 
     @app.get("/health")
     async def health() -> dict:
-        """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s."""
+        """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s;
+        503 once the engine has stopped (e.g. its process exited)."""
+        if not engine.alive:
+            raise ApiError(503, "the engine has stopped; restart the server", type="server_error",
+                           code="engine_unavailable")
         return {"status": "ok", "model": name, "active": engine.active, "queued": engine.queued,
                 "free_slots": engine.free_slots, "max_batch": engine.max_batch,
                 "tokens_per_s": round(engine.tokens_per_s, 1)}

@@ -1,0 +1,341 @@
+"""The engine in a process of its own: what `gpt1 serve` runs on a GPU (`--engine process`).
+
+In one process, the engine's worker thread and the server's event loop share one GIL. On a
+fast GPU a decode step is about a millisecond, and the event loop (HTTP, JSON, a socket write
+per stream) has work queued all the time: the engine, back from the GPU, waits for the GIL,
+and the step slows to the event loop's pace. On an H200 (`gpt1 bench serve`, 2026-12-04) the
+server process was one core busy at every load and 32 streams got 0.34-0.47x the engine's
+in-process tokens/s. vLLM and SGLang run their engine loop in a separate process for this
+reason; so does `EngineProcess`.
+
+The child process loads the model dir, builds an `Engine` and drives its `step()` in its own
+main thread: sampling, detokenisation, stop strings and the decode step's host work all happen
+there. The parent keeps the tokenizer and the config, validates each submission at once
+(exactly what `Engine.submit` checks, so a bad request never crosses over, and a full queue is
+a 503 without a round trip), and gets each step's text back in one message. Messages are JSON
+over two pipes, never pickles: commands `{"submit"}`, `{"cancel"}`, `{"stop"}` one way, `{"ready"}`,
+`{"error"}` and `{"out", "stats"}` the other. The parent's reader thread hands each chunk to the
+request's sink, as the engine's own thread does, so the server cannot tell the two apart.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Callable, Sequence
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.tokenizer import Tokenizer
+from gpt1.inference.decoding import Chunk
+from gpt1.inference.engine import RATE_WINDOW_S, Engine, EngineStats, EngineUnavailable, Sink, check_room, fit_prompts
+from gpt1.inference.llm import LLM
+
+START_TIMEOUT_S = 600.0  # loading, the KV cache and the CUDA-graph capture of every bucket
+
+
+@dataclass(eq=False)
+class RemoteRequest:
+    """A request generating in the engine process; `cancel()` stops it at the child's next step."""
+
+    id: int
+    sink: Sink
+    owner: "EngineProcess"
+    cancelled: bool = field(default=False)
+    ended: bool = field(default=False)  # its last chunk or error has arrived
+
+    def cancel(self) -> None:
+        if not (self.cancelled or self.ended):  # the server cancels every request it is done with
+            self.cancelled = True
+            self.owner._send({"cancel": self.id})
+
+
+class EngineProcess:
+    """An `Engine` in a child process, with the part of its interface the server uses: `submit`,
+    `active`, `queued`, `free_slots`, `max_batch`, `tokens_per_s`, `config`, `kv_bytes`, `device`,
+    `start`, `stop`. `model_dir` is loaded there on `device` (as `gpt1.load` does); `tokenizer` and
+    `config` are the same dir's, for validating submissions here."""
+
+    def __init__(self, model_dir: str | Path, tokenizer: Tokenizer, config, *, device: str, max_batch: int = 8,
+                 max_queue: int = 64, prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise Gpt1Error(f"engine: max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
+                            f"{max_batch}, {prefill_chunk} and {max_queue}")
+        self.model_dir, self.tokenizer, self.config = str(model_dir), tokenizer, config
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._engine_args = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                                 cuda_graphs=cuda_graphs, compile=compile)
+        self._device = device
+        self.device, self.kv_bytes = device, 0  # the child's, once started
+        self._ids = itertools.count()
+        self._live: dict[int, RemoteRequest] = {}
+        self._lock = threading.Lock()  # _live, the stats, sending
+        self._stats = (0, 0)  # active, queued: the child's latest report
+        self._child_stats = EngineStats()  # the child's engine's counts, as of its latest report
+        self._rejected = 0  # submissions refused here (the child never sees them)
+        self._generated: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens so far)
+        self._process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._closed = "the engine process has not started"
+
+    # ---- state, for /health ---------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return self._stats[0]
+
+    @property
+    def queued(self) -> int:
+        return self._stats[1]
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - self.active
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens generated per second over the last RATE_WINDOW_S seconds (as `Engine.tokens_per_s`)."""
+        with self._lock:
+            start = time.monotonic() - RATE_WINDOW_S
+            while len(self._generated) > 1 and self._generated[1][0] <= start:
+                self._generated.popleft()  # keeps the last count at or before the window's start
+            if not self._generated:
+                return 0.0
+            return (self._generated[-1][1] - self._generated[0][1]) / RATE_WINDOW_S
+
+    @property
+    def alive(self) -> bool:
+        """Whether the child is running and takes submissions."""
+        return not self._closed
+
+    @property
+    def stats(self) -> EngineStats:
+        """The child engine's counts (as of its latest step), with the submissions refused here."""
+        return dataclasses.replace(self._child_stats, rejected=self._child_stats.rejected + self._rejected)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> "EngineProcess":
+        """Start the child and wait until its engine is ready (its decode buckets built); a
+        Gpt1Error with the child's reason if it cannot start (e.g. the KV cache does not fit)."""
+        if self._process is not None:
+            return self
+        # A fresh interpreter (not a fork: CUDA cannot be used in a forked child; not
+        # multiprocessing's spawn, which re-imports the caller's main module) with two pipes.
+        commands_in, commands_out = os.pipe()
+        outputs_in, outputs_out = os.pipe()
+        spec = json.dumps({"model_dir": self.model_dir, "device": self._device, "engine": self._engine_args})
+        self._process = subprocess.Popen([sys.executable, "-m", __name__, spec, str(commands_in), str(outputs_out)],
+                                         pass_fds=(commands_in, outputs_out), stdin=subprocess.DEVNULL)
+        os.close(commands_in)
+        os.close(outputs_out)
+        self._commands = Connection(commands_out, readable=False)
+        self._outputs = Connection(outputs_in, writable=False)
+        if not self._outputs.poll(START_TIMEOUT_S):
+            self._kill()
+            raise Gpt1Error(f"the engine process did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            message = json.loads(self._outputs.recv_bytes())
+        except EOFError:
+            self._kill()
+            raise Gpt1Error(f"the engine process exited while starting (exit code {self._process.wait()})") from None
+        if "error" in message:
+            self._kill()
+            raise Gpt1Error(message["error"])
+        self.device, self.kv_bytes = message["ready"]["device"], message["ready"]["kv_bytes"]
+        self._generated.append((time.monotonic(), 0))
+        self._closed = ""
+        self._reader = threading.Thread(target=self._read, name="gpt1-engine-reader", daemon=True)
+        self._reader.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the child; every unfinished request's sink gets a 'shutting down' error."""
+        if self._process is None:
+            return
+        self._send({"stop": True})
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self._kill()
+        if self._reader is not None:
+            self._reader.join(timeout)
+        self._close("the server is shutting down")
+
+    def __enter__(self) -> "EngineProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+    # ---- submitting -----------------------------------------------------------------------------
+    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+               sink_for: Callable[[int], Sink]) -> list[RemoteRequest]:
+        """As `Engine.submit`: all or none, the same errors, raised here before anything is sent.
+        The queue is counted here: a request is in it from its submit to its last chunk."""
+        params, fitted = fit_prompts(prompts, params, self.config, self.tokenizer)
+        with self._lock:
+            if self._closed:
+                raise EngineUnavailable(self._closed)
+            try:
+                check_room(len(fitted), self.max_batch, self.max_queue, len(self._live), 0)
+            except Gpt1Error:
+                self._rejected += len(fitted)
+                raise
+            requests = [RemoteRequest(next(self._ids), sink_for(i), self) for i in range(len(fitted))]
+            self._live.update((r.id, r) for r in requests)
+            self._send_locked({"submit": [[r.id, ids] for r, ids in zip(requests, fitted)],
+                               "params": dataclasses.asdict(params)})
+        return requests
+
+    def _send(self, message: dict) -> None:
+        with self._lock:
+            self._send_locked(message)
+
+    def _send_locked(self, message: dict) -> None:
+        if self._closed and "stop" not in message:
+            return
+        try:
+            self._commands.send_bytes(json.dumps(message).encode())
+        except (OSError, ValueError):  # the child is gone: the reader ends what was running
+            pass
+
+    # ---- the reader thread ------------------------------------------------------------------------
+    def _read(self) -> None:
+        """Hand each step's chunks to their sinks, until the child exits."""
+        while True:
+            try:
+                message = json.loads(self._outputs.recv_bytes())
+            except (EOFError, OSError):
+                break
+            active, queued, counts = message["stats"]
+            self._stats, self._child_stats, generated = (active, queued), EngineStats(**counts), counts["tokens"]
+            if not self._generated or generated != self._generated[-1][1]:
+                with self._lock:
+                    self._generated.append((time.monotonic(), generated))
+            for rid, text, finish_reason, prompt_tokens, completion_tokens, error in message["out"]:
+                request = self._live.get(rid)
+                if request is None:
+                    continue
+                if error is not None:
+                    kind, reason = error
+                    item = Gpt1Error(reason) if kind == "Gpt1Error" else RuntimeError(f"{kind}: {reason}")
+                else:
+                    item = Chunk(text, finish_reason, prompt_tokens, completion_tokens)
+                if error is not None or finish_reason is not None:
+                    request.ended = True
+                    with self._lock:
+                        self._live.pop(rid, None)
+                _deliver(request, item)
+        try:  # its output pipe closed: the child has exited or is exiting
+            code = self._process.wait(5) if self._process is not None else None
+        except subprocess.TimeoutExpired:
+            code = None
+        self._close(f"the engine process exited (exit code {code})" if code else "the engine process has stopped")
+
+    def _close(self, reason: str) -> None:
+        """No more submissions; every request still running ends with `reason` as its error."""
+        with self._lock:
+            self._closed = self._closed or reason
+            left, self._live = list(self._live.values()), {}
+            self._stats = (0, 0)
+        for request in left:
+            request.ended = True
+            _deliver(request, EngineUnavailable(reason))
+
+
+def _deliver(request: RemoteRequest, item: Chunk | BaseException) -> None:
+    try:
+        request.sink(item)
+    except Exception:  # noqa: BLE001, S110 - a failing sink ends its own request only, as in the engine
+        pass
+
+
+# ---- the child process ---------------------------------------------------------------------------
+def _child_main(model_dir: str, device: str, engine_args: dict, commands: Connection, outputs: Connection) -> None:
+    """Load the model, build the engine, then: take commands, step, send the step's output."""
+    try:
+        llm = LLM.load(model_dir, device=device)
+        engine = Engine(llm.model, llm.tokenizer, **engine_args)
+        engine.warm_up()
+    except Exception as e:  # noqa: BLE001 - the parent raises it as the start-up error
+        outputs.send_bytes(json.dumps({"error": str(e) if isinstance(e, Gpt1Error) else
+                                       f"the engine process could not start: {type(e).__name__}: {e}"}).encode())
+        return
+    outputs.send_bytes(json.dumps({"ready": {"device": str(engine.device), "kv_bytes": engine.kv_bytes}}).encode())
+    requests: dict[int, object] = {}
+    outbox: list[list] = []
+
+    def sink_for(rid: int) -> Sink:
+        def sink(item: Chunk | BaseException) -> None:
+            if isinstance(item, BaseException):
+                outbox.append([rid, "", None, 0, 0, [type(item).__name__ if not isinstance(item, Gpt1Error)
+                                                     else "Gpt1Error", str(item)]])
+            else:
+                outbox.append([rid, item.text, item.finish_reason, item.prompt_tokens, item.completion_tokens, None])
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                requests.pop(rid, None)
+        return sink
+
+    while True:
+        # Block for the next command while idle; otherwise take what has arrived and step.
+        wait = None if not engine.busy and not outbox else 0
+        while commands.poll(wait):
+            wait = 0
+            try:
+                message = json.loads(commands.recv_bytes())
+            except EOFError:  # the parent is gone
+                message = {"stop": True}
+            if "stop" in message:
+                engine.stop()  # ends what is left; the parent ends its own requests
+                return
+            if "cancel" in message:
+                if (request := requests.get(message["cancel"])) is not None:
+                    request.cancel()
+                continue
+            params = SamplingParams(**{**message["params"], "stop": tuple(message["params"]["stop"])})
+            ids = [rid for rid, _ in message["submit"]]
+            try:
+                submitted = engine.submit([prompt for _, prompt in message["submit"]], params,
+                                          lambda i: sink_for(ids[i]))
+            except Exception as e:  # noqa: BLE001 - the parent checked it; should it still fail, fail those
+                for rid in ids:
+                    sink_for(rid)(e)
+                continue
+            requests.update(zip(ids, submitted))
+        engine.step()
+        if outbox or not engine.busy:
+            stats = [engine.active, engine.queued, dataclasses.asdict(engine.stats)]
+            try:
+                outputs.send_bytes(json.dumps({"out": outbox, "stats": stats}).encode())
+            except (OSError, ValueError):  # the parent is gone
+                return
+            outbox = []
+
+
+if __name__ == "__main__":  # the child: python -m gpt1.inference.engine_process SPEC COMMANDS_FD OUTPUTS_FD
+    # Ctrl-C in a terminal reaches the whole process group: the server shuts down and stops this
+    # process through its pipe (or by closing it), without a KeyboardInterrupt traceback from here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _spec = json.loads(sys.argv[1])
+    _child_main(_spec["model_dir"], _spec["device"], _spec["engine"], Connection(int(sys.argv[2]), writable=False),
+                Connection(int(sys.argv[3]), readable=False))

@@ -1,0 +1,175 @@
+"""The engine in a process of its own (`gpt1.inference.engine_process`, `gpt1 serve --engine
+process`): the same outputs as the engine in this process, validation before anything crosses
+over, a clear start-up error, and a child that dies ending its requests instead of hanging them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+import gpt1
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.inference.decoding import Chunk
+from gpt1.inference.engine import QueueFull, TooLarge
+from gpt1.inference.engine_process import EngineProcess
+from gpt1.inference.generate import generate
+from gpt1.serve import background_server, create_app
+from tests.test_serve_api import endless_model_dir, free_port
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return gpt1.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(llm):
+    with EngineProcess(llm.path, llm.tokenizer, llm.config, device="cpu", max_batch=4, max_queue=4) as engine:
+        yield engine
+
+
+class Outputs:
+    """Sinks that collect each request's chunks; `wait()` until every one has ended."""
+
+    def __init__(self, n: int):
+        self.items: dict[int, list] = {i: [] for i in range(n)}
+        self._ended = threading.Semaphore(0)
+
+    def sink_for(self, offset: int = 0):
+        def make(i: int):
+            def sink(item):
+                self.items[offset + i].append(item)
+                if isinstance(item, BaseException) or item.finish_reason is not None:
+                    self._ended.release()
+            return sink
+        return make
+
+    def wait(self, timeout: float = 60.0) -> None:
+        for _ in self.items:
+            assert self._ended.acquire(timeout=timeout), "a request never ended"
+
+    def text(self, i: int) -> str:
+        return "".join(c.text for c in self.items[i])
+
+
+def test_greedy_and_seeded_outputs_equal_single_requests_with_staggered_arrivals(engine, llm):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], [16, 17], [18, 19, 20, 21, 22], [23]]
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    seeded = SamplingParams(temperature=0.9, top_k=20, seed=7, max_new_tokens=10)
+    outputs = Outputs(len(prompts))
+    # Six requests, more than the 4 slots, arriving while earlier ones generate, two knob sets.
+    for i, prompt in enumerate(prompts):
+        engine.submit([prompt], greedy if i % 2 == 0 else seeded, outputs.sink_for(i))
+        time.sleep(0.01 * i)
+    outputs.wait()
+    for i, prompt in enumerate(prompts):
+        expected = generate(llm.model, llm.tokenizer, prompt, greedy if i % 2 == 0 else seeded)
+        last = outputs.items[i][-1]
+        assert isinstance(last, Chunk) and outputs.text(i) == expected.text
+        assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (
+            expected.finish_reason, expected.prompt_tokens, expected.completion_tokens)
+    assert engine.stats.completed >= len(prompts) and engine.active == 0
+
+
+def test_bad_submissions_are_refused_here_before_anything_is_sent(engine, llm):
+    before = engine.stats
+    with pytest.raises(Gpt1Error, match="prompt 1"):  # an id outside the vocabulary, named
+        engine.submit([[5], [llm.config.vocab_size + 3]], SamplingParams(), Outputs(2).sink_for())
+    with pytest.raises(Gpt1Error, match="temperature"):
+        engine.submit([[5]], SamplingParams(temperature=-1), Outputs(1).sink_for())
+    with pytest.raises(TooLarge, match="at most 8"):
+        engine.submit([[5]] * 9, SamplingParams(), Outputs(9).sink_for())
+    assert engine.stats.submitted == before.submitted and engine.stats.rejected == before.rejected + 9
+
+
+def test_a_full_queue_is_refused_and_cancel_frees_the_slots(engine, llm):
+    outputs = Outputs(8)
+    # 8 long requests fill the 4 slots and the 4 queue places.
+    requests = engine.submit([[5 + i] for i in range(8)], SamplingParams(temperature=1.0, max_new_tokens=10_000,
+                                                                         stop=("never",)), outputs.sink_for())
+    with pytest.raises(QueueFull):
+        engine.submit([[5]], SamplingParams(), Outputs(1).sink_for())
+    for r in requests:
+        r.cancel()
+    outputs.wait()
+    assert all(outputs.items[i][-1].finish_reason in ("cancelled", "length", "stop") for i in range(8))
+    deadline = time.monotonic() + 10
+    while (engine.active or engine.queued) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 0 and engine.queued == 0 and engine.free_slots == 4
+    done, params = Outputs(1), SamplingParams(temperature=0, max_new_tokens=6)
+    engine.submit([[9, 10]], params, done.sink_for())  # a reused slot: stale keys never leak in
+    done.wait()
+    assert done.text(0) == generate(llm.model, llm.tokenizer, [9, 10], params).text
+
+
+def test_a_pool_that_does_not_fit_is_a_clear_start_up_error(llm):
+    engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device="cpu", max_batch=10**12)
+    with pytest.raises(Gpt1Error, match=r"max_batch 1000000000000: the KV cache needs .* lower max_batch"):
+        engine.start()
+    assert engine.pid is not None and not engine.alive
+
+
+def test_a_dead_engine_process_ends_its_requests_and_the_server_says_so(tiny_config, tokenizer, tmp_path):
+    endless = gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path), device="cpu")  # replies of max_tokens
+    app = create_app(endless, engine="process", max_batch=2)
+    engine = app.state.engine
+    body = {"model": "m", "prompt": "x", "max_tokens": 8000, "temperature": 1.0, "stream": True}
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.get("/health").json()["status"] == "ok"
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # generating
+            os.kill(engine.pid, signal.SIGKILL)
+            rest = list(lines)
+        errors = [line for line in rest if '"error"' in line]
+        assert len(errors) == 1 and "engine_unavailable" in errors[0] and "exit code -9" in errors[0]
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_unavailable"
+        r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "exit code -9" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_cli_serves_with_the_engine_in_its_own_process(tiny_model_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+                             "--engine", "process", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "gpt1 serve did not start"
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5, "temperature": 0}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        child = int(open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()[0])
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    stderr = proc.stderr.read().decode()
+    assert re.search(r"KV cache: 16 slots x 64 positions = [\d.]+ MiB on cpu \(--max-batch 16\), in the engine's own "
+                     r"process", stderr)
+    assert not os.path.exists(f"/proc/{child}") or "zombie" in open(f"/proc/{child}/status").read().lower()
+    # A pool that cannot fit is one clear line and exit 2, as with the engine in a thread.
+    huge = subprocess.run([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                           "--engine", "process", "--max-batch", str(10**12)], capture_output=True, text=True, timeout=120)
+    assert huge.returncode == 2 and "Traceback" not in huge.stderr
+    assert re.search(r"error: max_batch 1000000000000: the KV cache needs [\d.]+ GiB .* lower max_batch$",
+                     huge.stderr.strip().splitlines()[-1])
