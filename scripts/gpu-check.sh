@@ -36,7 +36,8 @@ for name in ${STEPS:-tests generate serve train profile}; do
   seconds=${LIMIT_S:-${limit[$name]:-300}}
   echo "== $name (at most $seconds s)" >&2
   if [ "$name" = tests ]; then
-    command=(python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_engine.py -k "cuda or bucketed or staggered or compiled")
+    command=(python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_process.py
+             -k "cuda or bucketed or staggered or compiled")
   elif [ "$name" = profile ]; then  # torch.profiler tables of both sides' (compiled) training step
     command=(python3 -X faulthandler -c "import sys; from gpt1.benchmarks.train import profile_steps; profile_steps(sys.argv[1], quick=bool(sys.argv[2]))" "$OUT" "${QUICK:-}")
   else

@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 import gpt1
 from gpt1.core.errors import Gpt1Error
@@ -78,6 +79,20 @@ def test_greedy_and_seeded_outputs_equal_single_requests_with_staggered_arrivals
         assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (
             expected.finish_reason, expected.prompt_tokens, expected.completion_tokens)
     assert engine.stats.completed >= len(prompts) and engine.active == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_process_on_cuda_equals_the_engine_in_this_process(tiny_model_dir):
+    """What `gpt1 serve` runs on a GPU by default: the child captures CUDA graphs of its own."""
+    cuda = gpt1.load(tiny_model_dir, device="cuda")
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    with EngineProcess(tiny_model_dir, cuda.tokenizer, cuda.config, device="cuda", max_batch=4) as engine:
+        assert engine.device.startswith("cuda")
+        for prompt in ([5, 6, 7], [8]):  # one at a time: bf16 rounding depends on the batch
+            outputs = Outputs(1)
+            engine.submit([prompt], params, outputs.sink_for())
+            outputs.wait()
+            assert outputs.text(0) == generate(cuda.model, cuda.tokenizer, prompt, params).text
 
 
 def test_bad_submissions_are_refused_here_before_anything_is_sent(engine, llm):
