@@ -85,13 +85,20 @@ class SlotCache:
         self.positions: torch.Tensor | None = None  # (B, T), read by GPT.forward
         self.mask: torch.Tensor | None = None  # (B, 1, T, key_len), added to the attention scores
         self._rows: slice | torch.Tensor = slice(0, 0)
-        self._row_index: torch.Tensor | None = None
+        self._row_index: torch.Tensor | None = None  # (B, 1): the pool rows written
+        # Each layer's index into the pool as a tensor: writes index the whole pool at once
+        # (`update`), never a view of it, which torch.compile would turn into a copy of the pool.
+        # (1, 1), not 0-d: indexing treats a 0-d tensor as a Python int, i.e. as a view.
+        self._layer_index = [torch.full((1, 1), i, device=device) for i in range(config.n_layer)]
         self._key_len = 0
 
     def prepare(self, rows: slice | torch.Tensor, positions: torch.Tensor, key_len: int | None = None) -> None:
         self._key_len = key_len or self.max_len
         self._rows = rows
-        self._row_index = torch.arange(positions.size(0), device=positions.device)[:, None]
+        if isinstance(rows, slice):
+            self._row_index = torch.arange(rows.start or 0, rows.stop, device=positions.device)[:, None]
+        else:
+            self._row_index = rows[:, None]
         self.positions = positions
         visible = torch.arange(self._key_len, device=positions.device) <= positions[:, None, :, None]
         # Additive (0 / -inf) in the cache's dtype, made once per forward: a boolean mask would be
@@ -101,14 +108,13 @@ class SlotCache:
             visible.logical_not(), float("-inf"))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(self._rows, slice):  # a view: written in place, read without a copy
-            keys, values = self.k[layer, self._rows], self.v[layer, self._rows]
-            keys[self._row_index, :, self.positions] = k.transpose(1, 2)
-            values[self._row_index, :, self.positions] = v.transpose(1, 2)
-            return keys[:, :, :self._key_len], values[:, :, :self._key_len]
-        rows = self._rows[:, None]
-        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)
-        self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
+        # One index_put on the pool itself. Writing through a view of it (`self.k[layer][rows]`)
+        # does the same eagerly, but a compiled step then copies the whole pool back (the mutated
+        # input is the pool): on a CPU, `small` at 16 rows, 83 ms per compiled step instead of 13.
+        index = (self._layer_index[layer], self._row_index, slice(None), self.positions)
+        self.k[index] = k.transpose(1, 2)  # (B, T, n_head, head_size) at [layer, row, :, position]
+        self.v[index] = v.transpose(1, 2)
+        # Read: a view when the rows are a slice of the pool (the decode step), else a gather.
         return self.k[layer, self._rows, :, :self._key_len], self.v[layer, self._rows, :, :self._key_len]
 
     def move(self, src: int, dst: int) -> None:
