@@ -4,8 +4,10 @@ over, a clear start-up error, and a child that dies ending its requests instead 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from gpt1.inference.decoding import Chunk
 from gpt1.inference.engine import QueueFull, TooLarge
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.inference.generate import generate
+from gpt1.inference.llm import LLM
 from gpt1.serve import background_server, create_app
 from tests.test_serve_api import endless_model_dir, free_port
 
@@ -125,6 +128,19 @@ def test_a_full_queue_is_refused_and_cancel_frees_the_slots(engine, llm):
     engine.submit([[9, 10]], params, done.sink_for())  # a reused slot: stale keys never leak in
     done.wait()
     assert done.text(0) == generate(llm.model, llm.tokenizer, [9, 10], params).text
+
+
+def test_the_server_side_holds_no_weights_but_checks_the_dir(tiny_model_dir, llm, tmp_path):
+    """`gpt1 serve --engine process` loads the dir this way in the server process."""
+    light = LLM.without_weights(tiny_model_dir)
+    assert all(p.device.type == "meta" for p in light.model.parameters())
+    assert light.config == llm.config and light.tokenizer.encode("hello there") == llm.tokenizer.encode("hello there")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "n_layer": config["n_layer"] + 1}))
+    with pytest.raises(Gpt1Error, match=r"model.safetensors: weights do not match the config"):
+        LLM.without_weights(broken)
 
 
 def test_a_pool_that_does_not_fit_is_a_clear_start_up_error(llm):

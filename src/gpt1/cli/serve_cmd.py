@@ -11,6 +11,7 @@ from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
 from gpt1.inference.engine import Engine
+from gpt1.inference.llm import LLM
 
 API_KEY_ENV = "GPT1_API_KEY"
 
@@ -88,9 +89,9 @@ def serve_command(args: argparse.Namespace) -> int:
         raise Gpt1Error(f"--stream-interval must be in [0, 10000] milliseconds, got {args.stream_interval}")
     device = resolve_device(args.device)
     engine = args.engine if args.engine != "auto" else "process" if device.type == "cuda" else "thread"
-    # With the engine in a child process, this one needs only the tokenizer and the config: the
-    # weights are loaded on the CPU here (which also checks the dir before the child starts).
-    llm = gpt1.load(args.model, device="cpu" if engine == "process" else device)
+    # With the engine in a child process, this one needs only the tokenizer and the config (the
+    # dir is checked here all the same, before the child starts).
+    llm = LLM.without_weights(args.model) if engine == "process" else gpt1.load(args.model, device=device)
     app = create_app(llm, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                      body_timeout_s=args.body_timeout, stream_interval_ms=args.stream_interval,

@@ -114,7 +114,8 @@ def check_weight_shapes(model: GPT, file: Path) -> None:
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                adapter: str = "merge") -> GPT:
-    """Build a GPT from a model dir's config.json and model.safetensors, in eval mode.
+    """Build a GPT from a model dir's config.json and model.safetensors, in eval mode
+    (device "meta": without its weights, which are not read; the adapter is not applied).
 
     A fine-tuned dir's LoRA adapter (`adapter/`, see `gpt1.core.lora`) is applied: with
     adapter="merge" (default) merged into the weights, giving a plain GPT as fast as the base;
@@ -130,6 +131,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     with torch.device("meta"):
         model = GPT(config)
     check_weight_shapes(model, directory / WEIGHTS_FILE)  # before allocating what config.json asks for
+    if torch.device(device).type == "meta":  # the architecture and checked shapes, no weights read
+        return model.eval()
     model = model.to_empty(device=device)
     load_weights(model, directory / WEIGHTS_FILE)
     if config.tie_embeddings:

@@ -38,6 +38,13 @@ class LLM:
         model = load_model(path, device=device, dtype=dtype)
         return cls(model=model, tokenizer=Tokenizer.load(path), path=path)
 
+    @classmethod
+    def without_weights(cls, path: str | Path) -> "LLM":
+        """The dir's config and tokenizer with a weightless model (on the meta device), its shapes
+        checked against the weights file: what a server whose engine runs in another process needs."""
+        path = Path(path)
+        return cls(model=load_model(path, device="meta"), tokenizer=Tokenizer.load(path), path=path)
+
     @property
     def config(self) -> ModelConfig:
         return self.model.config
