@@ -150,6 +150,13 @@ def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, config
                     for p, name in zip(prompts, names)]
 
 
+def check_sizes(max_batch: int, max_queue: int, prefill_chunk: int) -> None:
+    """Gpt1Error unless max_batch and prefill_chunk are >= 1 and max_queue >= 0."""
+    if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+        raise Gpt1Error(f"engine: max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
+                        f"{max_batch}, {prefill_chunk} and {max_queue}")
+
+
 def check_room(n: int, max_batch: int, max_queue: int, active: int, queued: int) -> None:
     """TooLarge when `n` prompts exceed what the engine ever holds, QueueFull when they do not fit now."""
     capacity = max_batch + max_queue
@@ -165,9 +172,7 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, max_batch: int = 8, max_queue: int = 64,
                  prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False):
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise Gpt1Error(f"engine: max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
-                            f"{max_batch}, {prefill_chunk} and {max_queue}")
+        check_sizes(max_batch, max_queue, prefill_chunk)
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
@@ -239,21 +244,21 @@ class Engine:
         `cancel`, when given, is the requests' cancel event (set it to stop them)."""
         params, fitted = fit_prompts(prompts, params, self.config, self.tokenizer)
         block = self.config.block_size
-        requests = [Request(ids, params, sink_for(i), TextState(self.tokenizer, params.stop, len(ids),
-                                                                  new_token_limit(len(ids), block, params)),
-                            _generator(params.seed) if params.temperature > 0 else None)
-                    for i, ids in enumerate(fitted)]
-        if cancel is not None:
-            for r in requests:
-                r.cancel_event = cancel
         with self._lock:
             if self._stopping:
                 raise EngineUnavailable("the engine is shutting down")
-            try:
-                check_room(len(requests), self.max_batch, self.max_queue, len(self._rows), len(self._waiting))
+            try:  # before anything is built for the requests
+                check_room(len(fitted), self.max_batch, self.max_queue, len(self._rows), len(self._waiting))
             except Gpt1Error:
-                self.stats.rejected += len(requests)
+                self.stats.rejected += len(fitted)
                 raise
+            requests = [Request(ids, params, sink_for(i), TextState(self.tokenizer, params.stop, len(ids),
+                                                                      new_token_limit(len(ids), block, params)),
+                                _generator(params.seed) if params.temperature > 0 else None)
+                        for i, ids in enumerate(fitted)]
+            if cancel is not None:
+                for r in requests:
+                    r.cancel_event = cancel
             self._waiting.extend(requests)
             self.stats.submitted += len(requests)
             self._lock.notify_all()

@@ -39,7 +39,16 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.inference.decoding import Chunk
-from gpt1.inference.engine import RATE_WINDOW_S, Engine, EngineStats, EngineUnavailable, Sink, check_room, fit_prompts
+from gpt1.inference.engine import (
+    RATE_WINDOW_S,
+    Engine,
+    EngineStats,
+    EngineUnavailable,
+    Sink,
+    check_room,
+    check_sizes,
+    fit_prompts,
+)
 from gpt1.inference.llm import LLM
 
 START_TIMEOUT_S = 600.0  # loading, the KV cache and the CUDA-graph capture of every bucket
@@ -69,9 +78,7 @@ class EngineProcess:
 
     def __init__(self, model_dir: str | Path, tokenizer: Tokenizer, config, *, device: str, max_batch: int = 8,
                  max_queue: int = 64, prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False):
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise Gpt1Error(f"engine: max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
-                            f"{max_batch}, {prefill_chunk} and {max_queue}")
+        check_sizes(max_batch, max_queue, prefill_chunk)
         self.model_dir, self.tokenizer, self.config = str(model_dir), tokenizer, config
         self.max_batch, self.max_queue = max_batch, max_queue
         self._engine_args = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,

@@ -83,7 +83,7 @@ def submit(engine: Engine | EngineProcess, prompts: list[list[int]], params: Sam
     except TooLarge as e:
         raise ApiError(400, str(e), param="prompt", code="too_many_prompts") from None
     except EngineUnavailable as e:
-        raise ApiError(503, str(e), type="server_error", code="engine_unavailable") from None
+        raise generation_error(e) from None
     except Gpt1Error as e:
         raise ApiError(400, str(e)) from None
 
@@ -260,8 +260,7 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
         """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s;
         503 once the engine has stopped (e.g. its process exited)."""
         if not engine.alive:
-            raise ApiError(503, "the engine has stopped; restart the server", type="server_error",
-                           code="engine_unavailable")
+            raise generation_error(EngineUnavailable("the engine has stopped; restart the server"))
         return {"status": "ok", "model": name, "active": engine.active, "queued": engine.queued,
                 "free_slots": engine.free_slots, "max_batch": engine.max_batch,
                 "tokens_per_s": round(engine.tokens_per_s, 1)}
