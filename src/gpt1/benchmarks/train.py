@@ -11,7 +11,8 @@ the same precision and optimizer, measured in the same run and reported as a rat
   `tiny` preset). Peak memory is the peak RSS of a fresh process doing the same steps (a
   subprocess per measurement: `resource.getrusage` reports a process's lifetime peak only).
   The full CPU run also measures the peak RSS of a 257M (`gpt1`) step at 4 x 512 with gpt1's
-  chunked output layer + loss against the full-logits `F.cross_entropy` it replaced.
+  chunked output layer + loss against the full-logits `F.cross_entropy` it replaced. CPU runs
+  use the allocator setting of gpt1's training loop (`gpt1.core.malloc`), both sides alike.
 
 The two sides' steps alternate and the time is the median of the measured steps, so that a
 busy machine slows both alike. MFU is the honest one of `GPT.flops_per_token` (matmuls that
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from gpt1.benchmarks import progress
 from gpt1.core.config import ModelConfig
 from gpt1.core.io import write_text
+from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import EOS, SPECIAL_TOKENS
 from gpt1.train.config import TrainConfig, load_config
@@ -135,6 +137,7 @@ def peak_rss_gb(impl: str, preset: str, batch_size: int, block_size: int, precis
 
 
 def _child_steps(impl: str, preset: str, batch_size: int, block_size: int, precision: str, steps: int) -> None:
+    keep_freed_memory()
     config = ModelConfig.preset(preset, block_size=block_size)
     step = _training_step(impl, config, batch_size, torch.device("cpu"), precision)
     for _ in range(steps):
@@ -204,6 +207,7 @@ def run(quick: bool = False) -> list[dict]:
                 rows.append({"mode": "compiled", "error": f"{type(e).__name__}: {e}"[:300]})
                 progress("train", rows[-1])
         return rows
+    keep_freed_memory()  # as gpt1's training loop runs on a CPU; both sides alike
     preset = "tiny" if quick else "small"
     n_warmup, n_steps = (1, 3) if quick else (2, 7)
     rows = [measure(config, batch_size, device, precision, n_warmup, n_steps, preset=preset)

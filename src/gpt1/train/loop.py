@@ -64,6 +64,7 @@ import torch
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import crash_point, read_json, write_json, write_text
+from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
 from gpt1.train import checkpoint as ckpt
@@ -187,6 +188,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
         raise Gpt1Error("the run needs max_steps >= 1 (resolve max_tokens / epochs before calling train)")
     dist = distributed.current()
     device = distributed.resolve_device(cfg.device, dist)
+    if device.type == "cpu":
+        keep_freed_memory()  # the step's large buffers reused, not page-faulted in every step
     if dist.is_main:
         _check_run_dir(run_dir, cfg, max_steps)
         ckpt.remove_partial_saves(run_dir)

@@ -1,0 +1,51 @@
+"""`keep_freed_memory`: glibc keeps a large freed buffer for reuse instead of unmapping it."""
+
+import ctypes
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                                reason="glibc >= 2.33 only (mallinfo2)")
+
+# Allocates and frees a 48 MiB tensor (above glibc's default mmap threshold, 32 MiB at most) and
+# reports what mallinfo2 says: bytes in mapped chunks while it lives, free heap bytes after.
+CHILD = """
+import ctypes, json, sys, torch
+from gpt1.core.malloc import keep_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+before = libc.mallinfo2().hblkhd
+buffer = torch.empty(48 * 2**20, dtype=torch.uint8).fill_(1)
+mapped = libc.mallinfo2().hblkhd - before
+del buffer
+print(json.dumps({"applied": applied, "mapped": mapped, "free_in_heap": libc.mallinfo2().fordblks}))
+"""
+
+BUFFER = 48 * 2**20
+
+
+def _child(mode: str, **env: str) -> dict:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
+    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True, env=environ)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_freed_buffer_stays_in_the_heap_for_the_next_step():
+    default, kept = _child("default"), _child("keep")
+    assert default["mapped"] >= BUFFER and default["free_in_heap"] < BUFFER  # mapped, then returned
+    assert kept["applied"] is True
+    assert kept["mapped"] < BUFFER and kept["free_in_heap"] >= BUFFER  # from the heap, kept there
+
+
+def test_the_environment_keeps_its_own_choice():
+    result = _child("keep", MALLOC_MMAP_THRESHOLD_="1048576")
+    assert result["applied"] is False and result["mapped"] >= BUFFER
