@@ -3,9 +3,10 @@
 # GPU (the engine's captured decode step against eager generation), then `gpt1 bench generate`,
 # `serve` and `train` at their GPU sizes (the 257M reference model in bf16, the recipe's
 # micro-batch, eager and compiled), each against its reference in the same run, then `profile`:
-# torch.profiler tables of both sides' compiled training step (train-profile-*.txt). Tables go to
-# stdout, JSON and logs under $OUT (default ./gpu-check); each benchmark also logs every row as
-# soon as it is measured, so a run cut short keeps what it measured.
+# torch.profiler tables of both sides' compiled training step (train-profile-*.txt). `microbatch`
+# (run only when named) times gpt1's compiled step at 1x, 2x and 4x the recipe's micro-batch
+# (microbatch.json). Tables go to stdout, JSON and logs under $OUT (default ./gpu-check); each
+# benchmark also logs every row as soon as it is measured, so a run cut short keeps what it measured.
 #
 #   bash scripts/gpu-check.sh                          # on a CUDA machine, from the repo root
 #   STEPS="tests generate serve" bash scripts/gpu-check.sh   # some of them (one device call each)
@@ -14,8 +15,8 @@
 # Runs from the source tree (PYTHONPATH=src), so nothing needs installing where gpt1's
 # dependencies are present. A machine without pydantic, FastAPI or uvicorn (the lent GPU
 # machines) gets them from wheels in .whl/: `bash scripts/fetch-device-wheels.sh` fetches them.
-# Each step is cut at its own limit (tests 240 s, generate 300 s, serve 300 s, train 400 s, profile 300 s;
-# LIMIT_S sets one limit for all) so that one slow step cannot eat the others' time.
+# Each step is cut at its own limit (tests 240 s, generate 300 s, serve 300 s, train 400 s, profile
+# and microbatch 300 s; LIMIT_S sets one limit for all) so that one slow step cannot eat the others' time.
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
@@ -30,7 +31,7 @@ import datetime, torch
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU sizes)"
 print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {name}")
 PY
-declare -A limit=([tests]=240 [generate]=300 [serve]=300 [train]=400 [profile]=300)
+declare -A limit=([tests]=240 [generate]=300 [serve]=300 [train]=400 [profile]=300 [microbatch]=300)
 status=0
 for name in ${STEPS:-tests generate serve train profile}; do
   seconds=${LIMIT_S:-${limit[$name]:-300}}
@@ -38,6 +39,8 @@ for name in ${STEPS:-tests generate serve train profile}; do
   if [ "$name" = tests ]; then
     command=(python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_process.py
              -k "cuda or bucketed or staggered or compiled")
+  elif [ "$name" = microbatch ]; then  # gpt1's compiled step at the recipe's micro-batch, 2x and 4x it
+    command=(python3 -X faulthandler -c "import json, sys; from gpt1.benchmarks.train import micro_batch_rows; rows = micro_batch_rows(quick=bool(sys.argv[2])); open(sys.argv[1], 'w').write(json.dumps(rows, indent=1))" "$OUT/microbatch.json" "${QUICK:-}")
   elif [ "$name" = profile ]; then  # torch.profiler tables of both sides' (compiled) training step
     command=(python3 -X faulthandler -c "import sys; from gpt1.benchmarks.train import profile_steps; profile_steps(sys.argv[1], quick=bool(sys.argv[2]))" "$OUT" "${QUICK:-}")
   else

@@ -217,6 +217,39 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
+def micro_batch_rows(quick: bool = False, sizes: tuple[int, ...] | None = None) -> list[dict]:
+    """gpt1's training step alone at several micro-batches (issue 13's "tuned micro-batch"): on a
+    GPU the recipe's batch_size and 2x and 4x it (the same optimizer step with grad_accum 1/2 and
+    1/4 as large), compiled, in the recipe's precision; `quick` or a CPU: `tiny` at 2 and 4, eager.
+    A row per size with tokens/s, honest MFU and peak GB (GPU), or the error (e.g. out of memory)."""
+    device, config, batch_size, precision = _setup(quick)
+    cuda = device.type == "cuda"
+    sizes = sizes or ((batch_size, 2 * batch_size, 4 * batch_size) if cuda else (2, 4))
+    with torch.device("meta"):
+        flops = GPT(config).flops_per_token(config.block_size)
+    peak = peak_flops(device)
+    rows = []
+    for size in sizes:
+        row = {"model": f"{config.n_layer}x{config.n_embd}, vocab {config.vocab_size:,}", "device": device.type,
+               "precision": precision, "mode": "compiled" if cuda else "eager", "micro-batch": f"{size}x{config.block_size}"}
+        try:
+            if cuda:
+                steps, memory = _steps_and_peaks_cuda(("gpt1",), config, size, device, precision, compile=True)
+            else:
+                steps, memory = {"gpt1": _training_step("gpt1", config, size, device, precision)}, {}
+            tokens_per_s = size * config.block_size / _median_seconds(steps, 1, 3 if quick else 8, device)["gpt1"]
+            row |= {"tok/s": tokens_per_s, "MFU": flops * tokens_per_s / peak if peak else None,
+                    "peak GB": memory.get("gpt1")}
+            del steps
+        except torch.OutOfMemoryError as e:
+            row["error"] = f"out of memory: {e}"[:200]
+        if cuda:
+            torch.cuda.empty_cache()
+        rows.append(row)
+        progress("train", row)
+    return rows
+
+
 def profile_steps(out: str | Path, quick: bool = False, compile: bool | None = None, steps: int = 3,
                   rows: int = 40) -> list[Path]:
     """Where each side's training step spends its time: a `torch.profiler` table (the top `rows`
