@@ -268,3 +268,41 @@ def test_a_request_cancelled_while_waiting_leaves_the_queue_at_the_next_step(mod
     engine.step()
     assert (engine.active, engine.queued) == (1, 0) and collector.finish(1) == "cancelled"
     assert collector.chunks[1][-1].completion_tokens == 0
+
+
+def test_cpu_weights_column_major_same_logits_training_and_saving(tiny_config, tokenizer, tmp_path):
+    """The CPU engine's weight layout changes strides, nothing else: same logits, same training
+    steps, and a model dir saved afterwards loads back with the same weights."""
+    import dataclasses
+
+    from gpt1.core.model import GPT
+    from gpt1.formats.modeldir import load_model, save_model
+    from gpt1.inference.engine import store_weights_column_major
+
+    torch.manual_seed(3)
+    plain = GPT(tiny_config).eval()
+    relaid = copy.deepcopy(plain)
+    store_weights_column_major(relaid)
+    linears = [m for m in relaid.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.stride() == (1, m.weight.size(0)) for m in linears)  # column-major
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), relaid.parameters()))
+    x = torch.randint(3, tiny_config.vocab_size, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(relaid(x), plain(x), rtol=1e-5, atol=1e-5)
+    for model in (plain, relaid):  # a few fused-AdamW steps: the same weights after
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        for _ in range(2):
+            model(x[:, :-1], x[:, 1:])[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(plain.parameters(), relaid.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    save_model(tmp_path / "saved", relaid, tokenizer)
+    loaded = load_model(tmp_path / "saved")
+    assert all(torch.equal(a, b) for a, b in zip(relaid.state_dict().values(), loaded.state_dict().values()))
+
+    tied = GPT(dataclasses.replace(tiny_config, tie_embeddings=True))
+    store_weights_column_major(tied)  # the head shares the embedding's rows: left row-major
+    assert tied.lm_head.weight is tied.transformer.wte.weight and tied.lm_head.weight.is_contiguous()
+    assert not tied.transformer.h[0].mlp.c_fc.weight.is_contiguous()

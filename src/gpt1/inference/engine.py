@@ -26,7 +26,9 @@ any device; off by default: it gained 5% at batch 1 on an H200, before a fix to 
 that is measured on a CPU only, where it is no faster than eager). Each request's output goes to its `sink`: a
 `Chunk` per piece of text (the last one carries the finish reason), or the exception that
 ended it. The engine can be driven by the caller (`step()` until `busy` is false: what
-`generate` does) or by its own worker thread (`start()`: what the server does).
+`generate` does) or by its own worker thread (`start()`: what the server does). On a CPU the
+engine stores the model's weights column-major (`store_weights_column_major`), which makes its
+few-row matmuls faster.
 """
 
 from __future__ import annotations
@@ -49,6 +51,22 @@ from gpt1.inference.sampling import process_logits, sample
 
 Sink = Callable[["Chunk | BaseException"], None]
 RATE_WINDOW_S = 10.0  # tokens/s in /health is measured over this many seconds
+
+
+def store_weights_column_major(model: GPT) -> None:
+    """Store each `nn.Linear` weight column-major, in place: the same (out, in) tensor and values,
+    transposed storage. `F.linear(x, W)` computes x @ W.T, and with W.T contiguous MKL's CPU
+    GEMM streams the weights faster at a decode step's few rows: on the development CPU (2 cores,
+    torch 2.13, the `small` model's 25 matmuls per token, weights from memory) 4.7 -> 3.6 ms at 1
+    row, 1.15-1.5x faster up to 64 rows, equal at 256. The output head stays as it is when it is
+    tied to the input embedding, whose row lookups want rows contiguous. Saving still works: the
+    weights files are written from contiguous copies."""
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not (tied and module is model.lm_head):
+            weight = module.weight
+            if weight.is_contiguous() and weight.dim() == 2:
+                weight.data = weight.data.t().contiguous().t()
 
 
 class QueueFull(Gpt1Error):
@@ -193,6 +211,8 @@ class Engine:
         except torch.OutOfMemoryError:
             raise Gpt1Error(f"max_batch {max_batch}: out of memory allocating the KV cache "
                             f"({_gib(self.kv_bytes)}) on {self.device}; lower max_batch") from None
+        if self.device.type == "cpu":
+            store_weights_column_major(model)
         self.stop_ids = frozenset(tokenizer.special_ids)
         self.stats = EngineStats()
         self._rows: list[Request] = []  # _rows[i] is the request in slot i
