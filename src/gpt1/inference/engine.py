@@ -26,9 +26,9 @@ any device; off by default: it gained 5% at batch 1 on an H200, before a fix to 
 that is measured on a CPU only, where it is no faster than eager). Each request's output goes to its `sink`: a
 `Chunk` per piece of text (the last one carries the finish reason), or the exception that
 ended it. The engine can be driven by the caller (`step()` until `busy` is false: what
-`generate` does) or by its own worker thread (`start()`: what the server does). On a CPU the
-engine stores the model's weights column-major (`store_weights_column_major`), which makes its
-few-row matmuls faster.
+`generate` does) or by its own worker thread (`start()`: what the server does). On a CPU whose
+PyTorch uses MKL the engine stores the model's weights column-major (`store_weights_column_major`),
+which makes its few-row matmuls faster.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ class Engine:
         except torch.OutOfMemoryError:
             raise Gpt1Error(f"max_batch {max_batch}: out of memory allocating the KV cache "
                             f"({_gib(self.kv_bytes)}) on {self.device}; lower max_batch") from None
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and torch.backends.mkl.is_available():  # measured with MKL (x86) only
             store_weights_column_major(model)
         self.stop_ids = frozenset(tokenizer.special_ids)
         self.stats = EngineStats()
