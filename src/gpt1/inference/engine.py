@@ -64,9 +64,8 @@ def store_weights_column_major(model: GPT) -> None:
     tied = model.lm_head.weight is model.transformer.wte.weight
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and not (tied and module is model.lm_head):
-            weight = module.weight
-            if weight.is_contiguous() and weight.dim() == 2:
-                weight.data = weight.data.t().contiguous().t()
+            if module.weight.is_contiguous():  # not yet (a second engine on the same model: nothing to do)
+                module.weight.data = module.weight.data.t().contiguous().t()
 
 
 class QueueFull(Gpt1Error):
