@@ -13,6 +13,7 @@ import torch
 from gpt1.core.config import ModelConfig
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import train_tokenizer
+from gpt1.data.shards import prepare
 from gpt1.data.sources import iter_documents
 from gpt1.formats.modeldir import save_model
 
@@ -42,6 +43,14 @@ def tokenizer(corpus_dir):
 def tokenizer_dir(tokenizer, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus_dir, tokenizer, tmp_path_factory) -> Path:
+    """The corpus as training shards (train.bin, val.bin with 8 documents held out)."""
+    out = tmp_path_factory.mktemp("shards")
+    prepare([str(corpus_dir)], tokenizer, out, val=8)
     return out
 
 

@@ -59,7 +59,7 @@ def test_gpu_check_script_runs_the_named_benchmarks_and_keeps_their_json(tmp_pat
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "QUICK": "1", "STEPS": "prepare profile microbatch", "OUT": str(tmp_path / "out"),
+    env = {**os.environ, "QUICK": "1", "STEPS": "prepare profile microbatch float8", "OUT": str(tmp_path / "out"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 with torch
     # Run from an empty folder: no .whl/ there to install (a checkout may hold the GPU machine's
     # Python 3.12 wheels), and gpt1 comes from the installed package instead of ./src.
@@ -74,6 +74,9 @@ def test_gpu_check_script_runs_the_named_benchmarks_and_keeps_their_json(tmp_pat
         assert table.startswith(f"{impl}: 3 training steps") and "aten::mm" in table and "# of Calls" in table
     sizes = json.loads((tmp_path / "out" / "microbatch.json").read_text())  # gpt1 alone at two micro-batches
     assert [row["micro-batch"] for row in sizes] == ["2x128", "4x128"] and all(row["tok/s"] > 0 for row in sizes)
+    [fp8] = json.loads((tmp_path / "out" / "float8.json").read_text())  # FP8 matmuls beside bf16 (torchao)
+    assert "error" not in fp8, fp8
+    assert fp8["bf16 tok/s"] > 0 and fp8["float8 tok/s"] > 0 and math.isclose(fp8["ratio"], fp8["float8 tok/s"] / fp8["bf16 tok/s"])
 
 
 @pytest.mark.slow

@@ -34,13 +34,6 @@ from gpt1.train.schedule import lr_at, warmup_steps
 TINY = ["model=tiny", "block_size=32", "batch_size=4", "eval_batches=2", "device=cpu", "lr=3e-3", "min_lr=3e-4"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(corpus_dir, tokenizer, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    prepare([str(corpus_dir)], tokenizer, out, val=8)
-    return out
-
-
 # ---- config loading ------------------------------------------------------------------------
 
 def test_recipe_and_overrides(tmp_path):
@@ -317,13 +310,17 @@ KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_after_sigkill_mid_save_ends_at_the_same_loss(data_dir, tmp_path, optimizer):
+@pytest.mark.parametrize("variant", [["optimizer=adamw"], ["optimizer=muon"],
+                                     ["precision=bf16-mixed", "float8=true"]], ids=["adamw", "muon", "float8"])
+def test_resume_after_sigkill_mid_save_ends_at_the_same_loss(data_dir, tmp_path, variant):
     """A run killed in the middle of its step-4 checkpoint resumes from step 2 and ends exactly
-    where an uninterrupted run ends (same loss, same weights, same metrics), with either optimizer."""
+    where an uninterrupted run ends (same loss, same weights, same metrics), with either
+    optimizer and with FP8 matmuls."""
     from safetensors.torch import load_file
 
-    args = TINY + ["max_steps=6", "save_every=2", "eval_every=3", f"optimizer={optimizer}"]
+    if "float8=true" in variant:
+        pytest.importorskip("torchao.float8")
+    args = TINY + ["max_steps=6", "save_every=2", "eval_every=3", *variant]
     straight = _run(data_dir, tmp_path / "straight", args[len(TINY):])
     script = tmp_path / "kill.py"
     script.write_text(KILL_DURING_SAVE)

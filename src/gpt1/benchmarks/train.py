@@ -40,9 +40,9 @@ from gpt1.core.model import GPT
 from gpt1.core.tokenizer import EOS, SPECIAL_TOKENS
 from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.loop import peak_flops
-from gpt1.train.precision import autocast, resolve_precision
+from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
 
-IMPLEMENTATIONS = ("gpt1", "transformers", "gpt1-full-logits")
+IMPLEMENTATIONS = ("gpt1", "transformers", "gpt1-full-logits", "gpt1-float8")
 
 
 def _hf_model(config: ModelConfig):
@@ -63,6 +63,8 @@ def _training_step(impl: str, config: ModelConfig, batch_size: int, device: torc
     x = torch.randint(3, config.vocab_size, (batch_size, config.block_size + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
     model = (_hf_model(config) if impl == "transformers" else GPT(config)).to(device).train()
+    if impl == "gpt1-float8":
+        use_float8_matmuls(model, device)
     # Fused AdamW on both sides: gpt1's loop uses it on CUDA and CPU, and so does transformers'
     # Trainer by default (optim="adamw_torch_fused" with torch >= 2.8).
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
@@ -248,6 +250,40 @@ def micro_batch_rows(quick: bool = False, sizes: tuple[int, ...] | None = None) 
         rows.append(row)
         progress("train", row)
     return rows
+
+
+def float8_rows(quick: bool = False) -> list[dict]:
+    """gpt1's training step with its blocks' matmuls in FP8 (`float8=true`) against the same step in
+    bf16, taking turns in the same run: on a GPU the recipe's shape and micro-batch, compiled (FP8
+    pays only with its casts fused); `quick` or a CPU: `tiny` at 4 x 128, eager (a dry run: a CPU
+    has no FP8 units). One row: both tokens/s, the ratio, honest MFU against the card's bf16 peak
+    (as torchtitan reports it; FP8's own peak is twice that) and peak GB (GPU); or the error."""
+    device, config, batch_size, _ = _setup(quick)
+    cuda = device.type == "cuda"
+    precision = "bf16-mixed"  # what float8=true runs beside
+    impls = ("gpt1", "gpt1-float8")
+    with torch.device("meta"):
+        flops = GPT(config).flops_per_token(config.block_size)
+    peak = peak_flops(device)
+    row = {"model": f"{config.n_layer}x{config.n_embd}, vocab {config.vocab_size:,}", "device": device.type,
+           "mode": "compiled" if cuda else "eager", "batch": f"{batch_size}x{config.block_size}"}
+    try:
+        if cuda:
+            steps, memory = _steps_and_peaks_cuda(impls, config, batch_size, device, precision, compile=True)
+        else:
+            steps, memory = {impl: _training_step(impl, config, batch_size, device, precision) for impl in impls}, {}
+        seconds = _median_seconds(steps, 1, 3 if quick or not cuda else 10, device)
+        bf16, fp8 = (batch_size * config.block_size / seconds[impl] for impl in impls)
+        row |= {"bf16 tok/s": bf16, "float8 tok/s": fp8, "ratio": fp8 / bf16,
+                "bf16 MFU": flops * bf16 / peak if peak else None, "float8 MFU": flops * fp8 / peak if peak else None,
+                "bf16 peak GB": memory.get("gpt1"), "float8 peak GB": memory.get("gpt1-float8")}
+        del steps
+    except Exception as e:  # noqa: BLE001 - e.g. torchao missing or too old for this torch: say so, in the row
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    if cuda:
+        torch.cuda.empty_cache()
+    progress("train", row)
+    return [row]
 
 
 def profile_steps(out: str | Path, quick: bool = False, compile: bool | None = None, steps: int = 3,

@@ -74,6 +74,9 @@ class TrainConfig:
     embedding_lr_scale: float = 1.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: str = "fp32"  # fp32, bf16-mixed (fp16-mixed on GPUs without bf16), fp16-mixed (autocast + GradScaler)
+    # FP8 matmuls in the blocks' linear layers (torchao; gpt1.train.precision): with
+    # precision=bf16-mixed, on GPUs with FP8 tensor cores (compute capability >= 8.9); pretraining only
+    float8: bool = False
     compile: bool = False  # torch.compile the model; eager with a warning if compilation fails
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     eval_every: int = 200
@@ -87,6 +90,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise Gpt1Error(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.float8 and self.precision != "bf16-mixed":
+            raise Gpt1Error(f"float8=true runs the blocks' matmuls in FP8 and the rest in bf16: it needs "
+                            f"precision=bf16-mixed, got {self.precision!r}")
         if self.optimizer not in OPTIMIZERS:
             raise Gpt1Error(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("muon_lr_scale", "embedding_lr_scale"):

@@ -91,6 +91,8 @@ class FinetuneConfig(TrainConfig):
                             "model's shape (leave them 0)")
         if self.optimizer != "adamw":
             raise Gpt1Error(f"optimizer={self.optimizer} is for pretraining; LoRA fine-tuning uses adamw")
+        if self.float8:  # LoRA wraps the very layers FP8 would swap; the two together are untested
+            raise Gpt1Error("float8=true is for pretraining; LoRA fine-tuning runs in bf16-mixed, fp16-mixed or fp32")
         self.lora_config()  # validates r, dropout and targets
 
     def lora_config(self, token_ids: list[int] | None = None) -> LoRAConfig:

@@ -73,7 +73,7 @@ from gpt1.train.config import TrainConfig
 from gpt1.train.evaluate import evaluate_loss, perplexity
 from gpt1.train.optim import build_optimizer
 from gpt1.train.plot import plot_metrics
-from gpt1.train.precision import autocast, resolve_precision
+from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
 from gpt1.train.schedule import lr_at
 
 __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE",
@@ -197,6 +197,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
 
     model.to(device)
     model.train()
+    if cfg.float8:
+        use_float8_matmuls(model, device)  # before the optimizer: it swaps modules (same parameters)
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = cfg.gradient_checkpointing
     optimizer = build_optimizer(model, cfg, device)

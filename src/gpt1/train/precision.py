@@ -1,13 +1,30 @@
 """Mixed precision: the autocast context of a `precision` setting (fp32, fp16-mixed, bf16-mixed),
-and the fallback from bf16 to fp16 on GPUs without bf16 support."""
+the fallback from bf16 to fp16 on GPUs without bf16 support, and FP8 matmuls (`float8=true`).
+
+FP8 training (torchao's float8, `convert_to_float8_training`) swaps the blocks' `nn.Linear`
+layers for `Float8Linear`: each of their matmuls casts its input and weight to float8 e4m3 (the
+output's gradient to e5m2) with one dynamic scale per tensor (its absolute maximum) and runs on
+the FP8 tensor cores at twice bf16's peak, accumulating and returning in bf16. The weights, their
+gradients and the optimizer stay as they were (FP32 masters), and so do the state dict's names:
+a checkpoint or model dir of an FP8 run is an ordinary one. The output head (its 51,682 rows are
+not a multiple of 16, which FP8 matmuls need, and its logits are the most precision-sensitive
+matmul), the embeddings, the attention's QK^T and AV, and LayerNorms stay in bf16; torchtitan,
+which trains Llama 3 this way, keeps the head out too.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
+import torch.nn as nn
 
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import warn
+
+# FP8 tensor cores: compute capability 8.9 (Ada: L4, L40S, RTX 4090) and 9.0+ (Hopper H100/H200, Blackwell).
+FLOAT8_MIN_CAPABILITY = (8, 9)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -26,3 +43,55 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16-mixed" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def use_float8_matmuls(model: nn.Module, device: torch.device) -> int:
+    """Swap the linear layers inside `model`'s transformer blocks for torchao's `Float8Linear`
+    (see the module docstring), in place; returns how many. A GPU without FP8 tensor cores, a
+    device other than CUDA or CPU, or torchao missing is a Gpt1Error. On a CPU the FP8 matmuls
+    run, slower than bf16 (no FP8 units): for tests and checks, not for speed."""
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FLOAT8_MIN_CAPABILITY:
+            raise Gpt1Error(f"float8=true needs FP8 tensor cores (compute capability >= 8.9: H100/H200, L4, "
+                            f"L40S, RTX 4090); {torch.cuda.get_device_name(device)} is "
+                            f"{capability[0]}.{capability[1]}. Train with precision=bf16-mixed alone")
+    elif device.type == "cpu":
+        warn("float8=true on a CPU: it has no FP8 matmul units, so the FP8 matmuls are slower than bf16 "
+             "(useful to check a recipe, not to train fast)")
+    else:
+        raise Gpt1Error(f"float8=true runs on CUDA GPUs (and, emulated, on CPUs), not on {device.type}")
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if blocks is None:
+        raise Gpt1Error("float8=true needs a gpt1 GPT (its blocks' linear layers)")
+    convert = _torchao_float8()
+
+    def in_a_block(module: nn.Module, name: str) -> bool:
+        # FP8 matmuls need both dimensions to be multiples of 16.
+        return (name.startswith("transformer.h.") and isinstance(module, nn.Linear)
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    before = sum(1 for m in blocks.modules() if isinstance(m, nn.Linear))
+    convert(model, module_filter_fn=in_a_block)
+    converted = sum(1 for m in blocks.modules() if type(m).__name__ == "Float8Linear")
+    if converted < before:
+        warn(f"float8=true: {before - converted} of the blocks' {before} linear layers stay in bf16 "
+             "(a dimension that is not a multiple of 16)")
+    return converted
+
+
+def _torchao_float8():
+    """torchao's `convert_to_float8_training`, imported without its notices about the CUDA kernels
+    it cannot load on this machine (it does not need them for float8 training)."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise Gpt1Error("float8=true needs torchao: pip install 'gpt1[fp8]' (or pip install torchao)") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+    return convert_to_float8_training
