@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gpt1 import load
 from gpt1.cli import main
+from gpt1.core.errors import Gpt1Error
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_generate_streams_the_completion(capsys, tiny_model_dir, llm):
     assert code == 0
     assert out == llm.generate("import", temperature=0, max_new_tokens=12) + "\n"
     n_prompt = len(llm.tokenizer.encode("import"))
-    assert f"[{n_prompt} prompt tokens, " in err and "tokens/s), finish: " in err
+    assert f"[{n_prompt} prompt tokens, " in err and "tokens/s, float32 on cpu), finish: " in err
     args = ("generate", "--model", model, "--prompt", "x", "--preset", "creative", "--seed", "9", "--top-p", "0.9",
             "--max-new-tokens", "10", "--stop", "ab", "--stop", "cd", "--repeat-last-n", "-1", "--min-p", "0.01")
     _, first, _ = run_main(capsys, *args)
@@ -163,3 +165,20 @@ def test_chat_session_survives_extreme_knobs(capsys, monkeypatch, tiny_model_dir
     code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "4")
     assert code == 0 and "error" not in err and "Traceback" not in err
     assert out.count("\n") >= 2  # both replies arrived
+
+
+def test_dtype_loads_the_model_in_it_for_generation(capsys, tiny_model_dir, llm):
+    """--dtype bfloat16: the weights (and so the KV cache) in bf16, said on stderr; a dtype gpt1
+    does not offer is refused by name."""
+    bf16 = load(tiny_model_dir, device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in llm.model.parameters()} == {torch.float32}  # auto on a CPU: as saved
+    code, out, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "import", "--temperature",
+                              "0", "--max-new-tokens", "24", "--device", "cpu", "--dtype", "bfloat16")
+    assert code == 0 and out == bf16.generate("import", temperature=0, max_new_tokens=24) + "\n"
+    assert "tokens/s, bfloat16 on cpu), finish:" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--dtype", "float64"])
+    assert exit_.value.code == 2 and "--dtype: invalid choice: 'float64'" in capsys.readouterr().err
+    with pytest.raises(Gpt1Error, match="dtype must be one of auto, float32, bfloat16, float16, got 'fp64'"):
+        load(tiny_model_dir, device="cpu", dtype="fp64")

@@ -172,9 +172,11 @@ def test_a_dead_engine_process_ends_its_requests_and_the_server_says_so(tiny_con
 
 @pytest.mark.slow
 def test_cli_serves_with_the_engine_in_its_own_process(tiny_model_dir):
+    """`gpt1 serve --engine process --dtype bfloat16`: the child loads the model in bf16 (its
+    replies are the in-process bf16 model's), says so at start and in /health."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-                             "--engine", "process", "--log-level", "warning"],
+                             "--engine", "process", "--dtype", "bfloat16", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -188,15 +190,18 @@ def test_cli_serves_with_the_engine_in_its_own_process(tiny_model_dir):
                 pass
             assert time.monotonic() < deadline, "gpt1 serve did not start"
             time.sleep(0.1)
+        assert httpx.get(f"{url}/health").json()["dtype"] == "bfloat16"
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5, "temperature": 0}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        bf16 = gpt1.load(tiny_model_dir, device="cpu", dtype="bfloat16")
+        assert r.json()["choices"][0]["text"] == bf16.generate("x", temperature=0, max_new_tokens=5)
         child = int(open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()[0])
     finally:
         proc.terminate()
         proc.wait(20)
     stderr = proc.stderr.read().decode()
-    assert re.search(r"KV cache: 16 slots x 64 positions = [\d.]+ MiB on cpu \(--max-batch 16\), in the engine's own "
-                     r"process", stderr)
+    assert re.search(r"KV cache: 16 slots x 64 positions = [\d.]+ MiB of bfloat16 on cpu \(--max-batch 16\), in the "
+                     r"engine's own process", stderr)
     assert not os.path.exists(f"/proc/{child}") or "zombie" in open(f"/proc/{child}/status").read().lower()
     # A pool that cannot fit is one clear line and exit 2, as with the engine in a thread.
     huge = subprocess.run([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", "0",

@@ -290,7 +290,7 @@ def test_cli_serves_with_key_from_env(tiny_model_dir):
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
     stderr = proc.stderr.read().decode()
     assert f"serving {tiny_model_dir} on http://127.0.0.1:{port}" in stderr
-    assert "KV cache: 16 slots x 64 positions = " in stderr and "MiB on cpu (--max-batch 16)" in stderr
+    assert "KV cache: 16 slots x 64 positions = " in stderr and "MiB of float32 on cpu (--max-batch 16)" in stderr
     # A pool that cannot fit in memory is one clear line at start-up.
     huge = subprocess.run([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", "0",
                            "--max-batch", str(10**12)], capture_output=True, text=True, timeout=120)
@@ -350,8 +350,10 @@ def test_full_queue_answers_503(long_llm, engine_kind):
                 c.completions.create(model="m", prompt="x", max_tokens=2)
             assert info.value.status_code == 503
         health = http.get("/health").json()
-        assert {k: health[k] for k in ("status", "model", "active", "queued", "free_slots", "max_batch")} == {
-            "status": "ok", "model": long_llm.path.name, "active": 1, "queued": 1, "free_slots": 0, "max_batch": 1}
+        assert {k: health[k] for k in ("status", "model", "active", "queued", "free_slots", "max_batch", "device",
+                                       "dtype")} == {
+            "status": "ok", "model": long_llm.path.name, "active": 1, "queued": 1, "free_slots": 0, "max_batch": 1,
+            "device": "cpu", "dtype": "float32"}
         assert health["tokens_per_s"] > 0
         streams.close()  # both clients hang up
         wait_for(lambda: engine.active == 0 and engine.queued == 0, what="the engine to drain")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from gpt1.inference.llm import DTYPES
+
 
 def positive_int(value: str) -> int:
     try:
@@ -26,3 +28,12 @@ def val_split(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.001, or a whole number of "
                                          f"documents such as 100, got {value!r}")
     return number
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    """--dtype of the commands that load a model for inference (generate, chat, serve)."""
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                        help="the weights' and the KV cache's dtype. auto: bfloat16 on a GPU that supports it, "
+                             "else the saved dtype (float32). bfloat16 on a CPU with native bf16 (AVX-512 BF16, "
+                             "AMX) decodes ~1.2x faster than float32, with output that may differ from it; "
+                             "float16 for GPUs without bf16 (default: %(default)s)")

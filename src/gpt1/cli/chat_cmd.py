@@ -150,7 +150,7 @@ class ChatSession:
 
 def chat_command(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
-    llm = gpt1.load(args.model, device=args.device)
+    llm = gpt1.load(args.model, device=args.device, dtype=args.dtype)
     if not llm.is_chat_model:
         warn(f"{args.model} has no chat template: it is a base model, which continues the conversation text "
              "rather than answering it")

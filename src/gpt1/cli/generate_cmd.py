@@ -7,6 +7,7 @@ import sys
 import time
 
 import gpt1
+from gpt1.cli.args import add_dtype_flag
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import PRESETS, SamplingParams, preset
@@ -59,6 +60,7 @@ def sampling_params_from_args(args: argparse.Namespace):
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="model dir (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1, mps (default: the best available)")
+    add_dtype_flag(parser)
 
 
 def warn_if_capped(params: SamplingParams, prompt_tokens: int, block_size: int) -> None:
@@ -92,7 +94,7 @@ def generate_command(args: argparse.Namespace) -> int:
         if sys.stdin.isatty():
             raise Gpt1Error("no prompt: give --prompt TEXT or pipe the prompt on standard input")
         prompt = sys.stdin.read()
-    llm = gpt1.load(args.model, device=args.device)
+    llm = gpt1.load(args.model, device=args.device, dtype=args.dtype)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
         messages.append({"role": "user", "content": prompt})
@@ -114,5 +116,6 @@ def generate_command(args: argparse.Namespace) -> int:
     if last.prompt_tokens < len(ids):
         warn(f"the prompt ({len(ids)} tokens) was cut to its last {last.prompt_tokens} tokens to fit the context")
     info(f"[{last.prompt_tokens} prompt tokens, {last.completion_tokens} generated in {seconds:.2f} s "
-         f"({last.completion_tokens / max(seconds, 1e-9):.1f} tokens/s), finish: {last.finish_reason}]")
+         f"({last.completion_tokens / max(seconds, 1e-9):.1f} tokens/s, {str(llm.dtype).removeprefix('torch.')} "
+         f"on {llm.device}), finish: {last.finish_reason}]")
     return 0

@@ -7,6 +7,7 @@ import ipaddress
 import os
 
 import gpt1
+from gpt1.cli.args import add_dtype_flag
 from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
@@ -34,6 +35,7 @@ def register(subparsers) -> None:
                         help=f"require 'Authorization: Bearer KEY' on every /v1 request (default: ${API_KEY_ENV} "
                              "if set, else no key)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: the best available)")
+    add_dtype_flag(parser)
     parser.add_argument("--max-batch", type=int, default=16,
                         help="requests generating at once, decoded together in one batch; the KV cache for "
                              "that many full contexts is allocated at start (its size is printed) "
@@ -91,11 +93,12 @@ def serve_command(args: argparse.Namespace) -> int:
     engine = args.engine if args.engine != "auto" else "process" if device.type == "cuda" else "thread"
     # With the engine in a child process, this one needs only the tokenizer and the config (the
     # dir is checked here all the same, before the child starts).
-    llm = LLM.without_weights(args.model) if engine == "process" else gpt1.load(args.model, device=device)
+    llm = (LLM.without_weights(args.model) if engine == "process"
+           else gpt1.load(args.model, device=device, dtype=args.dtype))
     app = create_app(llm, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                      body_timeout_s=args.body_timeout, stream_interval_ms=args.stream_interval,
-                     engine=engine, device=str(device))
+                     engine=engine, device=str(device), dtype=args.dtype)
     engine = app.state.engine
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -108,7 +111,7 @@ def serve_command(args: argparse.Namespace) -> int:
     if not isinstance(engine, Engine):
         engine.start()  # now, so that a child that cannot start (e.g. its KV cache does not fit) is one clear error
     info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "
-         f"{engine.kv_bytes / 2**20:,.1f} MiB on {engine.device} (--max-batch {engine.max_batch})"
+         f"{engine.kv_bytes / 2**20:,.1f} MiB of {engine.dtype_name} on {engine.device} (--max-batch {engine.max_batch})"
          + (", in the engine's own process (--engine process)" if not isinstance(engine, Engine) else ""))
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host

@@ -195,6 +195,7 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         first = next(model.parameters())
         self.device = first.device
+        self.dtype_name = str(first.dtype).removeprefix("torch.")  # of the weights and the KV cache
         self.kv_bytes = kv_cache_bytes(model, max_batch)
         available = free_memory(self.device)
         if available is not None and self.kv_bytes > available:

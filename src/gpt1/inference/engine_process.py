@@ -72,19 +72,21 @@ class RemoteRequest:
 
 class EngineProcess:
     """An `Engine` in a child process, with the part of its interface the server uses: `submit`,
-    `active`, `queued`, `free_slots`, `max_batch`, `tokens_per_s`, `config`, `kv_bytes`, `device`,
+    `active`, `queued`, `free_slots`, `max_batch`, `tokens_per_s`, `config`, `kv_bytes`, `device`, `dtype_name`,
     `start`, `stop`. `model_dir` is loaded there on `device` (as `gpt1.load` does); `tokenizer` and
-    `config` are the same dir's, for validating submissions here."""
+    `config` are the same dir's, for validating submissions here. `dtype`: as `gpt1.load`'s
+    (a name of `gpt1.inference.llm.DTYPES`)."""
 
-    def __init__(self, model_dir: str | Path, tokenizer: Tokenizer, config, *, device: str, max_batch: int = 8,
-                 max_queue: int = 64, prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False):
+    def __init__(self, model_dir: str | Path, tokenizer: Tokenizer, config, *, device: str, dtype: str = "auto",
+                 max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256, cuda_graphs: bool = True,
+                 compile: bool = False):
         check_sizes(max_batch, max_queue, prefill_chunk)
         self.model_dir, self.tokenizer, self.config = str(model_dir), tokenizer, config
         self.max_batch, self.max_queue = max_batch, max_queue
         self._engine_args = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                                  cuda_graphs=cuda_graphs, compile=compile)
-        self._device = device
-        self.device, self.kv_bytes = device, 0  # the child's, once started
+        self._device, self._dtype = device, dtype
+        self.device, self.dtype_name, self.kv_bytes = device, dtype, 0  # the child's, once started
         self._ids = itertools.count()
         self._live: dict[int, RemoteRequest] = {}
         self._lock = threading.Lock()  # _live, the stats, sending
@@ -144,7 +146,8 @@ class EngineProcess:
         # multiprocessing's spawn, which re-imports the caller's main module) with two pipes.
         commands_in, commands_out = os.pipe()
         outputs_in, outputs_out = os.pipe()
-        spec = json.dumps({"model_dir": self.model_dir, "device": self._device, "engine": self._engine_args})
+        spec = json.dumps({"model_dir": self.model_dir, "device": self._device, "dtype": self._dtype,
+                           "engine": self._engine_args})
         self._process = subprocess.Popen([sys.executable, "-m", __name__, spec, str(commands_in), str(outputs_out)],
                                          pass_fds=(commands_in, outputs_out), stdin=subprocess.DEVNULL)
         os.close(commands_in)
@@ -162,7 +165,8 @@ class EngineProcess:
         if "error" in message:
             self._kill()
             raise Gpt1Error(message["error"])
-        self.device, self.kv_bytes = message["ready"]["device"], message["ready"]["kv_bytes"]
+        ready = message["ready"]
+        self.device, self.dtype_name, self.kv_bytes = ready["device"], ready["dtype"], ready["kv_bytes"]
         self._generated.append((time.monotonic(), 0))
         self._closed = ""
         self._reader = threading.Thread(target=self._read, name="gpt1-engine-reader", daemon=True)
@@ -278,17 +282,19 @@ def _deliver(request: RemoteRequest, item: Chunk | BaseException) -> None:
 
 
 # ---- the child process ---------------------------------------------------------------------------
-def _child_main(model_dir: str, device: str, engine_args: dict, commands: Connection, outputs: Connection) -> None:
+def _child_main(model_dir: str, device: str, dtype: str, engine_args: dict, commands: Connection,
+                outputs: Connection) -> None:
     """Load the model, build the engine, then: take commands, step, send the step's output."""
     try:
-        llm = LLM.load(model_dir, device=device)
+        llm = LLM.load(model_dir, device=device, dtype=dtype)
         engine = Engine(llm.model, llm.tokenizer, **engine_args)
         engine.warm_up()
     except Exception as e:  # noqa: BLE001 - the parent raises it as the start-up error
         outputs.send_bytes(json.dumps({"error": str(e) if isinstance(e, Gpt1Error) else
                                        f"the engine process could not start: {type(e).__name__}: {e}"}).encode())
         return
-    outputs.send_bytes(json.dumps({"ready": {"device": str(engine.device), "kv_bytes": engine.kv_bytes}}).encode())
+    outputs.send_bytes(json.dumps({"ready": {"device": str(engine.device), "dtype": engine.dtype_name,
+                                             "kv_bytes": engine.kv_bytes}}).encode())
     requests: dict[int, object] = {}
     outbox: list[list] = []
 
@@ -344,5 +350,5 @@ if __name__ == "__main__":  # the child: python -m gpt1.inference.engine_process
     # process through its pipe (or by closing it), without a KeyboardInterrupt traceback from here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _spec = json.loads(sys.argv[1])
-    _child_main(_spec["model_dir"], _spec["device"], _spec["engine"], Connection(int(sys.argv[2]), writable=False),
-                Connection(int(sys.argv[3]), readable=False))
+    _child_main(_spec["model_dir"], _spec["device"], _spec["dtype"], _spec["engine"],
+                Connection(int(sys.argv[2]), writable=False), Connection(int(sys.argv[3]), readable=False))

@@ -11,6 +11,7 @@ import torch
 from gpt1.core.chat_template import TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import resolve_device
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.sampling_params import preset as named_preset
@@ -18,6 +19,23 @@ from gpt1.core.tokenizer import Tokenizer
 from gpt1.formats.modeldir import load_model
 from gpt1.inference import generate as gen
 from gpt1.inference.decoding import chat_prompt_ids
+
+# The dtypes a model can be loaded in for inference, by name (`--dtype` of generate, chat and serve).
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """The dtype to load a model in on `device` (None: the saved dtype). "auto"/None: bfloat16 on a
+    GPU that supports it (half the memory traffic of float32, and its range), else None."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise Gpt1Error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise Gpt1Error(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use float16 or float32")
+    return dtype
 
 
 @dataclass
@@ -29,12 +47,13 @@ class LLM:
     path: Path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LLM":
-        """The model in `dtype` (default: bfloat16 on a GPU that supports it, else the saved dtype)."""
+    def load(cls, path: str | Path, device: str | torch.device | None = None,
+             dtype: torch.dtype | str | None = None) -> "LLM":
+        """The model in `dtype` (a torch dtype or one of DTYPES' names; default, or "auto":
+        bfloat16 on a GPU that supports it, else the saved dtype)."""
         path = Path(path)
         device = resolve_device(device)
-        if dtype is None and device.type == "cuda" and torch.cuda.is_bf16_supported():
-            dtype = torch.bfloat16  # inference on a GPU: half the memory traffic, fp32's range
+        dtype = resolve_dtype(dtype, device)
         model = load_model(path, device=device, dtype=dtype)
         return cls(model=model, tokenizer=Tokenizer.load(path), path=path)
 
@@ -52,6 +71,10 @@ class LLM:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     # ---- generation (gpt1.inference.generate, through the engine); knobs are SamplingParams fields, or preset="qa" ---------
     @property
@@ -89,6 +112,6 @@ class LLM:
                 yield chunk.text
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LLM:
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> LLM:
     """Load a model dir (pretrained, fine-tuned or a training run dir)."""
     return LLM.load(path, device=device, dtype=dtype)

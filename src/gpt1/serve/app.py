@@ -36,7 +36,8 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
                prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False,
                max_body_bytes: int = MAX_BODY_BYTES,
                body_timeout_s: float = BODY_TIMEOUT_S, model_name: str | None = None,
-               stream_interval_ms: float = 0.0, engine: str = "thread", device: str | None = None) -> FastAPI:
+               stream_interval_ms: float = 0.0, engine: str = "thread", device: str | None = None,
+               dtype: str = "auto") -> FastAPI:
     """The server for a loaded model (`gpt1.load(dir)`).
 
     api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>` (else 401);
@@ -51,12 +52,13 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         together (the same events, in one write). 0: every token as soon as it is made.
     engine: "thread" runs the engine in a thread of this process on `llm.model`; "process" in a
         child process of its own (`gpt1.inference.engine_process`), which loads `llm.path` on
-        `device` (default: `llm`'s device) and is started with the app.
+        `device` (default: `llm`'s device) in `dtype` (as `gpt1.load`'s) and is started with the app.
     """
     knobs = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
                  compile=compile)
     if engine == "process":
-        engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device=device or str(llm.device), **knobs)
+        engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device=device or str(llm.device), dtype=dtype,
+                               **knobs)
     elif engine == "thread":
         engine = Engine(llm.model, llm.tokenizer, **knobs)
     else:
