@@ -66,7 +66,8 @@ def test_every_stage_runs_and_reports(quickstart):
 
     base, chat = gpt1.load(out / "base", device="cpu"), gpt1.load(out / "chat", device="cpu")
     assert not base.is_chat_model and chat.is_chat_model
-    assert base.model.num_params() == chat.model.num_params() == 1_858_304  # the tiny preset at vocab 4096
+    assert base.model.num_params() == chat.model.num_params() == summary["base_parameters"] == 1_858_304  # tiny, vocab 4096
+    assert "This is a tiny model (1.9M parameters" in run.stdout
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert [s["use"] for s in summary["samples"]] == ["qa", "creative", "code", "base"]

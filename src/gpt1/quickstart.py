@@ -93,6 +93,7 @@ class QuickstartResult:
     plot: Path
     train_tokens: int
     base_steps: int
+    base_parameters: int  # a tied output head counted once
     base_val_perplexity: float | None  # the whole held-out split, after training
     base_val_bits_per_byte: float | None  # tokenizer-independent: comparable across vocabularies
     chat_steps: int
@@ -137,8 +138,8 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
         planned["finetune"] = _budget(out / "chat", 0.0)
 
     stage("samples", "5/5 samples: held-out scores and the model card's three uses")
-    base_eval = evaluate_data(gpt1.load(out / "base", device="cpu"), [str(out / "data")], batch_size=16,
-                              show_progress=False)
+    base_llm = gpt1.load(out / "base", device="cpu")
+    base_eval = evaluate_data(base_llm, [str(out / "data")], batch_size=16, show_progress=False)
     chat_eval = evaluate_chat(gpt1.load(out / "chat", device="cpu"), cfg.chat_data, batch_size=16, show_progress=False)
     samples = _samples(cfg, out / "base", out / "chat")
     plot = plot_runs({"pretraining (base)": out / "base" / "metrics.jsonl",
@@ -147,7 +148,7 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
 
     result = QuickstartResult(
         out=out, tokenizer=out / "tokenizer", data=out / "data", base=out / "base", chat=out / "chat", plot=plot,
-        train_tokens=meta["train"]["tokens"], base_steps=base.steps,
+        train_tokens=meta["train"]["tokens"], base_steps=base.steps, base_parameters=base_llm.model.num_params(),
         base_val_perplexity=base_eval.perplexity, base_val_bits_per_byte=base_eval.bits_per_byte,
         chat_steps=chat.steps, chat_val_perplexity=chat_eval.perplexity, chat_val_bits_per_byte=chat_eval.bits_per_byte,
         samples=samples, seconds=seconds,

@@ -44,7 +44,8 @@ def report(result) -> str:
                       for name, seconds in result.seconds.items())
     lines = [
         "",
-        f"gpt1 quickstart: done ({took}). This is a tiny model (1.9M parameters, a few minutes on a CPU):",
+        f"gpt1 quickstart: done ({took}). This is a tiny model "
+        f"({result.base_parameters / 1e6:.1f}M parameters, a few minutes on a CPU):",
         "expect fluent-looking fragments, not answers.",
         "",
         f"  base model  {result.base}  {result.base_steps:,} steps on {result.train_tokens:,} tokens of Python source, "
