@@ -111,3 +111,26 @@ def test_notebook_runs_top_to_bottom_on_the_quickstart_model(quickstart, monkeyp
     assert any("image/png" in o.get("data", {}) for o in outputs), "the training curves were not plotted"
     widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert widgets, "the knob sliders were not displayed"
+
+
+def test_a_stage_that_finishes_its_epochs_before_its_budget_says_so(quickstart, data_dir, tmp_path):
+    """A machine fast enough to finish a stage's epochs before its budget is spent ends it there;
+    the printout says why it took less than planned (the budget-ended runs above say nothing)."""
+    from gpt1.cli.quickstart_cmd import report
+    from gpt1.quickstart import QuickstartResult, _reached_step_cap
+    from gpt1.train.pretrain import pretrain
+
+    out, run = quickstart
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ended_early"] == {} and "done after" not in run.stdout
+    assert not _reached_step_cap(out / "base", summary["base_steps"])
+
+    overrides = ["model=tiny", "n_layer=1", "block_size=32", "batch_size=2", "max_steps=5", "time_budget=600",
+                 "eval_every=5", "save_every=5", "device=cpu"]
+    finished = pretrain(load_config(TrainConfig, None, overrides), data_dir, tmp_path / "capped")
+    assert finished.steps == 5 and _reached_step_cap(tmp_path / "capped", finished.steps)
+
+    fields = {**summary, "out": out, "samples": [], "seconds": {"pretrain": 300.0, "finetune": 63.0},
+              "planned": {"pretrain": 300.0, "finetune": 75.0}, "ended_early": {"finetune": "6 epochs of the dialogs"}}
+    printed = report(QuickstartResult(**{k: fields[k] for k in QuickstartResult.__dataclass_fields__}))
+    assert "pretrain 300 s (planned 300 s) + finetune 63 s (planned 75 s, done after 6 epochs of the dialogs)" in printed

@@ -102,6 +102,8 @@ class QuickstartResult:
     samples: list[Sample]
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time of this invocation
     planned: dict[str, float] = field(default_factory=dict)  # stage -> its time budget (training stages)
+    # stage -> what ended it before its budget was spent (its epochs, on a machine fast enough to finish them)
+    ended_early: dict[str, str] = field(default_factory=dict)
 
 
 def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
@@ -136,6 +138,11 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     done("finetune")
     if chat.resumed_from == 0:  # a resumed or reused run has only the rest of its budget left
         planned["finetune"] = _budget(out / "chat", 0.0)
+    ended_early = {}  # a fast machine finishes a stage's epochs before its budget is spent
+    if "pretrain" in planned and _reached_step_cap(out / "base", base.steps):
+        ended_early["pretrain"] = f"{MAX_PRETRAIN_EPOCHS} epochs of the corpus"
+    if "finetune" in planned and _reached_step_cap(out / "chat", chat.steps):
+        ended_early["finetune"] = f"{_run_config(out / 'chat')['epochs']:g} epochs of the dialogs"
 
     stage("samples", "5/5 samples: held-out scores and the model card's three uses")
     base_llm = gpt1.load(out / "base", device="cpu")
@@ -151,8 +158,7 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
         train_tokens=meta["train"]["tokens"], base_steps=base.steps, base_parameters=base_llm.model.num_params(),
         base_val_perplexity=base_eval.perplexity, base_val_bits_per_byte=base_eval.bits_per_byte,
         chat_steps=chat.steps, chat_val_perplexity=chat_eval.perplexity, chat_val_bits_per_byte=chat_eval.bits_per_byte,
-        samples=samples, seconds=seconds,
-        planned=planned)
+        samples=samples, seconds=seconds, planned=planned, ended_early=ended_early)
     write_json(out / SUMMARY_FILE, json.loads(json.dumps(dataclasses.asdict(result), default=str)))
     return result
 
@@ -181,6 +187,11 @@ def _run_config(run_dir: Path) -> dict | None:
     """The config a run in `run_dir` was started with (None: no run there yet)."""
     file = run_dir / CONFIG_FILE
     return read_json(file)["config"] if file.is_file() else None
+
+
+def _reached_step_cap(run_dir: Path, steps: int) -> bool:
+    """Whether a run ended at its step cap (its epochs) rather than when its time budget was spent."""
+    return steps >= read_json(run_dir / CONFIG_FILE)["max_steps"]
 
 
 def _budget_note(run_dir: Path, minutes: float) -> str:

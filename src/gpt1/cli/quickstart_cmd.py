@@ -38,10 +38,16 @@ def _bpb(value: float | None) -> str:
     return "bits per byte n/a" if value is None else f"{value:.3f} bits per byte"
 
 
+def _plan(result, stage: str) -> str:
+    if stage not in result.planned:
+        return ""
+    early = f", done after {result.ended_early[stage]}" if stage in result.ended_early else ""
+    return f" (planned {result.planned[stage]:.0f} s{early})"
+
+
 def report(result) -> str:
     """What the quickstart made, its samples, and what to type next."""
-    took = " + ".join(f"{name} {seconds:.0f} s" + (f" (planned {result.planned[name]:.0f} s)" if name in result.planned else "")
-                      for name, seconds in result.seconds.items())
+    took = " + ".join(f"{name} {seconds:.0f} s" + _plan(result, name) for name, seconds in result.seconds.items())
     lines = [
         "",
         f"gpt1 quickstart: done ({took}). This is a tiny model "
