@@ -43,7 +43,8 @@ Speed: `precision=bf16-mixed` falls back to fp16-mixed on GPUs without bf16
 (`gpt1.train.precision`); `compile=true` falls back to eager, with one warning, when
 torch.compile fails. A step waits for the device once (for its loss and gradient norm, read
 together; fp16-mixed's GradScaler adds one), and CUDA batches are copied from pinned memory
-without blocking. MFU is `model.flops_per_token` (the matmuls that run, see `GPT`) x tokens/s
+without blocking. On a CPU under a time budget the step's thread count follows the machine's
+load (`gpt1.train.threads`; each step's count in `metrics.jsonl`). MFU is `model.flops_per_token` (the matmuls that run, see `GPT`) x tokens/s
 over the device's peak from PEAK_FLOPS.
 """
 
@@ -55,6 +56,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,7 @@ from gpt1.train.optim import build_optimizer
 from gpt1.train.plot import plot_metrics
 from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
 from gpt1.train.schedule import lr_at
+from gpt1.train.threads import ThreadTuner
 
 __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE",
            "peak_flops"]
@@ -257,6 +260,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     flops_per_token = getattr(raw_model, "flops_per_token", None)
     bad_steps = 0
     rate = _RunRate(start_step, end) if dist.is_main and not budget else None
+    threads = _thread_tuner(device, cfg, dist)
 
     def loss_and_backward(x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
         nonlocal step_model
@@ -327,6 +331,10 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
                       "tokens": tokens_seen, "tokens_per_sec": tokens_per_sec,
                       "mfu": (flops_per_token(x.size(1)) * tokens_per_sec / (peak * dist.world_size)
                               if peak and flops_per_token else None)}
+            if threads:
+                record["threads"] = torch.get_num_threads()  # the count this step ran on
+                if message := threads.step_done(elapsed):
+                    info(message)
             if scaler.is_enabled() and not math.isfinite(grad_norm):
                 record["skipped"] = "fp16 overflow"
             last["loss"] = mean_loss
@@ -354,6 +362,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
 
             save_if_due(done)
     finally:
+        if threads:
+            torch.set_num_threads(threads.max_threads)
         bar.close()
         if metrics:
             metrics.close()
@@ -374,6 +384,14 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
         info(f"done: {end:,} steps, {tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
              f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}")
     return result
+
+
+def _thread_tuner(device: torch.device, cfg: TrainConfig, dist) -> ThreadTuner | None:
+    """A CPU run under a time budget keeps its step on the fastest thread count as the load
+    changes (`gpt1.train.threads`); OMP_NUM_THREADS, when set, fixes the count instead."""
+    if device.type != "cpu" or cfg.time_budget <= 0 or dist.enabled or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return ThreadTuner(torch.get_num_threads()) if torch.get_num_threads() > 1 else None
 
 
 def _save_due(done: int, save_every: int, max_steps: int) -> bool:
