@@ -50,6 +50,7 @@ def test_the_blocks_linear_layers_become_float8_and_nothing_else_changes(tiny_co
     assert not torch.equal(ours, theirs)  # the matmuls did run in FP8
 
 
+@pytest.mark.slow  # emulated FP8 matmuls: up to a minute on some CPUs (see test_train's resume test)
 def test_a_float8_run_trains_and_leaves_an_ordinary_model_dir(data_dir, tmp_path):
     fp8 = pretrain(load_config(TrainConfig, None, TINY + ["float8=true"]), data_dir, tmp_path / "fp8")
     bf16 = pretrain(load_config(TrainConfig, None, TINY), data_dir, tmp_path / "bf16")
