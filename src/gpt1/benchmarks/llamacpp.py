@@ -11,6 +11,7 @@ generating 1 token from the same prompt, and the difference is the time of the o
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,34 @@ def _require_llama_cpp():
     except ImportError:
         raise Gpt1Error("the llamacpp benchmark needs llama-cpp-python: pip install llama-cpp-python") from None
     return llama_cpp
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no /proc
+        return False
+
+
+def open_llama(llama_cpp, path: Path, **kwargs):
+    """`llama_cpp.Llama(model_path=path, **kwargs)`, with llama.cpp's weight repacking off on CPUs with
+    AMX (llama.cpp's `--no-repack`). There its AMX q8_0 matmul segfaults in the first decode on
+    small models like these (llama-cpp-python 0.3.36 on an Intel Xeon, 2026-12-05; the file reads
+    fine without repacking; llama.cpp issue #20824). llama-cpp-python has no argument for it, so
+    the default model parameters are wrapped while the model loads."""
+    low_level = llama_cpp.llama_cpp
+    with contextlib.ExitStack() as stack:
+        if cpu_has_amx() and "use_extra_bufts" in dict(low_level.llama_model_params._fields_):
+            defaults = low_level.llama_model_default_params
+
+            def without_repacking():
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
+
+            low_level.llama_model_default_params = without_repacking
+            stack.callback(setattr, low_level, "llama_model_default_params", defaults)
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
 
 
 def _best(fn, repeats: int) -> tuple[float, list[int]]:
@@ -94,8 +123,8 @@ def run(quick: bool = False) -> list[dict]:
 
 def _llama_cpp_rate(llama_cpp, path: Path, config: ModelConfig, prompt: list[int], threads: int,
                     new_tokens: int, repeats: int) -> tuple[float, list[int]]:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=config.block_size, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = open_llama(llama_cpp, path, n_ctx=config.block_size, n_threads=threads, n_threads_batch=threads,
+                     verbose=False)
 
     def theirs(n: int) -> list[int]:
         llm.reset()  # no prompt-prefix cache between runs: the prompt is evaluated every time, as in gpt1
