@@ -10,6 +10,11 @@ a checkpoint or model dir of an FP8 run is an ordinary one. The output head (its
 not a multiple of 16, which FP8 matmuls need, and its logits are the most precision-sensitive
 matmul), the embeddings, the attention's QK^T and AV, and LayerNorms stay in bf16; torchtitan,
 which trains Llama 3 this way, keeps the head out too.
+
+A CPU has no FP8 matmul units: there the casts and scales are the same, but each matmul runs in
+high precision on the FP8-rounded operands (torchao's `emulate=True`), the numerics of an FP8 run
+at ordinary matmul speed. PyTorch's own CPU `_scaled_mm` was 300x slower than that (3 s for two
+512-wide layers on 128 rows) and, on one CI host, not reproducible across a resume.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def use_float8_matmuls(model: nn.Module, device: torch.device) -> int:
     """Swap the linear layers inside `model`'s transformer blocks for torchao's `Float8Linear`
     (see the module docstring), in place; returns how many. A GPU without FP8 tensor cores, a
     device other than CUDA or CPU, or torchao missing is a Gpt1Error. On a CPU the FP8 matmuls
-    run, slower than bf16 (no FP8 units): for tests and checks, not for speed."""
+    run emulated (no FP8 units): for tests and checks, not for speed."""
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability < FLOAT8_MIN_CAPABILITY:
@@ -57,14 +62,14 @@ def use_float8_matmuls(model: nn.Module, device: torch.device) -> int:
                             f"L40S, RTX 4090); {torch.cuda.get_device_name(device)} is "
                             f"{capability[0]}.{capability[1]}. Train with precision=bf16-mixed alone")
     elif device.type == "cpu":
-        warn("float8=true on a CPU: it has no FP8 matmul units, so the FP8 matmuls are slower than bf16 "
-             "(useful to check a recipe, not to train fast)")
+        warn("float8=true on a CPU: it has no FP8 matmul units, so the FP8 matmuls are emulated "
+             "(FP8-rounded operands, high-precision matmuls): useful to check a recipe, not to train fast")
     else:
         raise Gpt1Error(f"float8=true runs on CUDA GPUs (and, emulated, on CPUs), not on {device.type}")
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     if blocks is None:
         raise Gpt1Error("float8=true needs a gpt1 GPT (its blocks' linear layers)")
-    convert = _torchao_float8()
+    convert, config = _torchao_float8()
 
     def in_a_block(module: nn.Module, name: str) -> bool:
         # FP8 matmuls need both dimensions to be multiples of 16.
@@ -72,7 +77,7 @@ def use_float8_matmuls(model: nn.Module, device: torch.device) -> int:
                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
     before = sum(1 for m in blocks.modules() if isinstance(m, nn.Linear))
-    convert(model, module_filter_fn=in_a_block)
+    convert(model, module_filter_fn=in_a_block, config=config(emulate=device.type == "cpu"))
     converted = sum(1 for m in blocks.modules() if type(m).__name__ == "Float8Linear")
     if converted < before:
         warn(f"float8=true: {before - converted} of the blocks' {before} linear layers stay in bf16 "
@@ -81,17 +86,17 @@ def use_float8_matmuls(model: nn.Module, device: torch.device) -> int:
 
 
 def _torchao_float8():
-    """torchao's `convert_to_float8_training`, imported without its notices about the CUDA kernels
+    """torchao's `convert_to_float8_training` and `Float8LinearConfig`, imported without its notices about the CUDA kernels
     it cannot load on this machine (it does not need them for float8 training)."""
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        from torchao.float8 import convert_to_float8_training
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
         raise Gpt1Error("float8=true needs torchao: pip install 'gpt1[fp8]' (or pip install torchao)") from None
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
-    return convert_to_float8_training
+    return convert_to_float8_training, Float8LinearConfig
