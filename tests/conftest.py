@@ -20,7 +20,8 @@ from gpt1.formats.modeldir import save_model
 os.environ.setdefault("GPT1_QUIET", "1")  # no progress bars in test output
 # Subprocesses (the CLI, killed runs) compute on this process's thread count too: tests compare their
 # numbers with in-process runs bit for bit, and another count can sum a matmul in another order.
-os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+if not os.environ.get("OMP_NUM_THREADS", "").isdigit():
+    os.environ["OMP_NUM_THREADS"] = str(min(2, os.cpu_count() or 1))
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 STDLIB = Path(os.__file__).parent

@@ -88,6 +88,7 @@ def test_models_and_health(server, client, tiny_model_dir):
         client.models.retrieve("no-such-model")
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["active"] == 0
+    assert health["device"] == "cpu" and health["threads"] == torch.get_num_threads()  # the engine's step's
     assert "/v1/chat/completions" in httpx.get(f"{url}/openapi.json").json()["paths"]
     assert httpx.get(f"{url}/docs").status_code == 200
 

@@ -1,6 +1,7 @@
-"""The CPU training step's thread count follows the machine's load (`gpt1.train.threads`): on a
-simulated machine whose step times are the ones measured on the 2-core dev machine, and for real,
-with a busy process pinned to one of the two cores the training runs on."""
+"""The CPU step's thread count follows the machine's load (`gpt1.core.threads`), in training and
+in the inference engine: on a simulated machine whose step times are the ones measured on the
+2-core dev machine, and for real, with a busy process pinned to one of the two cores the training
+or the decoding runs on."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from gpt1.train.threads import ThreadTuner
+from gpt1.core.threads import ThreadTuner
 
 # Seconds per quickstart step on the dev machine's 2 cores: quiet, and beside one busy process.
 QUIET = {2: 0.113, 1: 0.195}
@@ -29,15 +30,20 @@ class Machine:
     def set_threads(self, threads: int) -> None:
         self.threads = threads
 
-    def run(self, tuner: ThreadTuner, seconds: float, times: dict[int, float]) -> list[str]:
+    def run(self, tuner: ThreadTuner, seconds: float, times, kind=None) -> list[str]:
+        """`times`: {threads: seconds per step}, or a function of (threads, clock)."""
         messages, end = [], self.clock + seconds
         while self.clock < end:
-            step = times[self.threads]
+            step = times(self.threads, self.clock) if callable(times) else times[self.threads]
             self.clock += step
             self.history.append((self.clock, self.threads, step))
-            if message := tuner.step_done(step):
+            if message := tuner.step_done(step, kind):
                 messages.append(message)
         return messages
+
+    def switches_to(self, threads: int, since: float = 0.0) -> int:
+        counts = [count for clock, count, _ in self.history if clock > since]
+        return sum(1 for a, b in zip(counts, counts[1:]) if b == threads and a != threads)
 
     def time_on(self, threads: int, since: float = 0.0) -> float:
         return sum(step for clock, count, step in self.history if count == threads and clock > since)
@@ -60,7 +66,8 @@ def test_a_busy_neighbour_moves_the_step_to_fewer_threads_and_back_when_it_stops
 
     arrived = machine.clock
     [message] = machine.run(tuner, 120, LOADED)
-    assert message.startswith("CPU threads 2 -> 1") and tuner.threads == machine.threads == 1
+    assert message.startswith("CPU threads 2 -> 1") and tuner.threads == 1
+    assert machine.threads == tuner.running  # 1, or 2 if it stopped in a probe
     # Moved within a few slow steps: the jump in step time starts a probe at once.
     assert machine.time_on(2, since=arrived) < 12 * LOADED[2]
     # Staying on 1 thread under load, the probes back to 2 cost a few percent of the time.
@@ -98,6 +105,42 @@ def test_noise_does_not_move_it():
         if message := tuner.step_done(noisy(machine.threads)):
             messages.append(message)
     assert messages == [] and tuner.threads == 2
+
+
+def test_steps_of_another_kind_are_not_compared():
+    """The engine's decode steps: 1 row or 8 rows take different times. Alternating between them
+    is not a change of load, and a probe cut short by a new kind ends without a decision."""
+    decode = {1: {2: 0.0024, 1: 0.0034}, 8: {2: 0.0047, 1: 0.0068}}  # seconds, measured (`small`)
+    machine = Machine(2)
+    tuner = ThreadTuner(2, machine.set_threads)
+    messages = []
+    for turn in range(300):  # 300 s: turns of 1 s with one row, then with eight
+        rows = 1 if turn % 2 == 0 else 8
+        messages += machine.run(tuner, 1.0, lambda threads, clock: decode[rows][threads], kind=rows)
+    assert messages == [] and tuner.threads == 2
+    assert machine.time_on(1) < 0.01 * machine.clock  # no probe for every change of width
+
+    while tuner.running == tuner.threads:  # into the next probe
+        machine.run(tuner, 0.0001, lambda threads, clock: decode[8][threads], kind=8)
+    assert machine.threads == 1
+    machine.run(tuner, 0.0001, lambda threads, clock: decode[1][threads], kind=1)
+    assert tuner.running == machine.threads == 2
+
+
+def test_slower_steps_on_the_fewest_threads_do_not_probe_more():
+    """On one thread beside a busy neighbour, a step on two is 30x slower, so a probe there costs
+    30 steps: steps that slow down as the context grows (on one thread, with no fewer to try) are
+    not a reason to probe it; only the doubling intervals are."""
+    def loaded(threads: int, clock: float) -> float:
+        return 0.1 if threads == 2 else 0.003 * (1 + clock / 10)  # 3 ms, growing 10% a second
+
+    machine = Machine(2)
+    tuner = ThreadTuner(2, machine.set_threads)
+    machine.run(tuner, 1.0, loaded)
+    assert tuner.threads == 1
+    moved = machine.clock
+    machine.run(tuner, 30.0, loaded)  # the step time grows from 3 ms to 12 ms
+    assert machine.switches_to(2, since=moved) <= 2  # after 10 s, then 20 s of steps
 
 
 def test_one_thread_leaves_nothing_to_tune():
@@ -164,3 +207,83 @@ def test_a_real_busy_neighbour_on_one_core_moves_training_to_one_thread(data_dir
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     threads = [r["threads"] for r in steps if "loss" in r]
     assert threads.count(1) > 0.8 * len(threads), threads
+
+
+def test_the_engine_steps_on_the_tuners_count_and_gives_the_caller_its_own_back(tiny_model_dir, monkeypatch):
+    """The engines of a process share a tuner: an engine steps on the count it chose, and the
+    caller's count comes back afterwards; OMP_NUM_THREADS (or tune_threads=False) leaves it alone."""
+    import gpt1
+    from gpt1.core import threads as threads_module
+    from gpt1.core.sampling_params import SamplingParams
+    from gpt1.inference.engine import Engine
+
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads_module, "_SHARED", {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tuner = threads_module.cpu_thread_tuner("cpu", shared=True)
+        assert tuner is threads_module.cpu_thread_tuner("cpu", shared=True) and tuner.max_threads == 2
+        tuner.threads = 1  # as if it had found one thread faster (a busy neighbour)
+
+        def decode(**engine_args) -> Engine:
+            engine = Engine(llm.model, llm.tokenizer, max_batch=2, **engine_args)
+            engine.submit([llm.tokenizer.encode("def"), llm.tokenizer.encode("import")], params, lambda i: lambda chunk: None)
+            while engine.busy:
+                engine.step()
+            return engine
+
+        engine = decode()
+        assert engine.stats.threads == 1 and torch.get_num_threads() == 1
+        engine.restore_threads()
+        assert torch.get_num_threads() == 2
+        assert llm.generate("def", max_new_tokens=4) is not None and torch.get_num_threads() == 2  # gpt1.generate restores
+
+        assert decode(tune_threads=False).stats.threads == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert decode().stats.threads == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+DECODE = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    from gpt1.core import threads
+    from gpt1.core.config import ModelConfig
+    from gpt1.core.model import GPT
+    from gpt1.core.sampling_params import SamplingParams
+    from gpt1.core.tokenizer import Tokenizer
+    from gpt1.inference.generate import generate_batch
+    os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
+    torch.set_num_threads(2)
+    tokenizer = Tokenizer.load(sys.argv[2])
+    model = GPT(ModelConfig.preset("small", vocab_size=tokenizer.vocab_size)).eval()  # big enough to use 2 threads
+    prompts = [tokenizer.encode(f"def f{i}():") for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=48)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        generate_batch(model, tokenizer, prompts, params)
+    print("tuned", threads.cpu_thread_tuner("cpu", shared=True).threads, torch.get_num_threads())
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPU cores and CPU affinity (Linux)")
+def test_a_real_busy_neighbour_moves_decoding_to_one_thread(tokenizer_dir):
+    """The engine decoding on two cores, a CPU-bound process pinned to the second: the shared
+    tuner settles on one thread, and the caller has its two back after each call."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(second)])
+    try:
+        run = subprocess.run([sys.executable, "-c", DECODE, f"{first},{second}", str(tokenizer_dir)],
+                             capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-3:] == ["tuned", "1", "2"], run.stdout

@@ -28,7 +28,12 @@ that is measured on a CPU only, where it is no faster than eager). Each request'
 ended it. The engine can be driven by the caller (`step()` until `busy` is false: what
 `generate` does) or by its own worker thread (`start()`: what the server does). On a CPU whose
 PyTorch uses MKL the engine stores the model's weights column-major (`store_weights_column_major`),
-which makes its few-row matmuls faster.
+which makes its few-row matmuls faster. On a CPU it also keeps its decode step on the fastest
+thread count as the machine's load changes (`gpt1.core.threads`; one busy process beside it on
+2 cores made decoding 7x slower on 2 threads than on 1), unless OMP_NUM_THREADS fixes the count
+or `tune_threads=False`. The engines of a process share what they learn (`gpt1 chat` makes
+one per reply); the count is set on the stepping thread, and `restore_threads()` gives the
+caller back its own.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ import torch
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT, SlotCache
+from gpt1.core.progress import logger
 from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.threads import cpu_thread_tuner
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.inference.decoding import Chunk, TextState, check_prompt, fit_prompt, new_token_limit
 from gpt1.inference.sampling import process_logits, sample
@@ -116,6 +123,7 @@ class EngineStats:
     rejected: int = 0  # refused: queue full or larger than the engine
     tokens: int = 0  # completion tokens generated, cancelled requests included
     steps: int = 0
+    threads: int = 0  # the CPU threads of the latest step (see gpt1.core.threads)
 
 
 def kv_cache_bytes(model: GPT, max_batch: int) -> int:
@@ -188,7 +196,8 @@ class Engine:
     """Generates for many requests at once on one model. See the module docstring."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, max_batch: int = 8, max_queue: int = 64,
-                 prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False):
+                 prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False,
+                 tune_threads: bool = True):
         check_sizes(max_batch, max_queue, prefill_chunk)
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
@@ -214,7 +223,8 @@ class Engine:
         if self.device.type == "cpu" and torch.backends.mkl.is_available():  # measured with MKL (x86) only
             store_weights_column_major(model)
         self.stop_ids = frozenset(tokenizer.special_ids)
-        self.stats = EngineStats()
+        self.stats = EngineStats(threads=torch.get_num_threads())
+        self._threads = cpu_thread_tuner(self.device, shared=True) if tune_threads else None
         self._rows: list[Request] = []  # _rows[i] is the request in slot i
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
@@ -292,6 +302,11 @@ class Engine:
         self._admit()
         if not self._rows:
             return
+        # The tuner compares decode steps of one width; a step that prefills takes longer.
+        kind = None if any(r.prefilling for r in self._rows) else len(self._rows)
+        if self._threads is not None and torch.get_num_threads() != self._threads.running:
+            torch.set_num_threads(self._threads.running)  # on this thread: what the tuner runs now
+        started = time.perf_counter()
         with torch.inference_mode():
             prefilled, prefill_logits = self._prefill()
             decoded, decode_logits = self._decode()
@@ -301,9 +316,13 @@ class Engine:
             logits = (torch.cat([prefill_logits, decode_logits]) if prefilled and decoded
                       else prefill_logits if prefilled else decode_logits)
             next_ids = self._sample(requests, logits).tolist()
+        if self._threads is not None and kind is not None:
+            if message := self._threads.step_done(time.perf_counter() - started, kind):
+                logger.debug(message)
         for request, token in zip(requests, next_ids):
             self._emit(request, token)
         with self._lock:
+            self.stats.threads = torch.get_num_threads()
             self.stats.steps += 1
             self.stats.tokens += len(next_ids)
             self._rate.append((time.monotonic(), len(next_ids)))
@@ -482,6 +501,11 @@ class Engine:
                 if size >= self.max_batch:
                     break
                 size = min(2 * size, self.max_batch)
+
+    def restore_threads(self) -> None:
+        """Give the stepping thread back the CPU thread count it had (the tuner may have lowered it)."""
+        if self._threads is not None and torch.get_num_threads() != self._threads.max_threads:
+            torch.set_num_threads(self._threads.max_threads)
 
     # ---- the worker thread (the server) -------------------------------------------------------
     def start(self) -> "Engine":

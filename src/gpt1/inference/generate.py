@@ -33,14 +33,17 @@ def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], par
                     cuda_graphs=False)
     events: collections.deque[tuple[int, Chunk | BaseException]] = collections.deque()
     requests = engine.submit(prompts, params, lambda i: lambda item: events.append((i, item)), cancel=cancel)
-    while engine.busy or events:
-        if not events:
-            engine.step()
-        while events:
-            index, item = events.popleft()
-            if isinstance(item, BaseException):
-                raise item
-            yield index, item, requests[index].state
+    try:
+        while engine.busy or events:
+            if not events:
+                engine.step()
+            while events:
+                index, item = events.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                yield index, item, requests[index].state
+    finally:
+        engine.restore_threads()
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,

@@ -258,13 +258,17 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
     @app.get("/health")
     async def health() -> dict:
         """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s, the
-        device and dtype; 503 once the engine has stopped (e.g. its process exited)."""
+        device and dtype (and on a CPU the threads of the latest step); 503 once the engine has
+        stopped (e.g. its process exited)."""
         if not engine.alive:
             raise generation_error(EngineUnavailable("the engine has stopped; restart the server"))
-        return {"status": "ok", "model": name, "active": engine.active, "queued": engine.queued,
-                "free_slots": engine.free_slots, "max_batch": engine.max_batch,
-                "tokens_per_s": round(engine.tokens_per_s, 1), "device": str(engine.device),
-                "dtype": engine.dtype_name}
+        health = {"status": "ok", "model": name, "active": engine.active, "queued": engine.queued,
+                  "free_slots": engine.free_slots, "max_batch": engine.max_batch,
+                  "tokens_per_s": round(engine.tokens_per_s, 1), "device": str(engine.device),
+                  "dtype": engine.dtype_name}
+        if str(engine.device) == "cpu":
+            health["threads"] = engine.stats.threads
+        return health
 
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "gpt1", "context_length": context}

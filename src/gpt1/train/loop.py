@@ -44,7 +44,7 @@ Speed: `precision=bf16-mixed` falls back to fp16-mixed on GPUs without bf16
 torch.compile fails. A step waits for the device once (for its loss and gradient norm, read
 together; fp16-mixed's GradScaler adds one), and CUDA batches are copied from pinned memory
 without blocking. On a CPU under a time budget the step's thread count follows the machine's
-load (`gpt1.train.threads`; each step's count in `metrics.jsonl`). MFU is `model.flops_per_token` (the matmuls that run, see `GPT`) x tokens/s
+load (`gpt1.core.threads`; each step's count in `metrics.jsonl`). MFU is `model.flops_per_token` (the matmuls that run, see `GPT`) x tokens/s
 over the device's peak from PEAK_FLOPS.
 """
 
@@ -56,7 +56,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +68,7 @@ from gpt1.core.io import crash_point, read_json, write_json, write_text
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
+from gpt1.core.threads import cpu_thread_tuner
 from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
@@ -77,7 +77,6 @@ from gpt1.train.optim import build_optimizer
 from gpt1.train.plot import plot_metrics
 from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
 from gpt1.train.schedule import lr_at
-from gpt1.train.threads import ThreadTuner
 
 __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE",
            "peak_flops"]
@@ -386,12 +385,13 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     return result
 
 
-def _thread_tuner(device: torch.device, cfg: TrainConfig, dist) -> ThreadTuner | None:
+def _thread_tuner(device: torch.device, cfg: TrainConfig, dist):
     """A CPU run under a time budget keeps its step on the fastest thread count as the load
-    changes (`gpt1.train.threads`); OMP_NUM_THREADS, when set, fixes the count instead."""
-    if device.type != "cpu" or cfg.time_budget <= 0 or dist.enabled or "OMP_NUM_THREADS" in os.environ:
+    changes (`gpt1.core.threads`); OMP_NUM_THREADS, when set, fixes the count instead. Runs
+    without a budget keep theirs: bit-exact resume needs the same count throughout."""
+    if cfg.time_budget <= 0 or dist.enabled:
         return None
-    return ThreadTuner(torch.get_num_threads()) if torch.get_num_threads() > 1 else None
+    return cpu_thread_tuner(device)
 
 
 def _save_due(done: int, save_every: int, max_steps: int) -> bool:

@@ -1,0 +1,157 @@
+"""How many threads a CPU step (of training, or of the inference engine) runs on, re-chosen as
+the machine's load changes.
+
+PyTorch splits every op of a CPU step across its intra-op threads (one per core by default) and
+waits for the slowest. When another process keeps one of those cores busy, the thread that
+shares it is descheduled for milliseconds at a time and every op waits for it: on a 2-core
+machine with one CPU-bound neighbour, the quickstart's step ran 6.5x slower on 2 threads than
+on 1 (0.78 against 5.05 steps/s), where on quiet cores 2 threads are 1.7x faster than 1.
+
+`ThreadTuner` keeps the step on the faster count while the load comes and goes. It is fed each
+step's time; once the first few steps are timed, then now and then, and at once when the step
+time jumps, it tries one thread fewer (or one more, up to where it started) for a few steps and
+keeps whichever is faster. A probe that is clearly slower ends after one step, and probes that
+change nothing come at doubling intervals, so a steady machine pays ~1-2% for them. The
+training loop uses it on CPUs under a time budget (such runs are not bit-reproducible anyway:
+the thread count can change how a sum is split), and the inference engine on CPUs, where one
+busy neighbour made decoding 7-12x slower on 2 threads than on 1; OMP_NUM_THREADS, when set,
+fixes the count instead (`cpu_thread_tuner`).
+
+The engine's tuner is shared by the engines of a process (`shared=True`): `gpt1 chat` and the
+Python API make one engine per call, and each starts on the count the last one found.
+
+Steps of different kinds take different times (the engine's decode step with 1 row or 16), so
+each step may say its `kind`: only steps of one kind are compared, and a new kind starts a new
+window (a probe under way ends, undecided, and is tried again on the next window).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import threading
+from typing import Callable, Hashable
+
+import torch
+
+
+def cpu_thread_tuner(device, shared: bool = False) -> "ThreadTuner | None":
+    """A tuner for steps on `device`: None unless it is a CPU with more than one thread to tune
+    and OMP_NUM_THREADS does not fix the count. `shared`: the process's one tuner for this
+    thread count (what it learnt outlives the caller), else a new one."""
+    threads = torch.get_num_threads()
+    if getattr(device, "type", device) != "cpu" or "OMP_NUM_THREADS" in os.environ or threads < 2:
+        return None
+    if not shared:
+        return ThreadTuner(threads)
+    with _SHARED_LOCK:
+        return _SHARED.setdefault(threads, ThreadTuner(threads))
+
+
+class ThreadTuner:
+    WINDOW = 5  # steps timed per setting (their median is compared)
+    FIRST_INTERVAL = 10.0  # seconds of steps before a probe; doubled after each probe that changed nothing
+    MAX_INTERVAL = 120.0
+    BETTER = 0.95  # a probe wins when its median step takes < 95% of the current one's
+    JUMP = 1.3  # the step time moving by this factor since the last decision: probe now, that way
+    SETTLE = 0.05  # seconds of steps not timed after a change (at least one step): the pool settles
+    GIVE_UP = 1.5  # a probe step this much slower than the current median ends the probe
+
+    def __init__(self, max_threads: int, set_threads: Callable[[int], None] = torch.set_num_threads):
+        if max_threads < 2:
+            raise ValueError(f"nothing to tune with {max_threads} thread")
+        self.max_threads = self.threads = max_threads
+        self._set_threads = set_threads
+        self._recent: collections.deque[float] = collections.deque(maxlen=self.WINDOW)  # at self.threads
+        self._reference: float | None = None  # the median step time at the last decision
+        # The first probe comes as soon as a window is timed: a run may start on a loaded machine.
+        self._interval = self._since_decision = self.FIRST_INTERVAL
+        self._direction = -1  # the next probe tries one thread fewer (-1) or one more (+1)
+        self._probe: int | None = None  # the count being tried
+        self._probe_times: list[float] = []
+        self._settling = 0.0  # seconds of steps still to leave untimed after a change
+        self._kind: Hashable = None  # the kind of step being timed
+        self._lock = threading.Lock()  # a shared tuner may be fed by several threads
+
+    @property
+    def running(self) -> int:
+        """The count steps run on now: the one being tried while a probe lasts."""
+        return self._probe if self._probe is not None else self.threads
+
+    def step_done(self, seconds: float, kind: Hashable = None) -> str | None:
+        """Record one step's time (`kind`: steps of another kind are not compared with it);
+        returns a message when the thread count changed for good."""
+        with self._lock:
+            return self._step_done(seconds, kind)
+
+    def _step_done(self, seconds: float, kind: Hashable) -> str | None:
+        if kind != self._kind:
+            self._new_kind(kind)
+        if self._settling > 0:
+            self._settling -= seconds
+            return None
+        if self._probe is not None:
+            return self._probe_step(seconds)
+        self._recent.append(seconds)
+        self._since_decision += seconds
+        if len(self._recent) < self.WINDOW:
+            return None
+        now = statistics.median(self._recent)
+        if self._reference is None:
+            self._reference = now
+        # Slower steps may mean a neighbour arrived (try fewer threads), faster ones that it left
+        # (try more); a jump the other way, or with no count that way, is a new normal. Trying
+        # more threads beside a busy neighbour is expensive (a step 15-50x slower), so only then.
+        if now > self._reference * self.JUMP or now < self._reference / self.JUMP:
+            direction = -1 if now > self._reference else +1
+            if 1 <= self.threads + direction <= self.max_threads:
+                self._start_probe(direction)
+            else:
+                self._reference = now
+        elif self._since_decision >= self._interval:
+            self._start_probe(self._direction)
+        return None
+
+    def _start_probe(self, direction: int) -> None:
+        if not 1 <= self.threads + direction <= self.max_threads:
+            direction = -direction
+        self._direction = direction
+        self._probe, self._probe_times = self.threads + direction, []
+        self._switch(self._probe)
+
+    def _probe_step(self, seconds: float) -> str | None:
+        current = statistics.median(self._recent)
+        self._probe_times.append(seconds)
+        if seconds < self.GIVE_UP * current and len(self._probe_times) < self.WINDOW:
+            return None
+        tried, old, probe = statistics.median(self._probe_times), self.threads, self._probe
+        self._probe, self._since_decision = None, 0.0
+        if tried < self.BETTER * current:  # keep it, and try one more the same way at once if there is one
+            self.threads, self._reference, self._interval = probe, tried, self.FIRST_INTERVAL
+            if 1 <= probe + self._direction <= self.max_threads:
+                self._since_decision = self.FIRST_INTERVAL
+            self._recent.clear()
+            self._recent.extend(self._probe_times)
+            return (f"CPU threads {old} -> {self.threads}: a step takes {tried * 1e3:,.0f} ms on {self.threads}, "
+                    f"{current * 1e3:,.0f} ms on {old} (another process is busy on these cores, or stopped being)")
+        self._switch(self.threads)
+        self._reference, self._interval = current, min(2 * self._interval, self.MAX_INTERVAL)
+        self._direction = -self._direction
+        return None
+
+    def _new_kind(self, kind: Hashable) -> None:
+        self._kind, self._reference = kind, None
+        self._recent.clear()
+        if self._probe is not None:  # its steps so far cannot be compared with the new kind's
+            self._probe = None
+            self._switch(self.threads)
+            self._since_decision = self._interval  # probe again once the new kind has its window
+
+    def _switch(self, threads: int) -> None:
+        self._set_threads(threads)
+        self._settling = self.SETTLE
+
+
+_SHARED: dict[int, ThreadTuner] = {}
+_SHARED_LOCK = threading.Lock()
