@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
+import torch
 
 from gpt1.cli import main
 from gpt1.cli.bench_cmd import format_table
@@ -27,7 +29,7 @@ def test_bench_prepare_quick_reports_a_ratio(tmp_path, capsys):
 
 def test_unknown_benchmark_is_a_clear_error(capsys):
     assert main(["bench", "nope"]) == 2
-    assert "unknown benchmark(s) nope; available: train, generate, prepare, serve (default), llamacpp, eval, quickstart" in capsys.readouterr().err
+    assert "unknown benchmark(s) nope; available: train, generate, prepare, serve (default), llamacpp, eval, quickstart, threads" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -48,6 +50,23 @@ def test_bench_quickstart_scores_both_recipes_on_the_same_held_out_documents():
         assert row["train_s"] < 60  # the budget ended the run (1,000,000 steps otherwise)
     assert before["vs_before"] == 1.0
     assert math.isclose(after["vs_before"], after["val_bits_per_byte"] / before["val_bits_per_byte"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPU cores and CPU affinity (Linux)")
+def test_bench_threads_measures_tuned_and_fixed_counts_and_leaves_the_process_as_it_was(tmp_path):
+    affinity, threads, omp = os.sched_getaffinity(0), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    assert main(["bench", "threads", "--quick", "--json", str(tmp_path / "bench.json")]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["threads"]
+    assert [(r["condition"], r["threads"], r["batch"]) for r in rows] == [
+        (condition, setting, batch) for condition in ("quiet", "busy neighbour") for batch in (1, 8)
+        for setting in ("2 fixed", "1 fixed", "tuned")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    tuned = [r for r in rows if r["threads"] == "tuned"]
+    assert all(r["vs_2_fixed"] > 0 and r["vs_best_fixed"] > 0 and r["tuned_to"] in (1, 2) for r in tuned)
+    assert os.sched_getaffinity(0) == affinity and torch.get_num_threads() == threads
+    assert os.environ.get("OMP_NUM_THREADS") == omp
 
 
 @pytest.mark.slow

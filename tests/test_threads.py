@@ -209,7 +209,27 @@ def test_a_real_busy_neighbour_on_one_core_moves_training_to_one_thread(data_dir
     assert threads.count(1) > 0.8 * len(threads), threads
 
 
-def test_the_engine_steps_on_the_tuners_count_and_gives_the_caller_its_own_back(tiny_model_dir, monkeypatch):
+@pytest.fixture
+def learnt_one_thread(monkeypatch):
+    """Two threads, the tuner on (no OMP_NUM_THREADS), and the shared tuner as if it had found
+    one thread faster (a busy neighbour); everything put back afterwards."""
+    from gpt1.core import threads as threads_module
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads_module.forget_shared()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tuner = threads_module.cpu_thread_tuner("cpu", shared=True)
+        tuner.threads = 1
+        yield tuner
+    finally:
+        torch.set_num_threads(before)
+        threads_module.forget_shared()
+
+
+def test_the_engine_steps_on_the_tuners_count_and_gives_the_caller_its_own_back(tiny_model_dir, learnt_one_thread,
+                                                                               monkeypatch):
     """The engines of a process share a tuner: an engine steps on the count it chose, and the
     caller's count comes back afterwards; OMP_NUM_THREADS (or tune_threads=False) leaves it alone."""
     import gpt1
@@ -219,33 +239,25 @@ def test_the_engine_steps_on_the_tuners_count_and_gives_the_caller_its_own_back(
 
     llm = gpt1.load(tiny_model_dir, device="cpu")
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(threads_module, "_SHARED", {})
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        tuner = threads_module.cpu_thread_tuner("cpu", shared=True)
-        assert tuner is threads_module.cpu_thread_tuner("cpu", shared=True) and tuner.max_threads == 2
-        tuner.threads = 1  # as if it had found one thread faster (a busy neighbour)
+    assert learnt_one_thread is threads_module.cpu_thread_tuner("cpu", shared=True)
+    assert learnt_one_thread.max_threads == 2
 
-        def decode(**engine_args) -> Engine:
-            engine = Engine(llm.model, llm.tokenizer, max_batch=2, **engine_args)
-            engine.submit([llm.tokenizer.encode("def"), llm.tokenizer.encode("import")], params, lambda i: lambda chunk: None)
-            while engine.busy:
-                engine.step()
-            return engine
+    def decode(**engine_args) -> Engine:
+        engine = Engine(llm.model, llm.tokenizer, max_batch=2, **engine_args)
+        engine.submit([llm.tokenizer.encode("def"), llm.tokenizer.encode("import")], params, lambda i: lambda chunk: None)
+        while engine.busy:
+            engine.step()
+        return engine
 
-        engine = decode()
-        assert engine.stats.threads == 1 and torch.get_num_threads() == 1
-        engine.restore_threads()
-        assert torch.get_num_threads() == 2
-        assert llm.generate("def", max_new_tokens=4) is not None and torch.get_num_threads() == 2  # gpt1.generate restores
+    engine = decode()
+    assert engine.stats.threads == 1 and torch.get_num_threads() == 1
+    engine.restore_threads()
+    assert torch.get_num_threads() == 2
+    assert llm.generate("def", max_new_tokens=4) is not None and torch.get_num_threads() == 2  # gpt1.generate restores
 
-        assert decode(tune_threads=False).stats.threads == 2
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert decode().stats.threads == 2
-    finally:
-        torch.set_num_threads(before)
+    assert decode(tune_threads=False).stats.threads == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert decode().stats.threads == 2
 
 
 DECODE = textwrap.dedent("""
@@ -287,3 +299,25 @@ def test_a_real_busy_neighbour_moves_decoding_to_one_thread(tokenizer_dir):
         neighbour.wait()
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-3:] == ["tuned", "1", "2"], run.stdout
+
+
+def test_evaluation_runs_on_the_tuners_count_and_gives_the_caller_its_own_back(tiny_model_dir, data_dir,
+                                                                             learnt_one_thread, monkeypatch):
+    """`gpt1 eval` (and the quickstart's held-out scores) tune the count too; the score is the
+    same to float rounding, and the caller's count comes back."""
+    import gpt1
+    from gpt1.train.evaluate import evaluate_data
+
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the tuner off: the reference score
+    fixed = evaluate_data(llm, [str(data_dir)], batch_size=4, max_batches=6)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    seen = []
+    real_step_done = learnt_one_thread.step_done
+    monkeypatch.setattr(learnt_one_thread, "step_done", lambda seconds, kind=None: seen.append(
+        (torch.get_num_threads(), kind)) or real_step_done(seconds, kind))
+    tuned = evaluate_data(llm, [str(data_dir)], batch_size=4, max_batches=6)
+    assert seen and all(threads == 1 for threads, _ in seen[:3])  # on the tuner's count
+    assert seen[0][1] == (4, llm.model.config.block_size)  # batches of one shape are one kind
+    assert torch.get_num_threads() == 2
+    assert tuned.tokens == fixed.tokens and abs(tuned.loss - fixed.loss) < 1e-5 * fixed.loss

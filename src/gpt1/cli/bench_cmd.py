@@ -10,8 +10,9 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import write_json
 
 BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks, run by default
-# Need an optional package (llama-cpp-python, lm-eval) or take many minutes (quickstart): run only when named.
-ON_REQUEST = ["llamacpp", "eval", "quickstart"]
+# Need an optional package (llama-cpp-python, lm-eval), take many minutes (quickstart) or load the
+# machine (threads: a busy process beside the decoding): run only when named.
+ON_REQUEST = ["llamacpp", "eval", "quickstart", "threads"]
 
 
 def register(subparsers) -> None:

@@ -8,21 +8,23 @@ machine with one CPU-bound neighbour, the quickstart's step ran 6.5x slower on 2
 on 1 (0.78 against 5.05 steps/s), where on quiet cores 2 threads are 1.7x faster than 1.
 
 `ThreadTuner` keeps the step on the faster count while the load comes and goes. It is fed each
-step's time; once the first few steps are timed, then now and then, and at once when the step
-time jumps, it tries one thread fewer (or one more, up to where it started) for a few steps and
-keeps whichever is faster. A probe that is clearly slower ends after one step, and probes that
-change nothing come at doubling intervals, so a steady machine pays ~1-2% for them. The
-training loop uses it on CPUs under a time budget (such runs are not bit-reproducible anyway:
-the thread count can change how a sum is split), and the inference engine on CPUs, where one
-busy neighbour made decoding 7-12x slower on 2 threads than on 1; OMP_NUM_THREADS, when set,
-fixes the count instead (`cpu_thread_tuner`).
+step's time; once the first few steps are timed, then at doubling intervals, it tries one thread
+fewer (or one more, up to where it started) for a few steps and keeps whichever is faster; when
+the step time jumps it tries at once, one fewer if steps got slower (a neighbour arrived), one
+more if they got faster (it left). A probe that is clearly slower ends after one step, so a
+steady machine pays ~1-2% for them. The training loop uses it on CPUs under a time budget (such
+runs are not bit-reproducible anyway: the thread count can change how a sum is split), and the
+inference engine on CPUs, where one busy neighbour made decoding 30x slower on 2 threads than
+on 1 (10 against 298 tokens/s); OMP_NUM_THREADS, when set, fixes the count instead
+(`cpu_thread_tuner`).
 
 The engine's tuner is shared by the engines of a process (`shared=True`): `gpt1 chat` and the
 Python API make one engine per call, and each starts on the count the last one found.
 
-Steps of different kinds take different times (the engine's decode step with 1 row or 16), so
-each step may say its `kind`: only steps of one kind are compared, and a new kind starts a new
-window (a probe under way ends, undecided, and is tried again on the next window).
+Steps of different kinds take different times (the engine's decode step with 1 row or 16, over
+a short context or a long one), so each step may say its `kind`: only steps of one kind are
+compared, each kind keeps its own reference time, and a new kind starts a new window (a probe
+under way ends, undecided, and is tried again on the next window).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class ThreadTuner:
     JUMP = 1.3  # the step time moving by this factor since the last decision: probe now, that way
     SETTLE = 0.05  # seconds of steps not timed after a change (at least one step): the pool settles
     GIVE_UP = 1.5  # a probe step this much slower than the current median ends the probe
+    ABANDON = 3.0  # ... and one this much slower ends it even while the switch settles
 
     def __init__(self, max_threads: int, set_threads: Callable[[int], None] = torch.set_num_threads):
         if max_threads < 2:
@@ -64,7 +67,8 @@ class ThreadTuner:
         self.max_threads = self.threads = max_threads
         self._set_threads = set_threads
         self._recent: collections.deque[float] = collections.deque(maxlen=self.WINDOW)  # at self.threads
-        self._reference: float | None = None  # the median step time at the last decision
+        # Per kind of step, its median time at the last decision (on the current count).
+        self._references: dict[Hashable, float] = {}
         # The first probe comes as soon as a window is timed: a run may start on a loaded machine.
         self._interval = self._since_decision = self.FIRST_INTERVAL
         self._direction = -1  # the next probe tries one thread fewer (-1) or one more (+1)
@@ -79,6 +83,13 @@ class ThreadTuner:
         """The count steps run on now: the one being tried while a probe lasts."""
         return self._probe if self._probe is not None else self.threads
 
+    def apply(self) -> int:
+        """Put the calling thread on `running` (a thread's count is its own); returns it. For a
+        shared tuner, whose last switch may have been made on another thread or undone since."""
+        if torch.get_num_threads() != self.running:
+            self._set_threads(self.running)
+        return self.running
+
     def step_done(self, seconds: float, kind: Hashable = None) -> str | None:
         """Record one step's time (`kind`: steps of another kind are not compared with it);
         returns a message when the thread count changed for good."""
@@ -90,6 +101,8 @@ class ThreadTuner:
             self._new_kind(kind)
         if self._settling > 0:
             self._settling -= seconds
+            if self._probe is not None and seconds > self.ABANDON * statistics.median(self._recent):
+                self._probe_lost(statistics.median(self._recent))  # beside a busy neighbour: do not wait
             return None
         if self._probe is not None:
             return self._probe_step(seconds)
@@ -98,17 +111,16 @@ class ThreadTuner:
         if len(self._recent) < self.WINDOW:
             return None
         now = statistics.median(self._recent)
-        if self._reference is None:
-            self._reference = now
+        reference = self._references.setdefault(kind, now)
         # Slower steps may mean a neighbour arrived (try fewer threads), faster ones that it left
         # (try more); a jump the other way, or with no count that way, is a new normal. Trying
         # more threads beside a busy neighbour is expensive (a step 15-50x slower), so only then.
-        if now > self._reference * self.JUMP or now < self._reference / self.JUMP:
-            direction = -1 if now > self._reference else +1
+        if now > reference * self.JUMP or now < reference / self.JUMP:
+            direction = -1 if now > reference else +1
             if 1 <= self.threads + direction <= self.max_threads:
                 self._start_probe(direction)
             else:
-                self._reference = now
+                self._references[kind] = now
         elif self._since_decision >= self._interval:
             self._start_probe(self._direction)
         return None
@@ -126,22 +138,29 @@ class ThreadTuner:
         if seconds < self.GIVE_UP * current and len(self._probe_times) < self.WINDOW:
             return None
         tried, old, probe = statistics.median(self._probe_times), self.threads, self._probe
+        if tried >= self.BETTER * current:
+            self._probe_lost(current)
+            return None
+        # Keep it, and try one more the same way at once if there is one.
         self._probe, self._since_decision = None, 0.0
-        if tried < self.BETTER * current:  # keep it, and try one more the same way at once if there is one
-            self.threads, self._reference, self._interval = probe, tried, self.FIRST_INTERVAL
-            if 1 <= probe + self._direction <= self.max_threads:
-                self._since_decision = self.FIRST_INTERVAL
-            self._recent.clear()
-            self._recent.extend(self._probe_times)
-            return (f"CPU threads {old} -> {self.threads}: a step takes {tried * 1e3:,.0f} ms on {self.threads}, "
-                    f"{current * 1e3:,.0f} ms on {old} (another process is busy on these cores, or stopped being)")
+        self.threads, self._interval = probe, self.FIRST_INTERVAL
+        self._references = {self._kind: tried}  # times on the old count say nothing about the new
+        if 1 <= probe + self._direction <= self.max_threads:
+            self._since_decision = self.FIRST_INTERVAL
+        self._recent.clear()
+        self._recent.extend(self._probe_times)
+        return (f"CPU threads {old} -> {self.threads}: a step takes {tried * 1e3:,.0f} ms on {self.threads}, "
+                f"{current * 1e3:,.0f} ms on {old} (another process is busy on these cores, or stopped being)")
+
+    def _probe_lost(self, current: float) -> None:
+        self._probe, self._since_decision = None, 0.0
         self._switch(self.threads)
-        self._reference, self._interval = current, min(2 * self._interval, self.MAX_INTERVAL)
+        self._references[self._kind] = current
+        self._interval = min(2 * self._interval, self.MAX_INTERVAL)
         self._direction = -self._direction
-        return None
 
     def _new_kind(self, kind: Hashable) -> None:
-        self._kind, self._reference = kind, None
+        self._kind = kind
         self._recent.clear()
         if self._probe is not None:  # its steps so far cannot be compared with the new kind's
             self._probe = None
@@ -155,3 +174,9 @@ class ThreadTuner:
 
 _SHARED: dict[int, ThreadTuner] = {}
 _SHARED_LOCK = threading.Lock()
+
+
+def forget_shared() -> None:
+    """Forget what the shared tuners learnt (benchmarks and tests start from scratch)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()

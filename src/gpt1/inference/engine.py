@@ -58,6 +58,7 @@ from gpt1.inference.sampling import process_logits, sample
 
 Sink = Callable[["Chunk | BaseException"], None]
 RATE_WINDOW_S = 10.0  # tokens/s in /health is measured over this many seconds
+TUNER_CONTEXT_BUCKET = 64  # positions: decode steps whose longest context is in one bucket are timed together
 
 
 def store_weights_column_major(model: GPT) -> None:
@@ -302,10 +303,11 @@ class Engine:
         self._admit()
         if not self._rows:
             return
-        # The tuner compares decode steps of one width; a step that prefills takes longer.
-        kind = None if any(r.prefilling for r in self._rows) else len(self._rows)
-        if self._threads is not None and torch.get_num_threads() != self._threads.running:
-            torch.set_num_threads(self._threads.running)  # on this thread: what the tuner runs now
+        # The thread tuner compares decode steps of one width over contexts of about one length
+        # (a step over 500 positions takes longer than over 5); a step that prefills is not timed.
+        kind = (None if any(r.prefilling for r in self._rows)
+                else (len(self._rows), max(r.length for r in self._rows) // TUNER_CONTEXT_BUCKET))
+        threads = self._threads.apply() if self._threads is not None else torch.get_num_threads()
         started = time.perf_counter()
         with torch.inference_mode():
             prefilled, prefill_logits = self._prefill()
@@ -322,7 +324,7 @@ class Engine:
         for request, token in zip(requests, next_ids):
             self._emit(request, token)
         with self._lock:
-            self.stats.threads = torch.get_num_threads()
+            self.stats.threads = threads
             self.stats.steps += 1
             self.stats.tokens += len(next_ids)
             self._rate.append((time.monotonic(), len(next_ids)))

@@ -13,6 +13,7 @@ documents, a chat's role markers) count as zero bytes, their loss is still paid.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +24,7 @@ import torch
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import progress
+from gpt1.core.threads import cpu_thread_tuner
 from gpt1.data.shards import META_FILE, check_fingerprint, load_meta, sequential_windows
 from gpt1.data.sources import iter_documents
 from gpt1.train import distributed
@@ -44,29 +46,42 @@ class EvalResult:
 
 def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                   device: torch.device, precision: str = "fp32", show_progress: bool = False,
-                  total: int | None = None) -> tuple[float, int]:
+                  total: int | None = None, tune_threads: bool = False) -> tuple[float, int]:
     """Token-weighted mean loss over `batches` (labels IGNORE_INDEX excluded) and the token count.
 
     Under torchrun, rank r evaluates batches r, r + W, ... and the sums are all-reduced.
-    The loss is NaN when there is no target token.
+    The loss is NaN when there is no target token. `tune_threads`: on a CPU, the batches run on
+    the fastest thread count as the load changes (`gpt1.core.threads`; the count does not change
+    the result beyond float rounding); the training loop's evaluations keep its own count.
     """
     dist = distributed.current()
     was_training = model.training
     model.eval()
     total_sum = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for i, (x, y) in enumerate(progress(batches, total=total, desc="eval", unit="batch",
-                                            disable=None if show_progress else True)):
-            if i % dist.world_size != dist.rank:
-                continue
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            n = (y != IGNORE_INDEX).sum()
-            if n == 0:
-                continue
-            with autocast(device, precision):
-                _, loss = model(x, y)
-            total_sum[0] += loss.double() * n
-            total_sum[1] += n
+    tuner = cpu_thread_tuner(device, shared=True) if tune_threads and not dist.enabled else None
+    callers_threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for i, (x, y) in enumerate(progress(batches, total=total, desc="eval", unit="batch",
+                                                disable=None if show_progress else True)):
+                if i % dist.world_size != dist.rank:
+                    continue
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                n = (y != IGNORE_INDEX).sum()
+                if n == 0:
+                    continue
+                if tuner is not None:
+                    tuner.apply()
+                    started = time.perf_counter()
+                with autocast(device, precision):
+                    _, loss = model(x, y)
+                total_sum[0] += loss.double() * n
+                total_sum[1] += n
+                if tuner is not None:
+                    tuner.step_done(time.perf_counter() - started, kind=tuple(x.shape))
+    finally:
+        if tuner is not None:
+            torch.set_num_threads(callers_threads)
     model.train(was_training)
     distributed.all_reduce_sum(total_sum)
     tokens = int(total_sum[1].item())
@@ -114,7 +129,8 @@ def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int 
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
     loss, n = evaluate_loss(llm.model, sequential_windows(tokens, block_size, batch_size, max_batches), llm.device,
-                            precision, show_progress=show_progress, total=math.ceil(n_windows / batch_size))
+                            precision, show_progress=show_progress, total=math.ceil(n_windows / batch_size),
+                            tune_threads=True)
     predicted = np.asarray(tokens[1:n_windows * block_size + 1], dtype=np.int64)
     n_bytes = int(token_byte_lengths(llm.tokenizer)[predicted].sum())
     return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes)

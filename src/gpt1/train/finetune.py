@@ -285,7 +285,7 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
             yield x, y
 
     loss, tokens = evaluate_loss(llm.model, counting_bytes(batches), llm.device, precision,
-                                 show_progress=show_progress, total=total)
+                                 show_progress=show_progress, total=total, tune_threads=True)
     if not tokens:
         raise Gpt1Error(f"{spec}: no assistant tokens to evaluate in {source}")
     return ChatEvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, conversations=len(conversations),

@@ -499,10 +499,11 @@ class _TimeBudget:
         left = self.seconds - self.spent()
         floor = min(self.max_steps, max(done, self.MIN_STEPS))
         if left <= 0:
-            # Out of time. A plan short by a step or two (e.g. a validation pass just before the
-            # end took longer than the average step) still takes them: stopping now would end the
-            # LR schedule above min_lr, for the cost of a step or two over the budget.
-            new_end = end if done < end <= done + 2 else floor
+            # Out of time. A plan short by a few steps (a validation pass or a checkpoint just
+            # before the end took longer than the average step) still takes them: stopping now
+            # would end the LR schedule above min_lr, for the cost of at most 1% of the steps
+            # (or two) over the budget.
+            new_end = end if done < end <= done + max(2, end // 100) else floor
         elif len(self.times) <= self.WARMUP_STEPS:
             new_end = end
         else:
