@@ -143,6 +143,25 @@ def test_slower_steps_on_the_fewest_threads_do_not_probe_more():
     assert machine.switches_to(2, since=moved) <= 2  # after 10 s, then 20 s of steps
 
 
+def test_batches_of_different_lengths_are_compared_per_token():
+    """Chat fine-tuning pads each batch to its longest dialog: steps of 560 to 2,048 tokens take
+    0.05 to 0.19 s on one thread beside a busy neighbour (the quickstart's, measured), 8x that
+    on two. Compared per token they are one pace, so the tuner moves once and then probes two
+    threads only at its doubling intervals, not whenever a short batch makes a step fast."""
+    generator = torch.Generator().manual_seed(0)
+    machine, messages = Machine(2), []
+    tuner = ThreadTuner(2, machine.set_threads)
+    while machine.clock < 60:
+        tokens = int(torch.randint(560, 2049, (), generator=generator))
+        step = (0.0007 + 85e-6 * tokens) * (8 if machine.threads == 2 else 1)
+        machine.clock += step
+        machine.history.append((machine.clock, machine.threads, step))
+        if message := tuner.step_done(step, size=tokens):
+            messages.append(message)
+    assert [m.split(":")[0] for m in messages] == ["CPU threads 2 -> 1"]
+    assert machine.switches_to(2, since=5.0) <= 3  # after 10, 20 and 40 s of steps at most
+
+
 def test_one_thread_leaves_nothing_to_tune():
     with pytest.raises(ValueError):
         ThreadTuner(1)
@@ -314,10 +333,10 @@ def test_evaluation_runs_on_the_tuners_count_and_gives_the_caller_its_own_back(t
     monkeypatch.delenv("OMP_NUM_THREADS")
     seen = []
     real_step_done = learnt_one_thread.step_done
-    monkeypatch.setattr(learnt_one_thread, "step_done", lambda seconds, kind=None: seen.append(
-        (torch.get_num_threads(), kind)) or real_step_done(seconds, kind))
+    monkeypatch.setattr(learnt_one_thread, "step_done", lambda seconds, kind=None, size=1.0: seen.append(
+        (torch.get_num_threads(), size)) or real_step_done(seconds, kind, size))
     tuned = evaluate_data(llm, [str(data_dir)], batch_size=4, max_batches=6)
     assert seen and all(threads == 1 for threads, _ in seen[:3])  # on the tuner's count
-    assert seen[0][1] == (4, llm.model.config.block_size)  # batches of one shape are one kind
+    assert seen[0][1] == 4 * llm.model.config.block_size  # compared per token
     assert torch.get_num_threads() == 2
     assert tuned.tokens == fixed.tokens and abs(tuned.loss - fixed.loss) < 1e-5 * fixed.loss

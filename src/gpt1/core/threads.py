@@ -90,23 +90,24 @@ class ThreadTuner:
             self._set_threads(self.running)
         return self.running
 
-    def step_done(self, seconds: float, kind: Hashable = None) -> str | None:
-        """Record one step's time (`kind`: steps of another kind are not compared with it);
-        returns a message when the thread count changed for good."""
+    def step_done(self, seconds: float, kind: Hashable = None, size: float = 1.0) -> str | None:
+        """Record one step's time. `kind`: steps of another kind are not compared with it;
+        `size`: the step's work (e.g. its tokens, when batches differ in length), times are
+        compared per unit of it. Returns a message when the thread count changed for good."""
         with self._lock:
-            return self._step_done(seconds, kind)
+            return self._step_done(seconds, kind, seconds / size)
 
-    def _step_done(self, seconds: float, kind: Hashable) -> str | None:
+    def _step_done(self, seconds: float, kind: Hashable, pace: float) -> str | None:
         if kind != self._kind:
             self._new_kind(kind)
         if self._settling > 0:
             self._settling -= seconds
-            if self._probe is not None and seconds > self.ABANDON * statistics.median(self._recent):
+            if self._probe is not None and pace > self.ABANDON * statistics.median(self._recent):
                 self._probe_lost(statistics.median(self._recent))  # beside a busy neighbour: do not wait
             return None
         if self._probe is not None:
-            return self._probe_step(seconds)
-        self._recent.append(seconds)
+            return self._probe_step(pace)
+        self._recent.append(pace)
         self._since_decision += seconds
         if len(self._recent) < self.WINDOW:
             return None
@@ -132,10 +133,10 @@ class ThreadTuner:
         self._probe, self._probe_times = self.threads + direction, []
         self._switch(self._probe)
 
-    def _probe_step(self, seconds: float) -> str | None:
+    def _probe_step(self, pace: float) -> str | None:
         current = statistics.median(self._recent)
-        self._probe_times.append(seconds)
-        if seconds < self.GIVE_UP * current and len(self._probe_times) < self.WINDOW:
+        self._probe_times.append(pace)
+        if pace < self.GIVE_UP * current and len(self._probe_times) < self.WINDOW:
             return None
         tried, old, probe = statistics.median(self._probe_times), self.threads, self._probe
         if tried >= self.BETTER * current:
@@ -149,8 +150,8 @@ class ThreadTuner:
             self._since_decision = self.FIRST_INTERVAL
         self._recent.clear()
         self._recent.extend(self._probe_times)
-        return (f"CPU threads {old} -> {self.threads}: a step takes {tried * 1e3:,.0f} ms on {self.threads}, "
-                f"{current * 1e3:,.0f} ms on {old} (another process is busy on these cores, or stopped being)")
+        return (f"CPU threads {old} -> {self.threads}: steps {current / tried:.1f}x as fast on {self.threads} "
+                f"as on {old} (another process is busy on these cores, or stopped being)")
 
     def _probe_lost(self, current: float) -> None:
         self._probe, self._since_decision = None, 0.0

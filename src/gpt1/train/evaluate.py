@@ -78,7 +78,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
                 total_sum[0] += loss.double() * n
                 total_sum[1] += n
                 if tuner is not None:
-                    tuner.step_done(time.perf_counter() - started, kind=tuple(x.shape))
+                    tuner.step_done(time.perf_counter() - started, size=x.numel())  # chat batches differ in length
     finally:
         if tuner is not None:
             torch.set_num_threads(callers_threads)

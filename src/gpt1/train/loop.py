@@ -332,7 +332,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
                               if peak and flops_per_token else None)}
             if threads:
                 record["threads"] = torch.get_num_threads()  # the count this step ran on
-                if message := threads.step_done(elapsed):
+                if message := threads.step_done(elapsed, size=step_tokens):  # chat batches differ in length
                     info(message)
             if scaler.is_enabled() and not math.isfinite(grad_norm):
                 record["skipped"] = "fp16 overflow"
