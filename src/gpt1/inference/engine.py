@@ -30,7 +30,7 @@ ended it. The engine can be driven by the caller (`step()` until `busy` is false
 PyTorch uses MKL the engine stores the model's weights column-major (`store_weights_column_major`),
 which makes its few-row matmuls faster. On a CPU it also keeps its decode step on the fastest
 thread count as the machine's load changes (`gpt1.core.threads`; one busy process beside it on
-2 cores made decoding 7x slower on 2 threads than on 1), unless OMP_NUM_THREADS fixes the count
+2 cores made decoding 20-30x slower on 2 threads than on 1), unless OMP_NUM_THREADS fixes the count
 or `tune_threads=False`. The engines of a process share what they learn (`gpt1 chat` makes
 one per reply); the count is set on the stepping thread, and `restore_threads()` gives the
 caller back its own.
