@@ -340,3 +340,28 @@ def test_evaluation_runs_on_the_tuners_count_and_gives_the_caller_its_own_back(t
     assert seen[0][1] == 4 * llm.model.config.block_size  # compared per token
     assert torch.get_num_threads() == 2
     assert tuned.tokens == fixed.tokens and abs(tuned.loss - fixed.loss) < 1e-5 * fixed.loss
+
+
+def test_benchmark_scoring_runs_on_the_tuners_count_and_gives_the_caller_its_own_back(tiny_model_dir, learnt_one_thread,
+                                                                                     monkeypatch):
+    """`gpt1 eval --tasks`' log-likelihood scoring: each chunk on the tuned count, timed per token;
+    the same scores as with the count fixed."""
+    import gpt1
+    from gpt1.train.harness import Scorer
+
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    examples = [[(torch.randint(3, 500, (12 + i,), generator=generator).tolist(),
+                  torch.randint(3, 500, (3 + k,), generator=generator).tolist()) for k in range(4)] for i in range(40)]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the tuner off: the reference scores
+    fixed = Scorer(llm.model, batch_size=4).score_examples(examples, show_progress=False)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    seen = []
+    real_step_done = learnt_one_thread.step_done
+    monkeypatch.setattr(learnt_one_thread, "step_done", lambda seconds, kind=None, size=1.0: seen.append(
+        (torch.get_num_threads(), size)) or real_step_done(seconds, kind, size))
+    tuned = Scorer(llm.model, batch_size=4).score_examples(examples, show_progress=False)
+    assert len(seen) > 3 and all(threads == 1 for threads, _ in seen[:3]) and all(size > 16 for _, size in seen)
+    assert torch.get_num_threads() == 2
+    assert [[s.is_greedy for s in e] for e in tuned] == [[s.is_greedy for s in e] for e in fixed]
+    assert all(abs(a.loglikelihood - b.loglikelihood) < 1e-4 for ea, eb in zip(tuned, fixed) for a, b in zip(ea, eb))

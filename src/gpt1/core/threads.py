@@ -30,10 +30,12 @@ under way ends, undecided, and is tried again on the next window).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import statistics
 import threading
-from typing import Callable, Hashable
+import time
+from typing import Callable, Hashable, Iterator
 
 import torch
 
@@ -49,6 +51,19 @@ def cpu_thread_tuner(device, shared: bool = False) -> "ThreadTuner | None":
         return ThreadTuner(threads)
     with _SHARED_LOCK:
         return _SHARED.setdefault(threads, ThreadTuner(threads))
+
+
+@contextlib.contextmanager
+def tuned_threads(device, enabled: bool = True) -> Iterator["ThreadTuner | None"]:
+    """The process's shared tuner for a loop of steps on `device` (None when there is nothing to
+    tune, or not `enabled`); the calling thread's own count is put back when the loop ends."""
+    tuner = cpu_thread_tuner(device, shared=True) if enabled else None
+    callers_threads = torch.get_num_threads()
+    try:
+        yield tuner
+    finally:
+        if tuner is not None and torch.get_num_threads() != callers_threads:
+            torch.set_num_threads(callers_threads)
 
 
 class ThreadTuner:
@@ -89,6 +104,14 @@ class ThreadTuner:
         if torch.get_num_threads() != self.running:
             self._set_threads(self.running)
         return self.running
+
+    @contextlib.contextmanager
+    def step(self, kind: Hashable = None, size: float = 1.0) -> Iterator[None]:
+        """Run the block as one step: on the tuned count, timed, recorded (see `step_done`)."""
+        self.apply()
+        started = time.perf_counter()
+        yield
+        self.step_done(time.perf_counter() - started, kind, size)
 
     def step_done(self, seconds: float, kind: Hashable = None, size: float = 1.0) -> str | None:
         """Record one step's time. `kind`: steps of another kind are not compared with it;

@@ -12,8 +12,8 @@ documents, a chat's role markers) count as zero bytes, their loss is still paid.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -24,7 +24,7 @@ import torch
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import progress
-from gpt1.core.threads import cpu_thread_tuner
+from gpt1.core.threads import tuned_threads
 from gpt1.data.shards import META_FILE, check_fingerprint, load_meta, sequential_windows
 from gpt1.data.sources import iter_documents
 from gpt1.train import distributed
@@ -58,30 +58,20 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     was_training = model.training
     model.eval()
     total_sum = torch.zeros(2, dtype=torch.float64, device=device)
-    tuner = cpu_thread_tuner(device, shared=True) if tune_threads and not dist.enabled else None
-    callers_threads = torch.get_num_threads()
-    try:
-        with torch.no_grad():
-            for i, (x, y) in enumerate(progress(batches, total=total, desc="eval", unit="batch",
-                                                disable=None if show_progress else True)):
-                if i % dist.world_size != dist.rank:
-                    continue
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                n = (y != IGNORE_INDEX).sum()
-                if n == 0:
-                    continue
-                if tuner is not None:
-                    tuner.apply()
-                    started = time.perf_counter()
-                with autocast(device, precision):
-                    _, loss = model(x, y)
-                total_sum[0] += loss.double() * n
-                total_sum[1] += n
-                if tuner is not None:
-                    tuner.step_done(time.perf_counter() - started, size=x.numel())  # chat batches differ in length
-    finally:
-        if tuner is not None:
-            torch.set_num_threads(callers_threads)
+    with tuned_threads(device, enabled=tune_threads and not dist.enabled) as tuner, torch.no_grad():
+        for i, (x, y) in enumerate(progress(batches, total=total, desc="eval", unit="batch",
+                                            disable=None if show_progress else True)):
+            if i % dist.world_size != dist.rank:
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            n = (y != IGNORE_INDEX).sum()
+            if n == 0:
+                continue
+            # Timed per token: chat batches differ in length.
+            with tuner.step(size=x.numel()) if tuner else contextlib.nullcontext(), autocast(device, precision):
+                _, loss = model(x, y)
+            total_sum[0] += loss.double() * n
+            total_sum[1] += n
     model.train(was_training)
     distributed.all_reduce_sum(total_sum)
     tokens = int(total_sum[1].item())

@@ -20,6 +20,7 @@ An example whose context + continuation does not fit the model's context is skip
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import write_text
 from gpt1.core.model import KVCache
 from gpt1.core.progress import progress
+from gpt1.core.threads import tuned_threads
 from gpt1.train.precision import autocast
 from gpt1.train.tasks import Example, Task, get_task, load_documents, split_exists
 
@@ -115,7 +117,10 @@ class Scorer:
         CHUNK_BATCHES x `batch_size` requests."""
         order = sorted(range(len(examples)), key=lambda i: -max(len(c) + len(k) for c, k in examples[i]))
         results: list[list[Scored]] = [[] for _ in examples]
-        with progress(total=len(examples), desc=desc, unit="ex", disable=None if show_progress else True) as bar:
+        # On a CPU each chunk runs on the fastest thread count as the load changes (gpt1.core.threads),
+        # its time compared per token scored.
+        with tuned_threads(self.device) as tuner, \
+                progress(total=len(examples), desc=desc, unit="ex", disable=None if show_progress else True) as bar:
             chunk: list[int] = []
             for n, i in enumerate(order):
                 chunk.append(i)
@@ -123,7 +128,9 @@ class Scorer:
                 if n + 1 < len(order) and len(pairs) < CHUNK_BATCHES * self.batch_size and \
                         len({tuple(c) for c, _ in pairs}) < self.batch_size:
                     continue
-                scores = iter(self.score(pairs))
+                tokens = sum(len(c) for c in {tuple(c) for c, _ in pairs}) + sum(len(k) for _, k in pairs)
+                with tuner.step(size=tokens) if tuner else contextlib.nullcontext():
+                    scores = iter(self.score(pairs))
                 for j in chunk:
                     results[j] = [next(scores) for _ in examples[j]]
                 bar.update(len(chunk))
