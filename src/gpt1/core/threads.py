@@ -74,7 +74,7 @@ class ThreadTuner:
     JUMP = 1.3  # the step time moving by this factor since the last decision: probe now, that way
     SETTLE = 0.05  # seconds of steps not timed after a change (at least one step): the pool settles
     GIVE_UP = 1.5  # a probe step this much slower than the current median ends the probe
-    ABANDON = 3.0  # ... and one this much slower ends it even while the switch settles
+    ABANDON = 3.0  # ... and one on more threads this much slower ends it even while the switch settles
 
     def __init__(self, max_threads: int, set_threads: Callable[[int], None] = torch.set_num_threads):
         if max_threads < 2:
@@ -125,8 +125,11 @@ class ThreadTuner:
             self._new_kind(kind)
         if self._settling > 0:
             self._settling -= seconds
-            if self._probe is not None and pace > self.ABANDON * statistics.median(self._recent):
-                self._probe_lost(statistics.median(self._recent))  # beside a busy neighbour: do not wait
+            # More threads beside a busy neighbour: no need to wait for a timed step. (The first
+            # step on fewer threads may be slow for other reasons, and trying it costs little.)
+            if self._probe is not None and self._probe > self.threads and \
+                    pace > self.ABANDON * statistics.median(self._recent):
+                self._probe_lost(statistics.median(self._recent))
             return None
         if self._probe is not None:
             return self._probe_step(pace)
