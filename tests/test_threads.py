@@ -284,7 +284,7 @@ DECODE = textwrap.dedent("""
     import torch
     from gpt1.core import threads
     from gpt1.core.config import ModelConfig
-    from gpt1.core.model import GPT
+    from gpt1.benchmarks.generate import benchmark_model
     from gpt1.core.sampling_params import SamplingParams
     from gpt1.core.tokenizer import Tokenizer
     from gpt1.inference.generate import generate_batch
@@ -293,7 +293,10 @@ DECODE = textwrap.dedent("""
     os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
     torch.set_num_threads(2)
     tokenizer = Tokenizer.load(sys.argv[2])
-    model = GPT(ModelConfig.preset("small", vocab_size=tokenizer.vocab_size)).eval()  # big enough to use 2 threads
+    # Big enough to use 2 threads; seeded, and its special tokens never win, so that every call
+    # decodes its 48 tokens on all 4 rows (a row ending early changes the kind of step timed).
+    model = benchmark_model(ModelConfig.preset("small", vocab_size=tokenizer.vocab_size), tokenizer.special_ids,
+                            torch.device("cpu")).eval()
     prompts = [tokenizer.encode(f"def f{i}():") for i in range(4)]
     params = SamplingParams(temperature=0.0, max_new_tokens=48)
     tuner = threads.cpu_thread_tuner("cpu", shared=True)
