@@ -212,6 +212,17 @@ def test_bad_adapter_metadata(tiny_model_dir, tmp_path, capsys):
                           r"adapter_config.json: missing r and lora_alpha")
 
 
+def test_a_fine_tuned_dir_without_its_adapter_is_refused(tiny_model_dir, tmp_path, capsys):
+    """A fine-tuned dir keeps the base's weights and its LoRA in adapter/: without adapter/ it ran
+    as the base model, silently."""
+    model = _with_adapter(tiny_model_dir, tmp_path, "chat")
+    (model / "base.json").write_text(json.dumps({"path": str(tiny_model_dir), "sha256": "0" * 64}))
+    assert run_main(capsys, "generate", "--model", model, "--prompt", "hi", "--max-new-tokens", "2")[0] == 0
+    shutil.rmtree(model / "adapter")
+    assert_one_clear_line(*run_main(capsys, "generate", "--model", model, "--prompt", "hi"),
+                          r"chat: a fine-tuned model dir \(base.json\) without its adapter/ folder")
+
+
 # ---- flags, run dirs, devices --------------------------------------------------------------
 
 def test_bad_flags_and_damaged_run_dirs(tokenizer_dir, tiny_model_dir, corpus_dir, tmp_path, capsys):

@@ -78,3 +78,71 @@ def test_gpt1_debug_prints_the_traceback_and_the_same_line(tmp_path):
     assert plain.returncode == debug.returncode == 2
     assert "Traceback" not in plain.stderr and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1]
+
+
+# ---- paths and flags refused with one clear line (in-process: no interpreter start-up) --------
+
+def test_an_output_file_that_is_a_folder_is_one_clear_line(tmp_path, tiny_model_dir, data_dir, capsys):
+    from tests.task_files import hellaswag, write_jsonl
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    task = write_jsonl(tmp_path / "hs.jsonl", [hellaswag(i) for i in range(2)])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 8.0, "tokens": 64}\n{"step": 2, "loss": 7.0, "tokens": 128}\n')
+    for argv in (["eval", "--model", tiny_model_dir, "--data", data_dir, "--max-batches", "1", "--json", folder],
+                 ["eval", "--model", tiny_model_dir, "--task", "hellaswag", "--data", task, "--samples", folder],
+                 ["plot", run, "--out", folder]):
+        assert_one_clear_line(*run_main(capsys, *argv), r"empty: is a folder; expected the name of a file to write")
+        assert list(folder.iterdir()) == []
+
+
+def test_a_prepare_out_that_is_or_lies_under_a_file_is_one_clear_line(tmp_path, tokenizer_dir, corpus_dir, capsys):
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    file = tmp_path / "a.txt"
+    file.write_text("text")
+    for out in (file, file / "data"):
+        rc, err = run_main(capsys, "prepare", "--tokenizer", tokenizer_dir, "--out", out, corpus_dir / "json")
+        assert_one_clear_line(rc, err, r"a\.txt.*not a folder")
+    assert file.read_text() == "text"
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["prepare", "--batch-docs", "0"], r"--batch-docs: expected a whole number >= 1, got 0"),
+    (["prepare", "--batch-docs", "-5"], r"--batch-docs: expected a whole number >= 1, got -5"),
+    (["tokenizer", "train", "--vocab-size", "300", "--min-frequency", "-1"], r"--min-frequency must be a whole number >= 0 .*got -1"),
+])
+def test_a_bad_count_flag_is_one_clear_line(tmp_path, tokenizer_dir, corpus_dir, capsys, argv, pattern):
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    if argv[0] == "prepare":
+        argv = [*argv, "--tokenizer", tokenizer_dir]
+    assert_one_clear_line(*run_main(capsys, *argv, "--out", tmp_path / "out", corpus_dir / "json"), pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_that_is_not_utf8_is_one_clear_line(tmp_path, data_dir, capsys):
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    recipe = tmp_path / "bad.toml"
+    recipe.write_bytes(b"max_steps = 3\n\xff\xfe")
+    rc, err = run_main(capsys, "pretrain", "--config", recipe, "--data", data_dir, "--out", tmp_path / "run")
+    assert_one_clear_line(rc, err, r"bad\.toml: invalid UTF-8 at byte offset 14")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_config_json_field_names_the_file_once(tmp_path, tiny_model_dir, capsys):
+    import json
+    import shutil
+
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "extra": 1}))
+    line = assert_one_clear_line(*run_main(capsys, "info", model), r"config\.json: unknown model config field\(s\) extra; known: ")
+    assert line.count("config.json") == 1, line

@@ -147,6 +147,27 @@ def test_generate_says_when_max_new_tokens_is_capped(capsys, tiny_model_dir, llm
     assert code == 0 and "does not fit" not in err
 
 
+def test_chat_says_when_a_message_longer_than_the_context_is_cut(capsys, monkeypatch, tiny_model_dir, llm):
+    """A message longer than the context is cut to its last tokens, and said so: the warning
+    once counted the whole message and promised "at most -375 tokens"; with --no-truncate only
+    the error shows, and the message leaves the history."""
+    import io
+
+    message = "word " * 100
+    monkeypatch.setattr(sys, "stdin", io.StringIO(message + "\n"))
+    code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu",
+                              "--max-new-tokens", "10", "--temperature", "0")
+    n = len(llm.tokenizer.encode(message))  # the template adds its turn markers to these
+    assert code == 0 and out.strip(), err
+    assert "does not fit" not in err and "at most -" not in err
+    assert "tokens) was cut to its last 54 tokens to fit the context" in err and n > 64
+    monkeypatch.setattr(sys, "stdin", io.StringIO(message + "\n"))
+    code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu",
+                              "--max-new-tokens", "10", "--no-truncate")
+    assert out == "" and "does not fit" not in err
+    assert "plus max_new_tokens (10) exceed the context of 64 tokens" in err
+
+
 @pytest.mark.parametrize("value", ["1e-300", "1e-45"])
 def test_generate_with_a_tiny_temperature_is_greedy(capsys, tiny_model_dir, llm, value):
     """Issue 17 item 6: a tiny temperature crashed `gpt1 generate` (inf/nan probabilities)."""

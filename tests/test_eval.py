@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from gpt1.cli import main
 from gpt1.core.tokenizer import train_tokenizer
 from gpt1.data.shards import prepare
 from gpt1.data.sources import iter_documents
+from gpt1.train.evaluate import evaluate_data
+from tests.test_battery import assert_one_clear_line, run_main
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +80,47 @@ def test_eval_refuses_shards_of_another_tokenizer(tiny_model_dir, corpus_dir, tm
     (tmp_path / "short.txt").write_text("hi")
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "short.txt")]) == 2
     assert "fewer than one context window" in capsys.readouterr().err
+
+
+def test_counts_must_be_whole_numbers_and_nothing_scored_is_an_error(tiny_model_dir, data_dir, capsys):
+    """0 batches or a negative window scored nothing and printed NaN (invalid JSON) with exit 0;
+    --batch-size 0 silently meant the default."""
+    import gpt1
+    from gpt1.core.errors import Gpt1Error
+
+    for flag, value in (("--max-batches", "0"), ("--block-size", "-3"), ("--batch-size", "0"), ("--limit", "0")):
+        assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", data_dir, flag, value),
+                              f"argument {flag}: expected a whole number >= 1, got {value}")
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    with pytest.raises(Gpt1Error, match="max batches must be >= 1, got 8, 64, 0"):
+        evaluate_data(llm, [str(data_dir)], max_batches=0)
+
+
+def test_skip_invalid_skips_and_counts_bad_lines(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    text = (corpus_dir / "json" / "decoder.py").read_text(encoding="utf-8")
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": text}) + "\n{oops\n" + json.dumps({"text": text[:500]}) + "\n")
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", data),
+                          re.escape(f"{data}, line 2: invalid JSON") + r".*\(pass --skip-invalid to skip bad lines\)$")
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--skip-invalid", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skipped"] == 1 and "1 invalid document(s) skipped" in captured.err
+
+    chat = tmp_path / "chat.jsonl"
+    dialog = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    chat.write_text("".join(json.dumps(dialog) + "\n" for _ in range(30)) + "{oops\n")
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", chat, "--chat"),
+                          r"line 31: invalid JSON.*\(pass --skip-invalid to skip bad lines\)$")
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(chat), "--chat", "--skip-invalid"]) == 0
+    assert "skipped: 1 malformed lines" in capsys.readouterr().err
+
+
+def test_split_is_refused_where_there_is_none(tiny_model_dir, tmp_path, capsys):
+    """A local chat file has no splits: it was scored whole and labelled with the split asked for."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", chat, "--chat", "--split",
+                                    "nosuch"), re.escape(f"{chat}: a local chat file has no splits (--split nosuch"))
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", chat, "--split", "test"),
+                          "--split applies to --chat sources only")

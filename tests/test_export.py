@@ -4,6 +4,7 @@ AutoModelForCausalLM / AutoTokenizer / PeftModel and give our logits, greedy tex
 import dataclasses
 import json
 import os
+import stat
 
 from gpt1.cli import main
 from gpt1.core.sampling_params import SamplingParams
@@ -235,6 +236,20 @@ def test_out_dir_rules(tmp_path, tiny_model_dir):
         export_model(out, tmp_path / "again")
 
 
+def test_export_folder_has_the_permissions_of_a_plain_mkdir(tmp_path, tiny_model_dir):
+    """The folder is built under a temporary name (mkdtemp: 0700) and renamed into place: it
+    must still get 0777 & ~umask, also when it replaces an existing empty 0755 folder."""
+    replaced = tmp_path / "replaced"
+    replaced.mkdir(mode=0o755)
+    old = os.umask(0o022)
+    try:
+        for out in (tmp_path / "new", replaced):
+            export_model(tiny_model_dir, out)
+            assert stat.S_IMODE(out.stat().st_mode) == 0o755, out
+    finally:
+        os.umask(old)
+
+
 def test_cli_export_and_bad_input(tmp_path, tiny_model_dir, capsys):
     """`main` is what the `gpt1` script runs; called in-process to save interpreter start-ups."""
     assert main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "hf")]) == 0
@@ -242,6 +257,11 @@ def test_cli_export_and_bad_input(tmp_path, tiny_model_dir, capsys):
     for args, message in [
         (["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "missing: model directory not found"),
         (["--model", str(tiny_model_dir), "--out", str(tmp_path / "hf")], "hf: exists and is not empty"),
+        # a file where the output's parent folder should be, and a folder where nothing can be created
+        (["--model", str(tiny_model_dir), "--out", str(tmp_path / "hf" / "config.json" / "x")],
+         "config.json: exists and is not a folder"),
+        *([(["--model", str(tiny_model_dir), "--out", "/proc/gpt1x"], "/proc: cannot write gpt1x there")]
+          if os.path.isdir("/proc/self") else []),
     ]:
         assert main(["export", *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()

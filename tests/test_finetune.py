@@ -181,3 +181,38 @@ def test_cli_end_to_end_and_bad_inputs(tiny_model_dir, oasst, tmp_path, capsys):
         assert main(["finetune", "--out", str(tmp_path / "x"), *args, *RUN, "max_steps=1"]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    # LoRA's scale is lora_alpha / lora_r: 0 would train an adapter that does nothing
+    assert main(["finetune", "--out", str(tmp_path / "x"), "--base", str(tiny_model_dir), "--data", str(oasst),
+                 *RUN, "max_steps=1", "lora_alpha=0"]) == 2
+    err = capsys.readouterr().err
+    assert "LoRA alpha must be a number > 0, got 0" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_small_chat_set_still_holds_out_a_dialog(tiny_model_dir, tmp_path):
+    """As `gpt1 prepare`: a val_fraction > 0 of two or more dialogs validates on one at least
+    (here none of the 6 fell under 1e-6: the smallest-hash one is held out); a split that already
+    held some out is unchanged."""
+    import hashlib
+
+    from gpt1.data.chat_sources import Conversation
+
+    def old_split(conversations, fraction, seed):  # the split before the fallback
+        score = [int.from_bytes(hashlib.sha256(f"{seed}:{c.group}".encode()).digest()[:8], "big") / 2**64
+                 for c in conversations]
+        return ([c for c, s in zip(conversations, score) if s >= fraction],
+                [c for c, s in zip(conversations, score) if s < fraction])
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    dialogs = [Conversation(messages, f"d{i}") for i in range(6)]
+    assert old_split(dialogs, 1e-6, FinetuneConfig.seed)[1] == []
+    train, val = split_conversations(dialogs, 1e-6, FinetuneConfig.seed)
+    assert len(val) == 1 and len(train) == 5
+    assert split_conversations(dialogs, 0.0, FinetuneConfig.seed) == (dialogs, [])
+    assert split_conversations(dialogs[:1], 1e-6, FinetuneConfig.seed) == (dialogs[:1], [])  # nothing to spare
+    many = [Conversation(messages, f"tree-{i // 3}") for i in range(300)]
+    assert split_conversations(many, 0.05, 7) == old_split(many, 0.05, 7)
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": messages}) + "\n" for _ in range(6)))
+    result = finetune(_cfg(chat, "max_steps=1", "val_fraction=1e-6"), tiny_model_dir, tmp_path / "ft")
+    assert result.val_loss is not None

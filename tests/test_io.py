@@ -1,13 +1,16 @@
-"""Atomic writes: all or nothing, and files get the usual permissions (not mkstemp's 0600)."""
+"""Atomic writes: all or nothing, files and folders get the usual permissions (not mkstemp's 0600 or
+mkdtemp's 0700), and a path that cannot be written is one clear error naming it."""
 
 from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
-from gpt1.core.io import atomic_path, write_json
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import atomic_dir, atomic_path, make_dirs, write_json
 
 
 def test_atomic_write_has_umask_permissions(tmp_path):
@@ -51,3 +54,64 @@ def test_an_unwritable_folder_is_a_clear_error(tmp_path):
         else:
             folder.chmod(0o755)
     assert list(folder.iterdir()) == []
+
+
+def test_a_folder_as_the_file_to_write_is_a_clear_error(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(Gpt1Error, match=r"out: is a folder; expected the name of a file to write"):
+        write_json(folder, {"a": 1})
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_file_where_a_folder_should_be_is_a_clear_error(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(Gpt1Error, match=r"a.txt: exists and is not a folder"):
+        write_json(tmp_path / "a.txt" / "x.json", {"a": 1})
+    with pytest.raises(Gpt1Error, match=r"a.txt/sub: cannot create the folder: .*a.txt is not a folder"):
+        write_json(tmp_path / "a.txt" / "sub" / "x.json", {"a": 1})
+    with pytest.raises(Gpt1Error, match=r"a.txt: exists and is not a folder"):
+        make_dirs(tmp_path / "a.txt")
+    assert (tmp_path / "a.txt").read_text() == "text"
+
+
+def test_atomic_dir_has_umask_permissions_and_replaces_the_old_folder(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            assert (out / "old.txt").is_file()  # untouched until the new folder is complete
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary or moved-aside folder left
+
+
+def test_atomic_dir_failure_leaves_the_old_folder_and_no_temp(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_atomic_dir_where_it_cannot_be_made_is_a_clear_error(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(Gpt1Error, match=r"a.txt: exists and is not a folder"):
+        with atomic_dir(tmp_path / "a.txt"):
+            pass
+    with pytest.raises(Gpt1Error, match=r"a.txt: exists and is not a folder"):
+        with atomic_dir(tmp_path / "a.txt" / "hf"):
+            pass
+    if Path("/proc/self").is_dir():  # a folder that exists but where nothing can be created
+        with pytest.raises(Gpt1Error, match=r"/proc: cannot write gpt1x there \("):
+            with atomic_dir("/proc/gpt1x"):
+                pass

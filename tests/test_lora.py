@@ -129,6 +129,9 @@ def test_save_load_round_trip_and_errors(tiny_config, tmp_path):
         load_adapter(bigger, tmp_path / "adapter")
     with pytest.raises(Gpt1Error, match="unknown.*choose from q, k, v, o, up, down"):
         LoRAConfig(targets=("q", "gate"))
+    for alpha in (0, -8.0):  # scale alpha / r: 0 would train an adapter that does nothing
+        with pytest.raises(Gpt1Error, match=f"LoRA alpha must be a number > 0, got {alpha}"):
+            LoRAConfig(alpha=alpha)
 
 
 def _hf_gpt2(model: GPT, state: dict):

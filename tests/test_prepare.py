@@ -242,3 +242,14 @@ def test_prepare_into_a_model_dir_is_refused(small_corpus, tokenizer, tiny_model
     with pytest.raises(Gpt1Error, match="is a model dir"):
         prepare([str(small_corpus)], tokenizer, model, val=1)
     assert (model / "tokenizer.json").read_bytes() == before
+
+
+def test_an_out_that_is_or_lies_under_a_file_is_one_clear_line(small_corpus, tokenizer_dir, tmp_path, capsys):
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    file = tmp_path / "a.txt"
+    file.write_text("mine")
+    for out, pattern in [(file, "a.txt is not a folder"), (file / "data", "a.txt/data lies under .*a.txt, which is not a folder")]:
+        result = run_main(capsys, "prepare", "--tokenizer", tokenizer_dir, "--out", out, small_corpus)
+        assert_one_clear_line(*result, f"--out .*{pattern}: the prepared data needs a folder")
+    assert file.read_text() == "mine"

@@ -207,6 +207,23 @@ def test_bad_requests_get_openai_errors(server, name, path, body, status, param)
     assert error["param"] == param
 
 
+def test_errors_about_the_body_say_what_is_wrong_with_it(server):
+    """A JSON object sent as text/plain, or with no Content-Type, is not parsed (FastAPI reads
+    JSON bodies only): the error names the Content-Type, not the body; a body nested beyond the
+    parser's depth says so."""
+    url, _ = server
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "Content-Type: application/json (got 'text/plain')" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", content=body)
+    assert r.status_code == 400 and "(got no Content-Type)" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = httpx.post(f"{url}/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested less than 1,000 deep" in r.json()["error"]["message"]
+
+
 def test_more_errors(server, client):
     url, _ = server
     r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 500}]})

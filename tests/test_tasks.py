@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from gpt1.core.config import ModelConfig
 from gpt1.core.model import GPT
 from gpt1.formats.hf import export_model
 from gpt1.formats.modeldir import save_model
-from tests.task_files import SCHEMAS, write_jsonl, write_task_folders
+from tests.task_files import SCHEMAS, hellaswag, write_jsonl, write_task_folders
+from tests.test_battery import assert_one_clear_line, run_main
 
 ALL_TASKS = list(SCHEMAS)
 
@@ -139,8 +141,6 @@ def test_unknown_task_lists_the_known_ones(tiny_model_dir, capsys):
 
 
 def test_a_file_in_the_wrong_schema_names_file_line_and_field(tiny_model_dir, tmp_path, capsys):
-    from tests.task_files import hellaswag
-
     broken = hellaswag(1)
     del broken["endings"]
     bad = write_jsonl(tmp_path / "hellaswag.jsonl", [hellaswag(0), broken])
@@ -153,7 +153,7 @@ def test_a_file_in_the_wrong_schema_names_file_line_and_field(tiny_model_dir, tm
     wino = write_jsonl(tmp_path / "winogrande.jsonl", [{"sentence": "no blank here", "option1": "a", "option2": "b",
                                                         "answer": "1"}])
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "winogrande", "--data", str(wino)]) == 2
-    assert f"{wino}, line 1: not a valid winogrande document" in capsys.readouterr().err
+    assert f"{wino}, line 1: field 'sentence' must be a string with a '_' blank" in capsys.readouterr().err
 
 
 def test_an_example_longer_than_the_context_is_skipped_and_counted(tiny_model_dir, tmp_path, capsys):
@@ -215,3 +215,90 @@ def test_a_chat_model_is_scored_with_its_adapter_merged(tiny_model_dir, tokenize
         lls[name] = [r["loglikelihood"] for line in samples.read_text().splitlines() for r in json.loads(line)["requests"]]
     assert lls["chat"] == pytest.approx(lls["merged"], abs=1e-4)
     assert lls["chat"] != pytest.approx(lls["base"], abs=1e-2)
+
+
+
+# ---- bad task files: one clear line naming the file, line and field ---------------------------------
+def _hs(i: int, **changes) -> dict:
+    """A HellaSwag document short enough for the 64-token test model."""
+    return {**hellaswag(i), "ctx_a": "A", "ctx_b": "b", **changes}
+
+
+SCHEMA_VIOLATIONS = [  # task, document, the error after "FILE, line N: "
+    ("hellaswag", _hs(0, endings=["a", "b", "c"]), 'field \'endings\' must be a list of 4 strings, got \\["a", "b", "c"\\]'),
+    ("hellaswag", _hs(0, label=True), "field 'label' must be one of 0, 1, 2, 3"),
+    ("arc_easy", {"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A"]}, "answerKey": "A"},
+     "field 'choices' must be .*as many labels as texts"),
+    ("arc_easy", {"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"},
+     "not a valid arc_easy document \\(ValueError: answerKey 'C' is not one of the choice labels A, B\\)"),
+    ("mmlu", {"question": "Q?", "subject": "math", "choices": ["a", "b", "c", "d"], "answer": True},
+     "field 'answer' must be one of 0, 1, 2, 3 \\(a number or its digits\\), got true"),
+    ("piqa", {"goal": "G?", "sol1": "a", "sol2": "b", "label": 2}, "field 'label' must be one of 0, 1 "),
+    ("winogrande", {"sentence": "a _ b", "option1": "a", "option2": "b", "answer": 3},
+     "field 'answer' must be one of 1, 2 "),
+    ("lambada_openai", {"text": "   "}, "field 'text' must be a string ending in a word"),
+    ("lambada_openai", {"text": ""}, "field 'text' must be a string ending in a word"),
+    ("lambada_openai", {"text": "a trailing space "}, "field 'text' must be a string ending in a word"),
+]
+
+
+@pytest.mark.parametrize("task,doc,message", SCHEMA_VIOLATIONS)
+def test_a_document_outside_its_task_schema_names_file_line_and_field(tiny_model_dir, tmp_path, capsys, task, doc,
+                                                                      message):
+    """lm-eval would score these (3 endings, a bool answer, mismatched ARC labels) or crash (a
+    LAMBADA text of spaces); the first line is a valid document, the second the bad one."""
+    good = SCHEMAS[task][0](1) if task != "hellaswag" else _hs(1)
+    data = write_jsonl(tmp_path / f"{task}.jsonl", [good, doc])
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--task", task, "--data", data),
+                          re.escape(f"{data}, line 2: ") + message)
+
+
+def test_fewshot_draws_around_copies_of_the_document_as_lm_eval_does(tiny_model_dir, tmp_path, capsys):
+    """With the evaluated file as its own few-shot pool, lm-eval's sampler draws k + 1, drops
+    the document and redraws without its copies when more than one was drawn; when only copies
+    are left there is nothing to draw (lm-eval fails in `random.sample`): a clear error."""
+    from lm_eval.api.samplers import ContextSampler
+
+    from gpt1.train.harness import build_examples
+    from gpt1.train.tasks import get_task
+
+    rows = [_hs(0), _hs(0), _hs(0), _hs(1), _hs(2), _hs(0), _hs(3)]
+    data = write_jsonl(tmp_path / "hellaswag.jsonl", rows)
+    task = get_task("hellaswag")
+    examples = build_examples(task, str(data), num_fewshot=2)
+    docs = [ex.doc.fields for ex in examples]
+    sampler = ContextSampler(docs, rnd=1234)
+    for doc, ex in zip(docs, examples):
+        shots = sampler.sample(2, eval_doc=doc)
+        expected = "".join(f"{s['query']} {s['choices'][s['gold']]}\n\n" for s in shots) + doc["query"]
+        assert ex.requests[0].context == expected
+
+    copies = write_jsonl(tmp_path / "copies.jsonl", [_hs(0)] * 4)
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--task", "hellaswag", "--data", copies,
+                                    "--fewshot", "2"),
+                          re.escape(f"{copies}, line 1: 2-shot needs 2 few-shot documents other than this one, "
+                                    "and only 0 of the 4 differ from it"))
+
+
+def test_a_folder_missing_a_task_file_names_it_instead_of_asking_the_hub(tiny_model_dir, tmp_path, capsys):
+    write_jsonl(tmp_path / "data" / "hellaswag.jsonl", [_hs(i) for i in range(3)])
+    folder = tmp_path / "data"
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--suite", "quick", "--data", folder),
+                          re.escape(f"--data {folder}: no {folder / 'arc_easy.jsonl'}, {folder / 'piqa.jsonl'}, "
+                                    f"{folder / 'lambada_openai.jsonl'} (or TASK/ folder of split files); pass "
+                                    "arc_easy=PATH, or arc_easy=hf:allenai/ai2_arc to read it from the hub"))
+
+
+def test_skip_invalid_is_refused_for_task_files(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "piqa.jsonl", [SCHEMAS["piqa"][0](0)])
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--task", "piqa", "--data", data,
+                                    "--skip-invalid"), "--skip-invalid applies to perplexity sources")
+
+
+def test_a_context_of_only_whitespace_is_scored_after_the_prefix_token(tokenizer):
+    """Its whitespace moves to the continuation (as HFLM moves it), leaving the empty context's
+    prefix token, not an empty context the scorer cannot run."""
+    from gpt1.train.harness import encode_pair
+
+    assert encode_pair(tokenizer, "  ", "cat") == ([tokenizer.eos_id], tokenizer.encode("  cat"))
+    assert encode_pair(tokenizer, "", " cat") == ([tokenizer.eos_id], tokenizer.encode(" cat"))

@@ -255,6 +255,45 @@ def test_another_config_or_a_foreign_dir_is_refused(data_dir, tmp_path):
     assert os.listdir(tmp_path / "other") == ["notes.txt"]
 
 
+def test_resuming_on_other_data_is_refused_but_a_moved_data_folder_resumes(data_dir, corpus_dir, tokenizer, tmp_path):
+    import shutil
+
+    run, args = tmp_path / "run", ["max_steps=2", "save_every=2"]
+    _run(data_dir, run, args)
+    other = tmp_path / "other"
+    prepare([str(corpus_dir / "json")], tokenizer, other, val=1)
+    with pytest.raises(Gpt1Error, match=r"holds a run on other training data \(.*train_tokens: \d+ -> \d+.*"
+                                        r"val_documents: 8 -> 1.*\); rerun with the data it was trained on"):
+        _run(other, run, args)
+    assert _run(shutil.copytree(data_dir, tmp_path / "moved"), run, args).resumed_from == 2
+    # A run dir from before the data was recorded resumes (and records it from then on).
+    config_file = run / "train_config.json"
+    written = json.loads(config_file.read_text())
+    del written["data"]
+    config_file.write_text(json.dumps(written))
+    assert _run(data_dir, run, args).resumed_from == 2
+    assert json.loads(config_file.read_text())["data"]["val_documents"] == 8
+
+
+@pytest.mark.parametrize("shard", ["train.bin", "val.bin"])
+def test_a_token_id_outside_the_vocabulary_is_one_clear_line(shard, data_dir, tokenizer, tmp_path, capsys):
+    """A damaged shard fails on the batch that reads the bad id, not in the embedding."""
+    import shutil
+
+    import numpy as np
+
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    ids = np.memmap(data / shard, dtype=np.uint16, mode="r+")
+    ids[::20] = 60_000
+    ids.flush()
+    del ids
+    result = run_main(capsys, "pretrain", "--data", data, "--out", tmp_path / "run", *TINY, "max_steps=1")
+    assert_one_clear_line(*result, rf"{shard}: token id 60,000 at token [\d,]+ is not below the vocabulary size "
+                                   rf"{tokenizer.vocab_size:,}; the shard is damaged")
+
+
 class PoisonAfter:
     """Real training windows; from draw `at` on, the model's weights hold a NaN (as after a bad update)."""
 
@@ -361,9 +400,13 @@ def test_corpus_smaller_than_a_context_window(tmp_path, tokenizer):
     for i in range(4):
         (tmp_path / "c" / f"{i}.txt").write_text(f"tiny document {i}")
     prepare([str(tmp_path / "c")], tokenizer, tmp_path / "data", val=1)
-    with pytest.raises(Gpt1Error, match=r"training split has 33 tokens, fewer than one context window \(65\)"):
+    with pytest.raises(Gpt1Error, match=r"training split has 33 tokens, fewer than one context window \(65\); "
+                                        r"prepare more text or a smaller --val, or use a smaller block_size"):
         _run(tmp_path / "data", tmp_path / "run", ["max_steps=1", "block_size=64"])
     assert not (tmp_path / "run").exists()
+    with pytest.raises(Gpt1Error, match=r"validation split has 11 tokens, fewer than one context window \(17\); "
+                                        r"prepare more text or a larger --val, or use a smaller block_size"):
+        _run(tmp_path / "data", tmp_path / "run", ["max_steps=1", "block_size=16"])
 
 
 def test_init_from_model_dir_and_tokenizer_mismatch(data_dir, tmp_path, tiny_model_dir, corpus_dir):

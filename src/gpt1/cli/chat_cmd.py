@@ -8,7 +8,7 @@ import json
 import sys
 
 import gpt1
-from gpt1.cli.generate_cmd import add_model_flags, add_sampling_flags, sampling_params_from_args, warn_if_capped
+from gpt1.cli.generate_cmd import add_model_flags, add_sampling_flags, sampling_params_from_args, warn_if_capped, warn_if_cut
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import KNOB_RANGES, preset
@@ -125,10 +125,10 @@ class ChatSession:
         try:
             ids, dropped = chat_prompt_ids(self.llm.tokenizer, system + self.history,
                                            self.llm.config.block_size, self.params)
+            warn_if_capped(self.params, ids, self.llm.config.block_size)
         except Gpt1Error:
             self.history.pop()
             raise
-        warn_if_capped(self.params, len(ids), self.llm.config.block_size)
         if dropped:
             del self.history[:dropped]
             info(f"(dropped the {dropped} oldest message(s) to fit the {self.llm.config.block_size}-token context)")
@@ -138,6 +138,7 @@ class ChatSession:
                 out.write(chunk.text)
                 out.flush()
                 pieces.append(chunk.text)
+            warn_if_cut(len(ids), chunk.prompt_tokens)  # one message longer than the context
         except KeyboardInterrupt:
             # Ctrl-C stops this reply, not the session; the partial reply stays in the history.
             print("\n(reply interrupted)", file=sys.stderr)

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import gpt1
+from gpt1.cli.args import positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import write_json
+from gpt1.data.chat_sources import ChatStats
 from gpt1.train.evaluate import evaluate_data
 from gpt1.train.finetune import evaluate_chat
 from gpt1.train.harness import (
@@ -47,32 +49,38 @@ def register(subparsers) -> None:
                        help="quick: " + ", ".join(f"{t} ({n})" for t, n in SUITES["quick"].items())
                             + " examples; full: every task, every example. Writes report.md into the model dir")
     tasks.add_argument("--fewshot", type=int, default=0, metavar="K", help="examples in each prompt (as lm-eval draws them)")
-    tasks.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N examples of each task")
+    tasks.add_argument("--limit", type=positive_int, default=None, metavar="N", help="score the first N examples of each task")
     tasks.add_argument("--samples", metavar="PATH", help="write per-example log-likelihoods as JSON lines to PATH")
     tasks.add_argument("--report", metavar="PATH", help=f"write the Markdown report to PATH (--suite: MODEL/{REPORT_FILE})")
     tasks.add_argument("--ppl-data", nargs="+", metavar="SOURCE",
                        help="with --suite/--report: also measure perplexity and bits per byte on these sources")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="perplexity: windows per forward pass (default 8); tasks: requests per batch (default 32)")
-    parser.add_argument("--block-size", type=int, default=None, help="window length (default: the model's context)")
-    parser.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    parser.add_argument("--block-size", type=positive_int, default=None,
+                        help="window length (default: the model's context)")
+    parser.add_argument("--max-batches", type=positive_int, default=None, help="evaluate at most this many batches")
     parser.add_argument("--precision", choices=["fp32", "fp16-mixed", "bf16-mixed"], default="fp32",
                         help="autocast precision of the forward passes")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="perplexity, --ppl-data and --chat sources: skip (and count) malformed lines and "
+                             "documents instead of stopping at the first one (a task file's are always errors)")
     parser.add_argument("--chat", action="store_true",
                         help="the data is one chat source (OASST2 hub name or export, chat .jsonl, chatterbot; see "
                              "`gpt1 finetune --help`): report the loss, perplexity and bits per byte of the assistant "
                              "tokens of its validation conversations")
     parser.add_argument("--split", default=None,
-                        help="with --chat: read this split whole (default: the validation split, or the share of the "
-                             "conversations fine-tuning holds out)")
+                        help="with --chat and a dataset (hub name or dataset folder, not a file): read this split whole "
+                             "(default: the validation split, or the share of the conversations fine-tuning holds out)")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write the results as JSON to PATH (no PATH: print them to stdout instead of the text)")
     parser.set_defaults(func=eval_command)
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    if args.split is not None and not args.chat:
+        raise Gpt1Error("--split applies to --chat sources only")
     if args.task or args.suite:
         return _tasks_eval(args)
     if not args.data:
@@ -86,14 +94,17 @@ def eval_command(args: argparse.Namespace) -> int:
     else:
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}  "
               f"({result['tokens']:,} tokens of {result['source']})")
+    if result["skipped"]:
+        print(f"{result['skipped']:,} invalid document(s) skipped", file=sys.stderr)
     return 0
 
 
 def _perplexity(llm, data: list[str], args: argparse.Namespace) -> dict:
     result = evaluate_data(llm, data, batch_size=args.batch_size or 8, block_size=args.block_size,
-                           max_batches=args.max_batches, precision=args.precision, text_field=args.text_field)
+                           max_batches=args.max_batches, precision=args.precision, text_field=args.text_field,
+                           skip_invalid=args.skip_invalid)
     return {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
-            "tokens": result.tokens, "bytes": result.bytes, "source": result.source}
+            "tokens": result.tokens, "bytes": result.bytes, "source": result.source, "skipped": result.skipped}
 
 
 def _emit_json(target: str, obj: dict) -> None:
@@ -106,8 +117,10 @@ def _emit_json(target: str, obj: dict) -> None:
 def _chat_eval(llm, args: argparse.Namespace) -> int:
     if len(args.data) != 1:
         raise Gpt1Error("--chat takes one chat source in --data")
+    stats = ChatStats()
     result = evaluate_chat(llm, args.data[0], split=args.split, batch_size=args.batch_size or 8,
-                           max_batches=args.max_batches, precision=args.precision)
+                           max_batches=args.max_batches, precision=args.precision, skip_invalid=args.skip_invalid,
+                           stats=stats)
     if args.json:
         _emit_json(args.json, {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
                                "tokens": result.tokens, "bytes": result.bytes, "conversations": result.conversations,
@@ -116,14 +129,18 @@ def _chat_eval(llm, args: argparse.Namespace) -> int:
         print(f"assistant-token loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
               f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens of {result.conversations:,} "
               f"conversations in {result.source})")
+    if stats.skipped:
+        print(f"skipped: {', '.join(f'{n:,} {why}' for why, n in sorted(stats.skipped.items()))}", file=sys.stderr)
     return 0
 
 
 def _tasks_eval(args: argparse.Namespace) -> int:
     if args.task and args.suite:
         raise Gpt1Error("pass --task or --suite, not both")
-    if args.fewshot < 0 or (args.limit is not None and args.limit < 1):
-        raise Gpt1Error("--fewshot must be >= 0 and --limit >= 1")
+    if args.fewshot < 0:
+        raise Gpt1Error(f"--fewshot must be >= 0, got {args.fewshot}")
+    if args.skip_invalid and not args.ppl_data:
+        raise Gpt1Error("--skip-invalid applies to perplexity sources (--ppl-data here), not to task files")
     if args.suite:
         limits = SUITES[args.suite]
     else:

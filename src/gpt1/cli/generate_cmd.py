@@ -63,12 +63,19 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add_dtype_flag(parser)
 
 
-def warn_if_capped(params: SamplingParams, prompt_tokens: int, block_size: int) -> None:
-    """Say so when max_new_tokens cannot be reached: the context ends generation earlier."""
+def warn_if_capped(params: SamplingParams, prompt_ids: list[int], block_size: int) -> None:
+    """Say so when max_new_tokens cannot be reached: the context ends generation earlier. Counts
+    the prompt as the model will see it (a Gpt1Error when it does not fit and may not be cut)."""
+    prompt_tokens = len(fit_prompt(prompt_ids, block_size, params))
     limit = new_token_limit(prompt_tokens, block_size, params)
     if limit < params.max_new_tokens:
         warn(f"max_new_tokens {params.max_new_tokens} does not fit: the context is {block_size} tokens and the prompt "
              f"takes {prompt_tokens}, so generation stops after at most {limit} tokens")
+
+
+def warn_if_cut(prompt_tokens: int, kept_tokens: int) -> None:
+    if kept_tokens < prompt_tokens:
+        warn(f"the prompt ({prompt_tokens} tokens) was cut to its last {kept_tokens} tokens to fit the context")
 
 
 def register(subparsers) -> None:
@@ -101,7 +108,7 @@ def generate_command(args: argparse.Namespace) -> int:
         ids, _ = chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params)
     else:
         ids = llm.tokenizer.encode(prompt)
-    warn_if_capped(params, len(fit_prompt(ids, llm.config.block_size, params)), llm.config.block_size)
+    warn_if_capped(params, ids, llm.config.block_size)
     start = time.perf_counter()
     text_end = "\n"
     for chunk in gen.stream(llm.model, llm.tokenizer, ids, params):
@@ -113,8 +120,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if text_end != "\n":
         sys.stdout.write("\n")
     seconds = time.perf_counter() - start
-    if last.prompt_tokens < len(ids):
-        warn(f"the prompt ({len(ids)} tokens) was cut to its last {last.prompt_tokens} tokens to fit the context")
+    warn_if_cut(len(ids), last.prompt_tokens)
     info(f"[{last.prompt_tokens} prompt tokens, {last.completion_tokens} generated in {seconds:.2f} s "
          f"({last.completion_tokens / max(seconds, 1e-9):.1f} tokens/s, {str(llm.dtype).removeprefix('torch.')} "
          f"on {llm.device}), finish: {last.finish_reason}]")

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=1337, help="seed of the (deterministic) validation split")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
     parser.add_argument("--max-documents", type=positive_int, default=None, help="stop after this many documents")
-    parser.add_argument("--batch-docs", type=int, default=1024, help="documents per tokenizer batch")
+    parser.add_argument("--batch-docs", type=positive_int, default=1024, help="documents per tokenizer batch")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip (and count) files with invalid UTF-8 and malformed lines instead of failing")
     parser.add_argument("--overwrite", action="store_true", help="replace data prepared differently in --out")

@@ -69,11 +69,11 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise Gpt1Error(f"{source}: unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise Gpt1Error(f"unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
 
     def save(self, path: str | Path, tokenizer_fingerprint: str | None = None) -> None:
@@ -89,7 +89,7 @@ class ModelConfig:
             raise Gpt1Error(f"{path}: expected a JSON object with the model config")
         data = {k: v for k, v in data.items() if k not in METADATA_KEYS}
         try:
-            return cls.from_dict(data, source=str(path))
+            return cls.from_dict(data)
         except Gpt1Error as e:
             raise Gpt1Error(f"{path}: {e}") from None
 

@@ -3,6 +3,7 @@
 Everything gpt1 writes that a later step trusts (checkpoints, shards, configs, exports) goes
 through `atomic_path`: write to a temporary name in the same folder, fsync, then `os.replace`,
 which is atomic on POSIX and Windows. A run killed mid-write leaves the old file (or none).
+A folder (an export) is written the same way with `atomic_dir`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,8 +25,10 @@ from gpt1.core.errors import Gpt1Error
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path`."""
     path = Path(path)
+    if path.is_dir():  # checked first: os.replace would refuse a folder only once the file is written
+        raise Gpt1Error(f"{path}: is a folder; expected the name of a file to write")
+    make_dirs(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise Gpt1Error(f"{path.parent}: cannot write {path.name} there ({e.strerror})") from None
@@ -40,6 +44,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it is renamed onto `path`, so `path`
+    is either complete or untouched. An existing `path` is moved aside first and deleted only
+    once the new folder is in place (the caller decides whether replacing it is allowed)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise Gpt1Error(f"{path}: exists and is not a folder")
+    make_dirs(path.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise Gpt1Error(f"{path.parent}: cannot write {path.name} there ({e.strerror})") from None
+    try:
+        # mkdtemp creates the folder private (0700); give it the mode a plain mkdir would.
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """`mkdir -p path`, with a Gpt1Error naming the path (and the file in the way, if any)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        # The nearest existing ancestor tells why: a file where a folder should be, or no access.
+        existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+        if existing == path:
+            raise Gpt1Error(f"{path}: exists and is not a folder") from None
+        if existing is not None and not existing.is_dir():
+            raise Gpt1Error(f"{path}: cannot create the folder: {existing} is not a folder") from None
+        raise Gpt1Error(f"{path}: cannot create the folder ({e.strerror})") from None
+    return path
 
 
 _crash_counts: dict[str, int] = {}

@@ -69,8 +69,8 @@ class LoRAConfig:
             raise Gpt1Error(f"LoRA targets: unknown {unknown or 'empty list'}; choose from {', '.join(TARGETS)}")
         if not _is_int(self.r) or self.r < 1:
             raise Gpt1Error(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not _is_number(self.alpha):
-            raise Gpt1Error(f"LoRA alpha must be a number, got {self.alpha!r}")
+        if not _is_number(self.alpha) or self.alpha <= 0:  # the adapter's scale is alpha / r: 0 turns it off
+            raise Gpt1Error(f"LoRA alpha must be a number > 0, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise Gpt1Error(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.token_ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in self.token_ids):

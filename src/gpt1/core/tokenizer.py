@@ -196,13 +196,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
         )
     if vocab_size > 65_536:
         raise Gpt1Error(f"vocab size {vocab_size} is too large: token shards store ids as uint16 (at most 65,536)")
+    if min_frequency < 0:
+        raise Gpt1Error(f"--min-frequency must be a whole number >= 0 (how often a merge must occur), got {min_frequency}")
 
     backend = Backend(models.BPE(unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        min_frequency=min_frequency,
+        # The library takes a u64: a larger count means the same (no pair occurs that often).
+        min_frequency=min(min_frequency, 2**64 - 1),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         # The Rust progress bar writes to stdout: only on a terminal, so piped stdout stays clean.

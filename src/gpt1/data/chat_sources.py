@@ -366,11 +366,14 @@ def _read_chatterbot(files: list[Path], stats: ChatStats, skip_invalid: bool) ->
 
 def split_conversations(conversations: list[Conversation], val_fraction: float,
                         seed: int = 0) -> tuple[list[Conversation], list[Conversation]]:
-    """A deterministic split by `group` (a whole message tree lands on one side)."""
-    train, val = [], []
-    for c in conversations:
-        digest = hashlib.sha256(f"{seed}:{c.group}".encode()).digest()
-        (val if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else train).append(c)
-    return train, val
+    """A deterministic split by `group` (a whole message tree lands on one side). As in `gpt1
+    prepare`, a fraction > 0 holds out at least one of two or more trees: when none fell under
+    it, the tree with the smallest hash (other splits are unchanged)."""
+    scores = {c.group: int.from_bytes(hashlib.sha256(f"{seed}:{c.group}".encode()).digest()[:8], "big") / 2**64
+              for c in conversations}
+    held_out = {g for g, score in scores.items() if score < val_fraction}
+    if val_fraction > 0 and not held_out and len(scores) >= 2:
+        held_out = {min(scores, key=scores.get)}
+    return ([c for c in conversations if c.group not in held_out], [c for c in conversations if c.group in held_out])
 
 

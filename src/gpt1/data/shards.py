@@ -119,6 +119,7 @@ def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: f
             or (val >= 1 and val != int(val))):
         raise Gpt1Error(f"--val must be a fraction in (0, 1) or a whole number of documents >= 1, got {val}")
     check_max_documents(max_documents)
+    _check_out_dir(out)
     if owner_of(out) == "a model dir":
         raise Gpt1Error(f"{out} is a model dir: prepared data (with its {TOKENIZER_FILE}) needs a folder of its own; "
                         "choose another --out")
@@ -168,6 +169,16 @@ def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: f
     info(f"prepared {state['documents']:,} documents, {state['bytes'] / 1e6:,.1f} MB -> {writer.tokens:,} tokens "
          f"(train {state['train_tokens']:,}, val {state['val_tokens']:,}) in {seconds:.1f} s")
     return meta
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an --out that is, or lies under, a file (before any work: the folder is made later)."""
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                what = "is not a folder" if path == out else f"lies under {path}, which is not a folder"
+                raise Gpt1Error(f"--out {out} {what}: the prepared data needs a folder; choose another --out")
+            return
 
 
 def _skip_documents(pieces: Iterator[Piece], documents: int) -> None:
@@ -470,13 +481,23 @@ def open_shard(path: str | Path, block_size: int, what: str) -> np.memmap:
     """A read-only memmap of a shard holding at least one window of `block_size` + 1 tokens."""
     data = np.memmap(path, dtype=DTYPE, mode="r")
     if len(data) < block_size + 1:
+        # A larger --val takes tokens from training: the advice depends on the split.
+        grow = "prepare more text or a larger --val" if what == "validation" else "prepare more text or a smaller --val"
         raise Gpt1Error(f"{path}: the {what} split has {len(data):,} tokens, fewer than one context window "
-                        f"({block_size + 1:,}); use more text, a larger validation split, or a smaller block_size")
+                        f"({block_size + 1:,}); {grow}, or use a smaller block_size")
     return data
 
 
-def _windows(data: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(data: np.ndarray, starts: np.ndarray, block_size: int, vocab_size: int | None = None,
+             path: str | Path = "") -> tuple[torch.Tensor, torch.Tensor]:
     buf = np.stack([data[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64)
+    # A damaged shard (or one made with a larger vocabulary) would fail deep in the embedding:
+    # checking each batch is cheap, scanning a many-GB shard up front is not.
+    if vocab_size is not None and buf.max() >= vocab_size:
+        row, col = divmod(int(np.argmax(buf >= vocab_size)), buf.shape[1])
+        raise Gpt1Error(f"{path}: token id {int(buf[row, col]):,} at token {int(starts[row]) + col:,} is not below "
+                        f"the vocabulary size {vocab_size:,}; the shard is damaged or was made with another "
+                        "tokenizer (run `gpt1 prepare` again)")
     return torch.from_numpy(np.ascontiguousarray(buf[:, :-1])), torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
 
 
@@ -486,11 +507,13 @@ class ShardWindows:
     Window starts are a hash of (seed, global sequence number), so the stream is reproducible,
     resumable from a single counter, and split across torchrun ranks without overlap: draw c
     of rank r holds global micro-batch c * world_size + r. One process with grad_accum * W
-    draws per step sees exactly the windows of W ranks with grad_accum draws each.
+    draws per step sees exactly the windows of W ranks with grad_accum draws each. With
+    `vocab_size`, a batch holding an id outside the vocabulary is refused with the shard's name.
     """
 
     def __init__(self, path: str | Path, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
+        self.path, self.vocab_size = path, vocab_size
         self.data = open_shard(path, block_size, "training")
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -501,7 +524,7 @@ class ShardWindows:
         sequences = np.arange(micro * self.batch_size, (micro + 1) * self.batch_size, dtype=np.uint64)
         starts = (_hash01(self.seed, _WINDOW_SALT, sequences) % np.uint64(len(self.data) - self.block_size)).astype(np.int64)
         self.draws += 1
-        return _windows(self.data, starts, self.block_size)
+        return _windows(self.data, starts, self.block_size, self.vocab_size, self.path)
 
     def state_dict(self) -> dict:
         return {"draws": self.draws}
@@ -510,19 +533,23 @@ class ShardWindows:
         self.draws = int(state["draws"])
 
 
-def fixed_windows(path: str | Path, block_size: int, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`n_batches` held-out batches of windows spread evenly over a shard (the same every time)."""
+def fixed_windows(path: str | Path, block_size: int, batch_size: int, n_batches: int,
+                  vocab_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n_batches` held-out batches of windows spread evenly over a shard (the same every time);
+    with `vocab_size`, an id outside the vocabulary is refused (as `ShardWindows` does)."""
     data = open_shard(path, block_size, "validation")
     starts = np.linspace(0, len(data) - block_size - 1, batch_size * n_batches).astype(np.int64)
-    return [_windows(data, starts[i:i + batch_size], block_size) for i in range(0, len(starts), batch_size)]
+    return [_windows(data, starts[i:i + batch_size], block_size, vocab_size, path)
+            for i in range(0, len(starts), batch_size)]
 
 
-def sequential_windows(tokens: np.ndarray, block_size: int, batch_size: int,
-                       max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping windows covering `tokens` in order (every token predicted once): perplexity."""
+def sequential_windows(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int | None = None,
+                       vocab_size: int | None = None, path: str | Path = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Non-overlapping windows covering `tokens` in order (every token predicted once): perplexity.
+    With `vocab_size`, an id outside the vocabulary is refused, naming `path`."""
     n_windows = (len(tokens) - 1) // block_size
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
     starts = np.arange(n_windows, dtype=np.int64) * block_size
     for i in range(0, n_windows, batch_size):
-        yield _windows(tokens, starts[i:i + batch_size], block_size)
+        yield _windows(tokens, starts[i:i + batch_size], block_size, vocab_size, path)

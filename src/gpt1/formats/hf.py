@@ -21,8 +21,6 @@ inside the functions so that the rest of gpt1 works without it.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import torch
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import save_safetensors, write_json, write_text
+from gpt1.core.io import atomic_dir, save_safetensors, write_json, write_text
 from gpt1.core.lora import load_adapter, save_adapter
 from gpt1.core.model import GPT
 from gpt1.core.progress import info
@@ -224,9 +222,7 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
         raise Gpt1Error(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     chat = (model_dir / TEMPLATE_FILE).is_file()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         # A fine-tuned dir's model.safetensors already holds the trained special-token rows,
         # so the exported base has them too; the adapter carries them once more as PEFT's
         # trainable_token_indices, which makes it correct on the original base as well.
@@ -236,10 +232,6 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
             # PEFT reads base_model_name_or_path only in AutoPeftModelForCausalLM: point it at
             # the exported base, where the folder will be after the rename.
             save_adapter(load_adapter(model, model_dir / ADAPTER_DIR), tmp / ADAPTER_DIR, base_model_name_or_path=str(out.resolve()))
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     info(f"exported {model_dir} to {out}" + (" (adapter merged)" if merge else " (+ PEFT adapter)" if has_adapter else ""))
     return out
 
@@ -252,18 +244,6 @@ def _check_out_dir(model_dir: Path, out: Path, overwrite: bool) -> None:
         raise Gpt1Error(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise Gpt1Error(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished folder onto `out`; an old `out` is moved aside first and deleted
-    only after the new one is in place."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _write_base(model: GPT, tokenizer: Tokenizer, chat: bool, out: Path) -> None:

@@ -30,6 +30,7 @@ from gpt1.core.tokenizer import Tokenizer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
+BASE_FILE = "base.json"  # a fine-tuned dir's record of the base its adapter was trained on
 DATA_META_FILE = "meta.json"  # marks a prepared data dir (see gpt1.data.shards)
 
 
@@ -127,6 +128,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if is_hf_model_dir(directory):
         raise Gpt1Error(f"{directory}: a Hugging Face transformers folder, not a gpt1 model dir; import it with "
                         f"`gpt1 pretrain init_from=hf:{directory}` or `gpt1 finetune --base {directory}`")
+    if (directory / BASE_FILE).is_file() and not (directory / ADAPTER_DIR).is_dir():
+        # Its weights are the base's: without the adapter it would run as the base model, silently.
+        raise Gpt1Error(f"{directory}: a fine-tuned model dir ({BASE_FILE}) without its {ADAPTER_DIR}/ folder; "
+                        f"restore {ADAPTER_DIR}/, or load the base model it names")
     config = ModelConfig.load(directory / CONFIG_FILE)
     with torch.device("meta"):
         model = GPT(config)
@@ -140,7 +145,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if adapter not in ("merge", "keep", "ignore"):
         raise ValueError(f"adapter must be 'merge', 'keep' or 'ignore', got {adapter!r}")
     if adapter != "ignore" and (directory / ADAPTER_DIR).is_dir():
-
         load_adapter(model, directory / ADAPTER_DIR)
         if adapter == "merge":
             merge_and_unload(model)

@@ -304,8 +304,9 @@ class Engine:
         if not self._rows:
             return
         # The thread tuner compares decode steps of one width over contexts of about one length
-        # (a step over 500 positions takes longer than over 5); a step that prefills is not timed.
-        kind = (None if any(r.prefilling for r in self._rows)
+        # (a step over 500 positions takes longer than over 5); a step that prefills is not timed,
+        # nor any step where there is no tuner (GPUs, or OMP_NUM_THREADS set).
+        kind = (None if self._threads is None or any(r.prefilling for r in self._rows)
                 else (len(self._rows), max(r.length for r in self._rows) // TUNER_CONTEXT_BUCKET))
         threads = self._threads.apply() if self._threads is not None else torch.get_num_threads()
         started = time.perf_counter()
@@ -318,7 +319,7 @@ class Engine:
             logits = (torch.cat([prefill_logits, decode_logits]) if prefilled and decoded
                       else prefill_logits if prefilled else decode_logits)
             next_ids = self._sample(requests, logits).tolist()
-        if self._threads is not None and kind is not None:
+        if kind is not None:
             if message := self._threads.step_done(time.perf_counter() - started, kind):
                 logger.debug(message)
         for request, token in zip(requests, next_ids):

@@ -84,14 +84,14 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
 
     @app.exception_handler(RequestValidationError)
     async def request_validation_error(request: Request, exc: RequestValidationError):
-        return validation_error(exc).response()
+        return validation_error(exc, request.headers.get("content-type")).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found" if exc.status_code == 404 else None
         message = str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:
-            message = "the request body could not be read as JSON (is it valid UTF-8?)"
+            message = "the request body could not be read as JSON (is it valid UTF-8, and nested less than 1,000 deep?)"
             kind = "invalid_json"
         return ApiError(exc.status_code, message, code=kind, headers=getattr(exc, "headers", None)).response()
 

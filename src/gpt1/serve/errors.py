@@ -50,7 +50,7 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def validation_error(exc: RequestValidationError) -> ApiError:
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> ApiError:
     errors = exc.errors()
     error = errors[0]
     if error.get("type") == "json_invalid":
@@ -59,6 +59,12 @@ def validation_error(exc: RequestValidationError) -> ApiError:
                         code="invalid_json")
     param = _loc(tuple(error.get("loc", ())))
     if not param:
+        # FastAPI reads a body as JSON only when its Content-Type says JSON: say so rather than
+        # blame a body that may well be a JSON object.
+        media_type = (content_type or "").split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            return ApiError(400, "the request body must be a JSON object sent with Content-Type: application/json "
+                                 f"(got {short_repr(content_type) if content_type else 'no Content-Type'})")
         return ApiError(400, "the request body must be a JSON object")
     message = error.get("msg", "invalid value")
     code = None

@@ -169,6 +169,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             table = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise Gpt1Error(f"{path}: invalid TOML ({e})") from None
+        except UnicodeDecodeError as e:  # TOML files are UTF-8 by the spec
+            raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start} (a TOML file must be UTF-8 text)") from None
         for key, value in table.items():
             data[key] = _check(key, value, names, hints, str(path))
     for item in overrides or []:

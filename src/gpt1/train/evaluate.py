@@ -26,7 +26,7 @@ from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import progress
 from gpt1.core.threads import tuned_threads
 from gpt1.data.shards import META_FILE, check_fingerprint, load_meta, sequential_windows
-from gpt1.data.sources import iter_documents
+from gpt1.data.sources import SourceStats, iter_documents
 from gpt1.train import distributed
 from gpt1.train.precision import autocast
 
@@ -38,6 +38,7 @@ class EvalResult:
     tokens: int  # predicted tokens
     source: str
     bytes: int = 0  # UTF-8 bytes of the predicted tokens
+    skipped: int = 0  # invalid documents skipped (skip_invalid)
 
     @property
     def bits_per_byte(self) -> float:
@@ -95,11 +96,15 @@ def perplexity(loss: float) -> float:
 
 def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int | None = None,
                   max_batches: int | None = None, precision: str = "fp32", text_field: str = "text",
-                  show_progress: bool = True) -> EvalResult:
-    """Loss and perplexity of a loaded model (`gpt1.load`) on a prepared data dir's val.bin or on text sources."""
+                  skip_invalid: bool = False, show_progress: bool = True) -> EvalResult:
+    """Loss and perplexity of a loaded model (`gpt1.load`) on a prepared data dir's val.bin or on text sources
+    (`skip_invalid`: skip and count their bad documents). Nothing to score is an error, not a NaN."""
     block_size = block_size or llm.model.config.block_size
+    if batch_size < 1 or block_size < 1 or (max_batches is not None and max_batches < 1):
+        raise Gpt1Error(f"batch size, block size and max batches must be >= 1, got {batch_size}, {block_size}, {max_batches}")
     if block_size > llm.model.config.block_size:
         raise Gpt1Error(f"--block-size {block_size} is longer than the model's context ({llm.model.config.block_size})")
+    stats = SourceStats()
     if len(data) == 1 and Path(data[0]).is_dir() and (Path(data[0]) / META_FILE).is_file():
         meta = load_meta(data[0])
         check_fingerprint(meta, llm.tokenizer, f"the model {llm.path}")
@@ -108,7 +113,7 @@ def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int 
     else:
         eos = llm.tokenizer.eos_id
         ids: list[int] = []
-        for text in iter_documents(data, text_field=text_field):
+        for text in iter_documents(data, text_field=text_field, skip_invalid=skip_invalid, stats=stats):
             ids.extend(llm.tokenizer.encode(text))
             ids.append(eos)
         tokens = np.array(ids, dtype=np.int64)
@@ -121,6 +126,9 @@ def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int 
     loss, n = evaluate_loss(llm.model, sequential_windows(tokens, block_size, batch_size, max_batches), llm.device,
                             precision, show_progress=show_progress, total=math.ceil(n_windows / batch_size),
                             tune_threads=True)
+    if not n:  # a mean over nothing is NaN, which no report or JSON should carry
+        raise Gpt1Error(f"{source}: no tokens to score")
     predicted = np.asarray(tokens[1:n_windows * block_size + 1], dtype=np.int64)
     n_bytes = int(token_byte_lengths(llm.tokenizer)[predicted].sum())
-    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes)
+    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes,
+                      skipped=sum(stats.skipped.values()))

@@ -49,14 +49,12 @@ from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
 from gpt1.data.chat_sources import ChatStats, hf_split_names, read_conversations, split_conversations
 from gpt1.formats.hf import import_hf_model, is_hf_model_dir
-from gpt1.formats.modeldir import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
+from gpt1.formats.modeldir import ADAPTER_DIR, BASE_FILE, CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
 from gpt1.train.evaluate import bits_per_byte, evaluate_loss, perplexity, token_byte_lengths
 from gpt1.train.loop import CONFIG_FILE as RUN_CONFIG_FILE
 from gpt1.train.loop import train
-
-BASE_FILE = "base.json"
 
 
 @dataclass
@@ -250,16 +248,19 @@ class ChatEvalResult:
 
 def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int = 8, max_batches: int | None = None,
                   precision: str = "fp32", all_paths: bool = False, languages: list[str] | None = None,
-                  skip_invalid: bool = False, show_progress: bool = True) -> ChatEvalResult:
+                  skip_invalid: bool = False, stats: ChatStats | None = None,
+                  show_progress: bool = True) -> ChatEvalResult:
     """Loss, perplexity and bits per byte on the assistant tokens of a chat dataset's validation
     conversations (what `gpt1 eval --chat` prints).
 
     The validation conversations are those fine-tuning holds out: the dataset's `validation`
     split when it has one, else the `val_fraction` of the message trees that `split_conversations`
     picks (with the model's own run settings from its train_config.json, when it has one).
-    An explicit `split` is read whole.
+    An explicit `split` is read whole; a local file has none. `stats` counts what was skipped.
     """
-    options = dict(all_paths=all_paths, languages=languages, skip_invalid=skip_invalid)
+    options = dict(all_paths=all_paths, languages=languages, skip_invalid=skip_invalid, stats=stats)
+    if split is not None and hf_split_names(spec) is None:
+        raise Gpt1Error(f"{spec}: a local chat file has no splits (--split {split} applies to datasets)")
     if split is not None:
         conversations, source = read_conversations(spec, split, **options), f"{spec} ({split})"
     elif "validation" in (hf_split_names(spec) or []):

@@ -90,11 +90,11 @@ class TaskResult:
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) exactly as lm-eval's HFLM splits a request."""
-    if not context:
-        return [tokenizer.eos_id], tokenizer.encode(continuation)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:  # empty, or only the whitespace just moved (HFLM would score with no context at all)
+        return [tokenizer.eos_id], tokenizer.encode(continuation)
     context_ids = tokenizer.encode(context)
     return context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
 
@@ -203,8 +203,10 @@ def task_sources(task_names: list[str], data: list[str] | None) -> dict[str, str
     """Where each task's documents come from. `data` entries: `TASK=SOURCE`; a folder holding
     `TASK.jsonl` files or `TASK/` split folders (for every task found there); or, with one task,
     its file or split folder. A source is a .jsonl file, a folder of SPLIT.jsonl files or
-    hf:NAME[@REVISION]. Tasks not named get their hub dataset."""
+    hf:NAME[@REVISION]. Tasks not named get their hub dataset, unless a folder of task files was
+    given: then a task missing from it is an error (the hub is asked for only by name)."""
     sources: dict[str, str | None] = {name: None for name in task_names}
+    folders = []
     for entry in data or []:
         name, sep, source = entry.partition("=")
         if sep:
@@ -217,11 +219,17 @@ def task_sources(task_names: list[str], data: list[str] | None) -> dict[str, str
         found = {n: str(p) for n in task_names for p in (path / f"{n}.jsonl", path / n) if p.exists()}
         if found:
             sources.update(found)
+            folders.append(path)
         elif len(task_names) == 1 and (path.exists() or entry.startswith("hf:")):
             sources[task_names[0]] = entry
         else:
             raise Gpt1Error(f"--data {entry}: not a task file or folder for {', '.join(task_names)} (pass TASK=PATH, or a "
                             "folder holding TASK.jsonl files)")
+    missing = [name for name, source in sources.items() if source is None]
+    if folders and missing:
+        expected = ", ".join(str(folders[0] / f"{name}.jsonl") for name in missing)
+        raise Gpt1Error(f"--data {folders[0]}: no {expected} (or TASK/ folder of split files); pass "
+                        f"{missing[0]}=PATH, or {missing[0]}=hf:{get_task(missing[0]).hub} to read it from the hub")
     return sources
 
 

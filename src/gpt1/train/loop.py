@@ -10,7 +10,7 @@ The API (stable; both commands call it)::
         def state_dict(self) -> dict                    # JSON-able sampler state (saved in checkpoints)
         def load_state_dict(self, state: dict) -> None
 
-    result = train(model, cfg, run_dir, train_data, val_batches, save_model, max_steps=None)
+    result = train(model, cfg, run_dir, train_data, val_batches, save_model, max_steps=None, data=None)
 
 - `model`: a GPT (possibly with LoRA layers). The optimizer covers exactly the parameters with
   `requires_grad=True`: freeze the rest before calling. Weight decay applies to matrices only.
@@ -20,6 +20,9 @@ The API (stable; both commands call it)::
 - `val_batches()`: a fresh iterable of the same fixed held-out (x, y) batches each time it is
   called; validation loss (token-weighted mean) and perplexity exp(loss) are computed on them
   every `cfg.eval_every` steps and at the end. With torchrun, rank r evaluates batches r, r+W, ...
+- `data`: optional, an identity of the training data (a JSON-able dict, e.g. its token and
+  document counts: not its path, so that a moved data folder still resumes), recorded in
+  `train_config.json`; resuming on data with another identity is refused.
 - `save_model(dir, model)`: writes the model into the run dir after each checkpoint (pretraining:
   config.json + model.safetensors + tokenizer.json; fine-tuning: its adapter files). Called with
   the unwrapped model (no DDP, no torch.compile wrapper).
@@ -129,9 +132,9 @@ def peak_flops(device: torch.device) -> float | None:
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
-def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int) -> None:
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | None = None) -> None:
     """Refuse a run dir that holds another run (or anything else); write train_config.json."""
-    wanted = {"config": cfg.to_dict(), "max_steps": max_steps}
+    wanted = {"config": cfg.to_dict(), "max_steps": max_steps, **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE
     if file.is_file():
         old = read_json(file)
@@ -150,6 +153,13 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int) -> None:
                               else k for k in keys)
             raise Gpt1Error(f"{run_dir} holds a run with a different config ({diffs}); "
                             "rerun with the same config to resume it, or choose another --out")
+        # A run dir from before the data was recorded resumes unchecked (its data is unknown).
+        old_data = old.get("data")
+        if data is not None and isinstance(old_data, dict) and old_data != data:
+            diffs = ", ".join(f"{k}: {old_data.get(k)!r} -> {data.get(k)!r}" for k in sorted(set(old_data) | set(data))
+                              if old_data.get(k) != data.get(k))
+            raise Gpt1Error(f"{run_dir} holds a run on other training data ({diffs}); "
+                            "rerun with the data it was trained on to resume it, or choose another --out")
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise Gpt1Error(f"{run_dir} is not empty and holds no gpt1 run ({CONFIG_FILE} is missing); "
                         "choose a new or empty --out")
@@ -181,8 +191,11 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_data: BatchSource,
           val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-          save_model: Callable[[Path, torch.nn.Module], None], *, max_steps: int | None = None) -> TrainResult:
-    """Train `model` (see the module docstring); resumes from `run_dir`'s latest checkpoint."""
+          save_model: Callable[[Path, torch.nn.Module], None], *, max_steps: int | None = None,
+          data: dict | None = None) -> TrainResult:
+    """Train `model` (see the module docstring); resumes from `run_dir`'s latest checkpoint.
+    `data`: an identity of the training data (JSON-able), recorded in train_config.json; a
+    resume on data with another identity is refused."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     max_steps = max_steps if max_steps is not None else cfg.max_steps
@@ -193,7 +206,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     if device.type == "cpu":
         keep_freed_memory()  # the step's large buffers reused, not page-faulted in every step
     if dist.is_main:
-        _check_run_dir(run_dir, cfg, max_steps)
+        _check_run_dir(run_dir, cfg, max_steps, data)
         ckpt.remove_partial_saves(run_dir)
     distributed.barrier()
 

@@ -4,7 +4,8 @@
 over `train.bin`, the fixed validation batches from `val.bin`, and runs the shared loop
 (`gpt1.train.loop.train`). The model's vocabulary is the tokenizer stored with the shards
 (`DATA/tokenizer.json`); its fingerprint must match `meta.json`, and a model from `init_from`
-must use the same tokenizer.
+must use the same tokenizer. The run dir records the data's identity (`data_identity`): a
+resume on other data is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     return model.train()
 
 
+def data_identity(meta: dict) -> dict:
+    """What tells prepared data apart (recorded in the run dir, checked on resume): its token and
+    document counts and tokenizer, not its path, so that a moved data folder still resumes."""
+    return {"train_tokens": meta["train"]["tokens"], "train_documents": meta["train"].get("documents"),
+            "val_tokens": meta["val"]["tokens"], "val_documents": meta["val"].get("documents"),
+            "tokenizer": meta["tokenizer"]["fingerprint"]}
+
+
 def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> TrainResult:
     """Pretrain on `data_dir` (made by `gpt1 prepare`) into the run dir `out`; resumes a run there."""
     data_dir, out = Path(data_dir), Path(out)
@@ -66,8 +75,9 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> TrainRe
     if block_size > model.config.block_size:
         raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({model.config.block_size})")
     train_data = ShardWindows(data_dir / meta["train"]["file"], block_size, cfg.batch_size, cfg.seed,
-                              rank=dist.rank, world_size=dist.world_size)
-    val = fixed_windows(data_dir / meta["val"]["file"], block_size, cfg.batch_size, cfg.eval_batches)
+                              rank=dist.rank, world_size=dist.world_size, vocab_size=tokenizer.vocab_size)
+    val = fixed_windows(data_dir / meta["val"]["file"], block_size, cfg.batch_size, cfg.eval_batches,
+                        vocab_size=tokenizer.vocab_size)
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
     max_steps = cfg.resolve_steps(tokens_per_step, meta["train"]["tokens"])
     if dist.is_main:
@@ -79,6 +89,7 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> TrainRe
         save_model_dir(directory, m, tokenizer)
 
     try:
-        return train(model, cfg, out, train_data, lambda: val, save_model, max_steps=max_steps)
+        return train(model, cfg, out, train_data, lambda: val, save_model, max_steps=max_steps,
+                     data=data_identity(meta))
     finally:
         distributed.cleanup()

@@ -18,11 +18,14 @@ few-shot split equals its test split), or the first k of the document's subject 
 
 Documents come from the hub (`datasets`, imported lazily; `NAME@REVISION` pins a revision) or from
 local files in the hub's schema: a `.jsonl` file (one document per line) or a folder holding one
-`SPLIT.jsonl` per split. A document missing a field is reported with its file, line and field.
+`SPLIT.jsonl` per split. Every document is checked against its task's schema (each field's type,
+the number of endings, an answer index in range, a LAMBADA text with a last word) and a bad one is
+reported with its file, line and field: lm-eval would score it silently or crash.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -35,6 +38,8 @@ from gpt1.data.readers import BadRecord, HfSpec, load_hf_dataset, parse_hf, read
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
+
+Check = tuple[str, Callable[[Any], bool]]  # what a field must be (for the error message), and its test
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class Task:
     hub_config: str | None
     eval_split: str
     fewshot_split: str | None  # None: the task has no split to draw examples from but the evaluated one
-    fields: tuple[str, ...]  # the schema: fields every document must have
+    fields: dict[str, Check]  # the schema: the fields every document must have, and what each must be
     kind: str  # "multiple_choice" or "loglikelihood"
     metrics: tuple[str, ...]
     text: Callable[[dict], Any]  # doc_to_text (an int for winogrande: the gold index)
@@ -118,7 +123,11 @@ class Task:
             return rnd.sample(pool, k)
         drawn = [d for d in rnd.sample(pool, k + 1) if d.fields != doc.fields][:k]
         if len(drawn) < k:  # the pool held copies of the document: lm-eval redraws without them
-            drawn = rnd.sample([d for d in pool if d.fields != doc.fields], k)
+            others = [d for d in pool if d.fields != doc.fields]
+            if len(others) < k:
+                raise Gpt1Error(f"{doc.origin}: {k}-shot needs {k} few-shot documents other than this one, and only "
+                                f"{len(others)} of the {len(pool)} differ from it")
+            drawn = rnd.sample(others, k)
         return drawn
 
     def _shot_text(self, doc: dict) -> str:
@@ -148,6 +157,32 @@ class Task:
         return Example(doc, requests, gold, choices)
 
 
+# ---- the schemas: what each field of a document must be -----------------------------------------
+TEXT: Check = ("a string", lambda v: isinstance(v, str))
+
+
+def _strings(n: int) -> Check:
+    return (f"a list of {n} strings", lambda v: isinstance(v, list) and len(v) == n and all(isinstance(s, str) for s in v))
+
+
+def _index(*values: int) -> Check:
+    """An answer index as the hub stores it, a number or its digits (lm-eval takes int() of it)."""
+    allowed = {str(v) for v in values}
+    return (f"one of {', '.join(sorted(allowed))} (a number or its digits)",
+            lambda v: isinstance(v, (int, str)) and not isinstance(v, bool) and str(v) in allowed)
+
+
+def _arc_choices(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(v.get(k), list) and all(isinstance(s, str) for s in v[k])
+                                       for k in ("text", "label")) and 0 < len(v["text"]) == len(v["label"])
+
+
+ARC_CHOICES: Check = ('an object {"text": [...], "label": [...]} of strings, as many labels as texts', _arc_choices)
+# LAMBADA scores the text's last space-separated word: without one there is nothing to predict.
+LAST_WORD: Check = ("a string ending in a word", lambda v: isinstance(v, str) and v.split(" ")[-1].strip() != "")
+BLANK: Check = ("a string with a '_' blank", lambda v: isinstance(v, str) and "_" in v)
+
+
 # ---- the tasks (lm_eval/tasks/<name>/*.yaml and utils.py, lm-eval 0.4.x) ---------------------
 def _hellaswag_preprocess(text: str) -> str:
     text = text.strip()
@@ -163,18 +198,19 @@ def _hellaswag_process(doc: dict) -> dict:
             "choices": [_hellaswag_preprocess(ending) for ending in doc["endings"]], "gold": int(doc["label"])}
 
 
+def _arc_gold(doc: dict) -> int:
+    labels = doc["choices"]["label"]
+    if doc["answerKey"] not in labels:
+        raise ValueError(f"answerKey {doc['answerKey']!r} is not one of the choice labels {', '.join(labels)}")
+    return labels.index(doc["answerKey"])
+
+
 def _arc(name: str, config: str) -> Task:
-    return Task(name, "allenai/ai2_arc", config, "test", "train", ("question", "choices", "answerKey"),
+    return Task(name, "allenai/ai2_arc", config, "test", "train",
+                {"question": TEXT, "choices": ARC_CHOICES, "answerKey": TEXT},
                 "multiple_choice", ("acc", "acc_norm"),
-                text=lambda d: f"Question: {d['question']}\nAnswer:",
-                target=lambda d: d["choices"]["label"].index(d["answerKey"]),
+                text=lambda d: f"Question: {d['question']}\nAnswer:", target=_arc_gold,
                 choices=lambda d: list(d["choices"]["text"]))
-
-
-def _winogrande_blank(doc: dict) -> int:
-    if "_" not in doc["sentence"]:
-        raise ValueError("the sentence has no '_' blank")
-    return doc["sentence"].index("_")
 
 
 def _mmlu_description(doc: dict) -> str:
@@ -189,26 +225,28 @@ def _mmlu_text(doc: dict) -> str:
 
 TASKS: dict[str, Task] = {task.name: task for task in [
     Task("hellaswag", "Rowan/hellaswag", None, "validation", "train",
-         ("activity_label", "ctx_a", "ctx_b", "endings", "label"), "multiple_choice", ("acc", "acc_norm"),
+         {"activity_label": TEXT, "ctx_a": TEXT, "ctx_b": TEXT, "endings": _strings(4), "label": _index(0, 1, 2, 3)},
+         "multiple_choice", ("acc", "acc_norm"),
          text=lambda d: d["query"], target=lambda d: d["gold"], choices=lambda d: d["choices"],
          process=_hellaswag_process, exclude_eval_doc=True),
     _arc("arc_easy", "ARC-Easy"),
     _arc("arc_challenge", "ARC-Challenge"),
-    Task("piqa", "baber/piqa", None, "validation", "train", ("goal", "sol1", "sol2", "label"),
-         "multiple_choice", ("acc", "acc_norm"),
+    Task("piqa", "baber/piqa", None, "validation", "train",
+         {"goal": TEXT, "sol1": TEXT, "sol2": TEXT, "label": _index(0, 1)}, "multiple_choice", ("acc", "acc_norm"),
          text=lambda d: f"Question: {d['goal']}\nAnswer:", target=lambda d: int(d["label"]),
          choices=lambda d: [d["sol1"], d["sol2"]], exclude_eval_doc=True),
     Task("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train",
-         ("sentence", "option1", "option2", "answer"), "multiple_choice", ("acc",),
+         {"sentence": BLANK, "option1": TEXT, "option2": TEXT, "answer": _index(1, 2)}, "multiple_choice", ("acc",),
          text=lambda d: {"1": 0, "2": 1}[str(d["answer"])],
-         target=lambda d: d["sentence"][_winogrande_blank(d) + 1:].strip(),
-         choices=lambda d: [d["sentence"][:_winogrande_blank(d)] + d[o] for o in ("option1", "option2")],
+         target=lambda d: d["sentence"][d["sentence"].index("_") + 1:].strip(),
+         choices=lambda d: [d["sentence"][:d["sentence"].index("_")] + d[o] for o in ("option1", "option2")],
          exclude_eval_doc=True, multiple_input=True),
     # Only a test split: lm-eval draws few-shot examples from it (the evaluated text may be one).
-    Task("lambada_openai", "EleutherAI/lambada_openai", "default", "test", None, ("text",),
+    Task("lambada_openai", "EleutherAI/lambada_openai", "default", "test", None, {"text": LAST_WORD},
          "loglikelihood", ("perplexity", "acc"),
          text=lambda d: " ".join(d["text"].split(" ")[:-1]), target=lambda d: " " + d["text"].split(" ")[-1]),
-    Task("mmlu", "cais/mmlu", "all", "test", "dev", ("question", "subject", "choices", "answer"),
+    Task("mmlu", "cais/mmlu", "all", "test", "dev",
+         {"question": TEXT, "subject": TEXT, "choices": _strings(4), "answer": _index(0, 1, 2, 3)},
          "multiple_choice", ("acc",), text=_mmlu_text, target=lambda d: int(d["answer"]),
          choices=lambda d: ["A", "B", "C", "D"], description=_mmlu_description, first_n=True),
 ]}
@@ -255,6 +293,11 @@ def _document(task: Task, record: dict, origin: str) -> Document:
     if missing:
         raise Gpt1Error(f"{origin}: missing field {missing[0]!r} (a {task.name} document has the fields "
                         f"{', '.join(task.fields)})")
+    for name, (expected, ok) in task.fields.items():
+        if not ok(record[name]):
+            shown = json.dumps(record[name], ensure_ascii=False, default=str)
+            raise Gpt1Error(f"{origin}: field {name!r} must be {expected}, got "
+                            f"{shown if len(shown) <= 80 else shown[:77] + '...'}")
     try:
         return Document(task.process(record) if task.process else record, origin)
     except (KeyError, ValueError, TypeError, AttributeError) as e:
