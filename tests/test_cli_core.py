@@ -146,3 +146,12 @@ def test_an_unknown_config_json_field_names_the_file_once(tmp_path, tiny_model_d
     (model / "config.json").write_text(json.dumps({**config, "extra": 1}))
     line = assert_one_clear_line(*run_main(capsys, "info", model), r"config\.json: unknown model config field\(s\) extra; known: ")
     assert line.count("config.json") == 1, line
+
+
+def test_an_error_line_joins_lines_but_keeps_the_spaces_it_quotes(capsys):
+    """The line joined every run of whitespace, so a quoted value of three spaces showed as one."""
+    from gpt1.cli import _error
+
+    assert _error("eval", 'tasks.jsonl, line 1: field \'text\' must be a string ending in a word, got "   "\n  (more)\n') == 2
+    assert capsys.readouterr().err == ('gpt1 eval: error: tasks.jsonl, line 1: field \'text\' must be a string ending '
+                                       'in a word, got "   " (more)\n')

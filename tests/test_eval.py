@@ -91,6 +91,9 @@ def test_counts_must_be_whole_numbers_and_nothing_scored_is_an_error(tiny_model_
     for flag, value in (("--max-batches", "0"), ("--block-size", "-3"), ("--batch-size", "0"), ("--limit", "0")):
         assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", data_dir, flag, value),
                               f"argument {flag}: expected a whole number >= 1, got {value}")
+    for flag, value in (("--samples", "s.jsonl"), ("--fewshot", "2"), ("--limit", "5")):  # silently ignored before
+        assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", data_dir, flag, value),
+                              f"{flag} applies to benchmarks \\(--task or --suite\\), not to perplexity")
     llm = gpt1.load(tiny_model_dir, device="cpu")
     with pytest.raises(Gpt1Error, match="max batches must be >= 1, got 8, 64, 0"):
         evaluate_data(llm, [str(data_dir)], max_batches=0)

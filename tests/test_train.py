@@ -290,8 +290,12 @@ def test_a_token_id_outside_the_vocabulary_is_one_clear_line(shard, data_dir, to
     ids.flush()
     del ids
     result = run_main(capsys, "pretrain", "--data", data, "--out", tmp_path / "run", *TINY, "max_steps=1")
-    assert_one_clear_line(*result, rf"{shard}: token id 60,000 at token [\d,]+ is not below the vocabulary size "
-                                   rf"{tokenizer.vocab_size:,}; the shard is damaged")
+    message = rf"{shard}: token id 60,000 at token [\d,]+ is not below the vocabulary size {tokenizer.vocab_size:,}; the shard is damaged"
+    assert_one_clear_line(*result, message)
+    if shard == "val.bin":  # `gpt1 eval` on the data dir reads it too
+        model = run_main(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "good", *TINY, "max_steps=1")
+        assert model[0] == 0, model[1]
+        assert_one_clear_line(*run_main(capsys, "eval", "--model", tmp_path / "good", "--data", data), message)
 
 
 class PoisonAfter:

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import io
 import os
+import re
 import sys
 import traceback
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 def _error(command: str, message: str) -> int:
     if debug_enabled():
         traceback.print_exc()
-    one_line = " ".join(message.split())  # a message quoting a library's may hold newlines
+    # A message quoting a library's may hold newlines; spaces inside it (a quoted value) stay.
+    one_line = re.sub(r"\s*\n\s*", " ", message.strip())
     print(f"gpt1 {command}: error: {one_line}", file=sys.stderr)
     return 2
 

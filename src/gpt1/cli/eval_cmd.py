@@ -83,6 +83,10 @@ def eval_command(args: argparse.Namespace) -> int:
         raise Gpt1Error("--split applies to --chat sources only")
     if args.task or args.suite:
         return _tasks_eval(args)
+    task_only = [flag for flag, given in (("--fewshot", args.fewshot), ("--limit", args.limit), ("--samples", args.samples),
+                                          ("--report", args.report), ("--ppl-data", args.ppl_data)) if given]
+    if task_only:
+        raise Gpt1Error(f"{task_only[0]} applies to benchmarks (--task or --suite), not to perplexity")
     if not args.data:
         raise Gpt1Error("pass --data (perplexity) or --task/--suite (benchmarks)")
     llm = gpt1.load(args.model, device=args.device)

@@ -123,7 +123,10 @@ def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int 
     n_windows = (len(tokens) - 1) // block_size
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
-    loss, n = evaluate_loss(llm.model, sequential_windows(tokens, block_size, batch_size, max_batches), llm.device,
+    # A damaged val.bin (an id outside the vocabulary) is refused by name, not an IndexError.
+    windows = sequential_windows(tokens, block_size, batch_size, max_batches, vocab_size=llm.tokenizer.vocab_size,
+                                 path=source)
+    loss, n = evaluate_loss(llm.model, windows, llm.device,
                             precision, show_progress=show_progress, total=math.ceil(n_windows / batch_size),
                             tune_threads=True)
     if not n:  # a mean over nothing is NaN, which no report or JSON should carry
