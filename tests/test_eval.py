@@ -116,6 +116,8 @@ def test_skip_invalid_skips_and_counts_bad_lines(tiny_model_dir, corpus_dir, tmp
                           r"line 31: invalid JSON.*\(pass --skip-invalid to skip bad lines\)$")
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(chat), "--chat", "--skip-invalid"]) == 0
     assert "skipped: 1 malformed lines" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(chat), "--chat", "--skip-invalid", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == {"malformed lines": 1}
 
 
 def test_split_is_refused_where_there_is_none(tiny_model_dir, tmp_path, capsys):

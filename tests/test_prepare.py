@@ -47,6 +47,8 @@ def test_every_document_once_with_eos_and_a_deterministic_split(small_corpus, to
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     prepare([str(small_corpus)], tokenizer, tmp_path / "c", val=0.3, seed=8)
     assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
+    with pytest.raises(Gpt1Error, match="--batch-docs must be a whole number >= 1, got 0"):
+        prepare([str(small_corpus)], tokenizer, tmp_path / "d", batch_docs=0)
 
 
 def test_split_by_count(small_corpus, tokenizer, tmp_path):

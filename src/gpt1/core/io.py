@@ -131,7 +131,7 @@ def read_json(path: str | os.PathLike) -> Any:
     except json.JSONDecodeError as e:
         raise Gpt1Error(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
-        raise Gpt1Error(f"{path}: not UTF-8 (byte offset {e.start})") from None
+        raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:

@@ -119,6 +119,8 @@ def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: f
             or (val >= 1 and val != int(val))):
         raise Gpt1Error(f"--val must be a fraction in (0, 1) or a whole number of documents >= 1, got {val}")
     check_max_documents(max_documents)
+    if not isinstance(batch_docs, int) or batch_docs < 1:
+        raise Gpt1Error(f"--batch-docs must be a whole number >= 1, got {batch_docs!r}")
     _check_out_dir(out)
     if owner_of(out) == "a model dir":
         raise Gpt1Error(f"{out} is a model dir: prepared data (with its {TOKENIZER_FILE}) needs a folder of its own; "
