@@ -155,3 +155,22 @@ def test_an_error_line_joins_lines_but_keeps_the_spaces_it_quotes(capsys):
     assert _error("eval", 'tasks.jsonl, line 1: field \'text\' must be a string ending in a word, got "   "\n  (more)\n') == 2
     assert capsys.readouterr().err == ('gpt1 eval: error: tasks.jsonl, line 1: field \'text\' must be a string ending '
                                        'in a word, got "   " (more)\n')
+
+
+def test_quickstart_refuses_a_bad_seed_device_or_out_before_any_stage(tmp_path, capsys):
+    """A seed out of range failed after the five minutes of pretraining (in the fine-tune's numpy
+    generator), a bad device after the tokenizer and prepare stages, an --out under a file with a
+    traceback."""
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("x")
+    out = tmp_path / "qs"
+    cases = [(["--out", out, "--seed=-1"], r"--seed must be a whole number in \[0, 2\*\*63\), got -1"),
+             (["--out", out, f"--seed={2**64}"], r"--seed must be a whole number in \[0, 2\*\*63\)"),
+             (["--out", out, "--device", "banana"], r"device: unknown device 'banana'"),
+             (["--out", a_file], rf"{a_file}: exists and is not a folder"),
+             (["--out", a_file / "qs"], rf"{a_file / 'qs'}: cannot create the folder: {a_file} is not a folder")]
+    for args, pattern in cases:
+        assert_one_clear_line(*run_main(capsys, "quickstart", "--minutes", "0.05", *args), pattern)
+    assert not out.exists()

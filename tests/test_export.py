@@ -176,6 +176,12 @@ def test_import_rejects_other_architectures_and_options(tmp_path):
         import_hf_model(tmp_path / "relu")
     with pytest.raises(Gpt1Error, match="model directory not found"):
         import_hf_model(tmp_path / "missing")
+    # Weights only as a pickle (pytorch_model.bin): refused by name, never unpickled.
+    GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path / "pickled")
+    torch.save({"transformer.wte.weight": torch.zeros(64, 16)}, tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(Gpt1Error, match=r"no .safetensors weights \(found: pytorch_model.bin\); gpt1 reads .* never "
+                                        r"from pickles"):
+        import_hf_model(tmp_path / "pickled")
 
 
 def test_import_of_a_gpt1_model_dir_says_so(tiny_model_dir):

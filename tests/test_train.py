@@ -3,6 +3,7 @@ checkpoints that survive a SIGKILL in the middle of a save, and `gpt1 pretrain` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -392,6 +393,14 @@ def test_pretrain_cli_bad_inputs_change_nothing(data_dir, tmp_path, capsys):
         (["--data", str(data_dir), "--config", "nope.toml"], "config file not found"),
         (["--data", str(data_dir), "model=huge"], "unknown model preset 'huge'"),
         (["--data", str(data_dir), "batch_size=0"], "batch_size must be at least 1"),
+        # a NaN/inf run length, seed, lr or weight decay reached numpy/torch (tracebacks) or
+        # trained to NaN weights and exited 0
+        (["--data", str(data_dir), "epochs=nan"], "epochs must be a finite number >= 0, got nan"),
+        (["--data", str(data_dir), "max_steps=2", "epochs=inf"], "epochs must be a finite number >= 0, got inf"),
+        (["--data", str(data_dir), "max_steps=2", "seed=-1"], "seed must be a whole number in [0, 2**63), got -1"),
+        (["--data", str(data_dir), "max_steps=2", f"seed={2**64}"], "seed must be a whole number in [0, 2**63)"),
+        (["--data", str(data_dir), "max_steps=2", "lr=inf"], "need lr > 0 and 0 <= min_lr <= lr, got lr=inf"),
+        (["--data", str(data_dir), "max_steps=2", "weight_decay=nan"], "weight_decay and grad_clip must be finite"),
     ]
     for args, pattern in cases:  # key=value overrides go after the options
         assert main(["pretrain", "--out", str(out), *args]) == 2
@@ -489,14 +498,17 @@ class NanForwardOnce:
 @pytest.mark.slow
 def test_a_non_finite_loss_on_a_save_step_still_saves_or_warns(data_dir, tmp_path, tokenizer, caplog):
     """Issue 16: a NaN loss on a save step (here the final one) skipped the checkpoint silently,
-    so the run never finished. With finite weights it is saved; with NaN weights a warning says so."""
+    so the run never finished. With finite weights it is saved; with NaN weights a warning says so,
+    and the run fails (it printed "done" and exited 0 with no final model)."""
     cfg = load_config(TrainConfig, None, TINY + ["max_steps=4", "save_every=2", "eval_every=100", "max_bad_steps=5"])
     val = fixed_windows(data_dir / "val.bin", 32, 4, 2)
     for poison, run in ((NanForwardOnce, "finite"), (PoisonAfter, "nan")):
         torch.manual_seed(0)
         model = GPT(ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, block_size=32))
         source = poison(ShardWindows(data_dir / "train.bin", 32, 4, cfg.seed), model, at=3)
-        train(model, cfg, tmp_path / run, source, lambda: val, lambda d, m: save_model(d, m, tokenizer))
+        with (pytest.raises(Gpt1Error, match=r"ended at step 4 with non-finite weights.*step-00000002")
+              if run == "nan" else contextlib.nullcontext()):
+            train(model, cfg, tmp_path / run, source, lambda: val, lambda d, m: save_model(d, m, tokenizer))
         assert [r["step"] for r in _metrics(tmp_path / run) if r.get("skipped")] == [4]
     assert latest_checkpoint(tmp_path / "finite").name == "step-00000004"
     assert all(torch.isfinite(p).all() for p in load_model(tmp_path / "finite").parameters())

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import gpt1
 from gpt1.core.config import ModelConfig
+from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import read_json, write_json
+from gpt1.core.io import make_dirs, read_json, write_json
 from gpt1.core.progress import info
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import Tokenizer, train_tokenizer
@@ -73,6 +74,10 @@ class QuickstartConfig:
     def __post_init__(self) -> None:
         if not (self.minutes > 0 and math.isfinite(self.minutes)):
             raise Gpt1Error(f"--minutes must be a positive number, got {self.minutes}")
+        # Checked before any stage runs: these failed only when the stage reading them started.
+        if not 0 <= self.seed < 2**63:
+            raise Gpt1Error(f"--seed must be a whole number in [0, 2**63), got {self.seed}")
+        resolve_device(self.device)
 
 
 @dataclass
@@ -108,8 +113,7 @@ class QuickstartResult:
 
 def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     """Run (or reuse) every stage under `cfg.out`; see the module docstring."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(cfg.out)
     seconds: dict[str, float] = {}
 
     def stage(name: str, title: str):

@@ -152,9 +152,15 @@ def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu")
                         "gpt1 imports only the GPT-2 architecture (model_type 'gpt2')")
     transformers = _require_transformers()
     config = config_from_hf(transformers.GPT2Config.from_pretrained(path), str(path / CONFIG_FILE))
+    if not any(path.glob("*.safetensors")):
+        # A pytorch_model.bin is a pickle: gpt1 never unpickles a file it did not write.
+        found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))) or "none"
+        raise Gpt1Error(f"{path}: no .safetensors weights (found: {found}); gpt1 reads transformers weights from "
+                        "safetensors only, never from pickles: convert them with transformers' "
+                        "`model.save_pretrained(folder, safe_serialization=True)` where you trust the file")
     try:
         hf_model, loading = transformers.GPT2LMHeadModel.from_pretrained(
-            path, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+            path, dtype=torch.float32, local_files_only=True, output_loading_info=True, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise Gpt1Error(f"{path}: transformers could not load the weights ({e})") from None
     # Everything except a tied head must come from the checkpoint, not from random init.

@@ -111,7 +111,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint folder (`step-N`) holds."""
+    return int(_NAME.match(checkpoint.name).group(1))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

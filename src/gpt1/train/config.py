@@ -104,6 +104,10 @@ class TrainConfig:
         for name in ("max_steps", "max_tokens", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 0:
                 raise Gpt1Error(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.epochs >= 0 and math.isfinite(self.epochs)):
+            raise Gpt1Error(f"epochs must be a finite number >= 0, got {self.epochs}")
+        if not 0 <= self.seed < 2**63:  # what torch.manual_seed and numpy's generators both take
+            raise Gpt1Error(f"seed must be a whole number in [0, 2**63), got {self.seed}")
         if not (self.time_budget >= 0 and math.isfinite(self.time_budget)):
             raise Gpt1Error(f"time_budget is seconds >= 0 (0 = off), got {self.time_budget}")
         if self.max_steps == 0 and self.max_tokens == 0 and self.epochs <= 0:
@@ -113,12 +117,13 @@ class TrainConfig:
         if not 0.0 <= self.cooldown <= 1.0 - self.warmup:
             raise Gpt1Error(f"cooldown is a fraction of the steps in [0, 1 - warmup], got {self.cooldown} "
                             f"(warmup {self.warmup})")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+        if not (self.lr > 0 and math.isfinite(self.lr) and 0 <= self.min_lr <= self.lr):
             raise Gpt1Error(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise Gpt1Error(f"betas must be in [0, 1), got {list(self.betas)}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise Gpt1Error("weight_decay and grad_clip must be >= 0")
+        if not (0 <= self.weight_decay < math.inf and 0 <= self.grad_clip < math.inf):
+            raise Gpt1Error(f"weight_decay and grad_clip must be finite numbers >= 0, got {self.weight_decay} "
+                            f"and {self.grad_clip}")
         if self.init_from != "scratch" and (self.n_layer or self.n_head or self.n_embd):
             raise Gpt1Error(f"n_layer, n_head and n_embd shape a model from scratch; init_from={self.init_from} "
                             "brings its own shape (leave them 0)")

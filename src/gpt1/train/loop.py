@@ -383,7 +383,12 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             writer.close()
 
     latest = ckpt.latest_checkpoint(run_dir)
-    if dist.is_main and start_step >= end and latest is not None and not ckpt.outputs_written(latest):
+    if latest is None or ckpt.checkpoint_step(latest) < end:
+        # The final checkpoint is written unless the weights went NaN/inf (a warning said so): a
+        # run without its final weights has failed, whatever its step count.
+        raise Gpt1Error(f"the run ended at step {end:,} with non-finite weights, so no final model was written; "
+                        f"the last good checkpoint is {latest or 'none'}. Lower lr, or check the data")
+    if dist.is_main and start_step >= end and not ckpt.outputs_written(latest):
         info(f"{run_dir}: its outputs are older than its last checkpoint ({latest.name}); writing them")
         _write_outputs(run_dir, latest, raw_model, save_model, final=True)
     val = last["val_loss"]
