@@ -219,3 +219,20 @@ def test_llm_methods(tiny_model_dir):
         llm.generate("x", preset="poetry")
     with pytest.raises(Gpt1Error, match=r"messages\[0\].role"):
         llm.chat([{"role": "robot", "content": "hi"}])
+
+
+def test_the_python_api_names_a_prompt_that_is_not_text(tiny_model_dir):
+    """`generate(None)` and a lone surrogate ended in the Rust tokenizer's "TextInputSequence
+    must be str" (wrong for the surrogate, which is a str)."""
+    import gpt1
+    from gpt1.core.errors import Gpt1Error
+
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    for bad, message in ((None, "prompt: expected a string, got NoneType"), (["a"], "expected a string, got list"),
+                         ("ok \ud800", r"prompt: a lone surrogate \('\\ud800'\) at character 3")):
+        with pytest.raises(Gpt1Error, match=message):
+            llm.generate(bad, max_new_tokens=2)
+        with pytest.raises(Gpt1Error, match=message):
+            list(llm.stream(bad, max_new_tokens=2))
+    with pytest.raises(Gpt1Error, match=r"messages\[0\].content: a lone surrogate"):
+        llm.chat([{"role": "user", "content": "\udc80"}], max_new_tokens=2)

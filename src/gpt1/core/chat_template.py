@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import IGNORE_INDEX
-from gpt1.core.tokenizer import ASSISTANT, EOS, SYSTEM, USER, Tokenizer
+from gpt1.core.tokenizer import ASSISTANT, EOS, SYSTEM, USER, Tokenizer, check_text
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 TEMPLATE_FILE = "chat_template.jinja"  # the file name transformers also reads from a model folder
@@ -43,8 +43,7 @@ def validate_messages(messages: Any, source: str = "messages") -> list[dict[str,
         role, content = message.get("role"), message.get("content")
         if role not in ROLE_TOKENS:
             raise Gpt1Error(f"{source}[{i}].role: expected one of {', '.join(ROLE_TOKENS)}, got {role!r}")
-        if not isinstance(content, str):
-            raise Gpt1Error(f"{source}[{i}].content: expected a string, got {type(content).__name__}")
+        check_text(content, f"{source}[{i}].content")
     return list(messages)
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -33,6 +33,19 @@ BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_CONFIG_FILE = "config.json"  # beside tokenizer.json in a model dir (gpt1.formats.modeldir)
+
+
+def check_text(text: Any, source: str) -> str:
+    """`text` when it is what the tokenizer takes, a str of valid Unicode; else a Gpt1Error naming
+    `source` (the Rust tokenizer's own error for both is "TextInputSequence must be str")."""
+    if not isinstance(text, str):
+        raise Gpt1Error(f"{source}: expected a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Gpt1Error(f"{source}: a lone surrogate ({text[e.start]!r}) at character {e.start:,}: "
+                        "not valid Unicode text") from None
+    return text
 
 
 class Tokenizer:

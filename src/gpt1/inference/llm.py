@@ -15,7 +15,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.sampling_params import preset as named_preset
-from gpt1.core.tokenizer import Tokenizer
+from gpt1.core.tokenizer import Tokenizer, check_text
 from gpt1.formats.modeldir import load_model
 from gpt1.inference import generate as gen
 from gpt1.inference.decoding import chat_prompt_ids
@@ -89,12 +89,13 @@ class LLM:
 
     def generate(self, prompt: str, **knobs) -> str:
         """Continue `prompt`, e.g. `llm.generate("Once", temperature=0.7, top_k=50, seed=1)`."""
-        return gen.generate(self.model, self.tokenizer, self.tokenizer.encode(prompt), self.sampling_params(**knobs)).text
+        ids = self.tokenizer.encode(check_text(prompt, "prompt"))
+        return gen.generate(self.model, self.tokenizer, ids, self.sampling_params(**knobs)).text
 
     def stream(self, prompt: str, **knobs) -> Iterator[str]:
         """Like `generate`, yielding text pieces as they are produced."""
         params = self.sampling_params(**knobs)
-        for chunk in gen.stream(self.model, self.tokenizer, self.tokenizer.encode(prompt), params):
+        for chunk in gen.stream(self.model, self.tokenizer, self.tokenizer.encode(check_text(prompt, "prompt")), params):
             if chunk.text:
                 yield chunk.text
 
