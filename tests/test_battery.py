@@ -266,9 +266,9 @@ def test_a_pickled_trainer_state_is_refused_in_one_line(tokenizer_dir, corpus_di
     args = ["pretrain", "--data", data, "--out", tmp_path / "run", "model=tiny", "block_size=32", "batch_size=2",
             "device=cpu", "max_steps=2", "eval_batches=1"]
     assert run_main(capsys, *args)[0] == 0
-    state = next((tmp_path / "run" / "checkpoints").iterdir()) / "trainer_state.pt"
-    state.write_bytes(pickle.dumps({"step": 2, "hostile": Path("x")}))
-    (next((tmp_path / "run" / "checkpoints").iterdir()) / "outputs.done").unlink()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    (checkpoint / "trainer_state.pt").write_bytes(pickle.dumps({"step": 2, "hostile": Path("x")}))
+    (checkpoint / "outputs.done").unlink()
     assert_one_clear_line(*run_main(capsys, *args), r"cannot read the checkpoint \(UnpicklingError: .*never pickled")
 
 
@@ -345,4 +345,32 @@ def test_a_checkpoint_folder_that_turns_unwritable_mid_run(tokenizer_dir, corpus
     finally:
         subprocess.run(["chattr", "-i", str(checkpoints)], check=True)
     assert_one_clear_line(result.returncode, result.stderr.decode(), r"checkpoints.*cannot write")
-    assert [p.name for p in checkpoints.iterdir()] == ["step-00000002"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "step-00000002"]  # and the run's lock
+
+
+def test_messages_that_pointed_the_wrong_way(tiny_model_dir, tmp_path, capsys):
+    """A taken port and an address not of this machine got the same "another server on that
+    port?" hint; a file given as --model was "not found"; `--type ""` was taken as the default;
+    `lora_targets=[]` was "unknown empty list"."""
+    import socket
+
+    from gpt1.core.errors import Gpt1Error
+    from gpt1.core.lora import LoRAConfig
+    from gpt1.serve.server import bind
+
+    with bind("127.0.0.1", 0) as taken:
+        with pytest.raises(Gpt1Error, match="another server on that port"):
+            bind("127.0.0.1", taken.getsockname()[1])
+    try:
+        socket.create_server(("192.0.2.1", 0)).close()  # TEST-NET-1: not this machine's, unless it is
+    except OSError:
+        with pytest.raises(Gpt1Error, match=r"not an address of this machine; try --host 127.0.0.1"):
+            bind("192.0.2.1", 0)
+    a_file = tmp_path / "model.txt"
+    a_file.write_text("x")
+    assert_one_clear_line(*run_main(capsys, "generate", "--model", a_file, "--prompt", "hi"),
+                          r"model.txt: a file, not a model directory")
+    assert_one_clear_line(*run_main(capsys, "export", "--model", tiny_model_dir, "--format", "gguf", "--type", "",
+                                    "--out", tmp_path / "m.gguf"), r"unknown GGUF type ''")
+    with pytest.raises(Gpt1Error, match=r"LoRA targets: none given \(an adapter needs at least one\)"):
+        LoRAConfig(targets=())

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,7 @@ def test_run_dir_is_a_model_dir_with_metrics_and_plot(data_dir, tmp_path):
     llm = gpt1.load(tmp_path / "run", device="cpu")
     assert llm.tokenizer.fingerprint == load_data_tokenizer(data_dir).fingerprint
     assert llm.config.block_size == 32 and llm.config.vocab_size == llm.tokenizer.vocab_size
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000008"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [".lock", "step-00000008"]
     # running it again is a no-op that reports the finished run
     again = _run(data_dir, tmp_path / "run", ["max_steps=8", "eval_every=4", "save_every=4"])
     assert again.resumed_from == 8 and again.val_loss == result.val_loss
@@ -677,3 +678,30 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(data_dir, tmp_path):
     # A checkpoint of one optimizer is refused by the other, by name, not with a KeyError.
     with pytest.raises(Gpt1Error, match="optimizer"):
         _run(data_dir, tmp_path / "run", ["max_steps=14", "save_every=12", "eval_every=12", "warmup=0"])
+
+
+def test_a_second_process_training_in_the_same_run_dir_is_refused(data_dir, tmp_path, capsys):
+    """Two runs in one --out (a command started twice) deleted each other's partial saves and
+    interleaved their metrics; the second is now refused while the first lives, and a SIGKILLed
+    run leaves no stale lock behind."""
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "gpt1", "pretrain", "--data", str(data_dir), "--out", str(out),
+                              *TINY, "max_steps=100000", "save_every=100000", "eval_every=100000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "GPT1_QUIET": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").is_file():  # its first step is done: it holds the run dir
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = run_main(capsys, "pretrain", "--data", data_dir, "--out", out, *TINY, "max_steps=100000",
+                          "save_every=100000", "eval_every=100000")
+        assert_one_clear_line(*second, rf"checkpoints: process {first.pid} is training there already; wait for it")
+    finally:
+        first.kill()
+        first.wait()
+    from gpt1.core.io import exclusive
+
+    with exclusive(out / "checkpoints", "training"):  # the killed process's lock went with it
+        assert (out / "checkpoints" / ".lock").read_text() == f"process {os.getpid()}"

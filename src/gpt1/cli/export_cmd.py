@@ -38,7 +38,7 @@ def export_command(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise Gpt1Error(f"unknown --format {args.format!r}; known formats: {', '.join(FORMATS)}")
     if args.format == "gguf":
-        out = export_gguf(args.model, args.out, args.type or "f16", overwrite=args.force)
+        out = export_gguf(args.model, args.out, "f16" if args.type is None else args.type, overwrite=args.force)
     elif args.type is not None:
         raise Gpt1Error("--type applies to --format gguf only (an hf export keeps the model's float32 weights)")
     else:

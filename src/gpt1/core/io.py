@@ -91,6 +91,37 @@ def make_dirs(path: str | os.PathLike) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold `folder`'s lock (a `.lock` file in it) for the block: a second process writing the
+    same folder (a command started twice, or still running in another terminal) is refused
+    instead of interleaving its files with this one's. The OS releases the lock when the process
+    ends, even by SIGKILL, so a killed run never leaves a stale lock. POSIX (flock); elsewhere
+    there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    folder = make_dirs(folder)
+    with open(folder / ".lock", "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "a process"
+            raise Gpt1Error(f"{folder}: {holder} is {what} there already; wait for it to end (or stop it) "
+                            "and run the command again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 _crash_counts: dict[str, int] = {}
 
 

@@ -66,7 +66,8 @@ class LoRAConfig:
         self.targets = tuple(self.targets)
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
-            raise Gpt1Error(f"LoRA targets: unknown {unknown or 'empty list'}; choose from {', '.join(TARGETS)}")
+            what = f"unknown {unknown}" if unknown else "none given (an adapter needs at least one)"
+            raise Gpt1Error(f"LoRA targets: {what}; choose from {', '.join(TARGETS)}")
         if not _is_int(self.r) or self.r < 1:
             raise Gpt1Error(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not _is_number(self.alpha) or self.alpha <= 0:  # the adapter's scale is alpha / r: 0 turns it off

@@ -124,7 +124,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise Gpt1Error(f"{directory}: model directory not found")
+        raise Gpt1Error(f"{directory}: {'a file, not a model directory' if directory.exists() else 'model directory not found'}")
     if is_hf_model_dir(directory):
         raise Gpt1Error(f"{directory}: a Hugging Face transformers folder, not a gpt1 model dir; import it with "
                         f"`gpt1 pretrain init_from=hf:{directory}` or `gpt1 finetune --base {directory}`")

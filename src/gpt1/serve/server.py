@@ -5,6 +5,7 @@ that a taken port is a one-line Gpt1Error and `port=0` can pick a free port race
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import socket
 import threading
@@ -30,7 +31,9 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise Gpt1Error(f"cannot listen on {host}:{port}: {e.strerror} (another server on that port? try --port)") from None
+        hint = {errno.EADDRINUSE: " (another server on that port? try --port)",
+                errno.EADDRNOTAVAIL: " (not an address of this machine; try --host 127.0.0.1)"}.get(e.errno, "")
+        raise Gpt1Error(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
     return sock
 
 

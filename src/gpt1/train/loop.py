@@ -67,7 +67,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import crash_point, read_json, write_json, write_text
+from gpt1.core.io import crash_point, exclusive, read_json, write_json, write_text
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
@@ -205,9 +205,21 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     device = distributed.resolve_device(cfg.device, dist)
     if device.type == "cpu":
         keep_freed_memory()  # the step's large buffers reused, not page-faulted in every step
+    held = contextlib.ExitStack()
     if dist.is_main:
         _check_run_dir(run_dir, cfg, max_steps, data)
+        # One process trains in a run dir at a time: a second one would delete the first's
+        # partial saves (below) and interleave its metrics. Taken once the config is checked (a
+        # new run dir holds nothing before), released when the process ends, however it ends.
+        held.enter_context(exclusive(run_dir / ckpt.CHECKPOINTS_DIR, "training"))
         ckpt.remove_partial_saves(run_dir)
+    with held:
+        return _train_in(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, started)
+
+
+def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_data: BatchSource, val_batches,
+              save_model, max_steps: int, dist, device: torch.device, started: float) -> TrainResult:
+    """The run itself, once its run dir is checked and held (see `train`)."""
     distributed.barrier()
 
     model.to(device)
