@@ -174,3 +174,22 @@ def test_quickstart_refuses_a_bad_seed_device_or_out_before_any_stage(tmp_path, 
     for args, pattern in cases:
         assert_one_clear_line(*run_main(capsys, "quickstart", "--minutes", "0.05", *args), pattern)
     assert not out.exists()
+
+
+def test_hints_name_what_the_command_has(tmp_path, capsys):
+    """The quickstart, on an --out whose data was prepared otherwise (another --seed), said
+    "pass --overwrite" (a flag of `gpt1 prepare` only); `bench --json FOLDER` failed only once
+    the benchmarks had run."""
+    import json
+
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    out = tmp_path / "qs"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "meta.json").write_text(json.dumps({"key": {"seed": 5}}))
+    line = assert_one_clear_line(*run_main(capsys, "quickstart", "--out", out, "--minutes", "0.05", "--device", "cpu"),
+                                 rf"{out / 'data'} already holds data prepared from other sources or settings; "
+                                 rf"choose another --out, or delete {out / 'data'} \(and the stages after it\)")
+    assert "--overwrite" not in line
+    assert_one_clear_line(*run_main(capsys, "bench", "--quick", "--json", tmp_path, "train"),
+                          rf"--json {tmp_path}: is a folder; expected the name of a file to write")

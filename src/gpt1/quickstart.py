@@ -128,7 +128,8 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     done("tokenizer")
 
     stage("prepare", "2/5 prepare: token shards")
-    meta = prepare([cfg.corpus], tokenizer, out / "data", val=QUICKSTART_VAL, seed=cfg.seed, skip_invalid=True)
+    meta = prepare([cfg.corpus], tokenizer, out / "data", val=QUICKSTART_VAL, seed=cfg.seed, skip_invalid=True,
+                   redo_hint=f"delete {out / 'data'} (and the stages after it) to prepare it again")
     done("prepare")
 
     # A rerun continues (or reuses) the run it finds instead of starting a new time budget.

@@ -104,12 +104,14 @@ def _key(specs: list[str], sources: list[Source], tokenizer: Tokenizer, val: flo
 
 def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: float = 0.0005, seed: int = 1337,
             text_field: str = "text", skip_invalid: bool = False, max_documents: int | None = None,
-            batch_docs: int = 1024, commit_bytes: int = 256_000_000, overwrite: bool = False) -> dict:
+            batch_docs: int = 1024, commit_bytes: int = 256_000_000, overwrite: bool = False,
+            redo_hint: str = "pass --overwrite to replace it") -> dict:
     """Tokenize `sources` into `out`/train.bin, val.bin, meta.json, tokenizer.json; return the meta.
 
     `val` < 1 is the fraction of documents held out for validation, `val` >= 1 their count.
     Resumes an interrupted run with the same arguments; returns the existing meta when `out`
-    already holds exactly this preparation; refuses (unless `overwrite`) a finished different one.
+    already holds exactly this preparation; refuses (unless `overwrite`) a finished different one,
+    with `redo_hint` saying how to redo it (the CLI's flag, or what a caller like the quickstart offers).
     """
     out = Path(out)
     if tokenizer.vocab_size > MAX_VOCAB:
@@ -137,7 +139,7 @@ def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: f
             return old
         if not overwrite:
             raise Gpt1Error(f"{out} already holds data prepared from other sources or settings; "
-                            "choose another --out, or pass --overwrite to replace it")
+                            f"choose another --out, or {redo_hint}")
     writer = ShardWriter(out, key, val, seed, tokenizer.eos_id)
     stats = SourceStats()
     pieces = iter_pieces(resolved, text_field=text_field, skip_invalid=skip_invalid, stats=stats,
