@@ -192,4 +192,4 @@ def test_hints_name_what_the_command_has(tmp_path, capsys):
                                  rf"choose another --out, or delete {out / 'data'} \(and the stages after it\)")
     assert "--overwrite" not in line
     assert_one_clear_line(*run_main(capsys, "bench", "--quick", "--json", tmp_path, "train"),
-                          rf"--json {tmp_path}: is a folder; expected the name of a file to write")
+                          rf"{tmp_path}: is a folder; expected the name of a file to write")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-from pathlib import Path
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import make_dirs, write_json
+from gpt1.core.io import file_target, write_json
 
 BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks, run by default
 # Need an optional package (llama-cpp-python, lm-eval), take many minutes (quickstart) or load the
@@ -51,10 +50,8 @@ def bench_command(args: argparse.Namespace) -> int:
     if unknown:
         raise Gpt1Error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(BENCHMARKS)} "
                         f"(default), {', '.join(ON_REQUEST)}")
-    if args.json and Path(args.json).is_dir():  # found before the benchmarks run, not after
-        raise Gpt1Error(f"--json {args.json}: is a folder; expected the name of a file to write")
     if args.json:
-        make_dirs(Path(args.json).parent)
+        file_target(args.json)  # a bad path found before the benchmarks run, not after
     results = {}
     for name in dict.fromkeys(names):  # a name given twice runs once
         if importlib.util.find_spec(f"gpt1.benchmarks.{name}") is None:

@@ -21,13 +21,20 @@ from safetensors.torch import save_file
 from gpt1.core.errors import Gpt1Error
 
 
+def file_target(path: str | os.PathLike) -> Path:
+    """`path` as a file to write: not a folder, its parent made (a Gpt1Error naming what is in
+    the way). `atomic_path` checks it; a command may check early, before hours of work."""
+    path = Path(path)
+    if path.is_dir():  # os.replace would refuse a folder only once the file is written
+        raise Gpt1Error(f"{path}: is a folder; expected the name of a file to write")
+    make_dirs(path.parent)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path`."""
-    path = Path(path)
-    if path.is_dir():  # checked first: os.replace would refuse a folder only once the file is written
-        raise Gpt1Error(f"{path}: is a folder; expected the name of a file to write")
-    make_dirs(path.parent)
+    path = file_target(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
