@@ -79,7 +79,7 @@ from gpt1.train.evaluate import evaluate_loss, perplexity
 from gpt1.train.optim import build_optimizer
 from gpt1.train.plot import plot_metrics
 from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
-from gpt1.train.schedule import lr_at
+from gpt1.train.schedule import BudgetSchedule, lr_at
 
 __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE",
            "peak_flops"]
@@ -235,6 +235,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
 
     start_step, tokens_seen, last = 0, 0, {"loss": None, "val_loss": None}
     end, budget_spent = max_steps, 0.0  # the planned last step (re-planned under a time budget)
+    schedule_state = None
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model)
@@ -244,6 +245,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
         train_data.load_state_dict(state["sampler"])
         start_step, tokens_seen, last = state["step"], state["tokens"], state["last"]
         end, budget_spent = state.get("end", max_steps), state.get("budget_spent", 0.0)
+        schedule_state = state.get("schedule")
         if dist.is_main:
             info(f"resuming {run_dir} from step {start_step:,} of {end:,} ({latest.name})")
             _trim_metrics(run_dir / METRICS_FILE, start_step)
@@ -267,7 +269,8 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
         return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "sampler": train_data.state_dict(), "tokens": tokens_seen, "last": dict(last),
                 "config": cfg.to_dict(), "max_steps": max_steps, "end": end,
-                "budget_spent": budget.spent() if budget else 0.0}
+                "budget_spent": budget.spent() if budget else 0.0,
+                "schedule": schedule.state_dict() if schedule else None}
 
     def save_if_due(done: int) -> None:
         if _save_due(done, cfg.save_every, end):
@@ -278,7 +281,10 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
 
     metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
-    budget = _TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every) if cfg.time_budget > 0 else None
+    budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown)
+              if cfg.time_budget > 0 else None)
+    # A re-planned run's rate never rises after its warmup (see BudgetSchedule); a fixed plan's is lr_at.
+    schedule = BudgetSchedule(cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown, schedule_state) if budget else None
     bar = progress(total=end, initial=start_step, desc=run_dir.name, unit="step", disable=None if dist.is_main else True)
     peak = peak_flops(device)
     flops_per_token = getattr(raw_model, "flops_per_token", None)
@@ -303,7 +309,12 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             if step >= end:
                 break
             t0 = time.perf_counter()
-            lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown)
+            if schedule:
+                # By time, or by steps where max_steps caps the plan (then the plan is exact).
+                due = budget.cooldown_due or (end == max_steps and schedule.cooldown_due(step, end))
+                lr = schedule.at(step, end, due)
+            else:
+                lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at a multiple of lr
             loss_sum = torch.zeros((), device=device)
@@ -514,8 +525,11 @@ class _TimeBudget:
     WARMUP_STEPS = 3  # the first steps (allocator, kernel selection) are not timed
     MIN_STEPS = 10  # whatever the budget: a loss curve, not a point
 
-    def __init__(self, seconds: float, spent_before: float, max_steps: int, eval_every: int):
+    def __init__(self, seconds: float, spent_before: float, max_steps: int, eval_every: int, cooldown: float = 0.0):
         self.seconds, self.spent_before, self.max_steps = seconds, spent_before, max_steps
+        self.cooldown = cooldown
+        # The time left is the cooldown's share of the budget (updated by plan()).
+        self.cooldown_due = cooldown > 0 and seconds - spent_before <= cooldown * seconds
         self.started = time.perf_counter()
         self.window = max(20, eval_every)
         self.times: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.window + 1)
@@ -540,8 +554,12 @@ class _TimeBudget:
             first_step, first_time = self.times[0]
             per_step = (now - first_time) / (done - first_step)
             new_end = max(floor, min(self.max_steps, done + max(1, int(left / per_step))))
-        # Every rank must stop at the same step: rank 0's plan is the plan.
-        return int(distributed.broadcast_object(new_end)) if dist.enabled else new_end
+        due = self.cooldown > 0 and left <= self.cooldown * self.seconds
+        # Every rank must stop at the same step, on the same rate: rank 0's plan is the plan.
+        if dist.enabled:
+            new_end, due = distributed.broadcast_object((new_end, due))
+        self.cooldown_due = bool(due)
+        return int(new_end)
 
 
 def _duration(seconds: float) -> str:

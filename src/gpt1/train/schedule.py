@@ -35,3 +35,57 @@ def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup: float, co
         return lr
     progress = min(1.0, (step - n_warm) / decay_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+class BudgetSchedule:
+    """The learning rate of a run with a time budget, whose last step is re-planned after every
+    step (`gpt1.train.loop`). Under load the plan swings, and `lr_at` on a moving plan swings with
+    it: a plan that grows raises a cosine's rate again; a plan that shrinks early (a slow spell)
+    starts the cooldown, and one that grows again stops it. So here, once the warmup is over, the
+    rate never rises:
+
+    - warmup-stable-decay holds `lr` until the cooldown is due (its share of the budget's *time*
+      is what is left, or a run capped by max_steps reaches it by steps), then falls linearly from
+      wherever it is to `min_lr` at the planned last step, re-aimed at every re-plan;
+    - the cosine takes the planned rate, but never more than the step before.
+
+    On a steady machine this is `lr_at` to within rounding. Its state (the last rate, whether
+    the warmup and the cooldown began) goes into checkpoints, so a resumed run goes on from it.
+    """
+
+    def __init__(self, lr: float, min_lr: float, warmup: float, cooldown: float, state: dict | None = None):
+        self.lr, self.min_lr, self.warmup, self.cooldown = lr, min_lr, warmup, cooldown
+        state = state or {}
+        self.previous: float | None = state.get("lr")
+        self.warmed: bool = state.get("warmed", False)
+        self.cooling: bool = state.get("cooling", False)
+
+    def at(self, step: int, end: int, cooldown_due: bool) -> float:
+        """The rate of step `step` (0-based) when the run is planned to end after step `end` - 1;
+        `cooldown_due` says the budget's time left is the cooldown's share (ignored by the cosine)."""
+        n_warm = warmup_steps(end, self.warmup)
+        if not self.warmed and step < n_warm:
+            rate = lr_at(step, end, self.lr, self.min_lr, self.warmup, self.cooldown)
+        else:
+            if not self.warmed:  # the rates below start from the peak, not from a warmup's rate
+                self.warmed, self.previous = True, None
+            if self.cooldown > 0:
+                self.cooling = self.cooling or cooldown_due
+                if not self.cooling:
+                    rate = self.lr
+                else:  # linear from the last rate to min_lr at the last planned step
+                    start = self.lr if self.previous is None else self.previous
+                    rate = start + (self.min_lr - start) / max(1, end - step)
+            else:
+                rate = lr_at(max(step, n_warm), end, self.lr, self.min_lr, self.warmup)
+                if self.previous is not None:
+                    rate = min(rate, self.previous)
+        self.previous = rate
+        return rate
+
+    def cooldown_due(self, step: int, end: int) -> bool:
+        """By steps: the plan's own cooldown has begun (used where the plan is exact)."""
+        return lr_at(step, end, self.lr, self.min_lr, self.warmup, self.cooldown) < self.lr and step >= warmup_steps(end, self.warmup)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.previous, "warmed": self.warmed, "cooling": self.cooling}
