@@ -203,3 +203,7 @@ def test_dtype_loads_the_model_in_it_for_generation(capsys, tiny_model_dir, llm)
     assert exit_.value.code == 2 and "--dtype: invalid choice: 'float64'" in capsys.readouterr().err
     with pytest.raises(Gpt1Error, match="dtype must be one of auto, float32, bfloat16, float16, got 'fp64'"):
         load(tiny_model_dir, device="cpu", dtype="fp64")
+    for wrong in (5, torch.int8, torch.float64):  # an int was read by torch as a CUDA device index
+        with pytest.raises(Gpt1Error, match=r"dtype must be one of auto, .* \(or that torch dtype\), got "):
+            load(tiny_model_dir, device="cpu", dtype=wrong)
+    assert load(tiny_model_dir, device="cpu", dtype=torch.bfloat16).dtype == torch.bfloat16

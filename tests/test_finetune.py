@@ -188,7 +188,7 @@ def test_cli_end_to_end_and_bad_inputs(tiny_model_dir, oasst, tmp_path, capsys):
     assert "LoRA alpha must be a number > 0, got 0" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_small_chat_set_still_holds_out_a_dialog(tiny_model_dir, tmp_path):
+def test_a_small_chat_set_still_holds_out_a_dialog(tiny_model_dir, tmp_path, caplog):
     """As `gpt1 prepare`: a val_fraction > 0 of two or more dialogs validates on one at least
     (here none of the 6 fell under 1e-6: the smallest-hash one is held out); a split that already
     held some out is unchanged."""
@@ -216,3 +216,9 @@ def test_a_small_chat_set_still_holds_out_a_dialog(tiny_model_dir, tmp_path):
     chat.write_text("".join(json.dumps({"messages": messages}) + "\n" for _ in range(6)))
     result = finetune(_cfg(chat, "max_steps=1", "val_fraction=1e-6"), tiny_model_dir, tmp_path / "ft")
     assert result.val_loss is not None
+    # One dialog has nothing to spare: the run trains, and says that it validates on nothing.
+    chat.write_text(json.dumps({"messages": messages}) + "\n")
+    result = finetune(_cfg(chat, "max_steps=1", "val_fraction=0.05"), tiny_model_dir, tmp_path / "ft1")
+    assert result.val_loss is None
+    assert "nothing held out for validation (val_fraction holds out whole message trees, and the data has 1 tree)" \
+        in caplog.text

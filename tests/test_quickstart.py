@@ -90,6 +90,8 @@ def test_a_second_run_reuses_every_stage(quickstart):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing" in again.stderr and "already holds this prepared data" in again.stderr
     assert again.stderr.count("already finished") == 2
+    # ... and says so, with what to do for the new budget.
+    assert f"(continuing the 0.1-min run in {out / 'base'}; for a 3-min one instead, delete that folder)" in again.stderr
     assert {stage: (out / stage / "metrics.jsonl").read_bytes() for stage in before} == before
     # Same seed, same models: the same samples.
     assert json.loads((out / "summary.json").read_text())["samples"] == summary["samples"]

@@ -203,7 +203,11 @@ def _budget_note(run_dir: Path, minutes: float) -> str:
     started = _run_config(run_dir)
     if started is None:
         return f" for {minutes:g} min"
-    return f" (continuing the {started.get('time_budget', 0) / 60:g}-min run in {run_dir})"
+    started_minutes = started.get("time_budget", 0) / 60
+    if not math.isclose(started_minutes, minutes, rel_tol=1e-6):  # a resumed run keeps its budget and schedule
+        return (f" (continuing the {started_minutes:g}-min run in {run_dir}; "
+                f"for a {minutes:g}-min one instead, delete that folder)")
+    return f" (continuing the {started_minutes:g}-min run in {run_dir})"
 
 
 def _budget(run_dir: Path, seconds: float) -> float:

@@ -31,6 +31,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         if dtype not in DTYPES:
             raise Gpt1Error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
+    elif dtype is not None and dtype not in DTYPES.values():
+        # torch would read an int as a device index ("Cannot access accelerator device ...").
+        raise Gpt1Error(f"dtype must be one of {', '.join(DTYPES)} (or that torch dtype), got {dtype!r}")
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():

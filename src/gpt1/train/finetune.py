@@ -44,7 +44,7 @@ from gpt1.core.lora import (
     save_adapter,
 )
 from gpt1.core.model import IGNORE_INDEX
-from gpt1.core.progress import info
+from gpt1.core.progress import info, warn
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
 from gpt1.data.chat_sources import ChatStats, hf_split_names, read_conversations, split_conversations
@@ -204,6 +204,10 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         info(f"chat data {cfg.data}: {stats.summary()}")
         info(f"train: {train_data.summary()}")
         info(f"validation: {val_data.summary()} ({len(val)} batches used)")
+        if not val and cfg.val_fraction > 0:
+            trees = len({c.group for c in train_convs})
+            warn(f"{cfg.data}: nothing held out for validation (val_fraction holds out whole message trees, and "
+                 f"the data has {trees:,} tree{'s' if trees != 1 else ''}): the run reports no validation loss")
         trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
         info(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {', '.join(cfg.lora_targets)}: {trainable:,} trainable "
              f"parameters of {total:,} ({100 * trainable / total:.2f}%)")
