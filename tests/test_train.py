@@ -166,6 +166,38 @@ def test_a_re_planned_schedule_never_rises_after_its_warmup_and_ends_at_min_lr(c
     assert first + [resumed.at(s, end, s >= 170) for s, end in enumerate(plans[180:], 180)] == lrs
 
 
+
+def test_a_time_budget_plans_from_the_recent_step_time_and_finishes_a_plan_a_little_short():
+    from gpt1.train.distributed import current
+    from gpt1.train.loop import _TimeBudget
+
+    now = [0.0]
+    budget = _TimeBudget(10.0, 0.0, 100_000, eval_every=20, cooldown=0.3, clock=lambda: now[0])
+    end, dist = 100_000, current()
+    for done in range(1, 31):  # 0.1 s a step: 100 steps fit
+        now[0] += 0.1
+        end = budget.plan(done, end, dist)
+    assert 99 <= end <= 100 and not budget.cooldown_due  # (to float rounding)
+    for done in range(31, 52):  # slower (0.2 s a step): what is left of the plan shrinks to fit
+        now[0] += 0.2
+        end = budget.plan(done, end, dist)
+    assert 64 <= end <= 65 and budget.cooldown_due  # 2.8 s left of 10: the cooldown's 30% of the time
+
+    def out_of_time(short: int, per_step: float) -> int:
+        now[0] = 0.0
+        b = _TimeBudget(10.0, 0.0, 100_000, eval_every=20, clock=lambda: now[0])
+        b.plan(1, 100_000, dist)
+        for done in range(2, 30):
+            now[0] += per_step
+            b.plan(done, 30 + short, dist)
+        now[0] = 10.5  # a checkpoint took the rest of the budget
+        return b.plan(30, 30 + short, dist)
+
+    assert out_of_time(short=2, per_step=0.3) == 32  # two steps: always
+    assert out_of_time(short=5, per_step=0.05) == 35  # 0.25 s: within 5% of the budget
+    assert out_of_time(short=20, per_step=0.05) == 30  # 1 s: stop now
+
+
 # ---- the loop ------------------------------------------------------------------------------
 
 def _run(data_dir, out, overrides, **kw):

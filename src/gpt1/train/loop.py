@@ -524,36 +524,43 @@ class _TimeBudget:
 
     WARMUP_STEPS = 3  # the first steps (allocator, kernel selection) are not timed
     MIN_STEPS = 10  # whatever the budget: a loss curve, not a point
+    OVERRUN = 0.05  # the share of the budget a run may go over to finish its schedule (see plan)
 
-    def __init__(self, seconds: float, spent_before: float, max_steps: int, eval_every: int, cooldown: float = 0.0):
-        self.seconds, self.spent_before, self.max_steps = seconds, spent_before, max_steps
+    def __init__(self, seconds: float, spent_before: float, max_steps: int, eval_every: int, cooldown: float = 0.0,
+                 clock=time.perf_counter):
+        self.seconds, self.spent_before, self.max_steps, self.clock = seconds, spent_before, max_steps, clock
         self.cooldown = cooldown
         # The time left is the cooldown's share of the budget (updated by plan()).
         self.cooldown_due = cooldown > 0 and seconds - spent_before <= cooldown * seconds
-        self.started = time.perf_counter()
+        self.started = self.clock()
+        self.per_step: float | None = None  # seconds a step, over the recent steps (None: not measured yet)
         self.window = max(20, eval_every)
         self.times: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.window + 1)
 
     def spent(self) -> float:
-        return self.spent_before + time.perf_counter() - self.started
+        return self.spent_before + self.clock() - self.started
 
     def plan(self, done: int, end: int, dist) -> int:
-        now = time.perf_counter()
+        now = self.clock()
         self.times.append((done, now))
         left = self.seconds - self.spent()
         floor = min(self.max_steps, max(done, self.MIN_STEPS))
+        before, self.per_step = self.per_step, None
+        if len(self.times) > self.WARMUP_STEPS:
+            first_step, first_time = self.times[0]
+            self.per_step = (now - first_time) / (done - first_step)
         if left <= 0:
-            # Out of time. A plan short by a few steps (a validation pass or a checkpoint just
-            # before the end took longer than the average step) still takes them: stopping now
-            # would end the LR schedule above min_lr, for the cost of at most 1% of the steps
-            # (or two) over the budget.
-            new_end = end if done < end <= done + max(2, end // 100) else floor
-        elif len(self.times) <= self.WARMUP_STEPS:
+            # Out of time. A plan short by a few steps (a validation pass or a checkpoint near
+            # the end took longer than the average step) still takes them: stopping now would
+            # end the LR schedule above min_lr. At most OVERRUN of the budget (or two steps),
+            # at the step time measured before the slow stretch that ran the time out.
+            short = end - done
+            fits = short <= 2 or (before is not None and short * before <= self.OVERRUN * self.seconds)
+            new_end = end if short > 0 and fits else floor
+        elif self.per_step is None:
             new_end = end
         else:
-            first_step, first_time = self.times[0]
-            per_step = (now - first_time) / (done - first_step)
-            new_end = max(floor, min(self.max_steps, done + max(1, int(left / per_step))))
+            new_end = max(floor, min(self.max_steps, done + max(1, int(left / self.per_step))))
         due = self.cooldown > 0 and left <= self.cooldown * self.seconds
         # Every rank must stop at the same step, on the same rate: rank 0's plan is the plan.
         if dist.enabled:
