@@ -706,6 +706,17 @@ def test_a_time_budget_ends_the_run_and_its_schedule_when_spent(data_dir, tmp_pa
     assert again.steps == result.steps and again.resumed_from == result.steps
 
 
+def test_a_budget_run_capped_by_max_steps_follows_the_plain_schedule(data_dir, tmp_path):
+    """Where max_steps ends the run before the budget, the plan is exact: the cooldown starts by
+    steps (the budget's time would never say so) and the rates are lr_at's."""
+    run = tmp_path / "capped"
+    _run(data_dir, run, ["max_steps=20", "time_budget=1000", "eval_every=20", "save_every=20", "warmup=0.1",
+                         "cooldown=0.3"])
+    lrs = [m["lr"] for m in _metrics(run) if m.get("loss") is not None]
+    assert lrs == pytest.approx([lr_at(s, 20, 3e-3, 3e-4, 0.1, 0.3) for s in range(20)])
+    assert lrs[-1] == pytest.approx(3e-4) and lrs[10] == pytest.approx(3e-3)
+
+
 def test_training_progress_off_a_terminal_is_a_few_lines_not_one_per_step(data_dir, tmp_path, monkeypatch, capsys):
     """Off a terminal a bar prints a line every few seconds; the per-step loss in the bar's
     postfix must not force a line of its own at every step."""

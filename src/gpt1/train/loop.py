@@ -311,7 +311,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             t0 = time.perf_counter()
             if schedule:
                 # By time, or by steps where max_steps caps the plan (then the plan is exact).
-                due = budget.cooldown_due or (end == max_steps and schedule.cooldown_due(step, end))
+                due = budget.cooldown_due or (end == max_steps and schedule.in_planned_cooldown(step, end))
                 lr = schedule.at(step, end, due)
             else:
                 lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown)

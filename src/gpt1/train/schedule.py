@@ -83,9 +83,11 @@ class BudgetSchedule:
         self.previous = rate
         return rate
 
-    def cooldown_due(self, step: int, end: int) -> bool:
-        """By steps: the plan's own cooldown has begun (used where the plan is exact)."""
-        return lr_at(step, end, self.lr, self.min_lr, self.warmup, self.cooldown) < self.lr and step >= warmup_steps(end, self.warmup)
+    def in_planned_cooldown(self, step: int, end: int) -> bool:
+        """Whether `step` lies in the cooldown of a plan ending at `end`: the cooldown by steps,
+        for a plan that is exact (capped by max_steps rather than by the time)."""
+        past_warmup = step >= warmup_steps(end, self.warmup)
+        return past_warmup and lr_at(step, end, self.lr, self.min_lr, self.warmup, self.cooldown) < self.lr
 
     def state_dict(self) -> dict:
         return {"lr": self.previous, "warmed": self.warmed, "cooling": self.cooling}
