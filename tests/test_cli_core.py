@@ -97,6 +97,28 @@ def test_an_output_file_that_is_a_folder_is_one_clear_line(tmp_path, tiny_model_
                  ["plot", run, "--out", folder]):
         assert_one_clear_line(*run_main(capsys, *argv), r"empty: is a folder; expected the name of a file to write")
         assert list(folder.iterdir()) == []
+    assert_one_clear_line(*run_main(capsys, "plot", run, "--out", f"{tmp_path}/new/"),
+                          r"new/: names a folder \(a trailing /\); expected the name of a file to write")
+    assert not (tmp_path / "new").exists()
+
+
+def test_plot_skips_records_that_are_not_numbers_and_says_which(tmp_path, capsys, caplog):
+    """A string loss made matplotlib draw a categorical axis (ticks '2.0, nan, x, inf'), silently."""
+    from gpt1.train.plot import read_metrics
+    from tests.test_battery import run_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"step":1,"loss":2.0}\nnot json\n{"step":2,"loss":NaN}\n{"step":3,"loss":"x"}\n{"step":4,"loss":Infinity}\n'
+        '{"step":5,"loss":1.5}\n{"step":6,"loss":null,"skipped":"non-finite loss"}\n{"step":7,"loss":1.4,"val_loss":1.6}\n'
+        '{"step":8,"lo')  # the last line, cut short by a kill: skipped without a word
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 5, 6, 7]
+    assert "skipped 4 lines that are not a step's record with finite numbers (lines 2, 3, 4, 5)" in caplog.text
+    capsys.readouterr()
+    code, _ = run_main(capsys, "plot", run)
+    assert code == 0 and (run / "loss.png").stat().st_size > 1000
 
 
 def test_a_prepare_out_that_is_or_lies_under_a_file_is_one_clear_line(tmp_path, tokenizer_dir, corpus_dir, capsys):
@@ -146,6 +168,13 @@ def test_an_unknown_config_json_field_names_the_file_once(tmp_path, tiny_model_d
     (model / "config.json").write_text(json.dumps({**config, "extra": 1}))
     line = assert_one_clear_line(*run_main(capsys, "info", model), r"config\.json: unknown model config field\(s\) extra; known: ")
     assert line.count("config.json") == 1, line
+    # A Hugging Face export is named as one (it listed GPT-2's 25 config fields as unknown), as
+    # generate and serve name it.
+    from gpt1.formats.hf import export_model
+
+    export_model(tiny_model_dir, tmp_path / "hf")
+    assert_one_clear_line(*run_main(capsys, "info", tmp_path / "hf"),
+                          r"hf: a Hugging Face transformers folder, not a gpt1 model dir; import it with ")
 
 
 def test_an_error_line_joins_lines_but_keeps_the_spaces_it_quotes(capsys):

@@ -134,6 +134,33 @@ def test_chat_set_shows_user_facing_values(capsys, monkeypatch, tiny_model_dir):
     assert "max_new_tokens 100 does not fit the 64-token context" in err
 
 
+def test_chat_bad_stop_escapes_are_errors_and_windows_line_ends_are_not_message(capsys, monkeypatch, tiny_model_dir,
+                                                                                 llm):
+    """A stop string with a bad escape ended the session with a UnicodeDecodeError traceback; a
+    piped Windows file sent each message with its \\r."""
+    import io
+
+    bad = ["\\x", "\\", "\\u12", "\\N{bogus}"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"/set stop {b}\n" for b in bad) + "/set stop \\n\n/quit\n"))
+    code, _, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu")
+    assert code == 0 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: stop")]
+    assert len(errors) == 4 and all("(escapes as in Python: \\n," in line for line in errors)
+    assert 'error: stop "\\x": truncated \\xXX escape' in errors[0]
+    assert 'stop "\\n"' in err  # the session went on
+
+    def reply(stdin: str) -> str:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code, out, _ = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu", "--temperature", "0",
+                                "--max-new-tokens", "8")
+        assert code == 0
+        return out
+
+    assert reply("import json\r\n") == reply("import json\n")
+    expected = llm.chat([{"role": "user", "content": "import json"}], temperature=0, max_new_tokens=8)
+    assert reply("import json\r\n").strip() == expected.strip()
+
+
 def test_generate_says_when_max_new_tokens_is_capped(capsys, tiny_model_dir, llm):
     """Issue 16: a max_new_tokens beyond the context was accepted silently."""
     n = len(llm.tokenizer.encode("import json"))

@@ -243,8 +243,12 @@ def test_existing_file_needs_force_and_a_folder_is_refused(tmp_path, tiny_model_
     assert out.read_text() == "old"
     export_gguf(tiny_model_dir, out, "f32", overwrite=True)
     assert out.read_bytes()[:4] == b"GGUF"
-    with pytest.raises(Gpt1Error, match="is a folder"):
+    with pytest.raises(Gpt1Error, match="names a folder; --out names the .gguf file to write"):
         export_gguf(tiny_model_dir, tmp_path, "f32")
+    # A new folder, said with a trailing slash, became a file of that name.
+    with pytest.raises(Gpt1Error, match=r"newdir/: names a folder; .* \(e\.g\. .*newdir/model\.gguf\)"):
+        export_gguf(tiny_model_dir, f"{tmp_path}/newdir/", "f32")
+    assert not (tmp_path / "newdir").exists()
 
 
 def test_a_model_llama_cpp_cannot_represent_says_why(tmp_path, tiny_config, tokenizer):

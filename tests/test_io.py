@@ -62,6 +62,10 @@ def test_a_folder_as_the_file_to_write_is_a_clear_error(tmp_path):
     with pytest.raises(Gpt1Error, match=r"out: is a folder; expected the name of a file to write"):
         write_json(folder, {"a": 1})
     assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # A folder that does not exist yet, said with a trailing slash, is not a file name either.
+    with pytest.raises(Gpt1Error, match=r"new/: names a folder \(a trailing /\); expected the name of a file"):
+        write_json(f"{tmp_path}/new/", {"a": 1})
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_file_where_a_folder_should_be_is_a_clear_error(tmp_path):

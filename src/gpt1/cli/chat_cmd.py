@@ -46,7 +46,11 @@ def parse_knob(params, name: str, value: str):
         raise Gpt1Error(f"unknown knob {name!r}; known: {', '.join(KNOB_RANGES)}")
     if name == "stop":
         # Escapes let a user type a newline stop string as \n.
-        parsed = (value.encode("latin-1", "backslashreplace").decode("unicode_escape"),) if value else ()
+        try:
+            parsed = (value.encode("latin-1", "backslashreplace").decode("unicode_escape"),) if value else ()
+        except UnicodeDecodeError as e:  # \x, \u12, a lone trailing backslash, ...
+            raise Gpt1Error(f'stop "{value}": {e.reason} (escapes as in Python: \\n, \\t, \\x41, \\\\ for a '
+                            "backslash)") from None
         return dataclasses.replace(params, stop=parsed).validate()
     try:
         if name == "seed" and value.lower() in ("", "none", "random"):
@@ -178,6 +182,6 @@ def chat_command(args: argparse.Namespace) -> int:
                 if not session.command(text):
                     return 0
             else:
-                session.reply(line)
+                session.reply(line.rstrip("\r"))  # a Windows line end is not part of the message
         except Gpt1Error as e:
             print(f"error: {e}", file=sys.stderr)

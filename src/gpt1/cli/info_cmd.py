@@ -10,6 +10,7 @@ import torch
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.model import GPT
+from gpt1.formats.modeldir import load_model
 
 
 def register(subparsers) -> None:
@@ -23,11 +24,13 @@ def register(subparsers) -> None:
 
 def info_command(args: argparse.Namespace) -> int:
     if Path(args.model).is_dir():
-        config = ModelConfig.load(Path(args.model) / "config.json")
+        # A model dir's own checks (a Hugging Face folder, weights that do not match), no weights read.
+        model = load_model(args.model, device="meta")
+        config = model.config
     else:
         config = ModelConfig.preset(args.model)  # unknown names raise a Gpt1Error listing the presets
-    with torch.device("meta"):
-        model = GPT(config)
+        with torch.device("meta"):
+            model = GPT(config)
     n = model.num_params()
     print(json.dumps(config.to_dict(), indent=2))
     print(f"parameters: {n:,} ({n / 1e6:.1f}M); without position embeddings: {model.num_params(True):,}")

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 def plot_command(args: argparse.Namespace) -> int:
     files = [run if run.is_file() else run / "metrics.jsonl" for run in map(Path, args.runs)]
-    out = Path(args.out) if args.out else files[0].parent / "loss.png"
+    out = args.out or files[0].parent / "loss.png"  # a str: atomic_path sees a trailing slash
     names = [f.parent.name for f in files]
     # Two runs with the same folder name are told apart by their full paths.
     plot_runs({(name if names.count(name) == 1 else str(f.parent)): f for name, f in zip(names, files)}, out)

@@ -24,6 +24,8 @@ from gpt1.core.errors import Gpt1Error
 def file_target(path: str | os.PathLike) -> Path:
     """`path` as a file to write: not a folder, its parent made (a Gpt1Error naming what is in
     the way). `atomic_path` checks it; a command may check early, before hours of work."""
+    if isinstance(path, str) and path.endswith(("/", os.sep)):  # Path() would drop the slash that says "a folder"
+        raise Gpt1Error(f"{path}: names a folder (a trailing /); expected the name of a file to write")
     path = Path(path)
     if path.is_dir():  # os.replace would refuse a folder only once the file is written
         raise Gpt1Error(f"{path}: is a folder; expected the name of a file to write")

@@ -67,8 +67,8 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_t
     if out_type not in GGUF_TYPES:
         raise Gpt1Error(f"unknown GGUF type {out_type!r}; known types: {', '.join(GGUF_TYPES)}")
     model_dir, out = Path(model_dir), Path(out_file)
-    if out.is_dir():
-        raise Gpt1Error(f"{out}: is a folder; --out names the .gguf file to write")
+    if out.is_dir() or str(out_file).endswith(("/", os.sep)):  # Path() drops the slash that says "a folder"
+        raise Gpt1Error(f"{out_file}: names a folder; --out names the .gguf file to write (e.g. {out / 'model.gguf'})")
     if out.exists() and not overwrite:
         raise Gpt1Error(f"{out}: exists; choose another --out or pass --force to replace it")
     gguf = _require_gguf()

@@ -8,20 +8,44 @@ from pathlib import Path
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import atomic_path
+from gpt1.core.progress import warn
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl (a line cut short by a kill is skipped)."""
+    """The records of a metrics.jsonl whose "step" is a whole number and whose "loss" and
+    "val_loss", when present, are finite numbers (or null, a skipped step). The last line, cut
+    short by a kill, is skipped quietly; any other line that is not such a record is skipped with
+    a warning naming it, so that a damaged file still plots on a numeric axis."""
     path = Path(path)
     if not path.is_file():
         raise Gpt1Error(f"{path}: metrics file not found (is this a training run dir?)")
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()  # a bad byte: a bad line
+    records, bad = [], []
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
+            if number < len(lines):
+                bad.append(number)
             continue
+        if isinstance(record, dict) and _is_metrics_record(record):
+            records.append(record)
+        else:
+            bad.append(number)
+    if bad:
+        where = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        warn(f"{path}: skipped {len(bad)} line{'s' if len(bad) > 1 else ''} that {'are' if len(bad) > 1 else 'is'} "
+             f"not a step's record with finite numbers (line{'s' if len(bad) > 1 else ''} {where})")
     return records
+
+
+def _is_metrics_record(record: dict) -> bool:
+    def finite(value) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+
+    step = record.get("step")
+    return (isinstance(step, int) and not isinstance(step, bool) and finite(record.get("loss"))
+            and finite(record.get("val_loss")))
 
 
 def plot_metrics(metrics_file: str | Path, out: str | Path, title: str | None = None) -> Path:
@@ -57,8 +81,7 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path) -> Path:
         ax_ppl.set(xlabel="step", ylabel="perplexity", title=f"{prefix}validation perplexity")
         ax_ppl.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:  # `out` as given: a str's trailing slash says "a folder"
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    return out
+    return Path(out)
