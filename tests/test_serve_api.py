@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -609,3 +610,120 @@ def test_stream_interval_out_of_range_is_one_clear_line(tiny_model_dir, capsys, 
     assert main(["serve", "--model", str(tiny_model_dir), "--port", "0", "--stream-interval", value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"gpt1 serve: error: --stream-interval must be in [0, 10000] milliseconds, got {float(value)}"
+
+
+# ---- unsupported OpenAI fields, stream_options, content parts, stop (review findings) ----------
+def post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/{'chat/completions' if path == 'chat' else 'completions'}", json=body, timeout=30)
+
+
+UNSUPPORTED = [
+    # (path, field, value): OpenAI fields this server does not implement, at a value that asks for them.
+    # Legacy completions: logprobs=0 still asks for the sampled token's logprob, so only null is neutral.
+    ("completions", "logprobs", 0), ("completions", "logprobs", 1),
+    ("chat", "logprobs", True), ("chat", "top_logprobs", 2),
+    ("chat", "response_format", {"type": "json_object"}),
+    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("chat", "tool_choice", "required"), ("chat", "store", True), ("chat", "metadata", {"k": "v"}),
+    ("chat", "modalities", ["text", "audio"]),
+]
+
+
+@pytest.mark.parametrize("path,field,value", UNSUPPORTED, ids=[f"{p}-{f}={v}" for p, f, v in UNSUPPORTED])
+def test_unsupported_openai_fields_are_named_not_called_typos(server, path, field, value):
+    url, _ = server
+    body = {"messages": MSG} if path == "chat" else {"prompt": "x"}
+    r = post(url, path, {**body, "max_tokens": 2, field: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and error["code"] == "unsupported_parameter"
+    assert error["message"].startswith(f"{field}=") and "not supported by this server" in error["message"]
+
+
+NEUTRAL = [
+    # (path, fields): what clients send by default, which asks for nothing this server lacks.
+    ("completions", {"logprobs": None}),
+    ("chat", {"logprobs": False, "top_logprobs": 0}), ("chat", {"logprobs": None, "top_logprobs": None}),
+    ("chat", {"tools": [], "tool_choice": "none", "parallel_tool_calls": True}), ("chat", {"tools": None}),
+    ("chat", {"response_format": {"type": "text"}, "store": False, "metadata": None, "modalities": ["text"]}),
+]
+
+
+@pytest.mark.parametrize("path,fields", NEUTRAL, ids=[f"{p}-{sorted(f)}" for p, f in NEUTRAL])
+def test_unsupported_openai_fields_at_neutral_values_are_accepted(server, path, fields):
+    url, _ = server
+    body = {"messages": MSG} if path == "chat" else {"prompt": "x"}
+    r = post(url, path, {**body, "max_tokens": 2, **fields})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("path", ["chat", "completions"])
+def test_stream_options_without_stream_is_a_400(server, path):
+    url, _ = server
+    body = {"messages": MSG} if path == "chat" else {"prompt": "x"}
+    for stream in ({}, {"stream": False}):
+        r = post(url, path, {**body, **stream, "max_tokens": 2, "stream_options": {"include_usage": True}})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "stream_options" and "only allowed when stream is true" in error["message"]
+    assert post(url, path, {**body, "max_tokens": 2, "stream_options": None}).status_code == 200
+
+
+CONTENT = [
+    # (content, param, message)
+    ([{"type": "image_url", "image_url": {"url": "http://x/a.png"}}], "messages[0].content[0]",
+     "content part type \"image_url\" is not supported; only text parts"),
+    ([{"type": "text", "text": "a"}, {"type": "text"}], "messages[0].content[1].text", "missing required field"),
+    ([{"type": "text", "text": "a", "cache": 1}], "messages[0].content[0].cache", "unrecognized request argument"),
+    (["hi"], "messages[0].content[0]", "a content part must be an object"),
+    (5, "messages[0].content", "content must be a string or a list of text parts (got 5)"),
+]
+
+
+@pytest.mark.parametrize("content,param,message", CONTENT, ids=[c[1] + "-" + c[2][:20] for c in CONTENT])
+def test_content_part_errors_say_which_part_and_why(server, content, param, message):
+    url, _ = server
+    r = post(url, "chat", {"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(f"{param}: {message}"), error
+    parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]
+    assert post(url, "chat", {"messages": [{"role": "user", "content": parts}], "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("stop,shown", [("", '""'), (["ok", ""], '["ok", ""]')])
+def test_empty_stop_string_error_shows_the_json_sent(server, stop, shown):
+    url, _ = server
+    r = post(url, "chat", {"messages": MSG, "max_tokens": 2, "stop": stop})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "stop" and error["message"].endswith(f"(got {shown})"), error
+    assert "(" + "''" not in error["message"]  # not Python's tuple
+
+
+@pytest.mark.parametrize("engine_kind", ["thread", "process"])
+def test_busy_503_reports_the_requests_the_server_holds(long_llm, engine_kind):
+    """The 503 said "(2 requests generating, 0 waiting)" with --max-batch 1 (the process engine
+    counted every request it held as generating), and the thread engine "0 generating" while a
+    request it had accepted was about to run (a waiting request is admitted at the next step)."""
+    app = create_app(long_llm, max_batch=1, max_queue=1, engine=engine_kind)
+    engine = app.state.engine
+    gate = threading.Event()
+    if engine_kind == "thread":  # hold the engine before it admits anything: both requests wait
+        step = engine.step
+        engine.step = lambda: (gate.wait(30), step())
+    body = {"model": "m", "messages": MSG, "max_tokens": 8000, "temperature": 1.0, "stream": True}
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as http, contextlib.ExitStack() as streams:
+        for _ in range(2):
+            assert streams.enter_context(http.stream("POST", "/v1/chat/completions", json=body)).status_code == 200
+        if engine_kind == "thread":
+            assert (engine.active, engine.queued) == (0, 2)
+        else:
+            wait_for(lambda: engine.active == 1 and engine.queued == 1, what="one active and one queued request")
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503, r.text
+        assert "(1 of 1 slots generating, 1 of 1 queue places waiting)" in r.json()["error"]["message"]
+        gate.set()
+        streams.close()
+        wait_for(lambda: engine.active == 0 and engine.queued == 0, what="the engine to drain")

@@ -184,13 +184,22 @@ def check_sizes(max_batch: int, max_queue: int, prefill_chunk: int) -> None:
 
 
 def check_room(n: int, max_batch: int, max_queue: int, active: int, queued: int) -> None:
-    """TooLarge when `n` prompts exceed what the engine ever holds, QueueFull when they do not fit now."""
-    capacity = max_batch + max_queue
+    """TooLarge when `n` prompts exceed what the engine ever holds, QueueFull when they do not fit now.
+
+    Only `active + queued`, the requests the engine holds, counts, and the message splits them
+    as the engine runs them (`max_batch` generating, the rest waiting): the split of the moment
+    is no answer to give a client, since a request waits for the next step to take a free slot
+    (0 generating while one is about to), and `EngineProcess` knows only the sum (its child
+    admits them), which it passes as `active`."""
+    capacity, held = max_batch + max_queue, active + queued
     if n > capacity:
         raise TooLarge(f"{n} prompts in one request, but this server holds at most {capacity} at once "
                        f"({max_batch} generating + {max_queue} waiting); send at most {capacity}")
-    if n > capacity - active - queued:
-        raise QueueFull(f"the server is busy ({active} requests generating, {queued} waiting); retry later")
+    if n > capacity - held:
+        generating = min(held, max_batch)
+        room = f"; {n} prompts in one request need {n} places" if n > 1 else ""
+        raise QueueFull(f"the server is busy ({generating} of {max_batch} slots generating, {held - generating} "
+                        f"of {max_queue} queue places waiting{room}); retry later")
 
 
 class Engine:

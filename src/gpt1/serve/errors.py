@@ -4,6 +4,7 @@ errors included, because OpenAI answers 400 and its clients expect that shape.""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -50,6 +51,16 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def json_repr(value: Any, limit: int = 60) -> str:
+    """A value of the request body as the client sent it: JSON, not Python's repr."""
+    try:
+        # ensure_ascii: a lone surrogate in the value must not make the error itself unencodable.
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError):  # not from JSON after all
+        return short_repr(value, limit)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def validation_error(exc: RequestValidationError, content_type: str | None = None) -> ApiError:
     errors = exc.errors()
     error = errors[0]
@@ -72,14 +83,15 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
         message = "unrecognized request argument"
     elif error.get("type") == "missing":
         message = "missing required field"
-    elif error.get("type") == "value_error" and "lone surrogate" in message:
-        message, code = message.removeprefix("Value error, "), "invalid_unicode"
+    elif error.get("type") == "value_error":  # the schema's own checks, whose message says it all
+        message = message.removeprefix("Value error, ")
+        code = "invalid_unicode" if "lone surrogate" in message else None
     else:
         # A value that fits none of a union's forms fails once per form: name them all.
         same = [e for e in errors if _loc(tuple(e.get("loc", ()))) == param]
         message = "; or ".join(dict.fromkeys(e.get("msg", "") for e in same))
         if "input" in error:
-            message += f" (got {short_repr(error['input'])})"
+            message += f" (got {json_repr(error['input'])})"
     return ApiError(400, f"{param}: {message}", param=param, code=code)
 
 

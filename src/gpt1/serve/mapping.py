@@ -8,7 +8,7 @@ import dataclasses
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
-from gpt1.serve.errors import ApiError, short_repr
+from gpt1.serve.errors import ApiError, json_repr
 from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 PARAM_TO_API = {"max_new_tokens": "max_tokens"}  # SamplingParams fields that OpenAI names differently
@@ -16,14 +16,15 @@ MAX_STOP = 4
 
 
 def check_unsupported(req: GenerationRequest) -> None:
-    neutral = {"n": 1, "frequency_penalty": 0.0, "presence_penalty": 0.0, "logit_bias": {}, "logprobs": False,
-               "echo": False, "best_of": 1, "suffix": None}
-    for name, neutral_value in neutral.items():
-        value = getattr(req, name, None)
-        if value is not None and value != neutral_value:
+    """400 `unsupported_parameter` for the first OpenAI field set to what this server does not do
+    (the request's NEUTRAL values are the ones it accepts). The schema is strict, so a value of
+    the wrong type (0 for false) never gets here to compare equal to a neutral one."""
+    for name, accepted in req.NEUTRAL.items():
+        value = getattr(req, name)
+        if value not in accepted:
             hint = {"n": "send several requests instead", "frequency_penalty": "use repeat_penalty",
                     "presence_penalty": "use repeat_penalty"}.get(name, "it is not implemented")
-            raise ApiError(400, f"{name}={short_repr(value)} is not supported by this server ({hint})",
+            raise ApiError(400, f"{name}={json_repr(value)} is not supported by this server ({hint})",
                            param=name, code="unsupported_parameter")
 
 

@@ -3,9 +3,11 @@ at /docs too). An omitted knob takes gpt1's default (`SamplingParams`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+
+from gpt1.serve.errors import json_repr
 
 
 def _lone_surrogate(value: Any) -> int | None:
@@ -59,7 +61,7 @@ class GenerationRequest(_Strict):
                                                      "answering 400")
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the reply (not included)")
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     n: int = Field(1, description="only 1 is supported")
     user: str | None = None
     # Accepted only at their neutral values so that clients that always send them still work.
@@ -67,15 +69,61 @@ class GenerationRequest(_Strict):
     presence_penalty: float = Field(0.0, description="unsupported: only 0 (use repeat_penalty)")
     logit_bias: dict[str, float] | None = Field(None, description="unsupported: only null or {}")
 
+    # OpenAI fields this server does not implement -> the values it accepts for them (null, or
+    # the value that asks for nothing), so that clients that always send them still work; any
+    # other value is a 400 `unsupported_parameter` (gpt1.serve.mapping.check_unsupported).
+    # Per endpoint: the same name can mean different things (see CompletionRequest.logprobs).
+    NEUTRAL: ClassVar[dict[str, tuple]] = {"n": (1,), "frequency_penalty": (0.0,), "presence_penalty": (0.0,),
+                                           "logit_bias": (None, {})}
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # Checked here, not left to SamplingParams, so that the error shows the JSON sent.
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ValueError("an empty string cannot end a reply; give a non-empty string or a list of them "
+                             f"(got {json_repr(value)})")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # As OpenAI: options for a stream that is not asked for are a mistake, not something to ignore.
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return value
+
 
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        # Say what is wrong with the part ("Input should be 'text'" would not).
+        if not isinstance(value, dict):
+            raise ValueError("a content part must be an object such as {\"type\": \"text\", \"text\": \"...\"}")
+        if "type" in value and value["type"] != "text":
+            raise ValueError(f"content part type {json_repr(value['type'])} is not supported; only text parts")
+        return value
+
+
+def _content_form(value: Any) -> str | None:
+    return "str" if isinstance(value, str) else "list" if isinstance(value, list) else None
+
+
+# Validated by the form the value has, so that a list's error is about its parts rather than
+# "Input should be a valid string" from the string form it was never meant as (the tags are
+# left out of the error's location by gpt1.serve.errors).
+Content = Annotated[Annotated[str, Tag("str")] | Annotated[list[TextPart], Tag("list")],
+                    Discriminator(_content_form, custom_error_type="content_type",
+                                  custom_error_message="content must be a string or a list of text parts")]
+
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"] = Field(description="'developer' means 'system'")
-    content: str | list[TextPart]
+    content: Content = Field(description="a string, or a list of text parts (joined)")
     name: str | None = None
 
 
@@ -83,6 +131,21 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: bool | None = Field(None, description="unsupported: only false")
+    # top_logprobs needs logprobs: true, which is refused first, so 0 is neutral.
+    top_logprobs: int | None = Field(None, description="unsupported: only 0")
+    response_format: dict[str, Any] | None = Field(None, description='unsupported: only {"type": "text"}')
+    tools: list[dict[str, Any]] | None = Field(None, description="unsupported: only []")
+    # Without tools, "auto" calls none either; parallel_tool_calls has nothing to apply to.
+    tool_choice: str | dict[str, Any] | None = Field(None, description='unsupported: only "none" or "auto"')
+    parallel_tool_calls: bool | None = Field(None, description="accepted; without tools it does nothing")
+    store: bool | None = Field(None, description="unsupported: only false")
+    metadata: dict[str, str] | None = Field(None, description="unsupported: only {}")
+    modalities: list[str] | None = Field(None, description='unsupported: only ["text"]')
+
+    NEUTRAL: ClassVar[dict[str, tuple]] = {
+        **GenerationRequest.NEUTRAL, "logprobs": (None, False), "top_logprobs": (None, 0),
+        "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+        "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"])}
 
 
 class CompletionRequest(GenerationRequest):
@@ -92,3 +155,7 @@ class CompletionRequest(GenerationRequest):
     logprobs: int | None = Field(None, description="unsupported: only null")
     best_of: int | None = Field(None, description="unsupported: only null or 1")
     suffix: str | None = Field(None, description="unsupported: only null")
+
+    # logprobs is a count here, and 0 still asks for the sampled token's logprob: only null is neutral.
+    NEUTRAL: ClassVar[dict[str, tuple]] = {**GenerationRequest.NEUTRAL, "echo": (False,), "logprobs": (None,),
+                                           "best_of": (None, 1), "suffix": (None,)}
