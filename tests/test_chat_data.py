@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -172,9 +173,37 @@ def test_generic_chat_jsonl_and_chatterbot(tmp_path):
         read_conversations(str(path))
     stats = ChatStats()
     got = read_conversations(str(path), skip_invalid=True, stats=stats)
-    assert texts(got) == [records[0]["messages"]]
-    assert stats.skipped["conversations ending with a user turn"] == 1
+    # A trailing user turn is cut (as OASST's and chatterbot's are), not the whole conversation.
+    assert texts(got) == [records[0]["messages"], records[1]["messages"][:2]]
+    assert stats.skipped["trailing user turns (no reply)"] == 1
     assert stats.skipped["conversations with an empty message"] == 1
+
+
+def test_generic_chat_records_out_of_turn_order_are_skipped_and_the_split_follows_content(tmp_path):
+    """Records [A, A, U, U, A] or [S, A] were trained on; the held-out split hashed the path as
+    spelled (so `gpt1 eval --chat ./f.jsonl` scored other conversations than the run held out),
+    and copies of a dialog landed on both sides of it."""
+    def turn(role, text):
+        return {"role": role, "content": text}
+
+    odd = [[turn("assistant", "a"), turn("assistant", "b"), turn("user", "c"), turn("user", "d"), turn("assistant", "e")],
+           [turn("system", "s"), turn("assistant", "a")], [turn("system", "s")], [turn("user", "u")]]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in odd))
+    stats = ChatStats()
+    assert read_conversations(str(path), stats=stats) == []
+    assert stats.skipped["conversations out of turn order (after an optional system message: user, assistant, ...)"] == 2
+    assert stats.skipped["conversations without an assistant reply"] == 2
+
+    dialogs = [[turn("user", f"q{i}"), turn("assistant", f"a{i}")] for i in range(40)]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs * 3))  # each dialog three times
+    splits = []
+    for spelling in (str(chats), f"{tmp_path}/./chats.jsonl", os.path.relpath(chats)):
+        train, val = split_conversations(read_conversations(spelling), 0.2, 1337)
+        splits.append(texts(val))
+        assert val and not {json.dumps(m) for m in texts(val)} & {json.dumps(m) for m in texts(train)}
+    assert splits[0] == splits[1] == splits[2]
 
     yml = tmp_path / "dialogs.yml"
     yml.write_text("categories:\n- test\nconversations:\n- - Is it on?\n  - Yes\n- - One\n  - Two\n  - Three\n")
@@ -262,3 +291,28 @@ def test_corrupt_gzip_is_a_clear_error(tmp_path):
     bad.write_bytes(b"this is not gzip data\n")
     with pytest.raises(Gpt1Error, match="bad.jsonl.gz: not a gzip file"):
         read_conversations(str(bad))
+
+
+def test_a_chat_folder_with_a_damaged_file_or_two_kinds_of_file_is_one_clear_error(tmp_path):
+    """A folder of .jsonl files is read by `datasets`: a damaged line was a pyarrow traceback (with
+    --skip-invalid too); a folder of .yml dialogs and .jsonl files read the .yml only, silently."""
+    good = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(5)]
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good) + '{"messages": [{"role": "user"\n')
+    for skip in (False, True):
+        with pytest.raises(Gpt1Error, match=r"damaged:train: cannot read the dataset after \d+ rows \(\w+: .*\); `datasets` "
+                                            r"reads a folder's files whole, so --skip-invalid cannot skip this"):
+            read_conversations(str(damaged), skip_invalid=skip)
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    (mixed / "b.yml").write_text("conversations:\n- - Is it on?\n  - Yes\n")
+    with pytest.raises(Gpt1Error, match=r"mixed: holds chatterbot .yml dialogs and other chat files \(a.jsonl\), and "
+                                        r"reads one kind"):
+        read_conversations(str(mixed))
+    (mixed / "a.jsonl").unlink()
+    assert texts(read_conversations(str(mixed))) == [[{"role": "user", "content": "Is it on?"},
+                                                      {"role": "assistant", "content": "Yes"}]]

@@ -110,8 +110,9 @@ def test_skip_invalid_skips_and_counts_bad_lines(tiny_model_dir, corpus_dir, tmp
     assert json.loads(captured.out)["skipped"] == 1 and "1 invalid document(s) skipped" in captured.err
 
     chat = tmp_path / "chat.jsonl"
-    dialog = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
-    chat.write_text("".join(json.dumps(dialog) + "\n" for _ in range(30)) + "{oops\n")
+    dialogs = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello there"}]}
+               for i in range(30)]
+    chat.write_text("".join(json.dumps(dialog) + "\n" for dialog in dialogs) + "{oops\n")
     assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", chat, "--chat"),
                           r"line 31: invalid JSON.*\(pass --skip-invalid to skip bad lines\)$")
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(chat), "--chat", "--skip-invalid"]) == 0

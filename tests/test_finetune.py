@@ -121,6 +121,34 @@ def test_chat_eval_matches_the_training_validation(run, oasst):
     assert 0 < evaluated.bytes
 
 
+def test_chat_eval_shapes_the_conversations_as_the_run_did(tiny_model_dir, oasst, tmp_path, capsys):
+    """`eval --chat` cut conversations at the model's context, not the run's block_size, and read
+    every language where the run kept some; `--block-size` with `--chat` was silently ignored."""
+    from gpt1.cli import main
+    from tests.test_battery import run_main
+
+    out = tmp_path / "en"
+    result = finetune(_cfg(oasst, *STEPS, 'languages=["en"]', "block_size=16", "val_fraction=0.5"), tiny_model_dir, out)
+    llm = gpt1.load(out, device="cpu")
+    evaluated = evaluate_chat(llm, str(oasst), batch_size=4, max_batches=2, show_progress=False)
+    assert evaluated.loss == pytest.approx(result.val_loss, rel=1e-4)
+    _, val = split_conversations(read_conversations(str(oasst), languages=["en"]), 0.5, seed=FinetuneConfig.seed)
+    _, every_language = split_conversations(read_conversations(str(oasst)), 0.5, seed=FinetuneConfig.seed)
+    assert evaluated.conversations == len(val) < len(every_language)  # the German tree is held out too
+    longer = evaluate_chat(llm, str(oasst), batch_size=4, max_batches=2, block_size=48, show_progress=False)
+    assert longer.loss != pytest.approx(evaluated.loss, rel=1e-4)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(oasst), "--chat", "--block-size", "48", "--batch-size", "4",
+                 "--max-batches", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(longer.loss, rel=1e-5)
+    code, err = run_main(capsys, "eval", "--model", out, "--data", oasst, "--chat", "--text-field", "body")
+    assert code == 2 and "--text-field applies to text sources, not to --chat" in err
+    # In task mode the perplexity flags would be ignored, silently: refused.
+    for flag in (["--chat"], ["--block-size", "16"], ["--max-batches", "1"], ["--text-field", "body"]):
+        code, err = run_main(capsys, "eval", "--model", out, "--task", "hellaswag", "--data", oasst, *flag)
+        assert code == 2 and f"{flag[0]} applies to perplexity (--data without --task/--suite), not to benchmarks" in err
+
+
 def test_resume_after_an_interruption_ends_where_a_straight_run_ends(run, tiny_model_dir, oasst, tmp_path, monkeypatch):
     straight_dir, straight = run
     cfg = _cfg(oasst, *STEPS)
@@ -209,11 +237,16 @@ def test_a_small_chat_set_still_holds_out_a_dialog(tiny_model_dir, tmp_path, cap
     assert len(val) == 1 and len(train) == 5
     assert split_conversations(dialogs, 0.0, FinetuneConfig.seed) == (dialogs, [])
     assert split_conversations(dialogs[:1], 1e-6, FinetuneConfig.seed) == (dialogs[:1], [])  # nothing to spare
+    # ... even where its hash falls under the fraction: training keeps one tree.
+    assert split_conversations(dialogs[:1], 0.999999, FinetuneConfig.seed) == (dialogs[:1], [])
+    train, val = split_conversations(dialogs, 0.999999, FinetuneConfig.seed)
+    assert len(train) == 1 and len(val) == 5
     many = [Conversation(messages, f"tree-{i // 3}") for i in range(300)]
     assert split_conversations(many, 0.05, 7) == old_split(many, 0.05, 7)
 
     chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": messages}) + "\n" for _ in range(6)))
+    chat.write_text("".join(json.dumps({"messages": [messages[0], {**messages[1], "content": f"hello {i}"}]}) + "\n"
+                            for i in range(6)))  # six different dialogs (copies of one are one group)
     result = finetune(_cfg(chat, "max_steps=1", "val_fraction=1e-6"), tiny_model_dir, tmp_path / "ft")
     assert result.val_loss is not None
     # One dialog has nothing to spare: the run trains, and says that it validates on nothing.

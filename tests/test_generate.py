@@ -165,6 +165,20 @@ def test_bad_prompt_ids_and_empty_prompt(model, tokenizer, tiny_config):
         generate_batch(model, tokenizer, [[5], [-1]], GREEDY)
     empty = generate(model, tokenizer, [], GREEDY.override(max_new_tokens=3))
     assert empty.prompt_tokens == 1  # starts from [EOS], the document boundary
+    # NumPy and torch integers are token ids (they were called "outside the vocabulary"); text,
+    # floats and bools are not, and say so; a generator of prompts is read once.
+    import numpy as np
+
+    expected = generate(model, tokenizer, [5, 6], GREEDY).token_ids
+    assert generate(model, tokenizer, np.array([5, 6]), GREEDY).token_ids == expected
+    assert generate(model, tokenizer, torch.tensor([5, 6]), GREEDY).token_ids == expected
+    assert [c.token_ids for c in generate_batch(model, tokenizer, (p for p in [[5, 6], [7]]), GREEDY)] == \
+        [expected, generate(model, tokenizer, [7], GREEDY).token_ids]
+    with pytest.raises(Gpt1Error, match=r"prompt: expected token ids \(a list of ints\), got text; encode it"):
+        generate(model, tokenizer, "hello", GREEDY)
+    for bad in ([5, 6.0], [True], [5, None]):
+        with pytest.raises(Gpt1Error, match=r"prompt: token ids must be integers, got "):
+            generate(model, tokenizer, bad, GREEDY)
     assert empty.token_ids == generate(model, tokenizer, [tokenizer.eos_id], GREEDY.override(max_new_tokens=3)).token_ids
 
 

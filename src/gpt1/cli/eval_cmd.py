@@ -82,6 +82,11 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.split is not None and not args.chat:
         raise Gpt1Error("--split applies to --chat sources only")
     if args.task or args.suite:
+        perplexity_only = [flag for flag, given in (("--chat", args.chat), ("--block-size", args.block_size),
+                                                    ("--max-batches", args.max_batches),
+                                                    ("--text-field", args.text_field != "text")) if given]
+        if perplexity_only:  # each would be silently ignored: tasks score whole examples in the model's context
+            raise Gpt1Error(f"{perplexity_only[0]} applies to perplexity (--data without --task/--suite), not to benchmarks")
         return _tasks_eval(args)
     task_only = [flag for flag, given in (("--fewshot", args.fewshot), ("--limit", args.limit), ("--samples", args.samples),
                                           ("--report", args.report), ("--ppl-data", args.ppl_data)) if given]
@@ -121,10 +126,12 @@ def _emit_json(target: str, obj: dict) -> None:
 def _chat_eval(llm, args: argparse.Namespace) -> int:
     if len(args.data) != 1:
         raise Gpt1Error("--chat takes one chat source in --data")
+    if args.text_field != "text":  # chat records hold messages, not a text field: it would be ignored
+        raise Gpt1Error("--text-field applies to text sources, not to --chat (chat records hold 'messages')")
     stats = ChatStats()
     result = evaluate_chat(llm, args.data[0], split=args.split, batch_size=args.batch_size or 8,
-                           max_batches=args.max_batches, precision=args.precision, skip_invalid=args.skip_invalid,
-                           stats=stats)
+                           max_batches=args.max_batches, precision=args.precision, block_size=args.block_size,
+                           skip_invalid=args.skip_invalid, stats=stats)
     if args.json:
         _emit_json(args.json, {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
                                "tokens": result.tokens, "bytes": result.bytes, "conversations": result.conversations,

@@ -26,6 +26,7 @@ with `skip_invalid`. Encoding for training is `gpt1.data.chat`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -129,6 +130,12 @@ def _read(spec: str, split: str, options: _TreeOptions, skip_invalid: bool) -> I
                         f"hf:NAME, a hub name such as {OASST_HUB_NAME}, or {CHATTERBOT})")
     if os.path.isdir(spec) or spec.lower().endswith(YAML_SUFFIXES):
         files = _yaml_files(spec) if os.path.isdir(spec) else [Path(spec)]
+        if os.path.isdir(spec):  # chatterbot dialogs; anything else there would be left out, silently
+            others = sorted(p for p in Path(spec).rglob("*") if p.name.lower().endswith(JSONL_SUFFIXES + (".json", ".parquet")))
+            if others:
+                raise Gpt1Error(f"{spec}: holds chatterbot .yml dialogs and other chat files ({others[0].name}"
+                                f"{' and more' if len(others) > 1 else ''}), and reads one kind; pass the files "
+                                "of one kind (a folder of them, or one file)")
         yield from _read_chatterbot(files, options.stats, skip_invalid)
     elif spec.lower().endswith(".parquet"):
         yield from _read_rows(read_parquet(spec), spec, "row", options, skip_invalid)
@@ -159,7 +166,7 @@ def _read_rows(rows: Iterable[tuple[int, Any]], source: str, unit: str, options:
             elif kind == "trees":
                 yield from _tree_conversations(_flatten_tree(record), options)
             else:
-                conversation = _generic_conversation(record, f"{source}:{number}", options.stats)
+                conversation = _generic_conversation(record, options.stats)
                 if conversation is not None:
                     yield conversation
         except _Malformed as e:
@@ -304,7 +311,11 @@ def _tree_conversations(messages: list[dict], options: _TreeOptions) -> Iterator
 
 # ---- generic chat records and chatterbot ---------------------------------------------------
 
-def _generic_conversation(record: dict, group: str, stats: ChatStats) -> Conversation | None:
+def _generic_conversation(record: dict, stats: ChatStats) -> Conversation | None:
+    """A {"messages": [...]} record as a conversation, pruned and counted as OASST's and
+    chatterbot's are. Its group is its content, not where it was read: the validation split is
+    then the same however the file's path is spelled or wherever it moves (`gpt1 eval --chat`
+    scores what the run held out), and copies of a dialog land on the same side."""
     try:
         messages = validate_messages(record.get("messages"), source="field 'messages'")
     except Gpt1Error as e:
@@ -313,10 +324,18 @@ def _generic_conversation(record: dict, group: str, stats: ChatStats) -> Convers
     if any(not m["content"].strip() for m in messages):
         stats.skipped["conversations with an empty message"] += 1
         return None
-    if messages[-1]["role"] != "assistant":
-        stats.skipped["conversations ending with a user turn"] += 1
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    if any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns)):
+        stats.skipped["conversations out of turn order (after an optional system message: user, assistant, ...)"] += 1
         return None
-    return Conversation(messages, group)
+    if turns and turns[-1]["role"] == "user":
+        messages = messages[:-1]
+        stats.skipped["trailing user turns (no reply)"] += 1
+    if not messages or messages[-1]["role"] != "assistant":
+        stats.skipped["conversations without an assistant reply"] += 1
+        return None
+    content = json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
+    return Conversation(messages, "sha256:" + hashlib.sha256(content).hexdigest()[:16])
 
 
 def _chatterbot_files(spec: str) -> list[Path]:
@@ -368,12 +387,15 @@ def split_conversations(conversations: list[Conversation], val_fraction: float,
                         seed: int = 0) -> tuple[list[Conversation], list[Conversation]]:
     """A deterministic split by `group` (a whole message tree lands on one side). As in `gpt1
     prepare`, a fraction > 0 holds out at least one of two or more trees: when none fell under
-    it, the tree with the smallest hash (other splits are unchanged)."""
+    it, the tree with the smallest hash (other splits are unchanged); and training always keeps
+    one (a single tree whose hash fell under the fraction was held out, leaving nothing to train on)."""
     scores = {c.group: int.from_bytes(hashlib.sha256(f"{seed}:{c.group}".encode()).digest()[:8], "big") / 2**64
               for c in conversations}
     held_out = {g for g, score in scores.items() if score < val_fraction}
     if val_fraction > 0 and not held_out and len(scores) >= 2:
         held_out = {min(scores, key=scores.get)}
+    if scores and held_out == set(scores):  # and never every tree: training keeps the highest-scored one
+        held_out.discard(max(scores, key=scores.get))
     return ([c for c in conversations if c.group not in held_out], [c for c in conversations if c.group in held_out])
 
 

@@ -86,10 +86,29 @@ def load_hf_dataset(spec: HfSpec, default_split: str = "train", config: str | No
     iterable of rows (dicts)."""
     datasets = _datasets()
     try:
-        return datasets.load_dataset(spec.name, config, split=spec.split or default_split, streaming=True,
-                                     revision=spec.revision)
+        dataset = datasets.load_dataset(spec.name, config, split=spec.split or default_split, streaming=True,
+                                        revision=spec.revision)
     except Exception as e:  # network, missing dataset or split: datasets raises many types
         raise hf_error(spec, e) from None
+    return _rows(spec, dataset)
+
+
+def _rows(spec: HfSpec, dataset) -> Iterator[dict]:
+    """The streamed dataset's rows. Reading is where a local folder's damaged file fails (pyarrow's
+    JSON parse error, columns that differ between files): named here, not a traceback from
+    inside `datasets`."""
+    rows = iter(dataset)
+    for number in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise Gpt1Error(f"{spec}: cannot read the dataset after {number:,} rows ({type(e).__name__}: {reason}); "
+                            "`datasets` reads a folder's files whole, so --skip-invalid cannot skip this: fix the file, "
+                            "or pass the files one at a time (their errors name the line)") from None
+        yield row
 
 
 def dataset_split_names(spec: HfSpec) -> list[str]:

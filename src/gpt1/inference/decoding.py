@@ -18,6 +18,7 @@ one place (the engine applies them to every row).
 from __future__ import annotations
 
 import codecs
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -139,8 +140,19 @@ class TextState:
 
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int, eos_id: int, where: str) -> list[int]:
-    ids = list(prompt_ids)
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            raise Gpt1Error(f"{where}: token id {t!r} is outside the vocabulary [0, {vocab_size})")
+    """The prompt's token ids as ints ([EOS] for an empty prompt). NumPy and torch integers are
+    ids too (operator.index); text, floats and bools are not."""
+    if isinstance(prompt_ids, (str, bytes)):
+        raise Gpt1Error(f"{where}: expected token ids (a list of ints), got text; encode it with the tokenizer first")
+    ids = []
+    for t in prompt_ids:
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            t = operator.index(t)
+        except TypeError:
+            raise Gpt1Error(f"{where}: token ids must be integers, got {t!r}") from None
+        if not 0 <= t < vocab_size:
+            raise Gpt1Error(f"{where}: token id {t} is outside the vocabulary [0, {vocab_size})")
+        ids.append(t)
     return ids or [eos_id]

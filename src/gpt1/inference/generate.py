@@ -66,6 +66,7 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], p
     """Completions of several prompts decoded together. Greedy output equals one-at-a-time
     generation; with a seed, each prompt draws from its own generator seeded with it, so a
     seeded prompt gives the same text alone or in a batch."""
+    prompts = list(prompts)  # a generator is read once (counted here, then decoded)
     texts: list[list[str]] = [[] for _ in prompts]
     states: dict[int, TextState] = {}
     for i, chunk, state in _run(model, tokenizer, prompts, params):

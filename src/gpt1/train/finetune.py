@@ -251,8 +251,8 @@ class ChatEvalResult:
 
 
 def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int = 8, max_batches: int | None = None,
-                  precision: str = "fp32", all_paths: bool = False, languages: list[str] | None = None,
-                  skip_invalid: bool = False, stats: ChatStats | None = None,
+                  precision: str = "fp32", all_paths: bool | None = None, languages: list[str] | None = None,
+                  block_size: int | None = None, skip_invalid: bool = False, stats: ChatStats | None = None,
                   show_progress: bool = True) -> ChatEvalResult:
     """Loss, perplexity and bits per byte on the assistant tokens of a chat dataset's validation
     conversations (what `gpt1 eval --chat` prints).
@@ -261,7 +261,16 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
     split when it has one, else the `val_fraction` of the message trees that `split_conversations`
     picks (with the model's own run settings from its train_config.json, when it has one).
     An explicit `split` is read whole; a local file has none. `stats` counts what was skipped.
+    `all_paths`, `languages` and `block_size` (None: the run's, as it validated; without a run
+    config the defaults and the model's context) shape the conversations as fine-tuning did.
     """
+    run_file = llm.path / RUN_CONFIG_FILE
+    run = read_json(run_file).get("config", {}) if run_file.is_file() else {}
+    all_paths = run.get("all_paths", FinetuneConfig.all_paths) if all_paths is None else all_paths
+    languages = (run.get("languages") or None) if languages is None else languages
+    block_size = block_size or run.get("block_size") or llm.model.config.block_size
+    if block_size > llm.model.config.block_size:
+        raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({llm.model.config.block_size})")
     options = dict(all_paths=all_paths, languages=languages, skip_invalid=skip_invalid, stats=stats)
     if split is not None and hf_split_names(spec) is None:
         raise Gpt1Error(f"{spec}: a local chat file has no splits (--split {split} applies to datasets)")
@@ -270,13 +279,11 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
     elif "validation" in (hf_split_names(spec) or []):
         conversations, source = read_conversations(spec, "validation", **options), f"{spec} (validation)"
     else:
-        run_file = llm.path / RUN_CONFIG_FILE
-        run = read_json(run_file).get("config", {}) if run_file.is_file() else {}
         val_fraction = run.get("val_fraction", FinetuneConfig.val_fraction)
         _, conversations = split_conversations(read_conversations(spec, **options), val_fraction,
                                                run.get("seed", FinetuneConfig.seed))
         source = f"{spec} (held-out {val_fraction:.0%} of the conversations)"
-    data = encode_conversations(llm.tokenizer, conversations, llm.model.config.block_size + 1)
+    data = encode_conversations(llm.tokenizer, conversations, block_size + 1)
     batches = iter_batches(data, batch_size, llm.tokenizer.pad_id)
     total = math.ceil(len(data) / batch_size)
     if max_batches is not None:
