@@ -222,3 +222,26 @@ def test_hints_name_what_the_command_has(tmp_path, capsys):
     assert "--overwrite" not in line
     assert_one_clear_line(*run_main(capsys, "bench", "--quick", "--json", tmp_path, "train"),
                           rf"{tmp_path}: is a folder; expected the name of a file to write")
+
+
+def test_overrides_after_a_flag_are_overrides_and_other_strays_are_refused(tmp_path, data_dir, capsys):
+    """argparse takes one run of positionals: `gpt1 finetune --base B model=x --data D lora_r=4`
+    failed with "unrecognized arguments: lora_r=4"."""
+    import json
+
+    from gpt1.cli import main
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "model=tiny", "block_size=32", "--data", str(data_dir), "device=cpu",
+                 "batch_size=4", "max_steps=2", "eval_every=2", "save_every=2"]) == 0
+    config = json.loads((out / "train_config.json").read_text())["config"]
+    assert (config["model"], config["block_size"], config["batch_size"], config["max_steps"]) == ("tiny", 32, 4, 2)
+    for stray in (["--bogus"], ["x=1"]):  # a flag nobody takes; an override where no command takes them
+        argv = ["info", "tiny", *stray] if stray == ["x=1"] else ["pretrain", "--out", str(out), "--data", str(data_dir),
+                                                                  "a=1", *stray]
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        assert code == 2 and f"unrecognized arguments: {stray[0]}" in capsys.readouterr().err
