@@ -94,6 +94,9 @@ def test_counts_must_be_whole_numbers_and_nothing_scored_is_an_error(tiny_model_
     for flag, value in (("--samples", "s.jsonl"), ("--fewshot", "2"), ("--limit", "5")):  # silently ignored before
         assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", data_dir, flag, value),
                               f"{flag} applies to benchmarks \\(--task or --suite\\), not to perplexity")
+    for names in ("", ",", " , "):  # "" fell back to perplexity mode; "," asked for no task at all
+        assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", data_dir, "--task", names),
+                              r"--task: expected task names \(NAME\[,NAME...\]\) from: hellaswag, ")
     llm = gpt1.load(tiny_model_dir, device="cpu")
     with pytest.raises(Gpt1Error, match="max batches must be >= 1, got 8, 64, 0"):
         evaluate_data(llm, [str(data_dir)], max_batches=0)

@@ -128,3 +128,11 @@ def test_validate_normalises_and_unknown_knob_is_an_error():
     assert SamplingParams(stop=None).validate().stop == () and SamplingParams(stop=["a", "b"]).validate().stop == ("a", "b")
     with pytest.raises(Gpt1Error, match="unknown sampling knob.*temprature.*known: temperature"):
         SamplingParams().override(temprature=0.5)
+    # NumPy scalars are numbers (they were "must be an integer"), stored as Python's.
+    import numpy as np
+
+    q = SamplingParams().override(seed=np.int64(3), top_k=np.int64(5), temperature=np.float32(0.5))
+    assert (q.seed, q.top_k, q.temperature) == (3, 5, 0.5)
+    assert type(q.seed) is int and type(q.top_k) is int and type(q.temperature) is float
+    with pytest.raises(Gpt1Error, match="top_k must be an integer"):
+        SamplingParams().override(top_k=np.float64(2.0))

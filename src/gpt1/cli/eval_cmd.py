@@ -81,6 +81,8 @@ def register(subparsers) -> None:
 def eval_command(args: argparse.Namespace) -> int:
     if args.split is not None and not args.chat:
         raise Gpt1Error("--split applies to --chat sources only")
+    if args.task is not None and not [n for n in args.task.split(",") if n.strip()]:
+        raise Gpt1Error(f"--task: expected task names (NAME[,NAME...]) from: {', '.join(TASKS)}; got {args.task!r}")
     if args.task or args.suite:
         perplexity_only = [flag for flag, given in (("--chat", args.chat), ("--block-size", args.block_size),
                                                     ("--max-batches", args.max_batches),

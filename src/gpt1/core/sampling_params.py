@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,24 +64,24 @@ class SamplingParams:
         def bad(name: str) -> Gpt1Error:
             return Gpt1Error(f"{name} must be {KNOB_RANGES[name]}, got {getattr(self, name)!r}")
 
+        # numbers.Real/Integral: NumPy's scalars (np.float32(0.7), np.int64(3)) are knobs too.
         def number(name: str, ok) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
                 raise bad(name)
             return float(value)
 
         def integer(name: str, ok) -> int:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not ok(value):
                 raise bad(name)
-            return value
+            return int(value)
 
         # A single string or None (as the OpenAI API allows) for convenience.
         stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise bad("stop")
-        if self.seed is not None:
-            integer("seed", lambda v: 0 <= v < 2**64)
+        seed = None if self.seed is None else integer("seed", lambda v: 0 <= v < 2**64)
         if not isinstance(self.truncate_prompt, bool):
             raise bad("truncate_prompt")
         return dataclasses.replace(
@@ -93,6 +94,7 @@ class SamplingParams:
             repeat_last_n=integer("repeat_last_n", lambda v: v >= -1),
             max_new_tokens=integer("max_new_tokens", lambda v: v >= 1),
             stop=tuple(stop),
+            seed=seed,
         )
 
     def override(self, **knobs: Any) -> "SamplingParams":
