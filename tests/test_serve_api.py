@@ -357,6 +357,9 @@ def test_full_queue_answers_503(long_llm, engine_kind):
     engine = app.state.engine
     body = {"model": "m", "messages": MSG, "max_tokens": 8000, "temperature": 1.0, "stream": True}
     with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as http, contextlib.ExitStack() as streams:
+        # Before any step the process engine's thread count is not known: null, not 0.
+        threads = http.get("/health").json()["threads"]
+        assert threads == (torch.get_num_threads() if engine_kind == "thread" else None)
         for _ in range(2):  # one generating, one waiting
             r = streams.enter_context(http.stream("POST", "/v1/chat/completions", json=body))
             assert r.status_code == 200

@@ -258,7 +258,8 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
     @app.get("/health")
     async def health() -> dict:
         """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s, the
-        device and dtype (and on a CPU the threads of the latest step); 503 once the engine has
+        device and dtype (and on a CPU the threads of the latest step, null before the process
+        engine's first step); 503 once the engine has
         stopped (e.g. its process exited)."""
         if not engine.alive:
             raise generation_error(EngineUnavailable("the engine has stopped; restart the server"))
@@ -267,7 +268,8 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
                   "tokens_per_s": round(engine.tokens_per_s, 1), "device": str(engine.device),
                   "dtype": engine.dtype_name}
         if str(engine.device) == "cpu":
-            health["threads"] = engine.stats.threads
+            # null until known: the process engine's child reports its count with its first outputs.
+            health["threads"] = engine.stats.threads or None
         return health
 
     def model_card() -> dict:
