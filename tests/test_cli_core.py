@@ -245,3 +245,23 @@ def test_overrides_after_a_flag_are_overrides_and_other_strays_are_refused(tmp_p
         except SystemExit as e:
             code = e.code
         assert code == 2 and f"unrecognized arguments: {stray[0]}" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """A Ctrl-C in the first seconds (while torch loads) printed a KeyboardInterrupt traceback:
+    `import gpt1.cli` loads no torch now, and `run` catches what the loading raises."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, gpt1.cli; print('torch' in sys.modules)"],
+                            capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.strip() == "False", loaded.stderr
+    public: dict = {}
+    exec("from gpt1 import *", public)  # the public names still load, on first use
+    assert {"GPT", "LLM", "load", "Tokenizer", "Gpt1Error"} <= public.keys() and callable(public["load"])
+    import gpt1.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpt1.cli, "build_parser", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        gpt1.cli.run()
+    assert exited.value.code == 130 and capsys.readouterr().err.strip() == "gpt1: interrupted"

@@ -177,6 +177,9 @@ def test_prepare_cli(small_corpus, tokenizer_dir, tmp_path, capsys):
     assert load_meta(tmp_path / "d")["val"]["documents"] == 2
     assert main(["prepare", str(tmp_path / "missing"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "e")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    # /dev/null exists: it was "no such file or directory" too, which is not what is wrong with it.
+    assert main(["prepare", os.devnull, "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "e")]) == 2
+    assert f"{os.devnull}: not a regular file or directory" in capsys.readouterr().err
 
 
 def test_a_small_corpus_always_has_a_validation_document(small_corpus, tokenizer, tmp_path):

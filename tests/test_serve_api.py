@@ -628,7 +628,10 @@ UNSUPPORTED = [
     ("chat", "response_format", {"type": "json_object"}),
     ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("chat", "tool_choice", "required"), ("chat", "store", True), ("chat", "metadata", {"k": "v"}),
-    ("chat", "modalities", ["text", "audio"]),
+    ("chat", "modalities", ["text", "audio"]), ("chat", "audio", {"voice": "alloy", "format": "wav"}),
+    ("chat", "prediction", {"type": "content", "content": "x"}), ("chat", "reasoning_effort", "low"),
+    ("chat", "verbosity", "low"), ("chat", "web_search_options", {}), ("chat", "service_tier", "flex"),
+    ("chat", "functions", [{"name": "f"}]), ("chat", "function_call", {"name": "f"}),
 ]
 
 
@@ -649,6 +652,9 @@ NEUTRAL = [
     ("chat", {"logprobs": False, "top_logprobs": 0}), ("chat", {"logprobs": None, "top_logprobs": None}),
     ("chat", {"tools": [], "tool_choice": "none", "parallel_tool_calls": True}), ("chat", {"tools": None}),
     ("chat", {"response_format": {"type": "text"}, "store": False, "metadata": None, "modalities": ["text"]}),
+    ("chat", {"service_tier": "auto", "functions": [], "function_call": "none", "verbosity": "medium",
+              "audio": None, "prediction": None, "reasoning_effort": None, "web_search_options": None,
+              "prompt_cache_key": "k", "safety_identifier": "u1"}),
 ]
 
 
@@ -693,6 +699,27 @@ def test_content_part_errors_say_which_part_and_why(server, content, param, mess
     assert error["param"] == param and error["message"].startswith(f"{param}: {message}"), error
     parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]
     assert post(url, "chat", {"messages": [{"role": "user", "content": parts}], "max_tokens": 2}).status_code == 200
+
+
+PROMPTS = [
+    # (prompt, param, message): a mixed list was "prompt: Input should be a valid string".
+    (["a", 1], "prompt", "prompt: must be a string, a list of strings, a list of token ids (integers) or a list of "
+                         "token-id lists (one kind per list) (got [\"a\", 1])"),
+    ([[1, 2], "a"], "prompt", "prompt: must be a string"), ([1.5], "prompt", "prompt: must be a string"),
+    ([True], "prompt", "prompt: must be a string"), (None, "prompt", "prompt: must be a string"),
+    ([[1, "x"]], "prompt[0][1]", "prompt[0][1]: Input should be a valid integer"),
+]
+
+
+@pytest.mark.parametrize("prompt,param,message", PROMPTS, ids=[str(p[0]) for p in PROMPTS])
+def test_a_prompt_of_no_accepted_form_says_which_forms_there_are(server, prompt, param, message):
+    url, _ = server
+    r = post(url, "completions", {"prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(message), error
+    for good in ("a", ["a", "b"], [5, 6], [[5], [6]]):
+        assert post(url, "completions", {"prompt": good, "max_tokens": 2}).status_code == 200
 
 
 @pytest.mark.parametrize("stop,shown", [("", '""'), (["ok", ""], '["ok", ""]')])

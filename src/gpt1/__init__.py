@@ -1,10 +1,34 @@
 """gpt1: train a GPT-style chat model from scratch on one machine, fine-tune it, serve it."""
 
-from gpt1.core.config import ModelConfig
-from gpt1.core.errors import Gpt1Error
-from gpt1.core.model import GPT, KVCache
-from gpt1.core.tokenizer import Tokenizer, train_tokenizer
-from gpt1.inference.llm import LLM, load
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# The public names, imported on first use (PEP 562): `import gpt1` alone does not load torch, so
+# the `gpt1` command can catch a Ctrl-C pressed while torch loads (gpt1.cli.run).
+_EXPORTS = {"ModelConfig": "gpt1.core.config", "Gpt1Error": "gpt1.core.errors", "GPT": "gpt1.core.model",
+            "KVCache": "gpt1.core.model", "Tokenizer": "gpt1.core.tokenizer",
+            "train_tokenizer": "gpt1.core.tokenizer", "LLM": "gpt1.inference.llm", "load": "gpt1.inference.llm"}
 __all__ = ["GPT", "KVCache", "LLM", "ModelConfig", "Gpt1Error", "Tokenizer", "load", "train_tokenizer", "__version__"]
+
+if TYPE_CHECKING:
+    from gpt1.core.config import ModelConfig
+    from gpt1.core.errors import Gpt1Error
+    from gpt1.core.model import GPT, KVCache
+    from gpt1.core.tokenizer import Tokenizer, train_tokenizer
+    from gpt1.inference.llm import LLM, load
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gpt1' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -127,4 +127,8 @@ codecs.register_error("gpt1-stdin", _stdin_not_utf8)
 
 
 def run() -> None:
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before a command started: while its modules (torch) were loading
+        print("\ngpt1: interrupted", file=sys.stderr)
+        sys.exit(130)

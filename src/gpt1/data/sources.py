@@ -129,6 +129,9 @@ def resolve_sources(specs: list[str]) -> list[Source]:
             if not matches:
                 raise Gpt1Error(f"{spec}: the pattern matches no files")
             sources.extend(Source(_kind_of(p) or "text", p) for p in matches)
+        elif os.path.exists(spec):  # /dev/null, a pipe <(...): not data that can be read again, or named
+            raise Gpt1Error(f"{spec}: not a regular file or directory (a device, pipe or socket); "
+                            "give text files, folders, globs or hf:DATASET names")
         else:
             raise Gpt1Error(f"{spec}: no such file or directory")
     return sources

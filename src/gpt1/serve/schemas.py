@@ -141,16 +141,54 @@ class ChatCompletionRequest(GenerationRequest):
     store: bool | None = Field(None, description="unsupported: only false")
     metadata: dict[str, str] | None = Field(None, description="unsupported: only {}")
     modalities: list[str] | None = Field(None, description='unsupported: only ["text"]')
+    audio: dict[str, Any] | None = Field(None, description="unsupported: only null")
+    prediction: dict[str, Any] | None = Field(None, description="unsupported: only null")
+    reasoning_effort: str | None = Field(None, description="unsupported: only null (not a reasoning model)")
+    verbosity: str | None = Field(None, description='unsupported: only "medium" (the default)')
+    web_search_options: dict[str, Any] | None = Field(None, description="unsupported: only null")
+    # The standard tier is the only one; "auto" and "default" both mean it.
+    service_tier: str | None = Field(None, description='unsupported: only "auto" or "default"')
+    # The deprecated forms of tools and tool_choice.
+    functions: list[dict[str, Any]] | None = Field(None, description="unsupported: only []")
+    function_call: str | dict[str, Any] | None = Field(None, description='unsupported: only "none" or "auto"')
+    # Hints about who asks and what to cache, like `user`: they change no reply.
+    prompt_cache_key: str | None = Field(None, description="accepted; there is no prompt cache to key")
+    safety_identifier: str | None = None
 
     NEUTRAL: ClassVar[dict[str, tuple]] = {
         **GenerationRequest.NEUTRAL, "logprobs": (None, False), "top_logprobs": (None, 0),
         "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
-        "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"])}
+        "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"]),
+        "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "verbosity": (None, "medium"),
+        "web_search_options": (None,), "service_tier": (None, "auto", "default"), "functions": (None, []),
+        "function_call": (None, "none", "auto")}
+
+
+def _prompt_form(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "str"
+    if not isinstance(value, list):
+        return None
+    if value and all(isinstance(item, str) for item in value):
+        return "list[str]"
+    if value and all(isinstance(item, list) for item in value):
+        return "list[list[int]]"
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        return "list[int]"  # [] too: gpt1.serve.mapping names what is wrong with an empty prompt
+    return None
+
+
+# By form, as Content: a mixed list (["a", 1]) is "must be ..." rather than the string form's
+# "Input should be a valid string", and a list of token-id lists names the bad item.
+Prompt = Annotated[Annotated[str, Tag("str")] | Annotated[list[str], Tag("list[str]")]
+                   | Annotated[list[int], Tag("list[int]")] | Annotated[list[list[int]], Tag("list[list[int]]")],
+                   Discriminator(_prompt_form, custom_error_type="prompt_type",
+                                 custom_error_message="must be a string, a list of strings, a list of token ids "
+                                                      "(integers) or a list of token-id lists (one kind per list)")]
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="a string, token ids, or a list of either (one choice each)")
+    prompt: Prompt = Field(description="a string, token ids, or a list of either (one choice each)")
     echo: bool = Field(False, description="unsupported: only false")
     logprobs: int | None = Field(None, description="unsupported: only null")
     best_of: int | None = Field(None, description="unsupported: only null or 1")
