@@ -265,3 +265,17 @@ def test_a_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback(monkeypatc
     with pytest.raises(SystemExit) as exited:
         gpt1.cli.run()
     assert exited.value.code == 130 and capsys.readouterr().err.strip() == "gpt1: interrupted"
+
+
+def test_info_of_a_file_or_a_missing_path_names_it_not_a_preset(tmp_path, capsys, monkeypatch):
+    """Anything not a folder was taken for a preset name: "unknown model preset 'x.gguf'"."""
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    for arg in (tmp_path / "model.gguf", "model.gguf"):
+        assert_one_clear_line(*run_main(capsys, "info", arg), r"model\.gguf: a file, not a model directory$")
+    assert_one_clear_line(*run_main(capsys, "info", "runs/no-such-run"), r"runs/no-such-run: model directory not found$")
+    assert_one_clear_line(*run_main(capsys, "info", "gpt-5"), r"unknown model preset 'gpt-5'; known presets: gpt1, ")
+    (tmp_path / "tiny").write_text("a file named as a preset")
+    assert run_main(capsys, "info", "tiny")[0] == 0  # the preset's name still means the preset

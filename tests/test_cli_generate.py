@@ -51,6 +51,20 @@ def test_generate_chat_wraps_the_prompt_as_a_user_turn(capsys, tiny_model_dir, l
     assert code == 0 and out.rstrip("\n") == llm.chat(messages, temperature=0, max_new_tokens=6).rstrip("\n")
 
 
+
+def test_generate_chat_from_a_pipe_is_the_typed_line_and_a_base_model_is_named(capsys, monkeypatch, tiny_model_dir):
+    """`echo hello | gpt1 generate --chat` kept the line end in the user turn (another reply than
+    --prompt hello), and gave no word that a base model only continues the text (gpt1 chat does)."""
+    import io
+
+    args = ["generate", "--model", str(tiny_model_dir), "--chat", "--temperature", "0", "--max-new-tokens", "6"]
+    code, typed, err = run_main(capsys, *args, "--prompt", "hello")
+    assert code == 0 and "has no chat template: it is a base model" in err
+    for piped in ("hello\n", "hello\r\n"):
+        monkeypatch.setattr("sys.stdin", io.StringIO(piped))
+        assert run_main(capsys, *args)[1] == typed
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "0"], r"top_p must be a number in \(0, 1\] \(1 = off\), got 0.0"),
     (["--temperature", "-1"], r"temperature must be a number >= 0"),

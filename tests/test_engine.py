@@ -301,6 +301,14 @@ def test_cpu_weights_column_major_same_logits_training_and_saving(tiny_config, t
     save_model(tmp_path / "saved", relaid, tokenizer)
     loaded = load_model(tmp_path / "saved")
     assert all(torch.equal(a, b) for a, b in zip(relaid.state_dict().values(), loaded.state_dict().values()))
+    # A caller's own saver after generating (the engine re-lays the caller's model in place):
+    # safetensors refused the non-contiguous weights; state_dict() gives contiguous copies.
+    from safetensors.torch import load_file, save_file
+
+    assert all(t.is_contiguous() for t in relaid.state_dict().values())
+    save_file(relaid.state_dict(), tmp_path / "own.safetensors")
+    assert all(torch.equal(load_file(tmp_path / "own.safetensors")[k], v) for k, v in relaid.state_dict().items())
+    assert all(not v.is_contiguous() for k, v in relaid.state_dict(keep_vars=True).items() if k.endswith("c_fc.weight"))
 
     tied = GPT(dataclasses.replace(tiny_config, tie_embeddings=True))
     store_weights_column_major(tied)  # the head shares the embedding's rows: left row-major

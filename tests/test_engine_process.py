@@ -143,6 +143,18 @@ def test_the_server_side_holds_no_weights_but_checks_the_dir(tiny_model_dir, llm
         LLM.without_weights(broken)
 
 
+def test_create_app_loads_as_llm_was_loaded_and_refuses_what_the_thread_engine_ignores(tiny_model_dir):
+    """create_app(llm, engine="process") loaded "auto" whatever llm's dtype; create_app(llm,
+    dtype=...) with the thread engine served llm as loaded and said nothing."""
+    bf16 = gpt1.load(tiny_model_dir, device="cpu", dtype="bfloat16")
+    assert create_app(bf16, engine="process").state.engine.dtype_name == "bfloat16"  # not started: nothing runs
+    assert create_app(bf16, engine="process", dtype="float32").state.engine.dtype_name == "float32"
+    assert create_app(LLM.without_weights(tiny_model_dir), engine="process").state.engine.dtype_name == "auto"
+    for where in ({"dtype": "float32"}, {"device": "cpu"}):
+        with pytest.raises(ValueError, match=r"device and dtype apply to engine='process'; the thread engine runs"):
+            create_app(bf16, **where)
+
+
 def test_a_pool_that_does_not_fit_is_a_clear_start_up_error(llm):
     engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device="cpu", max_batch=10**12)
     with pytest.raises(Gpt1Error, match=r"max_batch 1000000000000: the KV cache needs .* lower max_batch"):

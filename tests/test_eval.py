@@ -100,6 +100,11 @@ def test_counts_must_be_whole_numbers_and_nothing_scored_is_an_error(tiny_model_
     llm = gpt1.load(tiny_model_dir, device="cpu")
     with pytest.raises(Gpt1Error, match="max batches must be >= 1, got 8, 64, 0"):
         evaluate_data(llm, [str(data_dir)], max_batches=0)
+    # One path alone, as a str or a Path: a lone string was iterated into one-character
+    # sources ("q: no such file or directory").
+    listed = evaluate_data(llm, [str(data_dir)], max_batches=2, show_progress=False)
+    for alone in (str(data_dir), data_dir):
+        assert evaluate_data(llm, alone, max_batches=2, show_progress=False).loss == listed.loss
 
 
 def test_skip_invalid_skips_and_counts_bad_lines(tiny_model_dir, corpus_dir, tmp_path, capsys):
@@ -121,7 +126,8 @@ def test_skip_invalid_skips_and_counts_bad_lines(tiny_model_dir, corpus_dir, tmp
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(chat), "--chat", "--skip-invalid"]) == 0
     assert "skipped: 1 malformed lines" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(chat), "--chat", "--skip-invalid", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["skipped"] == {"malformed lines": 1}
+    reported = json.loads(capsys.readouterr().out)  # "skipped" a count, as for text (it was the dict)
+    assert reported["skipped"] == 1 and reported["skipped_by_reason"] == {"malformed lines": 1}
 
 
 def test_split_is_refused_where_there_is_none(tiny_model_dir, tmp_path, capsys):

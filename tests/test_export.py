@@ -10,7 +10,7 @@ from gpt1.cli import main
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.formats.modeldir import load_model
 from gpt1.inference.generate import generate
-from tests.model_factories import finetuned_dir, random_model
+from tests.model_factories import finetuned_dir, model_without_stops, random_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: everything here is local
 
@@ -302,3 +302,52 @@ def test_finetune_refuses_a_gpt2_without_a_gpt1_tokenizer(tmp_path, capsys):
     assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--data", str(tmp_path / "chats.jsonl"),
                  "--out", str(tmp_path / "ft")]) == 2
     assert "tokenizer is not gpt1-compatible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_import_of_an_unmerged_finetuned_export_merges_its_adapter(tmp_path, tiny_config, tokenizer, tie):
+    """`import_hf_model` of base + adapter/ (the default export of a fine-tuned model) gave the
+    base alone: `gpt1 finetune --base` and init_from=hf: continued from the wrong model, silently."""
+    config = dataclasses.replace(tiny_config, tie_embeddings=tie)
+    finetuned_dir(tmp_path / "chat", config, tokenizer, seed=4)
+    export_model(tmp_path / "chat", tmp_path / "hf")
+    imported, imported_tokenizer = import_hf_model(tmp_path / "hf")
+    chat = load_model(tmp_path / "chat")
+    x = torch.randint(0, config.vocab_size, (2, 30))
+    x[:, ::5] = 4  # role markers: their trained rows matter
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x), chat(x), atol=1e-5, rtol=0)
+    assert imported_tokenizer.fingerprint == tokenizer.fingerprint
+
+
+def test_import_of_an_adapter_gpt1_cannot_merge_says_to_export_merged(tmp_path, tiny_config, tokenizer, capsys):
+    from safetensors.torch import save_file
+
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    finetuned_dir(tmp_path / "chat", tiny_config, tokenizer, seed=4)
+    hf = export_model(tmp_path / "chat", tmp_path / "hf")
+    # An adapter trained by PEFT itself: one c_attn pair of rank 8, not gpt1's three of rank r.
+    (hf / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]}))
+    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(8, 64)},
+              hf / "adapter" / "adapter_model.safetensors")
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": CHAT[1:3]}) + "\n")
+    assert_one_clear_line(*run_main(capsys, "finetune", "--base", hf, "--data", tmp_path / "chats.jsonl",
+                                    "--out", tmp_path / "ft"),
+                          r"hf: gpt1 cannot merge its adapter/ \(.*adapter: a c_attn adapter of rank 8 is not three "
+                          r"per-projection pairs .*\); import a merged export instead \(`gpt1 export --merge`")
+
+
+def test_generation_config_defaults_stop_at_the_context(tmp_path, tiny_config, tokenizer):
+    """The export asked for qa's 256 new tokens on a model of 64 positions: transformers' generate
+    ran past the position embeddings (IndexError). gpt1 stops at the context; so does the export."""
+    from transformers import AutoModelForCausalLM
+
+    model = model_without_stops(tiny_config, tokenizer, seed=2)  # no special token ends it early
+    hf = AutoModelForCausalLM.from_pretrained(export_model(_model_dir(tmp_path / "m", model, tokenizer),
+                                                           tmp_path / "hf")).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([tokenizer.encode(TEXT)[:10]]))  # the export's defaults: sampling, length
+    assert out.shape == (1, tiny_config.block_size) == (1, hf.config.n_positions)

@@ -6,6 +6,7 @@ llama-cpp-python's chat completion. Bad input gets one clear error."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -339,3 +340,42 @@ def test_bench_llamacpp_quick_reports_llama_cpp_beside_gpt1(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["threads"] == 1 for r in rows)
     assert rows[1]["same_tokens_as_gpt1"] is True  # f32: the same model, the same greedy tokens
     assert "## llamacpp" in capsys.readouterr().out
+
+
+def test_tokens_over_32_bytes_warn_as_llama_cpp_python_drops_them(tmp_path, tiny_config, corpus_dir, monkeypatch,
+                                                                  capsys):
+    """llama-cpp-python's detokenize reads each token into 32 bytes and returns a longer one as
+    empty text: tokenizers trained before gpt1 capped tokens at 32 bytes get a warning on export;
+    a capped vocabulary comes back whole."""
+    import gpt1.core.tokenizer
+    from gpt1.core.tokenizer import train_tokenizer
+    from gpt1.data.sources import iter_documents
+
+    deep = "if x:\n" + " " * 32 + "y = 1\n" + " " * 64 + "return y\n"  # newline + indentation: long tokens
+    texts = [*iter_documents([str(corpus_dir)]), *[deep] * 200]
+    config = dataclasses.replace(tiny_config, vocab_size=2048)
+    for capped in (False, True):
+        with monkeypatch.context() as patch:
+            if not capped:  # as gpt1 trained tokenizers before the cap
+                patch.setattr(gpt1.core.tokenizer, "MAX_TOKEN_BYTES", None)
+            tokenizer, _ = train_tokenizer(texts, config.vocab_size, show_progress=False)
+        save_model(tmp_path / f"m{capped}", GPT(config), tokenizer)
+        out = tmp_path / f"m{capped}.gguf"
+        assert main(["export", "--model", str(tmp_path / f"m{capped}"), "--format", "gguf", "--type", "f32",
+                     "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        lengths = [len(b) for b in tokenizer.bytes_table]
+        long = sum(n > 32 for n in lengths)
+        assert (long > 0) is (not capped) and (32 in lengths) is (not capped)
+        warned = (f"the tokenizer has {long} token(s) longer than 32 bytes, which llama-cpp-python's detokenize "
+                  "(32 bytes per token) drops from generated text")
+        assert (warned in err) is (not capped), err
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            continue  # the warning is tested; what llama-cpp-python does with the tokens needs it
+        llm = _llama(out, config.block_size)
+        special = set(tokenizer.special_ids)
+        detokenized = {i: llm.detokenize([i]) for i in range(tokenizer.vocab_size) if i not in special}
+        # Exactly the tokens over 32 bytes (32-byte ones fit) come back empty: the uncapped export's warning.
+        assert {i: b for i, b in detokenized.items() if b != tokenizer.bytes_table[i]} == {
+            i: b"" for i in detokenized if lengths[i] > 32}

@@ -173,3 +173,49 @@ def test_peft_loads_our_adapter_with_equal_logits(tiny_config, tmp_path):
         torch.testing.assert_close(peft_model(x).logits, model(x), atol=1e-4, rtol=0)
         merged = peft_model.merge_and_unload()
         torch.testing.assert_close(merged(x).logits, model(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_peft_made_adapter_loads_with_peft_s_scale_and_dora_is_refused(tiny_config, tmp_path, rslora):
+    """An adapter PEFT made on the exported GPT-2 (no gpt1 metadata): use_rslora (scale alpha /
+    sqrt(r)) was read as plain LoRA (alpha / r), silently another model; DoRA is refused."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = GPT(tiny_config).eval()
+    hf = _hf_gpt2(model, model.state_dict())
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["c_fc", "c_proj"],
+                                               use_rslora=rslora, init_lora_weights=False, fan_in_fan_out=True))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    x = torch.randint(0, tiny_config.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = peft_model.eval()(x).logits
+        ours = GPT(tiny_config).eval()
+        ours.load_state_dict(model.state_dict())
+        load_adapter(ours, tmp_path / "adapter")
+        torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=0)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(Gpt1Error, match=r"adapter_config.json: a DoRA adapter \(use_dora\) is not supported"):
+        load_adapter(GPT(tiny_config), tmp_path / "adapter")
+
+
+def test_a_gpt1_adapter_that_peft_saved_again_loads_the_same(tiny_config, tmp_path):
+    """Trained on in PEFT and saved by it, a gpt1 adapter loses gpt1's metadata: its
+    alpha_pattern (3·alpha for c_attn's rank-3r pair) gives the same scale, so it loads as it was."""
+    from safetensors.torch import load_file, save_file
+
+    model = _trained(tiny_config, LoRAConfig(r=4, alpha=8), seed=2).eval()
+    save_adapter(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file(load_file(weights), weights)  # no metadata now, as PEFT writes it
+    other = GPT(tiny_config).eval()
+    other.load_state_dict(base_state_dict(model))
+    load_adapter(other, tmp_path / "adapter")
+    x = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), atol=1e-6, rtol=0)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {}}))
+    with pytest.raises(Gpt1Error, match=r"the modules' LoRA scales differ \(attn.c_attn: 0.667, "):
+        load_adapter(GPT(tiny_config), tmp_path / "adapter")

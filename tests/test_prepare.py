@@ -15,6 +15,7 @@ import pytest
 
 from gpt1.cli import main
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.shards import ShardWindows, fixed_windows, load_meta, prepare
 from gpt1.data.sources import iter_documents
 
@@ -180,6 +181,8 @@ def test_prepare_cli(small_corpus, tokenizer_dir, tmp_path, capsys):
     # /dev/null exists: it was "no such file or directory" too, which is not what is wrong with it.
     assert main(["prepare", os.devnull, "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "e")]) == 2
     assert f"{os.devnull}: not a regular file or directory" in capsys.readouterr().err
+    # The Python API takes one source alone too (a lone string was read as one-character specs).
+    assert prepare(small_corpus, Tokenizer.load(tokenizer_dir), tmp_path / "d", val=2) == load_meta(tmp_path / "d")
 
 
 def test_a_small_corpus_always_has_a_validation_document(small_corpus, tokenizer, tmp_path):

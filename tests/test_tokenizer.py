@@ -78,3 +78,28 @@ def test_empty_corpus():
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(Gpt1Error, match="tokenizer file not found"):
         Tokenizer.load(tmp_path)
+
+
+def test_tokens_are_at_most_32_bytes(corpus_dir):
+    """llama-cpp-python's detokenize drops tokens over 32 bytes (its buffer per token), and BPE
+    on code learns newline + deep indentation runs longer than that without the cap."""
+    from gpt1.core.tokenizer import MAX_TOKEN_BYTES
+    from gpt1.data.sources import iter_documents
+
+    deep = "def f(x):\n" + " " * 64 + "return x\n"
+    texts = [*iter_documents([str(corpus_dir)]), *[deep] * 200]
+    tokenizer, _ = train_tokenizer(texts, 2048, show_progress=False)
+    assert MAX_TOKEN_BYTES == 32 and max(len(b) for b in tokenizer.bytes_table) <= MAX_TOKEN_BYTES
+    assert tokenizer.decode(tokenizer.encode(deep)) == deep
+
+
+def test_encode_of_a_lone_surrogate_and_decode_of_an_unknown_id_say_so(tokenizer):
+    with pytest.raises(Gpt1Error, match=r"text to encode: a lone surrogate \('\\udc80'\) at character 1: not valid"):
+        tokenizer.encode("x\udc80y")
+    with pytest.raises(Gpt1Error, match="text to encode: expected a string, got bytes"):
+        tokenizer.encode(b"xy")
+    # The Rust library returned '' for an id past the vocabulary, and raised OverflowError for -1.
+    for bad in (TEST_VOCAB, 99999, -1):
+        with pytest.raises(Gpt1Error, match=f"token id {bad} is not in the tokenizer's vocabulary \\(ids 0 to 511\\)"):
+            tokenizer.decode([5, bad, 6])
+    assert tokenizer.decode([]) == "" and tokenizer.decode([TEST_VOCAB - 1]) != ""

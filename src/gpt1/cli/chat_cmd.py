@@ -8,9 +8,16 @@ import json
 import sys
 
 import gpt1
-from gpt1.cli.generate_cmd import add_model_flags, add_sampling_flags, sampling_params_from_args, warn_if_capped, warn_if_cut
+from gpt1.cli.generate_cmd import (
+    add_model_flags,
+    add_sampling_flags,
+    sampling_params_from_args,
+    warn_if_base_model,
+    warn_if_capped,
+    warn_if_cut,
+)
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.progress import info, warn
+from gpt1.core.progress import info
 from gpt1.core.sampling_params import KNOB_RANGES, preset
 from gpt1.inference import generate as gen
 from gpt1.inference.decoding import chat_prompt_ids
@@ -156,9 +163,7 @@ class ChatSession:
 def chat_command(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     llm = gpt1.load(args.model, device=args.device, dtype=args.dtype)
-    if not llm.is_chat_model:
-        warn(f"{args.model} has no chat template: it is a base model, which continues the conversation text "
-             "rather than answering it")
+    warn_if_base_model(llm, args.model)
     session = ChatSession(llm, params, args.system)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -137,7 +137,8 @@ def _chat_eval(llm, args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(args.json, {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
                                "tokens": result.tokens, "bytes": result.bytes, "conversations": result.conversations,
-                               "source": result.source, "skipped": dict(stats.skipped)})
+                               "source": result.source, "skipped": sum(stats.skipped.values()),
+                               "skipped_by_reason": dict(stats.skipped)})  # "skipped" a count, as for text
     else:
         print(f"assistant-token loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
               f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens of {result.conversations:,} "

@@ -92,6 +92,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=generate_command)
 
 
+def warn_if_base_model(llm: gpt1.LLM, model: str) -> None:
+    if not llm.is_chat_model:
+        warn(f"{model} has no chat template: it is a base model, which continues the conversation text "
+             "rather than answering it")
+
+
 def generate_command(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     if args.system is not None and not args.chat:
@@ -101,8 +107,11 @@ def generate_command(args: argparse.Namespace) -> int:
         if sys.stdin.isatty():
             raise Gpt1Error("no prompt: give --prompt TEXT or pipe the prompt on standard input")
         prompt = sys.stdin.read()
+        if args.chat:  # `echo "Hi" | gpt1 generate --chat` is the message "Hi", as typed into gpt1 chat
+            prompt = prompt.removesuffix("\n").removesuffix("\r")
     llm = gpt1.load(args.model, device=args.device, dtype=args.dtype)
     if args.chat:
+        warn_if_base_model(llm, args.model)
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
         messages.append({"role": "user", "content": prompt})
         ids, _ = chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params)

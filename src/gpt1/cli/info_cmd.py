@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 
-from gpt1.core.config import ModelConfig
+from gpt1.core.config import PRESETS, ModelConfig
 from gpt1.core.model import GPT
 from gpt1.formats.modeldir import load_model
 
@@ -23,8 +24,10 @@ def register(subparsers) -> None:
 
 
 def info_command(args: argparse.Namespace) -> int:
-    if Path(args.model).is_dir():
-        # A model dir's own checks (a Hugging Face folder, weights that do not match), no weights read.
+    path_like = Path(args.model).exists() or "/" in args.model or os.sep in args.model
+    if Path(args.model).is_dir() or (path_like and args.model not in PRESETS):
+        # A model dir's own checks (a file, a missing folder, a Hugging Face folder, weights that
+        # do not match), no weights read. Only a bare word (or a preset's name) is a preset.
         model = load_model(args.model, device="meta")
         config = model.config
     else:

@@ -95,10 +95,12 @@ def serve_command(args: argparse.Namespace) -> int:
     # dir is checked here all the same, before the child starts).
     llm = (LLM.without_weights(args.model) if engine == "process"
            else gpt1.load(args.model, device=device, dtype=args.dtype))
+    # The thread engine runs llm as loaded above; the process engine's child loads it itself.
+    load_as = dict(device=str(device), dtype=args.dtype) if engine == "process" else {}
     app = create_app(llm, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                      body_timeout_s=args.body_timeout, stream_interval_ms=args.stream_interval,
-                     engine=engine, device=str(device), dtype=args.dtype)
+                     engine=engine, **load_as)
     engine = app.state.engine
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback

@@ -407,13 +407,34 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
                 raise Gpt1Error(f"{directory}: a c_attn adapter of rank {rank} is not three per-projection pairs "
                                 f"of rank {peft['r']} (only adapters written by gpt1 are supported)")
             targets += ["q", "k", "v"]
-        elif module in by_module:
-            targets.append(by_module[module])
+        elif matching := [name for path, name in by_module.items() if path == module or path.endswith("." + module)]:
+            targets += matching  # as PEFT matches names: "c_proj" is both attn.c_proj and mlp.c_proj
         else:
             raise Gpt1Error(f"{directory / ADAPTER_CONFIG}: unsupported target module {module!r}")
     tokens = (peft.get("trainable_token_indices") or {}).get("wte", [])
-    return _lora_config({"r": peft["r"], "alpha": peft["lora_alpha"], "dropout": peft.get("lora_dropout", 0.0),
-                         "targets": targets, "token_ids": tokens}, where)
+    return _lora_config({"r": peft["r"], "alpha": _peft_alpha(peft, modules, where),
+                         "dropout": peft.get("lora_dropout", 0.0), "targets": targets, "token_ids": tokens}, where)
+
+
+def _peft_alpha(peft: dict, modules: list[str], where: str) -> float:
+    """gpt1's alpha for a PEFT config: its scale (alpha / r) times r. PEFT scales each module by
+    its alpha_pattern / rank_pattern values (over sqrt(rank) with use_rslora): one scale for all
+    is what gpt1 can hold (c_attn's rank 3r pair is three of gpt1's rank-r pairs); options that
+    change the math otherwise are refused rather than silently dropped."""
+    if peft.get("use_dora"):
+        raise Gpt1Error(f"{where}: a DoRA adapter (use_dora) is not supported; merge it with PEFT "
+                        "(merge_and_unload) and use the merged model")
+    r, alpha = peft["r"], peft["lora_alpha"]
+    ranks, alphas = peft.get("rank_pattern") or {}, peft.get("alpha_pattern") or {}
+    if not isinstance(alphas, dict):
+        raise Gpt1Error(f"{where}: alpha_pattern must be an object, got {alphas!r}")
+    root = math.sqrt if peft.get("use_rslora") else float
+    scales = {module: alphas.get(module, alpha) / root(ranks.get(module, r)) for module in modules}
+    scale = next(iter(scales.values()), alpha / root(r))
+    if not all(math.isclose(other, scale) for other in scales.values()):
+        raise Gpt1Error(f"{where}: the modules' LoRA scales differ ({', '.join(f'{m}: {v:.3g}' for m, v in scales.items())}, "
+                        "from alpha_pattern, rank_pattern or use_rslora); gpt1 holds one scale alpha / r")
+    return scale * r
 
 
 @torch.no_grad()

@@ -31,6 +31,11 @@ SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = [PAD, UNK, EOS, SYSTEM, USER, ASSISTANT]  # their ids are their positions here
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+# The longest token BPE may learn. llama-cpp-python's `detokenize` reads each token into a
+# 32-byte buffer and silently drops a longer one (llama.cpp's own programs resize), which
+# would eat a GGUF export's deep indentation; the cap also keeps runs of whitespace from
+# taking vocabulary that words need.
+MAX_TOKEN_BYTES = 32
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_CONFIG_FILE = "config.json"  # beside tokenizer.json in a model dir (gpt1.formats.modeldir)
 
@@ -147,14 +152,20 @@ class Tokenizer:
 
     # ---- encoding and decoding ----------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(check_text(text, "text to encode"), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts in parallel (the Rust library uses all cores)."""
         return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        # The Rust library drops an id past the vocabulary silently (and a negative one raises
+        # OverflowError): check the range, cheaply, as callers may decode token by token.
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise Gpt1Error(f"token id {bad} is not in the tokenizer's vocabulary (ids 0 to {self.vocab_size - 1:,})")
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of tokens; special tokens give their text. Used by streaming, which
@@ -221,6 +232,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
         min_frequency=min(min_frequency, 2**64 - 1),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # Counted in characters: with the byte-level alphabet, one character per byte.
+        max_token_length=MAX_TOKEN_BYTES,
         # The Rust progress bar writes to stdout: only on a terminal, so piped stdout stays clean.
         show_progress=show_progress and sys.stdout.isatty(),
     )

@@ -46,7 +46,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import atomic_path, crash_point, read_json, write_json
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
-from gpt1.data.sources import Piece, Source, SourceStats, check_max_documents, iter_pieces, resolve_sources
+from gpt1.data.sources import Piece, Source, SourceStats, check_max_documents, iter_pieces, resolve_sources, source_specs
 from gpt1.formats.modeldir import DATA_META_FILE as META_FILE
 from gpt1.formats.modeldir import owner_of
 
@@ -102,7 +102,7 @@ def _key(specs: list[str], sources: list[Source], tokenizer: Tokenizer, val: flo
             "max_documents": max_documents}
 
 
-def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: float = 0.0005, seed: int = 1337,
+def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: str | Path, *, val: float = 0.0005, seed: int = 1337,
             text_field: str = "text", skip_invalid: bool = False, max_documents: int | None = None,
             batch_docs: int = 1024, commit_bytes: int = 256_000_000, overwrite: bool = False,
             redo_hint: str = "pass --overwrite to replace it") -> dict:
@@ -128,7 +128,8 @@ def prepare(sources: list[str], tokenizer: Tokenizer, out: str | Path, *, val: f
         raise Gpt1Error(f"{out} is a model dir: prepared data (with its {TOKENIZER_FILE}) needs a folder of its own; "
                         "choose another --out")
     val = int(val) if val >= 1 else val
-    resolved = resolve_sources(list(sources))
+    sources = source_specs(sources)
+    resolved = resolve_sources(sources)
     key = _key(sources, resolved, tokenizer, val, seed, text_field, skip_invalid, max_documents)
 
     meta_path = out / META_FILE

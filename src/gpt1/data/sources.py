@@ -29,7 +29,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.data.readers import (
@@ -96,8 +96,17 @@ def _kind_of(path: str) -> str | None:
     return None
 
 
-def resolve_sources(specs: list[str]) -> list[Source]:
+def source_specs(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Source specs as a list of strings: one path may be given alone (in Python, a lone
+    string was iterated into one-character specs: "data" looked for files named d, a, t)."""
+    if isinstance(specs, (str, os.PathLike)):
+        return [os.fspath(specs)]
+    return [os.fspath(spec) for spec in specs]
+
+
+def resolve_sources(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Source]:
     """Expand source specs into files and datasets, failing early on anything missing."""
+    specs = source_specs(specs)
     if not specs:
         raise Gpt1Error("no sources given: pass files, directories, globs or hf:DATASET names")
     sources: list[Source] = []
@@ -152,7 +161,9 @@ def iter_pieces(specs: list[str] | list[Source], *, text_field: str = "text", sk
     """Every document of the sources in order (the first `max_documents`), as pieces of at most
     `readers.PIECE_CHARS` characters; a document's last piece has `ends_document`. Fills `stats`."""
     check_max_documents(max_documents)
-    sources = specs if all(isinstance(s, Source) for s in specs) else resolve_sources(list(specs))
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    sources = specs if all(isinstance(s, Source) for s in specs) else resolve_sources(specs)
     stats = stats if stats is not None else SourceStats()
     readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf}
     for source in sources:

@@ -38,9 +38,9 @@ from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import atomic_path
 from gpt1.core.model import GPT
-from gpt1.core.progress import info
+from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import preset
-from gpt1.core.tokenizer import SPECIAL_TOKENS, USER, Tokenizer
+from gpt1.core.tokenizer import MAX_TOKEN_BYTES, SPECIAL_TOKENS, USER, Tokenizer
 from gpt1.formats.hf import HF_CONV1D, to_hf_state_dict
 from gpt1.formats.modeldir import load_model
 
@@ -75,6 +75,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_t
     model = load_model(model_dir, device="cpu", adapter="merge")
     tokenizer = Tokenizer.load(model_dir)
     check_representable(model.config, tokenizer, model_dir)
+    warn_long_tokens(tokenizer, model_dir)
 
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
@@ -120,6 +121,15 @@ def check_representable(config: ModelConfig, tokenizer: Tokenizer, source: Path)
                         "with GPT-2's regex and no prefix space (what `gpt1 tokenizer train` writes)")
     if problems:
         raise Gpt1Error(f"{source}: llama.cpp cannot represent this model: {'; '.join(problems)}")
+
+
+def warn_long_tokens(tokenizer: Tokenizer, source: Path) -> None:
+    """Warn about tokens longer than llama-cpp-python's detokenize buffer: it returns them as
+    empty text. `gpt1 tokenizer train` caps tokens at that length; older tokenizers are not."""
+    long = sum(len(b) > MAX_TOKEN_BYTES for b in tokenizer.bytes_table)
+    if long:
+        warn(f"{source}: the tokenizer has {long} token(s) longer than {MAX_TOKEN_BYTES} bytes, which llama-cpp-python's "
+             f"detokenize ({MAX_TOKEN_BYTES} bytes per token) drops from generated text; llama.cpp's own programs do not")
 
 
 # ---- tensors ------------------------------------------------------------------------------

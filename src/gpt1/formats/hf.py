@@ -8,7 +8,7 @@ transposed on the way across. An exported folder holds:
 
     config.json                GPT2Config (architectures GPT2LMHeadModel)
     model.safetensors          the weights under transformers' names
-    generation_config.json     sampling defaults (temperature 0.7, top-k 50)
+    generation_config.json     sampling defaults (temperature 0.7, top-k 50, up to the context)
     tokenizer.json             gpt1's tokenizer, unchanged
     tokenizer_config.json      special tokens (+ the chat template of a chat model)
     special_tokens_map.json
@@ -30,7 +30,7 @@ from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import atomic_dir, save_safetensors, write_json, write_text
-from gpt1.core.lora import load_adapter, save_adapter
+from gpt1.core.lora import load_adapter, merge_and_unload, save_adapter
 from gpt1.core.model import GPT
 from gpt1.core.progress import info
 from gpt1.core.sampling_params import preset
@@ -129,7 +129,7 @@ def config_from_hf(hf, source: str) -> ModelConfig:
 
 def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
     """Load a local `transformers` GPT-2-architecture folder as a gpt1 `GPT` (eval mode) and
-    its tokenizer.
+    its tokenizer. A fine-tuned export's PEFT adapter (`adapter/`) is merged into the weights.
 
     The tokenizer is returned when the folder's tokenizer.json is gpt1-compatible (`[PAD]`=0,
     `[UNK]`=1, `[EOS]`=2, as in every gpt1 export); otherwise (e.g. OpenAI GPT-2's own
@@ -178,7 +178,21 @@ def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu")
     model.load_state_dict({k: v for k, v in state.items() if k in expected})
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
+    if (path / ADAPTER_DIR).is_dir():
+        _merge_adapter(model, path)
     return model.eval(), _compatible_tokenizer(path, config)
+
+
+def _merge_adapter(model: GPT, path: Path) -> None:
+    """Merge the PEFT adapter of an unmerged fine-tuned export (`path/adapter`): without it the
+    import would silently be the base model."""
+    try:
+        load_adapter(model, path / ADAPTER_DIR)
+    except Gpt1Error as e:
+        raise Gpt1Error(f"{path}: gpt1 cannot merge its {ADAPTER_DIR}/ ({e}); import a merged export instead "
+                        "(`gpt1 export --merge`, or PEFT's merge_and_unload)") from None
+    merge_and_unload(model)
+    info(f"{path}: merged its LoRA adapter ({ADAPTER_DIR}/) into the imported weights")
 
 
 def _compatible_tokenizer(path: Path, config: ModelConfig) -> Tokenizer | None:
@@ -257,18 +271,21 @@ def _write_base(model: GPT, tokenizer: Tokenizer, chat: bool, out: Path) -> None
 
     save_safetensors(out / WEIGHTS_FILE, to_hf_state_dict(model), metadata={"format": "pt"})
     transformers.GPT2Config(**hf_config_dict(model.config, tokenizer)).save_pretrained(out)
-    generation_config(tokenizer).save_pretrained(out)
+    generation_config(tokenizer, model.config.block_size).save_pretrained(out)
     write_tokenizer_files(tokenizer, out, model_max_length=model.config.block_size, chat=chat)
 
 
-def generation_config(tokenizer: Tokenizer):
+def generation_config(tokenizer: Tokenizer, block_size: int):
     """transformers' GenerationConfig for the model card's Q&A preset (`gpt1.core.sampling_params`' "qa"),
-    so that `model.generate(...)` samples as `gpt1 generate --preset qa` does."""
+    so that `model.generate(...)` samples as `gpt1 generate --preset qa` does (up to the context)."""
     import transformers
 
     qa = preset("qa")
+    # The length is max_length = the context (prompt + generated tokens), not qa's 256 new tokens:
+    # with max_new_tokens transformers runs past the position embeddings of a shorter context (an
+    # IndexError) where gpt1 stops at the context (finish "length").
     knobs = dict(do_sample=True, temperature=qa.temperature, top_k=qa.top_k, top_p=qa.top_p,
-                 repetition_penalty=qa.repeat_penalty, max_new_tokens=qa.max_new_tokens)
+                 repetition_penalty=qa.repeat_penalty, max_length=block_size)
     if qa.min_p > 0:
         knobs["min_p"] = qa.min_p
     # gpt1 ends a generation at any special token (a chat model's next role marker, too):

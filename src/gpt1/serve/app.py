@@ -37,7 +37,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
                max_body_bytes: int = MAX_BODY_BYTES,
                body_timeout_s: float = BODY_TIMEOUT_S, model_name: str | None = None,
                stream_interval_ms: float = 0.0, engine: str = "thread", device: str | None = None,
-               dtype: str = "auto") -> FastAPI:
+               dtype: str | None = None) -> FastAPI:
     """The server for a loaded model (`gpt1.load(dir)`).
 
     api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>` (else 401);
@@ -50,16 +50,22 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     max_body_bytes / body_timeout_s: larger bodies get 413, slower ones 408.
     stream_interval_ms: a stream writes at most this often; the tokens made in between go out
         together (the same events, in one write). 0: every token as soon as it is made.
-    engine: "thread" runs the engine in a thread of this process on `llm.model`; "process" in a
-        child process of its own (`gpt1.inference.engine_process`), which loads `llm.path` on
-        `device` (default: `llm`'s device) in `dtype` (as `gpt1.load`'s) and is started with the app.
+    engine: "thread" runs the engine in a thread of this process on `llm.model`, as loaded; "process"
+        in a child process of its own (`gpt1.inference.engine_process`), which loads `llm.path` from
+        disk (changes made to `llm.model` in memory are not seen) on `device` in `dtype` (as
+        `gpt1.load`'s; default: `llm`'s device and dtype) and is started with the app.
     """
     knobs = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
                  compile=compile)
     if engine == "process":
+        weightless = llm.device.type == "meta"  # LLM.without_weights: no loaded dtype to follow
+        dtype = dtype or ("auto" if weightless else str(llm.dtype).removeprefix("torch."))
         engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device=device or str(llm.device), dtype=dtype,
                                **knobs)
     elif engine == "thread":
+        if device is not None or dtype is not None:  # they were ignored: the model is already loaded
+            raise ValueError("device and dtype apply to engine='process'; the thread engine runs llm as loaded "
+                             "(gpt1.load(path, device=..., dtype=...))")
         engine = Engine(llm.model, llm.tokenizer, **knobs)
     else:
         raise ValueError(f"engine must be 'thread' or 'process', got {engine!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -26,7 +27,7 @@ from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import progress
 from gpt1.core.threads import tuned_threads
 from gpt1.data.shards import META_FILE, check_fingerprint, load_meta, sequential_windows
-from gpt1.data.sources import SourceStats, iter_documents
+from gpt1.data.sources import SourceStats, iter_documents, source_specs
 from gpt1.train import distributed
 from gpt1.train.precision import autocast
 
@@ -94,7 +95,7 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # exp overflows past ~709; such a loss means "untrained"
 
 
-def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int | None = None,
+def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int = 8, block_size: int | None = None,
                   max_batches: int | None = None, precision: str = "fp32", text_field: str = "text",
                   skip_invalid: bool = False, show_progress: bool = True) -> EvalResult:
     """Loss and perplexity of a loaded model (`gpt1.load`) on a prepared data dir's val.bin or on text sources
@@ -105,6 +106,7 @@ def evaluate_data(llm, data: list[str], *, batch_size: int = 8, block_size: int 
     if block_size > llm.model.config.block_size:
         raise Gpt1Error(f"--block-size {block_size} is longer than the model's context ({llm.model.config.block_size})")
     stats = SourceStats()
+    data = source_specs(data)
     if len(data) == 1 and Path(data[0]).is_dir() and (Path(data[0]) / META_FILE).is_file():
         meta = load_meta(data[0])
         check_fingerprint(meta, llm.tokenizer, f"the model {llm.path}")
