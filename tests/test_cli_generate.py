@@ -202,6 +202,12 @@ def test_chat_says_when_a_message_longer_than_the_context_is_cut(capsys, monkeyp
     assert code == 0 and out.strip(), err
     assert "does not fit" not in err and "at most -" not in err
     assert "tokens) was cut to its last 54 tokens to fit the context" in err and n > 64
+    # On a line of its own after the reply (it was written before the reply's line end).
+    both = subprocess.run([sys.executable, "-m", "gpt1", "chat", "--model", str(tiny_model_dir), "--device", "cpu",
+                           "--max-new-tokens", "10", "--temperature", "0"], input=message + "\n",
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120).stdout
+    assert any(line.startswith("the prompt (") and "was cut to its last 54 tokens" in line
+               for line in both.splitlines()), both
     monkeypatch.setattr(sys, "stdin", io.StringIO(message + "\n"))
     code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu",
                               "--max-new-tokens", "10", "--no-truncate")

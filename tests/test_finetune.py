@@ -191,6 +191,22 @@ def test_cli_end_to_end_and_bad_inputs(tiny_model_dir, oasst, tmp_path, capsys):
                  *RUN, "max_steps=2", 'languages=["en"]']) == 0
     assert gpt1.load(out / "merged", device="cpu").is_chat_model
     assert json.loads((out / "train_config.json").read_text())["config"]["languages"] == ["en"]
+    # Killed between the merged weights and the chat template: no merged/ at all (it was a base
+    # model that a rerun kept), and the rerun writes it whole and sweeps the dead run's temp.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(out / "merged")
+    argv = [sys.executable, "-m", "gpt1", "finetune", "--base", str(tiny_model_dir), "--data", str(oasst),
+            "--out", str(out), "--merge", *RUN, "max_steps=2", 'languages=["en"]']
+    killed = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "GPT1_CRASH_AT": "merge-template"})
+    assert killed.returncode == 137 and not (out / "merged").exists(), killed.stderr
+    assert [p.name for p in out.glob(".merged.*.tmp")]  # what a SIGKILL leaves
+    assert subprocess.run(argv, capture_output=True, timeout=120).returncode == 0
+    assert gpt1.load(out / "merged", device="cpu").is_chat_model and not list(out.glob(".merged.*"))
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--data", str(oasst), "--chat", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

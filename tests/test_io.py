@@ -119,3 +119,64 @@ def test_atomic_dir_where_it_cannot_be_made_is_a_clear_error(tmp_path):
         with pytest.raises(Gpt1Error, match=r"/proc: cannot write gpt1x there \("):
             with atomic_dir("/proc/gpt1x"):
                 pass
+
+
+def test_a_killed_writer_s_temps_are_swept_by_the_next_and_a_live_one_s_kept(tmp_path):
+    """SIGKILL runs no cleanup: a killed export left its temp (1 GB for a 257M model) beside the
+    output for good. Temps carry their writer's pid; the next writer of the name deletes the dead ones'."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    leftovers = [tmp_path / f".x.json.{dead_pid}.k2j4.tmp", tmp_path / f".out.{dead_pid}.a1b2.tmp",
+                 tmp_path / f".out.{dead_pid}.c3d4.old"]
+    leftovers[0].write_text("half")
+    for folder in leftovers[1:]:
+        (folder / "inner").mkdir(parents=True)
+    live = tmp_path / f".x.json.{os.getpid()}.zzzz.tmp"  # another writer of this process, still going
+    live.write_text("busy")
+    other = tmp_path / f".y.json.{dead_pid}.k2j4.tmp"  # another name's: not this writer's to judge
+    other.write_text("half")
+    write_json(tmp_path / "x.json", {"a": 1})
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("new")
+    assert not any(p.exists() for p in leftovers) and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "x.json", "out"])
+
+
+def test_atomic_dir_refuses_to_replace_a_folder_a_process_is_working_in(tmp_path):
+    """`gpt1 export --force --out RUN` moved a training run's folder aside under it (the run then
+    died on its missing metrics file)."""
+    from gpt1.core.io import exclusive
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with exclusive(tmp_path / "run" / "checkpoints", "training"):
+        with pytest.raises(Gpt1Error, match=rf"run/checkpoints: process {os.getpid()} is using it; cannot replace it"):
+            with atomic_dir(tmp_path / "run"):
+                pass
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    with atomic_dir(tmp_path / "run") as tmp:  # once it has ended (its lock file stays behind)
+        (tmp / "new").write_text("x")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["new"]
+
+
+def test_sigterm_ends_a_command_through_its_cleanup(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """SIGTERM killed a command at once: an export's temp folder stayed beside its output. Now it
+    ends the command as Ctrl-C does (cleanup, one line, exit 143); the handler is put back after."""
+    import signal
+
+    import gpt1.formats.hf as hf
+    from gpt1.cli import main
+
+    real = hf._write_base
+
+    def terminated_midway(*args, **kwargs):
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(hf, "_write_base", terminated_midway)
+    assert main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "hf")]) == 143
+    assert capsys.readouterr().err.strip().endswith("gpt1 export: terminated")
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -86,18 +86,25 @@ def test_interrupted_run_with_changed_sources_starts_over_cleanly(small_corpus, 
     assert resumed["train"] == clean["train"] and resumed["val"] == clean["val"]
     for name in ("train.bin", "val.bin"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "meta.json", "tokenizer.json", "train.bin", "val.bin"]
     assert state_key["files"] != resumed["key"]["files"]  # the changed file restarted the run cleanly
 
 
-@pytest.mark.parametrize("val", [0.3, 3])
-def test_interrupted_run_resumes_to_the_same_bytes(small_corpus, tokenizer, tmp_path, val):
+def _interrupted_prepare(small_corpus, tokenizer, tmp_path, val):
+    """A prepare of a copy of the corpus stopped by a bad file at its end, after some commits:
+    (the copy, the bad file)."""
     corpus = tmp_path / "corpus"
     shutil.copytree(small_corpus, corpus)
     bad = corpus / "zz_last.txt"
     bad.write_bytes(b"bad \xff bytes")
     with pytest.raises(Gpt1Error):
         prepare([str(corpus)], tokenizer, tmp_path / "out", val=val, batch_docs=2, commit_bytes=1)
+    return corpus, bad
+
+
+@pytest.mark.parametrize("val", [0.3, 3])
+def test_interrupted_run_resumes_to_the_same_bytes(small_corpus, tokenizer, tmp_path, val):
+    corpus, bad = _interrupted_prepare(small_corpus, tokenizer, tmp_path, val)
     committed = json.loads((tmp_path / "out" / "prepare-state.json").read_text())["documents"]
     with open(tmp_path / "out" / "train.bin.partial", "ab") as f:  # bytes written after the last commit
         f.write(b"\x01\x00" * 7)
@@ -195,7 +202,7 @@ def test_a_small_corpus_always_has_a_validation_document(small_corpus, tokenizer
     expected = sorted(tuple(tokenizer.encode(t)) for t in iter_documents([str(small_corpus)]))
     assert sorted(_docs(train, tokenizer.eos_id) + _docs(val, tokenizer.eos_id)) == expected
     assert meta["train"]["tokens"] == len(train) and meta["val"]["tokens"] == len(val)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".lock", "meta.json", "tokenizer.json", "train.bin", "val.bin"]
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "a.txt").write_text("a single document")
     with pytest.raises(Gpt1Error, match="needs at least two"):
@@ -239,7 +246,7 @@ def test_a_kill_inside_a_commit_resumes_to_the_same_bytes(small_corpus, tokenize
         assert resumed["train"] == clean["train"] and resumed["val"] == clean["val"]
         for name in ("train.bin", "val.bin"):
             assert (out / name).read_bytes() == (tmp_path / f"clean{nth}" / name).read_bytes()
-        assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "meta.json", "tokenizer.json", "train.bin", "val.bin"]
 
 
 def test_prepare_into_a_model_dir_is_refused(small_corpus, tokenizer, tiny_model_dir, tmp_path):
@@ -261,3 +268,69 @@ def test_an_out_that_is_or_lies_under_a_file_is_one_clear_line(small_corpus, tok
         result = run_main(capsys, "prepare", "--tokenizer", tokenizer_dir, "--out", out, small_corpus)
         assert_one_clear_line(*result, f"--out .*{pattern}: the prepared data needs a folder")
     assert file.read_text() == "mine"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_second_prepare_on_the_same_out_is_one_clear_line_and_leaves_the_first_alone(
+        small_corpus, tokenizer_dir, tmp_path, capsys):
+    """Two prepares on one --out: the second deleted the first's partial files and meta.json
+    (a traceback, and a folder left without meta.json). Now it is refused while the first holds the folder."""
+    from gpt1.core.io import exclusive
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    out = tmp_path / "d"
+    args = ["prepare", "--tokenizer", tokenizer_dir, "--out", out, "--val", "2", small_corpus]
+    bad = tmp_path / "corpus"  # the first run's files: an interrupted prepare
+    shutil.copytree(small_corpus, bad)
+    (bad / "zz_last.txt").write_bytes(b"bad \xff bytes")
+    with pytest.raises(Gpt1Error, match="invalid UTF-8"):
+        prepare([str(bad)], Tokenizer.load(tokenizer_dir), out, val=2, batch_docs=2, commit_bytes=1)
+    before = _files(out)
+    assert "train.bin.partial" in before and "prepare-state.json" in before
+    with exclusive(out, "preparing data"):  # the first run, still going
+        assert_one_clear_line(*run_main(capsys, *args), rf"{out}: process {os.getpid()} is preparing data there already")
+        assert _files(out) == before
+    assert run_main(capsys, *args)[0] == 0  # once it has ended, the folder is free
+    assert load_meta(out)["val"]["documents"] == 2
+
+
+def test_a_rerun_says_why_an_interrupted_prepare_starts_over(small_corpus, tokenizer, tmp_path, caplog):
+    """Missing partial files were reported as "other settings" (the settings were the same)."""
+    corpus, bad = _interrupted_prepare(small_corpus, tokenizer, tmp_path, 2)
+    (tmp_path / "out" / "train.bin.partial").unlink()
+    stat = bad.stat()  # fixed, with the same size and time: the same settings
+    bad.write_bytes(b"bad x bytes")
+    os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with caplog.at_level("INFO", logger="gpt1"):
+        prepare([str(corpus)], tokenizer, tmp_path / "out", val=2)
+    assert "holds an interrupted prepare whose partial files are missing; starting over" in caplog.text
+    assert "other settings" not in caplog.text
+
+
+def test_prepare_into_a_started_training_run_is_refused(small_corpus, tokenizer_dir, data_dir, tmp_path, capsys):
+    """A run killed (or still running) before it writes its model files has train_config.json and
+    checkpoints/ but no config.json: prepare (and tokenizer train) wrote their tokenizer.json into it."""
+    from gpt1.train.config import TrainConfig, load_config
+    from gpt1.train.pretrain import pretrain
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    run = tmp_path / "run"
+    overrides = ["model=tiny", "n_layer=1", "block_size=32", "batch_size=2", "max_steps=2", "save_every=2",
+                 "eval_every=2", "device=cpu"]
+    env = {**os.environ, "GPT1_CRASH_AT": "before-outputs", "GPT1_QUIET": "1"}
+    script = ("import sys; from gpt1.train.config import TrainConfig, load_config; from gpt1.train.pretrain import pretrain; "
+              f"pretrain(load_config(TrainConfig, None, {overrides!r}), sys.argv[1], sys.argv[2])")
+    killed = subprocess.run([sys.executable, "-c", script, str(data_dir), str(run)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == 137, killed.stderr
+    assert (run / "train_config.json").is_file() and not (run / "config.json").exists()
+    before = _files(run)
+    result = run_main(capsys, "prepare", "--tokenizer", tokenizer_dir, "--out", run, "--val", "2", small_corpus)
+    assert_one_clear_line(*result, rf"{run} is a training run dir: prepared data .* needs a folder of its own")
+    result = run_main(capsys, "tokenizer", "train", "--vocab-size", "300", "--out", run, small_corpus)
+    assert_one_clear_line(*result, rf"{run} is a training run dir: its tokenizer.json belongs to it")
+    assert _files(run) == before
+    assert pretrain(load_config(TrainConfig, None, overrides), data_dir, run).steps == 2  # the run still resumes

@@ -136,3 +136,17 @@ def test_a_stage_that_finishes_its_epochs_before_its_budget_says_so(quickstart, 
               "planned": {"pretrain": 300.0, "finetune": 75.0}, "ended_early": {"finetune": "6 epochs of the dialogs"}}
     printed = report(QuickstartResult(**{k: fields[k] for k in QuickstartResult.__dataclass_fields__}))
     assert "pretrain 300 s (planned 300 s) + finetune 63 s (planned 75 s, done after 6 epochs of the dialogs)" in printed
+
+
+def test_a_second_quickstart_on_the_same_out_is_refused_before_doing_anything(tmp_path, capsys):
+    """Two quickstarts on one --out raced through the stages: one died with a traceback, the
+    other said the data was missing ("rerun `gpt1 prepare`"). While one holds the folder, a
+    second is refused at once, in one line."""
+    from gpt1.core.io import exclusive
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    out = tmp_path / "qs"
+    with exclusive(out, "running the quickstart"):  # the first quickstart, still going
+        result = run_main(capsys, "quickstart", "--out", out, "--minutes", MINUTES, "--device", "cpu")
+        assert_one_clear_line(*result, rf"{out}: process {os.getpid()} is running the quickstart there already")
+    assert [p.name for p in out.iterdir()] == [".lock"]  # no stage started

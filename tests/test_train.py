@@ -693,12 +693,17 @@ def test_a_time_budget_ends_the_run_and_its_schedule_when_spent(data_dir, tmp_pa
     lines = [m for m in _metrics(run) if m.get("loss") is not None]
     assert lines[-1]["step"] == result.steps
     assert lines[-1]["lr"] == pytest.approx(3e-4, rel=0.05)  # min_lr: the schedule ran to its end
-    assert max(m["lr"] for m in lines) == pytest.approx(3e-3, rel=0.05)  # and its warmup reached lr
-    peak = next(i for i, m in enumerate(lines) if m["lr"] == pytest.approx(3e-3))
-    assert all(b["lr"] <= a["lr"] for a, b in zip(lines[peak:], lines[peak + 1:]))  # then never rose again
-    if schedule:  # the peak held until the cooldown (the last 30% of the budget's time)
-        held = [m for m in lines[peak:] if m["lr"] == pytest.approx(3e-3)]
-        assert len(held) >= 2 and held[-1]["step"] - held[0]["step"] == len(held) - 1
+    rates = [m["lr"] for m in lines]
+    peak = rates.index(max(rates))
+    assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))  # the warmup rose to the top
+    assert all(b <= a for a, b in zip(rates[peak:], rates[peak + 1:]))  # then never rose again
+    # On quiet cores (100+ steps in the 3 s) the warmup's 5% ends long before the cooldown: it
+    # reaches lr. A machine busy with other work may fit so few steps that time runs short first.
+    if result.steps >= 40:
+        assert rates[peak] == pytest.approx(3e-3, rel=0.05)
+        if schedule:  # the peak held until the cooldown (the last 30% of the budget's time)
+            held = [m for m in lines[peak:] if m["lr"] == pytest.approx(3e-3)]
+            assert len(held) >= 2 and held[-1]["step"] - held[0]["step"] == len(held) - 1
     assert "val_loss" in lines[-1] and (run / "loss.png").is_file()
     state = torch.load(latest_checkpoint(run) / STATE_FILE, weights_only=True)
     assert state["step"] == state["end"] == result.steps and state["budget_spent"] >= 3.0

@@ -30,7 +30,7 @@ import gpt1
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import make_dirs, read_json, write_json
+from gpt1.core.io import exclusive, make_dirs, read_json, write_json
 from gpt1.core.progress import info
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import Tokenizer, train_tokenizer
@@ -114,6 +114,13 @@ class QuickstartResult:
 def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     """Run (or reuse) every stage under `cfg.out`; see the module docstring."""
     out = make_dirs(cfg.out)
+    # One quickstart per folder: a second one would race the first through its stages (the
+    # prepare and training locks refuse it only mid-way, with a stage's error), so it is refused here.
+    with exclusive(out, "running the quickstart"):
+        return _run_stages(cfg, out)
+
+
+def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
     seconds: dict[str, float] = {}
 
     def stage(name: str, title: str):

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import errno
 import importlib
 import importlib.util
 import io
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 
 from gpt1 import __version__
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 RESUMABLE = {"quickstart", "prepare", "pretrain", "finetune"}  # they pick up where a killed run stopped
+OWN_SIGTERM = {"serve"}  # uvicorn drains the open requests first, then exits by the signal
 
 
 def debug_enabled() -> bool:
@@ -91,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdin.reconfigure(encoding="utf-8", errors="gpt1-stdin")
     try:
         _check_arguments(sys.argv[1:] if argv is None else argv)
-        return args.func(args) or 0
+        with _sigterm_raises(args.command not in OWN_SIGTERM):
+            return args.func(args) or 0
+    except Terminated:
+        hint = "; run the same command again to resume" if args.command in RESUMABLE else ""
+        print(f"gpt1 {args.command}: terminated{hint}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Gpt1Error as e:
         return _error(args.command, str(e))
     except OSError as e:
@@ -107,6 +116,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `gpt1 generate ... | head`
         return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is (a BaseException: no `except Exception` swallows it)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises(enabled: bool = True):
+    """SIGTERM (`kill`, a scheduler's stop) ends the command as Ctrl-C does, through its cleanup
+    (temporary files deleted, locks released) instead of at once. Only where nothing else has
+    claimed the signal (a server installs its own), and restored after (main runs in tests too)."""
+    if not enabled or threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _error(command: str, message: str) -> int:

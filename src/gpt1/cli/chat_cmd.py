@@ -144,17 +144,20 @@ class ChatSession:
             del self.history[:dropped]
             info(f"(dropped the {dropped} oldest message(s) to fit the {self.llm.config.block_size}-token context)")
         pieces: list[str] = []
+        last = None
         try:
-            for chunk in gen.stream(self.llm.model, self.llm.tokenizer, ids, self.params):
-                out.write(chunk.text)
+            for last in gen.stream(self.llm.model, self.llm.tokenizer, ids, self.params):
+                out.write(last.text)
                 out.flush()
-                pieces.append(chunk.text)
-            warn_if_cut(len(ids), chunk.prompt_tokens)  # one message longer than the context
+                pieces.append(last.text)
         except KeyboardInterrupt:
             # Ctrl-C stops this reply, not the session; the partial reply stays in the history.
             print("\n(reply interrupted)", file=sys.stderr)
+            last = None
         out.write("\n")
         out.flush()
+        if last is not None:  # on a line of its own, after the reply: one message longer than the context
+            warn_if_cut(len(ids), last.prompt_tokens)
         reply = "".join(pieces)
         self.history.append({"role": "assistant", "content": reply})
         return reply

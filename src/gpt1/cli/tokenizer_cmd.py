@@ -39,7 +39,8 @@ def register(subparsers) -> None:
 def train_command(args: argparse.Namespace) -> int:
     sources = resolve_sources(args.sources)
     owner = owner_of(args.out)
-    if owner and (Path(args.out) / TOKENIZER_FILE).exists():
+    # A training run writes its own tokenizer.json at its next save, even where none is there yet.
+    if owner == "a training run dir" or (owner and (Path(args.out) / TOKENIZER_FILE).exists()):
         raise Gpt1Error(f"{args.out} is {owner}: its {TOKENIZER_FILE} belongs to it and a new tokenizer would break it; "
                         "choose another --out")
     stats = SourceStats()

@@ -9,6 +9,7 @@ A folder (an export) is written the same way with `atomic_dir`.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -33,12 +34,49 @@ def file_target(path: str | os.PathLike) -> Path:
     return path
 
 
+def _temp_prefix(path: Path) -> str:
+    # The writer's pid in the name: a later writer of `path` can tell a dead one's leftovers
+    # (SIGKILL runs no cleanup) from a live one's temp.
+    return f".{path.name}.{os.getpid()}."
+
+
+def _sweep_leftovers(path: Path) -> None:
+    """Delete the temps that writers of `path` killed before they could clean up left beside it
+    (a killed export of a 257M model leaves 1 GB). Those of live processes are left alone."""
+    try:
+        entries = list(path.parent.glob(f".{glob.escape(path.name)}.*"))
+    except OSError:
+        return
+    for entry in entries:
+        pid, _, rest = entry.name[len(path.name) + 2:].partition(".")
+        if not (pid.isdigit() and rest.endswith((".tmp", ".old")) and not _alive(int(pid))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path`."""
     path = file_target(path)
+    _sweep_leftovers(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise Gpt1Error(f"{path.parent}: cannot write {path.name} there ({e.strerror})") from None
     os.close(fd)
@@ -63,9 +101,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise Gpt1Error(f"{path}: exists and is not a folder")
+    if path.is_dir():
+        check_unlocked(path, "replace it")
     make_dirs(path.parent)
+    _sweep_leftovers(path)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise Gpt1Error(f"{path.parent}: cannot write {path.name} there ({e.strerror})") from None
     try:
@@ -74,7 +115,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
         os.replace(tmp, path)
         if old is not None:
@@ -129,6 +170,27 @@ def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_unlocked(folder: str | os.PathLike, action: str) -> None:
+    """A Gpt1Error when a process holds a lock (`exclusive`) anywhere in `folder`: a run that is
+    training (or preparing) there would lose its files to whatever `action` does to the folder."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no locks to ask
+        return
+    for lock in Path(folder).rglob(".lock"):
+        try:
+            with open(lock, encoding="utf-8") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    holder = f.read().strip() or "a process"
+                    raise Gpt1Error(f"{lock.parent}: {holder} is using it; cannot {action} while it runs "
+                                    "(wait for it to end, or stop it)") from None
+                fcntl.flock(f, fcntl.LOCK_UN)
+        except OSError:
+            continue  # gone or unreadable meanwhile: nothing holds it that we can see
 
 
 _crash_counts: dict[str, int] = {}

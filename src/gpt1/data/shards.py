@@ -23,6 +23,7 @@ atomic rename, how far they are valid (and which heap file holds the count-mode 
 A rerun with the same arguments resumes from there (files truncated to the committed length);
 a rerun with other arguments starts over. At the end the partial files are renamed and
 `meta.json` is written last: a folder without `meta.json` is never taken as complete.
+One prepare at a time writes a data dir: it holds the folder's `.lock` (`gpt1.core.io.exclusive`).
 
 The data dir holds a copy of the tokenizer (`tokenizer.json`), so `gpt1 pretrain --data DIR`
 needs nothing else; `meta.json` records its fingerprint, checked against any model later.
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_path, crash_point, read_json, write_json
+from gpt1.core.io import atomic_path, crash_point, exclusive, read_json, write_json
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
 from gpt1.data.sources import Piece, Source, SourceStats, check_max_documents, iter_pieces, resolve_sources, source_specs
@@ -124,56 +125,59 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
     if not isinstance(batch_docs, int) or batch_docs < 1:
         raise Gpt1Error(f"--batch-docs must be a whole number >= 1, got {batch_docs!r}")
     _check_out_dir(out)
-    if owner_of(out) == "a model dir":
-        raise Gpt1Error(f"{out} is a model dir: prepared data (with its {TOKENIZER_FILE}) needs a folder of its own; "
+    owner = owner_of(out)
+    if owner in ("a model dir", "a training run dir"):
+        raise Gpt1Error(f"{out} is {owner}: prepared data (with its {TOKENIZER_FILE}) needs a folder of its own; "
                         "choose another --out")
     val = int(val) if val >= 1 else val
     sources = source_specs(sources)
     resolved = resolve_sources(sources)
     key = _key(sources, resolved, tokenizer, val, seed, text_field, skip_invalid, max_documents)
-
-    meta_path = out / META_FILE
-    if meta_path.is_file():
-        old = read_json(meta_path)
-        if isinstance(old, dict) and old.get("key") == key and shards_complete(out, old):
-            info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
-            return old
-        if not overwrite:
-            raise Gpt1Error(f"{out} already holds data prepared from other sources or settings; "
-                            f"choose another --out, or {redo_hint}")
-    writer = ShardWriter(out, key, val, seed, tokenizer.eos_id)
-    stats = SourceStats()
-    pieces = iter_pieces(resolved, text_field=text_field, skip_invalid=skip_invalid, stats=stats,
-                         max_documents=max_documents)
-    _skip_documents(pieces, writer.state["documents"])
-    start_time = time.perf_counter()
-    resumed_tokens = writer.tokens
-    bar = progress(total=_known_size(resolved), initial=stats.bytes, unit="B", unit_scale=True, unit_divisor=1000,
-                   desc="prepare")
-    try:
-        with writer, ThreadPoolExecutor(1) as pool:
-            pending = None
-            for batch in _batches(pieces, batch_docs):
-                future = pool.submit(tokenizer.encode_batch, [p.text for p in batch])  # overlaps reading the next batch
+    # One prepare writes a data dir at a time: a second one would delete the first's partial files
+    # and its meta.json. Released when the process ends, however it ends.
+    with exclusive(out, "preparing data"):
+        meta_path = out / META_FILE
+        if meta_path.is_file():
+            old = read_json(meta_path)
+            if isinstance(old, dict) and old.get("key") == key and shards_complete(out, old):
+                info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
+                return old
+            if not overwrite:
+                raise Gpt1Error(f"{out} already holds data prepared from other sources or settings; "
+                                f"choose another --out, or {redo_hint}")
+        writer = ShardWriter(out, key, val, seed, tokenizer.eos_id)
+        stats = SourceStats()
+        pieces = iter_pieces(resolved, text_field=text_field, skip_invalid=skip_invalid, stats=stats,
+                             max_documents=max_documents)
+        _skip_documents(pieces, writer.state["documents"])
+        start_time = time.perf_counter()
+        resumed_tokens = writer.tokens
+        bar = progress(total=_known_size(resolved), initial=stats.bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                       desc="prepare")
+        try:
+            with writer, ThreadPoolExecutor(1) as pool:
+                pending = None
+                for batch in _batches(pieces, batch_docs):
+                    future = pool.submit(tokenizer.encode_batch, [p.text for p in batch])  # overlaps reading the next batch
+                    if pending is not None:
+                        _write(writer, *pending, commit_bytes)
+                    pending = (batch, future)
+                    bar.update(stats.bytes - bar.n)
+                    seconds = max(time.perf_counter() - start_time, 1e-9)
+                    bar.set_postfix(refresh=False, tokens=f"{writer.tokens:,}", tok_s=f"{(writer.tokens - resumed_tokens) / seconds:,.0f}")
                 if pending is not None:
                     _write(writer, *pending, commit_bytes)
-                pending = (batch, future)
-                bar.update(stats.bytes - bar.n)
-                seconds = max(time.perf_counter() - start_time, 1e-9)
-                bar.set_postfix(refresh=False, tokens=f"{writer.tokens:,}", tok_s=f"{(writer.tokens - resumed_tokens) / seconds:,.0f}")
-            if pending is not None:
-                _write(writer, *pending, commit_bytes)
-            writer.commit()
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start_time
-    extra = {"sources": list(sources), "text_field": text_field, "skipped": dict(stats.skipped),
-             "seconds_last_run": round(seconds, 3)}
-    meta = writer.finish(tokenizer, extra, what=", ".join(map(str, resolved)))
-    state = writer.state
-    info(f"prepared {state['documents']:,} documents, {state['bytes'] / 1e6:,.1f} MB -> {writer.tokens:,} tokens "
-         f"(train {state['train_tokens']:,}, val {state['val_tokens']:,}) in {seconds:.1f} s")
-    return meta
+                writer.commit()
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start_time
+        extra = {"sources": list(sources), "text_field": text_field, "skipped": dict(stats.skipped),
+                 "seconds_last_run": round(seconds, 3)}
+        meta = writer.finish(tokenizer, extra, what=", ".join(map(str, resolved)))
+        state = writer.state
+        info(f"prepared {state['documents']:,} documents, {state['bytes'] / 1e6:,.1f} MB -> {writer.tokens:,} tokens "
+             f"(train {state['train_tokens']:,}, val {state['val_tokens']:,}) in {seconds:.1f} s")
+        return meta
 
 
 def _check_out_dir(out: Path) -> None:
@@ -246,14 +250,19 @@ class ShardWriter:
         if not self.state_path.is_file():
             return fresh
         old = read_json(self.state_path)
-        usable = (isinstance(old, dict) and old.get("key") == self.key and set(fresh) <= set(old)
-                  and self.train_tmp.is_file() and self.val_tmp.is_file()
-                  and (old["heap_file"] is None or (self.out / old["heap_file"]).is_file()))
-        if not usable:
-            info(f"{self.out} holds an interrupted prepare with other settings; starting over")
-            return fresh
-        info(f"resuming an interrupted prepare in {self.out} after {old['documents']:,} documents")
-        return old
+        # Say why it cannot resume (missing partial files said "other settings": a wrong lead).
+        if not (isinstance(old, dict) and set(fresh) <= set(old)):
+            why = f"whose {STATE_FILE} is damaged or from another gpt1 version"
+        elif old["key"] != self.key:
+            why = "with other settings"
+        elif not (self.train_tmp.is_file() and self.val_tmp.is_file()
+                  and (old["heap_file"] is None or (self.out / old["heap_file"]).is_file())):
+            why = "whose partial files are missing"
+        else:
+            info(f"resuming an interrupted prepare in {self.out} after {old['documents']:,} documents")
+            return old
+        info(f"{self.out} holds an interrupted prepare {why}; starting over")
+        return fresh
 
     def _load_heap(self) -> list[tuple[int, int, np.ndarray]]:
         if not self.state["heap"]:

@@ -40,6 +40,10 @@ def owner_of(directory: str | os.PathLike) -> str | None:
     directory = Path(directory)
     if (directory / CONFIG_FILE).is_file():
         return "a model dir"
+    # A run writes config.json only at its first save: before that (or killed before it), its
+    # train_config.json and checkpoints/ (gpt1.train.loop, gpt1.train.checkpoint) mark it.
+    if (directory / "train_config.json").is_file() or (directory / "checkpoints").is_dir():
+        return "a training run dir"
     if (directory / DATA_META_FILE).is_file():
         return "a prepared data dir"
     return None

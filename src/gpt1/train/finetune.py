@@ -33,7 +33,7 @@ import torch
 
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import read_json, save_safetensors, write_json, write_text
+from gpt1.core.io import atomic_dir, crash_point, read_json, save_safetensors, write_json, write_text
 from gpt1.core.lora import (
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -231,8 +231,12 @@ def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
     if dest.resolve() == source.resolve():
         raise Gpt1Error(f"{dest}: the merged model needs its own folder")
     model = load_model(source, device="cpu")  # the adapter is merged on load
-    save_model(dest, model, Tokenizer.load(source))
-    shutil.copyfile(source / TEMPLATE_FILE, dest / TEMPLATE_FILE)
+    # Whole or not at all: killed between the weights and the chat template, the folder was a
+    # base model that a rerun left as it was.
+    with atomic_dir(dest) as tmp:
+        save_model(tmp, model, Tokenizer.load(source))
+        crash_point("merge-template")
+        shutil.copyfile(source / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
     return dest
 
 
