@@ -692,14 +692,16 @@ def test_a_time_budget_ends_the_run_and_its_schedule_when_spent(data_dir, tmp_pa
     assert 10 <= result.steps < 100000  # at least 10 steps, whatever the budget (a busy machine fits no more)
     lines = [m for m in _metrics(run) if m.get("loss") is not None]
     assert lines[-1]["step"] == result.steps
-    assert lines[-1]["lr"] == pytest.approx(3e-4, rel=0.05)  # min_lr: the schedule ran to its end
     rates = [m["lr"] for m in lines]
     peak = rates.index(max(rates))
     assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))  # the warmup rose to the top
     assert all(b <= a for a, b in zip(rates[peak:], rates[peak + 1:]))  # then never rose again
     # On quiet cores (100+ steps in the 3 s) the warmup's 5% ends long before the cooldown: it
-    # reaches lr. A machine busy with other work may fit so few steps that time runs short first.
+    # reaches lr, and the schedule runs to its end. A machine busy with other work may fit so few
+    # steps, at times swinging 20x, that time runs short first (tested without a clock to race:
+    # test_a_time_budget_plans_from_the_recent_step_time_and_finishes_a_plan_a_little_short).
     if result.steps >= 40:
+        assert rates[-1] == pytest.approx(3e-4, rel=0.05)  # min_lr at the last step
         assert rates[peak] == pytest.approx(3e-3, rel=0.05)
         if schedule:  # the peak held until the cooldown (the last 30% of the budget's time)
             held = [m for m in lines[peak:] if m["lr"] == pytest.approx(3e-3)]
