@@ -219,6 +219,14 @@ def test_cli_end_to_end_and_bad_inputs(tiny_model_dir, oasst, tmp_path, capsys):
         (["--base", str(tiny_model_dir), "--data", str(tmp_path / "missing.jsonl")], "no such file"),
         (["--base", str(tiny_model_dir), "--data", str(bad)], "bad.messages.jsonl, line 2: invalid JSON"),
         (["--base", str(tiny_model_dir), "--data", str(oasst), 'lora_targets=["q","gate"]'], "choose from q, k, v"),
+        # A repeat made an adapter whose PEFT config claimed twice the rank it has.
+        (["--base", str(tiny_model_dir), "--data", str(oasst), 'lora_targets=["q","v","q"]'],
+         "LoRA targets: q given more than once; name each target once"),
+        # Pretraining keys, accepted, ignored and recorded as if they applied.
+        (["--base", str(tiny_model_dir), "--data", str(oasst), "model=gpt1", "embedding_lr_scale=10"],
+         "model='gpt1', embedding_lr_scale=10.0: pretraining keys; a LoRA fine-tune takes its model from its base"),
+        (["--base", str(tiny_model_dir), "--data", str(oasst), "init_from=/does/not/exist"],
+         "init_from=/does/not/exist: a pretraining key; a fine-tune starts from its base (--base)"),
         (["--base", str(tiny_model_dir), "--data", str(oasst), "lora_rank=4"], "unknown key 'lora_rank'"),
     ]
     for args, message in cases:

@@ -68,6 +68,9 @@ class LoRAConfig:
         if unknown or not self.targets:
             what = f"unknown {unknown}" if unknown else "none given (an adapter needs at least one)"
             raise Gpt1Error(f"LoRA targets: {what}; choose from {', '.join(TARGETS)}")
+        if len(set(self.targets)) < len(self.targets):  # one pair each: a repeat was counted twice in PEFT's rank
+            repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
+            raise Gpt1Error(f"LoRA targets: {', '.join(repeated)} given more than once; name each target once")
         if not _is_int(self.r) or self.r < 1:
             raise Gpt1Error(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not _is_number(self.alpha) or self.alpha <= 0:  # the adapter's scale is alpha / r: 0 turns it off

@@ -89,6 +89,14 @@ class FinetuneConfig(TrainConfig):
                             "model's shape (leave them 0)")
         if self.optimizer != "adamw":
             raise Gpt1Error(f"optimizer={self.optimizer} is for pretraining; LoRA fine-tuning uses adamw")
+        # Pretraining's keys that a fine-tune would accept and ignore (the base decides the model;
+        # its embeddings are frozen; there is no Muon): refused rather than recorded as if they applied.
+        defaults = TrainConfig()
+        ignored = [f"{name}={getattr(self, name)!r}" for name in ("model", "embedding_lr_scale", "muon_lr_scale")
+                   if getattr(self, name) != getattr(defaults, name)]
+        if ignored:
+            raise Gpt1Error(f"{', '.join(ignored)}: pretraining keys; a LoRA fine-tune takes its model from its base "
+                            "and trains no embeddings but the special tokens' rows (at lr)")
         if self.float8:  # LoRA wraps the very layers FP8 would swap; the two together are untested
             raise Gpt1Error("float8=true is for pretraining; LoRA fine-tuning runs in bf16-mixed, fp16-mixed or fp32")
         self.lora_config()  # validates r, dropout and targets
@@ -164,6 +172,8 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
     """Fine-tune the model dir `base` on `cfg.data` into the run dir `out` (resumes a run there).
     `step_limit` caps the steps resolved from the config (e.g. a time budget). Returns the
     loop's TrainResult."""
+    if cfg.init_from != "scratch":  # set by hand: it was overwritten with the base's path and recorded so
+        raise Gpt1Error(f"init_from={cfg.init_from}: a pretraining key; a fine-tune starts from its base (--base)")
     base, out = Path(str(base).removeprefix("hf:")), Path(out)
     if not (base / WEIGHTS_FILE).is_file():
         raise Gpt1Error(f"{base}: not a model dir (no {WEIGHTS_FILE}); pass the base model with --base")
