@@ -374,3 +374,14 @@ def test_messages_that_pointed_the_wrong_way(tiny_model_dir, tmp_path, capsys):
                                     "--out", tmp_path / "m.gguf"), r"unknown GGUF type ''")
     with pytest.raises(Gpt1Error, match=r"LoRA targets: none given \(an adapter needs at least one\)"):
         LoRAConfig(targets=())
+
+
+def test_a_model_preset_that_is_not_init_from_s_model_is_refused(tiny_model_dir, data_dir, tmp_path, capsys):
+    """init_from decides the model: `model=small` beside it trained the init_from model and said nothing."""
+    args = ("pretrain", "--data", data_dir, "--out", tmp_path / "run", f"init_from={tiny_model_dir}", "max_steps=1",
+            "device=cpu", "block_size=0")
+    assert_one_clear_line(*run_main(capsys, *args, "model=small"),
+                          r"model=small \(\d+ layers x \d+ wide, \d+ heads\) is not the model of init_from=.*"
+                          r"\(2 layers x 64 wide, 4 heads\): init_from decides the model")
+    assert not (tmp_path / "run").exists()
+    assert run_main(capsys, *args)[0] == 0  # the default preset is no choice: init_from's model trains

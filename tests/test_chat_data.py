@@ -179,6 +179,23 @@ def test_generic_chat_jsonl_and_chatterbot(tmp_path):
     assert stats.skipped["conversations with an empty message"] == 1
 
 
+def test_oasst_only_options_on_other_data_are_said_to_be_ignored(tmp_path, caplog):
+    """languages and all_paths shape OASST message trees; on {"messages"} records or chatterbot
+    they did nothing, silently (languages=["fr"] kept every English dialog)."""
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}) + "\n")
+    with caplog.at_level("WARNING", logger="gpt1"):
+        assert len(read_conversations(str(path), languages=["fr"], all_paths=True)) == 1
+    assert "chats.jsonl: languages and all_paths apply to OASST message trees; this data has none, so they are ignored" \
+        in caplog.text
+    caplog.clear()
+    write_messages(tmp_path / "oasst.jsonl")
+    with caplog.at_level("WARNING", logger="gpt1"):
+        read_conversations(str(tmp_path / "oasst.jsonl"), languages=["en"], all_paths=True)
+        read_conversations(str(path))
+    assert "ignored" not in caplog.text
+
+
 def test_generic_chat_records_out_of_turn_order_are_skipped_and_the_split_follows_content(tmp_path):
     """Records [A, A, U, U, A] or [S, A] were trained on; the held-out split hashed the path as
     spelled (so `gpt1 eval --chat ./f.jsonl` scored other conversations than the run held out),

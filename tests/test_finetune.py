@@ -211,6 +211,11 @@ def test_cli_end_to_end_and_bad_inputs(tiny_model_dir, oasst, tmp_path, capsys):
     assert main(["eval", "--model", str(out), "--data", str(oasst), "--chat", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"])) and result["tokens"] > 0
+    # merged/ (the model to ship) is scored on the run's held-out conversations too (it had no run
+    # settings: the default split scored conversations the run had trained on).
+    assert main(["eval", "--model", str(out / "merged"), "--data", str(oasst), "--chat", "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    assert merged["conversations"] == result["conversations"] and merged["loss"] == pytest.approx(result["loss"], abs=1e-4)
 
     bad = tmp_path / "bad.messages.jsonl"
     bad.write_text(oasst.read_text().split("\n", 1)[0] + "\n{oops\n")

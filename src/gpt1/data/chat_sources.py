@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from gpt1.core.chat_template import validate_messages
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.progress import warn
 from gpt1.data.readers import (
     HfSpec,
     dataset_split_names,
@@ -87,6 +88,10 @@ def read_conversations(spec: str, split: str = "train", *, all_paths: bool = Fal
     options = _TreeOptions(all_paths, frozenset(languages) if languages else None, stats)
     conversations = list(_read(spec, split, options, skip_invalid))
     stats.conversations += len(conversations)
+    ignored = [name for name, value in (("languages", languages), ("all_paths", all_paths)) if value]
+    if ignored and not options.trees_read:  # said once, rather than shape nothing silently
+        warn(f"{spec}: {' and '.join(ignored)} apply to OASST message trees; this data has none, "
+             f"so {'they are' if len(ignored) > 1 else 'it is'} ignored")
     return conversations
 
 
@@ -113,6 +118,7 @@ class _TreeOptions:
     all_paths: bool
     languages: frozenset[str] | None
     stats: ChatStats
+    trees_read: bool = False  # whether the source had OASST message trees (the options apply to them)
 
 
 def _read(spec: str, split: str, options: _TreeOptions, skip_invalid: bool) -> Iterator[Conversation]:
@@ -235,6 +241,7 @@ def _flatten_tree(record: dict) -> list[dict]:
 
 def _tree_conversations(messages: list[dict], options: _TreeOptions) -> Iterator[Conversation]:
     """Build the message trees and walk them into conversations (rules in the module docstring)."""
+    options.trees_read = True
     skipped = options.stats.skipped
     by_id: dict[str, dict] = {}
     for m in messages:

@@ -233,8 +233,8 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
 
 
 def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
-    """Write a plain model dir (config, merged weights, tokenizer, chat template) from a
-    fine-tuned model dir."""
+    """Write a plain model dir (config, merged weights, tokenizer, chat template, and the run's
+    train_config.json) from a fine-tuned model dir."""
     source, dest = Path(source), Path(dest)
     if not (source / ADAPTER_DIR).is_dir():
         raise Gpt1Error(f"{source}: nothing to merge (no {ADAPTER_DIR}/ folder)")
@@ -247,6 +247,8 @@ def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
         save_model(tmp, model, Tokenizer.load(source))
         crash_point("merge-template")
         shutil.copyfile(source / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
+        if (source / RUN_CONFIG_FILE).is_file():  # how it was trained: `eval --chat` holds out the run's split
+            shutil.copyfile(source / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
     return dest
 
 

@@ -50,7 +50,22 @@ def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     if model.config.vocab_size != tokenizer.vocab_size:
         raise Gpt1Error(f"init_from={cfg.init_from}: the model has {model.config.vocab_size:,} token embeddings, "
                         f"the data's tokenizer {tokenizer.vocab_size:,}")
+    _check_preset_matches(cfg, model.config)
     return model.train()
+
+
+def _check_preset_matches(cfg: TrainConfig, loaded: ModelConfig) -> None:
+    """init_from decides the model; a `model` preset of another shape (set by hand or by the
+    recipe) was silently ignored. The default preset is not a choice, so it is not compared."""
+    if cfg.model == TrainConfig.model:
+        return
+    preset = ModelConfig.preset(cfg.model)
+    shape = ("n_layer", "n_head", "n_embd")
+    if any(getattr(preset, name) != getattr(loaded, name) for name in shape):
+        def describe(c: ModelConfig) -> str:
+            return f"{c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads"
+        raise Gpt1Error(f"model={cfg.model} ({describe(preset)}) is not the model of init_from={cfg.init_from} "
+                        f"({describe(loaded)}): init_from decides the model; set model to match it or leave it out")
 
 
 def data_identity(meta: dict) -> dict:
