@@ -279,3 +279,25 @@ def test_info_of_a_file_or_a_missing_path_names_it_not_a_preset(tmp_path, capsys
     assert_one_clear_line(*run_main(capsys, "info", "gpt-5"), r"unknown model preset 'gpt-5'; known presets: gpt1, ")
     (tmp_path / "tiny").write_text("a file named as a preset")
     assert run_main(capsys, "info", "tiny")[0] == 0  # the preset's name still means the preset
+
+
+def test_plot_of_two_metrics_files_in_one_folder_draws_two_named_rows(tmp_path, capsys, monkeypatch):
+    """Rows were keyed by the file's folder name: a.jsonl and b.jsonl in one folder overwrote each
+    other, one row titled ".: loss"."""
+    from PIL import Image
+
+    import gpt1.cli.plot_cmd as plot_cmd
+    from tests.test_battery import run_main
+
+    drawn = []
+    real_plot_runs = plot_cmd.plot_runs
+    monkeypatch.setattr(plot_cmd, "plot_runs", lambda runs, out: drawn.append(list(runs)) or real_plot_runs(runs, out))
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.jsonl", "x/m.jsonl", "y/m.jsonl", "run/metrics.jsonl"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text('{"step": 1, "loss": 8.0, "val_loss": 8.5}\n{"step": 2, "loss": 7.0}\n')
+    assert run_main(capsys, "plot", "a.jsonl", "--out", "one.png")[0] == 0
+    assert run_main(capsys, "plot", "a.jsonl", "b.jsonl", "--out", "two.png")[0] == 0
+    assert drawn[-1] == ["a", "b"] and Image.open("two.png").height == 2 * Image.open("one.png").height
+    assert run_main(capsys, "plot", "x/m.jsonl", "y/m.jsonl", "run", "run/metrics.jsonl", "--out", "four.png")[0] == 0
+    assert drawn[-1] == ["x/m.jsonl", "y/m.jsonl", "run", "run/metrics.jsonl"]

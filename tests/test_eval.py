@@ -139,3 +139,64 @@ def test_split_is_refused_where_there_is_none(tiny_model_dir, tmp_path, capsys):
                                     "nosuch"), re.escape(f"{chat}: a local chat file has no splits (--split nosuch"))
     assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--data", chat, "--split", "test"),
                           "--split applies to --chat sources only")
+
+
+def _piqa_file(path):
+    from tests.task_files import write_jsonl
+
+    return write_jsonl(path, [{"goal": f"G{i}?", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(2)])
+
+
+def test_output_paths_are_checked_before_the_model_loads(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """A folder given as --samples/--json/--report was found only after all the scoring, and the
+    results were lost. With no model there, the path is the error: nothing was loaded first."""
+    import shutil
+
+    import gpt1.cli.eval_cmd as eval_cmd
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    piqa = _piqa_file(tmp_path / "piqa.jsonl")
+    no_model = tmp_path / "no-model"
+    task = ["eval", "--model", no_model, "--task", "piqa", "--data", piqa]
+    for argv in ([*task, "--samples", folder], [*task, "--json", folder], [*task, "--report", folder],
+                 ["eval", "--model", no_model, "--data", data_dir, "--json", folder]):
+        assert_one_clear_line(*run_main(capsys, *argv), re.escape(f"{folder}: is a folder; expected the name of a file"))
+    assert_one_clear_line(*run_main(capsys, *task, "--samples", f"{tmp_path}/x/"),
+                          re.escape(f"{tmp_path}/x/: names a folder (a trailing /)"))
+    # --suite's MODEL/report.md: checked once the model dir loaded, before any task is scored.
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model / "report.md").mkdir()
+    monkeypatch.setattr(eval_cmd, "evaluate_task", lambda *a, **k: pytest.fail("scored before the path was checked"))
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", model, "--suite", "quick", "--data",
+                                    *(f"{t}=hf:x" for t in ("hellaswag", "arc_easy", "piqa", "lambada_openai"))),
+                          "report.md: is a folder; expected the name of a file to write")
+
+
+def test_the_table_is_printed_before_the_files_are_written(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A write that fails anyway (a full disk) took the results with it: the table came last."""
+    import gpt1.cli.eval_cmd as eval_cmd
+    from gpt1.core.errors import Gpt1Error
+
+    def disk_full(path, results):
+        raise Gpt1Error(f"{path}: no space left on device")
+
+    monkeypatch.setattr(eval_cmd, "write_samples", disk_full)
+    rc = main(["eval", "--model", str(tiny_model_dir), "--task", "piqa", "--data", str(_piqa_file(tmp_path / "p.jsonl")),
+               "--samples", str(tmp_path / "s.jsonl")])
+    captured = capsys.readouterr()
+    assert_one_clear_line(rc, captured.err, "s.jsonl: no space left on device")
+    assert "| piqa | 0 | acc |" in captured.out
+
+
+def test_ppl_data_needs_the_report_and_is_read_before_the_tasks(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--ppl-data without --report/--suite was silently ignored, even a path that does not exist."""
+    import gpt1.cli.eval_cmd as eval_cmd
+
+    piqa = _piqa_file(tmp_path / "piqa.jsonl")
+    task = ["eval", "--model", tiny_model_dir, "--task", "piqa", "--data", piqa, "--ppl-data", tmp_path / "nope"]
+    assert_one_clear_line(*run_main(capsys, *task),
+                          re.escape("--ppl-data applies with --report or --suite (it adds perplexity to the report)"))
+    monkeypatch.setattr(eval_cmd, "evaluate_task", lambda *a, **k: pytest.fail("scored before --ppl-data was read"))
+    assert_one_clear_line(*run_main(capsys, *task, "--report", tmp_path / "r.md"), "nope")
+    assert not (tmp_path / "r.md").exists()

@@ -18,6 +18,7 @@ import torch
 
 from gpt1.cli import main
 from gpt1.core.config import ModelConfig
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
 from gpt1.formats.hf import export_model
 from gpt1.formats.modeldir import save_model
@@ -302,3 +303,92 @@ def test_a_context_of_only_whitespace_is_scored_after_the_prefix_token(tokenizer
 
     assert encode_pair(tokenizer, "  ", "cat") == ([tokenizer.eos_id], tokenizer.encode("  cat"))
     assert encode_pair(tokenizer, "", " cat") == ([tokenizer.eos_id], tokenizer.encode(" cat"))
+
+
+def test_a_shot_with_an_empty_target_is_its_text_alone_as_in_lm_eval(tmp_path):
+    """A Winogrande sentence ending in its blank has the target "": lm-eval's build_qa_turn takes
+    that for no answer and adds neither " " nor "\\n\\n" (gpt1 added both). An ARC shot whose gold
+    choice is "" is an index, an answer: both delimiters stay."""
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks.winogrande import preprocess_winogrande as wg
+
+    from gpt1.train.harness import build_examples
+    from gpt1.train.tasks import get_task
+
+    def lm_eval_shot(q, a, c=None) -> str:  # lm-eval 0.4's plain-text few-shot turn
+        return "".join(m.to_text() for m in ConfigurableTask.build_qa_turn(None, q=q, c=c, a=a))
+
+    blank_last = {"sentence": "The ending blank is _", "option1": "x", "option2": "y", "answer": "2"}
+    other = {"sentence": "Ana thanked Bo because _ helped.", "option1": "Ana", "option2": "Bo", "answer": "1"}
+    data = write_jsonl(tmp_path / "winogrande.jsonl", [blank_last, other])
+    examples = build_examples(get_task("winogrande"), str(data), num_fewshot=1)  # each draws the other document
+    shot = lm_eval_shot(wg.doc_to_choice(blank_last)[wg.doc_to_text(blank_last)], wg.doc_to_target(blank_last))
+    assert shot == "The ending blank is y"
+    assert [r.context for r in examples[1].requests] == [shot + choice for choice in wg.doc_to_choice(other)]
+
+    empty_gold = {"question": "Which is empty?", "choices": {"text": ["", "x"], "label": ["A", "B"]}, "answerKey": "A"}
+    data = write_jsonl(tmp_path / "arc.jsonl", [empty_gold, {**empty_gold, "question": "And now?"}])
+    examples = build_examples(get_task("arc_easy"), str(data), num_fewshot=1)
+    shot = lm_eval_shot("Question: Which is empty?\nAnswer:", 0, ["", "x"])
+    assert shot == "Question: Which is empty?\nAnswer: \n\n"
+    assert examples[1].requests[0].context == shot + "Question: And now?\nAnswer:"
+
+
+def test_fewshot_from_a_folder_without_its_fewshot_split_is_an_error(tiny_model_dir, tmp_path, capsys):
+    """The folder's validation file stood in for the missing train split, silently: prompts that
+    lm-eval (which fails there) would not build. A single file lends its own documents (documented)."""
+    folder = tmp_path / "piqa"
+    write_jsonl(folder / "validation.jsonl", [{"goal": f"G{i}?", "sol1": "a", "sol2": "b", "label": 0} for i in range(3)])
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--task", "piqa", "--data",
+                                    f"piqa={folder}", "--fewshot", "1"),
+                          re.escape(f"{folder / 'train.jsonl'}: no such file; --fewshot 1 draws piqa's examples from "
+                                    "its train split, as lm-eval does (or pass piqa=FILE.jsonl"))
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "piqa", "--data", f"piqa={folder}"]) == 0
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "piqa", "--data",
+                 f"piqa={folder / 'validation.jsonl'}", "--fewshot", "1"]) == 0
+
+
+def test_a_task_given_twice_is_an_error(tiny_model_dir, tmp_path, capsys):
+    """`--data piqa=A piqa=B` silently used B (and `piqa=/nope.jsonl piqa=A` succeeded). A task
+    named outright still takes precedence over a folder's file for it, in either order."""
+    from gpt1.train.harness import task_sources
+
+    a = write_jsonl(tmp_path / "a.jsonl", [SCHEMAS["piqa"][0](0)])
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--task", "piqa", "--data",
+                                    "piqa=/nope.jsonl", f"piqa={a}"),
+                          re.escape(f"--data piqa={a}: task piqa is already given by --data piqa=/nope.jsonl; "
+                                    "pass one source per task"))
+    with pytest.raises(Gpt1Error, match=re.escape(f"--data {a}: task piqa is already given by --data {a}")):
+        task_sources(["piqa"], [str(a), str(a)])
+    folder = tmp_path / "tasks"
+    write_jsonl(folder / "piqa.jsonl", [SCHEMAS["piqa"][0](1)])
+    write_jsonl(folder / "piqa" / "validation.jsonl", [SCHEMAS["piqa"][0](1)])
+    with pytest.raises(Gpt1Error, match=re.escape(f"{folder / 'piqa'}: task piqa is already given by "
+                                                  f"{folder / 'piqa.jsonl'}")):
+        task_sources(["piqa"], [str(folder)])
+    (folder / "piqa" / "validation.jsonl").unlink()
+    (folder / "piqa").rmdir()
+    for data in ([str(folder), f"piqa={a}"], [f"piqa={a}", str(folder)]):
+        assert task_sources(["piqa"], data) == {"piqa": str(a)}
+
+
+def test_a_task_with_nothing_scored_is_an_error_after_the_others_results(tiny_model_dir, tmp_path, capsys):
+    """Every example too long for the context gave null metrics and exit 0; now the scored tasks
+    are reported (table, JSON) and the empty one is the error line."""
+    long = {"text": " ".join(["the old dog walks along the river"] * 30)}  # far past 64 tokens
+    lambada = write_jsonl(tmp_path / "lambada.jsonl", [long, long])
+    piqa = write_jsonl(tmp_path / "piqa.jsonl", [SCHEMAS["piqa"][0](i) for i in range(2)])
+    results = tmp_path / "r.json"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--task", "piqa,lambada_openai", "--data", f"piqa={piqa}",
+               f"lambada_openai={lambada}", "--json", str(results)])
+    captured = capsys.readouterr()
+    assert "| piqa | 0 | acc |" in captured.out and "lambada_openai" not in captured.out
+    assert_one_clear_line(rc, captured.err, re.escape("lambada_openai: nothing scored: all 2 examples are longer than the "
+                                             "model's context of 64 tokens (a model with a longer context would fit "
+                                             "them)"))
+    assert list(json.loads(results.read_text())) == ["piqa"]
+    results.unlink()
+    rc, err = run_main(capsys, "eval", "--model", tiny_model_dir, "--task", "lambada_openai", "--data", lambada,
+                       "--json", results)
+    assert_one_clear_line(rc, err, "lambada_openai: nothing scored: all 2 examples are longer")
+    assert not results.exists()

@@ -10,12 +10,14 @@ from pathlib import Path
 import gpt1
 from gpt1.cli.args import positive_int
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import write_json
+from gpt1.core.io import file_target, write_json
 from gpt1.data.chat_sources import ChatStats
 from gpt1.train.evaluate import evaluate_data
 from gpt1.train.finetune import evaluate_chat
 from gpt1.train.harness import (
     SUITES,
+    NothingScored,
+    TaskResult,
     evaluate_task,
     format_results,
     results_json,
@@ -96,6 +98,7 @@ def eval_command(args: argparse.Namespace) -> int:
         raise Gpt1Error(f"{task_only[0]} applies to benchmarks (--task or --suite), not to perplexity")
     if not args.data:
         raise Gpt1Error("pass --data (perplexity) or --task/--suite (benchmarks)")
+    _check_outputs(args.json)
     llm = gpt1.load(args.model, device=args.device)
     if args.chat:
         return _chat_eval(llm, args)
@@ -116,6 +119,13 @@ def _perplexity(llm, data: list[str], args: argparse.Namespace) -> dict:
                            skip_invalid=args.skip_invalid)
     return {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
             "tokens": result.tokens, "bytes": result.bytes, "source": result.source, "skipped": result.skipped}
+
+
+def _check_outputs(*paths: str | None) -> None:
+    """Each file to write checked before the model loads: a bad path found before the scoring, not after."""
+    for path in paths:
+        if path and path != "-":  # --json with no PATH: stdout
+            file_target(path)
 
 
 def _emit_json(target: str, obj: dict) -> None:
@@ -155,32 +165,48 @@ def _tasks_eval(args: argparse.Namespace) -> int:
         raise Gpt1Error(f"--fewshot must be >= 0, got {args.fewshot}")
     if args.skip_invalid and not args.ppl_data:
         raise Gpt1Error("--skip-invalid applies to perplexity sources (--ppl-data here), not to task files")
+    if args.ppl_data and not (args.report or args.suite):  # it would be silently ignored: only the report shows it
+        raise Gpt1Error("--ppl-data applies with --report or --suite (it adds perplexity to the report)")
     if args.suite:
         limits = SUITES[args.suite]
     else:
         names = [n.strip() for n in args.task.split(",") if n.strip()]
         limits = {get_task(n).name: args.limit for n in names}
     sources = task_sources(list(limits), args.data)
+    _check_outputs(args.json, args.samples, args.report)
     llm = gpt1.load(args.model, device=args.device)
-    results = []
-    for name, limit in limits.items():
-        results.append(evaluate_task(llm, name, source=sources[name], num_fewshot=args.fewshot,
-                                     limit=args.limit if args.limit is not None else limit,
-                                     batch_size=args.batch_size or 32, precision=args.precision))
-    if args.samples:
-        write_samples(args.samples, results)
     report = args.report or (str(Path(args.model) / REPORT_FILE) if args.suite else None)
-    if report:
-        ppl = _perplexity(llm, args.ppl_data, args) if args.ppl_data else None
-        write_report(report, args.model, results, suite=args.suite, perplexity=ppl, device=str(llm.device))
-    if args.json:
-        _emit_json(args.json, results_json(results))
+    _check_outputs(report)  # --suite's MODEL/report.md too, now that the model dir is known to exist
+    # Perplexity first: a bad --ppl-data source is found before the tasks are scored.
+    ppl = _perplexity(llm, args.ppl_data, args) if args.ppl_data else None
+    results, unscored = [], []
+    for name, limit in limits.items():
+        try:
+            results.append(evaluate_task(llm, name, source=sources[name], num_fewshot=args.fewshot,
+                                         limit=args.limit if args.limit is not None else limit,
+                                         batch_size=args.batch_size or 32, precision=args.precision))
+        except NothingScored as e:  # the other tasks' results still count
+            unscored.append(str(e))
+    if results:
+        _emit_results(args, llm, results, report, ppl)
+    if unscored:
+        raise Gpt1Error("; ".join(unscored))
+    return 0
+
+
+def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], report: str | None, ppl: dict | None) -> None:
+    # The table first: a write that fails anyway (a full disk) does not take the results with it.
     if args.json != "-":
         print(format_results(results))
         skipped = sum(r.skipped for r in results)
         if skipped:
             print(f"{skipped} example(s) did not fit the model's context ({llm.model.config.block_size} tokens) and "
                   "were skipped", file=sys.stderr)
-        if report:
+    if args.samples:
+        write_samples(args.samples, results)
+    if report:
+        write_report(report, args.model, results, suite=args.suite, perplexity=ppl, device=str(llm.device))
+        if args.json != "-":
             print(f"report: {report}", file=sys.stderr)
-    return 0
+    if args.json:
+        _emit_json(args.json, results_json(results))

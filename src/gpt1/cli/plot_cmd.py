@@ -22,9 +22,10 @@ def register(subparsers) -> None:
 def plot_command(args: argparse.Namespace) -> int:
     files = [run if run.is_file() else run / "metrics.jsonl" for run in map(Path, args.runs)]
     out = args.out or files[0].parent / "loss.png"  # a str: atomic_path sees a trailing slash
-    names = [f.parent.name for f in files]
-    # Two runs with the same folder name are told apart by their full paths.
-    plot_runs({(name if names.count(name) == 1 else str(f.parent)): f for name, f in zip(names, files)}, out)
+    # A row is named after its run (a run dir, or the folder of its metrics.jsonl) or its own file
+    # (a.jsonl: "a"); names that collide are told apart by the paths as given.
+    names = [f.parent.resolve().name if f.name == "metrics.jsonl" else f.stem for f in files]
+    plot_runs({(name if names.count(name) == 1 else run): f for name, run, f in zip(names, args.runs, files)}, out)
     info(f"wrote {out}")
     print(out)
     return 0

@@ -15,7 +15,8 @@ without their last token, in one batch into a KV cache; then the chunk's continu
 length, run in padded batches, each row `[last context token] + continuation[:-1]` on a copy of
 its context's cache row. So a context shared by four choices is encoded once, and the
 output layer runs on continuation positions only.
-An example whose context + continuation does not fit the model's context is skipped and counted.
+An example whose context + continuation does not fit the model's context is skipped and counted;
+a task none of whose examples fits is an error (`NothingScored`), never a null metric.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ REFERENCES = [
 ]
 
 
+class NothingScored(Gpt1Error):
+    """No example of a task fits the model's context: the task has no result."""
+
+
 @dataclass
 class Scored:
     """One request's score: log P(continuation | context), and whether every token was the argmax."""
@@ -80,7 +85,7 @@ class TaskResult:
     num_fewshot: int
     n: int  # examples scored
     skipped: int  # examples that did not fit the model's context
-    metrics: dict[str, tuple[float | None, float | None]]  # name -> (value, stderr); None: nothing scored
+    metrics: dict[str, tuple[float, float | None]]  # name -> (value, stderr); stderr None: one example
     samples: list[dict] = field(default_factory=list, repr=False)
 
     def rows(self) -> list[dict]:
@@ -203,25 +208,37 @@ def task_sources(task_names: list[str], data: list[str] | None) -> dict[str, str
     """Where each task's documents come from. `data` entries: `TASK=SOURCE`; a folder holding
     `TASK.jsonl` files or `TASK/` split folders (for every task found there); or, with one task,
     its file or split folder. A source is a .jsonl file, a folder of SPLIT.jsonl files or
-    hf:NAME[@REVISION]. Tasks not named get their hub dataset, unless a folder of task files was
-    given: then a task missing from it is an error (the hub is asked for only by name)."""
+    hf:NAME[@REVISION]. `TASK=SOURCE` takes precedence over a folder's file for that task; any
+    other task given twice is an error. Tasks not named get their hub dataset, unless a folder of
+    task files was given: then a task missing from it is an error (the hub is asked for only by name)."""
     sources: dict[str, str | None] = {name: None for name in task_names}
+    given: dict[str, str] = {}  # task -> what gave its source, for the error when another does too
+    named: set[str] = set()  # tasks given as TASK=SOURCE
+
+    def give(name: str, source: str, by: str) -> None:
+        if name in given:  # the later one would silently win
+            raise Gpt1Error(f"{by}: task {name} is already given by {given[name]}; pass one source per task")
+        sources[name], given[name] = source, by
+
     folders = []
-    for entry in data or []:
+    for entry in sorted(data or [], key=lambda e: "=" not in e):  # TASK=SOURCE entries first
         name, sep, source = entry.partition("=")
         if sep:
             get_task(name)
             if name not in sources:
                 raise Gpt1Error(f"--data {entry}: task {name!r} is not among the tasks evaluated ({', '.join(task_names)})")
-            sources[name] = source
+            give(name, source, f"--data {entry}")
+            named.add(name)
             continue
         path = Path(entry)
-        found = {n: str(p) for n in task_names for p in (path / f"{n}.jsonl", path / n) if p.exists()}
+        found = [(n, p) for n in task_names for p in (path / f"{n}.jsonl", path / n) if p.exists()]
         if found:
-            sources.update(found)
+            for n, p in found:
+                if n not in named:
+                    give(n, str(p), str(p))
             folders.append(path)
         elif len(task_names) == 1 and (path.exists() or entry.startswith("hf:")):
-            sources[task_names[0]] = entry
+            give(task_names[0], entry, f"--data {entry}")
         else:
             raise Gpt1Error(f"--data {entry}: not a task file or folder for {', '.join(task_names)} (pass TASK=PATH, or a "
                             "folder holding TASK.jsonl files)")
@@ -237,9 +254,12 @@ def build_examples(task: Task, source: str | None, num_fewshot: int = 0, limit: 
     docs = load_documents(task, source, task.eval_split)
     if not docs:
         raise Gpt1Error(f"{task.name}: {source or task.hub} has no documents")
-    fewshot_docs = docs
-    if num_fewshot and task.fewshot_split and split_exists(task, source, task.fewshot_split) and \
-            (source is None or not Path(source).is_file()):
+    fewshot_docs = docs  # a single file lends its own documents (documented); a folder or the hub has the split
+    if num_fewshot and task.fewshot_split and not (source and Path(source).is_file()):
+        if not split_exists(task, source, task.fewshot_split):  # drawing from the evaluated split: not lm-eval's prompts
+            raise Gpt1Error(f"{Path(source) / task.fewshot_split}.jsonl: no such file; --fewshot {num_fewshot} draws "
+                            f"{task.name}'s examples from its {task.fewshot_split} split, as lm-eval does (or pass "
+                            f"{task.name}=FILE.jsonl to draw them from the evaluated file)")
         fewshot_docs = load_documents(task, source, task.fewshot_split)
     return task.build_examples(docs[:limit], fewshot_docs, num_fewshot, same_pool=fewshot_docs is docs)
 
@@ -252,6 +272,11 @@ def evaluate_task(llm, task_name: str, *, source: str | None = None, num_fewshot
     scorer = Scorer(llm.model, batch_size=batch_size, precision=precision)
     encoded = [[encode_pair(llm.tokenizer, r.context, r.continuation) for r in ex.requests] for ex in examples]
     kept = [i for i, pairs in enumerate(encoded) if all(scorer.fits(c, k) for c, k in pairs)]
+    if not kept:  # a mean over nothing: an error, never a null metric
+        shots = f" with {num_fewshot}-shot prompts" if num_fewshot else ""
+        raise NothingScored(f"{task_name}: nothing scored: all {len(examples)} examples{shots} are longer than the "
+                            f"model's context of {llm.model.config.block_size} tokens "
+                            f"({'fewer shots or ' if num_fewshot else ''}a model with a longer context would fit them)")
     scores = scorer.score_examples([encoded[i] for i in kept], desc=task_name, show_progress=show_progress)
     return _metrics(task, [examples[i] for i in kept], scores, num_fewshot, skipped=len(examples) - len(kept))
 
@@ -275,9 +300,6 @@ def _metrics(task: Task, examples: list[Example], scores: list[list[Scored]], nu
         samples.append({**sample, **values})
     metrics = {}
     for name, values in per_metric.items():
-        if not values:
-            metrics[name] = (None, None)
-            continue
         arr = np.array(values)
         stderr = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else None
         if name == "perplexity":  # values are log-likelihoods; exp(-mean), delta-method stderr
@@ -293,9 +315,8 @@ def format_results(results: list[TaskResult]) -> str:
     """A Markdown table: task, shots, metric, value ± stderr, n (skipped)."""
     lines = ["| task | shots | metric | value | stderr | n | skipped |", "|---|---|---|---|---|---|---|"]
     for row in (row for r in results for row in r.rows()):
-        value = "-" if row["value"] is None else f"{row['value']:.4f}"
         stderr = "" if row["stderr"] is None else f"{row['stderr']:.4f}"
-        lines.append(f"| {row['task']} | {row['fewshot']} | {row['metric']} | {value} | {stderr} | "
+        lines.append(f"| {row['task']} | {row['fewshot']} | {row['metric']} | {row['value']:.4f} | {stderr} | "
                      f"{row['n']} | {row['skipped']} |")
     return "\n".join(lines)
 

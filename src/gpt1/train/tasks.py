@@ -8,9 +8,11 @@ continuation log-likelihood is scored (`gpt1.train.harness`). The prompt is buil
 
     description + (text(shot) + " " + answer(shot) + "\\n\\n") * k + text(doc)
 
-and a multiple-choice continuation is `" " + choice` (the target delimiter). Winogrande puts the
-choices in the context ("partial evaluation": each option fills the blank, the rest of the
-sentence is the continuation); LAMBADA scores `" " + last word` after the other words.
+(a shot whose target is the empty string, a Winogrande sentence ending in its blank, adds its text
+alone: lm-eval's `build_qa_turn` takes "" for no answer), and a multiple-choice continuation is
+`" " + choice` (the target delimiter). Winogrande puts the choices in the context ("partial
+evaluation": each option fills the blank, the rest of the sentence is the continuation); LAMBADA
+scores `" " + last word` after the other words.
 
 Few-shot examples are drawn as lm-eval draws them: one `random.Random(1234)` per task, one
 `sample(pool, k)` per document in order (`k + 1`, then the document itself removed, where lm-eval's
@@ -131,12 +133,11 @@ class Task:
         return drawn
 
     def _shot_text(self, doc: dict) -> str:
-        if self.kind == "loglikelihood":
-            question, answer = self.text(doc), self.target(doc)
-        elif self.multiple_input:
-            question, answer = self.choices(doc)[self.text(doc)], self.target(doc)
-        else:
-            question, answer = self.text(doc), self.choices(doc)[self.target(doc)]
+        question = self.choices(doc)[self.text(doc)] if self.multiple_input else self.text(doc)
+        target = self.target(doc)  # an index into the choices, or the answer itself
+        if target == "":  # lm-eval's build_qa_turn takes an empty target for no answer: no delimiters either
+            return question
+        answer = self.choices(doc)[target] if isinstance(target, int) else target
         return question + TARGET_DELIMITER + answer + FEWSHOT_DELIMITER
 
     def _example(self, doc: Document, prefix: str) -> Example:
