@@ -794,3 +794,60 @@ def test_a_second_process_training_in_the_same_run_dir_is_refused(data_dir, tmp_
 
     with exclusive(out / "checkpoints", "training"):  # the killed process's lock went with it
         assert (out / "checkpoints" / ".lock").read_text() == f"process {os.getpid()}"
+
+
+# ---- resuming: paths spelled otherwise, torchrun's rank 0 ------------------------------------
+
+def _chat_file(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": f"{2 * i}"}]}) + "\n"
+                            for i in range(30)))
+    return path
+
+
+FT_ARGS = ["batch_size=4", "block_size=48", "eval_batches=1", "device=cpu", "max_steps=2", "save_every=1",
+           "val_fraction=0.2", "lora_r=2"]
+
+
+def test_a_path_spelled_otherwise_resumes_the_run(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """init_from=base/ (or ./base, or its absolute path) after init_from=base was refused as
+    another config."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    args = ["max_steps=2", "block_size=0"]
+    assert _run(data_dir, "run", [*args, "init_from=base"]).resumed_from == 0
+    for spelling in ("base/", "./base", str(tmp_path / "base")):
+        assert _run(data_dir, "run", [*args, f"init_from={spelling}"]).resumed_from == 2
+    with pytest.raises(Gpt1Error, match=r"different config \(init_from: '.*base' -> 'scratch'\)"):
+        _run(data_dir, "run", args)
+
+
+def test_a_finetune_resumes_from_a_copy_of_its_base_and_its_data_spelled_otherwise(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """--data ./chat.jsonl after --data chat.jsonl, and the same base weights at another path
+    (a fine-tune records its base's sha256 in base.json), were refused as another config."""
+    import shutil
+
+    from gpt1.train.finetune import FinetuneConfig, finetune
+
+    shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    _chat_file(tmp_path / "chat.jsonl")
+    assert finetune(load_config(FinetuneConfig, None, FT_ARGS, data="chat.jsonl"), tiny_model_dir, "ft").steps == 2
+    again = finetune(load_config(FinetuneConfig, None, FT_ARGS, data="./chat.jsonl"), "copy", "ft")
+    assert again.resumed_from == 2
+
+
+def test_finetune_merges_and_reports_on_rank_0_only(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """Under torchrun every rank ran --merge (all writing OUT/merged at once) and printed the
+    "chat model:" line: the rank was read after finetune had left the process group. Here: what
+    rank 1 does once finetune returned."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("GPT1_QUIET", "1")
+    out = tmp_path / "ft"
+    rc = main(["finetune", "--base", str(tiny_model_dir), "--data", str(_chat_file(tmp_path / "chat.jsonl")),
+               "--out", str(out), "--merge", *FT_ARGS])
+    assert rc == 0 and (out / "adapter").is_dir()
+    assert not (out / "merged").exists() and "chat model:" not in caplog.text

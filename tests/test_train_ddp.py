@@ -1,10 +1,12 @@
 """DDP through torchrun on CPU (gloo, 2 processes): it runs, and its losses match one process
-with the same global batch (2 ranks x 1 micro-batch == 1 process x 2 accumulated micro-batches)."""
+with the same global batch (2 ranks x 1 micro-batch == 1 process x 2 accumulated micro-batches);
+a refusal is one line from rank 0, not a traceback from every other rank."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,3 +41,51 @@ def test_ddp_gloo_two_processes_match_one(corpus_dir, tokenizer, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["tokens"] == b["tokens"]
     assert ddp[-1]["val_loss"] == pytest.approx(single.val_loss, rel=1e-5)
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+def _torchrun(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "gpt1", *map(str, args)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "GPT1_QUIET": "1", "OMP_NUM_THREADS": "1"})
+
+
+def _assert_one_line_from_rank_0(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode != 0, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gpt1 ") and ": error: " in line]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr
+    # No rank's traceback (rank 1 failed at a barrier once rank 0 had exited); torchrun's own report may follow.
+    assert "[rank" not in proc.stderr and "gpt1/train" not in proc.stderr, proc.stderr
+
+
+def test_a_refusal_under_torchrun_is_one_line(data_dir, tmp_path, capsys):
+    """Rank 0 alone checks the run dir: its refusal showed rank 1's traceback from the barrier it
+    waited at. Also: a run resumed by another number of processes (its global batch and its
+    ranks' share of the data change) is refused, either way."""
+    from tests.test_battery import assert_one_clear_line, run_main
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hi")
+    _assert_one_line_from_rank_0(_torchrun("pretrain", "--data", data_dir, "--out", tmp_path / "junk", *ARGS),
+                                 "junk is not empty and holds no gpt1 run")
+
+    assert run_main(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "one", *ARGS, "max_steps=2")[0] == 0
+    _assert_one_line_from_rank_0(_torchrun("pretrain", "--data", data_dir, "--out", tmp_path / "one", *ARGS, "max_steps=2"),
+                                 r"one was trained by 1 process, this run has 2: resume it in one process")
+
+    assert _torchrun("pretrain", "--data", data_dir, "--out", tmp_path / "two", *ARGS, "max_steps=2").returncode == 0
+    assert_one_clear_line(*run_main(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "two", *ARGS, "max_steps=2"),
+                          r"two was trained by 2 processes, this run has 1: resume it with 2 processes "
+                          r"\(torchrun --nproc_per_node 2\)")
+
+
+def test_finetune_under_torchrun_merges_and_reports_once(tiny_model_dir, tmp_path):
+    """--merge ran on every rank (all writing OUT/merged) and its lines came once per rank."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": f"{2 * i}"}]}) + "\n"
+                            for i in range(30)))
+    proc = _torchrun("finetune", "--base", tiny_model_dir, "--data", chat, "--out", tmp_path / "ft", "--merge",
+                     "batch_size=4", "block_size=48", "eval_batches=1", "device=cpu", "max_steps=2", "lora_r=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("chat model: ") == 1 and proc.stderr.count("merged model: ") == 1, proc.stderr
+    assert (tmp_path / "ft" / "merged" / "model.safetensors").is_file()

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt1 {args.command}: terminated{hint}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except Gpt1Error as e:
+        if getattr(e, "reported_elsewhere", False):  # another torchrun rank's error: that rank prints it
+            return 2
         return _error(args.command, str(e))
     except OSError as e:
         if e.errno not in UNWRITABLE:

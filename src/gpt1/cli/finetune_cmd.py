@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from gpt1.core.progress import info
-from gpt1.train import distributed
 from gpt1.train.config import load_config
 from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
 
@@ -50,8 +50,12 @@ def finetune_command(args: argparse.Namespace) -> int:
         print("".join(f"{key} = {json.dumps(value)}\n" for key, value in cfg.to_dict().items()), end="")
         return 0
     result = finetune(cfg, args.base, args.out)
+    # Under torchrun rank 0 speaks for the run and merges. From the environment: finetune has
+    # left the process group, so distributed.current() says rank 0 on every rank by now.
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     info(f"chat model: {result.run_dir} (try `gpt1 chat --model {result.run_dir}`)")
-    if args.merge and distributed.current().is_main:
+    if args.merge:
         merged = merge_model_dir(args.out, Path(args.out) / "merged")
         info(f"merged model: {merged}")
     return 0

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from gpt1.core import device as core_device
+from gpt1.core.errors import Gpt1Error
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,35 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class RankZeroError(Gpt1Error):
+    """Rank 0's error, raised on the other ranks by `main_only` so that they stop with it. Rank 0
+    reports it: the CLI prints nothing for this copy (one line in all, not one per rank)."""
+
+    reported_elsewhere = True
+
+
+def main_only(fn):
+    """`fn()` on rank 0 while the other ranks wait; its result on rank 0, None elsewhere. When it
+    raises, every rank raises: rank 0 its error, the others a RankZeroError with its message.
+    (Otherwise they would wait for rank 0 at their next collective and fail there, with a
+    traceback, once it has exited.)"""
+    info = current()
+    if not info.enabled:
+        return fn()
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    message = broadcast_object(None if error is None else str(error) or type(error).__name__)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RankZeroError(message)
+    return result
 
 
 def barrier() -> None:

@@ -37,10 +37,11 @@ the checkpoint): a run killed in between writes them on its next call. A step wh
 not finite is skipped; a checkpoint due at it is still saved when the weights are finite
 (the skipped step did not touch them), else a warning names the last good checkpoint.
 Running `train` again on the same `run_dir` resumes from its latest checkpoint (a different
-config is refused); on CPU the resumed run
+config, or number of processes, is refused; paths compare by what they name); on CPU the resumed run
 ends at exactly the loss of an uninterrupted one. With torchrun (`gpt1.train.distributed`),
 each rank's `train_data` must draw its own batches and reach the same state after the same
-number of steps; rank 0 logs and saves.
+number of steps; rank 0 checks the run dir, logs and saves, and its failure there stops every
+rank (`distributed.main_only`).
 
 Speed: `precision=bf16-mixed` falls back to fp16-mixed on GPUs without bf16
 (`gpt1.train.precision`); `compile=true` falls back to eager, with one warning, when
@@ -72,6 +73,7 @@ from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
 from gpt1.core.threads import cpu_thread_tuner
+from gpt1.formats.modeldir import BASE_FILE, WEIGHTS_FILE
 from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
@@ -132,9 +134,11 @@ def peak_flops(device: torch.device) -> float | None:
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
-def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | None = None) -> None:
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | None = None,
+                   world_size: int = 1) -> None:
     """Refuse a run dir that holds another run (or anything else); write train_config.json."""
-    wanted = {"config": cfg.to_dict(), "max_steps": max_steps, **({"data": data} if data is not None else {})}
+    wanted = {"config": cfg.to_dict(), "max_steps": max_steps, "world_size": world_size,
+              **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE
     if file.is_file():
         old = read_json(file)
@@ -142,10 +146,19 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
         if not isinstance(old_cfg, dict):
             raise Gpt1Error(f"{file}: expected an object with the run's \"config\"; the run dir is damaged "
                             "(restore the file, or choose another --out)")
+        # The global batch and each rank's share of the data follow the number of processes: on
+        # another number a resume would replay or skip batches. (A run dir from before it was
+        # recorded resumes unchecked: its number is unknown.)
+        old_world = old.get("world_size")
+        if isinstance(old_world, int) and old_world != world_size:
+            how = f"with {old_world} processes (torchrun --nproc_per_node {old_world})" if old_world > 1 else \
+                "in one process (without torchrun)"
+            raise Gpt1Error(f"{run_dir} was trained by {old_world} process{'es' if old_world > 1 else ''}, this run has "
+                            f"{world_size}: resume it {how}, or choose another --out")
         # A key that an older gpt1 did not write had its default value then.
         old_cfg = {**_field_defaults(cfg), **old_cfg}
         keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
-                      if k not in RESUMABLE_CHANGES and old_cfg.get(k) != wanted["config"].get(k))
+                      if k not in RESUMABLE_CHANGES and not _same_setting(run_dir, k, old_cfg.get(k), wanted["config"].get(k)))
         if old.get("max_steps") != max_steps and "max_steps" not in keys:
             keys.append(f"max_steps (resolved: {old.get('max_steps')} -> {max_steps})")
         if keys:
@@ -164,6 +177,34 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
         raise Gpt1Error(f"{run_dir} is not empty and holds no gpt1 run ({CONFIG_FILE} is missing); "
                         "choose a new or empty --out")
     write_json(file, wanted)
+
+
+# Keys that may name a local file or folder: the same one spelled differently (runs/a, runs/a/,
+# an absolute path) is the same setting. `data` is fine-tuning's chat source.
+PATH_KEYS = {"init_from", "data"}
+
+
+def _same_setting(run_dir: Path, key: str, old, new) -> bool:
+    if old == new:
+        return True
+    if key not in PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    if _resolved(old) == _resolved(new):
+        return True
+    # A fine-tune records its base's weights (BASE_FILE): the same weights elsewhere are the same base.
+    base = run_dir / BASE_FILE
+    if key == "init_from" and base.is_file() and (Path(new) / WEIGHTS_FILE).is_file():
+        from gpt1.train.finetune import file_fingerprint  # here: gpt1.train.finetune imports this module
+
+        return read_json(base).get("sha256") == file_fingerprint(Path(new) / WEIGHTS_FILE)
+    return False
+
+
+def _resolved(value: str) -> str:
+    """A path-valued setting (a path, or hf:PATH) as the absolute path it names, if it exists."""
+    prefix = "hf:" if value.startswith("hf:") else ""
+    path = Path(value.removeprefix(prefix))
+    return prefix + str(path.resolve()) if value != "scratch" and path.exists() else value
 
 
 def _field_defaults(cfg: TrainConfig) -> dict:
@@ -205,23 +246,23 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     device = distributed.resolve_device(cfg.device, dist)
     if device.type == "cpu":
         keep_freed_memory()  # the step's large buffers reused, not page-faulted in every step
-    held = contextlib.ExitStack()
-    if dist.is_main:
-        _check_run_dir(run_dir, cfg, max_steps, data)
-        # One process trains in a run dir at a time: a second one would delete the first's
-        # partial saves (below) and interleave its metrics. Taken once the config is checked (a
-        # new run dir holds nothing before), released when the process ends, however it ends.
-        held.enter_context(exclusive(run_dir / ckpt.CHECKPOINTS_DIR, "training"))
-        ckpt.remove_partial_saves(run_dir)
-    with held:
+    with contextlib.ExitStack() as held:
+
+        def check_and_hold() -> None:
+            _check_run_dir(run_dir, cfg, max_steps, data, dist.world_size)
+            # One process trains in a run dir at a time: a second one would delete the first's
+            # partial saves (below) and interleave its metrics. Taken once the config is checked (a
+            # new run dir holds nothing before), released when the process ends, however it ends.
+            held.enter_context(exclusive(run_dir / ckpt.CHECKPOINTS_DIR, "training"))
+            ckpt.remove_partial_saves(run_dir)
+
+        distributed.main_only(check_and_hold)  # a refusal there stops every rank
         return _train_in(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, started)
 
 
 def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_data: BatchSource, val_batches,
               save_model, max_steps: int, dist, device: torch.device, started: float) -> TrainResult:
     """The run itself, once its run dir is checked and held (see `train`)."""
-    distributed.barrier()
-
     model.to(device)
     model.train()
     if cfg.float8:
@@ -274,10 +315,11 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
 
     def save_if_due(done: int) -> None:
         if _save_due(done, cfg.save_every, end):
-            if dist.is_main:
+            def save() -> None:
                 checkpoint = ckpt.save_checkpoint(run_dir, done, raw_model, trainer_state())
                 _write_outputs(run_dir, checkpoint, raw_model, save_model, final=done == end)
-            distributed.barrier()
+
+            distributed.main_only(save)  # rank 0 saves; its failure (e.g. a full disk) stops every rank
 
     metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
