@@ -22,7 +22,6 @@ The run dir `out` is a model dir (`gpt1.load(out)` applies the adapter):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import math
 import shutil
@@ -33,7 +32,7 @@ import torch
 
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_dir, crash_point, read_json, save_safetensors, write_json, write_text
+from gpt1.core.io import atomic_dir, crash_point, file_fingerprint, read_json, save_safetensors, write_json, write_text
 from gpt1.core.lora import (
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -104,15 +103,6 @@ class FinetuneConfig(TrainConfig):
     def lora_config(self, token_ids: list[int] | None = None) -> LoRAConfig:
         return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                           targets=tuple(self.lora_targets), token_ids=list(token_ids or []))
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_base(base: str | Path):

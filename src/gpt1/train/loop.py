@@ -68,7 +68,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import crash_point, exclusive, read_json, write_json, write_text
+from gpt1.core.io import crash_point, exclusive, file_fingerprint, read_json, write_json, write_text
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
@@ -194,8 +194,6 @@ def _same_setting(run_dir: Path, key: str, old, new) -> bool:
     # A fine-tune records its base's weights (BASE_FILE): the same weights elsewhere are the same base.
     base = run_dir / BASE_FILE
     if key == "init_from" and base.is_file() and (Path(new) / WEIGHTS_FILE).is_file():
-        from gpt1.train.finetune import file_fingerprint  # here: gpt1.train.finetune imports this module
-
         return read_json(base).get("sha256") == file_fingerprint(Path(new) / WEIGHTS_FILE)
     return False
 
