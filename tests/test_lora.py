@@ -108,6 +108,17 @@ def test_merged_equals_unmerged(tiny_config, tie):
         torch.testing.assert_close(model(x), unmerged, atol=1e-4, rtol=0)
 
 
+def _loads_as(model, adapter, config):
+    """The adapter loaded on `model`'s base: a model with `model`'s logits (returned)."""
+    other = GPT(config).eval()
+    other.load_state_dict(base_state_dict(model))
+    load_adapter(other, adapter)
+    x = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), atol=1e-6, rtol=0)
+    return other
+
+
 def test_save_load_round_trip_and_errors(tiny_config, tmp_path):
     model = _trained(tiny_config, LoRAConfig(r=4, alpha=8, dropout=0.1, targets=("q", "v", "down"), token_ids=SPECIAL))
     model.eval()
@@ -116,12 +127,7 @@ def test_save_load_round_trip_and_errors(tiny_config, tmp_path):
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["fan_in_fan_out"] is True
     assert config["target_modules"] == ["attn.c_attn", "mlp.c_proj"] and config["base_model_name_or_path"] == "base-dir"
     assert config["rank_pattern"] == {"attn.c_attn": 8} and config["alpha_pattern"] == {"attn.c_attn": 16}
-    other = GPT(tiny_config).eval()
-    other.load_state_dict(base_state_dict(model))
-    load_adapter(other, tmp_path / "adapter")
-    x = torch.randint(0, tiny_config.vocab_size, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(other(x), model(x), atol=1e-6, rtol=0)
+    other = _loads_as(model, tmp_path / "adapter", tiny_config)
     with pytest.raises(Gpt1Error, match="already has LoRA"):
         load_adapter(other, tmp_path / "adapter")
     bigger = GPT(dataclasses.replace(tiny_config, n_embd=32, n_head=2))
@@ -209,12 +215,7 @@ def test_a_gpt1_adapter_that_peft_saved_again_loads_the_same(tiny_config, tmp_pa
     save_adapter(model, tmp_path / "adapter")
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     save_file(load_file(weights), weights)  # no metadata now, as PEFT writes it
-    other = GPT(tiny_config).eval()
-    other.load_state_dict(base_state_dict(model))
-    load_adapter(other, tmp_path / "adapter")
-    x = torch.randint(0, tiny_config.vocab_size, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(other(x), model(x), atol=1e-6, rtol=0)
+    _loads_as(model, tmp_path / "adapter", tiny_config)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {}}))
     with pytest.raises(Gpt1Error, match=r"the modules' LoRA scales differ \(attn.c_attn: 0.667, "):

@@ -348,6 +348,18 @@ def test_fewshot_from_a_folder_without_its_fewshot_split_is_an_error(tiny_model_
                  f"piqa={folder / 'validation.jsonl'}", "--fewshot", "1"]) == 0
 
 
+def test_a_hub_dataset_without_the_fewshot_split_names_it(monkeypatch):
+    """The same error for a dataset read from the hub (it was a TypeError on Path(None))."""
+    import gpt1.train.harness as harness
+    from gpt1.train.tasks import get_task
+
+    monkeypatch.setattr(harness, "split_exists", lambda task, source, split: False)
+    monkeypatch.setattr(harness, "load_documents", lambda task, source, split: [SCHEMAS["piqa"][0](0)] * 3)
+    for source, shown in ((None, get_task("piqa").hub), ("hf:someone/piqa", "hf:someone/piqa")):
+        with pytest.raises(Gpt1Error, match=re.escape(f"{shown}: no train split; --fewshot 1 draws piqa's examples")):
+            harness.build_examples(get_task("piqa"), source, 1)
+
+
 def test_a_task_given_twice_is_an_error(tiny_model_dir, tmp_path, capsys):
     """`--data piqa=A piqa=B` silently used B (and `piqa=/nope.jsonl piqa=A` succeeded). A task
     named outright still takes precedence over a folder's file for it, in either order."""

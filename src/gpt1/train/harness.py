@@ -257,7 +257,10 @@ def build_examples(task: Task, source: str | None, num_fewshot: int = 0, limit: 
     fewshot_docs = docs  # a single file lends its own documents (documented); a folder or the hub has the split
     if num_fewshot and task.fewshot_split and not (source and Path(source).is_file()):
         if not split_exists(task, source, task.fewshot_split):  # drawing from the evaluated split: not lm-eval's prompts
-            raise Gpt1Error(f"{Path(source) / task.fewshot_split}.jsonl: no such file; --fewshot {num_fewshot} draws "
+            local = source is not None and not source.startswith("hf:")
+            missing = (f"{Path(source) / task.fewshot_split}.jsonl: no such file" if local
+                       else f"{source or task.hub}: no {task.fewshot_split} split")
+            raise Gpt1Error(f"{missing}; --fewshot {num_fewshot} draws "
                             f"{task.name}'s examples from its {task.fewshot_split} split, as lm-eval does (or pass "
                             f"{task.name}=FILE.jsonl to draw them from the evaluated file)")
         fewshot_docs = load_documents(task, source, task.fewshot_split)
