@@ -301,3 +301,29 @@ def test_plot_of_two_metrics_files_in_one_folder_draws_two_named_rows(tmp_path, 
     assert drawn[-1] == ["a", "b"] and Image.open("two.png").height == 2 * Image.open("one.png").height
     assert run_main(capsys, "plot", "x/m.jsonl", "y/m.jsonl", "run", "run/metrics.jsonl", "--out", "four.png")[0] == 0
     assert drawn[-1] == ["x/m.jsonl", "y/m.jsonl", "run", "run/metrics.jsonl"]
+
+
+def test_help_says_a_default_once_and_only_when_it_tells_something():
+    """`gpt1 eval --help` said "(default: the best available) (default: None)", and argparse's
+    ArgumentDefaultsHelpFormatter adds "(default: None)" / "(default: False)" everywhere."""
+    import argparse
+
+    from gpt1.cli.args import DefaultsHelpFormatter
+
+    parser = argparse.ArgumentParser(prog="x", formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
+    parser.add_argument("--field", default="text", help="the field")
+    parser.add_argument("--fewshot", type=int, default=0, help="examples")
+    parser.add_argument("--out", help="the output")
+    parser.add_argument("--skip", action="store_true", help="skip bad lines")
+    text = " ".join(parser.format_help().split())
+    assert "(default: the best available) --field" in text and "the field (default: text)" in text
+    assert "examples (default: 0)" in text and "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_a_text_flag_typed_in_utf8_under_a_c_locale_is_decoded():
+    """Under LANG=C without UTF-8 mode Python holds a typed "héllo" as lone surrogates, which the
+    tokenizer refuses; bytes that are not UTF-8 stay so, for the CLI to refuse naming the argument."""
+    from gpt1.cli.args import text
+
+    assert text("h\udcc3\udca9llo") == "héllo" and text("héllo") == "héllo" and text("caf\udce9") == "caf\udce9"

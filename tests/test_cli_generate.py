@@ -111,7 +111,7 @@ def test_chat_session_through_stdin(tiny_model_dir, llm):
     third = llm.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "how are you"}], **knobs)
     assert result.stdout == first + "\n" + second + "\n" + third + "\n"
     assert "error: top_k must be an integer >= 0 (0 = off), got 'nope'" in result.stderr
-    assert "error: unknown command /bogus" in result.stderr
+    assert "error: unknown command /bogus; type /help (a message that starts with / is typed //bogus)" in result.stderr
     assert "temperature 0.2, top_k 30, top_p 0.8" in result.stderr and "max_new_tokens 6" in result.stderr
     assert "base model" in result.stderr
 
@@ -189,9 +189,9 @@ def test_generate_says_when_max_new_tokens_is_capped(capsys, tiny_model_dir, llm
 
 
 def test_chat_says_when_a_message_longer_than_the_context_is_cut(capsys, monkeypatch, tiny_model_dir, llm):
-    """A message longer than the context is cut to its last tokens, and said so: the warning
-    once counted the whole message and promised "at most -375 tokens"; with --no-truncate only
-    the error shows, and the message leaves the history."""
+    """A message longer than the context loses the start of its text (its role marker stays),
+    and says so: the warning once counted the whole message and promised "at most -375 tokens";
+    with --no-truncate only the error shows, and the message leaves the history."""
     import io
 
     message = "word " * 100
@@ -201,13 +201,14 @@ def test_chat_says_when_a_message_longer_than_the_context_is_cut(capsys, monkeyp
     n = len(llm.tokenizer.encode(message))  # the template adds its turn markers to these
     assert code == 0 and out.strip(), err
     assert "does not fit" not in err and "at most -" not in err
-    assert "tokens) was cut to its last 54 tokens to fit the context" in err and n > 64
+    cut = n + 2 - 54  # its <|user|> and the <|assistant|> after it stay
+    assert f"the message's first {cut} tokens were cut to fit the context" in err and n > 64
+    assert "was cut to its last" not in err  # the prompt fits once the message is cut
     # On a line of its own after the reply (it was written before the reply's line end).
     both = subprocess.run([sys.executable, "-m", "gpt1", "chat", "--model", str(tiny_model_dir), "--device", "cpu",
                            "--max-new-tokens", "10", "--temperature", "0"], input=message + "\n",
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120).stdout
-    assert any(line.startswith("the prompt (") and "was cut to its last 54 tokens" in line
-               for line in both.splitlines()), both
+    assert any(line.startswith(f"the message's first {cut} tokens were cut") for line in both.splitlines()), both
     monkeypatch.setattr(sys, "stdin", io.StringIO(message + "\n"))
     code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu",
                               "--max-new-tokens", "10", "--no-truncate")
@@ -254,3 +255,45 @@ def test_dtype_loads_the_model_in_it_for_generation(capsys, tiny_model_dir, llm)
         with pytest.raises(Gpt1Error, match=r"dtype must be one of auto, .* \(or that torch dtype\), got "):
             load(tiny_model_dir, device="cpu", dtype=wrong)
     assert load(tiny_model_dir, device="cpu", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_chat_sends_a_message_that_starts_with_a_slash_and_reads_an_empty_system_message(tiny_model_dir, llm):
+    """`/usr/bin/env is what?` could not be sent (an unknown command), `/reset me` silently cleared
+    the conversation, and `--system ""` was dropped (`generate --chat` and the server keep it)."""
+    script = "hi\n/reset me\n//usr/bin/env is what?\n"
+    result = gpt1("chat", "--model", str(tiny_model_dir), "--device", "cpu", "--system", "", "--temperature", "0",
+                  "--max-new-tokens", "6", stdin=script)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "error: /reset takes no argument (a message that starts with / is typed //reset me)" in result.stderr
+    knobs = dict(temperature=0, max_new_tokens=6)
+    history = [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]
+    first = llm.chat(history, **knobs)
+    second = llm.chat(history + [{"role": "assistant", "content": first},
+                                 {"role": "user", "content": "/usr/bin/env is what?"}], **knobs)
+    assert result.stdout == first + "\n" + second + "\n"
+
+
+def test_generate_and_chat_with_standard_input_closed(tiny_model_dir):
+    """`0<&-`: sys.stdin is None, and both crashed on None.isatty()."""
+    for args, code, message in ((["generate"], 2, "no prompt: give --prompt TEXT"), (["chat"], 0, "")):
+        result = subprocess.run([sys.executable, "-m", "gpt1", *args, "--model", str(tiny_model_dir), "--device", "cpu"],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                                preexec_fn=lambda: __import__("os").close(0))
+        assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr
+
+
+def test_text_typed_in_utf8_under_a_c_locale_is_the_same_prompt(tiny_model_dir):
+    """Under LANG=C (no UTF-8 mode) `--prompt héllo` reached the tokenizer as lone surrogates: refused."""
+    import os
+
+    args = ["generate", "--model", str(tiny_model_dir), "--device", "cpu", "--chat", "--system", "soyez brèf",
+            "--prompt", "héllo", "--stop", "é", "--temperature", "0", "--max-new-tokens", "6"]
+    outputs = []
+    for locale in ({"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}, {"LANG": "C", "LC_ALL": "C", "PYTHONUTF8": "0"}):
+        env = {**os.environ, **locale}
+        env.pop("PYTHONIOENCODING", None)
+        result = subprocess.run([sys.executable, "-m", "gpt1", *args], capture_output=True, timeout=120, env=env)
+        assert result.returncode == 0, result.stderr
+        outputs.append((result.stdout, result.stderr.split(b"[")[-1].split(b" generated")[0]))
+    assert outputs[0] == outputs[1]  # the same text and the same prompt token count

@@ -5,6 +5,7 @@ reused; one failing request leaves the others running; validation happens before
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -213,6 +214,39 @@ def test_a_failing_request_ends_alone(model, tokenizer):
     assert engine.stats.failed == 1 and engine.stats.completed == 2 and engine.free_slots == 3
     for key, prompt in ((0, ids[:4]), (2, ids[8:12])):
         assert collector.text(key) == generate(model, tokenizer, prompt, params).text
+
+
+def test_a_model_wider_than_its_tokenizer_never_samples_an_id_the_tokenizer_lacks(tiny_config, tokenizer):
+    """Embeddings padded past the tokenizer (`resize_token_embeddings(pad_to_multiple_of=64)`):
+    an unused id sampled at a high temperature crashed decoding (IndexError; a 500 in the server)."""
+    wide = dataclasses.replace(tiny_config, vocab_size=tokenizer.vocab_size + 64)
+    model = model_without_stops(wide, tokenizer, seed=3)
+    with torch.no_grad():  # the padding rows would win every draw
+        model.lm_head.weight[tokenizer.vocab_size:] = 0.0
+        model.lm_head.weight[tokenizer.vocab_size:, 0] = 100.0
+    completion = generate(model, tokenizer, tokenizer.encode("def"), SamplingParams(temperature=2.0, max_new_tokens=20, seed=1))
+    assert completion.completion_tokens == 20 and max(completion.token_ids) < tokenizer.vocab_size
+    with pytest.raises(Gpt1Error, match=rf"token id {tokenizer.vocab_size} is outside the vocabulary"):
+        generate(model, tokenizer, [5, tokenizer.vocab_size], SamplingParams())
+
+
+def test_a_row_whose_logits_are_not_finite_fails_alone_with_a_clear_error(model, tokenizer):
+    """It "sampled" [PAD] (greedy: an empty reply, finish "stop") or the last id forever."""
+    ids = tokenizer.encode(TEXT)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.transformer.wte.weight[ids[0]] = float("nan")  # any prompt holding ids[0] goes NaN
+    engine = Engine(broken, tokenizer, max_batch=3, max_queue=0)
+    collector = Collector()
+    for key, temperature in ((0, 0.0), (1, 0.8)):
+        submit(engine, collector, key, ids[:4], SamplingParams(temperature=temperature, max_new_tokens=5, seed=1))
+    submit(engine, collector, 2, ids[8:12], SamplingParams(temperature=0, max_new_tokens=5))
+    run_until_idle(engine)
+    for key in (0, 1):
+        assert isinstance(collector.errors[key], Gpt1Error) and key not in collector.chunks
+        assert str(collector.errors[key]).startswith("the model's next-token logits are NaN or infinite (running in float32)")
+    assert collector.text(2) == generate(model, tokenizer, ids[8:12], SamplingParams(temperature=0, max_new_tokens=5)).text
+    assert engine.stats.failed == 2 and engine.free_slots == 3
 
 
 def test_validation_happens_before_the_batch_and_capacity_is_told_apart(model, tokenizer):

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from gpt1.cli import main
 from gpt1.core.tokenizer import train_tokenizer
 from gpt1.data.shards import prepare
 from gpt1.data.sources import iter_documents
 from gpt1.train.evaluate import evaluate_data
+from tests.task_files import hellaswag, write_jsonl
 from tests.test_battery import assert_one_clear_line, run_main
 
 
@@ -26,18 +29,22 @@ def data_dir(corpus_dir, tokenizer, tmp_path_factory):
 
 
 def _manual_loss(model_dir, tokens: np.ndarray, block: int) -> tuple[float, int]:
-    """Mean next-token cross-entropy over non-overlapping windows, computed directly."""
+    """lm-eval's loglikelihood_rolling, computed directly: disjoint target windows of `block` tokens
+    covering every token after the first; the last one ends at the last token and scores only the
+    targets the window before did not."""
     import gpt1
 
     model = gpt1.load(model_dir, device="cpu").model
-    n = (len(tokens) - 1) // block
-    losses = []
+    total, scored = 0.0, 0
     with torch.no_grad():
-        for i in range(n):
-            w = torch.as_tensor(tokens[i * block:(i + 1) * block + 1].astype(np.int64))
-            logits = model(w[None, :-1])
-            losses.append(torch.nn.functional.cross_entropy(logits[0], w[1:], reduction="sum").item())
-    return sum(losses) / (n * block), n * block
+        while scored < len(tokens) - 1:
+            start = min(scored, len(tokens) - 1 - block)
+            w = torch.as_tensor(tokens[start:start + block + 1].astype(np.int64))
+            new = start + block - scored  # the last `new` targets of this window are not scored yet
+            logits = model(w[None, :-1])[0]
+            total += torch.nn.functional.cross_entropy(logits[-new:], w[1:][-new:], reduction="sum").item()
+            scored += new
+    return total / scored, scored
 
 
 def test_eval_cli_on_val_shard(tiny_model_dir, data_dir, capsys):
@@ -142,8 +149,6 @@ def test_split_is_refused_where_there_is_none(tiny_model_dir, tmp_path, capsys):
 
 
 def _piqa_file(path):
-    from tests.task_files import write_jsonl
-
     return write_jsonl(path, [{"goal": f"G{i}?", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(2)])
 
 
@@ -200,3 +205,63 @@ def test_ppl_data_needs_the_report_and_is_read_before_the_tasks(tiny_model_dir, 
     monkeypatch.setattr(eval_cmd, "evaluate_task", lambda *a, **k: pytest.fail("scored before --ppl-data was read"))
     assert_one_clear_line(*run_main(capsys, *task, "--report", tmp_path / "r.md"), "nope")
     assert not (tmp_path / "r.md").exists()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_every_token_is_predicted_once_including_the_tail(tiny_model_dir, tokenizer, tmp_path, batch_size):
+    """The tail after the last whole window was dropped: 361 tokens on a 128-token context scored 256.
+    Now the last window ends at the last token (lm-eval's rolling windows) and scores only the new ones."""
+    import gpt1
+
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x * 2 + 1  # a comment\n" * 12)
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    ids = np.array(tokenizer.encode(text.read_text()) + [tokenizer.eos_id])
+    block = 16
+    assert (len(ids) - 1) % block, "the stream must end in a partial window"
+    result = evaluate_data(llm, [str(text)], batch_size=batch_size, block_size=block, show_progress=False)
+    loss, n = _manual_loss(tiny_model_dir, ids, block)
+    assert result.tokens == n == len(ids) - 1
+    assert result.loss == pytest.approx(loss, rel=1e-5)
+    # Bits per byte over exactly the scored tokens' text: all of it but the first token's ([EOS] has none).
+    assert result.bytes == len(tokenizer.id_to_bytes(int(t) for t in ids[1:] if t != tokenizer.eos_id))
+
+
+def _overflowing_model(tiny_model_dir, tmp_path):
+    """A model whose weights are finite but whose activations overflow fp16 (as a badly scaled one can)."""
+    out = tmp_path / "big"
+    shutil.copytree(tiny_model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    weights["transformer.h.0.mlp.c_fc.weight"] *= 1e6
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_a_loss_that_is_not_finite_is_an_error_not_a_nan(tiny_model_dir, data_dir, tmp_path, capsys):
+    """fp16 overflow printed `loss nan perplexity nan` with exit 0 and wrote NaN (not JSON) to --json."""
+    big = _overflowing_model(tiny_model_dir, tmp_path)
+    out = tmp_path / "out.json"
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", big, "--data", data_dir, "--precision", "fp16-mixed",
+                                    "--json", out),
+                          r"val\.bin: the loss of the model .*big is not finite \(nan\) in fp16-mixed "
+                          r"\(float32 weights\).*try --precision bf16-mixed or fp32")
+    assert not out.exists()
+    chats = tmp_path / "chats.jsonl"  # --chat's assistant-token loss likewise
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}, how are you?"},
+                                                      {"role": "assistant", "content": f"fine, thanks {i}."}]}) + "\n"
+                             for i in range(20)))
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", big, "--data", chats, "--chat", "--precision", "fp16-mixed"),
+                          r"chats\.jsonl \(held-out 5% of the conversations\): the assistant-token loss of the model "
+                          r".*big is not finite \(nan\) in fp16-mixed")
+    assert main(["eval", "--model", str(big), "--data", str(data_dir), "--max-batches", "1", "--json"]) == 0  # fp32: fine
+    assert math.isfinite(json.loads(capsys.readouterr().out)["loss"])
+
+
+def test_a_task_scored_from_log_likelihoods_that_are_not_finite_is_an_error(tiny_model_dir, tmp_path, capsys):
+    """All-NaN logits scored hellaswag acc 0.25, chance level: a plausible number from nothing."""
+    big = _overflowing_model(tiny_model_dir, tmp_path)
+    docs = write_jsonl(tmp_path / "h.jsonl", [hellaswag(i) for i in range(4)])
+    rc, err = run_main(capsys, "eval", "--model", big, "--task", "hellaswag", "--data", docs, "--precision", "fp16-mixed")
+    assert_one_clear_line(rc, err, r"hellaswag: .*h\.jsonl, line \d: the log-likelihood of the model .*big is not finite "
+                                   r"\(nan\) in fp16-mixed \(float32 weights\).*try --precision bf16-mixed or fp32")
+    assert "| hellaswag |" not in capsys.readouterr().out

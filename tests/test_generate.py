@@ -205,14 +205,32 @@ def test_chat_prompt_drops_the_oldest_turns(tokenizer):
     turns = [{"role": r, "content": f"message number {i} " * 4} for i, r in enumerate(["user", "assistant"] * 6)]
     messages = [{"role": "system", "content": "be brief"}] + turns + [{"role": "user", "content": "last"}]
     params = SamplingParams(max_new_tokens=40)
-    ids, dropped = chat_prompt_ids(tokenizer, messages, 256, params)
+    ids, dropped, cut = chat_prompt_ids(tokenizer, messages, 256, params)
+    assert cut == 0
     assert 0 < dropped < len(turns) and dropped % 2 == 0  # whole user + assistant pairs
     assert len(ids) <= 256 - 40
     assert ids[0] == tokenizer.special_id(SYSTEM) and ids[-1] == tokenizer.special_id(ASSISTANT)
     assert tokenizer.special_id(USER) == ids[len(tokenizer.encode("be brief")) + 1]
-    assert chat_prompt_ids(tokenizer, messages, 4096, params) == (chat_prompt_ids(tokenizer, messages, 4096, params)[0], 0)
-    whole, none_dropped = chat_prompt_ids(tokenizer, messages, 256, params.override(truncate_prompt=False))
+    assert chat_prompt_ids(tokenizer, messages, 4096, params) == (chat_prompt_ids(tokenizer, messages, 4096, params)[0], 0, 0)
+    whole, none_dropped, _ = chat_prompt_ids(tokenizer, messages, 256, params.override(truncate_prompt=False))
     assert none_dropped == 0 and len(whole) > 256 - 40
+
+
+def test_a_last_message_too_long_loses_the_start_of_its_text_not_the_system_message_or_its_marker(tokenizer):
+    """It lost both: the engine kept the prompt's last tokens, so the model saw the user's text
+    with no system message and no <|user|> before it."""
+    system = {"role": "system", "content": "Always answer in French."}
+    user = {"role": "user", "content": " ".join(f"word{i}" for i in range(300))}
+    params = SamplingParams(max_new_tokens=40)
+    for messages in ([system, user], [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, user]):
+        ids, dropped, cut = chat_prompt_ids(tokenizer, messages, 256, params)
+        assert len(ids) == 256 - 40 and dropped == len(messages) - 2
+        system_ids = encode_chat(tokenizer, [system], add_generation_prompt=False)
+        assert ids[:len(system_ids)] == system_ids and ids[len(system_ids)] == tokenizer.special_id(USER)
+        assert ids[len(system_ids) + 1:-1] == tokenizer.encode(user["content"])[cut:]  # its most recent text
+        assert ids[-1] == tokenizer.special_id(ASSISTANT)
+    with pytest.raises(Gpt1Error, match="the system message leaves no room.*max_new_tokens 40"):
+        chat_prompt_ids(tokenizer, [{"role": "system", "content": "be brief " * 200}, user], 256, params)
 
 
 def test_llm_methods(tiny_model_dir):

@@ -180,3 +180,58 @@ def test_sigterm_ends_a_command_through_its_cleanup(tmp_path, tiny_model_dir, mo
     assert main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "hf")]) == 143
     assert capsys.readouterr().err.strip().endswith("gpt1 export: terminated")
     assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_failed_write_names_its_file_whatever_the_writer_raised(tmp_path):
+    """A full disk or a file-size limit was a traceback or "a file: cannot write": a plain write's
+    OSError has no file name, numpy's tofile has no errno either, safetensors raises its own
+    SafetensorError, torch.save a RuntimeError over the OSError."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from gpt1.core.io import writing
+
+    def torch_save_like():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    target = tmp_path / "w.bin"
+    for raised, code in [(lambda: OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC),
+                         (lambda: SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),
+                          errno.EFBIG)]:
+        with pytest.raises(OSError) as e, writing(target):
+            raise raised()
+        assert (e.value.errno, e.value.filename) == (code, str(target)) and e.value.strerror == os.strerror(code)
+    with pytest.raises(OSError) as e, writing(target):
+        torch_save_like()
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(target))
+    with pytest.raises(Gpt1Error, match=r"w.bin: cannot write \(the disk is full or a file-size limit was reached\)"):
+        with writing(target):
+            raise OSError("16329 requested and 5217 written")  # numpy's tofile
+    named = OSError(errno.EACCES, "Permission denied", "other.txt")
+    for unchanged in (named, ValueError("not a write error"), SafetensorError("invalid tensor")):
+        with pytest.raises(type(unchanged)) as e, writing(target):
+            raise unchanged
+        assert e.value is unchanged
+
+
+def test_a_failed_write_leaves_no_folder_it_made_and_names_a_folder_s_file_by_its_final_path(tmp_path):
+    """`tokenizer train --out new` under a file-size limit left an empty new/; a failed export
+    named its file in the temporary folder (out/.hf.1234.x8s7.tmp/model.safetensors)."""
+    import errno
+
+    from gpt1.core.io import writing
+
+    (tmp_path / "kept").mkdir()
+    for target in (tmp_path / "new" / "deeper" / "x.json", tmp_path / "kept" / "x.json"):
+        with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    with pytest.raises(OSError) as e, atomic_dir(tmp_path / "new2" / "hf") as tmp:
+        with writing(tmp / "model.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.filename == str(tmp_path / "new2" / "hf" / "model.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []

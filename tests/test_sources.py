@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 
 import pytest
 
@@ -95,3 +96,20 @@ def test_hf_revision_and_a_script_dataset_get_clear_answers(tmp_path, monkeypatc
         list(iter_documents(["hf:scripted"]))
     with pytest.raises(Gpt1Error, match=r"hf:scripted:train: cannot open.*hf:scripted@refs/convert/parquet"):
         read_conversations("hf:scripted")
+
+
+@pytest.mark.timeout(60)  # before the fix, opening the pipe blocked forever
+def test_a_folder_or_glob_skips_and_counts_entries_that_are_not_regular_files(tmp_path):
+    """A pipe named x.txt in a folder hung the reader; a dangling link crashed one command and was
+    silently dropped by a glob. One rule: skipped, and counted in the stats."""
+    (tmp_path / "a.txt").write_text("fine")
+    os.mkfifo(tmp_path / "pipe.txt")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "nothing")
+    for spec in (tmp_path, tmp_path / "*.txt"):
+        stats = SourceStats()
+        assert list(iter_documents([str(spec)], stats=stats)) == ["fine"]
+        assert stats.skipped == {"entries that are not regular files": 2}
+        assert stats.summary().endswith("(skipped: 2 entries that are not regular files)")
+    # named alone, a pipe is still refused
+    with pytest.raises(Gpt1Error, match=r"pipe.txt: not a regular file or directory"):
+        resolve_sources([str(tmp_path / "pipe.txt")])

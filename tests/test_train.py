@@ -843,8 +843,13 @@ def test_a_finetune_resumes_from_a_copy_of_its_base_and_its_data_spelled_otherwi
 def test_finetune_merges_and_reports_on_rank_0_only(tiny_model_dir, tmp_path, monkeypatch, caplog):
     """Under torchrun every rank ran --merge (all writing OUT/merged at once) and printed the
     "chat model:" line: the rank was read after finetune had left the process group. Here: what
-    rank 1 does once finetune returned."""
-    monkeypatch.setenv("RANK", "1")
+    rank 1 does once finetune returned (the process group, joined and left, is left out)."""
+    from gpt1.train import distributed
+
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "setup", lambda device="auto": distributed.DistInfo())
     monkeypatch.setenv("GPT1_QUIET", "1")
     out = tmp_path / "ft"
     rc = main(["finetune", "--base", str(tiny_model_dir), "--data", str(_chat_file(tmp_path / "chat.jsonl")),

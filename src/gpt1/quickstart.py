@@ -189,7 +189,8 @@ def _tokenizer(cfg: QuickstartConfig, directory: Path):
 def train_corpus_tokenizer(corpus: str, vocab_size: int, directory: Path) -> Tokenizer:
     """A byte-level BPE tokenizer of `vocab_size` tokens trained on `corpus`, saved in `directory`."""
     stats = SourceStats()
-    tokenizer, trained = train_tokenizer(iter_documents([corpus], skip_invalid=True, stats=stats), vocab_size)
+    tokenizer, trained = train_tokenizer(iter_documents([corpus], skip_invalid=True, stats=stats), vocab_size,
+                                         skipped=stats.skipped)
     tokenizer.save(directory)
     info(f"trained on {stats.summary()} in {trained['seconds']:.1f} s -> {directory}")
     return tokenizer

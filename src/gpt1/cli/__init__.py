@@ -7,7 +7,9 @@ traceback behind the line as well (for bug reports).
 
 Text from the terminal enters here, in one place: an argument that is not valid UTF-8 (Python
 keeps such bytes as lone surrogates) and invalid UTF-8 on stdin (typed into `gpt1 chat` or
-piped into `gpt1 generate`) are bad input like any other.
+piped into `gpt1 generate`) are bad input like any other. The standard streams leave here too:
+one closed at the start is /dev/null, one the reader closed (`| head`) ends the command quietly,
+and text their encoding cannot hold is escaped rather than a crash after the work is done.
 """
 
 from __future__ import annotations
@@ -56,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# The errors of a write that the user can fix, with how (a read-only --out, a full disk, a file-size limit).
+UNWRITABLE = {errno.EACCES: "choose a writable --out", errno.EPERM: "choose a writable --out",
+              errno.EROFS: "choose a writable --out", errno.ENOSPC: "free some space or choose another --out",
+              errno.EDQUOT: "free some space or choose another --out",
+              errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another --out"}
 RESUMABLE = {"quickstart", "prepare", "pretrain", "finetune"}  # they pick up where a killed run stopped
 OWN_SIGTERM = {"serve"}  # uvicorn drains the open requests first, then exits by the signal
 
@@ -69,13 +75,42 @@ def _check_arguments(argv: list[str]) -> None:
     for position, arg in enumerate(argv, start=1):
         try:
             arg.encode("utf-8")
-        except UnicodeEncodeError as e:
+        except UnicodeEncodeError:
+            # Lone surrogates: bytes the locale could not decode. Invalid UTF-8, or valid UTF-8
+            # under a locale that is not (LANG=C without Python's UTF-8 mode), which is fine. The
+            # argument stays as Python holds it: a path must reach the OS as those same bytes.
             raw = arg.encode("utf-8", errors="surrogateescape")
-            raise Gpt1Error(f"argument {position} is not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} "
-                            f"after {e.start} characters): pass text in UTF-8") from None
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise Gpt1Error(f"argument {position} is not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} "
+                                f"at byte {e.start}): pass text in UTF-8") from None
+
+
+def _standard_streams() -> None:
+    """stdout and stderr as every command may use them, however the process was started."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:  # started with it closed (`2>&-`): what goes there is dropped, not sent elsewhere
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+        elif isinstance(stream, io.TextIOWrapper):
+            # The encoding stays the one the locale or PYTHONIOENCODING asks for (what the terminal
+            # shows); text it cannot hold is escaped (gpt1-out) instead of a UnicodeEncodeError that
+            # ends the command after its work is done (an export, then printing its non-ASCII path).
+            stream.reconfigure(errors="gpt1-out")
+
+
+def _stdout_gone() -> None:
+    """Send what is left for stdout to /dev/null: Python flushes it at exit, which would fail
+    again (the reader is gone, or the disk is full) and print a traceback-like complaint."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: a stream without a descriptor (tests)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
+    _standard_streams()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -96,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_arguments(sys.argv[1:] if argv is None else argv)
         with _sigterm_raises(args.command not in OWN_SIGTERM):
-            return args.func(args) or 0
+            status = args.func(args) or 0
+            sys.stdout.flush()  # here, where a failure is reported, not at exit
+            return status
     except Terminated:
         hint = "; run the same command again to resume" if args.command in RESUMABLE else ""
         print(f"gpt1 {args.command}: terminated{hint}", file=sys.stderr)
@@ -105,19 +142,26 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(e, "reported_elsewhere", False):  # another torchrun rank's error: that rank prints it
             return 2
         return _error(args.command, str(e))
+    except BrokenPipeError:
+        # The reader of stdout is gone (`gpt1 generate ... | head`): nothing to say, and no one to
+        # say it to; the status is the one a shell reports for a command a SIGPIPE ended.
+        _stdout_gone()
+        return 128 + signal.SIGPIPE
     except OSError as e:
         if e.errno not in UNWRITABLE:
             raise
         # Every writing command meets these the same way (a read-only --out, a full disk, a
         # folder made read-only mid-run): one class, handled here rather than at each write.
-        return _error(args.command, f"{e.filename or 'a file'}: cannot write ({e.strerror}); "
-                                    "choose a writable --out or free some space")
+        # gpt1 names every file it writes (core.io.writing), so a write without a name is one
+        # to stdout (`> /dev/full`); stderr's failures nobody would see.
+        if e.filename is None:
+            _stdout_gone()
+            return _error(args.command, f"standard output: cannot write ({e.strerror})")
+        return _error(args.command, f"{e.filename}: cannot write ({e.strerror}); {UNWRITABLE[e.errno]}")
     except KeyboardInterrupt:
         hint = "; run the same command again to resume" if args.command in RESUMABLE else ""
         print(f"\ngpt1 {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `gpt1 generate ... | head`
-        return 0
 
 
 class Terminated(BaseException):
@@ -159,6 +203,19 @@ def _stdin_not_utf8(error: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error("gpt1-stdin", _stdin_not_utf8)
+
+
+def _unencodable_output(error: UnicodeEncodeError) -> tuple[str | bytes, int]:
+    # Lone surrogates are bytes Python could not decode (a file name under LANG=C): written back
+    # as they came. Other text the encoding lacks (generated text under PYTHONIOENCODING=ascii)
+    # is written as \x escapes: visible, where a replacement character would hide what it was.
+    try:
+        return codecs.lookup_error("surrogateescape")(error)
+    except UnicodeError:
+        return codecs.backslashreplace_errors(error)
+
+
+codecs.register_error("gpt1-out", _unencodable_output)
 
 
 def run() -> None:

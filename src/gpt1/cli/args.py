@@ -8,6 +8,25 @@ import math
 from gpt1.inference.llm import DTYPES
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter without its noise: "(default: X)" only where the
+    help does not state its default itself (it said "(default: the best available) (default:
+    None)") and X tells something (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def text(value: str) -> str:
+    """A flag's text (a prompt, a stop string) as typed. Under a locale that is not UTF-8 (LANG=C
+    without Python's UTF-8 mode) Python holds typed UTF-8 as lone surrogates, which the tokenizer
+    refuses: decode them. Paths stay as Python holds them (the OS needs those bytes back); bytes
+    that are not UTF-8 stay surrogates, for the CLI to refuse naming the argument."""
+    return value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="surrogateescape")
+
+
 def positive_int(value: str) -> int:
     try:
         number = int(value)

@@ -8,6 +8,7 @@ import json
 import sys
 
 import gpt1
+from gpt1.cli.args import text
 from gpt1.cli.generate_cmd import (
     add_model_flags,
     add_sampling_flags,
@@ -15,6 +16,7 @@ from gpt1.cli.generate_cmd import (
     warn_if_base_model,
     warn_if_capped,
     warn_if_cut,
+    warn_if_message_cut,
 )
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info
@@ -30,7 +32,9 @@ HELP = """commands:
   /system TEXT     set the system message (/system alone removes it)
   /reset           forget the conversation (the system message stays)
   /help            this help
-  /quit            leave (so do Ctrl-D and Ctrl-C at the prompt; Ctrl-C during a reply stops the reply)"""
+  /quit            leave (so do Ctrl-D and Ctrl-C at the prompt; Ctrl-C during a reply stops the reply)
+  //TEXT           send a message that starts with "/" (//etc/hosts sends /etc/hosts)"""
+NO_ARGUMENT = ("quit", "exit", "q", "help", "reset")
 
 
 def register(subparsers) -> None:
@@ -41,7 +45,7 @@ def register(subparsers) -> None:
                     "just continues the text.",
         epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser)
-    parser.add_argument("--system", default=None, metavar="TEXT", help="a system message for the whole conversation")
+    parser.add_argument("--system", default=None, metavar="TEXT", type=text, help="a system message for the whole conversation")
     add_sampling_flags(parser)
     parser.set_defaults(func=chat_command)
 
@@ -96,6 +100,8 @@ class ChatSession:
         """Run a /command; False means quit. Bad input raises Gpt1Error (the session goes on)."""
         name, _, rest = line[1:].partition(" ")
         rest = rest.strip()
+        if name in NO_ARGUMENT and rest:  # "/reset me" is more likely a message than a wish to forget
+            raise Gpt1Error(f"/{name} takes no argument (a message that starts with / is typed //{line[1:]})")
         if name in ("quit", "exit", "q"):
             return False
         if name == "help":
@@ -121,7 +127,7 @@ class ChatSession:
             self.system = rest or None
             print(f"(system message {'set' if rest else 'removed'})", file=sys.stderr)
         else:
-            raise Gpt1Error(f"unknown command /{name}; type /help")
+            raise Gpt1Error(f"unknown command /{name}; type /help (a message that starts with / is typed //{line[1:]})")
         return True
 
     def describe(self) -> str:
@@ -132,9 +138,10 @@ class ChatSession:
         """Stream the reply to `text` to `out` (default: the current stdout); keeps history within the context."""
         out = out or sys.stdout
         self.history.append({"role": "user", "content": text})
-        system = [{"role": "system", "content": self.system}] if self.system else []
+        # An empty --system is a system message, as in `generate --chat` and the server.
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
         try:
-            ids, dropped = chat_prompt_ids(self.llm.tokenizer, system + self.history,
+            ids, dropped, cut = chat_prompt_ids(self.llm.tokenizer, system + self.history,
                                            self.llm.config.block_size, self.params)
             warn_if_capped(self.params, ids, self.llm.config.block_size)
         except Gpt1Error:
@@ -157,6 +164,7 @@ class ChatSession:
         out.write("\n")
         out.flush()
         if last is not None:  # on a line of its own, after the reply: one message longer than the context
+            warn_if_message_cut(cut)
             warn_if_cut(len(ids), last.prompt_tokens)
         reply = "".join(pieces)
         self.history.append({"role": "assistant", "content": reply})
@@ -168,6 +176,8 @@ def chat_command(args: argparse.Namespace) -> int:
     llm = gpt1.load(args.model, device=args.device, dtype=args.dtype)
     warn_if_base_model(llm, args.model)
     session = ChatSession(llm, params, args.system)
+    if sys.stdin is None:  # started with stdin closed (0<&-): nothing to read, as at end of input
+        return 0
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -186,7 +196,9 @@ def chat_command(args: argparse.Namespace) -> int:
         if not text:
             continue
         try:
-            if text.startswith("/"):
+            if text.startswith("//"):
+                session.reply(line.rstrip("\r").lstrip()[1:])
+            elif text.startswith("/"):
                 if not session.command(text):
                     return 0
             else:

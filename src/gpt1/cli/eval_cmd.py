@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import gpt1
-from gpt1.cli.args import positive_int
+from gpt1.cli.args import DefaultsHelpFormatter, positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import file_target, write_json
 from gpt1.data.chat_sources import ChatStats
@@ -35,10 +35,12 @@ def register(subparsers) -> None:
         "eval", help="perplexity on held-out data, or benchmark tasks (HellaSwag, ARC, ...) scored like lm-eval",
         description="Perplexity mode (--data without --task): the loss, perplexity and bits per byte of a model dir "
                     "on a prepared data dir's val.bin, or on text files/directories/globs/hf:DATASET (tokenized with "
-                    "[EOS] after each document), cut into non-overlapping context windows so every token is predicted "
-                    "once. Task mode (--task or --suite): multiple-choice and LAMBADA benchmarks with the prompts, "
+                    "[EOS] after each document), in context windows that predict every token after the first once "
+                    "(the last window ends at the last token, its context overlapping the window before, as "
+                    "lm-eval's rolling log-likelihood does). Task mode (--task or --suite): multiple-choice and "
+                    "LAMBADA benchmarks with the prompts, "
                     f"continuations and metrics of lm-evaluation-harness 0.4.x. Tasks: {', '.join(TASKS)}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="model dir (or training run dir; a chat model's adapter is merged)")
     parser.add_argument("--data", nargs="+", metavar="SOURCE",

@@ -7,7 +7,7 @@ import sys
 import time
 
 import gpt1
-from gpt1.cli.args import add_dtype_flag
+from gpt1.cli.args import add_dtype_flag, text
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import PRESETS, SamplingParams, preset
@@ -32,10 +32,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     preset's or SamplingParams' value)."""
     defaults = SamplingParams()
     group = parser.add_argument_group("sampling (defaults: SamplingParams, or the --preset)")
-    for flag, (field, kind, text) in KNOB_FLAGS.items():
+    for flag, (field, kind, description) in KNOB_FLAGS.items():
         group.add_argument(flag, type=kind, default=None, metavar=field.split("_")[-1].upper(),
-                           help=f"{text} (default {'random' if field == 'seed' else getattr(defaults, field)})")
-    group.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                           help=f"{description} (default {'random' if field == 'seed' else getattr(defaults, field)})")
+    group.add_argument("--stop", action="append", default=None, metavar="TEXT", type=text,
                        help="stop when the text contains TEXT (not printed); repeatable")
     group.add_argument("--preset", choices=sorted(PRESETS),
                        help="the model card's settings: " + "; ".join(
@@ -78,6 +78,12 @@ def warn_if_cut(prompt_tokens: int, kept_tokens: int) -> None:
         warn(f"the prompt ({prompt_tokens} tokens) was cut to its last {kept_tokens} tokens to fit the context")
 
 
+def warn_if_message_cut(cut: int) -> None:
+    if cut:
+        warn(f"the message's first {cut} tokens were cut to fit the context (the system message and the role "
+             "markers stay)")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="generate a completion (or a chat reply) with every sampling knob, streamed",
@@ -85,9 +91,9 @@ def register(subparsers) -> None:
                     "to stderr). The prompt comes from --prompt or standard input. With --chat the prompt is a user "
                     "turn in the chat template and the output is the assistant's reply.")
     add_model_flags(parser)
-    parser.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
+    parser.add_argument("--prompt", default=None, type=text, help="the prompt (default: read standard input)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn and print the assistant's reply")
-    parser.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message before the user turn")
+    parser.add_argument("--system", default=None, metavar="TEXT", type=text, help="with --chat: a system message before the user turn")
     add_sampling_flags(parser)
     parser.set_defaults(func=generate_command)
 
@@ -104,7 +110,7 @@ def generate_command(args: argparse.Namespace) -> int:
         raise Gpt1Error("--system needs --chat")
     prompt = args.prompt
     if prompt is None:
-        if sys.stdin.isatty():
+        if sys.stdin is None or sys.stdin.isatty():  # None: started with stdin closed (0<&-)
             raise Gpt1Error("no prompt: give --prompt TEXT or pipe the prompt on standard input")
         prompt = sys.stdin.read()
         if args.chat:  # `echo "Hi" | gpt1 generate --chat` is the message "Hi", as typed into gpt1 chat
@@ -114,7 +120,8 @@ def generate_command(args: argparse.Namespace) -> int:
         warn_if_base_model(llm, args.model)
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
         messages.append({"role": "user", "content": prompt})
-        ids, _ = chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params)
+        ids, _, cut = chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params)
+        warn_if_message_cut(cut)
     else:
         ids = llm.tokenizer.encode(prompt)
     warn_if_capped(params, ids, llm.config.block_size)

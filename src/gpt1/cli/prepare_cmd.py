@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt1.cli.args import positive_int, val_split
+from gpt1.cli.args import DefaultsHelpFormatter, positive_int, val_split
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.shards import prepare
 
@@ -15,7 +15,7 @@ def register(subparsers) -> None:
         description="Tokenize text files, directories, globs or hf:DATASET into OUT/train.bin and OUT/val.bin "
                     "(uint16 token ids, [EOS] after every document), OUT/meta.json and a copy of the tokenizer. "
                     "An interrupted run resumes when rerun with the same arguments.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
                         help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT] "

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from gpt1.core.progress import info
+from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.pretrain import pretrain
 
@@ -35,6 +35,8 @@ def pretrain_command(args: argparse.Namespace) -> int:
         print("".join(f"{key} = {json.dumps(value)}\n" for key, value in cfg.to_dict().items()), end="")
         return 0
     result = pretrain(cfg, args.data, args.out)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+    # Under torchrun rank 0 speaks for the run. From the environment: pretrain has left the
+    # process group, so distributed.current() says rank 0 on every rank by now.
+    if distributed.launched().is_main:
         info(f"model: {result.run_dir} (load it with gpt1.load, or `gpt1 generate --model {result.run_dir}`)")
     return 0

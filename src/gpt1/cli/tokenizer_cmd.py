@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt1.cli.args import positive_int
+from gpt1.cli.args import DefaultsHelpFormatter, positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info
 from gpt1.core.tokenizer import TOKENIZER_FILE, train_tokenizer
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "train", help="train a tokenizer on text files, directories, globs or hf:DATASET",
         description="Train a byte-level BPE tokenizer with [PAD]=0, [UNK]=1, [EOS]=2 and the chat role "
                     "markers, to exactly --vocab-size tokens. Writes OUT/tokenizer.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     train.add_argument("sources", nargs="+", metavar="SOURCE",
                        help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT], or stdlib (the Python standard library source)")
@@ -48,7 +48,7 @@ def train_command(args: argparse.Namespace) -> int:
     texts = iter_texts(sources, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats,
                        max_documents=args.max_documents)
     info(f"training a {args.vocab_size:,}-token BPE tokenizer on {len(sources):,} source(s)")
-    tokenizer, result = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency)
+    tokenizer, result = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency, skipped=stats.skipped)
     path = tokenizer.save(args.out)
     info(f"corpus: {stats.summary()}; trained in {result['seconds']:.1f} s "
          f"({stats.bytes / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s)")

@@ -2,15 +2,17 @@
 and the Hugging Face export.
 
 A conversation is a list of `{"role", "content"}` messages, roles `system`, `user`,
-`assistant`. Each message becomes its role marker (a special token) followed by its text;
-every assistant turn ends with `[EOS]`:
+`assistant`. Messages are read as OpenAI's API sends them, one way everywhere (`validate_messages`):
+`developer` means `system`, and content may be a list of text parts `{"type": "text", "text": ...}`,
+joined; any other role or part is an error. Each message becomes its role marker (a special token)
+followed by its text; every assistant turn ends with `[EOS]`:
 
     <|system|>You are terse.<|user|>Hi!<|assistant|>Hello.[EOS]<|user|>...<|assistant|>
 
 A prompt for generation ends with `<|assistant|>`; the model's reply ends at `[EOS]`.
 Role markers are inserted as ids, never parsed out of text, so user text cannot forge a turn.
-`JINJA_TEMPLATE` is the same template for `transformers`' `apply_chat_template`; the
-export tests check that both give identical ids.
+`JINJA_TEMPLATE` is the same template, reading messages the same way, for `transformers`'
+`apply_chat_template` and llama.cpp; the export tests check that both give identical ids.
 """
 
 from __future__ import annotations
@@ -22,29 +24,70 @@ from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.tokenizer import ASSISTANT, EOS, SYSTEM, USER, Tokenizer, check_text
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
+ROLES = "system, developer, user, assistant"  # what a message's role may be, as errors say it
 TEMPLATE_FILE = "chat_template.jinja"  # the file name transformers also reads from a model folder
 
+# validate_messages in Jinja, for the programs that render the exported template (transformers,
+# llama.cpp and what is built on it): unknown roles and parts would otherwise become text
+# ('<|tool|>'), so they call raise_exception, which transformers and llama-cpp-python provide.
+# One line, no whitespace between tags: the output is the same with or without trim_blocks.
 JINJA_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ '" + EOS + "' }}{% endif %}"
+    "{% set i = loop.index0 %}"
+    "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
+    "{% if role not in ['system', 'user', 'assistant'] %}{{ raise_exception(\"messages[\" ~ i ~ \"].role: "
+    "expected one of " + ROLES + ", got '\" ~ message['role'] ~ \"'\") }}{% endif %}"
+    "{{ '<|' + role + '|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] is defined and message['content'] is iterable %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] != 'text' %}{{ raise_exception('messages[' ~ i ~ '].content[' ~ loop.index0 ~ "
+    "']: expected a text part {\"type\": \"text\", \"text\": ...}') }}"
+    "{% elif part['text'] is not string %}{{ raise_exception('messages[' ~ i ~ '].content[' ~ loop.index0 ~ "
+    "'].text: expected a string') }}{% endif %}"
+    "{{ part['text'] }}"
+    "{% endfor %}"
+    "{% else %}{{ raise_exception('messages[' ~ i ~ '].content: expected a string or a list of text parts') }}"
+    "{% endif %}"
+    "{% if role == 'assistant' %}{{ '" + EOS + "' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
 )
 
 
 def validate_messages(messages: Any, source: str = "messages") -> list[dict[str, str]]:
-    """Check a list of {"role", "content"} dicts; raise Gpt1Error naming the bad item."""
+    """Checked and normalised copies of `{"role", "content"}` messages: `developer` becomes
+    `system`, a list of text parts becomes their joined text, other keys are dropped. Raises
+    Gpt1Error naming the bad item (`messages[1].content[0]`)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise Gpt1Error(f"{source}: expected a non-empty list of {{'role', 'content'}} messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise Gpt1Error(f"{source}[{i}]: expected an object with 'role' and 'content'")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLE_TOKENS:
-            raise Gpt1Error(f"{source}[{i}].role: expected one of {', '.join(ROLE_TOKENS)}, got {role!r}")
-        check_text(content, f"{source}[{i}].content")
-    return list(messages)
+    return [_message(message, f"{source}[{i}]") for i, message in enumerate(messages)]
+
+
+def _message(message: Any, source: str) -> dict[str, str]:
+    if not isinstance(message, dict):
+        raise Gpt1Error(f"{source}: expected an object with 'role' and 'content'")
+    role = message.get("role")
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None  # (a list is unhashable)
+    if role not in ROLE_TOKENS:
+        raise Gpt1Error(f"{source}.role: expected one of {ROLES}, got {message.get('role')!r}")
+    return {"role": role, "content": _content(message.get("content"), f"{source}.content")}
+
+
+def _content(content: Any, source: str) -> str:
+    if isinstance(content, str):
+        return check_text(content, source)
+    if not isinstance(content, list):
+        raise Gpt1Error(f"{source}: expected a string or a list of text parts, got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            got = f"type {part.get('type')!r}" if isinstance(part, dict) else type(part).__name__
+            raise Gpt1Error(f'{source}[{j}]: expected a text part {{"type": "text", "text": ...}}, got {got} '
+                            "(gpt1 models read text only)")
+        texts.append(check_text(part.get("text"), f"{source}[{j}].text"))
+    return "".join(texts)
 
 
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
@@ -62,7 +105,7 @@ def encode_chat_with_labels(tokenizer: Tokenizer, messages: Sequence[dict[str, s
     Labels are aligned with ids (label i is the target for position i); the training code
     shifts by one so that position i predicts token i + 1.
     """
-    validate_messages(messages)
+    messages = validate_messages(messages)
     ids: list[int] = []
     labels: list[int] = []
     for message in messages:

@@ -3,7 +3,9 @@
 Everything gpt1 writes that a later step trusts (checkpoints, shards, configs, exports) goes
 through `atomic_path`: write to a temporary name in the same folder, fsync, then `os.replace`,
 which is atomic on POSIX and Windows. A run killed mid-write leaves the old file (or none).
-A folder (an export) is written the same way with `atomic_dir`.
+A folder (an export) is written the same way with `atomic_dir`. A write that fails (a full
+disk, a file-size limit) is an OSError naming the file (`writing`), which the CLI reports in one
+line, and leaves neither the temporary file nor a folder it made for it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from itertools import takewhile
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from gpt1.core.errors import Gpt1Error
@@ -74,6 +79,7 @@ def _alive(pid: int) -> bool:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path`."""
+    new_folders = _missing_folders(Path(path))
     path = file_target(path)
     _sweep_leftovers(path)
     try:
@@ -83,15 +89,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        with writing(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         # mkstemp creates the file private (0600); give it the mode a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
-        if tmp_path.exists():
+        if tmp_path.exists():  # the write failed
             tmp_path.unlink()
+            _remove_empty(new_folders)
 
 
 @contextlib.contextmanager
@@ -104,6 +112,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise Gpt1Error(f"{path}: exists and is not a folder")
     if path.is_dir():
         check_unlocked(path, "replace it")
+    new_folders = _missing_folders(path)
     make_dirs(path.parent)
     _sweep_leftovers(path)
     try:
@@ -121,9 +130,58 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old)
+    except OSError as e:  # a file of the folder named as the user knows it (OUT/x), not by OUT's temporary name
+        if e.filename is None or not Path(e.filename).is_relative_to(tmp):
+            raise
+        raise OSError(e.errno, e.strerror, str(path / Path(e.filename).relative_to(tmp))) from e
     finally:
-        if tmp.exists():
+        if tmp.exists():  # the write failed
             shutil.rmtree(tmp)
+            _remove_empty(new_folders)
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist yet, deepest first."""
+    return list(takewhile(lambda p: not (p.exists() or p.is_symlink()), path.parents))
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed write made (`tokenizer train --out new/` on a full disk left
+    an empty new/); one that holds something meanwhile stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Name `path` in the error of a write to it that fails in the block (a full disk, a
+    file-size limit), so that the CLI can say which file in one line. The writers gpt1 uses
+    leave it out: a plain write's OSError has no file name; numpy's `tofile` has no errno either
+    ("16329 requested and 5217 written"); safetensors raises a SafetensorError that holds the
+    OS error as text; torch.save replaces the OSError with a RuntimeError of its own ("unexpected
+    pos") as it closes its zip writer. An error that names its file already passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        cause = _os_error(e)
+        if cause is None or cause.filename is not None:
+            raise
+        if cause.errno is None:
+            raise Gpt1Error(f"{path}: cannot write (the disk is full or a file-size limit was reached); "
+                            "free some space or raise the limit (ulimit -f)") from e
+        raise OSError(cause.errno, cause.strerror, str(path)) from e
+
+
+def _os_error(error: Exception) -> OSError | None:
+    """The OSError behind a failed write, whatever the writer raised (see `writing`)."""
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, SafetensorError) and (code := re.search(r"\(os error (\d+)\)", str(error))):
+        return OSError(int(code[1]), os.strerror(int(code[1])))
+    if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
+        return error.__context__
+    return None
 
 
 def make_dirs(path: str | os.PathLike) -> Path:
@@ -163,10 +221,11 @@ def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
             holder = f.read().strip() or "a process"
             raise Gpt1Error(f"{folder}: {holder} is {what} there already; wait for it to end (or stop it) "
                             "and run the command again") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()}")
-        f.flush()
+        with writing(f.name):
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()}")
+            f.flush()
         try:
             yield
         finally:
@@ -244,6 +303,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise Gpt1Error(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+    except OSError as e:  # permission denied, a folder by that name: the CLI would word it as a failed write
+        raise Gpt1Error(f"{path}: cannot read ({e.strerror})") from None
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:

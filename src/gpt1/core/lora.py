@@ -50,6 +50,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's name for the trained rows (their values)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what loading accepts
 
 
 @dataclass
@@ -440,6 +441,20 @@ def _peft_alpha(peft: dict, modules: list[str], where: str) -> float:
     return scale * r
 
 
+def check_weight_values(file: str | Path, state: dict[str, torch.Tensor], what: str = "model") -> None:
+    """Refuse weights that load but compute garbage: integer (or float8, quantized) tensors, which
+    loading would convert silently, and NaN or infinite values (a diverged training). fp16, bf16
+    and f64 are fine: they are converted on load."""
+    for name, tensor in state.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise Gpt1Error(f"{file}: {name} holds {str(tensor.dtype).removeprefix('torch.')} numbers, expected "
+                            "floating-point weights (float32, float16, bfloat16 or float64; integer or quantized "
+                            "weights are not supported)")
+        if not torch.isfinite(tensor).all():
+            raise Gpt1Error(f"{file}: {name} holds NaN or infinite values: the {what} is broken "
+                            "(e.g. saved from a diverged training); use an earlier checkpoint")
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Inject LoRA into a plain GPT as the adapter folder describes and load its weights."""
@@ -460,6 +475,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         if tensor.shape != expected[key].shape:
             raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensor.shape)}, "
                             f"the model expects {tuple(expected[key].shape)}")
+    check_weight_values(directory / ADAPTER_WEIGHTS, state, "adapter")
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             A = state[f"{PEFT_PREFIX}{name}.lora_A.weight"]

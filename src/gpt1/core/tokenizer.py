@@ -18,7 +18,7 @@ import sys
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -206,12 +206,13 @@ def _byte_level_chars() -> list[str]:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
-                    show_progress: bool = True) -> tuple[Tokenizer, dict]:
+                    show_progress: bool = True, skipped: Mapping[str, int] | None = None) -> tuple[Tokenizer, dict]:
     """Train a byte-level BPE tokenizer of exactly `vocab_size` tokens on `texts`.
 
     Returns the tokenizer and stats (documents, bytes, seconds). Raises Gpt1Error when the
     vocabulary cannot hold the byte alphabet plus the special tokens, or when the corpus is
-    too small to learn that many merges.
+    too small to learn that many merges. `skipped` (reason -> count, filled while `texts` are
+    read, e.g. `SourceStats.skipped`) is named in the error when no text was left.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise Gpt1Error(
@@ -249,7 +250,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     backend.train_from_iterator(counted(texts), trainer)
     stats["seconds"] = time.perf_counter() - start
     if stats["documents"] == 0:
-        raise Gpt1Error("no text to train the tokenizer on: the sources held no documents")
+        why = f" (skipped: {', '.join(f'{n:,} {reason}' for reason, n in sorted(skipped.items()))})" if skipped else ""
+        raise Gpt1Error(f"no text to train the tokenizer on: the sources held no documents{why}")
     got = backend.get_vocab_size()
     if got != vocab_size:
         raise Gpt1Error(

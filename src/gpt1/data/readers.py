@@ -14,7 +14,9 @@ The error policy: a file that cannot be read at all (missing, not gzip, truncate
 not parquet, not YAML) is a Gpt1Error naming the file. A bad record inside a readable file
 (invalid UTF-8, invalid JSON, a lone surrogate from a `\\udXXX` escape, JSON nested deeper
 than Python's recursion limit, a missing field) is a `BadRecord` naming the file, the line or row and
-what was expected; with `skip_invalid` the caller skips and counts it instead.
+what was expected; with `skip_invalid` the caller skips and counts it instead. A UTF-8 byte
+order mark (Windows editors start files with one) is dropped at the start of a text file and
+of a JSON line; byte offsets in errors still count it.
 
 Memory: a text file is read in pieces of at most PIECE_CHARS characters (cut before a space
 between words where one is near, so BPE sees the same words), whatever its line lengths; a
@@ -183,15 +185,17 @@ def _reason(error: Exception) -> str:
 def read_text(path: str | Path) -> Iterator[str]:
     """A text file's content in pieces of at most PIECE_CHARS characters (one piece if shorter).
 
-    Invalid UTF-8 is a BadRecord with its byte offset. Each piece but the last ends before a
-    space between two words when one lies in its second half, so tokenizing the pieces gives
-    the ids of tokenizing the whole.
+    Invalid UTF-8 is a BadRecord with its byte offset. A byte order mark at the start (Windows
+    editors write one) is dropped. Each piece but the last ends before a space between two words
+    when one lies in its second half, so tokenizing the pieces gives the ids of tokenizing the whole.
     """
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     fed = 0
     pending = ""
     with open_binary(path) as f:
         for chunk in itertools.chain(_chunks(path, f, READ_BYTES), [b""]):  # b"": flush the decoder
+            if not fed and chunk.startswith(codecs.BOM_UTF8):  # not text: it would start a document with U+FEFF
+                chunk, fed = chunk[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)  # offsets still count it
             buffered = len(decoder.getstate()[0])
             try:
                 pending += decoder.decode(chunk, final=not chunk)
@@ -224,7 +228,7 @@ def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda val
     their errors suggest --skip-invalid.
     """
     for line_no, raw in read_lines(path):
-        if not raw.strip():
+        if not raw.removeprefix(codecs.BOM_UTF8).strip():
             continue
         where = f"{path}, line {line_no}"
         try:
@@ -239,9 +243,10 @@ def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda val
 
 
 def parse_json(raw: bytes, where: str) -> Any:
-    """Parse one JSON document (bytes) under the error policy; `where` names it in errors."""
+    """Parse one JSON document (bytes) under the error policy; `where` names it in errors.
+    A leading byte order mark (Windows editors write one at a file's start) is skipped."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # decoded first: byte offsets count the mark
     except UnicodeDecodeError as e:
         raise BadRecord(f"{where}: invalid UTF-8 at byte offset {e.start}") from None
     try:

@@ -44,10 +44,21 @@ import numpy as np
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_path, crash_point, exclusive, read_json, write_json
+from gpt1.core.io import atomic_path, crash_point, exclusive, read_json, write_json, writing
+from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
-from gpt1.data.sources import Piece, Source, SourceStats, check_max_documents, iter_pieces, resolve_sources, source_specs
+from gpt1.data.sources import (
+    SKIPPED,
+    Piece,
+    Source,
+    SourceStats,
+    check_max_documents,
+    describe_skipped,
+    iter_pieces,
+    resolve_sources,
+    source_specs,
+)
 from gpt1.formats.modeldir import DATA_META_FILE as META_FILE
 from gpt1.formats.modeldir import owner_of
 
@@ -96,8 +107,9 @@ def _key(specs: list[str], sources: list[Source], tokenizer: Tokenizer, val: flo
     """What makes two preparations the same: a resumed run must see the same documents in order."""
     files = hashlib.sha256()
     for s in sources:
-        st = os.stat(s.location) if s.kind != "hf" else None
-        files.update(f"{s}\0{st.st_size if st else ''}\0{st.st_mtime_ns if st else ''}\n".encode())
+        st = os.stat(s.location) if s.kind not in ("hf", SKIPPED) else None  # a skipped one may be a dangling link
+        # fsencode: a file name that is not UTF-8 (surrogate-escaped by Python) is still a name
+        files.update(os.fsencode(str(s)) + f"\0{st.st_size if st else ''}\0{st.st_mtime_ns if st else ''}\n".encode())
     return {"sources": list(specs), "files": files.hexdigest()[:16], "tokenizer_fingerprint": tokenizer.fingerprint,
             "val": val, "seed": seed, "text_field": text_field, "skip_invalid": skip_invalid,
             "max_documents": max_documents}
@@ -175,7 +187,8 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
                  "seconds_last_run": round(seconds, 3)}
         meta = writer.finish(tokenizer, extra, what=", ".join(map(str, resolved)))
         state = writer.state
-        info(f"prepared {state['documents']:,} documents, {state['bytes'] / 1e6:,.1f} MB -> {writer.tokens:,} tokens "
+        skipped = f" (skipped: {describe_skipped(stats.skipped)})" if stats.skipped else ""
+        info(f"prepared {state['documents']:,} documents, {state['bytes'] / 1e6:,.1f} MB{skipped} -> {writer.tokens:,} tokens "
              f"(train {state['train_tokens']:,}, val {state['val_tokens']:,}) in {seconds:.1f} s")
         return meta
 
@@ -319,7 +332,8 @@ class ShardWriter:
             self.state["smallest_train"] = {"hash": self._hash, "offset": self.state["train_tokens"], "tokens": 0}
 
     def _append(self, side: str, tokens: np.ndarray) -> None:
-        tokens.tofile(self.files[side])
+        with writing(self.files[side].name):  # a full disk names the file (numpy's error does not)
+            tokens.tofile(self.files[side])
         self.state[f"{side}_tokens"] += len(tokens)
         smallest = self.state["smallest_train"]
         if side == "train" and smallest is not None and smallest["hash"] == self._hash:
@@ -344,8 +358,9 @@ class ShardWriter:
     # ---- committing and finishing ----------------------------------------------------------
     def commit(self) -> None:
         for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
+            with writing(f.name):
+                f.flush()
+                os.fsync(f.fileno())
         old_heap_file = self.state["heap_file"]
         if self.by_count:
             self.state["commits"] += 1
@@ -370,7 +385,7 @@ class ShardWriter:
         tokenizer and meta.json (last: a folder without it is never taken as complete)."""
         state = self.state
         if self.heap:
-            with open(self.val_tmp, "ab") as f:
+            with writing(self.val_tmp), open(self.val_tmp, "ab") as f:
                 for _, _, doc in sorted(self.heap, key=lambda e: e[1]):
                     doc.tofile(f)
                     state["val_tokens"] += len(doc)
@@ -380,7 +395,8 @@ class ShardWriter:
             self.commit()
         if state["documents"] == 0:
             self._abandon()
-            raise Gpt1Error(f"the corpus is empty: {what} held no documents (skipped: {extra['skipped'] or 'none'})")
+            raise Gpt1Error(f"the corpus is empty: {what} held no documents "
+                            f"(skipped: {describe_skipped(extra['skipped']) or 'none'})")
         if state["train_documents"] == 0:
             self._abandon()
             raise Gpt1Error(f"every one of the {state['documents']:,} documents went to validation "
@@ -445,7 +461,7 @@ def _known_size(sources: list[Source]) -> int | None:
     """Bytes on disk of local sources (a progress-bar total; approximate for jsonl/gz/parquet)."""
     if any(s.kind == "hf" for s in sources):
         return None
-    return sum(os.path.getsize(s.location) for s in sources)
+    return sum(os.path.getsize(s.location) for s in sources if s.kind != SKIPPED)
 
 
 def shards_complete(data_dir: Path, meta: dict) -> bool:
@@ -559,11 +575,19 @@ def fixed_windows(path: str | Path, block_size: int, batch_size: int, n_batches:
 
 def sequential_windows(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int | None = None,
                        vocab_size: int | None = None, path: str | Path = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping windows covering `tokens` in order (every token predicted once): perplexity.
-    With `vocab_size`, an id outside the vocabulary is refused, naming `path`."""
-    n_windows = (len(tokens) - 1) // block_size
+    """Windows predicting every token of `tokens` after the first exactly once, in order: perplexity
+    (`tokens` holds at least `block_size + 1`). The targets are cut into disjoint runs of
+    `block_size`; the last, shorter run is predicted by a window ending at the last token, as
+    lm-eval's loglikelihood_rolling does: its inputs overlap the window before, so each target has
+    a full context, and the targets that window already predicted are IGNORE_INDEX. With
+    `vocab_size`, an id outside the vocabulary is refused, naming `path`."""
+    n_targets = len(tokens) - 1
+    nominal = np.arange(0, n_targets, block_size, dtype=np.int64)
     if max_batches is not None:
-        n_windows = min(n_windows, max_batches * batch_size)
-    starts = np.arange(n_windows, dtype=np.int64) * block_size
-    for i in range(0, n_windows, batch_size):
-        yield _windows(tokens, starts[i:i + batch_size], block_size, vocab_size, path)
+        nominal = nominal[:max_batches * batch_size]
+    starts = np.minimum(nominal, n_targets - block_size)
+    for i in range(0, len(starts), batch_size):
+        x, y = _windows(tokens, starts[i:i + batch_size], block_size, vocab_size, path)
+        scored_before = torch.from_numpy(nominal[i:i + batch_size] - starts[i:i + batch_size])  # > 0: the tail
+        # Out of place: a one-row batch's x and y are views of the same buffer.
+        yield x, y.masked_fill(torch.arange(block_size)[None] < scored_before[:, None], IGNORE_INDEX)

@@ -5,8 +5,9 @@ One reader for every stage that takes raw text (`tokenizer train`, `prepare`, `e
 - a text file (`.txt`, `.md`, `.py`, ... or any file named explicitly) is one document;
 - `.jsonl` / `.jsonl.gz` / `.json.gz`: one document per line, from its `text` field;
 - `.parquet`: one document per row, from its `text` column (read in batches);
-- a directory: the files below it with a known suffix (hidden folders and caches skipped);
-- a glob (`data/**/*.txt`);
+- a directory: the files below it with a known suffix (hidden folders and caches skipped;
+  an entry that is not a regular file, such as a pipe or a dangling link, is skipped and counted);
+- a glob (`data/**/*.txt`), its entries taken as a directory's are;
 - `hf:NAME` or `hf:NAME:SPLIT` (default split `train`): a dataset read with `datasets`, streamed,
   so a 40 GB corpus never sits in memory. `NAME` may also be a local dataset folder, and
   `NAME@REVISION` reads another branch, tag or commit (e.g. `@refs/convert/parquet`);
@@ -29,7 +30,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.data.readers import (
@@ -52,11 +53,12 @@ STDLIB = "stdlib"
 # splits it out); encodings/ is mostly code-page tables. Without them the corpus is the same
 # for everyone with the same Python version.
 STDLIB_SKIPPED = {"site-packages", "dist-packages", "test", "encodings"}
+SKIPPED = "skipped"  # the kind of a folder's or glob's entry that is not a regular file (see _entry)
 
 
 @dataclass
 class Source:
-    kind: str  # "text", "jsonl", "parquet" or "hf"
+    kind: str  # "text", "jsonl", "parquet", "hf" or SKIPPED
     location: str  # a file path, or the spec for "hf"
     hf: HfSpec | None = None
 
@@ -80,8 +82,13 @@ class SourceStats:
     def summary(self) -> str:
         text = f"{self.documents:,} documents, {self.bytes / 1e6:,.1f} MB"
         if self.skipped:
-            text += " (skipped: " + ", ".join(f"{n:,} {why}" for why, n in sorted(self.skipped.items())) + ")"
+            text += f" (skipped: {describe_skipped(self.skipped)})"
         return text
+
+
+def describe_skipped(skipped: Mapping[str, int]) -> str:
+    """What was skipped, for people: "1 files with invalid UTF-8, 2 malformed lines"."""
+    return ", ".join(f"{n:,} {why}" for why, n in sorted(skipped.items()))
 
 
 def _kind_of(path: str) -> str | None:
@@ -122,7 +129,7 @@ def resolve_sources(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> l
                 for name in sorted(files):
                     path = os.path.join(root, name)
                     if not name.startswith(".") and (kind := _kind_of(path)):
-                        found.append(Source(kind, path))
+                        found.append(_entry(kind, path))
             if not found:
                 raise Gpt1Error(
                     f"{spec}: directory has no text files (looked for {', '.join(sorted(TEXT_SUFFIXES))}, "
@@ -134,16 +141,23 @@ def resolve_sources(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> l
                 raise Gpt1Error(f"{spec}: file is not readable (permission denied)")
             sources.append(Source(_kind_of(spec) or "text", spec))  # a file named explicitly is text
         elif glob.has_magic(spec):
-            matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            matches = sorted(p for p in glob.glob(spec, recursive=True) if not os.path.isdir(p))
             if not matches:
                 raise Gpt1Error(f"{spec}: the pattern matches no files")
-            sources.extend(Source(_kind_of(p) or "text", p) for p in matches)
+            sources.extend(_entry(_kind_of(p) or "text", p) for p in matches)
         elif os.path.exists(spec):  # /dev/null, a pipe <(...): not data that can be read again, or named
             raise Gpt1Error(f"{spec}: not a regular file or directory (a device, pipe or socket); "
                             "give text files, folders, globs or hf:DATASET names")
         else:
             raise Gpt1Error(f"{spec}: no such file or directory")
     return sources
+
+
+def _entry(kind: str, path: str) -> Source:
+    """A file found in a folder or by a glob. A pipe, socket or device there would block the
+    read (or never end) and a dangling link cannot be read: such an entry is skipped, and counted
+    when the sources are read (a folder is a collection; a path named alone is refused instead)."""
+    return Source(kind if os.path.isfile(path) else SKIPPED, path)
 
 
 def stdlib_files() -> list[str]:
@@ -165,7 +179,8 @@ def iter_pieces(specs: list[str] | list[Source], *, text_field: str = "text", sk
         specs = [specs]
     sources = specs if all(isinstance(s, Source) for s in specs) else resolve_sources(specs)
     stats = stats if stats is not None else SourceStats()
-    readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf}
+    readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf,
+               SKIPPED: _read_nothing}
     for source in sources:
         for pieces in readers[source.kind](source, text_field, skip_invalid, stats):
             if stats.documents == max_documents:
@@ -273,3 +288,8 @@ def _read_hf(source: Source, text_field: str, skip_invalid: bool, stats: SourceS
                 continue
             raise Gpt1Error(f"{source}: row {row_no} has no string field {text_field!r} (fields: {', '.join(row)})")
         yield iter([text])
+
+
+def _read_nothing(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
+    stats.skipped["entries that are not regular files"] += 1
+    return iter(())

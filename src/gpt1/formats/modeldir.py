@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import read_json, save_safetensors
-from gpt1.core.lora import load_adapter, merge_and_unload
+from gpt1.core.lora import check_weight_values, load_adapter, merge_and_unload
 from gpt1.core.model import GPT, model_state_dict
 from gpt1.core.tokenizer import Tokenizer
 
@@ -90,10 +90,7 @@ def load_weights(model: GPT, file: str | Path) -> None:
         state = load_file(str(file))
     except Exception as e:  # safetensors raises its own error type for corrupt files
         raise Gpt1Error(f"{file}: not a readable safetensors file ({e})") from None
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise Gpt1Error(f"{file}: {name} holds NaN or infinite values: the model is broken "
-                            "(e.g. saved from a diverged training); use an earlier checkpoint")
+    check_weight_values(file, state)
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
 
@@ -102,6 +99,10 @@ def check_weight_shapes(model: GPT, file: Path) -> None:
     config.json that does not fit the weights is an error before anything is allocated."""
     if not Path(file).is_file():
         raise Gpt1Error(f"{file}: weights file not found")
+    try:  # safetensors reports a file it may not open as "No such file or directory": ask the OS first
+        open(file, "rb").close()
+    except OSError as e:
+        raise Gpt1Error(f"{file}: cannot read ({e.strerror})") from None
     try:
         with safe_open(str(file), "pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

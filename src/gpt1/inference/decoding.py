@@ -20,7 +20,7 @@ from __future__ import annotations
 import codecs
 import operator
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from gpt1.core.chat_template import encode_chat, validate_messages
 from gpt1.core.errors import Gpt1Error
@@ -73,15 +73,22 @@ def fit_prompt(prompt_ids: Sequence[int], block_size: int, params: SamplingParam
     return list(prompt_ids[len(prompt_ids) - budget:])
 
 
+class ChatPrompt(NamedTuple):
+    ids: list[int]
+    dropped: int  # the oldest messages left out to fit
+    cut: int  # tokens cut from the start of the last message's text, when it alone did not fit
+
+
 def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], block_size: int,
-                    params: SamplingParams) -> tuple[list[int], int]:
-    """Token ids of a chat prompt and how many of the oldest messages were dropped to fit the
-    context: the system message stays, the oldest turns go first, and the conversation then
-    starts with a user turn. With `truncate_prompt=False` nothing is dropped."""
+                    params: SamplingParams) -> ChatPrompt:
+    """Token ids of a chat prompt, fitted to the context: the system message stays, the oldest
+    turns go first (the conversation then starts with a user turn), and a last message still
+    too long loses the start of its text, never its role marker. With `truncate_prompt=False`
+    nothing is dropped (the engine refuses a prompt that does not fit)."""
     messages = validate_messages(messages)
     ids = encode_chat(tokenizer, messages)
     if not params.truncate_prompt:
-        return ids, 0
+        return ChatPrompt(ids, 0, 0)
     budget = prompt_budget(block_size, params)
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system):]
@@ -93,7 +100,17 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], bl
             turns.pop(0)
             dropped += 1
         ids = encode_chat(tokenizer, system + turns)
-    return ids, dropped
+    cut = len(ids) - budget
+    if cut <= 0:
+        return ChatPrompt(ids, dropped, 0)
+    # One message is left (or the system message alone): its text follows its role marker.
+    kept = system + turns
+    start = (len(encode_chat(tokenizer, kept[:-1], add_generation_prompt=False)) if len(kept) > 1 else 0) + 1
+    if cut >= len(tokenizer.encode(kept[-1]["content"])):
+        raise Gpt1Error(f"the system message leaves no room for the conversation: the prompt may take {budget} "
+                        f"tokens ({block_size} of context less max_new_tokens {params.max_new_tokens}); "
+                        "shorten the system message or lower max_new_tokens")
+    return ChatPrompt(ids[:start] + ids[start + cut:], dropped, cut)
 
 
 class TextState:

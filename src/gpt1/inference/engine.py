@@ -181,8 +181,16 @@ def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, config
     to the context; Gpt1Error naming the prompt or the knob otherwise."""
     params = params.validate()
     names = [f"prompt {i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
-    return params, [fit_prompt(check_prompt(p, config.vocab_size, tokenizer.eos_id, name), config.block_size, params)
+    vocab = usable_vocab(config, tokenizer)
+    return params, [fit_prompt(check_prompt(p, vocab, tokenizer.eos_id, name), config.block_size, params)
                     for p, name in zip(prompts, names)]
+
+
+def usable_vocab(config, tokenizer: Tokenizer) -> int:
+    """The ids a model can generate and its tokenizer decode. A model may have more embeddings
+    than its tokenizer has tokens (padded to a multiple of 64, as `transformers`'
+    `resize_token_embeddings(pad_to_multiple_of=...)` does): those rows are never sampled."""
+    return min(config.vocab_size, tokenizer.vocab_size)
 
 
 def check_sizes(max_batch: int, max_queue: int, prefill_chunk: int) -> None:
@@ -242,6 +250,7 @@ class Engine:
         if self.device.type == "cpu" and torch.backends.mkl.is_available():  # measured with MKL (x86) only
             store_weights_column_major(model)
         self.stop_ids = frozenset(tokenizer.special_ids)
+        self.vocab = usable_vocab(self.config, tokenizer)
         self.stats = EngineStats(threads=torch.get_num_threads())
         self._threads = cpu_thread_tuner(self.device, shared=True) if tune_threads else None
         self._rows: list[Request] = []  # _rows[i] is the request in slot i
@@ -336,12 +345,20 @@ class Engine:
                 return
             logits = (torch.cat([prefill_logits, decode_logits]) if prefilled and decoded
                       else prefill_logits if prefilled else decode_logits)
-            next_ids = self._sample(requests, logits).tolist()
+            logits = logits[:, :self.vocab]
+            # A row whose logits are not finite (weights that overflow the dtype, a broken
+            # adapter) would "sample" [PAD] or the last id forever: it fails instead, in the
+            # same host sync as the others' tokens (-1 marks it).
+            finite = torch.isfinite(logits).all(dim=-1)
+            next_ids = torch.where(finite, self._sample(requests, logits), -1).tolist()
         if kind is not None:
             if message := self._threads.step_done(time.perf_counter() - started, kind):
                 logger.debug(message)
         for request, token in zip(requests, next_ids):
-            self._emit(request, token)
+            if token < 0:
+                self._fail(request, self._not_finite())
+            else:
+                self._emit(request, token)
         with self._lock:
             self.stats.threads = threads
             self.stats.steps += 1
@@ -458,6 +475,11 @@ class Engine:
         if penalised:
             self.tokens[rows, context.clamp(max=self.config.block_size - 1)] = next_ids
         return next_ids
+
+    def _not_finite(self) -> Gpt1Error:
+        hint = ("; float16 overflows where bfloat16 and float32 do not: try --dtype bfloat16"
+                if self.dtype_name == "float16" else "; its weights or adapter make the forward pass overflow")
+        return Gpt1Error(f"the model's next-token logits are NaN or infinite (running in {self.dtype_name}){hint}")
 
     def _emit(self, request: Request, token: int) -> None:
         """Turn a sampled token into text for the request's sink; end it when it is done."""

@@ -104,13 +104,14 @@ class LLM:
 
     def chat(self, messages: list[dict[str, str]], **knobs) -> str:
         """The assistant's reply to `[{"role": "user", "content": "..."}, ...]` (roles system,
-        user, assistant); the oldest turns are dropped when the conversation is too long."""
+        user, assistant; `developer` and lists of text parts read as OpenAI's API sends them); the oldest turns are dropped when the conversation is too long, and a
+        last message that alone does not fit loses the start of its text (the system message stays)."""
         return "".join(self.chat_stream(messages, **knobs))
 
     def chat_stream(self, messages: list[dict[str, str]], **knobs) -> Iterator[str]:
         """Like `chat`, yielding text pieces as they are produced."""
         params = self.sampling_params(**knobs)
-        ids, _ = chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params)
+        ids = chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params).ids
         for chunk in gen.stream(self.model, self.tokenizer, ids, params):
             if chunk.text:
                 yield chunk.text

@@ -85,12 +85,11 @@ def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_to
 
 
 def chat_prompt(req: ChatCompletionRequest, tokenizer, params: SamplingParams, context: int) -> list[int]:
-    messages = [{"role": "system" if m.role == "developer" else m.role,
-                 "content": m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)}
-                for m in req.messages]
+    # As JSON: gpt1.core.chat_template.validate_messages reads OpenAI's forms ('developer', text parts).
+    messages = [m.model_dump() for m in req.messages]
     try:
         # With truncate_prompt the oldest turns go first (the system message stays).
-        ids, _ = chat_prompt_ids(tokenizer, messages, context, params)
+        ids = chat_prompt_ids(tokenizer, messages, context, params).ids
     except Gpt1Error as e:
         raise ApiError(400, str(e), param="messages") from None
     return ids

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import crash_point, save_safetensors, write_text
+from gpt1.core.io import crash_point, save_safetensors, write_text, writing
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -85,11 +85,15 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_safetensors(tmp / TRAINABLE_FILE, trainable_state(model))
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save({**trainer_state, "step": step, "rng": rng_state()}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        save_safetensors(tmp / TRAINABLE_FILE, trainable_state(model))
+        with writing(tmp / STATE_FILE), open(tmp / STATE_FILE, "wb") as f:  # a full disk names the file
+            torch.save({**trainer_state, "step": step, "rng": rng_state()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, Ctrl-C: give the space back now, not at the next run
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     aside = root / f".step-{step:08d}.old"
     if final.exists():  # a rerun of the same step: never a moment without a complete step-N
         if aside.exists():

@@ -1,9 +1,10 @@
 """Multi-GPU / multi-node training through `torchrun` (DistributedDataParallel).
 
 `torchrun --nproc_per_node N -m gpt1 pretrain ...` starts N processes and sets RANK,
-LOCAL_RANK and WORLD_SIZE; `setup()` joins them into one process group (NCCL on GPUs, gloo on
-CPUs). Each rank draws its own training windows; gradients are averaged by DDP; only rank 0
-logs, evaluates into files and saves. Without torchrun everything here is a no-op.
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in each; `setup()` joins them into one
+process group (NCCL on GPUs, gloo on CPUs). Each rank draws its own training windows; gradients
+are averaged by DDP; only rank 0 logs, evaluates into files and saves. Without torchrun
+everything here is a no-op; a partial set of those variables (left in a shell) is refused.
 """
 
 from __future__ import annotations
@@ -38,20 +39,44 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
     return core_device.resolve_device(name, (info or current()).local_rank)
 
 
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> DistInfo:
+    """This process's place in a torchrun launch, from the environment: one process when none of
+    RANK, LOCAL_RANK, WORLD_SIZE is set. torchrun sets all of TORCHRUN_VARIABLES in every process
+    it starts, so a partial or inconsistent set (stale variables left in a shell) is a Gpt1Error
+    naming them: torch failed with a traceback, or a lone RANK=1 silenced the result lines."""
+    given = {name: os.environ[name] for name in TORCHRUN_VARIABLES if name in os.environ}
+    if not given.keys() & {"RANK", "LOCAL_RANK", "WORLD_SIZE"}:
+        return DistInfo()
+    settings = ", ".join(f"{name}={value}" for name, value in given.items())
+    missing = [name for name in TORCHRUN_VARIABLES if name not in given]
+    if missing:
+        raise Gpt1Error(f"the environment sets {settings} but not {', '.join(missing)}, which torchrun sets too: "
+                        f"unset {', '.join(given)} to run as one process, or start the command with torchrun")
+    try:
+        rank, local_rank, world_size = (int(given[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    except ValueError:
+        raise Gpt1Error(f"the environment sets {settings}: RANK, LOCAL_RANK and WORLD_SIZE must be whole "
+                        "numbers (torchrun sets them)") from None
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise Gpt1Error(f"the environment sets {settings}: expected 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0 "
+                        "(torchrun sets them)")
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Join the torchrun process group if this process was started by torchrun (idempotent)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    launch = launched()
+    if not launch.enabled:
         return DistInfo()
-    info = current()
     if not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
         if use_cuda:
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(launch.local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        info = current()
-    return info
+    return current()
 
 
 def current() -> DistInfo:

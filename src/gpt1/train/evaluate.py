@@ -2,8 +2,11 @@
 
 Perplexity is exp(mean token loss). `evaluate_loss` is what the training loop calls on its
 fixed validation batches; `evaluate_data` is `gpt1 eval`: the whole `val.bin` of a prepared
-data dir (or text files, tokenized with `[EOS]` after each document) cut into non-overlapping
-context windows, so every token is predicted exactly once.
+data dir (or text files, tokenized with `[EOS]` after each document) cut into context windows
+that predict every token after the first exactly once: disjoint runs of `block_size` targets,
+the last, shorter run predicted by a window ending at the last token, whose inputs overlap the
+window before (lm-eval's loglikelihood_rolling), so no token is dropped and each has a full context.
+A loss that is not finite (fp16 overflow, a broken model) is an error, never a NaN in a report.
 
 Bits per byte (tokenizer-independent, so models with different tokenizers compare) is the
 summed loss in bits over the UTF-8 bytes of the predicted tokens; special tokens ([EOS] between
@@ -91,6 +94,16 @@ def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
     return loss * tokens / (math.log(2) * n_bytes) if n_bytes else float("nan")
 
 
+def check_finite(value: float, what: str, llm, precision: str) -> None:
+    """Refuse a NaN or infinite score: its perplexity, accuracy or JSON would look like a result."""
+    if math.isfinite(value):
+        return
+    dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
+    hint = ("fp16's range overflowed; try --precision bf16-mixed or fp32" if "fp16" in precision or dtype == "float16"
+            else "the model is broken (e.g. saved from a diverged training); use an earlier checkpoint")
+    raise Gpt1Error(f"{what} of the model {llm.path} is not finite ({value}) in {precision} ({dtype} weights): {hint}")
+
+
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # exp overflows past ~709; such a loss means "untrained"
 
@@ -122,7 +135,7 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
         source = ", ".join(data)
     if len(tokens) < block_size + 1:
         raise Gpt1Error(f"{source}: {len(tokens):,} tokens, fewer than one context window ({block_size + 1:,})")
-    n_windows = (len(tokens) - 1) // block_size
+    n_windows = math.ceil((len(tokens) - 1) / block_size)
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
     # A damaged val.bin (an id outside the vocabulary) is refused by name, not an IndexError.
@@ -133,7 +146,8 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
                             tune_threads=True)
     if not n:  # a mean over nothing is NaN, which no report or JSON should carry
         raise Gpt1Error(f"{source}: no tokens to score")
-    predicted = np.asarray(tokens[1:n_windows * block_size + 1], dtype=np.int64)
+    check_finite(loss, f"{source}: the loss", llm, precision)
+    predicted = np.asarray(tokens[1:min(n_windows * block_size, len(tokens) - 1) + 1], dtype=np.int64)
     n_bytes = int(token_byte_lengths(llm.tokenizer)[predicted].sum())
     return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes,
                       skipped=sum(stats.skipped.values()))

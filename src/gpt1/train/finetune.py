@@ -51,7 +51,7 @@ from gpt1.formats.hf import import_hf_model, is_hf_model_dir
 from gpt1.formats.modeldir import ADAPTER_DIR, BASE_FILE, CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
-from gpt1.train.evaluate import bits_per_byte, evaluate_loss, perplexity, token_byte_lengths
+from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perplexity, token_byte_lengths
 from gpt1.train.loop import CONFIG_FILE as RUN_CONFIG_FILE
 from gpt1.train.loop import train
 
@@ -306,5 +306,6 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
                                  show_progress=show_progress, total=total, tune_threads=True)
     if not tokens:
         raise Gpt1Error(f"{spec}: no assistant tokens to evaluate in {source}")
+    check_finite(loss, f"{source}: the assistant-token loss", llm, precision)
     return ChatEvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, conversations=len(conversations),
                           source=source, bytes=n_bytes)

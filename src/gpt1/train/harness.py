@@ -36,6 +36,7 @@ from gpt1.core.io import write_text
 from gpt1.core.model import KVCache
 from gpt1.core.progress import progress
 from gpt1.core.threads import tuned_threads
+from gpt1.train.evaluate import check_finite
 from gpt1.train.precision import autocast
 from gpt1.train.tasks import Example, Task, get_task, load_documents, split_exists
 
@@ -281,6 +282,9 @@ def evaluate_task(llm, task_name: str, *, source: str | None = None, num_fewshot
                             f"model's context of {llm.model.config.block_size} tokens "
                             f"({'fewer shots or ' if num_fewshot else ''}a model with a longer context would fit them)")
     scores = scorer.score_examples([encoded[i] for i in kept], desc=task_name, show_progress=show_progress)
+    for i, scored in zip(kept, scores):  # NaN log-likelihoods still have an argmax: a chance-level accuracy
+        for s in scored:
+            check_finite(s.loglikelihood, f"{task_name}: {examples[i].doc.origin}: the log-likelihood", llm, precision)
     return _metrics(task, [examples[i] for i in kept], scores, num_fewshot, skipped=len(examples) - len(kept))
 
 

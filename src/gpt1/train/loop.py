@@ -68,7 +68,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import crash_point, exclusive, file_fingerprint, read_json, write_json, write_text
+from gpt1.core.io import crash_point, exclusive, file_fingerprint, read_json, write_json, write_text, writing
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
@@ -320,6 +320,13 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             distributed.main_only(save)  # rank 0 saves; its failure (e.g. a full disk) stops every rank
 
     metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
+
+    def log_metrics(record: dict) -> None:
+        if metrics:
+            with writing(metrics.name):  # a full disk names the file
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
     budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown)
               if cfg.time_budget > 0 else None)
@@ -383,9 +390,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                         f"the loss was NaN/inf for {bad_steps} consecutive steps (last at step {done:,}); stopped. "
                         f"The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}. "
                         "Lower lr, try bf16-mixed instead of fp16-mixed, or check the data.")
-                if metrics:
-                    metrics.write(json.dumps({"step": done, "loss": None, "lr": lr, "skipped": "non-finite loss"}) + "\n")
-                    metrics.flush()
+                log_metrics({"step": done, "loss": None, "lr": lr, "skipped": "non-finite loss"})
                 bar.update(1)
                 if _save_due(done, cfg.save_every, end):
                     if all(torch.isfinite(p).all() for p in params):  # the step was skipped: still good
@@ -422,9 +427,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 if math.isfinite(val_loss):
                     last["val_loss"] = val_loss
                     record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+            log_metrics(record)
             if writer:
                 for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_ppl"):
                     if record.get(key) is not None:
