@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 
@@ -122,7 +123,18 @@ def test_skip_invalid_skips_and_counts_bad_lines(tiny_model_dir, corpus_dir, tmp
                           re.escape(f"{data}, line 2: invalid JSON") + r".*\(pass --skip-invalid to skip bad lines\)$")
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--skip-invalid", "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["skipped"] == 1 and "1 invalid document(s) skipped" in captured.err
+    reported = json.loads(captured.out)
+    assert reported["skipped"] == 1 and reported["skipped_by_reason"] == {"malformed lines": 1}
+    assert "skipped: 1 malformed lines" in captured.err
+    # An entry of a folder that is not a file is counted as what it is (it read "1 invalid document(s)").
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(data.read_text().replace("{oops\n", ""))
+    os.mkfifo(folder / "pipe.txt")
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(folder), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skipped_by_reason"] == {"entries that are not regular files": 1}
+    assert "skipped: 1 entries that are not regular files" in captured.err
 
     chat = tmp_path / "chat.jsonl"
     dialogs = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello there"}]}

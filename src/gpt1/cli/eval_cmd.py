@@ -12,6 +12,7 @@ from gpt1.cli.args import DefaultsHelpFormatter, positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import file_target, write_json
 from gpt1.data.chat_sources import ChatStats
+from gpt1.data.sources import describe_skipped
 from gpt1.train.evaluate import evaluate_data
 from gpt1.train.finetune import evaluate_chat
 from gpt1.train.harness import (
@@ -111,7 +112,7 @@ def eval_command(args: argparse.Namespace) -> int:
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}  "
               f"({result['tokens']:,} tokens of {result['source']})")
     if result["skipped"]:
-        print(f"{result['skipped']:,} invalid document(s) skipped", file=sys.stderr)
+        print(f"skipped: {describe_skipped(result['skipped_by_reason'])}", file=sys.stderr)
     return 0
 
 
@@ -120,7 +121,8 @@ def _perplexity(llm, data: list[str], args: argparse.Namespace) -> dict:
                            max_batches=args.max_batches, precision=args.precision, text_field=args.text_field,
                            skip_invalid=args.skip_invalid)
     return {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
-            "tokens": result.tokens, "bytes": result.bytes, "source": result.source, "skipped": result.skipped}
+            "tokens": result.tokens, "bytes": result.bytes, "source": result.source, "skipped": result.skipped,
+            "skipped_by_reason": result.skipped_by_reason}
 
 
 def _check_outputs(*paths: str | None) -> None:
@@ -156,7 +158,7 @@ def _chat_eval(llm, args: argparse.Namespace) -> int:
               f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens of {result.conversations:,} "
               f"conversations in {result.source})")
     if stats.skipped:
-        print(f"skipped: {', '.join(f'{n:,} {why}' for why, n in sorted(stats.skipped.items()))}", file=sys.stderr)
+        print(f"skipped: {describe_skipped(stats.skipped)}", file=sys.stderr)
     return 0
 
 

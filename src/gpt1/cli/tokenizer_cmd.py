@@ -9,7 +9,7 @@ from gpt1.cli.args import DefaultsHelpFormatter, positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info
 from gpt1.core.tokenizer import TOKENIZER_FILE, train_tokenizer
-from gpt1.data.sources import SourceStats, iter_texts, resolve_sources
+from gpt1.data.sources import SKIPPED, SourceStats, iter_texts, resolve_sources
 from gpt1.formats.modeldir import owner_of
 
 
@@ -47,7 +47,8 @@ def train_command(args: argparse.Namespace) -> int:
     # Long documents arrive in bounded pieces: BPE counts words, so pieces learn the same merges.
     texts = iter_texts(sources, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats,
                        max_documents=args.max_documents)
-    info(f"training a {args.vocab_size:,}-token BPE tokenizer on {len(sources):,} source(s)")
+    readable = sum(source.kind != SKIPPED for source in sources)  # the rest are counted as skipped below
+    info(f"training a {args.vocab_size:,}-token BPE tokenizer on {readable:,} source(s)")
     tokenizer, result = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency, skipped=stats.skipped)
     path = tokenizer.save(args.out)
     info(f"corpus: {stats.summary()}; trained in {result['seconds']:.1f} s "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -42,7 +42,8 @@ class EvalResult:
     tokens: int  # predicted tokens
     source: str
     bytes: int = 0  # UTF-8 bytes of the predicted tokens
-    skipped: int = 0  # invalid documents skipped (skip_invalid)
+    skipped: int = 0  # what was skipped: invalid documents (skip_invalid), entries that are not files
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
     @property
     def bits_per_byte(self) -> float:
@@ -150,4 +151,4 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
     predicted = np.asarray(tokens[1:min(n_windows * block_size, len(tokens) - 1) + 1], dtype=np.int64)
     n_bytes = int(token_byte_lengths(llm.tokenizer)[predicted].sum())
     return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes,
-                      skipped=sum(stats.skipped.values()))
+                      skipped=sum(stats.skipped.values()), skipped_by_reason=dict(stats.skipped))
