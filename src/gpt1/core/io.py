@@ -22,6 +22,7 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -305,6 +306,24 @@ def read_json(path: str | os.PathLike) -> Any:
         raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
     except OSError as e:  # permission denied, a folder by that name: the CLI would word it as a failed write
         raise Gpt1Error(f"{path}: cannot read ({e.strerror})") from None
+
+
+# The dtypes a weights file may hold: converted to the model's on load.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_weight_values(file: str | Path, state: dict[str, torch.Tensor], what: str = "model") -> None:
+    """Refuse weights that load but compute garbage: integer (or float8, quantized) tensors, which
+    loading would convert silently, and NaN or infinite values (a diverged training). fp16, bf16
+    and f64 are fine: they are converted on load."""
+    for name, tensor in state.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise Gpt1Error(f"{file}: {name} holds {str(tensor.dtype).removeprefix('torch.')} numbers, expected "
+                            "floating-point weights (float32, float16, bfloat16 or float64; integer or quantized "
+                            "weights are not supported)")
+        if not torch.isfinite(tensor).all():
+            raise Gpt1Error(f"{file}: {name} holds NaN or infinite values: the {what} is broken "
+                            "(e.g. saved from a diverged training); use an earlier checkpoint")
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import read_json, save_safetensors, write_json
+from gpt1.core.io import check_weight_values, read_json, save_safetensors, write_json
 from gpt1.core.model import model_state_dict
 
 # target name -> (module path inside a Block, index of the slice of a fused Q|K|V output or None)
@@ -50,7 +50,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's name for the trained rows (their values)
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what loading accepts
 
 
 @dataclass
@@ -439,20 +438,6 @@ def _peft_alpha(peft: dict, modules: list[str], where: str) -> float:
         raise Gpt1Error(f"{where}: the modules' LoRA scales differ ({', '.join(f'{m}: {v:.3g}' for m, v in scales.items())}, "
                         "from alpha_pattern, rank_pattern or use_rslora); gpt1 holds one scale alpha / r")
     return scale * r
-
-
-def check_weight_values(file: str | Path, state: dict[str, torch.Tensor], what: str = "model") -> None:
-    """Refuse weights that load but compute garbage: integer (or float8, quantized) tensors, which
-    loading would convert silently, and NaN or infinite values (a diverged training). fp16, bf16
-    and f64 are fine: they are converted on load."""
-    for name, tensor in state.items():
-        if tensor.dtype not in WEIGHT_DTYPES:
-            raise Gpt1Error(f"{file}: {name} holds {str(tensor.dtype).removeprefix('torch.')} numbers, expected "
-                            "floating-point weights (float32, float16, bfloat16 or float64; integer or quantized "
-                            "weights are not supported)")
-        if not torch.isfinite(tensor).all():
-            raise Gpt1Error(f"{file}: {name} holds NaN or infinite values: the {what} is broken "
-                            "(e.g. saved from a diverged training); use an earlier checkpoint")
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import read_json, save_safetensors
-from gpt1.core.lora import check_weight_values, load_adapter, merge_and_unload
+from gpt1.core.io import check_weight_values, read_json, save_safetensors
+from gpt1.core.lora import load_adapter, merge_and_unload
 from gpt1.core.model import GPT, model_state_dict
 from gpt1.core.tokenizer import Tokenizer
 
