@@ -130,6 +130,43 @@ def test_finished_data_is_kept_or_refused(small_corpus, tokenizer, tmp_path):
     assert prepare([str(small_corpus)], tokenizer, tmp_path / "out", val=3, overwrite=True)["val"]["documents"] == 3
 
 
+def _read_only_run(folder: Path, argv: list[str]) -> subprocess.CompletedProcess | None:
+    """`argv` run with `folder` read-only: a read-only bind mount in a private mount namespace
+    as root (chmod does not stop root), chmod otherwise; None where neither is possible."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        finally:
+            folder.chmod(0o755)
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{folder}' '{folder}'"], capture_output=True).returncode:
+        return None
+    command = " ".join(f"'{a}'" for a in argv)
+    return subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{folder}' '{folder}' && exec {command}"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_finished_data_in_a_read_only_folder_needs_no_lock(small_corpus, tokenizer_dir, tmp_path):
+    """Rerunning the prepare that made a folder (a shared read-only copy, a script that always
+    prepares first) says there is nothing to do; it failed creating the folder's `.lock`. While
+    another process holds the lock (rewriting the folder), it is still refused as busy."""
+    from gpt1.core.io import exclusive
+
+    argv = [sys.executable, "-m", "gpt1", "prepare", str(small_corpus), "--tokenizer", str(tokenizer_dir),
+            "--out", str(tmp_path / "out"), "--val", "2"]
+    assert subprocess.run(argv, capture_output=True, text=True, timeout=120).returncode == 0
+    (tmp_path / "out" / ".lock").unlink()  # as in a copy made without it
+    result = _read_only_run(tmp_path / "out", argv)
+    if result is None:
+        pytest.skip("no way to make a folder read-only for root here (unshare -m)")
+    assert result.returncode == 0 and "already holds this prepared data" in result.stderr, result.stderr
+    assert not (tmp_path / "out" / ".lock").exists()
+    with exclusive(tmp_path / "out", "preparing data"):
+        busy = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 2 and "is preparing data there already" in busy.stderr, busy.stderr
+
+
 def test_bad_inputs(tmp_path, tokenizer, small_corpus):
     from tokenizers import AddedToken
 

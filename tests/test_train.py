@@ -619,6 +619,19 @@ def test_resaving_a_step_killed_between_the_renames_keeps_a_checkpoint(tmp_path)
     assert sorted(p.name for p in (tmp_path / "run2" / "checkpoints").iterdir()) == ["step-00000005"]
 
 
+def test_a_checkpoint_holding_nan_is_refused_by_name_on_resume(tmp_path):
+    """A NaN in a checkpoint's trainable weights (a step that diverged, a hand-edited file) was
+    loaded and only caught a step later as a non-finite loss: now refused by file and tensor."""
+    from gpt1.train.checkpoint import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    save_checkpoint(tmp_path / "run", 5, model, {"n": 1})
+    with pytest.raises(Gpt1Error, match=r"trainable\.safetensors: bias holds NaN or infinite values: the checkpoint"):
+        load_checkpoint(latest_checkpoint(tmp_path / "run"), torch.nn.Linear(3, 2))
+
+
 @pytest.mark.slow
 def test_a_finetune_killed_before_its_adapter_is_completed_on_rerun(tiny_model_dir, tmp_path):
     """Issue 17 item 2 for `finetune`: the run is finished only once its adapter and loss.png

@@ -201,6 +201,22 @@ def make_dirs(path: str | os.PathLike) -> Path:
     return path
 
 
+def held_by_another(folder: str | os.PathLike) -> bool:
+    """Whether another process holds `folder`'s lock (`exclusive`) now. Needs only read access."""
+    try:
+        import fcntl
+        f = open(Path(folder) / ".lock", encoding="utf-8")
+    except (ImportError, OSError):  # Windows, or no lock file: nobody ever locked the folder
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 @contextlib.contextmanager
 def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold `folder`'s lock (a `.lock` file in it) for the block: a second process writing the

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_path, crash_point, exclusive, read_json, write_json, writing
+from gpt1.core.io import atomic_path, crash_point, exclusive, held_by_another, read_json, write_json, writing
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -115,6 +115,18 @@ def _key(specs: list[str], sources: list[Source], tokenizer: Tokenizer, val: flo
             "max_documents": max_documents}
 
 
+def _prepared_already(out: Path, key: dict) -> dict | None:
+    """The meta of `out` when it holds exactly the preparation `key` names, complete; else None."""
+    meta_path = out / META_FILE
+    if not meta_path.is_file():
+        return None
+    old = read_json(meta_path)
+    if not (isinstance(old, dict) and old.get("key") == key and shards_complete(out, old)):
+        return None
+    info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
+    return old
+
+
 def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: str | Path, *, val: float = 0.0005, seed: int = 1337,
             text_field: str = "text", skip_invalid: bool = False, max_documents: int | None = None,
             batch_docs: int = 1024, commit_bytes: int = 256_000_000, overwrite: bool = False,
@@ -145,15 +157,16 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
     sources = source_specs(sources)
     resolved = resolve_sources(sources)
     key = _key(sources, resolved, tokenizer, val, seed, text_field, skip_invalid, max_documents)
+    # Finished already and nobody rewriting it: nothing to write, so no lock either (the folder may
+    # be read-only, e.g. a shared copy). meta.json is written last, so it names complete shards.
+    if not held_by_another(out) and (done := _prepared_already(out, key)) is not None:
+        return done
     # One prepare writes a data dir at a time: a second one would delete the first's partial files
     # and its meta.json. Released when the process ends, however it ends.
     with exclusive(out, "preparing data"):
-        meta_path = out / META_FILE
-        if meta_path.is_file():
-            old = read_json(meta_path)
-            if isinstance(old, dict) and old.get("key") == key and shards_complete(out, old):
-                info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
-                return old
+        if (done := _prepared_already(out, key)) is not None:  # by a run that held the lock before us
+            return done
+        if (out / META_FILE).is_file():
             if not overwrite:
                 raise Gpt1Error(f"{out} already holds data prepared from other sources or settings; "
                                 f"choose another --out, or {redo_hint}")

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import crash_point, save_safetensors, write_text, writing
+from gpt1.core.io import check_weight_values, crash_point, save_safetensors, write_text, writing
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -165,6 +165,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     if set(weights) != expected:
         raise Gpt1Error(f"{path}: the checkpoint's trainable parameters do not match the model "
                         f"(missing {sorted(expected - set(weights))[:3]}, unexpected {sorted(set(weights) - expected)[:3]})")
+    # A NaN written by a step that diverged (or a hand-edited file) is named here, not a step later.
+    check_weight_values(path / TRAINABLE_FILE, weights, what="checkpoint")
     with torch.no_grad():
         for name, tensor in weights.items():
             if params[name].shape != tensor.shape:
