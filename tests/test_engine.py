@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+import gpt1.inference.engine as engine_module
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import Chunk
@@ -193,6 +194,17 @@ def test_cancel_frees_the_slot_for_the_next_request(model, tokenizer):
     # The reused slot held another sequence: its output is still that of a fresh run.
     assert collector.text(2) == generate(model, tokenizer, ids[20:31], SamplingParams(temperature=0, max_new_tokens=10)).text
     assert collector.text(1) == generate(model, tokenizer, ids[5:9], long).text
+
+
+def test_the_tokens_per_s_history_stays_bounded_when_nobody_asks(model, tokenizer, monkeypatch):
+    """The history behind /health's tokens/s was trimmed only when /health was read: a server
+    nobody polled kept one entry per step forever (~4.5 GB a day at 590 steps/s)."""
+    monkeypatch.setattr(engine_module, "RATE_WINDOW_S", 1e-6)
+    engine = Engine(model, tokenizer, max_batch=2, max_queue=2)
+    collector = Collector()
+    submit(engine, collector, 0, tokenizer.encode(TEXT)[:4], SamplingParams(temperature=0, max_new_tokens=30))
+    run_until_idle(engine)
+    assert engine.stats.steps >= 30 and len(engine._rate) <= 2
 
 
 def test_a_failing_request_ends_alone(model, tokenizer):

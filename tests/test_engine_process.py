@@ -98,6 +98,18 @@ def test_engine_process_on_cuda_equals_the_engine_in_this_process(tiny_model_dir
             assert outputs.text(0) == generate(cuda.model, cuda.tokenizer, prompt, params).text
 
 
+def test_the_tokens_per_s_history_stays_bounded_when_nobody_asks(engine, monkeypatch):
+    """As the engine in this process: the parent's history of token counts grew by one entry
+    per step until /health read it."""
+    import gpt1.inference.engine_process as engine_process
+
+    monkeypatch.setattr(engine_process, "RATE_WINDOW_S", 1e-6)
+    outputs = Outputs(1)
+    engine.submit([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=30), outputs.sink_for())
+    outputs.wait()
+    assert outputs.items[0][-1].completion_tokens >= 10 and len(engine._generated) <= 2
+
+
 def test_bad_submissions_are_refused_here_before_anything_is_sent(engine, llm):
     before = engine.stats
     with pytest.raises(Gpt1Error, match="prompt 1"):  # an id outside the vocabulary, named

@@ -216,6 +216,21 @@ def test_chat_prompt_drops_the_oldest_turns(tokenizer):
     assert none_dropped == 0 and len(whole) > 256 - 40
 
 
+def test_a_long_conversation_is_encoded_once_whatever_it_drops(tokenizer, monkeypatch):
+    """Each dropped turn re-encoded every remaining message: 2,000 short turns took seconds of the
+    server's event loop (20,000 froze it for minutes). Now every message is encoded once, and the
+    prompt is the same as encoding the kept conversation whole."""
+    system = {"role": "system", "content": "be brief"}
+    turns = [{"role": r, "content": f"turn {i}"} for i, r in enumerate(["user", "assistant"] * 1000)] + [
+        {"role": "user", "content": "last"}]
+    encode, calls = tokenizer.encode, []
+    monkeypatch.setattr(tokenizer, "encode", lambda text: calls.append(text) or encode(text))
+    ids, dropped, cut = chat_prompt_ids(tokenizer, [system] + turns, 256, SamplingParams(max_new_tokens=40))
+    assert len(calls) <= len(turns) + 1
+    assert cut == 0 and dropped % 2 == 0 and 0 < len(ids) <= 256 - 40
+    assert ids == encode_chat(tokenizer, [system] + turns[dropped:])
+
+
 def test_a_last_message_too_long_loses_the_start_of_its_text_not_the_system_message_or_its_marker(tokenizer):
     """It lost both: the engine kept the prompt's last tokens, so the model saw the user's text
     with no system message and no <|user|> before it."""

@@ -105,18 +105,22 @@ def encode_chat_with_labels(tokenizer: Tokenizer, messages: Sequence[dict[str, s
     Labels are aligned with ids (label i is the target for position i); the training code
     shifts by one so that position i predicts token i + 1.
     """
-    messages = validate_messages(messages)
     ids: list[int] = []
     labels: list[int] = []
-    for message in messages:
-        marker = tokenizer.special_id(ROLE_TOKENS[message["role"]])
-        text_ids = tokenizer.encode(message["content"])
-        ids.append(marker)
-        labels.append(IGNORE_INDEX)
+    for message in validate_messages(messages):
+        message_ids = encode_message(tokenizer, message)
+        ids.extend(message_ids)
         if message["role"] == "assistant":
-            text_ids = text_ids + [tokenizer.eos_id]
-            labels.extend(text_ids)
+            labels.extend([IGNORE_INDEX] + message_ids[1:])
         else:
-            labels.extend([IGNORE_INDEX] * len(text_ids))
-        ids.extend(text_ids)
+            labels.extend([IGNORE_INDEX] * len(message_ids))
     return ids, labels
+
+
+def encode_message(tokenizer: Tokenizer, message: dict[str, str]) -> list[int]:
+    """One validated message's ids: its role marker, its text, and [EOS] after an assistant reply.
+    A conversation's ids are its messages' ids one after another."""
+    ids = [tokenizer.special_id(ROLE_TOKENS[message["role"]]), *tokenizer.encode(message["content"])]
+    if message["role"] == "assistant":
+        ids.append(tokenizer.eos_id)
+    return ids

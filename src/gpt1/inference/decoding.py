@@ -22,10 +22,10 @@ import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from gpt1.core.chat_template import encode_chat, validate_messages
+from gpt1.core.chat_template import encode_message, validate_messages
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
-from gpt1.core.tokenizer import Tokenizer
+from gpt1.core.tokenizer import ASSISTANT, Tokenizer
 
 
 @dataclass
@@ -86,27 +86,31 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], bl
     too long loses the start of its text, never its role marker. With `truncate_prompt=False`
     nothing is dropped (the engine refuses a prompt that does not fit)."""
     messages = validate_messages(messages)
-    ids = encode_chat(tokenizer, messages)
+    # Each message is encoded once: dropping a turn subtracts its length (re-encoding the rest
+    # after each drop made a long conversation quadratic, seconds of CPU in the server).
+    pieces = [encode_message(tokenizer, m) for m in messages]
+    generation_prompt = [tokenizer.special_id(ASSISTANT)]
     if not params.truncate_prompt:
-        return ChatPrompt(ids, 0, 0)
+        return ChatPrompt([i for piece in pieces for i in piece] + generation_prompt, 0, 0)
     budget = prompt_budget(block_size, params)
-    system = messages[:1] if messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
-    dropped = 0
-    while len(ids) > budget and len(turns) > 1:
-        turns.pop(0)
-        dropped += 1
-        while len(turns) > 1 and turns[0]["role"] != "user":
-            turns.pop(0)
-            dropped += 1
-        ids = encode_chat(tokenizer, system + turns)
+    n_system = 1 if messages[0]["role"] == "system" else 0
+    first = n_system  # the first turn kept
+    length = sum(map(len, pieces)) + len(generation_prompt)
+    while length > budget and len(messages) - first > 1:
+        length -= len(pieces[first])
+        first += 1
+        while len(messages) - first > 1 and messages[first]["role"] != "user":
+            length -= len(pieces[first])
+            first += 1
+    kept = pieces[:n_system] + pieces[first:]
+    ids = [i for piece in kept for i in piece] + generation_prompt
+    dropped = first - n_system
     cut = len(ids) - budget
     if cut <= 0:
         return ChatPrompt(ids, dropped, 0)
     # One message is left (or the system message alone): its text follows its role marker.
-    kept = system + turns
-    start = (len(encode_chat(tokenizer, kept[:-1], add_generation_prompt=False)) if len(kept) > 1 else 0) + 1
-    if cut >= len(tokenizer.encode(kept[-1]["content"])):
+    start = len(ids) - len(generation_prompt) - len(kept[-1]) + 1
+    if cut >= len(tokenizer.encode(messages[-1]["content"])):
         raise Gpt1Error(f"the system message leaves no room for the conversation: the prompt may take {budget} "
                         f"tokens ({block_size} of context less max_new_tokens {params.max_new_tokens}); "
                         "shorten the system message or lower max_new_tokens")

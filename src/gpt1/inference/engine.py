@@ -363,7 +363,9 @@ class Engine:
             self.stats.threads = threads
             self.stats.steps += 1
             self.stats.tokens += len(next_ids)
-            self._rate.append((time.monotonic(), len(next_ids)))
+            now = time.monotonic()
+            self._rate.append((now, len(next_ids)))
+            self._forget_old_rate(now)  # here, not only when /health asks: unpolled, it grew forever
 
     def _admit(self) -> None:
         with self._lock:

@@ -115,12 +115,15 @@ class EngineProcess:
     def tokens_per_s(self) -> float:
         """Tokens generated per second over the last RATE_WINDOW_S seconds (as `Engine.tokens_per_s`)."""
         with self._lock:
-            start = time.monotonic() - RATE_WINDOW_S
-            while len(self._generated) > 1 and self._generated[1][0] <= start:
-                self._generated.popleft()  # keeps the last count at or before the window's start
+            self._forget_old_counts(time.monotonic())
             if not self._generated:
                 return 0.0
             return (self._generated[-1][1] - self._generated[0][1]) / RATE_WINDOW_S
+
+    def _forget_old_counts(self, now: float) -> None:
+        """Keep the last count at or before the window's start, and the counts after it."""
+        while len(self._generated) > 1 and self._generated[1][0] <= now - RATE_WINDOW_S:
+            self._generated.popleft()
 
     @property
     def alive(self) -> bool:
@@ -242,7 +245,9 @@ class EngineProcess:
             self._stats, self._child_stats, generated = (active, queued), EngineStats(**counts), counts["tokens"]
             if not self._generated or generated != self._generated[-1][1]:
                 with self._lock:
-                    self._generated.append((time.monotonic(), generated))
+                    now = time.monotonic()
+                    self._generated.append((now, generated))
+                    self._forget_old_counts(now)  # here, not only when /health asks: unpolled, it grew forever
             for rid, text, finish_reason, prompt_tokens, completion_tokens, error in message["out"]:
                 request = self._live.get(rid)
                 if request is None:
