@@ -4,6 +4,7 @@ AutoModelForCausalLM / AutoTokenizer / PeftModel and give our logits, greedy tex
 import dataclasses
 import json
 import os
+import shutil
 import stat
 
 from gpt1.cli import main
@@ -240,6 +241,44 @@ def test_out_dir_rules(tmp_path, tiny_model_dir):
         export_model(tiny_model_dir, tmp_path / "merged", merge=True)
     with pytest.raises(Gpt1Error, match="already a transformers folder"):
         export_model(out, tmp_path / "again")
+
+
+def test_force_replaces_only_an_earlier_export_never_a_folder_it_did_not_write(tmp_path, tiny_model_dir, data_dir):
+    """`--force` deleted whatever --out named: the model's own adapter/ or checkpoints/, a run, a
+    prepared data dir, a folder of the user's files. Now it replaces only an earlier export."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "checkpoints").mkdir()
+    (model / "checkpoints" / "step-1").write_text("a checkpoint")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    for out, said in [(model / "checkpoints", "holds other files"), (own, "holds other files"),
+                      (data_dir, "is a prepared data dir"), (model, "would replace the model dir"),
+                      (tmp_path, "would replace the model dir")]:
+        with pytest.raises(Gpt1Error, match=f"{said}.*choose another --out"):
+            export_model(model, out, overwrite=True)
+    assert (model / "checkpoints" / "step-1").read_text() == "a checkpoint" and (own / "notes.txt").read_text() == "mine"
+    assert (data_dir / "train.bin").is_file()
+    export_model(model, model / "hf")  # a new folder inside the model dir is fine, and so is replacing it
+    export_model(model, model / "hf", overwrite=True)
+    assert (model / "hf" / "config.json").is_file() and (model / "checkpoints" / "step-1").is_file()
+
+
+def test_merge_model_dir_replaces_only_an_earlier_merge(tmp_path, tiny_config, tokenizer, data_dir):
+    """The Python API's merge replaced any dest it was given, a run or a data dir among them."""
+    from gpt1.train.finetune import merge_model_dir
+
+    chat = tmp_path / "chat"
+    finetuned_dir(chat, tiny_config, tokenizer, seed=0)
+    shutil.copytree(chat, tmp_path / "another_chat")
+    with pytest.raises(Gpt1Error, match="is a prepared data dir, not an earlier merged model"):
+        merge_model_dir(chat, data_dir)
+    with pytest.raises(Gpt1Error, match="is a model dir, not an earlier merged model"):
+        merge_model_dir(chat, tmp_path / "another_chat")  # a fine-tuned model: its adapter would go
+    merge_model_dir(chat, tmp_path / "merged")
+    merge_model_dir(chat, tmp_path / "merged")  # again: an earlier merge is replaced
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (data_dir / "train.bin").is_file()
 
 
 def test_export_folder_has_the_permissions_of_a_plain_mkdir(tmp_path, tiny_model_dir):

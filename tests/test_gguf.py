@@ -242,7 +242,17 @@ def test_existing_file_needs_force_and_a_folder_is_refused(tmp_path, tiny_model_
     with pytest.raises(Gpt1Error, match="exists; choose another --out or pass --force"):
         export_gguf(tiny_model_dir, out, "f32")
     assert out.read_text() == "old"
-    export_gguf(tiny_model_dir, out, "f32", overwrite=True)
+    # --force replaced any file: the model's own weights, a data dir's train.bin. Only a GGUF file now.
+    with pytest.raises(Gpt1Error, match="m.gguf: exists and is not a GGUF file; --force replaces only an earlier export"):
+        export_gguf(tiny_model_dir, out, "f32", overwrite=True)
+    weights = tiny_model_dir / "model.safetensors"
+    before = weights.read_bytes()
+    with pytest.raises(Gpt1Error, match="model.safetensors: exists and is not a GGUF file"):
+        export_gguf(tiny_model_dir, weights, "f32", overwrite=True)
+    assert weights.read_bytes() == before
+    out.unlink()
+    export_gguf(tiny_model_dir, out, "f32")
+    export_gguf(tiny_model_dir, out, "f16", overwrite=True)
     assert out.read_bytes()[:4] == b"GGUF"
     with pytest.raises(Gpt1Error, match="names a folder; --out names the .gguf file to write"):
         export_gguf(tiny_model_dir, tmp_path, "f32")

@@ -57,6 +57,14 @@ def _require_gguf():
     return gguf
 
 
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_type: str = "f16",
                 *, overwrite: bool = False) -> Path:
     """Write `model_dir` (a base or LoRA fine-tuned gpt1 model dir) as a GGUF file; returns its path.
@@ -71,6 +79,9 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_t
         raise Gpt1Error(f"{out_file}: names a folder; --out names the .gguf file to write (e.g. {out / 'model.gguf'})")
     if out.exists() and not overwrite:
         raise Gpt1Error(f"{out}: exists; choose another --out or pass --force to replace it")
+    if out.exists() and not _is_gguf(out):  # --force replaced model.safetensors, train.bin, anything
+        raise Gpt1Error(f"{out}: exists and is not a GGUF file; --force replaces only an earlier export, "
+                        "so choose another --out")
     gguf = _require_gguf()
     model = load_model(model_dir, device="cpu", adapter="merge")
     tokenizer = Tokenizer.load(model_dir)

@@ -35,7 +35,15 @@ from gpt1.core.model import GPT
 from gpt1.core.progress import info
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer
-from gpt1.formats.modeldir import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, is_hf_model_dir, load_model, read_hf_config
+from gpt1.formats.modeldir import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_replaceable,
+    is_hf_model_dir,
+    load_model,
+    read_hf_config,
+)
 
 # transformers' GPT-2 stores these as Conv1D weights: (in, out), the transpose of nn.Linear's.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -257,9 +265,7 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
 
 
 def _check_out_dir(model_dir: Path, out: Path, overwrite: bool) -> None:
-    source, target = model_dir.resolve(), out.resolve()
-    if target == source or target in source.parents:
-        raise Gpt1Error(f"{out}: the output folder would replace the model dir {model_dir}; choose another --out")
+    check_replaceable(out, model_dir, "an earlier export (a transformers config.json)", is_hf_model_dir)
     if out.exists() and not out.is_dir():
         raise Gpt1Error(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -47,6 +47,19 @@ def owner_of(directory: str | os.PathLike) -> str | None:
     if (directory / DATA_META_FILE).is_file():
         return "a prepared data dir"
     return None
+
+
+def check_replaceable(out: Path, source: Path, earlier: str, is_earlier: Callable[[Path], bool]) -> None:
+    """Refuse an output folder that would replace `source` (or a folder holding it), or a folder
+    with files in it that is not `earlier` output of the same command (`is_earlier`). Replacing
+    deletes the whole folder, so --force replaces only what the command wrote before, never a
+    model dir it is exporting, a run, prepared data or a folder of the user's own files."""
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise Gpt1Error(f"{out}: the output folder would replace the model dir {source}; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_earlier(out):
+        owner = owner_of(out)
+        raise Gpt1Error(f"{out}: {'is ' + owner if owner else 'holds other files'}, not {earlier}; writing there "
+                        "would delete it, so choose another --out (a new or empty folder)")
 
 
 def read_hf_config(path: Path) -> dict[str, Any] | None:

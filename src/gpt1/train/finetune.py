@@ -48,7 +48,16 @@ from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
 from gpt1.data.chat_sources import ChatStats, hf_split_names, read_conversations, split_conversations
 from gpt1.formats.hf import import_hf_model, is_hf_model_dir
-from gpt1.formats.modeldir import ADAPTER_DIR, BASE_FILE, CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
+from gpt1.formats.modeldir import (
+    ADAPTER_DIR,
+    BASE_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_replaceable,
+    load_model,
+    owner_of,
+    save_model,
+)
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
 from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perplexity, token_byte_lengths
@@ -228,8 +237,8 @@ def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
     source, dest = Path(source), Path(dest)
     if not (source / ADAPTER_DIR).is_dir():
         raise Gpt1Error(f"{source}: nothing to merge (no {ADAPTER_DIR}/ folder)")
-    if dest.resolve() == source.resolve():
-        raise Gpt1Error(f"{dest}: the merged model needs its own folder")
+    check_replaceable(dest, source, "an earlier merged model",
+                      lambda d: owner_of(d) == "a model dir" and (d / TEMPLATE_FILE).is_file() and not (d / ADAPTER_DIR).exists())
     model = load_model(source, device="cpu")  # the adapter is merged on load
     # Whole or not at all: killed between the weights and the chat template, the folder was a
     # base model that a rerun left as it was.
