@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,20 @@ def test_a_second_run_reuses_every_stage(quickstart):
     assert {stage: (out / stage / "metrics.jsonl").read_bytes() for stage in before} == before
     # Same seed, same models: the same samples.
     assert json.loads((out / "summary.json").read_text())["samples"] == summary["samples"]
+
+
+def test_a_stage_made_by_another_recipe_says_to_delete_it(quickstart, tmp_path):
+    """After an upgrade changed the chat recipe (LoRA r 8 -> 32), a rerun said "rerun with the same
+    config to resume it": advice for `gpt1 finetune` that a quickstart user cannot follow."""
+    out = tmp_path / "qs"
+    shutil.copytree(quickstart[0], out)
+    recorded = json.loads((out / "chat" / "train_config.json").read_text())
+    recorded["config"]["lora_r"] += 1  # as an earlier gpt1's recipe
+    (out / "chat" / "train_config.json").write_text(json.dumps(recorded))
+    again = _quickstart(out)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.rstrip().splitlines()[-1].endswith(
+        f"made with another recipe or base (an earlier gpt1?): delete {out / 'chat'} to redo this stage")
 
 
 def test_notebook_runs_top_to_bottom_on_the_quickstart_model(quickstart, monkeypatch, tmp_path):

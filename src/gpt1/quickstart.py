@@ -218,6 +218,12 @@ def _budget_note(run_dir: Path, minutes: float) -> str:
     return f" (continuing the {started_minutes:g}-min run in {run_dir})"
 
 
+def _redo_hint(run_dir: Path) -> str:
+    # A stage made by another recipe (an older gpt1's): the quickstart cannot resume it, and its
+    # user has no config to change.
+    return f"it was made with another recipe or base (an earlier gpt1?): delete {run_dir} to redo this stage"
+
+
 def _budget(run_dir: Path, seconds: float) -> float:
     """This stage's time budget: a run that already exists keeps the budget it started with
     (so that a rerun with another --minutes resumes it instead of refusing its config)."""
@@ -226,7 +232,8 @@ def _budget(run_dir: Path, seconds: float) -> float:
 
 
 def _pretrain(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, train_tokens: int):
-    return pretrain(pretrain_config(cfg, train_tokens, _budget(run_dir, 60 * cfg.minutes)), data_dir, run_dir)
+    return pretrain(pretrain_config(cfg, train_tokens, _budget(run_dir, 60 * cfg.minutes)), data_dir, run_dir,
+                    redo_hint=_redo_hint(run_dir))
 
 
 def pretrain_config(cfg: QuickstartConfig, train_tokens: int, budget: float) -> TrainConfig:
@@ -243,7 +250,7 @@ def _finetune(cfg: QuickstartConfig, base: Path, run_dir: Path):
     ft_cfg = load_config(FinetuneConfig, FINETUNE_RECIPE, [], data=cfg.chat_data, device=cfg.device, seed=cfg.seed)
     # The recipe's epochs cap the budget: more passes over a few thousand dialogs only memorise them.
     ft_cfg = dataclasses.replace(ft_cfg, time_budget=_budget(run_dir, 60 * cfg.minutes * FINETUNE_SHARE))
-    return finetune(ft_cfg, base, run_dir)
+    return finetune(ft_cfg, base, run_dir, redo_hint=_redo_hint(run_dir))
 
 
 def _samples(cfg: QuickstartConfig, base: Path, chat: Path) -> list[Sample]:

@@ -167,10 +167,11 @@ def load_chat_splits(cfg: FinetuneConfig, stats=None):
     return train, val, stats
 
 
-def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_limit: int | None = None):
+def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_limit: int | None = None,
+             redo_hint: str | None = None):
     """Fine-tune the model dir `base` on `cfg.data` into the run dir `out` (resumes a run there).
-    `step_limit` caps the steps resolved from the config (e.g. a time budget). Returns the
-    loop's TrainResult."""
+    `step_limit` caps the steps resolved from the config (e.g. a time budget); `redo_hint` says
+    what to do instead when `out` holds another run. Returns the loop's TrainResult."""
     if cfg.init_from != "scratch":  # set by hand: it was overwritten with the base's path and recorded so
         raise Gpt1Error(f"init_from={cfg.init_from}: a pretraining key; a fine-tune starts from its base (--base)")
     base, out = Path(str(base).removeprefix("hf:")), Path(out)
@@ -178,16 +179,16 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
         raise Gpt1Error(f"{base}: not a model dir (no {WEIGHTS_FILE}); pass the base model with --base")
     dist = distributed.setup(cfg.device)
     try:
-        return _finetune(cfg, base, out, dist, step_limit)
+        return _finetune(cfg, base, out, dist, step_limit, redo_hint)
     finally:
         distributed.cleanup()
 
 
-def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int | None):
+def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int | None, redo_hint: str | None):
     base_info = {"path": str(base.resolve()), "sha256": file_fingerprint(base / WEIGHTS_FILE)}
     if (out / BASE_FILE).is_file() and read_json(out / BASE_FILE).get("sha256") != base_info["sha256"]:
         raise Gpt1Error(f"{out} was fine-tuned from other base weights than {base} ({BASE_FILE} differs); "
-                        "choose another --out")
+                        + (redo_hint or "choose another --out"))
     model, tokenizer = prepare_model(base, cfg)
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
@@ -228,7 +229,7 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
 
     # Recorded in the run dir's train_config.json: resuming with another base is refused.
     cfg = dataclasses.replace(cfg, init_from=base_info["path"])
-    return train(model, cfg, out, batches, lambda: val, save_model, max_steps=max_steps)
+    return train(model, cfg, out, batches, lambda: val, save_model, max_steps=max_steps, redo_hint=redo_hint)
 
 
 def merge_model_dir(source: str | Path, dest: str | Path) -> Path:

@@ -135,8 +135,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | None = None,
-                   world_size: int = 1) -> None:
-    """Refuse a run dir that holds another run (or anything else); write train_config.json."""
+                   world_size: int = 1, redo_hint: str | None = None) -> None:
+    """Refuse a run dir that holds another run (or anything else); write train_config.json.
+    `redo_hint` replaces the advice to rerun as before (a caller like the quickstart has its own)."""
     wanted = {"config": cfg.to_dict(), "max_steps": max_steps, "world_size": world_size,
               **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE
@@ -165,14 +166,14 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
             diffs = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {wanted['config'].get(k)!r}" if k in old_cfg or k in wanted["config"]
                               else k for k in keys)
             raise Gpt1Error(f"{run_dir} holds a run with a different config ({diffs}); "
-                            "rerun with the same config to resume it, or choose another --out")
+                            + (redo_hint or "rerun with the same config to resume it, or choose another --out"))
         # A run dir from before the data was recorded resumes unchecked (its data is unknown).
         old_data = old.get("data")
         if data is not None and isinstance(old_data, dict) and old_data != data:
             diffs = ", ".join(f"{k}: {old_data.get(k)!r} -> {data.get(k)!r}" for k in sorted(set(old_data) | set(data))
                               if old_data.get(k) != data.get(k))
             raise Gpt1Error(f"{run_dir} holds a run on other training data ({diffs}); "
-                            "rerun with the data it was trained on to resume it, or choose another --out")
+                            + (redo_hint or "rerun with the data it was trained on to resume it, or choose another --out"))
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise Gpt1Error(f"{run_dir} is not empty and holds no gpt1 run ({CONFIG_FILE} is missing); "
                         "choose a new or empty --out")
@@ -231,7 +232,7 @@ def _trim_metrics(path: Path, step: int) -> None:
 def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_data: BatchSource,
           val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
           save_model: Callable[[Path, torch.nn.Module], None], *, max_steps: int | None = None,
-          data: dict | None = None) -> TrainResult:
+          data: dict | None = None, redo_hint: str | None = None) -> TrainResult:
     """Train `model` (see the module docstring); resumes from `run_dir`'s latest checkpoint.
     `data`: an identity of the training data (JSON-able), recorded in train_config.json; a
     resume on data with another identity is refused."""
@@ -247,7 +248,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     with contextlib.ExitStack() as held:
 
         def check_and_hold() -> None:
-            _check_run_dir(run_dir, cfg, max_steps, data, dist.world_size)
+            _check_run_dir(run_dir, cfg, max_steps, data, dist.world_size, redo_hint)
             # One process trains in a run dir at a time: a second one would delete the first's
             # partial saves (below) and interleave its metrics. Taken once the config is checked (a
             # new run dir holds nothing before), released when the process ends, however it ends.

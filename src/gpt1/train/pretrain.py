@@ -76,8 +76,9 @@ def data_identity(meta: dict) -> dict:
             "tokenizer": meta["tokenizer"]["fingerprint"]}
 
 
-def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> TrainResult:
-    """Pretrain on `data_dir` (made by `gpt1 prepare`) into the run dir `out`; resumes a run there."""
+def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hint: str | None = None) -> TrainResult:
+    """Pretrain on `data_dir` (made by `gpt1 prepare`) into the run dir `out`; resumes a run there
+    (`redo_hint`: what to do instead when `out` holds another run, see `gpt1.train.loop.train`)."""
     data_dir, out = Path(data_dir), Path(out)
     dist = distributed.setup(cfg.device)
     meta = load_meta(data_dir)
@@ -105,6 +106,6 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path) -> TrainRe
 
     try:
         return train(model, cfg, out, train_data, lambda: val, save_model, max_steps=max_steps,
-                     data=data_identity(meta))
+                     data=data_identity(meta), redo_hint=redo_hint)
     finally:
         distributed.cleanup()
