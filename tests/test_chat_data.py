@@ -102,7 +102,7 @@ def test_oasst_exports_give_the_best_ranked_conversations(tmp_path, fmt):
     assert skipped["deleted messages, with their replies"] == 2  # a4 and the prompt p4
     assert skipped["messages that failed review, with their replies"] == 1
     assert skipped["empty messages, with their replies"] == 1
-    assert skipped["trailing user turns (no reply)"] == 1 and skipped["conversations without an assistant reply"] == 1
+    assert not stats.trimmed and skipped["conversations without an assistant reply"] == 1  # a lone prompt: not "cut"
     assert skipped["orphan messages (parent not found), with their replies"] == (0 if fmt.startswith("trees") else 1)
 
 
@@ -120,7 +120,7 @@ def test_trailing_user_turn_is_dropped_and_counted(tmp_path):
                 msg("q", "a", "prompter", "Q2 with no answer", "t")]
     stats = ChatStats()
     got = read_conversations(str(write_messages(tmp_path / "m.jsonl", messages)), stats=stats)
-    assert texts(got) == [convo("Q1", "A1")] and stats.skipped["trailing user turns (no reply)"] == 1
+    assert texts(got) == [convo("Q1", "A1")] and stats.trimmed["trailing user turns (no reply)"] == 1 and not stats.skipped
 
 
 def test_malformed_lines_name_file_and_line_or_are_skipped(tmp_path):
@@ -175,7 +175,7 @@ def test_generic_chat_jsonl_and_chatterbot(tmp_path):
     got = read_conversations(str(path), skip_invalid=True, stats=stats)
     # A trailing user turn is cut (as OASST's and chatterbot's are), not the whole conversation.
     assert texts(got) == [records[0]["messages"], records[1]["messages"][:2]]
-    assert stats.skipped["trailing user turns (no reply)"] == 1
+    assert stats.trimmed["trailing user turns (no reply)"] == 1
     assert stats.skipped["conversations with an empty message"] == 1
 
 
@@ -226,7 +226,7 @@ def test_generic_chat_records_out_of_turn_order_are_skipped_and_the_split_follow
     yml.write_text("categories:\n- test\nconversations:\n- - Is it on?\n  - Yes\n- - One\n  - Two\n  - Three\n")
     stats = ChatStats()
     assert texts(read_conversations(str(yml), stats=stats)) == [convo("Is it on?", "Yes"), convo("One", "Two")]
-    assert stats.skipped["trailing user turns (no reply)"] == 1
+    assert stats.trimmed["trailing user turns (no reply)"] == 1 and not stats.skipped
     shipped = read_conversations("chatterbot")
     assert len(shipped) > 500
     assert {"role": "user", "content": "Hello"} in [c.messages[0] for c in shipped]

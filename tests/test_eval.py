@@ -147,6 +147,16 @@ def test_skip_invalid_skips_and_counts_bad_lines(tiny_model_dir, corpus_dir, tmp
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(chat), "--chat", "--skip-invalid", "--json"]) == 0
     reported = json.loads(capsys.readouterr().out)  # "skipped" a count, as for text (it was the dict)
     assert reported["skipped"] == 1 and reported["skipped_by_reason"] == {"malformed lines": 1}
+    # A trailing user turn is cut and its conversation still scored: not counted as skipped (it
+    # was, so 43 of chatterbot's 101 conversations read as skipped when one was).
+    dialogs[0]["messages"].append({"role": "user", "content": "and then?"})
+    chat.write_text("".join(json.dumps(dialog) + "\n" for dialog in dialogs))
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(chat), "--chat", "--json"]) == 0
+    captured = capsys.readouterr()
+    reported = json.loads(captured.out)
+    assert reported["skipped"] == 0 and reported["skipped_by_reason"] == {}
+    assert reported["cut_by_reason"] == {"trailing user turns (no reply)": 1}
+    assert "cut from conversations still scored: 1 trailing user turns (no reply)" in captured.err
 
 
 def test_split_is_refused_where_there_is_none(tiny_model_dir, tmp_path, capsys):

@@ -152,13 +152,16 @@ def _chat_eval(llm, args: argparse.Namespace) -> int:
         _emit_json(args.json, {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
                                "tokens": result.tokens, "bytes": result.bytes, "conversations": result.conversations,
                                "source": result.source, "skipped": sum(stats.skipped.values()),
-                               "skipped_by_reason": dict(stats.skipped)})  # "skipped" a count, as for text
+                               "skipped_by_reason": dict(stats.skipped),  # "skipped" a count, as for text
+                               "cut_by_reason": dict(stats.trimmed)})  # parts of conversations still scored
     else:
         print(f"assistant-token loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
               f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens of {result.conversations:,} "
               f"conversations in {result.source})")
     if stats.skipped:
         print(f"skipped: {describe_skipped(stats.skipped)}", file=sys.stderr)
+    if stats.trimmed:
+        print(f"cut from conversations still scored: {describe_skipped(stats.trimmed)}", file=sys.stderr)
     return 0
 
 

@@ -62,16 +62,19 @@ class Conversation:
     group: str
 
 
+TRAILING_USER_TURN = "trailing user turns (no reply)"
+
+
 @dataclass
 class ChatStats:
     conversations: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    skipped: Counter = field(default_factory=Counter)  # reason -> conversations (or records) left out
+    trimmed: Counter = field(default_factory=Counter)  # reason -> kept conversations that lost a part
 
     def summary(self) -> str:
-        text = f"{self.conversations:,} conversations"
-        if self.skipped:
-            text += " (" + ", ".join(f"{why}: {n:,}" for why, n in sorted(self.skipped.items())) + ")"
-        return text
+        parts = [f"{label}: " + ", ".join(f"{why}: {n:,}" for why, n in sorted(counts.items()))
+                 for label, counts in (("skipped", self.skipped), ("cut", self.trimmed)) if counts]
+        return f"{self.conversations:,} conversations" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 # ---- reading sources -----------------------------------------------------------------------
@@ -300,8 +303,8 @@ def _tree_conversations(messages: list[dict], options: _TreeOptions) -> Iterator
             if replies:
                 stack.append(path + [min(replies, key=rank_key)])
                 continue
-            if path[-1]["role"] == "prompter":
-                skipped["trailing user turns (no reply)"] += 1
+            trailing_user_turn = path[-1]["role"] == "prompter"
+            if trailing_user_turn:
                 path = path[:-1]
             if not path:
                 skipped["conversations without an assistant reply"] += 1
@@ -310,6 +313,8 @@ def _tree_conversations(messages: list[dict], options: _TreeOptions) -> Iterator
             if key in seen:
                 continue
             seen.add(key)
+            if trailing_user_turn:
+                options.stats.trimmed[TRAILING_USER_TURN] += 1
             yield Conversation(
                 messages=[{"role": OASST_ROLES[m["role"]], "content": m["text"]} for m in path],
                 group=str(root.get("message_tree_id") or root["message_id"]),
@@ -335,12 +340,14 @@ def _generic_conversation(record: dict, stats: ChatStats) -> Conversation | None
     if any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns)):
         stats.skipped["conversations out of turn order (after an optional system message: user, assistant, ...)"] += 1
         return None
-    if turns and turns[-1]["role"] == "user":
+    trailing_user_turn = bool(turns) and turns[-1]["role"] == "user"
+    if trailing_user_turn:
         messages = messages[:-1]
-        stats.skipped["trailing user turns (no reply)"] += 1
     if not messages or messages[-1]["role"] != "assistant":
         stats.skipped["conversations without an assistant reply"] += 1
         return None
+    if trailing_user_turn:
+        stats.trimmed[TRAILING_USER_TURN] += 1
     content = json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
     return Conversation(messages, "sha256:" + hashlib.sha256(content).hexdigest()[:16])
 
@@ -380,7 +387,8 @@ def _read_chatterbot(files: list[Path], stats: ChatStats, skip_invalid: bool) ->
                 continue
             if len(turns) % 2:
                 turns = turns[:-1]
-                stats.skipped["trailing user turns (no reply)"] += 1
+                if turns:
+                    stats.trimmed[TRAILING_USER_TURN] += 1
             if not turns:
                 stats.skipped["conversations without an assistant reply"] += 1
                 continue
