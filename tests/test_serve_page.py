@@ -161,3 +161,20 @@ def test_presets_stop_and_reset(page, server):
     assert page.errors == []
     if os.environ.get("GPT1_SCREENSHOT"):
         page.screenshot(path=os.environ["GPT1_SCREENSHOT"], full_page=True)
+
+
+@pytest.mark.parametrize("name", ["x<!--<script>", "</script><b>&amp;", "a&lt;b>"])
+def test_a_model_name_with_markup_is_shown_as_text(browser, tiny_model_dir, name):
+    """A model named `x<!--<script>` blanked the page: the config's JSON went into a <script>
+    element with only "</" escaped, and "<!--<script>" made the rest of the page script."""
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    with background_server(create_app(llm, model_name=name)) as url:
+        page = browser.new_page()
+        page.set_default_timeout(10_000)
+        errors = []
+        page.on("pageerror", lambda error: errors.append(error))
+        page.goto(url)
+        assert page.inner_text("#model-name") == f"{name} · {llm.config.block_size}-token context"
+        assert page.locator("#k-temperature").count() == 1 and page.locator("b").count() == 0
+        assert errors == []
+        page.close()

@@ -64,7 +64,6 @@ UNWRITABLE = {errno.EACCES: "choose a writable --out", errno.EPERM: "choose a wr
               errno.EDQUOT: "free some space or choose another --out",
               errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another --out"}
 RESUMABLE = {"quickstart", "prepare", "pretrain", "finetune"}  # they pick up where a killed run stopped
-OWN_SIGTERM = {"serve"}  # uvicorn drains the open requests first, then exits by the signal
 
 
 def debug_enabled() -> bool:
@@ -130,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdin.reconfigure(encoding="utf-8", errors="gpt1-stdin")
     try:
         _check_arguments(sys.argv[1:] if argv is None else argv)
-        with _sigterm_raises(args.command not in OWN_SIGTERM):
+        # A server claims SIGTERM while it serves (uvicorn drains the open requests), then restores
+        # this handler and raises the signal again: it ends here too, with its one line.
+        with _sigterm_raises():
             status = args.func(args) or 0
             sys.stdout.flush()  # here, where a failure is reported, not at exit
             return status

@@ -152,7 +152,10 @@ class Tokenizer:
 
     # ---- encoding and decoding ----------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(check_text(text, "text to encode"), add_special_tokens=False).ids
+        # The batch call releases the GIL while it encodes (`encode` holds it: a 1 MB text froze the
+        # server's event loop for a second) and skips the offsets, which nothing here reads: the
+        # same ids, 2-3x faster on short texts.
+        return self.backend.encode_batch_fast([check_text(text, "text to encode")], add_special_tokens=False)[0].ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts in parallel (the Rust library uses all cores)."""

@@ -180,6 +180,8 @@ class EngineProcess:
         """Stop the child; every unfinished request's sink gets a 'shutting down' error."""
         if self._process is None:
             return
+        with self._lock:  # said to every open request, not the reader's "has stopped" when the child exits
+            self._closed = self._closed or "the server is shutting down"
         self._send({"stop": True})
         try:
             self._process.wait(timeout)
@@ -271,7 +273,7 @@ class EngineProcess:
     def _close(self, reason: str) -> None:
         """No more submissions; every request still running ends with `reason` as its error."""
         with self._lock:
-            self._closed = self._closed or reason
+            reason = self._closed = self._closed or reason
             left, self._live = list(self._live.values()), {}
             self._stats = (0, 0)
         for request in left:

@@ -8,8 +8,8 @@ SamplingParams), `middleware` (host, key, body limits), `routes` (endpoints and 
 the engine), `page` (the chat page). Generation runs in `gpt1.inference.engine.Engine`.
 
 Every bad request is answered with status 400 (401 for auth, 403 for a non-loopback Host on a
-keyless loopback server, 404, 408 for a body that does not arrive in time, 413 for an
-over-large body, 503 when the queue is full) and OpenAI's error body.
+keyless loopback server, 404, 408 for a body or headers that do not arrive in time, 413 for an
+over-large body, 431 for over-large headers, 503 when the queue is full) and OpenAI's error body.
 """
 
 from __future__ import annotations
@@ -53,15 +53,16 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     engine: "thread" runs the engine in a thread of this process on `llm.model`, as loaded; "process"
         in a child process of its own (`gpt1.inference.engine_process`), which loads `llm.path` from
         disk (changes made to `llm.model` in memory are not seen) on `device` in `dtype` (as
-        `gpt1.load`'s; default: `llm`'s device and dtype) and is started with the app.
+        `gpt1.load`'s; default: `llm`'s device and dtype, or "auto" for `LLM.without_weights`) and is
+        started with the app.
     """
     knobs = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
                  compile=compile)
     if engine == "process":
-        weightless = llm.device.type == "meta"  # LLM.without_weights: no loaded dtype to follow
+        weightless = llm.device.type == "meta"  # LLM.without_weights: no loaded device or dtype to follow
+        device = device or ("auto" if weightless else str(llm.device))
         dtype = dtype or ("auto" if weightless else str(llm.dtype).removeprefix("torch."))
-        engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device=device or str(llm.device), dtype=dtype,
-                               **knobs)
+        engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device=device, dtype=dtype, **knobs)
     elif engine == "thread":
         if device is not None or dtype is not None:  # they were ignored: the model is already loaded
             raise ValueError("device and dtype apply to engine='process'; the thread engine runs llm as loaded "

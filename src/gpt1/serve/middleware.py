@@ -7,6 +7,10 @@ that answers before FastAPI reads or parses anything.
 - API key: `Authorization: Bearer KEY` on every /v1 request, when the server has a key.
 - Body: at most `max_body_bytes` (413), received within `body_timeout_s` seconds in all (408,
   and the connection is closed), so that slow senders cannot hold connections open.
+- Head: a request line and headers of more than MAX_HEAD_BYTES get 431 (`gpt1.serve.server`
+  bounds a head still arriving, and the time it takes).
+- HEAD: answered as GET wherever GET is (uptime checkers use `curl -I`); the server sends only
+  the headers.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import ipaddress
 from gpt1.serve.errors import ApiError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers (a browser's are a few KiB)
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
@@ -50,6 +55,8 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}  # uvicorn leaves the body out: it knows the request's method
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         if error := self._refuse(scope, headers):
             return await error.response()(scope, receive, send)
@@ -78,6 +85,10 @@ class Guard:
         await self.app(scope, replay, send)
 
     def _refuse(self, scope, headers: dict[str, bytes]) -> ApiError | None:
+        # The head as it arrived whole (one still arriving is bounded in gpt1.serve.server).
+        head = len(scope.get("raw_path") or b"") + len(scope["query_string"])
+        if head + sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEAD_BYTES:
+            return head_too_large()
         server = scope.get("server")
         if self.api_key is None and server and is_loopback(str(server[0])) and "host" in headers:
             name = _host_name(headers["host"])
@@ -113,6 +124,11 @@ class Guard:
             if len(body) > self.max_body_bytes:
                 raise _TooLarge
         return body
+
+
+def head_too_large() -> ApiError:
+    return ApiError(431, f"the request line and headers are larger than {MAX_HEAD_BYTES:,} bytes",
+                    code="request_header_fields_too_large", headers={"Connection": "close"})
 
 
 class _TooLarge(Exception):

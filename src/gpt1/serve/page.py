@@ -16,5 +16,8 @@ def page_html(model_name: str, context: int, auth: bool) -> str:
     config = {"model": model_name, "context": context, "auth": auth,
               "defaults": param_dict(SamplingParams()),
               "presets": {name: param_dict(p) for name, p in PRESETS.items()}}
-    # "</" cannot close the script element from inside a JSON string once escaped.
-    return html.replace("__GPT1_CONFIG__", json.dumps(config).replace("</", "<\\/"))
+    # No "<", ">" or "&" in the script element: "</script>" would close it and "<!--" would put the
+    # HTML parser in a state where the rest of the page is script (a model named "x<!--<script>"
+    # blanked the page). As JSON escapes they are the same strings.
+    safe = json.dumps(config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return html.replace("__GPT1_CONFIG__", safe)

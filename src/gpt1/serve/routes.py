@@ -14,6 +14,7 @@ import weakref
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from gpt1.core.errors import Gpt1Error
@@ -155,7 +156,10 @@ async def collect(request: Request, requests: list[EngineRequest], queue: asynci
                 r.cancel()
     if not work.done() or work.cancelled():  # a cancel takes effect only when the task next runs
         return None
-    work.result()  # raises what generation raised
+    try:
+        work.result()  # raises what generation raised
+    except Gpt1Error as e:  # e.g. the server is shutting down: an answer (503), not a fault to log with a traceback
+        raise generation_error(e) from None
     for r in results:
         r["text"] = "".join(r["text"])
     return results
@@ -291,7 +295,9 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
         mapping.check_unsupported(req)
         max_tokens, which = mapping.chat_max_tokens(req)
         params = mapping.sampling_params(req, max_tokens, which, context)
-        prompt = mapping.chat_prompt(req, tokenizer, params, context)
+        # Tokenizing a large request is up to seconds of CPU: off the event loop, which
+        # meanwhile answers /health and writes every other stream.
+        prompt = await run_in_threadpool(mapping.chat_prompt, req, tokenizer, params, context)
         params = mapping.fit_context(params, len(prompt), context, max_tokens, which)
         requests, queue = submit(engine, [prompt], params)
         rid, now, model_id = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
@@ -311,7 +317,8 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         mapping.check_unsupported(req)
-        prompts = mapping.completion_prompts(req, tokenizer, engine.config.vocab_size)
+        # Off the event loop, as in chat_completions: a 1 MiB prompt takes about a second to tokenize.
+        prompts = await run_in_threadpool(mapping.completion_prompts, req, tokenizer, engine.config.vocab_size)
         # One SamplingParams for all prompts: the longest one decides what fits in the context.
         params = mapping.sampling_params(req, req.max_tokens, "max_tokens", context)
         params = mapping.fit_context(params, max(len(p) or 1 for p in prompts), context, req.max_tokens, "max_tokens")

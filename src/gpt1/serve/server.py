@@ -4,17 +4,103 @@ that a taken port is a one-line Gpt1Error and `port=0` can pick a free port race
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import gc
+import json
 import socket
 import threading
 import time
 from typing import Iterator
 
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
 from gpt1.core.errors import Gpt1Error
+from gpt1.serve.errors import ApiError
+from gpt1.serve.middleware import MAX_HEAD_BYTES, head_too_large
 
 GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, so that Ctrl-C never hangs on a long reply
+HEAD_TIMEOUT_S = 10.0  # from a connection's start, or a request's first byte, to its headers' end
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol (httptools), which would buffer a request's head (its request
+    line and headers) without limit and wait for it forever, before the API key is even looked
+    at. Here a head still arriving is refused once it is over MAX_HEAD_BYTES (431: one that
+    arrives whole is measured by the Guard) or when it has taken `head_timeout_s` (408; a
+    connection that sent nothing is closed, as an idle kept-alive one is)."""
+
+    head_timeout_s = HEAD_TIMEOUT_S
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head: int | None = 0  # bytes of the head being received; None between heads
+        self._head_began = False  # a head began in the data being parsed
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+
+    def connection_lost(self, exc) -> None:
+        self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head is None:  # the next request on a kept-alive connection
+            self._head, self._head_began = 0, True
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._head = None
+        self._head_timer.cancel()
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        self._head_began = False
+        super().data_received(data)
+        # Counted once parsed, when all of `data` is known to be head: data in which a head
+        # begins may also end the previous request's body, and goes uncounted (one read at most).
+        if self._head is not None and not self._head_began:
+            self._head += len(data)
+            if self._head > MAX_HEAD_BYTES:
+                self._refuse(head_too_large())
+
+    def _head_timeout(self) -> None:
+        if self._head or self._head_began:
+            self._refuse(ApiError(408, f"the request line and headers did not arrive within {self.head_timeout_s:g} s",
+                                  code="request_timeout"))
+        else:
+            self.transport.close()
+
+    def _refuse(self, error: ApiError) -> None:
+        """Answer with the error and close the connection (only close it while a pipelined
+        request's response is being written)."""
+        self._head = None
+        self._head_timer.cancel()
+        if self.cycle is None or self.cycle.response_complete:
+            body = json.dumps(error.body()).encode()
+            self.transport.write(STATUS_LINE[error.status] + b"content-type: application/json\r\nconnection: close\r\n"
+                                 + b"content-length: %d\r\n\r\n" % len(body) + body)
+        self.transport.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which stops the app's engine as soon as it begins to shut down (Ctrl-C,
+    SIGTERM): every request still queued or generating then ends at once with the documented
+    error, a 503 `engine_unavailable` or a stream's error event ("the server is shutting down").
+    Left to the app's lifespan, the engine would stop only after uvicorn's graceful period had
+    cancelled those requests: plain-text 500s, streams cut without an error, a traceback each."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        engine = getattr(getattr(self.config.app, "state", None), "engine", None)
+        if engine is not None:
+            await asyncio.to_thread(engine.stop)  # waits for the step running now
+        await super().shutdown(sockets)
+
+
+def _server(app, head_timeout_s: float = HEAD_TIMEOUT_S, **config) -> uvicorn.Server:
+    protocol = type("_Protocol", (_Protocol,), {"head_timeout_s": head_timeout_s})
+    return _Server(uvicorn.Config(app, http=protocol, **config))
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
@@ -47,8 +133,6 @@ def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto")
     `serve` extra installs it), else asyncio's. uvloop answers sooner on a CPU; it holds the GIL
     in its socket writes, which asyncio's releases (see docs/serving.md#streaming-writes).
     """
-    import uvicorn
-
     if loop not in EVENT_LOOPS:
         raise Gpt1Error(f"event loop must be one of {', '.join(EVENT_LOOPS)}, got {loop!r}")
     if loop == "uvloop":
@@ -56,8 +140,7 @@ def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto")
             import uvloop  # noqa: F401
         except ImportError:
             raise Gpt1Error("--loop uvloop needs uvloop: pip install uvloop (the `serve` extra has it)") from None
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, loop=loop,
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    server = _server(app, log_level=log_level, loop=loop, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     # The ~200k objects of the imports and the model will live as long as the server: out of
     # the garbage collector's sight, a full collection takes ~0 ms instead of 130-150 ms (a
     # pause of every stream, measured on the development machine).
@@ -71,13 +154,12 @@ def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto")
 
 @contextlib.contextmanager
 def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                      startup_timeout: float = 30.0) -> Iterator[str]:
-    """Serve `app` from a background thread; yields its base URL (e.g. http://127.0.0.1:41234)."""
-    import uvicorn
-
+                      startup_timeout: float = 30.0, head_timeout_s: float = HEAD_TIMEOUT_S) -> Iterator[str]:
+    """Serve `app` from a background thread; yields its base URL (e.g. http://127.0.0.1:41234).
+    head_timeout_s: the time a request's line and headers may take to arrive."""
     sock = bind(host, port)
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=1))
+    server = _server(app, head_timeout_s, log_level=log_level, timeout_graceful_shutdown=1)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gpt1-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
