@@ -310,6 +310,8 @@ def test_cli_serves_with_key_from_env(tiny_model_dir):
     assert proc.returncode == 128 + signal.SIGTERM
     stderr = proc.stderr.read().decode()
     assert stderr.rstrip().endswith("gpt1 serve: terminated")
+    # A base model: what its chat replies will be is said at start (the server formatted them silently).
+    assert "has no chat template: it is a base model, so /v1/chat/completions and the chat page" in stderr
     assert f"serving {tiny_model_dir} on http://127.0.0.1:{port}" in stderr
     assert "KV cache: 16 slots x 64 positions = " in stderr and "MiB of float32 on cpu (--max-batch 16)" in stderr
     # A pool that cannot fit in memory is one clear line at start-up.

@@ -109,6 +109,9 @@ def serve_command(args: argparse.Namespace) -> int:
     if not loopback and api_key is None:
         warn(f"serving on {args.host} without an API key: anyone who can reach this port can use the model "
              f"(set --api-key or ${API_KEY_ENV})")
+    if not llm.is_chat_model:  # /v1/chat/completions still formats the messages: say what the replies will be
+        warn(f"{args.model} has no chat template: it is a base model, so /v1/chat/completions and the chat page "
+             "get continuations of the conversation text rather than answers (/v1/completions is what it is for)")
     sock = bind(args.host, args.port)
     if not isinstance(engine, Engine):
         engine.start()  # now, so that a child that cannot start (e.g. its KV cache does not fit) is one clear error
