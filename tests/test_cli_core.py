@@ -217,7 +217,7 @@ def test_hints_name_what_the_command_has(tmp_path, capsys):
     (out / "data").mkdir(parents=True)
     (out / "data" / "meta.json").write_text(json.dumps({"key": {"seed": 5}}))
     line = assert_one_clear_line(*run_main(capsys, "quickstart", "--out", out, "--minutes", "0.05", "--device", "cpu"),
-                                 rf"{out / 'data'} already holds data prepared from other sources or settings; "
+                                 rf"{out / 'data'} already holds data prepared with other settings \(.*seed: 5 -> 1337.*\); "
                                  rf"choose another --out, or delete {out / 'data'} \(and the stages after it\)")
     assert "--overwrite" not in line
     assert_one_clear_line(*run_main(capsys, "bench", "--quick", "--json", tmp_path, "train"),

@@ -124,7 +124,7 @@ def test_finished_data_is_kept_or_refused(small_corpus, tokenizer, tmp_path):
     before = (tmp_path / "out" / "train.bin").stat().st_mtime_ns
     prepare([str(small_corpus)], tokenizer, tmp_path / "out", val=2)  # up to date: nothing rewritten
     assert (tmp_path / "out" / "train.bin").stat().st_mtime_ns == before
-    with pytest.raises(Gpt1Error, match="already holds data prepared from other sources or settings.*--overwrite"):
+    with pytest.raises(Gpt1Error, match=r"already holds data prepared with other settings \(val: 2 -> 3\).*--overwrite"):
         prepare([str(small_corpus)], tokenizer, tmp_path / "out", val=3)
     assert (tmp_path / "out" / "train.bin").stat().st_mtime_ns == before
     assert prepare([str(small_corpus)], tokenizer, tmp_path / "out", val=3, overwrite=True)["val"]["documents"] == 3

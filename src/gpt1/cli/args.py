@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
+from gpt1.core.errors import Gpt1Error
 from gpt1.inference.llm import DTYPES
 
 
@@ -56,3 +58,16 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
                              "else the saved dtype (float32). bfloat16 on a CPU with native bf16 (AVX-512 BF16, "
                              "AMX) decodes ~1.2x faster than float32, with output that may differ from it; "
                              "float16 for GPUs without bf16 (default: %(default)s)")
+
+
+def require(args: argparse.Namespace, *flags: str) -> None:
+    """The flags a run needs but --print-config does not (it reads nothing): argparse's own
+    `required=True` asked for them before printing a recipe."""
+    missing = [flag for flag in flags if getattr(args, flag.removeprefix("--").replace("-", "_")) is None]
+    if missing:
+        raise Gpt1Error(f"the following arguments are required: {', '.join(missing)} (see gpt1 {args.command} --help)")
+
+
+def print_recipe(recipe: dict) -> None:
+    """--print-config: JSON scalars and arrays are valid TOML values, so the output is a loadable recipe."""
+    print("".join(f"{key} = {json.dumps(value)}\n" for key, value in recipe.items()), end="")

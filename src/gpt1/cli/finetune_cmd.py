@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
+from gpt1.cli.args import print_recipe, require
 from gpt1.core.progress import info
 from gpt1.train.config import load_config
 from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
+
+# Pretraining's keys that a fine-tune refuses to change (FinetuneConfig, `finetune`): the base
+# decides the model, and there is no Muon and no embedding training. --print-config leaves them
+# out rather than list them as if they could be set.
+PRETRAINING_KEYS = ("model", "init_from", "n_layer", "n_head", "n_embd", "muon_lr_scale", "embedding_lr_scale")
 
 
 def register(subparsers) -> None:
@@ -25,16 +30,17 @@ def register(subparsers) -> None:
                     "path of each message tree. --out is the run dir and a chat model "
                     "dir; rerunning the same command resumes. Multi-GPU: torchrun --nproc_per_node N -m gpt1 finetune ...",
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (see the README for every key)")
-    parser.add_argument("--base", required=True, help="the base model: a gpt1 model dir (from gpt1 pretrain) or a transformers GPT-2 folder with a gpt1 tokenizer (e.g. from gpt1 export)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (every key: docs/finetuning.md and docs/training.md, or --print-config)")
+    parser.add_argument("--base", help="the base model: a gpt1 model dir (from gpt1 pretrain) or a transformers GPT-2 folder with a gpt1 tokenizer (e.g. from gpt1 export); required")
     parser.add_argument("--data", help="chat data source (see above); overrides the recipe's `data`")
-    parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model")
+    parser.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model; required")
     parser.add_argument("--config", metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
     parser.add_argument("--skip-invalid", action="store_true", default=None,
                         help="skip (and count) malformed lines instead of stopping at the first one")
     parser.add_argument("--merge", action="store_true",
                         help="after training, also write OUT/merged: a plain model dir with the adapter merged in")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as TOML and exit (needs no --base or --out)")
     parser.set_defaults(func=finetune_command)
 
 
@@ -46,9 +52,9 @@ def finetune_command(args: argparse.Namespace) -> int:
         values["skip_invalid"] = True
     cfg = load_config(FinetuneConfig, args.config, args.overrides, **values)
     if args.print_config:
-        # JSON scalars and arrays are valid TOML values: the output is a loadable recipe.
-        print("".join(f"{key} = {json.dumps(value)}\n" for key, value in cfg.to_dict().items()), end="")
+        print_recipe({key: value for key, value in cfg.to_dict().items() if key not in PRETRAINING_KEYS})
         return 0
+    require(args, "--base", "--out")
     result = finetune(cfg, args.base, args.out)
     # Under torchrun rank 0 speaks for the run and merges. From the environment: finetune has
     # left the process group, so distributed.current() says rank 0 on every rank by now.

@@ -10,8 +10,11 @@ from pathlib import Path
 import torch
 
 from gpt1.core.config import PRESETS, ModelConfig
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
-from gpt1.formats.modeldir import load_model
+from gpt1.core.tokenizer import TOKENIZER_FILE
+from gpt1.data.shards import load_meta
+from gpt1.formats.modeldir import CONFIG_FILE, load_model, owner_of
 
 
 def register(subparsers) -> None:
@@ -24,7 +27,11 @@ def register(subparsers) -> None:
 
 
 def info_command(args: argparse.Namespace) -> int:
+    if not args.model:  # Path("") is the current folder: "config.json: file not found"
+        raise Gpt1Error("MODEL is empty; expected a preset name (e.g. tiny, gpt1) or a model dir")
     path_like = Path(args.model).exists() or "/" in args.model or os.sep in args.model
+    if Path(args.model).is_dir() and not (Path(args.model) / CONFIG_FILE).is_file():
+        raise Gpt1Error(_not_a_model_dir(Path(args.model)))
     if Path(args.model).is_dir() or (path_like and args.model not in PRESETS):
         # A model dir's own checks (a file, a missing folder, a Hugging Face folder, weights that
         # do not match), no weights read. Only a bare word (or a preset's name) is a preset.
@@ -39,3 +46,25 @@ def info_command(args: argparse.Namespace) -> int:
     print(f"parameters: {n:,} ({n / 1e6:.1f}M); without position embeddings: {model.num_params(True):,}")
     print(f"training FLOPs per token at context {config.block_size}: {model.flops_per_token():.3e}")
     return 0
+
+
+def _not_a_model_dir(folder: Path) -> str:
+    """What a folder without config.json is, instead of "config.json: file not found": the
+    folders gpt1 makes that a user may take for a model (prepared data, a quickstart's or a
+    runs/ folder of models, a run before its first save, a tokenizer)."""
+    kind = owner_of(folder)
+    if kind == "a prepared data dir":
+        meta = load_meta(folder)  # a damaged one says how
+        return (f"{folder}: a prepared data dir ({meta['train']['tokens']:,} train tokens, {meta['val']['tokens']:,} "
+                f"validation), not a model dir; `gpt1 pretrain --data {folder} --out RUN` trains one")
+    if kind == "a training run dir":
+        return f"{folder}: a training run dir that has not saved its model yet (no {CONFIG_FILE}); try again after its first save"
+    try:
+        models = sorted(d.name for d in folder.iterdir() if (d / CONFIG_FILE).is_file())[:5]
+    except OSError:  # unreadable: say what is missing
+        models = []
+    if models:
+        return f"{folder}: not a model dir; it holds the model dirs {', '.join(m + '/' for m in models)}: try {folder / models[-1]}"
+    if (folder / TOKENIZER_FILE).is_file():
+        return f"{folder}: a tokenizer dir ({TOKENIZER_FILE}), not a model dir"
+    return f"{folder}: not a model dir (no {CONFIG_FILE})"

@@ -1,4 +1,4 @@
-"""`gpt1 plot`: the loss / perplexity curves of one or more training runs as a PNG."""
+"""`gpt1 plot`: the loss / perplexity curves of one or more training runs as an image."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from gpt1.train.plot import plot_runs
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "plot", help="plot runs' loss and perplexity curves to a PNG",
+        "plot", help="plot runs' loss and perplexity curves to an image (PNG, SVG, PDF, JPEG)",
         description="Read RUN/metrics.jsonl of each run and write the train/validation loss and validation "
-                    "perplexity curves as a PNG, one row per run (a run also writes RUN/loss.png when it ends).")
+                    "perplexity curves as an image, one row per run (a run also writes RUN/loss.png when it ends).")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="training run dir (or a metrics.jsonl file)")
-    parser.add_argument("--out", default=None, help="PNG file to write (default: RUN/loss.png of the first run)")
+    parser.add_argument("--out", default=None, help="image to write, in the format its suffix names: .png, .svg, .pdf or .jpg (default: "
+                             "RUN/loss.png of the first run); never one of a run's or data dir's own files")
     parser.set_defaults(func=plot_command)
 
 

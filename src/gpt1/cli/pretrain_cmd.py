@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from gpt1.cli.args import print_recipe, require
 from gpt1.core.progress import info
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, load_config
@@ -20,20 +20,21 @@ def register(subparsers) -> None:
                     "the projected wall time of the whole run. Rerunning the same command on the same "
                     "--out resumes from the last checkpoint. Multi-GPU: torchrun --nproc_per_node N -m gpt1 pretrain ...",
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (see the README for every key)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (every key: docs/training.md, or --print-config)")
     parser.add_argument("--config", metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
-    parser.add_argument("--data", required=True, help="prepared data folder (train.bin, val.bin, meta.json, tokenizer.json)")
-    parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png, and the model")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    parser.add_argument("--data", help="prepared data folder (train.bin, val.bin, meta.json, tokenizer.json); required")
+    parser.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, loss.png, and the model; required")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as TOML and exit (needs no --data or --out)")
     parser.set_defaults(func=pretrain_command)
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.print_config:
-        # JSON scalars and arrays are valid TOML values: the output is a loadable recipe.
-        print("".join(f"{key} = {json.dumps(value)}\n" for key, value in cfg.to_dict().items()), end="")
+        print_recipe(cfg.to_dict())
         return 0
+    require(args, "--data", "--out")
     result = pretrain(cfg, args.data, args.out)
     # Under torchrun rank 0 speaks for the run. From the environment: pretrain has left the
     # process group, so distributed.current() says rank 0 on every rank by now.

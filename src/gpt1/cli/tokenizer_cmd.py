@@ -33,6 +33,7 @@ def register(subparsers) -> None:
 
     train.add_argument("--skip-invalid", action="store_true",
                        help="skip (and count) files with invalid UTF-8 and malformed lines instead of failing")
+    train.add_argument("--overwrite", action="store_true", help="replace a different tokenizer.json in --out")
     train.set_defaults(func=train_command)
 
 
@@ -50,8 +51,16 @@ def train_command(args: argparse.Namespace) -> int:
     readable = sum(source.kind != SKIPPED for source in sources)  # the rest are counted as skipped below
     info(f"training a {args.vocab_size:,}-token BPE tokenizer on {readable:,} source(s)")
     tokenizer, result = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency, skipped=stats.skipped)
-    path = tokenizer.save(args.out)
     info(f"corpus: {stats.summary()}; trained in {result['seconds']:.1f} s "
          f"({stats.bytes / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s)")
+    path = Path(args.out) / TOKENIZER_FILE
+    # Known only now (tokenizer.json records no training settings): data prepared with the old
+    # one, and models trained on it, would no longer match it. The same one again is no change.
+    if path.is_file() and not args.overwrite:
+        if path.read_bytes() == tokenizer.to_json().encode("utf-8"):
+            info(f"{path} already holds this tokenizer (fingerprint {tokenizer.fingerprint}); nothing to do")
+            return 0
+        raise Gpt1Error(f"{path}: holds another tokenizer; pass --overwrite to replace it, or choose another --out")
+    tokenizer.save(args.out)
     info(f"wrote {path} (vocab {tokenizer.vocab_size:,}, fingerprint {tokenizer.fingerprint})")
     return 0

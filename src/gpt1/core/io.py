@@ -28,17 +28,53 @@ from safetensors.torch import save_file
 
 from gpt1.core.errors import Gpt1Error
 
+# The files a gpt1 folder (a model dir, a training run, prepared data: `owner_of`) owns by name,
+# and its folders that hold only its own files. An output flag naming one of them replaced it:
+# `plot --out RUN/model.safetensors` wrote a PNG over the weights, `--out DATA/train.bin` the shard.
+OWN_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "base.json",
+                       "train_config.json", "metrics.jsonl", "meta.json", "train.bin", "val.bin",
+                       "prepare-state.json", ".lock"})
+OWN_FOLDERS = frozenset({"checkpoints", "adapter"})
+
 
 def file_target(path: str | os.PathLike) -> Path:
-    """`path` as a file to write: not a folder, its parent made (a Gpt1Error naming what is in
-    the way). `atomic_path` checks it; a command may check early, before hours of work."""
+    """`path` as a file an output flag names (plot --out, eval --json, bench --json): not a
+    folder, not one of the files a model, run or data dir owns (a new file there is fine), its
+    parent made; else a Gpt1Error naming what is in the way. A command checks it early, before
+    hours of work; `atomic_path`, which also writes those folders' own files, checks only the first."""
+    path = _writable_file(path)
+    if owner := _owner_of_file(path):
+        raise Gpt1Error(f"{path}: belongs to {owner}: writing it would replace that file; choose another "
+                        "file name (a new one in that folder is fine)")
+    make_dirs(path.parent)
+    return path
+
+
+def _writable_file(path: str | os.PathLike) -> Path:
+    """`path` as a file to write, not a folder (a Gpt1Error naming it): what `atomic_path`
+    checks of every write, gpt1's own files in its folders included."""
     if isinstance(path, str) and path.endswith(("/", os.sep)):  # Path() would drop the slash that says "a folder"
         raise Gpt1Error(f"{path}: names a folder (a trailing /); expected the name of a file to write")
     path = Path(path)
     if path.is_dir():  # os.replace would refuse a folder only once the file is written
         raise Gpt1Error(f"{path}: is a folder; expected the name of a file to write")
-    make_dirs(path.parent)
     return path
+
+
+def _owner_of_file(path: Path) -> str | None:
+    """The folder whose own file `path` is ("runs/a, a training run dir"), whether or not the
+    file exists yet: a config.json written into a run before its first save, or into a data
+    dir, would make it look like a model dir. A folder holding a tokenizer.json is a tokenizer's."""
+    from gpt1.formats.modeldir import owner_of  # here: modeldir imports this module
+
+    folder = path.parent.resolve()
+    if path.name in OWN_FILES:
+        if kind := owner_of(folder) or ("a tokenizer dir" if (folder / "tokenizer.json").is_file() else None):
+            return f"{path.parent}, {kind}"
+    for inner in (folder, *folder.parents):  # RUN/checkpoints/step-00000020/trainer_state.pt
+        if inner.name in OWN_FOLDERS and (kind := owner_of(inner.parent)):
+            return f"{inner.parent}, {kind} (its {inner.name}/ folder)"
+    return None
 
 
 def _temp_prefix(path: Path) -> str:
@@ -81,7 +117,8 @@ def _alive(pid: int) -> bool:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path`."""
     new_folders = _missing_folders(Path(path))
-    path = file_target(path)
+    path = _writable_file(path)
+    make_dirs(path.parent)
     _sweep_leftovers(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)

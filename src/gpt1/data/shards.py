@@ -168,7 +168,7 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
             return done
         if (out / META_FILE).is_file():
             if not overwrite:
-                raise Gpt1Error(f"{out} already holds data prepared from other sources or settings; "
+                raise Gpt1Error(f"{out} already holds data prepared {_differences(out, key)}; "
                                 f"choose another --out, or {redo_hint}")
         writer = ShardWriter(out, key, val, seed, tokenizer.eos_id)
         stats = SourceStats()
@@ -204,6 +204,24 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
         info(f"prepared {state['documents']:,} documents, {state['bytes'] / 1e6:,.1f} MB{skipped} -> {writer.tokens:,} tokens "
              f"(train {state['train_tokens']:,}, val {state['val_tokens']:,}) in {seconds:.1f} s")
         return meta
+
+
+def _differences(out: Path, key: dict) -> str:
+    """How the finished preparation in `out` differs from `key`, named as training names a run's
+    differing keys: "with other settings (seed: 1337 -> 3, files (changed on disk))"."""
+    old = read_json(out / META_FILE)
+    old_key = old.get("key") if isinstance(old, dict) else None
+    if not isinstance(old_key, dict):  # damaged, or written by a gpt1 that did not record it
+        return "from other sources or settings"
+    changed = [k for k in key if old_key.get(k) != key.get(k)]
+    # "files" hashes the files' names, sizes and times: say that they changed, not the two
+    # hashes, and nothing when the sources differ (other sources are other files).
+    diffs = [f"{k}: {old_key.get(k)!r} -> {key[k]!r}" for k in changed if k != "files"]
+    if "files" in changed and "sources" not in changed:
+        diffs.append("files (changed on disk)")
+    if not diffs:  # the same preparation, but its shards are not the ones meta.json describes
+        return f"with these settings, but its {TRAIN_FILE}/{VAL_FILE} do not match {META_FILE} (damaged)"
+    return f"with other settings ({', '.join(diffs)})"
 
 
 def _check_out_dir(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""Loss and perplexity curves of a training run (`metrics.jsonl`) as a PNG."""
+"""Loss and perplexity curves of a training run (`metrics.jsonl`) as an image (PNG, SVG, PDF, JPEG)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import math
 from pathlib import Path
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_path
+from gpt1.core.io import atomic_path, file_target
 from gpt1.core.progress import warn
+
+# The image formats `plot --out` writes, named by the file's suffix (no suffix: PNG). matplotlib
+# saves these with what it always has (Agg, and Pillow for JPEG); the format is not inferred from
+# the name of the temporary file it writes first, so it is passed explicitly.
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpg", ".jpeg": "jpg", "": "png"}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -49,13 +54,17 @@ def _is_metrics_record(record: dict) -> bool:
 
 
 def plot_metrics(metrics_file: str | Path, out: str | Path, title: str | None = None) -> Path:
-    """Plot train and validation loss (left) and validation perplexity (right) to the PNG `out`."""
+    """Plot train and validation loss (left) and validation perplexity (right) to the image `out`."""
     return plot_runs({title or "": metrics_file}, out)
 
 
 def plot_runs(runs: dict[str, str | Path], out: str | Path) -> Path:
     """One row per run (title -> metrics.jsonl): loss curves on the left, validation perplexity
-    on the right; written atomically to the PNG `out`."""
+    on the right; written atomically to `out`, in the format its suffix names (`FORMATS`)."""
+    image_format = FORMATS.get(Path(out).suffix.lower())
+    if image_format is None:  # a .txt or .gif silently got PNG bytes
+        raise Gpt1Error(f"{out}: plot writes {', '.join(s for s in FORMATS if s)} files; "
+                        f"expected a file name ending in one of them, not {Path(out).suffix}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed (servers, CI)
@@ -81,7 +90,10 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path) -> Path:
         ax_ppl.set(xlabel="step", ylabel="perplexity", title=f"{prefix}validation perplexity")
         ax_ppl.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    with atomic_path(out) as tmp:  # `out` as given: a str's trailing slash says "a folder"
-        fig.savefig(tmp, dpi=110, format="png")
+    # Checked once the metrics are read (a missing one leaves no new folder behind): not a
+    # folder, nor a run's or data dir's own file (`--out RUN/model.safetensors`).
+    file_target(out)  # `out` as given: a str's trailing slash says "a folder"
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=image_format)
     plt.close(fig)
     return Path(out)
