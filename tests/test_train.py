@@ -309,10 +309,13 @@ def test_embedding_lr_scale_gives_the_input_embeddings_their_own_lr(data_dir, tm
 
 def test_another_config_or_a_foreign_dir_is_refused(data_dir, tmp_path):
     _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2"])
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    def files():  # the run's; not the lock, which the refused run held while it checked (its pid in it)
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.name != ".lock"}
+
+    before = files()
     with pytest.raises(Gpt1Error, match=r"different config \(lr: 0.003 -> 0.001\)"):
         _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2", "lr=1e-3"])
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+    assert files() == before
     # A run dir written before a config key existed had that key's default: it still resumes.
     config_file = tmp_path / "run" / "train_config.json"
     written = json.loads(config_file.read_text())

@@ -8,6 +8,7 @@ survives. Each case is counted.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -48,6 +49,14 @@ class EncodedChats:
         """Tokens that are training targets: assistant tokens after the first position."""
         first = self.loss_mask[self.offsets[:-1]].sum() if len(self) else 0
         return int(self.loss_mask.sum() - first)
+
+    def fingerprint(self) -> str:
+        """sha256 of the sequences and their loss masks: what training sees (a resume on an edit
+        of the data that keeps the number of sequences is told apart)."""
+        digest = hashlib.sha256()
+        for array in (self.offsets, self.tokens, self.loss_mask):  # int64, int32, bool: fixed by the encoder
+            digest.update(array.tobytes())
+        return digest.hexdigest()
 
     def summary(self) -> str:
         text = f"{len(self):,} sequences, {self.num_tokens:,} tokens ({self.num_loss_tokens:,} assistant tokens)"

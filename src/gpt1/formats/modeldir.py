@@ -12,6 +12,8 @@ Weights are only ever read with safetensors: never pickle.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +24,8 @@ from safetensors.torch import load_file
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import check_weight_values, read_json, save_safetensors
-from gpt1.core.lora import load_adapter, merge_and_unload
+from gpt1.core.io import check_weight_values, file_fingerprint, read_json, save_safetensors
+from gpt1.core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload
 from gpt1.core.model import GPT, model_state_dict
 from gpt1.core.tokenizer import Tokenizer
 
@@ -83,6 +85,29 @@ def is_hf_model_dir(path: str | os.PathLike) -> bool:
     if config is None:
         return False
     return config.get("model_type", "gpt1") != "gpt1" or "architectures" in config
+
+
+def weights_fingerprint(directory: str | Path) -> str:
+    """sha256 of what loading `directory` applies to its weights: model.safetensors and, for a
+    fine-tuned dir or an unmerged export, its adapter/ (config and weights). A fine-tuned dir
+    trained without special tokens has its base's model.safetensors byte for byte: the adapter
+    is what tells them apart. A plain model's fingerprint is its weights file's own sha256 (as
+    base.json recorded it before adapters counted, so those runs still resume)."""
+    directory = Path(directory)
+    digest = file_fingerprint(directory / WEIGHTS_FILE)
+    adapter = directory / ADAPTER_DIR
+    if not adapter.is_dir():
+        return digest
+    parts = [digest]
+    if (adapter / ADAPTER_WEIGHTS).is_file():  # a missing file is not named here: loading the dir does
+        parts.append(file_fingerprint(adapter / ADAPTER_WEIGHTS))
+    if (adapter / ADAPTER_CONFIG).is_file():
+        # Without the path of the base it was trained on: where that lay does not change the load.
+        config = read_json(adapter / ADAPTER_CONFIG)
+        if isinstance(config, dict):
+            config.pop("base_model_name_or_path", None)
+        parts.append(hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest())
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()
 
 
 def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = None) -> Path:
@@ -149,7 +174,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if (directory / BASE_FILE).is_file() and not (directory / ADAPTER_DIR).is_dir():
         # Its weights are the base's: without the adapter it would run as the base model, silently.
         raise Gpt1Error(f"{directory}: a fine-tuned model dir ({BASE_FILE}) without its {ADAPTER_DIR}/ folder; "
-                        f"restore {ADAPTER_DIR}/, or load the base model it names")
+                        f"restore {ADAPTER_DIR}/ (a fine-tune killed in its first save writes it when rerun), "
+                        "or load the base model it names")
     config = ModelConfig.load(directory / CONFIG_FILE)
     with torch.device("meta"):
         model = GPT(config)

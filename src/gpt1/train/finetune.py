@@ -13,7 +13,8 @@ The run dir `out` is a model dir (`gpt1.load(out)` applies the adapter):
     chat_template.jinja           the chat template (this makes it a chat model)
     model.safetensors             the base weights with the trained special-token rows written in
     adapter/                      the LoRA adapter in PEFT's layout (adapter_config.json + safetensors)
-    base.json                     where the base came from: path and sha256 of its weights
+    base.json                     where the base came from: its path, and the sha256 of its weights (and
+                                  adapter, for a fine-tuned base: `weights_fingerprint`)
     + train_config.json, metrics.jsonl, loss.png, checkpoints/ (as every training run)
 
 `merge_model_dir(out, dest)` writes a plain model dir with the adapter merged in.
@@ -32,7 +33,7 @@ import torch
 
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_dir, crash_point, file_fingerprint, read_json, save_safetensors, write_json, write_text
+from gpt1.core.io import atomic_dir, crash_point, read_json, save_safetensors, write_json, write_text
 from gpt1.core.lora import (
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -57,6 +58,7 @@ from gpt1.formats.modeldir import (
     load_model,
     owner_of,
     save_model,
+    weights_fingerprint,
 )
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
@@ -138,15 +140,23 @@ def prepare_model(base: str | Path, cfg: FinetuneConfig):
 
 
 def save_finetuned(directory: str | Path, model: torch.nn.Module, tokenizer, base: dict) -> Path:
-    """Write the fine-tuned model dir layout (module docstring) into `directory`."""
+    """Write the fine-tuned model dir layout (module docstring) into `directory`.
+
+    Each file is replaced atomically, one after the other, while readers may load the run dir:
+    - base.json comes first: it marks a dir whose weights need their adapter, so a dir cut (or
+      read) before its first adapter is refused by `load_model`, not loaded as the base model.
+    - model.safetensors differs from the base only in the special-token rows, which the adapter
+      holds too and sets on load: with the adapter of the save before, the load is that save's
+      model whole.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / BASE_FILE, base)
     save_safetensors(directory / WEIGHTS_FILE, base_state_dict(model), metadata={"format": "pt"})
     model.config.save(directory / CONFIG_FILE, tokenizer.fingerprint)
     tokenizer.save(directory)
     write_text(directory / TEMPLATE_FILE, JINJA_TEMPLATE)
     save_adapter(model, directory / ADAPTER_DIR, base.get("path"))
-    write_json(directory / BASE_FILE, base)
     return directory
 
 
@@ -185,7 +195,8 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
 
 
 def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int | None, redo_hint: str | None):
-    base_info = {"path": str(base.resolve()), "sha256": file_fingerprint(base / WEIGHTS_FILE)}
+    # The base is what it loads as: a fine-tuned base's adapter is part of it (`weights_fingerprint`).
+    base_info = {"path": str(base.resolve()), "sha256": weights_fingerprint(base)}
     if (out / BASE_FILE).is_file() and read_json(out / BASE_FILE).get("sha256") != base_info["sha256"]:
         raise Gpt1Error(f"{out} was fine-tuned from other base weights than {base} ({BASE_FILE} differs); "
                         + (redo_hint or "choose another --out"))
@@ -227,9 +238,12 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
     def save_model(directory: Path, m: torch.nn.Module) -> None:
         save_finetuned(directory, m, tokenizer, base_info)
 
-    # Recorded in the run dir's train_config.json: resuming with another base is refused.
+    # Recorded in the run dir's train_config.json: resuming with another base, or on other
+    # training sequences (an edit of the chat data, even one that keeps their number), is refused.
     cfg = dataclasses.replace(cfg, init_from=base_info["path"])
-    return train(model, cfg, out, batches, lambda: val, save_model, max_steps=max_steps, redo_hint=redo_hint)
+    data = {"sequences": len(train_data), "tokens": train_data.num_tokens, "sha256": train_data.fingerprint()}
+    return train(model, cfg, out, batches, lambda: val, save_model, max_steps=max_steps, data=data,
+                 redo_hint=redo_hint)
 
 
 def merge_model_dir(source: str | Path, dest: str | Path) -> Path:

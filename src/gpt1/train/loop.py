@@ -68,12 +68,12 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import crash_point, exclusive, file_fingerprint, read_json, write_json, write_text, writing
+from gpt1.core.io import crash_point, exclusive, read_json, write_json, write_text, writing
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
 from gpt1.core.threads import cpu_thread_tuner
-from gpt1.formats.modeldir import BASE_FILE, WEIGHTS_FILE
+from gpt1.formats.modeldir import BASE_FILE, WEIGHTS_FILE, weights_fingerprint
 from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
@@ -89,6 +89,7 @@ __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
 PLOT_FILE = "loss.png"
+RUN_LOCK = Path(ckpt.CHECKPOINTS_DIR, ".lock")  # the lock `gpt1.core.io.exclusive` holds while a run trains
 # Keys that may change between a run and its resumption: they do not change the math.
 RESUMABLE_CHANGES = {"device", "tensorboard", "eval_batches"}
 
@@ -174,10 +175,24 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
                               if old_data.get(k) != data.get(k))
             raise Gpt1Error(f"{run_dir} holds a run on other training data ({diffs}); "
                             + (redo_hint or "rerun with the data it was trained on to resume it, or choose another --out"))
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
+    else:
+        _refuse_other_files(run_dir)
+    write_json(file, wanted)
+
+
+def _refuse_other_files(run_dir: Path) -> None:
+    """Refuse a folder that holds no run but other files. A new run's lock (`checkpoints/.lock`,
+    taken before its train_config.json is written) is no other file: a run killed in between
+    left a folder that is still new."""
+    if (run_dir / CONFIG_FILE).is_file() or not run_dir.is_dir():
+        return
+    lock = run_dir / RUN_LOCK
+    others = [p for p in run_dir.iterdir() if p != lock.parent or not p.is_dir()]
+    if lock.parent.is_dir():
+        others += [p for p in lock.parent.iterdir() if p != lock]
+    if others:
         raise Gpt1Error(f"{run_dir} is not empty and holds no gpt1 run ({CONFIG_FILE} is missing); "
                         "choose a new or empty --out")
-    write_json(file, wanted)
 
 
 # Keys that may name a local file or folder: the same one spelled differently (runs/a, runs/a/,
@@ -192,10 +207,10 @@ def _same_setting(run_dir: Path, key: str, old, new) -> bool:
         return False
     if _resolved(old) == _resolved(new):
         return True
-    # A fine-tune records its base's weights (BASE_FILE): the same weights elsewhere are the same base.
+    # A fine-tune records its base's weights and adapter (BASE_FILE): the same elsewhere are the same base.
     base = run_dir / BASE_FILE
     if key == "init_from" and base.is_file() and (Path(new) / WEIGHTS_FILE).is_file():
-        return read_json(base).get("sha256") == file_fingerprint(Path(new) / WEIGHTS_FILE)
+        return read_json(base).get("sha256") == weights_fingerprint(new)
     return False
 
 
@@ -248,11 +263,17 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
     with contextlib.ExitStack() as held:
 
         def check_and_hold() -> None:
-            _check_run_dir(run_dir, cfg, max_steps, data, dist.world_size, redo_hint)
+            # A folder of other files is refused before the lock is made in it. (One with a lock
+            # is a run, maybe being created by another process: the lock tells which.)
+            if not (run_dir / RUN_LOCK).exists():
+                _refuse_other_files(run_dir)
             # One process trains in a run dir at a time: a second one would delete the first's
-            # partial saves (below) and interleave its metrics. Taken once the config is checked (a
-            # new run dir holds nothing before), released when the process ends, however it ends.
+            # partial saves (below) and interleave its metrics. Released when the process ends,
+            # however it ends. The run dir is checked (and train_config.json written) under it: a
+            # run started at the same moment is told that this one trains there, not that the
+            # folder it is making holds something else.
             held.enter_context(exclusive(run_dir / ckpt.CHECKPOINTS_DIR, "training"))
+            _check_run_dir(run_dir, cfg, max_steps, data, dist.world_size, redo_hint)
             ckpt.remove_partial_saves(run_dir)
 
         distributed.main_only(check_and_hold)  # a refusal there stops every rank
@@ -328,7 +349,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
 
-    writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
+    writer = _tensorboard(run_dir, start_step) if cfg.tensorboard and dist.is_main else None
     budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown)
               if cfg.time_budget > 0 else None)
     # A re-planned run's rate never rises after its warmup (see BudgetSchedule); a fixed plan's is lr_at.
@@ -498,13 +519,15 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, start_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         warn("tensorboard=true but the tensorboard package is not installed (pip install tensorboard); not logging to it")
         return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    # Steps after `start_step` that a killed run had logged are dropped by readers (as
+    # metrics.jsonl is trimmed): the resumed run logs them again.
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

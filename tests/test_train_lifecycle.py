@@ -1,0 +1,196 @@
+"""A run dir's life: what a resume accepts as the same run (base, data), what a reader sees while
+it trains, what a killed run leaves in its logs, and who is told what when two runs start at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import exclusive
+from gpt1.core.tokenizer import Tokenizer
+from gpt1.formats.modeldir import load_model
+from gpt1.train import checkpoint
+from gpt1.train import finetune as ft
+from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.pretrain import pretrain
+from tests.test_battery import assert_one_clear_line, run_main
+
+TINY = ["model=tiny", "block_size=32", "batch_size=4", "eval_batches=2", "device=cpu", "lr=3e-3", "min_lr=3e-4"]
+FT = ["batch_size=4", "block_size=48", "eval_batches=1", "device=cpu", "lora_r=2", "val_fraction=0"]
+
+
+def _chat_file(path: Path, reply: str = "{}") -> Path:
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": reply.format(2 * i)}]}) + "\n"
+                            for i in range(12)))
+    return path
+
+
+def _finetune(base: Path, out: Path, chat: Path, *overrides: str):
+    return ft.finetune(load_config(ft.FinetuneConfig, None, [*FT, *overrides], data=str(chat)), base, out)
+
+
+def _interrupt_at_save(monkeypatch, n: int) -> None:
+    """Ctrl-C in the middle of the n-th checkpoint save (its earlier ones are complete)."""
+    real_save, calls = checkpoint.save_safetensors, []
+
+    def save_then_stop(path, *args):
+        calls.append(path)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_save(path, *args)
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", save_then_stop)
+
+
+# ---- a fine-tune's base is its weights and its adapter -------------------------------------
+
+def test_a_finetune_of_a_finetuned_model_does_not_resume_on_another_base(tiny_model_dir, tmp_path):
+    """fb fine-tuned from fa (itself fine-tuned without special tokens: its model.safetensors is
+    its base's byte for byte, the adapter alone differs) resumed on fa's base without a word: the
+    base was identified by its model.safetensors only."""
+    chat = _chat_file(tmp_path / "chat.jsonl")
+    fa, fb = tmp_path / "fa", tmp_path / "fb"
+    _finetune(tiny_model_dir, fa, chat, "max_steps=1", "train_special_tokens=false")
+    assert (fa / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    # A plain base's record is its weights file's sha256, as before adapters counted: those runs resume.
+    plain = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert json.loads((fa / "base.json").read_text())["sha256"] == plain
+    _finetune(fa, fb, chat, "max_steps=1")
+    with pytest.raises(Gpt1Error, match=r"fb was fine-tuned from other base weights than .*\(base\.json differs\)"):
+        _finetune(tiny_model_dir, fb, chat, "max_steps=1")
+    # fa copied elsewhere is the same base; with its adapter changed, it is another one.
+    copy = shutil.copytree(fa, tmp_path / "copy")
+    assert _finetune(copy, fb, chat, "max_steps=1").resumed_from == 1
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(weights))
+    key = next(k for k in state if k.endswith("lora_B.weight"))
+    save_file({**state, key: state[key] + 0.01}, str(weights), metadata=metadata)
+    with pytest.raises(Gpt1Error, match="fine-tuned from other base weights"):
+        _finetune(copy, fb, chat, "max_steps=1")
+
+
+# ---- a fine-tune's data is its encoded sequences -------------------------------------------
+
+def test_a_finetune_does_not_resume_on_edited_chat_data_of_the_same_size(tiny_model_dir, tmp_path):
+    """Resuming compared only the number of sequences: an edit that kept it trained on."""
+    chat, out = _chat_file(tmp_path / "chat.jsonl"), tmp_path / "ft"
+    _finetune(tiny_model_dir, out, chat, "max_steps=1")
+    _chat_file(chat, reply="{} it is")
+    with pytest.raises(Gpt1Error, match=r"ft holds a run on other training data \(.*sha256: '[0-9a-f]{64}' -> "
+                                        r"'[0-9a-f]{64}'.*\); rerun with the data it was trained on"):
+        _finetune(tiny_model_dir, out, chat, "max_steps=1")
+    # A run dir from before the data was recorded resumes (and records it from then on).
+    config_file = out / "train_config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "data"}))
+    assert _finetune(tiny_model_dir, out, chat, "max_steps=1").resumed_from == 1
+    assert "sha256" in json.loads(config_file.read_text())["data"]
+
+
+# ---- a fine-tune run dir read while it trains ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_dir):
+    model, tokenizer = ft.prepare_model(tiny_model_dir, ft.FinetuneConfig(data="x"))
+    return model, tokenizer
+
+
+def _train_a_little(model) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+def _state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_reader_between_the_weights_and_the_adapter_gets_one_snapshot(lora_model, tmp_path):
+    """A save replaces model.safetensors, then adapter/: a reader in between pairs the newer
+    weights file with the older adapter. The weights file differs from the base only in the
+    special-token rows, and the adapter holds those rows too (applied over them on load), so the
+    pair loads as the adapter's snapshot, whole."""
+    model, tokenizer = lora_model
+    base = {"path": "base", "sha256": "0" * 64}
+    _train_a_little(model)
+    ft.save_finetuned(tmp_path / "old", model, tokenizer, base)
+    _train_a_little(model)
+    ft.save_finetuned(tmp_path / "new", model, tokenizer, base)
+    torn = shutil.copytree(tmp_path / "new", tmp_path / "torn", ignore=shutil.ignore_patterns("adapter"))
+    shutil.copytree(tmp_path / "old" / "adapter", torn / "adapter")
+    assert (torn / "model.safetensors").read_bytes() != (tmp_path / "old" / "model.safetensors").read_bytes()
+    old, loaded = _state(load_model(tmp_path / "old")), _state(load_model(torn))
+    assert old.keys() == loaded.keys() and all(torch.equal(old[k], loaded[k]) for k in old)
+
+
+def test_a_first_save_cut_before_its_adapter_does_not_load_as_the_base(lora_model, tmp_path, monkeypatch):
+    """Killed (or read) after the first save's weights and chat template but before its adapter,
+    the run dir loaded as the base model with a chat template: base.json, which marks a dir whose
+    weights need their adapter, came last."""
+    model, tokenizer = lora_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "save_adapter", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ft.save_finetuned(tmp_path / "cut", model, tokenizer, {"path": "base", "sha256": "0" * 64})
+    assert (tmp_path / "cut" / "model.safetensors").is_file() and Tokenizer.load(tmp_path / "cut")
+    with pytest.raises(Gpt1Error, match=r"cut: a fine-tuned model dir \(base\.json\) without its adapter/ folder"):
+        load_model(tmp_path / "cut")
+
+
+# ---- TensorBoard after a resume ------------------------------------------------------------
+
+def test_tensorboard_drops_the_steps_a_killed_run_logged_after_its_checkpoint(data_dir, tmp_path, monkeypatch):
+    """Killed at step 4 and resumed from the step-2 checkpoint, the event file held steps
+    1, 2, 3, 4, 3, 4 (metrics.jsonl is trimmed to the checkpoint; the events were not)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = load_config(TrainConfig, None, [*TINY, "max_steps=4", "save_every=2", "eval_every=2", "tensorboard=true"])
+    _interrupt_at_save(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, data_dir, run)
+    monkeypatch.undo()
+    assert pretrain(cfg, data_dir, run).resumed_from == 2
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records])
+    assert [e.step for e in events.Scalars("val_loss")] == [2, 4]
+
+
+# ---- two runs started at once --------------------------------------------------------------
+
+def test_a_run_dir_being_created_by_another_process_is_named_as_such(data_dir, tmp_path, capsys):
+    """Two pretrains started at once on a new --out: the loser read the winner's half-made run
+    dir (its lock, no train_config.json yet) as a folder of other files."""
+    out = tmp_path / "new"
+    with exclusive(out / "checkpoints", "training"):  # the winner, before it wrote anything else
+        rc, err = run_main(capsys, "pretrain", "--data", data_dir, "--out", out, *TINY, "max_steps=2")
+    assert_one_clear_line(rc, err, rf"new/checkpoints: process {os.getpid()} is training there already")
+    assert os.listdir(out) == ["checkpoints"]  # the loser wrote nothing
+    # A run killed just after taking its lock left only that: the folder is still a new one.
+    cfg = load_config(TrainConfig, None, [*TINY, "max_steps=2"])
+    assert pretrain(cfg, data_dir, out).resumed_from == 0
+    # A folder of other files is refused before anything is written in it.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(Gpt1Error, match="mine is not empty and holds no gpt1 run"):
+        pretrain(cfg, data_dir, tmp_path / "mine")
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
