@@ -11,10 +11,11 @@ import torch
 
 from gpt1.core.config import PRESETS, ModelConfig
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import owner_of
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import TOKENIZER_FILE
 from gpt1.data.shards import load_meta
-from gpt1.formats.modeldir import CONFIG_FILE, load_model, owner_of
+from gpt1.formats.modeldir import CONFIG_FILE, load_model
 
 
 def register(subparsers) -> None:

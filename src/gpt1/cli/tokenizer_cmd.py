@@ -7,10 +7,10 @@ from pathlib import Path
 
 from gpt1.cli.args import DefaultsHelpFormatter, positive_int
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import owner_of
 from gpt1.core.progress import info
 from gpt1.core.tokenizer import TOKENIZER_FILE, train_tokenizer
 from gpt1.data.sources import SKIPPED, SourceStats, iter_texts, resolve_sources
-from gpt1.formats.modeldir import owner_of
 
 
 def register(subparsers) -> None:

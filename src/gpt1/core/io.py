@@ -61,12 +61,27 @@ def _writable_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def owner_of(directory: str | os.PathLike) -> str | None:
+    """The kind of gpt1 folder `directory` is, if any, from the files that mark it: its files
+    (tokenizer.json) belong to it, and a command writing elsewhere-made files there must not
+    replace them. (The names are `gpt1.formats.modeldir`'s and `gpt1.train`'s; this layer
+    cannot import them.)"""
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return "a model dir"
+    # A run writes config.json only at its first save: before that (or killed before it), its
+    # train_config.json and checkpoints/ (gpt1.train.loop, gpt1.train.checkpoint) mark it.
+    if (directory / "train_config.json").is_file() or (directory / "checkpoints").is_dir():
+        return "a training run dir"
+    if (directory / "meta.json").is_file():  # gpt1.data.shards
+        return "a prepared data dir"
+    return None
+
+
 def _owner_of_file(path: Path) -> str | None:
     """The folder whose own file `path` is ("runs/a, a training run dir"), whether or not the
     file exists yet: a config.json written into a run before its first save, or into a data
     dir, would make it look like a model dir. A folder holding a tokenizer.json is a tokenizer's."""
-    from gpt1.formats.modeldir import owner_of  # here: modeldir imports this module
-
     folder = path.parent.resolve()
     if path.name in OWN_FILES:
         if kind := owner_of(folder) or ("a tokenizer dir" if (folder / "tokenizer.json").is_file() else None):

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_path, crash_point, exclusive, held_by_another, read_json, write_json, writing
+from gpt1.core.io import atomic_path, crash_point, exclusive, held_by_another, owner_of, read_json, write_json, writing
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -60,7 +60,6 @@ from gpt1.data.sources import (
     source_specs,
 )
 from gpt1.formats.modeldir import DATA_META_FILE as META_FILE
-from gpt1.formats.modeldir import owner_of
 
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
 STATE_FILE = "prepare-state.json"

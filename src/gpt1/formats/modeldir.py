@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import check_weight_values, file_fingerprint, read_json, save_safetensors
+from gpt1.core.io import check_weight_values, file_fingerprint, owner_of, read_json, save_safetensors
 from gpt1.core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload
 from gpt1.core.model import GPT, model_state_dict
 from gpt1.core.tokenizer import Tokenizer
@@ -34,21 +34,6 @@ WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
 BASE_FILE = "base.json"  # a fine-tuned dir's record of the base its adapter was trained on
 DATA_META_FILE = "meta.json"  # marks a prepared data dir (see gpt1.data.shards)
-
-
-def owner_of(directory: str | os.PathLike) -> str | None:
-    """The kind of gpt1 folder `directory` is, if any: its files (tokenizer.json) belong to it,
-    and a command writing elsewhere-made files there must not replace them."""
-    directory = Path(directory)
-    if (directory / CONFIG_FILE).is_file():
-        return "a model dir"
-    # A run writes config.json only at its first save: before that (or killed before it), its
-    # train_config.json and checkpoints/ (gpt1.train.loop, gpt1.train.checkpoint) mark it.
-    if (directory / "train_config.json").is_file() or (directory / "checkpoints").is_dir():
-        return "a training run dir"
-    if (directory / DATA_META_FILE).is_file():
-        return "a prepared data dir"
-    return None
 
 
 def check_replaceable(out: Path, source: Path, earlier: str, is_earlier: Callable[[Path], bool]) -> None:

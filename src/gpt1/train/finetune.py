@@ -33,7 +33,7 @@ import torch
 
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_dir, crash_point, read_json, save_safetensors, write_json, write_text
+from gpt1.core.io import atomic_dir, crash_point, owner_of, read_json, save_safetensors, write_json, write_text
 from gpt1.core.lora import (
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -56,7 +56,6 @@ from gpt1.formats.modeldir import (
     WEIGHTS_FILE,
     check_replaceable,
     load_model,
-    owner_of,
     save_model,
     weights_fingerprint,
 )
