@@ -198,3 +198,17 @@ def test_prepare_into_a_finished_out_names_the_settings_that_differ(tmp_path, to
         f.truncate(2)
     assert_one_clear_line(*run_main(capsys, *prepare, corpus),
                           r"with these settings, but its train\.bin/val\.bin do not match meta\.json \(damaged\)" + hint)
+
+
+def test_serve_without_httptools_names_the_missing_package(tiny_model_dir):
+    """With FastAPI and uvicorn installed but not httptools (which gpt1.serve.server extends),
+    the line blamed "FastAPI and uvicorn", which were there."""
+    import subprocess
+    import sys
+
+    blocked = ("import sys; sys.modules['httptools'] = None; from gpt1.cli import main; "
+               f"sys.exit(main(['serve', '--model', {str(tiny_model_dir)!r}]))")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert_one_clear_line(result.returncode, result.stderr,
+                          r"needs the `serve` extra \(FastAPI, uvicorn, httptools\): httptools is missing; "
+                          r"install it with: pip install 'gpt1\[serve\]'$")

@@ -77,7 +77,8 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         from gpt1.serve import bind, create_app, serve
     except ImportError as e:
-        raise Gpt1Error(f"gpt1 serve needs FastAPI and uvicorn ({e}); install them with: pip install 'gpt1[serve]'") from None
+        raise Gpt1Error(f"gpt1 serve needs the `serve` extra (FastAPI, uvicorn, httptools): {e.name or e} is missing; "
+                        "install it with: pip install 'gpt1[serve]'") from None
     if not 0 <= args.port <= 65535:
         raise Gpt1Error(f"--port must be in [0, 65535], got {args.port}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
