@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
+import os
 import sys
 import time
 from functools import cached_property
@@ -70,6 +72,9 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         """Load from a model dir (its tokenizer.json) or a tokenizer.json file."""
+        if not isinstance(path, (str, os.PathLike)):  # Path(None) is a TypeError about "argument should be a str"
+            raise Gpt1Error(f"tokenizer path: expected a model dir or a tokenizer.json (a str or Path), "
+                            f"got {type(path).__name__}")
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
@@ -159,22 +164,55 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts in parallel (the Rust library uses all cores)."""
-        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        if isinstance(texts, str):  # the Rust library: "Can't extract `str` to `Vec`"
+            raise Gpt1Error("texts to encode: expected a list of strings, got one str (use encode for one text)")
+        try:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        except TypeError:  # its one message for any bad text: name the first (checked only on failure)
+            for i, text in enumerate(texts):
+                check_text(text, f"texts[{i}] to encode")
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        ids = list(ids)
-        # The Rust library drops an id past the vocabulary silently (and a negative one raises
-        # OverflowError): check the range, cheaply, as callers may decode token by token.
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise Gpt1Error(f"token id {bad} is not in the tokenizer's vocabulary (ids 0 to {self.vocab_size - 1:,})")
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        ids = self._check_ids(ids)
+        try:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        except TypeError:  # an id that is no int (1.5 passes the range check)
+            raise self._bad_ids(ids) from None
 
     def id_to_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of tokens; special tokens give their text. Used by streaming, which
         must not emit half of a multi-byte character that spans two tokens."""
-        table = self.bytes_table
-        return b"".join(table[i] for i in ids)
+        table, ids = self.bytes_table, self._check_ids(ids)
+        try:
+            return b"".join(table[i] for i in ids)
+        except TypeError:
+            raise self._bad_ids(ids) from None
+
+    def _check_ids(self, ids: Iterable[int]) -> list:
+        """`ids` as a list, their range checked cheaply (callers may decode token by token): the Rust
+        library drops an id past the vocabulary silently, a negative one raises OverflowError, and
+        bytes_table would read it from the end."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable) or getattr(ids, "ndim", 1) == 0:
+            raise Gpt1Error(f"token ids: expected a list of ints, got {type(ids).__name__}")
+        ids = list(ids)
+        try:
+            if not ids or (min(ids) >= 0 and max(ids) < self.vocab_size):
+                return ids
+        except TypeError:  # an id that is no number (a list, None, a str)
+            pass
+        raise self._bad_ids(ids)
+
+    def _bad_ids(self, ids: list) -> Gpt1Error:
+        """The error that names the first of `ids` that is not a token id of this vocabulary."""
+        for t in ids:
+            try:
+                index = operator.index(t)
+            except TypeError:
+                return Gpt1Error(f"token ids must be integers, got {t!r}")
+            if not 0 <= index < self.vocab_size:
+                return Gpt1Error(f"token id {index} is not in the tokenizer's vocabulary (ids 0 to {self.vocab_size - 1:,})")
+        return Gpt1Error(f"token ids: expected a list of ints, got {ids!r:.100}")
 
     @cached_property
     def bytes_table(self) -> list[bytes]:
@@ -217,6 +255,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     too small to learn that many merges. `skipped` (reason -> count, filled while `texts` are
     read, e.g. `SourceStats.skipped`) is named in the error when no text was left.
     """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise Gpt1Error(f"vocab size must be a whole number, got {vocab_size!r}")
     if vocab_size < MIN_VOCAB_SIZE:
         raise Gpt1Error(
             f"vocab size {vocab_size} is too small: a byte-level tokenizer needs at least {MIN_VOCAB_SIZE} "

@@ -8,9 +8,11 @@ one decode path and one set of rules (`gpt1.inference.decoding`).
 from __future__ import annotations
 
 import collections
+import numbers
 import threading
-from typing import Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import Tokenizer
@@ -21,6 +23,23 @@ __all__ = ["Chunk", "Completion", "chat_prompt_ids", "fit_prompt", "generate", "
            "stream"]
 
 MAX_BATCH = 64  # generate_batch decodes at most this many prompts at once; the rest wait their turn
+
+
+def _is_ids(value: Any) -> bool:
+    """Whether `value` can be a prompt's token ids: an iterable that is not one int (an int, a NumPy
+    integer, a 0-d tensor); decoding.check_prompt checks the ids themselves."""
+    return isinstance(value, Iterable) and not isinstance(value, numbers.Integral) and getattr(value, "ndim", 1) != 0
+
+
+def _check_params(params: Any) -> None:
+    if not isinstance(params, SamplingParams):
+        raise Gpt1Error(f"params: expected a SamplingParams (e.g. SamplingParams(temperature=0)), "
+                        f"got {type(params).__name__}")
+
+
+def _check_prompt_arg(prompt_ids: Any) -> None:
+    if not _is_ids(prompt_ids):
+        raise Gpt1Error(f"prompt_ids: expected a list of token ids, got {type(prompt_ids).__name__}")
 
 
 def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -53,12 +72,15 @@ def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], params: Samp
     The last chunk carries the finish reason and the token counts. `cancel.set()` from another
     thread (e.g. when an HTTP client goes away) ends the stream at the next token.
     """
+    _check_prompt_arg(prompt_ids)
+    _check_params(params)
     for _, chunk, _ in _run(model, tokenizer, [prompt_ids], params, cancel):
         yield chunk
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> Completion:
     """The whole completion of one prompt."""
+    _check_prompt_arg(prompt_ids)
     return generate_batch(model, tokenizer, [prompt_ids], params)[0]
 
 
@@ -66,7 +88,15 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], p
     """Completions of several prompts decoded together. Greedy output equals one-at-a-time
     generation; with a seed, each prompt draws from its own generator seeded with it, so a
     seeded prompt gives the same text alone or in a batch."""
+    _check_params(params)
+    if not _is_ids(prompts) or isinstance(prompts, str):
+        raise Gpt1Error(f"prompts: expected a list of prompts (each a list of token ids), got {type(prompts).__name__}")
     prompts = list(prompts)  # a generator is read once (counted here, then decoded)
+    for i, prompt in enumerate(prompts):  # a check per prompt, not per token
+        if not _is_ids(prompt):
+            got = ("a list of ints (one prompt is [ids])" if isinstance(prompt, numbers.Integral) or
+                   getattr(prompt, "ndim", 1) == 0 else f"{type(prompt).__name__} at index {i}")
+            raise Gpt1Error(f"prompts: expected a list of prompts (each a list of token ids), got {got}")
     texts: list[list[str]] = [[] for _ in prompts]
     states: dict[int, TextState] = {}
     for i, chunk, state in _run(model, tokenizer, prompts, params):

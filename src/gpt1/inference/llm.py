@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +42,12 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
+def _model_dir(path: str | os.PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)):  # Path(None) is a TypeError about "argument should be a str"
+        raise Gpt1Error(f"path: expected a model dir (a str or Path), got {type(path).__name__}")
+    return Path(path)
+
+
 @dataclass
 class LLM:
     """A loaded model dir: `.model` (a GPT in eval mode) and `.tokenizer`."""
@@ -54,7 +61,7 @@ class LLM:
              dtype: torch.dtype | str | None = None) -> "LLM":
         """The model in `dtype` (a torch dtype or one of DTYPES' names; default, or "auto":
         bfloat16 on a GPU that supports it, else the saved dtype)."""
-        path = Path(path)
+        path = _model_dir(path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         model = load_model(path, device=device, dtype=dtype)
@@ -64,7 +71,7 @@ class LLM:
     def without_weights(cls, path: str | Path) -> "LLM":
         """The dir's config and tokenizer with a weightless model (on the meta device), its shapes
         checked against the weights file: what a server whose engine runs in another process needs."""
-        path = Path(path)
+        path = _model_dir(path)
         return cls(model=load_model(path, device="meta"), tokenizer=Tokenizer.load(path), path=path)
 
     @property

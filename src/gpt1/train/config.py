@@ -11,6 +11,8 @@ fields). An unknown key or a value of the wrong type is a `Gpt1Error` naming the
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import sys
@@ -88,11 +90,21 @@ class TrainConfig:
     tensorboard: bool = False  # also log to TensorBoard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
+        # A config built in Python skips load_config: the same strict check of every field (also
+        # a subclass's), so compile="no" is refused rather than truthy and max_steps=2.5 is not
+        # run as 3 steps; values come back converted (an int to a float, a list to a tuple).
+        names, hints = _fields(type(self))
+        for name in names:
+            setattr(self, name, _check(name, getattr(self, name), names, hints, type(self).__name__))
         if self.precision not in PRECISIONS:
             raise Gpt1Error(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.float8 and self.precision != "bf16-mixed":
             raise Gpt1Error(f"float8=true runs the blocks' matmuls in FP8 and the rest in bf16: it needs "
                             f"precision=bf16-mixed, got {self.precision!r}")
+        # Here, not only when the model is converted: by then the run dir holds this config, and a
+        # rerun without float8 would be refused as another run's.
+        if self.float8 and importlib.util.find_spec("torchao") is None:
+            raise Gpt1Error("float8=true needs torchao: pip install 'gpt1[fp8]' (or pip install torchao)")
         if self.optimizer not in OPTIMIZERS:
             raise Gpt1Error(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("muon_lr_scale", "embedding_lr_scale"):
@@ -144,6 +156,13 @@ class TrainConfig:
 C = TypeVar("C")
 
 
+def require_config(cfg: Any, cls: type) -> None:
+    """Refuse a `cfg` that is not a `cls` (e.g. a dict of its keys) by name, at the entry of a run."""
+    if not isinstance(cfg, cls):
+        raise Gpt1Error(f"cfg: expected a {cls.__name__} (e.g. {cls.__name__}(max_steps=100) or "
+                        f"load_config({cls.__name__}, recipe, overrides)), got {type(cfg).__name__}")
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A recipe file: a path, or the name of a recipe shipped in gpt1/configs (with or without .toml)."""
     path = Path(name_or_path)
@@ -165,8 +184,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     list); anything else raises Gpt1Error naming the key, the expected type and the file or
     override it came from.
     """
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names, hints = _fields(cls)
     data: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
@@ -199,16 +217,27 @@ def _parse_value(raw: str, hint: Any) -> Any:
         return raw
 
 
-def _check(key: str, value: Any, names: set[str], hints: dict[str, Any], where: str) -> Any:
+def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], where: str) -> Any:
     """`value` as the type of the field `key` (pydantic, strict: no "1" for 1, no 1 for true; an
     int is a float and an array a tuple, as JSON has no other spelling for them)."""
     if key not in names:
         raise Gpt1Error(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
     try:
-        return TypeAdapter(hints[key]).validate_json(json.dumps(value), strict=True)
+        return _adapter(hints[key]).validate_json(json.dumps(value), strict=True)
     except (ValidationError, TypeError, ValueError) as e:
         reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
         raise Gpt1Error(f"{where}: key {key!r} expects {_type_name(hints[key])}, got {value!r} ({reason})") from None
+
+
+@functools.cache  # a config is checked field by field on every construction (and dataclasses.replace)
+def _fields(cls: type) -> tuple[frozenset[str], dict[str, Any]]:
+    """The names of `cls`'s init fields and the type hints of its fields."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.init), typing.get_type_hints(cls)
+
+
+@functools.cache
+def _adapter(hint: Any) -> TypeAdapter:
+    return TypeAdapter(hint)
 
 
 def _type_name(hint: Any) -> str:

@@ -114,6 +114,8 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
                   skip_invalid: bool = False, show_progress: bool = True) -> EvalResult:
     """Loss and perplexity of a loaded model (`gpt1.load`) on a prepared data dir's val.bin or on text sources
     (`skip_invalid`: skip and count their bad documents). Nothing to score is an error, not a NaN."""
+    if not (hasattr(llm, "model") and hasattr(llm, "tokenizer")):  # e.g. its path, or llm.model alone
+        raise Gpt1Error(f"llm: expected a loaded model dir (llm = gpt1.load(path)), got {type(llm).__name__}")
     block_size = block_size or llm.model.config.block_size
     if batch_size < 1 or block_size < 1 or (max_batches is not None and max_batches < 1):
         raise Gpt1Error(f"batch size, block size and max batches must be >= 1, got {batch_size}, {block_size}, {max_batches}")

@@ -60,7 +60,7 @@ from gpt1.formats.modeldir import (
     weights_fingerprint,
 )
 from gpt1.train import distributed
-from gpt1.train.config import TrainConfig
+from gpt1.train.config import TrainConfig, require_config
 from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perplexity, token_byte_lengths
 from gpt1.train.loop import CONFIG_FILE as RUN_CONFIG_FILE
 from gpt1.train.loop import train
@@ -181,6 +181,7 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
     """Fine-tune the model dir `base` on `cfg.data` into the run dir `out` (resumes a run there).
     `step_limit` caps the steps resolved from the config (e.g. a time budget); `redo_hint` says
     what to do instead when `out` holds another run. Returns the loop's TrainResult."""
+    require_config(cfg, FinetuneConfig)
     if cfg.init_from != "scratch":  # set by hand: it was overwritten with the base's path and recorded so
         raise Gpt1Error(f"init_from={cfg.init_from}: a pretraining key; a fine-tune starts from its base (--base)")
     base, out = Path(str(base).removeprefix("hf:")), Path(out)

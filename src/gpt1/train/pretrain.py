@@ -24,7 +24,7 @@ from gpt1.formats.hf import import_hf_model
 from gpt1.formats.modeldir import load_model
 from gpt1.formats.modeldir import save_model as save_model_dir
 from gpt1.train import distributed
-from gpt1.train.config import TrainConfig
+from gpt1.train.config import TrainConfig, require_config
 from gpt1.train.loop import TrainResult, train
 
 
@@ -79,6 +79,7 @@ def data_identity(meta: dict) -> dict:
 def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hint: str | None = None) -> TrainResult:
     """Pretrain on `data_dir` (made by `gpt1 prepare`) into the run dir `out`; resumes a run there
     (`redo_hint`: what to do instead when `out` holds another run, see `gpt1.train.loop.train`)."""
+    require_config(cfg, TrainConfig)
     data_dir, out = Path(data_dir), Path(out)
     dist = distributed.setup(cfg.device)
     meta = load_meta(data_dir)
