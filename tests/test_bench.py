@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from gpt1.cli import main
 from gpt1.cli.bench_cmd import format_table
+from gpt1.core.errors import Gpt1Error
+from tests.test_battery import assert_one_clear_line, run_main
 
 
 def test_format_table_is_markdown_with_every_column():
@@ -30,6 +34,76 @@ def test_bench_prepare_quick_reports_a_ratio(tmp_path, capsys):
 def test_unknown_benchmark_is_a_clear_error(capsys):
     assert main(["bench", "nope"]) == 2
     assert "unknown benchmark(s) nope; available: train, generate, prepare, serve (default), llamacpp, eval, quickstart, threads" in capsys.readouterr().err
+
+
+def test_missing_packages_are_named_in_one_line_before_any_benchmark_runs():
+    """A minimal install (transformers and httpx blocked): the default set names every missing
+    package and its extra at once, instead of a traceback after the first benchmarks' work."""
+    code = ("import sys; sys.modules['transformers'] = sys.modules['httpx'] = None\n"
+            "from gpt1.cli import main; sys.exit(main(['bench', '--quick']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GPT1_QUIET": "1"})
+    line = assert_one_clear_line(done.returncode, done.stderr)
+    assert line == ("gpt1 bench: error: missing packages: train needs transformers (pip install 'gpt1[hf]'); "
+                    "generate needs transformers (pip install 'gpt1[hf]'); serve needs httpx (pip install "
+                    "'gpt1[serve]'); the others run alone: gpt1 bench prepare")
+    assert done.stdout == ""  # no table: nothing ran
+
+
+def _fake_benchmarks(monkeypatch, later_fails_with: BaseException | None = None) -> None:
+    """prepare answers a row at once; threads, run after it, fails (when asked) as a later benchmark might."""
+    from gpt1.benchmarks import prepare, threads
+
+    def fail(quick=False):
+        raise later_fails_with
+
+    monkeypatch.setattr(prepare, "run", lambda quick=False: [{"corpus": "fake", "MB": 1.0}])
+    monkeypatch.setattr(threads, "run", fail if later_fails_with else lambda quick=False: [{"threads": 1}])
+
+
+@pytest.mark.parametrize("failure", [Gpt1Error("the second benchmark failed"), KeyboardInterrupt()])
+def test_json_keeps_the_finished_benchmarks_when_a_later_one_fails(tmp_path, monkeypatch, capsys, failure):
+    _fake_benchmarks(monkeypatch, later_fails_with=failure)
+    rc, _ = run_main(capsys, "bench", "prepare", "threads", "--json", tmp_path / "bench.json")
+    assert rc == (2 if isinstance(failure, Gpt1Error) else 130)
+    assert json.loads((tmp_path / "bench.json").read_text()) == {"prepare": [{"corpus": "fake", "MB": 1.0}]}
+
+
+def test_json_dash_prints_the_results_to_stdout_and_the_tables_to_stderr(tmp_path, monkeypatch, capsys):
+    _fake_benchmarks(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "prepare", "threads", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"prepare": [{"corpus": "fake", "MB": 1.0}], "threads": [{"threads": 1}]}
+    assert "## prepare" in err and "## threads" in err
+    assert not (tmp_path / "-").exists()
+
+
+def test_json_with_an_empty_file_name_is_refused(capsys):
+    rc, err = run_main(capsys, "bench", "prepare", "--json=")
+    assert_one_clear_line(rc, err, r"--json: expected a file name \(or - for stdout\), got an empty one")
+
+
+def test_bench_eval_leaves_the_environment_as_it_found_it(monkeypatch):
+    """Its offline and single-threaded-tokenizer settings are its own: left behind, they halved a
+    later prepare's MB/s in the same `gpt1 bench` run."""
+    pytest.importorskip("lm_eval")
+    from gpt1.benchmarks import eval as eval_bench
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # one set before, the others unset
+    for name in ("HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.delenv(name, raising=False)
+    before, seen = dict(os.environ), {}
+
+    def model_dir(preset, out):  # the work, cut short once it has seen the settings
+        seen.update((name, os.environ.get(name)) for name in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(eval_bench, "_model_dir", model_dir)
+    with pytest.raises(RuntimeError, match="stop here"):
+        eval_bench.run(quick=True)
+    assert seen == {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    assert dict(os.environ) == before
 
 
 @pytest.mark.slow

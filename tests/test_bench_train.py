@@ -22,3 +22,17 @@ def test_bench_train_quick_reports_both_precisions_flops_and_memory(tmp_path, ca
         assert row["gpt1 TFLOP/s"] > 0 and row["gpt1 MFU"] is None  # no peak FLOPs for a CPU
         assert row["gpt1 peak GB"] > 0 and row["transformers peak GB"] > 0
     assert "| gpt1 tok/s |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_childs_peak_memory_leaves_out_what_its_parent_held_before_starting_it():
+    pytest.importorskip("transformers")
+    import numpy as np
+
+    from gpt1.benchmarks.train import peak_rss_gb
+
+    ballast = np.ones(3 * 2**29, dtype=np.uint8)  # 1.5 GiB, every page touched: this process's peak
+    del ballast
+    # The child's own peak (torch, transformers, a tiny step: ~0.45 GiB), not the parent's
+    # (ru_maxrss carries it into the child, across exec).
+    assert 0.1 < peak_rss_gb("gpt1", "tiny", 1, 16, "fp32", steps=1) < 1.0

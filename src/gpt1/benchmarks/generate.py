@@ -33,6 +33,8 @@ from gpt1.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, _byte_level_char
 from gpt1.formats.hf import hf_config_dict, to_hf_state_dict
 from gpt1.inference.engine import Engine
 
+REQUIRES = {"transformers": "'gpt1[hf]'"}  # module -> what installs it, checked by `gpt1 bench` up front
+
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level tokenizer of exactly `vocab_size` tokens (the special tokens, the 256 bytes,

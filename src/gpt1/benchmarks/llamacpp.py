@@ -20,20 +20,14 @@ import torch
 
 from gpt1.benchmarks.generate import benchmark_model, synthetic_tokenizer
 from gpt1.core.config import ModelConfig
-from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import SPECIAL_TOKENS
 from gpt1.formats.gguf import export_gguf
 from gpt1.formats.modeldir import save_model
 from gpt1.inference.generate import generate
 
-
-def _require_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise Gpt1Error("the llamacpp benchmark needs llama-cpp-python: pip install llama-cpp-python") from None
-    return llama_cpp
+# module -> what installs it, checked by `gpt1 bench` up front: the reference, and the export it reads
+REQUIRES = {"llama_cpp": "llama-cpp-python", "gguf": "'gpt1[gguf]'"}
 
 
 def cpu_has_amx() -> bool:
@@ -82,7 +76,8 @@ def _decode_rate(generate_n, new_tokens: int, repeats: int) -> tuple[float, list
 
 
 def run(quick: bool = False) -> list[dict]:
-    llama_cpp = _require_llama_cpp()
+    import llama_cpp
+
     config = ModelConfig.preset("tiny" if quick else "small")
     prompt_len, new_tokens, repeats = (32, 32, 2) if quick else (128, 128, 3)
     # One thread, and (full run) every thread torch uses: llama.cpp's threads wait for each

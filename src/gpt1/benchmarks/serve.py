@@ -57,6 +57,8 @@ from gpt1.formats.modeldir import save_model
 from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.inference.engine import Engine
 
+# module -> what installs it, checked by `gpt1 bench` up front: the server, and the clients' HTTP
+REQUIRES = {"fastapi": "'gpt1[serve]'", "uvicorn": "'gpt1[serve]'", "httpx": "'gpt1[serve]'"}
 CLIENTS = (1, 16, 32)
 REQUESTS = 32  # for every N; each of the N clients sends REQUESTS / N one after another
 STREAM_TOKENS = {"cuda": 256, "cpu": 128}  # the long-stream rows' reply length

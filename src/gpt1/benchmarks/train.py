@@ -8,8 +8,11 @@ the same precision and optimizer, measured in the same run and reported as a rat
   `torch.cuda.max_memory_allocated` at a step of each side, less what the GPU held before that
   side was built (the other side's weights and optimizer state): each side as if alone on the GPU.
 - CPU (full run): the `small` preset at 4 x 256 tokens, fp32 and bf16 autocast (`quick`: the
-  `tiny` preset). Peak memory is the peak RSS of a fresh process doing the same steps (a
-  subprocess per measurement: `resource.getrusage` reports a process's lifetime peak only).
+  `tiny` preset). Peak memory is the peak RSS (VmHWM, in GiB) of a fresh process doing the
+  same steps: a subprocess per measurement, which imports both sides' libraries (transformers'
+  GPT-2 alone adds ~0.16 GB), so that the two columns differ by what the steps hold. Not
+  `getrusage`'s ru_maxrss, which Linux carries from a parent into the child it starts (across
+  exec): each child reported the parent's peak whenever that was higher.
   The full CPU run also measures the peak RSS of a 257M (`gpt1`) step at 4 x 512 with gpt1's
   chunked output layer + loss against the full-logits `F.cross_entropy` it replaced. CPU runs
   use the allocator setting of gpt1's training loop (`gpt1.core.malloc`), both sides alike.
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 
 from gpt1.benchmarks import progress
 from gpt1.core.config import ModelConfig
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import write_text
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import GPT
@@ -42,6 +46,7 @@ from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.loop import peak_flops
 from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
 
+REQUIRES = {"transformers": "'gpt1[hf]'"}  # module -> what installs it, checked by `gpt1 bench` up front
 IMPLEMENTATIONS = ("gpt1", "transformers", "gpt1-full-logits", "gpt1-float8")
 
 
@@ -129,21 +134,39 @@ def _steps_and_peaks_cuda(impls: tuple[str, ...], config: ModelConfig, batch_siz
     return steps, peaks
 
 
-def peak_rss_gb(impl: str, preset: str, batch_size: int, block_size: int, precision: str, steps: int = 2) -> float:
-    """Peak RSS (GB) of a fresh process doing `steps` CPU training steps of `impl` (see the module docstring)."""
-    code = ("import json, resource, torch; from gpt1.benchmarks.train import _child_steps; "
-            f"_child_steps({impl!r}, {preset!r}, {batch_size}, {block_size}, {precision!r}, {steps}); "
-            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1]) / 2**20  # ru_maxrss is in KiB on Linux
+def peak_rss_gb(impl: str, preset: str, batch_size: int, block_size: int, precision: str,
+                steps: int = 2) -> float | None:
+    """Peak RSS (GiB) of a fresh process doing `steps` CPU training steps of `impl` (see the module
+    docstring); None where the OS does not say (no /proc)."""
+    code = ("from gpt1.benchmarks.train import _child_steps; "
+            f"_child_steps({impl!r}, {preset!r}, {batch_size}, {block_size}, {precision!r}, {steps})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:  # e.g. killed for memory: its last line says why, not a CalledProcessError
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise Gpt1Error(f"train benchmark: the peak-memory process ({impl}, {preset}, {precision}) failed: {why}")
+    kib = json.loads(done.stdout.strip().splitlines()[-1])
+    return None if kib is None else kib / 2**20
+
+
+def _peak_rss_kib() -> int | None:
+    """This process's peak RSS since it started (Linux: VmHWM, which belongs to the address space
+    and starts afresh at exec, unlike ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        return None
 
 
 def _child_steps(impl: str, preset: str, batch_size: int, block_size: int, precision: str, steps: int) -> None:
+    from transformers import GPT2LMHeadModel  # noqa: F401 - both sides' libraries, whichever side runs
+
     keep_freed_memory()
     config = ModelConfig.preset(preset, block_size=block_size)
     step = _training_step(impl, config, batch_size, torch.device("cpu"), precision)
     for _ in range(steps):
         step()
+    print(json.dumps(_peak_rss_kib()))
 
 
 def _row(config: ModelConfig, batch_size: int, device: torch.device, precision: str, seconds: dict,
@@ -183,7 +206,8 @@ def memory_rows(preset: str, batch_size: int, block_size: int) -> list[dict]:
     full = peak_rss_gb("gpt1-full-logits", preset, batch_size, block_size, "fp32")
     chunked = peak_rss_gb("gpt1", preset, batch_size, block_size, "fp32")
     return [{"model": preset, "device": "cpu", "precision": "fp32", "batch": f"{batch_size}x{block_size}",
-             "peak RSS GB, full logits": full, "peak RSS GB, chunked loss": chunked, "saved GB": full - chunked}]
+             "peak RSS GB, full logits": full, "peak RSS GB, chunked loss": chunked,
+             "saved GB": full - chunked if full is not None and chunked is not None else None}]
 
 
 def _setup(quick: bool) -> tuple[torch.device, ModelConfig, int, str]:

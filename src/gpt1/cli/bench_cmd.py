@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
+import sys
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import file_target, write_json
 
 BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks, run by default
-# Need an optional package (llama-cpp-python, lm-eval), take many minutes (quickstart) or load the
-# machine (threads: a busy process beside the decoding): run only when named.
+# Need a package no extra of gpt1's installs (llama-cpp-python, lm-eval), take many minutes
+# (quickstart) or load the machine (threads: a busy process beside the decoding): run only when named.
 ON_REQUEST = ["llamacpp", "eval", "quickstart", "threads"]
 
 
@@ -24,7 +26,9 @@ def register(subparsers) -> None:
                         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)}; also, when named: "
                              f"{', '.join(ON_REQUEST)})")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run, for CPUs)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the rows as JSON to FILE, after each benchmark (-: print them to stdout "
+                             "at the end, the tables to stderr)")
     parser.set_defaults(func=bench_command)
 
 
@@ -45,20 +49,46 @@ def format_table(rows: list[dict]) -> str:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    names = args.names or BENCHMARKS
+    names = list(dict.fromkeys(args.names or BENCHMARKS))  # a name given twice runs once
     unknown = [n for n in names if n not in BENCHMARKS + ON_REQUEST]
     if unknown:
         raise Gpt1Error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(BENCHMARKS)} "
                         f"(default), {', '.join(ON_REQUEST)}")
-    if args.json:
+    to_stdout = args.json == "-"
+    if args.json == "":  # `--json=`: not a flag left out, a file name missing
+        raise Gpt1Error("--json: expected a file name (or - for stdout), got an empty one")
+    if args.json and not to_stdout:
         file_target(args.json)  # a bad path found before the benchmarks run, not after
+    modules = {name: _benchmark(name) for name in names}
+    _check_requirements(modules)  # before any work: not a traceback after the first benchmarks' minutes
     results = {}
-    for name in dict.fromkeys(names):  # a name given twice runs once
-        if importlib.util.find_spec(f"gpt1.benchmarks.{name}") is None:
-            raise Gpt1Error(f"benchmark {name!r} is not installed")
-        rows = importlib.import_module(f"gpt1.benchmarks.{name}").run(quick=args.quick)
-        results[name] = rows
-        print(f"\n## {name}\n\n{format_table(rows)}", flush=True)
-    if args.json:
-        write_json(args.json, results)
+    for name, module in modules.items():
+        results[name] = rows = module.run(quick=args.quick)
+        # With the JSON on stdout, the tables go to stderr: stdout stays one JSON document.
+        print(f"\n## {name}\n\n{format_table(rows)}", file=sys.stderr if to_stdout else sys.stdout, flush=True)
+        if args.json and not to_stdout:
+            write_json(args.json, results)  # after each benchmark: a later one failing or Ctrl-C keeps these
+    if to_stdout:
+        print(json.dumps(results, indent=2))
     return 0
+
+
+def _benchmark(name: str):
+    if importlib.util.find_spec(f"gpt1.benchmarks.{name}") is None:
+        raise Gpt1Error(f"benchmark {name!r} is not installed")
+    return importlib.import_module(f"gpt1.benchmarks.{name}")
+
+
+def _check_requirements(modules: dict) -> None:
+    """The optional packages each benchmark declares (`REQUIRES`: module -> what installs it),
+    all of them checked before any benchmark runs; a Gpt1Error naming what to install."""
+    missing, ready = [], []
+    for name, module in modules.items():
+        absent = {m: how for m, how in getattr(module, "REQUIRES", {}).items() if importlib.util.find_spec(m) is None}
+        if absent:
+            missing.append(f"{name} needs {', '.join(absent)} (pip install {' '.join(dict.fromkeys(absent.values()))})")
+        else:
+            ready.append(name)
+    if missing:
+        rest = f"; the others run alone: gpt1 bench {' '.join(ready)}" if ready else ""
+        raise Gpt1Error(f"missing packages: {'; '.join(missing)}{rest}")
