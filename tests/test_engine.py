@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import Chunk
 from gpt1.inference.engine import Engine, QueueFull, TooLarge, _BucketedDecode, kv_cache_bytes
 from gpt1.inference.generate import generate
+from gpt1.inference.llm import LLM
 from tests.model_factories import model_without_stops
 
 TEXT = "def parse(self, data):\n    return json.loads(data)\n" * 3
@@ -360,3 +363,78 @@ def test_cpu_weights_column_major_same_logits_training_and_saving(tiny_config, t
     store_weights_column_major(tied)  # the head shares the embedding's rows: left row-major
     assert tied.lm_head.weight is tied.transformer.wte.weight and tied.lm_head.weight.is_contiguous()
     assert not tied.transformer.h[0].mlp.c_fc.weight.is_contiguous()
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out")
+        time.sleep(0.01)
+
+
+def test_threads_that_step_one_engine_at_once_take_turns(model, tokenizer):
+    """The docs' patterns at once, with real threads: a caller stepping beside `start()`'s
+    worker, and four threads each running submit, then `while engine.busy: engine.step()`.
+    Unguarded, their steps interleaved and every request failed with a tensor-shape RuntimeError."""
+    prompts = [tokenizer.encode(t) for t in ("def f(x):", "import os\n", "class A:", "# comment")]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    expected = [generate(model, tokenizer, p, params).text for p in prompts]
+
+    engine = Engine(model, tokenizer, max_batch=4).start()
+    collector = Collector()
+    engine.submit(prompts, params, collector.sink_for)
+    try:
+        run_until_idle(engine)
+        wait_until(lambda: len(collector.chunks) + len(collector.errors) == 4 and
+                   all(collector.finish(i) for i in collector.chunks))
+    finally:
+        engine.stop()
+    assert collector.errors == {} and [collector.text(i) for i in range(4)] == expected
+
+    engine, collector = Engine(model, tokenizer, max_batch=4), Collector()
+    failures = []
+
+    def caller(i: int) -> None:
+        try:
+            submit(engine, collector, i, prompts[i], params)
+            while engine.busy:
+                engine.step()
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failures == [] and collector.errors == {}
+    assert [collector.text(i) for i in range(4)] == expected
+
+
+def test_a_model_without_weights_is_refused_at_once(tiny_model_dir):
+    """LLM.without_weights puts the model on the meta device: an Engine on it failed every
+    request later ("Tensor.item() cannot be called on meta tensors")."""
+    weightless = LLM.without_weights(tiny_model_dir)
+    message = r"this model has no weights \(LLM.without_weights\): serve it with engine='process', or load it"
+    with pytest.raises(Gpt1Error, match=message):
+        Engine(weightless.model, weightless.tokenizer)
+    with pytest.raises(Gpt1Error, match=message):  # LLM.generate goes through an Engine too
+        weightless.generate("hi", max_new_tokens=3)
+
+
+@pytest.mark.parametrize("prompts, params, message", [
+    ("flat", SamplingParams(), r"^prompts: expected a list of prompts \(each a list of token ids\), got a list of ints"),
+    (None, SamplingParams(), r"^prompts: expected a list of prompts \(each a list of token ids\), got NoneType$"),
+    ("some text", SamplingParams(), r"^prompts: expected a list of prompts .*, got text; encode each prompt"),
+    ([[5], None], SamplingParams(), r"^prompt 1: expected token ids \(a list of ints\), got NoneType$"),
+    ([[5]], {"temperature": 0}, r"^params: expected SamplingParams, got dict$"),
+    ([[5]], None, r"^params: expected SamplingParams, got NoneType$"),
+])
+def test_submit_says_what_it_expected_for_prompts_and_params(model, tokenizer, prompts, params, message):
+    engine = Engine(model, tokenizer, max_batch=2)
+    if prompts == "flat":  # `tok.encode(text)` where `[tok.encode(text)]` was meant
+        prompts = tokenizer.encode("def f(x):")
+    with pytest.raises(Gpt1Error, match=message):
+        engine.submit(prompts, params, Collector().sink_for)
+    assert not engine.busy and engine.stats.submitted == 0

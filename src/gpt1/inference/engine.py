@@ -39,11 +39,12 @@ caller back its own.
 from __future__ import annotations
 
 import collections
+import numbers
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence, Sized
 
 import torch
 
@@ -179,8 +180,21 @@ def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, config
                 tokenizer: Tokenizer) -> tuple[SamplingParams, list[list[int]]]:
     """The checked knobs, and each prompt checked (ids in the vocabulary, not empty) and fitted
     to the context; Gpt1Error naming the prompt or the knob otherwise."""
+    if not isinstance(params, SamplingParams):
+        raise Gpt1Error(f"params: expected SamplingParams, got {type(params).__name__}")
+    expected = "prompts: expected a list of prompts (each a list of token ids)"
+    if isinstance(prompts, (str, bytes)):
+        raise Gpt1Error(f"{expected}, got text; encode each prompt with the tokenizer first")
+    if not isinstance(prompts, Sized) or not isinstance(prompts, Iterable):
+        raise Gpt1Error(f"{expected}, got {type(prompts).__name__}")
+    # One prompt's ids passed flat (`tok.encode(text)` for `[tok.encode(text)]`): an int where a prompt goes.
+    if any(isinstance(p, numbers.Integral) or getattr(p, "ndim", None) == 0 for p in prompts):
+        raise Gpt1Error(f"{expected}, got a list of ints; pass one prompt as [ids]")
     params = params.validate()
     names = [f"prompt {i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
+    for p, name in zip(prompts, names):
+        if not isinstance(p, Iterable):
+            raise Gpt1Error(f"{name}: expected token ids (a list of ints), got {type(p).__name__}")
     vocab = usable_vocab(config, tokenizer)
     return params, [fit_prompt(check_prompt(p, vocab, tokenizer.eos_id, name), config.block_size, params)
                     for p, name in zip(prompts, names)]
@@ -230,6 +244,9 @@ class Engine:
         self.config = model.config
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         first = next(model.parameters())
+        if first.device.type == "meta":  # every forward would fail, each request with a 500 in a server
+            raise Gpt1Error("this model has no weights (LLM.without_weights): serve it with engine='process', "
+                            "or load it with gpt1.load")
         self.device = first.device
         self.dtype_name = str(first.dtype).removeprefix("torch.")  # of the weights and the KV cache
         self.kv_bytes = kv_cache_bytes(model, max_batch)
@@ -256,6 +273,7 @@ class Engine:
         self._rows: list[Request] = []  # _rows[i] is the request in slot i
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
+        self._step_lock = threading.Lock()  # one step at a time, whoever calls step()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
@@ -324,7 +342,13 @@ class Engine:
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> None:
-        """Admit, prefill, decode and sample once (see the module docstring)."""
+        """Admit, prefill, decode and sample once (see the module docstring). Threads that step
+        the engine at once (a caller beside `start()`'s worker, or several callers each running
+        `while engine.busy: engine.step()`) take turns: each call is one whole step."""
+        with self._step_lock:
+            self._step()
+
+    def _step(self) -> None:
         for request in [r for r in self._rows if r.cancelled]:
             self._finish(request, "cancelled")
         self._admit()
@@ -537,9 +561,11 @@ class Engine:
         """Build every decode bucket now (on CUDA: capture its graph), so that no request waits
         for a capture (hundreds of milliseconds) the first time the batch reaches a new size.
         Only while no request is in the batch: it writes at every slot's last position."""
-        if self._graphs is None or self._rows:
+        if self._graphs is None:
             return
-        with torch.inference_mode():
+        with self._step_lock, torch.inference_mode():
+            if self._rows:
+                return
             size = 1
             while True:
                 self._graphs.bucket_for(size)

@@ -15,6 +15,7 @@ over-large body, 431 for over-large headers, 503 when the queue is full) and Ope
 from __future__ import annotations
 
 import asyncio
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -22,7 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt1 import __version__
-from gpt1.inference.engine import Engine
+from gpt1.core.errors import Gpt1Error
+from gpt1.inference.engine import Engine, EngineUnavailable
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve.errors import ApiError, generation_error, validation_error
 from gpt1.serve.middleware import Guard
@@ -30,6 +32,31 @@ from gpt1.serve.routes import add_routes
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a 512-token context can use
 BODY_TIMEOUT_S = 30.0  # to receive a whole request body
+
+
+class _Starter:
+    """Starts the app's engine: in the app's lifespan, or, where Starlette runs none (an app
+    mounted in another app, a TestClient used without `with`), at the first request that needs it;
+    without that, requests would wait forever for an engine that never steps."""
+
+    def __init__(self, engine: Engine | EngineProcess):
+        self.engine, self.started = engine, False
+        self._lock = threading.Lock()  # two first requests start it once
+
+    def start(self, first_only: bool = False) -> None:
+        with self._lock:
+            if first_only and self.started:
+                return  # started, and perhaps stopped since: a stopped engine is not started again
+            self.engine.start()
+            self.started = True
+
+    async def ensure_started(self) -> None:
+        if self.started:
+            return
+        try:
+            await asyncio.to_thread(self.start, first_only=True)  # off the loop: a child process may load a model
+        except Gpt1Error as e:  # e.g. the process engine's child could not load the model: a 503, not a 400
+            raise EngineUnavailable(f"the engine could not start: {e}") from None
 
 
 def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queue: int = 64,
@@ -53,8 +80,10 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     engine: "thread" runs the engine in a thread of this process on `llm.model`, as loaded; "process"
         in a child process of its own (`gpt1.inference.engine_process`), which loads `llm.path` from
         disk (changes made to `llm.model` in memory are not seen) on `device` in `dtype` (as
-        `gpt1.load`'s; default: `llm`'s device and dtype, or "auto" for `LLM.without_weights`) and is
-        started with the app.
+        `gpt1.load`'s; default: `llm`'s device and dtype, or "auto" for `LLM.without_weights`).
+    The engine starts in the app's lifespan, or, where none runs (the app mounted in another, a
+    TestClient without `with`), at the first request that needs it; then `app.state.engine.stop()`
+    stops it (docs/serving.md).
     """
     knobs = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
                  compile=compile)
@@ -72,9 +101,11 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         raise ValueError(f"engine must be 'thread' or 'process', got {engine!r}")
     name = model_name or (llm.path.name if getattr(llm, "path", None) else "gpt1")
 
+    starter = _Starter(engine)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(engine.start)  # a child process loads the model meanwhile
+        await asyncio.to_thread(starter.start)  # a child process loads the model meanwhile
         try:
             yield
         finally:
@@ -106,6 +137,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     async def server_error(request: Request, exc: Exception):
         return generation_error(exc).response()
 
-    add_routes(app, engine, llm.tokenizer, name, auth=api_key is not None, stream_interval=stream_interval_ms / 1000)
+    add_routes(app, engine, llm.tokenizer, name, auth=api_key is not None, stream_interval=stream_interval_ms / 1000,
+               ensure_started=starter.ensure_started)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
     return app

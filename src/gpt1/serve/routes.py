@@ -11,7 +11,7 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -251,7 +251,9 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
 
 
 # ---- the routes ----------------------------------------------------------------------------------
-def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: str, auth: bool, stream_interval: float = 0.0) -> None:
+def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: str, auth: bool, *,
+               ensure_started: Callable[[], Awaitable[None]], stream_interval: float = 0.0) -> None:
+    """The endpoints; each awaits `ensure_started()` before it uses the engine (see `create_app`)."""
     context = engine.config.block_size
     created = int(time.time())
 
@@ -264,7 +266,9 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
         """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s, the
         device and dtype (and on a CPU the threads of the latest step, null before the process
         engine's first step); 503 once the engine has
-        stopped (e.g. its process exited)."""
+        stopped (e.g. its process exited). An engine not yet started is started first: "ok" means
+        it runs."""
+        await ensure_started()
         if not engine.alive:
             raise generation_error(EngineUnavailable("the engine has stopped; restart the server"))
         health = {"status": "ok", "model": name, "active": engine.active, "queued": engine.queued,
@@ -299,6 +303,7 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
         # meanwhile answers /health and writes every other stream.
         prompt = await run_in_threadpool(mapping.chat_prompt, req, tokenizer, params, context)
         params = mapping.fit_context(params, len(prompt), context, max_tokens, which)
+        await ensure_started()
         requests, queue = submit(engine, [prompt], params)
         rid, now, model_id = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
@@ -322,6 +327,7 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
         # One SamplingParams for all prompts: the longest one decides what fits in the context.
         params = mapping.sampling_params(req, req.max_tokens, "max_tokens", context)
         params = mapping.fit_context(params, max(len(p) or 1 for p in prompts), context, req.max_tokens, "max_tokens")
+        await ensure_started()
         requests, queue = submit(engine, prompts, params)
         rid, now, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
