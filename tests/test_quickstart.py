@@ -95,7 +95,15 @@ def test_a_second_run_reuses_every_stage(quickstart):
     assert f"(continuing the 0.1-min run in {out / 'base'}; for a 3-min one instead, delete that folder)" in again.stderr
     assert {stage: (out / stage / "metrics.jsonl").read_bytes() for stage in before} == before
     # Same seed, same models: the same samples.
-    assert json.loads((out / "summary.json").read_text())["samples"] == summary["samples"]
+    rerun = json.loads((out / "summary.json").read_text())
+    assert rerun["samples"] == summary["samples"]
+    # The reused stages keep the figures of the run that made them (the rerun's instant of reuse
+    # replaced them: "pretrain 0 s"), and the printout says they were reused.
+    stages = ("tokenizer", "prepare", "pretrain", "finetune")
+    assert rerun["reused"] == list(stages)
+    assert {s: rerun["seconds"][s] for s in stages} == {s: summary["seconds"][s] for s in stages}
+    assert rerun["planned"] == summary["planned"] and rerun["ended_early"] == summary["ended_early"]
+    assert f"pretrain reused (made in {summary['seconds']['pretrain']:.0f} s, planned " in again.stdout
 
 
 def test_a_stage_made_by_another_recipe_says_to_delete_it(quickstart, tmp_path):

@@ -105,10 +105,13 @@ class QuickstartResult:
     chat_val_perplexity: float | None  # on the assistant replies of the held-out dialogs
     chat_val_bits_per_byte: float | None
     samples: list[Sample]
-    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time of this invocation
+    # stage -> wall time it took to make its output (a stage this invocation reused keeps the
+    # figure of the run that made it, from the earlier summary.json)
+    seconds: dict[str, float] = field(default_factory=dict)
     planned: dict[str, float] = field(default_factory=dict)  # stage -> its time budget (training stages)
     # stage -> what ended it before its budget was spent (its epochs, on a machine fast enough to finish them)
     ended_early: dict[str, str] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)  # stages whose output an earlier run made
 
 
 def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
@@ -122,6 +125,8 @@ def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
 
 def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
     seconds: dict[str, float] = {}
+    made_before = {"tokenizer": (out / "tokenizer" / "tokenizer.json").is_file(),
+                   "prepare": (out / "data" / "meta.json").is_file()}
 
     def stage(name: str, title: str):
         info(f"\n== {title}")
@@ -155,6 +160,9 @@ def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
         ended_early["pretrain"] = f"{MAX_PRETRAIN_EPOCHS} epochs of the corpus"
     if "finetune" in planned and _reached_step_cap(out / "chat", chat.steps):
         ended_early["finetune"] = f"{_run_config(out / 'chat')['epochs']:g} epochs of the dialogs"
+    made_before |= {"pretrain": base.resumed_from >= base.steps, "finetune": chat.resumed_from >= chat.steps}
+    reused = [name for name, before in made_before.items() if before]
+    _keep_earlier_figures(out, reused, seconds, planned, ended_early)
 
     stage("samples", "5/5 samples: held-out scores and the model card's three uses")
     base_llm = gpt1.load(out / "base", device="cpu")
@@ -170,9 +178,23 @@ def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
         train_tokens=meta["train"]["tokens"], base_steps=base.steps, base_parameters=base_llm.model.num_params(),
         base_val_perplexity=base_eval.perplexity, base_val_bits_per_byte=base_eval.bits_per_byte,
         chat_steps=chat.steps, chat_val_perplexity=chat_eval.perplexity, chat_val_bits_per_byte=chat_eval.bits_per_byte,
-        samples=samples, seconds=seconds, planned=planned, ended_early=ended_early)
+        samples=samples, seconds=seconds, planned=planned, ended_early=ended_early, reused=reused)
     write_json(out / SUMMARY_FILE, json.loads(json.dumps(dataclasses.asdict(result), default=str)))
     return result
+
+
+def _keep_earlier_figures(out: Path, reused: list[str], *figures: dict) -> None:
+    """A rerun that reuses a stage's output keeps, in summary.json, what the run that made it
+    measured (its seconds, budget, what ended it early), not the instant of the reuse."""
+    try:
+        earlier = read_json(out / SUMMARY_FILE)
+    except Gpt1Error:  # none yet (or damaged: it is rewritten)
+        return
+    for name, figure in zip(("seconds", "planned", "ended_early"), figures):
+        kept = earlier.get(name) if isinstance(earlier, dict) else None
+        for stage in reused:
+            if isinstance(kept, dict) and stage in kept:
+                figure[stage] = kept[stage]
 
 
 def _tokenizer(cfg: QuickstartConfig, directory: Path):

@@ -8,7 +8,7 @@ the same precision and optimizer, measured in the same run and reported as a rat
   `torch.cuda.max_memory_allocated` at a step of each side, less what the GPU held before that
   side was built (the other side's weights and optimizer state): each side as if alone on the GPU.
 - CPU (full run): the `small` preset at 4 x 256 tokens, fp32 and bf16 autocast (`quick`: the
-  `tiny` preset). Peak memory is the peak RSS (VmHWM, in GiB) of a fresh process doing the
+  `tiny` preset). Peak memory is the peak RSS (VmHWM, in GB of 10**9 bytes) of a fresh process doing the
   same steps: a subprocess per measurement, which imports both sides' libraries (transformers'
   GPT-2 alone adds ~0.16 GB), so that the two columns differ by what the steps hold. Not
   `getrusage`'s ru_maxrss, which Linux carries from a parent into the child it starts (across
@@ -136,8 +136,8 @@ def _steps_and_peaks_cuda(impls: tuple[str, ...], config: ModelConfig, batch_siz
 
 def peak_rss_gb(impl: str, preset: str, batch_size: int, block_size: int, precision: str,
                 steps: int = 2) -> float | None:
-    """Peak RSS (GiB) of a fresh process doing `steps` CPU training steps of `impl` (see the module
-    docstring); None where the OS does not say (no /proc)."""
+    """Peak RSS (GB, 10**9 bytes, as the GPU rows) of a fresh process doing `steps` CPU training
+    steps of `impl` (see the module docstring); None where the OS does not say (no /proc)."""
     code = ("from gpt1.benchmarks.train import _child_steps; "
             f"_child_steps({impl!r}, {preset!r}, {batch_size}, {block_size}, {precision!r}, {steps})")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -145,7 +145,7 @@ def peak_rss_gb(impl: str, preset: str, batch_size: int, block_size: int, precis
         why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         raise Gpt1Error(f"train benchmark: the peak-memory process ({impl}, {preset}, {precision}) failed: {why}")
     kib = json.loads(done.stdout.strip().splitlines()[-1])
-    return None if kib is None else kib / 2**20
+    return None if kib is None else kib * 1024 / 1e9
 
 
 def _peak_rss_kib() -> int | None:

@@ -29,6 +29,14 @@ def text(value: str) -> str:
     return value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="surrogateescape")
 
 
+def path_arg(value: str) -> str:
+    """A file or folder argument, not empty: `--out "$DIR"` with DIR unset would otherwise name
+    the current folder (Path("") is ".") and a run would write there."""
+    if not value:
+        raise argparse.ArgumentTypeError("expected a path, got an empty one (an unset shell variable?)")
+    return value
+
+
 def positive_int(value: str) -> int:
     try:
         number = int(value)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import gpt1
-from gpt1.cli.args import DefaultsHelpFormatter, positive_int
+from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import file_target, write_json
 from gpt1.data.chat_sources import ChatStats
@@ -43,8 +43,8 @@ def register(subparsers) -> None:
                     f"continuations and metrics of lm-evaluation-harness 0.4.x. Tasks: {', '.join(TASKS)}.",
         formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model dir (or training run dir; a chat model's adapter is merged)")
-    parser.add_argument("--data", nargs="+", metavar="SOURCE",
+    parser.add_argument("--model", required=True, type=path_arg, help="model dir (or training run dir; a chat model's adapter is merged)")
+    parser.add_argument("--data", nargs="+", type=path_arg, metavar="SOURCE",
                         help="perplexity: a prepared data dir (its val.bin) or text sources. Tasks: local task files in "
                              "the hub's schema instead of the hub: TASK=FILE.jsonl, TASK=FOLDER (SPLIT.jsonl files), "
                              "TASK=hf:NAME@REVISION, a folder holding TASK.jsonl files, or with one task its file")
@@ -55,9 +55,9 @@ def register(subparsers) -> None:
                             + " examples; full: every task, every example. Writes report.md into the model dir")
     tasks.add_argument("--fewshot", type=int, default=0, metavar="K", help="examples in each prompt (as lm-eval draws them)")
     tasks.add_argument("--limit", type=positive_int, default=None, metavar="N", help="score the first N examples of each task")
-    tasks.add_argument("--samples", metavar="PATH", help="write per-example log-likelihoods as JSON lines to PATH")
-    tasks.add_argument("--report", metavar="PATH", help=f"write the Markdown report to PATH (--suite: MODEL/{REPORT_FILE})")
-    tasks.add_argument("--ppl-data", nargs="+", metavar="SOURCE",
+    tasks.add_argument("--samples", type=path_arg, metavar="PATH", help="write per-example log-likelihoods as JSON lines to PATH")
+    tasks.add_argument("--report", type=path_arg, metavar="PATH", help=f"write the Markdown report to PATH (--suite: MODEL/{REPORT_FILE})")
+    tasks.add_argument("--ppl-data", nargs="+", type=path_arg, metavar="SOURCE",
                        help="with --suite/--report: also measure perplexity and bits per byte on these sources")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="perplexity: windows per forward pass (default 8); tasks: requests per batch (default 32)")
@@ -78,7 +78,7 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default=None,
                         help="with --chat and a dataset (hub name or dataset folder, not a file): read this split whole "
                              "(default: the validation split, or the share of the conversations fine-tuning holds out)")
-    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+    parser.add_argument("--json", nargs="?", type=path_arg, const="-", metavar="PATH",
                         help="write the results as JSON to PATH (no PATH: print them to stdout instead of the text)")
     parser.set_defaults(func=eval_command)
 

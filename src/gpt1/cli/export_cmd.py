@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gpt1.cli.args import path_arg
 from gpt1.core.errors import Gpt1Error
 from gpt1.formats.gguf import GGUF_TYPES, export_gguf
 from gpt1.formats.hf import export_model
@@ -20,8 +21,8 @@ def register(subparsers) -> None:
                     "model); a LoRA fine-tuned model is written as its base plus OUT/adapter in PEFT's layout, or "
                     "with --merge as one merged model. --format gguf: one .gguf file for llama.cpp, Ollama, "
                     "LM Studio and llama-cpp-python (a fine-tuned model's adapter merged in), see docs/gguf.md.")
-    parser.add_argument("--model", required=True, metavar="DIR", help="the gpt1 model dir to export")
-    parser.add_argument("--out", required=True, metavar="PATH",
+    parser.add_argument("--model", required=True, type=path_arg, metavar="DIR", help="the gpt1 model dir to export")
+    parser.add_argument("--out", required=True, type=path_arg, metavar="PATH",
                         help="hf: the folder to write (must not exist or be empty); gguf: the .gguf file to write")
     parser.add_argument("--format", default="hf", metavar="FORMAT", help=f"one of {', '.join(FORMATS)} (default: hf)")
     parser.add_argument("--type", metavar="TYPE",

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from gpt1.cli.args import print_recipe, require
+from gpt1.cli.args import path_arg, print_recipe, require
 from gpt1.core.progress import info
 from gpt1.train.config import load_config
 from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
@@ -31,10 +31,10 @@ def register(subparsers) -> None:
                     "dir; rerunning the same command resumes. Multi-GPU: torchrun --nproc_per_node N -m gpt1 finetune ...",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (every key: docs/finetuning.md and docs/training.md, or --print-config)")
-    parser.add_argument("--base", help="the base model: a gpt1 model dir (from gpt1 pretrain) or a transformers GPT-2 folder with a gpt1 tokenizer (e.g. from gpt1 export); required")
-    parser.add_argument("--data", help="chat data source (see above); overrides the recipe's `data`")
-    parser.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model; required")
-    parser.add_argument("--config", metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
+    parser.add_argument("--base", type=path_arg, help="the base model: a gpt1 model dir (from gpt1 pretrain) or a transformers GPT-2 folder with a gpt1 tokenizer (e.g. from gpt1 export); required")
+    parser.add_argument("--data", type=path_arg, help="chat data source (see above); overrides the recipe's `data`")
+    parser.add_argument("--out", type=path_arg, help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model; required")
+    parser.add_argument("--config", type=path_arg, metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
     parser.add_argument("--skip-invalid", action="store_true", default=None,
                         help="skip (and count) malformed lines instead of stopping at the first one")
     parser.add_argument("--merge", action="store_true",

@@ -7,7 +7,7 @@ import sys
 import time
 
 import gpt1
-from gpt1.cli.args import add_dtype_flag, text
+from gpt1.cli.args import add_dtype_flag, path_arg, text
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import PRESETS, SamplingParams, preset
@@ -58,7 +58,7 @@ def sampling_params_from_args(args: argparse.Namespace):
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="model dir (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--model", required=True, type=path_arg, metavar="DIR", help="model dir (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1, mps (default: the best available)")
     add_dtype_flag(parser)
 

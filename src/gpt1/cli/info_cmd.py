@@ -13,9 +13,8 @@ from gpt1.core.config import PRESETS, ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import owner_of
 from gpt1.core.model import GPT
-from gpt1.core.tokenizer import TOKENIZER_FILE
 from gpt1.data.shards import load_meta
-from gpt1.formats.modeldir import CONFIG_FILE, load_model
+from gpt1.formats.modeldir import CONFIG_FILE, load_model, not_a_model_dir
 
 
 def register(subparsers) -> None:
@@ -50,22 +49,9 @@ def info_command(args: argparse.Namespace) -> int:
 
 
 def _not_a_model_dir(folder: Path) -> str:
-    """What a folder without config.json is, instead of "config.json: file not found": the
-    folders gpt1 makes that a user may take for a model (prepared data, a quickstart's or a
-    runs/ folder of models, a run before its first save, a tokenizer)."""
-    kind = owner_of(folder)
-    if kind == "a prepared data dir":
+    """`load_model`'s account of a folder without config.json, with a prepared data dir's size."""
+    if owner_of(folder) == "a prepared data dir":
         meta = load_meta(folder)  # a damaged one says how
         return (f"{folder}: a prepared data dir ({meta['train']['tokens']:,} train tokens, {meta['val']['tokens']:,} "
                 f"validation), not a model dir; `gpt1 pretrain --data {folder} --out RUN` trains one")
-    if kind == "a training run dir":
-        return f"{folder}: a training run dir that has not saved its model yet (no {CONFIG_FILE}); try again after its first save"
-    try:
-        models = sorted(d.name for d in folder.iterdir() if (d / CONFIG_FILE).is_file())[:5]
-    except OSError:  # unreadable: say what is missing
-        models = []
-    if models:
-        return f"{folder}: not a model dir; it holds the model dirs {', '.join(m + '/' for m in models)}: try {folder / models[-1]}"
-    if (folder / TOKENIZER_FILE).is_file():
-        return f"{folder}: a tokenizer dir ({TOKENIZER_FILE}), not a model dir"
-    return f"{folder}: not a model dir (no {CONFIG_FILE})"
+    return not_a_model_dir(folder)

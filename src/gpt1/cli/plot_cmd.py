@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gpt1.cli.args import path_arg
 from gpt1.core.progress import info
 from gpt1.train.plot import plot_runs
 
@@ -14,8 +15,8 @@ def register(subparsers) -> None:
         "plot", help="plot runs' loss and perplexity curves to an image (PNG, SVG, PDF, JPEG)",
         description="Read RUN/metrics.jsonl of each run and write the train/validation loss and validation "
                     "perplexity curves as an image, one row per run (a run also writes RUN/loss.png when it ends).")
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="training run dir (or a metrics.jsonl file)")
-    parser.add_argument("--out", default=None, help="image to write, in the format its suffix names: .png, .svg, .pdf or .jpg (default: "
+    parser.add_argument("runs", nargs="+", type=path_arg, metavar="RUN", help="training run dir (or a metrics.jsonl file)")
+    parser.add_argument("--out", type=path_arg, default=None, help="image to write, in the format its suffix names: .png, .svg, .pdf or .jpg (default: "
                              "RUN/loss.png of the first run); never one of a run's or data dir's own files")
     parser.set_defaults(func=plot_command)
 

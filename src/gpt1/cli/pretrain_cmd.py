@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt1.cli.args import print_recipe, require
+from gpt1.cli.args import path_arg, print_recipe, require
 from gpt1.core.progress import info
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, load_config
@@ -21,9 +21,9 @@ def register(subparsers) -> None:
                     "--out resumes from the last checkpoint. Multi-GPU: torchrun --nproc_per_node N -m gpt1 pretrain ...",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (every key: docs/training.md, or --print-config)")
-    parser.add_argument("--config", metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
-    parser.add_argument("--data", help="prepared data folder (train.bin, val.bin, meta.json, tokenizer.json); required")
-    parser.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, loss.png, and the model; required")
+    parser.add_argument("--config", type=path_arg, metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
+    parser.add_argument("--data", type=path_arg, help="prepared data folder (train.bin, val.bin, meta.json, tokenizer.json); required")
+    parser.add_argument("--out", type=path_arg, help="run folder: checkpoints, metrics.jsonl, loss.png, and the model; required")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as TOML and exit (needs no --data or --out)")
     parser.set_defaults(func=pretrain_command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gpt1.cli.args import path_arg
 from gpt1.quickstart import QuickstartConfig, run_quickstart
 
 DEFAULTS = QuickstartConfig()
@@ -16,7 +17,7 @@ def register(subparsers) -> None:
                     "LoRA-tune it into a chat model on the English dialogs of chatterbot-corpus, and print samples "
                     "for the model card's three uses. Nothing is downloaded. A rerun reuses finished stages; "
                     "a killed run resumes.")
-    parser.add_argument("--out", default=DEFAULTS.out, help=f"output folder (default: {DEFAULTS.out})")
+    parser.add_argument("--out", type=path_arg, default=DEFAULTS.out, help=f"output folder (default: {DEFAULTS.out})")
     parser.add_argument("--minutes", type=float, default=DEFAULTS.minutes,
                         help=f"pretraining time budget; the chat fine-tune gets a quarter of it (default: {DEFAULTS.minutes:g})")
     parser.add_argument("--device", default=DEFAULTS.device, help="auto (cuda > mps > cpu), cpu, cuda or mps (default: auto)")
@@ -38,16 +39,17 @@ def _bpb(value: float | None) -> str:
     return "bits per byte n/a" if value is None else f"{value:.3f} bits per byte"
 
 
-def _plan(result, stage: str) -> str:
-    if stage not in result.planned:
-        return ""
+def _took(result, stage: str, seconds: float) -> str:
     early = f", done after {result.ended_early[stage]}" if stage in result.ended_early else ""
-    return f" (planned {result.planned[stage]:.0f} s{early})"
+    plan = f"planned {result.planned[stage]:.0f} s{early}" if stage in result.planned else ""
+    if stage in result.reused:  # the figures of the run that made it
+        return f"{stage} reused (made in {seconds:.0f} s" + (f", {plan})" if plan else ")")
+    return f"{stage} {seconds:.0f} s" + (f" ({plan})" if plan else "")
 
 
 def report(result) -> str:
     """What the quickstart made, its samples, and what to type next."""
-    took = " + ".join(f"{name} {seconds:.0f} s" + _plan(result, name) for name, seconds in result.seconds.items())
+    took = " + ".join(_took(result, name, seconds) for name, seconds in result.seconds.items())
     lines = [
         "",
         f"gpt1 quickstart: done ({took}). This is a tiny model "

@@ -7,7 +7,7 @@ import ipaddress
 import os
 
 import gpt1
-from gpt1.cli.args import add_dtype_flag
+from gpt1.cli.args import add_dtype_flag, path_arg
 from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
                     "included), GET /v1/models, /health, the API docs at /docs and a chat page at /. "
                     "Point any OpenAI client at http://HOST:PORT/v1.",
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="the model dir to serve")
+    parser.add_argument("--model", required=True, type=path_arg, metavar="DIR", help="the model dir to serve")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; 127.0.0.1 is this machine only, 0.0.0.0 is every interface "
                              "(then set an API key). Without an API key, a server on a loopback address answers "

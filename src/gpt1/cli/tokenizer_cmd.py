@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt1.cli.args import DefaultsHelpFormatter, positive_int
+from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import owner_of
 from gpt1.core.progress import info
@@ -23,10 +23,10 @@ def register(subparsers) -> None:
                     "markers, to exactly --vocab-size tokens. Writes OUT/tokenizer.json.",
         formatter_class=DefaultsHelpFormatter,
     )
-    train.add_argument("sources", nargs="+", metavar="SOURCE",
+    train.add_argument("sources", nargs="+", type=path_arg, metavar="SOURCE",
                        help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT], or stdlib (the Python standard library source)")
     train.add_argument("--vocab-size", type=int, default=51_682, help="exact size of the vocabulary")
-    train.add_argument("--out", required=True, help="output folder for tokenizer.json")
+    train.add_argument("--out", required=True, type=path_arg, help="output folder for tokenizer.json")
     train.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
     train.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
     train.add_argument("--max-documents", type=positive_int, default=None, help="stop after this many documents")

@@ -25,6 +25,20 @@ def available_devices() -> list[str]:
     return found
 
 
+def check_device_name(name: str) -> None:
+    """Refuse a device name no machine has ("gpu", "cuda:x"), as a config is built; whether this
+    machine has it is `resolve_device`'s question, when the run starts (a recipe may be written
+    on a laptop for a GPU box)."""
+    if name == "auto":
+        return
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise Gpt1Error(f"device: unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
+
+
 def resolve_device(name: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
     """The device for `name` ("auto"/None, "cpu", "cuda", "cuda:N", "mps" or a torch.device)."""
     if name is None or name == "auto":

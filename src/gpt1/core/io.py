@@ -37,6 +37,14 @@ OWN_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "ch
 OWN_FOLDERS = frozenset({"checkpoints", "adapter"})
 
 
+
+def as_path(value: Any, name: str, expected: str) -> Path:
+    """`value` as a Path, or a Gpt1Error naming the argument: Path(None) raises a TypeError
+    about "argument should be a str" that names neither the argument nor what it is for."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise Gpt1Error(f"{name}: expected {expected} (a str or Path), got {type(value).__name__}")
+    return Path(value)
+
 def file_target(path: str | os.PathLike) -> Path:
     """`path` as a file an output flag names (plot --out, eval --json, bench --json): not a
     folder, not one of the files a model, run or data dir owns (a new file there is fine), its

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
 import sys
 import time
 from functools import cached_property
@@ -26,7 +25,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import read_json, write_text
+from gpt1.core.io import as_path, read_json, write_text
 
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -72,10 +71,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         """Load from a model dir (its tokenizer.json) or a tokenizer.json file."""
-        if not isinstance(path, (str, os.PathLike)):  # Path(None) is a TypeError about "argument should be a str"
-            raise Gpt1Error(f"tokenizer path: expected a model dir or a tokenizer.json (a str or Path), "
-                            f"got {type(path).__name__}")
-        path = Path(path)
+        path = as_path(path, "tokenizer path", "a model dir or a tokenizer.json")
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise Gpt1Error(f"{file}: tokenizer file not found (train one with `gpt1 tokenizer train`)")

@@ -27,7 +27,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import check_weight_values, file_fingerprint, owner_of, read_json, save_safetensors
 from gpt1.core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload
 from gpt1.core.model import GPT, model_state_dict
-from gpt1.core.tokenizer import Tokenizer
+from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -141,6 +141,26 @@ def check_weight_shapes(model: GPT, file: Path) -> None:
             raise Gpt1Error(f"{file}: {name} has shape {shape}, the config expects {expected[name]}")
 
 
+def not_a_model_dir(folder: Path) -> str:
+    """What a folder without config.json is, instead of "config.json: file not found": the
+    folders gpt1 makes that a user may take for a model (prepared data, a quickstart's or a
+    runs/ folder of models, a run before its first save, a tokenizer)."""
+    kind = owner_of(folder)
+    if kind == "a prepared data dir":
+        return f"{folder}: a prepared data dir, not a model dir; `gpt1 pretrain --data {folder} --out RUN` trains one"
+    if kind == "a training run dir":
+        return f"{folder}: a training run dir that has not saved its model yet (no {CONFIG_FILE}); try again after its first save"
+    try:
+        models = sorted(d.name for d in folder.iterdir() if (d / CONFIG_FILE).is_file())[:5]
+    except OSError:  # unreadable: say what is missing
+        models = []
+    if models:
+        return f"{folder}: not a model dir; it holds the model dirs {', '.join(m + '/' for m in models)}: try {folder / models[-1]}"
+    if (folder / TOKENIZER_FILE).is_file():
+        return f"{folder}: a tokenizer dir ({TOKENIZER_FILE}), not a model dir"
+    return f"{folder}: not a model dir (no {CONFIG_FILE})"
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                adapter: str = "merge") -> GPT:
     """Build a GPT from a model dir's config.json and model.safetensors, in eval mode
@@ -161,6 +181,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         raise Gpt1Error(f"{directory}: a fine-tuned model dir ({BASE_FILE}) without its {ADAPTER_DIR}/ folder; "
                         f"restore {ADAPTER_DIR}/ (a fine-tune killed in its first save writes it when rerun), "
                         "or load the base model it names")
+    if not (directory / CONFIG_FILE).is_file():
+        raise Gpt1Error(not_a_model_dir(directory))
     config = ModelConfig.load(directory / CONFIG_FILE)
     with torch.device("meta"):
         model = GPT(config)

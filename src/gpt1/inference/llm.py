@@ -13,6 +13,7 @@ from gpt1.core.chat_template import TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import as_path
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.sampling_params import preset as named_preset
@@ -43,9 +44,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
 
 
 def _model_dir(path: str | os.PathLike) -> Path:
-    if not isinstance(path, (str, os.PathLike)):  # Path(None) is a TypeError about "argument should be a str"
-        raise Gpt1Error(f"path: expected a model dir (a str or Path), got {type(path).__name__}")
-    return Path(path)
+    return as_path(path, "path", "a model dir")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from gpt1.core.device import check_device_name
 from gpt1.core.errors import Gpt1Error
 
 if sys.version_info >= (3, 11):
@@ -96,6 +97,7 @@ class TrainConfig:
         names, hints = _fields(type(self))
         for name in names:
             setattr(self, name, _check(name, getattr(self, name), names, hints, type(self).__name__))
+        check_device_name(self.device)
         if self.precision not in PRECISIONS:
             raise Gpt1Error(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.float8 and self.precision != "bf16-mixed":

@@ -33,7 +33,7 @@ import torch
 
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_dir, crash_point, owner_of, read_json, save_safetensors, write_json, write_text
+from gpt1.core.io import as_path, atomic_dir, crash_point, owner_of, read_json, save_safetensors, write_json, write_text
 from gpt1.core.lora import (
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -184,7 +184,8 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
     require_config(cfg, FinetuneConfig)
     if cfg.init_from != "scratch":  # set by hand: it was overwritten with the base's path and recorded so
         raise Gpt1Error(f"init_from={cfg.init_from}: a pretraining key; a fine-tune starts from its base (--base)")
-    base, out = Path(str(base).removeprefix("hf:")), Path(out)
+    base = Path(str(as_path(base, "base", "a model dir")).removeprefix("hf:"))
+    out = as_path(out, "out", "a run dir")
     if not (base / WEIGHTS_FILE).is_file():
         raise Gpt1Error(f"{base}: not a model dir (no {WEIGHTS_FILE}); pass the base model with --base")
     dist = distributed.setup(cfg.device)

@@ -16,6 +16,7 @@ import torch
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import as_path
 from gpt1.core.model import GPT
 from gpt1.core.progress import info
 from gpt1.core.tokenizer import Tokenizer
@@ -80,7 +81,7 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
     """Pretrain on `data_dir` (made by `gpt1 prepare`) into the run dir `out`; resumes a run there
     (`redo_hint`: what to do instead when `out` holds another run, see `gpt1.train.loop.train`)."""
     require_config(cfg, TrainConfig)
-    data_dir, out = Path(data_dir), Path(out)
+    data_dir, out = as_path(data_dir, "data_dir", "a prepared data dir"), as_path(out, "out", "a run dir")
     dist = distributed.setup(cfg.device)
     meta = load_meta(data_dir)
     tokenizer = load_data_tokenizer(data_dir, meta)

@@ -1,0 +1,79 @@
+"""Bad input, seventh round: folders that are not model dirs where a model is loaded, empty
+path arguments, paths that are not paths in the Python API, device names no machine has.
+Same style as tests/test_battery.py: `gpt1.cli.main` in-process, one clear line on stderr."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import gpt1
+from gpt1.core.errors import Gpt1Error
+from gpt1.train.config import TrainConfig
+from gpt1.train.finetune import FinetuneConfig, finetune
+from gpt1.train.pretrain import pretrain
+from tests.test_battery import assert_one_clear_line, run_main
+
+
+def test_loading_a_folder_that_is_not_a_model_dir_says_what_it_is(tmp_path, tiny_model_dir, data_dir, capsys):
+    """generate/chat/serve/eval/gpt1.load said "config.json: file not found" (only `info` explained)."""
+    quickstart = tmp_path / "qs"
+    for name in ("base", "chat"):
+        shutil.copytree(tiny_model_dir, quickstart / name)
+    for argv in (["generate", "--prompt", "x"], ["chat"], ["serve"]):
+        assert_one_clear_line(*run_main(capsys, *argv, "--model", data_dir),
+                              rf"{data_dir}: a prepared data dir, not a model dir; `gpt1 pretrain --data {data_dir} --out RUN`")
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", quickstart, "--data", data_dir),
+                          rf"qs: not a model dir; it holds the model dirs base/, chat/: try {quickstart}/chat$")
+    with pytest.raises(Gpt1Error, match=r"qs: not a model dir; it holds the model dirs base/, chat/"):
+        gpt1.load(quickstart)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["pretrain", "--data", "DATA", "--out", ""], "--out"),
+    (["pretrain", "--data", "", "--out", "OUT"], "--data"),
+    (["finetune", "--base", "MODEL", "--out", ""], "--out"),
+    (["eval", "--model", "MODEL", "--data", "DATA", "--json="], "--json"),
+    (["eval", "--model", "", "--data", "DATA"], "--model"),
+    (["generate", "--model", "", "--prompt", "x"], "--model"),
+    (["export", "--model", "MODEL", "--out", ""], "--out"),
+    (["plot", "OUT", "--out", ""], "--out"),
+    (["quickstart", "--out", ""], "--out"),
+])
+def test_an_empty_path_is_refused_by_its_flag(argv, flag, tmp_path, tiny_model_dir, data_dir, capsys, monkeypatch):
+    """`--out "$DIR"` with DIR unset trained into the current folder (Path("") is "."), and
+    `eval --json=` printed instead of writing, without a word."""
+    monkeypatch.chdir(tmp_path)
+    argv = [{"DATA": data_dir, "MODEL": tiny_model_dir, "OUT": tmp_path / "run"}.get(a, a) for a in argv]
+    assert_one_clear_line(*run_main(capsys, *argv),
+                          rf"argument {flag}: expected a path, got an empty one \(an unset shell variable\?\)")
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran
+
+
+def test_the_python_api_names_a_path_argument_that_is_not_one(tmp_path, data_dir, tiny_model_dir):
+    """pretrain(cfg, None, out) was a TypeError about "argument should be a str"."""
+    cfg = TrainConfig(max_steps=1, device="cpu")
+    with pytest.raises(Gpt1Error, match=r"^data_dir: expected a prepared data dir \(a str or Path\), got NoneType$"):
+        pretrain(cfg, None, tmp_path / "run")
+    with pytest.raises(Gpt1Error, match=r"^out: expected a run dir \(a str or Path\), got int$"):
+        pretrain(cfg, data_dir, 3)
+    with pytest.raises(Gpt1Error, match=r"^base: expected a model dir \(a str or Path\), got NoneType$"):
+        finetune(FinetuneConfig(max_steps=1), None, tmp_path / "ft")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta", "tpu"])
+def test_a_device_no_machine_has_is_refused_as_the_config_is_built(device, tmp_path, data_dir, capsys):
+    """TrainConfig(device="gpu") was accepted and refused only once the run started."""
+    with pytest.raises(Gpt1Error, match=rf"^device: unknown device '{device}'; expected auto, cpu, cuda, cuda:N or mps$"):
+        TrainConfig(device=device)
+    assert_one_clear_line(*run_main(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "run", f"device={device}"),
+                          "unknown device")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_device_this_machine_lacks_is_still_a_valid_recipe():
+    """A recipe may be written on a laptop for a GPU box: only the run checks the machine."""
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+    assert FinetuneConfig(device="mps").device == "mps"
