@@ -4,12 +4,17 @@ Same style as tests/test_battery.py: `gpt1.cli.main` in-process, one clear line 
 
 from __future__ import annotations
 
+import os
+import random
 import shutil
+import signal
+import threading
 
 import pytest
 
 import gpt1
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.tokenizer import train_tokenizer
 from gpt1.train.config import TrainConfig
 from gpt1.train.finetune import FinetuneConfig, finetune
 from gpt1.train.pretrain import pretrain
@@ -77,3 +82,19 @@ def test_a_device_this_machine_lacks_is_still_a_valid_recipe():
     """A recipe may be written on a laptop for a GPU box: only the run checks the machine."""
     assert TrainConfig(device="cuda:1").device == "cuda:1"
     assert FinetuneConfig(device="mps").device == "mps"
+
+
+def test_bpe_training_answers_ctrl_c_while_the_merges_run():
+    """Ctrl-C during the BPE merges (Rust, on the main thread) waited for the whole training,
+    which then finished and wrote its tokenizer; now it interrupts while they still run."""
+    rng = random.Random(0)  # 100,000 distinct words, each twice: ~0.2 s of reading, ~2.5 s of merges
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(6, 12))) for _ in range(100_000)]
+    docs = [" ".join(words[i:i + 100]) for i in range(0, len(words), 100)] * 2
+
+    def texts():
+        yield from docs
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()  # once the merges begin
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(texts(), 20_000, show_progress=False)
+    assert any(t.name == "bpe-training" and t.is_alive() for t in threading.enumerate())

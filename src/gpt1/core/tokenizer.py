@@ -16,10 +16,11 @@ import hashlib
 import json
 import operator
 import sys
+import threading
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -242,6 +243,34 @@ def _byte_level_chars() -> list[str]:
     return chars
 
 
+def _answering_signals(work: Callable[[], Any]) -> Any:
+    """Run `work` in a worker thread while the main thread waits, so that Ctrl-C and SIGTERM
+    are answered at once. Python runs signal handlers only in the main thread, between its own
+    bytecodes: with the BPE merges in Rust on the main thread, a Ctrl-C waited for the whole
+    training (minutes on a big corpus), which then finished and wrote its output anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        return work()
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    # A daemon: an interrupted training is abandoned (its Rust loop ends with the process). Waited
+    # for on an Event, not join(): a join interrupted by Ctrl-C marks a running thread stopped.
+    threading.Thread(target=run, name="bpe-training", daemon=True).start()
+    while not done.wait(0.1):
+        pass
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
                     show_progress: bool = True, skipped: Mapping[str, int] | None = None) -> tuple[Tokenizer, dict]:
     """Train a byte-level BPE tokenizer of exactly `vocab_size` tokens on `texts`.
@@ -286,7 +315,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
             yield text
 
     start = time.perf_counter()
-    backend.train_from_iterator(counted(texts), trainer)
+    _answering_signals(lambda: backend.train_from_iterator(counted(texts), trainer))
     stats["seconds"] = time.perf_counter() - start
     if stats["documents"] == 0:
         why = f" (skipped: {', '.join(f'{n:,} {reason}' for reason, n in sorted(skipped.items()))})" if skipped else ""
