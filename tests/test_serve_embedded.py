@@ -96,3 +96,13 @@ def test_a_model_without_weights_on_the_thread_engine_is_refused_at_creation(tin
     with pytest.raises(Gpt1Error, match=r"this model has no weights \(LLM.without_weights\): serve it with "
                                         r"engine='process', or load it with gpt1.load"):
         create_app(LLM.without_weights(tiny_model_dir))
+
+
+def test_a_model_loaded_as_dot_is_served_under_its_folder_name(tiny_model_dir, monkeypatch):
+    """`gpt1 serve --model .` advertised the model id "" (and `..` gave ".."): clients that pick
+    /v1/models' data[0].id sent an empty name."""
+    monkeypatch.chdir(tiny_model_dir)
+    app = create_app(gpt1.load("."))
+    with TestClient(app) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [tiny_model_dir.name]
+        assert client.get("/health").json()["model"] == tiny_model_dir.name

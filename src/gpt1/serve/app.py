@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -99,7 +100,8 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         engine = Engine(llm.model, llm.tokenizer, **knobs)
     else:
         raise ValueError(f"engine must be 'thread' or 'process', got {engine!r}")
-    name = model_name or (llm.path.name if getattr(llm, "path", None) else "gpt1")
+    # Resolved: `--model .` (or ..) would be served as "" (or "..") to clients that pick data[0].id.
+    name = model_name or (Path(llm.path).resolve().name if getattr(llm, "path", None) else "") or "gpt1"
 
     starter = _Starter(engine)
 
