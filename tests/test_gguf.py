@@ -283,6 +283,13 @@ def test_a_model_llama_cpp_cannot_represent_says_why(tmp_path, tiny_config, toke
     with pytest.raises(Gpt1Error, match=f"the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only 300"):
         check_representable(small, tokenizer, tmp_path / "small")
 
+    # Head size 1: the file was written, and llama.cpp aborted the loading process (GGML_ASSERT).
+    one_wide = dataclasses.replace(tiny_config, n_embd=8, n_head=8)
+    save_model(tmp_path / "heads", GPT(one_wide), tokenizer)
+    with pytest.raises(Gpt1Error, match=r"head size 1 \(n_embd 8 / n_head 8\): llama.cpp's attention needs heads of at least 2"):
+        export_gguf(tmp_path / "heads", tmp_path / "h.gguf")
+    assert not (tmp_path / "h.gguf").exists()
+
 
 GO_RENDER = """package main
 

@@ -111,6 +111,9 @@ def check_representable(config: ModelConfig, tokenizer: Tokenizer, source: Path)
     and gpt2 vocabulary cannot express (a file that loads but computes or tokenizes
     differently would be worse than no file)."""
     problems = []
+    if config.n_embd // config.n_head == 1:  # llama.cpp aborts the process on load (GGML_ASSERT in mul_mat)
+        problems.append(f"head size 1 (n_embd {config.n_embd} / n_head {config.n_head}): llama.cpp's attention "
+                        "needs heads of at least 2 dimensions")
     if tokenizer.vocab_size > config.vocab_size:
         problems.append(f"the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only {config.vocab_size}")
     spec = json.loads(tokenizer.to_json())
