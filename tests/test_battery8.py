@@ -4,6 +4,7 @@ Same style as tests/test_battery.py: `gpt1.cli.main` in-process, one clear line 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -98,3 +99,13 @@ def test_bpe_training_answers_ctrl_c_while_the_merges_run():
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer(texts(), 20_000, show_progress=False)
     assert any(t.name == "bpe-training" and t.is_alive() for t in threading.enumerate())
+
+
+def test_chat_data_whose_prompts_all_fill_the_context_says_so(tmp_path, tiny_model_dir, capsys):
+    """It said "the chat data is empty after filtering" (pointing at languages or deleted
+    messages), the counts that named the cause printed only after the check."""
+    long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(long) for _ in range(5)) + "\n")
+    assert_one_clear_line(*run_main(capsys, "finetune", "--base", tiny_model_dir, "--data", tmp_path / "long.jsonl",
+                                    "--out", tmp_path / "ft", "max_steps=1"),
+                          r"no training sequences: exchanges dropped \(the prompt alone fills the context\): 5$")

@@ -58,6 +58,13 @@ class EncodedChats:
             digest.update(array.tobytes())
         return digest.hexdigest()
 
+    def why_empty(self) -> str:
+        """Why no sequence is left, for the errors that say so: the counts name the cause (a
+        context too short for the prompts read as "filtering" otherwise)."""
+        if not self.skipped:
+            return "the chat data is empty after filtering"
+        return "; ".join(f"{why}: {n:,}" for why, n in sorted(self.skipped.items()))
+
     def summary(self) -> str:
         text = f"{len(self):,} sequences, {self.num_tokens:,} tokens ({self.num_loss_tokens:,} assistant tokens)"
         if self.skipped:
@@ -147,7 +154,7 @@ class ChatBatches:
     def __init__(self, data: EncodedChats, micro_batch: int, *, seed: int = 0, pad_id: int = 0,
                  rank: int = 0, world_size: int = 1):
         if len(data) == 0:
-            raise Gpt1Error("no training sequences: the chat data is empty after filtering")
+            raise Gpt1Error(f"no training sequences: {data.why_empty()}")
         self.data = data
         self.micro_batch = micro_batch
         self.seed = seed

@@ -226,7 +226,10 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         info(f"chat data {cfg.data}: {stats.summary()}")
         info(f"train: {train_data.summary()}")
         info(f"validation: {val_data.summary()} ({len(val)} batches used)")
-        if not val and cfg.val_fraction > 0:
+        if not val and val_convs:
+            warn(f"{cfg.data}: nothing to validate on, the held-out conversations left no sequence "
+                 f"({val_data.why_empty()}): the run reports no validation loss")
+        elif not val and cfg.val_fraction > 0:
             trees = len({c.group for c in train_convs})
             warn(f"{cfg.data}: nothing held out for validation (val_fraction holds out whole message trees, and "
                  f"the data has {trees:,} tree{'s' if trees != 1 else ''}): the run reports no validation loss")
@@ -330,7 +333,8 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
     loss, tokens = evaluate_loss(llm.model, counting_bytes(batches), llm.device, precision,
                                  show_progress=show_progress, total=total, tune_threads=True)
     if not tokens:
-        raise Gpt1Error(f"{spec}: no assistant tokens to evaluate in {source}")
+        raise Gpt1Error(f"{spec}: no assistant tokens to evaluate in {source}"
+                        + (f": {data.why_empty()}" if not len(data) else ""))
     check_finite(loss, f"{source}: the assistant-token loss", llm, precision)
     return ChatEvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, conversations=len(conversations),
                           source=source, bytes=n_bytes)
