@@ -109,3 +109,13 @@ def test_chat_data_whose_prompts_all_fill_the_context_says_so(tmp_path, tiny_mod
     assert_one_clear_line(*run_main(capsys, "finetune", "--base", tiny_model_dir, "--data", tmp_path / "long.jsonl",
                                     "--out", tmp_path / "ft", "max_steps=1"),
                           r"no training sequences: exchanges dropped \(the prompt alone fills the context\): 5$")
+
+
+def test_a_lora_rank_above_the_models_width_is_refused(tmp_path, tiny_model_dir, capsys):
+    """lora_r=100000 on a 128-wide model trained 99.8% of 923M parameters and wrote 15 GB."""
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    assert_one_clear_line(*run_main(capsys, "finetune", "--base", tiny_model_dir, "--data", tmp_path / "chat.jsonl",
+                                    "--out", tmp_path / "ft", "max_steps=1", "lora_r=65"),
+                          r"LoRA rank r=65 is larger than this model's width \(n_embd 64\): .* use r <= 64$")
+    assert not (tmp_path / "ft").exists()

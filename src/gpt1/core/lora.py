@@ -219,6 +219,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for target in config.targets:
         by_module.setdefault(TARGETS[target][0], []).append(target)
     C = model.config.n_embd
+    if config.r > C:  # every adapted matrix has n_embd rows or columns: a higher rank is only bigger
+        raise Gpt1Error(f"LoRA rank r={config.r} is larger than this model's width (n_embd {C}): a rank above the "
+                        f"smaller side of the adapted matrices adds parameters (and disk), not capacity; use r <= {C}")
     for block in model.transformer.h:
         for path, names in by_module.items():
             parent_name, attr = path.split(".")
