@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import itertools
 import sys
 
 import gpt1
 from gpt1.cli.args import text
 from gpt1.cli.generate_cmd import (
+    ESCAPE_HELP,
     add_model_flags,
     add_sampling_flags,
+    escape,
+    fit_new_tokens,
     sampling_params_from_args,
+    unescape,
     warn_if_base_model,
     warn_if_capped,
     warn_if_cut,
@@ -27,7 +31,8 @@ from gpt1.inference.decoding import chat_prompt_ids
 PRESET_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 HELP = """commands:
   /set KNOB VALUE  change a sampling knob, e.g. /set temperature 0.7 (/set alone shows them all;
-                   /set stop TEXT sets one stop string with \\n-style escapes, /set stop clears it)
+                   /set stop TEXT sets one stop string with \\n-style escapes as --stop, /set stop
+                   clears it)
   /preset NAME     use a preset's sampling knobs: qa, creative or code
   /system TEXT     set the system message (/system alone removes it)
   /reset           forget the conversation (the system message stays)
@@ -56,12 +61,11 @@ def parse_knob(params, name: str, value: str):
     if name not in KNOB_RANGES:
         raise Gpt1Error(f"unknown knob {name!r}; known: {', '.join(KNOB_RANGES)}")
     if name == "stop":
-        # Escapes let a user type a newline stop string as \n.
+        # Escapes let a user type a newline stop string as \n (the same syntax as --stop).
         try:
-            parsed = (value.encode("latin-1", "backslashreplace").decode("unicode_escape"),) if value else ()
-        except UnicodeDecodeError as e:  # \x, \u12, a lone trailing backslash, ...
-            raise Gpt1Error(f'stop "{value}": {e.reason} (escapes as in Python: \\n, \\t, \\x41, \\\\ for a '
-                            "backslash)") from None
+            parsed = (unescape(value),) if value else ()
+        except ValueError as e:
+            raise Gpt1Error(f"stop {value}: {e} ({ESCAPE_HELP})") from None
         return dataclasses.replace(params, stop=parsed).validate()
     try:
         if name == "seed" and value.lower() in ("", "none", "random"):
@@ -82,19 +86,23 @@ def knob_text(value) -> str:
         return "random"  # the only knob that can be None is the seed
     if isinstance(value, bool):
         return "on" if value else "off"
-    if isinstance(value, tuple):  # stop strings, shown with \n-style escapes as /set takes them
-        return " ".join(json.dumps(s, ensure_ascii=False) for s in value) if value else "none"
+    if isinstance(value, tuple):  # stop strings, each as `/set stop` takes it
+        return ", stop ".join(map(escape, value)) if value else "none"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class ChatSession:
     """The state of a terminal chat: knobs, system message and history, and its commands."""
 
-    def __init__(self, llm, params, system: str | None = None):
+    def __init__(self, llm, params, system: str | None = None, max_new_tokens_chosen: bool = False):
         self.llm = llm
         self.params = params
         self.system = system
         self.history: list[dict[str, str]] = []
+        # Whether the user chose max_new_tokens (--max-new-tokens, /set): only such a value that
+        # does not fit is worth a word, and one word per value, not one per turn.
+        self.max_new_tokens_chosen = max_new_tokens_chosen
+        self.capped_warned = False
 
     def command(self, line: str) -> bool:
         """Run a /command; False means quit. Bad input raises Gpt1Error (the session goes on)."""
@@ -113,11 +121,9 @@ class ChatSession:
             knob, _, value = rest.partition(" ")
             if knob:
                 self.params = parse_knob(self.params, knob, value.strip())
+                if knob.replace("-", "_") == "max_new_tokens":
+                    self.max_new_tokens_chosen, self.capped_warned = True, False
             print(f"({self.describe()})", file=sys.stderr)
-            block = self.llm.config.block_size
-            if self.params.max_new_tokens >= block:
-                info(f"(max_new_tokens {self.params.max_new_tokens} does not fit the {block}-token context, which also "
-                     "holds the conversation: a reply ends at the context limit)")
         elif name == "preset":
             # A preset sets how tokens are chosen; length, stop strings and seed stay as they are.
             chosen = preset(rest)
@@ -131,7 +137,7 @@ class ChatSession:
         return True
 
     def describe(self) -> str:
-        """The knobs as a user types them: `stop none`, `seed random`, `truncate_prompt on`."""
+        """The knobs as /set takes them: `stop none`, `stop \\n`, `seed random`, `truncate_prompt on`."""
         return ", ".join(f"{f.name} {knob_text(getattr(self.params, f.name))}" for f in dataclasses.fields(self.params))
 
     def reply(self, text: str, out=None) -> str:
@@ -141,9 +147,11 @@ class ChatSession:
         # An empty --system is a system message, as in `generate --chat` and the server.
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         try:
-            ids, dropped, cut = chat_prompt_ids(self.llm.tokenizer, system + self.history,
-                                           self.llm.config.block_size, self.params)
-            warn_if_capped(self.params, ids, self.llm.config.block_size)
+            block = self.llm.config.block_size
+            ids, dropped, cut = chat_prompt_ids(self.llm.tokenizer, system + self.history, block, self.params)
+            params = fit_new_tokens(self.params, ids, block, self.max_new_tokens_chosen)
+            if self.max_new_tokens_chosen and not self.capped_warned:
+                self.capped_warned = warn_if_capped(params, ids, block, "/set max_new_tokens N to change it")
         except Gpt1Error:
             self.history.pop()
             raise
@@ -153,7 +161,7 @@ class ChatSession:
         pieces: list[str] = []
         last = None
         try:
-            for last in gen.stream(self.llm.model, self.llm.tokenizer, ids, self.params):
+            for last in gen.stream(self.llm.model, self.llm.tokenizer, ids, params):
                 out.write(last.text)
                 out.flush()
                 pieces.append(last.text)
@@ -171,11 +179,31 @@ class ChatSession:
         return reply
 
 
+def read_line(number: int) -> str:
+    """Line `number` of the input, without its line end; EOFError at the end. Each line is decoded
+    alone: one that is not UTF-8 is a Gpt1Error naming it, for the caller to report and read on
+    (decoding stdin in chunks made one bad byte end the session, earlier piped lines unanswered)."""
+    terminal = sys.stdin.isatty()
+    try:
+        if terminal and sys.stdout.isatty():
+            return input("> ")  # with readline's line editing and history
+        if terminal:  # stdout is a file (`gpt1 chat > transcript.txt`): the prompt is no part of it
+            print("> ", end="", file=sys.stderr, flush=True)
+        raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline()  # tests: text
+        if not raw:
+            raise EOFError
+        return (raw if isinstance(raw, str) else raw.decode("utf-8")).removesuffix("\n")
+    except UnicodeDecodeError as e:
+        where = "that message" if terminal else f"line {number}"
+        raise Gpt1Error(f"{where} is not valid UTF-8 (byte {e.object[e.start:e.start + 1]!r} at byte {e.start}); "
+                        f"it was not sent: {'type' if terminal else 'pipe'} UTF-8 text") from None
+
+
 def chat_command(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     llm = gpt1.load(args.model, device=args.device, dtype=args.dtype)
     warn_if_base_model(llm, args.model)
-    session = ChatSession(llm, params, args.system)
+    session = ChatSession(llm, params, args.system, max_new_tokens_chosen=args.max_new_tokens is not None)
     if sys.stdin is None:  # started with stdin closed (0<&-): nothing to read, as at end of input
         return 0
     interactive = sys.stdin.isatty()
@@ -184,14 +212,19 @@ def chat_command(args: argparse.Namespace) -> int:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:  # not on Windows
             pass
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="strict")  # input() on a terminal: a UnicodeDecodeError for read_line
     info("type a message; /help for commands, /quit or Ctrl-D to leave")
-    while True:
+    for number in itertools.count(1):
         try:
-            line = input("> " if interactive else "")
+            line = read_line(number)
         except (EOFError, KeyboardInterrupt):
             if interactive:
                 print(file=sys.stderr)
             return 0
+        except Gpt1Error as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
         text = line.strip()
         if not text:
             continue

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
 import time
 
@@ -35,8 +37,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     for flag, (field, kind, description) in KNOB_FLAGS.items():
         group.add_argument(flag, type=kind, default=None, metavar=field.split("_")[-1].upper(),
                            help=f"{description} (default {'random' if field == 'seed' else getattr(defaults, field)})")
-    group.add_argument("--stop", action="append", default=None, metavar="TEXT", type=text,
-                       help="stop when the text contains TEXT (not printed); repeatable")
+    group.add_argument("--stop", action="append", default=None, metavar="TEXT", type=stop_arg,
+                       help="stop when the text contains TEXT (not printed), with \\n-style escapes as /set stop "
+                            "reads them (--stop '\\n' stops at a line end); repeatable")
     group.add_argument("--preset", choices=sorted(PRESETS),
                        help="the model card's settings: " + "; ".join(
                            f"{name}: temperature {p.temperature}, top-k {p.top_k}, top-p {p.top_p}, "
@@ -44,6 +47,55 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-truncate", action="store_true",
                        help="refuse a prompt that leaves no room for --max-new-tokens instead of keeping its most "
                             "recent tokens")
+
+
+# One syntax for a stop string wherever it is typed (--stop, /set stop): a shell cannot pass a
+# line end in '\n', and /set cannot take a real one.
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+ESCAPE_HELP = 'escapes: \\n, \\t, \\r, \\", \\xNN, \\uNNNN, \\UNNNNNNNN, \\\\ for a backslash'
+
+
+def unescape(value: str) -> str:
+    """A stop string as typed, its escapes read (a real line end, as from $'\\n', stays one);
+    ValueError saying what is wrong with a bad escape."""
+    def one(match: re.Match) -> str:
+        seq = match.group(1)
+        if seq in ESCAPES:
+            return ESCAPES[seq]
+        if len(seq) > 1:  # \xNN, \uNNNN, \UNNNNNNNN
+            code = int(seq[1:], 16)
+            if 0xD800 <= code < 0xE000 or code > 0x10FFFF:
+                raise ValueError(f"\\{seq} is not a character")
+            return chr(code)
+        if not seq:
+            raise ValueError("it ends in a lone backslash")
+        if seq in "xuU":
+            raise ValueError(f"\\{seq} needs {dict(x=2, u=4, U=8)[seq]} hex digits")
+        raise ValueError(f"unknown escape \\{seq}")
+
+    return re.sub(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.?)", one, value, flags=re.DOTALL)
+
+
+def escape(value: str) -> str:
+    """`value` as it is typed for unescape(): line ends, tabs, backslashes and what a terminal
+    cannot show as escapes, and so are spaces at either end (/set strips those)."""
+    shown = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+
+    def one(char: str) -> str:
+        if char in shown or char.isprintable():
+            return shown.get(char, char)
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+    return re.sub(r"^ +| +$", lambda spaces: "\\x20" * len(spaces.group()), "".join(map(one, value)))
+
+
+def stop_arg(value: str) -> str:
+    """--stop TEXT: the text with its escapes read (argparse names the flag in the error)."""
+    try:
+        return unescape(text(value))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value}: {e} ({ESCAPE_HELP})") from None
 
 
 def sampling_params_from_args(args: argparse.Namespace):
@@ -63,14 +115,32 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add_dtype_flag(parser)
 
 
-def warn_if_capped(params: SamplingParams, prompt_ids: list[int], block_size: int) -> None:
-    """Say so when max_new_tokens cannot be reached: the context ends generation earlier. Counts
-    the prompt as the model will see it (a Gpt1Error when it does not fit and may not be cut)."""
+def fit_new_tokens(params: SamplingParams, prompt_ids: list[int], block_size: int, chosen: bool) -> SamplingParams:
+    """`params` for this prompt, checked (a Gpt1Error when the prompt does not fit and may not be
+    cut). A max_new_tokens the user did not choose (`chosen`) is gpt1's default, not a wish: with
+    --no-truncate it is capped at the room the prompt leaves, as the server caps an omitted
+    max_tokens (else the default 256 refused every prompt of a 128-token model); with truncation
+    generation simply ends at the context limit."""
+    if not chosen and not params.truncate_prompt:
+        prompt_tokens = len(prompt_ids) or 1  # an empty prompt starts from [EOS]
+        room = block_size - prompt_tokens
+        if room < 1:
+            raise Gpt1Error(f"the prompt ({prompt_tokens} tokens) leaves no room for a new token in the context of "
+                            f"{block_size} tokens; shorten the prompt or allow truncation")
+        params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
+    fit_prompt(prompt_ids, block_size, params)
+    return params
+
+
+def warn_if_capped(params: SamplingParams, prompt_ids: list[int], block_size: int, how: str) -> bool:
+    """Say so when a max_new_tokens the user chose cannot be reached: the context ends generation
+    earlier (`how`: how to change it). Counts the prompt as the model will see it. True if it warned."""
     prompt_tokens = len(fit_prompt(prompt_ids, block_size, params))
     limit = new_token_limit(prompt_tokens, block_size, params)
     if limit < params.max_new_tokens:
         warn(f"max_new_tokens {params.max_new_tokens} does not fit: the context is {block_size} tokens and the prompt "
-             f"takes {prompt_tokens}, so generation stops after at most {limit} tokens")
+             f"takes {prompt_tokens}, so generation stops after at most {limit} tokens ({how})")
+    return limit < params.max_new_tokens
 
 
 def warn_if_cut(prompt_tokens: int, kept_tokens: int) -> None:
@@ -112,9 +182,9 @@ def generate_command(args: argparse.Namespace) -> int:
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():  # None: started with stdin closed (0<&-)
             raise Gpt1Error("no prompt: give --prompt TEXT or pipe the prompt on standard input")
-        prompt = sys.stdin.read()
-        if args.chat:  # `echo "Hi" | gpt1 generate --chat` is the message "Hi", as typed into gpt1 chat
-            prompt = prompt.removesuffix("\n").removesuffix("\r")
+        # `echo X | gpt1 generate` is the prompt X, as --prompt X and `$(cat file)` are: one line
+        # end goes (a prompt that should end in one ends in two).
+        prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     llm = gpt1.load(args.model, device=args.device, dtype=args.dtype)
     if args.chat:
         warn_if_base_model(llm, args.model)
@@ -124,7 +194,10 @@ def generate_command(args: argparse.Namespace) -> int:
         warn_if_message_cut(cut)
     else:
         ids = llm.tokenizer.encode(prompt)
-    warn_if_capped(params, ids, llm.config.block_size)
+    chosen = args.max_new_tokens is not None
+    params = fit_new_tokens(params, ids, llm.config.block_size, chosen)
+    if chosen:
+        warn_if_capped(params, ids, llm.config.block_size, "lower --max-new-tokens")
     start = time.perf_counter()
     text_end = "\n"
     for chunk in gen.stream(llm.model, llm.tokenizer, ids, params):
@@ -133,7 +206,9 @@ def generate_command(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             text_end = chunk.text[-1]
         last = chunk
-    if text_end != "\n":
+    # On a terminal the stats line below starts a line of its own; into a file or a pipe the text
+    # goes as generated, the same as the server's and llm.generate's.
+    if text_end != "\n" and sys.stdout.isatty():
         sys.stdout.write("\n")
     seconds = time.perf_counter() - start
     warn_if_cut(len(ids), last.prompt_tokens)

@@ -1,8 +1,12 @@
 """Logits processors: how the next token is chosen from the model's logits.
 
-Applied in this order, the order of Hugging Face `generate` and llama.cpp:
+Applied in this order, the order of Hugging Face `generate`:
 
     repeat penalty -> temperature -> top-k -> top-p -> min-p -> sample
+
+llama.cpp (and llama-cpp-python) applies the temperature last, after top-k, top-p and min-p: with
+a temperature other than 1, top-p and min-p keep another set of tokens there than here (the same
+knobs on a GGUF export sample differently; top-k alone keeps the same tokens either way).
 
 Each function takes logits of shape (batch, vocab) and returns new ones. A knob is one value
 for every row or a tensor with one value per row (the engine batches requests with different
