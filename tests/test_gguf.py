@@ -22,7 +22,7 @@ from gpt1.cli import main
 from gpt1.core.chat_template import JINJA_TEMPLATE, encode_chat
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
-from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.sampling_params import SamplingParams, preset
 from gpt1.core.tokenizer import SPECIAL_TOKENS
 from gpt1.formats.gguf import GGUF_TYPES, check_representable, export_gguf
 from gpt1.formats.modeldir import load_model, save_model
@@ -119,6 +119,9 @@ def test_metadata_and_tensors_are_llama_cpp_gpt2(exported, tokenizer):
     assert float(meta["gpt2.attention.layer_norm_epsilon"]) == pytest.approx(c.norm_eps)
     assert [int(meta[f"tokenizer.ggml.{k}_token_id"]) for k in ("bos", "eos", "padding", "unknown")] == [2, 2, 0, 1]
     assert "tokenizer.chat_template" not in meta  # a base model
+    qa = preset("qa")  # the sampling defaults, min_p 0 written too (missing, llama.cpp applies 0.05)
+    assert [float(meta[f"general.sampling.{k}"]) for k in ("temp", "top_p", "min_p")] == pytest.approx(
+        [qa.temperature, qa.top_p, qa.min_p])
     assert llm.n_vocab() == c.vocab_size and llm._model.n_ctx_train() == c.block_size and llm.token_eos() == 2
 
     reader = gguf.GGUFReader(path)

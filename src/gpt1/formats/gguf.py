@@ -253,5 +253,4 @@ def _add_sampling_defaults(writer) -> None:
     writer.add_sampling_top_k(qa.top_k)
     writer.add_sampling_top_p(qa.top_p)
     writer.add_sampling_penalty_repeat(qa.repeat_penalty)
-    if qa.min_p > 0:
-        writer.add_sampling_min_p(qa.min_p)
+    writer.add_sampling_min_p(qa.min_p)  # 0 too: where the key is missing llama.cpp applies its own 0.05
