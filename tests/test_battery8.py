@@ -9,6 +9,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -119,3 +121,54 @@ def test_a_lora_rank_above_the_models_width_is_refused(tmp_path, tiny_model_dir,
                                     "--out", tmp_path / "ft", "max_steps=1", "lora_r=65"),
                           r"LoRA rank r=65 is larger than this model's width \(n_embd 64\): .* use r <= 64$")
     assert not (tmp_path / "ft").exists()
+
+
+def test_an_interrupted_bpe_training_stops_reading_its_input():
+    """In a notebook the abandoned training went on reading the caller's iterator to its end
+    (and each retry added another such thread): it now gets no more text, so it ends soon."""
+    consumed = [0]
+
+    def texts():
+        rng = random.Random(0)
+        for i in range(10**6):
+            consumed[0] = i
+            if i == 2_000:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield " ".join("".join(rng.choices("abcdefgh", k=6)) for _ in range(20))
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(texts(), 1_000, show_progress=False)
+    for thread in threading.enumerate():
+        if thread.name == "bpe-training":
+            thread.join(60)  # the merges on what was read: seconds
+            assert not thread.is_alive()
+    assert consumed[0] < 10_000
+
+
+def test_gpt1_quiet_silences_the_bpe_progress_bar_on_a_terminal(corpus_dir, tmp_path):
+    """The Rust trainer's bar (drawn on a terminal) ignored GPT1_QUIET=1, which docs/reliability.md
+    says turns the bars off."""
+    def shown(quiet: str) -> bytes:
+        try:
+            master, slave = os.openpty()
+        except OSError as e:  # a sandbox without pseudo-terminals
+            pytest.skip(f"no pseudo-terminal: {e}")
+        proc = subprocess.Popen([sys.executable, "-m", "gpt1", "tokenizer", "train", str(corpus_dir), "--vocab-size",
+                                 "300", "--out", str(tmp_path / quiet)], stdout=slave, stderr=slave,
+                                env={**os.environ, "GPT1_QUIET": quiet})
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the process is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=60) == 0, out
+        os.close(master)
+        return out
+
+    assert b"Pre-processing" in shown("0")  # the bar shows on a terminal ...
+    assert b"Pre-processing" not in shown("1")  # ... unless GPT1_QUIET says not to

@@ -28,10 +28,15 @@ def warn(message: str) -> None:
     logger.warning(message)
 
 
+def quiet() -> bool:
+    """Whether GPT1_QUIET turns the progress bars off (also those drawn outside tqdm)."""
+    return os.environ.get("GPT1_QUIET", "") not in ("", "0")
+
+
 def progress(iterable: Iterable[T] | None = None, *, disable: bool | None = None, **kwargs) -> tqdm:
     """A tqdm bar on stderr; quiet when GPT1_QUIET is set."""
     if disable is None:
-        disable = os.environ.get("GPT1_QUIET", "") not in ("", "0")
+        disable = quiet()
     kwargs.setdefault("smoothing", 0.1)
     if sys.stderr.isatty():
         kwargs.setdefault("dynamic_ncols", True)

@@ -27,6 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path, read_json, write_text
+from gpt1.core.progress import quiet
 
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -243,11 +244,12 @@ def _byte_level_chars() -> list[str]:
     return chars
 
 
-def _answering_signals(work: Callable[[], Any]) -> Any:
+def _answering_signals(work: Callable[[], Any], abandoned: threading.Event) -> Any:
     """Run `work` in a worker thread while the main thread waits, so that Ctrl-C and SIGTERM
     are answered at once. Python runs signal handlers only in the main thread, between its own
     bytecodes: with the BPE merges in Rust on the main thread, a Ctrl-C waited for the whole
-    training (minutes on a big corpus), which then finished and wrote its output anyway."""
+    training (minutes on a big corpus), which then finished and wrote its output anyway.
+    Interrupted, it sets `abandoned` (for `work` to stop reading its input) and re-raises."""
     if threading.current_thread() is not threading.main_thread():
         return work()
     outcome: dict[str, Any] = {}
@@ -261,11 +263,17 @@ def _answering_signals(work: Callable[[], Any]) -> Any:
         finally:
             done.set()
 
-    # A daemon: an interrupted training is abandoned (its Rust loop ends with the process). Waited
-    # for on an Event, not join(): a join interrupted by Ctrl-C marks a running thread stopped.
+    # A daemon: Rust cannot be stopped mid-merge, so an interrupted training finishes on the
+    # text read so far (it stops reading at once) and its result is dropped; in the CLI the
+    # process ends first. Waited for on an Event, not join(): a join interrupted by Ctrl-C marks
+    # a running thread stopped.
     threading.Thread(target=run, name="bpe-training", daemon=True).start()
-    while not done.wait(0.1):
-        pass
+    try:
+        while not done.wait(0.1):
+            pass
+    except BaseException:
+        abandoned.set()
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
@@ -303,19 +311,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         # Counted in characters: with the byte-level alphabet, one character per byte.
         max_token_length=MAX_TOKEN_BYTES,
-        # The Rust progress bar writes to stdout: only on a terminal, so piped stdout stays clean.
-        show_progress=show_progress and sys.stdout.isatty(),
+        # The Rust progress bar writes to stdout: only on a terminal (none in a daemon), so piped
+        # stdout stays clean; GPT1_QUIET silences it as it does every bar.
+        show_progress=show_progress and not quiet() and sys.stdout is not None and sys.stdout.isatty(),
     )
     stats = {"documents": 0, "bytes": 0}
+    abandoned = threading.Event()
 
     def counted(items: Iterable[str]) -> Iterator[str]:
         for text in items:
+            if abandoned.is_set():  # interrupted: the trainer left running gets no more text
+                return
             stats["documents"] += 1
             stats["bytes"] += len(text.encode("utf-8", errors="surrogatepass"))
             yield text
 
     start = time.perf_counter()
-    _answering_signals(lambda: backend.train_from_iterator(counted(texts), trainer))
+    _answering_signals(lambda: backend.train_from_iterator(counted(texts), trainer), abandoned)
     stats["seconds"] = time.perf_counter() - start
     if stats["documents"] == 0:
         why = f" (skipped: {', '.join(f'{n:,} {reason}' for reason, n in sorted(skipped.items()))})" if skipped else ""
