@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # here, where a failure is reported, not at exit
             return status
     except Terminated:
-        hint = "; run the same command again to resume" if args.command in RESUMABLE else ""
-        print(f"gpt1 {args.command}: terminated{hint}", file=sys.stderr)
+        print(f"gpt1 {args.command}: terminated{_resume_hint(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except Gpt1Error as e:
         if getattr(e, "reported_elsewhere", False):  # another torchrun rank's error: that rank prints it
@@ -160,9 +159,22 @@ def main(argv: list[str] | None = None) -> int:
             return _error(args.command, f"standard output: cannot write ({e.strerror})")
         return _error(args.command, f"{e.filename}: cannot write ({e.strerror}); {UNWRITABLE[e.errno]}")
     except KeyboardInterrupt:
-        hint = "; run the same command again to resume" if args.command in RESUMABLE else ""
-        print(f"\ngpt1 {args.command}: interrupted{hint}", file=sys.stderr)
+        print(f"\ngpt1 {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    """What a rerun of an interrupted command does: a training run resumes from its latest
+    checkpoint, and one stopped before its first starts over."""
+    if args.command not in RESUMABLE:
+        return ""
+    if args.command in ("pretrain", "finetune") and getattr(args, "out", None):
+        from gpt1.train.checkpoint import latest_checkpoint
+
+        with contextlib.suppress(OSError):  # an unreadable run dir: the rerun will say so
+            if latest_checkpoint(args.out) is None:
+                return " before its first checkpoint; a rerun starts over"
+    return "; run the same command again to resume"
 
 
 class Terminated(BaseException):

@@ -204,7 +204,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # is 6e-5 while a softmax entry of a 51k vocabulary is ~2e-5, they enter the matmuls
         # as (softmax - one_hot) x 1024 instead, and the sums are divided by 1024 n in fp32.
         fp16 = dtype == torch.float16
-        row_factor = (1024.0 if fp16 else 1.0 / n_valid)
+        # (Without targets the loss is NaN but the gradients are 0, not NaN: the training loop
+        # gives such a micro-batch the weight 0.)
+        n_rows = n_valid.clamp(min=1)
+        row_factor = (1024.0 if fp16 else 1.0 / n_rows)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None
@@ -237,7 +240,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_weight += grad.t() @ h
         if fp16:
-            unscale = 1.0 / (1024.0 * n_valid)
+            unscale = 1.0 / (1024.0 * n_rows)
             grad_hidden = None if grad_hidden is None else grad_hidden.mul_(unscale.to(grad_hidden.dtype))
             grad_weight = None if grad_weight is None else grad_weight.mul_(unscale)
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))

@@ -9,6 +9,7 @@ The API (stable; both commands call it)::
                                                         # y may hold IGNORE_INDEX (-100)
         def state_dict(self) -> dict                    # JSON-able sampler state (saved in checkpoints)
         def load_state_dict(self, state: dict) -> None
+        pad_id: int                                     # optional: the id that pads x (not counted as tokens)
 
     result = train(model, cfg, run_dir, train_data, val_batches, save_model, max_steps=None, data=None)
 
@@ -16,7 +17,10 @@ The API (stable; both commands call it)::
   `requires_grad=True`: freeze the rest before calling. Weight decay applies to matrices only.
 - `cfg`: a `TrainConfig` (or a subclass). The run lasts `max_steps` optimizer steps if given,
   else `cfg.max_steps` (the caller resolves token or epoch budgets, see `TrainConfig.resolve_steps`).
-  Each step takes `cfg.grad_accum` batches from `train_data` on every rank.
+  Each step takes `cfg.grad_accum` batches from `train_data` on every rank. Its loss is the mean
+  over all of its targets (y != IGNORE_INDEX), of every micro-batch and rank: the same loss and
+  update however a global batch is split into micro-batches and processes, also when chat
+  batches hold different numbers of targets.
 - `val_batches()`: a fresh iterable of the same fixed held-out (x, y) batches each time it is
   called; validation loss (token-weighted mean) and perplexity exp(loss) are computed on them
   every `cfg.eval_every` steps and at the end. With torchrun, rank r evaluates batches r, r+W, ...
@@ -29,9 +33,9 @@ The API (stable; both commands call it)::
 
 The rest is the loop's: checkpoints (see `gpt1.train.checkpoint`) with the trainable weights,
 optimizer, GradScaler, step, sampler state and every RNG state; `train_config.json`; one line
-per step in `metrics.jsonl` (loss, lr, grad_norm, tokens_per_sec, mfu) and one per validation
-(val_loss, val_ppl); `loss.png` at the end; once the step rate settles, the projected wall
-time of the whole run. A run is finished when its last checkpoint is the
+per step in `metrics.jsonl` (loss, lr, grad_norm, tokens and tokens_per_sec: input tokens, padding
+excluded, mfu) and one per validation (val_loss, val_ppl); `loss.png` at the end; once the
+step rate settles, the projected wall time of the whole run. A run is finished when its last checkpoint is the
 final step and its outputs (`save_model`'s files, `loss.png`) were written from it (marked in
 the checkpoint): a run killed in between writes them on its next call. A step whose loss is
 not finite is skipped; a checkpoint due at it is still saved when the weights are finite
@@ -361,17 +365,19 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
     rate = _RunRate(start_step, end) if dist.is_main and not budget else None
     threads = _thread_tuner(device, cfg, dist)
 
-    def loss_and_backward(x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
+    pad_id = getattr(train_data, "pad_id", None)
+
+    def loss_and_backward(x: torch.Tensor, y: torch.Tensor, sync: bool, weight) -> torch.Tensor:
         nonlocal step_model
         try:
-            return _loss_and_backward(step_model, model, x, y, sync, device, precision, scaler, cfg.grad_accum)
+            return _loss_and_backward(step_model, model, x, y, sync, device, precision, scaler, weight)
         except Exception as e:
             if step_model is model or not _is_compile_error(e):
                 raise
             warn(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
                  "training continues without it (eager, as with compile=false)")
             step_model = model
-            return _loss_and_backward(model, model, x, y, sync, device, precision, scaler, cfg.grad_accum)
+            return _loss_and_backward(model, model, x, y, sync, device, precision, scaler, weight)
 
     try:
         for step in itertools.count(start_step):
@@ -386,21 +392,37 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at a multiple of lr
+            # The step's loss is the mean over all of its targets, on every rank: each micro-batch's
+            # mean loss is weighted by its share of them (chat batches hold different numbers of
+            # reply tokens; a mean of the means weighs a short reply's tokens more). Counted on
+            # the host before the copy to the device: no wait.
+            batches = [train_data.next_batch() for _ in range(cfg.grad_accum)]
+            n_targets = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
+            total, step_tokens = sum(n_targets), sum(_real_tokens(x, pad_id) for x, _ in batches)
+            if dist.enabled:  # DDP averages the ranks' gradients: each rank's weights are x world_size
+                counts = distributed.all_reduce_sum(_to_device(torch.tensor([total, step_tokens]), device))
+                total = counts[0]
             loss_sum = torch.zeros((), device=device)
-            step_tokens = 0
-            for micro in range(cfg.grad_accum):
-                x, y = (_to_device(t, device) for t in train_data.next_batch())
-                step_tokens += x.numel()
+            for micro, (x, y) in enumerate(batches):
+                x, y = _to_device(x, device), _to_device(y, device)
                 # DDP averages gradients on every backward; only the last micro-batch needs it.
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
-                loss_sum += loss_and_backward(x, y, sync)
-            mean_loss = distributed.all_reduce_sum(loss_sum / cfg.grad_accum) / dist.world_size
-            step_tokens *= dist.world_size
+                n = n_targets[micro]
+                loss = loss_and_backward(x, y, sync, n * dist.world_size / total if n else 0.0)
+                if n:  # a micro-batch without targets has a NaN mean loss (and weight 0)
+                    loss_sum += loss * n
+            mean_loss = distributed.all_reduce_sum(loss_sum) / total  # NaN without targets: the step is skipped
             done = step + 1
             scaler.unscale_(optimizer)  # clip and report the true gradient norm, not the scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            # The step's one wait for the device: the loss and the gradient norm in one transfer.
-            mean_loss, grad_norm = torch.stack([mean_loss.float(), grad_norm.float()]).tolist()
+            # The step's one wait for the device: the loss and the gradient norm in one transfer
+            # (with torchrun, the step's token count of all ranks too, in float64: exact).
+            if dist.enabled:
+                mean_loss, grad_norm, step_tokens = torch.stack(
+                    [mean_loss.double(), grad_norm.double(), counts[1].double()]).tolist()
+                step_tokens = int(step_tokens)
+            else:
+                mean_loss, grad_norm = torch.stack([mean_loss.float(), grad_norm.float()]).tolist()
             if not math.isfinite(mean_loss):
                 bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -435,7 +457,8 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                               if peak and flops_per_token else None)}
             if threads:
                 record["threads"] = torch.get_num_threads()  # the count this step ran on
-                if message := threads.step_done(elapsed, size=step_tokens):  # chat batches differ in length
+                # Per position computed, padding included: chat batches differ in length.
+                if message := threads.step_done(elapsed, size=sum(x.numel() for x, _ in batches)):
                     info(message)
             if scaler.is_enabled() and not math.isfinite(grad_norm):
                 record["skipped"] = "fp16 overflow"
@@ -537,12 +560,18 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+def _real_tokens(x: torch.Tensor, pad_id: int | None) -> int:
+    """The tokens of a (CPU) input batch that are not padding."""
+    return x.numel() if pad_id is None else int((x != pad_id).sum())
+
+
 def _loss_and_backward(step_model, model, x, y, sync: bool, device: torch.device, precision: str,
-                       scaler: torch.amp.GradScaler, grad_accum: int) -> torch.Tensor:
-    """Forward and backward of one micro-batch; its loss (detached, on the device)."""
+                       scaler: torch.amp.GradScaler, weight: float | torch.Tensor) -> torch.Tensor:
+    """Forward and backward of one micro-batch, its mean loss weighted by `weight` (its share of
+    the step's targets); its mean loss (detached, on the device)."""
     with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, precision):
         _, loss = step_model(x, y)
-    scaler.scale(loss / grad_accum).backward()
+    scaler.scale(loss * weight).backward()
     return loss.detach()
 
 
