@@ -31,6 +31,7 @@ import traceback
 from gpt1 import __version__
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import setup_console_logging
+from gpt1.train.checkpoint import latest_checkpoint
 
 # Subcommands in the order `gpt1 --help` lists them; a module that is not there is skipped.
 COMMANDS = ["quickstart", "tokenizer", "prepare", "pretrain", "finetune", "generate", "chat",
@@ -169,8 +170,6 @@ def _resume_hint(args) -> str:
     if args.command not in RESUMABLE:
         return ""
     if args.command in ("pretrain", "finetune") and getattr(args, "out", None):
-        from gpt1.train.checkpoint import latest_checkpoint
-
         with contextlib.suppress(OSError):  # an unreadable run dir: the rerun will say so
             if latest_checkpoint(args.out) is None:
                 return " before its first checkpoint; a rerun starts over"
