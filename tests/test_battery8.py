@@ -4,6 +4,7 @@ Same style as tests/test_battery.py: `gpt1.cli.main` in-process, one clear line 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -172,3 +173,18 @@ def test_gpt1_quiet_silences_the_bpe_progress_bar_on_a_terminal(corpus_dir, tmp_
 
     assert b"Pre-processing" in shown("0")  # the bar shows on a terminal ...
     assert b"Pre-processing" not in shown("1")  # ... unless GPT1_QUIET says not to
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """`init_from=qs/base` from one folder and `init_from=../qs/base` from its subfolder (the same
+    model) was "a different config": the recorded relative path was read from the new folder."""
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(max_steps=2, device="cpu", batch_size=2, block_size=16, eval_every=1, save_every=1, init_from="base")
+    assert pretrain(cfg, data_dir, "run").steps == 2
+    monkeypatch.chdir(tmp_path / "sub")
+    again = pretrain(dataclasses.replace(cfg, init_from="../base"), data_dir, "../run")
+    assert again.steps == 2 and again.resumed_from == 2
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["config"]["init_from"]
+    assert recorded == str((tmp_path / "base").resolve())

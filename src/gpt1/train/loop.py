@@ -143,7 +143,11 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
                    world_size: int = 1, redo_hint: str | None = None) -> None:
     """Refuse a run dir that holds another run (or anything else); write train_config.json.
     `redo_hint` replaces the advice to rerun as before (a caller like the quickstart has its own)."""
-    wanted = {"config": cfg.to_dict(), "max_steps": max_steps, "world_size": world_size,
+    config = cfg.to_dict()
+    for key in PATH_KEYS & config.keys():  # recorded as the paths they name: a resume from another folder matches
+        if isinstance(config[key], str):
+            config[key] = _resolved(config[key])
+    wanted = {"config": config, "max_steps": max_steps, "world_size": world_size,
               **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE
     if file.is_file():
