@@ -31,7 +31,6 @@ import traceback
 from gpt1 import __version__
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import setup_console_logging
-from gpt1.train.checkpoint import latest_checkpoint
 
 # Subcommands in the order `gpt1 --help` lists them; a module that is not there is skipped.
 COMMANDS = ["quickstart", "tokenizer", "prepare", "pretrain", "finetune", "generate", "chat",
@@ -165,15 +164,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume_hint(args) -> str:
-    """What a rerun of an interrupted command does: a training run resumes from its latest
-    checkpoint, and one stopped before its first starts over."""
+    """What a rerun of an interrupted command does (a command may know better: `rerun_hint`)."""
     if args.command not in RESUMABLE:
         return ""
-    if args.command in ("pretrain", "finetune") and getattr(args, "out", None):
-        with contextlib.suppress(OSError):  # an unreadable run dir: the rerun will say so
-            if latest_checkpoint(args.out) is None:
-                return " before its first checkpoint; a rerun starts over"
-    return "; run the same command again to resume"
+    hint = getattr(args, "rerun_hint", None)
+    return hint(args) if hint else "; run the same command again to resume"
 
 
 class Terminated(BaseException):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.inference.llm import DTYPES
+from gpt1.train.checkpoint import latest_checkpoint
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -66,6 +68,15 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
                              "else the saved dtype (float32). bfloat16 on a CPU with native bf16 (AVX-512 BF16, "
                              "AMX) decodes ~1.2x faster than float32, with output that may differ from it; "
                              "float16 for GPUs without bf16 (default: %(default)s)")
+
+
+def training_rerun_hint(args: argparse.Namespace) -> str:
+    """What a rerun of an interrupted pretrain/finetune does: resume from the run's latest
+    checkpoint, or start over when it was stopped before its first."""
+    with contextlib.suppress(OSError):  # an unreadable run dir: the rerun will say so
+        if args.out and latest_checkpoint(args.out) is None:
+            return " before its first checkpoint; a rerun starts over"
+    return "; run the same command again to resume"
 
 
 def require(args: argparse.Namespace, *flags: str) -> None:

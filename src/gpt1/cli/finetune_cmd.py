@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from gpt1.cli.args import path_arg, print_recipe, require
+from gpt1.cli.args import path_arg, print_recipe, require, training_rerun_hint
 from gpt1.core.progress import info
 from gpt1.train.config import load_config
 from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
                         help="after training, also write OUT/merged: a plain model dir with the adapter merged in")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as TOML and exit (needs no --base or --out)")
-    parser.set_defaults(func=finetune_command)
+    parser.set_defaults(func=finetune_command, rerun_hint=training_rerun_hint)
 
 
 def finetune_command(args: argparse.Namespace) -> int:

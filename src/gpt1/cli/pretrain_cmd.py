@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt1.cli.args import path_arg, print_recipe, require
+from gpt1.cli.args import path_arg, print_recipe, require, training_rerun_hint
 from gpt1.core.progress import info
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, load_config
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=path_arg, help="run folder: checkpoints, metrics.jsonl, loss.png, and the model; required")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as TOML and exit (needs no --data or --out)")
-    parser.set_defaults(func=pretrain_command)
+    parser.set_defaults(func=pretrain_command, rerun_hint=training_rerun_hint)
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
