@@ -126,7 +126,8 @@ def _perplexity(llm, data: list[str], args: argparse.Namespace) -> dict:
 
 
 def _check_outputs(*paths: str | None) -> None:
-    """Each file to write checked before the model loads: a bad path found before the scoring, not after."""
+    """Each file to write checked before the model loads (in the way, or not writable): a bad
+    path found before the scoring, not after."""
     for path in paths:
         if path and path != "-":  # --json with no PATH: stdout
             file_target(path)
@@ -182,8 +183,9 @@ def _tasks_eval(args: argparse.Namespace) -> int:
     sources = task_sources(list(limits), args.data)
     _check_outputs(args.json, args.samples, args.report)
     llm = gpt1.load(args.model, device=args.device)
+    if args.suite and not args.report:  # MODEL/report.md, now that the model dir is known to exist
+        file_target(Path(args.model) / REPORT_FILE, hint="pass --report PATH to write the report elsewhere")
     report = args.report or (str(Path(args.model) / REPORT_FILE) if args.suite else None)
-    _check_outputs(report)  # --suite's MODEL/report.md too, now that the model dir is known to exist
     # Perplexity first: a bad --ppl-data source is found before the tasks are scored.
     ppl = _perplexity(llm, args.ppl_data, args) if args.ppl_data else None
     results, unscored = [], []
@@ -209,11 +211,12 @@ def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], repo
         if skipped:
             print(f"{skipped} example(s) did not fit the model's context ({llm.model.config.block_size} tokens) and "
                   "were skipped", file=sys.stderr)
+    # The small files before the report: a write that fails (a full disk) takes only itself.
+    if args.json:
+        _emit_json(args.json, results_json(results))
     if args.samples:
         write_samples(args.samples, results)
     if report:
         write_report(report, args.model, results, suite=args.suite, perplexity=ppl, device=str(llm.device))
         if args.json != "-":
             print(f"report: {report}", file=sys.stderr)
-    if args.json:
-        _emit_json(args.json, results_json(results))

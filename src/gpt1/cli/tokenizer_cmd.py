@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import owner_of
+from gpt1.core.io import folder_target, owner_of
 from gpt1.core.progress import info
 from gpt1.core.tokenizer import TOKENIZER_FILE, train_tokenizer
 from gpt1.data.sources import SKIPPED, SourceStats, iter_texts, resolve_sources
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     sources = resolve_sources(args.sources)
+    folder_target(args.out)  # writable: found now, not after the training (an hour on OpenWebText)
     owner = owner_of(args.out)
     # A training run writes its own tokenizer.json at its next save, even where none is there yet.
     if owner == "a training run dir" or (owner and (Path(args.out) / TOKENIZER_FILE).exists()):

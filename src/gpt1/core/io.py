@@ -6,11 +6,17 @@ which is atomic on POSIX and Windows. A run killed mid-write leaves the old file
 A folder (an export) is written the same way with `atomic_dir`. A write that fails (a full
 disk, a file-size limit) is an OSError naming the file (`writing`), which the CLI reports in one
 line, and leaves neither the temporary file nor a folder it made for it.
+
+An output that is a link is written through it, as `cp` and `>` do: the file or folder it names
+is replaced (its temporary beside it, so the rename stays on one file system) and the link stays;
+a dangling link is an error naming where it points. `file_target` and `folder_target` check an
+output flag's path before the work: nothing in the way, and a trial file can be made where it goes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -45,17 +51,92 @@ def as_path(value: Any, name: str, expected: str) -> Path:
         raise Gpt1Error(f"{name}: expected {expected} (a str or Path), got {type(value).__name__}")
     return Path(value)
 
-def file_target(path: str | os.PathLike) -> Path:
+def file_target(path: str | os.PathLike, hint: str = "choose another path") -> Path:
     """`path` as a file an output flag names (plot --out, eval --json, bench --json): not a
-    folder, not one of the files a model, run or data dir owns (a new file there is fine), its
-    parent made; else a Gpt1Error naming what is in the way. A command checks it early, before
-    hours of work; `atomic_path`, which also writes those folders' own files, checks only the first."""
+    folder, not one of the files a model, run or data dir owns (a new file there is fine), and
+    its folder writable (`hint` says what to do if not); else a Gpt1Error naming what is in the
+    way. A command checks it early, before hours of work; `atomic_path`, which also writes those
+    folders' own files, checks only the first. Nothing is made: the write makes its folders."""
     path = _writable_file(path)
-    if owner := _owner_of_file(path):
+    target = write_through(path)
+    if owner := _owner_of_file(target):
         raise Gpt1Error(f"{path}: belongs to {owner}: writing it would replace that file; choose another "
                         "file name (a new one in that folder is fine)")
-    make_dirs(path.parent)
+    _check_writable(target.parent, target.name, hint)
     return path
+
+
+def folder_target(path: str | os.PathLike, hint: str = "choose a writable --out") -> Path:
+    """`path` as a folder an --out flag names (a run, a tokenizer, prepared data): a folder or
+    nothing yet, not under a file, and writable, or where it can be made; else a Gpt1Error (with
+    `hint`). Checked before the work; nothing is made."""
+    path = Path(path)
+    _check_writable(path, None, hint)
+    return path
+
+
+def _check_writable(folder: Path, name: str | None, hint: str) -> None:
+    """Refuse `folder` (made later, with its parents, if missing) when `name` (a file in it; None:
+    anything) cannot be written there: a trial file in its nearest existing folder is the honest
+    test (os.access says yes to root whatever the modes, and knows nothing of some file systems)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not write_through(existing).is_dir():  # a dangling link on the way is an error naming it
+        raise Gpt1Error(f"{folder}: exists and is not a folder" if existing == folder
+                        else f"{folder}: cannot create the folder: {existing} is not a folder")
+    try:
+        fd, trial = tempfile.mkstemp(prefix=".gpt1-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(trial)
+    except OSError as e:
+        if existing != folder:
+            raise Gpt1Error(f"{folder}: cannot create the folder: {existing} is not writable ({e.strerror}); "
+                            f"{hint}") from None
+        raise Gpt1Error(f"{folder}: cannot write {name + ' ' if name else ''}there ({e.strerror}); {hint}") from None
+
+
+def write_through(path: Path) -> Path:
+    """Where a write to `path` goes: `path`, or for a link the file or folder it names (links
+    followed to the end), so that the link stays. A dangling link is a Gpt1Error saying where it
+    points: what it names is not made (a typo in the link would be written somewhere unexpected)."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))  # a loop of links resolves to a path that does not exist
+    if not target.exists():
+        raise Gpt1Error(f"{path}: a link to {os.readlink(path)}, which does not exist; make what it names, "
+                        "or remove the link")
+    return target
+
+
+def json_path(path: str | os.PathLike) -> str:
+    """`path` as text to record in a JSON file (base.json, train_config.json, an adapter's
+    config); a Gpt1Error if it is not UTF-8, which JSON needs (a folder name of other bytes)."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise Gpt1Error(f"{shown}: not valid UTF-8: gpt1 records this path in JSON, which needs UTF-8 text; "
+                        "rename the folder, or work from a path that is UTF-8") from None
+    return text
+
+
+def walk_folder(folder: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(folder)`, top-down and sorted, into links to folders too (a source folder may
+    gather its parts from elsewhere, as a glob does). A folder reached again (a link back up,
+    a second link to it) is walked once. Prune `dirs` in place as with os.walk."""
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:  # gone meanwhile
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        yield root, dirs, sorted(files)
 
 
 def _writable_file(path: str | os.PathLike) -> Path:
@@ -100,21 +181,31 @@ def _owner_of_file(path: Path) -> str | None:
     return None
 
 
+# A temp's name is `.NAME.PID.XXXXXXXX.tmp` (mkstemp's 8 random characters, ".tmp" or ".old"):
+# NAME is cut to what leaves room for the rest (a pid of up to 10 digits) in a name's 255 bytes.
+_TEMP_NAME_BYTES = 255 - len(".." + "9" * 10 + "." + "X" * 8 + ".tmp")
+
+
+def _temp_stem(path: Path) -> str:
+    return os.fsdecode(os.fsencode(path.name)[:_TEMP_NAME_BYTES])  # a cut character stays bytes
+
+
 def _temp_prefix(path: Path) -> str:
     # The writer's pid in the name: a later writer of `path` can tell a dead one's leftovers
     # (SIGKILL runs no cleanup) from a live one's temp.
-    return f".{path.name}.{os.getpid()}."
+    return f".{_temp_stem(path)}.{os.getpid()}."
 
 
 def _sweep_leftovers(path: Path) -> None:
     """Delete the temps that writers of `path` killed before they could clean up left beside it
     (a killed export of a 257M model leaves 1 GB). Those of live processes are left alone."""
+    stem = _temp_stem(path)
     try:
-        entries = list(path.parent.glob(f".{glob.escape(path.name)}.*"))
+        entries = list(path.parent.glob(f".{glob.escape(stem)}.*"))
     except OSError:
         return
     for entry in entries:
-        pid, _, rest = entry.name[len(path.name) + 2:].partition(".")
+        pid, _, rest = entry.name[len(stem) + 2:].partition(".")
         if not (pid.isdigit() and rest.endswith((".tmp", ".old")) and not _alive(int(pid))):
             continue
         if entry.is_dir() and not entry.is_symlink():
@@ -138,15 +229,17 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is renamed onto `path`."""
+    """Yield a temporary path next to `path` (next to what it names, for a link); on success it
+    is renamed onto `path`."""
     new_folders = _missing_folders(Path(path))
     path = _writable_file(path)
-    make_dirs(path.parent)
-    _sweep_leftovers(path)
+    target = write_through(path)
+    make_dirs(target.parent)
+    _sweep_leftovers(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     except OSError as e:
-        raise Gpt1Error(f"{path.parent}: cannot write {path.name} there ({e.strerror})") from None
+        raise Gpt1Error(f"{target.parent}: cannot write {target.name} there ({e.strerror})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -156,7 +249,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 os.fsync(f.fileno())
         # mkstemp creates the file private (0600); give it the mode a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
+        os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():  # the write failed
             tmp_path.unlink()
@@ -165,40 +258,65 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success it is renamed onto `path`, so `path`
-    is either complete or untouched. An existing `path` is moved aside first and deleted only
-    once the new folder is in place (the caller decides whether replacing it is allowed)."""
+    """Yield a temporary folder next to `path` (next to what it names, for a link); on success
+    it is renamed onto `path`, so `path` is either complete or untouched. An existing `path` is
+    moved aside first and deleted only once the new folder is in place (the caller decides
+    whether replacing it is allowed)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    target = write_through(path)
+    if target.exists() and not target.is_dir():
         raise Gpt1Error(f"{path}: exists and is not a folder")
-    if path.is_dir():
-        check_unlocked(path, "replace it")
+    if target.is_dir():
+        check_unlocked(target, "replace it")
     new_folders = _missing_folders(path)
-    make_dirs(path.parent)
-    _sweep_leftovers(path)
+    make_dirs(target.parent)
+    _sweep_leftovers(target)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
     except OSError as e:
-        raise Gpt1Error(f"{path.parent}: cannot write {path.name} there ({e.strerror})") from None
+        raise Gpt1Error(f"{target.parent}: cannot write {target.name} there ({e.strerror})") from None
     try:
         # mkdtemp creates the folder private (0700); give it the mode a plain mkdir would.
         os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
+        try:
+            yield tmp
+        except OSError as e:  # a file of the folder named as the user knows it (OUT/x), not by OUT's temporary name
+            if e.filename is None or not Path(e.filename).is_relative_to(tmp):
+                raise
+            raise OSError(e.errno, e.strerror, str(path / Path(e.filename).relative_to(tmp))) from e
+        try:
+            old = None
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".old", dir=target.parent))
+                os.replace(target, old / target.name)
+            os.replace(tmp, target)
+        except OSError as e:  # the new folder is complete, but not in place: the old one goes back
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.replace(old / target.name, target)  # fails where it was never moved aside
+                with contextlib.suppress(OSError):
+                    old.rmdir()
+            raise Gpt1Error(f"{path}: cannot put the new folder in place ({e.strerror})") from None
         if old is not None:
             shutil.rmtree(old)
-    except OSError as e:  # a file of the folder named as the user knows it (OUT/x), not by OUT's temporary name
-        if e.filename is None or not Path(e.filename).is_relative_to(tmp):
-            raise
-        raise OSError(e.errno, e.strerror, str(path / Path(e.filename).relative_to(tmp))) from e
     finally:
         if tmp.exists():  # the write failed
             shutil.rmtree(tmp)
             _remove_empty(new_folders)
+
+
+def replace_file(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """`os.replace(src, dest)`, through a link at `dest` (`write_through`): the file it names is
+    replaced, and the link stays. Onto another file system, by a copy written atomically."""
+    target = write_through(Path(dest))
+    try:
+        os.replace(src, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        with atomic_path(target) as tmp:
+            shutil.copyfile(src, tmp)
+        os.unlink(src)
 
 
 def _missing_folders(path: Path) -> list[Path]:
@@ -253,6 +371,8 @@ def make_dirs(path: str | os.PathLike) -> Path:
     except OSError as e:
         # The nearest existing ancestor tells why: a file where a folder should be, or no access.
         existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+        if existing is not None:
+            write_through(existing)  # a dangling link: say where it points
         if existing == path:
             raise Gpt1Error(f"{path}: exists and is not a folder") from None
         if existing is not None and not existing.is_dir():

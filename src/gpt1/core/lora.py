@@ -37,8 +37,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import check_weight_values, read_json, save_safetensors, write_json
+from gpt1.core.io import check_weight_values, json_path, read_json, save_safetensors, write_json
 from gpt1.core.model import model_state_dict
+from gpt1.core.rng import host_rng_kept
 
 # target name -> (module path inside a Block, index of the slice of a fused Q|K|V output or None)
 TARGETS: dict[str, tuple[str, int | None]] = {
@@ -368,6 +369,8 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     if config is None:
         raise Gpt1Error("the model has no LoRA adapters to save")
     directory = Path(directory)
+    if base_model_name_or_path is not None:  # before the weights: JSON records only UTF-8 paths
+        base_model_name_or_path = json_path(base_model_name_or_path)
     metadata = {"format": "pt", "gpt1_lora": json.dumps(asdict(config))}
     save_safetensors(directory / ADAPTER_WEIGHTS, to_peft_state_dict(model), metadata=metadata)
     write_json(directory / ADAPTER_CONFIG, peft_adapter_config(config, base_model_name_or_path))
@@ -452,7 +455,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if any(i >= vocab_size for i in config.token_ids):
         raise Gpt1Error(f"{directory}: the adapter trains token ids up to {max(config.token_ids):,}, but the model "
                         f"has {vocab_size:,} tokens: not an adapter for this model")
-    inject_lora(model, config)
+    with host_rng_kept():  # its random init is overwritten below: loading draws nothing from the host's RNG
+        inject_lora(model, config)
     state = load_file(str(directory / ADAPTER_WEIGHTS))
     expected = to_peft_state_dict(model)
     if set(state) != set(expected):

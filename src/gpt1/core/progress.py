@@ -34,11 +34,14 @@ def quiet() -> bool:
 
 
 def progress(iterable: Iterable[T] | None = None, *, disable: bool | None = None, **kwargs) -> tqdm:
-    """A tqdm bar on stderr; quiet when GPT1_QUIET is set."""
+    """A tqdm bar on stderr; quiet when GPT1_QUIET is set, or when there is no stderr (None
+    under pythonw, `python app.py 2>&-` and some daemons)."""
     if disable is None:
         disable = quiet()
     kwargs.setdefault("smoothing", 0.1)
-    if sys.stderr.isatty():
+    if sys.stderr is None:
+        disable = True
+    elif sys.stderr.isatty():
         kwargs.setdefault("dynamic_ncols", True)
     else:
         kwargs.setdefault("file", _PlainLines(sys.stderr))
@@ -68,6 +71,8 @@ class _TqdmHandler(logging.Handler):
     """Writes log lines through tqdm so they do not tear an active progress bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if sys.stderr is None:  # tqdm.write would print it on stdout instead
+            return
         try:
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise

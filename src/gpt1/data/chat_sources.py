@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from gpt1.core.chat_template import validate_messages
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import walk_folder
 from gpt1.core.progress import warn
 from gpt1.data.readers import (
     HfSpec,
@@ -140,7 +141,7 @@ def _read(spec: str, split: str, options: _TreeOptions, skip_invalid: bool) -> I
     if os.path.isdir(spec) or spec.lower().endswith(YAML_SUFFIXES):
         files = _yaml_files(spec) if os.path.isdir(spec) else [Path(spec)]
         if os.path.isdir(spec):  # chatterbot dialogs; anything else there would be left out, silently
-            others = sorted(p for p in Path(spec).rglob("*") if p.name.lower().endswith(JSONL_SUFFIXES + (".json", ".parquet")))
+            others = [p for p in _files_below(spec) if p.name.lower().endswith(JSONL_SUFFIXES + (".json", ".parquet"))]
             if others:
                 raise Gpt1Error(f"{spec}: holds chatterbot .yml dialogs and other chat files ({others[0].name}"
                                 f"{' and more' if len(others) > 1 else ''}), and reads one kind; pass the files "
@@ -366,7 +367,12 @@ def _chatterbot_files(spec: str) -> list[Path]:
 
 
 def _yaml_files(folder: str | Path) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in YAML_SUFFIXES)
+    return [p for p in _files_below(folder) if p.suffix.lower() in YAML_SUFFIXES]
+
+
+def _files_below(folder: str | Path) -> list[Path]:
+    """Every file below `folder`, sorted; links to folders followed, each folder once (as text sources)."""
+    return sorted(Path(root, name) for root, _, files in walk_folder(folder) for name in files)
 
 
 def _read_chatterbot(files: list[Path], stats: ChatStats, skip_invalid: bool) -> Iterator[Conversation]:

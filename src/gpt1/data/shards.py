@@ -31,6 +31,7 @@ needs nothing else; `meta.json` records its fingerprint, checked against any mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import math
@@ -44,7 +45,18 @@ import numpy as np
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_path, crash_point, exclusive, held_by_another, owner_of, read_json, write_json, writing
+from gpt1.core.io import (
+    atomic_path,
+    crash_point,
+    exclusive,
+    held_by_another,
+    owner_of,
+    read_json,
+    replace_file,
+    write_json,
+    write_through,
+    writing,
+)
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -56,6 +68,7 @@ from gpt1.data.sources import (
     check_max_documents,
     describe_skipped,
     iter_pieces,
+    normalized_spec,
     resolve_sources,
     source_specs,
 )
@@ -103,15 +116,42 @@ def _batches(pieces: Iterator[Piece], max_pieces: int) -> Iterator[list[Piece]]:
 
 def _key(specs: list[str], sources: list[Source], tokenizer: Tokenizer, val: float, seed: int, text_field: str,
          skip_invalid: bool, max_documents: int | None) -> dict:
-    """What makes two preparations the same: a resumed run must see the same documents in order."""
+    """What makes two preparations the same: a resumed run must see the same documents in order.
+    Sources are recorded by what they name (`normalized_spec`): `corpus/` is `corpus` again."""
+    return {"sources": [normalized_spec(s) for s in specs], "files": _files_hash(sources),
+            "tokenizer_fingerprint": tokenizer.fingerprint, "val": val, "seed": seed, "text_field": text_field,
+            "skip_invalid": skip_invalid, "max_documents": max_documents}
+
+
+def _files_hash(sources: list[Source], as_spelled: bool = False) -> str:
+    """A hash of the files' paths (absolute; `as_spelled`: as the specs spelled them, the key of
+    gpt1 before 2026-12), sizes and modification times."""
     files = hashlib.sha256()
     for s in sources:
         st = os.stat(s.location) if s.kind not in ("hf", SKIPPED) else None  # a skipped one may be a dangling link
+        name = str(s) if as_spelled or s.kind == "hf" else os.path.abspath(s.location)
         # fsencode: a file name that is not UTF-8 (surrogate-escaped by Python) is still a name
-        files.update(os.fsencode(str(s)) + f"\0{st.st_size if st else ''}\0{st.st_mtime_ns if st else ''}\n".encode())
-    return {"sources": list(specs), "files": files.hexdigest()[:16], "tokenizer_fingerprint": tokenizer.fingerprint,
-            "val": val, "seed": seed, "text_field": text_field, "skip_invalid": skip_invalid,
-            "max_documents": max_documents}
+        files.update(os.fsencode(name) + f"\0{st.st_size if st else ''}\0{st.st_mtime_ns if st else ''}\n".encode())
+    return files.hexdigest()[:16]
+
+
+def _recorded_key(key: object) -> object:
+    """A key read from a data dir, in this gpt1's terms. One recorded before 2026-12 holds the
+    sources as typed, and its files hashed as spelled: its sources are normalized, and its hash
+    recomputed as `_key` does when the files are the ones it hashed, so a folder prepared then
+    is still this preparation (its exact command, or a respelling of it)."""
+    specs = key.get("sources") if isinstance(key, dict) else None
+    if not (isinstance(specs, list) and all(isinstance(s, str) for s in specs)):
+        return key
+    normalized = [normalized_spec(s) for s in specs]
+    if normalized == specs:  # recorded so: today's key
+        return key
+    upgraded = {**key, "sources": normalized}
+    with contextlib.suppress(Gpt1Error, OSError):  # sources gone or moved: other files, as the hash says
+        sources = resolve_sources(specs)
+        if _files_hash(sources, as_spelled=True) == key.get("files"):
+            upgraded["files"] = _files_hash(sources)
+    return upgraded
 
 
 def _prepared_already(out: Path, key: dict) -> dict | None:
@@ -120,7 +160,7 @@ def _prepared_already(out: Path, key: dict) -> dict | None:
     if not meta_path.is_file():
         return None
     old = read_json(meta_path)
-    if not (isinstance(old, dict) and old.get("key") == key and shards_complete(out, old)):
+    if not (isinstance(old, dict) and _recorded_key(old.get("key")) == key and shards_complete(out, old)):
         return None
     info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
     return old
@@ -209,7 +249,7 @@ def _differences(out: Path, key: dict) -> str:
     """How the finished preparation in `out` differs from `key`, named as training names a run's
     differing keys: "with other settings (seed: 1337 -> 3, files (changed on disk))"."""
     old = read_json(out / META_FILE)
-    old_key = old.get("key") if isinstance(old, dict) else None
+    old_key = _recorded_key(old.get("key")) if isinstance(old, dict) else None
     if not isinstance(old_key, dict):  # damaged, or written by a gpt1 that did not record it
         return "from other sources or settings"
     changed = [k for k in key if old_key.get(k) != key.get(k)]
@@ -227,7 +267,7 @@ def _check_out_dir(out: Path) -> None:
     """Refuse an --out that is, or lies under, a file (before any work: the folder is made later)."""
     for path in (out, *out.parents):
         if path.exists() or path.is_symlink():
-            if not path.is_dir():
+            if not write_through(path).is_dir():  # a dangling link: said so, with where it points
                 what = "is not a folder" if path == out else f"lies under {path}, which is not a folder"
                 raise Gpt1Error(f"--out {out} {what}: the prepared data needs a folder; choose another --out")
             return
@@ -296,7 +336,7 @@ class ShardWriter:
         # Say why it cannot resume (missing partial files said "other settings": a wrong lead).
         if not (isinstance(old, dict) and set(fresh) <= set(old)):
             why = f"whose {STATE_FILE} is damaged or from another gpt1 version"
-        elif old["key"] != self.key:
+        elif _recorded_key(old["key"]) != self.key:
             why = "with other settings"
         elif not (self.train_tmp.is_file() and self.val_tmp.is_file()
                   and (old["heap_file"] is None or (self.out / old["heap_file"]).is_file())):
@@ -436,8 +476,8 @@ class ShardWriter:
         if state["val_documents"] == 0:
             self._move_smallest_to_val()
         else:
-            os.replace(self.train_tmp, self.out / TRAIN_FILE)
-            os.replace(self.val_tmp, self.out / VAL_FILE)
+            replace_file(self.train_tmp, self.out / TRAIN_FILE)
+            replace_file(self.val_tmp, self.out / VAL_FILE)
         tokenizer.save(self.out)
         meta = {
             "format": FORMAT, "version": 1, "dtype": np.dtype(DTYPE).name,

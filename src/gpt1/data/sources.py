@@ -5,8 +5,9 @@ One reader for every stage that takes raw text (`tokenizer train`, `prepare`, `e
 - a text file (`.txt`, `.md`, `.py`, ... or any file named explicitly) is one document;
 - `.jsonl` / `.jsonl.gz` / `.json.gz`: one document per line, from its `text` field;
 - `.parquet`: one document per row, from its `text` column (read in batches);
-- a directory: the files below it with a known suffix (hidden folders and caches skipped;
-  an entry that is not a regular file, such as a pipe or a dangling link, is skipped and counted);
+- a directory: the files below it with a known suffix, links to folders followed (hidden
+  folders and caches skipped, a folder reached twice read once; an entry that is not a regular
+  file, such as a pipe or a dangling link, is skipped and counted);
 - a glob (`data/**/*.txt`), its entries taken as a directory's are;
 - `hf:NAME` or `hf:NAME:SPLIT` (default split `train`): a dataset read with `datasets`, streamed,
   so a 40 GB corpus never sits in memory. `NAME` may also be a local dataset folder, and
@@ -33,7 +34,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import walk_folder
 from gpt1.data.readers import (
+    HF_PREFIX,
     READ_BYTES,
     BadRecord,
     HfSpec,
@@ -111,6 +114,14 @@ def source_specs(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     return [os.fspath(spec) for spec in specs]
 
 
+def normalized_spec(spec: str) -> str:
+    """What a source spec names, in one spelling: a local path (or glob) absolute and normalized,
+    so that `corpus/`, `./corpus` and `/abs/corpus` are one source; hf: and stdlib as typed."""
+    if spec.startswith(HF_PREFIX) or (spec == STDLIB and not os.path.exists(spec)):
+        return spec
+    return os.path.abspath(spec)
+
+
 def resolve_sources(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Source]:
     """Expand source specs into files and datasets, failing early on anything missing."""
     specs = source_specs(specs)
@@ -124,9 +135,9 @@ def resolve_sources(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> l
             sources.extend(Source("text", path) for path in stdlib_files())
         elif os.path.isdir(spec):
             found = []
-            for root, dirs, files in os.walk(spec):
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS)
-                for name in sorted(files):
+            for root, dirs, files in walk_folder(spec):  # links to folders followed, each folder once
+                dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
+                for name in files:
                     path = os.path.join(root, name)
                     if not name.startswith(".") and (kind := _kind_of(path)):
                         found.append(_entry(kind, path))

@@ -20,6 +20,8 @@ inside the functions so that the rest of gpt1 works without it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import atomic_dir, save_safetensors, write_json, write_text
+from gpt1.core.io import atomic_dir, check_weight_values, json_path, save_safetensors, write_json, write_text
 from gpt1.core.lora import load_adapter, merge_and_unload, save_adapter
 from gpt1.core.model import GPT
 from gpt1.core.progress import info
@@ -40,15 +42,26 @@ from gpt1.formats.modeldir import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     check_replaceable,
+    hf_weight_files,
     is_hf_model_dir,
     load_model,
     read_hf_config,
+    read_shapes,
+    read_tensors,
 )
 
 # transformers' GPT-2 stores these as Conv1D weights: (in, out), the transpose of nn.Linear's.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Activations that are exactly our tanh-approximated GELU.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+# Causal-mask buffers that older GPT-2 checkpoints (OpenAI's own among them) hold: not weights.
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# The architectures whose checkpoint is a GPT2LMHeadModel's weights (GPT2Model: without a head of its own).
+HF_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+# config.json fields gpt1 reads, checked before transformers sees them (transformers 5 raises a
+# validation traceback for a wrong type, 4 lets it through).
+HF_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+HF_FLAGS = ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention")
 
 
 def _require_transformers():
@@ -112,24 +125,27 @@ def config_from_hf(hf, source: str) -> ModelConfig:
     if hf.add_cross_attention:
         unsupported.append("add_cross_attention=true")
     n_embd = hf.n_embd
-    n_inner = hf.n_inner or 4 * n_embd  # GPT-2's default MLP width
+    n_inner = 4 * n_embd if hf.n_inner is None else hf.n_inner  # GPT-2's default MLP width
     if n_inner % n_embd:
         unsupported.append(f"n_inner={n_inner} (gpt1 needs a multiple of n_embd={n_embd})")
     if unsupported:
         raise Gpt1Error(f"{source}: GPT-2 options gpt1 does not implement: {'; '.join(unsupported)}")
-    return ModelConfig(
-        vocab_size=hf.vocab_size,
-        block_size=hf.n_positions,
-        n_layer=hf.n_layer,
-        n_head=hf.n_head,
-        n_embd=n_embd,
-        mlp_ratio=n_inner // n_embd,
-        bias=True,
-        tie_embeddings=bool(hf.tie_word_embeddings),
-        # One dropout rate in gpt1: the residual one, which GPT-2 applies most often.
-        dropout=float(hf.resid_pdrop),
-        norm_eps=float(hf.layer_norm_epsilon),
-    )
+    try:
+        return ModelConfig(
+            vocab_size=hf.vocab_size,
+            block_size=hf.n_positions,
+            n_layer=hf.n_layer,
+            n_head=hf.n_head,
+            n_embd=n_embd,
+            mlp_ratio=n_inner // n_embd,
+            bias=True,
+            tie_embeddings=bool(hf.tie_word_embeddings),
+            # One dropout rate in gpt1: the residual one, which GPT-2 applies most often.
+            dropout=float(hf.resid_pdrop),
+            norm_eps=float(hf.layer_norm_epsilon),
+        )
+    except Gpt1Error as e:  # "model config: dropout must be ...": say which file
+        raise Gpt1Error(f"{source}: {e}") from None
 
 
 # ---- import -------------------------------------------------------------------------------
@@ -138,6 +154,12 @@ def config_from_hf(hf, source: str) -> ModelConfig:
 def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
     """Load a local `transformers` GPT-2-architecture folder as a gpt1 `GPT` (eval mode) and
     its tokenizer. A fine-tuned export's PEFT adapter (`adapter/`) is merged into the weights.
+
+    The weights are read as transformers' `GPT2LMHeadModel.from_pretrained` reads them
+    (model.safetensors or its shards, float32), and must be exactly what config.json describes:
+    a missing, unused or misshapen tensor, or a NaN, is an error, never dropped or
+    re-initialised. The head is tied to the token embeddings as transformers ties it: when
+    config.json says so and the checkpoint holds no other lm_head.weight.
 
     The tokenizer is returned when the folder's tokenizer.json is gpt1-compatible (`[PAD]`=0,
     `[UNK]`=1, `[EOS]`=2, as in every gpt1 export); otherwise (e.g. OpenAI GPT-2's own
@@ -148,47 +170,133 @@ def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_dir():
         raise Gpt1Error(f"{path}: model directory not found")
-    hf = read_hf_config(path)
-    if hf is None:
+    raw = read_hf_config(path)
+    if raw is None:
         raise Gpt1Error(f"{path / CONFIG_FILE}: not found; expected a transformers model folder")
-    model_type = hf.get("model_type")
     if not is_hf_model_dir(path):
         raise Gpt1Error(f"{path}: a gpt1 model dir, not a transformers folder; use it directly (no hf: prefix)")
-    if model_type != "gpt2":
-        architectures = f" ({', '.join(hf['architectures'])})" if hf.get("architectures") else ""
-        raise Gpt1Error(f"{path}: model_type {model_type!r}{architectures} is not supported; "
-                        "gpt1 imports only the GPT-2 architecture (model_type 'gpt2')")
-    transformers = _require_transformers()
-    config = config_from_hf(transformers.GPT2Config.from_pretrained(path), str(path / CONFIG_FILE))
-    if not any(path.glob("*.safetensors")):
-        # A pytorch_model.bin is a pickle: gpt1 never unpickles a file it did not write.
-        found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))) or "none"
-        raise Gpt1Error(f"{path}: no .safetensors weights (found: {found}); gpt1 reads transformers weights from "
-                        "safetensors only, never from pickles: convert them with transformers' "
-                        "`model.save_pretrained(folder, safe_serialization=True)` where you trust the file")
-    try:
-        hf_model, loading = transformers.GPT2LMHeadModel.from_pretrained(
-            path, dtype=torch.float32, local_files_only=True, output_loading_info=True, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise Gpt1Error(f"{path}: transformers could not load the weights ({e})") from None
-    # Everything except a tied head must come from the checkpoint, not from random init.
-    missing = [k for k in loading.get("missing_keys", []) if not (k == "lm_head.weight" and config.tie_embeddings)]
-    if missing:
-        raise Gpt1Error(f"{path}: weights missing from the checkpoint: {', '.join(sorted(missing)[:5])}")
-    state = {k: (v.t() if k.endswith(HF_CONV1D) else v) for k, v in hf_model.state_dict().items()}
-    del hf_model
+    _check_architecture(path, raw)
+    hf = _gpt2_config(path / CONFIG_FILE, raw)
+    config = config_from_hf(hf, str(path / CONFIG_FILE))
+    weights = _read_weights(path, hf, raw, config)
+    # As transformers: a checkpoint's own lm_head.weight is kept even where config.json says the
+    # head is tied (it warns "we will NOT tie them"); tied only where there is none, or the same.
+    head = weights.pop("lm_head.weight", None)
+    tied = hf.tie_word_embeddings and (head is None or torch.equal(head, weights["transformer.wte.weight"]))
+    if not tied:
+        weights["lm_head.weight"] = head
+        if hf.tie_word_embeddings:
+            info(f"{path / CONFIG_FILE}: says tie_word_embeddings, but the checkpoint holds a separate "
+                 "lm_head.weight: imported with that head, as transformers loads it")
+    config = dataclasses.replace(config, tie_embeddings=tied)
 
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device=device)
-    # Same names on both sides; only buffers that some transformers versions keep are dropped.
-    expected = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in expected})
-    if config.tie_embeddings:
+    model.load_state_dict(weights, strict=not tied)
+    if tied:
         model.lm_head.weight = model.transformer.wte.weight
     if (path / ADAPTER_DIR).is_dir():
         _merge_adapter(model, path)
     return model.eval(), _compatible_tokenizer(path, config)
+
+
+def _check_architecture(path: Path, raw: dict[str, Any]) -> None:
+    """GPT-2 language models only: another model_type, or another head on GPT-2 (a classifier's
+    score.weight, say), is refused by name rather than imported without it."""
+    model_type = raw.get("model_type", "gpt2")  # GPT-2's keys without a model_type: GPT-2's classes load it
+    architectures = raw.get("architectures") or []
+    architectures = architectures if isinstance(architectures, list) else [architectures]
+    named = f" ({', '.join(map(str, architectures))})" if architectures else ""
+    if model_type != "gpt2":
+        raise Gpt1Error(f"{path}: model_type {model_type!r}{named} is not supported; "
+                        "gpt1 imports only the GPT-2 architecture (model_type 'gpt2')")
+    other = [a for a in architectures if a not in HF_ARCHITECTURES]
+    if other:
+        raise Gpt1Error(f"{path / CONFIG_FILE}: architectures {', '.join(map(str, other))} is not supported; "
+                        f"gpt1 imports a GPT-2 language model ({' or '.join(HF_ARCHITECTURES)})")
+
+
+def _gpt2_config(file: Path, raw: dict[str, Any]):
+    """transformers' GPT2Config for config.json (its defaults for what the file leaves out), once
+    the fields gpt1 reads, under their names or transformers' aliases (hidden_size), have the
+    right types and ranges: transformers 5 checks most with a traceback, 4 none."""
+    transformers = _require_transformers()
+    from huggingface_hub import errors  # transformers' own dependency
+
+    names = transformers.GPT2Config.attribute_map  # hidden_size is n_embd, ...
+    for key, value in raw.items():
+        name = names.get(key, key)
+        if name in HF_SIZES and not (name == "n_inner" and value is None) and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise Gpt1Error(f"{file}: {key} must be a whole number >= 1{' or null' if name == 'n_inner' else ''}, "
+                            f"got {json.dumps(value)}")
+        if name in HF_FLAGS and not isinstance(value, bool):
+            raise Gpt1Error(f"{file}: {key} must be true or false, got {json.dumps(value)}")
+        if name == "layer_norm_epsilon" and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                             or not 0 < value < float("inf")):
+            raise Gpt1Error(f"{file}: {key} must be a number > 0, got {json.dumps(value)}")
+    # An epsilon of 1 is 1.0 (transformers 5 accepts only a float there).
+    raw = {k: float(v) if k == "layer_norm_epsilon" else v for k, v in raw.items()}
+    # transformers 5 validates every field with huggingface_hub's strict dataclasses, 4 a few.
+    invalid = (TypeError, ValueError, getattr(errors, "StrictDataclassError", ValueError))
+    try:
+        return transformers.GPT2Config.from_dict(raw)
+    except invalid as e:
+        raise Gpt1Error(f"{file}: transformers cannot read it: {' '.join(str(e).split())}") from None
+
+
+def _read_weights(path: Path, hf, raw: dict[str, Any], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under GPT2LMHeadModel's names (a GPT2Model's, OpenAI's
+    unprefixed ones, are the same under transformer.) in gpt1's layout, float32 — once their
+    names and shapes, read from the safetensors headers before any data, are exactly those
+    config.json describes (lm_head.weight optional where it says tied)."""
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(config, tie_embeddings=False))
+    expected = {name: tuple(t.shape[::-1] if name.endswith(HF_CONV1D) else t.shape)
+                for name, t in model.state_dict().items()}
+    files = hf_weight_files(path)
+    found: dict[str, tuple[str, tuple[int, ...], Path]] = {}  # GPT2LMHeadModel's name: the file's name, shape, file
+    for file in files:
+        for name, shape in read_shapes(file).items():
+            if name.endswith(HF_BUFFERS):
+                continue
+            if _gpt2_name(name) in found:
+                raise Gpt1Error(f"{file}: {name} is in {found[_gpt2_name(name)][2].name} too")
+            found[_gpt2_name(name)] = name, shape, file
+
+    described = f"config.json's GPT-2 (n_layer={hf.n_layer}, tie_word_embeddings={json.dumps(hf.tie_word_embeddings)})"
+    missing = sorted(set(expected) - set(found) - ({"lm_head.weight"} if hf.tie_word_embeddings else set()))
+    if missing:
+        raise Gpt1Error(f"{path}: weights missing from the checkpoint for {described}: {', '.join(missing[:5])}"
+                        + (f" ({len(missing)} in all)" if len(missing) > 5 else ""))
+    unused = sorted(found[name][0] for name in set(found) - set(expected))
+    if unused:
+        raise Gpt1Error(f"{path}: the checkpoint holds weights that {described} has no place for: "
+                        f"{', '.join(unused[:5])}" + (f" ({len(unused)} in all)" if len(unused) > 5 else ""))
+    for name, shape in expected.items():
+        if name in found and found[name][1] != shape:
+            fields = (("vocab_size",) if name.endswith("wte.weight") or name == "lm_head.weight" else
+                      ("n_positions",) if name.endswith("wpe.weight") else ("n_inner",) if ".mlp." in name else ())
+            sizes = ", ".join(f"{k}={json.dumps(getattr(hf, k))}" + ("" if k in raw else " (GPT-2's default)")
+                              for k in (*fields, "n_embd"))
+            stored, actual, file = found[name]
+            raise Gpt1Error(f"{path / CONFIG_FILE}: {sizes} give {stored} the shape {shape}, but {file.name} holds {actual}")
+
+    weights = {}
+    for file in files:
+        tensors = {k: v for k, v in read_tensors(file).items() if not k.endswith(HF_BUFFERS)}
+        check_weight_values(file, tensors)  # NaN, infinities, integer weights: named, never trained on
+        for name, tensor in tensors.items():
+            name = _gpt2_name(name)
+            weights[name] = (tensor.t() if name.endswith(HF_CONV1D) else tensor).float()
+    return weights
+
+
+def _gpt2_name(name: str) -> str:
+    """GPT2LMHeadModel's name for a checkpoint tensor: a GPT2Model's (OpenAI's GPT-2's) lack the
+    transformer. prefix."""
+    return name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
 
 
 def _merge_adapter(model: GPT, path: Path) -> None:
@@ -249,17 +357,17 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
     if tokenizer.vocab_size > model.config.vocab_size:
         raise Gpt1Error(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     chat = (model_dir / TEMPLATE_FILE).is_file()
+    # PEFT reads base_model_name_or_path only in AutoPeftModelForCausalLM: the exported base, where
+    # the folder will be after the rename (checked now: JSON records only a UTF-8 path).
+    adapter_base = json_path(out.resolve()) if has_adapter and not merge else None
 
     with atomic_dir(out) as tmp:
         # A fine-tuned dir's model.safetensors already holds the trained special-token rows,
         # so the exported base has them too; the adapter carries them once more as PEFT's
         # trainable_token_indices, which makes it correct on the original base as well.
         _write_base(model, tokenizer, chat, tmp)
-        if has_adapter and not merge:
-
-            # PEFT reads base_model_name_or_path only in AutoPeftModelForCausalLM: point it at
-            # the exported base, where the folder will be after the rename.
-            save_adapter(load_adapter(model, model_dir / ADAPTER_DIR), tmp / ADAPTER_DIR, base_model_name_or_path=str(out.resolve()))
+        if adapter_base is not None:
+            save_adapter(load_adapter(model, model_dir / ADAPTER_DIR), tmp / ADAPTER_DIR, base_model_name_or_path=adapter_base)
     info(f"exported {model_dir} to {out}" + (" (adapter merged)" if merge else " (+ PEFT adapter)" if has_adapter else ""))
     return out
 

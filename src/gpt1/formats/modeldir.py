@@ -34,6 +34,10 @@ WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
 BASE_FILE = "base.json"  # a fine-tuned dir's record of the base its adapter was trained on
 DATA_META_FILE = "meta.json"  # marks a prepared data dir (see gpt1.data.shards)
+HF_SHARD_INDEX = "model.safetensors.index.json"  # a transformers folder saved in shards
+# config.json keys of transformers' GPT-2 that gpt1's config.json never has (it says block_size, norm_eps).
+GPT2_KEYS = frozenset({"n_positions", "n_ctx", "n_inner", "layer_norm_epsilon", "activation_function",
+                       "resid_pdrop", "tie_word_embeddings", "transformers_version"})
 
 
 def check_replaceable(out: Path, source: Path, earlier: str, is_earlier: Callable[[Path], bool]) -> None:
@@ -59,7 +63,8 @@ def read_hf_config(path: Path) -> dict[str, Any] | None:
 
 def is_hf_model_dir(path: str | os.PathLike) -> bool:
     """True for a `transformers` model folder: a config.json naming a transformers
-    `model_type` or `architectures` (gpt1's own config.json says model_type "gpt1")."""
+    `model_type` or `architectures`, or without either but with GPT-2's own keys, which
+    transformers' GPT-2 classes load (gpt1's own config.json says model_type "gpt1")."""
     path = Path(path)
     if not path.is_dir():
         return False
@@ -69,17 +74,45 @@ def is_hf_model_dir(path: str | os.PathLike) -> bool:
         return False
     if config is None:
         return False
+    if "model_type" not in config and not GPT2_KEYS.isdisjoint(config):
+        return True
     return config.get("model_type", "gpt1") != "gpt1" or "architectures" in config
 
 
+def hf_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a transformers folder, as transformers reads them:
+    model.safetensors, or else the shards its model.safetensors.index.json names."""
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    index = path / HF_SHARD_INDEX
+    if index.is_file():
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise Gpt1Error(f"{index}: expected a \"weight_map\" from tensor names to shard files in {path}")
+        absent = [n for n in names if not (path / n).is_file()]
+        if absent:
+            raise Gpt1Error(f"{index}: names shard files that are not in {path}: {', '.join(absent[:3])}")
+        return [path / n for n in names]
+    # A pytorch_model.bin is a pickle: gpt1 never unpickles a file it did not write.
+    found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))) or "none"
+    raise Gpt1Error(f"{path}: no .safetensors weights (found: {found}); gpt1 reads transformers weights from "
+                    "safetensors only, never from pickles: convert them with transformers' "
+                    "`model.save_pretrained(folder, safe_serialization=True)` where you trust the file")
+
+
 def weights_fingerprint(directory: str | Path) -> str:
-    """sha256 of what loading `directory` applies to its weights: model.safetensors and, for a
-    fine-tuned dir or an unmerged export, its adapter/ (config and weights). A fine-tuned dir
-    trained without special tokens has its base's model.safetensors byte for byte: the adapter
-    is what tells them apart. A plain model's fingerprint is its weights file's own sha256 (as
-    base.json recorded it before adapters counted, so those runs still resume)."""
+    """sha256 of what loading `directory` applies to its weights: model.safetensors (a sharded
+    transformers folder: all its shards) and, for a fine-tuned dir or an unmerged export, its
+    adapter/ (config and weights). A fine-tuned dir trained without special tokens has its base's
+    model.safetensors byte for byte: the adapter is what tells them apart. A plain model's
+    fingerprint is its weights file's own sha256 (as base.json recorded it before adapters
+    counted, so those runs still resume)."""
     directory = Path(directory)
-    digest = file_fingerprint(directory / WEIGHTS_FILE)
+    files = hf_weight_files(directory) if is_hf_model_dir(directory) else [directory / WEIGHTS_FILE]
+    digests = [file_fingerprint(file) for file in files]
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
     adapter = directory / ADAPTER_DIR
     if not adapter.is_dir():
         return digest
@@ -109,10 +142,7 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = 
 def load_weights(model: GPT, file: str | Path) -> None:
     """Load safetensors weights into `model`, with a clear error when they do not fit."""
     check_weight_shapes(model, file)
-    try:
-        state = load_file(str(file))
-    except Exception as e:  # safetensors raises its own error type for corrupt files
-        raise Gpt1Error(f"{file}: not a readable safetensors file ({e})") from None
+    state = read_tensors(file)
     check_weight_values(file, state)
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
@@ -120,17 +150,7 @@ def load_weights(model: GPT, file: str | Path) -> None:
 def check_weight_shapes(model: GPT, file: Path) -> None:
     """Compare the file's tensor names and shapes (its header only) with the model's, so that a
     config.json that does not fit the weights is an error before anything is allocated."""
-    if not Path(file).is_file():
-        raise Gpt1Error(f"{file}: weights file not found")
-    try:  # safetensors reports a file it may not open as "No such file or directory": ask the OS first
-        open(file, "rb").close()
-    except OSError as e:
-        raise Gpt1Error(f"{file}: cannot read ({e.strerror})") from None
-    try:
-        with safe_open(str(file), "pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for corrupt files
-        raise Gpt1Error(f"{file}: not a readable safetensors file ({e})") from None
+    shapes = read_shapes(file)
     expected = {name: tuple(t.shape) for name, t in model_state_dict(model).items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -139,6 +159,29 @@ def check_weight_shapes(model: GPT, file: Path) -> None:
     for name, shape in shapes.items():
         if shape != expected[name]:
             raise Gpt1Error(f"{file}: {name} has shape {shape}, the config expects {expected[name]}")
+
+
+def read_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """A safetensors file's tensor names and shapes, from its header only (no data is read)."""
+    if not Path(file).is_file():
+        raise Gpt1Error(f"{file}: weights file not found")
+    try:  # safetensors reports a file it may not open as "No such file or directory": ask the OS first
+        open(file, "rb").close()
+    except OSError as e:
+        raise Gpt1Error(f"{file}: cannot read ({e.strerror})") from None
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for corrupt files
+        raise Gpt1Error(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (on CPU, as stored)."""
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type for corrupt files
+        raise Gpt1Error(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def not_a_model_dir(folder: Path) -> str:

@@ -590,7 +590,8 @@ class Engine:
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop the worker; every unfinished request's sink gets a 'shutting down' error."""
+        """Stop the worker; every unfinished request's sink gets a 'shutting down' error. Threads
+        started afterwards get the CPU thread count the worker found, whatever its tuner chose."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -610,17 +611,24 @@ class Engine:
         self.stop()
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._rows and not self._waiting:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-            try:
-                self.step()
-            except Exception as e:  # noqa: BLE001 - never let the worker die: fail what was running
-                for request in list(self._rows):
-                    self._fail(request, e)
+        # torch.set_num_threads on this thread (the tuner's) also sets the count of every thread
+        # the process starts later: the host's count is put back when the worker ends (stop()).
+        found = torch.get_num_threads()
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._rows and not self._waiting:
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001 - never let the worker die: fail what was running
+                    for request in list(self._rows):
+                        self._fail(request, e)
+        finally:
+            if torch.get_num_threads() != found:
+                torch.set_num_threads(found)
 
 
 def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:

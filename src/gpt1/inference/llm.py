@@ -49,10 +49,13 @@ def _model_dir(path: str | os.PathLike) -> Path:
 
 @dataclass
 class LLM:
-    """A loaded model dir: `.model` (a GPT in eval mode) and `.tokenizer`."""
+    """A loaded model dir: `.model` (a GPT in eval mode), `.tokenizer` and `.path` (absolute)."""
 
     model: GPT
     tokenizer: Tokenizer
+    # Absolute (errors while loading name the path as given): the host may chdir later, and it must
+    # still name the dir that was loaded (its chat template, a fine-tune's train_config.json, the
+    # process engine's child loading it again).
     path: Path
 
     @classmethod
@@ -64,14 +67,14 @@ class LLM:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         model = load_model(path, device=device, dtype=dtype)
-        return cls(model=model, tokenizer=Tokenizer.load(path), path=path)
+        return cls(model=model, tokenizer=Tokenizer.load(path), path=path.resolve())
 
     @classmethod
     def without_weights(cls, path: str | Path) -> "LLM":
         """The dir's config and tokenizer with a weightless model (on the meta device), its shapes
         checked against the weights file: what a server whose engine runs in another process needs."""
         path = _model_dir(path)
-        return cls(model=load_model(path, device="meta"), tokenizer=Tokenizer.load(path), path=path)
+        return cls(model=load_model(path, device="meta"), tokenizer=Tokenizer.load(path), path=path.resolve())
 
     @property
     def config(self) -> ModelConfig:

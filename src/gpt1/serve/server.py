@@ -18,6 +18,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve.errors import ApiError
 from gpt1.serve.middleware import MAX_HEAD_BYTES, head_too_large
 
@@ -159,6 +160,16 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: st
     head_timeout_s: the time a request's line and headers may take to arrive."""
     sock = bind(host, port)
     host, port = sock.getsockname()[:2]
+    # A process engine is started here, as `gpt1 serve` does: a child that cannot start (its KV
+    # cache does not fit) is then its own Gpt1Error, not a lifespan traceback from uvicorn and
+    # "the server did not start". The app's lifespan finds it running.
+    engine = getattr(getattr(app, "state", None), "engine", None)
+    if isinstance(engine, EngineProcess):
+        try:
+            engine.start()
+        except BaseException:
+            sock.close()
+            raise
     server = _server(app, head_timeout_s, log_level=log_level, timeout_graceful_shutdown=1)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gpt1-uvicorn", daemon=True)
     thread.start()
@@ -167,6 +178,8 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: st
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
             sock.close()
+            if isinstance(engine, EngineProcess):  # its child would outlive the failed start
+                engine.stop()
             raise Gpt1Error("the server did not start")
         time.sleep(0.01)
     try:

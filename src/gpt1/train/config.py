@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from gpt1.core.device import check_device_name
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.progress import info
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -166,15 +168,19 @@ def require_config(cfg: Any, cls: type) -> None:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A recipe file: a path, or the name of a recipe shipped in gpt1/configs (with or without .toml)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (CONFIGS_DIR / path.name, CONFIGS_DIR / f"{path.name}.toml"):
-        if candidate.is_file() and path.parent == Path("."):
-            return candidate
-    shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")))
-    raise Gpt1Error(f"{name_or_path}: config file not found (shipped recipes: {shipped})")
+    """A recipe file: PATH, else PATH.toml (a local file, from the current folder), else the
+    recipe shipped in gpt1/configs by that bare name (with or without .toml). A bare name that is
+    both a local file and a shipped recipe reads the local file (an edited copy), and says so."""
+    text = os.fspath(name_or_path)
+    local = next((p for p in (Path(text), Path(f"{text}.toml")) if p.is_file()), None)
+    bare = "/" not in text and os.sep not in text  # `./tiny-cpu` names a local file only
+    shipped = next((p for p in (CONFIGS_DIR / text, CONFIGS_DIR / f"{text}.toml") if bare and p.is_file()), None)
+    if local is not None and shipped is not None:
+        info(f"{local}: a local file of that name, used instead of the shipped recipe {shipped.stem}")
+    if local or shipped:
+        return local or shipped
+    names = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")))
+    raise Gpt1Error(f"{name_or_path}: config file not found (shipped recipes: {names})")
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,

@@ -33,7 +33,18 @@ import torch
 
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import as_path, atomic_dir, crash_point, owner_of, read_json, save_safetensors, write_json, write_text
+from gpt1.core.io import (
+    as_path,
+    atomic_dir,
+    crash_point,
+    folder_target,
+    json_path,
+    owner_of,
+    read_json,
+    save_safetensors,
+    write_json,
+    write_text,
+)
 from gpt1.core.lora import (
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -45,6 +56,7 @@ from gpt1.core.lora import (
 )
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, warn
+from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
 from gpt1.data.chat_sources import ChatStats, hf_split_names, read_conversations, split_conversations
@@ -55,6 +67,7 @@ from gpt1.formats.modeldir import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     check_replaceable,
+    hf_weight_files,
     load_model,
     save_model,
     weights_fingerprint,
@@ -176,6 +189,7 @@ def load_chat_splits(cfg: FinetuneConfig, stats=None):
     return train, val, stats
 
 
+@host_rng_kept()  # the run seeds the global RNGs (a resume restores them): the caller's come back after
 def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_limit: int | None = None,
              redo_hint: str | None = None):
     """Fine-tune the model dir `base` on `cfg.data` into the run dir `out` (resumes a run there).
@@ -186,8 +200,11 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
         raise Gpt1Error(f"init_from={cfg.init_from}: a pretraining key; a fine-tune starts from its base (--base)")
     base = Path(str(as_path(base, "base", "a model dir")).removeprefix("hf:"))
     out = as_path(out, "out", "a run dir")
-    if not (base / WEIGHTS_FILE).is_file():
+    if is_hf_model_dir(base):  # its weights may be shards; a pickle only is refused now, by name
+        hf_weight_files(base)
+    elif not (base / WEIGHTS_FILE).is_file():
         raise Gpt1Error(f"{base}: not a model dir (no {WEIGHTS_FILE}); pass the base model with --base")
+    folder_target(out)  # writable: found now, not once the chat data is read and encoded
     dist = distributed.setup(cfg.device)
     try:
         return _finetune(cfg, base, out, dist, step_limit, redo_hint)
@@ -197,7 +214,8 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
 
 def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int | None, redo_hint: str | None):
     # The base is what it loads as: a fine-tuned base's adapter is part of it (`weights_fingerprint`).
-    base_info = {"path": str(base.resolve()), "sha256": weights_fingerprint(base)}
+    # Its path, recorded in base.json and train_config.json, checked first: JSON needs UTF-8.
+    base_info = {"path": json_path(base.resolve()), "sha256": weights_fingerprint(base)}
     if (out / BASE_FILE).is_file() and read_json(out / BASE_FILE).get("sha256") != base_info["sha256"]:
         raise Gpt1Error(f"{out} was fine-tuned from other base weights than {base} ({BASE_FILE} differs); "
                         + (redo_hint or "choose another --out"))

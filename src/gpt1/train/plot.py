@@ -11,8 +11,9 @@ from gpt1.core.io import atomic_path, file_target
 from gpt1.core.progress import warn
 
 # The image formats `plot --out` writes, named by the file's suffix (no suffix: PNG). matplotlib
-# saves these with what it always has (Agg, and Pillow for JPEG); the format is not inferred from
-# the name of the temporary file it writes first, so it is passed explicitly.
+# saves these with what it always has (Agg, its SVG and PDF writers, and Pillow for JPEG); the
+# format is not inferred from the name of the temporary file it writes first, so it is passed
+# explicitly.
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpg", ".jpeg": "jpg", "": "png"}
 
 
@@ -65,12 +66,14 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path) -> Path:
     if image_format is None:  # a .txt or .gif silently got PNG bytes
         raise Gpt1Error(f"{out}: plot writes {', '.join(s for s in FORMATS if s)} files; "
                         f"expected a file name ending in one of them, not {Path(out).suffix}")
-    import matplotlib
+    # A figure of its own on the Agg canvas, not pyplot's: switching the process's backend (or
+    # pyplot's figures) would break the host's plots, e.g. a notebook's, for the rest of its session.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only: no display needed (servers, CI)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 4 * len(runs)), squeeze=False)
+    fig = Figure(figsize=(11, 4 * len(runs)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(runs), 2, squeeze=False)
     for (title, metrics_file), (ax_loss, ax_ppl) in zip(runs.items(), axes):
         records = read_metrics(metrics_file)
         train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
@@ -95,5 +98,4 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path) -> Path:
     file_target(out)  # `out` as given: a str's trailing slash says "a folder"
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format=image_format)
-    plt.close(fig)
     return Path(out)

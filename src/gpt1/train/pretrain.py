@@ -19,6 +19,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path
 from gpt1.core.model import GPT
 from gpt1.core.progress import info
+from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.shards import ShardWindows, check_fingerprint, fixed_windows, load_data_tokenizer, load_meta
 from gpt1.formats.hf import import_hf_model
@@ -77,9 +78,11 @@ def data_identity(meta: dict) -> dict:
             "tokenizer": meta["tokenizer"]["fingerprint"]}
 
 
+@host_rng_kept()  # the run seeds the global RNGs (a resume restores them): the caller's come back after
 def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hint: str | None = None) -> TrainResult:
     """Pretrain on `data_dir` (made by `gpt1 prepare`) into the run dir `out`; resumes a run there
-    (`redo_hint`: what to do instead when `out` holds another run, see `gpt1.train.loop.train`)."""
+    (`redo_hint`: what to do instead when `out` holds another run, see `gpt1.train.loop.train`).
+    The caller's RNG states are as they were afterwards (`gpt1.core.rng`)."""
     require_config(cfg, TrainConfig)
     data_dir, out = as_path(data_dir, "data_dir", "a prepared data dir"), as_path(out, "out", "a run dir")
     dist = distributed.setup(cfg.device)
