@@ -188,3 +188,15 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path,
     assert again.steps == 2 and again.resumed_from == 2
     recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["config"]["init_from"]
     assert recorded == str((tmp_path / "base").resolve())
+
+
+def test_the_prepare_bar_ends_with_every_token_counted(corpus_dir, tokenizer_dir, tmp_path):
+    """The bar's last line said tokens=0 for a corpus of one batch (the count was taken before
+    each batch's tokens were written, and not after the last)."""
+    done = subprocess.run([sys.executable, "-m", "gpt1", "prepare", str(corpus_dir), "--tokenizer", str(tokenizer_dir),
+                           "--out", str(tmp_path / "data")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GPT1_QUIET": "0"})
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    last_bar = [line for line in done.stderr.splitlines() if line.startswith("prepare:")][-1]
+    assert f"tokens={meta['train']['tokens'] + meta['val']['tokens']:,}" in last_bar, last_bar

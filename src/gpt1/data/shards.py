@@ -218,6 +218,11 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
         resumed_tokens = writer.tokens
         bar = progress(total=_known_size(resolved), initial=stats.bytes, unit="B", unit_scale=True, unit_divisor=1000,
                        desc="prepare")
+        def show() -> None:
+            bar.update(stats.bytes - bar.n)
+            seconds = max(time.perf_counter() - start_time, 1e-9)
+            bar.set_postfix(refresh=False, tokens=f"{writer.tokens:,}", tok_s=f"{(writer.tokens - resumed_tokens) / seconds:,.0f}")
+
         try:
             with writer, ThreadPoolExecutor(1) as pool:
                 pending = None
@@ -226,11 +231,10 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
                     if pending is not None:
                         _write(writer, *pending, commit_bytes)
                     pending = (batch, future)
-                    bar.update(stats.bytes - bar.n)
-                    seconds = max(time.perf_counter() - start_time, 1e-9)
-                    bar.set_postfix(refresh=False, tokens=f"{writer.tokens:,}", tok_s=f"{(writer.tokens - resumed_tokens) / seconds:,.0f}")
+                    show()
                 if pending is not None:
                     _write(writer, *pending, commit_bytes)
+                    show()  # the bar's last state counts the last batch's tokens too (it ended at 0 for one batch)
                 writer.commit()
         finally:
             bar.close()
