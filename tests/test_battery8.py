@@ -200,3 +200,15 @@ def test_the_prepare_bar_ends_with_every_token_counted(corpus_dir, tokenizer_dir
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     last_bar = [line for line in done.stderr.splitlines() if line.startswith("prepare:")][-1]
     assert f"tokens={meta['train']['tokens'] + meta['val']['tokens']:,}" in last_bar, last_bar
+
+
+def test_a_budget_run_reports_the_budget_it_spent_over_every_invocation(tmp_path, data_dir):
+    """The quickstart took a reused (or killed and resumed) stage's time from this invocation:
+    "pretrain reused (made in 1 s)" for a run that trained 18 s."""
+    cfg = TrainConfig(max_steps=10_000, time_budget=1.5, device="cpu", batch_size=2, block_size=16, eval_every=50,
+                      save_every=50)
+    first = pretrain(cfg, data_dir, tmp_path / "run")
+    assert first.budget_spent >= 1.5
+    again = pretrain(cfg, data_dir, tmp_path / "run")
+    assert again.resumed_from == again.steps == first.steps
+    assert again.budget_spent == pytest.approx(first.budget_spent, abs=0.5) and again.seconds < first.budget_spent

@@ -105,8 +105,8 @@ class QuickstartResult:
     chat_val_perplexity: float | None  # on the assistant replies of the held-out dialogs
     chat_val_bits_per_byte: float | None
     samples: list[Sample]
-    # stage -> wall time it took to make its output (a stage this invocation reused keeps the
-    # figure of the run that made it, from the earlier summary.json)
+    # stage -> wall time it took to make its output: a training stage's, the time budget its run
+    # spent over every invocation; a reused tokenizer or data, the time of the run that made it
     seconds: dict[str, float] = field(default_factory=dict)
     planned: dict[str, float] = field(default_factory=dict)  # stage -> its time budget (training stages)
     # stage -> what ended it before its budget was spent (its epochs, on a machine fast enough to finish them)
@@ -148,21 +148,25 @@ def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
     stage("pretrain", "3/5 pretrain: the tiny model" + _budget_note(out / "base", cfg.minutes))
     base = _pretrain(cfg, out / "data", out / "base", meta["train"]["tokens"])
     done("pretrain")
-    planned = {"pretrain": _budget(out / "base", 0.0)} if base.resumed_from == 0 else {}
+    planned = {"pretrain": _budget(out / "base", 0.0)}  # the budget the run started with, resumed or not
 
     stage("finetune", f"4/5 finetune: LoRA chat tuning on {cfg.chat_data}" + _budget_note(out / "chat", cfg.minutes * FINETUNE_SHARE))
     chat = _finetune(cfg, out / "base", out / "chat")
     done("finetune")
-    if chat.resumed_from == 0:  # a resumed or reused run has only the rest of its budget left
-        planned["finetune"] = _budget(out / "chat", 0.0)
+    planned["finetune"] = _budget(out / "chat", 0.0)
+    # A training stage's time is the budget its run spent over every invocation (a killed and
+    # resumed one, a reused one): not this invocation's part of it.
+    for name, trained in (("pretrain", base), ("finetune", chat)):
+        if trained.budget_spent is not None:
+            seconds[name] = trained.budget_spent
     ended_early = {}  # a fast machine finishes a stage's epochs before its budget is spent
-    if "pretrain" in planned and _reached_step_cap(out / "base", base.steps):
+    if _reached_step_cap(out / "base", base.steps):
         ended_early["pretrain"] = f"{MAX_PRETRAIN_EPOCHS} epochs of the corpus"
-    if "finetune" in planned and _reached_step_cap(out / "chat", chat.steps):
+    if _reached_step_cap(out / "chat", chat.steps):
         ended_early["finetune"] = f"{_run_config(out / 'chat')['epochs']:g} epochs of the dialogs"
     made_before |= {"pretrain": base.resumed_from >= base.steps, "finetune": chat.resumed_from >= chat.steps}
     reused = [name for name, before in made_before.items() if before]
-    _keep_earlier_figures(out, reused, seconds, planned, ended_early)
+    _keep_earlier_seconds(out, [name for name in reused if name in ("tokenizer", "prepare")], seconds)
 
     stage("samples", "5/5 samples: held-out scores and the model card's three uses")
     base_llm = gpt1.load(out / "base", device="cpu")
@@ -183,18 +187,17 @@ def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
     return result
 
 
-def _keep_earlier_figures(out: Path, reused: list[str], *figures: dict) -> None:
-    """A rerun that reuses a stage's output keeps, in summary.json, what the run that made it
-    measured (its seconds, budget, what ended it early), not the instant of the reuse."""
+def _keep_earlier_seconds(out: Path, reused: list[str], seconds: dict) -> None:
+    """A rerun that reuses the tokenizer or the prepared data keeps, in summary.json, the time
+    the run that made them took (from its summary.json, when it got that far), not the instant of the reuse."""
     try:
         earlier = read_json(out / SUMMARY_FILE)
     except Gpt1Error:  # none yet (or damaged: it is rewritten)
         return
-    for name, figure in zip(("seconds", "planned", "ended_early"), figures):
-        kept = earlier.get(name) if isinstance(earlier, dict) else None
-        for stage in reused:
-            if isinstance(kept, dict) and stage in kept:
-                figure[stage] = kept[stage]
+    kept = earlier.get("seconds") if isinstance(earlier, dict) else None
+    for stage in reused:
+        if isinstance(kept, dict) and isinstance(kept.get(stage), (int, float)):
+            seconds[stage] = kept[stage]
 
 
 def _tokenizer(cfg: QuickstartConfig, directory: Path):

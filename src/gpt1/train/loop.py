@@ -128,6 +128,9 @@ class TrainResult:
     val_perplexity: float | None
     seconds: float  # wall time of this invocation
     resumed_from: int  # the step this invocation started at (0 = fresh run)
+    # seconds of the time budget its steps used, every invocation's (to its last checkpoint: the
+    # final one of a finished run); None without a budget
+    budget_spent: float | None = None
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -334,11 +337,14 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(model) if cfg.compile else model
 
+    saved = {"budget_spent": budget_spent}  # as of the latest checkpoint: what a rerun reports too
+
     def trainer_state() -> dict:
+        saved["budget_spent"] = budget.spent() if budget else 0.0
         return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "sampler": train_data.state_dict(), "tokens": tokens_seen, "last": dict(last),
                 "config": cfg.to_dict(), "max_steps": max_steps, "end": end,
-                "budget_spent": budget.spent() if budget else 0.0,
+                "budget_spent": saved["budget_spent"],
                 "schedule": schedule.state_dict() if schedule else None}
 
     def save_if_due(done: int) -> None:
@@ -509,7 +515,8 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
     val = last["val_loss"]
     result = TrainResult(run_dir=run_dir, steps=end, tokens=tokens_seen, train_loss=last["loss"],
                          val_loss=val, val_perplexity=perplexity(val) if val is not None else None,
-                         seconds=time.perf_counter() - started, resumed_from=start_step)
+                         seconds=time.perf_counter() - started, resumed_from=start_step,
+                         budget_spent=saved["budget_spent"] if budget else None)
     if dist.is_main:
         if start_step >= end:
             info(f"{run_dir} already finished its {end:,} steps; nothing to do")
