@@ -212,3 +212,21 @@ def test_a_budget_run_reports_the_budget_it_spent_over_every_invocation(tmp_path
     again = pretrain(cfg, data_dir, tmp_path / "run")
     assert again.resumed_from == again.steps == first.steps
     assert again.budget_spent == pytest.approx(first.budget_spent, abs=0.5) and again.seconds < first.budget_spent
+
+
+def test_a_prepare_that_failed_before_its_first_commit_leaves_no_shards_and_eval_says_so(
+        tmp_path, tokenizer_dir, tiny_model_dir, capsys):
+    """A prepare stopped by a bad file left train.bin.partial/val.bin.partial that nothing could
+    resume from; `gpt1 eval --data` on the folder then said "directory has no text files" where
+    pretrain said the prepare did not finish."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("good text " * 200)
+    (corpus / "b.txt").write_bytes(b"bad \xff byte")
+    assert_one_clear_line(*run_main(capsys, "prepare", corpus, "--tokenizer", tokenizer_dir, "--out", tmp_path / "data"),
+                          "invalid UTF-8")
+    assert not list((tmp_path / "data").glob("*.partial"))
+    for argv in (["eval", "--model", tiny_model_dir, "--data", tmp_path / "data"],
+                 ["pretrain", "--data", tmp_path / "data", "--out", tmp_path / "run"]):
+        assert_one_clear_line(*run_main(capsys, *argv), r"data: no meta\.json: not a prepared data dir, or `gpt1 prepare` "
+                                                        r"did not finish")

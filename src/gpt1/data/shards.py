@@ -376,9 +376,13 @@ class ShardWriter:
         self.files = {"train": open(self.train_tmp, "ab"), "val": open(self.val_tmp, "ab")}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for f in self.files.values():
             f.close()
+        if exc_type is not None and not self.state_path.exists():
+            # Failed before its first commit: a rerun starts over, so the partial shards (up to
+            # commit_bytes of tokens) are only disk taken.
+            self._remove_partials()
 
     # ---- documents -----------------------------------------------------------------------
     def add(self, piece: Piece, ids: list[int]) -> None:
@@ -543,6 +547,14 @@ def shards_complete(data_dir: Path, meta: dict) -> bool:
     return all((data_dir / meta[s]["file"]).is_file()
                and (data_dir / meta[s]["file"]).stat().st_size == meta[s]["tokens"] * itemsize
                for s in ("train", "val"))
+
+
+def looks_prepared(folder: str | Path) -> bool:
+    """Whether `folder` is (or was being made) a prepared data dir: its meta.json, or what an
+    unfinished `gpt1 prepare` leaves (its state, partial shards, its lock file)."""
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in (META_FILE, STATE_FILE, TRAIN_FILE + PARTIAL,
+                                                     VAL_FILE + PARTIAL, ".lock"))
 
 
 def load_meta(data_dir: str | Path) -> dict:

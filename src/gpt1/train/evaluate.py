@@ -29,7 +29,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import progress
 from gpt1.core.threads import tuned_threads
-from gpt1.data.shards import META_FILE, check_fingerprint, load_meta, sequential_windows
+from gpt1.data.shards import check_fingerprint, load_meta, looks_prepared, sequential_windows
 from gpt1.data.sources import SourceStats, iter_documents, source_specs
 from gpt1.train import distributed
 from gpt1.train.precision import autocast
@@ -123,7 +123,7 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
         raise Gpt1Error(f"--block-size {block_size} is longer than the model's context ({llm.model.config.block_size})")
     stats = SourceStats()
     data = source_specs(data)
-    if len(data) == 1 and Path(data[0]).is_dir() and (Path(data[0]) / META_FILE).is_file():
+    if len(data) == 1 and Path(data[0]).is_dir() and looks_prepared(data[0]):  # an unfinished one: load_meta says so
         meta = load_meta(data[0])
         check_fingerprint(meta, llm.tokenizer, f"the model {llm.path}")
         tokens = np.memmap(Path(data[0]) / meta["val"]["file"], dtype=np.uint16, mode="r")
