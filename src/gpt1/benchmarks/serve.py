@@ -35,6 +35,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from gpt1.benchmarks import progress
 from gpt1.benchmarks.generate import benchmark_model, synthetic_tokenizer
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.lifeline import parent_death_signal
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.formats.modeldir import save_model
 from gpt1.inference.decoding import chat_prompt_ids
@@ -62,6 +64,7 @@ REQUIRES = {"fastapi": "'gpt1[serve]'", "uvicorn": "'gpt1[serve]'", "httpx": "'g
 CLIENTS = (1, 16, 32)
 REQUESTS = 32  # for every N; each of the N clients sends REQUESTS / N one after another
 STREAM_TOKENS = {"cuda": 256, "cpu": 128}  # the long-stream rows' reply length
+TEMP_PREFIX = "gpt1-bench-serve-"  # + the benchmark's pid + "-": the model dir it writes
 
 
 def _event_loops() -> list[str]:
@@ -200,6 +203,23 @@ def _inprocess_batch(model_dir: Path, max_tokens: int) -> float:
     return best
 
 
+def _remove_stale_dirs() -> None:
+    """Remove this user's model dirs of earlier runs whose process is gone: a run killed outright
+    (SIGKILL) could not remove its own. POSIX only (elsewhere `os.kill(pid, 0)` is no probe)."""
+    if os.name != "posix":
+        return
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid, _, rest = path.name[len(TEMP_PREFIX):].partition("-")
+        if not (pid.isdigit() and rest) or path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # PermissionError: alive, another user's
+            pass
+
+
 def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     import httpx
 
@@ -227,7 +247,9 @@ def _server(model_dir: Path, device: str, stream_interval_ms: float = 0.0,
          "--max-batch", str(REQUESTS), "--stream-interval", str(stream_interval_ms), "--loop", loop, "--engine", engine,
          "--log-level", "warning"],
         env={**os.environ, "GPT1_QUIET": "1", **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        # SIGTERM (the server drains and stops) should this process die without stopping it (SIGKILL)
+        preexec_fn=parent_death_signal())
     try:
         _wait_until_up(url, proc)
         yield url, proc
@@ -268,7 +290,8 @@ def run(quick: bool = False) -> list[dict]:
     model = benchmark_model(config, tokenizer.special_ids, torch.device("cpu"))
     label = f"{config.n_layer}x{config.n_embd} ({model.num_params() / 1e6:.1f}M)"
     rows = []
-    with tempfile.TemporaryDirectory(prefix="gpt1-bench-serve-") as tmp:
+    _remove_stale_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         model_dir = save_model(Path(tmp) / "model", model, tokenizer)
         del model
         threads = torch.get_num_threads()

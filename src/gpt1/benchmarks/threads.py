@@ -29,13 +29,19 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.generate import generate_batch
 
-BUSY_LOOP = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+# Pure Python work, with a look at its parent every ~20 ms: a benchmark killed outright (SIGKILL)
+# runs no `finally`, and the loop would spin at 100% of a core forever.
+BUSY_LOOP = """import os, sys
+os.sched_setaffinity(0, {int(sys.argv[1])})
+while os.getppid() == int(sys.argv[2]):
+    for _ in range(10**6): pass
+"""
 
 
 @contextlib.contextmanager
 def busy_neighbour(core: int):
     """A CPU-bound process pinned to `core` while the block runs."""
-    process = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(core)])
+    process = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(core), str(os.getpid())])
     try:
         time.sleep(0.5)  # running before the first measurement
         yield

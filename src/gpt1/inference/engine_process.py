@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.lifeline import exit_with_parent
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.inference.decoding import Chunk
@@ -150,21 +151,23 @@ class EngineProcess:
         commands_in, commands_out = os.pipe()
         outputs_in, outputs_out = os.pipe()
         spec = json.dumps({"model_dir": self.model_dir, "device": self._device, "dtype": self._dtype,
-                           "engine": self._engine_args})
+                           "engine": self._engine_args, "parent": os.getpid()})
         self._process = subprocess.Popen([sys.executable, "-m", __name__, spec, str(commands_in), str(outputs_out)],
                                          pass_fds=(commands_in, outputs_out), stdin=subprocess.DEVNULL)
         os.close(commands_in)
         os.close(outputs_out)
         self._commands = Connection(commands_out, readable=False)
         self._outputs = Connection(outputs_in, writable=False)
-        if not self._outputs.poll(START_TIMEOUT_S):
-            self._kill()
-            raise Gpt1Error(f"the engine process did not start within {START_TIMEOUT_S:.0f} s")
         try:
+            if not self._outputs.poll(START_TIMEOUT_S):
+                raise Gpt1Error(f"the engine process did not start within {START_TIMEOUT_S:.0f} s")
             message = json.loads(self._outputs.recv_bytes())
         except EOFError:
             self._kill()
             raise Gpt1Error(f"the engine process exited while starting (exit code {self._process.wait()})") from None
+        except BaseException:  # also Ctrl-C or SIGTERM while it loads: it would run on, holding the GPU
+            self._kill()
+            raise
         if "error" in message:
             self._kill()
             raise Gpt1Error(message["error"])
@@ -297,11 +300,16 @@ def _child_main(model_dir: str, device: str, dtype: str, engine_args: dict, comm
         engine = Engine(llm.model, llm.tokenizer, **engine_args)
         engine.warm_up()
     except Exception as e:  # noqa: BLE001 - the parent raises it as the start-up error
-        outputs.send_bytes(json.dumps({"error": str(e) if isinstance(e, Gpt1Error) else
-                                       f"the engine process could not start: {type(e).__name__}: {e}"}).encode())
+        message = {"error": str(e) if isinstance(e, Gpt1Error) else
+                   f"the engine process could not start: {type(e).__name__}: {e}"}
+    else:
+        message = {"ready": {"device": str(engine.device), "dtype": engine.dtype_name, "kv_bytes": engine.kv_bytes}}
+    try:
+        outputs.send_bytes(json.dumps(message).encode())
+    except (OSError, ValueError):  # the parent gave up on the start (or died): nobody to tell
         return
-    outputs.send_bytes(json.dumps({"ready": {"device": str(engine.device), "dtype": engine.dtype_name,
-                                             "kv_bytes": engine.kv_bytes}}).encode())
+    if "error" in message:
+        return
     requests: dict[int, object] = {}
     outbox: list[list] = []
 
@@ -357,5 +365,8 @@ if __name__ == "__main__":  # the child: python -m gpt1.inference.engine_process
     # process through its pipe (or by closing it), without a KeyboardInterrupt traceback from here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _spec = json.loads(sys.argv[1])
+    # A parent killed outright (SIGKILL, the OOM killer) neither stops nor kills this process, and
+    # one still loading reads no pipe: end it when the parent is gone, not minutes later.
+    exit_with_parent(_spec["parent"])
     _child_main(_spec["model_dir"], _spec["device"], _spec["dtype"], _spec["engine"],
                 Connection(int(sys.argv[2]), writable=False), Connection(int(sys.argv[3]), readable=False))
