@@ -88,7 +88,16 @@ def test_a_device_this_machine_lacks_is_still_a_valid_recipe():
     assert FinetuneConfig(device="mps").device == "mps"
 
 
-def test_bpe_training_answers_ctrl_c_while_the_merges_run():
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C as an interactive Python has it: a job a shell starts in the background (`cmd &`)
+    inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_bpe_training_answers_ctrl_c_while_the_merges_run(ctrl_c_raises):
     """Ctrl-C during the BPE merges (Rust, on the main thread) waited for the whole training,
     which then finished and wrote its tokenizer; now it interrupts while they still run."""
     rng = random.Random(0)  # 100,000 distinct words, each twice: ~0.2 s of reading, ~2.5 s of merges
@@ -124,7 +133,7 @@ def test_a_lora_rank_above_the_models_width_is_refused(tmp_path, tiny_model_dir,
     assert not (tmp_path / "ft").exists()
 
 
-def test_an_interrupted_bpe_training_stops_reading_its_input():
+def test_an_interrupted_bpe_training_stops_reading_its_input(ctrl_c_raises):
     """In a notebook the abandoned training went on reading the caller's iterator to its end
     (and each retry added another such thread): it now gets no more text, so it ends soon."""
     consumed = [0]
