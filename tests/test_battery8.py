@@ -23,6 +23,7 @@ from gpt1.train.config import TrainConfig
 from gpt1.train.finetune import FinetuneConfig, finetune
 from gpt1.train.pretrain import pretrain
 from tests.test_battery import assert_one_clear_line, run_main
+from tests.test_chat_cli import in_terminal
 
 
 def test_loading_a_folder_that_is_not_a_model_dir_says_what_it_is(tmp_path, tiny_model_dir, data_dir, capsys):
@@ -155,30 +156,13 @@ def test_an_interrupted_bpe_training_stops_reading_its_input(ctrl_c_raises):
     assert consumed[0] < 10_000
 
 
-def test_gpt1_quiet_silences_the_bpe_progress_bar_on_a_terminal(corpus_dir, tmp_path):
+def test_gpt1_quiet_silences_the_bpe_progress_bar_on_a_terminal(corpus_dir, tmp_path, monkeypatch):
     """The Rust trainer's bar (drawn on a terminal) ignored GPT1_QUIET=1, which docs/reliability.md
     says turns the bars off."""
     def shown(quiet: str) -> bytes:
-        try:
-            master, slave = os.openpty()
-        except OSError as e:  # a sandbox without pseudo-terminals
-            pytest.skip(f"no pseudo-terminal: {e}")
-        proc = subprocess.Popen([sys.executable, "-m", "gpt1", "tokenizer", "train", str(corpus_dir), "--vocab-size",
-                                 "300", "--out", str(tmp_path / quiet)], stdout=slave, stderr=slave,
-                                env={**os.environ, "GPT1_QUIET": quiet})
-        os.close(slave)
-        out = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the process is gone
-                break
-            if not chunk:
-                break
-            out += chunk
-        assert proc.wait(timeout=60) == 0, out
-        os.close(master)
-        return out
+        monkeypatch.setenv("GPT1_QUIET", quiet)
+        return in_terminal([sys.executable, "-m", "gpt1", "tokenizer", "train", str(corpus_dir), "--vocab-size", "300",
+                            "--out", str(tmp_path / quiet)], typed=[])
 
     assert b"Pre-processing" in shown("0")  # the bar shows on a terminal ...
     assert b"Pre-processing" not in shown("1")  # ... unless GPT1_QUIET says not to
