@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -196,6 +197,35 @@ def test_a_time_budget_plans_from_the_recent_step_time_and_finishes_a_plan_a_lit
     assert out_of_time(short=2, per_step=0.3) == 32  # two steps: always
     assert out_of_time(short=5, per_step=0.05) == 35  # 0.25 s: within 5% of the budget
     assert out_of_time(short=20, per_step=0.05) == 30  # 1 s: stop now
+
+
+def test_a_stall_in_the_first_timed_steps_does_not_cut_the_warmup_short():
+    """A plan from the mean of the first three timed steps took a two-step stall for the machine's
+    speed: a 600-step plan became ~60, the warmup ended at step 5 and the rate jumped to the
+    peak. The warmup follows a plan from the median step time instead."""
+    from gpt1.train.distributed import current
+    from gpt1.train.loop import _TimeBudget
+
+    def rates(stalled_steps):
+        now, dist = [0.0], current()
+        budget = _TimeBudget(60.0, 0.0, 100_000, eval_every=20, clock=lambda: now[0])
+        schedule, end, lrs = BudgetSchedule(1.0, 0.01, 0.03, 0.0), 100_000, []
+        for step in itertools.count():
+            if step >= end:
+                return lrs
+            lrs.append(schedule.at(step, end, budget.cooldown_due, warm_end=budget.warm_end))
+            now[0] += 3.0 if step in stalled_steps else 0.1  # 0.1 s a step: 600 steps fit
+            end = budget.plan(step + 1, end, dist)
+
+    steady, stalled = rates(()), rates((4, 5))
+    n_warm = warmup_steps(len(steady), 0.03)
+    assert len(steady) == 600 and steady.index(1.0) == n_warm - 1
+    # The stall cost 10% of the budget, so the warmup is ~10% shorter, not 3x: it rises on a
+    # slope close to the steady one, step by step, to the peak.
+    first = 6  # the first steps follow the run's first plan, before any was measured
+    rises = [b - a for a, b in zip(stalled[first:], stalled[first + 1:stalled.index(1.0) + 1])]
+    assert min(rises) > 0 and max(rises) <= 1.25 / n_warm
+    assert stalled.index(1.0) >= 0.8 * (n_warm - 1)
 
 
 # ---- the loop ------------------------------------------------------------------------------

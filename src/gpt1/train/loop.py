@@ -64,6 +64,7 @@ import dataclasses
 import itertools
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,7 +365,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 metrics.flush()
 
     writer = _tensorboard(run_dir, start_step) if cfg.tensorboard and dist.is_main else None
-    budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown)
+    budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown, end=end)
               if cfg.time_budget > 0 else None)
     # A re-planned run's rate never rises after its warmup (see BudgetSchedule); a fixed plan's is lr_at.
     schedule = BudgetSchedule(cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown, schedule_state) if budget else None
@@ -397,7 +398,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             if schedule:
                 # By time, or by steps where max_steps caps the plan (then the plan is exact).
                 due = budget.cooldown_due or (end == max_steps and schedule.in_planned_cooldown(step, end))
-                lr = schedule.at(step, end, due)
+                lr = schedule.at(step, end, due, warm_end=budget.warm_end)
             else:
                 lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown)
             for group in optimizer.param_groups:
@@ -630,17 +631,24 @@ class _TimeBudget:
     the measuring window (`eval_every` steps at least), so its cost is spread over the steps."""
 
     WARMUP_STEPS = 3  # the first steps (allocator, kernel selection) are not timed
+    ROBUST_STEPS = 5  # timed steps before the warmup's plan (a median of them) replaces the first
     MIN_STEPS = 10  # whatever the budget: a loss curve, not a point
     OVERRUN = 0.05  # the share of the budget a run may go over to finish its schedule (see plan)
 
     def __init__(self, seconds: float, spent_before: float, max_steps: int, eval_every: int, cooldown: float = 0.0,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, end: int | None = None):
         self.seconds, self.spent_before, self.max_steps, self.clock = seconds, spent_before, max_steps, clock
+        end = max_steps if end is None else end
         self.cooldown = cooldown
         # The time left is the cooldown's share of the budget (updated by plan()).
         self.cooldown_due = cooldown > 0 and seconds - spent_before <= cooldown * seconds
         self.started = self.clock()
         self.per_step: float | None = None  # seconds a step, over the recent steps (None: not measured yet)
+        # The plan the LR warmup follows: from the median step time, so that a short slow spell
+        # (a stall in the first timed steps: the mean of three then shrank a 600-step plan to 60
+        # and ended the warmup at step 4) does not cut it short; a lasting one still re-plans it.
+        # Until ROBUST_STEPS are timed: the run's plan when this process began.
+        self.warm_end = end
         self.window = max(20, eval_every)
         self.times: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.window + 1)
 
@@ -668,11 +676,18 @@ class _TimeBudget:
             new_end = end
         else:
             new_end = max(floor, min(self.max_steps, done + max(1, int(left / self.per_step))))
+        warm_end = self.warm_end
+        if left <= 0:
+            warm_end = new_end  # the plan is exact now
+        elif len(self.times) > self.ROBUST_STEPS:
+            times = list(self.times)
+            median = statistics.median((t - t0) / (d - d0) for (d0, t0), (d, t) in zip(times, times[1:]))
+            warm_end = max(floor, min(self.max_steps, done + max(1, int(left / median)))) if median > 0 else new_end
         due = self.cooldown > 0 and left <= self.cooldown * self.seconds
         # Every rank must stop at the same step, on the same rate: rank 0's plan is the plan.
         if dist.enabled:
-            new_end, due = distributed.broadcast_object((new_end, due))
-        self.cooldown_due = bool(due)
+            new_end, warm_end, due = distributed.broadcast_object((new_end, warm_end, due))
+        self.cooldown_due, self.warm_end = bool(due), int(warm_end)
         return int(new_end)
 
 

@@ -60,12 +60,14 @@ class BudgetSchedule:
         self.warmed: bool = state.get("warmed", False)
         self.cooling: bool = state.get("cooling", False)
 
-    def at(self, step: int, end: int, cooldown_due: bool) -> float:
+    def at(self, step: int, end: int, cooldown_due: bool, warm_end: int | None = None) -> float:
         """The rate of step `step` (0-based) when the run is planned to end after step `end` - 1;
-        `cooldown_due` says the budget's time left is the cooldown's share (ignored by the cosine)."""
-        n_warm = warmup_steps(end, self.warmup)
+        `cooldown_due` says the budget's time left is the cooldown's share (ignored by the cosine).
+        The warmup's length is `warmup` of `warm_end` (default `end`): a plan less swayed by a
+        short slow spell than `end` is (see gpt1.train.loop._TimeBudget)."""
+        n_warm = warmup_steps(end if warm_end is None else warm_end, self.warmup)
         if not self.warmed and step < n_warm:
-            rate = lr_at(step, end, self.lr, self.min_lr, self.warmup, self.cooldown)
+            rate = self.lr * (step + 1) / n_warm
         else:
             if not self.warmed:  # the rates below start from the peak, not from a warmup's rate
                 self.warmed, self.previous = True, None
@@ -77,7 +79,7 @@ class BudgetSchedule:
                     start = self.lr if self.previous is None else self.previous
                     rate = start + (self.min_lr - start) / max(1, end - step)
             else:
-                rate = lr_at(max(step, n_warm), end, self.lr, self.min_lr, self.warmup)
+                rate = lr_at(max(step, warmup_steps(end, self.warmup)), end, self.lr, self.min_lr, self.warmup)
                 if self.previous is not None:
                     rate = min(rate, self.previous)
         self.previous = rate
