@@ -161,7 +161,7 @@ def test_pipes_dangling_links_and_non_utf8_names_in_a_source_folder(tmp_path, to
         assert json.loads((out / "meta.json").read_text())["skipped"] == {"entries that are not regular files": 2}
     rc, err = run_main(capsys, "tokenizer", "train", "--vocab-size", "270", "--out", tmp_path / "t", folder)
     assert rc == 0 and f"corpus: 4 documents, 0.0 MB {skipped}" in err, err
-    assert "tokenizer on 4 source(s)" in err  # the skipped entries are not sources it trains on
+    assert "tokenizer on 4 file(s) or dataset(s) from 1 SOURCE argument(s)" in err  # the skipped entries are not
 
 
 def test_prepare_names_what_it_skipped_when_the_corpus_is_empty(tmp_path, tokenizer_dir, capsys):

@@ -50,7 +50,8 @@ def train_command(args: argparse.Namespace) -> int:
     texts = iter_texts(sources, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats,
                        max_documents=args.max_documents)
     readable = sum(source.kind != SKIPPED for source in sources)  # the rest are counted as skipped below
-    info(f"training a {args.vocab_size:,}-token BPE tokenizer on {readable:,} source(s)")
+    info(f"training a {args.vocab_size:,}-token BPE tokenizer on {readable:,} file(s) or dataset(s) "
+         f"from {len(args.sources):,} SOURCE argument(s)")
     tokenizer, result = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency, skipped=stats.skipped)
     info(f"corpus: {stats.summary()}; trained in {result['seconds']:.1f} s "
          f"({stats.bytes / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s)")

@@ -65,6 +65,9 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
+LLAMA_CONTEXT_PAD = 256  # llama.cpp's n_ctx granularity
+
+
 def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_type: str = "f16",
                 *, overwrite: bool = False) -> Path:
     """Write `model_dir` (a base or LoRA fine-tuned gpt1 model dir) as a GGUF file; returns its path.
@@ -87,6 +90,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_t
     tokenizer = Tokenizer.load(model_dir)
     check_representable(model.config, tokenizer, model_dir)
     warn_long_tokens(tokenizer, model_dir)
+    warn_short_context(model.config.block_size, model_dir)
 
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
@@ -135,6 +139,17 @@ def check_representable(config: ModelConfig, tokenizer: Tokenizer, source: Path)
                         "with GPT-2's regex and no prefix space (what `gpt1 tokenizer train` writes)")
     if problems:
         raise Gpt1Error(f"{source}: llama.cpp cannot represent this model: {'; '.join(problems)}")
+
+
+def warn_short_context(block_size: int, source: Path) -> None:
+    """llama.cpp rounds its context up to a multiple of LLAMA_CONTEXT_PAD whatever n_ctx asks for
+    (llama-cpp-python 0.3.36: n_ctx=128 gives 256), so nothing there stops a reply at this
+    model's last position: the next one reads past the position table and the process aborts
+    (GGML_ASSERT, seen with the quickstart's 128-token chat model)."""
+    if block_size % LLAMA_CONTEXT_PAD:
+        warn(f"{source}: a context of {block_size} tokens, which llama.cpp rounds up to "
+             f"{-(-block_size // LLAMA_CONTEXT_PAD) * LLAMA_CONTEXT_PAD}: keep the prompt plus max_tokens within "
+             f"{block_size} there, or llama.cpp aborts when a reply runs past position {block_size}")
 
 
 def warn_long_tokens(tokenizer: Tokenizer, source: Path) -> None:
