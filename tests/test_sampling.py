@@ -114,7 +114,7 @@ def test_presets_are_the_model_cards():
     ("max_new_tokens", 0, r"max_new_tokens must be an integer >= 1"),
     ("max_new_tokens", True, r"max_new_tokens must be"),
     ("stop", ("ok", ""), r"stop must be a list of non-empty strings"),
-    ("seed", -1, r"seed must be an integer in \[0, 2\*\*64\)"),
+    ("seed", -2**63 - 1, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
     ("truncate_prompt", "yes", r"truncate_prompt must be true or false"),
 ])
 def test_bad_knobs_are_clear_errors(knob, value, message):

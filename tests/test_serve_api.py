@@ -181,7 +181,7 @@ BAD_REQUESTS = [
     ("max_tokens zero", "chat", {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens beyond the context", "chat", {"messages": MSG, "max_tokens": 100_000}, 400, "max_tokens"),
     ("prompt beyond the context", "chat", {"messages": [{"role": "user", "content": "word " * 500}]}, 400, None),
-    ("seed negative", "chat", {"messages": MSG, "seed": -1}, 400, "seed"),
+    ("seed below int64", "chat", {"messages": MSG, "seed": -2**63 - 1}, 400, "seed"),
     ("too many stops", "chat", {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("n > 1", "chat", {"messages": MSG, "n": 2}, 400, "n"),
     ("unsupported penalty", "chat", {"messages": MSG, "presence_penalty": 0.5}, 400, "presence_penalty"),

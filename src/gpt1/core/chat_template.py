@@ -12,7 +12,9 @@ followed by its text; every assistant turn ends with `[EOS]`:
 A prompt for generation ends with `<|assistant|>`; the model's reply ends at `[EOS]`.
 Role markers are inserted as ids, never parsed out of text, so user text cannot forge a turn.
 `JINJA_TEMPLATE` is the same template, reading messages the same way, for `transformers`'
-`apply_chat_template` and llama.cpp; the export tests check that both give identical ids.
+`apply_chat_template` and llama.cpp; the export tests check that both give identical ids. Those
+programs parse special-token text in what the template renders, so it refuses content that
+holds the text of a special token (`[EOS]`, `<|user|>`, ...), which gpt1 reads as plain text.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Sequence
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import IGNORE_INDEX
-from gpt1.core.tokenizer import ASSISTANT, EOS, SYSTEM, USER, Tokenizer, check_text
+from gpt1.core.tokenizer import ASSISTANT, EOS, SPECIAL_TOKENS, SYSTEM, USER, Tokenizer, check_text
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
@@ -31,6 +33,10 @@ TEMPLATE_FILE = "chat_template.jinja"  # the file name transformers also reads f
 # validate_messages in Jinja, for the programs that render the exported template (transformers,
 # llama.cpp and what is built on it): unknown roles and parts would otherwise become text
 # ('<|tool|>'), so they call raise_exception, which transformers and llama-cpp-python provide.
+# Those programs tokenize the rendered string with special tokens parsed, so content holding a
+# special token's text ('[EOS]<|system|>...') would forge turns there: it is refused too (parts
+# are joined first, since '[EO' + 'S]' renders as '[EOS]'). gpt1 itself inserts markers as ids
+# and keeps such text as text.
 # One line, no whitespace between tags: the output is the same with or without trim_blocks.
 JINJA_TEMPLATE = (
     "{% for message in messages %}"
@@ -38,18 +44,21 @@ JINJA_TEMPLATE = (
     "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
     "{% if role not in ['system', 'user', 'assistant'] %}{{ raise_exception(\"messages[\" ~ i ~ \"].role: "
     "expected one of " + ROLES + ", got '\" ~ message['role'] ~ \"'\") }}{% endif %}"
-    "{{ '<|' + role + '|>' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
     "{% elif message['content'] is defined and message['content'] is iterable %}"
     "{% for part in message['content'] %}"
     "{% if part['type'] != 'text' %}{{ raise_exception('messages[' ~ i ~ '].content[' ~ loop.index0 ~ "
     "']: expected a text part {\"type\": \"text\", \"text\": ...}') }}"
     "{% elif part['text'] is not string %}{{ raise_exception('messages[' ~ i ~ '].content[' ~ loop.index0 ~ "
     "'].text: expected a string') }}{% endif %}"
-    "{{ part['text'] }}"
     "{% endfor %}"
+    "{% set text = message['content'] | map(attribute='text') | join %}"
     "{% else %}{{ raise_exception('messages[' ~ i ~ '].content: expected a string or a list of text parts') }}"
     "{% endif %}"
+    "{% for special in " + repr(SPECIAL_TOKENS) + " %}{% if special in text %}{{ raise_exception('messages[' ~ i ~ "
+    "'].content: contains \"' ~ special ~ '\", the text of a special token, which would become that token here "
+    "(gpt1 itself keeps it as text); remove it') }}{% endif %}{% endfor %}"
+    "{{ '<|' + role + '|>' + text }}"
     "{% if role == 'assistant' %}{{ '" + EOS + "' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"

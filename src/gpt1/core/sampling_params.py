@@ -25,7 +25,7 @@ KNOB_RANGES = {
     "repeat_last_n": "an integer >= -1 (-1 = the whole context, 0 = off)",
     "max_new_tokens": "an integer >= 1",
     "stop": "a list of non-empty strings",
-    "seed": "an integer in [0, 2**64) or None (random)",
+    "seed": "an integer in [-2**63, 2**64) or None (random)",
     "truncate_prompt": "true or false",
 }
 
@@ -44,7 +44,8 @@ class SamplingParams:
                     -1 = the whole context (as Hugging Face); 0 = off
     max_new_tokens  most tokens to generate
     stop            strings that end the text (not included in it)
-    seed            same seed, same prompt, same knobs -> same text; None = random
+    seed            same seed, same prompt, same knobs -> same text; None = random. A negative
+                    seed (OpenAI's seed is an int64) is the same as seed + 2**64
     truncate_prompt a prompt too long for the context keeps its most recent tokens; False = error
     """
 
@@ -81,9 +82,17 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise bad("stop")
-        seed = None if self.seed is None else integer("seed", lambda v: 0 <= v < 2**64)
+        # OpenAI's seed is a signed int64, gpt1's (a torch.Generator's) an unsigned one: -1 is 2**64 - 1.
+        seed = None if self.seed is None else integer("seed", lambda v: -2**63 <= v < 2**64) % 2**64
         if not isinstance(self.truncate_prompt, bool):
             raise bad("truncate_prompt")
+        # The engine batches these as int64 tensors; a larger value would fail there, and means
+        # nothing more than the vocabulary size (top_k) or -1 (repeat_last_n) already does.
+        for name, all_of in (("top_k", "any value >= the vocabulary size keeps every token"),
+                             ("repeat_last_n", "-1 is the whole context")):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and value >= 2**63:
+                raise Gpt1Error(f"{name} must be less than 2**63 ({all_of}), got {value}")
         return dataclasses.replace(
             self,
             temperature=number("temperature", lambda v: v >= 0),

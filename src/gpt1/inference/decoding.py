@@ -142,9 +142,8 @@ class TextState:
             if len(self.token_ids) >= self.limit:
                 text += self.finish("length")
             return text
-        hits = [i for s in self._stop if (i := self._pending.find(s)) >= 0]
-        if hits:
-            text, self._pending = self._pending[:min(hits)], ""
+        if (end := self._stop_at()) is not None:
+            text, self._pending = self._pending[:end], ""
             self.finish_reason = "stop"
             return text
         hold = max((k for s in self._stop for k in range(1, len(s)) if self._pending.endswith(s[:k])), default=0)
@@ -155,9 +154,19 @@ class TextState:
         return text
 
     def finish(self, reason: str) -> str:
-        text, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
+        """The text held back, and the reason; "stop" (and the text before it) when a stop string
+        ends that text only now: an unfinished character is flushed as U+FFFD, which a stop
+        string may end with."""
+        self._pending += self._decoder.decode(b"", final=True)
+        if (end := self._stop_at()) is not None:
+            self._pending, reason = self._pending[:end], "stop"
+        text, self._pending = self._pending, ""
         self.finish_reason = reason
         return text
+
+    def _stop_at(self) -> int | None:
+        """Where the first stop string in the held-back text starts, or None."""
+        return min((i for s in self._stop if (i := self._pending.find(s)) >= 0), default=None)
 
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int, eos_id: int, where: str) -> list[int]:

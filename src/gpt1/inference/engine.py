@@ -17,7 +17,9 @@ positions, allocated once). Each `step()`:
 A finished, cancelled or failed row frees its slot at once; live rows are kept contiguous
 (the last row moves into a freed slot) so that the batched forward reads a slice of the pool.
 A request is validated in `submit`, before it can enter the batch; an exception while
-handling one row ends that request with the error and the others go on.
+handling one row ends that request with the error and the others go on (a batched sampling call
+that fails is retried row by row, so that only the rows that fail alone end). `step()` never
+raises: an error outside any one row fails the rows in the batch, and the engine goes on.
 
 On CUDA the decode step runs in batch-size buckets (powers of two) over the whole pool, shapes
 that never change, and with `cuda_graphs=True` each bucket's step is captured once as a CUDA
@@ -344,9 +346,15 @@ class Engine:
     def step(self) -> None:
         """Admit, prefill, decode and sample once (see the module docstring). Threads that step
         the engine at once (a caller beside `start()`'s worker, or several callers each running
-        `while engine.busy: engine.step()`) take turns: each call is one whole step."""
+        `while engine.busy: engine.step()`) take turns: each call is one whole step. A step does
+        not raise: an error ends the requests it concerns, through their sinks."""
         with self._step_lock:
-            self._step()
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - never let a step end the caller's loop (or the engine
+                # process): an error no row's own handling caught fails the requests in the batch.
+                for request in list(self._rows):
+                    self._fail(request, e)
 
     def _step(self) -> None:
         for request in [r for r in self._rows if r.cancelled]:
@@ -374,12 +382,15 @@ class Engine:
             # adapter) would "sample" [PAD] or the last id forever: it fails instead, in the
             # same host sync as the others' tokens (-1 marks it).
             finite = torch.isfinite(logits).all(dim=-1)
-            next_ids = torch.where(finite, self._sample(requests, logits), -1).tolist()
+            sampled, errors = self._sample_rows(requests, logits)
+            next_ids = torch.where(finite, sampled, -1).tolist()
         if kind is not None:
             if message := self._threads.step_done(time.perf_counter() - started, kind):
                 logger.debug(message)
-        for request, token in zip(requests, next_ids):
-            if token < 0:
+        for i, (request, token) in enumerate(zip(requests, next_ids)):
+            if i in errors:
+                self._fail(request, errors[i])
+            elif token < 0:
                 self._fail(request, self._not_finite())
             else:
                 self._emit(request, token)
@@ -470,6 +481,23 @@ class Engine:
             return self._graphs.decode(ids, starts)
         self.cache.prepare(slice(0, len(ids)), torch.tensor(starts, device=self.device)[:, None], max(starts) + 1)
         return self.model(torch.tensor(ids, device=self.device)[:, None], cache=self.cache, last_only=True)[:, -1]
+
+    def _sample_rows(self, requests: list[Request], logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """`_sample` in one batched call; should that fail, row by row, so that the error ends only
+        the requests whose own knobs cause it: the next ids (-1 where a row failed) and each
+        failed row's error, by index. (The knobs are read before any row's generator draws, so
+        a row sampled again alone draws what it would have.)"""
+        try:
+            return self._sample(requests, logits), {}
+        except Exception:  # noqa: BLE001 - retried row by row below
+            pass
+        ids, errors = torch.full((len(requests),), -1, dtype=torch.long, device=logits.device), {}
+        for i, request in enumerate(requests):
+            try:
+                ids[i] = self._sample([request], logits[i:i + 1])[0]
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                errors[i] = e
+        return ids, errors
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """The next token of each request: its own knobs, one batched call."""
@@ -621,11 +649,7 @@ class Engine:
                         self._lock.wait()
                     if self._stopping:
                         return
-                try:
-                    self.step()
-                except Exception as e:  # noqa: BLE001 - never let the worker die: fail what was running
-                    for request in list(self._rows):
-                        self._fail(request, e)
+                self.step()  # which does not raise: the worker never dies
         finally:
             if torch.get_num_threads() != found:
                 torch.set_num_threads(found)

@@ -350,7 +350,7 @@ def _child_main(model_dir: str, device: str, dtype: str, engine_args: dict, comm
                     sink_for(rid)(e)
                 continue
             requests.update(zip(ids, submitted))
-        engine.step()
+        engine.step()  # never raises: an error fails the requests it concerns, and this process goes on
         if outbox or not engine.busy:
             stats = [engine.active, engine.queued, dataclasses.asdict(engine.stats)]
             try:
