@@ -9,7 +9,8 @@ the engine), `page` (the chat page). Generation runs in `gpt1.inference.engine.E
 
 Every bad request is answered with status 400 (401 for auth, 403 for a non-loopback Host on a
 keyless loopback server, 404, 408 for a body or headers that do not arrive in time, 413 for an
-over-large body, 431 for over-large headers, 503 when the queue is full) and OpenAI's error body.
+over-large body, 415 for a compressed one, 431 for over-large headers, 503 when the queue is
+full) and OpenAI's error body; /openapi.json documents them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from gpt1 import __version__
 from gpt1.core.errors import Gpt1Error
 from gpt1.inference.engine import Engine, EngineUnavailable
 from gpt1.inference.engine_process import EngineProcess
-from gpt1.serve.errors import ApiError, generation_error, validation_error
+from gpt1.serve.errors import ApiError, generation_error, unreadable_body, validation_error
 from gpt1.serve.middleware import Guard
 from gpt1.serve.routes import add_routes
 
@@ -128,12 +129,10 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI's, raised from the cause
+            return unreadable_body(exc.__cause__).response()
         kind = "not_found" if exc.status_code == 404 else None
-        message = str(exc.detail)
-        if exc.status_code == 400 and "parsing the body" in message:
-            message = "the request body could not be read as JSON (is it valid UTF-8, and nested less than 1,000 deep?)"
-            kind = "invalid_json"
-        return ApiError(exc.status_code, message, code=kind, headers=getattr(exc, "headers", None)).response()
+        return ApiError(exc.status_code, str(exc.detail), code=kind, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):

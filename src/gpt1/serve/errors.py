@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.inference.engine import EngineUnavailable
@@ -31,6 +33,46 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+# ---- the error body in the OpenAPI schema ---------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what is wrong, in one line")
+    type: str = Field(description='"invalid_request_error" (4xx) or "server_error" (5xx)')
+    param: str | None = Field(description="the request field at fault, e.g. messages[0].content")
+    code: str | None = Field(description="e.g. context_length_exceeded, unsupported_parameter, server_overloaded")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: every answer that is not a success has it (FastAPI's 422 is a 400 here)."""
+
+    error: ErrorDetail
+
+
+_WHEN = {
+    400: "a bad request: invalid JSON or UTF-8, a field of the wrong type or out of range, an unknown field, an "
+         "unsupported field at a non-neutral value (unsupported_parameter), a prompt that does not fit "
+         "(context_length_exceeded), more prompts than the server holds (too_many_prompts), malformed HTTP",
+    401: "a missing or wrong API key, on a server that has one (invalid_api_key)",
+    403: "a Host that is not a loopback name, on a keyless loopback server (invalid_host)",
+    404: "no such model (model_not_found)",
+    408: "the request line and headers, or the body, did not arrive in time (request_timeout)",
+    413: "a body over the server's limit, 1 MiB by default (request_too_large)",
+    415: "a compressed body: a Content-Encoding other than identity (unsupported_content_encoding)",
+    431: "a request line and headers over 64 KiB (request_header_fields_too_large)",
+    503: "every slot and queue place is taken (server_overloaded, with Retry-After), or the engine has stopped "
+         "(engine_unavailable)",
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """The `responses` of a route in the OpenAPI schema: these errors, and any other in the same
+    body ("default", which also keeps FastAPI from documenting a 422 this server never sends)."""
+    responses: dict = {status: {"model": ErrorResponse, "description": _WHEN[status]} for status in sorted(statuses)}
+    responses["default"] = {"model": ErrorResponse, "description": "any other error (405 for a method the path "
+                                                                   "lacks; 500 for a fault of the server's own)"}
+    return responses
+
+
+# ---- request errors ----------------------------------------------------------------------------
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|function-.*|.*\[.*\])$")
 
 
@@ -93,6 +135,23 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
         if "input" in error:
             message += f" (got {json_repr(error['input'])})"
     return ApiError(400, f"{param}: {message}", param=param, code=code)
+
+
+def unreadable_body(cause: BaseException | None) -> ApiError:
+    """The 400 for a JSON body that Python's parser gave up on with something other than a syntax
+    error (FastAPI's "There was an error parsing the body", raised from `cause`): its reason."""
+    if isinstance(cause, UnicodeDecodeError):
+        message = (f"the request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at position "
+                   f"{cause.start})")
+    elif isinstance(cause, RecursionError):
+        message = "the request body is nested too deeply for the JSON parser (keep it nested less than 1,000 deep)"
+    elif isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        message = (f"the request body has an integer of more than {sys.get_int_max_str_digits():,} digits, "
+                   "more than the JSON parser reads")
+    else:
+        detail = f" ({type(cause).__name__}: {str(cause)[:100]})" if cause is not None else ""
+        message = f"the request body could not be read as JSON{detail}"
+    return ApiError(400, message, code="invalid_json")
 
 
 def generation_error(e: BaseException) -> ApiError:

@@ -9,23 +9,33 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.serve.errors import ApiError, json_repr
-from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from gpt1.serve.schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 PARAM_TO_API = {"max_new_tokens": "max_tokens"}  # SamplingParams fields that OpenAI names differently
-MAX_STOP = 4
 
 
 def check_unsupported(req: GenerationRequest) -> None:
     """400 `unsupported_parameter` for the first OpenAI field set to what this server does not do
-    (the request's NEUTRAL values are the ones it accepts). The schema is strict, so a value of
-    the wrong type (0 for false) never gets here to compare equal to a neutral one."""
-    for name, accepted in req.NEUTRAL.items():
-        value = getattr(req, name)
+    (the request's, and its messages', NEUTRAL values are the ones it accepts). The schema is
+    strict, so a value of the wrong type (0 for false) never gets here to compare equal to a
+    neutral one."""
+    _check_neutral(req)
+    for i, message in enumerate(getattr(req, "messages", ())):
+        _check_neutral(message, f"messages[{i}].")
+
+
+_HINTS = {"n": "send several requests instead", "frequency_penalty": "use repeat_penalty",
+          "presence_penalty": "use repeat_penalty", "tool_calls": "this server has no tools",
+          "function_call": "this server has no tools"}
+
+
+def _check_neutral(model, prefix: str = "") -> None:
+    for name, accepted in model.NEUTRAL.items():
+        value = getattr(model, name)
         if value not in accepted:
-            hint = {"n": "send several requests instead", "frequency_penalty": "use repeat_penalty",
-                    "presence_penalty": "use repeat_penalty"}.get(name, "it is not implemented")
-            raise ApiError(400, f"{name}={json_repr(value)} is not supported by this server ({hint})",
-                           param=name, code="unsupported_parameter")
+            hint = _HINTS.get(name, "it is not implemented")
+            raise ApiError(400, f"{prefix}{name}={json_repr(value)} is not supported by this server ({hint})",
+                           param=prefix + name, code="unsupported_parameter")
 
 
 def chat_max_tokens(req: ChatCompletionRequest) -> tuple[int | None, str]:
@@ -52,7 +62,7 @@ def sampling_params(req: GenerationRequest, max_tokens: int | None, max_tokens_p
     if max_tokens is not None:
         knobs["max_new_tokens"] = max_tokens
     knobs["stop"] = tuple(stop)
-    knobs["truncate_prompt"] = req.truncate_prompt
+    knobs["truncate_prompt"] = bool(req.truncate_prompt)  # null: the default, false
     try:
         return SamplingParams(**knobs).validate()
     except Gpt1Error as e:
@@ -63,23 +73,25 @@ def sampling_params(req: GenerationRequest, max_tokens: int | None, max_tokens_p
 
 
 def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_tokens: int | None,
-                max_tokens_param: str) -> SamplingParams:
+                max_tokens_param: str, prompt: str | None = None) -> SamplingParams:
     """Without truncation, refuse what does not fit (as OpenAI does) and cap an omitted
-    max_tokens by the room the prompt leaves. With it, gpt1.inference.decoding's rule applies."""
+    max_tokens by the room the prompt leaves. With it, gpt1.inference.decoding's rule applies.
+    `prompt`: where a completion's prompt is in the request ("prompt", "prompt[1]"), for the errors."""
     if params.truncate_prompt:
         return params
     if prompt_tokens >= context:
-        raise ApiError(400, f"the prompt is {prompt_tokens} tokens; this model's context is {context} tokens, "
-                            "which must hold the prompt and at least one new token. Shorten the prompt, or send "
-                            "\"truncate_prompt\": true to drop the oldest turns (chat) or tokens (completions).",
-                       code="context_length_exceeded")
+        raise ApiError(400, f"{prompt or 'the prompt'} is {prompt_tokens} tokens; this model's context is {context} "
+                            "tokens, which must hold the prompt and at least one new token. Shorten the prompt, or "
+                            "send \"truncate_prompt\": true to drop the oldest turns (chat) or tokens (completions).",
+                       param="prompt" if prompt else None, code="context_length_exceeded")
     room = context - prompt_tokens
     if max_tokens is None:
         return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
     if max_tokens > room:
         raise ApiError(400, f"this model's maximum context length is {context} tokens, but {prompt_tokens + max_tokens} "
-                            f"were requested ({prompt_tokens} in the prompt, {max_tokens} in the completion); reduce the "
-                            f"prompt or {max_tokens_param} (at most {room} here), or send \"truncate_prompt\": true",
+                            f"were requested ({prompt_tokens} in {prompt or 'the prompt'}, {max_tokens} in the "
+                            f"completion); reduce the prompt or {max_tokens_param} (at most {room} here), or send "
+                            "\"truncate_prompt\": true",
                        param=max_tokens_param, code="context_length_exceeded")
     return params
 

@@ -6,7 +6,8 @@ that answers before FastAPI reads or parses anything.
   visits could reach it by DNS rebinding (its own name, re-pointed at 127.0.0.1).
 - API key: `Authorization: Bearer KEY` on every /v1 request, when the server has a key.
 - Body: at most `max_body_bytes` (413), received within `body_timeout_s` seconds in all (408,
-  and the connection is closed), so that slow senders cannot hold connections open.
+  and the connection is closed), so that slow senders cannot hold connections open; not
+  compressed (415 for a `Content-Encoding` other than identity: nothing here decodes one).
 - Head: a request line and headers of more than MAX_HEAD_BYTES get 431 (`gpt1.serve.server`
   bounds a head still arriving, and the time it takes).
 - HEAD: answered as GET wherever GET is (uptime checkers use `curl -I`); the server sends only
@@ -19,7 +20,7 @@ import asyncio
 import hmac
 import ipaddress
 
-from gpt1.serve.errors import ApiError
+from gpt1.serve.errors import ApiError, short_repr
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers (a browser's are a few KiB)
@@ -104,6 +105,13 @@ class Guard:
                 message = ("missing API key: send the header 'Authorization: Bearer KEY'"
                            if not token else "incorrect API key")
                 return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        encoding = headers.get("content-encoding", b"").strip().lower()
+        if scope["method"] in BODY_METHODS and encoding not in (b"", b"identity"):
+            # Else the compressed bytes would reach the JSON parser and fail as "not valid UTF-8".
+            name = short_repr(encoding.decode("latin-1"))
+            return ApiError(415, f"the request body is compressed (Content-Encoding {name}), which this server does "
+                                 "not decode; send it uncompressed",
+                            code="unsupported_content_encoding", headers={"Accept-Encoding": "identity"})
         declared = headers.get("content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return self._too_large()

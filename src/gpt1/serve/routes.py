@@ -24,7 +24,7 @@ from gpt1.inference.engine import Engine, EngineUnavailable, QueueFull, TooLarge
 from gpt1.inference.engine import Request as EngineRequest
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve import mapping
-from gpt1.serve.errors import ApiError, generation_error
+from gpt1.serve.errors import ApiError, error_responses, generation_error
 from gpt1.serve.page import page_html
 from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -192,11 +192,17 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _no_usage(include_usage: bool) -> dict:
+    # As OpenAI: with include_usage, every chunk but the last has "usage": null (clients index it).
+    return {"usage": None} if include_usage else {}
+
+
 async def _chat_events(requests, queue, rid, now, model_id, include_usage, interval) -> AsyncIterator[str]:
     def chunk(delta: dict, finish_reason: str | None = None) -> dict:
         return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
                 "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                **_no_usage(include_usage)}
 
     yield _sse(chunk({"role": "assistant", "content": ""}))
     content_event = _event_template(chunk({"content": _TEXT}))
@@ -225,7 +231,8 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
     def chunk(index: int, text: str, finish_reason: str | None = None) -> dict:
         return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
                 "system_fingerprint": None,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+                **_no_usage(include_usage)}
 
     prompt_tokens = completion_tokens = 0
     try:
@@ -251,6 +258,18 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
 
 
 # ---- the routes ----------------------------------------------------------------------------------
+_SEEN_BY_ALL = (403, 408, 431)  # the Guard's and the HTTP protocol's answers, before any route runs
+# Both generation endpoints: a JSON reply, or with stream: true server-sent events.
+_GENERATION_RESPONSES = {
+    200: {"description": "the reply: a JSON object, or with stream: true server-sent events (`data: {chunk}` "
+                         "events, then `data: [DONE]`; a failure after the start is a `data: {\"error\": ...}` event)",
+          # Each event, as FastAPI documents its own event streams.
+          "content": {"text/event-stream": {"itemSchema": {
+              "type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a chunk as JSON, or [DONE]"}}}}}},
+    **error_responses(400, 401, *_SEEN_BY_ALL, 413, 415, 503)}
+
+
 def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: str, auth: bool, *,
                ensure_started: Callable[[], Awaitable[None]], stream_interval: float = 0.0) -> None:
     """The endpoints; each awaits `ensure_started()` before it uses the engine (see `create_app`)."""
@@ -261,7 +280,7 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
     async def page() -> HTMLResponse:
         return HTMLResponse(page_html(name, context, auth))
 
-    @app.get("/health")
+    @app.get("/health", responses=error_responses(*_SEEN_BY_ALL, 503))
     async def health() -> dict:
         """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s, the
         device and dtype (and on a CPU the threads of the latest step, null before the process
@@ -283,18 +302,18 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "gpt1", "context_length": context}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401, *_SEEN_BY_ALL))
     async def list_models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", responses=error_responses(401, *_SEEN_BY_ALL, 404))
     async def get_model(model_id: str) -> dict:
         if model_id != name:
             raise ApiError(404, f"model {model_id[:100]!r} not found; this server serves {name!r}",
                            param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         mapping.check_unsupported(req)
         max_tokens, which = mapping.chat_max_tokens(req)
@@ -319,14 +338,17 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
                              "logprobs": None, "finish_reason": r["finish_reason"]}],
                 "usage": _usage(r["prompt_tokens"], r["completion_tokens"])}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
         mapping.check_unsupported(req)
         # Off the event loop, as in chat_completions: a 1 MiB prompt takes about a second to tokenize.
         prompts = await run_in_threadpool(mapping.completion_prompts, req, tokenizer, engine.config.vocab_size)
         # One SamplingParams for all prompts: the longest one decides what fits in the context.
         params = mapping.sampling_params(req, req.max_tokens, "max_tokens", context)
-        params = mapping.fit_context(params, max(len(p) or 1 for p in prompts), context, req.max_tokens, "max_tokens")
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        where = f"prompt[{longest}]" if len(prompts) > 1 else "prompt"  # named if it does not fit
+        # An empty prompt starts from [EOS]: one token.
+        params = mapping.fit_context(params, len(prompts[longest]) or 1, context, req.max_tokens, "max_tokens", where)
         await ensure_started()
         requests, queue = submit(engine, prompts, params)
         rid, now, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name

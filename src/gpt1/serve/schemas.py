@@ -1,5 +1,11 @@
 """The request bodies of the OpenAI API, as strict pydantic models (they are the OpenAPI schema
-at /docs too). An omitted knob takes gpt1's default (`SamplingParams`)."""
+at /docs too). An omitted knob takes gpt1's default (`SamplingParams`).
+
+The schema says what the server accepts: a knob's bounds are in it as JSON Schema keywords
+(`minimum`, `maximum`, ...) and an unimplemented field's accepted values as its `enum`, so that
+a client or a fuzzer that follows /openapi.json sends nothing the server refuses. The checks
+themselves stay in one place each (`SamplingParams.validate`, `mapping.check_unsupported`), with
+their messages; tests/test_serve_conformance.py checks that the schema agrees with them."""
 
 from __future__ import annotations
 
@@ -7,7 +13,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
+from gpt1.core.sampling_params import KNOB_RANGES
 from gpt1.serve.errors import json_repr
+
+MAX_STOP = 4  # stop strings per request, as OpenAI
 
 
 def _lone_surrogate(value: Any) -> int | None:
@@ -24,10 +33,19 @@ def _lone_surrogate(value: Any) -> int | None:
     return None
 
 
+def _schema_extra(schema: dict[str, Any], model: type) -> None:
+    """What the OpenAPI schema says beyond the fields' types: the values an unimplemented field
+    accepts (a model's NEUTRAL ones) as its `enum`, and a model's checks across fields
+    (SCHEMA_RULES) as JSON Schema's if/then/else."""
+    for name, accepted in getattr(model, "NEUTRAL", {}).items():
+        schema["properties"][name]["enum"] = list(accepted)
+    schema.update(getattr(model, "SCHEMA_RULES", {}))
+
+
 class _Strict(BaseModel):
     # Strict: "5" is not a number and true is not 1; unknown fields are an error rather than
     # silently ignored; NaN and Infinity (which Python's JSON parser accepts) are refused.
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_schema_extra)
 
     @field_validator("*")
     @classmethod
@@ -40,41 +58,74 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = Field(False, description="a last chunk with the usage (and \"usage\": null in "
+                                                           "the others)")
+    # OpenAI pads its stream's events (against traffic analysis) unless this is false; this
+    # server pads nothing, either way.
+    include_obfuscation: bool | None = Field(None, description="accepted; this server adds no obfuscation field")
+
+
+# SamplingParams.validate's bounds as JSON Schema (tests/test_serve_conformance.py sends each
+# bound and its neighbour outside to check that they agree). FastAPI keeps a bound as a float:
+# the integer ones are powers of two, which a float holds exactly (2**63 - 1 would become 2**63).
+_KNOB_BOUNDS: dict[str, dict[str, Any]] = {
+    "temperature": {"minimum": 0}, "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"minimum": 0, "exclusiveMaximum": 2**63}, "min_p": {"minimum": 0, "maximum": 1},
+    "repeat_penalty": {"exclusiveMinimum": 0}, "repeat_last_n": {"minimum": -1, "exclusiveMaximum": 2**63},
+    "seed": {"minimum": -2**63, "exclusiveMaximum": 2**64},
+}
+_MAX_TOKENS = {"minimum": 1}  # and at most the model's context, which a static schema cannot say
+
+
+def _knob(name: str, what: str = "") -> Any:
+    """A SamplingParams knob (null or omitted: gpt1's default), with its range in words (KNOB_RANGES,
+    SamplingParams.validate's) and as JSON Schema."""
+    return Field(None, description=f"{what}{'; ' if what else ''}{KNOB_RANGES[name]}",
+                 json_schema_extra=_KNOB_BOUNDS[name])
 
 
 class GenerationRequest(_Strict):
     """Fields shared by both endpoints."""
 
     model: str | None = Field(None, description="accepted and echoed; this server serves one model")
-    max_tokens: int | None = Field(None, description="at most this many new tokens; default: gpt1's default, "
-                                                      "capped by the context left after the prompt")
-    temperature: float | None = Field(None, description="0 = greedy")
-    top_p: float | None = None
-    top_k: int | None = Field(None, description="extra: keep the k most likely tokens (0 = off)")
-    min_p: float | None = Field(None, description="extra: drop tokens below min_p * p(most likely)")
-    repeat_penalty: float | None = Field(None, description="extra: llama.cpp-style penalty (1 = off)")
-    repeat_last_n: int | None = Field(None, description="extra: how many recent tokens repeat_penalty looks at")
-    seed: int | None = Field(None, description="makes sampling reproducible")
-    truncate_prompt: bool = Field(False, description="extra: fit an over-long prompt into the context by dropping "
-                                                     "the oldest turns (chat) or tokens (completions) instead of "
-                                                     "answering 400")
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the reply (not included)")
-    stream: bool = False
+    max_tokens: int | None = Field(None, description="at most this many new tokens, at most the model's context "
+                                                      "(context_length in /v1/models); default: gpt1's default, "
+                                                      "capped by the context left after the prompt",
+                                   json_schema_extra=_MAX_TOKENS)
+    temperature: float | None = _knob("temperature")
+    top_p: float | None = _knob("top_p")
+    top_k: int | None = _knob("top_k", "extra: keep the k most likely tokens")
+    min_p: float | None = _knob("min_p", "extra: drop tokens below min_p * p(most likely)")
+    repeat_penalty: float | None = _knob("repeat_penalty", "extra: llama.cpp-style penalty")
+    repeat_last_n: int | None = _knob("repeat_last_n", "extra: how many recent tokens repeat_penalty looks at")
+    seed: int | None = _knob("seed", "makes sampling reproducible")
+    # As in OpenAI's API, an optional field takes null (clients that serialise each unset
+    # optional send it): the default (false here), or a NEUTRAL value (n, echo, the penalties).
+    truncate_prompt: bool | None = Field(False, description="extra: fit an over-long prompt into the context by "
+                                                            "dropping the oldest turns (chat) or tokens (completions) "
+                                                            "instead of answering 400")
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} non-empty strings that end the reply "
+                                                           "(not included)",
+                                         json_schema_extra={"minLength": 1, "maxItems": MAX_STOP,
+                                                            "items": {"minLength": 1}})
+    stream: bool | None = Field(False, description="true: the reply as server-sent events (text/event-stream)")
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
-    n: int = Field(1, description="only 1 is supported")
+    n: int | None = Field(1, description="only 1 is supported")
     user: str | None = None
     # Accepted only at their neutral values so that clients that always send them still work.
-    frequency_penalty: float = Field(0.0, description="unsupported: only 0 (use repeat_penalty)")
-    presence_penalty: float = Field(0.0, description="unsupported: only 0 (use repeat_penalty)")
+    frequency_penalty: float | None = Field(0.0, description="unsupported: only 0 (use repeat_penalty)")
+    presence_penalty: float | None = Field(0.0, description="unsupported: only 0 (use repeat_penalty)")
     logit_bias: dict[str, float] | None = Field(None, description="unsupported: only null or {}")
 
     # OpenAI fields this server does not implement -> the values it accepts for them (null, or
     # the value that asks for nothing), so that clients that always send them still work; any
     # other value is a 400 `unsupported_parameter` (gpt1.serve.mapping.check_unsupported).
     # Per endpoint: the same name can mean different things (see CompletionRequest.logprobs).
-    NEUTRAL: ClassVar[dict[str, tuple]] = {"n": (1,), "frequency_penalty": (0.0,), "presence_penalty": (0.0,),
-                                           "logit_bias": (None, {})}
+    NEUTRAL: ClassVar[dict[str, tuple]] = {"n": (None, 1), "frequency_penalty": (None, 0.0),
+                                           "presence_penalty": (None, 0.0), "logit_bias": (None, {})}
+    # _only_when_streaming, for the schema.
+    SCHEMA_RULES: ClassVar[dict] = {"if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+                                    "else": {"properties": {"stream_options": {"type": "null"}}}}
 
     @field_validator("stop")
     @classmethod
@@ -123,13 +174,41 @@ Content = Annotated[Annotated[str, Tag("str")] | Annotated[list[TextPart], Tag("
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"] = Field(description="'developer' means 'system'")
-    content: Content = Field(description="a string, or a list of text parts (joined)")
+    content: Content | None = Field(description="a string, or a list of text parts (joined); null only in an "
+                                                "assistant message (read as \"\")")
     name: str | None = None
+    # The rest of an assistant message as OpenAI's clients give it back (openai's
+    # `reply.choices[0].message.model_dump()`), so that a reply can be appended to `messages` as
+    # it came. Accepted only when they say nothing (mapping.check_unsupported).
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    annotations: list[dict[str, Any]] | None = None
+
+    NEUTRAL: ClassVar[dict[str, tuple]] = {"refusal": (None,), "audio": (None,), "function_call": (None,),
+                                           "tool_calls": (None, []), "annotations": (None, [])}
+    # _null_only_from_the_assistant, for the schema.
+    SCHEMA_RULES: ClassVar[dict] = {"if": {"properties": {"role": {"const": "assistant"}}},
+                                    "else": {"properties": {"content": {"not": {"type": "null"}}}}}
+
+    @field_validator("content")
+    @classmethod
+    def _null_only_from_the_assistant(cls, value: Any, info: ValidationInfo) -> Any:
+        # OpenAI allows null content in an assistant message only (one that made tool calls).
+        if value is None:
+            if info.data.get("role") != "assistant":
+                raise ValueError("content must be a string or a list of text parts (null only in an assistant "
+                                 "message)")
+            return ""
+        return value
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
+    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens (send one, or "
+                                                                "both equal)",
+                                              json_schema_extra=_MAX_TOKENS)
     logprobs: bool | None = Field(None, description="unsupported: only false")
     # top_logprobs needs logprobs: true, which is refused first, so 0 is neutral.
     top_logprobs: int | None = Field(None, description="unsupported: only 0")
@@ -188,12 +267,13 @@ Prompt = Annotated[Annotated[str, Tag("str")] | Annotated[list[str], Tag("list[s
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Prompt = Field(description="a string, token ids, or a list of either (one choice each)")
-    echo: bool = Field(False, description="unsupported: only false")
+    prompt: Prompt = Field(description="a string, token ids in [0, the vocabulary size), or a non-empty list of "
+                                       "either (one choice each); \"\" starts from [EOS]")
+    echo: bool | None = Field(False, description="unsupported: only false")
     logprobs: int | None = Field(None, description="unsupported: only null")
     best_of: int | None = Field(None, description="unsupported: only null or 1")
-    suffix: str | None = Field(None, description="unsupported: only null")
+    suffix: str | None = Field(None, description="unsupported: only null or \"\"")
 
     # logprobs is a count here, and 0 still asks for the sampled token's logprob: only null is neutral.
-    NEUTRAL: ClassVar[dict[str, tuple]] = {**GenerationRequest.NEUTRAL, "echo": (False,), "logprobs": (None,),
-                                           "best_of": (None, 1), "suffix": (None,)}
+    NEUTRAL: ClassVar[dict[str, tuple]] = {**GenerationRequest.NEUTRAL, "echo": (None, False), "logprobs": (None,),
+                                           "best_of": (None, 1), "suffix": (None, "")}

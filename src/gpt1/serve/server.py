@@ -10,10 +10,12 @@ import errno
 import gc
 import json
 import socket
+import sys
 import threading
 import time
 from typing import Iterator
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -31,7 +33,8 @@ class _Protocol(HttpToolsProtocol):
     line and headers) without limit and wait for it forever, before the API key is even looked
     at. Here a head still arriving is refused once it is over MAX_HEAD_BYTES (431: one that
     arrives whole is measured by the Guard) or when it has taken `head_timeout_s` (408; a
-    connection that sent nothing is closed, as an idle kept-alive one is)."""
+    connection that sent nothing is closed, as an idle kept-alive one is), and a request that
+    is not valid HTTP gets its 400 in OpenAI's error body too, not uvicorn's plain text."""
 
     head_timeout_s = HEAD_TIMEOUT_S
 
@@ -65,6 +68,14 @@ class _Protocol(HttpToolsProtocol):
             self._head += len(data)
             if self._head > MAX_HEAD_BYTES:
                 self._refuse(head_too_large())
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn calls this from its `except httptools.HttpParserError` in data_received: the
+        # parser's reason (e.g. "Transfer-Encoding can't be present with Content-Length") is
+        # the exception being handled.
+        reason = sys.exc_info()[1]
+        detail = f": {reason}" if isinstance(reason, httptools.HttpParserError) and str(reason) else ""
+        self._refuse(ApiError(400, f"the request is not valid HTTP/1.1{detail}", code="invalid_http_request"))
 
     def _head_timeout(self) -> None:
         if self._head or self._head_began:
