@@ -226,7 +226,7 @@ def _hs(i: int, **changes) -> dict:
 
 
 SCHEMA_VIOLATIONS = [  # task, document, the error after "FILE, line N: "
-    ("hellaswag", _hs(0, endings=["a", "b", "c"]), 'field \'endings\' must be a list of 4 strings, got \\["a", "b", "c"\\]'),
+    ("hellaswag", _hs(0, endings=["a", "b", "c"]), 'field \'endings\' must be a list of 4 non-empty strings, got \\["a", "b", "c"\\]'),
     ("hellaswag", _hs(0, label=True), "field 'label' must be one of 0, 1, 2, 3"),
     ("arc_easy", {"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A"]}, "answerKey": "A"},
      "field 'choices' must be .*as many labels as texts"),
@@ -307,8 +307,8 @@ def test_a_context_of_only_whitespace_is_scored_after_the_prefix_token(tokenizer
 
 def test_a_shot_with_an_empty_target_is_its_text_alone_as_in_lm_eval(tmp_path):
     """A Winogrande sentence ending in its blank has the target "": lm-eval's build_qa_turn takes
-    that for no answer and adds neither " " nor "\\n\\n" (gpt1 added both). An ARC shot whose gold
-    choice is "" is an index, an answer: both delimiters stay."""
+    that for no answer and adds neither " " nor "\\n\\n" (gpt1 added both). A HellaSwag shot whose
+    gold ending its cleaning empties is an index, an answer: both delimiters stay."""
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks.winogrande import preprocess_winogrande as wg
 
@@ -326,12 +326,17 @@ def test_a_shot_with_an_empty_target_is_its_text_alone_as_in_lm_eval(tmp_path):
     assert shot == "The ending blank is y"
     assert [r.context for r in examples[1].requests] == [shot + choice for choice in wg.doc_to_choice(other)]
 
-    empty_gold = {"question": "Which is empty?", "choices": {"text": ["", "x"], "label": ["A", "B"]}, "answerKey": "A"}
-    data = write_jsonl(tmp_path / "arc.jsonl", [empty_gold, {**empty_gold, "question": "And now?"}])
-    examples = build_examples(get_task("arc_easy"), str(data), num_fewshot=1)
-    shot = lm_eval_shot("Question: Which is empty?\nAnswer:", 0, ["", "x"])
-    assert shot == "Question: Which is empty?\nAnswer: \n\n"
-    assert examples[1].requests[0].context == shot + "Question: And now?\nAnswer:"
+    # A HellaSwag gold ending that its cleaning empties ("[header]") is an answer: both delimiters stay.
+    import datasets
+    from lm_eval.tasks.hellaswag import utils as hs
+    empty_gold = {"activity_label": "Cooking", "ctx_a": "A cook", "ctx_b": "stirs",
+                  "endings": ["[header]", "x.", "y.", "z."], "label": "0"}
+    doc = hs.process_docs(datasets.Dataset.from_list([empty_gold]))[0]
+    shot = lm_eval_shot(doc["query"], int(doc["label"]), doc["choices"])
+    assert shot == "Cooking: A cook Stirs \n\n"
+    data = write_jsonl(tmp_path / "hs.jsonl", [empty_gold, {**empty_gold, "ctx_b": "waits"}])
+    examples = build_examples(get_task("hellaswag"), str(data), num_fewshot=1)
+    assert examples[1].requests[0].context == shot + "Cooking: A cook Waits"
 
 
 def test_fewshot_from_a_folder_without_its_fewshot_split_is_an_error(tiny_model_dir, tmp_path, capsys):

@@ -188,7 +188,7 @@ def _tasks_eval(args: argparse.Namespace) -> int:
     report = args.report or (str(Path(args.model) / REPORT_FILE) if args.suite else None)
     # Perplexity first: a bad --ppl-data source is found before the tasks are scored.
     ppl = _perplexity(llm, args.ppl_data, args) if args.ppl_data else None
-    results, unscored = [], []
+    results, unscored, failed = [], [], None
     for name, limit in limits.items():
         try:
             results.append(evaluate_task(llm, name, source=sources[name], num_fewshot=args.fewshot,
@@ -196,10 +196,13 @@ def _tasks_eval(args: argparse.Namespace) -> int:
                                          batch_size=args.batch_size or 32, precision=args.precision))
         except NothingScored as e:  # the other tasks' results still count
             unscored.append(str(e))
+        except Gpt1Error as e:  # a bad task file, a broken model: stop, but keep what was scored before
+            failed = e
+            break
     if results:
         _emit_results(args, llm, results, report, ppl)
-    if unscored:
-        raise Gpt1Error("; ".join(unscored))
+    if failed or unscored:
+        raise Gpt1Error("; ".join(unscored + ([str(failed)] if failed else [])))
     return 0
 
 

@@ -6,6 +6,7 @@ data dir (or text files, tokenized with `[EOS]` after each document) cut into co
 that predict every token after the first exactly once: disjoint runs of `block_size` targets,
 the last, shorter run predicted by a window ending at the last token, whose inputs overlap the
 window before (lm-eval's loglikelihood_rolling), so no token is dropped and each has a full context.
+A source shorter than one context is scored in one window of its own length, as lm-eval does.
 A loss that is not finite (fp16 overflow, a broken model) is an error, never a NaN in a report.
 
 Bits per byte (tokenizer-independent, so models with different tokenizers compare) is the
@@ -105,8 +106,13 @@ def check_finite(value: float, what: str, llm, precision: str) -> None:
     raise Gpt1Error(f"{what} of the model {llm.path} is not finite ({value}) in {precision} ({dtype} weights): {hint}")
 
 
+# exp overflows a float past ~709.8; a loss above this means "untrained" or "broken" whatever its
+# value, so perplexity is capped at exp(700) ~ 1.01e304 instead of failing after the scoring.
+MAX_LOG_PERPLEXITY = 700.0
+
+
 def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))  # exp overflows past ~709; such a loss means "untrained"
+    return math.exp(min(loss, MAX_LOG_PERPLEXITY))
 
 
 def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int = 8, block_size: int | None = None,
@@ -136,8 +142,12 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
             ids.append(eos)
         tokens = np.array(ids, dtype=np.int64)
         source = ", ".join(data)
-    if len(tokens) < block_size + 1:
-        raise Gpt1Error(f"{source}: {len(tokens):,} tokens, fewer than one context window ({block_size + 1:,})")
+    if len(tokens) < 2:
+        raise Gpt1Error(f"{source}: {len(tokens)} token(s), nothing to predict (perplexity scores every token "
+                        "after the first)")
+    # A source shorter than one context is one shorter window, as lm-eval's rolling windows
+    # (get_rolling_token_windows: the first is min(max_seq_len, len(tokens)) long) score it.
+    block_size = min(block_size, len(tokens) - 1)
     n_windows = math.ceil((len(tokens) - 1) / block_size)
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
@@ -152,5 +162,8 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
     check_finite(loss, f"{source}: the loss", llm, precision)
     predicted = np.asarray(tokens[1:min(n_windows * block_size, len(tokens) - 1) + 1], dtype=np.int64)
     n_bytes = int(token_byte_lengths(llm.tokenizer)[predicted].sum())
+    if not n_bytes:  # e.g. a one-token file: only its [EOS] is predicted; bits per byte would be NaN
+        raise Gpt1Error(f"{source}: the {n:,} token(s) predicted are special tokens with no text ([EOS]); "
+                        "bits per byte needs text after the first token")
     return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes,
                       skipped=sum(stats.skipped.values()), skipped_by_reason=dict(stats.skipped))

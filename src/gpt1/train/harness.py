@@ -3,12 +3,16 @@
 Tokenization follows lm-eval's `HFLM` for a causal model: trailing whitespace of a context moves
 to its continuation, the continuation's tokens are `encode(context + continuation)` after the
 first `len(encode(context))` tokens, and an empty context is the single prefix token ([EOS], the
-exported tokenizer's BOS). A request's score is the sum of the continuation tokens' log-probabilities
-and whether each was the argmax (`is_greedy`). Metrics are lm-eval's: `acc` (argmax of the sums),
-`acc_norm` (argmax of the sums divided by each choice's length in characters), LAMBADA's `acc`
-(every token greedy) and `perplexity` (exp of minus the mean log-likelihood); `stderr` of a mean
-is the sample standard deviation over sqrt(n) (lm-eval's `mean_stderr`); of perplexity, the
-delta-method estimate (lm-eval bootstraps it).
+exported tokenizer's BOS). One exception: text that spells a special token ("[EOS]", "<|user|>")
+is encoded as that text, as everywhere in gpt1, while the export's tokenizer in transformers
+makes it the special token; such examples score differently, and a warning names them.
+A request's score is the sum of the continuation tokens' log-probabilities and whether each was
+the argmax (`is_greedy`). Metrics are lm-eval's: `acc` (argmax of the sums), `acc_norm` (argmax of
+the sums divided by each choice's length in characters), LAMBADA's `acc` (every token greedy) and
+`perplexity` (exp of minus the mean log-likelihood, its exponent capped at 700 as perplexity mode
+caps it); `stderr` of a mean is the sample standard deviation over sqrt(n) (lm-eval's
+`mean_stderr`); of perplexity, the delta-method estimate (lm-eval bootstraps it), None where the
+perplexity is capped or the estimate overflows.
 
 Speed: examples are scored in chunks (longest first). The distinct contexts of a chunk run once,
 without their last token, in one batch into a KV cache; then the chunk's continuations, sorted by
@@ -34,9 +38,10 @@ import torch
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import write_text
 from gpt1.core.model import KVCache
-from gpt1.core.progress import progress
+from gpt1.core.progress import progress, warn
 from gpt1.core.threads import tuned_threads
-from gpt1.train.evaluate import check_finite
+from gpt1.core.tokenizer import SPECIAL_TOKENS
+from gpt1.train.evaluate import MAX_LOG_PERPLEXITY, check_finite, perplexity
 from gpt1.train.precision import autocast
 from gpt1.train.tasks import Example, Task, get_task, load_documents, split_exists
 
@@ -281,11 +286,31 @@ def evaluate_task(llm, task_name: str, *, source: str | None = None, num_fewshot
         raise NothingScored(f"{task_name}: nothing scored: all {len(examples)} examples{shots} are longer than the "
                             f"model's context of {llm.model.config.block_size} tokens "
                             f"({'fewer shots or ' if num_fewshot else ''}a model with a longer context would fit them)")
+    _warn_special_token_text(task_name, [examples[i] for i in kept], llm.tokenizer)
     scores = scorer.score_examples([encoded[i] for i in kept], desc=task_name, show_progress=show_progress)
     for i, scored in zip(kept, scores):  # NaN log-likelihoods still have an argmax: a chance-level accuracy
         for s in scored:
             check_finite(s.loglikelihood, f"{task_name}: {examples[i].doc.origin}: the log-likelihood", llm, precision)
     return _metrics(task, [examples[i] for i in kept], scores, num_fewshot, skipped=len(examples) - len(kept))
+
+
+def _warn_special_token_text(task_name: str, examples: list[Example], tokenizer) -> None:
+    """gpt1 encodes text that spells a special token ("[EOS]", "<|user|>") as that text; transformers'
+    tokenizer of the `gpt1 export`, which lm-eval's HFLM uses, makes it the special token, so the
+    scores of such examples differ from lm-eval's. Said once per task, naming the first one."""
+    specials = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is not None]
+    spelled: dict[str, None] = {}  # in the order found
+    found = []
+    for ex in examples:
+        texts = {r.context + r.continuation for r in ex.requests}
+        hits = [t for t in specials if any(t in text for text in texts)]
+        if hits:
+            found.append(ex)
+            spelled.update(dict.fromkeys(hits))
+    if found:
+        warn(f"{task_name}: {len(found)} example(s) spell special tokens as text ({', '.join(spelled)}; the first: "
+             f"{found[0].doc.origin}); gpt1 scores that text as text, lm-eval on the `gpt1 export` as special "
+             "tokens, so those examples' scores differ from lm-eval's")
 
 
 def _metrics(task: Task, examples: list[Example], scores: list[list[Scored]], num_fewshot: int, skipped: int) -> TaskResult:
@@ -299,7 +324,11 @@ def _metrics(task: Task, examples: list[Example], scores: list[list[Scored]], nu
         if task.kind == "multiple_choice":
             values = {"acc": float(np.argmax(lls) == ex.gold)}
             if "acc_norm" in per_metric:
-                values["acc_norm"] = float(np.argmax(lls / np.array([float(len(c)) for c in ex.choices])) == ex.gold)
+                # The schema refuses an empty choice, but HellaSwag's cleaning can empty an ending
+                # ("[header]"): lm-eval divides by its 0 too (-inf, never chosen); no numpy warning.
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    normed = lls / np.array([float(len(c)) for c in ex.choices])
+                values["acc_norm"] = float(np.argmax(normed) == ex.gold)
         else:
             values = {"perplexity": float(lls[0]), "acc": float(scored[0].is_greedy)}
         for name in per_metric:
@@ -310,8 +339,12 @@ def _metrics(task: Task, examples: list[Example], scores: list[list[Scored]], nu
         arr = np.array(values)
         stderr = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else None
         if name == "perplexity":  # values are log-likelihoods; exp(-mean), delta-method stderr
-            ppl = math.exp(-arr.mean())
-            metrics[name] = (ppl, ppl * stderr if stderr is not None else None)
+            loss = -float(arr.mean())
+            ppl = perplexity(loss)  # capped as perplexity mode caps it: exp overflows past ~709.8
+            # Past the cap, or where ppl x stderr overflows, the delta method estimates nothing: no
+            # stderr (null in --json, as for one example), never inf, which JSON cannot hold.
+            delta = ppl * stderr if stderr is not None and loss < MAX_LOG_PERPLEXITY else None
+            metrics[name] = (ppl, delta if delta is not None and math.isfinite(delta) else None)
         else:
             metrics[name] = (float(arr.mean()), stderr)
     return TaskResult(task.name, num_fewshot, len(examples), skipped, metrics, samples)

@@ -21,8 +21,9 @@ few-shot split equals its test split), or the first k of the document's subject 
 Documents come from the hub (`datasets`, imported lazily; `NAME@REVISION` pins a revision) or from
 local files in the hub's schema: a `.jsonl` file (one document per line) or a folder holding one
 `SPLIT.jsonl` per split. Every document is checked against its task's schema (each field's type,
-the number of endings, an answer index in range, a LAMBADA text with a last word) and a bad one is
-reported with its file, line and field: lm-eval would score it silently or crash.
+the number of endings, no empty choice, an answer index in range, a LAMBADA text with a last
+word) and a bad one is reported with its file, line and field: lm-eval would score it silently
+or crash.
 """
 
 from __future__ import annotations
@@ -160,10 +161,16 @@ class Task:
 
 # ---- the schemas: what each field of a document must be -----------------------------------------
 TEXT: Check = ("a string", lambda v: isinstance(v, str))
+# A choice is never "": acc_norm divides by its length, a Winogrande option fills the blank, and
+# lm-eval crashes on one in its first document (`choice[0].isspace()` in ConfigurableTask.__init__).
+# MMLU's choices are "A".."D".
+CHOICE: Check = ("a non-empty string", lambda v: isinstance(v, str) and v != "")
 
 
-def _strings(n: int) -> Check:
-    return (f"a list of {n} strings", lambda v: isinstance(v, list) and len(v) == n and all(isinstance(s, str) for s in v))
+def _strings(n: int, nonempty: bool = False) -> Check:
+    return (f"a list of {n} {'non-empty ' if nonempty else ''}strings",
+            lambda v: isinstance(v, list) and len(v) == n
+            and all(isinstance(s, str) and not (nonempty and s == "") for s in v))
 
 
 def _index(*values: int) -> Check:
@@ -174,11 +181,13 @@ def _index(*values: int) -> Check:
 
 
 def _arc_choices(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(v.get(k), list) and all(isinstance(s, str) for s in v[k])
-                                       for k in ("text", "label")) and 0 < len(v["text"]) == len(v["label"])
+    strings = isinstance(v, dict) and all(isinstance(v.get(k), list) and all(isinstance(s, str) for s in v[k])
+                                          for k in ("text", "label"))
+    return strings and 0 < len(v["text"]) == len(v["label"]) and "" not in v["text"]
 
 
-ARC_CHOICES: Check = ('an object {"text": [...], "label": [...]} of strings, as many labels as texts', _arc_choices)
+ARC_CHOICES: Check = ('an object {"text": [...], "label": [...]} of strings, as many labels as texts, no text empty',
+                      _arc_choices)
 # LAMBADA scores the text's last space-separated word: without one there is nothing to predict.
 LAST_WORD: Check = ("a string ending in a word", lambda v: isinstance(v, str) and v.split(" ")[-1].strip() != "")
 BLANK: Check = ("a string with a '_' blank", lambda v: isinstance(v, str) and "_" in v)
@@ -226,18 +235,19 @@ def _mmlu_text(doc: dict) -> str:
 
 TASKS: dict[str, Task] = {task.name: task for task in [
     Task("hellaswag", "Rowan/hellaswag", None, "validation", "train",
-         {"activity_label": TEXT, "ctx_a": TEXT, "ctx_b": TEXT, "endings": _strings(4), "label": _index(0, 1, 2, 3)},
+         {"activity_label": TEXT, "ctx_a": TEXT, "ctx_b": TEXT, "endings": _strings(4, nonempty=True),
+          "label": _index(0, 1, 2, 3)},
          "multiple_choice", ("acc", "acc_norm"),
          text=lambda d: d["query"], target=lambda d: d["gold"], choices=lambda d: d["choices"],
          process=_hellaswag_process, exclude_eval_doc=True),
     _arc("arc_easy", "ARC-Easy"),
     _arc("arc_challenge", "ARC-Challenge"),
     Task("piqa", "baber/piqa", None, "validation", "train",
-         {"goal": TEXT, "sol1": TEXT, "sol2": TEXT, "label": _index(0, 1)}, "multiple_choice", ("acc", "acc_norm"),
+         {"goal": TEXT, "sol1": CHOICE, "sol2": CHOICE, "label": _index(0, 1)}, "multiple_choice", ("acc", "acc_norm"),
          text=lambda d: f"Question: {d['goal']}\nAnswer:", target=lambda d: int(d["label"]),
          choices=lambda d: [d["sol1"], d["sol2"]], exclude_eval_doc=True),
     Task("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train",
-         {"sentence": BLANK, "option1": TEXT, "option2": TEXT, "answer": _index(1, 2)}, "multiple_choice", ("acc",),
+         {"sentence": BLANK, "option1": CHOICE, "option2": CHOICE, "answer": _index(1, 2)}, "multiple_choice", ("acc",),
          text=lambda d: {"1": 0, "2": 1}[str(d["answer"])],
          target=lambda d: d["sentence"][d["sentence"].index("_") + 1:].strip(),
          choices=lambda d: [d["sentence"][:d["sentence"].index("_")] + d[o] for o in ("option1", "option2")],
