@@ -3,7 +3,9 @@
 Each subcommand lives in its own module here with a `register(subparsers)` function that adds
 its parser and sets `func`. `main` turns a Gpt1Error into one line on stderr (exit 2) and
 Ctrl-C into exit 130: a user never sees a traceback for bad input. `GPT1_DEBUG=1` prints the
-traceback behind the line as well (for bug reports).
+traceback behind the line as well (for bug reports). Under torchrun every process runs the same
+command: an error they all meet alike (a bad flag, a missing folder, Ctrl-C) is printed once, by
+LOCAL_RANK 0, and one of a single process's own (`rank_local`, see `gpt1.train.distributed`) by it.
 
 Text from the terminal enters here, in one place: an argument that is not valid UTF-8 (Python
 keeps such bytes as lone surrogates) and invalid UTF-8 on stdin (typed into `gpt1 chat` or
@@ -41,6 +43,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse's parser with its errors on one line, as every other error (exit 2, as argparse)."""
 
     def error(self, message: str):
+        if _said_by_another_process():
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
@@ -64,6 +68,19 @@ UNWRITABLE = {errno.EACCES: "choose a writable --out", errno.EPERM: "choose a wr
               errno.EDQUOT: "free some space or choose another --out",
               errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another --out"}
 RESUMABLE = {"quickstart", "prepare", "pretrain", "finetune"}  # they pick up where a killed run stopped
+
+
+def _said_by_another_process(error: BaseException | None = None) -> bool:
+    """Whether another torchrun process prints this error. Every process of a torchrun launch runs
+    the same command on the same input, so the errors all of them meet alike (argv, the recipe,
+    the data folder, Ctrl-C) are printed once, by each machine's LOCAL_RANK 0. An error of this
+    process's own (`rank_local`: a damaged batch only it draws) is printed where it happens, and
+    one that rank 0 reports for all (`reported_elsewhere`) nowhere else. Read from the environment:
+    no torch import for a bad flag, and a lone stale LOCAL_RANK (not torchrun) still prints."""
+    if getattr(error, "reported_elsewhere", False):
+        return True
+    torchrun = all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    return torchrun and os.environ["LOCAL_RANK"] != "0" and not getattr(error, "rank_local", False)
 
 
 def debug_enabled() -> bool:
@@ -136,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # here, where a failure is reported, not at exit
             return status
     except Terminated:
-        print(f"gpt1 {args.command}: terminated{_resume_hint(args)}", file=sys.stderr)
+        if not _said_by_another_process():
+            print(f"gpt1 {args.command}: terminated{_resume_hint(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except Gpt1Error as e:
-        if getattr(e, "reported_elsewhere", False):  # another torchrun rank's error: that rank prints it
+        if _said_by_another_process(e):
             return 2
         return _error(args.command, str(e))
     except BrokenPipeError:
@@ -159,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return _error(args.command, f"standard output: cannot write ({e.strerror})")
         return _error(args.command, f"{e.filename}: cannot write ({e.strerror}); {UNWRITABLE[e.errno]}")
     except KeyboardInterrupt:
-        print(f"\ngpt1 {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        if not _said_by_another_process():
+            print(f"\ngpt1 {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
 
 
@@ -229,5 +248,6 @@ def run() -> None:
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # before a command started: while its modules (torch) were loading
-        print("\ngpt1: interrupted", file=sys.stderr)
+        if not _said_by_another_process():
+            print("\ngpt1: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -145,10 +145,18 @@ def pad_batch(sequences: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int = 
 class ChatBatches:
     """Padded training batches of chat sequences in a deterministic shuffled order.
 
-    Epoch e visits the sequences in a permutation seeded by (seed, e); every batch is full (an
-    epoch's last one is topped up from the epoch's start). With several processes, each step
-    takes `micro_batch * world_size` sequences and rank r gets every world_size-th of them. The state (epoch, position) is JSON-able and a restored
-    source yields exactly the batches the original would have.
+    Epoch e visits the sequences in a permutation seeded by (seed, e). An optimizer step takes the
+    next `micro_batch x grad_accum x world_size` sequences of it (a step that runs past the epoch's
+    end is topped up from its start, as DistributedSampler pads, and the next step starts the next
+    epoch) and deals them into grad_accum x world_size micro-batches: micro-batch j holds every
+    (grad_accum x world_size)-th of them from j, and rank r takes micro-batches r, r + world_size, ...
+    So the step's sequences follow from its global batch alone, however it is split into
+    micro-batches and processes (drawn per micro-batch, an epoch's end fell part-way through a
+    step of several micro-batches and the splits trained on different sequences from then on), and
+    N ranks with grad_accum A take exactly the micro-batches of one process with N x A.
+    `next_step(grad_accum)` gives a step's micro-batches, `next_batch()` a step of one. The state
+    (epoch, position) is JSON-able and a restored source yields exactly the batches the original
+    would have.
     """
 
     def __init__(self, data: EncodedChats, micro_batch: int, *, seed: int = 0, pad_id: int = 0,
@@ -170,20 +178,26 @@ class ChatBatches:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Steps of one micro-batch per rank (grad_accum=1) that cover an epoch."""
         return -(-len(self.data) // (self.micro_batch * self.world_size))
 
-    def next_batch(self):
-        size = self.micro_batch * self.world_size
+    def next_step(self, grad_accum: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's `grad_accum` micro-batches of the next optimizer step."""
+        parts = grad_accum * self.world_size  # the step's micro-batches, all ranks
+        size = self.micro_batch * parts
         chunk = self._order[self.position:self.position + size]
-        if len(chunk) < size:  # an epoch's last batch is topped up from its start (as DistributedSampler)
+        if len(chunk) < size:  # an epoch's last step is topped up from its start (as DistributedSampler)
             chunk = np.concatenate([chunk, np.resize(self._order, size - len(chunk))])
         self.position += size
         if self.position >= len(self.data):
             self.epoch += 1
             self.position = 0
             self._order = self._permutation(self.epoch)
-        indices = chunk[self.rank::self.world_size]
-        return pad_batch([self.data.sequence(int(i)) for i in indices], self.pad_id)
+        return [pad_batch([self.data.sequence(int(i)) for i in chunk[j::parts]], self.pad_id)
+                for j in range(self.rank, parts, self.world_size)]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.next_step(1)[0]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "sequences": len(self.data)}

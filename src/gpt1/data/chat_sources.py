@@ -52,6 +52,8 @@ OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 CHATTERBOT = "chatterbot"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 YAML_SUFFIXES = (".yml", ".yaml")
+# The split group of a {"messages"} record: a hash of its content (see _generic_conversation).
+CONTENT_GROUP = "sha256:"
 
 
 @dataclass
@@ -350,7 +352,7 @@ def _generic_conversation(record: dict, stats: ChatStats) -> Conversation | None
     if trailing_user_turn:
         stats.trimmed[TRAILING_USER_TURN] += 1
     content = json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
-    return Conversation(messages, "sha256:" + hashlib.sha256(content).hexdigest()[:16])
+    return Conversation(messages, CONTENT_GROUP + hashlib.sha256(content).hexdigest()[:16])
 
 
 def _chatterbot_files(spec: str) -> list[Path]:
@@ -418,5 +420,23 @@ def split_conversations(conversations: list[Conversation], val_fraction: float,
     if scores and held_out == set(scores):  # and never every tree: training keeps the highest-scored one
         held_out.discard(max(scores, key=scores.get))
     return ([c for c in conversations if c.group not in held_out], [c for c in conversations if c.group in held_out])
+
+
+def conversations_fingerprint(conversations: Iterable[Conversation]) -> str:
+    """sha256 of conversations (each one's group and messages, in order). Fine-tuning records
+    that of the conversations it held out, so `gpt1 eval --chat` can tell whether the split it
+    makes today holds out the same ones."""
+    digest = hashlib.sha256()
+    for c in conversations:  # one JSON line each: no line of one can run into the next
+        line = json.dumps([c.group, c.messages], ensure_ascii=False, sort_keys=True) + "\n"
+        digest.update(line.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def grouped_by_content(conversations: Iterable[Conversation]) -> bool:
+    """Whether these are {"messages"} records, the one source whose split changed: until
+    2026-12-05 (a15eed6) a record's group was its file and line (the path as typed), so a run
+    made before then held out other records than `split_conversations` holds out now."""
+    return any(c.group.startswith(CONTENT_GROUP) for c in conversations)
 
 

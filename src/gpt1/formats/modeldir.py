@@ -108,7 +108,8 @@ def weights_fingerprint(directory: str | Path) -> str:
     adapter/ (config and weights). A fine-tuned dir trained without special tokens has its base's
     model.safetensors byte for byte: the adapter is what tells them apart. A plain model's
     fingerprint is its weights file's own sha256 (as base.json recorded it before adapters
-    counted, so those runs still resume)."""
+    counted, so those runs still resume; a fine-tuned base recorded then is matched by
+    `gpt1.train.finetune`, on its weights file and its path)."""
     directory = Path(directory)
     files = hf_weight_files(directory) if is_hf_model_dir(directory) else [directory / WEIGHTS_FILE]
     digests = [file_fingerprint(file) for file in files]

@@ -9,7 +9,7 @@ A run dir looks like this::
       loss.png                 the loss / perplexity curve (written at the end)
       checkpoints/step-00001000/
         trainable.safetensors  every parameter with requires_grad (what resume loads)
-        trainer_state.pt       optimizer, GradScaler, step, sampler state, every RNG state
+        trainer_state.pt       optimizer, GradScaler, step, sampler state, every RNG state (every rank's)
         outputs.done           present once RUN's model files were written from this checkpoint
 
 The usable model is RUN itself (rewritten after every checkpoint); a checkpoint holds only what

@@ -43,7 +43,9 @@ class TrainConfig:
     """Every knob of a training run. Defaults are a small, CPU-safe run; recipes set the rest.
 
     The run length is `max_steps` if it is > 0, else `max_tokens` / tokens per step if that is
-    > 0, else `epochs` x the training tokens / tokens per step.
+    > 0, else `epochs` x the training tokens / tokens per step. An epoch is a token count:
+    pretraining windows start at random positions, drawn with replacement (as nanoGPT's), so
+    `epochs=1` trains on about 63% (1 - 1/e) of train.bin's tokens, some of them more than once.
     """
 
     model: str = "tiny"  # a ModelConfig preset; vocab_size always comes from the tokenizer

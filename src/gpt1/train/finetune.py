@@ -17,6 +17,10 @@ The run dir `out` is a model dir (`gpt1.load(out)` applies the adapter):
                                   adapter, for a fine-tuned base: `weights_fingerprint`)
     + train_config.json, metrics.jsonl, loss.png, checkpoints/ (as every training run)
 
+train_config.json's `data` records the training sequences (count, tokens, sha256: a resume on
+other data is refused) and the held-out conversations (`validation`: count and
+`conversations_fingerprint`), which `evaluate_chat` checks before it calls a score held-out.
+
 `merge_model_dir(out, dest)` writes a plain model dir with the adapter merged in.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,7 @@ from gpt1.core.io import (
     as_path,
     atomic_dir,
     crash_point,
+    file_fingerprint,
     folder_target,
     json_path,
     owner_of,
@@ -59,7 +65,14 @@ from gpt1.core.progress import info, warn
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
-from gpt1.data.chat_sources import ChatStats, hf_split_names, read_conversations, split_conversations
+from gpt1.data.chat_sources import (
+    ChatStats,
+    conversations_fingerprint,
+    grouped_by_content,
+    hf_split_names,
+    read_conversations,
+    split_conversations,
+)
 from gpt1.formats.hf import import_hf_model, is_hf_model_dir
 from gpt1.formats.modeldir import (
     ADAPTER_DIR,
@@ -72,6 +85,7 @@ from gpt1.formats.modeldir import (
     save_model,
     weights_fingerprint,
 )
+from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, require_config
 from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perplexity, token_byte_lengths
@@ -213,12 +227,12 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
 
 
 def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int | None, redo_hint: str | None):
-    # The base is what it loads as: a fine-tuned base's adapter is part of it (`weights_fingerprint`).
+    # The base is what it loads as: a fine-tuned base's adapter is part of it (`weights_fingerprint`,
+    # marked as such: base.json files without the mark may hold the fingerprint before adapters counted).
     # Its path, recorded in base.json and train_config.json, checked first: JSON needs UTF-8.
-    base_info = {"path": json_path(base.resolve()), "sha256": weights_fingerprint(base)}
-    if (out / BASE_FILE).is_file() and read_json(out / BASE_FILE).get("sha256") != base_info["sha256"]:
-        raise Gpt1Error(f"{out} was fine-tuned from other base weights than {base} ({BASE_FILE} differs); "
-                        + (redo_hint or "choose another --out"))
+    base_info = {"path": json_path(base.resolve()), "sha256": weights_fingerprint(base), "sha256_of": BASE_FINGERPRINT}
+    if (out / BASE_FILE).is_file() and (why := _other_base(out, base, base_info)):
+        raise Gpt1Error(f"{why}; " + (redo_hint or "choose another --out"))
     model, tokenizer = prepare_model(base, cfg)
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
@@ -226,6 +240,9 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
 
     train_convs, val_convs, stats = load_chat_splits(cfg)
     train_data = encode_conversations(tokenizer, train_convs, block_size + 1, progress=dist.is_main)
+    record = _run_record(out)
+    if _split_unrecorded(record) and grouped_by_content(train_convs + val_convs):
+        _check_legacy_split(out, record, len(train_data), dist, redo_hint)
     val_data = encode_conversations(tokenizer, val_convs, block_size + 1)
     val = list(iter_batches(val_data, cfg.batch_size, tokenizer.pad_id))[:cfg.eval_batches]
     batches = ChatBatches(train_data, cfg.batch_size, seed=cfg.seed, pad_id=tokenizer.pad_id,
@@ -262,10 +279,75 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
 
     # Recorded in the run dir's train_config.json: resuming with another base, or on other
     # training sequences (an edit of the chat data, even one that keeps their number), is refused.
+    # What the run holds out is recorded with them: `evaluate_chat` checks it before it calls a
+    # score held-out. A run recorded without it keeps its record (its training sequences tell).
     cfg = dataclasses.replace(cfg, init_from=base_info["path"])
-    data = {"sequences": len(train_data), "tokens": train_data.num_tokens, "sha256": train_data.fingerprint()}
+    data = {"sequences": len(train_data), "tokens": train_data.num_tokens, "sha256": train_data.fingerprint(),
+            "validation": {"conversations": len(val_convs), "sha256": conversations_fingerprint(val_convs)}}
+    if isinstance(record.get("data"), dict) and "validation" not in record["data"]:
+        del data["validation"]
     return train(model, cfg, out, batches, lambda: val, save_model, max_steps=max_steps, data=data,
                  redo_hint=redo_hint)
+
+
+# base.json's "sha256_of": its sha256 is `weights_fingerprint`'s. A base.json without it may be
+# older (before 2026-12-05, 243c308), when the sha256 was that of model.safetensors alone.
+BASE_FINGERPRINT = "model.safetensors and adapter/"
+
+
+def _other_base(out: Path, base: Path, base_info: dict) -> str | None:
+    """Why `base` is not the base the run in `out` was fine-tuned from, per its base.json (None: it is)."""
+    recorded = read_json(out / BASE_FILE)
+    if recorded.get("sha256") == base_info["sha256"]:
+        return None
+    # A fine-tuned base recorded before its adapter counted: its model.safetensors alone. That file
+    # is also its own base's when it was fine-tuned without special tokens, so the path decides.
+    legacy = ("sha256_of" not in recorded and (base / WEIGHTS_FILE).is_file()
+              and recorded.get("sha256") == file_fingerprint(base / WEIGHTS_FILE))
+    if not legacy:
+        return f"{out} was fine-tuned from other base weights than {base} ({BASE_FILE} differs)"
+    if recorded.get("path") == base_info["path"]:
+        return None
+    return (f"{out / BASE_FILE} predates 2026-12-05 and records the model.safetensors of a fine-tuned base, not "
+            f"its {ADAPTER_DIR}/, so it cannot tell {base} from another model with that file: pass --base "
+            f"{recorded.get('path')} (the path it names) to resume")
+
+
+# What a run's train_config.json says of the gpt1 that made it, for runs made before their split
+# was recorded: "world_size" came in at 2026-12-05 12:05 UTC, after {"messages"} records were
+# split by content (09:39); "data", the identity of the training set, at 15:58.
+def _run_record(directory: Path) -> dict:
+    """A run dir's (or merged/'s) train_config.json; {} without one."""
+    file = directory / RUN_CONFIG_FILE
+    record = read_json(file) if file.is_file() else {}
+    return record if isinstance(record, dict) else {}
+
+
+def _split_unrecorded(record: dict) -> bool:
+    """Whether a run may predate today's split of {"messages"} records (`grouped_by_content`):
+    its train_config.json records neither its data nor its number of processes."""
+    return bool(record) and "data" not in record and "world_size" not in record
+
+
+def _check_legacy_split(out: Path, record: dict, sequences: int, dist, redo_hint: str | None) -> None:
+    """A resume of a run that may have split its {"messages"} records by file and line: its
+    checkpoint's number of training sequences is the one check left."""
+    latest = ckpt.latest_checkpoint(out)
+    if latest is None:
+        return
+    try:
+        saved = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=True)["sampler"]["sequences"]
+    except Exception:  # unreadable: the loop names the file when it loads the checkpoint
+        return
+    why = ("the run predates 2026-12-05, when gpt1 split {\"messages\"} records into train and "
+           "validation by file and line (now by content)")
+    if saved != sequences:
+        raise Gpt1Error(f"cannot resume {out}: its checkpoint was made on {saved} chat sequences and the data now "
+                        f"gives {sequences}, but the data may not have changed: {why}; "
+                        + (redo_hint or "finish it with the gpt1 that began it (`gpt1 export --merge` merges it "
+                                        "as it is), or choose another --out"))
+    if dist.is_main and ckpt.checkpoint_step(latest) < record.get("max_steps", 0):
+        warn(f"{out}: {why}: the resumed steps may train on conversations that the run held out")
 
 
 def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
@@ -286,6 +368,37 @@ def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
         if (source / RUN_CONFIG_FILE).is_file():  # how it was trained: `eval --chat` holds out the run's split
             shutil.copyfile(source / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
     return dest
+
+
+def _is_run_data(spec: str, run: dict) -> bool:
+    """Whether `spec` names the chat data the run trained on (as recorded, or the same path)."""
+    data = run.get("data")
+    if not isinstance(data, str) or not data:
+        return False
+    return spec == data or (os.path.exists(spec) and Path(spec).resolve() == Path(data).resolve())
+
+
+def _held_out_doubt(llm, record: dict, train: list, held_out: list, block_size: int) -> str | None:
+    """Why `held_out` (split from the run's own data today) may not be what the run held out, or
+    None: the record (train_config.json) says it is, or cannot say otherwise."""
+    data = record.get("data") if isinstance(record.get("data"), dict) else {}
+    where = llm.path / RUN_CONFIG_FILE
+    if isinstance(data.get("validation"), dict):  # what the run held out (recorded since 2026-12-05)
+        if data["validation"].get("sha256") == conversations_fingerprint(held_out):
+            return None
+        return (f"the conversations held out now are not the {data['validation'].get('conversations')} the run "
+                f"held out (as {where} records them): the data, or how gpt1 reads it, changed since the run")
+    if "sha256" in data:  # recorded before that: the training sequences tell whether the split is the same
+        if encode_conversations(llm.tokenizer, train, block_size + 1).fingerprint() == data["sha256"]:
+            return None
+        return (f"the training sequences split from it now are not the run's ({where}: \"data\"): the data, or how "
+                "gpt1 splits or encodes it, changed since the run, so some of the conversations scored may be ones "
+                "it trained on")
+    if _split_unrecorded(record) and grouped_by_content(train + held_out):
+        return (f"the run predates gpt1's record of its split ({where}), and until 2026-12-05 gpt1 split "
+                "{\"messages\"} records by file and line (now by content), so some of the conversations scored "
+                "may be ones it trained on")
+    return None
 
 
 @dataclass
@@ -312,12 +425,14 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
     The validation conversations are those fine-tuning holds out: the dataset's `validation`
     split when it has one, else the `val_fraction` of the message trees that `split_conversations`
     picks (with the model's own run settings from its train_config.json, when it has one).
+    On the run's own data, what the run recorded decides whether these are the conversations it
+    held out; where they may not be, a warning says why and `source` does not call them held-out.
     An explicit `split` is read whole; a local file has none. `stats` counts what was skipped.
     `all_paths`, `languages` and `block_size` (None: the run's, as it validated; without a run
     config the defaults and the model's context) shape the conversations as fine-tuning did.
     """
-    run_file = llm.path / RUN_CONFIG_FILE
-    run = read_json(run_file).get("config", {}) if run_file.is_file() else {}
+    record = _run_record(llm.path)
+    run = record.get("config", {})
     all_paths = run.get("all_paths", FinetuneConfig.all_paths) if all_paths is None else all_paths
     languages = (run.get("languages") or None) if languages is None else languages
     block_size = block_size or run.get("block_size") or llm.model.config.block_size
@@ -332,9 +447,13 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
         conversations, source = read_conversations(spec, "validation", **options), f"{spec} (validation)"
     else:
         val_fraction = run.get("val_fraction", FinetuneConfig.val_fraction)
-        _, conversations = split_conversations(read_conversations(spec, **options), val_fraction,
-                                               run.get("seed", FinetuneConfig.seed))
+        train_convs, conversations = split_conversations(read_conversations(spec, **options), val_fraction,
+                                                         run.get("seed", FinetuneConfig.seed))
         source = f"{spec} (held-out {val_fraction:.0%} of the conversations)"
+        run_block_size = run.get("block_size") or llm.model.config.block_size
+        if _is_run_data(spec, run) and (doubt := _held_out_doubt(llm, record, train_convs, conversations, run_block_size)):
+            warn(f"{spec}: {doubt}")
+            source = f"{spec} ({val_fraction:.0%} of the conversations as this gpt1 splits them, not known to be those the run held out)"
     data = encode_conversations(llm.tokenizer, conversations, block_size + 1)
     batches = iter_batches(data, batch_size, llm.tokenizer.pad_id)
     total = math.ceil(len(data) / batch_size)

@@ -10,6 +10,7 @@ The API (stable; both commands call it)::
         def state_dict(self) -> dict                    # JSON-able sampler state (saved in checkpoints)
         def load_state_dict(self, state: dict) -> None
         pad_id: int                                     # optional: the id that pads x (not counted as tokens)
+        def next_step(self, n: int) -> list[tuple[Tensor, Tensor]]  # optional: a step's n batches at once
 
     result = train(model, cfg, run_dir, train_data, val_batches, save_model, max_steps=None, data=None)
 
@@ -17,7 +18,8 @@ The API (stable; both commands call it)::
   `requires_grad=True`: freeze the rest before calling. Weight decay applies to matrices only.
 - `cfg`: a `TrainConfig` (or a subclass). The run lasts `max_steps` optimizer steps if given,
   else `cfg.max_steps` (the caller resolves token or epoch budgets, see `TrainConfig.resolve_steps`).
-  Each step takes `cfg.grad_accum` batches from `train_data` on every rank. Its loss is the mean
+  Each step takes `cfg.grad_accum` batches from `train_data` on every rank (`next_step` where the
+  source has it: one whose order depends on the step's size, as chat epochs do). Its loss is the mean
   over all of its targets (y != IGNORE_INDEX), of every micro-batch and rank: the same loss and
   update however a global batch is split into micro-batches and processes, also when chat
   batches hold different numbers of targets.
@@ -32,8 +34,8 @@ The API (stable; both commands call it)::
   the unwrapped model (no DDP, no torch.compile wrapper).
 
 The rest is the loop's: checkpoints (see `gpt1.train.checkpoint`) with the trainable weights,
-optimizer, GradScaler, step, sampler state and every RNG state; `train_config.json`; one line
-per step in `metrics.jsonl` (loss, lr, grad_norm, tokens and tokens_per_sec: input tokens, padding
+optimizer, GradScaler, step, sampler state and every RNG state (with torchrun, every rank's);
+`train_config.json`; one line per step in `metrics.jsonl` (loss, lr, grad_norm, tokens and tokens_per_sec: input tokens, padding
 excluded, mfu) and one per validation (val_loss, val_ppl); `loss.png` at the end; once the
 step rate settles, the projected wall time of the whole run. A run is finished when its last checkpoint is the
 final step and its outputs (`save_model`'s files, `loss.png`) were written from it (marked in
@@ -45,7 +47,9 @@ config, or number of processes, is refused; paths compare by what they name); on
 ends at exactly the loss of an uninterrupted one. With torchrun (`gpt1.train.distributed`),
 each rank's `train_data` must draw its own batches and reach the same state after the same
 number of steps; rank 0 checks the run dir, logs and saves, and its failure there stops every
-rank (`distributed.main_only`).
+rank (`distributed.main_only`). A collective that fails because another rank is gone is one line
+(`distributed.PeerGone`), and an error in a rank's own batches is marked as that rank's
+(`distributed.rank_local`), for the CLI to print it there.
 
 Speed: `precision=bf16-mixed` falls back to fp16-mixed on GPUs without bf16
 (`gpt1.train.precision`); `compile=true` falls back to eager, with one warning, when
@@ -288,8 +292,10 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             _check_run_dir(run_dir, cfg, max_steps, data, dist.world_size, redo_hint)
             ckpt.remove_partial_saves(run_dir)
 
-        distributed.main_only(check_and_hold)  # a refusal there stops every rank
-        return _train_in(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, started)
+        # Every collective of the run happens inside: one whose peer is gone is one line, not gloo's or NCCL's traceback.
+        with distributed.peer_failures():
+            distributed.main_only(check_and_hold)  # a refusal there stops every rank
+            return _train_in(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, started)
 
 
 def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_data: BatchSource, val_batches,
@@ -319,11 +325,22 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
         start_step, tokens_seen, last = state["step"], state["tokens"], state["last"]
         end, budget_spent = state.get("end", max_steps), state.get("budget_spent", 0.0)
         schedule_state = state.get("schedule")
+        if schedule_state is None and cfg.time_budget > 0:
+            # Saved before the schedule's state was (2026-12-05, ef57fb6): rebuilt from the rate its
+            # last step ran at, which the optimizer's state keeps; else the cooldown restarts at the peak.
+            group = optimizer.param_groups[0]
+            schedule_state = BudgetSchedule.state_from_rate(cfg.lr, cfg.warmup, start_step, end,
+                                                            group["lr"] / group.get("lr_scale", 1.0))
         if dist.is_main:
             info(f"resuming {run_dir} from step {start_step:,} of {end:,} ({latest.name})")
             _trim_metrics(run_dir / METRICS_FILE, start_step)
-        ckpt.set_rng_state(state["rng"])
-        if dist.rank:  # only rank 0's RNG is saved; other ranks reseed reproducibly
+        # Each rank restores its own RNG states (its dropout masks go on as in an uninterrupted run).
+        # A checkpoint of an older gpt1 holds rank 0's alone: the other ranks reseed reproducibly.
+        rank_rngs = state.get("rank_rng")
+        if not rank_rngs or len(rank_rngs) != dist.world_size:
+            rank_rngs = None
+        ckpt.set_rng_state(rank_rngs[dist.rank] if rank_rngs else state["rng"])
+        if dist.rank and not rank_rngs:
             torch.manual_seed(cfg.seed + 1000 * dist.rank + start_step)
     else:
         if dist.is_main:  # lines of a run killed before its first checkpoint
@@ -350,8 +367,12 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
 
     def save_if_due(done: int) -> None:
         if _save_due(done, cfg.save_every, end):
+            # Every rank's RNG states (dropout), gathered by rank 0, which saves them all.
+            rank_rngs = distributed.gather_object(ckpt.rng_state()) if dist.enabled else None
+
             def save() -> None:
-                checkpoint = ckpt.save_checkpoint(run_dir, done, raw_model, trainer_state())
+                state = {**trainer_state(), **({"rank_rng": rank_rngs} if rank_rngs else {})}
+                checkpoint = ckpt.save_checkpoint(run_dir, done, raw_model, state)
                 _write_outputs(run_dir, checkpoint, raw_model, save_model, final=done == end)
 
             distributed.main_only(save)  # rank 0 saves; its failure (e.g. a full disk) stops every rank
@@ -407,7 +428,8 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             # mean loss is weighted by its share of them (chat batches hold different numbers of
             # reply tokens; a mean of the means weighs a short reply's tokens more). Counted on
             # the host before the copy to the device: no wait.
-            batches = [train_data.next_batch() for _ in range(cfg.grad_accum)]
+            with distributed.rank_local():  # a damaged batch is this rank's alone
+                batches = _next_step(train_data, cfg.grad_accum)
             n_targets = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
             total, step_tokens = sum(n_targets), sum(_real_tokens(x, pad_id) for x, _ in batches)
             if dist.enabled:  # DDP averages the ranks' gradients: each rank's weights are x world_size
@@ -441,7 +463,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                     scaler.update()  # closes this step's unscale_ (and lowers the scale: the gradients hold inf/NaN)
                 if bad_steps >= cfg.max_bad_steps:
                     good = ckpt.latest_checkpoint(run_dir)
-                    raise Gpt1Error(
+                    raise distributed.same_on_every_rank(  # the all-reduced loss: every rank stops here
                         f"the loss was NaN/inf for {bad_steps} consecutive steps (last at step {done:,}); stopped. "
                         f"The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}. "
                         "Lower lr, try bf16-mixed instead of fp16-mixed, or check the data.")
@@ -495,12 +517,21 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 rate.step_done(done)
 
             save_if_due(done)
+    except BaseException:
+        if metrics:
+            # The error in flight is the one to report: closing flushes a line left in the buffer
+            # by a failed write again, whose failure (no file name) would replace the one naming
+            # metrics.jsonl. (The file is closed either way.)
+            with contextlib.suppress(OSError):
+                metrics.close()
+        raise
     finally:
         if threads:
             torch.set_num_threads(threads.max_threads)
         bar.close()
         if metrics:
-            metrics.close()
+            with writing(metrics.name):
+                metrics.close()
         if writer:
             writer.close()
 
@@ -508,8 +539,9 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
     if latest is None or ckpt.checkpoint_step(latest) < end:
         # The final checkpoint is written unless the weights went NaN/inf (a warning said so): a
         # run without its final weights has failed, whatever its step count.
-        raise Gpt1Error(f"the run ended at step {end:,} with non-finite weights, so no final model was written; "
-                        f"the last good checkpoint is {latest or 'none'}. Lower lr, or check the data")
+        raise distributed.same_on_every_rank(
+            f"the run ended at step {end:,} with non-finite weights, so no final model was written; "
+            f"the last good checkpoint is {latest or 'none'}. Lower lr, or check the data")
     if dist.is_main and start_step >= end and not ckpt.outputs_written(latest):
         info(f"{run_dir}: its outputs are older than its last checkpoint ({latest.name}); writing them")
         _write_outputs(run_dir, latest, raw_model, save_model, final=True)
@@ -533,6 +565,12 @@ def _thread_tuner(device: torch.device, cfg: TrainConfig, dist):
     if cfg.time_budget <= 0 or dist.enabled:
         return None
     return cpu_thread_tuner(device)
+
+
+def _next_step(source: BatchSource, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A step's `n` micro-batches: drawn together where the source can (`next_step`), else one by one."""
+    next_step = getattr(source, "next_step", None)
+    return next_step(n) if next_step else [source.next_batch() for _ in range(n)]
 
 
 def _save_due(done: int, save_every: int, max_steps: int) -> bool:

@@ -93,3 +93,13 @@ class BudgetSchedule:
 
     def state_dict(self) -> dict:
         return {"lr": self.previous, "warmed": self.warmed, "cooling": self.cooling}
+
+    @staticmethod
+    def state_from_rate(lr: float, warmup: float, step: int, end: int, last_rate: float) -> dict:
+        """The state to resume with from a checkpoint that has none (saved before 2026-12-05,
+        ef57fb6), from what it has: `step` steps done of a plan ending at `end`, the last at
+        `last_rate` (the optimizer's saved lr, less a group's lr_scale). Without it the cooldown
+        would begin again at the peak: here it goes on from `last_rate`, as a state saved then would."""
+        warmed = step > warmup_steps(end, warmup)  # the last step done was past the warmup
+        # Below the peak after the warmup: the cooldown had begun (the rounding of lr x lr_scale / lr_scale aside).
+        return {"lr": last_rate, "warmed": warmed, "cooling": warmed and last_rate < lr * (1 - 1e-6)}
