@@ -47,10 +47,16 @@ class BudgetSchedule:
     - warmup-stable-decay holds `lr` until the cooldown is due (its share of the budget's *time*
       is what is left, or a run capped by max_steps reaches it by steps), then falls linearly from
       wherever it is to `min_lr` at the planned last step, re-aimed at every re-plan;
-    - the cosine takes the planned rate, but never more than the step before.
+    - the cosine falls from `lr` at the step after the warmup to `min_lr` at the planned last
+      step, but never above the step before.
+
+    The warmup rises from the last rate to `lr` in equal steps ending at its planned last step,
+    re-aimed at every re-plan, so that a plan that grows or shrinks bends it but never makes it
+    jump or fall back (the first plan, made after a few timed steps, once jumped it ~250x).
 
     On a steady machine this is `lr_at` to within rounding. Its state (the last rate, whether
-    the warmup and the cooldown began) goes into checkpoints, so a resumed run goes on from it.
+    the warmup and the cooldown began, where the cosine began) goes into checkpoints, so a
+    resumed run goes on from it.
     """
 
     def __init__(self, lr: float, min_lr: float, warmup: float, cooldown: float, state: dict | None = None):
@@ -59,6 +65,8 @@ class BudgetSchedule:
         self.previous: float | None = state.get("lr")
         self.warmed: bool = state.get("warmed", False)
         self.cooling: bool = state.get("cooling", False)
+        # The first step after the warmup: the cosine's start (None from a state saved before it was).
+        self.decay_start: int | None = state.get("decay_start")
 
     def at(self, step: int, end: int, cooldown_due: bool, warm_end: int | None = None) -> float:
         """The rate of step `step` (0-based) when the run is planned to end after step `end` - 1;
@@ -67,10 +75,11 @@ class BudgetSchedule:
         short slow spell than `end` is (see gpt1.train.loop._TimeBudget)."""
         n_warm = warmup_steps(end if warm_end is None else warm_end, self.warmup)
         if not self.warmed and step < n_warm:
-            rate = self.lr * (step + 1) / n_warm
+            start = 0.0 if self.previous is None else self.previous
+            rate = start + (self.lr - start) / (n_warm - step)  # lr at step n_warm - 1
         else:
             if not self.warmed:  # the rates below start from the peak, not from a warmup's rate
-                self.warmed, self.previous = True, None
+                self.warmed, self.previous, self.decay_start = True, None, step
             if self.cooldown > 0:
                 self.cooling = self.cooling or cooldown_due
                 if not self.cooling:
@@ -78,8 +87,12 @@ class BudgetSchedule:
                 else:  # linear from the last rate to min_lr at the last planned step
                     start = self.lr if self.previous is None else self.previous
                     rate = start + (self.min_lr - start) / max(1, end - step)
+                    # Exactly min_lr at the end, and never a rise by float rounding (start + (min_lr -
+                    # start) / 1 can fall one ulp short, and the next step's then lands on min_lr).
+                    rate = min(start, max(self.min_lr, rate))
             else:
-                rate = lr_at(max(step, warmup_steps(end, self.warmup)), end, self.lr, self.min_lr, self.warmup)
+                start = warmup_steps(end, self.warmup) if self.decay_start is None else self.decay_start
+                rate = lr_at(max(step, start) - start, end - start, self.lr, self.min_lr, 0.0)
                 if self.previous is not None:
                     rate = min(rate, self.previous)
         self.previous = rate
@@ -92,7 +105,7 @@ class BudgetSchedule:
         return past_warmup and lr_at(step, end, self.lr, self.min_lr, self.warmup, self.cooldown) < self.lr
 
     def state_dict(self) -> dict:
-        return {"lr": self.previous, "warmed": self.warmed, "cooling": self.cooling}
+        return {"lr": self.previous, "warmed": self.warmed, "cooling": self.cooling, "decay_start": self.decay_start}
 
     @staticmethod
     def state_from_rate(lr: float, warmup: float, step: int, end: int, last_rate: float) -> dict:
@@ -102,4 +115,5 @@ class BudgetSchedule:
         would begin again at the peak: here it goes on from `last_rate`, as a state saved then would."""
         warmed = step > warmup_steps(end, warmup)  # the last step done was past the warmup
         # Below the peak after the warmup: the cooldown had begun (the rounding of lr x lr_scale / lr_scale aside).
-        return {"lr": last_rate, "warmed": warmed, "cooling": warmed and last_rate < lr * (1 - 1e-6)}
+        return {"lr": last_rate, "warmed": warmed, "cooling": warmed and last_rate < lr * (1 - 1e-6),
+                "decay_start": warmup_steps(end, warmup) if warmed else None}
