@@ -231,7 +231,7 @@ def test_a_stall_in_the_first_timed_steps_does_not_cut_the_warmup_short():
 
 def test_a_budget_warmup_bends_with_its_plan_but_never_jumps_or_falls_back():
     """A warmup on a moving plan: the rate rose again to the line of each new plan (the first
-    measured plan of a run capped at 100,000 steps jumped it from 0.1% to 39% of lr in one step),
+    measured plan of a run capped at 100,000 steps jumped it from 0.2% to 39% of lr in one step),
     and fell when the plan grew. It re-aims from where it is instead; then the cosine begins at
     the peak, from the step after the warmup, and ends at min_lr at the planned last step."""
     schedule = BudgetSchedule(1.0, 0.1, 0.05, 0.0)
