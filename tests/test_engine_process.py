@@ -186,7 +186,8 @@ def test_a_dead_engine_process_ends_its_requests_and_the_server_says_so(tiny_con
             assert next(lines).startswith("data: ")  # generating
             os.kill(engine.pid, signal.SIGKILL)
             rest = list(lines)
-        errors = [line for line in rest if '"error"' in line]
+        # Error events, not chunks whose random text holds '"error' (a token of the Python corpus).
+        errors = [line for line in rest if line.startswith('data: {"error"')]
         assert len(errors) == 1 and "engine_unavailable" in errors[0] and "exit code -9" in errors[0]
         health = http.get("/health")
         assert health.status_code == 503 and health.json()["error"]["code"] == "engine_unavailable"
