@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import train_tokenizer
@@ -61,6 +62,17 @@ def data_dir(corpus_dir, tokenizer, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_config():
     return ModelConfig.preset("tiny", vocab_size=TEST_VOCAB, block_size=64, n_layer=2, n_head=4, n_embd=64)
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tiny_config, tokenizer, tmp_path_factory) -> Path:
+    """A chat model dir (random weights, seed 5) with gpt1's chat template, for the export tests."""
+    from tests.model_factories import random_model
+
+    directory = tmp_path_factory.mktemp("chat-template") / "chat"
+    save_model(directory, random_model(tiny_config, seed=5), tokenizer)
+    (directory / TEMPLATE_FILE).write_text(JINJA_TEMPLATE)
+    return directory
 
 
 @pytest.fixture(scope="session")

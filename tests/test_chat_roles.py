@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: everything here is local
 
@@ -17,13 +16,11 @@ import jinja2
 import pytest
 
 import gpt1
-from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE, encode_chat, validate_messages
+from gpt1.core.chat_template import JINJA_TEMPLATE, encode_chat, validate_messages
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
-from gpt1.formats.modeldir import save_model
 from gpt1.serve.mapping import chat_prompt
 from gpt1.serve.schemas import ChatCompletionRequest
-from tests.model_factories import random_model
 from tests.test_battery import assert_one_clear_line, run_main
 from tests.test_gguf import render_with_ollama_template
 
@@ -100,14 +97,6 @@ def test_chat_data_reads_openai_form_and_names_a_bad_part(tiny_model_dir, tmp_pa
 
 
 # ---- the exported templates ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def chat_dir(tiny_config, tokenizer, tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("chat-roles") / "chat"
-    save_model(directory, random_model(tiny_config, seed=5), tokenizer)
-    (directory / TEMPLATE_FILE).write_text(JINJA_TEMPLATE)
-    return directory
-
 
 def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)

@@ -10,18 +10,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: everything here is local
 
 import jinja2
 import pytest
 
-from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE, encode_chat
+from gpt1.core.chat_template import JINJA_TEMPLATE, encode_chat
 from gpt1.core.tokenizer import SPECIAL_TOKENS
-from gpt1.formats.modeldir import save_model
 from gpt1.inference.decoding import TextState
-from tests.model_factories import random_model
 
 
 def parts(*texts: str) -> list[dict]:
@@ -44,14 +41,6 @@ ALLOWED = [
     [{"role": "system", "content": "[EOS"}, {"role": "user", "content": "<|user|"},
      {"role": "assistant", "content": "|> [ EOS] <|User|>"}, {"role": "user", "content": parts("<|", "user")}],
 ]
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tiny_config, tokenizer, tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("injection") / "chat"
-    save_model(directory, random_model(tiny_config, seed=5), tokenizer)
-    (directory / TEMPLATE_FILE).write_text(JINJA_TEMPLATE)
-    return directory
 
 
 def test_gpt1_keeps_special_token_text_as_text(tokenizer):
