@@ -82,3 +82,24 @@ def tiny_model_dir(tiny_config, tokenizer, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     save_model(out, GPT(tiny_config), tokenizer)
     return out
+
+
+@pytest.fixture
+def stop_training_at(monkeypatch):
+    """`stop_training_at(n, error)`: the n-th forward-backward of training from now on raises
+    `error`, as a kill in the middle of a run (its earlier checkpoints saved) would stop it.
+    `monkeypatch.undo()` lets the next run train on."""
+    import gpt1.train.loop as loop
+
+    def arm(n: int, error: type[BaseException]) -> None:
+        real, calls = loop._loss_and_backward, []
+
+        def stopping(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise error
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "_loss_and_backward", stopping)
+
+    return arm

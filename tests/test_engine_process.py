@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,12 +23,12 @@ import gpt1
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import Chunk
-from gpt1.inference.engine import QueueFull, TooLarge
+from gpt1.inference.engine import EngineUnavailable, QueueFull, TooLarge
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.inference.generate import generate
 from gpt1.inference.llm import LLM
 from gpt1.serve import background_server, create_app
-from tests.test_serve_api import endless_model_dir, free_port
+from tests.test_serve_api import endless_model_dir, free_port, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,15 @@ class Outputs:
 
     def text(self, i: int) -> str:
         return "".join(c.text for c in self.items[i])
+
+
+def process_state(pid: int) -> str:
+    """The process's state letter from /proc (T: stopped, Z: zombie); "" once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def test_greedy_and_seeded_outputs_equal_single_requests_with_staggered_arrivals(engine, llm):
@@ -108,6 +118,35 @@ def test_the_tokens_per_s_history_stays_bounded_when_nobody_asks(engine, monkeyp
     engine.submit([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=30), outputs.sink_for())
     outputs.wait()
     assert outputs.items[0][-1].completion_tokens >= 10 and len(engine._generated) <= 2
+
+
+def test_stop_ends_the_requests_at_once_and_the_child_exits_without_its_teardown(llm):
+    """stop() ended the requests only once the child had exited, and the child's interpreter
+    teardown (torch and the model, freed one object at a time) took 1.2-2.1 s on the dev CPU:
+    the server's shutdown waited for both. Frozen (SIGSTOP), the child can do nothing: the
+    requests must end meanwhile; thawed, it must be gone at once."""
+    engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device="cpu", max_batch=2, max_queue=4).start()
+    outputs = Outputs(4)  # 2 generating, 2 queued
+    engine.submit([[5 + i] for i in range(4)], SamplingParams(temperature=1.0, max_new_tokens=10_000,
+                                                                stop=("never",)), outputs.sink_for())
+    wait_for(lambda: outputs.items[0], what="the first chunk")
+    os.kill(engine.pid, signal.SIGSTOP)
+    stopper = threading.Thread(target=engine.stop)
+    try:
+        wait_for(lambda: process_state(engine.pid) == "T", what="the engine process to stop")
+        stopper.start()
+        outputs.wait(timeout=5)  # the old stop() waited 10 s for the frozen child, then killed it
+        assert process_state(engine.pid) == "T"
+    finally:
+        os.kill(engine.pid, signal.SIGCONT)
+        thawed = time.monotonic()
+        stopper.join(30)
+    took = time.monotonic() - thawed
+    for items in outputs.items.values():
+        assert isinstance(items[-1], EngineUnavailable) and str(items[-1]) == "the server is shutting down"
+        assert not any(isinstance(item, BaseException) for item in items[:-1])  # one error, the last item
+    assert engine._process.returncode == 0 and process_state(engine.pid) == ""  # exited by itself, reaped
+    assert took < 0.75, f"the engine process took {took:.2f} s to exit after its stop command"
 
 
 def test_bad_submissions_are_refused_here_before_anything_is_sent(engine, llm):

@@ -176,7 +176,7 @@ def test_output_paths_are_checked_before_the_model_loads(tiny_model_dir, data_di
     results were lost. With no model there, the path is the error: nothing was loaded first."""
     import shutil
 
-    import gpt1.cli.eval_cmd as eval_cmd
+    import gpt1.train.harness as harness
 
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -191,7 +191,7 @@ def test_output_paths_are_checked_before_the_model_loads(tiny_model_dir, data_di
     # --suite's MODEL/report.md: checked once the model dir loaded, before any task is scored.
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     (model / "report.md").mkdir()
-    monkeypatch.setattr(eval_cmd, "evaluate_task", lambda *a, **k: pytest.fail("scored before the path was checked"))
+    monkeypatch.setattr(harness, "evaluate_task", lambda *a, **k: pytest.fail("scored before the path was checked"))
     assert_one_clear_line(*run_main(capsys, "eval", "--model", model, "--suite", "quick", "--data",
                                     *(f"{t}=hf:x" for t in ("hellaswag", "arc_easy", "piqa", "lambada_openai"))),
                           "report.md: is a folder; expected the name of a file to write")
@@ -199,13 +199,13 @@ def test_output_paths_are_checked_before_the_model_loads(tiny_model_dir, data_di
 
 def test_the_table_is_printed_before_the_files_are_written(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """A write that fails anyway (a full disk) took the results with it: the table came last."""
-    import gpt1.cli.eval_cmd as eval_cmd
+    import gpt1.train.harness as harness
     from gpt1.core.errors import Gpt1Error
 
     def disk_full(path, results):
         raise Gpt1Error(f"{path}: no space left on device")
 
-    monkeypatch.setattr(eval_cmd, "write_samples", disk_full)
+    monkeypatch.setattr(harness, "write_samples", disk_full)
     rc = main(["eval", "--model", str(tiny_model_dir), "--task", "piqa", "--data", str(_piqa_file(tmp_path / "p.jsonl")),
                "--samples", str(tmp_path / "s.jsonl")])
     captured = capsys.readouterr()
@@ -215,13 +215,13 @@ def test_the_table_is_printed_before_the_files_are_written(tiny_model_dir, tmp_p
 
 def test_ppl_data_needs_the_report_and_is_read_before_the_tasks(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """--ppl-data without --report/--suite was silently ignored, even a path that does not exist."""
-    import gpt1.cli.eval_cmd as eval_cmd
+    import gpt1.train.harness as harness
 
     piqa = _piqa_file(tmp_path / "piqa.jsonl")
     task = ["eval", "--model", tiny_model_dir, "--task", "piqa", "--data", piqa, "--ppl-data", tmp_path / "nope"]
     assert_one_clear_line(*run_main(capsys, *task),
                           re.escape("--ppl-data applies with --report or --suite (it adds perplexity to the report)"))
-    monkeypatch.setattr(eval_cmd, "evaluate_task", lambda *a, **k: pytest.fail("scored before --ppl-data was read"))
+    monkeypatch.setattr(harness, "evaluate_task", lambda *a, **k: pytest.fail("scored before --ppl-data was read"))
     assert_one_clear_line(*run_main(capsys, *task, "--report", tmp_path / "r.md"), "nope")
     assert not (tmp_path / "r.md").exists()
 

@@ -81,11 +81,12 @@ def test_an_unwritable_output_is_refused_before_the_work(tmp_path):
 def test_eval_suite_on_a_read_only_model_is_refused_before_scoring(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """Every task was scored, then 'cannot write report.md there' and --json was never written."""
     import gpt1.cli.eval_cmd as eval_cmd
+    import gpt1.train.harness as harness
 
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     write_task_folders(tmp_path / "tasks")
     suite = ["eval", "--model", model, "--suite", "quick", "--data", tmp_path / "tasks"]
-    _not_started(monkeypatch, eval_cmd, "evaluate_task")
+    _not_started(monkeypatch, harness, "evaluate_task")
     with read_only(model):
         assert_one_clear_line(*run_main(capsys, *suite, "--json", tmp_path / "r.json"),
                               r"model: cannot write report.md there \(.*\); pass --report PATH")
@@ -98,12 +99,12 @@ def test_eval_suite_on_a_read_only_model_is_refused_before_scoring(tiny_model_di
 
 def test_eval_writes_json_before_the_report(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """One failing output (a full disk as the report is written) does not take --json with it."""
-    import gpt1.cli.eval_cmd as eval_cmd
+    import gpt1.train.harness as harness
 
     def disk_full(path, *args, **kwargs):
         raise Gpt1Error(f"{path}: no space left on device")
 
-    monkeypatch.setattr(eval_cmd, "write_report", disk_full)
+    monkeypatch.setattr(harness, "write_report", disk_full)
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     write_task_folders(tmp_path / "tasks")
     assert_one_clear_line(*run_main(capsys, "eval", "--model", model, "--suite", "quick", "--data", tmp_path / "tasks",

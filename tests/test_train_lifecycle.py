@@ -83,18 +83,24 @@ def test_a_finetune_of_a_finetuned_model_does_not_resume_on_another_base(tiny_mo
 
 # ---- a fine-tune's data is its encoded sequences -------------------------------------------
 
-def test_a_finetune_does_not_resume_on_edited_chat_data_of_the_same_size(tiny_model_dir, tmp_path):
-    """Resuming compared only the number of sequences: an edit that kept it trained on."""
+def test_a_finetune_does_not_resume_on_edited_chat_data_of_the_same_size(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          stop_training_at):
+    """Resuming compared only the number of sequences: an edit that kept it trained on. (A run
+    with a step left: a finished one has nothing to resume, and its rerun reads no data.)"""
     chat, out = _chat_file(tmp_path / "chat.jsonl"), tmp_path / "ft"
-    _finetune(tiny_model_dir, out, chat, "max_steps=1")
+    steps = ("max_steps=2", "save_every=1")
+    stop_training_at(2, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _finetune(tiny_model_dir, out, chat, *steps)
+    monkeypatch.undo()
     _chat_file(chat, reply="{} it is")
     with pytest.raises(Gpt1Error, match=r"ft holds a run on other training data \(.*sha256: '[0-9a-f]{64}' -> "
                                         r"'[0-9a-f]{64}'.*\); rerun with the data it was trained on"):
-        _finetune(tiny_model_dir, out, chat, "max_steps=1")
+        _finetune(tiny_model_dir, out, chat, *steps)
     # A run dir from before the data was recorded resumes (and records it from then on).
     config_file = out / "train_config.json"
     config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "data"}))
-    assert _finetune(tiny_model_dir, out, chat, "max_steps=1").resumed_from == 1
+    assert _finetune(tiny_model_dir, out, chat, *steps).resumed_from == 1
     assert "sha256" in json.loads(config_file.read_text())["data"]
 
 

@@ -1,11 +1,14 @@
 """The `gpt1` command line: thin wrappers that parse flags and call the library.
 
 Each subcommand lives in its own module here with a `register(subparsers)` function that adds
-its parser and sets `func`. `main` turns a Gpt1Error into one line on stderr (exit 2) and
-Ctrl-C into exit 130: a user never sees a traceback for bad input. `GPT1_DEBUG=1` prints the
-traceback behind the line as well (for bug reports). Under torchrun every process runs the same
-command: an error they all meet alike (a bad flag, a missing folder, Ctrl-C) is printed once, by
-LOCAL_RANK 0, and one of a single process's own (`rank_local`, see `gpt1.train.distributed`) by it.
+its parser and sets `func`. Building the parser loads no torch (the modules import the library
+in their command functions): `gpt1 --help`, `--version` and a mistyped flag answer at once.
+`main` turns a Gpt1Error into one line on stderr (exit 2) and Ctrl-C into exit 130, also while
+the command's library loads (`_interrupts_held`): a user never sees a traceback for bad input.
+`GPT1_DEBUG=1` prints the traceback behind the line as well (for bug reports). Under torchrun
+every process runs the same command: an error they all meet alike (a bad flag, a missing folder,
+Ctrl-C) is printed once, by LOCAL_RANK 0, and one of a single process's own (`rank_local`, see
+`gpt1.train.distributed`) by it.
 
 Text from the terminal enters here, in one place: an argument that is not valid UTF-8 (Python
 keeps such bytes as lone surrogates) and invalid UTF-8 on stdin (typed into `gpt1 chat` or
@@ -37,10 +40,20 @@ from gpt1.core.progress import setup_console_logging
 # Subcommands in the order `gpt1 --help` lists them; a module that is not there is skipped.
 COMMANDS = ["quickstart", "tokenizer", "prepare", "pretrain", "finetune", "generate", "chat",
             "eval", "serve", "export", "bench", "plot", "info"]
+# The C extensions a command loads before its work (torch, unless named here), imported while a
+# Ctrl-C waits for the import to end (`_interrupts_held`).
+LIBRARIES = {"plot": ("matplotlib.backends.backend_agg",), "tokenizer": ()}
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse's parser with its errors on one line, as every other error (exit 2, as argparse)."""
+    """argparse's parser with its errors on one line, as every other error (exit 2, as argparse).
+    A command's parser (`gpt1 tokenizer train`) puts itself in what it parses, as `command_parser`:
+    errors found after parsing are told with its name."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A subcommand's defaults are applied after its parent's: the innermost parser wins.
+        self.set_defaults(command_parser=self)
 
     def error(self, message: str):
         if _said_by_another_process():
@@ -54,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a GPT-style chat model from scratch, fine-tune it with LoRA, and serve it.",
     )
     parser.add_argument("--version", action="version", version=f"gpt1 {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         module_name = f"gpt1.cli.{name}_cmd"
         if importlib.util.find_spec(module_name) is not None:
@@ -127,7 +140,8 @@ def _stdout_gone() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _standard_streams()
-    parser = build_parser()
+    with _interrupts_held():
+        parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
         # argparse takes one run of positionals: `key=value` overrides after a flag
@@ -135,10 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
             args.overrides = [*args.overrides, *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    command = args.command_parser.prog.partition(" ")[2]  # `tokenizer train`, as argparse's own errors name it
     setup_console_logging()
     if isinstance(sys.stdin, io.TextIOWrapper):
         # By default bad bytes fail deep inside a command (or, under a C locale, travel on as
@@ -149,17 +161,20 @@ def main(argv: list[str] | None = None) -> int:
         # A server claims SIGTERM while it serves (uvicorn drains the open requests), then restores
         # this handler and raises the signal again: it ends here too, with its one line.
         with _sigterm_raises():
+            with _interrupts_held():
+                for module in LIBRARIES.get(args.command, ("torch",)):
+                    importlib.import_module(module)
             status = args.func(args) or 0
             sys.stdout.flush()  # here, where a failure is reported, not at exit
             return status
     except Terminated:
         if not _said_by_another_process():
-            print(f"gpt1 {args.command}: terminated{_resume_hint(args)}", file=sys.stderr)
+            print(f"gpt1 {command}: terminated{_resume_hint(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except Gpt1Error as e:
         if _said_by_another_process(e):
             return 2
-        return _error(args.command, str(e))
+        return _error(command, str(e))
     except BrokenPipeError:
         # The reader of stdout is gone (`gpt1 generate ... | head`): nothing to say, and no one to
         # say it to; the status is the one a shell reports for a command a SIGPIPE ended.
@@ -174,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         # to stdout (`> /dev/full`); stderr's failures nobody would see.
         if e.filename is None:
             _stdout_gone()
-            return _error(args.command, f"standard output: cannot write ({e.strerror})")
-        return _error(args.command, f"{e.filename}: cannot write ({e.strerror}); {UNWRITABLE[e.errno]}")
+            return _error(command, f"standard output: cannot write ({e.strerror})")
+        return _error(command, f"{e.filename}: cannot write ({e.strerror}); {UNWRITABLE[e.errno]}")
     except KeyboardInterrupt:
         if not _said_by_another_process():
-            print(f"\ngpt1 {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+            print(f"\ngpt1 {command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
 
 
@@ -188,6 +203,26 @@ def _resume_hint(args) -> str:
         return ""
     hint = getattr(args, "rerun_hint", None)
     return hint(args) if hint else "; run the same command again to resume"
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold a Ctrl-C until the block (imports) ends, then raise it. One that lands inside a C
+    extension's import (numpy, while torch loads) is lost there, the command running anyway, or
+    leaves a half-made module whose next import fails with a traceback. Only where Python's own
+    handler is in place (main runs in tests and in other programs too)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 class Terminated(BaseException):
@@ -247,7 +282,7 @@ codecs.register_error("gpt1-out", _unencodable_output)
 def run() -> None:
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # before a command started: while its modules (torch) were loading
+    except KeyboardInterrupt:  # before a command started: while the parser was built or read argv
         if not _said_by_another_process():
             print("\ngpt1: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,4 +1,6 @@
-"""Argument types shared by the subcommands: a bad value is refused by argparse, with the flag."""
+"""Argument types shared by the subcommands: a bad value is refused by argparse, with the flag.
+
+Nothing here (nor in a command's `register`) loads torch: `gpt1 --help` builds every parser."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import json
 import math
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.inference.llm import DTYPES
-from gpt1.train.checkpoint import latest_checkpoint
+
+# gpt1.inference.llm.DTYPES' names, which that module maps to torch's dtypes (a test keeps the two equal).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,7 +66,7 @@ def val_split(value: str) -> float:
 
 def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
     """--dtype of the commands that load a model for inference (generate, chat, serve)."""
-    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="the weights' and the KV cache's dtype. auto: bfloat16 on a GPU that supports it, "
                              "else the saved dtype (float32). bfloat16 on a CPU with native bf16 (AVX-512 BF16, "
                              "AMX) decodes ~1.2x faster than float32, with output that may differ from it; "
@@ -73,6 +76,8 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
 def training_rerun_hint(args: argparse.Namespace) -> str:
     """What a rerun of an interrupted pretrain/finetune does: resume from the run's latest
     checkpoint, or start over when it was stopped before its first."""
+    from gpt1.train.checkpoint import latest_checkpoint  # loaded by the run by now; not by the parser
+
     with contextlib.suppress(OSError):  # an unreadable run dir: the rerun will say so
         if args.out and latest_checkpoint(args.out) is None:
             return " before its first checkpoint; a rerun starts over"
@@ -89,4 +94,11 @@ def require(args: argparse.Namespace, *flags: str) -> None:
 
 def print_recipe(recipe: dict) -> None:
     """--print-config: JSON scalars and arrays are valid TOML values, so the output is a loadable recipe."""
-    print("".join(f"{key} = {json.dumps(value)}\n" for key, value in recipe.items()), end="")
+    print("".join(f"{key} = {toml_value(value)}\n" for key, value in recipe.items()), end="")
+
+
+def toml_value(value) -> str:
+    """A JSON scalar or array as TOML: characters as they are (TOML is UTF-8; JSON's ASCII escapes
+    write one outside the BMP, an emoji, as a surrogate pair, which TOML refuses), control
+    characters escaped, DEL too (JSON leaves it, TOML does not)."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")

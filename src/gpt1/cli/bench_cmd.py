@@ -7,9 +7,10 @@ import importlib
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import file_target, write_json
+from gpt1.core.io import file_target, is_stream, write_json
 
 BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks, run by default
 # Need a package no extra of gpt1's installs (llama-cpp-python, lm-eval), take many minutes
@@ -59,6 +60,9 @@ def bench_command(args: argparse.Namespace) -> int:
         raise Gpt1Error("--json: expected a file name (or - for stdout), got an empty one")
     if args.json and not to_stdout:
         file_target(args.json)  # a bad path found before the benchmarks run, not after
+    # A FIFO or a descriptor (`--json >(jq .)`) gets one document, at the end: rewritten after each
+    # benchmark it got several, or (a named pipe whose reader ended at the first) a write that waits forever.
+    rewrite = args.json and not to_stdout and not is_stream(Path(args.json))
     modules = {name: _benchmark(name) for name in names}
     _check_requirements(modules)  # before any work: not a traceback after the first benchmarks' minutes
     results = {}
@@ -66,10 +70,12 @@ def bench_command(args: argparse.Namespace) -> int:
         results[name] = rows = module.run(quick=args.quick)
         # With the JSON on stdout, the tables go to stderr: stdout stays one JSON document.
         print(f"\n## {name}\n\n{format_table(rows)}", file=sys.stderr if to_stdout else sys.stdout, flush=True)
-        if args.json and not to_stdout:
+        if rewrite:
             write_json(args.json, results)  # after each benchmark: a later one failing or Ctrl-C keeps these
     if to_stdout:
         print(json.dumps(results, indent=2))
+    elif args.json and not rewrite:
+        write_json(args.json, results)
     return 0
 
 

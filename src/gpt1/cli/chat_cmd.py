@@ -25,8 +25,8 @@ from gpt1.cli.generate_cmd import (
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info
 from gpt1.core.sampling_params import KNOB_RANGES, preset
-from gpt1.inference import generate as gen
-from gpt1.inference.decoding import chat_prompt_ids
+
+# gpt1.inference (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
 
 PRESET_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 HELP = """commands:
@@ -142,6 +142,9 @@ class ChatSession:
 
     def reply(self, text: str, out=None) -> str:
         """Stream the reply to `text` to `out` (default: the current stdout); keeps history within the context."""
+        from gpt1.inference import generate as gen
+        from gpt1.inference.decoding import chat_prompt_ids
+
         out = out or sys.stdout
         self.history.append({"role": "user", "content": text})
         # An empty --system is a system message, as in `generate --chat` and the server.

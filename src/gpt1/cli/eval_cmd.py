@@ -6,29 +6,24 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gpt1
 from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import file_target, write_json
-from gpt1.data.chat_sources import ChatStats
 from gpt1.data.sources import describe_skipped
-from gpt1.train.evaluate import evaluate_data
-from gpt1.train.finetune import evaluate_chat
-from gpt1.train.harness import (
-    SUITES,
-    NothingScored,
-    TaskResult,
-    evaluate_task,
-    format_results,
-    results_json,
-    task_sources,
-    write_report,
-    write_samples,
-)
 from gpt1.train.tasks import TASKS, get_task
 
+# The scoring modules (torch) are imported by the functions that use them: `gpt1 --help` imports this one.
+if TYPE_CHECKING:
+    from gpt1.train.harness import TaskResult
+
 REPORT_FILE = "report.md"
+# gpt1.train.harness.SUITES, for --suite's choices and help (a test keeps the two equal).
+SUITES = {"quick": {"hellaswag": 100, "arc_easy": 100, "piqa": 100, "lambada_openai": 100},
+          "full": {"hellaswag": None, "arc_easy": None, "arc_challenge": None, "piqa": None, "winogrande": None,
+                   "lambada_openai": None, "mmlu": None}}
 
 
 def register(subparsers) -> None:
@@ -117,6 +112,8 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def _perplexity(llm, data: list[str], args: argparse.Namespace) -> dict:
+    from gpt1.train.evaluate import evaluate_data
+
     result = evaluate_data(llm, data, batch_size=args.batch_size or 8, block_size=args.block_size,
                            max_batches=args.max_batches, precision=args.precision, text_field=args.text_field,
                            skip_invalid=args.skip_invalid)
@@ -141,6 +138,9 @@ def _emit_json(target: str, obj: dict) -> None:
 
 
 def _chat_eval(llm, args: argparse.Namespace) -> int:
+    from gpt1.data.chat_sources import ChatStats
+    from gpt1.train.finetune import evaluate_chat
+
     if len(args.data) != 1:
         raise Gpt1Error("--chat takes one chat source in --data")
     if args.text_field != "text":  # chat records hold messages, not a text field: it would be ignored
@@ -167,6 +167,8 @@ def _chat_eval(llm, args: argparse.Namespace) -> int:
 
 
 def _tasks_eval(args: argparse.Namespace) -> int:
+    from gpt1.train.harness import NothingScored, evaluate_task, task_sources
+
     if args.task and args.suite:
         raise Gpt1Error("pass --task or --suite, not both")
     if args.fewshot < 0:
@@ -207,6 +209,8 @@ def _tasks_eval(args: argparse.Namespace) -> int:
 
 
 def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], report: str | None, ppl: dict | None) -> None:
+    from gpt1.train.harness import format_results, results_json, write_report, write_samples
+
     # The table first: a write that fails anyway (a full disk) does not take the results with it.
     if args.json != "-":
         print(format_results(results))

@@ -6,10 +6,12 @@ import argparse
 
 from gpt1.cli.args import path_arg
 from gpt1.core.errors import Gpt1Error
-from gpt1.formats.gguf import GGUF_TYPES, export_gguf
-from gpt1.formats.hf import export_model
+
+# gpt1.formats (torch) is imported by the command: `gpt1 --help` imports this module.
 
 FORMATS = ("hf", "gguf")
+# gpt1.formats.gguf.GGUF_TYPES, for --help (a test keeps the two equal).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def register(subparsers) -> None:
@@ -36,6 +38,9 @@ def register(subparsers) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    from gpt1.formats.gguf import export_gguf
+    from gpt1.formats.hf import export_model
+
     if args.format not in FORMATS:
         raise Gpt1Error(f"unknown --format {args.format!r}; known formats: {', '.join(FORMATS)}")
     if args.format == "gguf":

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from gpt1.cli.args import path_arg, print_recipe, require, training_rerun_hint
 from gpt1.core.progress import info
-from gpt1.train.config import load_config
-from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
+
+# gpt1.train (torch) is imported by the command: `gpt1 --help` imports this module.
 
 # Pretraining's keys that a fine-tune refuses to change (FinetuneConfig, `finetune`): the base
 # decides the model, and there is no Muon and no embedding training. --print-config leaves them
@@ -45,6 +45,9 @@ def register(subparsers) -> None:
 
 
 def finetune_command(args: argparse.Namespace) -> int:
+    from gpt1.train.config import load_config
+    from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
+
     values = {}
     if args.data is not None:
         values["data"] = args.data

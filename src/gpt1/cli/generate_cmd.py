@@ -13,8 +13,8 @@ from gpt1.cli.args import add_dtype_flag, path_arg, text
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import PRESETS, SamplingParams, preset
-from gpt1.inference import generate as gen
-from gpt1.inference.decoding import chat_prompt_ids, fit_prompt, new_token_limit
+
+# gpt1.inference (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
 
 # flag -> (SamplingParams field, type, help); defaults are SamplingParams' own.
 KNOB_FLAGS = {
@@ -121,6 +121,8 @@ def fit_new_tokens(params: SamplingParams, prompt_ids: list[int], block_size: in
     --no-truncate it is capped at the room the prompt leaves, as the server caps an omitted
     max_tokens (else the default 256 refused every prompt of a 128-token model); with truncation
     generation simply ends at the context limit."""
+    from gpt1.inference.decoding import fit_prompt
+
     if not chosen and not params.truncate_prompt:
         prompt_tokens = len(prompt_ids) or 1  # an empty prompt starts from [EOS]
         room = block_size - prompt_tokens
@@ -135,6 +137,8 @@ def fit_new_tokens(params: SamplingParams, prompt_ids: list[int], block_size: in
 def warn_if_capped(params: SamplingParams, prompt_ids: list[int], block_size: int, how: str) -> bool:
     """Say so when a max_new_tokens the user chose cannot be reached: the context ends generation
     earlier (`how`: how to change it). Counts the prompt as the model will see it. True if it warned."""
+    from gpt1.inference.decoding import fit_prompt, new_token_limit
+
     prompt_tokens = len(fit_prompt(prompt_ids, block_size, params))
     limit = new_token_limit(prompt_tokens, block_size, params)
     if limit < params.max_new_tokens:
@@ -175,6 +179,9 @@ def warn_if_base_model(llm: gpt1.LLM, model: str) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
+    from gpt1.inference import generate as gen
+    from gpt1.inference.decoding import chat_prompt_ids
+
     params = sampling_params_from_args(args)
     if args.system is not None and not args.chat:
         raise Gpt1Error("--system needs --chat")

@@ -7,14 +7,11 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from gpt1.core.config import PRESETS, ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import owner_of
-from gpt1.core.model import GPT
-from gpt1.data.shards import load_meta
-from gpt1.formats.modeldir import CONFIG_FILE, load_model, not_a_model_dir
+
+# torch and the model are imported by the functions that use them: `gpt1 --help` imports this module.
 
 
 def register(subparsers) -> None:
@@ -27,6 +24,11 @@ def register(subparsers) -> None:
 
 
 def info_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from gpt1.core.model import GPT
+    from gpt1.formats.modeldir import CONFIG_FILE, load_model
+
     if not args.model:  # Path("") is the current folder: "config.json: file not found"
         raise Gpt1Error("MODEL is empty; expected a preset name (e.g. tiny, gpt1) or a model dir")
     path_like = Path(args.model).exists() or "/" in args.model or os.sep in args.model
@@ -50,6 +52,9 @@ def info_command(args: argparse.Namespace) -> int:
 
 def _not_a_model_dir(folder: Path) -> str:
     """`load_model`'s account of a folder without config.json, with a prepared data dir's size."""
+    from gpt1.data.shards import load_meta
+    from gpt1.formats.modeldir import not_a_model_dir
+
     if owner_of(folder) == "a prepared data dir":
         meta = load_meta(folder)  # a damaged one says how
         return (f"{folder}: a prepared data dir ({meta['train']['tokens']:,} train tokens, {meta['val']['tokens']:,} "

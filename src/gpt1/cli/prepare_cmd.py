@@ -6,7 +6,8 @@ import argparse
 
 from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int, val_split
 from gpt1.core.tokenizer import Tokenizer
-from gpt1.data.shards import prepare
+
+# gpt1.data.shards (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
 
 
 def register(subparsers) -> None:
@@ -31,11 +32,24 @@ def register(subparsers) -> None:
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip (and count) files with invalid UTF-8 and malformed lines instead of failing")
     parser.add_argument("--overwrite", action="store_true", help="replace data prepared differently in --out")
-    parser.set_defaults(func=prepare_command)
+    parser.set_defaults(func=prepare_command, rerun_hint=prepare_rerun_hint)
 
 
 def prepare_command(args: argparse.Namespace) -> int:
+    from gpt1.data.shards import prepare
+
     prepare(args.sources, Tokenizer.load(args.tokenizer), args.out, val=args.val, seed=args.seed,
             text_field=args.text_field, skip_invalid=args.skip_invalid, max_documents=args.max_documents,
             batch_docs=args.batch_docs, overwrite=args.overwrite)
     return 0
+
+
+def prepare_rerun_hint(args: argparse.Namespace) -> str:
+    """What a rerun of an interrupted prepare does: resume from its last commit, or start over
+    when it was stopped before its first (its partial files are deleted on the way out)."""
+    from gpt1.data.shards import COMMIT_BYTES, interrupted_prepare
+
+    state = interrupted_prepare(args.out)
+    if state is None:
+        return f" before its first commit (one every {COMMIT_BYTES / 1e6:,.0f} MB of text); a rerun starts over"
+    return f"; run the same command again to resume after its last commit ({state['bytes'] / 1e6:,.1f} MB of text)"

@@ -6,9 +6,8 @@ import argparse
 
 from gpt1.cli.args import path_arg, print_recipe, require, training_rerun_hint
 from gpt1.core.progress import info
-from gpt1.train import distributed
-from gpt1.train.config import TrainConfig, load_config
-from gpt1.train.pretrain import pretrain
+
+# gpt1.train (torch) is imported by the command: `gpt1 --help` imports this module.
 
 
 def register(subparsers) -> None:
@@ -30,6 +29,10 @@ def register(subparsers) -> None:
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
+    from gpt1.train import distributed
+    from gpt1.train.config import TrainConfig, load_config
+    from gpt1.train.pretrain import pretrain
+
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.print_config:
         print_recipe(cfg.to_dict())

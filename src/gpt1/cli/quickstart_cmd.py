@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from gpt1.cli.args import path_arg
-from gpt1.quickstart import QuickstartConfig, run_quickstart
 
-DEFAULTS = QuickstartConfig()
+# gpt1.quickstart (torch) is imported by the command: `gpt1 --help` imports this module. Its
+# QuickstartConfig's defaults, for the flags (a test keeps the two equal):
+DEFAULTS = argparse.Namespace(out="gpt1-quickstart", minutes=5.0, device="auto", seed=1337)
 
 
 def register(subparsers) -> None:
@@ -26,6 +27,8 @@ def register(subparsers) -> None:
 
 
 def quickstart_command(args: argparse.Namespace) -> int:
+    from gpt1.quickstart import QuickstartConfig, run_quickstart
+
     result = run_quickstart(QuickstartConfig(out=args.out, minutes=args.minutes, device=args.device, seed=args.seed))
     print(report(result))
     return 0
@@ -75,7 +78,7 @@ def report(result) -> str:
         f"  gpt1 serve --model {result.chat}                        # OpenAI-compatible API + chat page on http://127.0.0.1:8000",
         f"  gpt1 export --model {result.chat} --out {result.out / 'hf'}   # a transformers + PEFT folder",
         f"  gpt1 eval --model {result.base} --data {result.data}   # held-out perplexity and bits per byte",
-        "  (serve needs the `serve` extra and export the `hf` extra: pip install -e \".[serve,hf]\" in a clone)",
+        "  (serve needs the `serve` extra, and loading the export in transformers the `hf` extra: pip install -e \".[serve,hf]\" in a clone)",
         "  The full-scale recipes on a GPU (the model card's 257M model, OpenWebText, then OASST2):",
         "    gpt1 tokenizer train --vocab-size 51682 --out tok hf:Skylion007/openwebtext",
         "    gpt1 prepare --tokenizer tok --out data/owt hf:Skylion007/openwebtext",

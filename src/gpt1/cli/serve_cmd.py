@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import os
 
 import gpt1
 from gpt1.cli.args import add_dtype_flag, path_arg
-from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import failed_import, is_missing
 from gpt1.core.progress import info, warn
-from gpt1.inference.engine import Engine
-from gpt1.inference.llm import LLM
+
+# torch and the engine are imported by the command: `gpt1 --help` imports this module.
 
 API_KEY_ENV = "GPT1_API_KEY"
+# What gpt1.serve imports from the `serve` extra (uvloop is optional: used when it imports).
+SERVE_PACKAGES = ("fastapi", "uvicorn", "httptools", "pydantic")
 
 
 def register(subparsers) -> None:
@@ -31,9 +34,9 @@ def register(subparsers) -> None:
                              "only requests addressed to localhost, 127.0.0.1 or [::1] (403 otherwise), so that "
                              "a web page cannot reach it by DNS rebinding; default: %(default)s")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
-    parser.add_argument("--api-key", default=None,
+    parser.add_argument("--api-key", default=None, type=api_key_arg,
                         help=f"require 'Authorization: Bearer KEY' on every /v1 request (default: ${API_KEY_ENV} "
-                             "if set, else no key)")
+                             "if set and not empty, else no key)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: the best available)")
     add_dtype_flag(parser)
     parser.add_argument("--max-batch", type=int, default=16,
@@ -73,12 +76,39 @@ def register(subparsers) -> None:
     parser.set_defaults(func=serve_command)
 
 
-def serve_command(args: argparse.Namespace) -> int:
+def api_key_arg(value: str) -> str:
+    """--api-key KEY, not empty: `--api-key "$KEY"` with KEY unset served without a key check, to
+    a chat page that asks for a key."""
+    if not value:
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); leave the flag out to serve without a key")
+    return value
+
+
+def _import_serve():
+    """gpt1.serve's entry points, or one line naming the package of the `serve` extra that is not
+    installed, fails to import (its own error), or is older than the extra asks."""
+    for package in SERVE_PACKAGES:  # one by one, so that the line names the package
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            if is_missing(e, package):
+                raise Gpt1Error(f"gpt1 serve needs the `serve` extra (FastAPI, uvicorn, httptools): {package} is missing; "
+                                "install it with: pip install 'gpt1[serve]'") from None
+            raise Gpt1Error(failed_import("gpt1 serve", package, e)) from None
     try:
         from gpt1.serve import bind, create_app, serve
-    except ImportError as e:
-        raise Gpt1Error(f"gpt1 serve needs the `serve` extra (FastAPI, uvicorn, httptools): {e.name or e} is missing; "
-                        "install it with: pip install 'gpt1[serve]'") from None
+    except ImportError as e:  # e.g. pydantic 2.4: "cannot import name 'Discriminator' from 'pydantic'"
+        raise Gpt1Error(f"gpt1 serve: {' '.join(str(e).split())}; the `serve` extra needs newer versions: "
+                        "pip install 'gpt1[serve]'") from None
+    return bind, create_app, serve
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from gpt1.core.device import resolve_device
+    from gpt1.inference.engine import Engine
+    from gpt1.inference.llm import LLM
+
+    bind, create_app, serve = _import_serve()
     if not 0 <= args.port <= 65535:
         raise Gpt1Error(f"--port must be in [0, 65535], got {args.port}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import Iterator
 
 from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int
 from gpt1.core.errors import Gpt1Error
@@ -50,9 +52,10 @@ def train_command(args: argparse.Namespace) -> int:
     texts = iter_texts(sources, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats,
                        max_documents=args.max_documents)
     readable = sum(source.kind != SKIPPED for source in sources)  # the rest are counted as skipped below
-    info(f"training a {args.vocab_size:,}-token BPE tokenizer on {readable:,} file(s) or dataset(s) "
-         f"from {len(args.sources):,} SOURCE argument(s)")
-    tokenizer, result = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency, skipped=stats.skipped)
+    texts = _announced(texts, f"training a {args.vocab_size:,}-token BPE tokenizer on {readable:,} file(s) or "
+                              f"dataset(s) from {len(args.sources):,} SOURCE argument(s)")
+    tokenizer, result = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency, skipped=stats.skipped,
+                                        total_bytes=_text_bytes(sources))
     info(f"corpus: {stats.summary()}; trained in {result['seconds']:.1f} s "
          f"({stats.bytes / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s)")
     path = Path(args.out) / TOKENIZER_FILE
@@ -66,3 +69,19 @@ def train_command(args: argparse.Namespace) -> int:
     tokenizer.save(args.out)
     info(f"wrote {path} (vocab {tokenizer.vocab_size:,}, fingerprint {tokenizer.fingerprint})")
     return 0
+
+
+def _text_bytes(sources) -> int | None:
+    """The progress bar's total: the size of the sources when they are uncompressed local text
+    (.txt, .jsonl: about the text read, a .jsonl's keys and quotes aside); None (no percentage)
+    for compressed files and datasets, whose text the file size does not tell."""
+    if any(source.kind in ("hf", "parquet") or source.location.endswith(".gz") for source in sources):
+        return None
+    return sum(os.path.getsize(source.location) for source in sources if source.kind != SKIPPED)
+
+
+def _announced(texts: Iterator[str], message: str) -> Iterator[str]:
+    """`texts`, saying `message` when the training asks for the first one: once train_tokenizer
+    has checked its settings (a --vocab-size it refuses was announced as being trained on)."""
+    info(message)
+    yield from texts

@@ -9,8 +9,14 @@ line, and leaves neither the temporary file nor a folder it made for it.
 
 An output that is a link is written through it, as `cp` and `>` do: the file or folder it names
 is replaced (its temporary beside it, so the rename stays on one file system) and the link stays;
-a dangling link is an error naming where it points. `file_target` and `folder_target` check an
+a dangling link is an error naming where it points. An output that is not a file to replace (a
+device, a FIFO, a socket, or an open descriptor: /dev/null, a named pipe, /dev/stdout, bash's
+`>(jq .)`) is written into, as `>` does: a rename would put a plain file in its place (`plot --out
+/dev/null` as root turned /dev/null into a PNG). `file_target` and `folder_target` check an
 output flag's path before the work: nothing in the way, and a trial file can be made where it goes.
+
+No torch here (only in the functions that take tensors): the command line checks its output
+paths, and `gpt1 --help` builds its parser, without loading it.
 """
 
 from __future__ import annotations
@@ -23,16 +29,17 @@ import json
 import os
 import re
 import shutil
+import stat
+import sys
 import tempfile
 from itertools import takewhile
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any, Iterator
 
 from gpt1.core.errors import Gpt1Error
+
+if TYPE_CHECKING:
+    import torch
 
 # The files a gpt1 folder (a model dir, a training run, prepared data: `owner_of`) owns by name,
 # and its folders that hold only its own files. An output flag naming one of them replaced it:
@@ -56,8 +63,13 @@ def file_target(path: str | os.PathLike, hint: str = "choose another path") -> P
     folder, not one of the files a model, run or data dir owns (a new file there is fine), and
     its folder writable (`hint` says what to do if not); else a Gpt1Error naming what is in the
     way. A command checks it early, before hours of work; `atomic_path`, which also writes those
-    folders' own files, checks only the first. Nothing is made: the write makes its folders."""
+    folders' own files, checks only the first. Nothing is made: the write makes its folders. A
+    stream (`is_stream`: /dev/null, a FIFO, /dev/stdout) need only be writable."""
     path = _writable_file(path)
+    if is_stream(path):  # written into, nothing replaced or made; a trial open would end a FIFO's reader
+        if not os.access(path, os.W_OK):
+            raise Gpt1Error(f"{path}: cannot write there (Permission denied); {hint}")
+        return path
     target = write_through(path)
     if owner := _owner_of_file(target):
         raise Gpt1Error(f"{path}: belongs to {owner}: writing it would replace that file; choose another "
@@ -97,14 +109,43 @@ def _check_writable(folder: Path, name: str | None, hint: str) -> None:
 def write_through(path: Path) -> Path:
     """Where a write to `path` goes: `path`, or for a link the file or folder it names (links
     followed to the end), so that the link stays. A dangling link is a Gpt1Error saying where it
-    points: what it names is not made (a typo in the link would be written somewhere unexpected)."""
-    if not path.is_symlink():
+    points: what it names is not made (a typo in the link would be written somewhere unexpected).
+    A stream (`is_stream`) is written into through the link: /dev/fd/63 names `pipe:[N]`, which
+    no path reaches."""
+    if not path.is_symlink() or is_stream(path):
         return path
     target = Path(os.path.realpath(path))  # a loop of links resolves to a path that does not exist
     if not target.exists():
         raise Gpt1Error(f"{path}: a link to {os.readlink(path)}, which does not exist; make what it names, "
                         "or remove the link")
     return target
+
+
+# Where the kernel shows a process's open descriptors (/dev/fd and /dev/stdout lead there).
+_DESCRIPTOR_FOLDER = re.compile(r"/proc/(self|thread-self|\d+)(/task/\d+)?/fd")
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether a write to `path` goes into what is there rather than replacing it (`>`, not
+    `mv`): a device, a FIFO or a socket (/dev/null, a named pipe, a terminal), links followed;
+    or an open descriptor (/dev/stdout, /dev/fd/N), whatever it is open on: renaming a file onto
+    `> out.json`'s file would leave the shell's descriptor on the old one, without the output."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there, or a dangling link or a loop (write_through says which)
+        return False
+    if stat.S_ISDIR(mode):
+        return False
+    if not stat.S_ISREG(mode):
+        return True
+    hop = Path(path)
+    for _ in range(40):  # Linux follows at most 40 links
+        if _DESCRIPTOR_FOLDER.fullmatch(os.path.realpath(hop.parent)):
+            return True
+        if not hop.is_symlink():
+            return False
+        hop = hop.parent / os.readlink(hop)
+    return False
 
 
 def json_path(path: str | os.PathLike) -> str:
@@ -230,9 +271,14 @@ def _alive(pid: int) -> bool:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path` (next to what it names, for a link); on success it
-    is renamed onto `path`."""
+    is renamed onto `path`. A stream (a device, a FIFO, a socket, an open descriptor: `is_stream`)
+    is yielded itself, to be written into once: there is nothing to replace, or to make atomic."""
     new_folders = _missing_folders(Path(path))
     path = _writable_file(path)
+    if is_stream(path):
+        with writing(path):
+            yield path
+        return
     target = write_through(path)
     make_dirs(target.parent)
     _sweep_leftovers(target)
@@ -356,7 +402,10 @@ def _os_error(error: Exception) -> OSError | None:
     """The OSError behind a failed write, whatever the writer raised (see `writing`)."""
     if isinstance(error, OSError):
         return error
-    if isinstance(error, SafetensorError) and (code := re.search(r"\(os error (\d+)\)", str(error))):
+    # Only a write that imported safetensors can have raised its error.
+    safetensors = sys.modules.get("safetensors")
+    if safetensors is not None and isinstance(error, safetensors.SafetensorError) and \
+            (code := re.search(r"\(os error (\d+)\)", str(error))):
         return OSError(int(code[1]), os.strerror(int(code[1])))
     if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
         return error.__context__
@@ -504,8 +553,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise Gpt1Error(f"{path}: cannot read ({e.strerror})") from None
 
 
-# The dtypes a weights file may hold: converted to the model's on load.
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The dtypes a weights file may hold (torch's names): converted to the model's on load.
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def check_weight_values(file: str | Path, state: dict[str, torch.Tensor], what: str = "model") -> None:
@@ -513,17 +562,20 @@ def check_weight_values(file: str | Path, state: dict[str, torch.Tensor], what: 
     loading would convert silently, and NaN or infinite values (a diverged training). fp16, bf16
     and f64 are fine: they are converted on load."""
     for name, tensor in state.items():
-        if tensor.dtype not in WEIGHT_DTYPES:
-            raise Gpt1Error(f"{file}: {name} holds {str(tensor.dtype).removeprefix('torch.')} numbers, expected "
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in WEIGHT_DTYPES:
+            raise Gpt1Error(f"{file}: {name} holds {dtype} numbers, expected "
                             "floating-point weights (float32, float16, bfloat16 or float64; integer or quantized "
                             "weights are not supported)")
-        if not torch.isfinite(tensor).all():
+        if not tensor.isfinite().all():
             raise Gpt1Error(f"{file}: {name} holds NaN or infinite values: the {what} is broken "
                             "(e.g. saved from a diverged training); use an earlier checkpoint")
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a state dict as safetensors, atomically (tensors are made contiguous first)."""
+    from safetensors.torch import save_file  # torch: see the module docstring
+
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -293,6 +293,8 @@ class GPT(nn.Module):
         # ~30% more compute for far less memory (fits the 250M model on small GPUs).
         self.gradient_checkpointing = False
         self.loss_chunk: int | None = None  # tokens per chunk of the loss; None: the device's LOSS_CHUNK_BYTES of logits
+        if self.lm_head.weight.is_meta:  # shapes only (`gpt1 info`): no values to set, and init on meta imports torch._dynamo
+            return
         self.apply(self._init_weights)
         # GPT-2: residual projections are scaled by 1/sqrt(2 * n_layer) so that the variance
         # of the residual stream does not grow with depth (two residual adds per block).

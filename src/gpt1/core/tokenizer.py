@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import sys
 import threading
 import time
 from functools import cached_property
@@ -27,7 +26,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path, read_json, write_text
-from gpt1.core.progress import quiet
+from gpt1.core.progress import progress
 
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -280,13 +279,16 @@ def _answering_signals(work: Callable[[], Any], abandoned: threading.Event) -> A
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
-                    show_progress: bool = True, skipped: Mapping[str, int] | None = None) -> tuple[Tokenizer, dict]:
+                    show_progress: bool = True, skipped: Mapping[str, int] | None = None,
+                    total_bytes: int | None = None) -> tuple[Tokenizer, dict]:
     """Train a byte-level BPE tokenizer of exactly `vocab_size` tokens on `texts`.
 
     Returns the tokenizer and stats (documents, bytes, seconds). Raises Gpt1Error when the
     vocabulary cannot hold the byte alphabet plus the special tokens, or when the corpus is
     too small to learn that many merges. `skipped` (reason -> count, filled while `texts` are
     read, e.g. `SourceStats.skipped`) is named in the error when no text was left.
+    With `show_progress`, a bar on stderr counts the UTF-8 bytes of `texts` read, against
+    `total_bytes` when the caller knows it (the size of uncompressed text files).
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise Gpt1Error(f"vocab size must be a whole number, got {vocab_size!r}")
@@ -311,23 +313,33 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         # Counted in characters: with the byte-level alphabet, one character per byte.
         max_token_length=MAX_TOKEN_BYTES,
-        # The Rust progress bar writes to stdout: only on a terminal (none in a daemon), so piped
-        # stdout stays clean; GPT1_QUIET silences it as it does every bar.
-        show_progress=show_progress and not quiet() and sys.stdout is not None and sys.stdout.isatty(),
+        # Off: the Rust bar writes to stdout (so only on a terminal: a log or a pipe saw nothing
+        # for ten minutes on 1.5 GB) and counts pieces, with no total. Ours below, on stderr.
+        show_progress=False,
     )
     stats = {"documents": 0, "bytes": 0}
     abandoned = threading.Event()
+    # The reading happens here, in Python, as the trainer pulls the texts: most of the time on a
+    # large corpus (the merges after it take a fraction).
+    bar = progress(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizer",
+                   disable=None if show_progress else True)
 
     def counted(items: Iterable[str]) -> Iterator[str]:
         for text in items:
             if abandoned.is_set():  # interrupted: the trainer left running gets no more text
                 return
+            size = len(text.encode("utf-8", errors="surrogatepass"))
             stats["documents"] += 1
-            stats["bytes"] += len(text.encode("utf-8", errors="surrogatepass"))
+            stats["bytes"] += size
+            bar.update(size)
             yield text
+        bar.close()  # all read: the bar's last line, before the merges are computed
 
     start = time.perf_counter()
-    _answering_signals(lambda: backend.train_from_iterator(counted(texts), trainer), abandoned)
+    try:
+        _answering_signals(lambda: backend.train_from_iterator(counted(texts), trainer), abandoned)
+    finally:
+        bar.close()
     stats["seconds"] = time.perf_counter() - start
     if stats["documents"] == 0:
         why = f" (skipped: {', '.join(f'{n:,} {reason}' for reason, n in sorted(skipped.items()))})" if skipped else ""

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from gpt1.core.chat_template import validate_messages
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import require
 from gpt1.core.io import walk_folder
 from gpt1.core.progress import warn
 from gpt1.data.readers import (
@@ -356,10 +357,7 @@ def _generic_conversation(record: dict, stats: ChatStats) -> Conversation | None
 
 
 def _chatterbot_files(spec: str) -> list[Path]:
-    try:
-        import chatterbot_corpus
-    except ImportError:
-        raise Gpt1Error("reading chatterbot dialogs needs the `chatterbot-corpus` package (pip install chatterbot-corpus)") from None
+    chatterbot_corpus = require("chatterbot_corpus", "reading chatterbot dialogs", "pip install chatterbot-corpus")
     language = spec.partition(":")[2] or "english"
     folder = Path(chatterbot_corpus.__file__).parent / "data" / language
     if not folder.is_dir():

@@ -21,23 +21,32 @@ of a JSON line; byte offsets in errors still count it.
 Memory: a text file is read in pieces of at most PIECE_CHARS characters (cut before a space
 between words where one is near, so BPE sees the same words), whatever its line lengths; a
 JSON line is held whole (its size is the record's).
+
+Progress: inside `with ReadMeter() as meter:`, `meter.bytes` counts the bytes of the files read
+so far in the unit of their sizes on disk (compressed bytes for a `.gz`, row groups for parquet),
+so that a progress bar's count and its total (the files' sizes) agree.
 """
 
 from __future__ import annotations
 
+import bisect
 import codecs
+import contextlib
 import gzip
 import itertools
 import json
+import os
 import re
 import sys
 import zlib
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import require
 
 HF_PREFIX = "hf:"
 READ_BYTES = 1 << 20
@@ -122,11 +131,7 @@ def dataset_split_names(spec: HfSpec) -> list[str]:
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise Gpt1Error("reading hf: sources needs the `datasets` package (pip install datasets)") from None
-    return datasets
+    return require("datasets", "reading hf: sources", "pip install datasets")
 
 
 def hf_error(spec: HfSpec, error: Exception) -> Gpt1Error:
@@ -138,6 +143,92 @@ def hf_error(spec: HfSpec, error: Exception) -> Gpt1Error:
         hint = (f"; read the hub's parquet conversion with {HF_PREFIX}{spec.name}@refs/convert/parquet, "
                 "or download the data files and pass their folder")
     return Gpt1Error(f"{spec}: cannot open the dataset ({type(error).__name__}: {error}){hint}")
+
+
+# ---- how far the files are read ------------------------------------------------------------
+
+class ReadMeter:
+    """The bytes of their files that the readers have consumed, in the unit of the files' sizes
+    on disk: a `.gz` counts its compressed bytes, a parquet file its row groups as their rows
+    are read. A progress bar whose total is the files' sizes counts this: the decoded text of a
+    compressed file is 2-3x its size, and a bar counting text passed 100% a third of the way.
+
+    It counts the reading done inside `with meter:`, however deep in the generators between the
+    caller and the reader (a context variable: none of them needs to hand it on). A file read
+    twice in a row (`--skip-invalid` checks a long text file before it reads it) counts once.
+    """
+
+    def __init__(self) -> None:
+        self.closed = 0  # the bytes counted of the files read and closed
+        self._position: Callable[[], int] | None = None  # the open file's bytes consumed so far
+        self._start = 0  # where the open file's count starts (after what a first read of it counted)
+        self._last: tuple[str, int] = ("", 0)  # the last file closed, and how far it was read
+        self._token = None
+
+    @property
+    def bytes(self) -> int:
+        return self.closed + (max(0, self._position() - self._start) if self._position else 0)
+
+    def __enter__(self) -> ReadMeter:
+        self._token = _METER.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _METER.reset(self._token)
+
+    def _open(self, path: str, position: Callable[[], int]) -> None:
+        self._position, self._start = position, self._last[1] if self._last[0] == path else 0
+
+    def _close(self, path: str, position: Callable[[], int]) -> None:
+        if self._position is not position:  # a reader abandoned earlier, finalized late: counted already
+            return
+        end = position()
+        self.closed += max(0, end - self._start)
+        self._last, self._position = (path, max(end, self._start)), None
+
+
+_METER: ContextVar[ReadMeter | None] = ContextVar("gpt1_read_meter", default=None)
+
+
+@contextlib.contextmanager
+def _metered(path: str | Path, position: Callable[[], int]) -> Iterator[None]:
+    """Count the reading of `path` on the active ReadMeter, if any (`position`: its bytes
+    consumed so far, read while the file is open)."""
+    meter = _METER.get()
+    if meter is None:
+        yield
+        return
+    meter._open(str(path), position)
+    try:
+        yield
+    finally:
+        meter._close(str(path), position)
+
+
+def _file_position(f: BinaryIO) -> Callable[[], int]:
+    """How many bytes of the file on disk `f` (from `open_binary`) has consumed: of a .gz, the
+    compressed file's position, not the decompressed one."""
+    return f.fileobj.tell if isinstance(f, gzip.GzipFile) else f.tell
+
+
+def _parquet_position(metadata, file_size: int) -> Callable[[int], int]:
+    """The bytes of a parquet file consumed once `rows` rows are read: each row group's
+    compressed size spread over its rows, scaled to the file's size (footer included), so all
+    rows read is the whole file."""
+    row_ends, byte_ends = [0], [0]
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        row_ends.append(row_ends[-1] + group.num_rows)
+        byte_ends.append(byte_ends[-1] + sum(group.column(j).total_compressed_size for j in range(group.num_columns)))
+
+    def position(rows: int) -> int:
+        i = bisect.bisect_right(row_ends, rows) - 1
+        if i >= len(row_ends) - 1 or byte_ends[-1] <= 0:
+            return file_size if rows >= row_ends[-1] else 0
+        within = (rows - row_ends[i]) / max(row_ends[i + 1] - row_ends[i], 1)
+        return int(file_size * (byte_ends[i] + within * (byte_ends[i + 1] - byte_ends[i])) / byte_ends[-1])
+
+    return position
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -167,7 +258,7 @@ def _chunks(path: str | Path, f: BinaryIO, size: int) -> Iterator[bytes]:
 
 def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     """The numbered lines (bytes) of a file or a .gz; a corrupt or truncated file is a Gpt1Error."""
-    with open_binary(path) as f:
+    with open_binary(path) as f, _metered(path, _file_position(f)):
         line_no = 0
         try:
             for line_no, raw in enumerate(f, start=1):
@@ -192,7 +283,7 @@ def read_text(path: str | Path) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     fed = 0
     pending = ""
-    with open_binary(path) as f:
+    with open_binary(path) as f, _metered(path, _file_position(f)):
         for chunk in itertools.chain(_chunks(path, f, READ_BYTES), [b""]):  # b"": flush the decoder
             if not fed and chunk.startswith(codecs.BOM_UTF8):  # not text: it would start a document with U+FEFF
                 chunk, fed = chunk[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)  # offsets still count it
@@ -280,8 +371,9 @@ def _check_no_lone_surrogates(value: Any, where: str) -> None:
 
 def read_parquet(path: str | Path, columns: list[str] | None = None) -> Iterator[tuple[int, dict]]:
     """(row number, record) of a parquet file, read in batches; `columns` must exist."""
-    import pyarrow.parquet as pq
-
+    # pyarrow is not a gpt1 dependency of its own: `datasets` (one) requires it.
+    pq = require("pyarrow.parquet", f"{path}: reading parquet files",
+                 "pip install pyarrow (it comes with `datasets`, a gpt1 dependency)")
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt or non-parquet file
@@ -290,11 +382,13 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> Iterator
     if missing:
         raise Gpt1Error(f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)})")
     row = 0
+    position = _parquet_position(parquet.metadata, os.path.getsize(path))
     try:
-        for batch in parquet.iter_batches(columns=columns, batch_size=4096):
-            for record in batch.to_pylist():
-                yield row, record
-                row += 1
+        with _metered(path, lambda: position(row)):
+            for batch in parquet.iter_batches(columns=columns, batch_size=4096):
+                for record in batch.to_pylist():
+                    yield row, record
+                    row += 1
     except OSError as e:  # pyarrow's error for a truncated or corrupt page
         raise Gpt1Error(f"{path}: cannot read after row {row:,} ({e})") from None
 

@@ -19,10 +19,13 @@ characters; only count mode keeps its `val` held-out documents in memory.
 
 Crash safety (`ShardWriter`): tokens go to `train.bin.partial` / `val.bin.partial`; every
 `commit_bytes` of text the files are flushed to disk and `prepare-state.json` records, in one
-atomic rename, how far they are valid (and which heap file holds the count-mode candidates).
-A rerun with the same arguments resumes from there (files truncated to the committed length);
-a rerun with other arguments starts over. At the end the partial files are renamed and
-`meta.json` is written last: a folder without `meta.json` is never taken as complete.
+atomic rename, how far they are valid (and which heap file holds the count-mode candidates):
+whole documents, plus the pieces of the next one when a commit falls inside a long document
+(a 1.5 GB text file is one document). A rerun with the same arguments resumes from there
+(files truncated to the committed length, the committed documents and pieces skipped: pieces
+are cut the same way every time); a rerun with other arguments starts over. At the end the
+partial files are renamed and `meta.json` is written last: a folder without `meta.json` is
+never taken as complete.
 One prepare at a time writes a data dir: it holds the folder's `.lock` (`gpt1.core.io.exclusive`).
 
 The data dir holds a copy of the tokenizer (`tokenizer.json`), so `gpt1 pretrain --data DIR`
@@ -60,6 +63,7 @@ from gpt1.core.io import (
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
+from gpt1.data.readers import ReadMeter
 from gpt1.data.sources import (
     SKIPPED,
     Piece,
@@ -84,6 +88,10 @@ FORMAT = "gpt1-shards"
 _SPLIT_SALT, _WINDOW_SALT = 0x5EED_5A17, 0x3A1D_0B75
 BATCH_CHARS = 2_000_000  # characters per tokenizer batch at most (with --batch-docs documents)
 COPY_TOKENS = 1 << 24
+COMMIT_BYTES = 256_000_000  # characters of text between two commits of an interrupted prepare's progress
+# What a document is, said where a corpus has too few of them.
+TEXT_FILE_IS_ONE_DOCUMENT = ("a text file is one document: split it into several files, "
+                             "or use .jsonl with one document per line")
 
 
 def _hash01(seed: int, salt: int, index: np.ndarray) -> np.ndarray:
@@ -168,7 +176,7 @@ def _prepared_already(out: Path, key: dict) -> dict | None:
 
 def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: str | Path, *, val: float = 0.0005, seed: int = 1337,
             text_field: str = "text", skip_invalid: bool = False, max_documents: int | None = None,
-            batch_docs: int = 1024, commit_bytes: int = 256_000_000, overwrite: bool = False,
+            batch_docs: int = 1024, commit_bytes: int = COMMIT_BYTES, overwrite: bool = False,
             redo_hint: str = "pass --overwrite to replace it") -> dict:
     """Tokenize `sources` into `out`/train.bin, val.bin, meta.json, tokenizer.json; return the meta.
 
@@ -195,6 +203,8 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
     val = int(val) if val >= 1 else val
     sources = source_specs(sources)
     resolved = resolve_sources(sources)
+    if not skip_invalid:  # with it, a file may be skipped: the count is known once read
+        _check_enough_documents(resolved, val, max_documents)
     key = _key(sources, resolved, tokenizer, val, seed, text_field, skip_invalid, max_documents)
     # Finished already and nobody rewriting it: nothing to write, so no lock either (the folder may
     # be read-only, e.g. a shared copy). meta.json is written last, so it names complete shards.
@@ -213,18 +223,26 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
         stats = SourceStats()
         pieces = iter_pieces(resolved, text_field=text_field, skip_invalid=skip_invalid, stats=stats,
                              max_documents=max_documents)
-        _skip_documents(pieces, writer.state["documents"])
+        total, meter = _known_size(resolved), ReadMeter()
+
+        def read_so_far() -> int:
+            # In the unit of the bar's total: the files' bytes (a .gz's compressed ones, not its
+            # text, 3x as many); without a total (a streamed dataset), the text's.
+            return meter.bytes if total is not None else stats.bytes
+
+        with meter:
+            _skip_committed(pieces, writer.state["documents"], writer.state["pieces"])
         start_time = time.perf_counter()
         resumed_tokens = writer.tokens
-        bar = progress(total=_known_size(resolved), initial=stats.bytes, unit="B", unit_scale=True, unit_divisor=1000,
-                       desc="prepare")
+        bar = progress(total=total, initial=read_so_far(), unit="B", unit_scale=True, unit_divisor=1000, desc="prepare")
+
         def show() -> None:
-            bar.update(stats.bytes - bar.n)
+            bar.update(read_so_far() - bar.n)
             seconds = max(time.perf_counter() - start_time, 1e-9)
             bar.set_postfix(refresh=False, tokens=f"{writer.tokens:,}", tok_s=f"{(writer.tokens - resumed_tokens) / seconds:,.0f}")
 
         try:
-            with writer, ThreadPoolExecutor(1) as pool:
+            with writer, meter, ThreadPoolExecutor(1) as pool:
                 pending = None
                 for batch in _batches(pieces, batch_docs):
                     future = pool.submit(tokenizer.encode_batch, [p.text for p in batch])  # overlaps reading the next batch
@@ -277,20 +295,42 @@ def _check_out_dir(out: Path) -> None:
             return
 
 
-def _skip_documents(pieces: Iterator[Piece], documents: int) -> None:
-    """Consume the pieces of the documents already in the committed partial files."""
+def _check_enough_documents(sources: list[Source], val: float, max_documents: int | None) -> None:
+    """Refuse, before any work, a corpus of text files too few to split: each is one document,
+    so their number is known before they are read. Found at the end instead, a 1.5 GB text file
+    was tokenized for ten minutes first."""
+    if any(s.kind not in ("text", SKIPPED) for s in sources):
+        return
+    texts = [s for s in sources if s.kind == "text" and os.path.getsize(s.location)]  # empty ones are skipped
+    if not texts:  # the empty corpus: said, with what was skipped, once read
+        return
+    documents = min(len(texts), max_documents or len(texts))
+    if documents == 1:
+        which = texts[0] if len(texts) == 1 else "--max-documents 1"
+        raise Gpt1Error(f"the corpus has 1 document ({which}): a validation split needs at least two; "
+                        f"{TEXT_FILE_IS_ONE_DOCUMENT}")
+    if 1 < documents <= val:  # count mode holds out `val` documents
+        raise Gpt1Error(f"every one of the {documents:,} documents would go to validation (--val {val:g}); lower --val, "
+                        f"or use more documents ({TEXT_FILE_IS_ONE_DOCUMENT})")
+
+
+def _skip_committed(pieces: Iterator[Piece], documents: int, more_pieces: int) -> None:
+    """Consume what the committed partial files hold already: `documents` whole documents, then
+    the first `more_pieces` pieces of the next one (a commit inside a long document)."""
     done = 0
     while done < documents:
         piece = next(pieces, None)
         if piece is None:
             return
         done += piece.ends_document
+    for _ in range(more_pieces):
+        next(pieces, None)
 
 
 def _write(writer: ShardWriter, batch: list[Piece], future: Future, commit_bytes: int) -> None:
     for piece, ids in zip(batch, future.result()):
         writer.add(piece, ids)
-    if writer.uncommitted_bytes >= commit_bytes and writer.at_document_boundary:
+    if writer.uncommitted_bytes >= commit_bytes and writer.at_commit_point:
         writer.commit()
 
 
@@ -302,6 +342,12 @@ class ShardWriter:
     the best validation candidates so far (smallest hashes) stay in memory; in fraction mode the
     smallest-hash training document is remembered, to become the validation split if no
     document fell into it (a 20-document corpus with the default 0.0005 still validates).
+    A commit may fall between two pieces of a document written to a file as it comes: the state
+    then counts its pieces written (`pieces`), and a resume opens that document again at its next
+    piece, on the same side: a side depends on the document's index and the committed heap alone
+    (the heap changes only when a document ends), and the smallest-hash record already names it
+    if it is the one. A count-mode candidate's pieces are in memory, not in a file: a commit
+    waits for its end.
 
     `commit` makes everything written so far durable in one atomic step: the shards are fsynced,
     the count-mode candidates go to a new numbered heap file, then `prepare-state.json` (which
@@ -315,7 +361,9 @@ class ShardWriter:
         self.threshold = 0 if self.by_count else int(val * 2**64)
         self.state_path = out / STATE_FILE
         self.train_tmp, self.val_tmp = out / (TRAIN_FILE + PARTIAL), out / (VAL_FILE + PARTIAL)
-        self.state = self._load_state()
+        committed = self._load_state()
+        self.resuming = committed is not None
+        self.state = committed or self._fresh_state()
         self.heap = self._load_heap()  # count mode: a max-heap by hash of (-hash, index, tokens)
         self.uncommitted_bytes = 0
         self._side: str | None = None  # "train", "val" or "heap" while a document is open
@@ -327,16 +375,24 @@ class ShardWriter:
         return self.state["train_tokens"] + self.state["val_tokens"]
 
     @property
-    def at_document_boundary(self) -> bool:
-        return self._side is None
+    def at_commit_point(self) -> bool:
+        """Whether every token added so far is in the files: not inside a count-mode candidate."""
+        return self._side != "heap"
 
-    def _load_state(self) -> dict:
-        fresh = {"key": self.key, "documents": 0, "bytes": 0, "train_tokens": 0, "val_tokens": 0,
-                 "train_documents": 0, "val_documents": 0, "heap": [], "heap_file": None, "commits": 0,
-                 "smallest_train": None}
+    def _fresh_state(self) -> dict:
+        # `pieces`: of the open document (index `documents`), those written, when a commit fell inside it.
+        return {"key": self.key, "documents": 0, "pieces": 0, "bytes": 0, "train_tokens": 0, "val_tokens": 0,
+                "train_documents": 0, "val_documents": 0, "heap": [], "heap_file": None, "commits": 0,
+                "smallest_train": None}
+
+    def _load_state(self) -> dict | None:
+        """The committed state of an interrupted run of this preparation; None to start over."""
         if not self.state_path.is_file():
-            return fresh
+            return None
+        fresh = self._fresh_state()
         old = read_json(self.state_path)
+        if isinstance(old, dict):  # written before commits fell inside documents: at a document's end
+            old = {"pieces": 0, **old}
         # Say why it cannot resume (missing partial files said "other settings": a wrong lead).
         if not (isinstance(old, dict) and set(fresh) <= set(old)):
             why = f"whose {STATE_FILE} is damaged or from another gpt1 version"
@@ -346,10 +402,11 @@ class ShardWriter:
                   and (old["heap_file"] is None or (self.out / old["heap_file"]).is_file())):
             why = "whose partial files are missing"
         else:
-            info(f"resuming an interrupted prepare in {self.out} after {old['documents']:,} documents")
+            info(f"resuming an interrupted prepare in {self.out} after {old['documents']:,} documents "
+                 f"({old['bytes'] / 1e6:,.1f} MB of text)")
             return old
         info(f"{self.out} holds an interrupted prepare {why}; starting over")
-        return fresh
+        return None
 
     def _load_heap(self) -> list[tuple[int, int, np.ndarray]]:
         if not self.state["heap"]:
@@ -366,8 +423,10 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.state["documents"] == 0:
-            self._remove_partials()
+        if not self.resuming:
+            # A state left by a run of other arguments goes with its files: kept, it would tell
+            # a rerun (and `gpt1 prepare`'s line when stopped) that there is something to resume.
+            self._abandon()
             self.train_tmp.touch()
             self.val_tmp.touch()
         itemsize = np.dtype(DTYPE).itemsize
@@ -397,6 +456,8 @@ class ShardWriter:
         self.uncommitted_bytes += len(piece.text)
         if piece.ends_document:
             self._close_document()
+        else:
+            self.state["pieces"] += 1
 
     def _open_document(self) -> None:
         self._hash = self._hash_of(self.state["documents"])
@@ -431,6 +492,7 @@ class ShardWriter:
             self._append(self._side, eos)
             self.state[f"{self._side}_documents"] += 1
         self.state["documents"] += 1
+        self.state["pieces"] = 0
         self._side = None
 
     # ---- committing and finishing ----------------------------------------------------------
@@ -508,7 +570,7 @@ class ShardWriter:
         if state["train_documents"] < 2:
             self._abandon()
             raise Gpt1Error(f"the corpus has {state['train_documents']} document: a validation split needs "
-                            "at least two; use more text")
+                            f"at least two; {TEXT_FILE_IS_ONE_DOCUMENT}")
         train = np.memmap(self.train_tmp, dtype=DTYPE, mode="r")
         a, b = smallest["offset"], smallest["offset"] + smallest["tokens"]
         with atomic_path(self.out / VAL_FILE) as tmp:
@@ -536,10 +598,22 @@ def _uint16(ids: list[int]) -> np.ndarray:
 
 
 def _known_size(sources: list[Source]) -> int | None:
-    """Bytes on disk of local sources (a progress-bar total; approximate for jsonl/gz/parquet)."""
+    """Bytes on disk of local sources: a progress bar's total, counted by a `ReadMeter`."""
     if any(s.kind == "hf" for s in sources):
         return None
     return sum(os.path.getsize(s.location) for s in sources if s.kind != SKIPPED)
+
+
+def interrupted_prepare(out: str | Path) -> dict | None:
+    """How far an interrupted `prepare` into `out` got (its committed state: `documents`,
+    `bytes` of text, ...), which a rerun with the same arguments resumes from; None when it
+    committed nothing (a rerun starts over)."""
+    state_path = Path(out) / STATE_FILE
+    with contextlib.suppress(Gpt1Error, OSError):  # unreadable: the rerun says what it finds
+        state = read_json(state_path) if state_path.is_file() else None
+        if isinstance(state, dict) and isinstance(state.get("bytes"), int):
+            return state
+    return None
 
 
 def shards_complete(data_dir: Path, meta: dict) -> bool:

@@ -36,6 +36,7 @@ import torch
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import require
 from gpt1.core.io import atomic_path
 from gpt1.core.model import GPT
 from gpt1.core.progress import info, warn
@@ -50,14 +51,12 @@ PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's byte-level regex split
 
 
 def _require_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise Gpt1Error("GGUF export needs the `gguf` package: pip install 'gpt1[gguf]'") from None
-    return gguf
+    return require("gguf", "GGUF export", "pip install 'gpt1[gguf]'")
 
 
 def _is_gguf(path: Path) -> bool:
+    if not path.is_file():  # a FIFO's open would wait for a writer
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"

@@ -14,8 +14,11 @@ transposed on the way across. An exported folder holds:
     special_tokens_map.json
     adapter/                   a fine-tuned model's LoRA adapter in PEFT's layout (not with merge)
 
-`transformers` is needed for export and import (`pip install 'gpt1[hf]'`); it is imported
-inside the functions so that the rest of gpt1 works without it.
+Every exported file is written as plain JSON (or safetensors) by gpt1 itself, never by a
+transformers `save_pretrained`, whose output depends on the installed version (4.x leaves out
+the values equal to *its* defaults: top_k 50, tie_word_embeddings). So export needs no
+transformers; import does (`pip install 'gpt1[hf]'`), imported where it is used so that the rest
+of gpt1 works without it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import require
 from gpt1.core.io import atomic_dir, check_weight_values, json_path, save_safetensors, write_json, write_text
 from gpt1.core.lora import load_adapter, merge_and_unload, save_adapter
 from gpt1.core.model import GPT
@@ -50,6 +54,7 @@ from gpt1.formats.modeldir import (
     read_tensors,
 )
 
+GENERATION_CONFIG_FILE = "generation_config.json"
 # transformers' GPT-2 stores these as Conv1D weights: (in, out), the transpose of nn.Linear's.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Activations that are exactly our tanh-approximated GELU.
@@ -65,11 +70,7 @@ HF_FLAGS = ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_
 
 
 def _require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise Gpt1Error("Hugging Face interop needs the `transformers` package: pip install 'gpt1[hf]'") from None
-    return transformers
+    return require("transformers", "Hugging Face interop", "pip install 'gpt1[hf]'")
 
 
 # ---- weights and configs: gpt1 <-> transformers ----------------------------------------------
@@ -89,7 +90,9 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def hf_config_dict(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """GPT2Config keyword arguments describing `config`."""
+    """GPT2Config keyword arguments describing `config`: every field that decides what the model
+    computes, also where it is GPT-2's default (an export's config.json must not depend on the
+    defaults of the transformers version that reads it)."""
     return dict(
         architectures=["GPT2LMHeadModel"],
         vocab_size=config.vocab_size,
@@ -105,6 +108,10 @@ def hf_config_dict(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
         tie_word_embeddings=config.tie_embeddings,
+        scale_attn_weights=True,  # scores / sqrt(head size), as gpt1's attention
+        scale_attn_by_inverse_layer_idx=False,
+        reorder_and_upcast_attn=False,
+        add_cross_attention=False,
         # gpt1 has no BOS token: [EOS] separates documents, as <|endoftext|> does in GPT-2.
         bos_token_id=tokenizer.eos_id,
         eos_token_id=tokenizer.eos_id,
@@ -336,7 +343,7 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
     adapter in PEFT's layout under `out_dir/adapter`, or with `merge=True` as one plain
     model with the adapter merged in. The folder is built next to `out_dir` and renamed into
     place at the end, so `out_dir` is either complete or untouched. An existing non-empty
-    `out_dir` is an error unless `overwrite`.
+    `out_dir` is an error unless `overwrite`. Needs no transformers: gpt1 writes every file.
     """
     model_dir, out = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
@@ -346,7 +353,6 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
     if is_hf_model_dir(model_dir):
         raise Gpt1Error(f"{model_dir}: already a transformers folder, not a gpt1 model dir")
     _check_out_dir(model_dir, out, overwrite)
-    _require_transformers()
 
     has_adapter = (model_dir / ADAPTER_DIR).is_dir()
     if merge and not has_adapter:
@@ -381,19 +387,17 @@ def _check_out_dir(model_dir: Path, out: Path, overwrite: bool) -> None:
 
 
 def _write_base(model: GPT, tokenizer: Tokenizer, chat: bool, out: Path) -> None:
-    import transformers
-
+    # Plain JSON with every key, not save_pretrained (see the module docstring): transformers 4.x
+    # left out top_k 50, its default, and transformers 5 or vLLM then sampled without top-k.
     save_safetensors(out / WEIGHTS_FILE, to_hf_state_dict(model), metadata={"format": "pt"})
-    transformers.GPT2Config(**hf_config_dict(model.config, tokenizer)).save_pretrained(out)
-    generation_config(tokenizer, model.config.block_size).save_pretrained(out)
+    write_json(out / CONFIG_FILE, {"model_type": "gpt2", **hf_config_dict(model.config, tokenizer)})
+    write_json(out / GENERATION_CONFIG_FILE, generation_config_dict(tokenizer, model.config.block_size))
     write_tokenizer_files(tokenizer, out, model_max_length=model.config.block_size, chat=chat)
 
 
-def generation_config(tokenizer: Tokenizer, block_size: int):
-    """transformers' GenerationConfig for the model card's Q&A preset (`gpt1.core.sampling_params`' "qa"),
+def generation_config_dict(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
+    """generation_config.json for the model card's Q&A preset (`gpt1.core.sampling_params`' "qa"),
     so that `model.generate(...)` samples as `gpt1 generate --preset qa` does (up to the context)."""
-    import transformers
-
     qa = preset("qa")
     # The length is max_length = the context (prompt + generated tokens), not qa's 256 new tokens:
     # with max_new_tokens transformers runs past the position embeddings of a shorter context (an
@@ -405,8 +409,7 @@ def generation_config(tokenizer: Tokenizer, block_size: int):
     # gpt1 ends a generation at any special token (a chat model's next role marker, too):
     # [EOS] first, as transformers reports the first id as *the* EOS.
     stop = [tokenizer.eos_id] + [i for i in tokenizer.special_ids if i != tokenizer.eos_id]
-    return transformers.GenerationConfig(**knobs, bos_token_id=tokenizer.eos_id, eos_token_id=stop,
-                                         pad_token_id=tokenizer.pad_id)
+    return dict(**knobs, bos_token_id=tokenizer.eos_id, eos_token_id=stop, pad_token_id=tokenizer.pad_id)
 
 
 def write_tokenizer_files(tokenizer: Tokenizer, out: str | os.PathLike, model_max_length: int, chat: bool) -> None:

@@ -91,6 +91,9 @@ class EngineProcess:
         self._ids = itertools.count()
         self._live: dict[int, RemoteRequest] = {}
         self._lock = threading.Lock()  # _live, the stats, sending
+        # Held while chunks or errors go to sinks: stop() ends requests from its own thread while
+        # the reader may be delivering, and a sink must get nothing after its last item.
+        self._delivering = threading.Lock()
         self._stats = (0, 0)  # active, queued: the child's latest report
         self._child_stats = EngineStats()  # the child's engine's counts, as of its latest report
         self._rejected = 0  # submissions refused here (the child never sees them)
@@ -180,20 +183,23 @@ class EngineProcess:
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop the child; every unfinished request's sink gets a 'shutting down' error."""
+        """Stop the child: every unfinished request's sink gets a 'shutting down' error at once,
+        then the child is waited for (up to `timeout` s, then killed) and reaped."""
         if self._process is None:
             return
         with self._lock:  # said to every open request, not the reader's "has stopped" when the child exits
             self._closed = self._closed or "the server is shutting down"
         self._send({"stop": True})
+        # The requests end now, not once the child has exited: it first finishes the step it is in
+        # (a long prefill's takes seconds), and the server's shutdown holds every stream until then.
+        self._close("the server is shutting down")
         try:
-            self._process.wait(timeout)
+            self._process.wait(timeout)  # reaped here: never left a zombie, or an orphan on the GPU
         except subprocess.TimeoutExpired:
             pass
         self._kill()
         if self._reader is not None:
             self._reader.join(timeout)
-        self._close("the server is shutting down")
 
     def __enter__(self) -> "EngineProcess":
         return self.start()
@@ -253,20 +259,21 @@ class EngineProcess:
                     now = time.monotonic()
                     self._generated.append((now, generated))
                     self._forget_old_counts(now)  # here, not only when /health asks: unpolled, it grew forever
-            for rid, text, finish_reason, prompt_tokens, completion_tokens, error in message["out"]:
-                request = self._live.get(rid)
-                if request is None:
-                    continue
-                if error is not None:
-                    kind, reason = error
-                    item = Gpt1Error(reason) if kind == "Gpt1Error" else RuntimeError(f"{kind}: {reason}")
-                else:
-                    item = Chunk(text, finish_reason, prompt_tokens, completion_tokens)
-                if error is not None or finish_reason is not None:
-                    request.ended = True
-                    with self._lock:
-                        self._live.pop(rid, None)
-                _deliver(request, item)
+            with self._delivering:
+                for rid, text, finish_reason, prompt_tokens, completion_tokens, error in message["out"]:
+                    request = self._live.get(rid)
+                    if request is None:  # ended here (stop(), a cancel's last chunk already read)
+                        continue
+                    if error is not None:
+                        kind, reason = error
+                        item = Gpt1Error(reason) if kind == "Gpt1Error" else RuntimeError(f"{kind}: {reason}")
+                    else:
+                        item = Chunk(text, finish_reason, prompt_tokens, completion_tokens)
+                    if error is not None or finish_reason is not None:
+                        request.ended = True
+                        with self._lock:
+                            self._live.pop(rid, None)
+                    _deliver(request, item)
         try:  # its output pipe closed: the child has exited or is exiting
             code = self._process.wait(5) if self._process is not None else None
         except subprocess.TimeoutExpired:
@@ -275,13 +282,14 @@ class EngineProcess:
 
     def _close(self, reason: str) -> None:
         """No more submissions; every request still running ends with `reason` as its error."""
-        with self._lock:
-            reason = self._closed = self._closed or reason
-            left, self._live = list(self._live.values()), {}
-            self._stats = (0, 0)
-        for request in left:
-            request.ended = True
-            _deliver(request, EngineUnavailable(reason))
+        with self._delivering:
+            with self._lock:
+                reason = self._closed = self._closed or reason
+                left, self._live = list(self._live.values()), {}
+                self._stats = (0, 0)
+            for request in left:
+                request.ended = True
+                _deliver(request, EngineUnavailable(reason))
 
 
 def _deliver(request: RemoteRequest, item: Chunk | BaseException) -> None:
@@ -370,3 +378,10 @@ if __name__ == "__main__":  # the child: python -m gpt1.inference.engine_process
     exit_with_parent(_spec["parent"])
     _child_main(_spec["model_dir"], _spec["device"], _spec["dtype"], _spec["engine"],
                 Connection(int(sys.argv[2]), writable=False), Connection(int(sys.argv[3]), readable=False))
+    # Exit without the interpreter's teardown, as multiprocessing's children do: freeing torch's
+    # modules and the model one object at a time took 0.7-1.4 s on the 2-core dev CPU, and the
+    # server's exit waits for this process. Nothing here needs it: no file is open for writing, and
+    # the kernel (and the CUDA driver) free the memory. An exception above still exits as usual.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -16,7 +16,7 @@ import importlib.util
 import json
 import math
 import os
-import sys
+import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +27,6 @@ from pydantic import TypeAdapter, ValidationError
 from gpt1.core.device import check_device_name
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # the same parser, as a package (a dependency on Python 3.10)
-    import tomli as tomllib
 
 PRECISIONS = ("fp32", "fp16-mixed", "bf16-mixed")
 OPTIMIZERS = ("adamw", "muon")
@@ -91,7 +86,7 @@ class TrainConfig:
     save_every: int = 200
     seed: int = 1337
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
-    max_bad_steps: int = 20  # consecutive non-finite losses that stop the run
+    max_bad_steps: int = 20  # consecutive steps skipped for a NaN/inf loss or gradient norm that stop the run
     tensorboard: bool = False  # also log to TensorBoard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
@@ -227,6 +222,12 @@ def _parse_value(raw: str, hint: Any) -> Any:
         return raw
 
 
+# How a value of these types is written (TOML, in a recipe or as key=value): pydantic's "Input
+# should be a valid boolean" did not say that True, 1 and yes are not the way.
+SPELLINGS = {bool: "true or false: TOML, lower case", int: "a whole number such as 100",
+             float: "a TOML number such as 0.5"}
+
+
 def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], where: str) -> Any:
     """`value` as the type of the field `key` (pydantic, strict: no "1" for 1, no 1 for true; an
     int is a float and an array a tuple, as JSON has no other spelling for them)."""
@@ -235,7 +236,7 @@ def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], w
     try:
         return _adapter(hints[key]).validate_json(json.dumps(value), strict=True)
     except (ValidationError, TypeError, ValueError) as e:
-        reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        reason = SPELLINGS.get(hints[key]) or (e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e))
         raise Gpt1Error(f"{where}: key {key!r} expects {_type_name(hints[key])}, got {value!r} ({reason})") from None
 
 

@@ -238,6 +238,18 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
     if block_size > model.config.block_size:
         raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({model.config.block_size})")
 
+    def save_model(directory: Path, m: torch.nn.Module) -> None:
+        save_finetuned(directory, m, tokenizer, base_info)
+
+    # Recorded in the run dir's train_config.json with the run's config: its base, as a path.
+    run_cfg = dataclasses.replace(cfg, init_from=base_info["path"])
+    if (finished := _finished_run(out, cfg, step_limit)) is not None:
+        # Nothing to train: the loop checks the recipe against the run's and says so, without the
+        # chat data read and encoded first (two minutes for 200k conversations).
+        max_steps, data = finished
+        return train(model, run_cfg, out, _NoBatches(), list, save_model, max_steps=max_steps, data=data,
+                     redo_hint=redo_hint)
+
     train_convs, val_convs, stats = load_chat_splits(cfg)
     train_data = encode_conversations(tokenizer, train_convs, block_size + 1, progress=dist.is_main)
     record = _run_record(out)
@@ -274,20 +286,63 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         info(f"{max_steps:,} steps x {sequences_per_step} sequences = "
              f"{max_steps * sequences_per_step / len(train_data):.2f} epochs of {len(train_data):,}")
 
-    def save_model(directory: Path, m: torch.nn.Module) -> None:
-        save_finetuned(directory, m, tokenizer, base_info)
-
     # Recorded in the run dir's train_config.json: resuming with another base, or on other
     # training sequences (an edit of the chat data, even one that keeps their number), is refused.
     # What the run holds out is recorded with them: `evaluate_chat` checks it before it calls a
     # score held-out. A run recorded without it keeps its record (its training sequences tell).
-    cfg = dataclasses.replace(cfg, init_from=base_info["path"])
     data = {"sequences": len(train_data), "tokens": train_data.num_tokens, "sha256": train_data.fingerprint(),
             "validation": {"conversations": len(val_convs), "sha256": conversations_fingerprint(val_convs)}}
     if isinstance(record.get("data"), dict) and "validation" not in record["data"]:
         del data["validation"]
-    return train(model, cfg, out, batches, lambda: val, save_model, max_steps=max_steps, data=data,
+    return train(model, run_cfg, out, batches, lambda: val, save_model, max_steps=max_steps, data=data,
                  redo_hint=redo_hint)
+
+
+def _finished_run(out: Path, cfg: FinetuneConfig, step_limit: int | None) -> tuple[int, dict | None] | None:
+    """(max_steps, the data record) of the run in `out` when its latest checkpoint is its last
+    step: a rerun has nothing to train, and tells so from the run dir alone. The run's length is
+    the one this config resolves to: `max_steps`, or the one recorded for a length the data set
+    (epochs, max_tokens: the data is not read again to resolve it; a rerun of a finished run
+    does nothing, whatever became of its data). None: steps remain, or it cannot tell (a
+    `step_limit` on a data-set length), and the data is read and checked as for any resume."""
+    record = _run_record(out)
+    latest = ckpt.latest_checkpoint(out) if record else None
+    if latest is None or not isinstance(record.get("max_steps"), int):
+        return None
+    if cfg.max_steps > 0:
+        max_steps = cfg.max_steps if step_limit is None else max(1, min(cfg.max_steps, step_limit))
+    elif step_limit is None:
+        max_steps = record["max_steps"]
+    else:
+        return None
+    try:
+        state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: the loop names the file when it loads the checkpoint
+        return None
+    end = state.get("end", max_steps) if isinstance(state, dict) else max_steps  # a time budget may end it early
+    if ckpt.checkpoint_step(latest) < end:
+        return None
+    data = record.get("data")
+    return max_steps, data if isinstance(data, dict) else None
+
+
+class _NoBatches:
+    """The batch source of a finished run, which takes no step: it draws no batch, and keeps
+    the sampler state the loop restores into it."""
+
+    pad_id = None
+
+    def __init__(self) -> None:
+        self.state: dict = {}
+
+    def next_batch(self):
+        raise RuntimeError("a finished run draws no batch")
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
 
 
 # base.json's "sha256_of": its sha256 is `weights_fingerprint`'s. A base.json without it may be

@@ -37,11 +37,14 @@ The rest is the loop's: checkpoints (see `gpt1.train.checkpoint`) with the train
 optimizer, GradScaler, step, sampler state and every RNG state (with torchrun, every rank's);
 `train_config.json`; one line per step in `metrics.jsonl` (loss, lr, grad_norm, tokens and tokens_per_sec: input tokens, padding
 excluded, mfu) and one per validation (val_loss, val_ppl); `loss.png` at the end; once the
-step rate settles, the projected wall time of the whole run. A run is finished when its last checkpoint is the
+step rate settles, the projected wall time of the whole run (revised once, where it could not
+count validations and checkpoints yet). A run is finished when its last checkpoint is the
 final step and its outputs (`save_model`'s files, `loss.png`) were written from it (marked in
-the checkpoint): a run killed in between writes them on its next call. A step whose loss is
-not finite is skipped; a checkpoint due at it is still saved when the weights are finite
-(the skipped step did not touch them), else a warning names the last good checkpoint.
+the checkpoint): a run killed in between writes them on its next call. A step whose loss or
+gradient norm is not finite is skipped; a checkpoint due at it is still saved when the weights
+are finite (the skipped step did not touch them), else a warning names the last good checkpoint.
+`cfg.max_bad_steps` consecutive skipped steps stop the run; fp16-mixed's overflows (skipped by
+the GradScaler) stop it once its loss scale falls below 1. The LR schedule counts skipped steps.
 Running `train` again on the same `run_dir` resumes from its latest checkpoint (a different
 config, or number of processes, is refused; paths compare by what they name); on CPU the resumed run
 ends at exactly the loss of an uninterrupted one. With torchrun (`gpt1.train.distributed`),
@@ -375,7 +378,10 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 checkpoint = ckpt.save_checkpoint(run_dir, done, raw_model, state)
                 _write_outputs(run_dir, checkpoint, raw_model, save_model, final=done == end)
 
+            began = time.perf_counter()
             distributed.main_only(save)  # rank 0 saves; its failure (e.g. a full disk) stops every rank
+            if rate:
+                rate.timed("checkpoint", time.perf_counter() - began)
 
     metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
 
@@ -394,7 +400,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
     peak = peak_flops(device)
     flops_per_token = getattr(raw_model, "flops_per_token", None)
     bad_steps = 0
-    rate = _RunRate(start_step, end) if dist.is_main and not budget else None
+    rate = _RunRate(start_step, end, cfg.eval_every, cfg.save_every) if dist.is_main and not budget else None
     threads = _thread_tuner(device, cfg, dist)
 
     pad_id = getattr(train_data, "pad_id", None)
@@ -456,30 +462,46 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 step_tokens = int(step_tokens)
             else:
                 mean_loss, grad_norm = torch.stack([mean_loss.float(), grad_norm.float()]).tolist()
-            if not math.isfinite(mean_loss):
+            # A step whose loss or gradient norm is NaN/inf is skipped: applied, the clip would
+            # scale every gradient by max_norm/NaN and the update turn every weight into NaN.
+            # (The loss is all-reduced, as DDP's gradients are: every rank skips alike.) In
+            # fp16-mixed a non-finite gradient is the GradScaler's overflow: `scaler.step` skips it.
+            skipped = ("non-finite loss" if not math.isfinite(mean_loss) else
+                       "non-finite gradient" if not math.isfinite(grad_norm) and not scaler.is_enabled() else None)
+            if skipped:
                 bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 if scaler.is_enabled():
                     scaler.update()  # closes this step's unscale_ (and lowers the scale: the gradients hold inf/NaN)
+                what = "loss" if skipped == "non-finite loss" else "gradient norm"
                 if bad_steps >= cfg.max_bad_steps:
-                    good = ckpt.latest_checkpoint(run_dir)
-                    raise distributed.same_on_every_rank(  # the all-reduced loss: every rank stops here
-                        f"the loss was NaN/inf for {bad_steps} consecutive steps (last at step {done:,}); stopped. "
-                        f"The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}. "
-                        "Lower lr, try bf16-mixed instead of fp16-mixed, or check the data.")
-                log_metrics({"step": done, "loss": None, "lr": lr, "skipped": "non-finite loss"})
+                    raise _bad_steps_error(f"the {what} was NaN/inf for {bad_steps} consecutive steps "
+                                           f"(last at step {done:,})", run_dir, precision)
+                log_metrics({"step": done, "loss": mean_loss if math.isfinite(mean_loss) else None, "lr": lr,
+                             "skipped": skipped})
                 bar.update(1)
                 if _save_due(done, cfg.save_every, end):
                     if all(torch.isfinite(p).all() for p in params):  # the step was skipped: still good
                         save_if_due(done)
                     elif dist.is_main:
-                        warn(f"step {done:,}: no checkpoint saved: the loss and the weights are not finite; "
+                        warn(f"step {done:,}: no checkpoint saved: the {what} and the weights are not finite; "
                              f"the last good checkpoint is {ckpt.latest_checkpoint(run_dir) or 'none'}")
                 continue
-            bad_steps = 0
             scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed (an inf/NaN norm)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled() and not math.isfinite(grad_norm):
+                # An overflow halves the scale; at the start of a run a few halvings from 65,536 find
+                # one that fits. Gradients that stay NaN/inf however small the scale are not an
+                # overflow: stop once it falls below 1, as DeepSpeed does at its minimum scale. (Read
+                # on a skipped step only: a normal step waits for the device no more.)
+                bad_steps += 1
+                if (scale := scaler.get_scale()) < 1.0:
+                    raise _bad_steps_error(f"the gradient norm was NaN/inf for {bad_steps} consecutive steps "
+                                           f"(last at step {done:,}) although the fp16 loss scale fell to {scale:g}",
+                                           run_dir, precision)
+            else:
+                bad_steps = 0
             tokens_seen += step_tokens
             elapsed = time.perf_counter() - t0
             tokens_per_sec = step_tokens / elapsed
@@ -501,7 +523,10 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 bar.total = end
 
             if done % cfg.eval_every == 0 or done == end:
+                began = time.perf_counter()
                 val_loss, _ = evaluate_loss(raw_model, val_batches(), device, precision)
+                if rate:
+                    rate.timed("validation", time.perf_counter() - began)
                 if math.isfinite(val_loss):
                     last["val_loss"] = val_loss
                     record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
@@ -556,6 +581,16 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
         info(f"done: {end:,} steps, {tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
              f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}")
     return result
+
+
+def _bad_steps_error(what: str, run_dir: Path, precision: str) -> Gpt1Error:
+    """The error that stops a run whose steps keep being skipped (NaN/inf), with advice that fits its precision."""
+    good = ckpt.latest_checkpoint(run_dir)
+    advice = "Lower lr, try bf16-mixed instead of fp16-mixed, or check the data." if precision == "fp16-mixed" else \
+        "Lower lr, or check the data."
+    # The numbers it stops on are all-reduced: every rank stops here.
+    return distributed.same_on_every_rank(
+        f"{what}; stopped. The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}. {advice}")
 
 
 def _thread_tuner(device: torch.device, cfg: TrainConfig, dist):
@@ -636,30 +671,67 @@ def _is_compile_error(error: BaseException) -> bool:
 
 
 class _RunRate:
-    """Prints the projected wall time of the whole run once, after the first steps (compilation,
-    allocator warm-up) are behind it and SETTLE_STEPS more have been timed."""
+    """Prints the projected wall time of the whole run: the time per step, measured over
+    SETTLE_STEPS steps once the first WARMUP_STEPS (compilation, allocator warm-up) are behind it,
+    plus each validation and checkpoint of the run at the time the latest one took. Printed once
+    the step rate settles, where validations and checkpoints (every 200 steps in the card's
+    recipe) have usually not run yet: the line says what it counts, and once both have run a
+    revised line follows if the projection moved by more than REVISE. Two lines at most."""
 
     WARMUP_STEPS = 3
     SETTLE_STEPS = 10
+    REVISE = 0.1
 
-    def __init__(self, start_step: int, max_steps: int):
+    def __init__(self, start_step: int, max_steps: int, eval_every: int, save_every: int):
         self.start_step, self.max_steps = start_step, max_steps
+        self.every = {"validation": eval_every, "checkpoint": save_every}
+        self.took: dict[str, float] = {}  # seconds of the latest validation pass and checkpoint
         self.since: tuple[int, float] | None = None
-        self.reported = False
+        self.paused = 0.0  # seconds of validations and checkpoints since `since`: not step time
+        self.per_step: float | None = None
+        self.projected: float | None = None  # the printed projection of the whole run
+        self.final = False  # the projection counts validations and checkpoints: no revision to come
+
+    def timed(self, kind: str, seconds: float) -> None:
+        """A validation pass or checkpoint ("validation", "checkpoint") took `seconds`."""
+        self.took[kind] = seconds
+        self.paused += seconds
 
     def step_done(self, done: int) -> None:
-        if self.reported:
+        if self.final:
             return
         now = time.perf_counter()
         if done - self.start_step == self.WARMUP_STEPS:
-            self.since = (done, now)
-        elif self.since and done - self.since[0] >= self.SETTLE_STEPS:
-            self.reported = True
-            seconds_per_step = (now - self.since[1]) / (done - self.since[0])
-            left = (self.max_steps - done) * seconds_per_step
-            info(f"projected wall time: {_duration(seconds_per_step * (self.max_steps - self.start_step))} for "
-                 f"{self.max_steps - self.start_step:,} steps at {seconds_per_step:.3g} s/step "
-                 f"(validation and checkpoints included); {_duration(left)} to go")
+            self.since, self.paused = (done, now), 0.0
+        elif self.per_step is None and self.since and done - self.since[0] >= self.SETTLE_STEPS:
+            self.per_step = (now - self.since[1] - self.paused) / (done - self.since[0])
+            self.report(done, first=True)
+        elif self.per_step is not None and len(self.took) == len(self.every) and done < self.max_steps:
+            self.report(done, first=False)
+
+    def seconds(self, after: int) -> float:
+        """The projected seconds of the steps after step `after`, with their validations and checkpoints."""
+        return (self.max_steps - after) * self.per_step + sum(
+            took * _due_after(after, self.max_steps, self.every[kind]) for kind, took in self.took.items())
+
+    def report(self, done: int, first: bool) -> None:
+        total, left = self.seconds(self.start_step), self.seconds(done)
+        self.final = len(self.took) == len(self.every)
+        if not first and abs(total - self.projected) <= self.REVISE * self.projected:
+            return
+        self.projected = total
+        counts = {(True, True): "validation and checkpoints included",
+                  (True, False): "validation included; no checkpoint has run yet",
+                  (False, True): "checkpoints included; no validation has run yet",
+                  (False, False): "steps only: no validation or checkpoint has run yet"}
+        info(f"projected wall time{'' if first else ', revised'}: {_duration(total)} for "
+             f"{self.max_steps - self.start_step:,} steps at {self.per_step:.3g} s/step "
+             f"({counts['validation' in self.took, 'checkpoint' in self.took]}); {_duration(left)} to go")
+
+
+def _due_after(after: int, last: int, every: int) -> int:
+    """How many of the steps after `after`, up to `last`, are multiples of `every` or `last` itself."""
+    return last // every - after // every + (last % every != 0) if last > after else 0
 
 
 class _TimeBudget:

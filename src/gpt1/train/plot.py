@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import atomic_path, file_target
 from gpt1.core.progress import warn
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The image formats `plot --out` writes, named by the file's suffix (no suffix: PNG). matplotlib
 # saves these with what it always has (Agg, its SVG and PDF writers, and Pillow for JPEG); the
 # format is not inferred from the name of the temporary file it writes first, so it is passed
 # explicitly.
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpg", ".jpeg": "jpg", "": "png"}
+DPI = 110
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -66,6 +71,23 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path) -> Path:
     if image_format is None:  # a .txt or .gif silently got PNG bytes
         raise Gpt1Error(f"{out}: plot writes {', '.join(s for s in FORMATS if s)} files; "
                         f"expected a file name ending in one of them, not {Path(out).suffix}")
+    fig = _draw(runs)
+    # Checked once the metrics are read (a missing one leaves no new folder behind): not a
+    # folder, nor a run's or data dir's own file (`--out RUN/model.safetensors`).
+    file_target(out)  # `out` as given: a str's trailing slash says "a folder"
+    # Opened here, write-only: given a path, Pillow opens it read-write, which a FIFO (`--out
+    # >(cmd)`, a named pipe; atomic_path yields those themselves) cannot be.
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, dpi=DPI, format=image_format)
+    return Path(out)
+
+
+def plot_runs_to(runs: dict[str, str | Path], stream: BinaryIO, image_format: str = "png") -> None:
+    """`plot_runs`'s image written to an open binary stream (`gpt1 plot --out -`: stdout)."""
+    _draw(runs).savefig(stream, dpi=DPI, format=image_format)
+
+
+def _draw(runs: dict[str, str | Path]) -> Figure:
     # A figure of its own on the Agg canvas, not pyplot's: switching the process's backend (or
     # pyplot's figures) would break the host's plots, e.g. a notebook's, for the rest of its session.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -93,9 +115,4 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path) -> Path:
         ax_ppl.set(xlabel="step", ylabel="perplexity", title=f"{prefix}validation perplexity")
         ax_ppl.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    # Checked once the metrics are read (a missing one leaves no new folder behind): not a
-    # folder, nor a run's or data dir's own file (`--out RUN/model.safetensors`).
-    file_target(out)  # `out` as given: a str's trailing slash says "a folder"
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format=image_format)
-    return Path(out)
+    return fig
