@@ -92,9 +92,11 @@ CHAT_CASES["bad.yml"] = r"bad.yml: not valid YAML at line \d+, column \d+"
 @pytest.mark.parametrize("name", TEXT_CASES)
 def test_text_commands_over_hostile_files(name, hostile, tokenizer_dir, tiny_model_dir, tmp_path, capsys):
     source = hostile / name
+    # A second document: prepare refuses one text file (one document, no validation split) before reading it.
+    (good := tmp_path / "good.txt").write_text("def add(a, b):\n    return a + b\n", encoding="utf-8")
     commands = {
         "tokenizer train": ["tokenizer", "train", "--vocab-size", "300", "--out", tmp_path / "tok", source],
-        "prepare": ["prepare", "--tokenizer", tokenizer_dir, "--out", tmp_path / "data", source],
+        "prepare": ["prepare", "--tokenizer", tokenizer_dir, "--out", tmp_path / "data", source, good],
         "eval": ["eval", "--model", tiny_model_dir, "--device", "cpu", "--data", source],
     }
     for argv in commands.values():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import socket
 import stat
 import subprocess
@@ -173,8 +174,10 @@ def test_a_ctrl_c_while_torch_loads_exits_130_every_time(module):
 
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"this numpy has no {module}")
+    # Started as a terminal starts a command, with Ctrl-C's default action: a background job of a
+    # non-interactive shell (`pytest ... &`, as a CI script may run it) inherits SIGINT ignored.
     result = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, module], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 130, result.stderr
     assert result.stdout == "" and result.stderr.strip() == "gpt1 info: interrupted"
 
