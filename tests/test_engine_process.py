@@ -120,15 +120,17 @@ def test_the_tokens_per_s_history_stays_bounded_when_nobody_asks(engine, monkeyp
     assert outputs.items[0][-1].completion_tokens >= 10 and len(engine._generated) <= 2
 
 
-def test_stop_ends_the_requests_at_once_and_the_child_exits_without_its_teardown(llm):
+def test_stop_ends_the_requests_at_once_and_the_child_exits_without_its_teardown(tiny_config, tokenizer, tmp_path):
     """stop() ended the requests only once the child had exited, and the child's interpreter
     teardown (torch and the model, freed one object at a time) took 1.2-2.1 s on the dev CPU:
     the server's shutdown waited for both. Frozen (SIGSTOP), the child can do nothing: the
-    requests must end meanwhile; thawed, it must be gone at once."""
+    requests must end meanwhile; thawed, it must be gone at once. (A model that never samples
+    [EOS]: no request finishes by itself before the stop.)"""
+    llm = gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path / "endless"), device="cpu")
     engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device="cpu", max_batch=2, max_queue=4).start()
     outputs = Outputs(4)  # 2 generating, 2 queued
-    engine.submit([[5 + i] for i in range(4)], SamplingParams(temperature=1.0, max_new_tokens=10_000,
-                                                                stop=("never",)), outputs.sink_for())
+    engine.submit([[5 + i] for i in range(4)], SamplingParams(temperature=1.0, max_new_tokens=4_000),
+                  outputs.sink_for())
     wait_for(lambda: outputs.items[0], what="the first chunk")
     os.kill(engine.pid, signal.SIGSTOP)
     stopper = threading.Thread(target=engine.stop)
