@@ -196,13 +196,12 @@ def test_building_the_parser_loads_no_torch_and_help_answers():
 
 def test_the_parsers_copies_of_constants_match_their_homes():
     """The constants the parsers show are copied from modules that load torch: kept equal here."""
-    from gpt1.cli import args, eval_cmd, export_cmd, quickstart_cmd
+    from gpt1.cli import args, export_cmd, quickstart_cmd
     from gpt1.formats.gguf import GGUF_TYPES
     from gpt1.inference.llm import DTYPES
     from gpt1.quickstart import QuickstartConfig
-    from gpt1.train.harness import SUITES
 
-    assert args.DTYPES == tuple(DTYPES) and eval_cmd.SUITES == SUITES and export_cmd.GGUF_TYPES == GGUF_TYPES
+    assert args.DTYPES == tuple(DTYPES) and export_cmd.GGUF_TYPES == GGUF_TYPES
     defaults = QuickstartConfig()
     assert vars(quickstart_cmd.DEFAULTS) == {k: getattr(defaults, k) for k in ("out", "minutes", "device", "seed")}
 

@@ -13,17 +13,13 @@ from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import file_target, write_json
 from gpt1.data.sources import describe_skipped
-from gpt1.train.tasks import TASKS, get_task
+from gpt1.train.tasks import SUITES, TASKS, get_task
 
 # The scoring modules (torch) are imported by the functions that use them: `gpt1 --help` imports this one.
 if TYPE_CHECKING:
     from gpt1.train.harness import TaskResult
 
 REPORT_FILE = "report.md"
-# gpt1.train.harness.SUITES, for --suite's choices and help (a test keeps the two equal).
-SUITES = {"quick": {"hellaswag": 100, "arc_easy": 100, "piqa": 100, "lambada_openai": 100},
-          "full": {"hellaswag": None, "arc_easy": None, "arc_challenge": None, "piqa": None, "winogrande": None,
-                   "lambada_openai": None, "mmlu": None}}
 
 
 def register(subparsers) -> None:

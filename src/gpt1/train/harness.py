@@ -47,13 +47,6 @@ from gpt1.train.tasks import Example, Task, get_task, load_documents, split_exis
 
 CHUNK_BATCHES = 4  # a chunk's prefixes are held in memory while its continuations run
 
-# A few hundred examples of a few tasks (minutes on a CPU), and everything.
-SUITES: dict[str, dict[str, int | None]] = {
-    "quick": {"hellaswag": 100, "arc_easy": 100, "piqa": 100, "lambada_openai": 100},
-    "full": {"hellaswag": None, "arc_easy": None, "arc_challenge": None, "piqa": None, "winogrande": None,
-             "lambada_openai": None, "mmlu": None},
-}
-
 # Published numbers, each with where it was read. GPT-2 "117M" in the paper is the model now
 # counted as 124M; "345M" is GPT-2 medium (~350M).
 REFERENCES = [

@@ -38,6 +38,13 @@ from typing import Any, Callable
 from gpt1.core.errors import Gpt1Error
 from gpt1.data.readers import BadRecord, HfSpec, load_hf_dataset, parse_hf, read_jsonl
 
+# A few hundred examples of a few tasks (minutes on a CPU), and everything (`gpt1 eval --suite`).
+SUITES: dict[str, dict[str, int | None]] = {
+    "quick": {"hellaswag": 100, "arc_easy": 100, "piqa": 100, "lambada_openai": 100},
+    "full": {"hellaswag": None, "arc_easy": None, "arc_challenge": None, "piqa": None, "winogrande": None,
+             "lambada_openai": None, "mmlu": None},
+}
+
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
