@@ -162,11 +162,18 @@ def test_bad_submissions_are_refused_here_before_anything_is_sent(engine, llm):
     assert engine.stats.submitted == before.submitted and engine.stats.rejected == before.rejected + 9
 
 
-def test_a_full_queue_is_refused_and_cancel_frees_the_slots(engine, llm):
+def test_a_full_queue_is_refused_and_cancel_frees_the_slots(tiny_config, tokenizer, tmp_path):
+    # A model that never samples [EOS]: no request ends by itself and frees its place before the 9th.
+    llm = gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path / "endless"), device="cpu")
+    with EngineProcess(llm.path, llm.tokenizer, llm.config, device="cpu", max_batch=4, max_queue=4) as engine:
+        _fill_refuse_cancel_and_reuse(engine, llm)
+
+
+def _fill_refuse_cancel_and_reuse(engine: EngineProcess, llm) -> None:
     outputs = Outputs(8)
     # 8 long requests fill the 4 slots and the 4 queue places.
-    requests = engine.submit([[5 + i] for i in range(8)], SamplingParams(temperature=1.0, max_new_tokens=10_000,
-                                                                         stop=("never",)), outputs.sink_for())
+    requests = engine.submit([[5 + i] for i in range(8)], SamplingParams(temperature=1.0, max_new_tokens=4_000),
+                             outputs.sink_for())
     with pytest.raises(QueueFull):
         engine.submit([[5]], SamplingParams(), Outputs(1).sink_for())
     for r in requests:
