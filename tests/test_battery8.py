@@ -227,3 +227,14 @@ def test_a_prepare_that_failed_before_its_first_commit_leaves_no_shards_and_eval
                  ["pretrain", "--data", tmp_path / "data", "--out", tmp_path / "run"]):
         assert_one_clear_line(*run_main(capsys, *argv), r"data: no meta\.json: not a prepared data dir, or `gpt1 prepare` "
                                                         r"did not finish")
+
+
+def test_eval_chat_of_data_too_small_to_hold_any_out_says_so(tmp_path, tiny_model_dir, capsys):
+    """It blamed "filtering" ("the chat data is empty after filtering"): one conversation is
+    one message tree, which a 5% val_fraction never holds out."""
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "one.jsonl").write_text(json.dumps(chat) + "\n")
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--chat", "--data", tmp_path / "one.jsonl"),
+                          r"one.jsonl: nothing held out to evaluate: val_fraction 0.05 holds out whole message trees, "
+                          r"and the data has 1 tree \(--chat scores the share fine-tuning holds out\); use more data, or a "
+                          r"dataset with a validation split$")

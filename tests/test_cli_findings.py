@@ -275,6 +275,10 @@ def test_gpt1_without_a_command_is_a_usage_error_like_tokenizer_without_an_actio
     ("compile=1", "key 'compile' expects bool, got 1 (true or false: TOML, lower case)"),
     ("lr=.5", "key 'lr' expects float, got '.5' (a TOML number such as 0.5)"),
     ("max_steps=2.5", "key 'max_steps' expects int, got 2.5 (a whole number such as 100)"),
+    # pydantic's "(Field required)" of a betas one number short
+    ("betas=[0.9]", "key 'betas' expects tuple[float, float], got [0.9] (an array of exactly 2 numbers)"),
+    ("betas=[0.9, 0.95, 0.99]", "key 'betas' expects tuple[float, float], got [0.9, 0.95, 0.99] (an array of exactly "
+                                "2 numbers)"),
 ])
 def test_a_wrong_type_says_how_to_write_the_value(capsys, override, message):
     line = assert_one_clear_line(*run_main(capsys, "pretrain", "--print-config", override))

@@ -194,6 +194,42 @@ def test_generate_says_when_max_new_tokens_is_capped(capsys, tiny_model_dir, llm
     assert code == 0 and "does not fit" not in err
 
 
+def test_a_prompt_that_fits_is_kept_whole_unless_max_new_tokens_is_chosen(capsys, tiny_model_dir, llm):
+    """The default max_new_tokens (256) is not a wish: it cut a 50-token prompt of this 64-token
+    model to 32 tokens, while --no-truncate kept it whole. A prompt that fills the context is cut."""
+    model = str(tiny_model_dir)
+    prompt = llm.tokenizer.decode(list(range(300, 350)))
+    n = len(llm.tokenizer.encode(prompt))
+    assert 32 < n < 64
+    for flags in ([], ["--no-truncate"]):
+        code, out, err = run_main(capsys, "generate", "--model", model, "--prompt", prompt, "--temperature", "0", *flags)
+        assert code == 0 and f"[{n} prompt tokens, " in err and "was cut" not in err
+        assert out == llm.generate(prompt, temperature=0, max_new_tokens=64 - n)
+    code, _, err = run_main(capsys, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "40")
+    assert code == 0 and f"the prompt ({n} tokens) was cut to its last 32 tokens" in err  # a chosen 40: 64 - 40 < 32
+    long = llm.tokenizer.decode(list(range(300, 400)))
+    code, _, err = run_main(capsys, "generate", "--model", model, "--prompt", long)
+    assert code == 0 and "was cut to its last 32 tokens" in err
+
+
+def test_chat_without_truncation_says_how_to_go_on_once_the_conversation_is_full(capsys, monkeypatch,
+                                                                                  tiny_model_dir, llm):
+    """With --no-truncate, every message after the conversation filled the context failed with
+    the one-shot "shorten the prompt", which a chat user cannot do."""
+    import io
+
+    message = "word " * 10
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{message}\n" * 5 + f"/reset\n{message}\n"))
+    code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu", "--temperature", "0",
+                              "--no-truncate", "--max-new-tokens", "5")
+    assert code == 0
+    before, after = err.split("(conversation cleared)")
+    errors = [line for line in before.splitlines() if line.startswith("error:")]
+    assert 1 <= len(errors) < 5 and "error:" not in after, err  # the first turn fits, and the one after /reset
+    assert all("no longer fits the 64-token context" in line and
+               line.endswith("/reset starts a new one, /set truncate_prompt on drops the oldest turns") for line in errors)
+
+
 def test_chat_says_when_a_message_longer_than_the_context_is_cut(capsys, monkeypatch, tiny_model_dir, llm):
     """A message longer than the context loses the start of its text (its role marker stays),
     and says so: the warning once counted the whole message and promised "at most -375 tokens";

@@ -428,8 +428,9 @@ def test_a_model_without_weights_is_refused_at_once(tiny_model_dir):
     (None, SamplingParams(), r"^prompts: expected a list of prompts \(each a list of token ids\), got NoneType$"),
     ("some text", SamplingParams(), r"^prompts: expected a list of prompts .*, got text; encode each prompt"),
     ([[5], None], SamplingParams(), r"^prompt 1: expected token ids \(a list of ints\), got NoneType$"),
-    ([[5]], {"temperature": 0}, r"^params: expected SamplingParams, got dict$"),
-    ([[5]], None, r"^params: expected SamplingParams, got NoneType$"),
+    ([[5]], {"temperature": 0}, r"^params: expected SamplingParams \(or one per prompt\), got dict$"),
+    ([[5]], None, r"^params: expected SamplingParams \(or one per prompt\), got NoneType$"),
+    ([[5], [6]], [SamplingParams()], r"^params: 1 SamplingParams for 2 prompts; pass one, or one per prompt$"),
 ])
 def test_submit_says_what_it_expected_for_prompts_and_params(model, tokenizer, prompts, params, message):
     engine = Engine(model, tokenizer, max_batch=2)
@@ -438,3 +439,20 @@ def test_submit_says_what_it_expected_for_prompts_and_params(model, tokenizer, p
     with pytest.raises(Gpt1Error, match=message):
         engine.submit(prompts, params, Collector().sink_for)
     assert not engine.busy and engine.stats.submitted == 0
+
+
+def test_each_prompt_may_bring_its_own_params(model, tokenizer):
+    # The server gives each prompt of a completions request its own knobs (an omitted max_tokens
+    # capped by that prompt's room): one submit, one SamplingParams per prompt, each row as alone.
+    prompts = [[5, 6], [7, 8, 9]]
+    knobs = [SamplingParams(temperature=0, max_new_tokens=2), SamplingParams(temperature=0.8, seed=3, max_new_tokens=6)]
+
+    def run(prompts, params) -> list[Chunk]:
+        engine, collector = Engine(model, tokenizer, max_batch=2), Collector()
+        engine.submit(prompts, params, collector.sink_for)
+        run_until_idle(engine)
+        return [collector.chunks[i][-1] for i in range(len(prompts))]
+
+    together = run(prompts, knobs)
+    assert together == [run([p], k)[0] for p, k in zip(prompts, knobs)]
+    assert [c.completion_tokens for c in together] == [2, 6]

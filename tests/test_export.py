@@ -341,6 +341,13 @@ def test_finetune_refuses_a_gpt2_without_a_gpt1_tokenizer(tmp_path, capsys):
     assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--data", str(tmp_path / "chats.jsonl"),
                  "--out", str(tmp_path / "ft")]) == 2
     assert "tokenizer is not gpt1-compatible" in capsys.readouterr().err
+    # Without any tokenizer.json it said the same, of a tokenizer that is not there.
+    (tmp_path / "gpt2" / "tokenizer.json").unlink()
+    assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--data", str(tmp_path / "chats.jsonl"),
+                 "--out", str(tmp_path / "ft")]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2: no tokenizer.json; put the gpt1 tokenizer.json the model was trained with in the folder" in err
+    assert "not gpt1-compatible" not in err
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -366,16 +373,17 @@ def test_import_of_an_adapter_gpt1_cannot_merge_says_to_export_merged(tmp_path, 
 
     finetuned_dir(tmp_path / "chat", tiny_config, tokenizer, seed=4)
     hf = export_model(tmp_path / "chat", tmp_path / "hf")
-    # An adapter trained by PEFT itself: one c_attn pair of rank 8, not gpt1's three of rank r.
+    # An adapter trained by PEFT itself: one dense c_attn pair of rank 8, not gpt1's per-projection blocks.
     (hf / "adapter" / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]}))
-    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(8, 64)},
+    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(8, 64),
+               "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.ones(192, 8)},
               hf / "adapter" / "adapter_model.safetensors")
     (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": CHAT[1:3]}) + "\n")
     assert_one_clear_line(*run_main(capsys, "finetune", "--base", hf, "--data", tmp_path / "chats.jsonl",
                                     "--out", tmp_path / "ft"),
-                          r"hf: gpt1 cannot merge its adapter/ \(.*adapter: a c_attn adapter of rank 8 is not three "
-                          r"per-projection pairs .*\); import a merged export instead \(`gpt1 export --merge`")
+                          r"hf: gpt1 cannot merge its adapter/ \(.*adapter: the c_attn adapter of rank 8 is not one "
+                          r"per-projection pair of rank 8: .*\); import a merged export instead \(`gpt1 export --merge`")
 
 
 def test_generation_config_defaults_stop_at_the_context(tmp_path, tiny_config, tokenizer):

@@ -246,6 +246,25 @@ def test_a_last_message_too_long_loses_the_start_of_its_text_not_the_system_mess
         assert ids[-1] == tokenizer.special_id(ASSISTANT)
     with pytest.raises(Gpt1Error, match="the system message leaves no room.*max_new_tokens 40"):
         chat_prompt_ids(tokenizer, [{"role": "system", "content": "be brief " * 200}, user], 256, params)
+    # The budget and the way out, right: it said "(256 of context less max_new_tokens 256)" for a
+    # budget of 128, and "lower max_new_tokens", which does nothing until it is below half.
+    words = 1
+    while len(tokenizer.encode("be brief " * words)) < 160:
+        words += 1
+    system = {"role": "system", "content": "be brief " * words}
+    needed = len(encode_chat(tokenizer, [system, {"role": "user", "content": "x"}]))
+    assert 128 < needed < 256
+    for messages in ([system, user], [system]):  # a system message alone was cut, silently
+        with pytest.raises(Gpt1Error) as error:
+            chat_prompt_ids(tokenizer, messages, 256, SamplingParams())
+        need = needed if len(messages) > 1 else needed - 2  # not: the user marker and "x"
+        assert str(error.value) == (f"the system message leaves no room for the conversation: the prompt needs "
+                                    f"{need} tokens with it and may take 128 here (half the 256-token context, as "
+                                    f"max_new_tokens 256 leaves less); shorten the system message or lower "
+                                    f"max_new_tokens to at most {256 - need}")
+        ids, _, _ = chat_prompt_ids(tokenizer, messages, 256, SamplingParams(max_new_tokens=256 - need))
+        system_ids = encode_chat(tokenizer, [system], add_generation_prompt=False)
+        assert ids[:len(system_ids)] == system_ids and len(ids) == need  # whole, and the last message cut to fit
 
 
 def test_llm_methods(tiny_model_dir):

@@ -235,3 +235,13 @@ def test_a_failed_write_leaves_no_folder_it_made_and_names_a_folder_s_file_by_it
             raise OSError(errno.ENOSPC, "No space left on device")
     assert e.value.filename == str(tmp_path / "new2" / "hf" / "model.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_path_is_recorded_in_json_by_its_bytes_not_the_locale():
+    """Under a non-UTF-8 locale Python holds the UTF-8 name "basé" as surrogate escapes: it was
+    refused as "not valid UTF-8". Bytes that are not UTF-8 still are."""
+    from gpt1.core.io import json_path
+
+    assert json_path("runs/bas\udcc3\udca9") == json_path("runs/basé") == "runs/basé"
+    with pytest.raises(Gpt1Error, match=r"^runs/bas\\xff: not valid UTF-8: gpt1 records this path in JSON"):
+        json_path("runs/bas\udcff")

@@ -44,13 +44,13 @@ def llm(tiny_model_dir):
     return gpt1.load(tiny_model_dir, device="cpu")
 
 
-def endless_model_dir(tiny_config, tokenizer, out):
-    """A tiny model with an 8,192-token context that never produces a special token, so that
-    every reply runs to max_tokens: seconds long, long enough to interrupt."""
+def endless_model_dir(tiny_config, tokenizer, out, block_size: int = 8192):
+    """A tiny model with an 8,192-token context (by default) that never produces a special token,
+    so that every reply runs to max_tokens (or the context): seconds long, long enough to interrupt."""
     import dataclasses
 
     torch.manual_seed(0)
-    model = GPT(dataclasses.replace(tiny_config, block_size=8192))
+    model = GPT(dataclasses.replace(tiny_config, block_size=block_size))
     with torch.no_grad():
         # Feature 0 of the final LayerNorm's output is the constant 1; special tokens read it
         # with weight -100, so their logits are ~-100 and they are never sampled.

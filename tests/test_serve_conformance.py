@@ -275,3 +275,40 @@ def test_a_prompt_that_does_not_fit_is_named_by_its_index(server, llm):
     error = error_of(post(server, "completions", {"prompt": [[1], ids], "max_tokens": context}), 400)
     assert f"({len(ids)} in prompt[1], {context} in the completion)" in error["message"]
     assert error["param"] == "max_tokens"
+
+
+def test_each_prompt_of_a_completions_request_gets_its_own_room(server, llm):
+    # An omitted max_tokens is capped by the room each prompt leaves: a short prompt sent beside
+    # one that fills the context gets the reply it gets alone (it got the long one's room: 1 token).
+    context = llm.config.block_size
+
+    def complete(prompts: list[list[int]]) -> list[dict]:
+        body = {"prompt": prompts, "temperature": 0}
+        return httpx.post(server + PATHS["completions"], json=body, timeout=30).json()["choices"]
+
+    short = [10, 11, 12]
+    alone = complete([short])[0]
+    both = complete([short, list(range(10, 9 + context))])
+    assert (both[0]["text"], both[0]["finish_reason"]) == (alone["text"], alone["finish_reason"])
+    assert len(llm.tokenizer.encode(alone["text"])) > 1  # more than the long prompt's room
+
+
+def test_truncation_cuts_only_a_prompt_that_fills_the_context(server, llm):
+    # With truncate_prompt and max_tokens omitted, a prompt that fits was cut to half the context
+    # (the default max_new_tokens, 256, decided it); without truncate_prompt it was kept whole.
+    context = llm.config.block_size
+    for n, kept in ((context - 5, context - 5), (context + 20, context // 2)):
+        body = {"prompt": list(range(10, 10 + n)), "temperature": 0, "truncate_prompt": True}
+        usage = httpx.post(server + PATHS["completions"], json=body, timeout=30).json()["usage"]
+        assert usage["prompt_tokens"] == kept
+
+
+def test_a_system_message_that_leaves_no_room_is_told_in_the_api_words(server, llm):
+    context = llm.config.block_size
+    system = {"role": "system", "content": "word " * context}
+    for messages in ([system, {"role": "user", "content": "hi"}], [system]):  # alone it was cut, silently
+        body = {"messages": messages, "truncate_prompt": True, "max_completion_tokens": 4}
+        error = error_of(httpx.post(server + PATHS["chat"], json=body, timeout=30), 400)
+        assert error["message"].startswith("the system message leaves no room for the conversation")
+        assert "max_completion_tokens 4" in error["message"] and "max_new_tokens" not in error["message"]
+        assert error["param"] == "messages"

@@ -1,8 +1,10 @@
 """The chat page, in a real headless Chromium (Debian's `chromium`, driven by Playwright)
-against a real server: streaming, sliders, presets, stop, reset and the API key field."""
+against a real server: streaming, sliders, presets, stop, reset, the API key field, failed sends,
+the settings boxes, how a reply ended, long chats and narrow screens."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -25,8 +27,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 def server(tiny_config, tokenizer, tmp_path_factory):
     llm = gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path_factory.mktemp("page-model")), device="cpu")
     app = create_app(llm, api_key=KEY)
-    with background_server(app) as url:
-        yield url, app
+    paths = []  # of each request: the browser's own (its icon) are no page events
+
+    async def recording(scope, receive, send):
+        paths.append(scope.get("path"))
+        await app(scope, receive, send)
+
+    with background_server(recording) as url:
+        yield url, app, paths
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +50,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, server):
-    url, _ = server
+    url, _, _ = server
     context = browser.new_context(viewport={"width": 1200, "height": 800})
     page = context.new_page()
     page.sent = []  # (headers, body) of each chat request the page makes
@@ -64,18 +72,32 @@ def send(page, text: str) -> None:
     page.press("#input", "Enter")
 
 
+def wait_done(page) -> None:
+    page.wait_for_function("() => !document.querySelector('.msg.streaming') && document.getElementById('stop').disabled")
+
+
+def focused(page) -> str:
+    return page.evaluate("document.activeElement.id")
+
+
 def test_chat_streams_a_reply_with_the_knobs_sent(page, server):
-    url, _ = server
+    url, _, paths = server
     assert page.title() == "gpt1 chat"
     defaults = SamplingParams()
     assert knob(page, "temperature") == defaults.temperature and knob(page, "top_k") == defaults.top_k
     assert knob(page, "top_p") == defaults.top_p and knob(page, "repeat_penalty") == defaults.repeat_penalty
 
-    # Without the key the server says 401 and the page shows its message.
+    # Each field has a name of its own (not its placeholder).
+    for name, field in [("Message", "input"), ("System prompt", "system"), ("API key", "api-key")]:
+        assert page.get_by_label(name, exact=True).get_attribute("id") == field
+
+    # Without the key the server says 401 and the page says where the key goes. The message
+    # failed: it leaves the screen and the conversation and goes back into the box.
     send(page, "Hello")
     page.wait_for_selector(".msg.error")
-    assert "API key" in page.inner_text(".msg.error .body")
-    page.click("#reset")
+    assert page.inner_text(".msg.error .body") == "this server needs an API key: enter it in the API key field"
+    assert page.locator(".msg.user").count() == 0 and page.input_value("#input") == "Hello"
+    assert page.inner_text("#status") == "error"
     page.fill("#api-key", KEY)
 
     # Move sliders with the keyboard, as a user would; type a value into a number box.
@@ -97,7 +119,9 @@ def test_chat_streams_a_reply_with_the_knobs_sent(page, server):
             }
         }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
     }""")
-    send(page, "Hello")
+    page.fill("#input", "Hello")
+    page.click("#send")
+    assert focused(page) == "input"  # not the page: the Send button it was on is disabled
     page.wait_for_function("() => document.querySelector('.msg.assistant .meta').textContent.length > 0")
 
     headers, body = page.sent[-1]
@@ -106,7 +130,10 @@ def test_chat_streams_a_reply_with_the_knobs_sent(page, server):
     assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
     reply = page.inner_text(".msg.assistant .body")
     assert page.evaluate("window.updates") > 3
-    assert "12 tokens" in page.inner_text(".msg.assistant .meta")
+    assert page.inner_text(".msg.assistant .meta").startswith("12 tokens · stopped at max tokens")
+    # Screen readers hear the reply once, when it ends, not each token of a live log.
+    assert page.get_attribute("#log", "aria-live") is None
+    assert page.inner_text("#announce").startswith(reply)
     # Greedy: the streamed reply is the API's non-streamed answer to the same request.
     unstreamed = {k: v for k, v in body.items() if k != "stream_options"}  # only allowed with stream: true
     same = httpx.post(f"{url}/v1/chat/completions", json={**unstreamed, "stream": False},
@@ -119,14 +146,16 @@ def test_chat_streams_a_reply_with_the_knobs_sent(page, server):
     roles = [m["role"] for m in page.sent[-1][1]["messages"]]
     assert roles == ["system", "user", "assistant", "user"]
     assert page.sent[-1][1]["messages"][2]["content"] == reply
+    assert "/favicon.ico" not in paths  # the page has its (empty) icon: no 404 in the console
     assert page.errors == []
 
 
 def test_presets_stop_and_reset(page, server):
-    _, app = server
+    _, app, _ = server
     engine = app.state.engine
     page.fill("#api-key", KEY)
     page.click("text=Code")
+    assert [b.get_attribute("aria-pressed") for b in page.locator("#presets button").all()] == ["false", "false", "true"]
     code = PRESETS["code"]
     for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n"):
         assert knob(page, name) == pytest.approx(getattr(code, name)), name
@@ -138,10 +167,12 @@ def test_presets_stop_and_reset(page, server):
 
     # Stop: a long reply is cut off, and the server stops generating it.
     page.fill("#k-max_tokens-value", "8000")
+    assert page.get_attribute("text=Q&A", "aria-pressed") == "false"
     cancelled = engine.stats.cancelled
     send(page, "Tell me a long story.")
     page.wait_for_function("() => document.querySelector('.msg.assistant .body').textContent.length > 20", polling=50)
     page.click("#stop")
+    assert focused(page) == "input"
     page.wait_for_function("() => document.querySelector('.msg.assistant .meta').textContent.includes('stopped')", polling=50)
     deadline = time.monotonic() + 10
     while engine.stats.cancelled == cancelled and time.monotonic() < deadline:
@@ -178,3 +209,145 @@ def test_a_model_name_with_markup_is_shown_as_text(browser, tiny_model_dir, name
         assert page.locator("#k-temperature").count() == 1 and page.locator("b").count() == 0
         assert errors == []
         page.close()
+
+
+def test_the_settings_boxes_send_what_they_show(page, server):
+    """An empty box means gpt1's default (it was sent as 0: an empty temperature was greedy), a
+    box that is not a number is shown as an error and nothing is sent, and a seed is sent digit
+    for digit (Number() turned 2**64 - 1 into a seed the server refused)."""
+    url, _, _ = server
+    page.fill("#api-key", KEY)
+    page.fill("#k-max_tokens-value", "4")
+    page.fill("#k-temperature-value", "")
+    assert page.get_attribute("#k-temperature-value", "placeholder") == str(SamplingParams().temperature)
+    page.fill("#seed", str(2**64 - 1))
+    send(page, "Hello")
+    wait_done(page)
+    headers, body = page.sent[-1]
+    assert "temperature" not in body and body["max_tokens"] == 4
+    assert body["seed"] == 2**64 - 1
+    same = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False, "stream_options": None},
+                      headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert page.inner_text(".msg.assistant .body") == same["choices"][0]["message"]["content"]
+
+    # What the browser cannot read as a number: the box says so, and the message stays unsent.
+    page.fill("#k-top_p-value", "")
+    page.focus("#k-top_p-value")
+    page.keyboard.type("-")
+    for box, value in [("#k-top_p-value", None), ("#seed", "1.5"), ("#seed", str(2**64))]:
+        if value is not None:
+            page.fill("#seed", value)
+        sent = len(page.sent)
+        send(page, "Again")
+        assert page.get_attribute(box, "aria-invalid") == "true" and focused(page) == box[1:]
+        assert page.input_value("#input") == "Again" and len(page.sent) == sent
+        message = page.eval_on_selector(box, "box => box.validationMessage")
+        assert message.startswith("Top-p is not a number" if box != "#seed" else "Seed must be an integer"), message
+        page.fill("#k-top_p-value", "0.9")
+    assert page.get_attribute("#k-top_p-value", "aria-invalid") is None
+    assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def short_server(tiny_config, tokenizer, tmp_path_factory):
+    """A 64-token context whose replies never end by themselves: they end at the context."""
+    llm = gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path_factory.mktemp("short"), block_size=64),
+                    device="cpu")
+    with background_server(create_app(llm)) as url:
+        yield url
+
+
+def test_a_reply_says_how_it_ended(browser, server, short_server):
+    """"length" is the context limit when fewer tokens than max_tokens came (it read "stopped at
+    max tokens"), and a stream that ends without [DONE] or a finish reason is cut off (it read
+    as a finished reply)."""
+    page = browser.new_page()
+    page.goto(short_server)
+    page.fill("#k-max_tokens-value", "64")
+    send(page, "Hi")
+    wait_done(page)
+    assert page.inner_text(".msg.assistant .meta").split(" · ")[1] == "stopped at the context limit"
+    page.fill("#k-max_tokens-value", "5")
+    send(page, "Hi")
+    wait_done(page)
+    assert page.inner_text(".msg.assistant >> nth=1 >> .meta").startswith("5 tokens · stopped at max tokens")
+    page.close()
+
+    # A proxy that closes the connection cleanly halfway through the real server's stream.
+    url, _, _ = server
+    page = browser.new_page()
+    page.goto(url)
+    page.fill("#api-key", KEY)
+    page.fill("#k-max_tokens-value", "8")
+
+    def cut(route):  # the first three events: text, no finish reason, no [DONE]
+        events = route.fetch().text().split("\n\n")
+        route.fulfill(status=200, content_type="text/event-stream", body="\n\n".join(events[:3]) + "\n\n")
+
+    page.route("**/v1/chat/completions", cut)
+    send(page, "Hi")
+    wait_done(page)
+    assert page.inner_text(".msg.assistant .body").strip()
+    assert "error: the reply was cut off" in page.inner_text(".msg.assistant .meta")
+    assert page.inner_text("#status") == "error"
+
+    # No server at all: said in words (the browser's are "Failed to fetch").
+    page.unroute("**/v1/chat/completions")
+    page.route("**/v1/chat/completions", lambda route: route.abort("connectionrefused"))
+    send(page, "Anyone?")
+    page.wait_for_selector(".msg.error")
+    assert page.inner_text(".msg.error .body") == "cannot reach the server: is it running?"
+    assert page.input_value("#input") == "Anyone?"
+    page.close()
+
+
+def test_a_long_chat_on_a_phone(browser, server, short_server):
+    """At 320 px the message box was 72 px wide. A reply followed by the view pulled a reader
+    back down. And a chat of over 1 MiB failed every turn with 413 until Reset: only the recent
+    turns (512 KiB) are sent; a message that alone passes the server's limit says so."""
+    url, _, _ = server
+    context = browser.new_context(viewport={"width": 320, "height": 568})
+    page = context.new_page()
+    page.goto(url)
+    assert page.locator("#input").bounding_box()["width"] > 250
+    assert not page.is_visible("#k-temperature") and page.get_attribute("#settings-toggle", "aria-expanded") == "false"
+    page.click("#settings-toggle")
+    page.fill("#api-key", KEY)
+    page.fill("#k-max_tokens-value", "8000")
+    page.click("#settings-toggle")
+    assert page.locator("#log").bounding_box()["height"] > 300
+
+    # Scrolled up while a reply streams: the view stays; back at the bottom, it follows again.
+    send(page, "A long story, please.")
+    log = "document.getElementById('log')"
+    page.wait_for_function(f"() => {log}.scrollHeight > {log}.clientHeight + 200", polling=50)
+    height = page.evaluate(f"{log}.scrollTop = 0, {log}.scrollHeight")
+    page.wait_for_function(f"() => {log}.scrollHeight > {height} + 100", polling=50)
+    assert page.evaluate(f"{log}.scrollTop") == 0
+    height = page.evaluate(f"{log}.scrollTop = {log}.scrollHeight, {log}.scrollHeight")
+    page.wait_for_function(f"() => {log}.scrollHeight > {height} + 100", polling=50)
+    assert page.evaluate(f"{log}.scrollHeight - {log}.scrollTop - {log}.clientHeight") < 40
+    page.click("#reset")  # always enabled (the reply may have ended by now: Stop would not be)
+
+    # Pastes (set as a paste would, at once) into a chat with a 64-token context.
+    page.goto(short_server)
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/chat/completions") else None)
+
+    def paste_and_send(text: str) -> None:
+        page.eval_on_selector("#input", "(box, text) => { box.value = text; }", text)
+        page.press("#input", "Enter")
+
+    for text in ["a " * 150_000, "b " * 150_000, "ok"]:  # 300 KB each: two pass 512 KiB
+        paste_and_send(text)
+        wait_done(page)
+    turns = [[m["content"][:2] for m in json.loads(body)["messages"]] for body in sent]
+    assert turns[1] == ["b "] and turns[2][0] == "b " and turns[2][2] == "ok" and len(turns[2]) == 3
+
+    # One message over the server's 1 MiB: the server's 413, in words for the page, and the text
+    # back in the box.
+    paste_and_send("c" * (1 << 20))
+    page.wait_for_selector(".msg.error")
+    assert page.inner_text(".msg.error .body").endswith("this message is too long to send, shorten it")
+    assert page.eval_on_selector("#input", "box => box.value.length") == 1 << 20
+    context.close()

@@ -374,3 +374,18 @@ def test_benchmark_scoring_runs_on_the_tuners_count_and_gives_the_caller_its_own
     assert torch.get_num_threads() == 2
     assert [[s.is_greedy for s in e] for e in tuned] == [[s.is_greedy for s in e] for e in fixed]
     assert all(abs(a.loglikelihood - b.loglikelihood) < 1e-4 for ea, eb in zip(tuned, fixed) for a, b in zip(ea, eb))
+
+
+@pytest.mark.parametrize("value, fixed", [("", False), ("0", False), ("abc", False), (" 3 ", True), ("1", True)])
+def test_only_a_positive_omp_num_threads_turns_the_tuner_off(monkeypatch, value, fixed):
+    """torch ignores an empty, zero or non-numeric OMP_NUM_THREADS; the tuner took any value as
+    a fixed count and was off, the thread count not fixed (`export OMP_NUM_THREADS=`)."""
+    from gpt1.core import threads as threads_module
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert (threads_module.cpu_thread_tuner("cpu") is None) == fixed
+    finally:
+        torch.set_num_threads(before)

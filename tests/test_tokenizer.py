@@ -103,3 +103,45 @@ def test_encode_of_a_lone_surrogate_and_decode_of_an_unknown_id_say_so(tokenizer
         with pytest.raises(Gpt1Error, match=f"token id {bad} is not in the tokenizer's vocabulary \\(ids 0 to 511\\)"):
             tokenizer.decode([5, bad, 6])
     assert tokenizer.decode([]) == "" and tokenizer.decode([TEST_VOCAB - 1]) != ""
+
+
+def _edited(spec: dict, key: str, value) -> dict:
+    import copy
+
+    spec = copy.deepcopy(spec)
+    if key == "vocab+":  # a token outside the byte-level alphabet
+        spec["model"]["vocab"]["€uro"] = len(spec["model"]["vocab"])
+    elif "." in key:
+        outer, inner = key.split(".")
+        spec[outer][inner] = value
+    else:
+        spec[key] = value
+    return spec
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("model.type", "WordLevel", "a WordLevel model, not BPE"),  # a KeyError traceback
+    ("model.dropout", 0.1, "BPE with dropout, a subword prefix or a word suffix"),
+    ("normalizer", {"type": "Lowercase"}, "a Lowercase normalizer"),  # same fingerprint, other ids
+    ("pre_tokenizer", {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False},
+     "a Split pre-tokenizer"),  # a Rust panic, or half an hour of CPU per 1 MiB request
+    ("pre_tokenizer.add_prefix_space", True, "a ByteLevel pre-tokenizer with other settings"),
+    ("decoder", None, "a None decoder"),
+    ("vocab+", None, "the token '€uro' is not made of byte-level characters"),  # a KeyError at its first use
+])
+def test_a_tokenizer_json_that_is_not_gpt1s_pipeline_is_refused_at_load(tokenizer, tmp_path, key, value, why):
+    import json
+
+    spec = json.loads(tokenizer.to_json())
+    assert Tokenizer.load(_write(tmp_path / "ok.json", spec)).fingerprint == tokenizer.fingerprint
+    with pytest.raises(Gpt1Error) as error:
+        Tokenizer.load(_write(tmp_path / "tokenizer.json", _edited(spec, key, value)))
+    assert str(error.value).startswith(f"{tmp_path / 'tokenizer.json'}: not a gpt1 tokenizer ({why}); gpt1 reads "
+                                       "byte-level BPE")
+
+
+def _write(path, spec: dict):
+    import json
+
+    path.write_text(json.dumps(spec))
+    return path

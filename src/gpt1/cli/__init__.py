@@ -12,9 +12,12 @@ Ctrl-C) is printed once, by LOCAL_RANK 0, and one of a single process's own (`ra
 
 Text from the terminal enters here, in one place: an argument that is not valid UTF-8 (Python
 keeps such bytes as lone surrogates) and invalid UTF-8 on stdin (typed into `gpt1 chat` or
-piped into `gpt1 generate`) are bad input like any other. The standard streams leave here too:
-one closed at the start is /dev/null, one the reader closed (`| head`) ends the command quietly,
-and text their encoding cannot hold is escaped rather than a crash after the work is done.
+piped into `gpt1 generate`) are bad input like any other, named by its flag. The standard
+streams leave here too: one closed at the start is /dev/null on its own descriptor (a command
+whose product is stdout, such as generate, refuses to start without it), one that cannot be
+written (`--help > /dev/full`) is one line, one the reader closed (`| head`) ends the command
+quietly, and text their encoding cannot hold is escaped rather than a crash after the work is
+done. A current folder that was deleted is refused before torch loads.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import traceback
 
 from gpt1 import __version__
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.progress import setup_console_logging
+from gpt1.core.progress import printable, setup_console_logging
 
 # Subcommands in the order `gpt1 --help` lists them; a module that is not there is skipped.
 COMMANDS = ["quickstart", "tokenizer", "prepare", "pretrain", "finetune", "generate", "chat",
@@ -60,6 +63,24 @@ class OneLineParser(argparse.ArgumentParser):
             self.exit(2)
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
+    def _print_message(self, message: str, file=None) -> None:
+        # argparse drops a failed write, so `gpt1 --help > /dev/full` exited 0 with nothing written.
+        # Help and --version are a command's output like any other: a failure on stdout is the same
+        # one line as main's, a reader gone (`| head`) ends quietly, and stderr's nobody would see.
+        if not message:
+            return
+        file = file or sys.stderr
+        try:
+            file.write(message)
+            file.flush()
+        except BrokenPipeError:
+            if file is sys.stdout:
+                _stdout_gone()
+        except OSError as e:
+            if file is sys.stdout:
+                _stdout_gone()
+                self.exit(2, f"{self.prog}: error: standard output: cannot write ({e.strerror})\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
@@ -75,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The errors of a write that the user can fix, with how (a read-only --out, a full disk, a file-size limit).
-UNWRITABLE = {errno.EACCES: "choose a writable --out", errno.EPERM: "choose a writable --out",
-              errno.EROFS: "choose a writable --out", errno.ENOSPC: "free some space or choose another --out",
-              errno.EDQUOT: "free some space or choose another --out",
-              errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another --out"}
+# The errors of a write that the user can fix, with how (a read-only output, a full disk, a file-size
+# limit); {} is the flag that named the file (`_output_flag`): --out, but eval's is --json.
+UNWRITABLE = {errno.EACCES: "choose a writable {}", errno.EPERM: "choose a writable {}",
+              errno.EROFS: "choose a writable {}", errno.ENOSPC: "free some space or choose another {}",
+              errno.EDQUOT: "free some space or choose another {}",
+              errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another {}"}
+OUTPUT_FLAGS = ("out", "json", "samples", "report")  # the flags (--NAME) that name what a command writes
 RESUMABLE = {"quickstart", "prepare", "pretrain", "finetune"}  # they pick up where a killed run stopped
 
 
@@ -100,33 +123,77 @@ def debug_enabled() -> bool:
     return os.environ.get("GPT1_DEBUG", "") not in ("", "0")
 
 
-def _check_arguments(argv: list[str]) -> None:
-    for position, arg in enumerate(argv, start=1):
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:
-            # Lone surrogates: bytes the locale could not decode. Invalid UTF-8, or valid UTF-8
-            # under a locale that is not (LANG=C without Python's UTF-8 mode), which is fine. The
-            # argument stays as Python holds it: a path must reach the OS as those same bytes.
-            raw = arg.encode("utf-8", errors="surrogateescape")
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every argument the command got is UTF-8, paths too: gpt1 records paths in JSON (a prepared
+    source, a fine-tune's base), shows a run's name in its plot, and safetensors opens a file by
+    its name as UTF-8 text. The error names the flag (its position meant counting)."""
+    for action in args.command_parser._actions:  # argparse has no public list of a parser's arguments
+        values = getattr(args, action.dest, None)
+        if values is None:
+            continue
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str):
+                continue
+            # Lone surrogates are bytes the locale could not decode: invalid UTF-8, or valid UTF-8
+            # under a locale that is not (LANG=C without Python's UTF-8 mode), which is fine.
+            raw = value.encode("utf-8", errors="surrogateescape")
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise Gpt1Error(f"argument {position} is not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} "
-                                f"at byte {e.start}): pass text in UTF-8") from None
+                name = "/".join(action.option_strings) or action.metavar or action.dest
+                raise Gpt1Error(f"argument {name}: not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at byte "
+                                f"{e.start}); pass UTF-8 text, and rename a file or folder whose name is not") from None
 
 
-def _standard_streams() -> None:
-    """stdout and stderr as every command may use them, however the process was started."""
-    for name in ("stdout", "stderr"):
+def _standard_streams() -> set[int]:
+    """stdout and stderr as every command may use them, however the process was started. Returns
+    the standard descriptors (0, 1, 2) that were closed at the start (`<&- >&- 2>&-`): they hold
+    /dev/null now, and what a command writes there is dropped."""
+    closed = set()
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # /dev/null on that very descriptor: the next file opened would take the lowest free
+            # one, and what writes to fd 2 below Python (a C library's warning, a fatal error dump)
+            # would write into a run's checkpoints/.lock or the server's socket. Inheritable: a
+            # child (serve --engine process) starts with it too, not with its own fd 2 closed.
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: `fd`, as 0..fd-1 are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            os.set_inheritable(fd, True)
+            closed.add(fd)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
         stream = getattr(sys, name)
-        if stream is None:  # started with it closed (`2>&-`): what goes there is dropped, not sent elsewhere
-            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+        if stream is None:  # started with it closed: a stream on the /dev/null above
+            setattr(sys, name, open(fd, "w", encoding="utf-8", closefd=False))
         elif isinstance(stream, io.TextIOWrapper):
             # The encoding stays the one the locale or PYTHONIOENCODING asks for (what the terminal
             # shows); text it cannot hold is escaped (gpt1-out) instead of a UnicodeEncodeError that
             # ends the command after its work is done (an export, then printing its non-ASCII path).
             stream.reconfigure(errors="gpt1-out")
+    return closed
+
+
+def _check_working_folder() -> None:
+    """The current folder exists: in one that was deleted (`rmdir` from another shell), relative
+    paths resolve to nothing and torch's import dies in MKL ("Cannot load libtorch_cpu.so")."""
+    try:
+        os.getcwd()
+    except FileNotFoundError as e:
+        raise Gpt1Error(f"the current folder no longer exists ({e.strerror}); cd to an existing folder") from None
+
+
+def _check_stdout_open(args: argparse.Namespace, closed: set[int]) -> None:
+    """A command whose product is its standard output (`stdout_product`, set by its `register`:
+    generate's text, `plot --out -`'s image) refuses to start with stdout closed, as `ls >&-`
+    fails: the work would be done, its result dropped and the exit status 0. The other commands
+    only report there and run on."""
+    product = getattr(args, "stdout_product", None)
+    if 1 in closed and product is not None and (what := product(args)):
+        raise Gpt1Error(f"standard output is closed (started with >&-), and this command writes {what} there; "
+                        "redirect it to a file, or to /dev/null to discard it")
 
 
 def _stdout_gone() -> None:
@@ -139,7 +206,7 @@ def _stdout_gone() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _standard_streams()
+    closed = _standard_streams()
     with _interrupts_held():
         parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -157,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         # lone surrogates): decoding stdin raises the one clear error at the edge instead.
         sys.stdin.reconfigure(encoding="utf-8", errors="gpt1-stdin")
     try:
-        _check_arguments(sys.argv[1:] if argv is None else argv)
+        _check_working_folder()
+        _check_arguments(args)
+        _check_stdout_open(args, closed)
         # A server claims SIGTERM while it serves (uvicorn drains the open requests), then restores
         # this handler and raises the signal again: it ends here too, with its one line.
         with _sigterm_raises():
@@ -190,11 +259,25 @@ def main(argv: list[str] | None = None) -> int:
         if e.filename is None:
             _stdout_gone()
             return _error(command, f"standard output: cannot write ({e.strerror})")
-        return _error(command, f"{e.filename}: cannot write ({e.strerror}); {UNWRITABLE[e.errno]}")
+        hint = UNWRITABLE[e.errno].format(_output_flag(args, e.filename))
+        return _error(command, f"{e.filename}: cannot write ({e.strerror}); {hint}")
     except KeyboardInterrupt:
         if not _said_by_another_process():
             print(f"\ngpt1 {command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _output_flag(args, filename) -> str:
+    """The output flag whose path is `filename` or holds it (`--json e.json`; `--out RUN` for
+    RUN/metrics.jsonl); "output path" for a file no flag named (eval --suite's MODEL/report.md)."""
+    file = os.path.abspath(os.fsdecode(filename))
+    for name in OUTPUT_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value != "-":  # --json alone: stdout
+            path = os.path.abspath(value)
+            if file == path or file.startswith(path.rstrip(os.sep) + os.sep):
+                return f"--{name}"
+    return "output path"
 
 
 def _resume_hint(args) -> str:
@@ -253,7 +336,7 @@ def _error(command: str, message: str) -> int:
     if debug_enabled():
         traceback.print_exc()
     # A message quoting a library's may hold newlines; spaces inside it (a quoted value) stay.
-    one_line = re.sub(r"\s*\n\s*", " ", message.strip())
+    one_line = printable(re.sub(r"\s*\n\s*", " ", message.strip()))  # names from files made elsewhere
     print(f"gpt1 {command}: error: {one_line}", file=sys.stderr)
     return 2
 

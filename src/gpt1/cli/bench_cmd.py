@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--json", metavar="FILE",
                         help="also write the rows as JSON to FILE, after each benchmark (-: print them to stdout "
                              "at the end, the tables to stderr)")
-    parser.set_defaults(func=bench_command)
+    parser.set_defaults(func=bench_command, stdout_product=lambda args: None if args.json and args.json != "-" else "the results")
 
 
 def format_table(rows: list[dict]) -> str:

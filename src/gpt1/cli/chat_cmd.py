@@ -23,7 +23,7 @@ from gpt1.cli.generate_cmd import (
     warn_if_message_cut,
 )
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.progress import info
+from gpt1.core.progress import info, printable
 from gpt1.core.sampling_params import KNOB_RANGES, preset
 
 # gpt1.inference (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
@@ -149,15 +149,21 @@ class ChatSession:
         self.history.append({"role": "user", "content": text})
         # An empty --system is a system message, as in `generate --chat` and the server.
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        ids = None
         try:
             block = self.llm.config.block_size
             ids, dropped, cut = chat_prompt_ids(self.llm.tokenizer, system + self.history, block, self.params)
             params = fit_new_tokens(self.params, ids, block, self.max_new_tokens_chosen)
             if self.max_new_tokens_chosen and not self.capped_warned:
                 self.capped_warned = warn_if_capped(params, ids, block, "/set max_new_tokens N to change it")
-        except Gpt1Error:
+        except Gpt1Error as e:
             self.history.pop()
-            raise
+            if ids is None or not self.history:
+                raise
+            # With truncation off, the earlier turns are what does not fit: say how to go on.
+            raise Gpt1Error(f"the conversation with this message is {len(ids)} tokens and no longer fits the "
+                            f"{block}-token context ({e}); /reset starts a new one, /set truncate_prompt on "
+                            "drops the oldest turns") from None
         if dropped:
             del self.history[:dropped]
             info(f"(dropped the {dropped} oldest message(s) to fit the {self.llm.config.block_size}-token context)")
@@ -226,8 +232,10 @@ def chat_command(args: argparse.Namespace) -> int:
                 print(file=sys.stderr)
             return 0
         except Gpt1Error as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {printable(str(e))}", file=sys.stderr)
             continue
+        except OSError as e:  # opened write-only (`0>/dev/null`: EBADF): no line will ever come
+            raise Gpt1Error(f"standard input: cannot read ({e.strerror})") from None
         text = line.strip()
         if not text:
             continue
@@ -240,4 +248,4 @@ def chat_command(args: argparse.Namespace) -> int:
             else:
                 session.reply(line.rstrip("\r"))  # a Windows line end is not part of the message
         except Gpt1Error as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {printable(str(e))}", file=sys.stderr)

@@ -71,7 +71,9 @@ def register(subparsers) -> None:
                              "(default: the validation split, or the share of the conversations fine-tuning holds out)")
     parser.add_argument("--json", nargs="?", type=path_arg, const="-", metavar="PATH",
                         help="write the results as JSON to PATH (no PATH: print them to stdout instead of the text)")
-    parser.set_defaults(func=eval_command)
+    # The scores' only copy is on stdout unless --json PATH or --suite's report.md holds them.
+    parser.set_defaults(func=eval_command, stdout_product=lambda args: None if (args.json not in (None, "-") or args.suite)
+                        else "the scores")
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -97,13 +99,15 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.chat:
         return _chat_eval(llm, args)
     result = _perplexity(llm, args.data, args)
-    if args.json:
-        _emit_json(args.json, result)
-    else:
+    # The scores first, as task mode's table: a --json PATH write that fails anyway (a full disk)
+    # does not take them with it. Bare --json prints the JSON instead of the line.
+    if args.json != "-":
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}  "
               f"({result['tokens']:,} tokens of {result['source']})")
     if result["skipped"]:
         print(f"skipped: {describe_skipped(result['skipped_by_reason'])}", file=sys.stderr)
+    if args.json:
+        _emit_json(args.json, result)
     return 0
 
 
@@ -145,13 +149,7 @@ def _chat_eval(llm, args: argparse.Namespace) -> int:
     result = evaluate_chat(llm, args.data[0], split=args.split, batch_size=args.batch_size or 8,
                            max_batches=args.max_batches, precision=args.precision, block_size=args.block_size,
                            skip_invalid=args.skip_invalid, stats=stats)
-    if args.json:
-        _emit_json(args.json, {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
-                               "tokens": result.tokens, "bytes": result.bytes, "conversations": result.conversations,
-                               "source": result.source, "skipped": sum(stats.skipped.values()),
-                               "skipped_by_reason": dict(stats.skipped),  # "skipped" a count, as for text
-                               "cut_by_reason": dict(stats.trimmed)})  # parts of conversations still scored
-    else:
+    if args.json != "-":  # the scores before the --json PATH write, as in perplexity mode
         print(f"assistant-token loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
               f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens of {result.conversations:,} "
               f"conversations in {result.source})")
@@ -159,6 +157,12 @@ def _chat_eval(llm, args: argparse.Namespace) -> int:
         print(f"skipped: {describe_skipped(stats.skipped)}", file=sys.stderr)
     if stats.trimmed:
         print(f"cut from conversations still scored: {describe_skipped(stats.trimmed)}", file=sys.stderr)
+    if args.json:
+        _emit_json(args.json, {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
+                               "tokens": result.tokens, "bytes": result.bytes, "conversations": result.conversations,
+                               "source": result.source, "skipped": sum(stats.skipped.values()),
+                               "skipped_by_reason": dict(stats.skipped),  # "skipped" a count, as for text
+                               "cut_by_reason": dict(stats.trimmed)})  # parts of conversations still scored
     return 0
 
 

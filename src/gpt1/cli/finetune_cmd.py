@@ -41,7 +41,8 @@ def register(subparsers) -> None:
                         help="after training, also write OUT/merged: a plain model dir with the adapter merged in")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as TOML and exit (needs no --base or --out)")
-    parser.set_defaults(func=finetune_command, rerun_hint=training_rerun_hint)
+    parser.set_defaults(func=finetune_command, rerun_hint=training_rerun_hint,
+                        stdout_product=lambda args: "the recipe (--print-config)" if args.print_config else None)
 
 
 def finetune_command(args: argparse.Namespace) -> int:

@@ -117,19 +117,21 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def fit_new_tokens(params: SamplingParams, prompt_ids: list[int], block_size: int, chosen: bool) -> SamplingParams:
     """`params` for this prompt, checked (a Gpt1Error when the prompt does not fit and may not be
-    cut). A max_new_tokens the user did not choose (`chosen`) is gpt1's default, not a wish: with
-    --no-truncate it is capped at the room the prompt leaves, as the server caps an omitted
-    max_tokens (else the default 256 refused every prompt of a 128-token model); with truncation
-    generation simply ends at the context limit."""
+    cut). A max_new_tokens the user did not choose (`chosen`) is gpt1's default, not a wish: it is
+    capped at the room a prompt that fits leaves, as the server caps an omitted max_tokens, so
+    that such a prompt is kept whole, truncation or not (the default 256 would otherwise cut any
+    prompt longer than half of a 512-token context, and refuse every prompt of a 128-token model
+    with --no-truncate). Only a prompt that fills the context is cut (or refused)."""
     from gpt1.inference.decoding import fit_prompt
 
-    if not chosen and not params.truncate_prompt:
+    if not chosen:
         prompt_tokens = len(prompt_ids) or 1  # an empty prompt starts from [EOS]
         room = block_size - prompt_tokens
-        if room < 1:
+        if room >= 1:
+            params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
+        elif not params.truncate_prompt:
             raise Gpt1Error(f"the prompt ({prompt_tokens} tokens) leaves no room for a new token in the context of "
                             f"{block_size} tokens; shorten the prompt or allow truncation")
-        params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
     fit_prompt(prompt_ids, block_size, params)
     return params
 
@@ -169,7 +171,7 @@ def register(subparsers) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn and print the assistant's reply")
     parser.add_argument("--system", default=None, metavar="TEXT", type=text, help="with --chat: a system message before the user turn")
     add_sampling_flags(parser)
-    parser.set_defaults(func=generate_command)
+    parser.set_defaults(func=generate_command, stdout_product=lambda args: "the generated text")
 
 
 def warn_if_base_model(llm: gpt1.LLM, model: str) -> None:
@@ -191,7 +193,10 @@ def generate_command(args: argparse.Namespace) -> int:
             raise Gpt1Error("no prompt: give --prompt TEXT or pipe the prompt on standard input")
         # `echo X | gpt1 generate` is the prompt X, as --prompt X and `$(cat file)` are: one line
         # end goes (a prompt that should end in one ends in two).
-        prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+        try:
+            prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+        except OSError as e:  # opened write-only (`0>/dev/null`): EBADF
+            raise Gpt1Error(f"standard input: cannot read ({e.strerror})") from None
     llm = gpt1.load(args.model, device=args.device, dtype=args.dtype)
     if args.chat:
         warn_if_base_model(llm, args.model)

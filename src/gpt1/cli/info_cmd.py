@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from gpt1.cli.args import text
 from gpt1.core.config import PRESETS, ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import owner_of
@@ -20,7 +21,7 @@ def register(subparsers) -> None:
         description="Print the config and parameter count of a preset name (e.g. gpt1, tiny) or a model dir. "
                     "Builds the model on the meta device: instant even for the 250M reference model.")
     parser.add_argument("model", help="a preset name or a model dir")
-    parser.set_defaults(func=info_command)
+    parser.set_defaults(func=info_command, stdout_product=lambda args: "the model's config")
 
 
 def info_command(args: argparse.Namespace) -> int:
@@ -40,7 +41,7 @@ def info_command(args: argparse.Namespace) -> int:
         model = load_model(args.model, device="meta")
         config = model.config
     else:
-        config = ModelConfig.preset(args.model)  # unknown names raise a Gpt1Error listing the presets
+        config = ModelConfig.preset(text(args.model))  # text: "fté" under LANG=C, not 'ft\udcc3\udca9'; unknown names raise a Gpt1Error listing the presets
         with torch.device("meta"):
             model = GPT(config)
     n = model.num_params()

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
                         help="image to write, in the format its suffix names: .png, .svg, .pdf or .jpg (a name "
                              "without a suffix: PNG); - writes the PNG to standard output (default: RUN/loss.png of "
                              "the first run); never one of a run's or data dir's own files")
-    parser.set_defaults(func=plot_command)
+    parser.set_defaults(func=plot_command, stdout_product=lambda args: "the image (--out -)" if args.out == "-" else None)
 
 
 def plot_command(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=path_arg, help="run folder: checkpoints, metrics.jsonl, loss.png, and the model; required")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as TOML and exit (needs no --data or --out)")
-    parser.set_defaults(func=pretrain_command, rerun_hint=training_rerun_hint)
+    parser.set_defaults(func=pretrain_command, rerun_hint=training_rerun_hint,
+                        stdout_product=lambda args: "the recipe (--print-config)" if args.print_config else None)
 
 
 def pretrain_command(args: argparse.Namespace) -> int:

@@ -150,15 +150,16 @@ def is_stream(path: str | os.PathLike) -> bool:
 
 def json_path(path: str | os.PathLike) -> str:
     """`path` as text to record in a JSON file (base.json, train_config.json, an adapter's
-    config); a Gpt1Error if it is not UTF-8, which JSON needs (a folder name of other bytes)."""
-    text = os.fspath(path)
+    config); a Gpt1Error if it is not UTF-8, which JSON needs (a folder name of other bytes).
+    Its bytes decide, not the locale: under a non-UTF-8 locale Python holds "basé" as lone
+    surrogates, which stand for its bytes, UTF-8 all the same. Text (a path read back from a
+    record, such as base.json's) is returned as it is: os.fsencode would refuse its "é" there."""
+    raw = os.fspath(path).encode("utf-8", "surrogateescape")  # lone surrogates back to their bytes
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
-        raise Gpt1Error(f"{shown}: not valid UTF-8: gpt1 records this path in JSON, which needs UTF-8 text; "
-                        "rename the folder, or work from a path that is UTF-8") from None
-    return text
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Gpt1Error(f"{raw.decode('utf-8', 'backslashreplace')}: not valid UTF-8: gpt1 records this path in JSON, "
+                        "which needs UTF-8 text; rename the folder, or work from a path that is UTF-8") from None
 
 
 def walk_folder(folder: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -269,10 +270,13 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path` (next to what it names, for a link); on success it
     is renamed onto `path`. A stream (a device, a FIFO, a socket, an open descriptor: `is_stream`)
-    is yielded itself, to be written into once: there is nothing to replace, or to make atomic."""
+    is yielded itself, to be written into once: there is nothing to replace, or to make atomic.
+    `replace=False` (a new output: nothing was there when the command checked it): a file that
+    another process wrote at `path` meanwhile (the same export started twice) is left as it is,
+    and the write is a Gpt1Error."""
     new_folders = _missing_folders(Path(path))
     path = _writable_file(path)
     if is_stream(path):
@@ -295,7 +299,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 os.fsync(f.fileno())
         # mkstemp creates the file private (0600); give it the mode a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, target)
+        if replace:
+            os.replace(tmp_path, target)
+        else:
+            _rename_new(tmp_path, target, path)
     finally:
         if tmp_path.exists():  # the write failed
             tmp_path.unlink()
@@ -305,15 +312,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to `path` (next to what it names, for a link); on success
-    it is renamed onto `path`, so `path` is either complete or untouched. An existing `path` is
-    moved aside first and deleted only once the new folder is in place (the caller decides
-    whether replacing it is allowed)."""
+    it is renamed onto `path`, so `path` is either complete or untouched. A folder at `path` on
+    entry is moved aside first and deleted only once the new folder is in place (the caller
+    decides, right before, whether replacing it is allowed). Only that folder is replaced: one
+    that another process made or wrote into meanwhile (a training run started in the export's
+    --out, a second export) is left as it is, and the write is a Gpt1Error."""
     path = Path(path)
     target = write_through(path)
     if target.exists() and not target.is_dir():
         raise Gpt1Error(f"{path}: exists and is not a folder")
     if target.is_dir():
         check_unlocked(target, "replace it")
+    found = _folder_state(target)  # what the caller checked, and allowed to be replaced
     new_folders = _missing_folders(path)
     make_dirs(target.parent)
     _sweep_leftovers(target)
@@ -330,18 +340,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             if e.filename is None or not Path(e.filename).is_relative_to(tmp):
                 raise
             raise OSError(e.errno, e.strerror, str(path / Path(e.filename).relative_to(tmp))) from e
+        # The work took minutes: look again at what is there now, right before the renames.
+        now = _folder_state(target)
+        if now is not None:
+            if stat.S_ISDIR(now[2]):
+                check_unlocked(target, "replace it")
+            if found is None or now[:2] != found[:2] or not now[3] <= found[3]:
+                raise Gpt1Error(_changed_meanwhile(path))
         try:
             old = None
-            if target.exists():
+            if now is not None:
                 old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".old", dir=target.parent))
-                os.replace(target, old / target.name)
-            os.replace(tmp, target)
+                os.rename(target, old / target.name)
+            # rename(2) onto a folder made in the instant since (with files in it) fails: kept too.
+            os.rename(tmp, target)
         except OSError as e:  # the new folder is complete, but not in place: the old one goes back
             if old is not None:
                 with contextlib.suppress(OSError):
-                    os.replace(old / target.name, target)  # fails where it was never moved aside
+                    os.rename(old / target.name, target)  # fails where it was never moved aside
                 with contextlib.suppress(OSError):
                     old.rmdir()
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise Gpt1Error(_changed_meanwhile(path)) from None
             raise Gpt1Error(f"{path}: cannot put the new folder in place ({e.strerror})") from None
         if old is not None:
             shutil.rmtree(old)
@@ -349,6 +369,40 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.exists():  # the write failed
             shutil.rmtree(tmp)
             _remove_empty(new_folders)
+
+
+def _rename_new(tmp: Path, target: Path, path: Path) -> None:
+    """Rename `tmp` onto `target` only where nothing is there: a hard link fails on an existing
+    name (rename(2) would replace it); the temporary name goes once the link is made. Where the
+    file system has no hard links, a look just before the rename."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise Gpt1Error(_changed_meanwhile(path)) from None
+    except OSError:  # no hard links here (FAT, some network and FUSE file systems)
+        if target.exists() or target.is_symlink():
+            raise Gpt1Error(_changed_meanwhile(path)) from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+def _folder_state(path: Path) -> tuple[int, int, int, frozenset[str]] | None:
+    """What is at `path`: its device, inode, mode and (a folder's) names; None for nothing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    try:
+        names = frozenset(os.listdir(path)) if stat.S_ISDIR(st.st_mode) else frozenset()
+    except OSError:  # unreadable: its identity still tells it from another
+        names = frozenset()
+    return st.st_dev, st.st_ino, st.st_mode, names
+
+
+def _changed_meanwhile(path: Path) -> str:
+    return (f"{path}: another process wrote there while this command was writing it; left it as it is and put "
+            "nothing in place: check what it holds, then run the command again")
 
 
 def replace_file(src: str | os.PathLike, dest: str | os.PathLike) -> None:
@@ -432,18 +486,39 @@ def make_dirs(path: str | os.PathLike) -> Path:
 
 def held_by_another(folder: str | os.PathLike) -> bool:
     """Whether another process holds `folder`'s lock (`exclusive`) now. Needs only read access."""
+    return lock_holder(folder) is not None
+
+
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds `folder`'s lock (`exclusive`) now, as its lock file says ("process 123"); None
+    when nobody does. Needs only read access."""
     try:
         import fcntl
-        f = open(Path(folder) / ".lock", encoding="utf-8")
+        f = _open_lock(Path(folder) / ".lock")
     except (ImportError, OSError):  # Windows, or no lock file: nobody ever locked the folder
-        return False
+        return None
+    if f is None:
+        return None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return True
+            return f.read(200).strip() or "a process"  # empty in the instant before the holder writes its pid
         fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+        return None
+
+
+def _open_lock(lock: Path):
+    """`lock` opened to ask flock who holds it; None where it is not a regular file, which gpt1
+    never made: a FIFO by that name (in a model folder from elsewhere) blocked the open forever.
+    Checked before the open (opening a device can act on it) and after (O_NONBLOCK: no waiting)."""
+    if not lock.is_file():
+        return None
+    fd = os.open(lock, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return open(fd, encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -487,11 +562,14 @@ def check_unlocked(folder: str | os.PathLike, action: str) -> None:
         return
     for lock in Path(folder).rglob(".lock"):
         try:
-            with open(lock, encoding="utf-8") as f:
+            f = _open_lock(lock)
+            if f is None:
+                continue
+            with f:
                 try:
                     fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except OSError:
-                    holder = f.read().strip() or "a process"
+                    holder = f.read(200).strip() or "a process"
                     raise Gpt1Error(f"{lock.parent}: {holder} is using it; cannot {action} while it runs "
                                     "(wait for it to end, or stop it)") from None
                 fcntl.flock(f, fcntl.LOCK_UN)
@@ -538,19 +616,79 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a missing or malformed file raises Gpt1Error naming it."""
+# The most read_json reads. gpt1's JSON files are a few KB (config.json, base.json, meta.json) to
+# a few MB (a sharded model's index; prepare-state.json, whose count-mode heap holds 2 numbers per
+# held-out document); a model folder from elsewhere may hold anything under those names.
+MAX_JSON_BYTES = 64 << 20
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> Any:
+    """Read a JSON file; a missing, malformed or oversized file (more than `limit` bytes), or
+    one that is not a regular file, raises Gpt1Error naming it."""
     path = Path(path)
+    data = read_bytes(path, limit)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise Gpt1Error(f"{path}: file not found") from None
+        return json.loads(data.decode("utf-8"))
     except json.JSONDecodeError as e:
         raise Gpt1Error(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
-    except OSError as e:  # permission denied, a folder by that name: the CLI would word it as a failed write
+    except ValueError:  # a number past Python's int conversion limit
+        raise Gpt1Error(f"{path}: invalid JSON: a number of more than {sys.get_int_max_str_digits():,} digits") from None
+    except RecursionError:  # "[[[[...": json's C scanner recurses once per level
+        raise Gpt1Error(f"{path}: invalid JSON: nested too deeply") from None
+
+
+def read_bytes(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of `path`, a regular file (links followed) of at most `limit` bytes; else a
+    Gpt1Error naming it. A model folder is data from elsewhere: its adapter_config.json linked to
+    /dev/zero filled the memory, and a FIFO by that name hung every command. What is not a regular
+    file is refused before it is opened (opening a device can act on it), and once more after:
+    the open does not block on a FIFO put there meanwhile (O_NONBLOCK)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        _check_small_file(path, st.st_mode, st.st_size, limit)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            _check_small_file(path, st.st_mode, st.st_size, limit)
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise Gpt1Error(f"{path}: file not found") from None
+    except OSError as e:  # permission denied, a loop of links: the CLI would word it as a failed write
         raise Gpt1Error(f"{path}: cannot read ({e.strerror})") from None
+    _check_small_file(path, stat.S_IFREG, len(data), limit)  # it grew since the stat
+    return data
+
+
+_NOT_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+              (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: str | os.PathLike, mode: int | None = None) -> None:
+    """A Gpt1Error naming `path` when it is there but is not a regular file (links followed): a
+    folder, or a device, a FIFO or a socket, which a reader would read forever or block on.
+    `mode`: its st_mode, when known. Nothing there passes: the reader says "not found"."""
+    path = Path(path)
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return
+    if stat.S_ISDIR(mode):
+        raise Gpt1Error(f"{path}: is a folder; expected a file")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_FILES if test(mode)), "not a file")
+        via = f"a link to {os.path.realpath(path)}, " if path.is_symlink() else ""
+        raise Gpt1Error(f"{path}: {via}{kind}; expected a regular file")
+
+
+def _check_small_file(path: Path, mode: int, size: int, limit: int) -> None:
+    check_regular_file(path, mode)
+    if size > limit:
+        raise Gpt1Error(f"{path}: larger than {limit:,} bytes, the most gpt1 reads from this file (the ones it "
+                        "writes are far smaller)")
 
 
 # The dtypes a weights file may hold (torch's names): converted to the model's on load.

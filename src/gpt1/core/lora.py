@@ -24,6 +24,7 @@ equals ours. The token rows are PEFT's `trainable_token_indices` on `wte`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -37,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import check_weight_values, json_path, read_json, save_safetensors, write_json
+from gpt1.core.io import check_regular_file, check_weight_values, json_path, read_json, save_safetensors, write_json
 from gpt1.core.model import model_state_dict
 from gpt1.core.rng import host_rng_kept
 
@@ -383,6 +384,7 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     peft = read_json(directory / ADAPTER_CONFIG)
     if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
         raise Gpt1Error(f"{directory / ADAPTER_CONFIG}: expected a PEFT LoRA adapter config (peft_type LORA)")
+    check_regular_file(directory / ADAPTER_WEIGHTS)  # a FIFO there blocked safetensors' open forever
     try:
         with safe_open(str(directory / ADAPTER_WEIGHTS), "pt") as f:
             ours = (f.metadata() or {}).get("gpt1_lora")
@@ -407,15 +409,13 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     for key in ("rank_pattern", "trainable_token_indices"):
         if not isinstance(peft.get(key) or {}, dict):
             raise Gpt1Error(f"{where}: {key} must be an object, got {peft[key]!r}")
+    if not _is_int(peft["r"]) or peft["r"] < 1:
+        raise Gpt1Error(f"{where}: r must be a positive integer, got {peft['r']!r}")
     by_module = {path: name for name, (path, index) in TARGETS.items() if index is None}
     targets: list[str] = []
     for module in modules:
         if module.endswith("c_attn"):
-            rank = (peft.get("rank_pattern") or {}).get(module, peft["r"])
-            if rank != 3 * peft["r"]:
-                raise Gpt1Error(f"{directory}: a c_attn adapter of rank {rank} is not three per-projection pairs "
-                                f"of rank {peft['r']} (only adapters written by gpt1 are supported)")
-            targets += ["q", "k", "v"]
+            targets += _qkv_targets(directory, peft, module)
         elif matching := [name for path, name in by_module.items() if path == module or path.endswith("." + module)]:
             targets += matching  # as PEFT matches names: "c_proj" is both attn.c_proj and mlp.c_proj
         else:
@@ -423,6 +423,46 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     tokens = (peft.get("trainable_token_indices") or {}).get("wte", [])
     return _lora_config({"r": peft["r"], "alpha": _peft_alpha(peft, modules, where),
                          "dropout": peft.get("lora_dropout", 0.0), "targets": targets, "token_ids": tokens}, where)
+
+
+def _qkv_targets(directory: Path, peft: dict, module: str) -> list[str]:
+    """Which of q, k and v a c_attn pair without gpt1's metadata adapts (PEFT's save_pretrained
+    drops that metadata). gpt1 writes n of them as one pair of rank n*r whose lora_B is
+    block-diagonal (module docstring): n comes from the rank, which n from where lora_B is
+    non-zero. The first choice that fits every layer is taken: a projection whose update is zero
+    everywhere adds nothing, wherever it is put."""
+    r = peft["r"]
+    rank = (peft.get("rank_pattern") or {}).get(module, r)
+    n = rank // r if _is_int(rank) and rank % r == 0 else 0
+    if not 1 <= n <= 3:
+        raise Gpt1Error(f"{directory}: a c_attn adapter of rank {rank} is not one to three per-projection pairs "
+                        f"of rank {r} (only adapters written by gpt1 are supported)")
+    with safe_open(str(directory / ADAPTER_WEIGHTS), "pt") as f:
+        Bs = [f.get_tensor(key) for key in f.keys() if key.endswith(".c_attn.lora_B.weight")]
+    # Missing tensors and other shapes are left to load_adapter, which names them.
+    Bs = [B for B in Bs if B.ndim == 2 and B.shape[0] % 3 == 0 and B.shape[1] == rank and B.shape == Bs[0].shape]
+    if not Bs:
+        return ["q", "k", "v"][:n]
+    nonzero = torch.stack(Bs).ne(0).any(0)  # where some layer's lora_B is non-zero
+    C = len(nonzero) // 3
+    for names in itertools.combinations(("q", "k", "v"), n):
+        rows = [(TARGETS[t][1] * C, (TARGETS[t][1] + 1) * C) for t in names]
+        if not torch.any(nonzero & ~_block_mask(nonzero, rows, r)):
+            return list(names)
+    which = "q, k and v" if n == 3 else f"any {('one', 'two')[n - 1]} of q, k and v"
+    raise Gpt1Error(f"{directory}: the c_attn adapter of rank {rank} is not {('one', 'two', 'three')[n - 1]} "
+                    f"per-projection pair{'s' if n > 1 else ''} of rank {r}: its lora_B is not block-diagonal over "
+                    f"{which} (a PEFT pair on the fused c_attn, or one trained on in PEFT; only adapters written "
+                    "by gpt1 are supported)")
+
+
+def _block_mask(B: torch.Tensor, rows: Sequence[tuple[int, int]], r: int) -> torch.Tensor:
+    """True where a lora_B of gpt1's may be non-zero: column block g (of r columns) writes only
+    the output rows rows[g] = (start, end)."""
+    mask = torch.zeros_like(B, dtype=torch.bool)
+    for g, (start, end) in enumerate(rows):
+        mask[start:end, g * r:(g + 1) * r] = True
+    return mask
 
 
 def _peft_alpha(peft: dict, modules: list[str], where: str) -> float:
@@ -474,10 +514,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             B = state[f"{PEFT_PREFIX}{name}.lora_B.weight"]
             G, r = m.lora_A.shape[:2]
             blocks = torch.stack([B[s:e, g * r:(g + 1) * r] for g, (s, e) in enumerate(m.slices.values())])
-            mask = torch.zeros_like(B, dtype=torch.bool)
-            for g, (s, e) in enumerate(m.slices.values()):
-                mask[s:e, g * r:(g + 1) * r] = True
-            if torch.any(B[~mask] != 0):
+            if torch.any(B[~_block_mask(B, list(m.slices.values()), r)]):
                 raise Gpt1Error(f"{directory}: {name}.lora_B is not block-diagonal over {list(m.slices)} "
                                 "(only adapters written by gpt1 are supported)")
             m.lora_A.copy_(A.view_as(m.lora_A))

@@ -58,11 +58,6 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def reorder(self, keep: torch.Tensor) -> None:
-        """Keep only the batch rows in `keep` (e.g. drop finished sequences)."""
-        self.k = self.k[:, keep]
-        self.v = self.v[:, keep]
-
 
 class SlotCache:
     """A preallocated pool of cache rows ("slots") for continuous batching: rows hold unrelated

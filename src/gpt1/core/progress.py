@@ -4,12 +4,15 @@ Messages go through the `gpt1` logger (the CLI routes it to stderr, so stdout st
 for generated text); progress bars are tqdm on stderr, silenced with GPT1_QUIET=1 or when
 `disable=True`. When stderr is not a terminal (a log file, CI, `2>&1 | tee`), a bar is a plain
 line every PLAIN_INTERVAL seconds instead of `\r` redraws that flood the log. Keeping this in one place lets tests and servers run the library silently.
+The lines are `printable`: control characters in them (from names in files made elsewhere) are
+written as escapes, not sent to the terminal as escape sequences.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Iterable, TypeVar
 
@@ -18,6 +21,16 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 logger = logging.getLogger("gpt1")
 PLAIN_INTERVAL = 10.0  # seconds between a bar's lines when stderr is not a terminal
+# C0 controls but tab and newline, DEL, and C1 controls (U+0080-U+009F; U+009B is a CSI of its own).
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (but newline and tab) as visible escapes, as repr
+    writes them (ESC as `\\x1b`, CR as `\\r`): a message quotes names from files made elsewhere
+    (config.json's unknown fields, a checkpoint's tensor names), and raw escape sequences in it
+    would act on the terminal that shows it: set its clipboard (OSC 52), hide text, rewrite lines."""
+    return _CONTROLS.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
 
 
 def info(message: str) -> None:
@@ -68,13 +81,13 @@ class _PlainLines:
 
 
 class _TqdmHandler(logging.Handler):
-    """Writes log lines through tqdm so they do not tear an active progress bar."""
+    """Writes log lines through tqdm so they do not tear an active progress bar, `printable`."""
 
     def emit(self, record: logging.LogRecord) -> None:
         if sys.stderr is None:  # tqdm.write would print it on stdout instead
             return
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(printable(self.format(record)), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

@@ -15,7 +15,7 @@ more if they got faster (it left). A probe that is clearly slower ends after one
 steady machine pays ~1-2% for them. The training loop uses it on CPUs under a time budget (such
 runs are not bit-reproducible anyway: the thread count can change how a sum is split), and the
 inference engine on CPUs, where one busy neighbour made decoding 30x slower on 2 threads than
-on 1 (10 against 298 tokens/s); OMP_NUM_THREADS, when set, fixes the count instead
+on 1 (10 against 298 tokens/s); OMP_NUM_THREADS, when set to a positive integer, fixes the count instead
 (`cpu_thread_tuner`).
 
 The engine's tuner is shared by the engines of a process (`shared=True`): `gpt1 chat` and the
@@ -42,15 +42,22 @@ import torch
 
 def cpu_thread_tuner(device, shared: bool = False) -> "ThreadTuner | None":
     """A tuner for steps on `device`: None unless it is a CPU with more than one thread to tune
-    and OMP_NUM_THREADS does not fix the count. `shared`: the process's one tuner for this
+    and OMP_NUM_THREADS (a positive integer) does not fix the count. `shared`: the process's one tuner for this
     thread count (what it learnt outlives the caller), else a new one."""
     threads = torch.get_num_threads()
-    if getattr(device, "type", device) != "cpu" or "OMP_NUM_THREADS" in os.environ or threads < 2:
+    if getattr(device, "type", device) != "cpu" or _threads_fixed() or threads < 2:
         return None
     if not shared:
         return ThreadTuner(threads)
     with _SHARED_LOCK:
         return _SHARED.setdefault(threads, ThreadTuner(threads))
+
+
+def _threads_fixed() -> bool:
+    """Whether OMP_NUM_THREADS fixes the thread count: a positive integer. torch ignores an empty,
+    zero or non-numeric value (`export OMP_NUM_THREADS=` in a profile), and so does the tuner."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return value.isdigit() and int(value) > 0
 
 
 @contextlib.contextmanager

@@ -77,9 +77,19 @@ class Tokenizer:
         if not file.is_file():
             raise Gpt1Error(f"{file}: tokenizer file not found (train one with `gpt1 tokenizer train`)")
         try:
-            backend = Backend.from_file(str(file))
+            # Read here, not by the Rust `from_file`, which takes the path as UTF-8 text: a folder
+            # name that is valid UTF-8 is not text to Python under a locale that is not UTF-8 (LANG=C
+            # without its UTF-8 mode holds "é" as two lone surrogates), and one of other bytes never is.
+            data = file.read_bytes()
+        except OSError as e:  # permission denied: the CLI would word a bare OSError as a failed write
+            raise Gpt1Error(f"{file}: cannot read ({e.strerror})") from None
+        try:
+            backend = Backend.from_buffer(data)
         except Exception as e:  # the Rust library raises a generic Exception with its message
             raise Gpt1Error(f"{file}: not a valid tokenizer.json ({e})") from None
+        if why := _not_gpt1_pipeline(json.loads(data)):
+            raise Gpt1Error(f"{file}: not a gpt1 tokenizer ({why}); gpt1 reads byte-level BPE with the ByteLevel "
+                            "pre-tokenizer and decoder and no normalizer, as `gpt1 tokenizer train` writes it")
         ids = backend.get_vocab(with_added_tokens=True).values()
         if len(ids) != backend.get_vocab_size() or (ids and max(ids) != len(ids) - 1):
             missing = next((i for i in range(len(ids)) if backend.id_to_token(i) is None), max(ids, default=0))
@@ -228,6 +238,34 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint})"
+
+
+def _not_gpt1_pipeline(spec: dict) -> str | None:
+    """What in a tokenizer.json is not gpt1's pipeline, or None. The fingerprint covers the vocab
+    and merges only, and the rest of gpt1 assumes this pipeline: a WordLevel model or a token
+    outside the byte-level alphabet failed with a traceback at the first token, a changed
+    normalizer tokenized differently under the same fingerprint, and a Split pre-tokenizer's regex
+    made a 1 MiB request cost half an hour of CPU (or panicked in Rust)."""
+    model, pre_tokenizer, decoder = (spec.get(k) or {} for k in ("model", "pre_tokenizer", "decoder"))
+    if model.get("type") != "BPE":
+        return f"a {model.get('type')} model, not BPE"
+    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return "BPE with dropout, a subword prefix or a word suffix"
+    if spec.get("normalizer") is not None:
+        return f"a {spec['normalizer'].get('type')} normalizer"
+    if (pre_tokenizer.get("type"), pre_tokenizer.get("add_prefix_space"), pre_tokenizer.get("use_regex", True)) \
+            != ("ByteLevel", False, True):
+        return f"a {pre_tokenizer.get('type')} pre-tokenizer" + (
+            " with other settings" if pre_tokenizer.get("type") == "ByteLevel" else "")
+    if decoder.get("type") != "ByteLevel":
+        return f"a {decoder.get('type')} decoder"
+    if (spec.get("post_processor") or {}).get("type", "ByteLevel") != "ByteLevel":  # transformers may add ByteLevel's
+        return f"a {spec['post_processor'].get('type')} post-processor"
+    alphabet, specials = set(_byte_level_chars()), set(SPECIAL_TOKENS)
+    vocab = model.get("vocab") or {}
+    if bad := next((t for t in vocab if t not in specials and not set(t) <= alphabet), None):
+        return f"the token {bad!r} is not made of byte-level characters"
+    return None
 
 
 def _byte_level_chars() -> list[str]:

@@ -92,15 +92,20 @@ def _split_after_revision(body: str) -> tuple[str, str, str]:
     return (body, "", "") if colon < 0 else (body[:colon], ":", body[colon + 1:])
 
 
-def load_hf_dataset(spec: HfSpec, default_split: str = "train", config: str | None = None):
+# What an error about an unreachable hub proposes instead (a caller knows better: eval's --data).
+LOCAL_INSTEAD = "pass the data as local files (a folder of .jsonl or .parquet files works)"
+
+
+def load_hf_dataset(spec: HfSpec, default_split: str = "train", config: str | None = None,
+                    instead: str = LOCAL_INSTEAD):
     """Open a Hugging Face dataset (`config`: its subset, e.g. ARC-Easy) as a streaming
-    iterable of rows (dicts)."""
+    iterable of rows (dicts). `instead`: the way round an unreachable hub that the error names."""
     datasets = _datasets()
     try:
         dataset = datasets.load_dataset(spec.name, config, split=spec.split or default_split, streaming=True,
                                         revision=spec.revision)
     except Exception as e:  # network, missing dataset or split: datasets raises many types
-        raise hf_error(spec, e) from None
+        raise hf_error(spec, e, instead) from None
     return _rows(spec, dataset)
 
 
@@ -134,10 +139,16 @@ def _datasets():
     return require("datasets", "reading hf: sources", "pip install datasets")
 
 
-def hf_error(spec: HfSpec, error: Exception) -> Gpt1Error:
-    """A clear error for a dataset that `datasets` cannot open, with the fix for script datasets."""
+def hf_error(spec: HfSpec, error: Exception, instead: str = LOCAL_INSTEAD) -> Gpt1Error:
+    """A clear error for a dataset that `datasets` cannot open, with the fix for script datasets
+    and the ways round a hub it cannot reach (`instead`: the local alternative)."""
     hint = ""
-    if "scripts are no longer supported" in str(error):
+    if isinstance(error, ConnectionError):  # `datasets`' "Couldn't reach ... on the Hub", offline or not
+        if _datasets().config.HF_HUB_OFFLINE:
+            hint = f"; HF_HUB_OFFLINE is set and the Hugging Face cache holds no copy of it: {instead}"
+        else:
+            hint = f"; without a network, HF_HUB_OFFLINE=1 reads a copy in the Hugging Face cache, or {instead}"
+    elif "scripts are no longer supported" in str(error):
         # datasets >= 4 runs no loading scripts; the hub's parquet conversion of such a dataset
         # lives on another branch (for very large datasets it may hold only part of the data).
         hint = (f"; read the hub's parquet conversion with {HF_PREFIX}{spec.name}@refs/convert/parquet, "

@@ -23,9 +23,11 @@ atomic rename, how far they are valid (and which heap file holds the count-mode 
 whole documents, plus the pieces of the next one when a commit falls inside a long document
 (a 1.5 GB text file is one document). A rerun with the same arguments resumes from there
 (files truncated to the committed length, the committed documents and pieces skipped: pieces
-are cut the same way every time); a rerun with other arguments starts over. At the end the
-partial files are renamed and `meta.json` is written last: a folder without `meta.json` is
-never taken as complete.
+are cut the same way every time); a rerun with other arguments starts over. At the end
+`tokenizer.json` is written, the partial files are renamed, and `meta.json` is written last: a
+folder without `meta.json` is never taken as complete. A run stopped after the renames (a full
+disk at `meta.json`, a kill) is finished by the rerun, which moves the shards back to their
+partial names instead of tokenizing everything again.
 One prepare at a time writes a data dir: it holds the folder's `.lock` (`gpt1.core.io.exclusive`).
 
 The data dir holds a copy of the tokenizer (`tokenizer.json`), so `gpt1 pretrain --data DIR`
@@ -37,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
+import itertools
 import math
 import os
 import time
@@ -53,6 +56,8 @@ from gpt1.core.io import (
     crash_point,
     exclusive,
     held_by_another,
+    json_path,
+    lock_holder,
     owner_of,
     read_json,
     replace_file,
@@ -126,7 +131,7 @@ def _key(specs: list[str], sources: list[Source], tokenizer: Tokenizer, val: flo
          skip_invalid: bool, max_documents: int | None) -> dict:
     """What makes two preparations the same: a resumed run must see the same documents in order.
     Sources are recorded by what they name (`normalized_spec`): `corpus/` is `corpus` again."""
-    return {"sources": [normalized_spec(s) for s in specs], "files": _files_hash(sources),
+    return {"sources": [json_path(normalized_spec(s)) for s in specs], "files": _files_hash(sources),
             "tokenizer_fingerprint": tokenizer.fingerprint, "val": val, "seed": seed, "text_field": text_field,
             "skip_invalid": skip_invalid, "max_documents": max_documents}
 
@@ -232,6 +237,9 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
 
         with meter:
             _skip_committed(pieces, writer.state["documents"], writer.state["pieces"])
+            # The next piece read before the bar shows: a source that cannot be opened (a hub
+            # dataset offline) fails without an empty bar drawn twice above its error.
+            pieces = itertools.chain([piece] if (piece := next(pieces, None)) else [], pieces)
         start_time = time.perf_counter()
         resumed_tokens = writer.tokens
         bar = progress(total=total, initial=read_so_far(), unit="B", unit_scale=True, unit_divisor=1000, desc="prepare")
@@ -257,7 +265,7 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
         finally:
             bar.close()
         seconds = time.perf_counter() - start_time
-        extra = {"sources": list(sources), "text_field": text_field, "skipped": dict(stats.skipped),
+        extra = {"sources": [json_path(s) for s in sources], "text_field": text_field, "skipped": dict(stats.skipped),
                  "seconds_last_run": round(seconds, 3)}
         meta = writer.finish(tokenizer, extra, what=", ".join(map(str, resolved)))
         state = writer.state
@@ -361,6 +369,7 @@ class ShardWriter:
         self.threshold = 0 if self.by_count else int(val * 2**64)
         self.state_path = out / STATE_FILE
         self.train_tmp, self.val_tmp = out / (TRAIN_FILE + PARTIAL), out / (VAL_FILE + PARTIAL)
+        self._renamed: list[tuple[Path, Path]] = []  # (final, partial): shards `finish` had moved already
         committed = self._load_state()
         self.resuming = committed is not None
         self.state = committed or self._fresh_state()
@@ -398,15 +407,37 @@ class ShardWriter:
             why = f"whose {STATE_FILE} is damaged or from another gpt1 version"
         elif _recorded_key(old["key"]) != self.key:
             why = "with other settings"
-        elif not (self.train_tmp.is_file() and self.val_tmp.is_file()
-                  and (old["heap_file"] is None or (self.out / old["heap_file"]).is_file())):
+        elif (renamed := self._finished_shards(old)) is None or not (
+                old["heap_file"] is None or (self.out / old["heap_file"]).is_file()):
             why = "whose partial files are missing"
         else:
-            info(f"resuming an interrupted prepare in {self.out} after {old['documents']:,} documents "
-                 f"({old['bytes'] / 1e6:,.1f} MB of text)")
+            self._renamed = renamed
+            if renamed:
+                info(f"finishing an interrupted prepare in {self.out}: its {old['documents']:,} documents "
+                     f"({old['bytes'] / 1e6:,.1f} MB of text) are tokenized already")
+            else:
+                info(f"resuming an interrupted prepare in {self.out} after {old['documents']:,} documents "
+                     f"({old['bytes'] / 1e6:,.1f} MB of text)")
             return old
         info(f"{self.out} holds an interrupted prepare {why}; starting over")
         return None
+
+    def _finished_shards(self, state: dict) -> list[tuple[Path, Path]] | None:
+        """The committed shards that `finish` had already moved to their final names when it
+        stopped (a full disk at meta.json, a kill; a gpt1 before 2026-12 wrote tokenizer.json after
+        them too) as (final, partial) pairs, to move back: only `finish` moves them, so every
+        document is in them and the rerun need not tokenize again. None when a shard is neither a partial file nor a final one of its
+        committed size (a rerun starts over)."""
+        moves = []
+        itemsize = np.dtype(DTYPE).itemsize
+        for partial, final, tokens in ((self.train_tmp, self.out / TRAIN_FILE, state["train_tokens"]),
+                                       (self.val_tmp, self.out / VAL_FILE, state["val_tokens"])):
+            if partial.is_file():
+                continue
+            if final.is_symlink() or not (final.is_file() and final.stat().st_size == tokens * itemsize):
+                return None
+            moves.append((final, partial))
+        return moves
 
     def _load_heap(self) -> list[tuple[int, int, np.ndarray]]:
         if not self.state["heap"]:
@@ -423,6 +454,8 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         self.out.mkdir(parents=True, exist_ok=True)
+        for final, partial in self._renamed:  # back where the committed state has them; `finish` moves them again
+            os.rename(final, partial)
         if not self.resuming:
             # A state left by a run of other arguments goes with its files: kept, it would tell
             # a rerun (and `gpt1 prepare`'s line when stopped) that there is something to resume.
@@ -543,12 +576,13 @@ class ShardWriter:
                             f"(--val {self.val:g}); lower --val, or use more documents")
         meta_path = self.out / META_FILE
         meta_path.unlink(missing_ok=True)
+        tokenizer.save(self.out)  # before the shards leave their partial names: a full disk here resumes simply
         if state["val_documents"] == 0:
             self._move_smallest_to_val()
         else:
             replace_file(self.train_tmp, self.out / TRAIN_FILE)
             replace_file(self.val_tmp, self.out / VAL_FILE)
-        tokenizer.save(self.out)
+        crash_point("prepare-finish")  # shards in place, no meta.json: a rerun moves them back (`_finished_shards`)
         meta = {
             "format": FORMAT, "version": 1, "dtype": np.dtype(DTYPE).name,
             "tokenizer": {"file": TOKENIZER_FILE, "fingerprint": tokenizer.fingerprint,
@@ -637,6 +671,9 @@ def load_meta(data_dir: str | Path) -> dict:
     if not data_dir.is_dir():
         raise Gpt1Error(f"{data_dir}: data directory not found (create it with `gpt1 prepare`)")
     if not (data_dir / META_FILE).is_file():
+        if holder := lock_holder(data_dir):  # a rerun now would be refused: it is running
+            raise Gpt1Error(f"{data_dir}: `gpt1 prepare` ({holder}) is writing it (no {META_FILE} yet); "
+                            "wait for it to end")
         raise Gpt1Error(f"{data_dir}: no {META_FILE}: not a prepared data dir, or `gpt1 prepare` did not finish "
                         "(rerun it to resume)")
     meta = read_json(data_dir / META_FILE)

@@ -84,6 +84,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_t
     if out.exists() and not _is_gguf(out):  # --force replaced model.safetensors, train.bin, anything
         raise Gpt1Error(f"{out}: exists and is not a GGUF file; --force replaces only an earlier export, "
                         "so choose another --out")
+    replace = out.exists()  # an earlier export, checked above; nothing there: nothing may be replaced
     gguf = _require_gguf()
     model = load_model(model_dir, device="cpu", adapter="merge")
     tokenizer = Tokenizer.load(model_dir)
@@ -91,7 +92,9 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_t
     warn_long_tokens(tokenizer, model_dir)
     warn_short_context(model.config.block_size, model_dir)
 
-    with atomic_path(out) as tmp:
+    # A file that another process wrote at `out` since the checks (the same export started twice)
+    # is left as it is: only the earlier export found then is replaced (--force).
+    with atomic_path(out, replace=replace) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         writer.add_name(model_dir.resolve().name)
         writer.add_file_type(_file_type(gguf, out_type))

@@ -38,7 +38,7 @@ from gpt1.core.imports import require
 from gpt1.core.io import atomic_dir, check_weight_values, json_path, save_safetensors, write_json, write_text
 from gpt1.core.lora import load_adapter, merge_and_unload, save_adapter
 from gpt1.core.model import GPT
-from gpt1.core.progress import info
+from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer
 from gpt1.formats.modeldir import (
@@ -137,6 +137,11 @@ def config_from_hf(hf, source: str) -> ModelConfig:
         unsupported.append(f"n_inner={n_inner} (gpt1 needs a multiple of n_embd={n_embd})")
     if unsupported:
         raise Gpt1Error(f"{source}: GPT-2 options gpt1 does not implement: {'; '.join(unsupported)}")
+    rates = {name: getattr(hf, name, None) for name in ("resid_pdrop", "attn_pdrop", "embd_pdrop")}
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rates.values())
+    if numbers and len(set(map(float, rates.values()))) > 1:  # training it would use another dropout than it says
+        warn(f"{source}: GPT-2's dropout rates differ ({', '.join(f'{k} {v:g}' for k, v in rates.items())}); "
+             f"gpt1 has one rate for all three and keeps resid_pdrop, {rates['resid_pdrop']:g}")
     try:
         return ModelConfig(
             vocab_size=hf.vocab_size,
@@ -367,6 +372,10 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
     # the folder will be after the rename (checked now: JSON records only a UTF-8 path).
     adapter_base = json_path(out.resolve()) if has_adapter and not merge else None
 
+    # Again, now that the model is loaded (minutes, for a large one): `atomic_dir` replaces only
+    # the folder there as it starts, so what another command wrote at --out meanwhile is refused
+    # here (and what it writes during the export, by `atomic_dir`).
+    _check_out_dir(model_dir, out, overwrite)
     with atomic_dir(out) as tmp:
         # A fine-tuned dir's model.safetensors already holds the trained special-token rows,
         # so the exported base has them too; the adapter carries them once more as PEFT's

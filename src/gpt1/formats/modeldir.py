@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import check_weight_values, file_fingerprint, owner_of, read_json, save_safetensors
+from gpt1.core.io import check_weight_values, file_fingerprint, lock_holder, owner_of, read_json, save_safetensors
 from gpt1.core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload
 from gpt1.core.model import GPT, model_state_dict
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -34,6 +34,7 @@ WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
 BASE_FILE = "base.json"  # a fine-tuned dir's record of the base its adapter was trained on
 DATA_META_FILE = "meta.json"  # marks a prepared data dir (see gpt1.data.shards)
+RUN_LOCK_DIR = "checkpoints"  # a training run's folder whose .lock its process holds (gpt1.train.checkpoint)
 HF_SHARD_INDEX = "model.safetensors.index.json"  # a transformers folder saved in shards
 # config.json keys of transformers' GPT-2 that gpt1's config.json never has (it says block_size, norm_eps).
 GPT2_KEYS = frozenset({"n_positions", "n_ctx", "n_inner", "layer_norm_epsilon", "activation_function",
@@ -221,6 +222,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         raise Gpt1Error(f"{directory}: a Hugging Face transformers folder, not a gpt1 model dir; import it with "
                         f"`gpt1 pretrain init_from=hf:{directory}` or `gpt1 finetune --base {directory}`")
     if (directory / BASE_FILE).is_file() and not (directory / ADAPTER_DIR).is_dir():
+        # A fine-tune writes base.json first at its first save, then adapter/: a live one is saving.
+        if holder := lock_holder(directory / RUN_LOCK_DIR):
+            raise Gpt1Error(f"{directory}: a fine-tuning run ({holder}) is saving its first model there (no "
+                            f"{ADAPTER_DIR}/ yet); try again after its first save")
         # Its weights are the base's: without the adapter it would run as the base model, silently.
         raise Gpt1Error(f"{directory}: a fine-tuned model dir ({BASE_FILE}) without its {ADAPTER_DIR}/ folder; "
                         f"restore {ADAPTER_DIR}/ (a fine-tune killed in its first save writes it when rerun), "

@@ -82,8 +82,9 @@ class ChatPrompt(NamedTuple):
 def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], block_size: int,
                     params: SamplingParams) -> ChatPrompt:
     """Token ids of a chat prompt, fitted to the context: the system message stays, the oldest
-    turns go first (the conversation then starts with a user turn), and a last message still
-    too long loses the start of its text, never its role marker. With `truncate_prompt=False`
+    turns go first (the conversation then starts with a user turn, unless only its last message
+    is left), and a last message still too long loses the start of its text, never its role
+    marker; a system message that leaves no room is an error. With `truncate_prompt=False`
     nothing is dropped (the engine refuses a prompt that does not fit)."""
     messages = validate_messages(messages)
     # Each message is encoded once: dropping a turn subtracts its length (re-encoding the rest
@@ -108,12 +109,19 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], bl
     cut = len(ids) - budget
     if cut <= 0:
         return ChatPrompt(ids, dropped, 0)
-    # One message is left (or the system message alone): its text follows its role marker.
+    # One message is left besides the system message: its text follows its role marker. The
+    # system message itself is never cut.
     start = len(ids) - len(generation_prompt) - len(kept[-1]) + 1
-    if cut >= len(tokenizer.encode(messages[-1]["content"])):
-        raise Gpt1Error(f"the system message leaves no room for the conversation: the prompt may take {budget} "
-                        f"tokens ({block_size} of context less max_new_tokens {params.max_new_tokens}); "
-                        "shorten the system message or lower max_new_tokens")
+    text_tokens = len(tokenizer.encode(messages[-1]["content"]))
+    if len(messages) == n_system or cut >= text_tokens:
+        # What the prompt needs: all of it but the last message's text, of which one token.
+        needed = len(ids) if len(messages) == n_system else len(ids) - text_tokens + 1
+        why = (f"{block_size} of context less max_new_tokens {params.max_new_tokens}" if budget > block_size // 2
+               else f"half the {block_size}-token context, as max_new_tokens {params.max_new_tokens} leaves less")
+        # A max_new_tokens of at most block_size - needed lets the prompt take more than half.
+        advice = f" or lower max_new_tokens to at most {block_size - needed}" if needed < block_size else ""
+        raise Gpt1Error(f"the system message leaves no room for the conversation: the prompt needs {needed} tokens "
+                        f"with it and may take {budget} here ({why}); shorten the system message{advice}")
     return ChatPrompt(ids[:start] + ids[start + cut:], dropped, cut)
 
 

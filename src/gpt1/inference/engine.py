@@ -1,8 +1,9 @@
 """The batching engine: every generation in gpt1 (the server, `gpt1 chat`, `generate`,
 `generate_batch`, `stream` and the Python API) runs through it.
 
-Continuous batching over a fixed pool of KV-cache slots (`max_batch` rows of `block_size`
-positions, allocated once). Each `step()`:
+Continuous batching over a fixed pool of KV-cache slots (`max_batch` rows of `max_len`
+positions, allocated once: the model's block_size, or fewer for a caller that knows what its
+prompts need, as `generate` does). Each `step()`:
 
 1. drops cancelled requests (their slot is free at once) and admits waiting ones into free slots;
 2. prefills prompts in one forward, at most `prefill_chunk` prompt tokens per step in all, so
@@ -41,11 +42,13 @@ caller back its own.
 from __future__ import annotations
 
 import collections
+import contextlib
 import numbers
 import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence, Sized
 
 import torch
@@ -139,28 +142,91 @@ class EngineStats:
     threads: int = 0  # the CPU threads of the latest step (see gpt1.core.threads)
 
 
-def kv_cache_bytes(model: GPT, max_batch: int) -> int:
-    """Memory of the slot pool: keys and values of every layer for max_batch x block_size positions."""
+def kv_cache_bytes(model: GPT, max_batch: int, max_len: int | None = None) -> int:
+    """Memory of the slot pool: keys and values of every layer for max_batch x max_len positions
+    (default: block_size)."""
     c = model.config
     itemsize = next(model.parameters()).element_size()
-    return 2 * c.n_layer * max_batch * c.n_head * c.block_size * c.head_size * itemsize
+    return 2 * c.n_layer * max_batch * c.n_head * (max_len or c.block_size) * c.head_size * itemsize
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on `device`, or None when unknown."""
+    """Bytes that can still be allocated on `device`, or None when unknown. On the CPU, the least
+    of what the machine has (MemAvailable), what the process's cgroup lets it use (a container's
+    memory limit, which MemAvailable ignores: a cache that passed was OOM-killed without a word),
+    and what its rlimits leave (`ulimit -v`, `ulimit -d`)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    rooms = [room for room in (_machine_room(), _cgroup_room(), _rlimit_room()) if room is not None]
+    return max(min(rooms), 0) if rooms else None
+
+
+def _machine_room() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# cgroup v2 (one hierarchy, controllers "") and v1's memory controller: where they are mounted,
+# the limit, the usage, and the page cache within the usage (memory.stat), which the kernel
+# reclaims before it fails an allocation and so is room too.
+_CGROUPS = {"": ("/sys/fs/cgroup", "memory.max", "memory.current", "file"),
+            "memory": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")}
+
+
+def _cgroup_room() -> int | None:
+    """The least room under the memory limits of the process's cgroup and those above it."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        kind = "" if controllers == "" else "memory" if "memory" in controllers.split(",") else None
+        if kind is None:
+            continue
+        mount, limit_file, usage_file, cache_key = _CGROUPS[kind]
+        mount = Path(mount)
+        folder = mount / path.lstrip("/")
+        for level in (folder, *folder.parents):  # a limit above the process's cgroup holds too
+            if not level.is_relative_to(mount):
+                break
+            with contextlib.suppress(OSError, ValueError):
+                limit = (level / limit_file).read_text().strip()
+                if limit == "max" or int(limit) >= 1 << 62:  # no limit (v1 says so with a huge number)
+                    continue
+                counters = dict(entry.split() for entry in (level / "memory.stat").read_text().splitlines())
+                in_use = int((level / usage_file).read_text()) - int(counters.get(cache_key, 0))
+                rooms.append(int(limit) - in_use)
+    return min(rooms, default=None)
+
+
+def _rlimit_room() -> int | None:
+    """What RLIMIT_AS (`ulimit -v`) and RLIMIT_DATA (`ulimit -d`) leave the process: torch's CPU
+    allocator maps large tensors, which both count."""
+    try:
+        import resource  # Unix only
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    except (ImportError, OSError):
+        return None
+    rooms = []
+    for limit, used in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+        soft = resource.getrlimit(limit)[0]
+        with contextlib.suppress(KeyError, ValueError, IndexError):
+            if soft != resource.RLIM_INFINITY:
+                rooms.append(soft - int(status[used].split()[0]) * 1024)  # "VmSize:  123456 kB"
+    return min(rooms, default=None)
 
 
 def _gib(n: int) -> str:
@@ -178,12 +244,15 @@ def _generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, config,
-                tokenizer: Tokenizer) -> tuple[SamplingParams, list[list[int]]]:
-    """The checked knobs, and each prompt checked (ids in the vocabulary, not empty) and fitted
-    to the context; Gpt1Error naming the prompt or the knob otherwise."""
-    if not isinstance(params, SamplingParams):
-        raise Gpt1Error(f"params: expected SamplingParams, got {type(params).__name__}")
+def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams], config,
+                tokenizer: Tokenizer) -> tuple[list[SamplingParams], list[list[int]]]:
+    """Each prompt's checked knobs (`params`: one for all prompts, or one per prompt), and each
+    prompt checked (ids in the vocabulary, not empty) and fitted to the context; Gpt1Error naming
+    the prompt or the knob otherwise."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts) if isinstance(prompts, Sized) else [params]
+    elif not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+        raise Gpt1Error(f"params: expected SamplingParams (or one per prompt), got {type(params).__name__}")
     expected = "prompts: expected a list of prompts (each a list of token ids)"
     if isinstance(prompts, (str, bytes)):
         raise Gpt1Error(f"{expected}, got text; encode each prompt with the tokenizer first")
@@ -192,14 +261,16 @@ def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, config
     # One prompt's ids passed flat (`tok.encode(text)` for `[tok.encode(text)]`): an int where a prompt goes.
     if any(isinstance(p, numbers.Integral) or getattr(p, "ndim", None) == 0 for p in prompts):
         raise Gpt1Error(f"{expected}, got a list of ints; pass one prompt as [ids]")
-    params = params.validate()
+    if len(params) != len(prompts):
+        raise Gpt1Error(f"params: {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt")
+    params = [p.validate() for p in params]
     names = [f"prompt {i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
     for p, name in zip(prompts, names):
         if not isinstance(p, Iterable):
             raise Gpt1Error(f"{name}: expected token ids (a list of ints), got {type(p).__name__}")
     vocab = usable_vocab(config, tokenizer)
-    return params, [fit_prompt(check_prompt(p, vocab, tokenizer.eos_id, name), config.block_size, params)
-                    for p, name in zip(prompts, names)]
+    return params, [fit_prompt(check_prompt(p, vocab, tokenizer.eos_id, name), config.block_size, knobs)
+                    for p, name, knobs in zip(prompts, names, params)]
 
 
 def usable_vocab(config, tokenizer: Tokenizer) -> int:
@@ -240,10 +311,17 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, max_batch: int = 8, max_queue: int = 64,
                  prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False,
-                 tune_threads: bool = True):
+                 tune_threads: bool = True, max_len: int | None = None):
         check_sizes(max_batch, max_queue, prefill_chunk)
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
+        # Positions per slot: a server's requests may use the whole context; a caller that knows
+        # its prompts (`generate`) asks for what they need. A config.json's block_size of 16M made
+        # a 1-token `generate` of a 33 MB model zero an 8 GiB cache.
+        if max_len is not None and not (isinstance(max_len, int) and 1 <= max_len <= self.config.block_size):
+            raise Gpt1Error(f"engine: max_len must be an int from 1 to the block_size "
+                            f"({self.config.block_size:,}), got {max_len!r}")
+        self.max_len = max_len or self.config.block_size
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         first = next(model.parameters())
         if first.device.type == "meta":  # every forward would fail, each request with a 500 in a server
@@ -251,21 +329,24 @@ class Engine:
                             "or load it with gpt1.load")
         self.device = first.device
         self.dtype_name = str(first.dtype).removeprefix("torch.")  # of the weights and the KV cache
-        self.kv_bytes = kv_cache_bytes(model, max_batch)
+        self.kv_bytes = kv_cache_bytes(model, max_batch, self.max_len)
+        what = (f"{max_batch} x {self.max_len:,} positions"
+                + (", the model's block_size" if self.max_len == self.config.block_size else ""))
         available = free_memory(self.device)
         if available is not None and self.kv_bytes > available:
-            raise Gpt1Error(f"max_batch {max_batch}: the KV cache needs {_gib(self.kv_bytes)} "
-                            f"({max_batch} x {self.config.block_size} positions) but only {_gib(available)} is free "
-                            f"on {self.device}; lower max_batch")
+            raise Gpt1Error(f"max_batch {max_batch}: the KV cache needs {_gib(self.kv_bytes)} ({what}) but only "
+                            f"{_gib(available)} is free on {self.device}; lower max_batch")
         try:
-            self.cache = SlotCache(self.config, max_batch, device=self.device, dtype=first.dtype)
+            self.cache = SlotCache(self.config, max_batch, self.max_len, device=self.device, dtype=first.dtype)
             # Each row's context (prompt + generated), kept for requests with a repeat penalty;
             # vocab_size = "no token".
-            self.tokens = torch.full((max_batch, self.config.block_size), self.config.vocab_size,
+            self.tokens = torch.full((max_batch, self.max_len), self.config.vocab_size,
                                      dtype=torch.long, device=self.device)
-        except torch.OutOfMemoryError:
-            raise Gpt1Error(f"max_batch {max_batch}: out of memory allocating the KV cache "
-                            f"({_gib(self.kv_bytes)}) on {self.device}; lower max_batch") from None
+        except RuntimeError as e:  # CUDA's OutOfMemoryError; the CPU allocator's is a plain RuntimeError
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):  # "can't allocate memory"
+                raise
+            raise Gpt1Error(f"max_batch {max_batch}: out of memory allocating the KV cache ({_gib(self.kv_bytes)}, "
+                            f"{what}) on {self.device}; lower max_batch") from None
         if self.device.type == "cpu" and torch.backends.mkl.is_available():  # measured with MKL (x86) only
             store_weights_column_major(model)
         self.stop_ids = frozenset(tokenizer.special_ids)
@@ -314,14 +395,20 @@ class Engine:
             return sum(n for _, n in self._rate) / RATE_WINDOW_S
 
     # ---- submitting ---------------------------------------------------------------------------
-    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                sink_for: Callable[[int], Sink], cancel: threading.Event | None = None) -> list[Request]:
-        """Queue a request per prompt (`sink_for(i)` receives prompt i's output), all or none.
+        """Queue a request per prompt (`sink_for(i)` receives prompt i's output), all or none;
+        `params`: one for all prompts, or one per prompt.
         Gpt1Error for an invalid prompt or knob (before anything is queued), TooLarge when
         there are more prompts than `max_batch + max_queue`, QueueFull when they do not fit now.
         `cancel`, when given, is the requests' cancel event (set it to stop them)."""
         params, fitted = fit_prompts(prompts, params, self.config, self.tokenizer)
-        block = self.config.block_size
+        limits = [new_token_limit(len(ids), self.config.block_size, knobs) for ids, knobs in zip(fitted, params)]
+        for i, (ids, limit) in enumerate(zip(fitted, limits)):
+            if len(ids) + limit > self.max_len:
+                name = f"prompt {i}" if len(fitted) > 1 else "prompt"
+                raise Gpt1Error(f"{name}: {len(ids)} tokens plus max_new_tokens ({limit}) need {len(ids) + limit} "
+                                f"positions, but this engine's slots hold {self.max_len} (its max_len)")
         with self._lock:
             if self._stopping:
                 raise EngineUnavailable("the engine is shutting down")
@@ -330,10 +417,9 @@ class Engine:
             except Gpt1Error:
                 self.stats.rejected += len(fitted)
                 raise
-            requests = [Request(ids, params, sink_for(i), TextState(self.tokenizer, params.stop, len(ids),
-                                                                      new_token_limit(len(ids), block, params)),
-                                _generator(params.seed) if params.temperature > 0 else None)
-                        for i, ids in enumerate(fitted)]
+            requests = [Request(ids, knobs, sink_for(i), TextState(self.tokenizer, knobs.stop, len(ids), limit),
+                                _generator(knobs.seed) if knobs.temperature > 0 else None)
+                        for i, (ids, knobs, limit) in enumerate(zip(fitted, params, limits))]
             if cancel is not None:
                 for r in requests:
                     r.cancel_event = cancel
@@ -511,9 +597,9 @@ class Engine:
             rows = torch.tensor([r.row for r in requests], device=device)
             # The window of each row: the last repeat_last_n tokens of its context (-1: all).
             context = torch.tensor([len(r.prompt_ids) + r.state.completion_tokens for r in requests], device=device)
-            last_n = torch.tensor([p.repeat_last_n if p.repeat_last_n >= 0 else self.config.block_size
+            last_n = torch.tensor([p.repeat_last_n if p.repeat_last_n >= 0 else self.max_len
                                    for p in params], device=device)
-            position = torch.arange(self.config.block_size, device=device)
+            position = torch.arange(self.max_len, device=device)
             inside = (position < context[:, None]) & (position >= (context - last_n)[:, None])
             window = self.tokens[rows].masked_fill(~inside, self.config.vocab_size)
 
@@ -527,7 +613,7 @@ class Engine:
                                    top_p=knob("top_p"), min_p=knob("min_p"), repeat_penalty=knob("repeat_penalty"))
         next_ids = sample(processed, temperature, [r.generator for r in requests])
         if penalised:
-            self.tokens[rows, context.clamp(max=self.config.block_size - 1)] = next_ids
+            self.tokens[rows, context.clamp(max=self.max_len - 1)] = next_ids
         return next_ids
 
     def _not_finite(self) -> Gpt1Error:

@@ -213,7 +213,7 @@ class EngineProcess:
             self._process.wait()
 
     # ---- submitting -----------------------------------------------------------------------------
-    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                sink_for: Callable[[int], Sink]) -> list[RemoteRequest]:
         """As `Engine.submit`: all or none, the same errors, raised here before anything is sent.
         The queue is counted here: a request is in it from its submit to its last chunk."""
@@ -229,7 +229,7 @@ class EngineProcess:
             requests = [RemoteRequest(next(self._ids), sink_for(i), self) for i in range(len(fitted))]
             self._live.update((r.id, r) for r in requests)
             self._send_locked({"submit": [[r.id, ids] for r, ids in zip(requests, fitted)],
-                               "params": dataclasses.asdict(params)})
+                               "params": [dataclasses.asdict(p) for p in params]})
         return requests
 
     def _send(self, message: dict) -> None:
@@ -348,7 +348,7 @@ def _child_main(model_dir: str, device: str, dtype: str, engine_args: dict, comm
                 if (request := requests.get(message["cancel"])) is not None:
                     request.cancel()
                 continue
-            params = SamplingParams(**{**message["params"], "stop": tuple(message["params"]["stop"])})
+            params = [SamplingParams(**{**p, "stop": tuple(p["stop"])}) for p in message["params"]]
             ids = [rid for rid, _ in message["submit"]]
             try:
                 submitted = engine.submit([prompt for _, prompt in message["submit"]], params,

@@ -16,8 +16,8 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import Tokenizer
-from gpt1.inference.decoding import Chunk, Completion, TextState, chat_prompt_ids, fit_prompt, prompt_budget
-from gpt1.inference.engine import Engine
+from gpt1.inference.decoding import Chunk, Completion, TextState, chat_prompt_ids, fit_prompt, new_token_limit, prompt_budget
+from gpt1.inference.engine import Engine, fit_prompts
 
 __all__ = ["Chunk", "Completion", "chat_prompt_ids", "fit_prompt", "generate", "generate_batch", "prompt_budget",
            "stream"]
@@ -48,10 +48,14 @@ def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], par
     finish reason."""
     if not prompts:
         return
+    # The cache holds what these prompts need, not block_size positions per slot: a config.json's
+    # block_size of 16M made a 1-token generate zero an 8 GiB cache.
+    knobs, fitted = fit_prompts(prompts, params, model.config, tokenizer)
+    max_len = max(len(ids) + new_token_limit(len(ids), model.config.block_size, p) for ids, p in zip(fitted, knobs))
     engine = Engine(model, tokenizer, max_batch=min(len(prompts), MAX_BATCH), max_queue=len(prompts),
-                    cuda_graphs=False)
+                    cuda_graphs=False, max_len=max_len)
     events: collections.deque[tuple[int, Chunk | BaseException]] = collections.deque()
-    requests = engine.submit(prompts, params, lambda i: lambda item: events.append((i, item)), cancel=cancel)
+    requests = engine.submit(fitted, knobs, lambda i: lambda item: events.append((i, item)), cancel=cancel)
     try:
         while engine.busy or events:
             if not events:

@@ -74,10 +74,13 @@ def sampling_params(req: GenerationRequest, max_tokens: int | None, max_tokens_p
 
 def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_tokens: int | None,
                 max_tokens_param: str, prompt: str | None = None) -> SamplingParams:
-    """Without truncation, refuse what does not fit (as OpenAI does) and cap an omitted
-    max_tokens by the room the prompt leaves. With it, gpt1.inference.decoding's rule applies.
+    """Cap an omitted max_tokens by the room a prompt that fits leaves (so that it is kept whole,
+    truncation or not, as `gpt1 generate` does). Without truncation, refuse what does not fit (as
+    OpenAI does); with it, gpt1.inference.decoding's rule cuts a prompt that fills the context.
     `prompt`: where a completion's prompt is in the request ("prompt", "prompt[1]"), for the errors."""
     if params.truncate_prompt:
+        if max_tokens is None and prompt_tokens < context:
+            return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, context - prompt_tokens))
         return params
     if prompt_tokens >= context:
         raise ApiError(400, f"{prompt or 'the prompt'} is {prompt_tokens} tokens; this model's context is {context} "
@@ -102,8 +105,8 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer, params: SamplingParams, c
     try:
         # With truncate_prompt the oldest turns go first (the system message stays).
         ids = chat_prompt_ids(tokenizer, messages, context, params).ids
-    except Gpt1Error as e:
-        raise ApiError(400, str(e), param="messages") from None
+    except Gpt1Error as e:  # in the API's words: its field for max_new_tokens
+        raise ApiError(400, str(e).replace("max_new_tokens", chat_max_tokens(req)[1]), param="messages") from None
     return ids
 
 

@@ -12,6 +12,11 @@ that answers before FastAPI reads or parses anything.
   bounds a head still arriving, and the time it takes).
 - HEAD: answered as GET wherever GET is (uptime checkers use `curl -I`); the server sends only
   the headers.
+- Faults that are not Exceptions: a Rust panic in the tokenizer (pyo3's PanicException, a
+  BaseException; e.g. a tokenizer.json whose pre-tokenizer regex hits its backtracking limit)
+  slipped past the app's 500 handler, which takes Exceptions: the client got a plain-text 500.
+  It is raised on as `generation_error`'s ApiError, which that handler answers with OpenAI's
+  body. An exit, a Ctrl-C or a cancellation (a client that went away) goes on as it is.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import asyncio
 import hmac
 import ipaddress
 
-from gpt1.serve.errors import ApiError, short_repr
+from gpt1.serve.errors import ApiError, generation_error, short_repr
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers (a browser's are a few KiB)
 BODY_METHODS = ("POST", "PUT", "PATCH")
+# The BaseExceptions that are not faults of a request: they end the request (or the server) as they
+# are. A group (anyio's task groups) may hold a cancellation: it too.
+_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError, BaseExceptionGroup)
 
 
 def is_loopback(host: str) -> bool:
@@ -83,7 +91,12 @@ class Guard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        except BaseException as e:
+            if isinstance(e, (Exception, *_EXITS)):  # an Exception: the app's 500 handler answers it
+                raise
+            raise generation_error(e) from e  # an Exception, answered as one
 
     def _refuse(self, scope, headers: dict[str, bytes]) -> ApiError | None:
         # The head as it arrived whole (one still arriving is bounded in gpt1.serve.server).

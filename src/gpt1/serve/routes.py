@@ -69,8 +69,10 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
     return box
 
 
-def submit(engine: Engine | EngineProcess, prompts: list[list[int]], params: SamplingParams) -> tuple[list[EngineRequest], asyncio.Queue]:
-    """Queue the requests; their chunks arrive on the returned asyncio queue as (index, item)."""
+def submit(engine: Engine | EngineProcess, prompts: list[list[int]],
+           params: SamplingParams | list[SamplingParams]) -> tuple[list[EngineRequest], asyncio.Queue]:
+    """Queue the requests (`params`: one for all, or one per prompt); their chunks arrive on the
+    returned asyncio queue as (index, item)."""
     mailbox = _mailbox(asyncio.get_running_loop())
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -343,14 +345,16 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
         mapping.check_unsupported(req)
         # Off the event loop, as in chat_completions: a 1 MiB prompt takes about a second to tokenize.
         prompts = await run_in_threadpool(mapping.completion_prompts, req, tokenizer, engine.config.vocab_size)
-        # One SamplingParams for all prompts: the longest one decides what fits in the context.
         params = mapping.sampling_params(req, req.max_tokens, "max_tokens", context)
+        # The longest prompt is the one named when the request does not fit; then each prompt's
+        # omitted max_tokens is capped by its own room (not the longest one's). An empty prompt
+        # starts from [EOS]: one token.
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-        where = f"prompt[{longest}]" if len(prompts) > 1 else "prompt"  # named if it does not fit
-        # An empty prompt starts from [EOS]: one token.
-        params = mapping.fit_context(params, len(prompts[longest]) or 1, context, req.max_tokens, "max_tokens", where)
+        where = f"prompt[{longest}]" if len(prompts) > 1 else "prompt"
+        mapping.fit_context(params, len(prompts[longest]) or 1, context, req.max_tokens, "max_tokens", where)
+        per_prompt = [mapping.fit_context(params, len(p) or 1, context, req.max_tokens, "max_tokens") for p in prompts]
         await ensure_started()
-        requests, queue = submit(engine, prompts, params)
+        requests, queue = submit(engine, prompts, per_prompt)
         rid, now, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

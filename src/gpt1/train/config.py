@@ -233,11 +233,25 @@ def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], w
     int is a float and an array a tuple, as JSON has no other spelling for them)."""
     if key not in names:
         raise Gpt1Error(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
+    if hints[key] is str and isinstance(value, str):
+        # As typed: a path from argv holds lone surrogates under a locale that is not UTF-8
+        # (LANG=C without Python's UTF-8 mode), which JSON cannot carry; recorded via json_path.
+        return value
     try:
         return _adapter(hints[key]).validate_json(json.dumps(value), strict=True)
     except (ValidationError, TypeError, ValueError) as e:
-        reason = SPELLINGS.get(hints[key]) or (e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e))
+        reason = (SPELLINGS.get(hints[key]) or _tuple_spelling(hints[key])
+                  or (e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)))
         raise Gpt1Error(f"{where}: key {key!r} expects {_type_name(hints[key])}, got {value!r} ({reason})") from None
+
+
+def _tuple_spelling(hint: Any) -> str | None:
+    """How a fixed-length tuple such as betas is written: pydantic said "Field required" of [0.9]."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is not tuple or not args or Ellipsis in args or len(set(args)) != 1:
+        return None
+    kind = {float: "numbers", int: "whole numbers", str: "strings", bool: "booleans"}.get(args[0], "values")
+    return f"an array of exactly {len(args)} {kind}"
 
 
 @functools.cache  # a config is checked field by field on every construction (and dataclasses.replace)

@@ -44,6 +44,7 @@ from gpt1.core.io import (
     crash_point,
     file_fingerprint,
     folder_target,
+    held_by_another,
     json_path,
     owner_of,
     read_json,
@@ -90,7 +91,7 @@ from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, require_config
 from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perplexity, token_byte_lengths
 from gpt1.train.loop import CONFIG_FILE as RUN_CONFIG_FILE
-from gpt1.train.loop import train
+from gpt1.train.loop import RUN_LOCK, train
 
 
 @dataclass
@@ -147,6 +148,9 @@ def load_base(base: str | Path):
     folder with a gpt1-compatible tokenizer (e.g. one written by `gpt1 export`)."""
     if is_hf_model_dir(base):
         model, tokenizer = import_hf_model(base, "cpu")
+        if tokenizer is None and not (Path(base) / "tokenizer.json").is_file():
+            raise Gpt1Error(f"{base}: no tokenizer.json; put the gpt1 tokenizer.json the model was trained with "
+                            "in the folder (chat fine-tuning needs its [PAD], [UNK] and [EOS])")
         if tokenizer is None:
             raise Gpt1Error(f"{base}: its tokenizer is not gpt1-compatible ([PAD]=0, [UNK]=1, [EOS]=2 are needed for "
                             "chat fine-tuning); pretrain on data prepared with a gpt1 tokenizer first")
@@ -218,12 +222,26 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
         hf_weight_files(base)
     elif not (base / WEIGHTS_FILE).is_file():
         raise Gpt1Error(f"{base}: not a model dir (no {WEIGHTS_FILE}); pass the base model with --base")
+    _check_not_training(base)
     folder_target(out)  # writable: found now, not once the chat data is read and encoded
     dist = distributed.setup(cfg.device)
     try:
         return _finetune(cfg, base, out, dist, step_limit, redo_hint)
     finally:
         distributed.cleanup()
+
+
+def _check_not_training(base: Path) -> None:
+    """Refuse a base that a run is still training: it replaces its weights at every save, so the
+    weights loaded could be a later save than the ones base.json's fingerprint was read from."""
+    lock = base / RUN_LOCK
+    if held_by_another(lock.parent):
+        try:
+            holder = lock.read_text(encoding="utf-8").strip() or "a process"
+        except OSError:  # unreadable or gone meanwhile: the lock said enough
+            holder = "a process"
+        raise Gpt1Error(f"{base}: {holder} is still training it, and its weights change at every save; wait for it "
+                        "to end (or stop it) and run the command again")
 
 
 def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int | None, redo_hint: str | None):
@@ -242,7 +260,7 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         save_finetuned(directory, m, tokenizer, base_info)
 
     # Recorded in the run dir's train_config.json with the run's config: its base, as a path.
-    run_cfg = dataclasses.replace(cfg, init_from=base_info["path"])
+    run_cfg = dataclasses.replace(cfg, init_from=str(base.resolve()))  # as the OS names it: the loop records it as text
     if (finished := _finished_run(out, cfg, step_limit)) is not None:
         # Nothing to train: the loop checks the recipe against the run's and says so, without the
         # chat data read and encoded first (two minutes for 200k conversations).
@@ -411,9 +429,13 @@ def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
     source, dest = Path(source), Path(dest)
     if not (source / ADAPTER_DIR).is_dir():
         raise Gpt1Error(f"{source}: nothing to merge (no {ADAPTER_DIR}/ folder)")
-    check_replaceable(dest, source, "an earlier merged model",
-                      lambda d: owner_of(d) == "a model dir" and (d / TEMPLATE_FILE).is_file() and not (d / ADAPTER_DIR).exists())
+    def check_dest() -> None:
+        check_replaceable(dest, source, "an earlier merged model", lambda d: owner_of(d) == "a model dir" and
+                          (d / TEMPLATE_FILE).is_file() and not (d / ADAPTER_DIR).exists())
+
+    check_dest()
     model = load_model(source, device="cpu")  # the adapter is merged on load
+    check_dest()  # again: what appeared there while the model loaded counts as found at the start
     # Whole or not at all: killed between the weights and the chat template, the folder was a
     # base model that a rerun left as it was.
     with atomic_dir(dest) as tmp:
@@ -505,6 +527,11 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
         train_convs, conversations = split_conversations(read_conversations(spec, **options), val_fraction,
                                                          run.get("seed", FinetuneConfig.seed))
         source = f"{spec} (held-out {val_fraction:.0%} of the conversations)"
+        if not conversations:  # nothing held out: no "filtering" to blame
+            trees = len({c.group for c in train_convs})
+            raise Gpt1Error(f"{spec}: nothing held out to evaluate: val_fraction {val_fraction:g} holds out whole "
+                            f"message trees, and the data has {trees:,} tree{'s' if trees != 1 else ''} (--chat scores "
+                            "the share fine-tuning holds out); use more data, or a dataset with a validation split")
         run_block_size = run.get("block_size") or llm.model.config.block_size
         if _is_run_data(spec, run) and (doubt := _held_out_doubt(llm, record, train_convs, conversations, run_block_size)):
             warn(f"{spec}: {doubt}")

@@ -80,7 +80,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import crash_point, exclusive, read_json, write_json, write_text, writing
+from gpt1.core.io import crash_point, exclusive, json_path, read_json, write_json, write_text, writing
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
@@ -157,7 +157,7 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
     config = cfg.to_dict()
     for key in PATH_KEYS & config.keys():  # recorded as the paths they name: a resume from another folder matches
         if isinstance(config[key], str):
-            config[key] = _resolved(config[key])
+            config[key] = json_path(_resolved(config[key]))
     wanted = {"config": config, "max_steps": max_steps, "world_size": world_size,
               **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import atomic_path, file_target
-from gpt1.core.progress import warn
+from gpt1.core.progress import printable, warn
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -20,13 +20,17 @@ if TYPE_CHECKING:
 # explicitly.
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpg", ".jpeg": "jpg", "": "png"}
 DPI = 110
+# The largest loss a run can log: a cross-entropy (nats per token, never negative) is at most
+# the spread of the fp32 logits (2 x 3.4e38) plus ln(vocab size). A larger or a negative one is
+# no training's (a loss of 1e308 beside -1e308 overflowed matplotlib's tick locator).
+MAX_LOSS = 1e39
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl whose "step" is a whole number and whose "loss" and
-    "val_loss", when present, are finite numbers (or null, a skipped step). The last line, cut
-    short by a kill, is skipped quietly; any other line that is not such a record is skipped with
-    a warning naming it, so that a damaged file still plots on a numeric axis."""
+    """The records of a metrics.jsonl whose "step" is a count (0 to 2^63 - 1) and whose "loss"
+    and "val_loss", when present, are losses (0 to MAX_LOSS; or null, a skipped step). The last
+    line, cut short by a kill, is skipped quietly; any other line that is not such a record is
+    skipped with a warning naming it, so that a damaged file still plots on a numeric axis."""
     path = Path(path)
     if not path.is_file():
         raise Gpt1Error(f"{path}: metrics file not found (is this a training run dir?)")
@@ -35,7 +39,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a number of over 4,300 digits, "[[[[..." nested too deeply
             if number < len(lines):
                 bad.append(number)
             continue
@@ -51,12 +55,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _is_metrics_record(record: dict) -> bool:
-    def finite(value) -> bool:
-        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    def a_loss(value) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                 and 0 <= value <= MAX_LOSS)
 
     step = record.get("step")
-    return (isinstance(step, int) and not isinstance(step, bool) and finite(record.get("loss"))
-            and finite(record.get("val_loss")))
+    # matplotlib draws in floats and int64: a step of 400 digits overflowed its float conversion.
+    return (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**63
+            and a_loss(record.get("loss")) and a_loss(record.get("val_loss")))
 
 
 def plot_metrics(metrics_file: str | Path, out: str | Path, title: str | None = None) -> Path:
@@ -108,7 +114,7 @@ def _draw(runs: dict[str, str | Path]) -> Figure:
             ax_loss.plot(*zip(*val), "o-", label="val loss", markersize=3)
             ax_ppl.plot([s for s, _ in val], [math.exp(min(v, 700)) for _, v in val], "o-", color="C1", markersize=3)
             ax_ppl.set_yscale("log")
-        prefix = f"{title}: " if title else ""
+        prefix = f"{printable(title)}: " if title else ""  # a run folder's name, from anywhere
         ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=f"{prefix}loss")
         ax_loss.legend()
         ax_loss.grid(alpha=0.3)

@@ -325,5 +325,6 @@ def _document(task: Task, record: dict, origin: str) -> Document:
 def _hub_documents(task: Task, name: str, split: str) -> list[Document]:
     spec = parse_hf(f"hf:{name}")
     spec = HfSpec(spec.name, spec.revision, split)
-    rows = load_hf_dataset(spec, config=task.hub_config)
+    rows = load_hf_dataset(spec, config=task.hub_config, instead=f"pass the task's documents as a local file: --data "
+                           f"{task.name}=FILE.jsonl (docs/evaluation.md, Local task files)")
     return [_document(task, dict(row), f"hub {name}:{split}, row {i}") for i, row in enumerate(rows)]
