@@ -6,6 +6,7 @@ AttributeError from deep inside."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 
 import pytest
@@ -53,6 +54,22 @@ def test_a_config_built_in_python_is_converted_and_replace_still_works():
     with pytest.raises(Gpt1Error, match="key 'compile' expects bool"):
         dataclasses.replace(cfg, compile="yes")
     assert FinetuneConfig(data="x", languages=["en"]).languages == ["en"]
+
+
+def test_numpy_scalars_are_numbers_in_every_config():
+    # A sweep over np.arange: TrainConfig and LoRAConfig said np.int64(8) was "not a positive integer"
+    # while SamplingParams took it; each keeps Python's numbers (its metadata is JSON).
+    import numpy as np
+
+    from gpt1.core.lora import LoRAConfig
+
+    cfg = TrainConfig(max_steps=np.int64(5), lr=np.float32(0.5))
+    assert (cfg.max_steps, cfg.lr) == (5, 0.5) and type(cfg.max_steps) is int and type(cfg.lr) is float
+    lora = LoRAConfig(r=np.int64(4), alpha=np.float32(8), dropout=np.float64(0.1), token_ids=[np.int64(3)])
+    assert (lora.r, lora.alpha, lora.token_ids) == (4, 8.0, [3]) and type(lora.r) is int and type(lora.alpha) is float
+    json.dumps(dataclasses.asdict(lora))
+    with pytest.raises(Gpt1Error, match="key 'max_steps' expects int"):
+        TrainConfig(max_steps=np.float64(2.5))
 
 
 def test_pretrain_and_finetune_refuse_what_is_not_a_config(tmp_path, data_dir, tiny_model_dir):

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +159,23 @@ def test_compiled_decode_equals_single_requests(model, tokenizer):
     check_staggered_arrivals(model, tokenizer, compile=True)
 
 
+@pytest.mark.slow
+def test_a_failing_compile_decodes_eagerly_with_one_warning(tiny_model_dir, tmp_path):
+    """Inductor's C++ build fails for real (no compiler: Windows without MSVC, a Mac without
+    Xcode's tools): the engine warns once and decodes eagerly, greedy as single requests. `gpt1
+    serve --compile` printed a 100-line traceback after "serving ... on http://" and exited."""
+    script = ("import sys, gpt1\nfrom tests.test_engine import check_staggered_arrivals\n"
+              "from tests.model_factories import model_without_stops\nllm = gpt1.load(sys.argv[1])\n"
+              "model = model_without_stops(llm.config, llm.tokenizer, seed=11)\n"
+              "check_staggered_arrivals(model, llm.tokenizer, compile=True)\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("torch.compile failed") == 1, proc.stderr[-3000:]
+    assert "the engine decodes without it" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_seeded_request_is_the_same_whatever_shares_the_batch(model, tokenizer):
     ids = tokenizer.encode(TEXT)
     seeded = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, max_new_tokens=16, seed=1234)
@@ -175,6 +196,29 @@ def test_seeded_request_is_the_same_whatever_shares_the_batch(model, tokenizer):
         submit(engine, collector, 0, ids[:6], seeded)
         run_until_idle(engine)
         assert collector.text(0) == alone
+
+
+def test_every_bit_of_a_64_bit_seed_counts(model, tokenizer):
+    # torch's CPU generator seeded itself from the low 32 bits: seed 5 drew as 2**32 + 5, and -1
+    # (2**64 - 1) as 2**32 - 1, through every door. Seeds below 2**32 draw as before.
+    ids = tokenizer.encode(TEXT)[:6]
+
+    def text(seed: int) -> str:
+        knobs = SamplingParams(temperature=1.5, max_new_tokens=24, seed=seed)
+        return generate(model, tokenizer, ids, knobs).text
+
+    assert text(2**32 + 5) != text(5) and text(-1) != text(2**32 - 1) and text(2**63) != text(0)
+    assert text(2**32 + 5) == text(2**32 + 5) and text(-1) == text(2**64 - 1)
+    g = torch.Generator()
+    g.manual_seed(5)
+    assert torch.equal(engine_module._generator(5).get_state(), g.get_state())
+    # The state is MT19937's own for the seed's 32-bit halves: torch draws what NumPy's MT19937 does.
+    import numpy as np
+
+    mt = np.random.MT19937()
+    mt._legacy_seeding([5, 1])  # 2**32 + 5
+    expected = [(int(word) & 0xFF_FFFF) / 2**24 for word in mt.random_raw(3)]  # torch's float32 from a 32-bit draw
+    assert torch.rand(3, generator=engine_module._generator(2**32 + 5)).tolist() == expected
 
 
 def test_cancel_frees_the_slot_for_the_next_request(model, tokenizer):

@@ -162,6 +162,14 @@ def test_bad_submissions_are_refused_here_before_anything_is_sent(engine, llm):
     assert engine.stats.submitted == before.submitted and engine.stats.rejected == before.rejected + 9
 
 
+def test_off_posix_the_process_engine_is_one_clear_error(llm, monkeypatch):
+    # Windows: subprocess asserts "pass_fds not supported", a traceback of plain `gpt1 serve` on a
+    # GPU (whose --engine auto now picks the thread engine there).
+    monkeypatch.setattr(os, "name", "nt")
+    with pytest.raises(Gpt1Error, match=r"needs a POSIX system .*--engine thread"):
+        EngineProcess(llm.path, llm.tokenizer, llm.config, device="cpu")
+
+
 def test_a_full_queue_is_refused_and_cancel_frees_the_slots(tiny_config, tokenizer, tmp_path):
     # A model that never samples [EOS]: no request ends by itself and frees its place before the 9th.
     llm = gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path / "endless"), device="cpu")

@@ -1,6 +1,9 @@
 """The decode loop: KV cache vs full recomputation, seeds, batching, stops, context limits,
 streaming of multi-byte characters, cancellation, and the LLM methods."""
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -285,6 +288,17 @@ def test_llm_methods(tiny_model_dir):
         llm.generate("x", preset="poetry")
     with pytest.raises(Gpt1Error, match=r"messages\[0\].role"):
         llm.chat([{"role": "robot", "content": "hi"}])
+
+
+def test_a_stream_still_held_at_exit_ends_quietly(tiny_model_dir):
+    # Closed in the interpreter's teardown, it restored the thread count through a torch that was
+    # None already: "Exception ignored ... AttributeError" after every such script.
+    script = ("import sys, gpt1\nllm = gpt1.load(sys.argv[1])\n"
+              "held = llm.stream('the cat', max_new_tokens=16, seed=1)\nprint(next(held))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the thread tuner on, as for users
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() and proc.stderr == "", proc.stderr
 
 
 def test_the_python_api_names_a_prompt_that_is_not_text(tiny_model_dir):

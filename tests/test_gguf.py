@@ -245,7 +245,7 @@ def test_cli_bad_flags_list_the_known_values(tmp_path, tiny_model_dir, capsys, a
 def test_existing_file_needs_force_and_a_folder_is_refused(tmp_path, tiny_model_dir):
     out = tmp_path / "m.gguf"
     out.write_text("old")
-    with pytest.raises(Gpt1Error, match="exists; choose another --out or pass --force"):
+    with pytest.raises(Gpt1Error, match=r"exists; choose another --out or pass --force \(overwrite=True in Python\)"):
         export_gguf(tiny_model_dir, out, "f32")
     assert out.read_text() == "old"
     # --force replaced any file: the model's own weights, a data dir's train.bin. Only a GGUF file now.

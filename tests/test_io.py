@@ -245,3 +245,27 @@ def test_a_path_is_recorded_in_json_by_its_bytes_not_the_locale():
     assert json_path("runs/bas\udcc3\udca9") == json_path("runs/basé") == "runs/basé"
     with pytest.raises(Gpt1Error, match=r"^runs/bas\\xff: not valid UTF-8: gpt1 records this path in JSON"):
         json_path("runs/bas\udcff")
+
+
+def test_the_same_tensors_and_metadata_make_the_same_bytes(tmp_path):
+    # safetensors keeps the metadata in a Rust HashMap, seeded per map: one adapter (two keys)
+    # came out in two byte layouts across runs, and its fingerprint with it.
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from gpt1.core.io import save_safetensors
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.zeros(4)}
+    metadata = {"format": "pt", "gpt1_lora": '{"r": 8, "é": 1}', "k": "1", "m": "2"}
+    digests = set()
+    for i in range(8):
+        save_safetensors(tmp_path / f"{i}.safetensors", tensors, metadata=metadata)
+        digests.add(hashlib.sha256((tmp_path / f"{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
+    assert all(torch.equal(load_file(tmp_path / "0.safetensors")[k], v) for k, v in tensors.items())

@@ -27,6 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from gpt1.benchmarks import progress
 from gpt1.core.config import ModelConfig
+from gpt1.core.device import bf16_supported
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, _byte_level_chars
@@ -121,7 +122,7 @@ def _measure(quick: bool) -> list[dict]:
         # Recomputing the context of the 257M model for every token takes hours on a CPU.
         config = ModelConfig.preset("gpt1" if gpu else "small")
         prompt_len, new_tokens, batches = 128, 256 if gpu else 128, [1, 32] if gpu else [1, 16]
-    dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = torch.bfloat16 if gpu and bf16_supported(device) else torch.float32
     repeats = 3
     tokenizer = synthetic_tokenizer(config.vocab_size)
     model = benchmark_model(config, tokenizer.special_ids, device).to(dtype)

@@ -47,7 +47,7 @@ from gpt1.train.loop import peak_flops
 from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
 
 REQUIRES = {"transformers": "'gpt1[hf]'"}  # module -> what installs it, checked by `gpt1 bench` up front
-IMPLEMENTATIONS = ("gpt1", "transformers", "gpt1-full-logits", "gpt1-float8")
+IMPLEMENTATIONS = ("gpt1", "transformers", "gpt1-full-logits", "gpt1-float8")  # what _training_step builds
 
 
 def _hf_model(config: ModelConfig):
@@ -64,6 +64,8 @@ def _hf_model(config: ModelConfig):
 def _training_step(impl: str, config: ModelConfig, batch_size: int, device: torch.device, precision: str,
                    compile: bool = False):
     """A closure doing one optimizer step of `impl` on a fixed random batch."""
+    if impl not in IMPLEMENTATIONS:  # a misspelt name would time plain gpt1 under its label
+        raise ValueError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
     torch.manual_seed(0)
     x = torch.randint(3, config.vocab_size, (batch_size, config.block_size + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]

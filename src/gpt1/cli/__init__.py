@@ -246,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         return _error(command, str(e))
     except BrokenPipeError:
         # The reader of stdout is gone (`gpt1 generate ... | head`): nothing to say, and no one to
-        # say it to; the status is the one a shell reports for a command a SIGPIPE ended.
+        # say it to; the status is the one a shell reports for a command a SIGPIPE ended (141:
+        # Windows has no SIGPIPE, and its status says the same).
         _stdout_gone()
-        return 128 + signal.SIGPIPE
+        return 128 + getattr(signal, "SIGPIPE", 13)
     except OSError as e:
         if e.errno not in UNWRITABLE:
             raise
@@ -265,6 +266,23 @@ def main(argv: list[str] | None = None) -> int:
         if not _said_by_another_process():
             print(f"\ngpt1 {command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # torch.OutOfMemoryError (a GPU's) is one; the CPU allocator's is a plain one
+        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
+            raise
+        asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
+        size = (f"{int(asked[1]) / 2**30:.2f} GiB" if asked[1] else asked[2]) if asked else None
+        what = f"an allocation of {size} failed" if size else str(e).strip().splitlines()[0]
+        return _error(command, f"out of memory: {what}; {OUT_OF_MEMORY.get(command, OOM_HINT)}")
+
+
+# What to lower when a command runs out of memory (a traceback before).
+OOM_HINT = "lower --batch-size, or use a machine with more memory"
+OUT_OF_MEMORY = {
+    "pretrain": "lower batch_size (grad_accum=N keeps the tokens per step), the model's shape (model, n_layer, "
+                "n_embd, block_size), or set gradient_checkpointing=true",
+    "finetune": "lower batch_size (grad_accum=N keeps the tokens per step), or set gradient_checkpointing=true",
+    "quickstart": "the quickstart's model did not fit: use a machine with more free memory",
+}
 
 
 def _output_flag(args, filename) -> str:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from gpt1.cli.args import path_arg, print_recipe, require, training_rerun_hint
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info
 
 # gpt1.train (torch) is imported by the command: `gpt1 --help` imports this module.
@@ -21,9 +22,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "finetune", help="LoRA chat fine-tuning of a base model on OASST2 or other chat data (resumable)",
         description="Fine-tune a base model dir with LoRA on chat data, with the loss on assistant replies only. "
-                    "--data: OpenAssistant/oasst2 (or any hf:NAME[:SPLIT] / local dataset folder), an OASST export "
+                    "--data: OpenAssistant/oasst2 (or any hf:NAME[:SPLIT]), an OASST export "
                     "(*.messages.jsonl[.gz], *.trees.jsonl[.gz], .parquet), a .jsonl of {\"messages\": [...]}, "
-                    ".yml dialogs, or `chatterbot` (the dialogs of the chatterbot-corpus package). The recipe is a "
+                    ".yml dialogs, a folder of such files, or `chatterbot` (the dialogs of the chatterbot-corpus "
+                    "package); repeat --data to train on several sources together. The recipe is a "
                     "TOML file (a path or a shipped name: gpt1-oasst2-lora); any key can be overridden as key=value, "
                     "e.g. max_steps=100 lora_r=16 lora_targets=[\"q\",\"v\"]; OASST options are recipe keys too: "
                     "languages=[\"en\",\"de\"] keeps those languages, all_paths=true trains on every root-to-leaf "
@@ -32,7 +34,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (every key: docs/finetuning.md and docs/training.md, or --print-config)")
     parser.add_argument("--base", type=path_arg, help="the base model: a gpt1 model dir (from gpt1 pretrain) or a transformers GPT-2 folder with a gpt1 tokenizer (e.g. from gpt1 export); required")
-    parser.add_argument("--data", type=path_arg, help="chat data source (see above); overrides the recipe's `data`")
+    parser.add_argument("--data", type=path_arg, action="append",
+                        help="chat data source (see above); repeat it for a mixture; overrides the recipe's `data`")
     parser.add_argument("--out", type=path_arg, help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model; required")
     parser.add_argument("--config", type=path_arg, metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
     parser.add_argument("--skip-invalid", action="store_true", default=None,
@@ -50,8 +53,12 @@ def finetune_command(args: argparse.Namespace) -> int:
     from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
 
     values = {}
-    if args.data is not None:
-        values["data"] = args.data
+    if args.data is not None:  # one source stays a string, as recipes and run dirs have it
+        values["data"] = args.data[0] if len(args.data) == 1 else args.data
+    # `--data a.jsonl b.jsonl` (or a glob the shell expanded) left b.jsonl among the overrides.
+    if stray := next((item for item in args.overrides if "=" not in item and os.path.exists(item)), None):
+        raise Gpt1Error(f"{stray}: not a KEY=VALUE override; to train on several chat sources, repeat --data "
+                        "(--data a.jsonl --data b.jsonl) or list them in the recipe (data = [\"a.jsonl\", \"b.jsonl\"])")
     if args.skip_invalid:
         values["skip_invalid"] = True
     cfg = load_config(FinetuneConfig, args.config, args.overrides, **values)

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; 127.0.0.1 is this machine only, 0.0.0.0 is every interface "
                              "(then set an API key). Without an API key, a server on a loopback address answers "
-                             "only requests addressed to localhost, 127.0.0.1 or [::1] (403 otherwise), so that "
+                             "only requests addressed to localhost, *.localhost or a loopback address (403 otherwise), so that "
                              "a web page cannot reach it by DNS rebinding; default: %(default)s")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     parser.add_argument("--api-key", default=None, type=api_key_arg,
@@ -121,7 +121,9 @@ def serve_command(args: argparse.Namespace) -> int:
     if not 0 <= args.stream_interval <= 10_000:  # also refuses nan
         raise Gpt1Error(f"--stream-interval must be in [0, 10000] milliseconds, got {args.stream_interval}")
     device = resolve_device(args.device)
-    engine = args.engine if args.engine != "auto" else "process" if device.type == "cuda" else "thread"
+    # The process engine passes pipes as inherited file descriptors: POSIX only.
+    engine = (args.engine if args.engine != "auto" else
+              "process" if device.type == "cuda" and os.name == "posix" else "thread")
     # With the engine in a child process, this one needs only the tokenizer and the config (the
     # dir is checked here all the same, before the child starts).
     llm = (LLM.without_weights(args.model) if engine == "process"

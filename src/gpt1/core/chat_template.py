@@ -19,7 +19,7 @@ holds the text of a special token (`[EOS]`, `<|user|>`, ...), which gpt1 reads a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import IGNORE_INDEX
@@ -107,17 +107,19 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], add_ge
     return ids
 
 
-def encode_chat_with_labels(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
+def encode_chat_with_labels(tokenizer: Tokenizer, messages: Sequence[dict[str, str]],
+                            encode_text: Callable[[str], list[int]] | None = None) -> tuple[list[int], list[int]]:
     """Ids and training labels: labels equal ids on assistant reply tokens (text and its
     closing [EOS]) and IGNORE_INDEX everywhere else (role markers, system and user turns).
 
     Labels are aligned with ids (label i is the target for position i); the training code
-    shifts by one so that position i predicts token i + 1.
+    shifts by one so that position i predicts token i + 1. `encode_text` (default
+    `tokenizer.encode`): how each message's text becomes ids (training encodes a long one in part).
     """
     ids: list[int] = []
     labels: list[int] = []
     for message in validate_messages(messages):
-        message_ids = encode_message(tokenizer, message)
+        message_ids = encode_message(tokenizer, message, encode_text)
         ids.extend(message_ids)
         if message["role"] == "assistant":
             labels.extend([IGNORE_INDEX] + message_ids[1:])
@@ -126,10 +128,12 @@ def encode_chat_with_labels(tokenizer: Tokenizer, messages: Sequence[dict[str, s
     return ids, labels
 
 
-def encode_message(tokenizer: Tokenizer, message: dict[str, str]) -> list[int]:
+def encode_message(tokenizer: Tokenizer, message: dict[str, str],
+                   encode_text: Callable[[str], list[int]] | None = None) -> list[int]:
     """One validated message's ids: its role marker, its text, and [EOS] after an assistant reply.
     A conversation's ids are its messages' ids one after another."""
-    ids = [tokenizer.special_id(ROLE_TOKENS[message["role"]]), *tokenizer.encode(message["content"])]
+    text_ids = (encode_text or tokenizer.encode)(message["content"])
+    ids = [tokenizer.special_id(ROLE_TOKENS[message["role"]]), *text_ids]
     if message["role"] == "assistant":
         ids.append(tokenizer.eos_id)
     return ids

@@ -38,6 +38,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from gpt1.core.errors import Gpt1Error
 
+if sys.platform == "win32":  # no flock, and no os.kill(pid, 0) probe: see `_try_lock`, `_alive_windows`
+    import ctypes
+    import msvcrt
+else:
+    import fcntl
+
 if TYPE_CHECKING:
     import torch
 
@@ -121,8 +127,9 @@ def write_through(path: Path) -> Path:
     return target
 
 
-# Where the kernel shows a process's open descriptors (/dev/fd and /dev/stdout lead there).
-_DESCRIPTOR_FOLDER = re.compile(r"/proc/(self|thread-self|\d+)(/task/\d+)?/fd")
+# Where the kernel shows a process's open descriptors (/dev/stdout leads there). Linux's /dev/fd is
+# a link into /proc; macOS's and the BSDs' is a file system of its own, which `realpath` keeps.
+_DESCRIPTOR_FOLDER = re.compile(r"/proc/(self|thread-self|\d+)(/task/\d+)?/fd|/dev/fd")
 
 
 def is_stream(path: str | os.PathLike) -> bool:
@@ -214,13 +221,26 @@ def _owner_of_file(path: Path) -> str | None:
     file exists yet: a config.json written into a run before its first save, or into a data
     dir, would make it look like a model dir. A folder holding a tokenizer.json is a tokenizer's."""
     folder = path.parent.resolve()
-    if path.name in OWN_FILES:
+    if _names_own_file(path):
         if kind := owner_of(folder) or ("a tokenizer dir" if (folder / "tokenizer.json").is_file() else None):
             return f"{path.parent}, {kind}"
     for inner in (folder, *folder.parents):  # RUN/checkpoints/step-00000020/trainer_state.pt
         if inner.name in OWN_FOLDERS and (kind := owner_of(inner.parent)):
             return f"{inner.parent}, {kind} (its {inner.name}/ folder)"
     return None
+
+
+def _names_own_file(path: Path) -> bool:
+    """Whether `path` is one of its folder's OWN_FILES. On a case-insensitive file system (macOS's
+    APFS, Windows' NTFS) RUN/Model.safetensors is RUN/model.safetensors: a name that differs only in
+    case is that file when both reach the same one (`samefile`), and a new one would become it."""
+    own = path.name.casefold()  # OWN_FILES are lower case
+    if own not in OWN_FILES:
+        return False
+    twin = path.parent / own
+    if not path.exists():
+        return True
+    return twin.exists() and os.path.samefile(path, twin)
 
 
 # A temp's name is `.NAME.PID.XXXXXXXX.tmp` (mkstemp's 8 random characters, ".tmp" or ".old"):
@@ -260,6 +280,8 @@ def _sweep_leftovers(path: Path) -> None:
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if sys.platform == "win32":
+        return _alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -267,6 +289,23 @@ def _alive(pid: int) -> bool:
     except OSError:  # e.g. another user's process
         return True
     return True
+
+
+# Windows' os.kill(pid, 0) is no probe: it is TerminateProcess (it killed the other writer), and
+# a pid that is gone raises a plain OSError. Its kernel tells instead whether the process has ended.
+_PROCESS_QUERY_LIMITED_INFORMATION, _STILL_ACTIVE, _ERROR_ACCESS_DENIED = 0x1000, 259, 5
+
+
+def _alive_windows(pid: int) -> bool:
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:  # no such process (ERROR_INVALID_PARAMETER), or one we may not ask: alive
+        return ctypes.get_last_error() == _ERROR_ACCESS_DENIED
+    try:
+        code = ctypes.c_ulong()
+        return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 @contextlib.contextmanager
@@ -493,18 +532,15 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
     """Who holds `folder`'s lock (`exclusive`) now, as its lock file says ("process 123"); None
     when nobody does. Needs only read access."""
     try:
-        import fcntl
         f = _open_lock(Path(folder) / ".lock")
-    except (ImportError, OSError):  # Windows, or no lock file: nobody ever locked the folder
+    except OSError:  # no lock file: nobody ever locked the folder
         return None
     if f is None:
         return None
     with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
+        if not _try_lock(f, shared=True):
             return f.read(200).strip() or "a process"  # empty in the instant before the holder writes its pid
-        fcntl.flock(f, fcntl.LOCK_UN)
+        _unlock(f)
         return None
 
 
@@ -521,27 +557,49 @@ def _open_lock(lock: Path):
     return open(fd, encoding="utf-8")
 
 
+# Windows has no flock: msvcrt locks bytes, and a locked byte cannot be read by anyone else. So the
+# byte locked is one far past the pid text that `lock_holder` reads. msvcrt has no shared lock: a
+# probe there holds the lock for an instant, in which a second probe would see it held.
+_LOCK_BYTE = 1 << 30
+
+
+def _try_lock(f, shared: bool = False) -> bool:
+    """Lock the open lock file `f` without waiting (`shared`: as a reader where the OS can);
+    False when another process holds it. `f` is left at its start."""
+    try:
+        if sys.platform == "win32":
+            f.seek(_LOCK_BYTE)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        f.seek(0)
+    return True
+
+
+def _unlock(f) -> None:
+    if sys.platform == "win32":
+        f.seek(_LOCK_BYTE)
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold `folder`'s lock (a `.lock` file in it) for the block: a second process writing the
     same folder (a command started twice, or still running in another terminal) is refused
     instead of interleaving its files with this one's. The OS releases the lock when the process
-    ends, even by SIGKILL, so a killed run never leaves a stale lock. POSIX (flock); elsewhere
-    there is no lock."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
+    ends, even by SIGKILL, so a killed run never leaves a stale lock (flock; on Windows, a
+    byte-range lock: `_try_lock`)."""
     folder = make_dirs(folder)
     with open(folder / ".lock", "a+", encoding="utf-8") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
+        if not _try_lock(f):
             holder = f.read().strip() or "a process"
             raise Gpt1Error(f"{folder}: {holder} is {what} there already; wait for it to end (or stop it) "
-                            "and run the command again") from None
+                            "and run the command again")
         with writing(f.name):
             f.seek(0)
             f.truncate()
@@ -550,29 +608,23 @@ def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            _unlock(f)
 
 
 def check_unlocked(folder: str | os.PathLike, action: str) -> None:
     """A Gpt1Error when a process holds a lock (`exclusive`) anywhere in `folder`: a run that is
     training (or preparing) there would lose its files to whatever `action` does to the folder."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no locks to ask
-        return
     for lock in Path(folder).rglob(".lock"):
         try:
             f = _open_lock(lock)
             if f is None:
                 continue
             with f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except OSError:
+                if not _try_lock(f, shared=True):
                     holder = f.read(200).strip() or "a process"
                     raise Gpt1Error(f"{lock.parent}: {holder} is using it; cannot {action} while it runs "
-                                    "(wait for it to end, or stop it)") from None
-                fcntl.flock(f, fcntl.LOCK_UN)
+                                    "(wait for it to end, or stop it)")
+                _unlock(f)
         except OSError:
             continue  # gone or unreadable meanwhile: nothing holds it that we can see
 
@@ -717,3 +769,19 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        if metadata and len(metadata) > 1:
+            _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys in sorted order. safetensors' writer
+    keeps them in a Rust HashMap, whose order changes from process to process: the same adapter
+    came out as two different files (and fingerprints) from two runs of one command."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # the same JSON in another order: as long, padded with spaces as the writer pads
+            f.seek(8)
+            f.write(text.ljust(size))

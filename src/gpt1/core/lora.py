@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -81,19 +82,21 @@ class LoRAConfig:
             raise Gpt1Error(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.token_ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in self.token_ids):
             raise Gpt1Error(f"LoRA token_ids must be a list of token ids (whole numbers >= 0), got {self.token_ids!r}")
-        self.token_ids = list(self.token_ids)
+        # NumPy's scalars (a sweep over np.arange) as Python numbers: the metadata is JSON.
+        self.r, self.token_ids = int(self.r), [int(i) for i in self.token_ids]
+        self.alpha, self.dropout = (v if type(v) in (int, float) else float(v) for v in (self.alpha, self.dropout))
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_int(value: Any) -> bool:  # numbers.*: NumPy's scalars too, as in SamplingParams
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _lora_config(values: Any, where: str) -> LoRAConfig:

@@ -1,13 +1,17 @@
 """Chat encoding: conversations -> training ids, loss masks and padded batches.
 
 Encoding (`encode_conversations`) uses the one chat template (`gpt1.core.chat_template`); labels
-keep only assistant reply tokens (their text and closing [EOS]). A conversation longer than
+keep only assistant reply tokens (their text and closing [EOS]), except a reply with
+`"weight": 0` (OpenAI's fine-tuning records), which stays as context. A conversation longer than
 the context is split at assistant-turn boundaries into pieces that fit; a single exchange
 longer than the context is truncated (its tail is lost), and dropped when no assistant token
-survives. Each case is counted.
+survives; a piece left with no reply to learn (weight 0) is dropped. Each case is counted.
+A message's text is encoded in pieces (`readers.text_pieces`) and only until the context is
+full: the ids kept are those of encoding it whole, in bounded memory (a 27 MB reply took 3.5 GB).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +25,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import progress as progress_bar
 from gpt1.data.chat_sources import Conversation
+from gpt1.data.readers import text_pieces
 
 
 @dataclass
@@ -81,10 +86,16 @@ def encode_conversations(tokenizer, conversations: Iterable[Conversation], max_l
     tokens: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     skipped: Counter = Counter()
+    # A message needs at most max_len ids here: the rest is cut (ids identical to a whole encode).
+    encode_text = functools.partial(_encode_prefix, tokenizer, max_tokens=max_len)
 
-    def emit(ids: list[int], labels: list[int]) -> None:
+    def emit(ids: list[int], labels: list[int]) -> int:
+        if all(label == IGNORE_INDEX for label in labels[1:]):  # only replies of weight 0: nothing to learn
+            skipped["pieces with no reply to learn (weight 0) dropped"] += 1
+            return 0
         tokens.append(np.asarray(ids, dtype=np.int32))
         masks.append(np.asarray(labels, dtype=np.int64) != IGNORE_INDEX)
+        return 1
 
     for conversation in progress_bar(conversations, disable=None if progress else True, desc="encoding", unit=" conv"):
         # The template encodes each message on its own, so a conversation's ids are the
@@ -93,29 +104,28 @@ def encode_conversations(tokenizer, conversations: Iterable[Conversation], max_l
         for message in conversation.messages:
             current.append(message)
             if message["role"] == "assistant":
-                units.append(encode_chat_with_labels(tokenizer, current))
+                units.append((*encode_chat_with_labels(tokenizer, current, encode_text), message.get("weight", 1)))
                 current = []
         ids: list[int] = []
         labels: list[int] = []
         pieces = 0
-        for unit_ids, unit_labels in units:
+        for unit_ids, unit_labels, weight in units:
+            learned = unit_labels if weight else [IGNORE_INDEX] * len(unit_labels)  # weight 0: context only
             if len(ids) + len(unit_ids) <= max_len:
                 ids += unit_ids
-                labels += unit_labels
+                labels += learned
                 continue
             if ids:
-                emit(ids, labels)
-                pieces += 1
-            ids, labels = unit_ids[:max_len], unit_labels[:max_len]
+                pieces += emit(ids, labels)
+            ids, labels = unit_ids[:max_len], learned[:max_len]
             if len(unit_ids) > max_len:
-                if all(label == IGNORE_INDEX for label in labels[1:]):
+                if all(label == IGNORE_INDEX for label in unit_labels[1:max_len]):
                     skipped["exchanges dropped (the prompt alone fills the context)"] += 1
                     ids, labels = [], []
                 else:
                     skipped["exchanges truncated to the context"] += 1
         if ids:
-            emit(ids, labels)
-            pieces += 1
+            pieces += emit(ids, labels)
         if pieces > 1:
             skipped["conversations split at turn boundaries"] += 1
     offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
@@ -126,6 +136,18 @@ def encode_conversations(tokenizer, conversations: Iterable[Conversation], max_l
         offsets=offsets,
         skipped=skipped,
     )
+
+
+def _encode_prefix(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """The ids of `text`, or of a prefix of it that gives at least `max_tokens`: equal to the first
+    ids of encoding it whole, piece by piece and no further than needed (one 27 MB message took
+    3.5 GB to encode whole, for the 129 tokens a context kept)."""
+    ids: list[int] = []
+    for piece in text_pieces(text):
+        ids += tokenizer.encode(piece)
+        if len(ids) >= max_tokens:
+            break
+    return ids
 
 
 def pad_batch(sequences: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int = 0):

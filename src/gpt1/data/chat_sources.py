@@ -2,14 +2,23 @@
 
 Sources (`read_conversations(spec)`):
 
-- `hf:NAME[@REVISION][:SPLIT]`, a hub name such as `OpenAssistant/oasst2`, or a local dataset folder: read
-  with `datasets` (streamed); rows are OASST messages or `{"messages": [...]}` records;
+- `hf:NAME[@REVISION][:SPLIT]` or a hub name such as `OpenAssistant/oasst2`: read with `datasets`
+  (streamed); rows are OASST messages or `{"messages": [...]}` records. So is a local folder that
+  `datasets` defines: one written by `save_to_disk`, or a dataset repository whose README.md
+  lists its data files (`configs:`, as the hub's downloads have);
 - `*.messages.jsonl[.gz]` / `*.parquet`: OASST's flat export, one message per line / row;
 - `*.trees.jsonl[.gz]`: OASST's nested export, one message tree per line;
 - any other `.jsonl[.gz]`: sniffed from its first record: OASST messages, OASST trees, or the
-  generic chat format `{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}`;
-- `chatterbot` (the English dialogs of the `chatterbot-corpus` package), or `.yml` files /
-  folders in its format (each `conversations:` entry alternates user, assistant, user, ...).
+  generic chat format `{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}`
+  (OpenAI's fine-tuning records: `"weight": 0` on an assistant message keeps that reply out of
+  the loss; `name` is ignored, and counted; tool calls are refused);
+- `chatterbot` (the English dialogs of the `chatterbot-corpus` package), or `.yml` files in its
+  format (each `conversations:` entry alternates user, assistant, user, ...);
+- any other folder: every chat file below it (the suffixes above), each read as if named alone,
+  in sorted order; hidden files and folders are skipped, and files of other types are left out
+  and named. When its files are named for splits as `datasets` names them (`train.jsonl`,
+  `validation.jsonl`, `chats_dev.jsonl`, `test/...`), they are the folder's splits; a folder where
+  some files name a split and others none is refused, naming the others (`datasets` dropped them).
 
 OASST trees become conversations (user/assistant turns, ending with an assistant turn):
 deleted messages and messages whose review failed are pruned with their replies; so are
@@ -25,9 +34,12 @@ with `skip_invalid`. Encoding for training is `gpt1.data.chat`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import math
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,18 +53,26 @@ from gpt1.core.progress import warn
 from gpt1.data.readers import (
     HfSpec,
     dataset_split_names,
+    declares_data_files,
     load_hf_dataset,
     parse_hf,
     read_jsonl,
     read_parquet,
     read_yaml,
+    saved_to_disk,
 )
+from gpt1.data.sources import SKIPPED_DIRS
 
 OASST_HUB_NAME = "OpenAssistant/oasst2"
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 CHATTERBOT = "chatterbot"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 YAML_SUFFIXES = (".yml", ".yaml")
+CHAT_SUFFIXES = JSONL_SUFFIXES + (".parquet",) + YAML_SUFFIXES
+# The words that name a split in a file's path inside a folder, as `datasets` reads them (its
+# SPLIT_KEYWORDS, between separators): train.jsonl, chats_dev.jsonl, validation/a.jsonl.
+SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+               "test": ("test", "testing", "eval", "evaluation")}
 # The split group of a {"messages"} record: a hash of its content (see _generic_conversation).
 CONTENT_GROUP = "sha256:"
 
@@ -60,13 +80,17 @@ CONTENT_GROUP = "sha256:"
 @dataclass
 class Conversation:
     """A list of {"role", "content"} messages; `group` keeps the conversations of one message
-    tree together when data is split into train and validation."""
+    tree together when data is split into train and validation. An assistant message may hold
+    `"weight": 0` (OpenAI's fine-tuning records): its reply is context, not a training target."""
 
     messages: list[dict[str, str]]
     group: str
 
 
 TRAILING_USER_TURN = "trailing user turns (no reply)"
+OTHER_LANGUAGES = "messages in other languages, with their replies"
+NAMES_IGNORED = "message names ignored (the chat template has no names)"
+TOOL_CALLS = "records with tool calls or tool results (not supported)"
 
 
 @dataclass
@@ -74,11 +98,29 @@ class ChatStats:
     conversations: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> conversations (or records) left out
     trimmed: Counter = field(default_factory=Counter)  # reason -> kept conversations that lost a part
+    sources: Counter = field(default_factory=Counter)  # spec -> conversations read from it
+    first_skipped: dict[str, str] = field(default_factory=dict)  # a reason for malformed records -> its first error
+    other_languages: Counter = field(default_factory=Counter)  # lang -> messages left out by `languages`
+    left_out: set[Path] = field(default_factory=set)  # files of a folder that are not chat data (named once)
 
     def summary(self) -> str:
-        parts = [f"{label}: " + ", ".join(f"{why}: {n:,}" for why, n in sorted(counts.items()))
-                 for label, counts in (("skipped", self.skipped), ("cut", self.trimmed)) if counts]
+        parts = [" + ".join(f"{spec}: {n:,}" for spec, n in self.sources.items())] if len(self.sources) > 1 else []
+        parts += [f"{label}: " + ", ".join(f"{why}: {n:,}" for why, n in sorted(counts.items()))
+                  for label, counts in (("skipped", self.skipped), ("cut", self.trimmed)) if counts]
         return f"{self.conversations:,} conversations" + (f" ({'; '.join(parts)})" if parts else "")
+
+    def why_empty(self) -> str:
+        """The summary, for an error that says no conversation is left, with what tells why: the
+        first malformed record skipped, and the languages of the messages `languages` left out
+        (codes are compared as written: "EN" keeps no "en")."""
+        text = self.summary()
+        if self.first_skipped:
+            why, error = next(iter(self.first_skipped.items()))
+            text += f"; the first of the {why}: {error}"
+        if self.other_languages:
+            found = ", ".join(f"{lang}: {n:,}" for lang, n in self.other_languages.most_common(10))
+            text += f"; the languages left out (messages, with their replies): {found}"
+        return text
 
 
 # ---- reading sources -----------------------------------------------------------------------
@@ -88,34 +130,49 @@ def read_conversations(spec: str, split: str = "train", *, all_paths: bool = Fal
                        stats: ChatStats | None = None) -> list[Conversation]:
     """All conversations of one chat source (see the module docstring for the formats).
 
-    `split` applies to datasets read with `datasets`; local files have no splits.
+    `split` applies to datasets read with `datasets` and folders whose files are named for
+    splits; local files have no splits.
     `languages`: keep only OASST messages in these languages (e.g. ["en"]); None keeps all.
     """
     stats = stats if stats is not None else ChatStats()
     options = _TreeOptions(all_paths, frozenset(languages) if languages else None, stats)
+    names = stats.trimmed[NAMES_IGNORED]
     conversations = list(_read(spec, split, options, skip_invalid))
     stats.conversations += len(conversations)
+    stats.sources[spec] += len(conversations)
     ignored = [name for name, value in (("languages", languages), ("all_paths", all_paths)) if value]
     if ignored and not options.trees_read:  # said once, rather than shape nothing silently
         warn(f"{spec}: {' and '.join(ignored)} apply to OASST message trees; this data has none, "
              f"so {'they are' if len(ignored) > 1 else 'it is'} ignored")
+    if (names := stats.trimmed[NAMES_IGNORED] - names) > 0:
+        warn(f"{spec}: 'name' on {names:,} message{'s' if names > 1 else ''} is ignored (gpt1's chat template "
+             "has no speaker names)")
     return conversations
 
 
 def hf_split_names(spec: str) -> list[str] | None:
-    """The splits of a spec read with `datasets` (hub name or dataset folder); None for files."""
+    """The splits of a source that has them: a dataset read with `datasets` (hub name or dataset
+    folder), or a folder whose files are named for splits. None: no splits (a file, a folder whose
+    files name none, chatterbot)."""
     hf = _hf_spec(spec)
-    return None if hf is None else dataset_split_names(hf)
+    if hf is not None:
+        return dataset_split_names(hf)
+    if os.path.isdir(spec):
+        splits = _ChatFolder(spec).splits
+        return sorted(splits) if splits else None
+    return None
 
 
 def _hf_spec(spec: str) -> HfSpec | None:
-    """`hf:...`, a local dataset folder (no YAML inside) or a bare hub name such as OWNER/NAME."""
+    """`hf:...`, a local folder that `datasets` defines (save_to_disk, or a dataset card listing
+    its data files) or a bare hub name such as OWNER/NAME; None: gpt1's own readers read it."""
     if (hf := parse_hf(spec)) is not None:
         return hf
-    if os.path.isdir(spec) and not _yaml_files(spec):
-        return HfSpec(spec)
-    looks_like_file = spec.lower().endswith(JSONL_SUFFIXES + YAML_SUFFIXES + (".parquet",))
-    if not os.path.exists(spec) and spec.count("/") == 1 and not looks_like_file and not spec.startswith((".", "/")):
+    if os.path.isdir(spec):
+        return HfSpec(spec) if saved_to_disk(spec) or declares_data_files(spec) else None
+    looks_like_file = spec.lower().endswith(CHAT_SUFFIXES)
+    if (not os.path.exists(spec) and spec.count("/") == 1 and not looks_like_file and not spec.startswith((".", "/"))
+            and not glob.has_magic(spec)):
         return parse_hf("hf:" + spec)  # a hub name, e.g. OpenAssistant/oasst2
     return None
 
@@ -139,58 +196,134 @@ def _read(spec: str, split: str, options: _TreeOptions, skip_invalid: bool) -> I
         yield from _read_rows(enumerate(load_hf_dataset(hf)), str(hf), "row", options, skip_invalid)
         return
     if not os.path.exists(spec):
-        raise Gpt1Error(f"{spec}: no such file or directory (expected a chat file, a dataset folder, "
+        pattern = " (a pattern: chat sources take none; repeat --data for each file, or pass their folder)" \
+            if glob.has_magic(spec) else ""
+        raise Gpt1Error(f"{spec}: no such file or directory{pattern} (expected a chat file, a folder of them, "
                         f"hf:NAME, a hub name such as {OASST_HUB_NAME}, or {CHATTERBOT})")
-    if os.path.isdir(spec) or spec.lower().endswith(YAML_SUFFIXES):
-        files = _yaml_files(spec) if os.path.isdir(spec) else [Path(spec)]
-        if os.path.isdir(spec):  # chatterbot dialogs; anything else there would be left out, silently
-            others = [p for p in _files_below(spec) if p.name.lower().endswith(JSONL_SUFFIXES + (".json", ".parquet"))]
-            if others:
-                raise Gpt1Error(f"{spec}: holds chatterbot .yml dialogs and other chat files ({others[0].name}"
-                                f"{' and more' if len(others) > 1 else ''}), and reads one kind; pass the files "
-                                "of one kind (a folder of them, or one file)")
-        yield from _read_chatterbot(files, options.stats, skip_invalid)
-    elif spec.lower().endswith(".parquet"):
-        yield from _read_rows(read_parquet(spec), spec, "row", options, skip_invalid)
-    elif spec.lower().endswith(JSONL_SUFFIXES):
-        rows = read_jsonl(spec, skip_invalid=skip_invalid, skipped=options.stats.skipped)
-        yield from _read_rows(rows, spec, "line", options, skip_invalid)
+    if os.path.isdir(spec):
+        folder = _ChatFolder(spec)
+        files = folder.files(split)
+        if others := [path for path in folder.others if path not in options.stats.left_out]:  # said once a run
+            options.stats.left_out.update(others)
+            warn(f"{spec}: left out {len(others):,} file{'s' if len(others) > 1 else ''} that "
+                 f"{'are' if len(others) > 1 else 'is'} not chat data ({', '.join(CHAT_SUFFIXES)}): "
+                 f"{folder.names(others)}")
     else:
-        raise Gpt1Error(f"{spec}: unknown chat file type (expected .jsonl, .jsonl.gz, .parquet, .yml)")
+        files = [Path(spec)]
+    for file in files:
+        yield from _read_file(file, options, skip_invalid)
+
+
+def _read_file(path: Path, options: _TreeOptions, skip_invalid: bool) -> Iterator[Conversation]:
+    name = path.name.lower()
+    if name.endswith(YAML_SUFFIXES):
+        yield from _read_chatterbot([path], options.stats, skip_invalid)
+    elif name.endswith(".parquet"):
+        yield from _read_rows(read_parquet(path), str(path), "row", options, skip_invalid)
+    elif name.endswith(JSONL_SUFFIXES):
+        first_skipped: dict[str, str] = {}
+        rows = read_jsonl(path, skip_invalid=skip_invalid, skipped=options.stats.skipped, first_skipped=first_skipped)
+        yield from _read_rows(rows, str(path), "line", options, skip_invalid, first_skipped)
+    else:
+        raise Gpt1Error(f"{path}: unknown chat file type (expected {', '.join(CHAT_SUFFIXES)})")
+
+
+class _ChatFolder:
+    """A folder of chat files read by gpt1 (not `datasets`): every file below it with a chat
+    suffix (hidden ones and caches skipped), and the splits their names give (module docstring)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        chat, self.others = [], []
+        for root, dirs, names in walk_folder(folder):  # links to folders followed, each folder once
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
+            for name in names:
+                path = Path(root, name)
+                if name.startswith("."):
+                    continue
+                (chat if name.lower().endswith(CHAT_SUFFIXES) and path.is_file() else self.others).append(path)
+        if not chat:
+            found = f"; found: {self.names(self.others)}" if self.others else " (it has no files)"
+            raise Gpt1Error(f"{folder}: no chat files (looked for {', '.join(CHAT_SUFFIXES)}){found}")
+        self.split_of = {path: _split_named(path.relative_to(folder).as_posix()) for path in chat}
+        named = [path for path, split in self.split_of.items() if split]
+        if named and len(named) < len(chat):  # what `datasets` does then is drop the others, silently
+            unnamed = [path for path, split in self.split_of.items() if not split]
+            raise Gpt1Error(f"{folder}: some files name a split ({self.names(named)}) and others none "
+                            f"({self.names(unnamed)}); name each file for one split (train, validation, test), or "
+                            "none of them to read the folder as one collection")
+        self.splits = sorted({split for split in self.split_of.values() if split})
+
+    def names(self, paths: list[Path], most: int = 5) -> str:
+        names = [path.relative_to(self.folder).as_posix() for path in paths]
+        return ", ".join(names[:most]) + (f" and {len(names) - most:,} more" if len(names) > most else "")
+
+    def files(self, split: str) -> list[Path]:
+        """The files of `split`, or every file when the names give no splits."""
+        if not self.splits:
+            return list(self.split_of)
+        if split not in self.splits:
+            raise Gpt1Error(f"{self.folder}: no files for the split {split!r} (its files are named for "
+                            f"{', '.join(self.splits)}); rename them, or pass a file")
+        return [path for path, named in self.split_of.items() if named == split]
+
+
+def _split_named(relative: str) -> str | None:
+    """The split that a file's path inside its folder names, if exactly one (SPLIT_WORDS)."""
+    words = set(re.split(r"[-._ 0-9/]+", relative.lower()))
+    named = [split for split, keywords in SPLIT_WORDS.items() if words.intersection(keywords)]
+    return named[0] if len(named) == 1 else None
 
 
 class _Malformed(Exception):
-    pass
+    """A record that cannot be read; `reason` is what --skip-invalid counts it as (None: malformed)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _read_rows(rows: Iterable[tuple[int, Any]], source: str, unit: str, options: _TreeOptions,
-               skip_invalid: bool) -> Iterator[Conversation]:
-    """Rows of OASST messages, OASST trees or {"messages": [...]} records; the first row decides."""
+               skip_invalid: bool, first_skipped: dict[str, str] | None = None) -> Iterator[Conversation]:
+    """Rows of OASST messages, OASST trees or {"messages": [...]} records; the first row decides.
+    `first_skipped`: the reader's first error of each kind of line it skipped."""
+    first_skipped = first_skipped if first_skipped is not None else {}
+    skipped_before = Counter(options.stats.skipped)
     kind = None
     messages: list[dict] = []
-    for number, record in rows:
-        try:
-            if not isinstance(record, dict):
-                raise _Malformed("expected a JSON object")
-            if kind is None:
-                kind = _record_kind(record)
-            if kind == "messages":
-                messages.append(_oasst_message(record))
-            elif kind == "trees":
-                yield from _tree_conversations(_flatten_tree(record), options)
-            else:
-                conversation = _generic_conversation(record, options.stats)
-                if conversation is not None:
-                    yield conversation
-        except _Malformed as e:
-            if skip_invalid:
-                options.stats.skipped[f"malformed {unit}s"] += 1
-                continue
-            raise Gpt1Error(f"{source}, {unit} {number}: {e} (pass --skip-invalid to skip bad {unit}s)") from None
-    if kind == "messages":
-        yield from _tree_conversations(messages, options)
-    elif kind is None:
-        raise Gpt1Error(f"{source}: no conversations found (the source is empty)")
+    try:
+        for number, record in rows:
+            try:
+                if not isinstance(record, dict):
+                    raise _Malformed("expected a JSON object")
+                if kind is None:
+                    kind = _record_kind(record)
+                if kind == "messages":
+                    messages.append(_oasst_message(record))
+                elif kind == "trees":
+                    yield from _tree_conversations(_flatten_tree(record), options)
+                else:
+                    conversation = _generic_conversation(record, options.stats)
+                    if conversation is not None:
+                        yield conversation
+            except _Malformed as e:
+                if skip_invalid:
+                    reason = e.reason or f"malformed {unit}s"
+                    options.stats.skipped[reason] += 1
+                    first_skipped.setdefault(reason, f"{unit} {number}: {e}")
+                    continue
+                raise Gpt1Error(f"{source}, {unit} {number}: {e} (pass --skip-invalid to skip bad {unit}s)") from None
+        if kind == "messages":
+            yield from _tree_conversations(messages, options)
+        elif kind is None and (skipped := options.stats.skipped - skipped_before):
+            first = next((f"; the first: {e.removeprefix(f'{source}, ')}" for e in first_skipped.values()), "")
+            raise Gpt1Error(f"{source}: no conversations found: every {unit} was skipped ("
+                            + ", ".join(f"{why}: {n:,}" for why, n in sorted(skipped.items())) + f"{first})")
+        elif kind is None:
+            raise Gpt1Error(f"{source}: no conversations found (the source is empty)")
+    finally:
+        for why, error in first_skipped.items():  # what an error about empty data names
+            options.stats.first_skipped.setdefault(why, f"{source}, {error.removeprefix(f'{source}, ')}")
 
 
 def _record_kind(record: dict) -> str:
@@ -223,6 +356,8 @@ def _oasst_message(record: dict) -> dict:
     rank = record.get("rank")
     if rank is not None and (not isinstance(rank, (int, float)) or isinstance(rank, bool)):
         raise _Malformed(f"field 'rank' must be a number or null, got {rank!r}")
+    if isinstance(rank, float) and math.isnan(rank):  # pandas' null in a float column, as json.dumps writes it
+        record = {**record, "rank": None}  # unranked: NaN compared as neither better nor worse than rank 0
     return record
 
 
@@ -266,6 +401,17 @@ def _tree_conversations(messages: list[dict], options: _TreeOptions) -> Iterator
             children[parent].append(m)
         else:
             skipped["orphan messages (parent not found), with their replies"] += 1
+    # Messages whose parents form a cycle (a self-parent, x -> y -> x) reach no root and no
+    # orphan, so the walk below never meets them: counted here.
+    reached = {m["message_id"] for m in by_id.values() if m["parent_id"] is None or m["parent_id"] not in by_id}
+    stack = list(reached)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child["message_id"] not in reached:
+                reached.add(child["message_id"])
+                stack.append(child["message_id"])
+    if len(reached) < len(by_id):
+        skipped["messages whose parents form a cycle (no prompt at their root)"] += len(by_id) - len(reached)
 
     def prune_reason(m: dict, parent: dict | None) -> str | None:
         if m.get("deleted"):
@@ -273,7 +419,8 @@ def _tree_conversations(messages: list[dict], options: _TreeOptions) -> Iterator
         if m.get("review_result") is False:
             return "messages that failed review, with their replies"
         if options.languages is not None and m.get("lang") not in options.languages:
-            return "messages in other languages, with their replies"
+            options.stats.other_languages[str(m.get("lang"))] += 1  # what an error about empty data names
+            return OTHER_LANGUAGES
         if not m["text"].strip():
             return "empty messages, with their replies"
         expected = "prompter" if parent is None or parent["role"] == "assistant" else "assistant"
@@ -332,11 +479,14 @@ def _generic_conversation(record: dict, stats: ChatStats) -> Conversation | None
     chatterbot's are. Its group is its content, not where it was read: the validation split is
     then the same however the file's path is spelled or wherever it moves (`gpt1 eval --chat`
     scores what the run held out), and copies of a dialog land on the same side."""
+    raw = record.get("messages")
+    _check_openai_keys(raw)
     try:
-        messages = validate_messages(record.get("messages"), source="field 'messages'")
+        messages = validate_messages(raw, source="field 'messages'")
     except Gpt1Error as e:
         raise _Malformed(str(e)) from None
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    messages = [{"role": m["role"], "content": m["content"]} | ({"weight": 0} if r.get("weight") == 0 else {})
+                for m, r in zip(messages, raw)]
     if any(not m["content"].strip() for m in messages):
         stats.skipped["conversations with an empty message"] += 1
         return None
@@ -350,10 +500,38 @@ def _generic_conversation(record: dict, stats: ChatStats) -> Conversation | None
     if not messages or messages[-1]["role"] != "assistant":
         stats.skipped["conversations without an assistant reply"] += 1
         return None
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        stats.skipped["conversations whose replies all have weight 0 (nothing to learn)"] += 1
+        return None
     if trailing_user_turn:
         stats.trimmed[TRAILING_USER_TURN] += 1
+    if names := sum(1 for r in raw if r.get("name") is not None):  # OpenAI's speaker names: no place for them
+        stats.trimmed[NAMES_IGNORED] += names
     content = json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
     return Conversation(messages, CONTENT_GROUP + hashlib.sha256(content).hexdigest()[:16])
+
+
+def _check_openai_keys(messages: Any) -> None:
+    """The keys of OpenAI's fine-tuning records beyond role and content: a `weight` must be 0
+    (the reply is not learned) or 1, on an assistant message; tool calls and tool results have
+    no place in gpt1's template. (`name` is read and ignored: counted by the caller.)"""
+    if not isinstance(messages, list):
+        return  # validate_messages says what is wrong
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
+            raise _Malformed(f"field 'messages'[{i}]: tool calls and tool results (the 'tool' role) are not supported: "
+                             "gpt1's chat template has no tool turns", TOOL_CALLS)
+        if "weight" not in m:
+            continue
+        weight = m["weight"]
+        if m.get("role") != "assistant":
+            raise _Malformed(f"field 'messages'[{i}].weight: applies to assistant messages only (OpenAI's "
+                             f"fine-tuning format), found on a {m.get('role')!r} message")
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise _Malformed(f"field 'messages'[{i}].weight: expected 0 (leave this reply out of the loss) or 1, "
+                             f"got {weight!r}")
 
 
 def _chatterbot_files(spec: str) -> list[Path]:

@@ -7,7 +7,8 @@ same things and fails the same way.
 The source grammar:
 - `hf:NAME`, `hf:NAME:SPLIT`, `hf:NAME@REVISION[:SPLIT]`: a Hugging Face dataset (a hub name or
   a local dataset folder), streamed with `datasets`; REVISION is a branch, tag or commit
-  (e.g. `refs/convert/parquet`). Parsed by `parse_hf` only;
+  (e.g. `refs/convert/parquet`). A folder written by `save_to_disk` is read with
+  `load_from_disk` (its arrow files, memory-mapped). Parsed by `parse_hf` only;
 - a file, a folder (the files below it) or a glob: read by suffix; `.gz` is decompressed.
 
 The error policy: a file that cannot be read at all (missing, not gzip, truncated gzip,
@@ -44,6 +45,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
+
+import yaml
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
@@ -99,8 +102,11 @@ LOCAL_INSTEAD = "pass the data as local files (a folder of .jsonl or .parquet fi
 def load_hf_dataset(spec: HfSpec, default_split: str = "train", config: str | None = None,
                     instead: str = LOCAL_INSTEAD):
     """Open a Hugging Face dataset (`config`: its subset, e.g. ARC-Easy) as a streaming
-    iterable of rows (dicts). `instead`: the way round an unreachable hub that the error names."""
+    iterable of rows (dicts). `instead`: the way round an unreachable hub that the error names.
+    A folder written by `save_to_disk` is opened with `load_from_disk` (`load_dataset` refuses it)."""
     datasets = _datasets()
+    if saved_to_disk(spec.name):
+        return _rows(spec, _saved_split(spec, spec.split or default_split))
     try:
         dataset = datasets.load_dataset(spec.name, config, split=spec.split or default_split, streaming=True,
                                         revision=spec.revision)
@@ -129,10 +135,59 @@ def _rows(spec: HfSpec, dataset) -> Iterator[dict]:
 
 def dataset_split_names(spec: HfSpec) -> list[str]:
     datasets = _datasets()
+    if saved_to_disk(spec.name):  # a Dataset saved alone has no splits: its rows are the train split
+        saved = _load_from_disk(spec)
+        return list(saved) if isinstance(saved, datasets.DatasetDict) else ["train"]
     try:
         return list(datasets.get_dataset_split_names(spec.name, revision=spec.revision))
     except Exception as e:  # network, missing dataset: datasets raises many types
         raise hf_error(spec, e) from None
+
+
+def saved_to_disk(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `datasets`' `save_to_disk` (a Dataset or a
+    DatasetDict): `load_from_disk` reads it, `load_dataset` refuses it."""
+    folder = Path(path)
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+
+
+def _load_from_disk(spec: HfSpec):
+    try:
+        return _datasets().load_from_disk(spec.name)
+    except Exception as e:  # a damaged folder: datasets and pyarrow raise many types
+        raise hf_error(spec, e) from None
+
+
+def _saved_split(spec: HfSpec, split: str):
+    saved = _load_from_disk(spec)
+    if not isinstance(saved, _datasets().DatasetDict):
+        if split != "train":
+            raise Gpt1Error(f"{spec}: saved as one Dataset (save_to_disk), which has no split {split!r}; "
+                            "its rows are the train split")
+        return saved
+    if split not in saved:
+        raise Gpt1Error(f"{spec}: no split {split!r} (splits: {', '.join(saved)})")
+    return saved[split]
+
+
+def declares_data_files(folder: str | Path) -> bool:
+    """Whether `folder` is a Hugging Face dataset repository whose card (README.md) lists its
+    data files (`configs:` in its YAML header), as the hub's downloads do: `datasets` reads
+    exactly those files, as the hub does."""
+    card = Path(folder) / "README.md"
+    try:
+        text = card.read_text(encoding="utf-8").removeprefix("\ufeff") if card.is_file() else ""
+    except (OSError, UnicodeDecodeError):  # not a card that datasets could read either
+        return False
+    header = re.match(r"---\r?\n(.*?)\r?\n---\s*(\n|$)", text, re.DOTALL)
+    if header is None:
+        return False
+    try:
+        metadata = yaml.safe_load(header.group(1))
+    except yaml.YAMLError:
+        return False
+    return isinstance(metadata, dict) and isinstance(metadata.get("configs"), list)
 
 
 def _datasets():
@@ -311,6 +366,18 @@ def read_text(path: str | Path) -> Iterator[str]:
     yield pending
 
 
+def text_pieces(text: str) -> Iterator[str]:
+    """`text` in pieces of at most PIECE_CHARS characters, cut as `read_text` cuts a file: the
+    ids of the pieces, one after another, are the ids of the whole (where a cut falls before a
+    space between two words), in bounded memory (the tokenizer takes ~130 bytes per character)."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = _cut(text[start:start + PIECE_CHARS + 1])
+        yield text[start:start + cut]
+        start += cut
+    yield text[start:]
+
+
 def _cut(text: str) -> int:
     """Where to end a piece: before a space between two non-spaces in its second half, or at PIECE_CHARS."""
     end = PIECE_CHARS
@@ -322,12 +389,14 @@ def _cut(text: str) -> int:
 
 
 def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda value, where: value, *,
-               skip_invalid: bool = False, skipped: Counter | None = None) -> Iterator[tuple[int, Any]]:
+               skip_invalid: bool = False, skipped: Counter | None = None,
+               first_skipped: dict[str, str] | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, convert(parsed JSON value, where)) of each non-blank line.
 
     A bad line (here or a BadRecord from `convert`) raises, or with `skip_invalid` is counted
-    in `skipped["malformed lines"]` and skipped. Callers that can skip pass `skipped`; only
-    their errors suggest --skip-invalid.
+    in `skipped["malformed lines"]` and skipped (its error kept in `first_skipped`, if not
+    one already: what a caller names when every line was skipped). Callers that can skip pass
+    `skipped`; only their errors suggest --skip-invalid.
     """
     for line_no, raw in read_lines(path):
         if not raw.removeprefix(codecs.BOM_UTF8).strip():
@@ -342,6 +411,8 @@ def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda val
                 raise BadRecord(f"{e} (pass --skip-invalid to skip bad lines)") from None
             if skipped is not None:
                 skipped["malformed lines"] += 1
+            if first_skipped is not None:
+                first_skipped.setdefault("malformed lines", str(e))
 
 
 def parse_json(raw: bytes, where: str) -> Any:
@@ -406,8 +477,6 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> Iterator
 
 def read_yaml(path: str | Path) -> Any:
     """A YAML file with every scalar kept a string ("Yes" stays "Yes", not True)."""
-    import yaml
-
     try:
         return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
     except OSError as e:

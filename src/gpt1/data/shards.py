@@ -762,9 +762,12 @@ class ShardWindows:
 
 def fixed_windows(path: str | Path, block_size: int, batch_size: int, n_batches: int,
                   vocab_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`n_batches` held-out batches of windows spread evenly over a shard (the same every time);
-    with `vocab_size`, an id outside the vocabulary is refused (as `ShardWindows` does)."""
+    """`n_batches` held-out batches of windows spread evenly over a shard (the same every time),
+    at most as many as the shard holds without overlapping targets (eval_batches=1000000 built
+    100,000 windows, 30 views of each token, and 23 GB, before the first step); with `vocab_size`,
+    an id outside the vocabulary is refused (as `ShardWindows` does)."""
     data = open_shard(path, block_size, "validation")
+    n_batches = min(n_batches, max(1, math.ceil((len(data) - 1) / block_size / batch_size)))
     starts = np.linspace(0, len(data) - block_size - 1, batch_size * n_batches).astype(np.int64)
     return [_windows(data, starts[i:i + batch_size], block_size, vocab_size, path)
             for i in range(0, len(starts), batch_size)]

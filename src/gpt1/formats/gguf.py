@@ -80,7 +80,7 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_t
     if out.is_dir() or str(out_file).endswith(("/", os.sep)):  # Path() drops the slash that says "a folder"
         raise Gpt1Error(f"{out_file}: names a folder; --out names the .gguf file to write (e.g. {out / 'model.gguf'})")
     if out.exists() and not overwrite:
-        raise Gpt1Error(f"{out}: exists; choose another --out or pass --force to replace it")
+        raise Gpt1Error(f"{out}: exists; choose another --out or pass --force (overwrite=True in Python) to replace it")
     if out.exists() and not _is_gguf(out):  # --force replaced model.safetensors, train.bin, anything
         raise Gpt1Error(f"{out}: exists and is not a GGUF file; --force replaces only an earlier export, "
                         "so choose another --out")

@@ -392,7 +392,7 @@ def _check_out_dir(model_dir: Path, out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise Gpt1Error(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise Gpt1Error(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
+        raise Gpt1Error(f"{out}: exists and is not empty; choose another --out or pass --force (overwrite=True in Python) to replace it")
 
 
 def _write_base(model: GPT, tokenizer: Tokenizer, chat: bool, out: Path) -> None:

@@ -51,11 +51,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Sized
 
+import numpy as np
 import torch
 
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
 from gpt1.core.model import GPT, SlotCache
-from gpt1.core.progress import logger
+from gpt1.core.progress import logger, warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.threads import cpu_thread_tuner
 from gpt1.core.tokenizer import Tokenizer
@@ -239,9 +240,24 @@ def _generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
     if seed is None:
         g.seed()
-    else:
+    elif seed < 2**32:
         g.manual_seed(seed)
+    else:
+        g.set_state(_mt19937_state(seed))
     return g
+
+
+def _mt19937_state(seed: int) -> torch.Tensor:
+    """The CPU generator's state for a seed of up to 64 bits. Its MT19937 seeds itself from the
+    seed's low 32 bits alone (seeds 5 and 2**32 + 5 drew the same text); this fills the 624 state
+    words by MT19937's init_by_array over the seed's two 32-bit halves, as NumPy's
+    RandomState([low, high]) does, in the layout of `Generator.get_state()`: the initial seed
+    (u64), `left` and `seeded` (i32), `next` (u64), then the words (u64 each)."""
+    state = bytearray(torch.Generator().get_state().numpy().tobytes())
+    words = np.random.RandomState([seed & 0xFFFF_FFFF, seed >> 32]).get_state()[1].astype("<u8").tobytes()
+    state[:24] = seed.to_bytes(8, "little") + (1).to_bytes(4, "little") * 2 + bytes(8)  # as manual_seed leaves them
+    state[24:24 + len(words)] = words
+    return torch.frombuffer(state, dtype=torch.uint8).clone()
 
 
 def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams], config,
@@ -792,21 +808,30 @@ class _BucketedDecode:
         # Warm-up, compilation and capture write at the last position, which no live row holds yet.
         static_starts.fill_(engine.cache.max_len - 1)
         if self.compile:
-            forward = torch.compile(forward, fullgraph=True, dynamic=False)
-            # Every bucket's closure shares one code object: a bucket is one more compilation of
-            # it, which Dynamo's recompile limit (8 by default) would refuse past the 8th bucket.
-            with torch._dynamo.config.patch(recompile_limit=max(8, len(self.buckets) + 1)):
-                forward()
+            compiled = torch.compile(forward, fullgraph=True, dynamic=False)
+            try:
+                # Every bucket's closure shares one code object: a bucket is one more compilation of
+                # it, which Dynamo's recompile limit (8 by default) would refuse past the 8th bucket.
+                with torch._dynamo.config.patch(recompile_limit=max(8, len(self.buckets) + 1)):
+                    compiled()
+                forward = compiled
+            except Exception as e:  # e.g. no C++ compiler (Windows without MSVC, macOS without Xcode's tools)
+                if not is_compile_error(e):
+                    raise
+                warn(f"torch.compile failed ({first_line(e)}); the engine decodes without it (as without --compile)")
+                self.compile = False
         if not self.capture:
             return forward, static_inputs
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        # On the engine's own GPU: a capture on another one (the thread's current device, cuda:0
+        # for --device cuda:1) records nothing, and every replay would return the capture's logits.
+        stream = torch.cuda.Stream(engine.device)
+        stream.wait_stream(torch.cuda.current_stream(engine.device))
+        with torch.cuda.device(engine.device), torch.cuda.stream(stream):
             for _ in range(2):  # warm-up outside the graph (allocator, kernels), as PyTorch advises
                 forward()
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(engine.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.device(engine.device), torch.cuda.graph(graph):
             logits = forward()
 
         def replay() -> torch.Tensor:

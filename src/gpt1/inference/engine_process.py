@@ -82,6 +82,9 @@ class EngineProcess:
                  max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256, cuda_graphs: bool = True,
                  compile: bool = False):
         check_sizes(max_batch, max_queue, prefill_chunk)
+        if os.name != "posix":  # the pipes are inherited file descriptors (pass_fds): POSIX only
+            raise Gpt1Error("the engine in its own process needs a POSIX system (Linux, macOS); "
+                            "use the thread engine (--engine thread, engine='thread')")
         self.model_dir, self.tokenizer, self.config = str(model_dir), tokenizer, config
         self.max_batch, self.max_queue = max_batch, max_queue
         self._engine_args = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import numbers
+import sys
 import threading
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -54,6 +55,7 @@ def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], par
     max_len = max(len(ids) + new_token_limit(len(ids), model.config.block_size, p) for ids, p in zip(fitted, knobs))
     engine = Engine(model, tokenizer, max_batch=min(len(prompts), MAX_BATCH), max_queue=len(prompts),
                     cuda_graphs=False, max_len=max_len)
+    is_finalizing = sys.is_finalizing  # held by this frame (see finally)
     events: collections.deque[tuple[int, Chunk | BaseException]] = collections.deque()
     requests = engine.submit(fitted, knobs, lambda i: lambda item: events.append((i, item)), cancel=cancel)
     try:
@@ -66,7 +68,10 @@ def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], par
                     raise item
                 yield index, item, requests[index].state
     finally:
-        engine.restore_threads()
+        # A stream still held when the interpreter exits is closed during its teardown, when module
+        # globals (torch, sys) may be None already: nothing is left to restore then.
+        if not is_finalizing():
+            engine.restore_threads()
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,

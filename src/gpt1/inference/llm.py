@@ -11,7 +11,7 @@ import torch
 
 from gpt1.core.chat_template import TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
-from gpt1.core.device import resolve_device
+from gpt1.core.device import bf16_supported, no_bf16, resolve_device
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path
 from gpt1.core.model import GPT
@@ -28,7 +28,8 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
     """The dtype to load a model in on `device` (None: the saved dtype). "auto"/None: bfloat16 on a
-    GPU that supports it (half the memory traffic of float32, and its range), else None."""
+    CUDA GPU with native bf16 (`gpt1.core.device.bf16_supported`: half the memory traffic of
+    float32, and its range), else None. bfloat16 where the device has no bf16 is a Gpt1Error."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise Gpt1Error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -37,9 +38,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         # torch would read an int as a device index ("Cannot access accelerator device ...").
         raise Gpt1Error(f"dtype must be one of {', '.join(DTYPES)} (or that torch dtype), got {dtype!r}")
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise Gpt1Error(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use float16 or float32")
+        return torch.bfloat16 if device.type == "cuda" and bf16_supported(device) else None
+    if dtype == torch.bfloat16 and not bf16_supported(device):
+        raise Gpt1Error(f"dtype bfloat16: {no_bf16(device)}; use float16 or float32")
     return dtype
 
 

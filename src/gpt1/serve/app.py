@@ -77,6 +77,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     cuda_graphs / compile: the engine's decode step captured as CUDA graphs / compiled by
         torch.compile first (see `gpt1.inference.engine`).
     max_body_bytes / body_timeout_s: larger bodies get 413, slower ones 408.
+    model_name: the model id in /v1/models and in replies (default: the model dir's name).
     stream_interval_ms: a stream writes at most this often; the tokens made in between go out
         together (the same events, in one write). 0: every token as soon as it is made.
     engine: "thread" runs the engine in a thread of this process on `llm.model`, as loaded; "process"

@@ -2,7 +2,8 @@
 that answers before FastAPI reads or parses anything.
 
 - Host check: a server without an API key on a loopback address answers only requests
-  addressed to a loopback name (localhost, 127.0.0.1, [::1]). Otherwise a web page the user
+  addressed to a loopback name: localhost or *.localhost (RFC 6761: resolved on this machine), or
+  a loopback address (127.0.0.0/8, ::1). Otherwise a web page the user
   visits could reach it by DNS rebinding (its own name, re-pointed at 127.0.0.1).
 - API key: `Authorization: Bearer KEY` on every /v1 request, when the server has a key.
 - Body: at most `max_body_bytes` (413), received within `body_timeout_s` seconds in all (408,
@@ -27,7 +28,6 @@ import ipaddress
 
 from gpt1.serve.errors import ApiError, generation_error, short_repr
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers (a browser's are a few KiB)
 BODY_METHODS = ("POST", "PUT", "PATCH")
 # The BaseExceptions that are not faults of a request: they end the request (or the server) as they

@@ -123,7 +123,13 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         raise Gpt1Error(f"cannot resolve host {host!r}: {e.strerror}") from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sys.platform == "win32":
+        # Windows' SO_REUSEADDR would let this bind a port another server listens on (the two would
+        # split its connections, and "another server on that port?" would never be said).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+    else:
+        # A restarted server binds its port at once, while the old one's connections wait out TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
         sock.listen(2048)

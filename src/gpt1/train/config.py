@@ -15,8 +15,10 @@ import functools
 import importlib.util
 import json
 import math
+import numbers
 import os
 import tomllib
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +113,10 @@ class TrainConfig:
         for name in ("muon_lr_scale", "embedding_lr_scale"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise Gpt1Error(f"{name} must be a number > 0, got {getattr(self, name)}")
+        # Refused, not recorded as if it applied (and then refused on resume when changed back).
+        if self.optimizer != "muon" and self.muon_lr_scale != TrainConfig.muon_lr_scale:
+            raise Gpt1Error(f"muon_lr_scale={self.muon_lr_scale:g} applies to optimizer=muon only (this run: "
+                            f"optimizer={self.optimizer})")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise Gpt1Error(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -214,7 +220,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 def _parse_value(raw: str, hint: Any) -> Any:
     """A command-line value as TOML; a bare word (or anything for a str field) stays a string."""
-    if hint is str:
+    if hint is str or (_takes_str(hint) and not raw.startswith("[")):  # str | list[str]: a list only as [...]
         return raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'" else raw
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -233,7 +239,9 @@ def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], w
     int is a float and an array a tuple, as JSON has no other spelling for them)."""
     if key not in names:
         raise Gpt1Error(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
-    if hints[key] is str and isinstance(value, str):
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+        value = value.item()  # a NumPy (or torch) scalar, e.g. from a sweep over np.arange: its Python number
+    if isinstance(value, str) and _takes_str(hints[key]):
         # As typed: a path from argv holds lone surrogates under a locale that is not UTF-8
         # (LANG=C without Python's UTF-8 mode), which JSON cannot carry; recorded via json_path.
         return value
@@ -243,6 +251,11 @@ def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], w
         reason = (SPELLINGS.get(hints[key]) or _tuple_spelling(hints[key])
                   or (e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)))
         raise Gpt1Error(f"{where}: key {key!r} expects {_type_name(hints[key])}, got {value!r} ({reason})") from None
+
+
+def _takes_str(hint: Any) -> bool:
+    """Whether a field takes a plain string (`str`, or a union with it such as `str | list[str]`)."""
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
 
 
 def _tuple_spelling(hint: Any) -> str | None:

@@ -64,7 +64,11 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     dist = distributed.current()
     was_training = model.training
     model.eval()
-    total_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    # Each batch's mean loss and target count stay on the device until the end (no copy, no sync
+    # per batch), then are summed on the CPU in float64: a float32 sum drifts over thousands of
+    # batches, and MPS has no float64 (a float64 tensor there is a TypeError).
+    losses: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
     with tuned_threads(device, enabled=tune_threads and not dist.enabled) as tuner, torch.no_grad():
         for i, (x, y) in enumerate(progress(batches, total=total, desc="eval", unit="batch",
                                             disable=None if show_progress else True)):
@@ -77,12 +81,20 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
             # Timed per token: chat batches differ in length.
             with tuner.step(size=x.numel()) if tuner else contextlib.nullcontext(), autocast(device, precision):
                 _, loss = model(x, y)
-            total_sum[0] += loss.double() * n
-            total_sum[1] += n
+            losses.append(loss.detach().float())
+            counts.append(n)
     model.train(was_training)
-    distributed.all_reduce_sum(total_sum)
-    tokens = int(total_sum[1].item())
-    return (total_sum[0].item() / tokens if tokens else float("nan")), tokens
+    loss_sum, tokens = 0.0, 0
+    if losses:
+        for mean, count in zip(torch.stack(losses).cpu().tolist(), torch.stack(counts).cpu().tolist()):
+            loss_sum += mean * count
+            tokens += count
+    if dist.enabled:
+        # NCCL (CUDA runs) reduces CUDA tensors, which have float64; gloo (CPU and MPS runs) CPU ones.
+        sums = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        distributed.all_reduce_sum(sums)
+        loss_sum, tokens = sums[0].item(), int(sums[1].item())
+    return (loss_sum / tokens if tokens else float("nan")), tokens
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:

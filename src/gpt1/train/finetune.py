@@ -3,9 +3,10 @@
 `finetune(cfg, base, out)` loads the base, injects LoRA (`gpt1.core.lora`), freezes every base
 weight except the special-token embedding rows, reads and encodes the chat data
 (`gpt1.data.chat_sources`, `gpt1.data.chat`) and runs the shared training loop (`gpt1.train.loop.train`) with padded,
-shuffled chat batches whose labels cover assistant replies only. Validation: loss and
-perplexity on the assistant tokens of held-out conversations (the dataset's `validation`
-split when it has one, else a deterministic `val_fraction` of the message trees).
+shuffled chat batches whose labels cover assistant replies only. `data` is one chat source or a
+list of them (a mixture, read together). Validation: loss and perplexity on the assistant tokens
+of held-out conversations (a source's `validation` split when it has one, else a deterministic
+`val_fraction` of the message trees of the other sources, together).
 
 The run dir `out` is a model dir (`gpt1.load(out)` applies the adapter):
 
@@ -68,12 +69,14 @@ from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
 from gpt1.data.chat_sources import (
     ChatStats,
+    Conversation,
     conversations_fingerprint,
     grouped_by_content,
     hf_split_names,
     read_conversations,
     split_conversations,
 )
+from gpt1.data.readers import parse_hf
 from gpt1.formats.hf import import_hf_model, is_hf_model_dir
 from gpt1.formats.modeldir import (
     ADAPTER_DIR,
@@ -102,7 +105,9 @@ class FinetuneConfig(TrainConfig):
     padding excluded), else `epochs` passes over the training sequences.
     """
 
-    data: str = ""  # chat source: OpenAssistant/oasst2, hf:NAME[:SPLIT], a file or folder, chatterbot
+    # The chat data: one source (OpenAssistant/oasst2, hf:NAME[:SPLIT], a file or folder, chatterbot)
+    # or a list of them, read together (a mixture).
+    data: str | list[str] = ""
     max_steps: int = 0
     epochs: float = 1.0
     lr: float = 1e-4
@@ -119,6 +124,11 @@ class FinetuneConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.data, list):
+            if not all(self.data) or len(set(self.data)) < len(self.data):
+                raise Gpt1Error(f"data: expected chat sources, each named once, got {self.data!r}")
+            if len(self.data) <= 1:  # one source is recorded as a string, as it always was: a resume matches
+                self.data = self.data[0] if self.data else ""
         if not 0.0 <= self.val_fraction < 1.0:
             raise Gpt1Error(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.n_layer or self.n_head or self.n_embd:
@@ -137,6 +147,11 @@ class FinetuneConfig(TrainConfig):
         if self.float8:  # LoRA wraps the very layers FP8 would swap; the two together are untested
             raise Gpt1Error("float8=true is for pretraining; LoRA fine-tuning runs in bf16-mixed, fp16-mixed or fp32")
         self.lora_config()  # validates r, dropout and targets
+
+    @property
+    def sources(self) -> list[str]:
+        """The chat sources of `data`: none, one, or a mixture."""
+        return list(self.data) if isinstance(self.data, list) else [self.data] if self.data else []
 
     def lora_config(self, token_ids: list[int] | None = None) -> LoRAConfig:
         return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
@@ -191,20 +206,45 @@ def save_finetuned(directory: str | Path, model: torch.nn.Module, tokenizer, bas
 
 
 def load_chat_splits(cfg: FinetuneConfig, stats=None):
-    """(train, validation) conversations of `cfg.data` (see the module docstring)."""
-    if not cfg.data:
+    """(train, validation, stats): the conversations of `cfg.data` (see `_read_chat_data`)."""
+    if not cfg.sources:
         raise Gpt1Error("no chat data: pass --data (a file, a folder, hf:NAME, OpenAssistant/oasst2 or chatterbot)")
     stats = stats if stats is not None else ChatStats()
     options = dict(all_paths=cfg.all_paths, languages=cfg.languages or None, skip_invalid=cfg.skip_invalid)
-    splits = hf_split_names(cfg.data)
-    explicit_split = cfg.data.startswith("hf:") and cfg.data.count(":") >= 2
-    if splits is not None and not explicit_split and "train" in splits and "validation" in splits:
-        train = read_conversations(cfg.data, "train", stats=stats, **options)
-        val = read_conversations(cfg.data, "validation", stats=stats, **options)
-        return train, val, stats
-    conversations = read_conversations(cfg.data, stats=stats, **options)
-    train, val = split_conversations(conversations, cfg.val_fraction, cfg.seed)
+    train, val, _ = _read_chat_data(cfg.sources, cfg.val_fraction, cfg.seed, stats, **options)
     return train, val, stats
+
+
+def _read_chat_data(specs: list[str], val_fraction: float, seed: int, stats: ChatStats, *, with_train: bool = True,
+                   **options) -> tuple[list[Conversation], list[Conversation], bool]:
+    """(train, validation, whether a fraction was held out) of chat sources: a source's own
+    `validation` split (and `train`) where it has both (a named `hf:NAME:SPLIT` is read as it is),
+    and the `val_fraction` of the message trees that `split_conversations` holds out of all the
+    other sources' conversations together. `with_train=False` reads no train split (evaluation)."""
+    train, val, pooled = [], [], []
+    for spec in specs:
+        named_split = (hf := parse_hf(spec)) is not None and hf.split is not None
+        splits = hf_split_names(spec) or []
+        if not named_split and "validation" in splits and ("train" in splits or not with_train):
+            if with_train:
+                train += read_conversations(spec, "train", stats=stats, **options)
+            val += read_conversations(spec, "validation", stats=stats, **options)
+        else:
+            pooled += read_conversations(spec, stats=stats, **options)
+    if pooled:
+        kept, held_out = split_conversations(pooled, val_fraction, seed)
+        train, val = train + kept, val + held_out
+    return train, val, bool(pooled)
+
+
+def _no_sequences(stats: ChatStats, train_convs: list, train_data) -> Gpt1Error:
+    """The error for chat data that left nothing to train on: the reader's counts (why each
+    conversation was left out) or, for conversations read and lost in encoding, the encoder's."""
+    if train_convs:
+        why = train_data.why_empty() + (f"; as read: {stats.summary()}" if stats.skipped else "")
+    else:
+        why = stats.why_empty() + ("; none of them is in the train split" if stats.conversations else "")
+    return Gpt1Error(f"no training sequences: {why}")
 
 
 @host_rng_kept()  # the run seeds the global RNGs (a resume restores them): the caller's come back after
@@ -270,6 +310,8 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
 
     train_convs, val_convs, stats = load_chat_splits(cfg)
     train_data = encode_conversations(tokenizer, train_convs, block_size + 1, progress=dist.is_main)
+    if not len(train_data):
+        raise _no_sequences(stats, train_convs, train_data)
     record = _run_record(out)
     if _split_unrecorded(record) and grouped_by_content(train_convs + val_convs):
         _check_legacy_split(out, record, len(train_data), dist, redo_hint)
@@ -288,15 +330,16 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
     if step_limit is not None:
         max_steps = max(1, min(max_steps, step_limit))
     if dist.is_main:
-        info(f"chat data {cfg.data}: {stats.summary()}")
+        data_name = " + ".join(cfg.sources)
+        info(f"chat data {data_name}: {stats.summary()}")
         info(f"train: {train_data.summary()}")
         info(f"validation: {val_data.summary()} ({len(val)} batches used)")
         if not val and val_convs:
-            warn(f"{cfg.data}: nothing to validate on, the held-out conversations left no sequence "
+            warn(f"{data_name}: nothing to validate on, the held-out conversations left no sequence "
                  f"({val_data.why_empty()}): the run reports no validation loss")
         elif not val and cfg.val_fraction > 0:
             trees = len({c.group for c in train_convs})
-            warn(f"{cfg.data}: nothing held out for validation (val_fraction holds out whole message trees, and "
+            warn(f"{data_name}: nothing held out for validation (val_fraction holds out whole message trees, and "
                  f"the data has {trees:,} tree{'s' if trees != 1 else ''}): the run reports no validation loss")
         trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
         info(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {', '.join(cfg.lora_targets)}: {trainable:,} trainable "
@@ -447,12 +490,13 @@ def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def _is_run_data(spec: str, run: dict) -> bool:
-    """Whether `spec` names the chat data the run trained on (as recorded, or the same path)."""
+def _is_run_data(specs: list[str], run: dict) -> bool:
+    """Whether `specs` name the chat data the run trained on (as recorded, or the same paths)."""
     data = run.get("data")
-    if not isinstance(data, str) or not data:
-        return False
-    return spec == data or (os.path.exists(spec) and Path(spec).resolve() == Path(data).resolve())
+    recorded = [data] if isinstance(data, str) and data else data if isinstance(data, list) else []
+    return len(specs) == len(recorded) > 0 and all(
+        spec == str(was) or (os.path.exists(spec) and isinstance(was, str) and Path(spec).resolve() == Path(was).resolve())
+        for spec, was in zip(specs, recorded))
 
 
 def _held_out_doubt(llm, record: dict, train: list, held_out: list, block_size: int) -> str | None:
@@ -492,14 +536,14 @@ class ChatEvalResult:
         return bits_per_byte(self.loss, self.tokens, self.bytes)
 
 
-def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int = 8, max_batches: int | None = None,
-                  precision: str = "fp32", all_paths: bool | None = None, languages: list[str] | None = None,
-                  block_size: int | None = None, skip_invalid: bool = False, stats: ChatStats | None = None,
-                  show_progress: bool = True) -> ChatEvalResult:
+def evaluate_chat(llm, spec: str | list[str], *, split: str | None = None, batch_size: int = 8,
+                  max_batches: int | None = None, precision: str = "fp32", all_paths: bool | None = None,
+                  languages: list[str] | None = None, block_size: int | None = None, skip_invalid: bool = False,
+                  stats: ChatStats | None = None, show_progress: bool = True) -> ChatEvalResult:
     """Loss, perplexity and bits per byte on the assistant tokens of a chat dataset's validation
-    conversations (what `gpt1 eval --chat` prints).
+    conversations (what `gpt1 eval --chat` prints). `spec`: one chat source, or a list (a mixture).
 
-    The validation conversations are those fine-tuning holds out: the dataset's `validation`
+    The validation conversations are those fine-tuning holds out: a source's `validation`
     split when it has one, else the `val_fraction` of the message trees that `split_conversations`
     picks (with the model's own run settings from its train_config.json, when it has one).
     On the run's own data, what the run recorded decides whether these are the conversations it
@@ -508,6 +552,9 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
     `all_paths`, `languages` and `block_size` (None: the run's, as it validated; without a run
     config the defaults and the model's context) shape the conversations as fine-tuning did.
     """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    specs = [os.fspath(s) for s in specs]
+    label = " + ".join(specs)
     record = _run_record(llm.path)
     run = record.get("config", {})
     all_paths = run.get("all_paths", FinetuneConfig.all_paths) if all_paths is None else all_paths
@@ -515,27 +562,30 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
     block_size = block_size or run.get("block_size") or llm.model.config.block_size
     if block_size > llm.model.config.block_size:
         raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({llm.model.config.block_size})")
+    stats = stats if stats is not None else ChatStats()
     options = dict(all_paths=all_paths, languages=languages, skip_invalid=skip_invalid, stats=stats)
-    if split is not None and hf_split_names(spec) is None:
-        raise Gpt1Error(f"{spec}: a local chat file has no splits (--split {split} applies to datasets)")
     if split is not None:
-        conversations, source = read_conversations(spec, split, **options), f"{spec} ({split})"
-    elif "validation" in (hf_split_names(spec) or []):
-        conversations, source = read_conversations(spec, "validation", **options), f"{spec} (validation)"
+        if (local := next((s for s in specs if hf_split_names(s) is None), None)) is not None:
+            raise Gpt1Error(f"{local}: a local chat file has no splits (--split {split} applies to datasets)")
+        conversations, source = [c for s in specs for c in read_conversations(s, split, **options)], f"{label} ({split})"
     else:
         val_fraction = run.get("val_fraction", FinetuneConfig.val_fraction)
-        train_convs, conversations = split_conversations(read_conversations(spec, **options), val_fraction,
-                                                         run.get("seed", FinetuneConfig.seed))
-        source = f"{spec} (held-out {val_fraction:.0%} of the conversations)"
+        train_convs, conversations, pooled = _read_chat_data(specs, val_fraction, run.get("seed", FinetuneConfig.seed),
+                                                            with_train=False, **options)
+        if not conversations and not stats.conversations:  # everything was left out as it was read
+            raise Gpt1Error(f"{label}: no conversations to evaluate: {stats.why_empty()}")
         if not conversations:  # nothing held out: no "filtering" to blame
             trees = len({c.group for c in train_convs})
-            raise Gpt1Error(f"{spec}: nothing held out to evaluate: val_fraction {val_fraction:g} holds out whole "
+            raise Gpt1Error(f"{label}: nothing held out to evaluate: val_fraction {val_fraction:g} holds out whole "
                             f"message trees, and the data has {trees:,} tree{'s' if trees != 1 else ''} (--chat scores "
                             "the share fine-tuning holds out); use more data, or a dataset with a validation split")
+        source = f"{label} (validation)" if not pooled else f"{label} (held-out {val_fraction:.0%} of the conversations)"
         run_block_size = run.get("block_size") or llm.model.config.block_size
-        if _is_run_data(spec, run) and (doubt := _held_out_doubt(llm, record, train_convs, conversations, run_block_size)):
-            warn(f"{spec}: {doubt}")
-            source = f"{spec} ({val_fraction:.0%} of the conversations as this gpt1 splits them, not known to be those the run held out)"
+        if pooled and _is_run_data(specs, run) and (doubt := _held_out_doubt(llm, record, train_convs, conversations,
+                                                                            run_block_size)):
+            warn(f"{label}: {doubt}")
+            source = (f"{label} ({val_fraction:.0%} of the conversations as this gpt1 splits them, not known to be "
+                      "those the run held out)")
     data = encode_conversations(llm.tokenizer, conversations, block_size + 1)
     batches = iter_batches(data, batch_size, llm.tokenizer.pad_id)
     total = math.ceil(len(data) / batch_size)
@@ -552,8 +602,8 @@ def evaluate_chat(llm, spec: str, *, split: str | None = None, batch_size: int =
     loss, tokens = evaluate_loss(llm.model, counting_bytes(batches), llm.device, precision,
                                  show_progress=show_progress, total=total, tune_threads=True)
     if not tokens:
-        raise Gpt1Error(f"{spec}: no assistant tokens to evaluate in {source}"
-                        + (f": {data.why_empty()}" if not len(data) else ""))
+        raise Gpt1Error(f"{label}: no assistant tokens to evaluate in {source}"
+                        + (f": {stats.why_empty()}; {data.why_empty()}" if not len(data) else ""))
     check_finite(loss, f"{source}: the assistant-token loss", llm, precision)
     return ChatEvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, conversations=len(conversations),
                           source=source, bytes=n_bytes)

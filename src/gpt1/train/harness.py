@@ -197,7 +197,8 @@ class Scorer:
                                 attention_mask=key_mask.to(self.device)).float()
         targets, valid = targets.to(self.device), valid.to(self.device)
         token_lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        token_lp = (token_lp.double() * valid).cpu()
+        # Summed in float64 on the CPU (MPS has no float64); masking in float32 first is exact.
+        token_lp = (token_lp * valid).cpu().double()
         greedy = ((logits.argmax(-1) == targets) | ~valid).cpu()
         return [Scored(float(token_lp[r].sum()), bool(greedy[r].all()), int(cont_lens[r])) for r in range(len(pairs))]
 

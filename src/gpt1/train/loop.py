@@ -79,7 +79,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
 from gpt1.core.io import crash_point, exclusive, json_path, read_json, write_json, write_text, writing
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import IGNORE_INDEX
@@ -103,7 +103,8 @@ CONFIG_FILE = "train_config.json"
 PLOT_FILE = "loss.png"
 RUN_LOCK = Path(ckpt.CHECKPOINTS_DIR, ".lock")  # the lock `gpt1.core.io.exclusive` holds while a run trains
 # Keys that may change between a run and its resumption: they do not change the math.
-RESUMABLE_CHANGES = {"device", "tensorboard", "eval_batches"}
+RESUMABLE_CHANGES = {"device", "tensorboard", "eval_batches", "save_every", "max_bad_steps",
+                     "gradient_checkpointing"}
 
 # Dense (no sparsity) FP16/BF16 tensor-core peak FLOP/s per GPU, matched against
 # torch.cuda.get_device_name(); longest match wins. MFU is reported against this peak.
@@ -158,6 +159,8 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
     for key in PATH_KEYS & config.keys():  # recorded as the paths they name: a resume from another folder matches
         if isinstance(config[key], str):
             config[key] = json_path(_resolved(config[key]))
+        elif isinstance(config[key], list):  # a fine-tune's several --data sources
+            config[key] = [json_path(_resolved(v)) if isinstance(v, str) else v for v in config[key]]
     wanted = {"config": config, "max_steps": max_steps, "world_size": world_size,
               **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE
@@ -222,6 +225,8 @@ PATH_KEYS = {"init_from", "data"}
 def _same_setting(run_dir: Path, key: str, old, new) -> bool:
     if old == new:
         return True
+    if key in PATH_KEYS and isinstance(old, list) and isinstance(new, list):  # several --data sources
+        return len(old) == len(new) and all(_same_setting(run_dir, key, o, n) for o, n in zip(old, new))
     if key not in PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
         return False
     if _resolved(old) == _resolved(new):
@@ -410,10 +415,9 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
         try:
             return _loss_and_backward(step_model, model, x, y, sync, device, precision, scaler, weight)
         except Exception as e:
-            if step_model is model or not _is_compile_error(e):
+            if step_model is model or not is_compile_error(e):
                 raise
-            warn(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-                 "training continues without it (eager, as with compile=false)")
+            warn(f"torch.compile failed ({first_line(e)}); training continues without it (eager, as with compile=false)")
             step_model = model
             return _loss_and_backward(model, model, x, y, sync, device, precision, scaler, weight)
 
@@ -477,6 +481,11 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 if bad_steps >= cfg.max_bad_steps:
                     raise _bad_steps_error(f"the {what} was NaN/inf for {bad_steps} consecutive steps "
                                            f"(last at step {done:,})", run_dir, precision)
+                if done == end and bad_steps >= max(1, (done - start_step) // 2):
+                    # A run shorter than max_bad_steps that ends skipping (all of it, or its second
+                    # half) has no model worth writing: it "finished" with exit 0 on garbage weights.
+                    raise _bad_steps_error(f"the {what} was NaN/inf for the last {bad_steps} of the run's "
+                                           f"{done - start_step:,} steps", run_dir, precision)
                 log_metrics({"step": done, "loss": mean_loss if math.isfinite(mean_loss) else None, "lr": lr,
                              "skipped": skipped})
                 bar.update(1)
@@ -624,7 +633,9 @@ def _write_outputs(run_dir: Path, checkpoint: Path, model: torch.nn.Module,
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, spec)
+    if value is None:
+        return "n/a"
+    return format(value, spec if abs(value) < 1e9 else ".4g")  # a diverged run's perplexity has 300 digits
 
 
 def _tensorboard(run_dir: Path, start_step: int):
@@ -658,16 +669,6 @@ def _loss_and_backward(step_model, model, x, y, sync: bool, device: torch.device
         _, loss = step_model(x, y)
     scaler.scale(loss * weight).backward()
     return loss.detach()
-
-
-def _is_compile_error(error: BaseException) -> bool:
-    """An error of torch.compile's machinery (Dynamo, AOTAutograd, Inductor and its C++/Triton
-    builds), as opposed to one of the model or the data, which would fail eagerly too."""
-    while error is not None:
-        if type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "torch._functorch")):
-            return True
-        error = error.__cause__
-    return False
 
 
 class _RunRate:

@@ -25,6 +25,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from gpt1.core.device import bf16_supported, no_bf16
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import warn
 
@@ -33,13 +34,17 @@ FLOAT8_MIN_CAPABILITY = (8, 9)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision to train in: `precision`, except bf16-mixed on a CUDA GPU without bf16
-    (before Ampere), which falls back to fp16-mixed (autocast + GradScaler) with a warning."""
-    if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        warn(f"{torch.cuda.get_device_name(device)} has no bf16 support: training in fp16-mixed "
-             "(autocast + GradScaler) instead of bf16-mixed")
-        return "fp16-mixed"
-    return precision
+    """The precision to train in: `precision`, except bf16-mixed where the device has no bf16
+    (`gpt1.core.device.bf16_supported`), which falls back with a warning: on a CUDA GPU before
+    Ampere to fp16-mixed (autocast + GradScaler); on MPS before macOS 14 to fp32, which every Mac
+    runs (GradScaler on MPS is recent in PyTorch, and untested here)."""
+    if precision != "bf16-mixed" or bf16_supported(device):
+        return precision
+    if device.type == "mps":
+        warn(f"{no_bf16(device)}: training in fp32 instead of bf16-mixed")
+        return "fp32"
+    warn(f"{no_bf16(device)}: training in fp16-mixed (autocast + GradScaler) instead of bf16-mixed")
+    return "fp16-mixed"
 
 
 def autocast(device: torch.device, precision: str):

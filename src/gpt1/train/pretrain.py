@@ -102,9 +102,16 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
     max_steps = cfg.resolve_steps(tokens_per_step, meta["train"]["tokens"])
     if dist.is_main:
+        # max_steps > 0 decides the length: a max_tokens or epochs set beside the default max_steps=1000 did nothing, unsaid.
+        unused = [f"{k}={getattr(cfg, k):g}" for k in ("max_tokens", "epochs") if cfg.max_steps and getattr(cfg, k)]
         info(f"model: {model.num_params():,} parameters ({cfg.model if cfg.init_from == 'scratch' else cfg.init_from}); "
              f"{max_steps:,} steps x {tokens_per_step:,} tokens = {max_steps * tokens_per_step / meta['train']['tokens']:.2f} "
-             f"epochs of {meta['train']['tokens']:,} train tokens; {dist.world_size} process(es)")
+             f"epochs of {meta['train']['tokens']:,} train tokens; {dist.world_size} process(es)"
+             + (f"; max_steps={cfg.max_steps:,} decides the length, not {' or '.join(unused)} (set max_steps=0 for "
+                "those)" if unused else ""))
+        if len(val) < cfg.eval_batches:
+            info(f"validation: {len(val)} batches, all that {meta['val']['file']} holds without overlap "
+                 f"(eval_batches={cfg.eval_batches:,})")
 
     def save_model(directory: Path, m: torch.nn.Module) -> None:
         save_model_dir(directory, m, tokenizer)

@@ -31,8 +31,8 @@ def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup: float, co
             return lr
         return lr + min(1.0, (step - decay_start) / (max_steps - 1 - decay_start)) * (min_lr - lr)
     decay_steps = max_steps - 1 - n_warm
-    if decay_steps <= 0:
-        return lr
+    if decay_steps <= 0:  # the warmup took every step but the last: that one is the decay's end
+        return min_lr
     progress = min(1.0, (step - n_warm) / decay_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 

@@ -1,0 +1,80 @@
+"""Training config keys at their edges (an exploratory pass, 2026-12-06): each value either takes
+effect as documented or is refused before any work, in one line."""
+
+from __future__ import annotations
+
+import math
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.data.shards import fixed_windows
+from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.loop import _fmt
+from gpt1.train.pretrain import pretrain
+from gpt1.train.schedule import lr_at
+from tests.test_battery import assert_one_clear_line
+from tests.test_train import TINY, _metrics, _run
+
+
+def test_a_run_that_ends_skipping_every_step_fails_instead_of_writing_its_model(data_dir, tmp_path):
+    # lr=1e6: step 1 wrecks the weights, steps 2-6 are NaN and skipped; it printed "done" and exited 0
+    # with a model whose logits are NaN (a run shorter than max_bad_steps was never stopped).
+    with pytest.raises(Gpt1Error, match=r"NaN/inf for the last 5 of the run's 6 steps; stopped"):
+        _run(data_dir, tmp_path / "big", ["max_steps=6", "lr=1e6", "min_lr=1e6", "warmup=0", "eval_every=2"])
+    assert not (tmp_path / "big" / "model.safetensors").exists()
+    # One skipped step at the end of a healthy run is no reason to fail it.
+    assert _run(data_dir, tmp_path / "ok", ["max_steps=4"]).steps == 4
+
+
+def test_eval_batches_is_capped_at_what_the_split_holds(data_dir, tmp_path, caplog):
+    # eval_batches=1000000 built 100,000 overlapping windows (23 GB) before the first step.
+    capped = fixed_windows(data_dir / "val.bin", 32, 4, 1_000_000)
+    tokens = (data_dir / "val.bin").stat().st_size // 2
+    assert len(capped) == math.ceil((tokens - 1) / 32 / 4) < 1_000_000
+    assert len(fixed_windows(data_dir / "val.bin", 32, 4, 2)) == 2  # below the cap: as asked
+    with caplog.at_level("INFO", logger="gpt1"):
+        _run(data_dir, tmp_path / "run", ["max_steps=1", "eval_batches=1000000"])
+    assert any(f"validation: {len(capped)} batches, all that val.bin holds" in r.message for r in caplog.records)
+
+
+def test_the_last_step_of_a_run_whose_warmup_takes_the_rest_is_at_min_lr():
+    assert lr_at(9, 10, 3e-4, 1e-6, 0.9) == 1e-6 and lr_at(8, 10, 3e-4, 1e-6, 0.9) == 3e-4
+    assert [lr_at(s, 2, 3e-4, 1e-6, 0.03) for s in range(2)] == [3e-4, 1e-6]  # the default warmup, 2 steps
+
+
+def test_keys_that_would_do_nothing_are_refused_or_said(data_dir, tmp_path, caplog):
+    with pytest.raises(Gpt1Error, match=r"muon_lr_scale=7 applies to optimizer=muon only"):
+        TrainConfig(optimizer="adamw", muon_lr_scale=7)
+    assert TrainConfig(optimizer="muon", muon_lr_scale=7).muon_lr_scale == 7
+    with caplog.at_level("INFO", logger="gpt1"):
+        pretrain(load_config(TrainConfig, None, TINY + ["max_steps=2", "max_tokens=100"]), data_dir, tmp_path / "r")
+    assert any("max_steps=2 decides the length, not max_tokens=100" in r.message for r in caplog.records)
+
+
+def test_keys_that_do_not_change_the_math_may_change_on_resume(data_dir, tmp_path):
+    run = tmp_path / "run"
+    _run(data_dir, run, ["max_steps=4", "save_every=2"])
+    again = _run(data_dir, run, ["max_steps=4", "save_every=1", "max_bad_steps=5", "gradient_checkpointing=true"])
+    assert again.steps == 4 and again.resumed_from == 4 and len(_metrics(run)) == 4
+    with pytest.raises(Gpt1Error, match=r"different config \(lr: "):
+        _run(data_dir, run, ["max_steps=4", "lr=1e-3"])
+
+
+def test_a_diverged_perplexity_is_printed_short():
+    assert _fmt(1.0142e308, ".2f") == "1.014e+308" and _fmt(12.3456, ".2f") == "12.35" and _fmt(None) == "n/a"
+
+
+def test_running_out_of_memory_in_training_is_one_line(data_dir, tmp_path):
+    # A 65,536-wide model under a 4 GB address space: the CPU allocator's RuntimeError was a traceback.
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    proc = subprocess.run([sys.executable, "-m", "gpt1", "pretrain", "--data", str(data_dir), "--out", str(tmp_path / "big"),
+                           "n_embd=65536", "n_head=1", "max_steps=1", "batch_size=1"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert_one_clear_line(proc.returncode, proc.stderr,
+                          r"out of memory: an allocation of [\d.]+ GiB failed; lower batch_size .*gradient_checkpointing=true$")

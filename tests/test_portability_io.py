@@ -1,0 +1,164 @@
+"""Platform differences in gpt1.core.io, the CLI's exit status and the server's socket, tested
+here on Linux by simulating the other platform in the one thing that differs (sys.platform, what
+Windows' os.kill does, a module or signal it lacks, what macOS's /dev/fd is, a case-insensitive
+name); the rest is the real code on real files, processes and sockets."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import io as stdio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import types
+
+import pytest
+
+from gpt1.cli import main
+from gpt1.core import io
+from gpt1.core.errors import Gpt1Error
+from gpt1.serve.server import bind
+
+REAL_KILL = os.kill
+
+
+@pytest.fixture
+def windows(monkeypatch):
+    """sys.platform is "win32", and os.kill is Windows': TerminateProcess for any signal, and a
+    plain OSError (WinError 87) for a pid that is gone. Returns the pids it was asked to signal."""
+    monkeypatch.setattr(sys, "platform", "win32")
+    signalled = []
+
+    def kill(pid, sig):
+        signalled.append(pid)
+        try:
+            REAL_KILL(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            raise OSError(22, "The parameter is incorrect") from None
+
+    monkeypatch.setattr(os, "kill", kill)
+    return signalled
+
+
+class _Kernel32:
+    """kernel32's process calls, answered from this machine's processes."""
+    last_error = 0
+
+    def OpenProcess(self, access, inherit, pid):
+        try:
+            REAL_KILL(pid, 0)
+        except ProcessLookupError:
+            self.last_error = 87  # ERROR_INVALID_PARAMETER
+            return 0
+        return pid
+
+    def GetExitCodeProcess(self, handle, code):
+        code._obj.value = 259  # STILL_ACTIVE
+        return 1
+
+    def CloseHandle(self, handle):
+        return 1
+
+
+def test_a_write_on_windows_signals_no_process_and_sweeps_a_dead_writers_temps(tmp_path, windows, monkeypatch):
+    """os.kill(pid, 0) killed the live writer whose pid a temp name carried, and kept a dead
+    one's temp (up to 1 GB) for good: its OSError read as "alive"."""
+    kernel32 = _Kernel32()
+    monkeypatch.setattr(io, "ctypes", ctypes, raising=False)  # imported on Windows only
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error: kernel32, raising=False)
+    monkeypatch.setattr(ctypes, "get_last_error", lambda: kernel32.last_error, raising=False)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    writer = subprocess.Popen(["sleep", "30"])
+    try:
+        live_temp = tmp_path / f".x.json.{writer.pid}.abcdefgh.tmp"
+        dead_temp = tmp_path / f".x.json.{gone.pid}.abcdefgh.tmp"
+        live_temp.write_text("half")
+        dead_temp.write_text("half")
+        io.write_json(tmp_path / "x.json", {"a": 1})
+        assert windows == [] and writer.poll() is None
+        assert live_temp.exists() and not dead_temp.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_the_folder_lock_holds_on_windows(tmp_path, windows, monkeypatch):
+    """Windows has no fcntl: there was no lock at all, so a second trainer ran in the same dir."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+
+    def locking(fd, mode, nbytes):  # per handle, as Windows' (flock's are per open file too)
+        assert os.lseek(fd, 0, os.SEEK_CUR) >= 200  # past the pid text that readers read
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if mode == msvcrt.LK_NBLCK else fcntl.LOCK_UN)
+
+    msvcrt = types.SimpleNamespace(LK_NBLCK=2, LK_UNLCK=0, locking=locking)
+    monkeypatch.setattr(io, "msvcrt", msvcrt, raising=False)
+    me = f"process {os.getpid()}"
+    with io.exclusive(tmp_path, "training"):
+        with pytest.raises(Gpt1Error, match=f"{me} is training there already"):
+            with io.exclusive(tmp_path, "training"):
+                pass
+        assert io.lock_holder(tmp_path) == me
+        with pytest.raises(Gpt1Error, match=f"{me} is using it; cannot replace it while it runs"):
+            io.check_unlocked(tmp_path, "replace it")
+    assert io.lock_holder(tmp_path) is None
+    with io.exclusive(tmp_path, "training"):
+        pass
+
+
+def test_a_reader_gone_on_windows_ends_quietly(monkeypatch):
+    """`gpt1 generate ... | head` on Windows: AttributeError, no signal.SIGPIPE there."""
+    monkeypatch.delattr(signal, "SIGPIPE")
+
+    class ReaderGone(stdio.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
+    assert main(["info", "tiny"]) == 141
+
+
+def test_a_second_server_on_windows_cannot_take_a_port_in_use(monkeypatch):
+    """Windows' SO_REUSEADDR lets a socket bind a port another one listens on, as Linux's
+    SO_REUSEPORT does; its SO_EXCLUSIVEADDRUSE refuses that, as Linux's SO_REUSEADDR does."""
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(socket, "SO_EXCLUSIVEADDRUSE", socket.SO_REUSEADDR, raising=False)
+    monkeypatch.setattr(socket, "SO_REUSEADDR", socket.SO_REUSEPORT)
+    first = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(Gpt1Error, match=r"cannot listen on 127\.0\.0\.1:\d+: .*another server on that port"):
+            bind("127.0.0.1", first.getsockname()[1]).close()
+    finally:
+        first.close()
+
+
+def test_an_open_descriptor_under_macos_dev_fd_is_written_into(tmp_path, monkeypatch):
+    """macOS's /dev/fd is a file system of its own, not a link into /proc: `--json /dev/stdout >
+    out.json` was not taken for a stream there (`/dev/fd: cannot write 1 there`)."""
+    realpath = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p, **kw: "/dev/fd" if os.fspath(p) == "/dev/fd" else realpath(p, **kw))
+    out = tmp_path / "out.json"
+    with open(out, "w") as shell_redirect:
+        descriptor = f"/dev/fd/{shell_redirect.fileno()}"
+        assert io.is_stream(descriptor)
+        io.write_json(descriptor, {"a": 1})
+        assert os.fstat(shell_redirect.fileno()).st_size > 0  # written into the open file, not renamed onto it
+    assert json.loads(out.read_text()) == {"a": 1}
+
+
+def test_an_own_file_named_in_another_case_is_refused(tmp_path):
+    """On a case-insensitive file system (APFS, NTFS) `--out RUN/Model.safetensors` is the weights."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    os.link(model / "model.safetensors", model / "Model.safetensors")  # one file, two cases: as APFS has it
+    for name in ("Model.safetensors", "Train_Config.json"):  # the weights; a new name that would be the run's file
+        with pytest.raises(Gpt1Error, match=f"{name}: belongs to .*model, a model dir"):
+            io.file_target(model / name)
+    (model / "Config.json").write_text("{}")  # a file of its own on this (case-sensitive) file system
+    assert io.file_target(model / "Config.json") == model / "Config.json"
