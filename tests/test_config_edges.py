@@ -58,7 +58,8 @@ def test_keys_that_would_do_nothing_are_refused_or_said(data_dir, tmp_path, capl
 def test_keys_that_do_not_change_the_math_may_change_on_resume(data_dir, tmp_path):
     run = tmp_path / "run"
     _run(data_dir, run, ["max_steps=4", "save_every=2"])
-    again = _run(data_dir, run, ["max_steps=4", "save_every=1", "max_bad_steps=5", "gradient_checkpointing=true"])
+    again = _run(data_dir, run, ["max_steps=4", "save_every=1", "max_bad_steps=5", "gradient_checkpointing=true",
+                                 "eval_every=3"])  # eval_every: without a time budget
     assert again.steps == 4 and again.resumed_from == 4 and len(_metrics(run)) == 4
     with pytest.raises(Gpt1Error, match=r"different config \(lr: "):
         _run(data_dir, run, ["max_steps=4", "lr=1e-3"])
@@ -78,3 +79,19 @@ def test_running_out_of_memory_in_training_is_one_line(data_dir, tmp_path):
                           capture_output=True, text=True, timeout=300, preexec_fn=limit)
     assert_one_clear_line(proc.returncode, proc.stderr,
                           r"out of memory: an allocation of [\d.]+ GiB failed; lower batch_size .*gradient_checkpointing=true$")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_with_another_config(data_dir, tmp_path, caplog,
+                                                                                     stop_training_at, monkeypatch):
+    # Out of memory at its first step, the advice "lower batch_size" then met "holds a run with a
+    # different config (batch_size: ...)": nothing was there to resume, or to lose.
+    run = tmp_path / "run"
+    stop_training_at(1, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data_dir, run, ["max_steps=2", "batch_size=8"])
+    monkeypatch.undo()
+    with caplog.at_level("INFO", logger="gpt1"):
+        assert _run(data_dir, run, ["max_steps=2", "batch_size=2"]).resumed_from == 0
+    assert any("stopped before its first checkpoint; starting over" in r.message for r in caplog.records)
+    with pytest.raises(Gpt1Error, match=r"different config \(batch_size: 2 -> 8\)"):  # once it has one, as before
+        _run(data_dir, run, ["max_steps=2", "batch_size=8"])

@@ -81,6 +81,28 @@ def test_a_finetune_of_a_finetuned_model_does_not_resume_on_another_base(tiny_mo
         _finetune(copy, fb, chat, "max_steps=1")
 
 
+def test_a_finetune_killed_before_its_first_outputs_does_not_resume_on_another_base(tiny_model_dir, tmp_path):
+    """base.json is written with the outputs, after the checkpoint: a run killed between the two
+    resumed on other weights at the same path (steps 1-2 on one base, 3-4 on another, and the
+    finished base.json naming the second only). The fingerprint is in train_config.json now."""
+    import subprocess
+    import sys
+
+    chat, base, out = _chat_file(tmp_path / "chat.jsonl"), tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(tiny_model_dir, base)
+    args = ["--base", str(base), "--data", str(chat), "--out", str(out), *FT, "max_steps=4", "save_every=2"]
+    killed = subprocess.run([sys.executable, "-m", "gpt1", "finetune", *args], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "GPT1_CRASH_AT": "before-outputs:1"})
+    assert killed.returncode == 137 and not (out / "base.json").exists(), killed.stderr
+    weights = load_file(str(base / "model.safetensors"))
+    name = next(iter(weights))
+    save_file({**weights, name: weights[name] + 0.01}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Gpt1Error, match=r"ft was fine-tuned from other base weights than .*base \(its train_config.json"):
+        _finetune(base, out, chat, "max_steps=4", "save_every=2")
+    shutil.copy(tiny_model_dir / "model.safetensors", base / "model.safetensors")  # the base it began on
+    assert _finetune(base, out, chat, "max_steps=4", "save_every=2").resumed_from == 2
+
+
 # ---- a fine-tune's data is its encoded sequences -------------------------------------------
 
 def test_a_finetune_does_not_resume_on_edited_chat_data_of_the_same_size(tiny_model_dir, tmp_path, monkeypatch,

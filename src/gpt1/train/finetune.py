@@ -291,6 +291,10 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
     base_info = {"path": json_path(base.resolve()), "sha256": weights_fingerprint(base), "sha256_of": BASE_FINGERPRINT}
     if (out / BASE_FILE).is_file() and (why := _other_base(out, base, base_info)):
         raise Gpt1Error(f"{why}; " + (redo_hint or "choose another --out"))
+    recorded = _run_record(out).get("data")  # the base as of the first checkpoint (base.json comes with the outputs)
+    if isinstance(recorded, dict) and recorded.get("base", base_info["sha256"]) != base_info["sha256"]:
+        raise Gpt1Error(f"{out} was fine-tuned from other base weights than {base} (its {RUN_CONFIG_FILE} records "
+                        "theirs); " + (redo_hint or "choose another --out"))
     model, tokenizer = prepare_model(base, cfg)
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
@@ -351,10 +355,14 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
     # training sequences (an edit of the chat data, even one that keeps their number), is refused.
     # What the run holds out is recorded with them: `evaluate_chat` checks it before it calls a
     # score held-out. A run recorded without it keeps its record (its training sequences tell).
+    # The base's fingerprint too: base.json is written with the outputs, after the checkpoint, so a
+    # run killed between the two resumed on other base weights at the same path without a word.
     data = {"sequences": len(train_data), "tokens": train_data.num_tokens, "sha256": train_data.fingerprint(),
-            "validation": {"conversations": len(val_convs), "sha256": conversations_fingerprint(val_convs)}}
-    if isinstance(record.get("data"), dict) and "validation" not in record["data"]:
-        del data["validation"]
+            "validation": {"conversations": len(val_convs), "sha256": conversations_fingerprint(val_convs)},
+            "base": base_info["sha256"]}
+    for key in ("validation", "base"):  # recorded since 2026-12-06 ("base"); an older run keeps its record
+        if isinstance(record.get("data"), dict) and key not in record["data"]:
+            del data[key]
     return train(model, run_cfg, out, batches, lambda: val, save_model, max_steps=max_steps, data=data,
                  redo_hint=redo_hint)
 

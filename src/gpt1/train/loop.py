@@ -164,7 +164,11 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
     wanted = {"config": config, "max_steps": max_steps, "world_size": world_size,
               **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE
-    if file.is_file():
+    if file.is_file() and ckpt.latest_checkpoint(run_dir) is None:
+        # Stopped before its first checkpoint (out of memory at the first step, say): nothing to resume
+        # and nothing lost, so a rerun with another config (the smaller batch_size advised) starts over.
+        info(f"{run_dir}: its run stopped before its first checkpoint; starting over")
+    elif file.is_file():
         old = read_json(file)
         old_cfg = old.get("config") if isinstance(old, dict) else None
         if not isinstance(old_cfg, dict):
@@ -181,8 +185,10 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
                             f"{world_size}: resume it {how}, or choose another --out")
         # A key that an older gpt1 did not write had its default value then.
         old_cfg = {**_field_defaults(cfg), **old_cfg}
+        # Validations change no weight; under a time budget their time counts in the plan, though.
+        resumable = RESUMABLE_CHANGES | ({"eval_every"} if not old_cfg.get("time_budget") and not cfg.time_budget else set())
         keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
-                      if k not in RESUMABLE_CHANGES and not _same_setting(run_dir, k, old_cfg.get(k), wanted["config"].get(k)))
+                      if k not in resumable and not _same_setting(run_dir, k, old_cfg.get(k), wanted["config"].get(k)))
         if old.get("max_steps") != max_steps and "max_steps" not in keys:
             keys.append(f"max_steps (resolved: {old.get('max_steps')} -> {max_steps})")
         if keys:
