@@ -106,6 +106,31 @@ def test_bench_eval_leaves_the_environment_as_it_found_it(monkeypatch):
     assert dict(os.environ) == before
 
 
+def test_bench_generate_runs_both_sides_on_one_stated_thread_count(monkeypatch):
+    """gpt1's thread tuner lowered its own side's count under load and left its last choice to the
+    reference rows and the next benchmarks: every side now runs on the count found, untuned, and
+    each row says which."""
+    import torch
+
+    from gpt1.benchmarks import generate as generate_bench
+    from gpt1.core import threads as threads_module
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    found, tuned = torch.get_num_threads(), []
+    real = threads_module.cpu_thread_tuner
+
+    def recording(*args, **kwargs):
+        tuner = real(*args, **kwargs)
+        tuned.append(tuner is not None)
+        return tuner
+
+    monkeypatch.setattr("gpt1.inference.engine.cpu_thread_tuner", recording)
+    rows = generate_bench.run(quick=True)
+    assert rows and all(row["torch_threads"] == found for row in rows)
+    assert tuned and not any(tuned)  # every engine of the run had its tuner off
+    assert torch.get_num_threads() == found and "OMP_NUM_THREADS" not in os.environ
+
+
 @pytest.mark.slow
 def test_bench_quickstart_scores_both_recipes_on_the_same_held_out_documents():
     from gpt1.benchmarks.quickstart import BEFORE_VOCAB, compare

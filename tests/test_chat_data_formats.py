@@ -335,3 +335,18 @@ def test_oasst_messages_in_a_parent_cycle_are_counted(tmp_path):
     stats = ChatStats()
     assert len(read_conversations(str(cycle), stats=stats)) == 1
     assert stats.skipped == {"messages whose parents form a cycle (no prompt at their root)": 4}
+
+
+def test_split_names_are_case_sensitive_and_json_is_json_lines(tmp_path):
+    # As `datasets` reads a folder: Train.jsonl/Valid.jsonl name no split (pooled, as before the
+    # folder reader), and a .json file holds JSON Lines (a folder of them was "no chat files").
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    folder = tmp_path / "cased"
+    folder.mkdir()
+    for name, n in (("Train.jsonl", 3), ("Valid.jsonl", 2), ("more.json", 1)):
+        (folder / name).write_text((json.dumps(record) + "\n") * n)
+    assert hf_split_names(str(folder)) is None
+    assert len(read_conversations(str(folder))) == 6
+    (tmp_path / "array.json").write_text(json.dumps([record]))
+    with pytest.raises(Gpt1Error, match=r"array.json, line 1: expected a JSON object, got an array \(chat files are JSON Lines"):
+        read_conversations(str(tmp_path / "array.json"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -46,10 +47,7 @@ def test_the_last_step_of_a_run_whose_warmup_takes_the_rest_is_at_min_lr():
     assert [lr_at(s, 2, 3e-4, 1e-6, 0.03) for s in range(2)] == [3e-4, 1e-6]  # the default warmup, 2 steps
 
 
-def test_keys_that_would_do_nothing_are_refused_or_said(data_dir, tmp_path, caplog):
-    with pytest.raises(Gpt1Error, match=r"muon_lr_scale=7 applies to optimizer=muon only"):
-        TrainConfig(optimizer="adamw", muon_lr_scale=7)
-    assert TrainConfig(optimizer="muon", muon_lr_scale=7).muon_lr_scale == 7
+def test_a_run_length_key_that_would_do_nothing_is_said(data_dir, tmp_path, caplog):
     with caplog.at_level("INFO", logger="gpt1"):
         pretrain(load_config(TrainConfig, None, TINY + ["max_steps=2", "max_tokens=100"]), data_dir, tmp_path / "r")
     assert any("max_steps=2 decides the length, not max_tokens=100" in r.message for r in caplog.records)
@@ -95,3 +93,27 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_with_another_conf
     assert any("stopped before its first checkpoint; starting over" in r.message for r in caplog.records)
     with pytest.raises(Gpt1Error, match=r"different config \(batch_size: 2 -> 8\)"):  # once it has one, as before
         _run(data_dir, run, ["max_steps=2", "batch_size=8"])
+    # A finished run whose checkpoints/ was deleted (to free the disk) still has its model: refused, not replaced.
+    shutil.rmtree(run / "checkpoints")
+    model = (run / "model.safetensors").read_bytes()
+    with pytest.raises(Gpt1Error, match=r"different config \(batch_size: 2 -> 8\)"):
+        _run(data_dir, run, ["max_steps=2", "batch_size=8"])
+    assert (run / "model.safetensors").read_bytes() == model
+
+
+def test_the_shipped_recipes_take_either_optimizer():
+    # tiny-cpu sets muon_lr_scale = 1.0: a refusal of it beside optimizer=adamw broke that recipe
+    # (and every run made with it), so a key of the other optimizer is kept, as it was.
+    assert load_config(TrainConfig, "tiny-cpu", ["optimizer=adamw"]).optimizer == "adamw"
+
+
+def test_a_chat_folder_read_by_gpt1_or_by_datasets_is_one_source(tmp_path):
+    # A run begun on FOLDER when `datasets` read it resumes with hf:FOLDER, which reads as before
+    # (the data's fingerprint, checked apart, decides); other paths stay other sources.
+    from gpt1.train.loop import _same_setting
+
+    (tmp_path / "chats").mkdir()
+    folder = str(tmp_path / "chats")
+    assert _same_setting(tmp_path, "data", folder, "hf:" + folder)
+    assert not _same_setting(tmp_path, "init_from", folder, "hf:" + folder)  # a GPT-2 import is another base
+    assert not _same_setting(tmp_path, "data", folder, str(tmp_path))

@@ -89,6 +89,24 @@ def test_read_text_gives_bounded_pieces_that_join_to_the_file(tmp_path, monkeypa
         list(read_text(tmp_path / "b.txt"))
 
 
+@pytest.mark.parametrize("text", [
+    "xx" + "\nfunction" * 400,  # words between line ends only: it was cut inside "function"
+    "ab\tcd" * 300,  # tabs
+    "字" * 40 + "中文。" * 300,  # no whitespace at all: at its punctuation
+    "don't stop'" * 200,  # "'" may start a contraction: never cut before it
+])
+def test_pieces_end_where_the_tokenizer_s_pre_tokens_do(text, tmp_path, monkeypatch, tokenizer):
+    """The docs promise the ids of a text read in pieces are exactly those of the whole; with
+    cuts only before a space, a text without spaces in a piece's second half was cut mid-word."""
+    import gpt1.data.readers as readers
+
+    monkeypatch.setattr(readers, "PIECE_CHARS", 64)
+    (tmp_path / "a.txt").write_text(text)
+    pieces = list(read_text(tmp_path / "a.txt"))
+    assert "".join(pieces) == text and len(pieces) > 10
+    assert [i for p in pieces for i in tokenizer.encode(p)] == tokenizer.encode(text)
+
+
 def test_read_jsonl_counts_skipped_lines_and_goes_on(tmp_path):
     from collections import Counter
 

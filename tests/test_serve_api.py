@@ -39,6 +39,15 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
         time.sleep(0.01)
 
 
+def served_health(proc: subprocess.Popen, url: str) -> dict:
+    """/health of a `gpt1 serve` subprocess ({} while it does not answer yet); a failure naming its
+    stderr if it has exited."""
+    assert proc.poll() is None, proc.stderr.read().decode()
+    with contextlib.suppress(httpx.TransportError):
+        return httpx.get(f"{url}/health").json()
+    return {}
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
     return gpt1.load(tiny_model_dir, device="cpu")

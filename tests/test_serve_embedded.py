@@ -106,3 +106,21 @@ def test_a_model_loaded_as_dot_is_served_under_its_folder_name(tiny_model_dir, m
     with TestClient(app) as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [tiny_model_dir.name]
         assert client.get("/health").json()["model"] == tiny_model_dir.name
+
+
+def test_the_api_key_is_asked_for_wherever_the_app_is_mounted(llm):
+    # Starlette 1.x's Mount and uvicorn's root_path keep the prefix in scope["path"] (/llm/v1/...):
+    # the key check, which looked for a path starting with /v1, let every request through unkeyed.
+    app = create_app(llm, api_key="sekrit")
+    outer = FastAPI()
+    outer.mount("/llm", app)
+    try:
+        for client, prefix in ((TestClient(outer), "/llm"), (TestClient(app, root_path="/gpt1"), "/gpt1")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                r = answered(lambda: client.get(f"{prefix}/v1/models", headers=headers))
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (prefix, r.text)
+            ok = answered(lambda: client.get(f"{prefix}/v1/models", headers={"Authorization": "Bearer sekrit"}))
+            assert ok.status_code == 200
+            assert answered(lambda: client.get(f"{prefix}/health")).status_code == 200  # public, as unmounted
+    finally:
+        app.state.engine.stop()

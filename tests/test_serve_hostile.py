@@ -24,7 +24,7 @@ from gpt1.inference.llm import LLM
 from gpt1.serve import background_server, create_app
 from gpt1.serve.middleware import MAX_HEAD_BYTES
 from gpt1.serve.server import GRACEFUL_SHUTDOWN_S
-from tests.test_serve_api import endless_model_dir, free_port, wait_for
+from tests.test_serve_api import endless_model_dir, free_port, served_health, wait_for
 
 MSG = [{"role": "user", "content": "Hi"}]
 
@@ -116,10 +116,7 @@ def test_shutdown_ends_open_requests_with_the_documented_error(tiny_config, toke
             outcomes.append((stream, r.status_code, last))
 
     def health() -> dict:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        with contextlib.suppress(httpx.TransportError):
-            return httpx.get(f"{url}/health").json()
-        return {}
+        return served_health(proc, url)
 
     try:
         wait_for(lambda: health().get("status") == "ok", timeout=120, what="gpt1 serve to start")

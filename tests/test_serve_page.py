@@ -359,3 +359,31 @@ def test_a_long_chat_on_a_phone(browser, server, short_server):
     assert page.inner_text(".msg.error .body").endswith("this message is too long to send, shorten it")
     assert page.eval_on_selector("#input", "box => box.value.length") == 1 << 20
     context.close()
+
+
+def test_the_page_works_under_a_prefix(browser, tiny_model_dir):
+    """Mounted as docs/serving.md shows (`outer.mount("/llm", ...)`), or behind a proxy at /gpt1/,
+    the page posted to /v1/chat/completions at the server's root: 404, and no message went."""
+    from fastapi import FastAPI
+
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    llm_app = create_app(llm, api_key=KEY)
+    outer = FastAPI()
+    outer.mount("/llm", llm_app)
+    with background_server(outer) as url:
+        page = browser.new_page()
+        page.set_default_timeout(10_000)
+        errors, posted = [], []
+        page.on("pageerror", lambda error: errors.append(error))
+        page.on("response", lambda r: posted.append((r.url, r.status)) if r.request.method == "POST" else None)
+        page.goto(f"{url}/llm/")
+        page.fill("#api-key", KEY)
+        page.fill("#k-max_tokens-value", "4")
+        send(page, "Hello")
+        page.wait_for_selector(".msg.error, .msg.assistant")
+        wait_done(page)
+        assert posted == [(f"{url}/llm/v1/chat/completions", 200)]
+        assert page.locator(".msg.error").count() == 0 and page.locator(".msg.assistant").count() == 1
+        assert errors == []
+        page.close()
+    llm_app.state.engine.stop()  # mounted: no lifespan stops it

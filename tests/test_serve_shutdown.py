@@ -3,7 +3,6 @@ for the engine process, and the server and its child are both gone afterwards.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from tests.test_engine_process import process_state
-from tests.test_serve_api import endless_model_dir, free_port, wait_for
+from tests.test_serve_api import endless_model_dir, free_port, served_health, wait_for
 
 
 @pytest.mark.slow  # a `gpt1 serve` and its engine process start: ~20 s on the loaded 2-core dev CPU
@@ -39,10 +38,7 @@ def test_sigterm_ends_open_streams_before_the_engine_process_exits(tiny_config, 
             last_events.append([line for line in r.iter_lines() if line.strip()][-1])
 
     def health() -> dict:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        with contextlib.suppress(httpx.TransportError):
-            return httpx.get(f"{url}/health").json()
-        return {}
+        return served_health(proc, url)
 
     child = None
     try:

@@ -222,3 +222,19 @@ def test_a_run_dir_being_created_by_another_process_is_named_as_such(data_dir, t
     with pytest.raises(Gpt1Error, match="mine is not empty and holds no gpt1 run"):
         pretrain(cfg, data_dir, tmp_path / "mine")
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_a_finished_finetune_whose_data_is_gone_reruns_as_nothing_to_do(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """The docs: a finished run's rerun does not check its data, "which may be gone". Recorded
+    resolved, the path typed relative no longer matched once the file was deleted: "different config
+    (data: '/abs/chats.jsonl' -> 'chats.jsonl')". And a finished run said "resuming" first."""
+    monkeypatch.chdir(tmp_path)
+    chat = _chat_file(tmp_path / "chats.jsonl")
+    _finetune(tiny_model_dir, tmp_path / "ft", Path("chats.jsonl"), "max_steps=2")
+    chat.unlink()
+    with caplog.at_level("INFO", logger="gpt1"):
+        again = _finetune(tiny_model_dir, tmp_path / "ft", Path("chats.jsonl"), "max_steps=2")
+    assert again.resumed_from == 2 and again.steps == 2
+    said = [r.message for r in caplog.records]
+    assert any("already finished its 2 steps; nothing to do" in m for m in said)
+    assert not any(m.startswith("resuming") for m in said)

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from gpt1.benchmarks import fixed_threads
 from gpt1.core.config import ModelConfig
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import train_tokenizer
@@ -93,8 +94,9 @@ def _environment(**values: str) -> Iterator[None]:
 def run(quick: bool = False) -> list[dict]:
     # Offline: the data is a local file, the model a local export. Tokenizers single-threaded: the
     # setting the published rows were measured under, both sides alike.
-    with _environment(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"):
-        return _run(quick)
+    with _environment(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"), \
+            fixed_threads() as threads:
+        return [{**row, "torch_threads": threads} for row in _run(quick)]
 
 
 def _run(quick: bool) -> list[dict]:
@@ -112,7 +114,7 @@ def _run(quick: bool) -> list[dict]:
         data.write_text("".join(json.dumps(d) + "\n" for d in hellaswag_docs(EXAMPLES)))
         task = _lm_eval_task(tmp, data)
         manager = TaskManager(include_path=str(tmp))
-        llm = LLM.load(model_dir, device=device)
+        llm = LLM.load(model_dir, device=device, dtype="float32")  # as lm-eval's side (bf16 by default on a GPU)
         hf = HFLM(pretrained=str(export_dir), dtype="float32", batch_size=BATCH, device=str(device))
 
         def ours(limit=None):

@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers
 
-from gpt1.benchmarks import progress
+from gpt1.benchmarks import fixed_threads, progress
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import bf16_supported
 from gpt1.core.model import GPT
@@ -190,7 +190,8 @@ def _measure(quick: bool) -> list[dict]:
 
 
 def run(quick: bool = False) -> list[dict]:
-    rows = _measure(quick)
+    with fixed_threads() as threads:
+        rows = [{**row, "torch_threads": threads} for row in _measure(quick)]
     # Free the captured graphs and transformers' compiled generate now, not in the interpreter's
     # own teardown (a GPU run once hung there, after its table was printed).
     gc.collect()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gpt1.benchmarks import fixed_threads
 from gpt1.benchmarks.generate import benchmark_model, synthetic_tokenizer
 from gpt1.core.config import ModelConfig
 from gpt1.core.sampling_params import SamplingParams
@@ -101,7 +102,8 @@ def run(quick: bool = False) -> list[dict]:
         try:
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                rate, reference = _decode_rate(ours, new_tokens, repeats)
+                with fixed_threads():  # gpt1's side on `threads`, as llama.cpp's: its tuner off
+                    rate, reference = _decode_rate(ours, new_tokens, repeats)
                 group = [{"implementation": "gpt1 generate", "type": "f32", "tokens_per_s": rate}]
                 for out_type, path in files.items():
                     rate, tokens = _llama_cpp_rate(llama_cpp, path, config, prompt, threads, new_tokens, repeats)

@@ -236,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             status = args.func(args) or 0
             sys.stdout.flush()  # here, where a failure is reported, not at exit
             return status
-    except Terminated:
+    except Terminated as e:
         if not _said_by_another_process():
-            print(f"gpt1 {command}: terminated{_resume_hint(args)}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+            how = " (hang-up: SIGHUP)" if e.signum != signal.SIGTERM else ""
+            print(f"gpt1 {command}: terminated{how}{_resume_hint(args)}", file=sys.stderr)
+        return 128 + e.signum
     except Gpt1Error as e:
         if _said_by_another_process(e):
             return 2
@@ -327,27 +328,40 @@ def _interrupts_held():
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the command is (a BaseException: no `except Exception` swallows it)."""
+    """SIGTERM (or SIGHUP), raised where the command is (a BaseException: no `except Exception`
+    swallows it). `signum`: which; the exit status is 128 + it."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# SIGHUP too: a closed terminal or SSH session (or `kill -HUP`) killed a command at once, skipping
+# its cleanup, and a server's open streams were cut without their error event.
+TERMINATING = (signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
 
 @contextlib.contextmanager
 def _sigterm_raises(enabled: bool = True):
-    """SIGTERM (`kill`, a scheduler's stop) ends the command as Ctrl-C does, through its cleanup
-    (temporary files deleted, locks released) instead of at once. Only where nothing else has
-    claimed the signal (a server installs its own), and restored after (main runs in tests too)."""
-    if not enabled or threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    """SIGTERM (`kill`, a scheduler's stop) and SIGHUP end the command as Ctrl-C does, through its
+    cleanup (temporary files deleted, locks released) instead of at once. Each only where nothing
+    else has claimed it (a server installs its own; nohup ignores SIGHUP), and restored after (main
+    runs in tests too)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum, frame):
-        raise Terminated
+        raise Terminated(signum)
 
-    signal.signal(signal.SIGTERM, terminate)
+    claimed = [sig for sig in TERMINATING if signal.getsignal(sig) is signal.SIG_DFL]
+    for sig in claimed:
+        signal.signal(sig, terminate)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in claimed:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _error(command: str, message: str) -> int:

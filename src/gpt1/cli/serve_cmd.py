@@ -37,6 +37,10 @@ def register(subparsers) -> None:
     parser.add_argument("--api-key", default=None, type=api_key_arg,
                         help=f"require 'Authorization: Bearer KEY' on every /v1 request (default: ${API_KEY_ENV} "
                              "if set and not empty, else no key)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let web pages of this origin (e.g. https://app.example; * for any) call the API from "
+                             "a browser; repeat for more. Default: none (a browser lets only the server's own "
+                             "pages, such as the chat page, read its replies)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: the best available)")
     add_dtype_flag(parser)
     parser.add_argument("--max-batch", type=int, default=16,
@@ -77,11 +81,18 @@ def register(subparsers) -> None:
 
 
 def api_key_arg(value: str) -> str:
-    """--api-key KEY, not empty: `--api-key "$KEY"` with KEY unset served without a key check, to
-    a chat page that asks for a key."""
-    if not value:
+    """--api-key KEY, stripped (see `clean_api_key`), not empty: `--api-key "$KEY"` with KEY unset
+    served without a key check, to a chat page that asks for a key."""
+    if not (value := clean_api_key(value)):
         raise argparse.ArgumentTypeError("is empty (an unset shell variable?); leave the flag out to serve without a key")
     return value
+
+
+def clean_api_key(value: str) -> str:
+    """The key without leading and trailing whitespace, as a client's is received: HTTP strips a
+    header value's (RFC 9110 5.5), so a key read with the newline of its file (`echo KEY > file`, a
+    Kubernetes Secret) could never be sent, and every request got 401."""
+    return value.strip()
 
 
 def _import_serve():
@@ -111,7 +122,7 @@ def serve_command(args: argparse.Namespace) -> int:
     bind, create_app, serve = _import_serve()
     if not 0 <= args.port <= 65535:
         raise Gpt1Error(f"--port must be in [0, 65535], got {args.port}")
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    api_key = args.api_key if args.api_key is not None else clean_api_key(os.environ.get(API_KEY_ENV, "")) or None
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--prefill-chunk", args.prefill_chunk, 1)):
         if value < low:
@@ -133,7 +144,7 @@ def serve_command(args: argparse.Namespace) -> int:
     app = create_app(llm, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                      body_timeout_s=args.body_timeout, stream_interval_ms=args.stream_interval,
-                     engine=engine, **load_as)
+                     engine=engine, cors_origins=args.cors_origin, **load_as)
     engine = app.state.engine
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback

@@ -66,11 +66,12 @@ from gpt1.data.sources import SKIPPED_DIRS
 OASST_HUB_NAME = "OpenAssistant/oasst2"
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 CHATTERBOT = "chatterbot"
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")  # .json: JSON Lines, as `datasets` reads it
 YAML_SUFFIXES = (".yml", ".yaml")
 CHAT_SUFFIXES = JSONL_SUFFIXES + (".parquet",) + YAML_SUFFIXES
 # The words that name a split in a file's path inside a folder, as `datasets` reads them (its
-# SPLIT_KEYWORDS, between separators): train.jsonl, chats_dev.jsonl, validation/a.jsonl.
+# SPLIT_KEYWORDS, between separators, case-sensitive as its patterns are): train.jsonl, chats_dev.jsonl,
+# validation/a.jsonl; Train.jsonl names none.
 SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
                "test": ("test", "testing", "eval", "evaluation")}
 # The split group of a {"messages"} record: a hash of its content (see _generic_conversation).
@@ -270,7 +271,7 @@ class _ChatFolder:
 
 def _split_named(relative: str) -> str | None:
     """The split that a file's path inside its folder names, if exactly one (SPLIT_WORDS)."""
-    words = set(re.split(r"[-._ 0-9/]+", relative.lower()))
+    words = set(re.split(r"[-._ 0-9/]+", relative))
     named = [split for split, keywords in SPLIT_WORDS.items() if words.intersection(keywords)]
     return named[0] if len(named) == 1 else None
 
@@ -295,7 +296,9 @@ def _read_rows(rows: Iterable[tuple[int, Any]], source: str, unit: str, options:
         for number, record in rows:
             try:
                 if not isinstance(record, dict):
-                    raise _Malformed("expected a JSON object")
+                    raise _Malformed("expected a JSON object" + (", got an array (chat files are JSON Lines: one "
+                                                                 "record per line, not one array)"
+                                                                 if isinstance(record, list) else ""))
                 if kind is None:
                     kind = _record_kind(record)
                 if kind == "messages":

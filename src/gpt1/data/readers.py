@@ -378,13 +378,24 @@ def text_pieces(text: str) -> Iterator[str]:
     yield text[start:]
 
 
+# Boundaries of the byte-level BPE's pre-tokens (GPT-2's split pattern) that do not depend on what
+# lies beyond them: a piece that ends at one is tokenized as the whole text is there. Preferred:
+# before a whitespace character between two non-spaces (" word" is one pre-token, hence before its
+# space; a "\n" or "\t" there stands alone); else between a letter or digit and a punctuation mark
+# other than "'" (which may start a contraction, 's 't ...): CJK or Thai prose, which has no
+# spaces, at its "。". Cutting only before spaces, a text of line ends or tabs was cut inside a word.
+_BOUNDARIES = (re.compile(r"(?<=\S)\s(?=\S)"), re.compile(r"(?<=[^\W_])(?=[^\w\s'])"))
+
+
 def _cut(text: str) -> int:
-    """Where to end a piece: before a space between two non-spaces in its second half, or at PIECE_CHARS."""
-    end = PIECE_CHARS
-    while (space := text.rfind(" ", PIECE_CHARS // 2, end)) > 0:
-        if not text[space - 1].isspace() and not text[space + 1].isspace():
-            return space
-        end = space
+    """Where to end a piece: at the last boundary (_BOUNDARIES, in order) in its second half, or at PIECE_CHARS."""
+    start = PIECE_CHARS // 2
+    window = text[start - 1:PIECE_CHARS + 1]  # a character each side for the look-arounds
+    for boundary in _BOUNDARIES:
+        cuts = [m.start() + start - 1 for m in boundary.finditer(window)]
+        cuts = [c for c in cuts if start <= c < PIECE_CHARS]
+        if cuts:
+            return cuts[-1]
     return PIECE_CHARS
 
 

@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.lifeline import exit_with_parent
+from gpt1.core.progress import warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.inference.decoding import Chunk
@@ -281,7 +282,11 @@ class EngineProcess:
             code = self._process.wait(5) if self._process is not None else None
         except subprocess.TimeoutExpired:
             code = None
-        self._close(f"the engine process exited (exit code {code})" if code else "the engine process has stopped")
+        reason = f"the engine process exited (exit code {code})" if code else "the engine process has stopped"
+        if not self._closed:  # not stopped by stop(): it died (the OOM killer, a crash), and its requests only heard it
+            warn(f"{reason}: {_death(code)}; every request now gets 503 engine_unavailable, and /health 503, "
+                 "until the server is restarted")
+        self._close(reason)
 
     def _close(self, reason: str) -> None:
         """No more submissions; every request still running ends with `reason` as its error."""
@@ -293,6 +298,19 @@ class EngineProcess:
             for request in left:
                 request.ended = True
                 _deliver(request, EngineUnavailable(reason))
+
+
+def _death(code: int | None) -> str:
+    """What an engine process's exit status says: a signal (negative), a status, or none yet."""
+    if code is None:
+        return "its pipe closed, and it had not exited 5 s later"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + (" (out of memory? the OOM killer sends it)" if -code == signal.SIGKILL else "")
+    return f"exit status {code}" + (" (an error of its own, printed above)" if code else "")
 
 
 def _deliver(request: RemoteRequest, item: Chunk | BaseException) -> None:
@@ -375,6 +393,9 @@ if __name__ == "__main__":  # the child: python -m gpt1.inference.engine_process
     # Ctrl-C in a terminal reaches the whole process group: the server shuts down and stops this
     # process through its pipe (or by closing it), without a KeyboardInterrupt traceback from here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A hang-up (closed terminal or SSH session) too: the server takes it as SIGTERM and stops this
+    # process itself, after ending its streams (killed first, it cut them with "exited (exit code -1)").
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _spec = json.loads(sys.argv[1])
     # A parent killed outright (SIGKILL, the OOM killer) neither stops nor kills this process, and
     # one still loading reads no pipe: end it when the parent is gone, not minutes later.

@@ -19,10 +19,12 @@ import asyncio
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from gpt1 import __version__
 from gpt1.core.errors import Gpt1Error
@@ -66,10 +68,11 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
                max_body_bytes: int = MAX_BODY_BYTES,
                body_timeout_s: float = BODY_TIMEOUT_S, model_name: str | None = None,
                stream_interval_ms: float = 0.0, engine: str = "thread", device: str | None = None,
-               dtype: str | None = None) -> FastAPI:
+               dtype: str | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
     """The server for a loaded model (`gpt1.load(dir)`).
 
-    api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>` (else 401);
+    api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>` (else 401); leading and
+        trailing whitespace is not part of it (HTTP strips a header value's);
         without one, a server on a loopback address answers only loopback Host names.
     max_batch: requests generating at once, decoded together (the KV-cache slots).
     max_queue: requests waiting beyond those; more get 503 with `Retry-After`.
@@ -84,10 +87,18 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         in a child process of its own (`gpt1.inference.engine_process`), which loads `llm.path` from
         disk (changes made to `llm.model` in memory are not seen) on `device` in `dtype` (as
         `gpt1.load`'s; default: `llm`'s device and dtype, or "auto" for `LLM.without_weights`).
+    cors_origins: the origins (`https://app.example`, or "*") whose web pages may call the API from a
+        browser (CORS); none by default: a browser lets only the page's own origin read the replies.
     The engine starts in the app's lifespan, or, where none runs (the app mounted in another, a
     TestClient without `with`), at the first request that needs it; then `app.state.engine.stop()`
     stops it (docs/serving.md).
     """
+    if api_key is not None:
+        # Stripped as the client's token is (HTTP strips a header value's whitespace): a key read
+        # with its file's newline would otherwise never match.
+        api_key = api_key.strip()
+        if not api_key:  # the Guard would check nothing, while the chat page asked for a key
+            raise ValueError("api_key is empty; pass None to serve without a key")
     knobs = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
                  compile=compile)
     if engine == "process":
@@ -119,6 +130,9 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
                   description="An OpenAI-compatible API for a gpt1 model, and a chat page at `/`.")
     app.state.engine = engine
     app.state.model_name = name
+    # The address the server listens on, for the Guard's host check: set by gpt1.serve.server's serve()
+    # and background_server(); None (uvicorn run directly) lets the connection's local address decide.
+    app.state.listen_host = None
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -141,5 +155,9 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
 
     add_routes(app, engine, llm.tokenizer, name, auth=api_key is not None, stream_interval=stream_interval_ms / 1000,
                ensure_started=starter.ensure_started)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
+                       state=app.state)
+    if cors_origins:  # outside the Guard: it answers preflights, and its headers reach the Guard's errors too
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     return app

@@ -4,8 +4,13 @@ that answers before FastAPI reads or parses anything.
 - Host check: a server without an API key on a loopback address answers only requests
   addressed to a loopback name: localhost or *.localhost (RFC 6761: resolved on this machine), or
   a loopback address (127.0.0.0/8, ::1). Otherwise a web page the user
-  visits could reach it by DNS rebinding (its own name, re-pointed at 127.0.0.1).
-- API key: `Authorization: Bearer KEY` on every /v1 request, when the server has a key.
+  visits could reach it by DNS rebinding (its own name, re-pointed at 127.0.0.1). The address is
+  the one the server listens on (`state.listen_host`, set by `gpt1.serve.server`), so that a
+  server on 0.0.0.0 reached through 127.0.0.1 (a proxy on the same machine) is not taken for a
+  loopback one; where nobody set it (the app run by uvicorn itself), the address the connection
+  arrived on.
+- API key: `Authorization: Bearer KEY` on every /v1 request, when the server has a key; not on a
+  CORS preflight (OPTIONS), which browsers send without it.
 - Body: at most `max_body_bytes` (413), received within `body_timeout_s` seconds in all (408,
   and the connection is closed), so that slow senders cannot hold connections open; not
   compressed (415 for a `Content-Encoding` other than identity: nothing here decodes one).
@@ -46,6 +51,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _route_path(scope) -> str:
+    """The request's path within this app. Starlette 1.x's Mount and uvicorn's root_path leave the
+    prefix in scope["path"] (/llm/v1/models) and name it in scope["root_path"]; older Starlette
+    stripped it. Either way: /v1/models."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):]
+    return path
+
+
 def _host_name(header: bytes) -> str:
     """'example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
     host = header.decode("latin-1").strip()
@@ -55,8 +70,9 @@ def _host_name(header: bytes) -> str:
 
 
 class Guard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float, state=None):
         self.app = app
+        self.state = state  # the app's: its listen_host, once a server has bound its socket
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
@@ -103,15 +119,20 @@ class Guard:
         head = len(scope.get("raw_path") or b"") + len(scope["query_string"])
         if head + sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEAD_BYTES:
             return head_too_large()
-        server = scope.get("server")
-        if self.api_key is None and server and is_loopback(str(server[0])) and "host" in headers:
+        address = self._listen_host(scope)
+        if self.api_key is None and address and is_loopback(address) and "host" in headers:
             name = _host_name(headers["host"])
             if not is_loopback(name):
                 return ApiError(403, f"the Host header names {name[:100]!r}: this server has no API key and listens on "
-                                     "loopback, so it answers only requests addressed to localhost, 127.0.0.1 or "
-                                     "[::1] (a guard against DNS rebinding); set an API key to serve other names",
+                                     f"the loopback address {address}, so it answers only requests addressed to "
+                                     "localhost, *.localhost or a loopback address (a guard against DNS rebinding); "
+                                     "set an API key to serve other names",
                                 code="invalid_host")
-        if self.api_key is not None and scope["path"].startswith("/v1"):
+        # The path within this app: mounted (`outer.mount("/llm", app)`) or under uvicorn's root_path,
+        # scope["path"] is the whole /llm/v1/..., and a check of it let every request through unkeyed.
+        # Not on OPTIONS: a browser's CORS preflight never carries the key, and a 401 fails the
+        # request it asks for (the preflight itself reaches nothing).
+        if self.api_key is not None and scope["method"] != "OPTIONS" and _route_path(scope).startswith("/v1"):
             scheme, _, token = headers.get("authorization", b"").partition(b" ")
             # compare_digest takes as long for a wrong key as for a right one: no timing oracle.
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
@@ -129,6 +150,14 @@ class Guard:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return self._too_large()
         return None
+
+    def _listen_host(self, scope) -> str | None:
+        """The address the server listens on, else the one the connection arrived on (as
+        conservative: on 0.0.0.0 reached through 127.0.0.1, it is 127.0.0.1)."""
+        if listening := getattr(self.state, "listen_host", None):
+            return listening
+        server = scope.get("server")
+        return str(server[0]) if server else None
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"the request body is larger than {self.max_body_bytes:,} bytes", code="request_too_large")

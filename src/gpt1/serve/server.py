@@ -9,6 +9,7 @@ import contextlib
 import errno
 import gc
 import json
+import signal
 import socket
 import sys
 import threading
@@ -103,6 +104,27 @@ class _Server(uvicorn.Server):
     Left to the app's lifespan, the engine would stop only after uvicorn's graceful period had
     cancelled those requests: plain-text 500s, streams cut without an error, a traceback each."""
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's (take the signals while serving, shut down gracefully, then raise them again for
+        the handlers they had: the CLI's one-line ending), with SIGHUP as well as SIGINT and SIGTERM:
+        left to its default, a hang-up (a closed terminal or SSH session, `kill -HUP`) killed the
+        server at once, its open streams cut without their error event. One ignored (nohup) stays so."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        hangup = getattr(signal, "SIGHUP", None)
+        taken = [*uvicorn.server.HANDLED_SIGNALS,
+                 *([hangup] if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN else [])]
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in taken}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+        for sig in reversed(self._captured_signals):  # several: last first, as uvicorn does
+            signal.raise_signal(sig)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         engine = getattr(getattr(self.config.app, "state", None), "engine", None)
         if engine is not None:
@@ -144,8 +166,16 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
+def _tell_listen_host(app, sock: socket.socket) -> None:
+    """Tell create_app's app the address it listens on: its host check (gpt1.serve.middleware) is
+    for a server on loopback, not for one on 0.0.0.0 that a local proxy reaches through 127.0.0.1."""
+    state = getattr(app, "state", None)
+    if state is not None and hasattr(state, "listen_host"):
+        state.listen_host = sock.getsockname()[0]
+
+
 def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto") -> None:
-    """Serve `app` on the bound socket `sock` until interrupted (Ctrl-C / SIGTERM).
+    """Serve `app` on the bound socket `sock` until interrupted (Ctrl-C / SIGTERM / SIGHUP).
 
     `loop`: uvicorn's event loop, one of EVENT_LOOPS. "auto" is uvloop when it is installed (the
     `serve` extra installs it), else asyncio's. uvloop answers sooner on a CPU; it holds the GIL
@@ -158,6 +188,7 @@ def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto")
             import uvloop  # noqa: F401
         except ImportError:
             raise Gpt1Error("--loop uvloop needs uvloop: pip install uvloop (the `serve` extra has it)") from None
+    _tell_listen_host(app, sock)
     server = _server(app, log_level=log_level, loop=loop, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     # The ~200k objects of the imports and the model will live as long as the server: out of
     # the garbage collector's sight, a full collection takes ~0 ms instead of 130-150 ms (a
@@ -176,6 +207,7 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: st
     """Serve `app` from a background thread; yields its base URL (e.g. http://127.0.0.1:41234).
     head_timeout_s: the time a request's line and headers may take to arrive."""
     sock = bind(host, port)
+    _tell_listen_host(app, sock)
     host, port = sock.getsockname()[:2]
     # A process engine is started here, as `gpt1 serve` does: a child that cannot start (its KV
     # cache does not fit) is then its own Gpt1Error, not a lifespan traceback from uvicorn and

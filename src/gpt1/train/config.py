@@ -113,10 +113,6 @@ class TrainConfig:
         for name in ("muon_lr_scale", "embedding_lr_scale"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise Gpt1Error(f"{name} must be a number > 0, got {getattr(self, name)}")
-        # Refused, not recorded as if it applied (and then refused on resume when changed back).
-        if self.optimizer != "muon" and self.muon_lr_scale != TrainConfig.muon_lr_scale:
-            raise Gpt1Error(f"muon_lr_scale={self.muon_lr_scale:g} applies to optimizer=muon only (this run: "
-                            f"optimizer={self.optimizer})")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise Gpt1Error(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -164,9 +164,10 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
     wanted = {"config": config, "max_steps": max_steps, "world_size": world_size,
               **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE
-    if file.is_file() and ckpt.latest_checkpoint(run_dir) is None:
+    if file.is_file() and ckpt.latest_checkpoint(run_dir) is None and not _has_outputs(run_dir):
         # Stopped before its first checkpoint (out of memory at the first step, say): nothing to resume
         # and nothing lost, so a rerun with another config (the smaller batch_size advised) starts over.
+        # (A finished run whose checkpoints/ was deleted to free the disk still has its model: kept.)
         info(f"{run_dir}: its run stopped before its first checkpoint; starting over")
     elif file.is_file():
         old = read_json(file)
@@ -208,6 +209,11 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
     write_json(file, wanted)
 
 
+def _has_outputs(run_dir: Path) -> bool:
+    """Whether a run dir holds a model a checkpoint wrote (its weights, adapter or base record)."""
+    return any((run_dir / name).exists() for name in (WEIGHTS_FILE, BASE_FILE, "adapter"))
+
+
 def _refuse_other_files(run_dir: Path) -> None:
     """Refuse a folder that holds no run but other files. A new run's lock (`checkpoints/.lock`,
     taken before its train_config.json is written) is no other file: a run killed in between
@@ -236,6 +242,15 @@ def _same_setting(run_dir: Path, key: str, old, new) -> bool:
     if key not in PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
         return False
     if _resolved(old) == _resolved(new):
+        return True
+    # A path recorded resolved that is gone now (the chat data of a finished fine-tune, deleted):
+    # named as typed, relative to here, it is still the same path.
+    prefix = "hf:" if new.startswith("hf:") else ""
+    if not Path(new.removeprefix(prefix)).exists() and old == prefix + str(Path(new.removeprefix(prefix)).resolve()):
+        return True
+    # Chat data read by gpt1 (FOLDER) or by `datasets` (hf:FOLDER) is one source; its fingerprint, checked
+    # apart, tells whether the two read alike (a run begun before gpt1 read folders resumes with hf:).
+    if key == "data" and _resolved(old).removeprefix("hf:") == _resolved(new).removeprefix("hf:"):
         return True
     # A fine-tune records its base's weights and adapter (BASE_FILE): the same elsewhere are the same base.
     base = run_dir / BASE_FILE
@@ -346,7 +361,8 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             schedule_state = BudgetSchedule.state_from_rate(cfg.lr, cfg.warmup, start_step, end,
                                                             group["lr"] / group.get("lr_scale", 1.0))
         if dist.is_main:
-            info(f"resuming {run_dir} from step {start_step:,} of {end:,} ({latest.name})")
+            if start_step < end:  # a finished run says so at the end ("nothing to do"), not "resuming"
+                info(f"resuming {run_dir} from step {start_step:,} of {end:,} ({latest.name})")
             _trim_metrics(run_dir / METRICS_FILE, start_step)
         # Each rank restores its own RNG states (its dropout masks go on as in an uninterrupted run).
         # A checkpoint of an older gpt1 holds rank 0's alone: the other ranks reseed reproducibly.
