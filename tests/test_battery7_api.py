@@ -187,3 +187,18 @@ def test_hf_export_batched_generate_with_left_padding_equals_gpt1(tmp_path, tiny
     with torch.no_grad():
         got = hf.generate(**inputs, do_sample=False, max_new_tokens=8)[:, inputs["input_ids"].shape[1]:].tolist()
     assert got == want
+
+
+def test_library_argument_errors_are_gpt1_errors(tiny_model_dir):
+    # docs/reliability.md: library code raises one exception type; these were ValueErrors, which a
+    # caller catching Gpt1Error (as documented) did not catch.
+    from gpt1.formats.modeldir import load_model
+    from gpt1.serve import create_app
+
+    with pytest.raises(Gpt1Error, match="adapter must be 'merge', 'keep' or 'ignore', got 'merged'"):
+        load_model(tiny_model_dir, adapter="merged")
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    with pytest.raises(Gpt1Error, match="engine must be 'thread' or 'process', got 'proc'"):
+        create_app(llm, engine="proc")
+    with pytest.raises(Gpt1Error, match="device and dtype apply to engine='process'"):
+        create_app(llm, dtype="bfloat16")

@@ -219,7 +219,7 @@ def test_create_app_loads_as_llm_was_loaded_and_refuses_what_the_thread_engine_i
     assert create_app(bf16, engine="process", dtype="float32").state.engine.dtype_name == "float32"
     assert create_app(LLM.without_weights(tiny_model_dir), engine="process").state.engine.dtype_name == "auto"
     for where in ({"dtype": "float32"}, {"device": "cpu"}):
-        with pytest.raises(ValueError, match=r"device and dtype apply to engine='process'; the thread engine runs"):
+        with pytest.raises(Gpt1Error, match=r"device and dtype apply to engine='process'; the thread engine runs"):
             create_app(bf16, **where)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 import gpt1
 from gpt1.cli.serve_cmd import api_key_arg
+from gpt1.core.errors import Gpt1Error
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve import background_server, create_app
 from tests.test_engine_process import process_state
@@ -36,7 +37,7 @@ def test_a_key_read_with_its_newline_is_the_key(llm):
     assert api_key_arg(" sekrit\n") == "sekrit"
     with pytest.raises(argparse.ArgumentTypeError, match="is empty"):
         api_key_arg(" \n")
-    with pytest.raises(ValueError, match="api_key is empty"):
+    with pytest.raises(Gpt1Error, match="api_key is empty"):
         create_app(llm, api_key="\n")
     with background_server(create_app(llm, api_key="sekrit\n")) as url:
         with openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0) as client:

@@ -316,6 +316,7 @@ def run(quick: bool = False) -> list[dict]:
                         sequential_tps, sequential_texts = row["tokens_per_s"], {r["index"]: r["text"] for r in ok}
                     row.update(vs_sequential=row["tokens_per_s"] / sequential_tps if sequential_tps else None,
                                vs_inprocess_batch=row["tokens_per_s"] / inprocess_tps,
+                               inprocess_batch_tokens_per_s=inprocess_tps,  # the ratio's reference, in the row
                                same_replies_as_sequential=all(sequential_texts.get(r["index"]) == r["text"] for r in ok),
                                max_tokens=max_tokens, engine="process" if device == "cuda" else "thread",
                                event_loop=_event_loops()[0], stream_interval_ms=0, model=label, device=device)
@@ -328,6 +329,7 @@ def run(quick: bool = False) -> list[dict]:
                     _load(url, REQUESTS, max_tokens, pool, processes)  # warm-up
                     row, ok = _measure(url, proc, REQUESTS, stream_tokens, pool, processes)
                     row.update(vs_sequential=None, vs_inprocess_batch=row["tokens_per_s"] / stream_inprocess_tps,
+                               inprocess_batch_tokens_per_s=stream_inprocess_tps,
                                same_replies_as_sequential=None, max_tokens=stream_tokens, engine=engine,
                                event_loop=loop, stream_interval_ms=interval, model=label, device=device)
                     rows.append(row)

@@ -243,7 +243,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     if adapter not in ("merge", "keep", "ignore"):
-        raise ValueError(f"adapter must be 'merge', 'keep' or 'ignore', got {adapter!r}")
+        raise Gpt1Error(f"adapter must be 'merge', 'keep' or 'ignore', got {adapter!r}")
     if adapter != "ignore" and (directory / ADAPTER_DIR).is_dir():
         load_adapter(model, directory / ADAPTER_DIR)
         if adapter == "merge":

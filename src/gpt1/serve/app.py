@@ -98,7 +98,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         # with its file's newline would otherwise never match.
         api_key = api_key.strip()
         if not api_key:  # the Guard would check nothing, while the chat page asked for a key
-            raise ValueError("api_key is empty; pass None to serve without a key")
+            raise Gpt1Error("api_key is empty; pass None to serve without a key")
     knobs = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
                  compile=compile)
     if engine == "process":
@@ -108,11 +108,11 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device=device, dtype=dtype, **knobs)
     elif engine == "thread":
         if device is not None or dtype is not None:  # they were ignored: the model is already loaded
-            raise ValueError("device and dtype apply to engine='process'; the thread engine runs llm as loaded "
+            raise Gpt1Error("device and dtype apply to engine='process'; the thread engine runs llm as loaded "
                              "(gpt1.load(path, device=..., dtype=...))")
         engine = Engine(llm.model, llm.tokenizer, **knobs)
     else:
-        raise ValueError(f"engine must be 'thread' or 'process', got {engine!r}")
+        raise Gpt1Error(f"engine must be 'thread' or 'process', got {engine!r}")
     # Resolved: `--model .` (or ..) would be served as "" (or "..") to clients that pick data[0].id.
     name = model_name or (Path(llm.path).resolve().name if getattr(llm, "path", None) else "") or "gpt1"
 
