@@ -241,6 +241,7 @@ def test_bad_flags_and_damaged_run_dirs(tokenizer_dir, tiny_model_dir, corpus_di
     assert not (tmp_path / "d").exists()
     run = tmp_path / "run"
     run.mkdir()
+    (run / "model.safetensors").write_bytes(b"")  # a run with a model to lose (one without starts over)
     (run / "train_config.json").write_text("[1, 2")
     assert run_main(capsys, "prepare", "--tokenizer", tokenizer_dir, "--out", tmp_path / "data", "--val", "4",
                     source)[0] == 0

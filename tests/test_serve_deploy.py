@@ -92,9 +92,12 @@ def test_sighup_ends_open_streams_as_sigterm_does(tiny_config, tokenizer, tmp_pa
     model = endless_model_dir(tiny_config, tokenizer, tmp_path / "endless")
     port = free_port()
     env = {**os.environ, "GPT1_API_KEY": "sekrit\n"}
+    # SIGHUP at its default in the server, as in a terminal: a test run under nohup (or a CI agent
+    # that ignores it) passes SIG_IGN on, and the server rightly keeps ignoring it then.
     proc = subprocess.Popen([sys.executable, "-m", "gpt1", "serve", "--model", str(model), "--port", str(port),
                              "--engine", "thread", "--max-batch", "1", "--log-level", "warning"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     url, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer sekrit"}
     last_events: list[str] = []
 
