@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -66,7 +67,9 @@ def test_json_keeps_the_finished_benchmarks_when_a_later_one_fails(tmp_path, mon
     _fake_benchmarks(monkeypatch, later_fails_with=failure)
     rc, _ = run_main(capsys, "bench", "prepare", "threads", "--json", tmp_path / "bench.json")
     assert rc == (2 if isinstance(failure, Gpt1Error) else 130)
-    assert json.loads((tmp_path / "bench.json").read_text()) == {"prepare": [{"corpus": "fake", "MB": 1.0}]}
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results.pop("environment")["torch"] == torch.__version__
+    assert results == {"prepare": [{"corpus": "fake", "MB": 1.0}]}
 
 
 def test_json_dash_prints_the_results_to_stdout_and_the_tables_to_stderr(tmp_path, monkeypatch, capsys):
@@ -74,8 +77,13 @@ def test_json_dash_prints_the_results_to_stdout_and_the_tables_to_stderr(tmp_pat
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "prepare", "threads", "--json", "-"]) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"prepare": [{"corpus": "fake", "MB": 1.0}], "threads": [{"threads": 1}]}
+    results = json.loads(out)
+    env = results.pop("environment")  # when and where: a README table says where its rows came from
+    assert results == {"prepare": [{"corpus": "fake", "MB": 1.0}], "threads": [{"threads": 1}]}
+    assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
+    assert env["cpu_cores"] == os.cpu_count() and env["gpus"] == [] and env["date"].startswith("20")
     assert "## prepare" in err and "## threads" in err
+    assert f"torch {torch.__version__}, Python {platform.python_version()}" in err.splitlines()[0]
     assert not (tmp_path / "-").exists()
 
 

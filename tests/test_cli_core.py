@@ -70,6 +70,23 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, corpus_
     assert any(line.startswith("prepare: 100%") for line in result.stderr.splitlines()), result.stderr
 
 
+def test_a_plain_bar_prints_its_last_state_once(monkeypatch, capsys):
+    """Closing a bar redrew its last state with only the clock moved on: every training log
+    ended with two 100% lines. A line with a new count or postfix is still printed."""
+    from gpt1.core import progress as progress_module
+
+    monkeypatch.setattr(progress_module, "PLAIN_INTERVAL", 0.0)  # a line at every update
+    monkeypatch.setenv("GPT1_QUIET", "0")
+    bar = progress_module.progress(total=3, desc="run", unit="step")
+    for _ in range(3):
+        bar.update(1)
+    bar.set_postfix(val="5.0")  # a validation at the end: new information, a line of its own
+    bar.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run:")]
+    assert [line.split("|")[2].split(" [")[0].strip() for line in lines] == ["0/3", "1/3", "2/3", "3/3", "3/3"], lines
+    assert "val=5.0" not in lines[-2] and "val=5.0" in lines[-1]
+
+
 def test_gpt1_debug_prints_the_traceback_and_the_same_line(tmp_path):
     import os
 
@@ -135,7 +152,7 @@ def test_a_prepare_out_that_is_or_lies_under_a_file_is_one_clear_line(tmp_path, 
 @pytest.mark.parametrize("argv, pattern", [
     (["prepare", "--batch-docs", "0"], r"--batch-docs: expected a whole number >= 1, got 0"),
     (["prepare", "--batch-docs", "-5"], r"--batch-docs: expected a whole number >= 1, got -5"),
-    (["tokenizer", "train", "--vocab-size", "300", "--min-frequency", "-1"], r"--min-frequency must be a whole number >= 0 .*got -1"),
+    (["tokenizer", "train", "--vocab-size", "300", "--min-frequency", "-1"], r"min_frequency \(--min-frequency\) must be a whole number >= 0 .*got -1"),
 ])
 def test_a_bad_count_flag_is_one_clear_line(tmp_path, tokenizer_dir, corpus_dir, capsys, argv, pattern):
     from tests.test_battery import assert_one_clear_line, run_main
@@ -301,6 +318,25 @@ def test_plot_of_two_metrics_files_in_one_folder_draws_two_named_rows(tmp_path, 
     assert drawn[-1] == ["a", "b"] and Image.open("two.png").height == 2 * Image.open("one.png").height
     assert run_main(capsys, "plot", "x/m.jsonl", "y/m.jsonl", "run", "run/metrics.jsonl", "--out", "four.png")[0] == 0
     assert drawn[-1] == ["x/m.jsonl", "y/m.jsonl", "run", "run/metrics.jsonl"]
+
+
+@pytest.mark.parametrize("first, last", [(400.0, 68.0), (294.0, 197.0), (3e4, 12.0)])
+def test_the_perplexity_axis_has_labels_to_read_values_from(tmp_path, first, last):
+    """A log axis over 400 -> 68 had one label (10^2), over 294 -> 197 two: no value could be read."""
+    import math
+
+    from gpt1.train.plot import _draw
+
+    steps = range(0, 1100, 100)
+    values = [math.log(first) + (math.log(last) - math.log(first)) * i / 10 for i in range(11)]
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "val_loss": {v}}}\n' for s, v in zip(steps, values)))
+    fig = _draw({"run": tmp_path / "metrics.jsonl"})
+    fig.canvas.draw()
+    ax = fig.axes[1]
+    low, high = ax.get_ylim()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text() and low <= t.get_position()[1] <= high]
+    assert len(labels) >= 3, labels
+    assert ax.get_yscale() == ("linear" if first < 10 * last else "log")
 
 
 def test_help_says_a_default_once_and_only_when_it_tells_something():

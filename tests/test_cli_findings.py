@@ -96,7 +96,7 @@ def test_bench_writes_one_document_into_a_fifo(tmp_path):
     result = gpt1("bench", "--quick", "prepare", "generate", "--json", fifo, timeout=120)
     reader.join(10)
     assert result.returncode == 0, result.stderr
-    assert fifo.is_fifo() and list(json.loads(got[0])) == ["prepare", "generate"]
+    assert fifo.is_fifo() and list(json.loads(got[0])) == ["environment", "prepare", "generate"]
 
 
 def test_a_descriptor_path_is_written_into_the_open_file(tmp_path):

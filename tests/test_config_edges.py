@@ -117,3 +117,18 @@ def test_a_chat_folder_read_by_gpt1_or_by_datasets_is_one_source(tmp_path):
     assert _same_setting(tmp_path, "data", folder, "hf:" + folder)
     assert not _same_setting(tmp_path, "init_from", folder, "hf:" + folder)  # a GPT-2 import is another base
     assert not _same_setting(tmp_path, "data", folder, str(tmp_path))
+
+
+def test_a_path_key_starting_with_a_tilde_is_under_the_home_folder(tmp_path, monkeypatch):
+    """`data=~/chats.jsonl` reached the readers as a folder named `~` in the current one: TOML never
+    expands it, nor does zsh (macOS's shell) in an argument such as `data=~/x`."""
+    from gpt1.train.finetune import FinetuneConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('data = ["~/a.jsonl", "hf:~/chats", "OpenAssistant/oasst2"]\ninit_from = "~/base"\n')
+    cfg = load_config(FinetuneConfig, recipe)
+    assert cfg.data == [f"{tmp_path}/a.jsonl", f"hf:{tmp_path}/chats", "OpenAssistant/oasst2"]
+    assert cfg.init_from == f"{tmp_path}/base"
+    assert load_config(FinetuneConfig, None, ["data=~/b.jsonl"]).data == f"{tmp_path}/b.jsonl"
+    assert load_config(FinetuneConfig, None, ["data=a~b"]).data == "a~b"  # a tilde inside a name stays

@@ -188,3 +188,21 @@ def test_a_hellaswag_ending_emptied_by_its_cleaning_is_never_chosen_by_acc_norm(
         lls = np.array([r["loglikelihood"] for r in sample["requests"][1:]])
         lengths = np.array([len(r["continuation"]) - 1 for r in sample["requests"][1:]])
         assert sample["acc_norm"] == float(1 + int(np.argmax(lls / lengths)) == sample["gold"])
+
+
+def test_a_precision_name_it_does_not_know_is_refused_not_run_as_bf16(tiny_model_dir, tmp_path):
+    """autocast() took any name but fp32/fp16-mixed for bf16: the library's evaluate_data and
+    Scorer ran `precision="fp16"` (a typo) in bf16 and reported it as fp16."""
+    import gpt1
+    from gpt1.core.errors import Gpt1Error
+    from gpt1.train.evaluate import evaluate_data
+    from gpt1.train.harness import Scorer
+
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    text = tmp_path / "t.txt"
+    text.write_text("one two three four five six seven eight nine ten\n" * 4)
+    with pytest.raises(Gpt1Error, match=r"precision must be one of fp32, fp16-mixed, bf16-mixed, got 'fp16'"):
+        evaluate_data(llm, str(text), precision="fp16", show_progress=False)
+    with pytest.raises(Gpt1Error, match=r"got 'bf16'"):
+        Scorer(llm.model, precision="bf16")
+    assert evaluate_data(llm, str(text), precision="bf16-mixed", show_progress=False).loss > 0

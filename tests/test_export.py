@@ -340,7 +340,9 @@ def test_finetune_refuses_a_gpt2_without_a_gpt1_tokenizer(tmp_path, capsys):
     (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": CHAT[1:3]}) + "\n")
     assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--data", str(tmp_path / "chats.jsonl"),
                  "--out", str(tmp_path / "ft")]) == 2
-    assert "tokenizer is not gpt1-compatible" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the reason, not "[PAD]=0, [UNK]=1, [EOS]=2 are needed" of a tokenizer that had them
+    assert "tokenizer.json: not a gpt1 tokenizer (a None pre-tokenizer)" in err
+    assert "chat fine-tuning needs gpt1's tokenizer" in err
     # Without any tokenizer.json it said the same, of a tokenizer that is not there.
     (tmp_path / "gpt2" / "tokenizer.json").unlink()
     assert main(["finetune", "--base", str(tmp_path / "gpt2"), "--data", str(tmp_path / "chats.jsonl"),
@@ -398,3 +400,26 @@ def test_generation_config_defaults_stop_at_the_context(tmp_path, tiny_config, t
     with torch.no_grad():
         out = hf.generate(torch.tensor([tokenizer.encode(TEXT)[:10]]))  # the export's defaults: sampling, length
     assert out.shape == (1, tiny_config.block_size) == (1, hf.config.n_positions)
+
+
+def test_a_tokenizer_saved_again_by_transformers_is_still_gpt1s(tmp_path, tiny_model_dir):
+    """transformers 5 writes a TemplateProcessing post-processor that adds nothing when it saves a
+    tokenizer (`"single": [A]`): the merge_and_unload + save_pretrained folder that gpt1's own
+    import error suggests was refused as "not a gpt1 tokenizer", and finetune --base said its
+    [PAD]/[UNK]/[EOS] were missing. One that adds a token stays refused."""
+    from transformers import AutoTokenizer
+
+    from gpt1.core.tokenizer import Tokenizer
+
+    export_model(tiny_model_dir, tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "again")
+    file = tmp_path / "again" / "tokenizer.json"
+    saved = json.loads(file.read_text())
+    text = "Hello [EOS] world\r\n  \u00e9t\u00e9 \U0001f469\u200d\U0001f4bb 12345"
+    assert Tokenizer.load(file).encode(text) == Tokenizer.load(tiny_model_dir).encode(text)
+    saved["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "[EOS]", "type_id": 0}},
+                                                                       {"Sequence": {"id": "A", "type_id": 0}}],
+                               "pair": [], "special_tokens": {"[EOS]": {"id": "[EOS]", "ids": [2], "tokens": ["[EOS]"]}}}
+    file.write_text(json.dumps(saved))
+    with pytest.raises(Gpt1Error, match="not a gpt1 tokenizer .a TemplateProcessing post-processor that adds tokens"):
+        Tokenizer.load(file)

@@ -48,7 +48,7 @@ def test_every_document_once_with_eos_and_a_deterministic_split(small_corpus, to
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     prepare([str(small_corpus)], tokenizer, tmp_path / "c", val=0.3, seed=8)
     assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
-    with pytest.raises(Gpt1Error, match="--batch-docs must be a whole number >= 1, got 0"):
+    with pytest.raises(Gpt1Error, match=r"batch_docs \(--batch-docs\) must be a whole number >= 1, got 0"):
         prepare([str(small_corpus)], tokenizer, tmp_path / "d", batch_docs=0)
 
 
@@ -175,13 +175,13 @@ def test_bad_inputs(tmp_path, tokenizer, small_corpus):
     with pytest.raises(Gpt1Error, match="the corpus is empty"):
         prepare([str(tmp_path / "empty")], tokenizer, tmp_path / "out", val=1)
     assert not (tmp_path / "out" / "meta.json").exists() and not (tmp_path / "out" / "train.bin").exists()
-    with pytest.raises(Gpt1Error, match="--val must be"):
+    with pytest.raises(Gpt1Error, match=r"val \(--val\) must be"):
         prepare([str(small_corpus)], tokenizer, tmp_path / "out2", val=float("inf"))
-    with pytest.raises(Gpt1Error, match="--max-documents must be a whole number >= 1, got -1"):
+    with pytest.raises(Gpt1Error, match=r"max_documents \(--max-documents\) must be a whole number >= 1, got -1"):
         prepare([str(small_corpus)], tokenizer, tmp_path / "out2", max_documents=-1)
     with pytest.raises(Gpt1Error, match="every one of the"):
         prepare([str(small_corpus)], tokenizer, tmp_path / "out3", val=10_000)
-    with pytest.raises(Gpt1Error, match="--val must be"):
+    with pytest.raises(Gpt1Error, match=r"val \(--val\) must be"):
         prepare([str(small_corpus)], tokenizer, tmp_path / "out4", val=2.5)
     big = type(tokenizer).load(tokenizer.save(tmp_path / "big"))
     big.backend.add_tokens([AddedToken(f"tok{i}", normalized=False) for i in range(66_000)])

@@ -425,6 +425,8 @@ def test_lone_surrogate_in_any_field_is_a_400(server, stream):
         error = r.json()["error"]
         assert error["param"].startswith(field) and "lone surrogate" in error["message"]
         assert error["code"] == "invalid_unicode"
+        if field == "stop":  # which item: "at character 0" was of an item the message did not name
+            assert "a lone surrogate at character 0 of item 1" in error["message"], error
 
 
 def test_more_prompts_than_the_server_holds_is_a_400_not_a_503(llm):

@@ -4,6 +4,7 @@ proxy, browsers on other origins, hang-ups, an engine process that dies. Real se
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from gpt1.cli.serve_cmd import api_key_arg
 from gpt1.core.errors import Gpt1Error
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve import background_server, create_app
+from gpt1.serve.server import bind, serve
 from tests.test_engine_process import process_state
 from tests.test_serve_api import MSG, endless_model_dir, free_port, served_health, wait_for
 
@@ -161,7 +163,7 @@ def test_an_engine_process_that_dies_says_so_in_the_log(llm):
         engine.stop()
     assert handler.lines == [
         "the engine process exited (exit code -9): killed by SIGKILL (out of memory? the OOM killer sends it); "
-        "every request now gets 503 engine_unavailable, and /health 503, until the server is restarted"]
+        "every request now gets 503 engine_unavailable, and /health 503"]
     assert process_state(engine.pid) == ""
 
 
@@ -174,3 +176,78 @@ def test_an_engine_process_stopped_logs_nothing(llm):
     finally:
         logger.removeHandler(handler)
     assert handler.lines == []
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_server_whose_engine_process_dies_stops_with_the_reason(tiny_config, tokenizer, tmp_path):
+    """It stayed up answering every request 503: a supervisor that restarts a process when it exits
+    (systemd's Restart=on-failure, a container's restart policy) never restarted it. Now the open
+    stream hears why, then `serve` ends with a Gpt1Error (the CLI's one line, exit status 2)."""
+    endless = gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path / "endless"), device="cpu")
+    app = create_app(endless, engine="process", max_batch=1)
+    engine = app.state.engine.start()
+    sock = bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    ended: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            serve(app, sock, log_level="warning")
+            ended.append(None)
+        except BaseException as e:  # noqa: BLE001 - what serve() raised is the result
+            ended.append(e)
+        finally:
+            gc.unfreeze()  # serve() froze this test process's objects
+
+    server = threading.Thread(target=run, daemon=True)
+    server.start()
+    try:
+        wait_for(lambda: _answers(f"{url}/health"), timeout=30, what="the server to start")
+        body = {"model": "m", "prompt": "x", "max_tokens": 8000, "temperature": 1.0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.strip()).startswith("data: ")
+            os.kill(engine.pid, signal.SIGKILL)
+            last = [line for line in lines if line.strip()][-1]
+        server.join(30)
+    finally:
+        engine.stop()
+    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "engine_unavailable"
+    assert not server.is_alive() and isinstance(ended[0], Gpt1Error), ended
+    assert str(ended[0]) == ("the engine process exited (exit code -9): killed by SIGKILL (out of memory? the OOM "
+                             "killer sends it); the server stopped (restart it; a supervisor does)")
+
+
+# ---- apps made and dropped -----------------------------------------------------------------------
+def test_an_app_dropped_frees_its_engine(llm):
+    """FastAPI keeps every endpoint function it has seen in process-wide caches, and the endpoints
+    were closures over the engine: 20 create_app calls held 20 KV caches for the process's life."""
+    import weakref
+
+    engines = []
+    for _ in range(3):
+        app = create_app(llm)
+        with background_server(app) as url:
+            assert httpx.get(f"{url}/health").status_code == 200
+        engines.append(weakref.ref(app.state.engine))
+        del app
+    gc.collect()
+    assert [ref() for ref in engines] == [None, None, None]
+
+
+def test_an_app_served_once_follows_the_server_that_runs_it_next(llm):
+    """background_server left its listening address on the app: a TestClient (Host: testserver)
+    on the same app afterwards got 403 "listens on the loopback address 127.0.0.1"."""
+    from starlette.testclient import TestClient
+
+    app = create_app(llm)
+    with background_server(app) as url:
+        assert httpx.get(f"{url}/v1/models").status_code == 200
+    with TestClient(app) as client:
+        assert client.get("/v1/models").status_code == 200

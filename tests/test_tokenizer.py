@@ -62,7 +62,7 @@ def test_corpus_too_small_for_vocab():
 def test_min_frequency_is_a_count_from_zero():
     """The library takes an unsigned 64-bit count: a negative one was an OverflowError from it,
     a larger one means the same as its maximum (no pair occurs that often)."""
-    with pytest.raises(Gpt1Error, match="--min-frequency must be a whole number >= 0 .*got -1"):
+    with pytest.raises(Gpt1Error, match=r"min_frequency \(--min-frequency\) must be a whole number >= 0 .*got -1"):
         train_tokenizer(["hello hello"], MIN_VOCAB_SIZE + 1, min_frequency=-1, show_progress=False)
     with pytest.raises(Gpt1Error, match="too small to learn"):
         train_tokenizer(["hello hello"], MIN_VOCAB_SIZE + 1, min_frequency=10**30, show_progress=False)

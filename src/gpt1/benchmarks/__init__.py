@@ -1,6 +1,8 @@
 """Throughput benchmarks, each `run(quick=False) -> list[dict]`, printed as a table by `gpt1 bench`."""
 
 import contextlib
+import datetime
+import importlib.metadata
 import json
 import os
 import sys
@@ -31,3 +33,21 @@ def fixed_threads():
         else:
             os.environ["OMP_NUM_THREADS"] = saved
         torch.set_num_threads(threads)
+
+
+def environment() -> dict:
+    """What a row's numbers depend on beyond the code (`gpt1.core.environment`: versions, OS, CPU,
+    torch's threads), with the date, transformers' version and the GPUs' names. `gpt1 bench`
+    records it with the rows, so that a table in the README can say where it came from and two
+    result files can be compared fairly."""
+    import torch
+
+    from gpt1.core import environment as core
+
+    try:
+        transformers = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        transformers = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **core.environment(), "transformers": transformers,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}

@@ -37,7 +37,8 @@ import threading
 import traceback
 
 from gpt1 import __version__
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, address_space_limit, open_files_hint, threads_hint
+from gpt1.core.malloc import fit_arenas_to_address_limit
 from gpt1.core.progress import printable, setup_console_logging
 
 # Subcommands in the order `gpt1 --help` lists them; a module that is not there is skipped.
@@ -206,6 +207,7 @@ def _stdout_gone() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    fit_arenas_to_address_limit()  # before any thread allocates (torch's, the tokenizers'): see gpt1.core.malloc
     closed = _standard_streams()
     with _interrupts_held():
         parser = build_parser()
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as e:
         if not _said_by_another_process():
             how = " (hang-up: SIGHUP)" if e.signum != signal.SIGTERM else ""
-            print(f"gpt1 {command}: terminated{how}{_resume_hint(args)}", file=sys.stderr)
+            _say(f"gpt1 {command}: terminated{how}{_resume_hint(args)}")
         return 128 + e.signum
     except Gpt1Error as e:
         if _said_by_another_process(e):
@@ -252,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         _stdout_gone()
         return 128 + getattr(signal, "SIGPIPE", 13)
     except OSError as e:
+        # Out of file descriptors (`ulimit -n`), wherever in the command: one line naming the limit.
+        if (hint := open_files_hint(e)) is not None:
+            where = f"{os.fsdecode(e.filename)}: cannot open" if e.filename is not None else "cannot open a file or socket"
+            return _error(command, f"{where} ({e.strerror}); {hint}")
         if e.errno not in UNWRITABLE:
             raise
         # Every writing command meets these the same way (a read-only --out, a full disk, a
@@ -265,20 +271,34 @@ def main(argv: list[str] | None = None) -> int:
         return _error(command, f"{e.filename}: cannot write ({e.strerror}); {hint}")
     except KeyboardInterrupt:
         if not _said_by_another_process():
-            print(f"\ngpt1 {command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+            _say(f"\ngpt1 {command}: interrupted{_resume_hint(args)}")
         return 130
+    except MemoryError:  # Python's own allocations (an import, a file read) under `ulimit -v`
+        return _out_of_memory(command, "an allocation failed")
     except RuntimeError as e:  # torch.OutOfMemoryError (a GPU's) is one; the CPU allocator's is a plain one
+        if "can't start new thread" in str(e):  # Python's threading, at `ulimit -u` or a pids limit
+            return _error(command, f"cannot start a thread ({e}); {threads_hint()}")
         if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
             raise
         asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
         size = (f"{int(asked[1]) / 2**30:.2f} GiB" if asked[1] else asked[2]) if asked else None
-        what = f"an allocation of {size} failed" if size else str(e).strip().splitlines()[0]
-        return _error(command, f"out of memory: {what}; {OUT_OF_MEMORY.get(command, OOM_HINT)}")
+        return _out_of_memory(command, f"an allocation of {size} failed" if size else str(e).strip().splitlines()[0])
+
+
+def _out_of_memory(command: str, what: str) -> int:
+    hint = OUT_OF_MEMORY.get(command)
+    if hint is None:  # nothing of the command's own to lower: the limit, if one is set, may be what ran out
+        limit = address_space_limit()
+        hint = OOM_HINT if limit is None else \
+            f"raise the address-space limit (ulimit -v, now {limit // 1024}) or use a machine with more free memory"
+    return _error(command, f"out of memory: {what}; {hint}")
 
 
 # What to lower when a command runs out of memory (a traceback before).
-OOM_HINT = "lower --batch-size, or use a machine with more memory"
+OOM_HINT = "use a machine with more free memory"
 OUT_OF_MEMORY = {
+    "eval": "lower --batch-size, or use a machine with more memory",
+    "prepare": "lower --batch-docs, or use a machine with more memory",
     "pretrain": "lower batch_size (grad_accum=N keeps the tokens per step), the model's shape (model, n_layer, "
                 "n_embd, block_size), or set gradient_checkpointing=true",
     "finetune": "lower batch_size (grad_accum=N keeps the tokens per step), or set gradient_checkpointing=true",
@@ -366,11 +386,26 @@ def _sigterm_raises(enabled: bool = True):
 
 def _error(command: str, message: str) -> int:
     if debug_enabled():
-        traceback.print_exc()
+        with contextlib.suppress(OSError, ValueError):
+            traceback.print_exc()
     # A message quoting a library's may hold newlines; spaces inside it (a quoted value) stay.
     one_line = printable(re.sub(r"\s*\n\s*", " ", message.strip()))  # names from files made elsewhere
-    print(f"gpt1 {command}: error: {one_line}", file=sys.stderr)
+    _say(f"gpt1 {command}: error: {one_line}")
     return 2
+
+
+def _say(line: str) -> None:
+    """Write the command's last line to stderr. A stderr that cannot take it (a log file at its
+    `ulimit -f` or on a full disk) must not change the exit status that a supervisor reads: a
+    SIGTERM's 143 became 1 with the failed write's traceback. What is left unwritten goes to
+    /dev/null, or Python's flush at exit would fail again (exit status 120)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # ValueError: stderr closed (a test's stream, a caller's)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
 
 
 def _stdin_not_utf8(error: UnicodeError) -> tuple[str, int]:
@@ -399,5 +434,5 @@ def run() -> None:
         sys.exit(main())
     except KeyboardInterrupt:  # before a command started: while the parser was built or read argv
         if not _said_by_another_process():
-            print("\ngpt1: interrupted", file=sys.stderr)
+            _say("\ngpt1: interrupted")
         sys.exit(130)

@@ -49,6 +49,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_environment(env: dict) -> str:
+    """One line saying when and where the rows below were measured."""
+    gpus = ", ".join(env["gpus"]) or "no GPU"
+    gpt1 = env["gpt1"] + (f" ({env['git']})" if env.get("git") else "")
+    return (f"gpt1 {gpt1}, torch {env['torch']}, Python {env['python']}, {env['os']}; "
+            f"{env['cpu']} ({env['cpu_cores']} cores, {env['threads']} torch threads), {gpus}; {env['date']}")
+
+
 def bench_command(args: argparse.Namespace) -> int:
     names = list(dict.fromkeys(args.names or BENCHMARKS))  # a name given twice runs once
     unknown = [n for n in names if n not in BENCHMARKS + ON_REQUEST]
@@ -65,7 +73,10 @@ def bench_command(args: argparse.Namespace) -> int:
     rewrite = args.json and not to_stdout and not is_stream(Path(args.json))
     modules = {name: _benchmark(name) for name in names}
     _check_requirements(modules)  # before any work: not a traceback after the first benchmarks' minutes
-    results = {}
+    from gpt1.benchmarks import environment
+
+    results: dict = {"environment": environment()}
+    print(format_environment(results["environment"]), file=sys.stderr if to_stdout else sys.stdout, flush=True)
     for name, module in modules.items():
         results[name] = rows = module.run(quick=args.quick)
         # With the JSON on stdout, the tables go to stderr: stdout stays one JSON document.

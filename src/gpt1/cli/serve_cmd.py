@@ -120,6 +120,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from gpt1.inference.llm import LLM
 
     bind, create_app, serve = _import_serve()
+    from gpt1.serve.server import raise_open_file_limit
     if not 0 <= args.port <= 65535:
         raise Gpt1Error(f"--port must be in [0, 65535], got {args.port}")
     api_key = args.api_key if args.api_key is not None else clean_api_key(os.environ.get(API_KEY_ENV, "")) or None
@@ -131,6 +132,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise Gpt1Error(f"--body-timeout must be > 0 seconds, got {args.body_timeout}")
     if not 0 <= args.stream_interval <= 10_000:  # also refuses nan
         raise Gpt1Error(f"--stream-interval must be in [0, 10000] milliseconds, got {args.stream_interval}")
+    raise_open_file_limit()  # before the engine's process starts, which inherits it
     device = resolve_device(args.device)
     # The process engine passes pipes as inherited file descriptors: POSIX only.
     engine = (args.engine if args.engine != "auto" else
@@ -162,9 +164,28 @@ def serve_command(args: argparse.Namespace) -> int:
     info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "
          f"{engine.kv_bytes / 2**20:,.1f} MiB of {engine.dtype_name} on {engine.device} (--max-batch {engine.max_batch})"
          + (", in the engine's own process (--engine process)" if not isinstance(engine, Engine) else ""))
+    _check_open_file_limit(args.max_batch, args.max_queue)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
-    info(f"serving {llm.path} on http://{host}:{port} (chat page at /, API at /v1, docs at /docs)"
-         + (", API key required" if api_key else ""))
-    serve(app, sock, log_level=args.log_level, loop=args.loop)
+    # Said once the server takes connections: a server that fails to start has served nothing.
+    serving = (f"serving {llm.path} on http://{host}:{port} (chat page at /, API at /v1, docs at /docs)"
+               + (", API key required" if api_key else ""))
+    serve(app, sock, log_level=args.log_level, loop=args.loop, on_started=lambda: info(serving))
     return 0
+
+
+def _check_open_file_limit(max_batch: int, max_queue: int) -> None:
+    """Warn when the open-file limit (raised as far as it goes at start) leaves fewer descriptors
+    than the server may use: a connection each, for every slot and queue place. Beyond it, new
+    connections are dropped without an answer."""
+    from gpt1.serve.server import START_DESCRIPTORS, open_descriptors, open_file_limit
+
+    limit, in_use = open_file_limit(), open_descriptors()
+    if limit is None or in_use is None:
+        return
+    needed = in_use + START_DESCRIPTORS + max_batch + max_queue
+    if in_use + START_DESCRIPTORS <= limit < needed:  # below that, serve() refuses to start: its own line
+        warn(f"the open-file limit (ulimit -n) is {limit}, below the {needed} descriptors this server may use ({in_use} "
+             f"open, {START_DESCRIPTORS} for its event loop, one per connection for --max-batch {max_batch} + "
+             f"--max-queue {max_queue}): connections beyond it are dropped; raise the limit (ulimit -n, "
+             "LimitNOFILE= in a systemd unit, docker run --ulimit nofile=)")

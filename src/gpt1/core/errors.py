@@ -1,8 +1,19 @@
 """The one exception type gpt1 raises for bad input.
 
 Library code raises `Gpt1Error` with a message that names the file, line or field and what
-was expected; the CLI prints that message as one line on stderr and exits non-zero.
+was expected; the CLI prints that message as one line on stderr and exits non-zero. The limits
+of the process (`ulimit -n`, `-u`, `-v`) are no bad input, but their errors are told the same
+way, with the limit to raise (`open_files_hint`, `threads_hint`).
 """
+
+from __future__ import annotations
+
+import errno
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 
 class Gpt1Error(Exception):
@@ -24,3 +35,41 @@ def first_line(error: BaseException) -> str:
     """'TypeName: the first line of its message' (compile errors run to a hundred lines)."""
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def open_files_hint(error: OSError) -> str | None:
+    """How to get more file descriptors, when `error` is for want of one (EMFILE: this process's
+    `ulimit -n`; ENFILE: the whole system's table); None for any other error."""
+    if error.errno == errno.EMFILE:
+        return f"raise the open-file limit (ulimit -n{_now('RLIMIT_NOFILE')})"
+    if error.errno == errno.ENFILE:
+        return "the system's table of open files is full: close files elsewhere or raise it (sysctl fs.file-max)"
+    return None
+
+
+def threads_hint() -> str:
+    """How to allow more threads, after one could not start (Python's "can't start new thread",
+    EAGAIN from clone or fork). The usual cause is a limit on processes and threads: `ulimit -u`
+    (root is exempt), or a container's pids limit (cgroup pids.max); under `ulimit -v`, the stack
+    each thread maps (`ulimit -s` of it) may not fit either."""
+    hint = f"raise the limit on processes and threads (ulimit -u{_now('RLIMIT_NPROC')}) or the container's pids limit"
+    address_space = address_space_limit()
+    if address_space is not None:
+        hint += f", or the address-space limit each thread's stack takes from (ulimit -v {address_space // 1024})"
+    return hint
+
+
+def address_space_limit() -> int | None:
+    """The process's address-space limit in bytes (`ulimit -v`, RLIMIT_AS); None when unlimited."""
+    if resource is None:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
+def _now(name: str) -> str:
+    """', now N': the soft limit `resource.NAME` is at, where it is finite and known."""
+    if resource is None or not hasattr(resource, name):
+        return ""
+    soft = resource.getrlimit(getattr(resource, name))[0]
+    return "" if soft == resource.RLIM_INFINITY else f", now {soft}"

@@ -34,9 +34,9 @@ import sys
 import tempfile
 from itertools import takewhile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, open_files_hint
 
 if sys.platform == "win32":  # no flock, and no os.kill(pid, 0) probe: see `_try_lock`, `_alive_windows`
     import ctypes
@@ -705,13 +705,27 @@ def read_bytes(path: str | os.PathLike, limit: int) -> bytes:
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             _check_small_file(path, st.st_mode, st.st_size, limit)
-            data = f.read(limit + 1)
+            data = _read_at_most(f, st.st_size, limit)
     except FileNotFoundError:
         raise Gpt1Error(f"{path}: file not found") from None
     except OSError as e:  # permission denied, a loop of links: the CLI would word it as a failed write
-        raise Gpt1Error(f"{path}: cannot read ({e.strerror})") from None
+        hint = open_files_hint(e)
+        raise Gpt1Error(f"{path}: cannot read ({e.strerror}){f'; {hint}' if hint else ''}") from None
     _check_small_file(path, stat.S_IFREG, len(data), limit)  # it grew since the stat
     return data
+
+
+def _read_at_most(f: BinaryIO, size: int, limit: int) -> bytes:
+    """The bytes of `f` up to `limit` + 1 (one more tells a file that grew past the limit), in a
+    buffer the size the file has: `f.read(n)` allocates all n bytes first, so reading a 265-byte
+    config.json with read(limit + 1) took 64 MiB and failed under `ulimit -v`. A file longer than
+    its stat said (it grew, or /proc's, which say 0) is read on in steps of 1 MiB."""
+    data = bytearray()
+    want = min(size, limit) + 1
+    while len(data) <= limit and (chunk := f.read(want)):
+        data += chunk
+        want = min(1 << 20, limit + 1 - len(data))
+    return bytes(data)
 
 
 _NOT_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),

@@ -13,6 +13,13 @@ it with glibc, which every Linux Python already has. It is a process-wide settin
 `torch.set_num_threads`): the training loop applies it when it trains on a CPU. Environment
 variables win: a process started with MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ set keeps
 its own choice, and elsewhere than glibc (macOS, musl) nothing changes.
+
+Under an address-space limit (`ulimit -v`, RLIMIT_AS) glibc's arenas are capped too
+(`fit_arenas_to_address_limit`, which the CLI applies before a command starts): each thread that
+allocates gets an arena of its own, up to 8 per core, and each reserves 64 MiB of address space
+at once. The tokenizers' threads of `gpt1 prepare` took them until Rust's allocator aborted the
+process ("memory allocation of 1 bytes failed", SIGABRT) under a limit that
+`MALLOC_ARENA_MAX=1` fitted in.
 """
 
 from __future__ import annotations
@@ -21,8 +28,15 @@ import ctypes
 import os
 import platform
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+ARENA_BYTES = 64 * 2**20  # the address space one arena reserves (HEAP_MAX_SIZE on 64-bit)
 # Allocations below MMAP_THRESHOLD come from the heap; up to TRIM_THRESHOLD of free memory at its
 # top is kept for reuse. Larger allocations (a 257M model's weights, its optimizer state) are
 # still mapped and returned to the system when freed.
@@ -37,12 +51,39 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if platform.libc_ver()[0] != "glibc" or any(
-            name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+def fit_arenas_to_address_limit() -> int | None:
+    """Under an address-space limit, cap glibc's malloc arenas (see the module docstring) at one
+    per 8 x 64 MiB of the limit, at least 2: the main thread's and one that the other threads
+    share. Their reservations then take at most about an eighth of the limit (128 MiB of a 900 MB
+    `ulimit -v`, where glibc's default lets 2 cores make 16 arenas: 1 GiB), while a large limit
+    keeps an arena per thread, up to glibc's own default (8 per core), so that threads that
+    allocate at once (the tokenizers') do not wait on each other's lock. Returns the cap set, or
+    None: no limit, not glibc, or MALLOC_ARENA_MAX / GLIBC_TUNABLES' arena_max set (the
+    environment's choice wins). Call it before the threads start: an arena once made stays."""
+    if resource is None or "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    libc = _glibc() if limit != resource.RLIM_INFINITY else None
+    if libc is None:
+        return None
+    arenas = min(max(2, limit // (8 * ARENA_BYTES)), 8 * (os.cpu_count() or 1))
+    return arenas if libc.mallopt(M_ARENA_MAX, arenas) else None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, whose `mallopt` these settings are; None elsewhere (macOS, musl, Windows)."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None

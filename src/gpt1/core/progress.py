@@ -59,25 +59,39 @@ def progress(iterable: Iterable[T] | None = None, *, disable: bool | None = None
     else:
         kwargs.setdefault("file", _PlainLines(sys.stderr))
         kwargs.setdefault("mininterval", PLAIN_INTERVAL)
-        kwargs.setdefault("maxinterval", PLAIN_INTERVAL)
+        # A line at the first update PLAIN_INTERVAL s after the last one, and no more: tqdm's monitor
+        # thread (maxinterval) redraws a slow bar without resetting its clock, so the next update
+        # printed a second line a second later. miniters=1 keeps fast bars from skipping lines.
+        kwargs.setdefault("maxinterval", float("inf"))
+        kwargs.setdefault("miniters", 1)
         kwargs.setdefault("ncols", 100)
         kwargs.setdefault("ascii", True)
     return tqdm(iterable, disable=disable, **kwargs)
 
 
 class _PlainLines:
-    """A stream for tqdm that turns each `\r` redraw into a line of its own."""
+    """A stream for tqdm that turns each `\r` redraw into a line of its own, leaving out a line
+    that says nothing new (the same count and postfix as the last one, only the clock moved on:
+    closing a bar redraws its last state, which a log then had twice)."""
 
     def __init__(self, stream):
         self.stream = stream
+        self._last = ""
 
     def write(self, text: str) -> None:
         for part in text.replace("\n", "\r").split("\r"):
-            if part.strip():
+            if part.strip() and (news := _without_clock(part)) != self._last:
+                self._last = news
                 self.stream.write(part.rstrip() + "\n")
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def _without_clock(line: str) -> str:
+    """A bar's line without its elapsed<remaining time and rate, the first two fields in its `[...]`."""
+    head, bracket, fields = line.rstrip().rpartition("[")
+    return f"{head}[{', '.join(fields.split(', ')[2:])}" if bracket else line
 
 
 class _TqdmHandler(logging.Handler):

@@ -25,6 +25,14 @@ Steps of different kinds take different times (the engine's decode step with 1 r
 a short context or a long one), so each step may say its `kind`: only steps of one kind are
 compared, each kind keeps its own reference time, and a new kind starts a new window (a probe
 under way ends, undecided, and is tried again on the next window).
+
+A count the tuner sets is its stepping thread's alone (`_set_own_threads`): with OpenMP,
+torch.set_num_threads also sets the count every thread started later begins with, and a thread
+that began on the tuner's 1 kept it for life (and its own engines, keyed on it, never tuned).
+
+A forked child (multiprocessing's default start method on Linux, gunicorn --preload) runs on one
+thread (`_after_fork_in_child`), as PyTorch's DataLoader workers do: GNU OpenMP is not fork-safe,
+and once the parent has run a parallel op the child's first op on more threads waits forever.
 """
 
 from __future__ import annotations
@@ -83,7 +91,8 @@ class ThreadTuner:
     GIVE_UP = 1.5  # a probe step this much slower than the current median ends the probe
     ABANDON = 3.0  # ... and one on more threads this much slower ends it even while the switch settles
 
-    def __init__(self, max_threads: int, set_threads: Callable[[int], None] = torch.set_num_threads):
+    def __init__(self, max_threads: int, set_threads: Callable[[int], None] | None = None):
+        """`set_threads`: sets the count (default: the stepping thread's, `_set_own_threads`)."""
         if max_threads < 2:
             raise ValueError(f"nothing to tune with {max_threads} thread")
         self.max_threads = self.threads = max_threads
@@ -109,7 +118,7 @@ class ThreadTuner:
         """Put the calling thread on `running` (a thread's count is its own); returns it. For a
         shared tuner, whose last switch may have been made on another thread or undone since."""
         if torch.get_num_threads() != self.running:
-            self._set_threads(self.running)
+            self._set(self.running)
         return self.running
 
     @contextlib.contextmanager
@@ -128,6 +137,8 @@ class ThreadTuner:
             return self._step_done(seconds, kind, seconds / size)
 
     def _step_done(self, seconds: float, kind: Hashable, pace: float) -> str | None:
+        if self.max_threads == 1:  # a forked child's (`_after_fork_in_child`): nothing to try
+            return None
         if kind != self._kind:
             self._new_kind(kind)
         if self._settling > 0:
@@ -202,12 +213,56 @@ class ThreadTuner:
             self._since_decision = self._interval  # probe again once the new kind has its window
 
     def _switch(self, threads: int) -> None:
-        self._set_threads(threads)
+        self._set(threads)
         self._settling = self.SETTLE
+
+    def _set(self, threads: int) -> None:
+        if self._set_threads is not None:
+            self._set_threads(threads)
+        else:
+            _set_own_threads(threads, default=self.max_threads)
+
+    def _after_fork(self) -> None:
+        """In a forked child: one thread for good, and a lock no thread of the parent holds."""
+        self._lock = threading.Lock()
+        self.max_threads = self.threads = 1
+        self._probe = None
+
+
+def _set_own_threads(threads: int, default: int) -> None:
+    """torch.set_num_threads(threads) for the calling thread alone. With OpenMP the call also sets
+    the count that a thread started later takes at its first torch op and keeps for life (a web
+    server's worker threads started while a call was on the tuner's 1 stayed on 1); a short-lived
+    thread sets that back to `default` (its own count is the only other one it sets)."""
+    torch.set_num_threads(threads)
+    if threads != default:
+        restore = threading.Thread(target=torch.set_num_threads, args=(default,), name="gpt1-threads-default")
+        try:
+            restore.start()
+        except RuntimeError:  # no thread to spare (a pids limit): later threads start on `threads`
+            return
+        restore.join()
 
 
 _SHARED: dict[int, ThreadTuner] = {}
 _SHARED_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child runs on one thread, as PyTorch's DataLoader workers do: GNU OpenMP (PyTorch's
+    CPU threads on Linux) is not fork-safe, and once the parent has run a parallel op (loading a
+    model does) the child's first op on more threads waits forever for the parent's OpenMP threads,
+    which the child does not have; on one thread an op never uses them. The shared tuners, an
+    engine's made before the fork included, stay on one too."""
+    global _SHARED_LOCK
+    torch.set_num_threads(1)  # and the count of the threads the child starts
+    _SHARED_LOCK = threading.Lock()  # another thread of the parent may have held it at the fork
+    for tuner in _SHARED.values():
+        tuner._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def forget_shared() -> None:

@@ -259,13 +259,26 @@ def _not_gpt1_pipeline(spec: dict) -> str | None:
             " with other settings" if pre_tokenizer.get("type") == "ByteLevel" else "")
     if decoder.get("type") != "ByteLevel":
         return f"a {decoder.get('type')} decoder"
-    if (spec.get("post_processor") or {}).get("type", "ByteLevel") != "ByteLevel":  # transformers may add ByteLevel's
-        return f"a {spec['post_processor'].get('type')} post-processor"
+    if spec.get("post_processor") is not None and not _adds_nothing(spec["post_processor"]):
+        return f"a {spec['post_processor'].get('type')} post-processor that adds tokens"
     alphabet, specials = set(_byte_level_chars()), set(SPECIAL_TOKENS)
     vocab = model.get("vocab") or {}
     if bad := next((t for t in vocab if t not in specials and not set(t) <= alphabet), None):
         return f"the token {bad!r} is not made of byte-level characters"
     return None
+
+
+def _adds_nothing(post_processor: dict) -> bool:
+    """Whether a post-processor leaves the ids as they are: ByteLevel's (it trims offsets only;
+    transformers 4 adds it), a TemplateProcessing of the sequences alone (transformers 5 writes one
+    when it saves a tokenizer: `"single": [A]`, no special tokens), or a Sequence of these."""
+    kind = post_processor.get("type")
+    if kind == "TemplateProcessing":
+        pieces = [*(post_processor.get("single") or []), *(post_processor.get("pair") or [])]
+        return not post_processor.get("special_tokens") and all("Sequence" in piece for piece in pieces)
+    if kind == "Sequence":
+        return all(_adds_nothing(p or {}) for p in post_processor.get("processors") or [])
+    return kind == "ByteLevel"
 
 
 def _byte_level_chars() -> list[str]:
@@ -338,7 +351,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     if vocab_size > 65_536:
         raise Gpt1Error(f"vocab size {vocab_size} is too large: token shards store ids as uint16 (at most 65,536)")
     if min_frequency < 0:
-        raise Gpt1Error(f"--min-frequency must be a whole number >= 0 (how often a merge must occur), got {min_frequency}")
+        raise Gpt1Error(f"min_frequency (--min-frequency) must be a whole number >= 0 (how often a merge must occur), got {min_frequency}")
 
     backend = Backend(models.BPE(unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -196,10 +196,10 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
                         f"so the vocabulary must be at most {MAX_VOCAB:,}")
     if (not isinstance(val, (int, float)) or not math.isfinite(val) or not val > 0
             or (val >= 1 and val != int(val))):
-        raise Gpt1Error(f"--val must be a fraction in (0, 1) or a whole number of documents >= 1, got {val}")
+        raise Gpt1Error(f"val (--val) must be a fraction in (0, 1) or a whole number of documents >= 1, got {val}")
     check_max_documents(max_documents)
     if not isinstance(batch_docs, int) or batch_docs < 1:
-        raise Gpt1Error(f"--batch-docs must be a whole number >= 1, got {batch_docs!r}")
+        raise Gpt1Error(f"batch_docs (--batch-docs) must be a whole number >= 1, got {batch_docs!r}")
     _check_out_dir(out)
     owner = owner_of(out)
     if owner in ("a model dir", "a training run dir"):

@@ -213,7 +213,7 @@ def iter_pieces(specs: list[str] | list[Source], *, text_field: str = "text", sk
 def check_max_documents(max_documents: int | None) -> None:
     if max_documents is not None and (isinstance(max_documents, bool) or not isinstance(max_documents, int)
                                       or max_documents < 1):
-        raise Gpt1Error(f"--max-documents must be a whole number >= 1, got {max_documents!r}")
+        raise Gpt1Error(f"max_documents (--max-documents) must be a whole number >= 1, got {max_documents!r}")
 
 
 def iter_documents(specs: list[str] | list[Source], **options) -> Iterator[str]:

@@ -331,7 +331,7 @@ def _compatible_tokenizer(path: Path, config: ModelConfig) -> Tokenizer | None:
     try:
         tokenizer = Tokenizer.load(file)
     except Gpt1Error as e:
-        info(f"{file}: not a gpt1 tokenizer ({e}); imported the weights without a tokenizer")
+        info(f"{e}; imported the weights without a tokenizer")  # the error names the file
         return None
     if tokenizer.vocab_size > config.vocab_size:
         raise Gpt1Error(f"{file}: {tokenizer.vocab_size} tokens, more than the model's vocab_size {config.vocab_size}")

@@ -238,8 +238,8 @@ def _generator(seed: int | None) -> torch.Generator:
     # On the CPU whatever the model's device: one draw per row and step, and the same seed
     # gives the same draws on every machine.
     g = torch.Generator()
-    if seed is None:
-        g.seed()
+    if seed is None:  # not g.seed(), which opens /dev/urandom: out of descriptors (ulimit -n), a 500
+        g.manual_seed(int.from_bytes(os.urandom(4), "little"))  # getrandom(2): no file; 32 bits, as MT19937 takes
     elif seed < 2**32:
         g.manual_seed(seed)
     else:
@@ -710,13 +710,18 @@ class Engine:
 
     # ---- the worker thread (the server) -------------------------------------------------------
     def start(self) -> "Engine":
-        """Run the engine in its own thread (what the server does), its decode buckets built first."""
+        """Run the engine in its own thread (what the server does), its decode buckets built first;
+        returns once that thread's CPU threads are started (see `_start_cpu_threads`)."""
         self.warm_up()
+        ready = threading.Event()
         with self._lock:
             if self._thread is None:
                 self._stopping = False
-                self._thread = threading.Thread(target=self._run, name="gpt1-engine", daemon=True)
+                self._thread = threading.Thread(target=self._run, args=(ready,), name="gpt1-engine", daemon=True)
                 self._thread.start()
+            else:
+                ready.set()
+        ready.wait()
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
@@ -740,11 +745,15 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _run(self) -> None:
+    def _run(self, ready: threading.Event) -> None:
         # torch.set_num_threads on this thread (the tuner's) also sets the count of every thread
         # the process starts later: the host's count is put back when the worker ends (stop()).
         found = torch.get_num_threads()
         try:
+            try:
+                self._start_cpu_threads()
+            finally:
+                ready.set()
             while True:
                 with self._lock:
                     while not self._stopping and not self._rows and not self._waiting:
@@ -755,6 +764,17 @@ class Engine:
         finally:
             if torch.get_num_threads() != found:
                 torch.set_num_threads(found)
+
+    def _start_cpu_threads(self) -> None:
+        """Start this thread's OpenMP team (PyTorch's CPU threads) now, at the count its steps run
+        on. A team's threads are made by its first parallel op, and libgomp ends the whole process
+        (exit 1) when it cannot make one: at the first request, a burst of clients had taken the
+        threads a container's pids limit (or `ulimit -u`) allows, and the server died with every
+        request in it. At start, a server that cannot have them does not start."""
+        threads = self._threads.apply() if self._threads is not None else torch.get_num_threads()
+        if self.device.type == "cpu" and threads > 1:
+            # ATen splits an op across threads by GRAIN_SIZE (32,768) elements: this one takes them all.
+            torch.empty(threads * 32768, dtype=torch.uint8).fill_(0)
 
 
 def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.lifeline import exit_with_parent
+from gpt1.core.malloc import fit_arenas_to_address_limit
 from gpt1.core.progress import warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import Tokenizer
@@ -105,6 +106,7 @@ class EngineProcess:
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self._closed = "the engine process has not started"
+        self.died = ""  # why the child exited unasked (killed, out of memory), once it has
 
     # ---- state, for /health ---------------------------------------------------------------------
     @property
@@ -283,10 +285,11 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             code = None
         reason = f"the engine process exited (exit code {code})" if code else "the engine process has stopped"
-        if not self._closed:  # not stopped by stop(): it died (the OOM killer, a crash), and its requests only heard it
-            warn(f"{reason}: {_death(code)}; every request now gets 503 engine_unavailable, and /health 503, "
-                 "until the server is restarted")
+        died = "" if self._closed else f"{reason}: {_death(code)}"  # not stopped by stop(): killed, out of memory
+        if died:  # its requests only hear it: say it in the log
+            warn(f"{died}; every request now gets 503 engine_unavailable, and /health 503")
         self._close(reason)
+        self.died = died  # after its requests have heard why (the server may stop on seeing this)
 
     def _close(self, reason: str) -> None:
         """No more submissions; every request still running ends with `reason` as its error."""
@@ -396,6 +399,9 @@ if __name__ == "__main__":  # the child: python -m gpt1.inference.engine_process
     # A hang-up (closed terminal or SSH session) too: the server takes it as SIGTERM and stops this
     # process itself, after ending its streams (killed first, it cut them with "exited (exit code -1)").
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Not started by gpt1.cli.main, which does this for every command: under `ulimit -v`, glibc's
+    # per-thread arenas would take the address space the KV cache needs.
+    fit_arenas_to_address_limit()
     _spec = json.loads(sys.argv[1])
     # A parent killed outright (SIGKILL, the OOM killer) neither stops nor kills this process, and
     # one still loading reads no pipe: end it when the parent is gone, not minutes later.

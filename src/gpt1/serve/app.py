@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Sequence
 
+import anyio.lowlevel
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,7 +33,7 @@ from gpt1.inference.engine import Engine, EngineUnavailable
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve.errors import ApiError, generation_error, unreadable_body, validation_error
 from gpt1.serve.middleware import Guard
-from gpt1.serve.routes import add_routes
+from gpt1.serve.routes import PromptThreads, Served, add_routes
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a 512-token context can use
 BODY_TIMEOUT_S = 30.0  # to receive a whole request body
@@ -116,10 +117,20 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     # Resolved: `--model .` (or ..) would be served as "" (or "..") to clients that pick data[0].id.
     name = model_name or (Path(llm.path).resolve().name if getattr(llm, "path", None) else "") or "gpt1"
 
-    starter = _Starter(engine)
+    # The tokenizer's thread pool (Rust's rayon, behind every encode) is built by its first use: now,
+    # not at the first request, when a burst of clients may have taken the threads a container's pids
+    # limit (or `ulimit -u`) allows. A pool that fails to build is never built again: every
+    # request after it was a 500 (a Rust panic), until the server restarted.
+    llm.tokenizer.encode("warm-up")
+    starter, prompt_threads = _Starter(engine), PromptThreads()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # anyio, under Starlette's responses, imports its event-loop backend the first time it is
+        # used: at start, not at the first request, where under a low `ulimit -n` a burst of clients
+        # had taken every descriptor and the import failed (a 500 naming a site-packages file).
+        await anyio.lowlevel.checkpoint()
+        prompt_threads.start()
         await asyncio.to_thread(starter.start)  # a child process loads the model meanwhile
         try:
             yield
@@ -153,8 +164,8 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     async def server_error(request: Request, exc: Exception):
         return generation_error(exc).response()
 
-    add_routes(app, engine, llm.tokenizer, name, auth=api_key is not None, stream_interval=stream_interval_ms / 1000,
-               ensure_started=starter.ensure_started)
+    add_routes(app, Served(engine, llm.tokenizer, starter.ensure_started, prompt_threads), name,
+               auth=api_key is not None, stream_interval=stream_interval_ms / 1000)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
                        state=app.state)
     if cors_origins:  # outside the Guard: it answers preflights, and its headers reach the Guard's errors too

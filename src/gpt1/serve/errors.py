@@ -4,16 +4,21 @@ errors included, because OpenAI answers 400 and its clients expect that shape.""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import re
 import sys
+import threading
+import time
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, open_files_hint, threads_hint
+from gpt1.core.progress import warn
 from gpt1.inference.engine import EngineUnavailable
 
 
@@ -58,8 +63,8 @@ _WHEN = {
     413: "a body over the server's limit, 1 MiB by default (request_too_large)",
     415: "a compressed body: a Content-Encoding other than identity (unsupported_content_encoding)",
     431: "a request line and headers over 64 KiB (request_header_fields_too_large)",
-    503: "every slot and queue place is taken (server_overloaded, with Retry-After), or the engine has stopped "
-         "(engine_unavailable)",
+    503: "every slot and queue place is taken, or the machine is short of threads, open files or memory for the "
+         "moment (server_overloaded, with Retry-After), or the engine has stopped (engine_unavailable)",
 }
 
 
@@ -154,6 +159,43 @@ def unreadable_body(cause: BaseException | None) -> ApiError:
     return ApiError(400, message, code="invalid_json")
 
 
+class Throttled:
+    """A warning said at most once per `interval` seconds, the next line counting those left
+    unsaid: a failure that repeats for every request or connection is a line every few seconds,
+    not one each (a full listen backlog of failed accepts wrote 84 MB of log in 20 s)."""
+
+    def __init__(self, interval: float = 5.0):
+        self.interval = interval
+        self._last, self._unsaid = -math.inf, 0
+        self._lock = threading.Lock()  # log handlers and engine threads warn too, not only the event loop
+
+    def warn(self, message: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.interval:
+                self._unsaid += 1
+                return
+            unsaid, self._last, self._unsaid = self._unsaid, now, 0
+        warn(message + (f" ({unsaid:,} more times since the last such line)" if unsaid else ""))
+
+
+# errno of an OSError that is a passing shortage of the machine's resources: what ran out.
+_SHORTAGES = {errno.EMFILE: "open files", errno.ENFILE: "open files", errno.ENOMEM: "memory",
+              errno.EAGAIN: "threads"}  # EAGAIN: fork or clone refused (pthread_create, a C library's pool)
+_short_of_resources = Throttled()
+
+
+def resource_shortage(e: BaseException) -> str | None:
+    """What the machine ran out of, when `e` says it did for the moment (a thread that could not
+    start under `ulimit -u` or a container's pids limit, a file or socket under `ulimit -n`,
+    memory): a 503 to retry, not a fault of the server. None for any other error."""
+    if isinstance(e, RuntimeError) and "can't start new thread" in str(e):
+        return "threads"
+    if isinstance(e, OSError):
+        return _SHORTAGES.get(e.errno)
+    return None
+
+
 def generation_error(e: BaseException) -> ApiError:
     """What a failure during generation is answered with."""
     if isinstance(e, ApiError):
@@ -162,4 +204,12 @@ def generation_error(e: BaseException) -> ApiError:
         return ApiError(503, str(e), type="server_error", code="engine_unavailable")
     if isinstance(e, Gpt1Error):
         return ApiError(400, str(e))
+    if shortage := resource_shortage(e):
+        # One line for the operator, with the limit to raise; the client's says only what to do,
+        # and never the error's own text (an OSError names a file: a path of this machine).
+        hint = threads_hint() if shortage == "threads" else open_files_hint(e)  # the others are OSErrors
+        _short_of_resources.warn(f"a request got 503: the server is short of {shortage} ({type(e).__name__}: "
+                                 f"{getattr(e, 'strerror', None) or e})" + (f"; {hint}" if hint else ""))
+        return ApiError(503, f"the server is short of {shortage} for the moment; retry later", type="server_error",
+                        code="server_overloaded", headers={"Retry-After": "1"})
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")

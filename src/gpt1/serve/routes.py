@@ -5,16 +5,17 @@ between the engine's worker thread and the event loop."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import secrets
 import threading
 import time
 import weakref
-from typing import Any, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from gpt1.core.errors import Gpt1Error
@@ -24,7 +25,7 @@ from gpt1.inference.engine import Engine, EngineUnavailable, QueueFull, TooLarge
 from gpt1.inference.engine import Request as EngineRequest
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve import mapping
-from gpt1.serve.errors import ApiError, error_responses, generation_error
+from gpt1.serve.errors import ApiError, error_responses, generation_error, resource_shortage
 from gpt1.serve.page import page_html
 from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -160,8 +161,12 @@ async def collect(request: Request, requests: list[EngineRequest], queue: asynci
         return None
     try:
         work.result()  # raises what generation raised
-    except Gpt1Error as e:  # e.g. the server is shutting down: an answer (503), not a fault to log with a traceback
-        raise generation_error(e) from None
+    except Exception as e:
+        # e.g. the server is shutting down, or out of threads for now: an answer (503), not a
+        # fault to log with a traceback
+        if isinstance(e, Gpt1Error) or resource_shortage(e):
+            raise generation_error(e) from None
+        raise
     for r in results:
         r["text"] = "".join(r["text"])
     return results
@@ -259,6 +264,40 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
     yield "data: [DONE]\n\n"
 
 
+# ---- the threads that build prompts --------------------------------------------------------------
+PROMPT_THREADS = 4
+T = TypeVar("T")
+
+
+class PromptThreads:
+    """The threads that build prompts (the chat template, tokenizing: up to seconds of CPU for a
+    large request, off the event loop): PROMPT_THREADS of them, the requests beyond waiting their
+    turn. Starlette's run_in_threadpool grew anyio's pool to 40 threads for a burst of 100 clients,
+    and under a limit on threads (`ulimit -u`, a container's pids limit) those left none for the
+    engine's OpenMP team, whose failure to start one ends the process (libgomp)."""
+
+    def __init__(self, threads: int = PROMPT_THREADS):
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gpt1-prompt")
+
+    def start(self) -> None:
+        """Start them all now (the pool starts each when work first waits for it): a server claims
+        its threads at start, so that no burst of requests has a thread to start later."""
+        started = threading.Barrier(self.threads)  # busy together, each task takes a thread of its own
+        for _ in range(self.threads):
+            self._pool.submit(started.wait, 10)
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) on one of the threads; a 503 to retry when none could be started for now (see
+        `generation_error`), not a 500 with a traceback."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except Exception as e:
+            if resource_shortage(e):
+                raise generation_error(e) from None
+            raise
+
+
 # ---- the routes ----------------------------------------------------------------------------------
 _SEEN_BY_ALL = (403, 408, 431)  # the Guard's and the HTTP protocol's answers, before any route runs
 # Both generation endpoints: a JSON reply, or with stream: true server-sent events.
@@ -272,10 +311,23 @@ _GENERATION_RESPONSES = {
     **error_responses(400, 401, *_SEEN_BY_ALL, 413, 415, 503)}
 
 
-def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: str, auth: bool, *,
-               ensure_started: Callable[[], Awaitable[None]], stream_interval: float = 0.0) -> None:
-    """The endpoints; each awaits `ensure_started()` before it uses the engine (see `create_app`)."""
-    context = engine.config.block_size
+@dataclasses.dataclass
+class Served:
+    """What the endpoints use, kept in `app.state.served` and read from each request's app: the
+    endpoints do not hold it themselves, since FastAPI keeps every endpoint function it has seen in
+    process-wide caches (fastapi.dependencies.models), and closures over the engine kept each
+    app's KV cache and model alive after the app was dropped."""
+    engine: Engine | EngineProcess
+    tokenizer: Any
+    ensure_started: Callable[[], Awaitable[None]]
+    prompt_threads: PromptThreads
+
+
+def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_interval: float = 0.0) -> None:
+    """The endpoints; each awaits `ensure_started()` before it uses the engine (see `create_app`),
+    and builds its prompts on `prompt_threads`."""
+    app.state.served = served
+    context = served.engine.config.block_size
     created = int(time.time())
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -283,13 +335,14 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
         return HTMLResponse(page_html(name, context, auth))
 
     @app.get("/health", responses=error_responses(*_SEEN_BY_ALL, 503))
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
         """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s, the
         device and dtype (and on a CPU the threads of the latest step, null before the process
         engine's first step); 503 once the engine has
         stopped (e.g. its process exited). An engine not yet started is started first: "ok" means
         it runs."""
-        await ensure_started()
+        engine = request.app.state.served.engine
+        await request.app.state.served.ensure_started()
         if not engine.alive:
             raise generation_error(EngineUnavailable("the engine has stopped; restart the server"))
         health = {"status": "ok", "model": name, "active": engine.active, "queued": engine.queued,
@@ -317,15 +370,16 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
 
     @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        served = request.app.state.served
         mapping.check_unsupported(req)
         max_tokens, which = mapping.chat_max_tokens(req)
         params = mapping.sampling_params(req, max_tokens, which, context)
         # Tokenizing a large request is up to seconds of CPU: off the event loop, which
         # meanwhile answers /health and writes every other stream.
-        prompt = await run_in_threadpool(mapping.chat_prompt, req, tokenizer, params, context)
+        prompt = await served.prompt_threads.run(mapping.chat_prompt, req, served.tokenizer, params, context)
         params = mapping.fit_context(params, len(prompt), context, max_tokens, which)
-        await ensure_started()
-        requests, queue = submit(engine, [prompt], params)
+        await served.ensure_started()
+        requests, queue = submit(served.engine, [prompt], params)
         rid, now, model_id = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -342,9 +396,11 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
 
     @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
+        served = request.app.state.served
         mapping.check_unsupported(req)
         # Off the event loop, as in chat_completions: a 1 MiB prompt takes about a second to tokenize.
-        prompts = await run_in_threadpool(mapping.completion_prompts, req, tokenizer, engine.config.vocab_size)
+        prompts = await served.prompt_threads.run(mapping.completion_prompts, req, served.tokenizer,
+                                                  served.engine.config.vocab_size)
         params = mapping.sampling_params(req, req.max_tokens, "max_tokens", context)
         # The longest prompt is the one named when the request does not fit; then each prompt's
         # omitted max_tokens is capped by its own room (not the longest one's). An empty prompt
@@ -353,8 +409,8 @@ def add_routes(app: FastAPI, engine: Engine | EngineProcess, tokenizer, name: st
         where = f"prompt[{longest}]" if len(prompts) > 1 else "prompt"
         mapping.fit_context(params, len(prompts[longest]) or 1, context, req.max_tokens, "max_tokens", where)
         per_prompt = [mapping.fit_context(params, len(p) or 1, context, req.max_tokens, "max_tokens") for p in prompts]
-        await ensure_started()
-        requests, queue = submit(engine, prompts, per_prompt)
+        await served.ensure_started()
+        requests, queue = submit(served.engine, prompts, per_prompt)
         rid, now, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -19,17 +19,18 @@ from gpt1.serve.errors import json_repr
 MAX_STOP = 4  # stop strings per request, as OpenAI
 
 
-def _lone_surrogate(value: Any) -> int | None:
-    """Index of the first lone surrogate in a string (or in the strings of a list), else None."""
+def _lone_surrogate(value: Any) -> str | None:
+    """Where the first lone surrogate is in a string (or in the strings of a list: which item,
+    then the character), else None."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            return e.start
+            return f"character {e.start}"
     elif isinstance(value, list):
-        for item in value:
+        for i, item in enumerate(value):
             if (at := _lone_surrogate(item)) is not None:
-                return at
+                return f"{at} of item {i}"
     return None
 
 
@@ -53,7 +54,7 @@ class _Strict(BaseModel):
         # A JSON escape such as "\ud800" is valid JSON but no Unicode text: refused in any field
         # here, before it can reach the tokenizer or be echoed in a response it cannot encode.
         if (at := _lone_surrogate(value)) is not None:
-            raise ValueError(f"invalid Unicode (a lone surrogate at character {at})")
+            raise ValueError(f"invalid Unicode (a lone surrogate at {at})")
         return value
 
 

@@ -6,27 +6,114 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import errno
 import gc
 import json
+import logging
+import os
 import signal
 import socket
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, first_line
+from gpt1.core.progress import warn
 from gpt1.inference.engine_process import EngineProcess
-from gpt1.serve.errors import ApiError
+from gpt1.serve.errors import ApiError, Throttled
 from gpt1.serve.middleware import MAX_HEAD_BYTES, head_too_large
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, so that Ctrl-C never hangs on a long reply
 HEAD_TIMEOUT_S = 10.0  # from a connection's start, or a request's first byte, to its headers' end
+# Descriptors that must be free for the server to start: its event loop takes up to ~10 (uvloop's:
+# its epoll, signal and wake-up pipes), and each connection one. With fewer, uvloop failed halfway
+# through starting: three chained tracebacks, after the CLI had said "serving on http://...".
+START_DESCRIPTORS = 16
+
+
+def open_file_limit() -> int | None:
+    """The soft limit on open files (`ulimit -n`); None when unlimited or unknown (Windows)."""
+    if resource is None:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def open_descriptors() -> int | None:
+    """How many file descriptors this process has open (Linux, macOS); None where unknown."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(folder)) - 1  # less the one the listing itself opened
+    return None
+
+
+def raise_open_file_limit(wanted: int = 1 << 16) -> None:
+    """Raise the soft limit on open files toward the hard one, to `wanted` at most, as Go's runtime
+    and nginx's worker_rlimit_nofile do: each connection takes a descriptor, and the soft limit a
+    supervisor or container sets (often 1,024) may be far below the hard one. Never lowers it; a
+    system that refuses (macOS above kern.maxfilesperproc) keeps the one it has. For a program that
+    serves (`gpt1 serve`): the limit is the whole process's, and its children's."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _check_descriptors(needed: int = START_DESCRIPTORS) -> None:
+    """Gpt1Error when fewer than `needed` more files can be opened: found by opening them, the
+    one count that holds on every system (and for whatever limit applies)."""
+    held: list[int] = []
+    try:
+        for _ in range(needed):
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as e:
+        if e.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        limit = open_file_limit()
+        raise Gpt1Error(f"too many open files to start serving: {len(held)} more can be opened, the server needs at "
+                        f"least {needed} (its event loop, then one per connection); raise the open-file limit "
+                        f"(ulimit -n{f', now {limit}' if limit is not None else ''})") from None
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+class _Descriptors:
+    """Says, in a line every few seconds, when connections are lost for want of file descriptors.
+    asyncio's loop reports each failed accept (with a traceback, once per place in the listen
+    backlog: 84 MB of log in 20 s); uvloop's (libuv) accepts and closes them without a word, so
+    there the line comes when the open connections fill the room that the limit left at start."""
+
+    def __init__(self):
+        self.limit: int | None = None
+        self.room: int | None = None  # connections that fit in the descriptors left at start
+        self._said = Throttled()
+
+    def measure(self) -> None:
+        self.limit, in_use = open_file_limit(), open_descriptors()
+        self.room = self.limit - in_use if self.limit is not None and in_use is not None else None
+
+    def connected(self, connections: int) -> None:
+        if self.room is not None and connections >= self.room:
+            self.dropping(f"{connections} connections are open, all the limit leaves room for")
+
+    def dropping(self, why: str) -> None:
+        self._said.warn(f"out of file descriptors ({why}): new connections wait, or are dropped, until some close; "
+                        f"raise the open-file limit (ulimit -n{f', now {self.limit}' if self.limit is not None else ''})")
 
 
 class _Protocol(HttpToolsProtocol):
@@ -39,8 +126,12 @@ class _Protocol(HttpToolsProtocol):
 
     head_timeout_s = HEAD_TIMEOUT_S
 
+    descriptors: _Descriptors | None = None  # the server's
+
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if self.descriptors is not None:
+            self.descriptors.connected(len(self.server_state.connections))
         self._head: int | None = 0  # bytes of the head being received; None between heads
         self._head_began = False  # a head began in the data being parsed
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
@@ -125,6 +216,48 @@ class _Server(uvicorn.Server):
         for sig in reversed(self._captured_signals):  # several: last first, as uvicorn does
             signal.raise_signal(sig)
 
+    engine_died = ""  # why the server stopped on its own: its engine process died
+    on_started: Callable[[], None] | None = None  # called once the server takes connections
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception(loop.get_exception_handler()))
+        await super().startup(sockets)
+        if self.started:
+            self.config.http_protocol_class.descriptors.measure()
+            if self.on_started is not None:
+                self.on_started()
+
+    def _loop_exception(self, previous):
+        """The loop's exception handler: a failed accept (asyncio's "socket.accept() out of system
+        resource") is the throttled line of `_Descriptors`, every other context goes on as before.
+        CPython's accept loop (3.11's, at least) does not stop at its first failure: it reports it
+        and schedules a retry once per place in the listen backlog (2,048), and the retries still
+        due when the server stops fail on its closed socket, a traceback each: left unsaid."""
+        descriptors = self.config.http_protocol_class.descriptors
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+            error, message = context.get("exception"), context.get("message", "")
+            if message.startswith("socket.accept() out of system resource") and isinstance(error, OSError):
+                descriptors.dropping(f"accepting a connection failed: {error.strerror}")
+            elif "._start_serving(" in message and isinstance(error, ValueError) and self.should_exit:
+                pass
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        return handle
+
+    async def on_tick(self, counter: int) -> bool:
+        """Stop, as vLLM's server does, once the engine process has died (the OOM killer, a crash):
+        a server left up answers every request 503, and a supervisor that restarts processes on exit
+        (systemd's Restart=on-failure, a container's restart policy) would never restart it."""
+        engine = getattr(getattr(self.config.app, "state", None), "engine", None)
+        if not self.should_exit and getattr(engine, "died", ""):
+            self.engine_died, self.should_exit = engine.died, True
+        return await super().on_tick(counter)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         engine = getattr(getattr(self.config.app, "state", None), "engine", None)
         if engine is not None:
@@ -132,9 +265,35 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class _LogHandler(logging.StreamHandler):
+    """uvicorn's log handler (its log on stderr, the access log on stdout), which says once that it
+    cannot write (a full disk, `ulimit -f`) and then keeps quiet: Python's own wrote a "--- Logging
+    error ---" traceback of ~4.7 KB on stderr for each line it could not write, a request's each
+    for the access log. It goes on writing: lines are kept again once there is room."""
+
+    failing = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failing:
+            return
+        self.failing = True
+        error = sys.exc_info()[1]
+        log = "access log" if self.name == "access" else "log"  # the handler's name in uvicorn's logging config
+        warn(f"the server's {log} cannot be written to {getattr(self.stream, 'name', 'its stream')} "
+             f"({first_line(error) if error is not None else 'an error'}); lines that fail from now on are lost "
+             "without a word")
+
+
+def _log_config() -> dict:
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    for handler in config["handlers"].values():
+        handler["class"] = f"{_LogHandler.__module__}.{_LogHandler.__qualname__}"
+    return config
+
+
 def _server(app, head_timeout_s: float = HEAD_TIMEOUT_S, **config) -> uvicorn.Server:
-    protocol = type("_Protocol", (_Protocol,), {"head_timeout_s": head_timeout_s})
-    return _Server(uvicorn.Config(app, http=protocol, **config))
+    protocol = type("_Protocol", (_Protocol,), {"head_timeout_s": head_timeout_s, "descriptors": _Descriptors()})
+    return _Server(uvicorn.Config(app, http=protocol, log_config=_log_config(), **config))
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
@@ -166,20 +325,24 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
-def _tell_listen_host(app, sock: socket.socket) -> None:
+def _tell_listen_host(app, sock: socket.socket | None) -> None:
     """Tell create_app's app the address it listens on: its host check (gpt1.serve.middleware) is
     for a server on loopback, not for one on 0.0.0.0 that a local proxy reaches through 127.0.0.1."""
     state = getattr(app, "state", None)
     if state is not None and hasattr(state, "listen_host"):
-        state.listen_host = sock.getsockname()[0]
+        state.listen_host = sock.getsockname()[0] if sock is not None else None
 
 
-def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto") -> None:
-    """Serve `app` on the bound socket `sock` until interrupted (Ctrl-C / SIGTERM / SIGHUP).
+def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto",
+          on_started: Callable[[], None] | None = None) -> None:
+    """Serve `app` on the bound socket `sock` until interrupted (Ctrl-C / SIGTERM / SIGHUP), or
+    until its engine process dies: then a Gpt1Error saying why, once the open requests have heard it.
 
     `loop`: uvicorn's event loop, one of EVENT_LOOPS. "auto" is uvloop when it is installed (the
     `serve` extra installs it), else asyncio's. uvloop answers sooner on a CPU; it holds the GIL
     in its socket writes, which asyncio's releases (see docs/serving.md#streaming-writes).
+    `on_started`: called once the server takes connections (the CLI says "serving ... on" then).
+    Gpt1Error, before anything starts, when fewer than START_DESCRIPTORS files can be opened.
     """
     if loop not in EVENT_LOOPS:
         raise Gpt1Error(f"event loop must be one of {', '.join(EVENT_LOOPS)}, got {loop!r}")
@@ -190,15 +353,19 @@ def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto")
             raise Gpt1Error("--loop uvloop needs uvloop: pip install uvloop (the `serve` extra has it)") from None
     _tell_listen_host(app, sock)
     server = _server(app, log_level=log_level, loop=loop, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server.on_started = on_started
     # The ~200k objects of the imports and the model will live as long as the server: out of
     # the garbage collector's sight, a full collection takes ~0 ms instead of 130-150 ms (a
     # pause of every stream, measured on the development machine).
     gc.collect()
     gc.freeze()
     try:
+        _check_descriptors()
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if server.engine_died:
+        raise Gpt1Error(f"{server.engine_died}; the server stopped (restart it; a supervisor does)")
 
 
 @contextlib.contextmanager
@@ -237,3 +404,4 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: st
         server.should_exit = True
         thread.join(10)
         sock.close()
+        _tell_listen_host(app, None)  # the app's next server (a TestClient, uvicorn on 0.0.0.0) is another

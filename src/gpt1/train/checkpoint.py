@@ -3,7 +3,8 @@
 A run dir looks like this::
 
     RUN/
-      train_config.json        the run's TrainConfig (a rerun with another config is refused)
+      train_config.json        the run's TrainConfig as started (a rerun with another config is refused),
+                               the resumable settings changed since, and each start's `environment`
       config.json, model.safetensors, tokenizer.json   the latest model: RUN is a model dir
       metrics.jsonl            one JSON line per step and per validation
       loss.png                 the loss / perplexity curve (written at the end)

@@ -202,16 +202,34 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         except UnicodeDecodeError as e:  # TOML files are UTF-8 by the spec
             raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start} (a TOML file must be UTF-8 text)") from None
         for key, value in table.items():
-            data[key] = _check(key, value, names, hints, str(path))
+            data[key] = _check(key, _expand_home(key, value), names, hints, str(path))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise Gpt1Error(f"override {item!r}: expected key=value")
-        data[key] = _check(key, _parse_value(raw.strip(), hints.get(key)), names, hints, f"override {item!r}")
+        value = _expand_home(key, _parse_value(raw.strip(), hints.get(key)))
+        data[key] = _check(key, value, names, hints, f"override {item!r}")
     for key, value in values.items():
         data[key] = _check(key, value, names, hints, "argument")
     return cls(**data)
+
+
+HOME_KEYS = ("init_from", "data")  # the keys that name paths (also as hf:PATH)
+
+
+def _expand_home(key: str, value: Any) -> Any:
+    """A path key's `~/...` (or `hf:~/...`) from a recipe or an override, with `~` expanded as a
+    shell would: TOML never expands it, and zsh (macOS's shell) does not in `data=~/chats.jsonl`."""
+    if key not in HOME_KEYS:
+        return value
+    if isinstance(value, list):
+        return [_expand_home(key, v) for v in value]
+    if isinstance(value, str):
+        prefix = "hf:" if value.startswith("hf:~") else ""
+        if value[len(prefix):].startswith("~"):
+            return prefix + os.path.expanduser(value[len(prefix):])
+    return value
 
 
 def _parse_value(raw: str, hint: Any) -> Any:

@@ -33,7 +33,7 @@ from gpt1.core.threads import tuned_threads
 from gpt1.data.shards import check_fingerprint, load_meta, looks_prepared, sequential_windows
 from gpt1.data.sources import SourceStats, iter_documents, source_specs
 from gpt1.train import distributed
-from gpt1.train.precision import autocast
+from gpt1.train.precision import autocast, resolve_precision
 
 
 @dataclass
@@ -138,7 +138,9 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
     if batch_size < 1 or block_size < 1 or (max_batches is not None and max_batches < 1):
         raise Gpt1Error(f"batch size, block size and max batches must be >= 1, got {batch_size}, {block_size}, {max_batches}")
     if block_size > llm.model.config.block_size:
-        raise Gpt1Error(f"--block-size {block_size} is longer than the model's context ({llm.model.config.block_size})")
+        raise Gpt1Error(f"block size {block_size} (--block-size) is longer than the model's context "
+                        f"({llm.model.config.block_size})")
+    precision = resolve_precision(precision, llm.device, doing="evaluating")
     stats = SourceStats()
     data = source_specs(data)
     if len(data) == 1 and Path(data[0]).is_dir() and looks_prepared(data[0]):  # an unfinished one: load_meta says so

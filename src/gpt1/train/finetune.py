@@ -94,7 +94,7 @@ from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, require_config
 from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perplexity, token_byte_lengths
 from gpt1.train.loop import CONFIG_FILE as RUN_CONFIG_FILE
-from gpt1.train.loop import RUN_LOCK, train
+from gpt1.train.loop import RUN_LOCK, step_cap_words, train
 
 
 @dataclass
@@ -166,9 +166,11 @@ def load_base(base: str | Path):
         if tokenizer is None and not (Path(base) / "tokenizer.json").is_file():
             raise Gpt1Error(f"{base}: no tokenizer.json; put the gpt1 tokenizer.json the model was trained with "
                             "in the folder (chat fine-tuning needs its [PAD], [UNK] and [EOS])")
-        if tokenizer is None:
-            raise Gpt1Error(f"{base}: its tokenizer is not gpt1-compatible ([PAD]=0, [UNK]=1, [EOS]=2 are needed for "
-                            "chat fine-tuning); pretrain on data prepared with a gpt1 tokenizer first")
+        if tokenizer is None:  # import_hf_model said why in an info line; the error says it again
+            try:
+                Tokenizer.load(Path(base) / "tokenizer.json")
+            except Gpt1Error as e:
+                raise Gpt1Error(f"{e} (chat fine-tuning needs gpt1's tokenizer: its [PAD], [UNK] and [EOS])") from None
         return model, tokenizer
     return load_model(base, device="cpu"), Tokenizer.load(base)
 
@@ -348,8 +350,9 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
         info(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {', '.join(cfg.lora_targets)}: {trainable:,} trainable "
              f"parameters of {total:,} ({100 * trainable / total:.2f}%)")
-        info(f"{max_steps:,} steps x {sequences_per_step} sequences = "
-             f"{max_steps * sequences_per_step / len(train_data):.2f} epochs of {len(train_data):,}")
+        at_most, sooner = step_cap_words(cfg)
+        info(f"{at_most}{max_steps:,} steps x {sequences_per_step} sequences = "
+             f"{max_steps * sequences_per_step / len(train_data):.2f} epochs of {len(train_data):,}{sooner}")
 
     # Recorded in the run dir's train_config.json: resuming with another base, or on other
     # training sequences (an edit of the chat data, even one that keeps their number), is refused.

@@ -42,7 +42,7 @@ from gpt1.core.progress import progress, warn
 from gpt1.core.threads import tuned_threads
 from gpt1.core.tokenizer import SPECIAL_TOKENS
 from gpt1.train.evaluate import MAX_LOG_PERPLEXITY, check_finite, perplexity
-from gpt1.train.precision import autocast
+from gpt1.train.precision import autocast, resolve_precision
 from gpt1.train.tasks import Example, Task, get_task, load_documents, split_exists
 
 CHUNK_BATCHES = 4  # a chunk's prefixes are held in memory while its continuations run
@@ -107,8 +107,9 @@ class Scorer:
     """Batched log-likelihood scoring of (context ids, continuation ids) pairs with a shared-context KV cache."""
 
     def __init__(self, model: torch.nn.Module, *, batch_size: int = 32, precision: str = "fp32"):
-        self.model, self.batch_size, self.precision = model.eval(), batch_size, precision
+        self.model, self.batch_size = model.eval(), batch_size
         self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, self.device, doing="evaluating")
         self.dtype = next(model.parameters()).dtype
 
     def fits(self, context: list[int], continuation: list[int]) -> bool:

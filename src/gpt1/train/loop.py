@@ -12,7 +12,8 @@ The API (stable; both commands call it)::
         pad_id: int                                     # optional: the id that pads x (not counted as tokens)
         def next_step(self, n: int) -> list[tuple[Tensor, Tensor]]  # optional: a step's n batches at once
 
-    result = train(model, cfg, run_dir, train_data, val_batches, save_model, max_steps=None, data=None)
+    result = train(model, cfg, run_dir, train_data, val_batches, save_model, max_steps=None, data=None,
+                   data_source=None)
 
 - `model`: a GPT (possibly with LoRA layers). The optimizer covers exactly the parameters with
   `requires_grad=True`: freeze the rest before calling. Weight decay applies to matrices only.
@@ -28,19 +29,26 @@ The API (stable; both commands call it)::
   every `cfg.eval_every` steps and at the end. With torchrun, rank r evaluates batches r, r+W, ...
 - `data`: optional, an identity of the training data (a JSON-able dict, e.g. its token and
   document counts: not its path, so that a moved data folder still resumes), recorded in
-  `train_config.json`; resuming on data with another identity is refused.
+  `train_config.json`; resuming on data with another identity is refused (a key the run did not
+  record, as an older gpt1 wrote it, is not compared, and is recorded from the resume on).
+- `data_source`: optional, where the data came from (a JSON-able dict: its path, how it was
+  prepared), recorded with each start and resume for information, never compared.
 - `save_model(dir, model)`: writes the model into the run dir after each checkpoint (pretraining:
   config.json + model.safetensors + tokenizer.json; fine-tuning: its adapter files). Called with
   the unwrapped model (no DDP, no torch.compile wrapper).
 
 The rest is the loop's: checkpoints (see `gpt1.train.checkpoint`) with the trainable weights,
 optimizer, GradScaler, step, sampler state and every RNG state (with torchrun, every rank's);
-`train_config.json`; one line per step in `metrics.jsonl` (loss, lr, grad_norm, tokens and tokens_per_sec: input tokens, padding
-excluded, mfu) and one per validation (val_loss, val_ppl); `loss.png` at the end; once the
+`train_config.json` (the run as started, the resumable settings changed since with the step they
+hold from, and each start's and resume's provenance: `_RunRecord`); one line per step in
+`metrics.jsonl` (loss, lr, grad_norm, tokens and tokens_per_sec: input tokens, padding
+excluded, mfu) and one per validation (val_loss, val_ppl), which also logs a line of its own
+(`step 20: val loss 5.7012, perplexity 299.30`); `loss.png` at the end; once the
 step rate settles, the projected wall time of the whole run (revised once, where it could not
 count validations and checkpoints yet). A run is finished when its last checkpoint is the
 final step and its outputs (`save_model`'s files, `loss.png`) were written from it (marked in
-the checkpoint): a run killed in between writes them on its next call. A step whose loss or
+the checkpoint): a run killed in between writes them on its next call; otherwise a call on a
+finished run changes nothing in its run dir. A step whose loss or
 gradient norm is not finite is skipped; a checkpoint due at it is still saved when the weights
 are finite (the skipped step did not touch them), else a warning names the last good checkpoint.
 `cfg.max_bad_steps` consecutive skipped steps stop the run; fp16-mixed's overflows (skipped by
@@ -68,10 +76,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +89,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+from gpt1.core.environment import environment
 from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
 from gpt1.core.io import crash_point, exclusive, json_path, read_json, write_json, write_text, writing
 from gpt1.core.malloc import keep_freed_memory
@@ -96,7 +107,7 @@ from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
 from gpt1.train.schedule import BudgetSchedule, lr_at
 
 __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE",
-           "peak_flops"]
+           "peak_flops", "step_cap_words"]
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
@@ -151,9 +162,18 @@ def peak_flops(device: torch.device) -> float | None:
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
+def step_cap_words(cfg: TrainConfig) -> tuple[str, str]:
+    """The words around the steps a run announces (`at most 600 steps ...; time_budget=20 s may
+    end it sooner`) where its time budget may end it first: then they are a cap, not its length."""
+    if cfg.time_budget <= 0:
+        return "", ""
+    return "at most ", f"; time_budget={cfg.time_budget:g} s may end it sooner"
+
+
 def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | None = None,
-                   world_size: int = 1, redo_hint: str | None = None) -> None:
-    """Refuse a run dir that holds another run (or anything else); write train_config.json.
+                   world_size: int = 1, redo_hint: str | None = None) -> _RunRecord:
+    """Refuse a run dir that holds another run (or anything else); the run's train_config.json
+    to write once the run trains (`_RunRecord.start`: a rerun of a finished run writes nothing).
     `redo_hint` replaces the advice to rerun as before (a caller like the quickstart has its own)."""
     config = cfg.to_dict()
     for key in PATH_KEYS & config.keys():  # recorded as the paths they name: a resume from another folder matches
@@ -164,6 +184,8 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
     wanted = {"config": config, "max_steps": max_steps, "world_size": world_size,
               **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE
+    # Validations change no weight; under a time budget their time counts in the plan, though.
+    resumable = RESUMABLE_CHANGES | ({"eval_every"} if not cfg.time_budget else set())
     if file.is_file() and ckpt.latest_checkpoint(run_dir) is None and not _has_outputs(run_dir):
         # Stopped before its first checkpoint (out of memory at the first step, say): nothing to resume
         # and nothing lost, so a rerun with another config (the smaller batch_size advised) starts over.
@@ -184,10 +206,11 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
                 "in one process (without torchrun)"
             raise Gpt1Error(f"{run_dir} was trained by {old_world} process{'es' if old_world > 1 else ''}, this run has "
                             f"{world_size}: resume it {how}, or choose another --out")
-        # A key that an older gpt1 did not write had its default value then.
-        old_cfg = {**_field_defaults(cfg), **old_cfg}
-        # Validations change no weight; under a time budget their time counts in the plan, though.
-        resumable = RESUMABLE_CHANGES | ({"eval_every"} if not old_cfg.get("time_budget") and not cfg.time_budget else set())
+        # A key that an older gpt1 did not write had its default value then; one changed on a
+        # resume has its latest value.
+        old_cfg = _settings(old, _field_defaults(cfg))
+        if old_cfg.get("time_budget"):
+            resumable -= {"eval_every"}
         keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
                       if k not in resumable and not _same_setting(run_dir, k, old_cfg.get(k), wanted["config"].get(k)))
         if old.get("max_steps") != max_steps and "max_steps" not in keys:
@@ -197,16 +220,65 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict |
                               else k for k in keys)
             raise Gpt1Error(f"{run_dir} holds a run with a different config ({diffs}); "
                             + (redo_hint or "rerun with the same config to resume it, or choose another --out"))
-        # A run dir from before the data was recorded resumes unchecked (its data is unknown).
+        # A run dir from before the data was recorded resumes unchecked (its data is unknown), and
+        # one from before a part of it was (pretraining's content check) unchecked on that part.
         old_data = old.get("data")
-        if data is not None and isinstance(old_data, dict) and old_data != data:
-            diffs = ", ".join(f"{k}: {old_data.get(k)!r} -> {data.get(k)!r}" for k in sorted(set(old_data) | set(data))
-                              if old_data.get(k) != data.get(k))
-            raise Gpt1Error(f"{run_dir} holds a run on other training data ({diffs}); "
-                            + (redo_hint or "rerun with the data it was trained on to resume it, or choose another --out"))
+        if data is not None and isinstance(old_data, dict):
+            diffs = ", ".join(f"{k}: {old_data[k]!r} -> {data.get(k)!r}" for k in sorted(old_data)
+                              if old_data[k] != data.get(k))
+            if diffs:
+                raise Gpt1Error(f"{run_dir} holds a run on other training data ({diffs}); "
+                                + (redo_hint or "rerun with the data it was trained on to resume it, or choose another --out"))
+        # The run as started stays recorded; what it did not record (an older gpt1) is, from now on.
+        record = {**old, "world_size": world_size}
+        if data is not None:
+            record["data"] = {**data, **old_data} if isinstance(old_data, dict) else data
+        return _RunRecord(file, record, wanted["config"], resumable, _field_defaults(cfg))
     else:
         _refuse_other_files(run_dir)
-    write_json(file, wanted)
+    return _RunRecord(file, wanted, wanted["config"], resumable, _field_defaults(cfg))
+
+
+def _settings(record: dict, defaults: dict) -> dict:
+    """A run's settings as of its latest resume: its config as started (a key an older gpt1 did
+    not write at its default `defaults`), with the resumable ones changed since (`changes`)."""
+    settings = {**defaults, **record["config"]}
+    for change in record.get("changes") or []:
+        if isinstance(change, dict):
+            settings.update({k: v for k, v in change.items() if k != "from_step"})
+    return settings
+
+
+class _RunRecord:
+    """A run's train_config.json: the run as started (`config`, the resolved `max_steps`,
+    `world_size`, the training data's identity `data`), the resumable settings changed since, each
+    with the step it holds from (`changes`: [{"from_step": 40, "eval_batches": 1}]), and one
+    `provenance` entry per start and resume (versions, machine, device, precision, command line).
+    Written once the run trains (a rerun of a finished run changes nothing), on rank 0."""
+
+    def __init__(self, file: Path, record: dict, config: dict, resumable: set[str], defaults: dict):
+        self.file, self.record, self.config, self.resumable, self.defaults = file, record, config, resumable, defaults
+
+    def start(self, step: int, provenance: dict) -> None:
+        """Record this invocation, which trains from `step`, and the resumable settings it changes."""
+        changes = [c for c in self.record.pop("changes", None) or [] if isinstance(c, dict)]
+        if changes and changes[-1].get("from_step") == step:
+            changes.pop()  # an invocation's that saved no step after it: they held for no step kept
+        was = _settings({**self.record, "changes": changes}, self.defaults)
+        changed = {k: self.config[k] for k in sorted(self.resumable & self.config.keys()) if was.get(k) != self.config[k]}
+        changes += [{"from_step": step, **changed}] if changed else []
+        earlier = self.record.pop("provenance", None)
+        self.record |= {**({"changes": changes} if changes else {}),
+                        "provenance": [*(earlier if isinstance(earlier, list) else []), {"from_step": step, **provenance}]}
+        self.write()
+
+    def note(self, **values) -> None:
+        """Add what this invocation found out as it ran (compile fell back to eager) to its provenance."""
+        self.record["provenance"][-1].update(values)
+        self.write()
+
+    def write(self) -> None:
+        write_json(self.file, self.record)
 
 
 def _has_outputs(run_dir: Path) -> bool:
@@ -292,10 +364,11 @@ def _trim_metrics(path: Path, step: int) -> None:
 def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_data: BatchSource,
           val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
           save_model: Callable[[Path, torch.nn.Module], None], *, max_steps: int | None = None,
-          data: dict | None = None, redo_hint: str | None = None) -> TrainResult:
+          data: dict | None = None, data_source: dict | None = None, redo_hint: str | None = None) -> TrainResult:
     """Train `model` (see the module docstring); resumes from `run_dir`'s latest checkpoint.
     `data`: an identity of the training data (JSON-able), recorded in train_config.json; a
-    resume on data with another identity is refused."""
+    resume on data with another identity is refused. `data_source`: where the data came from
+    (JSON-able: its path, how it was prepared), recorded with each start and resume, never compared."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     max_steps = max_steps if max_steps is not None else cfg.max_steps
@@ -307,7 +380,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
         keep_freed_memory()  # the step's large buffers reused, not page-faulted in every step
     with contextlib.ExitStack() as held:
 
-        def check_and_hold() -> None:
+        def check_and_hold() -> _RunRecord:
             # A folder of other files is refused before the lock is made in it. (One with a lock
             # is a run, maybe being created by another process: the lock tells which.)
             if not (run_dir / RUN_LOCK).exists():
@@ -318,18 +391,22 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             # run started at the same moment is told that this one trains there, not that the
             # folder it is making holds something else.
             held.enter_context(exclusive(run_dir / ckpt.CHECKPOINTS_DIR, "training"))
-            _check_run_dir(run_dir, cfg, max_steps, data, dist.world_size, redo_hint)
+            record = _check_run_dir(run_dir, cfg, max_steps, data, dist.world_size, redo_hint)
             ckpt.remove_partial_saves(run_dir)
+            return record
 
         # Every collective of the run happens inside: one whose peer is gone is one line, not gloo's or NCCL's traceback.
         with distributed.peer_failures():
-            distributed.main_only(check_and_hold)  # a refusal there stops every rank
-            return _train_in(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, started)
+            record = distributed.main_only(check_and_hold)  # a refusal there stops every rank; rank 0's record
+            return _train_in(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, started,
+                             record, data_source)
 
 
 def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_data: BatchSource, val_batches,
-              save_model, max_steps: int, dist, device: torch.device, started: float) -> TrainResult:
-    """The run itself, once its run dir is checked and held (see `train`)."""
+              save_model, max_steps: int, dist, device: torch.device, started: float,
+              record: _RunRecord | None, data_source: dict | None) -> TrainResult:
+    """The run itself, once its run dir is checked and held (see `train`); `record`: its
+    train_config.json (rank 0's), written once it is known to train."""
     model.to(device)
     model.train()
     if cfg.float8:
@@ -360,10 +437,8 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             group = optimizer.param_groups[0]
             schedule_state = BudgetSchedule.state_from_rate(cfg.lr, cfg.warmup, start_step, end,
                                                             group["lr"] / group.get("lr_scale", 1.0))
-        if dist.is_main:
-            if start_step < end:  # a finished run says so at the end ("nothing to do"), not "resuming"
-                info(f"resuming {run_dir} from step {start_step:,} of {end:,} ({latest.name})")
-            _trim_metrics(run_dir / METRICS_FILE, start_step)
+        if dist.is_main and start_step < end:  # a finished run says so at the end ("nothing to do"), not "resuming"
+            info(f"resuming {run_dir} from step {start_step:,} of {end:,} ({latest.name})")
         # Each rank restores its own RNG states (its dropout masks go on as in an uninterrupted run).
         # A checkpoint of an older gpt1 holds rank 0's alone: the other ranks reseed reproducibly.
         rank_rngs = state.get("rank_rng")
@@ -373,9 +448,14 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
         if dist.rank and not rank_rngs:
             torch.manual_seed(cfg.seed + 1000 * dist.rank + start_step)
     else:
-        if dist.is_main:  # lines of a run killed before its first checkpoint
-            _trim_metrics(run_dir / METRICS_FILE, 0)
         torch.manual_seed(cfg.seed + 1000 * dist.rank)
+    # A rerun of a finished run (at most writing the outputs a kill left unwritten) changes nothing
+    # in the run dir: its record, metrics and event log stay as the run left them.
+    finished = start_step >= end
+    if not finished:
+        distributed.main_only(lambda: record.start(start_step, _provenance(cfg, device, precision, data_source)))
+        if dist.is_main:  # lines a killed run logged after its last checkpoint (or before its first)
+            _trim_metrics(run_dir / METRICS_FILE, start_step)
     distributed.barrier()
 
     raw_model = model
@@ -410,15 +490,15 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             if rate:
                 rate.timed("checkpoint", time.perf_counter() - began)
 
-    metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
+    metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main and not finished else None
 
-    def log_metrics(record: dict) -> None:
+    def log_metrics(metric: dict) -> None:
         if metrics:
             with writing(metrics.name):  # a full disk names the file
-                metrics.write(json.dumps(record) + "\n")
+                metrics.write(json.dumps(metric) + "\n")
                 metrics.flush()
 
-    writer = _tensorboard(run_dir, start_step) if cfg.tensorboard and dist.is_main else None
+    writer = _tensorboard(run_dir, start_step) if cfg.tensorboard and dist.is_main and not finished else None
     budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown, end=end)
               if cfg.time_budget > 0 else None)
     # A re-planned run's rate never rises after its warmup (see BudgetSchedule); a fixed plan's is lr_at.
@@ -440,6 +520,8 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             if step_model is model or not is_compile_error(e):
                 raise
             warn(f"torch.compile failed ({first_line(e)}); training continues without it (eager, as with compile=false)")
+            if record:
+                record.note(compiled=False, compile_error=first_line(e))
             step_model = model
             return _loss_and_backward(model, model, x, y, sync, device, precision, scaler, weight)
 
@@ -536,18 +618,18 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             tokens_seen += step_tokens
             elapsed = time.perf_counter() - t0
             tokens_per_sec = step_tokens / elapsed
-            record = {"step": done, "loss": mean_loss, "lr": lr,
+            metric = {"step": done, "loss": mean_loss, "lr": lr,
                       "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # inf: an fp16 overflow
                       "tokens": tokens_seen, "tokens_per_sec": tokens_per_sec,
                       "mfu": (flops_per_token(x.size(1)) * tokens_per_sec / (peak * dist.world_size)
                               if peak and flops_per_token else None)}
             if threads:
-                record["threads"] = torch.get_num_threads()  # the count this step ran on
+                metric["threads"] = torch.get_num_threads()  # the count this step ran on
                 # Per position computed, padding included: chat batches differ in length.
                 if message := threads.step_done(elapsed, size=sum(x.numel() for x, _ in batches)):
                     info(message)
             if scaler.is_enabled() and not math.isfinite(grad_norm):
-                record["skipped"] = "fp16 overflow"
+                metric["skipped"] = "fp16 overflow"
             last["loss"] = mean_loss
             if budget:
                 end = budget.plan(done, end, dist)
@@ -560,12 +642,14 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                     rate.timed("validation", time.perf_counter() - began)
                 if math.isfinite(val_loss):
                     last["val_loss"] = val_loss
-                    record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
-            log_metrics(record)
+                    metric.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+                if dist.is_main:  # a line of its own: a log off a terminal has every validation, not the bar's last
+                    info(f"step {done:,}: val loss {_fmt(val_loss)}, perplexity {_fmt(perplexity(val_loss), '.2f')}")
+            log_metrics(metric)
             if writer:
                 for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_ppl"):
-                    if record.get(key) is not None:
-                        writer.add_scalar(key, record[key], done)
+                    if metric.get(key) is not None:
+                        writer.add_scalar(key, metric[key], done)
             bar.set_postfix(refresh=False, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
                             **({"val": f"{last['val_loss']:.4f}"} if last["val_loss"] is not None else {}))
             bar.update(1)
@@ -614,6 +698,17 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
     return result
 
 
+def _provenance(cfg: TrainConfig, device: torch.device, precision: str, data_source: dict | None) -> dict:
+    """What this invocation of a run ran on (train_config.json's `provenance`; never compared on
+    resume): when and how it was started, the versions and the machine (`gpt1.core.environment`),
+    the device as resolved and its name, the precision after its fallback (`resolve_precision`),
+    whether it compiles (`note`d false with the error when compile falls back to eager), and the data's source."""
+    return {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "argv": list(sys.argv), **environment(), "device": str(device),
+            **({"device_name": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
+            "precision": precision, "compiled": cfg.compile, **({"data": data_source} if data_source else {})}
+
+
 def _bad_steps_error(what: str, run_dir: Path, precision: str) -> Gpt1Error:
     """The error that stops a run whose steps keep being skipped (NaN/inf), with advice that fits its precision."""
     good = ckpt.latest_checkpoint(run_dir)
@@ -650,8 +745,18 @@ def _write_outputs(run_dir: Path, checkpoint: Path, model: torch.nn.Module,
     crash_point("before-outputs")
     save_model(run_dir, model)
     if final:
-        plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, title=run_dir.name)
+        _plot(run_dir)
     ckpt.mark_outputs_written(checkpoint)
+
+
+def _plot(run_dir: Path) -> None:
+    """Draw loss.png, a by-product: one that cannot be drawn (matplotlib's fonts past `ulimit -n`,
+    its extension past `ulimit -v`, a folder in the way) is a warning, not a failed run whose
+    model is written."""
+    try:
+        plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, title=run_dir.name)
+    except Exception as e:  # noqa: BLE001 - whatever it was, the run's results stand
+        warn(f"{run_dir / PLOT_FILE} not drawn ({first_line(e)}); `gpt1 plot {run_dir}` draws it")
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

@@ -93,6 +93,22 @@ def plot_runs_to(runs: dict[str, str | Path], stream: BinaryIO, image_format: st
     _draw(runs).savefig(stream, dpi=DPI, format=image_format)
 
 
+def _perplexity_axis(ax, perplexities: list[float]) -> None:
+    """A scale whose labels a value can be read from: linear within a decade, else logarithmic
+    with labels at 1, 2 and 5 of each decade as plain numbers (matplotlib's own log axis labelled
+    a curve from 400 down to 68 with one tick, `10^2`)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = min(perplexities), max(perplexities)
+    if high < 10 * low:
+        return
+    ax.set_yscale("log")
+    if high <= 1e4 * low:  # wider: the default decades are labels enough
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.6g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _draw(runs: dict[str, str | Path]) -> Figure:
     # A figure of its own on the Agg canvas, not pyplot's: switching the process's backend (or
     # pyplot's figures) would break the host's plots, e.g. a notebook's, for the rest of its session.
@@ -112,8 +128,9 @@ def _draw(runs: dict[str, str | Path]) -> Figure:
             ax_loss.plot(*zip(*train), label="train loss", linewidth=0.8, alpha=0.8)
         if val:
             ax_loss.plot(*zip(*val), "o-", label="val loss", markersize=3)
-            ax_ppl.plot([s for s, _ in val], [math.exp(min(v, 700)) for _, v in val], "o-", color="C1", markersize=3)
-            ax_ppl.set_yscale("log")
+            perplexities = [math.exp(min(v, 700)) for _, v in val]
+            ax_ppl.plot([s for s, _ in val], perplexities, "o-", color="C1", markersize=3)
+            _perplexity_axis(ax_ppl, perplexities)
         prefix = f"{printable(title)}: " if title else ""  # a run folder's name, from anywhere
         ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=f"{prefix}loss")
         ax_loss.legend()

@@ -28,22 +28,27 @@ import torch.nn as nn
 from gpt1.core.device import bf16_supported, no_bf16
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import warn
+from gpt1.train.config import PRECISIONS
 
 # FP8 tensor cores: compute capability 8.9 (Ada: L4, L40S, RTX 4090) and 9.0+ (Hopper H100/H200, Blackwell).
 FLOAT8_MIN_CAPABILITY = (8, 9)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision to train in: `precision`, except bf16-mixed where the device has no bf16
-    (`gpt1.core.device.bf16_supported`), which falls back with a warning: on a CUDA GPU before
-    Ampere to fp16-mixed (autocast + GradScaler); on MPS before macOS 14 to fp32, which every Mac
-    runs (GradScaler on MPS is recent in PyTorch, and untested here)."""
+def resolve_precision(precision: str, device: torch.device, doing: str = "training") -> str:
+    """The precision to train (or evaluate: `doing`) in: `precision`, one of PRECISIONS, except
+    bf16-mixed where the device has no bf16 (`gpt1.core.device.bf16_supported`), which falls back
+    with a warning: on a CUDA GPU before Ampere to fp16-mixed (autocast + GradScaler); on MPS
+    before macOS 14 to fp32, which every Mac runs (GradScaler on MPS is recent in PyTorch, and
+    untested here)."""
+    if precision not in PRECISIONS:  # autocast() would take any other name for bf16
+        raise Gpt1Error(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "bf16-mixed" or bf16_supported(device):
         return precision
     if device.type == "mps":
-        warn(f"{no_bf16(device)}: training in fp32 instead of bf16-mixed")
+        warn(f"{no_bf16(device)}: {doing} in fp32 instead of bf16-mixed")
         return "fp32"
-    warn(f"{no_bf16(device)}: training in fp16-mixed (autocast + GradScaler) instead of bf16-mixed")
+    mixed = "fp16-mixed (autocast + GradScaler)" if doing == "training" else "fp16-mixed"
+    warn(f"{no_bf16(device)}: {doing} in {mixed} instead of bf16-mixed")
     return "fp16-mixed"
 
 

@@ -5,18 +5,20 @@ over `train.bin`, the fixed validation batches from `val.bin`, and runs the shar
 (`gpt1.train.loop.train`). The model's vocabulary is the tokenizer stored with the shards
 (`DATA/tokenizer.json`); its fingerprint must match `meta.json`, and a model from `init_from`
 must use the same tokenizer. The run dir records the data's identity (`data_identity`): a
-resume on other data is refused.
+resume on other data is refused; and, for information, the data folder and how it was prepared
+(`data_source`, with each start and resume).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import as_path
+from gpt1.core.io import as_path, json_path
 from gpt1.core.model import GPT
 from gpt1.core.progress import info
 from gpt1.core.rng import host_rng_kept
@@ -27,7 +29,7 @@ from gpt1.formats.modeldir import load_model
 from gpt1.formats.modeldir import save_model as save_model_dir
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, require_config
-from gpt1.train.loop import TrainResult, train
+from gpt1.train.loop import TrainResult, step_cap_words, train
 
 
 def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
@@ -70,12 +72,38 @@ def _check_preset_matches(cfg: TrainConfig, loaded: ModelConfig) -> None:
                         f"({describe(loaded)}): init_from decides the model; set model to match it or leave it out")
 
 
-def data_identity(meta: dict) -> dict:
+def data_identity(meta: dict, data_dir: Path) -> dict:
     """What tells prepared data apart (recorded in the run dir, checked on resume): its token and
-    document counts and tokenizer, not its path, so that a moved data folder still resumes."""
+    document counts and tokenizer, and a cheap check of each shard's content (`sample_fingerprint`,
+    under the shard's file name), not its path, so that a moved data folder still resumes."""
     return {"train_tokens": meta["train"]["tokens"], "train_documents": meta["train"].get("documents"),
             "val_tokens": meta["val"]["tokens"], "val_documents": meta["val"].get("documents"),
-            "tokenizer": meta["tokenizer"]["fingerprint"]}
+            "tokenizer": meta["tokenizer"]["fingerprint"],
+            **{meta[split]["file"]: sample_fingerprint(data_dir / meta[split]["file"]) for split in ("train", "val")}}
+
+
+def data_source(meta: dict, data_dir: Path) -> dict:
+    """Where the data came from, for information (never compared: a moved folder resumes): the
+    folder, and meta.json's preparation key (sources, their files' hash, seed, val share, ...)."""
+    return {"path": json_path(data_dir.resolve()), **({"key": meta["key"]} if "key" in meta else {})}
+
+
+SAMPLE_BYTES = 1 << 20
+
+
+def sample_fingerprint(path: Path) -> str:
+    """sha256 (16 hex digits) of a file's size and its first and last MiB (all of it, up to 2 MiB):
+    other content with the same token counts (another preparation, shuffled or shifted) is told
+    apart on resume at the cost of reading 2 MiB, not the whole file (about 18 GB for the card's
+    OpenWebText); an edit confined to the middle of a larger file is not."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{size}\n".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLE_BYTES))
+        if size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 @host_rng_kept()  # the run seeds the global RNGs (a resume restores them): the caller's come back after
@@ -104,9 +132,11 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
     if dist.is_main:
         # max_steps > 0 decides the length: a max_tokens or epochs set beside the default max_steps=1000 did nothing, unsaid.
         unused = [f"{k}={getattr(cfg, k):g}" for k in ("max_tokens", "epochs") if cfg.max_steps and getattr(cfg, k)]
+        at_most, sooner = step_cap_words(cfg)
         info(f"model: {model.num_params():,} parameters ({cfg.model if cfg.init_from == 'scratch' else cfg.init_from}); "
-             f"{max_steps:,} steps x {tokens_per_step:,} tokens = {max_steps * tokens_per_step / meta['train']['tokens']:.2f} "
-             f"epochs of {meta['train']['tokens']:,} train tokens; {dist.world_size} process(es)"
+             f"{at_most}{max_steps:,} steps x {tokens_per_step:,} tokens = "
+             f"{max_steps * tokens_per_step / meta['train']['tokens']:.2f} epochs of {meta['train']['tokens']:,} train "
+             f"tokens; {dist.world_size} process(es){sooner}"
              + (f"; max_steps={cfg.max_steps:,} decides the length, not {' or '.join(unused)} (set max_steps=0 for "
                 "those)" if unused else ""))
         if len(val) < cfg.eval_batches:
@@ -118,6 +148,7 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
 
     try:
         return train(model, cfg, out, train_data, lambda: val, save_model, max_steps=max_steps,
-                     data=data_identity(meta), redo_hint=redo_hint)
+                     data=data_identity(meta, data_dir), data_source=data_source(meta, data_dir), redo_hint=redo_hint)
     finally:
         distributed.cleanup()
+
