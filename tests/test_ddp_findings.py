@@ -163,6 +163,7 @@ def test_a_failed_metrics_write_names_the_file(data_dir, tmp_path):
     again without a file name and replaced the error: "standard output: cannot write"."""
     args = ["pretrain", "--data", data_dir, "--out", tmp_path / "run", "model=tiny", "block_size=16", "batch_size=2",
             "device=cpu", "eval_batches=1", "max_steps=1000", "save_every=1000", "eval_every=1000"]
-    result = gpt1(*args, file_size=2048)  # train_config.json (~1 KB) fits; metrics.jsonl reaches it in ~5 steps
+    # train_config.json (~2.5 KB with its provenance) fits; metrics.jsonl reaches the limit in ~45 steps
+    result = gpt1(*args, file_size=8192)
     assert_one_clear_line(result.returncode, result.stderr.decode(),
                           r"run/metrics.jsonl: cannot write \(File too large\); raise the file-size limit")

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from gpt1.core.environment import environment as core_environment
+
 
 def progress(bench: str, row: dict) -> None:
     """A measured row on stderr as soon as it is known, so that a run cut short (a time limit on
@@ -42,12 +44,10 @@ def environment() -> dict:
     result files can be compared fairly."""
     import torch
 
-    from gpt1.core import environment as core
-
     try:
         transformers = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
         transformers = None
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **core.environment(), "transformers": transformers,
+            **core_environment(), "transformers": transformers,
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
