@@ -87,6 +87,22 @@ def test_a_plain_bar_prints_its_last_state_once(monkeypatch, capsys):
     assert "val=5.0" not in lines[-2] and "val=5.0" in lines[-1]
 
 
+def test_a_plain_bar_whose_clock_changes_length_is_still_one_line():
+    """The bar between the `|`s fills what the clock leaves of 100 columns, so a closing redraw with
+    a longer rate (`5888.12step/s` after `?step/s`) drew a shorter bar: CI's log had 3/3 three times."""
+    import io
+
+    from gpt1.core.progress import _PlainLines
+
+    sink = io.StringIO()
+    plain = _PlainLines(sink)
+    plain.write("\rrun: 100%|##########| 3/3 [00:00<?, ?step/s, val=5.0]")
+    plain.write("\rrun: 100%|#######| 3/3 [00:00<00:00, 5888.12step/s, val=5.0]")
+    plain.write("\rrun: 100%|#######| 3/3 [00:01<00:00, 2.10step/s, val=4.0]")
+    assert [line.split("[")[1] for line in sink.getvalue().splitlines()] == ["00:00<?, ?step/s, val=5.0]",
+                                                                            "00:01<00:00, 2.10step/s, val=4.0]"]
+
+
 def test_gpt1_debug_prints_the_traceback_and_the_same_line(tmp_path):
     import os
 

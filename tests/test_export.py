@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gpt1 import GPT
-from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE, encode_chat
+from gpt1.core.chat_template import HF_JINJA_TEMPLATE, JINJA_TEMPLATE, TEMPLATE_FILE, encode_chat
 from gpt1.core.errors import Gpt1Error
 from gpt1.formats.hf import export_model, import_hf_model, is_hf_model_dir
 from gpt1.formats.modeldir import save_model
@@ -107,7 +107,7 @@ def test_chat_template_gives_gpt1_ids(tmp_path, tiny_config, tokenizer):
 
     chat_dir = _model_dir(tmp_path / "chat", random_model(tiny_config, seed=5), tokenizer, chat=True)
     out = export_model(chat_dir, tmp_path / "hf")
-    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == JINJA_TEMPLATE
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == HF_JINJA_TEMPLATE
     hf_tok = AutoTokenizer.from_pretrained(out)
     for messages in (CHAT, CHAT[1:2], CHAT[:3]):
         got = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
@@ -366,26 +366,6 @@ def test_import_of_an_unmerged_finetuned_export_merges_its_adapter(tmp_path, tin
     with torch.no_grad():
         torch.testing.assert_close(imported(x), chat(x), atol=1e-5, rtol=0)
     assert imported_tokenizer.fingerprint == tokenizer.fingerprint
-
-
-def test_import_of_an_adapter_gpt1_cannot_merge_says_to_export_merged(tmp_path, tiny_config, tokenizer, capsys):
-    from safetensors.torch import save_file
-
-    from tests.test_battery import assert_one_clear_line, run_main
-
-    finetuned_dir(tmp_path / "chat", tiny_config, tokenizer, seed=4)
-    hf = export_model(tmp_path / "chat", tmp_path / "hf")
-    # An adapter trained by PEFT itself: one dense c_attn pair of rank 8, not gpt1's per-projection blocks.
-    (hf / "adapter" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]}))
-    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(8, 64),
-               "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.ones(192, 8)},
-              hf / "adapter" / "adapter_model.safetensors")
-    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": CHAT[1:3]}) + "\n")
-    assert_one_clear_line(*run_main(capsys, "finetune", "--base", hf, "--data", tmp_path / "chats.jsonl",
-                                    "--out", tmp_path / "ft"),
-                          r"hf: gpt1 cannot merge its adapter/ \(.*adapter: the c_attn adapter of rank 8 is not one "
-                          r"per-projection pair of rank 8: .*\); import a merged export instead \(`gpt1 export --merge`")
 
 
 def test_generation_config_defaults_stop_at_the_context(tmp_path, tiny_config, tokenizer):

@@ -14,14 +14,17 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not hasattr
 
 # Allocates and frees a 48 MiB tensor (above glibc's default mmap threshold, 32 MiB at most) and
 # reports what mallinfo2 says: bytes in mapped chunks while it lives, free heap bytes after.
-CHILD = """
+# glibc's mallinfo2() from Python: the start of each child script that reads it.
+MALLINFO = """
 import ctypes, json, sys, torch
-from gpt1.core.malloc import keep_freed_memory
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
+"""
+CHILD = MALLINFO + """
+from gpt1.core.malloc import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 before = libc.mallinfo2().hblkhd
 buffer = torch.empty(48 * 2**20, dtype=torch.uint8).fill_(1)

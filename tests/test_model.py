@@ -243,7 +243,7 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_config):
 
 def test_context_overflow_is_an_error(tiny_config):
     model = GPT(tiny_config)
-    with pytest.raises(ValueError, match="longer than the context"):
+    with pytest.raises(Gpt1Error, match="longer than the context"):
         model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
 
 

@@ -266,10 +266,12 @@ def test_a_prompt_that_does_not_fit_is_named_by_its_index(server, llm):
     long = "word " * context
     tokens = len(llm.tokenizer.encode(long))
     error = error_of(post(server, "completions", {"prompt": ["short", long, "short"], "max_tokens": 2}), 400)
-    assert error["message"].startswith(f"prompt[1] is {tokens} tokens;")
+    assert error["message"].startswith(f"This model's maximum context length is {context} tokens. However, "
+                                       f"prompt[1] resulted in {tokens} tokens")
     assert (error["param"], error["code"]) == ("prompt", "context_length_exceeded")
     error = error_of(post(server, "completions", {"prompt": long, "max_tokens": 2}), 400)
-    assert error["message"].startswith(f"prompt is {tokens} tokens;") and error["param"] == "prompt"
+    assert error["message"].startswith(f"This model's maximum context length is {context} tokens. However, "
+                                       f"the prompt resulted in {tokens} tokens") and error["param"] == "prompt"
     # The longest prompt decides what fits: it is the one named, with the room it leaves.
     ids = list(range(10, 10 + context // 2))
     error = error_of(post(server, "completions", {"prompt": [[1], ids], "max_tokens": context}), 400)

@@ -1,11 +1,13 @@
 """The chat page, in a real headless Chromium (Debian's `chromium`, driven by Playwright)
 against a real server: streaming, sliders, presets, stop, reset, the API key field, failed sends,
-the settings boxes, how a reply ended, long chats and narrow screens."""
+the settings boxes, how a reply ended, long chats, narrow screens and accessibility (contrast,
+focus, structure for screen readers, right-to-left text, reduced motion, forced colours)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -31,7 +33,22 @@ def server(tiny_config, tokenizer, tmp_path_factory):
 
     async def recording(scope, receive, send):
         paths.append(scope.get("path"))
-        await app(scope, receive, send)
+        drop_after = int(dict(scope.get("headers") or []).get(b"x-test-drop-after", 0))
+        if not drop_after:
+            return await app(scope, receive, send)
+        # A server that dies mid-reply (killed, out of memory): its connection closes after
+        # `drop_after` writes, without the stream's end (the chunked body's last chunk).
+        writes = 0
+
+        async def dying(message):
+            nonlocal writes
+            if message["type"] == "http.response.body":
+                writes += 1
+                if writes > drop_after:
+                    raise RuntimeError("the server died")
+            await send(message)
+
+        await app(scope, receive, dying)
 
     with background_server(recording) as url:
         yield url, app, paths
@@ -78,6 +95,20 @@ def wait_done(page) -> None:
 
 def focused(page) -> str:
     return page.evaluate("document.activeElement.id")
+
+
+def contrast(foreground: str, background: str) -> float:
+    """WCAG's contrast ratio of two computed CSS colours ("rgb(91, 140, 255)")."""
+    def luminance(css: str) -> float:
+        channels = [int(v) / 255 for v in re.findall(r"\d+", css)[:3]]
+        r, g, b = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    light, dark = sorted([luminance(foreground), luminance(background)], reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def style(page, selector: str, prop: str, pseudo: str | None = None) -> str:
+    return page.eval_on_selector(selector, "(el, [prop, pseudo]) => getComputedStyle(el, pseudo)[prop]", [prop, pseudo])
 
 
 def focus_comes_to(page, element_id: str) -> str:
@@ -164,6 +195,10 @@ def test_presets_stop_and_reset(page, server):
     page.fill("#api-key", KEY)
     page.click("text=Code")
     assert [b.get_attribute("aria-pressed") for b in page.locator("#presets button").all()] == ["false", "false", "true"]
+    # In forced colours (Windows High Contrast) the selected preset looked like the others.
+    page.emulate_media(forced_colors="active")
+    assert style(page, "text=Code", "backgroundColor") != style(page, "text=Q&A", "backgroundColor")
+    page.emulate_media(forced_colors="none")
     code = PRESETS["code"]
     for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n"):
         assert knob(page, name) == pytest.approx(getattr(code, name)), name
@@ -194,27 +229,35 @@ def test_presets_stop_and_reset(page, server):
     page.click("#reset")
     assert page.locator(".msg").count() == 0
     page.fill("#k-max_tokens-value", "3")
-    send(page, "Hi again")
+    # A reply that ends while Stop has focus (tabbed to, about to be pressed): focus fell to the
+    # page when Stop was disabled. Sent and focused in one task, so the reply cannot end between.
+    page.fill("#input", "Hi again")
+    page.evaluate("() => { document.getElementById('composer').requestSubmit(); document.getElementById('stop').focus(); }")
+    assert focused(page) == "stop"
     page.wait_for_function("() => document.querySelector('.msg.assistant .meta')?.textContent.length > 0")
+    assert focus_comes_to(page, "input") == "input"
     assert [m["role"] for m in page.sent[-1][1]["messages"]] == ["user"]
     assert page.errors == []
     if os.environ.get("GPT1_SCREENSHOT"):
         page.screenshot(path=os.environ["GPT1_SCREENSHOT"], full_page=True)
 
 
-@pytest.mark.parametrize("name", ["x<!--<script>", "</script><b>&amp;", "a&lt;b>"])
+@pytest.mark.parametrize("name", ["x<!--<script>", "</script><b>&amp;", "a&lt;b>",
+                                  "tinystories_chat_sft_lora_r16_alpha32_merged_20261206"])
 def test_a_model_name_with_markup_is_shown_as_text(browser, tiny_model_dir, name):
     """A model named `x<!--<script>` blanked the page: the config's JSON went into a <script>
-    element with only "</" escaped, and "<!--<script>" made the rest of the page script."""
+    element with only "</" escaped, and "<!--<script>" made the rest of the page script. A name
+    without break points (a folder's, underscores) made the page 410 px wide on a 320 px phone."""
     llm = gpt1.load(tiny_model_dir, device="cpu")
     with background_server(create_app(llm, model_name=name)) as url:
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 320, "height": 568})
         page.set_default_timeout(10_000)
         errors = []
         page.on("pageerror", lambda error: errors.append(error))
         page.goto(url)
         assert page.inner_text("#model-name") == f"{name} · {llm.config.block_size}-token context"
         assert page.locator("#k-temperature").count() == 1 and page.locator("b").count() == 0
+        assert page.evaluate("document.documentElement.scrollWidth") == 320
         assert errors == []
         page.close()
 
@@ -251,6 +294,12 @@ def test_the_settings_boxes_send_what_they_show(page, server):
         assert page.input_value("#input") == "Again" and len(page.sent) == sent
         message = page.eval_on_selector(box, "box => box.validationMessage")
         assert message.startswith("Top-p is not a number" if box != "#seed" else "Seed must be an integer"), message
+        # Its border is red as its outline (a rule that lost on specificity left it grey), and
+        # focused it shows more than that 1px outline (which took the focus ring's place).
+        assert style(page, box, "borderTopColor") == style(page, box, "outlineColor")
+        focused_outline = style(page, box, "outlineWidth"), style(page, box, "outlineOffset")
+        page.eval_on_selector(box, "box => box.blur()")
+        assert focused_outline != (style(page, box, "outlineWidth"), style(page, box, "outlineOffset"))
         page.fill("#k-top_p-value", "0.9")
     assert page.get_attribute("#k-top_p-value", "aria-invalid") is None
     assert page.errors == []
@@ -299,14 +348,80 @@ def test_a_reply_says_how_it_ended(browser, server, short_server):
     assert "error: the reply was cut off" in page.inner_text(".msg.assistant .meta")
     assert page.inner_text("#status") == "error"
 
+    # The server dies mid-reply (killed, out of memory; or a proxy resets the connection): the
+    # page said the browser's "network error". The text that came is the reply, with the error in
+    # its note; or none came (the browser drops what the page had not read yet): the error box.
+    page.unroute("**/v1/chat/completions")
+    page.route("**/v1/chat/completions",
+               lambda route: route.continue_(headers={**route.request.headers, "x-test-drop-after": "4"}))
+    send(page, "Hi")
+    wait_done(page)
+    said = page.locator(".msg").last.inner_text()
+    assert said.endswith("the reply was cut off: the connection to the server was lost"), said
+    assert page.inner_text("#status") == "error"
+
     # No server at all: said in words (the browser's are "Failed to fetch").
     page.unroute("**/v1/chat/completions")
     page.route("**/v1/chat/completions", lambda route: route.abort("connectionrefused"))
     send(page, "Anyone?")
-    page.wait_for_selector(".msg.error")
-    assert page.inner_text(".msg.error .body") == "cannot reach the server: is it running?"
+    wait_done(page)  # not the first .msg.error: the dropped stream's may be one
+    assert page.locator(".msg.error .body").last.inner_text() == "cannot reach the server: is it running?"
     assert page.input_value("#input") == "Anyone?"
     page.close()
+
+
+def test_the_page_for_eyes_keyboards_and_screen_readers(page):
+    """What axe-core would check, computed in the browser: contrast in both colour schemes, the
+    conversation reachable by keyboard, named messages and described fields for screen readers,
+    right-to-left text laid out as such, and no blinking cursor for prefers-reduced-motion."""
+    expect = pytest.importorskip("playwright.sync_api").expect
+    # Contrast: Send's text (white on the dark scheme's light accent was 3.2:1), the placeholders
+    # (the browser's grey was 3.9:1 on the dark fields; the message box's holds its instructions),
+    # and a text field's edge against its panel (1.3:1, WCAG's non-text contrast asks 3:1).
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        assert contrast(style(page, "#send", "color"), style(page, "#send", "backgroundColor")) >= 4.5, scheme
+        for field in ("#input", "#system", "#seed", "#k-top_k-value"):
+            ratio = contrast(style(page, field, "color", "::placeholder"), style(page, field, "backgroundColor"))
+            assert ratio >= 4.5, (scheme, field, ratio)
+        for field, panel in [("#input", "#composer"), ("#system", "#settings"), ("#seed", "#settings")]:
+            ratio = contrast(style(page, field, "borderTopColor"), style(page, panel, "backgroundColor"))
+            assert ratio >= 3, (scheme, field, ratio)
+    page.emulate_media(color_scheme="light")
+
+    # The conversation is a named region that Tab reaches (to scroll it by keyboard in any
+    # browser), not a live one: a reply is announced once, when it ends, from #announce.
+    log = page.get_by_role("region", name="Conversation")
+    assert log.get_attribute("id") == "log" and log.get_attribute("aria-live") is None
+    page.focus("#api-key")
+    page.keyboard.press("Tab")
+    assert focused(page) == "log"
+    # The hints are the fields' descriptions.
+    expect(page.locator("#k-temperature")).to_have_accessible_description("0 = always the most likely token")
+    expect(page.locator("#k-temperature-value")).to_have_accessible_description("0 = always the most likely token")
+    expect(page.locator("#seed")).to_have_accessible_description(re.compile(r"^an integer in \[-2\^63, 2\^64\)"))
+
+    # Streaming under prefers-reduced-motion: the cursor stays, without blinking.
+    page.fill("#api-key", KEY)
+    page.fill("#k-max_tokens-value", "8000")
+    page.emulate_media(reduced_motion="reduce")
+    send(page, "מה השעה?")
+    page.wait_for_function("() => document.querySelector('.msg.streaming .body')?.textContent.length > 5", polling=50)
+    assert style(page, ".msg.streaming .body", "animationName", "::after") == "none"
+    page.emulate_media(reduced_motion="no-preference")
+    assert style(page, ".msg.streaming .body", "animationName", "::after") == "blink"
+    page.click("#stop")
+    wait_done(page)
+
+    # One article per message, named by who wrote it; a Hebrew message reads right to left (its
+    # "?" was drawn at the sentence's start), and so do the text boxes given Hebrew.
+    assert page.get_by_role("article", name="You").inner_text().endswith("מה השעה?")
+    assert page.get_by_role("article", name="Assistant").count() == 1
+    assert style(page, ".msg.user .body", "direction") == "rtl"
+    for box in ("#input", "#system"):
+        page.fill(box, "שלום")
+        assert style(page, box, "direction") == "rtl", box
+    assert page.errors == []
 
 
 def test_a_long_chat_on_a_phone(browser, server, short_server):

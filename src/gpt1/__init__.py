@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -20,14 +20,15 @@ if TYPE_CHECKING:
     from gpt1.core.model import GPT, KVCache
     from gpt1.core.tokenizer import Tokenizer, train_tokenizer
     from gpt1.inference.llm import LLM, load
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gpt1' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # once
-    return value
+else:
+    # Out of the type checkers' sight (the imports above are what they read): a module
+    # __getattr__ makes every name of gpt1 valid to mypy and pyright, `gpt1.laod` included.
+    def __getattr__(name: str) -> Any:
+        if name not in _EXPORTS:
+            raise AttributeError(f"module 'gpt1' has no attribute {name!r}")
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # once
+        return value
 
 
 def __dir__() -> list[str]:

@@ -65,6 +65,7 @@ CLIENTS = (1, 16, 32)
 REQUESTS = 32  # for every N; each of the N clients sends REQUESTS / N one after another
 STREAM_TOKENS = {"cuda": 256, "cpu": 128}  # the long-stream rows' reply length
 TEMP_PREFIX = "gpt1-bench-serve-"  # + the benchmark's pid + "-": the model dir it writes
+HEALTH_TIMEOUT_S = 2.0  # one look at /health while the server starts
 
 
 def _event_loops() -> list[str]:
@@ -140,7 +141,7 @@ async def _clients(url: str, client_ids: list[int], per_client: int, max_tokens:
         async def worker(c: int) -> list[dict]:
             return [await _one_request(client, c * per_client + r, max_tokens) for r in range(per_client)]
 
-        await asyncio.sleep(max(0.0, start_at - time.time()))
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         results = await asyncio.gather(*(worker(c) for c in client_ids))
     return [r for rs in results for r in rs]
 
@@ -150,7 +151,7 @@ def _load_part(url: str, client_ids: list[int], per_client: int, max_tokens: int
     """Some of the clients, in one process: their results, the time they ended, the CPU seconds."""
     cpu = time.process_time()
     results = asyncio.run(_clients(url, client_ids, per_client, max_tokens, start_at))
-    return results, time.time(), time.process_time() - cpu
+    return results, time.monotonic(), time.process_time() - cpu
 
 
 def _load(url: str, clients: int, max_tokens: int, pool: ProcessPoolExecutor | None = None,
@@ -159,7 +160,11 @@ def _load(url: str, clients: int, max_tokens: int, pool: ProcessPoolExecutor | N
     the clients are spread over `processes` of its processes, so that the load generator (~100 us of CPU per
     streamed token with httpx) is not what a fast server is measured against."""
     per_client = REQUESTS // clients
-    start_at = time.time() + (0.5 if pool else 0.0)
+    # The processes start together and end at times compared with this one's: on a clock they share
+    # that no one sets. time.time jumps with an NTP step or `date -s` (+120 s read as a load of 121 s,
+    # -20 s as a 20 s stall); time.monotonic is the system's clock since boot on Linux, macOS and
+    # Windows (CLOCK_MONOTONIC, mach_absolute_time, GetTickCount64), the same in every process.
+    start_at = time.monotonic() + (0.5 if pool else 0.0)
     if pool is None:
         parts = [_load_part(url, list(range(clients)), per_client, max_tokens, start_at)]
     else:
@@ -223,17 +228,23 @@ def _remove_stale_dirs() -> None:
 def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     import httpx
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    # Time is counted while this process runs (a longer gap between two looks than a look takes is a
+    # pause: SIGSTOP, a debugger, Ctrl-Z of both processes), and the server is asked once more after
+    # the time is up: else a pause past the deadline failed a server that was up by then.
+    waited, last = 0.0, time.monotonic()
+    while True:
         if proc.poll() is not None:
             raise Gpt1Error(f"gpt1 serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S).status_code == 200:
                 return
         except httpx.TransportError:
             pass
+        if waited > timeout:
+            raise Gpt1Error(f"gpt1 serve did not answer {url}/health within {timeout:.0f} s")
         time.sleep(0.1)
-    raise Gpt1Error(f"gpt1 serve did not answer {url}/health within {timeout:.0f} s")
+        now = time.monotonic()
+        waited, last = waited + min(now - last, HEALTH_TIMEOUT_S + 1), now
 
 
 @contextlib.contextmanager

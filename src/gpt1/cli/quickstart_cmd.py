@@ -76,7 +76,9 @@ def report(result) -> str:
         "Next:",
         f"  gpt1 chat --model {result.chat}                         # talk to it in the terminal",
         f"  gpt1 serve --model {result.chat}                        # OpenAI-compatible API + chat page on http://127.0.0.1:8000",
-        f"  gpt1 export --model {result.chat} --out {result.out / 'hf'}   # a transformers + PEFT folder",
+        # --merge: transformers' pipeline / AutoModelForCausalLM load an export's base without a word
+        # of its adapter/ (the fine-tune), so the folder a newcomer loads first holds it merged in.
+        f"  gpt1 export --model {result.chat} --out {result.out / 'hf'} --merge   # a transformers folder, LoRA merged in",
         f"  gpt1 eval --model {result.base} --data {result.data}   # held-out perplexity and bits per byte",
         "  (serve needs the `serve` extra, and loading the export in transformers the `hf` extra: pip install -e \".[serve,hf]\" in a clone)",
         "  The full-scale recipes on a GPU (the model card's 257M model, OpenWebText, then OASST2):",

@@ -38,9 +38,10 @@ def register(subparsers) -> None:
                         help=f"require 'Authorization: Bearer KEY' on every /v1 request (default: ${API_KEY_ENV} "
                              "if set and not empty, else no key)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                        help="let web pages of this origin (e.g. https://app.example; * for any) call the API from "
-                             "a browser; repeat for more. Default: none (a browser lets only the server's own "
-                             "pages, such as the chat page, read its replies)")
+                        help="let web pages of this origin (scheme://host[:port], e.g. https://app.example or "
+                             "http://localhost:3000; * for any) call the API from a browser; repeat for more. "
+                             "Default: none (a browser lets only the server's own pages, such as the chat page, "
+                             "read its replies)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: the best available)")
     add_dtype_flag(parser)
     parser.add_argument("--max-batch", type=int, default=16,
@@ -120,9 +121,13 @@ def serve_command(args: argparse.Namespace) -> int:
     from gpt1.inference.llm import LLM
 
     bind, create_app, serve = _import_serve()
+    from gpt1.serve.app import cors_origin
     from gpt1.serve.server import raise_open_file_limit
     if not 0 <= args.port <= 65535:
         raise Gpt1Error(f"--port must be in [0, 65535], got {args.port}")
+    # Checked before the model loads; written as browsers send the Origin header (a trailing "/",
+    # upper case: as given, they never matched a page, and the server started without a word).
+    cors_origins = [cors_origin(value, "--cors-origin") for value in args.cors_origin]
     api_key = args.api_key if args.api_key is not None else clean_api_key(os.environ.get(API_KEY_ENV, "")) or None
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--prefill-chunk", args.prefill_chunk, 1)):
@@ -146,7 +151,7 @@ def serve_command(args: argparse.Namespace) -> int:
     app = create_app(llm, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                      body_timeout_s=args.body_timeout, stream_interval_ms=args.stream_interval,
-                     engine=engine, cors_origins=args.cors_origin, **load_as)
+                     engine=engine, cors_origins=cors_origins, **load_as)
     engine = app.state.engine
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback

@@ -14,7 +14,9 @@ Role markers are inserted as ids, never parsed out of text, so user text cannot 
 `JINJA_TEMPLATE` is the same template, reading messages the same way, for `transformers`'
 `apply_chat_template` and llama.cpp; the export tests check that both give identical ids. Those
 programs parse special-token text in what the template renders, so it refuses content that
-holds the text of a special token (`[EOS]`, `<|user|>`, ...), which gpt1 reads as plain text.
+holds the text of a special token (`[EOS]`, `<|user|>`, ...), which gpt1 reads as plain text, and
+tools, which it cannot show the model. `HF_JINJA_TEMPLATE`, the Hugging Face export's, also marks
+the assistant replies with `{% generation %}` (transformers' `return_assistant_tokens_mask`).
 """
 
 from __future__ import annotations
@@ -36,33 +38,53 @@ TEMPLATE_FILE = "chat_template.jinja"  # the file name transformers also reads f
 # Those programs tokenize the rendered string with special tokens parsed, so content holding a
 # special token's text ('[EOS]<|system|>...') would forge turns there: it is refused too (parts
 # are joined first, since '[EO' + 'S]' renders as '[EOS]'). gpt1 itself inserts markers as ids
-# and keeps such text as text.
+# and keeps such text as text. Tools are refused as `gpt1 serve` refuses them: the template has no
+# place to show them, and dropping them would leave the caller believing the model saw them.
+# (`tools is defined`: llama.cpp and jinja2 leave it undefined; transformers and
+# llama-cpp-python pass None when there are none.)
 # One line, no whitespace between tags: the output is the same with or without trim_blocks.
-JINJA_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% set i = loop.index0 %}"
-    "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
-    "{% if role not in ['system', 'user', 'assistant'] %}{{ raise_exception(\"messages[\" ~ i ~ \"].role: "
-    "expected one of " + ROLES + ", got '\" ~ message['role'] ~ \"'\") }}{% endif %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}"
-    "{% elif message['content'] is defined and message['content'] is iterable %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] != 'text' %}{{ raise_exception('messages[' ~ i ~ '].content[' ~ loop.index0 ~ "
-    "']: expected a text part {\"type\": \"text\", \"text\": ...}') }}"
-    "{% elif part['text'] is not string %}{{ raise_exception('messages[' ~ i ~ '].content[' ~ loop.index0 ~ "
-    "'].text: expected a string') }}{% endif %}"
-    "{% endfor %}"
-    "{% set text = message['content'] | map(attribute='text') | join %}"
-    "{% else %}{{ raise_exception('messages[' ~ i ~ '].content: expected a string or a list of text parts') }}"
-    "{% endif %}"
-    "{% for special in " + repr(SPECIAL_TOKENS) + " %}{% if special in text %}{{ raise_exception('messages[' ~ i ~ "
-    "'].content: contains \"' ~ special ~ '\", the text of a special token, which would become that token here "
-    "(gpt1 itself keeps it as text); remove it') }}{% endif %}{% endfor %}"
-    "{{ '<|' + role + '|>' + text }}"
-    "{% if role == 'assistant' %}{{ '" + EOS + "' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
-)
+def _jinja_template(generation_marks: bool) -> str:
+    """The template; `generation_marks` wraps each assistant reply and its [EOS] (what gpt1 trains
+    on) in {% generation %}, for transformers' return_assistant_tokens_mask. The rendered text is
+    the same either way."""
+    reply = "{{ text + '" + EOS + "' }}"
+    if generation_marks:
+        reply = "{% generation %}" + reply + "{% endgeneration %}"
+    return (
+        "{% if tools is defined and tools %}{{ raise_exception('tools: gpt1 models cannot call tools (the chat "
+        "template has no place for them); pass none') }}{% endif %}"
+        "{% for message in messages %}"
+        "{% set i = loop.index0 %}"
+        "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
+        "{% if role not in ['system', 'user', 'assistant'] %}{{ raise_exception(\"messages[\" ~ i ~ \"].role: "
+        "expected one of " + ROLES + ", got '\" ~ message['role'] ~ \"'\") }}{% endif %}"
+        "{% if message['content'] is string %}{% set text = message['content'] %}"
+        "{% elif message['content'] is defined and message['content'] is iterable %}"
+        "{% for part in message['content'] %}"
+        "{% if part['type'] != 'text' %}{{ raise_exception('messages[' ~ i ~ '].content[' ~ loop.index0 ~ "
+        "']: expected a text part {\"type\": \"text\", \"text\": ...}') }}"
+        "{% elif part['text'] is not string %}{{ raise_exception('messages[' ~ i ~ '].content[' ~ loop.index0 ~ "
+        "'].text: expected a string') }}{% endif %}"
+        "{% endfor %}"
+        "{% set text = message['content'] | map(attribute='text') | join %}"
+        "{% else %}{{ raise_exception('messages[' ~ i ~ '].content: expected a string or a list of text parts') }}"
+        "{% endif %}"
+        "{% for special in " + repr(SPECIAL_TOKENS) + " %}{% if special in text %}{{ raise_exception('messages[' ~ i ~ "
+        "'].content: contains \"' ~ special ~ '\", the text of a special token, which would become that token here "
+        "(gpt1 itself keeps it as text); remove it') }}{% endif %}{% endfor %}"
+        "{{ '<|' + role + '|>' }}"
+        "{% if role == 'assistant' %}" + reply + "{% else %}{{ text }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+    )
+
+
+# The model dir's chat_template.jinja and the GGUF export's tokenizer.chat_template: without
+# {% generation %}, which plain jinja2 does not parse, nor llama-cpp-python before its 2026 fix
+# (PR 2226): an older one fails to open a GGUF whose template holds it.
+JINJA_TEMPLATE = _jinja_template(generation_marks=False)
+# The Hugging Face export's: transformers reads the marks (the 4.45 that gpt1[hf] needs does).
+HF_JINJA_TEMPLATE = _jinja_template(generation_marks=True)
 
 
 def validate_messages(messages: Any, source: str = "messages") -> list[dict[str, str]]:

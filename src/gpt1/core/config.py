@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,9 @@ from gpt1.core.io import read_json, write_json
 
 @dataclass
 class ModelConfig:
+    """The shape of a `GPT`: what config.json holds. Checked when built (and again by `GPT(config)`);
+    `preset(name, **overrides)` for the named ones, `from_dict`/`load` for config.json."""
+
     vocab_size: int = 51_682
     block_size: int = 512  # context length: the most positions the model has embeddings for
     n_layer: int = 12
@@ -31,24 +36,34 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        """Check every field against its declared type and range: one place for config.json,
-        presets with overrides and imported models alike."""
+        self.validate()
+
+    def validate(self) -> "ModelConfig":
+        """Check every field against its declared type and range, in place (one place for
+        config.json, presets with overrides, imported models, and a config changed by attribute
+        after it was built: `GPT(config)` checks it again). A NumPy integer becomes an int and an
+        int a float where the field is a float, as `TrainConfig` does. Returns the config."""
         for f in fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+                value = value.item()  # a NumPy scalar (e.g. from a sweep over np.arange): its Python number
             kind = _FIELD_TYPES[f.type]
             if kind is bool and not isinstance(value, bool):
                 raise Gpt1Error(f"model config: {f.name} must be true or false, got {value!r}")
             if kind is int and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE):
                 raise Gpt1Error(f"model config: {f.name} must be a whole number from 1 to {MAX_SIZE:,}, got {value!r}")
-            if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                  or not math.isfinite(value)):
-                raise Gpt1Error(f"model config: {f.name} must be a number, got {value!r}")
+            if kind is float:
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise Gpt1Error(f"model config: {f.name} must be a number, got {value!r}")
+                value = float(value)  # dropout=0 is stored (and written to config.json) as 0.0
+            setattr(self, f.name, value)
         if self.n_embd % self.n_head:
             raise Gpt1Error(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise Gpt1Error(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         if not self.norm_eps > 0:
             raise Gpt1Error(f"model config: norm_eps must be > 0 (LayerNorm divides by sqrt(var + eps)), got {self.norm_eps!r}")
+        return self
 
     @property
     def head_size(self) -> int:
@@ -63,17 +78,21 @@ class ModelConfig:
         """A named configuration (see `PRESETS`), with optional field overrides."""
         if name not in PRESETS:
             raise Gpt1Error(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        _refuse_unknown(overrides)  # a typo (n_layers=2) is named with the known fields, not a TypeError of __init__
         return dataclasses.replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise Gpt1Error(f"unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """A config from its fields, e.g. `json.load` of a config.json: the keys `save` writes
+        beside the fields (METADATA_KEYS) are skipped; any other unknown key is an error."""
+        if not isinstance(data, Mapping):
+            raise Gpt1Error(f"model config: expected a mapping of field names to values (such as config.json's "
+                            f"object), got {type(data).__name__}")
+        data = {k: v for k, v in data.items() if k not in METADATA_KEYS}
+        _refuse_unknown(data)
         return cls(**data)
 
     def save(self, path: str | Path, tokenizer_fingerprint: str | None = None) -> None:
@@ -87,7 +106,6 @@ class ModelConfig:
         data = read_json(path)
         if not isinstance(data, dict):
             raise Gpt1Error(f"{path}: expected a JSON object with the model config")
-        data = {k: v for k, v in data.items() if k not in METADATA_KEYS}
         try:
             return cls.from_dict(data)
         except Gpt1Error as e:
@@ -95,6 +113,14 @@ class ModelConfig:
 
     def __str__(self) -> str:
         return json.dumps(self.to_dict())
+
+
+def _refuse_unknown(values: Mapping[Any, Any]) -> None:
+    """A Gpt1Error naming the keys of `values` that are not fields of ModelConfig, and the fields."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:
+        raise Gpt1Error(f"unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 # The annotations are strings (from __future__ import annotations): map them to the types.

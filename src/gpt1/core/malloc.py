@@ -10,9 +10,15 @@ allocates more such buffers, 632-638 -> 583-608 ms (fp32) and 409-415 -> 343-375
 
 PyTorch's CPU tuning guide recommends jemalloc or tcmalloc for the same reason; this gets most of
 it with glibc, which every Linux Python already has. It is a process-wide setting (like
-`torch.set_num_threads`): the training loop applies it when it trains on a CPU. Environment
-variables win: a process started with MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ set keeps
-its own choice, and elsewhere than glibc (macOS, musl) nothing changes.
+`torch.set_num_threads`): the training loop holds it while it trains on a CPU
+(`freed_memory_kept`), and when the last run ends puts glibc's default thresholds back and
+returns the memory kept (`malloc_trim`), so that a notebook or a server that trained once does not
+keep up to 512 MiB of freed heap for the rest of its life. glibc has no call that reads the
+thresholds, and none that turns their dynamic adjustment back on once `mallopt` set them: what
+comes back are the values that adjustment rises to at most (an mmap threshold of 32 MiB, a trim
+threshold of 64 MiB on 64-bit), the largest glibc would have set itself.
+Environment variables win: a process started with MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_
+set keeps its own choice, and elsewhere than glibc (macOS, musl) nothing changes.
 
 Under an address-space limit (`ulimit -v`, RLIMIT_AS) glibc's arenas are capped too
 (`fit_arenas_to_address_limit`, which the CLI applies before a command starts): each thread that
@@ -24,9 +30,12 @@ process ("memory allocation of 1 bytes failed", SIGABRT) under a limit that
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
+import threading
+from collections.abc import Iterator
 
 try:
     import resource
@@ -43,21 +52,52 @@ ARENA_BYTES = 64 * 2**20  # the address space one arena reserves (HEAP_MAX_SIZE 
 MMAP_THRESHOLD = 256 * 2**20
 TRIM_THRESHOLD = 512 * 2**20
 
-_applied = False
+# glibc's defaults as its dynamic adjustment leaves them at most (DEFAULT_MMAP_THRESHOLD_MAX, and
+# the trim threshold it sets beside it): what a run puts back (see the module docstring).
+DEFAULT_MMAP_THRESHOLD = 4 * 2**20 * ctypes.sizeof(ctypes.c_long)  # 32 MiB on 64-bit
+DEFAULT_TRIM_THRESHOLD = 2 * DEFAULT_MMAP_THRESHOLD
+ENV_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+_lock = threading.Lock()  # runs in several threads share the one setting
+_for_good = False  # keep_freed_memory() was called: kept for the rest of the process
+_runs = 0  # the runs inside freed_memory_kept() that hold the raised thresholds now
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds (see the module docstring); True if they are set now."""
-    global _applied
-    if _applied:
-        return True
-    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    """Raise glibc's mmap and trim thresholds for the rest of the process (see the module
+    docstring; the benchmarks' setting); True if they are set now."""
+    global _for_good
+    with _lock:
+        _for_good = _for_good or _set_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
+        return _for_good
+
+
+@contextlib.contextmanager
+def freed_memory_kept() -> Iterator[bool]:
+    """The raised thresholds while the block runs (a training run on a CPU); yields whether they
+    are set. When the last such block ends, glibc's defaults come back and the freed memory kept
+    is returned to the system, unless `keep_freed_memory` set them for good."""
+    global _runs
+    with _lock:
+        held = _for_good or _runs > 0 or _set_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
+        _runs += held
+    try:
+        yield held
+    finally:
+        with _lock:
+            _runs -= held
+            if held and not _runs and not _for_good and _set_thresholds(DEFAULT_MMAP_THRESHOLD, DEFAULT_TRIM_THRESHOLD):
+                _glibc().malloc_trim(0)
+
+
+def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """mallopt both thresholds; False where the environment chose them, or off glibc."""
+    if any(name in os.environ for name in ENV_SETTINGS):
         return False
     libc = _glibc()
     if libc is None:
         return False
-    _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    return _applied
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
 def fit_arenas_to_address_limit() -> int | None:

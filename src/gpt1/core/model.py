@@ -15,6 +15,7 @@ cross-entropy a chunk of tokens at a time, so that the logits of a whole batch
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt1.core.config import ModelConfig
+from gpt1.core.errors import Gpt1Error
 
 IGNORE_INDEX = -100  # label value excluded from the loss (the convention of PyTorch and HF)
 # The fp32 logits of at most this many bytes exist at once in the loss (see `linear_cross_entropy`).
@@ -271,9 +273,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 class GPT(nn.Module):
+    """A GPT-2-style decoder-only transformer (see the module docstring), initialised as GPT-2.
+
+    `GPT(config)` builds it from a `ModelConfig`; `model(idx)` returns the logits (B, T, vocab),
+    `model(idx, targets)` returns (None, loss). `gpt1.load(dir)` gives one with trained weights.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config
+        if not isinstance(config, ModelConfig):
+            raise Gpt1Error(f"config: expected a ModelConfig (e.g. ModelConfig.preset('tiny')), got {type(config).__name__}")
+        # Checked again: a field set by attribute after the config was built (n_head=3) is refused
+        # here by name, not by a reshape error in the first forward.
+        self.config = config.validate()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -332,6 +344,17 @@ class GPT(nn.Module):
         weights = sum((6 if w.requires_grad else 4) * w.numel() for w in matmuls)
         return weights + 12 * c.n_layer * T * c.n_embd
 
+    # For type checkers: without targets the result is the logits, with them (None, loss).
+    @overload
+    def forward(self, idx: torch.Tensor, targets: None = None, *, cache: KVCache | SlotCache | None = None,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, *, cache: KVCache | SlotCache | None = None,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> tuple[None, torch.Tensor]: ...
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -354,7 +377,12 @@ class GPT(nn.Module):
         `last_only` returns the logits of the last position only, (B, 1, vocab): all that
         sampling needs, and it skips the output layer (the model's largest matmul) for the
         rest of a prompt.
+
+        Bad input is a `Gpt1Error`: `idx` not 2-D, more positions than `block_size`, and (on a
+        CPU, see `_token_embeddings`) an id outside the vocabulary.
         """
+        if idx.dim() != 2:
+            raise Gpt1Error(f"idx: expected token ids of shape (batch, time), got shape {tuple(idx.shape)}")
         B, T = idx.shape
         if isinstance(cache, SlotCache):
             positions, mask = cache.positions, cache.mask
@@ -362,11 +390,12 @@ class GPT(nn.Module):
             start = cache.length if cache is not None else 0
             if positions is None:
                 if start + T > self.config.block_size:
-                    raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
+                    raise Gpt1Error(f"idx: a sequence of {start + T} tokens is longer than the context "
+                                    f"({self.config.block_size}, the model's block_size)")
                 positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
             mask = self._attention_mask(T, start, attention_mask, idx.device)
 
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        x = self.transformer.drop(self._token_embeddings(idx) + self.transformer.wpe(positions))
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, mask, use_reentrant=False)
@@ -380,6 +409,40 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x)
         return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk)
+
+    if TYPE_CHECKING:  # `model(idx)` typed as `forward` is: nn.Module declares __call__ as Callable[..., Any]
+        @overload
+        def __call__(self, idx: torch.Tensor, targets: None = None, *, cache: KVCache | SlotCache | None = None,
+                     positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     last_only: bool = False) -> torch.Tensor: ...
+
+        @overload
+        def __call__(self, idx: torch.Tensor, targets: torch.Tensor, *, cache: KVCache | SlotCache | None = None,
+                     positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     last_only: bool = False) -> tuple[None, torch.Tensor]: ...
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def _token_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
+        """`wte(idx)`, where an id outside the vocabulary is a Gpt1Error naming it on a CPU.
+
+        Only there, and only once the embedding's own IndexError has found one: the check then
+        costs nothing. On an accelerator, finding such an id takes a device-to-host sync, which
+        every training step and every decode step of the engine would pay; there the entry
+        points check instead (generate and the engine their prompts, the data readers the
+        tokens of a corpus), and a compiled forward is left as it is traced.
+        """
+        wte = self.transformer.wte
+        if idx.device.type != "cpu" or torch.compiler.is_compiling():
+            return wte(idx)
+        try:
+            return wte(idx)
+        except IndexError:
+            outside = idx[(idx < 0) | (idx >= wte.num_embeddings)]
+            if not outside.numel():
+                raise
+            raise Gpt1Error(f"idx: token id {outside[0].item()} is outside the vocabulary "
+                            f"[0, {wte.num_embeddings})") from None
 
     @staticmethod
     def _attention_mask(T: int, start: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -89,9 +89,15 @@ class _PlainLines:
 
 
 def _without_clock(line: str) -> str:
-    """A bar's line without its elapsed<remaining time and rate, the first two fields in its `[...]`."""
+    """A bar's line without its elapsed<remaining time and rate (the first two fields in its
+    `[...]`) and without the bar drawn between its `|`s, whose width follows the clock's length
+    (`00:00<?, ?step/s` is shorter than `00:00<00:00, 5888.12step/s`, so the bar is longer)."""
     head, bracket, fields = line.rstrip().rpartition("[")
-    return f"{head}[{', '.join(fields.split(', ')[2:])}" if bracket else line
+    if not bracket:
+        return line
+    before_bar, _, rest = head.partition("|")
+    after_bar = rest.rpartition("|")[2] if "|" in rest else rest
+    return f"{before_bar}|{after_bar}[{', '.join(fields.split(', ')[2:])}"
 
 
 class _TqdmHandler(logging.Handler):

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from gpt1.core.errors import Gpt1Error
 
@@ -43,7 +43,8 @@ class SamplingParams:
     repeat_last_n   the window: last n tokens, prompt included (64, llama.cpp's default);
                     -1 = the whole context (as Hugging Face); 0 = off
     max_new_tokens  most tokens to generate
-    stop            strings that end the text (not included in it)
+    stop            strings that end the text (not included in it): a list, a tuple or one string;
+                    held as a tuple
     seed            same seed, same prompt, same knobs -> same text; None = random. A negative
                     seed (OpenAI's seed is an int64) is the same as seed + 2**64
     truncate_prompt a prompt too long for the context keeps its most recent tokens; False = error
@@ -56,9 +57,17 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     max_new_tokens: int = 256
-    stop: tuple[str, ...] = ()
+    stop: Sequence[str] = ()
     seed: int | None = None
     truncate_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        # A list (as the docs pass it), one string or None (as the OpenAI API allows) is held as a
+        # tuple: a frozen SamplingParams is then hashable and compares equal for equal stops before
+        # validate(). Anything else is left for validate() to name.
+        stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else self.stop
+        if isinstance(stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(stop))
 
     def validate(self) -> "SamplingParams":
         """Check every knob; Gpt1Error naming the field and its allowed range otherwise."""
@@ -78,9 +87,7 @@ class SamplingParams:
                 raise bad(name)
             return int(value)
 
-        # A single string or None (as the OpenAI API allows) for convenience.
-        stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else self.stop
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):  # see __post_init__
             raise bad("stop")
         # OpenAI's seed is a signed int64, gpt1's (a torch.Generator's) an unsigned one: -1 is 2**64 - 1.
         seed = None if self.seed is None else integer("seed", lambda v: -2**63 <= v < 2**64) % 2**64
@@ -102,7 +109,6 @@ class SamplingParams:
             repeat_penalty=number("repeat_penalty", lambda v: v > 0),
             repeat_last_n=integer("repeat_last_n", lambda v: v >= -1),
             max_new_tokens=integer("max_new_tokens", lambda v: v >= 1),
-            stop=tuple(stop),
             seed=seed,
         )
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+import os
 import threading
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -27,6 +28,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path, read_json, write_text
 from gpt1.core.progress import progress
+
+if TYPE_CHECKING:  # ids may be a 1-D tensor; this module does not load torch
+    import torch
 
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -62,15 +66,22 @@ class Tokenizer:
         self.backend = backend
         # Text never turns into special tokens: a document that contains "[EOS]" is encoded
         # as those characters, so user text cannot inject control tokens. Special ids are
-        # inserted explicitly (e.g. by the chat template). Not saved in tokenizer.json.
+        # inserted explicitly (e.g. by the chat template). Not saved in tokenizer.json, so not in
+        # the backend's pickled state either: see __reduce__.
         self.backend.encode_special_tokens = True
         for i, token in enumerate(SPECIAL_TOKENS[:3]):
             if backend.token_to_id(token) != i:
                 raise Gpt1Error(f"tokenizer: expected special token {token} at id {i}, found id {backend.token_to_id(token)}")
 
+    def __reduce__(self):
+        # pickle, copy.deepcopy and multiprocessing (a spawn child, Pool.apply's arguments) rebuild
+        # the backend from its tokenizer.json state, which lacks encode_special_tokens: a copy read
+        # "[EOS]" and "<|user|>" in text as control tokens. Rebuild through __init__, which sets it.
+        return type(self), (self.backend,)
+
     # ---- loading and saving -------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike[str]) -> "Tokenizer":
         """Load from a model dir (its tokenizer.json) or a tokenizer.json file."""
         path = as_path(path, "tokenizer path", "a model dir or a tokenizer.json")
         file = path / TOKENIZER_FILE if path.is_dir() else path
@@ -116,8 +127,12 @@ class Tokenizer:
             raise Gpt1Error(f"{directory / TOKENIZER_FILE}: not the tokenizer this model was trained with (fingerprint "
                             f"{self.fingerprint}; {config_file} records {recorded}); put the model's own tokenizer back")
 
-    def save(self, directory: str | Path) -> Path:
-        file = Path(directory) / TOKENIZER_FILE
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write tokenizer.json into the folder `path` (made if missing), or to `path` itself when
+        it names a .json file, as `load` reads either; atomically. Returns the file written."""
+        path = as_path(path, "tokenizer path", "a folder or a .json file")
+        # A path ending in .json is the file (a folder named x.json made by an earlier version stays one).
+        file = path if path.suffix.lower() == ".json" and not path.is_dir() else path / TOKENIZER_FILE
         write_text(file, self.to_json())
         return file
 
@@ -180,14 +195,14 @@ class Tokenizer:
                 check_text(text, f"texts[{i}] to encode")
             raise
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         ids = self._check_ids(ids)
         try:
             return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         except TypeError:  # an id that is no int (1.5 passes the range check)
             raise self._bad_ids(ids) from None
 
-    def id_to_bytes(self, ids: Iterable[int]) -> bytes:
+    def id_to_bytes(self, ids: Iterable[int] | torch.Tensor) -> bytes:
         """The raw bytes of tokens; special tokens give their text. Used by streaming, which
         must not emit half of a multi-byte character that spans two tokens."""
         table, ids = self.bytes_table, self._check_ids(ids)
@@ -196,12 +211,15 @@ class Tokenizer:
         except TypeError:
             raise self._bad_ids(ids) from None
 
-    def _check_ids(self, ids: Iterable[int]) -> list:
+    def _check_ids(self, ids: Iterable[int] | torch.Tensor) -> list:
         """`ids` as a list, their range checked cheaply (callers may decode token by token): the Rust
         library drops an id past the vocabulary silently, a negative one raises OverflowError, and
         bytes_table would read it from the end."""
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable) or getattr(ids, "ndim", 1) == 0:
             raise Gpt1Error(f"token ids: expected a list of ints, got {type(ids).__name__}")
+        if getattr(ids, "ndim", 1) > 1:  # a (1, T) batch, as the model takes it: its rows are no ids
+            raise Gpt1Error(f"token ids: expected one sequence of ids (1-D), got a {type(ids).__name__} of shape "
+                            f"{tuple(ids.shape)}; decode each row (ids[0] for a batch of one)")
         ids = list(ids)
         try:
             if not ids or (min(ids) >= 0 and max(ids) < self.vocab_size):

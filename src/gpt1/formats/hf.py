@@ -25,18 +25,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
+from gpt1.core.chat_template import HF_JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
-from gpt1.core.io import atomic_dir, check_weight_values, json_path, save_safetensors, write_json, write_text
-from gpt1.core.lora import load_adapter, merge_and_unload, save_adapter
+from gpt1.core.io import (
+    atomic_dir,
+    check_regular_file,
+    check_weight_values,
+    json_path,
+    read_json,
+    save_safetensors,
+    write_json,
+    write_text,
+)
+from gpt1.core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, TOKEN_KEY, load_adapter, save_adapter
 from gpt1.core.model import GPT
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import preset
@@ -67,6 +78,14 @@ HF_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 # validation traceback for a wrong type, 4 lets it through).
 HF_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 HF_FLAGS = ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention")
+# adapter_config.json fields of PEFT's LoRA variants (and layer_replication, target_parameters) whose
+# update is not scale·B·A on a module's weight: an import refuses them rather than merging plain LoRA.
+PEFT_VARIANTS = ("use_dora", "alora_invocation_tokens", "use_qalora", "use_bdlora", "kasa_config",
+                 "monteclora_config", "arrow_config", "layer_replication", "target_parameters")
+# The step that works for an adapter an import cannot merge (`gpt1 export --merge` reads only a
+# gpt1 model dir, never a transformers folder).
+PEFT_MERGE = ("merge it with PEFT instead (merge_and_unload(), then save_pretrained of the merged model and "
+              "the tokenizer to a new folder) and import that folder")
 
 
 def _require_transformers():
@@ -165,7 +184,8 @@ def config_from_hf(hf, source: str) -> ModelConfig:
 
 def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
     """Load a local `transformers` GPT-2-architecture folder as a gpt1 `GPT` (eval mode) and
-    its tokenizer. A fine-tuned export's PEFT adapter (`adapter/`) is merged into the weights.
+    its tokenizer. A PEFT LoRA adapter in `adapter/` (an unmerged export's, or one PEFT trained on
+    the export) is merged into the weights, as PEFT's merge_and_unload does.
 
     The weights are read as transformers' `GPT2LMHeadModel.from_pretrained` reads them
     (model.safetensors or its shards, float32), and must be exactly what config.json describes:
@@ -311,16 +331,126 @@ def _gpt2_name(name: str) -> str:
     return name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
 
 
+@torch.no_grad()
 def _merge_adapter(model: GPT, path: Path) -> None:
-    """Merge the PEFT adapter of an unmerged fine-tuned export (`path/adapter`): without it the
-    import would silently be the base model."""
-    try:
-        load_adapter(model, path / ADAPTER_DIR)
-    except Gpt1Error as e:
-        raise Gpt1Error(f"{path}: gpt1 cannot merge its {ADAPTER_DIR}/ ({e}); import a merged export instead "
-                        "(`gpt1 export --merge`, or PEFT's merge_and_unload)") from None
-    merge_and_unload(model)
+    """Merge the PEFT LoRA adapter of an unmerged export (`path/adapter`) into the imported
+    weights, as PEFT's `merge_and_unload` does: without it the import would silently be the base.
+
+    Import always merges, so every LoRA pair merges exactly, whoever made it (gpt1's export, PEFT's
+    default pair on the fused c_attn, a gpt1 adapter trained on in PEFT): W += scale·B·A, with
+    PEFT's scale per module, alpha / r (alpha / sqrt(r) with use_rslora), r and alpha from
+    rank_pattern / alpha_pattern where a key matches the module. B·A is (out, in), nn.Linear's
+    layout and so gpt1's: PEFT transposes it (fan_in_fan_out) only to fit Conv1D's (in, out)
+    weight, which the import has transposed already. Trained token rows (trainable_token_indices)
+    replace their rows. Anything else (DoRA and the other variants, modules_to_save, the base's own
+    biases of bias "all") is refused by name, never merged as plain LoRA."""
+    directory = path / ADAPTER_DIR
+    where = directory / ADAPTER_CONFIG
+    peft = read_json(where)
+    if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
+        raise Gpt1Error(f"{where}: expected a PEFT LoRA adapter config (peft_type LORA)")
+    variants = [key for key in PEFT_VARIANTS if peft.get(key)]
+    if variants:
+        raise Gpt1Error(f"{where}: {', '.join(variants)}: a LoRA variant whose update is not scale·B·A, "
+                        f"which gpt1 does not merge; {PEFT_MERGE}")
+    weights = directory / ADAPTER_WEIGHTS
+    check_regular_file(weights)  # a FIFO there would block the read forever
+    read_shapes(weights)  # a missing or unreadable file, named
+    state = read_tensors(weights)
+    check_weight_values(weights, state, "adapter")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A.weight": ..., "B.weight": ..., "B.bias": ...}
+    for key, tensor in state.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if name == key or not name.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias", "." + TOKEN_KEY)):
+            raise Gpt1Error(f"{weights}: {key} is not a LoRA pair or trained token rows, the parts gpt1 merges; "
+                            f"{PEFT_MERGE}")
+        if name.endswith(TOKEN_KEY):
+            _merge_token_rows(model, name.removesuffix("." + TOKEN_KEY), tensor, peft, weights)
+        else:
+            module, _, part = name.rpartition(".lora_")
+            pairs.setdefault(module, {})[part] = tensor
+    for module, pair in sorted(pairs.items()):
+        _merge_pair(model, module, pair, peft, weights)
     info(f"{path}: merged its LoRA adapter ({ADAPTER_DIR}/) into the imported weights")
+
+
+def _module(model: GPT, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _merge_pair(model: GPT, module: str, pair: dict[str, torch.Tensor], peft: dict[str, Any], weights: Path) -> None:
+    """W += scale·B·A (and bias += scale·B's bias, PEFT's lora_bias) for one module's pair."""
+    layer = _module(model, module)
+    if not isinstance(layer, torch.nn.Linear):
+        raise Gpt1Error(f"{weights}: a LoRA pair on {module!r}, which is not a linear layer of this GPT-2; {PEFT_MERGE}")
+    A, B = pair.get("A.weight"), pair.get("B.weight")
+    if A is None or B is None:
+        raise Gpt1Error(f"{weights}: {module} has lora_{'A' if B is None else 'B'}.weight without its "
+                        f"lora_{'B' if B is None else 'A'}.weight")
+    out_features, in_features = layer.weight.shape
+    rank = A.shape[0] if A.ndim == 2 else 0
+    bias = pair.get("B.bias")
+    if A.shape != (rank, in_features) or B.shape != (out_features, rank) or (bias is not None and bias.shape != (out_features,)):
+        raise Gpt1Error(f"{weights}: {module}'s LoRA pair has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}; "
+                        f"this model's {module} takes lora_A (r, {in_features}) and lora_B ({out_features}, r)")
+    scale = _peft_scale(peft, module, rank, weights.parent / ADAPTER_CONFIG)
+    layer.weight += (scale * (B.float() @ A.float())).to(layer.weight)
+    if bias is not None:
+        layer.bias += (scale * bias.float()).to(layer.bias)
+
+
+def _peft_scale(peft: dict[str, Any], module: str, rank: int, where: Path) -> float:
+    """PEFT's scale for `module`: lora_alpha / r, or over sqrt(r) with use_rslora, each value from
+    the first rank_pattern / alpha_pattern key that matches the module's name, as PEFT matches them."""
+    r = _peft_pattern(peft, "rank_pattern", module, peft.get("r"), where)
+    alpha = _peft_pattern(peft, "alpha_pattern", module, peft.get("lora_alpha"), where)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise Gpt1Error(f"{where}: r for {module} must be a positive integer (r or rank_pattern), got {json.dumps(r)}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise Gpt1Error(f"{where}: lora_alpha for {module} must be a number (lora_alpha or alpha_pattern), "
+                        f"got {json.dumps(alpha)}")
+    if r != rank:
+        raise Gpt1Error(f"{where}: r for {module} is {r}, but its lora_A in {ADAPTER_WEIGHTS} has rank {rank}")
+    return alpha / (math.sqrt(r) if peft.get("use_rslora") else r)
+
+
+def _peft_pattern(peft: dict[str, Any], field: str, module: str, default: Any, where: Path) -> Any:
+    patterns = peft.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise Gpt1Error(f"{where}: {field} must be an object, got {json.dumps(patterns)}")
+    for key, value in patterns.items():
+        try:  # peft.utils.other.get_pattern_key: the key is a regular expression for the name's end
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as e:
+            raise Gpt1Error(f"{where}: {field} key {key!r} is not a regular expression ({e})") from None
+    return default
+
+
+def _merge_token_rows(model: GPT, module: str, rows: torch.Tensor, peft: dict[str, Any], weights: Path) -> None:
+    """PEFT's trainable_token_indices: the stored rows replace those of the embedding (a list of
+    ids is for the input embeddings, an object names the module). A tied head shares them."""
+    ids = peft.get("trainable_token_indices")
+    if isinstance(ids, dict):
+        ids = next((v for k, v in ids.items() if module == k or module.endswith("." + k)), None)
+    elif module != "transformer.wte":
+        ids = None
+    layer = _module(model, module)
+    if not isinstance(layer, torch.nn.Embedding):
+        raise Gpt1Error(f"{weights}: trained token rows for {module!r}, which is not this GPT-2's token embedding; "
+                        f"{PEFT_MERGE}")
+    vocab_size, width = layer.weight.shape
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+                                            for i in ids):
+        raise Gpt1Error(f"{weights.parent / ADAPTER_CONFIG}: trainable_token_indices must give {module} a list of "
+                        f"token ids below {vocab_size}, got {json.dumps(ids)}")
+    if rows.shape != (len(ids), width):
+        raise Gpt1Error(f"{weights}: {module}'s trained token rows have shape {tuple(rows.shape)}, expected "
+                        f"({len(ids)}, {width}) for its {len(ids)} trainable_token_indices")
+    layer.weight.index_copy_(0, torch.tensor(ids, device=layer.weight.device), rows.to(layer.weight))
 
 
 def _compatible_tokenizer(path: Path, config: ModelConfig) -> Tokenizer | None:
@@ -443,7 +573,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: str | os.PathLike, model_ma
         "clean_up_tokenization_spaces": False,
     }
     if chat:
-        config["chat_template"] = JINJA_TEMPLATE
+        config["chat_template"] = HF_JINJA_TEMPLATE  # gpt1's, its replies marked for return_assistant_tokens_mask
     write_text(out / "tokenizer.json", tokenizer.to_json())
     write_json(out / "tokenizer_config.json", config)
     write_json(out / "special_tokens_map.json", special)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import codecs
 import operator
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from gpt1.core.chat_template import encode_message, validate_messages
 from gpt1.core.errors import Gpt1Error
@@ -79,7 +79,7 @@ class ChatPrompt(NamedTuple):
     cut: int  # tokens cut from the start of the last message's text, when it alone did not fit
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], block_size: int,
+def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], block_size: int,
                     params: SamplingParams) -> ChatPrompt:
     """Token ids of a chat prompt, fitted to the context: the system message stays, the oldest
     turns go first (the conversation then starts with a user turn, unless only its last message

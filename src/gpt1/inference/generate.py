@@ -11,7 +11,9 @@ import collections
 import numbers
 import sys
 import threading
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TypeAlias
+
+import torch
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
@@ -22,6 +24,9 @@ from gpt1.inference.engine import Engine, fit_prompts
 
 __all__ = ["Chunk", "Completion", "chat_prompt_ids", "fit_prompt", "generate", "generate_batch", "prompt_budget",
            "stream"]
+
+# A prompt's token ids: a list, a tuple, a 1-D tensor or array, any iterable of ints.
+PromptIds: TypeAlias = Iterable[int] | torch.Tensor
 
 MAX_BATCH = 64  # generate_batch decodes at most this many prompts at once; the rest wait their turn
 
@@ -74,26 +79,29 @@ def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], par
             engine.restore_threads()
 
 
-def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: PromptIds, params: SamplingParams,
            cancel: threading.Event | None = None) -> Iterator[Chunk]:
     """Generate from `prompt_ids`, yielding text pieces as soon as they are complete UTF-8.
 
     The last chunk carries the finish reason and the token counts. `cancel.set()` from another
-    thread (e.g. when an HTTP client goes away) ends the stream at the next token.
+    thread (e.g. when an HTTP client goes away) ends the stream at the next token. The arguments
+    are checked at the call, as `generate` checks them.
     """
     _check_prompt_arg(prompt_ids)
     _check_params(params)
-    for _, chunk, _ in _run(model, tokenizer, [prompt_ids], params, cancel):
-        yield chunk
+    # Not a generator function, whose checks would wait for the first next(): _run's generator
+    # starts nothing until it is read.
+    return (chunk for _, chunk, _ in _run(model, tokenizer, [prompt_ids], params, cancel))
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> Completion:
+def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: PromptIds, params: SamplingParams) -> Completion:
     """The whole completion of one prompt."""
     _check_prompt_arg(prompt_ids)
     return generate_batch(model, tokenizer, [prompt_ids], params)[0]
 
 
-def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: Iterable[PromptIds],
+                   params: SamplingParams) -> list[Completion]:
     """Completions of several prompts decoded together. Greedy output equals one-at-a-time
     generation; with a seed, each prompt draws from its own generator seeded with it, so a
     seeded prompt gives the same text alone or in a batch."""

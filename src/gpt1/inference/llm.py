@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
-def _model_dir(path: str | os.PathLike) -> Path:
+def _model_dir(path: str | os.PathLike[str]) -> Path:
     return as_path(path, "path", "a model dir")
 
 
@@ -60,7 +60,7 @@ class LLM:
     path: Path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None,
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
              dtype: torch.dtype | str | None = None) -> "LLM":
         """The model in `dtype` (a torch dtype or one of DTYPES' names; default, or "auto":
         bfloat16 on a GPU that supports it, else the saved dtype)."""
@@ -71,7 +71,7 @@ class LLM:
         return cls(model=model, tokenizer=Tokenizer.load(path), path=path.resolve())
 
     @classmethod
-    def without_weights(cls, path: str | Path) -> "LLM":
+    def without_weights(cls, path: str | os.PathLike[str]) -> "LLM":
         """The dir's config and tokenizer with a weightless model (on the meta device), its shapes
         checked against the weights file: what a server whose engine runs in another process needs."""
         path = _model_dir(path)
@@ -106,27 +106,32 @@ class LLM:
         return gen.generate(self.model, self.tokenizer, ids, self.sampling_params(**knobs)).text
 
     def stream(self, prompt: str, **knobs) -> Iterator[str]:
-        """Like `generate`, yielding text pieces as they are produced."""
+        """Like `generate`, yielding text pieces as they are produced. The prompt and knobs are
+        checked at the call, as `generate` checks them."""
         params = self.sampling_params(**knobs)
-        for chunk in gen.stream(self.model, self.tokenizer, self.tokenizer.encode(check_text(prompt, "prompt")), params):
-            if chunk.text:
-                yield chunk.text
+        return self._pieces(self.tokenizer.encode(check_text(prompt, "prompt")), params)
 
-    def chat(self, messages: list[dict[str, str]], **knobs) -> str:
+    def chat(self, messages: Sequence[Mapping[str, Any]], **knobs) -> str:
         """The assistant's reply to `[{"role": "user", "content": "..."}, ...]` (roles system,
         user, assistant; `developer` and lists of text parts read as OpenAI's API sends them); the oldest turns are dropped when the conversation is too long, and a
         last message that alone does not fit loses the start of its text (the system message stays)."""
         return "".join(self.chat_stream(messages, **knobs))
 
-    def chat_stream(self, messages: list[dict[str, str]], **knobs) -> Iterator[str]:
-        """Like `chat`, yielding text pieces as they are produced."""
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]], **knobs) -> Iterator[str]:
+        """Like `chat`, yielding text pieces as they are produced. The messages and knobs are
+        checked at the call, as `chat` checks them."""
         params = self.sampling_params(**knobs)
-        ids = chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params).ids
+        return self._pieces(chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params).ids, params)
+
+    def _pieces(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        # A generator of its own, so that stream and chat_stream, plain functions, check their
+        # arguments when called: a bad knob raised only at the first next(), far from the call
+        # (inside a web framework's streaming response).
         for chunk in gen.stream(self.model, self.tokenizer, ids, params):
             if chunk.text:
                 yield chunk.text
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> LLM:
+def load(path: str | os.PathLike[str], device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> LLM:
     """Load a model dir (pretrained, fine-tuned or a training run dir)."""
     return LLM.load(path, device=device, dtype=dtype)

@@ -2,10 +2,10 @@
 
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (OpenAI's
 request and response shapes, `stream: true` as server-sent events ending in `data: [DONE]`),
-`GET /health`, the chat page at `GET /` and the OpenAPI docs at `/docs`. The parts, by job:
+`GET /health`, `GET /metrics` (Prometheus), the chat page at `GET /` and the OpenAPI docs at `/docs`. The parts, by job:
 `schemas` (request bodies), `errors` (OpenAI-style errors), `mapping` (request -> prompt and
 SamplingParams), `middleware` (host, key, body limits), `routes` (endpoints and the bridge to
-the engine), `page` (the chat page). Generation runs in `gpt1.inference.engine.Engine`.
+the engine), `metrics` (the Prometheus exposition), `page` (the chat page). Generation runs in `gpt1.inference.engine.Engine`.
 
 Every bad request is answered with status 400 (401 for auth, 403 for a non-loopback Host on a
 keyless loopback server, 404, 408 for a body or headers that do not arrive in time, 413 for an
@@ -16,6 +16,7 @@ full) and OpenAI's error body; /openapi.json documents them.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,6 +38,30 @@ from gpt1.serve.routes import PromptThreads, Served, add_routes
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a 512-token context can use
 BODY_TIMEOUT_S = 30.0  # to receive a whole request body
+
+# An origin as a browser's Origin header has it: scheme://host[:port], the host in ASCII (an IDN
+# as punycode), an IPv6 address in brackets; a "/" after it is what an address bar adds.
+_ORIGIN = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9._-]+)"
+                     r"(?::(?P<port>[0-9]{1,5}))?/?", re.IGNORECASE)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def cors_origin(value: str, name: str = "cors_origins") -> str:
+    """`value` as browsers send it in the Origin header, which CORS compares as a string: scheme
+    and host in lower case, no trailing "/", no default port (`HTTP://LocalHost:3000/` ->
+    `http://localhost:3000`, `https://app.example:443` -> `https://app.example`); "*" as it is.
+    A Gpt1Error naming `name` (the argument, or the CLI's flag) for a value that is no origin
+    (`localhost:3000`, a path): as given, it would never match, and every preflight failed."""
+    if value == "*":
+        return value
+    match = _ORIGIN.fullmatch(value.strip())
+    port = int(match["port"]) if match and match["port"] else None
+    if match is None or (port is not None and not 0 < port <= 65535):
+        raise Gpt1Error(f"{name} {value!r}: expected an origin, scheme://host[:port] (e.g. https://app.example or "
+                        "http://localhost:3000, no path; the host in ASCII), or *")
+    scheme, host = match["scheme"].lower(), match["host"].lower()
+    keep_port = port is not None and port != _DEFAULT_PORTS.get(scheme)
+    return f"{scheme}://{host}" + (f":{port}" if keep_port else "")
 
 
 class _Starter:
@@ -90,10 +115,15 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         `gpt1.load`'s; default: `llm`'s device and dtype, or "auto" for `LLM.without_weights`).
     cors_origins: the origins (`https://app.example`, or "*") whose web pages may call the API from a
         browser (CORS); none by default: a browser lets only the page's own origin read the replies.
+        Each is written as browsers send it (`cors_origin`: a trailing "/" and upper case go); a
+        value that is no scheme://host[:port] is a Gpt1Error.
     The engine starts in the app's lifespan, or, where none runs (the app mounted in another, a
     TestClient without `with`), at the first request that needs it; then `app.state.engine.stop()`
     stops it (docs/serving.md).
     """
+    if isinstance(cors_origins, str):  # its characters would be read as origins
+        raise Gpt1Error(f"cors_origins: expected a list of origins, got the string {cors_origins!r}")
+    origins = [cors_origin(value) for value in cors_origins]
     if api_key is not None:
         # Stripped as the client's token is (HTTP strips a header value's whitespace): a key read
         # with its file's newline would otherwise never match.
@@ -169,6 +199,11 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
                        state=app.state)
     if cors_origins:  # outside the Guard: it answers preflights, and its headers reach the Guard's errors too
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+        # Any request header, as vLLM allows: OpenAI's JS client sends its own on every call
+        # (x-stainless-lang, -os, -retry-count..., openai-organization, -project, -beta), and a
+        # preflight that refuses one fails the call. Safe without credentials: no cookie is sent,
+        # and the key is a header the page itself must know. Retry-After (of a 503) is exposed to
+        # the page, whose client waits as long before it retries.
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from gpt1.core.chat_template import validate_messages
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
@@ -12,6 +13,11 @@ from gpt1.serve.errors import ApiError, json_repr
 from gpt1.serve.schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 PARAM_TO_API = {"max_new_tokens": "max_tokens"}  # SamplingParams fields that OpenAI names differently
+# How OpenAI's and vLLM's context errors begin, the sentence client libraries match on (LiteLLM's
+# ContextWindowExceededError, which its Router falls back on). No double quote anywhere in such a
+# message: LiteLLM reads the error as Python's repr of the body, where a `"` makes the apostrophe
+# of "model's" an escaped \' and the sentence no longer matches.
+_CONTEXT_IS = "This model's maximum context length is {} tokens."
 
 
 def check_unsupported(req: GenerationRequest) -> None:
@@ -55,8 +61,9 @@ def sampling_params(req: GenerationRequest, max_tokens: int | None, max_tokens_p
     if len(stop) > MAX_STOP:
         raise ApiError(400, f"stop: at most {MAX_STOP} sequences, got {len(stop)}", param="stop")
     if max_tokens is not None and max_tokens > context:
-        raise ApiError(400, f"{max_tokens_param}={max_tokens} is more than this model's context of {context} tokens",
-                       param=max_tokens_param, code="context_length_exceeded")
+        raise ApiError(400, f"{_CONTEXT_IS.format(context)} However, you requested {max_tokens} tokens in the "
+                            f"completion ({max_tokens_param}), more than the whole context. Please reduce "
+                            f"{max_tokens_param}.", param=max_tokens_param, code="context_length_exceeded")
     knobs = {name: getattr(req, name) for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                                                    "repeat_last_n", "seed") if getattr(req, name) is not None}
     if max_tokens is not None:
@@ -82,19 +89,21 @@ def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_to
         if max_tokens is None and prompt_tokens < context:
             return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, context - prompt_tokens))
         return params
+    where = "the messages" if prompt is None else "the prompt" if prompt == "prompt" else prompt
+    oldest = "turns" if prompt is None else "tokens"
     if prompt_tokens >= context:
-        raise ApiError(400, f"{prompt or 'the prompt'} is {prompt_tokens} tokens; this model's context is {context} "
-                            "tokens, which must hold the prompt and at least one new token. Shorten the prompt, or "
-                            "send \"truncate_prompt\": true to drop the oldest turns (chat) or tokens (completions).",
+        raise ApiError(400, f"{_CONTEXT_IS.format(context)} However, {where} resulted in {prompt_tokens} tokens, "
+                            f"which leaves no room for the completion. Please reduce the length of {where}, or send "
+                            f"truncate_prompt: true to drop the oldest {oldest}.",
                        param="prompt" if prompt else None, code="context_length_exceeded")
     room = context - prompt_tokens
     if max_tokens is None:
         return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
     if max_tokens > room:
-        raise ApiError(400, f"this model's maximum context length is {context} tokens, but {prompt_tokens + max_tokens} "
-                            f"were requested ({prompt_tokens} in {prompt or 'the prompt'}, {max_tokens} in the "
-                            f"completion); reduce the prompt or {max_tokens_param} (at most {room} here), or send "
-                            "\"truncate_prompt\": true",
+        raise ApiError(400, f"{_CONTEXT_IS.format(context)} However, you requested {prompt_tokens + max_tokens} "
+                            f"tokens ({prompt_tokens} in {where}, {max_tokens} in the completion). Please reduce the "
+                            f"length of {where} or completion ({max_tokens_param} at most {room} here), or send "
+                            "truncate_prompt: true.",
                        param=max_tokens_param, code="context_length_exceeded")
     return params
 
@@ -106,7 +115,14 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer, params: SamplingParams, c
         # With truncate_prompt the oldest turns go first (the system message stays).
         ids = chat_prompt_ids(tokenizer, messages, context, params).ids
     except Gpt1Error as e:  # in the API's words: its field for max_new_tokens
-        raise ApiError(400, str(e).replace("max_new_tokens", chat_max_tokens(req)[1]), param="messages") from None
+        message = str(e).replace("max_new_tokens", chat_max_tokens(req)[1])
+        try:
+            validate_messages(messages)  # on this path only: valid messages are ones that do not fit
+        except Gpt1Error:
+            raise ApiError(400, message, param="messages") from None
+        # A system message that leaves no room: a context overflow, with the sentence clients match on.
+        raise ApiError(400, f"{message}. {_CONTEXT_IS.format(context)}", param="messages",
+                       code="context_length_exceeded") from None
     return ids
 
 

@@ -12,8 +12,9 @@ that answers before FastAPI reads or parses anything.
 - API key: `Authorization: Bearer KEY` on every /v1 request, when the server has a key; not on a
   CORS preflight (OPTIONS), which browsers send without it.
 - Body: at most `max_body_bytes` (413), received within `body_timeout_s` seconds in all (408,
-  and the connection is closed), so that slow senders cannot hold connections open; not
-  compressed (415 for a `Content-Encoding` other than identity: nothing here decodes one).
+  and the connection is closed, READ_GRACE_S after the timeout: see there), so that slow senders
+  cannot hold connections open; not compressed (415 for a `Content-Encoding` other than
+  identity: nothing here decodes one).
 - Head: a request line and headers of more than MAX_HEAD_BYTES get 431 (`gpt1.serve.server`
   bounds a head still arriving, and the time it takes).
 - HEAD: answered as GET wherever GET is (uptime checkers use `curl -I`); the server sends only
@@ -34,6 +35,13 @@ import ipaddress
 from gpt1.serve.errors import ApiError, generation_error, short_repr
 
 MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers (a browser's are a few KiB)
+# A timeout is acted on only after this much more time, in which the event loop reads what has
+# already reached the socket. After the process was stopped (Ctrl-Z, SIGSTOP, a debugger) or its
+# loop blocked past a timeout, the expired timers run before the reads: uvloop runs timers first,
+# and asyncio's select, interrupted by the stop, returns no events once its timeout has passed.
+# Requests whose bytes arrived in time were then answered 408 or reset. nginx, likewise, handles
+# ready reads before it expires its timers. A slow sender gains this much once, at most.
+READ_GRACE_S = 0.25
 BODY_METHODS = ("POST", "PUT", "PATCH")
 # The BaseExceptions that are not faults of a request: they end the request (or the server) as they
 # are. A group (anyio's task groups) may hold a cancellation: it too.
@@ -88,8 +96,7 @@ class Guard:
         body = b""
         if scope["method"] in BODY_METHODS:
             try:
-                async with asyncio.timeout(self.body_timeout_s):
-                    body = await self._read_body(receive)
+                body = await self._read_body_in_time(receive)
             except TimeoutError:
                 error = ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
                                  code="request_timeout", headers={"Connection": "close"})
@@ -161,6 +168,22 @@ class Guard:
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"the request body is larger than {self.max_body_bytes:,} bytes", code="request_too_large")
+
+    async def _read_body_in_time(self, receive) -> bytes | None:
+        """The body (see _read_body), or TimeoutError once `body_timeout_s` and then READ_GRACE_S
+        have passed: the reading goes on through the grace, so that bytes already in the socket
+        when the timeout fired (the process was stopped) are read before the 408."""
+        reading = asyncio.ensure_future(self._read_body(receive))
+        try:
+            done, _ = await asyncio.wait([reading], timeout=self.body_timeout_s)
+            if not done:
+                done, _ = await asyncio.wait([reading], timeout=READ_GRACE_S)
+        finally:
+            if not reading.done():  # timed out, or this request was cancelled (the client went away)
+                reading.cancel()
+        if not done:
+            raise TimeoutError
+        return reading.result()
 
     async def _read_body(self, receive) -> bytes | None:
         """The whole body (a chunked one declares no length: the limit holds while reading)."""

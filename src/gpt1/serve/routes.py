@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
+import os
 import secrets
 import threading
 import time
@@ -16,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
@@ -26,6 +28,8 @@ from gpt1.inference.engine import Request as EngineRequest
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve import mapping
 from gpt1.serve.errors import ApiError, error_responses, generation_error, resource_shortage
+from gpt1.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gpt1.serve.metrics import metrics_text
 from gpt1.serve.page import page_html
 from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -182,14 +186,16 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-_TEXT = "\x00text\x00"  # where a token's text goes in an event template
-
-
-def _event_template(data: dict) -> Callable[[str], str]:
-    """The SSE event of `data` for any text in place of _TEXT: the event is serialised once,
-    and per token only the text is (the event loop's work per streamed token, which shares
-    the GIL with the engine, is what limits a server on a fast GPU)."""
-    before, after = _sse(data).split(json.dumps(_TEXT, ensure_ascii=False))
+def _event_template(event: Callable[[str], dict]) -> Callable[[str], str]:
+    """`_sse(event(text))` for any text: the event is serialised once, and per token only the
+    text is (the event loop's work per streamed token, which shares the GIL with the engine, is
+    what limits a server on a fast GPU). The text's place is where the events of the texts "0"
+    and "1" differ, so nothing else in the event can be taken for it: a marker text searched for
+    instead was also found in the request's own strings (a `model` of "\\u0000text\\u0000").
+    """
+    zero, one = _sse(event("0")), _sse(event("1"))
+    at = len(os.path.commonprefix((zero, one)))  # the text's one character, after its opening quote
+    before, after = zero[:at - 1], zero[at + 2:]
     return lambda text: before + json.dumps(text, ensure_ascii=False) + after
 
 
@@ -197,6 +203,14 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
     # no-cache and no proxy buffering: each token must reach the client as it is made.
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _cancel(requests: list[EngineRequest]) -> None:
+    """Stop what is left of a stream's requests, however its events ended: chunk_batches does so
+    only once it has started, and an error or a client gone before then left the rows generating
+    for nobody (a no-op for those that have finished)."""
+    for r in requests:
+        r.cancel()
 
 
 def _no_usage(include_usage: bool) -> dict:
@@ -211,10 +225,10 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
                 **_no_usage(include_usage)}
 
-    yield _sse(chunk({"role": "assistant", "content": ""}))
-    content_event = _event_template(chunk({"content": _TEXT}))
     usage = None
     try:
+        content_event = _event_template(lambda text: chunk({"content": text}))
+        yield _sse(chunk({"role": "assistant", "content": ""}))
         async for batch in chunk_batches(requests, queue, interval):
             events = []  # what a stream has waiting goes out in one write
             for _, c in batch:
@@ -228,6 +242,8 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
     except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
         yield _sse(generation_error(e).body())
         return
+    finally:
+        _cancel(requests)
     if include_usage and usage is not None:
         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
                     "system_fingerprint": None, "choices": [], "usage": usage})
@@ -243,7 +259,7 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
 
     prompt_tokens = completion_tokens = 0
     try:
-        text_events = [_event_template(chunk(i, _TEXT)) for i in range(len(requests))]
+        text_events = [_event_template(functools.partial(chunk, i)) for i in range(len(requests))]
         async for batch in chunk_batches(requests, queue, interval):
             events = []  # what the stream has waiting goes out in one write
             for index, c in batch:
@@ -258,6 +274,8 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
     except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
         yield _sse(generation_error(e).body())
         return
+    finally:
+        _cancel(requests)
     if include_usage:
         yield _sse({"id": rid, "object": "text_completion", "created": now, "model": model_id,
                     "system_fingerprint": None, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
@@ -353,6 +371,14 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
             # null until known: the process engine's child reports its count with its first outputs.
             health["threads"] = engine.stats.threads or None
         return health
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(*_SEEN_BY_ALL))
+    async def metrics(request: Request) -> Response:
+        """The engine's load and counts in Prometheus' text format (gpt1.serve.metrics), for a
+        scraper; unlike /health it starts nothing: an engine not yet started reports up 0."""
+        text = metrics_text(request.app.state.served.engine, name)
+        # backslashreplace: a model dir's name undecodable in the filesystem's encoding is no 500.
+        return Response(text.encode("utf-8", "backslashreplace"), media_type=METRICS_CONTENT_TYPE)
 
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "gpt1", "context_length": context}

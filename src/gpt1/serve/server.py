@@ -21,13 +21,13 @@ from typing import Callable, Iterator
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from gpt1.core.errors import Gpt1Error, first_line
 from gpt1.core.progress import warn
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve.errors import ApiError, Throttled
-from gpt1.serve.middleware import MAX_HEAD_BYTES, head_too_large
+from gpt1.serve.middleware import MAX_HEAD_BYTES, READ_GRACE_S, head_too_large
 
 try:
     import resource
@@ -36,6 +36,7 @@ except ImportError:  # Windows
 
 GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, so that Ctrl-C never hangs on a long reply
 HEAD_TIMEOUT_S = 10.0  # from a connection's start, or a request's first byte, to its headers' end
+STARTUP_POLL_MAX_S = 0.1  # background_server looks every 10 ms: a longer gap is a pause, not startup time
 # Descriptors that must be free for the server to start: its event loop takes up to ~10 (uvloop's:
 # its epoll, signal and wake-up pipes), and each connection one. With fewer, uvloop failed halfway
 # through starting: three chained tracebacks, after the CLI had said "serving on http://...".
@@ -116,13 +117,35 @@ class _Descriptors:
                         f"raise the open-file limit (ulimit -n{f', now {self.limit}' if self.limit is not None else ''})")
 
 
+class _Http10Cycle(RequestResponseCycle):
+    """uvicorn's request-response cycle (httptools) for an HTTP/1.0 request, whose reply of unknown
+    length (a stream) goes out as it is, ended by closing the connection (RFC 9112 6.3): uvicorn
+    sent it chunked, which RFC 9112 6.1 forbids to a 1.0 client (one reads the chunk sizes as
+    part of the body), where its h11 protocol does not. uvicorn closes a 1.0 request's connection
+    after the reply in any case."""
+
+    _unframed = False  # a reply without Content-Length: its body is written as it comes
+
+    async def send(self, message) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            if not names & {b"content-length", b"transfer-encoding"}:
+                self._unframed, self.chunked_encoding = True, False  # False: uvicorn adds no Transfer-Encoding
+        elif message["type"] == "http.response.body" and self._unframed:
+            # uvicorn counts an unchunked body against a Content-Length: here, each part is all there is.
+            self.expected_content_length = len(message.get("body", b""))
+        await super().send(message)
+
+
 class _Protocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol (httptools), which would buffer a request's head (its request
     line and headers) without limit and wait for it forever, before the API key is even looked
     at. Here a head still arriving is refused once it is over MAX_HEAD_BYTES (431: one that
     arrives whole is measured by the Guard) or when it has taken `head_timeout_s` (408; a
     connection that sent nothing is closed, as an idle kept-alive one is), and a request that
-    is not valid HTTP gets its 400 in OpenAI's error body too, not uvicorn's plain text."""
+    is not valid HTTP gets its 400 in OpenAI's error body too, not uvicorn's plain text. Its
+    timeouts, the head's and uvicorn's keep-alive, act READ_GRACE_S late (see there): a stopped
+    server (SIGSTOP) reset or answered 408 requests whose bytes had arrived in time."""
 
     head_timeout_s = HEAD_TIMEOUT_S
 
@@ -134,7 +157,8 @@ class _Protocol(HttpToolsProtocol):
             self.descriptors.connected(len(self.server_state.connections))
         self._head: int | None = 0  # bytes of the head being received; None between heads
         self._head_began = False  # a head began in the data being parsed
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+        self._keep_alive_late = False  # the keep-alive timer has fired once: its grace is running
+        self._start_head_timer()
 
     def connection_lost(self, exc) -> None:
         self._head_timer.cancel()
@@ -144,12 +168,14 @@ class _Protocol(HttpToolsProtocol):
         super().on_message_begin()
         if self._head is None:  # the next request on a kept-alive connection
             self._head, self._head_began = 0, True
-            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+            self._start_head_timer()
 
     def on_headers_complete(self) -> None:
         self._head = None
         self._head_timer.cancel()
         super().on_headers_complete()
+        if self.scope["http_version"] == "1.0" and self.cycle is not None and self.cycle.scope is self.scope:
+            self.cycle.__class__ = _Http10Cycle  # its ASGI task, created but not yet run, calls its send
 
     def data_received(self, data: bytes) -> None:
         self._head_began = False
@@ -169,12 +195,28 @@ class _Protocol(HttpToolsProtocol):
         detail = f": {reason}" if isinstance(reason, httptools.HttpParserError) and str(reason) else ""
         self._refuse(ApiError(400, f"the request is not valid HTTP/1.1{detail}", code="invalid_http_request"))
 
-    def _head_timeout(self) -> None:
-        if self._head or self._head_began:
+    def _start_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout, False)
+
+    def _head_timeout(self, late: bool) -> None:
+        if not late:  # the bytes waiting in the socket are read first
+            self._head_timer = self.loop.call_later(READ_GRACE_S, self._head_timeout, True)
+        elif self._head or self._head_began:
             self._refuse(ApiError(408, f"the request line and headers did not arrive within {self.head_timeout_s:g} s",
                                   code="request_timeout"))
         else:
             self.transport.close()
+
+    def on_response_complete(self) -> None:
+        self._keep_alive_late = False  # uvicorn arms its keep-alive timer afresh
+        super().on_response_complete()
+
+    def timeout_keep_alive_handler(self) -> None:
+        if self._keep_alive_late or self.transport.is_closing():
+            super().timeout_keep_alive_handler()
+        else:  # the next request may wait in the socket: read it first (closing would reset it)
+            self._keep_alive_late = True
+            self.timeout_keep_alive_task = self.loop.call_later(READ_GRACE_S, self.timeout_keep_alive_handler)
 
     def _refuse(self, error: ApiError) -> None:
         """Answer with the error and close the connection (only close it while a pipelined
@@ -288,6 +330,11 @@ def _log_config() -> dict:
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     for handler in config["handlers"].values():
         handler["class"] = f"{_LogHandler.__module__}.{_LogHandler.__qualname__}"
+    # An access line says when (uvicorn's says only who, what and the status): a log written to a
+    # file (`gpt1 serve > serve.log`, nohup) had no way to tell when a request came. ISO 8601 with
+    # the UTC offset, so that lines from machines in other zones sort and compare.
+    access = config["formatters"]["access"]
+    access["fmt"], access["datefmt"] = "%(asctime)s " + access["fmt"], "%Y-%m-%dT%H:%M:%S%z"
     return config
 
 
@@ -389,15 +436,21 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: st
     server = _server(app, head_timeout_s, log_level=log_level, timeout_graceful_shutdown=1)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gpt1-uvicorn", daemon=True)
     thread.start()
-    deadline = time.monotonic() + startup_timeout
+    # Startup time is counted while this process runs: a gap between two looks much longer than
+    # the poll is a pause (SIGSTOP, a debugger, a suspended VM), which stopped the server's thread
+    # too; charging it failed a server that was up a moment after the process resumed. And the
+    # server is looked at once more after the time is up.
+    waited, last = 0.0, time.monotonic()
     while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
+        if not thread.is_alive() or waited > startup_timeout:
             server.should_exit = True
             sock.close()
             if isinstance(engine, EngineProcess):  # its child would outlive the failed start
                 engine.stop()
             raise Gpt1Error("the server did not start")
         time.sleep(0.01)
+        now = time.monotonic()
+        waited, last = waited + min(now - last, STARTUP_POLL_MAX_S), now
     try:
         yield f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     finally:

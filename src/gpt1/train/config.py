@@ -20,9 +20,10 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -67,7 +68,8 @@ class TrainConfig:
     # steps, then linear to min_lr (gpt1.train.schedule)
     cooldown: float = 0.0
     weight_decay: float = 0.0  # applied to matrices only (not biases, norms)
-    betas: tuple[float, float] = (0.9, 0.95)
+    # A list passes too (TOML has arrays only); checked and stored as the tuple (see `_checked_type`)
+    betas: Annotated[Sequence[float], tuple[float, float]] = (0.9, 0.95)
     # adamw (the model card's), or muon: Muon for the blocks' weight matrices at lr x muon_lr_scale,
     # AdamW for the rest (gpt1.train.optim; PyTorch >= 2.9)
     optimizer: str = "adamw"
@@ -159,11 +161,15 @@ class TrainConfig:
 C = TypeVar("C")
 
 
-def require_config(cfg: Any, cls: type) -> None:
-    """Refuse a `cfg` that is not a `cls` (e.g. a dict of its keys) by name, at the entry of a run."""
+def require_config(cfg: Any, cls: type[C]) -> C:
+    """`cfg` checked again at the entry of a run: a copy, every field checked as construction
+    checks it, for the run to use and record. A field set by attribute after the config was built
+    (`cfg.lr = args.lr`, a str from argparse) is refused by name, as `TrainConfig(lr="3e-4")` is;
+    a `cfg` that is not a `cls` (e.g. a dict of its keys) too."""
     if not isinstance(cfg, cls):
         raise Gpt1Error(f"cfg: expected a {cls.__name__} (e.g. {cls.__name__}(max_steps=100) or "
                         f"load_config({cls.__name__}, recipe, overrides)), got {type(cfg).__name__}")
+    return dataclasses.replace(cfg)  # runs __post_init__ (the checks and conversions) on a copy
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -283,8 +289,19 @@ def _tuple_spelling(hint: Any) -> str | None:
 
 @functools.cache  # a config is checked field by field on every construction (and dataclasses.replace)
 def _fields(cls: type) -> tuple[frozenset[str], dict[str, Any]]:
-    """The names of `cls`'s init fields and the type hints of its fields."""
-    return frozenset(f.name for f in dataclasses.fields(cls) if f.init), typing.get_type_hints(cls)
+    """The names of `cls`'s init fields and the types their values are checked as."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return (frozenset(f.name for f in dataclasses.fields(cls) if f.init),
+            {name: _checked_type(hint) for name, hint in hints.items()})
+
+
+def _checked_type(hint: Any) -> Any:
+    """The type a field's value is checked and stored as. `Annotated[Sequence[float], tuple[float,
+    float]]` says both sides: a type checker lets a caller pass any sequence (a list, as the docs
+    and TOML write it), and the value is checked as, and converted to, the tuple."""
+    if typing.get_origin(hint) is Annotated:
+        return hint.__metadata__[0]
+    return hint
 
 
 @functools.cache

@@ -32,8 +32,10 @@ import itertools
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
@@ -115,7 +117,8 @@ class FinetuneConfig(TrainConfig):
     lora_r: int = 8
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # any of q, k, v, o, up, down
+    # any of q, k, v, o, up, down; a list passes too, stored as the tuple (gpt1.train.config._checked_type)
+    lora_targets: Annotated[Sequence[str], tuple[str, ...]] = DEFAULT_TARGETS
     train_special_tokens: bool = True  # train the embedding rows of [PAD] [UNK] [EOS] and the role markers
     all_paths: bool = False  # OASST: every root-to-leaf path instead of the best-ranked replies
     languages: list[str] = field(default_factory=list)  # OASST language codes to keep, e.g. ["en"]; [] = all
@@ -255,7 +258,7 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
     """Fine-tune the model dir `base` on `cfg.data` into the run dir `out` (resumes a run there).
     `step_limit` caps the steps resolved from the config (e.g. a time budget); `redo_hint` says
     what to do instead when `out` holds another run. Returns the loop's TrainResult."""
-    require_config(cfg, FinetuneConfig)
+    cfg = require_config(cfg, FinetuneConfig)  # checked again: a field may have been set after construction
     if cfg.init_from != "scratch":  # set by hand: it was overwritten with the base's path and recorded so
         raise Gpt1Error(f"init_from={cfg.init_from}: a pretraining key; a fine-tune starts from its base (--base)")
     base = Path(str(as_path(base, "base", "a model dir")).removeprefix("hf:"))

@@ -92,7 +92,7 @@ import torch
 from gpt1.core.environment import environment
 from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
 from gpt1.core.io import crash_point, exclusive, json_path, read_json, write_json, write_text, writing
-from gpt1.core.malloc import keep_freed_memory
+from gpt1.core.malloc import freed_memory_kept
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
 from gpt1.core.threads import cpu_thread_tuner
@@ -376,9 +376,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
         raise Gpt1Error("the run needs max_steps >= 1 (resolve max_tokens / epochs before calling train)")
     dist = distributed.current()
     device = distributed.resolve_device(cfg.device, dist)
-    if device.type == "cpu":
-        keep_freed_memory()  # the step's large buffers reused, not page-faulted in every step
     with contextlib.ExitStack() as held:
+        if device.type == "cpu":
+            # The step's large buffers reused, not page-faulted in every step; glibc's defaults
+            # come back when the run ends (a library call leaves the process as it found it).
+            held.enter_context(freed_memory_kept())
 
         def check_and_hold() -> _RunRecord:
             # A folder of other files is refused before the lock is made in it. (One with a lock
@@ -420,7 +422,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
 
     start_step, tokens_seen, last = 0, 0, {"loss": None, "val_loss": None}
     end, budget_spent = max_steps, 0.0  # the planned last step (re-planned under a time budget)
-    schedule_state = None
+    schedule_state, step_time = None, None
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model)
@@ -431,6 +433,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
         start_step, tokens_seen, last = state["step"], state["tokens"], state["last"]
         end, budget_spent = state.get("end", max_steps), state.get("budget_spent", 0.0)
         schedule_state = state.get("schedule")
+        step_time = state.get("step_time")  # the budget's median step time (None before 2026-12)
         if schedule_state is None and cfg.time_budget > 0:
             # Saved before the schedule's state was (2026-12-05, ef57fb6): rebuilt from the rate its
             # last step ran at, which the optimizer's state keeps; else the cooldown restarts at the peak.
@@ -472,7 +475,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
         return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "sampler": train_data.state_dict(), "tokens": tokens_seen, "last": dict(last),
                 "config": cfg.to_dict(), "max_steps": max_steps, "end": end,
-                "budget_spent": saved["budget_spent"],
+                "budget_spent": saved["budget_spent"], "step_time": budget.step_time if budget else None,
                 "schedule": schedule.state_dict() if schedule else None}
 
     def save_if_due(done: int) -> None:
@@ -487,8 +490,11 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
 
             began = time.perf_counter()
             distributed.main_only(save)  # rank 0 saves; its failure (e.g. a full disk) stops every rank
+            took = time.perf_counter() - began
             if rate:
-                rate.timed("checkpoint", time.perf_counter() - began)
+                rate.timed("checkpoint", took)
+            if budget:
+                budget.timed(took)
 
     metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main and not finished else None
 
@@ -499,8 +505,8 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
                 metrics.flush()
 
     writer = _tensorboard(run_dir, start_step) if cfg.tensorboard and dist.is_main and not finished else None
-    budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown, end=end)
-              if cfg.time_budget > 0 else None)
+    budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown, end=end,
+                          step_time=step_time) if cfg.time_budget > 0 else None)
     # A re-planned run's rate never rises after its warmup (see BudgetSchedule); a fixed plan's is lr_at.
     schedule = BudgetSchedule(cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown, schedule_state) if budget else None
     bar = progress(total=end, initial=start_step, desc=run_dir.name, unit="step", disable=None if dist.is_main else True)
@@ -638,8 +644,11 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             if done % cfg.eval_every == 0 or done == end:
                 began = time.perf_counter()
                 val_loss, _ = evaluate_loss(raw_model, val_batches(), device, precision)
+                took = time.perf_counter() - began
                 if rate:
-                    rate.timed("validation", time.perf_counter() - began)
+                    rate.timed("validation", took)
+                if budget:
+                    budget.timed(took)
                 if math.isfinite(val_loss):
                     last["val_loss"] = val_loss
                     metric.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
@@ -865,67 +874,106 @@ def _due_after(after: int, last: int, every: int) -> int:
 class _TimeBudget:
     """The last step of a run with a time budget: re-planned after every step from the time per
     step measured over the recent steps, so that the run (and its LR schedule) ends when the
-    budget is spent, whatever the machine's load does meanwhile. A validation pass falls inside
-    the measuring window (`eval_every` steps at least), so its cost is spread over the steps."""
+    budget is spent, whatever the machine's load does meanwhile.
 
-    WARMUP_STEPS = 3  # the first steps (allocator, kernel selection) are not timed
-    ROBUST_STEPS = 5  # timed steps before the warmup's plan (a median of them) replaces the first
+    A step's time is the *median* of the recent steps' own times, so that one slow step does not
+    shrink the plan (the mean over a 50-step window took a 5 s stall for a slower machine and cut a
+    cosine by 45% in one step); the validations and checkpoints of the window (`timed`) are added,
+    spread over its steps. A step far slower than the median held a pause: the process was stopped
+    (Ctrl-Z, SIGSTOP, a debugger). The pause is not charged, as neither a suspended machine (the
+    monotonic clock stops then) nor the downtime between a kill and a resume is: charged, a 30 s
+    pause ended a 20 s run at once, at the peak LR. A machine that runs slowly (a busy neighbour)
+    slows every step and moves the median: that is charged."""
+
+    WARMUP_STEPS = 3  # the first steps of a process (allocator, kernel selection, compilation) are not timed
+    ROBUST_STEPS = 5  # timed steps before the plan (and the pause check) follows their median
     MIN_STEPS = 10  # whatever the budget: a loss curve, not a point
     OVERRUN = 0.05  # the share of the budget a run may go over to finish its schedule (see plan)
+    # A step held a pause when it took PAUSE_FACTOR times the median and PAUSE_SECONDS more: the
+    # slow steps of a running process (a neighbour's burst, page faults, a thread-count probe)
+    # stay under both, and validations and checkpoints are timed apart (`timed`).
+    PAUSE_FACTOR, PAUSE_SECONDS = 10.0, 5.0
 
     def __init__(self, seconds: float, spent_before: float, max_steps: int, eval_every: int, cooldown: float = 0.0,
-                 clock=time.perf_counter, end: int | None = None):
+                 clock=time.perf_counter, end: int | None = None, step_time: float | None = None):
         self.seconds, self.spent_before, self.max_steps, self.clock = seconds, spent_before, max_steps, clock
         end = max_steps if end is None else end
         self.cooldown = cooldown
         # The time left is the cooldown's share of the budget (updated by plan()).
         self.cooldown_due = cooldown > 0 and seconds - spent_before <= cooldown * seconds
         self.started = self.clock()
-        self.per_step: float | None = None  # seconds a step, over the recent steps (None: not measured yet)
-        # The plan the LR warmup follows: from the median step time, so that a short slow spell
-        # (a stall in the first timed steps: the mean of three then shrank a 600-step plan to 60
-        # and ended the warmup at step 4) does not cut it short; a lasting one still re-plans it.
-        # Until ROBUST_STEPS are timed: the run's plan when this process began.
+        self.paused = 0.0  # seconds of the pauses found in this process: not charged
+        self.aside = 0.0  # seconds of validations and checkpoints since the latest plan (see timed)
+        # The median step time (validations and checkpoints aside): measured, else the one the
+        # checkpoint of a resumed run recorded (its steps left after the budget may still fit).
+        self.step_time: float | None = step_time
+        self.per_step: float | None = None  # seconds a step, validations and checkpoints included
+        # The plan the LR warmup follows (BudgetSchedule.at's warm_end): the plan itself, now that
+        # a stall in the first timed steps no longer sways it (their mean once shrank a 600-step
+        # plan to 60 and ended the warmup at step 4).
         self.warm_end = end
-        self.window = max(20, eval_every)
-        self.times: collections.deque[tuple[int, float]] = collections.deque(maxlen=self.window + 1)
+        self.first: int | None = None  # the first step this process took
+        self.last: tuple[int, float] | None = None  # (steps done, clock) at the latest plan
+        # Per plan: (steps, their seconds, seconds of validations and checkpoints among them).
+        self.samples: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=max(20, eval_every))
+        self.cut = False  # the plan was cut to the steps that fit in the overrun (said once)
 
     def spent(self) -> float:
-        return self.spent_before + self.clock() - self.started
+        return self.spent_before + self.clock() - self.started - self.paused
+
+    def timed(self, seconds: float) -> None:
+        """A validation pass or a checkpoint took `seconds`: charged, but not a step's time."""
+        self.aside += seconds
+
+    def _median(self) -> float:
+        return statistics.median(work / steps for steps, work, _ in self.samples)
+
+    def _record(self, done: int, now: float, dist) -> None:
+        """Times the steps since the latest plan; a pause among them is not charged."""
+        self.first = done if self.first is None else self.first
+        if self.last is not None and self.last[0] - self.first + 1 >= self.WARMUP_STEPS:
+            steps, work = done - self.last[0], now - self.last[1] - self.aside
+            if len(self.samples) >= self.ROBUST_STEPS:
+                median = self._median()
+                if work > steps * max(self.PAUSE_FACTOR * median, median + self.PAUSE_SECONDS):
+                    pause = work - steps * median  # the steps are charged their usual time
+                    self.paused += pause
+                    work -= pause
+                    if dist.is_main:
+                        info(f"step {done:,}: paused for ~{pause:.0f} s: not counted against the time budget")
+            self.samples.append((steps, work, self.aside))
+        self.last, self.aside = (done, now), 0.0
 
     def plan(self, done: int, end: int, dist) -> int:
-        now = self.clock()
-        self.times.append((done, now))
+        self._record(done, self.clock(), dist)
         left = self.seconds - self.spent()
         floor = min(self.max_steps, max(done, self.MIN_STEPS))
-        before, self.per_step = self.per_step, None
-        if len(self.times) > self.WARMUP_STEPS:
-            first_step, first_time = self.times[0]
-            self.per_step = (now - first_time) / (done - first_step)
+        measured = len(self.samples) >= self.ROBUST_STEPS
+        if measured:
+            self.step_time = self._median()
+            self.per_step = self.step_time + sum(a for _, _, a in self.samples) / sum(n for n, _, _ in self.samples)
         if left <= 0:
-            # Out of time. A plan short by a few steps (a validation pass or a checkpoint near
-            # the end took longer than the average step) still takes them: stopping now would
-            # end the LR schedule above min_lr. At most OVERRUN of the budget (or two steps),
-            # at the step time measured before the slow stretch that ran the time out.
+            # Out of time. The steps left of the plan still run if they fit in OVERRUN of the
+            # budget (a validation pass or a checkpoint near the end took longer than planned):
+            # stopping now would leave the LR above min_lr, at the peak under warmup-stable-decay.
+            # A plan that does not fit is cut to the steps that do (two at least), so that the
+            # schedule still ends at min_lr, on a shorter decay.
             short = end - done
-            fits = short <= 2 or (before is not None and short * before <= self.OVERRUN * self.seconds)
-            new_end = end if short > 0 and fits else floor
-        elif self.per_step is None:
+            fit = int(self.OVERRUN * self.seconds / self.step_time) if self.step_time else 0
+            new_end = max(floor, min(end, done + max(2, fit)))
+            if new_end < end and not self.cut and dist.is_main:
+                warn(f"step {done:,}: the time budget ran out {short:,} steps before the planned end; the LR "
+                     f"decays to min_lr over the {new_end - done:,} steps that fit in {self.OVERRUN:.0%} more time")
+            self.cut = self.cut or new_end < end
+        elif not measured:
             new_end = end
         else:
             new_end = max(floor, min(self.max_steps, done + max(1, int(left / self.per_step))))
-        warm_end = self.warm_end
-        if left <= 0:
-            warm_end = new_end  # the plan is exact now
-        elif len(self.times) > self.ROBUST_STEPS:
-            times = list(self.times)
-            median = statistics.median((t - t0) / (d - d0) for (d0, t0), (d, t) in zip(times, times[1:]))
-            warm_end = max(floor, min(self.max_steps, done + max(1, int(left / median)))) if median > 0 else new_end
         due = self.cooldown > 0 and left <= self.cooldown * self.seconds
         # Every rank must stop at the same step, on the same rate: rank 0's plan is the plan.
         if dist.enabled:
-            new_end, warm_end, due = distributed.broadcast_object((new_end, warm_end, due))
-        self.cooldown_due, self.warm_end = bool(due), int(warm_end)
+            new_end, due = distributed.broadcast_object((new_end, due))
+        self.cooldown_due, self.warm_end = bool(due), int(new_end)
         return int(new_end)
 
 

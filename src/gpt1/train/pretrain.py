@@ -111,7 +111,7 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
     """Pretrain on `data_dir` (made by `gpt1 prepare`) into the run dir `out`; resumes a run there
     (`redo_hint`: what to do instead when `out` holds another run, see `gpt1.train.loop.train`).
     The caller's RNG states are as they were afterwards (`gpt1.core.rng`)."""
-    require_config(cfg, TrainConfig)
+    cfg = require_config(cfg, TrainConfig)  # checked again: a field may have been set after construction
     data_dir, out = as_path(data_dir, "data_dir", "a prepared data dir"), as_path(out, "out", "a run dir")
     dist = distributed.setup(cfg.device)
     meta = load_meta(data_dir)
