@@ -218,5 +218,27 @@ def test_a_gpt1_adapter_that_peft_saved_again_loads_the_same(tiny_config, tmp_pa
     _loads_as(model, tmp_path / "adapter", tiny_config)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {}}))
-    with pytest.raises(Gpt1Error, match=r"the modules' LoRA scales differ \(attn.c_attn: 0.667, "):
+    with pytest.raises(Gpt1Error, match=r"the modules' LoRA scales differ \(transformer.h.0.attn.c_attn: 0.667, "):
+        load_adapter(GPT(tiny_config), tmp_path / "adapter")
+
+
+def test_rank_and_alpha_pattern_keys_match_as_peft_matches_them(tiny_config, tmp_path):
+    """PEFT reads a rank_pattern / alpha_pattern key as a regular expression for the end of a
+    module's full name (get_pattern_key); an exact lookup of the key missed these, read c_attn's
+    rank-3r pair as rank r and refused the adapter."""
+    from safetensors.torch import load_file, save_file
+
+    model = _trained(tiny_config, LoRAConfig(r=4, alpha=8), seed=2).eval()
+    save_adapter(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file(load_file(weights), weights)  # no gpt1 metadata, as PEFT writes it
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config.update(target_modules=["c_attn", "c_proj", "c_fc"], rank_pattern={r"h\.\d+\.attn\.c_attn": 12},
+                  alpha_pattern={r"attn\.c_att.": 24})
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    _loads_as(model, tmp_path / "adapter", tiny_config)
+    config["alpha_pattern"] = {"h.1.attn.c_attn": 24}  # layer 1 only: layer 0's scale differs
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(Gpt1Error, match=r"LoRA scales differ \(transformer.h.0.attn.c_attn: 0.667, "
+                                        r"transformer.h.0.attn.c_proj: 2, from alpha_pattern"):
         load_adapter(GPT(tiny_config), tmp_path / "adapter")

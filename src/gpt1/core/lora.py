@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import numbers
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -391,6 +392,9 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     try:
         with safe_open(str(directory / ADAPTER_WEIGHTS), "pt") as f:
             ours = (f.metadata() or {}).get("gpt1_lora")
+            # The modules' full names, which PEFT matches rank_pattern / alpha_pattern keys against.
+            names = sorted({key.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0]
+                            for key in f.keys() if ".lora_A." in key})
     except Exception as e:  # missing or corrupt file: safetensors raises its own types
         raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
     if ours:
@@ -418,13 +422,14 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     targets: list[str] = []
     for module in modules:
         if module.endswith("c_attn"):
-            targets += _qkv_targets(directory, peft, module)
+            name = next((n for n in names if n == module or n.endswith("." + module)), module)
+            targets += _qkv_targets(directory, peft, name)
         elif matching := [name for path, name in by_module.items() if path == module or path.endswith("." + module)]:
             targets += matching  # as PEFT matches names: "c_proj" is both attn.c_proj and mlp.c_proj
         else:
             raise Gpt1Error(f"{directory / ADAPTER_CONFIG}: unsupported target module {module!r}")
     tokens = (peft.get("trainable_token_indices") or {}).get("wte", [])
-    return _lora_config({"r": peft["r"], "alpha": _peft_alpha(peft, modules, where),
+    return _lora_config({"r": peft["r"], "alpha": _peft_alpha(peft, names or modules, where),
                          "dropout": peft.get("lora_dropout", 0.0), "targets": targets, "token_ids": tokens}, where)
 
 
@@ -435,7 +440,7 @@ def _qkv_targets(directory: Path, peft: dict, module: str) -> list[str]:
     non-zero. The first choice that fits every layer is taken: a projection whose update is zero
     everywhere adds nothing, wherever it is put."""
     r = peft["r"]
-    rank = (peft.get("rank_pattern") or {}).get(module, r)
+    rank = peft_pattern_value(peft, "rank_pattern", module, r, directory / ADAPTER_CONFIG)
     n = rank // r if _is_int(rank) and rank % r == 0 else 0
     if not 1 <= n <= 3:
         raise Gpt1Error(f"{directory}: a c_attn adapter of rank {rank} is not one to three per-projection pairs "
@@ -470,23 +475,53 @@ def _block_mask(B: torch.Tensor, rows: Sequence[tuple[int, int]], r: int) -> tor
 
 def _peft_alpha(peft: dict, modules: list[str], where: str) -> float:
     """gpt1's alpha for a PEFT config: its scale (alpha / r) times r. PEFT scales each module by
-    its alpha_pattern / rank_pattern values (over sqrt(rank) with use_rslora): one scale for all
-    is what gpt1 can hold (c_attn's rank 3r pair is three of gpt1's rank-r pairs); options that
-    change the math otherwise are refused rather than silently dropped."""
+    its own values (`peft_scale`): one scale for all is what gpt1 can hold (c_attn's rank 3r pair
+    is three of gpt1's rank-r pairs); options that change the math otherwise are refused rather
+    than silently dropped."""
     if peft.get("use_dora"):
         raise Gpt1Error(f"{where}: a DoRA adapter (use_dora) is not supported; merge it with PEFT "
                         "(merge_and_unload) and use the merged model")
-    r, alpha = peft["r"], peft["lora_alpha"]
-    ranks, alphas = peft.get("rank_pattern") or {}, peft.get("alpha_pattern") or {}
-    if not isinstance(alphas, dict):
-        raise Gpt1Error(f"{where}: alpha_pattern must be an object, got {alphas!r}")
-    root = math.sqrt if peft.get("use_rslora") else float
-    scales = {module: alphas.get(module, alpha) / root(ranks.get(module, r)) for module in modules}
-    scale = next(iter(scales.values()), alpha / root(r))
+    r = peft["r"]
+    scales = {module: peft_scale(peft, module, where)[1] for module in modules}
+    scale = next(iter(scales.values()), peft_scale(peft, "", where)[1])
     if not all(math.isclose(other, scale) for other in scales.values()):
-        raise Gpt1Error(f"{where}: the modules' LoRA scales differ ({', '.join(f'{m}: {v:.3g}' for m, v in scales.items())}, "
-                        "from alpha_pattern, rank_pattern or use_rslora); gpt1 holds one scale alpha / r")
+        first: dict[str, str] = {}  # one module per scale: the layers repeat them
+        for module, value in scales.items():
+            first.setdefault(f"{value:.3g}", module)
+        listed = ", ".join(f"{module}: {value}" for value, module in first.items())
+        raise Gpt1Error(f"{where}: the modules' LoRA scales differ ({listed}, from alpha_pattern, rank_pattern "
+                        "or use_rslora); gpt1 holds one scale alpha / r")
     return scale * r
+
+
+def peft_scale(peft: dict[str, Any], module: str, where: str | Path) -> tuple[int, float]:
+    """PEFT's rank and scale for `module` (its full name): lora_alpha / r, or over sqrt(r) with
+    use_rslora, r and alpha from the rank_pattern / alpha_pattern key that matches the name."""
+    r = peft_pattern_value(peft, "rank_pattern", module, peft.get("r"), where)
+    alpha = peft_pattern_value(peft, "alpha_pattern", module, peft.get("lora_alpha"), where)
+    named = f" for {module}" if module else ""
+    if not _is_int(r) or r < 1:
+        raise Gpt1Error(f"{where}: r{named} must be a positive integer (r or rank_pattern), got {json.dumps(r)}")
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise Gpt1Error(f"{where}: lora_alpha{named} must be a number (lora_alpha or alpha_pattern), "
+                        f"got {json.dumps(alpha)}")
+    return r, alpha / (math.sqrt(r) if peft.get("use_rslora") else r)
+
+
+def peft_pattern_value(peft: dict[str, Any], field: str, module: str, default: Any, where: str | Path) -> Any:
+    """The value of `field` (rank_pattern or alpha_pattern) for `module`: that of the first key
+    that matches the end of its name, as peft.utils.other.get_pattern_key matches (a key is a
+    regular expression), else `default`."""
+    patterns = peft.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise Gpt1Error(f"{where}: {field} must be an object, got {json.dumps(patterns)}")
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as e:
+            raise Gpt1Error(f"{where}: {field} key {key!r} is not a regular expression ({e})") from None
+    return default
 
 
 @torch.no_grad()

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,15 @@ from gpt1.core.io import (
     write_json,
     write_text,
 )
-from gpt1.core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, TOKEN_KEY, load_adapter, save_adapter
+from gpt1.core.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    TOKEN_KEY,
+    load_adapter,
+    peft_scale,
+    save_adapter,
+)
 from gpt1.core.model import GPT
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import preset
@@ -396,38 +402,13 @@ def _merge_pair(model: GPT, module: str, pair: dict[str, torch.Tensor], peft: di
     if A.shape != (rank, in_features) or B.shape != (out_features, rank) or (bias is not None and bias.shape != (out_features,)):
         raise Gpt1Error(f"{weights}: {module}'s LoRA pair has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}; "
                         f"this model's {module} takes lora_A (r, {in_features}) and lora_B ({out_features}, r)")
-    scale = _peft_scale(peft, module, rank, weights.parent / ADAPTER_CONFIG)
+    r, scale = peft_scale(peft, module, weights.parent / ADAPTER_CONFIG)
+    if r != rank:
+        raise Gpt1Error(f"{weights.parent / ADAPTER_CONFIG}: r for {module} is {r}, but its lora_A in "
+                        f"{ADAPTER_WEIGHTS} has rank {rank}")
     layer.weight += (scale * (B.float() @ A.float())).to(layer.weight)
     if bias is not None:
         layer.bias += (scale * bias.float()).to(layer.bias)
-
-
-def _peft_scale(peft: dict[str, Any], module: str, rank: int, where: Path) -> float:
-    """PEFT's scale for `module`: lora_alpha / r, or over sqrt(r) with use_rslora, each value from
-    the first rank_pattern / alpha_pattern key that matches the module's name, as PEFT matches them."""
-    r = _peft_pattern(peft, "rank_pattern", module, peft.get("r"), where)
-    alpha = _peft_pattern(peft, "alpha_pattern", module, peft.get("lora_alpha"), where)
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise Gpt1Error(f"{where}: r for {module} must be a positive integer (r or rank_pattern), got {json.dumps(r)}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise Gpt1Error(f"{where}: lora_alpha for {module} must be a number (lora_alpha or alpha_pattern), "
-                        f"got {json.dumps(alpha)}")
-    if r != rank:
-        raise Gpt1Error(f"{where}: r for {module} is {r}, but its lora_A in {ADAPTER_WEIGHTS} has rank {rank}")
-    return alpha / (math.sqrt(r) if peft.get("use_rslora") else r)
-
-
-def _peft_pattern(peft: dict[str, Any], field: str, module: str, default: Any, where: Path) -> Any:
-    patterns = peft.get(field) or {}
-    if not isinstance(patterns, dict):
-        raise Gpt1Error(f"{where}: {field} must be an object, got {json.dumps(patterns)}")
-    for key, value in patterns.items():
-        try:  # peft.utils.other.get_pattern_key: the key is a regular expression for the name's end
-            if re.match(rf"(.*\.)?({key})$", module):
-                return value
-        except re.error as e:
-            raise Gpt1Error(f"{where}: {field} key {key!r} is not a regular expression ({e})") from None
-    return default
 
 
 def _merge_token_rows(model: GPT, module: str, rows: torch.Tensor, peft: dict[str, Any], weights: Path) -> None:
