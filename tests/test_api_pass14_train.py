@@ -169,7 +169,7 @@ BUFFER = 48 * 2**20
 def test_a_cpu_run_puts_glibcs_malloc_thresholds_back_when_it_returns(data_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", CHILD, str(data_dir), json.dumps(RUN), str(tmp_path / "run")],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     inside = report["inside"]

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -225,3 +226,15 @@ def test_serve_load_spread_over_processes_gets_every_reply_and_counts_its_cores(
         assert sorted(r["index"] for r in results) == list(range(REQUESTS))
     assert {r["index"]: r["text"] for r in alone} == {r["index"]: r["text"] for r in spread}
     assert wall > 0 and spread_wall > 0 and 0 < cores and 0 < spread_cores
+
+
+@pytest.mark.parametrize("found", ["0.5.0.dev1", "0.5.0", "1.0.0"])
+def test_bench_eval_refuses_an_lm_eval_that_defines_acc_norm_differently(found):
+    """lm-eval 0.5 divides acc_norm by the ending's length with its leading space: the row said
+    same_acc_as_lm_eval False with no word why."""
+    from gpt1.benchmarks.eval import _check_lm_eval_version
+
+    with pytest.raises(Gpt1Error, match=rf"found lm-eval {re.escape(found)}, which computes acc_norm differently: "
+                                        r"pip install 'lm-eval>=0.4.13,<0.5'"):
+        _check_lm_eval_version(found)
+    _check_lm_eval_version("0.4.13")  # the version gpt1's task definitions follow

@@ -93,7 +93,7 @@ def test_bench_writes_one_document_into_a_fifo(tmp_path):
     fifo = tmp_path / "ff"
     os.mkfifo(fifo)
     reader, got = _read_fifo(fifo)
-    result = gpt1("bench", "--quick", "prepare", "generate", "--json", fifo, timeout=120)
+    result = gpt1("bench", "--quick", "prepare", "generate", "--json", fifo, timeout=300)  # two real benchmarks: ~35 s on a quiet 2-core machine
     reader.join(10)
     assert result.returncode == 0, result.stderr
     assert fifo.is_fifo() and list(json.loads(got[0])) == ["environment", "prepare", "generate"]

@@ -136,3 +136,32 @@ def test_validate_normalises_and_unknown_knob_is_an_error():
     assert type(q.seed) is int and type(q.top_k) is int and type(q.temperature) is float
     with pytest.raises(Gpt1Error, match="top_k must be an integer"):
         SamplingParams().override(top_k=np.float64(2.0))
+
+
+# ---- logits that hold -inf (a token masked out before the processors) -------------------------
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_a_masked_token_leaves_the_others_as_transformers_scales_them(logits, history, temperature):
+    """-inf in a row read as a temperature overflow: the row collapsed to its top token."""
+    masked = logits.clone()
+    masked[:, 3] = float("-inf")
+    expected = hf.TemperatureLogitsWarper(temperature)(history, masked.clone())
+    torch.testing.assert_close(apply_temperature(masked, temperature), expected, rtol=0, atol=0)
+    expected = hf.RepetitionPenaltyLogitsProcessor(1.3)(history, masked.clone())
+    penalised = apply_repeat_penalty(masked, torch.cat([history, torch.full((4, 1), 3)], 1), 1.3)
+    torch.testing.assert_close(penalised, expected, rtol=0, atol=0)
+    assert penalised[:, 3].eq(float("-inf")).all()  # the masked token, also in the window, stays -inf
+
+
+def test_a_row_with_a_masked_token_is_the_same_beside_a_penalised_row():
+    """A neutral penalty beside another row's 1.3 turned the first row's -inf into -3.4e38."""
+    rows = torch.tensor([[1.0, 0.0, float("-inf")], [1.0, 0.0, 0.0]])
+    window = torch.tensor([[2], [2]])
+    together = process_logits(rows, window, temperature=0.0, repeat_penalty=torch.tensor([1.0, 1.3]))
+    alone = process_logits(rows[:1], window[:1], temperature=0.0, repeat_penalty=1.0)
+    torch.testing.assert_close(together[:1], alone, rtol=0, atol=0)
+    assert together[0, 2] == float("-inf")
+
+
+def test_a_tiny_temperature_still_takes_the_limit_with_a_masked_token():
+    row = torch.tensor([[1.0, 0.5, float("-inf")]])
+    assert apply_temperature(row, 1e-39).tolist() == [[0.0, float("-inf"), float("-inf")]]

@@ -91,11 +91,11 @@ def test_a_stop_string_ending_in_u_fffd_stops_at_the_final_flush(tokenizer):
     cut = len(ids) - 1  # generation ends inside 日: the decoder flushes its first bytes as U+FFFD
     for stop, text in ((("b\ufffd",), "a"), (("\ufffd", "zz"), "ab")):
         # Ended by the length limit (finish reason "length" without the fix) ...
-        state = TextState(tokenizer, stop, 0, cut)
+        state = TextState(tokenizer, stop, [], cut)
         assert "".join(state.add(i) for i in ids[:cut]) == text and state.finish_reason == "stop"
         # ... and by a special token, which calls finish("stop") itself.
-        state = TextState(tokenizer, stop, 0, 100)
+        state = TextState(tokenizer, stop, [], 100)
         assert "".join(state.add(i) for i in ids[:cut]) + state.finish("stop") == text
         assert state.finish_reason == "stop"
-    state = TextState(tokenizer, ("zz",), 0, cut)  # no stop string in the text: all of it, "length"
+    state = TextState(tokenizer, ("zz",), [], cut)  # no stop string in the text: all of it, "length"
     assert "".join(state.add(i) for i in ids[:cut]) == "ab\ufffd" and state.finish_reason == "length"

@@ -13,9 +13,11 @@ uses the `tiny` preset.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 
 from gpt1.benchmarks import fixed_threads
 from gpt1.core.config import ModelConfig
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import train_tokenizer
 from gpt1.data.sources import iter_documents, stdlib_files
@@ -34,7 +37,7 @@ from gpt1.inference.llm import LLM
 from gpt1.train.harness import evaluate_task
 
 # module -> what installs it, checked by `gpt1 bench` up front: the reference, and the export it reads
-REQUIRES = {"lm_eval": "lm-eval", "transformers": "'gpt1[hf]'"}
+REQUIRES = {"lm_eval": "'lm-eval>=0.4.13,<0.5'", "transformers": "'gpt1[hf]'"}
 EXAMPLES = 200
 BATCH = 32
 TOKENIZER_VOCAB = 4096  # what a few standard-library packages can teach
@@ -91,6 +94,15 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _check_lm_eval_version(found: str) -> None:
+    """gpt1 scores as lm-eval 0.4.x does; 0.5 divides acc_norm by the ending's length with its
+    leading space, so the rows' same_acc_as_lm_eval would say False for a definition's sake."""
+    major, minor = (int(part) for part in re.findall(r"\d+", found)[:2])
+    if (major, minor) >= (0, 5):
+        raise Gpt1Error(f"bench eval compares with lm-eval 0.4.x, whose task definitions gpt1 eval follows; found "
+                        f"lm-eval {found}, which computes acc_norm differently: pip install 'lm-eval>=0.4.13,<0.5'")
+
+
 def run(quick: bool = False) -> list[dict]:
     # Offline: the data is a local file, the model a local export. Tokenizers single-threaded: the
     # setting the published rows were measured under, both sides alike.
@@ -101,6 +113,8 @@ def run(quick: bool = False) -> list[dict]:
 
 def _run(quick: bool) -> list[dict]:
     import lm_eval
+
+    _check_lm_eval_version(importlib.metadata.version("lm-eval"))
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

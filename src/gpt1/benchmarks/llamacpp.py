@@ -33,7 +33,7 @@ REQUIRES = {"llama_cpp": "llama-cpp-python", "gguf": "'gpt1[gguf]'"}
 
 def cpu_has_amx() -> bool:
     try:
-        return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+        return "amx_int8" in Path("/proc/cpuinfo").read_text(errors="replace").split()
     except OSError:  # not Linux: no /proc
         return False
 

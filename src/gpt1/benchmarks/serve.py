@@ -179,8 +179,8 @@ def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds so far of a process and its live children (the engine process
     of `--engine process`) (Linux), else None."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/stat", "rb") as f:  # bytes: the process name in it may not be UTF-8
+            fields = f.read().rsplit(b")", 1)[1].split()
         seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None

@@ -154,8 +154,8 @@ def _peak_rss_kib() -> int | None:
     """This process's peak RSS since it started (Linux: VmHWM, which belongs to the address space
     and starts afresh at exec, unlike ru_maxrss)."""
     try:
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+        with open("/proc/self/status", "rb") as f:  # bytes: its Name: line may cut a character in two
+            return next((int(line.split()[1]) for line in f if line.startswith(b"VmHWM:")), None)
     except OSError:
         return None
 

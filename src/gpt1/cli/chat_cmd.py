@@ -19,8 +19,6 @@ from gpt1.cli.generate_cmd import (
     unescape,
     warn_if_base_model,
     warn_if_capped,
-    warn_if_cut,
-    warn_if_message_cut,
 )
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, printable
@@ -143,7 +141,7 @@ class ChatSession:
     def reply(self, text: str, out=None) -> str:
         """Stream the reply to `text` to `out` (default: the current stdout); keeps history within the context."""
         from gpt1.inference import generate as gen
-        from gpt1.inference.decoding import chat_prompt_ids
+        from gpt1.inference.decoding import chat_prompt_ids, warn_if_cut, warn_if_message_cut
 
         out = out or sys.stdout
         self.history.append({"role": "user", "content": text})

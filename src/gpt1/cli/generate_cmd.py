@@ -149,17 +149,6 @@ def warn_if_capped(params: SamplingParams, prompt_ids: list[int], block_size: in
     return limit < params.max_new_tokens
 
 
-def warn_if_cut(prompt_tokens: int, kept_tokens: int) -> None:
-    if kept_tokens < prompt_tokens:
-        warn(f"the prompt ({prompt_tokens} tokens) was cut to its last {kept_tokens} tokens to fit the context")
-
-
-def warn_if_message_cut(cut: int) -> None:
-    if cut:
-        warn(f"the message's first {cut} tokens were cut to fit the context (the system message and the role "
-             "markers stay)")
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="generate a completion (or a chat reply) with every sampling knob, streamed",
@@ -182,7 +171,7 @@ def warn_if_base_model(llm: gpt1.LLM, model: str) -> None:
 
 def generate_command(args: argparse.Namespace) -> int:
     from gpt1.inference import generate as gen
-    from gpt1.inference.decoding import chat_prompt_ids
+    from gpt1.inference.decoding import chat_prompt_ids, warn_if_cut, warn_if_message_cut
 
     params = sampling_params_from_args(args)
     if args.system is not None and not args.chat:

@@ -7,7 +7,7 @@ import argparse
 from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int, val_split
 from gpt1.core.tokenizer import Tokenizer
 
-# gpt1.data.shards (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
+# gpt1.data.shards (numpy) is imported by the functions that use it: `gpt1 --help` imports this module.
 
 
 def register(subparsers) -> None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Iterator
 
 from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import folder_target, owner_of
-from gpt1.core.progress import info
+from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, train_tokenizer
-from gpt1.data.sources import SKIPPED, SourceStats, iter_texts, resolve_sources
+from gpt1.data.readers import ReadMeter
+from gpt1.data.sources import SKIPPED, SourceStats, files_size, iter_texts, resolve_sources
 
 
 def register(subparsers) -> None:
@@ -52,10 +52,11 @@ def train_command(args: argparse.Namespace) -> int:
     texts = iter_texts(sources, text_field=args.text_field, skip_invalid=args.skip_invalid, stats=stats,
                        max_documents=args.max_documents)
     readable = sum(source.kind != SKIPPED for source in sources)  # the rest are counted as skipped below
-    texts = _announced(texts, f"training a {args.vocab_size:,}-token BPE tokenizer on {readable:,} file(s) or "
-                              f"dataset(s) from {len(args.sources):,} SOURCE argument(s)")
+    texts = _announced(_metered(texts, files_size(sources), stats),
+                       f"training a {args.vocab_size:,}-token BPE tokenizer on {readable:,} file(s) or "
+                       f"dataset(s) from {len(args.sources):,} SOURCE argument(s)")
     tokenizer, result = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency, skipped=stats.skipped,
-                                        total_bytes=_text_bytes(sources))
+                                        show_progress=False)  # the bar is `_metered`'s: it knows the files
     info(f"corpus: {stats.summary()}; trained in {result['seconds']:.1f} s "
          f"({stats.bytes / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s)")
     path = Path(args.out) / TOKENIZER_FILE
@@ -71,13 +72,25 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _text_bytes(sources) -> int | None:
-    """The progress bar's total: the size of the sources when they are uncompressed local text
-    (.txt, .jsonl: about the text read, a .jsonl's keys and quotes aside); None (no percentage)
-    for compressed files and datasets, whose text the file size does not tell."""
-    if any(source.kind in ("hf", "parquet") or source.location.endswith(".gz") for source in sources):
-        return None
-    return sum(os.path.getsize(source.location) for source in sources if source.kind != SKIPPED)
+def _metered(texts: Iterator[str], total: int | None, stats: SourceStats) -> Iterator[str]:
+    """`texts`, with a bar on stderr that counts the bytes of the files read (a `ReadMeter`), the
+    unit of its total, as `gpt1 prepare`'s bar does: counting the decoded text instead, a .jsonl
+    written with `\\uXXXX` escapes ended at 48% and a .gz passed 100%. Without a total (a hub
+    dataset) it counts the text's UTF-8 bytes. Closed once everything is read, before the merges."""
+    meter = ReadMeter()
+    bar = progress(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizer")
+    try:
+        while True:
+            # Entered at each step: the BPE trainer pulls the texts from threads of its own, and a
+            # reader finds the meter through a context variable, which each thread has its own of.
+            with meter:
+                text = next(texts, None)
+            bar.update((meter.bytes if total is not None else stats.bytes) - bar.n)
+            if text is None:
+                return
+            yield text
+    finally:
+        bar.close()
 
 
 def _announced(texts: Iterator[str], message: str) -> Iterator[str]:

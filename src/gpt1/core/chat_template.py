@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.tokenizer import ASSISTANT, EOS, SPECIAL_TOKENS, SYSTEM, USER, Tokenizer, check_text
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}

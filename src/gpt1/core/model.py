@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt1.core.config import ModelConfig
+from gpt1.core.constants import IGNORE_INDEX  # -100, as in PyTorch and HF (defined torch-free for the data layer)
 from gpt1.core.errors import Gpt1Error
 
-IGNORE_INDEX = -100  # label value excluded from the loss (the convention of PyTorch and HF)
 # The fp32 logits of at most this many bytes exist at once in the loss (see `linear_cross_entropy`).
 # On a CPU, 64 MiB (~320 tokens of the 51,682-token vocabulary) is large enough for efficient
 # matmuls and keeps a 257M step at 4 x 512 tokens well below the full logits' memory. A GPU wants

@@ -11,7 +11,8 @@ Sources (`read_conversations(spec)`):
 - any other `.jsonl[.gz]`: sniffed from its first record: OASST messages, OASST trees, or the
   generic chat format `{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}`
   (OpenAI's fine-tuning records: `"weight": 0` on an assistant message keeps that reply out of
-  the loss; `name` is ignored, and counted; tool calls are refused);
+  the loss; `name` is ignored, and counted; tool calls are refused; a null key is an absent one,
+  as parquet and `datasets` fill every message struct with every key of its column);
 - `chatterbot` (the English dialogs of the `chatterbot-corpus` package), or `.yml` files in its
   format (each `conversations:` entry alternates user, assistant, user, ...);
 - any other folder: every chat file below it (the suffixes above), each read as if named alone,
@@ -19,6 +20,8 @@ Sources (`read_conversations(spec)`):
   and named. When its files are named for splits as `datasets` names them (`train.jsonl`,
   `validation.jsonl`, `chats_dev.jsonl`, `test/...`), they are the folder's splits; a folder where
   some files name a split and others none is refused, naming the others (`datasets` dropped them).
+  An empty file, or one whose every record `skip_invalid` skipped, is passed over (an empty one
+  counted); the folder is refused only when none of its files has a record.
 
 OASST trees become conversations (user/assistant turns, ending with an assistant turn):
 deleted messages and messages whose review failed are pruned with their replies; so are
@@ -51,7 +54,11 @@ from gpt1.core.imports import require
 from gpt1.core.io import walk_folder
 from gpt1.core.progress import warn
 from gpt1.data.readers import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    BadRecord,
     HfSpec,
+    _check_no_lone_surrogates,
     dataset_split_names,
     declares_data_files,
     load_hf_dataset,
@@ -66,9 +73,8 @@ from gpt1.data.sources import SKIPPED_DIRS
 OASST_HUB_NAME = "OpenAssistant/oasst2"
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 CHATTERBOT = "chatterbot"
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")  # .json: JSON Lines, as `datasets` reads it
 YAML_SUFFIXES = (".yml", ".yaml")
-CHAT_SUFFIXES = JSONL_SUFFIXES + (".parquet",) + YAML_SUFFIXES
+CHAT_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + YAML_SUFFIXES  # the reader layer's tables, as for text
 # The words that name a split in a file's path inside a folder, as `datasets` reads them (its
 # SPLIT_KEYWORDS, between separators, case-sensitive as its patterns are): train.jsonl, chats_dev.jsonl,
 # validation/a.jsonl; Train.jsonl names none.
@@ -92,6 +98,8 @@ TRAILING_USER_TURN = "trailing user turns (no reply)"
 OTHER_LANGUAGES = "messages in other languages, with their replies"
 NAMES_IGNORED = "message names ignored (the chat template has no names)"
 TOOL_CALLS = "records with tool calls or tool results (not supported)"
+EMPTY_FILES = "empty files"
+INVALID_UTF8_FILES = "files with invalid UTF-8"  # as text sources count them
 
 
 @dataclass
@@ -202,31 +210,52 @@ def _read(spec: str, split: str, options: _TreeOptions, skip_invalid: bool) -> I
         raise Gpt1Error(f"{spec}: no such file or directory{pattern} (expected a chat file, a folder of them, "
                         f"hf:NAME, a hub name such as {OASST_HUB_NAME}, or {CHATTERBOT})")
     if os.path.isdir(spec):
-        folder = _ChatFolder(spec)
-        files = folder.files(split)
-        if others := [path for path in folder.others if path not in options.stats.left_out]:  # said once a run
-            options.stats.left_out.update(others)
-            warn(f"{spec}: left out {len(others):,} file{'s' if len(others) > 1 else ''} that "
-                 f"{'are' if len(others) > 1 else 'is'} not chat data ({', '.join(CHAT_SUFFIXES)}): "
-                 f"{folder.names(others)}")
+        yield from _read_folder(spec, split, options, skip_invalid)
     else:
-        files = [Path(spec)]
+        yield from _read_file(Path(spec), options, skip_invalid)
+
+
+def _read_folder(spec: str, split: str, options: _TreeOptions, skip_invalid: bool) -> Iterator[Conversation]:
+    """A folder's files of `split` in turn. One without a record (empty, as `prepare` folders
+    take them, or every record skipped) is passed over, an empty one counted; the folder is
+    refused only when none of its files had a record."""
+    folder = _ChatFolder(spec)
+    files = folder.files(split)
+    if others := [path for path in folder.others if path not in options.stats.left_out]:  # said once a run
+        options.stats.left_out.update(others)
+        warn(f"{spec}: left out {len(others):,} file{'s' if len(others) > 1 else ''} that "
+             f"{'are' if len(others) > 1 else 'is'} not chat data ({', '.join(CHAT_SUFFIXES)}): "
+             f"{folder.names(others)}")
+    passed_over: list[_NoRecords] = []
     for file in files:
-        yield from _read_file(file, options, skip_invalid)
+        try:
+            yield from _read_file(file, options, skip_invalid)
+        except _NoRecords as e:  # raised before the file gave a conversation: nothing to take back
+            passed_over.append(e)
+            if e.empty:
+                options.stats.skipped[EMPTY_FILES] += 1
+    if len(passed_over) == len(files):
+        reasons = [str(e) for e in passed_over if not e.empty]
+        if not reasons:
+            raise Gpt1Error(f"{spec}: no conversations found (every chat file is empty: {folder.names(files)})")
+        empty = f" ({len(files) - len(reasons):,} empty)" if len(reasons) < len(files) else ""
+        raise Gpt1Error(f"{spec}: no conversations found in any of its chat files{empty}; {reasons[0]}")
 
 
 def _read_file(path: Path, options: _TreeOptions, skip_invalid: bool) -> Iterator[Conversation]:
     name = path.name.lower()
     if name.endswith(YAML_SUFFIXES):
         yield from _read_chatterbot([path], options.stats, skip_invalid)
-    elif name.endswith(".parquet"):
-        yield from _read_rows(read_parquet(path), str(path), "row", options, skip_invalid)
+        return
+    first_skipped: dict[str, str] = {}  # the reader's first error of each kind of record it skipped
+    how = dict(skip_invalid=skip_invalid, skipped=options.stats.skipped, first_skipped=first_skipped)
+    if name.endswith(PARQUET_SUFFIXES):
+        rows, unit = read_parquet(path, **how), "row"
     elif name.endswith(JSONL_SUFFIXES):
-        first_skipped: dict[str, str] = {}
-        rows = read_jsonl(path, skip_invalid=skip_invalid, skipped=options.stats.skipped, first_skipped=first_skipped)
-        yield from _read_rows(rows, str(path), "line", options, skip_invalid, first_skipped)
+        rows, unit = read_jsonl(path, **how), "line"
     else:
         raise Gpt1Error(f"{path}: unknown chat file type (expected {', '.join(CHAT_SUFFIXES)})")
+    yield from _read_rows(rows, str(path), unit, options, skip_invalid, first_skipped)
 
 
 class _ChatFolder:
@@ -276,6 +305,14 @@ def _split_named(relative: str) -> str | None:
     return named[0] if len(named) == 1 else None
 
 
+class _NoRecords(Gpt1Error):
+    """A chat file or dataset with no record to read: `empty`, or every record skipped."""
+
+    def __init__(self, message: str, empty: bool) -> None:
+        super().__init__(message)
+        self.empty = empty
+
+
 class _Malformed(Exception):
     """A record that cannot be read; `reason` is what --skip-invalid counts it as (None: malformed)."""
 
@@ -320,10 +357,10 @@ def _read_rows(rows: Iterable[tuple[int, Any]], source: str, unit: str, options:
             yield from _tree_conversations(messages, options)
         elif kind is None and (skipped := options.stats.skipped - skipped_before):
             first = next((f"; the first: {e.removeprefix(f'{source}, ')}" for e in first_skipped.values()), "")
-            raise Gpt1Error(f"{source}: no conversations found: every {unit} was skipped ("
-                            + ", ".join(f"{why}: {n:,}" for why, n in sorted(skipped.items())) + f"{first})")
+            raise _NoRecords(f"{source}: no conversations found: every {unit} was skipped ("
+                             + ", ".join(f"{why}: {n:,}" for why, n in sorted(skipped.items())) + f"{first})", False)
         elif kind is None:
-            raise Gpt1Error(f"{source}: no conversations found (the source is empty)")
+            raise _NoRecords(f"{source}: no conversations found (the source is empty)", True)
     finally:
         for why, error in first_skipped.items():  # what an error about empty data names
             options.stats.first_skipped.setdefault(why, f"{source}, {error.removeprefix(f'{source}, ')}")
@@ -517,7 +554,11 @@ def _generic_conversation(record: dict, stats: ChatStats) -> Conversation | None
 def _check_openai_keys(messages: Any) -> None:
     """The keys of OpenAI's fine-tuning records beyond role and content: a `weight` must be 0
     (the reply is not learned) or 1, on an assistant message; tool calls and tool results have
-    no place in gpt1's template. (`name` is read and ignored: counted by the caller.)"""
+    no place in gpt1's template. (`name` is read and ignored: counted by the caller.)
+
+    A key that is null counts as absent, here and in the caller: parquet and `datasets` give
+    every message struct every field of its column, so a record whose assistant message alone
+    has a `weight` (or a `name`, `tool_calls`) reads back with `"weight": None` on the others."""
     if not isinstance(messages, list):
         return  # validate_messages says what is wrong
     for i, m in enumerate(messages):
@@ -526,9 +567,9 @@ def _check_openai_keys(messages: Any) -> None:
         if m.get("role") in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
             raise _Malformed(f"field 'messages'[{i}]: tool calls and tool results (the 'tool' role) are not supported: "
                              "gpt1's chat template has no tool turns", TOOL_CALLS)
-        if "weight" not in m:
+        weight = m.get("weight")
+        if weight is None:
             continue
-        weight = m["weight"]
         if m.get("role") != "assistant":
             raise _Malformed(f"field 'messages'[{i}].weight: applies to assistant messages only (OpenAI's "
                              f"fine-tuning format), found on a {m.get('role')!r} message")
@@ -558,17 +599,28 @@ def _files_below(folder: str | Path) -> list[Path]:
 
 def _read_chatterbot(files: list[Path], stats: ChatStats, skip_invalid: bool) -> Iterator[Conversation]:
     for file in files:
-        data = read_yaml(file)
+        try:
+            data = read_yaml(file)
+        except BadRecord as e:  # invalid UTF-8: the whole file is skipped and counted, as a text file is
+            if not skip_invalid:
+                raise Gpt1Error(f"{e} (convert the file to UTF-8, or pass --skip-invalid to skip such files)") from None
+            stats.skipped[INVALID_UTF8_FILES] += 1
+            stats.first_skipped.setdefault(INVALID_UTF8_FILES, str(e))
+            continue
         dialogs = data.get("conversations") if isinstance(data, dict) else None
+        if data is None or dialogs == []:  # no document (an empty file, or comments only), or no dialogs
+            raise _NoRecords(f"{file}: no conversations found (the file has no dialogs)", True)
         if not isinstance(dialogs, list):
             raise Gpt1Error(f"{file}: expected a 'conversations:' list of dialogs")
         for i, turns in enumerate(dialogs):
-            if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            try:
+                turns = _dialog_turns(turns, f"{file}: conversations[{i}]")
+            except BadRecord as e:
                 if skip_invalid:
                     stats.skipped["malformed dialogs"] += 1
+                    stats.first_skipped.setdefault("malformed dialogs", str(e))
                     continue
-                raise Gpt1Error(f"{file}: conversations[{i}] must be a list of strings "
-                                "(pass --skip-invalid to skip bad dialogs)")
+                raise Gpt1Error(f"{e} (pass --skip-invalid to skip bad dialogs)") from None
             if any(not t.strip() for t in turns):
                 stats.skipped["conversations with an empty message"] += 1
                 continue
@@ -581,6 +633,19 @@ def _read_chatterbot(files: list[Path], stats: ChatStats, skip_invalid: bool) ->
                 continue
             messages = [{"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(turns)]
             yield Conversation(messages, f"{file.name}:{i}")
+
+
+def _dialog_turns(turns: Any, where: str) -> list[str]:
+    """A chatterbot dialog's turns, checked: a list of strings of valid Unicode. PyYAML reads the
+    escape "\\ud83d\\ude00" (how JSON writers spell 😀) as two lone surrogates, where JSON reads
+    the one character: a high and low surrogate in a row are joined, as the writer meant; a
+    lone one (from "\\ud800") is refused here, naming the dialog, not later by the tokenizer."""
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+        raise BadRecord(f"{where} must be a list of strings")
+    joined = [t.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass") for t in turns]
+    for j, text in enumerate(joined):
+        _check_no_lone_surrogates(text, f"{where}[{j}]")
+    return joined
 
 
 # ---- train / validation split --------------------------------------------------------------

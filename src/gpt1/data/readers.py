@@ -9,7 +9,12 @@ The source grammar:
   a local dataset folder), streamed with `datasets`; REVISION is a branch, tag or commit
   (e.g. `refs/convert/parquet`). A folder written by `save_to_disk` is read with
   `load_from_disk` (its arrow files, memory-mapped). Parsed by `parse_hf` only;
-- a file, a folder (the files below it) or a glob: read by suffix; `.gz` is decompressed.
+- a file, a folder (the files below it) or a glob: read by suffix; `.gz`, `.bz2` and `.xz` are
+  decompressed (Python's own codecs); `.zst` is refused, naming the fix (decompress it).
+
+A plain local folder given as `hf:FOLDER` (not written by `save_to_disk`, no card listing its
+files) is refused when `datasets` would leave some of its data files out (it reads only the most
+common file type, and, when some files name a split, only those).
 
 The error policy: a file that cannot be read at all (missing, not gzip, truncated gzip,
 not parquet, not YAML) is a Gpt1Error naming the file. A bad record inside a readable file
@@ -31,11 +36,13 @@ so that a progress bar's count and its total (the files' sizes) agree.
 from __future__ import annotations
 
 import bisect
+import bz2
 import codecs
 import contextlib
 import gzip
 import itertools
 import json
+import lzma
 import os
 import re
 import sys
@@ -50,11 +57,22 @@ import yaml
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
+from gpt1.core.io import walk_folder
 
 HF_PREFIX = "hf:"
 READ_BYTES = 1 << 20
 PIECE_CHARS = 1 << 18  # a text document longer than this is handed on in pieces
 GZIP_MAGIC = b"\x1f\x8b"
+# The compressions gpt1 reads (Python's standard library has their codecs): suffix -> name,
+# the bytes a file of it starts with, its opener. bzip2's "BZh" is followed by the block size.
+COMPRESSIONS = {".gz": ("gzip", GZIP_MAGIC, gzip.open), ".bz2": ("bzip2", b"BZh", bz2.open),
+                ".xz": ("xz", b"\xfd7zXZ\x00", lzma.open)}
+# zstd (the usual format of large web corpora) needs a package: refused with the command that
+# decompresses it, rather than read as text with "invalid UTF-8" at byte 1.
+ZSTD_SUFFIXES, ZSTD_MAGIC = (".zst", ".zstd"), b"\x28\xb5\x2f\xfd"
+# JSON Lines, for text and chat sources alike: .json too, as `datasets` reads it (one object a line).
+JSONL_SUFFIXES = tuple(base + c for base in (".jsonl", ".ndjson", ".json") for c in ("", *COMPRESSIONS))
+PARQUET_SUFFIXES = (".parquet",)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -107,6 +125,7 @@ def load_hf_dataset(spec: HfSpec, default_split: str = "train", config: str | No
     datasets = _datasets()
     if saved_to_disk(spec.name):
         return _rows(spec, _saved_split(spec, spec.split or default_split))
+    _check_plain_folder(spec)
     try:
         dataset = datasets.load_dataset(spec.name, config, split=spec.split or default_split, streaming=True,
                                         revision=spec.revision)
@@ -138,6 +157,7 @@ def dataset_split_names(spec: HfSpec) -> list[str]:
     if saved_to_disk(spec.name):  # a Dataset saved alone has no splits: its rows are the train split
         saved = _load_from_disk(spec)
         return list(saved) if isinstance(saved, datasets.DatasetDict) else ["train"]
+    _check_plain_folder(spec)
     try:
         return list(datasets.get_dataset_split_names(spec.name, revision=spec.revision))
     except Exception as e:  # network, missing dataset: datasets raises many types
@@ -150,6 +170,50 @@ def saved_to_disk(path: str | Path) -> bool:
     folder = Path(path)
     return (folder / "dataset_dict.json").is_file() or (
         (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+
+
+# What `save_to_disk` writes beside its arrow files: not data of a plain folder.
+_SAVED_FILES = {"state.json", "dataset_info.json", "dataset_dict.json"}
+# The files of a plain folder that hold rows (`datasets`' tabular and text types, compressed or not).
+_DATA_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + (".arrow", ".csv", ".tsv", ".txt")
+
+
+def _check_plain_folder(spec: HfSpec) -> None:
+    """Refuse a local folder that `datasets` would read in part, naming the files it would leave
+    out: it reads only the most common file type, and, when some files name a split (train.jsonl),
+    only those (the rule of gpt1's chat folders; `datasets` drops the rest without a word). A folder
+    that `save_to_disk` wrote but that lost its dataset_info.json is named as damaged (`datasets`
+    says to call load_from_disk). A folder whose card lists its files is read as the card says."""
+    folder = Path(spec.name)
+    if not folder.is_dir() or declares_data_files(folder):
+        return
+    if (folder / "state.json").is_file() and not (folder / "dataset_info.json").is_file():
+        raise Gpt1Error(f"{spec}: a folder written by `save_to_disk` without its dataset_info.json (damaged, or "
+                        "copied in part): copy the whole folder again, or save the dataset again")
+    try:
+        builder = _datasets().load_dataset_builder(str(folder))
+    except Exception as e:  # no data files, unknown types: datasets raises many types
+        raise hf_error(spec, e) from None
+    read = {Path(f).resolve() for files in builder.config.data_files.values() for f in files}
+    left_out = [path for path in _data_files_below(folder) if path.resolve() not in read]
+    if left_out:
+        names = [path.relative_to(folder).as_posix() for path in left_out]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5:,} more" if len(names) > 5 else "")
+        raise Gpt1Error(f"{spec}: `datasets` would read only part of this folder (the most common file type; when "
+                        f"some files name a split, only those) and leave out {shown}; pass the folder without "
+                        f"{HF_PREFIX} (gpt1 reads every file of a type it knows), or move those files out")
+
+
+def _data_files_below(folder: Path) -> list[Path]:
+    """The files below `folder` that hold rows (_DATA_SUFFIXES), hidden ones and caches skipped
+    as `datasets` skips them."""
+    found = []
+    for root, dirs, names in walk_folder(folder):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+        found += [Path(root, name) for name in names
+                  if not name.startswith((".", "__")) and name not in _SAVED_FILES
+                  and without_compression(name.lower()).endswith(_DATA_SUFFIXES)]
+    return found
 
 
 def _load_from_disk(spec: HfSpec):
@@ -272,9 +336,12 @@ def _metered(path: str | Path, position: Callable[[], int]) -> Iterator[None]:
 
 
 def _file_position(f: BinaryIO) -> Callable[[], int]:
-    """How many bytes of the file on disk `f` (from `open_binary`) has consumed: of a .gz, the
-    compressed file's position, not the decompressed one."""
-    return f.fileobj.tell if isinstance(f, gzip.GzipFile) else f.tell
+    """How many bytes of the file on disk `f` (from `open_binary`) has consumed: of a compressed
+    file, the compressed file's position (its descriptor's), not the decompressed one."""
+    if isinstance(f, (gzip.GzipFile, bz2.BZ2File, lzma.LZMAFile)):
+        fd = f.fileno()
+        return lambda: os.lseek(fd, 0, os.SEEK_CUR)
+    return f.tell
 
 
 def _parquet_position(metadata, file_size: int) -> Callable[[int], int]:
@@ -300,16 +367,43 @@ def _parquet_position(metadata, file_size: int) -> Callable[[int], int]:
 # ---- files ---------------------------------------------------------------------------------
 
 def open_binary(path: str | Path) -> BinaryIO:
-    """Open a file for reading bytes; `.gz` files are checked to be gzip and decompressed."""
+    """Open a file for reading bytes; `.gz`, `.bz2` and `.xz` files are checked to be what their
+    name says and decompressed. A zstd file, or a compressed file whose name does not say so
+    (its first bytes do), is a Gpt1Error saying that, not "invalid UTF-8" once read."""
+    name = str(path).lower()
     try:
-        if not str(path).lower().endswith(".gz"):
-            return open(path, "rb")
         with open(path, "rb") as f:
-            if f.read(2) != GZIP_MAGIC:
-                raise Gpt1Error(f"{path}: not a gzip file (the name ends in .gz; decompress or rename it)")
-        return gzip.open(path, "rb")
+            head = f.read(6)
+        suffix = compression_suffix(name)
+        if suffix:
+            codec, magic, opener = COMPRESSIONS[suffix]
+            if not head.startswith(magic):
+                raise Gpt1Error(f"{path}: not a {codec} file (the name ends in {suffix}; decompress or rename it)")
+            return opener(path, "rb")
+        if name.endswith(ZSTD_SUFFIXES) or head.startswith(ZSTD_MAGIC):
+            raise Gpt1Error(f"{path}: compressed with zstd, which gpt1 does not read: decompress it first (zstd -d)")
+        for suffix, (codec, magic, _) in COMPRESSIONS.items():
+            if suffix != ".bz2" and head.startswith(magic):  # bzip2's magic is text ("BZh"); the others are not
+                raise Gpt1Error(f"{path}: compressed with {codec}, but its name does not end in {suffix}: "
+                                f"add {suffix} to its name")
+        return open(path, "rb")
     except OSError as e:
         raise Gpt1Error(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def compression_suffix(name: str) -> str | None:
+    """The COMPRESSIONS suffix that `name` ends in, if any."""
+    return next((suffix for suffix in COMPRESSIONS if name.lower().endswith(suffix)), None)
+
+
+def without_compression(name: str) -> str:
+    """`name` less its COMPRESSIONS suffix (`a.jsonl.xz` -> `a.jsonl`)."""
+    suffix = compression_suffix(name)
+    return name[:-len(suffix)] if suffix else name
+
+
+# What a damaged (corrupt, truncated) compressed file raises while it is read.
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 def _chunks(path: str | Path, f: BinaryIO, size: int) -> Iterator[bytes]:
@@ -318,7 +412,7 @@ def _chunks(path: str | Path, f: BinaryIO, size: int) -> Iterator[bytes]:
         while chunk := f.read(size):
             done += len(chunk)
             yield chunk
-    except (OSError, EOFError, zlib.error) as e:
+    except _READ_ERRORS as e:
         raise Gpt1Error(f"{path}: cannot read after byte {done:,} ({_reason(e)})") from None
 
 
@@ -329,7 +423,7 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
         try:
             for line_no, raw in enumerate(f, start=1):
                 yield line_no, raw
-        except (OSError, EOFError, zlib.error) as e:
+        except _READ_ERRORS as e:
             raise Gpt1Error(f"{path}: cannot read after line {line_no:,} ({_reason(e)})") from None
 
 
@@ -416,14 +510,22 @@ def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda val
         try:
             yield line_no, convert(parse_json(raw, where), where)
         except BadRecord as e:
-            if not skip_invalid:
-                if skipped is None:
-                    raise
-                raise BadRecord(f"{e} (pass --skip-invalid to skip bad lines)") from None
-            if skipped is not None:
-                skipped["malformed lines"] += 1
-            if first_skipped is not None:
-                first_skipped.setdefault("malformed lines", str(e))
+            _skip_or_raise(e, "line", skip_invalid, skipped, first_skipped)
+
+
+def _skip_or_raise(error: BadRecord, unit: str, skip_invalid: bool, skipped: Counter | None,
+                   first_skipped: dict[str, str] | None) -> None:
+    """A bad line or row: raise it, or with `skip_invalid` count it as "malformed {unit}s"
+    (the first error of that kind kept in `first_skipped`). Callers that can skip pass `skipped`;
+    only their errors suggest --skip-invalid."""
+    if not skip_invalid:
+        if skipped is None:
+            raise error
+        raise BadRecord(f"{error} (pass --skip-invalid to skip bad {unit}s)") from None
+    if skipped is not None:
+        skipped[f"malformed {unit}s"] += 1
+    if first_skipped is not None:
+        first_skipped.setdefault(f"malformed {unit}s", str(error))
 
 
 def parse_json(raw: bytes, where: str) -> Any:
@@ -462,11 +564,18 @@ def _check_no_lone_surrogates(value: Any, where: str) -> None:
             stack.extend(item)
 
 
-def read_parquet(path: str | Path, columns: list[str] | None = None) -> Iterator[tuple[int, dict]]:
-    """(row number, record) of a parquet file, read in batches; `columns` must exist."""
+def read_parquet(path: str | Path, columns: list[str] | None = None, *, skip_invalid: bool = False,
+                 skipped: Counter | None = None,
+                 first_skipped: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(row number, record) of a parquet file, read in batches; `columns` must exist.
+
+    A row whose string holds invalid UTF-8 (parquet writers other than pyarrow do not check) is a
+    BadRecord naming the row and column, skipped and counted as "malformed rows" as `read_jsonl`
+    skips lines. A file that pyarrow cannot decode (a corrupt page) is a Gpt1Error."""
     # pyarrow is not a gpt1 dependency of its own: `datasets` (one) requires it.
     pq = require("pyarrow.parquet", f"{path}: reading parquet files",
                  "pip install pyarrow (it comes with `datasets`, a gpt1 dependency)")
+    pa = require("pyarrow", f"{path}: reading parquet files", "pip install pyarrow")
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt or non-parquet file
@@ -479,21 +588,46 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> Iterator
     try:
         with _metered(path, lambda: position(row)):
             for batch in parquet.iter_batches(columns=columns, batch_size=4096):
-                for record in batch.to_pylist():
-                    yield row, record
+                for record in _batch_records(path, batch, row):
+                    if isinstance(record, BadRecord):
+                        _skip_or_raise(record, "row", skip_invalid, skipped, first_skipped)
+                    else:
+                        yield row, record
                     row += 1
-    except OSError as e:  # pyarrow's error for a truncated or corrupt page
+    except (OSError, pa.ArrowException) as e:  # a truncated or corrupt page ("Index not in dictionary bounds")
         raise Gpt1Error(f"{path}: cannot read after row {row:,} ({e})") from None
 
 
+def _batch_records(path: str | Path, batch, first_row: int) -> list[dict | BadRecord]:
+    """A record batch's rows as dicts; a row with invalid UTF-8 in a string as a BadRecord naming
+    its column (found row by row only in a batch that has one: the fast path converts it whole)."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    records: list[dict | BadRecord] = []
+    for i in range(batch.num_rows):
+        record: dict | BadRecord = {}
+        for name, column in zip(batch.schema.names, batch.columns):
+            try:
+                record[name] = column[i].as_py()
+            except UnicodeDecodeError as e:
+                record = BadRecord(f"{path}, row {first_row + i:,}: invalid UTF-8 in column {name!r} "
+                                   f"(byte offset {e.start} of its text)")
+                break
+        records.append(record)
+    return records
+
+
 def read_yaml(path: str | Path) -> Any:
-    """A YAML file with every scalar kept a string ("Yes" stays "Yes", not True)."""
+    """A YAML file with every scalar kept a string ("Yes" stays "Yes", not True). Invalid UTF-8
+    is a BadRecord (a file to skip with `skip_invalid`, as a text file with it is)."""
     try:
         return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
     except OSError as e:
         raise Gpt1Error(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+        raise BadRecord(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

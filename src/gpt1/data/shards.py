@@ -45,11 +45,12 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
+from gpt1.core.constants import DATA_META_FILE as META_FILE
+from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import (
     atomic_path,
@@ -65,7 +66,6 @@ from gpt1.core.io import (
     write_through,
     writing,
 )
-from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
 from gpt1.data.readers import ReadMeter
@@ -76,12 +76,15 @@ from gpt1.data.sources import (
     SourceStats,
     check_max_documents,
     describe_skipped,
+    files_size,
     iter_pieces,
     normalized_spec,
     resolve_sources,
     source_specs,
 )
-from gpt1.formats.modeldir import DATA_META_FILE as META_FILE
+
+if TYPE_CHECKING:
+    import torch  # imported by `_tensors` when a reader runs: `gpt1 prepare` never loads it
 
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
 STATE_FILE = "prepare-state.json"
@@ -228,7 +231,7 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
         stats = SourceStats()
         pieces = iter_pieces(resolved, text_field=text_field, skip_invalid=skip_invalid, stats=stats,
                              max_documents=max_documents)
-        total, meter = _known_size(resolved), ReadMeter()
+        total, meter = files_size(resolved), ReadMeter()
 
         def read_so_far() -> int:
             # In the unit of the bar's total: the files' bytes (a .gz's compressed ones, not its
@@ -631,13 +634,6 @@ def _uint16(ids: list[int]) -> np.ndarray:
         raise Gpt1Error(f"a token id ({max(ids):,}) does not fit in uint16: shards hold ids < {MAX_VOCAB:,}") from None
 
 
-def _known_size(sources: list[Source]) -> int | None:
-    """Bytes on disk of local sources: a progress bar's total, counted by a `ReadMeter`."""
-    if any(s.kind == "hf" for s in sources):
-        return None
-    return sum(os.path.getsize(s.location) for s in sources if s.kind != SKIPPED)
-
-
 def interrupted_prepare(out: str | Path) -> dict | None:
     """How far an interrupted `prepare` into `out` got (its committed state: `documents`,
     `bytes` of text, ...), which a rerun with the same arguments resumes from; None when it
@@ -715,8 +711,9 @@ def open_shard(path: str | Path, block_size: int, what: str) -> np.memmap:
     return data
 
 
-def _windows(data: np.ndarray, starts: np.ndarray, block_size: int, vocab_size: int | None = None,
-             path: str | Path = "") -> tuple[torch.Tensor, torch.Tensor]:
+def _window_rows(data: np.ndarray, starts: np.ndarray, block_size: int, vocab_size: int | None = None,
+                 path: str | Path = "") -> np.ndarray:
+    """The windows tokens[s:s+T+1] of each start `s`, as int64 rows."""
     buf = np.stack([data[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64)
     # A damaged shard (or one made with a larger vocabulary) would fail deep in the embedding:
     # checking each batch is cheap, scanning a many-GB shard up front is not.
@@ -725,7 +722,21 @@ def _windows(data: np.ndarray, starts: np.ndarray, block_size: int, vocab_size: 
         raise Gpt1Error(f"{path}: token id {int(buf[row, col]):,} at token {int(starts[row]) + col:,} is not below "
                         f"the vocabulary size {vocab_size:,}; the shard is damaged or was made with another "
                         "tokenizer (run `gpt1 prepare` again)")
-    return torch.from_numpy(np.ascontiguousarray(buf[:, :-1])), torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
+    return buf
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    # torch is imported here, by the readers that training and evaluation use, and not with this
+    # module: `gpt1 prepare` needs none of it, and loading it was 2-5 s of a small preparation.
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def _windows(data: np.ndarray, starts: np.ndarray, block_size: int, vocab_size: int | None = None,
+             path: str | Path = "") -> tuple[torch.Tensor, torch.Tensor]:
+    buf = _window_rows(data, starts, block_size, vocab_size, path)
+    return _tensors(buf[:, :-1], buf[:, 1:])
 
 
 class ShardWindows:
@@ -787,7 +798,8 @@ def sequential_windows(tokens: np.ndarray, block_size: int, batch_size: int, max
         nominal = nominal[:max_batches * batch_size]
     starts = np.minimum(nominal, n_targets - block_size)
     for i in range(0, len(starts), batch_size):
-        x, y = _windows(tokens, starts[i:i + batch_size], block_size, vocab_size, path)
-        scored_before = torch.from_numpy(nominal[i:i + batch_size] - starts[i:i + batch_size])  # > 0: the tail
-        # Out of place: a one-row batch's x and y are views of the same buffer.
-        yield x, y.masked_fill(torch.arange(block_size)[None] < scored_before[:, None], IGNORE_INDEX)
+        buf = _window_rows(tokens, starts[i:i + batch_size], block_size, vocab_size, path)
+        scored_before = nominal[i:i + batch_size] - starts[i:i + batch_size]  # > 0: the tail
+        # A new array: a one-row batch's x is a view of `buf` too, and keeps its tokens.
+        y = np.where(np.arange(block_size)[None] < scored_before[:, None], IGNORE_INDEX, buf[:, 1:])
+        yield _tensors(buf[:, :-1], y)

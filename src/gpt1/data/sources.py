@@ -3,12 +3,16 @@
 One reader for every stage that takes raw text (`tokenizer train`, `prepare`, `eval`):
 
 - a text file (`.txt`, `.md`, `.py`, ... or any file named explicitly) is one document;
-- `.jsonl` / `.jsonl.gz` / `.json.gz`: one document per line, from its `text` field;
+- `.jsonl` / `.ndjson` / `.json` (JSON Lines, as `datasets` and chat sources read them): one
+  document per line, from its `text` field;
 - `.parquet`: one document per row, from its `text` column (read in batches);
+- text and JSON Lines files may be compressed: `.gz`, `.bz2`, `.xz` (`readers.COMPRESSIONS`);
 - a directory: the files below it with a known suffix, links to folders followed (hidden
   folders and caches skipped, a folder reached twice read once; an entry that is not a regular
-  file, such as a pipe or a dangling link, is skipped and counted);
-- a glob (`data/**/*.txt`), its entries taken as a directory's are;
+  file, such as a pipe or a dangling link, is skipped and counted); files of other types are
+  left out and named in a warning;
+- a glob (`data/**/*.txt`), its entries found and taken as a directory's are; a pattern that
+  ends in a suffix (`logs/*.log`) names its files' type, and they are read as text;
 - `hf:NAME` or `hf:NAME:SPLIT` (default split `train`): a dataset read with `datasets`, streamed,
   so a 40 GB corpus never sits in memory. `NAME` may also be a local dataset folder, and
   `NAME@REVISION` reads another branch, tag or commit (e.g. `@refs/convert/parquet`);
@@ -17,27 +21,37 @@ One reader for every stage that takes raw text (`tokenizer train`, `prepare`, `e
 
 Files are read through `gpt1.data.readers` (its error policy: file, line or byte offset, and
 what was expected). With `skip_invalid=True` a bad document (a file with invalid UTF-8, a
-malformed line) is skipped and counted instead.
+malformed line or row) is skipped and counted instead. A null text (JSON `null`, a parquet or
+dataset null) is skipped and counted in every format.
 
 A document longer than `readers.PIECE_CHARS` characters arrives in pieces (`iter_pieces`), so
-memory stays bounded whatever the line length; `iter_documents` joins them for the callers
-that need whole documents.
+memory stays bounded whatever the line length (a JSON line or parquet row is held whole, its
+text cut with `readers.text_pieces`); `iter_documents` joins them for the callers that need
+whole documents.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
+import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import require
 from gpt1.core.io import walk_folder
+from gpt1.core.progress import warn
 from gpt1.data.readers import (
+    COMPRESSIONS,
     HF_PREFIX,
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
     READ_BYTES,
+    ZSTD_SUFFIXES,
     BadRecord,
     HfSpec,
     load_hf_dataset,
@@ -45,11 +59,15 @@ from gpt1.data.readers import (
     read_jsonl,
     read_parquet,
     read_text,
+    saved_to_disk,
+    text_pieces,
+    without_compression,
 )
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py", ".tex", ".html", ".htm", ".xml", ".csv", ".tsv"}
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
-PARQUET_SUFFIXES = (".parquet",)
+# What a folder is searched for, for people.
+KNOWN_TYPES = (f"{', '.join(sorted(TEXT_SUFFIXES))}, .jsonl, .ndjson, .json (each also as {', '.join(COMPRESSIONS)}), "
+               f"{', '.join(PARQUET_SUFFIXES)}")
 SKIPPED_DIRS = {"__pycache__", "node_modules", ".git"}
 STDLIB = "stdlib"
 # Installed packages differ per machine and the test suite is not shipped everywhere (Debian
@@ -96,12 +114,11 @@ def describe_skipped(skipped: Mapping[str, int]) -> str:
 
 def _kind_of(path: str) -> str | None:
     name = path.lower()
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
-    suffix = Path(name[:-3] if name.endswith(".gz") else name).suffix
-    if suffix in TEXT_SUFFIXES:
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if Path(without_compression(name)).suffix in TEXT_SUFFIXES:
         return "text"
     return None
 
@@ -134,34 +151,82 @@ def resolve_sources(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> l
         elif spec == STDLIB and not os.path.exists(spec):
             sources.extend(Source("text", path) for path in stdlib_files())
         elif os.path.isdir(spec):
-            found = []
-            for root, dirs, files in walk_folder(spec):  # links to folders followed, each folder once
-                dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
-                for name in files:
-                    path = os.path.join(root, name)
-                    if not name.startswith(".") and (kind := _kind_of(path)):
-                        found.append(_entry(kind, path))
+            if saved_to_disk(spec):  # its arrow files are read by `datasets`, not as a folder of files
+                raise Gpt1Error(f"{spec}: a dataset folder written by `datasets` (save_to_disk): "
+                                f"read it as {HF_PREFIX}{spec}")
+            found = _files_below(spec, spec, ["**"], names_type=False)
             if not found:
-                raise Gpt1Error(
-                    f"{spec}: directory has no text files (looked for {', '.join(sorted(TEXT_SUFFIXES))}, "
-                    f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)})"
-                )
+                raise Gpt1Error(f"{spec}: directory has no text files (looked for {KNOWN_TYPES})")
             sources.extend(found)
         elif os.path.isfile(spec):
             if not os.access(spec, os.R_OK):
                 raise Gpt1Error(f"{spec}: file is not readable (permission denied)")
             sources.append(Source(_kind_of(spec) or "text", spec))  # a file named explicitly is text
         elif glob.has_magic(spec):
-            matches = sorted(p for p in glob.glob(spec, recursive=True) if not os.path.isdir(p))
-            if not matches:
-                raise Gpt1Error(f"{spec}: the pattern matches no files")
-            sources.extend(_entry(_kind_of(p) or "text", p) for p in matches)
+            sources.extend(_glob_sources(spec))
         elif os.path.exists(spec):  # /dev/null, a pipe <(...): not data that can be read again, or named
             raise Gpt1Error(f"{spec}: not a regular file or directory (a device, pipe or socket); "
                             "give text files, folders, globs or hf:DATASET names")
         else:
             raise Gpt1Error(f"{spec}: no such file or directory")
     return sources
+
+
+def _glob_sources(spec: str) -> list[Source]:
+    """The files a glob matches, found as a folder's are (`_files_below`): `glob.glob` followed a
+    link back up ~40 folders deep and read a folder once per link to it (train and val shared
+    documents), and read editor backups (`x.txt~`) that a folder leaves out. `**` is any number of
+    folders, as in `glob`; the folders before the first wildcard are where the search starts."""
+    parts = spec.split(os.sep)
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = os.sep.join(parts[:fixed]) or (os.sep if fixed else os.curdir)
+    pattern = [part for part in parts[fixed:] if part not in ("", os.curdir)]
+    suffix = Path(spec).suffix
+    found = _files_below(spec, root, pattern, names_type=bool(suffix) and not glob.has_magic(suffix))
+    if not found:
+        raise Gpt1Error(f"{spec}: the pattern matches no files")
+    if not fixed:  # a pattern relative to here ("*.txt") names its files without "./", as glob did
+        found = [Source(s.kind, s.location.removeprefix(os.curdir + os.sep)) for s in found]
+    return sorted(found, key=lambda s: s.location)
+
+
+def _files_below(spec: str, root: str, pattern: list[str], *, names_type: bool) -> list[Source]:
+    """The files below `root` whose path inside it matches `pattern` (glob components; a folder
+    is ["**"]), in sorted order: links to folders followed, a folder reached twice walked once,
+    hidden files and folders and caches skipped. A file of a type gpt1 does not read is left out
+    and named in a warning, unless `names_type` (a glob ending in a suffix: its files are text)."""
+    found, left_out = [], []
+    for folder, dirs, files in walk_folder(root):
+        inside = Path(os.path.relpath(folder, root)).parts
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
+                   and _glob_match([*inside, d], pattern, partial=True)]
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.startswith(".") or not _glob_match([*inside, name], pattern):
+                continue
+            kind = _kind_of(path) or ("text" if names_type else None)
+            if kind:
+                found.append(_entry(kind, path))
+            else:
+                left_out.append(os.path.relpath(path, root))
+    if left_out:
+        zstd = "; decompress the .zst files first (zstd -d)" if any(n.endswith(ZSTD_SUFFIXES) for n in left_out) else ""
+        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5:,} more" if len(left_out) > 5 else "")
+        warn(f"{spec}: left out {len(left_out):,} file{'s' if len(left_out) > 1 else ''} of types gpt1 does not read "
+             f"(it reads {KNOWN_TYPES}): {shown}{zstd}")
+    return found
+
+
+def _glob_match(parts: list[str], pattern: list[str], partial: bool = False) -> bool:
+    """Whether path components `parts` match glob components `pattern` ("**": any number of
+    them, as `glob`'s recursive `**`); `partial`: whether a path below `parts` may."""
+    if not parts:
+        return partial or all(p == "**" for p in pattern)
+    if not pattern:
+        return False
+    if pattern[0] == "**":
+        return _glob_match(parts, pattern[1:], partial) or _glob_match(parts[1:], pattern, partial)
+    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:], partial)
 
 
 def _entry(kind: str, path: str) -> Source:
@@ -231,6 +296,14 @@ def iter_texts(specs: list[str] | list[Source], **options) -> Iterator[str]:
     return (piece.text for piece in iter_pieces(specs, **options))
 
 
+def files_size(sources: list[Source]) -> int | None:
+    """The bytes on disk of local sources, the total of a progress bar that counts a
+    `readers.ReadMeter`; None with an hf: dataset (streamed: its size is not known)."""
+    if any(s.kind == "hf" for s in sources):
+        return None
+    return sum(os.path.getsize(s.location) for s in sources if s.kind != SKIPPED)
+
+
 def _utf8_size(text: str) -> int:
     return len(text.encode("utf-8"))
 
@@ -267,38 +340,68 @@ def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield from rest
 
 
+# A long record's text goes on as `text_pieces`, as a text file's does: tokenized whole, an 8 MB
+# JSON line took 1.2 GB (the tokenizer's ~140 bytes a character), against 228 MB as a .txt.
+
 def _read_jsonl(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
-    def text_of(record, where: str) -> str:
+    def text_of(record, where: str) -> str | None:
         if not isinstance(record, dict):
-            raise BadRecord(f"{where}: expected a JSON object")
+            kind = ", got an array (JSON Lines: one object a line)" if isinstance(record, list) else ""
+            raise BadRecord(f"{where}: expected a JSON object{kind}")
         if text_field not in record:
             raise BadRecord(f"{where}: missing field {text_field!r}")
-        if not isinstance(record[text_field], str):
-            raise BadRecord(f"{where}: field {text_field!r} must be a string, got {type(record[text_field]).__name__}")
-        return record[text_field]
+        text = record[text_field]
+        if text is not None and not isinstance(text, str):
+            raise BadRecord(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+        return text
 
     for _, text in read_jsonl(source.location, text_of, skip_invalid=skip_invalid, skipped=stats.skipped):
-        yield iter([text])
+        if text is None:  # as a parquet file's null row: no document, counted
+            stats.skipped["null lines"] += 1
+            continue
+        yield text_pieces(text)
 
 
 def _read_parquet(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
-    for _, record in read_parquet(source.location, columns=[text_field]):
+    for row, record in read_parquet(source.location, columns=[text_field], skip_invalid=skip_invalid,
+                                    skipped=stats.skipped):
         text = record[text_field]
         if text is None:
             stats.skipped["null rows"] += 1
             continue
-        yield iter([text])
+        if not isinstance(text, str):
+            # A parquet column has one type, so the first row that is not a string says that every
+            # row is not: --skip-invalid (a row at a time) would skip them all, and is not offered.
+            raise Gpt1Error(_not_a_text_column(source.location, text_field, row, text))
+        yield text_pieces(text)
+
+
+def _not_a_text_column(path: str, column: str, row: int, value: object) -> str:
+    """What is wrong with a parquet file whose text column holds `value` (not a str) at `row`:
+    the column's Arrow type (int64, binary, list<element: string>), and the columns to choose from."""
+    pq = require("pyarrow.parquet", f"{path}: reading parquet files", "pip install pyarrow")  # loaded by the reader
+    schema = pq.read_schema(path)
+    return (f"{path}: column {column!r} has type {schema.field(column).type}, not string "
+            f"(row {row:,}: {reprlib.repr(value)}): "
+            f"every row is of that type, so --skip-invalid cannot skip them; name the column of text with "
+            f"--text-field (columns: {', '.join(schema.names)})")
 
 
 def _read_hf(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
+    # A dataset's rows share its columns and their types, as a parquet file's do: null rows are
+    # skipped and counted, and a missing or non-string column is one error, not a row to skip.
     for row_no, row in enumerate(load_hf_dataset(source.hf)):
         text = row.get(text_field)
+        if text is None and text_field in row:
+            stats.skipped["null rows"] += 1
+            continue
         if not isinstance(text, str):
-            if skip_invalid:
-                stats.skipped["rows without text"] += 1
-                continue
-            raise Gpt1Error(f"{source}: row {row_no} has no string field {text_field!r} (fields: {', '.join(row)})")
-        yield iter([text])
+            what = f"is {type(text).__name__}, not a string (row {row_no:,}: {reprlib.repr(text)})" \
+                if text_field in row else "is missing"
+            raise Gpt1Error(f"{source}: field {text_field!r} {what}: every row of a dataset has its columns and "
+                            f"their types, so --skip-invalid cannot skip them; name the column of text with "
+                            f"--text-field (fields: {', '.join(row)})")
+        yield text_pieces(text)
 
 
 def _read_nothing(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:

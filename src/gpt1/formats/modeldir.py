@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gpt1.core.config import ModelConfig
+from gpt1.core.constants import DATA_META_FILE as DATA_META_FILE  # its home, torch-free
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import check_weight_values, file_fingerprint, lock_holder, owner_of, read_json, save_safetensors
 from gpt1.core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload
@@ -33,7 +34,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
 BASE_FILE = "base.json"  # a fine-tuned dir's record of the base its adapter was trained on
-DATA_META_FILE = "meta.json"  # marks a prepared data dir (see gpt1.data.shards)
 RUN_LOCK_DIR = "checkpoints"  # a training run's folder whose .lock its process holds (gpt1.train.checkpoint)
 HF_SHARD_INDEX = "model.safetensors.index.json"  # a transformers folder saved in shards
 # config.json keys of transformers' GPT-2 that gpt1's config.json never has (it says block_size, norm_eps).

@@ -11,7 +11,8 @@ one place (the engine applies them to every row).
   tokens than that then ends at the context limit). `truncate_prompt=False` refuses such a
   prompt instead. An empty prompt starts from `[EOS]`, the boundary between documents.
 - Text is streamed as complete UTF-8 characters (byte-level BPE may split one across tokens),
-  and any text that may be the start of a stop string is held back until it is not.
+  and any text that may be the start of a stop string is held back until it is not. A reply
+  that finishes a character the prompt's token ids left unfinished starts with that character.
 - The repeat penalty looks at the last `repeat_last_n` tokens of the context (prompt included).
 """
 
@@ -24,6 +25,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 from gpt1.core.chat_template import encode_message, validate_messages
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.progress import warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import ASSISTANT, Tokenizer
 
@@ -80,23 +82,29 @@ class ChatPrompt(NamedTuple):
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], block_size: int,
-                    params: SamplingParams) -> ChatPrompt:
+                    params: SamplingParams, *, max_new_tokens_chosen: bool = True) -> ChatPrompt:
     """Token ids of a chat prompt, fitted to the context: the system message stays, the oldest
     turns go first (the conversation then starts with a user turn, unless only its last message
     is left), and a last message still too long loses the start of its text, never its role
     marker; a system message that leaves no room is an error. With `truncate_prompt=False`
-    nothing is dropped (the engine refuses a prompt that does not fit)."""
+    nothing is dropped (the engine refuses a prompt that does not fit).
+
+    `max_new_tokens_chosen=False`: `params.max_new_tokens` is gpt1's default, not the caller's
+    (the server's omitted max_tokens), a bound the caller then caps at the room the prompt leaves.
+    A conversation that fits the context with room for one new token is then kept whole, as a
+    completion prompt that fits is (the default 256 would otherwise keep at most half of a
+    512-token context); one that does not fit is fitted by the rule above."""
     messages = validate_messages(messages)
     # Each message is encoded once: dropping a turn subtracts its length (re-encoding the rest
     # after each drop made a long conversation quadratic, seconds of CPU in the server).
     pieces = [encode_message(tokenizer, m) for m in messages]
     generation_prompt = [tokenizer.special_id(ASSISTANT)]
-    if not params.truncate_prompt:
+    length = sum(map(len, pieces)) + len(generation_prompt)
+    if not params.truncate_prompt or (not max_new_tokens_chosen and length < block_size):
         return ChatPrompt([i for piece in pieces for i in piece] + generation_prompt, 0, 0)
     budget = prompt_budget(block_size, params)
     n_system = 1 if messages[0]["role"] == "system" else 0
     first = n_system  # the first turn kept
-    length = sum(map(len, pieces)) + len(generation_prompt)
     while length > budget and len(messages) - first > 1:
         length -= len(pieces[first])
         first += 1
@@ -116,10 +124,15 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
     if len(messages) == n_system or cut >= text_tokens:
         # What the prompt needs: all of it but the last message's text, of which one token.
         needed = len(ids) if len(messages) == n_system else len(ids) - text_tokens + 1
-        why = (f"{block_size} of context less max_new_tokens {params.max_new_tokens}" if budget > block_size // 2
-               else f"half the {block_size}-token context, as max_new_tokens {params.max_new_tokens} leaves less")
+        if max_new_tokens_chosen:
+            why = (f"{block_size} of context less max_new_tokens {params.max_new_tokens}" if budget > block_size // 2
+                   else f"half the {block_size}-token context, as max_new_tokens {params.max_new_tokens} leaves less")
+        else:  # no max_new_tokens to cite: the caller did not choose the default that decided
+            why = (f"{block_size} of context less {params.max_new_tokens} kept for the reply" if budget > block_size // 2
+                   else f"half the {block_size}-token context, the rest kept for the reply")
         # A max_new_tokens of at most block_size - needed lets the prompt take more than half.
-        advice = f" or lower max_new_tokens to at most {block_size - needed}" if needed < block_size else ""
+        verb = "lower" if max_new_tokens_chosen else "set"
+        advice = f" or {verb} max_new_tokens to at most {block_size - needed}" if needed < block_size else ""
         raise Gpt1Error(f"the system message leaves no room for the conversation: the prompt needs {needed} tokens "
                         f"with it and may take {budget} here ({why}); shorten the system message{advice}")
     return ChatPrompt(ids[:start] + ids[start + cut:], dropped, cut)
@@ -130,12 +143,19 @@ class TextState:
     BPE may split a character across tokens) plus stop strings, holding back any text that may
     be the start of one so that a stop string never reaches the caller."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], prompt_tokens: int, limit: int):
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], prompt_ids: Sequence[int], limit: int):
         self._bytes_of = tokenizer.bytes_table  # per token: a list lookup (this runs once per streamed token)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # A prompt of token ids may end inside a character (BPE splits them): its first bytes, which
+        # the reply's first bytes may finish. The reply then starts with that whole character, not
+        # with U+FFFD for bytes that are valid UTF-8 together.
+        tail = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tail.decode(b"".join(self._bytes_of[i] for i in prompt_ids[-8:]))
+        self._carry: bytes = tail.getstate()[0]  # the prompt's unfinished character, if any
+        self._undecided = b""  # the reply's first bytes, until they finish that character or do not
         self._stop = stop
         self._pending = ""
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = len(prompt_ids)
         self.limit = limit
         self.token_ids: list[int] = []
         self.completion_tokens = 0
@@ -144,7 +164,8 @@ class TextState:
     def add(self, token_id: int) -> str:
         self.token_ids.append(token_id)
         self.completion_tokens += 1
-        self._pending += self._decoder.decode(self._bytes_of[token_id])
+        piece = self._bytes_of[token_id]
+        self._pending += self._decoder.decode(self._finishing_the_prompt(piece) if self._carry else piece)
         if not self._stop:
             text, self._pending = self._pending, ""
             if len(self.token_ids) >= self.limit:
@@ -154,8 +175,7 @@ class TextState:
             text, self._pending = self._pending[:end], ""
             self.finish_reason = "stop"
             return text
-        hold = max((k for s in self._stop for k in range(1, len(s)) if self._pending.endswith(s[:k])), default=0)
-        cut = len(self._pending) - hold
+        cut = len(self._pending) - self._held_back()
         text, self._pending = self._pending[:cut], self._pending[cut:]
         if len(self.token_ids) >= self.limit:
             text += self.finish("length")
@@ -165,16 +185,63 @@ class TextState:
         """The text held back, and the reason; "stop" (and the text before it) when a stop string
         ends that text only now: an unfinished character is flushed as U+FFFD, which a stop
         string may end with."""
-        self._pending += self._decoder.decode(b"", final=True)
+        self._pending += self._decoder.decode(self._undecided, final=True)  # the reply's own bytes only
+        self._carry = self._undecided = b""
         if (end := self._stop_at()) is not None:
             self._pending, reason = self._pending[:end], "stop"
         text, self._pending = self._pending, ""
         self.finish_reason = reason
         return text
 
+    def _finishing_the_prompt(self, piece: bytes) -> bytes:
+        """The reply's bytes to decode while the prompt's unfinished character is undecided: none
+        until there are enough to finish it; then the character and the reply's bytes if they
+        finish it as valid UTF-8, else the reply's bytes alone (the prompt's broken bytes are the
+        prompt's, not a U+FFFD at the start of the reply)."""
+        self._undecided += piece
+        lead = self._carry[0]
+        needed = (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4) - len(self._carry)
+        head = self._undecided[:needed]
+        if len(head) < needed and all(0x80 <= b < 0xC0 for b in head):
+            return b""  # continuation bytes so far: not decided yet
+        data, carry = self._undecided, self._carry
+        self._carry = self._undecided = b""
+        try:
+            (carry + head).decode("utf-8")
+        except UnicodeDecodeError:
+            return data
+        return carry + data
+
+    def _held_back(self) -> int:
+        """The length of the longest tail of the text that is the start of a stop string. Each
+        candidate tail begins with a stop string's first character, and one comparison checks it:
+        a request's stop strings may be long (building each of their prefixes for every token, a
+        200,000-character one stalled every row of the batch for a minute)."""
+        text, longest = self._pending, 0
+        for stop in self._stop:
+            i = text.find(stop[0], max(len(text) - len(stop) + 1, 0)) if stop else -1  # shorter than the stop
+            while 0 <= i and len(text) - i > longest:
+                if stop.startswith(text[i:]):
+                    longest = len(text) - i
+                    break
+                i = text.find(stop[0], i + 1)
+        return longest
+
     def _stop_at(self) -> int | None:
         """Where the first stop string in the held-back text starts, or None."""
         return min((i for s in self._stop if (i := self._pending.find(s)) >= 0), default=None)
+
+
+# What the CLI and the Python API say when a prompt did not fit (the server answers in usage).
+def warn_if_cut(prompt_tokens: int, kept_tokens: int) -> None:
+    if kept_tokens < prompt_tokens:
+        warn(f"the prompt ({prompt_tokens} tokens) was cut to its last {kept_tokens} tokens to fit the context")
+
+
+def warn_if_message_cut(cut: int) -> None:
+    if cut:
+        warn(f"the message's first {cut} tokens were cut to fit the context (the system message and the role "
+             "markers stay)")
 
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int, eos_id: int, where: str) -> list[int]:

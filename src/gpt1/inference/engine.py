@@ -164,10 +164,9 @@ def free_memory(device: torch.device) -> int | None:
 
 def _machine_room() -> int | None:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        for line in _proc_text("/proc/meminfo").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     try:
@@ -186,8 +185,7 @@ _CGROUPS = {"": ("/sys/fs/cgroup", "memory.max", "memory.current", "file"),
 def _cgroup_room() -> int | None:
     """The least room under the memory limits of the process's cgroup and those above it."""
     try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
+        lines = _proc_text("/proc/self/cgroup").splitlines()
     except OSError:
         return None
     rooms = []
@@ -217,8 +215,7 @@ def _rlimit_room() -> int | None:
     allocator maps large tensors, which both count."""
     try:
         import resource  # Unix only
-        with open("/proc/self/status") as f:
-            status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        status = dict(line.split(":", 1) for line in _proc_text("/proc/self/status").splitlines() if ":" in line)
     except (ImportError, OSError):
         return None
     rooms = []
@@ -228,6 +225,16 @@ def _rlimit_room() -> int | None:
             if soft != resource.RLIM_INFINITY:
                 rooms.append(soft - int(status[used].split()[0]) * 1024)  # "VmSize:  123456 kB"
     return min(rooms, default=None)
+
+
+def _proc_text(path: str) -> str:
+    """A /proc file's text, decoded as file names are (`os.fsdecode`: undecodable bytes kept as
+    surrogates). The kernel copies into these files names it was given as bytes: a process name
+    (status's `Name:`), cut at 15 bytes, often ends in half a character, and cgroup paths are
+    any bytes. Read in text mode (the locale's encoding, strict), such a name made every Engine
+    fail with a UnicodeDecodeError; decoded so, a cgroup path maps back to its exact bytes."""
+    with open(path, "rb") as f:
+        return os.fsdecode(f.read())
 
 
 def _gib(n: int) -> str:
@@ -433,7 +440,7 @@ class Engine:
             except Gpt1Error:
                 self.stats.rejected += len(fitted)
                 raise
-            requests = [Request(ids, knobs, sink_for(i), TextState(self.tokenizer, knobs.stop, len(ids), limit),
+            requests = [Request(ids, knobs, sink_for(i), TextState(self.tokenizer, knobs.stop, ids, limit),
                                 _generator(knobs.seed) if knobs.temperature > 0 else None)
                         for i, (ids, knobs, limit) in enumerate(zip(fitted, params, limits))]
             if cancel is not None:

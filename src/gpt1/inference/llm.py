@@ -15,12 +15,13 @@ from gpt1.core.device import bf16_supported, no_bf16, resolve_device
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path
 from gpt1.core.model import GPT
+from gpt1.core.progress import info
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.sampling_params import preset as named_preset
 from gpt1.core.tokenizer import Tokenizer, check_text
 from gpt1.formats.modeldir import load_model
 from gpt1.inference import generate as gen
-from gpt1.inference.decoding import chat_prompt_ids
+from gpt1.inference.decoding import chat_prompt_ids, prompt_budget, warn_if_cut, warn_if_message_cut
 
 # The dtypes a model can be loaded in for inference, by name (`--dtype` of generate, chat and serve).
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,6 +45,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
+# What was cut to fit the context, said through gpt1's logger as the library says everything: on
+# stderr for a program that set up no logging (logging's last-resort handler prints warnings), in
+# its own log for one that did. The CLI, which fits its prompts itself, says the same words.
 def _model_dir(path: str | os.PathLike[str]) -> Path:
     return as_path(path, "path", "a model dir")
 
@@ -101,27 +105,41 @@ class LLM:
         return (named_preset(preset) if preset is not None else SamplingParams()).override(**knobs)
 
     def generate(self, prompt: str, **knobs) -> str:
-        """Continue `prompt`, e.g. `llm.generate("Once", temperature=0.7, top_k=50, seed=1)`."""
-        ids = self.tokenizer.encode(check_text(prompt, "prompt"))
-        return gen.generate(self.model, self.tokenizer, ids, self.sampling_params(**knobs)).text
+        """Continue `prompt`, e.g. `llm.generate("Once", temperature=0.7, top_k=50, seed=1)`. A
+        prompt that leaves no room for max_new_tokens keeps its most recent tokens, with a warning."""
+        params = self.sampling_params(**knobs)
+        return gen.generate(self.model, self.tokenizer, self._prompt_ids(prompt, params), params).text
 
     def stream(self, prompt: str, **knobs) -> Iterator[str]:
         """Like `generate`, yielding text pieces as they are produced. The prompt and knobs are
         checked at the call, as `generate` checks them."""
         params = self.sampling_params(**knobs)
-        return self._pieces(self.tokenizer.encode(check_text(prompt, "prompt")), params)
+        return self._pieces(self._prompt_ids(prompt, params), params)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **knobs) -> str:
         """The assistant's reply to `[{"role": "user", "content": "..."}, ...]` (roles system,
         user, assistant; `developer` and lists of text parts read as OpenAI's API sends them); the oldest turns are dropped when the conversation is too long, and a
-        last message that alone does not fit loses the start of its text (the system message stays)."""
+        last message that alone does not fit loses the start of its text (the system message stays,
+        and a warning says how many tokens went)."""
         return "".join(self.chat_stream(messages, **knobs))
 
     def chat_stream(self, messages: Sequence[Mapping[str, Any]], **knobs) -> Iterator[str]:
         """Like `chat`, yielding text pieces as they are produced. The messages and knobs are
         checked at the call, as `chat` checks them."""
         params = self.sampling_params(**knobs)
-        return self._pieces(chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params).ids, params)
+        ids, dropped, cut = chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params)
+        if dropped:  # the documented fit, as `gpt1 chat` notes it (not a warning: the caller holds the history)
+            info(f"(dropped the {dropped} oldest message(s) to fit the {self.config.block_size}-token context)")
+        warn_if_message_cut(cut)
+        return self._pieces(ids, params)
+
+    def _prompt_ids(self, prompt: str, params: SamplingParams) -> list[int]:
+        """The prompt's token ids, with a warning when generation will keep only its most recent
+        ones (the engine cuts it by `prompt_budget`; without truncation it refuses it instead)."""
+        ids = self.tokenizer.encode(check_text(prompt, "prompt"))
+        if params.truncate_prompt:
+            warn_if_cut(len(ids), min(len(ids), prompt_budget(self.config.block_size, params)))
+        return ids
 
     def _pieces(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
         # A generator of its own, so that stream and chat_stream, plain functions, check their

@@ -47,9 +47,10 @@ def apply_repeat_penalty(logits: torch.Tensor, window: torch.Tensor, penalty: Kn
     present = torch.zeros(logits.size(0), vocab + 1, dtype=torch.bool, device=logits.device)
     present.scatter_(1, window.clamp(max=vocab), True)
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    # An extreme penalty overflows (or divides 0 by a penalty that float32 rounds to 0): keep it finite.
+    # An extreme penalty overflows (or divides 0 by a penalty that float32 rounds to 0): keep it
+    # finite. A logit that was -inf already (a token masked out) stays -inf, as in transformers.
     limit = torch.finfo(logits.dtype).max
-    penalised = penalised.nan_to_num(nan=0.0, posinf=limit, neginf=-limit)
+    penalised = torch.where(logits.isfinite(), penalised.nan_to_num(nan=0.0, posinf=limit, neginf=-limit), logits)
     return torch.where(present[:, :vocab], penalised, logits)
 
 
@@ -57,7 +58,8 @@ def apply_temperature(logits: torch.Tensor, temperature: Knob) -> torch.Tensor:
     """Divide by the temperature (> 0): below 1 sharpens the distribution, above 1 flattens it.
     A row that overflows (a tiny temperature) becomes its limit: its most likely tokens only."""
     scaled = logits / _per_row(temperature, logits)
-    overflow = ~torch.isfinite(scaled).all(dim=-1, keepdim=True)
+    # Only a finite logit made infinite is an overflow: a -inf (a token masked out) stays as it is.
+    overflow = (logits.isfinite() & ~scaled.isfinite()).any(dim=-1, keepdim=True)
     if not overflow.any():
         return scaled
     top = logits == logits.amax(dim=-1, keepdim=True)

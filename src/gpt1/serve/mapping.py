@@ -109,13 +109,17 @@ def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_to
 
 
 def chat_prompt(req: ChatCompletionRequest, tokenizer, params: SamplingParams, context: int) -> list[int]:
+    """The conversation's token ids. With truncate_prompt the oldest turns go first (the system
+    message stays); as for a completion prompt, an omitted max_tokens drops nothing from a
+    conversation that fits, and `fit_context` then caps it at the room left (when the default of
+    256 decided the fit, turning truncation on cut or refused conversations served whole without it)."""
     # As JSON: gpt1.core.chat_template.validate_messages reads OpenAI's forms ('developer', text parts).
     messages = [m.model_dump() for m in req.messages]
+    max_tokens, which = chat_max_tokens(req)
     try:
-        # With truncate_prompt the oldest turns go first (the system message stays).
-        ids = chat_prompt_ids(tokenizer, messages, context, params).ids
+        ids = chat_prompt_ids(tokenizer, messages, context, params, max_new_tokens_chosen=max_tokens is not None).ids
     except Gpt1Error as e:  # in the API's words: its field for max_new_tokens
-        message = str(e).replace("max_new_tokens", chat_max_tokens(req)[1])
+        message = str(e).replace("max_new_tokens", which)
         try:
             validate_messages(messages)  # on this path only: valid messages are ones that do not fit
         except Gpt1Error:

@@ -91,7 +91,7 @@ import torch
 
 from gpt1.core.environment import environment
 from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
-from gpt1.core.io import crash_point, exclusive, json_path, read_json, write_json, write_text, writing
+from gpt1.core.io import crash_point, exclusive, json_path, make_dirs, read_json, write_json, write_text, writing
 from gpt1.core.malloc import freed_memory_kept
 from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
@@ -496,25 +496,23 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             if budget:
                 budget.timed(took)
 
-    metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main and not finished else None
-
     def log_metrics(metric: dict) -> None:
         if metrics:
             with writing(metrics.name):  # a full disk names the file
                 metrics.write(json.dumps(metric) + "\n")
                 metrics.flush()
 
-    writer = _tensorboard(run_dir, start_step) if cfg.tensorboard and dist.is_main and not finished else None
     budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown, end=end,
                           step_time=step_time) if cfg.time_budget > 0 else None)
     # A re-planned run's rate never rises after its warmup (see BudgetSchedule); a fixed plan's is lr_at.
     schedule = BudgetSchedule(cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown, schedule_state) if budget else None
-    bar = progress(total=end, initial=start_step, desc=run_dir.name, unit="step", disable=None if dist.is_main else True)
     peak = peak_flops(device)
     flops_per_token = getattr(raw_model, "flops_per_token", None)
     bad_steps = 0
     rate = _RunRate(start_step, end, cfg.eval_every, cfg.save_every) if dist.is_main and not budget else None
-    threads = _thread_tuner(device, cfg, dist)
+    # What must be closed or put back is made inside the `try` that does so: made before it, a
+    # failed setup step (a file named tensorboard in the run dir) left metrics.jsonl open.
+    metrics = writer = bar = threads = None
 
     pad_id = getattr(train_data, "pad_id", None)
 
@@ -532,6 +530,11 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             return _loss_and_backward(model, model, x, y, sync, device, precision, scaler, weight)
 
     try:
+        writer = _tensorboard(run_dir, start_step) if cfg.tensorboard and dist.is_main and not finished else None
+        metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main and not finished else None
+        threads = _thread_tuner(device, cfg, dist)
+        bar = progress(total=end, initial=start_step, desc=run_dir.name, unit="step",  # last: no bar above an error
+                       disable=None if dist.is_main else True)
         for step in itertools.count(start_step):
             if step >= end:
                 break
@@ -677,7 +680,8 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
     finally:
         if threads:
             torch.set_num_threads(threads.max_threads)
-        bar.close()
+        if bar is not None:  # not `if bar`: a tqdm's truth is its total
+            bar.close()
         if metrics:
             with writing(metrics.name):
                 metrics.close()
@@ -780,9 +784,15 @@ def _tensorboard(run_dir: Path, start_step: int):
     except ImportError:
         warn("tensorboard=true but the tensorboard package is not installed (pip install tensorboard); not logging to it")
         return None
+    log_dir = run_dir / "tensorboard"
+    try:  # made here, not by SummaryWriter, whose FileExistsError was a traceback
+        make_dirs(log_dir)
+    except Gpt1Error as e:
+        raise Gpt1Error(f"{e}; tensorboard=true writes its event files in that folder "
+                        "(move what is there away, or set tensorboard=false)") from None
     # Steps after `start_step` that a killed run had logged are dropped by readers (as
     # metrics.jsonl is trimmed): the resumed run logs them again.
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
