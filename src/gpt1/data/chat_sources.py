@@ -58,7 +58,7 @@ from gpt1.data.readers import (
     PARQUET_SUFFIXES,
     BadRecord,
     HfSpec,
-    _check_no_lone_surrogates,
+    check_no_lone_surrogates,
     dataset_split_names,
     declares_data_files,
     load_hf_dataset,
@@ -644,7 +644,7 @@ def _dialog_turns(turns: Any, where: str) -> list[str]:
         raise BadRecord(f"{where} must be a list of strings")
     joined = [t.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass") for t in turns]
     for j, text in enumerate(joined):
-        _check_no_lone_surrogates(text, f"{where}[{j}]")
+        check_no_lone_surrogates(text, f"{where}[{j}]")
     return joined
 
 

@@ -542,11 +542,11 @@ def parse_json(raw: bytes, where: str) -> Any:
     except RecursionError:
         raise BadRecord(f"{where}: JSON nested too deeply (more than ~{sys.getrecursionlimit():,} levels)") from None
     if _SURROGATE_ESCAPE.search(raw):
-        _check_no_lone_surrogates(value, where)
+        check_no_lone_surrogates(value, where)
     return value
 
 
-def _check_no_lone_surrogates(value: Any, where: str) -> None:
+def check_no_lone_surrogates(value: Any, where: str) -> None:
     """JSON allows "\\ud800" alone; UTF-8 cannot hold it and the tokenizer would fail far away."""
     stack = [value]
     while stack:
