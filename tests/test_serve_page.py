@@ -20,6 +20,7 @@ from gpt1.serve import background_server, create_app
 from tests.test_serve_api import endless_model_dir
 
 KEY = "page-key-42"
+STEP_S = 0.003
 CHROMIUM = os.environ.get("GPT1_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -28,6 +29,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 @pytest.fixture(scope="module")
 def server(tiny_config, tokenizer, tmp_path_factory):
     llm = gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path_factory.mktemp("page-model")), device="cpu")
+    # Each model call takes at least STEP_S, so that an 8,000-token reply that a test stops is
+    # still streaming when Stop is clicked (>= 24 s). Unslowed, a fast machine ended one in ~4 s,
+    # while the loaded browser was still drawing its first words (CI, once).
+    llm.model.register_forward_hook(lambda *_: time.sleep(STEP_S))
     app = create_app(llm, api_key=KEY)
     paths = []  # of each request: the browser's own (its icon) are no page events
 
