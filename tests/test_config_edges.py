@@ -132,3 +132,26 @@ def test_a_path_key_starting_with_a_tilde_is_under_the_home_folder(tmp_path, mon
     assert cfg.init_from == f"{tmp_path}/base"
     assert load_config(FinetuneConfig, None, ["data=~/b.jsonl"]).data == f"{tmp_path}/b.jsonl"
     assert load_config(FinetuneConfig, None, ["data=a~b"]).data == "a~b"  # a tilde inside a name stays
+
+
+def test_a_recipe_or_override_nested_past_the_recursion_limit_is_one_line(tmp_path):
+    """tomllib recurses once per level: `betas = [[[...]]]` 600 deep was a RecursionError
+    traceback, in a recipe and as an override (with --print-config too)."""
+    deep = "[" * 600 + "]" * 600
+    (tmp_path / "deep.toml").write_text(f"betas = {deep}\n")
+    with pytest.raises(Gpt1Error, match=r"deep.toml: invalid TOML for gpt1: arrays or tables nested too deeply"):
+        load_config(TrainConfig, tmp_path / "deep.toml")
+    with pytest.raises(Gpt1Error, match=r"key 'betas' expects tuple\[float, float\]"):
+        load_config(TrainConfig, None, [f"betas={deep}"])
+
+
+def test_a_config_path_that_is_a_folder_or_a_fifo_is_named_as_such(tmp_path):
+    """It said `config file not found` for a path that exists."""
+    import os
+
+    (tmp_path / "dir.toml").mkdir()
+    os.mkfifo(tmp_path / "fifo.toml")
+    with pytest.raises(Gpt1Error, match=r"dir.toml: a folder, not a config file"):
+        load_config(TrainConfig, tmp_path / "dir.toml")
+    with pytest.raises(Gpt1Error, match=r"fifo.toml: not a regular file, not a config file"):
+        load_config(TrainConfig, tmp_path / "fifo")

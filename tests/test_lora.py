@@ -242,3 +242,17 @@ def test_rank_and_alpha_pattern_keys_match_as_peft_matches_them(tiny_config, tmp
     with pytest.raises(Gpt1Error, match=r"LoRA scales differ \(transformer.h.0.attn.c_attn: 0.667, "
                                         r"transformer.h.0.attn.c_proj: 2, from alpha_pattern"):
         load_adapter(GPT(tiny_config), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("metadata", ['{"r": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000])
+def test_adapter_metadata_past_json_s_limits_is_one_line(tiny_config, tmp_path, metadata):
+    """docs/reliability.md names these two inputs; read_json handled them, the adapter's
+    metadata reader did not: a ValueError or RecursionError traceback in every command that
+    loads a fine-tuned folder."""
+    from safetensors.torch import load_file, save_file
+
+    save_adapter(_trained(tiny_config, LoRAConfig(r=4, alpha=8)), tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"gpt1_lora": metadata})
+    with pytest.raises(Gpt1Error, match=r"\(metadata gpt1_lora\): invalid JSON for gpt1: a number of over 4,300 digits"):
+        load_adapter(GPT(tiny_config), tmp_path / "adapter")

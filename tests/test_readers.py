@@ -107,6 +107,23 @@ def test_pieces_end_where_the_tokenizer_s_pre_tokens_do(text, tmp_path, monkeypa
     assert [i for p in pieces for i in tokenizer.encode(p)] == tokenizer.encode(text)
 
 
+@pytest.mark.parametrize("unit", ["a\U00031350", "!\x1c"])
+def test_pieces_end_where_the_tokenizer_s_pre_tokens_do_beyond_python_s_unicode(unit, tmp_path, monkeypatch):
+    """Python's \\s holds U+001C-U+001F (punctuation to the tokenizer), and its \\W a letter newer
+    than its Unicode tables (U+31350, Unicode 15): cuts there split one pre-token, so a long
+    document's ids in `gpt1 prepare` were not those of the whole (35,005 tokens for 35,000)."""
+    import gpt1.data.readers as readers
+    from gpt1.core.tokenizer import train_tokenizer
+
+    tokenizer, _ = train_tokenizer(iter([unit * 3000, "hello world, some plain text. " * 200]), 280, show_progress=False)
+    monkeypatch.setattr(readers, "PIECE_CHARS", 64)
+    text = unit * 300
+    (tmp_path / "a.txt").write_text(text)
+    pieces = list(read_text(tmp_path / "a.txt"))
+    assert "".join(pieces) == text and len(pieces) > 5
+    assert [i for p in pieces for i in tokenizer.encode(p)] == tokenizer.encode(text)
+
+
 def test_read_jsonl_counts_skipped_lines_and_goes_on(tmp_path):
     from collections import Counter
 
@@ -128,4 +145,16 @@ def test_bad_yaml_is_one_line(tmp_path):
     bad.write_text("conversations:\n- - hi\n  - [unclosed\n")
     with pytest.raises(Gpt1Error, match=r"dialogs.yml: not valid YAML at line \d+, column \d+") as error:
         read_conversations(str(bad))
+    assert "\n" not in str(error.value)
+
+
+
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_yaml_nested_past_the_recursion_limit_is_one_line(tmp_path, skip_invalid):
+    """A chatterbot file 400 levels deep was a ~3,000-line RecursionError traceback in finetune and
+    eval --chat, with --skip-invalid too (330 levels read)."""
+    deep = tmp_path / "deep.yml"
+    deep.write_text("conversations:\n- " + "[" * 400 + "]" * 400 + "\n")
+    with pytest.raises(Gpt1Error, match=r"^\S*deep.yml: not valid YAML for gpt1: nested too deeply") as error:
+        read_conversations(str(deep), skip_invalid=skip_invalid)
     assert "\n" not in str(error.value)

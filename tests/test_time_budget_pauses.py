@@ -101,6 +101,18 @@ def test_a_budget_spent_before_the_plans_end_still_decays_to_min_lr(caplog, cool
     assert not any("paused" in r.getMessage() for r in caplog.records)
 
 
+def test_a_budget_spent_in_the_first_step_names_the_minimum_run_length(caplog):
+    """A 2 s budget whose first step took 2.5 s: the 9 steps left are the 10-step minimum, not
+    steps "that fit in 5% more time" (they took 25 s: a 12x overrun read as a 5% one)."""
+    now = [0.0]
+    budget = _TimeBudget(2.0, 0.0, 1_000, 100, clock=lambda: now[0])
+    now[0] = 2.5
+    with caplog.at_level(logging.INFO, logger="gpt1"):
+        assert budget.plan(1, 1_000, current()) == 10
+    [cut] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "over the 9 steps left of the minimum of 10 steps" in cut and "5%" not in cut
+
+
 def test_a_run_resumed_in_its_overrun_finishes_its_plan():
     """Killed in its last steps past the budget (which the 5% allows) and resumed: `fits` needed a
     step time measured in this process, so the run ended at the next step, short of its plan. The

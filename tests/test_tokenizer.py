@@ -145,3 +145,41 @@ def _write(path, spec: dict):
 
     path.write_text(json.dumps(spec))
     return path
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (None, r"texts\[1\]: expected a string, got NoneType"),
+    (b"bytes", r"texts\[1\]: expected a string, got bytes"),
+    ("x\udc80y", r"texts\[1\]: a lone surrogate \('\\udc80'\) at character 1"),
+])
+def test_train_tokenizer_names_the_text_it_cannot_train_on(bad, expected):
+    """The library call (the CLI's readers check first) gave AttributeError: 'NoneType' object has
+    no attribute 'encode', or the Rust trainer's UnicodeEncodeError, naming no item."""
+    with pytest.raises(Gpt1Error, match=expected):
+        train_tokenizer(iter(["some text " * 20, bad, "more"]), MIN_VOCAB_SIZE, show_progress=False)
+
+
+def test_train_tokenizer_refuses_one_string_for_its_documents():
+    """`train_tokenizer("some text", ...)` trained on 63,639 one-character documents (no merge
+    across characters), or said the corpus was too small, naming the CLI's --vocab-size."""
+    with pytest.raises(Gpt1Error, match=r"texts: expected an iterable of documents \(strings\), got one str; pass \[text\]"):
+        train_tokenizer("some text " * 100, MIN_VOCAB_SIZE, show_progress=False)
+
+
+@pytest.mark.parametrize("setting", [{"truncation": {"direction": "Right", "max_length": 2, "strategy": "LongestFirst",
+                                                     "stride": 0}},
+                                     {"padding": {"strategy": {"Fixed": 50}, "direction": "Right", "pad_to_multiple_of": None,
+                                                  "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}}])
+def test_a_tokenizer_json_s_own_truncation_or_padding_is_not_applied(tokenizer, tmp_path, setting):
+    """Outside the vocab and merges the fingerprint covers: a tokenizer.json with truncation cut
+    every prompt and every prepared document to 2 tokens (exit 0), one with padding made every
+    encode 50 ids long."""
+    import json
+
+    tokenizer.save(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, **setting}))
+    text = "def parse(line): return line.split()"
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.encode(text) == tokenizer.encode(text) and len(tokenizer.encode(text)) > 2
+    assert loaded.encode_batch([text, "x"]) == tokenizer.encode_batch([text, "x"])

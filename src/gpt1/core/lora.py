@@ -154,7 +154,10 @@ class LoRALinear(nn.Linear):
         delta = torch.einsum("...gr,gor->...go", h, self.lora_B).flatten(-2) * self.scaling
         if self._covers_all:
             return out + delta
-        return out.index_add(-1, self.lora_columns, delta)
+        # index_add needs one dtype, and under autocast the two can differ: with r == 1 the einsum
+        # contracts a dimension of size 1 without a matmul, so autocast leaves delta in fp32 while
+        # `out` is bf16/fp16 (for r >= 2 both are autocast's dtype already, and this is a no-op).
+        return out.index_add(-1, self.lora_columns, delta.to(out.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -403,6 +406,9 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
             values = json.loads(ours)
         except json.JSONDecodeError as e:
             raise Gpt1Error(f"{where}: invalid JSON ({e})") from None
+        except (ValueError, RecursionError):  # json's own limits: int digits, and nesting
+            raise Gpt1Error(f"{where}: invalid JSON for gpt1: a number of over 4,300 digits, or nesting past "
+                            "Python's recursion limit") from None
         return _lora_config(values, where)
     # An adapter from elsewhere: derive the targets from PEFT's fields.
     where = str(directory / ADAPTER_CONFIG)

@@ -69,6 +69,11 @@ class Tokenizer:
         # inserted explicitly (e.g. by the chat template). Not saved in tokenizer.json, so not in
         # the backend's pickled state either: see __reduce__.
         self.backend.encode_special_tokens = True
+        # gpt1 fits and pads ids itself: a tokenizer.json's own truncation or padding (settings
+        # outside the vocab and merges the fingerprint covers) cut every prompt and every prepared
+        # document to its max_length, or padded each with [PAD], without a word.
+        self.backend.no_truncation()
+        self.backend.no_padding()
         for i, token in enumerate(SPECIAL_TOKENS[:3]):
             if backend.token_to_id(token) != i:
                 raise Gpt1Error(f"tokenizer: expected special token {token} at id {i}, found id {backend.token_to_id(token)}")
@@ -359,6 +364,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     With `show_progress`, a bar on stderr counts the UTF-8 bytes of `texts` read, against
     `total_bytes` when the caller knows it (the size of uncompressed text files).
     """
+    if isinstance(texts, (str, bytes)):  # iterated, one string is a document per character
+        raise Gpt1Error(f"texts: expected an iterable of documents (strings), got one {type(texts).__name__}; "
+                        "pass [text] to train on it as one document")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise Gpt1Error(f"vocab size must be a whole number, got {vocab_size!r}")
     if vocab_size < MIN_VOCAB_SIZE:
@@ -397,7 +405,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
         for text in items:
             if abandoned.is_set():  # interrupted: the trainer left running gets no more text
                 return
-            size = len(text.encode("utf-8", errors="surrogatepass"))
+            # Checked here, where the item's place is known: the Rust trainer's own error for a
+            # non-string or a lone surrogate names neither the item nor the text.
+            size = len(check_text(text, f"texts[{stats['documents']:,}]").encode("utf-8"))
             stats["documents"] += 1
             stats["bytes"] += size
             bar.update(size)

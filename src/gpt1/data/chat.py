@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -201,7 +202,19 @@ class ChatBatches:
     @property
     def steps_per_epoch(self) -> int:
         """Steps of one micro-batch per rank (grad_accum=1) that cover an epoch."""
-        return -(-len(self.data) // (self.micro_batch * self.world_size))
+        return self.epoch_steps(1)
+
+    def epoch_steps(self, grad_accum: int = 1) -> int:
+        """Optimizer steps of `grad_accum` micro-batches per rank in an epoch: its last step is
+        topped up from its start, so an epoch takes ceil(sequences / global batch) of them."""
+        return -(-len(self.data) // (self.micro_batch * grad_accum * self.world_size))
+
+    def steps_for(self, epochs: float, grad_accum: int = 1) -> int:
+        """Optimizer steps that make `epochs` epochs: whole epochs of `epoch_steps` each, a fraction
+        that share of an epoch's steps, rounded up (at least one). From the steps, not from the
+        sequences (epochs x sequences / global batch fell short of the last epoch by the top-ups)."""
+        # round(): float noise (0.07 x 100 = 7.000000000000001) is not a part of one more step.
+        return max(1, math.ceil(round(epochs * self.epoch_steps(grad_accum), 6)))
 
     def next_step(self, grad_accum: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's `grad_accum` micro-batches of the next optimizer step."""

@@ -19,7 +19,8 @@ Sources (`read_conversations(spec)`):
   in sorted order; hidden files and folders are skipped, and files of other types are left out
   and named. When its files are named for splits as `datasets` names them (`train.jsonl`,
   `validation.jsonl`, `chats_dev.jsonl`, `test/...`), they are the folder's splits; a folder where
-  some files name a split and others none is refused, naming the others (`datasets` dropped them).
+  some files name a split and others none is refused, naming the others (`datasets` dropped them),
+  and so is one with a file whose path names two splits (`train/test_part.jsonl`).
   An empty file, or one whose every record `skip_invalid` skipped, is passed over (an empty one
   counted); the folder is refused only when none of its files has a record.
 
@@ -275,7 +276,14 @@ class _ChatFolder:
         if not chat:
             found = f"; found: {self.names(self.others)}" if self.others else " (it has no files)"
             raise Gpt1Error(f"{folder}: no chat files (looked for {', '.join(CHAT_SUFFIXES)}){found}")
-        self.split_of = {path: _split_named(path.relative_to(folder).as_posix()) for path in chat}
+        splits_of = {path: _splits_named(path.relative_to(folder).as_posix()) for path in chat}
+        if ambiguous := [path for path, splits in splits_of.items() if len(splits) > 1]:  # `datasets` may read it into both
+            shown = "; ".join(f"{self.names([path])}: {' and '.join(splits_of[path])}" for path in ambiguous[:5])
+            more = f"; and {len(ambiguous) - 5:,} more" if len(ambiguous) > 5 else ""
+            raise Gpt1Error(f"{folder}: {'a file names' if len(ambiguous) == 1 else 'files name'} more than one "
+                            f"split ({shown}{more}); name each file for one split (train, validation, test), or "
+                            "none of them to read the folder as one collection")
+        self.split_of = {path: splits[0] if splits else None for path, splits in splits_of.items()}
         named = [path for path, split in self.split_of.items() if split]
         if named and len(named) < len(chat):  # what `datasets` does then is drop the others, silently
             unnamed = [path for path, split in self.split_of.items() if not split]
@@ -298,11 +306,11 @@ class _ChatFolder:
         return [path for path, named in self.split_of.items() if named == split]
 
 
-def _split_named(relative: str) -> str | None:
-    """The split that a file's path inside its folder names, if exactly one (SPLIT_WORDS)."""
+def _splits_named(relative: str) -> list[str]:
+    """The splits that a file's path inside its folder names (SPLIT_WORDS): one, its split; none; or,
+    for a path such as train/test_part.jsonl, more than one, which says no one split."""
     words = set(re.split(r"[-._ 0-9/]+", relative))
-    named = [split for split, keywords in SPLIT_WORDS.items() if words.intersection(keywords)]
-    return named[0] if len(named) == 1 else None
+    return [split for split, keywords in SPLIT_WORDS.items() if words.intersection(keywords)]
 
 
 class _NoRecords(Gpt1Error):

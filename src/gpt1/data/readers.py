@@ -46,6 +46,7 @@ import lzma
 import os
 import re
 import sys
+import unicodedata
 import zlib
 from collections import Counter
 from contextvars import ContextVar
@@ -478,18 +479,27 @@ def text_pieces(text: str) -> Iterator[str]:
 # space; a "\n" or "\t" there stands alone); else between a letter or digit and a punctuation mark
 # other than "'" (which may start a contraction, 's 't ...): CJK or Thai prose, which has no
 # spaces, at its "。". Cutting only before spaces, a text of line ends or tabs was cut inside a word.
-_BOUNDARIES = (re.compile(r"(?<=\S)\s(?=\S)"), re.compile(r"(?<=[^\W_])(?=[^\w\s'])"))
+# Boundaries where the tokenizer's pre-tokenizer (Rust regex: Unicode White_Space, \p{L}, \p{N})
+# also ends a pre-token, whatever Python's `re` thinks: a whitespace character between two
+# others, and a letter or digit followed by punctuation or a symbol (not the apostrophe, which
+# starts "'s"). Python's \s also holds U+001C-U+001F, which the tokenizer reads as punctuation;
+# and its \W holds every letter newer than Python's Unicode tables (unassigned, category Cn, to
+# it), so the second boundary also asks the next character's category to be P* or S*.
+_BOUNDARIES = (
+    (re.compile(r"(?<=\S)[^\S\x1c-\x1f](?=\S)"), lambda char: True),
+    (re.compile(r"(?<=[^\W_])(?=[^\w\s'])"), lambda char: unicodedata.category(char)[0] in "PS"),
+)
 
 
 def _cut(text: str) -> int:
     """Where to end a piece: at the last boundary (_BOUNDARIES, in order) in its second half, or at PIECE_CHARS."""
     start = PIECE_CHARS // 2
     window = text[start - 1:PIECE_CHARS + 1]  # a character each side for the look-arounds
-    for boundary in _BOUNDARIES:
+    for boundary, next_char_ok in _BOUNDARIES:
         cuts = [m.start() + start - 1 for m in boundary.finditer(window)]
-        cuts = [c for c in cuts if start <= c < PIECE_CHARS]
-        if cuts:
-            return cuts[-1]
+        cut = next((c for c in reversed(cuts) if start <= c < PIECE_CHARS and next_char_ok(text[c])), None)
+        if cut is not None:
+            return cut
     return PIECE_CHARS
 
 
@@ -628,6 +638,9 @@ def read_yaml(path: str | Path) -> Any:
         raise Gpt1Error(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise BadRecord(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+    except RecursionError:  # PyYAML's composer recurses once per level (as broken YAML: not skipped)
+        raise Gpt1Error(f"{path}: not valid YAML for gpt1: nested too deeply (hundreds of levels, "
+                        "past Python's recursion limit)") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

@@ -647,8 +647,11 @@ def interrupted_prepare(out: str | Path) -> dict | None:
 
 
 def shards_complete(data_dir: Path, meta: dict) -> bool:
+    """Whether train.bin and val.bin hold the tokens meta.json counts, and some: `prepare` puts at
+    least one document (and its [EOS]) in each split, so an empty one is damage even where meta.json
+    agrees (NumPy cannot map an empty file; and a rerun of the same `prepare` said "nothing to do")."""
     itemsize = np.dtype(DTYPE).itemsize
-    return all((data_dir / meta[s]["file"]).is_file()
+    return all(meta[s]["tokens"] != 0 and (data_dir / meta[s]["file"]).is_file()
                and (data_dir / meta[s]["file"]).stat().st_size == meta[s]["tokens"] * itemsize
                for s in ("train", "val"))
 
@@ -678,6 +681,11 @@ def load_meta(data_dir: str | Path) -> dict:
     if meta.get("dtype") != np.dtype(DTYPE).name:
         raise Gpt1Error(f"{data_dir / META_FILE}: dtype {meta.get('dtype')!r}, expected {np.dtype(DTYPE).name}")
     if not shards_complete(data_dir, meta):
+        for split, what in (("train", "training"), ("val", "validation")):
+            if meta[split]["tokens"] == 0:
+                raise Gpt1Error(f"{data_dir / meta[split]['file']}: no {what} tokens ({META_FILE} counts 0); `gpt1 prepare` "
+                                "puts at least one document in each split, so the data dir is damaged: prepare it again "
+                                "(`gpt1 prepare --overwrite`)")
         raise Gpt1Error(f"{data_dir}: train.bin/val.bin are missing or their sizes do not match {META_FILE} "
                         "(rerun `gpt1 prepare`)")
     return meta

@@ -50,10 +50,11 @@ from gpt1.data.readers import (
     HF_PREFIX,
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
-    READ_BYTES,
+    PIECE_CHARS,
     ZSTD_SUFFIXES,
     BadRecord,
     HfSpec,
+    compression_suffix,
     load_hf_dataset,
     parse_hf,
     read_jsonl,
@@ -312,8 +313,9 @@ def _utf8_size(text: str) -> int:
 
 def _read_text(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
     if skip_invalid and _may_be_long(source.location):
-        # Pieces are handed on as they are read: find invalid UTF-8 first, so that a skipped
-        # file gives nothing rather than its first pieces.
+        # Pieces are handed on as they are read, so invalid UTF-8 further on (or a character cut
+        # off at the very end, found by the decoder's last flush) comes after the first pieces
+        # went on: find it first, so that a skipped file gives nothing rather than its start.
         try:
             for _ in read_text(source.location):
                 pass
@@ -325,19 +327,29 @@ def _read_text(source: Source, text_field: str, skip_invalid: bool, stats: Sourc
         first = next(pieces)
     except BadRecord as e:
         if not skip_invalid:
-            raise BadRecord(f"{e} (convert the file to UTF-8, or pass --skip-invalid to skip such files)") from None
+            raise _with_hint(e) from None
         stats.skipped["files with invalid UTF-8"] += 1
         return
     yield _chain(first, pieces)
 
 
 def _may_be_long(path: str) -> bool:
-    return path.lower().endswith(".gz") or os.path.getsize(path) > READ_BYTES
+    """Whether `read_text` may hand on a piece of `path` before it has decoded all of it: when its
+    text may be longer than PIECE_CHARS characters. A plain file holds at most as many characters
+    as bytes; a compressed one may hold any number (a 166-byte .bz2 held 2.5 MB of text)."""
+    return compression_suffix(path) is not None or os.path.getsize(path) > PIECE_CHARS
 
 
 def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield first
-    yield from rest
+    try:
+        yield from rest
+    except BadRecord as e:  # invalid UTF-8 past the first piece (read without skip_invalid): the same advice
+        raise _with_hint(e) from None
+
+
+def _with_hint(error: BadRecord) -> BadRecord:
+    return BadRecord(f"{error} (convert the file to UTF-8, or pass --skip-invalid to skip such files)")
 
 
 # A long record's text goes on as `text_pieces`, as a text file's does: tokenized whole, an 8 MB

@@ -18,9 +18,16 @@ prompts need, as `generate` does). Each `step()`:
 A finished, cancelled or failed row frees its slot at once; live rows are kept contiguous
 (the last row moves into a freed slot) so that the batched forward reads a slice of the pool.
 A request is validated in `submit`, before it can enter the batch; an exception while
-handling one row ends that request with the error and the others go on (a batched sampling call
-that fails is retried row by row, so that only the rows that fail alone end). `step()` never
-raises: an error outside any one row fails the rows in the batch, and the engine goes on.
+handling one row (admitting it, its text, its final flush when cancelled) ends that request with
+the error and the others go on (a batched sampling call that fails is retried row by row from the
+generators' states before it, so that only the rows that fail alone end, and the others draw what
+they would have). A fault that is no Exception but no exit either (a Rust panic in the tokenizer:
+pyo3's PanicException derives from BaseException) is handled as one, and a row whose logits are
+not finite ends with `GenerationFault` (the model's fault). `step()` never raises an
+error: one outside any row fails the rows in the batch, and the engine goes on. Only an exit
+(KeyboardInterrupt, SystemExit, GeneratorExit) goes on to the caller; should one end the worker
+thread, the engine ends every request it holds with `EngineUnavailable`, takes no more (`alive`
+is false, `died` says why) and logs one line, as a dead `EngineProcess` does.
 
 On CUDA the decode step runs in batch-size buckets (powers of two) over the whole pool, shapes
 that never change, and with `cuda_graphs=True` each bucket's step is captured once as a CUDA
@@ -65,6 +72,10 @@ from gpt1.inference.sampling import process_logits, sample
 
 Sink = Callable[["Chunk | BaseException"], None]
 RATE_WINDOW_S = 10.0  # tokens/s in /health is measured over this many seconds
+# The BaseExceptions that end what they interrupt, the engine's worker thread included. Any other
+# that is no Exception (pyo3's PanicException: a Rust panic in the tokenizer) is a fault of the row
+# being handled, which fails it as an Exception would.
+_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 TUNER_CONTEXT_BUCKET = 64  # positions: decode steps whose longest context is in one bucket are timed together
 
 
@@ -104,6 +115,13 @@ class EngineUnavailable(Gpt1Error):
     """The engine is shutting down or has stopped (the server answers 503)."""
 
 
+class GenerationFault(Gpt1Error):
+    """A request accepted by `submit` that generation itself failed, whatever its input: the
+    model's next-token logits are NaN or infinite. The model's fault, not the client's: the server
+    answers 500 server_error (a plain Gpt1Error is a 400). A Gpt1Error still, so that the CLI and
+    the Python API show its message as one line."""
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence to generate. `sink` receives its Chunks, or the exception that ended it."""
@@ -138,7 +156,7 @@ class EngineStats:
     cancelled: int = 0  # stopped early by Request.cancel (e.g. a client disconnect)
     failed: int = 0  # ended by an exception
     rejected: int = 0  # refused: queue full or larger than the engine
-    tokens: int = 0  # completion tokens generated, cancelled requests included
+    tokens: int = 0  # completion tokens given to requests, cancelled ones included (a row that failed made none)
     steps: int = 0
     threads: int = 0  # the CPU threads of the latest step (see gpt1.core.threads)
 
@@ -382,6 +400,7 @@ class Engine:
         self._step_lock = threading.Lock()  # one step at a time, whoever calls step()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.died = ""  # why the worker thread ended unasked (see `_run`), once it has
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         capture = cuda_graphs and self.device.type == "cuda"
         self._graphs = _BucketedDecode(self, capture, compile) if capture or compile else None
@@ -403,8 +422,12 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """Whether the engine takes submissions (False once it is stopping)."""
-        return not self._stopping
+        """Whether the worker thread runs: False before `start()`, once `stop()` is called and once
+        the worker died (`died`). A server reports it (`/health`, `gpt1_engine_up`). An engine
+        stepped by its caller (`while engine.busy: engine.step()`, as `generate` does) has no
+        worker and is not alive, yet takes submissions until `stop()`."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopping
 
     @property
     def busy(self) -> bool:
@@ -412,7 +435,7 @@ class Engine:
 
     @property
     def tokens_per_s(self) -> float:
-        """Tokens generated per second over the last RATE_WINDOW_S seconds."""
+        """Tokens given to requests per second over the last RATE_WINDOW_S seconds."""
         with self._lock:
             self._forget_old_rate(time.monotonic())
             return sum(n for _, n in self._rate) / RATE_WINDOW_S
@@ -434,15 +457,15 @@ class Engine:
                                 f"positions, but this engine's slots hold {self.max_len} (its max_len)")
         with self._lock:
             if self._stopping:
-                raise EngineUnavailable("the engine is shutting down")
-            try:  # before anything is built for the requests
+                raise EngineUnavailable(self.died or "the engine is shutting down")
+            try:  # check_room before anything is built for the requests
                 check_room(len(fitted), self.max_batch, self.max_queue, len(self._rows), len(self._waiting))
-            except Gpt1Error:
+                requests = [Request(ids, knobs, sink_for(i), TextState(self.tokenizer, knobs.stop, ids, limit),
+                                    _generator(knobs.seed) if knobs.temperature > 0 else None)
+                            for i, (ids, knobs, limit) in enumerate(zip(fitted, params, limits))]
+            except Exception:  # a full queue, or building them failed (a MemoryError): refused, and counted so
                 self.stats.rejected += len(fitted)
                 raise
-            requests = [Request(ids, knobs, sink_for(i), TextState(self.tokenizer, knobs.stop, ids, limit),
-                                _generator(knobs.seed) if knobs.temperature > 0 else None)
-                        for i, (ids, knobs, limit) in enumerate(zip(fitted, params, limits))]
             if cancel is not None:
                 for r in requests:
                     r.cancel_event = cancel
@@ -455,13 +478,16 @@ class Engine:
     def step(self) -> None:
         """Admit, prefill, decode and sample once (see the module docstring). Threads that step
         the engine at once (a caller beside `start()`'s worker, or several callers each running
-        `while engine.busy: engine.step()`) take turns: each call is one whole step. A step does
-        not raise: an error ends the requests it concerns, through their sinks."""
+        `while engine.busy: engine.step()`) take turns: each call is one whole step. A step raises
+        only an exit (KeyboardInterrupt, SystemExit, GeneratorExit): an error, or a panic, ends the
+        requests it concerns, through their sinks."""
         with self._step_lock:
             try:
                 self._step()
-            except Exception as e:  # noqa: BLE001 - never let a step end the caller's loop (or the engine
-                # process): an error no row's own handling caught fails the requests in the batch.
+            except _EXITS:
+                raise  # the caller's to handle (the worker thread's: see _run)
+            except BaseException as e:  # noqa: BLE001 - never let a step end the caller's loop (or the
+                # engine process): an error no row's own handling caught fails the requests in the batch.
                 for request in list(self._rows):
                     self._fail(request, e)
 
@@ -496,6 +522,7 @@ class Engine:
         if kind is not None:
             if message := self._threads.step_done(time.perf_counter() - started, kind):
                 logger.debug(message)
+        given = 0  # tokens handed to their requests: a row that failed here made none
         for i, (request, token) in enumerate(zip(requests, next_ids)):
             if i in errors:
                 self._fail(request, errors[i])
@@ -503,12 +530,13 @@ class Engine:
                 self._fail(request, self._not_finite())
             else:
                 self._emit(request, token)
+                given += 1
         with self._lock:
             self.stats.threads = threads
             self.stats.steps += 1
-            self.stats.tokens += len(next_ids)
+            self.stats.tokens += given
             now = time.monotonic()
-            self._rate.append((now, len(next_ids)))
+            self._rate.append((now, given))
             self._forget_old_rate(now)  # here, not only when /health asks: unpolled, it grew forever
 
     def _admit(self) -> None:
@@ -516,15 +544,17 @@ class Engine:
             # A request cancelled while it waits leaves the queue now, not when a slot frees.
             for request in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(request)
-                self._end(request, "cancelled", Chunk(request.state.finish("cancelled"), "cancelled",
-                                                      len(request.prompt_ids), 0))
+                self._finish(request, "cancelled")
             while self._waiting and len(self._rows) < self.max_batch:
                 request = self._waiting.popleft()
                 request.row, request.length = len(self._rows), 0
                 self._rows.append(request)
-                row = self.tokens[request.row]
-                row.fill_(self.config.vocab_size)
-                row[:len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+                try:
+                    row = self.tokens[request.row]
+                    row.fill_(self.config.vocab_size)
+                    row[:len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+                except Exception as e:  # noqa: BLE001 - e.g. a MemoryError: this request fails, the others go on
+                    self._fail(request, e)
 
     def _prefill(self) -> tuple[list[Request], torch.Tensor | None]:
         """Feed the next prompt chunks, within the step's budget, in one forward; the requests
@@ -594,12 +624,17 @@ class Engine:
     def _sample_rows(self, requests: list[Request], logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, Exception]]:
         """`_sample` in one batched call; should that fail, row by row, so that the error ends only
         the requests whose own knobs cause it: the next ids (-1 where a row failed) and each
-        failed row's error, by index. (The knobs are read before any row's generator draws, so
-        a row sampled again alone draws what it would have.)"""
+        failed row's error, by index. A row sampled again alone draws what it would have: the
+        failed call may have drawn from some rows' generators already (those before a row whose
+        draw failed, or all of them when what follows the draws failed), so each generator is put
+        back to its state before it."""
+        # ~2 us a sampled row on the dev CPU, half of its draw; greedy rows have no generator.
+        states = [(r.generator, r.generator.get_state()) for r in requests if r.generator is not None]
         try:
             return self._sample(requests, logits), {}
         except Exception:  # noqa: BLE001 - retried row by row below
-            pass
+            for generator, state in states:
+                generator.set_state(state)
         ids, errors = torch.full((len(requests),), -1, dtype=torch.long, device=logits.device), {}
         for i, request in enumerate(requests):
             try:
@@ -639,10 +674,10 @@ class Engine:
             self.tokens[rows, context.clamp(max=self.max_len - 1)] = next_ids
         return next_ids
 
-    def _not_finite(self) -> Gpt1Error:
+    def _not_finite(self) -> GenerationFault:
         hint = ("; float16 overflows where bfloat16 and float32 do not: try --dtype bfloat16"
                 if self.dtype_name == "float16" else "; its weights or adapter make the forward pass overflow")
-        return Gpt1Error(f"the model's next-token logits are NaN or infinite (running in {self.dtype_name}){hint}")
+        return GenerationFault(f"the model's next-token logits are NaN or infinite (running in {self.dtype_name}){hint}")
 
     def _emit(self, request: Request, token: int) -> None:
         """Turn a sampled token into text for the request's sink; end it when it is done."""
@@ -660,14 +695,23 @@ class Engine:
             if text:
                 request.sink(Chunk(text, None, len(request.prompt_ids), state.completion_tokens))
             request.next_token = token
-        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+        except _EXITS:
+            raise
+        except BaseException as e:  # noqa: BLE001 - an error or a tokenizer's panic: this request fails, the others go on
             self._fail(request, e)
 
     # ---- ending a request ---------------------------------------------------------------------
     def _finish(self, request: Request, reason: str) -> None:
+        """End a cancelled request with the text it held back; should that flush fail, with the error."""
         state = request.state
-        self._end(request, "cancelled", Chunk(state.finish(reason), reason, len(request.prompt_ids),
-                                              state.completion_tokens))
+        try:
+            text = state.finish(reason)
+        except _EXITS:
+            raise
+        except BaseException as e:  # noqa: BLE001 - an error or a tokenizer's panic: this request fails, the others go on
+            self._fail(request, e)
+            return
+        self._end(request, "cancelled", Chunk(text, reason, len(request.prompt_ids), state.completion_tokens))
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self._end(request, "failed", error)
@@ -719,6 +763,8 @@ class Engine:
     def start(self) -> "Engine":
         """Run the engine in its own thread (what the server does), its decode buckets built first;
         returns once that thread's CPU threads are started (see `_start_cpu_threads`)."""
+        if self.died:
+            raise EngineUnavailable(self.died)
         self.warm_up()
         ready = threading.Event()
         with self._lock:
@@ -767,10 +813,28 @@ class Engine:
                         self._lock.wait()
                     if self._stopping:
                         return
-                self.step()  # which does not raise: the worker never dies
+                self.step()  # which raises only an exit (see _EXITS)
+        except BaseException as e:
+            self._die(e)
+            raise  # and the thread ends with it (threading prints its traceback, but SystemExit's)
         finally:
             if torch.get_num_threads() != found:
                 torch.set_num_threads(found)
+
+    def _die(self, error: BaseException) -> None:
+        """The worker thread is ending on `error`: take no more requests, end every one held with
+        EngineUnavailable (in a server, a 503 engine_unavailable, not a wait forever; /health is 503)
+        and say why in the log, as a dead `EngineProcess` does. `died` is set last, once the requests
+        have heard why: a server stops on seeing it."""
+        with self._lock:
+            self._stopping = True
+            left = list(self._rows) + list(self._waiting)
+            self._waiting.clear()
+        reason = f"the engine stopped: {first_line(error)}"
+        for request in left:
+            self._end(request, "failed", EngineUnavailable(reason))
+        warn(f"{reason}; every request now gets 503 engine_unavailable, and /health 503")
+        self.died = reason
 
     def _start_cpu_threads(self) -> None:
         """Start this thread's OpenMP team (PyTorch's CPU threads) now, at the count its steps run

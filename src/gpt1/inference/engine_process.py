@@ -15,13 +15,17 @@ there. The parent keeps the tokenizer and the config, validates each submission 
 a 503 without a round trip), and gets each step's text back in one message. Messages are JSON
 over two pipes, never pickles: commands `{"submit"}`, `{"cancel"}`, `{"stop"}` one way, `{"ready"}`,
 `{"error"}` and `{"out", "stats"}` the other. The parent's reader thread hands each chunk to the
-request's sink, as the engine's own thread does, so the server cannot tell the two apart.
+request's sink, as the engine's own thread does, so the server cannot tell the two apart: a
+request's error crosses as its type's name, message and errno, and is rebuilt here as the same
+type (`_rebuild`), which the server answers by (400, 503 for a shortage of memory, 500).
 """
 
 from __future__ import annotations
 
+import builtins
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -35,6 +39,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.lifeline import exit_with_parent
 from gpt1.core.malloc import fit_arenas_to_address_limit
@@ -47,7 +53,10 @@ from gpt1.inference.engine import (
     Engine,
     EngineStats,
     EngineUnavailable,
+    GenerationFault,
+    QueueFull,
     Sink,
+    TooLarge,
     check_room,
     check_sizes,
     fit_prompts,
@@ -271,8 +280,7 @@ class EngineProcess:
                     if request is None:  # ended here (stop(), a cancel's last chunk already read)
                         continue
                     if error is not None:
-                        kind, reason = error
-                        item = Gpt1Error(reason) if kind == "Gpt1Error" else RuntimeError(f"{kind}: {reason}")
+                        item = _rebuild(*error)
                     else:
                         item = Chunk(text, finish_reason, prompt_tokens, completion_tokens)
                     if error is not None or finish_reason is not None:
@@ -316,6 +324,46 @@ def _death(code: int | None) -> str:
     return f"exit status {code}" + (" (an error of its own, printed above)" if code else "")
 
 
+# The errors rebuilt as their own type, by name, besides Python's built-in ones.
+_ERRORS = {cls.__name__: cls for cls in (Gpt1Error, EngineUnavailable, GenerationFault, QueueFull, TooLarge,
+                                         torch.OutOfMemoryError)}
+
+
+def _described(error: BaseException) -> list:
+    """A request's error as the child sends it: [type name, message, errno or None]. An OSError's
+    message is its strerror (what `OSError(errno, strerror)` takes back); a Gpt1Error of a type not
+    in _ERRORS goes as a Gpt1Error."""
+    kind = type(error).__name__
+    if isinstance(error, Gpt1Error) and _ERRORS.get(kind) is not type(error):
+        kind = "Gpt1Error"
+    if isinstance(error, OSError) and error.errno is not None:
+        return [kind, error.strerror or str(error), error.errno]
+    return [kind, str(error), None]
+
+
+def _rebuild(kind: str, message: str, errno: int | None) -> Exception:
+    """The child's error (see `_described`) as an exception of the same type here, so that the
+    server answers it as it answers the thread engine's, with the same message: an OSError with its
+    errno (ENOMEM: a 503 to retry), a MemoryError, torch's OutOfMemoryError, a Gpt1Error (400), a
+    GenerationFault (500: the model's logits overflowed) or EngineUnavailable. A type that cannot be
+    rebuilt from its message (one of another package, UnicodeDecodeError) becomes a RuntimeError
+    subclass of the same name."""
+    if errno is not None:
+        return OSError(errno, message)  # the errno's own subclass (FileNotFoundError, ...); the file name is lost
+    cls = _ERRORS.get(kind) or getattr(builtins, kind, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except TypeError:  # wants more arguments (UnicodeDecodeError's five)
+            pass
+    return _named_error(kind)(message)
+
+
+@functools.cache
+def _named_error(kind: str) -> type[RuntimeError]:
+    return type(kind, (RuntimeError,), {"__module__": __name__})
+
+
 def _deliver(request: RemoteRequest, item: Chunk | BaseException) -> None:
     try:
         request.sink(item)
@@ -348,8 +396,7 @@ def _child_main(model_dir: str, device: str, dtype: str, engine_args: dict, comm
     def sink_for(rid: int) -> Sink:
         def sink(item: Chunk | BaseException) -> None:
             if isinstance(item, BaseException):
-                outbox.append([rid, "", None, 0, 0, [type(item).__name__ if not isinstance(item, Gpt1Error)
-                                                     else "Gpt1Error", str(item)]])
+                outbox.append([rid, "", None, 0, 0, _described(item)])
             else:
                 outbox.append([rid, item.text, item.finish_reason, item.prompt_tokens, item.completion_tokens, None])
             if isinstance(item, BaseException) or item.finish_reason is not None:

@@ -161,11 +161,15 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         # had taken every descriptor and the import failed (a 500 naming a site-packages file).
         await anyio.lowlevel.checkpoint()
         prompt_threads.start()
-        await asyncio.to_thread(starter.start)  # a child process loads the model meanwhile
         try:
-            yield
+            await asyncio.to_thread(starter.start)  # a child process loads the model meanwhile
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(engine.stop)
         finally:
-            await asyncio.to_thread(engine.stop)
+            # Ended with the server, as the engine is: each app served left its 4 threads behind.
+            await asyncio.to_thread(prompt_threads.stop)
 
     app = FastAPI(title="gpt1", version=__version__, lifespan=lifespan,
                   description="An OpenAI-compatible API for a gpt1 model, and a chat page at `/`.")

@@ -13,13 +13,14 @@ import threading
 import time
 from typing import Any
 
+import torch
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from gpt1.core.errors import Gpt1Error, open_files_hint, threads_hint
+from gpt1.core.errors import Gpt1Error, first_line, open_files_hint, threads_hint
 from gpt1.core.progress import warn
-from gpt1.inference.engine import EngineUnavailable
+from gpt1.inference.engine import EngineUnavailable, GenerationFault
 
 
 class ApiError(Exception):
@@ -189,6 +190,10 @@ def resource_shortage(e: BaseException) -> str | None:
     """What the machine ran out of, when `e` says it did for the moment (a thread that could not
     start under `ulimit -u` or a container's pids limit, a file or socket under `ulimit -n`,
     memory): a 503 to retry, not a fault of the server. None for any other error."""
+    if isinstance(e, torch.OutOfMemoryError):  # a RuntimeError: before the CPU allocator's below
+        return "GPU memory" if "CUDA" in str(e) else "memory"
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        return "memory"  # Python's own, and torch's CPU allocator's ("DefaultCPUAllocator: can't allocate memory")
     if isinstance(e, RuntimeError) and "can't start new thread" in str(e):
         return "threads"
     if isinstance(e, OSError):
@@ -202,14 +207,18 @@ def generation_error(e: BaseException) -> ApiError:
         return e
     if isinstance(e, EngineUnavailable):
         return ApiError(503, str(e), type="server_error", code="engine_unavailable")
+    if isinstance(e, GenerationFault):  # a Gpt1Error, but the model's fault (logits that overflow), not the request's
+        return ApiError(500, f"generation failed: {e}", type="server_error")
     if isinstance(e, Gpt1Error):
         return ApiError(400, str(e))
     if shortage := resource_shortage(e):
         # One line for the operator, with the limit to raise; the client's says only what to do,
         # and never the error's own text (an OSError names a file: a path of this machine).
-        hint = threads_hint() if shortage == "threads" else open_files_hint(e)  # the others are OSErrors
-        _short_of_resources.warn(f"a request got 503: the server is short of {shortage} ({type(e).__name__}: "
-                                 f"{getattr(e, 'strerror', None) or e})" + (f"; {hint}" if hint else ""))
+        hint = threads_hint() if shortage == "threads" else open_files_hint(e) if isinstance(e, OSError) else None
+        # An OSError's strerror leaves its file name out; a MemoryError has no message: its type alone.
+        detail = f"{type(e).__name__}: {e.strerror}" if getattr(e, "strerror", None) else first_line(e)
+        _short_of_resources.warn(f"a request got 503: the server is short of {shortage} ({detail})"
+                                 + (f"; {hint}" if hint else ""))
         return ApiError(503, f"the server is short of {shortage} for the moment; retry later", type="server_error",
                         code="server_overloaded", headers={"Retry-After": "1"})
-    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+    return ApiError(500, f"generation failed: {first_line(e)}", type="server_error")

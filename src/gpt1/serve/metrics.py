@@ -16,7 +16,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # (name, type, help, value of the engine); a counter's name ends in _total, as the format asks.
 _GAUGES = (
-    ("gpt1_engine_up", "1 while the engine runs, 0 once it has stopped (e.g. its process exited).",
+    ("gpt1_engine_up", "1 while the engine runs, 0 before it starts and once it has stopped (e.g. its process exited).",
      lambda engine: int(engine.alive)),
     ("gpt1_requests_running", "Requests in the batch (prefilling or decoding).", lambda engine: engine.active),
     ("gpt1_requests_waiting", "Requests queued for a slot.", lambda engine: engine.queued),
@@ -26,7 +26,7 @@ _GAUGES = (
      lambda engine: round(engine.tokens_per_s, 3)),
 )
 _COUNTERS = (
-    ("gpt1_generation_tokens_total", "Completion tokens generated, those of cancelled requests included.", "tokens"),
+    ("gpt1_generation_tokens_total", "Completion tokens given to requests, those of cancelled requests included (none of a failed row).", "tokens"),
     ("gpt1_engine_steps_total", "Batched forward passes of the engine.", "steps"),
     ("gpt1_requests_submitted_total", "Requests accepted into the queue.", "submitted"),
 )
@@ -45,7 +45,7 @@ def metrics_text(engine: Any, model: str) -> str:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name}{{{label}}} {getattr(stats, field)}"]
     name = "gpt1_requests_finished_total"
     lines += [f"# HELP {name} Requests by how they ended: completed (stop or length), cancelled (e.g. the "
-              "client went away), failed (an error), rejected (queue full or too large).",
+              "client went away), failed (an error), rejected (queue full, too large, or short of memory).",
               f"# TYPE {name} counter"]
     lines += [f'{name}{{{label},outcome="{outcome}"}} {getattr(stats, outcome)}' for outcome in _OUTCOMES]
     return "\n".join(lines) + "\n"

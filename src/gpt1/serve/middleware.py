@@ -48,6 +48,12 @@ BODY_METHODS = ("POST", "PUT", "PATCH")
 _EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError, BaseExceptionGroup)
 
 
+def is_fault(e: BaseException) -> bool:
+    """Whether `e` is a fault of the request it ended (any Exception; a BaseException such as
+    pyo3's PanicException, a Rust panic), not an exit or cancellation to pass on as it is."""
+    return isinstance(e, Exception) or not isinstance(e, _EXITS)
+
+
 def is_loopback(host: str) -> bool:
     """Whether a host name or address means this machine only."""
     host = host.strip("[]").lower()
@@ -117,7 +123,7 @@ class Guard:
         try:
             await self.app(scope, replay, send)
         except BaseException as e:
-            if isinstance(e, (Exception, *_EXITS)):  # an Exception: the app's 500 handler answers it
+            if isinstance(e, Exception) or not is_fault(e):  # an Exception: the app's 500 handler answers it
                 raise
             raise generation_error(e) from e  # an Exception, answered as one
 

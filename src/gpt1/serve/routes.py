@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.progress import logger
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import Chunk
 from gpt1.inference.engine import Engine, EngineUnavailable, QueueFull, TooLarge
@@ -30,6 +31,7 @@ from gpt1.serve import mapping
 from gpt1.serve.errors import ApiError, error_responses, generation_error, resource_shortage
 from gpt1.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gpt1.serve.metrics import metrics_text
+from gpt1.serve.middleware import is_fault
 from gpt1.serve.page import page_html
 from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -42,7 +44,10 @@ class _Mailbox:
     thousands of system calls a second."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+        # Weakly: the mailbox is the value of `_mailboxes`, keyed by this loop, and a value that
+        # held its key kept every stopped server's loop alive, and through it (the loop's
+        # exception handler, the server) its app, engine, model and KV cache.
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, Any]] = []
 
@@ -51,8 +56,11 @@ class _Mailbox:
             self._items.append((queue, item))
             if len(self._items) > 1:  # a delivery is already scheduled and will take this too
                 return
+        loop = self._loop()
+        if loop is None:  # the event loop is gone: nobody is listening any more
+            return
         try:
-            self._loop.call_soon_threadsafe(self._deliver)
+            loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             pass
 
@@ -94,6 +102,10 @@ def submit(engine: Engine | EngineProcess, prompts: list[list[int]],
         raise generation_error(e) from None
     except Gpt1Error as e:
         raise ApiError(400, str(e)) from None
+    except Exception as e:
+        if resource_shortage(e):  # short of memory building the requests: a 503 to retry, no traceback
+            raise generation_error(e) from None
+        raise
 
 
 async def chunk_batches(requests: list[EngineRequest], queue: asyncio.Queue,
@@ -135,8 +147,70 @@ async def chunk_batches(requests: list[EngineRequest], queue: asyncio.Queue,
             r.cancel()
 
 
+# ---- failures of generation ---------------------------------------------------------------------
+FAILURE_LOG_INTERVAL_S = 5.0  # the most often a failed request is a line in the log
+_TRACEBACK_PLACES = 64  # the places whose traceback is logged; a failure raised elsewhere gets its line only
+
+
+class FailureLog:
+    """Answers an error that ended an accepted request, and says it in the server's log, for a
+    stream as for a JSON reply (a stream's error event reached its client alone, under an access
+    line of 200 OK): a line per failed request, one every FAILURE_LOG_INTERVAL_S at most (the
+    next counting those left unsaid), with the traceback of the first failure raised at each
+    place. One fault fails every row of the batch: uvicorn logged a ~90-line traceback for each
+    (16 at --max-batch 16), and nothing at all for streams."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # requests of every stream fail together
+        self._last, self._unsaid = -math.inf, 0
+        self._places: set[tuple[str, str, int]] = set()
+
+    def answer(self, e: Exception) -> ApiError:
+        """The reply to `e`, which ended a request after `submit` accepted it."""
+        if isinstance(e, Gpt1Error) and not isinstance(e, EngineUnavailable):
+            # The request's input was checked when it was submitted (a 400 then): a Gpt1Error now
+            # is the model's, not the client's. The engine's own (logits NaN or infinite) is a
+            # GenerationFault, a 500 to generation_error too; this covers any other.
+            error = ApiError(500, f"generation failed: {e}", type="server_error")
+        else:
+            error = generation_error(e)
+        if error.status == 500:  # a 503 is no fault (a stopped engine) or is said where it is decided (a shortage)
+            self._say(e, error)
+        return error
+
+    def _say(self, e: Exception, error: ApiError) -> None:
+        place = _raised_at(e)
+        with self._lock:
+            now = time.monotonic()
+            traceback = place is not None and place not in self._places and len(self._places) < _TRACEBACK_PLACES
+            if not traceback and now - self._last < FAILURE_LOG_INTERVAL_S:
+                self._unsaid += 1
+                return
+            if traceback:
+                self._places.add(place)
+            unsaid, self._last, self._unsaid = self._unsaid, now, 0
+        logger.error(f"a request got {error.status}: {error.message}"
+                     + (f" ({unsaid:,} more times since the last such line)" if unsaid else ""),
+                     exc_info=(type(e), e, e.__traceback__) if traceback else None)
+
+
+def _raised_at(e: Exception) -> tuple[str, str, int] | None:
+    """Where `e` was raised (its type, file and line), for a traceback worth logging: None for a
+    Gpt1Error, whose message says it all, and for an error first raised by `chunk_batches`, made
+    without a traceback (the process engine's, rebuilt from its child's type and message)."""
+    if isinstance(e, Gpt1Error) or e.__traceback__ is None:
+        return None
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb.tb_frame.f_code is chunk_batches.__code__:
+        return None
+    return type(e).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
+
+
 async def collect(request: Request, requests: list[EngineRequest], queue: asyncio.Queue) -> list[dict] | None:
-    """Each request's text, finish_reason and usage; None (and the requests stopped) if the client left."""
+    """Each request's text, finish_reason and usage; None (and the requests stopped) if the client left.
+    A failure is the ApiError of the app's FailureLog (`Served.failures`)."""
     results = [{"text": [], "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0} for _ in requests]
 
     async def consume() -> None:
@@ -166,11 +240,9 @@ async def collect(request: Request, requests: list[EngineRequest], queue: asynci
     try:
         work.result()  # raises what generation raised
     except Exception as e:
-        # e.g. the server is shutting down, or out of threads for now: an answer (503), not a
-        # fault to log with a traceback
-        if isinstance(e, Gpt1Error) or resource_shortage(e):
-            raise generation_error(e) from None
-        raise
+        # An ApiError, answered as such: raised on, the fault went to Starlette's last handler,
+        # whose uvicorn logged a traceback for every request that it failed.
+        raise request.app.state.served.failures.answer(e) from None
     for r in results:
         r["text"] = "".join(r["text"])
     return results
@@ -218,7 +290,9 @@ def _no_usage(include_usage: bool) -> dict:
     return {"usage": None} if include_usage else {}
 
 
-async def _chat_events(requests, queue, rid, now, model_id, include_usage, interval) -> AsyncIterator[str]:
+async def _chat_events(requests, queue, rid, now, model_id, include_usage, interval,
+                       failures: FailureLog | None = None) -> AsyncIterator[str]:
+    """The chat stream's events; a failure is an error event, said in `failures` (None: a log of its own)."""
     def chunk(delta: dict, finish_reason: str | None = None) -> dict:
         return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
                 "system_fingerprint": None,
@@ -239,8 +313,10 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
                     usage = _usage(c.prompt_tokens, c.completion_tokens)
             if events:
                 yield "".join(events)
-    except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
-        yield _sse(generation_error(e).body())
+    except BaseException as e:  # noqa: BLE001 - the status line is sent: report in the stream
+        if not is_fault(e):  # a cancellation (the client left), an exit: not the stream's to answer
+            raise
+        yield _sse((failures or FailureLog()).answer(e).body())
         return
     finally:
         _cancel(requests)
@@ -250,7 +326,9 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
     yield "data: [DONE]\n\n"
 
 
-async def _completion_events(requests, queue, rid, now, model_id, include_usage, interval) -> AsyncIterator[str]:
+async def _completion_events(requests, queue, rid, now, model_id, include_usage, interval,
+                             failures: FailureLog | None = None) -> AsyncIterator[str]:
+    """The completion stream's events; a failure is an error event, said in `failures` (as `_chat_events`)."""
     def chunk(index: int, text: str, finish_reason: str | None = None) -> dict:
         return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
                 "system_fingerprint": None,
@@ -271,8 +349,10 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
                     events.append(text_events[index](c.text))
             if events:
                 yield "".join(events)
-    except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
-        yield _sse(generation_error(e).body())
+    except BaseException as e:  # noqa: BLE001 - the status line is sent: report in the stream
+        if not is_fault(e):  # a cancellation (the client left), an exit: not the stream's to answer
+            raise
+        yield _sse((failures or FailureLog()).answer(e).body())
         return
     finally:
         _cancel(requests)
@@ -296,20 +376,36 @@ class PromptThreads:
 
     def __init__(self, threads: int = PROMPT_THREADS):
         self.threads = threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gpt1-prompt")
+        self._pool: ThreadPoolExecutor | None = None  # made by the first start() or run(), ended by stop()
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gpt1-prompt")
+            return self._pool
 
     def start(self) -> None:
         """Start them all now (the pool starts each when work first waits for it): a server claims
         its threads at start, so that no burst of requests has a thread to start later."""
+        pool = self._executor()
         started = threading.Barrier(self.threads)  # busy together, each task takes a thread of its own
         for _ in range(self.threads):
-            self._pool.submit(started.wait, 10)
+            pool.submit(started.wait, 10)
+
+    def stop(self) -> None:
+        """End the threads, once those building a prompt have done so: the app's lifespan ends with
+        its server, and each app served left its 4 threads behind. The app served again starts new ones."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) on one of the threads; a 503 to retry when none could be started for now (see
         `generation_error`), not a 500 with a traceback."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor(), fn, *args)
         except Exception as e:
             if resource_shortage(e):
                 raise generation_error(e) from None
@@ -339,6 +435,7 @@ class Served:
     tokenizer: Any
     ensure_started: Callable[[], Awaitable[None]]
     prompt_threads: PromptThreads
+    failures: FailureLog = dataclasses.field(default_factory=FailureLog)  # the app's own: its log lines, throttled
 
 
 def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_interval: float = 0.0) -> None:
@@ -409,7 +506,8 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         rid, now, model_id = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _stream_response(_chat_events(requests, queue, rid, now, model_id, include_usage, stream_interval))
+            return _stream_response(_chat_events(requests, queue, rid, now, model_id, include_usage,
+                                                 stream_interval, served.failures))
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
@@ -440,7 +538,8 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         rid, now, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _stream_response(_completion_events(requests, queue, rid, now, model_id, include_usage, stream_interval))
+            return _stream_response(_completion_events(requests, queue, rid, now, model_id, include_usage,
+                                                       stream_interval, served.failures))
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this

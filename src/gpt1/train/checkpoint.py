@@ -23,7 +23,8 @@ checkpoint intact, and `latest_checkpoint` never sees a half-written one. Saving
 exists already renames the old one aside first (`.step-N.old`), renames the new one in, and
 only then deletes the old; a kill between the two renames is undone by `remove_partial_saves`.
 `trainer_state.pt` holds only tensors, numbers, strings, lists and dicts and is read back with
-`torch.load(weights_only=True)`: no pickled objects.
+`torch.load(weights_only=True)`: no pickled objects. The training loop checks what it read
+against `STATE_SCHEMA` (`check_trainer_state`) before anything uses it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.pt"
 OUTPUTS_FILE = "outputs.done"
 _NAME = re.compile(r"^step-(\d+)$")
+
+# What trainer_state.pt holds, by type: a dict names the keys it must have, a one-item list is a
+# list of such values. `torch.load(weights_only=True)` reads any dict of tensors, numbers and
+# strings, so a damaged or hand-edited one is named here, in one line, and not by the KeyError or
+# TypeError of the line of the loop that first reads it.
+_NUMBER = (int, float)
+_RNG = {"torch": torch.Tensor, "cuda": list,  # `rng_state`'s layout ("mps" only on Apple's GPUs)
+        "numpy": {"name": str, "keys": list, "pos": int, "has_gauss": int, "cached_gaussian": float},
+        "python": {"version": int, "state": list, "gauss_next": (float, type(None))}}
+STATE_SCHEMA = {"step": int, "rng": _RNG, "optimizer": dict, "scaler": dict, "sampler": dict, "tokens": int,
+                "last": {"loss": (*_NUMBER, type(None)), "val_loss": (*_NUMBER, type(None))}}
+# Keys a checkpoint of an older gpt1 lacks (the loop has a default for each): checked when present.
+LATER_KEYS = {"end": int, "budget_spent": _NUMBER, "step_time": (*_NUMBER, type(None)),
+              "schedule": (dict, type(None)), "rank_rng": [_RNG]}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -178,6 +193,43 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
                 raise Gpt1Error(f"{path}: {name} has shape {tuple(tensor.shape)}, the model has {tuple(params[name].shape)}")
             params[name].copy_(tensor)
     return state
+
+
+def check_trainer_state(path: Path, state: Any, sampler: dict[str, Any]) -> None:
+    """Refuse, in one line, a trainer state (of checkpoint `path`) that does not fit `STATE_SCHEMA`.
+    `sampler`: the batch source's `state_dict()` as it is now. The sampler's layout is its batch
+    source's own ({"draws"} for pretraining's, an epoch and a position for a fine-tune's): the
+    saved one must have its keys, with values of the same types."""
+    sampler_schema = {key: _NUMBER if isinstance(value, float) else type(value)
+                      for key, value in sampler.items() if value is not None}
+    problem = _mismatch(state, {**STATE_SCHEMA, "sampler": sampler_schema}, "")
+    if problem := problem or _mismatch(state, {k: v for k, v in LATER_KEYS.items() if k in state}, ""):
+        raise Gpt1Error(f"{Path(path) / STATE_FILE}: cannot read the checkpoint ({problem}); it is not a trainer "
+                        "state gpt1 saved (damaged or edited)")
+
+
+def _mismatch(value: Any, schema: Any, where: str) -> str | None:
+    """What in `value` does not fit `schema` (see `STATE_SCHEMA`), e.g. "missing key 'rng'"; None if it fits.
+    `where`: the dotted keys that lead to `value`."""
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{repr(where) if where else 'the state'} is {type(value).__name__}, expected dict"
+        for key, item in schema.items():
+            name = f"{where}.{key}" if where else str(key)
+            if key not in value:
+                return f"missing key {name!r}"
+            if problem := _mismatch(value[key], item, name):
+                return problem
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{where!r} is {type(value).__name__}, expected list"
+        return next(filter(None, (_mismatch(v, schema[0], f"{where}.{i}") for i, v in enumerate(value))), None)
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # True is an int, not a count
+        expected = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+        return f"{where!r} is {type(value).__name__}, expected {expected}"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:

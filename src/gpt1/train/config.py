@@ -131,7 +131,8 @@ class TrainConfig:
             raise Gpt1Error("set the run length: max_steps, max_tokens or epochs must be > 0")
         if not 0.0 <= self.warmup < 1.0:
             raise Gpt1Error(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if not 0.0 <= self.cooldown <= 1.0 - self.warmup:
+        # The sum, with a tolerance: 1.0 - 0.8 is 0.19999999999999996, which refused cooldown=0.2.
+        if not (self.cooldown >= 0.0 and self.warmup + self.cooldown <= 1.0 + 1e-9):
             raise Gpt1Error(f"cooldown is a fraction of the steps in [0, 1 - warmup], got {self.cooldown} "
                             f"(warmup {self.warmup})")
         if not (self.lr > 0 and math.isfinite(self.lr) and 0 <= self.min_lr <= self.lr):
@@ -184,6 +185,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         info(f"{local}: a local file of that name, used instead of the shipped recipe {shipped.stem}")
     if local or shipped:
         return local or shipped
+    if (found := next((p for p in (Path(text), Path(f"{text}.toml")) if p.exists()), None)) is not None:
+        kind = "a folder" if found.is_dir() else "not a regular file"
+        raise Gpt1Error(f"{found}: {kind}, not a config file (a TOML recipe such as {CONFIGS_DIR.name}/tiny-cpu.toml)")
     names = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")))
     raise Gpt1Error(f"{name_or_path}: config file not found (shipped recipes: {names})")
 
@@ -205,6 +209,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             table = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise Gpt1Error(f"{path}: invalid TOML ({e})") from None
+        except RecursionError:  # tomllib recurses once per level of nesting
+            raise Gpt1Error(f"{path}: invalid TOML for gpt1: arrays or tables nested too deeply") from None
         except UnicodeDecodeError as e:  # TOML files are UTF-8 by the spec
             raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start} (a TOML file must be UTF-8 text)") from None
         for key, value in table.items():
@@ -244,7 +250,7 @@ def _parse_value(raw: str, hint: Any) -> Any:
         return raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'" else raw
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # not TOML (or nested past the recursion limit): text
         return raw
 
 

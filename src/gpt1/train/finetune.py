@@ -334,10 +334,12 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
     elif cfg.max_tokens > 0:
         mean_len = train_data.num_tokens / len(train_data)
         max_steps = max(1, math.ceil(cfg.max_tokens / (sequences_per_step * mean_len)))
-    else:
-        max_steps = max(1, math.ceil(cfg.epochs * len(train_data) / sequences_per_step))
+    else:  # whole epochs of the sampler, each ending on a step topped up from its start
+        max_steps = batches.steps_for(cfg.epochs, cfg.grad_accum)
     if step_limit is not None:
         max_steps = max(1, min(max_steps, step_limit))
+    if cfg.max_steps == 0 and cfg.max_tokens == 0 and ckpt.latest_checkpoint(out) is not None:
+        max_steps = _legacy_epoch_steps(record, cfg, len(train_data), sequences_per_step, step_limit) or max_steps
     if dist.is_main:
         data_name = " + ".join(cfg.sources)
         info(f"chat data {data_name}: {stats.summary()}")
@@ -354,8 +356,10 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         info(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {', '.join(cfg.lora_targets)}: {trainable:,} trainable "
              f"parameters of {total:,} ({100 * trainable / total:.2f}%)")
         at_most, sooner = step_cap_words(cfg)
+        # The sampler's epochs (each a whole number of steps), not sequences drawn / sequences:
+        # the top-up of an epoch's last step is not a part of the next epoch.
         info(f"{at_most}{max_steps:,} steps x {sequences_per_step} sequences = "
-             f"{max_steps * sequences_per_step / len(train_data):.2f} epochs of {len(train_data):,}{sooner}")
+             f"{max_steps / batches.epoch_steps(cfg.grad_accum):.2f} epochs of {len(train_data):,}{sooner}")
 
     # Recorded in the run dir's train_config.json: resuming with another base, or on other
     # training sequences (an edit of the chat data, even one that keeps their number), is refused.
@@ -371,6 +375,18 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
             del data[key]
     return train(model, run_cfg, out, batches, lambda: val, save_model, max_steps=max_steps, data=data,
                  redo_hint=redo_hint)
+
+
+def _legacy_epoch_steps(record: dict, cfg: FinetuneConfig, sequences: int, sequences_per_step: int,
+                        step_limit: int | None) -> int | None:
+    """The length of a run begun before 2026-12-06 on `epochs`, when its train_config.json records
+    it: epochs x sequences / global batch steps, which stopped part-way through the last epoch
+    (each epoch ends on a step topped up from its start). It resumes with that length: the loop
+    refuses a resolved max_steps other than the recorded one. None: not such a run."""
+    steps = max(1, math.ceil(cfg.epochs * sequences / sequences_per_step))
+    if step_limit is not None:
+        steps = max(1, min(steps, step_limit))
+    return steps if record.get("max_steps") == steps else None
 
 
 def _finished_run(out: Path, cfg: FinetuneConfig, step_limit: int | None) -> tuple[int, dict | None] | None:
@@ -395,7 +411,7 @@ def _finished_run(out: Path, cfg: FinetuneConfig, step_limit: int | None) -> tup
     except Exception:  # unreadable: the loop names the file when it loads the checkpoint
         return None
     end = state.get("end", max_steps) if isinstance(state, dict) else max_steps  # a time budget may end it early
-    if ckpt.checkpoint_step(latest) < end:
+    if not isinstance(end, int) or ckpt.checkpoint_step(latest) < end:  # not a number: the loop names the file
         return None
     data = record.get("data")
     return max_steps, data if isinstance(data, dict) else None

@@ -354,7 +354,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill (or damaged): not a record
+        except (ValueError, RecursionError):  # cut by a kill, damaged, 4,300+ digits, "[[[..." too deep (as `gpt1 plot`)
             continue
         if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
             kept.append(line)
@@ -426,6 +426,7 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model)
+        ckpt.check_trainer_state(latest, state, train_data.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
@@ -970,10 +971,15 @@ class _TimeBudget:
             # schedule still ends at min_lr, on a shorter decay.
             short = end - done
             fit = int(self.OVERRUN * self.seconds / self.step_time) if self.step_time else 0
-            new_end = max(floor, min(end, done + max(2, fit)))
+            fitting = min(end, done + max(2, fit))
+            new_end = max(floor, fitting)
             if new_end < end and not self.cut and dist.is_main:
+                # Name what decided the steps left: the overrun, or the minimum run length (its
+                # steps may take far longer than the overrun; "fit in 5% more time" hid a 12x overrun).
+                why = (f"that fit in {self.OVERRUN:.0%} more time" if new_end == fitting else
+                       f"left of the minimum of {self.MIN_STEPS} steps a run takes, whatever its time budget")
                 warn(f"step {done:,}: the time budget ran out {short:,} steps before the planned end; the LR "
-                     f"decays to min_lr over the {new_end - done:,} steps that fit in {self.OVERRUN:.0%} more time")
+                     f"decays to min_lr over the {new_end - done:,} steps {why}")
             self.cut = self.cut or new_end < end
         elif not measured:
             new_end = end

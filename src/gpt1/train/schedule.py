@@ -8,8 +8,12 @@ import math
 
 
 def warmup_steps(max_steps: int, warmup: float) -> int:
-    """Steps of linear warmup for a warmup fraction (at least one when warmup > 0)."""
-    return max(1, round(warmup * max_steps)) if warmup > 0 else 0
+    """Steps of linear warmup for a warmup fraction: at least one when warmup > 0, and at most
+    all but the last step, which is the decay's end (`min_lr`). A run of one step has none."""
+    if warmup <= 0 or max_steps <= 1:
+        return 0
+    # round(0.95 * 10) = 10 made every step warmup: the run ended at the peak, never decayed.
+    return min(max(1, round(warmup * max_steps)), max_steps - 1)
 
 
 def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup: float, cooldown: float = 0.0) -> float:
@@ -21,19 +25,34 @@ def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup: float, co
     at `lr` until the last `cooldown` fraction of the steps, which fall linearly to exactly
     `min_lr`. A time budget re-plans `max_steps` as the run goes: under a cooldown only the
     cooldown's steps depend on the plan, under the cosine every step does.
+
+    The edges: the warmup takes at most all but the last step (`warmup_steps`), so a run of two
+    or more steps always ends at `min_lr` (one whose warmup takes all but the last step falls from
+    `lr` to `min_lr` at its last step); a run of one step takes it at `lr`, as transformers'
+    get_cosine_schedule_with_warmup and nanoGPT's get_lr do at step 0 (it has no decay).
     """
+    if max_steps <= 1:
+        return lr
     n_warm = warmup_steps(max_steps, warmup)
     if step < n_warm:
         return lr * (step + 1) / n_warm
     if cooldown > 0:
-        decay_start = max(n_warm, max_steps - 1 - max(1, round(cooldown * max_steps)))
+        # At most the step before the last: the last one is min_lr even after a warmup of all the others.
+        decay_start = min(max_steps - 2, max(n_warm, max_steps - 1 - max(1, round(cooldown * max_steps))))
         if step <= decay_start:
             return lr
         return lr + min(1.0, (step - decay_start) / (max_steps - 1 - decay_start)) * (min_lr - lr)
-    decay_steps = max_steps - 1 - n_warm
-    if decay_steps <= 0:  # the warmup took every step but the last: that one is the decay's end
+    return _cosine(step, n_warm, max_steps, lr, min_lr)
+
+
+def _cosine(step: int, start: int, end: int, lr: float, min_lr: float) -> float:
+    """The half cosine from `lr` at step `start` to exactly `min_lr` at the last step `end - 1`;
+    one that starts at the last step is its end (`min_lr`), unless the run has one step (`lr`)."""
+    if end <= 1:
+        return lr
+    if start >= end - 1:
         return min_lr
-    progress = min(1.0, (step - n_warm) / decay_steps)
+    progress = min(1.0, (step - start) / (end - 1 - start))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
@@ -92,7 +111,7 @@ class BudgetSchedule:
                     rate = min(start, max(self.min_lr, rate))
             else:
                 start = warmup_steps(end, self.warmup) if self.decay_start is None else self.decay_start
-                rate = lr_at(max(step, start) - start, end - start, self.lr, self.min_lr, 0.0)
+                rate = _cosine(max(step, start), start, end, self.lr, self.min_lr)
                 if self.previous is not None:
                     rate = min(rate, self.previous)
         self.previous = rate
