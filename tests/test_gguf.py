@@ -213,6 +213,23 @@ def test_chat_model_adapter_merged_and_template_gives_gpt1_chat_ids(tmp_path, ti
         torch.testing.assert_close(_llama_logits(llm, expected), logits, atol=F32_ATOL, rtol=0)
 
 
+def test_llama_cpp_without_jinja_finds_no_built_in_format_in_the_template():
+    """Without --jinja, llama.cpp picks a built-in chat format by the marker strings in a
+    template's source: <|user|> and <|assistant|> made it render GLM-Edge's (a line break after
+    each marker, no [EOS] after a reply), a prompt gpt1 never trained on, without a word. Now its
+    C API finds none and says the template is unsupported (-1), as for any custom template."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    turns = [("system", "Be brief."), ("user", "Hi!"), ("assistant", "Hello."), ("user", "Bye")]
+    chat = (llama_cpp.llama_chat_message * len(turns))(
+        *[llama_cpp.llama_chat_message(role=role.encode(), content=text.encode()) for role, text in turns])
+    out = ctypes.create_string_buffer(4096)
+    assert llama_cpp.llama_chat_apply_template(JINJA_TEMPLATE.encode(), chat, len(turns), True, out, len(out)) == -1
+    # A template with those markers in its source is taken for a built-in one (the check is real).
+    assert llama_cpp.llama_chat_apply_template(b"<|user|><|assistant|>", chat, len(turns), True, out, len(out)) > 0
+
+
 def test_cli_writes_the_file_and_hf_config_has_n_ctx(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "m.gguf"
     assert main(["export", "--model", str(tiny_model_dir), "--format", "gguf", "--type", "q8_0", "--out", str(out)]) == 0

@@ -69,14 +69,23 @@ def _jinja_template(generation_marks: bool) -> str:
         "{% set text = message['content'] | map(attribute='text') | join %}"
         "{% else %}{{ raise_exception('messages[' ~ i ~ '].content: expected a string or a list of text parts') }}"
         "{% endif %}"
-        "{% for special in " + repr(SPECIAL_TOKENS) + " %}{% if special in text %}{{ raise_exception('messages[' ~ i ~ "
+        "{% for special in " + _jinja_list(SPECIAL_TOKENS) + " %}{% if special in text %}{{ raise_exception('messages[' ~ i ~ "
         "'].content: contains \"' ~ special ~ '\", the text of a special token, which would become that token here "
         "(gpt1 itself keeps it as text); remove it') }}{% endif %}{% endfor %}"
         "{{ '<|' + role + '|>' }}"
         "{% if role == 'assistant' %}" + reply + "{% else %}{{ text }}{% endif %}"
         "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+        "{% if add_generation_prompt %}{{ '<|' + 'assistant' + '|>' }}{% endif %}"
     )
+
+
+def _jinja_list(tokens: list[str]) -> str:
+    """`tokens` as a Jinja list whose source never spells a role marker whole ('<|' ~ 'user|>').
+    Without --jinja, llama.cpp picks one of its built-in chat formats by the marker strings it
+    finds in a template's source: <|user|> and <|assistant|> made it pick GLM-Edge's (a line break
+    after each marker, no [EOS] after a reply), a prompt the model never saw, without a word. With
+    no marker to find, it reports the template as unsupported instead (and --jinja renders it)."""
+    return "[" + ", ".join(f"'<|' ~ '{t[2:]}'" if t.startswith("<|") else repr(t) for t in tokens) + "]"
 
 
 # The model dir's chat_template.jinja and the GGUF export's tokenizer.chat_template: without
