@@ -167,13 +167,7 @@ class FailureLog:
 
     def answer(self, e: Exception) -> ApiError:
         """The reply to `e`, which ended a request after `submit` accepted it."""
-        if isinstance(e, Gpt1Error) and not isinstance(e, EngineUnavailable):
-            # The request's input was checked when it was submitted (a 400 then): a Gpt1Error now
-            # is the model's, not the client's. The engine's own (logits NaN or infinite) is a
-            # GenerationFault, a 500 to generation_error too; this covers any other.
-            error = ApiError(500, f"generation failed: {e}", type="server_error")
-        else:
-            error = generation_error(e)
+        error = generation_error(e)  # a GenerationFault (logits that overflow) is the model's: a 500
         if error.status == 500:  # a 503 is no fault (a stopped engine) or is said where it is decided (a shortage)
             self._say(e, error)
         return error
