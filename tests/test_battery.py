@@ -282,9 +282,9 @@ def test_invalid_utf8_on_stdin_and_in_arguments(tiny_model_dir):
     assert_one_clear_line(result.returncode, result.stderr.decode(), r"stdin: the input is not valid UTF-8 \(byte b'\\xe9'\)")
     result = gpt1("generate", "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", "2", "--prompt", b"caf\xe9")
     assert_one_clear_line(result.returncode, result.stderr.decode(), r"argument --prompt: not valid UTF-8 \(byte b'\\xe9' at byte 3\)")
-    # gpt1 chat reports the line and reads on (tests/test_chat_cli.py)
+    # gpt1 chat reports the line and reads on, and a piped session with a failed line exits 2 (tests/test_chat_cli.py)
     result = gpt1("chat", "--model", tiny_model_dir, "--device", "cpu", stdin=b"hello \xff\n")
-    assert result.returncode == 0 and "error: line 1 is not valid UTF-8" in result.stderr.decode()
+    assert result.returncode == 2 and "error: line 1 is not valid UTF-8" in result.stderr.decode()
 
 
 def test_gpt1_debug_shows_the_traceback_behind_the_line(hostile, tokenizer_dir, tmp_path):

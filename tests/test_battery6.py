@@ -147,12 +147,13 @@ def test_print_config_needs_no_paths_and_lists_only_keys_that_apply(tmp_path, ca
     assert main(["finetune", "--print-config", "lora_r=4"]) == 0
     printed = capsys.readouterr().out
     assert not set(PRETRAINING_KEYS) & {line.split(" = ")[0] for line in printed.splitlines()}
+    assert {"optimizer", "float8"} <= set(PRETRAINING_KEYS)  # refused too, and listed until pass 17
     (tmp_path / "ft.toml").write_text(printed)
     assert load_config(FinetuneConfig, tmp_path / "ft.toml").lora_r == 4
     # Each key left out is one fine-tuning refuses (the list does not drift from FinetuneConfig).
     assert set(PRETRAINING_KEYS) <= set(TrainConfig().to_dict())
     changed = {"model": "small", "init_from": "runs/x", "n_layer": 2, "n_head": 2, "n_embd": 64, "muon_lr_scale": 2.0,
-               "embedding_lr_scale": 2.0}
+               "embedding_lr_scale": 2.0, "optimizer": "muon", "float8": True}
     for key in PRETRAINING_KEYS:
         assert_one_clear_line(*run_main(capsys, "finetune", "--base", tmp_path / "none", "--out", tmp_path / "o",
                                         f"{key}={json.dumps(changed[key])}"), rf"{key}")

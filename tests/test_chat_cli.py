@@ -79,7 +79,7 @@ def test_chat_reports_a_piped_line_that_is_not_utf8_and_answers_the_others(tiny_
     result = subprocess.run(chat_args(tiny_model_dir, "--temperature", "0", "--max-new-tokens", "4"),
                             input=b"Hello\n\xff\nHi\n", capture_output=True, timeout=120)
     stderr = result.stderr.decode()
-    assert result.returncode == 0 and "Traceback" not in stderr, stderr
+    assert result.returncode == 2 and "Traceback" not in stderr, stderr  # a line failed: the status says so
     assert "error: line 2 is not valid UTF-8 (byte b'\\xff' at byte 0); it was not sent" in stderr
     first = llm.chat([{"role": "user", "content": "Hello"}], temperature=0, max_new_tokens=4)
     second = llm.chat([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
@@ -93,6 +93,27 @@ def test_chat_on_a_terminal_reports_a_message_that_is_not_utf8_and_goes_on(tiny_
                         [b"abc\xff def", b"hello", b"/quit"])
     assert b"error: that message is not valid UTF-8 (byte b'\\xff' at byte 3); it was not sent" in shown, shown
     assert b"Traceback" not in shown and shown.count(b"> ") >= 3
+
+
+# ---- piped input: the exit status says whether every line was done (pass 17) -------------------
+
+def test_piped_chat_exits_2_when_a_line_failed_and_a_typed_one_exits_0(tiny_model_dir, capsys, monkeypatch):
+    """`printf '/set temperature abc\\n/preset nope\\nhi\\n' | gpt1 chat` exited 0: a script could
+    not tell that its settings were refused."""
+    argv = ["chat", "--model", tiny_model_dir, "--device", "cpu", "--max-new-tokens", "3", "--seed", "1"]
+    for script in ("/set temperature abc\n/preset nope\nhi\n", "/set temperature abc\n/preset nope\nhi\n/quit\nnot read\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+        code, out, err = run_main(capsys, *argv)
+        assert code == 2 and out.strip(), err  # "hi" was answered
+        assert err.rstrip().endswith("gpt1 chat: error: 2 input line(s) failed (line 1, 2; the errors are above)")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/set temperature 0\n"))
+    assert run_main(capsys, *argv)[0] == 0
+
+
+@pytest.mark.slow
+def test_typed_chat_exits_0_after_a_failed_line(tiny_model_dir):
+    shown = in_terminal(chat_args(tiny_model_dir, "--max-new-tokens", "3"), [b"/set temperature abc", b"/quit"])
+    assert b"error: temperature must be" in shown  # in_terminal checks the exit status: 0
 
 
 # ---- `gpt1 chat > file`: the prompt is no part of the file -------------------------------------

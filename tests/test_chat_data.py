@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gpt1.core.chat_template import encode_chat_with_labels
+from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.model import IGNORE_INDEX
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches, pad_batch
 from gpt1.data.chat_sources import ChatStats, Conversation, hf_split_names, read_conversations, split_conversations
 
@@ -295,7 +295,7 @@ def test_batches_are_deterministic_resumable_and_sharded(tokenizer):
     # Two ranks see disjoint halves of each step, and together one epoch covers every sequence.
     ranks = [ChatBatches(data, micro_batch=2, seed=7, rank=r, world_size=2) for r in range(2)]
     seen = []
-    for _ in range(ranks[0].steps_per_epoch):
+    for _ in range(ranks[0].epoch_steps()):
         for r in ranks:
             x, _ = r.next_batch()
             seen += [row[row != 0].tolist() for row in x]

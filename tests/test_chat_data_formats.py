@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from gpt1.core.chat_template import encode_chat_with_labels
+from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.model import IGNORE_INDEX
 from gpt1.data.chat import encode_conversations
 from gpt1.data.chat_sources import NAMES_IGNORED, TOOL_CALLS, ChatStats, Conversation, hf_split_names, read_conversations
 from gpt1.data.readers import PIECE_CHARS

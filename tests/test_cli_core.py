@@ -1,5 +1,6 @@
 """The command line for the core library: real subprocesses, checking exit codes and stderr."""
 
+import json
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def test_tokenizer_train_cli(tmp_path, corpus_dir):
 def test_info_shows_reference_parameter_count():
     result = gpt1("info", "gpt1")
     assert result.returncode == 0, result.stderr
-    assert "parameters: 257,525,760" in result.stdout
+    assert "parameters: 257,525,760" in result.stderr
+    assert json.loads(result.stdout)["n_layer"] == 12  # stdout is the config alone: `gpt1 info gpt1 | jq` reads it
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "invalid_utf8", "small_vocab", "unknown_preset"])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt1.cli import main
 from gpt1.core.io import file_target, write_json
 from tests.test_battery import assert_one_clear_line, run_main
 
@@ -228,8 +229,6 @@ def test_errors_name_the_subcommand_and_tokenizer_train_checks_before_it_announc
 
 def test_print_config_of_text_outside_the_bmp_loads_back(tmp_path, capsys):
     """`init_from=runs/😀` was printed as "runs/\\ud83d\\ude00", which TOML refuses."""
-    from gpt1.cli import main
-
     assert main(["pretrain", "--print-config", "init_from=runs/😀\x7f"]) == 0  # DEL: TOML wants it escaped
     printed = capsys.readouterr().out
     assert 'init_from = "runs/😀\\u007f"' in printed
@@ -283,3 +282,148 @@ def test_gpt1_without_a_command_is_a_usage_error_like_tokenizer_without_an_actio
 def test_a_wrong_type_says_how_to_write_the_value(capsys, override, message):
     line = assert_one_clear_line(*run_main(capsys, "pretrain", "--print-config", override))
     assert line == f"gpt1 pretrain: error: override {override!r}: {message}"
+
+
+# ---- pass 17 (/tmp/explore/f17/cli) ---------------------------------------------------------------
+
+def test_eval_data_and_ppl_data_repeated_add_their_sources(tmp_path, tiny_model_dir, corpus_dir, capsys):
+    """`eval --data A --data B` scored only B (nargs="+" keeps the last flag's list), exit 0; in task
+    mode `--data piqa=... --data arc_easy=...` dropped piqa's file and then asked for it."""
+    from tests.task_files import arc, piqa, write_jsonl
+
+    a, b = corpus_dir / "json" / "decoder.py", corpus_dir / "json" / "encoder.py"
+    scores = []
+    for data in (["--data", a, b], ["--data", a, "--data", b]):
+        assert main([str(a) for a in ["eval", "--model", tiny_model_dir, *data, "--device", "cpu", "--json", "-"]]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0] == scores[1] and scores[1]["source"] == f"{a}, {b}"
+    piqa_file = write_jsonl(tmp_path / "piqa.jsonl", [piqa(i) for i in range(3)])
+    arc_file = write_jsonl(tmp_path / "arc.jsonl", [arc(i) for i in range(3)])
+    report = tmp_path / "report.md"
+    code, err = run_main(capsys, "eval", "--model", tiny_model_dir, "--task", "piqa,arc_easy", "--device", "cpu",
+                         "--data", f"piqa={piqa_file}", "--data", f"arc_easy={arc_file}", "--json", tmp_path / "r.json",
+                         "--report", report, "--ppl-data", a, "--ppl-data", b)
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "r.json").read_text())) == {"piqa", "arc_easy"}
+    assert f"| {a}, {b} |" in report.read_text()  # the perplexity row: both --ppl-data sources
+
+
+def test_eval_samples_and_report_dash_write_to_stdout_and_export_refuses_it(tmp_path, tiny_model_dir, capsys,
+                                                                            monkeypatch):
+    """`--json -` and `plot --out -` meant stdout, but `eval --samples -`, `--report -` and
+    `export --out -` wrote a file named `-` in the current folder."""
+    from tests.task_files import piqa, write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    task = write_jsonl(tmp_path / "piqa.jsonl", [piqa(i) for i in range(3)])
+    argv = ["eval", "--model", tiny_model_dir, "--task", "piqa", "--data", task, "--device", "cpu"]
+    assert main([*map(str, argv), "--samples", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["task"] for line in out.splitlines()] == ["piqa"] * 3
+    assert "| piqa " in err  # the table, to stderr: stdout holds the samples only
+    assert main([*map(str, argv), "--report", "-", "--json", "scores.json"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"# Evaluation of `{tiny_model_dir}`") and "## Tasks" in out and "report:" not in err
+    assert set(json.loads((tmp_path / "scores.json").read_text())) == {"piqa"}
+    for outputs in (["--json", "-", "--samples", "-"], ["--json", "--report", "-"], ["--samples", "-", "--report", "-"]):
+        assert_one_clear_line(*run_main(capsys, *argv, *outputs), r"both write to standard output \(-\); give all "
+                                                                  r"but one of them a PATH")
+    assert_one_clear_line(*run_main(capsys, "export", "--model", tiny_model_dir, "--out", "-", "--format", "gguf"),
+                          r"^gpt1 export: error: --out -: a GGUF or HF export is written to files, not to standard "
+                          r"output; name a path$")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["piqa.jsonl", "scores.json"]  # no file named "-"
+
+
+
+@pytest.mark.parametrize("argv", [["tokenizer", "train", "x.txt"], ["prepare", "--tokenizer", "t", "x.txt"],
+                                  ["pretrain", "--data", "d"], ["finetune", "--base", "b"], ["quickstart"]])
+def test_an_output_folder_of_dash_is_refused(tmp_path, capsys, monkeypatch, argv):
+    """`-` is standard output to `eval --json` and `plot --out`; as an output folder it made a folder
+    named `-` in the current one (found by the pass-17 CLI tester, left after the export fix)."""
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_main(capsys, *argv, "--out", "-")
+    assert rc == 2 and "argument --out: '-' is standard output elsewhere; this output is a folder: name one" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+def test_finetune_help_examples_typed_as_shown_are_accepted(capsys):
+    """`lora_targets=["q","v"]` unquoted in --help: typed as shown, bash strips the quotes and the
+    override (lora_targets=[q,v]) is refused."""
+    import re
+    import shlex
+
+    from gpt1.cli.finetune_cmd import RECIPE_KEYS
+
+    shown = " ".join(gpt1("finetune", "--help").stdout.decode().split())
+    examples = [word for match in re.findall(r"'[a-z_]+=[^']*'|\b[a-z_]+=[^\s;,]+", shown)
+                for word in shlex.split(match)  # as a shell passes each to gpt1
+                if word.partition("=")[0] in RECIPE_KEYS]  # not "overridden as key=value"
+    assert {e.partition("=")[0] for e in examples} >= {"max_steps", "lora_r", "lora_targets", "languages", "all_paths"}
+    assert main(["finetune", *examples, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert 'lora_targets = ["q", "v"]' in printed and 'languages = ["en", "de"]' in printed
+
+
+def test_a_path_flag_written_with_an_equals_sign_expands_the_home_folder(tmp_path, corpus_dir, monkeypatch, capsys):
+    """The shell expands `--out ~/x` but not `--out=~/x`: a folder named `~` appeared in the current one."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "here").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--out=~/tok", str(corpus_dir / "json")]) == 0
+    assert (home / "tok" / "tokenizer.json").is_file() and list((tmp_path / "here").iterdir()) == []
+    capsys.readouterr()
+    for data, expanded in (("~/chats.jsonl", f"{home}/chats.jsonl"), ("hf:~/chats", f"hf:{home}/chats")):
+        assert main(["finetune", f"--data={data}", "--print-config"]) == 0
+        assert f'data = "{expanded}"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["pretrain", "--device", "cpu"], "--device (a recipe key: write device=cpu)"),
+    (["pretrain", "--max-steps=5", "--bogus"], "--max-steps=5 --bogus (a recipe key: write max_steps=5)"),
+    (["finetune", "--lora_r", "16", "--device"], "--lora_r --device (recipe keys: write lora_r=16 device=VALUE)"),
+])
+def test_a_recipe_key_written_as_a_flag_is_told_how_to_write_it(capsys, argv, hint):
+    """`gpt1 pretrain --device cpu` said only `unrecognized arguments: --device`."""
+    line = assert_one_clear_line(*run_main(capsys, *argv))
+    assert line == f"gpt1 {argv[0]}: error: unrecognized arguments: {hint} (see gpt1 {argv[0]} --help)"
+
+
+def test_the_recipe_keys_the_parsers_know_are_the_configs_fields():
+    """Copied from the configs (which load torch) so that a mistyped flag answers at once."""
+    import dataclasses
+
+    from gpt1.cli import finetune_cmd, pretrain_cmd
+    from gpt1.train.config import TrainConfig
+    from gpt1.train.finetune import FinetuneConfig
+
+    assert pretrain_cmd.RECIPE_KEYS == tuple(f.name for f in dataclasses.fields(TrainConfig))
+    assert set(finetune_cmd.RECIPE_KEYS) == {f.name for f in dataclasses.fields(FinetuneConfig)} - \
+        set(finetune_cmd.PRETRAINING_KEYS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", [{"NO_COLOR": "1", "TERM": "xterm"}, {"TERM": "dumb"}])
+def test_serve_on_a_terminal_writes_plain_lines_when_asked(tiny_model_dir, env):
+    """uvicorn coloured its lines on a terminal despite NO_COLOR=1 or TERM=dumb (which shows the
+    escapes as text). uvicorn asks whether stdout is a terminal."""
+    primary, secondary = pty.openpty()
+    environ = {key: value for key, value in os.environ.items() if key not in ("NO_COLOR", "GPT1_QUIET")}
+    proc = subprocess.Popen([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                             "--device", "cpu"], stdout=secondary, stderr=subprocess.PIPE, env={**environ, **env})
+    os.close(secondary)
+    timer = threading.Timer(120, proc.kill)
+    timer.start()
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if b"Application startup complete" in line:
+                break
+    finally:
+        timer.cancel()
+        proc.terminate()
+        proc.wait(30)
+        os.close(primary)
+    assert any(b"INFO:     Application startup complete" in line for line in lines), lines
+    assert not any(b"\x1b[" in line for line in lines), lines

@@ -101,7 +101,8 @@ def test_chat_session_through_stdin(tiny_model_dir, llm):
         "/system be brief", "how are you", "/bogus", "/preset code",
     ]) + "\n"
     result = gpt1("chat", "--model", str(tiny_model_dir), "--device", "cpu", stdin=script)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr  # piped lines failed: the session went on, the status says so
+    assert result.stderr.rstrip().endswith("gpt1 chat: error: 2 input line(s) failed (line 3, 9; the errors are above)")
     assert "Traceback" not in result.stderr
     knobs = dict(temperature=0, max_new_tokens=6)
     first = llm.chat([{"role": "user", "content": "hi"}], **knobs)
@@ -163,7 +164,7 @@ def test_chat_bad_stop_escapes_are_errors_and_windows_line_ends_are_not_message(
     bad = ["\\x", "\\", "\\u12", "\\N{bogus}"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"/set stop {b}\n" for b in bad) + "/set stop \\n\n/quit\n"))
     code, _, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu")
-    assert code == 0 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err  # the session went on; the status says lines failed
     errors = [line for line in err.splitlines() if line.startswith("error: stop")]
     assert len(errors) == 4 and all("(escapes: \\n," in line for line in errors)
     assert "error: stop \\x: \\x needs 2 hex digits" in errors[0]
@@ -222,7 +223,8 @@ def test_chat_without_truncation_says_how_to_go_on_once_the_conversation_is_full
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{message}\n" * 5 + f"/reset\n{message}\n"))
     code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu", "--temperature", "0",
                               "--no-truncate", "--max-new-tokens", "5")
-    assert code == 0
+    err, last = err.rstrip().rsplit("\n", 1)
+    assert code == 2 and last.startswith("gpt1 chat: error: ") and "input line(s) failed" in last  # piped
     before, after = err.split("(conversation cleared)")
     errors = [line for line in before.splitlines() if line.startswith("error:")]
     assert 1 <= len(errors) < 5 and "error:" not in after, err  # the first turn fits, and the one after /reset
@@ -305,7 +307,7 @@ def test_chat_sends_a_message_that_starts_with_a_slash_and_reads_an_empty_system
     script = "hi\n/reset me\n//usr/bin/env is what?\n"
     result = gpt1("chat", "--model", str(tiny_model_dir), "--device", "cpu", "--system", "", "--temperature", "0",
                   "--max-new-tokens", "6", stdin=script)
-    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # piped, and line 2 failed
     assert "error: /reset takes no argument (a message that starts with / is typed //reset me)" in result.stderr
     knobs = dict(temperature=0, max_new_tokens=6)
     history = [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]
@@ -339,3 +341,85 @@ def test_text_typed_in_utf8_under_a_c_locale_is_the_same_prompt(tiny_model_dir):
         assert result.returncode == 0, result.stderr
         outputs.append((result.stdout, result.stderr.split(b"[")[-1].split(b" generated")[0]))
     assert outputs[0] == outputs[1]  # the same text and the same prompt token count
+
+
+# ---- a prompt longer than the context is tokenized from its end (pass 17) ----------------------
+
+def _texts(rng) -> list[str]:
+    """Text of many shapes, each ~100,000 characters: code, line ends only, one word repeated, no
+    boundary at all (returned whole), CJK without spaces, and random mixes of what the boundary
+    rule must get right (\\x1c-\\x1f, NEL, NBSP, ideographic space, contractions, CRLF, emoji)."""
+    import json as json_module
+    from pathlib import Path
+
+    code = "".join(p.read_text() for p in sorted(Path(json_module.__file__).parent.glob("*.py")))
+    code = code * (100_000 // len(code) + 1)
+    alphabet = [*" \n\t\x1c\x1d\x85\xa0\u3000ab1.,'é日😀-_", "  ", "\r\n", "'s", "'ll", " 's"]
+    mixes = ["".join(rng.choice(alphabet) for _ in range(rng.randint(5_000, 40_000))) for _ in range(12)]
+    return [code, code.replace(" ", "\n"), "word " * 20_000, "word " * 20_000 + "  \n", "a" * 100_000,
+            "日本語。" * 25_000, *mixes]
+
+
+@pytest.mark.parametrize("block_size", [8, 64, 1024])
+def test_the_prompt_tail_holds_the_last_ids_of_the_whole_text(tokenizer, block_size):
+    """The ids of prompt_tail's text are the last ids of the whole text's, more of them than any
+    fitted prompt keeps: fitting it gives what fitting the whole did, without tokenizing the whole."""
+    import random
+
+    from gpt1.cli.generate_cmd import prompt_tail
+
+    cut = 0
+    for text in _texts(random.Random(block_size)):
+        tail = prompt_tail(tokenizer, text, block_size)
+        whole, ids = tokenizer.encode(text), tokenizer.encode(tail)
+        assert text.endswith(tail) and whole[len(whole) - len(ids):] == ids, text[:40]
+        assert tail == text or len(ids) > block_size
+        cut += len(tail) < len(text)
+    assert cut >= 10  # most were cut (not "a" * 100,000, nor the CJK)
+
+
+def test_a_long_prompt_is_fitted_from_its_end_as_the_whole_was(capsys, monkeypatch, tiny_model_dir, llm):
+    """A 10 MB prompt on stdin was tokenized whole (1.7 GB) to keep its last 61 tokens: generate,
+    generate --chat and chat now tokenize its end, with the same replies; what was cut is told in
+    characters (the whole prompt's token count is no longer known)."""
+    import io
+
+    from gpt1.cli.generate_cmd import prompt_tail
+
+    prompt = "import json and then some words, " * 2_000  # one line: chat reads a line as a message
+    assert len(prompt_tail(llm.tokenizer, prompt, 64)) < len(prompt)
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--temperature", "0", "--max-new-tokens", "8"]
+    code, out, err = run_main(capsys, "generate", *args, "--prompt", prompt)
+    assert code == 0 and out == llm.generate(prompt, temperature=0, max_new_tokens=8)
+    assert f"the prompt ({len(prompt):,} characters) was cut to its last 56 tokens to fit the context" in err
+    reply = llm.chat([{"role": "user", "content": prompt}], temperature=0, max_new_tokens=8)
+    capsys.readouterr()  # the library's own warning (in tokens: it tokenized the whole)
+    code, out, err = run_main(capsys, "generate", *args, "--prompt", prompt, "--chat")
+    assert code == 0 and out.rstrip("\n") == reply.rstrip("\n")
+    told = [line for line in err.splitlines() if line.startswith("the message's first ")]
+    assert len(told) == 1 and " characters and then " in told[0] and told[0].endswith(
+        " tokens were cut to fit the context (the system message and the role markers stay)")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{prompt}\nhi\n"))
+    code, out, err = run_main(capsys, "chat", *args)
+    second = llm.chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply},
+                       {"role": "user", "content": "hi"}], temperature=0, max_new_tokens=8)  # the whole message
+    assert code == 0 and out == reply + "\n" + second + "\n" and told[0] in err
+
+
+@pytest.mark.slow
+def test_a_huge_prompt_on_stdin_takes_little_memory(tiny_model_dir, tmp_path):
+    """10 MB on stdin took 1.7 GB (50 MB: 7 GB and 83 s): the tokenizer's ids and offsets of the
+    whole text, to keep its last tokens. Measured in one process: its peak with torch and the model
+    loaded, then after `gpt1 generate` read and fitted a 4 MB prompt (~550 MB more before)."""
+    if sys.platform != "linux":
+        pytest.skip("ru_maxrss in KiB: Linux")
+    measure = ("import resource, sys, gpt1; from gpt1.cli import main; gpt1.load(sys.argv[1], device='cpu'); "
+               "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; before = peak(); "
+               "assert main(['generate', '--model', sys.argv[1], '--device', 'cpu', '--max-new-tokens', '3']) == 0; "
+               "print((peak() - before) // 1024, file=sys.stderr)")
+    (tmp_path / "prompt.txt").write_text("word " * 800_000)
+    with open(tmp_path / "prompt.txt", "rb") as stdin:
+        result = subprocess.run([sys.executable, "-c", measure, str(tiny_model_dir)], stdin=stdin,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stderr.splitlines()[-1]) < 100, result.stderr  # MiB: the text's few copies

@@ -110,7 +110,7 @@ def test_the_shipped_recipes_take_either_optimizer():
 def test_a_chat_folder_read_by_gpt1_or_by_datasets_is_one_source(tmp_path):
     # A run begun on FOLDER when `datasets` read it resumes with hf:FOLDER, which reads as before
     # (the data's fingerprint, checked apart, decides); other paths stay other sources.
-    from gpt1.train.loop import _same_setting
+    from gpt1.train.run_record import _same_setting
 
     (tmp_path / "chats").mkdir()
     folder = str(tmp_path / "chats")

@@ -19,6 +19,7 @@ import torch
 import gpt1.inference.engine as engine_module
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.threads import ThreadTuner
 from gpt1.inference.decoding import Chunk
 from gpt1.inference.engine import Engine, QueueFull, TooLarge, _BucketedDecode, kv_cache_bytes
 from gpt1.inference.generate import generate
@@ -196,6 +197,73 @@ def test_seeded_request_is_the_same_whatever_shares_the_batch(model, tokenizer):
         submit(engine, collector, 0, ids[:6], seeded)
         run_until_idle(engine)
         assert collector.text(0) == alone
+
+
+MIXED_KNOBS = [  # every knob on, a different value in each row, one row greedy
+    SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repeat_penalty=1.1, repeat_last_n=64, seed=1),
+    SamplingParams(temperature=1.3, top_k=5, top_p=0.5, min_p=0.2, repeat_penalty=1.3, repeat_last_n=-1, seed=2),
+    SamplingParams(temperature=0.0, top_k=3, top_p=0.8, min_p=0.1, repeat_penalty=1.2, repeat_last_n=8),
+    SamplingParams(temperature=1e-30, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=4),  # overflows
+]
+
+
+@pytest.mark.parametrize("knobs", ["greedy", "every knob, mixed rows"])
+def test_a_decode_step_waits_for_the_device_once(model, tokenizer, monkeypatch, knobs):
+    """The step's one host sync is the `.tolist()` of its ids (on a GPU each other one stalls the
+    step until the device is idle). A sampled step made 10: whether a row overflowed, the largest
+    top-k, whether a row was greedy, and whether any row used each knob, read on the device."""
+    ids = tokenizer.encode(TEXT)
+    params = ([SamplingParams(temperature=0)] * 4 if knobs == "greedy" else MIXED_KNOBS)
+    engine = Engine(model, tokenizer, max_batch=4, cuda_graphs=False, tune_threads=False)
+    engine.submit([ids[i:i + 9] for i in range(4)], [dataclasses.replace(p, max_new_tokens=50) for p in params],
+                  lambda _: lambda item: None)
+    while not all(r.next_token is not None for r in engine._rows):  # every prompt prefilled
+        engine.step()
+    engine.step()  # and decoding
+    syncs = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, real=real, name=name: syncs.append(name) or real(self, *a))
+    engine.step()
+    monkeypatch.undo()
+    assert engine.active == 4 and engine.stats.failed == 0
+    assert syncs == ["tolist"]
+
+
+class KindsSeen(ThreadTuner):
+    """A real tuner (on a count it never sets) that keeps the kind of every step it is told of."""
+
+    def __init__(self):
+        super().__init__(2, set_threads=lambda threads: None)
+        self.kinds = []
+
+    def step_done(self, seconds, kind=None, size=1.0):
+        self.kinds.append(kind)
+        return super().step_done(seconds, kind, size)
+
+
+def test_the_thread_tuner_times_decode_steps_by_width_and_longest_context(model, tokenizer, monkeypatch):
+    """A step in which a prompt is prefilled is not timed; a decode step is, as (its rows, its
+    longest context before the step // TUNER_CONTEXT_BUCKET), whatever rows arrive and end."""
+    monkeypatch.setattr(engine_module, "TUNER_CONTEXT_BUCKET", 16)  # contexts of 0-63 here
+    ids = tokenizer.encode(TEXT)
+    engine = Engine(model, tokenizer, max_batch=4, prefill_chunk=8, cuda_graphs=False, tune_threads=False)
+    engine._threads = tuner = KindsSeen()
+    arrivals = {0: [(ids[:20], 40), (ids[5:8], 30)], 3: [(ids[:30], 30)], 40: [(ids[9:12], 5)]}
+    expected = []
+    for n in range(200):
+        for prompt, new in arrivals.get(n, []):
+            engine.submit([prompt], SamplingParams(temperature=0.8, seed=n, max_new_tokens=new), lambda _: lambda item: None)
+        if not engine.busy:
+            break
+        engine._admit()  # the rows the step will hold (as it admits them first)
+        rows = engine._rows
+        if rows and not any(r.prefilling for r in rows):
+            expected.append((len(rows), max(r.length for r in rows) // engine_module.TUNER_CONTEXT_BUCKET))
+        engine.step()
+    assert not engine.busy
+    assert tuner.kinds == expected
+    assert {kind[1] for kind in expected} == {0, 1, 2, 3} and {kind[0] for kind in expected} == {1, 2, 3}
 
 
 def test_every_bit_of_a_64_bit_seed_counts(model, tokenizer):

@@ -9,6 +9,7 @@ import errno
 import json
 import re
 import textwrap
+import traceback
 
 import httpx
 import pytest
@@ -328,6 +329,24 @@ def test_a_submission_short_of_memory_is_a_503_counted_as_rejected(llm, monkeypa
         assert re.search(r'gpt1_requests_finished_total\{[^}]*outcome="rejected"\} 1\n', metrics), metrics
         assert re.search(r"gpt1_requests_submitted_total\{[^}]*\} 0\n", metrics), metrics
         assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 3}).status_code == 200
+
+
+def test_the_engine_process_sends_where_a_fault_was_raised():
+    """The server logs a fault's traceback once per place; from the process engine that traceback
+    held only the parent's reader thread, nothing of the child's code that raised."""
+    def decode_step():
+        raise RuntimeError("index out of range in self")
+
+    try:
+        decode_step()
+    except RuntimeError as e:
+        error = e
+    rebuilt = _rebuild(*json.loads(json.dumps(_described(error))))
+    assert type(rebuilt).__name__ == "RuntimeError" and str(rebuilt) == "index out of range in self"
+    logged = "".join(traceback.format_exception(rebuilt))
+    assert "raised in the engine process:" in logged and ", in decode_step\n" in logged, logged
+    never_raised = _rebuild(*_described(EngineUnavailable("stopping")))  # handed to its sink: no traceback
+    assert not getattr(never_raised, "__notes__", None)
 
 
 def test_the_engine_process_rebuilds_a_requests_error_as_its_own_type():

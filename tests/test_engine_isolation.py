@@ -77,10 +77,10 @@ def test_a_row_whose_knobs_fail_in_the_batched_sampling_call_fails_alone(llm):
     engine = Engine(llm.model, llm.tokenizer, max_batch=4, cuda_graphs=False)
     outputs, sink_for = _collect(3)
     requests = engine.submit(prompts, params, sink_for)
-    requests[1].params = dataclasses.replace(params, top_k=2**63)  # past validation, as a bug would let it
+    requests[1].params = dataclasses.replace(params, top_k=None)  # past validation, as a bug would let it
     while engine.busy:
         engine.step()
-    assert isinstance(outputs[1][-1], Exception) and "Overflow" in str(outputs[1][-1])
+    assert isinstance(outputs[1][-1], TypeError)
     for i in (0, 2):  # the same text as alone: their seeded draws were not disturbed by the retry
         assert outputs[i][-1].finish_reason in ("stop", "length")
         assert _text(outputs[i]) == alone[i]

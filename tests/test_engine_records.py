@@ -79,6 +79,7 @@ def test_logits_that_overflow_are_the_servers_fault_with_either_engine(overflowi
                                                           "type": "server_error", "param": None, "code": None})
 
 
+
 # ---- only tokens given to a request are counted ---------------------------------------------------
 def test_requests_that_fail_generate_no_tokens_with_either_engine(overflowing_engine):
     """6 requests that failed without a token showed gpt1_generation_tokens_total 6 and 0.6 tokens/s:
@@ -153,3 +154,15 @@ def test_an_engine_stepped_by_its_caller_is_not_alive_yet_generates(tiny_model_d
     with pytest.raises(Gpt1Error, match="shutting down"):
         engine.submit([[5]], SamplingParams(), outputs.sink_for())
 
+
+
+def test_requests_the_engine_ends_at_stop_are_failed_not_cancelled(tiny_model_dir):
+    """Nobody cancelled them: stop() ends them with an error, which EngineStats and /metrics count as
+    failed, as a dying worker's already were (stop counted them as cancelled, "a client disconnect")."""
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    engine = Engine(llm.model, llm.tokenizer, max_batch=2, cuda_graphs=False)
+    outputs = Outputs(len(PROMPTS))
+    engine.submit(PROMPTS, SamplingParams(max_new_tokens=4), outputs.sink_for())  # never stepped
+    engine.stop()
+    assert [type(outputs.items[i][-1]).__name__ for i in range(len(PROMPTS))] == ["EngineUnavailable"] * 3
+    assert (engine.stats.failed, engine.stats.cancelled, engine.stats.completed) == (3, 0, 0)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt1.core.model import GPT, IGNORE_INDEX
+from gpt1.core.constants import IGNORE_INDEX
+from gpt1.core.model import GPT
 from gpt1.data.chat import ChatBatches, encode_conversations
 from gpt1.train import finetune as ft
 from gpt1.train.config import TrainConfig, load_config

@@ -90,7 +90,7 @@ def test_the_exported_chat_template_marks_the_assistant_replies(tmp_path, chat_d
     from transformers import AutoTokenizer
 
     from gpt1.core.chat_template import encode_chat_with_labels
-    from gpt1.core.model import IGNORE_INDEX
+    from gpt1.core.constants import IGNORE_INDEX
 
     hf_tok = AutoTokenizer.from_pretrained(export_model(chat_dir, tmp_path / "hf"))
     ids, labels = encode_chat_with_labels(tokenizer, CHAT)

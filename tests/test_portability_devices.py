@@ -19,9 +19,9 @@ from torch.utils._pytree import tree_map
 
 from gpt1.cli import main
 from gpt1.core import device as core_device
+from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.device import check_device_name, resolve_device
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.model import IGNORE_INDEX
 from gpt1.inference.llm import resolve_dtype
 from gpt1.train.evaluate import evaluate_loss
 from gpt1.train.harness import Scorer

@@ -371,3 +371,20 @@ def test_prepare_into_a_started_training_run_is_refused(small_corpus, tokenizer_
     assert_one_clear_line(*result, rf"{run} is a training run dir: its tokenizer.json belongs to it")
     assert _files(run) == before
     assert pretrain(load_config(TrainConfig, None, overrides), data_dir, run).steps == 2  # the run still resumes
+
+
+def test_an_older_gpt1s_interrupted_prepare_leaves_no_partial_file(small_corpus, tokenizer, tmp_path, caplog):
+    """gpt1 before 2026-11-27 kept the count mode's held-out candidates in one `.val-heap.partial`
+    (now one per commit, `.val-heap.partial.N`): the run that starts over left it in the finished dir."""
+    corpus, bad = _interrupted_prepare(small_corpus, tokenizer, tmp_path, 2)
+    bad.write_bytes(b"bad x bytes")  # fixed: what stopped the interrupted run
+    out = tmp_path / "out"
+    state = json.loads((out / "prepare-state.json").read_text())
+    for key in ("heap_file", "commits", "smallest_train"):  # what the older state did not hold
+        state.pop(key, None)
+    (out / "prepare-state.json").write_text(json.dumps(state))
+    (out / ".val-heap.partial").write_bytes(b"\0" * 4096)
+    with caplog.at_level("INFO", logger="gpt1"):
+        prepare([str(corpus)], tokenizer, out, val=2)
+    assert "damaged or from another gpt1 version; starting over" in caplog.text
+    assert not [p.name for p in out.iterdir() if ".partial" in p.name]

@@ -271,3 +271,39 @@ def test_an_unseeded_request_needs_no_file_descriptor():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) > 1  # still a fresh seed each time
+
+
+# ---- pass 17: one rule for "out of memory", shared by the CLI, the server and the engine ----------
+
+WINDOWS_CPU_REFUSAL = "[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: not enough memory: " \
+                      "you tried to allocate 1099511627776 bytes."
+
+
+def test_every_wording_of_a_refused_allocation_is_a_memory_shortage():
+    """The CLI, the server and the engine each had their own rule: the CLI and the server missed the
+    Windows allocator's wording (a traceback, a 500), and the engine took any RuntimeError that
+    mentions "alloc" for a KV cache that did not fit."""
+    import torch
+
+    from gpt1.core.errors import memory_shortage
+    from gpt1.serve.errors import resource_shortage
+    with pytest.raises(RuntimeError) as refused:  # this machine's allocator, for real
+        torch.empty(2**60, dtype=torch.uint8)
+    for error in (refused.value, RuntimeError(WINDOWS_CPU_REFUSAL), MemoryError()):
+        assert memory_shortage(error) == "memory" and resource_shortage(error) == "memory"
+    assert memory_shortage(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == "GPU memory"
+    for error in (RuntimeError("mmap: shared-memory allocator handle is invalid"), ValueError("can't allocate memory")):
+        assert memory_shortage(error) is None and resource_shortage(error) is None
+
+
+def test_the_windows_allocators_refusal_is_the_one_out_of_memory_line(tiny_model_dir):
+    """A refusal in the Windows allocator's words, raised where the model's weights are loaded."""
+    run = child(f"""
+        import torch, gpt1.cli
+        def refuse(*args, **kwargs):
+            raise RuntimeError({WINDOWS_CPU_REFUSAL!r})
+        torch.nn.Module.load_state_dict = refuse
+        sys.exit(gpt1.cli.main(["generate", "--model", sys.argv[1], "--prompt", "hi"]))
+    """, str(tiny_model_dir))
+    assert_one_clear_line(run.returncode, run.stderr,
+                          r"^gpt1 generate: error: out of memory: an allocation of 1024.00 GiB failed; .*$")

@@ -6,6 +6,7 @@ import torch
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import PRESETS, SamplingParams
 from gpt1.inference.sampling import (
+    PerRow,
     apply_min_p,
     apply_repeat_penalty,
     apply_temperature,
@@ -165,3 +166,23 @@ def test_a_row_with_a_masked_token_is_the_same_beside_a_penalised_row():
 def test_a_tiny_temperature_still_takes_the_limit_with_a_masked_token():
     row = torch.tensor([[1.0, 0.5, float("-inf")]])
     assert apply_temperature(row, 1e-39).tolist() == [[0.0, float("-inf"), float("-inf")]]
+
+
+def test_per_row_knobs_process_as_tensors_do_without_asking_the_device(logits, history, monkeypatch):
+    """PerRow (what the engine passes) carries each knob's values on the host too: the same logits
+    as tensor knobs, with none of the host syncs that deciding from a tensor takes."""
+    knobs = {"temperature": [0.7, 0.0, 1e-30, 1.3], "top_k": [40, 3, 0, 5], "top_p": [0.9, 1.0, 0.5, 0.8],
+             "min_p": [0.05, 0.0, 0.1, 0.2], "repeat_penalty": [1.2, 1.0, 1.3, 0.8]}
+    tensors = {name: torch.tensor(v, dtype=torch.long if name == "top_k" else torch.float32) for name, v in knobs.items()}
+    expected = process_logits(logits, history, **tensors)
+    per_row = {name: PerRow(v, torch.tensor(v, dtype=torch.float32)) for name, v in knobs.items()}
+    syncs = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, real=real, name=name: syncs.append(name) or real(self, *a))
+    got = process_logits(logits, history, **per_row)
+    ids = sample(got, per_row["temperature"], uniform=torch.tensor([0.3, 0.0, 0.5, 0.9]))
+    monkeypatch.undo()
+    assert syncs == []
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert ids[1] == expected[1].argmax() and ids[2] == expected[2].argmax()  # greedy, and the overflow's limit

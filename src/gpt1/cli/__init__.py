@@ -37,7 +37,7 @@ import threading
 import traceback
 
 from gpt1 import __version__
-from gpt1.core.errors import Gpt1Error, address_space_limit, open_files_hint, threads_hint
+from gpt1.core.errors import Gpt1Error, address_space_limit, memory_shortage, open_files_hint, threads_hint
 from gpt1.core.malloc import fit_arenas_to_address_limit
 from gpt1.core.progress import printable, setup_console_logging
 
@@ -123,6 +123,26 @@ def _said_by_another_process(error: BaseException | None = None) -> bool:
 
 def debug_enabled() -> bool:
     return os.environ.get("GPT1_DEBUG", "") not in ("", "0")
+
+
+def _recipe_key_hint(args: argparse.Namespace, extra: list[str], argv: list[str]) -> str:
+    """` (a recipe key: write device=cpu)` for an unrecognized `--device cpu` or `--device=cpu` of a
+    command whose recipe has that key (its parser's `recipe_keys`): a recipe key is key=value, not
+    a flag. The value of `--device cpu` is the next argument (argparse took it for an override)."""
+    written = []
+    for item in extra:
+        flag, sep, value = item.partition("=")
+        key = flag.removeprefix("--").replace("-", "_")
+        if not flag.startswith("--") or key not in getattr(args, "recipe_keys", ()):
+            continue
+        if not sep:
+            following = argv[argv.index(item) + 1:][:1]
+            value = following[0] if following and not following[0].startswith("-") and "=" not in following[0] \
+                else "VALUE"
+        written.append(f"{key}={value}")
+    if not written:
+        return ""
+    return f" (a recipe key: write {written[0]})" if len(written) == 1 else f" (recipe keys: write {' '.join(written)})"
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -219,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
             args.overrides = [*args.overrides, *extra]
         else:
-            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            hint = _recipe_key_hint(args, extra, sys.argv[1:] if argv is None else argv)
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     command = args.command_parser.prog.partition(" ")[2]  # `tokenizer train`, as argparse's own errors name it
     setup_console_logging()
     if isinstance(sys.stdin, io.TextIOWrapper):
@@ -279,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # torch.OutOfMemoryError (a GPU's) is one; the CPU allocator's is a plain one
         if "can't start new thread" in str(e):  # Python's threading, at `ulimit -u` or a pids limit
             return _error(command, f"cannot start a thread ({e}); {threads_hint()}")
-        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
+        if memory_shortage(e) is None:
             raise
         asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
         size = (f"{int(asked[1]) / 2**30:.2f} GiB" if asked[1] else asked[2]) if asked else None

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 
 from gpt1.core.errors import Gpt1Error
 
@@ -36,10 +37,23 @@ def text(value: str) -> str:
 
 def path_arg(value: str) -> str:
     """A file or folder argument, not empty: `--out "$DIR"` with DIR unset would otherwise name
-    the current folder (Path("") is ".") and a run would write there."""
+    the current folder (Path("") is ".") and a run would write there. A leading `~` or `~user`
+    (also after `hf:`) is expanded, as recipe keys' are: the shell leaves `--out=~/x` alone, which
+    made a folder named `~` in the current one."""
     if not value:
         raise argparse.ArgumentTypeError("expected a path, got an empty one (an unset shell variable?)")
+    prefix = "hf:" if value.startswith("hf:~") else ""
+    if value[len(prefix):].startswith("~"):
+        return prefix + os.path.expanduser(value[len(prefix):])
     return value
+
+
+def folder_arg(value: str) -> str:
+    """An output folder: a path (see `path_arg`), not `-`, which other outputs (`eval --json -`,
+    `plot --out -`) take for standard output and which here made a folder named `-`."""
+    if value == "-":
+        raise argparse.ArgumentTypeError("'-' is standard output elsewhere; this output is a folder: name one")
+    return path_arg(value)
 
 
 def positive_int(value: str) -> int:
@@ -68,7 +82,7 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
     """--dtype of the commands that load a model for inference (generate, chat, serve)."""
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="the weights' and the KV cache's dtype. auto: bfloat16 on a GPU that supports it, "
-                             "else the saved dtype (float32). bfloat16 on a CPU with native bf16 (AVX-512 BF16, "
+                             "else float32 (weights saved in fp16/bf16 are upcast). bfloat16 on a CPU with native bf16 (AVX-512 BF16, "
                              "AMX) decodes ~1.2x faster than float32, with output that may differ from it; "
                              "float16 for GPUs without bf16 (default: %(default)s)")
 

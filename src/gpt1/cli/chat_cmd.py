@@ -15,10 +15,12 @@ from gpt1.cli.generate_cmd import (
     add_sampling_flags,
     escape,
     fit_new_tokens,
+    prompt_tail,
     sampling_params_from_args,
     unescape,
     warn_if_base_model,
     warn_if_capped,
+    warn_if_text_cut,
 )
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, printable
@@ -141,10 +143,13 @@ class ChatSession:
     def reply(self, text: str, out=None) -> str:
         """Stream the reply to `text` to `out` (default: the current stdout); keeps history within the context."""
         from gpt1.inference import generate as gen
-        from gpt1.inference.decoding import chat_prompt_ids, warn_if_cut, warn_if_message_cut
+        from gpt1.inference.decoding import chat_prompt_ids, warn_if_cut
 
         out = out or sys.stdout
-        self.history.append({"role": "user", "content": text})
+        # Only the end of a message longer than the context can stay: it is tokenized (and kept in
+        # the history) from there, with the same ids (see prompt_tail).
+        kept = prompt_tail(self.llm.tokenizer, text, self.llm.config.block_size) if self.params.truncate_prompt else text
+        self.history.append({"role": "user", "content": kept})
         # An empty --system is a system message, as in `generate --chat` and the server.
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         ids = None
@@ -179,7 +184,7 @@ class ChatSession:
         out.write("\n")
         out.flush()
         if last is not None:  # on a line of its own, after the reply: one message longer than the context
-            warn_if_message_cut(cut)
+            warn_if_text_cut(len(text) - len(kept), cut)
             warn_if_cut(len(ids), last.prompt_tokens)
         reply = "".join(pieces)
         self.history.append({"role": "assistant", "content": reply})
@@ -222,15 +227,17 @@ def chat_command(args: argparse.Namespace) -> int:
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="strict")  # input() on a terminal: a UnicodeDecodeError for read_line
     info("type a message; /help for commands, /quit or Ctrl-D to leave")
+    failed: list[int] = []  # the input lines that failed
     for number in itertools.count(1):
         try:
             line = read_line(number)
         except (EOFError, KeyboardInterrupt):
             if interactive:
                 print(file=sys.stderr)
-            return 0
+            break
         except Gpt1Error as e:
             print(f"error: {printable(str(e))}", file=sys.stderr)
+            failed.append(number)
             continue
         except OSError as e:  # opened write-only (`0>/dev/null`: EBADF): no line will ever come
             raise Gpt1Error(f"standard input: cannot read ({e.strerror})") from None
@@ -242,8 +249,15 @@ def chat_command(args: argparse.Namespace) -> int:
                 session.reply(line.rstrip("\r").lstrip()[1:])
             elif text.startswith("/"):
                 if not session.command(text):
-                    return 0
+                    break
             else:
                 session.reply(line.rstrip("\r"))  # a Windows line end is not part of the message
         except Gpt1Error as e:
             print(f"error: {printable(str(e))}", file=sys.stderr)
+            failed.append(number)
+    # A typist saw each error as it came and went on; a script piping lines in reads only the exit
+    # status, which says whether every line was done (at the end of the input or at /quit).
+    if failed and not interactive:
+        lines = ", ".join(map(str, failed[:10])) + (", ..." if len(failed) > 10 else "")
+        raise Gpt1Error(f"{len(failed)} input line(s) failed (line {lines}; the errors are above)")
+    return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,10 +36,13 @@ def register(subparsers) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, type=path_arg, help="model dir (or training run dir; a chat model's adapter is merged)")
-    parser.add_argument("--data", nargs="+", type=path_arg, metavar="SOURCE",
-                        help="perplexity: a prepared data dir (its val.bin) or text sources. Tasks: local task files in "
-                             "the hub's schema instead of the hub: TASK=FILE.jsonl, TASK=FOLDER (SPLIT.jsonl files), "
-                             "TASK=hf:NAME@REVISION, a folder holding TASK.jsonl files, or with one task its file")
+    # extend: a repeated --data adds its sources (as finetune's does), where the plain nargs="+"
+    # kept only the last one's and scored part of the corpus without a word.
+    parser.add_argument("--data", nargs="+", action="extend", type=path_arg, metavar="SOURCE",
+                        help="perplexity: a prepared data dir (its val.bin) or text sources (repeat --data to add more). "
+                             "Tasks: local task files in the hub's schema instead of the hub: TASK=FILE.jsonl, "
+                             "TASK=FOLDER (SPLIT.jsonl files), TASK=hf:NAME@REVISION, a folder holding TASK.jsonl "
+                             "files, or with one task its file")
     tasks = parser.add_argument_group("benchmark tasks")
     tasks.add_argument("--task", metavar="NAME[,NAME...]", help=f"tasks to score: {', '.join(TASKS)}")
     tasks.add_argument("--suite", choices=sorted(SUITES),
@@ -46,9 +50,11 @@ def register(subparsers) -> None:
                             + " examples; full: every task, every example. Writes report.md into the model dir")
     tasks.add_argument("--fewshot", type=int, default=0, metavar="K", help="examples in each prompt (as lm-eval draws them)")
     tasks.add_argument("--limit", type=positive_int, default=None, metavar="N", help="score the first N examples of each task")
-    tasks.add_argument("--samples", type=path_arg, metavar="PATH", help="write per-example log-likelihoods as JSON lines to PATH")
-    tasks.add_argument("--report", type=path_arg, metavar="PATH", help=f"write the Markdown report to PATH (--suite: MODEL/{REPORT_FILE})")
-    tasks.add_argument("--ppl-data", nargs="+", type=path_arg, metavar="SOURCE",
+    tasks.add_argument("--samples", type=path_arg, metavar="PATH",
+                       help="write per-example log-likelihoods as JSON lines to PATH (-: standard output)")
+    tasks.add_argument("--report", type=path_arg, metavar="PATH",
+                       help=f"write the Markdown report to PATH (-: standard output; --suite: MODEL/{REPORT_FILE})")
+    tasks.add_argument("--ppl-data", nargs="+", action="extend", type=path_arg, metavar="SOURCE",
                        help="with --suite/--report: also measure perplexity and bits per byte on these sources")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="perplexity: windows per forward pass (default 8); tasks: requests per batch (default 32)")
@@ -71,12 +77,28 @@ def register(subparsers) -> None:
                              "(default: the validation split, or the share of the conversations fine-tuning holds out)")
     parser.add_argument("--json", nargs="?", type=path_arg, const="-", metavar="PATH",
                         help="write the results as JSON to PATH (no PATH: print them to stdout instead of the text)")
-    # The scores' only copy is on stdout unless --json PATH or --suite's report.md holds them.
-    parser.set_defaults(func=eval_command, stdout_product=lambda args: None if (args.json not in (None, "-") or args.suite)
-                        else "the scores")
+    parser.set_defaults(func=eval_command, stdout_product=_stdout_product)
+
+
+# The outputs (--NAME) that write to standard output when named "-" (--json alone too).
+STDOUT_OUTPUTS = ("json", "samples", "report")
+
+
+def _on_stdout(args: argparse.Namespace) -> list[str]:
+    return [f"--{name}" for name in STDOUT_OUTPUTS if getattr(args, name) == "-"]
+
+
+def _stdout_product(args: argparse.Namespace) -> str | None:
+    """What eval writes to stdout that no file holds: an output named "-", or the scores unless
+    --json PATH or --suite's report.md holds them."""
+    if claimed := _on_stdout(args):
+        return f"the output of {claimed[0]} -"
+    return None if args.json is not None or args.suite else "the scores"
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    if len(claimed := _on_stdout(args)) > 1:  # two documents run together on stdout: neither would parse
+        raise Gpt1Error(f"{' and '.join(claimed)} both write to standard output (-); give all but one of them a PATH")
     if args.split is not None and not args.chat:
         raise Gpt1Error("--split applies to --chat sources only")
     if args.task is not None and not [n for n in args.task.split(",") if n.strip()]:
@@ -212,8 +234,10 @@ def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], repo
     from gpt1.train.harness import format_results, results_json, write_report, write_samples
 
     # The table first: a write that fails anyway (a full disk) does not take the results with it.
+    # Stdout that holds --samples - or --report - holds only that, and the table goes to stderr
+    # (as bench's tables with --json -); --json - replaces the table.
     if args.json != "-":
-        print(format_results(results))
+        print(format_results(results), file=sys.stderr if "-" in (args.samples, report) else sys.stdout)
         skipped = sum(r.skipped for r in results)
         if skipped:
             print(f"{skipped} example(s) did not fit the model's context ({llm.model.config.block_size} tokens) and "
@@ -222,8 +246,22 @@ def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], repo
     if args.json:
         _emit_json(args.json, results_json(results))
     if args.samples:
-        write_samples(args.samples, results)
+        _write_to(args.samples, write_samples, results)
     if report:
-        write_report(report, args.model, results, suite=args.suite, perplexity=ppl, device=str(llm.device))
-        if args.json != "-":
+        _write_to(report, write_report, args.model, results, suite=args.suite, perplexity=ppl, device=str(llm.device))
+        if not _on_stdout(args):
             print(f"report: {report}", file=sys.stderr)
+
+
+def _write_to(target: str, write, *args, **kwargs) -> None:
+    """`write(target, *args, **kwargs)` (one of the harness's file writers), or for "-" the same
+    text on stdout: written to a temporary file first, so that the writer stays the one place
+    that formats it."""
+    if target != "-":
+        write(target, *args, **kwargs)
+        return
+    with tempfile.TemporaryDirectory(prefix="gpt1-eval-") as folder:
+        written = Path(folder) / "output"
+        write(written, *args, **kwargs)
+        sys.stdout.write(written.read_text(encoding="utf-8"))
+    sys.stdout.flush()

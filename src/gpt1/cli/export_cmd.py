@@ -41,6 +41,8 @@ def export_command(args: argparse.Namespace) -> int:
     from gpt1.formats.gguf import export_gguf
     from gpt1.formats.hf import export_model
 
+    if args.out == "-":  # where plot --out - and eval --json - mean stdout: not a file named "-" here
+        raise Gpt1Error("--out -: a GGUF or HF export is written to files, not to standard output; name a path")
     if args.format not in FORMATS:
         raise Gpt1Error(f"unknown --format {args.format!r}; known formats: {', '.join(FORMATS)}")
     if args.format == "gguf":

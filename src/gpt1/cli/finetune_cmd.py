@@ -6,16 +6,22 @@ import argparse
 import os
 from pathlib import Path
 
-from gpt1.cli.args import path_arg, print_recipe, require, training_rerun_hint
+from gpt1.cli import pretrain_cmd
+from gpt1.cli.args import folder_arg, path_arg, print_recipe, require, training_rerun_hint
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info
 
 # gpt1.train (torch) is imported by the command: `gpt1 --help` imports this module.
 
 # Pretraining's keys that a fine-tune refuses to change (FinetuneConfig, `finetune`): the base
-# decides the model, and there is no Muon and no embedding training. --print-config leaves them
-# out rather than list them as if they could be set.
-PRETRAINING_KEYS = ("model", "init_from", "n_layer", "n_head", "n_embd", "muon_lr_scale", "embedding_lr_scale")
+# decides the model, and there is no Muon, no FP8 and no embedding training. --print-config leaves
+# them out rather than list them as if they could be set.
+PRETRAINING_KEYS = ("model", "init_from", "n_layer", "n_head", "n_embd", "muon_lr_scale", "embedding_lr_scale",
+                    "optimizer", "float8")
+# FinetuneConfig's fields less those (a test keeps them equal): the keys `--lora-r 16` is told to write as lora_r=16.
+RECIPE_KEYS = tuple(key for key in pretrain_cmd.RECIPE_KEYS if key not in PRETRAINING_KEYS) + (
+    "data", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_special_tokens", "all_paths", "languages",
+    "skip_invalid", "val_fraction")
 
 
 def register(subparsers) -> None:
@@ -27,8 +33,9 @@ def register(subparsers) -> None:
                     ".yml dialogs, a folder of such files, or `chatterbot` (the dialogs of the chatterbot-corpus "
                     "package); repeat --data to train on several sources together. The recipe is a "
                     "TOML file (a path or a shipped name: gpt1-oasst2-lora); any key can be overridden as key=value, "
-                    "e.g. max_steps=100 lora_r=16 lora_targets=[\"q\",\"v\"]; OASST options are recipe keys too: "
-                    "languages=[\"en\",\"de\"] keeps those languages, all_paths=true trains on every root-to-leaf "
+                    "e.g. max_steps=100 lora_r=16 'lora_targets=[\"q\",\"v\"]' (quoted: a shell drops the "
+                    "quotes of a bare one); OASST options are recipe keys too: "
+                    "'languages=[\"en\",\"de\"]' keeps those languages, all_paths=true trains on every root-to-leaf "
                     "path of each message tree. --out is the run dir and a chat model "
                     "dir; rerunning the same command resumes. Multi-GPU: torchrun --nproc_per_node N -m gpt1 finetune ...",
     )
@@ -36,7 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--base", type=path_arg, help="the base model: a gpt1 model dir (from gpt1 pretrain) or a transformers GPT-2 folder with a gpt1 tokenizer (e.g. from gpt1 export); required")
     parser.add_argument("--data", type=path_arg, action="append",
                         help="chat data source (see above); repeat it for a mixture; overrides the recipe's `data`")
-    parser.add_argument("--out", type=path_arg, help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model; required")
+    parser.add_argument("--out", type=folder_arg, help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model; required")
     parser.add_argument("--config", type=path_arg, metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
     parser.add_argument("--skip-invalid", action="store_true", default=None,
                         help="skip (and count) malformed lines instead of stopping at the first one")
@@ -44,7 +51,7 @@ def register(subparsers) -> None:
                         help="after training, also write OUT/merged: a plain model dir with the adapter merged in")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as TOML and exit (needs no --base or --out)")
-    parser.set_defaults(func=finetune_command, rerun_hint=training_rerun_hint,
+    parser.set_defaults(func=finetune_command, rerun_hint=training_rerun_hint, recipe_keys=RECIPE_KEYS,
                         stdout_product=lambda args: "the recipe (--print-config)" if args.print_config else None)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from gpt1.cli.args import text
@@ -45,9 +46,10 @@ def info_command(args: argparse.Namespace) -> int:
         with torch.device("meta"):
             model = GPT(config)
     n = model.num_params()
-    print(json.dumps(config.to_dict(), indent=2))
-    print(f"parameters: {n:,} ({n / 1e6:.1f}M); without position embeddings: {model.num_params(True):,}")
-    print(f"training FLOPs per token at context {config.block_size}: {model.flops_per_token():.3e}")
+    # stdout: the config alone, so that `gpt1 info DIR | jq` reads it (flushed: a reader gone is found first)
+    print(json.dumps(config.to_dict(), indent=2), flush=True)
+    print(f"parameters: {n:,} ({n / 1e6:.1f}M); without position embeddings: {model.num_params(True):,}", file=sys.stderr)
+    print(f"training FLOPs per token at context {config.block_size}: {model.flops_per_token():.3e}", file=sys.stderr)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int, val_split
+from gpt1.cli.args import DefaultsHelpFormatter, folder_arg, path_arg, positive_int, val_split
 from gpt1.core.tokenizer import Tokenizer
 
 # gpt1.data.shards (numpy) is imported by the functions that use it: `gpt1 --help` imports this module.
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
                         help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT] "
                              "(e.g. hf:Skylion007/openwebtext), or stdlib (the Python standard library source)")
     parser.add_argument("--tokenizer", required=True, type=path_arg, help="tokenizer.json or a folder (model dir) holding it")
-    parser.add_argument("--out", required=True, type=path_arg, help="output data folder")
+    parser.add_argument("--out", required=True, type=folder_arg, help="output data folder")
     parser.add_argument("--val", type=val_split, default=0.0005,
                         help="validation split: a fraction of the documents (< 1) or a number of documents (>= 1)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the (deterministic) validation split")

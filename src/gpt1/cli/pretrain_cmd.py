@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from gpt1.cli.args import path_arg, print_recipe, require, training_rerun_hint
+from gpt1.cli.args import folder_arg, path_arg, print_recipe, require, training_rerun_hint
 from gpt1.core.progress import info
 
 # gpt1.train (torch) is imported by the command: `gpt1 --help` imports this module.
+
+# TrainConfig's fields, the recipe's keys (a test keeps the two equal): `--device cpu` is told
+# to write device=cpu, without loading torch for a mistyped flag.
+RECIPE_KEYS = ("model", "block_size", "n_layer", "n_head", "n_embd", "init_from", "max_steps", "max_tokens", "epochs",
+               "time_budget", "batch_size", "grad_accum", "lr", "min_lr", "warmup", "cooldown", "weight_decay", "betas",
+               "optimizer", "muon_lr_scale", "embedding_lr_scale", "grad_clip", "precision", "float8", "compile",
+               "gradient_checkpointing", "eval_every", "eval_batches", "save_every", "seed", "device", "max_bad_steps",
+               "tensorboard")
 
 
 def register(subparsers) -> None:
@@ -22,10 +30,10 @@ def register(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (every key: docs/training.md, or --print-config)")
     parser.add_argument("--config", type=path_arg, metavar="FILE", help="TOML recipe, or the name of a shipped one (default: built-in defaults)")
     parser.add_argument("--data", type=path_arg, help="prepared data folder (train.bin, val.bin, meta.json, tokenizer.json); required")
-    parser.add_argument("--out", type=path_arg, help="run folder: checkpoints, metrics.jsonl, loss.png, and the model; required")
+    parser.add_argument("--out", type=folder_arg, help="run folder: checkpoints, metrics.jsonl, loss.png, and the model; required")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as TOML and exit (needs no --data or --out)")
-    parser.set_defaults(func=pretrain_command, rerun_hint=training_rerun_hint,
+    parser.set_defaults(func=pretrain_command, rerun_hint=training_rerun_hint, recipe_keys=RECIPE_KEYS,
                         stdout_product=lambda args: "the recipe (--print-config)" if args.print_config else None)
 
 

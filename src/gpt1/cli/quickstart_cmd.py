@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt1.cli.args import path_arg
+from gpt1.cli.args import folder_arg
 
 # gpt1.quickstart (torch) is imported by the command: `gpt1 --help` imports this module. Its
 # QuickstartConfig's defaults, for the flags (a test keeps the two equal):
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
                     "LoRA-tune it into a chat model on the English dialogs of chatterbot-corpus, and print samples "
                     "for the model card's three uses. Nothing is downloaded. A rerun reuses finished stages; "
                     "a killed run resumes.")
-    parser.add_argument("--out", type=path_arg, default=DEFAULTS.out, help=f"output folder (default: {DEFAULTS.out})")
+    parser.add_argument("--out", type=folder_arg, default=DEFAULTS.out, help=f"output folder (default: {DEFAULTS.out})")
     parser.add_argument("--minutes", type=float, default=DEFAULTS.minutes,
                         help=f"pretraining time budget; the chat fine-tune gets a quarter of it (default: {DEFAULTS.minutes:g})")
     parser.add_argument("--device", default=DEFAULTS.device, help="auto (cuda > mps > cpu), cpu, cuda or mps (default: auto)")

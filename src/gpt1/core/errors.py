@@ -31,6 +31,25 @@ def is_compile_error(error: BaseException | None) -> bool:
     return False
 
 
+# What torch's CPU allocator says when the system refuses it memory: "DefaultCPUAllocator: can't
+# allocate memory: you tried to allocate N bytes" (posix_memalign) and, on Windows, "...: not enough
+# memory: you tried to allocate N bytes" (_aligned_malloc).
+_CPU_ALLOCATOR_REFUSED = ("can't allocate memory", "you tried to allocate")
+
+
+def memory_shortage(error: BaseException) -> str | None:
+    """"GPU memory" or "memory" when `error` is an allocation the machine refused (torch's
+    `OutOfMemoryError`, its CPU allocator's plain RuntimeError, Python's `MemoryError`); None for
+    any other error. By type name, so that the CLI need not import torch to ask."""
+    if type(error).__name__ == "OutOfMemoryError":  # torch's: a RuntimeError, a GPU's (or an XPU's, MPS's)
+        return "GPU memory" if "CUDA" in str(error) else "memory"
+    if isinstance(error, MemoryError):
+        return "memory"
+    if isinstance(error, RuntimeError) and any(words in str(error) for words in _CPU_ALLOCATOR_REFUSED):
+        return "memory"
+    return None
+
+
 def first_line(error: BaseException) -> str:
     """'TypeName: the first line of its message' (compile errors run to a hundred lines)."""
     text = str(error).strip()

@@ -7,8 +7,8 @@ positions, pre-LayerNorm, tanh-approximated GELU ("gelu_new"), biases everywhere
 output head. That makes export, import and a logits-equality test straightforward.
 
 The model knows nothing about training: no optimizer, no schedule, no data. With targets,
-`forward` computes the loss with `linear_cross_entropy`: the output layer and the
-cross-entropy a chunk of tokens at a time, so that the logits of a whole batch
+`forward` computes the loss with `gpt1.core.loss.linear_cross_entropy`: the output layer and
+the cross-entropy a chunk of tokens at a time, so that the logits of a whole batch
 (tokens x vocab floats: 5 GB for the reference recipe's 48 x 512 micro-batch) never exist.
 """
 
@@ -23,17 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt1.core.config import ModelConfig
-from gpt1.core.constants import IGNORE_INDEX  # -100, as in PyTorch and HF (defined torch-free for the data layer)
 from gpt1.core.errors import Gpt1Error
-
-# The fp32 logits of at most this many bytes exist at once in the loss (see `linear_cross_entropy`).
-# On a CPU, 64 MiB (~320 tokens of the 51,682-token vocabulary) is large enough for efficient
-# matmuls and keeps a 257M step at 4 x 512 tokens well below the full logits' memory. A GPU wants
-# fewer, larger chunks: on an H200 (reference recipe, 48 x 512, bf16) 1 GiB (~5,200 tokens) made
-# the step 25% faster eager and 35% faster compiled than 64 MiB, at 18.3 GB peak eager (15.2 at
-# 64 MiB, 32.4 with the full logits) and 16.7 GB compiled (22.8 at 64 MiB).
-LOSS_CHUNK_BYTES = {"cpu": 64 * 2**20}
-LOSS_CHUNK_BYTES_ACCELERATOR = 2**30  # CUDA and any other device type
+from gpt1.core.loss import linear_cross_entropy
 
 
 class KVCache:
@@ -180,98 +171,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T`, `chunk` rows at a time, gradients included.
-
-    Once a row's log-sum-exp is known its logit gradient is (softmax - one_hot) / n, so the
-    forward pass computes the gradients of `hidden` and `weight` chunk by chunk and keeps
-    them instead of the logits; backward only scales them. Same FLOPs as the plain output
-    layer + `F.cross_entropy`, no recomputation, and (rows x vocab) floats at most per chunk.
-    The matmuls run in `dtype` (bf16/fp16 under autocast), the softmax and the loss in fp32,
-    as `F.cross_entropy(logits.float())` does; the gradients come back in the inputs' dtypes.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        h_all, w = hidden.to(dtype), weight.to(dtype)
-        valid = targets != IGNORE_INDEX
-        n_valid = valid.sum().float()  # the loss is the mean over them (NaN when none, as F.cross_entropy)
-        # The logit gradients are (softmax - one_hot) / n. In fp16, whose smallest normal number
-        # is 6e-5 while a softmax entry of a 51k vocabulary is ~2e-5, they enter the matmuls
-        # as (softmax - one_hot) x 1024 instead, and the sums are divided by 1024 n in fp32.
-        fp16 = dtype == torch.float16
-        # (Without targets the loss is NaN but the gradients are 0, not NaN: the training loop
-        # gives such a micro-batch the weight 0.)
-        n_rows = n_valid.clamp(min=1)
-        row_factor = (1024.0 if fp16 else 1.0 / n_rows)
-        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = None
-        for start in range(0, hidden.size(0), chunk):
-            rows = slice(start, start + chunk)
-            h, keep = h_all[rows], valid[rows]
-            logits = (h @ w.t()).float()
-            y = torch.where(keep, targets[rows], 0).unsqueeze(1)
-            target_logit = logits.gather(1, y).squeeze(1)
-            # log-sum-exp in place, in few passes over the chunk: exp(logits - max), summed
-            row_max = logits.amax(dim=1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()
-            total = probs.sum(dim=1, keepdim=True)
-            loss += torch.where(keep, row_max.squeeze(1) + total.squeeze(1).log() - target_logit, 0.0).sum()
-            if not (need_hidden or need_weight):
-                continue
-            # the logit gradients in place of the logits, 0 on ignored rows
-            row_keep = keep.unsqueeze(1) * row_factor
-            grad = probs.mul_(row_keep / total).scatter_add_(1, y, -row_keep).to(dtype)
-            if need_hidden:
-                if grad_hidden.dtype == dtype:
-                    torch.mm(grad, w, out=grad_hidden[rows])
-                else:
-                    grad_hidden[rows] = grad @ w
-            if need_weight:  # summed over the chunks in fp32, without a vocab x d temporary in fp32
-                if grad_weight is None:
-                    grad_weight = (grad.t() @ h).float()
-                elif dtype == grad_weight.dtype:
-                    grad_weight.addmm_(grad.t(), h)
-                else:
-                    grad_weight += grad.t() @ h
-        if fp16:
-            unscale = 1.0 / (1024.0 * n_rows)
-            grad_hidden = None if grad_hidden is None else grad_hidden.mul_(unscale.to(grad_hidden.dtype))
-            grad_weight = None if grad_weight is None else grad_weight.mul_(unscale)
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
-        return loss / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        # In place: the saved gradients serve this one backward pass (the Function is once-differentiable).
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)),
-                None if grad_weight is None else grad_weight.mul_(grad_loss.to(grad_weight.dtype)), None, None, None)
-
-
-def default_loss_chunk(vocab_size: int, device_type: str) -> int:
-    """Tokens per chunk of `linear_cross_entropy` on `device_type`: its LOSS_CHUNK_BYTES of fp32 logits."""
-    return max(1, LOSS_CHUNK_BYTES.get(device_type, LOSS_CHUNK_BYTES_ACCELERATOR) // (4 * vocab_size))
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
-    """`F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)`,
-    without ever holding more than `chunk` rows of logits (default: the device's LOSS_CHUNK_BYTES of fp32).
-
-    `hidden` (..., d), `targets` (...): the mean over targets != IGNORE_INDEX. Under autocast
-    the matmuls run in the autocast dtype, as `F.linear` would.
-    """
-    hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    chunk = chunk or default_loss_chunk(weight.size(0), device_type)
-    with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)
-
-
 class GPT(nn.Module):
     """A GPT-2-style decoder-only transformer (see the module docstring), initialised as GPT-2.
 
@@ -297,7 +196,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         # Recompute each block's activations in the backward pass instead of storing them:
-        # ~30% more compute for far less memory (fits the 250M model on small GPUs).
+        # ~30% more compute for far less memory (fits the 257M model on small GPUs).
         self.gradient_checkpointing = False
         self.loss_chunk: int | None = None  # tokens per chunk of the loss; None: the device's LOSS_CHUNK_BYTES of logits
         if self.lm_head.weight.is_meta:  # shapes only (`gpt1 info`): no values to set, and init on meta imports torch._dynamo
@@ -460,9 +359,10 @@ class GPT(nn.Module):
             mask = mask | (key_pos == query_pos)[None, None]
         return mask
 
+
 def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The weights to save: a tied output head is stored once (as the input embedding)."""
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     return state

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from gpt1.core.chat_template import encode_chat_with_labels
+from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import progress as progress_bar
 from gpt1.data.chat_sources import Conversation
 from gpt1.data.readers import text_pieces
@@ -198,11 +198,6 @@ class ChatBatches:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Steps of one micro-batch per rank (grad_accum=1) that cover an epoch."""
-        return self.epoch_steps(1)
 
     def epoch_steps(self, grad_accum: int = 1) -> int:
         """Optimizer steps of `grad_accum` micro-batches per rank in an epoch: its last step is

@@ -56,7 +56,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import yaml
 
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, first_line
 from gpt1.core.imports import require
 from gpt1.core.io import walk_folder
 
@@ -146,8 +146,7 @@ def _rows(spec: HfSpec, dataset) -> Iterator[dict]:
         except StopIteration:
             return
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise Gpt1Error(f"{spec}: cannot read the dataset after {number:,} rows ({type(e).__name__}: {reason}); "
+            raise Gpt1Error(f"{spec}: cannot read the dataset after {number:,} rows ({first_line(e)}); "
                             "`datasets` reads a folder's files whole, so --skip-invalid cannot skip this: fix the file, "
                             "or pass the files one at a time (their errors name the line)") from None
         yield row
@@ -474,19 +473,18 @@ def text_pieces(text: str) -> Iterator[str]:
 
 
 # Boundaries of the byte-level BPE's pre-tokens (GPT-2's split pattern) that do not depend on what
-# lies beyond them: a piece that ends at one is tokenized as the whole text is there. Preferred:
-# before a whitespace character between two non-spaces (" word" is one pre-token, hence before its
-# space; a "\n" or "\t" there stands alone); else between a letter or digit and a punctuation mark
-# other than "'" (which may start a contraction, 's 't ...): CJK or Thai prose, which has no
-# spaces, at its "。". Cutting only before spaces, a text of line ends or tabs was cut inside a word.
-# Boundaries where the tokenizer's pre-tokenizer (Rust regex: Unicode White_Space, \p{L}, \p{N})
-# also ends a pre-token, whatever Python's `re` thinks: a whitespace character between two
-# others, and a letter or digit followed by punctuation or a symbol (not the apostrophe, which
-# starts "'s"). Python's \s also holds U+001C-U+001F, which the tokenizer reads as punctuation;
-# and its \W holds every letter newer than Python's Unicode tables (unassigned, category Cn, to
-# it), so the second boundary also asks the next character's category to be P* or S*.
+# lies beyond them, so that a piece that ends at one is tokenized as the whole text is there;
+# preferred first. They are where the tokenizer's pre-tokenizer (Rust regex: Unicode White_Space,
+# \p{L}, \p{N}) also ends a pre-token, whatever Python's `re` thinks: a whitespace character between
+# two others (" word" is one pre-token, hence the cut before its space), and a letter or digit
+# followed by punctuation or a symbol (not the apostrophe, which starts "'s"; CJK or Thai prose,
+# which has no spaces, is cut at its "。"). Python's \s also holds U+001C-U+001F, which the
+# tokenizer reads as punctuation; and its \W holds every letter newer than Python's Unicode tables
+# (unassigned, category Cn, to it), so the second boundary also asks the next character's category
+# to be P* or S*.
+SPACE_BOUNDARY = re.compile(r"(?<=\S)[^\S\x1c-\x1f](?=\S)")  # the first: the ids after it are the whole text's last
 _BOUNDARIES = (
-    (re.compile(r"(?<=\S)[^\S\x1c-\x1f](?=\S)"), lambda char: True),
+    (SPACE_BOUNDARY, lambda char: True),
     (re.compile(r"(?<=[^\W_])(?=[^\w\s'])"), lambda char: unicodedata.category(char)[0] in "PS"),
 )
 

@@ -553,7 +553,8 @@ class ShardWriter:
         self.uncommitted_bytes = 0
 
     def _remove_partials(self) -> None:
-        for path in (self.train_tmp, self.val_tmp, *self.out.glob(HEAP_FILE + ".*")):
+        # The bare HEAP_FILE: the one name gpt1 before 2026-11-27 gave it (now one per commit).
+        for path in (self.train_tmp, self.val_tmp, self.out / HEAP_FILE, *self.out.glob(HEAP_FILE + ".*")):
             path.unlink(missing_ok=True)
 
     def finish(self, tokenizer: Tokenizer, extra: dict, what: str) -> dict:

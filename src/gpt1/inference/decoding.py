@@ -95,8 +95,9 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
     completion prompt that fits is (the default 256 would otherwise keep at most half of a
     512-token context); one that does not fit is fitted by the rule above."""
     messages = validate_messages(messages)
-    # Each message is encoded once: dropping a turn subtracts its length (re-encoding the rest
-    # after each drop made a long conversation quadratic, seconds of CPU in the server).
+    # Each message is encoded once, and dropping a turn subtracts its length (re-encoding the rest
+    # after each drop made a long conversation quadratic, seconds of CPU in the server); only a
+    # prompt that must be cut inside its last message encodes that message's text once more.
     pieces = [encode_message(tokenizer, m) for m in messages]
     generation_prompt = [tokenizer.special_id(ASSISTANT)]
     length = sum(map(len, pieces)) + len(generation_prompt)

@@ -19,11 +19,12 @@ A finished, cancelled or failed row frees its slot at once; live rows are kept c
 (the last row moves into a freed slot) so that the batched forward reads a slice of the pool.
 A request is validated in `submit`, before it can enter the batch; an exception while
 handling one row (admitting it, its text, its final flush when cancelled) ends that request with
-the error and the others go on (a batched sampling call that fails is retried row by row from the
-generators' states before it, so that only the rows that fail alone end, and the others draw what
-they would have). A fault that is no Exception but no exit either (a Rust panic in the tokenizer:
-pyo3's PanicException derives from BaseException) is handled as one, and a row whose logits are
-not finite ends with `GenerationFault` (the model's fault). `step()` never raises an
+the error and the others go on (each sampled row draws its step's random number first, from its
+own generator, and a batched sampling call that fails is retried row by row with the same numbers,
+so that only the rows that fail alone end, and the others draw what they would have). A fault
+that is no Exception but no exit either (a Rust panic in the tokenizer: pyo3's PanicException
+derives from BaseException) is handled as one, and a row whose logits are not finite ends with
+`GenerationFault` (the model's fault). `step()` never raises an
 error: one outside any row fails the rows in the batch, and the engine goes on. Only an exit
 (KeyboardInterrupt, SystemExit, GeneratorExit) goes on to the caller; should one end the worker
 thread, the engine ends every request it holds with `EngineUnavailable`, takes no more (`alive`
@@ -61,14 +62,14 @@ from typing import Callable, Iterable, Sequence, Sized
 import numpy as np
 import torch
 
-from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
+from gpt1.core.errors import Gpt1Error, first_line, is_compile_error, memory_shortage
 from gpt1.core.model import GPT, SlotCache
 from gpt1.core.progress import logger, warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.threads import cpu_thread_tuner
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.inference.decoding import Chunk, TextState, check_prompt, fit_prompt, new_token_limit
-from gpt1.inference.sampling import process_logits, sample
+from gpt1.inference.sampling import PerRow, process_logits, sample
 
 Sink = Callable[["Chunk | BaseException"], None]
 RATE_WINDOW_S = 10.0  # tokens/s in /health is measured over this many seconds
@@ -384,7 +385,7 @@ class Engine:
             self.tokens = torch.full((max_batch, self.max_len), self.config.vocab_size,
                                      dtype=torch.long, device=self.device)
         except RuntimeError as e:  # CUDA's OutOfMemoryError; the CPU allocator's is a plain RuntimeError
-            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):  # "can't allocate memory"
+            if memory_shortage(e) is None:
                 raise
             raise Gpt1Error(f"max_batch {max_batch}: out of memory allocating the KV cache ({_gib(self.kv_bytes)}, "
                             f"{what}) on {self.device}; lower max_batch") from None
@@ -402,6 +403,7 @@ class Engine:
         self._stopping = False
         self.died = ""  # why the worker thread ended unasked (see `_run`), once it has
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._no_draw = torch.zeros(())  # a greedy row's random number, unused (`sample` takes its argmax)
         capture = cuda_graphs and self.device.type == "cuda"
         self._graphs = _BucketedDecode(self, capture, compile) if capture or compile else None
 
@@ -497,16 +499,11 @@ class Engine:
         self._admit()
         if not self._rows:
             return
-        # The thread tuner compares decode steps of one width over contexts of about one length
-        # (a step over 500 positions takes longer than over 5); a step that prefills is not timed,
-        # nor any step where there is no tuner (GPUs, or OMP_NUM_THREADS set).
-        kind = (None if self._threads is None or any(r.prefilling for r in self._rows)
-                else (len(self._rows), max(r.length for r in self._rows) // TUNER_CONTEXT_BUCKET))
         threads = self._threads.apply() if self._threads is not None else torch.get_num_threads()
         started = time.perf_counter()
         with torch.inference_mode():
-            prefilled, prefill_logits = self._prefill()
-            decoded, decode_logits = self._decode()
+            prefilled, prefill_logits, prefilling = self._prefill()
+            decoded, decode_logits, longest = self._decode()
             requests = prefilled + decoded
             if not requests:
                 return
@@ -519,7 +516,12 @@ class Engine:
             finite = torch.isfinite(logits).all(dim=-1)
             sampled, errors = self._sample_rows(requests, logits)
             next_ids = torch.where(finite, sampled, -1).tolist()
-        if kind is not None:
+        # The thread tuner compares decode steps of one width over contexts of about one length
+        # (a step over 500 positions takes longer than over 5); a step that prefills is not timed,
+        # nor any step where there is no tuner (GPUs, or OMP_NUM_THREADS set). Without a prefill,
+        # every row decoded (each had its next token): the step's width and longest context.
+        if self._threads is not None and not prefilling:
+            kind = (len(decoded), longest // TUNER_CONTEXT_BUCKET)
             if message := self._threads.step_done(time.perf_counter() - started, kind):
                 logger.debug(message)
         given = 0  # tokens handed to their requests: a row that failed here made none
@@ -556,9 +558,10 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - e.g. a MemoryError: this request fails, the others go on
                     self._fail(request, e)
 
-    def _prefill(self) -> tuple[list[Request], torch.Tensor | None]:
+    def _prefill(self) -> tuple[list[Request], torch.Tensor | None, bool]:
         """Feed the next prompt chunks, within the step's budget, in one forward; the requests
-        whose prompt is now complete, and their logits (one row each). Shorter chunks are padded at the front
+        whose prompt is now complete, their logits (one row each), and whether any row was
+        prefilling. Shorter chunks are padded at the front
         with tokens at the last position (which no prefilling row holds), so that every row's
         last token is the forward's last column."""
         chosen, budget = [], self.prefill_chunk
@@ -569,8 +572,8 @@ class Engine:
                 chunk = request.prompt_ids[request.length:request.length + budget]
                 chosen.append((request, chunk))
                 budget -= len(chunk)
-        if not chosen:
-            return [], None
+        if not chosen:  # the first prefilling row is always chosen: none was prefilling
+            return [], None, False
         T, pad = max(len(chunk) for _, chunk in chosen), self.cache.max_len - 1
         ids = [[0] * (T - len(chunk)) + chunk for _, chunk in chosen]
         positions = [[pad] * (T - len(chunk)) + list(range(r.length, r.length + len(chunk))) for r, chunk in chosen]
@@ -582,23 +585,24 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a failed prefill fails its rows, not the engine
             for request, _ in chosen:
                 self._fail(request, e)
-            return [], None
+            return [], None, True
         done = []
         for i, (request, chunk) in enumerate(chosen):
             request.length += len(chunk)
             if not request.prefilling:
                 done.append(i)
-        return [chosen[i][0] for i in done], _rows_of(logits, done)
+        return [chosen[i][0] for i in done], _rows_of(logits, done), True
 
-    def _decode(self) -> tuple[list[Request], torch.Tensor | None]:
-        """One forward for the rows up to the last one with a token to feed. Rows still
+    def _decode(self) -> tuple[list[Request], torch.Tensor | None, int]:
+        """One forward for the rows up to the last one with a token to feed: those requests, their
+        logits, and the longest context fed before (positions). Rows still
         prefilling among them ride along (what they write lies beyond their length, masked, and
         is overwritten by their prompt); those after it -- newly admitted rows sit at the end --
         are left out, so a burst of arrivals does not widen every decode step while it prefills."""
         feeding = [r for r in self._rows if r.next_token is not None]
         if not feeding:
-            return [], None
-        rows = self._rows[:max(r.row for r in feeding) + 1]
+            return [], None, 0
+        rows = self._rows[:feeding[-1].row + 1]  # feeding is in slot order
         ids = [r.next_token if r.next_token is not None else 0 for r in rows]
         starts = [r.length for r in rows]
         try:
@@ -606,11 +610,11 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a failed batch fails its rows, not the engine
             for request in feeding:
                 self._fail(request, e)
-            return [], None
+            return [], None, 0
         for request in feeding:
             request.length += 1
             request.next_token = None
-        return feeding, _rows_of(logits, [r.row for r in feeding])
+        return feeding, _rows_of(logits, [r.row for r in feeding]), max(starts)
 
     def decode_forward(self, ids: list[int], starts: list[int]) -> torch.Tensor:
         """Logits (len(ids), vocab) of one decode forward over slots 0..len(ids)-1, slot i
@@ -618,61 +622,77 @@ class Engine:
         them, else eager. The decode step's model time (`gpt1 bench generate` times it alone)."""
         if self._graphs is not None:
             return self._graphs.decode(ids, starts)
-        self.cache.prepare(slice(0, len(ids)), torch.tensor(starts, device=self.device)[:, None], max(starts) + 1)
-        return self.model(torch.tensor(ids, device=self.device)[:, None], cache=self.cache, last_only=True)[:, -1]
+        inputs = torch.tensor([ids, starts], device=self.device)  # one copy to the device
+        self.cache.prepare(slice(0, len(ids)), inputs[1, :, None], max(starts) + 1)
+        return self.model(inputs[0, :, None], cache=self.cache, last_only=True)[:, -1]
 
     def _sample_rows(self, requests: list[Request], logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, Exception]]:
         """`_sample` in one batched call; should that fail, row by row, so that the error ends only
         the requests whose own knobs cause it: the next ids (-1 where a row failed) and each
-        failed row's error, by index. A row sampled again alone draws what it would have: the
-        failed call may have drawn from some rows' generators already (those before a row whose
-        draw failed, or all of them when what follows the draws failed), so each generator is put
-        back to its state before it."""
-        # ~2 us a sampled row on the dev CPU, half of its draw; greedy rows have no generator.
-        states = [(r.generator, r.generator.get_state()) for r in requests if r.generator is not None]
-        try:
-            return self._sample(requests, logits), {}
-        except Exception:  # noqa: BLE001 - retried row by row below
-            for generator, state in states:
-                generator.set_state(state)
-        ids, errors = torch.full((len(requests),), -1, dtype=torch.long, device=logits.device), {}
+        failed row's error, by index. Each sampled row's uniform number is drawn first, from its
+        own generator, and a row sampled again alone takes the same number: it draws what it would
+        have, and a row whose draw fails ends alone."""
+        draws, errors = [self._no_draw] * len(requests), {}
         for i, request in enumerate(requests):
-            try:
-                ids[i] = self._sample([request], logits[i:i + 1])[0]
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                errors[i] = e
+            if request.generator is not None:
+                try:
+                    draws[i] = torch.rand((), generator=request.generator)
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    errors[i] = e
+        try:
+            return self._sample(requests, logits, draws), errors
+        except Exception:  # noqa: BLE001 - retried row by row below
+            pass
+        ids = torch.full((len(requests),), -1, dtype=torch.long, device=logits.device)
+        for i, request in enumerate(requests):
+            if i not in errors:
+                try:
+                    ids[i] = self._sample([request], logits[i:i + 1], draws[i:i + 1])[0]
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    errors[i] = e
         return ids, errors
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """The next token of each request: its own knobs, one batched call."""
+    def _sample(self, requests: list[Request], logits: torch.Tensor, draws: list[torch.Tensor]) -> torch.Tensor:
+        """The next token of each request, one batched call: its own knobs and its uniform number
+        (`draws`, CPU scalars: each drawn from its row's generator, 0 for a greedy row)."""
         params = [r.params for r in requests]
-        device = logits.device
-        window = None
         # Only a request with a repeat penalty reads its context, so only then is it kept (in
         # `tokens`): a step without one does no bookkeeping on the device.
         penalised = any(p.repeat_penalty != 1.0 and p.repeat_last_n != 0 for p in params)
+        temperature = [p.temperature for p in params]
+        if not penalised and not any(temperature):  # greedy: the argmax, no knob on the device
+            return sample(process_logits(logits, None, temperature=0.0), 0.0)
+        # Every knob of every row and the rows' numbers go to the device in one copy; the
+        # processors decide what to skip (a knob no row uses, the greedy rows) from the same values
+        # here, so that no step waits for the device before its ids. A top_k past the vocabulary
+        # keeps every token, as the vocabulary's size does (which float32 holds exactly).
+        values = [temperature, [min(p.top_k, self.vocab) for p in params], [p.top_p for p in params],
+                  [p.min_p for p in params], [p.repeat_penalty for p in params]]
+        columns = torch.cat([torch.tensor(values, dtype=torch.float32), torch.stack(draws)[None]])
+        columns = columns.to(logits.device, non_blocking=True)
+        knobs = [PerRow(v, column) for v, column in zip(values, columns.unbind())]
+        window = rows = context = None
         if penalised:
-            rows = torch.tensor([r.row for r in requests], device=device)
-            # The window of each row: the last repeat_last_n tokens of its context (-1: all).
-            context = torch.tensor([len(r.prompt_ids) + r.state.completion_tokens for r in requests], device=device)
-            last_n = torch.tensor([p.repeat_last_n if p.repeat_last_n >= 0 else self.max_len
-                                   for p in params], device=device)
-            position = torch.arange(self.max_len, device=device)
-            inside = (position < context[:, None]) & (position >= (context - last_n)[:, None])
-            window = self.tokens[rows].masked_fill(~inside, self.config.vocab_size)
-
-        def knob(name: str, dtype=torch.float32) -> float | torch.Tensor:
-            values = [getattr(p, name) for p in params]
-            # One value for the whole batch (the common case) lets the processors skip neutral steps.
-            return values[0] if len(set(values)) == 1 else torch.tensor(values, dtype=dtype, device=device)
-
-        temperature = knob("temperature")
-        processed = process_logits(logits, window, temperature=temperature, top_k=knob("top_k", torch.long),
-                                   top_p=knob("top_p"), min_p=knob("min_p"), repeat_penalty=knob("repeat_penalty"))
-        next_ids = sample(processed, temperature, [r.generator for r in requests])
+            window, rows, context = self._window(requests, params)
+        processed = process_logits(logits, window, temperature=knobs[0], top_k=knobs[1], top_p=knobs[2],
+                                   min_p=knobs[3], repeat_penalty=knobs[4])
+        next_ids = sample(processed, knobs[0], uniform=columns[-1])
         if penalised:
             self.tokens[rows, context.clamp(max=self.max_len - 1)] = next_ids
         return next_ids
+
+    def _window(self, requests: list[Request],
+                params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows' repeat-penalty windows (batch, n): the last repeat_last_n tokens of each
+        row's context (-1: all), "no token" (vocab_size) elsewhere; n spans the positions that
+        some row's window holds, not the whole slot. With each row's slot and context length."""
+        context = [len(r.prompt_ids) + r.state.completion_tokens for r in requests]
+        last_n = [p.repeat_last_n if p.repeat_last_n >= 0 else self.max_len for p in params]
+        first, end = max(min([c - n for c, n in zip(context, last_n)]), 0), max(context)
+        rows, context, last_n = torch.tensor([[r.row for r in requests], context, last_n], device=self.device).unbind()
+        position = torch.arange(first, end, device=self.device)
+        inside = (position < context[:, None]) & (position >= (context - last_n)[:, None])
+        return self.tokens[rows, first:end].masked_fill(~inside, self.config.vocab_size), rows, context
 
     def _not_finite(self) -> GenerationFault:
         hint = ("; float16 overflows where bfloat16 and float32 do not: try --dtype bfloat16"
@@ -790,7 +810,7 @@ class Engine:
             left = list(self._rows) + list(self._waiting)
             self._waiting.clear()
         for request in left:
-            self._end(request, "cancelled", EngineUnavailable("the server is shutting down"))
+            self._end(request, "failed", EngineUnavailable("the server is shutting down"))
 
     def __enter__(self) -> "Engine":
         return self.start()

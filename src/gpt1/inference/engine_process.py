@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -329,19 +330,34 @@ _ERRORS = {cls.__name__: cls for cls in (Gpt1Error, EngineUnavailable, Generatio
                                          torch.OutOfMemoryError)}
 
 
+# The most of a child's traceback that is sent with its error (the last lines: where it raised).
+_TRACEBACK_CHARS = 8_000
+
+
 def _described(error: BaseException) -> list:
-    """A request's error as the child sends it: [type name, message, errno or None]. An OSError's
-    message is its strerror (what `OSError(errno, strerror)` takes back); a Gpt1Error of a type not
-    in _ERRORS goes as a Gpt1Error."""
+    """A request's error as the child sends it: [type name, message, errno or None, traceback or
+    None]. An OSError's message is its strerror (what `OSError(errno, strerror)` takes back); a
+    Gpt1Error of a type not in _ERRORS goes as a Gpt1Error. The traceback is the child's, so that
+    the server's log says where a fault was raised, as it does for the thread engine's."""
     kind = type(error).__name__
     if isinstance(error, Gpt1Error) and _ERRORS.get(kind) is not type(error):
         kind = "Gpt1Error"
+    trace = "".join(traceback.format_exception(error))[-_TRACEBACK_CHARS:] if error.__traceback__ else None
     if isinstance(error, OSError) and error.errno is not None:
-        return [kind, error.strerror or str(error), error.errno]
-    return [kind, str(error), None]
+        return [kind, error.strerror or str(error), error.errno, trace]
+    return [kind, str(error), None, trace]
 
 
-def _rebuild(kind: str, message: str, errno: int | None) -> Exception:
+def _rebuild(kind: str, message: str, errno: int | None, trace: str | None = None) -> Exception:
+    """The child's error (see `_described`), with its traceback as a note (the logged traceback
+    shows it; the message stays the same)."""
+    error = _rebuilt(kind, message, errno)
+    if trace:
+        error.add_note(f"raised in the engine process:\n{trace.rstrip()}")
+    return error
+
+
+def _rebuilt(kind: str, message: str, errno: int | None) -> Exception:
     """The child's error (see `_described`) as an exception of the same type here, so that the
     server answers it as it answers the thread engine's, with the same message: an OSError with its
     errno (ENOMEM: a 503 to retry), a MemoryError, torch's OutOfMemoryError, a Gpt1Error (400), a
@@ -431,7 +447,9 @@ def _child_main(model_dir: str, device: str, dtype: str, engine_args: dict, comm
             requests.update(zip(ids, submitted))
         engine.step()  # never raises: an error fails the requests it concerns, and this process goes on
         if outbox or not engine.busy:
-            stats = [engine.active, engine.queued, dataclasses.asdict(engine.stats)]
+            # EngineStats holds ints only: its __dict__ is what dataclasses.asdict gave, without
+            # asdict's deep copy (46 Python calls a step).
+            stats = [engine.active, engine.queued, vars(engine.stats)]
             try:
                 outputs.send_bytes(json.dumps({"out": outbox, "stats": stats}).encode())
             except (OSError, ValueError):  # the parent is gone

@@ -28,7 +28,8 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
-    """The dtype to load a model in on `device` (None: the saved dtype). "auto"/None: bfloat16 on a
+    """The dtype to load a model in on `device` (None: float32, the dtype a model folder's weights are
+    loaded in, fp16/bf16 ones upcast). "auto"/None: bfloat16 on a
     CUDA GPU with native bf16 (`gpt1.core.device.bf16_supported`: half the memory traffic of
     float32, and its range), else None. bfloat16 where the device has no bf16 is a Gpt1Error."""
     if isinstance(dtype, str):
@@ -67,7 +68,7 @@ class LLM:
     def load(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
              dtype: torch.dtype | str | None = None) -> "LLM":
         """The model in `dtype` (a torch dtype or one of DTYPES' names; default, or "auto":
-        bfloat16 on a GPU that supports it, else the saved dtype)."""
+        bfloat16 on a GPU that supports it, else float32, whatever dtype the folder stores)."""
         path = _model_dir(path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)

@@ -9,12 +9,14 @@ a temperature other than 1, top-p and min-p keep another set of tokens there tha
 knobs on a GGUF export sample differently; top-k alone keeps the same tokens either way).
 
 Each function takes logits of shape (batch, vocab) and returns new ones. A knob is one value
-for every row or a tensor with one value per row (the engine batches requests with different
-knobs); a row at the knob's neutral value (penalty 1, top-k 0, top-p 1, min-p 0) is returned
-unchanged. The semantics are those of `transformers`' RepetitionPenaltyLogitsProcessor,
-TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper and MinPLogitsWarper (the tests
-check they are identical). Temperature 0 means greedy: the most likely token after the repeat
-penalty. A filtered-out token gets the logit -inf.
+for every row, a tensor with one value per row, or `PerRow`: one value per row both on the
+logits' device and on the host (what the engine passes: the batch's knobs differ, and what a step
+skips is decided from the host's values, without waiting for the device); a row at the knob's
+neutral value (penalty 1, top-k 0, top-p 1, min-p 0) is returned unchanged. The semantics are
+those of `transformers`' RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+TopKLogitsWarper, TopPLogitsWarper and MinPLogitsWarper (the tests check they are identical).
+Temperature 0 means greedy: the most likely token after the repeat penalty. A filtered-out token
+gets the logit -inf.
 
 Every accepted knob value gives finite probabilities, in one place per knob: an extreme repeat
 penalty saturates at float32's largest logit, and a row that a tiny temperature makes overflow
@@ -24,18 +26,39 @@ filtered-out token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-Knob = float | int | torch.Tensor
+
+@dataclass(frozen=True)
+class PerRow:
+    """A knob with one value per row: `column` (batch,) on the logits' device, `values` the same
+    numbers on the host, from which a step decides what it runs (whether a row uses the knob, the
+    largest top-k, whether a row is greedy) with no sync."""
+
+    values: Sequence[float]
+    column: torch.Tensor
+
+
+Knob = float | int | torch.Tensor | PerRow
 
 
 def _per_row(value: Knob, logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A knob as a (batch, 1) column."""
-    if not isinstance(value, torch.Tensor):
+    if isinstance(value, PerRow):
+        value = value.column
+    elif not isinstance(value, torch.Tensor):
         value = torch.tensor(value, dtype=dtype)
     return value.to(device=logits.device, dtype=dtype).reshape(-1, 1).expand(logits.size(0), 1)
+
+
+def _host_values(knob: Knob) -> Sequence[float] | None:
+    """The knob's values on the host (one for all rows, or one per row); None for a tensor."""
+    if isinstance(knob, PerRow):
+        return knob.values
+    return None if isinstance(knob, torch.Tensor) else (knob,)
 
 
 def apply_repeat_penalty(logits: torch.Tensor, window: torch.Tensor, penalty: Knob) -> torch.Tensor:
@@ -57,21 +80,24 @@ def apply_repeat_penalty(logits: torch.Tensor, window: torch.Tensor, penalty: Kn
 def apply_temperature(logits: torch.Tensor, temperature: Knob) -> torch.Tensor:
     """Divide by the temperature (> 0): below 1 sharpens the distribution, above 1 flattens it.
     A row that overflows (a tiny temperature) becomes its limit: its most likely tokens only."""
-    scaled = logits / _per_row(temperature, logits)
-    # Only a finite logit made infinite is an overflow: a -inf (a token masked out) stays as it is.
-    overflow = (logits.isfinite() & ~scaled.isfinite()).any(dim=-1, keepdim=True)
-    if not overflow.any():
-        return scaled
-    top = logits == logits.amax(dim=-1, keepdim=True)
-    limit = torch.zeros_like(logits).masked_fill(~top, float("-inf"))
-    return torch.where(overflow, limit, scaled)
+    per_row = _per_row(temperature, logits)
+    scaled = logits / per_row
+    # A row overflows when its largest logit, finite, does (a -inf, a token masked out, stays as it
+    # is; a very negative one made -inf is as good as masked). Chosen on the device, row by row:
+    # asking the host whether any row overflowed would wait for it; and from the rows' maxima, so
+    # that a step with none costs what a branch on the host did (two passes over the logits fewer
+    # than comparing every logit).
+    row_max = logits.amax(dim=-1, keepdim=True)
+    overflow = row_max.isfinite() & ~(row_max / per_row).isfinite()
+    return torch.where(overflow & (logits != row_max), float("-inf"), torch.where(overflow, 0.0, scaled))
 
 
 def apply_top_k(logits: torch.Tensor, top_k: Knob) -> torch.Tensor:
     """Keep the `top_k` largest logits (and any tied with the k-th); 0 keeps all."""
     vocab = logits.size(-1)
     k = _per_row(top_k, logits, torch.long).clamp(max=vocab)
-    largest = int(k.max())
+    host = _host_values(top_k)
+    largest = min(max(host), vocab) if host is not None else int(k.max())
     if largest == 0:
         return logits
     values = torch.topk(logits, largest, dim=-1).values
@@ -101,9 +127,10 @@ def apply_min_p(logits: torch.Tensor, min_p: Knob) -> torch.Tensor:
 
 def _any(knob: Knob, neutral: float) -> bool:
     """Whether some row's knob differs from its neutral value (else the step is skipped)."""
-    if isinstance(knob, torch.Tensor):
-        return bool((knob != neutral).any())
-    return knob != neutral
+    values = _host_values(knob)
+    if values is None:
+        return bool((knob != neutral).any())  # a tensor: the host waits for the device
+    return values.count(neutral) < len(values)
 
 
 def process_logits(logits: torch.Tensor, window: torch.Tensor | None, *, temperature: Knob, top_k: Knob = 0,
@@ -119,28 +146,37 @@ def process_logits(logits: torch.Tensor, window: torch.Tensor | None, *, tempera
         logits = apply_repeat_penalty(logits, window, repeat_penalty)
     if not _any(temperature, 0.0):
         return logits
-    greedy = _per_row(temperature, logits) == 0
-    processed = apply_temperature(logits, torch.where(greedy, 1.0, _per_row(temperature, logits)))
+    values = _host_values(temperature)
+    some_greedy = 0 in values if values is not None else bool((temperature == 0).any())
+    scale = _per_row(temperature, logits)
+    if some_greedy:
+        greedy = scale == 0
+        scale = torch.where(greedy, 1.0, scale)
+    processed = apply_temperature(logits, scale)
     if _any(top_k, 0):
         processed = apply_top_k(processed, top_k)
     if _any(top_p, 1.0):
         processed = apply_top_p(processed, top_p)
     if _any(min_p, 0.0):
         processed = apply_min_p(processed, min_p)
-    return torch.where(greedy, logits, processed) if greedy.any() else processed
+    return torch.where(greedy, logits, processed) if some_greedy else processed
 
 
-def sample(logits: torch.Tensor, temperature: Knob, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: Knob, generators: Sequence[torch.Generator | None] = (), *,
+           uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row of processed logits (batch,): argmax where the temperature is 0, else
     a draw from the softmax with one uniform number from that row's own generator, so that a
     seeded row gives the same tokens whatever else is in the batch and concurrent requests share
-    no RNG state. All rows are sampled in one batched call (inverse CDF)."""
+    no RNG state. All rows are sampled in one batched call (inverse CDF). `uniform`, when given:
+    the rows' numbers drawn already (batch,), each `torch.rand((), generator=g)` of its row's
+    generator (any value for a greedy row), in place of drawing them here."""
     greedy_ids = logits.argmax(dim=-1)
     if not _any(temperature, 0.0):
         return greedy_ids
     probs = logits.softmax(dim=-1)
-    uniform = torch.stack([torch.rand((), generator=g) if g is not None else torch.zeros(())
-                           for g in generators]).to(probs.device)
+    if uniform is None:
+        uniform = torch.stack([torch.rand((), generator=g) if g is not None else torch.zeros(()) for g in generators])
+    uniform = uniform.to(probs.device)
     cdf = probs.cumsum(dim=-1)
     ids = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp(max=probs.size(-1) - 1)
     # Rounding can land on a token of probability 0 at the very end: take the last possible one.

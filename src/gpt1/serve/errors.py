@@ -13,12 +13,11 @@ import threading
 import time
 from typing import Any
 
-import torch
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from gpt1.core.errors import Gpt1Error, first_line, open_files_hint, threads_hint
+from gpt1.core.errors import Gpt1Error, first_line, memory_shortage, open_files_hint, threads_hint
 from gpt1.core.progress import warn
 from gpt1.inference.engine import EngineUnavailable, GenerationFault
 
@@ -190,10 +189,8 @@ def resource_shortage(e: BaseException) -> str | None:
     """What the machine ran out of, when `e` says it did for the moment (a thread that could not
     start under `ulimit -u` or a container's pids limit, a file or socket under `ulimit -n`,
     memory): a 503 to retry, not a fault of the server. None for any other error."""
-    if isinstance(e, torch.OutOfMemoryError):  # a RuntimeError: before the CPU allocator's below
-        return "GPU memory" if "CUDA" in str(e) else "memory"
-    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
-        return "memory"  # Python's own, and torch's CPU allocator's ("DefaultCPUAllocator: can't allocate memory")
+    if memory := memory_shortage(e):
+        return memory
     if isinstance(e, RuntimeError) and "can't start new thread" in str(e):
         return "threads"
     if isinstance(e, OSError):

@@ -279,6 +279,11 @@ def _cancel(requests: list[EngineRequest]) -> None:
         r.cancel()
 
 
+def _envelope(rid: str, kind: str, created: int, model_id: str) -> dict:
+    """The keys every completion object and chunk starts with, as OpenAI's."""
+    return {"id": rid, "object": kind, "created": created, "model": model_id, "system_fingerprint": None}
+
+
 def _no_usage(include_usage: bool) -> dict:
     # As OpenAI: with include_usage, every chunk but the last has "usage": null (clients index it).
     return {"usage": None} if include_usage else {}
@@ -288,8 +293,7 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
                        failures: FailureLog | None = None) -> AsyncIterator[str]:
     """The chat stream's events; a failure is an error event, said in `failures` (None: a log of its own)."""
     def chunk(delta: dict, finish_reason: str | None = None) -> dict:
-        return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                "system_fingerprint": None,
+        return {**_envelope(rid, "chat.completion.chunk", now, model_id),
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
                 **_no_usage(include_usage)}
 
@@ -315,8 +319,7 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
     finally:
         _cancel(requests)
     if include_usage and usage is not None:
-        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                    "system_fingerprint": None, "choices": [], "usage": usage})
+        yield _sse({**_envelope(rid, "chat.completion.chunk", now, model_id), "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
 
 
@@ -324,8 +327,7 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
                              failures: FailureLog | None = None) -> AsyncIterator[str]:
     """The completion stream's events; a failure is an error event, said in `failures` (as `_chat_events`)."""
     def chunk(index: int, text: str, finish_reason: str | None = None) -> dict:
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
-                "system_fingerprint": None,
+        return {**_envelope(rid, "text_completion", now, model_id),
                 "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
                 **_no_usage(include_usage)}
 
@@ -351,8 +353,8 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
     finally:
         _cancel(requests)
     if include_usage:
-        yield _sse({"id": rid, "object": "text_completion", "created": now, "model": model_id,
-                    "system_fingerprint": None, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield _sse({**_envelope(rid, "text_completion", now, model_id), "choices": [],
+                    "usage": _usage(prompt_tokens, completion_tokens)})
     yield "data: [DONE]\n\n"
 
 
@@ -506,8 +508,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         r = results[0]
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
-                "system_fingerprint": None,
+        return {**_envelope(rid, "chat.completion", now, model_id),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
                              "logprobs": None, "finish_reason": r["finish_reason"]}],
                 "usage": _usage(r["prompt_tokens"], r["completion_tokens"])}
@@ -537,8 +538,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_id,
-                "system_fingerprint": None,
+        return {**_envelope(rid, "text_completion", now, model_id),
                 "choices": [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
                             for i, r in enumerate(results)],
                 "usage": _usage(sum(r["prompt_tokens"] for r in results),

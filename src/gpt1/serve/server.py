@@ -335,6 +335,11 @@ def _log_config() -> dict:
     # the UTC offset, so that lines from machines in other zones sort and compare.
     access = config["formatters"]["access"]
     access["fmt"], access["datefmt"] = "%(asctime)s " + access["fmt"], "%Y-%m-%dT%H:%M:%S%z"
+    # uvicorn colours its lines whenever stdout is a terminal; NO_COLOR (no-color.org: set and not
+    # empty) and TERM=dumb, a terminal that shows escapes as text, ask for plain lines.
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        for formatter in config["formatters"].values():
+            formatter["use_colors"] = False
     return config
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, first_line
 from gpt1.core.io import check_weight_values, crash_point, save_safetensors, write_text, writing
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -177,8 +177,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
         weights = load_file(str(path / TRAINABLE_FILE))
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or pickled file: safetensors and torch raise their own types
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise Gpt1Error(f"{path}: cannot read the checkpoint ({type(e).__name__}: {first_line}); only tensors, "
+        raise Gpt1Error(f"{path}: cannot read the checkpoint ({first_line(e)}); only tensors, "
                         "numbers and strings are loaded, never pickled objects") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}

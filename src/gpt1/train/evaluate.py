@@ -26,8 +26,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import progress
 from gpt1.core.threads import tuned_threads
 from gpt1.data.shards import check_fingerprint, load_meta, looks_prepared, sequential_windows

@@ -40,6 +40,7 @@ from typing import Annotated
 import torch
 
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
+from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import (
     as_path,
@@ -64,7 +65,6 @@ from gpt1.core.lora import (
     mark_only_lora_as_trainable,
     save_adapter,
 )
-from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, warn
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
@@ -95,8 +95,9 @@ from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, require_config
 from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perplexity, token_byte_lengths
-from gpt1.train.loop import CONFIG_FILE as RUN_CONFIG_FILE
-from gpt1.train.loop import RUN_LOCK, step_cap_words, train
+from gpt1.train.loop import step_cap_words, train
+from gpt1.train.run_record import CONFIG_FILE as RUN_CONFIG_FILE
+from gpt1.train.run_record import RUN_LOCK
 
 
 @dataclass

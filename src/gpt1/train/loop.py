@@ -12,8 +12,8 @@ The API (stable; both commands call it)::
         pad_id: int                                     # optional: the id that pads x (not counted as tokens)
         def next_step(self, n: int) -> list[tuple[Tensor, Tensor]]  # optional: a step's n batches at once
 
-    result = train(model, cfg, run_dir, train_data, val_batches, save_model, max_steps=None, data=None,
-                   data_source=None)
+    result = train(model, cfg, run_dir, train_data, val_batches, save_model, *, max_steps=None, data=None,
+                   data_source=None, redo_hint=None)
 
 - `model`: a GPT (possibly with LoRA layers). The optimizer covers exactly the parameters with
   `requires_grad=True`: freeze the rest before calling. Weight decay applies to matrices only.
@@ -36,13 +36,16 @@ The API (stable; both commands call it)::
 - `save_model(dir, model)`: writes the model into the run dir after each checkpoint (pretraining:
   config.json + model.safetensors + tokenizer.json; fine-tuning: its adapter files). Called with
   the unwrapped model (no DDP, no torch.compile wrapper).
+- `redo_hint`: optional, the advice of the error that refuses a run dir holding another run (another
+  config or data), instead of "rerun with the same config ..., or choose another --out" (the
+  quickstart has its own).
 
 The rest is the loop's: checkpoints (see `gpt1.train.checkpoint`) with the trainable weights,
 optimizer, GradScaler, step, sampler state and every RNG state (with torchrun, every rank's);
 `train_config.json` (the run as started, the resumable settings changed since with the step they
-hold from, and each start's and resume's provenance: `_RunRecord`); one line per step in
+hold from, and each start's and resume's provenance: `gpt1.train.run_record`); one line per step in
 `metrics.jsonl` (loss, lr, grad_norm, tokens and tokens_per_sec: input tokens, padding
-excluded, mfu) and one per validation (val_loss, val_ppl), which also logs a line of its own
+excluded, mfu), to which a validation adds val_loss and val_ppl, and logs a line of its own
 (`step 20: val loss 5.7012, perplexity 299.30`); `loss.png` at the end; once the
 step rate settles, the projected wall time of the whole run (revised once, where it could not
 count validations and checkpoints yet). A run is finished when its last checkpoint is the
@@ -75,7 +78,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import datetime
 import itertools
 import json
@@ -89,14 +91,13 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.environment import environment
 from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
-from gpt1.core.io import crash_point, exclusive, json_path, make_dirs, read_json, write_json, write_text, writing
+from gpt1.core.io import crash_point, exclusive, make_dirs, write_text, writing
 from gpt1.core.malloc import freed_memory_kept
-from gpt1.core.model import IGNORE_INDEX
 from gpt1.core.progress import info, progress, warn
 from gpt1.core.threads import cpu_thread_tuner
-from gpt1.formats.modeldir import BASE_FILE, WEIGHTS_FILE, weights_fingerprint
 from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
@@ -104,18 +105,14 @@ from gpt1.train.evaluate import evaluate_loss, perplexity
 from gpt1.train.optim import build_optimizer
 from gpt1.train.plot import plot_metrics
 from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
+from gpt1.train.run_record import CONFIG_FILE, RUN_LOCK, RunRecord, check_run_dir, refuse_other_files
 from gpt1.train.schedule import BudgetSchedule, lr_at
 
 __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE",
            "peak_flops", "step_cap_words"]
 
 METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "train_config.json"
 PLOT_FILE = "loss.png"
-RUN_LOCK = Path(ckpt.CHECKPOINTS_DIR, ".lock")  # the lock `gpt1.core.io.exclusive` holds while a run trains
-# Keys that may change between a run and its resumption: they do not change the math.
-RESUMABLE_CHANGES = {"device", "tensorboard", "eval_batches", "save_every", "max_bad_steps",
-                     "gradient_checkpointing"}
 
 # Dense (no sparsity) FP16/BF16 tensor-core peak FLOP/s per GPU, matched against
 # torch.cuda.get_device_name(); longest match wins. MFU is reported against this peak.
@@ -170,182 +167,6 @@ def step_cap_words(cfg: TrainConfig) -> tuple[str, str]:
     return "at most ", f"; time_budget={cfg.time_budget:g} s may end it sooner"
 
 
-def _check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | None = None,
-                   world_size: int = 1, redo_hint: str | None = None) -> _RunRecord:
-    """Refuse a run dir that holds another run (or anything else); the run's train_config.json
-    to write once the run trains (`_RunRecord.start`: a rerun of a finished run writes nothing).
-    `redo_hint` replaces the advice to rerun as before (a caller like the quickstart has its own)."""
-    config = cfg.to_dict()
-    for key in PATH_KEYS & config.keys():  # recorded as the paths they name: a resume from another folder matches
-        if isinstance(config[key], str):
-            config[key] = json_path(_resolved(config[key]))
-        elif isinstance(config[key], list):  # a fine-tune's several --data sources
-            config[key] = [json_path(_resolved(v)) if isinstance(v, str) else v for v in config[key]]
-    wanted = {"config": config, "max_steps": max_steps, "world_size": world_size,
-              **({"data": data} if data is not None else {})}
-    file = run_dir / CONFIG_FILE
-    # Validations change no weight; under a time budget their time counts in the plan, though.
-    resumable = RESUMABLE_CHANGES | ({"eval_every"} if not cfg.time_budget else set())
-    if file.is_file() and ckpt.latest_checkpoint(run_dir) is None and not _has_outputs(run_dir):
-        # Stopped before its first checkpoint (out of memory at the first step, say): nothing to resume
-        # and nothing lost, so a rerun with another config (the smaller batch_size advised) starts over.
-        # (A finished run whose checkpoints/ was deleted to free the disk still has its model: kept.)
-        info(f"{run_dir}: its run stopped before its first checkpoint; starting over")
-    elif file.is_file():
-        old = read_json(file)
-        old_cfg = old.get("config") if isinstance(old, dict) else None
-        if not isinstance(old_cfg, dict):
-            raise Gpt1Error(f"{file}: expected an object with the run's \"config\"; the run dir is damaged "
-                            "(restore the file, or choose another --out)")
-        # The global batch and each rank's share of the data follow the number of processes: on
-        # another number a resume would replay or skip batches. (A run dir from before it was
-        # recorded resumes unchecked: its number is unknown.)
-        old_world = old.get("world_size")
-        if isinstance(old_world, int) and old_world != world_size:
-            how = f"with {old_world} processes (torchrun --nproc_per_node {old_world})" if old_world > 1 else \
-                "in one process (without torchrun)"
-            raise Gpt1Error(f"{run_dir} was trained by {old_world} process{'es' if old_world > 1 else ''}, this run has "
-                            f"{world_size}: resume it {how}, or choose another --out")
-        # A key that an older gpt1 did not write had its default value then; one changed on a
-        # resume has its latest value.
-        old_cfg = _settings(old, _field_defaults(cfg))
-        if old_cfg.get("time_budget"):
-            resumable -= {"eval_every"}
-        keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
-                      if k not in resumable and not _same_setting(run_dir, k, old_cfg.get(k), wanted["config"].get(k)))
-        if old.get("max_steps") != max_steps and "max_steps" not in keys:
-            keys.append(f"max_steps (resolved: {old.get('max_steps')} -> {max_steps})")
-        if keys:
-            diffs = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {wanted['config'].get(k)!r}" if k in old_cfg or k in wanted["config"]
-                              else k for k in keys)
-            raise Gpt1Error(f"{run_dir} holds a run with a different config ({diffs}); "
-                            + (redo_hint or "rerun with the same config to resume it, or choose another --out"))
-        # A run dir from before the data was recorded resumes unchecked (its data is unknown), and
-        # one from before a part of it was (pretraining's content check) unchecked on that part.
-        old_data = old.get("data")
-        if data is not None and isinstance(old_data, dict):
-            diffs = ", ".join(f"{k}: {old_data[k]!r} -> {data.get(k)!r}" for k in sorted(old_data)
-                              if old_data[k] != data.get(k))
-            if diffs:
-                raise Gpt1Error(f"{run_dir} holds a run on other training data ({diffs}); "
-                                + (redo_hint or "rerun with the data it was trained on to resume it, or choose another --out"))
-        # The run as started stays recorded; what it did not record (an older gpt1) is, from now on.
-        record = {**old, "world_size": world_size}
-        if data is not None:
-            record["data"] = {**data, **old_data} if isinstance(old_data, dict) else data
-        return _RunRecord(file, record, wanted["config"], resumable, _field_defaults(cfg))
-    else:
-        _refuse_other_files(run_dir)
-    return _RunRecord(file, wanted, wanted["config"], resumable, _field_defaults(cfg))
-
-
-def _settings(record: dict, defaults: dict) -> dict:
-    """A run's settings as of its latest resume: its config as started (a key an older gpt1 did
-    not write at its default `defaults`), with the resumable ones changed since (`changes`)."""
-    settings = {**defaults, **record["config"]}
-    for change in record.get("changes") or []:
-        if isinstance(change, dict):
-            settings.update({k: v for k, v in change.items() if k != "from_step"})
-    return settings
-
-
-class _RunRecord:
-    """A run's train_config.json: the run as started (`config`, the resolved `max_steps`,
-    `world_size`, the training data's identity `data`), the resumable settings changed since, each
-    with the step it holds from (`changes`: [{"from_step": 40, "eval_batches": 1}]), and one
-    `provenance` entry per start and resume (versions, machine, device, precision, command line).
-    Written once the run trains (a rerun of a finished run changes nothing), on rank 0."""
-
-    def __init__(self, file: Path, record: dict, config: dict, resumable: set[str], defaults: dict):
-        self.file, self.record, self.config, self.resumable, self.defaults = file, record, config, resumable, defaults
-
-    def start(self, step: int, provenance: dict) -> None:
-        """Record this invocation, which trains from `step`, and the resumable settings it changes."""
-        changes = [c for c in self.record.pop("changes", None) or [] if isinstance(c, dict)]
-        if changes and changes[-1].get("from_step") == step:
-            changes.pop()  # an invocation's that saved no step after it: they held for no step kept
-        was = _settings({**self.record, "changes": changes}, self.defaults)
-        changed = {k: self.config[k] for k in sorted(self.resumable & self.config.keys()) if was.get(k) != self.config[k]}
-        changes += [{"from_step": step, **changed}] if changed else []
-        earlier = self.record.pop("provenance", None)
-        self.record |= {**({"changes": changes} if changes else {}),
-                        "provenance": [*(earlier if isinstance(earlier, list) else []), {"from_step": step, **provenance}]}
-        self.write()
-
-    def note(self, **values) -> None:
-        """Add what this invocation found out as it ran (compile fell back to eager) to its provenance."""
-        self.record["provenance"][-1].update(values)
-        self.write()
-
-    def write(self) -> None:
-        write_json(self.file, self.record)
-
-
-def _has_outputs(run_dir: Path) -> bool:
-    """Whether a run dir holds a model a checkpoint wrote (its weights, adapter or base record)."""
-    return any((run_dir / name).exists() for name in (WEIGHTS_FILE, BASE_FILE, "adapter"))
-
-
-def _refuse_other_files(run_dir: Path) -> None:
-    """Refuse a folder that holds no run but other files. A new run's lock (`checkpoints/.lock`,
-    taken before its train_config.json is written) is no other file: a run killed in between
-    left a folder that is still new."""
-    if (run_dir / CONFIG_FILE).is_file() or not run_dir.is_dir():
-        return
-    lock = run_dir / RUN_LOCK
-    others = [p for p in run_dir.iterdir() if p != lock.parent or not p.is_dir()]
-    if lock.parent.is_dir():
-        others += [p for p in lock.parent.iterdir() if p != lock]
-    if others:
-        raise Gpt1Error(f"{run_dir} is not empty and holds no gpt1 run ({CONFIG_FILE} is missing); "
-                        "choose a new or empty --out")
-
-
-# Keys that may name a local file or folder: the same one spelled differently (runs/a, runs/a/,
-# an absolute path) is the same setting. `data` is fine-tuning's chat source.
-PATH_KEYS = {"init_from", "data"}
-
-
-def _same_setting(run_dir: Path, key: str, old, new) -> bool:
-    if old == new:
-        return True
-    if key in PATH_KEYS and isinstance(old, list) and isinstance(new, list):  # several --data sources
-        return len(old) == len(new) and all(_same_setting(run_dir, key, o, n) for o, n in zip(old, new))
-    if key not in PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
-        return False
-    if _resolved(old) == _resolved(new):
-        return True
-    # A path recorded resolved that is gone now (the chat data of a finished fine-tune, deleted):
-    # named as typed, relative to here, it is still the same path.
-    prefix = "hf:" if new.startswith("hf:") else ""
-    if not Path(new.removeprefix(prefix)).exists() and old == prefix + str(Path(new.removeprefix(prefix)).resolve()):
-        return True
-    # Chat data read by gpt1 (FOLDER) or by `datasets` (hf:FOLDER) is one source; its fingerprint, checked
-    # apart, tells whether the two read alike (a run begun before gpt1 read folders resumes with hf:).
-    if key == "data" and _resolved(old).removeprefix("hf:") == _resolved(new).removeprefix("hf:"):
-        return True
-    # A fine-tune records its base's weights and adapter (BASE_FILE): the same elsewhere are the same base.
-    base = run_dir / BASE_FILE
-    if key == "init_from" and base.is_file() and (Path(new) / WEIGHTS_FILE).is_file():
-        return read_json(base).get("sha256") == weights_fingerprint(new)
-    return False
-
-
-def _resolved(value: str) -> str:
-    """A path-valued setting (a path, or hf:PATH) as the absolute path it names, if it exists."""
-    prefix = "hf:" if value.startswith("hf:") else ""
-    path = Path(value.removeprefix(prefix))
-    return prefix + str(path.resolve()) if value != "scratch" and path.exists() else value
-
-
-def _field_defaults(cfg: TrainConfig) -> dict:
-    """The config class's default values, as `to_dict` writes them."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-    defaults |= {f.name: f.default_factory() for f in dataclasses.fields(cfg)
-                 if f.default_factory is not dataclasses.MISSING}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
-
-
 def _trim_metrics(path: Path, step: int) -> None:
     """Drop metric lines after `step` (written by a run killed after its last checkpoint)."""
     if not path.is_file():
@@ -382,67 +203,125 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             # come back when the run ends (a library call leaves the process as it found it).
             held.enter_context(freed_memory_kept())
 
-        def check_and_hold() -> _RunRecord:
+        def check_and_hold() -> RunRecord:
             # A folder of other files is refused before the lock is made in it. (One with a lock
             # is a run, maybe being created by another process: the lock tells which.)
             if not (run_dir / RUN_LOCK).exists():
-                _refuse_other_files(run_dir)
+                refuse_other_files(run_dir)
             # One process trains in a run dir at a time: a second one would delete the first's
             # partial saves (below) and interleave its metrics. Released when the process ends,
             # however it ends. The run dir is checked (and train_config.json written) under it: a
             # run started at the same moment is told that this one trains there, not that the
             # folder it is making holds something else.
             held.enter_context(exclusive(run_dir / ckpt.CHECKPOINTS_DIR, "training"))
-            record = _check_run_dir(run_dir, cfg, max_steps, data, dist.world_size, redo_hint)
+            record = check_run_dir(run_dir, cfg, max_steps, data, dist.world_size, redo_hint)
             ckpt.remove_partial_saves(run_dir)
             return record
 
         # Every collective of the run happens inside: one whose peer is gone is one line, not gloo's or NCCL's traceback.
         with distributed.peer_failures():
             record = distributed.main_only(check_and_hold)  # a refusal there stops every rank; rank 0's record
-            return _train_in(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, started,
-                             record, data_source)
+            run = _Run(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, record)
+            return _train_in(run, data_source, started)
 
 
-def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_data: BatchSource, val_batches,
-              save_model, max_steps: int, dist, device: torch.device, started: float,
-              record: _RunRecord | None, data_source: dict | None) -> TrainResult:
-    """The run itself, once its run dir is checked and held (see `train`); `record`: its
-    train_config.json (rank 0's), written once it is known to train."""
-    model.to(device)
-    model.train()
-    if cfg.float8:
-        use_float8_matmuls(model, device)  # before the optimizer: it swaps modules (same parameters)
-    if hasattr(model, "gradient_checkpointing"):
-        model.gradient_checkpointing = cfg.gradient_checkpointing
-    optimizer = build_optimizer(model, cfg, device)
-    precision = resolve_precision(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+def _train_in(run: _Run, data_source: dict | None, started: float) -> TrainResult:
+    """The run itself, once its run dir is checked and held (see `train`): resumed from its latest
+    checkpoint, then one optimizer step at a time up to its end, which a time budget re-plans."""
+    state = run.resume()
+    run.begin(data_source)
+    run.plan(state)
+    with run.logs():
+        for step in itertools.count(run.start_step):
+            if step >= run.end:
+                break
+            began = time.perf_counter()
+            lr = run.set_lr(step)
+            with distributed.rank_local():  # a damaged batch is this rank's alone
+                batches = _next_step(run.train_data, run.cfg.grad_accum)
+            loss, grad_norm, tokens = run.forward_backward(batches)
+            done = step + 1
+            if skipped := _skipped(loss, grad_norm, fp16=run.scaler.is_enabled()):
+                run.skip(done, skipped, loss, lr)
+                continue
+            run.optimizer_step(done, grad_norm)
+            run.tokens_seen += tokens
+            elapsed = time.perf_counter() - began
+            metric = run.metric(done, loss, lr, grad_norm, tokens / elapsed, batches)
+            run.tune_threads(elapsed, batches)
+            run.last["loss"] = loss
+            run.replan(done)
+            if done % run.cfg.eval_every == 0 or done == run.end:
+                run.validate(done, metric)
+            run.log(metric)
+            run.save_if_due(done)
+    return run.finish(started)
 
-    start_step, tokens_seen, last = 0, 0, {"loss": None, "val_loss": None}
-    end, budget_spent = max_steps, 0.0  # the planned last step (re-planned under a time budget)
-    schedule_state, step_time = None, None
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest, model)
-        ckpt.check_trainer_state(latest, state, train_data.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+
+def _skipped(loss: float, grad_norm: float, fp16: bool) -> str | None:
+    """Why a step is skipped: its loss or gradient norm is NaN/inf (applied, the clip would scale
+    every gradient by max_norm/NaN and the update turn every weight into NaN); None if it is not.
+    (The loss is all-reduced, as DDP's gradients are: every rank skips alike.) In fp16-mixed a
+    non-finite gradient is the GradScaler's overflow: `scaler.step` skips it (`_Run.optimizer_step`)."""
+    if not math.isfinite(loss):
+        return "non-finite loss"
+    return "non-finite gradient" if not math.isfinite(grad_norm) and not fp16 else None
+
+
+class _Run:
+    """One invocation of a run, as `_train_in` takes it step by step: the model and its optimizer;
+    what a checkpoint keeps (the step, tokens seen, the last losses, the planned end, the time
+    budget spent); the plan (time budget, LR schedule, projected wall time); the logs (metrics.jsonl,
+    tensorboard, the progress bar). Its methods are the pieces of a step."""
+
+    def __init__(self, run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_data: BatchSource, val_batches,
+                 save_model, max_steps: int, dist: distributed.DistInfo, device: torch.device, record: RunRecord | None):
+        self.run_dir, self.cfg, self.train_data, self.val_batches = run_dir, cfg, train_data, val_batches
+        self.save_model, self.max_steps, self.dist, self.device = save_model, max_steps, dist, device
+        self.record = record  # train_config.json (rank 0's), written once the run is known to train
+        model.to(device)
+        model.train()
+        if cfg.float8:
+            use_float8_matmuls(model, device)  # before the optimizer: it swaps modules (same parameters)
+        if hasattr(model, "gradient_checkpointing"):
+            model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.optimizer = build_optimizer(model, cfg, device)
+        self.precision = resolve_precision(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16-mixed")
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # The model as saved and evaluated; as trained (DDP with torchrun, see `begin`); as called (compiled).
+        self.raw_model = self.model = self.step_model = model
+        self.pad_id = getattr(train_data, "pad_id", None)
+        self.peak, self.flops_per_token = peak_flops(device), getattr(model, "flops_per_token", None)
+        # What a checkpoint keeps: a fresh run's until `resume`.
+        self.start_step, self.tokens_seen, self.last = 0, 0, {"loss": None, "val_loss": None}
+        self.end = max_steps  # the planned last step (re-planned under a time budget)
+        self.budget_spent = 0.0  # as of the latest checkpoint: what a rerun reports too
+        self.finished = False  # the run had finished before this invocation (`begin`)
+        self.bad_steps = 0  # consecutive skipped steps
+        self.budget: _TimeBudget | None = None
+        self.schedule: BudgetSchedule | None = None
+        self.rate: _RunRate | None = None
+        self.metrics = self.writer = self.threads = self.bar = None  # `logs` opens them
+
+    def resume(self) -> dict | None:
+        """Load the latest checkpoint (weights, optimizer, GradScaler, sampler, step, RNG states) or
+        seed a fresh run; the checkpoint's trainer state, None for a fresh run."""
+        cfg, dist = self.cfg, self.dist
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            torch.manual_seed(cfg.seed + 1000 * dist.rank)
+            return None
+        state = ckpt.load_checkpoint(latest, self.raw_model)
+        ckpt.check_trainer_state(latest, state, self.train_data.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        train_data.load_state_dict(state["sampler"])
-        start_step, tokens_seen, last = state["step"], state["tokens"], state["last"]
-        end, budget_spent = state.get("end", max_steps), state.get("budget_spent", 0.0)
-        schedule_state = state.get("schedule")
-        step_time = state.get("step_time")  # the budget's median step time (None before 2026-12)
-        if schedule_state is None and cfg.time_budget > 0:
-            # Saved before the schedule's state was (2026-12-05, ef57fb6): rebuilt from the rate its
-            # last step ran at, which the optimizer's state keeps; else the cooldown restarts at the peak.
-            group = optimizer.param_groups[0]
-            schedule_state = BudgetSchedule.state_from_rate(cfg.lr, cfg.warmup, start_step, end,
-                                                            group["lr"] / group.get("lr_scale", 1.0))
-        if dist.is_main and start_step < end:  # a finished run says so at the end ("nothing to do"), not "resuming"
-            info(f"resuming {run_dir} from step {start_step:,} of {end:,} ({latest.name})")
+            self.scaler.load_state_dict(state["scaler"])
+        self.train_data.load_state_dict(state["sampler"])
+        self.start_step, self.tokens_seen, self.last = state["step"], state["tokens"], state["last"]
+        self.end, self.budget_spent = state.get("end", self.max_steps), state.get("budget_spent", 0.0)
+        if dist.is_main and self.start_step < self.end:  # a finished run says so at the end ("nothing to do"), not "resuming"
+            info(f"resuming {self.run_dir} from step {self.start_step:,} of {self.end:,} ({latest.name})")
         # Each rank restores its own RNG states (its dropout masks go on as in an uninterrupted run).
         # A checkpoint of an older gpt1 holds rank 0's alone: the other ranks reseed reproducibly.
         rank_rngs = state.get("rank_rng")
@@ -450,266 +329,303 @@ def _train_in(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, train_dat
             rank_rngs = None
         ckpt.set_rng_state(rank_rngs[dist.rank] if rank_rngs else state["rng"])
         if dist.rank and not rank_rngs:
-            torch.manual_seed(cfg.seed + 1000 * dist.rank + start_step)
-    else:
-        torch.manual_seed(cfg.seed + 1000 * dist.rank)
-    # A rerun of a finished run (at most writing the outputs a kill left unwritten) changes nothing
-    # in the run dir: its record, metrics and event log stay as the run left them.
-    finished = start_step >= end
-    if not finished:
-        distributed.main_only(lambda: record.start(start_step, _provenance(cfg, device, precision, data_source)))
-        if dist.is_main:  # lines a killed run logged after its last checkpoint (or before its first)
-            _trim_metrics(run_dir / METRICS_FILE, start_step)
-    distributed.barrier()
+            torch.manual_seed(cfg.seed + 1000 * dist.rank + self.start_step)
+        return state
 
-    raw_model = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def begin(self, data_source: dict | None) -> None:
+        """Record this invocation in train_config.json (`RunRecord.start`) and drop the metric lines
+        a killed run logged after its last checkpoint; then wrap the model for the steps (DDP with
+        torchrun, torch.compile with compile=true). A rerun of a finished run (at most writing the
+        outputs a kill left unwritten) changes nothing in the run dir: its record, metrics and event
+        log stay as the run left them."""
+        self.finished = self.start_step >= self.end
+        if not self.finished:
+            distributed.main_only(lambda: self.record.start(
+                self.start_step, _provenance(self.cfg, self.device, self.precision, data_source)))
+            if self.dist.is_main:  # lines a killed run logged after its last checkpoint (or before its first)
+                _trim_metrics(self.run_dir / METRICS_FILE, self.start_step)
+        distributed.barrier()
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = torch.compile(model) if cfg.compile else model
+            self.model = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_model = torch.compile(self.model) if self.cfg.compile else self.model
 
-    saved = {"budget_spent": budget_spent}  # as of the latest checkpoint: what a rerun reports too
+    def plan(self, state: dict | None) -> None:
+        """The plan from here, `state` the resumed checkpoint's: under a time budget, the end
+        re-planned after every step (`_TimeBudget`) and a rate that never rises after its warmup
+        (`BudgetSchedule`); else the fixed plan's `lr_at`, and on rank 0 its projected wall time."""
+        cfg = self.cfg
+        if cfg.time_budget > 0:
+            schedule_state = state.get("schedule") if state is not None else None
+            if state is not None and schedule_state is None:
+                # Saved before the schedule's state was (2026-12-05, ef57fb6): rebuilt from the rate its
+                # last step ran at, which the optimizer's state keeps; else the cooldown restarts at the peak.
+                group = self.optimizer.param_groups[0]
+                schedule_state = BudgetSchedule.state_from_rate(cfg.lr, cfg.warmup, self.start_step, self.end,
+                                                                group["lr"] / group.get("lr_scale", 1.0))
+            step_time = state.get("step_time") if state is not None else None  # the budget's median (None before 2026-12)
+            self.budget = _TimeBudget(cfg.time_budget, self.budget_spent, self.max_steps, cfg.eval_every, cfg.cooldown,
+                                      end=self.end, step_time=step_time)
+            self.schedule = BudgetSchedule(cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown, schedule_state)
+        elif self.dist.is_main:
+            self.rate = _RunRate(self.start_step, self.end, cfg.eval_every, cfg.save_every)
 
-    def trainer_state() -> dict:
-        saved["budget_spent"] = budget.spent() if budget else 0.0
-        return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "sampler": train_data.state_dict(), "tokens": tokens_seen, "last": dict(last),
-                "config": cfg.to_dict(), "max_steps": max_steps, "end": end,
-                "budget_spent": saved["budget_spent"], "step_time": budget.step_time if budget else None,
-                "schedule": schedule.state_dict() if schedule else None}
-
-    def save_if_due(done: int) -> None:
-        if _save_due(done, cfg.save_every, end):
-            # Every rank's RNG states (dropout), gathered by rank 0, which saves them all.
-            rank_rngs = distributed.gather_object(ckpt.rng_state()) if dist.enabled else None
-
-            def save() -> None:
-                state = {**trainer_state(), **({"rank_rng": rank_rngs} if rank_rngs else {})}
-                checkpoint = ckpt.save_checkpoint(run_dir, done, raw_model, state)
-                _write_outputs(run_dir, checkpoint, raw_model, save_model, final=done == end)
-
-            began = time.perf_counter()
-            distributed.main_only(save)  # rank 0 saves; its failure (e.g. a full disk) stops every rank
-            took = time.perf_counter() - began
-            if rate:
-                rate.timed("checkpoint", took)
-            if budget:
-                budget.timed(took)
-
-    def log_metrics(metric: dict) -> None:
-        if metrics:
-            with writing(metrics.name):  # a full disk names the file
-                metrics.write(json.dumps(metric) + "\n")
-                metrics.flush()
-
-    budget = (_TimeBudget(cfg.time_budget, budget_spent, max_steps, cfg.eval_every, cfg.cooldown, end=end,
-                          step_time=step_time) if cfg.time_budget > 0 else None)
-    # A re-planned run's rate never rises after its warmup (see BudgetSchedule); a fixed plan's is lr_at.
-    schedule = BudgetSchedule(cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown, schedule_state) if budget else None
-    peak = peak_flops(device)
-    flops_per_token = getattr(raw_model, "flops_per_token", None)
-    bad_steps = 0
-    rate = _RunRate(start_step, end, cfg.eval_every, cfg.save_every) if dist.is_main and not budget else None
-    # What must be closed or put back is made inside the `try` that does so: made before it, a
-    # failed setup step (a file named tensorboard in the run dir) left metrics.jsonl open.
-    metrics = writer = bar = threads = None
-
-    pad_id = getattr(train_data, "pad_id", None)
-
-    def loss_and_backward(x: torch.Tensor, y: torch.Tensor, sync: bool, weight) -> torch.Tensor:
-        nonlocal step_model
+    @contextlib.contextmanager
+    def logs(self):
+        """metrics.jsonl, the tensorboard log, the thread tuner and the progress bar, for the steps
+        inside; closed (and the thread count put back) however they end."""
+        cfg, dist = self.cfg, self.dist
+        logs = dist.is_main and not self.finished  # rank 0 logs; a rerun of a finished run writes nothing
+        # What must be closed or put back is made inside the `try` that does so: made before it, a
+        # failed setup step (a file named tensorboard in the run dir) left metrics.jsonl open.
         try:
-            return _loss_and_backward(step_model, model, x, y, sync, device, precision, scaler, weight)
+            self.writer = _tensorboard(self.run_dir, self.start_step) if cfg.tensorboard and logs else None
+            self.metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") if logs else None
+            self.threads = _thread_tuner(self.device, cfg, dist)
+            # Made last: no bar above an error.
+            self.bar = progress(total=self.end, initial=self.start_step, desc=self.run_dir.name, unit="step",
+                                disable=None if dist.is_main else True)
+            yield
+        except BaseException:
+            if self.metrics:
+                # The error in flight is the one to report: closing flushes a line left in the buffer
+                # by a failed write again, whose failure (no file name) would replace the one naming
+                # metrics.jsonl. (The file is closed either way.)
+                with contextlib.suppress(OSError):
+                    self.metrics.close()
+            raise
+        finally:
+            if self.threads:
+                torch.set_num_threads(self.threads.max_threads)
+            if self.bar is not None:  # not `if bar`: a tqdm's truth is its total
+                self.bar.close()
+            if self.metrics:
+                with writing(self.metrics.name):
+                    self.metrics.close()
+            if self.writer:
+                self.writer.close()
+
+    def set_lr(self, step: int) -> float:
+        """Set the learning rate of step `step` (0-based) on every parameter group; the rate."""
+        cfg = self.cfg
+        if self.schedule:
+            # By time, or by steps where max_steps caps the plan (then the plan is exact).
+            due = self.budget.cooldown_due or (self.end == self.max_steps and self.schedule.in_planned_cooldown(step, self.end))
+            lr = self.schedule.at(step, self.end, due, warm_end=self.budget.warm_end)
+        else:
+            lr = lr_at(step, self.end, cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at a multiple of lr
+        return lr
+
+    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, int]:
+        """Forward and backward of the step's micro-batches, the gradients unscaled and clipped; the
+        step's loss, gradient norm and input tokens (every rank's), read in its one wait for the device."""
+        cfg, dist, device = self.cfg, self.dist, self.device
+        # The step's loss is the mean over all of its targets, on every rank: each micro-batch's
+        # mean loss is weighted by its share of them (chat batches hold different numbers of
+        # reply tokens; a mean of the means weighs a short reply's tokens more). Counted on
+        # the host before the copy to the device: no wait.
+        n_targets = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
+        total, tokens = sum(n_targets), sum(_real_tokens(x, self.pad_id) for x, _ in batches)
+        if dist.enabled:  # DDP averages the ranks' gradients: each rank's weights are x world_size
+            counts = distributed.all_reduce_sum(_to_device(torch.tensor([total, tokens]), device))
+            total = counts[0]
+        loss_sum = torch.zeros((), device=device)
+        for micro, (x, y) in enumerate(batches):
+            x, y = _to_device(x, device), _to_device(y, device)
+            # DDP averages gradients on every backward; only the last micro-batch needs it.
+            sync = micro == cfg.grad_accum - 1 or not dist.enabled
+            n = n_targets[micro]
+            loss = self._micro_batch(x, y, sync, n * dist.world_size / total if n else 0.0)
+            if n:  # a micro-batch without targets has a NaN mean loss (and weight 0)
+                loss_sum += loss * n
+        mean_loss = distributed.all_reduce_sum(loss_sum) / total  # NaN without targets: the step is skipped
+        self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm, not the scaled one
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        # The step's one wait for the device: the loss and the gradient norm in one transfer
+        # (with torchrun, the step's token count of all ranks too, in float64: exact).
+        if dist.enabled:
+            mean_loss, grad_norm, tokens = torch.stack([mean_loss.double(), grad_norm.double(), counts[1].double()]).tolist()
+            return mean_loss, grad_norm, int(tokens)
+        mean_loss, grad_norm = torch.stack([mean_loss.float(), grad_norm.float()]).tolist()
+        return mean_loss, grad_norm, tokens
+
+    def _micro_batch(self, x: torch.Tensor, y: torch.Tensor, sync: bool, weight) -> torch.Tensor:
+        """`_loss_and_backward` of one micro-batch; where torch.compile fails, on the eager model from then on."""
+        try:
+            return _loss_and_backward(self.step_model, self.model, x, y, sync, self.device, self.precision, self.scaler,
+                                      weight)
         except Exception as e:
-            if step_model is model or not is_compile_error(e):
+            if self.step_model is self.model or not is_compile_error(e):
                 raise
             warn(f"torch.compile failed ({first_line(e)}); training continues without it (eager, as with compile=false)")
-            if record:
-                record.note(compiled=False, compile_error=first_line(e))
-            step_model = model
-            return _loss_and_backward(model, model, x, y, sync, device, precision, scaler, weight)
+            if self.record:
+                self.record.note(compiled=False, compile_error=first_line(e))
+            self.step_model = self.model
+            return _loss_and_backward(self.model, self.model, x, y, sync, self.device, self.precision, self.scaler, weight)
 
-    try:
-        writer = _tensorboard(run_dir, start_step) if cfg.tensorboard and dist.is_main and not finished else None
-        metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main and not finished else None
-        threads = _thread_tuner(device, cfg, dist)
-        bar = progress(total=end, initial=start_step, desc=run_dir.name, unit="step",  # last: no bar above an error
-                       disable=None if dist.is_main else True)
-        for step in itertools.count(start_step):
-            if step >= end:
-                break
-            t0 = time.perf_counter()
-            if schedule:
-                # By time, or by steps where max_steps caps the plan (then the plan is exact).
-                due = budget.cooldown_due or (end == max_steps and schedule.in_planned_cooldown(step, end))
-                lr = schedule.at(step, end, due, warm_end=budget.warm_end)
-            else:
-                lr = lr_at(step, end, cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at a multiple of lr
-            # The step's loss is the mean over all of its targets, on every rank: each micro-batch's
-            # mean loss is weighted by its share of them (chat batches hold different numbers of
-            # reply tokens; a mean of the means weighs a short reply's tokens more). Counted on
-            # the host before the copy to the device: no wait.
-            with distributed.rank_local():  # a damaged batch is this rank's alone
-                batches = _next_step(train_data, cfg.grad_accum)
-            n_targets = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
-            total, step_tokens = sum(n_targets), sum(_real_tokens(x, pad_id) for x, _ in batches)
-            if dist.enabled:  # DDP averages the ranks' gradients: each rank's weights are x world_size
-                counts = distributed.all_reduce_sum(_to_device(torch.tensor([total, step_tokens]), device))
-                total = counts[0]
-            loss_sum = torch.zeros((), device=device)
-            for micro, (x, y) in enumerate(batches):
-                x, y = _to_device(x, device), _to_device(y, device)
-                # DDP averages gradients on every backward; only the last micro-batch needs it.
-                sync = micro == cfg.grad_accum - 1 or not dist.enabled
-                n = n_targets[micro]
-                loss = loss_and_backward(x, y, sync, n * dist.world_size / total if n else 0.0)
-                if n:  # a micro-batch without targets has a NaN mean loss (and weight 0)
-                    loss_sum += loss * n
-            mean_loss = distributed.all_reduce_sum(loss_sum) / total  # NaN without targets: the step is skipped
-            done = step + 1
-            scaler.unscale_(optimizer)  # clip and report the true gradient norm, not the scaled one
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            # The step's one wait for the device: the loss and the gradient norm in one transfer
-            # (with torchrun, the step's token count of all ranks too, in float64: exact).
-            if dist.enabled:
-                mean_loss, grad_norm, step_tokens = torch.stack(
-                    [mean_loss.double(), grad_norm.double(), counts[1].double()]).tolist()
-                step_tokens = int(step_tokens)
-            else:
-                mean_loss, grad_norm = torch.stack([mean_loss.float(), grad_norm.float()]).tolist()
-            # A step whose loss or gradient norm is NaN/inf is skipped: applied, the clip would
-            # scale every gradient by max_norm/NaN and the update turn every weight into NaN.
-            # (The loss is all-reduced, as DDP's gradients are: every rank skips alike.) In
-            # fp16-mixed a non-finite gradient is the GradScaler's overflow: `scaler.step` skips it.
-            skipped = ("non-finite loss" if not math.isfinite(mean_loss) else
-                       "non-finite gradient" if not math.isfinite(grad_norm) and not scaler.is_enabled() else None)
-            if skipped:
-                bad_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                if scaler.is_enabled():
-                    scaler.update()  # closes this step's unscale_ (and lowers the scale: the gradients hold inf/NaN)
-                what = "loss" if skipped == "non-finite loss" else "gradient norm"
-                if bad_steps >= cfg.max_bad_steps:
-                    raise _bad_steps_error(f"the {what} was NaN/inf for {bad_steps} consecutive steps "
-                                           f"(last at step {done:,})", run_dir, precision)
-                if done == end and bad_steps >= max(1, (done - start_step) // 2):
-                    # A run shorter than max_bad_steps that ends skipping (all of it, or its second
-                    # half) has no model worth writing: it "finished" with exit 0 on garbage weights.
-                    raise _bad_steps_error(f"the {what} was NaN/inf for the last {bad_steps} of the run's "
-                                           f"{done - start_step:,} steps", run_dir, precision)
-                log_metrics({"step": done, "loss": mean_loss if math.isfinite(mean_loss) else None, "lr": lr,
-                             "skipped": skipped})
-                bar.update(1)
-                if _save_due(done, cfg.save_every, end):
-                    if all(torch.isfinite(p).all() for p in params):  # the step was skipped: still good
-                        save_if_due(done)
-                    elif dist.is_main:
-                        warn(f"step {done:,}: no checkpoint saved: the {what} and the weights are not finite; "
-                             f"the last good checkpoint is {ckpt.latest_checkpoint(run_dir) or 'none'}")
-                continue
-            scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed (an inf/NaN norm)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if scaler.is_enabled() and not math.isfinite(grad_norm):
-                # An overflow halves the scale; at the start of a run a few halvings from 65,536 find
-                # one that fits. Gradients that stay NaN/inf however small the scale are not an
-                # overflow: stop once it falls below 1, as DeepSpeed does at its minimum scale. (Read
-                # on a skipped step only: a normal step waits for the device no more.)
-                bad_steps += 1
-                if (scale := scaler.get_scale()) < 1.0:
-                    raise _bad_steps_error(f"the gradient norm was NaN/inf for {bad_steps} consecutive steps "
-                                           f"(last at step {done:,}) although the fp16 loss scale fell to {scale:g}",
-                                           run_dir, precision)
-            else:
-                bad_steps = 0
-            tokens_seen += step_tokens
-            elapsed = time.perf_counter() - t0
-            tokens_per_sec = step_tokens / elapsed
-            metric = {"step": done, "loss": mean_loss, "lr": lr,
-                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # inf: an fp16 overflow
-                      "tokens": tokens_seen, "tokens_per_sec": tokens_per_sec,
-                      "mfu": (flops_per_token(x.size(1)) * tokens_per_sec / (peak * dist.world_size)
-                              if peak and flops_per_token else None)}
-            if threads:
-                metric["threads"] = torch.get_num_threads()  # the count this step ran on
-                # Per position computed, padding included: chat batches differ in length.
-                if message := threads.step_done(elapsed, size=sum(x.numel() for x, _ in batches)):
-                    info(message)
-            if scaler.is_enabled() and not math.isfinite(grad_norm):
-                metric["skipped"] = "fp16 overflow"
-            last["loss"] = mean_loss
-            if budget:
-                end = budget.plan(done, end, dist)
-                bar.total = end
+    def skip(self, done: int, skipped: str, loss: float, lr: float) -> None:
+        """Step `done`, `skipped` (see `_skipped`): its gradients dropped, the weights untouched. The
+        run stops after `cfg.max_bad_steps` in a row, or where it ends skipping."""
+        self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()  # closes this step's unscale_ (and lowers the scale: the gradients hold inf/NaN)
+        what = "loss" if skipped == "non-finite loss" else "gradient norm"
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise _bad_steps_error(f"the {what} was NaN/inf for {self.bad_steps} consecutive steps "
+                                   f"(last at step {done:,})", self.run_dir, self.precision)
+        if done == self.end and self.bad_steps >= max(1, (done - self.start_step) // 2):
+            # A run shorter than max_bad_steps that ends skipping (all of it, or its second
+            # half) has no model worth writing: it "finished" with exit 0 on garbage weights.
+            raise _bad_steps_error(f"the {what} was NaN/inf for the last {self.bad_steps} of the run's "
+                                   f"{done - self.start_step:,} steps", self.run_dir, self.precision)
+        self._write_metric({"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr, "skipped": skipped})
+        self.bar.update(1)
+        self.save_if_due(done, skipped=what)
 
-            if done % cfg.eval_every == 0 or done == end:
-                began = time.perf_counter()
-                val_loss, _ = evaluate_loss(raw_model, val_batches(), device, precision)
-                took = time.perf_counter() - began
-                if rate:
-                    rate.timed("validation", took)
-                if budget:
-                    budget.timed(took)
-                if math.isfinite(val_loss):
-                    last["val_loss"] = val_loss
-                    metric.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
-                if dist.is_main:  # a line of its own: a log off a terminal has every validation, not the bar's last
-                    info(f"step {done:,}: val loss {_fmt(val_loss)}, perplexity {_fmt(perplexity(val_loss), '.2f')}")
-            log_metrics(metric)
-            if writer:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_ppl"):
-                    if metric.get(key) is not None:
-                        writer.add_scalar(key, metric[key], done)
-            bar.set_postfix(refresh=False, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
-                            **({"val": f"{last['val_loss']:.4f}"} if last["val_loss"] is not None else {}))
-            bar.update(1)
-            if rate:
-                rate.step_done(done)
+    def optimizer_step(self, done: int, grad_norm: float) -> None:
+        """Apply step `done`'s gradients (fp16-mixed: unless they overflowed, which the GradScaler skips)."""
+        self.scaler.step(self.optimizer)  # with fp16, skipped when the gradients overflowed (an inf/NaN norm)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled() and not math.isfinite(grad_norm):
+            # An overflow halves the scale; at the start of a run a few halvings from 65,536 find
+            # one that fits. Gradients that stay NaN/inf however small the scale are not an
+            # overflow: stop once it falls below 1, as DeepSpeed does at its minimum scale. (Read
+            # on a skipped step only: a normal step waits for the device no more.)
+            self.bad_steps += 1
+            if (scale := self.scaler.get_scale()) < 1.0:
+                raise _bad_steps_error(f"the gradient norm was NaN/inf for {self.bad_steps} consecutive steps "
+                                       f"(last at step {done:,}) although the fp16 loss scale fell to {scale:g}",
+                                       self.run_dir, self.precision)
+        else:
+            self.bad_steps = 0
 
-            save_if_due(done)
-    except BaseException:
-        if metrics:
-            # The error in flight is the one to report: closing flushes a line left in the buffer
-            # by a failed write again, whose failure (no file name) would replace the one naming
-            # metrics.jsonl. (The file is closed either way.)
-            with contextlib.suppress(OSError):
-                metrics.close()
-        raise
-    finally:
-        if threads:
-            torch.set_num_threads(threads.max_threads)
-        if bar is not None:  # not `if bar`: a tqdm's truth is its total
-            bar.close()
-        if metrics:
-            with writing(metrics.name):
-                metrics.close()
-        if writer:
-            writer.close()
+    def metric(self, done: int, loss: float, lr: float, grad_norm: float, tokens_per_sec: float,
+               batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """Step `done`'s line of metrics.jsonl (a validation adds to it)."""
+        # MFU at the length of the step's last micro-batch (a fine-tune's batches differ in length).
+        metric = {"step": done, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # inf: an fp16 overflow
+                  "tokens": self.tokens_seen, "tokens_per_sec": tokens_per_sec,
+                  "mfu": (self.flops_per_token(batches[-1][0].size(1)) * tokens_per_sec / (self.peak * self.dist.world_size)
+                          if self.peak and self.flops_per_token else None)}
+        if self.threads:
+            metric["threads"] = torch.get_num_threads()  # the count this step ran on
+        if self.scaler.is_enabled() and not math.isfinite(grad_norm):
+            metric["skipped"] = "fp16 overflow"
+        return metric
 
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None or ckpt.checkpoint_step(latest) < end:
-        # The final checkpoint is written unless the weights went NaN/inf (a warning said so): a
-        # run without its final weights has failed, whatever its step count.
-        raise distributed.same_on_every_rank(
-            f"the run ended at step {end:,} with non-finite weights, so no final model was written; "
-            f"the last good checkpoint is {latest or 'none'}. Lower lr, or check the data")
-    if dist.is_main and start_step >= end and not ckpt.outputs_written(latest):
-        info(f"{run_dir}: its outputs are older than its last checkpoint ({latest.name}); writing them")
-        _write_outputs(run_dir, latest, raw_model, save_model, final=True)
-    val = last["val_loss"]
-    result = TrainResult(run_dir=run_dir, steps=end, tokens=tokens_seen, train_loss=last["loss"],
-                         val_loss=val, val_perplexity=perplexity(val) if val is not None else None,
-                         seconds=time.perf_counter() - started, resumed_from=start_step,
-                         budget_spent=saved["budget_spent"] if budget else None)
-    if dist.is_main:
-        if start_step >= end:
-            info(f"{run_dir} already finished its {end:,} steps; nothing to do")
-        info(f"done: {end:,} steps, {tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
-             f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}")
-    return result
+    def tune_threads(self, elapsed: float, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The thread tuner (a CPU run under a time budget) times the step; it may change the count."""
+        # Per position computed, padding included: chat batches differ in length.
+        if self.threads and (message := self.threads.step_done(elapsed, size=sum(x.numel() for x, _ in batches))):
+            info(message)
+
+    def replan(self, done: int) -> None:
+        """Under a time budget, the last step re-planned after step `done` from the time steps take."""
+        if self.budget:
+            self.end = self.budget.plan(done, self.end, self.dist)
+            self.bar.total = self.end
+
+    def validate(self, done: int, metric: dict) -> None:
+        """The validation loss and perplexity after step `done`, added to its `metric` and logged."""
+        began = time.perf_counter()
+        val_loss, _ = evaluate_loss(self.raw_model, self.val_batches(), self.device, self.precision)
+        self._timed("validation", time.perf_counter() - began)
+        if math.isfinite(val_loss):
+            self.last["val_loss"] = val_loss
+            metric.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+        if self.dist.is_main:  # a line of its own: a log off a terminal has every validation, not the bar's last
+            info(f"step {done:,}: val loss {_fmt(val_loss)}, perplexity {_fmt(perplexity(val_loss), '.2f')}")
+
+    def log(self, metric: dict) -> None:
+        """A step's `metric` into metrics.jsonl, tensorboard and the progress bar; the projected wall time."""
+        done = metric["step"]
+        self._write_metric(metric)
+        if self.writer:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_ppl"):
+                if metric.get(key) is not None:
+                    self.writer.add_scalar(key, metric[key], done)
+        val = self.last["val_loss"]
+        self.bar.set_postfix(refresh=False, loss=f"{metric['loss']:.4f}", lr=f"{metric['lr']:.2e}",
+                             tok_s=f"{metric['tokens_per_sec']:,.0f}", **({"val": f"{val:.4f}"} if val is not None else {}))
+        self.bar.update(1)
+        if self.rate:
+            self.rate.step_done(done)
+
+    def _write_metric(self, metric: dict) -> None:
+        if self.metrics:
+            with writing(self.metrics.name):  # a full disk names the file
+                self.metrics.write(json.dumps(metric) + "\n")
+                self.metrics.flush()
+
+    def save_if_due(self, done: int, skipped: str | None = None) -> None:
+        """The checkpoint due after step `done` (every `cfg.save_every` steps, and the last), and the
+        run dir's model from it. After a skipped step (`skipped`: the "loss" or "gradient norm" that
+        was not finite) only where the weights are finite, as the step left them; else a warning."""
+        if not _save_due(done, self.cfg.save_every, self.end):
+            return
+        if skipped and not all(torch.isfinite(p).all() for p in self.params):
+            if self.dist.is_main:
+                warn(f"step {done:,}: no checkpoint saved: the {skipped} and the weights are not finite; "
+                     f"the last good checkpoint is {ckpt.latest_checkpoint(self.run_dir) or 'none'}")
+            return
+        # Every rank's RNG states (dropout), gathered by rank 0, which saves them all.
+        rank_rngs = distributed.gather_object(ckpt.rng_state()) if self.dist.enabled else None
+        began = time.perf_counter()
+        # Rank 0 saves; its failure (e.g. a full disk) stops every rank.
+        distributed.main_only(lambda: self._save(done, rank_rngs))
+        self._timed("checkpoint", time.perf_counter() - began)
+
+    def _save(self, done: int, rank_rngs: list | None) -> None:
+        """Rank 0's checkpoint of step `done`, then the run dir's model (at the end, loss.png too) from it."""
+        self.budget_spent = self.budget.spent() if self.budget else 0.0
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                 "sampler": self.train_data.state_dict(), "tokens": self.tokens_seen, "last": dict(self.last),
+                 "config": self.cfg.to_dict(), "max_steps": self.max_steps, "end": self.end,
+                 "budget_spent": self.budget_spent, "step_time": self.budget.step_time if self.budget else None,
+                 "schedule": self.schedule.state_dict() if self.schedule else None,
+                 **({"rank_rng": rank_rngs} if rank_rngs else {})}
+        checkpoint = ckpt.save_checkpoint(self.run_dir, done, self.raw_model, state)
+        _write_outputs(self.run_dir, checkpoint, self.raw_model, self.save_model, final=done == self.end)
+
+    def _timed(self, kind: str, seconds: float) -> None:
+        """A validation pass or checkpoint ("validation", "checkpoint") took `seconds`: not step time."""
+        if self.rate:
+            self.rate.timed(kind, seconds)
+        if self.budget:
+            self.budget.timed(seconds)
+
+    def finish(self, started: float) -> TrainResult:
+        """The run's result (`started`: when `train` was called), once its final checkpoint is known
+        to be saved; the outputs a run killed after it left unwritten are written now."""
+        run_dir, end = self.run_dir, self.end
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None or ckpt.checkpoint_step(latest) < end:
+            # The final checkpoint is written unless the weights went NaN/inf (a warning said so): a
+            # run without its final weights has failed, whatever its step count.
+            raise distributed.same_on_every_rank(
+                f"the run ended at step {end:,} with non-finite weights, so no final model was written; "
+                f"the last good checkpoint is {latest or 'none'}. Lower lr, or check the data")
+        if self.dist.is_main and self.finished and not ckpt.outputs_written(latest):
+            info(f"{run_dir}: its outputs are older than its last checkpoint ({latest.name}); writing them")
+            _write_outputs(run_dir, latest, self.raw_model, self.save_model, final=True)
+        val = self.last["val_loss"]
+        result = TrainResult(run_dir=run_dir, steps=end, tokens=self.tokens_seen, train_loss=self.last["loss"],
+                             val_loss=val, val_perplexity=perplexity(val) if val is not None else None,
+                             seconds=time.perf_counter() - started, resumed_from=self.start_step,
+                             budget_spent=self.budget_spent if self.budget else None)
+        if self.dist.is_main:
+            if self.finished:
+                info(f"{run_dir} already finished its {end:,} steps; nothing to do")
+            info(f"done: {end:,} steps, {self.tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
+                 f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}")
+        return result
 
 
 def _provenance(cfg: TrainConfig, device: torch.device, precision: str, data_source: dict | None) -> dict:
@@ -822,7 +738,7 @@ class _RunRate:
     """Prints the projected wall time of the whole run: the time per step, measured over
     SETTLE_STEPS steps once the first WARMUP_STEPS (compilation, allocator warm-up) are behind it,
     plus each validation and checkpoint of the run at the time the latest one took. Printed once
-    the step rate settles, where validations and checkpoints (every 200 steps in the card's
+    the step rate settles, where validations and checkpoints (every 2,000 steps in the card's
     recipe) have usually not run yet: the line says what it counts, and once both have run a
     revised line follows if the projection moved by more than REVISE. Two lines at most."""
 

@@ -1,0 +1,203 @@
+"""A run dir's record of its run, `train_config.json`, and the check that a run dir holds this run.
+
+`check_run_dir` refuses a run dir that holds another run (another config, number of processes or
+training data) or files that are no run, and returns the run's `RunRecord` to write once it trains:
+the run as started, the resumable settings changed since (`RESUMABLE_CHANGES`, each with the step
+it holds from) and each start's and resume's provenance. Paths in the config (`PATH_KEYS`) compare
+by what they name. The training loop (`gpt1.train.loop`) calls it on rank 0, under the run's lock
+(`RUN_LOCK`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import json_path, read_json, write_json
+from gpt1.core.progress import info
+from gpt1.formats.modeldir import BASE_FILE, WEIGHTS_FILE, weights_fingerprint
+from gpt1.train import checkpoint as ckpt
+from gpt1.train.config import TrainConfig
+
+CONFIG_FILE = "train_config.json"
+RUN_LOCK = Path(ckpt.CHECKPOINTS_DIR, ".lock")  # the lock `gpt1.core.io.exclusive` holds while a run trains
+# Keys that may change between a run and its resumption: they do not change the math.
+RESUMABLE_CHANGES = {"device", "tensorboard", "eval_batches", "save_every", "max_bad_steps",
+                     "gradient_checkpointing"}
+
+
+def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | None = None,
+                  world_size: int = 1, redo_hint: str | None = None) -> RunRecord:
+    """Refuse a run dir that holds another run (or anything else); the run's train_config.json
+    to write once the run trains (`RunRecord.start`: a rerun of a finished run writes nothing).
+    `redo_hint` replaces the advice to rerun as before (a caller like the quickstart has its own)."""
+    config = cfg.to_dict()
+    for key in PATH_KEYS & config.keys():  # recorded as the paths they name: a resume from another folder matches
+        if isinstance(config[key], str):
+            config[key] = json_path(_resolved(config[key]))
+        elif isinstance(config[key], list):  # a fine-tune's several --data sources
+            config[key] = [json_path(_resolved(v)) if isinstance(v, str) else v for v in config[key]]
+    wanted = {"config": config, "max_steps": max_steps, "world_size": world_size,
+              **({"data": data} if data is not None else {})}
+    file = run_dir / CONFIG_FILE
+    # Validations change no weight; under a time budget their time counts in the plan, though.
+    resumable = RESUMABLE_CHANGES | ({"eval_every"} if not cfg.time_budget else set())
+    if file.is_file() and ckpt.latest_checkpoint(run_dir) is None and not _has_outputs(run_dir):
+        # Stopped before its first checkpoint (out of memory at the first step, say): nothing to resume
+        # and nothing lost, so a rerun with another config (the smaller batch_size advised) starts over.
+        # (A finished run whose checkpoints/ was deleted to free the disk still has its model: kept.)
+        info(f"{run_dir}: its run stopped before its first checkpoint; starting over")
+    elif file.is_file():
+        old = read_json(file)
+        old_cfg = old.get("config") if isinstance(old, dict) else None
+        if not isinstance(old_cfg, dict):
+            raise Gpt1Error(f"{file}: expected an object with the run's \"config\"; the run dir is damaged "
+                            "(restore the file, or choose another --out)")
+        # The global batch and each rank's share of the data follow the number of processes: on
+        # another number a resume would replay or skip batches. (A run dir from before it was
+        # recorded resumes unchecked: its number is unknown.)
+        old_world = old.get("world_size")
+        if isinstance(old_world, int) and old_world != world_size:
+            how = f"with {old_world} processes (torchrun --nproc_per_node {old_world})" if old_world > 1 else \
+                "in one process (without torchrun)"
+            raise Gpt1Error(f"{run_dir} was trained by {old_world} process{'es' if old_world > 1 else ''}, this run has "
+                            f"{world_size}: resume it {how}, or choose another --out")
+        # A key that an older gpt1 did not write had its default value then; one changed on a
+        # resume has its latest value.
+        old_cfg = _settings(old, _field_defaults(cfg))
+        if old_cfg.get("time_budget"):
+            resumable -= {"eval_every"}
+        keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
+                      if k not in resumable and not _same_setting(run_dir, k, old_cfg.get(k), wanted["config"].get(k)))
+        if old.get("max_steps") != max_steps and "max_steps" not in keys:
+            keys.append(f"max_steps (resolved: {old.get('max_steps')} -> {max_steps})")
+        if keys:
+            diffs = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {wanted['config'].get(k)!r}" if k in old_cfg or k in wanted["config"]
+                              else k for k in keys)
+            raise Gpt1Error(f"{run_dir} holds a run with a different config ({diffs}); "
+                            + (redo_hint or "rerun with the same config to resume it, or choose another --out"))
+        # A run dir from before the data was recorded resumes unchecked (its data is unknown), and
+        # one from before a part of it was (pretraining's content check) unchecked on that part.
+        old_data = old.get("data")
+        if data is not None and isinstance(old_data, dict):
+            diffs = ", ".join(f"{k}: {old_data[k]!r} -> {data.get(k)!r}" for k in sorted(old_data)
+                              if old_data[k] != data.get(k))
+            if diffs:
+                raise Gpt1Error(f"{run_dir} holds a run on other training data ({diffs}); "
+                                + (redo_hint or "rerun with the data it was trained on to resume it, or choose another --out"))
+        # The run as started stays recorded; what it did not record (an older gpt1) is, from now on.
+        record = {**old, "world_size": world_size}
+        if data is not None:
+            record["data"] = {**data, **old_data} if isinstance(old_data, dict) else data
+        return RunRecord(file, record, wanted["config"], resumable, _field_defaults(cfg))
+    else:
+        refuse_other_files(run_dir)
+    return RunRecord(file, wanted, wanted["config"], resumable, _field_defaults(cfg))
+
+
+def _settings(record: dict, defaults: dict) -> dict:
+    """A run's settings as of its latest resume: its config as started (a key an older gpt1 did
+    not write at its default `defaults`), with the resumable ones changed since (`changes`)."""
+    settings = {**defaults, **record["config"]}
+    for change in record.get("changes") or []:
+        if isinstance(change, dict):
+            settings.update({k: v for k, v in change.items() if k != "from_step"})
+    return settings
+
+
+class RunRecord:
+    """A run's train_config.json: the run as started (`config`, the resolved `max_steps`,
+    `world_size`, the training data's identity `data`), the resumable settings changed since, each
+    with the step it holds from (`changes`: [{"from_step": 40, "eval_batches": 1}]), and one
+    `provenance` entry per start and resume (versions, machine, device, precision, command line).
+    Written once the run trains (a rerun of a finished run changes nothing), on rank 0."""
+
+    def __init__(self, file: Path, record: dict, config: dict, resumable: set[str], defaults: dict):
+        self.file, self.record, self.config, self.resumable, self.defaults = file, record, config, resumable, defaults
+
+    def start(self, step: int, provenance: dict) -> None:
+        """Record this invocation, which trains from `step`, and the resumable settings it changes."""
+        changes = [c for c in self.record.pop("changes", None) or [] if isinstance(c, dict)]
+        if changes and changes[-1].get("from_step") == step:
+            changes.pop()  # an invocation's that saved no step after it: they held for no step kept
+        was = _settings({**self.record, "changes": changes}, self.defaults)
+        changed = {k: self.config[k] for k in sorted(self.resumable & self.config.keys()) if was.get(k) != self.config[k]}
+        changes += [{"from_step": step, **changed}] if changed else []
+        earlier = self.record.pop("provenance", None)
+        self.record |= {**({"changes": changes} if changes else {}),
+                        "provenance": [*(earlier if isinstance(earlier, list) else []), {"from_step": step, **provenance}]}
+        self.write()
+
+    def note(self, **values) -> None:
+        """Add what this invocation found out as it ran (compile fell back to eager) to its provenance."""
+        self.record["provenance"][-1].update(values)
+        self.write()
+
+    def write(self) -> None:
+        write_json(self.file, self.record)
+
+
+def _has_outputs(run_dir: Path) -> bool:
+    """Whether a run dir holds a model a checkpoint wrote (its weights, adapter or base record)."""
+    return any((run_dir / name).exists() for name in (WEIGHTS_FILE, BASE_FILE, "adapter"))
+
+
+def refuse_other_files(run_dir: Path) -> None:
+    """Refuse a folder that holds no run but other files. A new run's lock (`checkpoints/.lock`,
+    taken before its train_config.json is written) is no other file: a run killed in between
+    left a folder that is still new."""
+    if (run_dir / CONFIG_FILE).is_file() or not run_dir.is_dir():
+        return
+    lock = run_dir / RUN_LOCK
+    others = [p for p in run_dir.iterdir() if p != lock.parent or not p.is_dir()]
+    if lock.parent.is_dir():
+        others += [p for p in lock.parent.iterdir() if p != lock]
+    if others:
+        raise Gpt1Error(f"{run_dir} is not empty and holds no gpt1 run ({CONFIG_FILE} is missing); "
+                        "choose a new or empty --out")
+
+
+# Keys that may name a local file or folder: the same one spelled differently (runs/a, runs/a/,
+# an absolute path) is the same setting. `data` is fine-tuning's chat source.
+PATH_KEYS = {"init_from", "data"}
+
+
+def _same_setting(run_dir: Path, key: str, old, new) -> bool:
+    if old == new:
+        return True
+    if key in PATH_KEYS and isinstance(old, list) and isinstance(new, list):  # several --data sources
+        return len(old) == len(new) and all(_same_setting(run_dir, key, o, n) for o, n in zip(old, new))
+    if key not in PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    if _resolved(old) == _resolved(new):
+        return True
+    # A path recorded resolved that is gone now (the chat data of a finished fine-tune, deleted):
+    # named as typed, relative to here, it is still the same path.
+    prefix = "hf:" if new.startswith("hf:") else ""
+    if not Path(new.removeprefix(prefix)).exists() and old == prefix + str(Path(new.removeprefix(prefix)).resolve()):
+        return True
+    # Chat data read by gpt1 (FOLDER) or by `datasets` (hf:FOLDER) is one source; its fingerprint, checked
+    # apart, tells whether the two read alike (a run begun before gpt1 read folders resumes with hf:).
+    if key == "data" and _resolved(old).removeprefix("hf:") == _resolved(new).removeprefix("hf:"):
+        return True
+    # A fine-tune records its base's weights and adapter (BASE_FILE): the same elsewhere are the same base.
+    base = run_dir / BASE_FILE
+    if key == "init_from" and base.is_file() and (Path(new) / WEIGHTS_FILE).is_file():
+        return read_json(base).get("sha256") == weights_fingerprint(new)
+    return False
+
+
+def _resolved(value: str) -> str:
+    """A path-valued setting (a path, or hf:PATH) as the absolute path it names, if it exists."""
+    prefix = "hf:" if value.startswith("hf:") else ""
+    path = Path(value.removeprefix(prefix))
+    return prefix + str(path.resolve()) if value != "scratch" and path.exists() else value
+
+
+def _field_defaults(cfg: TrainConfig) -> dict:
+    """The config class's default values, as `to_dict` writes them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    defaults |= {f.name: f.default_factory() for f in dataclasses.fields(cfg)
+                 if f.default_factory is not dataclasses.MISSING}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
