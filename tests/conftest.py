@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,22 @@ def tiny_model_dir(tiny_config, tokenizer, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     save_model(out, GPT(tiny_config), tokenizer)
     return out
+
+
+@pytest.fixture(scope="session")
+def compile_fallback_run(data_dir, tmp_path_factory):
+    """`gpt1 pretrain compile=true` (3 steps of tests/test_train.py's TINY) where Inductor's C++
+    build fails for real (no compiler): (the finished process, its run dir, its step overrides).
+    One run read by two tests (the warning and the losses; the run record): ~10 s each on 2 cores."""
+    from tests.test_train import TINY
+
+    tmp = tmp_path_factory.mktemp("compile-fallback")
+    env = {**os.environ, "CXX": str(tmp / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp / "cache"),
+           "GPT1_QUIET": "1"}
+    steps = ["max_steps=3", "save_every=3", "eval_every=3"]
+    proc = subprocess.run([sys.executable, "-m", "gpt1", "pretrain", "--data", str(data_dir), "--out", str(tmp / "run"),
+                           *TINY, *steps, "compile=true"], capture_output=True, text=True, timeout=600, env=env)
+    return proc, tmp / "run", steps
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 inputs ends with one line on stderr, no traceback and exit code 2; GPT1_DEBUG=1 shows the
 traceback behind the line. Most cases run `gpt1.cli.main` in-process (the same code path as
 the `gpt1` script, minus the interpreter start); those about the process itself (stdin, argv
-bytes, GPT1_DEBUG, an unwritable folder) run the real command in a subprocess."""
+bytes, GPT1_DEBUG, a run killed mid-way) run the real command in a subprocess."""
 
 from __future__ import annotations
 
@@ -313,10 +313,9 @@ def unwritable(tmp_path):
         folder.chmod(0o755)
 
 
-def test_an_unwritable_out_for_every_writing_command(unwritable, tokenizer_dir, tiny_model_dir, corpus_dir, tmp_path):
-    source = corpus_dir / "json"
-    data = tmp_path / "data"
-    assert gpt1("prepare", "--tokenizer", tokenizer_dir, "--out", data, "--val", "4", source).returncode == 0
+def test_an_unwritable_out_for_every_writing_command(unwritable, tokenizer_dir, tiny_model_dir, corpus_dir, data_dir,
+                                                    tmp_path, capsys):
+    source, data = corpus_dir / "json", data_dir
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(20)))
     commands = [
@@ -328,16 +327,13 @@ def test_an_unwritable_out_for_every_writing_command(unwritable, tokenizer_dir, 
         ["export", "--model", tiny_model_dir, "--out", unwritable / "hf"],
     ]
     for argv in commands:
-        result = gpt1(*argv)
-        assert_one_clear_line(result.returncode, result.stderr.decode(), r"locked")
+        assert_one_clear_line(*run_main(capsys, *argv), r"locked")
 
 
-def test_a_checkpoint_folder_that_turns_unwritable_mid_run(tokenizer_dir, corpus_dir, tmp_path):
+def test_a_checkpoint_folder_that_turns_unwritable_mid_run(data_dir, tmp_path, capsys):
     if os.geteuid() != 0:
         pytest.skip("needs chattr +i (root)")
-    data = tmp_path / "data"
-    assert gpt1("prepare", "--tokenizer", tokenizer_dir, "--out", data, "--val", "4", corpus_dir / "json").returncode == 0
-    args = ["pretrain", "--data", data, "--out", tmp_path / "run", "model=tiny", "block_size=32", "batch_size=2",
+    args = ["pretrain", "--data", data_dir, "--out", tmp_path / "run", "model=tiny", "block_size=32", "batch_size=2",
             "device=cpu", "max_steps=4", "save_every=2", "eval_batches=1"]
     killed = gpt1(*args, env={"GPT1_CRASH_AT": "before-outputs:1"})  # stopped right after the step-2 checkpoint
     assert killed.returncode == 137
@@ -345,10 +341,10 @@ def test_a_checkpoint_folder_that_turns_unwritable_mid_run(tokenizer_dir, corpus
     if subprocess.run(["chattr", "+i", str(checkpoints)], capture_output=True).returncode:
         pytest.skip("chattr +i is not supported here")
     try:
-        result = gpt1(*args)
+        result = run_main(capsys, *args)
     finally:
         subprocess.run(["chattr", "-i", str(checkpoints)], check=True)
-    assert_one_clear_line(result.returncode, result.stderr.decode(), r"checkpoints.*cannot write")
+    assert_one_clear_line(*result, r"checkpoints.*cannot write")
     assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "step-00000002"]  # and the run's lock
 
 

@@ -105,16 +105,6 @@ def test_a_plain_bar_whose_clock_changes_length_is_still_one_line():
                                                                             "00:01<00:00, 2.10step/s, val=4.0]"]
 
 
-def test_gpt1_debug_prints_the_traceback_and_the_same_line(tmp_path):
-    import os
-
-    plain = gpt1("info", "gpt-5")
-    debug = gpt1("info", "gpt-5", env={**os.environ, "GPT1_DEBUG": "1"})
-    assert plain.returncode == debug.returncode == 2
-    assert "Traceback" not in plain.stderr and "Traceback (most recent call last)" in debug.stderr
-    assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1]
-
-
 # ---- paths and flags refused with one clear line (in-process: no interpreter start-up) --------
 
 def test_an_output_file_that_is_a_folder_is_one_clear_line(tmp_path, tiny_model_dir, data_dir, capsys):

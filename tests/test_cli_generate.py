@@ -301,20 +301,23 @@ def test_dtype_loads_the_model_in_it_for_generation(capsys, tiny_model_dir, llm)
     assert load(tiny_model_dir, device="cpu", dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_chat_sends_a_message_that_starts_with_a_slash_and_reads_an_empty_system_message(tiny_model_dir, llm):
+def test_chat_sends_a_message_that_starts_with_a_slash_and_reads_an_empty_system_message(capsys, monkeypatch,
+                                                                                        tiny_model_dir, llm):
     """`/usr/bin/env is what?` could not be sent (an unknown command), `/reset me` silently cleared
     the conversation, and `--system ""` was dropped (`generate --chat` and the server keep it)."""
-    script = "hi\n/reset me\n//usr/bin/env is what?\n"
-    result = gpt1("chat", "--model", str(tiny_model_dir), "--device", "cpu", "--system", "", "--temperature", "0",
-                  "--max-new-tokens", "6", stdin=script)
-    assert result.returncode == 2 and "Traceback" not in result.stderr  # piped, and line 2 failed
-    assert "error: /reset takes no argument (a message that starts with / is typed //reset me)" in result.stderr
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/reset me\n//usr/bin/env is what?\n"))
+    code, out, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu", "--system", "",
+                              "--temperature", "0", "--max-new-tokens", "6")
+    assert code == 2 and "Traceback" not in err  # piped, and line 2 failed
+    assert "error: /reset takes no argument (a message that starts with / is typed //reset me)" in err
     knobs = dict(temperature=0, max_new_tokens=6)
     history = [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]
     first = llm.chat(history, **knobs)
     second = llm.chat(history + [{"role": "assistant", "content": first},
                                  {"role": "user", "content": "/usr/bin/env is what?"}], **knobs)
-    assert result.stdout == first + "\n" + second + "\n"
+    assert out == first + "\n" + second + "\n"
 
 
 def test_generate_and_chat_with_standard_input_closed(tiny_model_dir):

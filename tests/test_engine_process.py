@@ -28,7 +28,7 @@ from gpt1.inference.engine_process import EngineProcess
 from gpt1.inference.generate import generate
 from gpt1.inference.llm import LLM
 from gpt1.serve import background_server, create_app
-from tests.test_serve_api import endless_model_dir, free_port, wait_for
+from tests.test_serve_api import endless_model_dir, free_port, serve_refused, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -284,9 +284,12 @@ def test_cli_serves_with_the_engine_in_its_own_process(tiny_model_dir):
     assert re.search(r"KV cache: 16 slots x 64 positions = [\d.]+ MiB of bfloat16 on cpu \(--max-batch 16\), in the "
                      r"engine's own process", stderr)
     assert not os.path.exists(f"/proc/{child}") or "zombie" in open(f"/proc/{child}/status").read().lower()
-    # A pool that cannot fit is one clear line and exit 2, as with the engine in a thread.
-    huge = subprocess.run([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", "0",
-                           "--engine", "process", "--max-batch", str(10**12)], capture_output=True, text=True, timeout=120)
-    assert huge.returncode == 2 and "Traceback" not in huge.stderr
+
+
+def test_cli_serve_refuses_a_pool_too_big_for_memory_in_the_engines_process_in_one_line(tiny_model_dir, capsys):
+    """A pool that cannot fit is one clear line and exit 2, as with the engine in a thread."""
+    rc, err = serve_refused(capsys, "--model", tiny_model_dir, "--port", "0", "--engine", "process",
+                            "--max-batch", 10**12)
+    assert rc == 2 and "Traceback" not in err
     assert re.search(r"error: max_batch 1000000000000: the KV cache needs [\d.]+ GiB .* lower max_batch$",
-                     huge.stderr.strip().splitlines()[-1])
+                     err.strip().splitlines()[-1])

@@ -190,7 +190,8 @@ TINY = ["model=tiny", "block_size=32", "batch_size=4", "eval_batches=2", "device
 
 
 @pytest.mark.parametrize("save_every,hint", [(100, "terminated before its first checkpoint; a rerun starts over"),
-                                             (1, "terminated; run the same command again to resume")])
+                                             (1, "terminated; its latest checkpoint is step 2 (any steps after it are lost); "
+                                                 "run the same command again to resume")])
 def test_a_terminated_run_says_whether_a_rerun_resumes(data_dir, tmp_path, capsys, monkeypatch, save_every, hint):
     """SIGTERM at step 3 of a run saving every 100 steps said "run the same command again to
     resume": the rerun started over from step 0."""

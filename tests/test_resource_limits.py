@@ -278,6 +278,10 @@ def test_an_unseeded_request_needs_no_file_descriptor():
 WINDOWS_CPU_REFUSAL = "[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: not enough memory: " \
                       "you tried to allocate 1099511627776 bytes."
 
+MPS_REFUSAL = "MPS backend out of memory (MPS allocated: 17.36 GB, other allocations: 1.02 GB, max allowed: " \
+              "18.13 GB). Tried to allocate 192.00 MB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 " \
+              "to disable upper limit for memory allocations (may cause system failure)."
+
 
 def test_every_wording_of_a_refused_allocation_is_a_memory_shortage():
     """The CLI, the server and the engine each had their own rule: the CLI and the server missed the
@@ -292,6 +296,8 @@ def test_every_wording_of_a_refused_allocation_is_a_memory_shortage():
     for error in (refused.value, RuntimeError(WINDOWS_CPU_REFUSAL), MemoryError()):
         assert memory_shortage(error) == "memory" and resource_shortage(error) == "memory"
     assert memory_shortage(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == "GPU memory"
+    # pass 18: a Mac's, which torch's MPS allocator raises as a plain RuntimeError (a traceback, a 500)
+    assert memory_shortage(RuntimeError(MPS_REFUSAL)) == "GPU memory" == resource_shortage(RuntimeError(MPS_REFUSAL))
     for error in (RuntimeError("mmap: shared-memory allocator handle is invalid"), ValueError("can't allocate memory")):
         assert memory_shortage(error) is None and resource_shortage(error) is None
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from gpt1.data.shards import load_meta
 from gpt1.train.config import load_config
 from gpt1.train.finetune import FinetuneConfig, finetune
 from gpt1.train.pretrain import sample_fingerprint
-from tests.test_train import FT_ARGS, TINY, _chat_file, _metrics, _run
+from tests.test_train import FT_ARGS, _chat_file, _metrics, _run
 
 
 def _record(run: Path) -> dict:
@@ -127,15 +125,11 @@ def test_each_start_and_resume_records_what_it_ran_on(data_dir, tmp_path, stop_t
 
 
 @pytest.mark.slow
-def test_a_compile_that_falls_back_to_eager_is_recorded(data_dir, tmp_path):
+def test_a_compile_that_falls_back_to_eager_is_recorded(compile_fallback_run):
     """Inductor's C++ build fails for real (no compiler): the record says the run ran eagerly, and why."""
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
-           "GPT1_QUIET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gpt1", "pretrain", "--data", str(data_dir), "--out",
-                           str(tmp_path / "run"), *TINY, "max_steps=2", "save_every=2", "compile=true"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc, run, _ = compile_fallback_run
     assert proc.returncode == 0, proc.stderr
-    (entry,) = _record(tmp_path / "run")["provenance"]
+    (entry,) = _record(run)["provenance"]
     assert entry["compiled"] is False and entry["compile_error"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from gpt1.core.sampling_params import SamplingParams
 from gpt1.formats.modeldir import save_model
 from gpt1.inference.generate import generate
 from gpt1.serve import background_server, create_app
+from tests.test_battery import run_main
 
 KEY = "test-key-0123"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -192,7 +194,7 @@ BAD_REQUESTS = [
     ("prompt beyond the context", "chat", {"messages": [{"role": "user", "content": "word " * 500}]}, 400, None),
     ("seed below int64", "chat", {"messages": MSG, "seed": -2**63 - 1}, 400, "seed"),
     ("too many stops", "chat", {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("n > 1", "chat", {"messages": MSG, "n": 2}, 400, "n"),
+    ("n below 1", "chat", {"messages": MSG, "n": 0}, 400, "n"),
     ("unsupported penalty", "chat", {"messages": MSG, "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("unknown field", "chat", {"messages": MSG, "temprature": 0.5}, 400, "temprature"),
     ("invalid UTF-8", "chat", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
@@ -323,19 +325,30 @@ def test_cli_serves_with_key_from_env(tiny_model_dir):
     assert "has no chat template: it is a base model, so /v1/chat/completions and the chat page" in stderr
     assert f"serving {tiny_model_dir} on http://127.0.0.1:{port}" in stderr
     assert "KV cache: 16 slots x 64 positions = " in stderr and "MiB of float32 on cpu (--max-batch 16)" in stderr
+
+
+def serve_refused(capsys, *argv) -> tuple[int, str]:
+    """`gpt1 serve ARGV` in this process (no interpreter start), for a refusal at start-up: its exit
+    code and stderr. The open-file limit it raises on the way is put back."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        return run_main(capsys, "serve", *argv)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+
+
+def test_cli_serve_refuses_a_pool_too_big_for_memory_or_a_taken_port_in_one_line(tiny_model_dir, capsys):
     # A pool that cannot fit in memory is one clear line at start-up.
-    huge = subprocess.run([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port", "0",
-                           "--max-batch", str(10**12)], capture_output=True, text=True, timeout=120)
-    assert huge.returncode == 2 and "Traceback" not in huge.stderr
+    rc, err = serve_refused(capsys, "--model", tiny_model_dir, "--port", "0", "--max-batch", 10**12)
+    assert rc == 2 and "Traceback" not in err
     assert re.search(r"error: max_batch 1000000000000: the KV cache needs [\d.]+ GiB .* lower max_batch$",
-                     huge.stderr.strip().splitlines()[-1])
+                     err.strip().splitlines()[-1])
     # A taken port is one clear line and exit 2, not a traceback.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        busy = subprocess.run([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--port",
-                               str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120)
-    assert busy.returncode == 2 and busy.stderr.strip().splitlines()[-1].startswith("gpt1 serve: error: cannot listen")
+        rc, err = serve_refused(capsys, "--model", tiny_model_dir, "--port", taken.getsockname()[1])
+    assert rc == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("gpt1 serve: error: cannot listen")
 
 
 # ---- disconnects and a full queue ----------------------------------------------------------------

@@ -310,8 +310,9 @@ def test_recipe_keys_shape_a_model_from_scratch(data_dir, tmp_path):
     assert (config.n_layer, config.n_embd, config.n_head, config.block_size) == (3, 48, 3, 32)
     with pytest.raises(Gpt1Error, match="n_embd .48. must be divisible by n_head .5."):
         _run(data_dir, tmp_path / "bad", ["max_steps=2", "n_embd=48", "n_head=5"])
-    with pytest.raises(Gpt1Error, match="init_from=.* brings its own shape"):
-        load_config(TrainConfig, None, [f"init_from={tmp_path / 'run'}", "n_layer=2"])
+    with pytest.raises(Gpt1Error, match=r"^n_layer=2: init_from=.* is 3 layers x 48 wide, 3 heads, and init_from "
+                                        r"decides the model; leave n_layer out, or set n_layer=3$"):
+        _run(data_dir, tmp_path / "from", ["max_steps=1", f"init_from={tmp_path / 'run'}", "n_layer=2"])
     from gpt1.train.finetune import FinetuneConfig
     with pytest.raises(Gpt1Error, match="fine-tuning keeps the base model's shape"):
         load_config(FinetuneConfig, None, ["n_embd=64"])
@@ -601,10 +602,12 @@ def _pretrain_cli(data_dir, out, overrides, crash_at=None):
 
 
 @pytest.mark.slow
-def test_a_kill_between_the_final_checkpoint_and_the_outputs_is_completed_on_rerun(data_dir, tmp_path):
+def test_a_kill_between_the_final_checkpoint_and_the_outputs_is_completed_on_rerun(data_dir, tmp_path, capsys):
     """Issue 17 item 2: killed after the final checkpoint, before the model files and loss.png,
     the rerun said "already finished" and kept the step-2 model without a plot."""
     from safetensors.torch import load_file
+
+    from tests.test_battery import run_main
 
     overrides = ["max_steps=4", "save_every=2", "eval_every=2"]
     killed = _pretrain_cli(data_dir, tmp_path / "run", overrides, crash_at="before-outputs:2")
@@ -613,9 +616,9 @@ def test_a_kill_between_the_final_checkpoint_and_the_outputs_is_completed_on_rer
     assert latest_checkpoint(run).name == "step-00000004" and not (run / "loss.png").exists()
     final = load_file(str(latest_checkpoint(run) / "trainable.safetensors"))
     assert not all(torch.equal(final[k], t) for k, t in load_file(str(run / "model.safetensors")).items() if k in final)
-    again = _pretrain_cli(data_dir, run, overrides)
-    assert again.returncode == 0, again.stderr
-    assert "outputs are older than its last checkpoint" in again.stderr
+    rc, stderr = run_main(capsys, "pretrain", "--data", data_dir, "--out", run, *TINY, *overrides)  # in-process
+    assert rc == 0, stderr
+    assert "outputs are older than its last checkpoint" in stderr
     written = load_file(str(run / "model.safetensors"))
     assert all(torch.equal(final[k], written[k]) for k in final)
     assert (run / "loss.png").is_file() and (latest_checkpoint(run) / "outputs.done").is_file()
@@ -713,9 +716,11 @@ def test_a_checkpoint_holding_nan_is_refused_by_name_on_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_finetune_killed_before_its_adapter_is_completed_on_rerun(tiny_model_dir, tmp_path):
+def test_a_finetune_killed_before_its_adapter_is_completed_on_rerun(tiny_model_dir, tmp_path, capsys):
     """Issue 17 item 2 for `finetune`: the run is finished only once its adapter and loss.png
     were written from the final checkpoint."""
+    from tests.test_battery import run_main
+
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
                                                      {"role": "assistant", "content": f"{2 * i}"}]}) + "\n"
@@ -729,9 +734,9 @@ def test_a_finetune_killed_before_its_adapter_is_completed_on_rerun(tiny_model_d
     assert killed.returncode == 137, killed.stderr
     run = tmp_path / "ft"
     assert latest_checkpoint(run).name == "step-00000002" and not (run / "adapter").exists()
-    again = subprocess.run([sys.executable, "-m", "gpt1", *args], capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0, again.stderr
-    assert "outputs are older than its last checkpoint" in again.stderr
+    rc, stderr = run_main(capsys, *args)  # the rerun: in-process (the kill above needs a process of its own)
+    assert rc == 0, stderr
+    assert "outputs are older than its last checkpoint" in stderr
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
     lora = load_model(run, adapter="keep")
     from safetensors.torch import load_file
@@ -750,18 +755,14 @@ def test_projected_wall_time_is_logged_once_the_rate_settles(data_dir, tmp_path,
 
 
 @pytest.mark.slow
-def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(data_dir, tmp_path):
+def test_a_failing_torch_compile_falls_back_to_eager_with_one_warning(data_dir, tmp_path, compile_fallback_run):
     """Inductor's C++ build fails for real (no compiler): the run warns once and trains eagerly."""
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
-           "GPT1_QUIET": "1"}
-    args = [*TINY, "max_steps=3", "save_every=3", "eval_every=3", "compile=true"]
-    proc = subprocess.run([sys.executable, "-m", "gpt1", "pretrain", "--data", str(data_dir), "--out",
-                           str(tmp_path / "run"), *args], capture_output=True, text=True, timeout=600, env=env)
+    proc, run, steps = compile_fallback_run
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("torch.compile failed") == 1, proc.stderr
     assert "training continues without it" in proc.stderr
-    eager = _run(data_dir, tmp_path / "eager", [*args[len(TINY):-1]])
-    assert [r["loss"] for r in _metrics(tmp_path / "run")] == [r["loss"] for r in _metrics(tmp_path / "eager")]
+    eager = _run(data_dir, tmp_path / "eager", steps)
+    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(tmp_path / "eager")]
     assert eager.steps == 3
 
 

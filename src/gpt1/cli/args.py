@@ -89,12 +89,16 @@ def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
 
 def training_rerun_hint(args: argparse.Namespace) -> str:
     """What a rerun of an interrupted pretrain/finetune does: resume from the run's latest
-    checkpoint, or start over when it was stopped before its first."""
-    from gpt1.train.checkpoint import latest_checkpoint  # loaded by the run by now; not by the parser
+    checkpoint, named with the step it holds (the steps after it are lost), or start over when
+    it was stopped before its first."""
+    from gpt1.train.checkpoint import checkpoint_step, latest_checkpoint  # loaded by the run by now; not by the parser
 
     with contextlib.suppress(OSError):  # an unreadable run dir: the rerun will say so
-        if args.out and latest_checkpoint(args.out) is None:
-            return " before its first checkpoint; a rerun starts over"
+        if args.out:
+            if (latest := latest_checkpoint(args.out)) is None:
+                return " before its first checkpoint; a rerun starts over"
+            return (f"; its latest checkpoint is step {checkpoint_step(latest):,} (any steps after it are lost); "
+                    "run the same command again to resume")
     return "; run the same command again to resume"
 
 

@@ -17,6 +17,7 @@ from gpt1.cli.generate_cmd import (
     fit_new_tokens,
     prompt_tail,
     sampling_params_from_args,
+    terminal_text,
     unescape,
     warn_if_base_model,
     warn_if_capped,
@@ -24,7 +25,7 @@ from gpt1.cli.generate_cmd import (
 )
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, printable
-from gpt1.core.sampling_params import KNOB_RANGES, preset
+from gpt1.core.sampling_params import KNOB_RANGES, alias_hint, preset
 
 # gpt1.inference (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
 
@@ -59,7 +60,7 @@ def parse_knob(params, name: str, value: str):
     """`params` with the knob `name` set from the text `value` (as typed after /set)."""
     name = name.replace("-", "_")
     if name not in KNOB_RANGES:
-        raise Gpt1Error(f"unknown knob {name!r}; known: {', '.join(KNOB_RANGES)}")
+        raise Gpt1Error(f"unknown knob {name!r}{alias_hint(name)}; known: {', '.join(KNOB_RANGES)}")
     if name == "stop":
         # Escapes let a user type a newline stop string as \n (the same syntax as --stop).
         try:
@@ -146,6 +147,7 @@ class ChatSession:
         from gpt1.inference.decoding import chat_prompt_ids, warn_if_cut
 
         out = out or sys.stdout
+        shown = terminal_text(out)  # the history keeps the reply as generated
         # Only the end of a message longer than the context can stay: it is tokenized (and kept in
         # the history) from there, with the same ids (see prompt_tail).
         kept = prompt_tail(self.llm.tokenizer, text, self.llm.config.block_size) if self.params.truncate_prompt else text
@@ -174,7 +176,7 @@ class ChatSession:
         last = None
         try:
             for last in gen.stream(self.llm.model, self.llm.tokenizer, ids, params):
-                out.write(last.text)
+                out.write(shown(last.text))
                 out.flush()
                 pieces.append(last.text)
         except KeyboardInterrupt:

@@ -69,7 +69,7 @@ def register(subparsers) -> None:
                         help="perplexity, --ppl-data and --chat sources: skip (and count) malformed lines and "
                              "documents instead of stopping at the first one (a task file's are always errors)")
     parser.add_argument("--chat", action="store_true",
-                        help="the data is one chat source (OASST2 hub name or export, chat .jsonl, chatterbot; see "
+                        help="the data is one chat source (OASST2 hub name or export, chat .jsonl/.json, chatterbot; see "
                              "`gpt1 finetune --help`): report the loss, perplexity and bits per byte of the assistant "
                              "tokens of its validation conversations")
     parser.add_argument("--split", default=None,

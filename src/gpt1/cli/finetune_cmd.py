@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         "finetune", help="LoRA chat fine-tuning of a base model on OASST2 or other chat data (resumable)",
         description="Fine-tune a base model dir with LoRA on chat data, with the loss on assistant replies only. "
                     "--data: OpenAssistant/oasst2 (or any hf:NAME[:SPLIT]), an OASST export "
-                    "(*.messages.jsonl[.gz], *.trees.jsonl[.gz], .parquet), a .jsonl of {\"messages\": [...]}, "
+                    "(*.messages.jsonl[.gz], *.trees.jsonl[.gz], .parquet), chat records in a .jsonl or a .json ({\"messages\": [...]}, ShareGPT, Alpaca, "
+                    "prompt/completion; a .json may hold one array), "
                     ".yml dialogs, a folder of such files, or `chatterbot` (the dialogs of the chatterbot-corpus "
                     "package); repeat --data to train on several sources together. The recipe is a "
                     "TOML file (a path or a shipped name: gpt1-oasst2-lora); any key can be overridden as key=value, "

@@ -7,15 +7,18 @@ import dataclasses
 import re
 import sys
 import time
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import gpt1
-from gpt1.cli.args import add_dtype_flag, path_arg, text
+from gpt1.cli.args import add_dtype_flag, path_arg, positive_int, text
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.progress import info, warn
+from gpt1.core.progress import info, printable, warn
 from gpt1.core.sampling_params import PRESETS, SamplingParams, preset
 from gpt1.data.readers import SPACE_BOUNDARY
 
 # gpt1.inference (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
+if TYPE_CHECKING:
+    from gpt1.inference.decoding import Chunk
 
 # flag -> (SamplingParams field, type, help); defaults are SamplingParams' own.
 KNOB_FLAGS = {
@@ -196,8 +199,50 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", default=None, type=text, help="the prompt (default: read standard input)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn and print the assistant's reply")
     parser.add_argument("--system", default=None, metavar="TEXT", type=text, help="with --chat: a system message before the user turn")
+    parser.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
+                        help="N samples of the prompt, decoded together and printed in turn, each after a line of "
+                             f"{len(SAMPLE_SEPARATOR.strip())} dashes; with --seed S their seeds are S, S+1, ... "
+                             "(default 1)")
     add_sampling_flags(parser)
     parser.set_defaults(func=generate_command, stdout_product=lambda args: "the generated text")
+
+
+# Between two samples of --num-samples, as nanoGPT's sample.py prints them: a line of dashes.
+SAMPLE_SEPARATOR = "\n---------------\n"
+
+
+def terminal_text(out) -> Callable[[str], str]:
+    """How generated text is written to `out`: as it is, except to a terminal, where its control
+    characters (but line ends and tabs) are shown as escapes (`printable`): a sampled ESC would
+    start an escape sequence that acts on the terminal (recolour, retitle, rewrite lines)."""
+    return printable if out.isatty() else str
+
+
+def print_samples(chunks: Iterable[tuple[int, Chunk]], n: int, out) -> tuple[list[Chunk], str]:
+    """Write the text of `n` samples to `out` in order, SAMPLE_SEPARATOR between them: the first
+    as it is produced, a later one's pieces held until the samples before it have ended. Each
+    sample's last chunk (its finish reason and token counts), and the last character written."""
+    shown = terminal_text(out)
+    held: list[list[str]] = [[] for _ in range(n)]
+    lasts: list[Chunk | None] = [None] * n
+    current, end = 0, "\n"
+    for index, chunk in chunks:
+        held[index].append(chunk.text)
+        if chunk.finish_reason is not None:
+            lasts[index] = chunk
+        while current < n:
+            text, held[current] = "".join(held[current]), []
+            if text:
+                out.write(shown(text))
+                out.flush()
+                end = text[-1]
+            if lasts[current] is None:
+                break
+            current += 1
+            if current < n:
+                out.write(SAMPLE_SEPARATOR)
+                end = SAMPLE_SEPARATOR[-1]
+    return lasts, end
 
 
 def warn_if_base_model(llm: gpt1.LLM, model: str) -> None:
@@ -238,24 +283,21 @@ def generate_command(args: argparse.Namespace) -> int:
     params = fit_new_tokens(params, ids, llm.config.block_size, chosen)
     if chosen:
         warn_if_capped(params, ids, llm.config.block_size, "lower --max-new-tokens")
+    samples = params.samples(args.num_samples)
     start = time.perf_counter()
-    text_end = "\n"
-    for chunk in gen.stream(llm.model, llm.tokenizer, ids, params):
-        if chunk.text:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-            text_end = chunk.text[-1]
-        last = chunk
+    lasts, text_end = print_samples(gen.stream_batch(llm.model, llm.tokenizer, [ids] * len(samples), samples),
+                                    len(samples), sys.stdout)
     # On a terminal the stats line below starts a line of its own; into a file or a pipe the text
     # goes as generated, the same as the server's and llm.generate's.
     if text_end != "\n" and sys.stdout.isatty():
         sys.stdout.write("\n")
     seconds = time.perf_counter() - start
+    prompt_tokens, generated = lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts)
     if not args.chat and len(kept) < len(prompt):  # the tail's token count is not the prompt's: characters
-        warn(f"the prompt ({len(prompt):,} characters) was cut to its last {last.prompt_tokens} tokens to fit the context")
+        warn(f"the prompt ({len(prompt):,} characters) was cut to its last {prompt_tokens} tokens to fit the context")
     else:
-        warn_if_cut(len(ids), last.prompt_tokens)
-    info(f"[{last.prompt_tokens} prompt tokens, {last.completion_tokens} generated in {seconds:.2f} s "
-         f"({last.completion_tokens / max(seconds, 1e-9):.1f} tokens/s, {str(llm.dtype).removeprefix('torch.')} "
-         f"on {llm.device}), finish: {last.finish_reason}]")
+        warn_if_cut(len(ids), prompt_tokens)
+    info(f"[{prompt_tokens} prompt tokens, {generated} generated{f' ({len(lasts)} samples)' if len(lasts) > 1 else ''} "
+         f"in {seconds:.2f} s ({generated / max(seconds, 1e-9):.1f} tokens/s, {str(llm.dtype).removeprefix('torch.')} "
+         f"on {llm.device}), finish: {', '.join(last.finish_reason for last in lasts)}]")
     return 0

@@ -11,11 +11,11 @@ from gpt1.core.progress import info
 
 # TrainConfig's fields, the recipe's keys (a test keeps the two equal): `--device cpu` is told
 # to write device=cpu, without loading torch for a mistyped flag.
-RECIPE_KEYS = ("model", "block_size", "n_layer", "n_head", "n_embd", "init_from", "max_steps", "max_tokens", "epochs",
-               "time_budget", "batch_size", "grad_accum", "lr", "min_lr", "warmup", "cooldown", "weight_decay", "betas",
-               "optimizer", "muon_lr_scale", "embedding_lr_scale", "grad_clip", "precision", "float8", "compile",
-               "gradient_checkpointing", "eval_every", "eval_batches", "save_every", "seed", "device", "max_bad_steps",
-               "tensorboard")
+RECIPE_KEYS = ("model", "block_size", "n_layer", "n_head", "n_embd", "init_from", "dropout", "max_steps", "max_tokens",
+               "epochs", "time_budget", "batch_size", "grad_accum", "lr", "min_lr", "warmup", "cooldown", "weight_decay",
+               "betas", "optimizer", "muon_lr_scale", "embedding_lr_scale", "grad_clip", "precision", "float8", "compile",
+               "gradient_checkpointing", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "keep_best",
+               "early_stop", "seed", "device", "max_bad_steps", "tensorboard")
 
 
 def register(subparsers) -> None:
@@ -24,7 +24,8 @@ def register(subparsers) -> None:
         description="Pretrain a GPT on the shards of `gpt1 prepare`. The recipe is a TOML file (a path or the name "
                     "of a shipped recipe: gpt1-openwebtext, tiny-cpu); any key can be overridden as key=value, "
                     "e.g. max_steps=200 lr=1e-3 precision=fp16-mixed compile=false. After the first dozen steps it prints "
-                    "the projected wall time of the whole run. Rerunning the same command on the same "
+                    "the projected wall time of the whole run (not with a time_budget: that run ends when its budget is "
+                    "spent). Rerunning the same command on the same "
                     "--out resumes from the last checkpoint. Multi-GPU: torchrun --nproc_per_node N -m gpt1 pretrain ...",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (every key: docs/training.md, or --print-config)")

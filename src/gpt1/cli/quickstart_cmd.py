@@ -80,7 +80,7 @@ def report(result) -> str:
         # of its adapter/ (the fine-tune), so the folder a newcomer loads first holds it merged in.
         f"  gpt1 export --model {result.chat} --out {result.out / 'hf'} --merge   # a transformers folder, LoRA merged in",
         f"  gpt1 eval --model {result.base} --data {result.data}   # held-out perplexity and bits per byte",
-        "  (serve needs the `serve` extra, and loading the export in transformers the `hf` extra: pip install -e \".[serve,hf]\" in a clone)",
+        *_extras_line(),
         "  The full-scale recipes on a GPU (the model card's 257M model, OpenWebText, then OASST2):",
         "    gpt1 tokenizer train --vocab-size 51682 --out tok hf:Skylion007/openwebtext",
         "    gpt1 prepare --tokenizer tok --out data/owt hf:Skylion007/openwebtext",
@@ -88,3 +88,22 @@ def report(result) -> str:
         "    gpt1 finetune --config gpt1-oasst2-lora --base runs/gpt1 --out runs/gpt1-chat",
     ]
     return "\n".join(lines)
+
+
+def _extras_line() -> list[str]:
+    """How to install what the lines above need (`serve`: FastAPI; loading the export: transformers),
+    as this copy of gpt1 was installed; nothing when both are there."""
+    import importlib.util
+    from pathlib import Path
+
+    import gpt1
+    from gpt1.core.environment import checkout_root
+    needs = {"serve": ("fastapi", "serve needs the `serve` extra"),
+             "hf": ("transformers", "loading the export in transformers the `hf` extra")}
+    missing = [extra for extra, (module, _) in needs.items() if importlib.util.find_spec(module) is None]
+    if not missing:
+        return []
+    extras = ",".join(missing)
+    in_checkout = checkout_root(Path(gpt1.__file__).resolve().parent) is not None
+    install = f'pip install -e ".[{extras}]"' if in_checkout else f'pip install "gpt1[{extras}]"'
+    return [f"  ({', and '.join(needs[extra][1] for extra in missing)}: {install})"]

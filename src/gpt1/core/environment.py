@@ -10,6 +10,7 @@ import functools
 import os
 import platform
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def _git_describe() -> str | None:
     is not one, or git is absent or fails. The dirty mark comes from `git status` with optional
     locks off: `describe --dirty` rewrites the index, under the feet of a git command running there."""
     package = Path(gpt1.__file__).resolve().parent
-    if not any((root / ".git").exists() for root in (package.parent, package.parent.parent)):
+    if checkout_root(package) is None:
         return None
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
 
@@ -50,6 +51,23 @@ def _git_describe() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return described + ("-dirty" if dirty else "") if described else None
+
+
+def checkout_root(package: Path) -> Path | None:
+    """The root of the gpt1 checkout that `package` (the imported `gpt1/`) sits in: a folder with
+    `.git` and a pyproject.toml whose project is gpt1, holding `src/gpt1` or `gpt1/`. Not a `.git`
+    above a copy that pip installed (`pip install --target vendor` inside the user's own repository
+    recorded that repository's commit as gpt1's)."""
+    if any(package.parent.glob("gpt1-*.dist-info")):  # pip's record beside it: an installed copy
+        return None
+    for root in (package.parent.parent,) if package.parent.name == "src" else (package.parent,):
+        try:
+            project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8")).get("project", {})
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+        if (root / ".git").exists() and project.get("name") == "gpt1":
+            return root
+    return None
 
 
 def _cpu_name() -> str:

@@ -42,7 +42,11 @@ def memory_shortage(error: BaseException) -> str | None:
     `OutOfMemoryError`, its CPU allocator's plain RuntimeError, Python's `MemoryError`); None for
     any other error. By type name, so that the CLI need not import torch to ask."""
     if type(error).__name__ == "OutOfMemoryError":  # torch's: a RuntimeError, a GPU's (or an XPU's, MPS's)
-        return "GPU memory" if "CUDA" in str(error) else "memory"
+        return "GPU memory" if "CUDA" in str(error) or "MPS" in str(error) else "memory"
+    # A Mac's GPU: torch's MPS allocator raises a plain RuntimeError ("MPS backend out of memory
+    # (MPS allocated: ...). Tried to allocate ..."), not the OutOfMemoryError that CUDA's raises.
+    if isinstance(error, RuntimeError) and str(error).startswith("MPS backend out of memory"):
+        return "GPU memory"
     if isinstance(error, MemoryError):
         return "memory"
     if isinstance(error, RuntimeError) and any(words in str(error) for words in _CPU_ALLOCATOR_REFUSED):

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from gpt1.core.errors import Gpt1Error
 
@@ -28,6 +28,38 @@ KNOB_RANGES = {
     "seed": "an integer in [-2**63, 2**64) or None (random)",
     "truncate_prompt": "true or false",
 }
+
+# Other libraries' names for gpt1's knobs (Hugging Face's generate, OpenAI, vLLM, llama.cpp, Ollama,
+# TGI, nanoGPT's sample.py), so that an unknown knob spelled their way is told gpt1's name: alias ->
+# (gpt1's name, what differs). `n` is the number of samples, an argument of LLM.generate and
+# LLM.chat (and the server's `n`), not a SamplingParams field.
+ALIASES: dict[str, tuple[str, str]] = {
+    "repetition_penalty": ("repeat_penalty", ""),
+    "penalty_last_n": ("repeat_last_n", ""),
+    "frequency_penalty": ("repeat_penalty", "CTRL's penalty, not OpenAI's subtracted one"),
+    "presence_penalty": ("repeat_penalty", "CTRL's penalty, not OpenAI's subtracted one"),
+    "max_tokens": ("max_new_tokens", ""),
+    "max_length": ("max_new_tokens", "it counts the new tokens only"),
+    "n_predict": ("max_new_tokens", ""),
+    "num_predict": ("max_new_tokens", ""),
+    "do_sample": ("temperature", "0 is greedy, as do_sample=False"),
+    "stop_sequences": ("stop", ""),
+    "stop_strings": ("stop", ""),
+    "num_return_sequences": ("n", ""),
+    "num_samples": ("n", ""),
+}
+
+# SamplingParams fields that OpenAI's API (and so gpt1's server) names differently.
+API_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def alias_hint(name: str, rename: Mapping[str, str] | None = None) -> str:
+    """What an error about the unknown knob `name` adds when it is another library's name for one of
+    gpt1's: ` (gpt1's is NAME)`, else "". `rename`: gpt1's names as the caller spells them
+    (API_NAMES for the server, where max_new_tokens is itself such a name)."""
+    known, note = ALIASES.get(name, (name, ""))
+    known = (rename or {}).get(known, known)
+    return "" if known == name else f" (gpt1's is {known}{': ' + note if note else ''})"
 
 
 @dataclass(frozen=True)
@@ -117,8 +149,22 @@ class SamplingParams:
         known = [f.name for f in dataclasses.fields(self)]
         unknown = sorted(set(knobs) - set(known))
         if unknown:
-            raise Gpt1Error(f"unknown sampling knob(s) {', '.join(unknown)}; known: {', '.join(known)}")
+            named = ", ".join(name + alias_hint(name) for name in unknown)
+            raise Gpt1Error(f"unknown sampling knob(s) {named}; known: {', '.join(known)}")
         return dataclasses.replace(self, **knobs).validate()
+
+    def samples(self, n: int) -> list["SamplingParams"]:
+        """The validated knobs of `n` samples of one prompt (OpenAI's and vLLM's `n`, Hugging
+        Face's num_return_sequences): with a seed, seeds seed, seed + 1, ... (mod 2**64), so that
+        the samples differ and the set is the same at every call, its first the text the seed gives
+        alone; without one, each sample is a draw of its own. Greedy samples are all the same text.
+        Gpt1Error unless n is an integer >= 1."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise Gpt1Error(f"n must be an integer >= 1 (the number of samples), got {n!r}")
+        params = self.validate()
+        if params.seed is None:
+            return [params] * int(n)
+        return [dataclasses.replace(params, seed=(params.seed + i) % 2**64) for i in range(int(n))]
 
 
 # The model card's three uses.

@@ -8,11 +8,24 @@ Sources (`read_conversations(spec)`):
   lists its data files (`configs:`, as the hub's downloads have);
 - `*.messages.jsonl[.gz]` / `*.parquet`: OASST's flat export, one message per line / row;
 - `*.trees.jsonl[.gz]`: OASST's nested export, one message tree per line;
-- any other `.jsonl[.gz]`: sniffed from its first record: OASST messages, OASST trees, or the
-  generic chat format `{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}`
-  (OpenAI's fine-tuning records: `"weight": 0` on an assistant message keeps that reply out of
-  the loss; `name` is ignored, and counted; tool calls are refused; a null key is an absent one,
-  as parquet and `datasets` fill every message struct with every key of its column);
+- any other `.jsonl[.gz]`, and a `.json[.gz]` of JSON Lines or of one array of records
+  (`alpaca_data.json`; records numbered from 0 in errors): the format of the first record decides
+  the file's (RECORD_FORMATS), and a later record of another format is refused, as a malformed one:
+  OASST messages, OASST trees, or records that each give a conversation:
+  - `{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}` (OpenAI's fine-tuning
+    records: `"weight": 0` on an assistant message keeps that reply out of the loss; `name` is
+    ignored, and counted; tool calls are refused);
+  - ShareGPT's `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}` (also `user`,
+    `assistant`, or turns of `role` and `content`; a `system` field is the system message);
+  - Alpaca's `{"instruction", "input", "output"}`: the user's turn is the instruction, then a blank
+    line and the input when it has one (litgpt's layout, without Alpaca's preamble: gpt1's chat
+    template marks the turns), the reply the output; a `system` field is the system message;
+  - TRL's `{"prompt", "completion"}`: two strings (a user turn and its reply), or two lists of
+    messages (the prompt's assistant messages are context, with weight 0, as TRL trains on the
+    completion only);
+  each read as the `{"messages"}` record of the same turns (the same checks, conversation and split).
+  A null key is an absent one, as parquet and `datasets` give every row every column and every
+  message struct every key;
 - `chatterbot` (the English dialogs of the `chatterbot-corpus` package), or `.yml` files in its
   format (each `conversations:` entry alternates user, assistant, user, ...);
 - any other folder: every chat file below it (the suffixes above), each read as if named alone,
@@ -54,7 +67,9 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
 from gpt1.core.io import walk_folder
 from gpt1.core.progress import warn
+from gpt1.core.tokenizer import check_text
 from gpt1.data.readers import (
+    JSON_SUFFIXES,
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
     BadRecord,
@@ -62,8 +77,10 @@ from gpt1.data.readers import (
     check_no_lone_surrogates,
     dataset_split_names,
     declares_data_files,
+    holds_json_array,
     load_hf_dataset,
     parse_hf,
+    read_json_array,
     read_jsonl,
     read_parquet,
     read_yaml,
@@ -83,6 +100,18 @@ SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "val
                "test": ("test", "testing", "eval", "evaluation")}
 # The split group of a {"messages"} record: a hash of its content (see _generic_conversation).
 CONTENT_GROUP = "sha256:"
+# The formats of a chat file's records, as errors name them (module docstring).
+RECORD_FORMATS = {
+    "oasst messages": "an OASST message (message_id, parent_id, role, text)",
+    "oasst trees": "an OASST tree (prompt with replies)",
+    "messages": 'a chat record ({"messages": [{role, content}, ...]}: OpenAI\'s, TRL\'s)',
+    "sharegpt": 'a ShareGPT record ({"conversations": [{from, value}, ...]})',
+    "alpaca": "an Alpaca record (instruction, input, output)",
+    "prompt/completion": "a prompt/completion record (TRL's: prompt, completion)",
+}
+# ShareGPT's speakers (`from`), as axolotl and LLaMA-Factory read them; their tool turns are refused.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_TOOL_ROLES = ("function_call", "observation", "tool", "function")
 
 
 @dataclass
@@ -252,6 +281,8 @@ def _read_file(path: Path, options: _TreeOptions, skip_invalid: bool) -> Iterato
     how = dict(skip_invalid=skip_invalid, skipped=options.stats.skipped, first_skipped=first_skipped)
     if name.endswith(PARQUET_SUFFIXES):
         rows, unit = read_parquet(path, **how), "row"
+    elif name.endswith(JSON_SUFFIXES) and holds_json_array(path):
+        rows, unit = read_json_array(path, **how), "record"
     elif name.endswith(JSONL_SUFFIXES):
         rows, unit = read_jsonl(path, **how), "line"
     else:
@@ -331,8 +362,9 @@ class _Malformed(Exception):
 
 def _read_rows(rows: Iterable[tuple[int, Any]], source: str, unit: str, options: _TreeOptions,
                skip_invalid: bool, first_skipped: dict[str, str] | None = None) -> Iterator[Conversation]:
-    """Rows of OASST messages, OASST trees or {"messages": [...]} records; the first row decides.
-    `first_skipped`: the reader's first error of each kind of line it skipped."""
+    """Rows of one of the RECORD_FORMATS; the first row decides, and a later row of another format
+    is malformed. A first row of none of them is refused without the --skip-invalid hint (every
+    row would be skipped). `first_skipped`: the reader's first error of each kind of line it skipped."""
     first_skipped = first_skipped if first_skipped is not None else {}
     skipped_before = Counter(options.stats.skipped)
     kind = None
@@ -341,17 +373,18 @@ def _read_rows(rows: Iterable[tuple[int, Any]], source: str, unit: str, options:
         for number, record in rows:
             try:
                 if not isinstance(record, dict):
-                    raise _Malformed("expected a JSON object" + (", got an array (chat files are JSON Lines: one "
-                                                                 "record per line, not one array)"
-                                                                 if isinstance(record, list) else ""))
+                    raise (_NotChat if kind is None else _Malformed)(_not_an_object(record, unit))
                 if kind is None:
-                    kind = _record_kind(record)
-                if kind == "messages":
+                    kind = _first_format(record)
+                elif (other := _record_format(record)) not in (None, kind):
+                    raise _Malformed(f"{RECORD_FORMATS[other]}, in a file whose first record is "
+                                     f"{RECORD_FORMATS[kind]}: one format per file (a folder's files may differ)")
+                if kind == "oasst messages":
                     messages.append(_oasst_message(record))
-                elif kind == "trees":
+                elif kind == "oasst trees":
                     yield from _tree_conversations(_flatten_tree(record), options)
                 else:
-                    conversation = _generic_conversation(record, options.stats)
+                    conversation = _generic_conversation(*_CHAT_MESSAGES[kind](record), options.stats)
                     if conversation is not None:
                         yield conversation
             except _Malformed as e:
@@ -360,8 +393,9 @@ def _read_rows(rows: Iterable[tuple[int, Any]], source: str, unit: str, options:
                     options.stats.skipped[reason] += 1
                     first_skipped.setdefault(reason, f"{unit} {number}: {e}")
                     continue
-                raise Gpt1Error(f"{source}, {unit} {number}: {e} (pass --skip-invalid to skip bad {unit}s)") from None
-        if kind == "messages":
+                hint = "" if isinstance(e, _NotChat) else f" (pass --skip-invalid to skip bad {unit}s)"
+                raise Gpt1Error(f"{source}, {unit} {number}: {e}{hint}") from None
+        if kind == "oasst messages":
             yield from _tree_conversations(messages, options)
         elif kind is None and (skipped := options.stats.skipped - skipped_before):
             first = next((f"; the first: {e.removeprefix(f'{source}, ')}" for e in first_skipped.values()), "")
@@ -374,16 +408,42 @@ def _read_rows(rows: Iterable[tuple[int, Any]], source: str, unit: str, options:
             options.stats.first_skipped.setdefault(why, f"{source}, {error.removeprefix(f'{source}, ')}")
 
 
-def _record_kind(record: dict) -> str:
-    if "message_id" in record:
-        return "messages"
-    if "prompt" in record and isinstance(record["prompt"], dict):
-        return "trees"
-    if "messages" in record:
-        return "chat"
-    raise _Malformed("expected an OASST message (message_id, parent_id, role, text), an OASST tree "
-                     "(prompt with replies) or a chat record with a 'messages' list; found fields: "
-                     + ", ".join(sorted(record)))
+class _NotChat(_Malformed):
+    """A file's first record, in none of the RECORD_FORMATS: --skip-invalid would skip every record."""
+
+
+def _record_format(record: dict) -> str | None:
+    """Which of the RECORD_FORMATS `record` is, by its fields (a null one is absent: parquet and
+    `datasets` give every row every column); None: none of them."""
+    fields = {key for key, value in record.items() if value is not None}
+    if "message_id" in fields:
+        return "oasst messages"
+    if isinstance(record.get("prompt"), dict):
+        return "oasst trees"
+    for kind, needed in (("messages", {"messages"}), ("sharegpt", {"conversations"}),
+                         ("alpaca", {"instruction", "output"}), ("prompt/completion", {"prompt", "completion"})):
+        if needed <= fields:
+            return kind
+    return None
+
+
+def _first_format(record: dict) -> str:
+    """The format of a file's first record, which is the file's; _NotChat naming the fields found
+    and the formats gpt1 reads when it is none of them."""
+    kind = _record_format(record)
+    if kind is None:
+        *others, last = RECORD_FORMATS.values()
+        found = ", ".join(sorted(map(str, record))) or "none"
+        raise _NotChat(f"not a chat record that gpt1 reads: expected {', '.join(others)} or {last}; "
+                       f"found fields: {found}")
+    return kind
+
+
+def _not_an_object(record: Any, unit: str) -> str:
+    if isinstance(record, list) and unit == "line":
+        return ("expected a JSON object, got an array (a file holding one JSON array of records is read as such "
+                "when its name ends in .json; in JSON Lines each line is one record)")
+    return f"expected a JSON object, got {'an array' if isinstance(record, list) else type(record).__name__}"
 
 
 # ---- OASST ---------------------------------------------------------------------------------
@@ -522,15 +582,15 @@ def _tree_conversations(messages: list[dict], options: _TreeOptions) -> Iterator
 
 # ---- generic chat records and chatterbot ---------------------------------------------------
 
-def _generic_conversation(record: dict, stats: ChatStats) -> Conversation | None:
-    """A {"messages": [...]} record as a conversation, pruned and counted as OASST's and
-    chatterbot's are. Its group is its content, not where it was read: the validation split is
-    then the same however the file's path is spelled or wherever it moves (`gpt1 eval --chat`
-    scores what the run held out), and copies of a dialog land on the same side."""
-    raw = record.get("messages")
-    _check_openai_keys(raw)
+def _generic_conversation(raw: Any, key: str, stats: ChatStats) -> Conversation | None:
+    """A record's messages (`raw`, from its field `key`, which errors name) as a conversation, pruned
+    and counted as OASST's and chatterbot's are. Its group is its content, not where it was read:
+    the validation split is then the same however the file's path is spelled or wherever it moves
+    (`gpt1 eval --chat` scores what the run held out), copies of a dialog land on the same side,
+    and the same turns in another record format are the same conversation."""
+    _check_openai_keys(raw, key)
     try:
-        messages = validate_messages(raw, source="field 'messages'")
+        messages = validate_messages(raw, source=f"field {key!r}")
     except Gpt1Error as e:
         raise _Malformed(str(e)) from None
     messages = [{"role": m["role"], "content": m["content"]} | ({"weight": 0} if r.get("weight") == 0 else {})
@@ -559,7 +619,7 @@ def _generic_conversation(record: dict, stats: ChatStats) -> Conversation | None
     return Conversation(messages, CONTENT_GROUP + hashlib.sha256(content).hexdigest()[:16])
 
 
-def _check_openai_keys(messages: Any) -> None:
+def _check_openai_keys(messages: Any, key: str = "messages") -> None:
     """The keys of OpenAI's fine-tuning records beyond role and content: a `weight` must be 0
     (the reply is not learned) or 1, on an assistant message; tool calls and tool results have
     no place in gpt1's template. (`name` is read and ignored: counted by the caller.)
@@ -573,17 +633,111 @@ def _check_openai_keys(messages: Any) -> None:
         if not isinstance(m, dict):
             continue
         if m.get("role") in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise _Malformed(f"field 'messages'[{i}]: tool calls and tool results (the 'tool' role) are not supported: "
+            raise _Malformed(f"field {key!r}[{i}]: tool calls and tool results (the 'tool' role) are not supported: "
                              "gpt1's chat template has no tool turns", TOOL_CALLS)
         weight = m.get("weight")
         if weight is None:
             continue
         if m.get("role") != "assistant":
-            raise _Malformed(f"field 'messages'[{i}].weight: applies to assistant messages only (OpenAI's "
+            raise _Malformed(f"field {key!r}[{i}].weight: applies to assistant messages only (OpenAI's "
                              f"fine-tuning format), found on a {m.get('role')!r} message")
         if isinstance(weight, bool) or weight not in (0, 1):
-            raise _Malformed(f"field 'messages'[{i}].weight: expected 0 (leave this reply out of the loss) or 1, "
+            raise _Malformed(f"field {key!r}[{i}].weight: expected 0 (leave this reply out of the loss) or 1, "
                              f"got {weight!r}")
+
+
+def _sharegpt_messages(record: dict) -> tuple[list, str]:
+    """A ShareGPT record's turns as messages: `from` (SHAREGPT_ROLES) and `value`, or `role` and
+    `content` as some exports write them; a turn's `weight` (axolotl's) and `name` are kept, for
+    the checks of OpenAI's keys; a `system` field (LLaMA-Factory's) is the system message."""
+    turns, = _required(record, "conversations")
+    if not isinstance(turns, list):
+        raise _Malformed(f"field 'conversations': expected a list of {{'from', 'value'}} turns, "
+                         f"got {type(turns).__name__}")
+    messages = [_sharegpt_turn(turn, f"field 'conversations'[{i}]") for i, turn in enumerate(turns)]
+    return _with_system(record, messages), "conversations"
+
+
+def _sharegpt_turn(turn: Any, where: str) -> Any:
+    if not isinstance(turn, dict) or turn.get("from") is None:
+        return turn  # a {"role", "content"} turn, or not an object: validate_messages says what is wrong
+    speaker = turn["from"]
+    if speaker in SHAREGPT_TOOL_ROLES:
+        raise _Malformed(f"{where}: tool calls and tool results ({speaker!r}) are not supported: gpt1's chat "
+                         "template has no tool turns", TOOL_CALLS)
+    role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None  # (a list is unhashable)
+    if role is None:
+        raise _Malformed(f"{where}.from: expected one of {', '.join(SHAREGPT_ROLES)}, got {speaker!r}")
+    kept = {key: turn[key] for key in ("weight", "name") if turn.get(key) is not None}
+    return {"role": role, "content": _text(turn.get("value"), f"{where}.value"), **kept}
+
+
+def _alpaca_messages(record: dict) -> tuple[list, str]:
+    """An Alpaca record as a user turn and its reply (the module docstring says how)."""
+    instruction, output = _required(record, "instruction", "output")
+    instruction, output = _text(instruction, "field 'instruction'"), _text(output, "field 'output'")
+    extra = _text(record["input"], "field 'input'") if record.get("input") is not None else ""
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return _with_system(record, messages), "instruction"
+
+
+def _prompt_completion_messages(record: dict) -> tuple[list, str]:
+    """TRL's prompt/completion record as messages: two strings are a user turn and its reply; two
+    lists of messages are joined, the prompt's assistant messages given weight 0 (context: TRL
+    trains on the completion only)."""
+    prompt, completion = _required(record, "prompt", "completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": _text(prompt, "field 'prompt'")},
+                {"role": "assistant", "content": _text(completion, "field 'completion'")}], "prompt"
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        raise _Malformed("fields 'prompt' and 'completion': expected two strings (TRL's standard form) or two lists "
+                         f"of messages (its conversational form), got {type(prompt).__name__} and "
+                         f"{type(completion).__name__}")
+    for key, messages in (("prompt", prompt), ("completion", completion)):  # errors name the field and index
+        _check_openai_keys(messages, key)
+        try:
+            validate_messages(messages, source=f"field {key!r}")
+        except Gpt1Error as e:
+            raise _Malformed(str(e)) from None
+    context = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in prompt]
+    return context + completion, "prompt"
+
+
+def _with_system(record: dict, messages: list) -> list:
+    """`messages` after the record's `system` field, when it has one that is not blank."""
+    system = record.get("system")
+    if system is None or not _text(system, "field 'system'").strip():
+        return messages
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        raise _Malformed("a 'system' field and a system turn: one system message per conversation")
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _required(record: dict, *keys: str) -> list:
+    """The values of `keys` in `record`; a missing or null one is _Malformed (a later record of a
+    file, read in the format of its first)."""
+    if missing := [key for key in keys if record.get(key) is None]:
+        raise _Malformed(f"missing required field {missing[0]!r}")
+    return [record[key] for key in keys]
+
+
+def _text(value: Any, where: str) -> str:
+    """`value`, a string of valid Unicode, or _Malformed naming `where`."""
+    try:
+        return check_text(value, where)
+    except Gpt1Error as e:
+        raise _Malformed(str(e)) from None
+
+
+# How each of the RECORD_FORMATS that is one conversation a record gives its messages, and the
+# field that errors about them name.
+_CHAT_MESSAGES = {
+    "messages": lambda record: (record.get("messages"), "messages"),
+    "sharegpt": _sharegpt_messages,
+    "alpaca": _alpaca_messages,
+    "prompt/completion": _prompt_completion_messages,
+}
 
 
 def _chatterbot_files(spec: str) -> list[Path]:

@@ -26,7 +26,8 @@ of a JSON line; byte offsets in errors still count it.
 
 Memory: a text file is read in pieces of at most PIECE_CHARS characters (cut before a space
 between words where one is near, so BPE sees the same words), whatever its line lengths; a
-JSON line is held whole (its size is the record's).
+JSON line is held whole (its size is the record's), and so is a `.json` file that holds one array
+of records (`read_json_array`: up to JSON_ARRAY_MAX_BYTES of text, 1 GiB).
 
 Progress: inside `with ReadMeter() as meter:`, `meter.bytes` counts the bytes of the files read
 so far in the unit of their sizes on disk (compressed bytes for a `.gz`, row groups for parquet),
@@ -45,6 +46,7 @@ import json
 import lzma
 import os
 import re
+import shlex
 import sys
 import unicodedata
 import zlib
@@ -73,6 +75,11 @@ COMPRESSIONS = {".gz": ("gzip", GZIP_MAGIC, gzip.open), ".bz2": ("bzip2", b"BZh"
 ZSTD_SUFFIXES, ZSTD_MAGIC = (".zst", ".zstd"), b"\x28\xb5\x2f\xfd"
 # JSON Lines, for text and chat sources alike: .json too, as `datasets` reads it (one object a line).
 JSONL_SUFFIXES = tuple(base + c for base in (".jsonl", ".ndjson", ".json") for c in ("", *COMPRESSIONS))
+# A .json file may instead hold one array of records (Alpaca's alpaca_data.json): `holds_json_array`.
+JSON_SUFFIXES = tuple(".json" + c for c in ("", *COMPRESSIONS))
+# An array is parsed whole, and its records take a few times its size in memory: a larger one is
+# refused, naming the command that makes it JSON Lines (read a line at a time).
+JSON_ARRAY_MAX_BYTES = 1 << 30
 PARQUET_SUFFIXES = (".parquet",)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
@@ -437,22 +444,26 @@ def read_text(path: str | Path) -> Iterator[str]:
     """A text file's content in pieces of at most PIECE_CHARS characters (one piece if shorter).
 
     Invalid UTF-8 is a BadRecord with its byte offset. A byte order mark at the start (Windows
-    editors write one) is dropped. Each piece but the last ends before a space between two words
+    editors write one) is dropped, and line ends are "\n" whatever the file's ("\r\n", "\r"), as
+    Python's text files and `datasets`' text loader read them: the same text saved on Windows
+    trains, tokenizes and scores the same. Each piece but the last ends before a space between two words
     when one lies in its second half, so tokenizing the pieces gives the ids of tokenizing the whole.
     """
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     fed = 0
-    pending = ""
+    pending = held = ""  # held: a "\r" that ended a chunk, whose "\n" may start the next
     with open_binary(path) as f, _metered(path, _file_position(f)):
         for chunk in itertools.chain(_chunks(path, f, READ_BYTES), [b""]):  # b"": flush the decoder
             if not fed and chunk.startswith(codecs.BOM_UTF8):  # not text: it would start a document with U+FEFF
                 chunk, fed = chunk[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)  # offsets still count it
             buffered = len(decoder.getstate()[0])
             try:
-                pending += decoder.decode(chunk, final=not chunk)
+                text = held + decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
                 raise BadRecord(f"{path}: invalid UTF-8 at byte offset {fed - buffered + e.start}") from None
             fed += len(chunk)
+            text, held = (text[:-1], "\r") if chunk and text.endswith("\r") else (text, "")
+            pending += text.replace("\r\n", "\n").replace("\r", "\n")
             while len(pending) > PIECE_CHARS:
                 cut = _cut(pending)
                 yield pending[:cut]
@@ -534,6 +545,70 @@ def _skip_or_raise(error: BadRecord, unit: str, skip_invalid: bool, skipped: Cou
         skipped[f"malformed {unit}s"] += 1
     if first_skipped is not None:
         first_skipped.setdefault(f"malformed {unit}s", str(error))
+
+
+def holds_json_array(path: str | Path) -> bool:
+    """Whether a JSON file holds one array (its first character past spaces and a byte order mark
+    is "["), rather than JSON Lines, whose records (objects) start with "{"."""
+    with open_binary(path) as f:
+        for chunk in _chunks(path, f, 1 << 16):
+            if head := chunk.removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n"):
+                return head.startswith(b"[")
+    return False
+
+
+def read_json_array(path: str | Path, *, max_bytes: int = JSON_ARRAY_MAX_BYTES, skip_invalid: bool = False,
+                    skipped: Counter | None = None,
+                    first_skipped: dict[str, str] | None = None) -> Iterator[tuple[int, Any]]:
+    """(index, value) of each item of a file holding one JSON array, numbered from 0 as
+    `jq '.[17]'` finds them.
+
+    The file is parsed whole: one whose text is larger than `max_bytes` is refused, naming the `jq`
+    command that writes it as JSON Lines. Text that is not one JSON array (invalid UTF-8 or JSON)
+    is a Gpt1Error naming the file: no item can be told from the next. An item with a lone
+    surrogate escape is a BadRecord naming it ("FILE, record 17: ..."), skipped and counted as
+    "malformed records" with `skip_invalid`, as `read_jsonl` skips lines."""
+    too_large = Gpt1Error(f"{path}: one JSON array of more than {max_bytes:,} bytes, which gpt1 would hold in memory "
+                          f"whole; write it as JSON Lines, which is read a line at a time: {_to_json_lines(path)}")
+    if compression_suffix(str(path)) is None and os.path.getsize(path) > max_bytes:  # said before reading it
+        raise too_large
+    data = bytearray()
+    with open_binary(path) as f, _metered(path, _file_position(f)):
+        for chunk in _chunks(path, f, READ_BYTES):
+            data += chunk
+            if len(data) > max_bytes:  # a compressed file's text: known only as it is read
+                raise too_large
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+    try:
+        items = json.loads(text)
+    except ValueError as e:
+        raise Gpt1Error(f"{path}: not one valid JSON array ({e}); a .json file that starts with [ is read as one "
+                        "array of records, any other as JSON Lines") from None
+    except RecursionError:
+        raise Gpt1Error(f"{path}: JSON nested too deeply (more than ~{sys.getrecursionlimit():,} levels)") from None
+    surrogates = _SURROGATE_ESCAPE.search(data) is not None
+    del data, text
+    for index in range(len(items)):
+        item, items[index] = items[index], None  # each record's memory is freed as its turn passes
+        try:
+            if surrogates:
+                check_no_lone_surrogates(item, f"{path}, record {index}")
+        except BadRecord as e:
+            _skip_or_raise(e, "record", skip_invalid, skipped, first_skipped)
+            continue
+        yield index, item
+
+
+def _to_json_lines(path: str | Path) -> str:
+    """The shell command that writes a file's JSON array as JSON Lines beside it."""
+    suffix = compression_suffix(str(path))
+    out = shlex.quote(re.sub(r"\.json$", "", without_compression(str(path)), flags=re.IGNORECASE) + ".jsonl")
+    if suffix is None:
+        return f"jq -c '.[]' {shlex.quote(str(path))} > {out}"
+    return f"{COMPRESSIONS[suffix][0]} -dc {shlex.quote(str(path))} | jq -c '.[]' > {out}"
 
 
 def parse_json(raw: bytes, where: str) -> Any:

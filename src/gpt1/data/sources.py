@@ -178,7 +178,9 @@ def _glob_sources(spec: str) -> list[Source]:
     link back up ~40 folders deep and read a folder once per link to it (train and val shared
     documents), and read editor backups (`x.txt~`) that a folder leaves out. `**` is any number of
     folders, as in `glob`; the folders before the first wildcard are where the search starts."""
-    parts = spec.split(os.sep)
+    # Windows takes both separators, and its shells leave globs to the program: `corpus/*.txt`
+    # split only at "\\" was one component that no single name could match.
+    parts = (spec.replace(os.altsep, os.sep) if os.altsep else spec).split(os.sep)
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root = os.sep.join(parts[:fixed]) or (os.sep if fixed else os.curdir)
     pattern = [part for part in parts[fixed:] if part not in ("", os.curdir)]
@@ -227,7 +229,8 @@ def _glob_match(parts: list[str], pattern: list[str], partial: bool = False) -> 
         return False
     if pattern[0] == "**":
         return _glob_match(parts, pattern[1:], partial) or _glob_match(parts[1:], pattern, partial)
-    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:], partial)
+    # fnmatch: without regard to case where the OS's names are (Windows), as glob matches there
+    return fnmatch.fnmatch(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:], partial)
 
 
 def _entry(kind: str, path: str) -> Source:

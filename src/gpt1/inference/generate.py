@@ -1,4 +1,4 @@
-"""Generation in-process: `stream`, `generate`, `generate_batch` and chat prompts.
+"""Generation in-process: `stream`, `generate`, `generate_batch`, `stream_batch` and chat prompts.
 
 Each call runs its prompts through a `gpt1.inference.engine.Engine` of its own, stepped by the
 caller (no thread), so that these functions, `gpt1 chat`, the Python API and the server share
@@ -23,7 +23,7 @@ from gpt1.inference.decoding import Chunk, Completion, TextState, chat_prompt_id
 from gpt1.inference.engine import Engine, fit_prompts
 
 __all__ = ["Chunk", "Completion", "chat_prompt_ids", "fit_prompt", "generate", "generate_batch", "prompt_budget",
-           "stream"]
+           "stream", "stream_batch"]
 
 # A prompt's token ids: a list, a tuple, a 1-D tensor or array, any iterable of ints.
 PromptIds: TypeAlias = Iterable[int] | torch.Tensor
@@ -37,10 +37,13 @@ def _is_ids(value: Any) -> bool:
     return isinstance(value, Iterable) and not isinstance(value, numbers.Integral) and getattr(value, "ndim", 1) != 0
 
 
-def _check_params(params: Any) -> None:
-    if not isinstance(params, SamplingParams):
-        raise Gpt1Error(f"params: expected a SamplingParams (e.g. SamplingParams(temperature=0)), "
-                        f"got {type(params).__name__}")
+def _check_params(params: Any, per_prompt: bool = False) -> None:
+    """A SamplingParams; with `per_prompt`, a list or tuple of them is one too (one per prompt)."""
+    if isinstance(params, SamplingParams) or (per_prompt and isinstance(params, (list, tuple))
+                                              and all(isinstance(p, SamplingParams) for p in params)):
+        return
+    what = "a SamplingParams (e.g. SamplingParams(temperature=0))" + (" or a list of one per prompt" if per_prompt else "")
+    raise Gpt1Error(f"params: expected {what}, got {type(params).__name__}")
 
 
 def _check_prompt_arg(prompt_ids: Any) -> None:
@@ -48,7 +51,7 @@ def _check_prompt_arg(prompt_ids: Any) -> None:
         raise Gpt1Error(f"prompt_ids: expected a list of token ids, got {type(prompt_ids).__name__}")
 
 
-def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
          cancel: threading.Event | None = None) -> Iterator[tuple[int, Chunk, TextState]]:
     """(prompt index, chunk, its text state) as the engine produces them; each prompt ends with a
     finish reason."""
@@ -100,20 +103,22 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: PromptIds, params: Sa
     return generate_batch(model, tokenizer, [prompt_ids], params)[0]
 
 
+def stream_batch(model: GPT, tokenizer: Tokenizer, prompts: Iterable[PromptIds],
+                 params: SamplingParams | Sequence[SamplingParams]) -> Iterator[tuple[int, Chunk]]:
+    """Several prompts decoded together (`params`: one for all, or one per prompt), yielding
+    (prompt index, chunk) as they are produced; each prompt's last chunk carries its finish reason
+    and token counts. The arguments are checked at the call, as `stream` checks them."""
+    prompts = _checked_prompts(prompts, params)
+    return ((i, chunk) for i, chunk, _ in _run(model, tokenizer, prompts, params))
+
+
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: Iterable[PromptIds],
-                   params: SamplingParams) -> list[Completion]:
-    """Completions of several prompts decoded together. Greedy output equals one-at-a-time
-    generation; with a seed, each prompt draws from its own generator seeded with it, so a
-    seeded prompt gives the same text alone or in a batch."""
-    _check_params(params)
-    if not _is_ids(prompts) or isinstance(prompts, str):
-        raise Gpt1Error(f"prompts: expected a list of prompts (each a list of token ids), got {type(prompts).__name__}")
-    prompts = list(prompts)  # a generator is read once (counted here, then decoded)
-    for i, prompt in enumerate(prompts):  # a check per prompt, not per token
-        if not _is_ids(prompt):
-            got = ("a list of ints (one prompt is [ids])" if isinstance(prompt, numbers.Integral) or
-                   getattr(prompt, "ndim", 1) == 0 else f"{type(prompt).__name__} at index {i}")
-            raise Gpt1Error(f"prompts: expected a list of prompts (each a list of token ids), got {got}")
+                   params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+    """Completions of several prompts decoded together; `params`: one for all, or one per prompt.
+    Greedy output equals one-at-a-time generation; with a seed, each prompt draws from its own
+    generator seeded with it, so a seeded prompt gives the same text alone or in a batch (and one
+    prompt repeated under one seed gives one text: `params.samples(n)` for n samples of it)."""
+    prompts = _checked_prompts(prompts, params)
     texts: list[list[str]] = [[] for _ in prompts]
     states: dict[int, TextState] = {}
     for i, chunk, state in _run(model, tokenizer, prompts, params):
@@ -121,3 +126,18 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: Iterable[PromptIds
         states[i] = state
     return [Completion("".join(texts[i]), states[i].token_ids, states[i].finish_reason, states[i].prompt_tokens,
                        states[i].completion_tokens) for i in range(len(prompts))]
+
+
+def _checked_prompts(prompts: Any, params: Any) -> list[PromptIds]:
+    """`prompts` as a list (a generator is read once: counted here, then decoded), each checked to
+    be token ids; and `params` one SamplingParams or one per prompt."""
+    _check_params(params, per_prompt=True)
+    if not _is_ids(prompts) or isinstance(prompts, str):
+        raise Gpt1Error(f"prompts: expected a list of prompts (each a list of token ids), got {type(prompts).__name__}")
+    prompts = list(prompts)
+    for i, prompt in enumerate(prompts):  # a check per prompt, not per token
+        if not _is_ids(prompt):
+            got = ("a list of ints (one prompt is [ids])" if isinstance(prompt, numbers.Integral) or
+                   getattr(prompt, "ndim", 1) == 0 else f"{type(prompt).__name__} at index {i}")
+            raise Gpt1Error(f"prompts: expected a list of prompts (each a list of token ids), got {got}")
+    return prompts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, overload
 
 import torch
 
@@ -105,10 +105,19 @@ class LLM:
         """The defaults, or a preset (qa, creative, code), with `knobs` overriding fields."""
         return (named_preset(preset) if preset is not None else SamplingParams()).override(**knobs)
 
-    def generate(self, prompt: str, **knobs) -> str:
+    @overload
+    def generate(self, prompt: str, *, n: None = None, **knobs) -> str: ...
+    @overload
+    def generate(self, prompt: str, *, n: int, **knobs) -> list[str]: ...
+
+    def generate(self, prompt: str, *, n: int | None = None, **knobs) -> str | list[str]:
         """Continue `prompt`, e.g. `llm.generate("Once", temperature=0.7, top_k=50, seed=1)`. A
-        prompt that leaves no room for max_new_tokens keeps its most recent tokens, with a warning."""
+        prompt that leaves no room for max_new_tokens keeps its most recent tokens, with a warning.
+        With `n`, a list of n samples decoded together, seeded seed, seed + 1, ... when `seed`
+        is given (see SamplingParams.samples): reproducible, and different from each other."""
         params = self.sampling_params(**knobs)
+        if n is not None:
+            return self._samples(params.samples(n), self._prompt_ids(prompt, params))
         return gen.generate(self.model, self.tokenizer, self._prompt_ids(prompt, params), params).text
 
     def stream(self, prompt: str, **knobs) -> Iterator[str]:
@@ -117,22 +126,34 @@ class LLM:
         params = self.sampling_params(**knobs)
         return self._pieces(self._prompt_ids(prompt, params), params)
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], **knobs) -> str:
+    @overload
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, n: None = None, **knobs) -> str: ...
+    @overload
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, n: int, **knobs) -> list[str]: ...
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, n: int | None = None, **knobs) -> str | list[str]:
         """The assistant's reply to `[{"role": "user", "content": "..."}, ...]` (roles system,
         user, assistant; `developer` and lists of text parts read as OpenAI's API sends them); the oldest turns are dropped when the conversation is too long, and a
         last message that alone does not fit loses the start of its text (the system message stays,
-        and a warning says how many tokens went)."""
-        return "".join(self.chat_stream(messages, **knobs))
+        and a warning says how many tokens went). With `n`, a list of n replies, as `generate`'s."""
+        if n is None:
+            return "".join(self.chat_stream(messages, **knobs))
+        params = self.sampling_params(**knobs)
+        return self._samples(params.samples(n), self._chat_ids(messages, params))
 
     def chat_stream(self, messages: Sequence[Mapping[str, Any]], **knobs) -> Iterator[str]:
         """Like `chat`, yielding text pieces as they are produced. The messages and knobs are
         checked at the call, as `chat` checks them."""
         params = self.sampling_params(**knobs)
+        return self._pieces(self._chat_ids(messages, params), params)
+
+    def _chat_ids(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams) -> list[int]:
+        """The conversation's token ids, fitted to the context (saying what was dropped or cut)."""
         ids, dropped, cut = chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params)
         if dropped:  # the documented fit, as `gpt1 chat` notes it (not a warning: the caller holds the history)
             info(f"(dropped the {dropped} oldest message(s) to fit the {self.config.block_size}-token context)")
         warn_if_message_cut(cut)
-        return self._pieces(ids, params)
+        return ids
 
     def _prompt_ids(self, prompt: str, params: SamplingParams) -> list[int]:
         """The prompt's token ids, with a warning when generation will keep only its most recent
@@ -141,6 +162,10 @@ class LLM:
         if params.truncate_prompt:
             warn_if_cut(len(ids), min(len(ids), prompt_budget(self.config.block_size, params)))
         return ids
+
+    def _samples(self, samples: list[SamplingParams], ids: list[int]) -> list[str]:
+        """A text per SamplingParams of `samples`, of the prompt `ids`, decoded together."""
+        return [c.text for c in gen.generate_batch(self.model, self.tokenizer, [ids] * len(samples), samples)]
 
     def _pieces(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
         # A generator of its own, so that stream and chat_stream, plain functions, check their

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from gpt1.core.errors import Gpt1Error, first_line, memory_shortage, open_files_hint, threads_hint
 from gpt1.core.progress import warn
+from gpt1.core.sampling_params import API_NAMES, alias_hint
 from gpt1.inference.engine import EngineUnavailable, GenerationFault
 
 
@@ -127,7 +128,7 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
     message = error.get("msg", "invalid value")
     code = None
     if error.get("type") == "extra_forbidden":
-        message = "unrecognized request argument"
+        message = "unrecognized request argument" + alias_hint(param, API_NAMES)  # another API's name: gpt1's
     elif error.get("type") == "missing":
         message = "missing required field"
     elif error.get("type") == "value_error":  # the schema's own checks, whose message says it all

@@ -7,12 +7,12 @@ import dataclasses
 
 from gpt1.core.chat_template import validate_messages
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.sampling_params import API_NAMES, SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.serve.errors import ApiError, json_repr
 from gpt1.serve.schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, GenerationRequest
 
-PARAM_TO_API = {"max_new_tokens": "max_tokens"}  # SamplingParams fields that OpenAI names differently
+PARAM_TO_API = API_NAMES  # SamplingParams fields that OpenAI names differently
 # How OpenAI's and vLLM's context errors begin, the sentence client libraries match on (LiteLLM's
 # ContextWindowExceededError, which its Router falls back on). No double quote anywhere in such a
 # message: LiteLLM reads the error as Python's repr of the body, where a `"` makes the apostrophe
@@ -30,9 +30,8 @@ def check_unsupported(req: GenerationRequest) -> None:
         _check_neutral(message, f"messages[{i}].")
 
 
-_HINTS = {"n": "send several requests instead", "frequency_penalty": "use repeat_penalty",
-          "presence_penalty": "use repeat_penalty", "tool_calls": "this server has no tools",
-          "function_call": "this server has no tools"}
+_HINTS = {"frequency_penalty": "use repeat_penalty", "presence_penalty": "use repeat_penalty",
+          "tool_calls": "this server has no tools", "function_call": "this server has no tools"}
 
 
 def _check_neutral(model, prefix: str = "") -> None:
@@ -42,6 +41,20 @@ def _check_neutral(model, prefix: str = "") -> None:
             hint = _HINTS.get(name, "it is not implemented")
             raise ApiError(400, f"{prefix}{name}={json_repr(value)} is not supported by this server ({hint})",
                            param=prefix + name, code="unsupported_parameter")
+
+
+def sample_count(req: GenerationRequest, prompts: int, capacity: int) -> int:
+    """`n`, the choices per prompt (null: 1): 400 below 1, or when the `prompts` x n choices, each
+    a request to the engine, are more than it ever holds at once (`capacity`: max_batch + max_queue)."""
+    n = 1 if req.n is None else req.n
+    if n < 1:
+        raise ApiError(400, f"n must be an integer >= 1 (the choices per prompt), got {n}", param="n")
+    if prompts <= capacity < prompts * n:  # too many prompts alone is submit's too_many_prompts
+        asked = f"{n} choices" if prompts == 1 else f"{prompts} prompts x {n} choices = {prompts * n}"
+        raise ApiError(400, f"n={n}: {asked}, each generated on its own, but this server holds at most {capacity} "
+                            f"at once (max_batch + max_queue); ask for at most {capacity // prompts} per request",
+                       param="n")
+    return n
 
 
 def chat_max_tokens(req: ChatCompletionRequest) -> tuple[int | None, str]:

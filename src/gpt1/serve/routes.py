@@ -291,24 +291,28 @@ def _no_usage(include_usage: bool) -> dict:
 
 async def _chat_events(requests, queue, rid, now, model_id, include_usage, interval,
                        failures: FailureLog | None = None) -> AsyncIterator[str]:
-    """The chat stream's events; a failure is an error event, said in `failures` (None: a log of its own)."""
-    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+    """The chat stream's events, a choice per request (OpenAI's `n`: each chunk names its choice's
+    index); a failure is an error event, said in `failures` (None: a log of its own)."""
+    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> dict:
         return {**_envelope(rid, "chat.completion.chunk", now, model_id),
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
                 **_no_usage(include_usage)}
 
-    usage = None
+    prompt_tokens, completion_tokens, finished = 0, 0, 0
     try:
-        content_event = _event_template(lambda text: chunk({"content": text}))
-        yield _sse(chunk({"role": "assistant", "content": ""}))
+        content_events = [_event_template(lambda text, i=i: chunk(i, {"content": text})) for i in range(len(requests))]
+        # As OpenAI's: each choice's first chunk gives its role.
+        yield "".join(_sse(chunk(i, {"role": "assistant", "content": ""})) for i in range(len(requests)))
         async for batch in chunk_batches(requests, queue, interval):
             events = []  # what a stream has waiting goes out in one write
-            for _, c in batch:
+            for index, c in batch:
                 if c.text:
-                    events.append(content_event(c.text))
+                    events.append(content_events[index](c.text))
                 if c.finish_reason is not None:
-                    events.append(_sse(chunk({}, c.finish_reason)))
-                    usage = _usage(c.prompt_tokens, c.completion_tokens)
+                    events.append(_sse(chunk(index, {}, c.finish_reason)))
+                    # The choices share one prompt, counted once (as OpenAI and vLLM count it).
+                    prompt_tokens, finished = c.prompt_tokens, finished + 1
+                    completion_tokens += c.completion_tokens
             if events:
                 yield "".join(events)
     except BaseException as e:  # noqa: BLE001 - the status line is sent: report in the stream
@@ -318,14 +322,17 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
         return
     finally:
         _cancel(requests)
-    if include_usage and usage is not None:
-        yield _sse({**_envelope(rid, "chat.completion.chunk", now, model_id), "choices": [], "usage": usage})
+    if include_usage and finished:
+        yield _sse({**_envelope(rid, "chat.completion.chunk", now, model_id), "choices": [],
+                    "usage": _usage(prompt_tokens, completion_tokens)})
     yield "data: [DONE]\n\n"
 
 
 async def _completion_events(requests, queue, rid, now, model_id, include_usage, interval,
-                             failures: FailureLog | None = None) -> AsyncIterator[str]:
-    """The completion stream's events; a failure is an error event, said in `failures` (as `_chat_events`)."""
+                             failures: FailureLog | None = None, n: int = 1) -> AsyncIterator[str]:
+    """The completion stream's events, a choice per request: `n` consecutive ones per prompt (the
+    prompt's tokens counted once in the usage); a failure is an error event, said in `failures`
+    (as `_chat_events`)."""
     def chunk(index: int, text: str, finish_reason: str | None = None) -> dict:
         return {**_envelope(rid, "text_completion", now, model_id),
                 "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
@@ -339,7 +346,7 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
             for index, c in batch:
                 if c.finish_reason is not None:
                     events.append(_sse(chunk(index, c.text, c.finish_reason)))
-                    prompt_tokens += c.prompt_tokens
+                    prompt_tokens += c.prompt_tokens if index % n == 0 else 0
                     completion_tokens += c.completion_tokens
                 elif c.text:
                     events.append(text_events[index](c.text))
@@ -409,6 +416,11 @@ class PromptThreads:
 
 
 # ---- the routes ----------------------------------------------------------------------------------
+def _capacity(engine: Engine | EngineProcess) -> int:
+    """The most requests the engine ever holds at once: generating, and waiting for a slot."""
+    return engine.max_batch + engine.max_queue
+
+
 _SEEN_BY_ALL = (403, 408, 431)  # the Guard's and the HTTP protocol's answers, before any route runs
 # Both generation endpoints: a JSON reply, or with stream: true server-sent events.
 _GENERATION_RESPONSES = {
@@ -491,6 +503,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         served = request.app.state.served
         mapping.check_unsupported(req)
+        n = mapping.sample_count(req, 1, _capacity(served.engine))
         max_tokens, which = mapping.chat_max_tokens(req)
         params = mapping.sampling_params(req, max_tokens, which, context)
         # Tokenizing a large request is up to seconds of CPU: off the event loop, which
@@ -498,7 +511,8 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         prompt = await served.prompt_threads.run(mapping.chat_prompt, req, served.tokenizer, params, context)
         params = mapping.fit_context(params, len(prompt), context, max_tokens, which)
         await served.ensure_started()
-        requests, queue = submit(served.engine, [prompt], params)
+        # Each choice is a request of its own (seeds seed, seed + 1, ...), decoded in one batch.
+        requests, queue = submit(served.engine, [prompt] * n, params.samples(n))
         rid, now, model_id = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -507,11 +521,11 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        r = results[0]
         return {**_envelope(rid, "chat.completion", now, model_id),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
-                             "logprobs": None, "finish_reason": r["finish_reason"]}],
-                "usage": _usage(r["prompt_tokens"], r["completion_tokens"])}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                             "logprobs": None, "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
+                # The choices share one prompt, counted once (as OpenAI and vLLM count it).
+                "usage": _usage(results[0]["prompt_tokens"], sum(r["completion_tokens"] for r in results))}
 
     @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
@@ -528,18 +542,21 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         where = f"prompt[{longest}]" if len(prompts) > 1 else "prompt"
         mapping.fit_context(params, len(prompts[longest]) or 1, context, req.max_tokens, "max_tokens", where)
         per_prompt = [mapping.fit_context(params, len(p) or 1, context, req.max_tokens, "max_tokens") for p in prompts]
+        n = mapping.sample_count(req, len(prompts), _capacity(served.engine))
         await served.ensure_started()
-        requests, queue = submit(served.engine, prompts, per_prompt)
+        # Prompt i's choices are i * n ... i * n + n - 1 (as OpenAI orders them), each a request of its own.
+        requests, queue = submit(served.engine, [p for p in prompts for _ in range(n)],
+                                 [knobs for p in per_prompt for knobs in p.samples(n)])
         rid, now, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream_response(_completion_events(requests, queue, rid, now, model_id, include_usage,
-                                                       stream_interval, served.failures))
+                                                       stream_interval, served.failures, n))
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         return {**_envelope(rid, "text_completion", now, model_id),
                 "choices": [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
                             for i, r in enumerate(results)],
-                "usage": _usage(sum(r["prompt_tokens"] for r in results),
+                "usage": _usage(sum(r["prompt_tokens"] for r in results[::n]),  # each prompt once
                                 sum(r["completion_tokens"] for r in results))}

@@ -101,7 +101,7 @@ class GenerationRequest(_Strict):
     repeat_last_n: int | None = _knob("repeat_last_n", "extra: how many recent tokens repeat_penalty looks at")
     seed: int | None = _knob("seed", "makes sampling reproducible")
     # As in OpenAI's API, an optional field takes null (clients that serialise each unset
-    # optional send it): the default (false here), or a NEUTRAL value (n, echo, the penalties).
+    # optional send it): the default (false here, 1 for n), or a NEUTRAL value (echo, the penalties).
     truncate_prompt: bool | None = Field(False, description="extra: fit an over-long prompt into the context by "
                                                             "dropping the oldest turns (chat) or tokens (completions) "
                                                             "instead of answering 400")
@@ -111,7 +111,9 @@ class GenerationRequest(_Strict):
                                                             "items": {"minLength": 1}})
     stream: bool | None = Field(False, description="true: the reply as server-sent events (text/event-stream)")
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
-    n: int | None = Field(1, description="only 1 is supported")
+    n: int | None = Field(1, description="choices per prompt, each a sample of its own (with a seed, choice i is "
+                                         "seeded seed + i); all choices at most the server's max_batch + max_queue",
+                          json_schema_extra={"minimum": 1})
     user: str | None = None
     # Accepted only at their neutral values so that clients that always send them still work.
     frequency_penalty: float | None = Field(0.0, description="unsupported: only 0 (use repeat_penalty)")
@@ -122,8 +124,8 @@ class GenerationRequest(_Strict):
     # the value that asks for nothing), so that clients that always send them still work; any
     # other value is a 400 `unsupported_parameter` (gpt1.serve.mapping.check_unsupported).
     # Per endpoint: the same name can mean different things (see CompletionRequest.logprobs).
-    NEUTRAL: ClassVar[dict[str, tuple]] = {"n": (None, 1), "frequency_penalty": (None, 0.0),
-                                           "presence_penalty": (None, 0.0), "logit_bias": (None, {})}
+    NEUTRAL: ClassVar[dict[str, tuple]] = {"frequency_penalty": (None, 0.0), "presence_penalty": (None, 0.0),
+                                           "logit_bias": (None, {})}
     # _only_when_streaming, for the schema.
     SCHEMA_RULES: ClassVar[dict] = {"if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
                                     "else": {"properties": {"stream_options": {"type": "null"}}}}

@@ -10,8 +10,10 @@ A run dir looks like this::
       loss.png                 the loss / perplexity curve (written at the end)
       checkpoints/step-00001000/
         trainable.safetensors  every parameter with requires_grad (what resume loads)
-        trainer_state.pt       optimizer, GradScaler, step, sampler state, every RNG state (every rank's)
+        trainer_state.pt       optimizer, GradScaler, step, sampler state, every RNG state (every rank's),
+                               the lowest validation loss so far and its step
         outputs.done           present once RUN's model files were written from this checkpoint
+      best/                    with keep_best=true: the model of the lowest validation loss (a model dir)
 
 The usable model is RUN itself (rewritten after every checkpoint); a checkpoint holds only what
 resuming needs, so the weights are not stored twice (1 GB per copy for the 257M model in FP32).
@@ -61,7 +63,8 @@ STATE_SCHEMA = {"step": int, "rng": _RNG, "optimizer": dict, "scaler": dict, "sa
                 "last": {"loss": (*_NUMBER, type(None)), "val_loss": (*_NUMBER, type(None))}}
 # Keys a checkpoint of an older gpt1 lacks (the loop has a default for each): checked when present.
 LATER_KEYS = {"end": int, "budget_spent": _NUMBER, "step_time": (*_NUMBER, type(None)),
-              "schedule": (dict, type(None)), "rank_rng": [_RNG]}
+              "schedule": (dict, type(None)), "rank_rng": [_RNG],
+              "best": {"step": (int, type(None)), "val_loss": (*_NUMBER, type(None))}, "since_best": int}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -97,7 +100,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
                     keep: int = 1) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically and delete all but the newest `keep` checkpoints
+    (`keep_checkpoints`; this one among them)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"

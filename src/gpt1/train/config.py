@@ -48,10 +48,14 @@ class TrainConfig:
 
     model: str = "tiny"  # a ModelConfig preset; vocab_size always comes from the tokenizer
     block_size: int = 0  # context length of the training windows; 0 = the preset's
-    n_layer: int = 0  # the model's shape, from scratch; 0 = the preset's
+    # The model's shape from scratch (0 = the preset's); with init_from, 0 or that model's own (checked as it loads)
+    n_layer: int = 0
     n_head: int = 0
     n_embd: int = 0
     init_from: str = "scratch"  # "scratch", a gpt1 model dir, or "hf:PATH" (a transformers GPT-2 folder)
+    # The model's dropout rate while it trains (the embeddings', attention's and residual paths');
+    # -1 = the model's own: 0 from scratch, the rate init_from's config holds (GPT-2's 0.1, say)
+    dropout: float = -1.0
     max_steps: int = 1000
     max_tokens: int = 0
     epochs: float = 0.0
@@ -88,6 +92,11 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20  # held-out batches (of batch_size windows) per validation
     save_every: int = 200
+    keep_checkpoints: int = 1  # the newest checkpoints kept in RUN/checkpoints (older ones are deleted)
+    # RUN/best: the model of the lowest validation loss so far, written at each validation that lowers it
+    keep_best: bool = False
+    # End the run after this many validations in a row without a new lowest loss (0 = off)
+    early_stop: int = 0
     seed: int = 1337
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     max_bad_steps: int = 20  # consecutive steps skipped for a NaN/inf loss or gradient norm that stop the run
@@ -115,10 +124,11 @@ class TrainConfig:
         for name in ("muon_lr_scale", "embedding_lr_scale"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise Gpt1Error(f"{name} must be a number > 0, got {getattr(self, name)}")
-        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "max_bad_steps"):
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "max_bad_steps",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise Gpt1Error(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_tokens", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("max_steps", "max_tokens", "block_size", "n_layer", "n_head", "n_embd", "early_stop"):
             if getattr(self, name) < 0:
                 raise Gpt1Error(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.epochs >= 0 and math.isfinite(self.epochs)):
@@ -142,9 +152,8 @@ class TrainConfig:
         if not (0 <= self.weight_decay < math.inf and 0 <= self.grad_clip < math.inf):
             raise Gpt1Error(f"weight_decay and grad_clip must be finite numbers >= 0, got {self.weight_decay} "
                             f"and {self.grad_clip}")
-        if self.init_from != "scratch" and (self.n_layer or self.n_head or self.n_embd):
-            raise Gpt1Error(f"n_layer, n_head and n_embd shape a model from scratch; init_from={self.init_from} "
-                            "brings its own shape (leave them 0)")
+        if not (self.dropout == -1 or 0 <= self.dropout < 1):
+            raise Gpt1Error(f"dropout is a rate in [0, 1), or -1 for the model's own, got {self.dropout}")
         if not self.init_from or self.init_from == "hf:":
             raise Gpt1Error("init_from must be 'scratch', a model dir, or hf:PATH")
 

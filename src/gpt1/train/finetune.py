@@ -96,6 +96,7 @@ from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, require_config
 from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perplexity, token_byte_lengths
 from gpt1.train.loop import step_cap_words, train
+from gpt1.train.pretrain import set_dropout
 from gpt1.train.run_record import CONFIG_FILE as RUN_CONFIG_FILE
 from gpt1.train.run_record import RUN_LOCK
 
@@ -183,6 +184,8 @@ def prepare_model(base: str | Path, cfg: FinetuneConfig):
     """The base model (on CPU, training mode) with LoRA injected and everything else frozen,
     and its tokenizer."""
     model, tokenizer = load_base(base)
+    if cfg.dropout >= 0:  # -1: the base's own rate (a GPT-2 import's 0.1, a gpt1 base's as it was trained)
+        set_dropout(model, cfg.dropout)
     token_ids = tokenizer.special_ids if cfg.train_special_tokens else []
     torch.manual_seed(cfg.seed)  # the random init of the A matrices is part of the run
     inject_lora(model, cfg.lora_config(token_ids))
@@ -266,6 +269,9 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
     out = as_path(out, "out", "a run dir")
     if is_hf_model_dir(base):  # its weights may be shards; a pickle only is refused now, by name
         hf_weight_files(base)
+    elif not base.is_dir():  # "...; pass the base model with --base" read as if --base were missing
+        why = "a file, not a model directory" if base.exists() else "not a model dir (no such folder)"
+        raise Gpt1Error(f"{base}: {why}")
     elif not (base / WEIGHTS_FILE).is_file():
         raise Gpt1Error(f"{base}: not a model dir (no {WEIGHTS_FILE}); pass the base model with --base")
     _check_not_training(base)
@@ -345,7 +351,7 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         data_name = " + ".join(cfg.sources)
         info(f"chat data {data_name}: {stats.summary()}")
         info(f"train: {train_data.summary()}")
-        info(f"validation: {val_data.summary()} ({len(val)} batches used)")
+        info(f"validation: {val_data.summary()} ({len(val)} batch{'es' if len(val) != 1 else ''} used)")
         if not val and val_convs:
             warn(f"{data_name}: nothing to validate on, the held-out conversations left no sequence "
                  f"({val_data.why_empty()}): the run reports no validation loss")

@@ -13,7 +13,7 @@ The API (stable; both commands call it)::
         def next_step(self, n: int) -> list[tuple[Tensor, Tensor]]  # optional: a step's n batches at once
 
     result = train(model, cfg, run_dir, train_data, val_batches, save_model, *, max_steps=None, data=None,
-                   data_source=None, redo_hint=None)
+                   data_source=None, redo_hint=None, announce=())
 
 - `model`: a GPT (possibly with LoRA layers). The optimizer covers exactly the parameters with
   `requires_grad=True`: freeze the rest before calling. Weight decay applies to matrices only.
@@ -39,6 +39,8 @@ The API (stable; both commands call it)::
 - `redo_hint`: optional, the advice of the error that refuses a run dir holding another run (another
   config or data), instead of "rerun with the same config ..., or choose another --out" (the
   quickstart has its own).
+- `announce`: optional, lines that describe the run (its model and length), logged on rank 0 once
+  the run dir is checked: a refused resume does not read as a run that started.
 
 The rest is the loop's: checkpoints (see `gpt1.train.checkpoint`) with the trainable weights,
 optimizer, GradScaler, step, sampler state and every RNG state (with torchrun, every rank's);
@@ -51,7 +53,12 @@ step rate settles, the projected wall time of the whole run (revised once, where
 count validations and checkpoints yet). A run is finished when its last checkpoint is the
 final step and its outputs (`save_model`'s files, `loss.png`) were written from it (marked in
 the checkpoint): a run killed in between writes them on its next call; otherwise a call on a
-finished run changes nothing in its run dir. A step whose loss or
+finished run changes nothing in its run dir. The lowest validation loss so far and its step are
+kept in the trainer state and added to each validation's metrics (`best_val_loss`, `best_step`);
+with `cfg.keep_best`, each validation that lowers it writes `save_model`'s files into `RUN/best`
+(whole or not at all: `BEST_DIR`); with `cfg.early_stop` = N, N validations in a row that do
+not lower it end the run at that step, which then counts as its last (a rerun is that of a
+finished run). `cfg.keep_checkpoints`: how many of the newest checkpoints are kept. A step whose loss or
 gradient norm is not finite is skipped; a checkpoint due at it is still saved when the weights
 are finite (the skipped step did not touch them), else a warning names the last good checkpoint.
 `cfg.max_bad_steps` consecutive skipped steps stop the run; fp16-mixed's overflows (skipped by
@@ -82,19 +89,20 @@ import datetime
 import itertools
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
 from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.environment import environment
 from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
-from gpt1.core.io import crash_point, exclusive, make_dirs, write_text, writing
+from gpt1.core.io import atomic_dir, crash_point, exclusive, make_dirs, write_text, writing
 from gpt1.core.malloc import freed_memory_kept
 from gpt1.core.progress import info, progress, warn
 from gpt1.core.threads import cpu_thread_tuner
@@ -108,11 +116,12 @@ from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
 from gpt1.train.run_record import CONFIG_FILE, RUN_LOCK, RunRecord, check_run_dir, refuse_other_files
 from gpt1.train.schedule import BudgetSchedule, lr_at
 
-__all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE",
+__all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE", "BEST_DIR",
            "peak_flops", "step_cap_words"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+BEST_DIR = "best"  # RUN/best: the model of the lowest validation loss (keep_best=true)
 
 # Dense (no sparsity) FP16/BF16 tensor-core peak FLOP/s per GPU, matched against
 # torch.cuda.get_device_name(); longest match wins. MFU is reported against this peak.
@@ -148,6 +157,8 @@ class TrainResult:
     # seconds of the time budget its steps used, every invocation's (to its last checkpoint: the
     # final one of a finished run); None without a budget
     budget_spent: float | None = None
+    best_step: int | None = None  # the step of the lowest validation loss (RUN/best with keep_best); None: no validation
+    best_val_loss: float | None = None
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -185,11 +196,13 @@ def _trim_metrics(path: Path, step: int) -> None:
 def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_data: BatchSource,
           val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
           save_model: Callable[[Path, torch.nn.Module], None], *, max_steps: int | None = None,
-          data: dict | None = None, data_source: dict | None = None, redo_hint: str | None = None) -> TrainResult:
+          data: dict | None = None, data_source: dict | None = None, redo_hint: str | None = None,
+          announce: Sequence[str] = ()) -> TrainResult:
     """Train `model` (see the module docstring); resumes from `run_dir`'s latest checkpoint.
     `data`: an identity of the training data (JSON-able), recorded in train_config.json; a
     resume on data with another identity is refused. `data_source`: where the data came from
-    (JSON-able: its path, how it was prepared), recorded with each start and resume, never compared."""
+    (JSON-able: its path, how it was prepared), recorded with each start and resume, never compared.
+    `announce`: lines describing the run, logged once the run dir is checked."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     max_steps = max_steps if max_steps is not None else cfg.max_steps
@@ -221,6 +234,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
         # Every collective of the run happens inside: one whose peer is gone is one line, not gloo's or NCCL's traceback.
         with distributed.peer_failures():
             record = distributed.main_only(check_and_hold)  # a refusal there stops every rank; rank 0's record
+            for line in announce if dist.is_main else ():
+                info(line)
             run = _Run(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, record)
             return _train_in(run, data_source, started)
 
@@ -298,6 +313,9 @@ class _Run:
         self.end = max_steps  # the planned last step (re-planned under a time budget)
         self.budget_spent = 0.0  # as of the latest checkpoint: what a rerun reports too
         self.finished = False  # the run had finished before this invocation (`begin`)
+        # The lowest validation loss so far and its step, and the validations since it (early_stop)
+        self.best: dict = {"step": None, "val_loss": None}
+        self.since_best = 0
         self.bad_steps = 0  # consecutive skipped steps
         self.budget: _TimeBudget | None = None
         self.schedule: BudgetSchedule | None = None
@@ -320,6 +338,8 @@ class _Run:
         self.train_data.load_state_dict(state["sampler"])
         self.start_step, self.tokens_seen, self.last = state["step"], state["tokens"], state["last"]
         self.end, self.budget_spent = state.get("end", self.max_steps), state.get("budget_spent", 0.0)
+        # A checkpoint of an older gpt1 has no best: the next validation is the first.
+        self.best, self.since_best = dict(state.get("best", self.best)), state.get("since_best", 0)
         if dist.is_main and self.start_step < self.end:  # a finished run says so at the end ("nothing to do"), not "resuming"
             info(f"resuming {self.run_dir} from step {self.start_step:,} of {self.end:,} ({latest.name})")
         # Each rank restores its own RNG states (its dropout masks go on as in an uninterrupted run).
@@ -344,6 +364,9 @@ class _Run:
                 self.start_step, _provenance(self.cfg, self.device, self.precision, data_source)))
             if self.dist.is_main:  # lines a killed run logged after its last checkpoint (or before its first)
                 _trim_metrics(self.run_dir / METRICS_FILE, self.start_step)
+            if self.dist.is_main and self.start_step == 0 and (self.run_dir / BEST_DIR).is_dir():
+                # Written by an attempt stopped before its first checkpoint: its validations are not this run's.
+                shutil.rmtree(self.run_dir / BEST_DIR)
         distributed.barrier()
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -532,15 +555,53 @@ class _Run:
             self.bar.total = self.end
 
     def validate(self, done: int, metric: dict) -> None:
-        """The validation loss and perplexity after step `done`, added to its `metric` and logged."""
+        """The validation loss and perplexity after step `done`, added to its `metric` and logged;
+        the lowest so far (with keep_best, its model in RUN/best), and the early stop it may call."""
         began = time.perf_counter()
-        val_loss, _ = evaluate_loss(self.raw_model, self.val_batches(), self.device, self.precision)
-        self._timed("validation", time.perf_counter() - began)
+        val_loss, tokens = evaluate_loss(self.raw_model, self.val_batches(), self.device, self.precision)
+        if not tokens:  # nothing held out (a fine-tune with val_fraction=0, whose start said so): no "val loss nan"
+            return
         if math.isfinite(val_loss):
             self.last["val_loss"] = val_loss
             metric.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+        # The loss is all-reduced: every rank finds the same best, and stops at the same step.
+        improved = math.isfinite(val_loss) and (self.best["val_loss"] is None or val_loss < self.best["val_loss"])
+        if improved:
+            self.best, self.since_best = {"step": done, "val_loss": val_loss}, 0
+            if self.cfg.keep_best:
+                distributed.main_only(self._save_best)  # a failed write (a full disk) stops every rank
+        else:
+            self.since_best += 1
+        if self.best["step"] is not None:
+            metric.update(best_val_loss=self.best["val_loss"], best_step=self.best["step"])
+        self._timed("validation", time.perf_counter() - began)  # RUN/best's write counts as the validation's
         if self.dist.is_main:  # a line of its own: a log off a terminal has every validation, not the bar's last
-            info(f"step {done:,}: val loss {_fmt(val_loss)}, perplexity {_fmt(perplexity(val_loss), '.2f')}")
+            info(f"step {done:,}: val loss {_fmt(val_loss)}, perplexity {_fmt(perplexity(val_loss), '.2f')}"
+                 + self._best_words(improved))
+        if self.cfg.early_stop and self.since_best >= self.cfg.early_stop and done < self.end:
+            if self.dist.is_main:
+                kept = f", its model in {self.run_dir / BEST_DIR}" if self.cfg.keep_best else ""
+                info(f"step {done:,}: early stop: {self.since_best} validations in a row without a val loss below "
+                     f"{_fmt(self.best['val_loss'])} (step {self.best['step']:,}{kept}); the run ends here, "
+                     f"{self.end - done:,} steps before its planned end (early_stop={self.cfg.early_stop})")
+            self.end = done  # the last step: its checkpoint is saved now, and a rerun finds the run finished
+            self.bar.total = done
+
+    def _best_words(self, improved: bool) -> str:
+        """What a validation line adds where the run keeps its best or may stop early: where the best is."""
+        if not (self.cfg.keep_best or self.cfg.early_stop) or self.best["step"] is None:
+            return ""
+        if improved:
+            return f"; the lowest so far{f', written to {self.run_dir / BEST_DIR}' if self.cfg.keep_best else ''}"
+        return (f"; the lowest: {_fmt(self.best['val_loss'])} at step {self.best['step']:,}"
+                + (f", {self.since_best} of early_stop={self.cfg.early_stop}" if self.cfg.early_stop else ""))
+
+    def _save_best(self) -> None:
+        """RUN/best: `save_model`'s files of the model as it is now, replacing the earlier best whole,
+        with the run's train_config.json (`gpt1 eval --chat RUN/best` holds out what the run held out)."""
+        with atomic_dir(self.run_dir / BEST_DIR) as tmp:
+            self.save_model(tmp, self.raw_model)
+            shutil.copyfile(self.run_dir / CONFIG_FILE, tmp / CONFIG_FILE)
 
     def log(self, metric: dict) -> None:
         """A step's `metric` into metrics.jsonl, tensorboard and the progress bar; the projected wall time."""
@@ -590,8 +651,9 @@ class _Run:
                  "config": self.cfg.to_dict(), "max_steps": self.max_steps, "end": self.end,
                  "budget_spent": self.budget_spent, "step_time": self.budget.step_time if self.budget else None,
                  "schedule": self.schedule.state_dict() if self.schedule else None,
+                 "best": dict(self.best), "since_best": self.since_best,
                  **({"rank_rng": rank_rngs} if rank_rngs else {})}
-        checkpoint = ckpt.save_checkpoint(self.run_dir, done, self.raw_model, state)
+        checkpoint = ckpt.save_checkpoint(self.run_dir, done, self.raw_model, state, keep=self.cfg.keep_checkpoints)
         _write_outputs(self.run_dir, checkpoint, self.raw_model, self.save_model, final=done == self.end)
 
     def _timed(self, kind: str, seconds: float) -> None:
@@ -619,12 +681,17 @@ class _Run:
         result = TrainResult(run_dir=run_dir, steps=end, tokens=self.tokens_seen, train_loss=self.last["loss"],
                              val_loss=val, val_perplexity=perplexity(val) if val is not None else None,
                              seconds=time.perf_counter() - started, resumed_from=self.start_step,
-                             budget_spent=self.budget_spent if self.budget else None)
+                             budget_spent=self.budget_spent if self.budget else None,
+                             best_step=self.best["step"], best_val_loss=self.best["val_loss"])
         if self.dist.is_main:
             if self.finished:
                 info(f"{run_dir} already finished its {end:,} steps; nothing to do")
+            best = self.best["step"]
+            lowest = (f"; the lowest val loss {_fmt(self.best['val_loss'])} at step {best:,}"
+                      + (f" ({run_dir / BEST_DIR})" if self.cfg.keep_best else "")
+                      if best is not None and (best != end or self.cfg.keep_best) else "")
             info(f"done: {end:,} steps, {self.tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
-                 f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}")
+                 f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}{lowest}")
         return result
 
 

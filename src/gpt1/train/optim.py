@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from gpt1.core.device import bf16_supported, no_bf16
 from gpt1.core.errors import Gpt1Error
 
 
@@ -100,6 +101,11 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
         return adamw
     if not hasattr(torch.optim, "Muon"):
         raise Gpt1Error(f"optimizer=muon needs PyTorch >= 2.9 (torch.optim.Muon); this is {torch.__version__}")
+    if device.type == "mps" and not bf16_supported(device):  # a GPU without bf16 emulates it: slow but right
+        # torch.optim.Muon orthogonalizes the update in bfloat16 whatever the weights' dtype: the
+        # first step would fail with MPS's own TypeError.
+        raise Gpt1Error(f"optimizer=muon computes its update in bfloat16, and {no_bf16(device)}: "
+                        "use optimizer=adamw, or device=cpu (gpt1 quickstart: --device cpu)")
     muon = torch.optim.Muon([{"params": muon_params, "lr_scale": cfg.muon_lr_scale}], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
     return Optimizers(muon, adamw)

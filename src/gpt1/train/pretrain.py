@@ -19,8 +19,8 @@ import torch
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path, json_path
-from gpt1.core.model import GPT
-from gpt1.core.progress import info
+from gpt1.core.model import GPT, CausalSelfAttention
+from gpt1.core.progress import warn
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.shards import ShardWindows, check_fingerprint, fixed_windows, load_data_tokenizer, load_meta
@@ -33,19 +33,23 @@ from gpt1.train.loop import TrainResult, step_cap_words, train
 
 
 def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
-    """The model to train, on CPU: a fresh preset, a gpt1 model dir, or a local transformers GPT-2."""
+    """The model to train, on CPU: a fresh preset, a gpt1 model dir, or a local transformers GPT-2;
+    at the dropout rate `cfg.dropout` (-1: the model's own)."""
     if cfg.init_from == "scratch":
         shape = {name: getattr(cfg, name) for name in ("block_size", "n_layer", "n_head", "n_embd")}
-        overrides = {"vocab_size": tokenizer.vocab_size, **{name: value for name, value in shape.items() if value}}
+        overrides = {"vocab_size": tokenizer.vocab_size, **{name: value for name, value in shape.items() if value},
+                     **({"dropout": cfg.dropout} if cfg.dropout >= 0 else {})}
         config = ModelConfig.preset(cfg.model, **overrides)
         torch.manual_seed(cfg.seed)
         return GPT(config)
+    foreign_ids = False  # a GPT-2 import without a gpt1 tokenizer: its embeddings learned other strings' ids
     if cfg.init_from.startswith("hf:"):
 
         model, hf_tokenizer = import_hf_model(cfg.init_from[3:], "cpu")
         if hf_tokenizer is not None and hf_tokenizer.fingerprint != tokenizer.fingerprint:
             raise Gpt1Error(f"init_from={cfg.init_from}: its tokenizer ({hf_tokenizer.fingerprint}) is not the "
                             f"tokenizer of the data ({tokenizer.fingerprint}); prepare the data with it")
+        foreign_ids = hf_tokenizer is None
     else:
 
         model = load_model(cfg.init_from, device="cpu")
@@ -54,20 +58,42 @@ def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     if model.config.vocab_size != tokenizer.vocab_size:
         raise Gpt1Error(f"init_from={cfg.init_from}: the model has {model.config.vocab_size:,} token embeddings, "
                         f"the data's tokenizer {tokenizer.vocab_size:,}")
-    _check_preset_matches(cfg, model.config)
+    _check_shape_matches(cfg, model.config)
+    if foreign_ids:  # accepted for its blocks (docs/interop.md), but never without a word
+        warn(f"init_from={cfg.init_from} has no gpt1 tokenizer: the data's token ids name other strings than its "
+             "embeddings and head learned; only the blocks carry over (docs/interop.md)")
+    if cfg.dropout >= 0:
+        set_dropout(model, cfg.dropout)
     return model.train()
 
 
-def _check_preset_matches(cfg: TrainConfig, loaded: ModelConfig) -> None:
-    """init_from decides the model; a `model` preset of another shape (set by hand or by the
-    recipe) was silently ignored. The default preset is not a choice, so it is not compared."""
+def set_dropout(model: GPT, rate: float) -> None:
+    """Train `model` at dropout `rate`: its config (config.json records it) and every dropout layer
+    of its own, attention's included. A LoRA layer's dropout is the adapter's (`lora_dropout`): kept."""
+    model.config.dropout = float(rate)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and not name.endswith("lora_dropout"):
+            module.p = float(rate)
+        elif isinstance(module, CausalSelfAttention):  # a rate, passed to scaled_dot_product_attention
+            module.dropout = float(rate)
+
+
+def _check_shape_matches(cfg: TrainConfig, loaded: ModelConfig) -> None:
+    """init_from decides the model: n_layer, n_head and n_embd, where set, must be its own (set to
+    the same values, they are accepted), and so must the shape of a `model` preset (set by hand or by
+    the recipe), which was silently ignored. The default preset is not a choice: not compared."""
+    def describe(c: ModelConfig) -> str:
+        return f"{c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads"
+
+    shape = ("n_layer", "n_head", "n_embd")
+    if wrong := [name for name in shape if getattr(cfg, name) and getattr(cfg, name) != getattr(loaded, name)]:
+        raise Gpt1Error(f"{', '.join(f'{name}={getattr(cfg, name)}' for name in wrong)}: init_from={cfg.init_from} "
+                        f"is {describe(loaded)}, and init_from decides the model; leave "
+                        f"{' and '.join(wrong)} out, or set {', '.join(f'{n}={getattr(loaded, n)}' for n in wrong)}")
     if cfg.model == TrainConfig.model:
         return
     preset = ModelConfig.preset(cfg.model)
-    shape = ("n_layer", "n_head", "n_embd")
     if any(getattr(preset, name) != getattr(loaded, name) for name in shape):
-        def describe(c: ModelConfig) -> str:
-            return f"{c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads"
         raise Gpt1Error(f"model={cfg.model} ({describe(preset)}) is not the model of init_from={cfg.init_from} "
                         f"({describe(loaded)}): init_from decides the model; set model to match it or leave it out")
 
@@ -129,26 +155,28 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
                         vocab_size=tokenizer.vocab_size)
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
     max_steps = cfg.resolve_steps(tokens_per_step, meta["train"]["tokens"])
-    if dist.is_main:
-        # max_steps > 0 decides the length: a max_tokens or epochs set beside the default max_steps=1000 did nothing, unsaid.
-        unused = [f"{k}={getattr(cfg, k):g}" for k in ("max_tokens", "epochs") if cfg.max_steps and getattr(cfg, k)]
-        at_most, sooner = step_cap_words(cfg)
-        info(f"model: {model.num_params():,} parameters ({cfg.model if cfg.init_from == 'scratch' else cfg.init_from}); "
-             f"{at_most}{max_steps:,} steps x {tokens_per_step:,} tokens = "
-             f"{max_steps * tokens_per_step / meta['train']['tokens']:.2f} epochs of {meta['train']['tokens']:,} train "
-             f"tokens; {dist.world_size} process(es){sooner}"
-             + (f"; max_steps={cfg.max_steps:,} decides the length, not {' or '.join(unused)} (set max_steps=0 for "
-                "those)" if unused else ""))
-        if len(val) < cfg.eval_batches:
-            info(f"validation: {len(val)} batches, all that {meta['val']['file']} holds without overlap "
-                 f"(eval_batches={cfg.eval_batches:,})")
+    # max_steps > 0 decides the length: a max_tokens or epochs set beside the default max_steps=1000 did nothing, unsaid.
+    unused = [f"{k}={getattr(cfg, k):g}" for k in ("max_tokens", "epochs") if cfg.max_steps and getattr(cfg, k)]
+    at_most, sooner = step_cap_words(cfg)
+    dropout = f", dropout {model.config.dropout:g}" if model.config.dropout else ""
+    # Logged by the loop once it has checked the run dir: a refused resume does not read as a run that started.
+    announce = [f"model: {model.num_params():,} parameters ({cfg.model if cfg.init_from == 'scratch' else cfg.init_from}"
+                f"{dropout}); {at_most}{max_steps:,} steps x {tokens_per_step:,} tokens = "
+                f"{max_steps * tokens_per_step / meta['train']['tokens']:.2f} epochs of {meta['train']['tokens']:,} "
+                f"train tokens; {dist.world_size} process(es){sooner}"
+                + (f"; max_steps={cfg.max_steps:,} decides the length, not {' or '.join(unused)} (set max_steps=0 for "
+                   "those)" if unused else "")]
+    if len(val) < cfg.eval_batches:
+        announce.append(f"validation: {len(val)} batches, all that {meta['val']['file']} holds without overlap "
+                        f"(eval_batches={cfg.eval_batches:,})")
 
     def save_model(directory: Path, m: torch.nn.Module) -> None:
         save_model_dir(directory, m, tokenizer)
 
     try:
         return train(model, cfg, out, train_data, lambda: val, save_model, max_steps=max_steps,
-                     data=data_identity(meta, data_dir), data_source=data_source(meta, data_dir), redo_hint=redo_hint)
+                     data=data_identity(meta, data_dir), data_source=data_source(meta, data_dir), redo_hint=redo_hint,
+                     announce=announce)
     finally:
         distributed.cleanup()
 

@@ -11,6 +11,7 @@ by what they name. The training loop (`gpt1.train.loop`) calls it on rank 0, und
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 
 from gpt1.core.errors import Gpt1Error
@@ -24,7 +25,7 @@ CONFIG_FILE = "train_config.json"
 RUN_LOCK = Path(ckpt.CHECKPOINTS_DIR, ".lock")  # the lock `gpt1.core.io.exclusive` holds while a run trains
 # Keys that may change between a run and its resumption: they do not change the math.
 RESUMABLE_CHANGES = {"device", "tensorboard", "eval_batches", "save_every", "max_bad_steps",
-                     "gradient_checkpointing"}
+                     "gradient_checkpointing", "keep_checkpoints", "keep_best"}
 
 
 def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | None = None,
@@ -76,7 +77,7 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
             diffs = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {wanted['config'].get(k)!r}" if k in old_cfg or k in wanted["config"]
                               else k for k in keys)
             raise Gpt1Error(f"{run_dir} holds a run with a different config ({diffs}); "
-                            + (redo_hint or "rerun with the same config to resume it, or choose another --out"))
+                            + (redo_hint or _ways_on(run_dir, resumable, wanted["config"])))
         # A run dir from before the data was recorded resumes unchecked (its data is unknown), and
         # one from before a part of it was (pretraining's content check) unchecked on that part.
         old_data = old.get("data")
@@ -94,6 +95,17 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
     else:
         refuse_other_files(run_dir)
     return RunRecord(file, wanted, wanted["config"], resumable, _field_defaults(cfg))
+
+
+def _ways_on(run_dir: Path, resumable: set[str], config: dict) -> str:
+    """The advice of a refused config: the keys a resume may change, and how to train on from the
+    run's weights with this config (a longer run, another lr): a new run that starts from them."""
+    path = shlex.quote(str(run_dir))
+    # A fine-tune's config (FinetuneConfig, above this module) has LoRA keys; it starts from --base.
+    start = f"--base {path}" if "lora_r" in config else f"init_from={path}"
+    return (f"rerun with the same config to resume it (a resume may change only {', '.join(sorted(resumable))}), "
+            f"or choose another --out; to train on from its weights (with a fresh optimizer and LR warmup): "
+            f"--out NEW {start}")
 
 
 def _settings(record: dict, defaults: dict) -> dict:

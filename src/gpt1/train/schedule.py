@@ -71,12 +71,19 @@ class BudgetSchedule:
 
     The warmup rises from the last rate to `lr` in equal steps ending at its planned last step,
     re-aimed at every re-plan, so that a plan that grows or shrinks bends it but never makes it
-    jump or fall back (the first plan, made after a few timed steps, once jumped it ~250x).
+    jump or fall back: no step rises more than `MAX_RISE` times the rate before or `MAX_RISE`
+    times the plan's own warmup slope (`lr` / its warmup steps), whichever allows more. (The first
+    plan, made after a few timed steps, once jumped it ~250x; a first measured plan whose warmup
+    was already over, 12.5x to `lr` in one step.) A plan that shrinks past the warmup's end leaves
+    the rate below `lr`: it goes on rising, doubling at most, until it reaches `lr` a few steps
+    later, unless the plan ends first (its last step is the decay's end, `min_lr`, all the same).
 
     On a steady machine this is `lr_at` to within rounding. Its state (the last rate, whether
     the warmup and the cooldown began, where the cosine began) goes into checkpoints, so a
     resumed run goes on from it.
     """
+
+    MAX_RISE = 2.0  # a warmup step rises at most this times the rate before, or the plan's slope (see `at`)
 
     def __init__(self, lr: float, min_lr: float, warmup: float, cooldown: float, state: dict | None = None):
         self.lr, self.min_lr, self.warmup, self.cooldown = lr, min_lr, warmup, cooldown
@@ -93,9 +100,18 @@ class BudgetSchedule:
         The warmup's length is `warmup` of `warm_end` (default `end`): a plan less swayed by a
         short slow spell than `end` is (see gpt1.train.loop._TimeBudget)."""
         n_warm = warmup_steps(end if warm_end is None else warm_end, self.warmup)
-        if not self.warmed and step < n_warm:
+        # Below lr past the warmup's planned end (the plan shrank past it): the warmup goes on,
+        # but not at the plan's last step, which is the decay's end.
+        behind = self.previous is not None and self.previous < self.lr and step < end - 1
+        if not self.warmed and (step < n_warm or behind):
             start = 0.0 if self.previous is None else self.previous
-            rate = start + (self.lr - start) / (n_warm - step)  # lr at step n_warm - 1
+            # lr exactly at step n_warm - 1 (or at once, past it): a rate an ulp short would be `behind`.
+            rate = self.lr if n_warm - step <= 1 else start + (self.lr - start) / (n_warm - step)
+            # The slope's bound lets the first measured plan bend the tiny rates of a long first plan
+            # onto its own line (37x in one step, on its slope); the ratio's keeps a plan whose warmup
+            # ends a step or two from here, or is over, from lifting the rate to lr at once.
+            slope = self.lr / n_warm if step < n_warm else 0.0
+            rate = min(rate, max(self.MAX_RISE * start, start + self.MAX_RISE * slope))
         else:
             if not self.warmed:  # the rates below start from the peak, not from a warmup's rate
                 self.warmed, self.previous, self.decay_start = True, None, step
