@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: everything here is local
@@ -219,3 +220,23 @@ def test_a_refused_resume_does_not_announce_the_run(data_dir, tmp_path, caplog):
     with caplog.at_level("INFO", logger="gpt1"), pytest.raises(Gpt1Error, match="holds a run with a different config"):
         pretrain(_cfg([*TINY, "max_steps=1", "lr=1e-3"]), data_dir, tmp_path / "run")
     assert not [r for r in caplog.records if r.message.startswith("model: ")]
+
+
+def test_another_tools_name_for_a_key_says_gpt1s_and_r_0_says_there_is_no_full_fine_tuning():
+    """`max_iters=` (nanoGPT), `learning_rate=` (Hugging Face), `early_stopping_patience=` got only the
+    list of known keys; `lora_r=0`, how some tools ask for full fine-tuning, only "a positive integer"."""
+    from gpt1.train.config import TrainConfig, load_config
+    from gpt1.train.finetune import FinetuneConfig
+
+    for key, ours in (("max_iters", "max_steps"), ("learning_rate", "lr"),
+                      ("early_stopping_patience", "early_stop (validations, not steps)"),
+                      ("warmup_iters", "warmup (a fraction of the run's steps, e.g. warmup=0.05)")):
+        with pytest.raises(Gpt1Error, match=rf"unknown key '{key}' \(gpt1's is {re.escape(ours)}\); known keys: "):
+            load_config(TrainConfig, None, [f"{key}=3"])
+    with pytest.raises(Gpt1Error, match=r"unknown key 'r'; known keys"):  # a pretraining run has no lora_r
+        load_config(TrainConfig, None, ["r=8"])
+    with pytest.raises(Gpt1Error, match=r"unknown key 'r' \(gpt1's is lora_r\)"):
+        load_config(FinetuneConfig, None, ["r=8"])
+    with pytest.raises(Gpt1Error, match=r"^LoRA rank r must be a positive integer, got 0 \(gpt1 fine-tunes with "
+                                        r"LoRA only: there is no full fine-tuning\)$"):
+        load_config(FinetuneConfig, None, ["lora_r=0"]).lora_config([])

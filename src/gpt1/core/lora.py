@@ -76,7 +76,9 @@ class LoRAConfig:
             repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
             raise Gpt1Error(f"LoRA targets: {', '.join(repeated)} given more than once; name each target once")
         if not _is_int(self.r) or self.r < 1:
-            raise Gpt1Error(f"LoRA rank r must be a positive integer, got {self.r!r}")
+            # r=0 is how some tools ask for full fine-tuning, which gpt1 does not do: say so.
+            full = " (gpt1 fine-tunes with LoRA only: there is no full fine-tuning)" if self.r == 0 else ""
+            raise Gpt1Error(f"LoRA rank r must be a positive integer, got {self.r!r}{full}")
         if not _is_number(self.alpha) or self.alpha <= 0:  # the adapter's scale is alpha / r: 0 turns it off
             raise Gpt1Error(f"LoRA alpha must be a number > 0, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:

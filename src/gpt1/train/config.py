@@ -269,11 +269,30 @@ SPELLINGS = {bool: "true or false: TOML, lower case", int: "a whole number such 
              float: "a TOML number such as 0.5"}
 
 
+# Other tools' names for gpt1's keys (nanoGPT's train.py, litgpt's, Hugging Face's Trainer, PEFT):
+# a recipe copied from one of them says which key to write instead.
+OTHER_TOOLS_KEYS = {
+    "max_iters": "max_steps", "lr_decay_iters": "max_steps", "learning_rate": "lr", "num_epochs": "epochs",
+    "num_train_epochs": "epochs", "eval_interval": "eval_every", "eval_steps": "eval_every",
+    "eval_iters": "eval_batches", "save_steps": "save_every", "save_interval": "save_every",
+    "save_total_limit": "keep_checkpoints", "load_best_model_at_end": "keep_best",
+    "gradient_accumulation_steps": "grad_accum", "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size", "dtype": "precision", "beta1": "betas", "beta2": "betas",
+    "warmup_iters": "warmup", "warmup_steps": "warmup", "max_grad_norm": "grad_clip",
+    "early_stopping_patience": "early_stop", "r": "lora_r", "lora_rank": "lora_r",
+}
+# What the hint adds where the meaning differs, not only the name.
+_HOW = {"betas": " (betas=[0.9, 0.95])", "warmup": " (a fraction of the run's steps, e.g. warmup=0.05)",
+        "early_stop": " (validations, not steps)"}
+
+
 def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], where: str) -> Any:
     """`value` as the type of the field `key` (pydantic, strict: no "1" for 1, no 1 for true; an
     int is a float and an array a tuple, as JSON has no other spelling for them)."""
     if key not in names:
-        raise Gpt1Error(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
+        ours = OTHER_TOOLS_KEYS.get(key)
+        hint = f" (gpt1's is {ours}{_HOW.get(ours, '')})" if ours in names else ""
+        raise Gpt1Error(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(names))}")
     if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
         value = value.item()  # a NumPy (or torch) scalar, e.g. from a sweep over np.arange: its Python number
     if isinstance(value, str) and _takes_str(hints[key]):
