@@ -229,8 +229,8 @@ def test_another_tools_name_for_a_key_says_gpt1s_and_r_0_says_there_is_no_full_f
     from gpt1.train.finetune import FinetuneConfig
 
     for key, ours in (("max_iters", "max_steps"), ("learning_rate", "lr"),
-                      ("early_stopping_patience", "early_stop (validations, not steps)"),
-                      ("warmup_iters", "warmup (a fraction of the run's steps, e.g. warmup=0.05)")):
+                      ("early_stopping_patience", "early_stop: validations, not steps"),
+                      ("warmup_iters", "warmup: a fraction of the run's steps, e.g. warmup=0.05")):
         with pytest.raises(Gpt1Error, match=rf"unknown key '{key}' \(gpt1's is {re.escape(ours)}\); known keys: "):
             load_config(TrainConfig, None, [f"{key}=3"])
     with pytest.raises(Gpt1Error, match=r"unknown key 'r'; known keys"):  # a pretraining run has no lora_r

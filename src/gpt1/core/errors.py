@@ -9,6 +9,7 @@ way, with the limit to raise (`open_files_hint`, `threads_hint`).
 from __future__ import annotations
 
 import errno
+from collections.abc import Collection, Mapping
 
 try:
     import resource
@@ -52,6 +53,18 @@ def memory_shortage(error: BaseException) -> str | None:
     if isinstance(error, RuntimeError) and any(words in str(error) for words in _CPU_ALLOCATOR_REFUSED):
         return "memory"
     return None
+
+
+def other_name_hint(name: str, aliases: Mapping[str, tuple[str, str]], known: Collection[str] | None = None,
+                    rename: Mapping[str, str] | None = None) -> str:
+    """What an error about the unknown `name` adds when `aliases` (another tool's name -> (gpt1's,
+    what differs)) holds it: ` (gpt1's is NAME: what differs)`, else "". `known`: the names the
+    caller takes (a hint only to one of them); `rename`: gpt1's names as the caller spells them."""
+    ours, note = aliases.get(name, (name, ""))
+    ours = (rename or {}).get(ours, ours)
+    if ours == name or (known is not None and ours not in known):
+        return ""
+    return f" (gpt1's is {ours}{': ' + note if note else ''})"
 
 
 def first_line(error: BaseException) -> str:

@@ -13,7 +13,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, other_name_hint
 
 # What each knob accepts; used in error messages and in the CLI's help.
 KNOB_RANGES = {
@@ -57,9 +57,7 @@ def alias_hint(name: str, rename: Mapping[str, str] | None = None) -> str:
     """What an error about the unknown knob `name` adds when it is another library's name for one of
     gpt1's: ` (gpt1's is NAME)`, else "". `rename`: gpt1's names as the caller spells them
     (API_NAMES for the server, where max_new_tokens is itself such a name)."""
-    known, note = ALIASES.get(name, (name, ""))
-    known = (rename or {}).get(known, known)
-    return "" if known == name else f" (gpt1's is {known}{': ' + note if note else ''})"
+    return other_name_hint(name, ALIASES, rename=rename)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from gpt1.core.device import check_device_name
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, other_name_hint
 from gpt1.core.progress import info
 
 PRECISIONS = ("fp32", "fp16-mixed", "bf16-mixed")
@@ -270,28 +270,27 @@ SPELLINGS = {bool: "true or false: TOML, lower case", int: "a whole number such 
 
 
 # Other tools' names for gpt1's keys (nanoGPT's train.py, litgpt's, Hugging Face's Trainer, PEFT):
-# a recipe copied from one of them says which key to write instead.
-OTHER_TOOLS_KEYS = {
-    "max_iters": "max_steps", "lr_decay_iters": "max_steps", "learning_rate": "lr", "num_epochs": "epochs",
-    "num_train_epochs": "epochs", "eval_interval": "eval_every", "eval_steps": "eval_every",
-    "eval_iters": "eval_batches", "save_steps": "save_every", "save_interval": "save_every",
-    "save_total_limit": "keep_checkpoints", "load_best_model_at_end": "keep_best",
-    "gradient_accumulation_steps": "grad_accum", "micro_batch_size": "batch_size",
-    "per_device_train_batch_size": "batch_size", "dtype": "precision", "beta1": "betas", "beta2": "betas",
-    "warmup_iters": "warmup", "warmup_steps": "warmup", "max_grad_norm": "grad_clip",
-    "early_stopping_patience": "early_stop", "r": "lora_r", "lora_rank": "lora_r",
+# a recipe copied from one of them says which key to write instead. alias -> (gpt1's key, what differs).
+OTHER_TOOLS_KEYS: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(("max_iters", "lr_decay_iters"), ("max_steps", "")), "learning_rate": ("lr", ""),
+    **dict.fromkeys(("num_epochs", "num_train_epochs"), ("epochs", "")),
+    **dict.fromkeys(("eval_interval", "eval_steps"), ("eval_every", "")), "eval_iters": ("eval_batches", ""),
+    **dict.fromkeys(("save_steps", "save_interval"), ("save_every", "")),
+    "save_total_limit": ("keep_checkpoints", ""), "load_best_model_at_end": ("keep_best", ""),
+    "gradient_accumulation_steps": ("grad_accum", ""),
+    **dict.fromkeys(("micro_batch_size", "per_device_train_batch_size"), ("batch_size", "")),
+    "dtype": ("precision", ""), **dict.fromkeys(("beta1", "beta2"), ("betas", "betas=[0.9, 0.95]")),
+    **dict.fromkeys(("warmup_iters", "warmup_steps"), ("warmup", "a fraction of the run's steps, e.g. warmup=0.05")),
+    "max_grad_norm": ("grad_clip", ""), "early_stopping_patience": ("early_stop", "validations, not steps"),
+    **dict.fromkeys(("r", "lora_rank"), ("lora_r", "")),
 }
-# What the hint adds where the meaning differs, not only the name.
-_HOW = {"betas": " (betas=[0.9, 0.95])", "warmup": " (a fraction of the run's steps, e.g. warmup=0.05)",
-        "early_stop": " (validations, not steps)"}
 
 
 def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], where: str) -> Any:
     """`value` as the type of the field `key` (pydantic, strict: no "1" for 1, no 1 for true; an
     int is a float and an array a tuple, as JSON has no other spelling for them)."""
     if key not in names:
-        ours = OTHER_TOOLS_KEYS.get(key)
-        hint = f" (gpt1's is {ours}{_HOW.get(ours, '')})" if ours in names else ""
+        hint = other_name_hint(key, OTHER_TOOLS_KEYS, known=names)
         raise Gpt1Error(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(names))}")
     if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
         value = value.item()  # a NumPy (or torch) scalar, e.g. from a sweep over np.arange: its Python number
