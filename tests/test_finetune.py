@@ -149,21 +149,28 @@ def test_chat_eval_shapes_the_conversations_as_the_run_did(tiny_model_dir, oasst
         assert code == 2 and f"{flag[0]} applies to perplexity (--data without --task/--suite), not to benchmarks" in err
 
 
-def test_resume_after_an_interruption_ends_where_a_straight_run_ends(run, tiny_model_dir, oasst, tmp_path, monkeypatch):
-    straight_dir, straight = run
-    cfg = _cfg(oasst, *STEPS)
+def interrupt_the_second_checkpoint(monkeypatch, run) -> list:
+    """run() with a Ctrl-C in the middle of its second checkpoint's save (of STEPS: step 4's); the
+    paths the checkpoints were being saved to."""
     real_save, calls = checkpoint.save_safetensors, []
 
     def save_then_stop(path, *args):
         calls.append(path)
-        if len(calls) == 2:  # in the middle of the step-4 checkpoint
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real_save(path, *args)
 
     monkeypatch.setattr(checkpoint, "save_safetensors", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        finetune(cfg, tiny_model_dir, tmp_path / "cut")
+        run()
     monkeypatch.setattr(checkpoint, "save_safetensors", real_save)
+    return calls
+
+
+def test_resume_after_an_interruption_ends_where_a_straight_run_ends(run, tiny_model_dir, oasst, tmp_path, monkeypatch):
+    straight_dir, straight = run
+    cfg = _cfg(oasst, *STEPS)
+    calls = interrupt_the_second_checkpoint(monkeypatch, lambda: finetune(cfg, tiny_model_dir, tmp_path / "cut"))
     assert [Path(p).parent.name for p in calls] == [".step-00000002.tmp", ".step-00000004.tmp"]
     resumed = finetune(cfg, tiny_model_dir, tmp_path / "cut")
     assert resumed.resumed_from == 2

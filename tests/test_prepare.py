@@ -328,7 +328,7 @@ def test_a_second_prepare_on_the_same_out_is_one_clear_line_and_leaves_the_first
     before = _files(out)
     assert "train.bin.partial" in before and "prepare-state.json" in before
     with exclusive(out, "preparing data"):  # the first run, still going
-        assert_one_clear_line(*run_main(capsys, *args), rf"{out}: process {os.getpid()} is preparing data there already")
+        assert_one_clear_line(*run_main(capsys, *args), rf"{out}: another thread of this process is preparing data there already")
         assert _files(out) == before
     assert run_main(capsys, *args)[0] == 0  # once it has ended, the folder is free
     assert load_meta(out)["val"]["documents"] == 2

@@ -176,5 +176,5 @@ def test_a_second_quickstart_on_the_same_out_is_refused_before_doing_anything(tm
     out = tmp_path / "qs"
     with exclusive(out, "running the quickstart"):  # the first quickstart, still going
         result = run_main(capsys, "quickstart", "--out", out, "--minutes", MINUTES, "--device", "cpu")
-        assert_one_clear_line(*result, rf"{out}: process {os.getpid()} is running the quickstart there already")
+        assert_one_clear_line(*result, rf"{out}: another thread of this process is running the quickstart there already")
     assert [p.name for p in out.iterdir()] == [".lock"]  # no stage started

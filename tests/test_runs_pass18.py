@@ -237,6 +237,6 @@ def test_another_tools_name_for_a_key_says_gpt1s_and_r_0_says_there_is_no_full_f
         load_config(TrainConfig, None, ["r=8"])
     with pytest.raises(Gpt1Error, match=r"unknown key 'r' \(gpt1's is lora_r\)"):
         load_config(FinetuneConfig, None, ["r=8"])
-    with pytest.raises(Gpt1Error, match=r"^LoRA rank r must be a positive integer, got 0 \(gpt1 fine-tunes with "
-                                        r"LoRA only: there is no full fine-tuning\)$"):
+    with pytest.raises(Gpt1Error, match=r"^LoRA rank r must be a positive integer, got 0 \(for full fine-tuning, "
+                                        r"which trains every weight: full=true\)$"):
         load_config(FinetuneConfig, None, ["lora_r=0"]).lora_config([])

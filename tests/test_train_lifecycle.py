@@ -211,7 +211,7 @@ def test_a_run_dir_being_created_by_another_process_is_named_as_such(data_dir, t
     out = tmp_path / "new"
     with exclusive(out / "checkpoints", "training"):  # the winner, before it wrote anything else
         rc, err = run_main(capsys, "pretrain", "--data", data_dir, "--out", out, *TINY, "max_steps=2")
-    assert_one_clear_line(rc, err, rf"new/checkpoints: process {os.getpid()} is training there already")
+    assert_one_clear_line(rc, err, r"new/checkpoints: another thread of this process is training there already")
     assert os.listdir(out) == ["checkpoints"]  # the loser wrote nothing
     # A run killed just after taking its lock left only that: the folder is still a new one.
     cfg = load_config(TrainConfig, None, [*TINY, "max_steps=2"])

@@ -20,14 +20,15 @@ PRETRAINING_KEYS = ("model", "init_from", "n_layer", "n_head", "n_embd", "muon_l
                     "optimizer", "float8")
 # FinetuneConfig's fields less those (a test keeps them equal): the keys `--lora-r 16` is told to write as lora_r=16.
 RECIPE_KEYS = tuple(key for key in pretrain_cmd.RECIPE_KEYS if key not in PRETRAINING_KEYS) + (
-    "data", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_special_tokens", "all_paths", "languages",
+    "data", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_special_tokens", "all_paths", "languages",
     "skip_invalid", "val_fraction")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "finetune", help="LoRA chat fine-tuning of a base model on OASST2 or other chat data (resumable)",
-        description="Fine-tune a base model dir with LoRA on chat data, with the loss on assistant replies only. "
+        "finetune", help="LoRA (or full) chat fine-tuning of a base model on OASST2 or other chat data (resumable)",
+        description="Fine-tune a base model dir with LoRA (or every weight: the recipe key `full`, set to true) on "
+                    "chat data, with the loss on assistant replies only. "
                     "--data: OpenAssistant/oasst2 (or any hf:NAME[:SPLIT]), an OASST export "
                     "(*.messages.jsonl[.gz], *.trees.jsonl[.gz], .parquet), chat records in a .jsonl or a .json ({\"messages\": [...]}, ShareGPT, Alpaca, "
                     "prompt/completion; a .json may hold one array), "
@@ -49,7 +50,8 @@ def register(subparsers) -> None:
     parser.add_argument("--skip-invalid", action="store_true", default=None,
                         help="skip (and count) malformed lines instead of stopping at the first one")
     parser.add_argument("--merge", action="store_true",
-                        help="after training, also write OUT/merged: a plain model dir with the adapter merged in")
+                        help="after training, also write OUT/merged: a plain model dir with the adapter merged in "
+                             "(LoRA only: a full fine-tune's run dir is one already)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as TOML and exit (needs no --base or --out)")
     parser.set_defaults(func=finetune_command, rerun_hint=training_rerun_hint, recipe_keys=RECIPE_KEYS,
@@ -74,6 +76,9 @@ def finetune_command(args: argparse.Namespace) -> int:
         print_recipe({key: value for key, value in cfg.to_dict().items() if key not in PRETRAINING_KEYS})
         return 0
     require(args, "--base", "--out")
+    if args.merge and cfg.full:  # known now, not after the run: there is no adapter to merge
+        raise Gpt1Error("--merge merges a LoRA adapter into the weights; a full=true run dir holds every weight "
+                        "already (a plain model dir): leave --merge out")
     result = finetune(cfg, args.base, args.out)
     # Under torchrun rank 0 speaks for the run and merges. From the environment: finetune has
     # left the process group, so distributed.current() says rank 0 on every rank by now.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gpt1.cli.args import path_arg
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import check_within
 from gpt1.core.progress import info
 from gpt1.train.plot import plot_runs, plot_runs_to
 
@@ -28,6 +29,8 @@ def register(subparsers) -> None:
 def plot_command(args: argparse.Namespace) -> int:
     files = [run if run.is_file() else run / "metrics.jsonl" for run in map(Path, args.runs)]
     out = args.out or files[0].parent / "loss.png"  # a str: atomic_path sees a trailing slash
+    if args.out is None:  # a name gpt1 chose in a run dir from anywhere, not a link the user made
+        check_within(out, files[0].parent)
     # A row is named after its run (a run dir, or the folder of its metrics.jsonl) or its own file
     # (a.jsonl: "a"); names that collide are told apart by the paths as given.
     names = [f.parent.resolve().name if f.name == "metrics.jsonl" else f.stem for f in files]

@@ -9,11 +9,15 @@ line, and leaves neither the temporary file nor a folder it made for it.
 
 An output that is a link is written through it, as `cp` and `>` do: the file or folder it names
 is replaced (its temporary beside it, so the rename stays on one file system) and the link stays;
-a dangling link is an error naming where it points. An output that is not a file to replace (a
-device, a FIFO, a socket, or an open descriptor: /dev/null, a named pipe, /dev/stdout, bash's
-`>(jq .)`) is written into, as `>` does: a rename would put a plain file in its place (`plot --out
-/dev/null` as root turned /dev/null into a PNG). `file_target` and `folder_target` check an
-output flag's path before the work: nothing in the way, and a trial file can be made where it goes.
+a dangling link is an error naming where it points. Not so for a file that gpt1 names in a folder
+it writes into (`within`: a run dir's loss.png, metrics.jsonl, model.safetensors): a folder made
+elsewhere (downloaded, unpacked) could hold a link there to a file of the user's (~/.bashrc), which
+the write would replace; a link out of that folder is an error (`check_within`). An output that
+is not a file to replace (a device, a FIFO, a socket, or an open descriptor: /dev/null, a named
+pipe, /dev/stdout, bash's `>(jq .)`) is written into, as `>` does: a rename would put a plain file
+in its place (`plot --out /dev/null` as root turned /dev/null into a PNG). `file_target` and
+`folder_target` check an output flag's path before the work: nothing in the way, and a trial file
+can be made where it goes.
 
 No torch here (only in the functions that take tensors): the command line checks its output
 paths, and `gpt1 --help` builds its parser, without loading it.
@@ -125,6 +129,21 @@ def write_through(path: Path) -> Path:
         raise Gpt1Error(f"{path}: a link to {os.readlink(path)}, which does not exist; make what it names, "
                         "or remove the link")
     return target
+
+
+def check_within(path: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """A Gpt1Error when `path`, a file or folder that gpt1 names in `folder` and writes (a run
+    dir's loss.png), is a link to something outside `folder`, links followed to the end: a folder
+    from elsewhere could name a file of the user's that way, which the write would replace (a
+    downloaded run's loss.png linked to ~/.bashrc). A link within the folder, and the folder
+    itself a link, are fine. Outputs the user names (--out LINK) are written through as ever."""
+    path = Path(path)
+    if not path.is_symlink():
+        return
+    target = os.path.realpath(path)
+    if not Path(target).is_relative_to(Path(folder).resolve()):
+        raise Gpt1Error(f"{path}: a link to {target}, outside {folder}; remove the link (gpt1 does not write "
+                        "through links out of a folder it writes into)")
 
 
 # Where the kernel shows a process's open descriptors (/dev/stdout leads there). Linux's /dev/fd is
@@ -309,15 +328,19 @@ def _alive_windows(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, replace: bool = True,
+                within: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path` (next to what it names, for a link); on success it
     is renamed onto `path`. A stream (a device, a FIFO, a socket, an open descriptor: `is_stream`)
     is yielded itself, to be written into once: there is nothing to replace, or to make atomic.
     `replace=False` (a new output: nothing was there when the command checked it): a file that
     another process wrote at `path` meanwhile (the same export started twice) is left as it is,
-    and the write is a Gpt1Error."""
+    and the write is a Gpt1Error. `within`: the folder that `path` is gpt1's own file of, which a
+    link at `path` may not lead out of (`check_within`)."""
     new_folders = _missing_folders(Path(path))
     path = _writable_file(path)
+    if within is not None:  # before the stream's case: a link out to a disk device is written into
+        check_within(path, within)
     if is_stream(path):
         with writing(path):
             yield path
@@ -349,14 +372,17 @@ def atomic_path(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Pa
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, within: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to `path` (next to what it names, for a link); on success
     it is renamed onto `path`, so `path` is either complete or untouched. A folder at `path` on
     entry is moved aside first and deleted only once the new folder is in place (the caller
     decides, right before, whether replacing it is allowed). Only that folder is replaced: one
     that another process made or wrote into meanwhile (a training run started in the export's
-    --out, a second export) is left as it is, and the write is a Gpt1Error."""
+    --out, a second export) is left as it is, and the write is a Gpt1Error. `within`: as
+    `atomic_path`'s (a run's best/ linked out of it would be replaced whole)."""
     path = Path(path)
+    if within is not None:
+        check_within(path, within)
     target = write_through(path)
     if target.exists() and not target.is_dir():
         raise Gpt1Error(f"{path}: exists and is not a folder")
@@ -444,9 +470,12 @@ def _changed_meanwhile(path: Path) -> str:
             "nothing in place: check what it holds, then run the command again")
 
 
-def replace_file(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+def replace_file(src: str | os.PathLike, dest: str | os.PathLike, *, within: str | os.PathLike | None = None) -> None:
     """`os.replace(src, dest)`, through a link at `dest` (`write_through`): the file it names is
-    replaced, and the link stays. Onto another file system, by a copy written atomically."""
+    replaced, and the link stays. Onto another file system, by a copy written atomically.
+    `within`: as `atomic_path`'s."""
+    if within is not None:
+        check_within(dest, within)
     target = write_through(Path(dest))
     try:
         os.replace(src, target)
@@ -593,11 +622,19 @@ def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
     same folder (a command started twice, or still running in another terminal) is refused
     instead of interleaving its files with this one's. The OS releases the lock when the process
     ends, even by SIGKILL, so a killed run never leaves a stale lock (flock; on Windows, a
-    byte-range lock: `_try_lock`)."""
+    byte-range lock: `_try_lock`). A `.lock` that gpt1 did not make, a link or not a file, is a
+    Gpt1Error: taking the lock empties the file and writes the pid in it (a downloaded run whose
+    checkpoints/.lock linked to ~/.bashrc emptied that), and a device would be written into."""
     folder = make_dirs(folder)
+    _check_lock_file(folder / ".lock")
     with open(folder / ".lock", "a+", encoding="utf-8") as f:
         if not _try_lock(f):
             holder = f.read().strip() or "a process"
+            # flock is per open file: another thread of this process (a notebook's run in the
+            # background) holds it against this one, with this process's pid in the file.
+            if holder == f"process {os.getpid()}":
+                raise Gpt1Error(f"{folder}: another thread of this process is {what} there already; "
+                                "wait for it to end")
             raise Gpt1Error(f"{folder}: {holder} is {what} there already; wait for it to end (or stop it) "
                             "and run the command again")
         with writing(f.name):
@@ -609,6 +646,17 @@ def exclusive(folder: str | os.PathLike, what: str) -> Iterator[None]:
             yield
         finally:
             _unlock(f)
+
+
+def _check_lock_file(lock: Path) -> None:
+    try:
+        mode = os.lstat(lock).st_mode  # the link itself: what a link names is no lock of gpt1's
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        what = f"a link to {os.path.realpath(lock)}" if stat.S_ISLNK(mode) else "not a regular file"
+        raise Gpt1Error(f"{lock}: {what}, where gpt1 keeps its lock file (taking the lock would empty it); "
+                        "remove it and run the command again")
 
 
 def check_unlocked(folder: str | os.PathLike, action: str) -> None:
@@ -659,13 +707,13 @@ def _umask() -> int:
     return mask
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text(path: str | os.PathLike, text: str, *, within: str | os.PathLike | None = None) -> None:
+    with atomic_path(path, within=within) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, *, within: str | os.PathLike | None = None) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", within=within)
 
 
 # The most read_json reads. gpt1's JSON files are a few KB (config.json, base.json, meta.json) to
@@ -776,12 +824,14 @@ def check_weight_values(file: str | Path, state: dict[str, torch.Tensor], what: 
                             "(e.g. saved from a diverged training); use an earlier checkpoint")
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Save a state dict as safetensors, atomically (tensors are made contiguous first)."""
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None, *,
+                     within: str | os.PathLike | None = None) -> None:
+    """Save a state dict as safetensors, atomically (tensors are made contiguous first); `within`:
+    as `atomic_path`'s."""
     from safetensors.torch import save_file  # torch: see the module docstring
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, within=within) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         if metadata and len(metadata) > 1:
             _sort_metadata(tmp)

@@ -76,8 +76,8 @@ class LoRAConfig:
             repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
             raise Gpt1Error(f"LoRA targets: {', '.join(repeated)} given more than once; name each target once")
         if not _is_int(self.r) or self.r < 1:
-            # r=0 is how some tools ask for full fine-tuning, which gpt1 does not do: say so.
-            full = " (gpt1 fine-tunes with LoRA only: there is no full fine-tuning)" if self.r == 0 else ""
+            # r=0 is how some tools ask for full fine-tuning, which gpt1 asks for by name: say so.
+            full = " (for full fine-tuning, which trains every weight: full=true)" if self.r == 0 else ""
             raise Gpt1Error(f"LoRA rank r must be a positive integer, got {self.r!r}{full}")
         if not _is_number(self.alpha) or self.alpha <= 0:  # the adapter's scale is alpha / r: 0 turns it off
             raise Gpt1Error(f"LoRA alpha must be a number > 0, got {self.alpha!r}")
@@ -310,7 +310,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         elif isinstance(m, TrainableTokens):
             m.weight.index_copy_(0, m.token_ids, m.trainable_tokens.to(m.weight.dtype))
-            plain = nn.Embedding(m.num_embeddings, m.embedding_dim, device="meta")
+            # _weight, not device="meta": no init of its own (normal_ on meta imports torch._dynamo, 1-2 s)
+            plain = nn.Embedding(m.num_embeddings, m.embedding_dim, _weight=m.weight)
         elif isinstance(m, TiedTokensHead):
             plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         else:

@@ -171,6 +171,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """`nn.Embedding(num_embeddings, embedding_dim)` that skips its own init on the meta device,
+    where normal_ imports torch._dynamo: 1-2 s of every gpt1.load and `gpt1 info`. On a real
+    device the init runs as before, though GPT._init_weights sets the values again: its draws
+    from the RNG keep a seed giving the weights it always gave."""
+    weight = torch.empty(num_embeddings, embedding_dim)  # on the device that `with torch.device(...)` set
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=weight)
+
+
 class GPT(nn.Module):
     """A GPT-2-style decoder-only transformer (see the module docstring), initialised as GPT-2.
 
@@ -186,8 +197,8 @@ class GPT(nn.Module):
         # here by name, not by a reshape error in the first forward.
         self.config = config.validate()
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=_embedding(config.vocab_size, config.n_embd),
+            wpe=_embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),

@@ -3,7 +3,9 @@
 Messages go through the `gpt1` logger (the CLI routes it to stderr, so stdout stays clean
 for generated text); progress bars are tqdm on stderr, silenced with GPT1_QUIET=1 or when
 `disable=True`. When stderr is not a terminal (a log file, CI, `2>&1 | tee`), a bar is a plain
-line every PLAIN_INTERVAL seconds instead of `\r` redraws that flood the log. Keeping this in one place lets tests and servers run the library silently.
+line every PLAIN_INTERVAL seconds instead of `\r` redraws that flood the log; in Jupyter it is
+tqdm's widget, as wide as the cell. Keeping this in one place lets tests and servers run the
+library silently.
 The lines are `printable`: control characters in them (from names in files made elsewhere) are
 written as escapes, not sent to the terminal as escape sequences.
 """
@@ -53,9 +55,12 @@ def progress(iterable: Iterable[T] | None = None, *, disable: bool | None = None
     if disable is None:
         disable = quiet()
     kwargs.setdefault("smoothing", 0.1)
+    from tqdm.auto import tqdm  # here: tqdm.auto loads asyncio, 0.2 s of every `gpt1 --help`
     if sys.stderr is None:
         disable = True
-    elif sys.stderr.isatty():
+    elif sys.stderr.isatty() or _draws_widgets(tqdm):
+        # In Jupyter (whose stderr is no terminal) tqdm.auto draws a widget: the log file's
+        # settings made it 100 px wide (ncols), updated every 10 s. dynamic_ncols: the cell's width.
         kwargs.setdefault("dynamic_ncols", True)
     else:
         kwargs.setdefault("file", _PlainLines(sys.stderr))
@@ -67,8 +72,14 @@ def progress(iterable: Iterable[T] | None = None, *, disable: bool | None = None
         kwargs.setdefault("miniters", 1)
         kwargs.setdefault("ncols", 100)
         kwargs.setdefault("ascii", True)
-    from tqdm.auto import tqdm  # here: tqdm.auto loads asyncio, 0.2 s of every `gpt1 --help`
     return tqdm(iterable, disable=disable, **kwargs)
+
+
+def _draws_widgets(bar_class: type) -> bool:
+    """Whether tqdm.auto chose its notebook bar (an ipywidgets bar, in a Jupyter kernel). Asked of
+    the tqdm.notebook that this choice imported: importing it here would load IPython everywhere."""
+    notebook = sys.modules.get("tqdm.notebook")
+    return notebook is not None and issubclass(bar_class, notebook.tqdm_notebook)
 
 
 class _PlainLines:

@@ -27,7 +27,10 @@ KNOB_RANGES = {
     "stop": "a list of non-empty strings",
     "seed": "an integer in [-2**63, 2**64) or None (random)",
     "truncate_prompt": "true or false",
+    "logprobs": "None or an integer in [0, 20] (the alternatives shown beside each generated token)",
+    "prompt_logprobs": "None or an integer in [0, 20] (the alternatives shown beside each prompt token)",
 }
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs and vLLM's default cap
 
 # Other libraries' names for gpt1's knobs (Hugging Face's generate, OpenAI, vLLM, llama.cpp, Ollama,
 # TGI, nanoGPT's sample.py), so that an unknown knob spelled their way is told gpt1's name: alias ->
@@ -47,6 +50,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "stop_strings": ("stop", ""),
     "num_return_sequences": ("n", ""),
     "num_samples": ("n", ""),
+    "top_logprobs": ("logprobs", "the number of alternatives; None is off"),
+    "output_scores": ("logprobs", "log-probabilities of the model's own distribution"),
 }
 
 # SamplingParams fields that OpenAI's API (and so gpt1's server) names differently.
@@ -78,6 +83,12 @@ class SamplingParams:
     seed            same seed, same prompt, same knobs -> same text; None = random. A negative
                     seed (OpenAI's seed is an int64) is the same as seed + 2**64
     truncate_prompt a prompt too long for the context keeps its most recent tokens; False = error
+    logprobs        report each generated token's log-probability and this many most likely
+                    alternatives (0 = the token's alone); None = off. Of the model's own
+                    distribution, before the repeat penalty, temperature and filters (vLLM's
+                    default, and what scoring wants): greedy or sampled, the same numbers
+    prompt_logprobs the same for each prompt token the model sees (the first has none: nothing
+                    precedes it); None = off. What lm-eval-harness scores a continuation with
     """
 
     temperature: float = 0.8
@@ -90,6 +101,8 @@ class SamplingParams:
     stop: Sequence[str] = ()
     seed: int | None = None
     truncate_prompt: bool = True
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # A list (as the docs pass it), one string or None (as the OpenAI API allows) is held as a
@@ -140,6 +153,9 @@ class SamplingParams:
             repeat_last_n=integer("repeat_last_n", lambda v: v >= -1),
             max_new_tokens=integer("max_new_tokens", lambda v: v >= 1),
             seed=seed,
+            logprobs=None if self.logprobs is None else integer("logprobs", lambda v: 0 <= v <= MAX_LOGPROBS),
+            prompt_logprobs=(None if self.prompt_logprobs is None
+                             else integer("prompt_logprobs", lambda v: 0 <= v <= MAX_LOGPROBS)),
         )
 
     def override(self, **knobs: Any) -> "SamplingParams":

@@ -105,7 +105,8 @@ class Tokenizer:
             raise Gpt1Error(f"{file}: not a valid tokenizer.json ({e})") from None
         if why := _not_gpt1_pipeline(json.loads(data)):
             raise Gpt1Error(f"{file}: not a gpt1 tokenizer ({why}); gpt1 reads byte-level BPE with the ByteLevel "
-                            "pre-tokenizer and decoder and no normalizer, as `gpt1 tokenizer train` writes it")
+                            "pre-tokenizer and decoder, no normalizer and its special tokens marked special, as "
+                            "`gpt1 tokenizer train` writes it")
         ids = backend.get_vocab(with_added_tokens=True).values()
         if len(ids) != backend.get_vocab_size() or (ids and max(ids) != len(ids) - 1):
             missing = next((i for i in range(len(ids)) if backend.id_to_token(i) is None), max(ids, default=0))
@@ -288,6 +289,32 @@ def _not_gpt1_pipeline(spec: dict) -> str | None:
     vocab = model.get("vocab") or {}
     if bad := next((t for t in vocab if t not in specials and not set(t) <= alphabet), None):
         return f"the token {bad!r} is not made of byte-level characters"
+    return _added_tokens_problem(spec.get("added_tokens", []), vocab)
+
+
+def _added_tokens_problem(added: Any, vocab: dict) -> str | None:
+    """What in a tokenizer.json's added_tokens is not gpt1's, or None: they must be exactly the
+    special tokens its vocab holds, each marked special. `encode_special_tokens` keeps text from
+    turning into the tokens marked special, and only those: an added token marked "special": false
+    ("<|user|>", "[EOS]" or any other) was found in user text and encoded as its id (the role
+    markers of a spoofed turn), under the same fingerprint, which covers the vocab and merges only."""
+    expected = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
+    if not isinstance(added, list) or not all(isinstance(entry, dict) for entry in added):
+        return "its added_tokens are not a list of tokens"
+    seen = set()
+    for entry in added:
+        content = entry.get("content")
+        if not isinstance(content, str) or content not in expected:
+            return (f"the added token {content!r} is not one of the special tokens of its vocab, "
+                    f"{', '.join(expected)}: text would encode into it")
+        if entry.get("special") is not True:
+            return (f"the added token {content} is marked \"special\": {json.dumps(entry.get('special'))}, "
+                    "expected true: text would encode into it")
+        if entry.get("id") != expected[content]:
+            return f"the added token {content} has id {entry.get('id')!r}, its vocab's {expected[content]}"
+        seen.add(content)
+    if missing := [t for t in expected if t not in seen]:
+        return f"the special token {missing[0]} is not among its added_tokens (marked special)"
     return None
 
 

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import heapq
 import itertools
+import json
 import math
 import os
 import time
@@ -115,7 +116,7 @@ def _hash01(seed: int, salt: int, index: np.ndarray) -> np.ndarray:
     return z
 
 
-def _batches(pieces: Iterator[Piece], max_pieces: int) -> Iterator[list[Piece]]:
+def piece_batches(pieces: Iterator[Piece], max_pieces: int) -> Iterator[list[Piece]]:
     """Batches of at most `max_pieces` pieces and about BATCH_CHARS characters (a long document
     arrives as many pieces: the characters bound a batch's memory)."""
     batch: list[Piece] = []
@@ -176,7 +177,8 @@ def _prepared_already(out: Path, key: dict) -> dict | None:
     if not meta_path.is_file():
         return None
     old = read_json(meta_path)
-    if not (isinstance(old, dict) and _recorded_key(old.get("key")) == key and shards_complete(out, old)):
+    if not (isinstance(old, dict) and _recorded_key(old.get("key")) == key and _meta_problem(old) is None
+            and shards_complete(out, old)):
         return None
     info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
     return old
@@ -255,7 +257,7 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
         try:
             with writer, meter, ThreadPoolExecutor(1) as pool:
                 pending = None
-                for batch in _batches(pieces, batch_docs):
+                for batch in piece_batches(pieces, batch_docs):
                     future = pool.submit(tokenizer.encode_batch, [p.text for p in batch])  # overlaps reading the next batch
                     if pending is not None:
                         _write(writer, *pending, commit_bytes)
@@ -291,6 +293,8 @@ def _differences(out: Path, key: dict) -> str:
     diffs = [f"{k}: {old_key.get(k)!r} -> {key[k]!r}" for k in changed if k != "files"]
     if "files" in changed and "sources" not in changed:
         diffs.append("files (changed on disk)")
+    if not diffs and (why := _meta_problem(old)):  # the same preparation, but meta.json is damaged
+        return f"with these settings, but its {META_FILE} is damaged ({why})"
     if not diffs:  # the same preparation, but its shards are not the ones meta.json describes
         return f"with these settings, but its {TRAIN_FILE}/{VAL_FILE} do not match {META_FILE} (damaged)"
     return f"with other settings ({', '.join(diffs)})"
@@ -681,6 +685,9 @@ def load_meta(data_dir: str | Path) -> dict:
         raise Gpt1Error(f"{data_dir / META_FILE}: not a gpt1 shards meta file")
     if meta.get("dtype") != np.dtype(DTYPE).name:
         raise Gpt1Error(f"{data_dir / META_FILE}: dtype {meta.get('dtype')!r}, expected {np.dtype(DTYPE).name}")
+    if why := _meta_problem(meta):
+        raise Gpt1Error(f"{data_dir / META_FILE}: {why}; the data dir is damaged: prepare it again "
+                        "(`gpt1 prepare --overwrite`)")
     if not shards_complete(data_dir, meta):
         for split, what in (("train", "training"), ("val", "validation")):
             if meta[split]["tokens"] == 0:
@@ -690,6 +697,31 @@ def load_meta(data_dir: str | Path) -> dict:
         raise Gpt1Error(f"{data_dir}: train.bin/val.bin are missing or their sizes do not match {META_FILE} "
                         "(rerun `gpt1 prepare`)")
     return meta
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What in the entries of a meta.json that gpt1 reads is not as `ShardWriter.finish` writes
+    them, or None: "train" and "val" objects with a shard's file name and its token count (and
+    document count, where recorded), a "tokenizer" object with a file name and a fingerprint. A
+    string there was a TypeError, a missing count a KeyError; and each "file" is joined onto the
+    data dir: a path ("/etc/x", "../x") would have read a file outside it."""
+    for part, keys in (("tokenizer", ("file", "fingerprint")), ("train", ("file", "tokens")), ("val", ("file", "tokens"))):
+        entry = meta.get(part)
+        if not isinstance(entry, dict):
+            wanted = " and ".join(f'"{key}"' for key in keys)
+            return f'"{part}" must be an object with {wanted}, got {json.dumps(entry):.100}'
+        if missing := next((key for key in keys if key not in entry), None):
+            return f'"{part}" has no "{missing}"'
+        file = entry["file"]
+        if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
+            return f'"{part}.file" must be the name of a file in the data dir, got {json.dumps(file):.100}'
+    if not isinstance(fingerprint := meta["tokenizer"]["fingerprint"], str):
+        return f'"tokenizer.fingerprint" must be a string, got {json.dumps(fingerprint):.100}'
+    for part, count in itertools.product(("train", "val"), ("tokens", "documents")):
+        value = meta[part].get(count, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f'"{part}.{count}" must be a whole number >= 0, got {json.dumps(value):.100}'
+    return None
 
 
 def load_data_tokenizer(data_dir: str | Path, meta: dict | None = None) -> Tokenizer:

@@ -62,6 +62,7 @@ from gpt1.formats.modeldir import (
     ADAPTER_DIR,
     CONFIG_FILE,
     WEIGHTS_FILE,
+    check_layer_count,
     check_replaceable,
     hf_weight_files,
     is_hf_model_dir,
@@ -289,10 +290,6 @@ def _read_weights(path: Path, hf, raw: dict[str, Any], config: ModelConfig) -> d
     unprefixed ones, are the same under transformer.) in gpt1's layout, float32 — once their
     names and shapes, read from the safetensors headers before any data, are exactly those
     config.json describes (lm_head.weight optional where it says tied)."""
-    with torch.device("meta"):
-        model = GPT(dataclasses.replace(config, tie_embeddings=False))
-    expected = {name: tuple(t.shape[::-1] if name.endswith(HF_CONV1D) else t.shape)
-                for name, t in model.state_dict().items()}
     files = hf_weight_files(path)
     found: dict[str, tuple[str, tuple[int, ...], Path]] = {}  # GPT2LMHeadModel's name: the file's name, shape, file
     for file in files:
@@ -302,6 +299,12 @@ def _read_weights(path: Path, hf, raw: dict[str, Any], config: ModelConfig) -> d
             if _gpt2_name(name) in found:
                 raise Gpt1Error(f"{file}: {name} is in {found[_gpt2_name(name)][2].name} too")
             found[_gpt2_name(name)] = name, shape, file
+    # Before a GPT of config.json's n_layer is built to compare the rest (20,000 layers: 30 s, 1.2 GB).
+    check_layer_count(config, path, {name: shape for name, (_, shape, _) in found.items()})
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(config, tie_embeddings=False))
+    expected = {name: tuple(t.shape[::-1] if name.endswith(HF_CONV1D) else t.shape)
+                for name, t in model.state_dict().items()}
 
     described = f"config.json's GPT-2 (n_layer={hf.n_layer}, tie_word_embeddings={json.dumps(hf.tie_word_embeddings)})"
     missing = sorted(set(expected) - set(found) - ({"lm_head.weight"} if hf.tie_word_embeddings else set()))

@@ -149,10 +149,11 @@ def load_weights(model: GPT, file: str | Path) -> None:
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
 
-def check_weight_shapes(model: GPT, file: Path) -> None:
-    """Compare the file's tensor names and shapes (its header only) with the model's, so that a
-    config.json that does not fit the weights is an error before anything is allocated."""
-    shapes = read_shapes(file)
+def check_weight_shapes(model: GPT, file: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Compare the file's tensor names and shapes (its header only, or `shapes` read from it) with
+    the model's, so that a config.json that does not fit the weights is an error before anything
+    is allocated."""
+    shapes = read_shapes(file) if shapes is None else shapes
     expected = {name: tuple(t.shape) for name, t in model_state_dict(model).items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -161,6 +162,19 @@ def check_weight_shapes(model: GPT, file: Path) -> None:
     for name, shape in shapes.items():
         if shape != expected[name]:
             raise Gpt1Error(f"{file}: {name} has shape {shape}, the config expects {expected[name]}")
+
+
+def check_layer_count(config: ModelConfig, file: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a config.json whose n_layer is more than the blocks of `file` (its header's names
+    and shapes, as `read_shapes` gives them: the `transformer.h.{i}.` names) before a GPT of that
+    many blocks is built to compare the rest: n_layer 20,000 beside a 2-layer file built 20,000
+    blocks first (on the meta device, with no weights, but each block's modules: 30 s and 1.2 GB;
+    minutes at ModelConfig's cap). Fewer cost nothing to build: that comparison names the extra
+    tensors."""
+    layers = {name.split(".")[2] for name in shapes if name.startswith("transformer.h.")}
+    if config.n_layer > len(layers):
+        raise Gpt1Error(f"{file}: weights do not match the config ({CONFIG_FILE} says n_layer {config.n_layer:,}, "
+                        f"the weights hold {len(layers):,} layer{'s' * (len(layers) != 1)})")
 
 
 def read_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -233,9 +247,12 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if not (directory / CONFIG_FILE).is_file():
         raise Gpt1Error(not_a_model_dir(directory))
     config = ModelConfig.load(directory / CONFIG_FILE)
+    # Checked before allocating what config.json asks for, and its layer count before building it.
+    shapes = read_shapes(directory / WEIGHTS_FILE)
+    check_layer_count(config, directory / WEIGHTS_FILE, shapes)
     with torch.device("meta"):
         model = GPT(config)
-    check_weight_shapes(model, directory / WEIGHTS_FILE)  # before allocating what config.json asks for
+    check_weight_shapes(model, directory / WEIGHTS_FILE, shapes)
     if torch.device(device).type == "meta":  # the architecture and checked shapes, no weights read
         return model.eval()
     model = model.to_empty(device=device)

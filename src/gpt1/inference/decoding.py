@@ -30,6 +30,15 @@ from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import ASSISTANT, Tokenizer
 
 
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model (natural log), and the most likely tokens at its
+    place with theirs, most likely first (as many as the request's logprobs asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class Chunk:
     """One streamed piece of text: complete UTF-8 characters only."""
@@ -38,6 +47,15 @@ class Chunk:
     finish_reason: str | None = None  # on the last chunk: "stop", "length" or "cancelled"
     prompt_tokens: int = 0  # prompt tokens the model saw (after any truncation)
     completion_tokens: int = 0  # tokens generated so far, the stop token included
+    # With SamplingParams.logprobs: the tokens generated since the last chunk (a token whose text is
+    # held back, a stop string's start or half a character, comes with the chunk that sends it; the
+    # special token that stops generation, counted in completion_tokens but no part of the text,
+    # comes last). None: not asked for.
+    logprobs: list[TokenLogprob] | None = None
+    # With SamplingParams.prompt_logprobs, on the request's first chunk: one per prompt token the
+    # model saw, None for the first (nothing precedes it) and for any that a cancel during the
+    # prompt's prefill left unscored.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -47,6 +65,8 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # see Chunk: one per completion token
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def new_token_limit(prompt_tokens: int, block_size: int, params: SamplingParams) -> int:
@@ -134,6 +154,9 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
         # A max_new_tokens of at most block_size - needed lets the prompt take more than half.
         verb = "lower" if max_new_tokens_chosen else "set"
         advice = f" or {verb} max_new_tokens to at most {block_size - needed}" if needed < block_size else ""
+        if not n_system:  # nothing to shorten: the context is smaller than a turn's markers and one token
+            raise Gpt1Error(f"a {block_size}-token context is too small for a chat turn: its role markers and one "
+                            f"token of text need {needed} tokens, and the prompt may take {budget} here ({why})")
         raise Gpt1Error(f"the system message leaves no room for the conversation: the prompt needs {needed} tokens "
                         f"with it and may take {budget} here ({why}); shorten the system message{advice}")
     return ChatPrompt(ids[:start] + ids[start + cut:], dropped, cut)

@@ -68,8 +68,8 @@ from gpt1.core.progress import logger, warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.threads import cpu_thread_tuner
 from gpt1.core.tokenizer import Tokenizer
-from gpt1.inference.decoding import Chunk, TextState, check_prompt, fit_prompt, new_token_limit
-from gpt1.inference.sampling import PerRow, process_logits, sample
+from gpt1.inference.decoding import Chunk, TextState, TokenLogprob, check_prompt, fit_prompt, new_token_limit
+from gpt1.inference.sampling import PerRow, log_probs, process_logits, sample
 
 Sink = Callable[["Chunk | BaseException"], None]
 RATE_WINDOW_S = 10.0  # tokens/s in /health is measured over this many seconds
@@ -136,6 +136,9 @@ class Request:
     row: int = -1  # its slot while in the batch
     length: int = 0  # positions of its slot that hold its keys and values
     next_token: int | None = None  # sampled, to be fed at the next decode step
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens not yet sent in a Chunk
+    # Of the prompt's tokens so far (params.prompt_logprobs), until its first Chunk takes them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def cancel(self) -> None:
         """Stop this request at the next step (a no-op once it has finished)."""
@@ -310,6 +313,9 @@ def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams | Seque
     for p, name in zip(prompts, names):
         if not isinstance(p, Iterable):
             raise Gpt1Error(f"{name}: expected token ids (a list of ints), got {type(p).__name__}")
+    if config.block_size < 2:  # its one position holds the prompt's last token: none is left for a new one
+        raise Gpt1Error(f"a model with a {config.block_size}-token context (block_size) has no position for a new "
+                        "token: it cannot generate")
     vocab = usable_vocab(config, tokenizer)
     return params, [fit_prompt(check_prompt(p, vocab, tokenizer.eos_id, name), config.block_size, knobs)
                     for p, name, knobs in zip(prompts, names, params)]
@@ -516,6 +522,7 @@ class Engine:
             finite = torch.isfinite(logits).all(dim=-1)
             sampled, errors = self._sample_rows(requests, logits)
             next_ids = torch.where(finite, sampled, -1).tolist()
+            entries = self._token_logprobs(requests, logits, next_ids, errors)
         # The thread tuner compares decode steps of one width over contexts of about one length
         # (a step over 500 positions takes longer than over 5); a step that prefills is not timed,
         # nor any step where there is no tuner (GPUs, or OMP_NUM_THREADS set). Without a prefill,
@@ -531,7 +538,7 @@ class Engine:
             elif token < 0:
                 self._fail(request, self._not_finite())
             else:
-                self._emit(request, token)
+                self._emit(request, token, entries.get(i))
                 given += 1
         with self._lock:
             self.stats.threads = threads
@@ -552,6 +559,8 @@ class Engine:
                 request.row, request.length = len(self._rows), 0
                 self._rows.append(request)
                 try:
+                    if not request.prompt_ids:  # neither prefilling nor decoding: it would hold its slot forever
+                        raise Gpt1Error("an empty prompt reached the engine (a prompt starts from [EOS] at least)")
                     row = self.tokens[request.row]
                     row.fill_(self.config.vocab_size)
                     row[:len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
@@ -581,17 +590,36 @@ class Engine:
             rows = torch.tensor([r.row for r, _ in chosen], device=self.device)
             self.cache.prepare(rows, torch.tensor(positions, device=self.device),
                                max(r.length + len(chunk) for r, chunk in chosen))
-            logits = self.model(torch.tensor(ids, device=self.device), cache=self.cache, last_only=True)[:, -1]
+            # Every position's logits only when a row asks for its prompt's log-probabilities.
+            scored = any(r.params.prompt_logprobs is not None for r, _ in chosen)
+            every = self.model(torch.tensor(ids, device=self.device), cache=self.cache, last_only=not scored)
+            logits = every[:, -1]
         except Exception as e:  # noqa: BLE001 - a failed prefill fails its rows, not the engine
             for request, _ in chosen:
                 self._fail(request, e)
             return [], None, True
         done = []
         for i, (request, chunk) in enumerate(chosen):
+            if request.params.prompt_logprobs is not None:
+                try:
+                    self._score_prompt(request, every[i, T - len(chunk):])
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    self._fail(request, e)
+                    continue
             request.length += len(chunk)
             if not request.prefilling:
                 done.append(i)
         return [chosen[i][0] for i in done], _rows_of(logits, done), True
+
+    def _score_prompt(self, request: Request, logits: torch.Tensor) -> None:
+        """Add the log-probabilities of the prompt tokens that the chunk just fed predicts (its
+        logits, one row per token fed): the chunk's 2nd token to the next chunk's 1st."""
+        if request.length == 0:
+            request.prompt_logprobs = [None]  # the first token: nothing precedes it
+        targets = request.prompt_ids[request.length + 1:request.length + 1 + len(logits)]
+        if targets:
+            request.prompt_logprobs += _logprob_entries(logits[:len(targets), :self.vocab], targets,
+                                                        [request.params.prompt_logprobs] * len(targets))
 
     def _decode(self) -> tuple[list[Request], torch.Tensor | None, int]:
         """One forward for the rows up to the last one with a token to feed: those requests, their
@@ -681,6 +709,22 @@ class Engine:
             self.tokens[rows, context.clamp(max=self.max_len - 1)] = next_ids
         return next_ids
 
+    def _token_logprobs(self, requests: list[Request], logits: torch.Tensor, next_ids: list[int],
+                        errors: dict[int, Exception]) -> dict[int, TokenLogprob]:
+        """The sampled tokens' log-probabilities, by index, for the requests that ask for them (the
+        only ones that pay for a log-softmax); a row whose scoring fails joins `errors`."""
+        wanted = [i for i, r in enumerate(requests)
+                  if r.params.logprobs is not None and i not in errors and next_ids[i] >= 0]
+        if not wanted:
+            return {}
+        try:
+            rows = logits[torch.tensor(wanted, device=logits.device)]
+            scored = _logprob_entries(rows, [next_ids[i] for i in wanted], [requests[i].params.logprobs for i in wanted])
+        except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
+            errors.update(dict.fromkeys(wanted, e))
+            return {}
+        return dict(zip(wanted, scored))
+
     def _window(self, requests: list[Request],
                 params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The rows' repeat-penalty windows (batch, n): the last repeat_last_n tokens of each
@@ -699,21 +743,22 @@ class Engine:
                 if self.dtype_name == "float16" else "; its weights or adapter make the forward pass overflow")
         return GenerationFault(f"the model's next-token logits are NaN or infinite (running in {self.dtype_name}){hint}")
 
-    def _emit(self, request: Request, token: int) -> None:
+    def _emit(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         """Turn a sampled token into text for the request's sink; end it when it is done."""
         state = request.state
         try:
+            if logprob is not None:  # the stop token's too, as it is counted (and as vLLM and OpenAI give it)
+                request.logprobs.append(logprob)
             if token in self.stop_ids:
                 state.completion_tokens += 1
                 text = state.finish("stop")
             else:
                 text = state.add(token)
             if state.finish_reason is not None:
-                self._end(request, "completed", Chunk(text, state.finish_reason, len(request.prompt_ids),
-                                                      state.completion_tokens))
+                self._end(request, "completed", self._chunk(request, text))
                 return
             if text:
-                request.sink(Chunk(text, None, len(request.prompt_ids), state.completion_tokens))
+                request.sink(self._chunk(request, text))
             request.next_token = token
         except _EXITS:
             raise
@@ -731,7 +776,22 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 - an error or a tokenizer's panic: this request fails, the others go on
             self._fail(request, e)
             return
-        self._end(request, "cancelled", Chunk(text, reason, len(request.prompt_ids), state.completion_tokens))
+        self._end(request, "cancelled", self._chunk(request, text, reason))
+
+    def _chunk(self, request: Request, text: str, reason: str | None = None) -> Chunk:
+        """The request's next Chunk: `text`, the finish reason (`reason`, else the text's own once
+        it has ended), its counts, and the log-probabilities not yet sent (the prompt's with its
+        first chunk)."""
+        state = request.state
+        chunk = Chunk(text, reason or state.finish_reason, len(request.prompt_ids), state.completion_tokens)
+        if request.params.logprobs is not None:
+            chunk.logprobs, request.logprobs = request.logprobs, []
+        if request.prompt_logprobs is not None:
+            # One per prompt token: a request cancelled in its prefill has None for those not scored.
+            scored = request.prompt_logprobs
+            chunk.prompt_logprobs = scored + [None] * (len(request.prompt_ids) - len(scored))
+            request.prompt_logprobs = None
+        return chunk
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self._end(request, "failed", error)
@@ -866,6 +926,15 @@ class Engine:
         if self.device.type == "cpu" and threads > 1:
             # ATen splits an op across threads by GRAIN_SIZE (32,768) elements: this one takes them all.
             torch.empty(threads * 32768, dtype=torch.uint8).fill_(0)
+
+
+def _logprob_entries(logits: torch.Tensor, targets: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """Each row's target token with its log-probability and its row's `tops[i]` most likely
+    alternatives (one host copy for them all)."""
+    chosen, values, indices = log_probs(logits, torch.tensor(targets), max(tops))
+    chosen, values, indices = chosen.tolist(), values.tolist(), indices.tolist()
+    return [TokenLogprob(t, lp, tuple(zip(ids[:k], vals[:k])))
+            for t, lp, ids, vals, k in zip(targets, chosen, indices, values, tops)]
 
 
 def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -48,7 +48,7 @@ from gpt1.core.malloc import fit_arenas_to_address_limit
 from gpt1.core.progress import warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import Tokenizer
-from gpt1.inference.decoding import Chunk
+from gpt1.inference.decoding import Chunk, TokenLogprob
 from gpt1.inference.engine import (
     RATE_WINDOW_S,
     Engine,
@@ -276,14 +276,14 @@ class EngineProcess:
                     self._generated.append((now, generated))
                     self._forget_old_counts(now)  # here, not only when /health asks: unpolled, it grew forever
             with self._delivering:
-                for rid, text, finish_reason, prompt_tokens, completion_tokens, error in message["out"]:
+                for rid, text, finish_reason, prompt_tokens, completion_tokens, error, *scores in message["out"]:
                     request = self._live.get(rid)
                     if request is None:  # ended here (stop(), a cancel's last chunk already read)
                         continue
                     if error is not None:
                         item = _rebuild(*error)
                     else:
-                        item = Chunk(text, finish_reason, prompt_tokens, completion_tokens)
+                        item = Chunk(text, finish_reason, prompt_tokens, completion_tokens, *map(_logprobs, scores))
                     if error is not None or finish_reason is not None:
                         request.ended = True
                         with self._lock:
@@ -380,6 +380,13 @@ def _named_error(kind: str) -> type[RuntimeError]:
     return type(kind, (RuntimeError,), {"__module__": __name__})
 
 
+def _logprobs(entries: list | None) -> list[TokenLogprob | None] | None:
+    """A Chunk's log-probabilities back from their JSON arrays ([id, logprob, [[id, logprob], ...]])."""
+    if entries is None:
+        return None
+    return [None if e is None else TokenLogprob(e[0], e[1], tuple(map(tuple, e[2]))) for e in entries]
+
+
 def _deliver(request: RemoteRequest, item: Chunk | BaseException) -> None:
     try:
         request.sink(item)
@@ -414,7 +421,8 @@ def _child_main(model_dir: str, device: str, dtype: str, engine_args: dict, comm
             if isinstance(item, BaseException):
                 outbox.append([rid, "", None, 0, 0, _described(item)])
             else:
-                outbox.append([rid, item.text, item.finish_reason, item.prompt_tokens, item.completion_tokens, None])
+                outbox.append([rid, item.text, item.finish_reason, item.prompt_tokens, item.completion_tokens, None,
+                               item.logprobs, item.prompt_logprobs])  # TokenLogprobs go as JSON arrays
             if isinstance(item, BaseException) or item.finish_reason is not None:
                 requests.pop(rid, None)
         return sink

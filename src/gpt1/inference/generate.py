@@ -121,11 +121,18 @@ def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: Iterable[PromptIds
     prompts = _checked_prompts(prompts, params)
     texts: list[list[str]] = [[] for _ in prompts]
     states: dict[int, TextState] = {}
+    logprobs: list[list | None] = [None] * len(prompts)
+    prompt_logprobs: list[list | None] = [None] * len(prompts)
     for i, chunk, state in _run(model, tokenizer, prompts, params):
         texts[i].append(chunk.text)
         states[i] = state
+        if chunk.logprobs is not None:
+            logprobs[i] = logprobs[i] or []
+            logprobs[i] += chunk.logprobs
+        if chunk.prompt_logprobs is not None:
+            prompt_logprobs[i] = chunk.prompt_logprobs
     return [Completion("".join(texts[i]), states[i].token_ids, states[i].finish_reason, states[i].prompt_tokens,
-                       states[i].completion_tokens) for i in range(len(prompts))]
+                       states[i].completion_tokens, logprobs[i], prompt_logprobs[i]) for i in range(len(prompts))]
 
 
 def _checked_prompts(prompts: Any, params: Any) -> list[PromptIds]:

@@ -21,7 +21,7 @@ from gpt1.core.sampling_params import preset as named_preset
 from gpt1.core.tokenizer import Tokenizer, check_text
 from gpt1.formats.modeldir import load_model
 from gpt1.inference import generate as gen
-from gpt1.inference.decoding import chat_prompt_ids, prompt_budget, warn_if_cut, warn_if_message_cut
+from gpt1.inference.decoding import Completion, chat_prompt_ids, prompt_budget, warn_if_cut, warn_if_message_cut
 
 # The dtypes a model can be loaded in for inference, by name (`--dtype` of generate, chat and serve).
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,15 +115,41 @@ class LLM:
         prompt that leaves no room for max_new_tokens keeps its most recent tokens, with a warning.
         With `n`, a list of n samples decoded together, seeded seed, seed + 1, ... when `seed`
         is given (see SamplingParams.samples): reproducible, and different from each other."""
-        params = self.sampling_params(**knobs)
+        params = self._text_params(knobs)
         if n is not None:
             return self._samples(params.samples(n), self._prompt_ids(prompt, params))
         return gen.generate(self.model, self.tokenizer, self._prompt_ids(prompt, params), params).text
 
+    @overload
+    def complete(self, prompt: str, *, n: None = None, **knobs) -> Completion: ...
+    @overload
+    def complete(self, prompt: str, *, n: int, **knobs) -> list[Completion]: ...
+
+    def complete(self, prompt: str, *, n: int | None = None, **knobs) -> Completion | list[Completion]:
+        """As `generate`, but the whole `Completion`: the text, its token ids, the finish reason,
+        the token counts, and with `logprobs=k` / `prompt_logprobs=k` the log-probabilities of the
+        reply's / the prompt's tokens (the model's own, each with its k most likely alternatives).
+        `llm.complete(text, max_new_tokens=1, prompt_logprobs=0).prompt_logprobs` scores a text."""
+        params = self.sampling_params(**knobs)
+        ids = self._prompt_ids(prompt, params)
+        if n is not None:
+            samples = params.samples(n)
+            return gen.generate_batch(self.model, self.tokenizer, [ids] * len(samples), samples)
+        return gen.generate(self.model, self.tokenizer, ids, params)
+
+    def _text_params(self, knobs: dict) -> SamplingParams:
+        """The knobs of a call that returns text: log-probabilities would be computed and dropped."""
+        params = self.sampling_params(**knobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(params, name) is not None:
+                raise Gpt1Error(f"{name}: generate, stream and chat return text only; llm.complete(...) returns the "
+                                "Completion with its log-probabilities")
+        return params
+
     def stream(self, prompt: str, **knobs) -> Iterator[str]:
         """Like `generate`, yielding text pieces as they are produced. The prompt and knobs are
         checked at the call, as `generate` checks them."""
-        params = self.sampling_params(**knobs)
+        params = self._text_params(knobs)
         return self._pieces(self._prompt_ids(prompt, params), params)
 
     @overload
@@ -138,13 +164,13 @@ class LLM:
         and a warning says how many tokens went). With `n`, a list of n replies, as `generate`'s."""
         if n is None:
             return "".join(self.chat_stream(messages, **knobs))
-        params = self.sampling_params(**knobs)
+        params = self._text_params(knobs)
         return self._samples(params.samples(n), self._chat_ids(messages, params))
 
     def chat_stream(self, messages: Sequence[Mapping[str, Any]], **knobs) -> Iterator[str]:
         """Like `chat`, yielding text pieces as they are produced. The messages and knobs are
         checked at the call, as `chat` checks them."""
-        params = self.sampling_params(**knobs)
+        params = self._text_params(knobs)
         return self._pieces(self._chat_ids(messages, params), params)
 
     def _chat_ids(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams) -> list[int]:

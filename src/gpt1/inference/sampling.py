@@ -183,3 +183,13 @@ def sample(logits: torch.Tensor, temperature: Knob, generators: Sequence[torch.G
     last_possible = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
     ids = torch.where(probs.gather(1, ids) > 0, ids, last_possible)[:, 0]
     return torch.where(_per_row(temperature, logits)[:, 0] == 0, greedy_ids, ids)
+
+
+def log_probs(logits: torch.Tensor, ids: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of raw logits (n, vocab), the model's own distribution: each row's log-probability of its
+    token `ids` (n,), and its `top` most likely tokens' (n, top) log-probabilities and ids, most
+    likely first. In float32 whatever the logits' dtype (a bfloat16 log-softmax is off by ~1e-2)."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, ids.to(logits.device)[:, None])[:, 0]
+    values, indices = logp.topk(min(top, logp.size(-1)), dim=-1)
+    return chosen, values, indices

@@ -7,7 +7,7 @@ import dataclasses
 
 from gpt1.core.chat_template import validate_messages
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.sampling_params import API_NAMES, SamplingParams
+from gpt1.core.sampling_params import API_NAMES, MAX_LOGPROBS, SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.serve.errors import ApiError, json_repr
 from gpt1.serve.schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, GenerationRequest
@@ -83,6 +83,7 @@ def sampling_params(req: GenerationRequest, max_tokens: int | None, max_tokens_p
         knobs["max_new_tokens"] = max_tokens
     knobs["stop"] = tuple(stop)
     knobs["truncate_prompt"] = bool(req.truncate_prompt)  # null: the default, false
+    knobs["logprobs"], knobs["prompt_logprobs"] = logprob_counts(req)
     try:
         return SamplingParams(**knobs).validate()
     except Gpt1Error as e:
@@ -90,6 +91,28 @@ def sampling_params(req: GenerationRequest, max_tokens: int | None, max_tokens_p
         param = max_tokens_param if field == "max_new_tokens" else field
         message = str(e).replace("max_new_tokens", max_tokens_param)
         raise ApiError(400, message, param=param) from None
+
+
+def logprob_counts(req: GenerationRequest) -> tuple[int | None, int | None]:
+    """SamplingParams' (logprobs, prompt_logprobs) from the request: a chat's logprobs: true with
+    top_logprobs alternatives; a completion's logprobs count, for the prompt too with echo."""
+    if isinstance(req, ChatCompletionRequest):
+        top = req.top_logprobs
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top}",
+                           param="top_logprobs")
+        if not req.logprobs:
+            if top:  # as OpenAI: alternatives of no logprobs are a mistake, not something to ignore
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return None, None
+        return top or 0, None
+    count = getattr(req, "logprobs", None)
+    if count is None:
+        return None, None
+    if not 0 <= count <= MAX_LOGPROBS:
+        raise ApiError(400, f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the alternatives per token), "
+                            f"got {count}", param="logprobs")
+    return count, count if getattr(req, "echo", False) else None
 
 
 def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_tokens: int | None,

@@ -29,6 +29,7 @@ from gpt1.inference.engine import Request as EngineRequest
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve import mapping
 from gpt1.serve.errors import ApiError, error_responses, generation_error, resource_shortage
+from gpt1.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from gpt1.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gpt1.serve.metrics import metrics_text
 from gpt1.serve.middleware import is_fault
@@ -205,15 +206,19 @@ def _raised_at(e: Exception) -> tuple[str, str, int] | None:
 async def collect(request: Request, requests: list[EngineRequest], queue: asyncio.Queue) -> list[dict] | None:
     """Each request's text, finish_reason and usage; None (and the requests stopped) if the client left.
     A failure is the ApiError of the app's FailureLog (`Served.failures`)."""
-    results = [{"text": [], "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0} for _ in requests]
+    results = [{"text": [], "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "logprobs": [],
+                "prompt_logprobs": None} for _ in requests]
 
     async def consume() -> None:
         async for batch in chunk_batches(requests, queue):
             for index, chunk in batch:
                 r = results[index]
                 r["text"].append(chunk.text)
+                r["logprobs"] += chunk.logprobs or ()
                 r.update(finish_reason=chunk.finish_reason, prompt_tokens=chunk.prompt_tokens,
                          completion_tokens=chunk.completion_tokens)
+                if chunk.prompt_logprobs is not None:
+                    r["prompt_logprobs"] = chunk.prompt_logprobs
 
     async def disconnected() -> None:
         # The body has been read, so the next message the server sends is http.disconnect.
@@ -290,12 +295,13 @@ def _no_usage(include_usage: bool) -> dict:
 
 
 async def _chat_events(requests, queue, rid, now, model_id, include_usage, interval,
-                       failures: FailureLog | None = None) -> AsyncIterator[str]:
+                       failures: FailureLog | None = None, tokenizer=None) -> AsyncIterator[str]:
     """The chat stream's events, a choice per request (OpenAI's `n`: each chunk names its choice's
-    index); a failure is an error event, said in `failures` (None: a log of its own)."""
-    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> dict:
+    index); a failure is an error event, said in `failures` (None: a log of its own). With
+    logprobs, each content chunk carries its tokens' (`tokenizer` names them)."""
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         return {**_envelope(rid, "chat.completion.chunk", now, model_id),
-                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
                 **_no_usage(include_usage)}
 
     prompt_tokens, completion_tokens, finished = 0, 0, 0
@@ -306,7 +312,9 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
         async for batch in chunk_batches(requests, queue, interval):
             events = []  # what a stream has waiting goes out in one write
             for index, c in batch:
-                if c.text:
+                if c.logprobs:  # not the template's: the event has more than its text to fill in
+                    events.append(_sse(chunk(index, {"content": c.text}, logprobs=chat_logprobs(tokenizer, c.logprobs))))
+                elif c.text:
                     events.append(content_events[index](c.text))
                 if c.finish_reason is not None:
                     events.append(_sse(chunk(index, {}, c.finish_reason)))
@@ -329,13 +337,15 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
 
 
 async def _completion_events(requests, queue, rid, now, model_id, include_usage, interval,
-                             failures: FailureLog | None = None, n: int = 1) -> AsyncIterator[str]:
+                             failures: FailureLog | None = None, n: int = 1,
+                             scoring: "_CompletionScoring | None" = None) -> AsyncIterator[str]:
     """The completion stream's events, a choice per request: `n` consecutive ones per prompt (the
     prompt's tokens counted once in the usage); a failure is an error event, said in `failures`
-    (as `_chat_events`)."""
-    def chunk(index: int, text: str, finish_reason: str | None = None) -> dict:
+    (as `_chat_events`). With `scoring` (echo or logprobs), each choice's first chunk starts with
+    its echoed prompt, and every chunk carries its tokens' log-probabilities."""
+    def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         return {**_envelope(rid, "text_completion", now, model_id),
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
                 **_no_usage(include_usage)}
 
     prompt_tokens = completion_tokens = 0
@@ -344,12 +354,17 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
         async for batch in chunk_batches(requests, queue, interval):
             events = []  # what the stream has waiting goes out in one write
             for index, c in batch:
-                if c.finish_reason is not None:
+                if scoring is not None:
+                    text, logprobs = scoring.piece(index // n, index, c)
+                    if text or logprobs is not None or c.finish_reason is not None:
+                        events.append(_sse(chunk(index, text, c.finish_reason, logprobs)))
+                elif c.finish_reason is not None:
                     events.append(_sse(chunk(index, c.text, c.finish_reason)))
-                    prompt_tokens += c.prompt_tokens if index % n == 0 else 0
-                    completion_tokens += c.completion_tokens
                 elif c.text:
                     events.append(text_events[index](c.text))
+                if c.finish_reason is not None:
+                    prompt_tokens += c.prompt_tokens if index % n == 0 else 0
+                    completion_tokens += c.completion_tokens
             if events:
                 yield "".join(events)
     except BaseException as e:  # noqa: BLE001 - the status line is sent: report in the stream
@@ -363,6 +378,49 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
         yield _sse({**_envelope(rid, "text_completion", now, model_id), "choices": [],
                     "usage": _usage(prompt_tokens, completion_tokens)})
     yield "data: [DONE]\n\n"
+
+
+class _CompletionScoring:
+    """A completion request's echo and legacy logprobs, choice by choice as its chunks come:
+    the prompt's text (and its tokens' log-probabilities) before the choice's first text, and
+    text offsets counted on from there (OpenAI's: from the start of the prompt)."""
+
+    def __init__(self, tokenizer, req: CompletionRequest, prompts: list[list[int]]):
+        self.tokenizer, self.echo, self.scored = tokenizer, bool(req.echo), req.logprobs is not None
+        self.prompts = prompts
+        # A prompt given as a string is echoed as given (when the model saw all of it).
+        given = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+            else [req.prompt]
+        self.given = [g if isinstance(g, str) else None for g in given]
+        self.offsets: dict[int, TextOffsets] = {}  # choice -> where its next token starts
+
+    def _prompt(self, prompt: int, seen: int) -> tuple[str, list[int]]:
+        """The prompt's text and the token ids the model saw of it (its last `seen`; none for an
+        empty prompt, whose [EOS] the model saw is no part of it)."""
+        ids = self.prompts[prompt]
+        seen_ids = ids[len(ids) - seen:] if ids else []
+        given = self.given[prompt]
+        text = given if given is not None and len(seen_ids) == len(ids) else self.tokenizer.decode(seen_ids)
+        return text, seen_ids
+
+    def piece(self, prompt: int, choice: int, c: Chunk) -> tuple[str, dict | None]:
+        """The chunk's text and logprobs object for choice `choice` of prompt `prompt`."""
+        text, ids, entries = c.text, [], []
+        if choice not in self.offsets:  # the choice's first chunk
+            prompt_text, prompt_ids = self._prompt(prompt, c.prompt_tokens)
+            offsets = self.offsets[choice] = TextOffsets(self.tokenizer)
+            if self.echo:
+                text = prompt_text + text
+                if self.scored and prompt_ids:
+                    ids, entries = prompt_ids, list(c.prompt_logprobs or [None] * len(prompt_ids))[-len(prompt_ids):]
+            else:  # the reply's offsets count on from the prompt's end (a character it began, the reply ends)
+                for token_id in prompt_ids:
+                    offsets.take(token_id)
+        if not self.scored:
+            return text, None
+        ids += [e.token_id for e in c.logprobs or ()]
+        entries += c.logprobs or ()
+        return text, completion_logprobs(self.tokenizer, ids, entries, self.offsets[choice])
 
 
 # ---- the threads that build prompts --------------------------------------------------------------
@@ -517,13 +575,15 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream_response(_chat_events(requests, queue, rid, now, model_id, include_usage,
-                                                 stream_interval, served.failures))
+                                                 stream_interval, served.failures, served.tokenizer))
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         return {**_envelope(rid, "chat.completion", now, model_id),
                 "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                             "logprobs": None, "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
+                             "logprobs": (chat_logprobs(served.tokenizer, r["logprobs"]) if params.logprobs is not None
+                                          else None),
+                             "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
                 # The choices share one prompt, counted once (as OpenAI and vLLM count it).
                 "usage": _usage(results[0]["prompt_tokens"], sum(r["completion_tokens"] for r in results))}
 
@@ -548,15 +608,22 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         requests, queue = submit(served.engine, [p for p in prompts for _ in range(n)],
                                  [knobs for p in per_prompt for knobs in p.samples(n)])
         rid, now, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
+        scoring = _CompletionScoring(served.tokenizer, req, prompts) if req.echo or req.logprobs is not None else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream_response(_completion_events(requests, queue, rid, now, model_id, include_usage,
-                                                       stream_interval, served.failures, n))
+                                                       stream_interval, served.failures, n, scoring))
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        return {**_envelope(rid, "text_completion", now, model_id),
-                "choices": [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
-                            for i, r in enumerate(results)],
+        choices = []
+        for i, r in enumerate(results):
+            text, logprobs = r["text"], None
+            if scoring is not None:  # the whole reply as one chunk
+                text, logprobs = scoring.piece(i // n, i, Chunk(text, r["finish_reason"], r["prompt_tokens"],
+                                                                r["completion_tokens"], r["logprobs"],
+                                                                r["prompt_logprobs"]))
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": r["finish_reason"]})
+        return {**_envelope(rid, "text_completion", now, model_id), "choices": choices,
                 "usage": _usage(sum(r["prompt_tokens"] for r in results[::n]),  # each prompt once
                                 sum(r["completion_tokens"] for r in results))}

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from gpt1.core.sampling_params import KNOB_RANGES
+from gpt1.core.sampling_params import KNOB_RANGES, MAX_LOGPROBS
 from gpt1.serve.errors import json_repr
 
 MAX_STOP = 4  # stop strings per request, as OpenAI
@@ -212,9 +212,11 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens (send one, or "
                                                                 "both equal)",
                                               json_schema_extra=_MAX_TOKENS)
-    logprobs: bool | None = Field(None, description="unsupported: only false")
-    # top_logprobs needs logprobs: true, which is refused first, so 0 is neutral.
-    top_logprobs: int | None = Field(None, description="unsupported: only 0")
+    logprobs: bool | None = Field(None, description="true: each reply token's log-probability under the model, "
+                                                    "before the sampling knobs (choices[].logprobs.content)")
+    top_logprobs: int | None = Field(None, description=f"0 to {MAX_LOGPROBS}: the most likely tokens at each place, "
+                                                       "with theirs (needs logprobs: true)",
+                                     json_schema_extra={"minimum": 0, "maximum": MAX_LOGPROBS})
     response_format: dict[str, Any] | None = Field(None, description='unsupported: only {"type": "text"}')
     tools: list[dict[str, Any]] | None = Field(None, description="unsupported: only []")
     # Without tools, "auto" calls none either; parallel_tool_calls has nothing to apply to.
@@ -238,12 +240,17 @@ class ChatCompletionRequest(GenerationRequest):
     safety_identifier: str | None = None
 
     NEUTRAL: ClassVar[dict[str, tuple]] = {
-        **GenerationRequest.NEUTRAL, "logprobs": (None, False), "top_logprobs": (None, 0),
+        **GenerationRequest.NEUTRAL,
         "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
         "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"]),
         "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "verbosity": (None, "medium"),
         "web_search_options": (None,), "service_tier": (None, "auto", "default"), "functions": (None, []),
         "function_call": (None, "none", "auto")}
+    # The stream rule, and mapping.logprob_counts': alternatives only with logprobs: true.
+    SCHEMA_RULES: ClassVar[dict] = {"allOf": [
+        GenerationRequest.SCHEMA_RULES,
+        {"if": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+         "else": {"properties": {"top_logprobs": {"enum": [None, 0]}}}}]}
 
 
 def _prompt_form(value: Any) -> str | None:
@@ -272,11 +279,14 @@ Prompt = Annotated[Annotated[str, Tag("str")] | Annotated[list[str], Tag("list[s
 class CompletionRequest(GenerationRequest):
     prompt: Prompt = Field(description="a string, token ids in [0, the vocabulary size), or a non-empty list of "
                                        "either (one choice each); \"\" starts from [EOS]")
-    echo: bool | None = Field(False, description="unsupported: only false")
-    logprobs: int | None = Field(None, description="unsupported: only null")
+    echo: bool | None = Field(False, description="true: the text starts with the prompt (with logprobs, their "
+                                                 "list too: the prompt's tokens first, the first null)")
+    logprobs: int | None = Field(None, description=f"0 to {MAX_LOGPROBS}: each token's log-probability under the "
+                                                   "model, before the sampling knobs, and this many most likely "
+                                                   "alternatives (OpenAI's legacy shape)",
+                                 json_schema_extra={"minimum": 0, "maximum": MAX_LOGPROBS})
     best_of: int | None = Field(None, description="unsupported: only null or 1")
     suffix: str | None = Field(None, description="unsupported: only null or \"\"")
 
-    # logprobs is a count here, and 0 still asks for the sampled token's logprob: only null is neutral.
-    NEUTRAL: ClassVar[dict[str, tuple]] = {**GenerationRequest.NEUTRAL, "echo": (None, False), "logprobs": (None,),
+    NEUTRAL: ClassVar[dict[str, tuple]] = {**GenerationRequest.NEUTRAL,
                                            "best_of": (None, 1), "suffix": (None, "")}

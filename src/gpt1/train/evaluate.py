@@ -30,8 +30,8 @@ from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import progress
 from gpt1.core.threads import tuned_threads
-from gpt1.data.shards import check_fingerprint, load_meta, looks_prepared, sequential_windows
-from gpt1.data.sources import SourceStats, iter_documents, source_specs
+from gpt1.data.shards import check_fingerprint, load_meta, looks_prepared, piece_batches, sequential_windows
+from gpt1.data.sources import SourceStats, iter_pieces, source_specs
 from gpt1.train import distributed
 from gpt1.train.precision import autocast, resolve_precision
 
@@ -149,12 +149,7 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
         tokens = np.memmap(Path(data[0]) / meta["val"]["file"], dtype=np.uint16, mode="r")
         source = str(Path(data[0]) / meta["val"]["file"])
     else:
-        eos = llm.tokenizer.eos_id
-        ids: list[int] = []
-        for text in iter_documents(data, text_field=text_field, skip_invalid=skip_invalid, stats=stats):
-            ids.extend(llm.tokenizer.encode(text))
-            ids.append(eos)
-        tokens = np.array(ids, dtype=np.int64)
+        tokens = _text_tokens(llm.tokenizer, data, text_field, skip_invalid, stats)
         source = ", ".join(data)
     if len(tokens) < 2:
         raise Gpt1Error(f"{source}: {len(tokens)} token(s), nothing to predict (perplexity scores every token "
@@ -165,7 +160,13 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
     n_windows = math.ceil((len(tokens) - 1) / block_size)
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
-    # A damaged val.bin (an id outside the vocabulary) is refused by name, not an IndexError.
+    # The bytes the scored tokens hold, counted before the hours of scoring: a source with no text
+    # to score is refused at once, and so is a damaged val.bin (an id outside the vocabulary).
+    predicted = min(n_windows * block_size, len(tokens) - 1)
+    n_bytes = _predicted_bytes(tokens, predicted, token_byte_lengths(llm.tokenizer), source)
+    if not n_bytes:  # e.g. a one-token file: only its [EOS] is predicted; bits per byte would be NaN
+        raise Gpt1Error(f"{source}: the {predicted:,} token(s) predicted are special tokens with no text ([EOS]); "
+                        "bits per byte needs text after the first token")
     windows = sequential_windows(tokens, block_size, batch_size, max_batches, vocab_size=llm.tokenizer.vocab_size,
                                  path=source)
     loss, n = evaluate_loss(llm.model, windows, llm.device,
@@ -174,10 +175,40 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
     if not n:  # a mean over nothing is NaN, which no report or JSON should carry
         raise Gpt1Error(f"{source}: no tokens to score")
     check_finite(loss, f"{source}: the loss", llm, precision)
-    predicted = np.asarray(tokens[1:min(n_windows * block_size, len(tokens) - 1) + 1], dtype=np.int64)
-    n_bytes = int(token_byte_lengths(llm.tokenizer)[predicted].sum())
-    if not n_bytes:  # e.g. a one-token file: only its [EOS] is predicted; bits per byte would be NaN
-        raise Gpt1Error(f"{source}: the {n:,} token(s) predicted are special tokens with no text ([EOS]); "
-                        "bits per byte needs text after the first token")
     return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes,
                       skipped=sum(stats.skipped.values()), skipped_by_reason=dict(stats.skipped))
+
+
+def _text_tokens(tokenizer, data: list[str], text_field: str, skip_invalid: bool, stats: SourceStats) -> np.ndarray:
+    """The ids of text sources with [EOS] after each document, as `prepare` writes them: the
+    documents' pieces encoded in prepare's batches, kept as int32 arrays (a 20 MB text file encoded
+    whole into a list of Python ints took 3.8 GB)."""
+    arrays = []
+    pieces = iter_pieces(data, text_field=text_field, skip_invalid=skip_invalid, stats=stats)
+    for batch in piece_batches(pieces, max_pieces=1024):  # prepare's --batch-docs
+        ids: list[int] = []
+        for piece, piece_ids in zip(batch, tokenizer.encode_batch([p.text for p in batch])):
+            ids.extend(piece_ids)
+            if piece.ends_document:
+                ids.append(tokenizer.eos_id)
+        arrays.append(np.array(ids, dtype=np.int32))
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+
+
+BYTES_CHUNK = 1 << 20  # tokens whose byte lengths are looked up at a time (8 MB of int64)
+
+
+def _predicted_bytes(tokens: np.ndarray, predicted: int, lengths: np.ndarray, source: str) -> int:
+    """The UTF-8 bytes of tokens[1:predicted + 1] (`lengths`: `token_byte_lengths`), summed a chunk
+    at a time: a 200 MB val.bin looked up whole, as int64, took 1.76 GB. An id outside the
+    vocabulary is refused by name, not an IndexError."""
+    total = 0
+    for start in range(1, predicted + 1, BYTES_CHUNK):
+        chunk = np.asarray(tokens[start:min(start + BYTES_CHUNK, predicted + 1)])
+        if chunk.max() >= len(lengths):
+            at = int(np.argmax(chunk >= len(lengths)))
+            raise Gpt1Error(f"{source}: token id {int(chunk[at]):,} at token {start + at:,} is not below the vocabulary "
+                            f"size {len(lengths):,}; the shard is damaged or was made with another tokenizer "
+                            "(run `gpt1 prepare` again)")
+        total += int(lengths[chunk].sum())
+    return total

@@ -1,7 +1,8 @@
-"""LoRA chat fine-tuning: a base model dir + chat data -> a chat model dir.
+"""Chat fine-tuning, LoRA or full: a base model dir + chat data -> a chat model dir.
 
 `finetune(cfg, base, out)` loads the base, injects LoRA (`gpt1.core.lora`), freezes every base
-weight except the special-token embedding rows, reads and encodes the chat data
+weight except the special-token embedding rows (with `full=true`: trains every weight instead,
+no adapter), reads and encodes the chat data
 (`gpt1.data.chat_sources`, `gpt1.data.chat`) and runs the shared training loop (`gpt1.train.loop.train`) with padded,
 shuffled chat batches whose labels cover assistant replies only. `data` is one chat source or a
 list of them (a mixture, read together). Validation: loss and perplexity on the assistant tokens
@@ -17,6 +18,10 @@ The run dir `out` is a model dir (`gpt1.load(out)` applies the adapter):
     base.json                     where the base came from: its path, and the sha256 of its weights (and
                                   adapter, for a fine-tuned base: `weights_fingerprint`)
     + train_config.json, metrics.jsonl, loss.png, checkpoints/ (as every training run)
+
+With `full=true` the run dir is a plain model dir with the chat template: config.json,
+tokenizer.json, chat_template.jinja and model.safetensors holding every trained weight (no
+adapter/, no base.json; train_config.json records the base's path and fingerprint).
 
 train_config.json's `data` records the training sequences (count, tokens, sha256: a resume on
 other data is refused) and the held-out conversations (`validation`: count and
@@ -116,6 +121,7 @@ class FinetuneConfig(TrainConfig):
     epochs: float = 1.0
     lr: float = 1e-4
     warmup: float = 0.0
+    full: bool = False  # train every weight (full fine-tuning) instead of a LoRA adapter; the lora_ keys then do not apply
     lora_r: int = 8
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
@@ -151,6 +157,15 @@ class FinetuneConfig(TrainConfig):
                             "and trains no embeddings but the special tokens' rows (at lr)")
         if self.float8:  # LoRA wraps the very layers FP8 would swap; the two together are untested
             raise Gpt1Error("float8=true is for pretraining; LoRA fine-tuning runs in bf16-mixed, fp16-mixed or fp32")
+        if self.full:  # LoRA's keys would be recorded as if they applied: refused, as pretraining's keys are
+            lora = [f"{name}={getattr(self, name)!r}" for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                                                                  "train_special_tokens")
+                    if getattr(self, name) != FinetuneConfig.__dataclass_fields__[name].default]
+            if lora:
+                raise Gpt1Error(f"{', '.join(lora)}: LoRA keys, and full=true trains every weight without an adapter "
+                                "(the special tokens' rows included); leave them out, or drop full=true for a LoRA "
+                                "fine-tune")
+            return
         self.lora_config()  # validates r, dropout and targets
 
     @property
@@ -186,6 +201,9 @@ def prepare_model(base: str | Path, cfg: FinetuneConfig):
     model, tokenizer = load_base(base)
     if cfg.dropout >= 0:  # -1: the base's own rate (a GPT-2 import's 0.1, a gpt1 base's as it was trained)
         set_dropout(model, cfg.dropout)
+    if cfg.full:
+        model.requires_grad_(True)  # an HF import or a merged chat base may come with some frozen
+        return model.train(), tokenizer
     token_ids = tokenizer.special_ids if cfg.train_special_tokens else []
     torch.manual_seed(cfg.seed)  # the random init of the A matrices is part of the run
     inject_lora(model, cfg.lora_config(token_ids))
@@ -212,6 +230,14 @@ def save_finetuned(directory: str | Path, model: torch.nn.Module, tokenizer, bas
     write_text(directory / TEMPLATE_FILE, JINJA_TEMPLATE)
     save_adapter(model, directory / ADAPTER_DIR, base.get("path"))
     return directory
+
+
+def save_full(directory: str | Path, model: torch.nn.Module, tokenizer) -> Path:
+    """Write a fully fine-tuned model into `directory`: a plain model dir (every weight) with the
+    chat template, which makes it a chat model."""
+    save_model(directory, model, tokenizer)
+    write_text(Path(directory) / TEMPLATE_FILE, JINJA_TEMPLATE)
+    return Path(directory)
 
 
 def load_chat_splits(cfg: FinetuneConfig, stats=None):
@@ -313,7 +339,10 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({model.config.block_size})")
 
     def save_model(directory: Path, m: torch.nn.Module) -> None:
-        save_finetuned(directory, m, tokenizer, base_info)
+        if cfg.full:
+            save_full(directory, m, tokenizer)
+        else:
+            save_finetuned(directory, m, tokenizer, base_info)
 
     # Recorded in the run dir's train_config.json with the run's config: its base, as a path.
     run_cfg = dataclasses.replace(cfg, init_from=str(base.resolve()))  # as the OS names it: the loop records it as text
@@ -352,16 +381,24 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         info(f"chat data {data_name}: {stats.summary()}")
         info(f"train: {train_data.summary()}")
         info(f"validation: {val_data.summary()} ({len(val)} batch{'es' if len(val) != 1 else ''} used)")
+        # What keep_best and early_stop act on is missing: they would do nothing, silently.
+        idle = [f"{k}={str(getattr(cfg, k)).lower()}" for k in ("keep_best", "early_stop") if getattr(cfg, k)]
+        idle_words = f" ({' and '.join(idle)} do{'es' if len(idle) == 1 else ''} nothing)" if idle else ""
         if not val and val_convs:
             warn(f"{data_name}: nothing to validate on, the held-out conversations left no sequence "
-                 f"({val_data.why_empty()}): the run reports no validation loss")
+                 f"({val_data.why_empty()}): the run reports no validation loss{idle_words}")
         elif not val and cfg.val_fraction > 0:
             trees = len({c.group for c in train_convs})
             warn(f"{data_name}: nothing held out for validation (val_fraction holds out whole message trees, and "
-                 f"the data has {trees:,} tree{'s' if trees != 1 else ''}): the run reports no validation loss")
+                 f"the data has {trees:,} tree{'s' if trees != 1 else ''}): the run reports no validation "
+                 f"loss{idle_words}")
+        elif not val and idle:
+            warn(f"{data_name}: val_fraction=0 holds nothing out: there is no validation, and {' and '.join(idle)} "
+                 f"do{'es' if len(idle) == 1 else ''} nothing")
         trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
-        info(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {', '.join(cfg.lora_targets)}: {trainable:,} trainable "
-             f"parameters of {total:,} ({100 * trainable / total:.2f}%)")
+        method = ("full fine-tuning" if cfg.full
+                  else f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {', '.join(cfg.lora_targets)}")
+        info(f"{method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
         at_most, sooner = step_cap_words(cfg)
         # The sampler's epochs (each a whole number of steps), not sequences drawn / sequences:
         # the top-up of an epoch's last step is not a part of the next epoch.

@@ -83,26 +83,37 @@ over the device's peak from PEAK_FLOPS.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import datetime
 import itertools
 import json
 import math
+import os
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
 from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.environment import environment
 from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
-from gpt1.core.io import atomic_dir, crash_point, exclusive, make_dirs, write_text, writing
+from gpt1.core.io import (
+    OWN_FILES,
+    OWN_FOLDERS,
+    atomic_dir,
+    check_within,
+    crash_point,
+    exclusive,
+    make_dirs,
+    write_text,
+    writing,
+)
 from gpt1.core.malloc import freed_memory_kept
 from gpt1.core.progress import info, progress, warn
 from gpt1.core.threads import cpu_thread_tuner
@@ -178,10 +189,81 @@ def step_cap_words(cfg: TrainConfig) -> tuple[str, str]:
     return "at most ", f"; time_budget={cfg.time_budget:g} s may end it sooner"
 
 
+TRIM_BLOCK = 1 << 20  # bytes of metrics.jsonl read at a time, from its end, by a resume
+
+
 def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after `step` (written by a run killed after its last checkpoint)."""
+    """Drop metric lines after `step` (written by a run killed after its last checkpoint), and
+    those that are not JSON records. A file as the loop writes it (a record a step, in order) is
+    read from its end back to the last record at or before `step`, and cut there; nothing is
+    written when none follows it (every resume read, parsed and rewrote a week-long run's 3M
+    lines: 29 s and 2.4 GB). Where a line read so is not such a record (other than a last line
+    cut short by a kill), the file was not written by the loop alone: all of it is filtered."""
     if not path.is_file():
         return
+    cut = _metrics_cut(path, step)
+    if cut is None:
+        _filter_metrics(path, step)
+        return
+    keep, add_newline = cut
+    if keep == path.stat().st_size and not add_newline:
+        return
+    with writing(path), open(path, "r+b") as f:
+        f.truncate(keep)
+        if add_newline:  # a whole record a kill left without its newline: the next one goes on a line of its own
+            f.seek(keep)
+            f.write(b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _metrics_cut(path: Path, step: int) -> tuple[int, bool] | None:
+    """The length metrics.jsonl keeps, up to its last record at or before `step`, and whether that
+    record needs a newline; None where a line after it is not one JSON record of a step."""
+    with open(path, "rb") as f:
+        for i, (line, end) in enumerate(_reversed_lines(f)):
+            if i == 0 and not line:  # the file ends with a newline (or is empty)
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            if text.splitlines() != [text]:  # a "\r" or "\u2028" that `_filter_metrics` splits lines at
+                return None
+            try:
+                record = json.loads(text)
+            except (ValueError, RecursionError):  # not JSON, 4,300+ digits, "[[[..." too deep
+                if i == 0:
+                    continue  # the last line, cut short by a kill
+                return None
+            record_step = record.get("step", 0) if isinstance(record, dict) else None
+            if not isinstance(record_step, int):
+                return None
+            if record_step <= step:
+                return (end, True) if i == 0 else (end + 1, False)
+    return 0, False
+
+
+def _reversed_lines(f) -> Iterator[tuple[bytes, int]]:
+    """The lines of the binary file `f` (split at b"\n"), the last first, each with the offset of
+    its end; read TRIM_BLOCK bytes at a time. The first is what follows the last newline."""
+    pos, head = f.seek(0, os.SEEK_END), b""
+    while pos > 0:
+        start = max(0, pos - TRIM_BLOCK)
+        f.seek(start)
+        block = f.read(pos - start) + head
+        end = start + len(block)
+        lines = block.split(b"\n")
+        head = lines.pop(0)  # it may begin in the block before
+        for line in reversed(lines):
+            yield line, end
+            end -= len(line) + 1
+        pos = start
+    yield head, len(head)
+
+
+def _filter_metrics(path: Path, step: int) -> None:
+    """Every line of metrics.jsonl read, and those kept that are JSON records at or before `step`."""
     kept = []
     for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
@@ -221,6 +303,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             # is a run, maybe being created by another process: the lock tells which.)
             if not (run_dir / RUN_LOCK).exists():
                 refuse_other_files(run_dir)
+            # A run dir from elsewhere (downloaded, unpacked) may link its files out of it: the run's
+            # writes would replace what they name (its loss.png linked to ~/.bashrc). `checkpoints`
+            # may link elsewhere (a bigger disk): only the step folders gpt1 names are written there.
+            for name in sorted((OWN_FILES | OWN_FOLDERS | {PLOT_FILE, BEST_DIR, "tensorboard"}) - {ckpt.CHECKPOINTS_DIR}):
+                check_within(run_dir / name, run_dir)
             # One process trains in a run dir at a time: a second one would delete the first's
             # partial saves (below) and interleave its metrics. Released when the process ends,
             # however it ends. The run dir is checked (and train_config.json written) under it: a
@@ -870,10 +957,11 @@ class _TimeBudget:
     step measured over the recent steps, so that the run (and its LR schedule) ends when the
     budget is spent, whatever the machine's load does meanwhile.
 
-    A step's time is the *median* of the recent steps' own times, so that one slow step does not
-    shrink the plan (the mean over a 50-step window took a 5 s stall for a slower machine and cut a
-    cosine by 45% in one step); the validations and checkpoints of the window (`timed`) are added,
-    spread over its steps. A step far slower than the median held a pause: the process was stopped
+    A step's time is the *median* of the recent steps' own times (the last `eval_every`, at least
+    20 and at most MEDIAN_STEPS), so that one slow step does not shrink the plan (the mean over a
+    50-step window took a 5 s stall for a slower machine and cut a cosine by 45% in one step); the
+    validations and checkpoints (`timed`) of the last `eval_every` steps (at least 20) are added,
+    spread over those steps. A step far slower than the median held a pause: the process was stopped
     (Ctrl-Z, SIGSTOP, a debugger). The pause is not charged, as neither a suspended machine (the
     monotonic clock stops then) nor the downtime between a kill and a resume is: charged, a 30 s
     pause ended a 20 s run at once, at the peak LR. A machine that runs slowly (a busy neighbour)
@@ -887,6 +975,9 @@ class _TimeBudget:
     # slow steps of a running process (a neighbour's burst, page faults, a thread-count probe)
     # stay under both, and validations and checkpoints are timed apart (`timed`).
     PAUSE_FACTOR, PAUSE_SECONDS = 10.0, 5.0
+    # The most recent steps the median is taken over: enough for a steady value, and a plan a step
+    # stays cheap (a median over eval_every = 1M steps took 236 ms a step).
+    MEDIAN_STEPS = 1000
 
     def __init__(self, seconds: float, spent_before: float, max_steps: int, eval_every: int, cooldown: float = 0.0,
                  clock=time.perf_counter, end: int | None = None, step_time: float | None = None):
@@ -908,8 +999,10 @@ class _TimeBudget:
         self.warm_end = end
         self.first: int | None = None  # the first step this process took
         self.last: tuple[int, float] | None = None  # (steps done, clock) at the latest plan
-        # Per plan: (steps, their seconds, seconds of validations and checkpoints among them).
-        self.samples: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=max(20, eval_every))
+        # The recent plans' seconds a step (validations and checkpoints aside), in order and sorted.
+        self.times: collections.deque[float] = collections.deque(maxlen=max(20, min(eval_every, self.MEDIAN_STEPS)))
+        self.sorted_times: list[float] = []
+        self.spread = _Spread(max(20, eval_every))  # validations and checkpoints over a validation's interval
         self.cut = False  # the plan was cut to the steps that fit in the overrun (said once)
 
     def spent(self) -> float:
@@ -920,14 +1013,22 @@ class _TimeBudget:
         self.aside += seconds
 
     def _median(self) -> float:
-        return statistics.median(work / steps for steps, work, _ in self.samples)
+        times, middle = self.sorted_times, len(self.sorted_times) // 2
+        return times[middle] if len(times) % 2 else (times[middle - 1] + times[middle]) / 2  # as statistics.median
+
+    def _add(self, steps: int, work: float, aside: float) -> None:
+        if len(self.times) == self.times.maxlen:  # its oldest time leaves the window
+            del self.sorted_times[bisect.bisect_left(self.sorted_times, self.times[0])]
+        self.times.append(work / steps)
+        bisect.insort(self.sorted_times, work / steps)
+        self.spread.add(steps, aside)
 
     def _record(self, done: int, now: float, dist) -> None:
         """Times the steps since the latest plan; a pause among them is not charged."""
         self.first = done if self.first is None else self.first
         if self.last is not None and self.last[0] - self.first + 1 >= self.WARMUP_STEPS:
             steps, work = done - self.last[0], now - self.last[1] - self.aside
-            if len(self.samples) >= self.ROBUST_STEPS:
+            if len(self.times) >= self.ROBUST_STEPS:
                 median = self._median()
                 if work > steps * max(self.PAUSE_FACTOR * median, median + self.PAUSE_SECONDS):
                     pause = work - steps * median  # the steps are charged their usual time
@@ -935,17 +1036,17 @@ class _TimeBudget:
                     work -= pause
                     if dist.is_main:
                         info(f"step {done:,}: paused for ~{pause:.0f} s: not counted against the time budget")
-            self.samples.append((steps, work, self.aside))
+            self._add(steps, work, self.aside)
         self.last, self.aside = (done, now), 0.0
 
     def plan(self, done: int, end: int, dist) -> int:
         self._record(done, self.clock(), dist)
         left = self.seconds - self.spent()
         floor = min(self.max_steps, max(done, self.MIN_STEPS))
-        measured = len(self.samples) >= self.ROBUST_STEPS
+        measured = len(self.times) >= self.ROBUST_STEPS
         if measured:
             self.step_time = self._median()
-            self.per_step = self.step_time + sum(a for _, _, a in self.samples) / sum(n for n, _, _ in self.samples)
+            self.per_step = self.step_time + self.spread.per_step()
         if left <= 0:
             # Out of time. The steps left of the plan still run if they fit in OVERRUN of the
             # budget (a validation pass or a checkpoint near the end took longer than planned):
@@ -976,9 +1077,33 @@ class _TimeBudget:
         return int(new_end)
 
 
+class _Spread:
+    """The seconds of validations and checkpoints a step over the last `size` plans. A plan of
+    one step with none (nearly every one) is counted, not kept: a window of eval_every = 1M
+    steps holds a few entries, not a million."""
+
+    def __init__(self, size: int):
+        self.size, self.plans = size, 0
+        self.kept: collections.deque[tuple[int, int, float]] = collections.deque()  # (plan number, steps, seconds)
+
+    def add(self, steps: int, seconds: float) -> None:
+        self.plans += 1
+        if steps != 1 or seconds:
+            self.kept.append((self.plans, steps, seconds))
+        while self.kept and self.kept[0][0] <= self.plans - self.size:
+            self.kept.popleft()
+
+    def per_step(self) -> float:
+        # Summed afresh, in order, over the few kept: a running float sum drifts as entries leave.
+        steps = min(self.plans, self.size) + sum(n - 1 for _, n, _ in self.kept)
+        return sum(seconds for _, _, seconds in self.kept) / steps
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"  # 300 days read "7200.0 h"
