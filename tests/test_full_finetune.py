@@ -117,3 +117,20 @@ def test_merge_beside_full_is_refused_before_training(tiny_model_dir, oasst, tmp
                          "--merge", "full=true", "max_steps=2", "device=cpu")
     assert code == 2 and "--merge merges a LoRA adapter into the weights; a full=true run dir holds every weight" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_info_says_which_kind_of_model_a_dir_holds(run, tiny_model_dir, tiny_config, tokenizer, tmp_path, capsys):
+    """It printed the same numbers for a base, a LoRA fine-tune and a full one, and nothing else."""
+    from tests.model_factories import finetuned_dir
+    from tests.test_battery import run_main
+
+    finetuned_dir(tmp_path / "lora", tiny_config, tokenizer, seed=1)
+    kinds = {}
+    for name, directory in (("base", tiny_model_dir), ("lora", tmp_path / "lora"), ("full", run[0])):
+        code, err = run_main(capsys, "info", directory)
+        assert code == 0
+        kinds[name] = err.strip().splitlines()[-1]
+    assert kinds == {"base": "a base model (no chat template)",
+                     "lora": "a chat model: a LoRA adapter (r=4, alpha=8, on q, k, v, o, up, down and 4 special-token "
+                             "embedding rows), merged into the weights at load",
+                     "full": "a chat model: its chat template and its own weights (a full fine-tune, or a merged one)"}

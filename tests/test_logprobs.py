@@ -122,6 +122,12 @@ def test_llm_complete_returns_them_and_the_text_calls_refuse_them(llm):
                                                                          prompt_logprobs=0)):
         with pytest.raises(Gpt1Error, match="llm.complete"):
             call()
+    messages = [{"role": "user", "content": "Hello"}]
+    reply = llm.chat_complete(messages, temperature=0, max_new_tokens=5, logprobs=2)
+    assert reply.text == llm.chat(messages, temperature=0, max_new_tokens=5)
+    assert len(reply.logprobs) == reply.completion_tokens and all(len(e.top) == 2 for e in reply.logprobs)
+    assert [c.text for c in llm.chat_complete(messages, n=2, seed=4, max_new_tokens=3)] == llm.chat(
+        messages, n=2, seed=4, max_new_tokens=3)
     with pytest.raises(Gpt1Error, match=r"logprobs must be None or an integer in \[0, 20\]"):
         llm.complete("a", logprobs=21)
     with pytest.raises(Gpt1Error, match="gpt1's is logprobs"):

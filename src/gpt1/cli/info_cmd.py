@@ -50,7 +50,26 @@ def info_command(args: argparse.Namespace) -> int:
     print(json.dumps(config.to_dict(), indent=2), flush=True)
     print(f"parameters: {n:,} ({n / 1e6:.1f}M); without position embeddings: {model.num_params(True):,}", file=sys.stderr)
     print(f"training FLOPs per token at context {config.block_size}: {model.flops_per_token():.3e}", file=sys.stderr)
+    if Path(args.model).is_dir():
+        print(_kind(Path(args.model)), file=sys.stderr)
     return 0
+
+
+def _kind(directory: Path) -> str:
+    """What the dir's model is: a base, a LoRA fine-tune (its adapter, merged in at load: the
+    numbers above are the merged model's), or a chat model of its own weights (a full fine-tune)."""
+    from gpt1.core.chat_template import TEMPLATE_FILE
+    from gpt1.core.lora import read_adapter_config
+    from gpt1.formats.modeldir import ADAPTER_DIR
+
+    if not (directory / TEMPLATE_FILE).is_file():
+        return "a base model (no chat template)"
+    if not (directory / ADAPTER_DIR).is_dir():
+        return "a chat model: its chat template and its own weights (a full fine-tune, or a merged one)"
+    lora = read_adapter_config(directory / ADAPTER_DIR)
+    rows = f" and {len(lora.token_ids)} special-token embedding rows" if lora.token_ids else ""
+    return (f"a chat model: a LoRA adapter (r={lora.r}, alpha={lora.alpha:g}, on {', '.join(lora.targets)}{rows}), "
+            "merged into the weights at load")
 
 
 def _not_a_model_dir(folder: Path) -> str:

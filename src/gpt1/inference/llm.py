@@ -131,7 +131,21 @@ class LLM:
         reply's / the prompt's tokens (the model's own, each with its k most likely alternatives).
         `llm.complete(text, max_new_tokens=1, prompt_logprobs=0).prompt_logprobs` scores a text."""
         params = self.sampling_params(**knobs)
-        ids = self._prompt_ids(prompt, params)
+        return self._completions(self._prompt_ids(prompt, params), params, n)
+
+    @overload
+    def chat_complete(self, messages: Sequence[Mapping[str, Any]], *, n: None = None, **knobs) -> Completion: ...
+    @overload
+    def chat_complete(self, messages: Sequence[Mapping[str, Any]], *, n: int, **knobs) -> list[Completion]: ...
+
+    def chat_complete(self, messages: Sequence[Mapping[str, Any]], *, n: int | None = None,
+                      **knobs) -> Completion | list[Completion]:
+        """As `chat`, but the whole `Completion` (see `complete`): with `logprobs=k`, the reply's
+        tokens' log-probabilities; with `prompt_logprobs=k`, the formatted conversation's."""
+        params = self.sampling_params(**knobs)
+        return self._completions(self._chat_ids(messages, params), params, n)
+
+    def _completions(self, ids: list[int], params: SamplingParams, n: int | None) -> Completion | list[Completion]:
         if n is not None:
             samples = params.samples(n)
             return gen.generate_batch(self.model, self.tokenizer, [ids] * len(samples), samples)
@@ -142,8 +156,8 @@ class LLM:
         params = self.sampling_params(**knobs)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(params, name) is not None:
-                raise Gpt1Error(f"{name}: generate, stream and chat return text only; llm.complete(...) returns the "
-                                "Completion with its log-probabilities")
+                raise Gpt1Error(f"{name}: generate, stream and chat return text only; llm.complete(...) (and "
+                                "llm.chat_complete(...)) return the Completion with its log-probabilities")
         return params
 
     def stream(self, prompt: str, **knobs) -> Iterator[str]:
