@@ -192,3 +192,28 @@ def test_a_hugging_face_folder_with_a_huge_n_layer_is_refused_from_the_headers(t
     except subprocess.TimeoutExpired:
         pytest.fail("the importer built the config's 16,777,216 blocks before comparing the weights' headers")
     assert "config.json says n_layer 16,777,216, the weights hold 2 layers" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_chat_page_may_not_be_framed_by_another_site(tiny_model_dir):
+    """Any page could frame the operator's chat page (its API key typed into it) under its own."""
+    import httpx
+
+    from gpt1.serve import background_server, create_app
+
+    with background_server(create_app(gpt1.load(tiny_model_dir, device="cpu"))) as url:
+        headers = httpx.get(f"{url}/", timeout=30).headers
+    assert headers["x-frame-options"] == "DENY" and headers["content-security-policy"] == "frame-ancestors 'none'"
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_tokenizer_of_the_bytes_alone_says_it_cannot_be_exported_to_gguf(caplog):
+    import logging
+
+    from gpt1.core.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+
+    with caplog.at_level(logging.WARNING, logger="gpt1"):
+        train_tokenizer(["some text " * 50], MIN_VOCAB_SIZE, show_progress=False)
+        assert "cannot be exported to GGUF" in caplog.text
+        caplog.clear()
+        train_tokenizer(["some text " * 50], MIN_VOCAB_SIZE + 1, show_progress=False)
+        assert "GGUF" not in caplog.text

@@ -27,7 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path, read_json, write_text
-from gpt1.core.progress import progress
+from gpt1.core.progress import progress, warn
 
 if TYPE_CHECKING:  # ids may be a 1-D tensor; this module does not load torch
     import torch
@@ -405,6 +405,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
         raise Gpt1Error(f"vocab size {vocab_size} is too large: token shards store ids as uint16 (at most 65,536)")
     if min_frequency < 0:
         raise Gpt1Error(f"min_frequency (--min-frequency) must be a whole number >= 0 (how often a merge must occur), got {min_frequency}")
+    if vocab_size == MIN_VOCAB_SIZE:  # works in gpt1 and transformers; found out only at `gpt1 export --format gguf`
+        warn(f"vocab size {vocab_size}: the bytes and special tokens alone, no merges; llama.cpp cannot load a BPE "
+             f"vocabulary without merges, so this tokenizer's models cannot be exported to GGUF "
+             f"({MIN_VOCAB_SIZE + 1} or more learns at least one)")
 
     backend = Backend(models.BPE(unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

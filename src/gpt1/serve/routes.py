@@ -479,6 +479,8 @@ def _capacity(engine: Engine | EngineProcess) -> int:
     return engine.max_batch + engine.max_queue
 
 
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff"}
 _SEEN_BY_ALL = (403, 408, 431)  # the Guard's and the HTTP protocol's answers, before any route runs
 # Both generation endpoints: a JSON reply, or with stream: true server-sent events.
 _GENERATION_RESPONSES = {
@@ -513,7 +515,9 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(page_html(name, context, auth))
+        # Not to be framed by another site's page (clickjacking: the operator's chat page, their
+        # key typed into it, under a page of someone else's). Only framing is restricted.
+        return HTMLResponse(page_html(name, context, auth), headers=PAGE_HEADERS)
 
     @app.get("/health", responses=error_responses(*_SEEN_BY_ALL, 503))
     async def health(request: Request) -> dict:
