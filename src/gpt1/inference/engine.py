@@ -13,7 +13,10 @@ prompts need, as `generate` does). Each `step()`:
 4. chooses the next token of every row in one batched call (each row its own knobs and its
    own seeded generator, so a seeded request gives the same tokens whatever shares the
    batch), brings the ids to the host once (the step's one sync), and turns them into text
-   by the rules of `gpt1.inference.decoding` (stop tokens, stop strings, max tokens, UTF-8).
+   by the rules of `gpt1.inference.decoding` (stop tokens, stop strings, max tokens, UTF-8);
+5. for the requests that ask (`SamplingParams.logprobs`, `prompt_logprobs`), scores their sampled
+   tokens, and their prompt's as it is prefilled, on the raw logits: only their rows pay for a
+   log-softmax, and a prefill computes every position's logits only when one of its rows asks.
 
 A finished, cancelled or failed row frees its slot at once; live rows are kept contiguous
 (the last row moves into a freed slot) so that the batched forward reads a slice of the pool.
