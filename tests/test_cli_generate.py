@@ -68,7 +68,7 @@ def test_generate_chat_from_a_pipe_is_the_typed_line_and_a_base_model_is_named(c
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "0"], r"top_p must be a number in \(0, 1\] \(1 = off\), got 0.0"),
     (["--temperature", "-1"], r"temperature must be a number >= 0"),
-    (["--max-new-tokens", "0"], r"max_new_tokens must be an integer >= 1"),
+    (["--max-new-tokens", "0"], r"max_new_tokens must be an integer >= 1 here, got 0 \(0 generates nothing"),
     (["--stop", ""], r"stop must be a list of non-empty strings"),
     (["--top-k", "-3"], r"top_k must be an integer >= 0 \(0 = off\), got -3$"),
     (["--no-truncate", "--max-new-tokens", "100"], r"exceed the context of 64 tokens"),

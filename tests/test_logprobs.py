@@ -262,3 +262,63 @@ def test_a_request_cancelled_in_its_prefill_has_one_entry_per_prompt_token(llm):
     # The 4 tokens fed scored the 4 after the first (the 4th's logits predict the 5th).
     assert chunk.prompt_logprobs[0] is None and all(e is not None for e in chunk.prompt_logprobs[1:5])
     assert chunk.prompt_logprobs[5:] == [None] * (len(prompt) - 5)
+
+
+def test_max_new_tokens_0_scores_a_whole_context_of_prompt_and_samples_nothing(llm):
+    """max_new_tokens=0 scores the prompt alone: a prompt of the whole context is scored whole
+    (with 1 it loses its first token to the room kept for a reply), beside rows that generate."""
+    tok, block = llm.tokenizer, llm.config.block_size
+    ids = tok.encode("import json\nimport os\n" * 40)[:block]
+    assert len(ids) == block
+    scored = llm.complete(tok.decode(ids), max_new_tokens=0, prompt_logprobs=1)
+    assert (scored.text, scored.token_ids, scored.finish_reason, scored.completion_tokens) == ("", [], "length", 0)
+    assert scored.prompt_tokens == block and len(scored.prompt_logprobs) == block
+    assert_entries(scored.prompt_logprobs[1:], ids[1:], reference(llm, ids)[:-1], 1)
+    assert len(llm.complete(tok.decode(ids), max_new_tokens=1, prompt_logprobs=0).prompt_logprobs) == block - 1
+    assert llm.generate("import json", max_new_tokens=0) == ""
+    # In one engine with rows that generate, staggered: the same numbers, and the others' tokens unchanged.
+    chunks: dict[int, list] = {0: [], 1: [], 2: []}
+    engine = Engine(llm.model, tok, max_batch=3, max_queue=3, prefill_chunk=16, cuda_graphs=False)
+    talk = SamplingParams(temperature=0, max_new_tokens=6)
+    engine.submit([tok.encode("def f(x):")], talk, lambda i: chunks[0].append)
+    engine.step()
+    engine.submit([ids, tok.encode("class A:")], [SamplingParams(max_new_tokens=0, prompt_logprobs=1), talk],
+                  lambda i: chunks[i + 1].append)
+    while engine.busy:
+        engine.step()
+    [only] = chunks[1]
+    assert (only.text, only.finish_reason, only.completion_tokens) == ("", "length", 0)
+    assert [e.logprob for e in only.prompt_logprobs[1:]] == pytest.approx(
+        [e.logprob for e in scored.prompt_logprobs[1:]], abs=1e-5)
+    assert "".join(c.text for c in chunks[0]) == llm.generate("def f(x):", temperature=0, max_new_tokens=6)
+    assert "".join(c.text for c in chunks[2]) == llm.generate("class A:", temperature=0, max_new_tokens=6)
+    assert engine.free_slots == 3 and engine.stats.completed == 3
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_through_the_openai_client(url, llm):
+    """OpenAI's legacy scoring request (old lm-eval's `gpt3` model, HELM): `echo`, `logprobs`,
+    `max_tokens: 0`: the prompt back with its tokens' log-probabilities, nothing generated. A
+    chat completion still needs at least 1 (it scores no prompt)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    prompt = "import json\nimport os"
+    ids = llm.tokenizer.encode(prompt)
+    reply = client.completions.create(model="m", prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    choice = reply.choices[0]
+    assert (choice.text, choice.finish_reason) == (prompt, "length")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 0)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == prompt and lp.token_logprobs[0] is None
+    rows = reference(llm, ids)
+    assert lp.token_logprobs[1:] == pytest.approx([rows[j - 1, ids[j]].item() for j in range(1, len(ids))], abs=1e-4)
+    streamed = list(client.completions.create(model="m", prompt=prompt, echo=True, logprobs=1, max_tokens=0,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == prompt
+    assert [v for c in streamed for v in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert streamed[-1].choices[0].finish_reason == "length"
+    assert client.completions.create(model="m", prompt=prompt, max_tokens=0).choices[0].text == ""
+    whole = llm.tokenizer.encode("import json\nimport os\n" * 40)[:llm.config.block_size]  # the whole context
+    scored = client.completions.create(model="m", prompt=whole, echo=True, logprobs=0, max_tokens=0).choices[0]
+    assert len(scored.logprobs.token_logprobs) == len(whole) and scored.finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}], max_tokens=0)
+    assert refused.value.body["param"] == "max_tokens" and "/v1/completions" in refused.value.body["message"]

@@ -112,7 +112,7 @@ def test_presets_are_the_model_cards():
     ("min_p", -0.5, r"min_p must be a number in \[0, 1\]"),
     ("repeat_penalty", 0.0, r"repeat_penalty must be a number > 0"),
     ("repeat_last_n", -2, r"repeat_last_n must be an integer >= -1"),
-    ("max_new_tokens", 0, r"max_new_tokens must be an integer >= 1"),
+    ("max_new_tokens", -1, r"max_new_tokens must be an integer >= 0 \(0 = none"),
     ("max_new_tokens", True, r"max_new_tokens must be"),
     ("stop", ("ok", ""), r"stop must be a list of non-empty strings"),
     ("seed", -2**63 - 1, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),

@@ -23,7 +23,7 @@ KNOB_RANGES = {
     "min_p": "a number in [0, 1] (0 = off)",
     "repeat_penalty": "a number > 0 (1 = off)",
     "repeat_last_n": "an integer >= -1 (-1 = the whole context, 0 = off)",
-    "max_new_tokens": "an integer >= 1",
+    "max_new_tokens": "an integer >= 0 (0 = none: the prompt scored alone)",
     "stop": "a list of non-empty strings",
     "seed": "an integer in [-2**63, 2**64) or None (random)",
     "truncate_prompt": "true or false",
@@ -77,7 +77,8 @@ class SamplingParams:
                     (CTRL, Hugging Face, llama.cpp); 1 = off
     repeat_last_n   the window: last n tokens, prompt included (64, llama.cpp's default);
                     -1 = the whole context (as Hugging Face); 0 = off
-    max_new_tokens  most tokens to generate
+    max_new_tokens  most tokens to generate; 0 = none, for a prompt scored alone (with
+                    prompt_logprobs; OpenAI's legacy `max_tokens: 0` with `echo`)
     stop            strings that end the text (not included in it): a list, a tuple or one string;
                     held as a tuple
     seed            same seed, same prompt, same knobs -> same text; None = random. A negative
@@ -151,7 +152,7 @@ class SamplingParams:
             min_p=number("min_p", lambda v: 0 <= v <= 1),
             repeat_penalty=number("repeat_penalty", lambda v: v > 0),
             repeat_last_n=integer("repeat_last_n", lambda v: v >= -1),
-            max_new_tokens=integer("max_new_tokens", lambda v: v >= 1),
+            max_new_tokens=integer("max_new_tokens", lambda v: v >= 0),
             seed=seed,
             logprobs=None if self.logprobs is None else integer("logprobs", lambda v: 0 <= v <= MAX_LOGPROBS),
             prompt_logprobs=(None if self.prompt_logprobs is None

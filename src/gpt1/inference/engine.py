@@ -601,7 +601,7 @@ class Engine:
             for request, _ in chosen:
                 self._fail(request, e)
             return [], None, True
-        done = []
+        done, scored_only = [], []
         for i, (request, chunk) in enumerate(chosen):
             if request.params.prompt_logprobs is not None:
                 try:
@@ -611,7 +611,9 @@ class Engine:
                     continue
             request.length += len(chunk)
             if not request.prefilling:
-                done.append(i)
+                (scored_only if request.state.limit == 0 else done).append(i)
+        for i in scored_only:  # max_new_tokens 0 (a prompt to score): nothing to sample, ended here
+            self._end_unsampled(chosen[i][0])
         return [chosen[i][0] for i in done], _rows_of(logits, done), True
 
     def _score_prompt(self, request: Request, logits: torch.Tensor) -> None:
@@ -795,6 +797,18 @@ class Engine:
             chunk.prompt_logprobs = scored + [None] * (len(request.prompt_ids) - len(scored))
             request.prompt_logprobs = None
         return chunk
+
+    def _end_unsampled(self, request: Request) -> None:
+        """End a request that asked for no new tokens once its prompt is in (finish reason "length",
+        as OpenAI's legacy completions give `max_tokens: 0`), with its prompt's log-probabilities."""
+        try:
+            text = request.state.finish("length")
+        except _EXITS:
+            raise
+        except BaseException as e:  # noqa: BLE001 - as in _emit: this request fails, the others go on
+            self._fail(request, e)
+            return
+        self._end(request, "completed", self._chunk(request, text))
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self._end(request, "failed", error)

@@ -129,7 +129,8 @@ class LLM:
         """As `generate`, but the whole `Completion`: the text, its token ids, the finish reason,
         the token counts, and with `logprobs=k` / `prompt_logprobs=k` the log-probabilities of the
         reply's / the prompt's tokens (the model's own, each with its k most likely alternatives).
-        `llm.complete(text, max_new_tokens=1, prompt_logprobs=0).prompt_logprobs` scores a text."""
+        `llm.complete(text, max_new_tokens=0, prompt_logprobs=0).prompt_logprobs` scores a text
+        (the whole context's worth: no room is kept for a reply)."""
         params = self.sampling_params(**knobs)
         return self._completions(self._prompt_ids(prompt, params), params, n)
 

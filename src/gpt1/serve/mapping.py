@@ -62,9 +62,13 @@ def chat_max_tokens(req: ChatCompletionRequest) -> tuple[int | None, str]:
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one", param="max_tokens")
-    if req.max_completion_tokens is not None:
-        return req.max_completion_tokens, "max_completion_tokens"
-    return req.max_tokens, "max_tokens"
+    chosen = (req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens is not None \
+        else (req.max_tokens, "max_tokens")
+    if chosen[0] is not None and chosen[0] < 1:  # a chat scores no prompt: 0 is /v1/completions' (with echo)
+        raise ApiError(400, f"Invalid '{chosen[1]}': integer below minimum value. Expected a value >= 1, but got "
+                            f"{chosen[0]} instead. (0 scores a prompt alone: /v1/completions with echo and logprobs)",
+                       param=chosen[1])
+    return chosen
 
 
 def sampling_params(req: GenerationRequest, max_tokens: int | None, max_tokens_param: str,
@@ -127,7 +131,7 @@ def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_to
         return params
     where = "the messages" if prompt is None else "the prompt" if prompt == "prompt" else prompt
     oldest = "turns" if prompt is None else "tokens"
-    if prompt_tokens >= context:
+    if prompt_tokens > context or (prompt_tokens == context and max_tokens != 0):  # 0: scored alone, it fits
         raise ApiError(400, f"{_CONTEXT_IS.format(context)} However, {where} resulted in {prompt_tokens} tokens, "
                             f"which leaves no room for the completion. Please reduce the length of {where}, or send "
                             f"truncate_prompt: true to drop the oldest {oldest}.",

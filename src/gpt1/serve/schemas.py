@@ -277,6 +277,11 @@ Prompt = Annotated[Annotated[str, Tag("str")] | Annotated[list[str], Tag("list[s
 
 
 class CompletionRequest(GenerationRequest):
+    max_tokens: int | None = Field(None, description="at most this many new tokens, at most the model's context "
+                                                      "(context_length in /v1/models); 0: none, the prompt scored "
+                                                      "alone (with echo and logprobs); default: gpt1's default, "
+                                                      "capped by the context left after the prompt",
+                                   json_schema_extra={"minimum": 0})
     prompt: Prompt = Field(description="a string, token ids in [0, the vocabulary size), or a non-empty list of "
                                        "either (one choice each); \"\" starts from [EOS]")
     echo: bool | None = Field(False, description="true: the text starts with the prompt (with logprobs, their "
