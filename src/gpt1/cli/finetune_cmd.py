@@ -42,7 +42,7 @@ def register(subparsers) -> None:
                     "dir; rerunning the same command resumes. Multi-GPU: torchrun --nproc_per_node N -m gpt1 finetune ...",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (every key: docs/finetuning.md and docs/training.md, or --print-config)")
-    parser.add_argument("--base", type=path_arg, help="the base model: a gpt1 model dir (from gpt1 pretrain) or a transformers GPT-2 folder with a gpt1 tokenizer (e.g. from gpt1 export); required")
+    parser.add_argument("--base", type=path_arg, help="the base model: a gpt1 model dir (from gpt1 pretrain) or a transformers GPT-2 folder with a gpt1 tokenizer (e.g. from gpt1 export; hf:OWNER/NAME[@REVISION]: one on the Hugging Face Hub); required")
     parser.add_argument("--data", type=path_arg, action="append",
                         help="chat data source (see above); repeat it for a mixture; overrides the recipe's `data`")
     parser.add_argument("--out", type=folder_arg, help="run folder: checkpoints, metrics.jsonl, and the fine-tuned model; required")

@@ -1,5 +1,6 @@
 """Hugging Face interop: export a model dir as a `transformers` folder (plus a PEFT adapter),
-import a local `transformers` GPT-2-architecture folder as a gpt1 `GPT`.
+import a `transformers` GPT-2-architecture folder as a gpt1 `GPT` (a local one, or a model on the
+Hugging Face Hub, fetched into huggingface_hub's cache: `hub_folder`).
 
 gpt1's `GPT` is GPT-2 (see `gpt1.core.model`): the parameter names are transformers' own, and the
 only layout difference is that transformers' GPT-2 uses `Conv1D`, which stores a linear
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +190,54 @@ def config_from_hf(hf, source: str) -> ModelConfig:
 
 # ---- import -------------------------------------------------------------------------------
 
+# A Hub model id (NAME or OWNER/NAME, as huggingface_hub validates them) with an optional @REVISION.
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<revision>[\w./-]+))?")
+# What an import reads from a Hub model: config, weights (one file or shards and their index),
+# tokenizer, a PEFT adapter in adapter/, a chat template; never a pickle (pytorch_model.bin), ONNX, TF
+# or Flax weights, which are often most of a repository's size.
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja"]
+
+
+def hub_folder(spec: str | os.PathLike) -> Path:
+    """The folder `spec` names: itself when it exists (or cannot be a Hub model id); else the
+    Hugging Face Hub model `NAME`, `OWNER/NAME` or `OWNER/NAME@REVISION`, its files that gpt1 reads
+    fetched into huggingface_hub's cache (HF_HOME / HF_HUB_CACHE; with HF_HUB_OFFLINE=1, read
+    from the cache alone), as transformers' `from_pretrained` fetches them."""
+    path = Path(spec)
+    match = HUB_ID.fullmatch(str(spec))
+    if path.exists() or match is None or str(spec).startswith((".", "~")):
+        return path
+    require("huggingface_hub", f"{spec} (no such folder; as a Hugging Face Hub model id)",
+            "pip install 'gpt1[hf]'")
+    from huggingface_hub import errors, snapshot_download
+
+    repo, revision = match["repo"], match["revision"]
+    where = f"{spec}: no such folder, and as a Hugging Face Hub model id"
+    try:
+        folder = snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES)
+    except errors.GatedRepoError:
+        raise Gpt1Error(f"{where}: {repo} is gated; accept its terms on huggingface.co and log in "
+                        "(`hf auth login`, or set HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise Gpt1Error(f"{where}: the Hub has no model {repo} (or it is private: `hf auth login`, or set "
+                        "HF_TOKEN)") from None
+    except errors.RevisionNotFoundError:
+        raise Gpt1Error(f"{where}: {repo} has no revision {revision!r} (a branch, tag or commit)") from None
+    except errors.LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and not in the cache
+        cause = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
+            else f"the Hub could not be reached ({str(e.__cause__ or e).splitlines()[0][:200]})"
+        raise Gpt1Error(f"{where}: not in the local cache, and {cause}; download it where the Hub can be "
+                        f"reached (`hf download {repo} --local-dir DIR`) and pass DIR") from None
+    except (errors.HfHubHTTPError, OSError, ValueError) as e:
+        raise Gpt1Error(f"{where}: cannot fetch it ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    info(f"{spec}: the Hugging Face Hub model, from {folder}")
+    return Path(folder)
+
+
 
 def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
-    """Load a local `transformers` GPT-2-architecture folder as a gpt1 `GPT` (eval mode) and
-    its tokenizer. A PEFT LoRA adapter in `adapter/` (an unmerged export's, or one PEFT trained on
+    """Load a `transformers` GPT-2-architecture folder (or a Hub model id: `hub_folder`) as a
+    gpt1 `GPT` (eval mode) and its tokenizer. A PEFT LoRA adapter in `adapter/` (an unmerged export's, or one PEFT trained on
     the export) is merged into the weights, as PEFT's merge_and_unload does.
 
     The weights are read as transformers' `GPT2LMHeadModel.from_pretrained` reads them
@@ -206,7 +252,7 @@ def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu")
     usable, but gpt1 commands that need a gpt1 tokenizer report that. Another architecture
     raises Gpt1Error naming its model_type.
     """
-    path = Path(path)
+    path = hub_folder(path)
     if not path.is_dir():
         raise Gpt1Error(f"{path}: model directory not found")
     raw = read_hf_config(path)

@@ -52,7 +52,7 @@ class TrainConfig:
     n_layer: int = 0
     n_head: int = 0
     n_embd: int = 0
-    init_from: str = "scratch"  # "scratch", a gpt1 model dir, or "hf:PATH" (a transformers GPT-2 folder)
+    init_from: str = "scratch"  # "scratch", a gpt1 model dir, or "hf:PATH" (a transformers GPT-2 folder, or a Hub id)
     # The model's dropout rate while it trains (the embeddings', attention's and residual paths');
     # -1 = the model's own: 0 from scratch, the rate init_from's config holds (GPT-2's 0.1, say)
     dropout: float = -1.0

@@ -84,7 +84,7 @@ from gpt1.data.chat_sources import (
     split_conversations,
 )
 from gpt1.data.readers import parse_hf
-from gpt1.formats.hf import import_hf_model, is_hf_model_dir
+from gpt1.formats.hf import hub_folder, import_hf_model, is_hf_model_dir
 from gpt1.formats.modeldir import (
     ADAPTER_DIR,
     BASE_FILE,
@@ -291,7 +291,8 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
     cfg = require_config(cfg, FinetuneConfig)  # checked again: a field may have been set after construction
     if cfg.init_from != "scratch":  # set by hand: it was overwritten with the base's path and recorded so
         raise Gpt1Error(f"init_from={cfg.init_from}: a pretraining key; a fine-tune starts from its base (--base)")
-    base = Path(str(as_path(base, "base", "a model dir")).removeprefix("hf:"))
+    named = str(as_path(base, "base", "a model dir"))
+    base = hub_folder(named[3:]) if named.startswith("hf:") else Path(named)  # hf: may name a Hub model
     out = as_path(out, "out", "a run dir")
     if is_hf_model_dir(base):  # its weights may be shards; a pickle only is refused now, by name
         hf_weight_files(base)
