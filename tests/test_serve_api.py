@@ -247,7 +247,27 @@ def test_more_errors(server, client):
     chunked = httpx.post(f"{url}/v1/chat/completions", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]))
     assert chunked.status_code == 413 and "error" in chunked.json()
     assert httpx.get(f"{url}/v1/nope").json()["error"]["code"] == "not_found"
+    assert "this server serves POST /v1/chat/completions" in httpx.get(f"{url}/v1/nope").json()["error"]["message"]
     assert httpx.get(f"{url}/v1/chat/completions").status_code == 405
+
+
+def test_a_404_says_what_to_call_instead(server):
+    """The first errors users of other tools hit were a bare 404 "Not Found" (LangChain reports any
+    404 as "model not found"): a base_url without /v1, and the Responses API (the Agents SDK's default)."""
+    url, _ = server
+    no_v1 = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match=r"under /v1 \(/v1/chat/completions\); an OpenAI client's base_url "
+                                                   r"is http://HOST:PORT/v1"):
+        no_v1.chat.completions.create(model="m", messages=MSG, max_tokens=2)
+    with pytest.raises(openai.NotFoundError, match="under /v1"):
+        no_v1.models.list()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match=r"Responses API is not served here: use /v1/chat/completions"):
+        client.responses.create(model="m", input="hi")
+    with pytest.raises(openai.NotFoundError, match="embeddings are not served here"):
+        client.embeddings.create(model="m", input="hi")
+    # A route's own 404 keeps its message: a model this server does not serve.
+    assert httpx.get(f"{url}/v1/models/other").json()["error"]["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model="m", messages=[{"role": "robot", "content": "x"}])
     assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving
@@ -658,6 +678,7 @@ UNSUPPORTED = [
     ("chat", "prediction", {"type": "content", "content": "x"}), ("chat", "reasoning_effort", "low"),
     ("chat", "verbosity", "low"), ("chat", "web_search_options", {}), ("chat", "service_tier", "flex"),
     ("chat", "functions", [{"name": "f"}]), ("chat", "function_call", {"name": "f"}),
+    ("chat", "moderation", {"model": "omni-moderation-latest"}),
 ]
 
 
@@ -681,6 +702,8 @@ NEUTRAL = [
     ("chat", {"service_tier": "auto", "functions": [], "function_call": "none", "verbosity": "medium",
               "audio": None, "prediction": None, "reasoning_effort": None, "web_search_options": None,
               "prompt_cache_key": "k", "safety_identifier": "u1"}),
+    # Fields of openai 3.x's chat.completions.create, once "unrecognized request argument"s here.
+    ("chat", {"prompt_cache_retention": "24h", "prompt_cache_options": {"ttl": "5m"}, "moderation": None}),
 ]
 
 

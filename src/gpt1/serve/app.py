@@ -32,7 +32,7 @@ from gpt1 import __version__
 from gpt1.core.errors import Gpt1Error
 from gpt1.inference.engine import Engine, EngineUnavailable
 from gpt1.inference.engine_process import EngineProcess
-from gpt1.serve.errors import ApiError, generation_error, unreadable_body, validation_error
+from gpt1.serve.errors import ApiError, generation_error, not_found, unreadable_body, validation_error
 from gpt1.serve.middleware import Guard
 from gpt1.serve.routes import PromptThreads, Served, add_routes
 
@@ -191,6 +191,8 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI's, raised from the cause
             return unreadable_body(exc.__cause__).response()
+        if exc.status_code == 404 and exc.detail == "Not Found":  # no route (a route's own 404 says more)
+            return not_found(request.url.path).response()
         kind = "not_found" if exc.status_code == 404 else None
         return ApiError(exc.status_code, str(exc.detail), code=kind, headers=getattr(exc, "headers", None)).response()
 

@@ -143,6 +143,29 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
     return ApiError(400, f"{param}: {message}", param=param, code=code)
 
 
+# What this server serves, for a 404 that says what to call instead.
+ENDPOINTS = ("POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /health", "GET /metrics",
+             "GET / (the chat page)", "GET /docs (this API)")
+
+
+def not_found(path: str) -> ApiError:
+    """A 404 for a path no route serves, saying what to call: the commonest slips with an
+    OpenAI-compatible server are a base_url without /v1 and a client on OpenAI's Responses API
+    (the Agents SDK's default; LangChain names any 404 "model not found")."""
+    bare = path.rstrip("/")
+    if bare in ("/chat/completions", "/completions", "/models") or bare.startswith("/models/"):
+        message = (f"no endpoint {path}: this server's API is under /v1 (/v1{bare}); an OpenAI client's base_url "
+                   "is http://HOST:PORT/v1")
+    elif bare.endswith("/responses") or "/responses/" in bare:
+        message = ("OpenAI's Responses API is not served here: use /v1/chat/completions (the OpenAI Agents SDK: "
+                   "set_default_openai_api(\"chat_completions\"); LangChain's ChatOpenAI: use_responses_api=False)")
+    elif bare.endswith("/embeddings"):
+        message = "embeddings are not served here: this server generates text (/v1/chat/completions, /v1/completions)"
+    else:
+        message = f"no endpoint {path}; this server serves {', '.join(ENDPOINTS)}"
+    return ApiError(404, message, code="not_found")
+
+
 def unreadable_body(cause: BaseException | None) -> ApiError:
     """The 400 for a JSON body that Python's parser gave up on with something other than a syntax
     error (FastAPI's "There was an error parsing the body", raised from `cause`): its reason."""

@@ -237,7 +237,10 @@ class ChatCompletionRequest(GenerationRequest):
     function_call: str | dict[str, Any] | None = Field(None, description='unsupported: only "none" or "auto"')
     # Hints about who asks and what to cache, like `user`: they change no reply.
     prompt_cache_key: str | None = Field(None, description="accepted; there is no prompt cache to key")
+    prompt_cache_retention: str | None = Field(None, description="accepted; there is no prompt cache to keep")
+    prompt_cache_options: dict[str, Any] | None = Field(None, description="accepted; there is no prompt cache")
     safety_identifier: str | None = None
+    moderation: dict[str, Any] | None = Field(None, description="unsupported: only null")
 
     NEUTRAL: ClassVar[dict[str, tuple]] = {
         **GenerationRequest.NEUTRAL,
@@ -245,7 +248,7 @@ class ChatCompletionRequest(GenerationRequest):
         "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"]),
         "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "verbosity": (None, "medium"),
         "web_search_options": (None,), "service_tier": (None, "auto", "default"), "functions": (None, []),
-        "function_call": (None, "none", "auto")}
+        "function_call": (None, "none", "auto"), "moderation": (None,)}
     # The stream rule, and mapping.logprob_counts': alternatives only with logprobs: true.
     SCHEMA_RULES: ClassVar[dict] = {"allOf": [
         GenerationRequest.SCHEMA_RULES,
