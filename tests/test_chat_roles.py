@@ -81,7 +81,7 @@ def test_python_api_reads_openai_form_as_gpt1_form(tiny_model_dir):
 
 def test_server_maps_messages_with_validate_messages(tokenizer):
     request = ChatCompletionRequest.model_validate({"model": "gpt1", "messages": OPENAI_FORM[:2]})
-    assert chat_prompt(request, tokenizer, SamplingParams(), 64) == encode_chat(tokenizer, PLAIN[:2])
+    assert chat_prompt(request, tokenizer, SamplingParams(), 64).ids == encode_chat(tokenizer, PLAIN[:2])
 
 
 def test_chat_data_reads_openai_form_and_names_a_bad_part(tiny_model_dir, tmp_path, capsys):

@@ -211,5 +211,5 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         # and the key is a header the page itself must know. Retry-After (of a 503) is exposed to
         # the page, whose client waits as long before it retries.
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
+                           allow_headers=["*"], expose_headers=["Retry-After", "X-Gpt1-Dropped-Messages", "X-Gpt1-Cut-Tokens"], max_age=600)
     return app

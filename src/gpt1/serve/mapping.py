@@ -8,7 +8,7 @@ import dataclasses
 from gpt1.core.chat_template import validate_messages
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import API_NAMES, MAX_LOGPROBS, SamplingParams
-from gpt1.inference.decoding import chat_prompt_ids
+from gpt1.inference.decoding import ChatPrompt, chat_prompt_ids
 from gpt1.serve.errors import ApiError, json_repr
 from gpt1.serve.schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, GenerationRequest
 
@@ -148,16 +148,18 @@ def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_to
     return params
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer, params: SamplingParams, context: int) -> list[int]:
-    """The conversation's token ids. With truncate_prompt the oldest turns go first (the system
-    message stays); as for a completion prompt, an omitted max_tokens drops nothing from a
-    conversation that fits, and `fit_context` then caps it at the room left (when the default of
-    256 decided the fit, turning truncation on cut or refused conversations served whole without it)."""
+def chat_prompt(req: ChatCompletionRequest, tokenizer, params: SamplingParams, context: int) -> ChatPrompt:
+    """The conversation's token ids, and what fitting them left out (`ChatPrompt`: ids, the oldest
+    messages dropped, the tokens cut from the start of the last one), for the response to say.
+    With truncate_prompt the oldest turns go first (the system message stays); as for a completion
+    prompt, an omitted max_tokens drops nothing from a conversation that fits, and `fit_context`
+    then caps it at the room left (when the default of 256 decided the fit, turning truncation on
+    cut or refused conversations served whole without it)."""
     # As JSON: gpt1.core.chat_template.validate_messages reads OpenAI's forms ('developer', text parts).
     messages = [m.model_dump() for m in req.messages]
     max_tokens, which = chat_max_tokens(req)
     try:
-        ids = chat_prompt_ids(tokenizer, messages, context, params, max_new_tokens_chosen=max_tokens is not None).ids
+        fitted = chat_prompt_ids(tokenizer, messages, context, params, max_new_tokens_chosen=max_tokens is not None)
     except Gpt1Error as e:  # in the API's words: its field for max_new_tokens
         message = str(e).replace("max_new_tokens", which)
         try:
@@ -167,7 +169,7 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer, params: SamplingParams, c
         # A system message that leaves no room: a context overflow, with the sentence clients match on.
         raise ApiError(400, f"{message}. {_CONTEXT_IS.format(context)}", param="messages",
                        code="context_length_exceeded") from None
-    return ids
+    return fitted
 
 
 def completion_prompts(req: CompletionRequest, tokenizer, vocab_size: int) -> list[list[int]]:

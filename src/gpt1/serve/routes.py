@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response, Streami
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import logger
 from gpt1.core.sampling_params import SamplingParams
-from gpt1.inference.decoding import Chunk
+from gpt1.inference.decoding import ChatPrompt, Chunk
 from gpt1.inference.engine import Engine, EngineUnavailable, QueueFull, TooLarge
 from gpt1.inference.engine import Request as EngineRequest
 from gpt1.inference.engine_process import EngineProcess
@@ -274,6 +274,19 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
     # no-cache and no proxy buffering: each token must reach the client as it is made.
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _fitting_headers(prompt: ChatPrompt) -> dict[str, str]:
+    """What truncate_prompt left out of a conversation, for a client to tell its user (the chat
+    page does): `X-Gpt1-Dropped-Messages`, the oldest messages dropped, and `X-Gpt1-Cut-Tokens`,
+    the tokens cut from the start of the last one; each only when not 0. Headers, not fields of
+    the body, so that OpenAI's usage object stays OpenAI's and a stream says it before its first event."""
+    headers = {}
+    if prompt.dropped:
+        headers["X-Gpt1-Dropped-Messages"] = str(prompt.dropped)
+    if prompt.cut:
+        headers["X-Gpt1-Cut-Tokens"] = str(prompt.cut)
+    return headers
 
 
 def _cancel(requests: list[EngineRequest]) -> None:
@@ -562,7 +575,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         return model_card()
 
     @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response):
         served = request.app.state.served
         mapping.check_unsupported(req)
         n = mapping.sample_count(req, 1, _capacity(served.engine))
@@ -570,7 +583,8 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         params = mapping.sampling_params(req, max_tokens, which, context)
         # Tokenizing a large request is up to seconds of CPU: off the event loop, which
         # meanwhile answers /health and writes every other stream.
-        prompt = await served.prompt_threads.run(mapping.chat_prompt, req, served.tokenizer, params, context)
+        fitted = await served.prompt_threads.run(mapping.chat_prompt, req, served.tokenizer, params, context)
+        prompt, fitting = fitted.ids, _fitting_headers(fitted)
         params = mapping.fit_context(params, len(prompt), context, max_tokens, which)
         await served.ensure_started()
         # Each choice is a request of its own (seeds seed, seed + 1, ...), decoded in one batch.
@@ -578,11 +592,14 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         rid, now, model_id = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), req.model or name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _stream_response(_chat_events(requests, queue, rid, now, model_id, include_usage,
-                                                 stream_interval, served.failures, served.tokenizer))
+            stream = _stream_response(_chat_events(requests, queue, rid, now, model_id, include_usage,
+                                                   stream_interval, served.failures, served.tokenizer))
+            stream.headers.update(fitting)  # a Response returned as such does not take `response`'s
+            return stream
         results = await collect(request, requests, queue)
         if results is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
+        response.headers.update(fitting)  # FastAPI adds them to the JSON response it makes of the dict
         return {**_envelope(rid, "chat.completion", now, model_id),
                 "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]},
                              "logprobs": (chat_logprobs(served.tokenizer, r["logprobs"]) if params.logprobs is not None
