@@ -281,7 +281,7 @@ def test_openai_weight_name_and_tool_calls(tokenizer, tmp_path, caplog):
             r"line 1: field 'messages'\[1\]: tool calls and tool results \(the 'tool' role\) are not supported")
     refused({"role": "tool", "content": "42", "tool_call_id": "c"}, r"tool calls and tool results .* not supported")
     with pytest.raises(Gpt1Error, match=r"messages'\[0\].weight: applies to assistant messages only"):
-        read_conversations(str(write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "q", "weight": 0},
+        read_conversations(str(write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "q", "weight": 1},
                                                                                 {"role": "assistant", "content": "a"}]}])))
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]},

@@ -63,7 +63,7 @@ def test_a_null_weight_is_no_weight_and_a_set_one_is_still_checked(tmp_path):
                            {"role": "assistant", "content": "a", "weight": None, "function_call": None}]}]
     conversations, _ = read(str(write_jsonl(tmp_path / "nulls.jsonl", nulls)))
     assert conversations[0].messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    on_user = [{"messages": [{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a"}]}]
+    on_user = [{"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]}]
     pq.write_table(pa.Table.from_pylist(on_user), tmp_path / "on_user.parquet")
     with pytest.raises(Gpt1Error, match=r"row 0: field 'messages'\[0\]\.weight: applies to assistant messages only"):
         read(str(tmp_path / "on_user.parquet"))

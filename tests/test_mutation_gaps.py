@@ -102,7 +102,7 @@ def test_a_dataset_without_the_text_field_is_one_error_not_null_rows(tmp_path):
 
 def test_a_parquet_file_without_the_text_column_is_one_line(tmp_path):
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "nocol.parquet")
-    with pytest.raises(Gpt1Error, match=r"nocol\.parquet: no column 'text' \(columns: content\)$"):
+    with pytest.raises(Gpt1Error, match=r"nocol\.parquet: no column 'text' \(columns: content\): name the column of text with --text-field$"):
         list(iter_documents([str(tmp_path / "nocol.parquet")]))
 
 

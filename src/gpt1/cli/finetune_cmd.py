@@ -29,7 +29,7 @@ def register(subparsers) -> None:
         "finetune", help="LoRA (or full) chat fine-tuning of a base model on OASST2 or other chat data (resumable)",
         description="Fine-tune a base model dir with LoRA (or every weight: the recipe key `full`, set to true) on "
                     "chat data, with the loss on assistant replies only. "
-                    "--data: OpenAssistant/oasst2 (or any hf:NAME[:SPLIT]), an OASST export "
+                    "--data: OpenAssistant/oasst2 (or any hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT), an OASST export "
                     "(*.messages.jsonl[.gz], *.trees.jsonl[.gz], .parquet), chat records in a .jsonl or a .json ({\"messages\": [...]}, ShareGPT, Alpaca, "
                     "prompt/completion; a .json may hold one array), "
                     ".yml dialogs, a folder of such files, or `chatterbot` (the dialogs of the chatterbot-corpus "

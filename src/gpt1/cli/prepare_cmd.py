@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("sources", nargs="+", type=path_arg, metavar="SOURCE",
-                        help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT] "
+                        help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT] (or hf:NAME:CONFIG:SPLIT) "
                              "(e.g. hf:Skylion007/openwebtext), or stdlib (the Python standard library source)")
     parser.add_argument("--tokenizer", required=True, type=path_arg, help="tokenizer.json or a folder (model dir) holding it")
     parser.add_argument("--out", required=True, type=folder_arg, help="output data folder")

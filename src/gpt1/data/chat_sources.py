@@ -2,7 +2,8 @@
 
 Sources (`read_conversations(spec)`):
 
-- `hf:NAME[@REVISION][:SPLIT]` or a hub name such as `OpenAssistant/oasst2`: read with `datasets`
+- `hf:NAME[@REVISION][:SPLIT]` (`hf:NAME[@REVISION]:CONFIG:SPLIT` for one of its configs) or a hub
+  name such as `OpenAssistant/oasst2`: read with `datasets`
   (streamed); rows are OASST messages or `{"messages": [...]}` records. So is a local folder that
   `datasets` defines: one written by `save_to_disk`, or a dataset repository whose README.md
   lists its data files (`configs:`, as the hub's downloads have);
@@ -13,17 +14,21 @@ Sources (`read_conversations(spec)`):
   the file's (RECORD_FORMATS), and a later record of another format is refused, as a malformed one:
   OASST messages, OASST trees, or records that each give a conversation:
   - `{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}` (OpenAI's fine-tuning
-    records: `"weight": 0` on an assistant message keeps that reply out of the loss; `name` is
-    ignored, and counted; tool calls are refused);
+    records: `"weight": 0` on an assistant message keeps that reply out of the loss, and is allowed
+    on the other messages, which are never trained; `name` is ignored, and counted; tool calls are
+    refused, and a `tools` field, the functions offered, is ignored and counted);
   - ShareGPT's `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}` (also `user`,
-    `assistant`, or turns of `role` and `content`; a `system` field is the system message);
+    `assistant`, or turns of `role` and `content`);
   - Alpaca's `{"instruction", "input", "output"}`: the user's turn is the instruction, then a blank
     line and the input when it has one (litgpt's layout, without Alpaca's preamble: gpt1's chat
-    template marks the turns), the reply the output; a `system` field is the system message;
+    template marks the turns), the reply the output; LLaMA-Factory's `history`, `[[prompt, reply],
+    ...]`, gives the turns before them;
   - TRL's `{"prompt", "completion"}`: two strings (a user turn and its reply), or two lists of
     messages (the prompt's assistant messages are context, with weight 0, as TRL trains on the
     completion only);
   each read as the `{"messages"}` record of the same turns (the same checks, conversation and split).
+  In each, a `system` field is the system message: one that its messages also start with is
+  taken once, and a different system message there is refused (one per conversation).
   A null key is an absent one, as parquet and `datasets` give every row every column and every
   message struct every key;
 - `chatterbot` (the English dialogs of the `chatterbot-corpus` package), or `.yml` files in its
@@ -51,6 +56,7 @@ with `skip_invalid`. Encoding for training is `gpt1.data.chat`.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -86,7 +92,7 @@ from gpt1.data.readers import (
     read_yaml,
     saved_to_disk,
 )
-from gpt1.data.sources import SKIPPED_DIRS
+from gpt1.data.sources import SKIPPED_DIRS, check_not_datasets_files
 
 OASST_HUB_NAME = "OpenAssistant/oasst2"
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -127,6 +133,7 @@ class Conversation:
 TRAILING_USER_TURN = "trailing user turns (no reply)"
 OTHER_LANGUAGES = "messages in other languages, with their replies"
 NAMES_IGNORED = "message names ignored (the chat template has no names)"
+TOOLS_IGNORED = "records whose tool definitions were ignored (the chat template has no tools)"
 TOOL_CALLS = "records with tool calls or tool results (not supported)"
 EMPTY_FILES = "empty files"
 INVALID_UTF8_FILES = "files with invalid UTF-8"  # as text sources count them
@@ -175,7 +182,7 @@ def read_conversations(spec: str, split: str = "train", *, all_paths: bool = Fal
     """
     stats = stats if stats is not None else ChatStats()
     options = _TreeOptions(all_paths, frozenset(languages) if languages else None, stats)
-    names = stats.trimmed[NAMES_IGNORED]
+    names, tools = stats.trimmed[NAMES_IGNORED], stats.trimmed[TOOLS_IGNORED]
     conversations = list(_read(spec, split, options, skip_invalid))
     stats.conversations += len(conversations)
     stats.sources[spec] += len(conversations)
@@ -186,6 +193,9 @@ def read_conversations(spec: str, split: str = "train", *, all_paths: bool = Fal
     if (names := stats.trimmed[NAMES_IGNORED] - names) > 0:
         warn(f"{spec}: 'name' on {names:,} message{'s' if names > 1 else ''} is ignored (gpt1's chat template "
              "has no speaker names)")
+    if (tools := stats.trimmed[TOOLS_IGNORED] - tools) > 0:
+        warn(f"{spec}: 'tools' (the functions a model may call) on {tools:,} record{'s' if tools > 1 else ''} "
+             "is ignored: gpt1's chat template has no tools, and records that call them are refused")
     return conversations
 
 
@@ -231,7 +241,7 @@ def _read(spec: str, split: str, options: _TreeOptions, skip_invalid: bool) -> I
         return
     hf = _hf_spec(spec)
     if hf is not None:
-        hf = HfSpec(hf.name, hf.revision, hf.split or split)
+        hf = dataclasses.replace(hf, split=hf.split or split)
         yield from _read_rows(enumerate(load_hf_dataset(hf)), str(hf), "row", options, skip_invalid)
         return
     if not os.path.exists(spec):
@@ -299,6 +309,7 @@ class _ChatFolder:
         chat, self.others = [], []
         for root, dirs, names in walk_folder(folder):  # links to folders followed, each folder once
             dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS]
+            check_not_datasets_files(folder, root, names, "chat files")
             for name in names:
                 path = Path(root, name)
                 if name.startswith("."):
@@ -384,7 +395,7 @@ def _read_rows(rows: Iterable[tuple[int, Any]], source: str, unit: str, options:
                 elif kind == "oasst trees":
                     yield from _tree_conversations(_flatten_tree(record), options)
                 else:
-                    conversation = _generic_conversation(*_CHAT_MESSAGES[kind](record), options.stats)
+                    conversation = _record_conversation(kind, record, options.stats)
                     if conversation is not None:
                         yield conversation
             except _Malformed as e:
@@ -582,9 +593,21 @@ def _tree_conversations(messages: list[dict], options: _TreeOptions) -> Iterator
 
 # ---- generic chat records and chatterbot ---------------------------------------------------
 
-def _generic_conversation(raw: Any, key: str, stats: ChatStats) -> Conversation | None:
-    """A record's messages (`raw`, from its field `key`, which errors name) as a conversation, pruned
-    and counted as OASST's and chatterbot's are. Its group is its content, not where it was read:
+def _record_conversation(kind: str, record: dict, stats: ChatStats) -> Conversation | None:
+    """A record of one of the formats of _CHAT_MESSAGES as a conversation: its messages after its
+    `system` field; a `tools` field (the functions offered: OpenAI's, LLaMA-Factory's) is ignored,
+    and counted, where no message calls one (a record that does is refused)."""
+    raw, key = _CHAT_MESSAGES[kind](record)
+    conversation = _generic_conversation(raw, key, stats, _system_field(record))
+    if conversation is not None and record.get("tools") not in (None, "", [], "[]"):
+        stats.trimmed[TOOLS_IGNORED] += 1
+    return conversation
+
+
+def _generic_conversation(raw: Any, key: str, stats: ChatStats, system: str | None = None) -> Conversation | None:
+    """A record's messages (`raw`, from its field `key`, which errors name) as a conversation, after
+    the `system` message of its field, pruned and counted as OASST's and chatterbot's are. Its group
+    is its content, not where it was read:
     the validation split is then the same however the file's path is spelled or wherever it moves
     (`gpt1 eval --chat` scores what the run held out), copies of a dialog land on the same side,
     and the same turns in another record format are the same conversation."""
@@ -593,8 +616,16 @@ def _generic_conversation(raw: Any, key: str, stats: ChatStats) -> Conversation 
         messages = validate_messages(raw, source=f"field {key!r}")
     except Gpt1Error as e:
         raise _Malformed(str(e)) from None
-    messages = [{"role": m["role"], "content": m["content"]} | ({"weight": 0} if r.get("weight") == 0 else {})
+    # A weight on another message is 0 (_check_openai_keys), and such a message is never trained anyway.
+    messages = [{"role": m["role"], "content": m["content"]}
+                | ({"weight": 0} if m["role"] == "assistant" and r.get("weight") == 0 else {})
                 for m, r in zip(messages, raw)]
+    if system is not None and messages[0]["role"] == "system":
+        if messages[0]["content"] != system:  # which one the record means is not for gpt1 to guess
+            raise _Malformed(f"a 'system' field and a different system message (field {key!r}[0]): one system "
+                             "message per conversation")
+    elif system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
     if any(not m["content"].strip() for m in messages):
         stats.skipped["conversations with an empty message"] += 1
         return None
@@ -621,8 +652,9 @@ def _generic_conversation(raw: Any, key: str, stats: ChatStats) -> Conversation 
 
 def _check_openai_keys(messages: Any, key: str = "messages") -> None:
     """The keys of OpenAI's fine-tuning records beyond role and content: a `weight` must be 0
-    (the reply is not learned) or 1, on an assistant message; tool calls and tool results have
-    no place in gpt1's template. (`name` is read and ignored: counted by the caller.)
+    (the reply is not learned) or 1 on an assistant message, and 0 on another (never trained:
+    SlimOrca's turns each have a weight); tool calls and tool results have no place in gpt1's
+    template. (`name` is read and ignored: counted by the caller.)
 
     A key that is null counts as absent, here and in the caller: parquet and `datasets` give
     every message struct every field of its column, so a record whose assistant message alone
@@ -639,8 +671,12 @@ def _check_openai_keys(messages: Any, key: str = "messages") -> None:
         if weight is None:
             continue
         if m.get("role") != "assistant":
-            raise _Malformed(f"field {key!r}[{i}].weight: applies to assistant messages only (OpenAI's "
-                             f"fine-tuning format), found on a {m.get('role')!r} message")
+            # SlimOrca's turns each have one (0 on system and human ones): 0 says what gpt1 does anyway
+            if weight == 0 and not isinstance(weight, bool):
+                continue
+            raise _Malformed(f"field {key!r}[{i}].weight: applies to assistant messages only (OpenAI's fine-tuning "
+                             f"format); a {m.get('role')!r} message is never trained, so its weight can only be 0, "
+                             f"got {weight!r}")
         if isinstance(weight, bool) or weight not in (0, 1):
             raise _Malformed(f"field {key!r}[{i}].weight: expected 0 (leave this reply out of the loss) or 1, "
                              f"got {weight!r}")
@@ -649,13 +685,13 @@ def _check_openai_keys(messages: Any, key: str = "messages") -> None:
 def _sharegpt_messages(record: dict) -> tuple[list, str]:
     """A ShareGPT record's turns as messages: `from` (SHAREGPT_ROLES) and `value`, or `role` and
     `content` as some exports write them; a turn's `weight` (axolotl's) and `name` are kept, for
-    the checks of OpenAI's keys; a `system` field (LLaMA-Factory's) is the system message."""
+    the checks of OpenAI's keys."""
     turns, = _required(record, "conversations")
     if not isinstance(turns, list):
         raise _Malformed(f"field 'conversations': expected a list of {{'from', 'value'}} turns, "
                          f"got {type(turns).__name__}")
     messages = [_sharegpt_turn(turn, f"field 'conversations'[{i}]") for i, turn in enumerate(turns)]
-    return _with_system(record, messages), "conversations"
+    return messages, "conversations"
 
 
 def _sharegpt_turn(turn: Any, where: str) -> Any:
@@ -673,13 +709,32 @@ def _sharegpt_turn(turn: Any, where: str) -> Any:
 
 
 def _alpaca_messages(record: dict) -> tuple[list, str]:
-    """An Alpaca record as a user turn and its reply (the module docstring says how)."""
+    """An Alpaca record as a user turn and its reply, after the turns of its `history` (the module
+    docstring says how)."""
     instruction, output = _required(record, "instruction", "output")
     instruction, output = _text(instruction, "field 'instruction'"), _text(output, "field 'output'")
     extra = _text(record["input"], "field 'input'") if record.get("input") is not None else ""
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return _with_system(record, messages), "instruction"
+    return _history_turns(record.get("history")) + messages, "instruction"
+
+
+def _history_turns(history: Any) -> list[dict]:
+    """LLaMA-Factory's `history` of an Alpaca record, `[[prompt, reply], ...]` (the turns before
+    the instruction), as user and assistant messages; null or absent: none. Its replies are
+    trained, as LLaMA-Factory trains every turn of a conversation by default."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise _Malformed(f"field 'history': expected a list of [prompt, reply] pairs, got {type(history).__name__}")
+    turns = []
+    for i, pair in enumerate(history):
+        if not isinstance(pair, list) or len(pair) != 2:
+            got = f"a list of {len(pair)}" if isinstance(pair, list) else type(pair).__name__
+            raise _Malformed(f"field 'history'[{i}]: expected a [prompt, reply] pair of strings, got {got}")
+        turns += [{"role": "user", "content": _text(pair[0], f"field 'history'[{i}][0]")},
+                  {"role": "assistant", "content": _text(pair[1], f"field 'history'[{i}][1]")}]
+    return turns
 
 
 def _prompt_completion_messages(record: dict) -> tuple[list, str]:
@@ -704,14 +759,13 @@ def _prompt_completion_messages(record: dict) -> tuple[list, str]:
     return context + completion, "prompt"
 
 
-def _with_system(record: dict, messages: list) -> list:
-    """`messages` after the record's `system` field, when it has one that is not blank."""
+def _system_field(record: dict) -> str | None:
+    """The record's `system` field (LLaMA-Factory's, and a column of many chat datasets beside
+    their messages), checked; None when absent, null or blank."""
     system = record.get("system")
     if system is None or not _text(system, "field 'system'").strip():
-        return messages
-    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
-        raise _Malformed("a 'system' field and a system turn: one system message per conversation")
-    return [{"role": "system", "content": system}, *messages]
+        return None
+    return system
 
 
 def _required(record: dict, *keys: str) -> list:

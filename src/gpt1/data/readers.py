@@ -5,8 +5,9 @@ through here, so every stage (`tokenizer train`, `prepare`, `eval`, `finetune`) 
 same things and fails the same way.
 
 The source grammar:
-- `hf:NAME`, `hf:NAME:SPLIT`, `hf:NAME@REVISION[:SPLIT]`: a Hugging Face dataset (a hub name or
-  a local dataset folder), streamed with `datasets`; REVISION is a branch, tag or commit
+- `hf:NAME`, `hf:NAME:SPLIT`, `hf:NAME:CONFIG:SPLIT`, each with `@REVISION` after NAME: a Hugging
+  Face dataset (a hub name or a local dataset folder), streamed with `datasets`; CONFIG is one of
+  its configs (subsets: wikitext's `wikitext-2-raw-v1`), REVISION a branch, tag or commit
   (e.g. `refs/convert/parquet`). A folder written by `save_to_disk` is read with
   `load_from_disk` (its arrow files, memory-mapped). Parsed by `parse_hf` only;
 - a file, a folder (the files below it) or a glob: read by suffix; `.gz`, `.bz2` and `.xz` are
@@ -88,6 +89,10 @@ class BadRecord(Gpt1Error):
     """One unusable record in a readable file; `skip_invalid` turns it into a count."""
 
 
+class MissingColumn(Gpt1Error):
+    """A parquet file without a column asked for: its every row lacks it (not a record to skip)."""
+
+
 # ---- the hf: grammar -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -95,30 +100,37 @@ class HfSpec:
     name: str  # a hub name or a local dataset folder
     revision: str | None = None
     split: str | None = None  # None: the caller's default
+    config: str | None = None  # a dataset's config (subset); None: its only or default one
 
     def __str__(self) -> str:
         revision = f"@{self.revision}" if self.revision else ""
-        return f"{HF_PREFIX}{self.name}{revision}:{self.split or 'train'}"
+        config = f":{self.config}" if self.config else ""
+        return f"{HF_PREFIX}{self.name}{revision}{config}:{self.split or 'train'}"
+
+
+HF_GRAMMAR = "hf:NAME[@REVISION][:SPLIT] or hf:NAME[@REVISION]:CONFIG:SPLIT"
 
 
 def parse_hf(spec: str) -> HfSpec | None:
-    """`hf:NAME[@REVISION][:SPLIT]` -> HfSpec; None for anything else (a file, folder or glob)."""
+    """`hf:NAME[@REVISION][:SPLIT]` or `hf:NAME[@REVISION]:CONFIG:SPLIT` -> HfSpec (an empty
+    part is the default: `hf:NAME:CONFIG:` reads the caller's split of CONFIG); None for anything
+    else (a file, folder or glob). Split names, configs and git revisions hold no ':', so the parts
+    after NAME are told apart by count. A local folder whose path holds ':' or '@' (`C:\\data` on
+    Windows) is its whole path when that exists, and the parts after it follow it."""
     if not spec.startswith(HF_PREFIX):
         return None
     body = spec[len(HF_PREFIX):]
-    name, _, split = body.partition(":") if "@" not in body else _split_after_revision(body)
-    name, _, revision = name.partition("@")
-    if not name:
-        raise Gpt1Error(f"{spec!r}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME@REVISION:SPLIT")
-    return HfSpec(name, revision or None, split or None)
-
-
-def _split_after_revision(body: str) -> tuple[str, str, str]:
-    # A revision may hold ':' only in theory; refs like refs/convert/parquet do not, so the
-    # split is whatever follows the last ':' after the '@'.
-    at = body.index("@")
-    colon = body.rfind(":", at)
-    return (body, "", "") if colon < 0 else (body[:colon], ":", body[colon + 1:])
+    parts = body.split(":")
+    local = next((k for k in range(len(parts), 0, -1) if os.path.exists(":".join(parts[:k]))), None)
+    if local is not None:  # a local folder: no revision (`datasets` reads a folder as it is)
+        name, revision, parts = ":".join(parts[:local]), "", parts[local:]
+    else:
+        name, _, revision = parts[0].partition("@")
+        parts = parts[1:]
+    if not name or len(parts) > 2:
+        raise Gpt1Error(f"{spec!r}: expected {HF_GRAMMAR}")
+    config, split = parts if len(parts) == 2 else (None, parts[0] if parts else None)
+    return HfSpec(name, revision or None, split or None, config or None)
 
 
 # What an error about an unreachable hub proposes instead (a caller knows better: eval's --data).
@@ -127,7 +139,7 @@ LOCAL_INSTEAD = "pass the data as local files (a folder of .jsonl or .parquet fi
 
 def load_hf_dataset(spec: HfSpec, default_split: str = "train", config: str | None = None,
                     instead: str = LOCAL_INSTEAD):
-    """Open a Hugging Face dataset (`config`: its subset, e.g. ARC-Easy) as a streaming
+    """Open a Hugging Face dataset (`config`: its subset, e.g. ARC-Easy; default: the spec's) as a streaming
     iterable of rows (dicts). `instead`: the way round an unreachable hub that the error names.
     A folder written by `save_to_disk` is opened with `load_from_disk` (`load_dataset` refuses it)."""
     datasets = _datasets()
@@ -135,9 +147,9 @@ def load_hf_dataset(spec: HfSpec, default_split: str = "train", config: str | No
         return _rows(spec, _saved_split(spec, spec.split or default_split))
     _check_plain_folder(spec)
     try:
-        dataset = datasets.load_dataset(spec.name, config, split=spec.split or default_split, streaming=True,
-                                        revision=spec.revision)
-    except Exception as e:  # network, missing dataset or split: datasets raises many types
+        dataset = datasets.load_dataset(spec.name, config or spec.config, split=spec.split or default_split,
+                                        streaming=True, revision=spec.revision)
+    except Exception as e:  # network, missing dataset, config or split: datasets raises many types
         raise hf_error(spec, e, instead) from None
     return _rows(spec, dataset)
 
@@ -166,8 +178,8 @@ def dataset_split_names(spec: HfSpec) -> list[str]:
         return list(saved) if isinstance(saved, datasets.DatasetDict) else ["train"]
     _check_plain_folder(spec)
     try:
-        return list(datasets.get_dataset_split_names(spec.name, revision=spec.revision))
-    except Exception as e:  # network, missing dataset: datasets raises many types
+        return list(datasets.get_dataset_split_names(spec.name, spec.config, revision=spec.revision))
+    except Exception as e:  # network, missing dataset or config: datasets raises many types
         raise hf_error(spec, e) from None
 
 
@@ -231,6 +243,9 @@ def _load_from_disk(spec: HfSpec):
 
 
 def _saved_split(spec: HfSpec, split: str):
+    if spec.config:
+        raise Gpt1Error(f"{spec}: a folder written by `save_to_disk` has no configs: name its split alone, "
+                        f"{HfSpec(spec.name, split=split)}")
     saved = _load_from_disk(spec)
     if not isinstance(saved, _datasets().DatasetDict):
         if split != "train":
@@ -274,12 +289,33 @@ def hf_error(spec: HfSpec, error: Exception, instead: str = LOCAL_INSTEAD) -> Gp
             hint = f"; HF_HUB_OFFLINE is set and the Hugging Face cache holds no copy of it: {instead}"
         else:
             hint = f"; without a network, HF_HUB_OFFLINE=1 reads a copy in the Hugging Face cache, or {instead}"
+    elif configs := _configs_named(spec, error):
+        # `datasets` says "Config name is missing" (or "BuilderConfig 'x' not found") with a Python example
+        example = HfSpec(spec.name, spec.revision, spec.split, configs[0])
+        listed = ", ".join(configs)
+        what = f"has several configs (subsets): {listed}" if spec.config is None \
+            else f"has no config {spec.config!r} (configs: {listed})"
+        return Gpt1Error(f"{spec}: the dataset {what}; name one as {HF_PREFIX}NAME[@REVISION]:CONFIG:SPLIT, "
+                         f"e.g. {example}")
     elif "scripts are no longer supported" in str(error):
         # datasets >= 4 runs no loading scripts; the hub's parquet conversion of such a dataset
         # lives on another branch (for very large datasets it may hold only part of the data).
         hint = (f"; read the hub's parquet conversion with {HF_PREFIX}{spec.name}@refs/convert/parquet, "
                 "or download the data files and pass their folder")
     return Gpt1Error(f"{spec}: cannot open the dataset ({type(error).__name__}: {error}){hint}")
+
+
+def _configs_named(spec: HfSpec, error: Exception) -> list[str]:
+    """The configs of a dataset that `error` says lacks a config, or has not the one named
+    (`datasets`' ValueErrors, told by their words); [] for any other error."""
+    text = str(error)
+    if not isinstance(error, ValueError) or not ("Config name is missing" in text
+                                                 or ("BuilderConfig" in text and "not found" in text)):
+        return []
+    try:
+        return list(_datasets().get_dataset_config_names(spec.name, revision=spec.revision))
+    except Exception:  # the error names them too: "...among the available configs: ['a', 'b']"
+        return re.findall(r"'([^']+)'", text.partition("vailable")[2].partition("]")[0])
 
 
 # ---- how far the files are read ------------------------------------------------------------
@@ -557,17 +593,17 @@ def holds_json_array(path: str | Path) -> bool:
     return False
 
 
-def read_json_array(path: str | Path, *, max_bytes: int = JSON_ARRAY_MAX_BYTES, skip_invalid: bool = False,
-                    skipped: Counter | None = None,
+def read_json_array(path: str | Path, convert: Callable[[Any, str], Any] = lambda value, where: value, *,
+                    max_bytes: int = JSON_ARRAY_MAX_BYTES, skip_invalid: bool = False, skipped: Counter | None = None,
                     first_skipped: dict[str, str] | None = None) -> Iterator[tuple[int, Any]]:
-    """(index, value) of each item of a file holding one JSON array, numbered from 0 as
-    `jq '.[17]'` finds them.
+    """(index, convert(value, where)) of each item of a file holding one JSON array, numbered from
+    0 as `jq '.[17]'` finds them.
 
     The file is parsed whole: one whose text is larger than `max_bytes` is refused, naming the `jq`
     command that writes it as JSON Lines. Text that is not one JSON array (invalid UTF-8 or JSON)
     is a Gpt1Error naming the file: no item can be told from the next. An item with a lone
-    surrogate escape is a BadRecord naming it ("FILE, record 17: ..."), skipped and counted as
-    "malformed records" with `skip_invalid`, as `read_jsonl` skips lines."""
+    surrogate escape (or a BadRecord from `convert`) is a BadRecord naming it ("FILE, record 17:
+    ..."), skipped and counted as "malformed records" with `skip_invalid`, as `read_jsonl` skips lines."""
     too_large = Gpt1Error(f"{path}: one JSON array of more than {max_bytes:,} bytes, which gpt1 would hold in memory "
                           f"whole; write it as JSON Lines, which is read a line at a time: {_to_json_lines(path)}")
     if compression_suffix(str(path)) is None and os.path.getsize(path) > max_bytes:  # said before reading it
@@ -593,9 +629,11 @@ def read_json_array(path: str | Path, *, max_bytes: int = JSON_ARRAY_MAX_BYTES, 
     del data, text
     for index in range(len(items)):
         item, items[index] = items[index], None  # each record's memory is freed as its turn passes
+        where = f"{path}, record {index}"
         try:
             if surrogates:
-                check_no_lone_surrogates(item, f"{path}, record {index}")
+                check_no_lone_surrogates(item, where)
+            item = convert(item, where)
         except BadRecord as e:
             _skip_or_raise(e, "record", skip_invalid, skipped, first_skipped)
             continue
@@ -650,7 +688,7 @@ def check_no_lone_surrogates(value: Any, where: str) -> None:
 def read_parquet(path: str | Path, columns: list[str] | None = None, *, skip_invalid: bool = False,
                  skipped: Counter | None = None,
                  first_skipped: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
-    """(row number, record) of a parquet file, read in batches; `columns` must exist.
+    """(row number, record) of a parquet file, read in batches; `columns` must exist (MissingColumn).
 
     A row whose string holds invalid UTF-8 (parquet writers other than pyarrow do not check) is a
     BadRecord naming the row and column, skipped and counted as "malformed rows" as `read_jsonl`
@@ -665,7 +703,7 @@ def read_parquet(path: str | Path, columns: list[str] | None = None, *, skip_inv
         raise Gpt1Error(f"{path}: not a readable parquet file ({e})") from None
     missing = [c for c in columns or [] if c not in parquet.schema_arrow.names]
     if missing:
-        raise Gpt1Error(f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+        raise MissingColumn(f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)})")
     row = 0
     position = _parquet_position(parquet.metadata, os.path.getsize(path))
     try:

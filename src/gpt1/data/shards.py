@@ -81,6 +81,7 @@ from gpt1.data.sources import (
     iter_pieces,
     normalized_spec,
     resolve_sources,
+    separates_documents,
     source_specs,
 )
 
@@ -320,6 +321,8 @@ def _check_enough_documents(sources: list[Source], val: float, max_documents: in
     if not texts:  # the empty corpus: said, with what was skipped, once read
         return
     documents = min(len(texts), max_documents or len(texts))
+    if (documents == 1 or documents <= val) and any(separates_documents(s) for s in texts):
+        return  # a .txt file of documents separated by <|endoftext|> (TinyStories'): counted once read
     if documents == 1:
         which = texts[0] if len(texts) == 1 else "--max-documents 1"
         raise Gpt1Error(f"the corpus has 1 document ({which}): a validation split needs at least two; "

@@ -2,20 +2,29 @@
 
 One reader for every stage that takes raw text (`tokenizer train`, `prepare`, `eval`):
 
-- a text file (`.txt`, `.md`, `.py`, ... or any file named explicitly) is one document;
+- a text file (`.txt`, `.md`, `.py`, ... or any file named explicitly) is one document; a `.txt`
+  file's `<|endoftext|>` (GPT-2's end of text, as TinyStories' and other GPT-2-era dumps separate
+  their documents: SEPARATOR) ends a document, with a newline each side of it;
 - `.jsonl` / `.ndjson` / `.json` (JSON Lines, as `datasets` and chat sources read them): one
-  document per line, from its `text` field;
+  document per line, from its `text` field; a `.json` file that holds one array of records is
+  read as that array (as `datasets` reads it; `readers.read_json_array`: parsed whole, up to 1 GiB);
+  a first record without the field is the file's layout, refused naming its fields and --text-field;
 - `.parquet`: one document per row, from its `text` column (read in batches);
 - text and JSON Lines files may be compressed: `.gz`, `.bz2`, `.xz` (`readers.COMPRESSIONS`);
 - a directory: the files below it with a known suffix, links to folders followed (hidden
   folders and caches skipped, a folder reached twice read once; an entry that is not a regular
   file, such as a pipe or a dangling link, is skipped and counted); files of other types are
-  left out and named in a warning;
+  left out and named in a warning. A dataset repository downloaded from the hub (a README.md
+  whose YAML lists the data files of each split: `configs:`) is read as `hf:FOLDER`, its train
+  split, as `datasets` reads it (its other splits, and its card, are no training text); a folder
+  holding `datasets`' own files (.arrow beside dataset_info.json: `load_dataset`'s cache, a
+  `save_to_disk` folder) is refused, naming `hf:` for it;
 - a glob (`data/**/*.txt`), its entries found and taken as a directory's are; a pattern that
   ends in a suffix (`logs/*.log`) names its files' type, and they are read as text;
 - `hf:NAME` or `hf:NAME:SPLIT` (default split `train`): a dataset read with `datasets`, streamed,
-  so a 40 GB corpus never sits in memory. `NAME` may also be a local dataset folder, and
-  `NAME@REVISION` reads another branch, tag or commit (e.g. `@refs/convert/parquet`);
+  so a 40 GB corpus never sits in memory. `NAME` may also be a local dataset folder,
+  `NAME@REVISION` reads another branch, tag or commit (e.g. `@refs/convert/parquet`), and
+  `hf:NAME:CONFIG:SPLIT` one of its configs (`readers.parse_hf`);
 - `stdlib`: the running Python's standard library source (`.py` files: code, comments and
   docstrings, ~10 MB), a real corpus on every machine with Python (the quickstart's default).
 
@@ -35,6 +44,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import re
 import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,19 +54,24 @@ from typing import Iterable, Iterator, Mapping, NamedTuple
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
 from gpt1.core.io import walk_folder
-from gpt1.core.progress import warn
+from gpt1.core.progress import info, warn
 from gpt1.data.readers import (
     COMPRESSIONS,
     HF_PREFIX,
+    JSON_SUFFIXES,
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
     PIECE_CHARS,
     ZSTD_SUFFIXES,
     BadRecord,
     HfSpec,
+    MissingColumn,
     compression_suffix,
+    declares_data_files,
+    holds_json_array,
     load_hf_dataset,
     parse_hf,
+    read_json_array,
     read_jsonl,
     read_parquet,
     read_text,
@@ -76,6 +91,18 @@ STDLIB = "stdlib"
 # for everyone with the same Python version.
 STDLIB_SKIPPED = {"site-packages", "dist-packages", "test", "encodings"}
 SKIPPED = "skipped"  # the kind of a folder's or glob's entry that is not a regular file (see _entry)
+# GPT-2's end-of-text token as text: the document separator of TinyStories' .txt files and other
+# dumps made for GPT-2 ("story\n<|endoftext|>\nstory"). gpt1's tokenizer reads it as 13 characters
+# of text, so it was trained as text, inside one document for the whole file. In a .txt file it
+# ends a document (a newline each side of it goes with it); other text files (code, markup) keep it.
+SEPARATOR = "<|endoftext|>"
+SEPARATED_SUFFIXES = (".txt",)
+_SEPARATOR = re.compile(r"\n?" + re.escape(SEPARATOR) + r"\n?")
+# A folder that holds `datasets`' own files: its arrow files beside dataset_info.json (the cache
+# that `load_dataset` writes, or a `save_to_disk` folder), which `datasets` reads, not gpt1.
+DATASET_INFO = "dataset_info.json"
+# Fields of a JSON record that say it is chat data (gpt1 finetune's formats), not text.
+_CHAT_FIELDS = ({"messages"}, {"conversations"}, {"instruction", "output"}, {"prompt", "completion"}, {"message_id"})
 
 
 @dataclass
@@ -100,6 +127,7 @@ class SourceStats:
     documents: int = 0
     bytes: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
+    separated_files: int = 0  # .txt files whose SEPARATOR ended documents (said once, at the first)
 
     def summary(self) -> str:
         text = f"{self.documents:,} documents, {self.bytes / 1e6:,.1f} MB"
@@ -155,9 +183,16 @@ def resolve_sources(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> l
             if saved_to_disk(spec):  # its arrow files are read by `datasets`, not as a folder of files
                 raise Gpt1Error(f"{spec}: a dataset folder written by `datasets` (save_to_disk): "
                                 f"read it as {HF_PREFIX}{spec}")
-            found = _files_below(spec, spec, ["**"], names_type=False)
+            if declares_data_files(spec):
+                sources.append(_dataset_repository(spec))
+                continue
+            found, left_out = _files_below(spec, spec, ["**"], names_type=False)
             if not found:
-                raise Gpt1Error(f"{spec}: directory has no text files (looked for {KNOWN_TYPES})")
+                suffix = Path(left_out[0]).suffix if left_out else ""
+                named = (f"; a file named on its own is read as text whatever its suffix ("
+                         f"{os.path.join(spec, left_out[0])}), and so are the files of a pattern that ends in theirs "
+                         f"({os.path.join(spec, '*' + suffix)})") if suffix else ""
+                raise Gpt1Error(f"{spec}: directory has no text files (looked for {KNOWN_TYPES}){named}")
             sources.extend(found)
         elif os.path.isfile(spec):
             if not os.access(spec, os.R_OK):
@@ -173,6 +208,18 @@ def resolve_sources(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> l
     return sources
 
 
+def _dataset_repository(folder: str) -> Source:
+    """A dataset repository downloaded from the hub (its card lists the data files of each split),
+    read as `hf:FOLDER` with `datasets`: its train split, not every split's files and the card as
+    text (the test split was trained on). Named by its absolute path, as `normalized_spec` names a
+    folder: prepare's record of it is the same however the path is spelled."""
+    hf = HfSpec(os.path.abspath(folder))
+    info(f"{folder}: a dataset repository (its README.md lists the data files of each split): read as "
+         f"{HF_PREFIX}{folder}:train, as `datasets` reads it; {HF_PREFIX}{folder}:SPLIT names another split, "
+         f"{HF_PREFIX}{folder}:CONFIG:SPLIT a config")
+    return Source("hf", folder, hf)
+
+
 def _glob_sources(spec: str) -> list[Source]:
     """The files a glob matches, found as a folder's are (`_files_below`): `glob.glob` followed a
     link back up ~40 folders deep and read a folder once per link to it (train and val shared
@@ -185,7 +232,7 @@ def _glob_sources(spec: str) -> list[Source]:
     root = os.sep.join(parts[:fixed]) or (os.sep if fixed else os.curdir)
     pattern = [part for part in parts[fixed:] if part not in ("", os.curdir)]
     suffix = Path(spec).suffix
-    found = _files_below(spec, root, pattern, names_type=bool(suffix) and not glob.has_magic(suffix))
+    found, _ = _files_below(spec, root, pattern, names_type=bool(suffix) and not glob.has_magic(suffix))
     if not found:
         raise Gpt1Error(f"{spec}: the pattern matches no files")
     if not fixed:  # a pattern relative to here ("*.txt") names its files without "./", as glob did
@@ -193,16 +240,19 @@ def _glob_sources(spec: str) -> list[Source]:
     return sorted(found, key=lambda s: s.location)
 
 
-def _files_below(spec: str, root: str, pattern: list[str], *, names_type: bool) -> list[Source]:
+def _files_below(spec: str, root: str, pattern: list[str], *, names_type: bool) -> tuple[list[Source], list[str]]:
     """The files below `root` whose path inside it matches `pattern` (glob components; a folder
-    is ["**"]), in sorted order: links to folders followed, a folder reached twice walked once,
-    hidden files and folders and caches skipped. A file of a type gpt1 does not read is left out
-    and named in a warning, unless `names_type` (a glob ending in a suffix: its files are text)."""
+    is ["**"]), in sorted order, and those left out: links to folders followed, a folder reached
+    twice walked once, hidden files and folders and caches skipped. A file of a type gpt1 does not
+    read is left out and named in a warning, unless `names_type` (a glob ending in a suffix: its
+    files are text). A folder of `datasets`' own files (DATASET_INFO) is refused, naming `hf:` for it."""
     found, left_out = [], []
     for folder, dirs, files in walk_folder(root):
         inside = Path(os.path.relpath(folder, root)).parts
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
                    and _glob_match([*inside, d], pattern, partial=True)]
+        if _glob_match([*inside, DATASET_INFO], pattern):
+            check_not_datasets_files(spec, folder, files, "text files")
         for name in files:
             path = os.path.join(folder, name)
             if name.startswith(".") or not _glob_match([*inside, name], pattern):
@@ -217,7 +267,17 @@ def _files_below(spec: str, root: str, pattern: list[str], *, names_type: bool) 
         shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5:,} more" if len(left_out) > 5 else "")
         warn(f"{spec}: left out {len(left_out):,} file{'s' if len(left_out) > 1 else ''} of types gpt1 does not read "
              f"(it reads {KNOWN_TYPES}): {shown}{zstd}")
-    return found
+    return found, left_out
+
+
+def check_not_datasets_files(spec: str, folder: str, names: list[str], instead: str) -> None:
+    """Refuse a folder (`spec`, or `folder` below it, whose files are `names`) that holds `datasets`'
+    own files, arrow files beside DATASET_INFO: `load_dataset`'s cache, or a `save_to_disk` folder.
+    Its dataset_info.json was read as JSON Lines and its arrow files left out; `hf:` reads it."""
+    if DATASET_INFO in names and any(name.lower().endswith(".arrow") for name in names):
+        where = "is" if os.path.normpath(folder) == os.path.normpath(spec) else "holds"
+        raise Gpt1Error(f"{spec}: {where} a folder of `datasets`' own files (.arrow files beside {DATASET_INFO}: "
+                        f"load_dataset's cache, or save_to_disk's), not {instead}: read it as {HF_PREFIX}{folder}")
 
 
 def _glob_match(parts: list[str], pattern: list[str], partial: bool = False) -> bool:
@@ -333,7 +393,69 @@ def _read_text(source: Source, text_field: str, skip_invalid: bool, stats: Sourc
             raise _with_hint(e) from None
         stats.skipped["files with invalid UTF-8"] += 1
         return
-    yield _chain(first, pieces)
+    if first and Path(without_compression(source.location.lower())).suffix in SEPARATED_SUFFIXES:  # (empty: counted)
+        yield from _documents(_separated(source.location, _chain(first, pieces), stats))
+    else:
+        yield _chain(first, pieces)
+
+
+def separates_documents(source: Source) -> bool:
+    """Whether a text source is a .txt file whose first piece holds SEPARATOR: more than one
+    document, unlike any other text file (what `gpt1 prepare` may ask before it reads a corpus
+    of too few files to split)."""
+    if source.kind != "text" or Path(without_compression(source.location.lower())).suffix not in SEPARATED_SUFFIXES:
+        return False
+    try:
+        return SEPARATOR in next(read_text(source.location), "")
+    except BadRecord:  # invalid UTF-8 in the first piece: said when it is read
+        return False
+
+
+def _separated(path: str, pieces: Iterator[str], stats: SourceStats) -> Iterator[tuple[str, bool]]:
+    """A .txt file's pieces as (text, ends_document), its documents ended at SEPARATOR. A document
+    of no text (two separators in a row, one at the start or end of the file) is none. A piece is
+    handed on as it is, or in parts at the separators in it: a cut between pieces lies where
+    `read_text` put it (where tokenizing the pieces gives the ids of the whole), and a separator
+    across that cut is found by looking at the next piece's start."""
+    started, skip, found = False, 0, False  # skip: the part of a separator begun in the piece before
+    piece = next(pieces, None)
+    while piece is not None:
+        following = next(pieces, None)
+        window = piece + (following or "")[:len(SEPARATOR) + 2]
+        start = skip
+        for match in _SEPARATOR.finditer(window, skip):
+            if match.start() >= len(piece):  # begins in the next piece: found there
+                break
+            if text := piece[start:match.start()]:
+                yield text, True
+            elif started:
+                yield "", True
+            started, start, found = False, match.end(), True
+        skip = max(start - len(piece), 0)
+        if text := piece[start:]:
+            yield text, following is None
+            started = following is not None
+        elif started and following is None:
+            yield "", True
+        piece = following
+    if found:
+        stats.separated_files += 1
+        if stats.separated_files == 1:  # said once a run, at the first file
+            info(f"{path}: {SEPARATOR} (GPT-2's end of text, as TinyStories' .txt files separate their stories) "
+                 "ends a document in a .txt file: the text between two is one document")
+
+
+def _documents(parts: Iterator[tuple[str, bool]]) -> Iterator[Iterator[str]]:
+    """(text, ends_document) parts as one iterator of texts per document, as the readers yield them
+    (each read to its end before the next is asked for)."""
+    parts = iter(parts)
+    for text, ends in parts:
+        def document(text: str = text, ends: bool = ends) -> Iterator[str]:
+            yield text
+            while not ends:
+                text, ends = next(parts)
+                yield text
+        yield document()
 
 
 def _may_be_long(path: str) -> bool:
@@ -359,25 +481,51 @@ def _with_hint(error: BadRecord) -> BadRecord:
 # JSON line took 1.2 GB (the tokenizer's ~140 bytes a character), against 228 MB as a .txt.
 
 def _read_jsonl(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
+    first = True  # whether no record was an object yet: the first says the file's layout
+
     def text_of(record, where: str) -> str | None:
+        nonlocal first
         if not isinstance(record, dict):
             kind = ", got an array (JSON Lines: one object a line)" if isinstance(record, list) else ""
             raise BadRecord(f"{where}: expected a JSON object{kind}")
         if text_field not in record:
+            if first:  # its fields are every record's (as a parquet file's columns): none to skip
+                raise Gpt1Error(_no_text_field(where, text_field, record))
             raise BadRecord(f"{where}: missing field {text_field!r}")
+        first = False
         text = record[text_field]
         if text is not None and not isinstance(text, str):
             raise BadRecord(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
         return text
 
-    for _, text in read_jsonl(source.location, text_of, skip_invalid=skip_invalid, skipped=stats.skipped):
+    path = source.location
+    array = path.lower().endswith(JSON_SUFFIXES) and holds_json_array(path)  # as `datasets` reads a .json
+    records = (read_json_array if array else read_jsonl)(path, text_of, skip_invalid=skip_invalid, skipped=stats.skipped)
+    for _, text in records:
         if text is None:  # as a parquet file's null row: no document, counted
             stats.skipped["null lines"] += 1
             continue
         yield text_pieces(text)
 
 
+def _no_text_field(where: str, text_field: str, record: dict) -> str:
+    """What is wrong with a JSON file whose first record lacks the text field: its fields, and what
+    to do (--skip-invalid would skip every record, as it was proposed to)."""
+    chat = "; it holds chat records: gpt1 finetune --data reads them" \
+        if any(fields <= {key for key, value in record.items() if value is not None} for fields in _CHAT_FIELDS) else ""
+    return (f"{where}: no field {text_field!r} (fields: {', '.join(map(str, record)) or 'none'}): the first record "
+            f"says the file's layout, so --skip-invalid would skip every record; name the field of text with "
+            f"--text-field{chat}")
+
+
 def _read_parquet(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
+    try:
+        yield from _parquet_texts(source, text_field, skip_invalid, stats)
+    except MissingColumn as e:  # raised before the first row
+        raise Gpt1Error(f"{e}: name the column of text with --text-field") from None
+
+
+def _parquet_texts(source: Source, text_field: str, skip_invalid: bool, stats: SourceStats) -> Iterator[Iterator[str]]:
     for row, record in read_parquet(source.location, columns=[text_field], skip_invalid=skip_invalid,
                                     skipped=stats.skipped):
         text = record[text_field]
