@@ -69,6 +69,7 @@ def test_generate_chat_from_a_pipe_is_the_typed_line_and_a_base_model_is_named(c
     (["--top-p", "0"], r"top_p must be a number in \(0, 1\] \(1 = off\), got 0.0"),
     (["--temperature", "-1"], r"temperature must be a number >= 0"),
     (["--max-new-tokens", "0"], r"max_new_tokens must be an integer >= 1 here, got 0 \(0 generates nothing"),
+    (["--max-new-tokens", "-1"], r"max_new_tokens must be an integer >= 1 here, got -1 \(0 generates nothing"),
     (["--stop", ""], r"stop must be a list of non-empty strings"),
     (["--top-k", "-3"], r"top_k must be an integer >= 0 \(0 = off\), got -3$"),
     (["--no-truncate", "--max-new-tokens", "100"], r"exceed the context of 64 tokens"),
@@ -426,3 +427,15 @@ def test_a_huge_prompt_on_stdin_takes_little_memory(tiny_model_dir, tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert int(result.stderr.splitlines()[-1]) < 100, result.stderr  # MiB: the text's few copies
+
+
+def test_chat_set_max_new_tokens_below_1_names_the_cli_range():
+    """`/set max_new_tokens -1` said ">= 0 (0 = none: the prompt scored alone)", and 0 was then refused."""
+    from gpt1.cli.chat_cmd import parse_knob
+    from gpt1.core.errors import Gpt1Error
+    from gpt1.core.sampling_params import SamplingParams
+
+    for value in ("0", "-1"):
+        with pytest.raises(Gpt1Error, match=rf"max_new_tokens must be an integer >= 1 here, got {value} "):
+            parse_knob(SamplingParams(), "max_new_tokens", value)
+    assert parse_knob(SamplingParams(), "max_new_tokens", "3").max_new_tokens == 3

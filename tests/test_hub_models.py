@@ -85,3 +85,25 @@ def test_a_hub_id_that_is_not_there_says_so_and_a_local_folder_wins(hub_cache, d
         from gpt1.formats.hf import import_hf_model
         import_hf_model(tmp_path / "nothing-here")
     shutil.rmtree(local)
+
+
+def test_commands_that_take_a_gpt1_model_dir_say_what_hf_names(capsys):
+    from tests.test_battery import run_main
+
+    for command in (["generate", "--model", "hf:me/tiny-gpt1", "--prompt", "x"], ["info", "hf:me/tiny-gpt1"]):
+        code, err = run_main(capsys, *command)
+        assert code == 2 and "hf:me/tiny-gpt1: model directory not found; this takes a gpt1 model dir" in err
+        assert "`gpt1 pretrain init_from=hf:me/tiny-gpt1` or `gpt1 finetune --base hf:me/tiny-gpt1`" in err
+
+
+def test_only_the_files_an_import_reads_are_fetched():
+    """huggingface_hub's `*` matches `/`: "*.safetensors" fetched every checkpoint-N/ a Trainer pushed."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from gpt1.formats.hf import HUB_FILES
+
+    files = ["config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "adapter/adapter_config.json",
+             "adapter/adapter_model.safetensors", "checkpoint-500/model.safetensors", "onnx/config.json",
+             "original/consolidated.safetensors", "pytorch_model.bin", "tf_model.h5", "README.md"]
+    assert sorted(filter_repo_objects(files, allow_patterns=HUB_FILES)) == sorted(files[:9])

@@ -293,6 +293,12 @@ def test_max_new_tokens_0_scores_a_whole_context_of_prompt_and_samples_nothing(l
     assert "".join(c.text for c in chunks[0]) == llm.generate("def f(x):", temperature=0, max_new_tokens=6)
     assert "".join(c.text for c in chunks[2]) == llm.generate("class A:", temperature=0, max_new_tokens=6)
     assert engine.free_slots == 3 and engine.stats.completed == 3
+    # Its forwards are counted (gpt1_engine_steps_total): 4 prefill chunks of 16 for 64 tokens.
+    alone = Engine(llm.model, tok, max_batch=1, max_queue=1, prefill_chunk=16, cuda_graphs=False)
+    alone.submit([ids], SamplingParams(max_new_tokens=0, prompt_logprobs=0), lambda i: lambda chunk: None)
+    while alone.busy:
+        alone.step()
+    assert (alone.stats.steps, alone.stats.completed, alone.stats.tokens) == (4, 1, 0)
 
 
 def test_max_tokens_0_with_echo_scores_the_prompt_through_the_openai_client(url, llm):
@@ -319,6 +325,29 @@ def test_max_tokens_0_with_echo_scores_the_prompt_through_the_openai_client(url,
     whole = llm.tokenizer.encode("import json\nimport os\n" * 40)[:llm.config.block_size]  # the whole context
     scored = client.completions.create(model="m", prompt=whole, echo=True, logprobs=0, max_tokens=0).choices[0]
     assert len(scored.logprobs.token_logprobs) == len(whole) and scored.finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match=r"resulted in 64 tokens, which leaves no room for the completion "
+                                                     r"\(max_tokens 0 scores a prompt of the whole context\)"):
+        client.completions.create(model="m", prompt=whole, echo=True, logprobs=0, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match=r"resulted in 65 tokens, more than max_tokens 0 scores \(the "
+                                                     r"whole context, 64 tokens\)"):
+        client.completions.create(model="m", prompt=whole + whole[:1], echo=True, logprobs=0, max_tokens=0)
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}], max_tokens=0)
     assert refused.value.body["param"] == "max_tokens" and "/v1/completions" in refused.value.body["message"]
+
+
+def test_a_prompt_scored_alone_on_a_model_that_overflows_fails_as_a_sampled_one(llm):
+    """A row that samples nothing met no finiteness check: NaN scores came back as a success (and
+    as bare NaN, invalid JSON, in a stream)."""
+    import copy
+
+    from gpt1.inference.engine import GenerationFault
+
+    broken = copy.deepcopy(llm.model)
+    with torch.no_grad():
+        broken.transformer.h[1].mlp.c_fc.weight.fill_(float("nan"))
+    prompt = llm.tokenizer.encode("import json\nimport os")
+    for max_new_tokens in (0, 1):
+        with pytest.raises(GenerationFault, match="NaN or infinite"):
+            generate_batch(broken, llm.tokenizer, [prompt], SamplingParams(max_new_tokens=max_new_tokens,
+                                                                           prompt_logprobs=0))

@@ -704,6 +704,8 @@ NEUTRAL = [
               "prompt_cache_key": "k", "safety_identifier": "u1"}),
     # Fields of openai 3.x's chat.completions.create, once "unrecognized request argument"s here.
     ("chat", {"prompt_cache_retention": "24h", "prompt_cache_options": {"ttl": "5m"}, "moderation": None}),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello",
+                                                         "prompt_cache_breakpoint": {"mode": "explicit"}}]}]}),
 ]
 
 

@@ -13,6 +13,7 @@ from gpt1.cli.generate_cmd import (
     ESCAPE_HELP,
     add_model_flags,
     add_sampling_flags,
+    check_new_tokens,
     escape,
     fit_new_tokens,
     prompt_tail,
@@ -22,7 +23,6 @@ from gpt1.cli.generate_cmd import (
     warn_if_base_model,
     warn_if_capped,
     warn_if_text_cut,
-    with_new_tokens,
 )
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, printable
@@ -80,7 +80,9 @@ def parse_knob(params, name: str, value: str):
             parsed = float(value)
     except (KeyError, ValueError):
         raise Gpt1Error(f"{name} must be {KNOB_RANGES[name]}, got {value!r}") from None
-    return with_new_tokens(params.override(**{name: parsed}))
+    if name == "max_new_tokens":
+        check_new_tokens(parsed)
+    return params.override(**{name: parsed})
 
 
 def knob_text(value) -> str:

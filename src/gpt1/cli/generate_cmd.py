@@ -110,16 +110,16 @@ def sampling_params_from_args(args: argparse.Namespace):
         knobs["stop"] = tuple(args.stop)
     if args.no_truncate:
         knobs["truncate_prompt"] = False
-    return with_new_tokens((preset(args.preset) if args.preset else SamplingParams()).override(**knobs))
+    check_new_tokens(knobs.get("max_new_tokens"))
+    return (preset(args.preset) if args.preset else SamplingParams()).override(**knobs)
 
 
-def with_new_tokens(params: SamplingParams) -> SamplingParams:
-    """`params`, unless they generate nothing: the library's max_new_tokens=0 scores a prompt (its
-    prompt_logprobs), which the CLI does not print."""
-    if params.max_new_tokens < 1:
-        raise Gpt1Error(f"max_new_tokens must be an integer >= 1 here, got {params.max_new_tokens} (0 generates "
-                        "nothing: it scores a prompt, in the library or the server's /v1/completions)")
-    return params
+def check_new_tokens(value) -> None:
+    """Refuse a max_new_tokens below 1 (before SamplingParams, whose range includes 0): the
+    library's 0 generates nothing and scores a prompt (its prompt_logprobs), which the CLI does not print."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise Gpt1Error(f"max_new_tokens must be an integer >= 1 here, got {value} (0 generates nothing: it scores "
+                        "a prompt, in the library or the server's /v1/completions)")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

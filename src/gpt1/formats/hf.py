@@ -195,7 +195,11 @@ HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<revision>
 # What an import reads from a Hub model: config, weights (one file or shards and their index),
 # tokenizer, a PEFT adapter in adapter/, a chat template; never a pickle (pytorch_model.bin), ONNX, TF
 # or Flax weights, which are often most of a repository's size.
-HUB_FILES = ["*.json", "*.safetensors", "*.jinja"]
+# The repository's top level only (huggingface_hub's `*` also matches `/`: "*.safetensors" would fetch
+# every checkpoint-500/ a Trainer pushed).
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+             "chat_template.jinja", "adapter/*"]
 
 
 def hub_folder(spec: str | os.PathLike) -> Path:
@@ -209,26 +213,33 @@ def hub_folder(spec: str | os.PathLike) -> Path:
         return path
     require("huggingface_hub", f"{spec} (no such folder; as a Hugging Face Hub model id)",
             "pip install 'gpt1[hf]'")
-    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (  # here, not in huggingface_hub.errors, before 0.25 (transformers 4.45's floor)
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo, revision = match["repo"], match["revision"]
     where = f"{spec}: no such folder, and as a Hugging Face Hub model id"
     try:
         folder = snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES)
-    except errors.GatedRepoError:
+    except GatedRepoError:
         raise Gpt1Error(f"{where}: {repo} is gated; accept its terms on huggingface.co and log in "
                         "(`hf auth login`, or set HF_TOKEN)") from None
-    except errors.RepositoryNotFoundError:
+    except RepositoryNotFoundError:
         raise Gpt1Error(f"{where}: the Hub has no model {repo} (or it is private: `hf auth login`, or set "
                         "HF_TOKEN)") from None
-    except errors.RevisionNotFoundError:
+    except RevisionNotFoundError:
         raise Gpt1Error(f"{where}: {repo} has no revision {revision!r} (a branch, tag or commit)") from None
-    except errors.LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and not in the cache
+    except LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and not in the cache
         cause = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
             else f"the Hub could not be reached ({str(e.__cause__ or e).splitlines()[0][:200]})"
         raise Gpt1Error(f"{where}: not in the local cache, and {cause}; download it where the Hub can be "
                         f"reached (`hf download {repo} --local-dir DIR`) and pass DIR") from None
-    except (errors.HfHubHTTPError, OSError, ValueError) as e:
+    except (HfHubHTTPError, OSError, ValueError) as e:
         raise Gpt1Error(f"{where}: cannot fetch it ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     info(f"{spec}: the Hugging Face Hub model, from {folder}")
     return Path(folder)

@@ -229,8 +229,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     adapter="merge" (default) merged into the weights, giving a plain GPT as fast as the base;
     "keep" leaves the LoRA layers in place (unmerged); "ignore" returns the base it applies to.
     """
+    named = str(directory)
     directory = Path(directory)
     if not directory.is_dir():
+        if named.startswith("hf:") and not directory.exists():  # a transformers folder or Hub id, as init_from takes
+            raise Gpt1Error(f"{named}: model directory not found; this takes a gpt1 model dir (hf: names a "
+                            f"transformers folder or Hub model to train from: `gpt1 pretrain init_from={named}` or "
+                            f"`gpt1 finetune --base {named}`)")
         raise Gpt1Error(f"{directory}: {'a file, not a model directory' if directory.exists() else 'model directory not found'}")
     if is_hf_model_dir(directory):
         raise Gpt1Error(f"{directory}: a Hugging Face transformers folder, not a gpt1 model dir; import it with "

@@ -514,7 +514,10 @@ class Engine:
             prefilled, prefill_logits, prefilling = self._prefill()
             decoded, decode_logits, longest = self._decode()
             requests = prefilled + decoded
-            if not requests:
+            if not requests:  # a step of prefill chunks alone (or of prompts scored alone) is a forward too
+                if prefilling:
+                    with self._lock:
+                        self.stats.steps += 1
                 return
             logits = (torch.cat([prefill_logits, decode_logits]) if prefilled and decoded
                       else prefill_logits if prefilled else decode_logits)
@@ -623,8 +626,12 @@ class Engine:
             request.prompt_logprobs = [None]  # the first token: nothing precedes it
         targets = request.prompt_ids[request.length + 1:request.length + 1 + len(logits)]
         if targets:
-            request.prompt_logprobs += _logprob_entries(logits[:len(targets), :self.vocab], targets,
-                                                        [request.params.prompt_logprobs] * len(targets))
+            rows = logits[:len(targets), :self.vocab]
+            # As a sampled row's: NaN scores fail the request (a row that samples nothing, max_new_tokens
+            # 0, meets no other check), never reach a caller as numbers, nor a stream as invalid JSON.
+            if not torch.isfinite(rows).all():
+                raise self._not_finite()
+            request.prompt_logprobs += _logprob_entries(rows, targets, [request.params.prompt_logprobs] * len(targets))
 
     def _decode(self) -> tuple[list[Request], torch.Tensor | None, int]:
         """One forward for the rows up to the last one with a token to feed: those requests, their

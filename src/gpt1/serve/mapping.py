@@ -132,9 +132,14 @@ def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_to
     where = "the messages" if prompt is None else "the prompt" if prompt == "prompt" else prompt
     oldest = "turns" if prompt is None else "tokens"
     if prompt_tokens > context or (prompt_tokens == context and max_tokens != 0):  # 0: scored alone, it fits
+        if max_tokens == 0:  # a prompt to score, no completion asked for
+            why = f"more than max_tokens 0 scores (the whole context, {context} tokens)"
+        else:  # a completion's prompt of exactly the context can still be scored alone
+            why = "which leaves no room for the completion" + (
+                " (max_tokens 0 scores a prompt of the whole context)" if prompt and prompt_tokens == context else "")
         raise ApiError(400, f"{_CONTEXT_IS.format(context)} However, {where} resulted in {prompt_tokens} tokens, "
-                            f"which leaves no room for the completion. Please reduce the length of {where}, or send "
-                            f"truncate_prompt: true to drop the oldest {oldest}.",
+                            f"{why}. Please reduce the length of {where}, or send truncate_prompt: true to drop the "
+                            f"oldest {oldest}.",
                        param="prompt" if prompt else None, code="context_length_exceeded")
     room = context - prompt_tokens
     if max_tokens is None:

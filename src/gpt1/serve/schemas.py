@@ -151,6 +151,8 @@ class GenerationRequest(_Strict):
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+    # openai 3.x's end of a cacheable prefix (with the request's prompt_cache_options): a hint.
+    prompt_cache_breakpoint: dict[str, Any] | None = Field(None, description="accepted; there is no prompt cache")
 
     @model_validator(mode="before")
     @classmethod
