@@ -29,7 +29,7 @@ KNOB_FLAGS = {
     "--repeat-penalty": ("repeat_penalty", float, "penalise tokens already in the window (CTRL/llama.cpp); 1 = off"),
     "--repeat-last-n": ("repeat_last_n", int, "the repeat-penalty window in tokens, prompt included; -1 = whole context"),
     "--max-new-tokens": ("max_new_tokens", int, "most tokens to generate"),
-    "--seed": ("seed", int, "random seed: the same seed gives the same text"),
+    "--seed": ("seed", int, "random seed: the same seed gives the same text (on a CPU, at a fixed thread count: OMP_NUM_THREADS)"),
 }
 
 

@@ -81,7 +81,8 @@ class SamplingParams:
                     prompt_logprobs; OpenAI's legacy `max_tokens: 0` with `echo`)
     stop            strings that end the text (not included in it): a list, a tuple or one string;
                     held as a tuple
-    seed            same seed, same prompt, same knobs -> same text; None = random. A negative
+    seed            same seed, same prompt, same knobs -> same text (on one machine, at one
+                    CPU thread count: docs/generation.md); None = random. A negative
                     seed (OpenAI's seed is an int64) is the same as seed + 2**64
     truncate_prompt a prompt too long for the context keeps its most recent tokens; False = error
     logprobs        report each generated token's log-probability and this many most likely

@@ -12,7 +12,7 @@ prompts need, as `generate` does). Each `step()`:
    with a per-row causal mask over its slot (`SlotCache`);
 4. chooses the next token of every row in one batched call (each row its own knobs and its
    own seeded generator, so a seeded request gives the same tokens whatever shares the
-   batch), brings the ids to the host once (the step's one sync), and turns them into text
+   batch, but for a draw within float rounding of a token boundary: docs/generation.md), brings the ids to the host once (the step's one sync), and turns them into text
    by the rules of `gpt1.inference.decoding` (stop tokens, stop strings, max tokens, UTF-8);
 5. for the requests that ask (`SamplingParams.logprobs`, `prompt_logprobs`), scores their sampled
    tokens, and their prompt's as it is prefilled, on the raw logits: only their rows pay for a
