@@ -64,7 +64,8 @@ STATE_SCHEMA = {"step": int, "rng": _RNG, "optimizer": dict, "scaler": dict, "sa
 # Keys a checkpoint of an older gpt1 lacks (the loop has a default for each): checked when present.
 LATER_KEYS = {"end": int, "budget_spent": _NUMBER, "step_time": (*_NUMBER, type(None)),
               "schedule": (dict, type(None)), "rank_rng": [_RNG],
-              "best": {"step": (int, type(None)), "val_loss": (*_NUMBER, type(None))}, "since_best": int}
+              "best": {"step": (int, type(None)), "val_loss": (*_NUMBER, type(None))}, "since_best": int,
+              "bad_steps": int, "scale_fall": (dict, type(None))}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

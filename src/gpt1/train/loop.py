@@ -59,10 +59,12 @@ with `cfg.keep_best`, each validation that lowers it writes `save_model`'s files
 (whole or not at all: `BEST_DIR`); with `cfg.early_stop` = N, N validations in a row that do
 not lower it end the run at that step, which then counts as its last (a rerun is that of a
 finished run). `cfg.keep_checkpoints`: how many of the newest checkpoints are kept. A step whose loss or
-gradient norm is not finite is skipped; a checkpoint due at it is still saved when the weights
-are finite (the skipped step did not touch them), else a warning names the last good checkpoint.
-`cfg.max_bad_steps` consecutive skipped steps stop the run; fp16-mixed's overflows (skipped by
-the GradScaler) stop it once its loss scale falls below 1. The LR schedule counts skipped steps.
+gradient norm is not finite is skipped; a validation or checkpoint due at it still runs when the
+weights are finite (the skipped step did not touch them), else a warning names the last good
+checkpoint. `cfg.max_bad_steps` consecutive skipped steps stop the run (a resumed run counts on
+from its checkpoint's); fp16-mixed's overflows (skipped by the GradScaler, which halves its loss
+scale for each; a NaN/inf loss, not the scale's doing, leaves it as it is) stop it once its loss
+scale falls below 1. The LR schedule and the tokens seen count skipped steps.
 Running `train` again on the same `run_dir` resumes from its latest checkpoint (a different
 config, or number of processes, is refused; paths compare by what they name); on CPU the resumed run
 ends at exactly the loss of an uninterrupted one. With torchrun (`gpt1.train.distributed`),
@@ -342,21 +344,20 @@ def _train_in(run: _Run, data_source: dict | None, started: float) -> TrainResul
             with distributed.rank_local():  # a damaged batch is this rank's alone
                 batches = _next_step(run.train_data, run.cfg.grad_accum)
             loss, grad_norm, tokens = run.forward_backward(batches)
+            run.tokens_seen += tokens  # a skipped step's too: its batches were drawn, as an overflow's are
             done = step + 1
             if skipped := _skipped(loss, grad_norm, fp16=run.scaler.is_enabled()):
-                run.skip(done, skipped, loss, lr)
-                continue
-            run.optimizer_step(done, grad_norm)
-            run.tokens_seen += tokens
-            elapsed = time.perf_counter() - began
-            metric = run.metric(done, loss, lr, grad_norm, tokens / elapsed, batches)
-            run.tune_threads(elapsed, batches)
-            run.last["loss"] = loss
-            run.replan(done)
-            if done % run.cfg.eval_every == 0 or done == run.end:
-                run.validate(done, metric)
+                metric = run.skip(done, skipped, loss, lr)
+            else:
+                run.optimizer_step(done, grad_norm)
+                elapsed = time.perf_counter() - began
+                metric = run.metric(done, loss, lr, grad_norm, tokens / elapsed, batches)
+                run.tune_threads(elapsed, batches)
+                run.last["loss"] = loss
+                run.replan(done)
+            run.validate_if_due(done, metric, skipped)
             run.log(metric)
-            run.save_if_due(done)
+            run.save_if_due(done, skipped)
     return run.finish(started)
 
 
@@ -404,6 +405,9 @@ class _Run:
         self.best: dict = {"step": None, "val_loss": None}
         self.since_best = 0
         self.bad_steps = 0  # consecutive skipped steps
+        # fp16-mixed: the overflows since the loss scale last grew (`optimizer_step`): the first's
+        # step, how many, and the scale the latest left; None before the first.
+        self.scale_fall: dict | None = None
         self.budget: _TimeBudget | None = None
         self.schedule: BudgetSchedule | None = None
         self.rate: _RunRate | None = None
@@ -427,6 +431,9 @@ class _Run:
         self.end, self.budget_spent = state.get("end", self.max_steps), state.get("budget_spent", 0.0)
         # A checkpoint of an older gpt1 has no best: the next validation is the first.
         self.best, self.since_best = dict(state.get("best", self.best)), state.get("since_best", 0)
+        # A run killed inside a stretch of skipped steps stops where an uninterrupted one does (reset
+        # to 0, it went on max_bad_steps more); an older gpt1's checkpoint has neither.
+        self.bad_steps, self.scale_fall = state.get("bad_steps", 0), state.get("scale_fall")
         if dist.is_main and self.start_step < self.end:  # a finished run says so at the end ("nothing to do"), not "resuming"
             info(f"resuming {self.run_dir} from step {self.start_step:,} of {self.end:,} ({latest.name})")
         # Each rank restores its own RNG states (its dropout masks go on as in an uninterrupted run).
@@ -576,14 +583,20 @@ class _Run:
             self.step_model = self.model
             return _loss_and_backward(self.model, self.model, x, y, sync, self.device, self.precision, self.scaler, weight)
 
-    def skip(self, done: int, skipped: str, loss: float, lr: float) -> None:
-        """Step `done`, `skipped` (see `_skipped`): its gradients dropped, the weights untouched. The
-        run stops after `cfg.max_bad_steps` in a row, or where it ends skipping."""
+    def skip(self, done: int, skipped: str, loss: float, lr: float) -> dict:
+        """Step `done`, `skipped` (see `_skipped`): its gradients dropped, the weights untouched; its
+        line of metrics.jsonl. The run stops after `cfg.max_bad_steps` in a row, or where it ends skipping."""
         self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
-            self.scaler.update()  # closes this step's unscale_ (and lowers the scale: the gradients hold inf/NaN)
-        what = "loss" if skipped == "non-finite loss" else "gradient norm"
+            # Closes this step's unscale_ at the scale it ran at (its growth count kept): the loss was
+            # NaN/inf before it was scaled, so the scale did not cause it. Backed off (`update()`
+            # reads the gradients' inf/NaN as an overflow), a NaN loss on every third batch halved
+            # it to 6e-11 in 150 steps, where the blocks' gradients underflow to 0.
+            scale = self.scaler.get_scale()
+            self.scaler.update(scale)
+            self._stop_below_1(done, scale, overflow=False)
+        what = _what(skipped)
         if self.bad_steps >= self.cfg.max_bad_steps:
             raise _bad_steps_error(f"the {what} was NaN/inf for {self.bad_steps} consecutive steps "
                                    f"(last at step {done:,})", self.run_dir, self.precision)
@@ -592,9 +605,8 @@ class _Run:
             # half) has no model worth writing: it "finished" with exit 0 on garbage weights.
             raise _bad_steps_error(f"the {what} was NaN/inf for the last {self.bad_steps} of the run's "
                                    f"{done - self.start_step:,} steps", self.run_dir, self.precision)
-        self._write_metric({"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr, "skipped": skipped})
-        self.bar.update(1)
-        self.save_if_due(done, skipped=what)
+        return {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr, "tokens": self.tokens_seen,
+                "skipped": skipped}
 
     def optimizer_step(self, done: int, grad_norm: float) -> None:
         """Apply step `done`'s gradients (fp16-mixed: unless they overflowed, which the GradScaler skips)."""
@@ -603,16 +615,34 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled() and not math.isfinite(grad_norm):
             # An overflow halves the scale; at the start of a run a few halvings from 65,536 find
-            # one that fits. Gradients that stay NaN/inf however small the scale are not an
-            # overflow: stop once it falls below 1, as DeepSpeed does at its minimum scale. (Read
-            # on a skipped step only: a normal step waits for the device no more.)
+            # one that fits. (Read on a skipped step only: a normal step waits for the device no more.)
             self.bad_steps += 1
-            if (scale := self.scaler.get_scale()) < 1.0:
-                raise _bad_steps_error(f"the gradient norm was NaN/inf for {self.bad_steps} consecutive steps "
-                                       f"(last at step {done:,}) although the fp16 loss scale fell to {scale:g}",
-                                       self.run_dir, self.precision)
+            scale, fall = self.scaler.get_scale(), self.scale_fall
+            if fall is None or scale >= fall["scale"]:  # the first overflow, or the scale grew since the last
+                fall = {"step": done, "overflows": 0}
+            self.scale_fall = {**fall, "overflows": fall["overflows"] + 1, "scale": scale}
+            self._stop_below_1(done, scale, overflow=True)
         else:
             self.bad_steps = 0
+
+    def _stop_below_1(self, done: int, scale: float, overflow: bool) -> None:
+        """fp16-mixed: stop once the loss scale, as updated after step `done` (an `overflow` or a NaN
+        loss), is below 1, as DeepSpeed stops at its minimum scale: gradients that stay NaN/inf however
+        small the scale are not an overflow. The error says what brought it there: the overflows
+        since it last grew."""
+        if scale >= 1.0:
+            return
+        fall = self.scale_fall
+        if not overflow:  # a NaN loss leaves the scale as it is: this one comes from an older gpt1's checkpoint
+            what = f"the fp16 loss scale was {scale:g} at step {done:,}"
+        elif (overflows := fall["overflows"]) == (steps := done - fall["step"] + 1):
+            what = (f"the gradient norm was NaN/inf for {overflows} consecutive steps (last at step {done:,}) "
+                    f"although the fp16 loss scale fell to {scale:g}")
+        else:
+            start = scale / self.scaler.get_backoff_factor() ** overflows
+            what = (f"{overflows} fp16 overflows (a NaN/inf gradient norm) in the last {steps:,} steps (last at "
+                    f"step {done:,}) brought the loss scale from {start:g} to {scale:g}")
+        raise _bad_steps_error(what, self.run_dir, self.precision)
 
     def metric(self, done: int, loss: float, lr: float, grad_norm: float, tokens_per_sec: float,
                batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -640,6 +670,17 @@ class _Run:
         if self.budget:
             self.end = self.budget.plan(done, self.end, self.dist)
             self.bar.total = self.end
+
+    def validate_if_due(self, done: int, metric: dict, skipped: str | None) -> None:
+        """The validation due after step `done` (every `cfg.eval_every` steps, and the last). After a
+        skipped step (`skipped`, see `_skipped`) too where the weights are finite, as the step left
+        them: skipped, the last step's result reported an older validation as the final one."""
+        due = done % self.cfg.eval_every == 0 or done == self.end
+        if due and (not skipped or self._finite_weights()):
+            self.validate(done, metric)
+
+    def _finite_weights(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.params)
 
     def validate(self, done: int, metric: dict) -> None:
         """The validation loss and perplexity after step `done`, added to its `metric` and logged;
@@ -699,8 +740,9 @@ class _Run:
                 if metric.get(key) is not None:
                     self.writer.add_scalar(key, metric[key], done)
         val = self.last["val_loss"]
-        self.bar.set_postfix(refresh=False, loss=f"{metric['loss']:.4f}", lr=f"{metric['lr']:.2e}",
-                             tok_s=f"{metric['tokens_per_sec']:,.0f}", **({"val": f"{val:.4f}"} if val is not None else {}))
+        if "tokens_per_sec" in metric:  # an applied step (or an fp16 overflow); a skipped one leaves the bar's numbers
+            self.bar.set_postfix(refresh=False, loss=f"{metric['loss']:.4f}", lr=f"{metric['lr']:.2e}",
+                                 tok_s=f"{metric['tokens_per_sec']:,.0f}", **({"val": f"{val:.4f}"} if val is not None else {}))
         self.bar.update(1)
         if self.rate:
             self.rate.step_done(done)
@@ -713,13 +755,13 @@ class _Run:
 
     def save_if_due(self, done: int, skipped: str | None = None) -> None:
         """The checkpoint due after step `done` (every `cfg.save_every` steps, and the last), and the
-        run dir's model from it. After a skipped step (`skipped`: the "loss" or "gradient norm" that
-        was not finite) only where the weights are finite, as the step left them; else a warning."""
+        run dir's model from it. After a skipped step (`skipped`, see `_skipped`) only where the
+        weights are finite, as the step left them; else a warning."""
         if not _save_due(done, self.cfg.save_every, self.end):
             return
-        if skipped and not all(torch.isfinite(p).all() for p in self.params):
+        if skipped and not self._finite_weights():
             if self.dist.is_main:
-                warn(f"step {done:,}: no checkpoint saved: the {skipped} and the weights are not finite; "
+                warn(f"step {done:,}: no checkpoint saved: the {_what(skipped)} and the weights are not finite; "
                      f"the last good checkpoint is {ckpt.latest_checkpoint(self.run_dir) or 'none'}")
             return
         # Every rank's RNG states (dropout), gathered by rank 0, which saves them all.
@@ -739,6 +781,7 @@ class _Run:
                  "budget_spent": self.budget_spent, "step_time": self.budget.step_time if self.budget else None,
                  "schedule": self.schedule.state_dict() if self.schedule else None,
                  "best": dict(self.best), "since_best": self.since_best,
+                 "bad_steps": self.bad_steps, "scale_fall": dict(self.scale_fall) if self.scale_fall else None,
                  **({"rank_rng": rank_rngs} if rank_rngs else {})}
         checkpoint = ckpt.save_checkpoint(self.run_dir, done, self.raw_model, state, keep=self.cfg.keep_checkpoints)
         _write_outputs(self.run_dir, checkpoint, self.raw_model, self.save_model, final=done == self.end)
@@ -791,6 +834,11 @@ def _provenance(cfg: TrainConfig, device: torch.device, precision: str, data_sou
             "argv": list(sys.argv), **environment(), "device": str(device),
             **({"device_name": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
             "precision": precision, "compiled": cfg.compile, **({"data": data_source} if data_source else {})}
+
+
+def _what(skipped: str) -> str:
+    """What was not finite at a step `_skipped` skipped, as the messages name it."""
+    return "loss" if skipped == "non-finite loss" else "gradient norm"
 
 
 def _bad_steps_error(what: str, run_dir: Path, precision: str) -> Gpt1Error:

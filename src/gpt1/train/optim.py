@@ -10,7 +10,9 @@ so that every direction of the matrix learns at the same rate. It is meant for t
 matrices only: the blocks' attention and MLP weights. The embeddings, the output head, biases
 and LayerNorms stay on AdamW, as its authors advise. Its updates are scaled to AdamW's RMS
 (`adjust_lr_fn="match_rms_adamw"`) so that one schedule drives both; its learning rate is
-`lr x muon_lr_scale` (a param group's `lr_scale`, which the training loop applies).
+`lr x muon_lr_scale` (a param group's `lr_scale`, which the training loop applies). Its weight
+decay (each weight x (1 - rate x weight_decay) a step) runs at that rate, not at the RMS-matched
+one of its updates: `muon_lr_scale` times AdamW's at the same `weight_decay`.
 
 `embedding_lr_scale` gives the token and position embeddings their own AdamW group at
 `lr x embedding_lr_scale`. A step's gradient touches only the rows of the tokens in the batch,
