@@ -29,9 +29,9 @@ from pathlib import Path
 import gpt1
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import resolve_device
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, first_line
 from gpt1.core.io import exclusive, make_dirs, read_json, write_json
-from gpt1.core.progress import info
+from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import Tokenizer, train_tokenizer
 from gpt1.data.shards import prepare
@@ -95,7 +95,7 @@ class QuickstartResult:
     data: Path
     base: Path
     chat: Path
-    plot: Path
+    plot: Path | None  # None: it could not be drawn (a warning said why)
     train_tokens: int
     base_steps: int
     base_parameters: int  # a tied output head counted once
@@ -173,8 +173,7 @@ def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
     base_eval = evaluate_data(base_llm, [str(out / "data")], batch_size=16, show_progress=False)
     chat_eval = evaluate_chat(gpt1.load(out / "chat", device="cpu"), cfg.chat_data, batch_size=16, show_progress=False)
     samples = _samples(cfg, out / "base", out / "chat")
-    plot = plot_runs({"pretraining (base)": out / "base" / "metrics.jsonl",
-                      "chat fine-tuning (chat)": out / "chat" / "metrics.jsonl"}, out / "loss.png")
+    plot = _plot(out)
     done("samples")
 
     result = QuickstartResult(
@@ -185,6 +184,18 @@ def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
         samples=samples, seconds=seconds, planned=planned, ended_early=ended_early, reused=reused)
     write_json(out / SUMMARY_FILE, json.loads(json.dumps(dataclasses.asdict(result), default=str)))
     return result
+
+
+def _plot(out: Path) -> Path | None:
+    """Both runs' curves in OUT/loss.png, a by-product (as each run's own loss.png): one that cannot be
+    drawn (matplotlib broken or missing, a folder in the way) is a warning, not a failed quickstart
+    whose models are written."""
+    try:
+        return plot_runs({"pretraining (base)": out / "base" / "metrics.jsonl",
+                          "chat fine-tuning (chat)": out / "chat" / "metrics.jsonl"}, out / "loss.png")
+    except Exception as e:  # noqa: BLE001 - whatever it was, the models and their scores stand
+        warn(f"{out / 'loss.png'} not drawn ({first_line(e)}); `gpt1 plot {out / 'base'} {out / 'chat'}` draws it")
+        return None
 
 
 def _keep_earlier_seconds(out: Path, reused: list[str], seconds: dict) -> None:

@@ -63,7 +63,7 @@ def report(result) -> str:
         f"held-out perplexity {_ppl(result.base_val_perplexity)}, {_bpb(result.base_val_bits_per_byte)}",
         f"  chat model  {result.chat}  {result.chat_steps:,} LoRA steps on chatterbot dialogs, "
         f"held-out perplexity (assistant replies) {_ppl(result.chat_val_perplexity)}, {_bpb(result.chat_val_bits_per_byte)}",
-        f"  curves      {result.plot}",
+        f"  curves      {result.plot or 'not drawn (the warning above says why)'}",
     ]
     for sample in result.samples:
         settings = ", ".join(f"{k}={v}" for k, v in sample.settings.items())

@@ -213,6 +213,8 @@ def _check_plain_folder(spec: HfSpec) -> None:
         builder = _datasets().load_dataset_builder(str(folder))
     except Exception as e:  # no data files, unknown types: datasets raises many types
         raise hf_error(spec, e) from None
+    if not builder.config.data_files:  # a loading script's folder (datasets < 4): the script says what it reads
+        return
     read = {Path(f).resolve() for files in builder.config.data_files.values() for f in files}
     left_out = [path for path in _data_files_below(folder) if path.resolve() not in read]
     if left_out:
@@ -300,7 +302,9 @@ def hf_error(spec: HfSpec, error: Exception, instead: str = LOCAL_INSTEAD) -> Gp
     elif "scripts are no longer supported" in str(error):
         # datasets >= 4 runs no loading scripts; the hub's parquet conversion of such a dataset
         # lives on another branch (for very large datasets it may hold only part of the data).
-        hint = (f"; read the hub's parquet conversion with {HF_PREFIX}{spec.name}@refs/convert/parquet, "
+        hint = ("; convert the data to files (.parquet, .jsonl) and pass their folder, or install `datasets<4`, "
+                "which runs loading scripts" if Path(spec.name).is_dir() else  # a local folder has no hub branches
+                f"; read the hub's parquet conversion with {HF_PREFIX}{spec.name}@refs/convert/parquet, "
                 "or download the data files and pass their folder")
     return Gpt1Error(f"{spec}: cannot open the dataset ({type(error).__name__}: {error}){hint}")
 
