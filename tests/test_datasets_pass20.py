@@ -72,6 +72,12 @@ def test_a_hub_download_folder_is_read_as_its_train_split(tmp_path, tokenizer_di
                      for name in ("train.bin", "val.bin"))
     assert shards.count("TRAIN paragraph") == 6 and "TEST" not in shards and "VALIDATION" not in shards
     assert "Dataset Card" not in shards
+    # A newer download in its place is other data: a prepare that resumed or reused over it mixed the two.
+    rc, err = run_main(capsys, "prepare", "--tokenizer", tokenizer_dir, "--out", tmp_path / "out", repo, "--val", "1")
+    assert rc == 0, err  # the same files: prepared already
+    hub_repository(repo, {"default": {"train": texts("NEWER", 7)}})
+    rc, err = run_main(capsys, "prepare", "--tokenizer", tokenizer_dir, "--out", tmp_path / "out", repo, "--val", "1")
+    assert rc == 2 and "already holds data prepared" in err, err
 
 
 # ---- 5. a config of an hf: dataset: hf:NAME[@REVISION]:CONFIG:SPLIT ----------------------------

@@ -135,6 +135,27 @@ def test_a_skipped_step_still_validates_where_a_validation_is_due(data_dir, toke
     assert result.val_loss == final == records[-1]["val_loss"] and result.best_step in (5, 8)
 
 
+def test_skipped_steps_alone_since_a_validation_neither_validate_again_nor_stop_early(data_dir, tokenizer, tmp_path):
+    """Two NaN batches in a row (steps 5, 6) after the validation of step 4 validated the same
+    weights twice more, and early_stop=2 ended the run at step 6 of 12 as "no longer improving"."""
+    result = _train(data_dir, tokenizer, tmp_path / "run", ["max_steps=12", "eval_every=1", "early_stop=2",
+                                                            "save_every=100"], nan_loss={5, 6})
+    assert result.steps == 12
+    records = _metrics(tmp_path / "run")
+    assert [r["step"] for r in records if "val_loss" in r] == [1, 2, 3, 4, 7, 8, 9, 10, 11, 12]
+
+
+def test_a_run_resumed_just_before_its_skipped_last_step_ends_as_one_run_straight(data_dir, tokenizer, tmp_path):
+    """Its skipped last step was counted against this process's one step: the resumed run failed
+    ("the last 1 of the run's 1 steps") where the run straight finished."""
+    overrides = ["max_steps=12", "save_every=1", "eval_every=100"]
+    assert _train(data_dir, tokenizer, tmp_path / "straight", overrides, nan_loss={12}).steps == 12
+    with pytest.raises(KeyboardInterrupt):
+        _train(data_dir, tokenizer, tmp_path / "killed", overrides, nan_loss={12}, kill_at=12)
+    assert _train(data_dir, tokenizer, tmp_path / "killed", overrides, nan_loss={12}).steps == 12
+    assert _timeless_metrics(tmp_path / "killed") == _timeless_metrics(tmp_path / "straight")
+
+
 def test_a_skipped_step_counts_its_tokens(data_dir, tokenizer, tmp_path):
     """fp16 overflows counted their tokens and NaN losses did not, though both drew their batches."""
     result = _train(data_dir, tokenizer, tmp_path / "run", ["max_steps=5", "eval_every=100", "save_every=100",

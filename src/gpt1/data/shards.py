@@ -69,7 +69,7 @@ from gpt1.core.io import (
 )
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
-from gpt1.data.readers import ReadMeter
+from gpt1.data.readers import ReadMeter, declares_data_files
 from gpt1.data.sources import (
     SKIPPED,
     Piece,
@@ -150,7 +150,20 @@ def _files_hash(sources: list[Source], as_spelled: bool = False) -> str:
         name = str(s) if as_spelled or s.kind == "hf" else os.path.abspath(s.location)
         # fsencode: a file name that is not UTF-8 (surrogate-escaped by Python) is still a name
         files.update(os.fsencode(name) + f"\0{st.st_size if st else ''}\0{st.st_mtime_ns if st else ''}\n".encode())
+        if s.kind == "hf" and s.hf is not None and declares_data_files(s.hf.name):
+            _hash_folder(files, Path(s.hf.name))
     return files.hexdigest()[:16]
+
+
+def _hash_folder(files, folder: Path) -> None:
+    """Add a downloaded dataset repository's files (read by `datasets`, as its card says) to the
+    hash: their paths, sizes and modification times, as a folder of files is keyed. Named alone, a
+    prepare interrupted and rerun over a newer download resumed onto it and mixed the two."""
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):  # .cache/, .git/
+            st = path.stat()
+            files.update(os.fsencode(relative.as_posix()) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
 
 def _recorded_key(key: object) -> object:

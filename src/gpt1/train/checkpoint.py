@@ -65,7 +65,7 @@ STATE_SCHEMA = {"step": int, "rng": _RNG, "optimizer": dict, "scaler": dict, "sa
 LATER_KEYS = {"end": int, "budget_spent": _NUMBER, "step_time": (*_NUMBER, type(None)),
               "schedule": (dict, type(None)), "rank_rng": [_RNG],
               "best": {"step": (int, type(None)), "val_loss": (*_NUMBER, type(None))}, "since_best": int,
-              "bad_steps": int, "scale_fall": (dict, type(None))}
+              "bad_steps": int, "scale_fall": (dict, type(None)), "applied_since_validation": bool}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -405,6 +405,10 @@ class _Run:
         self.best: dict = {"step": None, "val_loss": None}
         self.since_best = 0
         self.bad_steps = 0  # consecutive skipped steps
+        # Whether a step changed the weights since the last validation: one due after skipped steps
+        # alone would measure the same weights again (and count against early_stop: two NaN batches
+        # ended a run as "no longer improving").
+        self.applied_since_validation = True
         # fp16-mixed: the overflows since the loss scale last grew (`optimizer_step`): the first's
         # step, how many, and the scale the latest left; None before the first.
         self.scale_fall: dict | None = None
@@ -434,6 +438,7 @@ class _Run:
         # A run killed inside a stretch of skipped steps stops where an uninterrupted one does (reset
         # to 0, it went on max_bad_steps more); an older gpt1's checkpoint has neither.
         self.bad_steps, self.scale_fall = state.get("bad_steps", 0), state.get("scale_fall")
+        self.applied_since_validation = state.get("applied_since_validation", True)
         if dist.is_main and self.start_step < self.end:  # a finished run says so at the end ("nothing to do"), not "resuming"
             info(f"resuming {self.run_dir} from step {self.start_step:,} of {self.end:,} ({latest.name})")
         # Each rank restores its own RNG states (its dropout masks go on as in an uninterrupted run).
@@ -600,11 +605,13 @@ class _Run:
         if self.bad_steps >= self.cfg.max_bad_steps:
             raise _bad_steps_error(f"the {what} was NaN/inf for {self.bad_steps} consecutive steps "
                                    f"(last at step {done:,})", self.run_dir, self.precision)
-        if done == self.end and self.bad_steps >= max(1, (done - self.start_step) // 2):
+        if done == self.end and self.bad_steps >= max(1, done // 2):
             # A run shorter than max_bad_steps that ends skipping (all of it, or its second
-            # half) has no model worth writing: it "finished" with exit 0 on garbage weights.
+            # half) has no model worth writing: it "finished" with exit 0 on garbage weights. Its
+            # steps since step 0, as bad_steps counts across a resume: counted from this process's
+            # start, a run resumed just before its last step (skipped) failed where one run straight finished.
             raise _bad_steps_error(f"the {what} was NaN/inf for the last {self.bad_steps} of the run's "
-                                   f"{done - self.start_step:,} steps", self.run_dir, self.precision)
+                                   f"{done:,} steps", self.run_dir, self.precision)
         return {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr, "tokens": self.tokens_seen,
                 "skipped": skipped}
 
@@ -624,6 +631,7 @@ class _Run:
             self._stop_below_1(done, scale, overflow=True)
         else:
             self.bad_steps = 0
+            self.applied_since_validation = True
 
     def _stop_below_1(self, done: int, scale: float, overflow: bool) -> None:
         """fp16-mixed: stop once the loss scale, as updated after step `done` (an `overflow` or a NaN
@@ -674,9 +682,11 @@ class _Run:
     def validate_if_due(self, done: int, metric: dict, skipped: str | None) -> None:
         """The validation due after step `done` (every `cfg.eval_every` steps, and the last). After a
         skipped step (`skipped`, see `_skipped`) too where the weights are finite, as the step left
-        them: skipped, the last step's result reported an older validation as the final one."""
+        them: skipped, the last step's result reported an older validation as the final one. Not
+        where no step changed the weights since the last one: the same numbers again, which counted
+        against `early_stop` (the last one's are the weights' own)."""
         due = done % self.cfg.eval_every == 0 or done == self.end
-        if due and (not skipped or self._finite_weights()):
+        if due and self.applied_since_validation and (not skipped or self._finite_weights()):
             self.validate(done, metric)
 
     def _finite_weights(self) -> bool:
@@ -686,6 +696,7 @@ class _Run:
         """The validation loss and perplexity after step `done`, added to its `metric` and logged;
         the lowest so far (with keep_best, its model in RUN/best), and the early stop it may call."""
         began = time.perf_counter()
+        self.applied_since_validation = False
         val_loss, tokens = evaluate_loss(self.raw_model, self.val_batches(), self.device, self.precision)
         if not tokens:  # nothing held out (a fine-tune with val_fraction=0, whose start said so): no "val loss nan"
             return
@@ -782,6 +793,7 @@ class _Run:
                  "schedule": self.schedule.state_dict() if self.schedule else None,
                  "best": dict(self.best), "since_best": self.since_best,
                  "bad_steps": self.bad_steps, "scale_fall": dict(self.scale_fall) if self.scale_fall else None,
+                 "applied_since_validation": self.applied_since_validation,
                  **({"rank_rng": rank_rngs} if rank_rngs else {})}
         checkpoint = ckpt.save_checkpoint(self.run_dir, done, self.raw_model, state, keep=self.cfg.keep_checkpoints)
         _write_outputs(self.run_dir, checkpoint, self.raw_model, self.save_model, final=done == self.end)
