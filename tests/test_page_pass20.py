@@ -76,12 +76,24 @@ def test_the_boxes_send_what_the_server_takes_and_mark_the_rest(page):
     type_into(page, "#k-temperature-value", "0,5")
     type_into(page, "#k-repeat_penalty-value", "1,1")
     assert page.input_value("#k-temperature-value") == "0.5" and page.input_value("#k-repeat_penalty-value") == "1.1"
-    type_into(page, "#k-top_k-value", "1,000")  # a box of integers keeps the browser's way: a thousands separator
+    page.fill("#k-top_k-value", "9223372036854775807")  # 2^63 - 1: read as a Number, it was 2^63 and refused
     page.fill("#k-max_tokens-value", "2")
     send(page, "Hi")
     wait_done(page)
     body = page.sent[-1]
-    assert (body["temperature"], body["repeat_penalty"], body["top_k"]) == (0.5, 1.1, 1000)
+    assert (body["temperature"], body["repeat_penalty"], body["top_k"]) == (0.5, 1.1, 2**63 - 1)
+    # In a box of integers a separator is no thousands separator: "1.000" is 1 in English, 1000 in
+    # German (it went out as top-k 1), and "1,5" lost its comma (max tokens 15). Marked, not sent.
+    for name, typed in [("top_k", "1,000"), ("top_k", "1.000"), ("max_tokens", "1,5")]:
+        type_into(page, f"#k-{name}-value", typed)
+        sent = len(page.sent)
+        send(page, "Not sent")
+        assert page.get_attribute(f"#k-{name}-value", "aria-invalid") == "true", (name, typed)
+        assert " must be an integer in " in page.eval_on_selector(f"#k-{name}-value", "box => box.validationMessage")
+        assert len(page.sent) == sent
+        page.fill(f"#k-{name}-value", "")
+    page.fill("#k-top_k-value", "")
+    page.fill("#input", "")
 
     # The server's bounds, not the sliders': all of these are sent.
     for name, value in [("temperature", "5"), ("top_k", "500"), ("top_p", "0.005"), ("repeat_penalty", "0.5"),
@@ -208,6 +220,20 @@ def test_a_reload_keeps_the_chat_and_the_settings_but_not_the_key(page):
     assert page.get_attribute("text=Code", "aria-pressed") == "true"
     assert page.locator(".msg").count() == 0 and page.is_visible("#empty")
     assert page.input_value("#system") == "You are a pirate."
+    assert page.errors == []
+
+
+def test_a_hand_edited_store_loses_at_most_its_settings(page):
+    """A stored knob named like an object's own member ("constructor") threw in the settings'
+    restore, before the conversation's: the chat was not shown, and the next reply overwrote it."""
+    page.fill("#k-max_tokens-value", "2")
+    send(page, "Keep me")
+    wait_done(page)
+    key = page.evaluate("Object.keys(sessionStorage).find((k) => k.endsWith(':fields'))")
+    page.evaluate(f"""(() => {{ const f = JSON.parse(sessionStorage.getItem({key!r}));
+                      f.knobs.constructor = '1'; sessionStorage.setItem({key!r}, JSON.stringify(f)); }})()""")
+    page.reload()
+    assert page.locator(".msg.user .body").all_inner_texts() == ["Keep me"]
     assert page.errors == []
 
 
