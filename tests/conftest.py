@@ -121,3 +121,17 @@ def stop_training_at(monkeypatch):
         monkeypatch.setattr(loop, "_loss_and_backward", stopping)
 
     return arm
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A real headless Chromium (Playwright drives it) for the chat page's tests, one per module."""
+    from tests.test_serve_page import CHROMIUM, CHROMIUM_ARGS
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: install it (apt-get install chromium) or set GPT1_CHROMIUM")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -6,8 +6,6 @@ token)."""
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import openai
 import pytest
@@ -17,7 +15,7 @@ from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.serve import background_server, create_app
 from tests.test_serve_api import endless_model_dir
-from tests.test_serve_page import CHROMIUM, CHROMIUM_ARGS, focused, send, wait_done
+from tests.test_serve_page import focused, send, wait_done
 
 CONTEXT = 128
 
@@ -28,17 +26,6 @@ def server(tiny_config, tokenizer, tmp_path_factory):
     model_dir = endless_model_dir(tiny_config, tokenizer, tmp_path_factory.mktemp("pass20"), block_size=CONTEXT)
     with background_server(create_app(gpt1.load(model_dir, device="cpu"))) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}: install it (apt-get install chromium) or set GPT1_CHROMIUM")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
