@@ -19,7 +19,6 @@ from gpt1.core.sampling_params import PRESETS, SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.inference.generate import generate
 from gpt1.serve import background_server, create_app
-from tests.test_serve_page import browser  # noqa: F401 - the fixture: one headless Chromium
 
 
 @pytest.fixture(scope="module")
