@@ -66,7 +66,7 @@ def test_generate_chat_from_a_pipe_is_the_typed_line_and_a_base_model_is_named(c
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--top-p", "0"], r"top_p must be a number in \(0, 1\] \(1 = off\), got 0.0"),
+    (["--top-p", "-0.5"], r"top_p must be a number in \[0, 1\] \(1 = off, 0 = the most likely token alone\), got -0.5"),
     (["--temperature", "-1"], r"temperature must be a number >= 0"),
     (["--max-new-tokens", "0"], r"max_new_tokens must be an integer >= 1 here, got 0 \(0 generates nothing"),
     (["--max-new-tokens", "-1"], r"max_new_tokens must be an integer >= 1 here, got -1 \(0 generates nothing"),

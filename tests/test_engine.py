@@ -381,7 +381,7 @@ def test_validation_happens_before_the_batch_and_capacity_is_told_apart(model, t
     collector = Collector()
     for prompts, params, error in (
         ([[5, 99_999]], SamplingParams(), "outside the vocabulary"),
-        ([[5]], SamplingParams(top_p=0.0), "top_p must be"),
+        ([[5]], SamplingParams(top_p=1.5), "top_p must be"),
         ([[5] * 60], SamplingParams(max_new_tokens=10, truncate_prompt=False), "exceed the context"),
     ):
         with pytest.raises(Gpt1Error, match=error):

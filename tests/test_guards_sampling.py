@@ -187,3 +187,17 @@ def test_a_top_k_0_request_samples_the_whole_vocabulary_beside_a_top_k_request(m
                                               (favourites[2:4], SamplingParams(temperature=1.0, top_k=5, seed=1,
                                                                                max_new_tokens=20))])
     assert beside == alone.text
+
+
+def test_top_p_0_keeps_the_most_likely_token_alone_as_transformers_does(model, tokenizer, favourites):
+    """OpenAI's and transformers' clients send top_p 0 (with temperature 0 or not) to ask for the
+    most likely token; it was refused as outside (0, 1]. Sampled at temperature 1.5 beside a
+    greedy row, every seed gives the greedy text."""
+    scores = torch.randn(3, 512, generator=torch.Generator().manual_seed(1)) * 3
+    torch.testing.assert_close(apply_top_p(scores, 0.0), hf.TopPLogitsWarper(0.0)(None, scores.clone()), rtol=0, atol=0)
+    prompt = tokenizer.encode("a")
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6, repeat_penalty=2.0, repeat_last_n=-1)
+    texts = run_engine(model, tokenizer, [(prompt, greedy)] + [
+        (prompt, SamplingParams(temperature=1.5, top_p=0.0, seed=seed, max_new_tokens=6, repeat_penalty=2.0,
+                                repeat_last_n=-1)) for seed in range(3)])
+    assert len(set(texts)) == 1 and texts[0]

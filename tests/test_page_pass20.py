@@ -98,8 +98,8 @@ def test_the_boxes_send_what_the_server_takes_and_mark_the_rest(page):
     retype = "type one, or clear the box for the default"
     for name, value, message in [
             ("temperature", "-1", f"Temperature must be a number >= 0: {retype} (0.8)"),
-            ("top_p", "0", f"Top-p must be a number in (0, 1]: {retype} (1)"),
-            ("top_p", "1.5", f"Top-p must be a number in (0, 1]: {retype} (1)"),
+            ("top_p", "-0.5", f"Top-p must be a number in [0, 1]: {retype} (1)"),
+            ("top_p", "1.5", f"Top-p must be a number in [0, 1]: {retype} (1)"),
             ("min_p", "2", f"Min-p must be a number in [0, 1]: {retype} (0)"),
             ("repeat_penalty", "0", f"Repeat penalty must be a number > 0: {retype} (1)"),
             ("top_k", "2.5", f"Top-k must be an integer in [0, 2^63): {retype} (0)"),

@@ -220,6 +220,18 @@ def test_bad_requests_get_openai_errors(server, name, path, body, status, param)
     assert error["param"] == param
 
 
+
+def test_an_openai_penalty_is_told_where_repeat_penalty_is_off(server):
+    """OpenAI's penalties are subtracted (0 = off); repeat_penalty is CTRL's factor (1 = off). A
+    user told only "use repeat_penalty" sent OpenAI's usual 0.6 there, which makes repeats likelier."""
+    url, _ = server
+    for field in ("frequency_penalty", "presence_penalty"):
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG, field: 0.6})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field
+        assert "use repeat_penalty, CTRL's penalty, a factor: 1 = off, above 1 discourages repeats" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG, "top_p": 0, "temperature": 0, "max_tokens": 2})
+    assert r.status_code == 200, r.text  # top_p 0 asks for the most likely token, as OpenAI's clients send it
+
 def test_errors_about_the_body_say_what_is_wrong_with_it(server):
     """A JSON object sent as text/plain, or with no Content-Type, is not parsed (FastAPI reads
     JSON bodies only): the error names the Content-Type, not the body; a body nested beyond the

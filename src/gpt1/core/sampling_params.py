@@ -19,7 +19,7 @@ from gpt1.core.errors import Gpt1Error, other_name_hint
 KNOB_RANGES = {
     "temperature": "a number >= 0 (0 = greedy)",
     "top_k": "an integer >= 0 (0 = off)",
-    "top_p": "a number in (0, 1] (1 = off)",
+    "top_p": "a number in [0, 1] (1 = off, 0 = the most likely token alone)",
     "min_p": "a number in [0, 1] (0 = off)",
     "repeat_penalty": "a number > 0 (1 = off)",
     "repeat_last_n": "an integer >= -1 (-1 = the whole context, 0 = off)",
@@ -30,6 +30,10 @@ KNOB_RANGES = {
     "logprobs": "None or an integer in [0, 20] (the alternatives shown beside each generated token)",
     "prompt_logprobs": "None or an integer in [0, 20] (the alternatives shown beside each prompt token)",
 }
+# OpenAI's penalties are subtracted (0 = off, -2..2); CTRL's repeat penalty divides, so the
+# number a user brings from OpenAI means the opposite here (0.6 made repeats 6x likelier).
+REPEAT_PENALTY_SCALE = ("CTRL's penalty, a factor: 1 = off, above 1 discourages repeats (1.1-1.3 typical), "
+                        "below 1 encourages them")
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs and vLLM's default cap
 
 # Other libraries' names for gpt1's knobs (Hugging Face's generate, OpenAI, vLLM, llama.cpp, Ollama,
@@ -39,8 +43,8 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs and vLLM's
 ALIASES: dict[str, tuple[str, str]] = {
     "repetition_penalty": ("repeat_penalty", ""),
     "penalty_last_n": ("repeat_last_n", ""),
-    "frequency_penalty": ("repeat_penalty", "CTRL's penalty, not OpenAI's subtracted one"),
-    "presence_penalty": ("repeat_penalty", "CTRL's penalty, not OpenAI's subtracted one"),
+    "frequency_penalty": ("repeat_penalty", REPEAT_PENALTY_SCALE),
+    "presence_penalty": ("repeat_penalty", REPEAT_PENALTY_SCALE),
     "max_tokens": ("max_new_tokens", ""),
     "max_length": ("max_new_tokens", "it counts the new tokens only"),
     "n_predict": ("max_new_tokens", ""),
@@ -149,7 +153,7 @@ class SamplingParams:
             self,
             temperature=number("temperature", lambda v: v >= 0),
             top_k=integer("top_k", lambda v: v >= 0),
-            top_p=number("top_p", lambda v: 0 < v <= 1),
+            top_p=number("top_p", lambda v: 0 <= v <= 1),  # 0 as transformers and llama.cpp take it: keep one token
             min_p=number("min_p", lambda v: 0 <= v <= 1),
             repeat_penalty=number("repeat_penalty", lambda v: v > 0),
             repeat_last_n=integer("repeat_last_n", lambda v: v >= -1),

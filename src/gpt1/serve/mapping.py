@@ -7,7 +7,7 @@ import dataclasses
 
 from gpt1.core.chat_template import validate_messages
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.sampling_params import API_NAMES, MAX_LOGPROBS, SamplingParams
+from gpt1.core.sampling_params import API_NAMES, MAX_LOGPROBS, REPEAT_PENALTY_SCALE, SamplingParams
 from gpt1.inference.decoding import ChatPrompt, chat_prompt_ids
 from gpt1.serve.errors import ApiError, json_repr
 from gpt1.serve.schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, GenerationRequest
@@ -30,7 +30,8 @@ def check_unsupported(req: GenerationRequest) -> None:
         _check_neutral(message, f"messages[{i}].")
 
 
-_HINTS = {"frequency_penalty": "use repeat_penalty", "presence_penalty": "use repeat_penalty",
+_HINTS = {"frequency_penalty": f"use repeat_penalty, {REPEAT_PENALTY_SCALE}",
+          "presence_penalty": f"use repeat_penalty, {REPEAT_PENALTY_SCALE}",
           "tool_calls": "this server has no tools", "function_call": "this server has no tools"}
 
 

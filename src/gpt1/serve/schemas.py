@@ -70,7 +70,7 @@ class StreamOptions(_Strict):
 # bound and its neighbour outside to check that they agree). FastAPI keeps a bound as a float:
 # the integer ones are powers of two, which a float holds exactly (2**63 - 1 would become 2**63).
 _KNOB_BOUNDS: dict[str, dict[str, Any]] = {
-    "temperature": {"minimum": 0}, "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+    "temperature": {"minimum": 0}, "top_p": {"minimum": 0, "maximum": 1},
     "top_k": {"minimum": 0, "exclusiveMaximum": 2**63}, "min_p": {"minimum": 0, "maximum": 1},
     "repeat_penalty": {"exclusiveMinimum": 0}, "repeat_last_n": {"minimum": -1, "exclusiveMaximum": 2**63},
     "seed": {"minimum": -2**63, "exclusiveMaximum": 2**64},
@@ -116,8 +116,8 @@ class GenerationRequest(_Strict):
                           json_schema_extra={"minimum": 1})
     user: str | None = None
     # Accepted only at their neutral values so that clients that always send them still work.
-    frequency_penalty: float | None = Field(0.0, description="unsupported: only 0 (use repeat_penalty)")
-    presence_penalty: float | None = Field(0.0, description="unsupported: only 0 (use repeat_penalty)")
+    frequency_penalty: float | None = Field(0.0, description="unsupported: only 0 (use repeat_penalty: 1 = off, above 1 discourages repeats)")
+    presence_penalty: float | None = Field(0.0, description="unsupported: only 0 (use repeat_penalty: 1 = off, above 1 discourages repeats)")
     logit_bias: dict[str, float] | None = Field(None, description="unsupported: only null or {}")
 
     # OpenAI fields this server does not implement -> the values it accepts for them (null, or
