@@ -256,3 +256,24 @@ def test_adapter_metadata_past_json_s_limits_is_one_line(tiny_config, tmp_path, 
     save_file(load_file(weights), weights, metadata={"gpt1_lora": metadata})
     with pytest.raises(Gpt1Error, match=r"\(metadata gpt1_lora\): invalid JSON for gpt1: a number of over 4,300 digits"):
         load_adapter(GPT(tiny_config), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_training_loss_uses_the_trained_token_rows_of_a_tied_head(tiny_config, tie):
+    """A tied model's head reads the trained special-token rows from the embedding's table (as
+    PEFT's trainable_token_indices on a tied model does). The loss path (`model(x, y)`, which
+    training and validation take) used the frozen table instead: the rows got only their input
+    share of the gradient (norm 0.29 for 2.26), and the run validated a model it never saved."""
+    config = dataclasses.replace(tiny_config, tie_embeddings=tie)
+    model = _trained(config, LoRAConfig(r=4, alpha=16, token_ids=SPECIAL))  # eval: no dropout
+    x = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    x[:, ::3] = 4
+    y = torch.roll(x, -1, 1)
+    y[:, ::4] = 2  # [EOS] targets: its head row is a trained one
+    _, loss = model(x, y)
+    from_logits = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    torch.testing.assert_close(loss, from_logits, atol=1e-5, rtol=0)
+    tokens = next(p for n, p in model.named_parameters() if n.endswith("trainable_tokens"))
+    (grad,) = torch.autograd.grad(loss, tokens)
+    (expected,) = torch.autograd.grad(from_logits, tokens)
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)

@@ -218,6 +218,12 @@ class TiedTokensHead(nn.Linear):
         logits = F.linear(x, self.weight, self.bias)
         return logits.index_copy(-1, self.token_ids, F.linear(x, self.trainable_tokens))
 
+    def output_weight(self) -> torch.Tensor:
+        """The weight `forward` applies, differentiable in the trained rows: the loss
+        (GPT.forward with targets, `linear_cross_entropy`) takes the head's weight, not its forward.
+        A copy of the table per call, for tied models with trained tokens only."""
+        return self.weight.index_copy(0, self.token_ids, self.trainable_tokens.to(self.weight.dtype))
+
 
 # ---- inject, freeze, merge -----------------------------------------------------------------
 

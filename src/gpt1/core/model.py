@@ -318,7 +318,11 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x)
-        return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk)
+        # The head as its forward applies it: a tied LoRA model's head (lora.TiedTokensHead) reads
+        # its trained token rows from the embedding's table, which `lm_head.weight` (frozen) lacks.
+        head = self.lm_head
+        weight = head.output_weight() if hasattr(head, "output_weight") else head.weight
+        return None, linear_cross_entropy(x, weight, targets, self.loss_chunk)
 
     if TYPE_CHECKING:  # `model(idx)` typed as `forward` is: nn.Module declares __call__ as Callable[..., Any]
         @overload
