@@ -37,6 +37,7 @@ import threading
 import traceback
 
 from gpt1 import __version__
+from gpt1.core.constants import BPE_TRAINING_THREAD
 from gpt1.core.errors import Gpt1Error, address_space_limit, memory_shortage, open_files_hint, threads_hint
 from gpt1.core.malloc import fit_arenas_to_address_limit
 from gpt1.core.progress import printable, setup_console_logging
@@ -453,8 +454,18 @@ codecs.register_error("gpt1-out", _unencodable_output)
 
 def run() -> None:
     try:
-        sys.exit(main())
+        status = main()
     except KeyboardInterrupt:  # before a command started: while the parser was built or read argv
         if not _said_by_another_process():
             _say("\ngpt1: interrupted")
-        sys.exit(130)
+        status = 130
+    # A BPE training interrupted while Rust reads its corpus keeps calling back into Python from
+    # its (daemon) thread; at the interpreter's shutdown that thread is ended from inside glibc,
+    # through the Rust frames, which abort the process: "FATAL: exception not rethrown", exit 134
+    # and a core file instead of 130/143. Nothing of gpt1's waits on atexit, so skip the shutdown.
+    if any(t.name == BPE_TRAINING_THREAD and t.is_alive() for t in threading.enumerate()):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from gpt1.core.constants import BPE_TRAINING_THREAD
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path, read_json, write_text
 from gpt1.core.progress import progress, warn
@@ -367,7 +368,7 @@ def _answering_signals(work: Callable[[], Any], abandoned: threading.Event) -> A
     # text read so far (it stops reading at once) and its result is dropped; in the CLI the
     # process ends first. Waited for on an Event, not join(): a join interrupted by Ctrl-C marks
     # a running thread stopped.
-    threading.Thread(target=run, name="bpe-training", daemon=True).start()
+    threading.Thread(target=run, name=BPE_TRAINING_THREAD, daemon=True).start()
     try:
         while not done.wait(0.1):
             pass
