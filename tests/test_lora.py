@@ -202,7 +202,7 @@ def test_a_peft_made_adapter_loads_with_peft_s_scale_and_dora_is_refused(tiny_co
         torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=0)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(Gpt1Error, match=r"adapter_config.json: a DoRA adapter \(use_dora\) is not supported"):
+    with pytest.raises(Gpt1Error, match=r"adapter_config.json: use_dora: a LoRA variant whose update is not scale·B·A"):
         load_adapter(GPT(tiny_config), tmp_path / "adapter")
 
 

@@ -54,6 +54,24 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's name for the trained rows (their values)
+LORA_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", "." + TOKEN_KEY)  # what a plain LoRA saves
+# adapter_config.json fields of PEFT's LoRA variants (and layer_replication, target_parameters) whose
+# update is not scale·B·A on a module's weight: gpt1 refuses them (an import, a model dir's adapter/)
+# rather than reading them as plain LoRA.
+PEFT_VARIANTS = ("use_dora", "alora_invocation_tokens", "use_qalora", "use_bdlora", "kasa_config",
+                 "monteclora_config", "arrow_config", "layer_replication", "target_parameters")
+# PEFT's init_lora_weights that rewrite the base weights as the adapter is made (W - scale·B0·A0; LoftQ's
+# quantized W), "pissa_niter_N" too: the adapter applies to that changed base, which is not saved.
+PEFT_BASE_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# The step that works for an adapter gpt1 cannot read as plain LoRA (`gpt1 export --merge` reads only
+# a gpt1 model dir, never a transformers folder).
+PEFT_MERGE = ("merge it with PEFT instead (merge_and_unload(), then save_pretrained of the merged model and "
+              "the tokenizer to a new folder) and import that folder")
+# What reads any plain LoRA that gpt1's own adapter layout cannot hold (one rank and one scale for all
+# modules, per-projection pairs on c_attn, every layer): an import, which merges it.
+PEFT_IMPORT = ("a transformers folder with this adapter in its adapter/ (the base model's `gpt1 export`) "
+               "reads any plain LoRA exactly, merged: `gpt1 finetune --base FOLDER`, `init_from=hf:FOLDER`, "
+               "`gpt1 generate --model FOLDER` (chat, serve and eval too)")
 
 
 @dataclass
@@ -374,7 +392,8 @@ def peft_adapter_config(config: LoRAConfig, base_model_name_or_path: str | None 
         "bias": "none",
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "trainable_token_indices": {"wte": list(config.token_ids)} if config.token_ids else None,
+        # In the order of the saved rows: TrainableTokens holds them sorted, PEFT reads them as listed.
+        "trainable_token_indices": {"wte": sorted(set(config.token_ids))} if config.token_ids else None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -394,23 +413,71 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     return directory
 
 
+def read_peft_config(directory: str | Path) -> dict[str, Any]:
+    """An adapter folder's adapter_config.json, as PEFT wrote it, once it is a LoRA that gpt1 can read
+    as W += scale·B·A on the base as saved (a model dir's adapter/, or an import's): a LoRA variant
+    (PEFT_VARIANTS) or an init that rewrote the base (PEFT_BASE_INITS) is refused, naming what works."""
+    where = Path(directory) / ADAPTER_CONFIG
+    peft = read_json(where)
+    if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
+        raise Gpt1Error(f"{where}: expected a PEFT LoRA adapter config (peft_type LORA)")
+    variants = [key for key in PEFT_VARIANTS if peft.get(key)]
+    if variants:
+        raise Gpt1Error(f"{where}: {', '.join(variants)}: a LoRA variant whose update is not scale·B·A, "
+                        f"which gpt1 does not merge; {PEFT_MERGE}")
+    init = peft.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().split("_niter_")[0] in PEFT_BASE_INITS:  # PEFT: "OLoRA" is olora
+        # Merged as plain LoRA onto the base as saved, not the one it was trained on: other logits (0.9 off PEFT's).
+        raise Gpt1Error(f"{where}: init_lora_weights {init!r} changed the base weights when the adapter was made "
+                        "(W - scale·B·A of the initial pair), so it does not apply to the base as saved; save it "
+                        "from PEFT as plain LoRA: save_pretrained(DIR, path_initial_model_for_weight_conversion="
+                        "INITIAL), INITIAL the adapter as saved before training (pissa, olora, corda, lora_ga: it "
+                        f"writes a plain LoRA of rank 2r), or {PEFT_MERGE}")
+    return peft
+
+
+def adapter_weights_file(directory: str | Path) -> Path:
+    """The adapter's adapter_model.safetensors; an adapter_model.bin is named, since gpt1 never
+    unpickles a file it did not write (a FIFO there would block the read forever: refused too)."""
+    directory = Path(directory)
+    weights, pickle = directory / ADAPTER_WEIGHTS, directory / "adapter_model.bin"
+    if not weights.exists() and pickle.exists():
+        raise Gpt1Error(f"{pickle}: a pickle (PEFT's save_pretrained with safe_serialization=False), which gpt1 "
+                        "never loads; save the adapter again where you trust the file, with PEFT's "
+                        "save_pretrained(DIR, safe_serialization=True) (its default)")
+    check_regular_file(weights)
+    return weights
+
+
+def peft_token_ids(peft: dict[str, Any], module: str) -> Any:
+    """The ids PEFT's trainable_token_indices gives `module` (its full name), unchecked, or None: a
+    list is the input embedding's (transformer.wte), an object maps a module (the end of its name)
+    to its ids. The stored rows follow the ids as listed."""
+    ids = peft.get("trainable_token_indices")
+    if isinstance(ids, dict):
+        return next((v for k, v in ids.items() if module == k or module.endswith("." + k)), None)
+    return ids if module == "transformer.wte" else None
+
+
 def read_adapter_config(directory: str | Path) -> LoRAConfig:
     """Our LoRAConfig for an adapter folder (written by `save_adapter`, or by PEFT for GPT-2)."""
-    directory = Path(directory)
-    peft = read_json(directory / ADAPTER_CONFIG)
-    if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
-        raise Gpt1Error(f"{directory / ADAPTER_CONFIG}: expected a PEFT LoRA adapter config (peft_type LORA)")
-    check_regular_file(directory / ADAPTER_WEIGHTS)  # a FIFO there blocked safetensors' open forever
+    return _read_adapter(Path(directory))[0]
+
+
+def _read_adapter(directory: Path) -> tuple[LoRAConfig, bool]:
+    """The adapter's LoRAConfig, and whether gpt1 wrote it (its weights' gpt1_lora metadata)."""
+    peft = read_peft_config(directory)
+    weights = adapter_weights_file(directory)
     try:
-        with safe_open(str(directory / ADAPTER_WEIGHTS), "pt") as f:
+        with safe_open(str(weights), "pt") as f:
             ours = (f.metadata() or {}).get("gpt1_lora")
             # The modules' full names, which PEFT matches rank_pattern / alpha_pattern keys against.
             names = sorted({key.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0]
                             for key in f.keys() if ".lora_A." in key})
     except Exception as e:  # missing or corrupt file: safetensors raises its own types
-        raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
+        raise Gpt1Error(f"{weights}: not a readable safetensors file ({e})") from None
     if ours:
-        where = f"{directory / ADAPTER_WEIGHTS} (metadata gpt1_lora)"
+        where = f"{weights} (metadata gpt1_lora)"
         try:
             values = json.loads(ours)
         except json.JSONDecodeError as e:
@@ -418,7 +485,7 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
         except (ValueError, RecursionError):  # json's own limits: int digits, and nesting
             raise Gpt1Error(f"{where}: invalid JSON for gpt1: a number of over 4,300 digits, or nesting past "
                             "Python's recursion limit") from None
-        return _lora_config(values, where)
+        return _lora_config(values, where), True
     # An adapter from elsewhere: derive the targets from PEFT's fields.
     where = str(directory / ADAPTER_CONFIG)
     missing = [key for key in ("r", "lora_alpha") if key not in peft]
@@ -428,9 +495,12 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     modules = [modules] if isinstance(modules, str) else modules
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise Gpt1Error(f"{where}: target_modules must be a list of module names, got {modules!r}")
-    for key in ("rank_pattern", "trainable_token_indices"):
-        if not isinstance(peft.get(key) or {}, dict):
-            raise Gpt1Error(f"{where}: {key} must be an object, got {peft[key]!r}")
+    if not isinstance(peft.get("rank_pattern") or {}, dict):
+        raise Gpt1Error(f"{where}: rank_pattern must be an object, got {peft['rank_pattern']!r}")
+    tokens = peft_token_ids(peft, "transformer.wte")
+    if tokens is not None and not isinstance(tokens, list):
+        raise Gpt1Error(f"{where}: trainable_token_indices must be a list of token ids (the input embedding's) or "
+                        f"an object of them by module, got {peft['trainable_token_indices']!r}")
     if not _is_int(peft["r"]) or peft["r"] < 1:
         raise Gpt1Error(f"{where}: r must be a positive integer, got {peft['r']!r}")
     by_module = {path: name for name, (path, index) in TARGETS.items() if index is None}
@@ -443,9 +513,9 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
             targets += matching  # as PEFT matches names: "c_proj" is both attn.c_proj and mlp.c_proj
         else:
             raise Gpt1Error(f"{directory / ADAPTER_CONFIG}: unsupported target module {module!r}")
-    tokens = (peft.get("trainable_token_indices") or {}).get("wte", [])
     return _lora_config({"r": peft["r"], "alpha": _peft_alpha(peft, names or modules, where),
-                         "dropout": peft.get("lora_dropout", 0.0), "targets": targets, "token_ids": tokens}, where)
+                         "dropout": peft.get("lora_dropout", 0.0), "targets": targets,
+                         "token_ids": tokens or []}, where), False
 
 
 def _qkv_targets(directory: Path, peft: dict, module: str) -> list[str]:
@@ -459,7 +529,7 @@ def _qkv_targets(directory: Path, peft: dict, module: str) -> list[str]:
     n = rank // r if _is_int(rank) and rank % r == 0 else 0
     if not 1 <= n <= 3:
         raise Gpt1Error(f"{directory}: a c_attn adapter of rank {rank} is not one to three per-projection pairs "
-                        f"of rank {r} (only adapters written by gpt1 are supported)")
+                        f"of rank {r} (only adapters written by gpt1 are supported); {PEFT_IMPORT}")
     with safe_open(str(directory / ADAPTER_WEIGHTS), "pt") as f:
         Bs = [f.get_tensor(key) for key in f.keys() if key.endswith(".c_attn.lora_B.weight")]
     # Missing tensors and other shapes are left to load_adapter, which names them.
@@ -476,7 +546,7 @@ def _qkv_targets(directory: Path, peft: dict, module: str) -> list[str]:
     raise Gpt1Error(f"{directory}: the c_attn adapter of rank {rank} is not {('one', 'two', 'three')[n - 1]} "
                     f"per-projection pair{'s' if n > 1 else ''} of rank {r}: its lora_B is not block-diagonal over "
                     f"{which} (a PEFT pair on the fused c_attn, or one trained on in PEFT; only adapters written "
-                    "by gpt1 are supported)")
+                    f"by gpt1 are supported); {PEFT_IMPORT}")
 
 
 def _block_mask(B: torch.Tensor, rows: Sequence[tuple[int, int]], r: int) -> torch.Tensor:
@@ -492,10 +562,7 @@ def _peft_alpha(peft: dict, modules: list[str], where: str) -> float:
     """gpt1's alpha for a PEFT config: its scale (alpha / r) times r. PEFT scales each module by
     its own values (`peft_scale`): one scale for all is what gpt1 can hold (c_attn's rank 3r pair
     is three of gpt1's rank-r pairs); options that change the math otherwise are refused rather
-    than silently dropped."""
-    if peft.get("use_dora"):
-        raise Gpt1Error(f"{where}: a DoRA adapter (use_dora) is not supported; merge it with PEFT "
-                        "(merge_and_unload) and use the merged model")
+    than silently dropped (the variants by `read_peft_config`)."""
     r = peft["r"]
     scales = {module: peft_scale(peft, module, where)[1] for module in modules}
     scale = next(iter(scales.values()), peft_scale(peft, "", where)[1])
@@ -505,7 +572,7 @@ def _peft_alpha(peft: dict, modules: list[str], where: str) -> float:
             first.setdefault(f"{value:.3g}", module)
         listed = ", ".join(f"{module}: {value}" for value, module in first.items())
         raise Gpt1Error(f"{where}: the modules' LoRA scales differ ({listed}, from alpha_pattern, rank_pattern "
-                        "or use_rslora); gpt1 holds one scale alpha / r")
+                        f"or use_rslora); gpt1 holds one scale alpha / r; {PEFT_IMPORT}")
     return scale * r
 
 
@@ -543,7 +610,9 @@ def peft_pattern_value(peft: dict[str, Any], field: str, module: str, default: A
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Inject LoRA into a plain GPT as the adapter folder describes and load its weights."""
     directory = Path(directory)
-    config = read_adapter_config(directory)
+    config, ours = _read_adapter(directory)
+    # An adapter from elsewhere that gpt1's layout cannot hold: say what reads it.
+    elsewhere = "" if ours else f"; {PEFT_IMPORT}"
     vocab_size = model.config.vocab_size
     if any(i >= vocab_size for i in config.token_ids):
         raise Gpt1Error(f"{directory}: the adapter trains token ids up to {max(config.token_ids):,}, but the model "
@@ -554,12 +623,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     expected = to_peft_state_dict(model)
     if set(state) != set(expected):
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if not ours and not all(key.endswith(LORA_PARTS) for key in unexpected):
+            elsewhere = f"; {PEFT_MERGE}"  # other tensors (modules_to_save, biases): no import merges them
         raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: adapter does not fit the model "
-                        f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+                        f"(missing: {missing[:3]}, unexpected: {unexpected[:3]}){elsewhere}")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensor.shape)}, "
-                            f"the model expects {tuple(expected[key].shape)}")
+                            f"the model expects {tuple(expected[key].shape)}{elsewhere}")
     check_weight_values(directory / ADAPTER_WEIGHTS, state, "adapter")
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -569,9 +640,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             blocks = torch.stack([B[s:e, g * r:(g + 1) * r] for g, (s, e) in enumerate(m.slices.values())])
             if torch.any(B[~_block_mask(B, list(m.slices.values()), r)]):
                 raise Gpt1Error(f"{directory}: {name}.lora_B is not block-diagonal over {list(m.slices)} "
-                                "(only adapters written by gpt1 are supported)")
+                                f"(only adapters written by gpt1 are supported){elsewhere}")
             m.lora_A.copy_(A.view_as(m.lora_A))
             m.lora_B.copy_(blocks)
         elif isinstance(m, TrainableTokens):
-            m.trainable_tokens.copy_(state[f"{PEFT_PREFIX}{name}.{TOKEN_KEY}"])
+            rows = state[f"{PEFT_PREFIX}{name}.{TOKEN_KEY}"]
+            if not ours:  # PEFT's rows follow trainable_token_indices as listed (the shapes: no repeats), ours sorted
+                rows = rows[sorted(range(len(config.token_ids)), key=config.token_ids.__getitem__)]
+            m.trainable_tokens.copy_(rows)
     return model

@@ -1,6 +1,7 @@
 """Hugging Face interop: export a model dir as a `transformers` folder (plus a PEFT adapter),
 import a `transformers` GPT-2-architecture folder as a gpt1 `GPT` (a local one, or a model on the
-Hugging Face Hub, fetched into huggingface_hub's cache: `hub_folder`).
+Hugging Face Hub, fetched into huggingface_hub's cache: `hub_folder`), to train from or, with
+gpt1's tokenizer, to run (`load_with_tokenizer`).
 
 gpt1's `GPT` is GPT-2 (see `gpt1.core.model`): the parameter names are transformers' own, and the
 only layout difference is that transformers' GPT-2 uses `Conv1D`, which stores a linear
@@ -39,7 +40,6 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
 from gpt1.core.io import (
     atomic_dir,
-    check_regular_file,
     check_weight_values,
     json_path,
     read_json,
@@ -50,10 +50,15 @@ from gpt1.core.io import (
 from gpt1.core.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    LORA_PARTS,
+    PEFT_MERGE,
     PEFT_PREFIX,
     TOKEN_KEY,
+    adapter_weights_file,
     load_adapter,
     peft_scale,
+    peft_token_ids,
+    read_peft_config,
     save_adapter,
 )
 from gpt1.core.model import GPT
@@ -87,14 +92,6 @@ HF_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 # validation traceback for a wrong type, 4 lets it through).
 HF_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 HF_FLAGS = ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention")
-# adapter_config.json fields of PEFT's LoRA variants (and layer_replication, target_parameters) whose
-# update is not scale·B·A on a module's weight: an import refuses them rather than merging plain LoRA.
-PEFT_VARIANTS = ("use_dora", "alora_invocation_tokens", "use_qalora", "use_bdlora", "kasa_config",
-                 "monteclora_config", "arrow_config", "layer_replication", "target_parameters")
-# The step that works for an adapter an import cannot merge (`gpt1 export --merge` reads only a
-# gpt1 model dir, never a transformers folder).
-PEFT_MERGE = ("merge it with PEFT instead (merge_and_unload(), then save_pretrained of the merged model and "
-              "the tokenizer to a new folder) and import that folder")
 
 
 def _require_transformers():
@@ -408,26 +405,19 @@ def _merge_adapter(model: GPT, path: Path) -> None:
     rank_pattern / alpha_pattern where a key matches the module. B·A is (out, in), nn.Linear's
     layout and so gpt1's: PEFT transposes it (fan_in_fan_out) only to fit Conv1D's (in, out)
     weight, which the import has transposed already. Trained token rows (trainable_token_indices)
-    replace their rows. Anything else (DoRA and the other variants, modules_to_save, the base's own
-    biases of bias "all") is refused by name, never merged as plain LoRA."""
+    replace their rows. Anything else (DoRA and the other variants, an init that rewrote the base
+    such as PiSSA's, modules_to_save, the base's own biases of bias "all") is refused by name
+    (`read_peft_config`), never merged as plain LoRA."""
     directory = path / ADAPTER_DIR
-    where = directory / ADAPTER_CONFIG
-    peft = read_json(where)
-    if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
-        raise Gpt1Error(f"{where}: expected a PEFT LoRA adapter config (peft_type LORA)")
-    variants = [key for key in PEFT_VARIANTS if peft.get(key)]
-    if variants:
-        raise Gpt1Error(f"{where}: {', '.join(variants)}: a LoRA variant whose update is not scale·B·A, "
-                        f"which gpt1 does not merge; {PEFT_MERGE}")
-    weights = directory / ADAPTER_WEIGHTS
-    check_regular_file(weights)  # a FIFO there would block the read forever
+    peft = read_peft_config(directory)
+    weights = adapter_weights_file(directory)
     read_shapes(weights)  # a missing or unreadable file, named
     state = read_tensors(weights)
     check_weight_values(weights, state, "adapter")
     pairs: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A.weight": ..., "B.weight": ..., "B.bias": ...}
     for key, tensor in state.items():
         name = key.removeprefix(PEFT_PREFIX)
-        if name == key or not name.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias", "." + TOKEN_KEY)):
+        if name == key or not name.endswith(LORA_PARTS):
             raise Gpt1Error(f"{weights}: {key} is not a LoRA pair or trained token rows, the parts gpt1 merges; "
                             f"{PEFT_MERGE}")
         if name.endswith(TOKEN_KEY):
@@ -472,13 +462,9 @@ def _merge_pair(model: GPT, module: str, pair: dict[str, torch.Tensor], peft: di
 
 
 def _merge_token_rows(model: GPT, module: str, rows: torch.Tensor, peft: dict[str, Any], weights: Path) -> None:
-    """PEFT's trainable_token_indices: the stored rows replace those of the embedding (a list of
-    ids is for the input embeddings, an object names the module). A tied head shares them."""
-    ids = peft.get("trainable_token_indices")
-    if isinstance(ids, dict):
-        ids = next((v for k, v in ids.items() if module == k or module.endswith("." + k)), None)
-    elif module != "transformer.wte":
-        ids = None
+    """PEFT's trainable_token_indices (`peft_token_ids`): the stored rows replace those of the
+    embedding. A tied head shares them."""
+    ids = peft_token_ids(peft, module)
     layer = _module(model, module)
     if not isinstance(layer, torch.nn.Embedding):
         raise Gpt1Error(f"{weights}: trained token rows for {module!r}, which is not this GPT-2's token embedding; "
@@ -507,6 +493,48 @@ def _compatible_tokenizer(path: Path, config: ModelConfig) -> Tokenizer | None:
     if tokenizer.vocab_size > config.vocab_size:
         raise Gpt1Error(f"{file}: {tokenizer.vocab_size} tokens, more than the model's vocab_size {config.vocab_size}")
     return tokenizer
+
+
+def load_with_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """A model to run and its tokenizer (what `gpt1.load` reads for generate, chat, serve and eval):
+    a gpt1 model dir (`load_model`), or a transformers GPT-2 folder with gpt1's tokenizer (an
+    export, also once PEFT or transformers has changed and saved it), imported by `import_hf_model`
+    (its weights checked, its adapter/ merged). In `dtype` when given; device "meta": the
+    architecture without weights (a transformers folder's are read, to check them, and dropped)."""
+    path = Path(path)
+    if not is_hf_model_dir(path):
+        return load_model(path, device=device, dtype=dtype), Tokenizer.load(path)
+    try:  # before the weights are read: gpt1 runs a model with its own tokenizer only, which an import only notes
+        Tokenizer.load(path / "tokenizer.json")
+    except Gpt1Error as e:
+        raise Gpt1Error(f"{e}; gpt1 runs a transformers folder with gpt1's tokenizer only ([PAD], [UNK], [EOS] at "
+                        f"ids 0-2: a gpt1 export's, not OpenAI GPT-2's); its weights can start a training run: "
+                        f"`gpt1 pretrain init_from=hf:{path}`") from None
+    meta = torch.device(device).type == "meta"
+    model, tokenizer = import_hf_model(path, "cpu" if meta else device)
+    info(f"{path}: a transformers folder, imported as gpt1 imports one (docs/interop.md)")
+    if meta:  # as load_model gives it: the imported config's GPT, built on the meta device
+        with torch.device("meta"):
+            return GPT(model.config).eval(), tokenizer
+    return (model if dtype is None else model.to(dtype)), tokenizer
+
+
+def has_chat_template(path: str | os.PathLike) -> bool:
+    """Whether a model folder is a chat model: chat_template.jinja (a fine-tuned gpt1 dir, or a
+    folder transformers 5 saved), or a transformers folder's tokenizer_config.json chat_template
+    (gpt1's export writes it there). gpt1 formats a conversation with its one template either way."""
+    path = Path(path)
+    if (path / TEMPLATE_FILE).is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    if not is_hf_model_dir(path) or not config.is_file():
+        return False
+    try:
+        data = read_json(config)
+    except Gpt1Error:  # a damaged file holds no template
+        return False
+    return isinstance(data, dict) and bool(data.get("chat_template"))
 
 
 # ---- export -------------------------------------------------------------------------------

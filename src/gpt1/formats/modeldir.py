@@ -239,7 +239,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         raise Gpt1Error(f"{directory}: {'a file, not a model directory' if directory.exists() else 'model directory not found'}")
     if is_hf_model_dir(directory):
         raise Gpt1Error(f"{directory}: a Hugging Face transformers folder, not a gpt1 model dir; import it with "
-                        f"`gpt1 pretrain init_from=hf:{directory}` or `gpt1 finetune --base {directory}`")
+                        f"`gpt1 pretrain init_from=hf:{directory}` or `gpt1 finetune --base {directory}` (`gpt1 "
+                        "generate`, `chat`, `serve` and `eval` run it as it is)")
     if (directory / BASE_FILE).is_file() and not (directory / ADAPTER_DIR).is_dir():
         # A fine-tune writes base.json first at its first save, then adapter/: a live one is saving.
         if holder := lock_holder(directory / RUN_LOCK_DIR):

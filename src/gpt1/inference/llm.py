@@ -9,7 +9,6 @@ from typing import Any, Iterator, Mapping, Sequence, overload
 
 import torch
 
-from gpt1.core.chat_template import TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import bf16_supported, no_bf16, resolve_device
 from gpt1.core.errors import Gpt1Error
@@ -19,7 +18,7 @@ from gpt1.core.progress import info
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.sampling_params import preset as named_preset
 from gpt1.core.tokenizer import Tokenizer, check_text
-from gpt1.formats.modeldir import load_model
+from gpt1.formats.hf import has_chat_template, load_with_tokenizer
 from gpt1.inference import generate as gen
 from gpt1.inference.decoding import Completion, chat_prompt_ids, prompt_budget, warn_if_cut, warn_if_message_cut
 
@@ -72,15 +71,16 @@ class LLM:
         path = _model_dir(path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        model = load_model(path, device=device, dtype=dtype)
-        return cls(model=model, tokenizer=Tokenizer.load(path), path=path.resolve())
+        model, tokenizer = load_with_tokenizer(path, device=device, dtype=dtype)
+        return cls(model=model, tokenizer=tokenizer, path=path.resolve())
 
     @classmethod
     def without_weights(cls, path: str | os.PathLike[str]) -> "LLM":
         """The dir's config and tokenizer with a weightless model (on the meta device), its shapes
         checked against the weights file: what a server whose engine runs in another process needs."""
         path = _model_dir(path)
-        return cls(model=load_model(path, device="meta"), tokenizer=Tokenizer.load(path), path=path.resolve())
+        model, tokenizer = load_with_tokenizer(path, device="meta")
+        return cls(model=model, tokenizer=tokenizer, path=path.resolve())
 
     @property
     def config(self) -> ModelConfig:
@@ -97,9 +97,9 @@ class LLM:
     # ---- generation (gpt1.inference.generate, through the engine); knobs are SamplingParams fields, or preset="qa" ---------
     @property
     def is_chat_model(self) -> bool:
-        """Whether the dir has the chat template (a fine-tuned model). A base model given a
+        """Whether the dir has the chat template (a fine-tuned model; `has_chat_template`). A base model given a
         conversation formats it the same way but just continues the text."""
-        return (self.path / TEMPLATE_FILE).is_file()
+        return has_chat_template(self.path)
 
     def sampling_params(self, preset: str | None = None, **knobs) -> SamplingParams:
         """The defaults, or a preset (qa, creative, code), with `knobs` overriding fields."""
