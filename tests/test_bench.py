@@ -70,6 +70,7 @@ def test_json_keeps_the_finished_benchmarks_when_a_later_one_fails(tmp_path, mon
     assert rc == (2 if isinstance(failure, Gpt1Error) else 130)
     results = json.loads((tmp_path / "bench.json").read_text())
     assert results.pop("environment")["torch"] == torch.__version__
+    assert set(results.pop("load_average")) == {"prepare"}
     assert results == {"prepare": [{"corpus": "fake", "MB": 1.0}]}
 
 
@@ -80,7 +81,11 @@ def test_json_dash_prints_the_results_to_stdout_and_the_tables_to_stderr(tmp_pat
     out, err = capsys.readouterr()
     results = json.loads(out)
     env = results.pop("environment")  # when and where: a README table says where its rows came from
+    load = results.pop("load_average")  # and beside what: a ratio measured beside other work moves
     assert results == {"prepare": [{"corpus": "fake", "MB": 1.0}], "threads": [{"threads": 1}]}
+    assert set(load) == {"prepare", "threads"} and all(
+        len(side) == 3 and all(x >= 0 for x in side) for one in load.values() for side in one.values())
+    assert "load average (1/5/15 min) before " in err
     assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
     assert env["cpu_cores"] == os.cpu_count() and env["gpus"] == [] and env["date"].startswith("20")
     assert "## prepare" in err and "## threads" in err

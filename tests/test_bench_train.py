@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gpt1.cli import main
 
@@ -21,7 +22,28 @@ def test_bench_train_quick_reports_both_precisions_flops_and_memory(tmp_path, ca
         assert row["ratio"] == pytest.approx(row["gpt1 tok/s"] / row["transformers tok/s"])
         assert row["gpt1 TFLOP/s"] > 0 and row["gpt1 MFU"] is None  # no peak FLOPs for a CPU
         assert row["gpt1 peak GB"] > 0 and row["transformers peak GB"] > 0
+        low, high = map(float, row["ratio range"].split("-"))  # each pair of steps' ratio: the row's noise
+        assert 0 < low <= high
     assert "| gpt1 tok/s |" in capsys.readouterr().out
+
+
+def test_the_transformers_reference_runs_the_same_fused_gelu_as_gpt1(tokenizer):
+    """The reference was built with "gelu_new" (eight Python-level ops, three more tensors kept
+    for the backward): most of gpt1's measured CPU lead. transformers' own fused kernel computes
+    gpt1's function bit for bit; gpt1's exports name it too, so they run at its speed there."""
+    pytest.importorskip("transformers")
+    from transformers.activations import ACT2FN
+
+    from gpt1.benchmarks.train import _hf_model
+    from gpt1.core.config import ModelConfig
+    from gpt1.formats.hf import hf_config_dict
+
+    config = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    x = torch.randn(4, 4096, generator=torch.Generator().manual_seed(0)) * 4
+    ours = torch.nn.GELU(approximate="tanh")(x)
+    torch.testing.assert_close(_hf_model(config).transformer.h[0].mlp.act(x), ours, rtol=0, atol=0)
+    exported = ACT2FN[hf_config_dict(config, tokenizer)["activation_function"]]
+    torch.testing.assert_close(exported(x), ours, rtol=0, atol=0)
 
 
 @pytest.mark.slow

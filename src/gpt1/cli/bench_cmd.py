@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,9 +79,13 @@ def bench_command(args: argparse.Namespace) -> int:
     results: dict = {"environment": environment()}
     print(format_environment(results["environment"]), file=sys.stderr if to_stdout else sys.stdout, flush=True)
     for name, module in modules.items():
+        before = _load_average()
         results[name] = rows = module.run(quick=args.quick)
+        # The machine's load beside each benchmark: a ratio measured beside other work moves (tens of percent).
+        load = results.setdefault("load_average", {})[name] = {"before": before, "after": _load_average()}
         # With the JSON on stdout, the tables go to stderr: stdout stays one JSON document.
-        print(f"\n## {name}\n\n{format_table(rows)}", file=sys.stderr if to_stdout else sys.stdout, flush=True)
+        print(f"\n## {name}\n\n{format_table(rows)}\n{_format_load(load)}", file=sys.stderr if to_stdout else sys.stdout,
+              flush=True)
         if rewrite:
             write_json(args.json, results)  # after each benchmark: a later one failing or Ctrl-C keeps these
     if to_stdout:
@@ -88,6 +93,21 @@ def bench_command(args: argparse.Namespace) -> int:
     elif args.json and not rewrite:
         write_json(args.json, results)
     return 0
+
+
+def _load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the OS has none: Windows)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _format_load(load: dict) -> str:
+    if load["before"] is None or load["after"] is None:
+        return "load average: unknown on this OS"
+    return (f"load average (1/5/15 min) before {' '.join(map(str, load['before']))}, after "
+            f"{' '.join(map(str, load['after']))} on {os.cpu_count()} cores")
 
 
 def _benchmark(name: str):
