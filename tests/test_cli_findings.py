@@ -101,7 +101,7 @@ def test_bench_writes_one_document_into_a_fifo(tmp_path, monkeypatch, capsys):
     rc, err = run_main(capsys, "bench", "--quick", "prepare", "threads", "--json", fifo)
     reader.join(10)
     assert rc == 0, err
-    assert fifo.is_fifo() and list(json.loads(got[0])) == ["environment", "prepare", "threads"]
+    assert fifo.is_fifo() and list(json.loads(got[0])) == ["environment", "load_average", "prepare", "threads"]
 
 
 def test_a_descriptor_path_is_written_into_the_open_file(tmp_path):

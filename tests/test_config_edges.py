@@ -126,10 +126,11 @@ def test_a_path_key_starting_with_a_tilde_is_under_the_home_folder(tmp_path, mon
 
     monkeypatch.setenv("HOME", str(tmp_path))
     recipe = tmp_path / "r.toml"
-    recipe.write_text('data = ["~/a.jsonl", "hf:~/chats", "OpenAssistant/oasst2"]\ninit_from = "~/base"\n')
+    recipe.write_text('data = ["~/a.jsonl", "hf:~/chats", "OpenAssistant/oasst2"]\n')
     cfg = load_config(FinetuneConfig, recipe)
     assert cfg.data == [f"{tmp_path}/a.jsonl", f"hf:{tmp_path}/chats", "OpenAssistant/oasst2"]
-    assert cfg.init_from == f"{tmp_path}/base"
+    (tmp_path / "p.toml").write_text('init_from = "~/base"\n')  # a fine-tune's base is --base, not init_from
+    assert load_config(TrainConfig, tmp_path / "p.toml").init_from == f"{tmp_path}/base"
     assert load_config(FinetuneConfig, None, ["data=~/b.jsonl"]).data == f"{tmp_path}/b.jsonl"
     assert load_config(FinetuneConfig, None, ["data=a~b"]).data == "a~b"  # a tilde inside a name stays
 

@@ -5,7 +5,7 @@ its parser and sets `func`. Building the parser loads no torch (the modules impo
 in their command functions): `gpt1 --help`, `--version` and a mistyped flag answer at once.
 `main` turns a Gpt1Error into one line on stderr (exit 2) and Ctrl-C into exit 130, also while
 the command's library loads (`_interrupts_held`): a user never sees a traceback for bad input.
-`GPT1_DEBUG=1` prints the traceback behind the line as well (for bug reports). Under torchrun
+`GPT1_DEBUG=1` (or true, yes, on) prints the traceback behind the line as well (for bug reports). Under torchrun
 every process runs the same command: an error they all meet alike (a bad flag, a missing folder,
 Ctrl-C) is printed once, by LOCAL_RANK 0, and one of a single process's own (`rank_local`, see
 `gpt1.train.distributed`) by it.
@@ -40,7 +40,7 @@ from gpt1 import __version__
 from gpt1.core.constants import BPE_TRAINING_THREAD
 from gpt1.core.errors import Gpt1Error, address_space_limit, memory_shortage, open_files_hint, threads_hint
 from gpt1.core.malloc import fit_arenas_to_address_limit
-from gpt1.core.progress import printable, setup_console_logging
+from gpt1.core.progress import env_flag, printable, setup_console_logging
 
 # Subcommands in the order `gpt1 --help` lists them; a module that is not there is skipped.
 COMMANDS = ["quickstart", "tokenizer", "prepare", "pretrain", "finetune", "generate", "chat",
@@ -123,13 +123,22 @@ def _said_by_another_process(error: BaseException | None = None) -> bool:
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("GPT1_DEBUG", "") not in ("", "0")
+    """Whether GPT1_DEBUG is on: 1, true, yes or on, in any case, as huggingface_hub reads its
+    switches (HF_HUB_OFFLINE); GPT1_DEBUG=false turned it on."""
+    return env_flag("GPT1_DEBUG")
+
+
+# The recipe keys of pretrain's and finetune's configs that are true or false (a test keeps them
+# equal to the bool fields): `--compile` alone is told compile=true.
+SWITCH_KEYS = ("float8", "compile", "gradient_checkpointing", "keep_best", "tensorboard", "full",
+               "train_special_tokens", "all_paths", "skip_invalid")
 
 
 def _recipe_key_hint(args: argparse.Namespace, extra: list[str], argv: list[str]) -> str:
     """` (a recipe key: write device=cpu)` for an unrecognized `--device cpu` or `--device=cpu` of a
     command whose recipe has that key (its parser's `recipe_keys`): a recipe key is key=value, not
-    a flag. The value of `--device cpu` is the next argument (argparse took it for an override)."""
+    a flag. The value of `--device cpu` is the next argument (argparse took it for an override);
+    a flag alone is a switch turned on (`--compile`: compile=true) or, for another key, KEY=VALUE."""
     written = []
     for item in extra:
         flag, sep, value = item.partition("=")
@@ -139,7 +148,7 @@ def _recipe_key_hint(args: argparse.Namespace, extra: list[str], argv: list[str]
         if not sep:
             following = argv[argv.index(item) + 1:][:1]
             value = following[0] if following and not following[0].startswith("-") and "=" not in following[0] \
-                else "VALUE"
+                else "true" if key in SWITCH_KEYS else "VALUE"
         written.append(f"{key}={value}")
     if not written:
         return ""

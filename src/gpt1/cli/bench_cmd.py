@@ -76,13 +76,13 @@ def bench_command(args: argparse.Namespace) -> int:
     _check_requirements(modules)  # before any work: not a traceback after the first benchmarks' minutes
     from gpt1.benchmarks import environment
 
-    results: dict = {"environment": environment()}
+    results: dict = {"environment": environment(), "load_average": {}}
     print(format_environment(results["environment"]), file=sys.stderr if to_stdout else sys.stdout, flush=True)
     for name, module in modules.items():
         before = _load_average()
         results[name] = rows = module.run(quick=args.quick)
         # The machine's load beside each benchmark: a ratio measured beside other work moves (tens of percent).
-        load = results.setdefault("load_average", {})[name] = {"before": before, "after": _load_average()}
+        load = results["load_average"][name] = {"before": before, "after": _load_average()}
         # With the JSON on stdout, the tables go to stderr: stdout stays one JSON document.
         print(f"\n## {name}\n\n{format_table(rows)}\n{_format_load(load)}", file=sys.stderr if to_stdout else sys.stdout,
               flush=True)

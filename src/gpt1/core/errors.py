@@ -8,6 +8,7 @@ way, with the limit to raise (`open_files_hint`, `threads_hint`).
 
 from __future__ import annotations
 
+import difflib
 import errno
 from collections.abc import Collection, Mapping
 
@@ -58,10 +59,14 @@ def memory_shortage(error: BaseException) -> str | None:
 def other_name_hint(name: str, aliases: Mapping[str, tuple[str, str]], known: Collection[str] | None = None,
                     rename: Mapping[str, str] | None = None) -> str:
     """What an error about the unknown `name` adds when `aliases` (another tool's name -> (gpt1's,
-    what differs)) holds it: ` (gpt1's is NAME: what differs)`, else "". `known`: the names the
-    caller takes (a hint only to one of them); `rename`: gpt1's names as the caller spells them."""
+    what differs)) holds it: ` (gpt1's is NAME: what differs)`; else, given `known` (the names the
+    caller takes, a hint only to one of them), the closest of them to a typo: ` (did you mean
+    max_steps?)`; else "". `rename`: gpt1's names as the caller spells them."""
     ours, note = aliases.get(name, (name, ""))
     ours = (rename or {}).get(ours, ours)
+    if ours == name and known is not None:  # no other tool's name: a typo (max_step, maxsteps) of one?
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        return f" (did you mean {close[0]}?)" if close else ""
     if ours == name or (known is not None and ours not in known):
         return ""
     return f" (gpt1's is {ours}{': ' + note if note else ''})"

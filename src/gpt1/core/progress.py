@@ -44,9 +44,15 @@ def warn(message: str) -> None:
     logger.warning(message)
 
 
+def env_flag(name: str) -> bool:
+    """Whether the environment switch `name` is on: 1, true, yes or on, in any case, as
+    huggingface_hub reads HF_HUB_OFFLINE (anything but "" and "0" was on: GPT1_QUIET=false too)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def quiet() -> bool:
     """Whether GPT1_QUIET turns the progress bars off (also those drawn outside tqdm)."""
-    return os.environ.get("GPT1_QUIET", "") not in ("", "0")
+    return env_flag("GPT1_QUIET")
 
 
 def progress(iterable: Iterable[T] | None = None, *, disable: bool | None = None, **kwargs) -> tqdm:

@@ -62,7 +62,7 @@ from gpt1.core.lora import (
     save_adapter,
 )
 from gpt1.core.model import GPT
-from gpt1.core.progress import info, warn
+from gpt1.core.progress import env_flag, info, warn
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer
 from gpt1.formats.modeldir import (
@@ -234,7 +234,7 @@ def hub_folder(spec: str | os.PathLike) -> Path:
     except RevisionNotFoundError:
         raise Gpt1Error(f"{where}: {repo} has no revision {revision!r} (a branch, tag or commit)") from None
     except LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and not in the cache
-        cause = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
+        cause = "HF_HUB_OFFLINE is set" if env_flag("HF_HUB_OFFLINE") \
             else f"the Hub could not be reached ({str(e.__cause__ or e).splitlines()[0][:200]})"
         raise Gpt1Error(f"{where}: not in the local cache, and {cause}; download it where the Hub can be "
                         f"reached (`hf download {repo} --local-dir DIR`) and pass DIR") from None

@@ -1,9 +1,11 @@
 """Training configuration: the `TrainConfig` dataclass and a generic TOML + `key=value` loader.
 
-A recipe is a flat TOML file whose keys are the fields of a config dataclass; any key can be
-overridden on the command line as `key=value` (the value is read as a TOML value, so
-`lr=3e-4`, `compile=true`, `betas=[0.9, 0.95]` work, and a bare word such as
-`precision=fp16-mixed` is taken as a string). `load_config(cls, path, overrides)` works for
+A recipe is a flat TOML file whose keys are the fields of a config dataclass, or a run's
+record (`RUN/train_config.json`: the config the run began with); any key can be overridden on the
+command line as `key=value` (the value is read as a TOML value, so `lr=3e-4`, `compile=true`,
+`betas=[0.9, 0.95]` work, and a bare word such as `precision=fp16-mixed` is taken as a string,
+for a key that holds a list of strings as the list of it: `languages=en`). Overrides apply in
+order: a key given twice takes the last value. `load_config(cls, path, overrides)` works for
 any dataclass, including subclasses of `TrainConfig` (the fine-tuning config adds LoRA
 fields). An unknown key or a value of the wrong type is a `Gpt1Error` naming the key.
 """
@@ -27,8 +29,10 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from gpt1.core.config import PRESETS
 from gpt1.core.device import check_device_name
 from gpt1.core.errors import Gpt1Error, other_name_hint
+from gpt1.core.io import read_json
 from gpt1.core.progress import info
 
 PRECISIONS = ("fp32", "fp16-mixed", "bf16-mixed")
@@ -110,6 +114,8 @@ class TrainConfig:
         for name in names:
             setattr(self, name, _check(name, getattr(self, name), names, hints, type(self).__name__))
         check_device_name(self.device)
+        if self.model not in PRESETS:  # here, not once the data is read: --print-config printed model=Tiny
+            raise Gpt1Error(f"model: unknown model preset {self.model!r}; known presets: {', '.join(PRESETS)}")
         if self.precision not in PRECISIONS:
             raise Gpt1Error(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.float8 and self.precision != "bf16-mixed":
@@ -183,7 +189,7 @@ def require_config(cfg: Any, cls: type[C]) -> C:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A recipe file: PATH, else PATH.toml (a local file, from the current folder), else the
+    """A recipe file (TOML, or a run's train_config.json): PATH, else PATH.toml (a local file, from the current folder), else the
     recipe shipped in gpt1/configs by that bare name (with or without .toml). A bare name that is
     both a local file and a shipped recipe reads the local file (an edited copy), and says so."""
     text = os.fspath(name_or_path)
@@ -196,7 +202,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         return local or shipped
     if (found := next((p for p in (Path(text), Path(f"{text}.toml")) if p.exists()), None)) is not None:
         kind = "a folder" if found.is_dir() else "not a regular file"
-        raise Gpt1Error(f"{found}: {kind}, not a config file (a TOML recipe such as {CONFIGS_DIR.name}/tiny-cpu.toml)")
+        raise Gpt1Error(f"{found}: {kind}, not a config file (a TOML recipe such as {CONFIGS_DIR.name}/tiny-cpu.toml, "
+                        "or a run's train_config.json)")
     names = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")))
     raise Gpt1Error(f"{name_or_path}: config file not found (shipped recipes: {names})")
 
@@ -214,14 +221,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     data: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
-        try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise Gpt1Error(f"{path}: invalid TOML ({e})") from None
-        except RecursionError:  # tomllib recurses once per level of nesting
-            raise Gpt1Error(f"{path}: invalid TOML for gpt1: arrays or tables nested too deeply") from None
-        except UnicodeDecodeError as e:  # TOML files are UTF-8 by the spec
-            raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start} (a TOML file must be UTF-8 text)") from None
+        table = _run_record_config(path, cls) if path.suffix == ".json" else _read_toml(path)
         for key, value in table.items():
             data[key] = _check(key, _expand_home(key, value), names, hints, str(path))
     for item in overrides or []:
@@ -234,6 +234,29 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     for key, value in values.items():
         data[key] = _check(key, value, names, hints, "argument")
     return cls(**data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise Gpt1Error(f"{path}: invalid TOML ({e})") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise Gpt1Error(f"{path}: invalid TOML for gpt1: arrays or tables nested too deeply") from None
+    except UnicodeDecodeError as e:  # TOML files are UTF-8 by the spec
+        raise Gpt1Error(f"{path}: invalid UTF-8 at byte offset {e.start} (a TOML file must be UTF-8 text)") from None
+
+
+def _run_record_config(path: Path, cls: type) -> dict[str, Any]:
+    """A run's record (RUN/train_config.json) as a recipe: the config the run began with, so that
+    `--config RUN/train_config.json --out NEW` trains that run again. Less the keys the run set
+    itself (`RUN_SET_KEYS`: a fine-tune records its --base as init_from)."""
+    record = read_json(path)
+    config = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(config, dict):
+        raise Gpt1Error(f"{path}: not a run's train_config.json (no \"config\" object); a recipe is a TOML file "
+                        "(or a run's train_config.json)")
+    return {k: v for k, v in config.items() if k not in getattr(cls, "RUN_SET_KEYS", ())}
 
 
 HOME_KEYS = ("init_from", "data")  # the keys that name paths (also as hf:PATH)
@@ -254,13 +277,25 @@ def _expand_home(key: str, value: Any) -> Any:
 
 
 def _parse_value(raw: str, hint: Any) -> Any:
-    """A command-line value as TOML; a bare word (or anything for a str field) stays a string."""
+    """A command-line value as TOML; a bare word (or anything for a str field) stays a string, and
+    for a list of strings is the list of it (`languages=en`, as `--languages en` is told to write)."""
     if hint is str or (_takes_str(hint) and not raw.startswith("[")):  # str | list[str]: a list only as [...]
-        return raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'" else raw
+        return _unquoted(raw)
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):  # not TOML (or nested past the recursion limit): text
-        return raw
+        value = raw
+    return [value] if isinstance(value, str) and value and _holds_strings(hint) and not raw.startswith("[") else value
+
+
+def _unquoted(raw: str) -> str:
+    return raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'" else raw
+
+
+def _holds_strings(hint: Any) -> bool:
+    """Whether a field holds a list (or tuple) of strings of any length: languages, lora_targets."""
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) in (list, tuple) and bool(args) and set(args) <= {str, Ellipsis}
 
 
 # How a value of these types is written (TOML, in a recipe or as key=value): pydantic's "Input
@@ -284,13 +319,17 @@ OTHER_TOOLS_KEYS: dict[str, tuple[str, str]] = {
     "max_grad_norm": ("grad_clip", ""), "early_stopping_patience": ("early_stop", "validations, not steps"),
     **dict.fromkeys(("r", "lora_rank"), ("lora_r", "")),
 }
+# FinetuneConfig's own keys (gpt1.train.finetune, above this module; a test keeps the two equal): one
+# in a pretraining recipe (a fine-tune's recipe given to gpt1 pretrain) is named as such.
+FINETUNE_KEYS = ("data", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_special_tokens",
+                 "all_paths", "languages", "skip_invalid", "val_fraction")
 
 
 def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], where: str) -> Any:
     """`value` as the type of the field `key` (pydantic, strict: no "1" for 1, no 1 for true; an
     int is a float and an array a tuple, as JSON has no other spelling for them)."""
     if key not in names:
-        hint = other_name_hint(key, OTHER_TOOLS_KEYS, known=names)
+        hint = " (a gpt1 finetune key)" if key in FINETUNE_KEYS else other_name_hint(key, OTHER_TOOLS_KEYS, known=names)
         raise Gpt1Error(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(names))}")
     if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
         value = value.item()  # a NumPy (or torch) scalar, e.g. from a sweep over np.arange: its Python number
@@ -301,7 +340,7 @@ def _check(key: str, value: Any, names: frozenset[str], hints: dict[str, Any], w
     try:
         return _adapter(hints[key]).validate_json(json.dumps(value), strict=True)
     except (ValidationError, TypeError, ValueError) as e:
-        reason = (SPELLINGS.get(hints[key]) or _tuple_spelling(hints[key])
+        reason = (SPELLINGS.get(hints[key]) or _strings_spelling(key, value, hints[key]) or _tuple_spelling(hints[key])
                   or (e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)))
         raise Gpt1Error(f"{where}: key {key!r} expects {_type_name(hints[key])}, got {value!r} ({reason})") from None
 
@@ -318,6 +357,17 @@ def _tuple_spelling(hint: Any) -> str | None:
         return None
     kind = {float: "numbers", int: "whole numbers", str: "strings", bool: "booleans"}.get(args[0], "values")
     return f"an array of exactly {len(args)} {kind}"
+
+
+def _strings_spelling(key: str, value: Any, hint: Any) -> str | None:
+    """How a list of strings is written. `lora_targets=["q","v"]` unquoted in a shell arrives as
+    [q,v], the quotes dropped, which TOML cannot read: the whole argument is quoted instead."""
+    if not _holds_strings(hint):
+        return None
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        items = ", ".join(json.dumps(_unquoted(v.strip())) for v in value[1:-1].split(",") if v.strip())
+        return f"the shell dropped the quotes around the strings: quote the whole argument, '{key}=[{items}]'"
+    return f"an array of strings, e.g. {key}=[\"a\", \"b\"]"
 
 
 @functools.cache  # a config is checked field by field on every construction (and dataclasses.replace)

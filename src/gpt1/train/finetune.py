@@ -132,6 +132,9 @@ class FinetuneConfig(TrainConfig):
     languages: list[str] = field(default_factory=list)  # OASST language codes to keep, e.g. ["en"]; [] = all
     skip_invalid: bool = False  # skip and count malformed lines instead of failing
     val_fraction: float = 0.05  # held-out share of the message trees when the data has no validation split
+    # A run's record holds its --base as init_from: left out when the record is read as a recipe
+    # (`load_config`), which the base is not part of.
+    RUN_SET_KEYS = ("init_from",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,6 +158,9 @@ class FinetuneConfig(TrainConfig):
         if ignored:
             raise Gpt1Error(f"{', '.join(ignored)}: pretraining keys; a LoRA fine-tune takes its model from its base "
                             "and trains no embeddings but the special tokens' rows (at lr)")
+        # Here, not only in `finetune`: --print-config accepted it and printed a recipe without it.
+        if self.init_from != defaults.init_from:
+            raise Gpt1Error(f"init_from={self.init_from}: a pretraining key; a fine-tune starts from its base (--base)")
         if self.float8:  # LoRA wraps the very layers FP8 would swap; the two together are untested
             raise Gpt1Error("float8=true is for pretraining; LoRA fine-tuning runs in bf16-mixed, fp16-mixed or fp32")
         if self.full:  # LoRA's keys would be recorded as if they applied: refused, as pretraining's keys are
@@ -288,9 +294,7 @@ def finetune(cfg: FinetuneConfig, base: str | Path, out: str | Path, *, step_lim
     """Fine-tune the model dir `base` on `cfg.data` into the run dir `out` (resumes a run there).
     `step_limit` caps the steps resolved from the config (e.g. a time budget); `redo_hint` says
     what to do instead when `out` holds another run. Returns the loop's TrainResult."""
-    cfg = require_config(cfg, FinetuneConfig)  # checked again: a field may have been set after construction
-    if cfg.init_from != "scratch":  # set by hand: it was overwritten with the base's path and recorded so
-        raise Gpt1Error(f"init_from={cfg.init_from}: a pretraining key; a fine-tune starts from its base (--base)")
+    cfg = require_config(cfg, FinetuneConfig)  # checked again (init_from too): a field may have been set after construction
     named = str(as_path(base, "base", "a model dir"))
     base = hub_folder(named[3:]) if named.startswith("hf:") else Path(named)  # hf: may name a Hub model
     out = as_path(out, "out", "a run dir")
@@ -345,8 +349,11 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         else:
             save_finetuned(directory, m, tokenizer, base_info)
 
-    # Recorded in the run dir's train_config.json with the run's config: its base, as a path.
-    run_cfg = dataclasses.replace(cfg, init_from=str(base.resolve()))  # as the OS names it: the loop records it as text
+    # Recorded in the run dir's train_config.json with the run's config: its base, as a path (as the
+    # OS names it: the loop records it as text). Set after the checks, which refuse an init_from set
+    # by the user; the loop checks the config no more.
+    run_cfg = dataclasses.replace(cfg)
+    run_cfg.init_from = str(base.resolve())
     if (finished := _finished_run(out, cfg, step_limit)) is not None:
         # Nothing to train: the loop checks the recipe against the run's and says so, without the
         # chat data read and encoded first (two minutes for 200k conversations).

@@ -452,13 +452,16 @@ class _Run:
         return state
 
     def begin(self, data_source: dict | None) -> None:
-        """Record this invocation in train_config.json (`RunRecord.start`) and drop the metric lines
+        """Record this invocation in train_config.json (`RunRecord.start`), say what RUN/best keeps
+        where this resume turns keep_best off, and drop the metric lines
         a killed run logged after its last checkpoint; then wrap the model for the steps (DDP with
         torchrun, torch.compile with compile=true). A rerun of a finished run (at most writing the
         outputs a kill left unwritten) changes nothing in the run dir: its record, metrics and event
         log stay as the run left them."""
         self.finished = self.start_step >= self.end
         if not self.finished:
+            if self.dist.is_main and self.start_step and not self.cfg.keep_best:
+                self._warn_best_kept()
             distributed.main_only(lambda: self.record.start(
                 self.start_step, _provenance(self.cfg, self.device, self.precision, data_source)))
             if self.dist.is_main:  # lines a killed run logged after its last checkpoint (or before its first)
@@ -472,6 +475,18 @@ class _Run:
 
             self.model = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_model = torch.compile(self.model) if self.cfg.compile else self.model
+
+    def _warn_best_kept(self) -> None:
+        """keep_best turned off on this resume: RUN/best stays (the user's files), holding the model
+        of the lowest validation loss while it was on, which no later validation replaces (the run's
+        last line no longer names it). Said on the resume that turns it off."""
+        best = self.run_dir / BEST_DIR
+        if not best.is_dir() or not self.record.settings_before(self.start_step).get("keep_best"):
+            return
+        step, loss = self.best["step"], self.best["val_loss"]
+        which = f"step {step:,}'s model (val loss {_fmt(loss)})" if step is not None else "an earlier model"
+        warn(f"keep_best=false: {best} keeps {which}, the lowest while keep_best was on; later validations no "
+             "longer replace it, even with a lower loss")
 
     def plan(self, state: dict | None) -> None:
         """The plan from here, `state` the resumed checkpoint's: under a time budget, the end

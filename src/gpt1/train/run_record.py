@@ -2,8 +2,9 @@
 
 `check_run_dir` refuses a run dir that holds another run (another config, number of processes or
 training data) or files that are no run, and returns the run's `RunRecord` to write once it trains:
-the run as started, the resumable settings changed since (`RESUMABLE_CHANGES`, each with the step
-it holds from) and each start's and resume's provenance. Paths in the config (`PATH_KEYS`) compare
+the run as started, the resumable settings changed since (`RESUMABLE_CHANGES`, less those the
+run's other settings hold fixed: `_held`; each with the step it holds from) and each start's and
+resume's provenance. Paths in the config (`PATH_KEYS`) compare
 by what they name. The training loop (`gpt1.train.loop`) calls it on rank 0, under the run's lock
 (`RUN_LOCK`).
 """
@@ -11,6 +12,8 @@ by what they name. The training loop (`gpt1.train.loop`) calls it on rank 0, und
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import shlex
 from pathlib import Path
 
@@ -23,9 +26,10 @@ from gpt1.train.config import TrainConfig
 
 CONFIG_FILE = "train_config.json"
 RUN_LOCK = Path(ckpt.CHECKPOINTS_DIR, ".lock")  # the lock `gpt1.core.io.exclusive` holds while a run trains
-# Keys that may change between a run and its resumption: they do not change the math.
+# Keys that may change between a run and its resumption: they do not change the weights it trains
+# (eval_every and eval_batches where the run's other settings allow it: `_held`).
 RESUMABLE_CHANGES = {"device", "tensorboard", "eval_batches", "save_every", "max_bad_steps",
-                     "gradient_checkpointing", "keep_checkpoints", "keep_best"}
+                     "gradient_checkpointing", "keep_checkpoints", "keep_best", "eval_every"}
 
 
 def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | None = None,
@@ -42,8 +46,8 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
     wanted = {"config": config, "max_steps": max_steps, "world_size": world_size,
               **({"data": data} if data is not None else {})}
     file = run_dir / CONFIG_FILE
-    # Validations change no weight; under a time budget their time counts in the plan, though.
-    resumable = RESUMABLE_CHANGES | ({"eval_every"} if not cfg.time_budget else set())
+    held = _held(config)
+    resumable = RESUMABLE_CHANGES - held.keys()
     if file.is_file() and ckpt.latest_checkpoint(run_dir) is None and not _has_outputs(run_dir):
         # Stopped before its first checkpoint (out of memory at the first step, say): nothing to resume
         # and nothing lost, so a rerun with another config (the smaller batch_size advised) starts over.
@@ -67,15 +71,15 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
         # A key that an older gpt1 did not write had its default value then; one changed on a
         # resume has its latest value.
         old_cfg = _settings(old, _field_defaults(cfg))
-        if old_cfg.get("time_budget"):
-            resumable -= {"eval_every"}
+        held |= _held(old_cfg)
+        resumable -= held.keys()
         keys = sorted(k for k in set(old_cfg) | set(wanted["config"])
                       if k not in resumable and not _same_setting(run_dir, k, old_cfg.get(k), wanted["config"].get(k)))
         if old.get("max_steps") != max_steps and "max_steps" not in keys:
             keys.append(f"max_steps (resolved: {old.get('max_steps')} -> {max_steps})")
         if keys:
-            diffs = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {wanted['config'].get(k)!r}" if k in old_cfg or k in wanted["config"]
-                              else k for k in keys)
+            diffs = ", ".join(f"{k}: {_toml(old_cfg.get(k))} -> {_toml(wanted['config'].get(k))}{held.get(k, '')}"
+                              if k in old_cfg or k in wanted["config"] else k for k in keys)
             raise Gpt1Error(f"{run_dir} holds a run with a different config ({diffs}); "
                             + (redo_hint or _ways_on(run_dir, resumable, wanted["config"])))
         # A run dir from before the data was recorded resumes unchecked (its data is unknown), and
@@ -95,6 +99,34 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
     else:
         refuse_other_files(run_dir)
     return RunRecord(file, wanted, wanted["config"], resumable, _field_defaults(cfg))
+
+
+def _held(config: dict) -> dict[str, str]:
+    """The resumable keys that `config`'s other settings hold fixed, each with the words a refused
+    change adds: which settings, and why."""
+    held = {}
+    if config.get("time_budget"):  # validations change no weight, but their time counts in the plan
+        held["eval_every"] = (f", which time_budget={_toml(config['time_budget'])} holds fixed: the validations' "
+                              "time counts in the plan")
+    if on := [f"{k}={_toml(config[k])}" for k in ("keep_best", "early_stop") if config.get(k)]:
+        # The lowest loss so far (the checkpoint's) was measured on the batches before: a loss on
+        # others, compared with it, stopped a run early and kept another model than the lowest in best/.
+        held["eval_batches"] = (f", which {' and '.join(on)} hold{'s' if len(on) == 1 else ''} fixed: each "
+                                "validation loss is compared with the lowest so far, measured on the batches before")
+    return held
+
+
+def _toml(value) -> str:
+    """A setting as a recipe writes it (true, not True; 'runs/a'), in a refusal of a changed one."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # inf, -inf, nan: TOML's spelling too
+    if isinstance(value, str):  # a literal string where TOML allows one (no ' and no control character)
+        return f"'{value}'" if value.isprintable() and "'" not in value else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(_toml(v) for v in value)}]"
+    return "(unset)" if value is None else repr(value)
 
 
 def _ways_on(run_dir: Path, resumable: set[str], config: dict) -> str:
@@ -130,9 +162,8 @@ class RunRecord:
 
     def start(self, step: int, provenance: dict) -> None:
         """Record this invocation, which trains from `step`, and the resumable settings it changes."""
-        changes = [c for c in self.record.pop("changes", None) or [] if isinstance(c, dict)]
-        if changes and changes[-1].get("from_step") == step:
-            changes.pop()  # an invocation's that saved no step after it: they held for no step kept
+        changes = self._changes_before(step)
+        self.record.pop("changes", None)
         was = _settings({**self.record, "changes": changes}, self.defaults)
         changed = {k: self.config[k] for k in sorted(self.resumable & self.config.keys()) if was.get(k) != self.config[k]}
         changes += [{"from_step": step, **changed}] if changed else []
@@ -140,6 +171,17 @@ class RunRecord:
         self.record |= {**({"changes": changes} if changes else {}),
                         "provenance": [*(earlier if isinstance(earlier, list) else []), {"from_step": step, **provenance}]}
         self.write()
+
+    def settings_before(self, step: int) -> dict:
+        """The run's settings as it reached `step` (where this invocation resumes), before this
+        invocation's changes: as started, with the changes of the resumes that saved a step since."""
+        return _settings({**self.record, "changes": self._changes_before(step)}, self.defaults)
+
+    def _changes_before(self, step: int) -> list[dict]:
+        changes = [c for c in self.record.get("changes") or [] if isinstance(c, dict)]
+        if changes and changes[-1].get("from_step") == step:
+            changes.pop()  # an invocation's that saved no step after it: they held for no step kept
+        return changes
 
     def note(self, **values) -> None:
         """Add what this invocation found out as it ran (compile fell back to eager) to its provenance."""
