@@ -14,7 +14,7 @@ from gpt1.cli.args import add_dtype_flag, path_arg, positive_int, text
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, printable, warn
 from gpt1.core.sampling_params import PRESETS, SamplingParams, preset
-from gpt1.data.readers import SPACE_BOUNDARY
+from gpt1.core.text_pieces import SPACE_BOUNDARY
 
 # gpt1.inference (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
 if TYPE_CHECKING:

@@ -87,6 +87,8 @@ def _metered(texts: Iterator[str], total: int | None, stats: SourceStats) -> Ite
                 text = next(texts, None)
             bar.update((meter.bytes if total is not None else stats.bytes) - bar.n)
             if text is None:
+                bar.close()
+                info("all text read; BPE is counting the last of it, then computes the merges")
                 return
             yield text
     finally:

@@ -28,7 +28,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from gpt1.core.constants import BPE_TRAINING_THREAD
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path, read_json, write_text
-from gpt1.core.progress import progress, warn
+from gpt1.core.progress import info, progress, warn
+from gpt1.core.text_pieces import text_pieces
 
 if TYPE_CHECKING:  # ids may be a 1-D tensor; this module does not load torch
     import torch
@@ -43,6 +44,9 @@ MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
 # would eat a GGUF export's deep indentation; the cap also keeps runs of whitespace from
 # taking vocabulary that words need.
 MAX_TOKEN_BYTES = 32
+# The pieces the BPE trainer is given (at a pre-token boundary: the same words counted): it pulls
+# 256 at a time, so they set how far reading runs ahead of counting (~2 MB) and bound its memory.
+TRAINER_PIECE_CHARS = 8192
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_CONFIG_FILE = "config.json"  # beside tokenizer.json in a model dir (gpt1.formats.modeldir)
 
@@ -442,9 +446,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
             size = len(check_text(text, f"texts[{stats['documents']:,}]").encode("utf-8"))
             stats["documents"] += 1
             stats["bytes"] += size
-            bar.update(size)
-            yield text
+            # In small pieces (the same words counted): the trainer pulls 256 texts at a time, so one
+            # string of a document held the whole of it in Rust (~80 bytes per character: 4 GB for
+            # 50 MB), and pieces of the readers' 256K characters ran the bar up to 67 MB ahead of
+            # the counting, then left it silent until the end.
+            for piece in text_pieces(text, TRAINER_PIECE_CHARS):
+                bar.update(len(piece.encode("utf-8")))
+                yield piece
         bar.close()  # all read: the bar's last line, before the merges are computed
+        if show_progress:
+            info(f"all {stats['bytes']:,} bytes read; counting the last of them and computing the merges")
 
     start = time.perf_counter()
     try:

@@ -6,7 +6,7 @@ keep only assistant reply tokens (their text and closing [EOS]), except a reply 
 the context is split at assistant-turn boundaries into pieces that fit; a single exchange
 longer than the context is truncated (its tail is lost), and dropped when no assistant token
 survives; a piece left with no reply to learn (weight 0) is dropped. Each case is counted.
-A message's text is encoded in pieces (`readers.text_pieces`) and only until the context is
+A message's text is encoded in pieces (`core.text_pieces.text_pieces`) and only until the context is
 full: the ids kept are those of encoding it whole, in bounded memory (a 27 MB reply took 3.5 GB).
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from gpt1.core.chat_template import encode_chat_with_labels
 from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import progress as progress_bar
+from gpt1.core.text_pieces import text_pieces
 from gpt1.data.chat_sources import Conversation
-from gpt1.data.readers import text_pieces
 
 
 @dataclass

@@ -26,7 +26,7 @@ order mark (Windows editors start files with one) is dropped at the start of a t
 of a JSON line; byte offsets in errors still count it.
 
 Memory: a text file is read in pieces of at most PIECE_CHARS characters (cut before a space
-between words where one is near, so BPE sees the same words), whatever its line lengths; a
+between words where one is near, so BPE sees the same words: `gpt1.core.text_pieces`), whatever its line lengths; a
 JSON line is held whole (its size is the record's), and so is a `.json` file that holds one array
 of records (`read_json_array`: up to JSON_ARRAY_MAX_BYTES of text, 1 GiB).
 
@@ -49,7 +49,6 @@ import os
 import re
 import shlex
 import sys
-import unicodedata
 import zlib
 from collections import Counter
 from contextvars import ContextVar
@@ -62,10 +61,10 @@ import yaml
 from gpt1.core.errors import Gpt1Error, first_line
 from gpt1.core.imports import require
 from gpt1.core.io import walk_folder
+from gpt1.core.text_pieces import PIECE_CHARS, cut_point
 
 HF_PREFIX = "hf:"
 READ_BYTES = 1 << 20
-PIECE_CHARS = 1 << 18  # a text document longer than this is handed on in pieces
 GZIP_MAGIC = b"\x1f\x8b"
 # The compressions gpt1 reads (Python's standard library has their codecs): suffix -> name,
 # the bytes a file of it starts with, its opener. bzip2's "BZh" is followed by the block size.
@@ -505,51 +504,12 @@ def read_text(path: str | Path) -> Iterator[str]:
             text, held = (text[:-1], "\r") if chunk and text.endswith("\r") else (text, "")
             pending += text.replace("\r\n", "\n").replace("\r", "\n")
             while len(pending) > PIECE_CHARS:
-                cut = _cut(pending)
+                cut = cut_point(pending, PIECE_CHARS)
                 yield pending[:cut]
                 pending = pending[cut:]
     yield pending
 
 
-def text_pieces(text: str) -> Iterator[str]:
-    """`text` in pieces of at most PIECE_CHARS characters, cut as `read_text` cuts a file: the
-    ids of the pieces, one after another, are the ids of the whole (where a cut falls before a
-    space between two words), in bounded memory (the tokenizer takes ~130 bytes per character)."""
-    start = 0
-    while len(text) - start > PIECE_CHARS:
-        cut = _cut(text[start:start + PIECE_CHARS + 1])
-        yield text[start:start + cut]
-        start += cut
-    yield text[start:]
-
-
-# Boundaries of the byte-level BPE's pre-tokens (GPT-2's split pattern) that do not depend on what
-# lies beyond them, so that a piece that ends at one is tokenized as the whole text is there;
-# preferred first. They are where the tokenizer's pre-tokenizer (Rust regex: Unicode White_Space,
-# \p{L}, \p{N}) also ends a pre-token, whatever Python's `re` thinks: a whitespace character between
-# two others (" word" is one pre-token, hence the cut before its space), and a letter or digit
-# followed by punctuation or a symbol (not the apostrophe, which starts "'s"; CJK or Thai prose,
-# which has no spaces, is cut at its "。"). Python's \s also holds U+001C-U+001F, which the
-# tokenizer reads as punctuation; and its \W holds every letter newer than Python's Unicode tables
-# (unassigned, category Cn, to it), so the second boundary also asks the next character's category
-# to be P* or S*.
-SPACE_BOUNDARY = re.compile(r"(?<=\S)[^\S\x1c-\x1f](?=\S)")  # the first: the ids after it are the whole text's last
-_BOUNDARIES = (
-    (SPACE_BOUNDARY, lambda char: True),
-    (re.compile(r"(?<=[^\W_])(?=[^\w\s'])"), lambda char: unicodedata.category(char)[0] in "PS"),
-)
-
-
-def _cut(text: str) -> int:
-    """Where to end a piece: at the last boundary (_BOUNDARIES, in order) in its second half, or at PIECE_CHARS."""
-    start = PIECE_CHARS // 2
-    window = text[start - 1:PIECE_CHARS + 1]  # a character each side for the look-arounds
-    for boundary, next_char_ok in _BOUNDARIES:
-        cuts = [m.start() + start - 1 for m in boundary.finditer(window)]
-        cut = next((c for c in reversed(cuts) if start <= c < PIECE_CHARS and next_char_ok(text[c])), None)
-        if cut is not None:
-            return cut
-    return PIECE_CHARS
 
 
 def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda value, where: value, *,

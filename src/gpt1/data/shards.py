@@ -14,7 +14,7 @@ Every fraction holds at least one validation document: when none fell under it (
 corpus), the document with the smallest hash is held out.
 
 Memory is bounded whatever the document lengths: documents arrive in pieces
-(`gpt1.data.readers.PIECE_CHARS`) and are tokenized in batches of at most BATCH_CHARS
+(`gpt1.core.text_pieces.PIECE_CHARS`) and are tokenized in batches of at most BATCH_CHARS
 characters; only count mode keeps its `val` held-out documents in memory.
 
 Crash safety (`ShardWriter`): tokens go to `train.bin.partial` / `val.bin.partial`; every

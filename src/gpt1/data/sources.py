@@ -33,9 +33,9 @@ what was expected). With `skip_invalid=True` a bad document (a file with invalid
 malformed line or row) is skipped and counted instead. A null text (JSON `null`, a parquet or
 dataset null) is skipped and counted in every format.
 
-A document longer than `readers.PIECE_CHARS` characters arrives in pieces (`iter_pieces`), so
+A document longer than `core.text_pieces.PIECE_CHARS` characters arrives in pieces (`iter_pieces`), so
 memory stays bounded whatever the line length (a JSON line or parquet row is held whole, its
-text cut with `readers.text_pieces`); `iter_documents` joins them for the callers that need
+text cut with `core.text_pieces.text_pieces`); `iter_documents` joins them for the callers that need
 whole documents.
 """
 
@@ -55,13 +55,13 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
 from gpt1.core.io import walk_folder
 from gpt1.core.progress import info, warn
+from gpt1.core.text_pieces import PIECE_CHARS, text_pieces
 from gpt1.data.readers import (
     COMPRESSIONS,
     HF_PREFIX,
     JSON_SUFFIXES,
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
-    PIECE_CHARS,
     ZSTD_SUFFIXES,
     BadRecord,
     HfSpec,
@@ -76,7 +76,6 @@ from gpt1.data.readers import (
     read_parquet,
     read_text,
     saved_to_disk,
-    text_pieces,
     without_compression,
 )
 
@@ -313,7 +312,7 @@ def stdlib_files() -> list[str]:
 def iter_pieces(specs: list[str] | list[Source], *, text_field: str = "text", skip_invalid: bool = False,
                 stats: SourceStats | None = None, max_documents: int | None = None) -> Iterator[Piece]:
     """Every document of the sources in order (the first `max_documents`), as pieces of at most
-    `readers.PIECE_CHARS` characters; a document's last piece has `ends_document`. Fills `stats`."""
+    `core.text_pieces.PIECE_CHARS` characters; a document's last piece has `ends_document`. Fills `stats`."""
     check_max_documents(max_documents)
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
