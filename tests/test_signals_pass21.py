@@ -34,3 +34,18 @@ def test_a_bpe_training_stopped_while_it_reads_its_corpus_exits_with_the_signals
         process.kill()
     assert err.strip() == f"gpt1 tokenizer train: {said}"
     assert not (tmp_path / "tok").exists() and not (tmp_path / "core").exists()
+
+
+def test_no_writable_temporary_folder_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """torch imports dill (a `datasets` dependency), which asks for a temporary folder at import:
+    in a container with a read-only root and no /tmp volume every command was a 60-line traceback."""
+    import tempfile
+
+    from tests.test_battery import run_main
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir's cache
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [str(tmp_path / "missing")])
+    rc, err = run_main(capsys, "info", "tiny")
+    assert rc == 2 and err.strip().splitlines() == [
+        "gpt1 info: error: no writable temporary folder (TMPDIR, /tmp, /var/tmp, /usr/tmp or the current folder); set "
+        "TMPDIR to one (a container with a read-only root filesystem needs a writable /tmp volume)"]

@@ -33,6 +33,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 
@@ -215,6 +216,14 @@ def _check_working_folder() -> None:
         os.getcwd()
     except FileNotFoundError as e:
         raise Gpt1Error(f"the current folder no longer exists ({e.strerror}); cd to an existing folder") from None
+    # torch imports dill (a dependency of `datasets`) when it is installed, which asks for a
+    # writable temporary folder at import: a container with a read-only root and no /tmp volume
+    # got a 60-line traceback from every command.
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError:
+        raise Gpt1Error("no writable temporary folder (TMPDIR, /tmp, /var/tmp, /usr/tmp or the current folder); set "
+                        "TMPDIR to one (a container with a read-only root filesystem needs a writable /tmp volume)") from None
 
 
 def _check_stdout_open(args: argparse.Namespace, closed: set[int]) -> None:
