@@ -129,6 +129,7 @@ def test_a_second_server_on_windows_cannot_take_a_port_in_use(monkeypatch):
     monkeypatch.setattr(socket, "SO_EXCLUSIVEADDRUSE", socket.SO_REUSEADDR, raising=False)
     monkeypatch.setattr(socket, "SO_REUSEADDR", socket.SO_REUSEPORT)
     first = bind("127.0.0.1", 0)
+    first.listen()  # bind() only binds now (the server listens once its engine runs)
     try:
         with pytest.raises(Gpt1Error, match=r"cannot listen on 127\.0\.0\.1:\d+: .*another server on that port"):
             bind("127.0.0.1", first.getsockname()[1]).close()

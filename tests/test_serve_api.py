@@ -269,7 +269,7 @@ def test_a_404_says_what_to_call_instead(server):
     url, _ = server
     no_v1 = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
     with pytest.raises(openai.NotFoundError, match=r"under /v1 \(/v1/chat/completions\); an OpenAI client's base_url "
-                                                   r"is http://HOST:PORT/v1"):
+                                                   r"ends in /v1"):
         no_v1.chat.completions.create(model="m", messages=MSG, max_tokens=2)
     with pytest.raises(openai.NotFoundError, match="under /v1"):
         no_v1.models.list()

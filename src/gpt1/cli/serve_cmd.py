@@ -31,9 +31,16 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; 127.0.0.1 is this machine only, 0.0.0.0 is every interface "
                              "(then set an API key). Without an API key, a server on a loopback address answers "
-                             "only requests addressed to localhost, *.localhost or a loopback address (403 otherwise), so that "
-                             "a web page cannot reach it by DNS rebinding; default: %(default)s")
+                             "only requests addressed to localhost, *.localhost, a loopback address or an "
+                             "--allowed-host name (403 otherwise), so that a web page cannot reach it by DNS "
+                             "rebinding; default: %(default)s")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a Host name that a keyless server on a loopback address answers beside the loopback "
+                             "ones: the name a proxy on this machine passes on (nginx's `proxy_set_header Host "
+                             "$host`, Caddy, Traefik; an `upstream NAME` block sends Host: NAME); repeat for more. "
+                             "Only names the proxy serves: the check keeps a web page from reaching the server by "
+                             "DNS rebinding (its own name re-pointed at 127.0.0.1). Default: none")
     parser.add_argument("--api-key", default=None, type=api_key_arg,
                         help=f"require 'Authorization: Bearer KEY' on every /v1 request (default: ${API_KEY_ENV} "
                              "if set and not empty, else no key)")
@@ -42,6 +49,11 @@ def register(subparsers) -> None:
                              "http://localhost:3000; * for any) call the API from a browser; repeat for more. "
                              "Default: none (a browser lets only the server's own pages, such as the chat page, "
                              "read its replies)")
+    parser.add_argument("--ssl-certfile", default=None, type=path_arg, metavar="PEM",
+                        help="serve HTTPS with this certificate (PEM; its key may follow it in the file). Default: "
+                             "plain HTTP (behind a proxy that terminates TLS, the usual way)")
+    parser.add_argument("--ssl-keyfile", default=None, type=path_arg, metavar="PEM",
+                        help="the certificate's private key (PEM, unencrypted), if not in --ssl-certfile")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: the best available)")
     add_dtype_flag(parser)
     parser.add_argument("--max-batch", type=int, default=16,
@@ -121,13 +133,17 @@ def serve_command(args: argparse.Namespace) -> int:
     from gpt1.inference.llm import LLM
 
     bind, create_app, serve = _import_serve()
-    from gpt1.serve.app import cors_origin
-    from gpt1.serve.server import raise_open_file_limit
+    from gpt1.serve.app import allowed_host, cors_origin
+    from gpt1.serve.server import check_tls, raise_open_file_limit
     if not 0 <= args.port <= 65535:
         raise Gpt1Error(f"--port must be in [0, 65535], got {args.port}")
     # Checked before the model loads; written as browsers send the Origin header (a trailing "/",
     # upper case: as given, they never matched a page, and the server started without a word).
     cors_origins = [cors_origin(value, "--cors-origin") for value in args.cors_origin]
+    allowed_hosts = [allowed_host(value, "--allowed-host") for value in args.allowed_host]
+    if args.ssl_keyfile is not None and args.ssl_certfile is None:
+        raise Gpt1Error("--ssl-keyfile needs --ssl-certfile (the certificate it is the key of)")
+    check_tls(args.ssl_certfile, args.ssl_keyfile)
     api_key = args.api_key if args.api_key is not None else clean_api_key(os.environ.get(API_KEY_ENV, "")) or None
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--prefill-chunk", args.prefill_chunk, 1)):
@@ -151,7 +167,7 @@ def serve_command(args: argparse.Namespace) -> int:
     app = create_app(llm, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                      body_timeout_s=args.body_timeout, stream_interval_ms=args.stream_interval,
-                     engine=engine, cors_origins=cors_origins, **load_as)
+                     engine=engine, cors_origins=cors_origins, allowed_hosts=allowed_hosts, **load_as)
     engine = app.state.engine
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -163,7 +179,7 @@ def serve_command(args: argparse.Namespace) -> int:
     if not llm.is_chat_model:  # /v1/chat/completions still formats the messages: say what the replies will be
         warn(f"{args.model} has no chat template: it is a base model, so /v1/chat/completions and the chat page "
              "get continuations of the conversation text rather than answers (/v1/completions is what it is for)")
-    sock = bind(args.host, args.port)
+    sock = bind(args.host, args.port)  # bound, so that a taken port is said now; it listens once the engine runs
     if not isinstance(engine, Engine):
         engine.start()  # now, so that a child that cannot start (e.g. its KV cache does not fit) is one clear error
     info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "
@@ -173,9 +189,11 @@ def serve_command(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
     # Said once the server takes connections: a server that fails to start has served nothing.
-    serving = (f"serving {llm.path} on http://{host}:{port} (chat page at /, API at /v1, docs at /docs)"
+    scheme = "https" if args.ssl_certfile is not None else "http"
+    serving = (f"serving {llm.path} on {scheme}://{host}:{port} (chat page at /, API at /v1, docs at /docs)"
                + (", API key required" if api_key else ""))
-    serve(app, sock, log_level=args.log_level, loop=args.loop, on_started=lambda: info(serving))
+    serve(app, sock, log_level=args.log_level, loop=args.loop, on_started=lambda: info(serving),
+          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
 

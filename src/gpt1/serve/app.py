@@ -7,26 +7,30 @@ request and response shapes, `stream: true` as server-sent events ending in `dat
 SamplingParams), `middleware` (host, key, body limits), `routes` (endpoints and the bridge to
 the engine), `metrics` (the Prometheus exposition), `page` (the chat page). Generation runs in `gpt1.inference.engine.Engine`.
 
-Every bad request is answered with status 400 (401 for auth, 403 for a non-loopback Host on a
-keyless loopback server, 404, 408 for a body or headers that do not arrive in time, 413 for an
-over-large body, 415 for a compressed one, 431 for over-large headers, 503 when the queue is
-full) and OpenAI's error body; /openapi.json documents them.
+Every bad request is answered with status 400 (401 for auth, 403 for a Host that is neither a
+loopback name nor an allowed one on a keyless loopback server, 404, 408 for a body or headers that
+do not arrive in time, 413 for an over-large body, 415 for a compressed one, 431 for over-large
+headers, 503 when the queue is full) and OpenAI's error body; /openapi.json documents them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import re
 import threading
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Sequence
 
 import anyio.lowlevel
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 
 from gpt1 import __version__
 from gpt1.core.errors import Gpt1Error
@@ -64,6 +68,22 @@ def cors_origin(value: str, name: str = "cors_origins") -> str:
     return f"{scheme}://{host}" + (f":{port}" if keep_port else "")
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9._-]*[a-z0-9_])?", re.IGNORECASE)
+
+
+def allowed_host(value: str, name: str = "allowed_hosts") -> str:
+    """`value` as the host check compares it: a name of the Host header, in lower case, without a
+    port, an IPv6 address without its brackets. A Gpt1Error naming `name` for a value that is no
+    host name (a scheme, a port, a path, `*`): as given, it would never match."""
+    host = value.strip().lower().rstrip(".")
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host.removeprefix("[").removesuffix("]")))
+    if not _HOST_NAME.fullmatch(host):
+        raise Gpt1Error(f"{name} {value!r}: expected a host name as a Host header gives it, without a scheme or "
+                        "port (e.g. gpt1, chat.example.com); to answer any name, set an API key")
+    return host
+
+
 class _Starter:
     """Starts the app's engine: in the app's lifespan, or, where Starlette runs none (an app
     mounted in another app, a TestClient used without `with`), at the first request that needs it;
@@ -94,12 +114,13 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
                max_body_bytes: int = MAX_BODY_BYTES,
                body_timeout_s: float = BODY_TIMEOUT_S, model_name: str | None = None,
                stream_interval_ms: float = 0.0, engine: str = "thread", device: str | None = None,
-               dtype: str | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
+               dtype: str | None = None, cors_origins: Sequence[str] = (),
+               allowed_hosts: Sequence[str] = ()) -> FastAPI:
     """The server for a loaded model (`gpt1.load(dir)`).
 
     api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>` (else 401); leading and
         trailing whitespace is not part of it (HTTP strips a header value's);
-        without one, a server on a loopback address answers only loopback Host names.
+        without one, a server on a loopback address answers only loopback Host names and `allowed_hosts`.
     max_batch: requests generating at once, decoded together (the KV-cache slots).
     max_queue: requests waiting beyond those; more get 503 with `Retry-After`.
     prefill_chunk: most prompt tokens prefilled per engine step.
@@ -117,6 +138,9 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         browser (CORS); none by default: a browser lets only the page's own origin read the replies.
         Each is written as browsers send it (`cors_origin`: a trailing "/" and upper case go); a
         value that is no scheme://host[:port] is a Gpt1Error.
+    allowed_hosts: Host names (no port) that a keyless server on a loopback address answers beside the
+        loopback ones, e.g. the name a proxy on this machine passes on (`allowed_host`); the check
+        is a guard against DNS rebinding, so only names that the proxy serves.
     The engine starts in the app's lifespan, or, where none runs (the app mounted in another, a
     TestClient without `with`), at the first request that needs it; then `app.state.engine.stop()`
     stops it (docs/serving.md).
@@ -124,6 +148,9 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     if isinstance(cors_origins, str):  # its characters would be read as origins
         raise Gpt1Error(f"cors_origins: expected a list of origins, got the string {cors_origins!r}")
     origins = [cors_origin(value) for value in cors_origins]
+    if isinstance(allowed_hosts, str):
+        raise Gpt1Error(f"allowed_hosts: expected a list of host names, got the string {allowed_hosts!r}")
+    hosts = [allowed_host(value) for value in allowed_hosts]
     if api_key is not None:
         # Stripped as the client's token is (HTTP strips a header value's whitespace): a key read
         # with its file's newline would otherwise never match.
@@ -154,7 +181,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     llm.tokenizer.encode("warm-up")
     starter, prompt_threads = _Starter(engine), PromptThreads()
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         # anyio, under Starlette's responses, imports its event-loop backend the first time it is
         # used: at start, not at the first request, where under a low `ulimit -n` a burst of clients
@@ -171,7 +198,11 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
             # Ended with the server, as the engine is: each app served left its 4 threads behind.
             await asyncio.to_thread(prompt_threads.stop)
 
-    app = FastAPI(title="gpt1", version=__version__, lifespan=lifespan,
+    # The docs pages are served below with relative links, and a path with a slash too many or too
+    # few is redirected relatively (see `_slash_redirect`): FastAPI's and Starlette's name absolute
+    # ones, which behind a proxy that serves the server under a prefix (/gpt1/) lead outside it.
+    app = FastAPI(title="gpt1", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  redirect_slashes=False,
                   description="An OpenAI-compatible API for a gpt1 model, and a chat page at `/`.")
     app.state.engine = engine
     app.state.model_name = name
@@ -192,7 +223,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI's, raised from the cause
             return unreadable_body(exc.__cause__).response()
         if exc.status_code == 404 and exc.detail == "Not Found":  # no route (a route's own 404 says more)
-            return not_found(request.url.path).response()
+            return _slash_redirect(request) or not_found(request.url.path).response()
         kind = "not_found" if exc.status_code == 404 else None
         return ApiError(exc.status_code, str(exc.detail), code=kind, headers=getattr(exc, "headers", None)).response()
 
@@ -200,10 +231,20 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     async def server_error(request: Request, exc: Exception):
         return generation_error(exc).response()
 
+    # openapi.json relative to the page, so that it is found under whatever prefix the page is. No
+    # closure over the app: FastAPI keeps endpoint functions in process-wide caches (see routes.Served).
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="openapi.json", title="gpt1 - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="openapi.json", title="gpt1 - ReDoc")
+
     add_routes(app, Served(engine, llm.tokenizer, starter.ensure_started, prompt_threads), name,
                auth=api_key is not None, stream_interval=stream_interval_ms / 1000)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
-                       state=app.state)
+                       state=app.state, allowed_hosts=hosts)
     if cors_origins:  # outside the Guard: it answers preflights, and its headers reach the Guard's errors too
         # Any request header, as vLLM allows: OpenAI's JS client sends its own on every call
         # (x-stainless-lang, -os, -retry-count..., openai-organization, -project, -beta), and a
@@ -213,3 +254,22 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["Retry-After", "X-Gpt1-Dropped-Messages", "X-Gpt1-Cut-Tokens"], max_age=600)
     return app
+
+
+def _slash_redirect(request: Request) -> RedirectResponse | None:
+    """For a path that a route serves with one trailing "/" less (or more), a 307 to it, as
+    Starlette's redirect_slashes, but relative (`../models`, `./models/`): Starlette's named the
+    absolute URL of the Host header, which behind a proxy that passes its own Host and serves the
+    server under a prefix (`location /gpt1/`) dropped the prefix and the port. (Not for several
+    slashes: clients resolve `..` after `//` differently, Python's urljoin among them.)"""
+    path = request.scope["path"]
+    raw = (request.scope.get("raw_path") or path.encode()).decode("latin-1")  # as sent: percent-escapes kept
+    if raw.endswith("/") != path.endswith("/") or not raw.strip("/"):  # an escaped "/" (%2F) at the end, or "/"
+        return None
+    other = path[:-1] if path.endswith("/") else path + "/"
+    if not any(route.matches({**request.scope, "path": other})[0] != Match.NONE for route in request.app.router.routes):
+        return None
+    last = raw.rstrip("/").rsplit("/", 1)[-1]
+    relative = f"../{last}" if raw.endswith("/") else f"./{last}/"
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    return RedirectResponse(relative + (f"?{query}" if query else ""), status_code=307)

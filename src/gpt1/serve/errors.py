@@ -58,7 +58,7 @@ _WHEN = {
          "unsupported field at a non-neutral value (unsupported_parameter), a prompt that does not fit "
          "(context_length_exceeded), more prompts than the server holds (too_many_prompts), malformed HTTP",
     401: "a missing or wrong API key, on a server that has one (invalid_api_key)",
-    403: "a Host that is not a loopback name, on a keyless loopback server (invalid_host)",
+    403: "a Host that is neither a loopback name nor an allowed one, on a keyless loopback server (invalid_host)",
     404: "no such model (model_not_found)",
     408: "the request line and headers, or the body, did not arrive in time (request_timeout)",
     413: "a body over the server's limit, 1 MiB by default (request_too_large)",
@@ -155,7 +155,7 @@ def not_found(path: str) -> ApiError:
     bare = path.rstrip("/")
     if bare in ("/chat/completions", "/completions", "/models") or bare.startswith("/models/"):
         message = (f"no endpoint {path}: this server's API is under /v1 (/v1{bare}); an OpenAI client's base_url "
-                   "is http://HOST:PORT/v1")
+                   "ends in /v1 (http://HOST:PORT/v1, or behind a proxy the proxy's URL of this server and /v1)")
     elif bare.endswith("/responses") or "/responses/" in bare:
         message = ("OpenAI's Responses API is not served here: use /v1/chat/completions (the OpenAI Agents SDK: "
                    "set_default_openai_api(\"chat_completions\"); LangChain's ChatOpenAI: use_responses_api=False)")

@@ -3,7 +3,8 @@ that answers before FastAPI reads or parses anything.
 
 - Host check: a server without an API key on a loopback address answers only requests
   addressed to a loopback name: localhost or *.localhost (RFC 6761: resolved on this machine), or
-  a loopback address (127.0.0.0/8, ::1). Otherwise a web page the user
+  a loopback address (127.0.0.0/8, ::1), or one of its `allowed_hosts` (the name a proxy on the
+  same machine passes on: `gpt1 serve --allowed-host`). Otherwise a web page the user
   visits could reach it by DNS rebinding (its own name, re-pointed at 127.0.0.1). The address is
   the one the server listens on (`state.listen_host`, set by `gpt1.serve.server`), so that a
   server on 0.0.0.0 reached through 127.0.0.1 (a proxy on the same machine) is not taken for a
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+from typing import Sequence
 
 from gpt1.serve.errors import ApiError, generation_error, short_repr
 
@@ -84,9 +86,11 @@ def _host_name(header: bytes) -> str:
 
 
 class Guard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float, state=None):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float, state=None,
+                 allowed_hosts: Sequence[str] = ()):
         self.app = app
         self.state = state  # the app's: its listen_host, once a server has bound its socket
+        self.allowed_hosts = frozenset(allowed_hosts)  # as gpt1.serve.app.allowed_host writes them
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
@@ -135,11 +139,13 @@ class Guard:
         address = self._listen_host(scope)
         if self.api_key is None and address and is_loopback(address) and "host" in headers:
             name = _host_name(headers["host"])
-            if not is_loopback(name):
+            if not is_loopback(name) and name.lower().rstrip(".") not in self.allowed_hosts:
+                names = ["localhost", "*.localhost", "a loopback address", *sorted(self.allowed_hosts)]
                 return ApiError(403, f"the Host header names {name[:100]!r}: this server has no API key and listens on "
                                      f"the loopback address {address}, so it answers only requests addressed to "
-                                     "localhost, *.localhost or a loopback address (a guard against DNS rebinding); "
-                                     "set an API key to serve other names",
+                                     f"{', '.join(names[:-1])[:300]} or {names[-1][:100]} (a guard against DNS "
+                                     "rebinding); set an API key, or allow the name that a proxy passes on "
+                                     "(gpt1 serve --allowed-host NAME), to serve other names",
                                 code="invalid_host")
         # The path within this app: mounted (`outer.mount("/llm", app)`) or under uvicorn's root_path,
         # scope["path"] is the whole /llm/v1/..., and a check of it let every request through unkeyed.

@@ -8,11 +8,13 @@ import asyncio
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import secrets
 import threading
 import time
+import urllib.parse
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -109,20 +111,46 @@ def submit(engine: Engine | EngineProcess, prompts: list[list[int]],
         raise
 
 
-async def chunk_batches(requests: list[EngineRequest], queue: asyncio.Queue,
-                        interval: float = 0.0) -> AsyncIterator[list[tuple[int, Chunk]]]:
+# A stream that has sent nothing for this long (its request queued behind others, or slow tokens)
+# sends an SSE comment, which clients skip: a proxy closes a reply idle for longer than its read
+# timeout (nginx's proxy_read_timeout, 60 s by default; many load balancers' idle timeout, 60 s).
+KEEPALIVE_S = 15.0
+KEEPALIVE_EVENT = ": keep-alive\n\n"
+_IDLE = object()  # put on a stream's queue by its keep-alive timer
+
+
+async def chunk_batches(requests: list[EngineRequest], queue: asyncio.Queue, interval: float = 0.0,
+                        keepalive: float | None = None) -> AsyncIterator[list[tuple[int, Chunk]]]:
     """The chunks of all requests as they come, in lists of those that are waiting: one chunk
     when the consumer keeps up, more when it falls behind, so that a stream sends what it has
     in one write. With `interval` (seconds), lists come at most that often, the first at once.
+    With `keepalive` (seconds), an empty list comes whenever that long has passed without one.
 
     Cancels what is left when the consumer stops early (e.g. Starlette cancels a streaming
     response whose client disconnected): the engine frees their slots at its next step.
     """
     loop = asyncio.get_running_loop()
     pending, last = len(requests), -math.inf
+    given = loop.time()  # when the consumer last got a list
+    timer: asyncio.TimerHandle | None = None
+
+    def idle() -> None:  # one timer a period, not one per token (each stream's wait for its next token)
+        nonlocal timer
+        now = loop.time()
+        if now >= given + keepalive:
+            queue.put_nowait((None, _IDLE))
+        timer = loop.call_at(max(given, now) + keepalive, idle)
+
+    if keepalive is not None:
+        timer = loop.call_at(given + keepalive, idle)
     try:
         while pending:
             item = await queue.get()
+            if item[1] is _IDLE:
+                if loop.time() >= given + keepalive:  # else a list went out since the timer posted it
+                    given = loop.time()
+                    yield []
+                continue
             ends = isinstance(item[1], BaseException) or item[1].finish_reason is not None
             if interval and not ends and (wait := last + interval - loop.time()) > 0:
                 # Streams wait out their own intervals, not a shared clock's ticks: their
@@ -133,17 +161,20 @@ async def chunk_batches(requests: list[EngineRequest], queue: asyncio.Queue,
                 if isinstance(item[1], BaseException):
                     error = item[1]
                     break
-                batch.append(item)
-                pending -= item[1].finish_reason is not None
+                if item[1] is not _IDLE:
+                    batch.append(item)
+                    pending -= item[1].finish_reason is not None
                 if not pending or queue.empty():
                     break
                 item = queue.get_nowait()
-            last = loop.time()
+            last = given = loop.time()
             if batch:
                 yield batch
             if error is not None:
                 raise error
     finally:
+        if timer is not None:
+            timer.cancel()
         for r in requests:
             r.cancel()
 
@@ -322,7 +353,10 @@ async def _chat_events(requests, queue, rid, now, model_id, include_usage, inter
         content_events = [_event_template(lambda text, i=i: chunk(i, {"content": text})) for i in range(len(requests))]
         # As OpenAI's: each choice's first chunk gives its role.
         yield "".join(_sse(chunk(i, {"role": "assistant", "content": ""})) for i in range(len(requests)))
-        async for batch in chunk_batches(requests, queue, interval):
+        async for batch in chunk_batches(requests, queue, interval, KEEPALIVE_S):
+            if not batch:  # nothing for KEEPALIVE_S: a comment, so that no proxy takes the stream for dead
+                yield KEEPALIVE_EVENT
+                continue
             events = []  # what a stream has waiting goes out in one write
             for index, c in batch:
                 if c.logprobs:  # not the template's: the event has more than its text to fill in
@@ -364,7 +398,10 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
     prompt_tokens = completion_tokens = 0
     try:
         text_events = [_event_template(functools.partial(chunk, i)) for i in range(len(requests))]
-        async for batch in chunk_batches(requests, queue, interval):
+        async for batch in chunk_batches(requests, queue, interval, KEEPALIVE_S):
+            if not batch:  # as in _chat_events (this stream has no first event of its own to send at once)
+                yield KEEPALIVE_EVENT
+                continue
             events = []  # what the stream has waiting goes out in one write
             for index, c in batch:
                 if scoring is not None:
@@ -487,6 +524,25 @@ class PromptThreads:
 
 
 # ---- the routes ----------------------------------------------------------------------------------
+_access_log = logging.getLogger("uvicorn.access")
+
+
+def _client_gone(request: Request, started: float) -> Response:
+    """The answer to a request whose client went away while it generated (a proxy's read timeout, a
+    user gone), its generation cancelled, and its line in uvicorn's access log: uvicorn writes none
+    for a reply it cannot send, so the request left no trace. Status 499, nginx's "client closed
+    request", as uvicorn's line has it, then how long it was held (gpt1.serve.server's format says
+    it; uvicorn's own leaves it out)."""
+    scope = request.scope
+    client = scope.get("client")
+    path = urllib.parse.quote(scope["path"]) + (f"?{scope['query_string'].decode('ascii', 'replace')}"
+                                                if scope.get("query_string") else "")
+    _access_log.info('%s - "%s %s HTTP/%s" %d', f"{client[0]}:{client[1]}" if client else "-", scope["method"], path,
+                     scope.get("http_version", "1.1"), 499,
+                     extra={"note": f"after {time.monotonic() - started:.1f} s: the client went away; cancelled"})
+    return Response(status_code=499)  # nobody reads it
+
+
 def _capacity(engine: Engine | EngineProcess) -> int:
     """The most requests the engine ever holds at once: generating, and waiting for a slot."""
     return engine.max_batch + engine.max_queue
@@ -576,7 +632,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
 
     @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response):
-        served = request.app.state.served
+        served, started = request.app.state.served, time.monotonic()
         mapping.check_unsupported(req)
         n = mapping.sample_count(req, 1, _capacity(served.engine))
         max_tokens, which = mapping.chat_max_tokens(req)
@@ -598,7 +654,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
             return stream
         results = await collect(request, requests, queue)
         if results is None:
-            return Response(status_code=499)  # the client is gone; nobody reads this
+            return _client_gone(request, started)
         response.headers.update(fitting)  # FastAPI adds them to the JSON response it makes of the dict
         return {**_envelope(rid, "chat.completion", now, model_id),
                 "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]},
@@ -610,7 +666,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
 
     @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
-        served = request.app.state.served
+        served, started = request.app.state.served, time.monotonic()
         mapping.check_unsupported(req)
         # Off the event loop, as in chat_completions: a 1 MiB prompt takes about a second to tokenize.
         prompts = await served.prompt_threads.run(mapping.completion_prompts, req, served.tokenizer,
@@ -636,7 +692,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
                                                        stream_interval, served.failures, n, scoring))
         results = await collect(request, requests, queue)
         if results is None:
-            return Response(status_code=499)  # the client is gone; nobody reads this
+            return _client_gone(request, started)
         choices = []
         for i, r in enumerate(results):
             text, logprobs = r["text"], None

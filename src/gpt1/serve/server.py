@@ -1,6 +1,7 @@
 """Running the app with uvicorn: in the foreground (`gpt1 serve`) or in a background thread
-(tests, benchmarks, notebooks). The listening socket is bound here, before uvicorn starts, so
-that a taken port is a one-line Gpt1Error and `port=0` can pick a free port race-free."""
+(tests, benchmarks, notebooks). The socket is bound here, before uvicorn starts, so that a taken
+port is a one-line Gpt1Error and `port=0` can pick a free port race-free; it listens only once the
+app's lifespan has started its engine (see `_Server.startup`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import Callable, Iterator
 
 import httptools
 import uvicorn
+import uvicorn.logging
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from gpt1.core.errors import Gpt1Error, first_line
@@ -259,12 +262,34 @@ class _Server(uvicorn.Server):
             signal.raise_signal(sig)
 
     engine_died = ""  # why the server stopped on its own: its engine process died
+    not_listening = ""  # why it did not start: its socket could not listen (another server took the port)
     on_started: Callable[[], None] | None = None  # called once the server takes connections
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, but the sockets (bound by `bind`, not listening) listen only once the app's
+        lifespan has started its engine: until then a connection is refused, so that a TCP probe
+        (a load balancer's, Kubernetes' tcpSocket, a script's wait for the port) does not take for
+        ready a server still loading its model or compiling (29 s with --compile), whose requests
+        hung meanwhile. A listen that fails (a second server that bound the port while this one
+        started) stops the server with the reason in `not_listening`."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception(loop.get_exception_handler()))
-        await super().startup(sockets)
+        if sockets:
+            lifespan_startup = self.lifespan.startup
+
+            async def start_then_listen() -> None:
+                await lifespan_startup()
+                if not self.lifespan.should_exit:
+                    for sock in sockets:
+                        _listen(sock, self.config.backlog)
+
+            self.lifespan.startup = start_then_listen  # uvicorn serves the sockets right after it
+        try:
+            await super().startup(sockets)
+        except Gpt1Error as e:  # _listen's: the lifespan has started, so it is ended, as at shutdown
+            self.not_listening, self.should_exit = str(e), True
+            await self.lifespan.shutdown()
+            return
         if self.started:
             self.config.http_protocol_class.descriptors.measure()
             if self.on_started is not None:
@@ -307,6 +332,16 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class _AccessFormatter(uvicorn.logging.AccessFormatter):
+    """uvicorn's access-log line, with a record's `note` after its status, where it has one (a
+    request whose client went away: gpt1.serve.routes)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        note = getattr(record, "note", None)
+        return f"{line.rstrip()} {note}" if note else line
+
+
 class _LogHandler(logging.StreamHandler):
     """uvicorn's log handler (its log on stderr, the access log on stdout), which says once that it
     cannot write (a full disk, `ulimit -f`) and then keeps quiet: Python's own wrote a "--- Logging
@@ -335,6 +370,7 @@ def _log_config() -> dict:
     # the UTC offset, so that lines from machines in other zones sort and compare.
     access = config["formatters"]["access"]
     access["fmt"], access["datefmt"] = "%(asctime)s " + access["fmt"], "%Y-%m-%dT%H:%M:%S%z"
+    access["()"] = f"{_AccessFormatter.__module__}.{_AccessFormatter.__qualname__}"
     # uvicorn colours its lines whenever stdout is a terminal; NO_COLOR (no-color.org: set and not
     # empty) and TERM=dumb, a terminal that shows escapes as text, ask for plain lines.
     if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
@@ -349,29 +385,93 @@ def _server(app, head_timeout_s: float = HEAD_TIMEOUT_S, **config) -> uvicorn.Se
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
-    """A listening TCP socket on (host, port); port 0 takes a free one (see `getsockname()`)."""
+    """A TCP socket bound to (host, port), not yet listening: `serve` and `background_server` make it
+    listen once the app's engine has started. Port 0 takes a free one (see `getsockname()`). A port
+    that another server holds, listening or still starting (bound here), is a Gpt1Error."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise Gpt1Error(f"cannot resolve host {host!r}: {e.strerror}") from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
-    if sys.platform == "win32":
-        # Windows' SO_REUSEADDR would let this bind a port another server listens on (the two would
-        # split its connections, and "another server on that port?" would never be said).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-    else:
-        # A restarted server binds its port at once, while the old one's connections wait out TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
-        sock.listen(2048)
+        if sys.platform == "win32":
+            # Windows' SO_REUSEADDR would let this bind a port another server listens on (the two would
+            # split its connections, and "another server on that port?" would never be said).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+            sock.bind(address)
+        else:
+            _bind_reserving(sock, address)
     except OSError as e:
         sock.close()
-        hint = {errno.EADDRINUSE: " (another server on that port? try --port)",
-                errno.EADDRNOTAVAIL: " (not an address of this machine; try --host 127.0.0.1)"}.get(e.errno, "")
-        raise Gpt1Error(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
+        raise _cannot_listen(host, port, e) from None
     return sock
+
+
+def _bind_reserving(sock: socket.socket, address) -> None:
+    """Bind without SO_REUSEADDR first: the port is then this socket's alone while it does not listen
+    yet (Linux lets sockets that all set SO_REUSEADDR bind one port while none of them listens: a
+    second `gpt1 serve` would load its model, then fail). That bind fails while the connections of
+    a server that just stopped wait out TIME_WAIT: then again with SO_REUSEADDR, so that a restarted
+    server binds its port at once; that still refuses a port that a socket listens on, or has bound
+    without it. `_listen` sets it before listening, so that this server's own connections, which
+    take the listening socket's, do not keep the next one off the port."""
+    try:
+        sock.bind(address)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+
+
+def _cannot_listen(host: str, port: int, e: OSError) -> Gpt1Error:
+    hint = {errno.EADDRINUSE: " (another server on that port? try --port)",
+            errno.EADDRNOTAVAIL: " (not an address of this machine; try --host 127.0.0.1)"}.get(e.errno, "")
+    return Gpt1Error(f"cannot listen on {host}:{port}: {e.strerror}{hint}")
+
+
+def _listen(sock: socket.socket, backlog: int) -> None:
+    """Make the bound socket listen. Done here, not left to uvicorn: where it fails (two servers that
+    both bound the port with SO_REUSEADDR, see `_bind_reserving`), asyncio's loop raised the error
+    with a traceback, and uvloop's logged it and served nothing, after "serving on ..."."""
+    try:
+        if sys.platform != "win32":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.listen(backlog)
+    except OSError as e:
+        host, port = sock.getsockname()[:2]
+        raise _cannot_listen(host, port, e) from None
+
+
+def check_tls(certfile: str | None, keyfile: str | None = None) -> None:
+    """Gpt1Error, in one line, when the TLS certificate (PEM) and its key (in `keyfile`, or in
+    `certfile` after the certificate) cannot be loaded: else uvicorn's traceback at start, and an
+    encrypted key asked for its passphrase on the terminal, where a service has none. Neither
+    given: plain HTTP, nothing to check."""
+    if certfile is None:
+        if keyfile is not None:
+            raise Gpt1Error("a TLS key needs its certificate (ssl_certfile)")
+        return
+    for path in filter(None, (certfile, keyfile)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise Gpt1Error(f"cannot read the TLS {'key' if path == keyfile else 'certificate'} {path}: "
+                            f"{e.strerror}") from None
+
+    def no_passphrase() -> str:
+        raise Gpt1Error(f"the TLS key {keyfile or certfile} is encrypted; serve an unencrypted copy "
+                        "(openssl pkey -in KEY -out PLAIN_KEY), readable by this user only")
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except ssl.SSLError as e:
+        why = ("the key is not the certificate's" if e.reason == "KEY_VALUES_MISMATCH" else
+               "expected PEM files: the certificate, and its key (in the key file, or after the certificate)")
+        raise Gpt1Error(f"cannot use the TLS certificate {certfile}{f' and key {keyfile}' if keyfile else ''}: "
+                        f"{why}") from None
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -386,16 +486,21 @@ def _tell_listen_host(app, sock: socket.socket | None) -> None:
 
 
 def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto",
-          on_started: Callable[[], None] | None = None) -> None:
+          on_started: Callable[[], None] | None = None, ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None) -> None:
     """Serve `app` on the bound socket `sock` until interrupted (Ctrl-C / SIGTERM / SIGHUP), or
     until its engine process dies: then a Gpt1Error saying why, once the open requests have heard it.
+    The socket listens once the app's lifespan has started its engine (see `_Server.startup`).
 
     `loop`: uvicorn's event loop, one of EVENT_LOOPS. "auto" is uvloop when it is installed (the
     `serve` extra installs it), else asyncio's. uvloop answers sooner on a CPU; it holds the GIL
     in its socket writes, which asyncio's releases (see docs/serving.md#streaming-writes).
     `on_started`: called once the server takes connections (the CLI says "serving ... on" then).
+    `ssl_certfile` / `ssl_keyfile`: serve HTTPS with this certificate and key (PEM files; the key
+    may follow the certificate in `ssl_certfile`); checked first (`check_tls`).
     Gpt1Error, before anything starts, when fewer than START_DESCRIPTORS files can be opened.
     """
+    check_tls(ssl_certfile, ssl_keyfile)
     if loop not in EVENT_LOOPS:
         raise Gpt1Error(f"event loop must be one of {', '.join(EVENT_LOOPS)}, got {loop!r}")
     if loop == "uvloop":
@@ -404,7 +509,8 @@ def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto",
         except ImportError:
             raise Gpt1Error("--loop uvloop needs uvloop: pip install uvloop (the `serve` extra has it)") from None
     _tell_listen_host(app, sock)
-    server = _server(app, log_level=log_level, loop=loop, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server = _server(app, log_level=log_level, loop=loop, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                     ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     server.on_started = on_started
     # The ~200k objects of the imports and the model will live as long as the server: out of
     # the garbage collector's sight, a full collection takes ~0 ms instead of 130-150 ms (a
@@ -416,15 +522,20 @@ def serve(app, sock: socket.socket, log_level: str = "info", loop: str = "auto",
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if server.not_listening:
+        raise Gpt1Error(server.not_listening)
     if server.engine_died:
         raise Gpt1Error(f"{server.engine_died}; the server stopped (restart it; a supervisor does)")
 
 
 @contextlib.contextmanager
 def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                      startup_timeout: float = 30.0, head_timeout_s: float = HEAD_TIMEOUT_S) -> Iterator[str]:
+                      startup_timeout: float = 30.0, head_timeout_s: float = HEAD_TIMEOUT_S,
+                      ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> Iterator[str]:
     """Serve `app` from a background thread; yields its base URL (e.g. http://127.0.0.1:41234).
-    head_timeout_s: the time a request's line and headers may take to arrive."""
+    head_timeout_s: the time a request's line and headers may take to arrive.
+    ssl_certfile / ssl_keyfile: HTTPS, as `serve`'s (the URL is then https://...)."""
+    check_tls(ssl_certfile, ssl_keyfile)
     sock = bind(host, port)
     _tell_listen_host(app, sock)
     host, port = sock.getsockname()[:2]
@@ -438,7 +549,8 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: st
         except BaseException:
             sock.close()
             raise
-    server = _server(app, head_timeout_s, log_level=log_level, timeout_graceful_shutdown=1)
+    server = _server(app, head_timeout_s, log_level=log_level, timeout_graceful_shutdown=1,
+                     ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gpt1-uvicorn", daemon=True)
     thread.start()
     # Startup time is counted while this process runs: a gap between two looks much longer than
@@ -452,12 +564,13 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: st
             sock.close()
             if isinstance(engine, EngineProcess):  # its child would outlive the failed start
                 engine.stop()
-            raise Gpt1Error("the server did not start")
+            raise Gpt1Error(server.not_listening or "the server did not start")
         time.sleep(0.01)
         now = time.monotonic()
         waited, last = waited + min(now - last, STARTUP_POLL_MAX_S), now
     try:
-        yield f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if ssl_certfile is not None else "http"
+        yield f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
