@@ -270,3 +270,32 @@ def test_generate_runs_a_transformers_folder(base, chat_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     llm = gpt1.load(hf, device="cpu")
     assert llm.generate("import os", temperature=0, max_new_tokens=8) in out
+
+
+def test_a_transformers_folder_is_not_imported_for_its_shapes_alone(base, tmp_path):
+    """A server's HTTP side (`--engine process`, the CUDA default) loads the architecture alone;
+    for a transformers folder it imported every weight as well, and held a second float32 copy
+    for the server's life. A NaN weight, which the import refuses, shows that none is read."""
+    from safetensors.torch import load_file, save_file
+
+    _, hf = base
+    folder = shutil.copytree(hf, tmp_path / "nan")
+    weights = load_file(folder / "model.safetensors")
+    weights[next(n for n in weights if n.endswith("mlp.c_fc.weight"))][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Gpt1Error):
+        load_with_tokenizer(folder)
+    model, tok = load_with_tokenizer(folder, device="meta")
+    assert model.transformer.wte.weight.is_meta and tok is not None
+    assert model.config == load_with_tokenizer(hf)[0].config
+
+
+def test_hf_prefix_names_the_folder_to_run_as_training_takes_it(base, tmp_path, monkeypatch):
+    """`--model hf:FOLDER` (as init_from=hf:FOLDER and --base hf:FOLDER take it) was refused as
+    "a gpt1 model dir ... to train from" while the folder without hf: ran."""
+    import gpt1
+
+    _, hf = base
+    monkeypatch.chdir(hf.parent)
+    llm = gpt1.load(f"hf:{hf.name}")
+    assert llm.path == hf.resolve() and llm.model.config.vocab_size > 0

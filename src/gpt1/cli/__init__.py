@@ -42,6 +42,7 @@ from gpt1.core.constants import BPE_TRAINING_THREAD
 from gpt1.core.errors import Gpt1Error, address_space_limit, memory_shortage, open_files_hint, threads_hint
 from gpt1.core.malloc import fit_arenas_to_address_limit
 from gpt1.core.progress import env_flag, printable, setup_console_logging
+from gpt1.core.sampling_params import ALIASES
 
 # Subcommands in the order `gpt1 --help` lists them; a module that is not there is skipped.
 COMMANDS = ["quickstart", "tokenizer", "prepare", "pretrain", "finetune", "generate", "chat",
@@ -156,6 +157,23 @@ def _recipe_key_hint(args: argparse.Namespace, extra: list[str], argv: list[str]
     return f" (a recipe key: write {written[0]})" if len(written) == 1 else f" (recipe keys: write {' '.join(written)})"
 
 
+def _flag_hint(args: argparse.Namespace, extra: list[str]) -> str:
+    """` (gpt1's flag is --top-p)` for another tool's spelling of one of this command's flags:
+    underscores (`--top_p`) or another library's name (`--repetition-penalty`, `--max-tokens`,
+    `--frequency-penalty`: sampling_params.ALIASES, with what differs)."""
+    options = args.command_parser._option_string_actions  # argparse has no public map of its flags
+    for item in extra:
+        flag = item.partition("=")[0]
+        if not flag.startswith("--"):
+            continue
+        key = flag.removeprefix("--").replace("-", "_")
+        name, differs = ALIASES.get(key, (key, ""))
+        ours = "--" + name.replace("_", "-")
+        if ours != flag and ours in options:
+            return f" (gpt1's flag is {ours}{': ' + differs if differs else ''})"
+    return ""
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
     """Every argument the command got is UTF-8, paths too: gpt1 records paths in JSON (a prepared
     source, a fine-tune's base), shows a run's name in its plot, and safetensors opens a file by
@@ -258,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
             args.overrides = [*args.overrides, *extra]
         else:
-            hint = _recipe_key_hint(args, extra, sys.argv[1:] if argv is None else argv)
+            hint = _recipe_key_hint(args, extra, sys.argv[1:] if argv is None else argv) or _flag_hint(args, extra)
             args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     command = args.command_parser.prog.partition(" ")[2]  # `tokenizer train`, as argparse's own errors name it
     setup_console_logging()

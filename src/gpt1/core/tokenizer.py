@@ -311,7 +311,9 @@ def _added_tokens_problem(added: Any, vocab: dict) -> str | None:
         content = entry.get("content")
         if not isinstance(content, str) or content not in expected:
             return (f"the added token {content!r} is not one of the special tokens of its vocab, "
-                    f"{', '.join(expected)}: text would encode into it")
+                    f"{', '.join(expected)}: text would encode into it" if expected else
+                    f"the added token {content!r} is not one of gpt1's special tokens, and its vocab has none of them "
+                    f"({', '.join(SPECIAL_TOKENS)})")
         if entry.get("special") is not True:
             return (f"the added token {content} is marked \"special\": {json.dumps(entry.get('special'))}, "
                     "expected true: text would encode into it")

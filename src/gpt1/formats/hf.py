@@ -263,16 +263,7 @@ def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu")
     raises Gpt1Error naming its model_type.
     """
     path = hub_folder(path)
-    if not path.is_dir():
-        raise Gpt1Error(f"{path}: model directory not found")
-    raw = read_hf_config(path)
-    if raw is None:
-        raise Gpt1Error(f"{path / CONFIG_FILE}: not found; expected a transformers model folder")
-    if not is_hf_model_dir(path):
-        raise Gpt1Error(f"{path}: a gpt1 model dir, not a transformers folder; use it directly (no hf: prefix)")
-    _check_architecture(path, raw)
-    hf = _gpt2_config(path / CONFIG_FILE, raw)
-    config = config_from_hf(hf, str(path / CONFIG_FILE))
+    hf, raw, config = _folder_config(path)
     weights = _read_weights(path, hf, raw, config)
     # As transformers: a checkpoint's own lm_head.weight is kept even where config.json says the
     # head is tied (it warns "we will NOT tie them"); tied only where there is none, or the same.
@@ -294,6 +285,21 @@ def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu")
     if (path / ADAPTER_DIR).is_dir():
         _merge_adapter(model, path)
     return model.eval(), _compatible_tokenizer(path, config)
+
+
+def _folder_config(path: Path) -> tuple[Any, dict[str, Any], ModelConfig]:
+    """A transformers folder's GPT2Config, its raw config.json and the gpt1 ModelConfig it
+    describes (tie_embeddings as config.json says: a checkpoint may still hold its own head)."""
+    if not path.is_dir():
+        raise Gpt1Error(f"{path}: model directory not found")
+    raw = read_hf_config(path)
+    if raw is None:
+        raise Gpt1Error(f"{path / CONFIG_FILE}: not found; expected a transformers model folder")
+    if not is_hf_model_dir(path):
+        raise Gpt1Error(f"{path}: a gpt1 model dir, not a transformers folder; use it directly (no hf: prefix)")
+    _check_architecture(path, raw)
+    hf = _gpt2_config(path / CONFIG_FILE, raw)
+    return hf, raw, config_from_hf(hf, str(path / CONFIG_FILE))
 
 
 def _check_architecture(path: Path, raw: dict[str, Any]) -> None:
@@ -497,6 +503,15 @@ def _compatible_tokenizer(path: Path, config: ModelConfig) -> Tokenizer | None:
     return tokenizer
 
 
+def model_folder(spec: str | os.PathLike) -> Path:
+    """The folder a command's --model names: itself; or, for `hf:FOLDER` and `hf:OWNER/NAME[@REVISION]`
+    (as init_from and finetune --base take them), that folder or the Hub model's snapshot (`hub_folder`)."""
+    named = str(spec)
+    if named.startswith("hf:") and not Path(named).exists():
+        return hub_folder(named[3:])
+    return Path(spec)
+
+
 def load_with_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
     """A model to run and its tokenizer (what `gpt1.load` reads for generate, chat, serve and eval):
@@ -513,12 +528,15 @@ def load_with_tokenizer(path: str | os.PathLike, device: str | torch.device = "c
         raise Gpt1Error(f"{e}; gpt1 runs a transformers folder with gpt1's tokenizer only ([PAD], [UNK], [EOS] at "
                         f"ids 0-2: a gpt1 export's, not OpenAI GPT-2's); its weights can start a training run: "
                         f"`gpt1 pretrain init_from=hf:{path}`") from None
-    meta = torch.device(device).type == "meta"
-    model, tokenizer = import_hf_model(path, "cpu" if meta else device)
-    info(f"{path}: a transformers folder, imported as gpt1 imports one (docs/interop.md)")
-    if meta:  # as load_model gives it: the imported config's GPT, built on the meta device
+    if torch.device(device).type == "meta":
+        # The architecture alone (a server's HTTP side, whose engine process imports the weights
+        # and reports what is wrong with them): importing them here too held a second float32
+        # copy of the model in the parent for its whole life (~1 GB for the 257M model).
+        _, _, config = _folder_config(path)
         with torch.device("meta"):
-            return GPT(model.config).eval(), tokenizer
+            return GPT(config).eval(), _compatible_tokenizer(path, config)
+    model, tokenizer = import_hf_model(path, device)
+    info(f"{path}: a transformers folder, imported as gpt1 imports one (docs/interop.md)")
     return (model if dtype is None else model.to(dtype)), tokenizer
 
 

@@ -18,7 +18,7 @@ from gpt1.core.progress import info
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.sampling_params import preset as named_preset
 from gpt1.core.tokenizer import Tokenizer, check_text
-from gpt1.formats.hf import has_chat_template, load_with_tokenizer
+from gpt1.formats.hf import has_chat_template, load_with_tokenizer, model_folder
 from gpt1.inference import generate as gen
 from gpt1.inference.decoding import Completion, chat_prompt_ids, prompt_budget, warn_if_cut, warn_if_message_cut
 
@@ -49,7 +49,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
 # stderr for a program that set up no logging (logging's last-resort handler prints warnings), in
 # its own log for one that did. The CLI, which fits its prompts itself, says the same words.
 def _model_dir(path: str | os.PathLike[str]) -> Path:
-    return as_path(path, "path", "a model dir")
+    return model_folder(as_path(path, "path", "a model dir"))  # hf:FOLDER or a Hub id too
 
 
 @dataclass

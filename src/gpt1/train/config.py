@@ -278,14 +278,17 @@ def _expand_home(key: str, value: Any) -> Any:
 
 def _parse_value(raw: str, hint: Any) -> Any:
     """A command-line value as TOML; a bare word (or anything for a str field) stays a string, and
-    for a list of strings is the list of it (`languages=en`, as `--languages en` is told to write)."""
+    for a list of strings is the list of its comma-separated items (`languages=en,de`, as
+    `--languages en,de` is told to write: it was the one code "en,de", which matched nothing)."""
     if hint is str or (_takes_str(hint) and not raw.startswith("[")):  # str | list[str]: a list only as [...]
         return _unquoted(raw)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):  # not TOML (or nested past the recursion limit): text
         value = raw
-    return [value] if isinstance(value, str) and value and _holds_strings(hint) and not raw.startswith("[") else value
+    if isinstance(value, str) and value and _holds_strings(hint) and not raw.startswith("["):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
 
 
 def _unquoted(raw: str) -> str:
