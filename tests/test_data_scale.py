@@ -228,7 +228,9 @@ def test_tokenizer_train_shows_progress_on_stderr_without_a_terminal(corpus_dir,
     # With the corpus's size known, a percentage (and an ETA) against it.
     text = [p.read_text() for p in sorted((corpus_dir / "json").glob("*.py"))]
     train_tokenizer(iter(text), 300, total_bytes=sum(len(t.encode()) for t in text))
-    assert capsys.readouterr().err.splitlines()[-1].startswith("tokenizer: 100%")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if line.startswith("tokenizer:")][-1].startswith("tokenizer: 100%")
+    assert lines[-1].startswith("all ") and "bytes read; counting the last of them and computing the merges" in lines[-1]
 
 
 # ---- a finished fine-tune is finished without its data ------------------------------------

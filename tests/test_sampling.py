@@ -107,7 +107,7 @@ def test_presets_are_the_model_cards():
     ("temperature", float("nan"), r"temperature must be"),
     ("top_k", -1, r"top_k must be an integer >= 0"),
     ("top_k", 2.5, r"top_k must be an integer"),
-    ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
+    ("top_p", -0.1, r"top_p must be a number in \[0, 1\]"),
     ("top_p", 1.5, r"top_p must be"),
     ("min_p", -0.5, r"min_p must be a number in \[0, 1\]"),
     ("repeat_penalty", 0.0, r"repeat_penalty must be a number > 0"),
