@@ -19,10 +19,23 @@ def _words(n: int, seed: int = 0) -> str:
     return text.replace(" the", ", the").replace(" a ", " a\n  ")  # punctuation and indentation too
 
 
-def test_a_long_document_trains_the_tokenizer_the_tokenizers_library_trains_on_it_whole():
-    """Cut into TRAINER_PIECE_CHARS pieces at pre-token boundaries, BPE counts the same words."""
-    text = _words(60_000)
-    assert len(text) > 20 * TRAINER_PIECE_CHARS
+def _hex(n: int) -> str:  # bytecode, hashes: letters and digits with no space or punctuation
+    rng = random.Random(1)
+    return "0x" + "".join(rng.choices("0123456789abcdef", k=n))
+
+
+def _run(alphabet: str, n: int) -> str:  # Thai prose has no spaces; a run of letters alone has no boundary
+    return "".join(random.Random(2).choices(alphabet, k=n))
+
+
+@pytest.mark.parametrize("text", [_words(60_000), _hex(120_000), _run("กขคงจฉชซญดตถทนบปผพฟมยรลวสหอะาิีึื", 100_000),
+                                  _run("abcdefghijklmnopqrstuvwxyz", 120_000)],
+                         ids=["words", "hex", "thai", "letters"])
+def test_a_long_document_trains_the_tokenizer_the_tokenizers_library_trains_on_it_whole(text):
+    """Cut into TRAINER_PIECE_CHARS pieces at pre-token boundaries, BPE counts the same words:
+    also hex (a cut between a letter and a digit), and text with no boundary for thousands of
+    characters (a longer piece, not a word cut in two: such cuts changed the counts)."""
+    assert len(text) > 10 * TRAINER_PIECE_CHARS
     ours, _ = train_tokenizer([text], 1_000, show_progress=False)
     reference = Backend(models.BPE(unk_token=UNK))
     reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

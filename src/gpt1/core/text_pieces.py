@@ -26,34 +26,45 @@ PIECE_CHARS = 1 << 18  # a text document longer than this is handed on in pieces
 # which has no spaces, is cut at its "。"). Python's \s also holds U+001C-U+001F, which the
 # tokenizer reads as punctuation; and its \W holds every letter newer than Python's Unicode tables
 # (unassigned, category Cn, to it), so the second boundary also asks the next character's category
-# to be P* or S*.
+# to be P* or S*. The third: a letter next to a digit (GPT-2's pattern takes \p{L}+ and \p{N}+ apart),
+# both sides' categories asked (Python's \d is Nd alone, \p{N} all of N*): hex, hashes, "abc123".
 SPACE_BOUNDARY = re.compile(r"(?<=\S)[^\S\x1c-\x1f](?=\S)")  # the first: the ids after it are the whole text's last
 _BOUNDARIES = (
-    (SPACE_BOUNDARY, lambda char: True),
-    (re.compile(r"(?<=[^\W_])(?=[^\w\s'])"), lambda char: unicodedata.category(char)[0] in "PS"),
+    (SPACE_BOUNDARY, lambda text, at: True),
+    (re.compile(r"(?<=[^\W_])(?=[^\w\s'])"), lambda text, at: unicodedata.category(text[at])[0] in "PS"),
+    (re.compile(r"(?<=[^\W_])(?=[^\W_])"),
+     lambda text, at: {unicodedata.category(text[at - 1])[0], unicodedata.category(text[at])[0]} == {"L", "N"}),
 )
 
 
-def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in pieces of at most `size` characters, each but the last ending at the last
-    boundary in its second half (or at `size` where it has none): the ids of the pieces, one
-    after another, are the ids of the whole (where every cut falls at a boundary)."""
+def text_pieces(text: str, size: int = PIECE_CHARS, longest: int | None = None) -> Iterator[str]:
+    """`text` in pieces of about `size` characters (`cut_point`), none longer than `longest`
+    (default `size`): the ids of the pieces, one after another, are the ids of the whole wherever
+    every cut falls at a boundary, which it does unless `longest` characters hold none."""
+    longest = max(size, longest or size)
     start = 0
     while len(text) - start > size:
-        cut = cut_point(text[start:start + size + 1], size)
+        cut = cut_point(text[start:start + longest + 1], size, longest)
+        if start + cut >= len(text):
+            break
         yield text[start:start + cut]
         start += cut
     yield text[start:]
 
 
-def cut_point(text: str, size: int) -> int:
+def cut_point(text: str, size: int, longest: int | None = None) -> int:
     """Where to end a piece of `text` (longer than `size`): at the last boundary (_BOUNDARIES, in
-    order) in its second half, or at `size`."""
+    order) in its second half; else at the first one after `size`, up to `longest` (default
+    `size`: a piece longer than asked rather than a pre-token cut in two, in hex, Thai or a long
+    run of letters); else at `longest` (the whole of `text` if it is no longer)."""
     start = size // 2
     window = text[start - 1:size + 1]  # a character each side for the look-arounds
-    for boundary, next_char_ok in _BOUNDARIES:
+    for boundary, ok in _BOUNDARIES:
         cuts = [m.start() + start - 1 for m in boundary.finditer(window)]
-        cut = next((c for c in reversed(cuts) if start <= c < size and next_char_ok(text[c])), None)
+        cut = next((c for c in reversed(cuts) if start <= c < size and ok(text, c)), None)
         if cut is not None:
             return cut
-    return size
+    limit = max(size, longest or size)
+    later = [c for boundary, ok in _BOUNDARIES for m in boundary.finditer(text[size - 1:limit + 1])
+             if size <= (c := m.start() + size - 1) < min(limit, len(text)) and ok(text, c)]
+    return min(later) if later else min(limit, len(text))

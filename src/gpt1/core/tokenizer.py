@@ -29,7 +29,7 @@ from gpt1.core.constants import BPE_TRAINING_THREAD
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path, read_json, write_text
 from gpt1.core.progress import info, progress, warn
-from gpt1.core.text_pieces import text_pieces
+from gpt1.core.text_pieces import PIECE_CHARS, text_pieces
 
 if TYPE_CHECKING:  # ids may be a 1-D tensor; this module does not load torch
     import torch
@@ -452,7 +452,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
             # string of a document held the whole of it in Rust (~80 bytes per character: 4 GB for
             # 50 MB), and pieces of the readers' 256K characters ran the bar up to 67 MB ahead of
             # the counting, then left it silent until the end.
-            for piece in text_pieces(text, TRAINER_PIECE_CHARS):
+            for piece in text_pieces(text, TRAINER_PIECE_CHARS, longest=PIECE_CHARS):
                 bar.update(len(piece.encode("utf-8")))
                 yield piece
         bar.close()  # all read: the bar's last line, before the merges are computed
