@@ -238,6 +238,9 @@ def test_the_docs_and_redirects_stay_under_a_proxys_prefix(llm):
         for page, schema in (("docs", swagger), ("redoc", redoc)):
             assert urljoin(PROXIED + page, schema) == PROXIED + "openapi.json", schema
             assert "/v1/chat/completions" in httpx.get(urljoin(f"{url}/{page}", schema)).json()["paths"]
+        # "Try it out" sends to the schema's server, relative to the schema: under the prefix too.
+        server = httpx.get(f"{url}/openapi.json").json()["servers"][0]["url"]
+        assert urljoin(PROXIED + "openapi.json", server) == PROXIED
 
         headers = {"Host": "chat.example.com"}  # as `proxy_set_header Host $host` passes it
         for path, to in (("v1/models/", "v1/models"), ("v1/models/?x=1", "v1/models?x=1"), ("health/", "health"),
@@ -332,3 +335,43 @@ def test_tls_files_that_cannot_serve_are_one_line_before_the_model_loads(tmp_pat
                         ((("--ssl-keyfile", key),), r"--ssl-keyfile needs --ssl-certfile")):
         argv = [a for flag in flags for a in flag]
         assert_one_clear_line(*run_main(capsys, "serve", "--model", model, *argv), said)
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_engine_starts_stops_the_server_before_it_listens(tiny_model_dir, tmp_path):
+    """Ctrl-C or SIGTERM during the engine's start (a big model, --compile) still listened and said
+    "serving ... on http://...", then exited: a script waiting for that line, or a probe, saw it up."""
+    import signal
+
+    wrapper = tmp_path / "slow_serve.py"
+    wrapper.write_text(
+        "import sys, time\n"
+        "from gpt1.inference import engine\n"
+        "start = engine.Engine.start\n"
+        "def slow(self, *a, **k):\n"
+        "    print('SLOW START', file=sys.stderr, flush=True); time.sleep(4); return start(self, *a, **k)\n"
+        "engine.Engine.start = slow\n"
+        "from gpt1.cli import run\n"
+        "sys.argv[0] = 'gpt1'\n"
+        "run()\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(wrapper), "serve", "--model", str(tiny_model_dir), "--port",
+                                str(port), "--engine", "thread"], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or "SLOW START" not in lines[-1]:
+            lines.append(process.stderr.readline())
+            assert lines[-1], lines
+        process.send_signal(signal.SIGTERM)
+        accepted = False
+        while process.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                accepted = True
+            except OSError:
+                time.sleep(0.05)
+        err = "".join(lines) + process.stderr.read()
+    finally:
+        process.kill()
+    assert process.wait() == 143 and not accepted, err
+    assert "serving" not in err and err.rstrip().endswith("gpt1 serve: terminated"), err

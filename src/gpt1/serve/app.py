@@ -203,6 +203,9 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     # ones, which behind a proxy that serves the server under a prefix (/gpt1/) lead outside it.
     app = FastAPI(title="gpt1", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   redirect_slashes=False,
+                  # The API where the schema is (an OpenAPI server URL is relative to it): without one,
+                  # the docs' "Try it out" called the host's root, outside a proxy's /gpt1/.
+                  servers=[{"url": "."}],
                   description="An OpenAI-compatible API for a gpt1 model, and a chat page at `/`.")
     app.state.engine = engine
     app.state.model_name = name

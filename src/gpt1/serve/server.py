@@ -233,6 +233,10 @@ class _Protocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class _StoppedWhileStarting(Exception):
+    """A signal to stop arrived while the app's lifespan started its engine: the sockets never listen."""
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, which stops the app's engine as soon as it begins to shut down (Ctrl-C,
     SIGTERM): every request still queued or generating then ends at once with the documented
@@ -279,6 +283,8 @@ class _Server(uvicorn.Server):
 
             async def start_then_listen() -> None:
                 await lifespan_startup()
+                if self.should_exit and not self.lifespan.should_exit:  # Ctrl-C or SIGTERM while the engine started
+                    raise _StoppedWhileStarting
                 if not self.lifespan.should_exit:
                     for sock in sockets:
                         _listen(sock, self.config.backlog)
@@ -288,6 +294,9 @@ class _Server(uvicorn.Server):
             await super().startup(sockets)
         except Gpt1Error as e:  # _listen's: the lifespan has started, so it is ended, as at shutdown
             self.not_listening, self.should_exit = str(e), True
+            await self.lifespan.shutdown()
+            return
+        except _StoppedWhileStarting:  # never listened nor said "serving" (it did, then exited: a probe saw it up)
             await self.lifespan.shutdown()
             return
         if self.started:
