@@ -1,4 +1,4 @@
-"""Random-weight models with the properties several test modules rely on."""
+"""Random-weight models with the properties several test modules rely on, and a tokenizer of OpenAI GPT-2's kind."""
 
 import torch
 
@@ -51,3 +51,17 @@ def finetuned_dir(path, config, tokenizer, seed: int, final_norm_scale: float = 
                 p.add_(0.01 * torch.randn_like(p))
     save_finetuned(path, model, tokenizer, {"path": "base"})
     return model
+
+
+def save_gpt2_like_tokenizer(path) -> None:
+    """A tokenizer.json of OpenAI GPT-2's kind at `path`: byte-level BPE whose only special token
+    is <|endoftext|> (none of gpt1's)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["some text to learn a few merges from"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.save(str(path))

@@ -17,7 +17,7 @@ from gpt1.core.lora import LoRAConfig, inject_lora, save_adapter
 from gpt1.core.model import GPT
 from gpt1.formats.hf import export_model, has_chat_template, import_hf_model, load_with_tokenizer
 from gpt1.formats.modeldir import load_model
-from tests.model_factories import random_model
+from tests.model_factories import random_model, save_gpt2_like_tokenizer
 
 # An adapter from elsewhere that gpt1's own layout cannot hold: the refusal names what reads it.
 READS_IT = r"; a transformers folder with this adapter in its adapter/ \(the base model's `gpt1 export`\) reads any plain LoRA exactly"
@@ -233,18 +233,9 @@ def test_a_transformers_folder_loads_to_run_with_its_adapter_merged(base, tokeni
 
 
 def test_a_transformers_folder_without_gpt1_s_tokenizer_is_refused_saying_why(base, tmp_path):
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     _, hf = base
     folder = shutil.copytree(hf, tmp_path / "gpt2-like")
-    # GPT-2's own kind: byte-level BPE whose only special token is <|endoftext|>.
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(["some text to learn a few merges from"] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    backend.save(str(folder / "tokenizer.json"))
+    save_gpt2_like_tokenizer(folder / "tokenizer.json")
     with pytest.raises(Gpt1Error, match=r"gpt2-like/tokenizer.json: .*; gpt1 runs a transformers folder with "
                                         r"gpt1's tokenizer only .*`gpt1 pretrain init_from=hf:"):
         load_with_tokenizer(folder)

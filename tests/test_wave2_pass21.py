@@ -1,9 +1,11 @@
 """A second wave on pass 21's changes: what its new spellings and messages told users."""
-import json
+import pytest
 
+from gpt1.core.errors import Gpt1Error
 from gpt1.core.tokenizer import SPECIAL_TOKENS, Tokenizer
 from gpt1.train.config import load_config
 from gpt1.train.finetune import FinetuneConfig
+from tests.model_factories import save_gpt2_like_tokenizer
 from tests.test_battery import run_main
 
 
@@ -25,19 +27,8 @@ def test_another_tools_flag_is_told_gpt1s(capsys):
 def test_a_tokenizer_with_none_of_gpt1s_special_tokens_says_so(tmp_path):
     """OpenAI GPT-2's kind (its only special token <|endoftext|>): the message listed an empty set
     ("... special tokens of its vocab, : text would encode into it")."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(["some text to learn a few merges from"] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    backend.save(str(tmp_path / "tokenizer.json"))
-    try:
+    save_gpt2_like_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(Gpt1Error) as refused:
         Tokenizer.load(tmp_path / "tokenizer.json")
-    except Exception as e:  # noqa: BLE001 - the message is what is checked
-        message = str(e)
     assert f"the added token '<|endoftext|>' is not one of gpt1's special tokens, and its vocab has none of them " \
-           f"({', '.join(SPECIAL_TOKENS)})" in message, message
-    assert json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"]
+           f"({', '.join(SPECIAL_TOKENS)})" in str(refused.value)

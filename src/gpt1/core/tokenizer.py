@@ -452,9 +452,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
             # string of a document held the whole of it in Rust (~80 bytes per character: 4 GB for
             # 50 MB), and pieces of the readers' 256K characters ran the bar up to 67 MB ahead of
             # the counting, then left it silent until the end.
-            for piece in text_pieces(text, TRAINER_PIECE_CHARS, longest=PIECE_CHARS):
-                bar.update(len(piece.encode("utf-8")))
-                yield piece
+            bar.update(size)
+            yield from text_pieces(text, TRAINER_PIECE_CHARS, longest=PIECE_CHARS)
         bar.close()  # all read: the bar's last line, before the merges are computed
         if show_progress:
             info(f"all {stats['bytes']:,} bytes read; counting the last of them and computing the merges")
