@@ -462,6 +462,9 @@ class _Run:
         if not self.finished:
             if self.dist.is_main and self.start_step and not self.cfg.keep_best:
                 self._warn_best_kept()
+            if self.start_step and self.cfg.keep_best and self.best["step"] is not None \
+                    and not self.record.settings_before(self.start_step).get("keep_best"):
+                self._start_keeping_best()
             distributed.main_only(lambda: self.record.start(
                 self.start_step, _provenance(self.cfg, self.device, self.precision, data_source)))
             if self.dist.is_main:  # lines a killed run logged after its last checkpoint (or before its first)
@@ -487,6 +490,19 @@ class _Run:
         which = f"step {step:,}'s model (val loss {_fmt(loss)})" if step is not None else "an earlier model"
         warn(f"keep_best=false: {best} keeps {which}, the lowest while keep_best was on; later validations no "
              "longer replace it, even with a lower loss")
+
+    def _start_keeping_best(self) -> None:
+        """keep_best turned on at this resume: the lowest validation so far ran while it was off, and
+        its model is gone. Kept as the lowest, no later validation above it would ever write RUN/best
+        (and the run's last line would name a RUN/best that is not there). So the lowest starts over
+        from here, early_stop's count with it, and the resume says so. Every rank resets alike."""
+        step, loss = self.best["step"], self.best["val_loss"]
+        self.best, self.since_best = {"step": None, "val_loss": None}, 0
+        if self.dist.is_main:
+            warn(f"keep_best=true from step {self.start_step:,}: step {step:,}'s val loss ({_fmt(loss)}) was the "
+                 f"lowest while keep_best was off, and its model was not kept; {self.run_dir / BEST_DIR} will hold "
+                 "the lowest validation from here on"
+                 + (f", and early_stop={self.cfg.early_stop} counts from here" if self.cfg.early_stop else ""))
 
     def plan(self, state: dict | None) -> None:
         """The plan from here, `state` the resumed checkpoint's: under a time budget, the end
