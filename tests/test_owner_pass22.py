@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.test_config_pass21 import _stopped
 from tests.test_train import _metrics, _run
 
@@ -28,3 +26,69 @@ def test_keep_best_turned_on_by_a_resume_writes_best_from_there(data_dir, tmp_pa
     lowest = min(after, key=lambda m: m["val_loss"])
     assert after[-1]["best_step"] == lowest["step"] and after[-1]["best_val_loss"] == lowest["val_loss"]
     assert result.best_step == lowest["step"]
+
+
+# ---- the engine's prefill: its cost bounded with the padding, first come first served -----------
+
+def _forward_shapes(model) -> tuple[list[tuple[int, int]], object]:
+    """The (rows, columns) of every forward the model runs (a hook: the real model runs)."""
+    shapes: list[tuple[int, int]] = []
+    handle = model.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
+    return shapes, handle
+
+
+def test_a_prefill_forward_costs_at_most_the_chunk_padding_included(tiny_config, tokenizer):
+    """Three 2-token prompts, then a 40-token one, with prefill_chunk 16: the budget counted prompt
+    tokens (6 + 10), but shorter chunks are padded to the longest, so the forward was 4 x 10 = 40
+    positions (8 x 200 with the server's 256: a stall longer than prefilling the long prompt whole)."""
+    from gpt1.core.sampling_params import SamplingParams
+    from gpt1.inference.engine import Engine
+    from gpt1.inference.generate import generate
+    from tests.model_factories import model_without_stops
+    from tests.test_engine import TEXT, Collector, run_until_idle, submit
+
+    model = model_without_stops(tiny_config, tokenizer, seed=11)
+    ids = tokenizer.encode(TEXT)
+    prompts = [ids[i:i + 2] for i in range(3)] + [ids[:40]]
+    engine = Engine(model, tokenizer, max_batch=8, max_queue=8, prefill_chunk=16, cuda_graphs=False,
+                    tune_threads=False)
+    greedy = SamplingParams(temperature=0, max_new_tokens=4)
+    collector = Collector()
+    shapes, handle = _forward_shapes(model)
+    try:
+        for key, prompt in enumerate(prompts):
+            submit(engine, collector, key, prompt, greedy)
+        run_until_idle(engine)
+    finally:
+        handle.remove()
+    prefills = [(rows, cols) for rows, cols in shapes if cols > 1]
+    assert prefills and all(rows * cols <= 16 for rows, cols in prefills), prefills
+    assert sum(rows for rows, _ in prefills) >= 4  # every prompt was prefilled
+    for key, prompt in enumerate(prompts):  # and each reply is its own alone
+        assert collector.text(key) == generate(model, tokenizer, prompt, greedy).text
+
+
+def test_prompts_are_prefilled_in_the_order_they_came(tiny_config, tokenizer):
+    """A, then B, two long prompts behind a short request: when the short one ended, the newest
+    row (B) moved into its slot, and slot order gave B every step's budget while A waited."""
+    from gpt1.core.sampling_params import SamplingParams
+    from gpt1.inference.engine import Engine
+    from tests.model_factories import model_without_stops
+    from tests.test_engine import TEXT, Collector
+
+    model = model_without_stops(tiny_config, tokenizer, seed=11)
+    ids = tokenizer.encode(TEXT)
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=4, prefill_chunk=8, cuda_graphs=False,
+                    tune_threads=False)
+    collector, first_at = Collector(), {}
+    greedy = SamplingParams(temperature=0, max_new_tokens=3)
+    for key, prompt in enumerate([ids[:3], ids[:40], ids[5:45]]):  # short, A, B
+        engine.submit([prompt], SamplingParams(temperature=0, max_new_tokens=1) if key == 0 else greedy,
+                      lambda _, key=key: collector.sink_for(key))
+    for step in range(100):
+        if not engine.busy:
+            break
+        engine.step()
+        for key in collector.chunks:
+            first_at.setdefault(key, step)
+    assert first_at[0] < first_at[1] < first_at[2], first_at

@@ -6,8 +6,9 @@ positions, allocated once: the model's block_size, or fewer for a caller that kn
 prompts need, as `generate` does). Each `step()`:
 
 1. drops cancelled requests (their slot is free at once) and admits waiting ones into free slots;
-2. prefills prompts in one forward, at most `prefill_chunk` prompt tokens per step in all, so
-   that a long prompt is cut into chunks and never stalls the other streams for its whole prefill;
+2. prefills prompts in one forward, first come first served, at most `prefill_chunk` positions
+   per step in all (rows x the longest chunk, padding included), so that a long prompt is cut
+   into chunks and never stalls the other streams for its whole prefill;
 3. runs ONE batched forward for every row that has a token to feed, each at its own position,
    with a per-row causal mask over its slot (`SlotCache`);
 4. chooses the next token of every row in one batched call (each row its own knobs and its
@@ -137,6 +138,7 @@ class Request:
     generator: torch.Generator | None  # None: greedy
     cancel_event: threading.Event = field(default_factory=threading.Event)
     row: int = -1  # its slot while in the batch
+    arrival: int = 0  # its place in the order of submission: prompts are prefilled first come, first served
     length: int = 0  # positions of its slot that hold its keys and values
     next_token: int | None = None  # sampled, to be fed at the next decode step
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens not yet sent in a Chunk
@@ -477,8 +479,9 @@ class Engine:
             except Exception:  # a full queue, or building them failed (a MemoryError): refused, and counted so
                 self.stats.rejected += len(fitted)
                 raise
-            if cancel is not None:
-                for r in requests:
+            for i, r in enumerate(requests):
+                r.arrival = self.stats.submitted + i
+                if cancel is not None:
                     r.cancel_event = cancel
             self._waiting.extend(requests)
             self.stats.submitted += len(requests)
@@ -578,18 +581,24 @@ class Engine:
         whose prompt is now complete, their logits (one row each), and whether any row was
         prefilling. Shorter chunks are padded at the front
         with tokens at the last position (which no prefilling row holds), so that every row's
-        last token is the forward's last column."""
-        chosen, budget = [], self.prefill_chunk
-        for request in self._rows:
-            if budget <= 0:
+        last token is the forward's last column.
+
+        The budget bounds what the forward costs, rows x its longest chunk (the padding is
+        computed too): seven 8-token prompts beside a long one's 256-token chunk made a 8 x 256
+        forward, a stall of the running streams longer than no chunking at all. The rows go in
+        the order their requests came (a freed slot takes the newest row, so slot order let a
+        later long prompt take every step's budget while an earlier one waited)."""
+        chosen, T = [], 0
+        for request in sorted((r for r in self._rows if r.prefilling), key=lambda r: r.arrival):
+            width = self.prefill_chunk // (len(chosen) + 1)  # the widest chunk that keeps rows x width in budget
+            if width < max(T, 1):
                 break
-            if request.prefilling:
-                chunk = request.prompt_ids[request.length:request.length + budget]
-                chosen.append((request, chunk))
-                budget -= len(chunk)
+            chunk = request.prompt_ids[request.length:request.length + width]
+            chosen.append((request, chunk))
+            T = max(T, len(chunk))
         if not chosen:  # the first prefilling row is always chosen: none was prefilling
             return [], None, False
-        T, pad = max(len(chunk) for _, chunk in chosen), self.cache.max_len - 1
+        pad = self.cache.max_len - 1
         ids = [[0] * (T - len(chunk)) + chunk for _, chunk in chosen]
         positions = [[pad] * (T - len(chunk)) + list(range(r.length, r.length + len(chunk))) for r, chunk in chosen]
         try:
