@@ -92,3 +92,41 @@ def test_prompts_are_prefilled_in_the_order_they_came(tiny_config, tokenizer):
         for key in collector.chunks:
             first_at.setdefault(key, step)
     assert first_at[0] < first_at[1] < first_at[2], first_at
+
+
+def test_the_choices_of_one_prompt_share_its_prefill(tiny_config, tokenizer):
+    """n = 4 choices of one 40-token prompt were prefilled four times (4 x 5 chunks of 8). Now once,
+    copied into the other slots; each seeded choice still gives what it gives alone, and a leader
+    cancelled mid-prefill leaves its twins to prefill themselves."""
+    from gpt1.core.sampling_params import SamplingParams
+    from gpt1.inference.engine import Engine
+    from gpt1.inference.generate import generate
+    from tests.model_factories import model_without_stops
+    from tests.test_engine import TEXT, Collector, run_until_idle
+
+    model = model_without_stops(tiny_config, tokenizer, seed=11)
+    prompt = tokenizer.encode(TEXT)[:40]
+    knobs = [SamplingParams(temperature=0.9, seed=seed, max_new_tokens=5) for seed in (1, 2, 3, 4)]
+    alone = [generate(model, tokenizer, prompt, k).text for k in knobs]
+    for cancel_first in (False, True):
+        engine = Engine(model, tokenizer, max_batch=4, max_queue=4, prefill_chunk=8, cuda_graphs=False,
+                        tune_threads=False)
+        collector = Collector()
+        shapes, handle = _forward_shapes(model)
+        try:
+            requests = engine.submit([prompt] * 4, knobs, collector.sink_for)
+            if cancel_first:
+                engine.step()  # the first chunk of the leader's prefill
+                requests[0].cancel()
+            run_until_idle(engine)
+        finally:
+            handle.remove()
+        prefilled = sum(rows * cols for rows, cols in shapes if cols > 1)
+        if cancel_first:
+            assert collector.finish(0) == "cancelled"
+            assert [collector.text(k) for k in (1, 2, 3)] == alone[1:]
+            assert prefilled <= 8 + 40  # the leader's one chunk, then one twin's prefill for the other two
+        else:
+            assert [collector.text(k) for k in range(4)] == alone
+            assert prefilled == 40, shapes
+        assert engine.free_slots == 4

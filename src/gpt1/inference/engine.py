@@ -8,7 +8,8 @@ prompts need, as `generate` does). Each `step()`:
 1. drops cancelled requests (their slot is free at once) and admits waiting ones into free slots;
 2. prefills prompts in one forward, first come first served, at most `prefill_chunk` positions
    per step in all (rows x the longest chunk, padding included), so that a long prompt is cut
-   into chunks and never stalls the other streams for its whole prefill;
+   into chunks and never stalls the other streams for its whole prefill; the n choices of one
+   prompt (one `submit` with the same prompt n times) share one prefill, copied into their slots;
 3. runs ONE batched forward for every row that has a token to feed, each at its own position,
    with a per-row causal mask over its slot (`SlotCache`);
 4. chooses the next token of every row in one batched call (each row its own knobs and its
@@ -139,6 +140,10 @@ class Request:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     row: int = -1  # its slot while in the batch
     arrival: int = 0  # its place in the order of submission: prompts are prefilled first come, first served
+    # The request of the same submit with the same prompt (n choices of one prompt) whose prefill this
+    # one copies instead of computing its own; None: it prefills itself.
+    twin_of: Request | None = field(default=None, repr=False)
+    twins: list[Request] = field(default_factory=list, repr=False)  # the requests whose twin_of this one is
     length: int = 0  # positions of its slot that hold its keys and values
     next_token: int | None = None  # sampled, to be fed at the next decode step
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens not yet sent in a Chunk
@@ -479,10 +484,16 @@ class Engine:
             except Exception:  # a full queue, or building them failed (a MemoryError): refused, and counted so
                 self.stats.rejected += len(fitted)
                 raise
+            firsts: dict[tuple[int, ...], Request] = {}
             for i, r in enumerate(requests):
                 r.arrival = self.stats.submitted + i
                 if cancel is not None:
                     r.cancel_event = cancel
+                if r.params.prompt_logprobs is None:  # a scored prompt keeps its own prefill (its scores)
+                    first = firsts.setdefault(tuple(r.prompt_ids), r)
+                    if first is not r:
+                        r.twin_of = first
+                        first.twins.append(r)
             self._waiting.extend(requests)
             self.stats.submitted += len(requests)
             self._lock.notify_all()
@@ -589,7 +600,7 @@ class Engine:
         the order their requests came (a freed slot takes the newest row, so slot order let a
         later long prompt take every step's budget while an earlier one waited)."""
         chosen, T = [], 0
-        for request in sorted((r for r in self._rows if r.prefilling), key=lambda r: r.arrival):
+        for request in sorted((r for r in self._rows if r.prefilling and not _waits_for_twin(r)), key=lambda r: r.arrival):
             width = self.prefill_chunk // (len(chosen) + 1)  # the widest chunk that keeps rows x width in budget
             if width < max(T, 1):
                 break
@@ -623,10 +634,16 @@ class Engine:
                     continue
             request.length += len(chunk)
             if not request.prefilling:
-                (scored_only if request.state.limit == 0 else done).append(i)
-        for i in scored_only:  # max_new_tokens 0 (a prompt to score): nothing to sample, ended here
-            self._end_unsampled(chosen[i][0])
-        return [chosen[i][0] for i in done], _rows_of(logits, done), True
+                (scored_only if request.state.limit == 0 else done).append((request, i))
+                for twin in [t for t in request.twins if t.row >= 0 and t.length == 0]:
+                    # n choices of one prompt: its keys and values are copied, and its first token
+                    # is sampled from the same logits, each row with its own generator.
+                    self.cache.move(request.row, twin.row)
+                    twin.length = request.length
+                    (scored_only if twin.state.limit == 0 else done).append((twin, i))
+        for request, _ in scored_only:  # max_new_tokens 0 (a prompt to score): nothing to sample, ended here
+            self._end_unsampled(request)
+        return [r for r, _ in done], _rows_of(logits, [i for _, i in done]), True
 
     def _score_prompt(self, request: Request, logits: torch.Tensor) -> None:
         """Add the log-probabilities of the prompt tokens that the chunk just fed predicts (its
@@ -841,6 +858,7 @@ class Engine:
                     self._rows[request.row], moved.row = moved, request.row
                 self._rows.pop()
                 request.row = -1
+            _leave_twins(request)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
         try:
             request.sink(last)
@@ -968,6 +986,31 @@ def _logprob_entries(logits: torch.Tensor, targets: list[int], tops: list[int]) 
     chosen, values, indices = chosen.tolist(), values.tolist(), indices.tolist()
     return [TokenLogprob(t, lp, tuple(zip(ids[:k], vals[:k])))
             for t, lp, ids, vals, k in zip(targets, chosen, indices, values, tops)]
+
+
+def _waits_for_twin(request: Request) -> bool:
+    """Whether the request's prompt is being prefilled by its twin (in the batch, not done yet),
+    whose keys and values it will copy. A twin that ended (cancelled, failed) or that finished its
+    prefill before this one took a slot leaves it to prefill itself."""
+    twin = request.twin_of
+    return twin is not None and request.length == 0 and twin.row >= 0 and twin.prefilling
+
+
+def _leave_twins(request: Request) -> None:
+    """An ended request leaves its twins: the first of those still to prefill takes its place
+    for the others (a leader cancelled mid-prefill: its three twins would each prefill alone)."""
+    if request.twin_of is not None:
+        request.twin_of.twins.remove(request)
+        request.twin_of = None
+    pending = [t for t in request.twins if t.length == 0]
+    for twin in request.twins:
+        twin.twin_of = None
+    request.twins = []
+    if pending:
+        leader, *rest = pending
+        leader.twins = rest
+        for twin in rest:
+            twin.twin_of = leader
 
 
 def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
