@@ -130,3 +130,24 @@ def test_the_choices_of_one_prompt_share_its_prefill(tiny_config, tokenizer):
             assert [collector.text(k) for k in range(4)] == alone
             assert prefilled == 40, shapes
         assert engine.free_slots == 4
+
+
+def test_weights_swapped_in_again_add_no_state_dict_hooks(tiny_config, tokenizer):
+    """A notebook loading checkpoints into one model (load_state_dict(assign=True)) and generating
+    after each: every generate added one state_dict hook per Linear (2,709 after 300 swaps)."""
+    from gpt1.inference.engine import store_weights_column_major
+    from tests.model_factories import model_without_stops
+
+    model = model_without_stops(tiny_config, tokenizer, seed=11)
+    fresh = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+
+    def hooks() -> int:
+        return sum(len(m._state_dict_hooks) for m in model.modules())
+
+    store_weights_column_major(model)
+    once = hooks()
+    for _ in range(3):
+        model.load_state_dict({k: v.clone() for k, v in fresh.items()}, assign=True)
+        store_weights_column_major(model)
+    assert hooks() == once
+    assert all(v.is_contiguous() for v in model.state_dict().values())

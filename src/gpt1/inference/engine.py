@@ -99,8 +99,11 @@ def store_weights_column_major(model: GPT) -> None:
             if module.weight.is_contiguous():  # not yet (a second engine on the same model: nothing to do)
                 module.weight.data = module.weight.data.t().contiguous().t()
                 # The caller's model is changed in place: its state_dict() still gives contiguous
-                # tensors, which is what savers such as safetensors' save_file require.
-                module.register_state_dict_post_hook(_contiguous_weight)
+                # tensors, which is what savers such as safetensors' save_file require. Once per
+                # module: weights swapped in again (load_state_dict(assign=True)) added a hook each time.
+                if not getattr(module, "_gpt1_contiguous_hook", False):
+                    module.register_state_dict_post_hook(_contiguous_weight)
+                    module._gpt1_contiguous_hook = True
 
 
 def _contiguous_weight(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
