@@ -151,3 +151,21 @@ def test_weights_swapped_in_again_add_no_state_dict_hooks(tiny_config, tokenizer
         store_weights_column_major(model)
     assert hooks() == once
     assert all(v.is_contiguous() for v in model.state_dict().values())
+
+
+def test_annotations_accept_what_the_docs_do_with_streams_paths_and_sequences():
+    """A stream annotated Iterator made the documented `s.close()` (and contextlib.closing) a type
+    error; ModelConfig.save/load refused an os.PathLike, encode_batch a tuple: all run."""
+    import collections.abc
+    import typing
+
+    import gpt1.inference.generate as gen
+    from gpt1.core.config import ModelConfig
+    from gpt1.core.tokenizer import Tokenizer
+    from tests.test_api_pass14 import _fits, _PathLike
+
+    for function in (gen.stream, gen.stream_batch):
+        assert typing.get_origin(typing.get_type_hints(function)["return"]) is collections.abc.Generator
+    for function in (ModelConfig.save, ModelConfig.load):
+        assert _fits(function, "path", _PathLike())
+    assert _fits(Tokenizer.encode_batch, "texts", ("a", "b"))

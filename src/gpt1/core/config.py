@@ -10,9 +10,9 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from gpt1.core.errors import Gpt1Error
@@ -95,14 +95,14 @@ class ModelConfig:
         _refuse_unknown(data)
         return cls(**data)
 
-    def save(self, path: str | Path, tokenizer_fingerprint: str | None = None) -> None:
+    def save(self, path: str | os.PathLike[str], tokenizer_fingerprint: str | None = None) -> None:
         """Write config.json; a model dir records its tokenizer's fingerprint too (checked when
         the tokenizer is loaded from the dir, see `Tokenizer.load`)."""
         extra = {"tokenizer_fingerprint": tokenizer_fingerprint} if tokenizer_fingerprint else {}
         write_json(path, {"model_type": "gpt1", **self.to_dict(), **extra})
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | os.PathLike[str]) -> "ModelConfig":
         data = read_json(path)
         if not isinstance(data, dict):
             raise Gpt1Error(f"{path}: expected a JSON object with the model config")

@@ -20,7 +20,7 @@ import threading
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -195,7 +195,7 @@ class Tokenizer:
         # same ids, 2-3x faster on short texts.
         return self.backend.encode_batch_fast([check_text(text, "text to encode")], add_special_tokens=False)[0].ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel (the Rust library uses all cores)."""
         if isinstance(texts, str):  # the Rust library: "Can't extract `str` to `Vec`"
             raise Gpt1Error("texts to encode: expected a list of strings, got one str (use encode for one text)")

@@ -11,6 +11,7 @@ import collections
 import numbers
 import sys
 import threading
+from collections.abc import Generator
 from typing import Any, Iterable, Iterator, Sequence, TypeAlias
 
 import torch
@@ -83,7 +84,7 @@ def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], par
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: PromptIds, params: SamplingParams,
-           cancel: threading.Event | None = None) -> Iterator[Chunk]:
+           cancel: threading.Event | None = None) -> Generator[Chunk, None, None]:
     """Generate from `prompt_ids`, yielding text pieces as soon as they are complete UTF-8.
 
     The last chunk carries the finish reason and the token counts. `cancel.set()` from another
@@ -104,7 +105,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: PromptIds, params: Sa
 
 
 def stream_batch(model: GPT, tokenizer: Tokenizer, prompts: Iterable[PromptIds],
-                 params: SamplingParams | Sequence[SamplingParams]) -> Iterator[tuple[int, Chunk]]:
+                 params: SamplingParams | Sequence[SamplingParams]) -> Generator[tuple[int, Chunk], None, None]:
     """Several prompts decoded together (`params`: one for all, or one per prompt), yielding
     (prompt index, chunk) as they are produced; each prompt's last chunk carries its finish reason
     and token counts. The arguments are checked at the call, as `stream` checks them."""
