@@ -157,16 +157,17 @@ def test_a_file_in_the_wrong_schema_names_file_line_and_field(tiny_model_dir, tm
     assert f"{wino}, line 1: field 'sentence' must be a string with a '_' blank" in capsys.readouterr().err
 
 
-def test_an_example_longer_than_the_context_is_skipped_and_counted(tiny_model_dir, tmp_path, capsys):
+def test_an_example_longer_than_the_context_is_truncated_and_counted(tiny_model_dir, tmp_path, capsys):
     short = {"text": "the cat sat on the mat"}
-    long = {"text": " ".join(["the old dog walks along the river"] * 30)}  # far past 64 tokens
+    long = {"text": " ".join(["the old dog walks along the river"] * 30)}  # far past 64 tokens: cut from the left
     data = write_jsonl(tmp_path / "lambada.jsonl", [short, long, short])
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "lambada_openai", "--data", str(data),
                  "--json", str(tmp_path / "r.json")]) == 0
     captured = capsys.readouterr()
     result = json.loads((tmp_path / "r.json").read_text())["lambada_openai"]
-    assert result["n"] == 2 and result["skipped"] == 1
-    assert "1 example(s) did not fit the model's context (64 tokens)" in captured.err
+    assert (result["n"], result["truncated"], result["skipped"]) == (3, 1, 0)
+    assert "1 example(s) were longer than the model's context (64 tokens): their prompts were cut from the left" \
+        in captured.err
     assert "| lambada_openai | 0 | acc |" in captured.out
 
 
@@ -392,7 +393,7 @@ def test_a_task_given_twice_is_an_error(tiny_model_dir, tmp_path, capsys):
 def test_a_task_with_nothing_scored_is_an_error_after_the_others_results(tiny_model_dir, tmp_path, capsys):
     """Every example too long for the context gave null metrics and exit 0; now the scored tasks
     are reported (table, JSON) and the empty one is the error line."""
-    long = {"text": " ".join(["the old dog walks along the river"] * 30)}  # far past 64 tokens
+    long = {"text": "the cat sat on " + "\u2603" * 40}  # an answer (last word) far past 64 tokens
     lambada = write_jsonl(tmp_path / "lambada.jsonl", [long, long])
     piqa = write_jsonl(tmp_path / "piqa.jsonl", [SCHEMAS["piqa"][0](i) for i in range(2)])
     results = tmp_path / "r.json"
@@ -400,12 +401,12 @@ def test_a_task_with_nothing_scored_is_an_error_after_the_others_results(tiny_mo
                f"lambada_openai={lambada}", "--json", str(results)])
     captured = capsys.readouterr()
     assert "| piqa | 0 | acc |" in captured.out and "lambada_openai" not in captured.out
-    assert_one_clear_line(rc, captured.err, re.escape("lambada_openai: nothing scored: all 2 examples are longer than the "
-                                             "model's context of 64 tokens (a model with a longer context would fit "
-                                             "them)"))
+    assert_one_clear_line(rc, captured.err, re.escape("lambada_openai: nothing scored: all 2 examples have an answer "
+                                             "(continuation) longer than the model's context of 64 tokens (a model "
+                                             "with a longer context would score them)"))
     assert list(json.loads(results.read_text())) == ["piqa"]
     results.unlink()
     rc, err = run_main(capsys, "eval", "--model", tiny_model_dir, "--task", "lambada_openai", "--data", lambada,
                        "--json", results)
-    assert_one_clear_line(rc, err, "lambada_openai: nothing scored: all 2 examples are longer")
+    assert_one_clear_line(rc, err, "lambada_openai: nothing scored: all 2 examples have an answer")
     assert not results.exists()

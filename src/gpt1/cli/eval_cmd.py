@@ -27,11 +27,12 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="perplexity on held-out data, or benchmark tasks (HellaSwag, ARC, ...) scored like lm-eval",
         description="Perplexity mode (--data without --task): the loss, perplexity and bits per byte of a model dir "
-                    "on a prepared data dir's val.bin, or on text files/directories/globs/hf:DATASET (tokenized with "
-                    "[EOS] after each document), in context windows that predict every token after the first once "
-                    "(the last window ends at the last token, its context overlapping the window before, as "
-                    "lm-eval's rolling log-likelihood does). Task mode (--task or --suite): multiple-choice and "
-                    "LAMBADA benchmarks with the prompts, "
+                    "on a prepared data dir's val.bin, or on text files/directories/globs/hf:DATASET (one stream, "
+                    "tokenized with [EOS] after each document), in context windows that predict every token after "
+                    "the first once (the last window ends at the last token, its context overlapping the window "
+                    "before, as lm-eval's rolling windows do); --per-document scores each document alone, as "
+                    "lm-eval's loglikelihood_rolling does, with its word and byte perplexity. Task mode (--task or "
+                    "--suite): multiple-choice and LAMBADA benchmarks with the prompts, "
                     f"continuations and metrics of lm-evaluation-harness 0.4.x. Tasks: {', '.join(TASKS)}.",
         formatter_class=DefaultsHelpFormatter,
     )
@@ -65,6 +66,11 @@ def register(subparsers) -> None:
                         help="autocast precision of the forward passes")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
+    parser.add_argument("--per-document", action="store_true",
+                        help="perplexity of text sources: score each document alone after the [EOS] prefix token, "
+                             "without the other documents' context or the [EOS] after it, as lm-eval's "
+                             "loglikelihood_rolling (wikitext-style tasks) does; bits/byte is then lm-eval's "
+                             "bits_per_byte, and its word_perplexity and byte_perplexity are added")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="perplexity, --ppl-data and --chat sources: skip (and count) malformed lines and "
                              "documents instead of stopping at the first one (a task file's are always errors)")
@@ -106,6 +112,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.task or args.suite:
         perplexity_only = [flag for flag, given in (("--chat", args.chat), ("--block-size", args.block_size),
                                                     ("--max-batches", args.max_batches),
+                                                    ("--per-document", args.per_document),
                                                     ("--text-field", args.text_field != "text")) if given]
         if perplexity_only:  # each would be silently ignored: tasks score whole examples in the model's context
             raise Gpt1Error(f"{perplexity_only[0]} applies to perplexity (--data without --task/--suite), not to benchmarks")
@@ -116,6 +123,8 @@ def eval_command(args: argparse.Namespace) -> int:
         raise Gpt1Error(f"{task_only[0]} applies to benchmarks (--task or --suite), not to perplexity")
     if not args.data:
         raise Gpt1Error("pass --data (perplexity) or --task/--suite (benchmarks)")
+    if args.per_document and args.chat:  # --chat scores assistant tokens of conversations, not documents
+        raise Gpt1Error("--per-document applies to text sources, not to --chat")
     _check_outputs(args.json)
     llm = gpt1.load(args.model, device=args.device)
     if args.chat:
@@ -124,8 +133,14 @@ def eval_command(args: argparse.Namespace) -> int:
     # The scores first, as task mode's table: a --json PATH write that fails anyway (a full disk)
     # does not take them with it. Bare --json prints the JSON instead of the line.
     if args.json != "-":
-        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}  "
-              f"({result['tokens']:,} tokens of {result['source']})")
+        if args.per_document:
+            print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}  "
+                  f"word perplexity {result['word_perplexity']:.4f}  byte perplexity {result['byte_perplexity']:.4f}  "
+                  f"({result['tokens']:,} tokens of {result['documents']:,} documents, each scored alone, in "
+                  f"{result['source']})")
+        else:
+            print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  bits/byte {result['bits_per_byte']:.4f}  "
+                  f"({result['tokens']:,} tokens of {result['source']})")
     if result["skipped"]:
         print(f"skipped: {describe_skipped(result['skipped_by_reason'])}", file=sys.stderr)
     if args.json:
@@ -138,10 +153,14 @@ def _perplexity(llm, data: list[str], args: argparse.Namespace) -> dict:
 
     result = evaluate_data(llm, data, batch_size=args.batch_size or 8, block_size=args.block_size,
                            max_batches=args.max_batches, precision=args.precision, text_field=args.text_field,
-                           skip_invalid=args.skip_invalid)
-    return {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
-            "tokens": result.tokens, "bytes": result.bytes, "source": result.source, "skipped": result.skipped,
-            "skipped_by_reason": result.skipped_by_reason}
+                           skip_invalid=args.skip_invalid, per_document=args.per_document)
+    scores = {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
+              "tokens": result.tokens, "bytes": result.bytes, "source": result.source, "skipped": result.skipped,
+              "skipped_by_reason": result.skipped_by_reason}
+    if args.per_document:  # lm-eval's three loglikelihood_rolling metrics, bits_per_byte among them
+        scores.update(word_perplexity=result.word_perplexity, byte_perplexity=result.byte_perplexity,
+                      documents=result.documents, words=result.words)
+    return scores
 
 
 def _check_outputs(*paths: str | None) -> None:
@@ -238,10 +257,15 @@ def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], repo
     # (as bench's tables with --json -); --json - replaces the table.
     if args.json != "-":
         print(format_results(results), file=sys.stderr if "-" in (args.samples, report) else sys.stdout)
+        block_size = llm.model.config.block_size
+        truncated = sum(r.truncated for r in results)
+        if truncated:  # scored as lm-eval scores them, but not on the whole question: say how many
+            print(f"{truncated} example(s) were longer than the model's context ({block_size} tokens): their prompts "
+                  "were cut from the left to fit, as lm-eval cuts them", file=sys.stderr)
         skipped = sum(r.skipped for r in results)
         if skipped:
-            print(f"{skipped} example(s) did not fit the model's context ({llm.model.config.block_size} tokens) and "
-                  "were skipped", file=sys.stderr)
+            print(f"{skipped} example(s) have an answer longer than the model's context ({block_size} tokens) and "
+                  "were skipped (lm-eval stops on them with an AssertionError)", file=sys.stderr)
     # The small files before the report: a write that fails (a full disk) takes only itself.
     if args.json:
         _emit_json(args.json, results_json(results))

@@ -9,6 +9,11 @@ window before (lm-eval's loglikelihood_rolling), so no token is dropped and each
 A source shorter than one context is scored in one window of its own length, as lm-eval does.
 A loss that is not finite (fp16 overflow, a broken model) is an error, never a NaN in a report.
 
+`per_document` scores text sources as lm-eval's `loglikelihood_rolling` scores a wikitext-style
+task instead: each document alone, in the same windows over `[EOS] + document` ([EOS] is the
+export's BOS, HFLM's prefix token), so no document sees another and no [EOS] after one is predicted;
+it adds lm-eval's `word_perplexity` and `byte_perplexity` (lm_eval/api/metrics.py).
+
 Bits per byte (tokenizer-independent, so models with different tokenizers compare) is the
 summed loss in bits over the UTF-8 bytes of the predicted tokens; special tokens ([EOS] between
 documents, a chat's role markers) count as zero bytes, their loss is still paid.
@@ -19,9 +24,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -45,10 +51,22 @@ class EvalResult:
     bytes: int = 0  # UTF-8 bytes of the predicted tokens
     skipped: int = 0  # what was skipped: invalid documents (skip_invalid), entries that are not files
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    documents: int = 0  # per_document: the documents scored, each alone
+    words: int = 0  # per_document: their words as lm-eval counts them (WORDS)
 
     @property
     def bits_per_byte(self) -> float:
         return bits_per_byte(self.loss, self.tokens, self.bytes)
+
+    @property
+    def word_perplexity(self) -> float:
+        """lm-eval's: exp(summed loss / words), capped as `perplexity` is; NaN without a word count."""
+        return perplexity(self.loss * self.tokens / self.words) if self.words else float("nan")
+
+    @property
+    def byte_perplexity(self) -> float:
+        """lm-eval's: exp(summed loss / bytes), capped as `perplexity` is."""
+        return perplexity(self.loss * self.tokens / self.bytes) if self.bytes else float("nan")
 
 
 def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -129,9 +147,13 @@ def perplexity(loss: float) -> float:
 
 def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int = 8, block_size: int | None = None,
                   max_batches: int | None = None, precision: str = "fp32", text_field: str = "text",
-                  skip_invalid: bool = False, show_progress: bool = True) -> EvalResult:
+                  skip_invalid: bool = False, show_progress: bool = True, per_document: bool = False) -> EvalResult:
     """Loss and perplexity of a loaded model (`gpt1.load`) on a prepared data dir's val.bin or on text sources
-    (`skip_invalid`: skip and count their bad documents). Nothing to score is an error, not a NaN."""
+    (`skip_invalid`: skip and count their bad documents). Nothing to score is an error, not a NaN.
+
+    `per_document` (text sources): each document scored alone after the [EOS] prefix token, as
+    lm-eval's loglikelihood_rolling scores it; the result's `bits_per_byte`, `byte_perplexity` and
+    `word_perplexity` are then lm-eval's numbers for a task of these documents."""
     if not (hasattr(llm, "model") and hasattr(llm, "tokenizer")):  # e.g. its path, or llm.model alone
         raise Gpt1Error(f"llm: expected a loaded model dir (llm = gpt1.load(path)), got {type(llm).__name__}")
     block_size = block_size or llm.model.config.block_size
@@ -143,7 +165,17 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
     precision = resolve_precision(precision, llm.device, doing="evaluating")
     stats = SourceStats()
     data = source_specs(data)
-    if len(data) == 1 and Path(data[0]).is_dir() and looks_prepared(data[0]):  # an unfinished one: load_meta says so
+    prepared = len(data) == 1 and Path(data[0]).is_dir() and looks_prepared(data[0])
+    if per_document:
+        if prepared:  # val.bin holds ids: no document's text to count words and bytes in, as lm-eval counts them
+            raise Gpt1Error(f"{data[0]} is a prepared data dir; per-document scoring (--per-document) reads text "
+                            "sources: pass the files it was prepared from")
+        if max_batches is not None:  # a prefix of the windows would score parts of documents
+            raise Gpt1Error("max batches (--max-batches) cuts one stream short; per-document scoring "
+                            "(--per-document) scores whole documents: pass fewer documents instead")
+        return _evaluate_documents(llm, data, batch_size=batch_size, block_size=block_size, precision=precision,
+                                   text_field=text_field, skip_invalid=skip_invalid, show_progress=show_progress)
+    if prepared:  # an unfinished one: load_meta says so
         meta = load_meta(data[0])
         check_fingerprint(meta, llm.tokenizer, f"the model {llm.path}")
         tokens = np.memmap(Path(data[0]) / meta["val"]["file"], dtype=np.uint16, mode="r")
@@ -177,6 +209,78 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
     check_finite(loss, f"{source}: the loss", llm, precision)
     return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes,
                       skipped=sum(stats.skipped.values()), skipped_by_reason=dict(stats.skipped))
+
+
+# lm-eval's word count of a document (`count_words`: len(re.split(r"\s+", doc))): the empty
+# strings before leading and after trailing whitespace count as words too.
+WORDS = re.compile(r"\s+")
+
+
+def _evaluate_documents(llm, data: list[str], *, batch_size: int, block_size: int, precision: str, text_field: str,
+                        skip_invalid: bool, show_progress: bool) -> EvalResult:
+    """Each document of text sources scored alone, as lm-eval's HFLM.loglikelihood_rolling scores
+    it: `get_rolling_token_windows(ids, prefix_token=[EOS], max_seq_len=block_size, context_len=1)`
+    are `sequential_windows` over `[EOS] + ids`. The windows of all documents run in batches of like
+    length, right-padded (causal attention: no real token sees the padding, whose targets are ignored)."""
+    stats = SourceStats()
+    source = ", ".join(data)
+    documents, n_bytes, words = [], 0, 0
+    for text, ids in _encoded_documents(llm.tokenizer, data, text_field, skip_invalid, stats):
+        documents.append(np.concatenate([np.array([llm.tokenizer.eos_id], dtype=np.int32), ids]))
+        n_bytes += len(text.encode("utf-8"))  # lm-eval's count_bytes
+        words += len(WORDS.split(text))
+    # The readers skip (and count) an empty document; lm-eval scores it as 0 nats and 0 bytes but
+    # re.split("\s+", "") is [""]: one word.
+    words += stats.skipped.get("empty documents", 0)
+    if not documents:
+        raise Gpt1Error(f"{source}: no document to score")
+    windows = []  # (document, first input token, targets the window before already predicted, length)
+    for d, tokens in enumerate(documents):
+        n_targets = len(tokens) - 1
+        length = min(block_size, n_targets)  # a document shorter than one context: one window of its length
+        for nominal in range(0, n_targets, length):
+            start = min(nominal, n_targets - length)
+            windows.append((d, start, nominal - start, length))
+    windows.sort(key=lambda w: -w[3])  # stable: like lengths in one batch, documents in order within them
+    batches = _document_batches(documents, windows, batch_size, llm.tokenizer.pad_id)
+    loss, n = evaluate_loss(llm.model, batches, llm.device, precision, show_progress=show_progress,
+                            total=math.ceil(len(windows) / batch_size), tune_threads=True)
+    check_finite(loss, f"{source}: the loss", llm, precision)
+    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes,
+                      skipped=sum(stats.skipped.values()), skipped_by_reason=dict(stats.skipped),
+                      documents=len(documents), words=words)
+
+
+def _document_batches(documents: list[np.ndarray], windows: list[tuple[int, int, int, int]], batch_size: int,
+                      pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of `batch_size` windows at a time, each row right-padded to the batch's
+    longest; targets already predicted, and the padding's, are IGNORE_INDEX."""
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        width = max(w[3] for w in batch)
+        x = np.full((len(batch), width), pad_id, dtype=np.int64)
+        y = np.full((len(batch), width), IGNORE_INDEX, dtype=np.int64)
+        for row, (d, start, scored_before, length) in enumerate(batch):
+            x[row, :length] = documents[d][start:start + length]
+            y[row, scored_before:length] = documents[d][start + 1 + scored_before:start + 1 + length]
+        yield torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _encoded_documents(tokenizer, data: list[str], text_field: str, skip_invalid: bool,
+                       stats: SourceStats) -> Iterator[tuple[str, np.ndarray]]:
+    """(text, int32 ids) of each document of text sources, its pieces encoded in prepare's batches
+    (the pieces' ids are the whole document's: `core.text_pieces`), each piece's ids an array at
+    once, as `_text_tokens` keeps them (a long document as one list of Python ints takes GBs)."""
+    texts: list[str] = []
+    ids: list[np.ndarray] = []
+    pieces = iter_pieces(data, text_field=text_field, skip_invalid=skip_invalid, stats=stats)
+    for batch in piece_batches(pieces, max_pieces=1024):
+        for piece, piece_ids in zip(batch, tokenizer.encode_batch([p.text for p in batch])):
+            texts.append(piece.text)
+            ids.append(np.array(piece_ids, dtype=np.int32))
+            if piece.ends_document:
+                yield "".join(texts), np.concatenate(ids)
+                texts, ids = [], []
 
 
 def _text_tokens(tokenizer, data: list[str], text_field: str, skip_invalid: bool, stats: SourceStats) -> np.ndarray:

@@ -19,8 +19,11 @@ without their last token, in one batch into a KV cache; then the chunk's continu
 length, run in padded batches, each row `[last context token] + continuation[:-1]` on a copy of
 its context's cache row. So a context shared by four choices is encoded once, and the
 output layer runs on continuation positions only.
-An example whose context + continuation does not fit the model's context is skipped and counted;
-a task none of whose examples fits is an error (`NothingScored`), never a null metric.
+A context + continuation longer than the model's context is cut from the left, as HFLM cuts it
+(`(context + continuation)[-(block_size + 1):]`), and the example counted as truncated; an example
+with a continuation longer than the context alone (HFLM stops on an assertion there) is skipped and
+counted, and a task none of whose examples can be scored is an error (`NothingScored`), never a
+null metric.
 """
 
 from __future__ import annotations
@@ -83,13 +86,15 @@ class TaskResult:
     task: str
     num_fewshot: int
     n: int  # examples scored
-    skipped: int  # examples that did not fit the model's context
+    skipped: int  # examples with a continuation longer than the model's context
     metrics: dict[str, tuple[float, float | None]]  # name -> (value, stderr); stderr None: one example
     samples: list[dict] = field(default_factory=list, repr=False)
+    truncated: int = 0  # examples scored whose prompts were cut from the left to fit the context
 
     def rows(self) -> list[dict]:
         return [{"task": self.task, "fewshot": self.num_fewshot, "metric": name, "value": value, "stderr": stderr,
-                 "n": self.n, "skipped": self.skipped} for name, (value, stderr) in self.metrics.items()]
+                 "n": self.n, "truncated": self.truncated, "skipped": self.skipped}
+                for name, (value, stderr) in self.metrics.items()]
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -112,8 +117,16 @@ class Scorer:
         self.precision = resolve_precision(precision, self.device, doing="evaluating")
         self.dtype = next(model.parameters()).dtype
 
-    def fits(self, context: list[int], continuation: list[int]) -> bool:
-        return 0 < len(continuation) and len(context) + len(continuation) - 1 <= self.model.config.block_size
+    def can_score(self, continuation: list[int]) -> bool:
+        """Whether a continuation can be scored: 1 to block_size tokens, as HFLM asserts (a longer
+        one leaves no room for any context)."""
+        return 0 < len(continuation) <= self.model.config.block_size
+
+    def fit(self, context: list[int], continuation: list[int]) -> list[int]:
+        """The context, cut from the left so that context + continuation[:-1] fills at most the
+        model's context, as HFLM cuts `(context + continuation)[-(block_size + 1):][:-1]`."""
+        keep = self.model.config.block_size + 1 - len(continuation)
+        return context[-keep:] if len(context) > keep else context
 
     def score_examples(self, examples: list[list[tuple[list[int], list[int]]]], desc: str = "eval",
                        show_progress: bool = True) -> list[list[Scored]]:
@@ -144,7 +157,7 @@ class Scorer:
 
     @torch.inference_mode()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[Scored]:
-        """Scores of pairs that all fit the context (see `fits`): the distinct contexts' prefixes
+        """Scores of pairs that all fit the context (see `fit`): the distinct contexts' prefixes
         are encoded once, in one batch, into a KV cache; then the continuations run in batches of
         `batch_size` rows of like length, each row on a copy of its context's cache rows."""
         contexts = list(dict.fromkeys(tuple(c) for c, _ in pairs))
@@ -275,18 +288,21 @@ def evaluate_task(llm, task_name: str, *, source: str | None = None, num_fewshot
     examples = build_examples(task, source, num_fewshot, limit)
     scorer = Scorer(llm.model, batch_size=batch_size, precision=precision)
     encoded = [[encode_pair(llm.tokenizer, r.context, r.continuation) for r in ex.requests] for ex in examples]
-    kept = [i for i, pairs in enumerate(encoded) if all(scorer.fits(c, k) for c, k in pairs)]
+    kept = [i for i, pairs in enumerate(encoded) if all(scorer.can_score(k) for _, k in pairs)]
     if not kept:  # a mean over nothing: an error, never a null metric
-        shots = f" with {num_fewshot}-shot prompts" if num_fewshot else ""
-        raise NothingScored(f"{task_name}: nothing scored: all {len(examples)} examples{shots} are longer than the "
-                            f"model's context of {llm.model.config.block_size} tokens "
-                            f"({'fewer shots or ' if num_fewshot else ''}a model with a longer context would fit them)")
+        raise NothingScored(f"{task_name}: nothing scored: all {len(examples)} examples have an answer (continuation) "
+                            f"longer than the model's context of {llm.model.config.block_size} tokens (a model with a "
+                            "longer context would score them)")
+    # As lm-eval scores them: a prompt too long for the context loses its first tokens (the
+    # first shots, then the question's start), never the answer scored.
+    fitted = [[(scorer.fit(c, k), k) for c, k in encoded[i]] for i in kept]
+    cut = [[len(c) - len(f) for (c, _), (f, _) in zip(encoded[i], pairs)] for i, pairs in zip(kept, fitted)]
     _warn_special_token_text(task_name, [examples[i] for i in kept], llm.tokenizer)
-    scores = scorer.score_examples([encoded[i] for i in kept], desc=task_name, show_progress=show_progress)
+    scores = scorer.score_examples(fitted, desc=task_name, show_progress=show_progress)
     for i, scored in zip(kept, scores):  # NaN log-likelihoods still have an argmax: a chance-level accuracy
         for s in scored:
             check_finite(s.loglikelihood, f"{task_name}: {examples[i].doc.origin}: the log-likelihood", llm, precision)
-    return _metrics(task, [examples[i] for i in kept], scores, num_fewshot, skipped=len(examples) - len(kept))
+    return _metrics(task, [examples[i] for i in kept], scores, num_fewshot, skipped=len(examples) - len(kept), cut=cut)
 
 
 def _warn_special_token_text(task_name: str, examples: list[Example], tokenizer) -> None:
@@ -308,14 +324,18 @@ def _warn_special_token_text(task_name: str, examples: list[Example], tokenizer)
              "tokens, so those examples' scores differ from lm-eval's")
 
 
-def _metrics(task: Task, examples: list[Example], scores: list[list[Scored]], num_fewshot: int, skipped: int) -> TaskResult:
+def _metrics(task: Task, examples: list[Example], scores: list[list[Scored]], num_fewshot: int, skipped: int,
+             cut: list[list[int]] | None = None) -> TaskResult:
+    """`cut`: per example, per request, the context tokens cut from the left (none: nothing cut)."""
+    cut = cut or [[0] * len(ex.requests) for ex in examples]
     per_metric: dict[str, list[float]] = {m: [] for m in task.metrics}
     samples = []
-    for ex, scored in zip(examples, scores):
+    for ex, scored, ex_cut in zip(examples, scores, cut):
         lls = np.array([s.loglikelihood for s in scored])
         sample = {"task": task.name, "doc": ex.doc.origin, "gold": ex.gold,
                   "requests": [{"context": r.context, "continuation": r.continuation, "loglikelihood": s.loglikelihood,
-                                "is_greedy": s.is_greedy, "tokens": s.tokens} for r, s in zip(ex.requests, scored)]}
+                                "is_greedy": s.is_greedy, "tokens": s.tokens, "context_tokens_cut": n}
+                               for r, s, n in zip(ex.requests, scored, ex_cut)]}
         if task.kind == "multiple_choice":
             values = {"acc": float(np.argmax(lls) == ex.gold)}
             if "acc_norm" in per_metric:
@@ -342,22 +362,23 @@ def _metrics(task: Task, examples: list[Example], scores: list[list[Scored]], nu
             metrics[name] = (ppl, delta if delta is not None and math.isfinite(delta) else None)
         else:
             metrics[name] = (float(arr.mean()), stderr)
-    return TaskResult(task.name, num_fewshot, len(examples), skipped, metrics, samples)
+    return TaskResult(task.name, num_fewshot, len(examples), skipped, metrics, samples,
+                      truncated=sum(any(ex_cut) for ex_cut in cut))
 
 
 # ---- output ------------------------------------------------------------------------------------
 def format_results(results: list[TaskResult]) -> str:
-    """A Markdown table: task, shots, metric, value ± stderr, n (skipped)."""
-    lines = ["| task | shots | metric | value | stderr | n | skipped |", "|---|---|---|---|---|---|---|"]
+    """A Markdown table: task, shots, metric, value ± stderr, n (truncated, skipped)."""
+    lines = ["| task | shots | metric | value | stderr | n | truncated | skipped |", "|---|---|---|---|---|---|---|---|"]
     for row in (row for r in results for row in r.rows()):
         stderr = "" if row["stderr"] is None else f"{row['stderr']:.4f}"
         lines.append(f"| {row['task']} | {row['fewshot']} | {row['metric']} | {row['value']:.4f} | {stderr} | "
-                     f"{row['n']} | {row['skipped']} |")
+                     f"{row['n']} | {row['truncated']} | {row['skipped']} |")
     return "\n".join(lines)
 
 
 def results_json(results: list[TaskResult]) -> dict:
-    return {r.task: {"fewshot": r.num_fewshot, "n": r.n, "skipped": r.skipped,
+    return {r.task: {"fewshot": r.num_fewshot, "n": r.n, "truncated": r.truncated, "skipped": r.skipped,
                      "metrics": {name: {"value": v, "stderr": s} for name, (v, s) in r.metrics.items()}} for r in results}
 
 
