@@ -169,3 +169,28 @@ def test_annotations_accept_what_the_docs_do_with_streams_paths_and_sequences():
     for function in (ModelConfig.save, ModelConfig.load):
         assert _fits(function, "path", _PathLike())
     assert _fits(Tokenizer.encode_batch, "texts", ("a", "b"))
+
+
+def test_a_suite_report_is_not_written_into_the_best_of_a_run_still_training(tiny_model_dir, tmp_path, capsys):
+    """`gpt1 eval --suite RUN/best` wrote report.md into best/, which the training run replaces at
+    each new lowest loss: the report was deleted (5 times in 6), or its write ended the run."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_battery import assert_one_clear_line, run_main
+    from tests.test_fs_train import HOLD_LOCK
+
+    run = tmp_path / "run"
+    best = shutil.copytree(tiny_model_dir, run / "best")
+    trainer = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / "checkpoints")],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline() == "held\n"
+        rc, err = run_main(capsys, "eval", "--model", best, "--suite", "quick", "--data", tmp_path)
+    finally:
+        trainer.stdin.close()
+        trainer.wait(timeout=60)
+    assert_one_clear_line(rc, err, rf"{best}: process {trainer.pid} is training {run}, and replaces {best} at each "
+                                   r"new lowest validation loss, a report.md in it with it; pass --report PATH")
+    assert not (best / "report.md").exists()

@@ -223,6 +223,8 @@ def _tasks_eval(args: argparse.Namespace) -> int:
     else:
         names = [n.strip() for n in args.task.split(",") if n.strip()]
         limits = {get_task(n).name: args.limit for n in names}
+    if args.suite and not args.report:
+        _check_report_folder(Path(args.model))
     sources = task_sources(list(limits), args.data)
     _check_outputs(args.json, args.samples, args.report)
     llm = gpt1.load(args.model, device=args.device)
@@ -247,6 +249,20 @@ def _tasks_eval(args: argparse.Namespace) -> int:
     if failed or unscored:
         raise Gpt1Error("; ".join(unscored + ([str(failed)] if failed else [])))
     return 0
+
+
+def _check_report_folder(model: Path) -> None:
+    """--suite writes MODEL/report.md: not into the best/ of a run still training, which replaces
+    that folder whole at each new lowest validation loss (the report was deleted, or its write
+    ended the run when the two met)."""
+    from gpt1.core.io import lock_holder
+    from gpt1.formats.modeldir import RUN_LOCK_DIR
+    from gpt1.train.loop import BEST_DIR
+
+    if model.name == BEST_DIR and (holder := lock_holder(model.parent / RUN_LOCK_DIR)):
+        raise Gpt1Error(f"{model}: {holder} is training {model.parent}, and replaces {model} at each new lowest "
+                        f"validation loss, a {REPORT_FILE} in it with it; pass --report PATH to write the report "
+                        "elsewhere")
 
 
 def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], report: str | None, ppl: dict | None) -> None:
