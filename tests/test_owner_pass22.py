@@ -194,3 +194,26 @@ def test_a_suite_report_is_not_written_into_the_best_of_a_run_still_training(tin
     assert_one_clear_line(rc, err, rf"{best}: process {trainer.pid} is training {run}, and replaces {best} at each "
                                    r"new lowest validation loss, a report.md in it with it; pass --report PATH")
     assert not (best / "report.md").exists()
+
+
+def test_eval_on_another_preparation_of_the_corpus_says_it_is_not_held_out(data_dir, corpus_dir, tokenizer, tmp_path,
+                                                                          caplog):
+    """`gpt1 eval --data DIR` called any val.bin held out: the corpus prepared with another seed held
+    out 16 documents, all 16 in the model's training data, and nothing said so."""
+    import gpt1
+    from gpt1.data.shards import prepare
+    from gpt1.train.evaluate import evaluate_data
+    from tests.test_train import _run
+
+    _run(data_dir, tmp_path / "run", ["max_steps=1", "eval_batches=1"])
+    other = tmp_path / "other"
+    prepare([str(corpus_dir)], tokenizer, other, val=8, seed=7)
+    llm = gpt1.load(tmp_path / "run", device="cpu")
+    with caplog.at_level("INFO", logger="gpt1"):
+        evaluate_data(llm, data_dir, show_progress=False)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with caplog.at_level("INFO", logger="gpt1"):
+        evaluate_data(llm, other, show_progress=False)
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{other / 'val.bin'} is not the validation split {llm.path} was trained beside (its train_config.json "
+        "records another one): its documents may be in the model's training data, so this is not a held-out score"]

@@ -180,6 +180,7 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
         check_fingerprint(meta, llm.tokenizer, f"the model {llm.path}")
         tokens = np.memmap(Path(data[0]) / meta["val"]["file"], dtype=np.uint16, mode="r")
         source = str(Path(data[0]) / meta["val"]["file"])
+        _warn_other_split(llm, Path(source))
     else:
         tokens = _text_tokens(llm.tokenizer, data, text_field, skip_invalid, stats)
         source = ", ".join(data)
@@ -209,6 +210,25 @@ def evaluate_data(llm, data: str | os.PathLike | list[str], *, batch_size: int =
     check_finite(loss, f"{source}: the loss", llm, precision)
     return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=n, source=source, bytes=n_bytes,
                       skipped=sum(stats.skipped.values()), skipped_by_reason=dict(stats.skipped))
+
+
+def _warn_other_split(llm, val_file: Path) -> None:
+    """Say so where the model's run record names the validation shard it was trained beside and
+    `val_file` is another one (the same corpus prepared with another seed or --val: its held-out
+    documents may be in the model's training data, so the score is not a held-out one)."""
+    from gpt1.core.io import read_json
+    from gpt1.core.progress import warn
+    from gpt1.train.pretrain import sample_fingerprint
+    from gpt1.train.run_record import CONFIG_FILE
+
+    record_file = Path(llm.path) / CONFIG_FILE
+    try:
+        recorded = read_json(record_file).get("data", {}).get(val_file.name) if record_file.is_file() else None
+    except (Gpt1Error, AttributeError):  # a record that is not ours to judge: nothing to compare
+        return
+    if isinstance(recorded, str) and recorded != sample_fingerprint(val_file):
+        warn(f"{val_file} is not the validation split {llm.path} was trained beside (its {CONFIG_FILE} records "
+             "another one): its documents may be in the model's training data, so this is not a held-out score")
 
 
 # lm-eval's word count of a document (`count_words`: len(re.split(r"\s+", doc))): the empty
