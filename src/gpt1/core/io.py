@@ -3,7 +3,8 @@
 Everything gpt1 writes that a later step trusts (checkpoints, shards, configs, exports) goes
 through `atomic_path`: write to a temporary name in the same folder, fsync, then `os.replace`,
 which is atomic on POSIX and Windows. A run killed mid-write leaves the old file (or none).
-A folder (an export) is written the same way with `atomic_dir`. A write that fails (a full
+A folder (an export) is written the same way with `atomic_dir`, swapped with the folder it
+replaces in one step where the system can (`_exchange`). A write that fails (a full
 disk, a file-size limit) is an OSError naming the file (`writing`), which the CLI reports in one
 line, and leaves neither the temporary file nor a folder it made for it.
 
@@ -26,7 +27,9 @@ paths, and `gpt1 --help` builds its parser, without loading it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -41,9 +44,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from gpt1.core.errors import Gpt1Error, open_files_hint
+from gpt1.core.progress import warn
 
 if sys.platform == "win32":  # no flock, and no os.kill(pid, 0) probe: see `_try_lock`, `_alive_windows`
-    import ctypes
     import msvcrt
 else:
     import fcntl
@@ -277,17 +280,26 @@ def _temp_prefix(path: Path) -> str:
     return f".{_temp_stem(path)}.{os.getpid()}."
 
 
-def _sweep_leftovers(path: Path) -> None:
-    """Delete the temps that writers of `path` killed before they could clean up left beside it
-    (a killed export of a 257M model leaves 1 GB). Those of live processes are left alone."""
+def _temps_of(path: Path) -> list[tuple[Path, int]]:
+    """The temporary names of writers of `path` beside it, each with its writer's pid."""
     stem = _temp_stem(path)
     try:
         entries = list(path.parent.glob(f".{glob.escape(stem)}.*"))
     except OSError:
-        return
+        return []
+    found = []
     for entry in entries:
         pid, _, rest = entry.name[len(stem) + 2:].partition(".")
-        if not (pid.isdigit() and rest.endswith((".tmp", ".old")) and not _alive(int(pid))):
+        if pid.isdigit() and rest.endswith((".tmp", ".old")):
+            found.append((entry, int(pid)))
+    return found
+
+
+def _sweep_leftovers(path: Path) -> None:
+    """Delete the temps that writers of `path` killed before they could clean up left beside it
+    (a killed export of a 257M model leaves 1 GB). Those of live processes are left alone."""
+    for entry, pid in _temps_of(path):
+        if _alive(pid):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -372,13 +384,18 @@ def atomic_path(path: str | os.PathLike, *, replace: bool = True,
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, within: str | os.PathLike | None = None) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, within: str | os.PathLike | None = None,
+               owned: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `path` (next to what it names, for a link); on success
-    it is renamed onto `path`, so `path` is either complete or untouched. A folder at `path` on
-    entry is moved aside first and deleted only once the new folder is in place (the caller
-    decides, right before, whether replacing it is allowed). Only that folder is replaced: one
-    that another process made or wrote into meanwhile (a training run started in the export's
-    --out, a second export) is left as it is, and the write is a Gpt1Error. `within`: as
+    it takes `path`'s place, so `path` is either complete or untouched. A folder at `path` on
+    entry is swapped with the new one in one step where the system can (`_exchange`: a reader of
+    `path` finds a folder there at every moment; elsewhere it is moved aside first, an instant
+    without one) and deleted once the new folder is in place (the caller decides, right before,
+    whether replacing it is allowed). Only that folder is replaced: one that another process
+    made or wrote into meanwhile (a training run started in the export's --out, a second export)
+    is left as it is, and the write is a Gpt1Error. `owned`: a folder that is the command's own
+    (a run's best/), replaced whatever another process wrote into it meanwhile (`gpt1 eval
+    --suite RUN/best`'s report.md); a warning names the files it drops that way. `within`: as
     `atomic_path`'s (a run's best/ linked out of it would be replaced whole)."""
     path = Path(path)
     if within is not None:
@@ -405,35 +422,113 @@ def atomic_dir(path: str | os.PathLike, *, within: str | os.PathLike | None = No
             if e.filename is None or not Path(e.filename).is_relative_to(tmp):
                 raise
             raise OSError(e.errno, e.strerror, str(path / Path(e.filename).relative_to(tmp))) from e
-        # The work took minutes: look again at what is there now, right before the renames.
+        # The work took minutes: look again at what is there now, right before the swap.
         now = _folder_state(target)
         if now is not None:
             if stat.S_ISDIR(now[2]):
                 check_unlocked(target, "replace it")
-            if found is None or now[:2] != found[:2] or not now[3] <= found[3]:
+            elif owned:
+                raise Gpt1Error(f"{path}: exists and is not a folder")
+            if not owned and (found is None or now[:2] != found[:2] or not now[3] <= found[3]):
                 raise Gpt1Error(_changed_meanwhile(path))
-        try:
-            old = None
-            if now is not None:
-                old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".old", dir=target.parent))
-                os.rename(target, old / target.name)
-            # rename(2) onto a folder made in the instant since (with files in it) fails: kept too.
-            os.rename(tmp, target)
-        except OSError as e:  # the new folder is complete, but not in place: the old one goes back
-            if old is not None:
-                with contextlib.suppress(OSError):
-                    os.rename(old / target.name, target)  # fails where it was never moved aside
-                with contextlib.suppress(OSError):
-                    old.rmdir()
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise Gpt1Error(_changed_meanwhile(path)) from None
-            raise Gpt1Error(f"{path}: cannot put the new folder in place ({e.strerror})") from None
+        written = frozenset(os.listdir(tmp))
+        old, aside = _put_in_place(tmp, target, path, replacing=now is not None)
         if old is not None:
-            shutil.rmtree(old)
+            if owned:
+                _say_dropped(path, old, written)
+            shutil.rmtree(aside)
     finally:
         if tmp.exists():  # the write failed
             shutil.rmtree(tmp)
             _remove_empty(new_folders)
+
+
+def _put_in_place(tmp: Path, target: Path, path: Path, replacing: bool) -> tuple[Path | None, Path | None]:
+    """Put the folder `tmp` at `target` (the caller's `path`): swapped with the one there in one
+    step where the system can, else that one moved aside first. Returns where the folder it
+    replaced now is, and what to delete for it (None, None: nothing was there)."""
+    old = None
+    try:
+        if replacing and _exchange(tmp, target):
+            return tmp, tmp
+        if replacing and os.path.lexists(target):  # else gone meanwhile: nothing to move aside
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".old", dir=target.parent))
+            os.rename(target, old / target.name)
+        # rename(2) onto a folder made in the instant since (with files in it) fails: kept too.
+        os.rename(tmp, target)
+    except OSError as e:  # the new folder is complete, but not in place: the old one goes back
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.rename(old / target.name, target)  # fails where it was never moved aside
+            with contextlib.suppress(OSError):
+                old.rmdir()
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise Gpt1Error(_changed_meanwhile(path)) from None
+        raise Gpt1Error(f"{path}: cannot put the new folder in place ({e.strerror})") from None
+    return (old / target.name, old) if old is not None else (None, None)
+
+
+# renameat2(2)'s flag that swaps two names (Linux 3.15+, glibc 2.28+), and "paths from the current folder".
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+# What renameat2 answers where the swap cannot be made there: no such call (an older kernel), a file
+# system that does not support the flag, or a path gone meanwhile. Two renames do it then.
+_NO_EXCHANGE = frozenset({errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT})
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders at `a` and `b` in one step (renameat2's RENAME_EXCHANGE): a reader of
+    `b` finds the old folder or the new one, never nothing. Moving the old folder aside and the
+    new one in, two renames, left an instant without one: 6,637 of 4.46M looks at a run's best/
+    saved by a fine-tune found no folder, and `gpt1.load` said "model directory not found" or,
+    missing adapter/ in that instant, ran the base model without a word. False where the system
+    cannot swap (not Linux, a C library without renameat2, a file system that refuses the flag),
+    for the caller's two renames; another failure is the OSError."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@functools.cache
+def _renameat2():
+    """The C library's renameat2, or None (not Linux, or a C library without it: glibc before 2.28)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+# A temporary name of `atomic_path` or `atomic_dir` (see `_temp_prefix`): a write in progress, not a file.
+_TEMP_NAME = re.compile(r"\..+\.\d+\.\w{8}\.(?:tmp|old)")
+
+
+def _say_dropped(path: Path, old: Path, written: frozenset[str]) -> None:
+    """Warn of the files of `old`, the folder just replaced at `path`, that the new folder does
+    not hold (`written`): another process put them there (`owned`), and they went with it."""
+    try:
+        dropped = sorted(name for name in os.listdir(old) if name not in written and not _TEMP_NAME.fullmatch(name))
+    except OSError:  # gone meanwhile: nothing to say
+        return
+    if dropped:
+        listing = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        warn(f"{path}: replaced whole, without {listing}, which another process put in the earlier folder "
+             f"(this command does not write {'it' if len(dropped) == 1 else 'them'})")
+
+
+def writer_of(path: str | os.PathLike) -> int | None:
+    """The process id of a live writer of `path` (`atomic_path`, `atomic_dir`: its temporary
+    name beside it, this process's own included); None when there is none."""
+    return next((pid for _, pid in _temps_of(Path(path)) if _alive(pid)), None)
 
 
 def _rename_new(tmp: Path, target: Path, path: Path) -> None:

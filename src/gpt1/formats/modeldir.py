@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,9 +27,18 @@ from safetensors.torch import load_file
 from gpt1.core.config import ModelConfig
 from gpt1.core.constants import DATA_META_FILE as DATA_META_FILE  # its home, torch-free
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import check_weight_values, file_fingerprint, lock_holder, owner_of, read_json, save_safetensors
+from gpt1.core.io import (
+    check_weight_values,
+    file_fingerprint,
+    lock_holder,
+    owner_of,
+    read_json,
+    save_safetensors,
+    writer_of,
+)
 from gpt1.core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload
 from gpt1.core.model import GPT, model_state_dict
+from gpt1.core.progress import info
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -35,6 +46,9 @@ WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a fine-tuned dir's LoRA adapter (PEFT layout), applied on load
 BASE_FILE = "base.json"  # a fine-tuned dir's record of the base its adapter was trained on
 RUN_LOCK_DIR = "checkpoints"  # a training run's folder whose .lock its process holds (gpt1.train.checkpoint)
+# A checkpoint's folder in it, and its mark that the run dir's model was written from it (gpt1.train.checkpoint).
+RUN_CHECKPOINT = re.compile(r"step-(\d+)")
+RUN_OUTPUTS_MARK = "outputs.done"
 HF_SHARD_INDEX = "model.safetensors.index.json"  # a transformers folder saved in shards
 # config.json keys of transformers' GPT-2 that gpt1's config.json never has (it says block_size, norm_eps).
 GPT2_KEYS = frozenset({"n_positions", "n_ctx", "n_inner", "layer_norm_epsilon", "activation_function",
@@ -228,24 +242,27 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     A fine-tuned dir's LoRA adapter (`adapter/`, see `gpt1.core.lora`) is applied: with
     adapter="merge" (default) merged into the weights, giving a plain GPT as fast as the base;
     "keep" leaves the LoRA layers in place (unmerged); "ignore" returns the base it applies to.
+    A training run dir that a process is still training is loaded as its latest save is, and
+    an info line says so (`_say_if_training`).
     """
     named = str(directory)
     directory = Path(directory)
-    if not directory.is_dir():
-        if named.startswith("hf:") and not directory.exists():  # a transformers folder or Hub id, as init_from takes
-            raise Gpt1Error(f"{named}: model directory not found; this takes a gpt1 model dir (hf: names a "
-                            f"transformers folder or Hub model to train from: `gpt1 pretrain init_from={named}` or "
-                            f"`gpt1 finetune --base {named}`)")
-        raise Gpt1Error(f"{directory}: {'a file, not a model directory' if directory.exists() else 'model directory not found'}")
+    _check_is_folder(directory, named)
     if is_hf_model_dir(directory):
         raise Gpt1Error(f"{directory}: a Hugging Face transformers folder, not a gpt1 model dir; import it with "
                         f"`gpt1 pretrain init_from=hf:{directory}` or `gpt1 finetune --base {directory}` (`gpt1 "
                         "generate`, `chat`, `serve` and `eval` run it as it is)")
-    if (directory / BASE_FILE).is_file() and not (directory / ADAPTER_DIR).is_dir():
+    # Decided once, here: a fine-tuned dir's weights are the base's, so an adapter/ missing later
+    # (the folder replaced whole meanwhile) must not load as the base model.
+    fine_tuned = (directory / BASE_FILE).is_file()
+    if fine_tuned and not (directory / ADAPTER_DIR).is_dir():
         # A fine-tune writes base.json first at its first save, then adapter/: a live one is saving.
         if holder := lock_holder(directory / RUN_LOCK_DIR):
             raise Gpt1Error(f"{directory}: a fine-tuning run ({holder}) is saving its first model there (no "
                             f"{ADAPTER_DIR}/ yet); try again after its first save")
+        if (pid := writer_of(directory)) is not None:  # replaced whole by two renames: no folder for an instant
+            raise Gpt1Error(f"{directory}: process {pid} is replacing it now (no {ADAPTER_DIR}/ in that instant); "
+                            "try again once it is done")
         # Its weights are the base's: without the adapter it would run as the base model, silently.
         raise Gpt1Error(f"{directory}: a fine-tuned model dir ({BASE_FILE}) without its {ADAPTER_DIR}/ folder; "
                         f"restore {ADAPTER_DIR}/ (a fine-tune killed in its first save writes it when rerun), "
@@ -260,6 +277,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         model = GPT(config)
     check_weight_shapes(model, directory / WEIGHTS_FILE, shapes)
     if torch.device(device).type == "meta":  # the architecture and checked shapes, no weights read
+        _say_if_training(directory)
         return model.eval()
     model = model.to_empty(device=device)
     load_weights(model, directory / WEIGHTS_FILE)
@@ -267,10 +285,63 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         model.lm_head.weight = model.transformer.wte.weight
     if adapter not in ("merge", "keep", "ignore"):
         raise Gpt1Error(f"adapter must be 'merge', 'keep' or 'ignore', got {adapter!r}")
-    if adapter != "ignore" and (directory / ADAPTER_DIR).is_dir():
+    if adapter != "ignore" and (fine_tuned or (directory / ADAPTER_DIR).is_dir()):
+        if not (directory / ADAPTER_DIR).is_dir():
+            raise Gpt1Error(f"{directory}: was replaced while it loaded (its {ADAPTER_DIR}/ went missing after "
+                            f"{BASE_FILE} said it is a fine-tuned model dir, e.g. a run saving its best/ there); "
+                            "try again")
         load_adapter(model, directory / ADAPTER_DIR)
         if adapter == "merge":
             merge_and_unload(model)
     if dtype is not None:
         model = model.to(dtype)
+    _say_if_training(directory)
     return model.eval()
+
+
+def _check_is_folder(directory: Path, named: str) -> None:
+    """A Gpt1Error unless `directory` is a folder: one look (a folder replaced in the instant
+    between two looks was "a file, not a model directory"), and a live writer's temporary folder
+    beside a missing one says that it is being written (`atomic_dir`)."""
+    try:
+        mode = os.stat(directory).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        return
+    if mode is not None:
+        raise Gpt1Error(f"{directory}: {'a file' if stat.S_ISREG(mode) else 'not a folder'}, not a model directory")
+    if named.startswith("hf:"):  # a transformers folder or Hub id, as init_from takes
+        raise Gpt1Error(f"{named}: model directory not found; this takes a gpt1 model dir (hf: names a "
+                        f"transformers folder or Hub model to train from: `gpt1 pretrain init_from={named}` or "
+                        f"`gpt1 finetune --base {named}`)")
+    if (pid := writer_of(directory)) is not None:
+        raise Gpt1Error(f"{directory}: model directory not found: process {pid} is writing it now (or replacing it); "
+                        "try again once it is done")
+    raise Gpt1Error(f"{directory}: model directory not found")
+
+
+def _say_if_training(directory: Path) -> None:
+    """One info line when another process is training the run dir `directory` (it holds its
+    checkpoints/ lock): what was loaded is its latest save, which the next one replaces."""
+    holder = lock_holder(directory / RUN_LOCK_DIR)
+    if holder is None or holder == f"process {os.getpid()}":  # this process's own run (a notebook's thread)
+        return
+    step = _saved_step(directory)
+    info(f"{directory}: {holder} is still training it; loaded its "
+         f"{f'save of step {step:,}' if step is not None else 'latest save'} (it changes at every save)")
+
+
+def _saved_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint the run dir's model was last written from (marked so); the
+    newest checkpoint's where none is marked yet (the one before is deleted as the new one is
+    saved, a moment before the model is written from it); None without checkpoints."""
+    steps = {}
+    try:
+        for entry in (run_dir / RUN_LOCK_DIR).iterdir():
+            if match := RUN_CHECKPOINT.fullmatch(entry.name):
+                steps[int(match[1])] = (entry / RUN_OUTPUTS_MARK).is_file()
+    except OSError:  # gone or unreadable meanwhile
+        return None
+    marked = [step for step, written in steps.items() if written]
+    return max(marked or steps, default=None)

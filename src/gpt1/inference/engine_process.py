@@ -12,7 +12,9 @@ The child process loads the model dir, builds an `Engine` and drives its `step()
 main thread: sampling, detokenisation, stop strings and the decode step's host work all happen
 there. The parent keeps the tokenizer and the config, validates each submission at once
 (exactly what `Engine.submit` checks, so a bad request never crosses over, and a full queue is
-a 503 without a round trip), and gets each step's text back in one message. Messages are JSON
+a 503 without a round trip), and gets each step's text back in one message. The child's `ready`
+names the tokenizer and config it loaded: a folder replaced between the parent's read and the
+child's is an error, not a new model served with the old tokenizer. Messages are JSON
 over two pipes, never pickles: commands `{"submit"}`, `{"cancel"}`, `{"stop"}` one way, `{"ready"}`,
 `{"error"}` and `{"out", "stats"}` the other. The parent's reader thread hands each chunk to the
 request's sink, as the engine's own thread does, so the server cannot tell the two apart: a
@@ -191,12 +193,28 @@ class EngineProcess:
             self._kill()
             raise Gpt1Error(message["error"])
         ready = message["ready"]
+        if why := self._other_model(ready):
+            self._kill()
+            raise Gpt1Error(why)
         self.device, self.dtype_name, self.kv_bytes = ready["device"], ready["dtype"], ready["kv_bytes"]
         self._generated.append((time.monotonic(), 0))
         self._closed = ""
         self._reader = threading.Thread(target=self._read, name="gpt1-engine-reader", daemon=True)
         self._reader.start()
         return self
+
+    def _other_model(self, ready: dict) -> str | None:
+        """Why the model the child loaded is not the one whose tokenizer and config this process
+        validates with, or None. The child loads `model_dir` again, later: a folder replaced whole
+        in between (`export --force`, `finetune --merge` run again, a run saving its best/) served
+        the new model with the old tokenizer, without a word."""
+        differs = [what for what, ours, theirs in (
+            ("tokenizer", self.tokenizer.fingerprint, ready["tokenizer"]),
+            ("config", json.loads(json.dumps(self.config.to_dict())), ready["config"])) if ours != theirs]
+        if not differs:
+            return None
+        return (f"{self.model_dir}: replaced while the server started: the engine process loaded another model (its "
+                f"{' and '.join(differs)} differ from those read a moment earlier); start the server again")
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop the child: every unfinished request's sink gets a 'shutting down' error at once,
@@ -406,7 +424,9 @@ def _child_main(model_dir: str, device: str, dtype: str, engine_args: dict, comm
         message = {"error": str(e) if isinstance(e, Gpt1Error) else
                    f"the engine process could not start: {type(e).__name__}: {e}"}
     else:
-        message = {"ready": {"device": str(engine.device), "dtype": engine.dtype_name, "kv_bytes": engine.kv_bytes}}
+        # With what it loaded, which the parent compares with what it read from the folder (`_other_model`).
+        message = {"ready": {"device": str(engine.device), "dtype": engine.dtype_name, "kv_bytes": engine.kv_bytes,
+                             "tokenizer": llm.tokenizer.fingerprint, "config": llm.config.to_dict()}}
     try:
         outputs.send_bytes(json.dumps(message).encode())
     except (OSError, ValueError):  # the parent gave up on the start (or died): nobody to tell
