@@ -18,10 +18,10 @@ import torch
 
 import gpt1
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.io import sample_fingerprint
 from gpt1.data.shards import load_meta
 from gpt1.train.config import load_config
 from gpt1.train.finetune import FinetuneConfig, finetune
-from gpt1.train.pretrain import sample_fingerprint
 from tests.test_train import FT_ARGS, _chat_file, _metrics, _run
 
 

@@ -34,12 +34,14 @@ import torch
 
 from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.progress import progress
+from gpt1.core.io import read_json, sample_fingerprint
+from gpt1.core.progress import progress, warn
 from gpt1.core.threads import tuned_threads
 from gpt1.data.shards import check_fingerprint, load_meta, looks_prepared, piece_batches, sequential_windows
 from gpt1.data.sources import SourceStats, iter_pieces, source_specs
 from gpt1.train import distributed
 from gpt1.train.precision import autocast, resolve_precision
+from gpt1.train.run_record import CONFIG_FILE
 
 
 @dataclass
@@ -216,11 +218,6 @@ def _warn_other_split(llm, val_file: Path) -> None:
     """Say so where the model's run record names the validation shard it was trained beside and
     `val_file` is another one (the same corpus prepared with another seed or --val: its held-out
     documents may be in the model's training data, so the score is not a held-out one)."""
-    from gpt1.core.io import read_json
-    from gpt1.core.progress import warn
-    from gpt1.train.pretrain import sample_fingerprint
-    from gpt1.train.run_record import CONFIG_FILE
-
     record_file = Path(llm.path) / CONFIG_FILE
     try:
         recorded = read_json(record_file).get("data", {}).get(val_file.name) if record_file.is_file() else None

@@ -11,14 +11,13 @@ resume on other data is refused; and, for information, the data folder and how i
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import as_path, json_path
+from gpt1.core.io import as_path, json_path, sample_fingerprint
 from gpt1.core.model import GPT, CausalSelfAttention
 from gpt1.core.progress import warn
 from gpt1.core.rng import host_rng_kept
@@ -112,24 +111,6 @@ def data_source(meta: dict, data_dir: Path) -> dict:
     """Where the data came from, for information (never compared: a moved folder resumes): the
     folder, and meta.json's preparation key (sources, their files' hash, seed, val share, ...)."""
     return {"path": json_path(data_dir.resolve()), **({"key": meta["key"]} if "key" in meta else {})}
-
-
-SAMPLE_BYTES = 1 << 20
-
-
-def sample_fingerprint(path: Path) -> str:
-    """sha256 (16 hex digits) of a file's size and its first and last MiB (all of it, up to 2 MiB):
-    other content with the same token counts (another preparation, shuffled or shifted) is told
-    apart on resume at the cost of reading 2 MiB, not the whole file (about 18 GB for the card's
-    OpenWebText); an edit confined to the middle of a larger file is not."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(f"{size}\n".encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(SAMPLE_BYTES))
-        if size > SAMPLE_BYTES:
-            f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
-            digest.update(f.read(SAMPLE_BYTES))
-    return digest.hexdigest()[:16]
 
 
 @host_rng_kept()  # the run seeds the global RNGs (a resume restores them): the caller's come back after
