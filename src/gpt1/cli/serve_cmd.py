@@ -180,20 +180,23 @@ def serve_command(args: argparse.Namespace) -> int:
         warn(f"{args.model} has no chat template: it is a base model, so /v1/chat/completions and the chat page "
              "get continuations of the conversation text rather than answers (/v1/completions is what it is for)")
     sock = bind(args.host, args.port)  # bound, so that a taken port is said now; it listens once the engine runs
-    if not isinstance(engine, Engine):
-        engine.start()  # now, so that a child that cannot start (e.g. its KV cache does not fit) is one clear error
-    info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "
-         f"{engine.kv_bytes / 2**20:,.1f} MiB of {engine.dtype_name} on {engine.device} (--max-batch {engine.max_batch})"
-         + (", in the engine's own process (--engine process)" if not isinstance(engine, Engine) else ""))
-    _check_open_file_limit(args.max_batch, args.max_queue)
-    host, port = sock.getsockname()[:2]
-    host = f"[{host}]" if ":" in host else host
-    # Said once the server takes connections: a server that fails to start has served nothing.
-    scheme = "https" if args.ssl_certfile is not None else "http"
-    serving = (f"serving {llm.path} on {scheme}://{host}:{port} (chat page at /, API at /v1, docs at /docs)"
-               + (", API key required" if api_key else ""))
-    serve(app, sock, log_level=args.log_level, loop=args.loop, on_started=lambda: info(serving),
-          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    try:  # closed when the start fails or a signal stops it first (dev mode's ResourceWarning); serve() closes it too
+        if not isinstance(engine, Engine):
+            engine.start()  # now, so that a child that cannot start (e.g. its KV cache does not fit) is one clear error
+        info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "
+             f"{engine.kv_bytes / 2**20:,.1f} MiB of {engine.dtype_name} on {engine.device} (--max-batch {engine.max_batch})"
+             + (", in the engine's own process (--engine process)" if not isinstance(engine, Engine) else ""))
+        _check_open_file_limit(args.max_batch, args.max_queue)
+        host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        # Said once the server takes connections: a server that fails to start has served nothing.
+        scheme = "https" if args.ssl_certfile is not None else "http"
+        serving = (f"serving {llm.path} on {scheme}://{host}:{port} (chat page at /, API at /v1, docs at /docs)"
+                   + (", API key required" if api_key else ""))
+        serve(app, sock, log_level=args.log_level, loop=args.loop, on_started=lambda: info(serving),
+              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    finally:
+        sock.close()
     return 0
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -116,6 +117,8 @@ class EngineProcess:
         self._rejected = 0  # submissions refused here (the child never sees them)
         self._generated: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens so far)
         self._process: subprocess.Popen | None = None
+        self._commands: Connection | None = None  # the pipes to and from the child, once started
+        self._outputs: Connection | None = None
         self._reader: threading.Thread | None = None
         self._closed = "the engine process has not started"
         self.died = ""  # why the child exited unasked (killed, out of memory), once it has
@@ -166,7 +169,11 @@ class EngineProcess:
         """Start the child and wait until its engine is ready (its decode buckets built); a
         Gpt1Error with the child's reason if it cannot start (e.g. the KV cache does not fit)."""
         if self._process is not None:
-            return self
+            if not self._closed:
+                return self
+            # Stopped, or its start failed: a new child, as the thread engine starts a new worker
+            # (a second serve of the same app answered every request 503, saying nothing at start).
+            self._reset()
         # A fresh interpreter (not a fork: CUDA cannot be used in a forked child; not
         # multiprocessing's spawn, which re-imports the caller's main module) with two pipes.
         commands_in, commands_out = os.pipe()
@@ -185,16 +192,20 @@ class EngineProcess:
             message = json.loads(self._outputs.recv_bytes())
         except EOFError:
             self._kill()
+            self._close_pipes()
             raise Gpt1Error(f"the engine process exited while starting (exit code {self._process.wait()})") from None
         except BaseException:  # also Ctrl-C or SIGTERM while it loads: it would run on, holding the GPU
             self._kill()
+            self._close_pipes()
             raise
         if "error" in message:
             self._kill()
+            self._close_pipes()
             raise Gpt1Error(message["error"])
         ready = message["ready"]
         if why := self._other_model(ready):
             self._kill()
+            self._close_pipes()
             raise Gpt1Error(why)
         self.device, self.dtype_name, self.kv_bytes = ready["device"], ready["dtype"], ready["kv_bytes"]
         self._generated.append((time.monotonic(), 0))
@@ -234,6 +245,24 @@ class EngineProcess:
         self._kill()
         if self._reader is not None:
             self._reader.join(timeout)
+        if self._reader is None or not self._reader.is_alive():
+            self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Close this end of both pipes: a stopped engine kept its two descriptors until it was
+        garbage-collected (an app kept in a notebook and served again and again: 2 each time)."""
+        for connection in (self._commands, self._outputs):
+            if connection is not None:
+                with contextlib.suppress(OSError):
+                    connection.close()
+
+    def _reset(self) -> None:
+        """The state of an engine not yet started, for a new child after a stop or a failed start."""
+        self._close_pipes()
+        self._process, self._reader, self._live = None, None, {}
+        self._stats, self._child_stats, self._rejected = (0, 0), EngineStats(), 0
+        self._generated.clear()
+        self._closed, self.died = "the engine process has not started", ""
 
     def __enter__(self) -> "EngineProcess":
         return self.start()

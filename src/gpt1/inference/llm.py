@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, overload
+from typing import Any, Mapping, Sequence, overload
 
 import torch
 
@@ -161,7 +162,7 @@ class LLM:
                                 "llm.chat_complete(...)) return the Completion with its log-probabilities")
         return params
 
-    def stream(self, prompt: str, **knobs) -> Iterator[str]:
+    def stream(self, prompt: str, **knobs) -> Generator[str, None, None]:
         """Like `generate`, yielding text pieces as they are produced. The prompt and knobs are
         checked at the call, as `generate` checks them."""
         params = self._text_params(knobs)
@@ -182,7 +183,7 @@ class LLM:
         params = self._text_params(knobs)
         return self._samples(params.samples(n), self._chat_ids(messages, params))
 
-    def chat_stream(self, messages: Sequence[Mapping[str, Any]], **knobs) -> Iterator[str]:
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]], **knobs) -> Generator[str, None, None]:
         """Like `chat`, yielding text pieces as they are produced. The messages and knobs are
         checked at the call, as `chat` checks them."""
         params = self._text_params(knobs)
@@ -208,7 +209,7 @@ class LLM:
         """A text per SamplingParams of `samples`, of the prompt `ids`, decoded together."""
         return [c.text for c in gen.generate_batch(self.model, self.tokenizer, [ids] * len(samples), samples)]
 
-    def _pieces(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def _pieces(self, ids: list[int], params: SamplingParams) -> Generator[str, None, None]:
         # A generator of its own, so that stream and chat_stream, plain functions, check their
         # arguments when called: a bad knob raised only at the first next(), far from the call
         # (inside a web framework's streaming response).
