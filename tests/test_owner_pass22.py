@@ -282,3 +282,25 @@ def test_serve_closes_its_port_when_the_engine_does_not_start(tiny_model_dir, mo
         gc.collect()
     assert rc == 2 and "the engine could not start" in capsys.readouterr().err
     assert not [w for w in caught if issubclass(w.category, ResourceWarning) and "socket" in str(w.message)]
+
+
+def test_an_adapter_file_gone_between_its_two_reads_is_one_clear_error(tiny_config, tokenizer, tmp_path, monkeypatch):
+    """load_adapter reads the adapter's file twice (its names, then its tensors): a folder replaced
+    in between (where the one-step exchange is not available) gave safetensors' raw traceback."""
+    import gpt1.core.lora as lora
+    from gpt1.core.errors import Gpt1Error
+    from tests.model_factories import model_without_stops
+
+    model = lora.inject_lora(model_without_stops(tiny_config, tokenizer, seed=1), lora.LoRAConfig(r=2))
+    lora.save_adapter(model, tmp_path / "adapter")
+    read = lora._read_adapter
+
+    def read_then_lose(directory):
+        found = read(directory)
+        (directory / lora.ADAPTER_WEIGHTS).unlink()
+        return found
+
+    monkeypatch.setattr(lora, "_read_adapter", read_then_lose)
+    with pytest.raises(Gpt1Error, match=r"adapter_model.safetensors: not a readable safetensors file .*; if its "
+                                        r"folder was being replaced, try again"):
+        lora.load_adapter(model_without_stops(tiny_config, tokenizer, seed=1), tmp_path / "adapter")

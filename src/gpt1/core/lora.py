@@ -619,7 +619,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
                         f"has {vocab_size:,} tokens: not an adapter for this model")
     with host_rng_kept():  # its random init is overwritten below: loading draws nothing from the host's RNG
         inject_lora(model, config)
-    state = load_file(str(directory / ADAPTER_WEIGHTS))
+    try:  # read again after _read_adapter: a folder replaced in between (a run saving best/) lost it
+        state = load_file(str(directory / ADAPTER_WEIGHTS))
+    except Exception as e:  # safetensors raises its own types, and FileNotFoundError
+        raise Gpt1Error(f"{directory / ADAPTER_WEIGHTS}: not a readable safetensors file ({e}); if its folder was "
+                        "being replaced, try again") from None
     expected = to_peft_state_dict(model)
     if set(state) != set(expected):
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
