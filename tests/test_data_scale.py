@@ -50,9 +50,9 @@ class Killed(Exception):
     pass
 
 
-# (val, seed): a fraction, where with seed 2 the long document is the smallest-hash one that the
+# (val, seed): a fraction, where with seed 5 the long document is the smallest-hash one that the
 # split moves to validation at the end (no document fell under the fraction); a count.
-@pytest.mark.parametrize("val,seed", [(0.3, 0), (0.3, 2), (1, 0)])
+@pytest.mark.parametrize("val,seed", [(0.3, 0), (0.3, 5), (1, 0)])
 def test_a_kill_inside_a_long_document_resumes_to_the_same_bytes(one_long_document, tokenizer, tmp_path,
                                                                  monkeypatch, val, seed):
     """A document longer than commit_bytes was never committed (a 1.5 GB text file: a kill at
@@ -87,7 +87,7 @@ def test_a_kill_inside_a_long_document_resumes_to_the_same_bytes(one_long_docume
     assert resumed["train"] == clean["train"] and resumed["val"] == clean["val"]
     for name in ("train.bin", "val.bin"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
-    if (val, seed) == (0.3, 2):  # the case this parameter is for: the long document held out whole
+    if (val, seed) == (0.3, 5):  # the case this parameter is for: the long document held out whole
         assert clean["val"]["tokens"] > clean["train"]["tokens"]
 
 

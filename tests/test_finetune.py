@@ -281,8 +281,8 @@ def test_a_small_chat_set_still_holds_out_a_dialog(tiny_model_dir, tmp_path, cap
     assert split_conversations(many, 0.05, 7) == old_split(many, 0.05, 7)
 
     chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [messages[0], {**messages[1], "content": f"hello {i}"}]}) + "\n"
-                            for i in range(6)))  # six different dialogs (copies of one are one group)
+    chat.write_text("".join(json.dumps({"messages": [{**messages[0], "content": f"hi {i}"}, messages[1]]}) + "\n"
+                            for i in range(6)))  # six trees (the dialogs of one first turn are one tree)
     result = finetune(_cfg(chat, "max_steps=1", "val_fraction=1e-6"), tiny_model_dir, tmp_path / "ft")
     assert result.val_loss is not None
     # One dialog has nothing to spare: the run trains, and says that it validates on nothing.

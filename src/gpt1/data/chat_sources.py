@@ -52,6 +52,11 @@ loses that turn; a path left with no assistant reply is dropped. Everything drop
 in `ChatStats.skipped`, never silently lost. Files are read through `gpt1.data.readers`: a malformed line (bad JSON, a missing or
 mistyped required field) raises Gpt1Error naming the file and line, or is skipped and counted
 with `skip_invalid`. Encoding for training is `gpt1.data.chat`.
+
+The train/validation split (`split_conversations`) keeps a message tree on one side: an OASST
+tree is its root message's tree; a record or chatterbot dialog belongs to the tree of its root,
+the system message (if any) and the first user turn, by their text: copies of a dialog, and paths
+of one tree written as records (the same first turn, other later turns), land on the same side.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ CHAT_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + YAML_SUFFIXES  # the reader 
 # validation/a.jsonl; Train.jsonl names none.
 SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
                "test": ("test", "testing", "eval", "evaluation")}
-# The split group of a {"messages"} record: a hash of its content (see _generic_conversation).
+# The split group of a {"messages"} record or chatterbot dialog: a hash of its root's text (`_root_group`).
 CONTENT_GROUP = "sha256:"
 # The formats of a chat file's records, as errors name them (module docstring).
 RECORD_FORMATS = {
@@ -123,7 +128,8 @@ SHAREGPT_TOOL_ROLES = ("function_call", "observation", "tool", "function")
 @dataclass
 class Conversation:
     """A list of {"role", "content"} messages; `group` keeps the conversations of one message
-    tree together when data is split into train and validation. An assistant message may hold
+    tree together when data is split into train and validation (an OASST tree's id, or the hash of
+    a record's root: `_root_group`). An assistant message may hold
     `"weight": 0` (OpenAI's fine-tuning records): its reply is context, not a training target."""
 
     messages: list[dict[str, str]]
@@ -607,10 +613,9 @@ def _record_conversation(kind: str, record: dict, stats: ChatStats) -> Conversat
 def _generic_conversation(raw: Any, key: str, stats: ChatStats, system: str | None = None) -> Conversation | None:
     """A record's messages (`raw`, from its field `key`, which errors name) as a conversation, after
     the `system` message of its field, pruned and counted as OASST's and chatterbot's are. Its group
-    is its content, not where it was read:
-    the validation split is then the same however the file's path is spelled or wherever it moves
-    (`gpt1 eval --chat` scores what the run held out), copies of a dialog land on the same side,
-    and the same turns in another record format are the same conversation."""
+    is its root's text (`_root_group`), not where it was read: the validation split is then the same
+    however the file's path is spelled or wherever it moves (`gpt1 eval --chat` scores what the run
+    held out), and the same turns in another record format are the same conversation."""
     _check_openai_keys(raw, key)
     try:
         messages = validate_messages(raw, source=f"field {key!r}")
@@ -646,8 +651,20 @@ def _generic_conversation(raw: Any, key: str, stats: ChatStats, system: str | No
         stats.trimmed[TRAILING_USER_TURN] += 1
     if names := sum(1 for r in raw if r.get("name") is not None):  # OpenAI's speaker names: no place for them
         stats.trimmed[NAMES_IGNORED] += names
-    content = json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
-    return Conversation(messages, CONTENT_GROUP + hashlib.sha256(content).hexdigest()[:16])
+    return Conversation(messages, _root_group(messages))
+
+
+def _root_group(messages: list[dict]) -> str:
+    """The split group of a record's or chatterbot dialog's conversation: a hash of its root, the
+    system message (if any) and the first user turn. The conversations of one tree share it, as
+    an OASST tree's do: copies of a dialog (chatterbot's tech_support.yml repeats ten dialogs about
+    100 times each), and the paths of one tree written as records (the same prompt and first
+    reply, other later turns). Grouped by a record's whole text and a dialog's place in its file,
+    they fell on both sides, and held-out conversations were scored on replies that training had
+    learned."""
+    root = messages[:2] if messages[0]["role"] == "system" else messages[:1]
+    text = json.dumps(root, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
+    return CONTENT_GROUP + hashlib.sha256(text).hexdigest()[:16]
 
 
 def _check_openai_keys(messages: Any, key: str = "messages") -> None:
@@ -848,7 +865,7 @@ def _read_chatterbot(files: list[Path], stats: ChatStats, skip_invalid: bool) ->
                 stats.skipped["conversations without an assistant reply"] += 1
                 continue
             messages = [{"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(turns)]
-            yield Conversation(messages, f"{file.name}:{i}")
+            yield Conversation(messages, _root_group(messages))  # by its root, as a record's
 
 
 def _dialog_turns(turns: Any, where: str) -> list[str]:
@@ -868,7 +885,8 @@ def _dialog_turns(turns: Any, where: str) -> list[str]:
 
 def split_conversations(conversations: list[Conversation], val_fraction: float,
                         seed: int = 0) -> tuple[list[Conversation], list[Conversation]]:
-    """A deterministic split by `group` (a whole message tree lands on one side). As in `gpt1
+    """A deterministic split by `group` (a whole message tree lands on one side: for records and
+    chatterbot dialogs, every conversation of one root, `_root_group`). As in `gpt1
     prepare`, a fraction > 0 holds out at least one of two or more trees: when none fell under
     it, the tree with the smallest hash (other splits are unchanged); and training always keeps
     one (a single tree whose hash fell under the fraction was held out, leaving nothing to train on)."""
@@ -894,9 +912,10 @@ def conversations_fingerprint(conversations: Iterable[Conversation]) -> str:
 
 
 def grouped_by_content(conversations: Iterable[Conversation]) -> bool:
-    """Whether these are {"messages"} records, the one source whose split changed: until
-    2026-12-05 (a15eed6) a record's group was its file and line (the path as typed), so a run
-    made before then held out other records than `split_conversations` holds out now."""
+    """Whether these are {"messages"} records or chatterbot dialogs, the sources whose split
+    changed: until 2026-12-05 (a15eed6) a record's group was its file and line (the path as
+    typed), and until 2026-12-07 a chatterbot dialog's was its file and place in it, so a run made
+    before then held out other conversations than `split_conversations` holds out now."""
     return any(c.group.startswith(CONTENT_GROUP) for c in conversations)
 
 

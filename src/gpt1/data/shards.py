@@ -5,13 +5,15 @@ the batch sources that read them.
 encoded in a worker thread while this one is written) and appends `[EOS]` after every
 document. Ids are stored as uint16 (NumPy memmap), so a vocabulary must fit in 65,536 ids.
 
-Validation split, deterministic and independent of batch size or core count:
-- a fraction `val` in (0, 1): document i is held out iff hash(seed, i) < val;
-- a count `val` >= 1: the `val` documents with the smallest hash(seed, i) are held out
-  (kept in memory until the end, so keep the count modest: thousands, not millions).
+Validation split, deterministic and independent of batch size or core count, by a document's
+hash: hash(seed, sha256 of its first piece), so that copies of a document (the same first
+PIECE_CHARS characters) fall on the same side:
+- a fraction `val` in (0, 1): a document is held out iff its hash < val;
+- a count `val` >= 1: the documents of the `val` smallest hashes are held out, copies of one
+  counted once (kept in memory until the end, so keep the count modest: thousands, not millions).
 
 Every fraction holds at least one validation document: when none fell under it (a small
-corpus), the document with the smallest hash is held out.
+corpus), the document with the smallest hash is held out, with its copies.
 
 Memory is bounded whatever the document lengths: documents arrive in pieces
 (`gpt1.core.text_pieces.PIECE_CHARS`) and are tokenized in batches of at most BATCH_CHARS
@@ -44,6 +46,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -95,6 +98,11 @@ PARTIAL = ".partial"
 DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(DTYPE).max) + 1
 FORMAT = "gpt1-shards"
+# How documents are split, in the preparation's key: a data dir prepared by gpt1 before 2026-12-07
+# split by hash(seed, index), so copies of a document fell on both sides; its key has no "split",
+# so its interrupted prepare starts over rather than resume with the other rule (its finished
+# shards still train: only the split was made the old way).
+SPLIT_RULE = "sha256 of each document's first piece"
 _SPLIT_SALT, _WINDOW_SALT = 0x5EED_5A17, 0x3A1D_0B75
 BATCH_CHARS = 2_000_000  # characters per tokenizer batch at most (with --batch-docs documents)
 COPY_TOKENS = 1 << 24
@@ -115,6 +123,13 @@ def _hash01(seed: int, salt: int, index: np.ndarray) -> np.ndarray:
         z *= np.uint64(0x94D049BB133111EB)
         z ^= z >> np.uint64(31)
     return z
+
+
+def _split_hash(seed: int, first_piece: str) -> int:
+    """A document's hash for the split (the module docstring): of the seed and its first piece,
+    which is cut the same way every time and is in hand when the document opens."""
+    digest = hashlib.sha256(first_piece.encode("utf-8", "surrogatepass")).digest()
+    return int(_hash01(seed, _SPLIT_SALT, np.array([int.from_bytes(digest[:8], "little")], dtype=np.uint64))[0])
 
 
 def piece_batches(pieces: Iterator[Piece], max_pieces: int) -> Iterator[list[Piece]]:
@@ -138,7 +153,7 @@ def _key(specs: list[str], sources: list[Source], tokenizer: Tokenizer, val: flo
     Sources are recorded by what they name (`normalized_spec`): `corpus/` is `corpus` again."""
     return {"sources": [json_path(normalized_spec(s)) for s in specs], "files": _files_hash(sources),
             "tokenizer_fingerprint": tokenizer.fingerprint, "val": val, "seed": seed, "text_field": text_field,
-            "skip_invalid": skip_invalid, "max_documents": max_documents}
+            "skip_invalid": skip_invalid, "max_documents": max_documents, "split": SPLIT_RULE}
 
 
 def _files_hash(sources: list[Source], as_spelled: bool = False) -> str:
@@ -304,7 +319,10 @@ def _differences(out: Path, key: dict) -> str:
     changed = [k for k in key if old_key.get(k) != key.get(k)]
     # "files" hashes the files' names, sizes and times: say that they changed, not the two
     # hashes, and nothing when the sources differ (other sources are other files).
-    diffs = [f"{k}: {old_key.get(k)!r} -> {key[k]!r}" for k in changed if k != "files"]
+    # A key without "split" is gpt1's before 2026-12-07, which split documents by their index.
+    diffs = [f"{k}: {old_key.get(k)!r} -> {key[k]!r}" if k != "split" or "split" in old_key
+             else f"split: by each document's place (gpt1 before 2026-12-07) -> by its text ({key[k]})"
+             for k in changed if k != "files"]
     if "files" in changed and "sources" not in changed:
         diffs.append("files (changed on disk)")
     if not diffs and (why := _meta_problem(old)):  # the same preparation, but meta.json is damaged
@@ -369,16 +387,17 @@ class ShardWriter:
     """Writes one preparation into a data dir, resumably.
 
     Tokens are appended to `train.bin.partial` / `val.bin.partial` as documents arrive, piece by
-    piece (a document's side is known from its index before its text is read). In count mode
-    the best validation candidates so far (smallest hashes) stay in memory; in fraction mode the
-    smallest-hash training document is remembered, to become the validation split if no
-    document fell into it (a 20-document corpus with the default 0.0005 still validates).
+    piece (a document's side is known from its first piece, before the rest is read). In count
+    mode the best validation candidates so far (smallest hashes, with their copies) stay in
+    memory; in fraction mode the smallest-hash training document and its copies are
+    remembered, to become the validation split if no document fell into it (a 20-document
+    corpus with the default 0.0005 still validates).
     A commit may fall between two pieces of a document written to a file as it comes: the state
-    then counts its pieces written (`pieces`), and a resume opens that document again at its next
-    piece, on the same side: a side depends on the document's index and the committed heap alone
-    (the heap changes only when a document ends), and the smallest-hash record already names it
-    if it is the one. A count-mode candidate's pieces are in memory, not in a file: a commit
-    waits for its end.
+    then counts its pieces written (`pieces`) and holds its hash (`document_hash`: its first piece
+    is not read again), and a resume opens that document again at its next piece, on the same
+    side: a side depends on the document's hash and the committed heap alone (the heap changes
+    only when a document ends), and the smallest-hash record already names it if it is one. A
+    count-mode candidate's pieces are in memory, not in a file: a commit waits for its end.
 
     `commit` makes everything written so far durable in one atomic step: the shards are fsynced,
     the count-mode candidates go to a new numbered heap file, then `prepare-state.json` (which
@@ -397,6 +416,7 @@ class ShardWriter:
         self.resuming = committed is not None
         self.state = committed or self._fresh_state()
         self.heap = self._load_heap()  # count mode: a max-heap by hash of (-hash, index, tokens)
+        self._heap_hashes = Counter(-entry[0] for entry in self.heap)  # its hashes: copies of one count once
         self.uncommitted_bytes = 0
         self._side: str | None = None  # "train", "val" or "heap" while a document is open
         self._hash = 0  # the open document's
@@ -412,10 +432,12 @@ class ShardWriter:
         return self._side != "heap"
 
     def _fresh_state(self) -> dict:
-        # `pieces`: of the open document (index `documents`), those written, when a commit fell inside it.
-        return {"key": self.key, "documents": 0, "pieces": 0, "bytes": 0, "train_tokens": 0, "val_tokens": 0,
-                "train_documents": 0, "val_documents": 0, "heap": [], "heap_file": None, "commits": 0,
-                "smallest_train": None}
+        # `pieces`: of the open document (index `documents`), those written, when a commit fell inside
+        # it; `document_hash`: its hash then. `heap`: [index, tokens, hash] of each count-mode candidate.
+        # `smallest_train`: the smallest hash of a training document and [offset, tokens] of its copies.
+        return {"key": self.key, "documents": 0, "pieces": 0, "document_hash": None, "bytes": 0, "train_tokens": 0,
+                "val_tokens": 0, "train_documents": 0, "val_documents": 0, "heap": [], "heap_file": None,
+                "commits": 0, "smallest_train": None}
 
     def _load_state(self) -> dict | None:
         """The committed state of an interrupted run of this preparation; None to start over."""
@@ -466,14 +488,11 @@ class ShardWriter:
         if not self.state["heap"]:
             return []
         flat = np.fromfile(self.out / self.state["heap_file"], dtype=DTYPE)
-        offsets = np.cumsum([0] + [n for _, n in self.state["heap"]])
-        heap = [(-self._hash_of(index), index, flat[a:b])
-                for (index, _), a, b in zip(self.state["heap"], offsets[:-1], offsets[1:])]
+        offsets = np.cumsum([0] + [n for _, n, _ in self.state["heap"]])
+        heap = [(-hash_, index, flat[a:b])
+                for (index, _, hash_), a, b in zip(self.state["heap"], offsets[:-1], offsets[1:])]
         heapq.heapify(heap)
         return heap
-
-    def _hash_of(self, index: int) -> int:
-        return int(_hash01(self.seed, _SPLIT_SALT, np.array([index]))[0])
 
     def __enter__(self) -> ShardWriter:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -502,7 +521,7 @@ class ShardWriter:
     # ---- documents -----------------------------------------------------------------------
     def add(self, piece: Piece, ids: list[int]) -> None:
         if self._side is None:
-            self._open_document()
+            self._open_document(piece.text)
         tokens = _uint16(ids)
         if self._side == "heap":
             self._pieces.append(tokens)
@@ -515,16 +534,25 @@ class ShardWriter:
         else:
             self.state["pieces"] += 1
 
-    def _open_document(self) -> None:
-        self._hash = self._hash_of(self.state["documents"])
+    def _open_document(self, first_piece: str) -> None:
+        # Opened again after a commit inside it (a resume): its first piece was written before, and
+        # the smallest-hash record names it already if it is one.
+        reopened = self.state["pieces"] > 0
+        self._hash = self.state["document_hash"] if reopened else _split_hash(self.seed, first_piece)
+        self.state["document_hash"] = self._hash
         if self.by_count:
-            wanted = len(self.heap) < self.val or self._hash < -self.heap[0][0]
+            wanted = (self._hash in self._heap_hashes or len(self._heap_hashes) < self.val
+                      or self._hash < -self.heap[0][0])
             self._side = "heap" if wanted else "train"
             return
         self._side = "val" if self._hash < self.threshold else "train"
         smallest = self.state["smallest_train"]
-        if self._side == "train" and (smallest is None or self._hash < smallest["hash"]):
-            self.state["smallest_train"] = {"hash": self._hash, "offset": self.state["train_tokens"], "tokens": 0}
+        if self._side != "train" or reopened:
+            return
+        if smallest is None or self._hash < smallest["hash"]:
+            self.state["smallest_train"] = {"hash": self._hash, "copies": [[self.state["train_tokens"], 0]]}
+        elif self._hash == smallest["hash"]:  # a copy: held out with it, if it is held out
+            smallest["copies"].append([self.state["train_tokens"], 0])
 
     def _append(self, side: str, tokens: np.ndarray) -> None:
         with writing(self.files[side].name):  # a full disk names the file (numpy's error does not)
@@ -532,23 +560,27 @@ class ShardWriter:
         self.state[f"{side}_tokens"] += len(tokens)
         smallest = self.state["smallest_train"]
         if side == "train" and smallest is not None and smallest["hash"] == self._hash:
-            smallest["tokens"] += len(tokens)
+            smallest["copies"][-1][1] += len(tokens)  # the open document is its last copy
 
     def _close_document(self) -> None:
         eos = np.array([self.eos], dtype=DTYPE)
         if self._side == "heap":
-            entry = (-self._hash, self.state["documents"], np.concatenate([*self._pieces, eos]))
+            full = self._hash not in self._heap_hashes and len(self._heap_hashes) >= self.val
+            heapq.heappush(self.heap, (-self._hash, self.state["documents"], np.concatenate([*self._pieces, eos])))
+            self._heap_hashes[self._hash] += 1
             self._pieces = []
-            if len(self.heap) < self.val:
-                heapq.heappush(self.heap, entry)
-            else:
-                self._append("train", heapq.heapreplace(self.heap, entry)[2])
-                self.state["train_documents"] += 1
+            if full:  # the largest hash leaves for training, every copy of it (in the order they came)
+                worst = self.heap[0][0]
+                while self.heap[0][0] == worst:
+                    self._append("train", heapq.heappop(self.heap)[2])
+                    self.state["train_documents"] += 1
+                del self._heap_hashes[-worst]
         else:
             self._append(self._side, eos)
             self.state[f"{self._side}_documents"] += 1
         self.state["documents"] += 1
         self.state["pieces"] = 0
+        self.state["document_hash"] = None
         self._side = None
 
     # ---- committing and finishing ----------------------------------------------------------
@@ -564,7 +596,7 @@ class ShardWriter:
             heap_file = f"{HEAP_FILE}.{self.state['commits']}"
             with atomic_path(self.out / heap_file) as tmp:
                 (np.concatenate([e[2] for e in entries]) if entries else np.empty(0, DTYPE)).tofile(tmp)
-            self.state["heap"] = [[e[1], len(e[2])] for e in entries]
+            self.state["heap"] = [[e[1], len(e[2]), -e[0]] for e in entries]
             self.state["heap_file"] = heap_file
         crash_point("prepare-commit")
         write_json(self.state_path, self.state)  # the commit point
@@ -622,26 +654,32 @@ class ShardWriter:
 
     def _move_smallest_to_val(self) -> None:
         """No document fell into the validation fraction: hold out the smallest-hash one (of at
-        least two). Written as new files from the committed partials, so a kill here leaves them
-        intact and a rerun does it again."""
-        state, smallest = self.state, self.state["smallest_train"]
+        least two), with its copies. Written as new files from the committed partials, so a kill
+        here leaves them intact and a rerun does it again."""
+        state, copies = self.state, self.state["smallest_train"]["copies"]
         if state["train_documents"] < 2:
             self._abandon()
             raise Gpt1Error(f"the corpus has {state['train_documents']} document: a validation split needs "
                             f"at least two; {TEXT_FILE_IS_ONE_DOCUMENT}")
+        if len(copies) == state["train_documents"]:
+            self._abandon()
+            raise Gpt1Error(f"the corpus's {state['train_documents']:,} documents are copies of one: a validation "
+                            "split needs two different ones (copies of a document are held out together)")
         train = np.memmap(self.train_tmp, dtype=DTYPE, mode="r")
-        a, b = smallest["offset"], smallest["offset"] + smallest["tokens"]
-        with atomic_path(self.out / VAL_FILE) as tmp:
-            np.asarray(train[a:b]).tofile(tmp)
+        kept = zip([0] + [a + n for a, n in copies], [a for a, _ in copies] + [len(train)])  # between the copies
+        with atomic_path(self.out / VAL_FILE) as tmp, open(tmp, "wb") as f:
+            for a, n in copies:
+                np.asarray(train[a:a + n]).tofile(f)
         with atomic_path(self.out / TRAIN_FILE) as tmp, open(tmp, "wb") as f:
-            for start, end in ((0, a), (b, len(train))):
+            for start, end in kept:
                 for chunk in range(start, end, COPY_TOKENS):
                     np.asarray(train[chunk:min(chunk + COPY_TOKENS, end)]).tofile(f)
         del train
-        state["train_tokens"] -= b - a
-        state["val_tokens"] += b - a
-        state["train_documents"] -= 1
-        state["val_documents"] = 1
+        moved = sum(n for _, n in copies)
+        state["train_tokens"] -= moved
+        state["val_tokens"] += moved
+        state["train_documents"] -= len(copies)
+        state["val_documents"] = len(copies)
 
     def _abandon(self) -> None:
         self._remove_partials()
