@@ -227,10 +227,11 @@ def test_an_older_gpt1s_interrupted_prepare_starts_over(tokenizer, tmp_path, cap
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
 
 
-def test_a_data_dir_prepared_by_an_older_gpt1_still_trains_and_is_not_taken_as_this_split(
-        corpus_dir, tokenizer, tmp_path):
+def test_a_data_dir_prepared_by_an_older_gpt1_still_trains_and_is_kept_with_a_warning(
+        corpus_dir, tokenizer, tmp_path, caplog):
     """Its meta.json's key has no "split": pretraining reads it as before; a rerun of its prepare
-    is refused as other settings, naming the split, until --overwrite (it was "nothing to do")."""
+    (a quickstart folder run again after an upgrade) keeps it, saying what its split may hold,
+    and --overwrite prepares it again by text."""
     from gpt1.train.config import TrainConfig, load_config
     from gpt1.train.pretrain import pretrain
 
@@ -243,8 +244,13 @@ def test_a_data_dir_prepared_by_an_older_gpt1_still_trains_and_is_not_taken_as_t
     overrides = ["model=tiny", "n_layer=1", "block_size=32", "batch_size=2", "max_steps=1", "eval_every=1",
                  "eval_batches=1", "device=cpu"]
     assert pretrain(load_config(TrainConfig, None, overrides), out, tmp_path / "run").steps == 1
-    with pytest.raises(Gpt1Error, match=r"already holds data prepared with other settings \(split: by each "
-                                        r"document's place \(gpt1 before 2026-12-07\) -> by its text .*--overwrite"):
-        prepare([corpus], tokenizer, out, val=2)
+    with caplog.at_level("INFO", logger="gpt1"):
+        assert "split" not in prepare([corpus], tokenizer, out, val=2)["key"]
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{out} was split by each document's place (gpt1 before 2026-12-07): a copy of a held-out document may be "
+        "in its training share, so its validation loss may be low; prepare it again (--overwrite) to split it by "
+        "text, which keeps copies on one side"]
+    with pytest.raises(Gpt1Error, match=r"already holds data prepared with other settings \(val"):
+        prepare([corpus], tokenizer, out, val=3)  # other settings still refused
     assert prepare([corpus], tokenizer, out, val=2, overwrite=True)["key"]["split"]
     assert prepare([corpus], tokenizer, out, val=2)["val"]["documents"] == 2  # now this preparation: nothing to do

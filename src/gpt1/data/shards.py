@@ -70,7 +70,7 @@ from gpt1.core.io import (
     write_through,
     writing,
 )
-from gpt1.core.progress import info, progress
+from gpt1.core.progress import info, progress, warn
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
 from gpt1.data.readers import ReadMeter, declares_data_files
 from gpt1.data.sources import (
@@ -103,6 +103,7 @@ FORMAT = "gpt1-shards"
 # so its interrupted prepare starts over rather than resume with the other rule (its finished
 # shards still train: only the split was made the old way).
 SPLIT_RULE = "sha256 of each document's first piece"
+_REDO_SPLIT = "prepare it again (--overwrite) to split it by text, which keeps copies on one side"
 _SPLIT_SALT, _WINDOW_SALT = 0x5EED_5A17, 0x3A1D_0B75
 BATCH_CHARS = 2_000_000  # characters per tokenizer batch at most (with --batch-docs documents)
 COPY_TOKENS = 1 << 24
@@ -200,16 +201,24 @@ def _recorded_key(key: object) -> object:
     return upgraded
 
 
-def _prepared_already(out: Path, key: dict) -> dict | None:
-    """The meta of `out` when it holds exactly the preparation `key` names, complete; else None."""
+def _prepared_already(out: Path, key: dict, overwrite: bool = False) -> dict | None:
+    """The meta of `out` when it holds exactly the preparation `key` names, complete (or the same
+    preparation split by place, unless `overwrite`); else None."""
     meta_path = out / META_FILE
     if not meta_path.is_file():
         return None
     old = read_json(meta_path)
-    if not (isinstance(old, dict) and _recorded_key(old.get("key")) == key and _meta_problem(old) is None
-            and shards_complete(out, old)):
+    recorded = _recorded_key(old.get("key")) if isinstance(old, dict) else None
+    # Prepared before the split followed the text (2026-12-07): the same data, kept (a rerun of a
+    # quickstart folder stopped at its data stage), and said what its held-out share may hold.
+    by_place = not overwrite and isinstance(recorded, dict) and "split" not in recorded and recorded == {
+        k: v for k, v in key.items() if k != "split"}
+    if not ((recorded == key or by_place) and _meta_problem(old) is None and shards_complete(out, old)):
         return None
     info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
+    if by_place:
+        warn(f"{out} was split by each document's place (gpt1 before 2026-12-07): a copy of a held-out document "
+             f"may be in its training share, so its validation loss may be low; {_REDO_SPLIT}")
     return old
 
 
@@ -247,12 +256,12 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
     key = _key(sources, resolved, tokenizer, val, seed, text_field, skip_invalid, max_documents)
     # Finished already and nobody rewriting it: nothing to write, so no lock either (the folder may
     # be read-only, e.g. a shared copy). meta.json is written last, so it names complete shards.
-    if not held_by_another(out) and (done := _prepared_already(out, key)) is not None:
+    if not held_by_another(out) and (done := _prepared_already(out, key, overwrite)) is not None:
         return done
     # One prepare writes a data dir at a time: a second one would delete the first's partial files
     # and its meta.json. Released when the process ends, however it ends.
     with exclusive(out, "preparing data"):
-        if (done := _prepared_already(out, key)) is not None:  # by a run that held the lock before us
+        if (done := _prepared_already(out, key, overwrite)) is not None:  # by a run that held the lock before us
             return done
         if (out / META_FILE).is_file():
             if not overwrite:
