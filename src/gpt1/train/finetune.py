@@ -538,7 +538,7 @@ def _check_legacy_split(out: Path, record: dict, sequences: int, dist, redo_hint
     except Exception:  # unreadable: the loop names the file when it loads the checkpoint
         return
     why = ("the run predates 2026-12-05, when gpt1 split {\"messages\"} records into train and "
-           "validation by file and line (now by content)")
+           "validation by file and line (by their first turn since 2026-12-07)")
     if saved != sequences:
         raise Gpt1Error(f"cannot resume {out}: its checkpoint was made on {saved} chat sequences and the data now "
                         f"gives {sequences}, but the data may not have changed: {why}; "
@@ -599,7 +599,7 @@ def _held_out_doubt(llm, record: dict, train: list, held_out: list, block_size: 
                 "it trained on")
     if _split_unrecorded(record) and grouped_by_content(train + held_out):
         return (f"the run predates gpt1's record of its split ({where}), and until 2026-12-05 gpt1 split "
-                "{\"messages\"} records by file and line (now by content), so some of the conversations scored "
+                "{\"messages\"} records by file and line (by their first turn since 2026-12-07), so some of the conversations scored "
                 "may be ones it trained on")
     return None
 

@@ -90,7 +90,10 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
                               if old_data[k] != data.get(k))
             if diffs:
                 raise Gpt1Error(f"{run_dir} holds a run on other training data ({diffs}); "
-                                + (redo_hint or "rerun with the data it was trained on to resume it, or choose another --out"))
+                                + (redo_hint or "rerun with the data it was trained on to resume it (the same files "
+                                                "split otherwise before 2026-12-07, when gpt1 began to keep copies "
+                                                "and a conversation's paths on one side: such a run resumes with the "
+                                                "gpt1 that began it), or choose another --out"))
         # The run as started stays recorded; what it did not record (an older gpt1) is, from now on.
         record = {**old, "world_size": world_size}
         if data is not None:
