@@ -68,7 +68,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _timeless_metrics(run_dir: Path) -> list[dict]:
-    return [{key: value for key, value in record.items() if key != "tokens_per_sec"} for record in _metrics(run_dir)]
+    return [{key: value for key, value in record.items() if key not in ("tokens_per_sec", "elapsed")}
+            for record in _metrics(run_dir)]
 
 
 def _state(run_dir: Path) -> dict:

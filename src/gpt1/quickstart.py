@@ -105,8 +105,9 @@ class QuickstartResult:
     chat_val_perplexity: float | None  # on the assistant replies of the held-out dialogs
     chat_val_bits_per_byte: float | None
     samples: list[Sample]
-    # stage -> wall time it took to make its output: a training stage's, the time budget its run
-    # spent over every invocation; a reused tokenizer or data, the time of the run that made it
+    # stage -> wall time it took to make its output: a resumed training stage's adds the time budget
+    # its earlier invocations spent; a reused stage's is the time of the run that made it (a training
+    # stage without that run's summary.json: the time budget its run spent)
     seconds: dict[str, float] = field(default_factory=dict)
     planned: dict[str, float] = field(default_factory=dict)  # stage -> its time budget (training stages)
     # stage -> what ended it before its budget was spent (its epochs, on a machine fast enough to finish them)
@@ -154,11 +155,6 @@ def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
     chat = _finetune(cfg, out / "base", out / "chat")
     done("finetune")
     planned["finetune"] = _budget(out / "chat", 0.0)
-    # A training stage's time is the budget its run spent over every invocation (a killed and
-    # resumed one, a reused one): not this invocation's part of it.
-    for name, trained in (("pretrain", base), ("finetune", chat)):
-        if trained.budget_spent is not None:
-            seconds[name] = trained.budget_spent
     ended_early = {}  # a fast machine finishes a stage's epochs before its budget is spent
     if _reached_step_cap(out / "base", base.steps):
         ended_early["pretrain"] = f"{MAX_PRETRAIN_EPOCHS} epochs of the corpus"
@@ -166,7 +162,16 @@ def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
         ended_early["finetune"] = f"{_run_config(out / 'chat')['epochs']:g} epochs of the dialogs"
     made_before |= {"pretrain": base.resumed_from >= base.steps, "finetune": chat.resumed_from >= chat.steps}
     reused = [name for name, before in made_before.items() if before]
-    _keep_earlier_seconds(out, [name for name in reused if name in ("tokenizer", "prepare")], seconds)
+    # A training stage's time is its whole run's: the stage's wall time (its setup, steps, final
+    # validation, checkpoint and plot: what the budget plans to end on time), plus the budget a
+    # killed run's earlier invocations spent; not the budget alone, which left out the run's end
+    # ("pretrain 34 s" for a stage of 39 s). A reused run's is the time it took to make (below).
+    for name, trained in (("pretrain", base), ("finetune", chat)):
+        if name in reused and trained.budget_spent is not None:
+            seconds[name] = trained.budget_spent
+        elif trained.budget_spent_before:
+            seconds[name] += trained.budget_spent_before
+    _keep_earlier_seconds(out, reused, seconds)
 
     stage("samples", "5/5 samples: held-out scores and the model card's three uses")
     base_llm = gpt1.load(out / "base", device="cpu")
@@ -199,8 +204,8 @@ def _plot(out: Path) -> Path | None:
 
 
 def _keep_earlier_seconds(out: Path, reused: list[str], seconds: dict) -> None:
-    """A rerun that reuses the tokenizer or the prepared data keeps, in summary.json, the time
-    the run that made them took (from its summary.json, when it got that far), not the instant of the reuse."""
+    """A rerun that reuses stages keeps, in summary.json, the time the run that made them took
+    (from its summary.json, when it got that far), not the instant of the reuse."""
     try:
         earlier = read_json(out / SUMMARY_FILE)
     except Gpt1Error:  # none yet (or damaged: it is rewritten)

@@ -12,7 +12,8 @@ A run dir looks like this::
         trainable.safetensors  every parameter with requires_grad (what resume loads)
         trainer_state.pt       optimizer, GradScaler, step, sampler state, every RNG state (every rank's),
                                the lowest validation loss so far and its step
-        outputs.done           present once RUN's model files were written from this checkpoint
+        outputs.done           present once RUN's model files were written from this checkpoint (the final
+                               checkpoint of a run with a time budget: the budget spent then, as JSON)
       best/                    with keep_best=true: the model of the lowest validation loss (a model dir)
 
 The usable model is RUN itself (rewritten after every checkpoint); a checkpoint holds only what
@@ -31,6 +32,8 @@ against `STATE_SCHEMA` (`check_trainer_state`) before anything uses it.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import re
@@ -62,7 +65,7 @@ _RNG = {"torch": torch.Tensor, "cuda": list,  # `rng_state`'s layout ("mps" only
 STATE_SCHEMA = {"step": int, "rng": _RNG, "optimizer": dict, "scaler": dict, "sampler": dict, "tokens": int,
                 "last": {"loss": (*_NUMBER, type(None)), "val_loss": (*_NUMBER, type(None))}}
 # Keys a checkpoint of an older gpt1 lacks (the loop has a default for each): checked when present.
-LATER_KEYS = {"end": int, "budget_spent": _NUMBER, "step_time": (*_NUMBER, type(None)),
+LATER_KEYS = {"end": int, "budget_spent": _NUMBER, "elapsed": _NUMBER, "step_time": (*_NUMBER, type(None)),
               "schedule": (dict, type(None)), "rank_rng": [_RNG],
               "best": {"step": (int, type(None)), "val_loss": (*_NUMBER, type(None))}, "since_best": int,
               "bad_steps": int, "scale_fall": (dict, type(None)), "applied_since_validation": bool}
@@ -171,8 +174,20 @@ def outputs_written(checkpoint: Path) -> bool:
     return (Path(checkpoint) / OUTPUTS_FILE).is_file()
 
 
-def mark_outputs_written(checkpoint: Path) -> None:
-    write_text(Path(checkpoint) / OUTPUTS_FILE, "")
+def mark_outputs_written(checkpoint: Path, budget_spent: float | None = None) -> None:
+    """Mark `checkpoint`'s outputs written; `budget_spent`: the time budget the run spent once they
+    were (its final checkpoint's writes included, which its trainer state, saved before them, lacks)."""
+    write_text(Path(checkpoint) / OUTPUTS_FILE, "" if budget_spent is None else json.dumps({"budget_spent": budget_spent}))
+
+
+def final_budget_spent(checkpoint: Path) -> float | None:
+    """The time budget spent that `mark_outputs_written` kept; None where it kept none (not the final
+    checkpoint of a budget run, an older gpt1's mark, no mark, a damaged one)."""
+    try:
+        spent = json.loads((Path(checkpoint) / OUTPUTS_FILE).read_text(encoding="utf-8"))["budget_spent"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return float(spent) if isinstance(spent, _NUMBER) and not isinstance(spent, bool) and math.isfinite(spent) else None
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:

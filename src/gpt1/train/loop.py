@@ -94,6 +94,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -135,6 +136,12 @@ __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 BEST_DIR = "best"  # RUN/best: the model of the lowest validation loss (keep_best=true)
+# A time budget's guesses for the run's end before it has timed a checkpoint (`_TimeBudget.reserve`):
+# a checkpoint writes the trainable weights about four times (the checkpoint's copy, the optimizer's
+# two moments, the run dir's model) at SAVE_RATE bytes/s (tiny-cpu's 30 MB took 0.06 s on 2 cores);
+# loss.png, drawn after the final one, PLOT_SECONDS (matplotlib's import and a drawing: 1.0 to 1.9 s
+# on 2 busy cores, 0.7 s with matplotlib imported).
+SAVE_RATE, PLOT_SECONDS = 500e6, 1.0
 
 # Dense (no sparsity) FP16/BF16 tensor-core peak FLOP/s per GPU, matched against
 # torch.cuda.get_device_name(); longest match wins. MFU is reported against this peak.
@@ -167,11 +174,12 @@ class TrainResult:
     val_perplexity: float | None
     seconds: float  # wall time of this invocation
     resumed_from: int  # the step this invocation started at (0 = fresh run)
-    # seconds of the time budget its steps used, every invocation's (to its last checkpoint: the
-    # final one of a finished run); None without a budget
+    # seconds of the time budget the run used, every invocation's: to the end of its final checkpoint
+    # (its outputs and loss.png written) for a finished run, else to its latest checkpoint; None without a budget
     budget_spent: float | None = None
     best_step: int | None = None  # the step of the lowest validation loss (RUN/best with keep_best); None: no validation
     best_val_loss: float | None = None
+    budget_spent_before: float | None = None  # of budget_spent, the invocations' before this one (0.0: a fresh run)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -400,6 +408,10 @@ class _Run:
         self.start_step, self.tokens_seen, self.last = 0, 0, {"loss": None, "val_loss": None}
         self.end = max_steps  # the planned last step (re-planned under a time budget)
         self.budget_spent = 0.0  # as of the latest checkpoint: what a rerun reports too
+        # Seconds of the run so far as of the latest checkpoint, every invocation's (its time budget's
+        # where it has one, pauses not counted; else wall time): the clock of metrics.jsonl's `elapsed`
+        self.elapsed_before = 0.0
+        self.began = time.perf_counter()  # when this invocation's time began (`plan`)
         self.finished = False  # the run had finished before this invocation (`begin`)
         # The lowest validation loss so far and its step, and the validations since it (early_stop)
         self.best: dict = {"step": None, "val_loss": None}
@@ -433,6 +445,9 @@ class _Run:
         self.train_data.load_state_dict(state["sampler"])
         self.start_step, self.tokens_seen, self.last = state["step"], state["tokens"], state["last"]
         self.end, self.budget_spent = state.get("end", self.max_steps), state.get("budget_spent", 0.0)
+        if self.start_step >= self.end:  # a finished run: what its final checkpoint spent, its own writes included
+            self.budget_spent = ckpt.final_budget_spent(latest) or self.budget_spent
+        self.elapsed_before = state.get("elapsed", self.budget_spent)  # an older gpt1's: its budget's, else 0
         # A checkpoint of an older gpt1 has no best: the next validation is the first.
         self.best, self.since_best = dict(state.get("best", self.best)), state.get("since_best", 0)
         # A run killed inside a stretch of skipped steps stops where an uninterrupted one does (reset
@@ -440,7 +455,10 @@ class _Run:
         self.bad_steps, self.scale_fall = state.get("bad_steps", 0), state.get("scale_fall")
         self.applied_since_validation = state.get("applied_since_validation", True)
         if dist.is_main and self.start_step < self.end:  # a finished run says so at the end ("nothing to do"), not "resuming"
-            info(f"resuming {self.run_dir} from step {self.start_step:,} of {self.end:,} ({latest.name})")
+            budget = cfg.time_budget
+            spent = (f"; {_duration(self.budget_spent)} of its {_duration(budget)} time budget spent, "
+                     f"{_duration(max(0.0, budget - self.budget_spent))} left" if budget > 0 else "")
+            info(f"resuming {self.run_dir} from step {self.start_step:,} of {self.end:,} ({latest.name}){spent}")
         # Each rank restores its own RNG states (its dropout masks go on as in an uninterrupted run).
         # A checkpoint of an older gpt1 holds rank 0's alone: the other ranks reseed reproducibly.
         rank_rngs = state.get("rank_rng")
@@ -465,8 +483,9 @@ class _Run:
             if self.start_step and self.cfg.keep_best and self.best["step"] is not None \
                     and not self.record.settings_before(self.start_step).get("keep_best"):
                 self._start_keeping_best()
+            spent = {"budget_spent": self.budget_spent} if self.cfg.time_budget > 0 else {}
             distributed.main_only(lambda: self.record.start(
-                self.start_step, _provenance(self.cfg, self.device, self.precision, data_source)))
+                self.start_step, {**_provenance(self.cfg, self.device, self.precision, data_source), **spent}))
             if self.dist.is_main:  # lines a killed run logged after its last checkpoint (or before its first)
                 _trim_metrics(self.run_dir / METRICS_FILE, self.start_step)
             if self.dist.is_main and self.start_step == 0 and (self.run_dir / BEST_DIR).is_dir():
@@ -507,8 +526,10 @@ class _Run:
     def plan(self, state: dict | None) -> None:
         """The plan from here, `state` the resumed checkpoint's: under a time budget, the end
         re-planned after every step (`_TimeBudget`) and a rate that never rises after its warmup
-        (`BudgetSchedule`); else the fixed plan's `lr_at`, and on rank 0 its projected wall time."""
+        (`BudgetSchedule`); else the fixed plan's `lr_at`, and on rank 0 its projected wall time.
+        This invocation's time (its budget's, its `elapsed`) counts from here."""
         cfg = self.cfg
+        self.began = time.perf_counter()
         if cfg.time_budget > 0:
             schedule_state = state.get("schedule") if state is not None else None
             if state is not None and schedule_state is None:
@@ -518,8 +539,13 @@ class _Run:
                 schedule_state = BudgetSchedule.state_from_rate(cfg.lr, cfg.warmup, self.start_step, self.end,
                                                                 group["lr"] / group.get("lr_scale", 1.0))
             step_time = state.get("step_time") if state is not None else None  # the budget's median (None before 2026-12)
+            # Guesses for the run's end until timed: a validation's forward passes at a third of a
+            # training step's forward and backward each; a checkpoint from the bytes it writes.
+            trainable = sum(p.numel() * p.element_size() for p in self.params)
             self.budget = _TimeBudget(cfg.time_budget, self.budget_spent, self.max_steps, cfg.eval_every, cfg.cooldown,
-                                      end=self.end, step_time=step_time)
+                                      end=self.end, step_time=step_time,
+                                      validation_steps=cfg.eval_batches / (3 * cfg.grad_accum * self.dist.world_size),
+                                      save_seconds=4 * trainable / SAVE_RATE, plot_seconds=PLOT_SECONDS)
             self.schedule = BudgetSchedule(cfg.lr, cfg.min_lr, cfg.warmup, cfg.cooldown, schedule_state)
         elif self.dist.is_main:
             self.rate = _RunRate(self.start_step, self.end, cfg.eval_every, cfg.save_every)
@@ -644,7 +670,7 @@ class _Run:
             raise _bad_steps_error(f"the {what} was NaN/inf for the last {self.bad_steps} of the run's "
                                    f"{done:,} steps", self.run_dir, self.precision)
         return {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr, "tokens": self.tokens_seen,
-                "skipped": skipped}
+                "elapsed": round(self.elapsed(), 3), "skipped": skipped}
 
     def optimizer_step(self, done: int, grad_norm: float) -> None:
         """Apply step `done`'s gradients (fp16-mixed: unless they overflowed, which the GradScaler skips)."""
@@ -691,12 +717,18 @@ class _Run:
                   "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # inf: an fp16 overflow
                   "tokens": self.tokens_seen, "tokens_per_sec": tokens_per_sec,
                   "mfu": (self.flops_per_token(batches[-1][0].size(1)) * tokens_per_sec / (self.peak * self.dist.world_size)
-                          if self.peak and self.flops_per_token else None)}
+                          if self.peak and self.flops_per_token else None),
+                  "elapsed": round(self.elapsed(), 3)}
         if self.threads:
             metric["threads"] = torch.get_num_threads()  # the count this step ran on
         if self.scaler.is_enabled() and not math.isfinite(grad_norm):
             metric["skipped"] = "fp16 overflow"
         return metric
+
+    def elapsed(self) -> float:
+        """Seconds of the run so far, every invocation's (to the latest checkpoint for those before this
+        one): its time budget's, pauses not counted, else wall time."""
+        return self.budget.spent() if self.budget else self.elapsed_before + time.perf_counter() - self.began
 
     def tune_threads(self, elapsed: float, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The thread tuner (a CPU run under a time budget) times the step; it may change the count."""
@@ -769,7 +801,9 @@ class _Run:
     def _save_best(self) -> None:
         """RUN/best: `save_model`'s files of the model as it is now, replacing the earlier best whole,
         with the run's train_config.json (`gpt1 eval --chat RUN/best` holds out what the run held out)."""
-        with atomic_dir(self.run_dir / BEST_DIR) as tmp:
+        # The run's own folder: a file another process put there (eval's report.md) is dropped with
+        # a warning, never a reason to stop the run (it ended a keep_best run before its first checkpoint).
+        with atomic_dir(self.run_dir / BEST_DIR, owned=True) as tmp:
             self.save_model(tmp, self.raw_model)
             shutil.copyfile(self.run_dir / CONFIG_FILE, tmp / CONFIG_FILE)
 
@@ -820,21 +854,30 @@ class _Run:
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                  "sampler": self.train_data.state_dict(), "tokens": self.tokens_seen, "last": dict(self.last),
                  "config": self.cfg.to_dict(), "max_steps": self.max_steps, "end": self.end,
-                 "budget_spent": self.budget_spent, "step_time": self.budget.step_time if self.budget else None,
+                 "budget_spent": self.budget_spent, "elapsed": self.elapsed(),
+                 "step_time": self.budget.step_time if self.budget else None,
                  "schedule": self.schedule.state_dict() if self.schedule else None,
                  "best": dict(self.best), "since_best": self.since_best,
                  "bad_steps": self.bad_steps, "scale_fall": dict(self.scale_fall) if self.scale_fall else None,
                  "applied_since_validation": self.applied_since_validation,
                  **({"rank_rng": rank_rngs} if rank_rngs else {})}
         checkpoint = ckpt.save_checkpoint(self.run_dir, done, self.raw_model, state, keep=self.cfg.keep_checkpoints)
-        _write_outputs(self.run_dir, checkpoint, self.raw_model, self.save_model, final=done == self.end)
+        final = done == self.end
+        _write_outputs(self.run_dir, checkpoint, self.raw_model, self.save_model, final=final,
+                       spent=self._spent_at_end if final and self.budget else None)
+
+    def _spent_at_end(self) -> float:
+        """The time budget the run spent, its final checkpoint's writes included: what it reports (and
+        a rerun of the finished run, from the checkpoint's mark)."""
+        self.budget_spent = self.budget.spent()
+        return self.budget_spent
 
     def _timed(self, kind: str, seconds: float) -> None:
         """A validation pass or checkpoint ("validation", "checkpoint") took `seconds`: not step time."""
         if self.rate:
             self.rate.timed(kind, seconds)
         if self.budget:
-            self.budget.timed(seconds)
+            self.budget.timed(seconds, kind)
 
     def finish(self, started: float) -> TrainResult:
         """The run's result (`started`: when `train` was called), once its final checkpoint is known
@@ -855,7 +898,8 @@ class _Run:
                              val_loss=val, val_perplexity=perplexity(val) if val is not None else None,
                              seconds=time.perf_counter() - started, resumed_from=self.start_step,
                              budget_spent=self.budget_spent if self.budget else None,
-                             best_step=self.best["step"], best_val_loss=self.best["val_loss"])
+                             best_step=self.best["step"], best_val_loss=self.best["val_loss"],
+                             budget_spent_before=self.budget.spent_before if self.budget else None)
         if self.dist.is_main:
             if self.finished:
                 info(f"{run_dir} already finished its {end:,} steps; nothing to do")
@@ -863,9 +907,21 @@ class _Run:
             lowest = (f"; the lowest val loss {_fmt(self.best['val_loss'])} at step {best:,}"
                       + (f" ({run_dir / BEST_DIR})" if self.cfg.keep_best else "")
                       if best is not None and (best != end or self.cfg.keep_best) else "")
-            info(f"done: {end:,} steps, {self.tokens_seen:,} tokens; train loss {_fmt(result.train_loss)}, "
-                 f"val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}{lowest}")
+            info(f"done: {end:,} steps ({self._ended_by()}), {self.tokens_seen:,} tokens; train loss "
+                 f"{_fmt(result.train_loss)}, val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}"
+                 f"{lowest}")
         return result
+
+    def _ended_by(self) -> str:
+        """What ended the run, for its last line: early_stop, its time budget, or its length (max_steps,
+        or the max_tokens or epochs it was resolved from)."""
+        cfg, end = self.cfg, self.end
+        if end < self.max_steps and cfg.early_stop and self.since_best >= cfg.early_stop:
+            return f"ended by early_stop={cfg.early_stop}"
+        budget = f"{_duration(cfg.time_budget)} time budget"
+        if self.budget and end < self.max_steps:
+            return f"ended by its {budget}: {_duration(self.budget_spent)} spent"
+        return "its full length" + (f", within its {budget}" if self.budget else "")
 
 
 def _provenance(cfg: TrainConfig, device: torch.device, precision: str, data_source: dict | None) -> dict:
@@ -914,14 +970,16 @@ def _save_due(done: int, save_every: int, max_steps: int) -> bool:
 
 
 def _write_outputs(run_dir: Path, checkpoint: Path, model: torch.nn.Module,
-                   save_model: Callable[[Path, torch.nn.Module], None], final: bool) -> None:
+                   save_model: Callable[[Path, torch.nn.Module], None], final: bool,
+                   spent: Callable[[], float] | None = None) -> None:
     """The run dir's model (and, at the end, loss.png) from `checkpoint`'s weights; marked in
-    the checkpoint once written, so a kill in between is completed by the next run."""
+    the checkpoint once written, so a kill in between is completed by the next run. `spent`: the
+    time budget spent once they are written, kept in the mark (the final checkpoint's)."""
     crash_point("before-outputs")
     save_model(run_dir, model)
     if final:
         _plot(run_dir)
-    ckpt.mark_outputs_written(checkpoint)
+    ckpt.mark_outputs_written(checkpoint, spent() if spent else None)
 
 
 def _plot(run_dir: Path) -> None:
@@ -985,19 +1043,29 @@ class _RunRate:
     plus each validation and checkpoint of the run at the time the latest one took. Printed once
     the step rate settles, where validations and checkpoints (every 2,000 steps in the card's
     recipe) have usually not run yet: the line says what it counts, and once both have run a
-    revised line follows if the projection moved by more than REVISE. Two lines at most."""
+    revised line follows if the projection moved by more than REVISE. Two lines at most. The
+    revision takes the time per step afresh, the median of the steps since the first line (the
+    last MEDIAN_STEPS of them; validations and checkpoints aside, and a pause, Ctrl-Z, is one
+    step's outlier): a machine that slowed down since was projected at its first speed (2 min for
+    a run of 310 s). Its whole run is the time so far and the projection of the steps left."""
 
     WARMUP_STEPS = 3
     SETTLE_STEPS = 10
     REVISE = 0.1
+    MEDIAN_STEPS = 1000
 
     def __init__(self, start_step: int, max_steps: int, eval_every: int, save_every: int):
         self.start_step, self.max_steps = start_step, max_steps
         self.every = {"validation": eval_every, "checkpoint": save_every}
         self.took: dict[str, float] = {}  # seconds of the latest validation pass and checkpoint
+        self.started = time.perf_counter()
         self.since: tuple[int, float] | None = None
         self.paused = 0.0  # seconds of validations and checkpoints since `since`: not step time
         self.per_step: float | None = None
+        # Seconds of each step since the first line (to the latest `step_done`), validations and
+        # checkpoints aside: the revision's rate.
+        self.steps: collections.deque[float] = collections.deque(maxlen=self.MEDIAN_STEPS)
+        self.latest: tuple[int, float, float] | None = None  # (done, clock, paused) at the latest step_done
         self.projected: float | None = None  # the printed projection of the whole run
         self.final = False  # the projection counts validations and checkpoints: no revision to come
 
@@ -1010,21 +1078,27 @@ class _RunRate:
         if self.final:
             return
         now = time.perf_counter()
+        if self.per_step is not None:
+            last, then, paused = self.latest
+            self.steps.append((now - then - (self.paused - paused)) / (done - last))
         if done - self.start_step == self.WARMUP_STEPS:
             self.since, self.paused = (done, now), 0.0
         elif self.per_step is None and self.since and done - self.since[0] >= self.SETTLE_STEPS:
             self.per_step = (now - self.since[1] - self.paused) / (done - self.since[0])
-            self.report(done, first=True)
+            self.report(done, first=True, now=now)
         elif self.per_step is not None and len(self.took) == len(self.every) and done < self.max_steps:
-            self.report(done, first=False)
+            self.per_step = statistics.median(self.steps)
+            self.report(done, first=False, now=now)
+        self.latest = (done, now, self.paused)
 
     def seconds(self, after: int) -> float:
         """The projected seconds of the steps after step `after`, with their validations and checkpoints."""
         return (self.max_steps - after) * self.per_step + sum(
             took * _due_after(after, self.max_steps, self.every[kind]) for kind, took in self.took.items())
 
-    def report(self, done: int, first: bool) -> None:
-        total, left = self.seconds(self.start_step), self.seconds(done)
+    def report(self, done: int, first: bool, now: float) -> None:
+        left = self.seconds(done)
+        total = self.seconds(self.start_step) if first else now - self.started + left
         self.final = len(self.took) == len(self.every)
         if not first and abs(total - self.projected) <= self.REVISE * self.projected:
             return
@@ -1052,9 +1126,13 @@ class _TimeBudget:
     20 and at most MEDIAN_STEPS), so that one slow step does not shrink the plan (the mean over a
     50-step window took a 5 s stall for a slower machine and cut a cosine by 45% in one step); the
     validations and checkpoints (`timed`) of the last `eval_every` steps (at least 20) are added,
-    spread over those steps. A step far slower than the median held a pause: the process was stopped
-    (Ctrl-Z, SIGSTOP, a debugger). The pause is not charged, as neither a suspended machine (the
-    monotonic clock stops then) nor the downtime between a kill and a resume is: charged, a 30 s
+    spread over those steps. The run's last validation and its final checkpoint (`reserve`) are kept
+    out of the time the steps plan on: they come after the last step, and a 30 s run whose steps
+    ended on time took 37 s with them. A step far slower than the median held a pause: the process
+    was stopped (Ctrl-Z, SIGSTOP, a debugger); before the median is measured, a step far slower than
+    the fastest step this process took before it (a stop in the first steps was charged in full and
+    ended a 20 s run at its 10-step minimum). The pause is not charged, as neither a suspended machine
+    (the monotonic clock stops then) nor the downtime between a kill and a resume is: charged, a 30 s
     pause ended a 20 s run at once, at the peak LR. A machine that runs slowly (a busy neighbour)
     slows every step and moves the median: that is charged."""
 
@@ -1066,13 +1144,26 @@ class _TimeBudget:
     # slow steps of a running process (a neighbour's burst, page faults, a thread-count probe)
     # stay under both, and validations and checkpoints are timed apart (`timed`).
     PAUSE_FACTOR, PAUSE_SECONDS = 10.0, 5.0
+    # Before the median: EARLY_PAUSE_FACTOR times the fastest step this process took before it (its
+    # first one, which may compile, has none), and PAUSE_SECONDS more. Wider than the median's: the
+    # first steps of a process vary more (allocation, kernel selection; the thread tuner's first probes).
+    EARLY_PAUSE_FACTOR = 20.0
     # The most recent steps the median is taken over: enough for a steady value, and a plan a step
     # stays cheap (a median over eval_every = 1M steps took 236 ms a step).
     MEDIAN_STEPS = 1000
 
     def __init__(self, seconds: float, spent_before: float, max_steps: int, eval_every: int, cooldown: float = 0.0,
-                 clock=time.perf_counter, end: int | None = None, step_time: float | None = None):
+                 clock=time.perf_counter, end: int | None = None, step_time: float | None = None,
+                 validation_steps: float = 0.0, save_seconds: float = 0.0, plot_seconds: float = 0.0):
         self.seconds, self.spent_before, self.max_steps, self.clock = seconds, spent_before, max_steps, clock
+        # What the run's end adds after its last step (`reserve`), until a validation and a checkpoint
+        # have been timed (`timed`): a validation of `validation_steps` steps' time, a checkpoint of
+        # `save_seconds`; and loss.png, drawn after the final one, `plot_seconds` (never timed before
+        # the end), at most OVERRUN of the budget: a guess does not cut a short budget's plan by more
+        # than the overrun it allows.
+        self.guess = {"validation": validation_steps, "checkpoint": save_seconds}
+        self.plot_seconds = min(plot_seconds, self.OVERRUN * seconds)
+        self.took: dict[str, float] = {}  # seconds of the latest validation and checkpoint
         end = max_steps if end is None else end
         self.cooldown = cooldown
         # The time left is the cooldown's share of the budget (updated by plan()).
@@ -1089,6 +1180,7 @@ class _TimeBudget:
         # plan to 60 and ended the warmup at step 4).
         self.warm_end = end
         self.first: int | None = None  # the first step this process took
+        self.fastest: float | None = None  # seconds a step, the fastest since it (the early pause check's reference)
         self.last: tuple[int, float] | None = None  # (steps done, clock) at the latest plan
         # The recent plans' seconds a step (validations and checkpoints aside), in order and sorted.
         self.times: collections.deque[float] = collections.deque(maxlen=max(20, min(eval_every, self.MEDIAN_STEPS)))
@@ -1099,9 +1191,18 @@ class _TimeBudget:
     def spent(self) -> float:
         return self.spent_before + self.clock() - self.started - self.paused
 
-    def timed(self, seconds: float) -> None:
-        """A validation pass or a checkpoint took `seconds`: charged, but not a step's time."""
+    def timed(self, seconds: float, kind: str | None = None) -> None:
+        """A validation pass or a checkpoint (`kind`: "validation", "checkpoint") took `seconds`:
+        charged, but not a step's time. The latest of each kind is what the run's last is planned to take."""
         self.aside += seconds
+        if kind:
+            self.took[kind] = seconds
+
+    def reserve(self) -> float:
+        """The seconds kept for what the run does after its last step: its last validation and its
+        final checkpoint (each as long as the latest took, else guessed) and loss.png."""
+        validation = self.took.get("validation", self.guess["validation"] * (self.step_time or 0.0))
+        return validation + self.took.get("checkpoint", self.guess["checkpoint"]) + self.plot_seconds
 
     def _median(self) -> float:
         times, middle = self.sorted_times, len(self.sorted_times) // 2
@@ -1115,24 +1216,29 @@ class _TimeBudget:
         self.spread.add(steps, aside)
 
     def _record(self, done: int, now: float, dist) -> None:
-        """Times the steps since the latest plan; a pause among them is not charged."""
+        """Times the steps since the latest plan (from the process's fourth on); a pause among them is
+        not charged (from its third on: its first holds the setup, its second is the first reference)."""
         self.first = done if self.first is None else self.first
-        if self.last is not None and self.last[0] - self.first + 1 >= self.WARMUP_STEPS:
+        if self.last is not None:
             steps, work = done - self.last[0], now - self.last[1] - self.aside
             if len(self.times) >= self.ROBUST_STEPS:
-                median = self._median()
-                if work > steps * max(self.PAUSE_FACTOR * median, median + self.PAUSE_SECONDS):
-                    pause = work - steps * median  # the steps are charged their usual time
-                    self.paused += pause
-                    work -= pause
-                    if dist.is_main:
-                        info(f"step {done:,}: paused for ~{pause:.0f} s: not counted against the time budget")
-            self._add(steps, work, self.aside)
+                usual, factor = self._median(), self.PAUSE_FACTOR
+            else:
+                usual, factor = self.fastest, self.EARLY_PAUSE_FACTOR
+            if usual is not None and work > steps * max(factor * usual, usual + self.PAUSE_SECONDS):
+                pause = work - steps * usual  # the steps are charged their usual time
+                self.paused += pause
+                work -= pause
+                if dist.is_main:
+                    info(f"step {done:,}: paused for ~{pause:.0f} s: not counted against the time budget")
+            self.fastest = work / steps if self.fastest is None else min(work / steps, self.fastest)
+            if self.last[0] - self.first + 1 >= self.WARMUP_STEPS:
+                self._add(steps, work, self.aside)
         self.last, self.aside = (done, now), 0.0
 
     def plan(self, done: int, end: int, dist) -> int:
         self._record(done, self.clock(), dist)
-        left = self.seconds - self.spent()
+        left = self.seconds - self.spent() - self.reserve()  # the steps' time: the run's end comes after them
         floor = min(self.max_steps, max(done, self.MIN_STEPS))
         measured = len(self.times) >= self.ROBUST_STEPS
         if measured:
