@@ -304,3 +304,70 @@ def test_an_adapter_file_gone_between_its_two_reads_is_one_clear_error(tiny_conf
     with pytest.raises(Gpt1Error, match=r"adapter_model.safetensors: not a readable safetensors file .*; if its "
                                         r"folder was being replaced, try again"):
         lora.load_adapter(model_without_stops(tiny_config, tokenizer, seed=1), tmp_path / "adapter")
+
+
+def test_a_prefill_forward_reads_a_bounded_number_of_keys(tiny_config, tokenizer, monkeypatch):
+    """Short prompts beside a long prompt's last chunk: each row read (and the gather copied) the
+    keys up to the long one's context; 16 x 8 positions over 1,800 keys took 3.5x a full chunk.
+    rows x the longest context stays under PREFILL_KEYS chunks unless one row alone reads more."""
+    import torch
+
+    from gpt1.core.model import SlotCache
+    from gpt1.core.sampling_params import SamplingParams
+    from gpt1.inference.engine import PREFILL_KEYS, Engine
+    from gpt1.inference.generate import generate
+    from tests.model_factories import model_without_stops
+    from tests.test_engine import TEXT, Collector, run_until_idle, submit
+
+    model = model_without_stops(tiny_config, tokenizer, seed=11)
+    ids = tokenizer.encode(TEXT)
+    chunk = 16
+    engine = Engine(model, tokenizer, max_batch=12, max_queue=12, prefill_chunk=chunk, cuda_graphs=False,
+                    tune_threads=False)
+    reads: list[tuple[int, int, int]] = []  # (rows, columns, key_len) of each prefill forward
+    prepare = SlotCache.prepare
+
+    def spy(self, rows, positions, key_len):
+        if isinstance(rows, torch.Tensor):  # a prefill's rows (a decode step reads a slice of the pool)
+            reads.append((len(rows), positions.shape[1], key_len))
+        return prepare(self, rows, positions, key_len)
+
+    monkeypatch.setattr(SlotCache, "prepare", spy)
+    greedy = SamplingParams(temperature=0, max_new_tokens=2)
+    collector = Collector()
+    prompts = [ids[:49]] + [ids[i:i + 1] for i in range(10)]  # a long prompt, then ten of one token
+    submit(engine, collector, 0, prompts[0], greedy)
+    for _ in range(3):  # the long prompt up to its last chunk (of one token), in chunks of 16
+        engine.step()
+    for key, prompt in enumerate(prompts[1:], start=1):
+        submit(engine, collector, key, prompt, greedy)
+    run_until_idle(engine)
+    prefills = [(rows, key_len) for rows, _, key_len in reads if rows > 1]
+    assert prefills and all(rows * key_len <= PREFILL_KEYS * chunk for rows, key_len in prefills), prefills
+    for key, prompt in enumerate(prompts):
+        assert collector.text(key) == generate(model, tokenizer, prompt, greedy).text
+
+
+def test_a_keep_best_run_goes_on_when_another_process_writes_into_best(data_dir, tmp_path, monkeypatch, caplog):
+    """`gpt1 eval --suite RUN/best` wrote report.md into best/ while the run replaced it: the run
+    stopped ("another process wrote there while this command was writing it"), before its first
+    checkpoint. best/ is the run's own now: replaced whole, the foreign file dropped with a warning."""
+    import shutil
+
+    from tests.test_train import _run
+
+    run = tmp_path / "run"
+    copy = shutil.copyfile
+
+    def copy_while_another_writes(src, dst, *args, **kwargs):  # best/'s last file, as eval writes its report
+        result = copy(src, dst, *args, **kwargs)
+        if (run / "best").is_dir() and str(dst).endswith("train_config.json") and "best" in str(dst):
+            (run / "best" / "report.md").write_text("# Evaluation of run/best\n")
+        return result
+
+    monkeypatch.setattr(shutil, "copyfile", copy_while_another_writes)
+    with caplog.at_level("INFO", logger="gpt1"):
+        result = _run(data_dir, run, ["max_steps=3", "eval_every=1", "eval_batches=1", "keep_best=true",
+                                      "lr=3e-3"])
+    assert result.steps == 3 and (run / "best" / "model.safetensors").is_file()
+    assert any("report.md" in r.message for r in caplog.records if r.levelname == "WARNING")

@@ -64,8 +64,8 @@ def register(subparsers) -> None:
                         help="requests waiting for a free slot beyond those; more get 503, and a single request "
                              "with more prompts than max-batch + max-queue gets 400 (default: %(default)s)")
     parser.add_argument("--prefill-chunk", type=int, default=256,
-                        help="most prompt tokens prefilled per engine step, so that a long prompt does not stall "
-                             "the other streams (default: %(default)s)")
+                        help="most prompt positions prefilled per engine step (rows x the longest chunk), so "
+                             "that a long prompt does not stall the other streams (default: %(default)s)")
     parser.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
                         help="a streaming reply writes at most every MS milliseconds; the tokens made in between "
                              "go out together, as the same events in one write. Raises throughput on a fast GPU "

@@ -110,6 +110,12 @@ class SlotCache:
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row `src` into row `dst` (a prompt prefilled once
+        for several rows; the whole slot, max_len positions, cost more than short prompts save)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):

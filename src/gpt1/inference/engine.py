@@ -82,6 +82,9 @@ RATE_WINDOW_S = 10.0  # tokens/s in /health is measured over this many seconds
 # that is no Exception (pyo3's PanicException: a Rust panic in the tokenizer) is a fault of the row
 # being handled, which fails it as an Exception would.
 _EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+# A prefill forward's rows x the keys they read (the longest context among them) stays under this
+# many prefill chunks, unless one row alone reads more (see Engine._prefill).
+PREFILL_KEYS = 8
 TUNER_CONTEXT_BUCKET = 64  # positions: decode steps whose longest context is in one bucket are timed together
 
 
@@ -599,17 +602,24 @@ class Engine:
 
         The budget bounds what the forward costs, rows x its longest chunk (the padding is
         computed too): seven 8-token prompts beside a long one's 256-token chunk made a 8 x 256
-        forward, a stall of the running streams longer than no chunking at all. The rows go in
+        forward, a stall of the running streams longer than no chunking at all. Every row reads
+        the keys up to the longest context among them (gathered, copied), so rows x that length
+        stays under PREFILL_KEYS chunks too, unless one row alone reaches further: fifteen new
+        8-token prompts beside a 1,800-token prompt's last chunk took 3.5x a full chunk's time,
+        together. The rows go in
         the order their requests came (a freed slot takes the newest row, so slot order let a
         later long prompt take every step's budget while an earlier one waited)."""
-        chosen, T = [], 0
+        chosen, T, keys = [], 0, 0
         for request in sorted((r for r in self._rows if r.prefilling and not _waits_for_twin(r)), key=lambda r: r.arrival):
             width = self.prefill_chunk // (len(chosen) + 1)  # the widest chunk that keeps rows x width in budget
             if width < max(T, 1):
                 break
             chunk = request.prompt_ids[request.length:request.length + width]
+            reach = max(keys, request.length + len(chunk))  # the keys every row of the forward reads
+            if chosen and (len(chosen) + 1) * reach > max(PREFILL_KEYS * self.prefill_chunk, keys):
+                break
             chosen.append((request, chunk))
-            T = max(T, len(chunk))
+            T, keys = max(T, len(chunk)), reach
         if not chosen:  # the first prefilling row is always chosen: none was prefilling
             return [], None, False
         pad = self.cache.max_len - 1
@@ -641,7 +651,7 @@ class Engine:
                 for twin in [t for t in request.twins if t.row >= 0 and t.length == 0]:
                     # n choices of one prompt: its keys and values are copied, and its first token
                     # is sampled from the same logits, each row with its own generator.
-                    self.cache.move(request.row, twin.row)
+                    self.cache.copy_prefix(request.row, twin.row, request.length)
                     twin.length = request.length
                     (scored_only if twin.state.limit == 0 else done).append((twin, i))
         for request, _ in scored_only:  # max_new_tokens 0 (a prompt to score): nothing to sample, ended here

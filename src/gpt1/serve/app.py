@@ -123,7 +123,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         without one, a server on a loopback address answers only loopback Host names and `allowed_hosts`.
     max_batch: requests generating at once, decoded together (the KV-cache slots).
     max_queue: requests waiting beyond those; more get 503 with `Retry-After`.
-    prefill_chunk: most prompt tokens prefilled per engine step.
+    prefill_chunk: most prompt positions prefilled per engine step (rows x the longest chunk).
     cuda_graphs / compile: the engine's decode step captured as CUDA graphs / compiled by
         torch.compile first (see `gpt1.inference.engine`).
     max_body_bytes / body_timeout_s: larger bodies get 413, slower ones 408.
