@@ -254,3 +254,39 @@ def test_a_data_dir_prepared_by_an_older_gpt1_still_trains_and_is_kept_with_a_wa
         prepare([corpus], tokenizer, out, val=3)  # other settings still refused
     assert prepare([corpus], tokenizer, out, val=2, overwrite=True)["key"]["split"]
     assert prepare([corpus], tokenizer, out, val=2)["val"]["documents"] == 2  # now this preparation: nothing to do
+
+
+def _opening_alike(path: Path, openings: dict[str, int]) -> Path:
+    """Conversations that open alike ("Hi", a canned reply) and go on each their own way."""
+    with open(path, "w", encoding="utf-8") as f:
+        i = 0
+        for opening, count in openings.items():
+            for _ in range(count):
+                f.write(json.dumps({"messages": [
+                    {"role": "system", "content": "You take pizza orders."}, {"role": "user", "content": opening},
+                    {"role": "assistant", "content": "Hello! What would you like?"},
+                    {"role": "user", "content": f"order {i}"}, {"role": "assistant", "content": f"done {i}"}]}) + "\n")
+                i += 1
+    return path
+
+
+@pytest.mark.parametrize("seed", [0, 1, 36, 1337])
+def test_conversations_that_open_alike_never_take_half_the_data_for_validation(tmp_path, seed, caplog):
+    """Grouped by their root, 500 conversations opening with "Hi" and 500 with "Hello" are two
+    trees: one of them, half the data, was held out at val_fraction 0.05 (91% with a skewed mix),
+    silently. A tree held out stays within twice the fraction; one too big stays in training,
+    named in a warning."""
+    for openings in ({"Hi": 500, "Hello": 500}, {"Hi": 900, **{f"question {i}": 1 for i in range(100)}}):
+        conversations = read_conversations(str(_opening_alike(tmp_path / "chat.jsonl", openings)))
+        with caplog.at_level("INFO", logger="gpt1"):
+            caplog.clear()
+            train, val = split_conversations(conversations, 0.05, seed)
+        assert len(val) <= 2 * 0.05 * len(conversations) and len(train) + len(val) == len(conversations)
+        warned = [r.message for r in caplog.records if r.levelname == "WARNING"]
+        if len(openings) == 2:  # neither tree fits: nothing held out, and the largest named
+            assert val == [] and len(warned) == 1
+            assert warned[0].startswith("500 of the 1,000 conversations (50%) are one message tree (they open alike: ")
+        else:  # the big tree in training, whatever its hash; the others split as before
+            assert val and all(c.messages[1]["content"] != "Hi" for c in val)
+            assert all(w.startswith("900 of the 1,000 conversations (90%) are one message tree (they open alike: "
+                                    "'Hi')") for w in warned)

@@ -886,18 +886,44 @@ def _dialog_turns(turns: Any, where: str) -> list[str]:
 def split_conversations(conversations: list[Conversation], val_fraction: float,
                         seed: int = 0) -> tuple[list[Conversation], list[Conversation]]:
     """A deterministic split by `group` (a whole message tree lands on one side: for records and
-    chatterbot dialogs, every conversation of one root, `_root_group`). As in `gpt1
-    prepare`, a fraction > 0 holds out at least one of two or more trees: when none fell under
-    it, the tree with the smallest hash (other splits are unchanged); and training always keeps
-    one (a single tree whose hash fell under the fraction was held out, leaving nothing to train on)."""
-    scores = {c.group: int.from_bytes(hashlib.sha256(f"{seed}:{c.group}".encode()).digest()[:8], "big") / 2**64
-              for c in conversations}
-    held_out = {g for g, score in scores.items() if score < val_fraction}
+    chatterbot dialogs, every conversation of one root, `_root_group`). A tree is held out when
+    its hash falls under the fraction, unless that would take the held-out conversations past
+    twice the fraction of them: conversations that merely open alike ("Hi", one system prompt)
+    are one tree, and two such trees held out half the data for validation, silently. Such a
+    tree stays in training, and a warning names it. As in `gpt1 prepare`, a fraction > 0 holds
+    out at least one of two or more trees: when none fell under it, the smallest tree that fits
+    (the smallest hash among equals; other splits are unchanged); and training always keeps one."""
+    sizes: dict[str, int] = {}
+    for c in conversations:
+        sizes[c.group] = sizes.get(c.group, 0) + 1
+    scores = {g: int.from_bytes(hashlib.sha256(f"{seed}:{g}".encode()).digest()[:8], "big") / 2**64 for g in sizes}
+    cap = max(1, int(2 * val_fraction * len(conversations)))
+    held_out, taken, too_big = set(), 0, []
+    for g in sorted((g for g, score in scores.items() if score < val_fraction), key=scores.get):
+        if taken + sizes[g] <= cap:
+            held_out.add(g)
+            taken += sizes[g]
+        elif sizes[g] > cap:
+            too_big.append(g)
     if val_fraction > 0 and not held_out and len(scores) >= 2:
-        held_out = {min(scores, key=scores.get)}
+        fits = [g for g in scores if sizes[g] <= cap]
+        if fits:
+            held_out = {min(fits, key=lambda g: (sizes[g], scores[g]))}
+        else:
+            too_big = sorted(scores, key=sizes.get, reverse=True)[:1]
     if scores and held_out == set(scores):  # and never every tree: training keeps the highest-scored one
         held_out.discard(max(scores, key=scores.get))
+    for g in too_big:
+        _warn_big_tree(next(c for c in conversations if c.group == g), sizes[g], len(conversations), val_fraction)
     return ([c for c in conversations if c.group not in held_out], [c for c in conversations if c.group in held_out])
+
+
+def _warn_big_tree(first: Conversation, size: int, total: int, val_fraction: float) -> None:
+    opening = next((m.get("content") for m in first.messages if m.get("role") == "user"), "")
+    opening = opening if isinstance(opening, str) else json.dumps(opening, ensure_ascii=False)
+    warn(f"{size:,} of the {total:,} conversations ({size / total:.0%}) are one message tree (they open alike: "
+         f"{opening[:60]!r}); kept for training, since holding it out would take more than twice val_fraction "
+         f"({val_fraction}) of the conversations for validation")
 
 
 def conversations_fingerprint(conversations: Iterable[Conversation]) -> str:
