@@ -371,3 +371,28 @@ def test_a_keep_best_run_goes_on_when_another_process_writes_into_best(data_dir,
                                       "lr=3e-3"])
     assert result.steps == 3 and (run / "best" / "model.safetensors").is_file()
     assert any("report.md" in r.message for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_keep_best_back_on_keeps_the_best_that_best_holds(data_dir, tmp_path, stop_training_at, monkeypatch, caplog):
+    """on to step 2 (best/ written), off from 2 to 4, on again from 4: the resume that turned it
+    back on took the lowest (step 2's, in best/) for one reached while it was off, started over,
+    and a worse model replaced the one best/ held."""
+    from tests.test_config_pass21 import _stopped
+    from tests.test_train import _metrics, _run
+
+    args = ["max_steps=6", "eval_every=1", "save_every=2", "eval_batches=1", "lr=0.5", "min_lr=0.5", "warmup=0"]
+    run = tmp_path / "run"
+    _stopped(data_dir, run, stop_training_at, monkeypatch, [*args, "keep_best=true"], at=3)  # checkpoint 2
+    kept = {p.name: p.read_bytes() for p in (run / "best").iterdir()}
+    lowest = _metrics(run)[-1]
+    stop_training_at(3, KeyboardInterrupt)  # the resume (from 2) killed in its step 5: checkpoint 4
+    with pytest.raises(KeyboardInterrupt):
+        _run(data_dir, run, [*args, "keep_best=false"])
+    monkeypatch.undo()
+    with caplog.at_level("INFO", logger="gpt1"):
+        result = _run(data_dir, run, [*args, "keep_best=true"])
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "keep_best=true from" in r.message]
+    later = [m["val_loss"] for m in _metrics(run) if m["step"] > 2 and "val_loss" in m]
+    if min(later) >= lowest["best_val_loss"]:  # the rate this high makes the loss climb: best/ stays
+        assert {p.name: p.read_bytes() for p in (run / "best").iterdir()} == kept
+        assert result.best_step == lowest["best_step"]

@@ -481,7 +481,7 @@ class _Run:
             if self.dist.is_main and self.start_step and not self.cfg.keep_best:
                 self._warn_best_kept()
             if self.start_step and self.cfg.keep_best and self.best["step"] is not None \
-                    and not self.record.settings_before(self.start_step).get("keep_best"):
+                    and not self.record.setting_at(self.best["step"], "keep_best"):
                 self._start_keeping_best()
             spent = {"budget_spent": self.budget_spent} if self.cfg.time_budget > 0 else {}
             distributed.main_only(lambda: self.record.start(
@@ -511,8 +511,8 @@ class _Run:
              "longer replace it, even with a lower loss")
 
     def _start_keeping_best(self) -> None:
-        """keep_best turned on at this resume: the lowest validation so far ran while it was off, and
-        its model is gone. Kept as the lowest, no later validation above it would ever write RUN/best
+        """keep_best on at this resume, off when the lowest validation so far ran: its model is
+        gone (where keep_best was on then, RUN/best holds it, and it stays the lowest). Kept as the lowest, no later validation above it would ever write RUN/best
         (and the run's last line would name a RUN/best that is not there). So the lowest starts over
         from here, early_stop's count with it, and the resume says so. Every rank resets alike."""
         step, loss = self.best["step"], self.best["val_loss"]

@@ -186,6 +186,15 @@ class RunRecord:
             changes.pop()  # an invocation's that saved no step after it: they held for no step kept
         return changes
 
+    def setting_at(self, step: int, key: str):
+        """The value `key` had while the run went from step - 1 to `step` (a validation after `step`
+        ran under it): as started, with each change of a resume from an earlier step."""
+        value = {**self.defaults, **self.record["config"]}.get(key)
+        for change in self.record.get("changes") or []:
+            if isinstance(change, dict) and change.get("from_step", 0) < step and key in change:
+                value = change[key]
+        return value
+
     def note(self, **values) -> None:
         """Add what this invocation found out as it ran (compile fell back to eager) to its provenance."""
         self.record["provenance"][-1].update(values)
