@@ -236,3 +236,26 @@ def test_a_run_still_training_is_loaded_with_one_line_saying_so(finished_run, ca
         gpt1.load(finished_run, device="cpu")
     assert not [r for r in caplog.records if "training" in r.getMessage()]  # once it has ended
 
+
+
+def test_a_save_not_yet_written_out_is_not_named(finished_run, tmp_path, caplog):
+    """Saved (checkpoint 6) but its model files not yet written from it (no outputs.done), the
+    step before pruned: the line named step 6 while the weights read were step 4's."""
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    checkpoints = run / "checkpoints"
+    for entry in checkpoints.iterdir():
+        if entry.name.startswith("step-"):
+            shutil.rmtree(entry)
+    shutil.copytree(finished_run / "checkpoints" / "step-00000004", checkpoints / "step-00000006")
+    (checkpoints / "step-00000006" / "outputs.done").unlink(missing_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        with caplog.at_level(logging.INFO, logger="gpt1"):
+            gpt1.load(run, device="cpu")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{run}: process {holder.pid} is still training it; loaded its latest save (it changes at every save)"]

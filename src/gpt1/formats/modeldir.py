@@ -255,6 +255,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     # Decided once, here: a fine-tuned dir's weights are the base's, so an adapter/ missing later
     # (the folder replaced whole meanwhile) must not load as the base model.
     fine_tuned = (directory / BASE_FILE).is_file()
+    saved = _saved_step(directory)  # a live run's save as the load begins: named only if it is so at the end
     if fine_tuned and not (directory / ADAPTER_DIR).is_dir():
         # A fine-tune writes base.json first at its first save, then adapter/: a live one is saving.
         if holder := lock_holder(directory / RUN_LOCK_DIR):
@@ -277,7 +278,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         model = GPT(config)
     check_weight_shapes(model, directory / WEIGHTS_FILE, shapes)
     if torch.device(device).type == "meta":  # the architecture and checked shapes, no weights read
-        _say_if_training(directory)
+        _say_if_training(directory, saved)
         return model.eval()
     model = model.to_empty(device=device)
     load_weights(model, directory / WEIGHTS_FILE)
@@ -295,7 +296,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
             merge_and_unload(model)
     if dtype is not None:
         model = model.to(dtype)
-    _say_if_training(directory)
+    _say_if_training(directory, saved)
     return model.eval()
 
 
@@ -321,21 +322,23 @@ def _check_is_folder(directory: Path, named: str) -> None:
     raise Gpt1Error(f"{directory}: model directory not found")
 
 
-def _say_if_training(directory: Path) -> None:
+def _say_if_training(directory: Path, saved_before: int | None) -> None:
     """One info line when another process is training the run dir `directory` (it holds its
-    checkpoints/ lock): what was loaded is its latest save, which the next one replaces."""
+    checkpoints/ lock): what was loaded is its latest save, which the next one replaces; its step
+    where the save marked as written was the same as the load began and ended."""
     holder = lock_holder(directory / RUN_LOCK_DIR)
     if holder is None or holder == f"process {os.getpid()}":  # this process's own run (a notebook's thread)
         return
-    step = _saved_step(directory)
+    step = saved_before if _saved_step(directory) == saved_before else None
     info(f"{directory}: {holder} is still training it; loaded its "
          f"{f'save of step {step:,}' if step is not None else 'latest save'} (it changes at every save)")
 
 
 def _saved_step(run_dir: Path) -> int | None:
-    """The step of the checkpoint the run dir's model was last written from (marked so); the
-    newest checkpoint's where none is marked yet (the one before is deleted as the new one is
-    saved, a moment before the model is written from it); None without checkpoints."""
+    """The step of the checkpoint the run dir's model was last written from (marked so); None
+    where none is marked: the one before is deleted as the new one is saved, a moment before the
+    model is written from it, so the model read then may be either (the newest checkpoint's step
+    named a model one save older: the line then says "its latest save")."""
     steps = {}
     try:
         for entry in (run_dir / RUN_LOCK_DIR).iterdir():
@@ -344,4 +347,4 @@ def _saved_step(run_dir: Path) -> int | None:
     except OSError:  # gone or unreadable meanwhile
         return None
     marked = [step for step, written in steps.items() if written]
-    return max(marked or steps, default=None)
+    return max(marked, default=None)
