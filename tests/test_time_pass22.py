@@ -110,7 +110,7 @@ def test_a_budget_run_reports_its_final_save_and_a_rerun_the_same(data_dir, tmp_
     again = pretrain(load_config(TrainConfig, None, overrides), data_dir, run)
     assert again.budget_spent == first.budget_spent and again.budget_spent_before == first.budget_spent
     done = _messages(caplog, "done: ")[0]
-    assert done.startswith(f"done: {first.steps:,} steps (ended by its 2 s time budget: ")
+    assert done.startswith(f"done: {first.steps:,} steps (ended by its time_budget=2 s: ")
 
 
 @pytest.mark.slow  # the whole pipeline, on a small corpus: ~25 s
@@ -184,7 +184,7 @@ def test_a_resume_says_what_its_budget_spent_and_the_metrics_keep_the_time(data_
     assert len(elapsed) == 8 and all(a < b for a, b in zip(elapsed, elapsed[1:]))
     assert elapsed[4] > before["elapsed"] >= elapsed[3]  # step 5 goes on from the checkpoint of step 4
     [done] = _messages(caplog, "done: ")
-    assert done.startswith("done: 8 steps (its full length" + (", within its 10 min time budget), " if budget else "), "))
+    assert done.startswith("done: 8 steps (its full length" + (", within its time_budget=600 s), " if budget else "), "))
 
 
 def test_the_last_line_says_an_early_stop_ended_the_run(data_dir, tmp_path, caplog):

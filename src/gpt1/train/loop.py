@@ -918,9 +918,9 @@ class _Run:
         cfg, end = self.cfg, self.end
         if end < self.max_steps and cfg.early_stop and self.since_best >= cfg.early_stop:
             return f"ended by early_stop={cfg.early_stop}"
-        budget = f"{_duration(cfg.time_budget)} time budget"
+        budget = f"time_budget={cfg.time_budget:g} s"  # as the start said it (7.5 s read "8 s" here)
         if self.budget and end < self.max_steps:
-            return f"ended by its {budget}: {_duration(self.budget_spent)} spent"
+            return f"ended by its {budget}: {self.budget_spent:.1f} s spent"
         return "its full length" + (f", within its {budget}" if self.budget else "")
 
 
