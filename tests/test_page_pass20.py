@@ -15,7 +15,7 @@ from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.serve import background_server, create_app
 from tests.test_serve_api import endless_model_dir
-from tests.test_serve_page import focused, send, wait_done
+from tests.test_serve_page import focused, open_page, send, wait_done
 
 CONTEXT = 128
 
@@ -30,16 +30,9 @@ def server(tiny_config, tokenizer, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    page.sent = []  # the body of each chat request the page makes
-    page.errors = []
-    page.on("pageerror", lambda error: page.errors.append(error))
-    page.on("request", lambda r: page.sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
-    page.goto(server)
+    page = open_page(browser, server)
     yield page
-    context.close()
+    page.context.close()
 
 
 def type_into(page, box: str, text: str) -> None:

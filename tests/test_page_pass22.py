@@ -14,7 +14,7 @@ import pytest
 import gpt1
 from gpt1.serve import background_server, create_app
 from tests.test_serve_api import endless_model_dir
-from tests.test_serve_page import STEP_S, contrast, wait_done
+from tests.test_serve_page import STEP_S, contrast, open_page, wait_done
 
 MODEL_NAME = "מודל-קטן"
 CONTEXT = 8192
@@ -43,18 +43,6 @@ def server(tiny_config, tokenizer, tmp_path_factory):
     llm.model.register_forward_hook(lambda *_: time.sleep(STEP_S))
     with background_server(create_app(llm, model_name=MODEL_NAME)) as url:
         yield url
-
-
-def open_page(browser, url, **context_options):
-    context = browser.new_context(**{"viewport": {"width": 1200, "height": 800}, **context_options})
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    page.sent = []  # the body of each chat request the page makes
-    page.errors = []
-    page.on("pageerror", lambda error: page.errors.append(error))
-    page.on("request", lambda r: page.sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
-    page.goto(url)
-    return page
 
 
 @pytest.fixture

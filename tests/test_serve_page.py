@@ -74,6 +74,20 @@ def page(browser, server):
     context.close()
 
 
+def open_page(browser, url, **context_options):
+    """The page at `url` in a new context (1200 x 800 unless `context_options` say otherwise), with
+    the body of each chat request it makes (`page.sent`) and its uncaught errors (`page.errors`)."""
+    context = browser.new_context(**{"viewport": {"width": 1200, "height": 800}, **context_options})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.sent = []  # the body of each chat request the page makes
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(error))
+    page.on("request", lambda r: page.sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(url)
+    return page
+
+
 def knob(page, name: str) -> float:
     return float(page.input_value(f"#k-{name}-value"))
 
