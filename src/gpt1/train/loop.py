@@ -512,9 +512,10 @@ class _Run:
 
     def _start_keeping_best(self) -> None:
         """keep_best on at this resume, off when the lowest validation so far ran: its model is
-        gone (where keep_best was on then, RUN/best holds it, and it stays the lowest). Kept as the lowest, no later validation above it would ever write RUN/best
-        (and the run's last line would name a RUN/best that is not there). So the lowest starts over
-        from here, early_stop's count with it, and the resume says so. Every rank resets alike."""
+        gone (where keep_best was on then, RUN/best holds it, and it stays the lowest). Kept as the
+        lowest, no later validation above it would ever write RUN/best (and the run's last line
+        would name a RUN/best that is not there). So the lowest starts over from here, early_stop's
+        count with it, and the resume says so. Every rank resets alike."""
         step, loss = self.best["step"], self.best["val_loss"]
         self.best, self.since_best = {"step": None, "val_loss": None}, 0
         if self.dist.is_main:
