@@ -130,7 +130,18 @@ def test_info_says_which_kind_of_model_a_dir_holds(run, tiny_model_dir, tiny_con
         code, err = run_main(capsys, "info", directory)
         assert code == 0
         kinds[name] = err.strip().splitlines()[-1]
+    # The adapter's own size, as a LoRA training of it counts its trainable parameters (it said r and alpha only).
+    import torch
+
+    from gpt1.core.lora import count_trainable, inject_lora, mark_only_lora_as_trainable, read_adapter_config
+    from gpt1.core.model import GPT
+
+    torch.manual_seed(0)
+    model = inject_lora(GPT(tiny_config), read_adapter_config(tmp_path / "lora" / "adapter"))
+    mark_only_lora_as_trainable(model)
+    trained, whole = count_trainable(model), GPT(tiny_config).num_params()
     assert kinds == {"base": "a base model (no chat template)",
                      "lora": "a chat model: a LoRA adapter (r=4, alpha=8, on q, k, v, o, up, down and 4 special-token "
-                             "embedding rows), merged into the weights at load",
+                             f"embedding rows; {trained:,} trained parameters, {100 * trained / whole:.2f}% of the "
+                             "model's), merged into the weights at load",
                      "full": "a chat model: its chat template and its own weights (a full fine-tune, or a merged one)"}

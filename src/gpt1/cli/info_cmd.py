@@ -51,15 +51,19 @@ def info_command(args: argparse.Namespace) -> int:
     print(f"parameters: {n:,} ({n / 1e6:.1f}M); without position embeddings: {model.num_params(True):,}", file=sys.stderr)
     print(f"training FLOPs per token at context {config.block_size}: {model.flops_per_token():.3e}", file=sys.stderr)
     if Path(args.model).is_dir():
-        print(_kind(Path(args.model)), file=sys.stderr)
+        print(_kind(Path(args.model), config, n), file=sys.stderr)
     return 0
 
 
-def _kind(directory: Path) -> str:
+def _kind(directory: Path, config: ModelConfig, n_model: int) -> str:
     """What the dir's model is: a base, a LoRA fine-tune (its adapter, merged in at load: the
-    numbers above are the merged model's), or a chat model of its own weights (a full fine-tune)."""
+    numbers above are the merged model's; the adapter's own size beside them), or a chat model
+    of its own weights (a full fine-tune)."""
+    import torch
+
     from gpt1.core.chat_template import TEMPLATE_FILE
-    from gpt1.core.lora import read_adapter_config
+    from gpt1.core.lora import TARGETS, read_adapter_config
+    from gpt1.core.model import GPT
     from gpt1.formats.modeldir import ADAPTER_DIR
 
     if not (directory / TEMPLATE_FILE).is_file():
@@ -68,8 +72,16 @@ def _kind(directory: Path) -> str:
         return "a chat model: its chat template and its own weights (a full fine-tune, or a merged one)"
     lora = read_adapter_config(directory / ADAPTER_DIR)
     rows = f" and {len(lora.token_ids)} special-token embedding rows" if lora.token_ids else ""
-    return (f"a chat model: a LoRA adapter (r={lora.r}, alpha={lora.alpha:g}, on {', '.join(lora.targets)}{rows}), "
-            "merged into the weights at load")
+    with torch.device("meta"):
+        block = GPT(config).transformer.h[0]
+    n_adapter = len(lora.token_ids) * config.n_embd
+    for target in lora.targets:  # r x (in + out) each; a Q, K or V slice is n_embd of the fused matrix's outputs
+        path, index = TARGETS[target]
+        linear = getattr(getattr(block, path.split(".")[0]), path.split(".")[1])
+        n_adapter += config.n_layer * lora.r * (linear.in_features + (config.n_embd if index is not None else linear.out_features))
+    return (f"a chat model: a LoRA adapter (r={lora.r}, alpha={lora.alpha:g}, on {', '.join(lora.targets)}{rows}; "
+            f"{n_adapter:,} trained parameters, {100 * n_adapter / n_model:.2f}% of the model's), merged into the "
+            "weights at load")
 
 
 def _not_a_model_dir(folder: Path) -> str:
