@@ -30,7 +30,7 @@ import gpt1
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error, first_line
-from gpt1.core.io import exclusive, make_dirs, read_json, write_json
+from gpt1.core.io import exclusive, folder_target, make_dirs, read_json, write_json
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import Tokenizer, train_tokenizer
@@ -117,7 +117,7 @@ class QuickstartResult:
 
 def run_quickstart(cfg: QuickstartConfig) -> QuickstartResult:
     """Run (or reuse) every stage under `cfg.out`; see the module docstring."""
-    out = make_dirs(cfg.out)
+    out = make_dirs(folder_target(cfg.out, "choose a writable --out"))  # a read-only cwd: says so, and what to do
     # One quickstart per folder: a second one would race the first through its stages (the
     # prepare and training locks refuse it only mid-way, with a stage's error), so it is refused here.
     with exclusive(out, "running the quickstart"):

@@ -40,6 +40,7 @@ import traceback
 from gpt1 import __version__
 from gpt1.core.constants import BPE_TRAINING_THREAD
 from gpt1.core.errors import Gpt1Error, address_space_limit, memory_shortage, open_files_hint, threads_hint
+from gpt1.core.imports import import_quietly
 from gpt1.core.malloc import fit_arenas_to_address_limit
 from gpt1.core.progress import env_flag, printable, setup_console_logging
 from gpt1.core.sampling_params import ALIASES
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_raises():
             with _interrupts_held():
                 for module in LIBRARIES.get(args.command, ("torch",)):
-                    importlib.import_module(module)
+                    import_quietly(module)
             status = args.func(args) or 0
             sys.stdout.flush()  # here, where a failure is reported, not at exit
             return status

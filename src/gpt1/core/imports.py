@@ -12,6 +12,7 @@ Two failures read differently, because they have different fixes:
 from __future__ import annotations
 
 import importlib
+import logging
 from types import ModuleType
 
 from gpt1.core.errors import Gpt1Error
@@ -38,3 +39,18 @@ def is_missing(error: ImportError, module: str) -> bool:
 def failed_import(purpose: str, module: str, error: ImportError) -> str:
     """The one-line message for an installed `module` whose import raised `error`."""
     return f"{purpose}: `{module}` is installed but failed to import: {' '.join(str(error).split())}"
+
+
+def import_quietly(module: str) -> ModuleType:
+    """Import `module` with its package's log at ERROR meanwhile: matplotlib's import told a user
+    whose HOME cannot be written (a container's user, a shared account), in two multi-line
+    warnings, that it made itself a temporary config dir, at every plot, pretrain and finetune.
+    It still makes that dir (its own choice: a fixed folder in /tmp would be another user's to
+    plant a matplotlibrc in)."""
+    logger = logging.getLogger(module.partition(".")[0])
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module(module)
+    finally:
+        logger.setLevel(level)

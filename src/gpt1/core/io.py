@@ -303,6 +303,8 @@ def _sweep_leftovers(path: Path) -> None:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
+            if entry.exists():  # another user's leftover, say: it would stay for good without a word
+                warn(f"{entry}: a folder left by a killed writer of {path.name} that cannot be deleted; delete it by hand")
         else:
             with contextlib.suppress(OSError):
                 entry.unlink()
@@ -413,9 +415,9 @@ def atomic_dir(path: str | os.PathLike, *, within: str | os.PathLike | None = No
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
     except OSError as e:
         raise Gpt1Error(f"{target.parent}: cannot write {target.name} there ({e.strerror})") from None
+    placed = False
     try:
-        # mkdtemp creates the folder private (0700); give it the mode a plain mkdir would.
-        os.chmod(tmp, 0o777 & ~_umask())
+        _take_folder_mode(tmp, target if found is not None and stat.S_ISDIR(found[2]) else None)
         try:
             yield tmp
         except OSError as e:  # a file of the folder named as the user knows it (OUT/x), not by OUT's temporary name
@@ -433,14 +435,45 @@ def atomic_dir(path: str | os.PathLike, *, within: str | os.PathLike | None = No
                 raise Gpt1Error(_changed_meanwhile(path))
         written = frozenset(os.listdir(tmp))
         old, aside = _put_in_place(tmp, target, path, replacing=now is not None)
+        placed = True
         if old is not None:
             if owned:
                 _say_dropped(path, old, written)
-            shutil.rmtree(aside)
+            _delete_replaced(aside, path)
     finally:
-        if tmp.exists():  # the write failed
+        if not placed and tmp.exists():  # the write failed
             shutil.rmtree(tmp)
             _remove_empty(new_folders)
+
+
+def _take_folder_mode(tmp: Path, replaced: Path | None) -> None:
+    """Give the folder mkdtemp made private (0700) the mode and group a plain mkdir would: the
+    umask's mode, plus the setgid bit it inherited in a shared group folder (chmod(2) clears what it
+    is not given, and the files written into it then took the writer's own group, unreadable by the
+    rest of the group). A folder it replaces passes on its group and setgid bit (an export --force
+    over a folder made the group's keeps it the group's); its other bits would not do (read-only,
+    the writes into it would fail)."""
+    mode = 0o777 & ~_umask() | os.stat(tmp).st_mode & stat.S_ISGID
+    if replaced is not None:
+        with contextlib.suppress(OSError):  # gone meanwhile, or a group the writer is not in
+            before = os.stat(replaced)
+            if before.st_gid != os.stat(tmp).st_gid:
+                os.chown(tmp, -1, before.st_gid)
+            mode |= before.st_mode & stat.S_ISGID
+    os.chmod(tmp, mode)
+
+
+def _delete_replaced(aside: Path, path: Path) -> None:
+    """Delete the folder the new one replaced; the new one is in place already, so a part that
+    cannot be deleted (another user's files in a shared folder) is a warning, not a failed write."""
+    failed: list[OSError] = []
+    if sys.version_info >= (3, 12):  # onerror is deprecated there
+        shutil.rmtree(aside, onexc=lambda _func, _name, e: failed.append(e))
+    else:
+        shutil.rmtree(aside, onerror=lambda _func, _name, info: failed.append(info[1]))
+    if failed:
+        warn(f"{path}: written; the folder it replaced could not be deleted whole ({failed[0].strerror}: "
+             f"{failed[0].filename}); delete {aside} by hand")
 
 
 def _put_in_place(tmp: Path, target: Path, path: Path, replacing: bool) -> tuple[Path | None, Path | None]:

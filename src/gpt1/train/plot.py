@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import import_quietly
 from gpt1.core.io import atomic_path, file_target
 from gpt1.core.progress import printable, warn
 
@@ -162,6 +163,7 @@ def _thinned(steps: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _draw(runs: dict[str, str | Path]) -> Figure:
     # A figure of its own on the Agg canvas, not pyplot's: switching the process's backend (or
     # pyplot's figures) would break the host's plots, e.g. a notebook's, for the rest of its session.
+    import_quietly("matplotlib.backends.backend_agg")  # matplotlib.figure and the font cache: their set-up warns
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,0 +1,102 @@
+"""Pass 23, the owner's fixes: folders written whole in a group's shared folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+from gpt1.core.io import atomic_dir
+
+
+def test_a_folder_written_whole_in_a_setgid_folder_keeps_the_bit(tmp_path):
+    """chmod of mkdtemp's folder cleared the setgid bit it inherited: an export or best/ in a shared
+    group folder had its files in the writer's own group, unreadable by the rest of the group."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2770)
+    with atomic_dir(shared / "export") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert os.stat(shared / "export").st_mode & stat.S_ISGID
+    # And a folder that had the bit keeps it when replaced, outside a setgid folder too.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    os.chmod(plain, 0o2755)
+    with atomic_dir(plain) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert os.stat(plain).st_mode & stat.S_ISGID
+    assert stat.S_IMODE(os.stat(plain).st_mode) & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _undeletable(file) -> None:
+    """A file its folder cannot lose: immutable for root (permissions do not stop it), else its
+    folder read-only."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(file)]).returncode != 0:
+            pytest.skip("no chattr +i here")
+    else:
+        os.chmod(file.parent, 0o500)
+
+
+def _deletable(file) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(file)], check=True)
+    else:
+        os.chmod(file.parent, 0o700)
+
+
+def test_a_replaced_folder_that_cannot_be_deleted_whole_is_a_warning(tmp_path, caplog):
+    """Another user's files in the replaced folder (a group member's best/ at a resume): the new
+    folder was in place, yet the write failed with 'adapter: cannot write (Permission denied)' and a
+    copy of the old folder stayed beside it for good."""
+    best = tmp_path / "best"
+    (best / "adapter").mkdir(parents=True)
+    stuck = best / "adapter" / "adapter_model.safetensors"
+    stuck.write_text("old")
+    _undeletable(stuck)
+    try:
+        with caplog.at_level("WARNING", logger="gpt1"), atomic_dir(best) as tmp:
+            (tmp / "config.json").write_text("new")
+        assert (best / "config.json").read_text() == "new"
+        warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and warnings[0].startswith(f"{best}: written; the folder it replaced could not be "
+                                                             "deleted whole"), warnings
+        assert warnings[0].endswith("by hand") and "adapter_model.safetensors" in warnings[0]
+    finally:
+        for left in tmp_path.glob(".best.*"):
+            _deletable(left / "adapter" / "adapter_model.safetensors")
+            shutil.rmtree(left)
+
+
+def test_a_plot_where_home_cannot_be_written_says_nothing_of_matplotlib(tmp_path):
+    """matplotlib's import warned in two lines (`mkdir -p failed for path ...`, `Matplotlib created a
+    temporary cache directory ...`) at every pretrain, finetune and plot of a user without a
+    writable HOME."""
+    from tests.test_battery6 import METRICS
+    from tests.test_env_findings import gpt1
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(METRICS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MPLCONFIGDIR"))}
+    result = gpt1("plot", tmp_path / "run", "--out", tmp_path / "p.png", env={**env, "HOME": "/proc/gpt1-no-home"})
+    assert result.returncode == 0 and (tmp_path / "p.png").stat().st_size > 0, result.stderr.decode()
+    assert "matplotlib" not in result.stderr.decode().lower(), result.stderr.decode()
+
+
+def test_a_quickstart_where_its_folder_cannot_be_made_says_what_to_do(capsys):
+    """`gpt1-quickstart: cannot create the folder (Permission denied)` from a read-only current
+    folder, without the way out that `tokenizer train` gives for the same case."""
+    from tests.test_battery import run_main
+
+    code, err = run_main(capsys, "quickstart", "--out", "/proc/gpt1-quickstart")
+    assert code == 2 and err.strip().endswith("choose a writable --out"), err
+    assert "cannot create the folder: /proc is not writable" in err
