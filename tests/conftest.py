@@ -31,6 +31,38 @@ STDLIB = Path(os.__file__).parent
 TEST_VOCAB = 512
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _caches_of_the_session(tmp_path_factory):
+    """The files libraries write for themselves go under the session's temp folder: `datasets`'
+    cache (gpt1's streaming reads and the lm-eval tests left ~600 lock files and ~300 builder
+    folders in ~/.cache/huggingface, and a stale one there was read back), and the temp folders of
+    the subprocesses (each torchrun left a torchelastic_* folder in /tmp). This process's own temp
+    folder is pytest's choice, made before (gettempdir caches it)."""
+    folder = tmp_path_factory.mktemp("caches")
+    saved = {name: os.environ.get(name) for name in ("HF_DATASETS_CACHE", "TMPDIR")}
+    (folder / "tmp").mkdir()
+    os.environ.update(HF_DATASETS_CACHE=str(folder / "hf-datasets"), TMPDIR=str(folder / "tmp"))
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _gpt1_logger_as_it_was():
+    """`main()` (called in-process by many tests) sets up the console: the `gpt1` logger stops
+    propagating and gets a handler. Before pytest 9.1, caplog listens at the root logger only, so
+    every later test's caplog saw nothing from gpt1: the logger is put back after each test."""
+    import logging
+
+    logger = logging.getLogger("gpt1")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """~1 MB of real text: a few standard-library packages copied to a temp dir."""

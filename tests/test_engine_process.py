@@ -148,7 +148,8 @@ def test_stop_ends_the_requests_at_once_and_the_child_exits_without_its_teardown
         assert isinstance(items[-1], EngineUnavailable) and str(items[-1]) == "the server is shutting down"
         assert not any(isinstance(item, BaseException) for item in items[:-1])  # one error, the last item
     assert engine._process.returncode == 0 and process_state(engine.pid) == ""  # exited by itself, reaped
-    assert took < 0.75, f"the engine process took {took:.2f} s to exit after its stop command"
+    # Its teardown took >= 1.2 s on quiet cores; a busy machine (load 5-7 on 2 cores) stretched this to ~1 s.
+    assert took < 1.15, f"the engine process took {took:.2f} s to exit after its stop command"
 
 
 def test_bad_submissions_are_refused_here_before_anything_is_sent(engine, llm):

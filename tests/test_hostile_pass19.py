@@ -155,7 +155,7 @@ def test_a_meta_json_file_outside_the_data_dir_is_refused(data_dir, tiny_model_d
     shutil.copy(data / meta[split]["file"], outside)
     name = str(outside) if where == "absolute" else f"../{outside.name}"
     _edit_json(data / "meta.json", lambda m: m[split].update(file=name))
-    expected = re.escape(f'{data / "meta.json"}: "{split}.file" must be the name of a file in the data dir, got "{name}"')
+    expected = re.escape(f'{data / "meta.json"}: "{split}.file" must be the name of a file in the data dir, got {json.dumps(name):.100}')
     assert_one_clear_line(*run_main(capsys, "info", data), expected)
     assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--device", "cpu", "--data", data),
                           expected)
