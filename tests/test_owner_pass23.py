@@ -100,3 +100,19 @@ def test_a_quickstart_where_its_folder_cannot_be_made_says_what_to_do(capsys):
     code, err = run_main(capsys, "quickstart", "--out", "/proc/gpt1-quickstart")
     assert code == 2 and err.strip().endswith("choose a writable --out"), err
     assert "cannot create the folder: /proc is not writable" in err
+
+
+def test_the_chats_set_lists_and_takes_only_the_knobs_a_terminal_chat_uses(capsys, monkeypatch, tiny_model_dir):
+    """`/set` listed `logprobs random, prompt_logprobs random`, and `/set logprobs 3` failed on
+    "got 3.0": the terminal chat prints text only."""
+    import io
+    import sys
+
+    from tests.test_battery import run_main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/set\n/set logprobs 3\n/quit\n"))
+    code, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu")
+    [listing] = [line for line in err.splitlines() if line.startswith("(temperature")]
+    assert "logprobs" not in listing and listing.endswith("truncate_prompt on)")
+    assert "logprobs: the terminal chat shows no log-probabilities; the Python API's `logprobs=` and the server's " \
+           "`logprobs` do" in err and "got 3.0" not in err

@@ -191,7 +191,7 @@ BAD_REQUESTS = [
     ("top_k negative", "chat", {"messages": MSG, "top_k": -1}, 400, "top_k"),
     ("max_tokens zero", "chat", {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens beyond the context", "chat", {"messages": MSG, "max_tokens": 100_000}, 400, "max_tokens"),
-    ("prompt beyond the context", "chat", {"messages": [{"role": "user", "content": "word " * 500}]}, 400, None),
+    ("prompt beyond the context", "chat", {"messages": [{"role": "user", "content": "word " * 500}]}, 400, "messages"),
     ("seed below int64", "chat", {"messages": MSG, "seed": -2**63 - 1}, 400, "seed"),
     ("too many stops", "chat", {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("n below 1", "chat", {"messages": MSG, "n": 0}, 400, "n"),

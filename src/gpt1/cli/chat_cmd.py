@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import itertools
 import sys
+from typing import TYPE_CHECKING
 
 import gpt1
 from gpt1.cli.args import text
@@ -15,7 +16,6 @@ from gpt1.cli.generate_cmd import (
     add_sampling_flags,
     check_new_tokens,
     escape,
-    fit_new_tokens,
     prompt_tail,
     sampling_params_from_args,
     terminal_text,
@@ -29,6 +29,8 @@ from gpt1.core.progress import info, printable
 from gpt1.core.sampling_params import KNOB_RANGES, alias_hint, preset
 
 # gpt1.inference (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
+if TYPE_CHECKING:
+    from gpt1.inference.decoding import Chunk
 
 PRESET_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 HELP = """commands:
@@ -57,11 +59,19 @@ def register(subparsers) -> None:
     parser.set_defaults(func=chat_command)
 
 
+# Sampling knobs the terminal chat has no use for: it prints the reply's text only (`/set` listed
+# them as "logprobs random", and `/set logprobs 3` failed on "got 3.0").
+NOT_CHAT_KNOBS = ("logprobs", "prompt_logprobs")
+
+
 def parse_knob(params, name: str, value: str):
     """`params` with the knob `name` set from the text `value` (as typed after /set)."""
     name = name.replace("-", "_")
+    if name in NOT_CHAT_KNOBS:
+        raise Gpt1Error(f"{name}: the terminal chat shows no log-probabilities; the Python API's `logprobs=` and "
+                        "the server's `logprobs` do")
     if name not in KNOB_RANGES:
-        raise Gpt1Error(f"unknown knob {name!r}{alias_hint(name)}; known: {', '.join(KNOB_RANGES)}")
+        raise Gpt1Error(f"unknown knob {name!r}{alias_hint(name)}; known: {', '.join(k for k in KNOB_RANGES if k not in NOT_CHAT_KNOBS)}")
     if name == "stop":
         # Escapes let a user type a newline stop string as \n (the same syntax as --stop).
         try:
@@ -87,7 +97,7 @@ def parse_knob(params, name: str, value: str):
 
 def knob_text(value) -> str:
     if value is None:
-        return "random"  # the only knob that can be None is the seed
+        return "random"  # the only knob of the chat's that can be None is the seed
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, tuple):  # stop strings, each as `/set stop` takes it
@@ -142,12 +152,13 @@ class ChatSession:
 
     def describe(self) -> str:
         """The knobs as /set takes them: `stop none`, `stop \\n`, `seed random`, `truncate_prompt on`."""
-        return ", ".join(f"{f.name} {knob_text(getattr(self.params, f.name))}" for f in dataclasses.fields(self.params))
+        return ", ".join(f"{f.name} {knob_text(getattr(self.params, f.name))}" for f in dataclasses.fields(self.params)
+                         if f.name not in NOT_CHAT_KNOBS)
 
     def reply(self, text: str, out=None) -> str:
         """Stream the reply to `text` to `out` (default: the current stdout); keeps history within the context."""
         from gpt1.inference import generate as gen
-        from gpt1.inference.decoding import chat_prompt_ids, warn_if_cut
+        from gpt1.inference.decoding import chat_prompt_ids, fit_new_tokens, warn_if_cut
 
         out = out or sys.stdout
         shown = terminal_text(out)  # the history keeps the reply as generated
@@ -160,7 +171,11 @@ class ChatSession:
         ids = None
         try:
             block = self.llm.config.block_size
-            ids, dropped, cut = chat_prompt_ids(self.llm.tokenizer, system + self.history, block, self.params)
+            # The default max_new_tokens (not chosen) keeps room for the reply by dropping old turns, as
+            # a chosen one does, but never cuts or refuses a message that fits the context with the
+            # system message: it is then capped at the room left, as `generate --chat` caps it.
+            ids, dropped, cut = chat_prompt_ids(self.llm.tokenizer, system + self.history, block, self.params,
+                                                max_new_tokens_chosen=self.max_new_tokens_chosen, reply_room=True)
             params = fit_new_tokens(self.params, ids, block, self.max_new_tokens_chosen)
             if self.max_new_tokens_chosen and not self.capped_warned:
                 self.capped_warned = warn_if_capped(params, ids, block, "/set max_new_tokens N to change it")
@@ -191,9 +206,20 @@ class ChatSession:
         if last is not None:  # on a line of its own, after the reply: one message longer than the context
             warn_if_text_cut(len(text) - len(kept), cut)
             warn_if_cut(len(ids), last.prompt_tokens)
+            self._say_why_cut_short(last)
         reply = "".join(pieces)
         self.history.append({"role": "assistant", "content": reply})
         return reply
+
+    def _say_why_cut_short(self, last: Chunk) -> None:
+        """A reply that ended at a length limit (the chat page's words, which tell the two apart):
+        the context's, before max_new_tokens were generated, or max_new_tokens'."""
+        if last.finish_reason != "length":
+            return
+        if last.completion_tokens < self.params.max_new_tokens:  # the user's (or the default) max, not the capped one
+            info(f"(stopped at the context limit: {self.llm.config.block_size} tokens)")
+        else:
+            info(f"(stopped at max_new_tokens {self.params.max_new_tokens}: /set max_new_tokens N for longer replies)")
 
 
 def read_line(number: int) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 import time
@@ -128,27 +127,6 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add_dtype_flag(parser)
 
 
-def fit_new_tokens(params: SamplingParams, prompt_ids: list[int], block_size: int, chosen: bool) -> SamplingParams:
-    """`params` for this prompt, checked (a Gpt1Error when the prompt does not fit and may not be
-    cut). A max_new_tokens the user did not choose (`chosen`) is gpt1's default, not a wish: it is
-    capped at the room a prompt that fits leaves, as the server caps an omitted max_tokens, so
-    that such a prompt is kept whole, truncation or not (the default 256 would otherwise cut any
-    prompt longer than half of a 512-token context, and refuse every prompt of a 128-token model
-    with --no-truncate). Only a prompt that fills the context is cut (or refused)."""
-    from gpt1.inference.decoding import fit_prompt
-
-    if not chosen:
-        prompt_tokens = len(prompt_ids) or 1  # an empty prompt starts from [EOS]
-        room = block_size - prompt_tokens
-        if room >= 1:
-            params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
-        elif not params.truncate_prompt:
-            raise Gpt1Error(f"the prompt ({prompt_tokens} tokens) leaves no room for a new token in the context of "
-                            f"{block_size} tokens; shorten the prompt or allow truncation")
-    fit_prompt(prompt_ids, block_size, params)
-    return params
-
-
 def warn_if_capped(params: SamplingParams, prompt_ids: list[int], block_size: int, how: str) -> bool:
     """Say so when a max_new_tokens the user chose cannot be reached: the context ends generation
     earlier (`how`: how to change it). Counts the prompt as the model will see it. True if it warned."""
@@ -262,7 +240,7 @@ def warn_if_base_model(llm: gpt1.LLM, model: str) -> None:
 
 def generate_command(args: argparse.Namespace) -> int:
     from gpt1.inference import generate as gen
-    from gpt1.inference.decoding import chat_prompt_ids, warn_if_cut
+    from gpt1.inference.decoding import chat_prompt_ids, fit_new_tokens, warn_if_cut
 
     params = sampling_params_from_args(args)
     if args.system is not None and not args.chat:
@@ -280,15 +258,16 @@ def generate_command(args: argparse.Namespace) -> int:
     llm = gpt1.load(args.model, device=args.device, dtype=args.dtype)
     # Only the prompt's end can reach the model: a long one is tokenized from there (see prompt_tail).
     kept = prompt_tail(llm.tokenizer, prompt, llm.config.block_size) if params.truncate_prompt else prompt
+    chosen = args.max_new_tokens is not None  # else the default, a bound: capped by fit_new_tokens
     if args.chat:
         warn_if_base_model(llm, args.model)
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
         messages.append({"role": "user", "content": kept})
-        ids, _, cut = chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params)
+        ids, _, cut = chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params,
+                                      max_new_tokens_chosen=chosen)
         warn_if_text_cut(len(prompt) - len(kept), cut)
     else:
         ids = llm.tokenizer.encode(kept)
-    chosen = args.max_new_tokens is not None
     params = fit_new_tokens(params, ids, llm.config.block_size, chosen)
     if chosen:
         warn_if_capped(params, ids, llm.config.block_size, "lower --max-new-tokens")

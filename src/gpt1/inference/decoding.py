@@ -9,7 +9,10 @@ one place (the engine applies them to every row).
 - A prompt that does not leave room for `max_new_tokens` keeps its most recent tokens: at most
   `block_size - max_new_tokens`, but never fewer than half the context (a request for more
   tokens than that then ends at the context limit). `truncate_prompt=False` refuses such a
-  prompt instead. An empty prompt starts from `[EOS]`, the boundary between documents.
+  prompt instead. An empty prompt starts from `[EOS]`, the boundary between documents. A
+  max_new_tokens that the caller did not choose (gpt1's default) is first capped at the room a
+  prompt that fits leaves (`fit_new_tokens`: the CLI, the Python API and the server), so that
+  such a prompt is kept whole.
 - Text is streamed as complete UTF-8 characters (byte-level BPE may split one across tokens),
   and any text that may be the start of a stop string is held back until it is not. A reply
   that finishes a character the prompt's token ids left unfinished starts with that character.
@@ -19,8 +22,8 @@ one place (the engine applies them to every row).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import operator
-from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from gpt1.core.chat_template import encode_message, validate_messages
@@ -39,7 +42,7 @@ class TokenLogprob(NamedTuple):
     top: tuple[tuple[int, float], ...] = ()
 
 
-@dataclass
+@dataclasses.dataclass
 class Chunk:
     """One streamed piece of text: complete UTF-8 characters only."""
 
@@ -58,7 +61,7 @@ class Chunk:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-@dataclass
+@dataclasses.dataclass
 class Completion:
     text: str
     token_ids: list[int]  # generated tokens, without the special token that stopped them
@@ -88,11 +91,38 @@ def fit_prompt(prompt_ids: Sequence[int], block_size: int, params: SamplingParam
     if len(prompt_ids) <= budget:
         return list(prompt_ids)
     if not params.truncate_prompt:
+        room = block_size - len(prompt_ids)
+        if params.max_new_tokens >= block_size:  # no prompt is short enough: shortening it alone is no advice
+            advice = (f"lower max_new_tokens (to at most {room} for this prompt)" if room >= 1
+                      else "shorten the prompt and lower max_new_tokens")
+            raise Gpt1Error(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceed the "
+                f"context of {block_size} tokens, and max_new_tokens alone leaves the prompt no room; {advice} or "
+                "allow truncation")
         raise Gpt1Error(
             f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceed the "
             f"context of {block_size} tokens; shorten the prompt, lower max_new_tokens, or allow truncation"
         )
     return list(prompt_ids[len(prompt_ids) - budget:])
+
+
+def fit_new_tokens(params: SamplingParams, prompt_ids: Sequence[int], block_size: int, chosen: bool) -> SamplingParams:
+    """`params` for this prompt, checked (a Gpt1Error when the prompt does not fit and may not be
+    cut). A max_new_tokens the caller did not choose (`chosen` False) is gpt1's default, not a wish:
+    it is capped at the room a prompt that fits leaves, as the server caps an omitted max_tokens, so
+    that such a prompt is kept whole, truncation or not (the default 256 would otherwise cut any
+    prompt longer than half of a 512-token context, and refuse every prompt of a 256-token model
+    without truncation). Only a prompt that fills the context is cut (or refused)."""
+    if not chosen:
+        prompt_tokens = len(prompt_ids) or 1  # an empty prompt starts from [EOS]
+        room = block_size - prompt_tokens
+        if room >= 1:
+            params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
+        elif not params.truncate_prompt:
+            raise Gpt1Error(f"the prompt ({prompt_tokens} tokens) leaves no room for a new token in the context of "
+                            f"{block_size} tokens; shorten the prompt or allow truncation")
+    fit_prompt(prompt_ids, block_size, params)
+    return params
 
 
 class ChatPrompt(NamedTuple):
@@ -102,7 +132,8 @@ class ChatPrompt(NamedTuple):
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], block_size: int,
-                    params: SamplingParams, *, max_new_tokens_chosen: bool = True) -> ChatPrompt:
+                    params: SamplingParams, *, max_new_tokens_chosen: bool = True,
+                    reply_room: bool = False) -> ChatPrompt:
     """Token ids of a chat prompt, fitted to the context: the system message stays, the oldest
     turns go first (the conversation then starts with a user turn, unless only its last message
     is left), and a last message still too long loses the start of its text, never its role
@@ -110,10 +141,16 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
     nothing is dropped (the engine refuses a prompt that does not fit).
 
     `max_new_tokens_chosen=False`: `params.max_new_tokens` is gpt1's default, not the caller's
-    (the server's omitted max_tokens), a bound the caller then caps at the room the prompt leaves.
-    A conversation that fits the context with room for one new token is then kept whole, as a
-    completion prompt that fits is (the default 256 would otherwise keep at most half of a
-    512-token context); one that does not fit is fitted by the rule above."""
+    (the server's omitted max_tokens, a knob the Python API was not given), a bound the caller then
+    caps at the room the prompt leaves (`fit_new_tokens`). A conversation that fits the context
+    with room for one new token is then kept whole, as a completion prompt that fits is (the
+    default 256 would otherwise keep at most half of a 512-token context); one that does not fit
+    loses its oldest turns by the rule above, and what is left is kept whole if it fits: its last
+    message (and the system message) is cut, or refused, only when it alone does not fit, as it
+    would be sent alone. `reply_room=True` (a session that holds the history and sends it all at
+    every turn: `gpt1 chat`) drops the oldest turns by the rule even from a conversation that fits,
+    so that a reply keeps its room as the conversation grows rather than ending at the context
+    limit; its last message is still kept whole if it fits."""
     messages = validate_messages(messages)
     # Each message is encoded once, and dropping a turn subtracts its length (re-encoding the rest
     # after each drop made a long conversation quadratic, seconds of CPU in the server); only a
@@ -121,7 +158,7 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
     pieces = [encode_message(tokenizer, m) for m in messages]
     generation_prompt = [tokenizer.special_id(ASSISTANT)]
     length = sum(map(len, pieces)) + len(generation_prompt)
-    if not params.truncate_prompt or (not max_new_tokens_chosen and length < block_size):
+    if not params.truncate_prompt or (not max_new_tokens_chosen and length < block_size and not reply_room):
         return ChatPrompt([i for piece in pieces for i in piece] + generation_prompt, 0, 0)
     budget = prompt_budget(block_size, params)
     n_system = 1 if messages[0]["role"] == "system" else 0
@@ -136,7 +173,9 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
     ids = [i for piece in kept for i in piece] + generation_prompt
     dropped = first - n_system
     cut = len(ids) - budget
-    if cut <= 0:
+    # A default max_new_tokens keeps room for the reply by dropping turns, never by cutting (or
+    # refusing) what is left when that fits the context: the caller caps the reply at the room left.
+    if cut <= 0 or (not max_new_tokens_chosen and len(ids) < block_size):
         return ChatPrompt(ids, dropped, 0)
     # One message is left besides the system message: its text follows its role marker. The
     # system message itself is never cut.

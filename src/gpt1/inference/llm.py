@@ -21,7 +21,14 @@ from gpt1.core.sampling_params import preset as named_preset
 from gpt1.core.tokenizer import Tokenizer, check_text
 from gpt1.formats.hf import has_chat_template, load_with_tokenizer, model_folder
 from gpt1.inference import generate as gen
-from gpt1.inference.decoding import Completion, chat_prompt_ids, prompt_budget, warn_if_cut, warn_if_message_cut
+from gpt1.inference.decoding import (
+    Completion,
+    chat_prompt_ids,
+    fit_new_tokens,
+    prompt_budget,
+    warn_if_cut,
+    warn_if_message_cut,
+)
 
 # The dtypes a model can be loaded in for inference, by name (`--dtype` of generate, chat and serve).
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,14 +119,16 @@ class LLM:
     def generate(self, prompt: str, *, n: int, **knobs) -> list[str]: ...
 
     def generate(self, prompt: str, *, n: int | None = None, **knobs) -> str | list[str]:
-        """Continue `prompt`, e.g. `llm.generate("Once", temperature=0.7, top_k=50, seed=1)`. A
-        prompt that leaves no room for max_new_tokens keeps its most recent tokens, with a warning.
+        """Continue `prompt`, e.g. `llm.generate("Once", temperature=0.7, top_k=50, seed=1)`.
+        Without a max_new_tokens, the default (256) is capped at the room the prompt leaves, so that
+        a prompt that fits is kept whole; a prompt that leaves no room for the max_new_tokens given
+        (or fills the context) keeps its most recent tokens, with a warning.
         With `n`, a list of n samples decoded together, seeded seed, seed + 1, ... when `seed`
         is given (see SamplingParams.samples): reproducible, and different from each other."""
-        params = self._text_params(knobs)
+        ids, params = self._prompt_ids(prompt, self._text_params(knobs), knobs)
         if n is not None:
-            return self._samples(params.samples(n), self._prompt_ids(prompt, params))
-        return gen.generate(self.model, self.tokenizer, self._prompt_ids(prompt, params), params).text
+            return self._samples(params.samples(n), ids)
+        return gen.generate(self.model, self.tokenizer, ids, params).text
 
     @overload
     def complete(self, prompt: str, *, n: None = None, **knobs) -> Completion: ...
@@ -132,8 +141,8 @@ class LLM:
         reply's / the prompt's tokens (the model's own, each with its k most likely alternatives).
         `llm.complete(text, max_new_tokens=0, prompt_logprobs=0).prompt_logprobs` scores a text
         (the whole context's worth: no room is kept for a reply)."""
-        params = self.sampling_params(**knobs)
-        return self._completions(self._prompt_ids(prompt, params), params, n)
+        ids, params = self._prompt_ids(prompt, self.sampling_params(**knobs), knobs)
+        return self._completions(ids, params, n)
 
     @overload
     def chat_complete(self, messages: Sequence[Mapping[str, Any]], *, n: None = None, **knobs) -> Completion: ...
@@ -144,8 +153,8 @@ class LLM:
                       **knobs) -> Completion | list[Completion]:
         """As `chat`, but the whole `Completion` (see `complete`): with `logprobs=k`, the reply's
         tokens' log-probabilities; with `prompt_logprobs=k`, the formatted conversation's."""
-        params = self.sampling_params(**knobs)
-        return self._completions(self._chat_ids(messages, params), params, n)
+        ids, params = self._chat_ids(messages, self.sampling_params(**knobs), knobs)
+        return self._completions(ids, params, n)
 
     def _completions(self, ids: list[int], params: SamplingParams, n: int | None) -> Completion | list[Completion]:
         if n is not None:
@@ -165,8 +174,7 @@ class LLM:
     def stream(self, prompt: str, **knobs) -> Generator[str, None, None]:
         """Like `generate`, yielding text pieces as they are produced. The prompt and knobs are
         checked at the call, as `generate` checks them."""
-        params = self._text_params(knobs)
-        return self._pieces(self._prompt_ids(prompt, params), params)
+        return self._pieces(*self._prompt_ids(prompt, self._text_params(knobs), knobs))
 
     @overload
     def chat(self, messages: Sequence[Mapping[str, Any]], *, n: None = None, **knobs) -> str: ...
@@ -177,33 +185,43 @@ class LLM:
         """The assistant's reply to `[{"role": "user", "content": "..."}, ...]` (roles system,
         user, assistant; `developer` and lists of text parts read as OpenAI's API sends them); the oldest turns are dropped when the conversation is too long, and a
         last message that alone does not fit loses the start of its text (the system message stays,
-        and a warning says how many tokens went). With `n`, a list of n replies, as `generate`'s."""
+        and a warning says how many tokens went). Without a max_new_tokens, a conversation that fits
+        is kept whole and the reply capped at the room it leaves, as the server does for an omitted
+        max_tokens. With `n`, a list of n replies, as `generate`'s."""
         if n is None:
             return "".join(self.chat_stream(messages, **knobs))
-        params = self._text_params(knobs)
-        return self._samples(params.samples(n), self._chat_ids(messages, params))
+        ids, params = self._chat_ids(messages, self._text_params(knobs), knobs)
+        return self._samples(params.samples(n), ids)
 
     def chat_stream(self, messages: Sequence[Mapping[str, Any]], **knobs) -> Generator[str, None, None]:
         """Like `chat`, yielding text pieces as they are produced. The messages and knobs are
         checked at the call, as `chat` checks them."""
-        params = self._text_params(knobs)
-        return self._pieces(self._chat_ids(messages, params), params)
+        return self._pieces(*self._chat_ids(messages, self._text_params(knobs), knobs))
 
-    def _chat_ids(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams) -> list[int]:
-        """The conversation's token ids, fitted to the context (saying what was dropped or cut)."""
-        ids, dropped, cut = chat_prompt_ids(self.tokenizer, messages, self.config.block_size, params)
+    # `knobs`: the call's own, which say whether the caller chose max_new_tokens: gpt1's default is
+    # a bound, capped at the room a prompt that fits leaves (decoding.fit_new_tokens), as the CLI
+    # and the server cap theirs; it cut or refused prompts that fit a small model's context.
+    def _chat_ids(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams,
+                  knobs: Mapping[str, Any]) -> tuple[list[int], SamplingParams]:
+        """The conversation's token ids, fitted to the context (saying what was dropped or cut), and
+        the knobs for them."""
+        chosen, block = "max_new_tokens" in knobs, self.config.block_size
+        ids, dropped, cut = chat_prompt_ids(self.tokenizer, messages, block, params, max_new_tokens_chosen=chosen)
         if dropped:  # the documented fit, as `gpt1 chat` notes it (not a warning: the caller holds the history)
-            info(f"(dropped the {dropped} oldest message(s) to fit the {self.config.block_size}-token context)")
+            info(f"(dropped the {dropped} oldest message(s) to fit the {block}-token context)")
         warn_if_message_cut(cut)
-        return ids
+        return ids, fit_new_tokens(params, ids, block, chosen)
 
-    def _prompt_ids(self, prompt: str, params: SamplingParams) -> list[int]:
-        """The prompt's token ids, with a warning when generation will keep only its most recent
-        ones (the engine cuts it by `prompt_budget`; without truncation it refuses it instead)."""
+    def _prompt_ids(self, prompt: str, params: SamplingParams,
+                    knobs: Mapping[str, Any]) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the knobs for them, with a warning when generation will keep
+        only its most recent ones (the engine cuts it by `prompt_budget`; without truncation
+        fit_new_tokens refuses it instead)."""
         ids = self.tokenizer.encode(check_text(prompt, "prompt"))
+        params = fit_new_tokens(params, ids, self.config.block_size, "max_new_tokens" in knobs)
         if params.truncate_prompt:
             warn_if_cut(len(ids), min(len(ids), prompt_budget(self.config.block_size, params)))
-        return ids
+        return ids, params
 
     def _samples(self, samples: list[SamplingParams], ids: list[int]) -> list[str]:
         """A text per SamplingParams of `samples`, of the prompt `ids`, decoded together."""

@@ -58,6 +58,16 @@ class TextOffsets:
         self.chars += len(self._decoder.decode(self.tokenizer.bytes_table[token_id]))
         return start
 
+    def skip(self, token_ids: Sequence[int], text: str | None = None) -> None:
+        """Move the count past a prompt that is not listed (not echoed): `text`, the prompt as sent
+        when it was a string (its tokens are its UTF-8: whole characters), else its tokens' bytes,
+        decoded at once (a whole prompt, up to a MiB of text, in one call, not one per token)."""
+        if text is not None:
+            self.chars += len(text)
+            return
+        table = self.tokenizer.bytes_table
+        self.chars += len(self._decoder.decode(b"".join(table[t] for t in token_ids)))
+
 
 def completion_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int], entries: Sequence[TokenLogprob | None],
                         offsets: TextOffsets) -> dict:

@@ -141,7 +141,7 @@ def fit_context(params: SamplingParams, prompt_tokens: int, context: int, max_to
         raise ApiError(400, f"{_CONTEXT_IS.format(context)} However, {where} resulted in {prompt_tokens} tokens, "
                             f"{why}. Please reduce the length of {where}, or send truncate_prompt: true to drop the "
                             f"oldest {oldest}.",
-                       param="prompt" if prompt else None, code="context_length_exceeded")
+                       param="prompt" if prompt else "messages", code="context_length_exceeded")
     room = context - prompt_tokens
     if max_tokens is None:
         return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))

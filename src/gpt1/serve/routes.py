@@ -433,7 +433,8 @@ async def _completion_events(requests, queue, rid, now, model_id, include_usage,
 class _CompletionScoring:
     """A completion request's echo and legacy logprobs, choice by choice as its chunks come:
     the prompt's text (and its tokens' log-probabilities) before the choice's first text, and
-    text offsets counted on from there (OpenAI's: from the start of the prompt)."""
+    text offsets counted on from there (OpenAI's: from the start of the prompt; echoed, the text
+    returned, which after truncate_prompt is the prompt's kept tail, as `usage` counts it)."""
 
     def __init__(self, tokenizer, req: CompletionRequest, prompts: list[list[int]]):
         self.tokenizer, self.echo, self.scored = tokenizer, bool(req.echo), req.logprobs is not None
@@ -457,15 +458,15 @@ class _CompletionScoring:
         """The chunk's text and logprobs object for choice `choice` of prompt `prompt`."""
         text, ids, entries = c.text, [], []
         if choice not in self.offsets:  # the choice's first chunk
-            prompt_text, prompt_ids = self._prompt(prompt, c.prompt_tokens)
             offsets = self.offsets[choice] = TextOffsets(self.tokenizer)
             if self.echo:
+                prompt_text, prompt_ids = self._prompt(prompt, c.prompt_tokens)
                 text = prompt_text + text
                 if self.scored and prompt_ids:
                     ids, entries = prompt_ids, list(c.prompt_logprobs or [None] * len(prompt_ids))[-len(prompt_ids):]
-            else:  # the reply's offsets count on from the prompt's end (a character it began, the reply ends)
-                for token_id in prompt_ids:
-                    offsets.take(token_id)
+            else:  # the reply's offsets count on from the end of the whole prompt, as sent (OpenAI's: from its
+                # start), not of the tail that truncate_prompt kept; a character the prompt began, the reply ends
+                offsets.skip(self.prompts[prompt], self.given[prompt])
         if not self.scored:
             return text, None
         ids += [e.token_id for e in c.logprobs or ()]
