@@ -70,7 +70,16 @@ def test_a_replaced_folder_that_cannot_be_deleted_whole_is_a_warning(tmp_path, c
         warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1 and warnings[0].startswith(f"{best}: written; the folder it replaced could not be "
                                                              "deleted whole"), warnings
-        assert warnings[0].endswith("by hand") and "adapter_model.safetensors" in warnings[0]
+        assert warnings[0].endswith("by hand") and "adapter/adapter_model.safetensors)" in warnings[0]
+        [left] = tmp_path.glob(".best.*")
+        assert f"delete {left} by hand" in warnings[0]
+        # Said once: the next write (the next best/ of the run, another process's) leaves it alone, and
+        # does not take it for a killed writer's temp (it warned at every write after, "left by a killed writer").
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gpt1"), atomic_dir(best) as tmp:
+            (tmp / "config.json").write_text("newer")
+        assert [r.message for r in caplog.records if r.levelname == "WARNING"] == []
+        assert [*tmp_path.glob(".best.*")] == [left]
     finally:
         for left in tmp_path.glob(".best.*"):
             _deletable(left / "adapter" / "adapter_model.safetensors")
@@ -90,6 +99,11 @@ def test_a_plot_where_home_cannot_be_written_says_nothing_of_matplotlib(tmp_path
     result = gpt1("plot", tmp_path / "run", "--out", tmp_path / "p.png", env={**env, "HOME": "/proc/gpt1-no-home"})
     assert result.returncode == 0 and (tmp_path / "p.png").stat().st_size > 0, result.stderr.decode()
     assert "matplotlib" not in result.stderr.decode().lower(), result.stderr.decode()
+    # Its other warnings still come through: a bad line in the user's own matplotlibrc.
+    (tmp_path / "mpl").mkdir()
+    (tmp_path / "mpl" / "matplotlibrc").write_text("bogus.key: 3\n")
+    result = gpt1("plot", tmp_path / "run", "--out", tmp_path / "p.png", env={**env, "MPLCONFIGDIR": str(tmp_path / "mpl")})
+    assert result.returncode == 0 and "Bad key bogus.key in file" in result.stderr.decode(), result.stderr.decode()
 
 
 def test_a_quickstart_where_its_folder_cannot_be_made_says_what_to_do(capsys):

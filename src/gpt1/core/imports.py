@@ -41,16 +41,29 @@ def failed_import(purpose: str, module: str, error: ImportError) -> str:
     return f"{purpose}: `{module}` is installed but failed to import: {' '.join(str(error).split())}"
 
 
+# The set-up notices that a library logs at its import, by logger, and that are not the user's
+# business: matplotlib, where HOME cannot be written (a container's user, a shared account), said in
+# two multi-line warnings at every plot, pretrain and finetune that it made itself a temporary
+# config dir. It still makes that dir (its own choice: a fixed folder in /tmp would be another
+# user's to plant a matplotlibrc in); its other warnings (a bad line in the user's matplotlibrc)
+# still come through.
+SETUP_NOTICES = {"matplotlib": ("mkdir -p failed for path ", "Matplotlib created a temporary cache directory ")}
+
+
 def import_quietly(module: str) -> ModuleType:
-    """Import `module` with its package's log at ERROR meanwhile: matplotlib's import told a user
-    whose HOME cannot be written (a container's user, a shared account), in two multi-line
-    warnings, that it made itself a temporary config dir, at every plot, pretrain and finetune.
-    It still makes that dir (its own choice: a fixed folder in /tmp would be another user's to
-    plant a matplotlibrc in)."""
-    logger = logging.getLogger(module.partition(".")[0])
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Import `module` without its package's `SETUP_NOTICES`."""
+    package = module.partition(".")[0]
+    filters = []
+    for name, notices in SETUP_NOTICES.items():
+        if name.partition(".")[0] == package:
+            filters.append((logging.getLogger(name), _dropping(notices)))
+            filters[-1][0].addFilter(filters[-1][1])
     try:
         return importlib.import_module(module)
     finally:
-        logger.setLevel(level)
+        for logger, dropping in filters:
+            logger.removeFilter(dropping)
+
+
+def _dropping(notices: tuple[str, ...]):
+    return lambda record: not record.getMessage().startswith(notices)

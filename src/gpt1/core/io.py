@@ -466,14 +466,21 @@ def _take_folder_mode(tmp: Path, replaced: Path | None) -> None:
 def _delete_replaced(aside: Path, path: Path) -> None:
     """Delete the folder the new one replaced; the new one is in place already, so a part that
     cannot be deleted (another user's files in a shared folder) is a warning, not a failed write."""
-    failed: list[OSError] = []
+    failed: list[tuple[str, OSError]] = []
     if sys.version_info >= (3, 12):  # onerror is deprecated there
-        shutil.rmtree(aside, onexc=lambda _func, _name, e: failed.append(e))
+        shutil.rmtree(aside, onexc=lambda _func, name, e: failed.append((name, e)))
     else:
-        shutil.rmtree(aside, onerror=lambda _func, _name, info: failed.append(info[1]))
+        shutil.rmtree(aside, onerror=lambda _func, name, info: failed.append((name, info[1])))
     if failed:
-        warn(f"{path}: written; the folder it replaced could not be deleted whole ({failed[0].strerror}: "
-             f"{failed[0].filename}); delete {aside} by hand")
+        # Under a name `_temps_of` does not take for a killed writer's temp: every later write of
+        # `path` would try again, and warn again with the wrong cause.
+        left = aside.with_name(f".{_temp_stem(path)}.replaced.{aside.name.rsplit('.', 2)[-2]}")
+        with contextlib.suppress(OSError):
+            os.rename(aside, left)
+            aside = left
+        name, error = failed[0]
+        warn(f"{path}: written; the folder it replaced could not be deleted whole ({error.strerror}: {name}); "
+             f"delete {aside} by hand")
 
 
 def _put_in_place(tmp: Path, target: Path, path: Path, replacing: bool) -> tuple[Path | None, Path | None]:
