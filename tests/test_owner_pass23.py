@@ -130,3 +130,26 @@ def test_the_chats_set_lists_and_takes_only_the_knobs_a_terminal_chat_uses(capsy
     assert "logprobs" not in listing and listing.endswith("truncate_prompt on)")
     assert "logprobs: the terminal chat shows no log-probabilities; the Python API's `logprobs=` and the server's " \
            "`logprobs` do" in err and "got 3.0" not in err
+
+
+def test_the_engines_bookkeeping_per_step_stays_in_proportion_to_its_batch(tokenizer, monkeypatch):
+    """Every step looked at every waiting request (`cancelled`, then a deque.remove each): 8,000
+    prompts through generate_batch spent a third of the run there, twice the share of 4,000. Now a
+    step reads a bounded number of them per row of the batch, however long the queue."""
+    from gpt1.core.config import ModelConfig
+    from gpt1.core.sampling_params import SamplingParams
+    from gpt1.inference import generate
+    from gpt1.inference.engine import Engine, Request
+    from tests.model_factories import model_without_stops
+
+    reads, steps = [0], [0]
+    real_cancelled, real_step = Request.cancelled.fget, Engine.step
+    monkeypatch.setattr(Request, "cancelled", property(lambda self: reads.__setitem__(0, reads[0] + 1) or real_cancelled(self)))
+    monkeypatch.setattr(Engine, "step", lambda self: steps.__setitem__(0, steps[0] + 1) or real_step(self))
+    monkeypatch.setattr(generate, "MAX_BATCH", 4)  # a queue of ~75 batches
+    config = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    replies = generate.generate_batch(model_without_stops(config, tokenizer, 0), tokenizer,
+                                      [tokenizer.encode(f"prompt {i}") for i in range(300)],
+                                      SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert [r.completion_tokens for r in replies] == [4] * 300
+    assert reads[0] <= 8 * 4 * steps[0], (reads[0], steps[0])  # was ~40 per row of the batch per step

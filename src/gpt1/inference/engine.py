@@ -419,6 +419,7 @@ class Engine:
         self._threads = cpu_thread_tuner(self.device, shared=True) if tune_threads else None
         self._rows: list[Request] = []  # _rows[i] is the request in slot i
         self._waiting: collections.deque[Request] = collections.deque()
+        self._unswept = 0  # steps since `_admit` last looked for cancelled requests in the whole queue
         self._lock = threading.Condition()
         self._step_lock = threading.Lock()  # one step at a time, whoever calls step()
         self._thread: threading.Thread | None = None
@@ -576,12 +577,25 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
-            # A request cancelled while it waits leaves the queue now, not when a slot frees.
-            for request in [r for r in self._waiting if r.cancelled]:
-                self._waiting.remove(request)
-                self._finish(request, "cancelled")
+            # A request cancelled while it waits leaves the queue before a slot frees for it: looked
+            # for in one pass over the queue every len(queue) / (4 x max_batch) steps (every step for
+            # a short queue), so that a step's bookkeeping stays in proportion to the batch: a pass
+            # at every step made generate_batch quadratic in its prompts (8,000: a third of the run).
+            self._unswept += 1
+            if self._unswept * 4 * self.max_batch >= len(self._waiting):
+                self._unswept = 0
+                if any(r.cancelled for r in self._waiting):
+                    waiting, self._waiting = self._waiting, collections.deque()
+                    for request in waiting:
+                        if request.cancelled:
+                            self._finish(request, "cancelled")
+                        else:
+                            self._waiting.append(request)
             while self._waiting and len(self._rows) < self.max_batch:
                 request = self._waiting.popleft()
+                if request.cancelled:  # since the last sweep
+                    self._finish(request, "cancelled")
+                    continue
                 request.row, request.length = len(self._rows), 0
                 self._rows.append(request)
                 try:
