@@ -3,7 +3,6 @@ effect as documented or is refused before any work, in one line."""
 
 from __future__ import annotations
 
-import math
 import resource
 import shutil
 import subprocess
@@ -35,7 +34,7 @@ def test_eval_batches_is_capped_at_what_the_split_holds(data_dir, tmp_path, capl
     # eval_batches=1000000 built 100,000 overlapping windows (23 GB) before the first step.
     capped = fixed_windows(data_dir / "val.bin", 32, 4, 1_000_000)
     tokens = (data_dir / "val.bin").stat().st_size // 2
-    assert len(capped) == math.ceil((tokens - 1) / 32 / 4) < 1_000_000
+    assert len(capped) == (tokens - 1) // 32 // 4 < 1_000_000  # whole batches: no target scored twice
     assert len(fixed_windows(data_dir / "val.bin", 32, 4, 2)) == 2  # below the cap: as asked
     with caplog.at_level("INFO", logger="gpt1"):
         _run(data_dir, tmp_path / "run", ["max_steps=1", "eval_batches=1000000"])

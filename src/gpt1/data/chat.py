@@ -179,11 +179,12 @@ class ChatBatches:
     N ranks with grad_accum A take exactly the micro-batches of one process with N x A.
     `next_step(grad_accum)` gives a step's micro-batches, `next_batch()` a step of one. The state
     (epoch, position) is JSON-able and a restored source yields exactly the batches the original
-    would have.
+    would have. `epoch`: the first epoch (a run that goes on from another's epochs on the same
+    sequences starts at the next one, not at epoch 0's order again).
     """
 
     def __init__(self, data: EncodedChats, micro_batch: int, *, seed: int = 0, pad_id: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, epoch: int = 0):
         if len(data) == 0:
             raise Gpt1Error(f"no training sequences: {data.why_empty()}")
         self.data = data
@@ -192,9 +193,9 @@ class ChatBatches:
         self.pad_id = pad_id
         self.rank = rank
         self.world_size = world_size
-        self.epoch = 0
+        self.epoch = epoch
         self.position = 0  # index into this epoch's order of the next step's first sequence
-        self._order = self._permutation(0)
+        self._order = self._permutation(epoch)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))

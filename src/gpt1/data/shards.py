@@ -849,41 +849,57 @@ class ShardWindows:
     Window starts are a hash of (seed, global sequence number), so the stream is reproducible,
     resumable from a single counter, and split across torchrun ranks without overlap: draw c
     of rank r holds global micro-batch c * world_size + r. One process with grad_accum * W
-    draws per step sees exactly the windows of W ranks with grad_accum draws each. With
-    `vocab_size`, a batch holding an id outside the vocabulary is refused with the shard's name.
+    draws per step sees exactly the windows of W ranks with grad_accum draws each. `start`: the
+    sequence number of the first window (a run that goes on from another's windows, on the same
+    data and seed, starts after the ones it drew: `sequences_drawn`; from 0 it drew them again, in
+    order). With `vocab_size`, a batch holding an id outside the vocabulary is refused with the
+    shard's name.
     """
 
     def __init__(self, path: str | Path, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
+                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None, start: int = 0):
         self.path, self.vocab_size = path, vocab_size
         self.data = open_shard(path, block_size, "training")
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.draws = 0
+        self.start, self.draws = start, 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        micro = self.draws * self.world_size + self.rank
-        sequences = np.arange(micro * self.batch_size, (micro + 1) * self.batch_size, dtype=np.uint64)
+        first = self.start + (self.draws * self.world_size + self.rank) * self.batch_size
+        sequences = np.arange(first, first + self.batch_size, dtype=np.uint64)
         starts = (_hash01(self.seed, _WINDOW_SALT, sequences) % np.uint64(len(self.data) - self.block_size)).astype(np.int64)
         self.draws += 1
         return _windows(self.data, starts, self.block_size, self.vocab_size, self.path)
 
     def state_dict(self) -> dict:
-        return {"draws": self.draws}
+        # "start" only where it is not 0: a checkpoint saved without it (every run's before it
+        # existed) has the layout a resume checks against (`gpt1.train.checkpoint.check_trainer_state`).
+        return {"draws": self.draws, **({"start": self.start} if self.start else {})}
 
     def load_state_dict(self, state: dict) -> None:
-        self.draws = int(state["draws"])
+        self.draws, self.start = int(state["draws"]), int(state.get("start", 0))
+
+
+def sequences_drawn(sampler: dict, batch_size: int, world_size: int) -> int:
+    """The windows a run drew in all, from the `ShardWindows` state of its checkpoint (each of its
+    `world_size` ranks' draws of `batch_size` windows, after those it started at): where a run that
+    goes on from it starts."""
+    return int(sampler.get("start", 0)) + int(sampler["draws"]) * world_size * batch_size
 
 
 def fixed_windows(path: str | Path, block_size: int, batch_size: int, n_batches: int,
                   vocab_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n_batches` held-out batches of windows spread evenly over a shard (the same every time),
     at most as many as the shard holds without overlapping targets (eval_batches=1000000 built
-    100,000 windows, 30 views of each token, and 23 GB, before the first step); with `vocab_size`,
-    an id outside the vocabulary is refused (as `ShardWindows` does)."""
+    100,000 windows, 30 views of each token, and 23 GB, before the first step); a shard shorter
+    than one batch of them gives one batch of the windows it holds. With `vocab_size`, an id
+    outside the vocabulary is refused (as `ShardWindows` does)."""
     data = open_shard(path, block_size, "validation")
-    n_batches = min(n_batches, max(1, math.ceil((len(data) - 1) / block_size / batch_size)))
-    starts = np.linspace(0, len(data) - block_size - 1, batch_size * n_batches).astype(np.int64)
+    # Whole batches, rounded down: rounded up, the windows' spacing fell below block_size and up to
+    # half of the targets were scored twice, in a validation said to hold "no overlap".
+    fit = (len(data) - 1) // block_size  # windows whose targets do not overlap (at least 1: `open_shard`)
+    n_batches = min(n_batches, max(1, fit // batch_size))
+    starts = np.linspace(0, len(data) - block_size - 1, min(batch_size * n_batches, fit)).astype(np.int64)
     return [_windows(data, starts[i:i + batch_size], block_size, vocab_size, path)
             for i in range(0, len(starts), batch_size)]
 

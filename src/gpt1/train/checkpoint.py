@@ -11,10 +11,11 @@ A run dir looks like this::
       checkpoints/step-00001000/
         trainable.safetensors  every parameter with requires_grad (what resume loads)
         trainer_state.pt       optimizer, GradScaler, step, sampler state, every RNG state (every rank's),
-                               the lowest validation loss so far and its step
+                               the lowest validation loss so far and its step, whether early_stop ended the run
         outputs.done           present once RUN's model files were written from this checkpoint (the final
                                checkpoint of a run with a time budget: the budget spent then, as JSON)
-      best/                    with keep_best=true: the model of the lowest validation loss (a model dir)
+      best/                    with keep_best=true: the model of the lowest validation loss (a model dir), and
+                               best.json, the step and validation loss it holds
 
 The usable model is RUN itself (rewritten after every checkpoint); a checkpoint holds only what
 resuming needs, so the weights are not stored twice (1 GB per copy for the 257M model in FP32).
@@ -68,7 +69,8 @@ STATE_SCHEMA = {"step": int, "rng": _RNG, "optimizer": dict, "scaler": dict, "sa
 LATER_KEYS = {"end": int, "budget_spent": _NUMBER, "elapsed": _NUMBER, "step_time": (*_NUMBER, type(None)),
               "schedule": (dict, type(None)), "rank_rng": [_RNG],
               "best": {"step": (int, type(None)), "val_loss": (*_NUMBER, type(None))}, "since_best": int,
-              "bad_steps": int, "scale_fall": (dict, type(None)), "applied_since_validation": bool}
+              "bad_steps": int, "scale_fall": (dict, type(None)), "applied_since_validation": bool,
+              "early_stopped": bool}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -168,6 +170,18 @@ def remove_partial_saves(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 os.replace(p, final)
+
+
+def saved_sampler(run_dir: Path) -> dict | None:
+    """The sampler state of `run_dir`'s latest checkpoint (where its batches ended: a run that goes
+    on from its weights goes on from there too); None without a checkpoint, or one that cannot be read."""
+    latest = latest_checkpoint(run_dir)
+    try:
+        # mmap: the optimizer's state beside it (2 GB for the 257M model) is not read
+        sampler = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)["sampler"] if latest else None
+    except Exception:  # unreadable, damaged, not a dict: nothing to go on from
+        return None
+    return sampler if isinstance(sampler, dict) else None
 
 
 def outputs_written(checkpoint: Path) -> bool:

@@ -26,6 +26,9 @@ adapter/, no base.json; train_config.json records the base's path and fingerprin
 train_config.json's `data` records the training sequences (count, tokens, sha256: a resume on
 other data is refused) and the held-out conversations (`validation`: count and
 `conversations_fingerprint`), which `evaluate_chat` checks before it calls a score held-out.
+A fine-tune whose base is a gpt1 fine-tune on the same training sequences with the same seed (the
+way to train on past a run's end) begins at the epoch after the ones that run trained, as one
+longer run would, not at epoch 0's order again (`continued_epochs`).
 
 `merge_model_dir(out, dest)` writes a plain model dir with the adapter merged in.
 """
@@ -103,7 +106,7 @@ from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perp
 from gpt1.train.loop import step_cap_words, train
 from gpt1.train.pretrain import set_dropout
 from gpt1.train.run_record import CONFIG_FILE as RUN_CONFIG_FILE
-from gpt1.train.run_record import RUN_LOCK
+from gpt1.train.run_record import RUN_LOCK, toml_value
 
 
 @dataclass
@@ -153,7 +156,7 @@ class FinetuneConfig(TrainConfig):
         # Pretraining's keys that a fine-tune would accept and ignore (the base decides the model;
         # its embeddings are frozen; there is no Muon): refused rather than recorded as if they applied.
         defaults = TrainConfig()
-        ignored = [f"{name}={getattr(self, name)!r}" for name in ("model", "embedding_lr_scale", "muon_lr_scale")
+        ignored = [f"{name}={toml_value(getattr(self, name))}" for name in ("model", "embedding_lr_scale", "muon_lr_scale")
                    if getattr(self, name) != getattr(defaults, name)]
         if ignored:
             raise Gpt1Error(f"{', '.join(ignored)}: pretraining keys; a LoRA fine-tune takes its model from its base "
@@ -164,8 +167,9 @@ class FinetuneConfig(TrainConfig):
         if self.float8:  # LoRA wraps the very layers FP8 would swap; the two together are untested
             raise Gpt1Error("float8=true is for pretraining; LoRA fine-tuning runs in bf16-mixed, fp16-mixed or fp32")
         if self.full:  # LoRA's keys would be recorded as if they applied: refused, as pretraining's keys are
-            lora = [f"{name}={getattr(self, name)!r}" for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-                                                                  "train_special_tokens")
+            # As a recipe writes them (train_special_tokens=false, lora_targets=['q', 'v']), not as Python does
+            lora = [f"{name}={toml_value(getattr(self, name))}" for name in ("lora_r", "lora_alpha", "lora_dropout",
+                                                                            "lora_targets", "train_special_tokens")
                     if getattr(self, name) != FinetuneConfig.__dataclass_fields__[name].default]
             if lora:
                 raise Gpt1Error(f"{', '.join(lora)}: LoRA keys, and full=true trains every weight without an adapter "
@@ -369,15 +373,19 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
     if _split_unrecorded(record) and grouped_by_content(train_convs + val_convs):
         _check_legacy_split(out, record, len(train_data), dist, redo_hint)
     val_data = encode_conversations(tokenizer, val_convs, block_size + 1)
-    val = list(iter_batches(val_data, cfg.batch_size, tokenizer.pad_id))[:cfg.eval_batches]
+    # The batches used, built alone: all of a large held-out set's (padded) took its memory, to keep a few.
+    val = list(itertools.islice(iter_batches(val_data, cfg.batch_size, tokenizer.pad_id), cfg.eval_batches))
+    continues = continued_epochs(base, out, cfg, train_data)
     batches = ChatBatches(train_data, cfg.batch_size, seed=cfg.seed, pad_id=tokenizer.pad_id,
-                          rank=dist.rank, world_size=dist.world_size)
+                          rank=dist.rank, world_size=dist.world_size, epoch=continues["epoch"] if continues else 0)
     sequences_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
     if cfg.max_steps > 0:
         max_steps = cfg.max_steps
     elif cfg.max_tokens > 0:
-        mean_len = train_data.num_tokens / len(train_data)
-        max_steps = max(1, math.ceil(cfg.max_tokens / (sequences_per_step * mean_len)))
+        # A sequence's inputs, as the loop counts its tokens: all of its ids but the last (a target only).
+        # Counted with the last, the mean ran 3-5% long, and the run as much short of max_tokens.
+        inputs = train_data.num_tokens - len(train_data)
+        max_steps = max(1, -(-cfg.max_tokens * len(train_data) // (sequences_per_step * inputs)))  # ceil, exact
     else:  # whole epochs of the sampler, each ending on a step topped up from its start
         max_steps = batches.steps_for(cfg.epochs, cfg.grad_accum)
     if step_limit is not None:
@@ -412,6 +420,10 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         # the top-up of an epoch's last step is not a part of the next epoch.
         info(f"{at_most}{max_steps:,} steps x {sequences_per_step} sequences = "
              f"{max_steps / batches.epoch_steps(cfg.grad_accum):.2f} epochs of {len(train_data):,}{sooner}")
+        if continues:
+            info(f"--base {base} was fine-tuned on these {len(train_data):,} sequences with seed {cfg.seed} for "
+                 f"{continues['epoch']} epoch{'s' if continues['epoch'] != 1 else ''}: this run goes on with the next "
+                 "epochs' orders, as one longer run would")
 
     # Recorded in the run dir's train_config.json: resuming with another base, or on other
     # training sequences (an edit of the chat data, even one that keeps their number), is refused.
@@ -426,7 +438,30 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         if isinstance(record.get("data"), dict) and key not in record["data"]:
             del data[key]
     return train(model, run_cfg, out, batches, lambda: val, save_model, max_steps=max_steps, data=data,
-                 redo_hint=redo_hint)
+                 redo_hint=redo_hint, continues=continues)
+
+
+def continued_epochs(base: Path, out: Path, cfg: FinetuneConfig, train_data) -> dict | None:
+    """Where a fresh fine-tune of `base` starts its epochs, where `base` is a gpt1 fine-tune on the same
+    training sequences (`train_data`) with the same seed: at the epoch after those it trained (`run`:
+    its path, `epoch`: the first epoch of this run), read from its latest checkpoint, as the rest of one
+    longer run; at epoch 0 it trained on that run's orders again. None otherwise (other data or seed, a
+    folder without checkpoints, a resume: its checkpoint holds where its batches are)."""
+    try:
+        record = _run_record(base)
+    except Gpt1Error:  # a damaged record: a base like any other
+        return None
+    data = record.get("data")
+    if (not isinstance(data, dict) or data.get("sha256") != train_data.fingerprint()
+            or not isinstance(record.get("config"), dict) or record["config"].get("seed") != cfg.seed
+            or ckpt.latest_checkpoint(out) is not None):
+        return None
+    sampler = ckpt.saved_sampler(base) or {}
+    epoch, position = sampler.get("epoch"), sampler.get("position")
+    if not isinstance(epoch, int) or not isinstance(position, int) or sampler.get("sequences") != len(train_data):
+        return None
+    epoch += position > 0  # stopped inside an epoch: the next one, as epochs= counts whole passes
+    return {"run": json_path(base.resolve()), "epoch": epoch} if epoch > 0 else None
 
 
 def _legacy_epoch_steps(record: dict, cfg: FinetuneConfig, sequences: int, sequences_per_step: int,

@@ -13,7 +13,7 @@ The API (stable; both commands call it)::
         def next_step(self, n: int) -> list[tuple[Tensor, Tensor]]  # optional: a step's n batches at once
 
     result = train(model, cfg, run_dir, train_data, val_batches, save_model, *, max_steps=None, data=None,
-                   data_source=None, redo_hint=None, announce=())
+                   data_source=None, redo_hint=None, announce=(), continues=None)
 
 - `model`: a GPT (possibly with LoRA layers). The optimizer covers exactly the parameters with
   `requires_grad=True`: freeze the rest before calling. Weight decay applies to matrices only.
@@ -41,6 +41,9 @@ The API (stable; both commands call it)::
   quickstart has its own).
 - `announce`: optional, lines that describe the run (its model and length), logged on rank 0 once
   the run dir is checked: a refused resume does not read as a run that started.
+- `continues`: optional, the run whose batches this one goes on from (a JSON-able dict: its path and
+  where its sampler ended, which `train_data` starts after), recorded in `train_config.json` as
+  `continues` by a fresh start; a resume keeps the record (and its checkpoint the sampler's place).
 
 The rest is the loop's: checkpoints (see `gpt1.train.checkpoint`) with the trainable weights,
 optimizer, GradScaler, step, sampler state and every RNG state (with torchrun, every rank's);
@@ -56,11 +59,14 @@ the checkpoint): a run killed in between writes them on its next call; otherwise
 finished run changes nothing in its run dir. The lowest validation loss so far and its step are
 kept in the trainer state and added to each validation's metrics (`best_val_loss`, `best_step`);
 with `cfg.keep_best`, each validation that lowers it writes `save_model`'s files into `RUN/best`
-(whole or not at all: `BEST_DIR`); with `cfg.early_stop` = N, N validations in a row that do
-not lower it end the run at that step, which then counts as its last (a rerun is that of a
-finished run). `cfg.keep_checkpoints`: how many of the newest checkpoints are kept. A step whose loss or
-gradient norm is not finite is skipped; a validation or checkpoint due at it still runs when the
-weights are finite (the skipped step did not touch them), else a warning names the last good
+(whole or not at all: `BEST_DIR`), with `best.json`: the step and loss it holds. A resume removes
+a `RUN/best` of a step past its checkpoint's (written by the attempt that stopped after it, whose
+steps the resume trains again), and says so: the next validation below the lowest writes it again.
+With `cfg.early_stop` = N, N validations in a row that do not lower it end the run at that step,
+which then counts as its last (a rerun is that of a finished run; the checkpoint keeps that
+early_stop ended it, for the last line). `cfg.keep_checkpoints`: how many of the newest checkpoints
+are kept. A step whose loss or gradient norm is not finite is skipped; a validation or checkpoint
+due at it still runs when the weights are finite (the skipped step did not touch them), else a warning names the last good
 checkpoint. `cfg.max_bad_steps` consecutive skipped steps stop the run (a resumed run counts on
 from its checkpoint's); fp16-mixed's overflows (skipped by the GradScaler, which halves its loss
 scale for each; a NaN/inf loss, not the scale's doing, leaves it as it is) stop it once its loss
@@ -114,6 +120,8 @@ from gpt1.core.io import (
     crash_point,
     exclusive,
     make_dirs,
+    read_json,
+    write_json,
     write_text,
     writing,
 )
@@ -136,6 +144,7 @@ __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 BEST_DIR = "best"  # RUN/best: the model of the lowest validation loss (keep_best=true)
+BEST_RECORD = "best.json"  # in RUN/best: the step and validation loss of the model it holds
 # A time budget's guesses for the run's end before it has timed a checkpoint (`_TimeBudget.reserve`):
 # a checkpoint writes the trainable weights about four times (the checkpoint's copy, the optimizer's
 # two moments, the run dir's model) at SAVE_RATE bytes/s (tiny-cpu's 30 MB took 0.06 s on 2 cores);
@@ -289,12 +298,13 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
           val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
           save_model: Callable[[Path, torch.nn.Module], None], *, max_steps: int | None = None,
           data: dict | None = None, data_source: dict | None = None, redo_hint: str | None = None,
-          announce: Sequence[str] = ()) -> TrainResult:
+          announce: Sequence[str] = (), continues: dict | None = None) -> TrainResult:
     """Train `model` (see the module docstring); resumes from `run_dir`'s latest checkpoint.
     `data`: an identity of the training data (JSON-able), recorded in train_config.json; a
     resume on data with another identity is refused. `data_source`: where the data came from
     (JSON-able: its path, how it was prepared), recorded with each start and resume, never compared.
-    `announce`: lines describing the run, logged once the run dir is checked."""
+    `announce`: lines describing the run, logged once the run dir is checked. `continues`: the run
+    whose batches this one goes on from, recorded by a fresh start."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     max_steps = max_steps if max_steps is not None else cfg.max_steps
@@ -334,14 +344,14 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             for line in announce if dist.is_main else ():
                 info(line)
             run = _Run(run_dir, model, cfg, train_data, val_batches, save_model, max_steps, dist, device, record)
-            return _train_in(run, data_source, started)
+            return _train_in(run, data_source, continues, started)
 
 
-def _train_in(run: _Run, data_source: dict | None, started: float) -> TrainResult:
+def _train_in(run: _Run, data_source: dict | None, continues: dict | None, started: float) -> TrainResult:
     """The run itself, once its run dir is checked and held (see `train`): resumed from its latest
     checkpoint, then one optimizer step at a time up to its end, which a time budget re-plans."""
     state = run.resume()
-    run.begin(data_source)
+    run.begin(data_source, continues)
     run.plan(state)
     with run.logs():
         for step in itertools.count(run.start_step):
@@ -416,6 +426,7 @@ class _Run:
         # The lowest validation loss so far and its step, and the validations since it (early_stop)
         self.best: dict = {"step": None, "val_loss": None}
         self.since_best = 0
+        self.early_stopped: bool | None = False  # early_stop ended the run (None: an older gpt1's checkpoint, unsaid)
         self.bad_steps = 0  # consecutive skipped steps
         # Whether a step changed the weights since the last validation: one due after skipped steps
         # alone would measure the same weights again (and count against early_stop: two NaN batches
@@ -450,6 +461,8 @@ class _Run:
         self.elapsed_before = state.get("elapsed", self.budget_spent)  # an older gpt1's: its budget's, else 0
         # A checkpoint of an older gpt1 has no best: the next validation is the first.
         self.best, self.since_best = dict(state.get("best", self.best)), state.get("since_best", 0)
+        # An older gpt1's checkpoint does not say: a run with steps left was not ended; a finished one, unsaid (None).
+        self.early_stopped = state.get("early_stopped", None if self.start_step >= self.end else False)
         # A run killed inside a stretch of skipped steps stops where an uninterrupted one does (reset
         # to 0, it went on max_bad_steps more); an older gpt1's checkpoint has neither.
         self.bad_steps, self.scale_fall = state.get("bad_steps", 0), state.get("scale_fall")
@@ -469,28 +482,31 @@ class _Run:
             torch.manual_seed(cfg.seed + 1000 * dist.rank + self.start_step)
         return state
 
-    def begin(self, data_source: dict | None) -> None:
-        """Record this invocation in train_config.json (`RunRecord.start`), say what RUN/best keeps
-        where this resume turns keep_best off, and drop the metric lines
+    def begin(self, data_source: dict | None, continues: dict | None = None) -> None:
+        """Record this invocation in train_config.json (`RunRecord.start`; a fresh start, the run it
+        `continues`), remove a RUN/best that the attempt stopped after the checkpoint wrote, say what
+        RUN/best keeps where this resume turns keep_best off, and drop the metric lines
         a killed run logged after its last checkpoint; then wrap the model for the steps (DDP with
         torchrun, torch.compile with compile=true). A rerun of a finished run (at most writing the
         outputs a kill left unwritten) changes nothing in the run dir: its record, metrics and event
         log stay as the run left them."""
         self.finished = self.start_step >= self.end
         if not self.finished:
+            if self.start_step and self.cfg.keep_best and self.best["step"] is not None:
+                # train_config.json is rank 0's (`train`): its answer is every rank's, which reset alike.
+                off = distributed.broadcast_object(
+                    not self.record.setting_at(self.best["step"], "keep_best") if self.dist.is_main else None)
+                if off:
+                    self._start_keeping_best()
+            distributed.main_only(self._drop_later_best)
             if self.dist.is_main and self.start_step and not self.cfg.keep_best:
                 self._warn_best_kept()
-            if self.start_step and self.cfg.keep_best and self.best["step"] is not None \
-                    and not self.record.setting_at(self.best["step"], "keep_best"):
-                self._start_keeping_best()
             spent = {"budget_spent": self.budget_spent} if self.cfg.time_budget > 0 else {}
             distributed.main_only(lambda: self.record.start(
-                self.start_step, {**_provenance(self.cfg, self.device, self.precision, data_source), **spent}))
+                self.start_step, {**_provenance(self.cfg, self.device, self.precision, data_source), **spent},
+                continues=continues if self.start_step == 0 else None))
             if self.dist.is_main:  # lines a killed run logged after its last checkpoint (or before its first)
                 _trim_metrics(self.run_dir / METRICS_FILE, self.start_step)
-            if self.dist.is_main and self.start_step == 0 and (self.run_dir / BEST_DIR).is_dir():
-                # Written by an attempt stopped before its first checkpoint: its validations are not this run's.
-                shutil.rmtree(self.run_dir / BEST_DIR)
         distributed.barrier()
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -498,14 +514,38 @@ class _Run:
             self.model = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_model = torch.compile(self.model) if self.cfg.compile else self.model
 
+    def _drop_later_best(self) -> None:
+        """Rank 0: remove a RUN/best that this run's checkpoint did not see written: the model of a
+        validation after the checkpoint (its `best.json` says which step), by the attempt that stopped
+        there, whose steps this one trains anew; kept, it stayed as the best (a run that validated at
+        other steps, or turned keep_best off, never replaced it) and the run named another step's.
+        A fresh start's RUN/best is an attempt's stopped before its first checkpoint. Said in one line
+        on a resume, where the next validation below the lowest writes it again (with keep_best)."""
+        best = self.run_dir / BEST_DIR
+        held = _best_held(best)
+        if self.start_step and (held is None or held["step"] <= self.start_step):
+            return  # an older gpt1's best/ (no best.json) cannot tell: it stays
+        if not best.is_dir():
+            return
+        shutil.rmtree(best)
+        if self.start_step:
+            lowest = self.best["val_loss"]
+            again = ("nothing writes it again (keep_best=false)" if not self.cfg.keep_best else
+                     "the first validation of this run writes it" if lowest is None else
+                     f"a validation below {_fmt(lowest)} (step {self.best['step']:,}'s) writes it again")
+            info(f"removed {best}: it held step {held['step']:,}'s model (val loss {_fmt(held['val_loss'])}), written after "
+                 f"the checkpoint this run resumes from (step {self.start_step:,}); {again}")
+
     def _warn_best_kept(self) -> None:
         """keep_best turned off on this resume: RUN/best stays (the user's files), holding the model
         of the lowest validation loss while it was on, which no later validation replaces (the run's
-        last line no longer names it). Said on the resume that turns it off."""
+        last line no longer names it). Said on the resume that turns it off, naming the step its
+        `best.json` records (an older gpt1's best/ has none: the lowest as of the checkpoint)."""
         best = self.run_dir / BEST_DIR
         if not best.is_dir() or not self.record.settings_before(self.start_step).get("keep_best"):
             return
-        step, loss = self.best["step"], self.best["val_loss"]
+        held = _best_held(best) or self.best  # an older gpt1's best/ has no record: the lowest as of the checkpoint
+        step, loss = held["step"], held["val_loss"]
         which = f"step {step:,}'s model (val loss {_fmt(loss)})" if step is not None else "an earlier model"
         warn(f"keep_best=false: {best} keeps {which}, the lowest while keep_best was on; later validations no "
              "longer replace it, even with a lower loss")
@@ -783,12 +823,25 @@ class _Run:
                  + self._best_words(improved))
         if self.cfg.early_stop and self.since_best >= self.cfg.early_stop and done < self.end:
             if self.dist.is_main:
-                kept = f", its model in {self.run_dir / BEST_DIR}" if self.cfg.keep_best else ""
+                kept = ", " + (self._best_not_kept() or f"its model in {self.run_dir / BEST_DIR}") if self.cfg.keep_best else ""
                 info(f"step {done:,}: early stop: {self.since_best} validations in a row without a val loss below "
                      f"{_fmt(self.best['val_loss'])} (step {self.best['step']:,}{kept}); the run ends here, "
                      f"{self.end - done:,} steps before its planned end (early_stop={self.cfg.early_stop})")
             self.end = done  # the last step: its checkpoint is saved now, and a rerun finds the run finished
+            self.early_stopped = True  # what ended it, for its last line (a time budget may end a run at that step too)
             self.bar.total = done
+
+    def _best_not_kept(self) -> str | None:
+        """Rank 0, with keep_best: why the model of the lowest validation loss is not in RUN/best, as
+        its `best.json` tells (a resume removed the RUN/best of a later step, and no validation since
+        went below the lowest); None where it is there."""
+        best = self.run_dir / BEST_DIR
+        held = _best_held(best)
+        if not best.is_dir():
+            return f"its model not kept: there is no {best}"
+        if held is None or held["step"] == self.best["step"]:  # None: an older gpt1's best/, taken as it was
+            return None
+        return f"its model not kept: {best} holds step {held['step']:,}'s (val loss {_fmt(held['val_loss'])})"
 
     def _best_words(self, improved: bool) -> str:
         """What a validation line adds where the run keeps its best or may stop early: where the best is."""
@@ -807,6 +860,7 @@ class _Run:
         with atomic_dir(self.run_dir / BEST_DIR, owned=True) as tmp:
             self.save_model(tmp, self.raw_model)
             shutil.copyfile(self.run_dir / CONFIG_FILE, tmp / CONFIG_FILE)
+            write_json(tmp / BEST_RECORD, self.best)  # which step it holds: a resume tells a later attempt's apart
 
     def log(self, metric: dict) -> None:
         """A step's `metric` into metrics.jsonl, tensorboard and the progress bar; the projected wall time."""
@@ -860,7 +914,7 @@ class _Run:
                  "schedule": self.schedule.state_dict() if self.schedule else None,
                  "best": dict(self.best), "since_best": self.since_best,
                  "bad_steps": self.bad_steps, "scale_fall": dict(self.scale_fall) if self.scale_fall else None,
-                 "applied_since_validation": self.applied_since_validation,
+                 "applied_since_validation": self.applied_since_validation, "early_stopped": bool(self.early_stopped),
                  **({"rank_rng": rank_rngs} if rank_rngs else {})}
         checkpoint = ckpt.save_checkpoint(self.run_dir, done, self.raw_model, state, keep=self.cfg.keep_checkpoints)
         final = done == self.end
@@ -906,7 +960,7 @@ class _Run:
                 info(f"{run_dir} already finished its {end:,} steps; nothing to do")
             best = self.best["step"]
             lowest = (f"; the lowest val loss {_fmt(self.best['val_loss'])} at step {best:,}"
-                      + (f" ({run_dir / BEST_DIR})" if self.cfg.keep_best else "")
+                      + (f" ({self._best_not_kept() or run_dir / BEST_DIR})" if self.cfg.keep_best else "")
                       if best is not None and (best != end or self.cfg.keep_best) else "")
             info(f"done: {end:,} steps ({self._ended_by()}), {self.tokens_seen:,} tokens; train loss "
                  f"{_fmt(result.train_loss)}, val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}"
@@ -917,12 +971,27 @@ class _Run:
         """What ended the run, for its last line: early_stop, its time budget, or its length (max_steps,
         or the max_tokens or epochs it was resolved from)."""
         cfg, end = self.cfg, self.end
-        if end < self.max_steps and cfg.early_stop and self.since_best >= cfg.early_stop:
+        # Recorded when it fires; an older gpt1's checkpoint did not say: the count tells (a time budget that
+        # ended the run at the validation where the count reached early_stop read as early_stop's doing).
+        fired = self.early_stopped if self.early_stopped is not None else \
+            end < self.max_steps and cfg.early_stop and self.since_best >= cfg.early_stop
+        if fired:
             return f"ended by early_stop={cfg.early_stop}"
         budget = f"time_budget={cfg.time_budget:g} s"  # as the start said it (7.5 s read "8 s" here)
         if self.budget and end < self.max_steps:
             return f"ended by its {budget}: {self.budget_spent:.1f} s spent"
         return "its full length" + (f", within its {budget}" if self.budget else "")
+
+
+def _best_held(best: Path) -> dict | None:
+    """The step and validation loss of the model in RUN/best, from its `best.json`; None where there is
+    no RUN/best, or one without a readable record (an older gpt1's)."""
+    try:
+        held = read_json(best / BEST_RECORD) if (best / BEST_RECORD).is_file() else None
+    except Gpt1Error:
+        return None
+    ok = isinstance(held, dict) and isinstance(held.get("step"), int) and isinstance(held.get("val_loss"), (int, float))
+    return {"step": held["step"], "val_loss": held["val_loss"]} if ok else None
 
 
 def _provenance(cfg: TrainConfig, device: torch.device, precision: str, data_source: dict | None) -> dict:

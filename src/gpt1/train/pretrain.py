@@ -6,7 +6,9 @@ over `train.bin`, the fixed validation batches from `val.bin`, and runs the shar
 (`DATA/tokenizer.json`); its fingerprint must match `meta.json`, and a model from `init_from`
 must use the same tokenizer. The run dir records the data's identity (`data_identity`): a
 resume on other data is refused; and, for information, the data folder and how it was prepared
-(`data_source`, with each start and resume).
+(`data_source`, with each start and resume). A run from the weights of a gpt1 run on the same data
+with the same seed (`init_from=RUN`, the way to train on past a run's end) draws the windows after
+the ones that run drew, as one longer run would, not the same ones again (`continued_windows`).
 """
 
 from __future__ import annotations
@@ -17,18 +19,27 @@ import torch
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import as_path, json_path, sample_fingerprint
+from gpt1.core.io import as_path, json_path, read_json, sample_fingerprint
 from gpt1.core.model import GPT, CausalSelfAttention
 from gpt1.core.progress import warn
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
-from gpt1.data.shards import ShardWindows, check_fingerprint, fixed_windows, load_data_tokenizer, load_meta
+from gpt1.data.shards import (
+    ShardWindows,
+    check_fingerprint,
+    fixed_windows,
+    load_data_tokenizer,
+    load_meta,
+    sequences_drawn,
+)
 from gpt1.formats.hf import import_hf_model
 from gpt1.formats.modeldir import load_model
 from gpt1.formats.modeldir import save_model as save_model_dir
+from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, require_config
 from gpt1.train.loop import TrainResult, step_cap_words, train
+from gpt1.train.run_record import CONFIG_FILE as RUN_CONFIG_FILE
 
 
 def init_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
@@ -107,6 +118,31 @@ def data_identity(meta: dict, data_dir: Path) -> dict:
             **{meta[split]["file"]: sample_fingerprint(data_dir / meta[split]["file"]) for split in ("train", "val")}}
 
 
+def continued_windows(cfg: TrainConfig, out: Path, identity: dict) -> dict | None:
+    """Where a fresh run from `init_from`'s weights starts drawing windows, where that is a gpt1 run
+    that trained on the data of `identity` with the same seed: after the windows it drew (`run`: its
+    path, `sequences`: how many), read from its latest checkpoint, as the rest of one longer run.
+    From the first window, it drew that run's windows again in the same order (every window is a
+    hash of the seed and its number). None otherwise (another data or seed, a model dir without
+    checkpoints, a resume: its checkpoint holds where its windows are)."""
+    parent = Path(cfg.init_from)
+    if cfg.init_from == "scratch" or cfg.init_from.startswith("hf:") or ckpt.latest_checkpoint(out) is not None:
+        return None
+    try:
+        record = read_json(parent / RUN_CONFIG_FILE) if (parent / RUN_CONFIG_FILE).is_file() else None
+    except Gpt1Error:  # a damaged record: a model dir like any other
+        return None
+    config = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(config, dict) or record.get("data") != identity or config.get("seed") != cfg.seed:
+        return None
+    sampler, world_size, batch_size = ckpt.saved_sampler(parent), record.get("world_size", 1), config.get("batch_size")
+    try:
+        drawn = sequences_drawn(sampler, batch_size, world_size) if sampler is not None else 0
+    except (KeyError, TypeError, ValueError):  # not a pretraining run's sampler, or damaged
+        return None
+    return {"run": json_path(parent.resolve()), "sequences": drawn} if drawn > 0 else None
+
+
 def data_source(meta: dict, data_dir: Path) -> dict:
     """Where the data came from, for information (never compared: a moved folder resumes): the
     folder, and meta.json's preparation key (sources, their files' hash, seed, val share, ...)."""
@@ -130,8 +166,11 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({model.config.block_size})")
+    identity = data_identity(meta, data_dir)
+    continues = continued_windows(cfg, out, identity)
     train_data = ShardWindows(data_dir / meta["train"]["file"], block_size, cfg.batch_size, cfg.seed,
-                              rank=dist.rank, world_size=dist.world_size, vocab_size=tokenizer.vocab_size)
+                              rank=dist.rank, world_size=dist.world_size, vocab_size=tokenizer.vocab_size,
+                              start=continues["sequences"] if continues else 0)
     val = fixed_windows(data_dir / meta["val"]["file"], block_size, cfg.batch_size, cfg.eval_batches,
                         vocab_size=tokenizer.vocab_size)
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
@@ -150,14 +189,17 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
     if len(val) < cfg.eval_batches:
         announce.append(f"validation: {len(val)} batches, all that {meta['val']['file']} holds without overlap "
                         f"(eval_batches={cfg.eval_batches:,})")
+    if continues:
+        announce.append(f"windows: init_from={cfg.init_from} drew {continues['sequences']:,} windows of this data with "
+                        f"seed {cfg.seed}; this run draws the ones after them, as one longer run would")
 
     def save_model(directory: Path, m: torch.nn.Module) -> None:
         save_model_dir(directory, m, tokenizer)
 
     try:
         return train(model, cfg, out, train_data, lambda: val, save_model, max_steps=max_steps,
-                     data=data_identity(meta, data_dir), data_source=data_source(meta, data_dir), redo_hint=redo_hint,
-                     announce=announce)
+                     data=identity, data_source=data_source(meta, data_dir), redo_hint=redo_hint,
+                     announce=announce, continues=continues)
     finally:
         distributed.cleanup()
 

@@ -78,7 +78,7 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
         if old.get("max_steps") != max_steps and "max_steps" not in keys:
             keys.append(f"max_steps (resolved: {old.get('max_steps')} -> {max_steps})")
         if keys:
-            diffs = ", ".join(f"{k}: {_toml(old_cfg.get(k))} -> {_toml(wanted['config'].get(k))}{held.get(k, '')}"
+            diffs = ", ".join(f"{k}: {toml_value(old_cfg.get(k))} -> {toml_value(wanted['config'].get(k))}{held.get(k, '')}"
                               if k in old_cfg or k in wanted["config"] else k for k in keys)
             raise Gpt1Error(f"{run_dir} holds a run with a different config ({diffs}); "
                             + (redo_hint or _ways_on(run_dir, resumable, wanted["config"])))
@@ -109,9 +109,9 @@ def _held(config: dict) -> dict[str, str]:
     change adds: which settings, and why."""
     held = {}
     if config.get("time_budget"):  # validations change no weight, but their time counts in the plan
-        held["eval_every"] = (f", which time_budget={_toml(config['time_budget'])} holds fixed: the validations' "
+        held["eval_every"] = (f", which time_budget={toml_value(config['time_budget'])} holds fixed: the validations' "
                               "time counts in the plan")
-    if on := [f"{k}={_toml(config[k])}" for k in ("keep_best", "early_stop") if config.get(k)]:
+    if on := [f"{k}={toml_value(config[k])}" for k in ("keep_best", "early_stop") if config.get(k)]:
         # The lowest loss so far (the checkpoint's) was measured on the batches before: a loss on
         # others, compared with it, stopped a run early and kept another model than the lowest in best/.
         held["eval_batches"] = (f", which {' and '.join(on)} hold{'s' if len(on) == 1 else ''} fixed: each "
@@ -119,8 +119,8 @@ def _held(config: dict) -> dict[str, str]:
     return held
 
 
-def _toml(value) -> str:
-    """A setting as a recipe writes it (true, not True; 'runs/a'), in a refusal of a changed one."""
+def toml_value(value) -> str:
+    """A setting as a recipe writes it (true, not True; 'runs/a'), in a refusal that names one."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float) and not math.isfinite(value):
@@ -128,7 +128,7 @@ def _toml(value) -> str:
     if isinstance(value, str):  # a literal string where TOML allows one (no ' and no control character)
         return f"'{value}'" if value.isprintable() and "'" not in value else json.dumps(value, ensure_ascii=False)
     if isinstance(value, (list, tuple)):
-        return f"[{', '.join(_toml(v) for v in value)}]"
+        return f"[{', '.join(toml_value(v) for v in value)}]"
     return "(unset)" if value is None else repr(value)
 
 
@@ -139,8 +139,8 @@ def _ways_on(run_dir: Path, resumable: set[str], config: dict) -> str:
     # A fine-tune's config (FinetuneConfig, above this module) has LoRA keys; it starts from --base.
     start = f"--base {path}" if "lora_r" in config else f"init_from={path}"
     return (f"rerun with the same config to resume it (a resume may change only {', '.join(sorted(resumable))}), "
-            f"or choose another --out; to train on from its weights (with a fresh optimizer and LR warmup): "
-            f"--out NEW {start}")
+            f"or choose another --out; to train on from its weights, and on the same data from where its batches "
+            f"ended (with a fresh optimizer and LR warmup): --out NEW {start}")
 
 
 def _settings(record: dict, defaults: dict) -> dict:
@@ -155,7 +155,8 @@ def _settings(record: dict, defaults: dict) -> dict:
 
 class RunRecord:
     """A run's train_config.json: the run as started (`config`, the resolved `max_steps`,
-    `world_size`, the training data's identity `data`), the resumable settings changed since, each
+    `world_size`, the training data's identity `data`, and `continues`: the run whose batches it
+    goes on from, where it does), the resumable settings changed since, each
     with the step it holds from (`changes`: [{"from_step": 40, "eval_batches": 1}]), and one
     `provenance` entry per start and resume (versions, machine, device, precision, command line).
     Written once the run trains (a rerun of a finished run changes nothing), on rank 0."""
@@ -163,8 +164,11 @@ class RunRecord:
     def __init__(self, file: Path, record: dict, config: dict, resumable: set[str], defaults: dict):
         self.file, self.record, self.config, self.resumable, self.defaults = file, record, config, resumable, defaults
 
-    def start(self, step: int, provenance: dict) -> None:
-        """Record this invocation, which trains from `step`, and the resumable settings it changes."""
+    def start(self, step: int, provenance: dict, continues: dict | None = None) -> None:
+        """Record this invocation, which trains from `step`, and the resumable settings it changes;
+        `continues`: a fresh start's run whose batches it goes on from (a resume keeps the record's)."""
+        if continues:
+            self.record["continues"] = continues
         changes = self._changes_before(step)
         self.record.pop("changes", None)
         was = _settings({**self.record, "changes": changes}, self.defaults)

@@ -41,7 +41,9 @@ def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup: float, co
         decay_start = min(max_steps - 2, max(n_warm, max_steps - 1 - max(1, round(cooldown * max_steps))))
         if step <= decay_start:
             return lr
-        return lr + min(1.0, (step - decay_start) / (max_steps - 1 - decay_start)) * (min_lr - lr)
+        if step >= max_steps - 1:  # exactly: lr + 1.0 * (min_lr - lr) rounds (3e-4 to 1e-6 ended at 1.0000000000000243e-06)
+            return min_lr
+        return lr + (step - decay_start) / (max_steps - 1 - decay_start) * (min_lr - lr)
     return _cosine(step, n_warm, max_steps, lr, min_lr)
 
 
