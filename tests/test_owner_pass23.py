@@ -153,3 +153,12 @@ def test_the_engines_bookkeeping_per_step_stays_in_proportion_to_its_batch(token
                                       SamplingParams(max_new_tokens=4, temperature=0.0))
     assert [r.completion_tokens for r in replies] == [4] * 300
     assert reads[0] <= 8 * 4 * steps[0], (reads[0], steps[0])  # was ~40 per row of the batch per step
+
+
+def test_a_prepare_whose_folder_cannot_be_made_says_what_to_do(corpus_dir, tokenizer_dir, capsys):
+    """`../chat/newdata: cannot create the folder (Permission denied)`, without the way out."""
+    from tests.test_battery import run_main
+
+    code, err = run_main(capsys, "prepare", corpus_dir, "--tokenizer", tokenizer_dir, "--out", "/proc/gpt1-data")
+    assert code == 2 and err.strip().endswith("; choose a writable --out"), err
+    assert "/proc/gpt1-data: cannot create the folder: /proc is not writable (" in err

@@ -60,6 +60,7 @@ from gpt1.core.io import (
     atomic_path,
     crash_point,
     exclusive,
+    folder_target,
     held_by_another,
     json_path,
     lock_holder,
@@ -258,6 +259,7 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
     # be read-only, e.g. a shared copy). meta.json is written last, so it names complete shards.
     if not held_by_another(out) and (done := _prepared_already(out, key, overwrite)) is not None:
         return done
+    folder_target(out)  # not writable: said with what to do, before the lock's "cannot create the folder"
     # One prepare writes a data dir at a time: a second one would delete the first's partial files
     # and its meta.json. Released when the process ends, however it ends.
     with exclusive(out, "preparing data"):
