@@ -50,6 +50,21 @@ def _caches_of_the_session(tmp_path_factory):
             os.environ[name] = value
 
 
+@pytest.fixture
+def gpt1_warnings():
+    """The warnings the gpt1 logger emits (a handler of its own: the CLI's console handler, once
+    installed in this process, stops them reaching pytest's caplog until the test ends)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("gpt1")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
 @pytest.fixture(autouse=True)
 def _gpt1_logger_as_it_was():
     """`main()` (called in-process by many tests) sets up the console: the `gpt1` logger stops

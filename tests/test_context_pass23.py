@@ -9,7 +9,6 @@ sent, and a chat that does not fit names `messages`."""
 from __future__ import annotations
 
 import io
-import logging
 import sys
 
 import httpx
@@ -44,18 +43,6 @@ def llm(model_dir):
     return gpt1.load(model_dir, device="cpu")
 
 
-@pytest.fixture
-def said():
-    """The warnings the library gives through the `gpt1` logger (a prompt or a message cut)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("gpt1")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-
-
 def words(llm, n: int) -> str:
     """A text of exactly n tokens."""
     ids = llm.tokenizer.encode(" ".join(f"w{i}" for i in range(4 * n)))
@@ -79,7 +66,7 @@ def run_main(capsys, *argv):
 
 
 # ---- 1. a conversation that fits is answered whole, truncation or not -----------------------------
-def test_a_system_message_and_a_question_that_fit_are_answered_whole(llm, model_dir, capsys, monkeypatch, said):
+def test_a_system_message_and_a_question_that_fit_are_answered_whole(llm, model_dir, capsys, monkeypatch, gpt1_warnings):
     """repro1: a 37-token system message and "Hi" (41 tokens in a 64-token context) were refused by
     `generate --chat`, `gpt1 chat` and llm.chat ("lower max_new_tokens to at most 24", a knob never
     set), and answered with --no-truncate."""
@@ -97,25 +84,25 @@ def test_a_system_message_and_a_question_that_fit_are_answered_whole(llm, model_
     code, out, err = run_main(capsys, "chat", *model, "--system", system)
     assert code == 0 and "error" not in err, err
     assert out == reply + "\n"
-    said.clear()
+    gpt1_warnings.clear()
     for truncate in (True, False):
         completion = llm.chat_complete(messages, temperature=0, truncate_prompt=truncate)
         assert (completion.prompt_tokens, completion.completion_tokens) == (n, CONTEXT - n)
         assert completion.text == reply
         assert llm.chat(messages, temperature=0, truncate_prompt=truncate, n=2) == [reply] * 2
-    assert said == []  # nothing cut
+    assert gpt1_warnings == []  # nothing cut
 
 
-def test_a_long_question_alone_is_not_cut_to_half_the_context(llm, model_dir, capsys, said):
+def test_a_long_question_alone_is_not_cut_to_half_the_context(llm, model_dir, capsys, gpt1_warnings):
     question = words(llm, 45)
     n = whole(llm, [{"role": "user", "content": question}])
     assert CONTEXT // 2 < n < CONTEXT
     code, _, err = run_main(capsys, "generate", "--model", model_dir, "--device", "cpu", "--temperature", "0",
                             "--chat", "--prompt", question)
     assert code == 0 and f"[{n} prompt tokens" in err and "cut" not in err, err
-    said.clear()
+    gpt1_warnings.clear()
     assert llm.chat_complete([{"role": "user", "content": question}], temperature=0).prompt_tokens == n
-    assert said == []
+    assert gpt1_warnings == []
 
 
 def test_a_chosen_max_new_tokens_keeps_its_room_and_a_default_is_never_told_to_be_lowered(llm, model_dir, capsys):
@@ -186,18 +173,18 @@ def test_gpt1_chat_says_whether_a_reply_stopped_at_the_context_or_at_max_new_tok
 
 
 # ---- 3. the Python API without truncation --------------------------------------------------------
-def test_the_python_api_caps_its_default_max_new_tokens_at_the_room_left(llm, said):
+def test_the_python_api_caps_its_default_max_new_tokens_at_the_room_left(llm, gpt1_warnings):
     """A 64-token model refused every prompt with truncate_prompt=False ("shorten the prompt"), and
     cut a 40-token prompt to 32 with truncation on."""
     prompt = words(llm, 40)
-    said.clear()
+    gpt1_warnings.clear()
     for truncate in (True, False):
         completion = llm.complete(prompt, temperature=0, truncate_prompt=truncate)
         assert (completion.prompt_tokens, completion.completion_tokens) == (40, CONTEXT - 40)
         assert llm.generate(prompt, temperature=0, truncate_prompt=truncate) == completion.text
         assert "".join(llm.stream(prompt, temperature=0, truncate_prompt=truncate)) == completion.text
         assert llm.generate(prompt, temperature=0, truncate_prompt=truncate, n=2) == [completion.text] * 2
-    assert said == []
+    assert gpt1_warnings == []
     # A prompt that fills the context still leaves no room: cut with truncation, refused without.
     long = words(llm, CONTEXT)
     assert llm.complete(long, temperature=0).prompt_tokens == CONTEXT // 2

@@ -5,7 +5,6 @@ presets set the sampling knobs only (Max tokens and the seed stay)."""
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 
@@ -101,18 +100,6 @@ def test_a_conversation_that_does_not_fit_is_fitted_or_refused_as_before(llm, ur
 
 
 # ---- 2. the Python API says what it cut, as the CLI does ------------------------------------------
-@pytest.fixture
-def gpt1_warnings():
-    """The warnings the gpt1 logger emits (a handler of its own: the CLI's console handler, once
-    installed in this process, stops them reaching pytest's)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("gpt1")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-
 
 def test_the_python_api_warns_once_when_it_cuts(llm, gpt1_warnings):
     context, tok = llm.config.block_size, llm.tokenizer
