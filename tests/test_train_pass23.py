@@ -76,6 +76,19 @@ def test_a_resume_with_keep_best_off_removes_the_best_of_a_step_past_its_checkpo
     assert not [r for r in caplog.records if r.levelname == "WARNING"]  # no "keeps step 3's model"
 
 
+def test_a_best_linked_to_a_folder_of_the_run_is_removed_and_written_again(data_dir, tmp_path, stop_training_at,
+                                                                            monkeypatch):
+    """A RUN/best that is a link (best/ writes go through it): the resume failed with `OSError: Cannot
+    call rmtree on a symbolic link`."""
+    run, args = tmp_path / "run", ["max_steps=11", "save_every=5", "lr=3e-3"]
+    _stopped_after_best_past_its_checkpoint(data_dir, run, stop_training_at, monkeypatch, args)
+    (run / "best").rename(run / "best-real")
+    (run / "best").symlink_to(run / "best-real")
+    assert _run(data_dir, run, [*args, "eval_every=3", "keep_best=true"]).resumed_from == 5
+    assert not (run / "best-real").exists()  # step 6's model: the discarded attempt's
+    assert _best(run)["step"] > 5  # written again by this run's own validations
+
+
 def _metrics_loss(run, step: int) -> float:
     return next(m["val_loss"] for m in _metrics(run) if m["step"] == step and "val_loss" in m)
 
@@ -244,6 +257,20 @@ def test_a_run_from_a_runs_weights_draws_the_windows_after_its_own(data_dir, tmp
     # Another seed draws other windows: from the first, as before.
     _run(data_dir, tmp_path / "d", [*common, "max_steps=1", "seed=7", f"init_from={tmp_path / 'a'}"])
     assert "continues" not in json.loads((tmp_path / "d" / "train_config.json").read_text())
+    # A parent stopped between its latest checkpoint and its model files (a kill leaves no mark on the
+    # checkpoint): its weights are an earlier step's, and the latest checkpoint's place skipped the
+    # batches between the two; the run starts from the first, and says why.
+    (tmp_path / "a" / "checkpoints" / "step-00000003" / "outputs.done").unlink()
+    drawn.clear()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gpt1"):
+        _run(data_dir, tmp_path / "e", [*common, "max_steps=3", f"init_from={tmp_path / 'a'}"])
+    assert _same_batches(drawn, long_run[:3])
+    assert "continues" not in json.loads((tmp_path / "e" / "train_config.json").read_text())
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{tmp_path / 'a'} was stopped after its step-3 checkpoint, before its model files were written from it: its "
+        "weights are an earlier step's, so this run's batches start from the first ones; run its command again to "
+        "complete it"]
 
 
 def test_a_finetune_of_a_finetune_goes_on_with_the_next_epoch(tiny_model_dir, tmp_path, drawn, caplog):

@@ -47,7 +47,8 @@ import torch
 from safetensors.torch import load_file
 
 from gpt1.core.errors import Gpt1Error, first_line
-from gpt1.core.io import check_weight_values, crash_point, save_safetensors, write_text, writing
+from gpt1.core.io import check_weight_values, crash_point, lock_holder, save_safetensors, write_text, writing
+from gpt1.core.progress import warn
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -173,12 +174,28 @@ def remove_partial_saves(run_dir: Path) -> None:
 
 
 def saved_sampler(run_dir: Path) -> dict | None:
-    """The sampler state of `run_dir`'s latest checkpoint (where its batches ended: a run that goes
-    on from its weights goes on from there too); None without a checkpoint, or one that cannot be read."""
+    """The sampler state of the checkpoint `run_dir`'s model files were written from (where the
+    batches of the weights a run goes on from ended); None without one, one that cannot be read,
+    or, with a warning, where it cannot be told: the run is still training (its weights and its
+    checkpoints move on meanwhile), or it was stopped between its latest checkpoint and the model
+    files (their weights are an earlier step's: the latest checkpoint's place skipped the batches
+    between the two)."""
+    holder = lock_holder(run_dir / CHECKPOINTS_DIR)
+    if holder is not None and holder != f"process {os.getpid()}":
+        warn(f"{run_dir}: {holder} is still training it, so where its batches end is not known: this run's "
+             "batches start from the first ones")
+        return None
     latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    if not outputs_written(latest):
+        warn(f"{run_dir} was stopped after its step-{checkpoint_step(latest):,} checkpoint, before its model files "
+             "were written from it: its weights are an earlier step's, so this run's batches start from the first "
+             "ones; run its command again to complete it")
+        return None
     try:
         # mmap: the optimizer's state beside it (2 GB for the 257M model) is not read
-        sampler = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)["sampler"] if latest else None
+        sampler = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)["sampler"]
     except Exception:  # unreadable, damaged, not a dict: nothing to go on from
         return None
     return sampler if isinstance(sampler, dict) else None

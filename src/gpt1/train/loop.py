@@ -527,7 +527,11 @@ class _Run:
             return  # an older gpt1's best/ (no best.json) cannot tell: it stays
         if not best.is_dir():
             return
-        shutil.rmtree(best)
+        if best.is_symlink():  # a link the user made (to a folder in RUN): what it names, then the link
+            shutil.rmtree(best.resolve())  # (rmtree refuses a link; a dangling one would stop the next write)
+            best.unlink()
+        else:
+            shutil.rmtree(best)
         if self.start_step:
             lowest = self.best["val_loss"]
             again = ("nothing writes it again (keep_best=false)" if not self.cfg.keep_best else
