@@ -242,3 +242,15 @@ def test_a_chat_that_does_not_fit_without_truncation_names_messages(llm, url):
     r = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "truncate_prompt": False}, timeout=60)
     error = r.json()["error"]
     assert r.status_code == 400 and (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+
+
+def test_gpt1_chat_goes_back_to_the_default_max_new_tokens(model_dir, capsys, monkeypatch):
+    """Once `/set max_new_tokens N` (or --max-new-tokens) was given, a session could not return to
+    the default's "only a bound" behaviour: every turn was capped with a warning."""
+    model = ["--model", model_dir, "--device", "cpu", "--temperature", "0"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/set max_new_tokens default\nHi\n"))
+    code, _, err = run_main(capsys, "chat", *model, "--max-new-tokens", "100")
+    lines = err.splitlines()
+    assert code == 0 and sum("max_new_tokens 100 does not fit" in line for line in lines) == 1, err
+    assert any("max_new_tokens 256" in line for line in lines if line.startswith("(temperature")), err
+    assert lines[-1] == "(stopped at the context limit: 64 tokens)" and "error" not in err, err

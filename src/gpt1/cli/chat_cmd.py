@@ -36,7 +36,7 @@ PRESET_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "rep
 HELP = """commands:
   /set KNOB VALUE  change a sampling knob, e.g. /set temperature 0.7 (/set alone shows them all;
                    /set stop TEXT sets one stop string with \\n-style escapes as --stop, /set stop
-                   clears it)
+                   clears it; /set max_new_tokens default: as long as the context allows)
   /preset NAME     use a preset's sampling knobs: qa, creative or code
   /system TEXT     set the system message (/system alone removes it)
   /reset           forget the conversation (the system message stays)
@@ -133,8 +133,14 @@ class ChatSession:
             print("(conversation cleared)", file=sys.stderr)
         elif name == "set":
             knob, _, value = rest.partition(" ")
-            if knob:
-                self.params = parse_knob(self.params, knob, value.strip())
+            value = value.strip()
+            if knob.replace("-", "_") == "max_new_tokens" and value.lower() == "default":
+                # Back to gpt1's default: a bound that the context's room lowers without a word.
+                default = next(f.default for f in dataclasses.fields(self.params) if f.name == "max_new_tokens")
+                self.params = dataclasses.replace(self.params, max_new_tokens=default)
+                self.max_new_tokens_chosen, self.capped_warned = False, False
+            elif knob:
+                self.params = parse_knob(self.params, knob, value)
                 if knob.replace("-", "_") == "max_new_tokens":
                     self.max_new_tokens_chosen, self.capped_warned = True, False
             print(f"({self.describe()})", file=sys.stderr)

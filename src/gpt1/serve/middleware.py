@@ -198,8 +198,10 @@ class Guard:
         return reading.result()
 
     async def _read_body(self, receive) -> bytes | None:
-        """The whole body (a chunked one declares no length: the limit holds while reading)."""
-        body, more = b"", True
+        """The whole body (a chunked one declares no length: the limit holds while reading). A
+        bytearray grows in place: `bytes +=` copied the whole body at every message (quadratic for
+        a body sent in tens of thousands of tiny pieces)."""
+        body, more = bytearray(), True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -208,7 +210,7 @@ class Guard:
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
                 raise _TooLarge
-        return body
+        return bytes(body)
 
 
 def head_too_large() -> ApiError:
