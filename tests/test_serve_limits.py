@@ -216,7 +216,7 @@ def test_serve_raises_its_open_file_limit_and_says_serving_once_it_does(tiny_mod
 @pytest.mark.slow
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_a_burst_beyond_the_open_file_limit_is_said_in_a_few_lines(tiny_model_dir, tmp_path, loop):
-    """`ulimit -n 32` and 100 clients (60 here): the first ones got 500s naming a site-packages file (anyio's
+    """`ulimit -n 32` and 100 clients (40 here): the first ones got 500s naming a site-packages file (anyio's
     backend, imported at the first request, could not be opened); uvloop dropped the rest without a
     word, and asyncio's loop logged a traceback per place in its listen backlog (84 MB in 20 s)."""
     pytest.importorskip(loop)
@@ -240,7 +240,7 @@ def test_a_burst_beyond_the_open_file_limit_is_said_in_a_few_lines(tiny_model_di
                     return "dropped"
                 return reply.decode(errors="replace") or "dropped"
 
-            return await asyncio.gather(*(one(i) for i in range(60)))
+            return await asyncio.gather(*(one(i) for i in range(40)))
 
         replies = asyncio.run(burst())
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"  # and it recovers
