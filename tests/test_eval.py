@@ -153,7 +153,7 @@ def test_skip_invalid_skips_and_counts_bad_lines(tiny_model_dir, corpus_dir, tmp
     reported = json.loads(captured.out)
     assert reported["skipped"] == 0 and reported["skipped_by_reason"] == {}
     assert reported["cut_by_reason"] == {"trailing user turns (no reply)": 1}
-    assert "cut from conversations still scored: 1 trailing user turns (no reply)" in captured.err
+    assert "cut from the 30 conversations read (3 of them scored): 1 trailing user turns (no reply)" in captured.err
 
 
 def test_split_is_refused_where_there_is_none(tiny_model_dir, tmp_path, capsys):

@@ -197,13 +197,17 @@ def _chat_eval(llm, args: argparse.Namespace) -> int:
     if stats.skipped:
         print(f"skipped: {describe_skipped(stats.skipped)}", file=sys.stderr)
     if stats.trimmed:
-        print(f"cut from conversations still scored: {describe_skipped(stats.trimmed)}", file=sys.stderr)
+        # Counted as the data is read: with no --split, the training share's conversations too.
+        where = ("conversations still scored" if stats.conversations == result.conversations else
+                 f"the {stats.conversations:,} conversations read ({result.conversations:,} of them scored)")
+        print(f"cut from {where}: {describe_skipped(stats.trimmed)}", file=sys.stderr)
     if args.json:
         _emit_json(args.json, {"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
                                "tokens": result.tokens, "bytes": result.bytes, "conversations": result.conversations,
                                "source": result.source, "skipped": sum(stats.skipped.values()),
                                "skipped_by_reason": dict(stats.skipped),  # "skipped" a count, as for text
-                               "cut_by_reason": dict(stats.trimmed)})  # parts of conversations still scored
+                               "conversations_read": stats.conversations,  # cut_by_reason counts over these
+                               "cut_by_reason": dict(stats.trimmed)})  # parts of conversations still kept
     return 0
 
 

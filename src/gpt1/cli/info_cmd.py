@@ -80,8 +80,9 @@ def _kind(directory: Path, config: ModelConfig, n_model: int) -> str:
         linear = getattr(getattr(block, path.split(".")[0]), path.split(".")[1])
         n_adapter += config.n_layer * lora.r * (linear.in_features + (config.n_embd if index is not None else linear.out_features))
     return (f"a chat model: a LoRA adapter (r={lora.r}, alpha={lora.alpha:g}, on {', '.join(lora.targets)}{rows}; "
-            f"{n_adapter:,} trained parameters, {100 * n_adapter / n_model:.2f}% of the model's), merged into the "
-            "weights at load")
+            # finetune's line's numbers ("N trainable parameters of M"): the share of the model with its adapter
+            f"{n_adapter:,} trained parameters of {n_model + n_adapter:,}, {100 * n_adapter / (n_model + n_adapter):.2f}%), "
+            "merged into the weights at load")
 
 
 def _not_a_model_dir(folder: Path) -> str:

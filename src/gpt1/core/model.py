@@ -247,7 +247,8 @@ class GPT(nn.Module):
             6 x (transformer matrices + output head) + 12 x n_layer x T x d
 
         A weight matrix of n parameters costs 2n FLOPs per token forward and 4n backward (the
-        input's gradient and the weight's); a frozen one (LoRA fine-tuning) 2n less. The input
+        input's gradient and the weight's); a frozen one (LoRA fine-tuning) 2n less, and an
+        unmerged LoRA adapter's A and B are matrices like any other (trained: 6 per parameter). The input
         and position embeddings are table lookups, not matmuls, and are left out (a tied input
         embedding is counted once, as the output head). The attention's QK^T and AV add
         2 x 2 x T x d forward per layer, 3 x that in all (PaLM, appendix B; causal masking is
@@ -255,8 +256,10 @@ class GPT(nn.Module):
         """
         c = self.config
         T = seq_len or c.block_size
-        matmuls = [m.weight for block in self.transformer.h for m in block.modules() if isinstance(m, nn.Linear)]
-        matmuls.append(self.lm_head.weight)
+        layers = [m for block in self.transformer.h for m in block.modules() if isinstance(m, nn.Linear)]
+        matmuls = [m.weight for m in layers] + [self.lm_head.weight]
+        # A LoRA adapter's A and B run beside their frozen matrix until merged into it.
+        matmuls += [w for m in layers if not getattr(m, "merged", True) for w in (m.lora_A, m.lora_B)]
         weights = sum((6 if w.requires_grad else 4) * w.numel() for w in matmuls)
         return weights + 12 * c.n_layer * T * c.n_embd
 
