@@ -28,6 +28,7 @@ import torch
 from gpt1.benchmarks import fixed_threads
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import without_torchao_notices
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import train_tokenizer
 from gpt1.data.sources import iter_documents, stdlib_files
@@ -112,11 +113,12 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def _run(quick: bool) -> list[dict]:
-    import lm_eval
+    with without_torchao_notices():
+        import lm_eval
 
-    _check_lm_eval_version(importlib.metadata.version("lm-eval"))
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+        _check_lm_eval_version(importlib.metadata.version("lm-eval"))
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = "tiny" if quick else "gpt1" if device.type == "cuda" else "small"

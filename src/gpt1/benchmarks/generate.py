@@ -28,6 +28,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from gpt1.benchmarks import fixed_threads, progress
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import bf16_supported
+from gpt1.core.imports import without_torchao_notices
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, _byte_level_chars
@@ -67,7 +68,8 @@ def benchmark_model(config: ModelConfig, special_ids: list[int], device: torch.d
 
 def to_transformers(model: GPT, tokenizer: Tokenizer):
     """`GPT2LMHeadModel` with the same weights (the mapping of `gpt1 export`)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    with without_torchao_notices():
+        from transformers import GPT2Config, GPT2LMHeadModel
 
     hf = GPT2LMHeadModel(GPT2Config(**hf_config_dict(model.config, tokenizer)))
     hf.load_state_dict(to_hf_state_dict(model), strict=not model.config.tie_embeddings)

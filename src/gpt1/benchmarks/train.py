@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from gpt1.benchmarks import progress
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import without_torchao_notices
 from gpt1.core.io import write_text
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import GPT
@@ -55,7 +56,8 @@ def _hf_model(config: ModelConfig):
     """transformers' GPT-2 at its fastest for this math: sdpa attention and its fused tanh GELU
     (the "gelu_new" an earlier version used runs eight ops and keeps three more tensors for the
     backward: most of gpt1's measured CPU lead, 1.04x of 1.13x, and a GB of memory on a GPU)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    with without_torchao_notices():
+        from transformers import GPT2Config, GPT2LMHeadModel
 
     return GPT2LMHeadModel(GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
@@ -170,7 +172,8 @@ def _peak_rss_kib() -> int | None:
 
 
 def _child_steps(impl: str, preset: str, batch_size: int, block_size: int, precision: str, steps: int) -> None:
-    from transformers import GPT2LMHeadModel  # noqa: F401 - both sides' libraries, whichever side runs
+    with without_torchao_notices():
+        from transformers import GPT2LMHeadModel  # noqa: F401 - both sides' libraries, whichever side runs
 
     keep_freed_memory()
     config = ModelConfig.preset(preset, block_size=block_size)

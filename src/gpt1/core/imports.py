@@ -11,6 +11,7 @@ Two failures read differently, because they have different fixes:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from types import ModuleType
@@ -67,3 +68,25 @@ def import_quietly(module: str) -> ModuleType:
 
 def _dropping(notices: tuple[str, ...]):
     return lambda record: not record.getMessage().startswith(notices)
+
+
+# torchao's notices at its import, by logger: the CUDA kernels it cannot load on this machine (it
+# does not need them here) and "register_constant() on Enum subclasses is deprecated". transformers
+# imports torchao where it is installed (gpt1[fp8], so gpt1[dev]): a benchmark's reference side
+# printed four such lines before its table.
+TORCHAO_NOTICES = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def without_torchao_notices():
+    """Imports in this block (torchao's, or transformers' and lm-eval's that import it) log no
+    warnings through `TORCHAO_NOTICES`; errors still come through."""
+    quiet = [logging.getLogger(name) for name in TORCHAO_NOTICES]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)

@@ -20,13 +20,13 @@ at ordinary matmul speed. PyTorch's own CPU `_scaled_mm` was 300x slower than th
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 import torch.nn as nn
 
 from gpt1.core.device import bf16_supported, no_bf16
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.imports import without_torchao_notices
 from gpt1.core.progress import warn
 from gpt1.train.config import PRECISIONS
 
@@ -98,15 +98,9 @@ def use_float8_matmuls(model: nn.Module, device: torch.device) -> int:
 def _torchao_float8():
     """torchao's `convert_to_float8_training` and `Float8LinearConfig`, imported without its notices about the CUDA kernels
     it cannot load on this machine (it does not need them for float8 training)."""
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.ERROR)
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        with without_torchao_notices():
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
         raise Gpt1Error("float8=true needs torchao: pip install 'gpt1[fp8]' (or pip install torchao)") from None
-    finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
     return convert_to_float8_training, Float8LinearConfig
