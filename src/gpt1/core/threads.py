@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import queue
 import statistics
 import threading
 import time
@@ -232,16 +233,59 @@ class ThreadTuner:
 def _set_own_threads(threads: int, default: int) -> None:
     """torch.set_num_threads(threads) for the calling thread alone. With OpenMP the call also sets
     the count that a thread started later takes at its first torch op and keeps for life (a web
-    server's worker threads started while a call was on the tuner's 1 stayed on 1); a short-lived
-    thread sets that back to `default` (its own count is the only other one it sets)."""
-    torch.set_num_threads(threads)
-    if threads != default:
-        restore = threading.Thread(target=torch.set_num_threads, args=(default,), name="gpt1-threads-default")
-        try:
-            restore.start()
-        except RuntimeError:  # no thread to spare (a pids limit): later threads start on `threads`
-            return
-        restore.join()
+    server's worker threads started while a call was on the tuner's 1 stayed on 1); a thread kept
+    for it sets that back to `default` (its own count is the only other one it sets), waited for."""
+    if threads == default:
+        torch.set_num_threads(threads)
+        return
+    with _SWITCH_LOCK:
+        torch.set_num_threads(threads)
+        if (requests := _default_setter()) is not None:
+            done = threading.Event()
+            requests.put((default, done))
+            done.wait(_SETTER_WAIT_S)
+
+
+def own_threads() -> int:
+    """The calling thread's CPU thread count (torch.get_num_threads()), read outside the instant
+    when `_set_own_threads` has the process's count on another one: a thread's first torch op takes
+    the process's count for life, and a thread pool's new worker that first read a stream in that
+    instant (the calling thread gives up the GIL there) stayed on the tuner's 1."""
+    with _SWITCH_LOCK:
+        return torch.get_num_threads()
+
+
+# The thread that sets the count later threads start on. Kept, not one per call: a stream gives its
+# reader its own count back at every piece (gpt1.inference.generate), so a step on the tuner's
+# count sets it at every token, and starting a thread took 0.1-0.4 ms on 2 busy cores, 20x the wait.
+_SETTER: queue.SimpleQueue | None = None
+_SETTER_LOCK = threading.Lock()
+_SWITCH_LOCK = threading.Lock()  # held while the process's count is not `default` (see own_threads)
+_SETTER_WAIT_S = 1.0  # at most (a thread frozen at interpreter exit never answers)
+
+
+def _default_setter() -> queue.SimpleQueue | None:
+    """The queue of the thread that runs torch.set_num_threads(n) for each (n, done) put on it,
+    started at the first use; None when no thread can be started (a pids limit: later threads start
+    on the caller's count)."""
+    global _SETTER
+    with _SETTER_LOCK:
+        if _SETTER is None:
+            requests: queue.SimpleQueue = queue.SimpleQueue()
+            thread = threading.Thread(target=_run_setter, args=(requests,), name="gpt1-threads-default", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:
+                return None
+            _SETTER = requests
+        return _SETTER
+
+
+def _run_setter(requests: queue.SimpleQueue) -> None:
+    while True:
+        threads, done = requests.get()
+        torch.set_num_threads(threads)
+        done.set()
 
 
 _SHARED: dict[int, ThreadTuner] = {}
@@ -254,9 +298,11 @@ def _after_fork_in_child() -> None:
     model does) the child's first op on more threads waits forever for the parent's OpenMP threads,
     which the child does not have; on one thread an op never uses them. The shared tuners, an
     engine's made before the fork included, stay on one too."""
-    global _SHARED_LOCK
+    global _SHARED_LOCK, _SETTER, _SETTER_LOCK, _SWITCH_LOCK
     torch.set_num_threads(1)  # and the count of the threads the child starts
     _SHARED_LOCK = threading.Lock()  # another thread of the parent may have held it at the fork
+    # The parent's setter thread is not the child's, and its locks may have been held at the fork.
+    _SETTER, _SETTER_LOCK, _SWITCH_LOCK = None, threading.Lock(), threading.Lock()
     for tuner in _SHARED.values():
         tuner._after_fork()
 

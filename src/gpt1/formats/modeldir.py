@@ -275,7 +275,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     shapes = read_shapes(directory / WEIGHTS_FILE)
     check_layer_count(config, directory / WEIGHTS_FILE, shapes)
     with torch.device("meta"):
-        model = GPT(config)
+        # float32, the weights' dtype, whatever torch's default (a caller's set_default_dtype(torch.float64)
+        # loaded a float64 model); on the meta device, nothing to convert.
+        model = GPT(config).float()
     check_weight_shapes(model, directory / WEIGHTS_FILE, shapes)
     if torch.device(device).type == "meta":  # the architecture and checked shapes, no weights read
         _say_if_training(directory, saved)

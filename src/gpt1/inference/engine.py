@@ -54,12 +54,14 @@ caller back its own.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import numbers
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Sized
@@ -71,7 +73,7 @@ from gpt1.core.errors import Gpt1Error, first_line, is_compile_error, memory_sho
 from gpt1.core.model import GPT, SlotCache
 from gpt1.core.progress import logger, warn
 from gpt1.core.sampling_params import SamplingParams
-from gpt1.core.threads import cpu_thread_tuner
+from gpt1.core.threads import cpu_thread_tuner, own_threads
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.inference.decoding import Chunk, TextState, TokenLogprob, check_prompt, fit_prompt, new_token_limit
 from gpt1.inference.sampling import PerRow, log_probs, process_logits, sample
@@ -86,6 +88,7 @@ _EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 # many prefill chunks, unless one row alone reads more (see Engine._prefill).
 PREFILL_KEYS = 8
 TUNER_CONTEXT_BUCKET = 64  # positions: decode steps whose longest context is in one bucket are timed together
+EXIT_STOP_S = 5.0  # at interpreter exit, each started engine's worker is given this long to end its step (`_stop_at_exit`)
 
 
 def store_weights_column_major(model: GPT) -> None:
@@ -155,6 +158,7 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens not yet sent in a Chunk
     # Of the prompt's tokens so far (params.prompt_logprobs), until its first Chunk takes them.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    ended: bool = False  # its sink has had its last item (`Engine._end`)
 
     def cancel(self) -> None:
         """Stop this request at the next step (a no-op once it has finished)."""
@@ -422,11 +426,13 @@ class Engine:
         self._unswept = 0  # steps since `_admit` last looked for cancelled requests in the whole queue
         self._lock = threading.Condition()
         self._step_lock = threading.Lock()  # one step at a time, whoever calls step()
+        self._step_holder: int | None = None  # the thread in a step (or in stop()'s ending of the requests)
+        self._end_after_step = False  # stop() asked the step under way to end the requests when it is done
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.died = ""  # why the worker thread ended unasked (see `_run`), once it has
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
-        self._no_draw = torch.zeros(())  # a greedy row's random number, unused (`sample` takes its argmax)
+        self._no_draw = torch.zeros((), dtype=torch.float32)  # a greedy row's random number, unused (`sample` takes its argmax)
         capture = cuda_graphs and self.device.type == "cuda"
         self._graphs = _BucketedDecode(self, capture, compile) if capture or compile else None
 
@@ -512,8 +518,11 @@ class Engine:
         the engine at once (a caller beside `start()`'s worker, or several callers each running
         `while engine.busy: engine.step()`) take turns: each call is one whole step. A step raises
         only an exit (KeyboardInterrupt, SystemExit, GeneratorExit): an error, or a panic, ends the
-        requests it concerns, through their sinks."""
+        requests it concerns, through their sinks. Once `stop()` is called a step does nothing."""
+        if self._stopping:  # stop() ends what is held; a caller's `while engine.busy` loop must not race it for the lock
+            return
         with self._step_lock:
+            self._step_holder = threading.get_ident()
             try:
                 self._step()
             except _EXITS:
@@ -522,6 +531,10 @@ class Engine:
                 # engine process): an error no row's own handling caught fails the requests in the batch.
                 for request in list(self._rows):
                     self._fail(request, e)
+            finally:
+                if self._end_after_step:  # stop() from one of this step's sinks, or one that did not wait for it
+                    self._end_stopped()
+                self._step_holder = None
 
     def _step(self) -> None:
         for request in [r for r in self._rows if r.cancelled]:
@@ -531,7 +544,7 @@ class Engine:
             return
         threads = self._threads.apply() if self._threads is not None else torch.get_num_threads()
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), _no_autocast(self.device):
             prefilled, prefill_logits, prefilling = self._prefill()
             decoded, decode_logits, longest = self._decode()
             requests = prefilled + decoded
@@ -729,7 +742,8 @@ class Engine:
         for i, request in enumerate(requests):
             if request.generator is not None:
                 try:
-                    draws[i] = torch.rand((), generator=request.generator)
+                    # float32 whatever torch's default dtype: a caller's float64 drew other numbers (other text).
+                    draws[i] = torch.rand((), generator=request.generator, dtype=torch.float32)
                 except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                     errors[i] = e
         try:
@@ -874,8 +888,12 @@ class Engine:
         self._end(request, "failed", error)
 
     def _end(self, request: Request, outcome: str, last: Chunk | BaseException) -> None:
-        """Free the request's slot now (the last row moves into it), count it, tell its sink."""
+        """Free the request's slot now (the last row moves into it), count it, tell its sink; once
+        (stop() called from a sink of `_die`'s ending finds the requests it has not reached yet)."""
         with self._lock:
+            if request.ended:
+                return
+            request.ended = True
             if request.row >= 0:
                 last_row = len(self._rows) - 1
                 moved = self._rows[last_row]
@@ -927,28 +945,57 @@ class Engine:
         ready = threading.Event()
         with self._lock:
             if self._thread is None:
-                self._stopping = False
+                self._stopping = self._end_after_step = False
                 self._thread = threading.Thread(target=self._run, args=(ready,), name="gpt1-engine", daemon=True)
                 self._thread.start()
+                _STARTED.add(self)
             else:
                 ready.set()
         ready.wait()
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop the worker; every unfinished request's sink gets a 'shutting down' error. Threads
-        started afterwards get the CPU thread count the worker found, whatever its tuner chose."""
+        """Stop the worker; every unfinished request's sink gets a 'shutting down' error, its last
+        item: a step under way (the worker's, or a caller's) ends first, for up to `timeout`
+        seconds in all, and one that takes longer ends them when it is done, as does the step
+        whose sink calls stop(). Threads started afterwards get the CPU thread count the worker
+        found, whatever its tuner chose."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._stopping = True
+            # Set before the wait for the step lock: a step that ends meanwhile ends the requests itself.
+            self._end_after_step = True
             self._lock.notify_all()
             thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout)
+        _STARTED.discard(self)
+        if self._step_holder == threading.get_ident():  # from a sink: this thread's step, once done, ends them
+            return
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        # Rows ended while a step still feeds them got their error and then one more chunk.
+        if not self._step_lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0.0)):
+            return  # a step still under way: it ends them when it is done
+        self._step_holder = threading.get_ident()
+        try:
+            self._end_stopped()
+        finally:
+            self._step_holder = None
+            self._step_lock.release()
+
+    def _end_stopped(self) -> None:
+        """End every request held with 'shutting down', holding the step lock (stop(), or the step
+        it left them to). A stop() from one of their sinks finds nothing more to end."""
+        self._end_after_step = False
+        self._end_held("the server is shutting down")
+        self._end_after_step = False
+
+    def _end_held(self, reason: str) -> None:
+        """End every request in the batch or the queue with EngineUnavailable(reason)."""
         with self._lock:
             left = list(self._rows) + list(self._waiting)
             self._waiting.clear()
         for request in left:
-            self._end(request, "failed", EngineUnavailable("the server is shutting down"))
+            self._end(request, "failed", EngineUnavailable(reason))
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -959,7 +1006,7 @@ class Engine:
     def _run(self, ready: threading.Event) -> None:
         # torch.set_num_threads on this thread (the tuner's) also sets the count of every thread
         # the process starts later: the host's count is put back when the worker ends (stop()).
-        found = torch.get_num_threads()
+        found = own_threads()
         try:
             try:
                 self._start_cpu_threads()
@@ -986,11 +1033,8 @@ class Engine:
         have heard why: a server stops on seeing it."""
         with self._lock:
             self._stopping = True
-            left = list(self._rows) + list(self._waiting)
-            self._waiting.clear()
         reason = f"the engine stopped: {first_line(error)}"
-        for request in left:
-            self._end(request, "failed", EngineUnavailable(reason))
+        self._end_held(reason)
         warn(f"{reason}; every request now gets 503 engine_unavailable, and /health 503")
         self.died = reason
 
@@ -1004,6 +1048,18 @@ class Engine:
         if self.device.type == "cpu" and threads > 1:
             # ATen splits an op across threads by GRAIN_SIZE (32,768) elements: this one takes them all.
             torch.empty(threads * 32768, dtype=torch.uint8).fill_(0)
+
+
+_STARTED: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines whose worker thread runs (`start()`)
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """Stop the started engines' workers (a daemon thread each) before the interpreter's teardown:
+    one still in a step then ended the process with SIGABRT ("terminate called without an active
+    exception"), a script that exited with requests in flight."""
+    for engine in list(_STARTED):
+        engine.stop(timeout=EXIT_STOP_S)
 
 
 def _logprob_entries(logits: torch.Tensor, targets: list[int], tops: list[int]) -> list[TokenLogprob]:
@@ -1047,6 +1103,18 @@ def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return logits[torch.tensor(rows, device=logits.device)]
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The engine's forwards run in the model's dtype, whatever autocast the caller is in (a
+    training script's eval callback under bfloat16 autocast): its bfloat16 keys and values could
+    not be written into the float32 KV cache ("Index put requires the source and destination dtypes
+    match"), and the engine's dtype is the one documented (`dtype_name`, the server's /health)."""
+    # Entered only under an autocast (an autocast context costs 7 us a step), and only for a device
+    # torch has one for.
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 class _BucketedDecode:
     """The decode step in fixed shapes: batch sizes rounded up to a power of two (at most
     max_batch), attention over the whole slot. With `capture` (CUDA) each bucket's forward is
@@ -1066,7 +1134,8 @@ class _BucketedDecode:
         """The bucket that serves `rows` rows, built (compiled, captured) on first use."""
         size = self.bucket(rows)
         if size not in self.buckets:
-            self.buckets[size] = self._build(size)
+            with _no_autocast(self.engine.device):  # warm_up's builds too: compiled and captured as a step runs
+                self.buckets[size] = self._build(size)
         return self.buckets[size]
 
     def decode(self, ids: list[int], starts: list[int]) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.threads import own_threads
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.inference.decoding import Chunk, Completion, TextState, chat_prompt_ids, fit_prompt, new_token_limit, prompt_budget
 from gpt1.inference.engine import Engine, fit_prompts
@@ -53,11 +54,20 @@ def _check_prompt_arg(prompt_ids: Any) -> None:
 
 
 def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-         cancel: threading.Event | None = None) -> Iterator[tuple[int, Chunk, TextState]]:
+         cancel: threading.Event | None = None, streamed: bool = False) -> Iterator[tuple[int, Chunk, TextState]]:
     """(prompt index, chunk, its text state) as the engine produces them; each prompt ends with a
-    finish reason."""
+    finish reason.
+
+    A step runs on the thread tuner's CPU thread count, set on the thread that steps (`Engine`):
+    the thread gets its own count back when the run ends and, `streamed` (a caller's stream), at
+    every chunk, since the reader's code runs between chunks and the next one may be read on
+    another thread (Starlette reads a StreamingResponse's iterator a next() per worker thread:
+    each worker was left on the tuner's count for good, and later calls there never tuned)."""
     if not prompts:
         return
+    # The reading thread's own count (read first: a pool's new worker takes its count at its first
+    # torch op), and whether a step may have changed it since.
+    own, stepped = own_threads(), False
     # The cache holds what these prompts need, not block_size positions per slot: a config.json's
     # block_size of 16M made a 1-token generate zero an 8 GiB cache.
     knobs, fitted = fit_prompts(prompts, params, model.config, tokenizer)
@@ -70,17 +80,31 @@ def _run(model: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], par
     try:
         while engine.busy or events:
             if not events:
+                stepped = True
                 engine.step()
             while events:
                 index, item = events.popleft()
                 if isinstance(item, BaseException):
                     raise item
+                if streamed and stepped:
+                    _set_threads(own)
+                    stepped = False
                 yield index, item, requests[index].state
+                if streamed:
+                    own = own_threads()  # of the thread that reads on, maybe another one
     finally:
         # A stream still held when the interpreter exits is closed during its teardown, when module
-        # globals (torch, sys) may be None already: nothing is left to restore then.
-        if not is_finalizing():
-            engine.restore_threads()
+        # globals (torch, sys) may be None already: nothing is left to restore then. A stream closed
+        # between chunks gave its count back at the last one (the closing thread stepped nothing).
+        if stepped and not is_finalizing():
+            _set_threads(own)
+
+
+def _set_threads(threads: int) -> None:
+    """The calling thread's CPU thread count, set only when it differs (a set also sets the count
+    of the threads started later: see gpt1.core.threads)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: PromptIds, params: SamplingParams,
@@ -95,7 +119,7 @@ def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: PromptIds, params: Samp
     _check_params(params)
     # Not a generator function, whose checks would wait for the first next(): _run's generator
     # starts nothing until it is read.
-    return (chunk for _, chunk, _ in _run(model, tokenizer, [prompt_ids], params, cancel))
+    return (chunk for _, chunk, _ in _run(model, tokenizer, [prompt_ids], params, cancel, streamed=True))
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: PromptIds, params: SamplingParams) -> Completion:
@@ -110,7 +134,7 @@ def stream_batch(model: GPT, tokenizer: Tokenizer, prompts: Iterable[PromptIds],
     (prompt index, chunk) as they are produced; each prompt's last chunk carries its finish reason
     and token counts. The arguments are checked at the call, as `stream` checks them."""
     prompts = _checked_prompts(prompts, params)
-    return ((i, chunk) for i, chunk, _ in _run(model, tokenizer, prompts, params))
+    return ((i, chunk) for i, chunk, _ in _run(model, tokenizer, prompts, params, streamed=True))
 
 
 def generate_batch(model: GPT, tokenizer: Tokenizer, prompts: Iterable[PromptIds],

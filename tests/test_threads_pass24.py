@@ -1,0 +1,218 @@
+"""Pass 24, the Python API and the engine used from threads: a stream read a next() per worker
+thread gives each reader its own CPU thread count back; a caller's autocast or default dtype
+changes neither the engine's dtype nor its seeded text; `Engine.stop()` waits for the step under
+way, so that each request's error is its last item; and an interpreter that exits with requests
+in flight on a started engine exits cleanly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+import gpt1
+from gpt1.core import threads as threads_module
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.inference.engine import Engine, EngineUnavailable
+from tests.model_factories import model_without_stops
+
+needs_two_threads = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity")
+                                       else (os.cpu_count() or 1) < 2, reason="needs 2 CPU threads")
+
+
+@pytest.fixture
+def learnt_one_thread(monkeypatch):
+    """Two threads, the tuner on, and the shared tuner as if it had found one thread faster (a busy
+    neighbour): every step runs on one thread."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads_module.forget_shared()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads_module.cpu_thread_tuner("cpu", shared=True).threads = 1
+        yield
+    finally:
+        torch.set_num_threads(before)
+        threads_module.forget_shared()
+
+
+@pytest.fixture
+def one_thread_count(monkeypatch):
+    """The tuner off (OMP_NUM_THREADS fixes the count): same seed, same text (docs/generation.md)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+@needs_two_threads
+def test_a_stream_read_on_several_threads_gives_each_reader_its_own_count_back(tiny_model_dir, learnt_one_thread):
+    """Starlette reads a StreamingResponse's iterator a next() per worker thread: each step put the
+    reading thread on the tuner's count (1), and only the thread that read the end got its own back;
+    the others stayed on 1 for good, and their later calls never tuned."""
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    pieces = llm.stream("def", temperature=0, max_new_tokens=12)
+    counts: list[int] = []
+    done = threading.Event()
+
+    def read_one() -> None:  # on a new thread each time, as a pool's new workers
+        if next(pieces, None) is None:
+            done.set()
+        counts.append(torch.get_num_threads())
+
+    while not done.is_set():
+        reader = threading.Thread(target=read_one)
+        reader.start()
+        reader.join()
+    assert len(counts) > 2 and set(counts) == {2}
+    assert torch.get_num_threads() == 2
+
+
+@needs_two_threads
+def test_a_stream_finished_on_another_thread_gives_each_thread_its_own_count(tiny_model_dir, learnt_one_thread):
+    """A stream begun on one thread and finished on another that chose its own count (3): the first
+    kept the tuner's 1 after its piece, and the other got the process's 2, not its own 3."""
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    pieces = llm.stream("def", temperature=0, max_new_tokens=12)
+    next(pieces)
+    assert torch.get_num_threads() == 2  # the reader's own count, between pieces
+    seen = {}
+
+    def finish() -> None:
+        torch.set_num_threads(3)
+        seen["pieces"] = len(list(pieces))
+        seen["after"] = torch.get_num_threads()
+
+    reader = threading.Thread(target=finish)
+    reader.start()
+    reader.join()
+    assert seen["pieces"] > 0 and seen["after"] == 3
+
+
+def test_generation_inside_a_callers_bfloat16_autocast_runs_in_the_models_dtype(tiny_model_dir, one_thread_count):
+    """A training script's eval callback, a notebook cell under autocast: the forward's bfloat16 keys
+    and values failed to go into the float32 KV cache ("Index put requires the source and
+    destination dtypes match"). transformers' generate works there; so does gpt1's, in float32."""
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    knobs = dict(temperature=0, max_new_tokens=8)
+    expected = llm.generate("def", **knobs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert llm.generate("def", **knobs) == expected
+        assert "".join(llm.stream("def", **knobs)) == expected
+
+
+def test_a_callers_float64_default_dtype_leaves_seeded_text_as_it_was(tiny_model_dir, one_thread_count):
+    """Each sampled row's uniform number was drawn in torch's default dtype: float64 draws other
+    numbers from the same seeded generator, so other text."""
+    llm = gpt1.load(tiny_model_dir, device="cpu")
+    knobs = dict(temperature=1.0, seed=7, max_new_tokens=24)
+    expected = llm.generate("def", **knobs)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = llm.generate("def", **knobs)
+    finally:
+        torch.set_default_dtype(before)
+    assert got == expected
+
+
+def test_a_model_loaded_under_a_float64_default_dtype_is_float32(tiny_model_dir):
+    """The model was built in torch's default dtype and its float32 weights copied into it: a
+    float64 model (twice the memory, other text) where LLM.load documents float32 on a CPU."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        llm = gpt1.load(tiny_model_dir, device="cpu")
+    finally:
+        torch.set_default_dtype(before)
+    assert llm.dtype == torch.float32
+    assert {p.dtype for p in llm.model.parameters()} == {torch.float32}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config, tokenizer):
+    return model_without_stops(tiny_config, tokenizer, seed=11)
+
+
+def ends_once_and_last(items: list) -> bool:
+    """Whether a request's items hold one end (an error, or a chunk with a finish reason), last."""
+    ends = [i for i, item in enumerate(items) if isinstance(item, BaseException) or item.finish_reason]
+    return ends == [len(items) - 1]
+
+
+def submit_four(engine: Engine, tokenizer, on_item) -> list[list]:
+    items: list[list] = [[] for _ in range(4)]
+
+    def sink_for(i):
+        def sink(item):
+            items[i].append(item)
+            on_item(i, item)
+        return sink
+
+    engine.submit([tokenizer.encode(f"def f{i}():") for i in range(4)],
+                  SamplingParams(temperature=1.0, seed=1, max_new_tokens=40), sink_for)
+    return items
+
+
+def test_stop_called_from_a_sink_ends_the_requests_once_the_step_is_done(model, tokenizer):
+    """stop() from one request's sink ended every row at once, in the middle of the step, which
+    then gave the rows after it one more chunk: an error, then text."""
+    engine = Engine(model, tokenizer, max_batch=4)
+    items = submit_four(engine, tokenizer, lambda i, item: engine.stop() if i == 0 and len(items[0]) == 3 else None)
+    for _ in range(100):
+        if not engine.busy:
+            break
+        engine.step()
+    assert not engine.busy
+    assert all(ends_once_and_last(request) for request in items), items
+    assert all(isinstance(request[-1], EngineUnavailable) for request in items)
+
+
+def test_stop_from_another_thread_waits_for_the_step_under_way(model, tokenizer):
+    """stop() from another thread while a caller steps: it ended the rows while the step still fed
+    them, and each request had its error and then one more chunk (t5_stop_race: 204 in 30 runs)."""
+    engine = Engine(model, tokenizer, max_batch=4)
+    stopper = threading.Thread(target=engine.stop)
+    stopped = threading.Event()
+
+    def on_item(i, item):
+        if isinstance(item, BaseException):
+            stopped.set()
+        elif i == 0 and stopper.ident is None:  # within a step, before the other rows' chunks
+            stopper.start()
+            stopped.wait(0.5)  # time enough for a stop() that does not wait for the step to end them all
+
+    items = submit_four(engine, tokenizer, on_item)
+    for _ in range(100):
+        if not engine.busy:
+            break
+        engine.step()
+    stopper.join()
+    assert not engine.busy
+    assert all(ends_once_and_last(request) for request in items), items
+    assert all(isinstance(request[-1], EngineUnavailable) for request in items)
+
+
+EXIT = textwrap.dedent("""
+    import sys, threading
+    import gpt1
+    from gpt1.core.sampling_params import SamplingParams
+    from gpt1.inference.engine import Engine
+
+    llm = gpt1.load(sys.argv[1], device="cpu")
+    engine = Engine(llm.model, llm.tokenizer, max_batch=4, max_queue=1000).start()
+    generating = threading.Event()
+    engine.submit([llm.tokenizer.encode("def")] * 400, SamplingParams(temperature=1.0, max_new_tokens=40),
+                  lambda i: lambda item: generating.set())
+    generating.wait()
+    print("exiting", flush=True)
+""")
+
+
+def test_an_interpreter_that_exits_with_requests_in_flight_on_a_started_engine_exits_cleanly(tiny_model_dir):
+    """The worker is a daemon thread: at the interpreter's teardown it was still in a step, and the
+    process ended with SIGABRT ("terminate called without an active exception", exit 134)."""
+    run = subprocess.run([sys.executable, "-c", EXIT, str(tiny_model_dir)], capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout) == (0, "exiting\n"), run.stderr[-2000:]
