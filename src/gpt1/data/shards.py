@@ -99,6 +99,9 @@ PARTIAL = ".partial"
 DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(DTYPE).max) + 1
 FORMAT = "gpt1-shards"
+# meta.json's "version": raised when a data dir changes in a way this gpt1 would misread (another
+# dtype, other entries); one a newer gpt1 wrote is refused, not read as this one (`load_meta`).
+FORMAT_VERSION = 1
 # How documents are split, in the preparation's key: a data dir prepared by gpt1 before 2026-12-07
 # split by hash(seed, index), so copies of a document fell on both sides; its key has no "split",
 # so its interrupted prepare starts over rather than resume with the other rule (its finished
@@ -214,7 +217,8 @@ def _prepared_already(out: Path, key: dict, overwrite: bool = False) -> dict | N
     # quickstart folder stopped at its data stage), and said what its held-out share may hold.
     by_place = not overwrite and isinstance(recorded, dict) and "split" not in recorded and recorded == {
         k: v for k, v in key.items() if k != "split"}
-    if not ((recorded == key or by_place) and _meta_problem(old) is None and shards_complete(out, old)):
+    if not ((recorded == key or by_place) and _meta_problem(old) is None and _newer_format(old) is None
+            and shards_complete(out, old)):
         return None
     info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
     if by_place:
@@ -322,8 +326,11 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
 
 def _differences(out: Path, key: dict) -> str:
     """How the finished preparation in `out` differs from `key`, named as training names a run's
-    differing keys: "with other settings (seed: 1337 -> 3, files (changed on disk))"."""
+    differing keys: "with other settings (seed: 1337 -> 3, files (changed on disk))", or "by a newer
+    gpt1 (format version 2; ...)"."""
     old = read_json(out / META_FILE)
+    if isinstance(old, dict) and (newer := _newer_format(old)):  # its key may be another format's too
+        return f"by {newer}"
     old_key = _recorded_key(old.get("key")) if isinstance(old, dict) else None
     if not isinstance(old_key, dict):  # damaged, or written by a gpt1 that did not record it
         return "from other sources or settings"
@@ -651,7 +658,7 @@ class ShardWriter:
             replace_file(self.val_tmp, self.out / VAL_FILE)
         crash_point("prepare-finish")  # shards in place, no meta.json: a rerun moves them back (`_finished_shards`)
         meta = {
-            "format": FORMAT, "version": 1, "dtype": np.dtype(DTYPE).name,
+            "format": FORMAT, "version": FORMAT_VERSION, "dtype": np.dtype(DTYPE).name,
             "tokenizer": {"file": TOKENIZER_FILE, "fingerprint": tokenizer.fingerprint,
                           "vocab_size": tokenizer.vocab_size, "eos_id": self.eos},
             "train": {"file": TRAIN_FILE, "tokens": state["train_tokens"], "documents": state["train_documents"]},
@@ -735,7 +742,8 @@ def looks_prepared(folder: str | Path) -> bool:
 
 
 def load_meta(data_dir: str | Path) -> dict:
-    """The meta.json of a prepared data dir, checked: complete shards of the right size."""
+    """The meta.json of a prepared data dir, checked: a format version this gpt1 reads, complete
+    shards of the right size."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise Gpt1Error(f"{data_dir}: data directory not found (create it with `gpt1 prepare`)")
@@ -748,6 +756,8 @@ def load_meta(data_dir: str | Path) -> dict:
     meta = read_json(data_dir / META_FILE)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise Gpt1Error(f"{data_dir / META_FILE}: not a gpt1 shards meta file")
+    if newer := _newer_format(meta):  # before the entries: a newer format may have other ones, or another dtype
+        raise Gpt1Error(f"{data_dir}: prepared by {newer}: upgrade gpt1 to read it")
     if meta.get("dtype") != np.dtype(DTYPE).name:
         raise Gpt1Error(f"{data_dir / META_FILE}: dtype {meta.get('dtype')!r}, expected {np.dtype(DTYPE).name}")
     if why := _meta_problem(meta):
@@ -764,12 +774,26 @@ def load_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+def _newer_format(meta: dict) -> str | None:
+    """"a newer gpt1 (format version 2; this gpt1 reads 1)" where meta.json's "version"
+    is above `FORMAT_VERSION` (its shards were read as this gpt1's, unsaid), else None. (Every gpt1
+    wrote a version: one missing is read as 1, one that is no whole number is damage, `_meta_problem`.)"""
+    version = meta.get("version", FORMAT_VERSION)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        return f"a newer gpt1 (format version {version}; this gpt1 reads {FORMAT_VERSION})"
+    return None
+
+
 def _meta_problem(meta: dict) -> str | None:
     """What in the entries of a meta.json that gpt1 reads is not as `ShardWriter.finish` writes
     them, or None: "train" and "val" objects with a shard's file name and its token count (and
     document count, where recorded), a "tokenizer" object with a file name and a fingerprint. A
     string there was a TypeError, a missing count a KeyError; and each "file" is joined onto the
-    data dir: a path ("/etc/x", "../x") would have read a file outside it."""
+    data dir: a path ("/etc/x", "../x") would have read a file outside it. A "version", where
+    present, is a whole number >= 1."""
+    version = meta.get("version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return f'"version" must be a whole number >= 1, got {json.dumps(version):.100}'
     for part, keys in (("tokenizer", ("file", "fingerprint")), ("train", ("file", "tokens")), ("val", ("file", "tokens"))):
         entry = meta.get(part)
         if not isinstance(entry, dict):
@@ -854,8 +878,10 @@ class ShardWindows:
     draws per step sees exactly the windows of W ranks with grad_accum draws each. `start`: the
     sequence number of the first window (a run that goes on from another's windows, on the same
     data and seed, starts after the ones it drew: `sequences_drawn`; from 0 it drew them again, in
-    order). With `vocab_size`, a batch holding an id outside the vocabulary is refused with the
-    shard's name.
+    order), rounded up to a whole draw of every rank (world_size * batch_size windows): the draws
+    are counted from window 0, so that a checkpoint's `draws` alone says where the stream is, as
+    every gpt1 reads it. With `vocab_size`, a batch holding an id outside the vocabulary is refused
+    with the shard's name.
     """
 
     def __init__(self, path: str | Path, block_size: int, batch_size: int, seed: int,
@@ -864,7 +890,10 @@ class ShardWindows:
         self.data = open_shard(path, block_size, "training")
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.start, self.draws = start, 0
+        # `start`: windows before draw 0 that make no whole draw, only ever from a checkpoint of the
+        # gpt1 of 2026-12-07 that saved one (`load_state_dict`). Rounded up, a continuation skips
+        # fewer than a draw's windows, which no run drew: nothing is lost (each window is a hash).
+        self.start, self.draws = 0, -(-start // (world_size * batch_size))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.start + (self.draws * self.world_size + self.rank) * self.batch_size
@@ -874,12 +903,15 @@ class ShardWindows:
         return _windows(self.data, starts, self.block_size, self.vocab_size, self.path)
 
     def state_dict(self) -> dict:
-        # "start" only where it is not 0: a checkpoint saved without it (every run's before it
-        # existed) has the layout a resume checks against (`gpt1.train.checkpoint.check_trainer_state`).
+        # "draws" alone, the layout every gpt1 reads: one older than continuations (2026-12-07)
+        # reads no other key, and resumed a continuation saved as a "start" and the draws after it
+        # at its parent's windows. "start" only where that gpt1 of 2026-12-07 left one inside a draw.
         return {"draws": self.draws, **({"start": self.start} if self.start else {})}
 
     def load_state_dict(self, state: dict) -> None:
-        self.draws, self.start = int(state["draws"]), int(state.get("start", 0))
+        # A "start" of the gpt1 of 2026-12-07 (its draws counted after it), as whole draws: the same windows.
+        start, per_draw = int(state.get("start", 0)), self.world_size * self.batch_size
+        self.draws, self.start = int(state["draws"]) + start // per_draw, start % per_draw
 
 
 def sequences_drawn(sampler: dict, batch_size: int, world_size: int) -> int:

@@ -445,14 +445,16 @@ def continued_epochs(base: Path, out: Path, cfg: FinetuneConfig, train_data) -> 
     """Where a fresh fine-tune of `base` starts its epochs, where `base` is a gpt1 fine-tune on the same
     training sequences (`train_data`) with the same seed: at the epoch after those it trained (`run`:
     its path, `epoch`: the first epoch of this run), read from its latest checkpoint, as the rest of one
-    longer run; at epoch 0 it trained on that run's orders again. None otherwise (other data or seed, a
-    folder without checkpoints, a resume: its checkpoint holds where its batches are)."""
+    longer run; at epoch 0 it trained on that run's orders again. A fine-tune recorded by an older gpt1,
+    without its data (before 2026-12-05), is taken at its checkpoint's count of sequences, with a
+    warning. None otherwise (other data or seed, a folder without checkpoints, a resume: its
+    checkpoint holds where its batches are)."""
     try:
         record = _run_record(base)
     except Gpt1Error:  # a damaged record: a base like any other
         return None
     data = record.get("data")
-    if (not isinstance(data, dict) or data.get("sha256") != train_data.fingerprint()
+    if (not (data is None or isinstance(data, dict) and data.get("sha256") == train_data.fingerprint())
             or not isinstance(record.get("config"), dict) or record["config"].get("seed") != cfg.seed
             or ckpt.latest_checkpoint(out) is not None):
         return None
@@ -461,6 +463,12 @@ def continued_epochs(base: Path, out: Path, cfg: FinetuneConfig, train_data) -> 
     if not isinstance(epoch, int) or not isinstance(position, int) or sampler.get("sequences") != len(train_data):
         return None
     epoch += position > 0  # stopped inside an epoch: the next one, as epochs= counts whole passes
+    if epoch > 0 and data is None:
+        # Going on is safe either way: on the same sequences it skips the orders the run trained on,
+        # on others of the same number the next epoch's order is as new as the first's.
+        warn(f"--base {base} was recorded by an older gpt1, without a fingerprint of its training sequences: their "
+             f"number ({len(train_data):,}) and seed match this data's, so this run goes on with epoch {epoch} (were "
+             "they other sequences of the same number, its order is as new to the model as the first's)")
     return {"run": json_path(base.resolve()), "epoch": epoch} if epoch > 0 else None
 
 

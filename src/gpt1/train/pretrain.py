@@ -108,6 +108,10 @@ def _check_shape_matches(cfg: TrainConfig, loaded: ModelConfig) -> None:
                         f"({describe(loaded)}): init_from decides the model; set model to match it or leave it out")
 
 
+# What every data record holds (`data_identity`); the shards' fingerprints came later (2026-12-06).
+_COUNTED = ("train_tokens", "train_documents", "val_tokens", "val_documents", "tokenizer")
+
+
 def data_identity(meta: dict, data_dir: Path) -> dict:
     """What tells prepared data apart (recorded in the run dir, checked on resume): its token and
     document counts and tokenizer, and a cheap check of each shard's content (`sample_fingerprint`,
@@ -123,8 +127,10 @@ def continued_windows(cfg: TrainConfig, out: Path, identity: dict) -> dict | Non
     that trained on the data of `identity` with the same seed: after the windows it drew (`run`: its
     path, `sequences`: how many), read from its latest checkpoint, as the rest of one longer run.
     From the first window, it drew that run's windows again in the same order (every window is a
-    hash of the seed and its number). None otherwise (another data or seed, a model dir without
-    checkpoints, a resume: its checkpoint holds where its windows are)."""
+    hash of the seed and its number). A run recorded by an older gpt1, without its shards'
+    fingerprints (before 2026-12-06), is taken at what it records, with a warning. None otherwise
+    (another data or seed, a model dir without checkpoints, a resume: its checkpoint holds where its
+    windows are)."""
     parent = Path(cfg.init_from)
     if cfg.init_from == "scratch" or cfg.init_from.startswith("hf:") or ckpt.latest_checkpoint(out) is not None:
         return None
@@ -132,14 +138,25 @@ def continued_windows(cfg: TrainConfig, out: Path, identity: dict) -> dict | Non
         record = read_json(parent / RUN_CONFIG_FILE) if (parent / RUN_CONFIG_FILE).is_file() else None
     except Gpt1Error:  # a damaged record: a model dir like any other
         return None
-    config = record.get("config") if isinstance(record, dict) else None
-    if not isinstance(config, dict) or record.get("data") != identity or config.get("seed") != cfg.seed:
+    config, recorded = (record.get("config"), record.get("data")) if isinstance(record, dict) else (None, None)
+    if (not isinstance(config, dict) or not isinstance(recorded, dict) or config.get("seed") != cfg.seed
+            or any(recorded[key] != identity.get(key) for key in recorded)):
         return None
     sampler, world_size, batch_size = ckpt.saved_sampler(parent), record.get("world_size", 1), config.get("batch_size")
     try:
         drawn = sequences_drawn(sampler, batch_size, world_size) if sampler is not None else 0
     except (KeyError, TypeError, ValueError):  # not a pretraining run's sampler, or damaged
         return None
+    if unrecorded := [key for key in identity if key not in recorded]:
+        if any(key in _COUNTED for key in unrecorded) or drawn == 0:  # nothing to tell the data by, or to go on from
+            return None
+        # Going on is safe either way: on the same shards it skips the windows the run drew, on
+        # others of the same counts and tokenizer the windows after them are as new as the first.
+        # (Drawn from the first, an older run's continuation trained on its batches again, unsaid.)
+        warn(f"init_from={cfg.init_from} was recorded by an older gpt1, without {' and '.join(unrecorded)} "
+             f"fingerprints: its token and document counts and tokenizer match this data's, so this run draws the "
+             f"windows after the {drawn:,} it drew (were its shards others of the same counts, those windows are "
+             "as new to the model as the first ones)")
     return {"run": json_path(parent.resolve()), "sequences": drawn} if drawn > 0 else None
 
 
@@ -190,8 +207,14 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
         announce.append(f"validation: {len(val)} batches, all that {meta['val']['file']} holds without overlap "
                         f"(eval_batches={cfg.eval_batches:,})")
     if continues:
+        # Its windows begin at a whole draw of every rank (`ShardWindows`): after the parent's, or a
+        # little further where the parent's batches were of another size.
+        first = sequences_drawn(train_data.state_dict(), cfg.batch_size, dist.world_size)
+        per_draw = cfg.batch_size * dist.world_size
         announce.append(f"windows: init_from={cfg.init_from} drew {continues['sequences']:,} windows of this data with "
-                        f"seed {cfg.seed}; this run draws the ones after them, as one longer run would")
+                        f"seed {cfg.seed}; this run draws the ones after them"
+                        + (", as one longer run would" if first == continues["sequences"] else
+                           f", from window {first:,} (a whole number of its batches of {per_draw:,})"))
 
     def save_model(directory: Path, m: torch.nn.Module) -> None:
         save_model_dir(directory, m, tokenizer)

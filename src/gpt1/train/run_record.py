@@ -1,12 +1,12 @@
 """A run dir's record of its run, `train_config.json`, and the check that a run dir holds this run.
 
 `check_run_dir` refuses a run dir that holds another run (another config, number of processes or
-training data) or files that are no run, and returns the run's `RunRecord` to write once it trains:
-the run as started, the resumable settings changed since (`RESUMABLE_CHANGES`, less those the
-run's other settings hold fixed: `_held`; each with the step it holds from) and each start's and
-resume's provenance. Paths in the config (`PATH_KEYS`) compare
-by what they name. The training loop (`gpt1.train.loop`) calls it on rank 0, under the run's lock
-(`RUN_LOCK`).
+training data), a newer gpt1's run (config keys this one does not know) or files that are no run,
+and returns the run's `RunRecord` to write once it trains: the run as started, the resumable
+settings changed since (`RESUMABLE_CHANGES`, less those the run's other settings hold fixed: `_held`;
+each with the step it holds from) and each start's and resume's provenance. Paths in the config
+(`PATH_KEYS`) compare by what they name. The training loop (`gpt1.train.loop`) calls it on rank 0,
+under the run's lock (`RUN_LOCK`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
         if not isinstance(old_cfg, dict):
             raise Gpt1Error(f"{file}: expected an object with the run's \"config\"; the run dir is damaged "
                             "(restore the file, or choose another --out)")
+        if unknown := _unknown_keys(old, config):
+            raise Gpt1Error(f"{run_dir} was started by a newer gpt1 (keys this version does not know: "
+                            f"{', '.join(unknown)}{_latest_gpt1(old)}): resume it with that gpt1, or choose another --out")
         # The global batch and each rank's share of the data follow the number of processes: on
         # another number a resume would replay or skip batches. (A run dir from before it was
         # recorded resumes unchecked: its number is unknown.)
@@ -102,6 +105,26 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
     else:
         refuse_other_files(run_dir)
     return RunRecord(file, wanted, wanted["config"], resumable, _field_defaults(cfg))
+
+
+def _unknown_keys(record: dict, config: dict) -> list[str]:
+    """The settings of a run's `record` (as started, or changed by a resume) that are no key of
+    this gpt1's `config`: a newer gpt1's (no key was ever removed). Compared as "(unset)", they
+    were refused with the advice to rerun with the same config, which no key=value here can set.
+    A run of the other kind (a fine-tune's LoRA keys, resumed as pretraining) is another config."""
+    if ("lora_r" in record["config"]) != ("lora_r" in config):
+        return []
+    changed = [k for change in record.get("changes") or [] if isinstance(change, dict) for k in change]
+    return sorted({*record["config"], *changed} - {*config, "from_step"})
+
+
+def _latest_gpt1(record: dict) -> str:
+    """"; its latest start: gpt1 0.3.0, git abc1234": the gpt1 that last started or resumed the run,
+    where its provenance records it; "" otherwise."""
+    provenance = record.get("provenance")
+    latest = provenance[-1] if isinstance(provenance, list) and provenance and isinstance(provenance[-1], dict) else {}
+    named = [f"{key} {latest[key]}" for key in ("gpt1", "git") if isinstance(latest.get(key), str)]
+    return f"; its latest start: {', '.join(named)}" if named else ""
 
 
 def _held(config: dict) -> dict[str, str]:
