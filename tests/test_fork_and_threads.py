@@ -16,8 +16,6 @@ import torch
 
 import gpt1
 from gpt1.core import threads as threads_module
-from gpt1.core.sampling_params import SamplingParams
-from gpt1.inference.engine import Engine
 
 needs_two_threads = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity")
                                        else (os.cpu_count() or 1) < 2, reason="needs 2 CPU threads")
@@ -112,21 +110,12 @@ def test_a_thread_started_during_a_call_keeps_the_processs_count(tiny_model_dir,
         seen["after its own call"] = torch.get_num_threads()
 
     thread = None
-
-    def sink(item):  # within a step: the stepping thread is on the tuner's 1
-        nonlocal thread
-        if thread is None:
-            assert torch.get_num_threads() == 1
+    for _ in llm.stream("def", temperature=0, max_new_tokens=4):
+        if thread is None:  # between pieces: the reader has its own count back (the steps run on the tuner's 1)
+            assert torch.get_num_threads() == 2
             thread = threading.Thread(target=worker)
             thread.start()
             ready.wait()
-
-    # A stream gives its reader its own count back with each piece: the thread starts within a step.
-    engine = Engine(llm.model, llm.tokenizer, max_batch=1)
-    engine.submit([llm.tokenizer.encode("def")], SamplingParams(temperature=0, max_new_tokens=4), lambda i: sink)
-    while engine.busy:
-        engine.step()
-    engine.restore_threads()
     go.set()
     thread.join()
     assert seen == {"started": 2, "after its own call": 2}

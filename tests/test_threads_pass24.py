@@ -216,3 +216,79 @@ def test_an_interpreter_that_exits_with_requests_in_flight_on_a_started_engine_e
     process ended with SIGABRT ("terminate called without an active exception", exit 134)."""
     run = subprocess.run([sys.executable, "-c", EXIT, str(tiny_model_dir)], capture_output=True, text=True, timeout=60)
     assert (run.returncode, run.stdout) == (0, "exiting\n"), run.stderr[-2000:]
+
+
+# ---- the second wave ------------------------------------------------------------------------
+def test_a_stop_during_the_warm_up_is_not_undone_by_the_start(model, tokenizer, monkeypatch):
+    """stop() while start()'s warm-up builds its buckets (a compile takes seconds): the start then
+    reset the stop and served the queued request anyway, or, with warm_up() alone, left it queued
+    for good while `while engine.busy: engine.step()` spun on steps that do nothing."""
+    from gpt1.inference.engine import _BucketedDecode
+
+    building, release = threading.Event(), threading.Event()
+    build = _BucketedDecode._build
+
+    def slow_build(self, size):  # a compile's seconds, held until the test has called stop()
+        building.set()
+        assert release.wait(10)
+        return build(self, size)
+
+    monkeypatch.setattr(_BucketedDecode, "_build", slow_build)
+    engine = Engine(model, tokenizer, max_batch=2)
+    engine._graphs = _BucketedDecode(engine, capture=False)
+    outcome: list = []
+
+    def start() -> None:
+        try:
+            engine.start()
+            outcome.append("started")
+        except EngineUnavailable as e:
+            outcome.append(e)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    assert building.wait(10)
+    items: list = []
+    engine.submit([tokenizer.encode("def")], SamplingParams(temperature=0, max_new_tokens=4), lambda i: items.append)
+    engine.stop(timeout=0.1)  # gives up on the step lock: the warm-up ends the request when it is done
+    release.set()
+    starter.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], EngineUnavailable), outcome
+    assert len(items) == 1 and isinstance(items[0], EngineUnavailable) and not engine.busy
+    assert not any(t.name == "gpt1-engine" for t in threading.enumerate())
+
+
+def test_a_forked_child_does_not_stop_its_parents_engines_at_exit(tiny_model_dir):
+    """A child's copies of the started engines have no worker, and their step lock may be held: its
+    exit waited the whole EXIT_STOP_S for each, and could end the parent's requests."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    script = textwrap.dedent("""
+        import os, sys
+        import gpt1
+        from gpt1.inference import engine as engine_module
+        llm = gpt1.load(sys.argv[1], device="cpu")
+        engine = engine_module.Engine(llm.model, llm.tokenizer, max_batch=2).start()
+        pid = os.fork()
+        if pid == 0:
+            print(len(engine_module._STARTED), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(len(engine_module._STARTED), flush=True)
+        engine.stop()
+    """)
+    run = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout.split()) == (0, ["0", "1"]), run.stderr[-2000:]
+
+
+def test_a_hugging_face_folder_loaded_under_a_float64_default_dtype_is_float32(tiny_model_dir, tmp_path):
+    from gpt1.cli import main
+
+    assert main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "hf")]) == 0
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        llm = gpt1.load(tmp_path / "hf", device="cpu")
+    finally:
+        torch.set_default_dtype(before)
+    assert {p.dtype for p in llm.model.parameters()} == {torch.float32}

@@ -36,7 +36,8 @@ PRESET_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "rep
 HELP = """commands:
   /set KNOB VALUE  change a sampling knob, e.g. /set temperature 0.7 (/set alone shows them all;
                    /set stop TEXT sets one stop string with \\n-style escapes as --stop, /set stop
-                   clears it; /set max_new_tokens default: as long as the context allows)
+                   clears it; /set max_new_tokens default: back to the default, 256 or the room the
+                   context leaves)
   /preset NAME     use a preset's sampling knobs: qa, creative or code
   /system TEXT     set the system message (/system alone removes it)
   /reset           forget the conversation (the system message stays)

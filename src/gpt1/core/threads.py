@@ -234,25 +234,35 @@ def _set_own_threads(threads: int, default: int) -> None:
     """torch.set_num_threads(threads) for the calling thread alone. With OpenMP the call also sets
     the count that a thread started later takes at its first torch op and keeps for life (a web
     server's worker threads started while a call was on the tuner's 1 stayed on 1); a thread kept
-    for it sets that back to `default` (its own count is the only other one it sets), waited for."""
+    for it sets that back to `default` (its own count is the only other one it sets). Not waited
+    for: a stream switches at every token, and waiting for that thread to be scheduled on busy
+    cores (0.8-3.5 ms) halved a stream's speed beside a busy neighbour; `own_threads` waits instead."""
+    global _PENDING
     if threads == default:
         torch.set_num_threads(threads)
         return
     with _SWITCH_LOCK:
         torch.set_num_threads(threads)
         if (requests := _default_setter()) is not None:
-            done = threading.Event()
-            requests.put((default, done))
-            done.wait(_SETTER_WAIT_S)
+            _PENDING = threading.Event()
+            requests.put((default, _PENDING))
 
 
 def own_threads() -> int:
-    """The calling thread's CPU thread count (torch.get_num_threads()), read outside the instant
-    when `_set_own_threads` has the process's count on another one: a thread's first torch op takes
-    the process's count for life, and a thread pool's new worker that first read a stream in that
-    instant (the calling thread gives up the GIL there) stayed on the tuner's 1."""
-    with _SWITCH_LOCK:
+    """The calling thread's CPU thread count (torch.get_num_threads()). A thread's first torch op
+    takes the process's count for life, and a thread pool's new worker that first read a stream
+    while `_set_own_threads` had that count on the tuner's (the setter not yet run) stayed on 1: a
+    thread's first call waits for the setter; later ones read at once."""
+    if getattr(_SEEN, "seen", False):
         return torch.get_num_threads()
+    deadline = time.monotonic() + _SETTER_WAIT_S  # at most (a thread frozen at interpreter exit never answers)
+    while True:
+        with _SWITCH_LOCK:
+            pending = _PENDING
+            if pending is None or pending.is_set() or time.monotonic() > deadline:
+                _SEEN.seen = True
+                return torch.get_num_threads()
+        pending.wait(max(deadline - time.monotonic(), 0.0))
 
 
 # The thread that sets the count later threads start on. Kept, not one per call: a stream gives its
@@ -260,8 +270,10 @@ def own_threads() -> int:
 # count sets it at every token, and starting a thread took 0.1-0.4 ms on 2 busy cores, 20x the wait.
 _SETTER: queue.SimpleQueue | None = None
 _SETTER_LOCK = threading.Lock()
-_SWITCH_LOCK = threading.Lock()  # held while the process's count is not `default` (see own_threads)
-_SETTER_WAIT_S = 1.0  # at most (a thread frozen at interpreter exit never answers)
+_SWITCH_LOCK = threading.Lock()  # held while a switch sets the process's count (see own_threads)
+_PENDING: threading.Event | None = None  # set once the setter has run the latest switch's request
+_SEEN = threading.local()  # .seen: the thread has read its count through own_threads (it is fixed)
+_SETTER_WAIT_S = 1.0  # own_threads waits at most this long for the setter
 
 
 def _default_setter() -> queue.SimpleQueue | None:
@@ -298,11 +310,11 @@ def _after_fork_in_child() -> None:
     model does) the child's first op on more threads waits forever for the parent's OpenMP threads,
     which the child does not have; on one thread an op never uses them. The shared tuners, an
     engine's made before the fork included, stay on one too."""
-    global _SHARED_LOCK, _SETTER, _SETTER_LOCK, _SWITCH_LOCK
+    global _SHARED_LOCK, _SETTER, _SETTER_LOCK, _SWITCH_LOCK, _PENDING
     torch.set_num_threads(1)  # and the count of the threads the child starts
     _SHARED_LOCK = threading.Lock()  # another thread of the parent may have held it at the fork
     # The parent's setter thread is not the child's, and its locks may have been held at the fork.
-    _SETTER, _SETTER_LOCK, _SWITCH_LOCK = None, threading.Lock(), threading.Lock()
+    _SETTER, _SETTER_LOCK, _SWITCH_LOCK, _PENDING = None, threading.Lock(), threading.Lock(), None
     for tuner in _SHARED.values():
         tuner._after_fork()
 

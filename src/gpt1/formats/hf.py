@@ -277,7 +277,7 @@ def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu")
     config = dataclasses.replace(config, tie_embeddings=tied)
 
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config).float()  # float32 whatever torch's default dtype, as load_model
     model = model.to_empty(device=device)
     model.load_state_dict(weights, strict=not tied)
     if tied:
@@ -534,7 +534,7 @@ def load_with_tokenizer(path: str | os.PathLike, device: str | torch.device = "c
         # copy of the model in the parent for its whole life (~1 GB for the 257M model).
         _, _, config = _folder_config(path)
         with torch.device("meta"):
-            return GPT(config).eval(), _compatible_tokenizer(path, config)
+            return GPT(config).float().eval(), _compatible_tokenizer(path, config)
     model, tokenizer = import_hf_model(path, device)
     info(f"{path}: a transformers folder, imported as gpt1 imports one (docs/interop.md)")
     return (model if dtype is None else model.to(dtype)), tokenizer

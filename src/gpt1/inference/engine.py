@@ -88,7 +88,7 @@ _EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 # many prefill chunks, unless one row alone reads more (see Engine._prefill).
 PREFILL_KEYS = 8
 TUNER_CONTEXT_BUCKET = 64  # positions: decode steps whose longest context is in one bucket are timed together
-EXIT_STOP_S = 5.0  # at interpreter exit, each started engine's worker is given this long to end its step (`_stop_at_exit`)
+EXIT_STOP_S = 5.0  # at interpreter exit, the started engines' workers are given this long in all to end their steps (`_stop_at_exit`)
 
 
 def store_weights_column_major(model: GPT) -> None:
@@ -428,6 +428,7 @@ class Engine:
         self._step_lock = threading.Lock()  # one step at a time, whoever calls step()
         self._step_holder: int | None = None  # the thread in a step (or in stop()'s ending of the requests)
         self._end_after_step = False  # stop() asked the step under way to end the requests when it is done
+        self._stops = 0  # stop() calls: a start() whose warm-up one came during does not start
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.died = ""  # why the worker thread ended unasked (see `_run`), once it has
@@ -921,14 +922,18 @@ class Engine:
         if self._graphs is None:
             return
         with self._step_lock, torch.inference_mode():
-            if self._rows:
-                return
-            size = 1
-            while True:
-                self._graphs.bucket_for(size)
-                if size >= self.max_batch:
-                    break
-                size = min(2 * size, self.max_batch)
+            try:
+                if self._rows:
+                    return
+                size = 1
+                while True:
+                    self._graphs.bucket_for(size)
+                    if size >= self.max_batch:
+                        break
+                    size = min(2 * size, self.max_batch)
+            finally:
+                if self._end_after_step:  # a stop() that could not wait for the builds (a compile) left them to us
+                    self._end_stopped()
 
     def restore_threads(self) -> None:
         """Give the stepping thread back the CPU thread count it had (the tuner may have lowered it)."""
@@ -941,9 +946,12 @@ class Engine:
         returns once that thread's CPU threads are started (see `_start_cpu_threads`)."""
         if self.died:
             raise EngineUnavailable(self.died)
+        stops = self._stops
         self.warm_up()
         ready = threading.Event()
         with self._lock:
+            if self._stops != stops:  # stop() came during the warm-up (a compile): it was not undone by starting
+                raise EngineUnavailable("the server is shutting down")
             if self._thread is None:
                 self._stopping = self._end_after_step = False
                 self._thread = threading.Thread(target=self._run, args=(ready,), name="gpt1-engine", daemon=True)
@@ -963,6 +971,7 @@ class Engine:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._stopping = True
+            self._stops += 1
             # Set before the wait for the step lock: a step that ends meanwhile ends the requests itself.
             self._end_after_step = True
             self._lock.notify_all()
@@ -1058,8 +1067,15 @@ def _stop_at_exit() -> None:
     """Stop the started engines' workers (a daemon thread each) before the interpreter's teardown:
     one still in a step then ended the process with SIGABRT ("terminate called without an active
     exception"), a script that exited with requests in flight."""
+    deadline = time.monotonic() + EXIT_STOP_S  # for them all: one stuck step each took 5 s in turn
     for engine in list(_STARTED):
-        engine.stop(timeout=EXIT_STOP_S)
+        engine.stop(timeout=max(deadline - time.monotonic(), 0.0))
+
+
+# A forked child's copies of the started engines have no worker (and the parent's may have held
+# their step lock at the fork): its exit waited EXIT_STOP_S for them, and could end the parent's requests.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _STARTED.clear())
 
 
 def _logprob_entries(logits: torch.Tensor, targets: list[int], tops: list[int]) -> list[TokenLogprob]:
