@@ -292,3 +292,27 @@ def test_a_hugging_face_folder_loaded_under_a_float64_default_dtype_is_float32(t
     finally:
         torch.set_default_dtype(before)
     assert {p.dtype for p in llm.model.parameters()} == {torch.float32}
+
+
+def test_a_worker_that_could_not_start_is_started_by_the_next_start(model, tokenizer, monkeypatch):
+    """A pids limit: the worker thread's start() raised, yet the engine kept it as its worker, and a
+    later start() said it ran, with no thread to step it (injected: `ulimit -u` does not bind root)."""
+    start = threading.Thread.start
+
+    def no_thread(self):
+        if self.name == "gpt1-engine":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    engine = Engine(model, tokenizer, max_batch=2)
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError):
+        engine.start()
+    monkeypatch.setattr(threading.Thread, "start", start)
+    items: list = []
+    with engine:
+        done = threading.Event()
+        engine.submit([tokenizer.encode("def")], SamplingParams(temperature=0, max_new_tokens=3),
+                      lambda i: lambda item: (items.append(item), item.finish_reason and done.set()))
+        assert done.wait(30)
+    assert items[-1].finish_reason == "length"

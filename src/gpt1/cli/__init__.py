@@ -318,15 +318,23 @@ def main(argv: list[str] | None = None) -> int:
         if (hint := open_files_hint(e)) is not None:
             where = f"{os.fsdecode(e.filename)}: cannot open" if e.filename is not None else "cannot open a file or socket"
             return _error(command, f"{where} ({e.strerror}); {hint}")
+        # A process that cannot be started (fork or clone refused: `ulimit -u`, a container's pids
+        # limit, where a thread and a process count alike), e.g. serve --engine process's child.
+        if e.errno == errno.EAGAIN and PROCESS_STARTERS.intersection(_raised_by(e)):
+            return _error(command, f"cannot start a process or thread ({e.strerror}); {threads_hint()}")
         if e.errno not in UNWRITABLE:
             raise
         # Every writing command meets these the same way (a read-only --out, a full disk, a
         # folder made read-only mid-run): one class, handled here rather than at each write.
-        # gpt1 names every file it writes (core.io.writing), so a write without a name is one
-        # to stdout (`> /dev/full`); stderr's failures nobody would see.
+        # gpt1 names every file it writes (core.io.writing); a write without a name is one to
+        # stdout (`> /dev/full`), or to a file of another package's own; stderr's failures nobody would see.
         if e.filename is None:
-            _stdout_gone()
-            return _error(command, f"standard output: cannot write ({e.strerror})")
+            package = _unnamed_writer(e)
+            if package is None:
+                _stdout_gone()
+                return _error(command, f"standard output: cannot write ({e.strerror})")
+            return _error(command, f"{package}: cannot write its file ({e.strerror}); "
+                                   f"{UNWRITABLE[e.errno].format('output path')}")
         hint = UNWRITABLE[e.errno].format(_output_flag(args, e.filename))
         return _error(command, f"{e.filename}: cannot write ({e.strerror}); {hint}")
     except KeyboardInterrupt:
@@ -343,6 +351,36 @@ def main(argv: list[str] | None = None) -> int:
         asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
         size = (f"{int(asked[1]) / 2**30:.2f} GiB" if asked[1] else asked[2]) if asked else None
         return _out_of_memory(command, f"an allocation of {size} failed" if size else str(e).strip().splitlines()[0])
+
+
+PROCESS_STARTERS = {"subprocess", "multiprocessing"}  # the modules through which gpt1 starts processes
+
+
+def _raised_by(error: BaseException) -> list[str]:
+    """The top-level modules of the frames `error` came through, innermost first (`subprocess`,
+    `tensorboard`, `gpt1`); a thread's frames too, where the main thread raises its error again."""
+    frames, tb = [], error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_globals.get("__name__", "").partition(".")[0])
+        tb = tb.tb_next
+    return frames[::-1] or [""]
+
+
+def _unnamed_writer(error: OSError) -> str | None:
+    """Whose write failed without a file name: None for standard output, else the package that
+    wrote a file of its own. gpt1 names each of its files (core.io.writing), so in its own code
+    such a write is a print; in another package's (tensorboard's writer thread) it is stdout only
+    where that code was handed stdout (matplotlib drawing `plot --out -`)."""
+    package = next((name for name in _raised_by(error) if name not in sys.stdlib_module_names), "gpt1")
+    if package in ("gpt1", "__main__"):
+        return None
+    stdout = {id(stream) for stream in (sys.stdout, getattr(sys.stdout, "buffer", None)) if stream is not None}
+    tb = error.__traceback__
+    while tb is not None:
+        if any(id(value) in stdout for value in tb.tb_frame.f_locals.values()):
+            return None
+        tb = tb.tb_next
+    return package
 
 
 def _out_of_memory(command: str, what: str) -> int:

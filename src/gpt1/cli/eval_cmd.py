@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import tempfile
@@ -290,22 +291,36 @@ def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], repo
     if args.json:
         _emit_json(args.json, results_json(results))
     if args.samples:
-        _write_to(args.samples, write_samples, results)
+        _write_to(args.samples, "--samples", write_samples, results)
     if report:
-        _write_to(report, write_report, args.model, results, suite=args.suite, perplexity=ppl, device=str(llm.device))
+        _write_to(report, "--report", write_report, args.model, results, suite=args.suite, perplexity=ppl,
+                  device=str(llm.device))
         if not _on_stdout(args):
             print(f"report: {report}", file=sys.stderr)
 
 
-def _write_to(target: str, write, *args, **kwargs) -> None:
+# What to do when the temporary file that stdout's text passes through cannot be written.
+STAGING_HINTS = {errno.ENOSPC: "free some space there or set TMPDIR to another folder",
+                 errno.EDQUOT: "free some space there or set TMPDIR to another folder",
+                 errno.EFBIG: "raise the file-size limit (ulimit -f)"}
+
+
+def _write_to(target: str, flag: str, write, *args, **kwargs) -> None:
     """`write(target, *args, **kwargs)` (one of the harness's file writers), or for "-" the same
     text on stdout: written to a temporary file first, so that the writer stays the one place
-    that formats it."""
+    that formats it. That file's failure names `flag` and TMPDIR: its own name was no path the
+    user chose (a full /tmp said ".../gpt1-eval-x/output: cannot write ...; choose another output path")."""
     if target != "-":
         write(target, *args, **kwargs)
         return
-    with tempfile.TemporaryDirectory(prefix="gpt1-eval-") as folder:
-        written = Path(folder) / "output"
-        write(written, *args, **kwargs)
-        sys.stdout.write(written.read_text(encoding="utf-8"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpt1-eval-") as folder:
+            written = Path(folder) / "output"
+            write(written, *args, **kwargs)
+            text = written.read_text(encoding="utf-8")
+    except OSError as e:
+        hint = STAGING_HINTS.get(e.errno, "set TMPDIR to a writable folder")
+        raise Gpt1Error(f"{flag} -: the text for standard output is written to a temporary file first, in "
+                        f"{tempfile.gettempdir()} (TMPDIR), and that failed ({e.strerror}); {hint}") from None
+    sys.stdout.write(text)
     sys.stdout.flush()

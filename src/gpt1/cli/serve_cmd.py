@@ -181,8 +181,11 @@ def serve_command(args: argparse.Namespace) -> int:
              "get continuations of the conversation text rather than answers (/v1/completions is what it is for)")
     sock = bind(args.host, args.port)  # bound, so that a taken port is said now; it listens once the engine runs
     try:  # closed when the start fails or a signal stops it first (dev mode's ResourceWarning); serve() closes it too
-        if not isinstance(engine, Engine):
-            engine.start()  # now, so that a child that cannot start (e.g. its KV cache does not fit) is one clear error
+        # Now, with the app's prompt threads, which its lifespan then finds running: a child that cannot
+        # start (e.g. its KV cache does not fit), or a thread (`ulimit -u`, a container's pids limit),
+        # is one clear error, not a lifespan traceback and uvicorn's exit status 3.
+        engine.start()
+        app.state.prompt_threads.start()
         info(f"KV cache: {engine.max_batch} slots x {llm.config.block_size} positions = "
              f"{engine.kv_bytes / 2**20:,.1f} MiB of {engine.dtype_name} on {engine.device} (--max-batch {engine.max_batch})"
              + (", in the engine's own process (--engine process)" if not isinstance(engine, Engine) else ""))

@@ -16,6 +16,7 @@ import hashlib
 import json
 import operator
 import os
+import re
 import threading
 import time
 from functools import cached_property
@@ -26,7 +27,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gpt1.core.constants import BPE_TRAINING_THREAD
-from gpt1.core.errors import Gpt1Error
+from gpt1.core.errors import Gpt1Error, threads_hint
 from gpt1.core.io import as_path, read_json, write_text
 from gpt1.core.progress import info, progress, warn
 from gpt1.core.text_pieces import PIECE_CHARS, text_pieces
@@ -193,14 +194,15 @@ class Tokenizer:
         # The batch call releases the GIL while it encodes (`encode` holds it: a 1 MB text froze the
         # server's event loop for a second) and skips the offsets, which nothing here reads: the
         # same ids, 2-3x faster on short texts.
-        return self.backend.encode_batch_fast([check_text(text, "text to encode")], add_special_tokens=False)[0].ids
+        check_text(text, "text to encode")
+        return _pooled(lambda: self.backend.encode_batch_fast([text], add_special_tokens=False))[0].ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel (the Rust library uses all cores)."""
         if isinstance(texts, str):  # the Rust library: "Can't extract `str` to `Vec`"
             raise Gpt1Error("texts to encode: expected a list of strings, got one str (use encode for one text)")
         try:
-            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+            return [e.ids for e in _pooled(lambda: self.backend.encode_batch_fast(texts, add_special_tokens=False))]
         except TypeError:  # its one message for any bad text: name the first (checked only on failure)
             for i, text in enumerate(texts):
                 check_text(text, f"texts[{i}] to encode")
@@ -351,6 +353,50 @@ def _byte_level_chars() -> list[str]:
     return chars
 
 
+# The tokenizers library's thread pool (Rust's rayon: encode_batch_fast and the BPE trainer use it)
+# is built at its first use, all its threads at once, and never again once that failed: under a limit
+# on threads (`ulimit -u`, a container's pids limit) every later call panics too ("The global thread
+# pool has not been initialized": pyo3's PanicException, a BaseException, ended the command with a
+# traceback). The library's own switch, read at each call, runs it on the caller's thread instead.
+PARALLELISM_VARIABLE = "TOKENIZERS_PARALLELISM"
+_serial_switch = threading.Lock()
+
+
+def _pooled(call: Callable[[], Any], retry: Callable[[], bool] = lambda: True) -> Any:
+    """`call()`, which may use the library's thread pool; where that pool could not start, again on
+    this thread alone (the same ids, the same merges), as every later call then runs, with one
+    warning. `retry`: whether the call may run again (a training that has read text may not)."""
+    try:
+        return call()
+    except BaseException as e:
+        if not _pool_failed(e):
+            raise
+        why = re.search(r'message: "([^"]+)"', str(e))
+        why = why[1] if why else "its thread pool failed to build"
+        if not retry():
+            raise Gpt1Error(f"the tokenizers library could not start its threads ({why}); set "
+                            f"{PARALLELISM_VARIABLE}=false to run it on one thread, or {threads_hint()}") from None
+        _go_serial(why)
+    return call()
+
+
+def _pool_failed(error: BaseException) -> bool:
+    """Whether `error` is the library's panic for a thread pool it could not build. By name: pyo3
+    makes its PanicException class at run time, in no module gpt1 can import."""
+    return type(error).__name__ == "PanicException" and "ThreadPoolBuildError" in str(error)
+
+
+def _go_serial(why: str) -> None:
+    """Turn the library's thread pool off for the rest of the process, and say so once (requests of
+    a server meet the failure on several threads at once)."""
+    with _serial_switch:
+        if os.environ.get(PARALLELISM_VARIABLE) == "false":
+            return
+        os.environ[PARALLELISM_VARIABLE] = "false"
+    warn(f"the tokenizers library could not start its threads ({why}): tokenizing on one thread instead, more "
+         f"slowly; to give it its threads, {threads_hint()}")
+
+
 def _answering_signals(work: Callable[[], Any], abandoned: threading.Event) -> Any:
     """Run `work` in a worker thread while the main thread waits, so that Ctrl-C and SIGTERM
     are answered at once. Python runs signal handlers only in the main thread, between its own
@@ -386,6 +432,27 @@ def _answering_signals(work: Callable[[], Any], abandoned: threading.Event) -> A
     return outcome.get("value")
 
 
+def _trained(vocab_size: int, min_frequency: int, texts: Iterable[str]) -> Backend:
+    """A byte-level BPE backend trained on `texts`."""
+    backend = Backend(models.BPE(unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        # The library takes a u64: a larger count means the same (no pair occurs that often).
+        min_frequency=min(min_frequency, 2**64 - 1),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # Counted in characters: with the byte-level alphabet, one character per byte.
+        max_token_length=MAX_TOKEN_BYTES,
+        # Off: the Rust bar writes to stdout (so only on a terminal: a log or a pipe saw nothing
+        # for ten minutes on 1.5 GB) and counts pieces, with no total. Ours below, on stderr.
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return backend
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
                     show_progress: bool = True, skipped: Mapping[str, int] | None = None,
                     total_bytes: int | None = None) -> tuple[Tokenizer, dict]:
@@ -417,21 +484,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
              f"vocabulary without merges, so this tokenizer's models cannot be exported to GGUF "
              f"({MIN_VOCAB_SIZE + 1} or more learns at least one)")
 
-    backend = Backend(models.BPE(unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        # The library takes a u64: a larger count means the same (no pair occurs that often).
-        min_frequency=min(min_frequency, 2**64 - 1),
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        # Counted in characters: with the byte-level alphabet, one character per byte.
-        max_token_length=MAX_TOKEN_BYTES,
-        # Off: the Rust bar writes to stdout (so only on a terminal: a log or a pipe saw nothing
-        # for ten minutes on 1.5 GB) and counts pieces, with no total. Ours below, on stderr.
-        show_progress=False,
-    )
     stats = {"documents": 0, "bytes": 0}
     abandoned = threading.Event()
     # The reading happens here, in Python, as the trainer pulls the texts: most of the time on a
@@ -460,7 +512,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
 
     start = time.perf_counter()
     try:
-        _answering_signals(lambda: backend.train_from_iterator(counted(texts), trainer), abandoned)
+        # Once more on one thread only where the pool failed before any text was read (`texts` may be
+        # an iterator: what the first attempt took of it would be missing from the second), with a
+        # new trainer: the panic leaves the first one's lock poisoned.
+        backend = _answering_signals(lambda: _pooled(lambda: _trained(vocab_size, min_frequency, counted(texts)),
+                                                     retry=lambda: stats["documents"] == 0), abandoned)
     finally:
         bar.close()
     stats["seconds"] = time.perf_counter() - start

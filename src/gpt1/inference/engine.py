@@ -954,8 +954,9 @@ class Engine:
                 raise EngineUnavailable("the server is shutting down")
             if self._thread is None:
                 self._stopping = self._end_after_step = False
-                self._thread = threading.Thread(target=self._run, args=(ready,), name="gpt1-engine", daemon=True)
-                self._thread.start()
+                worker = threading.Thread(target=self._run, args=(ready,), name="gpt1-engine", daemon=True)
+                worker.start()  # kept only once started: one that could not start (a pids limit) is no worker
+                self._thread = worker
                 _STARTED.add(self)
             else:
                 ready.set()

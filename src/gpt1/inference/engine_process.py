@@ -180,8 +180,13 @@ class EngineProcess:
         outputs_in, outputs_out = os.pipe()
         spec = json.dumps({"model_dir": self.model_dir, "device": self._device, "dtype": self._dtype,
                            "engine": self._engine_args, "parent": os.getpid()})
-        self._process = subprocess.Popen([sys.executable, "-m", __name__, spec, str(commands_in), str(outputs_out)],
-                                         pass_fds=(commands_in, outputs_out), stdin=subprocess.DEVNULL)
+        try:
+            self._process = subprocess.Popen([sys.executable, "-m", __name__, spec, str(commands_in), str(outputs_out)],
+                                             pass_fds=(commands_in, outputs_out), stdin=subprocess.DEVNULL)
+        except BaseException:  # no child (a limit on processes: EAGAIN), or Ctrl-C: the pipes' four ends go too
+            for fd in (commands_in, commands_out, outputs_in, outputs_out):
+                os.close(fd)
+            raise
         os.close(commands_in)
         os.close(outputs_out)
         self._commands = Connection(commands_out, readable=False)

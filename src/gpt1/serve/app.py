@@ -187,9 +187,11 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         # used: at start, not at the first request, where under a low `ulimit -n` a burst of clients
         # had taken every descriptor and the import failed (a 500 naming a site-packages file).
         await anyio.lowlevel.checkpoint()
-        prompt_threads.start()
+        prompt_threads.start()  # none new where they run already (see app.state.prompt_threads)
         try:
-            await asyncio.to_thread(starter.start)  # a child process loads the model meanwhile
+            # A child process loads the model meanwhile; a running engine (see app.state.prompt_threads)
+            # returns at once, and the loop's thread for this call is the one its shutdown uses.
+            await asyncio.to_thread(starter.start)
             try:
                 yield
             finally:
@@ -208,6 +210,10 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
                   servers=[{"url": "."}],
                   description="An OpenAI-compatible API for a gpt1 model, and a chat page at `/`.")
     app.state.engine = engine
+    # Started by the lifespan, or first, with the engine, by the caller, before the server runs (gpt1
+    # serve), so that a thread that cannot start is the caller's error, not a lifespan traceback and
+    # uvicorn's exit status 3.
+    app.state.prompt_threads = prompt_threads
     app.state.model_name = name
     # The address the server listens on, for the Guard's host check: set by gpt1.serve.server's serve()
     # and background_server(); None (uvicorn run directly) lets the connection's local address decide.

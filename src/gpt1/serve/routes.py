@@ -499,11 +499,19 @@ class PromptThreads:
 
     def start(self) -> None:
         """Start them all now (the pool starts each when work first waits for it): a server claims
-        its threads at start, so that no burst of requests has a thread to start later."""
+        its threads at start, so that no burst of requests has a thread to start later. Started
+        already, nothing new starts. One that cannot start (`ulimit -u`, a container's pids limit)
+        raises its RuntimeError at once, the threads started before it ended: they waited for it
+        10 s, and the server's exit waited for them."""
         pool = self._executor()
         started = threading.Barrier(self.threads)  # busy together, each task takes a thread of its own
-        for _ in range(self.threads):
-            pool.submit(started.wait, 10)
+        try:
+            for _ in range(self.threads):
+                pool.submit(started.wait, 10)
+        except BaseException:
+            started.abort()
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """End the threads, once those building a prompt have done so: the app's lifespan ends with

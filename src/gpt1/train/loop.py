@@ -103,6 +103,7 @@ import re
 import shutil
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -605,32 +606,39 @@ class _Run:
         logs = dist.is_main and not self.finished  # rank 0 logs; a rerun of a finished run writes nothing
         # What must be closed or put back is made inside the `try` that does so: made before it, a
         # failed setup step (a file named tensorboard in the run dir) left metrics.jsonl open.
-        try:
-            self.writer = _tensorboard(self.run_dir, self.start_step) if cfg.tensorboard and logs else None
-            self.metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") if logs else None
-            self.threads = _thread_tuner(self.device, cfg, dist)
-            # Made last: no bar above an error.
-            self.bar = progress(total=self.end, initial=self.start_step, desc=self.run_dir.name, unit="step",
-                                disable=None if dist.is_main else True)
-            yield
-        except BaseException:
-            if self.metrics:
+        with _writer_thread_unprinted() if cfg.tensorboard and logs else contextlib.nullcontext():
+            try:
+                self.writer = _tensorboard(self.run_dir, self.start_step) if cfg.tensorboard and logs else None
+                self.metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") if logs else None
+                self.threads = _thread_tuner(self.device, cfg, dist)
+                # Made last: no bar above an error.
+                self.bar = progress(total=self.end, initial=self.start_step, desc=self.run_dir.name, unit="step",
+                                    disable=None if dist.is_main else True)
+                yield
+            except BaseException:
                 # The error in flight is the one to report: closing flushes a line left in the buffer
                 # by a failed write again, whose failure (no file name) would replace the one naming
-                # metrics.jsonl. (The file is closed either way.)
-                with contextlib.suppress(OSError):
-                    self.metrics.close()
-            raise
-        finally:
-            if self.threads:
-                torch.set_num_threads(self.threads.max_threads)
-            if self.bar is not None:  # not `if bar`: a tqdm's truth is its total
-                self.bar.close()
-            if self.metrics:
-                with writing(self.metrics.name):
-                    self.metrics.close()
-            if self.writer:
-                self.writer.close()
+                # metrics.jsonl; the tensorboard writer raises its thread's failed write again. (Each
+                # is closed either way.)
+                if self.metrics:
+                    with contextlib.suppress(OSError):
+                        self.metrics.close()
+                if self.writer:
+                    with contextlib.suppress(OSError):
+                        _close_tensorboard(self.writer)
+                    self.writer = None  # closed: not again below
+                raise
+            finally:
+                if self.threads:
+                    torch.set_num_threads(self.threads.max_threads)
+                if self.bar is not None:  # not `if bar`: a tqdm's truth is its total
+                    self.bar.close()
+                if self.metrics:
+                    with writing(self.metrics.name):
+                        self.metrics.close()
+                if self.writer:
+                    with writing(self.writer.get_logdir()):
+                        _close_tensorboard(self.writer)
 
     def set_lr(self, step: int) -> float:
         """Set the learning rate of step `step` (0-based) on every parameter group; the rate."""
@@ -873,9 +881,10 @@ class _Run:
         done = metric["step"]
         self._write_metric(metric)
         if self.writer:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_ppl"):
-                if metric.get(key) is not None:
-                    self.writer.add_scalar(key, metric[key], done)
+            with writing(self.writer.get_logdir()):  # its thread's failed write (a full disk) is raised here
+                for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "val_loss", "val_ppl"):
+                    if metric.get(key) is not None:
+                        self.writer.add_scalar(key, metric[key], done)
         val = self.last["val_loss"]
         if "tokens_per_sec" in metric:  # an applied step (or an fp16 overflow); a skipped one leaves the bar's numbers
             self.bar.set_postfix(refresh=False, loss=f"{metric['loss']:.4f}", lr=f"{metric['lr']:.2e}",
@@ -1087,8 +1096,43 @@ def _tensorboard(run_dir: Path, start_step: int):
         raise Gpt1Error(f"{e}; tensorboard=true writes its event files in that folder "
                         "(move what is there away, or set tensorboard=false)") from None
     # Steps after `start_step` that a killed run had logged are dropped by readers (as
-    # metrics.jsonl is trimmed): the resumed run logs them again.
-    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
+    # metrics.jsonl is trimmed): the resumed run logs them again. Its first event is written at once.
+    with writing(log_dir):
+        return SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
+
+
+def _close_tensorboard(writer) -> None:
+    """Close tensorboard's writer, whose close raises the error of a write its thread could not do
+    (it flushes first); the thread is stopped either way: left running, it would try again later."""
+    try:
+        writer.close()
+    except BaseException:
+        for file_writer in (writer.all_writers or {}).values():
+            with contextlib.suppress(OSError):
+                file_writer.close()
+        raise
+
+
+@contextlib.contextmanager
+def _writer_thread_unprinted() -> Iterator[None]:
+    """tensorboard's writer thread keeps the error of a write it could not do (a full disk, a
+    file-size limit), which the writer raises at its next call here, in one line naming the
+    folder (`writing`); the dying thread printed it first too, a traceback ("Exception in thread
+    Thread-1") above that line. Other threads' errors are printed as before."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        # Its thread class keeps what it raised as `exception`, which the writer's calls raise again.
+        if not (type(args.thread).__module__.startswith("tensorboard.")
+                and args.exc_value is getattr(args.thread, "exception", None)):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        if threading.excepthook is hook:  # not put back over a hook installed since
+            threading.excepthook = previous
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
