@@ -150,7 +150,9 @@ def test_a_run_recorded_without_data_fingerprints_is_continued_with_a_warning(da
     drawn = _record_steps(monkeypatch, [])
     _run(data_dir, tmp_path / "continued", [*COMMON, "max_steps=1", f"init_from={older}"])
     assert _same(drawn[0], _draw(_longer_run(data_dir, 2), 1))
-    assert _record(tmp_path / "continued")["continues"] == {"run": str(older.resolve()), "sequences": 8}
+    # The data is not known to be the parent's: recorded so, and not announced as "this data".
+    assert _record(tmp_path / "continued")["continues"] == {"run": str(older.resolve()), "sequences": 8,
+                                                            "checked": False}
     assert [r.getMessage() for r in gpt1_warnings] == [
         f"init_from={older} was recorded by an older gpt1, without train.bin and val.bin fingerprints: its token and "
         "document counts and tokenizer match this data's, so this run draws the windows after the 8 it drew (were its "
@@ -162,6 +164,15 @@ def test_a_run_recorded_without_data_fingerprints_is_continued_with_a_warning(da
     _run(data_dir, tmp_path / "other", [*COMMON, "max_steps=1", f"init_from={older}"])
     assert _same(drawn[0], _draw(_windows(data_dir), 1)) and not gpt1_warnings
     assert "continues" not in _record(tmp_path / "other")
+    # (second wave) Recorded before its number of processes was too (2026-12-05 12:05): a 2-process
+    # parent's draws were counted as 1 process's, and its continuation trained on windows it had drawn.
+    record["data"]["train_tokens"] -= 1
+    del record["world_size"]
+    _write_record(older, record)
+    drawn.clear()
+    _run(data_dir, tmp_path / "unknown-processes", [*COMMON, "max_steps=1", f"init_from={older}"])
+    assert _same(drawn[0], _draw(_windows(data_dir), 1)) and not gpt1_warnings
+    assert "continues" not in _record(tmp_path / "unknown-processes")
 
 
 def test_a_finetune_recorded_without_its_data_is_continued_with_a_warning(tiny_model_dir, tmp_path, monkeypatch,
@@ -182,7 +193,7 @@ def test_a_finetune_recorded_without_its_data_is_continued_with_a_warning(tiny_m
     ft.finetune(load_config(ft.FinetuneConfig, None, [*args, "epochs=1"], data=str(chats)), tmp_path / "a",
                 tmp_path / "b")
     assert _same_batches(drawn, two_epochs[3:])
-    assert _record(tmp_path / "b")["continues"] == {"run": str((tmp_path / "a").resolve()), "epoch": 1}
+    assert _record(tmp_path / "b")["continues"] == {"run": str((tmp_path / "a").resolve()), "epoch": 1, "checked": False}
     assert [r.getMessage() for r in gpt1_warnings] == [
         f"--base {tmp_path / 'a'} was recorded by an older gpt1, without a fingerprint of its training sequences: "
         "their number (12) and seed match this data's, so this run goes on with epoch 1 (were they other sequences "
@@ -244,3 +255,12 @@ def test_a_run_with_config_keys_this_gpt1_does_not_know_is_a_newer_gpt1s(data_di
     # A fine-tune's run dir given to pretraining is another config, not a newer gpt1's.
     with pytest.raises(Gpt1Error, match=r"holds a run with a different config \(all_paths: false -> \(unset\), "):
         _run(data_dir, tmp_path / "chat", [*COMMON, "max_steps=2"])
+
+
+def test_a_record_whose_changes_are_not_a_list_is_damaged(data_dir, parent, tmp_path):
+    """(second wave) `"changes": 5` in train_config.json: `TypeError: 'int' object is not iterable`."""
+    run = tmp_path / "damaged"
+    shutil.copytree(parent, run)
+    _write_record(run, {**_record(run), "changes": 5})
+    with pytest.raises(Gpt1Error, match=r'train_config.json: expected "changes" to be a list .*the run dir is damaged'):
+        _run(data_dir, run, [*COMMON, "max_steps=2"])

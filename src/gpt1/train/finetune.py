@@ -421,9 +421,10 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         info(f"{at_most}{max_steps:,} steps x {sequences_per_step} sequences = "
              f"{max_steps / batches.epoch_steps(cfg.grad_accum):.2f} epochs of {len(train_data):,}{sooner}")
         if continues:
-            info(f"--base {base} was fine-tuned on these {len(train_data):,} sequences with seed {cfg.seed} for "
-                 f"{continues['epoch']} epoch{'s' if continues['epoch'] != 1 else ''}: this run goes on with the next "
-                 "epochs' orders, as one longer run would")
+            checked = continues.get("checked", True)
+            info(f"--base {base} was fine-tuned on {'these' if checked else 'as many'} {len(train_data):,} sequences "
+                 f"with seed {cfg.seed} for {continues['epoch']} epoch{'s' if continues['epoch'] != 1 else ''}: this run "
+                 "goes on with the next epochs' orders" + (", as one longer run would" if checked else ""))
 
     # Recorded in the run dir's train_config.json: resuming with another base, or on other
     # training sequences (an edit of the chat data, even one that keeps their number), is refused.
@@ -469,7 +470,9 @@ def continued_epochs(base: Path, out: Path, cfg: FinetuneConfig, train_data) -> 
         warn(f"--base {base} was recorded by an older gpt1, without a fingerprint of its training sequences: their "
              f"number ({len(train_data):,}) and seed match this data's, so this run goes on with epoch {epoch} (were "
              "they other sequences of the same number, its order is as new to the model as the first's)")
-    return {"run": json_path(base.resolve()), "epoch": epoch} if epoch > 0 else None
+    # "checked": false where the sequences are not known to be the base's (no fingerprint to compare)
+    return ({"run": json_path(base.resolve()), "epoch": epoch, **({"checked": False} if data is None else {})}
+            if epoch > 0 else None)
 
 
 def _legacy_epoch_steps(record: dict, cfg: FinetuneConfig, sequences: int, sequences_per_step: int,

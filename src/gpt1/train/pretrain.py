@@ -148,7 +148,9 @@ def continued_windows(cfg: TrainConfig, out: Path, identity: dict) -> dict | Non
     except (KeyError, TypeError, ValueError):  # not a pretraining run's sampler, or damaged
         return None
     if unrecorded := [key for key in identity if key not in recorded]:
-        if any(key in _COUNTED for key in unrecorded) or drawn == 0:  # nothing to tell the data by, or to go on from
+        # Nothing to tell the data by, or to go on from; or no record of the number of processes
+        # (before 2026-12-05 12:05): a 2-process parent's draws counted as 1 process's skipped half its windows.
+        if any(key in _COUNTED for key in unrecorded) or drawn == 0 or "world_size" not in record:
             return None
         # Going on is safe either way: on the same shards it skips the windows the run drew, on
         # others of the same counts and tokenizer the windows after them are as new as the first.
@@ -157,7 +159,9 @@ def continued_windows(cfg: TrainConfig, out: Path, identity: dict) -> dict | Non
              f"fingerprints: its token and document counts and tokenizer match this data's, so this run draws the "
              f"windows after the {drawn:,} it drew (were its shards others of the same counts, those windows are "
              "as new to the model as the first ones)")
-    return {"run": json_path(parent.resolve()), "sequences": drawn} if drawn > 0 else None
+    # "checked": false where the data is not known to be the parent's (no fingerprints to compare)
+    return ({"run": json_path(parent.resolve()), "sequences": drawn, **({"checked": False} if unrecorded else {})}
+            if drawn > 0 else None)
 
 
 def data_source(meta: dict, data_dir: Path) -> dict:
@@ -211,9 +215,11 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
         # little further where the parent's batches were of another size.
         first = sequences_drawn(train_data.state_dict(), cfg.batch_size, dist.world_size)
         per_draw = cfg.batch_size * dist.world_size
-        announce.append(f"windows: init_from={cfg.init_from} drew {continues['sequences']:,} windows of this data with "
-                        f"seed {cfg.seed}; this run draws the ones after them"
-                        + (", as one longer run would" if first == continues["sequences"] else
+        checked = continues.get("checked", True)
+        announce.append(f"windows: init_from={cfg.init_from} drew {continues['sequences']:,} windows of "
+                        f"{'this data' if checked else 'data of these counts'} with seed {cfg.seed}; this run draws "
+                        "the ones after them"
+                        + ((", as one longer run would" if checked else "") if first == continues["sequences"] else
                            f", from window {first:,} (a whole number of its batches of {per_draw:,})"))
 
     def save_model(directory: Path, m: torch.nn.Module) -> None:

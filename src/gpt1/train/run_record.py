@@ -59,6 +59,9 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, max_steps: int, data: dict | 
         if not isinstance(old_cfg, dict):
             raise Gpt1Error(f"{file}: expected an object with the run's \"config\"; the run dir is damaged "
                             "(restore the file, or choose another --out)")
+        if not isinstance(old.get("changes", []), list):
+            raise Gpt1Error(f"{file}: expected \"changes\" to be a list of the settings changed by resumes; the run dir "
+                            "is damaged (restore the file, or choose another --out)")
         if unknown := _unknown_keys(old, config):
             raise Gpt1Error(f"{run_dir} was started by a newer gpt1 (keys this version does not know: "
                             f"{', '.join(unknown)}{_latest_gpt1(old)}): resume it with that gpt1, or choose another --out")
