@@ -182,3 +182,23 @@ def browser():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def learnt_one_thread(monkeypatch):
+    """Two threads, the tuner on (no OMP_NUM_THREADS), and the shared tuner as if it had found
+    one thread faster (a busy neighbour): every step runs on one thread; everything put back
+    afterwards. Yields the shared tuner."""
+    from gpt1.core import threads as threads_module
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads_module.forget_shared()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tuner = threads_module.cpu_thread_tuner("cpu", shared=True)
+        tuner.threads = 1
+        yield tuner
+    finally:
+        torch.set_num_threads(before)
+        threads_module.forget_shared()

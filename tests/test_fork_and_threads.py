@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import gpt1
-from gpt1.core import threads as threads_module
 
 needs_two_threads = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity")
                                        else (os.cpu_count() or 1) < 2, reason="needs 2 CPU threads")
@@ -75,22 +74,6 @@ def test_a_forked_child_generates_on_one_thread(tiny_model_dir):
     assert parent == {"child_status": 0}, run.stderr[-3000:]  # 256: it hung and faulthandler ended it
     child, = child
     assert child == {"generate": True, "engine": True, "engine_threads": 1, "threads": 1, "new_thread": 1}
-
-
-@pytest.fixture
-def learnt_one_thread(monkeypatch):
-    """Two threads, the tuner on, and the shared tuner as if it had found one thread faster (a busy
-    neighbour): every call steps on one thread."""
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    threads_module.forget_shared()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        threads_module.cpu_thread_tuner("cpu", shared=True).threads = 1
-        yield
-    finally:
-        torch.set_num_threads(before)
-        threads_module.forget_shared()
 
 
 @needs_two_threads

@@ -24,6 +24,7 @@ import pytest
 
 import gpt1.train.loop
 from tests.test_battery import assert_one_clear_line, run_main
+from tests.test_runtime_pass15 import open_paths
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the limits here are Linux's")
 
@@ -136,13 +137,7 @@ def test_a_tokenizer_trains_on_one_thread_where_the_librarys_pool_cannot_start(c
 
 def _pipes() -> list[str]:
     """The pipes this process holds open."""
-    held = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            held.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:  # the listing's own descriptor, closed by now
-            pass
-    return sorted(p for p in held if p.startswith("pipe:"))
+    return [p for p in open_paths() if p.startswith("pipe:")]
 
 
 @linux_only

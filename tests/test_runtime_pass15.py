@@ -48,15 +48,20 @@ def test_the_engine_runs_under_a_process_name_cut_in_the_middle_of_a_character(c
 TINY = ["model=tiny", "block_size=32", "batch_size=2", "eval_batches=1", "eval_every=2", "device=cpu"]
 
 
-def _metrics_descriptors() -> list[str]:
-    """The files named metrics.jsonl this process holds open."""
+def open_paths() -> list[str]:
+    """What this process's open file descriptors point at (files, "pipe:[...]", sockets), sorted."""
     paths = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             paths.append(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:  # the listing's own descriptor, closed by now
             pass
-    return [p for p in paths if p.endswith("metrics.jsonl")]
+    return sorted(paths)
+
+
+def _metrics_descriptors() -> list[str]:
+    """The files named metrics.jsonl this process holds open."""
+    return [p for p in open_paths() if p.endswith("metrics.jsonl")]
 
 
 @linux_only

@@ -228,25 +228,6 @@ def test_a_real_busy_neighbour_on_one_core_moves_training_to_one_thread(data_dir
     assert threads.count(1) > 0.8 * len(threads), threads
 
 
-@pytest.fixture
-def learnt_one_thread(monkeypatch):
-    """Two threads, the tuner on (no OMP_NUM_THREADS), and the shared tuner as if it had found
-    one thread faster (a busy neighbour); everything put back afterwards."""
-    from gpt1.core import threads as threads_module
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    threads_module.forget_shared()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        tuner = threads_module.cpu_thread_tuner("cpu", shared=True)
-        tuner.threads = 1
-        yield tuner
-    finally:
-        torch.set_num_threads(before)
-        threads_module.forget_shared()
-
-
 def test_the_engine_steps_on_the_tuners_count_and_gives_the_caller_its_own_back(tiny_model_dir, learnt_one_thread,
                                                                                monkeypatch):
     """The engines of a process share a tuner: an engine steps on the count it chose, and the

@@ -16,29 +16,12 @@ import pytest
 import torch
 
 import gpt1
-from gpt1.core import threads as threads_module
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.engine import Engine, EngineUnavailable
 from tests.model_factories import model_without_stops
 
 needs_two_threads = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity")
                                        else (os.cpu_count() or 1) < 2, reason="needs 2 CPU threads")
-
-
-@pytest.fixture
-def learnt_one_thread(monkeypatch):
-    """Two threads, the tuner on, and the shared tuner as if it had found one thread faster (a busy
-    neighbour): every step runs on one thread."""
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    threads_module.forget_shared()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        threads_module.cpu_thread_tuner("cpu", shared=True).threads = 1
-        yield
-    finally:
-        torch.set_num_threads(before)
-        threads_module.forget_shared()
 
 
 @pytest.fixture
