@@ -278,6 +278,10 @@ class _Server(uvicorn.Server):
         started) stops the server with the reason in `not_listening`."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception(loop.get_exception_handler()))
+        # The loop's first worker thread, started here rather than by the lifespan's first
+        # `asyncio.to_thread`: one that cannot start (a pids limit) is then the caller's RuntimeError
+        # (the CLI's one line), not uvicorn's lifespan traceback and "Application startup failed".
+        await asyncio.to_thread(int)
         if sockets:
             lifespan_startup = self.lifespan.startup
 
