@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -271,7 +269,7 @@ def _check_report_folder(model: Path) -> None:
 
 
 def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], report: str | None, ppl: dict | None) -> None:
-    from gpt1.train.harness import format_results, results_json, write_report, write_samples
+    from gpt1.train.harness import format_results, report_text, results_json, samples_text, write_report, write_samples
 
     # The table first: a write that fails anyway (a full disk) does not take the results with it.
     # Stdout that holds --samples - or --report - holds only that, and the table goes to stderr
@@ -291,36 +289,20 @@ def _emit_results(args: argparse.Namespace, llm, results: list[TaskResult], repo
     if args.json:
         _emit_json(args.json, results_json(results))
     if args.samples:
-        _write_to(args.samples, "--samples", write_samples, results)
+        _write_to(args.samples, write_samples, samples_text, results)
     if report:
-        _write_to(report, "--report", write_report, args.model, results, suite=args.suite, perplexity=ppl,
+        _write_to(report, write_report, report_text, args.model, results, suite=args.suite, perplexity=ppl,
                   device=str(llm.device))
         if not _on_stdout(args):
             print(f"report: {report}", file=sys.stderr)
 
 
-# What to do when the temporary file that stdout's text passes through cannot be written.
-STAGING_HINTS = {errno.ENOSPC: "free some space there or set TMPDIR to another folder",
-                 errno.EDQUOT: "free some space there or set TMPDIR to another folder",
-                 errno.EFBIG: "raise the file-size limit (ulimit -f)"}
-
-
-def _write_to(target: str, flag: str, write, *args, **kwargs) -> None:
+def _write_to(target: str, write, text, *args, **kwargs) -> None:
     """`write(target, *args, **kwargs)` (one of the harness's file writers), or for "-" the same
-    text on stdout: written to a temporary file first, so that the writer stays the one place
-    that formats it. That file's failure names `flag` and TMPDIR: its own name was no path the
-    user chose (a full /tmp said ".../gpt1-eval-x/output: cannot write ...; choose another output path")."""
+    text, `text(*args, **kwargs)`, on stdout (it went through a temporary file: a full TMPDIR
+    failed an output that needs no disk)."""
     if target != "-":
         write(target, *args, **kwargs)
         return
-    try:
-        with tempfile.TemporaryDirectory(prefix="gpt1-eval-") as folder:
-            written = Path(folder) / "output"
-            write(written, *args, **kwargs)
-            text = written.read_text(encoding="utf-8")
-    except OSError as e:
-        hint = STAGING_HINTS.get(e.errno, "set TMPDIR to a writable folder")
-        raise Gpt1Error(f"{flag} -: the text for standard output is written to a temporary file first, in "
-                        f"{tempfile.gettempdir()} (TMPDIR), and that failed ({e.strerror}); {hint}") from None
-    sys.stdout.write(text)
+    sys.stdout.write(text(*args, **kwargs))
     sys.stdout.flush()

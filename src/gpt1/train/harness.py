@@ -382,14 +382,19 @@ def results_json(results: list[TaskResult]) -> dict:
                      "metrics": {name: {"value": v, "stderr": s} for name, (v, s) in r.metrics.items()}} for r in results}
 
 
-def write_samples(path: str | Path, results: list[TaskResult]) -> None:
+def samples_text(results: list[TaskResult]) -> str:
+    """The scored examples, one JSON object per line (what `--samples` writes)."""
     import json
 
-    write_text(path, "".join(json.dumps(s) + "\n" for r in results for s in r.samples))
+    return "".join(json.dumps(s) + "\n" for r in results for s in r.samples)
 
 
-def write_report(path: str | Path, model_path: str | Path, results: list[TaskResult], *, suite: str | None,
-                 perplexity: dict | None, device: str) -> None:
+def write_samples(path: str | Path, results: list[TaskResult]) -> None:
+    write_text(path, samples_text(results))
+
+
+def report_text(model_path: str | Path, results: list[TaskResult], *, suite: str | None,
+                perplexity: dict | None, device: str) -> str:
     """The model's report.md: perplexity, the task table, and published reference points."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Evaluation of `{model_path}`", "",
@@ -404,4 +409,9 @@ def write_report(path: str | Path, model_path: str | Path, results: list[TaskRes
               "Not measured here: numbers as published, with where each is from. Compare a row only with the same "
               "task, shots and metric.", "", "| model | task | shots | metric | value | source |", "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {t} | {k} | {metric} | {v:g} | {src} |" for m, t, k, metric, v, src in REFERENCES]
-    write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: str | Path, model_path: str | Path, results: list[TaskResult], *, suite: str | None,
+                 perplexity: dict | None, device: str) -> None:
+    write_text(path, report_text(model_path, results, suite=suite, perplexity=perplexity, device=device))
