@@ -34,3 +34,21 @@ def test_serve_whose_loops_first_worker_thread_cannot_start_is_one_line(tiny_mod
     assert_one_clear_line(run.returncode, run.stderr, r"^gpt1 serve: error: cannot start a thread \(can't start new "
                                                       r"thread\); raise the limit on processes and threads")
     assert "Application startup failed" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_health_answers_as_soon_as_serving_is_said(tiny_model_dir):
+    """A script that waits for the "serving ... on URL" line, then polls /health at once, is answered
+    (the line is the promise that the server takes connections)."""
+    import re
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "gpt1", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
+                             "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        said = next(line for line in proc.stderr if re.search(r"serving .* on http://", line))
+        url = re.search(r"on (http://\S+)", said)[1]
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
