@@ -29,7 +29,9 @@ try:
     sys.exit("the process name is valid UTF-8: nothing tested")
 except UnicodeDecodeError:
     pass
-import gpt1
+import gpt1, torch
+from gpt1.inference.engine import free_memory
+assert free_memory(torch.device("cpu")) > 0  # what an engine with a cache to check reads
 llm = gpt1.load(sys.argv[1], device="cpu")
 print(repr(llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=3, temperature=0)))
 """

@@ -193,6 +193,9 @@ def kv_cache_bytes(model: GPT, max_batch: int, max_len: int | None = None) -> in
     return 2 * c.n_layer * max_batch * c.n_head * (max_len or c.block_size) * c.head_size * itemsize
 
 
+CHECKED_KV_BYTES = 64 << 20  # the smallest KV cache whose room is checked before it is allocated
+
+
 def free_memory(device: torch.device) -> int | None:
     """Bytes that can still be allocated on `device`, or None when unknown. On the CPU, the least
     of what the machine has (MemAvailable), what the process's cgroup lets it use (a container's
@@ -400,7 +403,9 @@ class Engine:
         self.kv_bytes = kv_cache_bytes(model, max_batch, self.max_len)
         what = (f"{max_batch} x {self.max_len:,} positions"
                 + (", the model's block_size" if self.max_len == self.config.block_size else ""))
-        available = free_memory(self.device)
+        # A small cache is not checked: reading the cgroup's files at each level took 0.2 ms, paid by
+        # every `generate` call (each builds an engine); one that fails anyway is the error below.
+        available = free_memory(self.device) if self.kv_bytes >= CHECKED_KV_BYTES else None
         if available is not None and self.kv_bytes > available:
             raise Gpt1Error(f"max_batch {max_batch}: the KV cache needs {_gib(self.kv_bytes)} ({what}) but only "
                             f"{_gib(available)} is free on {self.device}; lower max_batch")
