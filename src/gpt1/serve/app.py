@@ -10,13 +10,15 @@ the engine), `metrics` (the Prometheus exposition), `page` (the chat page). Gene
 Every bad request is answered with status 400 (401 for auth, 403 for a Host that is neither a
 loopback name nor an allowed one on a keyless loopback server, 404, 408 for a body or headers that
 do not arrive in time, 413 for an over-large body, 415 for a compressed one, 431 for over-large
-headers, 503 when the queue is full) and OpenAI's error body; /openapi.json documents them.
+headers, 503 when the queue is full) and OpenAI's error body; /openapi.json documents them, and
+what each server accepts (`_openapi`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import re
 import threading
@@ -37,8 +39,9 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.inference.engine import Engine, EngineUnavailable
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve.errors import ApiError, generation_error, not_found, unreadable_body, validation_error
-from gpt1.serve.middleware import Guard
-from gpt1.serve.routes import PromptThreads, Served, add_routes
+from gpt1.serve.middleware import Guard, declare_key
+from gpt1.serve.routes import PromptThreads, Served, add_routes, capacity
+from gpt1.serve.schemas import integer_bounds, server_limits
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a 512-token context can use
 BODY_TIMEOUT_S = 30.0  # to receive a whole request body
@@ -252,6 +255,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
 
     add_routes(app, Served(engine, llm.tokenizer, starter.ensure_started, prompt_threads), name,
                auth=api_key is not None, stream_interval=stream_interval_ms / 1000)
+    app.openapi = functools.partial(_openapi, app, keyed=api_key is not None)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
                        state=app.state, allowed_hosts=hosts)
     if cors_origins:  # outside the Guard: it answers preflights, and its headers reach the Guard's errors too
@@ -263,6 +267,23 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["Retry-After", "X-Gpt1-Dropped-Messages", "X-Gpt1-Cut-Tokens"], max_age=600)
     return app
+
+
+def _openapi(app: FastAPI, keyed: bool) -> dict:
+    """The app's OpenAPI document (/openapi.json, /docs): FastAPI's, made exact for this server,
+    once: integer bounds as integers, this server's limits (the models are every server's), and,
+    with a key, the bearer scheme that /docs' Authorize and generated clients use."""
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)
+        app.openapi_schema = None  # kept only once complete
+        integer_bounds(document)
+        engine = app.state.engine
+        server_limits(document["components"]["schemas"], capacity=capacity(engine), context=engine.config.block_size,
+                      vocab_size=engine.config.vocab_size)
+        if keyed:
+            declare_key(document)
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _slash_redirect(request: Request) -> RedirectResponse | None:

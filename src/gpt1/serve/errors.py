@@ -69,10 +69,24 @@ _WHEN = {
 }
 
 
+# The headers an error comes with that a client acts on.
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer: the scheme the key is sent in", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "with server_overloaded: the seconds to wait before retrying",
+                          "schema": {"type": "integer", "minimum": 0}}},
+}
+
+
 def error_responses(*statuses: int) -> dict:
     """The `responses` of a route in the OpenAPI schema: these errors, and any other in the same
-    body ("default", which also keeps FastAPI from documenting a 422 this server never sends)."""
+    body ("default", which also keeps FastAPI from documenting a 422 this server never sends).
+    FastAPI files each under the route's media type: a route whose response_class is not JSON
+    must be given `Response` (no media type, so these go under application/json, as sent) and
+    declare its own 200."""
     responses: dict = {status: {"model": ErrorResponse, "description": _WHEN[status]} for status in sorted(statuses)}
+    for status in statuses:
+        if status in _HEADERS:
+            responses[status]["headers"] = _HEADERS[status]
     responses["default"] = {"model": ErrorResponse, "description": "any other error (405 for a method the path "
                                                                    "lacks; 500 for a fault of the server's own)"}
     return responses

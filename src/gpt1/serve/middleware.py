@@ -10,8 +10,9 @@ that answers before FastAPI reads or parses anything.
   server on 0.0.0.0 reached through 127.0.0.1 (a proxy on the same machine) is not taken for a
   loopback one; where nobody set it (the app run by uvicorn itself), the address the connection
   arrived on.
-- API key: `Authorization: Bearer KEY` on every /v1 request, when the server has a key; not on a
-  CORS preflight (OPTIONS), which browsers send without it.
+- API key: `Authorization: Bearer KEY` on every /v1 request (`needs_key`), when the server has a
+  key; not on a CORS preflight (OPTIONS), which browsers send without it. The OpenAPI document
+  says so (`declare_key`).
 - Body: at most `max_body_bytes` (413), received within `body_timeout_s` seconds in all (408,
   and the connection is closed, READ_GRACE_S after the timeout: see there), so that slow senders
   cannot hold connections open; not compressed (415 for a `Content-Encoding` other than
@@ -48,6 +49,27 @@ BODY_METHODS = ("POST", "PUT", "PATCH")
 # The BaseExceptions that are not faults of a request: they end the request (or the server) as they
 # are. A group (anyio's task groups) may hold a cancellation: it too.
 _EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError, BaseExceptionGroup)
+
+
+KEY_SCHEME = "bearerAuth"  # the key's security scheme in the OpenAPI document
+
+
+def needs_key(path: str) -> bool:
+    """Whether a server with a key asks for it on `path` (within the app: see _route_path)."""
+    return path.startswith("/v1")
+
+
+def declare_key(document: dict) -> None:
+    """A keyed server's key in its OpenAPI document, in place: an HTTP bearer scheme, required by
+    the operations whose paths need it, so that /docs offers to Authorize and a client generated
+    from the document sends it."""
+    document.setdefault("components", {})["securitySchemes"] = {KEY_SCHEME: {
+        "type": "http", "scheme": "bearer",
+        "description": "the server's API key (gpt1 serve --api-key or $GPT1_API_KEY), sent as Authorization: Bearer KEY"}}
+    for path, operations in document["paths"].items():
+        if needs_key(path):
+            for operation in operations.values():
+                operation["security"] = [{KEY_SCHEME: []}]
 
 
 def is_fault(e: BaseException) -> bool:
@@ -151,7 +173,7 @@ class Guard:
         # scope["path"] is the whole /llm/v1/..., and a check of it let every request through unkeyed.
         # Not on OPTIONS: a browser's CORS preflight never carries the key, and a 401 fails the
         # request it asks for (the preflight itself reaches nothing).
-        if self.api_key is not None and scope["method"] != "OPTIONS" and _route_path(scope).startswith("/v1"):
+        if self.api_key is not None and scope["method"] != "OPTIONS" and needs_key(_route_path(scope)):
             scheme, _, token = headers.get("authorization", b"").partition(b" ")
             # compare_digest takes as long for a wrong key as for a right one: no timing oracle.
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):

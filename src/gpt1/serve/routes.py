@@ -19,8 +19,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi import FastAPI, Path, Request
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import logger
@@ -36,7 +36,7 @@ from gpt1.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gpt1.serve.metrics import metrics_text
 from gpt1.serve.middleware import is_fault
 from gpt1.serve.page import page_html
-from gpt1.serve.schemas import ChatCompletionRequest, CompletionRequest
+from gpt1.serve.schemas import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Health, Model, ModelList
 
 
 # ---- engine <-> event loop ---------------------------------------------------------------------
@@ -552,7 +552,7 @@ def _client_gone(request: Request, started: float) -> Response:
     return Response(status_code=499)  # nobody reads it
 
 
-def _capacity(engine: Engine | EngineProcess) -> int:
+def capacity(engine: Engine | EngineProcess) -> int:
     """The most requests the engine ever holds at once: generating, and waiting for a slot."""
     return engine.max_batch + engine.max_queue
 
@@ -560,15 +560,33 @@ def _capacity(engine: Engine | EngineProcess) -> int:
 PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff"}
 _SEEN_BY_ALL = (403, 408, 431)  # the Guard's and the HTTP protocol's answers, before any route runs
-# Both generation endpoints: a JSON reply, or with stream: true server-sent events.
-_GENERATION_RESPONSES = {
-    200: {"description": "the reply: a JSON object, or with stream: true server-sent events (`data: {chunk}` "
-                         "events, then `data: [DONE]`; a failure after the start is a `data: {\"error\": ...}` event)",
-          # Each event, as FastAPI documents its own event streams.
-          "content": {"text/event-stream": {"itemSchema": {
-              "type": "object", "required": ["data"],
-              "properties": {"data": {"type": "string", "description": "a chunk as JSON, or [DONE]"}}}}}},
-    **error_responses(400, 401, *_SEEN_BY_ALL, 413, 415, 503)}
+
+
+def _reply(model: type, description: str = "Successful Response", **more) -> dict:
+    """A route's 200 in the OpenAPI schema: `model` documents the JSON reply, which the route
+    builds as a dict and FastAPI sends as it is (a response_model would re-serialise it)."""
+    return {200: {"model": model, "description": description, **more}}
+
+
+def _generation_responses(model: type, headers: dict | None = None) -> dict:
+    """Both generation endpoints' responses: a JSON reply (`model`), or with stream: true
+    server-sent events."""
+    description = ("the reply: a JSON object, or with stream: true server-sent events (`data: {chunk}` events, then "
+                   "`data: [DONE]`; a failure after the start is a `data: {\"error\": ...}` event)")
+    # Each event, as FastAPI documents its own event streams.
+    stream = {"text/event-stream": {"itemSchema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "a chunk as JSON, or [DONE]"}}}}}
+    return {**_reply(model, description, content=stream, **({"headers": headers} if headers else {})),
+            **error_responses(400, 401, *_SEEN_BY_ALL, 413, 415, 503)}
+
+
+# What truncate_prompt left out of a conversation (`_fitting_headers`), on a chat reply or stream.
+_FITTING_HEADERS = {
+    "X-Gpt1-Dropped-Messages": {"description": "with truncate_prompt: the oldest messages dropped (absent: none)",
+                                "schema": {"type": "integer", "minimum": 1}},
+    "X-Gpt1-Cut-Tokens": {"description": "with truncate_prompt: the tokens cut from the start of the last message "
+                                         "(absent: none)", "schema": {"type": "integer", "minimum": 1}}}
 
 
 @dataclasses.dataclass
@@ -597,7 +615,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         # key typed into it, under a page of someone else's). Only framing is restricted.
         return HTMLResponse(page_html(name, context, auth), headers=PAGE_HEADERS)
 
-    @app.get("/health", responses=error_responses(*_SEEN_BY_ALL, 503))
+    @app.get("/health", response_model=None, responses={**_reply(Health), **error_responses(*_SEEN_BY_ALL, 503)})
     async def health(request: Request) -> dict:
         """Liveness and load: rows in the batch, requests queued, free slots, recent tokens/s, the
         device and dtype (and on a CPU the threads of the latest step, null before the process
@@ -617,7 +635,12 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
             health["threads"] = engine.stats.threads or None
         return health
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(*_SEEN_BY_ALL))
+    # response_class Response, of no media type: FastAPI files the errors' schemas under the route's
+    # media type, and PlainTextResponse's declared the JSON errors as text/plain.
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus' text exposition format (version 0.0.4)",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **error_responses(*_SEEN_BY_ALL)})
     async def metrics(request: Request) -> Response:
         """The engine's load and counts in Prometheus' text format (gpt1.serve.metrics), for a
         scraper; unlike /health it starts nothing: an engine not yet started reports up 0."""
@@ -628,22 +651,23 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "gpt1", "context_length": context}
 
-    @app.get("/v1/models", responses=error_responses(401, *_SEEN_BY_ALL))
+    @app.get("/v1/models", response_model=None, responses={**_reply(ModelList), **error_responses(401, *_SEEN_BY_ALL)})
     async def list_models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id}", responses=error_responses(401, *_SEEN_BY_ALL, 404))
-    async def get_model(model_id: str) -> dict:
+    @app.get("/v1/models/{model_id}", response_model=None,
+             responses={**_reply(Model), **error_responses(401, *_SEEN_BY_ALL, 404)})
+    async def get_model(model_id: str = Path(description="the served model's id", examples=[name])) -> dict:
         if model_id != name:
             raise ApiError(404, f"model {model_id[:100]!r} not found; this server serves {name!r}",
                            param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
+    @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletion, _FITTING_HEADERS))
     async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response):
         served, started = request.app.state.served, time.monotonic()
         mapping.check_unsupported(req)
-        n = mapping.sample_count(req, 1, _capacity(served.engine))
+        n = mapping.sample_count(req, 1, capacity(served.engine))
         max_tokens, which = mapping.chat_max_tokens(req)
         params = mapping.sampling_params(req, max_tokens, which, context)
         # Tokenizing a large request is up to seconds of CPU: off the event loop, which
@@ -673,7 +697,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
                 # The choices share one prompt, counted once (as OpenAI and vLLM count it).
                 "usage": _usage(results[0]["prompt_tokens"], sum(r["completion_tokens"] for r in results))}
 
-    @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
+    @app.post("/v1/completions", responses=_generation_responses(Completion))
     async def completions(req: CompletionRequest, request: Request):
         served, started = request.app.state.served, time.monotonic()
         mapping.check_unsupported(req)
@@ -688,7 +712,7 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         where = f"prompt[{longest}]" if len(prompts) > 1 else "prompt"
         mapping.fit_context(params, len(prompts[longest]) or 1, context, req.max_tokens, "max_tokens", where)
         per_prompt = [mapping.fit_context(params, len(p) or 1, context, req.max_tokens, "max_tokens") for p in prompts]
-        n = mapping.sample_count(req, len(prompts), _capacity(served.engine))
+        n = mapping.sample_count(req, len(prompts), capacity(served.engine))
         await served.ensure_started()
         # Prompt i's choices are i * n ... i * n + n - 1 (as OpenAI orders them), each a request of its own.
         requests, queue = submit(served.engine, [p for p in prompts for _ in range(n)],

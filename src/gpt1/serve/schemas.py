@@ -1,11 +1,17 @@
-"""The request bodies of the OpenAI API, as strict pydantic models (they are the OpenAPI schema
-at /docs too). An omitted knob takes gpt1's default (`SamplingParams`).
+"""The request bodies of the OpenAI API, as strict pydantic models, and the reply bodies, as
+models that only document them (both are the OpenAPI schema at /docs too). An omitted knob
+takes gpt1's default (`SamplingParams`).
 
 The schema says what the server accepts: a knob's bounds are in it as JSON Schema keywords
-(`minimum`, `maximum`, ...) and an unimplemented field's accepted values as its `enum`, so that
-a client or a fuzzer that follows /openapi.json sends nothing the server refuses. The checks
-themselves stay in one place each (`SamplingParams.validate`, `mapping.check_unsupported`), with
-their messages; tests/test_serve_conformance.py checks that the schema agrees with them."""
+(`minimum`, `maximum`, ...) and an unimplemented field's accepted values as its `enum`, and each
+server's own limits (`server_limits`: n, max_tokens, token ids, prompts per request) are written
+into its document, so that a client or a fuzzer that follows /openapi.json sends no single field
+the server refuses. What JSON Schema cannot say is in the fields' descriptions instead: a prompt
+that with max_tokens does not fit the context (unless truncate_prompt), max_tokens and
+max_completion_tokens that disagree, prompts x n over the server's capacity, a body over its
+size limit. The checks themselves stay in one place each (`SamplingParams.validate`,
+`mapping`), with their messages; tests/test_serve_conformance.py checks that the schema agrees
+with them."""
 
 from __future__ import annotations
 
@@ -67,15 +73,18 @@ class StreamOptions(_Strict):
 
 
 # SamplingParams.validate's bounds as JSON Schema (tests/test_serve_conformance.py sends each
-# bound and its neighbour outside to check that they agree). FastAPI keeps a bound as a float:
-# the integer ones are powers of two, which a float holds exactly (2**63 - 1 would become 2**63).
+# bound and its neighbour outside to check that they agree). FastAPI's document model passes a
+# bound through a float (`integer_bounds` writes it back as an integer): the integer ones are
+# powers of two, which a float holds exactly (2**63 - 1 would become 2**63).
 _KNOB_BOUNDS: dict[str, dict[str, Any]] = {
     "temperature": {"minimum": 0}, "top_p": {"minimum": 0, "maximum": 1},
     "top_k": {"minimum": 0, "exclusiveMaximum": 2**63}, "min_p": {"minimum": 0, "maximum": 1},
     "repeat_penalty": {"exclusiveMinimum": 0}, "repeat_last_n": {"minimum": -1, "exclusiveMaximum": 2**63},
     "seed": {"minimum": -2**63, "exclusiveMaximum": 2**64},
 }
-_MAX_TOKENS = {"minimum": 1}  # and at most the model's context, which a static schema cannot say
+_MAX_TOKENS = {"minimum": 1}  # and at most the model's context: each server's (server_limits)
+_FITS = ("; with the prompt's tokens at most the context, unless truncate_prompt (which then keeps the prompt's "
+         "most recent tokens)")
 
 
 def _knob(name: str, what: str = "") -> Any:
@@ -90,8 +99,8 @@ class GenerationRequest(_Strict):
 
     model: str | None = Field(None, description="accepted and echoed; this server serves one model")
     max_tokens: int | None = Field(None, description="at most this many new tokens, at most the model's context "
-                                                      "(context_length in /v1/models); default: gpt1's default, "
-                                                      "capped by the context left after the prompt",
+                                                      f"(context_length in /v1/models){_FITS}; default: gpt1's "
+                                                      "default, capped by the context left after the prompt",
                                    json_schema_extra=_MAX_TOKENS)
     temperature: float | None = _knob("temperature")
     top_p: float | None = _knob("top_p")
@@ -112,7 +121,8 @@ class GenerationRequest(_Strict):
     stream: bool | None = Field(False, description="true: the reply as server-sent events (text/event-stream)")
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     n: int | None = Field(1, description="choices per prompt, each a sample of its own (with a seed, choice i is "
-                                         "seeded seed + i); all choices at most the server's max_batch + max_queue",
+                                         "seeded seed + i); all choices (prompts x n) at most the server's "
+                                         "max_batch + max_queue",
                           json_schema_extra={"minimum": 1})
     user: str | None = None
     # Accepted only at their neutral values so that clients that always send them still work.
@@ -210,9 +220,11 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation; its tokens and the reply's "
+                                                                  "max_tokens fit the context, unless "
+                                                                  "truncate_prompt (which drops the oldest turns)")
     max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens (send one, or "
-                                                                "both equal)",
+                                                                f"both equal){_FITS}",
                                               json_schema_extra=_MAX_TOKENS)
     logprobs: bool | None = Field(None, description="true: each reply token's log-probability under the model, "
                                                     "before the sampling knobs (choices[].logprobs.content)")
@@ -283,12 +295,13 @@ Prompt = Annotated[Annotated[str, Tag("str")] | Annotated[list[str], Tag("list[s
 
 class CompletionRequest(GenerationRequest):
     max_tokens: int | None = Field(None, description="at most this many new tokens, at most the model's context "
-                                                      "(context_length in /v1/models); 0: none, the prompt scored "
-                                                      "alone (with echo and logprobs); default: gpt1's default, "
-                                                      "capped by the context left after the prompt",
+                                                      f"(context_length in /v1/models){_FITS}; 0: none, the prompt "
+                                                      "scored alone (with echo and logprobs); default: gpt1's "
+                                                      "default, capped by the context left after the prompt",
                                    json_schema_extra={"minimum": 0})
     prompt: Prompt = Field(description="a string, token ids in [0, the vocabulary size), or a non-empty list of "
-                                       "either (one choice each); \"\" starts from [EOS]")
+                                       "either (one choice each, at most the server's max_batch + max_queue); "
+                                       "\"\" starts from [EOS]")
     echo: bool | None = Field(False, description="true: the text starts with the prompt (with logprobs, their "
                                                  "list too: the prompt's tokens first, the first null)")
     logprobs: int | None = Field(None, description=f"0 to {MAX_LOGPROBS}: each token's log-probability under the "
@@ -300,3 +313,159 @@ class CompletionRequest(GenerationRequest):
 
     NEUTRAL: ClassVar[dict[str, tuple]] = {**GenerationRequest.NEUTRAL,
                                            "best_of": (None, 1), "suffix": (None, "")}
+
+
+# ---- the reply bodies ------------------------------------------------------------------------------
+# What the routes send, for /openapi.json only: the routes build their replies as dicts, sent as
+# they are (a response_model would re-serialise them), so these models change nothing sent; the
+# tests validate real replies against them.
+FinishReason = Literal["stop", "length"]  # an end token or stop string; max_tokens or the context
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="each prompt once, whatever n")
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str = Field(description="the token's text; one that is not whole UTF-8 as bytes:\\xe2\\x80")
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="the top_logprobs most likely tokens at this place")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None
+
+
+class ReplyMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ReplyMessage
+    logprobs: ChatLogprobs | None = Field(description="with logprobs: true, else null")
+    finish_reason: FinishReason
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape; with echo the prompt's tokens come first, the first of them null."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int] = Field(description="where each token starts, in characters from the prompt's start")
+
+
+class CompletionChoice(BaseModel):
+    index: int = Field(description="prompt i's choices are i * n ... i * n + n - 1")
+    text: str
+    logprobs: CompletionLogprobs | None = Field(description="with logprobs, else null")
+    finish_reason: FinishReason
+
+
+class _Reply(BaseModel):
+    id: str
+    created: int
+    model: str = Field(description="the request's model, else the served one")
+    system_fingerprint: None
+
+
+class ChatCompletion(_Reply):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Completion(_Reply):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int = Field(description="the model's context in tokens: prompt and reply together")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model] = Field(description="the one model served")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    active: int = Field(description="requests generating")
+    queued: int = Field(description="requests waiting for a slot")
+    free_slots: int
+    max_batch: int
+    tokens_per_s: float = Field(description="recent new tokens per second, all requests together")
+    device: str
+    dtype: str
+    threads: int | None = Field(None, description="on a CPU only: the threads of the latest step (null before the "
+                                                  "process engine's first)")
+
+
+# ---- each server's document ----------------------------------------------------------------------
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _integer_only(schema: dict) -> bool:
+    """Whether `schema` is an integer's (or null's): its type, or its anyOf/oneOf forms' types."""
+    forms = schema.get("anyOf") or schema.get("oneOf") or [schema]
+    # Not a `properties` object, whose field named "type" maps to a schema, not a type name.
+    types = {form.get("type") for form in forms if isinstance(form, dict) and isinstance(form.get("type"), str)}
+    return "integer" in types and types <= {"integer", "null"}
+
+
+def integer_bounds(node: Any) -> None:
+    """The bounds of every integer schema in an OpenAPI document (or any part of one) as JSON
+    integers, in place: FastAPI's document model types them as floats, and a fuzzer that read
+    the seed's exclusiveMaximum as 1.8446744073709552e+19 sent seeds past 2**64."""
+    if isinstance(node, dict):
+        if _integer_only(node):
+            for key in _BOUNDS:
+                if isinstance(node.get(key), float) and node[key].is_integer():
+                    node[key] = int(node[key])
+        for value in node.values():
+            integer_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            integer_bounds(value)
+
+
+def server_limits(schemas: dict, *, capacity: int, context: int, vocab_size: int) -> None:
+    """Write one server's limits into its document's request schemas (`schemas`: the document's
+    components), in place: the models are every app's, the limits this one's. `capacity`: the
+    requests its engine holds at once (max_batch + max_queue), which bounds n and the prompts of
+    a request (`mapping.sample_count`, the engine's too_many_prompts); `context`: the most new
+    tokens; `vocab_size`: a token id's bound (`mapping.completion_prompts`)."""
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        fields = schemas[name]["properties"]
+        fields["n"]["maximum"] = capacity
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in fields:
+                fields[field]["maximum"] = context
+    token_id = {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}
+    for form in schemas["CompletionRequest"]["properties"]["prompt"]["oneOf"]:
+        if form.get("type") != "array":
+            continue
+        form["minItems"] = 1  # [] is no prompt; [""] and [[]] are (they start from [EOS])
+        items = form["items"]
+        if items.get("type") == "integer":  # one prompt's token ids
+            form["items"] = token_id
+            continue
+        form["maxItems"] = capacity  # a list of prompts, each a request of its own
+        if items.get("type") == "array":
+            items["items"] = token_id
