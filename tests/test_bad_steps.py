@@ -16,6 +16,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.model import GPT
 from gpt1.data.shards import ShardWindows, fixed_windows
 from gpt1.formats.modeldir import load_model, save_model
+from gpt1.train.budget import RunRate
 from gpt1.train.checkpoint import latest_checkpoint
 from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.loop import train
@@ -130,8 +131,8 @@ def test_the_projection_is_revised_once_when_it_moved_by_more_than_a_tenth(monke
     from types import SimpleNamespace
 
     clock = [0.0]
-    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    rate = loop._RunRate(0, 20, eval_every=15, save_every=15)
+    monkeypatch.setattr("gpt1.train.budget.time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    rate = RunRate(0, 20, eval_every=15, save_every=15)
     with caplog.at_level("INFO", logger="gpt1"):
         for done in range(1, 21):
             clock[0] += 0.1  # a step

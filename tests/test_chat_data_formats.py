@@ -19,7 +19,8 @@ from gpt1.data.chat import encode_conversations
 from gpt1.data.chat_sources import NAMES_IGNORED, TOOL_CALLS, ChatStats, Conversation, hf_split_names, read_conversations
 from gpt1.data.readers import PIECE_CHARS
 from gpt1.train.config import load_config
-from gpt1.train.finetune import FinetuneConfig, evaluate_chat, finetune
+from gpt1.train.evaluate import evaluate_chat
+from gpt1.train.finetune import FinetuneConfig, finetune
 from tests.test_battery import assert_one_clear_line, run_main
 
 TINY_RUN = ["max_steps=1", "batch_size=2", "block_size=32", "eval_batches=1", "device=cpu", "lora_r=2"]

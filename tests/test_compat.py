@@ -19,6 +19,7 @@ from gpt1.data.chat_sources import read_conversations, split_conversations
 from gpt1.train import checkpoint
 from gpt1.train import finetune as ft
 from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.evaluate import evaluate_chat
 from gpt1.train.pretrain import pretrain
 from gpt1.train.schedule import BudgetSchedule, lr_at
 from tests.test_battery import gpt1 as gpt1_cli
@@ -58,7 +59,7 @@ def test_eval_chat_calls_a_score_held_out_only_where_the_run_s_record_says_so(ti
 
     def score(data: Path = chat) -> tuple[str, str]:
         caplog.clear()
-        return ft.evaluate_chat(llm, str(data), batch_size=4, max_batches=1, show_progress=False).source, caplog.text
+        return evaluate_chat(llm, str(data), batch_size=4, max_batches=1, show_progress=False).source, caplog.text
 
     held = f"{chat} (held-out 20% of the conversations)"
     unverified = f"{chat} (20% of the conversations as this gpt1 splits them, not known to be those the run held out)"

@@ -18,7 +18,8 @@ from gpt1.data.chat_sources import read_conversations, split_conversations
 from gpt1.formats.modeldir import load_model
 from gpt1.train import checkpoint
 from gpt1.train.config import load_config
-from gpt1.train.finetune import FinetuneConfig, evaluate_chat, finetune, merge_model_dir
+from gpt1.train.evaluate import evaluate_chat
+from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
 
 RUN = ["batch_size=4", "block_size=48", "eval_batches=2", "device=cpu", "lr=5e-3", "min_lr=1e-4",
        "lora_r=4", "lora_alpha=8", "val_fraction=0.2"]

@@ -14,7 +14,8 @@ import gpt1
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.lora import LoRALinear
 from gpt1.train.config import load_config
-from gpt1.train.finetune import FinetuneConfig, evaluate_chat, finetune
+from gpt1.train.evaluate import evaluate_chat
+from gpt1.train.finetune import FinetuneConfig, finetune
 from tests.test_finetune import RUN, STEPS, _oasst_file, interrupt_the_second_checkpoint
 
 FULL = [*STEPS, "full=true", "lr=1e-3"]

@@ -17,8 +17,9 @@ import gpt1
 from gpt1.core.errors import Gpt1Error
 from gpt1.data.readers import PIECE_CHARS
 from gpt1.train import distributed
+from gpt1.train.budget import TimeBudget, duration
 from gpt1.train.evaluate import evaluate_data
-from gpt1.train.loop import _duration, _TimeBudget, _trim_metrics
+from gpt1.train.metrics_file import trim_metrics
 from gpt1.train.plot import MAX_POINTS, _draw
 
 
@@ -117,7 +118,7 @@ def test_a_resume_reads_only_the_tail_of_metrics_jsonl_and_leaves_it_alone_when_
     before = os.stat(path)
     tracemalloc.start()
     try:
-        _trim_metrics(path, 60_000)
+        trim_metrics(path, 60_000)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -127,7 +128,7 @@ def test_a_resume_reads_only_the_tail_of_metrics_jsonl_and_leaves_it_alone_when_
     # A run killed 3 steps after its checkpoint, in the middle of a line: cut after the checkpoint's step.
     with open(path, "a") as f:
         f.write(_metrics(range(60_001, 60_003)) + '{"step": 60003, "lo')
-    _trim_metrics(path, 60_000)
+    trim_metrics(path, 60_000)
     assert path.read_text() == _metrics(range(1, 60_001))
 
 
@@ -139,7 +140,7 @@ def test_a_resume_reads_only_the_tail_of_metrics_jsonl_and_leaves_it_alone_when_
 def test_the_last_line_a_resume_keeps(tmp_path, tail, step, kept):
     path = tmp_path / "metrics.jsonl"
     path.write_text(_metrics([1, 2]) + tail)
-    _trim_metrics(path, step)
+    trim_metrics(path, step)
     assert path.read_text() == _metrics([1, 2]) + kept
     with open(path, "a") as f:  # the resumed run's lines each go on a line of their own
         f.write(_metrics([step + 1]))
@@ -149,7 +150,7 @@ def test_the_last_line_a_resume_keeps(tmp_path, tail, step, kept):
 def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(_metrics([1, 2]) + '{"st')
-    _trim_metrics(path, 0)
+    trim_metrics(path, 0)
     assert path.read_text() == ""
 
 
@@ -158,7 +159,7 @@ def test_a_damaged_line_near_the_end_has_the_resume_filter_the_whole_file_as_bef
     line) means the file holds more than the loop wrote: every line is filtered, as before."""
     path = tmp_path / "metrics.jsonl"
     path.write_text(_metrics([1]) + "[[[\n" + _metrics([2, 3]) + "\r\n" + _metrics([4]) + "not json\n" + _metrics([5]))
-    _trim_metrics(path, 3)
+    trim_metrics(path, 3)
     assert path.read_text() == _metrics([1, 2, 3])
 
 
@@ -203,7 +204,7 @@ def test_a_time_budget_takes_the_median_of_the_last_thousand_steps_and_spreads_v
     step at eval_every = 1M): it is over the last 1,000 at most now; a validation is still spread
     over eval_every steps, so that the plan does not swing when it leaves the median's window."""
     now = [0.0]
-    budget = _TimeBudget(1e6, 0.0, 10**9, eval_every=5000, clock=lambda: now[0])
+    budget = TimeBudget(1e6, 0.0, 10**9, eval_every=5000, clock=lambda: now[0])
     dist = distributed.current()
     for done in range(1, 3001):
         now[0] += 0.2 if done <= 2000 else 0.1  # a machine twice as fast for the last 1,000 steps
@@ -217,5 +218,5 @@ def test_a_time_budget_takes_the_median_of_the_last_thousand_steps_and_spreads_v
 
 
 def test_a_projection_of_days_is_said_in_days():
-    assert [_duration(s) for s in (80, 3600, 47 * 3600, 300 * 86400)] == ["80 s", "60 min", "47.0 h", "300.0 days"]
+    assert [duration(s) for s in (80, 3600, 47 * 3600, 300 * 86400)] == ["80 s", "60 min", "47.0 h", "300.0 days"]
 

@@ -21,8 +21,8 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.data.shards import fixed_windows, load_meta
 from gpt1.train import checkpoint
 from gpt1.train.config import TrainConfig, load_config
-from gpt1.train.evaluate import evaluate_loss
-from gpt1.train.finetune import FinetuneConfig, evaluate_chat, finetune
+from gpt1.train.evaluate import evaluate_chat, evaluate_loss
+from gpt1.train.finetune import FinetuneConfig, finetune
 from gpt1.train.pretrain import init_model, pretrain
 from tests.conftest import TEST_VOCAB
 from tests.test_finetune import RUN as FT_RUN

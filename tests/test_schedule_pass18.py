@@ -10,10 +10,10 @@ import json
 import pytest
 
 from gpt1.core.errors import Gpt1Error
+from gpt1.train.budget import TimeBudget
 from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.distributed import current
 from gpt1.train.finetune import FinetuneConfig, finetune
-from gpt1.train.loop import _TimeBudget
 from gpt1.train.pretrain import pretrain
 from gpt1.train.schedule import BudgetSchedule, lr_at, warmup_steps
 from tests.test_battery import assert_one_clear_line, run_main
@@ -80,7 +80,7 @@ def test_a_time_budget_run_whose_warmup_outlasts_its_first_measured_plan_never_j
     """As the loop drives it, on a fake clock: a 2,000-step recipe, 0.1 s a step, a 10 s budget
     (100 steps). The measured plan comes after eight steps on the recipe's warmup (runs/warm20)."""
     now = [0.0]
-    budget = _TimeBudget(10.0, 0.0, 2000, eval_every=1000, clock=lambda: now[0])
+    budget = TimeBudget(10.0, 0.0, 2000, eval_every=1000, clock=lambda: now[0])
     schedule, end, rates = BudgetSchedule(LR, MIN_LR, WARMUP, 0.0), 2000, []
     for step in itertools.count():
         if step >= end:

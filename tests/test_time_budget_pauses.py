@@ -1,6 +1,6 @@
 """A time budget when time does not flow as the plan assumed: a stopped process (Ctrl-Z, SIGSTOP, a
 debugger), one slow step, slow first steps, a budget spent before the plan's end, a run resumed in
-its overrun. `_TimeBudget` and `BudgetSchedule` on a fake clock (as the loop drives them), then a
+its overrun. `TimeBudget` and `BudgetSchedule` on a fake clock (as the loop drives them), then a
 real run stopped with SIGSTOP."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import time
 import pytest
 import torch
 
+from gpt1.train.budget import TimeBudget
 from gpt1.train.checkpoint import STATE_FILE, latest_checkpoint
 from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.distributed import current
-from gpt1.train.loop import _TimeBudget
 from gpt1.train.pretrain import pretrain
 from gpt1.train.schedule import BudgetSchedule
 
@@ -31,7 +31,7 @@ def simulate(seconds, cooldown, step_seconds, pause_at=None, pause=0.0, aside=No
     """Steps of `step_seconds(step)` on a fake clock, `pause` seconds of stop inside step `pause_at`
     (or, with `aside`, inside the validation after it, which the loop times): the rates and plans."""
     now, dist = [0.0], current()
-    budget = _TimeBudget(seconds, 0.0, 100_000, eval_every, cooldown, clock=lambda: now[0])
+    budget = TimeBudget(seconds, 0.0, 100_000, eval_every, cooldown, clock=lambda: now[0])
     schedule, end, lrs, plans = BudgetSchedule(LR, MIN_LR, 0.05, cooldown), 100_000, [], []
     for step in range(100_000):
         if step >= end:
@@ -105,7 +105,7 @@ def test_a_budget_spent_in_the_first_step_names_the_minimum_run_length(caplog):
     """A 2 s budget whose first step took 2.5 s: the 9 steps left are the 10-step minimum, not
     steps "that fit in 5% more time" (they took 25 s: a 12x overrun read as a 5% one)."""
     now = [0.0]
-    budget = _TimeBudget(2.0, 0.0, 1_000, 100, clock=lambda: now[0])
+    budget = TimeBudget(2.0, 0.0, 1_000, 100, clock=lambda: now[0])
     now[0] = 2.5
     with caplog.at_level(logging.INFO, logger="gpt1"):
         assert budget.plan(1, 1_000, current()) == 10
@@ -119,9 +119,9 @@ def test_a_run_resumed_in_its_overrun_finishes_its_plan():
     checkpoint's step time says the 9 steps left fit; without one (an older checkpoint) the plan
     is cut to two steps, which still end at min_lr."""
     now = [0.0]
-    resumed = _TimeBudget(300.0, 301.0, 10_000, 100, 0.4, clock=lambda: now[0], end=290, step_time=0.1)
+    resumed = TimeBudget(300.0, 301.0, 10_000, 100, 0.4, clock=lambda: now[0], end=290, step_time=0.1)
     assert resumed.plan(281, 290, current()) == 290
-    older = _TimeBudget(300.0, 301.0, 10_000, 100, 0.4, clock=lambda: now[0], end=290)
+    older = TimeBudget(300.0, 301.0, 10_000, 100, 0.4, clock=lambda: now[0], end=290)
     assert older.plan(281, 290, current()) == 283
 
 

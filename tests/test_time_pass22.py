@@ -1,7 +1,7 @@
 """A time budget's run, as its user times it: a stop in its first steps (Ctrl-Z, SIGSTOP), a stage
 that ends with its last validation and checkpoint (and the quickstart's printed time of it), the
 projected wall time of a machine that slowed down, and what a resume and the last line say of the
-time spent. `_TimeBudget` and `_RunRate` on a fake clock (as the loop drives them), then tiny runs."""
+time spent. `TimeBudget` and `RunRate` on a fake clock (as the loop drives them), then tiny runs."""
 
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ import torch
 
 from gpt1.quickstart import QuickstartConfig, run_quickstart
 from gpt1.train import checkpoint as ckpt
-from gpt1.train import loop
+from gpt1.train.budget import RunRate, TimeBudget
 from gpt1.train.checkpoint import STATE_FILE, latest_checkpoint
 from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.distributed import current
-from gpt1.train.loop import _TimeBudget
 from gpt1.train.pretrain import pretrain
 from tests.test_time_budget_pauses import MIN_LR, TINY, simulate
 
@@ -59,7 +58,7 @@ def _stage(budget: float, eval_every: int, validation: float, checkpoint: float,
     s every `eval_every` steps, a checkpoint of `checkpoint` s every `save_every`, and at its end the
     last validation, the final checkpoint and loss.png (`plot` s): its whole time."""
     now, dist = [0.0], current()
-    clock = _TimeBudget(budget, 0.0, 100_000, eval_every, 0.4, clock=lambda: now[0], **guesses)
+    clock = TimeBudget(budget, 0.0, 100_000, eval_every, 0.4, clock=lambda: now[0], **guesses)
     end, done = 100_000, 0
     while done < end:
         done += 1
@@ -94,7 +93,7 @@ def test_before_they_are_timed_the_end_is_guessed():
 
 def test_a_short_budget_reserves_at_most_its_overrun_for_the_plot():
     """loss.png's guess (never timed before the end) does not cut a 2 s budget's plan by 1 s."""
-    budget = _TimeBudget(2.0, 0.0, 100_000, 100, plot_seconds=1.0)
+    budget = TimeBudget(2.0, 0.0, 100_000, 100, plot_seconds=1.0)
     assert budget.reserve() == pytest.approx(0.1)
 
 
@@ -140,8 +139,8 @@ def test_the_revised_projection_measures_the_steps_since(monkeypatch, caplog, st
     (1 s each) every 100 steps: the revision at step 100 kept the first line's 0.1 s/step, "2 min"
     for a run of 310 s. It takes the median of the steps since (a 60 s stop is one step of them)."""
     now = [0.0]
-    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: now[0]))
-    rate = loop._RunRate(0, 1000, 100, 100)
+    monkeypatch.setattr("gpt1.train.budget.time", SimpleNamespace(perf_counter=lambda: now[0]))
+    rate = RunRate(0, 1000, 100, 100)
     with caplog.at_level(logging.INFO, logger="gpt1"):
         for step in range(1, 1001):
             now[0] += (0.1 if step <= 50 else 0.3) + (stop if step == 70 else 0.0)

@@ -37,8 +37,8 @@ from gpt1.core.tokenizer import Tokenizer, train_tokenizer
 from gpt1.data.shards import prepare
 from gpt1.data.sources import SourceStats, iter_documents
 from gpt1.train.config import TrainConfig, load_config
-from gpt1.train.evaluate import evaluate_data
-from gpt1.train.finetune import FinetuneConfig, evaluate_chat, finetune
+from gpt1.train.evaluate import evaluate_chat, evaluate_data
+from gpt1.train.finetune import FinetuneConfig, finetune
 from gpt1.train.plot import plot_runs
 from gpt1.train.pretrain import pretrain
 from gpt1.train.run_record import CONFIG_FILE

@@ -1,4 +1,4 @@
-"""Validation loss and perplexity of a model on held-out batches, shards or text files.
+"""Validation loss and perplexity of a model on held-out batches, shards, text files or chat data.
 
 Perplexity is exp(mean token loss). `evaluate_loss` is what the training loop calls on its
 fixed validation batches; `evaluate_data` is `gpt1 eval`: the whole `val.bin` of a prepared
@@ -14,6 +14,11 @@ task instead: each document alone, in the same windows over `[EOS] + document` (
 export's BOS, HFLM's prefix token), so no document sees another and no [EOS] after one is predicted;
 it adds lm-eval's `word_perplexity` and `byte_perplexity` (lm_eval/api/metrics.py).
 
+`evaluate_chat` is `gpt1 eval --chat`: the loss on the assistant tokens of the conversations
+chat fine-tuning holds out. `read_chat_splits` is that split, which `gpt1.train.finetune` trains
+on the other side of; a model's run record (train_config.json: `read_run_record`) gives the
+settings it was split with, and says whether the conversations scored are the ones its run held out.
+
 Bits per byte (tokenizer-independent, so models with different tokenizers compare) is the
 summed loss in bits over the UTF-8 bytes of the predicted tokens; special tokens ([EOS] between
 documents, a chat's role markers) count as zero bytes, their loss is still paid.
@@ -22,6 +27,7 @@ documents, a chat's role markers) count as zero bytes, their loss is still paid.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -37,9 +43,21 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import read_json, sample_fingerprint
 from gpt1.core.progress import progress, warn
 from gpt1.core.threads import tuned_threads
+from gpt1.data.chat import encode_conversations, iter_batches
+from gpt1.data.chat_sources import (
+    ChatStats,
+    Conversation,
+    conversations_fingerprint,
+    grouped_by_content,
+    hf_split_names,
+    read_conversations,
+    split_conversations,
+)
+from gpt1.data.readers import parse_hf
 from gpt1.data.shards import check_fingerprint, load_meta, looks_prepared, piece_batches, sequential_windows
 from gpt1.data.sources import SourceStats, iter_pieces, source_specs
 from gpt1.train import distributed
+from gpt1.train.config import TrainConfig
 from gpt1.train.precision import autocast, resolve_precision
 from gpt1.train.run_record import CONFIG_FILE
 
@@ -333,3 +351,168 @@ def _predicted_bytes(tokens: np.ndarray, predicted: int, lengths: np.ndarray, so
                             "(run `gpt1 prepare` again)")
         total += int(lengths[chunk].sum())
     return total
+
+
+# ---- chat: the assistant tokens of the conversations fine-tuning holds out (`gpt1 eval --chat`) ----
+
+# How fine-tuning splits and reads chat data unless its run says otherwise: FinetuneConfig's
+# defaults are these (`gpt1.train.finetune` imports this module, not the other way round), and
+# `evaluate_chat` takes them for a model without a run record (a base model, an export).
+CHAT_VAL_FRACTION, CHAT_ALL_PATHS = 0.05, False
+
+
+@dataclass
+class ChatEvalResult:
+    loss: float
+    perplexity: float
+    tokens: int  # assistant tokens predicted
+    conversations: int
+    source: str
+    bytes: int = 0  # UTF-8 bytes of the assistant tokens (special tokens count 0)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return bits_per_byte(self.loss, self.tokens, self.bytes)
+
+
+def evaluate_chat(llm, spec: str | list[str], *, split: str | None = None, batch_size: int = 8,
+                  max_batches: int | None = None, precision: str = "fp32", all_paths: bool | None = None,
+                  languages: list[str] | None = None, block_size: int | None = None, skip_invalid: bool = False,
+                  stats: ChatStats | None = None, show_progress: bool = True) -> ChatEvalResult:
+    """Loss, perplexity and bits per byte on the assistant tokens of a chat dataset's validation
+    conversations (what `gpt1 eval --chat` prints). `spec`: one chat source, or a list (a mixture).
+
+    The validation conversations are those fine-tuning holds out: a source's `validation`
+    split when it has one, else the `val_fraction` of the message trees that `split_conversations`
+    picks (with the model's own run settings from its train_config.json, when it has one).
+    On the run's own data, what the run recorded decides whether these are the conversations it
+    held out; where they may not be, a warning says why and `source` does not call them held-out.
+    An explicit `split` is read whole; a local file has none. `stats` counts what was skipped.
+    `all_paths`, `languages` and `block_size` (None: the run's, as it validated; without a run
+    config the defaults and the model's context) shape the conversations as fine-tuning did.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    specs = [os.fspath(s) for s in specs]
+    label = " + ".join(specs)
+    record = read_run_record(llm.path)
+    run = record.get("config", {})
+    all_paths = run.get("all_paths", CHAT_ALL_PATHS) if all_paths is None else all_paths
+    languages = (run.get("languages") or None) if languages is None else languages
+    block_size = block_size or run.get("block_size") or llm.model.config.block_size
+    if block_size > llm.model.config.block_size:
+        raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({llm.model.config.block_size})")
+    stats = stats if stats is not None else ChatStats()
+    options = dict(all_paths=all_paths, languages=languages, skip_invalid=skip_invalid, stats=stats)
+    if split is not None:
+        if (local := next((s for s in specs if hf_split_names(s) is None), None)) is not None:
+            raise Gpt1Error(f"{local}: a local chat file has no splits (--split {split} applies to datasets)")
+        conversations, source = [c for s in specs for c in read_conversations(s, split, **options)], f"{label} ({split})"
+    else:
+        val_fraction = run.get("val_fraction", CHAT_VAL_FRACTION)
+        train_convs, conversations, pooled = read_chat_splits(specs, val_fraction, run.get("seed", TrainConfig.seed),
+                                                             with_train=False, **options)
+        if not conversations and not stats.conversations:  # everything was left out as it was read
+            raise Gpt1Error(f"{label}: no conversations to evaluate: {stats.why_empty()}")
+        if not conversations:  # nothing held out: no "filtering" to blame
+            trees = len({c.group for c in train_convs})
+            raise Gpt1Error(f"{label}: nothing held out to evaluate: val_fraction {val_fraction:g} holds out whole "
+                            f"message trees, and the data has {trees:,} tree{'s' if trees != 1 else ''} (--chat scores "
+                            "the share fine-tuning holds out); use more data, or a dataset with a validation split")
+        source = f"{label} (validation)" if not pooled else f"{label} (held-out {val_fraction:.0%} of the conversations)"
+        run_block_size = run.get("block_size") or llm.model.config.block_size
+        if pooled and _is_run_data(specs, run) and (doubt := _held_out_doubt(llm, record, train_convs, conversations,
+                                                                            run_block_size)):
+            warn(f"{label}: {doubt}")
+            source = (f"{label} ({val_fraction:.0%} of the conversations as this gpt1 splits them, not known to be "
+                      "those the run held out)")
+    data = encode_conversations(llm.tokenizer, conversations, block_size + 1)
+    batches = iter_batches(data, batch_size, llm.tokenizer.pad_id)
+    total = math.ceil(len(data) / batch_size)
+    if max_batches is not None:
+        batches, total = itertools.islice(batches, max_batches), min(total, max_batches)
+    byte_lengths, n_bytes = token_byte_lengths(llm.tokenizer), 0
+
+    def counting_bytes(batches):
+        nonlocal n_bytes
+        for x, y in batches:
+            n_bytes += int(byte_lengths[y[y != IGNORE_INDEX].numpy()].sum())
+            yield x, y
+
+    loss, tokens = evaluate_loss(llm.model, counting_bytes(batches), llm.device, precision,
+                                 show_progress=show_progress, total=total, tune_threads=True)
+    if not tokens:
+        raise Gpt1Error(f"{label}: no assistant tokens to evaluate in {source}"
+                        + (f": {stats.why_empty()}; {data.why_empty()}" if not len(data) else ""))
+    check_finite(loss, f"{source}: the assistant-token loss", llm, precision)
+    return ChatEvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, conversations=len(conversations),
+                          source=source, bytes=n_bytes)
+
+
+def read_chat_splits(specs: list[str], val_fraction: float, seed: int, stats: ChatStats, *, with_train: bool = True,
+                     **options) -> tuple[list[Conversation], list[Conversation], bool]:
+    """(train, validation, whether a fraction was held out) of chat sources: a source's own
+    `validation` split (and `train`) where it has both (a named `hf:NAME:SPLIT` is read as it is),
+    and the `val_fraction` of the message trees that `split_conversations` holds out of all the
+    other sources' conversations together. `with_train=False` reads no train split (evaluation)."""
+    train, val, pooled = [], [], []
+    for spec in specs:
+        named_split = (hf := parse_hf(spec)) is not None and hf.split is not None
+        splits = hf_split_names(spec) or []
+        if not named_split and "validation" in splits and ("train" in splits or not with_train):
+            if with_train:
+                train += read_conversations(spec, "train", stats=stats, **options)
+            val += read_conversations(spec, "validation", stats=stats, **options)
+        else:
+            pooled += read_conversations(spec, stats=stats, **options)
+    if pooled:
+        kept, held_out = split_conversations(pooled, val_fraction, seed)
+        train, val = train + kept, val + held_out
+    return train, val, bool(pooled)
+
+
+# What a run's train_config.json says of the gpt1 that made it, for runs made before their split
+# was recorded: "world_size" came in at 2026-12-05 12:05 UTC, after {"messages"} records were
+# split by content (09:39); "data", the identity of the training set, at 15:58.
+def read_run_record(directory: Path) -> dict:
+    """A run dir's (or merged/'s) train_config.json; {} without one."""
+    file = directory / CONFIG_FILE
+    record = read_json(file) if file.is_file() else {}
+    return record if isinstance(record, dict) else {}
+
+
+def split_unrecorded(record: dict) -> bool:
+    """Whether a run may predate today's split of {"messages"} records (`grouped_by_content`):
+    its train_config.json records neither its data nor its number of processes."""
+    return bool(record) and "data" not in record and "world_size" not in record
+
+
+def _is_run_data(specs: list[str], run: dict) -> bool:
+    """Whether `specs` name the chat data the run trained on (as recorded, or the same paths)."""
+    data = run.get("data")
+    recorded = [data] if isinstance(data, str) and data else data if isinstance(data, list) else []
+    return len(specs) == len(recorded) > 0 and all(
+        spec == str(was) or (os.path.exists(spec) and isinstance(was, str) and Path(spec).resolve() == Path(was).resolve())
+        for spec, was in zip(specs, recorded))
+
+
+def _held_out_doubt(llm, record: dict, train: list, held_out: list, block_size: int) -> str | None:
+    """Why `held_out` (split from the run's own data today) may not be what the run held out, or
+    None: the record (train_config.json) says it is, or cannot say otherwise."""
+    data = record.get("data") if isinstance(record.get("data"), dict) else {}
+    where = llm.path / CONFIG_FILE
+    if isinstance(data.get("validation"), dict):  # what the run held out (recorded since 2026-12-05)
+        if data["validation"].get("sha256") == conversations_fingerprint(held_out):
+            return None
+        return (f"the conversations held out now are not the {data['validation'].get('conversations')} the run "
+                f"held out (as {where} records them): the data, or how gpt1 reads it, changed since the run")
+    if "sha256" in data:  # recorded before that: the training sequences tell whether the split is the same
+        if encode_conversations(llm.tokenizer, train, block_size + 1).fingerprint() == data["sha256"]:
+            return None
+        return (f"the training sequences split from it now are not the run's ({where}: \"data\"): the data, or how "
+                "gpt1 splits or encodes it, changed since the run, so some of the conversations scored may be ones "
+                "it trained on")
+    if split_unrecorded(record) and grouped_by_content(train + held_out):
+        return (f"the run predates gpt1's record of its split ({where}), and until 2026-12-05 gpt1 split "
+                "{\"messages\"} records by file and line (by their first turn since 2026-12-07), so some of the conversations scored "
+                "may be ones it trained on")
+    return None

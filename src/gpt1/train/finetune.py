@@ -7,7 +7,8 @@ no adapter), reads and encodes the chat data
 shuffled chat batches whose labels cover assistant replies only. `data` is one chat source or a
 list of them (a mixture, read together). Validation: loss and perplexity on the assistant tokens
 of held-out conversations (a source's `validation` split when it has one, else a deterministic
-`val_fraction` of the message trees of the other sources, together).
+`val_fraction` of the message trees of the other sources, together: `gpt1.train.evaluate.read_chat_splits`,
+the split `gpt1 eval --chat` scores the held-out side of).
 
 The run dir `out` is a model dir (`gpt1.load(out)` applies the adapter):
 
@@ -25,7 +26,8 @@ adapter/, no base.json; train_config.json records the base's path and fingerprin
 
 train_config.json's `data` records the training sequences (count, tokens, sha256: a resume on
 other data is refused) and the held-out conversations (`validation`: count and
-`conversations_fingerprint`), which `evaluate_chat` checks before it calls a score held-out.
+`conversations_fingerprint`), which `gpt1.train.evaluate.evaluate_chat` checks before it calls a score
+held-out.
 A fine-tune whose base is a gpt1 fine-tune on the same training sequences with the same seed (the
 way to train on past a run's end) begins at the epoch after the ones that run trained, as one
 longer run would, not at epoch 0's order again (`continued_epochs`).
@@ -38,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,6 @@ from typing import Annotated
 import torch
 
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
-from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import (
     as_path,
@@ -77,16 +77,7 @@ from gpt1.core.progress import info, warn
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
-from gpt1.data.chat_sources import (
-    ChatStats,
-    Conversation,
-    conversations_fingerprint,
-    grouped_by_content,
-    hf_split_names,
-    read_conversations,
-    split_conversations,
-)
-from gpt1.data.readers import parse_hf
+from gpt1.data.chat_sources import ChatStats, conversations_fingerprint, grouped_by_content
 from gpt1.formats.hf import hub_folder, import_hf_model, is_hf_model_dir
 from gpt1.formats.modeldir import (
     ADAPTER_DIR,
@@ -102,7 +93,13 @@ from gpt1.formats.modeldir import (
 from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig, require_config
-from gpt1.train.evaluate import bits_per_byte, check_finite, evaluate_loss, perplexity, token_byte_lengths
+from gpt1.train.evaluate import (
+    CHAT_ALL_PATHS,
+    CHAT_VAL_FRACTION,
+    read_chat_splits,
+    read_run_record,
+    split_unrecorded,
+)
 from gpt1.train.loop import step_cap_words, train
 from gpt1.train.pretrain import set_dropout
 from gpt1.train.run_record import CONFIG_FILE as RUN_CONFIG_FILE
@@ -131,10 +128,10 @@ class FinetuneConfig(TrainConfig):
     # any of q, k, v, o, up, down; a list passes too, stored as the tuple (gpt1.train.config._checked_type)
     lora_targets: Annotated[Sequence[str], tuple[str, ...]] = DEFAULT_TARGETS
     train_special_tokens: bool = True  # train the embedding rows of [PAD] [UNK] [EOS] and the role markers
-    all_paths: bool = False  # OASST: every root-to-leaf path instead of the best-ranked replies
+    all_paths: bool = CHAT_ALL_PATHS  # OASST: every root-to-leaf path instead of the best-ranked replies
     languages: list[str] = field(default_factory=list)  # OASST language codes to keep, e.g. ["en"]; [] = all
     skip_invalid: bool = False  # skip and count malformed lines instead of failing
-    val_fraction: float = 0.05  # held-out share of the message trees when the data has no validation split
+    val_fraction: float = CHAT_VAL_FRACTION  # held-out share of the message trees when the data has no validation split
     # A run's record holds its --base as init_from: left out when the record is read as a recipe
     # (`load_config`), which the base is not part of.
     RUN_SET_KEYS = ("init_from",)
@@ -251,35 +248,13 @@ def save_full(directory: str | Path, model: torch.nn.Module, tokenizer) -> Path:
 
 
 def load_chat_splits(cfg: FinetuneConfig, stats=None):
-    """(train, validation, stats): the conversations of `cfg.data` (see `_read_chat_data`)."""
+    """(train, validation, stats): the conversations of `cfg.data` (see `read_chat_splits`)."""
     if not cfg.sources:
         raise Gpt1Error("no chat data: pass --data (a file, a folder, hf:NAME, OpenAssistant/oasst2 or chatterbot)")
     stats = stats if stats is not None else ChatStats()
     options = dict(all_paths=cfg.all_paths, languages=cfg.languages or None, skip_invalid=cfg.skip_invalid)
-    train, val, _ = _read_chat_data(cfg.sources, cfg.val_fraction, cfg.seed, stats, **options)
+    train, val, _ = read_chat_splits(cfg.sources, cfg.val_fraction, cfg.seed, stats, **options)
     return train, val, stats
-
-
-def _read_chat_data(specs: list[str], val_fraction: float, seed: int, stats: ChatStats, *, with_train: bool = True,
-                   **options) -> tuple[list[Conversation], list[Conversation], bool]:
-    """(train, validation, whether a fraction was held out) of chat sources: a source's own
-    `validation` split (and `train`) where it has both (a named `hf:NAME:SPLIT` is read as it is),
-    and the `val_fraction` of the message trees that `split_conversations` holds out of all the
-    other sources' conversations together. `with_train=False` reads no train split (evaluation)."""
-    train, val, pooled = [], [], []
-    for spec in specs:
-        named_split = (hf := parse_hf(spec)) is not None and hf.split is not None
-        splits = hf_split_names(spec) or []
-        if not named_split and "validation" in splits and ("train" in splits or not with_train):
-            if with_train:
-                train += read_conversations(spec, "train", stats=stats, **options)
-            val += read_conversations(spec, "validation", stats=stats, **options)
-        else:
-            pooled += read_conversations(spec, stats=stats, **options)
-    if pooled:
-        kept, held_out = split_conversations(pooled, val_fraction, seed)
-        train, val = train + kept, val + held_out
-    return train, val, bool(pooled)
 
 
 def _no_sequences(stats: ChatStats, train_convs: list, train_data) -> Gpt1Error:
@@ -338,7 +313,7 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
     base_info = {"path": json_path(base.resolve()), "sha256": weights_fingerprint(base), "sha256_of": BASE_FINGERPRINT}
     if (out / BASE_FILE).is_file() and (why := _other_base(out, base, base_info)):
         raise Gpt1Error(f"{why}; " + (redo_hint or "choose another --out"))
-    recorded = _run_record(out).get("data")  # the base as of the first checkpoint (base.json comes with the outputs)
+    recorded = read_run_record(out).get("data")  # the base as of the first checkpoint (base.json comes with the outputs)
     if isinstance(recorded, dict) and recorded.get("base", base_info["sha256"]) != base_info["sha256"]:
         raise Gpt1Error(f"{out} was fine-tuned from other base weights than {base} (its {RUN_CONFIG_FILE} records "
                         "theirs); " + (redo_hint or "choose another --out"))
@@ -369,8 +344,8 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
     train_data = encode_conversations(tokenizer, train_convs, block_size + 1, progress=dist.is_main)
     if not len(train_data):
         raise _no_sequences(stats, train_convs, train_data)
-    record = _run_record(out)
-    if _split_unrecorded(record) and grouped_by_content(train_convs + val_convs):
+    record = read_run_record(out)
+    if split_unrecorded(record) and grouped_by_content(train_convs + val_convs):
         _check_legacy_split(out, record, len(train_data), dist, redo_hint)
     val_data = encode_conversations(tokenizer, val_convs, block_size + 1)
     # The batches used, built alone: all of a large held-out set's (padded) took its memory, to keep a few.
@@ -428,8 +403,8 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
 
     # Recorded in the run dir's train_config.json: resuming with another base, or on other
     # training sequences (an edit of the chat data, even one that keeps their number), is refused.
-    # What the run holds out is recorded with them: `evaluate_chat` checks it before it calls a
-    # score held-out. A run recorded without it keeps its record (its training sequences tell).
+    # What the run holds out is recorded with them: `gpt1.train.evaluate.evaluate_chat` checks it
+    # before it calls a score held-out. A run recorded without it keeps its record (its training sequences tell).
     # The base's fingerprint too: base.json is written with the outputs, after the checkpoint, so a
     # run killed between the two resumed on other base weights at the same path without a word.
     data = {"sequences": len(train_data), "tokens": train_data.num_tokens, "sha256": train_data.fingerprint(),
@@ -451,7 +426,7 @@ def continued_epochs(base: Path, out: Path, cfg: FinetuneConfig, train_data) -> 
     warning. None otherwise (other data or seed, a folder without checkpoints, a resume: its
     checkpoint holds where its batches are)."""
     try:
-        record = _run_record(base)
+        record = read_run_record(base)
     except Gpt1Error:  # a damaged record: a base like any other
         return None
     data = record.get("data")
@@ -494,7 +469,7 @@ def _finished_run(out: Path, cfg: FinetuneConfig, step_limit: int | None) -> tup
     (epochs, max_tokens: the data is not read again to resolve it; a rerun of a finished run
     does nothing, whatever became of its data). None: steps remain, or it cannot tell (a
     `step_limit` on a data-set length), and the data is read and checked as for any resume."""
-    record = _run_record(out)
+    record = read_run_record(out)
     latest = ckpt.latest_checkpoint(out) if record else None
     if latest is None or not isinstance(record.get("max_steps"), int):
         return None
@@ -557,22 +532,6 @@ def _other_base(out: Path, base: Path, base_info: dict) -> str | None:
             f"{recorded.get('path')} (the path it names) to resume")
 
 
-# What a run's train_config.json says of the gpt1 that made it, for runs made before their split
-# was recorded: "world_size" came in at 2026-12-05 12:05 UTC, after {"messages"} records were
-# split by content (09:39); "data", the identity of the training set, at 15:58.
-def _run_record(directory: Path) -> dict:
-    """A run dir's (or merged/'s) train_config.json; {} without one."""
-    file = directory / RUN_CONFIG_FILE
-    record = read_json(file) if file.is_file() else {}
-    return record if isinstance(record, dict) else {}
-
-
-def _split_unrecorded(record: dict) -> bool:
-    """Whether a run may predate today's split of {"messages"} records (`grouped_by_content`):
-    its train_config.json records neither its data nor its number of processes."""
-    return bool(record) and "data" not in record and "world_size" not in record
-
-
 def _check_legacy_split(out: Path, record: dict, sequences: int, dist, redo_hint: str | None) -> None:
     """A resume of a run that may have split its {"messages"} records by file and line: its
     checkpoint's number of training sequences is the one check left."""
@@ -616,122 +575,3 @@ def merge_model_dir(source: str | Path, dest: str | Path) -> Path:
         if (source / RUN_CONFIG_FILE).is_file():  # how it was trained: `eval --chat` holds out the run's split
             shutil.copyfile(source / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
     return dest
-
-
-def _is_run_data(specs: list[str], run: dict) -> bool:
-    """Whether `specs` name the chat data the run trained on (as recorded, or the same paths)."""
-    data = run.get("data")
-    recorded = [data] if isinstance(data, str) and data else data if isinstance(data, list) else []
-    return len(specs) == len(recorded) > 0 and all(
-        spec == str(was) or (os.path.exists(spec) and isinstance(was, str) and Path(spec).resolve() == Path(was).resolve())
-        for spec, was in zip(specs, recorded))
-
-
-def _held_out_doubt(llm, record: dict, train: list, held_out: list, block_size: int) -> str | None:
-    """Why `held_out` (split from the run's own data today) may not be what the run held out, or
-    None: the record (train_config.json) says it is, or cannot say otherwise."""
-    data = record.get("data") if isinstance(record.get("data"), dict) else {}
-    where = llm.path / RUN_CONFIG_FILE
-    if isinstance(data.get("validation"), dict):  # what the run held out (recorded since 2026-12-05)
-        if data["validation"].get("sha256") == conversations_fingerprint(held_out):
-            return None
-        return (f"the conversations held out now are not the {data['validation'].get('conversations')} the run "
-                f"held out (as {where} records them): the data, or how gpt1 reads it, changed since the run")
-    if "sha256" in data:  # recorded before that: the training sequences tell whether the split is the same
-        if encode_conversations(llm.tokenizer, train, block_size + 1).fingerprint() == data["sha256"]:
-            return None
-        return (f"the training sequences split from it now are not the run's ({where}: \"data\"): the data, or how "
-                "gpt1 splits or encodes it, changed since the run, so some of the conversations scored may be ones "
-                "it trained on")
-    if _split_unrecorded(record) and grouped_by_content(train + held_out):
-        return (f"the run predates gpt1's record of its split ({where}), and until 2026-12-05 gpt1 split "
-                "{\"messages\"} records by file and line (by their first turn since 2026-12-07), so some of the conversations scored "
-                "may be ones it trained on")
-    return None
-
-
-@dataclass
-class ChatEvalResult:
-    loss: float
-    perplexity: float
-    tokens: int  # assistant tokens predicted
-    conversations: int
-    source: str
-    bytes: int = 0  # UTF-8 bytes of the assistant tokens (special tokens count 0)
-
-    @property
-    def bits_per_byte(self) -> float:
-        return bits_per_byte(self.loss, self.tokens, self.bytes)
-
-
-def evaluate_chat(llm, spec: str | list[str], *, split: str | None = None, batch_size: int = 8,
-                  max_batches: int | None = None, precision: str = "fp32", all_paths: bool | None = None,
-                  languages: list[str] | None = None, block_size: int | None = None, skip_invalid: bool = False,
-                  stats: ChatStats | None = None, show_progress: bool = True) -> ChatEvalResult:
-    """Loss, perplexity and bits per byte on the assistant tokens of a chat dataset's validation
-    conversations (what `gpt1 eval --chat` prints). `spec`: one chat source, or a list (a mixture).
-
-    The validation conversations are those fine-tuning holds out: a source's `validation`
-    split when it has one, else the `val_fraction` of the message trees that `split_conversations`
-    picks (with the model's own run settings from its train_config.json, when it has one).
-    On the run's own data, what the run recorded decides whether these are the conversations it
-    held out; where they may not be, a warning says why and `source` does not call them held-out.
-    An explicit `split` is read whole; a local file has none. `stats` counts what was skipped.
-    `all_paths`, `languages` and `block_size` (None: the run's, as it validated; without a run
-    config the defaults and the model's context) shape the conversations as fine-tuning did.
-    """
-    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    specs = [os.fspath(s) for s in specs]
-    label = " + ".join(specs)
-    record = _run_record(llm.path)
-    run = record.get("config", {})
-    all_paths = run.get("all_paths", FinetuneConfig.all_paths) if all_paths is None else all_paths
-    languages = (run.get("languages") or None) if languages is None else languages
-    block_size = block_size or run.get("block_size") or llm.model.config.block_size
-    if block_size > llm.model.config.block_size:
-        raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({llm.model.config.block_size})")
-    stats = stats if stats is not None else ChatStats()
-    options = dict(all_paths=all_paths, languages=languages, skip_invalid=skip_invalid, stats=stats)
-    if split is not None:
-        if (local := next((s for s in specs if hf_split_names(s) is None), None)) is not None:
-            raise Gpt1Error(f"{local}: a local chat file has no splits (--split {split} applies to datasets)")
-        conversations, source = [c for s in specs for c in read_conversations(s, split, **options)], f"{label} ({split})"
-    else:
-        val_fraction = run.get("val_fraction", FinetuneConfig.val_fraction)
-        train_convs, conversations, pooled = _read_chat_data(specs, val_fraction, run.get("seed", FinetuneConfig.seed),
-                                                            with_train=False, **options)
-        if not conversations and not stats.conversations:  # everything was left out as it was read
-            raise Gpt1Error(f"{label}: no conversations to evaluate: {stats.why_empty()}")
-        if not conversations:  # nothing held out: no "filtering" to blame
-            trees = len({c.group for c in train_convs})
-            raise Gpt1Error(f"{label}: nothing held out to evaluate: val_fraction {val_fraction:g} holds out whole "
-                            f"message trees, and the data has {trees:,} tree{'s' if trees != 1 else ''} (--chat scores "
-                            "the share fine-tuning holds out); use more data, or a dataset with a validation split")
-        source = f"{label} (validation)" if not pooled else f"{label} (held-out {val_fraction:.0%} of the conversations)"
-        run_block_size = run.get("block_size") or llm.model.config.block_size
-        if pooled and _is_run_data(specs, run) and (doubt := _held_out_doubt(llm, record, train_convs, conversations,
-                                                                            run_block_size)):
-            warn(f"{label}: {doubt}")
-            source = (f"{label} ({val_fraction:.0%} of the conversations as this gpt1 splits them, not known to be "
-                      "those the run held out)")
-    data = encode_conversations(llm.tokenizer, conversations, block_size + 1)
-    batches = iter_batches(data, batch_size, llm.tokenizer.pad_id)
-    total = math.ceil(len(data) / batch_size)
-    if max_batches is not None:
-        batches, total = itertools.islice(batches, max_batches), min(total, max_batches)
-    byte_lengths, n_bytes = token_byte_lengths(llm.tokenizer), 0
-
-    def counting_bytes(batches):
-        nonlocal n_bytes
-        for x, y in batches:
-            n_bytes += int(byte_lengths[y[y != IGNORE_INDEX].numpy()].sum())
-            yield x, y
-
-    loss, tokens = evaluate_loss(llm.model, counting_bytes(batches), llm.device, precision,
-                                 show_progress=show_progress, total=total, tune_threads=True)
-    if not tokens:
-        raise Gpt1Error(f"{label}: no assistant tokens to evaluate in {source}"
-                        + (f": {stats.why_empty()}; {data.why_empty()}" if not len(data) else ""))
-    check_finite(loss, f"{source}: the assistant-token loss", llm, precision)
-    return ChatEvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, conversations=len(conversations),
-                          source=source, bytes=n_bytes)

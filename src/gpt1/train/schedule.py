@@ -100,7 +100,7 @@ class BudgetSchedule:
         """The rate of step `step` (0-based) when the run is planned to end after step `end` - 1;
         `cooldown_due` says the budget's time left is the cooldown's share (ignored by the cosine).
         The warmup's length is `warmup` of `warm_end` (default `end`): a plan less swayed by a
-        short slow spell than `end` is (see gpt1.train.loop._TimeBudget)."""
+        short slow spell than `end` is (see gpt1.train.budget.TimeBudget)."""
         n_warm = warmup_steps(end if warm_end is None else warm_end, self.warmup)
         # Below lr past the warmup's planned end (the plan shrank past it): the warmup goes on,
         # but not at the plan's last step, which is the decay's end.
