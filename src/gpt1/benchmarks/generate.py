@@ -55,14 +55,18 @@ def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
 
 def benchmark_model(config: ModelConfig, special_ids: list[int], device: torch.device) -> GPT:
     """Random weights; feature 0 of the final LayerNorm is a constant that only the special
-    tokens' output rows read, with a large negative weight: they never win."""
+    tokens' output rows read, with a large negative weight: they never win. Without biases
+    (`bias=False`) no feature is constant: the special rows are zero, a logit of 0, which a greedy
+    step picks only if every other token's logit is negative (in practice never, at any width)."""
     torch.manual_seed(0)
     model = GPT(config)
     with torch.no_grad():
-        model.transformer.ln_f.weight[0], model.transformer.ln_f.bias[0] = 0.0, 1.0
-        model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[special_ids] = 0.0
-        model.lm_head.weight[special_ids, 0] = -100.0
+        ln_f = model.transformer.ln_f
+        if ln_f.bias is not None:
+            ln_f.weight[0], ln_f.bias[0] = 0.0, 1.0
+            model.lm_head.weight[:, 0] = 0.0
+            model.lm_head.weight[special_ids, 0] = -100.0
     return model.to(device).eval()
 
 

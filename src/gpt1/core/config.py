@@ -24,6 +24,12 @@ class ModelConfig:
     """The shape of a `GPT`: what config.json holds. Checked when built (and again by `GPT(config)`);
     `preset(name, **overrides)` for the named ones, `from_dict`/`load` for config.json."""
 
+    # A new field is an int, float, bool or str (`_FIELD_TYPES`: what `validate` checks, and what
+    # config.json holds), with a default that keeps the model as it was. Besides the model code it
+    # needs: the exporters' mapping (`gpt1.formats.gpt2_layout.GPT2_FIELDS` and what hf.py and gguf.py
+    # write; until then an export of a model that sets it is refused by name), and, to be set from a
+    # recipe, the pretrain recipe's model overrides (`gpt1.train.pretrain.init_model`, TrainConfig).
+
     vocab_size: int = 51_682
     block_size: int = 512  # context length: the most positions the model has embeddings for
     n_layer: int = 12
@@ -47,11 +53,13 @@ class ModelConfig:
             value = getattr(self, f.name)
             if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
                 value = value.item()  # a NumPy scalar (e.g. from a sweep over np.arange): its Python number
-            kind = _FIELD_TYPES[f.type]
+            kind = _field_type(f)
             if kind is bool and not isinstance(value, bool):
                 raise Gpt1Error(f"model config: {f.name} must be true or false, got {value!r}")
             if kind is int and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE):
                 raise Gpt1Error(f"model config: {f.name} must be a whole number from 1 to {MAX_SIZE:,}, got {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise Gpt1Error(f"model config: {f.name} must be a string, got {value!r}")
             if kind is float:
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                     raise Gpt1Error(f"model config: {f.name} must be a number, got {value!r}")
@@ -123,8 +131,18 @@ def _refuse_unknown(values: Mapping[Any, Any]) -> None:
         raise Gpt1Error(f"unknown model config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
+def _field_type(f: dataclasses.Field) -> type:
+    """The type `validate` checks a field against; another annotation is refused by name (it would
+    otherwise fail as a KeyError while PRESETS are built, at `import gpt1`)."""
+    kind = _FIELD_TYPES.get(f.type) if isinstance(f.type, str) else f.type
+    if kind not in _FIELD_TYPES.values():
+        raise Gpt1Error(f"model config: field {f.name} is declared {f.type!r}; ModelConfig fields must be one of "
+                        f"{', '.join(_FIELD_TYPES)} (what validate checks and config.json holds)")
+    return kind
+
+
 # The annotations are strings (from __future__ import annotations): map them to the types.
-_FIELD_TYPES = {"int": int, "float": float, "bool": bool}
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 MAX_SIZE = 1 << 24  # any size field; larger ones are typos, and would allocate terabytes
 METADATA_KEYS = {"model_type", "tokenizer_fingerprint"}  # in config.json, not fields of the model
 

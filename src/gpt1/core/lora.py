@@ -44,7 +44,9 @@ from gpt1.core.io import check_regular_file, check_weight_values, json_path, rea
 from gpt1.core.model import model_state_dict
 from gpt1.core.rng import host_rng_kept
 
-# target name -> (module path inside a Block, index of the slice of a fused Q|K|V output or None)
+# target name -> (module path inside a Block, index of the slice of a fused Q|K|V output or None).
+# Only these are adapted: a layer added to the model (a SwiGLU gate's c_gate) gets no adapter until
+# it is named here.
 TARGETS: dict[str, tuple[str, int | None]] = {
     "q": ("attn.c_attn", 0), "k": ("attn.c_attn", 1), "v": ("attn.c_attn", 2),
     "o": ("attn.c_proj", None), "up": ("mlp.c_fc", None), "down": ("mlp.c_proj", None),

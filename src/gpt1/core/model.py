@@ -4,7 +4,9 @@ Reads top to bottom: `KVCache`, `SlotCache`, `CausalSelfAttention`, `MLP`, `Bloc
 Parameter names and layouts match Hugging Face's `GPT2LMHeadModel` one to one (ours are
 `nn.Linear`, theirs `Conv1D`, so a weight is transposed on the way across): learned
 positions, pre-LayerNorm, tanh-approximated GELU ("gelu_new"), biases everywhere but the
-output head. That makes export, import and a logits-equality test straightforward.
+output head. That makes export, import and a logits-equality test straightforward for this
+architecture; the exporters check a model against GPT-2's layout (`gpt1.formats.gpt2_layout`)
+and refuse one changed beyond it (docs/model.md, "Changing the model").
 
 The model knows nothing about training: no optimizer, no schedule, no data. With targets,
 `forward` computes the loss with `gpt1.core.loss.linear_cross_entropy`: the output layer and
@@ -210,6 +212,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        _check_output_head(self.lm_head)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         # Recompute each block's activations in the backward pass instead of storing them:
@@ -327,6 +330,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x)
+        # The loss computes the output layer itself, x @ weight.T a chunk at a time, and never calls
+        # lm_head: anything applied to the logits above (a bias, a softcap, a scale) must also go into
+        # the loss, or training and `gpt1 eval` run without it while generation runs with it.
         # The head as its forward applies it: a tied LoRA model's head (lora.TiedTokensHead) reads
         # its trained token rows from the embedding's table, which `lm_head.weight` (frozen) lacks.
         head = self.lm_head
@@ -382,6 +388,18 @@ class GPT(nn.Module):
             # keeps softmax finite (those rows are never used).
             mask = mask | (key_pos == query_pos)[None, None]
         return mask
+
+
+def _check_output_head(head: nn.Module) -> None:
+    """The head must be what the loss computes: `forward` with targets takes `lm_head.weight` into
+    `linear_cross_entropy` (the logits a chunk at a time), so a head with a bias or a forward of its
+    own would train and evaluate without them (a bias would never get a gradient)."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        what = f"a {type(head).__name__}" + (" with a bias" if getattr(head, "bias", None) is not None else "")
+        raise Gpt1Error(f"GPT: lm_head must be an nn.Linear without a bias, got {what}: the loss computes the "
+                        "output layer from lm_head.weight alone (GPT.forward with targets, a chunk at a time), so "
+                        "a bias would never be trained and whatever the head adds would be missing from training "
+                        "and `gpt1 eval`; to add one, put it into that loss too, then into this check")
 
 
 def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """GGUF export: a model dir as one file that llama.cpp, Ollama, LM Studio and llama-cpp-python run.
 
-gpt1's model is GPT-2 (see `gpt1.core.model`), an architecture llama.cpp implements, so the
-file describes it as llama.cpp's own converter (`convert_hf_to_gguf.py`, class GPT2Model)
-would describe OpenAI's GPT-2, written with the `gguf` package that llama.cpp maintains:
+gpt1's model as shipped is GPT-2 (see `gpt1.core.model`), an architecture llama.cpp implements,
+so the file describes it as llama.cpp's own converter (`convert_hf_to_gguf.py`, class GPT2Model)
+would describe OpenAI's GPT-2, written with the `gguf` package that llama.cpp maintains (a model
+changed beyond GPT-2 is refused before anything is written: `gpt1.formats.gpt2_layout`):
 
     general.architecture     gpt2 (context length, widths, heads, LayerNorm epsilon)
     tensors                  llama.cpp's names (token_embd, position_embd, blk.N.attn_qkv, ...),
@@ -42,6 +43,7 @@ from gpt1.core.model import GPT
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import MAX_TOKEN_BYTES, SPECIAL_TOKENS, USER, Tokenizer
+from gpt1.formats.gpt2_layout import check_gpt2_layout
 from gpt1.formats.hf import HF_CONV1D, to_hf_state_dict
 from gpt1.formats.modeldir import load_model
 
@@ -72,7 +74,8 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_t
     """Write `model_dir` (a base or LoRA fine-tuned gpt1 model dir) as a GGUF file; returns its path.
 
     Raises Gpt1Error for an unknown `out_type`, an existing `out_file` (unless `overwrite`),
-    or a model that llama.cpp's gpt2 architecture cannot represent (saying why).
+    or a model that llama.cpp's gpt2 architecture cannot represent (saying why: a model changed
+    beyond GPT-2's layout, `gpt2_layout.check_gpt2_layout`, or its tokenizer, `check_representable`).
     """
     if out_type not in GGUF_TYPES:
         raise Gpt1Error(f"unknown GGUF type {out_type!r}; known types: {', '.join(GGUF_TYPES)}")
@@ -87,6 +90,9 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, out_t
     replace = out.exists()  # an earlier export, checked above; nothing there: nothing may be replaced
     gguf = _require_gguf()
     model = load_model(model_dir, device="cpu", adapter="merge")
+    # Before anything is written: a model changed beyond GPT-2 (RMSNorm, rotary positions, a head
+    # bias) would be a file llama.cpp refuses, or one it runs as another model.
+    check_gpt2_layout(model, model_dir, "GGUF (llama.cpp's gpt2)")
     tokenizer = Tokenizer.load(model_dir)
     check_representable(model.config, tokenizer, model_dir)
     warn_long_tokens(tokenizer, model_dir)
