@@ -370,7 +370,7 @@ def test_the_prompt_tail_holds_the_last_ids_of_the_whole_text(tokenizer, block_s
     fitted prompt keeps: fitting it gives what fitting the whole did, without tokenizing the whole."""
     import random
 
-    from gpt1.cli.generate_cmd import prompt_tail
+    from gpt1.inference.decoding import prompt_tail
 
     cut = 0
     for text in _texts(random.Random(block_size)):
@@ -388,7 +388,7 @@ def test_a_long_prompt_is_fitted_from_its_end_as_the_whole_was(capsys, monkeypat
     characters (the whole prompt's token count is no longer known)."""
     import io
 
-    from gpt1.cli.generate_cmd import prompt_tail
+    from gpt1.inference.decoding import prompt_tail
 
     prompt = "import json and then some words, " * 2_000  # one line: chat reads a line as a message
     assert len(prompt_tail(llm.tokenizer, prompt, 64)) < len(prompt)

@@ -16,13 +16,11 @@ from gpt1.cli.generate_cmd import (
     add_sampling_flags,
     check_new_tokens,
     escape,
-    prompt_tail,
     sampling_params_from_args,
     terminal_text,
     unescape,
     warn_if_base_model,
     warn_if_capped,
-    warn_if_text_cut,
 )
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, printable
@@ -165,7 +163,7 @@ class ChatSession:
     def reply(self, text: str, out=None) -> str:
         """Stream the reply to `text` to `out` (default: the current stdout); keeps history within the context."""
         from gpt1.inference import generate as gen
-        from gpt1.inference.decoding import chat_prompt_ids, fit_new_tokens, warn_if_cut
+        from gpt1.inference.decoding import chat_prompt_ids, fit_new_tokens, prompt_tail, warn_if_cut, warn_if_message_cut
 
         out = out or sys.stdout
         shown = terminal_text(out)  # the history keeps the reply as generated
@@ -211,7 +209,7 @@ class ChatSession:
         out.write("\n")
         out.flush()
         if last is not None:  # on a line of its own, after the reply: one message longer than the context
-            warn_if_text_cut(len(text) - len(kept), cut)
+            warn_if_message_cut(cut, len(text) - len(kept))
             warn_if_cut(len(ids), last.prompt_tokens)
             self._say_why_cut_short(last)
         reply = "".join(pieces)

@@ -13,7 +13,6 @@ from gpt1.cli.args import add_dtype_flag, path_arg, positive_int, text
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import info, printable, warn
 from gpt1.core.sampling_params import PRESETS, SamplingParams, preset
-from gpt1.core.text_pieces import SPACE_BOUNDARY
 
 # gpt1.inference (torch) is imported by the functions that use it: `gpt1 --help` imports this module.
 if TYPE_CHECKING:
@@ -140,42 +139,6 @@ def warn_if_capped(params: SamplingParams, prompt_ids: list[int], block_size: in
     return limit < params.max_new_tokens
 
 
-def prompt_tail(tokenizer, text: str, block_size: int) -> str:
-    """The end of `text` whose ids are the last ids of the whole text, at least block_size + 1 of
-    them: more than a prompt fitted to a `block_size` context keeps, so that fitting the tail
-    (truncation on) gives the ids, the room and the cut that fitting the whole would. `text`
-    itself when it is not longer than that (or has no boundary to cut at). Tokenizing a long
-    prompt whole took ~130 bytes a character: 7 GB and 83 s for 50 MB on stdin, to keep 61 tokens."""
-    # A character is at least a byte and a token at most the vocabulary's longest: this many
-    # characters hold at least block_size + 1 tokens.
-    chars = (block_size + 1) * max(map(len, tokenizer.bytes_table))
-    last = len(text) - chars  # where the tail may start, at the latest
-    if last <= 0:
-        return text
-    span = 4096
-    while True:  # the last boundary at or before `last`, looked for backwards
-        start = max(0, last - span)
-        # endpos last + 2: the look-ahead of a boundary at `last` sees its next character
-        cuts = [m.start() for m in SPACE_BOUNDARY.finditer(text, start, last + 2)]
-        if cuts:
-            return text[cuts[-1]:]
-        if start == 0:
-            return text
-        span *= 2
-
-
-def warn_if_text_cut(chars: int, tokens: int) -> None:
-    """Say what was cut from the start of a chat message: `chars` characters by prompt_tail, then
-    `tokens` tokens by chat_prompt_ids."""
-    from gpt1.inference.decoding import warn_if_message_cut
-
-    if not chars:
-        warn_if_message_cut(tokens)
-    else:
-        warn(f"the message's first {chars:,} characters and then {tokens} tokens were cut to fit the context (the "
-             "system message and the role markers stay)")
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="generate a completion (or a chat reply) with every sampling knob, streamed",
@@ -240,7 +203,7 @@ def warn_if_base_model(llm: gpt1.LLM, model: str) -> None:
 
 def generate_command(args: argparse.Namespace) -> int:
     from gpt1.inference import generate as gen
-    from gpt1.inference.decoding import chat_prompt_ids, fit_new_tokens, warn_if_cut
+    from gpt1.inference.decoding import chat_prompt_ids, fit_new_tokens, prompt_tail, warn_if_cut, warn_if_message_cut
 
     params = sampling_params_from_args(args)
     if args.system is not None and not args.chat:
@@ -265,7 +228,7 @@ def generate_command(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": kept})
         ids, _, cut = chat_prompt_ids(llm.tokenizer, messages, llm.config.block_size, params,
                                       max_new_tokens_chosen=chosen)
-        warn_if_text_cut(len(prompt) - len(kept), cut)
+        warn_if_message_cut(cut, len(prompt) - len(kept))
     else:
         ids = llm.tokenizer.encode(kept)
     params = fit_new_tokens(params, ids, llm.config.block_size, chosen)
@@ -281,10 +244,8 @@ def generate_command(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     seconds = time.perf_counter() - start
     prompt_tokens, generated = lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts)
-    if not args.chat and len(kept) < len(prompt):  # the tail's token count is not the prompt's: characters
-        warn(f"the prompt ({len(prompt):,} characters) was cut to its last {prompt_tokens} tokens to fit the context")
-    else:
-        warn_if_cut(len(ids), prompt_tokens)
+    # A tail's token count is not the prompt's: its length is told in characters.
+    warn_if_cut(len(ids), prompt_tokens, len(prompt) if not args.chat and len(kept) < len(prompt) else None)
     info(f"[{prompt_tokens} prompt tokens, {generated} generated{f' ({len(lasts)} samples)' if len(lasts) > 1 else ''} "
          f"in {seconds:.2f} s ({generated / max(seconds, 1e-9):.1f} tokens/s, {str(llm.dtype).removeprefix('torch.')} "
          f"on {llm.device}), finish: {', '.join(last.finish_reason for last in lasts)}]")

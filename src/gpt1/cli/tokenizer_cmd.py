@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 from typing import Iterator
 
 from gpt1.cli.args import DefaultsHelpFormatter, folder_arg, path_arg, positive_int
+from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import folder_target, owner_of
 from gpt1.core.progress import info, progress
@@ -27,9 +29,12 @@ def register(subparsers) -> None:
     )
     train.add_argument("sources", nargs="+", type=path_arg, metavar="SOURCE",
                        help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT], or stdlib (the Python standard library source)")
-    train.add_argument("--vocab-size", type=int, default=51_682, help="exact size of the vocabulary")
+    # The library's defaults, never repeated here: the model card's vocabulary and train_tokenizer's own.
+    library = inspect.signature(train_tokenizer).parameters
+    train.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size, help="exact size of the vocabulary")
     train.add_argument("--out", required=True, type=folder_arg, help="output folder for tokenizer.json")
-    train.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
+    train.add_argument("--min-frequency", type=int, default=library["min_frequency"].default,
+                       help="a merge must occur at least this often")
     train.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
     train.add_argument("--max-documents", type=positive_int, default=None, help="stop after this many documents")
 

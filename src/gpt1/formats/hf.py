@@ -65,6 +65,7 @@ from gpt1.core.model import GPT
 from gpt1.core.progress import env_flag, info, warn
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer
+from gpt1.formats.gpt2_layout import check_gpt2_layout
 from gpt1.formats.modeldir import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -77,6 +78,7 @@ from gpt1.formats.modeldir import (
     read_hf_config,
     read_shapes,
     read_tensors,
+    stored_tensors,
 )
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -278,10 +280,10 @@ def import_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu")
 
     with torch.device("meta"):
         model = GPT(config).float()  # float32 whatever torch's default dtype, as load_model
-    model = model.to_empty(device=device)
-    model.load_state_dict(weights, strict=not tied)
+    model.load_state_dict(weights, strict=not tied, assign=True)  # the tensors read, not copies of them
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
+    model = model.to(device)
     if (path / ADAPTER_DIR).is_dir():
         _merge_adapter(model, path)
     return model.eval(), _compatible_tokenizer(path, config)
@@ -386,13 +388,16 @@ def _read_weights(path: Path, hf, raw: dict[str, Any], config: ModelConfig) -> d
             stored, actual, file = found[name]
             raise Gpt1Error(f"{path / CONFIG_FILE}: {sizes} give {stored} the shape {shape}, but {file.name} holds {actual}")
 
+    # One tensor at a time, each in gpt1's layout (Conv1D's transposed, contiguous): the import's
+    # model takes them as its own (load_state_dict(assign=True)), no second copy.
     weights = {}
     for file in files:
-        tensors = {k: v for k, v in read_tensors(file).items() if not k.endswith(HF_BUFFERS)}
-        check_weight_values(file, tensors)  # NaN, infinities, integer weights: named, never trained on
-        for name, tensor in tensors.items():
+        for name, tensor in stored_tensors(file):
+            if name.endswith(HF_BUFFERS):
+                continue
+            check_weight_values(file, {name: tensor})  # NaN, infinities, integer weights: named, never trained on
             name = _gpt2_name(name)
-            weights[name] = (tensor.t() if name.endswith(HF_CONV1D) else tensor).float()
+            weights[name] = (tensor.t().contiguous() if name.endswith(HF_CONV1D) else tensor).float()
     return weights
 
 
@@ -583,6 +588,9 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, merge
         raise Gpt1Error(f"{model_dir}: nothing to merge (no {ADAPTER_DIR}/ folder: not a LoRA fine-tuned model)")
     # merge: the adapter merged into a plain GPT; otherwise the base it applies to.
     model = load_model(model_dir, device="cpu", adapter="merge" if merge else "ignore")
+    # Weights are copied by name into a GPT2LMHeadModel: a model changed beyond GPT-2 (a SwiGLU gate,
+    # RMSNorm, rotary positions, a new config field) would load there and compute another model.
+    check_gpt2_layout(model, model_dir, "Hugging Face (GPT-2)")
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise Gpt1Error(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
@@ -617,10 +625,23 @@ def _check_out_dir(model_dir: Path, out: Path, overwrite: bool) -> None:
 def _write_base(model: GPT, tokenizer: Tokenizer, chat: bool, out: Path) -> None:
     # Plain JSON with every key, not save_pretrained (see the module docstring): transformers 4.x
     # left out top_k 50, its default, and transformers 5 or vLLM then sampled without top-k.
+    _store_conv1d_layout(model)
     save_safetensors(out / WEIGHTS_FILE, to_hf_state_dict(model), metadata={"format": "pt"})
     write_json(out / CONFIG_FILE, {"model_type": "gpt2", **hf_config_dict(model.config, tokenizer)})
     write_json(out / GENERATION_CONFIG_FILE, generation_config_dict(tokenizer, model.config.block_size))
     write_tokenizer_files(tokenizer, out, model_max_length=model.config.block_size, chat=chat)
+
+
+def _store_conv1d_layout(model: GPT) -> None:
+    """Store the export's weights that GPT-2 keeps transposed (Conv1D's (in, out)) column-major, in
+    place and one at a time: the same tensors and values, whose transposes, which to_hf_state_dict
+    takes, are then views, not copies. safetensors writes a file from every tensor at once (its
+    header, each tensor's offset in it, comes first), so an export cannot write one at a time; the
+    copies held a second copy of nearly all the weights (a 672 MB file: 1.62 GB at the peak, now
+    1.3 GB, of which glibc's heap keeps ~0.25 GB of the originals freed here)."""
+    for name, param in model.named_parameters():
+        if name.endswith(HF_CONV1D) and param.is_contiguous():
+            param.data = param.data.t().contiguous().t()
 
 
 def generation_config_dict(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:

@@ -13,6 +13,11 @@ one place (the engine applies them to every row).
   max_new_tokens that the caller did not choose (gpt1's default) is first capped at the room a
   prompt that fits leaves (`fit_new_tokens`: the CLI, the Python API and the server), so that
   such a prompt is kept whole.
+- Only the end of a text longer than the context can reach the model: with truncation on, a
+  prompt, or a chat message but the system message, is tokenized from its end (`prompt_tail`),
+  which gives the ids the whole text ends with, more of them than any fitted prompt keeps; what
+  was cut is then told in characters. Tokenizing the whole took 130-150 bytes a character (50 MB:
+  7-7.5 GB) to keep a context's worth.
 - Text is streamed as complete UTF-8 characters (byte-level BPE may split one across tokens),
   and any text that may be the start of a stop string is held back until it is not. A reply
   that finishes a character the prompt's token ids left unfinished starts with that character.
@@ -30,6 +35,7 @@ from gpt1.core.chat_template import encode_message, validate_messages
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import warn
 from gpt1.core.sampling_params import SamplingParams
+from gpt1.core.text_pieces import SPACE_BOUNDARY
 from gpt1.core.tokenizer import ASSISTANT, Tokenizer
 
 
@@ -123,6 +129,45 @@ def fit_new_tokens(params: SamplingParams, prompt_ids: Sequence[int], block_size
                             f"{block_size} tokens; shorten the prompt or allow truncation")
     fit_prompt(prompt_ids, block_size, params)
     return params
+
+
+def prompt_tail(tokenizer: Tokenizer, text: str, block_size: int) -> str:
+    """The end of `text` whose ids are the last ids of the whole text, at least block_size + 1 of
+    them: more than a prompt fitted to a `block_size` context keeps, so that fitting the tail
+    (truncation on) gives the ids, the room and the cut that fitting the whole would. `text`
+    itself when it is not longer than that (or has no boundary to cut at). Tokenizing a long
+    prompt whole took ~130 bytes a character: 7 GB and 83 s for 50 MB on stdin, to keep 61 tokens."""
+    # A character is at least a byte and a token at most the vocabulary's longest: this many
+    # characters hold at least block_size + 1 tokens.
+    chars = (block_size + 1) * max(map(len, tokenizer.bytes_table))
+    last = len(text) - chars  # where the tail may start, at the latest
+    if last <= 0:
+        return text
+    span = 4096
+    while True:  # the last boundary at or before `last`, looked for backwards
+        start = max(0, last - span)
+        # endpos last + 2: the look-ahead of a boundary at `last` sees its next character
+        cuts = [m.start() for m in SPACE_BOUNDARY.finditer(text, start, last + 2)]
+        if cuts:
+            return text[cuts[-1]:]
+        if start == 0:
+            return text
+        span *= 2
+
+
+def chat_message_tails(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
+                       block_size: int) -> tuple[list[dict[str, str]], int]:
+    """The validated `messages`, each text but a leading system message's cut to its `prompt_tail`,
+    and the characters cut from the last one: with truncation on, chat_prompt_ids keeps of them
+    what it keeps of the whole messages. It cuts the last message from its start; a message
+    before it that a tail was taken of is still longer than any prompt, so it is dropped, as the
+    whole was. The system message is never cut: the error that refuses one too long cites its
+    length."""
+    messages = validate_messages(messages)
+    n_system = 1 if messages[0]["role"] == "system" else 0
+    tails = messages[:n_system] + [{**m, "content": prompt_tail(tokenizer, m["content"], block_size)}
+                                   for m in messages[n_system:]]
+    return tails, len(messages[-1]["content"]) - len(tails[-1]["content"])
 
 
 class ChatPrompt(NamedTuple):
@@ -296,15 +341,18 @@ class TextState:
 
 
 # What the CLI and the Python API say when a prompt did not fit (the server answers in usage).
-def warn_if_cut(prompt_tokens: int, kept_tokens: int) -> None:
+# `chars`: the length of a prompt of which only the tail was tokenized (prompt_tail), whose token
+# count is not known; `chars_cut`: the characters prompt_tail cut from a message.
+def warn_if_cut(prompt_tokens: int, kept_tokens: int, chars: int | None = None) -> None:
     if kept_tokens < prompt_tokens:
-        warn(f"the prompt ({prompt_tokens} tokens) was cut to its last {kept_tokens} tokens to fit the context")
+        size = f"{chars:,} characters" if chars is not None else f"{prompt_tokens} tokens"
+        warn(f"the prompt ({size}) was cut to its last {kept_tokens} tokens to fit the context")
 
 
-def warn_if_message_cut(cut: int) -> None:
-    if cut:
-        warn(f"the message's first {cut} tokens were cut to fit the context (the system message and the role "
-             "markers stay)")
+def warn_if_message_cut(cut: int, chars_cut: int = 0) -> None:
+    if cut or chars_cut:
+        what = f"first {chars_cut:,} characters and then {cut} tokens" if chars_cut else f"first {cut} tokens"
+        warn(f"the message's {what} were cut to fit the context (the system message and the role markers stay)")
 
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int, eos_id: int, where: str) -> list[int]:

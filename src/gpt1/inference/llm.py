@@ -23,9 +23,11 @@ from gpt1.formats.hf import has_chat_template, load_with_tokenizer, model_folder
 from gpt1.inference import generate as gen
 from gpt1.inference.decoding import (
     Completion,
+    chat_message_tails,
     chat_prompt_ids,
     fit_new_tokens,
     prompt_budget,
+    prompt_tail,
     warn_if_cut,
     warn_if_message_cut,
 )
@@ -206,21 +208,27 @@ class LLM:
         """The conversation's token ids, fitted to the context (saying what was dropped or cut), and
         the knobs for them."""
         chosen, block = "max_new_tokens" in knobs, self.config.block_size
+        chars_cut = 0
+        if params.truncate_prompt:  # a text longer than the context is tokenized from its end only
+            messages, chars_cut = chat_message_tails(self.tokenizer, messages, block)
         ids, dropped, cut = chat_prompt_ids(self.tokenizer, messages, block, params, max_new_tokens_chosen=chosen)
         if dropped:  # the documented fit, as `gpt1 chat` notes it (not a warning: the caller holds the history)
             info(f"(dropped the {dropped} oldest message(s) to fit the {block}-token context)")
-        warn_if_message_cut(cut)
+        warn_if_message_cut(cut, chars_cut)
         return ids, fit_new_tokens(params, ids, block, chosen)
 
     def _prompt_ids(self, prompt: str, params: SamplingParams,
                     knobs: Mapping[str, Any]) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and the knobs for them, with a warning when generation will keep
         only its most recent ones (the engine cuts it by `prompt_budget`; without truncation
-        fit_new_tokens refuses it instead)."""
-        ids = self.tokenizer.encode(check_text(prompt, "prompt"))
-        params = fit_new_tokens(params, ids, self.config.block_size, "max_new_tokens" in knobs)
+        fit_new_tokens refuses it instead). With truncation, a prompt longer than the context is
+        tokenized from its end (`prompt_tail`): the ids that reach the model are the same."""
+        block, text = self.config.block_size, check_text(prompt, "prompt")
+        tail = prompt_tail(self.tokenizer, text, block) if params.truncate_prompt else text
+        ids = self.tokenizer.encode(tail)
+        params = fit_new_tokens(params, ids, block, "max_new_tokens" in knobs)
         if params.truncate_prompt:
-            warn_if_cut(len(ids), min(len(ids), prompt_budget(self.config.block_size, params)))
+            warn_if_cut(len(ids), min(len(ids), prompt_budget(block, params)), len(text) if len(tail) < len(text) else None)
         return ids, params
 
     def _samples(self, samples: list[SamplingParams], ids: list[int]) -> list[str]:
