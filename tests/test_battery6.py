@@ -153,7 +153,7 @@ def test_print_config_needs_no_paths_and_lists_only_keys_that_apply(tmp_path, ca
     # Each key left out is one fine-tuning refuses (the list does not drift from FinetuneConfig).
     assert set(PRETRAINING_KEYS) <= set(TrainConfig().to_dict())
     changed = {"model": "small", "init_from": "runs/x", "n_layer": 2, "n_head": 2, "n_embd": 64, "muon_lr_scale": 2.0,
-               "embedding_lr_scale": 2.0, "optimizer": "muon", "float8": True}
+               "embedding_lr_scale": 2.0, "optimizer": "muon", "float8": True, "data_order": "random"}
     for key in PRETRAINING_KEYS:
         assert_one_clear_line(*run_main(capsys, "finetune", "--base", tmp_path / "none", "--out", tmp_path / "o",
                                         f"{key}={json.dumps(changed[key])}"), rf"{key}")

@@ -169,11 +169,11 @@ def test_a_re_planned_schedule_never_rises_after_its_warmup_and_ends_at_min_lr(c
 
 
 def test_a_time_budget_plans_from_the_recent_step_time_and_finishes_a_plan_a_little_short():
+    from gpt1.train.budget import TimeBudget
     from gpt1.train.distributed import current
-    from gpt1.train.loop import _TimeBudget
 
     now = [0.0]
-    budget = _TimeBudget(10.0, 0.0, 100_000, eval_every=20, cooldown=0.3, clock=lambda: now[0])
+    budget = TimeBudget(10.0, 0.0, 100_000, eval_every=20, cooldown=0.3, clock=lambda: now[0])
     end, dist = 100_000, current()
     for done in range(1, 31):  # 0.1 s a step: 100 steps fit
         now[0] += 0.1
@@ -186,7 +186,7 @@ def test_a_time_budget_plans_from_the_recent_step_time_and_finishes_a_plan_a_lit
 
     def out_of_time(short: int, per_step: float) -> int:
         now[0] = 0.0
-        b = _TimeBudget(10.0, 0.0, 100_000, eval_every=20, clock=lambda: now[0])
+        b = TimeBudget(10.0, 0.0, 100_000, eval_every=20, clock=lambda: now[0])
         b.plan(1, 100_000, dist)
         for done in range(2, 30):
             now[0] += per_step
@@ -206,12 +206,12 @@ def test_a_stall_in_the_first_timed_steps_does_not_cut_the_warmup_short():
     """A plan from the mean of the first three timed steps took a two-step stall for the machine's
     speed: a 600-step plan became ~60, the warmup ended at step 5 and the rate jumped to the
     peak. The warmup follows a plan from the median step time instead."""
+    from gpt1.train.budget import TimeBudget
     from gpt1.train.distributed import current
-    from gpt1.train.loop import _TimeBudget
 
     def rates(stalled_steps):
         now, dist = [0.0], current()
-        budget = _TimeBudget(60.0, 0.0, 100_000, eval_every=20, clock=lambda: now[0])
+        budget = TimeBudget(60.0, 0.0, 100_000, eval_every=20, clock=lambda: now[0])
         schedule, end, lrs = BudgetSchedule(1.0, 0.01, 0.03, 0.0), 100_000, []
         for step in itertools.count():
             if step >= end:
@@ -256,12 +256,12 @@ def test_under_random_load_a_budget_schedule_rises_to_its_peak_then_never_rises(
     (test_a_time_budget_ends_the_run_and_its_schedule_when_spent failed so under load)."""
     import random
 
+    from gpt1.train.budget import TimeBudget
     from gpt1.train.distributed import current
-    from gpt1.train.loop import _TimeBudget
 
     for seed in range(300):
         rng, now = random.Random(seed), [0.0]
-        budget = _TimeBudget(3.0, 0.0, 100_000, eval_every=25, cooldown=cooldown, clock=lambda: now[0])
+        budget = TimeBudget(3.0, 0.0, 100_000, eval_every=25, cooldown=cooldown, clock=lambda: now[0])
         schedule, end, lrs = BudgetSchedule(3e-3, 3e-4, 0.05, cooldown), 100_000, []
         for step in itertools.count():
             if step >= end:
@@ -591,7 +591,7 @@ def test_fp16_mixed_precision_saves_its_grad_scaler(data_dir, tmp_path):
     result = _run(data_dir, tmp_path / "run", ["max_steps=2", "save_every=2", "precision=fp16-mixed"])
     assert math.isfinite(result.train_loss)
     state = torch.load(latest_checkpoint(tmp_path / "run") / STATE_FILE, weights_only=True)
-    assert state["scaler"]["scale"] > 0 and state["sampler"] == {"draws": 2} and state["step"] == 2
+    assert state["scaler"]["scale"] > 0 and state["sampler"] == {"draws": 2, "order": "epochs"} and state["step"] == 2
     assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
 
 

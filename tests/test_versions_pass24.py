@@ -20,7 +20,8 @@ from tests.test_train import _run
 from tests.test_train_pass23 import FT, _record_steps, _same_batches, _short_chats
 
 BLOCK, BATCH, SEED = 32, 4, 1337  # tests/test_train.py's TINY
-COMMON = ["eval_every=1000", "save_every=1"]
+# The older gpt1s here drew their windows at random, the only order before data_order (pass 25).
+COMMON = ["eval_every=1000", "save_every=1", "data_order=random"]
 
 
 def _record(run) -> dict:
@@ -40,7 +41,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def _windows(data_dir, batch_size: int = BATCH, **kw) -> ShardWindows:
-    return ShardWindows(data_dir / "train.bin", BLOCK, batch_size, SEED, **kw)
+    return ShardWindows(data_dir / "train.bin", BLOCK, batch_size, SEED, order="random", **kw)
 
 
 def _as_saved(state: dict) -> dict:

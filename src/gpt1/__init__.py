@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 # Raised whenever what gpt1 writes to disk changes meaning (a run record's keys, the data's split
 # rule, a sampler's state): run records keep it, so a user installed from a wheel can tell which gpt1
-# began a run (0.2.0: the chat split, data fingerprints and continuations of 2026-12-07).
-__version__ = "0.2.0"
+# began a run (0.2.0: the chat split, data fingerprints and continuations of 2026-12-07; 0.3.0:
+# data_order, epochs as passes over the data, 2026-12-07 evening).
+__version__ = "0.3.0"
 
 # The public names, imported on first use (PEP 562): `import gpt1` alone does not load torch, so
 # the `gpt1` command can catch a Ctrl-C pressed while torch loads (gpt1.cli.run).

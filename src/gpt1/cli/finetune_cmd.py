@@ -17,7 +17,7 @@ from gpt1.core.progress import info
 # decides the model, and there is no Muon, no FP8 and no embedding training. --print-config leaves
 # them out rather than list them as if they could be set.
 PRETRAINING_KEYS = ("model", "init_from", "n_layer", "n_head", "n_embd", "muon_lr_scale", "embedding_lr_scale",
-                    "optimizer", "float8")
+                    "optimizer", "float8", "data_order")
 # FinetuneConfig's fields less those (a test keeps them equal): the keys `--lora-r 16` is told to write as lora_r=16.
 RECIPE_KEYS = tuple(key for key in pretrain_cmd.RECIPE_KEYS if key not in PRETRAINING_KEYS) + (
     "data", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "train_special_tokens", "all_paths", "languages",

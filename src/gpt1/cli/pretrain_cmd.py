@@ -12,7 +12,7 @@ from gpt1.core.progress import info
 # TrainConfig's fields, the recipe's keys (a test keeps the two equal): `--device cpu` is told
 # to write device=cpu, without loading torch for a mistyped flag.
 RECIPE_KEYS = ("model", "block_size", "n_layer", "n_head", "n_embd", "init_from", "dropout", "max_steps", "max_tokens",
-               "epochs", "time_budget", "batch_size", "grad_accum", "lr", "min_lr", "warmup", "cooldown", "weight_decay",
+               "epochs", "data_order", "time_budget", "batch_size", "grad_accum", "lr", "min_lr", "warmup", "cooldown", "weight_decay",
                "betas", "optimizer", "muon_lr_scale", "embedding_lr_scale", "grad_clip", "precision", "float8", "compile",
                "gradient_checkpointing", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "keep_best",
                "early_stop", "seed", "device", "max_bad_steps", "tensorboard")

@@ -109,6 +109,11 @@ FORMAT_VERSION = 1
 SPLIT_RULE = "sha256 of each document's first piece"
 _REDO_SPLIT = "prepare it again (--overwrite) to split it by text, which keeps copies on one side"
 _SPLIT_SALT, _WINDOW_SALT = 0x5EED_5A17, 0x3A1D_0B75
+_OFFSET_SALT, _PERMUTATION_SALT = 0x0FF5_E7E0, 0x9E27_F315
+# The windows' orders (`ShardWindows`), the first the default: every window of an epoch once, or
+# each window drawn at random with replacement (nanoGPT's; the only order until 2026-12-07).
+WINDOW_ORDERS = ("epochs", "random")
+FEISTEL_ROUNDS = 6  # of the keyed permutation of an epoch's windows (4 make a pseudo-random one; 2 spare)
 BATCH_CHARS = 2_000_000  # characters per tokenizer batch at most (with --batch-docs documents)
 COPY_TOKENS = 1 << 24
 COMMIT_BYTES = 256_000_000  # characters of text between two commits of an interrupted prepare's progress
@@ -119,8 +124,12 @@ TEXT_FILE_IS_ONE_DOCUMENT = ("a text file is one document: split it into several
 
 def _hash01(seed: int, salt: int, index: np.ndarray) -> np.ndarray:
     """SplitMix64 of (seed, salt, index) as uint64: a fast, well-mixed, reproducible hash."""
+    return _mix(index.astype(np.uint64) + np.uint64((seed * 0x632BE59BD9B4E019 + salt) % 2**64))
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function of the uint64s `z` (a new array)."""
     with np.errstate(over="ignore"):
-        z = index.astype(np.uint64) + np.uint64((seed * 0x632BE59BD9B4E019 + salt) % 2**64)
         z = z * np.uint64(0x9E3779B97F4A7C15)
         z ^= z >> np.uint64(30)
         z *= np.uint64(0xBF58476D1CE4E5B9)
@@ -870,35 +879,65 @@ def _windows(data: np.ndarray, starts: np.ndarray, block_size: int, vocab_size: 
 
 
 class ShardWindows:
-    """Random windows of a shard (a `BatchSource`): x = tokens[s:s+T], y = tokens[s+1:s+T+1].
+    """Windows of a shard (a `BatchSource`): x = tokens[s:s+T], y = tokens[s+1:s+T+1].
 
-    Window starts are a hash of (seed, global sequence number), so the stream is reproducible,
-    resumable from a single counter, and split across torchrun ranks without overlap: draw c
-    of rank r holds global micro-batch c * world_size + r. One process with grad_accum * W
-    draws per step sees exactly the windows of W ranks with grad_accum draws each. `start`: the
-    sequence number of the first window (a run that goes on from another's windows, on the same
-    data and seed, starts after the ones it drew: `sequences_drawn`; from 0 it drew them again, in
-    order), rounded up to a whole draw of every rank (world_size * batch_size windows): the draws
-    are counted from window 0, so that a checkpoint's `draws` alone says where the stream is, as
-    every gpt1 reads it. With `vocab_size`, a batch holding an id outside the vocabulary is refused
-    with the shard's name.
+    The window of global sequence number s is a pure function of (seed, s), so the stream is
+    reproducible, resumable from a single counter, and split across torchrun ranks without overlap:
+    draw c of rank r holds global micro-batch c * world_size + r. One process with grad_accum * W
+    draws per step sees exactly the windows of W ranks with grad_accum draws each. `order`:
+
+    - "epochs" (the default): epoch e = s // n is a pass over n = (len - T) // T non-overlapping
+      windows (at least 1) at an offset in [0, T) drawn from (seed, e), in an order of its own (a
+      keyed permutation, `_permuted`): each epoch trains on every token once, but fewer than 2T at
+      the shard's ends; `epoch_tokens` = n * T.
+    - "random": each start is a hash of (seed, s) modulo len - T, drawn with replacement
+      (nanoGPT's): one epoch's worth of windows covers about 63% (1 - 1/e) of the tokens, some of
+      them more than once; `epoch_tokens` is the shard's length.
+
+    `start`: the sequence number of the first window (a run that goes on from another's windows, on
+    the same data and seed, starts after the ones it drew: `sequences_drawn`; from 0 it drew them
+    again, in order), rounded up to a whole draw of every rank (world_size * batch_size windows):
+    the draws are counted from window 0, so that a checkpoint's `draws` alone says where the stream
+    is, as every gpt1 reads it. With `vocab_size`, a batch holding an id outside the vocabulary is
+    refused with the shard's name.
     """
 
     def __init__(self, path: str | Path, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None, start: int = 0):
-        self.path, self.vocab_size = path, vocab_size
+                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None, start: int = 0,
+                 order: str = WINDOW_ORDERS[0]):
+        if order not in WINDOW_ORDERS:
+            raise Gpt1Error(f"data_order must be one of {', '.join(WINDOW_ORDERS)}, got {order!r}")
+        self.path, self.vocab_size, self.order = path, vocab_size, order
         self.data = open_shard(path, block_size, "training")
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        # An epoch's windows: they need T + 1 tokens each, at any offset below T (a shard shorter
+        # than 2T holds one, at an offset below len - T).
+        self.epoch_windows = max(1, (len(self.data) - block_size) // block_size)
+        self.offsets = min(block_size, len(self.data) - block_size * self.epoch_windows)
         # `start`: windows before draw 0 that make no whole draw, only ever from a checkpoint of the
         # gpt1 of 2026-12-07 that saved one (`load_state_dict`). Rounded up, a continuation skips
-        # fewer than a draw's windows, which no run drew: nothing is lost (each window is a hash).
+        # fewer than a draw's windows, which no run drew: nothing is lost.
         self.start, self.draws = 0, -(-start // (world_size * batch_size))
+
+    @property
+    def epoch_tokens(self) -> int:
+        """The tokens of one epoch (`TrainConfig.epochs` counts these): its windows' for "epochs"."""
+        return self.epoch_windows * self.block_size if self.order == "epochs" else len(self.data)
+
+    def window_starts(self, sequences: np.ndarray) -> np.ndarray:
+        """The first token of the window of each global sequence number in `sequences`."""
+        sequences = sequences.astype(np.uint64)
+        if self.order == "random":
+            return (_hash01(self.seed, _WINDOW_SALT, sequences) % np.uint64(len(self.data) - self.block_size)).astype(np.int64)
+        epochs, index = np.divmod(sequences, np.uint64(self.epoch_windows))
+        offsets = _hash01(self.seed, _OFFSET_SALT, epochs) % np.uint64(self.offsets)
+        windows = _permuted(self.seed, epochs, index, self.epoch_windows)
+        return (offsets + np.uint64(self.block_size) * windows).astype(np.int64)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.start + (self.draws * self.world_size + self.rank) * self.batch_size
-        sequences = np.arange(first, first + self.batch_size, dtype=np.uint64)
-        starts = (_hash01(self.seed, _WINDOW_SALT, sequences) % np.uint64(len(self.data) - self.block_size)).astype(np.int64)
+        starts = self.window_starts(np.arange(first, first + self.batch_size, dtype=np.uint64))
         self.draws += 1
         return _windows(self.data, starts, self.block_size, self.vocab_size, self.path)
 
@@ -906,12 +945,44 @@ class ShardWindows:
         # "draws" alone, the layout every gpt1 reads: one older than continuations (2026-12-07)
         # reads no other key, and resumed a continuation saved as a "start" and the draws after it
         # at its parent's windows. "start" only where that gpt1 of 2026-12-07 left one inside a draw.
-        return {"draws": self.draws, **({"start": self.start} if self.start else {})}
+        # "order" where it is not "random", the only order of the checkpoints saved without one.
+        return {"draws": self.draws, **({"start": self.start} if self.start else {}),
+                **({"order": self.order} if self.order != "random" else {})}
 
     def load_state_dict(self, state: dict) -> None:
+        # Another order than the checkpoint's would go on with other windows than the run drew. (A
+        # state without one is random's, or "draws" written by hand: the training loop refuses the
+        # first for an "epochs" sampler, whose state has a key it lacks, `check_trainer_state`.)
+        if state.get("order", self.order) != self.order:
+            raise Gpt1Error(f"the sampler state's windows are in the {state['order']!r} order, this run's in the "
+                            f"{self.order!r} order: resume it with data_order={state['order']}")
         # A "start" of the gpt1 of 2026-12-07 (its draws counted after it), as whole draws: the same windows.
         start, per_draw = int(state.get("start", 0)), self.world_size * self.batch_size
         self.draws, self.start = int(state["draws"]) + start // per_draw, start % per_draw
+
+
+def _permuted(seed: int, epochs: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
+    """Where each `index` in range(n) goes in its epoch's order (uint64s): a permutation of
+    range(n) keyed by (seed, epoch), computed for these indices alone, never stored (17M windows
+    of OpenWebText): a balanced Feistel network on the 2h-bit numbers, 2**(2h) >= n (4n at most),
+    walked again from any result >= n until one falls in range (cycle-walking, which keeps it a
+    permutation: the walk from i ends before it comes back to i)."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    keys = np.stack([_hash01(seed, _PERMUTATION_SALT, epochs * np.uint64(FEISTEL_ROUNDS) + np.uint64(r))
+                     for r in range(FEISTEL_ROUNDS)])
+    out = _feistel(index.astype(np.uint64), keys, half)
+    while (walk := out >= np.uint64(n)).any():
+        out[walk] = _feistel(out[walk], keys[:, walk], half)
+    return out
+
+
+def _feistel(x: np.ndarray, keys: np.ndarray, half: int) -> np.ndarray:
+    """One pass of the Feistel network over the 2*`half`-bit numbers `x`, round r keyed by `keys[r]`."""
+    bits, mask = np.uint64(half), np.uint64((1 << half) - 1)
+    left, right = x >> bits, x & mask
+    for key in keys:
+        left, right = right, left ^ (_mix(key + right) & mask)
+    return (left << bits) | right
 
 
 def sequences_drawn(sampler: dict, batch_size: int, world_size: int) -> int:

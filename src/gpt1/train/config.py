@@ -34,6 +34,7 @@ from gpt1.core.device import check_device_name
 from gpt1.core.errors import Gpt1Error, other_name_hint
 from gpt1.core.io import read_json
 from gpt1.core.progress import info
+from gpt1.data.shards import WINDOW_ORDERS
 
 PRECISIONS = ("fp32", "fp16-mixed", "bf16-mixed")
 OPTIMIZERS = ("adamw", "muon")
@@ -45,9 +46,10 @@ class TrainConfig:
     """Every knob of a training run. Defaults are a small, CPU-safe run; recipes set the rest.
 
     The run length is `max_steps` if it is > 0, else `max_tokens` / tokens per step if that is
-    > 0, else `epochs` x the training tokens / tokens per step. An epoch is a token count:
-    pretraining windows start at random positions, drawn with replacement (as nanoGPT's), so
-    `epochs=1` trains on about 63% (1 - 1/e) of train.bin's tokens, some of them more than once.
+    > 0, else `epochs` x an epoch's tokens / tokens per step. In pretraining an epoch is a pass
+    over train.bin's windows (`data_order="epochs"`: every token once, but fewer than two windows'
+    worth at its ends), or with `data_order="random"` train.bin's token count, in windows drawn
+    with replacement (as nanoGPT's): about 63% (1 - 1/e) of its tokens, some more than once.
     """
 
     model: str = "tiny"  # a ModelConfig preset; vocab_size always comes from the tokenizer
@@ -63,6 +65,11 @@ class TrainConfig:
     max_steps: int = 1000
     max_tokens: int = 0
     epochs: float = 0.0
+    # Pretraining's windows of train.bin (gpt1.data.shards.ShardWindows): "epochs", each epoch a pass
+    # over its non-overlapping windows at an offset and in an order of its own; "random", each drawn
+    # at a random start with replacement (nanoGPT's; every run begun before 2026-12-07 evening, which
+    # resumes with it whatever this says)
+    data_order: str = "epochs"
     # Seconds of training (resumptions added up); 0 = off. With a budget the run ends when it is
     # spent (and at the latest after the steps above): the last step is re-planned as it goes
     # from the measured step time, and the LR schedule follows the plan (at least 10 steps).
@@ -125,6 +132,8 @@ class TrainConfig:
         # rerun without float8 would be refused as another run's.
         if self.float8 and importlib.util.find_spec("torchao") is None:
             raise Gpt1Error("float8=true needs torchao: pip install 'gpt1[fp8]' (or pip install torchao)")
+        if self.data_order not in WINDOW_ORDERS:
+            raise Gpt1Error(f"data_order must be one of {', '.join(WINDOW_ORDERS)}, got {self.data_order!r}")
         if self.optimizer not in OPTIMIZERS:
             raise Gpt1Error(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("muon_lr_scale", "embedding_lr_scale"):

@@ -158,6 +158,9 @@ class FinetuneConfig(TrainConfig):
         if ignored:
             raise Gpt1Error(f"{', '.join(ignored)}: pretraining keys; a LoRA fine-tune takes its model from its base "
                             "and trains no embeddings but the special tokens' rows (at lr)")
+        if self.data_order != defaults.data_order:  # the order of a shard's token windows: no shard here
+            raise Gpt1Error(f"data_order={self.data_order}: a pretraining key (the order of token windows in a "
+                            "data folder); a fine-tune reads its conversations in its own shuffled epochs")
         # Here, not only in `finetune`: --print-config accepted it and printed a recipe without it.
         if self.init_from != defaults.init_from:
             raise Gpt1Error(f"init_from={self.init_from}: a pretraining key; a fine-tune starts from its base (--base)")

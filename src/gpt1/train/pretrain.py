@@ -1,7 +1,8 @@
 """Pretraining: prepared shards + a `TrainConfig` -> a trained base model in a run dir.
 
-`pretrain(cfg, data_dir, out)` builds the model (`init_from`), the random-window batch source
-over `train.bin`, the fixed validation batches from `val.bin`, and runs the shared loop
+`pretrain(cfg, data_dir, out)` builds the model (`init_from`), the window batch source over
+`train.bin` (in `data_order`; a resumed run in its checkpoint's: `resumed_window_order`), the
+fixed validation batches from `val.bin`, and runs the shared loop
 (`gpt1.train.loop.train`). The model's vocabulary is the tokenizer stored with the shards
 (`DATA/tokenizer.json`); its fingerprint must match `meta.json`, and a model from `init_from`
 must use the same tokenizer. The run dir records the data's identity (`data_identity`): a
@@ -13,6 +14,7 @@ the ones that run drew, as one longer run would, not the same ones again (`conti
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from gpt1.core.progress import warn
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.shards import (
+    WINDOW_ORDERS,
     ShardWindows,
     check_fingerprint,
     fixed_windows,
@@ -127,7 +130,7 @@ def continued_windows(cfg: TrainConfig, out: Path, identity: dict) -> dict | Non
     that trained on the data of `identity` with the same seed: after the windows it drew (`run`: its
     path, `sequences`: how many), read from its latest checkpoint, as the rest of one longer run.
     From the first window, it drew that run's windows again in the same order (every window is a
-    hash of the seed and its number). A run recorded by an older gpt1, without its shards'
+    function of the seed and its number). A run recorded by an older gpt1, without its shards'
     fingerprints (before 2026-12-06), is taken at what it records, with a warning. None otherwise
     (another data or seed, a model dir without checkpoints, a resume: its checkpoint holds where its
     windows are)."""
@@ -164,6 +167,31 @@ def continued_windows(cfg: TrainConfig, out: Path, identity: dict) -> dict | Non
             if drawn > 0 else None)
 
 
+def resumed_window_order(out: Path) -> str | None:
+    """The order of the windows of the checkpoint a run in `out` resumes from: its sampler state's
+    "order", or "random" where it has none (saved by a gpt1 that had no other, or in that order);
+    None for a fresh run, or a checkpoint this gpt1 cannot read (the loop says why, in its words)."""
+    latest = ckpt.latest_checkpoint(out)
+    if latest is None:
+        return None
+    try:
+        # mmap: the optimizer's state beside it (2 GB for the 257M model) is not read
+        sampler = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=True, mmap=True)["sampler"]
+    except Exception:  # unreadable, damaged, not a dict
+        return None
+    order = sampler.get("order", "random") if isinstance(sampler, dict) else None
+    return order if order in WINDOW_ORDERS else None
+
+
+def _recorded_without(out: Path, key: str) -> bool:
+    """Whether the run in `out` was begun by a gpt1 without the config key `key` (its record lacks it)."""
+    try:
+        record = read_json(out / RUN_CONFIG_FILE) if (out / RUN_CONFIG_FILE).is_file() else None
+    except Gpt1Error:  # a damaged record: the loop refuses it with its own words
+        return False
+    return isinstance(record, dict) and isinstance(record.get("config"), dict) and key not in record["config"]
+
+
 def data_source(meta: dict, data_dir: Path) -> dict:
     """Where the data came from, for information (never compared: a moved folder resumes): the
     folder, and meta.json's preparation key (sources, their files' hash, seed, val share, ...)."""
@@ -189,13 +217,23 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
         raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({model.config.block_size})")
     identity = data_identity(meta, data_dir)
     continues = continued_windows(cfg, out, identity)
+    # A resume goes on with its checkpoint's windows: a run begun before data_order (2026-12-07) with
+    # its random ones, where the new default would have switched it to epochs mid-run.
+    resumed, asked = resumed_window_order(out), cfg.data_order
+    order = resumed or asked
+    older_run = resumed is not None and _recorded_without(out, "data_order")
+    if older_run:
+        # `run_record` compares the key its record lacks at today's default: the config goes on with
+        # that whatever data_order says, as the windows are the run's own (data_order=random, its
+        # very order, was refused as a change from it).
+        cfg = dataclasses.replace(cfg, data_order=TrainConfig.data_order)
     train_data = ShardWindows(data_dir / meta["train"]["file"], block_size, cfg.batch_size, cfg.seed,
                               rank=dist.rank, world_size=dist.world_size, vocab_size=tokenizer.vocab_size,
-                              start=continues["sequences"] if continues else 0)
+                              start=continues["sequences"] if continues else 0, order=order)
     val = fixed_windows(data_dir / meta["val"]["file"], block_size, cfg.batch_size, cfg.eval_batches,
                         vocab_size=tokenizer.vocab_size)
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
-    max_steps = cfg.resolve_steps(tokens_per_step, meta["train"]["tokens"])
+    max_steps = cfg.resolve_steps(tokens_per_step, train_data.epoch_tokens)
     # max_steps > 0 decides the length: a max_tokens or epochs set beside the default max_steps=1000 did nothing, unsaid.
     unused = [f"{k}={getattr(cfg, k):g}" for k in ("max_tokens", "epochs") if cfg.max_steps and getattr(cfg, k)]
     at_most, sooner = step_cap_words(cfg)
@@ -203,13 +241,19 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
     # Logged by the loop once it has checked the run dir: a refused resume does not read as a run that started.
     announce = [f"model: {model.num_params():,} parameters ({cfg.model if cfg.init_from == 'scratch' else cfg.init_from}"
                 f"{dropout}); {at_most}{max_steps:,} steps x {tokens_per_step:,} tokens = "
-                f"{max_steps * tokens_per_step / meta['train']['tokens']:.2f} epochs of {meta['train']['tokens']:,} "
-                f"train tokens; {dist.world_size} process(es){sooner}"
+                f"{max_steps * tokens_per_step / train_data.epoch_tokens:.2f} epochs of "
+                + (f"{train_data.epoch_windows:,} windows ({meta['train']['tokens']:,} train tokens)" if order == "epochs"
+                   else f"{meta['train']['tokens']:,} train tokens, windows drawn at random")
+                + f"; {dist.world_size} process(es){sooner}"
                 + (f"; max_steps={cfg.max_steps:,} decides the length, not {' or '.join(unused)} (set max_steps=0 for "
                    "those)" if unused else "")]
     if len(val) < cfg.eval_batches:
         announce.append(f"validation: {len(val)} batches, all that {meta['val']['file']} holds without overlap "
                         f"(eval_batches={cfg.eval_batches:,})")
+    if older_run and asked != order:
+        announce.append(f"windows: {out} began before gpt1 had data_order: it resumes with its own, drawn at random "
+                        f"(data_order={order}); to go on in epochs, train on from its weights: --out NEW "
+                        f"init_from={out}")
     if continues:
         # Its windows begin at a whole draw of every rank (`ShardWindows`): after the parent's, or a
         # little further where the parent's batches were of another size.

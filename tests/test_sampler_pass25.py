@@ -1,0 +1,224 @@
+"""Pass 25: pretraining's `epochs=1` is one pass over the data. The windows were drawn with
+replacement, so one "epoch" trained on ~63% of train.bin's tokens (36.8% never seen); the new
+default order (`data_order="epochs"`) is a pass per epoch over non-overlapping windows at an offset
+and in an order of its own, still a pure function of (seed, sequence number). The old order stays
+(`data_order="random"`), and a run begun before the key resumes with it, bit-exact."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gpt1.core.errors import Gpt1Error
+from gpt1.data.shards import ShardWindows
+from gpt1.train.checkpoint import STATE_FILE, latest_checkpoint
+from gpt1.train.config import TrainConfig
+from gpt1.train.run_record import _unknown_keys
+from tests.test_train import _run
+from tests.test_train_pass23 import _record_steps
+
+T, SEED = 16, 1337
+COMMON = ["max_steps=4", "save_every=2", "eval_every=1000"]  # tests/test_train.py's TINY: block 32, batches of 4
+
+
+def _positions(tmp_path, length: int):
+    """A shard whose tokens are their own positions: a window's x says where it starts."""
+    path = tmp_path / f"positions-{length}.bin"
+    np.arange(length, dtype=np.uint16).tofile(path)
+    return path
+
+
+def _old_start(seed: int, sequence: int, length: int, block_size: int) -> int:
+    """Where gpt1 before pass 25 started the window of `sequence`: SplitMix64 of (seed, its salt,
+    sequence) modulo len - T, written out in Python integers, apart from the code it checks."""
+    mask = 2**64 - 1
+    z = (sequence + (seed * 0x632BE59BD9B4E019 + 0x3A1D_0B75)) & mask
+    z = (z * 0x9E3779B97F4A7C15) & mask
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & mask
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return z % (length - block_size)
+
+
+def _starts(source: ShardWindows, draws: int) -> list[int]:
+    """The starts of the windows of `draws` draws of a positions shard's `source`."""
+    return [int(row[0]) for _ in range(draws) for row in source.next_batch()[0]]
+
+
+def _as_saved(state: dict) -> dict:
+    return json.loads(json.dumps(state))
+
+
+@pytest.mark.parametrize("length", [5000, 2 * T + 7, T + 9])
+def test_one_epoch_is_a_pass_over_every_token_but_the_ends(tmp_path, length):
+    """`epochs=1`'s steps draw every window of the epoch once: each position of train.bin is in one
+    window's x, but fewer than 2T at the ends (a shard shorter than 2T holds one window)."""
+    source = ShardWindows(_positions(tmp_path, length), T, 3, SEED)
+    n = source.epoch_windows
+    assert n == max(1, (length - T) // T) and source.epoch_tokens == n * T
+    steps = TrainConfig(max_steps=0, epochs=1.0).resolve_steps(3 * T, source.epoch_tokens)
+    assert steps == math.ceil(n / 3)  # one pass, its last batch topped up from the next epoch
+    starts = _starts(source, steps)[:n]
+    seen = np.bincount(np.concatenate([np.arange(s, s + T) for s in starts]), minlength=length)
+    assert set(seen.tolist()) <= {0, 1}
+    covered = np.flatnonzero(seen)
+    assert covered[-1] - covered[0] + 1 == len(covered) == n * T  # one run of positions, each once
+    assert length - len(covered) < 2 * T
+    assert all(s + T + 1 <= length for s in starts)  # y's last token too
+
+
+def test_two_epochs_differ_in_order_and_offset(tmp_path):
+    """Each epoch has its own offset in [0, T) (two share one by chance, 1 in T) and its own order
+    of the windows (not a shifted copy)."""
+    source = ShardWindows(_positions(tmp_path, 5000), T, 1, SEED)
+    n = source.epoch_windows
+    epochs = [source.window_starts(np.arange(e * n, (e + 1) * n, dtype=np.uint64)) for e in range(8)]
+    offsets = [int(starts.min()) for starts in epochs]
+    assert all(0 <= o < T for o in offsets) and len(set(offsets)) >= 4
+    orders = [((starts - o) // T).tolist() for starts, o in zip(epochs, offsets)]
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    assert orders[0] != orders[1] and orders[0] != list(range(n))
+    assert sum(a == b for a, b in zip(orders[0], orders[1])) < n // 10  # about 1 in common, by chance
+    # The seed decides all of it.
+    other = ShardWindows(_positions(tmp_path, 5000), T, 1, SEED + 1)
+    assert other.window_starts(np.arange(n, dtype=np.uint64)).tolist() != epochs[0].tolist()
+
+
+@pytest.mark.parametrize("order", ["epochs", "random"])
+def test_the_stream_is_the_same_across_a_resume_at_any_draw_and_any_split_across_ranks(tmp_path, order):
+    """Killed after any draw (epoch boundaries inside a batch included) and resumed from its state,
+    saved as JSON, a sampler goes on with the same windows; one process drawing grad_accum x W
+    batches per step sees the windows of W ranks drawing grad_accum each."""
+    path = _positions(tmp_path, 20 * T + 5)  # 19 windows an epoch: batches of 3 cross into the next
+    straight = _starts(ShardWindows(path, T, 3, SEED, order=order), 20)
+    for kill_after in range(20):
+        first = ShardWindows(path, T, 3, SEED, order=order)
+        _starts(first, kill_after)
+        saved = _as_saved(first.state_dict())
+        assert saved.get("order") == ("epochs" if order == "epochs" else None)
+        resumed = ShardWindows(path, T, 3, SEED, order=order)
+        resumed.load_state_dict(saved)
+        assert _starts(resumed, 20 - kill_after) == straight[3 * kill_after:]
+    world, accum = 2, 3
+    one = ShardWindows(path, T, 3, SEED, order=order)
+    ranks = [ShardWindows(path, T, 3, SEED, rank=r, world_size=world, order=order) for r in range(world)]
+    for _ in range(5):
+        assert sorted(_starts(one, world * accum)) == sorted(s for r in ranks for s in _starts(r, accum))
+    # Ranks never draw the same sequence: in an epoch, no two of its windows at once.
+    ranks = [ShardWindows(path, T, 9, SEED, rank=r, world_size=world, order=order) for r in range(world)]
+    if order == "epochs":
+        assert len(set(_starts(ranks[0], 1) + _starts(ranks[1], 1))) == 18
+
+
+def test_a_state_in_another_order_is_refused_by_name(tmp_path):
+    path = _positions(tmp_path, 5000)
+    epochs = ShardWindows(path, T, 3, SEED)
+    _starts(epochs, 2)
+    with pytest.raises(Gpt1Error, match=r"the sampler state's windows are in the 'epochs' order, this run's in the "
+                                        r"'random' order: resume it with data_order=epochs"):
+        ShardWindows(path, T, 3, SEED, order="random").load_state_dict(_as_saved(epochs.state_dict()))
+    with pytest.raises(Gpt1Error, match=r"data_order must be one of epochs, random, got 'shuffled'"):
+        ShardWindows(path, T, 3, SEED, order="shuffled")
+    with pytest.raises(Gpt1Error, match=r"data_order must be one of epochs, random, got 'shuffle'"):
+        TrainConfig(data_order="shuffle")
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_data_order_random_draws_exactly_the_windows_of_before(tmp_path, world_size):
+    """`data_order="random"` is the sampler before pass 25, window for window, on every rank."""
+    length = 5000
+    path = _positions(tmp_path, length)
+    for rank in range(world_size):
+        source = ShardWindows(path, T, 3, SEED, rank=rank, world_size=world_size, order="random")
+        drawn = _starts(source, 6)
+        sequences = [(c * world_size + rank) * 3 + i for c in range(6) for i in range(3)]
+        assert drawn == [_old_start(SEED, s, length, T) for s in sequences]
+        assert source.state_dict() == {"draws": 6}  # the layout every gpt1 reads
+        assert source.epoch_tokens == length
+
+
+def _older_run(run) -> None:
+    """`run`'s record as a gpt1 before pass 25 wrote it: no data_order in its config."""
+    record = json.loads((run / "train_config.json").read_text())
+    del record["config"]["data_order"]
+    (run / "train_config.json").write_text(json.dumps(record))
+
+
+def test_a_run_begun_before_data_order_resumes_with_its_own_random_windows(data_dir, tmp_path, monkeypatch,
+                                                                           stop_training_at, caplog):
+    """A run begun before the key, killed at step 3 and resumed by this gpt1 (whose default is now
+    "epochs"), goes on with the windows it drew before, as the old formula gives them, and ends
+    where the uninterrupted run ends; with data_order=random set on the resume too. A run begun
+    with the key resumes in its own recorded order: another one is another config."""
+    straight_steps = _record_steps(monkeypatch, [])
+    straight = _run(data_dir, tmp_path / "straight", [*COMMON, "data_order=random"])
+    monkeypatch.undo()
+    stop_training_at(3, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data_dir, tmp_path / "older", [*COMMON, "data_order=random"])
+    monkeypatch.undo()
+    _older_run(tmp_path / "older")
+    shutil.copytree(tmp_path / "older", tmp_path / "older-random")
+    train_bin = np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r")
+    old_windows = torch.tensor(np.stack([train_bin[s:s + 32] for s in
+                                         (_old_start(SEED, q, len(train_bin), 32) for q in range(8, 16))]).astype(np.int64))
+    for run, asked in ((tmp_path / "older", []), (tmp_path / "older-random", ["data_order=random"])):
+        resumed_steps = _record_steps(monkeypatch, [])
+        with caplog.at_level("INFO", logger="gpt1"):
+            resumed = _run(data_dir, run, [*COMMON, *asked])
+        monkeypatch.undo()
+        assert torch.equal(torch.cat([s[0] for s in resumed_steps]), old_windows)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed_steps, straight_steps[2:], strict=True))
+        assert resumed.train_loss == straight.train_loss
+        assert "data_order" not in json.loads((run / "train_config.json").read_text())["config"]
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("windows: ")]
+        assert said == ([f"windows: {run} began before gpt1 had data_order: it resumes with its own, drawn at random "
+                         f"(data_order=random); to go on in epochs, train on from its weights: --out NEW "
+                         f"init_from={run}"] if not asked else [])
+        caplog.clear()
+    # Begun with the key: its order is recorded, and a rerun in another is refused as another config.
+    with pytest.raises(Gpt1Error, match=r"holds a run with a different config \(data_order: 'random' -> 'epochs'\)"):
+        _run(data_dir, tmp_path / "straight", COMMON)
+
+
+def test_a_run_in_epochs_resumes_bit_exact_and_a_continuation_goes_on_in_its_own_order(data_dir, tmp_path,
+                                                                                       monkeypatch, stop_training_at):
+    """The default order through the training loop: killed at step 3, a run resumes with the windows
+    of the uninterrupted one (its checkpoint says "order": "epochs"); `init_from=RUN` goes on in its
+    own config's order after the windows RUN drew (16 here), whatever RUN's order."""
+    straight_steps = _record_steps(monkeypatch, [])
+    straight = _run(data_dir, tmp_path / "straight", COMMON)
+    monkeypatch.undo()
+    stop_training_at(3, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data_dir, tmp_path / "killed", COMMON)
+    monkeypatch.undo()
+    sampler = torch.load(latest_checkpoint(tmp_path / "killed") / STATE_FILE, weights_only=True)["sampler"]
+    assert sampler == {"draws": 2, "order": "epochs"}
+    resumed_steps = _record_steps(monkeypatch, [])
+    assert _run(data_dir, tmp_path / "killed", COMMON).train_loss == straight.train_loss
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed_steps, straight_steps[2:], strict=True))
+    monkeypatch.undo()
+    parent = tmp_path / "straight"
+    child_steps = _record_steps(monkeypatch, [])
+    _run(data_dir, tmp_path / "child", ["max_steps=1", "save_every=1", "eval_every=1000", "data_order=random",
+                                        f"init_from={parent}"])
+    expected = ShardWindows(data_dir / "train.bin", 32, 4, SEED, start=16, order="random").next_batch()[0]
+    assert torch.equal(child_steps[0][0], expected)
+    assert json.loads((tmp_path / "child" / "train_config.json").read_text())["continues"]["sequences"] == 16
+
+
+def test_an_older_gpt1_refuses_a_run_with_data_order_by_its_name(data_dir, tmp_path):
+    """A gpt1 without the key sees data_order in the record of a run begun by this one: a newer
+    gpt1's key, named (`run_record`'s check, with that gpt1's config, which lacks the key)."""
+    _run(data_dir, tmp_path / "run", ["max_steps=1", "save_every=1", "eval_every=1000"])
+    record = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    older_config = {k: v for k, v in TrainConfig().to_dict().items() if k != "data_order"}
+    assert _unknown_keys(record, older_config) == ["data_order"]
