@@ -199,3 +199,21 @@ def test_the_cli_defaults_are_the_librarys():
     served, library = _defaults(["serve", "--model", "m"]), _library(create_app)
     assert [served[k] for k in ("max_batch", "max_queue", "prefill_chunk", "body_timeout", "stream_interval")] == [
         library[k] for k in ("max_batch", "max_queue", "prefill_chunk", "body_timeout_s", "stream_interval_ms")]
+
+
+def test_load_weights_into_an_allocated_model_keeps_its_ties_and_its_optimizers_parameters(tiny_config, tmp_path):
+    """Second wave: load_weights took the file's tensors as the parameters of any model it was given
+    (assign=True), so an allocated model's tied head kept its random weights and an optimizer made
+    before held parameters no longer the model's. Only a model on the meta device takes them."""
+    from gpt1.formats.modeldir import load_weights
+
+    config = dataclasses.replace(tiny_config, tie_embeddings=True)
+    saved = random_model(config, seed=3)
+    save_model(tmp_path, saved, None)
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    load_weights(model, tmp_path / WEIGHTS_FILE)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight, saved.transformer.wte.weight)
+    held = optimizer.param_groups[0]["params"]
+    assert all(any(p is q for q in held) for p in model.parameters())

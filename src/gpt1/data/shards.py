@@ -39,6 +39,7 @@ needs nothing else; `meta.json` records its fingerprint, checked against any mod
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import heapq
 import itertools
@@ -113,6 +114,7 @@ _OFFSET_SALT, _PERMUTATION_SALT = 0x0FF5_E7E0, 0x9E27_F315
 # The windows' orders (`ShardWindows`), the first the default: every window of an epoch once, or
 # each window drawn at random with replacement (nanoGPT's; the only order until 2026-12-07).
 WINDOW_ORDERS = ("epochs", "random")
+STORED_ORDER = 1 << 16  # windows an epoch's order is shuffled and kept for (512 KiB); more are computed
 FEISTEL_ROUNDS = 6  # of the keyed permutation of an epoch's windows (4 make a pseudo-random one; 2 spare)
 BATCH_CHARS = 2_000_000  # characters per tokenizer batch at most (with --batch-docs documents)
 COPY_TOKENS = 1 << 24
@@ -963,10 +965,19 @@ class ShardWindows:
 
 def _permuted(seed: int, epochs: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     """Where each `index` in range(n) goes in its epoch's order (uint64s): a permutation of
-    range(n) keyed by (seed, epoch), computed for these indices alone, never stored (17M windows
-    of OpenWebText): a balanced Feistel network on the 2h-bit numbers, 2**(2h) >= n (4n at most),
-    walked again from any result >= n until one falls in range (cycle-walking, which keeps it a
-    permutation: the walk from i ends before it comes back to i)."""
+    range(n) keyed by (seed, epoch). Up to STORED_ORDER windows, numpy's shuffle of range(n), kept
+    for the epoch: a Feistel network on a few bits is far from uniform (at n = 5, one order came
+    up 1.6x as often as it should; on 4**h numbers it makes even permutations only). Beyond, computed
+    for these indices alone, never stored (17M windows of OpenWebText): a balanced Feistel network
+    on the 2h-bit numbers, 2**(2h) >= n (4n at most), walked again from any result >= n until one
+    falls in range (cycle-walking, which keeps it a permutation: the walk from i ends before it
+    comes back to i)."""
+    if n <= STORED_ORDER:
+        out = np.empty(len(index), dtype=np.uint64)
+        for epoch in np.unique(epochs):  # one, or two where a batch crosses into the next epoch
+            here = epochs == epoch
+            out[here] = _shuffled(seed, int(epoch), n)[index[here].astype(np.int64)]
+        return out
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     keys = np.stack([_hash01(seed, _PERMUTATION_SALT, epochs * np.uint64(FEISTEL_ROUNDS) + np.uint64(r))
                      for r in range(FEISTEL_ROUNDS)])
@@ -974,6 +985,16 @@ def _permuted(seed: int, epochs: np.ndarray, index: np.ndarray, n: int) -> np.nd
     while (walk := out >= np.uint64(n)).any():
         out[walk] = _feistel(out[walk], keys[:, walk], half)
     return out
+
+
+@functools.lru_cache(maxsize=2)  # this epoch's, and the next one's where a batch crosses into it
+def _shuffled(seed: int, epoch: int, n: int) -> np.ndarray:
+    """range(n) sorted by a keyed 64-bit hash of each number: a uniform shuffle that is the same
+    with every numpy (a Generator's may change between releases, and with it a resumed run's windows)."""
+    epoch_key = _hash01(seed, _PERMUTATION_SALT, np.array([epoch], dtype=np.uint64))[0]
+    order = np.argsort(_mix(np.arange(n, dtype=np.uint64) + epoch_key), kind="stable").astype(np.uint64)
+    order.flags.writeable = False
+    return order
 
 
 def _feistel(x: np.ndarray, keys: np.ndarray, half: int) -> np.ndarray:

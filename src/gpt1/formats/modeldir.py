@@ -12,6 +12,7 @@ Weights are only ever read with safetensors: never pickle.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -156,16 +157,39 @@ def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None = 
 
 
 def load_weights(model: GPT, file: str | Path) -> None:
-    """Load safetensors weights into `model`, built on the meta device, with a clear error when
-    they do not fit: its parameters become the file's tensors (float32, on the CPU), read one at a
-    time. Copying them into an allocated model held the weights twice at the peak, the model's and
-    the file's read whole (a 672 MB file: 1.62 GB at the peak, now 1.04 GB, 0.23 GB of it torch's own)."""
+    """Load safetensors weights into `model`, with a clear error when they do not fit. A model built
+    on the meta device (as `load_model` builds it) takes the file's tensors as its parameters
+    (float32, on the CPU; a tied head is the caller's to tie again), read one at a time where
+    safetensors reads them into memory of their own (0.8 and later: pread). Copying them into an
+    allocated model held the weights twice at the peak, the model's and the file's read whole (a
+    672 MB file: 1.62 GB at the peak, so 1.04 GB, 0.23 GB of it torch's own). Any other model gets
+    them copied in, as before: its ties, its device and the parameters an optimizer holds are kept;
+    so does a meta one with an older safetensors, whose mapped file would be a third copy."""
     check_weight_shapes(model, file)
-    state = {}
-    for name, tensor in stored_tensors(file):
-        check_weight_values(file, {name: tensor})  # as stored: an integer tensor is refused, not converted
-        state[name] = tensor.float()  # fp16, bf16 and f64 converted, as copying them into the model did
-    model.load_state_dict(state, strict=not model.config.tie_embeddings, assign=True)
+    on_meta = next(model.parameters()).device.type == "meta"
+    if on_meta and _reads_by_pread():
+        state = {}
+        for name, tensor in stored_tensors(file):
+            check_weight_values(file, {name: tensor})  # as stored: an integer tensor is refused, not converted
+            state[name] = tensor.float()  # fp16, bf16 and f64 converted, as copying them into the model did
+        model.load_state_dict(state, strict=not model.config.tie_embeddings, assign=True)
+        return
+    if on_meta:
+        model.to_empty(device="cpu")
+    state = read_tensors(file)
+    check_weight_values(file, state)
+    model.load_state_dict(state, strict=not model.config.tie_embeddings)
+
+
+@functools.cache
+def _reads_by_pread() -> bool:
+    """Whether safetensors reads a tensor into memory of its own (`safe_open(..., backend="pread")`, 0.8)."""
+    import safetensors
+
+    try:
+        return tuple(int(part) for part in safetensors.__version__.split(".")[:2]) >= (0, 8)
+    except ValueError:  # a version string of another form: try it (stored_tensors falls back if it fails)
+        return True
 
 
 def check_weight_shapes(model: GPT, file: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> None:

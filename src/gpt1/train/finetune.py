@@ -96,6 +96,8 @@ from gpt1.train.config import TrainConfig, require_config
 from gpt1.train.evaluate import (
     CHAT_ALL_PATHS,
     CHAT_VAL_FRACTION,
+    ChatEvalResult,  # noqa: F401 (imported from here until 2026-12-07)
+    evaluate_chat,  # noqa: F401
     read_chat_splits,
     read_run_record,
     split_unrecorded,

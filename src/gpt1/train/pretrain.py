@@ -23,7 +23,7 @@ from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import as_path, json_path, read_json, sample_fingerprint
 from gpt1.core.model import GPT, CausalSelfAttention
-from gpt1.core.progress import warn
+from gpt1.core.progress import info, warn
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.shards import (
@@ -146,6 +146,16 @@ def continued_windows(cfg: TrainConfig, out: Path, identity: dict) -> dict | Non
             or any(recorded[key] != identity.get(key) for key in recorded)):
         return None
     sampler, world_size, batch_size = ckpt.saved_sampler(parent), record.get("world_size", 1), config.get("batch_size")
+    # Windows in another order, or an epoch's windows of another length, are not the ones this run's
+    # stream begins with: skipping as many would leave the first of its own epoch out, and the pass
+    # it counts would not be one. Such a run starts its own order at its first window.
+    parent_order = sampler.get("order", "random") if isinstance(sampler, dict) else None
+    if parent_order is not None and (parent_order != cfg.data_order or (
+            cfg.data_order == "epochs" and config.get("block_size") != cfg.block_size)):
+        info(f"windows: init_from={cfg.init_from} drew its windows in the {parent_order!r} order"
+             + (f" of {config.get('block_size')}-token windows" if parent_order == cfg.data_order else "")
+             + f"; this run's {cfg.data_order!r} order starts at its first window")
+        return None
     try:
         drawn = sequences_drawn(sampler, batch_size, world_size) if sampler is not None else 0
     except (KeyError, TypeError, ValueError):  # not a pretraining run's sampler, or damaged
