@@ -15,10 +15,13 @@ import pytest
 from starlette.testclient import TestClient
 
 import gpt1
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.serve import background_server, create_app
 
 CAPACITY = {"max_batch": 2, "max_queue": 3}  # n and the prompts of a request: at most 5
 MSG = [{"role": "user", "content": "Name a colour."}]
+EMPTY = {"role": "user", "content": ""}
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +151,12 @@ def test_the_document_has_this_servers_limits_and_the_server_keeps_them(server, 
     for name in ("ChatCompletionRequest", "CompletionRequest"):
         fields = schemas[name]["properties"]
         assert fields["n"]["maximum"] == capacity
-        assert fields["max_tokens"]["maximum"] == context
-    assert schemas["ChatCompletionRequest"]["properties"]["max_completion_tokens"]["maximum"] == context
+    # The most new tokens leave room for the shortest prompt: a completion's one token ('' is [EOS]),
+    # a chat's one empty message (second wave: at the whole context, refused without truncate_prompt).
+    shortest_chat = len(chat_prompt_ids(llm.tokenizer, [EMPTY], context, SamplingParams(max_new_tokens=1)).ids)
+    assert schemas["CompletionRequest"]["properties"]["max_tokens"]["maximum"] == context - 1
+    for field in ("max_tokens", "max_completion_tokens"):
+        assert schemas["ChatCompletionRequest"]["properties"][field]["maximum"] == context - shortest_chat
     forms = schemas["CompletionRequest"]["properties"]["prompt"]["oneOf"]
     ids, lists = forms[2], forms[3]
     assert ids["items"] == {"type": "integer", "minimum": 0, "maximum": vocab - 1} == lists["items"]["items"]
@@ -162,6 +169,10 @@ def test_the_document_has_this_servers_limits_and_the_server_keeps_them(server, 
         # At the context, the prompt has to give way (truncate_prompt); past it, nothing fits.
         assert post(server, path, {**body, "max_tokens": context, "truncate_prompt": True}).status_code == 200
         assert post(server, path, {**body, "max_tokens": context + 1, "truncate_prompt": True}).status_code == 400
+    for body, path, most in (({"messages": [EMPTY]}, "/v1/chat/completions", context - shortest_chat),
+                             ({"prompt": ""}, "/v1/completions", context - 1)):  # the document's maximum, as is
+        assert post(server, path, {**body, "max_tokens": most}).status_code == 200
+        assert post(server, path, {**body, "max_tokens": most + 1}).json()["error"]["param"] == "max_tokens"
     assert post(server, "/v1/completions", {"prompt": [0, vocab - 1]}).status_code == 200
     for bad in ([vocab], [[1], [-1]], [], ["x"] * (capacity + 1)):
         assert post(server, "/v1/completions", {"prompt": bad}).status_code == 400, bad

@@ -180,8 +180,8 @@ def test_openapi_bounds_are_the_ones_the_server_enforces(server, spec):
     for path, field, value, accepted in cases:
         # top_logprobs needs logprobs: true (the schema's rule says so)
         extra = {"logprobs": True} if field == "top_logprobs" else {}
-        if field in ("max_tokens", "max_completion_tokens"):  # at the whole context, the prompt must give way
-            extra["truncate_prompt"] = True
+        if field in ("max_tokens", "max_completion_tokens"):  # the most leave room for the shortest prompt
+            extra = {"messages": [{"role": "user", "content": ""}]} if path == "chat" else {"prompt": ""}
         r = post(server, path, {field: value, **extra})
         if accepted:
             assert r.status_code == 200, (path, field, value, r.text)

@@ -36,6 +36,8 @@ from starlette.routing import Match
 
 from gpt1 import __version__
 from gpt1.core.errors import Gpt1Error
+from gpt1.core.sampling_params import SamplingParams
+from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.inference.engine import Engine, EngineUnavailable
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve.errors import ApiError, generation_error, not_found, unreadable_body, validation_error
@@ -255,7 +257,11 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
 
     add_routes(app, Served(engine, llm.tokenizer, starter.ensure_started, prompt_threads), name,
                auth=api_key is not None, stream_interval=stream_interval_ms / 1000)
-    app.openapi = functools.partial(_openapi, app, keyed=api_key is not None)
+    # The fewest tokens a prompt takes, which the most new tokens leave room for: a completion's
+    # one ('' is [EOS]), a chat's one empty user message in the template.
+    shortest_chat = len(chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": ""}], llm.config.block_size,
+                                        SamplingParams(max_new_tokens=1)).ids)
+    app.openapi = functools.partial(_openapi, app, keyed=api_key is not None, shortest_chat=shortest_chat)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
                        state=app.state, allowed_hosts=hosts)
     if cors_origins:  # outside the Guard: it answers preflights, and its headers reach the Guard's errors too
@@ -269,7 +275,7 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     return app
 
 
-def _openapi(app: FastAPI, keyed: bool) -> dict:
+def _openapi(app: FastAPI, keyed: bool, shortest_chat: int) -> dict:
     """The app's OpenAPI document (/openapi.json, /docs): FastAPI's, made exact for this server,
     once: integer bounds as integers, this server's limits (the models are every server's), and,
     with a key, the bearer scheme that /docs' Authorize and generated clients use."""
@@ -279,7 +285,7 @@ def _openapi(app: FastAPI, keyed: bool) -> dict:
         integer_bounds(document)
         engine = app.state.engine
         server_limits(document["components"]["schemas"], capacity=capacity(engine), context=engine.config.block_size,
-                      vocab_size=engine.config.vocab_size)
+                      vocab_size=engine.config.vocab_size, shortest_chat=shortest_chat)
         if keyed:
             declare_key(document)
         app.openapi_schema = document

@@ -445,18 +445,20 @@ def integer_bounds(node: Any) -> None:
             integer_bounds(value)
 
 
-def server_limits(schemas: dict, *, capacity: int, context: int, vocab_size: int) -> None:
+def server_limits(schemas: dict, *, capacity: int, context: int, vocab_size: int, shortest_chat: int = 1) -> None:
     """Write one server's limits into its document's request schemas (`schemas`: the document's
     components), in place: the models are every app's, the limits this one's. `capacity`: the
     requests its engine holds at once (max_batch + max_queue), which bounds n and the prompts of
-    a request (`mapping.sample_count`, the engine's too_many_prompts); `context`: the most new
-    tokens; `vocab_size`: a token id's bound (`mapping.completion_prompts`)."""
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
+    a request (`mapping.sample_count`, the engine's too_many_prompts); `context`: the model's,
+    which the most new tokens share with the shortest prompt (a completion's one token, '' being
+    [EOS]; `shortest_chat`, a chat's one empty message: at the whole context, a max_tokens was
+    refused without truncate_prompt); `vocab_size`: a token id's bound (`mapping.completion_prompts`)."""
+    for name, shortest in (("ChatCompletionRequest", shortest_chat), ("CompletionRequest", 1)):
         fields = schemas[name]["properties"]
         fields["n"]["maximum"] = capacity
         for field in ("max_tokens", "max_completion_tokens"):
             if field in fields:
-                fields[field]["maximum"] = context
+                fields[field]["maximum"] = max(context - shortest, 0)
     token_id = {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}
     for form in schemas["CompletionRequest"]["properties"]["prompt"]["oneOf"]:
         if form.get("type") != "array":
