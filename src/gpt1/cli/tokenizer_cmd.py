@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 from typing import Iterator
 
@@ -12,7 +11,7 @@ from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import folder_target, owner_of
 from gpt1.core.progress import info, progress
-from gpt1.core.tokenizer import TOKENIZER_FILE, train_tokenizer
+from gpt1.core.tokenizer import MIN_FREQUENCY, TOKENIZER_FILE, train_tokenizer
 from gpt1.data.readers import ReadMeter
 from gpt1.data.sources import SKIPPED, SourceStats, files_size, iter_texts, resolve_sources
 
@@ -30,10 +29,9 @@ def register(subparsers) -> None:
     train.add_argument("sources", nargs="+", type=path_arg, metavar="SOURCE",
                        help="text/.jsonl(.gz)/.parquet files, directories, globs, or hf:NAME[:SPLIT], or stdlib (the Python standard library source)")
     # The library's defaults, never repeated here: the model card's vocabulary and train_tokenizer's own.
-    library = inspect.signature(train_tokenizer).parameters
     train.add_argument("--vocab-size", type=int, default=ModelConfig.vocab_size, help="exact size of the vocabulary")
     train.add_argument("--out", required=True, type=folder_arg, help="output folder for tokenizer.json")
-    train.add_argument("--min-frequency", type=int, default=library["min_frequency"].default,
+    train.add_argument("--min-frequency", type=int, default=MIN_FREQUENCY,
                        help="a merge must occur at least this often")
     train.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
     train.add_argument("--max-documents", type=positive_int, default=None, help="stop after this many documents")

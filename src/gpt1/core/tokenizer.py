@@ -453,7 +453,10 @@ def _trained(vocab_size: int, min_frequency: int, texts: Iterable[str]) -> Backe
     return backend
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
+MIN_FREQUENCY = 2  # the fewest times a pair must occur to be merged (train_tokenizer's and the CLI's default)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = MIN_FREQUENCY,
                     show_progress: bool = True, skipped: Mapping[str, int] | None = None,
                     total_bytes: int | None = None) -> tuple[Tokenizer, dict]:
     """Train a byte-level BPE tokenizer of exactly `vocab_size` tokens on `texts`.
