@@ -101,22 +101,19 @@ def changed_dir(request, monkeypatch, tiny_config, tokenizer, tmp_path):
     return tmp_path / "model", expected
 
 
-def test_hf_export_refuses_a_model_gpt2_cannot_hold(changed_dir, tmp_path):
-    model_dir, expected = changed_dir
-    with pytest.raises(Gpt1Error) as e:
-        export_model(model_dir, tmp_path / "hf")
-    assert str(e.value).startswith(f"{model_dir}: cannot export to Hugging Face (GPT-2): ")
-    assert expected in str(e.value) and "\n" not in str(e.value)
-    assert not (tmp_path / "hf").exists()
+EXPORTERS = {"hf": (lambda model_dir, out: export_model(model_dir, out / "hf"), "Hugging Face (GPT-2)"),
+             "gguf": (lambda model_dir, out: export_gguf(model_dir, out / "model.gguf"), "GGUF (llama.cpp's gpt2)")}
 
 
-def test_gguf_export_refuses_a_model_gpt2_cannot_hold(changed_dir, tmp_path):
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_each_exporter_refuses_a_model_gpt2_cannot_hold(changed_dir, tmp_path, exporter):
     model_dir, expected = changed_dir
+    export, target = EXPORTERS[exporter]
     with pytest.raises(Gpt1Error) as e:
-        export_gguf(model_dir, tmp_path / "model.gguf")
-    assert str(e.value).startswith(f"{model_dir}: cannot export to GGUF (llama.cpp's gpt2): ")
+        export(model_dir, tmp_path / "out")
+    assert str(e.value).startswith(f"{model_dir}: cannot export to {target}: ")
     assert expected in str(e.value) and "\n" not in str(e.value)
-    assert not list(tmp_path.glob("*.gguf*"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_every_difference_is_named_in_one_line_and_long_lists_are_counted(tiny_config):

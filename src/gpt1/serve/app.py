@@ -259,8 +259,11 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
                auth=api_key is not None, stream_interval=stream_interval_ms / 1000)
     # The fewest tokens a prompt takes, which the most new tokens leave room for: a completion's
     # one ('' is [EOS]), a chat's one empty user message in the template.
-    shortest_chat = len(chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": ""}], llm.config.block_size,
-                                        SamplingParams(max_new_tokens=1)).ids)
+    try:
+        shortest_chat = len(chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": ""}], llm.config.block_size,
+                                            SamplingParams(max_new_tokens=1)).ids)
+    except Gpt1Error:  # a context too small for any chat turn: no chat request fits, max_tokens 0 at most
+        shortest_chat = llm.config.block_size
     app.openapi = functools.partial(_openapi, app, keyed=api_key is not None, shortest_chat=shortest_chat)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
                        state=app.state, allowed_hosts=hosts)
