@@ -243,9 +243,23 @@ def test_a_dead_engine_process_ends_its_requests_and_the_server_says_so(tiny_con
             assert next(lines).startswith("data: ")  # generating
             os.kill(engine.pid, signal.SIGKILL)
             rest = list(lines)
-        # Error events, not chunks whose random text holds '"error' (a token of the Python corpus).
-        errors = [line for line in rest if line.startswith('data: {"error"')]
-        assert len(errors) == 1 and "engine_unavailable" in errors[0] and "exit code -9" in errors[0]
+    # Error events, not chunks whose random text holds '"error' (a token of the Python corpus).
+    errors = [line for line in rest if line.startswith('data: {"error"')]
+    assert len(errors) == 1 and "engine_unavailable" in errors[0] and "exit code -9" in errors[0]
+
+
+def test_requests_to_a_dead_engine_process_are_503_with_the_reason(tiny_config, tokenizer, tmp_path):
+    """What a request gets between the engine's death and the server's own stop (uvicorn's next
+    tick, test_serve_deploy): the app alone, without uvicorn's ticks, so that the window stays
+    open. Asked over a real server, the answer raced the stop (connection refused in CI)."""
+    from fastapi.testclient import TestClient
+
+    endless = gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path), device="cpu")
+    app = create_app(endless, engine="process", max_batch=2)
+    with TestClient(app) as http:
+        assert http.get("/health").json()["status"] == "ok"
+        os.kill(app.state.engine.pid, signal.SIGKILL)
+        wait_for(lambda: not app.state.engine.alive, what="the engine to notice its child's death")
         health = http.get("/health")
         assert health.status_code == 503 and health.json()["error"]["code"] == "engine_unavailable"
         r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
