@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gpt1.cli.args import DefaultsHelpFormatter, folder_arg, path_arg, positive_int, val_split
+from gpt1.core.constants import PREPARE_BATCH_DOCS, PREPARE_SEED, PREPARE_VAL
 from gpt1.core.tokenizer import Tokenizer
 
 # gpt1.data.shards (numpy) is imported by the functions that use it: `gpt1 --help` imports this module.
@@ -23,12 +24,12 @@ def register(subparsers) -> None:
                              "(e.g. hf:Skylion007/openwebtext), or stdlib (the Python standard library source)")
     parser.add_argument("--tokenizer", required=True, type=path_arg, help="tokenizer.json or a folder (model dir) holding it")
     parser.add_argument("--out", required=True, type=folder_arg, help="output data folder")
-    parser.add_argument("--val", type=val_split, default=0.0005,
+    parser.add_argument("--val", type=val_split, default=PREPARE_VAL,
                         help="validation split: a fraction of the documents (< 1) or a number of documents (>= 1)")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the (deterministic) validation split")
+    parser.add_argument("--seed", type=int, default=PREPARE_SEED, help="seed of the (deterministic) validation split")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets")
     parser.add_argument("--max-documents", type=positive_int, default=None, help="stop after this many documents")
-    parser.add_argument("--batch-docs", type=positive_int, default=1024, help="documents per tokenizer batch")
+    parser.add_argument("--batch-docs", type=positive_int, default=PREPARE_BATCH_DOCS, help="documents per tokenizer batch")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip (and count) files with invalid UTF-8 and malformed lines instead of failing")
     parser.add_argument("--overwrite", action="store_true", help="replace data prepared differently in --out")

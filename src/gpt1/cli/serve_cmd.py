@@ -9,6 +9,13 @@ import os
 
 import gpt1
 from gpt1.cli.args import add_dtype_flag, path_arg
+from gpt1.core.constants import (
+    SERVE_BODY_TIMEOUT_S,
+    SERVE_MAX_BATCH,
+    SERVE_MAX_QUEUE,
+    SERVE_PREFILL_CHUNK,
+    SERVE_STREAM_INTERVAL_MS,
+)
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import failed_import, is_missing
 from gpt1.core.progress import info, warn
@@ -56,17 +63,17 @@ def register(subparsers) -> None:
                         help="the certificate's private key (PEM, unencrypted), if not in --ssl-certfile")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: the best available)")
     add_dtype_flag(parser)
-    parser.add_argument("--max-batch", type=int, default=16,
+    parser.add_argument("--max-batch", type=int, default=SERVE_MAX_BATCH,
                         help="requests generating at once, decoded together in one batch; the KV cache for "
                              "that many full contexts is allocated at start (its size is printed) "
                              "(default: %(default)s)")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--max-queue", type=int, default=SERVE_MAX_QUEUE,
                         help="requests waiting for a free slot beyond those; more get 503, and a single request "
                              "with more prompts than max-batch + max-queue gets 400 (default: %(default)s)")
-    parser.add_argument("--prefill-chunk", type=int, default=256,
+    parser.add_argument("--prefill-chunk", type=int, default=SERVE_PREFILL_CHUNK,
                         help="most prompt positions prefilled per engine step (rows x the longest chunk), so "
                              "that a long prompt does not stall the other streams (default: %(default)s)")
-    parser.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
+    parser.add_argument("--stream-interval", type=float, default=SERVE_STREAM_INTERVAL_MS, metavar="MS",
                         help="a streaming reply writes at most every MS milliseconds; the tokens made in between "
                              "go out together, as the same events in one write. Raises throughput on a fast GPU "
                              "whose event loop cannot keep up with a write per token. 0 writes each token as soon "
@@ -76,7 +83,7 @@ def register(subparsers) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile before capturing it (fewer, fused "
                              "kernels; each batch-size bucket compiles at start, tens of seconds each)")
-    parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--body-timeout", type=float, default=SERVE_BODY_TIMEOUT_S, metavar="SECONDS",
                         help="a request body must arrive within this time, else 408 and the connection is closed "
                              "(default: %(default)s)")
     parser.add_argument("--engine", default="auto", choices=["auto", "thread", "process"],
