@@ -50,33 +50,70 @@ thread count as the machine's load changes (`gpt1.core.threads`; one busy proces
 or `tune_threads=False`. The engines of a process share what they learn (`gpt1 chat` makes
 one per reply); the count is set on the stepping thread, and `restore_threads()` gives the
 caller back its own.
+
+Its parts, each a module of its own in `gpt1.inference`: `admission` (what a submission passes,
+shared with `EngineProcess`), `memory_room` (the KV cache's size and the room for it), `seeding`
+(each request's generator), `bucketed_decode` (the decode step's buckets, graphs and compilation)
+and `weight_layout` (the CPU's column-major weights).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
-import numbers
 import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Sequence, Sized
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
-from gpt1.core.errors import Gpt1Error, first_line, is_compile_error, memory_shortage
+from gpt1.core.errors import Gpt1Error, first_line, memory_shortage
 from gpt1.core.model import GPT, SlotCache
 from gpt1.core.progress import logger, warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.threads import cpu_thread_tuner, own_threads
 from gpt1.core.tokenizer import Tokenizer
-from gpt1.inference.decoding import Chunk, TextState, TokenLogprob, check_prompt, fit_prompt, new_token_limit
+
+# The names marked "moved" have modules of their own now, and are imported from here still (by the
+# server, EngineProcess and the tests).
+from gpt1.inference.admission import (
+    QueueFull,  # noqa: F401 - moved
+    TooLarge,  # noqa: F401 - moved
+    check_room,
+    check_sizes,
+    fit_prompts,
+    usable_vocab,
+)
+from gpt1.inference.bucketed_decode import BucketedDecode, no_autocast
+from gpt1.inference.decoding import Chunk, TextState, TokenLogprob, new_token_limit
+from gpt1.inference.memory_room import (
+    _CGROUPS,  # noqa: F401 - moved
+    CHECKED_KV_BYTES,
+    _cgroup_room,  # noqa: F401 - moved
+    _machine_room,  # noqa: F401 - moved
+    _proc_text,  # noqa: F401 - moved
+    _rlimit_room,  # noqa: F401 - moved
+    free_memory,
+    gib,
+    kv_cache_bytes,
+)
 from gpt1.inference.sampling import PerRow, log_probs, process_logits, sample
+from gpt1.inference.seeding import (
+    _mt19937_state,  # noqa: F401 - moved
+    request_generator,
+)
+from gpt1.inference.weight_layout import (
+    _contiguous_weight,  # noqa: F401 - moved
+    store_weights_column_major,
+)
+
+# Moved too, under their old names. The engine draws its requests' generators through `_generator`,
+# the name that tests patch (a submission short of memory, tests/test_engine_chaos.py).
+_generator = request_generator
+_BucketedDecode, _no_autocast, _gib = BucketedDecode, no_autocast, gib
 
 Sink = Callable[["Chunk | BaseException"], None]
 RATE_WINDOW_S = 10.0  # tokens/s in /health is measured over this many seconds
@@ -89,41 +126,6 @@ _EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 PREFILL_KEYS = 8
 TUNER_CONTEXT_BUCKET = 64  # positions: decode steps whose longest context is in one bucket are timed together
 EXIT_STOP_S = 5.0  # at interpreter exit, the started engines' workers are given this long in all to end their steps (`_stop_at_exit`)
-
-
-def store_weights_column_major(model: GPT) -> None:
-    """Store each `nn.Linear` weight column-major, in place: the same (out, in) tensor and values,
-    transposed storage. `F.linear(x, W)` computes x @ W.T, and with W.T contiguous MKL's CPU
-    GEMM streams the weights faster at a decode step's few rows: on the development CPU (2 cores,
-    torch 2.13, the `small` model's 25 matmuls per token, weights from memory) 4.7 -> 3.6 ms at 1
-    row, 1.15-1.5x faster up to 64 rows, equal at 256. The output head stays as it is when it is
-    tied to the input embedding, whose row lookups want rows contiguous. Saving still works: the
-    model's `state_dict()` holds contiguous copies of these weights."""
-    tied = model.lm_head.weight is model.transformer.wte.weight
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not (tied and module is model.lm_head):
-            if module.weight.is_contiguous():  # not yet (a second engine on the same model: nothing to do)
-                module.weight.data = module.weight.data.t().contiguous().t()
-                # The caller's model is changed in place: its state_dict() still gives contiguous
-                # tensors, which is what savers such as safetensors' save_file require. Once per
-                # module: weights swapped in again (load_state_dict(assign=True)) added a hook each time.
-                if not getattr(module, "_gpt1_contiguous_hook", False):
-                    module.register_state_dict_post_hook(_contiguous_weight)
-                    module._gpt1_contiguous_hook = True
-
-
-def _contiguous_weight(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    weight = state_dict.get(prefix + "weight")
-    if weight is not None and not isinstance(weight, torch.nn.Parameter) and not weight.is_contiguous():
-        state_dict[prefix + "weight"] = weight.contiguous()  # (keep_vars=True asks for the Parameter itself)
-
-
-class QueueFull(Gpt1Error):
-    """Every slot and queue place is taken right now (the server answers 503)."""
-
-
-class TooLarge(Gpt1Error):
-    """A submission with more prompts than the engine can ever hold (the server answers 400)."""
 
 
 class EngineUnavailable(Gpt1Error):
@@ -185,198 +187,6 @@ class EngineStats:
     threads: int = 0  # the CPU threads of the latest step (see gpt1.core.threads)
 
 
-def kv_cache_bytes(model: GPT, max_batch: int, max_len: int | None = None) -> int:
-    """Memory of the slot pool: keys and values of every layer for max_batch x max_len positions
-    (default: block_size)."""
-    c = model.config
-    itemsize = next(model.parameters()).element_size()
-    return 2 * c.n_layer * max_batch * c.n_head * (max_len or c.block_size) * c.head_size * itemsize
-
-
-CHECKED_KV_BYTES = 64 << 20  # the smallest KV cache whose room is checked before it is allocated
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on `device`, or None when unknown. On the CPU, the least
-    of what the machine has (MemAvailable), what the process's cgroup lets it use (a container's
-    memory limit, which MemAvailable ignores: a cache that passed was OOM-killed without a word),
-    and what its rlimits leave (`ulimit -v`, `ulimit -d`)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    rooms = [room for room in (_machine_room(), _cgroup_room(), _rlimit_room()) if room is not None]
-    return max(min(rooms), 0) if rooms else None
-
-
-def _machine_room() -> int | None:
-    try:
-        for line in _proc_text("/proc/meminfo").splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-# cgroup v2 (one hierarchy, controllers "") and v1's memory controller: where they are mounted,
-# the limit, the usage, and the page cache within the usage (memory.stat), which the kernel
-# reclaims before it fails an allocation and so is room too.
-_CGROUPS = {"": ("/sys/fs/cgroup", "memory.max", "memory.current", "file"),
-            "memory": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")}
-
-
-def _cgroup_room() -> int | None:
-    """The least room under the memory limits of the process's cgroup and those above it."""
-    try:
-        lines = _proc_text("/proc/self/cgroup").splitlines()
-    except OSError:
-        return None
-    rooms = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        kind = "" if controllers == "" else "memory" if "memory" in controllers.split(",") else None
-        if kind is None:
-            continue
-        mount, limit_file, usage_file, cache_key = _CGROUPS[kind]
-        mount = Path(mount)
-        folder = mount / path.lstrip("/")
-        for level in (folder, *folder.parents):  # a limit above the process's cgroup holds too
-            if not level.is_relative_to(mount):
-                break
-            with contextlib.suppress(OSError, ValueError):
-                limit = (level / limit_file).read_text().strip()
-                if limit == "max" or int(limit) >= 1 << 62:  # no limit (v1 says so with a huge number)
-                    continue
-                counters = dict(entry.split() for entry in (level / "memory.stat").read_text().splitlines())
-                in_use = int((level / usage_file).read_text()) - int(counters.get(cache_key, 0))
-                rooms.append(int(limit) - in_use)
-    return min(rooms, default=None)
-
-
-def _rlimit_room() -> int | None:
-    """What RLIMIT_AS (`ulimit -v`) and RLIMIT_DATA (`ulimit -d`) leave the process: torch's CPU
-    allocator maps large tensors, which both count."""
-    try:
-        import resource  # Unix only
-        status = dict(line.split(":", 1) for line in _proc_text("/proc/self/status").splitlines() if ":" in line)
-    except (ImportError, OSError):
-        return None
-    rooms = []
-    for limit, used in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
-        soft = resource.getrlimit(limit)[0]
-        with contextlib.suppress(KeyError, ValueError, IndexError):
-            if soft != resource.RLIM_INFINITY:
-                rooms.append(soft - int(status[used].split()[0]) * 1024)  # "VmSize:  123456 kB"
-    return min(rooms, default=None)
-
-
-def _proc_text(path: str) -> str:
-    """A /proc file's text, decoded as file names are (`os.fsdecode`: undecodable bytes kept as
-    surrogates). The kernel copies into these files names it was given as bytes: a process name
-    (status's `Name:`), cut at 15 bytes, often ends in half a character, and cgroup paths are
-    any bytes. Read in text mode (the locale's encoding, strict), such a name made every Engine
-    fail with a UnicodeDecodeError; decoded so, a cgroup path maps back to its exact bytes."""
-    with open(path, "rb") as f:
-        return os.fsdecode(f.read())
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    # On the CPU whatever the model's device: one draw per row and step, and the same seed
-    # gives the same draws on every machine.
-    g = torch.Generator()
-    if seed is None:  # not g.seed(), which opens /dev/urandom: out of descriptors (ulimit -n), a 500
-        g.manual_seed(int.from_bytes(os.urandom(4), "little"))  # getrandom(2): no file; 32 bits, as MT19937 takes
-    elif seed < 2**32:
-        g.manual_seed(seed)
-    else:
-        g.set_state(_mt19937_state(seed))
-    return g
-
-
-def _mt19937_state(seed: int) -> torch.Tensor:
-    """The CPU generator's state for a seed of up to 64 bits. Its MT19937 seeds itself from the
-    seed's low 32 bits alone (seeds 5 and 2**32 + 5 drew the same text); this fills the 624 state
-    words by MT19937's init_by_array over the seed's two 32-bit halves, as NumPy's
-    RandomState([low, high]) does, in the layout of `Generator.get_state()`: the initial seed
-    (u64), `left` and `seeded` (i32), `next` (u64), then the words (u64 each)."""
-    state = bytearray(torch.Generator().get_state().numpy().tobytes())
-    words = np.random.RandomState([seed & 0xFFFF_FFFF, seed >> 32]).get_state()[1].astype("<u8").tobytes()
-    state[:24] = seed.to_bytes(8, "little") + (1).to_bytes(4, "little") * 2 + bytes(8)  # as manual_seed leaves them
-    state[24:24 + len(words)] = words
-    return torch.frombuffer(state, dtype=torch.uint8).clone()
-
-
-def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams], config,
-                tokenizer: Tokenizer) -> tuple[list[SamplingParams], list[list[int]]]:
-    """Each prompt's checked knobs (`params`: one for all prompts, or one per prompt), and each
-    prompt checked (ids in the vocabulary, not empty) and fitted to the context; Gpt1Error naming
-    the prompt or the knob otherwise."""
-    if isinstance(params, SamplingParams):
-        params = [params] * len(prompts) if isinstance(prompts, Sized) else [params]
-    elif not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
-        raise Gpt1Error(f"params: expected SamplingParams (or one per prompt), got {type(params).__name__}")
-    expected = "prompts: expected a list of prompts (each a list of token ids)"
-    if isinstance(prompts, (str, bytes)):
-        raise Gpt1Error(f"{expected}, got text; encode each prompt with the tokenizer first")
-    if not isinstance(prompts, Sized) or not isinstance(prompts, Iterable):
-        raise Gpt1Error(f"{expected}, got {type(prompts).__name__}")
-    # One prompt's ids passed flat (`tok.encode(text)` for `[tok.encode(text)]`): an int where a prompt goes.
-    if any(isinstance(p, numbers.Integral) or getattr(p, "ndim", None) == 0 for p in prompts):
-        raise Gpt1Error(f"{expected}, got a list of ints; pass one prompt as [ids]")
-    if len(params) != len(prompts):
-        raise Gpt1Error(f"params: {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt")
-    params = [p.validate() for p in params]
-    names = [f"prompt {i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
-    for p, name in zip(prompts, names):
-        if not isinstance(p, Iterable):
-            raise Gpt1Error(f"{name}: expected token ids (a list of ints), got {type(p).__name__}")
-    if config.block_size < 2:  # its one position holds the prompt's last token: none is left for a new one
-        raise Gpt1Error(f"a model with a {config.block_size}-token context (block_size) has no position for a new "
-                        "token: it cannot generate")
-    vocab = usable_vocab(config, tokenizer)
-    return params, [fit_prompt(check_prompt(p, vocab, tokenizer.eos_id, name), config.block_size, knobs)
-                    for p, name, knobs in zip(prompts, names, params)]
-
-
-def usable_vocab(config, tokenizer: Tokenizer) -> int:
-    """The ids a model can generate and its tokenizer decode. A model may have more embeddings
-    than its tokenizer has tokens (padded to a multiple of 64, as `transformers`'
-    `resize_token_embeddings(pad_to_multiple_of=...)` does): those rows are never sampled."""
-    return min(config.vocab_size, tokenizer.vocab_size)
-
-
-def check_sizes(max_batch: int, max_queue: int, prefill_chunk: int) -> None:
-    """Gpt1Error unless max_batch and prefill_chunk are >= 1 and max_queue >= 0."""
-    if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-        raise Gpt1Error(f"engine: max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got "
-                        f"{max_batch}, {prefill_chunk} and {max_queue}")
-
-
-def check_room(n: int, max_batch: int, max_queue: int, active: int, queued: int) -> None:
-    """TooLarge when `n` prompts exceed what the engine ever holds, QueueFull when they do not fit now.
-
-    Only `active + queued`, the requests the engine holds, counts, and the message splits them
-    as the engine runs them (`max_batch` generating, the rest waiting): the split of the moment
-    is no answer to give a client, since a request waits for the next step to take a free slot
-    (0 generating while one is about to), and `EngineProcess` knows only the sum (its child
-    admits them), which it passes as `active`."""
-    capacity, held = max_batch + max_queue, active + queued
-    if n > capacity:
-        raise TooLarge(f"{n} prompts in one request, but this server holds at most {capacity} at once "
-                       f"({max_batch} generating + {max_queue} waiting); send at most {capacity}")
-    if n > capacity - held:
-        generating = min(held, max_batch)
-        room = f"; {n} prompts in one request need {n} places" if n > 1 else ""
-        raise QueueFull(f"the server is busy ({generating} of {max_batch} slots generating, {held - generating} "
-                        f"of {max_queue} queue places waiting{room}); retry later")
-
-
 class Engine:
     """Generates for many requests at once on one model. See the module docstring."""
 
@@ -400,26 +210,7 @@ class Engine:
                             "or load it with gpt1.load")
         self.device = first.device
         self.dtype_name = str(first.dtype).removeprefix("torch.")  # of the weights and the KV cache
-        self.kv_bytes = kv_cache_bytes(model, max_batch, self.max_len)
-        what = (f"{max_batch} x {self.max_len:,} positions"
-                + (", the model's block_size" if self.max_len == self.config.block_size else ""))
-        # A small cache is not checked: reading the cgroup's files at each level took 0.2 ms, paid by
-        # every `generate` call (each builds an engine); one that fails anyway is the error below.
-        available = free_memory(self.device) if self.kv_bytes >= CHECKED_KV_BYTES else None
-        if available is not None and self.kv_bytes > available:
-            raise Gpt1Error(f"max_batch {max_batch}: the KV cache needs {_gib(self.kv_bytes)} ({what}) but only "
-                            f"{_gib(available)} is free on {self.device}; lower max_batch")
-        try:
-            self.cache = SlotCache(self.config, max_batch, self.max_len, device=self.device, dtype=first.dtype)
-            # Each row's context (prompt + generated), kept for requests with a repeat penalty;
-            # vocab_size = "no token".
-            self.tokens = torch.full((max_batch, self.max_len), self.config.vocab_size,
-                                     dtype=torch.long, device=self.device)
-        except RuntimeError as e:  # CUDA's OutOfMemoryError; the CPU allocator's is a plain RuntimeError
-            if memory_shortage(e) is None:
-                raise
-            raise Gpt1Error(f"max_batch {max_batch}: out of memory allocating the KV cache ({_gib(self.kv_bytes)}, "
-                            f"{what}) on {self.device}; lower max_batch") from None
+        self._allocate_slots(first.dtype)
         if self.device.type == "cpu" and torch.backends.mkl.is_available():  # measured with MKL (x86) only
             store_weights_column_major(model)
         self.stop_ids = frozenset(tokenizer.special_ids)
@@ -440,7 +231,32 @@ class Engine:
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._no_draw = torch.zeros((), dtype=torch.float32)  # a greedy row's random number, unused (`sample` takes its argmax)
         capture = cuda_graphs and self.device.type == "cuda"
-        self._graphs = _BucketedDecode(self, capture, compile) if capture or compile else None
+        self._graphs = BucketedDecode(self, capture, compile) if capture or compile else None
+
+    def _allocate_slots(self, dtype: torch.dtype) -> None:
+        """Allocate the slot pool (`cache`) and each row's context (`tokens`), or say in one
+        Gpt1Error that they do not fit: before, where the device's room is known, else when the
+        allocation fails."""
+        self.kv_bytes = kv_cache_bytes(self.model, self.max_batch, self.max_len)
+        what = (f"{self.max_batch} x {self.max_len:,} positions"
+                + (", the model's block_size" if self.max_len == self.config.block_size else ""))
+        # A small cache is not checked: reading the cgroup's files at each level took 0.2 ms, paid by
+        # every `generate` call (each builds an engine); one that fails anyway is the error below.
+        available = free_memory(self.device) if self.kv_bytes >= CHECKED_KV_BYTES else None
+        if available is not None and self.kv_bytes > available:
+            raise Gpt1Error(f"max_batch {self.max_batch}: the KV cache needs {gib(self.kv_bytes)} ({what}) but only "
+                            f"{gib(available)} is free on {self.device}; lower max_batch")
+        try:
+            self.cache = SlotCache(self.config, self.max_batch, self.max_len, device=self.device, dtype=dtype)
+            # Each row's context (prompt + generated), kept for requests with a repeat penalty;
+            # vocab_size = "no token".
+            self.tokens = torch.full((self.max_batch, self.max_len), self.config.vocab_size,
+                                     dtype=torch.long, device=self.device)
+        except RuntimeError as e:  # CUDA's OutOfMemoryError; the CPU allocator's is a plain RuntimeError
+            if memory_shortage(e) is None:
+                raise
+            raise Gpt1Error(f"max_batch {self.max_batch}: out of memory allocating the KV cache ({gib(self.kv_bytes)}, "
+                            f"{what}) on {self.device}; lower max_batch") from None
 
     # ---- state, for /health, tests and benchmarks ----------------------------------------
     @property
@@ -550,7 +366,7 @@ class Engine:
             return
         threads = self._threads.apply() if self._threads is not None else torch.get_num_threads()
         started = time.perf_counter()
-        with torch.inference_mode(), _no_autocast(self.device):
+        with torch.inference_mode(), no_autocast(self.device):
             prefilled, prefill_logits, prefilling = self._prefill()
             decoded, decode_logits, longest = self._decode()
             requests = prefilled + decoded
@@ -577,7 +393,21 @@ class Engine:
             kind = (len(decoded), longest // TUNER_CONTEXT_BUCKET)
             if message := self._threads.step_done(time.perf_counter() - started, kind):
                 logger.debug(message)
-        given = 0  # tokens handed to their requests: a row that failed here made none
+        given = self._hand_out(requests, next_ids, entries, errors)
+        with self._lock:
+            self.stats.threads = threads
+            self.stats.steps += 1
+            self.stats.tokens += given
+            now = time.monotonic()
+            self._rate.append((now, given))
+            self._forget_old_rate(now)  # here, not only when /health asks: unpolled, it grew forever
+
+    def _hand_out(self, requests: list[Request], next_ids: list[int], entries: dict[int, TokenLogprob],
+                  errors: dict[int, Exception]) -> int:
+        """Give each request its sampled token (with its log-probability, where it asked), or end it
+        with its row's error (-1: logits that were not finite); the tokens given (a row that failed
+        here made none)."""
+        given = 0
         for i, (request, token) in enumerate(zip(requests, next_ids)):
             if i in errors:
                 self._fail(request, errors[i])
@@ -586,13 +416,7 @@ class Engine:
             else:
                 self._emit(request, token, entries.get(i))
                 given += 1
-        with self._lock:
-            self.stats.threads = threads
-            self.stats.steps += 1
-            self.stats.tokens += given
-            now = time.monotonic()
-            self._rate.append((now, given))
-            self._forget_old_rate(now)  # here, not only when /health asks: unpolled, it grew forever
+        return given
 
     def _admit(self) -> None:
         with self._lock:
@@ -642,19 +466,10 @@ class Engine:
         together. The rows go in
         the order their requests came (a freed slot takes the newest row, so slot order let a
         later long prompt take every step's budget while an earlier one waited)."""
-        chosen, T, keys = [], 0, 0
-        for request in sorted((r for r in self._rows if r.prefilling and not _waits_for_twin(r)), key=lambda r: r.arrival):
-            width = self.prefill_chunk // (len(chosen) + 1)  # the widest chunk that keeps rows x width in budget
-            if width < max(T, 1):
-                break
-            chunk = request.prompt_ids[request.length:request.length + width]
-            reach = max(keys, request.length + len(chunk))  # the keys every row of the forward reads
-            if chosen and (len(chosen) + 1) * reach > max(PREFILL_KEYS * self.prefill_chunk, keys):
-                break
-            chosen.append((request, chunk))
-            T, keys = max(T, len(chunk)), reach
+        chosen = self._prefill_chunks()
         if not chosen:  # the first prefilling row is always chosen: none was prefilling
             return [], None, False
+        T = max(len(chunk) for _, chunk in chosen)
         pad = self.cache.max_len - 1
         ids = [[0] * (T - len(chunk)) + chunk for _, chunk in chosen]
         positions = [[pad] * (T - len(chunk)) + list(range(r.length, r.length + len(chunk))) for r, chunk in chosen]
@@ -690,6 +505,22 @@ class Engine:
         for request, _ in scored_only:  # max_new_tokens 0 (a prompt to score): nothing to sample, ended here
             self._end_unsampled(request)
         return [r for r, _ in done], _rows_of(logits, [i for _, i in done]), True
+
+    def _prefill_chunks(self) -> list[tuple[Request, list[int]]]:
+        """The prompt chunks this step prefills, within its budget (see `_prefill`): each prefilling
+        request's next chunk, in the order the requests came."""
+        chosen, T, keys = [], 0, 0
+        for request in sorted((r for r in self._rows if r.prefilling and not _waits_for_twin(r)), key=lambda r: r.arrival):
+            width = self.prefill_chunk // (len(chosen) + 1)  # the widest chunk that keeps rows x width in budget
+            if width < max(T, 1):
+                break
+            chunk = request.prompt_ids[request.length:request.length + width]
+            reach = max(keys, request.length + len(chunk))  # the keys every row of the forward reads
+            if chosen and (len(chosen) + 1) * reach > max(PREFILL_KEYS * self.prefill_chunk, keys):
+                break
+            chosen.append((request, chunk))
+            T, keys = max(T, len(chunk)), reach
+        return chosen
 
     def _score_prompt(self, request: Request, logits: torch.Tensor) -> None:
         """Add the log-probabilities of the prompt tokens that the chunk just fed predicts (its
@@ -1123,93 +954,3 @@ def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if rows == list(range(len(rows))):
         return logits[:len(rows)]
     return logits[torch.tensor(rows, device=logits.device)]
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """The engine's forwards run in the model's dtype, whatever autocast the caller is in (a
-    training script's eval callback under bfloat16 autocast): its bfloat16 keys and values could
-    not be written into the float32 KV cache ("Index put requires the source and destination dtypes
-    match"), and the engine's dtype is the one documented (`dtype_name`, the server's /health)."""
-    # Entered only under an autocast (an autocast context costs 7 us a step), and only for a device
-    # torch has one for.
-    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
-
-
-class _BucketedDecode:
-    """The decode step in fixed shapes: batch sizes rounded up to a power of two (at most
-    max_batch), attention over the whole slot. With `capture` (CUDA) each bucket's forward is
-    captured once as a CUDA graph and replayed with new inputs; without, the same bucketed
-    forward runs eagerly (what the tests check on a CPU). With `compile`, each bucket's forward
-    is first compiled by `torch.compile` (Inductor fuses the step's ~13 small kernels per layer,
-    which at batch 1 on a GPU bound the step more than reading the weights does), then captured."""
-
-    def __init__(self, engine: Engine, capture: bool = True, compile: bool = False):
-        self.engine, self.capture, self.compile = engine, capture, compile
-        self.buckets: dict[int, tuple[Callable[[], torch.Tensor], torch.Tensor]] = {}
-
-    def bucket(self, rows: int) -> int:
-        return min(1 << (rows - 1).bit_length(), self.engine.max_batch)
-
-    def bucket_for(self, rows: int) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
-        """The bucket that serves `rows` rows, built (compiled, captured) on first use."""
-        size = self.bucket(rows)
-        if size not in self.buckets:
-            with _no_autocast(self.engine.device):  # warm_up's builds too: compiled and captured as a step runs
-                self.buckets[size] = self._build(size)
-        return self.buckets[size]
-
-    def decode(self, ids: list[int], starts: list[int]) -> torch.Tensor:
-        run, static_inputs = self.bucket_for(len(ids))
-        size = static_inputs.size(1)
-        # The bucket's rows beyond the live ones write at the last position, which no row holds
-        # while it has tokens to feed: those slots may hold a prompt being prefilled.
-        pad = size - len(ids)
-        static_inputs.copy_(torch.tensor([ids + [0] * pad, starts + [self.engine.cache.max_len - 1] * pad]),
-                            non_blocking=True)  # one copy to the device per step
-        return run()[:len(ids)]
-
-    def _build(self, size: int):
-        engine = self.engine
-        static_inputs = torch.zeros(2, size, dtype=torch.long, device=engine.device)  # token ids; positions
-        static_ids, static_starts = static_inputs[0, :, None], static_inputs[1]
-
-        def forward() -> torch.Tensor:
-            engine.cache.prepare(slice(0, size), static_starts[:, None])
-            return engine.model(static_ids, cache=engine.cache, last_only=True)[:, -1]
-
-        # Warm-up, compilation and capture write at the last position, which no live row holds yet.
-        static_starts.fill_(engine.cache.max_len - 1)
-        if self.compile:
-            compiled = torch.compile(forward, fullgraph=True, dynamic=False)
-            try:
-                # Every bucket's closure shares one code object: a bucket is one more compilation of
-                # it, which Dynamo's recompile limit (8 by default) would refuse past the 8th bucket.
-                with torch._dynamo.config.patch(recompile_limit=max(8, len(self.buckets) + 1)):
-                    compiled()
-                forward = compiled
-            except Exception as e:  # e.g. no C++ compiler (Windows without MSVC, macOS without Xcode's tools)
-                if not is_compile_error(e):
-                    raise
-                warn(f"torch.compile failed ({first_line(e)}); the engine decodes without it (as without --compile)")
-                self.compile = False
-        if not self.capture:
-            return forward, static_inputs
-        # On the engine's own GPU: a capture on another one (the thread's current device, cuda:0
-        # for --device cuda:1) records nothing, and every replay would return the capture's logits.
-        stream = torch.cuda.Stream(engine.device)
-        stream.wait_stream(torch.cuda.current_stream(engine.device))
-        with torch.cuda.device(engine.device), torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocator, kernels), as PyTorch advises
-                forward()
-        torch.cuda.current_stream(engine.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(engine.device), torch.cuda.graph(graph):
-            logits = forward()
-
-        def replay() -> torch.Tensor:
-            graph.replay()
-            return logits
-
-        return replay, static_inputs

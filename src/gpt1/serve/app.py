@@ -35,6 +35,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
 
 from gpt1 import __version__
+from gpt1.core.constants import (
+    SERVE_BODY_TIMEOUT_S,
+    SERVE_MAX_BATCH,
+    SERVE_MAX_QUEUE,
+    SERVE_PREFILL_CHUNK,
+    SERVE_STREAM_INTERVAL_MS,
+)
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
@@ -46,7 +53,7 @@ from gpt1.serve.routes import PromptThreads, Served, add_routes, capacity
 from gpt1.serve.schemas import integer_bounds, server_limits
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a 512-token context can use
-BODY_TIMEOUT_S = 30.0  # to receive a whole request body
+BODY_TIMEOUT_S = SERVE_BODY_TIMEOUT_S  # to receive a whole request body
 
 # An origin as a browser's Origin header has it: scheme://host[:port], the host in ASCII (an IDN
 # as punycode), an IPv6 address in brackets; a "/" after it is what an address bar adds.
@@ -114,11 +121,11 @@ class _Starter:
             raise EngineUnavailable(f"the engine could not start: {e}") from None
 
 
-def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queue: int = 64,
-               prefill_chunk: int = 256, cuda_graphs: bool = True, compile: bool = False,
+def create_app(llm, api_key: str | None = None, *, max_batch: int = SERVE_MAX_BATCH, max_queue: int = SERVE_MAX_QUEUE,
+               prefill_chunk: int = SERVE_PREFILL_CHUNK, cuda_graphs: bool = True, compile: bool = False,
                max_body_bytes: int = MAX_BODY_BYTES,
                body_timeout_s: float = BODY_TIMEOUT_S, model_name: str | None = None,
-               stream_interval_ms: float = 0.0, engine: str = "thread", device: str | None = None,
+               stream_interval_ms: float = SERVE_STREAM_INTERVAL_MS, engine: str = "thread", device: str | None = None,
                dtype: str | None = None, cors_origins: Sequence[str] = (),
                allowed_hosts: Sequence[str] = ()) -> FastAPI:
     """The server for a loaded model (`gpt1.load(dir)`).
@@ -150,32 +157,10 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     TestClient without `with`), at the first request that needs it; then `app.state.engine.stop()`
     stops it (docs/serving.md).
     """
-    if isinstance(cors_origins, str):  # its characters would be read as origins
-        raise Gpt1Error(f"cors_origins: expected a list of origins, got the string {cors_origins!r}")
-    origins = [cors_origin(value) for value in cors_origins]
-    if isinstance(allowed_hosts, str):
-        raise Gpt1Error(f"allowed_hosts: expected a list of host names, got the string {allowed_hosts!r}")
-    hosts = [allowed_host(value) for value in allowed_hosts]
-    if api_key is not None:
-        # Stripped as the client's token is (HTTP strips a header value's whitespace): a key read
-        # with its file's newline would otherwise never match.
-        api_key = api_key.strip()
-        if not api_key:  # the Guard would check nothing, while the chat page asked for a key
-            raise Gpt1Error("api_key is empty; pass None to serve without a key")
+    origins, hosts, api_key = _cors_origins(cors_origins), _allowed_hosts(allowed_hosts), _api_key(api_key)
     knobs = dict(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
                  compile=compile)
-    if engine == "process":
-        weightless = llm.device.type == "meta"  # LLM.without_weights: no loaded device or dtype to follow
-        device = device or ("auto" if weightless else str(llm.device))
-        dtype = dtype or ("auto" if weightless else str(llm.dtype).removeprefix("torch."))
-        engine = EngineProcess(llm.path, llm.tokenizer, llm.config, device=device, dtype=dtype, **knobs)
-    elif engine == "thread":
-        if device is not None or dtype is not None:  # they were ignored: the model is already loaded
-            raise Gpt1Error("device and dtype apply to engine='process'; the thread engine runs llm as loaded "
-                             "(gpt1.load(path, device=..., dtype=...))")
-        engine = Engine(llm.model, llm.tokenizer, **knobs)
-    else:
-        raise Gpt1Error(f"engine must be 'thread' or 'process', got {engine!r}")
+    engine = _engine(llm, engine, device, dtype, knobs)
     # Resolved: `--model .` (or ..) would be served as "" (or "..") to clients that pick data[0].id.
     name = model_name or (Path(llm.path).resolve().name if getattr(llm, "path", None) else "") or "gpt1"
 
@@ -185,6 +170,73 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     # request after it was a 500 (a Rust panic), until the server restarted.
     llm.tokenizer.encode("warm-up")
     starter, prompt_threads = _Starter(engine), PromptThreads()
+    app = _new_app(_lifespan(engine, starter, prompt_threads))
+    app.state.engine = engine
+    # Started by the lifespan, or first, with the engine, by the caller, before the server runs (gpt1
+    # serve), so that a thread that cannot start is the caller's error, not a lifespan traceback and
+    # uvicorn's exit status 3.
+    app.state.prompt_threads = prompt_threads
+    app.state.model_name = name
+    # The address the server listens on, for the Guard's host check: set by gpt1.serve.server's serve()
+    # and background_server(); None (uvicorn run directly) lets the connection's local address decide.
+    app.state.listen_host = None
+    _add_error_handlers(app)
+    _add_docs_pages(app)
+    add_routes(app, Served(engine, llm.tokenizer, starter.ensure_started, prompt_threads), name,
+               auth=api_key is not None, stream_interval=stream_interval_ms / 1000)
+    app.openapi = functools.partial(_openapi, app, keyed=api_key is not None, shortest_chat=_shortest_chat(llm))
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
+                       state=app.state, allowed_hosts=hosts)
+    if cors_origins:  # outside the Guard: it answers preflights, and its headers reach the Guard's errors too
+        _add_cors(app, origins)
+    return app
+
+
+# ---- create_app's steps ----------------------------------------------------------------------------
+def _cors_origins(cors_origins: Sequence[str]) -> list[str]:
+    """Each origin as browsers send it (`cors_origin`)."""
+    if isinstance(cors_origins, str):  # its characters would be read as origins
+        raise Gpt1Error(f"cors_origins: expected a list of origins, got the string {cors_origins!r}")
+    return [cors_origin(value) for value in cors_origins]
+
+
+def _allowed_hosts(allowed_hosts: Sequence[str]) -> list[str]:
+    """Each host name as the host check compares it (`allowed_host`)."""
+    if isinstance(allowed_hosts, str):
+        raise Gpt1Error(f"allowed_hosts: expected a list of host names, got the string {allowed_hosts!r}")
+    return [allowed_host(value) for value in allowed_hosts]
+
+
+def _api_key(api_key: str | None) -> str | None:
+    """The key as the Guard compares it, or None for a server without one."""
+    if api_key is not None:
+        # Stripped as the client's token is (HTTP strips a header value's whitespace): a key read
+        # with its file's newline would otherwise never match.
+        api_key = api_key.strip()
+        if not api_key:  # the Guard would check nothing, while the chat page asked for a key
+            raise Gpt1Error("api_key is empty; pass None to serve without a key")
+    return api_key
+
+
+def _engine(llm, engine: str, device: str | None, dtype: str | None, knobs: dict) -> Engine | EngineProcess:
+    """The app's engine, not started: `create_app`'s `engine`, `device` and `dtype`, and the engine's
+    `knobs` (its sizes, CUDA graphs, compile)."""
+    if engine == "process":
+        weightless = llm.device.type == "meta"  # LLM.without_weights: no loaded device or dtype to follow
+        device = device or ("auto" if weightless else str(llm.device))
+        dtype = dtype or ("auto" if weightless else str(llm.dtype).removeprefix("torch."))
+        return EngineProcess(llm.path, llm.tokenizer, llm.config, device=device, dtype=dtype, **knobs)
+    if engine == "thread":
+        if device is not None or dtype is not None:  # they were ignored: the model is already loaded
+            raise Gpt1Error("device and dtype apply to engine='process'; the thread engine runs llm as loaded "
+                             "(gpt1.load(path, device=..., dtype=...))")
+        return Engine(llm.model, llm.tokenizer, **knobs)
+    raise Gpt1Error(f"engine must be 'thread' or 'process', got {engine!r}")
+
+
+def _lifespan(engine: Engine | EngineProcess, starter: _Starter, prompt_threads: PromptThreads):
+    """The app's lifespan: the prompt threads and the engine started with the server, and stopped
+    with it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -205,24 +257,24 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
             # Ended with the server, as the engine is: each app served left its 4 threads behind.
             await asyncio.to_thread(prompt_threads.stop)
 
+    return lifespan
+
+
+def _new_app(lifespan) -> FastAPI:
+    """The FastAPI app, with no route yet."""
     # The docs pages are served below with relative links, and a path with a slash too many or too
     # few is redirected relatively (see `_slash_redirect`): FastAPI's and Starlette's name absolute
     # ones, which behind a proxy that serves the server under a prefix (/gpt1/) lead outside it.
-    app = FastAPI(title="gpt1", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  redirect_slashes=False,
-                  # The API where the schema is (an OpenAPI server URL is relative to it): without one,
-                  # the docs' "Try it out" called the host's root, outside a proxy's /gpt1/.
-                  servers=[{"url": "."}],
-                  description="An OpenAI-compatible API for a gpt1 model, and a chat page at `/`.")
-    app.state.engine = engine
-    # Started by the lifespan, or first, with the engine, by the caller, before the server runs (gpt1
-    # serve), so that a thread that cannot start is the caller's error, not a lifespan traceback and
-    # uvicorn's exit status 3.
-    app.state.prompt_threads = prompt_threads
-    app.state.model_name = name
-    # The address the server listens on, for the Guard's host check: set by gpt1.serve.server's serve()
-    # and background_server(); None (uvicorn run directly) lets the connection's local address decide.
-    app.state.listen_host = None
+    return FastAPI(title="gpt1", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                   redirect_slashes=False,
+                   # The API where the schema is (an OpenAPI server URL is relative to it): without one,
+                   # the docs' "Try it out" called the host's root, outside a proxy's /gpt1/.
+                   servers=[{"url": "."}],
+                   description="An OpenAI-compatible API for a gpt1 model, and a chat page at `/`.")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answered in OpenAI's error body (`gpt1.serve.errors`)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -245,6 +297,9 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     async def server_error(request: Request, exc: Exception):
         return generation_error(exc).response()
 
+
+def _add_docs_pages(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc."""
     # openapi.json relative to the page, so that it is found under whatever prefix the page is. No
     # closure over the app: FastAPI keeps endpoint functions in process-wide caches (see routes.Served).
     @app.get("/docs", include_in_schema=False)
@@ -255,27 +310,26 @@ def create_app(llm, api_key: str | None = None, *, max_batch: int = 16, max_queu
     async def redoc() -> HTMLResponse:
         return get_redoc_html(openapi_url="openapi.json", title="gpt1 - ReDoc")
 
-    add_routes(app, Served(engine, llm.tokenizer, starter.ensure_started, prompt_threads), name,
-               auth=api_key is not None, stream_interval=stream_interval_ms / 1000)
-    # The fewest tokens a prompt takes, which the most new tokens leave room for: a completion's
-    # one ('' is [EOS]), a chat's one empty user message in the template.
+
+def _shortest_chat(llm) -> int:
+    """The fewest tokens a prompt takes, which the most new tokens leave room for: a completion's
+    one ('' is [EOS]), a chat's one empty user message in the template."""
     try:
-        shortest_chat = len(chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": ""}], llm.config.block_size,
-                                            SamplingParams(max_new_tokens=1)).ids)
+        return len(chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": ""}], llm.config.block_size,
+                                   SamplingParams(max_new_tokens=1)).ids)
     except Gpt1Error:  # a context too small for any chat turn: no chat request fits, max_tokens 0 at most
-        shortest_chat = llm.config.block_size
-    app.openapi = functools.partial(_openapi, app, keyed=api_key is not None, shortest_chat=shortest_chat)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
-                       state=app.state, allowed_hosts=hosts)
-    if cors_origins:  # outside the Guard: it answers preflights, and its headers reach the Guard's errors too
-        # Any request header, as vLLM allows: OpenAI's JS client sends its own on every call
-        # (x-stainless-lang, -os, -retry-count..., openai-organization, -project, -beta), and a
-        # preflight that refuses one fails the call. Safe without credentials: no cookie is sent,
-        # and the key is a header the page itself must know. Retry-After (of a 503) is exposed to
-        # the page, whose client waits as long before it retries.
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["Retry-After", "X-Gpt1-Dropped-Messages", "X-Gpt1-Cut-Tokens"], max_age=600)
-    return app
+        return llm.config.block_size
+
+
+def _add_cors(app: FastAPI, origins: list[str]) -> None:
+    """Let web pages of `origins` call the API from a browser."""
+    # Any request header, as vLLM allows: OpenAI's JS client sends its own on every call
+    # (x-stainless-lang, -os, -retry-count..., openai-organization, -project, -beta), and a
+    # preflight that refuses one fails the call. Safe without credentials: no cookie is sent,
+    # and the key is a header the page itself must know. Retry-After (of a 503) is exposed to
+    # the page, whose client waits as long before it retries.
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                       allow_headers=["*"], expose_headers=["Retry-After", "X-Gpt1-Dropped-Messages", "X-Gpt1-Cut-Tokens"], max_age=600)
 
 
 def _openapi(app: FastAPI, keyed: bool, shortest_chat: int) -> dict:

@@ -604,16 +604,29 @@ class Served:
 
 def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_interval: float = 0.0) -> None:
     """The endpoints; each awaits `ensure_started()` before it uses the engine (see `create_app`),
-    and builds its prompts on `prompt_threads`."""
+    and builds its prompts on `prompt_threads`. They read `served` from the request's app, and close
+    over plain values only (see `Served`)."""
     app.state.served = served
     context = served.engine.config.block_size
-    created = int(time.time())
+    _add_page(app, name, context, auth)
+    _add_status_routes(app, name)
+    _add_model_routes(app, name, context)
+    _add_chat_route(app, name, context, stream_interval)
+    _add_completion_route(app, name, context, stream_interval)
+
+
+def _add_page(app: FastAPI, name: str, context: int, auth: bool) -> None:
+    """The chat page, at /."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         # Not to be framed by another site's page (clickjacking: the operator's chat page, their
         # key typed into it, under a page of someone else's). Only framing is restricted.
         return HTMLResponse(page_html(name, context, auth), headers=PAGE_HEADERS)
+
+
+def _add_status_routes(app: FastAPI, name: str) -> None:
+    """/health and /metrics: the engine's liveness and load."""
 
     @app.get("/health", response_model=None, responses={**_reply(Health), **error_responses(*_SEEN_BY_ALL, 503)})
     async def health(request: Request) -> dict:
@@ -648,6 +661,11 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         # backslashreplace: a model dir's name undecodable in the filesystem's encoding is no 500.
         return Response(text.encode("utf-8", "backslashreplace"), media_type=METRICS_CONTENT_TYPE)
 
+
+def _add_model_routes(app: FastAPI, name: str, context: int) -> None:
+    """/v1/models and /v1/models/{model_id}: the one model served."""
+    created = int(time.time())
+
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "gpt1", "context_length": context}
 
@@ -662,6 +680,10 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
             raise ApiError(404, f"model {model_id[:100]!r} not found; this server serves {name!r}",
                            param="model", code="model_not_found")
         return model_card()
+
+
+def _add_chat_route(app: FastAPI, name: str, context: int, stream_interval: float) -> None:
+    """/v1/chat/completions."""
 
     @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletion, _FITTING_HEADERS))
     async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response):
@@ -689,13 +711,12 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         if results is None:
             return _client_gone(request, started)
         response.headers.update(fitting)  # FastAPI adds them to the JSON response it makes of the dict
-        return {**_envelope(rid, "chat.completion", now, model_id),
-                "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                             "logprobs": (chat_logprobs(served.tokenizer, r["logprobs"]) if params.logprobs is not None
-                                          else None),
-                             "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
-                # The choices share one prompt, counted once (as OpenAI and vLLM count it).
-                "usage": _usage(results[0]["prompt_tokens"], sum(r["completion_tokens"] for r in results))}
+        return _chat_completion(_envelope(rid, "chat.completion", now, model_id), results, served.tokenizer,
+                                params.logprobs is not None)
+
+
+def _add_completion_route(app: FastAPI, name: str, context: int, stream_interval: float) -> None:
+    """/v1/completions (the legacy API: several prompts, echo, logprobs as text offsets)."""
 
     @app.post("/v1/completions", responses=_generation_responses(Completion))
     async def completions(req: CompletionRequest, request: Request):
@@ -726,14 +747,31 @@ def add_routes(app: FastAPI, served: Served, name: str, auth: bool, *, stream_in
         results = await collect(request, requests, queue)
         if results is None:
             return _client_gone(request, started)
-        choices = []
-        for i, r in enumerate(results):
-            text, logprobs = r["text"], None
-            if scoring is not None:  # the whole reply as one chunk
-                text, logprobs = scoring.piece(i // n, i, Chunk(text, r["finish_reason"], r["prompt_tokens"],
-                                                                r["completion_tokens"], r["logprobs"],
-                                                                r["prompt_logprobs"]))
-            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": r["finish_reason"]})
-        return {**_envelope(rid, "text_completion", now, model_id), "choices": choices,
-                "usage": _usage(sum(r["prompt_tokens"] for r in results[::n]),  # each prompt once
-                                sum(r["completion_tokens"] for r in results))}
+        return _completion(_envelope(rid, "text_completion", now, model_id), results, n, scoring)
+
+
+def _chat_completion(envelope: dict, results: list[dict], tokenizer, logprobs: bool) -> dict:
+    """A chat completion object of `collect`'s results, a choice each; with `logprobs`, each
+    choice's tokens' log-probabilities (`tokenizer` names the tokens)."""
+    return {**envelope,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                         "logprobs": chat_logprobs(tokenizer, r["logprobs"]) if logprobs else None,
+                         "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
+            # The choices share one prompt, counted once (as OpenAI and vLLM count it).
+            "usage": _usage(results[0]["prompt_tokens"], sum(r["completion_tokens"] for r in results))}
+
+
+def _completion(envelope: dict, results: list[dict], n: int, scoring: _CompletionScoring | None) -> dict:
+    """A completion object of `collect`'s results, `n` consecutive choices per prompt; with
+    `scoring`, each choice's echoed prompt and log-probabilities."""
+    choices = []
+    for i, r in enumerate(results):
+        text, logprobs = r["text"], None
+        if scoring is not None:  # the whole reply as one chunk
+            text, logprobs = scoring.piece(i // n, i, Chunk(text, r["finish_reason"], r["prompt_tokens"],
+                                                            r["completion_tokens"], r["logprobs"],
+                                                            r["prompt_logprobs"]))
+        choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": r["finish_reason"]})
+    return {**envelope, "choices": choices,
+            "usage": _usage(sum(r["prompt_tokens"] for r in results[::n]),  # each prompt once
+                            sum(r["completion_tokens"] for r in results))}
