@@ -26,15 +26,8 @@ from gpt1.core.model import GPT, CausalSelfAttention
 from gpt1.core.progress import info, warn
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
-from gpt1.data.shards import (
-    WINDOW_ORDERS,
-    ShardWindows,
-    check_fingerprint,
-    fixed_windows,
-    load_data_tokenizer,
-    load_meta,
-    sequences_drawn,
-)
+from gpt1.data.shards import PreparedData, check_fingerprint
+from gpt1.data.windows import WINDOW_ORDERS, ShardWindows, fixed_windows, sequences_drawn
 from gpt1.formats.hf import import_hf_model
 from gpt1.formats.modeldir import load_model
 from gpt1.formats.modeldir import save_model as save_model_dir
@@ -115,14 +108,15 @@ def _check_shape_matches(cfg: TrainConfig, loaded: ModelConfig) -> None:
 _COUNTED = ("train_tokens", "train_documents", "val_tokens", "val_documents", "tokenizer")
 
 
-def data_identity(meta: dict, data_dir: Path) -> dict:
+def data_identity(data: PreparedData) -> dict:
     """What tells prepared data apart (recorded in the run dir, checked on resume): its token and
     document counts and tokenizer, and a cheap check of each shard's content (`sample_fingerprint`,
     under the shard's file name), not its path, so that a moved data folder still resumes."""
+    meta = data.meta
     return {"train_tokens": meta["train"]["tokens"], "train_documents": meta["train"].get("documents"),
             "val_tokens": meta["val"]["tokens"], "val_documents": meta["val"].get("documents"),
             "tokenizer": meta["tokenizer"]["fingerprint"],
-            **{meta[split]["file"]: sample_fingerprint(data_dir / meta[split]["file"]) for split in ("train", "val")}}
+            **{path.name: sample_fingerprint(path) for path in (data.train_path, data.val_path)}}
 
 
 def continued_windows(cfg: TrainConfig, out: Path, identity: dict) -> dict | None:
@@ -202,10 +196,10 @@ def _recorded_without(out: Path, key: str) -> bool:
     return isinstance(record, dict) and isinstance(record.get("config"), dict) and key not in record["config"]
 
 
-def data_source(meta: dict, data_dir: Path) -> dict:
+def data_source(data: PreparedData) -> dict:
     """Where the data came from, for information (never compared: a moved folder resumes): the
     folder, and meta.json's preparation key (sources, their files' hash, seed, val share, ...)."""
-    return {"path": json_path(data_dir.resolve()), **({"key": meta["key"]} if "key" in meta else {})}
+    return {"path": json_path(data.folder.resolve()), **({"key": data.meta["key"]} if "key" in data.meta else {})}
 
 
 @host_rng_kept()  # the run seeds the global RNGs (a resume restores them): the caller's come back after
@@ -216,16 +210,16 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
     cfg = require_config(cfg, TrainConfig)  # checked again: a field may have been set after construction
     data_dir, out = as_path(data_dir, "data_dir", "a prepared data dir"), as_path(out, "out", "a run dir")
     dist = distributed.setup(cfg.device)
-    meta = load_meta(data_dir)
-    tokenizer = load_data_tokenizer(data_dir, meta)
+    data = PreparedData.open(data_dir)
+    tokenizer, meta = data.tokenizer, data.meta
     run_tokenizer = out / "tokenizer.json"
     if run_tokenizer.is_file():
-        check_fingerprint(meta, Tokenizer.load(run_tokenizer), f"the run dir {out}")
+        data.check_tokenizer(Tokenizer.load(run_tokenizer), f"the run dir {out}")
     model = init_model(cfg, tokenizer)
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise Gpt1Error(f"block_size {block_size} is longer than the model's context ({model.config.block_size})")
-    identity = data_identity(meta, data_dir)
+    identity = data_identity(data)
     continues = continued_windows(cfg, out, identity)
     # A resume goes on with its checkpoint's windows: a run begun before data_order (2026-12-07) with
     # its random ones, where the new default would have switched it to epochs mid-run.
@@ -237,10 +231,10 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
         # that whatever data_order says, as the windows are the run's own (data_order=random, its
         # very order, was refused as a change from it).
         cfg = dataclasses.replace(cfg, data_order=TrainConfig.data_order)
-    train_data = ShardWindows(data_dir / meta["train"]["file"], block_size, cfg.batch_size, cfg.seed,
+    train_data = ShardWindows(data.train_path, block_size, cfg.batch_size, cfg.seed,
                               rank=dist.rank, world_size=dist.world_size, vocab_size=tokenizer.vocab_size,
                               start=continues["sequences"] if continues else 0, order=order)
-    val = fixed_windows(data_dir / meta["val"]["file"], block_size, cfg.batch_size, cfg.eval_batches,
+    val = fixed_windows(data.val_path, block_size, cfg.batch_size, cfg.eval_batches,
                         vocab_size=tokenizer.vocab_size)
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
     max_steps = cfg.resolve_steps(tokens_per_step, train_data.epoch_tokens)
@@ -281,7 +275,7 @@ def pretrain(cfg: TrainConfig, data_dir: str | Path, out: str | Path, *, redo_hi
 
     try:
         return train(model, cfg, out, train_data, lambda: val, save_model, max_steps=max_steps,
-                     data=identity, data_source=data_source(meta, data_dir), redo_hint=redo_hint,
+                     data=identity, data_source=data_source(data), redo_hint=redo_hint,
                      announce=announce, continues=continues)
     finally:
         distributed.cleanup()
