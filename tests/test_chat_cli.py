@@ -220,3 +220,21 @@ def test_generate_adds_a_line_end_on_a_terminal_only(capsys, monkeypatch, tiny_m
     assert run_main(capsys, *args)[1] == text  # as llm.generate and the server give it
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert run_main(capsys, *args)[1] == text + "\n"
+
+
+# ---- /set lists and takes only what a terminal chat uses ------------------------------------
+
+def test_the_chats_set_lists_and_takes_only_the_knobs_a_terminal_chat_uses(capsys, monkeypatch, tiny_model_dir):
+    """`/set` listed `logprobs random, prompt_logprobs random`, and `/set logprobs 3` failed on
+    "got 3.0": the terminal chat prints text only."""
+    import io
+    import sys
+
+    from tests.test_battery import run_main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/set\n/set logprobs 3\n/quit\n"))
+    code, err = run_main(capsys, "chat", "--model", str(tiny_model_dir), "--device", "cpu")
+    [listing] = [line for line in err.splitlines() if line.startswith("(temperature")]
+    assert "logprobs" not in listing and listing.endswith("truncate_prompt on)")
+    assert "logprobs: the terminal chat shows no log-probabilities; the Python API's `logprobs=` and the server's " \
+           "`logprobs` do" in err and "got 3.0" not in err

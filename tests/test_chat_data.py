@@ -1,3 +1,6 @@
+
+from __future__ import annotations
+
 import gzip
 import json
 import os
@@ -11,6 +14,7 @@ from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches, pad_batch
 from gpt1.data.chat_sources import ChatStats, Conversation, hf_split_names, read_conversations, split_conversations
+from tests.test_battery import assert_one_clear_line, run_main
 
 
 def msg(mid, parent, role, text, tree, lang="en", rank=None, deleted=False, review=True):
@@ -330,3 +334,15 @@ def test_a_chat_folder_with_a_damaged_file_or_two_kinds_of_file_is_read_by_gpt1(
     (mixed / "a.jsonl").unlink()
     assert texts(read_conversations(str(mixed))) == [[{"role": "user", "content": "Is it on?"},
                                                       {"role": "assistant", "content": "Yes"}]]
+
+
+# Chat data whose prompts all fill the context.
+
+def test_chat_data_whose_prompts_all_fill_the_context_says_so(tmp_path, tiny_model_dir, capsys):
+    """It said "the chat data is empty after filtering" (pointing at languages or deleted
+    messages), the counts that named the cause printed only after the check."""
+    long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(long) for _ in range(5)) + "\n")
+    assert_one_clear_line(*run_main(capsys, "finetune", "--base", tiny_model_dir, "--data", tmp_path / "long.jsonl",
+                                    "--out", tmp_path / "ft", "max_steps=1"),
+                          r"no training sequences: exchanges dropped \(the prompt alone fills the context\): 5$")

@@ -8,7 +8,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +278,34 @@ def test_resuming_an_unfinished_finetune_still_reads_its_data(tiny_model_dir, tm
     data.unlink()
     with pytest.raises(Gpt1Error, match="chat.jsonl"):
         finetune(cfg, tiny_model_dir, tmp_path / "run")
+
+
+# The `tokenizer train` bar counts the files' bytes.
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_the_tokenizer_bar_ends_at_its_total_for_escaped_jsonl(suffix, tmp_path, capsys, monkeypatch):
+    """Its total was the file's size, its count the text's UTF-8 bytes: a .jsonl written with
+    ensure_ascii (6 bytes a character as \\uXXXX, 2-3 in UTF-8) ended at 48%; a .gz had no total."""
+    lines = "".join(json.dumps({"text": f"Привет, мир {i}. 你好，世界。 Γειά σου κόσμε."}) + "\n" for i in range(300))
+    path = tmp_path / f"escaped{suffix}"
+    path.write_bytes(gzip.compress(lines.encode()) if suffix.endswith(".gz") else lines.encode())
+    monkeypatch.setenv("GPT1_QUIET", "0")
+    rc, err = run_main(capsys, "tokenizer", "train", "--vocab-size", 280, "--out", tmp_path / "tok", path)
+    bar = [line for line in err.splitlines() if line.startswith("tokenizer:")]
+    assert rc == 0 and bar, err
+    done, total = re.search(r"\| *([\d.]+k?)/([\d.]+k?) ", bar[-1]).groups()
+    assert bar[-1].startswith("tokenizer: 100%") and done == total, bar[-1]
+
+
+# The prepare bar ends with every token counted.
+
+def test_the_prepare_bar_ends_with_every_token_counted(corpus_dir, tokenizer_dir, tmp_path):
+    """The bar's last line said tokens=0 for a corpus of one batch (the count was taken before
+    each batch's tokens were written, and not after the last)."""
+    done = subprocess.run([sys.executable, "-m", "gpt1", "prepare", str(corpus_dir), "--tokenizer", str(tokenizer_dir),
+                           "--out", str(tmp_path / "data")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GPT1_QUIET": "0"})
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    last_bar = [line for line in done.stderr.splitlines() if line.startswith("prepare:")][-1]
+    assert f"tokens={meta['train']['tokens'] + meta['val']['tokens']:,}" in last_bar, last_bar

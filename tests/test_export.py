@@ -403,3 +403,35 @@ def test_a_tokenizer_saved_again_by_transformers_is_still_gpt1s(tmp_path, tiny_m
     file.write_text(json.dumps(saved))
     with pytest.raises(Gpt1Error, match="not a gpt1 tokenizer .a TemplateProcessing post-processor that adds tokens"):
         Tokenizer.load(file)
+
+
+# ---- the quickstart's printed export line ------------------------------------------------------
+def test_the_quickstart_s_export_line_gives_a_folder_transformers_loads_with_the_fine_tune(
+        tmp_path, tiny_config, tokenizer):
+    """The printed `gpt1 export` (no --merge) gave base + adapter/, which pipeline(...) and
+    AutoModelForCausalLM load as the base, silently, with the chat template: the fine-tune was
+    gone (logits off by up to 10). The line it prints now is run here as typed."""
+    import shlex
+
+    from transformers import AutoModelForCausalLM
+
+    from gpt1.cli import main
+    from gpt1.cli.quickstart_cmd import report
+    from gpt1.formats.modeldir import load_model
+    from gpt1.quickstart import QuickstartResult
+    from tests.model_factories import finetuned_dir
+
+    out = tmp_path / "qs"
+    finetuned_dir(out / "chat", tiny_config, tokenizer, seed=4)
+    result = QuickstartResult(out=out, tokenizer=out / "tokenizer", data=out / "data", base=out / "base",
+                              chat=out / "chat", plot=out / "loss.png", train_tokens=1, base_steps=1,
+                              base_parameters=1, base_val_perplexity=None, base_val_bits_per_byte=None, chat_steps=1,
+                              chat_val_perplexity=None, chat_val_bits_per_byte=None, samples=[])
+    [line] = [line for line in report(result).splitlines() if line.strip().startswith("gpt1 export")]
+    argv = shlex.split(line.split("#")[0])
+    assert main(argv[1:]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()  # as pipeline("text-generation", ...) loads it
+    x = torch.randint(0, tiny_config.vocab_size, (2, 30))
+    x[:, ::5] = 4  # role markers: their trained rows matter
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, load_model(out / "chat")(x), atol=1e-4, rtol=0)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,12 +16,16 @@ import gpt1
 from gpt1.cli import main
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.lora import LoRALinear
+from gpt1.data.chat import ChatBatches, EncodedChats
 from gpt1.data.chat_sources import read_conversations, split_conversations
 from gpt1.formats.modeldir import load_model
 from gpt1.train import checkpoint
+from gpt1.train import finetune as ft
 from gpt1.train.config import load_config
 from gpt1.train.evaluate import evaluate_chat
 from gpt1.train.finetune import FinetuneConfig, finetune, merge_model_dir
+from tests.test_battery import assert_one_clear_line, run_main
+from tests.test_train_lifecycle import _sums_chat_file
 
 RUN = ["batch_size=4", "block_size=48", "eval_batches=2", "device=cpu", "lr=5e-3", "min_lr=1e-4",
        "lora_r=4", "lora_alpha=8", "val_fraction=0.2"]
@@ -292,3 +298,192 @@ def test_a_small_chat_set_still_holds_out_a_dialog(tiny_model_dir, tmp_path, cap
     assert result.val_loss is None
     assert "nothing held out for validation (val_fraction holds out whole message trees, and the data has 1 tree)" \
         in caplog.text
+
+
+# gpt1 finetune's lines: a missing base, one validation batch, nothing held out.
+
+def test_finetune_names_a_missing_base_folder_as_missing(tmp_path, capsys):
+    """`--base nonexist` said "pass the base model with --base", as if --base were not given."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    line = assert_one_clear_line(*run_main(capsys, "finetune", "--base", tmp_path / "nonexist", "--data", chat,
+                                           "--out", tmp_path / "run"), r"nonexist: not a model dir \(no such folder\)$")
+    assert "--base" not in line
+
+
+def test_finetune_says_one_validation_batch_in_the_singular(tiny_model_dir, tmp_path, caplog):
+    import logging
+
+    chat = tmp_path / "chat.jsonl"
+    _sums_chat_file(chat, 10)
+    cfg = load_config(FinetuneConfig, None, ["block_size=48", "batch_size=2", "device=cpu", "lora_r=2", "max_steps=1",
+                                             "val_fraction=0.2", "eval_batches=1"], data=str(chat))
+    with caplog.at_level(logging.INFO, logger="gpt1"):
+        finetune(cfg, tiny_model_dir, tmp_path / "run")
+    assert "(1 batch used)" in caplog.text and "batches used" not in caplog.text
+
+
+
+def test_a_finetune_with_nothing_held_out_logs_no_nan_validation(tiny_model_dir, tmp_path, caplog):
+    """val_fraction=0 holds nothing out (its start says so); each validation logged
+    `val loss nan, perplexity nan` all the same."""
+    import logging
+
+    chat = tmp_path / "chat.jsonl"
+    _sums_chat_file(chat, 4)
+    cfg = load_config(FinetuneConfig, None, ["block_size=48", "batch_size=2", "device=cpu", "lora_r=2", "max_steps=2",
+                                             "val_fraction=0", "eval_every=1"], data=str(chat))
+    with caplog.at_level(logging.INFO, logger="gpt1"):
+        result = finetune(cfg, tiny_model_dir, tmp_path / "run")
+    assert result.steps == 2 and "step 1:" not in caplog.text and "nan" not in caplog.text
+
+
+# Found by a property-based comparison with reference loops: LoRA r=1 on part of c_attn under
+# autocast, and fine-tuning epochs that stopped inside the last one.
+
+FT = ["block_size=48", "eval_batches=1", "device=cpu", "lora_r=2", "val_fraction=0"]
+
+
+def _chat_file(path: Path, n: int) -> Path:
+    """`n` one-exchange conversations: `n` training sequences (nothing held out with val_fraction=0)."""
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": f"{2 * i}."}]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def _cfg_no_val(chat: Path, *overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, None, [*FT, *overrides], data=str(chat))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sampler(run: Path) -> dict:
+    state = torch.load(checkpoint.latest_checkpoint(run) / checkpoint.STATE_FILE, weights_only=True)
+    return {k: state["sampler"][k] for k in ("epoch", "position")}
+
+
+# ---- LoRA r=1 on part of c_attn under autocast ----------------------------------------------
+
+@pytest.mark.parametrize("targets, precision", [('["q","v"]', "bf16-mixed"), ('["v"]', "fp16-mixed")])
+def test_lora_r1_on_part_of_c_attn_trains_under_autocast(tiny_model_dir, tmp_path, targets, precision):
+    """With r=1 the einsum of the LoRA update stays fp32 under CPU autocast, and index_add into the
+    bf16/fp16 output raised `index_add_(): self (BFloat16) and source (Float)` at the first step."""
+    chat, out = _chat_file(tmp_path / "chat.jsonl", 6), tmp_path / "run"
+    cfg = _cfg_no_val(chat, "batch_size=2", "max_steps=2", "lora_r=1", f"lora_targets={targets}", f"precision={precision}",
+               "lr=1e-2", "val_fraction=0.3", "eval_every=1")
+    result = finetune(cfg, tiny_model_dir, out)
+    assert result.steps == 2 and all(m["loss"] > 0 for m in _metrics(out) if "loss" in m)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # it trained
+
+
+# ---- fine-tuning epochs are whole epochs of the sampler -------------------------------------
+
+@pytest.mark.parametrize("epochs, steps, done", [(3, 6, {"epoch": 3, "position": 0}),
+                                                 (2.5, 5, {"epoch": 2, "position": 8})])
+def test_finetune_epochs_are_whole_epochs_of_the_sampler(tiny_model_dir, tmp_path, caplog, epochs, steps, done):
+    """11 sequences, 8 a step (4 x 2 accumulation): an epoch is 2 steps, its last topped up from its
+    start. epochs=3 took ceil(3 x 11 / 8) = 5 steps, ending inside the third epoch, and said
+    "3.64 epochs"; epochs=2.5 took 4 (2 epochs), not the 5 of two and a half."""
+    chat, out = _chat_file(tmp_path / "chat.jsonl", 11), tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="gpt1"):
+        result = finetune(_cfg_no_val(chat, "batch_size=4", "grad_accum=2", f"epochs={epochs}"), tiny_model_dir, out)
+    assert result.steps == steps and _sampler(out) == done
+    assert f"{steps} steps x 8 sequences = {steps / 2:.2f} epochs of 11" in caplog.text
+    assert json.loads((out / "train_config.json").read_text())["max_steps"] == steps
+
+
+def test_a_fraction_of_an_epoch_is_that_share_of_its_steps_rounded_up():
+    """0.07 x 100 steps is 7.000000000000001 in floats: 7 steps, not 8."""
+    data = EncodedChats(tokens=np.ones(400, np.int32), loss_mask=np.ones(400, bool), offsets=np.arange(0, 401, 2))
+    batches = ChatBatches(data, 2)  # 200 sequences, 2 a step: 100 steps an epoch
+    assert [batches.steps_for(e) for e in (0.07, 0.075, 0.001, 1, 2.5)] == [7, 8, 1, 100, 250]
+    assert batches.epoch_steps(3) == 34 and batches.steps_for(2, grad_accum=3) == 68  # the 34th step topped up
+
+
+def test_a_run_begun_on_epochs_before_the_fix_resumes_with_its_recorded_length(tiny_model_dir, tmp_path,
+                                                                             stop_training_at, monkeypatch):
+    """A run dir whose train_config.json (and checkpoint) recorded epochs=3 as 5 steps resumes to
+    its 5 steps: the loop refuses a resolved max_steps other than the recorded one."""
+    chat, out = _chat_file(tmp_path / "chat.jsonl", 11), tmp_path / "run"
+    cfg = _cfg_no_val(chat, "batch_size=8", "epochs=3", "save_every=2")
+    stop_training_at(3, KeyboardInterrupt)  # in step 3, after the step-2 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, tiny_model_dir, out)
+    monkeypatch.undo()
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["max_steps"] == 6
+    # A length that neither gpt1 resolves is another run's.
+    (out / "train_config.json").write_text(json.dumps({**record, "max_steps": 4}))
+    with pytest.raises(Gpt1Error, match=r"max_steps \(resolved: 4 -> 6\)"):
+        finetune(cfg, tiny_model_dir, out)
+    # As the gpt1 before the fix recorded it: ceil(3 x 11 / 8) = 5 steps.
+    (out / "train_config.json").write_text(json.dumps({**record, "max_steps": 5}))
+    state_file = checkpoint.latest_checkpoint(out) / checkpoint.STATE_FILE
+    torch.save({**torch.load(state_file, weights_only=True), "max_steps": 5, "end": 5}, state_file)
+    result = finetune(cfg, tiny_model_dir, out)
+    assert result.resumed_from == 2 and result.steps == 5 and _sampler(out) == {"epoch": 2, "position": 8}
+
+
+# A fine-tune's max_tokens, and its held-out batches built whole.
+
+# ---- a fine-tune's max_tokens -----------------------------------------------------------------
+
+def _short_chats(path, n: int = 20):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}?"},
+                                                     {"role": "assistant", "content": f"{i % 7}"}]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+FT_NO_SAVES = ["block_size=48", "eval_batches=1", "device=cpu", "lora_r=2", "val_fraction=0", "save_every=1000"]
+
+
+def test_a_max_tokens_finetune_trains_at_least_max_tokens(tiny_model_dir, tmp_path):
+    """max_tokens / mean sequence length counted each sequence's last token, a target only: a run
+    of one epoch's tokens stopped a step or more short of it (19 steps of 20 here)."""
+    chats = _short_chats(tmp_path / "chat.jsonl")
+    epoch = ft.finetune(load_config(ft.FinetuneConfig, None, [*FT_NO_SAVES, "batch_size=1", "epochs=1"], data=str(chats)),
+                        tiny_model_dir, tmp_path / "epoch")
+    assert epoch.steps == 20  # one sequence a step: its tokens are every input of the data
+    run = ft.finetune(load_config(ft.FinetuneConfig, None, [*FT_NO_SAVES, "batch_size=1", "max_steps=0", "epochs=0",
+                                                           f"max_tokens={epoch.tokens}"], data=str(chats)),
+                      tiny_model_dir, tmp_path / "tokens")
+    longest = max(m["tokens"] - p["tokens"] for p, m in zip([{"tokens": 0}, *_metrics(tmp_path / "tokens")],
+                                                            _metrics(tmp_path / "tokens")))
+    assert epoch.tokens <= run.tokens < epoch.tokens + longest
+
+
+# ---- a fine-tune's held-out batches ------------------------------------------------------------
+
+def test_a_finetune_builds_only_the_held_out_batches_it_uses(tiny_model_dir, tmp_path, monkeypatch):
+    """Every held-out batch was padded and kept, then all but eval_batches dropped."""
+    built = []
+
+    def counting(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            built.append(1)
+            yield batch
+
+    real = ft.iter_batches
+    monkeypatch.setattr(ft, "iter_batches", counting)
+    chats = _short_chats(tmp_path / "chat.jsonl", 200)
+    ft.finetune(load_config(ft.FinetuneConfig, None, [*FT_NO_SAVES, "batch_size=2", "max_steps=1", "val_fraction=0.5"],
+                            data=str(chats)), tiny_model_dir, tmp_path / "run")
+    assert len(built) == 1  # eval_batches=1, of ~50
+
+
+# A LoRA rank above the model's width.
+
+def test_a_lora_rank_above_the_models_width_is_refused(tmp_path, tiny_model_dir, capsys):
+    """lora_r=100000 on a 128-wide model trained 99.8% of 923M parameters and wrote 15 GB."""
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    assert_one_clear_line(*run_main(capsys, "finetune", "--base", tiny_model_dir, "--data", tmp_path / "chat.jsonl",
+                                    "--out", tmp_path / "ft", "max_steps=1", "lora_r=65"),
+                          r"LoRA rank r=65 is larger than this model's width \(n_embd 64\): .* use r <= 64$")
+    assert not (tmp_path / "ft").exists()

@@ -270,3 +270,27 @@ def test_a_merge_leaves_a_folder_that_appeared_while_it_loaded(tmp_path, tiny_co
     with pytest.raises(Gpt1Error, match="merged: holds other files, not an earlier merged model"):
         finetune.merge_model_dir(source, dest)
     assert [p.name for p in dest.iterdir()] == ["notes.txt"] and _temps(tmp_path) == []
+
+
+# An adapter file replaced between load_adapter's two reads of it.
+
+def test_an_adapter_file_gone_between_its_two_reads_is_one_clear_error(tiny_config, tokenizer, tmp_path, monkeypatch):
+    """load_adapter reads the adapter's file twice (its names, then its tensors): a folder replaced
+    in between (where the one-step exchange is not available) gave safetensors' raw traceback."""
+    import gpt1.core.lora as lora
+    from gpt1.core.errors import Gpt1Error
+    from tests.model_factories import model_without_stops
+
+    model = lora.inject_lora(model_without_stops(tiny_config, tokenizer, seed=1), lora.LoRAConfig(r=2))
+    lora.save_adapter(model, tmp_path / "adapter")
+    read = lora._read_adapter
+
+    def read_then_lose(directory):
+        found = read(directory)
+        (directory / lora.ADAPTER_WEIGHTS).unlink()
+        return found
+
+    monkeypatch.setattr(lora, "_read_adapter", read_then_lose)
+    with pytest.raises(Gpt1Error, match=r"adapter_model.safetensors: not a readable safetensors file .*; if its "
+                                        r"folder was being replaced, try again"):
+        lora.load_adapter(model_without_stops(tiny_config, tokenizer, seed=1), tmp_path / "adapter")

@@ -4,7 +4,9 @@ mkdtemp's 0700), and a path that cannot be written is one clear error naming it.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,80 @@ def test_the_same_tensors_and_metadata_make_the_same_bytes(tmp_path):
     with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
         assert f.metadata() == metadata
     assert all(torch.equal(load_file(tmp_path / "0.safetensors")[k], v) for k, v in tensors.items())
+
+
+# Folders written whole in a group's shared (setgid) folder, and a replaced folder that cannot be
+# deleted whole.
+
+def test_a_folder_written_whole_in_a_setgid_folder_keeps_the_bit(tmp_path):
+    """chmod of mkdtemp's folder cleared the setgid bit it inherited: an export or best/ in a shared
+    group folder had its files in the writer's own group, unreadable by the rest of the group."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2770)
+    with atomic_dir(shared / "export") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert os.stat(shared / "export").st_mode & stat.S_ISGID
+    # And a folder that had the bit keeps it when replaced, outside a setgid folder too.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    os.chmod(plain, 0o2755)
+    with atomic_dir(plain) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert os.stat(plain).st_mode & stat.S_ISGID
+    assert stat.S_IMODE(os.stat(plain).st_mode) & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _undeletable(file) -> None:
+    """A file its folder cannot lose: immutable for root (permissions do not stop it), else its
+    folder read-only."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(file)]).returncode != 0:
+            pytest.skip("no chattr +i here")
+    else:
+        os.chmod(file.parent, 0o500)
+
+
+def _deletable(file) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(file)], check=True)
+    else:
+        os.chmod(file.parent, 0o700)
+
+
+def test_a_replaced_folder_that_cannot_be_deleted_whole_is_a_warning(tmp_path, caplog):
+    """Another user's files in the replaced folder (a group member's best/ at a resume): the new
+    folder was in place, yet the write failed with 'adapter: cannot write (Permission denied)' and a
+    copy of the old folder stayed beside it for good."""
+    best = tmp_path / "best"
+    (best / "adapter").mkdir(parents=True)
+    stuck = best / "adapter" / "adapter_model.safetensors"
+    stuck.write_text("old")
+    _undeletable(stuck)
+    try:
+        with caplog.at_level("WARNING", logger="gpt1"), atomic_dir(best) as tmp:
+            (tmp / "config.json").write_text("new")
+        assert (best / "config.json").read_text() == "new"
+        warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and warnings[0].startswith(f"{best}: written; the folder it replaced could not be "
+                                                             "deleted whole"), warnings
+        assert warnings[0].endswith("by hand") and "adapter/adapter_model.safetensors)" in warnings[0]
+        [left] = tmp_path.glob(".best.*")
+        assert f"delete {left} by hand" in warnings[0]
+        # Said once: the next write (the next best/ of the run, another process's) leaves it alone, and
+        # does not take it for a killed writer's temp (it warned at every write after, "left by a killed writer").
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gpt1"), atomic_dir(best) as tmp:
+            (tmp / "config.json").write_text("newer")
+        assert [r.message for r in caplog.records if r.levelname == "WARNING"] == []
+        assert [*tmp_path.glob(".best.*")] == [left]
+    finally:
+        for left in tmp_path.glob(".best.*"):
+            _deletable(left / "adapter" / "adapter_model.safetensors")
+            shutil.rmtree(left)

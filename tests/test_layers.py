@@ -4,7 +4,7 @@ core -> formats -> data -> train -> inference -> serve -> (quickstart, benchmark
 module may import its own layer or any layer to its left, never one to its right. Optional heavy
 packages are imported lazily, and gpt1's own modules at the top of a module, so this reads the
 whole graph; the command line (gpt1.cli) is the exception: it imports the library inside each
-command, so that `gpt1 --help` and a usage error load no torch (tests/test_cli_findings.py).
+command, so that `gpt1 --help` and a usage error load no torch (tests/test_cli_parser.py).
 """
 
 import ast

@@ -1,5 +1,10 @@
-import dataclasses
 
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -319,3 +324,56 @@ def test_flops_per_token_equals_torchs_count_of_a_training_step_with_and_without
     # leave no such gap.
     model.transformer.wte.weight.requires_grad_(True)
     assert model.flops_per_token(T) == counted()
+
+
+# The Python API: a ModelConfig changed by attribute after it was built is checked again, bad input
+# to the model and its config is one Gpt1Error, and what type checkers and help() see.
+
+def test_a_model_config_changed_after_it_was_built_is_refused_by_gpt(tiny_config):
+    config = ModelConfig(**tiny_config.to_dict())
+    config.n_head = 3  # 64 is not divisible by 3: construction refuses it
+    with pytest.raises(Gpt1Error, match=r"n_embd \(64\) must be divisible by n_head \(3\)"):
+        GPT(config)
+    with pytest.raises(Gpt1Error, match="expected a ModelConfig"):
+        GPT(tiny_config.to_dict())
+
+
+# ---- bad input to ModelConfig and GPT.forward is a Gpt1Error ----------------------------------
+
+def test_a_typo_in_preset_overrides_names_the_known_fields():
+    with pytest.raises(Gpt1Error, match=r"unknown model config field\(s\) n_layers; known: .*n_layer"):
+        ModelConfig.preset("tiny", n_layers=2)
+
+
+def test_from_dict_wants_a_mapping():
+    with pytest.raises(Gpt1Error, match="expected a mapping of field names to values.*got list"):
+        ModelConfig.from_dict([1])
+
+
+def test_forward_refuses_bad_ids_by_name(tiny_config):
+    model = GPT(tiny_config).eval()
+    with pytest.raises(Gpt1Error, match=r"a sequence of 65 tokens is longer than the context \(64"):
+        model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
+    for bad in (10**6, -1, tiny_config.vocab_size):
+        ids = torch.tensor([[1, 2, bad, 3]])
+        with pytest.raises(Gpt1Error, match=rf"token id {bad} is outside the vocabulary \[0, {tiny_config.vocab_size}\)"):
+            model(ids)
+        with pytest.raises(Gpt1Error, match=rf"token id {bad} is outside"):  # the training path too
+            model.train()(ids, ids.clamp(0, tiny_config.vocab_size - 1))
+        model.eval()
+    with pytest.raises(Gpt1Error, match=r"expected token ids of shape \(batch, time\), got shape \(4,\)"):
+        model(torch.tensor([1, 2, 3, 4]))
+    assert model(torch.tensor([[1, 2, tiny_config.vocab_size - 1]])).shape == (1, 3, tiny_config.vocab_size)
+
+
+# ---- ModelConfig reads what it writes, NumPy integers, floats ----------------------------------
+
+def test_from_dict_reads_what_save_writes(tiny_config, tmp_path):
+    tiny_config.save(tmp_path / "config.json", tokenizer_fingerprint="abc123")
+    assert ModelConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == tiny_config
+
+
+def test_model_config_takes_numpy_integers_and_stores_floats_as_floats():
+    config = ModelConfig.preset("tiny", n_layer=np.int64(2), dropout=0)
+    assert type(config.n_layer) is int and config.n_layer == 2
+    assert type(config.dropout) is float and type(config.to_dict()["dropout"]) is float

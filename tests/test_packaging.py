@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt1.core.environment import checkout_root
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
 from gpt1.formats.hf import export_model
 from gpt1.formats.modeldir import load_model
+from gpt1.quickstart import _plot
 from tests.test_battery import assert_one_clear_line
 
 ROOT = Path(__file__).parents[1]
@@ -137,3 +139,89 @@ def test_hf_export_writes_every_config_key_itself_whatever_transformers_is_insta
     x = torch.randint(0, model.config.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
+
+
+# What a broken optional piece must not take down.
+
+def test_the_quickstarts_curves_are_a_by_product(tmp_path, caplog):
+    """matplotlib 3.7 beside numpy 2 fails to import: the quickstart's last stage ended in a
+    traceback after both models were written, and its samples were never printed. A plot that
+    cannot be drawn is a warning (as each run's own loss.png is)."""
+    for run in ("base", "chat"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": 5.0 - s / 10, "lr": 1e-3}) + "\n" for s in range(1, 6)))
+    assert _plot(tmp_path) == tmp_path / "loss.png" and (tmp_path / "loss.png").stat().st_size > 0
+    (tmp_path / "loss.png").unlink()
+    (tmp_path / "loss.png").mkdir()  # something in the way: plot_runs raises
+    assert _plot(tmp_path) is None
+    assert any("loss.png not drawn (" in r.getMessage()
+               and f"`gpt1 plot {tmp_path / 'base'} {tmp_path / 'chat'}` draws it" in r.getMessage() for r in caplog.records)
+
+
+# gpt1 as an installed package: the commit a run records is gpt1's own or none.
+
+def _folder(path, *files):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in files:
+        (path / name).write_text(text)
+    return path
+
+
+def test_a_run_records_the_commit_of_a_gpt1_checkout_and_never_of_the_repository_a_copy_sits_in(tmp_path):
+    """`pip install --target vendor` inside the user's own repository recorded that repository's
+    commit (and its -dirty) as gpt1's: any `.git` one or two folders up counted."""
+    gpt1_project = ("pyproject.toml", '[project]\nname = "gpt1"\n')
+    checkout = _folder(tmp_path / "checkout", gpt1_project)
+    (checkout / ".git").mkdir()
+    assert checkout_root(_folder(checkout / "src" / "gpt1")) == checkout
+    flat = _folder(tmp_path / "flat", gpt1_project)
+    (flat / ".git").mkdir()
+    assert checkout_root(_folder(flat / "gpt1")) == flat
+
+    user_repo = _folder(tmp_path / "userrepo", ("pyproject.toml", '[project]\nname = "my-app"\n'))
+    (user_repo / ".git").mkdir()
+    vendored = _folder(user_repo / "vendor" / "gpt1")
+    _folder(user_repo / "vendor" / "gpt1-0.1.0.dist-info")
+    assert checkout_root(vendored) is None
+    assert checkout_root(_folder(user_repo / "gpt1")) is None  # the user's project, not gpt1
+    assert checkout_root(_folder(user_repo / "src" / "gpt1")) is None
+    # A checkout with pip's record beside its package is an installed copy too.
+    _folder(checkout / "src" / "gpt1-0.1.0.dist-info")
+    assert checkout_root(checkout / "src" / "gpt1") is None
+
+
+def test_the_quickstarts_install_hint_names_the_missing_extras_as_this_copy_was_installed(monkeypatch, tmp_path):
+    """It said `pip install -e ".[serve,hf]" in a clone` to everyone, also to a wheel's user."""
+    import importlib.util
+
+    import gpt1
+    from gpt1.cli import quickstart_cmd
+
+    assert quickstart_cmd._extras_line() == []  # the dev extras are installed here
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real_find_spec(name, *a))
+    in_checkout = checkout_root(Path(gpt1.__file__).resolve().parent) is not None
+    assert quickstart_cmd._extras_line() == [
+        "  (serve needs the `serve` extra: " + ('pip install -e ".[serve]")' if in_checkout else 'pip install "gpt1[serve]")')]
+    vendored = tmp_path / "vendor" / "gpt1"
+    vendored.mkdir(parents=True)
+    (tmp_path / "vendor" / "gpt1-0.1.0.dist-info").mkdir()
+    monkeypatch.setattr(gpt1, "__file__", str(vendored / "__init__.py"))
+    assert quickstart_cmd._extras_line() == ['  (serve needs the `serve` extra: pip install "gpt1[serve]")']
+
+
+# A missing optional package of the server, named.
+
+def test_serve_without_httptools_names_the_missing_package(tiny_model_dir):
+    """With FastAPI and uvicorn installed but not httptools (which gpt1.serve.server extends),
+    the line blamed "FastAPI and uvicorn", which were there."""
+    import subprocess
+    import sys
+
+    blocked = ("import sys; sys.modules['httptools'] = None; from gpt1.cli import main; "
+               f"sys.exit(main(['serve', '--model', {str(tiny_model_dir)!r}]))")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert_one_clear_line(result.returncode, result.stderr,
+                          r"needs the `serve` extra \(FastAPI, uvicorn, httptools\): httptools is missing; "
+                          r"install it with: pip install 'gpt1\[serve\]'$")

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import pytest
 
+import gpt1
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import atomic_dir, file_target, folder_target, make_dirs, read_json, write_json
 from gpt1.data.shards import prepare
 from gpt1.data.sources import resolve_sources
-from gpt1.train.config import resolve_config_path
+from gpt1.train.config import TrainConfig, resolve_config_path
+from gpt1.train.finetune import FinetuneConfig, finetune
+from gpt1.train.pretrain import pretrain
 from tests.model_factories import finetuned_dir
-from tests.task_files import write_task_folders
+from tests.task_files import hellaswag, write_jsonl, write_task_folders
 from tests.test_battery import assert_one_clear_line, run_main
 
 CHAT_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
@@ -369,3 +372,189 @@ def test_a_failed_command_leaves_no_folders_made_for_its_output(tmp_path, capsys
     assert_one_clear_line(*run_main(capsys, "eval", "--model", tmp_path / "typo", "--data", tmp_path,
                                     "--json", tmp_path / "new" / "a" / "b" / "e.json"), "typo")
     assert os.listdir(tmp_path) == []
+
+
+# Where HOME or an output folder cannot be written: plot, quickstart, prepare.
+
+def test_a_plot_where_home_cannot_be_written_says_nothing_of_matplotlib(tmp_path):
+    """matplotlib's import warned in two lines (`mkdir -p failed for path ...`, `Matplotlib created a
+    temporary cache directory ...`) at every pretrain, finetune and plot of a user without a
+    writable HOME."""
+    from tests.test_cli_environment import gpt1
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(METRICS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "MPLCONFIGDIR"))}
+    result = gpt1("plot", tmp_path / "run", "--out", tmp_path / "p.png", env={**env, "HOME": "/proc/gpt1-no-home"})
+    assert result.returncode == 0 and (tmp_path / "p.png").stat().st_size > 0, result.stderr.decode()
+    assert "matplotlib" not in result.stderr.decode().lower(), result.stderr.decode()
+    # Its other warnings still come through: a bad line in the user's own matplotlibrc.
+    (tmp_path / "mpl").mkdir()
+    (tmp_path / "mpl" / "matplotlibrc").write_text("bogus.key: 3\n")
+    result = gpt1("plot", tmp_path / "run", "--out", tmp_path / "p.png", env={**env, "MPLCONFIGDIR": str(tmp_path / "mpl")})
+    assert result.returncode == 0 and "Bad key bogus.key in file" in result.stderr.decode(), result.stderr.decode()
+
+
+def test_a_quickstart_where_its_folder_cannot_be_made_says_what_to_do(capsys):
+    """`gpt1-quickstart: cannot create the folder (Permission denied)` from a read-only current
+    folder, without the way out that `tokenizer train` gives for the same case."""
+    from tests.test_battery import run_main
+
+    code, err = run_main(capsys, "quickstart", "--out", "/proc/gpt1-quickstart")
+    assert code == 2 and err.strip().endswith("choose a writable --out"), err
+    assert "cannot create the folder: /proc is not writable" in err
+
+
+def test_a_prepare_whose_folder_cannot_be_made_says_what_to_do(corpus_dir, tokenizer_dir, capsys):
+    """`../chat/newdata: cannot create the folder (Permission denied)`, without the way out."""
+    from tests.test_battery import run_main
+
+    code, err = run_main(capsys, "prepare", corpus_dir, "--tokenizer", tokenizer_dir, "--out", "/proc/gpt1-data")
+    assert code == 2 and err.strip().endswith("; choose a writable --out"), err
+    assert "/proc/gpt1-data: cannot create the folder: /proc is not writable (" in err
+
+
+# Output-file flags never replace a model, run or data dir's own files; plot writes the format its
+# suffix names; `info` says what a folder that is not a model dir is.
+
+METRICS = '{"step": 1, "loss": 8.0, "tokens": 64}\n{"step": 2, "loss": 7.0, "val_loss": 7.5, "tokens": 128}\n'
+
+
+@pytest.fixture
+def run(tiny_model_dir, tmp_path) -> Path:
+    """A run dir: a model dir with its metrics, train_config.json, a checkpoint and a loss.png."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run)
+    (run / "metrics.jsonl").write_text(METRICS)
+    (run / "train_config.json").write_text('{"config": {}}\n')
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "trainer_state.pt").write_bytes(b"state")
+    (run / "loss.png").write_bytes(b"an earlier plot")
+    return run
+
+
+def _contents(*folders: Path) -> dict[Path, bytes]:
+    return {f: f.read_bytes() for folder in folders for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_output_flags_refuse_a_model_run_or_data_dirs_own_files(run, data_dir, tmp_path, capsys):
+    """plot --out RUN/model.safetensors wrote a PNG over the weights; eval --json RUN/train_config.json
+    broke the run; bench --json DATA/meta.json the data dir."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    task = write_jsonl(tmp_path / "hs.jsonl", [hellaswag(i) for i in range(2)])
+    before = _contents(run, data)
+    eval_json = ["eval", "--model", run, "--data", data, "--max-batches", "1", "--json"]
+    cases = [
+        (eval_json + [run / "train_config.json"], r"run/train_config\.json: belongs to .*run, a model dir: writing it "
+                                                  r"would replace that file; choose another file name"),
+        (eval_json + [run / "model.safetensors"], r"run/model\.safetensors: belongs to .*run, a model dir"),
+        (eval_json + [data / "train.bin"], r"data/train\.bin: belongs to .*data, a prepared data dir"),
+        # not there yet, but it would make the data dir look like a model dir
+        (eval_json + [data / "config.json"], r"data/config\.json: belongs to .*data, a prepared data dir"),
+        (["eval", "--model", run, "--task", "hellaswag", "--data", task, "--samples", run / "metrics.jsonl"],
+         r"run/metrics\.jsonl: belongs to"),
+        (["eval", "--model", run, "--task", "hellaswag", "--data", task, "--report", run / "tokenizer.json"],
+         r"run/tokenizer\.json: belongs to"),
+        (["bench", "generate", "--json", data / "meta.json"], r"data/meta\.json: belongs to .*data, a prepared data dir"),
+        (["plot", run, "--out", run / "checkpoints" / "step-00000002" / "plot.png"],
+         r"plot\.png: belongs to .*run, a model dir \(its checkpoints/ folder\)"),
+        (["plot", run, "--out", run / ".lock"], r"run/\.lock: belongs to"),
+    ]
+    for argv, pattern in cases:
+        assert_one_clear_line(*run_main(capsys, *argv), pattern)
+    assert _contents(run, data) == before  # nothing replaced, nothing added
+
+    # A new file in such a folder, or one the command wrote before, is fine.
+    assert run_main(capsys, *eval_json, run / "eval.json")[0] == 0
+    assert run_main(capsys, *eval_json, run / "eval.json")[0] == 0
+    assert json.loads((run / "eval.json").read_text())["tokens"] > 0
+    assert run_main(capsys, "plot", run, "--out", run / "loss.png")[0] == 0
+    assert (run / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_writes_the_format_its_suffix_names(run, tmp_path, capsys):
+    """--out x.svg, x.pdf, x.jpg got PNG bytes; another suffix (a shard's .bin) got them too."""
+    for name, magic in (("a.svg", b"<?xml"), ("a.pdf", b"%PDF"), ("a.jpg", b"\xff\xd8\xff"), ("a.JPEG", b"\xff\xd8\xff"),
+                        ("a.png", b"\x89PNG"), ("a", b"\x89PNG")):
+        assert run_main(capsys, "plot", run, "--out", tmp_path / name)[0] == 0, name
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    for name in ("a.txt", "train.bin"):
+        assert_one_clear_line(*run_main(capsys, "plot", run, "--out", tmp_path / name),
+                              rf"{name}: plot writes \.png, \.svg, \.pdf, \.jpg, \.jpeg files; expected a file name ending "
+                              rf"in one of them, not \.{name.split('.')[1]}$")
+        assert not (tmp_path / name).exists()
+
+
+def test_info_says_what_a_folder_that_is_not_a_model_dir_is(tmp_path, tiny_model_dir, data_dir, tokenizer_dir, capsys):
+    """All of these said "config.json: file not found" ('' too: the current folder)."""
+    quickstart = tmp_path / "qs"
+    for name in ("base", "chat"):
+        shutil.copytree(tiny_model_dir, quickstart / name)
+    (quickstart / "summary.json").write_text("{}")
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    (starting / "train_config.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    tokens = json.loads((data_dir / "meta.json").read_text())["train"]["tokens"]
+    for arg, pattern in (
+        ("", r"MODEL is empty; expected a preset name \(e\.g\. tiny, gpt1\) or a model dir$"),
+        (data_dir, rf"{data_dir}: a prepared data dir \({tokens:,} train tokens, [\d,]+ validation\), not a model dir; "
+                   rf"`gpt1 pretrain --data {data_dir} --out RUN` trains one$"),
+        (quickstart, rf"qs: not a model dir; it holds the model dirs base/, chat/: try {quickstart}/chat$"),
+        (starting, r"starting: a training run dir that has not saved its model yet \(no config\.json\)"),
+        (tokenizer_dir, r": a tokenizer dir \(tokenizer\.json\), not a model dir$"),
+        (tmp_path / "other", r"other: not a model dir \(no config\.json\)$"),
+    ):
+        assert_one_clear_line(*run_main(capsys, "info", arg), pattern)
+    assert run_main(capsys, "info", quickstart / "chat")[0] == 0
+
+
+# Folders that are not model dirs where a model is loaded, empty path arguments, and paths that
+# are not paths in the Python API.
+
+def test_loading_a_folder_that_is_not_a_model_dir_says_what_it_is(tmp_path, tiny_model_dir, data_dir, capsys):
+    """generate/chat/serve/eval/gpt1.load said "config.json: file not found" (only `info` explained)."""
+    quickstart = tmp_path / "qs"
+    for name in ("base", "chat"):
+        shutil.copytree(tiny_model_dir, quickstart / name)
+    for argv in (["generate", "--prompt", "x"], ["chat"], ["serve"]):
+        assert_one_clear_line(*run_main(capsys, *argv, "--model", data_dir),
+                              rf"{data_dir}: a prepared data dir, not a model dir; `gpt1 pretrain --data {data_dir} --out RUN`")
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", quickstart, "--data", data_dir),
+                          rf"qs: not a model dir; it holds the model dirs base/, chat/: try {quickstart}/chat$")
+    with pytest.raises(Gpt1Error, match=r"qs: not a model dir; it holds the model dirs base/, chat/"):
+        gpt1.load(quickstart)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["pretrain", "--data", "DATA", "--out", ""], "--out"),
+    (["pretrain", "--data", "", "--out", "OUT"], "--data"),
+    (["finetune", "--base", "MODEL", "--out", ""], "--out"),
+    (["eval", "--model", "MODEL", "--data", "DATA", "--json="], "--json"),
+    (["eval", "--model", "", "--data", "DATA"], "--model"),
+    (["generate", "--model", "", "--prompt", "x"], "--model"),
+    (["export", "--model", "MODEL", "--out", ""], "--out"),
+    (["plot", "OUT", "--out", ""], "--out"),
+    (["quickstart", "--out", ""], "--out"),
+])
+def test_an_empty_path_is_refused_by_its_flag(argv, flag, tmp_path, tiny_model_dir, data_dir, capsys, monkeypatch):
+    """`--out "$DIR"` with DIR unset trained into the current folder (Path("") is "."), and
+    `eval --json=` printed instead of writing, without a word."""
+    monkeypatch.chdir(tmp_path)
+    argv = [{"DATA": data_dir, "MODEL": tiny_model_dir, "OUT": tmp_path / "run"}.get(a, a) for a in argv]
+    assert_one_clear_line(*run_main(capsys, *argv),
+                          rf"argument {flag}: expected a path, got an empty one \(an unset shell variable\?\)")
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran
+
+
+def test_the_python_api_names_a_path_argument_that_is_not_one(tmp_path, data_dir, tiny_model_dir):
+    """pretrain(cfg, None, out) was a TypeError about "argument should be a str"."""
+    cfg = TrainConfig(max_steps=1, device="cpu")
+    with pytest.raises(Gpt1Error, match=r"^data_dir: expected a prepared data dir \(a str or Path\), got NoneType$"):
+        pretrain(cfg, None, tmp_path / "run")
+    with pytest.raises(Gpt1Error, match=r"^out: expected a run dir \(a str or Path\), got int$"):
+        pretrain(cfg, data_dir, 3)
+    with pytest.raises(Gpt1Error, match=r"^base: expected a model dir \(a str or Path\), got NoneType$"):
+        finetune(FinetuneConfig(max_steps=1), None, tmp_path / "ft")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ft").exists()

@@ -1,15 +1,20 @@
 """The reader layer: one error policy for every file format, shared by text and chat sources."""
 
+from __future__ import annotations
+
 import gzip
 import json
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.data.chat_sources import read_conversations
 from gpt1.data.readers import BadRecord, read_jsonl, read_text
 from gpt1.data.sources import SourceStats, iter_documents
+from tests.test_battery import assert_one_clear_line, run_main
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -162,3 +167,80 @@ def test_yaml_nested_past_the_recursion_limit_is_one_line(tmp_path, skip_invalid
     with pytest.raises(Gpt1Error, match=r"^\S*deep.yml: not valid YAML for gpt1: nested too deeply") as error:
         read_conversations(str(deep), skip_invalid=skip_invalid)
     assert "\n" not in str(error.value)
+
+
+# A parquet text column that is not a string.
+
+@pytest.mark.parametrize("column, arrow_type, shown", [
+    (pa.array([7, None, 8], pa.int64()), "int64", "7"),
+    (pa.array([b"hello world", b"\xff"], pa.binary()), "binary", "b'hello world'"),
+    (pa.array([["a", "b"], ["c"]]), "list<element: string>", "['a', 'b']"),
+])
+def test_a_parquet_text_column_that_is_not_strings_is_one_clear_error(column, arrow_type, shown, tmp_path, capsys):
+    """An AttributeError traceback from deep in the reader, with --skip-invalid too."""
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": pa.array(range(len(column))), "text": column}), path)
+    expected = (f"{path}: column 'text' has type {arrow_type}, not string (row 0: {shown}): every row is of that "
+                "type, so --skip-invalid cannot skip them; name the column of text with --text-field (columns: id, text)")
+    for skip_invalid in (False, True):
+        with pytest.raises(Gpt1Error) as refused:
+            list(iter_documents([str(path)], skip_invalid=skip_invalid))
+        assert str(refused.value) == expected
+    rc, err = run_main(capsys, "tokenizer", "train", "--vocab-size", 280, "--out", tmp_path / "tok", "--skip-invalid", path)
+    assert rc == 2 and err.splitlines()[-1] == f"gpt1 tokenizer train: error: {expected}"
+
+
+def test_a_parquet_string_column_with_nulls_still_skips_them(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": pa.array(["one", None, "two"], pa.large_string())}), path)
+    stats = SourceStats()
+    assert list(iter_documents([str(path)], stats=stats)) == ["one", "two"] and stats.skipped == {"null rows": 1}
+
+
+# Byte order marks at the start of source files.
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_byte_order_mark_starting_a_text_file_is_dropped(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: it became a U+FEFF token at every document's start."""
+    text = "caf\u00e9 cr\u00e8me, deux fois\nline two\n"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    for folder, prefix in (("plain", b""), ("bom", BOM)):
+        (tmp_path / folder / "a.txt").write_bytes(prefix + text.encode())
+        (tmp_path / folder / "b.csv").write_bytes(prefix + b"x,y\n1,2\n")
+        with gzip.open(tmp_path / folder / "c.txt.gz", "wb") as f:
+            f.write(prefix + text.encode())
+    plain = list(iter_documents([str(tmp_path / "plain")]))
+    assert list(iter_documents([str(tmp_path / "bom")])) == plain
+    assert plain[0] == text
+    # only the file's first mark: one further in is text, kept
+    (tmp_path / "twice.txt").write_bytes(BOM + b"a" + BOM + b"b")
+    assert list(read_text(tmp_path / "twice.txt")) == ["a\ufeffb"]
+    # a file holding only a mark is empty; the byte offset of bad UTF-8 still counts the mark
+    (tmp_path / "only.txt").write_bytes(BOM)
+    assert list(read_text(tmp_path / "only.txt")) == [""]
+    (tmp_path / "bad.txt").write_bytes(BOM + b"ab\xe9c")
+    with pytest.raises(BadRecord, match=r"bad.txt: invalid UTF-8 at byte offset 5$"):
+        list(read_text(tmp_path / "bad.txt"))
+
+
+def test_a_byte_order_mark_starting_a_jsonl_file_is_skipped(tmp_path, capsys):
+    """json.loads refuses a BOM: line 1 of a Windows-saved .jsonl was 'invalid JSON' (or, with
+    --skip-invalid, silently dropped)."""
+    lines = [json.dumps({"text": "first document"}), json.dumps({"text": "second"})]
+    (tmp_path / "plain.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "bom.jsonl").write_bytes(BOM + (tmp_path / "plain.jsonl").read_bytes())
+    assert list(iter_documents([str(tmp_path / "bom.jsonl")])) == ["first document", "second"]
+    # a mark alone on the first line is a blank line
+    (tmp_path / "blank.jsonl").write_bytes(BOM + b"\n" + (tmp_path / "plain.jsonl").read_bytes())
+    assert list(iter_documents([str(tmp_path / "blank.jsonl")])) == ["first document", "second"]
+    # chat files read through the same reader
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "chat.jsonl").write_bytes(BOM + json.dumps(chat).encode() + b"\n")
+    assert [c.messages for c in read_conversations(str(tmp_path / "chat.jsonl"))] == [chat["messages"]]
+    # the byte offset of bad UTF-8 on line 1 counts the mark (as a hex editor shows it)
+    (tmp_path / "bad.jsonl").write_bytes(BOM + b'{"text": "a\xe9"}\n')
+    assert_one_clear_line(*run_main(capsys, "tokenizer", "train", "--vocab-size", "300", "--out", tmp_path / "t",
+                                    tmp_path / "bad.jsonl"), r"bad.jsonl, line 1: invalid UTF-8 at byte offset 14 ")

@@ -510,3 +510,17 @@ def test_the_page_works_under_a_prefix(browser, tiny_model_dir):
         assert errors == []
         page.close()
     llm_app.state.engine.stop()  # mounted: no lifespan stops it
+
+
+# ---- the page may not be framed by another site ---------------------------------------------
+
+def test_the_chat_page_may_not_be_framed_by_another_site(tiny_model_dir):
+    """Any page could frame the operator's chat page (its API key typed into it) under its own."""
+    import httpx
+
+    from gpt1.serve import background_server, create_app
+
+    with background_server(create_app(gpt1.load(tiny_model_dir, device="cpu"))) as url:
+        headers = httpx.get(f"{url}/", timeout=30).headers
+    assert headers["x-frame-options"] == "DENY" and headers["content-security-policy"] == "frame-ancestors 'none'"
+    assert headers["x-content-type-options"] == "nosniff"

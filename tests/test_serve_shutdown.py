@@ -1,8 +1,10 @@
 """Stopping `gpt1 serve --engine process` with requests open: they end at once, without waiting
-for the engine process, and the server and its child are both gone afterwards."""
+for the engine process, and the server and its child are both gone afterwards. And what an
+in-process server leaves behind once it stops: neither its app and engine nor its prompt threads."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -10,11 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import httpx
 import pytest
 
+import gpt1
+from gpt1.serve import background_server, create_app
 from tests.test_engine_process import process_state
 from tests.test_serve_api import endless_model_dir, free_port, served_health, wait_for
 
@@ -73,3 +78,54 @@ def test_sigterm_ends_open_streams_before_the_engine_process_exits(tiny_config, 
         assert (error["code"], error["message"]) == ("engine_unavailable", "the server is shutting down")
     # Reaped by the server before it exited: not an orphan still running, nor a zombie left behind.
     assert process_state(child) == ""
+
+
+# ---- what a stopped in-process server leaves behind: its model, its threads -----------------------
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return gpt1.load(tiny_model_dir, device="cpu")
+
+
+def completion(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"prompt": "def f(x):", "max_tokens": 8, "temperature": 0, **body},
+                      timeout=30)
+
+
+def test_apps_that_generated_are_freed_once_their_servers_stop(llm):
+    """routes' mailbox, the value of a weak dict keyed by the event loop, held that loop, and the
+    loop its server, app and engine: each app that had generated kept its KV cache for the life of
+    the process (4 apps, 4 caches)."""
+    apps, engines = [], []
+    for _ in range(3):
+        app = create_app(llm, max_batch=2)
+        with background_server(app) as url:
+            assert completion(url).status_code == 200
+        apps.append(weakref.ref(app))
+        engines.append(weakref.ref(app.state.engine))
+        del app
+    gc.collect()
+    assert [ref() for ref in apps] == [None] * 3
+    assert [ref() for ref in engines] == [None] * 3
+
+
+def test_a_stopped_server_leaves_no_prompt_threads(llm):
+    """The 4 threads that build prompts were started in the app's lifespan and never ended: each app
+    served left them running after its server stopped (1, 5, 9, ... threads)."""
+    earlier = set(threading.enumerate())  # an app of another test, run without a lifespan, may hold its own
+
+    def _prompt_threads() -> list[str]:
+        return sorted(t.name for t in set(threading.enumerate()) - earlier if t.name.startswith("gpt1-prompt"))
+
+    apps = []  # kept: the threads must end with the server, not when their app is collected
+    for _ in range(3):
+        app = create_app(llm, max_batch=2)
+        apps.append(app)
+        with background_server(app) as url:
+            assert len(_prompt_threads()) == 4
+            assert completion(url).status_code == 200
+        assert _prompt_threads() == []
+    # An app served again takes threads again.
+    with background_server(apps[0]) as url:
+        assert completion(url).status_code == 200
+        assert len(_prompt_threads()) == 4
+    assert _prompt_threads() == []

@@ -1,10 +1,33 @@
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from gpt1.core.tokenizer import (
+    MAX_TOKEN_BYTES,
+    MIN_VOCAB_SIZE,
+    SPECIAL_TOKENS,
+    TRAINER_PIECE_CHARS,
+    UNK,
+    Tokenizer,
+    train_tokenizer,
+)
 from tests.conftest import TEST_VOCAB
+from tests.test_battery import assert_one_clear_line, run_main
+from tests.test_chat_cli import in_terminal
 
 
 def test_exact_vocab_size_and_special_ids(tokenizer):
@@ -183,3 +206,162 @@ def test_a_tokenizer_json_s_own_truncation_or_padding_is_not_applied(tokenizer, 
     loaded = Tokenizer.load(tmp_path)
     assert loaded.encode(text) == tokenizer.encode(text) and len(tokenizer.encode(text)) > 2
     assert loaded.encode_batch([text, "x"]) == tokenizer.encode_batch([text, "x"])
+
+
+# The BPE trainer's input cut into small pieces: the same tokenizer as the whole text gives, in
+# memory that does not grow with a document's length.
+
+def _words(n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(3000)]
+    text = " ".join(rng.choices(vocab, k=n))
+    return text.replace(" the", ", the").replace(" a ", " a\n  ")  # punctuation and indentation too
+
+
+def _hex(n: int) -> str:  # bytecode, hashes: letters and digits with no space or punctuation
+    rng = random.Random(1)
+    return "0x" + "".join(rng.choices("0123456789abcdef", k=n))
+
+
+def _run(alphabet: str, n: int) -> str:  # Thai prose has no spaces; a run of letters alone has no boundary
+    return "".join(random.Random(2).choices(alphabet, k=n))
+
+
+@pytest.mark.parametrize("text", [_words(60_000), _hex(120_000), _run("กขคงจฉชซญดตถทนบปผพฟมยรลวสหอะาิีึื", 100_000),
+                                  _run("abcdefghijklmnopqrstuvwxyz", 120_000)],
+                         ids=["words", "hex", "thai", "letters"])
+def test_a_long_document_trains_the_tokenizer_the_tokenizers_library_trains_on_it_whole(text):
+    """Cut into TRAINER_PIECE_CHARS pieces at pre-token boundaries, BPE counts the same words:
+    also hex (a cut between a letter and a digit), and text with no boundary for thousands of
+    characters (a longer piece, not a word cut in two: such cuts changed the counts)."""
+    assert len(text) > 10 * TRAINER_PIECE_CHARS
+    ours, _ = train_tokenizer([text], 1_000, show_progress=False)
+    reference = Backend(models.BPE(unk_token=UNK))
+    reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    reference.decoder = decoders.ByteLevel()
+    reference.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=1_000, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=MAX_TOKEN_BYTES))
+    model = json.loads(ours.backend.to_str())["model"]
+    expected = json.loads(reference.to_str())["model"]
+    assert model["vocab"] == expected["vocab"] and model["merges"] == expected["merges"]
+
+
+@pytest.mark.slow
+def test_the_library_trains_on_one_long_document_in_bounded_memory(tmp_path):
+    """`train_tokenizer([text])` handed the whole string to the Rust trainer: ~80 bytes per
+    character (1.6 GB for 20 MB, 4 GB for 50 MB); the CLI's reader had cut it, the library not."""
+    script = """
+import random, resource
+from gpt1.core.tokenizer import train_tokenizer
+rng = random.Random(0)
+vocab = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
+text = " ".join(rng.choices(vocab, k=1_600_000))  # ~10 MB, one line
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+train_tokenizer([text], 600, show_progress=False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    grew_mb = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                 cwd=tmp_path).stdout)
+    assert grew_mb < 150, f"the training took {grew_mb} MB more than the text itself"  # 570 before, 13 after
+
+
+# `tokenizer train` over another tokenizer.
+
+def test_tokenizer_train_refuses_another_tokenizer_json_without_overwrite(tmp_path, capsys):
+    """It silently replaced a different tokenizer.json (prepare and pretrain refuse a different setup)."""
+    for name, words in (("a", "alpha beta gamma delta"), ("b", "zebra quux xylophone wombat")):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            (tmp_path / name / f"{i}.txt").write_text(f"{words} {i} " * 20)
+    train = ["tokenizer", "train", "--vocab-size", "280", "--min-frequency", "1", "--out", tmp_path / "tok"]
+    file = tmp_path / "tok" / "tokenizer.json"
+    assert run_main(capsys, *train, tmp_path / "a")[0] == 0
+    first = file.read_bytes()
+    assert_one_clear_line(*run_main(capsys, *train, tmp_path / "b"),
+                          r"tok/tokenizer\.json: holds another tokenizer; pass --overwrite to replace it, or choose another --out$")
+    assert file.read_bytes() == first
+    rc, err = run_main(capsys, *train, tmp_path / "a")  # the same tokenizer again: no change
+    assert rc == 0 and "already holds this tokenizer" in err and file.read_bytes() == first
+    assert run_main(capsys, *train, tmp_path / "b", "--overwrite")[0] == 0
+    assert file.read_bytes() != first
+
+
+# BPE training under Ctrl-C and GPT1_QUIET.
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C as an interactive Python has it: a job a shell starts in the background (`cmd &`)
+    inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_bpe_training_answers_ctrl_c_while_the_merges_run(ctrl_c_raises):
+    """Ctrl-C during the BPE merges (Rust, on the main thread) waited for the whole training,
+    which then finished and wrote its tokenizer; now it interrupts while they still run."""
+    rng = random.Random(0)  # 100,000 distinct words, each twice: ~0.2 s of reading, ~2.5 s of merges
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(6, 12))) for _ in range(100_000)]
+    docs = [" ".join(words[i:i + 100]) for i in range(0, len(words), 100)] * 2
+
+    def texts():
+        yield from docs
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()  # once the merges begin
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(texts(), 20_000, show_progress=False)
+    assert any(t.name == "bpe-training" and t.is_alive() for t in threading.enumerate())
+
+
+def test_an_interrupted_bpe_training_stops_reading_its_input(ctrl_c_raises):
+    """In a notebook the abandoned training went on reading the caller's iterator to its end
+    (and each retry added another such thread): it now gets no more text, so it ends soon."""
+    consumed = [0]
+
+    def texts():
+        rng = random.Random(0)
+        for i in range(10**6):
+            consumed[0] = i
+            if i == 2_000:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield " ".join("".join(rng.choices("abcdefgh", k=6)) for _ in range(20))
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(texts(), 1_000, show_progress=False)
+    for thread in threading.enumerate():
+        if thread.name == "bpe-training":
+            thread.join(60)  # the merges on what was read: seconds
+            assert not thread.is_alive()
+    assert consumed[0] < 10_000
+
+
+def test_gpt1_quiet_silences_the_bpe_progress_bar_on_a_terminal(corpus_dir, tmp_path, monkeypatch):
+    """The Rust trainer's bar (drawn on a terminal) ignored GPT1_QUIET=1, which docs/reliability.md
+    says turns the bars off."""
+    def shown(quiet: str) -> bytes:
+        monkeypatch.setenv("GPT1_QUIET", quiet)
+        return in_terminal([sys.executable, "-m", "gpt1", "tokenizer", "train", str(corpus_dir), "--vocab-size", "300",
+                            "--out", str(tmp_path / quiet)], typed=[])
+
+    assert b"Pre-processing" not in shown("0")  # the Rust bar is off: gpt1's own bar, on stderr, replaces it
+    for quiet in ("0", "1"):  # ... which GPT1_QUIET silences as it does every bar
+        done = subprocess.run([sys.executable, "-m", "gpt1", "tokenizer", "train", str(corpus_dir), "--vocab-size",
+                               "300", "--out", str(tmp_path / f"piped{quiet}")], capture_output=True,
+                              env={**os.environ, "GPT1_QUIET": quiet}, timeout=120)
+        assert (b"tokenizer: " in done.stderr) == (quiet == "0") and done.stdout == b"", done.stderr
+
+
+# A tokenizer of the bytes alone says it cannot be exported to GGUF.
+
+def test_a_tokenizer_of_the_bytes_alone_says_it_cannot_be_exported_to_gguf(caplog):
+    import logging
+
+    from gpt1.core.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+
+    with caplog.at_level(logging.WARNING, logger="gpt1"):
+        train_tokenizer(["some text " * 50], MIN_VOCAB_SIZE, show_progress=False)
+        assert "cannot be exported to GGUF" in caplog.text
+        caplog.clear()
+        train_tokenizer(["some text " * 50], MIN_VOCAB_SIZE + 1, show_progress=False)
+        assert "GGUF" not in caplog.text

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpt1
 from gpt1.cli import main
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
@@ -29,9 +30,10 @@ from gpt1.data.sources import iter_documents
 from gpt1.formats.modeldir import load_model, save_model
 from gpt1.train.checkpoint import STATE_FILE, latest_checkpoint
 from gpt1.train.config import TrainConfig, load_config
-from gpt1.train.loop import train
-from gpt1.train.pretrain import pretrain
+from gpt1.train.loop import peak_flops, train
+from gpt1.train.pretrain import init_model, pretrain
 from gpt1.train.schedule import BudgetSchedule, lr_at, warmup_steps
+from tests.conftest import TEST_VOCAB
 
 # A run small enough for a few dozen steps per second on one CPU core.
 TINY = ["model=tiny", "block_size=32", "batch_size=4", "eval_batches=2", "device=cpu", "lr=3e-3", "min_lr=3e-4"]
@@ -972,3 +974,105 @@ def test_a_loss_plot_that_cannot_be_drawn_is_a_warning_not_a_failed_run(data_dir
     _run(data_dir, run, args)
     assert any("loss.png not drawn" in r.getMessage() and f"gpt1 plot {run}" in r.getMessage() for r in caplog.records)
     assert marker.is_file() and (run / "model.safetensors").is_file()
+
+
+# The model's dropout (`dropout`), and what `gpt1 pretrain` says of its `init_from` (a GPT-2 import
+# without a gpt1 tokenizer, its shape keys) and when it says it.
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: everything here is local
+
+TINY_DEFAULT_LR = ["model=tiny", "block_size=32", "batch_size=4", "eval_batches=2", "device=cpu"]
+
+
+def _cfg(overrides: list[str]) -> TrainConfig:
+    return load_config(TrainConfig, None, overrides)
+
+
+# ---- dropout ----------------------------------------------------------------------------------
+
+def _gpt2_folder(path: Path, tokenizer=None) -> Path:
+    """A random GPT-2 saved by transformers, at its default dropout (0.1), with `tokenizer` or none."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=TEST_VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path
+
+
+def _drops(model) -> bool:
+    """Whether two forwards in training mode differ: the model drops activations."""
+    x = torch.randint(0, TEST_VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.no_grad():
+        return not torch.equal(model(x), model(x))
+
+
+def test_dropout_of_a_gpt2_import_is_its_own_unless_the_key_sets_it(tmp_path, tokenizer):
+    folder = _gpt2_folder(tmp_path / "gpt2", tokenizer)
+    own = init_model(_cfg([f"init_from=hf:{folder}"]), tokenizer)
+    assert own.config.dropout == pytest.approx(0.1) and _drops(own)
+    off = init_model(_cfg([f"init_from=hf:{folder}", "dropout=0"]), tokenizer)
+    assert off.config.dropout == 0.0 and not _drops(off)
+    assert all(m.p == 0.0 for m in off.modules() if isinstance(m, torch.nn.Dropout))
+    on = init_model(_cfg(["dropout=0.2"]), tokenizer)  # from scratch
+    assert on.config.dropout == pytest.approx(0.2) and _drops(on)
+
+
+def test_a_run_with_dropout_records_it_and_says_it(data_dir, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="gpt1"):
+        pretrain(_cfg([*TINY_DEFAULT_LR, "max_steps=1", "dropout=0.1"]), data_dir, tmp_path / "run")
+    assert gpt1.load(tmp_path / "run", device="cpu").config.dropout == pytest.approx(0.1)
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["config"]["dropout"] == 0.1
+    (line,) = [r.message for r in caplog.records if r.message.startswith("model: ")]
+    assert "(tiny, dropout 0.1); " in line
+
+
+def test_a_gpt2_import_without_a_gpt1_tokenizer_is_said(tmp_path, tokenizer, caplog):
+    with caplog.at_level("WARNING", logger="gpt1"):
+        init_model(_cfg([f"init_from=hf:{_gpt2_folder(tmp_path / 'with', tokenizer)}"]), tokenizer)
+    assert "no gpt1 tokenizer" not in caplog.text
+    folder = _gpt2_folder(tmp_path / "without")
+    with caplog.at_level("WARNING", logger="gpt1"):
+        init_model(_cfg([f"init_from=hf:{folder}"]), tokenizer)
+    (warning,) = [r.message for r in caplog.records if "no gpt1 tokenizer" in r.message]
+    assert warning == (f"init_from=hf:{folder} has no gpt1 tokenizer: the data's token ids name other strings than "
+                       "its embeddings and head learned; only the blocks carry over (docs/interop.md)")
+
+
+# ---- init_from and the run's announcement --------------------------------------------------------
+
+def test_shape_keys_equal_to_init_froms_are_accepted_and_others_named(tiny_model_dir, tokenizer):
+    model = init_model(_cfg([f"init_from={tiny_model_dir}", "n_layer=2", "n_head=4", "n_embd=64"]), tokenizer)
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (2, 4, 64)
+    with pytest.raises(Gpt1Error, match=r"^n_layer=3, n_embd=96: init_from=.* is 2 layers x 64 wide, 4 heads, and "
+                                        r"init_from decides the model; leave n_layer and n_embd out, or set "
+                                        r"n_layer=2, n_embd=64$"):
+        init_model(_cfg([f"init_from={tiny_model_dir}", "n_layer=3", "n_head=4", "n_embd=96"]), tokenizer)
+
+
+def test_a_refused_resume_does_not_announce_the_run(data_dir, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="gpt1"):
+        pretrain(_cfg([*TINY_DEFAULT_LR, "max_steps=1"]), data_dir, tmp_path / "run")
+    assert [r for r in caplog.records if r.message.startswith("model: ")]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gpt1"), pytest.raises(Gpt1Error, match="holds a run with a different config"):
+        pretrain(_cfg([*TINY_DEFAULT_LR, "max_steps=1", "lr=1e-3"]), data_dir, tmp_path / "run")
+    assert not [r for r in caplog.records if r.message.startswith("model: ")]
+
+
+# The peak FLOP/s an MFU is reported against: the named card's own.
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", 65e12),
+    ("NVIDIA GeForce RTX 4090", 165e12),
+    # A substring of another card's name: an A100's peak for a small workstation card, a T4's for
+    # a T400 (no tensor cores); unknown cards get no MFU rather than a wrong one.
+    ("NVIDIA RTX A1000", None), ("NVIDIA T400 4GB", None), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
+])
+def test_the_peak_is_the_named_cards_own(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda")) == peak

@@ -3,24 +3,29 @@ it trains, what a killed run leaves in its logs, and who is told what when two r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from gpt1.cli import main
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.io import exclusive
 from gpt1.core.tokenizer import Tokenizer
+from gpt1.data.shards import load_meta, prepare
 from gpt1.formats.modeldir import load_model
 from gpt1.train import checkpoint
 from gpt1.train import finetune as ft
 from gpt1.train.config import TrainConfig, load_config
+from gpt1.train.finetune import FinetuneConfig, finetune
 from gpt1.train.pretrain import pretrain
 from tests.test_battery import assert_one_clear_line, run_main
 
@@ -238,3 +243,165 @@ def test_a_finished_finetune_whose_data_is_gone_reruns_as_nothing_to_do(tiny_mod
     said = [r.message for r in caplog.records]
     assert any("already finished its 2 steps; nothing to do" in m for m in said)
     assert not any(m.startswith("resuming") for m in said)
+
+
+# The lines that name the way on: the refusal of a run dir holding another config, Ctrl-C's.
+
+TINY_RARE_EVAL = ["model=tiny", "block_size=32", "batch_size=4", "eval_batches=1", "device=cpu", "eval_every=100"]
+
+
+def test_a_finished_run_asked_for_more_steps_names_what_may_change_and_how_to_train_on(data_dir, tmp_path):
+    """`max_steps: 2 -> 4` was refused with "rerun with the same config": no way on. The refusal
+    names the keys a resume may change and the new run that trains on from the weights, which works."""
+    run, more = tmp_path / "run", tmp_path / "more"
+    pretrain(load_config(TrainConfig, None, [*TINY_RARE_EVAL, "max_steps=2"]), data_dir, run)
+    with pytest.raises(Gpt1Error) as refused:
+        pretrain(load_config(TrainConfig, None, [*TINY_RARE_EVAL, "max_steps=4"]), data_dir, run)
+    message = str(refused.value)
+    assert "different config (max_steps: 2 -> 4)" in message
+    assert ("a resume may change only device, eval_batches, eval_every, gradient_checkpointing, keep_best, "
+            "keep_checkpoints, max_bad_steps, save_every, tensorboard") in message
+    assert message.endswith(f"with a fresh optimizer and LR warmup): --out NEW init_from={run}")
+    result = pretrain(load_config(TrainConfig, None, [*TINY_RARE_EVAL, "max_steps=4", f"init_from={run}"]), data_dir, more)
+    assert result.steps == 4 and result.resumed_from == 0
+
+
+def _sums_chat_file(path, count: int) -> None:
+    """`count` one-turn chats ("what is i plus i?" / "2i.") as {"messages"} records in `path`."""
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": f"{2 * i}."}]}) + "\n"
+                            for i in range(count)))
+
+
+def test_a_finished_finetune_asked_for_more_steps_names_its_base_flag(tiny_model_dir, tmp_path):
+    chat, run = tmp_path / "chat.jsonl", tmp_path / "run"
+    _sums_chat_file(chat, 4)
+
+    def cfg(*overrides: str) -> FinetuneConfig:
+        return load_config(FinetuneConfig, None, ["block_size=48", "batch_size=2", "device=cpu", "lora_r=2",
+                                                  "val_fraction=0", *overrides], data=str(chat))
+
+    finetune(cfg("max_steps=1"), tiny_model_dir, run)
+    with pytest.raises(Gpt1Error, match=r"\(max_steps: 1 -> 2\); .*a resume may change only .*"
+                                        rf"LR warmup\): --out NEW --base {run}$"):
+        finetune(cfg("max_steps=2"), tiny_model_dir, run)
+    assert finetune(cfg("max_steps=2"), run, tmp_path / "more").steps == 2  # the way it names works
+
+
+def test_ctrl_c_names_the_step_a_rerun_resumes_from(data_dir, tmp_path, capsys, stop_training_at):
+    """`interrupted; run the same command again to resume` did not say from where: the steps
+    after the latest checkpoint are lost."""
+    stop_training_at(4, KeyboardInterrupt)  # inside step 4: steps 1-3 done, checkpoints every 2
+    rc, err = run_main(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "run", *TINY_RARE_EVAL, "max_steps=6",
+                       "save_every=2")
+    assert rc == 130
+    assert err.rstrip().endswith("gpt1 pretrain: interrupted; its latest checkpoint is step 2 (any steps after it "
+                                 "are lost); run the same command again to resume"), err
+
+
+# A trainer_state.pt that loads but is not gpt1's, metrics.jsonl lines that `gpt1 plot` skips,
+# and a prepared data dir with an empty split: each one line, never a traceback.
+
+TRAIN = ["model=tiny", "block_size=32", "batch_size=2", "device=cpu", "max_steps=3", "save_every=1", "eval_batches=1",
+         "eval_every=100"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(corpus_dir, tokenizer, tmp_path_factory) -> tuple[Path, Path]:
+    """A prepared data dir and a run of 3 steps interrupted in its third, after its checkpoint at step 2."""
+    import gpt1.train.loop as loop
+
+    root = tmp_path_factory.mktemp("stopped")
+    prepare([str(corpus_dir / "json")], tokenizer, root / "data", val=4)
+    real, calls = loop._loss_and_backward, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "_loss_and_backward", stopping)
+        assert main([str(a) for a in ["pretrain", "--data", root / "data", "--out", root / "run", *TRAIN]]) == 130
+    return root / "data", root / "run"
+
+
+def resume(capsys, data: Path, run: Path) -> tuple[int, str]:
+    return run_main(capsys, "pretrain", "--data", data, "--out", run, *TRAIN)
+
+
+def copy_run(run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy, copy / "checkpoints" / "step-00000002" / "trainer_state.pt"
+
+
+def _drop_rng(s: dict) -> dict:
+    del s["rng"]
+    return s
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda s: {}, r"missing key 'step'"),
+    (_drop_rng, r"missing key 'rng'"),
+    (lambda s: {**s, "sampler": {}}, r"missing key 'sampler\.draws'"),
+    (lambda s: {**s, "step": str(s["step"])}, r"'step' is str, expected int"),
+    (lambda s: {**s, "last": {}}, r"missing key 'last\.loss'"),
+    (lambda s: {**s, "end": "3"}, r"'end' is str, expected int"),  # a key older checkpoints lack, checked when there
+    (lambda s: [s], r"the state is list, expected dict"),
+], ids=["empty", "no-rng", "sampler-without-draws", "step-a-string", "last-empty", "end-a-string", "a-list"])
+def test_a_trainer_state_with_missing_keys_or_wrong_types_is_one_line(stopped_run, tmp_path, capsys, edit, problem):
+    data, run = stopped_run
+    run, state_file = copy_run(run, tmp_path)
+    torch.save(edit(torch.load(state_file, weights_only=True)), state_file)
+    assert_one_clear_line(*resume(capsys, data, run),
+                          rf"{state_file}: cannot read the checkpoint \({problem}\); it is not a trainer state gpt1 saved")
+
+
+def test_metrics_lines_that_plot_skips_do_not_stop_a_resume(stopped_run, tmp_path, capsys):
+    data, run = stopped_run
+    run, _ = copy_run(run, tmp_path)
+    metrics = run / "metrics.jsonl"
+    kept = metrics.read_text()
+    # A 5,000-digit number (int() refuses over 4,300 digits) and JSON nested 100,000 deep.
+    metrics.write_text(kept + '{"step": ' + "1" * 5000 + "}\n" + "[" * 100_000 + "\n")
+    rc, err = resume(capsys, data, run)
+    assert rc == 0, err
+    lines = metrics.read_text().splitlines()
+    assert metrics.read_text().startswith(kept) and [json.loads(line)["step"] for line in lines][-1] == 3
+
+
+def test_a_data_dir_with_an_empty_split_is_one_line(stopped_run, tiny_model_dir, tokenizer_dir, corpus_dir, tmp_path, capsys):
+    source, _ = stopped_run
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["val"]["tokens"] = 0  # meta.json and val.bin agree: nothing to validate on
+    (data / "meta.json").write_text(json.dumps(meta))
+    (data / "val.bin").write_bytes(b"")
+    expected = rf"{data / 'val.bin'}: no validation tokens \(meta.json counts 0\); .* damaged: prepare it again"
+    assert_one_clear_line(*run_main(capsys, "eval", "--model", tiny_model_dir, "--device", "cpu", "--data", data), expected)
+    assert_one_clear_line(*run_main(capsys, "pretrain", "--data", data, "--out", tmp_path / "run", *TRAIN), expected)
+    # The same `prepare` again no longer says "nothing to do" over the damage; --overwrite redoes it.
+    redo = ["prepare", "--tokenizer", tokenizer_dir, "--out", data, "--val", "4", corpus_dir / "json"]
+    assert_one_clear_line(*run_main(capsys, *redo), r"train.bin/val.bin do not match meta.json \(damaged\)")
+    assert run_main(capsys, *redo, "--overwrite")[0] == 0
+    assert load_meta(data)["val"]["tokens"] == len(np.fromfile(data / "val.bin", dtype=np.uint16)) > 0
+
+
+# A run started with relative paths, resumed from another folder.
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """`init_from=qs/base` from one folder and `init_from=../qs/base` from its subfolder (the same
+    model) was "a different config": the recorded relative path was read from the new folder."""
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(max_steps=2, device="cpu", batch_size=2, block_size=16, eval_every=1, save_every=1, init_from="base")
+    assert pretrain(cfg, data_dir, "run").steps == 2
+    monkeypatch.chdir(tmp_path / "sub")
+    again = pretrain(dataclasses.replace(cfg, init_from="../base"), data_dir, "../run")
+    assert again.steps == 2 and again.resumed_from == 2
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["config"]["init_from"]
+    assert recorded == str((tmp_path / "base").resolve())
