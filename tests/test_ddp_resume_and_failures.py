@@ -19,7 +19,7 @@ from gpt1.data.shards import ShardWindows, prepare
 from gpt1.train import finetune as ft
 from gpt1.train.config import TrainConfig, load_config
 from tests.test_battery import assert_one_clear_line
-from tests.test_battery_env import gpt1
+from tests.test_resource_limits import gpt1
 from tests.test_train_ddp import ARGS, _assert_one_line_from_rank_0
 
 
