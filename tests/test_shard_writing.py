@@ -123,7 +123,7 @@ def test_every_name_that_left_gpt1_data_shards_is_importable_from_it():
     objects as in their new modules (a class patched there is patched for both)."""
     for name, (module, attribute) in shards._HOMES.items():
         assert getattr(shards, name) is getattr(importlib.import_module(module), attribute), name
-    from gpt1.data.shards import COMMIT_BYTES, ShardWindows, ShardWriter, _permuted, prepare  # noqa: F401
+    from gpt1.data.shards import COMMIT_BYTES, ShardWindows, ShardWriter, prepare  # noqa: F401
 
     assert prepare is prepare_module.prepare and ShardWindows is windows.ShardWindows
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):

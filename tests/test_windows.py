@@ -240,7 +240,7 @@ def test_an_epochs_order_of_few_windows_is_a_uniform_shuffle(n):
     only): shards of few windows take a keyed shuffle instead."""
     from itertools import permutations
 
-    from gpt1.data.shards import _permuted
+    from gpt1.data.windows import _permuted
 
     orders = [tuple(_permuted(SEED, np.full(n, epoch, dtype=np.uint64), np.arange(n, dtype=np.uint64), n).tolist())
               for epoch in range(6000 if n == 5 else 200)]

@@ -27,14 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gpt1
+from gpt1.core.atomic import write_json
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error, first_line
-from gpt1.core.io import exclusive, folder_target, make_dirs, read_json, write_json
+from gpt1.core.locks import exclusive
+from gpt1.core.paths import folder_target, make_dirs
 from gpt1.core.progress import info, warn
+from gpt1.core.reading import read_json
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import Tokenizer, train_tokenizer
-from gpt1.data.shards import prepare
+from gpt1.data.prepare import prepare
 from gpt1.data.sources import SourceStats, iter_documents
 from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.evaluate import evaluate_chat, evaluate_data

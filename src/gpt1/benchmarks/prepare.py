@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from gpt1.core.tokenizer import train_tokenizer
-from gpt1.data.shards import prepare
+from gpt1.data.prepare import prepare
 from gpt1.data.sources import iter_documents
 
 QUICK_PACKAGES = ("json", "email", "collections", "logging", "asyncio", "unittest")

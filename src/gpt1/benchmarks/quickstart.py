@@ -27,7 +27,7 @@ from pathlib import Path
 import gpt1
 from gpt1.core.config import ModelConfig
 from gpt1.core.progress import info
-from gpt1.data.shards import prepare
+from gpt1.data.prepare import prepare
 from gpt1.quickstart import QUICKSTART_VAL, QuickstartConfig, pretrain_config, train_corpus_tokenizer
 from gpt1.train.config import TrainConfig
 from gpt1.train.evaluate import evaluate_data

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from gpt1.benchmarks import progress
+from gpt1.core.atomic import write_text
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import without_torchao_notices
-from gpt1.core.io import write_text
 from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import EOS, SPECIAL_TOKENS

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Every writing command meets these the same way (a read-only --out, a full disk, a
         # folder made read-only mid-run): one class, handled here rather than at each write.
-        # gpt1 names every file it writes (core.io.writing); a write without a name is one to
+        # gpt1 names every file it writes (core.write_errors.writing); a write without a name is one to
         # stdout (`> /dev/full`), or to a file of another package's own; stderr's failures nobody would see.
         if e.filename is None:
             package = _unnamed_writer(e)
@@ -368,7 +368,7 @@ def _raised_by(error: BaseException) -> list[str]:
 
 def _unnamed_writer(error: OSError) -> str | None:
     """Whose write failed without a file name: None for standard output, else the package that
-    wrote a file of its own. gpt1 names each of its files (core.io.writing), so in its own code
+    wrote a file of its own. gpt1 names each of its files (core.write_errors.writing), so in its own code
     such a write is a print; in another package's (tensorboard's writer thread) it is stdout only
     where that code was handed stdout (matplotlib drawing `plot --out -`)."""
     package = next((name for name in _raised_by(error) if name not in sys.stdlib_module_names), "gpt1")

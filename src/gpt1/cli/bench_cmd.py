@@ -10,8 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from gpt1.core.atomic import write_json
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import file_target, is_stream, write_json
+from gpt1.core.paths import file_target, is_stream
 
 BENCHMARKS = ["train", "generate", "prepare", "serve"]  # modules of gpt1.benchmarks, run by default
 # Need a package no extra of gpt1's installs (llama-cpp-python, lm-eval), take many minutes

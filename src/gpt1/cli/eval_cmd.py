@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 import gpt1
 from gpt1.cli.args import DefaultsHelpFormatter, path_arg, positive_int
+from gpt1.core.atomic import write_json
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import file_target, write_json
+from gpt1.core.paths import file_target
 from gpt1.data.sources import describe_skipped
 from gpt1.train.tasks import SUITES, TASKS, get_task
 
@@ -258,7 +259,7 @@ def _check_report_folder(model: Path) -> None:
     """--suite writes MODEL/report.md: not into the best/ of a run still training, which replaces
     that folder whole at each new lowest validation loss (the report was deleted, or its write
     ended the run when the two met)."""
-    from gpt1.core.io import lock_holder
+    from gpt1.core.locks import lock_holder
     from gpt1.formats.modeldir import RUN_LOCK_DIR
     from gpt1.train.loop import BEST_DIR
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from gpt1.cli.args import text
 from gpt1.core.config import PRESETS, ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import owner_of
+from gpt1.core.paths import owner_of
 
 # torch and the model are imported by the functions that use them: `gpt1 --help` imports this module.
 

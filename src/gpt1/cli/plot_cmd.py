@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gpt1.cli.args import path_arg
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import check_within
+from gpt1.core.paths import check_within
 from gpt1.core.progress import info
 from gpt1.train.plot import plot_runs, plot_runs_to
 

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 
 def prepare_command(args: argparse.Namespace) -> int:
-    from gpt1.data.shards import prepare
+    from gpt1.data.prepare import prepare
 
     prepare(args.sources, Tokenizer.load(args.tokenizer), args.out, val=args.val, seed=args.seed,
             text_field=args.text_field, skip_invalid=args.skip_invalid, max_documents=args.max_documents,
@@ -48,7 +48,7 @@ def prepare_command(args: argparse.Namespace) -> int:
 def prepare_rerun_hint(args: argparse.Namespace) -> str:
     """What a rerun of an interrupted prepare does: resume from its last commit, or start over
     when it was stopped before its first (its partial files are deleted on the way out)."""
-    from gpt1.data.shards import COMMIT_BYTES, interrupted_prepare
+    from gpt1.data.prepare import COMMIT_BYTES, interrupted_prepare
 
     state = interrupted_prepare(args.out)
     if state is None:

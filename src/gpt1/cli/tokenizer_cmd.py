@@ -9,7 +9,7 @@ from typing import Iterator
 from gpt1.cli.args import DefaultsHelpFormatter, folder_arg, path_arg, positive_int
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import folder_target, owner_of
+from gpt1.core.paths import folder_target, owner_of
 from gpt1.core.progress import info, progress
 from gpt1.core.tokenizer import MIN_FREQUENCY, TOKENIZER_FILE, train_tokenizer
 from gpt1.data.readers import ReadMeter

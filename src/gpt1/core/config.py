@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from gpt1.core.atomic import write_json
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import read_json, write_json
+from gpt1.core.reading import read_json
 
 
 @dataclass

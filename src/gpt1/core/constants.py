@@ -6,7 +6,7 @@ tokenizer`) share: `gpt1 prepare` imported torch only for the first two, 2-5 s o
 preparation. Also importable from their first homes, `gpt1.core.model` and `gpt1.formats.modeldir`.
 
 The defaults of a library function that a command's flags restate: one value, here, for both
-(`gpt1.data.shards.prepare` and `gpt1 prepare`; `gpt1.serve.create_app` and `gpt1 serve`).
+(`gpt1.data.prepare.prepare` and `gpt1 prepare`; `gpt1.serve.create_app` and `gpt1 serve`).
 """
 
 IGNORE_INDEX = -100  # label value excluded from the loss (the convention of PyTorch and HF)

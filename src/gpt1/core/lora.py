@@ -39,10 +39,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from gpt1.core.atomic import write_json
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import check_regular_file, check_weight_values, json_path, read_json, save_safetensors, write_json
 from gpt1.core.model import model_state_dict
+from gpt1.core.paths import json_path
+from gpt1.core.reading import check_regular_file, read_json
 from gpt1.core.rng import host_rng_kept
+from gpt1.core.weights import check_weight_values, save_safetensors
 
 # target name -> (module path inside a Block, index of the slice of a fused Q|K|V output or None).
 # Only these are adapted: a layer added to the model (a SwiGLU gate's c_gate) gets no adapter until

@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from gpt1.core.atomic import write_text
 from gpt1.core.constants import BPE_TRAINING_THREAD
 from gpt1.core.errors import Gpt1Error, threads_hint
-from gpt1.core.io import as_path, read_json, write_text
+from gpt1.core.paths import as_path
 from gpt1.core.progress import info, progress, warn
+from gpt1.core.reading import read_json
 from gpt1.core.text_pieces import PIECE_CHARS, text_pieces
 
 if TYPE_CHECKING:  # ids may be a 1-D tensor; this module does not load torch

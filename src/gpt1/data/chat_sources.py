@@ -76,8 +76,8 @@ from typing import Any, Iterable, Iterator, Sequence
 from gpt1.core.chat_template import validate_messages
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
-from gpt1.core.io import walk_folder
 from gpt1.core.progress import warn
+from gpt1.core.reading import walk_folder
 from gpt1.core.tokenizer import check_text
 from gpt1.data.readers import (
     JSON_SUFFIXES,

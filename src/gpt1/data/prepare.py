@@ -30,7 +30,7 @@ are cut the same way every time); a rerun with other arguments starts over. At t
 folder without `meta.json` is never taken as complete. A run stopped after the renames (a full
 disk at `meta.json`, a kill) is finished by the rerun, which moves the shards back to their
 partial names instead of tokenizing everything again.
-One prepare at a time writes a data dir: it holds the folder's `.lock` (`gpt1.core.io.exclusive`).
+One prepare at a time writes a data dir: it holds the folder's `.lock` (`gpt1.core.locks.exclusive`).
 """
 
 from __future__ import annotations
@@ -49,25 +49,17 @@ from typing import Iterator
 
 import numpy as np
 
+from gpt1.core.atomic import atomic_path, replace_file, write_json
 from gpt1.core.constants import DATA_META_FILE as META_FILE
 from gpt1.core.constants import PREPARE_BATCH_DOCS, PREPARE_SEED, PREPARE_VAL
+from gpt1.core.crash_points import crash_point
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import (
-    atomic_path,
-    crash_point,
-    exclusive,
-    folder_target,
-    held_by_another,
-    json_path,
-    owner_of,
-    read_json,
-    replace_file,
-    write_json,
-    write_through,
-    writing,
-)
+from gpt1.core.locks import exclusive, held_by_another
+from gpt1.core.paths import folder_target, json_path, owner_of, write_through
 from gpt1.core.progress import info, progress, warn
+from gpt1.core.reading import read_json
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
+from gpt1.core.write_errors import writing
 from gpt1.data.readers import ReadMeter, declares_data_files
 from gpt1.data.shards import (
     DTYPE,
@@ -77,8 +69,8 @@ from gpt1.data.shards import (
     STATE_FILE,
     TRAIN_FILE,
     VAL_FILE,
-    _meta_problem,
-    _newer_format,
+    meta_problem,
+    newer_format,
     shards_complete,
     write_meta,
 )
@@ -201,7 +193,7 @@ def _prepared_already(out: Path, key: dict, overwrite: bool = False) -> dict | N
     # quickstart folder stopped at its data stage), and said what its held-out share may hold.
     by_place = not overwrite and isinstance(recorded, dict) and "split" not in recorded and recorded == {
         k: v for k, v in key.items() if k != "split"}
-    if not ((recorded == key or by_place) and _meta_problem(old) is None and _newer_format(old) is None
+    if not ((recorded == key or by_place) and meta_problem(old) is None and newer_format(old) is None
             and shards_complete(out, old)):
         return None
     info(f"{out} already holds this prepared data ({old['train']['tokens']:,} train tokens); nothing to do")
@@ -261,6 +253,7 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
         stats = SourceStats()
         pieces = iter_pieces(resolved, text_field=text_field, skip_invalid=skip_invalid, stats=stats,
                              max_documents=max_documents)
+        documents = pieces  # closed at the end, however it ends: its open file with it, not at exit
         total, meter = files_size(resolved), ReadMeter()
 
         def read_so_far() -> int:
@@ -297,6 +290,7 @@ def prepare(sources: str | os.PathLike | list[str], tokenizer: Tokenizer, out: s
                 writer.commit()
         finally:
             bar.close()
+            documents.close()
         seconds = time.perf_counter() - start_time
         extra = {"sources": [json_path(s) for s in sources], "text_field": text_field, "skipped": dict(stats.skipped),
                  "seconds_last_run": round(seconds, 3)}
@@ -313,7 +307,7 @@ def _differences(out: Path, key: dict) -> str:
     differing keys: "with other settings (seed: 1337 -> 3, files (changed on disk))", or "by a newer
     gpt1 (format version 2; ...)"."""
     old = read_json(out / META_FILE)
-    if isinstance(old, dict) and (newer := _newer_format(old)):  # its key may be another format's too
+    if isinstance(old, dict) and (newer := newer_format(old)):  # its key may be another format's too
         return f"by {newer}"
     old_key = _recorded_key(old.get("key")) if isinstance(old, dict) else None
     if not isinstance(old_key, dict):  # damaged, or written by a gpt1 that did not record it
@@ -327,7 +321,7 @@ def _differences(out: Path, key: dict) -> str:
              for k in changed if k != "files"]
     if "files" in changed and "sources" not in changed:
         diffs.append("files (changed on disk)")
-    if not diffs and (why := _meta_problem(old)):  # the same preparation, but meta.json is damaged
+    if not diffs and (why := meta_problem(old)):  # the same preparation, but meta.json is damaged
         return f"with these settings, but its {META_FILE} is damaged ({why})"
     if not diffs:  # the same preparation, but its shards are not the ones meta.json describes
         return f"with these settings, but its {TRAIN_FILE}/{VAL_FILE} do not match {META_FILE} (damaged)"
@@ -389,7 +383,9 @@ class ShardWriter:
     """Writes one preparation into a data dir, resumably.
 
     Tokens are appended to `train.bin.partial` / `val.bin.partial` as documents arrive, piece by
-    piece (a document's side is known from its first piece, before the rest is read). In count
+    piece (a document's side is known from its first piece, before the rest is read), through a
+    WRITE_BUFFER-byte buffer each: a partial file's size on disk says nothing; `commit` flushes and
+    fsyncs, and only the committed state's counts are trusted (a resume truncates to them). In count
     mode the best validation candidates so far (smallest hashes, with their copies) stay in
     memory; in fraction mode the smallest-hash training document and its copies are
     remembered, to become the validation split if no document fell into it (a 20-document

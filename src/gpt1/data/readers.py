@@ -60,7 +60,7 @@ import yaml
 
 from gpt1.core.errors import Gpt1Error, first_line
 from gpt1.core.imports import require
-from gpt1.core.io import walk_folder
+from gpt1.core.reading import walk_folder
 from gpt1.core.text_pieces import PIECE_CHARS, cut_point
 
 HF_PREFIX = "hf:"

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt1.core.atomic import write_json
 from gpt1.core.constants import DATA_META_FILE as META_FILE
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import lock_holder, read_json, write_json
+from gpt1.core.locks import lock_holder
+from gpt1.core.reading import read_json
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
 
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
@@ -87,11 +89,11 @@ def load_meta(data_dir: str | Path) -> dict:
     meta = read_json(data_dir / META_FILE)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise Gpt1Error(f"{data_dir / META_FILE}: not a gpt1 shards meta file")
-    if newer := _newer_format(meta):  # before the entries: a newer format may have other ones, or another dtype
+    if newer := newer_format(meta):  # before the entries: a newer format may have other ones, or another dtype
         raise Gpt1Error(f"{data_dir}: prepared by {newer}: upgrade gpt1 to read it")
     if meta.get("dtype") != np.dtype(DTYPE).name:
         raise Gpt1Error(f"{data_dir / META_FILE}: dtype {meta.get('dtype')!r}, expected {np.dtype(DTYPE).name}")
-    if why := _meta_problem(meta):
+    if why := meta_problem(meta):
         raise Gpt1Error(f"{data_dir / META_FILE}: {why}; the data dir is damaged: prepare it again "
                         "(`gpt1 prepare --overwrite`)")
     if not shards_complete(data_dir, meta):
@@ -105,18 +107,18 @@ def load_meta(data_dir: str | Path) -> dict:
     return meta
 
 
-def _newer_format(meta: dict) -> str | None:
+def newer_format(meta: dict) -> str | None:
     """"a newer gpt1 (format version 2; this gpt1 reads 1)" where meta.json's "version"
     is above `FORMAT_VERSION` (its shards were read as this gpt1's, unsaid), else None. (Every gpt1
-    wrote a version: one missing is read as 1, one that is no whole number is damage, `_meta_problem`.)"""
+    wrote a version: one missing is read as 1, one that is no whole number is damage, `meta_problem`.)"""
     version = meta.get("version", FORMAT_VERSION)
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         return f"a newer gpt1 (format version {version}; this gpt1 reads {FORMAT_VERSION})"
     return None
 
 
-def _meta_problem(meta: dict) -> str | None:
-    """What in the entries of a meta.json that gpt1 reads is not as `ShardWriter.finish` writes
+def meta_problem(meta: dict) -> str | None:
+    """What in the entries of a meta.json that gpt1 reads is not as `write_meta` writes
     them, or None: "train" and "val" objects with a shard's file name and its token count (and
     document count, where recorded), a "tokenizer" object with a file name and a fingerprint. A
     string there was a TypeError, a missing count a KeyError; and each "file" is joined onto the
@@ -211,18 +213,12 @@ def write_meta(data_dir: Path, tokenizer: Tokenizer, eos: int, counts: dict, pre
 # Looked up when asked (PEP 562), as both modules import this one: `from gpt1.data.shards import
 # prepare, ShardWindows` goes on working. New code imports them from where they live.
 _MOVED = {
-    "gpt1.data.prepare": (
-        "SPLIT_RULE", "_REDO_SPLIT", "_SPLIT_SALT", "BATCH_CHARS", "COPY_TOKENS", "COMMIT_BYTES",
-        "TEXT_FILE_IS_ONE_DOCUMENT", "_split_hash", "piece_batches", "_key", "_files_hash", "_hash_folder",
-        "_recorded_key", "_prepared_already", "prepare", "_differences", "_check_out_dir",
-        "_check_enough_documents", "_skip_committed", "_write", "ShardWriter", "_uint16", "interrupted_prepare"),
-    "gpt1.data.windows": (
-        "_WINDOW_SALT", "_OFFSET_SALT", "_PERMUTATION_SALT", "WINDOW_ORDERS", "STORED_ORDER", "FEISTEL_ROUNDS",
-        "_window_rows", "_tensors", "_windows", "ShardWindows", "_permuted", "_shuffled", "_feistel",
-        "sequences_drawn", "fixed_windows", "sequential_windows"),
+    "gpt1.data.prepare": ("COMMIT_BYTES", "SPLIT_RULE", "BATCH_CHARS", "TEXT_FILE_IS_ONE_DOCUMENT", "piece_batches",
+                          "prepare", "ShardWriter", "interrupted_prepare"),
+    "gpt1.data.windows": ("WINDOW_ORDERS", "STORED_ORDER", "FEISTEL_ROUNDS", "ShardWindows", "sequences_drawn",
+                          "fixed_windows", "sequential_windows"),
 }
 _HOMES = {name: (module, name) for module, names in _MOVED.items() for name in names}
-_HOMES.update({"_hash01": ("gpt1.data.splitmix", "hash01"), "_mix": ("gpt1.data.splitmix", "mix")})
 
 
 def __getattr__(name: str) -> object:

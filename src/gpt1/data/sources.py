@@ -53,8 +53,8 @@ from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
-from gpt1.core.io import walk_folder
 from gpt1.core.progress import info, warn
+from gpt1.core.reading import walk_folder
 from gpt1.core.text_pieces import PIECE_CHARS, text_pieces
 from gpt1.data.readers import (
     COMPRESSIONS,

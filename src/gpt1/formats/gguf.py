@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt1.core.atomic import atomic_path
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
-from gpt1.core.io import atomic_path
 from gpt1.core.model import GPT
 from gpt1.core.progress import info, warn
 from gpt1.core.sampling_params import preset

@@ -34,19 +34,11 @@ from typing import Any
 
 import torch
 
+from gpt1.core.atomic import atomic_dir, write_json, write_text
 from gpt1.core.chat_template import HF_JINJA_TEMPLATE, TEMPLATE_FILE
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import require
-from gpt1.core.io import (
-    atomic_dir,
-    check_weight_values,
-    json_path,
-    read_json,
-    save_safetensors,
-    write_json,
-    write_text,
-)
 from gpt1.core.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -62,9 +54,12 @@ from gpt1.core.lora import (
     save_adapter,
 )
 from gpt1.core.model import GPT
+from gpt1.core.paths import json_path
 from gpt1.core.progress import env_flag, info, warn
+from gpt1.core.reading import read_json
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer
+from gpt1.core.weights import check_weight_values, save_safetensors
 from gpt1.formats.gpt2_layout import check_gpt2_layout
 from gpt1.formats.modeldir import (
     ADAPTER_DIR,

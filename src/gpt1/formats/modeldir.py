@@ -28,19 +28,16 @@ from safetensors.torch import load_file
 from gpt1.core.config import ModelConfig
 from gpt1.core.constants import DATA_META_FILE as DATA_META_FILE  # its home, torch-free
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import (
-    check_weight_values,
-    file_fingerprint,
-    lock_holder,
-    owner_of,
-    read_json,
-    save_safetensors,
-    writer_of,
-)
+from gpt1.core.fingerprints import file_fingerprint
+from gpt1.core.locks import lock_holder
 from gpt1.core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload
 from gpt1.core.model import GPT, model_state_dict
+from gpt1.core.paths import owner_of
 from gpt1.core.progress import info
+from gpt1.core.reading import read_json
+from gpt1.core.temp_files import writer_of
 from gpt1.core.tokenizer import TOKENIZER_FILE, Tokenizer
+from gpt1.core.weights import check_weight_values, save_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -76,44 +76,19 @@ from gpt1.core.progress import logger, warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.threads import cpu_thread_tuner, own_threads
 from gpt1.core.tokenizer import Tokenizer
-
-# The names marked "moved" have modules of their own now, and are imported from here still (by the
-# server, EngineProcess and the tests).
-from gpt1.inference.admission import (
-    QueueFull,  # noqa: F401 - moved
-    TooLarge,  # noqa: F401 - moved
-    check_room,
-    check_sizes,
-    fit_prompts,
-    usable_vocab,
-)
+from gpt1.inference.admission import QueueFull, TooLarge, check_room, check_sizes, fit_prompts, usable_vocab  # noqa: F401 - re-exported (see below)
 from gpt1.inference.bucketed_decode import BucketedDecode, no_autocast
 from gpt1.inference.decoding import Chunk, TextState, TokenLogprob, new_token_limit
-from gpt1.inference.memory_room import (
-    _CGROUPS,  # noqa: F401 - moved
-    CHECKED_KV_BYTES,
-    _cgroup_room,  # noqa: F401 - moved
-    _machine_room,  # noqa: F401 - moved
-    _proc_text,  # noqa: F401 - moved
-    _rlimit_room,  # noqa: F401 - moved
-    free_memory,
-    gib,
-    kv_cache_bytes,
-)
+from gpt1.inference.memory_room import CHECKED_KV_BYTES, free_memory, gib, kv_cache_bytes
 from gpt1.inference.sampling import PerRow, log_probs, process_logits, sample
-from gpt1.inference.seeding import (
-    _mt19937_state,  # noqa: F401 - moved
-    request_generator,
-)
-from gpt1.inference.weight_layout import (
-    _contiguous_weight,  # noqa: F401 - moved
-    store_weights_column_major,
-)
+from gpt1.inference.seeding import request_generator
+from gpt1.inference.weight_layout import store_weights_column_major
 
-# Moved too, under their old names. The engine draws its requests' generators through `_generator`,
-# the name that tests patch (a submission short of memory, tests/test_engine_chaos.py).
+# QueueFull and TooLarge (admission's) are still imported from here by the engine's clients and
+# tests. The engine draws its requests' generators through `_generator`: the name tests patch
+# (tests/test_engine_chaos.py); `_BucketedDecode` is the step's name in the tests.
 _generator = request_generator
-_BucketedDecode, _no_autocast, _gib = BucketedDecode, no_autocast, gib
+_BucketedDecode = BucketedDecode
 
 Sink = Callable[["Chunk | BaseException"], None]
 RATE_WINDOW_S = 10.0  # tokens/s in /health is measured over this many seconds

@@ -51,20 +51,9 @@ from gpt1.core.malloc import fit_arenas_to_address_limit
 from gpt1.core.progress import warn
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.tokenizer import Tokenizer
+from gpt1.inference.admission import QueueFull, TooLarge, check_room, check_sizes, fit_prompts
 from gpt1.inference.decoding import Chunk, TokenLogprob
-from gpt1.inference.engine import (
-    RATE_WINDOW_S,
-    Engine,
-    EngineStats,
-    EngineUnavailable,
-    GenerationFault,
-    QueueFull,
-    Sink,
-    TooLarge,
-    check_room,
-    check_sizes,
-    fit_prompts,
-)
+from gpt1.inference.engine import RATE_WINDOW_S, Engine, EngineStats, EngineUnavailable, GenerationFault, Sink
 from gpt1.inference.llm import LLM
 
 START_TIMEOUT_S = 600.0  # loading, the KV cache and the CUDA-graph capture of every bucket

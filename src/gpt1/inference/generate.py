@@ -21,8 +21,9 @@ from gpt1.core.model import GPT
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.threads import own_threads
 from gpt1.core.tokenizer import Tokenizer
+from gpt1.inference.admission import fit_prompts
 from gpt1.inference.decoding import Chunk, Completion, TextState, chat_prompt_ids, fit_prompt, new_token_limit, prompt_budget
-from gpt1.inference.engine import Engine, fit_prompts
+from gpt1.inference.engine import Engine
 
 __all__ = ["Chunk", "Completion", "chat_prompt_ids", "fit_prompt", "generate", "generate_batch", "prompt_budget",
            "stream", "stream_batch"]

@@ -13,8 +13,8 @@ import torch
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import bf16_supported, no_bf16, resolve_device
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import as_path
 from gpt1.core.model import GPT
+from gpt1.core.paths import as_path
 from gpt1.core.progress import info
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.sampling_params import preset as named_preset

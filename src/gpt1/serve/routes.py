@@ -25,8 +25,9 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import logger
 from gpt1.core.sampling_params import SamplingParams
+from gpt1.inference.admission import QueueFull, TooLarge
 from gpt1.inference.decoding import ChatPrompt, Chunk
-from gpt1.inference.engine import Engine, EngineUnavailable, QueueFull, TooLarge
+from gpt1.inference.engine import Engine, EngineUnavailable
 from gpt1.inference.engine import Request as EngineRequest
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve import mapping

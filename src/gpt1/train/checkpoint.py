@@ -46,9 +46,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from gpt1.core.atomic import write_text
+from gpt1.core.crash_points import crash_point
 from gpt1.core.errors import Gpt1Error, first_line
-from gpt1.core.io import check_weight_values, crash_point, lock_holder, save_safetensors, write_text, writing
+from gpt1.core.locks import lock_holder
 from gpt1.core.progress import warn
+from gpt1.core.weights import check_weight_values, save_safetensors
+from gpt1.core.write_errors import writing
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"

@@ -32,9 +32,9 @@ from pydantic import TypeAdapter, ValidationError
 from gpt1.core.config import PRESETS
 from gpt1.core.device import check_device_name
 from gpt1.core.errors import Gpt1Error, other_name_hint
-from gpt1.core.io import read_json
 from gpt1.core.progress import info
-from gpt1.data.shards import WINDOW_ORDERS
+from gpt1.core.reading import read_json
+from gpt1.data.windows import WINDOW_ORDERS
 
 PRECISIONS = ("fp32", "fp16-mixed", "bf16-mixed")
 OPTIMIZERS = ("adamw", "muon")
@@ -65,7 +65,7 @@ class TrainConfig:
     max_steps: int = 1000
     max_tokens: int = 0
     epochs: float = 0.0
-    # Pretraining's windows of train.bin (gpt1.data.shards.ShardWindows): "epochs", each epoch a pass
+    # Pretraining's windows of train.bin (gpt1.data.windows.ShardWindows): "epochs", each epoch a pass
     # over its non-overlapping windows at an offset and in an order of its own; "random", each drawn
     # at a random start with replacement (nanoGPT's; every run begun before 2026-12-07 evening, which
     # resumes with it whatever this says)

@@ -40,8 +40,9 @@ import torch
 
 from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import read_json, sample_fingerprint
+from gpt1.core.fingerprints import sample_fingerprint
 from gpt1.core.progress import progress, warn
+from gpt1.core.reading import read_json
 from gpt1.core.threads import tuned_threads
 from gpt1.data.chat import encode_conversations, iter_batches
 from gpt1.data.chat_sources import (
@@ -53,9 +54,11 @@ from gpt1.data.chat_sources import (
     read_conversations,
     split_conversations,
 )
+from gpt1.data.prepare import piece_batches
 from gpt1.data.readers import parse_hf
-from gpt1.data.shards import check_fingerprint, load_meta, looks_prepared, piece_batches, sequential_windows
+from gpt1.data.shards import check_fingerprint, load_meta, looks_prepared
 from gpt1.data.sources import SourceStats, iter_pieces, source_specs
+from gpt1.data.windows import sequential_windows
 from gpt1.train import distributed
 from gpt1.train.config import TrainConfig
 from gpt1.train.precision import autocast, resolve_precision

@@ -48,22 +48,12 @@ from typing import Annotated
 
 import torch
 
+from gpt1.core.atomic import atomic_dir, write_json, write_text
 from gpt1.core.chat_template import JINJA_TEMPLATE, TEMPLATE_FILE
+from gpt1.core.crash_points import crash_point
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import (
-    as_path,
-    atomic_dir,
-    crash_point,
-    file_fingerprint,
-    folder_target,
-    held_by_another,
-    json_path,
-    owner_of,
-    read_json,
-    save_safetensors,
-    write_json,
-    write_text,
-)
+from gpt1.core.fingerprints import file_fingerprint
+from gpt1.core.locks import held_by_another
 from gpt1.core.lora import (
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -73,9 +63,12 @@ from gpt1.core.lora import (
     mark_only_lora_as_trainable,
     save_adapter,
 )
+from gpt1.core.paths import as_path, folder_target, json_path, owner_of
 from gpt1.core.progress import info, warn
+from gpt1.core.reading import read_json
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
+from gpt1.core.weights import save_safetensors
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
 from gpt1.data.chat_sources import ChatStats, conversations_fingerprint, grouped_by_content
 from gpt1.formats.hf import hub_folder, import_hf_model, is_hf_model_dir

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt1.core.atomic import write_text
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import write_text
 from gpt1.core.model import KVCache
 from gpt1.core.progress import progress, warn
 from gpt1.core.threads import tuned_threads

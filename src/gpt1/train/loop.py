@@ -107,24 +107,18 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
+from gpt1.core.atomic import atomic_dir, write_json
 from gpt1.core.constants import IGNORE_INDEX
+from gpt1.core.crash_points import crash_point
 from gpt1.core.environment import environment
 from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
-from gpt1.core.io import (
-    OWN_FILES,
-    OWN_FOLDERS,
-    atomic_dir,
-    check_within,
-    crash_point,
-    exclusive,
-    make_dirs,
-    read_json,
-    write_json,
-    writing,
-)
+from gpt1.core.locks import exclusive
 from gpt1.core.malloc import freed_memory_kept
+from gpt1.core.paths import OWN_FILES, OWN_FOLDERS, check_within, make_dirs
 from gpt1.core.progress import info, progress, warn
+from gpt1.core.reading import read_json
 from gpt1.core.threads import cpu_thread_tuner
+from gpt1.core.write_errors import writing
 from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
 from gpt1.train.budget import PLOT_SECONDS, SAVE_RATE, RunRate, TimeBudget, duration

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from gpt1.core.io import write_text, writing
+from gpt1.core.atomic import write_text
+from gpt1.core.write_errors import writing
 
 TRIM_BLOCK = 1 << 20  # bytes of metrics.jsonl read at a time, from its end, by a resume
 

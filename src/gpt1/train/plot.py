@@ -8,9 +8,10 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
+from gpt1.core.atomic import atomic_path
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.imports import import_quietly
-from gpt1.core.io import atomic_path, file_target
+from gpt1.core.paths import file_target
 from gpt1.core.progress import printable, warn
 
 if TYPE_CHECKING:

@@ -21,9 +21,11 @@ import torch
 
 from gpt1.core.config import ModelConfig
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import as_path, json_path, read_json, sample_fingerprint
+from gpt1.core.fingerprints import sample_fingerprint
 from gpt1.core.model import GPT, CausalSelfAttention
+from gpt1.core.paths import as_path, json_path
 from gpt1.core.progress import info, warn
+from gpt1.core.reading import read_json
 from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.data.shards import PreparedData, check_fingerprint

@@ -17,15 +17,17 @@ import math
 import shlex
 from pathlib import Path
 
+from gpt1.core.atomic import write_json
 from gpt1.core.errors import Gpt1Error
-from gpt1.core.io import json_path, read_json, write_json
+from gpt1.core.paths import json_path
 from gpt1.core.progress import info
+from gpt1.core.reading import read_json
 from gpt1.formats.modeldir import BASE_FILE, WEIGHTS_FILE, weights_fingerprint
 from gpt1.train import checkpoint as ckpt
 from gpt1.train.config import TrainConfig
 
 CONFIG_FILE = "train_config.json"
-RUN_LOCK = Path(ckpt.CHECKPOINTS_DIR, ".lock")  # the lock `gpt1.core.io.exclusive` holds while a run trains
+RUN_LOCK = Path(ckpt.CHECKPOINTS_DIR, ".lock")  # the lock `gpt1.core.locks.exclusive` holds while a run trains
 # Keys that may change between a run and its resumption: they do not change the weights it trains
 # (eval_every and eval_batches where the run's other settings allow it: `_held`).
 RESUMABLE_CHANGES = {"device", "tensorboard", "eval_batches", "save_every", "max_bad_steps",
