@@ -193,3 +193,30 @@ def test_cut_point_scanning_back_in_chunks_cuts_where_the_whole_window_did(scan,
         longest = rng.choice([None, size, size + rng.randint(0, 50)])
         assert text_pieces.cut_point(text, size, longest) == _cut_point_whole_window(text, size, longest), \
             (text, size, longest)
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_hit_in_a_libc_buffer_fails_the_prepare(tmp_path):
+    """numpy's `tofile` lost the write errors libc had buffered: under a 64 KiB file-size limit a
+    5.7 MB corpus was "prepared" (exit 0) into a train.bin cut at 65,536 bytes while meta.json
+    counted 4.9M tokens. The shard writer's own buffered writes fail, naming the shard, and no
+    meta.json is written."""
+    corpus = tmp_path / "c.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for i in range(20000):
+            f.write(json.dumps({"text": f"document {i} " + "lorem ipsum dolor sit amet " * 10}) + "\n")
+    texts = [json.loads(line)["text"] for line in corpus.read_text("utf-8").splitlines()[:2000]]
+    tokenizer, _ = train_tokenizer(texts, 400, show_progress=False)
+    tokenizer.save(tmp_path / "tok")
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    done = subprocess.run([sys.executable, "-m", "gpt1", "prepare", str(corpus), "--tokenizer", str(tmp_path / "tok"),
+                           "--out", str(tmp_path / "data")], capture_output=True, text=True, preexec_fn=limit,
+                          timeout=300, env={**os.environ, "GPT1_QUIET": "1"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "train.bin.partial: cannot write (File too large)" in lines[0]
+    assert not (tmp_path / "data" / "meta.json").exists()
