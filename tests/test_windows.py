@@ -1,4 +1,4 @@
-"""The training windows pretraining draws from prepared shards (`gpt1.data.shards.ShardWindows`):
+"""The training windows pretraining draws from prepared shards (`gpt1.data.windows.ShardWindows`):
 `data_order="epochs"` (the default) is one pass per epoch over non-overlapping windows, at an offset
 and in an order of its own, a pure function of (seed, sequence number); `data_order="random"` draws
 with replacement as gpt1 did before, and a run begun before the key resumes with it, bit-exact."""
