@@ -172,7 +172,10 @@ def test_a_bpe_training_stopped_while_it_reads_its_corpus_exits_with_the_signals
         (corpus / f"part{k}.txt").write_text("\n".join(" ".join(rng.choices(words, k=100)) for _ in range(3000)))
     process = subprocess.Popen([sys.executable, "-m", "gpt1", "tokenizer", "train", "--vocab-size", "4096",
                                 "--out", str(tmp_path / "tok"), str(corpus)], cwd=tmp_path, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "GPT1_QUIET": "1"})
+                               text=True, env={**os.environ, "GPT1_QUIET": "1"},
+                               # Ctrl-C in a terminal: a test run as a background job (`pytest ... &`, as
+                               # a CI script may run it) would hand the child SIGINT ignored.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stderr.readline().startswith("training a 4,096-token BPE tokenizer")
     try:
         time.sleep(0.5)  # the corpus is being read
