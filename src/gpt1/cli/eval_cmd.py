@@ -179,7 +179,7 @@ def _emit_json(target: str, obj: dict) -> None:
 
 
 def _chat_eval(llm, args: argparse.Namespace) -> int:
-    from gpt1.data.chat_sources import ChatStats
+    from gpt1.data.conversation import ChatStats
     from gpt1.train.evaluate import evaluate_chat
 
     if len(args.data) != 1:

@@ -26,7 +26,7 @@ from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.progress import progress as progress_bar
 from gpt1.core.text_pieces import text_pieces
-from gpt1.data.chat_sources import Conversation
+from gpt1.data.conversation import Conversation
 
 
 @dataclass

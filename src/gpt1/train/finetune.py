@@ -70,7 +70,8 @@ from gpt1.core.rng import host_rng_kept
 from gpt1.core.tokenizer import Tokenizer
 from gpt1.core.weights import save_safetensors
 from gpt1.data.chat import ChatBatches, encode_conversations, iter_batches
-from gpt1.data.chat_sources import ChatStats, conversations_fingerprint, grouped_by_content
+from gpt1.data.chat_splits import conversations_fingerprint, grouped_by_content
+from gpt1.data.conversation import ChatStats
 from gpt1.formats.hf import hub_folder, import_hf_model, is_hf_model_dir
 from gpt1.formats.modeldir import (
     ADAPTER_DIR,
