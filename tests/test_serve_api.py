@@ -581,7 +581,7 @@ def test_mailbox_wakes_the_loop_once_for_everything_posted_before_it_runs():
     import asyncio
     import threading
 
-    from gpt1.serve.routes import _Mailbox
+    from gpt1.serve.bridge import _Mailbox
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -19,7 +19,8 @@ from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.engine import Engine
 from gpt1.serve import background_server, create_app
 from gpt1.serve.app import cors_origin
-from gpt1.serve.routes import _chat_events, submit
+from gpt1.serve.bridge import submit
+from gpt1.serve.streaming import chat_events
 from tests.test_serve_api import wait_for
 from tests.test_serve_hostile import address, read_until_closed
 
@@ -126,7 +127,7 @@ def test_a_chat_stream_that_ends_before_generating_cancels_its_request(llm):
     async def main():
         params = SamplingParams(max_new_tokens=60, temperature=1.0).validate()
         requests, queue = submit(engine, [llm.tokenizer.encode("Name a colour.")], params)
-        events = _chat_events(requests, queue, "chatcmpl-1", 0, "m", False, 0.0)
+        events = chat_events(requests, queue, "chatcmpl-1", 0, "m", False, 0.0)
         assert '"role": "assistant"' in await anext(events)
         await events.aclose()  # how the event loop ends a stream dropped there (its client gone)
         assert requests[0].cancelled

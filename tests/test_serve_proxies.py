@@ -19,7 +19,7 @@ import pytest
 
 import gpt1
 from gpt1.core.errors import Gpt1Error
-from gpt1.serve import background_server, create_app, routes
+from gpt1.serve import background_server, create_app, streaming
 from tests.test_battery import assert_one_clear_line, run_main
 from tests.test_serve_api import MSG, endless_model_dir, wait_for
 
@@ -78,7 +78,7 @@ def test_a_stream_queued_behind_another_sends_keep_alive_comments(endless, monke
     opening event) or between slow tokens: nginx's proxy_read_timeout (60 s) cut it. Now an SSE
     comment goes out after KEEPALIVE_S without a byte; the events are those of the stream alone, and
     the openai client reads it as any other."""
-    monkeypatch.setattr(routes, "KEEPALIVE_S", 0.2)
+    monkeypatch.setattr(streaming, "KEEPALIVE_S", 0.2)
     with background_server(create_app(endless, max_batch=1)) as url:
         with httpx.stream("POST", f"{url}/v1/{path}", json=_body(path), timeout=30) as alone:
             expected = _events(list(alone.iter_lines()))

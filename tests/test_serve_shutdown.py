@@ -92,7 +92,7 @@ def completion(url: str, **body) -> httpx.Response:
 
 
 def test_apps_that_generated_are_freed_once_their_servers_stop(llm):
-    """routes' mailbox, the value of a weak dict keyed by the event loop, held that loop, and the
+    """bridge's mailbox, the value of a weak dict keyed by the event loop, held that loop, and the
     loop its server, app and engine: each app that had generated kept its KV cache for the life of
     the process (4 apps, 4 caches)."""
     apps, engines = [], []

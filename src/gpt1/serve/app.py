@@ -4,8 +4,8 @@ Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 request and response shapes, `stream: true` as server-sent events ending in `data: [DONE]`),
 `GET /health`, `GET /metrics` (Prometheus), the chat page at `GET /` and the OpenAPI docs at `/docs`. The parts, by job:
 `schemas` (request bodies), `errors` (OpenAI-style errors), `mapping` (request -> prompt and
-SamplingParams), `middleware` (host, key, body limits), `routes` (endpoints and the bridge to
-the engine), `metrics` (the Prometheus exposition), `page` (the chat page). Generation runs in `gpt1.inference.engine.Engine`.
+SamplingParams), `middleware` (host, key, body limits), `routes` (endpoints), `bridge` (to
+the engine), `streaming` / `replies` (the replies), `metrics` (the Prometheus exposition), `page` (the chat page). Generation runs in `gpt1.inference.engine.Engine`.
 
 Every bad request is answered with status 400 (401 for auth, 403 for a Host that is neither a
 loopback name nor an allowed one on a keyless loopback server, 404, 408 for a body or headers that

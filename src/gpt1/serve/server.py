@@ -347,7 +347,7 @@ class _Server(uvicorn.Server):
 
 class _AccessFormatter(uvicorn.logging.AccessFormatter):
     """uvicorn's access-log line, with a record's `note` after its status, where it has one (a
-    request whose client went away: gpt1.serve.routes)."""
+    request whose client went away: gpt1.serve.replies.client_gone)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
