@@ -24,8 +24,8 @@ from gpt1.data.shards import fixed_windows
 from gpt1.train import finetune as ft
 from gpt1.train.config import FINETUNE_KEYS, TrainConfig, load_config
 from gpt1.train.finetune import FinetuneConfig, finetune
-from gpt1.train.loop import _fmt
 from gpt1.train.pretrain import pretrain
+from gpt1.train.run_log import fmt
 from gpt1.train.schedule import lr_at
 from tests.test_battery import assert_one_clear_line, run_main
 from tests.test_train import FT_ARGS, TINY, _chat_file, _metrics, _run
@@ -74,7 +74,7 @@ def test_keys_that_do_not_change_the_math_may_change_on_resume(data_dir, tmp_pat
 
 
 def test_a_diverged_perplexity_is_printed_short():
-    assert _fmt(1.0142e308, ".2f") == "1.014e+308" and _fmt(12.3456, ".2f") == "12.35" and _fmt(None) == "n/a"
+    assert fmt(1.0142e308, ".2f") == "1.014e+308" and fmt(12.3456, ".2f") == "12.35" and fmt(None) == "n/a"
 
 
 def test_running_out_of_memory_in_training_is_one_line(data_dir, tmp_path):

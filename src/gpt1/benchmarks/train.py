@@ -19,7 +19,7 @@ the same precision and optimizer, measured in the same run and reported as a rat
 
 The two sides' steps alternate and the time is the median of the measured steps, so that a
 busy machine slows both alike. MFU is the honest one of `GPT.flops_per_token` (matmuls that
-run) against the card's peak (`gpt1.train.loop.PEAK_FLOPS`); "TFLOP/s" is the same FLOP count
+run) against the card's peak (`gpt1.train.mfu.PEAK_FLOPS`); "TFLOP/s" is the same FLOP count
 per second, also shown on CPUs, which have no entry in the peak table.
 """
 
@@ -45,7 +45,7 @@ from gpt1.core.malloc import keep_freed_memory
 from gpt1.core.model import GPT
 from gpt1.core.tokenizer import EOS, SPECIAL_TOKENS
 from gpt1.train.config import TrainConfig, load_config
-from gpt1.train.loop import peak_flops
+from gpt1.train.mfu import peak_flops
 from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
 
 REQUIRES = {"transformers": "'gpt1[hf]'"}  # module -> what installs it, checked by `gpt1 bench` up front

@@ -261,7 +261,7 @@ def _check_report_folder(model: Path) -> None:
     ended the run when the two met)."""
     from gpt1.core.locks import lock_holder
     from gpt1.formats.modeldir import RUN_LOCK_DIR
-    from gpt1.train.loop import BEST_DIR
+    from gpt1.train.keep_best import BEST_DIR
 
     if model.name == BEST_DIR and (holder := lock_holder(model.parent / RUN_LOCK_DIR)):
         raise Gpt1Error(f"{model}: {holder} is training {model.parent}, and replaces {model} at each new lowest "

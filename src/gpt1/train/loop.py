@@ -58,19 +58,14 @@ final step and its outputs (`save_model`'s files, `loss.png`) were written from 
 the checkpoint): a run killed in between writes them on its next call; otherwise a call on a
 finished run changes nothing in its run dir. The lowest validation loss so far and its step are
 kept in the trainer state and added to each validation's metrics (`best_val_loss`, `best_step`);
-with `cfg.keep_best`, each validation that lowers it writes `save_model`'s files into `RUN/best`
-(whole or not at all: `BEST_DIR`), with `best.json`: the step and loss it holds. A resume removes
-a `RUN/best` of a step past its checkpoint's (written by the attempt that stopped after it, whose
-steps the resume trains again), and says so: the next validation below the lowest writes it again.
-With `cfg.early_stop` = N, N validations in a row that do not lower it end the run at that step,
+with `cfg.keep_best` its model is kept in `RUN/best` (`gpt1.train.keep_best`). With
+`cfg.early_stop` = N, N validations in a row that do not lower it end the run at that step,
 which then counts as its last (a rerun is that of a finished run; the checkpoint keeps that
 early_stop ended it, for the last line). `cfg.keep_checkpoints`: how many of the newest checkpoints
-are kept. A step whose loss or gradient norm is not finite is skipped; a validation or checkpoint
-due at it still runs when the weights are finite (the skipped step did not touch them), else a warning names the last good
-checkpoint. `cfg.max_bad_steps` consecutive skipped steps stop the run (a resumed run counts on
-from its checkpoint's); fp16-mixed's overflows (skipped by the GradScaler, which halves its loss
-scale for each; a NaN/inf loss, not the scale's doing, leaves it as it is) stop it once its loss
-scale falls below 1. The LR schedule and the tokens seen count skipped steps.
+are kept. A step whose loss or gradient norm is not finite is skipped, and too many stop the run
+(`gpt1.train.bad_steps`); a validation or checkpoint due at it still runs when the weights are
+finite (the skipped step did not touch them), else a warning names the last good checkpoint.
+The LR schedule and the tokens seen count skipped steps.
 Running `train` again on the same `run_dir` resumes from its latest checkpoint (a different
 config, or number of processes, is refused; paths compare by what they name); on CPU the resumed run
 ends at exactly the loss of an uninterrupted one. With torchrun (`gpt1.train.distributed`),
@@ -85,8 +80,7 @@ Speed: `precision=bf16-mixed` falls back to fp16-mixed on GPUs without bf16
 torch.compile fails. A step waits for the device once (for its loss and gradient norm, read
 together; fp16-mixed's GradScaler adds one), and CUDA batches are copied from pinned memory
 without blocking. On a CPU under a time budget the step's thread count follows the machine's
-load (`gpt1.core.threads`; each step's count in `metrics.jsonl`). MFU is `model.flops_per_token` (the matmuls that run, see `GPT`) x tokens/s
-over the device's peak from PEAK_FLOPS.
+load (`gpt1.core.threads`; each step's count in `metrics.jsonl`). MFU: see `gpt1.train.mfu`.
 """
 
 from __future__ import annotations
@@ -96,61 +90,50 @@ import datetime
 import itertools
 import json
 import math
-import re
-import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
-from gpt1.core.atomic import atomic_dir, write_json
 from gpt1.core.constants import IGNORE_INDEX
 from gpt1.core.crash_points import crash_point
 from gpt1.core.environment import environment
 from gpt1.core.errors import Gpt1Error, first_line, is_compile_error
 from gpt1.core.locks import exclusive
 from gpt1.core.malloc import freed_memory_kept
-from gpt1.core.paths import OWN_FILES, OWN_FOLDERS, check_within, make_dirs
+from gpt1.core.paths import OWN_FILES, OWN_FOLDERS, check_within
 from gpt1.core.progress import info, progress, warn
-from gpt1.core.reading import read_json
 from gpt1.core.threads import cpu_thread_tuner
 from gpt1.core.write_errors import writing
 from gpt1.train import checkpoint as ckpt
 from gpt1.train import distributed
+from gpt1.train.bad_steps import SkippedSteps, what_was_not_finite, why_skipped
 from gpt1.train.budget import PLOT_SECONDS, SAVE_RATE, RunRate, TimeBudget, duration
 from gpt1.train.config import TrainConfig
 from gpt1.train.evaluate import evaluate_loss, perplexity
+from gpt1.train.keep_best import BEST_DIR, LowestValidation
 from gpt1.train.metrics_file import trim_metrics
+from gpt1.train.mfu import PEAK_FLOPS, peak_flops  # noqa: F401 - PEAK_FLOPS: this module's name before it moved
 from gpt1.train.optim import build_optimizer
-from gpt1.train.plot import plot_metrics
 from gpt1.train.precision import autocast, resolve_precision, use_float8_matmuls
+from gpt1.train.run_log import (
+    METRICS_FILE,
+    PLOT_FILE,
+    TENSORBOARD_DIR,
+    close_tensorboard,
+    fmt,
+    open_tensorboard,
+    plot_loss,
+    writer_thread_unprinted,
+)
 from gpt1.train.run_record import CONFIG_FILE, RUN_LOCK, RunRecord, check_run_dir, refuse_other_files
 from gpt1.train.schedule import BudgetSchedule, lr_at
 
 __all__ = ["BatchSource", "TrainResult", "train", "IGNORE_INDEX", "METRICS_FILE", "CONFIG_FILE", "BEST_DIR",
            "peak_flops", "step_cap_words"]
-
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
-BEST_DIR = "best"  # RUN/best: the model of the lowest validation loss (keep_best=true)
-BEST_RECORD = "best.json"  # in RUN/best: the step and validation loss of the model it holds
-
-# Dense (no sparsity) FP16/BF16 tensor-core peak FLOP/s per GPU, matched against
-# torch.cuda.get_device_name() as whole words ("A100" is not in "RTX A1000", nor "T4" in "T400");
-# longest match wins. MFU is reported against this peak.
-# Sources: NVIDIA datasheets: H100/H200/GH200 SXM 989 TF (H100 PCIe 756, H100 NVL 835), A100 312, L40S 362,
-# L40 181, L4 121, A10 125, RTX A6000 155, V100 125, T4 65; Ada and Ampere GeForce
-# whitepapers (FP16 with FP32 accumulate): RTX 4090 165, RTX 3090 71.
-PEAK_FLOPS = {
-    "H200": 989e12, "GH200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H800": 989e12,
-    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-    "A10": 125e12, "A6000": 155e12, "V100": 125e12, "T4": 65e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12,
-}
 
 
 class BatchSource(Protocol):
@@ -177,15 +160,6 @@ class TrainResult:
     best_step: int | None = None  # the step of the lowest validation loss (RUN/best with keep_best); None: no validation
     best_val_loss: float | None = None
     budget_spent_before: float | None = None  # of budget_spent, the invocations' before this one (0.0: a fresh run)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The peak FLOP/s of a known GPU, None for CPUs and unknown GPUs."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    matches = [key for key in PEAK_FLOPS if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name)]
-    return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def step_cap_words(cfg: TrainConfig) -> tuple[str, str]:
@@ -228,7 +202,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, train_d
             # A run dir from elsewhere (downloaded, unpacked) may link its files out of it: the run's
             # writes would replace what they name (its loss.png linked to ~/.bashrc). `checkpoints`
             # may link elsewhere (a bigger disk): only the step folders gpt1 names are written there.
-            for name in sorted((OWN_FILES | OWN_FOLDERS | {PLOT_FILE, BEST_DIR, "tensorboard"}) - {ckpt.CHECKPOINTS_DIR}):
+            for name in sorted((OWN_FILES | OWN_FOLDERS | {PLOT_FILE, BEST_DIR, TENSORBOARD_DIR}) - {ckpt.CHECKPOINTS_DIR}):
                 check_within(run_dir / name, run_dir)
             # One process trains in a run dir at a time: a second one would delete the first's
             # partial saves (below) and interleave its metrics. Released when the process ends,
@@ -266,7 +240,7 @@ def _train_in(run: _Run, data_source: dict | None, continues: dict | None, start
             loss, grad_norm, tokens = run.forward_backward(batches)
             run.tokens_seen += tokens  # a skipped step's too: its batches were drawn, as an overflow's are
             done = step + 1
-            if skipped := _skipped(loss, grad_norm, fp16=run.scaler.is_enabled()):
+            if skipped := why_skipped(loss, grad_norm, fp16=run.scaler.is_enabled()):
                 metric = run.skip(done, skipped, loss, lr)
             else:
                 run.optimizer_step(done, grad_norm)
@@ -279,16 +253,6 @@ def _train_in(run: _Run, data_source: dict | None, continues: dict | None, start
             run.log(metric)
             run.save_if_due(done, skipped)
     return run.finish(started)
-
-
-def _skipped(loss: float, grad_norm: float, fp16: bool) -> str | None:
-    """Why a step is skipped: its loss or gradient norm is NaN/inf (applied, the clip would scale
-    every gradient by max_norm/NaN and the update turn every weight into NaN); None if it is not.
-    (The loss is all-reduced, as DDP's gradients are: every rank skips alike.) In fp16-mixed a
-    non-finite gradient is the GradScaler's overflow: `scaler.step` skips it (`_Run.optimizer_step`)."""
-    if not math.isfinite(loss):
-        return "non-finite loss"
-    return "non-finite gradient" if not math.isfinite(grad_norm) and not fp16 else None
 
 
 class _Run:
@@ -325,18 +289,13 @@ class _Run:
         self.elapsed_before = 0.0
         self.began = time.perf_counter()  # when this invocation's time began (`plan`)
         self.finished = False  # the run had finished before this invocation (`begin`)
-        # The lowest validation loss so far and its step, and the validations since it (early_stop)
-        self.best: dict = {"step": None, "val_loss": None}
-        self.since_best = 0
+        self.lowest = LowestValidation(run_dir, cfg, save_model, dist)  # and its model in RUN/best (keep_best)
         self.early_stopped: bool | None = False  # early_stop ended the run (None: an older gpt1's checkpoint, unsaid)
-        self.bad_steps = 0  # consecutive skipped steps
         # Whether a step changed the weights since the last validation: one due after skipped steps
         # alone would measure the same weights again (and count against early_stop: two NaN batches
         # ended a run as "no longer improving").
         self.applied_since_validation = True
-        # fp16-mixed: the overflows since the loss scale last grew (`optimizer_step`): the first's
-        # step, how many, and the scale the latest left; None before the first.
-        self.scale_fall: dict | None = None
+        self.skips = SkippedSteps(cfg.max_bad_steps, run_dir, self.precision)  # in a row, and fp16's overflows
         self.budget: TimeBudget | None = None
         self.schedule: BudgetSchedule | None = None
         self.rate: RunRate | None = None
@@ -361,13 +320,10 @@ class _Run:
         if self.start_step >= self.end:  # a finished run: what its final checkpoint spent, its own writes included
             self.budget_spent = ckpt.final_budget_spent(latest) or self.budget_spent
         self.elapsed_before = state.get("elapsed", self.budget_spent)  # an older gpt1's: its budget's, else 0
-        # A checkpoint of an older gpt1 has no best: the next validation is the first.
-        self.best, self.since_best = dict(state.get("best", self.best)), state.get("since_best", 0)
+        self.lowest.load_state_dict(state)
         # An older gpt1's checkpoint does not say: a run with steps left was not ended; a finished one, unsaid (None).
         self.early_stopped = state.get("early_stopped", None if self.start_step >= self.end else False)
-        # A run killed inside a stretch of skipped steps stops where an uninterrupted one does (reset
-        # to 0, it went on max_bad_steps more); an older gpt1's checkpoint has neither.
-        self.bad_steps, self.scale_fall = state.get("bad_steps", 0), state.get("scale_fall")
+        self.skips.load_state_dict(state)
         self.applied_since_validation = state.get("applied_since_validation", True)
         if dist.is_main and self.start_step < self.end:  # a finished run says so at the end ("nothing to do"), not "resuming"
             budget = cfg.time_budget
@@ -386,23 +342,14 @@ class _Run:
 
     def begin(self, data_source: dict | None, continues: dict | None = None) -> None:
         """Record this invocation in train_config.json (`RunRecord.start`; a fresh start, the run it
-        `continues`), remove a RUN/best that the attempt stopped after the checkpoint wrote, say what
-        RUN/best keeps where this resume turns keep_best off, and drop the metric lines
+        `continues`), settle RUN/best with the resume (`LowestValidation.resume`), and drop the metric lines
         a killed run logged after its last checkpoint; then wrap the model for the steps (DDP with
         torchrun, torch.compile with compile=true). A rerun of a finished run (at most writing the
         outputs a kill left unwritten) changes nothing in the run dir: its record, metrics and event
         log stay as the run left them."""
         self.finished = self.start_step >= self.end
         if not self.finished:
-            if self.start_step and self.cfg.keep_best and self.best["step"] is not None:
-                # train_config.json is rank 0's (`train`): its answer is every rank's, which reset alike.
-                off = distributed.broadcast_object(
-                    not self.record.setting_at(self.best["step"], "keep_best") if self.dist.is_main else None)
-                if off:
-                    self._start_keeping_best()
-            distributed.main_only(self._drop_later_best)
-            if self.dist.is_main and self.start_step and not self.cfg.keep_best:
-                self._warn_best_kept()
+            self.lowest.resume(self.start_step, self.record)
             spent = {"budget_spent": self.budget_spent} if self.cfg.time_budget > 0 else {}
             distributed.main_only(lambda: self.record.start(
                 self.start_step, {**_provenance(self.cfg, self.device, self.precision, data_source), **spent},
@@ -415,60 +362,6 @@ class _Run:
 
             self.model = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step_model = torch.compile(self.model) if self.cfg.compile else self.model
-
-    def _drop_later_best(self) -> None:
-        """Rank 0: remove a RUN/best that this run's checkpoint did not see written: the model of a
-        validation after the checkpoint (its `best.json` says which step), by the attempt that stopped
-        there, whose steps this one trains anew; kept, it stayed as the best (a run that validated at
-        other steps, or turned keep_best off, never replaced it) and the run named another step's.
-        A fresh start's RUN/best is an attempt's stopped before its first checkpoint. Said in one line
-        on a resume, where the next validation below the lowest writes it again (with keep_best)."""
-        best = self.run_dir / BEST_DIR
-        held = _best_held(best)
-        if self.start_step and (held is None or held["step"] <= self.start_step):
-            return  # an older gpt1's best/ (no best.json) cannot tell: it stays
-        if not best.is_dir():
-            return
-        if best.is_symlink():  # a link the user made (to a folder in RUN): what it names, then the link
-            shutil.rmtree(best.resolve())  # (rmtree refuses a link; a dangling one would stop the next write)
-            best.unlink()
-        else:
-            shutil.rmtree(best)
-        if self.start_step:
-            lowest = self.best["val_loss"]
-            again = ("nothing writes it again (keep_best=false)" if not self.cfg.keep_best else
-                     "the first validation of this run writes it" if lowest is None else
-                     f"a validation below {_fmt(lowest)} (step {self.best['step']:,}'s) writes it again")
-            info(f"removed {best}: it held step {held['step']:,}'s model (val loss {_fmt(held['val_loss'])}), written after "
-                 f"the checkpoint this run resumes from (step {self.start_step:,}); {again}")
-
-    def _warn_best_kept(self) -> None:
-        """keep_best turned off on this resume: RUN/best stays (the user's files), holding the model
-        of the lowest validation loss while it was on, which no later validation replaces (the run's
-        last line no longer names it). Said on the resume that turns it off, naming the step its
-        `best.json` records (an older gpt1's best/ has none: the lowest as of the checkpoint)."""
-        best = self.run_dir / BEST_DIR
-        if not best.is_dir() or not self.record.settings_before(self.start_step).get("keep_best"):
-            return
-        held = _best_held(best) or self.best  # an older gpt1's best/ has no record: the lowest as of the checkpoint
-        step, loss = held["step"], held["val_loss"]
-        which = f"step {step:,}'s model (val loss {_fmt(loss)})" if step is not None else "an earlier model"
-        warn(f"keep_best=false: {best} keeps {which}, the lowest while keep_best was on; later validations no "
-             "longer replace it, even with a lower loss")
-
-    def _start_keeping_best(self) -> None:
-        """keep_best on at this resume, off when the lowest validation so far ran: its model is
-        gone (where keep_best was on then, RUN/best holds it, and it stays the lowest). Kept as the
-        lowest, no later validation above it would ever write RUN/best (and the run's last line
-        would name a RUN/best that is not there). So the lowest starts over from here, early_stop's
-        count with it, and the resume says so. Every rank resets alike."""
-        step, loss = self.best["step"], self.best["val_loss"]
-        self.best, self.since_best = {"step": None, "val_loss": None}, 0
-        if self.dist.is_main:
-            warn(f"keep_best=true from step {self.start_step:,}: step {step:,}'s val loss ({_fmt(loss)}) was the "
-                 f"lowest while keep_best was off, and its model was not kept; {self.run_dir / BEST_DIR} will hold "
-                 "the lowest validation from here on"
-                 + (f", and early_stop={self.cfg.early_stop} counts from here" if self.cfg.early_stop else ""))
 
     def plan(self, state: dict | None) -> None:
         """The plan from here, `state` the resumed checkpoint's: under a time budget, the end
@@ -505,9 +398,11 @@ class _Run:
         logs = dist.is_main and not self.finished  # rank 0 logs; a rerun of a finished run writes nothing
         # What must be closed or put back is made inside the `try` that does so: made before it, a
         # failed setup step (a file named tensorboard in the run dir) left metrics.jsonl open.
-        with _writer_thread_unprinted() if cfg.tensorboard and logs else contextlib.nullcontext():
+        with writer_thread_unprinted() if cfg.tensorboard and logs else contextlib.nullcontext():
             try:
-                self.writer = _tensorboard(self.run_dir, self.start_step) if cfg.tensorboard and logs else None
+                if cfg.tensorboard and logs:
+                    with writing(self.run_dir / TENSORBOARD_DIR):  # its first event is written at once
+                        self.writer = open_tensorboard(self.run_dir, self.start_step)
                 self.metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") if logs else None
                 self.threads = _thread_tuner(self.device, cfg, dist)
                 # Made last: no bar above an error.
@@ -524,7 +419,7 @@ class _Run:
                         self.metrics.close()
                 if self.writer:
                     with contextlib.suppress(OSError):
-                        _close_tensorboard(self.writer)
+                        close_tensorboard(self.writer)
                     self.writer = None  # closed: not again below
                 raise
             finally:
@@ -537,7 +432,7 @@ class _Run:
                         self.metrics.close()
                 if self.writer:
                     with writing(self.writer.get_logdir()):
-                        _close_tensorboard(self.writer)
+                        close_tensorboard(self.writer)
 
     def set_lr(self, step: int) -> float:
         """Set the learning rate of step `step` (0-based) on every parameter group; the rate."""
@@ -600,10 +495,10 @@ class _Run:
             return _loss_and_backward(self.model, self.model, x, y, sync, self.device, self.precision, self.scaler, weight)
 
     def skip(self, done: int, skipped: str, loss: float, lr: float) -> dict:
-        """Step `done`, `skipped` (see `_skipped`): its gradients dropped, the weights untouched; its
+        """Step `done`, `skipped` (see `why_skipped`): its gradients dropped, the weights untouched; its
         line of metrics.jsonl. The run stops after `cfg.max_bad_steps` in a row, or where it ends skipping."""
-        self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
+        scale = None
         if self.scaler.is_enabled():
             # Closes this step's unscale_ at the scale it ran at (its growth count kept): the loss was
             # NaN/inf before it was scaled, so the scale did not cause it. Backed off (`update()`
@@ -611,18 +506,7 @@ class _Run:
             # it to 6e-11 in 150 steps, where the blocks' gradients underflow to 0.
             scale = self.scaler.get_scale()
             self.scaler.update(scale)
-            self._stop_below_1(done, scale, overflow=False)
-        what = _what(skipped)
-        if self.bad_steps >= self.cfg.max_bad_steps:
-            raise _bad_steps_error(f"the {what} was NaN/inf for {self.bad_steps} consecutive steps "
-                                   f"(last at step {done:,})", self.run_dir, self.precision)
-        if done == self.end and self.bad_steps >= max(1, done // 2):
-            # A run shorter than max_bad_steps that ends skipping (all of it, or its second
-            # half) has no model worth writing: it "finished" with exit 0 on garbage weights. Its
-            # steps since step 0, as bad_steps counts across a resume: counted from this process's
-            # start, a run resumed just before its last step (skipped) failed where one run straight finished.
-            raise _bad_steps_error(f"the {what} was NaN/inf for the last {self.bad_steps} of the run's "
-                                   f"{done:,} steps", self.run_dir, self.precision)
+        self.skips.skipped(done, skipped, self.end, scale)
         return {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr, "tokens": self.tokens_seen,
                 "elapsed": round(self.elapsed(), 3), "skipped": skipped}
 
@@ -634,34 +518,10 @@ class _Run:
         if self.scaler.is_enabled() and not math.isfinite(grad_norm):
             # An overflow halves the scale; at the start of a run a few halvings from 65,536 find
             # one that fits. (Read on a skipped step only: a normal step waits for the device no more.)
-            self.bad_steps += 1
-            scale, fall = self.scaler.get_scale(), self.scale_fall
-            if fall is None or scale >= fall["scale"]:  # the first overflow, or the scale grew since the last
-                fall = {"step": done, "overflows": 0}
-            self.scale_fall = {**fall, "overflows": fall["overflows"] + 1, "scale": scale}
-            self._stop_below_1(done, scale, overflow=True)
+            self.skips.overflowed(done, self.scaler.get_scale(), self.scaler.get_backoff_factor())
         else:
-            self.bad_steps = 0
+            self.skips.applied()
             self.applied_since_validation = True
-
-    def _stop_below_1(self, done: int, scale: float, overflow: bool) -> None:
-        """fp16-mixed: stop once the loss scale, as updated after step `done` (an `overflow` or a NaN
-        loss), is below 1, as DeepSpeed stops at its minimum scale: gradients that stay NaN/inf however
-        small the scale are not an overflow. The error says what brought it there: the overflows
-        since it last grew."""
-        if scale >= 1.0:
-            return
-        fall = self.scale_fall
-        if not overflow:  # a NaN loss leaves the scale as it is: this one comes from an older gpt1's checkpoint
-            what = f"the fp16 loss scale was {scale:g} at step {done:,}"
-        elif (overflows := fall["overflows"]) == (steps := done - fall["step"] + 1):
-            what = (f"the gradient norm was NaN/inf for {overflows} consecutive steps (last at step {done:,}) "
-                    f"although the fp16 loss scale fell to {scale:g}")
-        else:
-            start = scale / self.scaler.get_backoff_factor() ** overflows
-            what = (f"{overflows} fp16 overflows (a NaN/inf gradient norm) in the last {steps:,} steps (last at "
-                    f"step {done:,}) brought the loss scale from {start:g} to {scale:g}")
-        raise _bad_steps_error(what, self.run_dir, self.precision)
 
     def metric(self, done: int, loss: float, lr: float, grad_norm: float, tokens_per_sec: float,
                batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -698,7 +558,7 @@ class _Run:
 
     def validate_if_due(self, done: int, metric: dict, skipped: str | None) -> None:
         """The validation due after step `done` (every `cfg.eval_every` steps, and the last). After a
-        skipped step (`skipped`, see `_skipped`) too where the weights are finite, as the step left
+        skipped step (`skipped`, see `why_skipped`) too where the weights are finite, as the step left
         them: skipped, the last step's result reported an older validation as the final one. Not
         where no step changed the weights since the last one: the same numbers again, which counted
         against `early_stop` (the last one's are the weights' own)."""
@@ -721,59 +581,18 @@ class _Run:
             self.last["val_loss"] = val_loss
             metric.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
         # The loss is all-reduced: every rank finds the same best, and stops at the same step.
-        improved = math.isfinite(val_loss) and (self.best["val_loss"] is None or val_loss < self.best["val_loss"])
-        if improved:
-            self.best, self.since_best = {"step": done, "val_loss": val_loss}, 0
-            if self.cfg.keep_best:
-                distributed.main_only(self._save_best)  # a failed write (a full disk) stops every rank
-        else:
-            self.since_best += 1
-        if self.best["step"] is not None:
-            metric.update(best_val_loss=self.best["val_loss"], best_step=self.best["step"])
+        improved = self.lowest.validated(done, val_loss, self.raw_model)
+        best = self.lowest.best
+        if best["step"] is not None:
+            metric.update(best_val_loss=best["val_loss"], best_step=best["step"])
         self._timed("validation", time.perf_counter() - began)  # RUN/best's write counts as the validation's
         if self.dist.is_main:  # a line of its own: a log off a terminal has every validation, not the bar's last
-            info(f"step {done:,}: val loss {_fmt(val_loss)}, perplexity {_fmt(perplexity(val_loss), '.2f')}"
-                 + self._best_words(improved))
-        if self.cfg.early_stop and self.since_best >= self.cfg.early_stop and done < self.end:
-            if self.dist.is_main:
-                kept = ", " + (self._best_not_kept() or f"its model in {self.run_dir / BEST_DIR}") if self.cfg.keep_best else ""
-                info(f"step {done:,}: early stop: {self.since_best} validations in a row without a val loss below "
-                     f"{_fmt(self.best['val_loss'])} (step {self.best['step']:,}{kept}); the run ends here, "
-                     f"{self.end - done:,} steps before its planned end (early_stop={self.cfg.early_stop})")
+            info(f"step {done:,}: val loss {fmt(val_loss)}, perplexity {fmt(perplexity(val_loss), '.2f')}"
+                 + self.lowest.words(improved))
+        if self.lowest.stops_early(done, self.end):
             self.end = done  # the last step: its checkpoint is saved now, and a rerun finds the run finished
             self.early_stopped = True  # what ended it, for its last line (a time budget may end a run at that step too)
             self.bar.total = done
-
-    def _best_not_kept(self) -> str | None:
-        """Rank 0, with keep_best: why the model of the lowest validation loss is not in RUN/best, as
-        its `best.json` tells (a resume removed the RUN/best of a later step, and no validation since
-        went below the lowest); None where it is there."""
-        best = self.run_dir / BEST_DIR
-        held = _best_held(best)
-        if not best.is_dir():
-            return f"its model not kept: there is no {best}"
-        if held is None or held["step"] == self.best["step"]:  # None: an older gpt1's best/, taken as it was
-            return None
-        return f"its model not kept: {best} holds step {held['step']:,}'s (val loss {_fmt(held['val_loss'])})"
-
-    def _best_words(self, improved: bool) -> str:
-        """What a validation line adds where the run keeps its best or may stop early: where the best is."""
-        if not (self.cfg.keep_best or self.cfg.early_stop) or self.best["step"] is None:
-            return ""
-        if improved:
-            return f"; the lowest so far{f', written to {self.run_dir / BEST_DIR}' if self.cfg.keep_best else ''}"
-        return (f"; the lowest: {_fmt(self.best['val_loss'])} at step {self.best['step']:,}"
-                + (f", {self.since_best} of early_stop={self.cfg.early_stop}" if self.cfg.early_stop else ""))
-
-    def _save_best(self) -> None:
-        """RUN/best: `save_model`'s files of the model as it is now, replacing the earlier best whole,
-        with the run's train_config.json (`gpt1 eval --chat RUN/best` holds out what the run held out)."""
-        # The run's own folder: a file another process put there (eval's report.md) is dropped with
-        # a warning, never a reason to stop the run (it ended a keep_best run before its first checkpoint).
-        with atomic_dir(self.run_dir / BEST_DIR, owned=True) as tmp:
-            self.save_model(tmp, self.raw_model)
-            shutil.copyfile(self.run_dir / CONFIG_FILE, tmp / CONFIG_FILE)
-            write_json(tmp / BEST_RECORD, self.best)  # which step it holds: a resume tells a later attempt's apart
 
     def log(self, metric: dict) -> None:
         """A step's `metric` into metrics.jsonl, tensorboard and the progress bar; the projected wall time."""
@@ -800,13 +619,13 @@ class _Run:
 
     def save_if_due(self, done: int, skipped: str | None = None) -> None:
         """The checkpoint due after step `done` (every `cfg.save_every` steps, and the last), and the
-        run dir's model from it. After a skipped step (`skipped`, see `_skipped`) only where the
+        run dir's model from it. After a skipped step (`skipped`, see `why_skipped`) only where the
         weights are finite, as the step left them; else a warning."""
         if not _save_due(done, self.cfg.save_every, self.end):
             return
         if skipped and not self._finite_weights():
             if self.dist.is_main:
-                warn(f"step {done:,}: no checkpoint saved: the {_what(skipped)} and the weights are not finite; "
+                warn(f"step {done:,}: no checkpoint saved: the {what_was_not_finite(skipped)} and the weights are not finite; "
                      f"the last good checkpoint is {ckpt.latest_checkpoint(self.run_dir) or 'none'}")
             return
         # Every rank's RNG states (dropout), gathered by rank 0, which saves them all.
@@ -826,8 +645,8 @@ class _Run:
                  "budget_spent": self.budget_spent, "elapsed": self.elapsed(),
                  "step_time": self.budget.step_time if self.budget else None,
                  "schedule": self.schedule.state_dict() if self.schedule else None,
-                 "best": dict(self.best), "since_best": self.since_best,
-                 "bad_steps": self.bad_steps, "scale_fall": dict(self.scale_fall) if self.scale_fall else None,
+                 **self.lowest.state_dict(),
+                 **self.skips.state_dict(),
                  "applied_since_validation": self.applied_since_validation, "early_stopped": bool(self.early_stopped),
                  **({"rank_rng": rank_rngs} if rank_rngs else {})}
         checkpoint = ckpt.save_checkpoint(self.run_dir, done, self.raw_model, state, keep=self.cfg.keep_checkpoints)
@@ -867,18 +686,14 @@ class _Run:
                              val_loss=val, val_perplexity=perplexity(val) if val is not None else None,
                              seconds=time.perf_counter() - started, resumed_from=self.start_step,
                              budget_spent=self.budget_spent if self.budget else None,
-                             best_step=self.best["step"], best_val_loss=self.best["val_loss"],
+                             best_step=self.lowest.best["step"], best_val_loss=self.lowest.best["val_loss"],
                              budget_spent_before=self.budget.spent_before if self.budget else None)
         if self.dist.is_main:
             if self.finished:
                 info(f"{run_dir} already finished its {end:,} steps; nothing to do")
-            best = self.best["step"]
-            lowest = (f"; the lowest val loss {_fmt(self.best['val_loss'])} at step {best:,}"
-                      + (f" ({self._best_not_kept() or run_dir / BEST_DIR})" if self.cfg.keep_best else "")
-                      if best is not None and (best != end or self.cfg.keep_best) else "")
             info(f"done: {end:,} steps ({self._ended_by()}), {self.tokens_seen:,} tokens; train loss "
-                 f"{_fmt(result.train_loss)}, val loss {_fmt(val)}, val perplexity {_fmt(result.val_perplexity, '.2f')}"
-                 f"{lowest}")
+                 f"{fmt(result.train_loss)}, val loss {fmt(val)}, val perplexity {fmt(result.val_perplexity, '.2f')}"
+                 f"{self.lowest.done_words(end)}")
         return result
 
     def _ended_by(self) -> str:
@@ -888,24 +703,13 @@ class _Run:
         # Recorded when it fires; an older gpt1's checkpoint did not say: the count tells (a time budget that
         # ended the run at the validation where the count reached early_stop read as early_stop's doing).
         fired = self.early_stopped if self.early_stopped is not None else \
-            end < self.max_steps and cfg.early_stop and self.since_best >= cfg.early_stop
+            end < self.max_steps and cfg.early_stop and self.lowest.since >= cfg.early_stop
         if fired:
             return f"ended by early_stop={cfg.early_stop}"
         budget = f"time_budget={cfg.time_budget:g} s"  # as the start said it (7.5 s read "8 s" here)
         if self.budget and end < self.max_steps:
             return f"ended by its {budget}: {self.budget_spent:.1f} s spent"
         return "its full length" + (f", within its {budget}" if self.budget else "")
-
-
-def _best_held(best: Path) -> dict | None:
-    """The step and validation loss of the model in RUN/best, from its `best.json`; None where there is
-    no RUN/best, or one without a readable record (an older gpt1's)."""
-    try:
-        held = read_json(best / BEST_RECORD) if (best / BEST_RECORD).is_file() else None
-    except Gpt1Error:
-        return None
-    ok = isinstance(held, dict) and isinstance(held.get("step"), int) and isinstance(held.get("val_loss"), (int, float))
-    return {"step": held["step"], "val_loss": held["val_loss"]} if ok else None
 
 
 def _provenance(cfg: TrainConfig, device: torch.device, precision: str, data_source: dict | None) -> dict:
@@ -917,21 +721,6 @@ def _provenance(cfg: TrainConfig, device: torch.device, precision: str, data_sou
             "argv": list(sys.argv), **environment(), "device": str(device),
             **({"device_name": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
             "precision": precision, "compiled": cfg.compile, **({"data": data_source} if data_source else {})}
-
-
-def _what(skipped: str) -> str:
-    """What was not finite at a step `_skipped` skipped, as the messages name it."""
-    return "loss" if skipped == "non-finite loss" else "gradient norm"
-
-
-def _bad_steps_error(what: str, run_dir: Path, precision: str) -> Gpt1Error:
-    """The error that stops a run whose steps keep being skipped (NaN/inf), with advice that fits its precision."""
-    good = ckpt.latest_checkpoint(run_dir)
-    advice = "Lower lr, try bf16-mixed instead of fp16-mixed, or check the data." if precision == "fp16-mixed" else \
-        "Lower lr, or check the data."
-    # The numbers it stops on are all-reduced: every rank stops here.
-    return distributed.same_on_every_rank(
-        f"{what}; stopped. The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}. {advice}")
 
 
 def _thread_tuner(device: torch.device, cfg: TrainConfig, dist):
@@ -962,76 +751,8 @@ def _write_outputs(run_dir: Path, checkpoint: Path, model: torch.nn.Module,
     crash_point("before-outputs")
     save_model(run_dir, model)
     if final:
-        _plot(run_dir)
+        plot_loss(run_dir)
     ckpt.mark_outputs_written(checkpoint, spent() if spent else None)
-
-
-def _plot(run_dir: Path) -> None:
-    """Draw loss.png, a by-product: one that cannot be drawn (matplotlib's fonts past `ulimit -n`,
-    its extension past `ulimit -v`, a folder in the way) is a warning, not a failed run whose
-    model is written."""
-    try:
-        plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, title=run_dir.name)
-    except Exception as e:  # noqa: BLE001 - whatever it was, the run's results stand
-        warn(f"{run_dir / PLOT_FILE} not drawn ({first_line(e)}); `gpt1 plot {run_dir}` draws it")
-
-
-def _fmt(value: float | None, spec: str = ".4f") -> str:
-    if value is None:
-        return "n/a"
-    return format(value, spec if abs(value) < 1e9 else ".4g")  # a diverged run's perplexity has 300 digits
-
-
-def _tensorboard(run_dir: Path, start_step: int):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        warn("tensorboard=true but the tensorboard package is not installed (pip install tensorboard); not logging to it")
-        return None
-    log_dir = run_dir / "tensorboard"
-    try:  # made here, not by SummaryWriter, whose FileExistsError was a traceback
-        make_dirs(log_dir)
-    except Gpt1Error as e:
-        raise Gpt1Error(f"{e}; tensorboard=true writes its event files in that folder "
-                        "(move what is there away, or set tensorboard=false)") from None
-    # Steps after `start_step` that a killed run had logged are dropped by readers (as
-    # metrics.jsonl is trimmed): the resumed run logs them again. Its first event is written at once.
-    with writing(log_dir):
-        return SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
-
-
-def _close_tensorboard(writer) -> None:
-    """Close tensorboard's writer, whose close raises the error of a write its thread could not do
-    (it flushes first); the thread is stopped either way: left running, it would try again later."""
-    try:
-        writer.close()
-    except BaseException:
-        for file_writer in (writer.all_writers or {}).values():
-            with contextlib.suppress(OSError):
-                file_writer.close()
-        raise
-
-
-@contextlib.contextmanager
-def _writer_thread_unprinted() -> Iterator[None]:
-    """tensorboard's writer thread keeps the error of a write it could not do (a full disk, a
-    file-size limit), which the writer raises at its next call here, in one line naming the
-    folder (`writing`); the dying thread printed it first too, a traceback ("Exception in thread
-    Thread-1") above that line. Other threads' errors are printed as before."""
-    previous = threading.excepthook
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        # Its thread class keeps what it raised as `exception`, which the writer's calls raise again.
-        if not (type(args.thread).__module__.startswith("tensorboard.")
-                and args.exc_value is getattr(args.thread, "exception", None)):
-            previous(args)
-
-    threading.excepthook = hook
-    try:
-        yield
-    finally:
-        if threading.excepthook is hook:  # not put back over a hook installed since
-            threading.excepthook = previous
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
