@@ -1,5 +1,6 @@
 """The main job end to end: `gpt1 quickstart` on its built-in data (tiny time budget), the
-rerun that reuses every stage, and the notebook executed against the model it made."""
+rerun that reuses every stage (the samples too, unless what they are made from changed), and the
+notebook executed against the model it made."""
 
 from __future__ import annotations
 
@@ -101,18 +102,93 @@ def test_a_second_run_reuses_every_stage(quickstart, capsys):
     # ... and says so, with what to do for the new budget.
     assert f"(continuing the {MINUTES}-min run in {out / 'base'}; for a 3-min one instead, delete that folder)" in again.stderr
     assert {stage: (out / stage / "metrics.jsonl").read_bytes() for stage in before} == before
-    # Same seed, same models: the same samples.
+    # Same models, held-out data and settings: the same scores and samples, taken from summary.json
+    # (they took 11 s to make again under load), not generated: their stage keeps its first time.
     rerun = json.loads((out / "summary.json").read_text())
-    assert rerun["samples"] == summary["samples"]
+    made_by_samples = ("base_parameters", "base_val_perplexity", "base_val_bits_per_byte", "chat_val_perplexity",
+                       "chat_val_bits_per_byte", "samples", "samples_inputs")
+    assert {k: rerun[k] for k in made_by_samples} == {k: summary[k] for k in made_by_samples}
+    assert "reusing the scores and samples in summary.json" in again.stderr
     # The reused stages keep the figures of the run that made them (the rerun's instant of reuse
     # replaced them: "pretrain 0 s"), and the printout says they were reused.
-    stages = ("tokenizer", "prepare", "pretrain", "finetune")
+    stages = ("tokenizer", "prepare", "pretrain", "finetune", "samples")
     assert rerun["reused"] == list(stages)
-    assert {s: rerun["seconds"][s] for s in stages[:2]} == {s: summary["seconds"][s] for s in stages[:2]}
-    for stage in stages[2:]:  # the budget its run spent (a reuse adds its instant)
+    assert {s: rerun["seconds"][s] for s in (*stages[:2], "samples")} == {
+        s: summary["seconds"][s] for s in (*stages[:2], "samples")}
+    for stage in stages[2:4]:  # the budget its run spent (a reuse adds its instant)
         assert rerun["seconds"][stage] == pytest.approx(summary["seconds"][stage], abs=1.0)
     assert rerun["planned"] == summary["planned"] and rerun["ended_early"] == summary["ended_early"]
     assert f"pretrain reused (made in {summary['seconds']['pretrain']:.0f} s, planned " in again.stdout
+    assert f"samples reused (made in {summary['seconds']['samples']:.0f} s))." in again.stdout
+    for sample in summary["samples"][:3]:
+        assert f"assistant: {sample['text']}" in again.stdout
+
+
+def _rerun_copy(quickstart, tmp_path, capsys, change) -> tuple[dict, dict, str]:
+    """The fixture's output copied, changed by `change(out)`, and quickstarted again in-process:
+    (the summary before, the summary after, what the rerun said on stderr)."""
+    from tests.test_battery import run_main
+
+    out = tmp_path / "qs"
+    shutil.copytree(quickstart[0], out)
+    before = json.loads((out / "summary.json").read_text())
+    change(out)
+    rc, stderr = run_main(capsys, "quickstart", "--out", out, "--minutes", MINUTES, "--device", "cpu")
+    assert rc == 0, stderr[-3000:]
+    return before, json.loads((out / "summary.json").read_text()), stderr
+
+
+def test_a_rerun_makes_the_scores_and_samples_again_for_a_changed_chat_model(quickstart, tmp_path, capsys):
+    """The samples are reused only from the models they were made with: an adapter rewritten since
+    (other weights, as a fine-tune's own rerun writes them) is scored and sampled again."""
+    from safetensors.torch import load_file, save_file
+
+    def rewrite_adapter(out: Path) -> None:
+        file = out / "chat" / "adapter" / "adapter_model.safetensors"
+        tensors = {name: t * 3 if ".lora_B." in name else t for name, t in load_file(file).items()}
+        save_file(tensors, file, metadata={"format": "pt"})
+
+    before, after, stderr = _rerun_copy(quickstart, tmp_path, capsys, rewrite_adapter)
+    assert "summary.json's scores and samples were made with another chat model; making them again" in stderr
+    assert "samples" not in after["reused"] and after["seconds"]["samples"] != before["seconds"]["samples"]
+    assert after["chat_val_perplexity"] != before["chat_val_perplexity"]  # the new adapter's
+    assert after["base_val_perplexity"] == pytest.approx(before["base_val_perplexity"], rel=1e-4)  # the same base's
+    changed = {k for k in after["samples_inputs"] if after["samples_inputs"][k] != before["samples_inputs"][k]}
+    assert changed == {"chat"}
+
+
+def test_a_rerun_on_a_corrupt_summary_makes_the_scores_and_samples_again(quickstart, tmp_path, capsys):
+    before, after, stderr = _rerun_copy(quickstart, tmp_path, capsys,
+                                        lambda out: (out / "summary.json").write_text('{"samples": ['))
+    assert "summary.json: invalid JSON at line 1" in stderr
+    assert stderr.count("making the scores and samples again") == 1 and "Traceback" not in stderr
+    assert "samples" not in after["reused"] and after["seconds"]["samples"] != before["seconds"]["samples"]
+    assert after["samples"] == before["samples"] and after["samples_inputs"] == before["samples_inputs"]
+
+
+def test_what_the_samples_are_made_from_names_every_setting_they_read(quickstart, monkeypatch):
+    """What decides a reuse, without a run per case: the record summary.json keeps is today's for
+    the same folder (the inputs are identified, not guessed), and another seed, prompt, gpt1 layout
+    or a summary from before the record (an older gpt1's) is not reused. (A rerun with another
+    --seed is refused earlier, by the data prepared with the first.)"""
+    from gpt1 import quickstart as qs
+
+    out, _ = quickstart
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = qs.QuickstartConfig(out=str(out), minutes=float(MINUTES), device="cpu")
+    inputs = qs.samples_inputs(cfg, out)
+    assert inputs == summary["samples_inputs"]
+    assert [s.text for s in qs._reusable_samples(summary, inputs)["samples"]] == [s["text"] for s in summary["samples"]]
+    assert qs._reusable_samples({k: v for k, v in summary.items() if k != "samples_inputs"}, inputs) is None
+    assert qs._reusable_samples({**summary, "samples": [{"use": "qa"}]}, inputs) is None  # not what gpt1 writes
+    assert qs._reusable_samples({**summary, "chat_val_perplexity": "12"}, inputs) is None
+
+    other_seed = qs.samples_inputs(qs.QuickstartConfig(out=str(out), minutes=0.1, device="cpu", seed=7), out)
+    assert [k for k in inputs if other_seed[k] != inputs[k]] == ["samples"]
+    monkeypatch.setitem(qs.SAMPLE_PROMPTS, "qa", "What is a network?")
+    assert [k for k in inputs if qs.samples_inputs(cfg, out)[k] != inputs[k]] == ["samples"]
+    monkeypatch.setattr(qs, "SAMPLES_LAYOUT", qs.SAMPLES_LAYOUT + 1)
+    assert qs._reusable_samples(summary, qs.samples_inputs(cfg, out)) is None
 
 
 def test_a_stage_made_by_another_recipe_says_to_delete_it(quickstart, tmp_path, capsys):

@@ -9,36 +9,44 @@ full-scale commands make:
     chat/        a LoRA chat fine-tune with configs/tiny-chat.toml on the    (`gpt1 finetune`)
                  English dialogs of the chatterbot-corpus package
     loss.png     both runs' loss and perplexity curves
-    summary.json the numbers and the samples of the last run
+    summary.json the numbers and the samples of the last run, and what they were made from
 
 Training lengths come from a time budget: a few measured steps tell how many optimizer steps
 fit in `minutes` (pretraining) and a quarter of it (fine-tuning). A finished stage is reused
 by the next run (a run's step count is fixed when it starts, so a killed run resumes with the
-same schedule); delete a stage's folder to redo it.
+same schedule); delete a stage's folder to redo it. The last stage (held-out scores and samples)
+is reused from summary.json when everything it reads is what it read then (`samples_inputs`):
+both model folders, the held-out data, the prompts and sampling settings, gpt1's and torch's versions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 import gpt1
 from gpt1.core.atomic import write_json
 from gpt1.core.config import ModelConfig
 from gpt1.core.device import resolve_device
 from gpt1.core.errors import Gpt1Error, first_line
+from gpt1.core.fingerprints import file_fingerprint
 from gpt1.core.locks import exclusive
 from gpt1.core.paths import folder_target, make_dirs
 from gpt1.core.progress import info, warn
 from gpt1.core.reading import read_json
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import Tokenizer, train_tokenizer
+from gpt1.data.chat_sources import conversations_fingerprint, read_conversations
 from gpt1.data.prepare import prepare
 from gpt1.data.sources import SourceStats, iter_documents
+from gpt1.formats.modeldir import ADAPTER_DIR
 from gpt1.train.config import TrainConfig, load_config
 from gpt1.train.evaluate import evaluate_chat, evaluate_data
 from gpt1.train.finetune import FinetuneConfig, finetune
@@ -62,6 +70,16 @@ SAMPLE_PROMPTS = {
 }
 # What pretraining on Python source taught the base model, before any chat tuning.
 BASE_PROMPT = "def read_config(path):\n    "
+# summary.json's record of what its scores and samples were made from (`samples_inputs`). Bump
+# SAMPLES_LAYOUT when the last stage changes what it computes from the same inputs, so that a
+# rerun after the upgrade makes them again instead of reusing an older gpt1's.
+INPUTS_KEY = "samples_inputs"
+SAMPLES_LAYOUT = 1
+INPUT_NAMES = {"layout": "layout of summary.json", "gpt1": "gpt1 version", "torch": "torch version",
+               "base": "base model", "chat": "chat model", "held_out": "held-out data",
+               "samples": "prompts or sampling settings"}
+# Files of the model and data folders that neither the scores nor the samples read.
+UNREAD_BY_SAMPLES = frozenset({"metrics.jsonl", "loss.png", "train.bin"})
 
 
 @dataclass
@@ -174,24 +192,110 @@ def _run_stages(cfg: QuickstartConfig, out: Path) -> QuickstartResult:
             seconds[name] = trained.budget_spent
         elif trained.budget_spent_before:
             seconds[name] += trained.budget_spent_before
-    _keep_earlier_seconds(out, reused, seconds)
 
     stage("samples", "5/5 samples: held-out scores and the model card's three uses")
-    base_llm = gpt1.load(out / "base", device="cpu")
-    base_eval = evaluate_data(base_llm, [str(out / "data")], batch_size=16, show_progress=False)
-    chat_eval = evaluate_chat(gpt1.load(out / "chat", device="cpu"), cfg.chat_data, batch_size=16, show_progress=False)
-    samples = _samples(cfg, out / "base", out / "chat")
-    plot = _plot(out)
+    inputs = samples_inputs(cfg, out)
+    earlier = _earlier_summary(out / SUMMARY_FILE)
+    made = _reusable_samples(earlier, inputs)
+    if made is not None:
+        reused.append("samples")
+        plot = out / "loss.png" if (out / "loss.png").is_file() else _plot(out)
+    else:
+        made = _make_samples(cfg, out)
+        plot = _plot(out)
     done("samples")
+    _keep_earlier_seconds(earlier, reused, seconds)
 
     result = QuickstartResult(
         out=out, tokenizer=out / "tokenizer", data=out / "data", base=out / "base", chat=out / "chat", plot=plot,
-        train_tokens=meta["train"]["tokens"], base_steps=base.steps, base_parameters=base_llm.model.num_params(),
-        base_val_perplexity=base_eval.perplexity, base_val_bits_per_byte=base_eval.bits_per_byte,
-        chat_steps=chat.steps, chat_val_perplexity=chat_eval.perplexity, chat_val_bits_per_byte=chat_eval.bits_per_byte,
-        samples=samples, seconds=seconds, planned=planned, ended_early=ended_early, reused=reused)
-    write_json(out / SUMMARY_FILE, json.loads(json.dumps(dataclasses.asdict(result), default=str)))
+        train_tokens=meta["train"]["tokens"], base_steps=base.steps, chat_steps=chat.steps, **made,
+        seconds=seconds, planned=planned, ended_early=ended_early, reused=reused)
+    summary = json.loads(json.dumps(dataclasses.asdict(result), default=str))
+    write_json(out / SUMMARY_FILE, {**summary, INPUTS_KEY: inputs})
     return result
+
+
+# The fields of QuickstartResult that the last stage makes, and the types summary.json must hold them in.
+MADE_BY_SAMPLES = {"base_parameters": (int,), "base_val_perplexity": (float, type(None)),
+                   "base_val_bits_per_byte": (float, type(None)), "chat_val_perplexity": (float, type(None)),
+                   "chat_val_bits_per_byte": (float, type(None)), "samples": (list,)}
+
+
+def _make_samples(cfg: QuickstartConfig, out: Path) -> dict:
+    """The last stage's fields of QuickstartResult: both models' held-out scores and the samples."""
+    # On the CPU: a few hundred tokens and a small held-out split are not worth a GPU's start-up.
+    base_llm, chat_llm = gpt1.load(out / "base", device="cpu"), gpt1.load(out / "chat", device="cpu")
+    base_eval = evaluate_data(base_llm, [str(out / "data")], batch_size=16, show_progress=False)
+    chat_eval = evaluate_chat(chat_llm, cfg.chat_data, batch_size=16, show_progress=False)
+    return {"base_parameters": base_llm.model.num_params(), "base_val_perplexity": base_eval.perplexity,
+            "base_val_bits_per_byte": base_eval.bits_per_byte, "chat_val_perplexity": chat_eval.perplexity,
+            "chat_val_bits_per_byte": chat_eval.bits_per_byte, "samples": _samples(cfg, base_llm, chat_llm)}
+
+
+def samples_inputs(cfg: QuickstartConfig, out: Path) -> dict:
+    """What the last stage's scores and samples are made from, as summary.json records it: equal
+    records, equal results (the samples are seeded), so a rerun whose record is the same reuses them.
+    Content, not size and mtime: a copied folder or a touched file reuses; rewritten weights do not."""
+    record = {
+        "layout": SAMPLES_LAYOUT, "gpt1": gpt1.__version__, "torch": torch.__version__,
+        "base": _folder_fingerprint(out / "base"), "chat": _folder_fingerprint(out / "chat"),
+        "held_out": {"data": _folder_fingerprint(out / "data"), "chat_data": cfg.chat_data,
+                     # what the chat scores are split from: a changed corpus under a finished fine-tune
+                     "chat_conversations": conversations_fingerprint(read_conversations(cfg.chat_data))},
+        "samples": [{"use": use, "prompt": prompt, "params": dataclasses.asdict(_params(use, knobs))}
+                    for use, prompt, knobs in _sample_plan(cfg)],
+    }
+    return json.loads(json.dumps(record, default=str))  # as it reads back from summary.json (tuples: lists)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """sha256 of a model or data folder's files that loading or scoring it reads: its top-level
+    files and adapter/ (not its checkpoints/, its run's log and plot, train.bin, or a .lock naming a process)."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
+             and p.name not in UNREAD_BY_SAMPLES]
+    if (folder / ADAPTER_DIR).is_dir():
+        files += [p for p in sorted((folder / ADAPTER_DIR).iterdir()) if p.is_file()]
+    listing = "".join(f"{p.relative_to(folder)} {file_fingerprint(p)}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _earlier_summary(file: Path) -> dict | None:
+    """The summary.json an earlier run wrote; None when there is none, or (with a note) when it cannot be read."""
+    if not file.exists():
+        return None
+    try:
+        earlier = read_json(file)
+    except Gpt1Error as e:
+        info(f"{first_line(e)}; making the scores and samples again")
+        return None
+    if not isinstance(earlier, dict):
+        info(f"{file}: not a summary (a JSON object); making the scores and samples again")
+        return None
+    return earlier
+
+
+def _reusable_samples(earlier: dict | None, inputs: dict) -> dict | None:
+    """The last stage's fields from an earlier summary.json made from the same `inputs`; None when
+    there is none, it was made from other inputs (or by a gpt1 that did not record them), or its
+    fields are not what this gpt1 writes."""
+    recorded = earlier.get(INPUTS_KEY) if earlier is not None else None
+    if recorded != inputs:
+        if isinstance(recorded, dict):  # what changed: why this rerun takes seconds longer than the last one
+            changed = " and ".join(INPUT_NAMES[name] for name in inputs if recorded.get(name) != inputs[name])
+            info(f"{SUMMARY_FILE}'s scores and samples were made with another {changed}; making them again")
+        return None
+    made = {name: earlier.get(name) for name in MADE_BY_SAMPLES}
+    if not all(isinstance(made[name], types) and not isinstance(made[name], bool)
+               for name, types in MADE_BY_SAMPLES.items()):
+        return None
+    try:
+        made["samples"] = [Sample(**sample) for sample in made["samples"]]
+    except TypeError:  # not a list of Sample's fields
+        return None
+    if len(made["samples"]) != len(inputs["samples"]):
+        return None
+    info(f"reusing the scores and samples in {SUMMARY_FILE} (same models, held-out data and settings)")
+    return made
 
 
 def _plot(out: Path) -> Path | None:
@@ -206,14 +310,10 @@ def _plot(out: Path) -> Path | None:
         return None
 
 
-def _keep_earlier_seconds(out: Path, reused: list[str], seconds: dict) -> None:
+def _keep_earlier_seconds(earlier: dict | None, reused: list[str], seconds: dict) -> None:
     """A rerun that reuses stages keeps, in summary.json, the time the run that made them took
     (from its summary.json, when it got that far), not the instant of the reuse."""
-    try:
-        earlier = read_json(out / SUMMARY_FILE)
-    except Gpt1Error:  # none yet (or damaged: it is rewritten)
-        return
-    kept = earlier.get("seconds") if isinstance(earlier, dict) else None
+    kept = earlier.get("seconds") if earlier is not None else None
     for stage in reused:
         if isinstance(kept, dict) and isinstance(kept.get(stage), (int, float)):
             seconds[stage] = kept[stage]
@@ -297,19 +397,28 @@ def _finetune(cfg: QuickstartConfig, base: Path, run_dir: Path):
     return finetune(ft_cfg, base, run_dir, redo_hint=_redo_hint(run_dir))
 
 
-def _samples(cfg: QuickstartConfig, base: Path, chat: Path) -> list[Sample]:
-    device = "cpu"  # a few hundred tokens: not worth a GPU's start-up
-    samples = []
-    llm = gpt1.load(chat, device=device)
-    for use, prompt in SAMPLE_PROMPTS.items():
-        knobs = {"max_new_tokens": 96, "seed": cfg.seed}
-        text = llm.chat([{"role": "user", "content": prompt}], preset=use, **knobs)
-        samples.append(Sample(use, prompt, text.strip(), _settings(preset(use), knobs)))
+def _sample_plan(cfg: QuickstartConfig) -> list[tuple[str, str, dict]]:
+    """(use, prompt, knobs) of each sample: the chat model's three uses, then the base model's code."""
+    plan = [(use, prompt, {"max_new_tokens": 96, "seed": cfg.seed}) for use, prompt in SAMPLE_PROMPTS.items()]
     # A model this small falls into loops (`_name_name_name...`) at the code preset's penalty of
     # 1.05; 1.2 over the last 64 tokens keeps its continuation code-shaped. Two blank lines end it.
     knobs = {"max_new_tokens": 64, "seed": cfg.seed, "stop": ("\n\n\n",), "repeat_penalty": 1.2, "repeat_last_n": 64}
-    text = gpt1.load(base, device=device).generate(BASE_PROMPT, preset="code", **knobs)
-    samples.append(Sample("base", BASE_PROMPT, BASE_PROMPT + text, _settings(preset("code").override(**knobs), knobs)))
+    return [*plan, ("base", BASE_PROMPT, knobs)]
+
+
+def _params(use: str, knobs: dict):
+    """A sample's sampling settings: its use's preset (the base model's continuation: code's) with its knobs."""
+    return preset("code" if use == "base" else use).override(**knobs)
+
+
+def _samples(cfg: QuickstartConfig, base_llm, chat_llm) -> list[Sample]:
+    samples = []
+    for use, prompt, knobs in _sample_plan(cfg):
+        if use == "base":
+            text = prompt + base_llm.generate(prompt, preset="code", **knobs)
+        else:
+            text = chat_llm.chat([{"role": "user", "content": prompt}], preset=use, **knobs).strip()
+        samples.append(Sample(use, prompt, text, _settings(_params(use, knobs), knobs)))
     return samples
 
 

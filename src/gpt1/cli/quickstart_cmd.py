@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         "quickstart", help="the whole pipeline on built-in data in minutes: tokenizer, pretraining, chat tuning, samples",
         description="Train a tokenizer on the Python standard library's source, pretrain the tiny model on it, "
                     "LoRA-tune it into a chat model on the English dialogs of chatterbot-corpus, and print samples "
-                    "for the model card's three uses. Nothing is downloaded. A rerun reuses finished stages; "
+                    "for the model card's three uses. Nothing is downloaded. A rerun reuses finished stages (the "
+                    "scores and samples too, while the models and settings they were made with are unchanged); "
                     "a killed run resumes.")
     parser.add_argument("--out", type=folder_arg, default=DEFAULTS.out, help=f"output folder (default: {DEFAULTS.out})")
     parser.add_argument("--minutes", type=float, default=DEFAULTS.minutes,
