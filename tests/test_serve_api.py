@@ -605,7 +605,7 @@ def test_mailbox_wakes_the_loop_once_for_everything_posted_before_it_runs():
 def test_chunk_batches_groups_what_is_waiting_paces_by_interval_and_ends_at_once():
     import asyncio
 
-    from gpt1.serve.routes import chunk_batches
+    from gpt1.serve.bridge import chunk_batches
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -100,7 +100,7 @@ def test_a_thread_that_cannot_start_is_a_503_to_retry():
     script = textwrap.dedent("""
         import asyncio, resource, threading
         from gpt1.serve.errors import ApiError
-        from gpt1.serve.routes import PromptThreads
+        from gpt1.serve.prompt_threads import PromptThreads
 
         threads = PromptThreads(2)  # its threads start when first needed, as in an app without a lifespan
         size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024

@@ -243,7 +243,7 @@ def test_prompt_threads_that_cannot_all_start_raise_at_once_and_end(tmp_path):
     exit waited for them (`gpt1 serve` hung after uvicorn's "Application startup failed")."""
     code = ONE_MORE_THREAD + textwrap.dedent("""
         import time
-        from gpt1.serve.routes import PromptThreads
+        from gpt1.serve.prompt_threads import PromptThreads
         room_for_one_thread()
         started = time.monotonic()
         try:

@@ -49,7 +49,8 @@ from gpt1.inference.engine import Engine, EngineUnavailable
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve.errors import ApiError, generation_error, not_found, unreadable_body, validation_error
 from gpt1.serve.middleware import Guard, declare_key
-from gpt1.serve.routes import PromptThreads, Served, add_routes, capacity
+from gpt1.serve.prompt_threads import PromptThreads
+from gpt1.serve.routes import Served, add_routes, capacity
 from gpt1.serve.schemas import integer_bounds, server_limits
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a 512-token context can use

@@ -18,7 +18,7 @@ from gpt1.inference.decoding import ChatPrompt
 from gpt1.inference.engine import Engine, EngineUnavailable
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.serve import mapping
-from gpt1.serve.bridge import chunk_batches, submit  # noqa: F401 - chunk_batches: imported from here before bridge.py
+from gpt1.serve.bridge import submit
 from gpt1.serve.errors import ApiError, error_responses, generation_error
 from gpt1.serve.failure_log import FailureLog
 from gpt1.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
