@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -526,3 +527,70 @@ def test_skip_invalid_skips_a_chat_parquet_row_with_invalid_utf8(tmp_path):
     conversations = read_conversations(str(path), skip_invalid=True, stats=stats)
     assert [[m["content"] for m in c.messages] for c in conversations] == [["hello", "hi there"]]
     assert sum(stats.skipped.values()) >= 1
+
+
+def test_a_control_character_in_a_yml_file_is_named_with_its_line_and_column(tmp_path):
+    """PyYAML's ReaderError (a NUL or other control character) carries no problem mark: the error
+    said "not valid YAML (ReaderError)", naming neither the place nor the character (hunt 1)."""
+    path = tmp_path / "nul.yml"
+    path.write_text("conversations:\n- - hi\n  - a\x00b\n", encoding="utf-8")
+    with pytest.raises(Gpt1Error, match=r"nul\.yml: not valid YAML at line 3, column 6 \(the character U\+0000, which "
+                                        r"YAML does not allow\)$"):
+        read_conversations(str(path))
+
+
+@pytest.mark.parametrize("name", ["one.json", "one.jsonl"])
+def test_a_pretty_printed_json_file_is_named_as_such(tmp_path, name):
+    """One record (or records under a key) written by json.dump(..., indent=2): the error said "line 1:
+    invalid JSON (Expecting property name enclosed in double quotes ...)", and, with --skip-invalid,
+    that every line was skipped for it (hunt 1)."""
+    path = tmp_path / name
+    path.write_text(json.dumps({"data": CHATS}, indent=2) + "\n", encoding="utf-8")
+    pretty = r"line 1: one JSON object written over several lines \(pretty-printed\); JSON Lines holds one record a line: "
+    with pytest.raises(Gpt1Error, match=rf"{name}, {pretty}.*jq -c '\.KEY\[\]' .*\(pass --skip-invalid to skip bad lines\)$"):
+        read_conversations(str(path))
+    with pytest.raises(Gpt1Error, match=rf"{name}: no conversations found: every line was skipped \(malformed lines: "
+                                        rf"\d+; the first: {pretty}"):
+        read_conversations(str(path), skip_invalid=True)
+
+
+def test_a_dangling_link_in_a_chat_folder_is_named_as_one_and_counted(tmp_path, caplog):
+    """A .jsonl link whose target is gone (a Hugging Face cache snapshot downloaded in part) was
+    left out as a file "that is not chat data", and not counted (hunt 1)."""
+    folder = tmp_path / "links"
+    write_jsonl(folder / "a.jsonl", chats("a", 3))
+    (folder / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    (folder / "notes.txt").write_text("made by hand\n")
+    stats = ChatStats()
+    with caplog.at_level("WARNING", logger="gpt1"):
+        got = read_conversations(str(folder), stats=stats)
+    assert len(got) == 3 and stats.skipped == {"entries that are not regular files": 1}
+    assert "links: left out 1 file that is not chat data (.jsonl" in caplog.text and "): notes.txt" in caplog.text
+    assert ("links: left out 1 entry that is not a regular file (a dangling link, a pipe, a socket or a device): "
+            "b.jsonl") in caplog.text
+
+
+def test_hf_prefix_on_a_local_file_says_to_drop_it(tmp_path):
+    """`hf:FILE` reached `datasets`, whose error said it "Couldn't find any data file at" the file
+    that was there (hunt 1)."""
+    path = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    with pytest.raises(Gpt1Error, match=rf"^hf:{path}:train: a local file, which `datasets` does not read by its path "
+                                        rf"alone: pass it without hf: \({path}\)"):
+        read_conversations(f"hf:{path}")
+
+
+@pytest.mark.parametrize("language", ["../english", "english/..", "english/ai"])
+def test_a_chatterbot_language_is_one_of_its_folders_by_name(language):
+    """`chatterbot:../english` listed the package's own folders as the known languages
+    ("__pycache__, data"), and `chatterbot:english/..` read every language (hunt 1)."""
+    pytest.importorskip("chatterbot_corpus")
+    with pytest.raises(Gpt1Error, match=rf"^chatterbot:{re.escape(language)}: chatterbot-corpus has no language "
+                                        r"'[^']*' \(known: bengali, .*english, .*\)$"):
+        read_conversations(f"chatterbot:{language}")
+
+
+
+def test_a_chatterbot_spec_has_no_splits_to_look_up_on_the_hub():
+    """`hf_split_names("chatterbot:english/..")`, which finetune asks first, took the spec for a
+    hub name (one "/", no such file) and went to the network (hunt 1)."""
+    assert hf_split_names("chatterbot:english/..") is None

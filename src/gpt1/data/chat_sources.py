@@ -18,10 +18,11 @@ Sources (`read_conversations(spec)`):
   format (each `conversations:` entry alternates user, assistant, user, ...: `gpt1.data.chatterbot`);
 - any other folder: every chat file below it (the suffixes above), each read as if named alone,
   in sorted order; hidden files and folders are skipped, and files of other types are left out
-  and named. When its files are named for splits as `datasets` names them (`train.jsonl`,
-  `validation.jsonl`, `chats_dev.jsonl`, `test/...`), they are the folder's splits; a folder where
-  some files name a split and others none is refused, naming the others (`datasets` dropped them),
-  and so is one with a file whose path names two splits (`train/test_part.jsonl`).
+  and named (entries that are not regular files, such as dangling links, counted too). When its
+  files are named for splits as `datasets` names them (`train.jsonl`, `validation.jsonl`,
+  `chats_dev.jsonl`, `test/...`), they are the folder's splits; a folder where some files name a
+  split and others none is refused, naming the others (`datasets` dropped them), and so is one
+  with a file whose path names two splits (`train/test_part.jsonl`).
   An empty file, or one whose every record `skip_invalid` skipped, is passed over (an empty one
   counted); the folder is refused only when none of its files has a record.
 
@@ -151,6 +152,8 @@ def hf_split_names(spec: str) -> list[str] | None:
 def _hf_spec(spec: str) -> HfSpec | None:
     """`hf:...`, a local folder that `datasets` defines (save_to_disk, or a dataset card listing
     its data files) or a bare hub name such as OWNER/NAME; None: gpt1's own readers read it."""
+    if spec == CHATTERBOT or spec.startswith(CHATTERBOT + ":"):  # `chatterbot:a/b` is no hub name
+        return None
     if (hf := parse_hf(spec)) is not None:
         return hf
     if os.path.isdir(spec):
@@ -191,9 +194,17 @@ def _read_folder(spec: str, split: str, options: TreeOptions, skip_invalid: bool
     files = folder.files(split)
     if others := [path for path in folder.others if path not in options.stats.left_out]:  # said once a run
         options.stats.left_out.update(others)
-        warn(f"{spec}: left out {len(others):,} file{'s' if len(others) > 1 else ''} that "
-             f"{'are' if len(others) > 1 else 'is'} not chat data ({', '.join(CHAT_SUFFIXES)}): "
-             f"{folder.names(others)}")
+        # Named as chat files, yet left out: not regular files (_ChatFolder), counted as text sources count them
+        unreadable = [path for path in others if path.name.lower().endswith(CHAT_SUFFIXES)]
+        if others := [path for path in others if path not in unreadable]:
+            warn(f"{spec}: left out {len(others):,} file{'s' if len(others) > 1 else ''} that "
+                 f"{'are' if len(others) > 1 else 'is'} not chat data ({', '.join(CHAT_SUFFIXES)}): "
+                 f"{folder.names(others)}")
+        if unreadable:
+            options.stats.skipped["entries that are not regular files"] += len(unreadable)
+            what = "entries that are not regular files" if len(unreadable) > 1 else "entry that is not a regular file"
+            warn(f"{spec}: left out {len(unreadable):,} {what} (a dangling link, a pipe, a socket or a device): "
+                 f"{folder.names(unreadable)}")
     passed_over: list[NoRecords] = []
     for file in files:
         try:

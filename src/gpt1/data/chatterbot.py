@@ -27,11 +27,11 @@ def chatterbot_files(spec: str) -> list[Path]:
     """The YAML files of the language that `spec` names (`chatterbot[:LANGUAGE]`, English by default)."""
     chatterbot_corpus = require("chatterbot_corpus", "reading chatterbot dialogs", "pip install chatterbot-corpus")
     language = spec.partition(":")[2] or "english"
-    folder = Path(chatterbot_corpus.__file__).parent / "data" / language
-    if not folder.is_dir():
-        known = sorted(p.name for p in folder.parent.iterdir() if p.is_dir())
+    data = Path(chatterbot_corpus.__file__).parent / "data"
+    known = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    if language not in known:  # a name, not a path: "english/.." read every language
         raise Gpt1Error(f"{spec}: chatterbot-corpus has no language {language!r} (known: {', '.join(known)})")
-    return _yaml_files(folder)
+    return _yaml_files(data / language)
 
 
 def _yaml_files(folder: str | Path) -> list[Path]:

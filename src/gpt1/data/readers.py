@@ -201,8 +201,12 @@ def _check_plain_folder(spec: HfSpec) -> None:
     out: it reads only the most common file type, and, when some files name a split (train.jsonl),
     only those (the rule of gpt1's chat folders; `datasets` drops the rest without a word). A folder
     that `save_to_disk` wrote but that lost its dataset_info.json is named as damaged (`datasets`
-    says to call load_from_disk). A folder whose card lists its files is read as the card says."""
+    says to call load_from_disk). A folder whose card lists its files is read as the card says. A
+    file is refused, naming the spec without hf: (`datasets` says it finds no data file there)."""
     folder = Path(spec.name)
+    if folder.is_file():  # `datasets` takes a name or a folder: "Couldn't find any data file at" the file
+        raise Gpt1Error(f"{spec}: a local file, which `datasets` does not read by its path alone: pass it without "
+                        f"{HF_PREFIX} ({spec.name})")
     if not folder.is_dir() or declares_data_files(folder):
         return
     if (folder / "state.json").is_file() and not (folder / "dataset_info.json").is_file():
@@ -520,16 +524,37 @@ def read_jsonl(path: str | Path, convert: Callable[[Any, str], Any] = lambda val
     A bad line (here or a BadRecord from `convert`) raises, or with `skip_invalid` is counted
     in `skipped["malformed lines"]` and skipped (its error kept in `first_skipped`, if not
     one already: what a caller names when every line was skipped). Callers that can skip pass
-    `skipped`; only their errors suggest --skip-invalid.
+    `skipped`; only their errors suggest --skip-invalid. A first line of "{" or "[" alone is named as
+    what it is, the start of one JSON value pretty-printed over several lines (no line is JSON).
     """
+    first = True
     for line_no, raw in read_lines(path):
-        if not raw.removeprefix(codecs.BOM_UTF8).strip():
+        if not (stripped := raw.removeprefix(codecs.BOM_UTF8).strip()):
             continue
         where = f"{path}, line {line_no}"
+        pretty, first = first and stripped in (b"{", b"["), False  # json.dump(..., indent=2)'s first line
         try:
+            if pretty:  # never JSON; "invalid JSON (Expecting property name ...)" said nothing of why
+                raise BadRecord(_pretty_printed(path, where, stripped))
             yield line_no, convert(parse_json(raw, where), where)
         except BadRecord as e:
             _skip_or_raise(e, "line", skip_invalid, skipped, first_skipped)
+
+
+def _pretty_printed(path: str | Path, where: str, opening: bytes) -> str:
+    """The error for a JSON Lines file that holds one JSON value written over several lines
+    (`json.dump(..., indent=2)`), with the `jq` command that writes its records one a line."""
+    suffix, quoted = compression_suffix(str(path)), shlex.quote(str(path))
+
+    def jq(program: str) -> str:
+        return f"{COMPRESSIONS[suffix][0]} -dc {quoted} | jq -c {program}" if suffix else f"jq -c {program} {quoted}"
+
+    each, under_key = jq("'.[]'"), jq("'.KEY[]'")
+    if opening == b"[":
+        return (f"{where}: one JSON array written over several lines (pretty-printed); JSON Lines holds one record "
+                f"a line: name the file .json{suffix or ''} (read as one array of records), or write it so: {each}")
+    return (f"{where}: one JSON object written over several lines (pretty-printed); JSON Lines holds one record "
+            f"a line: write it so, with {under_key} for records in a list under KEY, or {jq('.')} for one record")
 
 
 def _skip_or_raise(error: BadRecord, unit: str, skip_invalid: bool, skipped: Counter | None,
@@ -707,8 +732,10 @@ def _batch_records(path: str | Path, batch, first_row: int) -> list[dict | BadRe
 def read_yaml(path: str | Path) -> Any:
     """A YAML file with every scalar kept a string ("Yes" stays "Yes", not True). Invalid UTF-8
     is a BadRecord (a file to skip with `skip_invalid`, as a text file with it is)."""
+    text = ""
     try:
-        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+        text = Path(path).read_text(encoding="utf-8")
+        return yaml.load(text, Loader=yaml.BaseLoader)
     except OSError as e:
         raise Gpt1Error(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
@@ -716,6 +743,10 @@ def read_yaml(path: str | Path) -> Any:
     except RecursionError:  # PyYAML's composer recurses once per level (as broken YAML: not skipped)
         raise Gpt1Error(f"{path}: not valid YAML for gpt1: nested too deeply (hundreds of levels, "
                         "past Python's recursion limit)") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, other controls): no mark
+        line, column = text.count("\n", 0, e.position) + 1, e.position - text.rfind("\n", 0, e.position)
+        raise Gpt1Error(f"{path}: not valid YAML at line {line}, column {column} (the character "
+                        f"U+{e.character:04X}, which YAML does not allow)") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
