@@ -312,6 +312,21 @@ def test_finetune_names_a_missing_base_folder_as_missing(tmp_path, capsys):
     assert "--base" not in line
 
 
+def test_a_validation_split_that_left_no_conversation_is_named_as_such(tiny_model_dir, tmp_path, caplog):
+    """A folder whose validation.jsonl holds only system-only conversations (all skipped) warned
+    that val_fraction held nothing out of its trees, a fraction that had never applied."""
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}) + "\n"
+        for i in range(6)))
+    (folder / "validation.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "be brief"}]}) + "\n")
+    result = finetune(_cfg(folder, "max_steps=1"), tiny_model_dir, tmp_path / "ft")
+    assert result.val_loss is None
+    assert "nothing to validate on, the data's validation split left no conversation" in caplog.text
+    assert "val_fraction holds out" not in caplog.text
+
+
 def test_finetune_says_one_validation_batch_in_the_singular(tiny_model_dir, tmp_path, caplog):
     import logging
 

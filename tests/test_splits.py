@@ -41,7 +41,7 @@ def test_the_quickstart_holds_out_no_copy_of_a_training_dialog():
 
     qs = QuickstartConfig()
     cfg = load_config(FinetuneConfig, FINETUNE_RECIPE, [], data=qs.chat_data, seed=qs.seed)
-    train, val, _ = load_chat_splits(cfg)
+    train, val, *_ = load_chat_splits(cfg)
     trained = {_text(c) for c in train}
     assert val and [c for c in val if _text(c) in trained] == []
     assert not {_first_turn(c) for c in train} & {_first_turn(c) for c in val}

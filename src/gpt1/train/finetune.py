@@ -247,13 +247,14 @@ def save_full(directory: str | Path, model: torch.nn.Module, tokenizer) -> Path:
 
 
 def load_chat_splits(cfg: FinetuneConfig, stats=None):
-    """(train, validation, stats): the conversations of `cfg.data` (see `read_chat_splits`)."""
+    """(train, validation, stats, whether val_fraction held some out): the conversations of
+    `cfg.data` (see `read_chat_splits`); False: every source had its own validation split."""
     if not cfg.sources:
         raise Gpt1Error("no chat data: pass --data (a file, a folder, hf:NAME, OpenAssistant/oasst2 or chatterbot)")
     stats = stats if stats is not None else ChatStats()
     options = dict(all_paths=cfg.all_paths, languages=cfg.languages or None, skip_invalid=cfg.skip_invalid)
-    train, val, _ = read_chat_splits(cfg.sources, cfg.val_fraction, cfg.seed, stats, **options)
-    return train, val, stats
+    train, val, pooled = read_chat_splits(cfg.sources, cfg.val_fraction, cfg.seed, stats, **options)
+    return train, val, stats, pooled
 
 
 def _no_sequences(stats: ChatStats, train_convs: list, train_data) -> Gpt1Error:
@@ -339,7 +340,7 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         return train(model, run_cfg, out, _NoBatches(), list, save_model, max_steps=max_steps, data=data,
                      redo_hint=redo_hint)
 
-    train_convs, val_convs, stats = load_chat_splits(cfg)
+    train_convs, val_convs, stats, pooled = load_chat_splits(cfg)
     train_data = encode_conversations(tokenizer, train_convs, block_size + 1, progress=dist.is_main)
     if not len(train_data):
         raise _no_sequences(stats, train_convs, train_data)
@@ -377,6 +378,9 @@ def _finetune(cfg: FinetuneConfig, base: Path, out: Path, dist, step_limit: int 
         if not val and val_convs:
             warn(f"{data_name}: nothing to validate on, the held-out conversations left no sequence "
                  f"({val_data.why_empty()}): the run reports no validation loss{idle_words}")
+        elif not val and not pooled:  # its own split, every conversation of it left out (counted above)
+            warn(f"{data_name}: nothing to validate on, the data's validation split left no conversation (see "
+                 f"'skipped' above): the run reports no validation loss{idle_words}")
         elif not val and cfg.val_fraction > 0:
             trees = len({c.group for c in train_convs})
             warn(f"{data_name}: nothing held out for validation (val_fraction holds out whole message trees, and "
