@@ -191,6 +191,47 @@ def test_what_the_samples_are_made_from_names_every_setting_they_read(quickstart
     assert qs._reusable_samples(summary, qs.samples_inputs(cfg, out)) is None
 
 
+def test_the_samples_of_another_gpt1_code_with_the_same_version_are_not_reused(quickstart, tmp_path, monkeypatch):
+    """A checkout (or `pip install git+...`) of another commit is still gpt1 0.3.0: a rerun after
+    `git pull` took the scores and samples the old decoding and scoring code made for this code's."""
+    from gpt1 import quickstart as qs
+
+    out, _ = quickstart
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = qs.QuickstartConfig(out=str(out), minutes=float(MINUTES), device="cpu")
+    other = tmp_path / "gpt1"  # the same version, one line of its sampling code changed
+    shutil.copytree(Path(gpt1.__file__).parent, other, ignore=shutil.ignore_patterns("__pycache__"))
+    with (other / "inference" / "sampling.py").open("a") as f:
+        f.write("\n# a later commit\n")
+    monkeypatch.setattr(qs, "LOADED_CODE", qs._code_fingerprint(other))  # a process that imported it
+    inputs = qs.samples_inputs(cfg, out)
+    assert [k for k in inputs if inputs[k] != summary["samples_inputs"][k]] == ["gpt1"]
+    assert qs._reusable_samples(summary, inputs) is None
+
+
+def test_a_changed_validation_split_of_the_chat_data_is_not_reused(quickstart, tmp_path):
+    """Chat data with a validation split (here a folder of train.jsonl and validation.jsonl) is
+    scored on that split: the record read only the train split, so an edited validation.jsonl kept
+    the chat scores of the conversations it held before."""
+    from gpt1 import quickstart as qs
+
+    def write(file: Path, reply: str, n: int) -> None:
+        file.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                                         {"role": "assistant", "content": f"{reply} {i}"}]}) + "\n"
+                                for i in range(n)))
+
+    chat_data = tmp_path / "dialogs"
+    chat_data.mkdir()
+    write(chat_data / "train.jsonl", "an answer", 20)
+    write(chat_data / "validation.jsonl", "a held-out answer", 5)
+    out, _ = quickstart
+    cfg = qs.QuickstartConfig(out=str(out), minutes=float(MINUTES), device="cpu", chat_data=str(chat_data))
+    before = qs.samples_inputs(cfg, out)
+    write(chat_data / "validation.jsonl", "another held-out answer", 5)
+    after = qs.samples_inputs(cfg, out)
+    assert [k for k in after if after[k] != before[k]] == ["held_out"]
+
+
 def test_a_stage_made_by_another_recipe_says_to_delete_it(quickstart, tmp_path, capsys):
     """After an upgrade changed the chat recipe (LoRA r 8 -> 32), a rerun said "rerun with the same
     config to resume it": advice for `gpt1 finetune` that a quickstart user cannot follow. (In-process:

@@ -16,7 +16,7 @@ fit in `minutes` (pretraining) and a quarter of it (fine-tuning). A finished sta
 by the next run (a run's step count is fixed when it starts, so a killed run resumes with the
 same schedule); delete a stage's folder to redo it. The last stage (held-out scores and samples)
 is reused from summary.json when everything it reads is what it read then (`samples_inputs`):
-both model folders, the held-out data, the prompts and sampling settings, gpt1's and torch's versions.
+both model folders, the held-out data, the prompts and sampling settings, gpt1's version and code, torch's version.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from gpt1.core.progress import info, warn
 from gpt1.core.reading import read_json
 from gpt1.core.sampling_params import preset
 from gpt1.core.tokenizer import Tokenizer, train_tokenizer
-from gpt1.data.chat_sources import conversations_fingerprint, read_conversations
+from gpt1.data.chat_sources import conversations_fingerprint, hf_split_names, read_conversations
 from gpt1.data.prepare import prepare
 from gpt1.data.sources import SourceStats, iter_documents
 from gpt1.formats.modeldir import ADAPTER_DIR
@@ -75,7 +75,7 @@ BASE_PROMPT = "def read_config(path):\n    "
 # rerun after the upgrade makes them again instead of reusing an older gpt1's.
 INPUTS_KEY = "samples_inputs"
 SAMPLES_LAYOUT = 1
-INPUT_NAMES = {"layout": "layout of summary.json", "gpt1": "gpt1 version", "torch": "torch version",
+INPUT_NAMES = {"layout": "layout of summary.json", "gpt1": "gpt1 version or code", "torch": "torch version",
                "base": "base model", "chat": "chat model", "held_out": "held-out data",
                "samples": "prompts or sampling settings"}
 # Files of the model and data folders that neither the scores nor the samples read.
@@ -237,15 +237,39 @@ def samples_inputs(cfg: QuickstartConfig, out: Path) -> dict:
     records, equal results (the samples are seeded), so a rerun whose record is the same reuses them.
     Content, not size and mtime: a copied folder or a touched file reuses; rewritten weights do not."""
     record = {
-        "layout": SAMPLES_LAYOUT, "gpt1": gpt1.__version__, "torch": torch.__version__,
+        "layout": SAMPLES_LAYOUT, "gpt1": {"version": gpt1.__version__, "code": LOADED_CODE},
+        "torch": torch.__version__,
         "base": _folder_fingerprint(out / "base"), "chat": _folder_fingerprint(out / "chat"),
         "held_out": {"data": _folder_fingerprint(out / "data"), "chat_data": cfg.chat_data,
                      # what the chat scores are split from: a changed corpus under a finished fine-tune
-                     "chat_conversations": conversations_fingerprint(read_conversations(cfg.chat_data))},
+                     "chat_conversations": _chat_corpus_fingerprint(cfg.chat_data)},
         "samples": [{"use": use, "prompt": prompt, "params": dataclasses.asdict(_params(use, knobs))}
                     for use, prompt, knobs in _sample_plan(cfg)],
     }
     return json.loads(json.dumps(record, default=str))  # as it reads back from summary.json (tuples: lists)
+
+
+def _chat_corpus_fingerprint(spec: str) -> str:
+    """sha256 of the conversations the chat scores are taken from: the source's, and its validation
+    split where it has one, which `evaluate_chat` scores instead of a share of the rest (a folder of
+    train.jsonl and validation.jsonl: an edited validation.jsonl was not seen)."""
+    conversations = read_conversations(spec)
+    if "validation" in (hf_split_names(spec) or []):
+        conversations += read_conversations(spec, "validation")
+    return conversations_fingerprint(conversations)
+
+
+def _code_fingerprint(package: Path) -> str:
+    """sha256 of a gpt1 package's Python source: a checkout or a `pip install git+...` of another
+    commit keeps the version number (0.3.0 through many changes to decoding and scoring), and its
+    samples and scores must not be taken for this one's."""
+    listing = "".join(f"{p.relative_to(package).as_posix()} {file_fingerprint(p)}\n" for p in sorted(package.rglob("*.py")))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+# The code this process runs: its source as this module is imported (~15 ms), not as a `git pull`
+# since then left it on disk, which a long-lived process (a notebook's kernel) does not run.
+LOADED_CODE = _code_fingerprint(Path(gpt1.__file__).parent)
 
 
 def _folder_fingerprint(folder: Path) -> str:
