@@ -21,7 +21,7 @@ from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.core.threads import ThreadTuner
 from gpt1.inference.decoding import Chunk
-from gpt1.inference.engine import Engine, QueueFull, TooLarge, _BucketedDecode, kv_cache_bytes
+from gpt1.inference.engine import Engine, QueueFull, TooLarge, _BucketedDecode, _unless_not_finite, kv_cache_bytes
 from gpt1.inference.generate import generate
 from gpt1.inference.llm import LLM
 from tests.model_factories import model_without_stops
@@ -568,3 +568,20 @@ def test_each_prompt_may_bring_its_own_params(model, tokenizer):
     together = run(prompts, knobs)
     assert together == [run([p], k)[0] for p, k in zip(prompts, knobs)]
     assert [c.completion_tokens for c in together] == [2, 6]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_row_fails_exactly_when_one_of_its_logits_is_nan_or_infinite(dtype):
+    """The decode step's test for logits that are not finite marks the rows `isfinite().all()` marks,
+    whatever the dtype, in fewer kernels."""
+    largest = torch.finfo(dtype).max
+    logits = torch.randn(7, 300).to(dtype)
+    logits[1, 5] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3, 9] = float("-inf")  # a single -inf: no maximum or argmax would see it
+    logits[4] = float("-inf")
+    logits[5, :2] = largest  # finite values whose sum overflows: still finite
+    logits[6, :2] = -largest
+    ids = torch.arange(7)
+    expected = torch.where(torch.isfinite(logits).all(dim=-1), ids, -1)
+    assert _unless_not_finite(ids, logits).tolist() == expected.tolist() == [0, -1, -1, -1, -1, 5, 6]

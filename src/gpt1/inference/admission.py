@@ -41,7 +41,10 @@ def fit_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams | Seque
         raise Gpt1Error(f"{expected}, got a list of ints; pass one prompt as [ids]")
     if len(params) != len(prompts):
         raise Gpt1Error(f"params: {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt")
-    params = [p.validate() for p in params]
+    if all(p is params[0] for p in params):  # one SamplingParams for all prompts: checked once, not per prompt
+        params = [params[0].validate()] * len(params) if params else []
+    else:
+        params = [p.validate() for p in params]
     names = [f"prompt {i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
     for p, name in zip(prompts, names):
         if not isinstance(p, Iterable):
