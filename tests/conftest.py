@@ -133,6 +133,14 @@ def tiny_model_dir(tiny_config, tokenizer, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    """tiny_model_dir loaded on the CPU, once per test module: each module's engine and KV cache its own."""
+    import gpt1
+
+    return gpt1.load(tiny_model_dir, device="cpu")
+
+
 @pytest.fixture(scope="session")
 def compile_fallback_run(data_dir, tmp_path_factory):
     """`gpt1 pretrain compile=true` (3 steps of tests/test_train.py's TINY) where Inductor's C++

@@ -10,15 +10,9 @@ import time
 
 import pytest
 
-from gpt1 import load
 from gpt1.cli import build_parser, main
 from gpt1.cli.chat_cmd import knob_text
 from gpt1.cli.generate_cmd import sampling_params_from_args
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return load(tiny_model_dir, device="cpu")
 
 
 def run_main(capsys, *argv):

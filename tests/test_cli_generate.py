@@ -12,11 +12,6 @@ from gpt1.cli import main
 from gpt1.core.errors import Gpt1Error
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return load(tiny_model_dir, device="cpu")
-
-
 def gpt1(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "gpt1", *args], input=stdin, capture_output=True, text=True, timeout=120)
 

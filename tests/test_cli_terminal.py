@@ -10,7 +10,6 @@ import tty
 
 import pytest
 
-import gpt1
 from gpt1.cli import main
 from gpt1.cli.chat_cmd import ChatSession
 from gpt1.core.progress import printable
@@ -20,11 +19,6 @@ PROMPT = "import"
 KNOBS = dict(temperature=1.0, max_new_tokens=12)
 MSG = [{"role": "user", "content": "Name a colour."}]
 CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # what a terminal must not be sent raw
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
 
 
 # ---- control characters on a terminal -----------------------------------------------------------------

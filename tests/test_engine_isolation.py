@@ -22,11 +22,6 @@ from tests.test_serve_api import endless_model_dir
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def long_llm(tiny_config, tokenizer, tmp_path_factory):
     return gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path_factory.mktemp("endless")), device="cpu")
 

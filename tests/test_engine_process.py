@@ -32,11 +32,6 @@ from tests.test_serve_api import endless_model_dir, free_port, serve_refused, wa
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def engine(llm):
     with EngineProcess(llm.path, llm.tokenizer, llm.config, device="cpu", max_batch=4, max_queue=4) as engine:
         yield engine

@@ -10,7 +10,6 @@ import httpx
 import openai
 import pytest
 
-import gpt1
 from gpt1.cli import main
 from gpt1.cli.chat_cmd import parse_knob
 from gpt1.cli.generate_cmd import SAMPLE_SEPARATOR
@@ -22,11 +21,6 @@ from gpt1.serve import background_server, create_app
 PROMPT = "import"
 KNOBS = dict(temperature=1.0, max_new_tokens=12)
 MSG = [{"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
 
 
 # ---- n in the library ----------------------------------------------------------------------------

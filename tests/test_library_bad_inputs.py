@@ -94,11 +94,6 @@ def test_float8_without_torchao_fails_before_the_run_dir_exists(tmp_path, data_d
 
 # ---- generation and evaluation --------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
 def test_generation_refuses_a_wrong_container_by_name(llm):
     model, tok = llm.model, llm.tokenizer
     greedy = SamplingParams(temperature=0, max_new_tokens=2)

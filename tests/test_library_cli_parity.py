@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-from gpt1 import load
 from gpt1.cli import build_parser
 from gpt1.core.config import ModelConfig
 from gpt1.core.sampling_params import SamplingParams
@@ -26,11 +25,6 @@ from gpt1.inference.decoding import chat_prompt_ids, fit_new_tokens, prompt_tail
 # that forked it, pytest's, which a child's peak may never pass).
 PEAK_KIB = ("peak_kib = lambda: int(next(line for line in open('/proc/self/status') "
             "if line.startswith('VmHWM:')).split()[1]);")
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return load(tiny_model_dir, device="cpu")
 
 
 # ---- 1. a long prompt is tokenized from its end, in the library too ------------------------------

@@ -11,18 +11,12 @@ import openai
 import pytest
 import torch
 
-import gpt1
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.engine import Engine
 from gpt1.inference.engine_process import EngineProcess
 from gpt1.inference.generate import generate_batch
 from gpt1.serve import background_server, create_app
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

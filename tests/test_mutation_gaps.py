@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import gpt1
 from gpt1.cli import main
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.lora import LoRAConfig, inject_lora, read_adapter_config, save_adapter
@@ -220,11 +219,6 @@ def test_a_duplicate_message_id_keeps_the_first_and_is_counted(tmp_path):
 
 
 # ---- the server's request mapping at its edges (M02, M08, M05) --------------------------------------
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
 
 @pytest.fixture(scope="module")
 def server(llm):

@@ -14,7 +14,6 @@ import jsonschema
 import pytest
 from starlette.testclient import TestClient
 
-import gpt1
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.decoding import chat_prompt_ids
 from gpt1.serve import background_server, create_app
@@ -22,11 +21,6 @@ from gpt1.serve import background_server, create_app
 CAPACITY = {"max_batch": 2, "max_queue": 3}  # n and the prompts of a request: at most 5
 MSG = [{"role": "user", "content": "Name a colour."}]
 EMPTY = {"role": "user", "content": ""}
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -50,11 +50,6 @@ def served_health(proc: subprocess.Popen, url: str) -> dict:
     return {}
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
 def endless_model_dir(tiny_config, tokenizer, out, block_size: int = 8192):
     """A tiny model with an 8,192-token context (by default) that never produces a special token,
     so that every reply runs to max_tokens (or the context): seconds long, long enough to interrupt."""

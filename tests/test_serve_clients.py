@@ -13,7 +13,6 @@ import httpx
 import openai
 import pytest
 
-import gpt1
 from gpt1.core.errors import Gpt1Error
 from gpt1.core.sampling_params import SamplingParams
 from gpt1.inference.engine import Engine
@@ -30,11 +29,6 @@ MSG = [{"role": "user", "content": "Name a colour."}]
 OPENAI_NODE_HEADERS = ("authorization,content-type,openai-beta,openai-organization,openai-project,x-stainless-arch,"
                        "x-stainless-lang,x-stainless-os,x-stainless-package-version,x-stainless-retry-count,"
                        "x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout")
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

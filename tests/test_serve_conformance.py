@@ -16,16 +16,10 @@ import jsonschema
 import openai
 import pytest
 
-import gpt1
 from gpt1.serve import background_server, create_app
 
 MSG = [{"role": "user", "content": "Name a colour."}]
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,6 @@ from tests.test_engine_process import process_state
 from tests.test_serve_api import MSG, endless_model_dir, free_port, served_health, wait_for
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
 # ---- the API key ---------------------------------------------------------------------------------
 def test_a_key_read_with_its_newline_is_the_key(llm):
     """A key with a newline (a key file, a Kubernetes Secret) got 'API key required' at start and

@@ -19,11 +19,6 @@ from gpt1.serve import create_app
 BODY = {"model": "m", "prompt": "import json\n", "max_tokens": 5, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
 def answered(call, timeout: float = 30.0):
     """call()'s result, or a test failure (not a hung test run) if it does not return in time."""
     result = {}

@@ -20,11 +20,6 @@ from gpt1.inference.decoding import TextState
 from gpt1.serve import background_server, create_app
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
 @pytest.fixture
 def failing_decoder(monkeypatch):
     """Every token a request makes fails in its decoder: a fault inside generation."""

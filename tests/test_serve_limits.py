@@ -21,7 +21,6 @@ import httpx
 import pytest
 import torch
 
-import gpt1
 from gpt1.inference.engine import Engine
 from gpt1.serve import background_server, create_app
 from gpt1.serve.errors import Throttled, generation_error
@@ -29,11 +28,6 @@ from tests.test_serve_api import free_port, wait_for
 from tests.test_serve_deploy import _Lines
 
 linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
 
 
 def _threads() -> int:

@@ -7,16 +7,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import gpt1
 from gpt1.serve import background_server, create_app
 from tests.test_serve_api import wait_for
 
 KEY = "k"
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

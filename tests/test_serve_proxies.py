@@ -25,11 +25,6 @@ from tests.test_serve_api import MSG, endless_model_dir, wait_for
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def endless(tiny_config, tokenizer, tmp_path_factory):
     """Never ends a reply on its own: a request runs until max_tokens, or until its client leaves."""
     return gpt1.load(endless_model_dir(tiny_config, tokenizer, tmp_path_factory.mktemp("endless"), 2048), device="cpu")

@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-import gpt1
 from gpt1.serve import background_server, create_app
 from tests.test_engine_process import process_state
 from tests.test_serve_api import endless_model_dir, free_port, served_health, wait_for
@@ -81,11 +80,6 @@ def test_sigterm_ends_open_streams_before_the_engine_process_exits(tiny_config, 
 
 
 # ---- what a stopped in-process server leaves behind: its model, its threads -----------------------
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
 def completion(url: str, **body) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json={"prompt": "def f(x):", "max_tokens": 8, "temperature": 0, **body},
                       timeout=30)

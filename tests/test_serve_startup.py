@@ -21,8 +21,6 @@ import time
 import httpx
 import pytest
 
-import gpt1
-import gpt1.train.loop
 from gpt1.core.errors import Gpt1Error
 from gpt1.serve import create_app
 from gpt1.serve.server import bind, serve
@@ -73,11 +71,6 @@ def test_health_answers_as_soon_as_serving_is_said(tiny_model_dir):
 
 
 # ---- the port listens once the engine runs -------------------------------------------------------
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return gpt1.load(tiny_model_dir, device="cpu")
-
-
 @pytest.mark.slow
 def test_gpt1_serve_takes_connections_once_its_engine_process_has_loaded(tiny_model_dir, tmp_path):
     """With --engine process (auto's choice on CUDA) the port accepted connections while the child
